@@ -1,0 +1,201 @@
+//! Choosing this node's subnet. Pure: the caller lists leases, this decides, the caller writes.
+
+use ipnetwork::Ipv4Network;
+use rand::Rng;
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use tweed_config::NetworkConfig;
+
+use crate::watch::Lease;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AllocError {
+    #[error(
+        "out of subnets: all {count} /{subnet_len} subnets of {network} between {min} and {max} are leased"
+    )]
+    OutOfSubnets {
+        network: Ipv4Network,
+        subnet_len: u8,
+        count: u32,
+        min: Ipv4Addr,
+        max: Ipv4Addr,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A lease for our public IP already exists: keep it (restart, or a lease that outlived us).
+    Reuse(Lease),
+    /// Try to create a lease for this subnet.
+    Take(Ipv4Network),
+}
+
+fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+/// Decides in design order: our own existing lease; else the subnet we had before (from the old
+/// subnet.env) if still free; else a random free one. `occupied` are the subnets of every key under
+/// `subnets/`, including keys whose values are unreadable: such a key still blocks creation.
+/// `exclude` holds subnets that just lost a creation race.
+pub fn choose(
+    cfg: &NetworkConfig,
+    own_leases: &[Lease],
+    occupied: &[Ipv4Network],
+    public_ip: Ipv4Addr,
+    previous: Option<Ipv4Network>,
+    exclude: &HashSet<Ipv4Network>,
+    rng: &mut impl Rng,
+) -> Result<Decision, AllocError> {
+    if let Some(l) = own_leases
+        .iter()
+        .filter(|l| l.attrs.public_ip == public_ip && cfg.is_allocatable(l.key.ipv4))
+        .min_by_key(|l| l.key.ipv4)
+    {
+        return Ok(Decision::Reuse(l.clone()));
+    }
+    let is_free = |s: Ipv4Network| {
+        !exclude.contains(&s) && !occupied.iter().any(|o| overlaps(*o, s))
+    };
+    if let Some(p) = previous.filter(|p| cfg.is_allocatable(*p) && is_free(*p)) {
+        return Ok(Decision::Take(p));
+    }
+    let count = cfg.subnet_count();
+    // Random probes find a free subnet fast in a sparse network; the scan from a random start makes
+    // a nearly full one still terminate, and still spreads nodes that race for the last few subnets.
+    for _ in 0..32 {
+        let s = cfg.nth_subnet(rng.random_range(0..count)).expect("index in range");
+        if is_free(s) {
+            return Ok(Decision::Take(s));
+        }
+    }
+    let start = rng.random_range(0..count);
+    for i in 0..count {
+        let s = cfg.nth_subnet((start + i) % count).expect("index in range");
+        if is_free(s) {
+            return Ok(Decision::Take(s));
+        }
+    }
+    Err(AllocError::OutOfSubnets {
+        network: cfg.network,
+        subnet_len: cfg.subnet_len,
+        count,
+        min: cfg.subnet_min,
+        max: cfg.subnet_max,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use tweed_config::{LeaseAttrs, SubnetKey};
+
+    fn cfg(json: &str) -> NetworkConfig {
+        NetworkConfig::parse(json).unwrap()
+    }
+
+    fn lease(subnet: &str, ip: &str) -> Lease {
+        Lease {
+            key: SubnetKey::new(subnet.parse().unwrap()),
+            attrs: LeaseAttrs::new(ip.parse().unwrap(), "vxlan", None),
+            lease_id: 1,
+            mod_revision: 1,
+        }
+    }
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn reuses_the_lease_held_for_our_ip_first() {
+        let c = cfg(r#"{"Network":"10.244.0.0/16"}"#);
+        let leases = vec![lease("10.244.7.0/24", "198.18.0.2"), lease("10.244.9.0/24", "198.18.0.1")];
+        let occ: Vec<_> = leases.iter().map(|l| l.key.ipv4).collect();
+        let d = choose(
+            &c,
+            &leases,
+            &occ,
+            "198.18.0.1".parse().unwrap(),
+            Some("10.244.3.0/24".parse().unwrap()),
+            &HashSet::new(),
+            &mut rng(),
+        )
+        .unwrap();
+        assert_eq!(d, Decision::Reuse(leases[1].clone()));
+    }
+
+    #[test]
+    fn a_held_lease_outside_the_range_is_not_reused() {
+        let c = cfg(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0"}"#);
+        let leases = vec![lease("10.244.3.0/24", "198.18.0.1")];
+        let d = choose(&c, &leases, &[leases[0].key.ipv4], "198.18.0.1".parse().unwrap(), None, &HashSet::new(), &mut rng()).unwrap();
+        match d {
+            Decision::Take(s) => assert!(c.is_allocatable(s)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn previous_subnet_when_free_else_random_in_range() {
+        let c = cfg(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.20.0"}"#);
+        let me = "198.18.0.1".parse().unwrap();
+        let prev: Ipv4Network = "10.244.12.0/24".parse().unwrap();
+        assert_eq!(
+            choose(&c, &[], &[], me, Some(prev), &HashSet::new(), &mut rng()).unwrap(),
+            Decision::Take(prev)
+        );
+        // Taken by another node (even with an unreadable value): not reused.
+        for _ in 0..50 {
+            let d = choose(&c, &[], &[prev], me, Some(prev), &HashSet::new(), &mut rand::rng()).unwrap();
+            let Decision::Take(s) = d else { panic!() };
+            assert_ne!(s, prev);
+            assert!(c.is_allocatable(s), "{s} outside [min,max]");
+        }
+        // Previous subnet outside the (changed) range: ignored.
+        let outside: Ipv4Network = "10.244.30.0/24".parse().unwrap();
+        let Decision::Take(s) = choose(&c, &[], &[], me, Some(outside), &HashSet::new(), &mut rng()).unwrap() else { panic!() };
+        assert!(c.is_allocatable(s));
+    }
+
+    #[test]
+    fn alignment_and_overlap_with_odd_foreign_keys() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetLen":26,"SubnetMin":"10.0.0.64","SubnetMax":"10.0.0.192"}"#);
+        assert_eq!(c.subnet_count(), 3);
+        // A foreign /24 key covers the whole range.
+        let occ = vec!["10.0.0.0/24".parse().unwrap()];
+        let err = choose(&c, &[], &occ, "1.1.1.1".parse().unwrap(), None, &HashSet::new(), &mut rng()).unwrap_err();
+        assert!(err.to_string().contains("all 3 /26 subnets of 10.0.0.0/16"), "{err}");
+    }
+
+    #[test]
+    fn exhaustion_and_race_exclusions() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.4.0"}"#);
+        let me = "1.1.1.1".parse().unwrap();
+        let occ: Vec<Ipv4Network> = vec!["10.0.1.0/24".parse().unwrap(), "10.0.3.0/24".parse().unwrap()];
+        let mut lost = HashSet::new();
+        lost.insert("10.0.2.0/24".parse().unwrap());
+        assert_eq!(
+            choose(&c, &[], &occ, me, None, &lost, &mut rng()).unwrap(),
+            Decision::Take("10.0.4.0/24".parse().unwrap())
+        );
+        lost.insert("10.0.4.0/24".parse().unwrap());
+        assert!(matches!(
+            choose(&c, &[], &occ, me, None, &lost, &mut rng()),
+            Err(AllocError::OutOfSubnets { count: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn every_free_subnet_is_reachable() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.8.0"}"#);
+        let mut occ: Vec<Ipv4Network> = Vec::new();
+        for _ in 0..8 {
+            let Decision::Take(s) = choose(&c, &[], &occ, "1.1.1.1".parse().unwrap(), None, &HashSet::new(), &mut rng()).unwrap() else { panic!() };
+            assert!(!occ.contains(&s));
+            occ.push(s);
+        }
+        assert!(choose(&c, &[], &occ, "1.1.1.1".parse().unwrap(), None, &HashSet::new(), &mut rng()).is_err());
+    }
+}

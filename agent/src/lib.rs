@@ -1,0 +1,14 @@
+//! tweedd: the tweed node agent.
+//!
+//! Layers, from the outside in: `main.rs` parses flags ([`settings`]) and calls [`run::run`]; the
+//! run loop wires a [`registry::Registry`] (etcd or in-memory) to a backend through pure pieces
+//! ([`alloc`], [`watch`]) and a single netlink layer ([`netlink`]) that is the only code talking to
+//! the kernel.
+
+pub mod alloc;
+pub mod settings;
+pub mod backend;
+pub mod netlink;
+pub mod registry;
+pub mod subnet;
+pub mod watch;

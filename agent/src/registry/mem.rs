@@ -1,0 +1,248 @@
+//! An in-memory registry with etcd's semantics, for tests of everything above the registry.
+
+use super::{CreateOutcome, RawLease, RegistryError, Snapshot, WatchEvent};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tweed_config::{LeaseAttrs, SubnetKey};
+
+#[derive(Default)]
+struct Store {
+    revision: i64,
+    compacted: i64,
+    kvs: BTreeMap<String, RawLease>,
+    leases: HashMap<i64, (Instant, Duration)>,
+    next_lease: i64,
+    history: Vec<WatchEvent>,
+}
+
+impl Store {
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let dead: Vec<i64> = self
+            .leases
+            .iter()
+            .filter(|(_, (deadline, _))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            self.revoke(id);
+        }
+    }
+
+    fn revoke(&mut self, id: i64) {
+        self.leases.remove(&id);
+        let keys: Vec<String> = self
+            .kvs
+            .values()
+            .filter(|l| l.lease_id == id)
+            .map(|l| l.key.clone())
+            .collect();
+        for k in keys {
+            self.delete(&k);
+        }
+    }
+
+    fn put(&mut self, key: &str, value: Vec<u8>, lease_id: i64) {
+        self.revision += 1;
+        let l = RawLease {
+            key: key.to_string(),
+            value,
+            lease_id,
+            mod_revision: self.revision,
+        };
+        self.kvs.insert(key.to_string(), l.clone());
+        self.history.push(WatchEvent::Put(l));
+    }
+
+    fn delete(&mut self, key: &str) -> bool {
+        if self.kvs.remove(key).is_none() {
+            return false;
+        }
+        self.revision += 1;
+        self.history.push(WatchEvent::Delete {
+            key: key.to_string(),
+            revision: self.revision,
+        });
+        true
+    }
+}
+
+/// Clones share one store, like several clients of one etcd.
+#[derive(Clone)]
+pub struct MemRegistry {
+    prefix: String,
+    store: Arc<Mutex<Store>>,
+    changed: Arc<Notify>,
+}
+
+impl MemRegistry {
+    pub fn new(prefix: &str) -> Self {
+        MemRegistry {
+            prefix: prefix.trim_end_matches('/').to_string(),
+            store: Arc::default(),
+            changed: Arc::default(),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        let mut s = self.store.lock().expect("mem registry lock");
+        s.expire();
+        let before = s.revision;
+        let out = f(&mut s);
+        if s.revision != before {
+            self.changed.notify_waiters();
+        }
+        out
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Test control: write any value under any key (an operator, flannel, or a corrupt writer).
+    pub fn put_raw(&self, key: &str, value: &[u8]) {
+        self.with(|s| s.put(key, value.to_vec(), 0));
+    }
+
+    pub fn delete_raw(&self, key: &str) -> bool {
+        self.with(|s| s.delete(key))
+    }
+
+    /// Test control: drop a TTL lease now, as if it expired.
+    pub fn expire_lease(&self, lease_id: i64) {
+        self.with(|s| s.revoke(lease_id));
+    }
+
+    /// Test control: forget history up to the current revision.
+    pub fn compact(&self) {
+        self.with(|s| {
+            s.compacted = s.revision;
+            s.history.clear();
+        });
+    }
+
+    pub async fn get_config(&self) -> Result<Option<String>, RegistryError> {
+        let key = format!("{}/config", self.prefix);
+        Ok(self.with(|s| {
+            s.kvs
+                .get(&key)
+                .map(|l| String::from_utf8_lossy(&l.value).into_owned())
+        }))
+    }
+
+    pub async fn list_leases(&self) -> Result<Snapshot, RegistryError> {
+        let dir = format!("{}/subnets/", self.prefix);
+        Ok(self.with(|s| Snapshot {
+            leases: s
+                .kvs
+                .range(dir.clone()..)
+                .take_while(|(k, _)| k.starts_with(&dir))
+                .map(|(_, v)| v.clone())
+                .collect(),
+            revision: s.revision,
+        }))
+    }
+
+    pub async fn create_lease(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<CreateOutcome, RegistryError> {
+        let k = key.etcd_key(&self.prefix);
+        Ok(self.with(|s| {
+            if s.kvs.contains_key(&k) {
+                return CreateOutcome::Taken;
+            }
+            s.next_lease += 1;
+            let id = s.next_lease;
+            s.leases.insert(id, (Instant::now() + ttl, ttl));
+            s.put(&k, attrs.to_json().into_bytes(), id);
+            CreateOutcome::Created { lease_id: id }
+        }))
+    }
+
+    pub async fn update_lease(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        lease_id: i64,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        let k = key.etcd_key(&self.prefix);
+        Ok(self.with(|s| match s.kvs.get(&k) {
+            Some(l) if l.mod_revision == mod_revision => {
+                s.put(&k, attrs.to_json().into_bytes(), lease_id);
+                true
+            }
+            _ => false,
+        }))
+    }
+
+    pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
+        Ok(self.with(|s| {
+            s.leases.get_mut(&lease_id).map(|(deadline, ttl)| {
+                *deadline = Instant::now() + *ttl;
+                *ttl
+            })
+        }))
+    }
+
+    pub fn watch(&self, from_revision: i64) -> Result<MemWatch, RegistryError> {
+        let compacted = self.with(|s| s.compacted);
+        if from_revision <= compacted {
+            return Err(RegistryError::Compacted {
+                requested: from_revision,
+                compacted,
+            });
+        }
+        Ok(MemWatch {
+            reg: self.clone(),
+            next: from_revision,
+        })
+    }
+}
+
+pub struct MemWatch {
+    reg: MemRegistry,
+    next: i64,
+}
+
+impl MemWatch {
+    pub async fn next(&mut self) -> Result<Vec<WatchEvent>, RegistryError> {
+        let dir = format!("{}/subnets/", self.reg.prefix);
+        loop {
+            let notified = self.reg.changed.notified();
+            let batch = self.reg.with(|s| {
+                if self.next <= s.compacted {
+                    return Err(RegistryError::Compacted {
+                        requested: self.next,
+                        compacted: s.compacted,
+                    });
+                }
+                Ok(s.history
+                    .iter()
+                    .filter(|e| e.revision() >= self.next)
+                    .cloned()
+                    .collect::<Vec<_>>())
+            })?;
+            if let Some(last) = batch.last() {
+                self.next = last.revision() + 1;
+            }
+            let batch: Vec<_> = batch
+                .into_iter()
+                .filter(|e| match e {
+                    WatchEvent::Put(l) => l.key.starts_with(&dir),
+                    WatchEvent::Delete { key, .. } => key.starts_with(&dir),
+                })
+                .collect();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            // Lease expiry happens on access; a bounded wait makes expiries visible to watchers.
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Where leases live. [`Registry`] is enum-dispatched over the real etcd store and an in-memory one
+//! with the same semantics (revisions, create-if-absent, TTL leases, watches, compaction), so the
+//! subnet manager is tested without etcd and the etcd impl is tested against a real etcd.
+
+mod etcd;
+mod mem;
+
+pub use etcd::{EtcdOptions, EtcdRegistry};
+pub use mem::MemRegistry;
+
+use std::time::Duration;
+use tweed_config::{LeaseAttrs, SubnetKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("etcd {op} {key}: {source}")]
+    Etcd {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    #[error("etcd TLS file {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("watch from revision {requested} is compacted (oldest kept: {compacted})")]
+    Compacted { requested: i64, compacted: i64 },
+    #[error("watch on {prefix} ended: {reason}")]
+    WatchEnded { prefix: String, reason: String },
+}
+
+/// A key/value under `<prefix>/subnets/`, unparsed: parsing (and skipping what is corrupt) is the
+/// lease table's job, so one bad value never fails a whole listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawLease {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub lease_id: i64,
+    pub mod_revision: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub leases: Vec<RawLease>,
+    /// Store revision the listing was taken at; a watch continues from `revision + 1`.
+    pub revision: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put(RawLease),
+    Delete { key: String, revision: i64 },
+}
+
+impl WatchEvent {
+    pub fn revision(&self) -> i64 {
+        match self {
+            WatchEvent::Put(l) => l.mod_revision,
+            WatchEvent::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created { lease_id: i64 },
+    /// Someone else holds the key: pick another subnet.
+    Taken,
+}
+
+pub enum Registry {
+    Etcd(EtcdRegistry),
+    Mem(MemRegistry),
+}
+
+pub enum LeaseWatch {
+    Etcd(etcd::EtcdWatch),
+    Mem(mem::MemWatch),
+}
+
+impl LeaseWatch {
+    /// Next batch of events. `Err(Compacted)` means: re-list and diff.
+    pub async fn next(&mut self) -> Result<Vec<WatchEvent>, RegistryError> {
+        match self {
+            LeaseWatch::Etcd(w) => w.next().await,
+            LeaseWatch::Mem(w) => w.next().await,
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $r:ident => $e:expr) => {
+        match $self {
+            Registry::Etcd($r) => $e,
+            Registry::Mem($r) => $e,
+        }
+    };
+}
+
+impl Registry {
+    pub fn prefix(&self) -> &str {
+        dispatch!(self, r => r.prefix())
+    }
+
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix())
+    }
+
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix())
+    }
+
+    /// The network config JSON, `None` while it has not been written.
+    pub async fn get_config(&self) -> Result<Option<String>, RegistryError> {
+        dispatch!(self, r => r.get_config().await)
+    }
+
+    pub async fn list_leases(&self) -> Result<Snapshot, RegistryError> {
+        dispatch!(self, r => r.list_leases().await)
+    }
+
+    /// Creates `key` with a fresh TTL lease only if it does not exist (version 0).
+    pub async fn create_lease(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<CreateOutcome, RegistryError> {
+        dispatch!(self, r => r.create_lease(key, attrs, ttl).await)
+    }
+
+    /// Rewrites the value of a lease we hold, keeping its TTL lease, only if nobody changed it since
+    /// `mod_revision`. Returns false when it changed or vanished.
+    pub async fn update_lease(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        lease_id: i64,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        dispatch!(self, r => r.update_lease(key, attrs, lease_id, mod_revision).await)
+    }
+
+    /// Extends the TTL lease. `Ok(None)` when the lease no longer exists (expired or revoked).
+    pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
+        dispatch!(self, r => r.renew(lease_id).await)
+    }
+
+    pub async fn watch(&self, from_revision: i64) -> Result<LeaseWatch, RegistryError> {
+        match self {
+            Registry::Etcd(r) => r.watch(from_revision).await.map(LeaseWatch::Etcd),
+            Registry::Mem(r) => r.watch(from_revision).map(LeaseWatch::Mem),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The lease table: turns raw registry listings and watch events into lease changes. Pure, so the
+//! add/update/remove rules and the compaction re-list diff are unit-tested without etcd.
+
+use crate::registry::{RawLease, WatchEvent};
+use ipnetwork::Ipv4Network;
+use std::collections::BTreeMap;
+use tweed_config::{LeaseAttrs, SubnetKey};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub key: SubnetKey,
+    pub attrs: LeaseAttrs,
+    pub lease_id: i64,
+    pub mod_revision: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseChange {
+    Added(Lease),
+    Updated { old: Lease, new: Lease },
+    Removed(Lease),
+}
+
+impl LeaseChange {
+    pub fn subnet(&self) -> Ipv4Network {
+        match self {
+            LeaseChange::Added(l) | LeaseChange::Removed(l) => l.key.ipv4,
+            LeaseChange::Updated { new, .. } => new.key.ipv4,
+        }
+    }
+}
+
+/// A value or key the table refused. Never fatal: the caller logs it with the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub changes: Vec<LeaseChange>,
+    pub skipped: Vec<Skipped>,
+}
+
+pub struct LeaseTable {
+    dir: String,
+    network: Ipv4Network,
+    leases: BTreeMap<SubnetKey, Lease>,
+    /// Every parseable key, valid value or not: all of them block allocation of their subnet.
+    occupied: BTreeMap<String, Ipv4Network>,
+}
+
+impl LeaseTable {
+    pub fn new(prefix: &str, network: Ipv4Network) -> Self {
+        LeaseTable {
+            dir: format!("{}/subnets/", prefix.trim_end_matches('/')),
+            network,
+            leases: BTreeMap::new(),
+            occupied: BTreeMap::new(),
+        }
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub fn get(&self, key: &SubnetKey) -> Option<&Lease> {
+        self.leases.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    pub fn occupied(&self) -> Vec<Ipv4Network> {
+        self.occupied.values().copied().collect()
+    }
+
+    fn parse_key(&self, key: &str) -> Option<Result<SubnetKey, Skipped>> {
+        let name = key.strip_prefix(&self.dir)?;
+        Some(name.parse::<SubnetKey>().map_err(|e| Skipped {
+            key: key.to_string(),
+            reason: e.to_string(),
+        }))
+    }
+
+    fn put(&mut self, raw: &RawLease, out: &mut Applied) {
+        let key = match self.parse_key(&raw.key) {
+            None => return,
+            Some(Err(s)) => return out.skipped.push(s),
+            Some(Ok(k)) => k,
+        };
+        self.occupied.insert(raw.key.clone(), key.ipv4);
+        let skip = |reason: String| Skipped {
+            key: raw.key.clone(),
+            reason,
+        };
+        if !self.network.contains(key.ipv4.network()) || key.ipv4.prefix() < self.network.prefix()
+        {
+            return out
+                .skipped
+                .push(skip(format!("subnet {} is outside network {}", key.ipv4, self.network)));
+        }
+        // A corrupt value keeps whatever we last knew for the key: dropping a working peer because
+        // someone wrote garbage would turn one bad write into lost traffic.
+        let attrs = match LeaseAttrs::parse(&raw.value) {
+            Ok(a) => a,
+            Err(e) => return out.skipped.push(skip(e.to_string())),
+        };
+        if let Some(other) = self
+            .leases
+            .keys()
+            .find(|k| **k != key && (k.ipv4.contains(key.ipv4.network()) || key.ipv4.contains(k.ipv4.network())))
+        {
+            return out.skipped.push(skip(format!(
+                "subnet {} overlaps the existing lease for {}",
+                key.ipv4, other.ipv4
+            )));
+        }
+        let new = Lease {
+            key,
+            attrs,
+            lease_id: raw.lease_id,
+            mod_revision: raw.mod_revision,
+        };
+        match self.leases.insert(key, new.clone()) {
+            None => out.changes.push(LeaseChange::Added(new)),
+            Some(old) if old.attrs != new.attrs => {
+                out.changes.push(LeaseChange::Updated { old, new })
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn delete(&mut self, key: &str, out: &mut Applied) {
+        self.occupied.remove(key);
+        if let Some(Ok(k)) = self.parse_key(key) {
+            if let Some(old) = self.leases.remove(&k) {
+                out.changes.push(LeaseChange::Removed(old));
+            }
+        }
+    }
+
+    pub fn apply(&mut self, events: &[WatchEvent]) -> Applied {
+        let mut out = Applied::default();
+        for ev in events {
+            match ev {
+                WatchEvent::Put(raw) => self.put(raw, &mut out),
+                WatchEvent::Delete { key, .. } => self.delete(key, &mut out),
+            }
+        }
+        out
+    }
+
+    /// Replaces the table with a full listing (start, or after a compacted watch) and reports the
+    /// difference as if the missed events had been seen.
+    pub fn resync(&mut self, listing: &[RawLease]) -> Applied {
+        let mut out = Applied::default();
+        let present: std::collections::HashSet<&str> =
+            listing.iter().map(|l| l.key.as_str()).collect();
+        let gone: Vec<String> = self
+            .occupied
+            .keys()
+            .filter(|k| !present.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.delete(&k, &mut out);
+        }
+        for raw in listing {
+            self.put(raw, &mut out);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/coreos.com/network";
+
+    fn raw(subnet: &str, value: &str, rev: i64) -> RawLease {
+        RawLease {
+            key: format!("{P}/subnets/{subnet}"),
+            value: value.as_bytes().to_vec(),
+            lease_id: 5,
+            mod_revision: rev,
+        }
+    }
+
+    fn vx(ip: &str, mac: &str) -> String {
+        format!(r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#)
+    }
+
+    fn table() -> LeaseTable {
+        LeaseTable::new(P, "10.244.0.0/16".parse().unwrap())
+    }
+
+    #[test]
+    fn add_update_remove() {
+        let mut t = table();
+        let a = t.apply(&[WatchEvent::Put(raw("10.244.1.0-24", &vx("198.18.0.1", "aa:aa:aa:aa:aa:01"), 2))]);
+        assert!(matches!(a.changes.as_slice(), [LeaseChange::Added(l)] if l.key.ipv4.to_string() == "10.244.1.0/24"));
+        // Same attrs, new revision (a renewal rewrite): not a change.
+        let a = t.apply(&[WatchEvent::Put(raw("10.244.1.0-24", &vx("198.18.0.1", "aa:aa:aa:aa:aa:01"), 3))]);
+        assert_eq!(a, Applied::default());
+        // New VTEP MAC: an update carrying old and new.
+        let a = t.apply(&[WatchEvent::Put(raw("10.244.1.0-24", &vx("198.18.0.1", "aa:aa:aa:aa:aa:02"), 4))]);
+        match a.changes.as_slice() {
+            [LeaseChange::Updated { old, new }] => {
+                assert_eq!(old.attrs.vxlan_data().unwrap().vtep_mac, "aa:aa:aa:aa:aa:01");
+                assert_eq!(new.attrs.vxlan_data().unwrap().vtep_mac, "aa:aa:aa:aa:aa:02");
+            }
+            other => panic!("{other:?}"),
+        }
+        let a = t.apply(&[WatchEvent::Delete { key: format!("{P}/subnets/10.244.1.0-24"), revision: 5 }]);
+        assert!(matches!(a.changes.as_slice(), [LeaseChange::Removed(_)]));
+        assert!(t.is_empty() && t.occupied().is_empty());
+        // Deleting an unknown key is nothing.
+        assert_eq!(t.apply(&[WatchEvent::Delete { key: format!("{P}/subnets/10.244.9.0-24"), revision: 6 }]), Applied::default());
+    }
+
+    #[test]
+    fn corrupt_and_foreign_values_are_skipped_not_fatal() {
+        let mut t = table();
+        let a = t.apply(&[
+            WatchEvent::Put(raw("10.244.1.0-24", "{not json", 2)),
+            WatchEvent::Put(raw("bogus", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 3)),
+            WatchEvent::Put(raw("10.9.0.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4)),
+            WatchEvent::Put(raw("10.244.2.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 5)),
+            WatchEvent::Put(raw("10.244.2.0-23", &vx("198.18.0.5", "aa:aa:aa:aa:aa:05"), 6)),
+            // Not under subnets/: ignored silently.
+            WatchEvent::Put(RawLease { key: format!("{P}/config"), value: b"{}".to_vec(), lease_id: 0, mod_revision: 7 }),
+        ]);
+        assert_eq!(a.changes.len(), 1, "{a:?}");
+        let keys: Vec<_> = a.skipped.iter().map(|s| s.key.rsplit('/').next().unwrap().to_string()).collect();
+        assert_eq!(keys, ["10.244.1.0-24", "bogus", "10.9.0.0-24", "10.244.2.0-23"]);
+        assert!(a.skipped[3].reason.contains("overlaps"), "{:?}", a.skipped[3]);
+        // The corrupt key still blocks allocation of its subnet.
+        assert!(t.occupied().contains(&"10.244.1.0/24".parse().unwrap()));
+        // A good lease overwritten with garbage keeps its last good value.
+        let a = t.apply(&[WatchEvent::Put(raw("10.244.2.0-24", "garbage", 8))]);
+        assert!(a.changes.is_empty() && a.skipped.len() == 1);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn resync_after_compaction_reports_the_missed_difference() {
+        let mut t = table();
+        t.resync(&[
+            raw("10.244.1.0-24", &vx("198.18.0.1", "aa:aa:aa:aa:aa:01"), 2),
+            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 3),
+            raw("10.244.3.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4),
+        ]);
+        assert_eq!(t.len(), 3);
+        // While the watch was down: .1 deleted, .2 changed, .3 untouched, .4 added.
+        let a = t.resync(&[
+            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:22"), 10),
+            raw("10.244.3.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4),
+            raw("10.244.4.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 11),
+        ]);
+        let mut kinds: Vec<_> = a
+            .changes
+            .iter()
+            .map(|c| match c {
+                LeaseChange::Added(_) => format!("add {}", c.subnet()),
+                LeaseChange::Updated { .. } => format!("update {}", c.subnet()),
+                LeaseChange::Removed(_) => format!("remove {}", c.subnet()),
+            })
+            .collect();
+        kinds.sort();
+        assert_eq!(kinds, ["add 10.244.4.0/24", "remove 10.244.1.0/24", "update 10.244.2.0/24"]);
+        assert_eq!(t.len(), 3);
+        // A second identical resync is a no-op.
+        assert!(t.resync(&[
+            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:22"), 10),
+            raw("10.244.3.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4),
+            raw("10.244.4.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 11),
+        ]).changes.is_empty());
+    }
+}

@@ -1,0 +1,174 @@
+//! The etcd registry and the subnet manager against a real etcd (Debian's etcd-server), started by
+//! each test on free ports in its own data dir. No root needed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tweed_agent::registry::{EtcdOptions, EtcdRegistry, Registry, RegistryError, WatchEvent};
+use tweed_agent::subnet::{acquire, renew_interval};
+use tweed_config::{LeaseAttrs, NetworkConfig, SubnetKey};
+use tweed_lab::etcd::{etcdctl, EtcdProcess};
+
+const P: &str = "/coreos.com/network";
+
+struct Env {
+    _dir: tempfile::TempDir,
+    etcd: EtcdProcess,
+}
+
+impl Env {
+    fn start() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = EtcdProcess::start_local(dir.path()).expect("start etcd (apt-get install etcd-server)");
+        Env { _dir: dir, etcd }
+    }
+
+    async fn registry(&self) -> Registry {
+        Registry::Etcd(
+            EtcdRegistry::connect(EtcdOptions {
+                endpoints: self.etcd.endpoints(),
+                prefix: P.into(),
+                request_timeout: Duration::from_secs(5),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        )
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        etcdctl(None, &self.etcd.endpoints(), args).unwrap()
+    }
+}
+
+fn cfg() -> NetworkConfig {
+    NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.100.0"}"#)
+        .unwrap()
+}
+
+fn attrs(i: u32) -> LeaseAttrs {
+    LeaseAttrs::new(
+        format!("198.18.0.{i}").parse().unwrap(),
+        "vxlan",
+        Some(&serde_json::json!({"VNI":1,"VtepMAC":format!("aa:bb:cc:dd:ee:{i:02x}")})),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_agents_get_twenty_distinct_subnets() {
+    let env = Env::start();
+    // One client per agent, as 20 nodes would have.
+    let mut regs = Vec::new();
+    for _ in 0..20 {
+        regs.push(Arc::new(env.registry().await));
+    }
+    let tasks: Vec<_> = regs
+        .into_iter()
+        .enumerate()
+        .map(|(i, reg)| {
+            tokio::spawn(async move {
+                // All start from the same previous subnet to force creation races.
+                acquire(&reg, &cfg(), &attrs(i as u32 + 1), Some("10.244.7.0/24".parse().unwrap()), Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut subnets = HashSet::new();
+    for t in tasks {
+        assert!(subnets.insert(t.await.unwrap().subnet()));
+    }
+    assert_eq!(subnets.len(), 20);
+    let listed = env.ctl(&["get", "--prefix", "--keys-only", &format!("{P}/subnets/")]);
+    assert_eq!(listed.lines().filter(|l| !l.is_empty()).count(), 20);
+}
+
+#[tokio::test]
+async fn the_lease_is_written_in_flannels_exact_format_with_a_ttl() {
+    let env = Env::start();
+    let reg = env.registry().await;
+    let own = acquire(&reg, &cfg(), &attrs(3), None, Duration::from_secs(120)).await.unwrap();
+    let key = own.key.etcd_key(P);
+    let out = env.ctl(&["get", &key, "--print-value-only"]);
+    assert_eq!(
+        out.trim(),
+        r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:03"}}"#
+    );
+    let ttl = env.ctl(&["lease", "timetolive", &format!("{:x}", own.lease_id)]);
+    assert!(ttl.contains("granted with TTL(120s)"), "{ttl}");
+}
+
+#[tokio::test]
+async fn ttl_expiry_frees_the_subnet_and_renewal_keeps_it() {
+    let env = Env::start();
+    let reg = env.registry().await;
+    let ttl = Duration::from_secs(2);
+    let lapsed = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
+    let kept = acquire(&reg, &cfg(), &attrs(2), None, ttl).await.unwrap();
+    let interval = renew_interval(ttl, Duration::from_secs(3600));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        assert!(reg.renew(kept.lease_id).await.unwrap().is_some(), "renewal failed");
+        tokio::time::sleep(interval).await;
+    }
+    let snap = reg.list_leases().await.unwrap();
+    let keys: Vec<_> = snap.leases.iter().map(|l| l.key.clone()).collect();
+    assert_eq!(keys, vec![kept.key.etcd_key(P)], "only the renewed lease survives");
+    assert_eq!(reg.renew(lapsed.lease_id).await.unwrap(), None);
+    // The freed subnet can be taken by another node.
+    let other = acquire(&reg, &cfg(), &attrs(9), Some(lapsed.subnet()), ttl).await.unwrap();
+    assert_eq!(other.subnet(), lapsed.subnet());
+}
+
+#[tokio::test]
+async fn reacquire_after_an_operator_deletes_the_lease() {
+    let env = Env::start();
+    let reg = env.registry().await;
+    let ttl = Duration::from_secs(60);
+    let first = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
+    env.ctl(&["del", &first.key.etcd_key(P)]);
+    let again = acquire(&reg, &cfg(), &attrs(1), Some(first.subnet()), ttl).await.unwrap();
+    assert_eq!(again.subnet(), first.subnet());
+    assert!(!again.reused);
+    // Restart with the lease in place: reused, no new write.
+    let rev = reg.list_leases().await.unwrap().revision;
+    let third = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
+    assert!(third.reused && third.key == again.key);
+    assert_eq!(reg.list_leases().await.unwrap().revision, rev);
+}
+
+#[tokio::test]
+async fn watch_sees_puts_and_deletes_and_reports_compaction() {
+    let env = Env::start();
+    let reg = env.registry().await;
+    let snap = reg.list_leases().await.unwrap();
+    let mut w = reg.watch(snap.revision + 1).await.unwrap();
+    let key = SubnetKey::new("10.244.9.0/24".parse().unwrap()).etcd_key(P);
+    env.ctl(&["put", &key, r#"{"PublicIP":"198.18.0.9"}"#]);
+    env.ctl(&["del", &key]);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.extend(tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap().unwrap());
+    }
+    assert!(matches!(&seen[0], WatchEvent::Put(l) if l.key == key && l.value == br#"{"PublicIP":"198.18.0.9"}"#));
+    assert!(matches!(&seen[1], WatchEvent::Delete { key: k, .. } if *k == key));
+    // Compact past the watch start: the next watch from the old revision must say so.
+    for i in 0..3 {
+        env.ctl(&["put", &format!("{P}/subnets/10.244.{}.0-24", 20 + i), r#"{"PublicIP":"198.18.0.1"}"#]);
+    }
+    let rev = reg.list_leases().await.unwrap().revision;
+    env.ctl(&["compact", &rev.to_string()]);
+    let mut old = reg.watch(snap.revision + 1).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), old.next()).await.unwrap().unwrap_err();
+    assert!(matches!(err, RegistryError::Compacted { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn config_is_read_verbatim() {
+    let env = Env::start();
+    let reg = env.registry().await;
+    assert_eq!(reg.get_config().await.unwrap(), None);
+    let json = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    env.ctl(&["put", &format!("{P}/config"), json]);
+    assert_eq!(reg.get_config().await.unwrap().as_deref(), Some(json));
+}

@@ -1,0 +1,14 @@
+//! tweed's on-disk and on-the-wire formats, parsed and validated without I/O side effects beyond
+//! reading and writing the file named by the caller.
+//!
+//! Everything here is flannel-compatible on purpose: tweed and flannel nodes share one etcd, and the
+//! CNI plugin reads a flannel node's `subnet.env`.
+
+pub mod agent_file;
+pub mod lease;
+pub mod network;
+pub mod subnet_env;
+
+pub use lease::{LeaseAttrs, SubnetKey};
+pub use network::{BackendConfig, NetworkConfig};
+pub use subnet_env::SubnetEnv;

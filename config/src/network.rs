@@ -1,0 +1,416 @@
+//! The network config JSON stored at `<prefix>/config`, spelled as flannel spells it.
+
+use ipnetwork::Ipv4Network;
+use serde_json::{Map, Value};
+use std::net::Ipv4Addr;
+
+pub const DEFAULT_SUBNET_LEN: u8 = 24;
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+pub const DEFAULT_UDP_PORT: u16 = 8285;
+pub const DEFAULT_VNI: u32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetworkConfigError {
+    #[error("network config is not valid JSON: {0}")]
+    Json(String),
+    #[error("network config must be a JSON object")]
+    NotObject,
+    #[error("network config field {field}: {reason}")]
+    Field { field: &'static str, reason: String },
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> NetworkConfigError {
+    NetworkConfigError::Field {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// The validated network configuration. Derived defaults (SubnetMin/Max, backend ports) are filled
+/// in, so consumers never re-derive them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub network: Ipv4Network,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv4Addr,
+    pub subnet_max: Ipv4Addr,
+    pub backend: BackendConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendConfig {
+    Vxlan {
+        vni: u32,
+        port: u16,
+        direct_routing: bool,
+        /// 0 means "derive from the underlay".
+        mtu: u32,
+    },
+    HostGw,
+    Udp {
+        port: u16,
+        mtu: u32,
+    },
+}
+
+impl BackendConfig {
+    /// The `BackendType` string written into leases.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            BackendConfig::Vxlan { .. } => "vxlan",
+            BackendConfig::HostGw => "host-gw",
+            BackendConfig::Udp { .. } => "udp",
+        }
+    }
+}
+
+fn get_str<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    field: &'static str,
+) -> Result<Option<&'a str>, NetworkConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(bad(field, format!("expected a string, got {other}"))),
+    }
+}
+
+fn get_uint(
+    obj: &Map<String, Value>,
+    key: &str,
+    field: &'static str,
+    max: u64,
+) -> Result<Option<u64>, NetworkConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if v <= max => Ok(Some(v)),
+            _ => Err(bad(field, format!("expected an integer 0..={max}, got {n}"))),
+        },
+        Some(other) => Err(bad(field, format!("expected a number, got {other}"))),
+    }
+}
+
+fn get_bool(
+    obj: &Map<String, Value>,
+    key: &str,
+    field: &'static str,
+) -> Result<bool, NetworkConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(bad(field, format!("expected true or false, got {other}"))),
+    }
+}
+
+fn get_ipv4(
+    obj: &Map<String, Value>,
+    key: &str,
+    field: &'static str,
+) -> Result<Option<Ipv4Addr>, NetworkConfigError> {
+    get_str(obj, key, field)?
+        .map(|s| {
+            s.parse::<Ipv4Addr>()
+                .map_err(|_| bad(field, format!("{s:?} is not an IPv4 address")))
+        })
+        .transpose()
+}
+
+fn subnet_size(len: u8) -> u32 {
+    1u32 << (32 - len as u32)
+}
+
+impl NetworkConfig {
+    /// Parses and validates flannel's JSON, accepting keys it does not use (flannel configs in the wild
+    /// carry `EnableIPv6`, `EnableNFTables` and the like) so a config written for flannel works verbatim.
+    pub fn parse(json: &str) -> Result<Self, NetworkConfigError> {
+        let value: Value =
+            serde_json::from_str(json).map_err(|e| NetworkConfigError::Json(e.to_string()))?;
+        let obj = value.as_object().ok_or(NetworkConfigError::NotObject)?;
+
+        let net_str = get_str(obj, "Network", "Network")?
+            .ok_or_else(|| bad("Network", "missing (e.g. \"10.244.0.0/16\")"))?;
+        let parsed: Ipv4Network = net_str
+            .parse()
+            .map_err(|_| bad("Network", format!("{net_str:?} is not an IPv4 CIDR")))?;
+        if parsed.network() != parsed.ip() {
+            return Err(bad(
+                "Network",
+                format!(
+                    "{net_str} has host bits set; did you mean {}/{}?",
+                    parsed.network(),
+                    parsed.prefix()
+                ),
+            ));
+        }
+        let network = parsed;
+
+        let subnet_len = match get_uint(obj, "SubnetLen", "SubnetLen", 32)? {
+            Some(0) | None => DEFAULT_SUBNET_LEN,
+            Some(v) => v as u8,
+        };
+        if subnet_len > 30 {
+            return Err(bad(
+                "SubnetLen",
+                format!("{subnet_len} is too long: a node subnet needs at least /30"),
+            ));
+        }
+        if subnet_len <= network.prefix() || subnet_len - network.prefix() < 2 {
+            return Err(bad(
+                "SubnetLen",
+                format!(
+                    "Network {network} holds fewer than 4 subnets of /{subnet_len}; use a larger Network or a longer SubnetLen"
+                ),
+            ));
+        }
+
+        let size = subnet_size(subnet_len);
+        let first = u32::from(network.network());
+        let last_subnet = first + (subnet_size(network.prefix()) - size);
+        let check = |field: &'static str, addr: Ipv4Addr| -> Result<Ipv4Addr, NetworkConfigError> {
+            let a = u32::from(addr);
+            if !network.contains(addr) {
+                return Err(bad(field, format!("{addr} is outside Network {network}")));
+            }
+            if (a - first) % size != 0 {
+                return Err(bad(
+                    field,
+                    format!("{addr} is not aligned to SubnetLen /{subnet_len}"),
+                ));
+            }
+            Ok(addr)
+        };
+        let subnet_min = match get_ipv4(obj, "SubnetMin", "SubnetMin")? {
+            Some(a) => check("SubnetMin", a)?,
+            None => Ipv4Addr::from(first + size),
+        };
+        let subnet_max = match get_ipv4(obj, "SubnetMax", "SubnetMax")? {
+            Some(a) => check("SubnetMax", a)?,
+            None => Ipv4Addr::from(last_subnet),
+        };
+        if u32::from(subnet_min) > u32::from(subnet_max) {
+            return Err(bad(
+                "SubnetMin",
+                format!("{subnet_min} is above SubnetMax {subnet_max}"),
+            ));
+        }
+
+        let backend = match obj.get("Backend") {
+            None | Some(Value::Null) => Self::parse_backend(&Map::new())?,
+            Some(Value::Object(b)) => Self::parse_backend(b)?,
+            Some(other) => return Err(bad("Backend", format!("expected an object, got {other}"))),
+        };
+
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            backend,
+        })
+    }
+
+    fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig, NetworkConfigError> {
+        // Flannel's code falls back to udp when Type is missing while its docs promise vxlan; tweed
+        // keeps the documented promise.
+        let ty = get_str(b, "Type", "Backend.Type")?.unwrap_or("vxlan");
+        match ty {
+            "vxlan" => {
+                let vni = get_uint(b, "VNI", "Backend.VNI", (1 << 24) - 1)?
+                    .map(|v| v as u32)
+                    .unwrap_or(DEFAULT_VNI);
+                if vni == 0 {
+                    return Err(bad("Backend.VNI", "must be 1..=16777215"));
+                }
+                let port = get_uint(b, "Port", "Backend.Port", u16::MAX as u64)?
+                    .filter(|p| *p != 0)
+                    .map(|p| p as u16)
+                    .unwrap_or(DEFAULT_VXLAN_PORT);
+                Ok(BackendConfig::Vxlan {
+                    vni,
+                    port,
+                    direct_routing: get_bool(b, "DirectRouting", "Backend.DirectRouting")?,
+                    mtu: Self::parse_mtu(b)?,
+                })
+            }
+            "host-gw" => Ok(BackendConfig::HostGw),
+            "udp" => {
+                let port = get_uint(b, "Port", "Backend.Port", u16::MAX as u64)?
+                    .filter(|p| *p != 0)
+                    .map(|p| p as u16)
+                    .unwrap_or(DEFAULT_UDP_PORT);
+                Ok(BackendConfig::Udp {
+                    port,
+                    mtu: Self::parse_mtu(b)?,
+                })
+            }
+            other => Err(bad(
+                "Backend.Type",
+                format!("unknown backend {other:?}; tweed supports vxlan, host-gw and udp"),
+            )),
+        }
+    }
+
+    fn parse_mtu(b: &Map<String, Value>) -> Result<u32, NetworkConfigError> {
+        let mtu = get_uint(b, "MTU", "Backend.MTU", 65535)?.unwrap_or(0) as u32;
+        if mtu != 0 && mtu < 576 {
+            return Err(bad("Backend.MTU", format!("{mtu} is below IPv4's minimum of 576")));
+        }
+        Ok(mtu)
+    }
+
+    /// Size of one node subnet in addresses.
+    pub fn subnet_size(&self) -> u32 {
+        subnet_size(self.subnet_len)
+    }
+
+    /// Number of node subnets in [SubnetMin, SubnetMax].
+    pub fn subnet_count(&self) -> u32 {
+        (u32::from(self.subnet_max) - u32::from(self.subnet_min)) / self.subnet_size() + 1
+    }
+
+    /// The i-th subnet of the allocatable range.
+    pub fn nth_subnet(&self, i: u32) -> Option<Ipv4Network> {
+        if i >= self.subnet_count() {
+            return None;
+        }
+        let base = u32::from(self.subnet_min) + i * self.subnet_size();
+        Ipv4Network::new(Ipv4Addr::from(base), self.subnet_len).ok()
+    }
+
+    /// Whether `subnet` is a well-formed node subnet of this network inside [SubnetMin, SubnetMax].
+    pub fn is_allocatable(&self, subnet: Ipv4Network) -> bool {
+        let a = u32::from(subnet.ip());
+        subnet.prefix() == self.subnet_len
+            && subnet.ip() == subnet.network()
+            && a >= u32::from(self.subnet_min)
+            && a <= u32::from(self.subnet_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_err(json: &str) -> &'static str {
+        match NetworkConfig::parse(json) {
+            Err(NetworkConfigError::Field { field, .. }) => field,
+            other => panic!("expected a field error for {json}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flannel_example_verbatim() {
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMin":"10.244.1.0","SubnetMax":"10.244.255.0",
+               "EnableNFTables":false,"Backend":{"Type":"vxlan","VNI":1,"Port":8472,"DirectRouting":false,"MTU":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.network.to_string(), "10.244.0.0/16");
+        assert_eq!(c.subnet_count(), 255);
+        assert_eq!(
+            c.backend,
+            BackendConfig::Vxlan {
+                vni: 1,
+                port: 8472,
+                direct_routing: false,
+                mtu: 0
+            }
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
+        assert_eq!(c.backend.type_name(), "vxlan");
+        assert_eq!(c.nth_subnet(0).unwrap().to_string(), "10.244.1.0/24");
+        assert_eq!(c.nth_subnet(254).unwrap().to_string(), "10.244.255.0/24");
+        assert!(c.nth_subnet(255).is_none());
+        let u = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#)
+            .unwrap();
+        assert_eq!(u.backend, BackendConfig::Udp { port: 8285, mtu: 0 });
+        let h = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
+            .unwrap();
+        assert_eq!(h.backend, BackendConfig::HostGw);
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        assert!(matches!(
+            NetworkConfig::parse("{"),
+            Err(NetworkConfigError::Json(_))
+        ));
+        assert_eq!(
+            NetworkConfig::parse("[]").unwrap_err(),
+            NetworkConfigError::NotObject
+        );
+        assert_eq!(field_err(r#"{}"#), "Network");
+        assert_eq!(field_err(r#"{"Network":"nope"}"#), "Network");
+        assert_eq!(field_err(r#"{"Network":"10.244.1.0/16"}"#), "Network");
+        assert_eq!(field_err(r#"{"Network":7}"#), "Network");
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/8","SubnetLen":31}"#),
+            "SubnetLen"
+        );
+        // /23 with /24 subnets: only two subnets.
+        assert_eq!(field_err(r#"{"Network":"10.0.0.0/23"}"#), "SubnetLen");
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","SubnetLen":"24"}"#),
+            "SubnetLen"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.5"}"#),
+            "SubnetMin"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","SubnetMax":"10.1.0.0"}"#),
+            "SubnetMax"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.8.0"}"#),
+            "SubnetMin"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"ipsec"}}"#),
+            "Backend.Type"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","Backend":{"VNI":0}}"#),
+            "Backend.VNI"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","Backend":{"Port":70000}}"#),
+            "Backend.Port"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","Backend":{"MTU":100}}"#),
+            "Backend.MTU"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","Backend":{"DirectRouting":"yes"}}"#),
+            "Backend.DirectRouting"
+        );
+        assert_eq!(
+            field_err(r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#),
+            "Backend"
+        );
+    }
+
+    #[test]
+    fn allocatable() {
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.4.0","SubnetMax":"10.0.9.0"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.subnet_count(), 6);
+        assert!(c.is_allocatable("10.0.4.0/24".parse().unwrap()));
+        assert!(c.is_allocatable("10.0.9.0/24".parse().unwrap()));
+        assert!(!c.is_allocatable("10.0.3.0/24".parse().unwrap()));
+        assert!(!c.is_allocatable("10.0.10.0/24".parse().unwrap()));
+        assert!(!c.is_allocatable("10.0.5.0/25".parse().unwrap()));
+    }
+}

@@ -1,0 +1,215 @@
+//! `subnet.env`: how the agent tells the CNI plugin (and flannel-era tooling) its lease.
+
+use ipnetwork::Ipv4Network;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetEnvError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {key}: {reason}")]
+    Field {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Ipv4Network,
+    /// The node's first usable address with the subnet's prefix, e.g. `10.244.3.1/24`.
+    pub subnet: Ipv4Network,
+    pub mtu: u32,
+    pub ipmasq: bool,
+}
+
+impl SubnetEnv {
+    /// The node subnet itself (network address), e.g. `10.244.3.0/24`.
+    pub fn node_subnet(&self) -> Ipv4Network {
+        Ipv4Network::new(self.subnet.network(), self.subnet.prefix())
+            .expect("prefix already valid")
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "TWEED_NETWORK={}", self.network);
+        let _ = writeln!(s, "TWEED_SUBNET={}", self.subnet);
+        let _ = writeln!(s, "TWEED_MTU={}", self.mtu);
+        let _ = writeln!(s, "TWEED_IPMASQ={}", self.ipmasq);
+        s
+    }
+
+    /// Parses `TWEED_*` or flannel's `FLANNEL_*` keys; `TWEED_*` wins when both appear. Comments,
+    /// blank lines, `export ` and quotes are tolerated because operators edit this file by hand.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, SubnetEnvError> {
+        let field = |key: &str, reason: String| SubnetEnvError::Field {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        let mut tweed = std::collections::HashMap::new();
+        let mut flannel = std::collections::HashMap::new();
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"').trim_matches('\'').to_string();
+            if let Some(k) = k.trim().strip_prefix("TWEED_") {
+                tweed.insert(k.to_string(), v);
+            } else if let Some(k) = k.trim().strip_prefix("FLANNEL_") {
+                flannel.insert(k.to_string(), v);
+            }
+        }
+        let get = |k: &str| -> Option<(String, &String)> {
+            tweed
+                .get(k)
+                .map(|v| (format!("TWEED_{k}"), v))
+                .or_else(|| flannel.get(k).map(|v| (format!("FLANNEL_{k}"), v)))
+        };
+        let need = |k: &str| {
+            get(k).ok_or_else(|| field(&format!("TWEED_{k}"), "missing".to_string()))
+        };
+        let (nk, nv) = need("NETWORK")?;
+        let network: Ipv4Network = nv
+            .parse()
+            .map_err(|_| field(&nk, format!("{nv:?} is not an IPv4 CIDR")))?;
+        let (sk, sv) = need("SUBNET")?;
+        let subnet: Ipv4Network = sv
+            .parse()
+            .map_err(|_| field(&sk, format!("{sv:?} is not an IPv4 CIDR")))?;
+        let (mk, mv) = need("MTU")?;
+        let mtu: u32 = mv
+            .parse()
+            .ok()
+            .filter(|m| (576..=65535).contains(m))
+            .ok_or_else(|| field(&mk, format!("{mv:?} is not an MTU (576..=65535)")))?;
+        let ipmasq = match get("IPMASQ") {
+            None => false,
+            Some((k, v)) => match v.as_str() {
+                "true" => true,
+                "false" | "" => false,
+                other => return Err(field(&k, format!("{other:?} is not true or false"))),
+            },
+        };
+        Ok(SubnetEnv {
+            network,
+            subnet,
+            mtu,
+            ipmasq,
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<Self, SubnetEnvError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SubnetEnvError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Writes through a temp file + rename in the same directory, so a reader never sees half a file.
+    pub fn write_atomic(&self, path: &Path) -> Result<(), SubnetEnvError> {
+        write_atomic(path, self.render().as_bytes())
+    }
+}
+
+/// Atomic file replacement shared by everything that writes state other processes read.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), SubnetEnvError> {
+    let io = |source| SubnetEnvError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SubnetEnv {
+        SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.3.1/24".parse().unwrap(),
+            mtu: 1450,
+            ipmasq: true,
+        }
+    }
+
+    #[test]
+    fn render_parse_round_trip() {
+        let s = sample();
+        assert_eq!(
+            s.render(),
+            "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.3.1/24\nTWEED_MTU=1450\nTWEED_IPMASQ=true\n"
+        );
+        assert_eq!(SubnetEnv::parse(Path::new("x"), &s.render()).unwrap(), s);
+        assert_eq!(s.node_subnet().to_string(), "10.244.3.0/24");
+    }
+
+    #[test]
+    fn flannel_spelling_and_comments() {
+        let text = "# written by flannel\nFLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+        assert_eq!(SubnetEnv::parse(Path::new("x"), text).unwrap(), sample());
+        let with_comment = "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.3.1/24 # first usable\nexport TWEED_MTU=\"1450\"\nTWEED_IPMASQ=true\n";
+        assert_eq!(SubnetEnv::parse(Path::new("x"), with_comment).unwrap(), sample());
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = SubnetEnv::parse(Path::new("/run/tweed/subnet.env"), "TWEED_NETWORK=10.0.0.0/16\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/run/tweed/subnet.env") && e.contains("TWEED_SUBNET"), "{e}");
+        let e = SubnetEnv::parse(
+            Path::new("f"),
+            "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=big\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("TWEED_MTU"), "{e}");
+        let e = SubnetEnv::parse(
+            Path::new("f"),
+            "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=1450\nTWEED_IPMASQ=maybe\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("TWEED_IPMASQ"), "{e}");
+    }
+
+    #[test]
+    fn atomic_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/subnet.env");
+        sample().write_atomic(&path).unwrap();
+        assert_eq!(SubnetEnv::read(&path).unwrap(), sample());
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temp file left behind: {names:?}");
+        let err = SubnetEnv::read(&dir.path().join("missing")).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+    }
+}
