@@ -54,9 +54,8 @@ pub fn choose(
     {
         return Ok(Decision::Reuse(l.clone()));
     }
-    let is_free = |s: Ipv4Network| {
-        !exclude.contains(&s) && !occupied.iter().any(|o| overlaps(*o, s))
-    };
+    let is_free =
+        |s: Ipv4Network| !exclude.contains(&s) && !occupied.iter().any(|o| overlaps(*o, s));
     if let Some(p) = previous.filter(|p| cfg.is_allocatable(*p) && is_free(*p)) {
         return Ok(Decision::Take(p));
     }
@@ -64,7 +63,9 @@ pub fn choose(
     // Random probes find a free subnet fast in a sparse network; the scan from a random start makes
     // a nearly full one still terminate, and still spreads nodes that race for the last few subnets.
     for _ in 0..32 {
-        let s = cfg.nth_subnet(rng.random_range(0..count)).expect("index in range");
+        let s = cfg
+            .nth_subnet(rng.random_range(0..count))
+            .expect("index in range");
         if is_free(s) {
             return Ok(Decision::Take(s));
         }
@@ -111,7 +112,10 @@ mod tests {
     #[test]
     fn reuses_the_lease_held_for_our_ip_first() {
         let c = cfg(r#"{"Network":"10.244.0.0/16"}"#);
-        let leases = vec![lease("10.244.7.0/24", "198.18.0.2"), lease("10.244.9.0/24", "198.18.0.1")];
+        let leases = vec![
+            lease("10.244.7.0/24", "198.18.0.2"),
+            lease("10.244.9.0/24", "198.18.0.1"),
+        ];
         let occ: Vec<_> = leases.iter().map(|l| l.key.ipv4).collect();
         let d = choose(
             &c,
@@ -130,7 +134,16 @@ mod tests {
     fn a_held_lease_outside_the_range_is_not_reused() {
         let c = cfg(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0"}"#);
         let leases = vec![lease("10.244.3.0/24", "198.18.0.1")];
-        let d = choose(&c, &leases, &[leases[0].key.ipv4], "198.18.0.1".parse().unwrap(), None, &HashSet::new(), &mut rng()).unwrap();
+        let d = choose(
+            &c,
+            &leases,
+            &[leases[0].key.ipv4],
+            "198.18.0.1".parse().unwrap(),
+            None,
+            &HashSet::new(),
+            &mut rng(),
+        )
+        .unwrap();
         match d {
             Decision::Take(s) => assert!(c.is_allocatable(s)),
             other => panic!("{other:?}"),
@@ -139,7 +152,9 @@ mod tests {
 
     #[test]
     fn previous_subnet_when_free_else_random_in_range() {
-        let c = cfg(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.20.0"}"#);
+        let c = cfg(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.20.0"}"#,
+        );
         let me = "198.18.0.1".parse().unwrap();
         let prev: Ipv4Network = "10.244.12.0/24".parse().unwrap();
         assert_eq!(
@@ -148,32 +163,62 @@ mod tests {
         );
         // Taken by another node (even with an unreadable value): not reused.
         for _ in 0..50 {
-            let d = choose(&c, &[], &[prev], me, Some(prev), &HashSet::new(), &mut rand::rng()).unwrap();
+            let d = choose(
+                &c,
+                &[],
+                &[prev],
+                me,
+                Some(prev),
+                &HashSet::new(),
+                &mut rand::rng(),
+            )
+            .unwrap();
             let Decision::Take(s) = d else { panic!() };
             assert_ne!(s, prev);
             assert!(c.is_allocatable(s), "{s} outside [min,max]");
         }
         // Previous subnet outside the (changed) range: ignored.
         let outside: Ipv4Network = "10.244.30.0/24".parse().unwrap();
-        let Decision::Take(s) = choose(&c, &[], &[], me, Some(outside), &HashSet::new(), &mut rng()).unwrap() else { panic!() };
+        let Decision::Take(s) =
+            choose(&c, &[], &[], me, Some(outside), &HashSet::new(), &mut rng()).unwrap()
+        else {
+            panic!()
+        };
         assert!(c.is_allocatable(s));
     }
 
     #[test]
     fn alignment_and_overlap_with_odd_foreign_keys() {
-        let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetLen":26,"SubnetMin":"10.0.0.64","SubnetMax":"10.0.0.192"}"#);
+        let c = cfg(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":26,"SubnetMin":"10.0.0.64","SubnetMax":"10.0.0.192"}"#,
+        );
         assert_eq!(c.subnet_count(), 3);
         // A foreign /24 key covers the whole range.
         let occ = vec!["10.0.0.0/24".parse().unwrap()];
-        let err = choose(&c, &[], &occ, "1.1.1.1".parse().unwrap(), None, &HashSet::new(), &mut rng()).unwrap_err();
-        assert!(err.to_string().contains("all 3 /26 subnets of 10.0.0.0/16"), "{err}");
+        let err = choose(
+            &c,
+            &[],
+            &occ,
+            "1.1.1.1".parse().unwrap(),
+            None,
+            &HashSet::new(),
+            &mut rng(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("all 3 /26 subnets of 10.0.0.0/16"),
+            "{err}"
+        );
     }
 
     #[test]
     fn exhaustion_and_race_exclusions() {
         let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.4.0"}"#);
         let me = "1.1.1.1".parse().unwrap();
-        let occ: Vec<Ipv4Network> = vec!["10.0.1.0/24".parse().unwrap(), "10.0.3.0/24".parse().unwrap()];
+        let occ: Vec<Ipv4Network> = vec![
+            "10.0.1.0/24".parse().unwrap(),
+            "10.0.3.0/24".parse().unwrap(),
+        ];
         let mut lost = HashSet::new();
         lost.insert("10.0.2.0/24".parse().unwrap());
         assert_eq!(
@@ -192,10 +237,30 @@ mod tests {
         let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.8.0"}"#);
         let mut occ: Vec<Ipv4Network> = Vec::new();
         for _ in 0..8 {
-            let Decision::Take(s) = choose(&c, &[], &occ, "1.1.1.1".parse().unwrap(), None, &HashSet::new(), &mut rng()).unwrap() else { panic!() };
+            let Decision::Take(s) = choose(
+                &c,
+                &[],
+                &occ,
+                "1.1.1.1".parse().unwrap(),
+                None,
+                &HashSet::new(),
+                &mut rng(),
+            )
+            .unwrap() else {
+                panic!()
+            };
             assert!(!occ.contains(&s));
             occ.push(s);
         }
-        assert!(choose(&c, &[], &occ, "1.1.1.1".parse().unwrap(), None, &HashSet::new(), &mut rng()).is_err());
+        assert!(choose(
+            &c,
+            &[],
+            &occ,
+            "1.1.1.1".parse().unwrap(),
+            None,
+            &HashSet::new(),
+            &mut rng()
+        )
+        .is_err());
     }
 }

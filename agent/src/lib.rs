@@ -6,9 +6,10 @@
 //! the kernel.
 
 pub mod alloc;
-pub mod settings;
 pub mod backend;
 pub mod netlink;
 pub mod registry;
+pub mod run;
+pub mod settings;
 pub mod subnet;
 pub mod watch;

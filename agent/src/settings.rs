@@ -32,7 +32,12 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// etcd endpoints, comma-separated [default: http://127.0.0.1:2379]
-    #[arg(long, env = "TWEED_ETCD_ENDPOINTS", value_delimiter = ',', value_name = "URLS")]
+    #[arg(
+        long,
+        env = "TWEED_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
     pub etcd_endpoints: Option<Vec<String>>,
 
     /// etcd key prefix holding `config` and `subnets/` (flannel's layout) [default: /coreos.com/network]
@@ -53,7 +58,12 @@ pub struct Cli {
 
     /// Interface for inter-host traffic, by name or IPv4 address; repeatable, first match wins
     /// [default: the interface of the default route]
-    #[arg(long, env = "TWEED_IFACE", value_delimiter = ',', value_name = "NAME|IP")]
+    #[arg(
+        long,
+        env = "TWEED_IFACE",
+        value_delimiter = ',',
+        value_name = "NAME|IP"
+    )]
     pub iface: Option<Vec<String>>,
 
     /// IP advertised to other nodes in this node's lease [default: the chosen interface's address]
@@ -279,7 +289,14 @@ mod tests {
         )
         .unwrap();
         let s = Cli::merge(
-            cli(&["--etcd-endpoints", "http://a:1,http://b:2", "--iface", "eth1", "--iface", "10.0.0.1"]),
+            cli(&[
+                "--etcd-endpoints",
+                "http://a:1,http://b:2",
+                "--iface",
+                "eth1",
+                "--iface",
+                "10.0.0.1",
+            ]),
             file,
         )
         .unwrap();
@@ -291,25 +308,49 @@ mod tests {
 
     #[test]
     fn renew_margin_accepts_flannel_minutes() {
-        let s = Cli::merge(cli(&["--subnet-lease-renew-margin", "30"]), AgentFile::default()).unwrap();
+        let s = Cli::merge(
+            cli(&["--subnet-lease-renew-margin", "30"]),
+            AgentFile::default(),
+        )
+        .unwrap();
         assert_eq!(s.renew_margin, Duration::from_secs(1800));
-        let s = Cli::merge(cli(&["--subnet-lease-renew-margin", "90s"]), AgentFile::default()).unwrap();
+        let s = Cli::merge(
+            cli(&["--subnet-lease-renew-margin", "90s"]),
+            AgentFile::default(),
+        )
+        .unwrap();
         assert_eq!(s.renew_margin, Duration::from_secs(90));
     }
 
     #[test]
     fn bad_values_name_the_flag() {
-        let e = Cli::merge(cli(&["--lease-ttl", "soon"]), AgentFile::default()).unwrap_err().to_string();
+        let e = Cli::merge(cli(&["--lease-ttl", "soon"]), AgentFile::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lease-ttl") && e.contains("soon"), "{e}");
-        let e = Cli::merge(cli(&["--lease-ttl", "0s"]), AgentFile::default()).unwrap_err().to_string();
+        let e = Cli::merge(cli(&["--lease-ttl", "0s"]), AgentFile::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lease-ttl"), "{e}");
-        let e = Cli::merge(cli(&["--etcd-endpoints", "127.0.0.1:2379"]), AgentFile::default()).unwrap_err().to_string();
+        let e = Cli::merge(
+            cli(&["--etcd-endpoints", "127.0.0.1:2379"]),
+            AgentFile::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("etcd-endpoints") && e.contains("http://"), "{e}");
-        let e = Cli::merge(cli(&["--etcd-certfile", "/c.pem"]), AgentFile::default()).unwrap_err().to_string();
+        let e = Cli::merge(cli(&["--etcd-certfile", "/c.pem"]), AgentFile::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("etcd-keyfile"), "{e}");
         assert!(Cli::try_parse_from(["tweedd", "--public-ip", "not-an-ip"]).is_err());
         let file = AgentFile::parse(Path::new("f.yaml"), "public-ip: nope\n").unwrap();
-        let e = Cli::merge(cli(&["--config", "/etc/tweed/f.yaml"]), file).unwrap_err().to_string();
-        assert!(e.contains("/etc/tweed/f.yaml") && e.contains("public-ip"), "{e}");
+        let e = Cli::merge(cli(&["--config", "/etc/tweed/f.yaml"]), file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/tweed/f.yaml") && e.contains("public-ip"),
+            "{e}"
+        );
     }
 }

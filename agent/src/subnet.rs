@@ -14,7 +14,9 @@ pub enum SubnetError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Alloc(#[from] AllocError),
-    #[error("gave up after {attempts} attempts: every chosen subnet was taken by another node first")]
+    #[error(
+        "gave up after {attempts} attempts: every chosen subnet was taken by another node first"
+    )]
     Contended { attempts: u32 },
 }
 
@@ -133,7 +135,10 @@ mod tests {
     const P: &str = "/coreos.com/network";
 
     fn cfg() -> NetworkConfig {
-        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.40.0"}"#).unwrap()
+        NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.40.0"}"#,
+        )
+        .unwrap()
     }
 
     fn attrs(ip: &str) -> LeaseAttrs {
@@ -149,8 +154,14 @@ mod tests {
         let h = Duration::from_secs(3600);
         assert_eq!(renew_interval(24 * h, h), 16 * h); // capped at 2/3
         assert_eq!(renew_interval(3 * h, h), 2 * h);
-        assert_eq!(renew_interval(Duration::from_secs(9), h), Duration::from_secs(6));
-        assert_eq!(renew_interval(Duration::from_secs(1), h), Duration::from_secs(1));
+        assert_eq!(
+            renew_interval(Duration::from_secs(9), h),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            renew_interval(Duration::from_secs(1), h),
+            Duration::from_secs(1)
+        );
     }
 
     #[tokio::test]
@@ -160,10 +171,16 @@ mod tests {
         for i in 0..40 {
             let reg = Registry::Mem(mem.clone());
             tasks.push(tokio::spawn(async move {
-                acquire(&reg, &cfg(), &attrs(&format!("198.18.0.{}", i + 1)), None, Duration::from_secs(60))
-                    .await
-                    .unwrap()
-                    .subnet()
+                acquire(
+                    &reg,
+                    &cfg(),
+                    &attrs(&format!("198.18.0.{}", i + 1)),
+                    None,
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap()
+                .subnet()
             }));
         }
         let mut got = HashSet::new();
@@ -172,11 +189,20 @@ mod tests {
         }
         assert_eq!(got.len(), 40);
         // The range holds exactly 40: the 41st node gets a clear error.
-        let err = acquire(&Registry::Mem(mem), &cfg(), &attrs("198.18.1.1"), None, Duration::from_secs(60))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("out of subnets") && err.contains("10.244.0.0/16"), "{err}");
+        let err = acquire(
+            &Registry::Mem(mem),
+            &cfg(),
+            &attrs("198.18.1.1"),
+            None,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("out of subnets") && err.contains("10.244.0.0/16"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -184,18 +210,29 @@ mod tests {
         let mem = MemRegistry::new(P);
         let reg = Registry::Mem(mem.clone());
         let ttl = Duration::from_secs(60);
-        let first = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl).await.unwrap();
+        let first = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl)
+            .await
+            .unwrap();
         assert!(!first.reused);
-        let again = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl).await.unwrap();
+        let again = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl)
+            .await
+            .unwrap();
         assert_eq!(again.key, first.key);
         assert!(again.reused);
         let rev_before = reg.list_leases().await.unwrap().revision;
         // Unchanged attrs: no write at all (peers see nothing).
-        acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl).await.unwrap();
+        acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl)
+            .await
+            .unwrap();
         assert_eq!(reg.list_leases().await.unwrap().revision, rev_before);
         // New VTEP MAC: same subnet, value rewritten.
         let mut changed = attrs("198.18.0.1");
-        changed.backend_data = Some(serde_json::value::RawValue::from_string(r#"{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:99"}"#.into()).unwrap());
+        changed.backend_data = Some(
+            serde_json::value::RawValue::from_string(
+                r#"{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:99"}"#.into(),
+            )
+            .unwrap(),
+        );
         let third = acquire(&reg, &cfg(), &changed, None, ttl).await.unwrap();
         assert_eq!(third.key, first.key);
         let snap = reg.list_leases().await.unwrap();
@@ -207,17 +244,43 @@ mod tests {
         let mem = MemRegistry::new(P);
         let reg = Registry::Mem(mem.clone());
         let ttl = Duration::from_secs(60);
-        let first = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl).await.unwrap();
+        let first = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl)
+            .await
+            .unwrap();
         mem.expire_lease(first.lease_id);
         assert_eq!(reg.renew(first.lease_id).await.unwrap(), None);
         assert!(reg.list_leases().await.unwrap().leases.is_empty());
-        let back = acquire(&reg, &cfg(), &attrs("198.18.0.1"), Some(first.subnet()), ttl).await.unwrap();
+        let back = acquire(
+            &reg,
+            &cfg(),
+            &attrs("198.18.0.1"),
+            Some(first.subnet()),
+            ttl,
+        )
+        .await
+        .unwrap();
         assert_eq!(back.subnet(), first.subnet());
         assert_ne!(back.lease_id, first.lease_id);
         // Someone else grabbed it while we were away: we get another one, not an error.
         mem.delete_raw(&back.key.etcd_key(P));
-        acquire(&reg, &cfg(), &attrs("198.18.0.2"), Some(first.subnet()), ttl).await.unwrap();
-        let other = acquire(&reg, &cfg(), &attrs("198.18.0.1"), Some(first.subnet()), ttl).await.unwrap();
+        acquire(
+            &reg,
+            &cfg(),
+            &attrs("198.18.0.2"),
+            Some(first.subnet()),
+            ttl,
+        )
+        .await
+        .unwrap();
+        let other = acquire(
+            &reg,
+            &cfg(),
+            &attrs("198.18.0.1"),
+            Some(first.subnet()),
+            ttl,
+        )
+        .await
+        .unwrap();
         assert_ne!(other.subnet(), first.subnet());
     }
 
@@ -227,7 +290,15 @@ mod tests {
         let reg = Registry::Mem(mem.clone());
         let prev: Ipv4Network = "10.244.5.0/24".parse().unwrap();
         mem.put_raw(&format!("{P}/subnets/10.244.5.0-24"), b"{garbage");
-        let got = acquire(&reg, &cfg(), &attrs("198.18.0.1"), Some(prev), Duration::from_secs(60)).await.unwrap();
+        let got = acquire(
+            &reg,
+            &cfg(),
+            &attrs("198.18.0.1"),
+            Some(prev),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
         assert_ne!(got.subnet(), prev);
     }
 }

@@ -100,11 +100,11 @@ impl LeaseTable {
             key: raw.key.clone(),
             reason,
         };
-        if !self.network.contains(key.ipv4.network()) || key.ipv4.prefix() < self.network.prefix()
-        {
-            return out
-                .skipped
-                .push(skip(format!("subnet {} is outside network {}", key.ipv4, self.network)));
+        if !self.network.contains(key.ipv4.network()) || key.ipv4.prefix() < self.network.prefix() {
+            return out.skipped.push(skip(format!(
+                "subnet {} is outside network {}",
+                key.ipv4, self.network
+            )));
         }
         // A corrupt value keeps whatever we last knew for the key: dropping a working peer because
         // someone wrote garbage would turn one bad write into lost traffic.
@@ -112,11 +112,10 @@ impl LeaseTable {
             Ok(a) => a,
             Err(e) => return out.skipped.push(skip(e.to_string())),
         };
-        if let Some(other) = self
-            .leases
-            .keys()
-            .find(|k| **k != key && (k.ipv4.contains(key.ipv4.network()) || key.ipv4.contains(k.ipv4.network())))
-        {
+        if let Some(other) = self.leases.keys().find(|k| {
+            **k != key
+                && (k.ipv4.contains(key.ipv4.network()) || key.ipv4.contains(k.ipv4.network()))
+        }) {
             return out.skipped.push(skip(format!(
                 "subnet {} overlaps the existing lease for {}",
                 key.ipv4, other.ipv4
@@ -195,7 +194,9 @@ mod tests {
     }
 
     fn vx(ip: &str, mac: &str) -> String {
-        format!(r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#)
+        format!(
+            r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        )
     }
 
     fn table() -> LeaseTable {
@@ -205,25 +206,54 @@ mod tests {
     #[test]
     fn add_update_remove() {
         let mut t = table();
-        let a = t.apply(&[WatchEvent::Put(raw("10.244.1.0-24", &vx("198.18.0.1", "aa:aa:aa:aa:aa:01"), 2))]);
-        assert!(matches!(a.changes.as_slice(), [LeaseChange::Added(l)] if l.key.ipv4.to_string() == "10.244.1.0/24"));
+        let a = t.apply(&[WatchEvent::Put(raw(
+            "10.244.1.0-24",
+            &vx("198.18.0.1", "aa:aa:aa:aa:aa:01"),
+            2,
+        ))]);
+        assert!(
+            matches!(a.changes.as_slice(), [LeaseChange::Added(l)] if l.key.ipv4.to_string() == "10.244.1.0/24")
+        );
         // Same attrs, new revision (a renewal rewrite): not a change.
-        let a = t.apply(&[WatchEvent::Put(raw("10.244.1.0-24", &vx("198.18.0.1", "aa:aa:aa:aa:aa:01"), 3))]);
+        let a = t.apply(&[WatchEvent::Put(raw(
+            "10.244.1.0-24",
+            &vx("198.18.0.1", "aa:aa:aa:aa:aa:01"),
+            3,
+        ))]);
         assert_eq!(a, Applied::default());
         // New VTEP MAC: an update carrying old and new.
-        let a = t.apply(&[WatchEvent::Put(raw("10.244.1.0-24", &vx("198.18.0.1", "aa:aa:aa:aa:aa:02"), 4))]);
+        let a = t.apply(&[WatchEvent::Put(raw(
+            "10.244.1.0-24",
+            &vx("198.18.0.1", "aa:aa:aa:aa:aa:02"),
+            4,
+        ))]);
         match a.changes.as_slice() {
             [LeaseChange::Updated { old, new }] => {
-                assert_eq!(old.attrs.vxlan_data().unwrap().vtep_mac, "aa:aa:aa:aa:aa:01");
-                assert_eq!(new.attrs.vxlan_data().unwrap().vtep_mac, "aa:aa:aa:aa:aa:02");
+                assert_eq!(
+                    old.attrs.vxlan_data().unwrap().vtep_mac,
+                    "aa:aa:aa:aa:aa:01"
+                );
+                assert_eq!(
+                    new.attrs.vxlan_data().unwrap().vtep_mac,
+                    "aa:aa:aa:aa:aa:02"
+                );
             }
             other => panic!("{other:?}"),
         }
-        let a = t.apply(&[WatchEvent::Delete { key: format!("{P}/subnets/10.244.1.0-24"), revision: 5 }]);
+        let a = t.apply(&[WatchEvent::Delete {
+            key: format!("{P}/subnets/10.244.1.0-24"),
+            revision: 5,
+        }]);
         assert!(matches!(a.changes.as_slice(), [LeaseChange::Removed(_)]));
         assert!(t.is_empty() && t.occupied().is_empty());
         // Deleting an unknown key is nothing.
-        assert_eq!(t.apply(&[WatchEvent::Delete { key: format!("{P}/subnets/10.244.9.0-24"), revision: 6 }]), Applied::default());
+        assert_eq!(
+            t.apply(&[WatchEvent::Delete {
+                key: format!("{P}/subnets/10.244.9.0-24"),
+                revision: 6
+            }]),
+            Applied::default()
+        );
     }
 
     #[test]
@@ -232,16 +262,44 @@ mod tests {
         let a = t.apply(&[
             WatchEvent::Put(raw("10.244.1.0-24", "{not json", 2)),
             WatchEvent::Put(raw("bogus", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 3)),
-            WatchEvent::Put(raw("10.9.0.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4)),
-            WatchEvent::Put(raw("10.244.2.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 5)),
-            WatchEvent::Put(raw("10.244.2.0-23", &vx("198.18.0.5", "aa:aa:aa:aa:aa:05"), 6)),
+            WatchEvent::Put(raw(
+                "10.9.0.0-24",
+                &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"),
+                4,
+            )),
+            WatchEvent::Put(raw(
+                "10.244.2.0-24",
+                &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"),
+                5,
+            )),
+            WatchEvent::Put(raw(
+                "10.244.2.0-23",
+                &vx("198.18.0.5", "aa:aa:aa:aa:aa:05"),
+                6,
+            )),
             // Not under subnets/: ignored silently.
-            WatchEvent::Put(RawLease { key: format!("{P}/config"), value: b"{}".to_vec(), lease_id: 0, mod_revision: 7 }),
+            WatchEvent::Put(RawLease {
+                key: format!("{P}/config"),
+                value: b"{}".to_vec(),
+                lease_id: 0,
+                mod_revision: 7,
+            }),
         ]);
         assert_eq!(a.changes.len(), 1, "{a:?}");
-        let keys: Vec<_> = a.skipped.iter().map(|s| s.key.rsplit('/').next().unwrap().to_string()).collect();
-        assert_eq!(keys, ["10.244.1.0-24", "bogus", "10.9.0.0-24", "10.244.2.0-23"]);
-        assert!(a.skipped[3].reason.contains("overlaps"), "{:?}", a.skipped[3]);
+        let keys: Vec<_> = a
+            .skipped
+            .iter()
+            .map(|s| s.key.rsplit('/').next().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            keys,
+            ["10.244.1.0-24", "bogus", "10.9.0.0-24", "10.244.2.0-23"]
+        );
+        assert!(
+            a.skipped[3].reason.contains("overlaps"),
+            "{:?}",
+            a.skipped[3]
+        );
         // The corrupt key still blocks allocation of its subnet.
         assert!(t.occupied().contains(&"10.244.1.0/24".parse().unwrap()));
         // A good lease overwritten with garbage keeps its last good value.
@@ -275,13 +333,23 @@ mod tests {
             })
             .collect();
         kinds.sort();
-        assert_eq!(kinds, ["add 10.244.4.0/24", "remove 10.244.1.0/24", "update 10.244.2.0/24"]);
+        assert_eq!(
+            kinds,
+            [
+                "add 10.244.4.0/24",
+                "remove 10.244.1.0/24",
+                "update 10.244.2.0/24"
+            ]
+        );
         assert_eq!(t.len(), 3);
         // A second identical resync is a no-op.
-        assert!(t.resync(&[
-            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:22"), 10),
-            raw("10.244.3.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4),
-            raw("10.244.4.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 11),
-        ]).changes.is_empty());
+        assert!(t
+            .resync(&[
+                raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:22"), 10),
+                raw("10.244.3.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4),
+                raw("10.244.4.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 11),
+            ])
+            .changes
+            .is_empty());
     }
 }

@@ -19,12 +19,13 @@ struct Env {
 impl Env {
     fn start() -> Env {
         let dir = tempfile::tempdir().unwrap();
-        let etcd = EtcdProcess::start_local(dir.path()).expect("start etcd (apt-get install etcd-server)");
+        let etcd =
+            EtcdProcess::start_local(dir.path()).expect("start etcd (apt-get install etcd-server)");
         Env { _dir: dir, etcd }
     }
 
     async fn registry(&self) -> Registry {
-        Registry::Etcd(
+        Registry::etcd(
             EtcdRegistry::connect(EtcdOptions {
                 endpoints: self.etcd.endpoints(),
                 prefix: P.into(),
@@ -42,8 +43,10 @@ impl Env {
 }
 
 fn cfg() -> NetworkConfig {
-    NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.100.0"}"#)
-        .unwrap()
+    NetworkConfig::parse(
+        r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.100.0"}"#,
+    )
+    .unwrap()
 }
 
 fn attrs(i: u32) -> LeaseAttrs {
@@ -68,9 +71,15 @@ async fn twenty_concurrent_agents_get_twenty_distinct_subnets() {
         .map(|(i, reg)| {
             tokio::spawn(async move {
                 // All start from the same previous subnet to force creation races.
-                acquire(&reg, &cfg(), &attrs(i as u32 + 1), Some("10.244.7.0/24".parse().unwrap()), Duration::from_secs(60))
-                    .await
-                    .unwrap()
+                acquire(
+                    &reg,
+                    &cfg(),
+                    &attrs(i as u32 + 1),
+                    Some("10.244.7.0/24".parse().unwrap()),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap()
             })
         })
         .collect();
@@ -87,7 +96,9 @@ async fn twenty_concurrent_agents_get_twenty_distinct_subnets() {
 async fn the_lease_is_written_in_flannels_exact_format_with_a_ttl() {
     let env = Env::start();
     let reg = env.registry().await;
-    let own = acquire(&reg, &cfg(), &attrs(3), None, Duration::from_secs(120)).await.unwrap();
+    let own = acquire(&reg, &cfg(), &attrs(3), None, Duration::from_secs(120))
+        .await
+        .unwrap();
     let key = own.key.etcd_key(P);
     let out = env.ctl(&["get", &key, "--print-value-only"]);
     assert_eq!(
@@ -108,15 +119,24 @@ async fn ttl_expiry_frees_the_subnet_and_renewal_keeps_it() {
     let interval = renew_interval(ttl, Duration::from_secs(3600));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < deadline {
-        assert!(reg.renew(kept.lease_id).await.unwrap().is_some(), "renewal failed");
+        assert!(
+            reg.renew(kept.lease_id).await.unwrap().is_some(),
+            "renewal failed"
+        );
         tokio::time::sleep(interval).await;
     }
     let snap = reg.list_leases().await.unwrap();
     let keys: Vec<_> = snap.leases.iter().map(|l| l.key.clone()).collect();
-    assert_eq!(keys, vec![kept.key.etcd_key(P)], "only the renewed lease survives");
+    assert_eq!(
+        keys,
+        vec![kept.key.etcd_key(P)],
+        "only the renewed lease survives"
+    );
     assert_eq!(reg.renew(lapsed.lease_id).await.unwrap(), None);
     // The freed subnet can be taken by another node.
-    let other = acquire(&reg, &cfg(), &attrs(9), Some(lapsed.subnet()), ttl).await.unwrap();
+    let other = acquire(&reg, &cfg(), &attrs(9), Some(lapsed.subnet()), ttl)
+        .await
+        .unwrap();
     assert_eq!(other.subnet(), lapsed.subnet());
 }
 
@@ -127,7 +147,9 @@ async fn reacquire_after_an_operator_deletes_the_lease() {
     let ttl = Duration::from_secs(60);
     let first = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
     env.ctl(&["del", &first.key.etcd_key(P)]);
-    let again = acquire(&reg, &cfg(), &attrs(1), Some(first.subnet()), ttl).await.unwrap();
+    let again = acquire(&reg, &cfg(), &attrs(1), Some(first.subnet()), ttl)
+        .await
+        .unwrap();
     assert_eq!(again.subnet(), first.subnet());
     assert!(!again.reused);
     // Restart with the lease in place: reused, no new write.
@@ -148,18 +170,32 @@ async fn watch_sees_puts_and_deletes_and_reports_compaction() {
     env.ctl(&["del", &key]);
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        seen.extend(tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap().unwrap());
+        seen.extend(
+            tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
-    assert!(matches!(&seen[0], WatchEvent::Put(l) if l.key == key && l.value == br#"{"PublicIP":"198.18.0.9"}"#));
+    assert!(
+        matches!(&seen[0], WatchEvent::Put(l) if l.key == key && l.value == br#"{"PublicIP":"198.18.0.9"}"#)
+    );
     assert!(matches!(&seen[1], WatchEvent::Delete { key: k, .. } if *k == key));
     // Compact past the watch start: the next watch from the old revision must say so.
     for i in 0..3 {
-        env.ctl(&["put", &format!("{P}/subnets/10.244.{}.0-24", 20 + i), r#"{"PublicIP":"198.18.0.1"}"#]);
+        env.ctl(&[
+            "put",
+            &format!("{P}/subnets/10.244.{}.0-24", 20 + i),
+            r#"{"PublicIP":"198.18.0.1"}"#,
+        ]);
     }
     let rev = reg.list_leases().await.unwrap().revision;
     env.ctl(&["compact", &rev.to_string()]);
     let mut old = reg.watch(snap.revision + 1).await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), old.next()).await.unwrap().unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(5), old.next())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(matches!(err, RegistryError::Compacted { .. }), "{err}");
 }
 

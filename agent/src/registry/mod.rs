@@ -66,18 +66,20 @@ impl WatchEvent {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateOutcome {
-    Created { lease_id: i64 },
+    Created {
+        lease_id: i64,
+    },
     /// Someone else holds the key: pick another subnet.
     Taken,
 }
 
 pub enum Registry {
-    Etcd(EtcdRegistry),
+    Etcd(Box<EtcdRegistry>),
     Mem(MemRegistry),
 }
 
 pub enum LeaseWatch {
-    Etcd(etcd::EtcdWatch),
+    Etcd(Box<etcd::EtcdWatch>),
     Mem(mem::MemWatch),
 }
 
@@ -101,6 +103,10 @@ macro_rules! dispatch {
 }
 
 impl Registry {
+    pub fn etcd(r: EtcdRegistry) -> Self {
+        Registry::Etcd(Box::new(r))
+    }
+
     pub fn prefix(&self) -> &str {
         dispatch!(self, r => r.prefix())
     }
@@ -151,7 +157,10 @@ impl Registry {
 
     pub async fn watch(&self, from_revision: i64) -> Result<LeaseWatch, RegistryError> {
         match self {
-            Registry::Etcd(r) => r.watch(from_revision).await.map(LeaseWatch::Etcd),
+            Registry::Etcd(r) => r
+                .watch(from_revision)
+                .await
+                .map(|w| LeaseWatch::Etcd(Box::new(w))),
             Registry::Mem(r) => r.watch(from_revision).map(LeaseWatch::Mem),
         }
     }

@@ -1,0 +1,1291 @@
+//! The vxlan backend: one kernel vxlan device `tweed.<VNI>` without learning, and per remote lease
+//! three static entries that replace what learning and ARP would otherwise have to discover:
+//!
+//! - neighbour `<peer subnet address> lladdr <peer VtepMAC>` (permanent),
+//! - FDB `<peer VtepMAC> dst <peer PublicIP>` (permanent),
+//! - route `<peer subnet> via <peer subnet address> dev tweed.<VNI> onlink`.
+//!
+//! This is flannel's layout, so tweed and flannel nodes interoperate.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnetwork::Ipv4Network;
+
+use super::{apply_plan, diff_routes, ReconcileStats};
+use crate::netlink::model::Tables;
+use crate::netlink::{
+    Addr, FdbEntry, Link, MacAddr, Neighbour, Netlink, NetlinkError, Op, Route, VxlanSpec,
+};
+
+/// IANA assigned 4789, but the Linux default and flannel's is 8472; interoperating with flannel
+/// matters more.
+pub const DEFAULT_PORT: u16 = 8472;
+/// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The smallest MTU IPv4 allows; below it the device would be useless.
+const MIN_MTU: u32 = 68;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VxlanError {
+    #[error(
+        "{device}: MTU {mtu} is below the IPv4 minimum of {MIN_MTU} (underlay MTU {underlay_mtu}, \
+         vxlan needs {VXLAN_OVERHEAD} bytes of it)"
+    )]
+    Mtu {
+        device: String,
+        mtu: u32,
+        underlay_mtu: u32,
+    },
+
+    #[error("VTEP MAC file {}: {source}", path.display())]
+    MacFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("setting up {device}: {source}")]
+    Device {
+        device: String,
+        #[source]
+        source: NetlinkError,
+    },
+
+    /// The device disappeared (deleted behind our back); the backend must be set up again.
+    #[error("{device} no longer exists; the vxlan backend must be set up again")]
+    DeviceGone { device: String },
+
+    #[error("reading the entries of {device}: {source}")]
+    Observe {
+        device: String,
+        #[source]
+        source: NetlinkError,
+    },
+
+    #[error("vxlan lease for {subnet}: {reason}")]
+    PeerData { subnet: Ipv4Network, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanConfig {
+    pub vni: u32,
+    pub port: u16,
+    /// The node's public IP: the outer source address, and what peers send to.
+    pub local_ip: Ipv4Addr,
+    pub underlay_ifindex: u32,
+    pub underlay_mtu: u32,
+    /// This node's lease; its network address goes on the device as a /32.
+    pub own_subnet: Ipv4Network,
+    /// Where the VTEP MAC survives a device deletion (reboot, incompatible config).
+    pub mac_file: PathBuf,
+    pub mtu_override: Option<u32>,
+}
+
+impl VxlanConfig {
+    /// A config with the default port and the MTU derived from the underlay.
+    pub fn new(
+        vni: u32,
+        local_ip: Ipv4Addr,
+        underlay_ifindex: u32,
+        underlay_mtu: u32,
+        own_subnet: Ipv4Network,
+        mac_file: PathBuf,
+    ) -> VxlanConfig {
+        VxlanConfig {
+            vni,
+            port: DEFAULT_PORT,
+            local_ip,
+            underlay_ifindex,
+            underlay_mtu,
+            own_subnet,
+            mac_file,
+            mtu_override: None,
+        }
+    }
+
+    pub fn device_name(&self) -> String {
+        device_name(self.vni)
+    }
+
+    /// The device MTU: the override if any, else what fits in one underlay packet.
+    pub fn mtu(&self) -> u32 {
+        self.mtu_override
+            .unwrap_or(self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
+    }
+
+    /// The address the device carries: the subnet's network address, which is also the
+    /// gateway address peers route this subnet through.
+    pub fn device_addr(&self) -> Ipv4Network {
+        Ipv4Network::new(self.own_subnet.network(), 32).expect("/32 is a valid prefix")
+    }
+
+    fn spec(&self, mac: Option<MacAddr>) -> VxlanSpec {
+        VxlanSpec {
+            name: self.device_name(),
+            vni: self.vni,
+            port: self.port,
+            local: self.local_ip,
+            underlay: self.underlay_ifindex,
+            learning: false,
+            mtu: Some(self.mtu()),
+            mac,
+        }
+    }
+}
+
+pub fn device_name(vni: u32) -> String {
+    format!("tweed.{vni}")
+}
+
+/// A remote node as its lease describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VxlanPeer {
+    pub subnet: Ipv4Network,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: MacAddr,
+}
+
+impl VxlanPeer {
+    /// Reads a vxlan lease (flannel's or ours).
+    pub fn from_lease(
+        subnet: Ipv4Network,
+        attrs: &tweed_config::LeaseAttrs,
+    ) -> Result<VxlanPeer, VxlanError> {
+        let bad = |reason: String| VxlanError::PeerData { subnet, reason };
+        let data = attrs.vxlan_data().map_err(|e| bad(e.to_string()))?;
+        let vtep_mac: MacAddr = data.vtep_mac.parse().map_err(|e| bad(format!("{e}")))?;
+        if !vtep_mac.is_valid_unicast() {
+            return Err(bad(format!("VtepMAC {vtep_mac} is not a unicast address")));
+        }
+        Ok(VxlanPeer {
+            subnet,
+            public_ip: attrs.public_ip,
+            vtep_mac,
+        })
+    }
+
+    /// Where the peer's subnet is reached: its network address, held by the peer's vxlan device.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.subnet.network()
+    }
+}
+
+/// The vxlan device's entries as the kernel holds them (or as this backend last left them), plus
+/// who this node is, which decides which peers must never be programmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedState {
+    pub ifindex: u32,
+    pub local_ip: Ipv4Addr,
+    pub own_subnet: Ipv4Network,
+    pub neighbours: Vec<Neighbour>,
+    pub fdb: Vec<FdbEntry>,
+    pub routes: Vec<Route>,
+}
+
+impl ObservedState {
+    pub fn empty(ifindex: u32, local_ip: Ipv4Addr, own_subnet: Ipv4Network) -> ObservedState {
+        ObservedState {
+            ifindex,
+            local_ip,
+            own_subnet,
+            neighbours: Vec::new(),
+            fdb: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// Lists the device's neighbours, FDB entries and routes.
+    pub async fn observe(
+        nl: &Netlink,
+        ifindex: u32,
+        local_ip: Ipv4Addr,
+        own_subnet: Ipv4Network,
+    ) -> Result<ObservedState, NetlinkError> {
+        Ok(ObservedState {
+            neighbours: nl.neighbours(ifindex).await?,
+            fdb: nl.fdb(ifindex).await?,
+            routes: nl.routes(ifindex).await?,
+            ..ObservedState::empty(ifindex, local_ip, own_subnet)
+        })
+    }
+
+    /// The state once `ops` have all succeeded: lets the backend keep an exact view without
+    /// re-listing thousands of entries after every lease event.
+    pub fn after(&self, ops: &[Op]) -> ObservedState {
+        let mut t = Tables::from_entries(&self.neighbours, &self.fdb, &self.routes);
+        for op in ops {
+            // An op the model rejects (e.g. deleting something absent) leaves it unchanged,
+            // exactly as the idempotent kernel apply did.
+            let _ = t.apply(op);
+        }
+        ObservedState {
+            neighbours: t.neighbours(self.ifindex),
+            fdb: t.fdb_entries(self.ifindex),
+            routes: t.routes_via(self.ifindex),
+            ..ObservedState::empty(self.ifindex, self.local_ip, self.own_subnet)
+        }
+    }
+}
+
+/// The peers that are actually programmed: never ourselves, subnets without host bits (the
+/// kernel reports routes that way, so anything else would be rewritten forever), and one owner
+/// per subnet, subnet address and VTEP MAC. Sorted by subnet so plans are deterministic.
+fn effective_peers(observed: &ObservedState, desired: &[VxlanPeer]) -> Vec<VxlanPeer> {
+    let mut by_subnet: BTreeMap<Ipv4Network, VxlanPeer> = BTreeMap::new();
+    for p in desired {
+        let subnet = Ipv4Network::new(p.subnet.network(), p.subnet.prefix())
+            .expect("prefix of a valid network");
+        if subnet.overlaps(observed.own_subnet) || p.public_ip == observed.local_ip {
+            continue;
+        }
+        if !p.vtep_mac.is_valid_unicast() {
+            tracing::warn!(subnet = %p.subnet, mac = %p.vtep_mac, "vxlan: ignoring peer with a non-unicast VTEP MAC");
+            continue;
+        }
+        by_subnet
+            .entry(subnet)
+            .or_insert(VxlanPeer { subnet, ..*p });
+    }
+    let mut gateways = HashSet::new();
+    let mut macs: HashMap<MacAddr, Ipv4Addr> = HashMap::new();
+    by_subnet
+        .into_values()
+        .filter(|p| {
+            if !gateways.insert(p.gateway()) {
+                tracing::warn!(subnet = %p.subnet, "vxlan: ignoring peer whose subnet address another peer already uses");
+                return false;
+            }
+            // One MAC can reach only one VTEP; two nodes sharing a MAC is a cloned machine.
+            match macs.entry(p.vtep_mac) {
+                std::collections::hash_map::Entry::Occupied(o) if *o.get() != p.public_ip => {
+                    tracing::warn!(subnet = %p.subnet, mac = %p.vtep_mac, other = %o.get(), "vxlan: ignoring peer whose VTEP MAC another node already uses");
+                    false
+                }
+                e => {
+                    e.or_insert(p.public_ip);
+                    true
+                }
+            }
+        })
+        .collect()
+}
+
+/// Computes the ops turning `observed` into "exactly `desired`" on the vxlan device.
+///
+/// Only what is missing or different is (re)written and only entries this backend would have
+/// made are deleted: permanent neighbours, permanent unicast FDB entries, and non-kernel routes
+/// on the device. Deletes come first so a replace never collides with a stale entry; each
+/// peer's entries are added FDB, neighbour, route, so a route never points at an unresolvable
+/// next hop.
+pub fn plan(observed: &ObservedState, desired: &[VxlanPeer]) -> Vec<Op> {
+    let dev = observed.ifindex;
+    let peers = effective_peers(observed, desired);
+
+    let want_neigh: HashSet<Ipv4Addr> = peers.iter().map(|p| p.gateway()).collect();
+    let want_fdb: HashSet<MacAddr> = peers.iter().map(|p| p.vtep_mac).collect();
+    let want_routes: Vec<Route> = peers
+        .iter()
+        .map(|p| Route::onlink(p.subnet, p.gateway(), dev))
+        .collect();
+
+    let neigh: HashMap<Ipv4Addr, &Neighbour> = observed
+        .neighbours
+        .iter()
+        .filter(|n| n.ifindex == dev)
+        .map(|n| (n.ip, n))
+        .collect();
+    let mut fdb: BTreeMap<MacAddr, Vec<&FdbEntry>> = BTreeMap::new();
+    for e in &observed.fdb {
+        if e.ifindex == dev && e.mac.is_valid_unicast() {
+            fdb.entry(e.mac).or_default().push(e);
+        }
+    }
+    let our_routes: Vec<Route> = observed
+        .routes
+        .iter()
+        .filter(|r| r.oif == Some(dev) && r.protocol != Route::PROTO_KERNEL)
+        .copied()
+        .collect();
+    let routes = diff_routes(&our_routes, &want_routes);
+
+    let mut dels = Vec::new();
+    dels.extend(routes.delete.iter().map(|r| Op::RouteDel(*r)));
+    let mut stale_neigh: Vec<&Neighbour> = neigh
+        .values()
+        .filter(|n| n.permanent && !want_neigh.contains(&n.ip))
+        .copied()
+        .collect();
+    stale_neigh.sort_by_key(|n| n.ip);
+    dels.extend(stale_neigh.iter().map(|n| Op::NeighDel {
+        ifindex: dev,
+        ip: n.ip,
+    }));
+    for (mac, entries) in &fdb {
+        if !want_fdb.contains(mac) {
+            dels.extend(entries.iter().filter(|e| e.permanent).map(|e| Op::FdbDel {
+                ifindex: dev,
+                mac: *mac,
+                dst: e.dst,
+            }));
+        }
+    }
+
+    let replace_routes: HashSet<Ipv4Network> = routes.replace.iter().map(|r| r.dst).collect();
+    let mut fdb_done = HashSet::new();
+    let mut adds = Vec::new();
+    for p in &peers {
+        let mac = p.vtep_mac;
+        let dst = p.public_ip;
+        if fdb_done.insert(mac) {
+            match fdb.get(&mac) {
+                None => adds.push(Op::FdbReplace {
+                    ifindex: dev,
+                    mac,
+                    dst,
+                }),
+                Some(entries) => {
+                    let exact = entries.iter().any(|e| e.dst == Some(dst) && e.permanent);
+                    if exact {
+                        // Extra remotes would make the kernel flood a copy to each of them.
+                        // Each delete names its remote: without one the whole entry would go.
+                        dels.extend(
+                            entries
+                                .iter()
+                                .filter_map(|e| e.dst.filter(|d| *d != dst))
+                                .map(|d| Op::FdbDel {
+                                    ifindex: dev,
+                                    mac,
+                                    dst: Some(d),
+                                }),
+                        );
+                    } else {
+                        // A replace rewrites the first remote in place, which is all a single
+                        // remote needs (no gap in forwarding); several must go first.
+                        if entries.len() > 1 {
+                            dels.push(Op::FdbDel {
+                                ifindex: dev,
+                                mac,
+                                dst: None,
+                            });
+                        }
+                        adds.push(Op::FdbReplace {
+                            ifindex: dev,
+                            mac,
+                            dst,
+                        });
+                    }
+                }
+            }
+        }
+        let ip = p.gateway();
+        if !neigh
+            .get(&ip)
+            .is_some_and(|n| n.permanent && n.mac == Some(mac))
+        {
+            adds.push(Op::NeighReplace {
+                ifindex: dev,
+                ip,
+                mac,
+            });
+        }
+        if replace_routes.contains(&p.subnet) {
+            adds.push(Op::RouteReplace(Route::onlink(p.subnet, ip, dev)));
+        }
+    }
+    dels.extend(adds);
+    dels
+}
+
+/// Which peer an op served, for failure reports.
+fn owner(op: &Op, peers: &[VxlanPeer]) -> Option<Ipv4Network> {
+    match op {
+        Op::RouteReplace(r) | Op::RouteDel(r) => Some(r.dst),
+        Op::NeighReplace { ip, .. } | Op::NeighDel { ip, .. } => {
+            peers.iter().find(|p| p.gateway() == *ip).map(|p| p.subnet)
+        }
+        Op::FdbReplace { mac, .. } | Op::FdbDel { mac, .. } => {
+            peers.iter().find(|p| p.vtep_mac == *mac).map(|p| p.subnet)
+        }
+        _ => None,
+    }
+}
+
+/// What to do about the device itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePlan {
+    pub ops: Vec<Op>,
+    /// The VTEP MAC the device has (or will have) once `ops` ran.
+    pub mac: MacAddr,
+}
+
+/// Pure device decision. A compatible device is kept as is (recreating it would drop traffic on
+/// every restart); only its MTU and up state are corrected. Anything else is deleted and
+/// recreated. The MAC prefers, in order: the existing device's (what peers have in our lease
+/// right now), the stored one, `fresh`.
+pub fn plan_device(
+    cfg: &VxlanConfig,
+    existing: Option<&Link>,
+    stored_mac: Option<MacAddr>,
+    fresh: MacAddr,
+) -> DevicePlan {
+    let name = cfg.device_name();
+    let existing_mac = existing
+        .and_then(|l| l.mac)
+        .filter(MacAddr::is_valid_unicast);
+    let mac = existing_mac.or(stored_mac).unwrap_or(fresh);
+    let mut ops = Vec::new();
+    let compatible = existing.filter(|l| {
+        l.kind.as_deref() == Some("vxlan")
+            && l.vxlan == Some(cfg.spec(None).attrs())
+            && existing_mac.is_some()
+    });
+    match compatible {
+        Some(l) => {
+            if l.mtu != cfg.mtu() {
+                ops.push(Op::LinkSetMtu {
+                    name: name.clone(),
+                    mtu: cfg.mtu(),
+                });
+            }
+            if !l.up {
+                ops.push(Op::LinkSetUp { name });
+            }
+        }
+        None => {
+            if existing.is_some() {
+                ops.push(Op::LinkDel { name: name.clone() });
+            }
+            ops.push(Op::LinkAddVxlan(cfg.spec(Some(mac))));
+            ops.push(Op::LinkSetUp { name });
+        }
+    }
+    DevicePlan { ops, mac }
+}
+
+/// Puts exactly `want` on the device: the new address first so the node never has none, then
+/// stale ones (an old lease's subnet address) go.
+pub fn plan_addresses(ifindex: u32, observed: &[Addr], want: Ipv4Network) -> Vec<Op> {
+    let mine: Vec<&Addr> = observed.iter().filter(|a| a.ifindex == ifindex).collect();
+    let mut ops = Vec::new();
+    if !mine.iter().any(|a| a.net == want) {
+        ops.push(Op::AddrAdd {
+            ifindex,
+            addr: want,
+        });
+    }
+    ops.extend(mine.iter().filter(|a| a.net != want).map(|a| Op::AddrDel {
+        ifindex,
+        addr: a.net,
+    }));
+    ops
+}
+
+fn read_mac_file(path: &Path) -> Result<Option<MacAddr>, VxlanError> {
+    match fs::read_to_string(path) {
+        Ok(s) => match s.trim().parse::<MacAddr>() {
+            Ok(m) if m.is_valid_unicast() => Ok(Some(m)),
+            _ => {
+                tracing::warn!(path = %path.display(), "vxlan: ignoring unusable VTEP MAC file; it will be rewritten");
+                Ok(None)
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(VxlanError::MacFile {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Temp file + rename in the same directory: a crash leaves the old MAC or the new one, never a
+/// torn file that would give the node a new MAC at the next start.
+fn write_mac_file(path: &Path, mac: MacAddr) -> Result<(), VxlanError> {
+    let err = |source| VxlanError::MacFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(err)?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| err(io::Error::new(io::ErrorKind::InvalidInput, "no file name")))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        writeln!(f, "{mac}")?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        err(e)
+    })
+}
+
+/// The set-up vxlan device plus this backend's view of what it programmed.
+#[derive(Debug)]
+pub struct VxlanBackend {
+    cfg: VxlanConfig,
+    name: String,
+    ifindex: u32,
+    mac: MacAddr,
+    setup_ops: Vec<Op>,
+    /// What the device holds, as far as we know; `None` forces a re-list at the next reconcile.
+    view: Option<ObservedState>,
+}
+
+impl VxlanBackend {
+    /// The VTEP MAC this node will use, known before the lease is: the lease advertises it, and
+    /// the lease decides the subnet that [`setup`](Self::setup) needs. Same order as setup (the
+    /// existing device's, the stored one, a fresh one) and stored, so setup then agrees.
+    pub async fn prepare_mac(nl: &Netlink, cfg: &VxlanConfig) -> Result<MacAddr, VxlanError> {
+        let name = cfg.device_name();
+        let existing = nl
+            .link_by_name(&name)
+            .await
+            .map_err(|source| VxlanError::Device {
+                device: name.clone(),
+                source,
+            })?;
+        let stored = read_mac_file(&cfg.mac_file)?;
+        let mac = plan_device(cfg, existing.as_ref(), stored, MacAddr::random_local()).mac;
+        if stored != Some(mac) {
+            write_mac_file(&cfg.mac_file, mac)?;
+        }
+        Ok(mac)
+    }
+
+    /// Ensures the device (see [`plan_device`]), its address and up state. Safe to call on every
+    /// start: with an unchanged config and device it changes nothing.
+    pub async fn setup(nl: &Netlink, cfg: VxlanConfig) -> Result<VxlanBackend, VxlanError> {
+        let name = cfg.device_name();
+        let device_err = |source| VxlanError::Device {
+            device: name.clone(),
+            source,
+        };
+        if cfg.mtu() < MIN_MTU {
+            return Err(VxlanError::Mtu {
+                device: name,
+                mtu: cfg.mtu(),
+                underlay_mtu: cfg.underlay_mtu,
+            });
+        }
+        let existing = nl.link_by_name(&name).await.map_err(device_err)?;
+        let stored = read_mac_file(&cfg.mac_file)?;
+        let dev = plan_device(&cfg, existing.as_ref(), stored, MacAddr::random_local());
+        // Stored before the device exists, so a crash in between cannot lose the MAC peers may
+        // already have been told about.
+        if stored != Some(dev.mac) {
+            write_mac_file(&cfg.mac_file, dev.mac)?;
+        }
+        apply_strict(nl, &dev.ops).await.map_err(device_err)?;
+
+        let link = nl
+            .link_by_name(&name)
+            .await
+            .map_err(device_err)?
+            .ok_or_else(|| VxlanError::DeviceGone {
+                device: name.clone(),
+            })?;
+        if link.mac != Some(dev.mac) {
+            // Something (udev's MACAddressPolicy, an operator) changed it behind our back; the
+            // device is what peers must be told about.
+            tracing::warn!(device = %name, want = %dev.mac, have = ?link.mac, "vxlan: device MAC differs from the chosen VTEP MAC");
+        }
+        let mac = link.mac.unwrap_or(dev.mac);
+        if stored != Some(mac) && mac != dev.mac {
+            write_mac_file(&cfg.mac_file, mac)?;
+        }
+
+        let addrs = nl.addresses(Some(link.index)).await.map_err(device_err)?;
+        let addr_ops = plan_addresses(link.index, &addrs, cfg.device_addr());
+        apply_strict(nl, &addr_ops).await.map_err(device_err)?;
+
+        let mut setup_ops = dev.ops;
+        setup_ops.extend(addr_ops);
+        if !setup_ops.is_empty() {
+            tracing::info!(device = %name, mac = %mac, ops = setup_ops.len(), "vxlan: device set up");
+        }
+        Ok(VxlanBackend {
+            cfg,
+            name,
+            ifindex: link.index,
+            mac,
+            setup_ops,
+            view: None,
+        })
+    }
+
+    pub fn vtep_mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.cfg.mtu()
+    }
+
+    pub fn config(&self) -> &VxlanConfig {
+        &self.cfg
+    }
+
+    /// The ops `setup` had to apply; empty when it found everything in place.
+    pub fn setup_ops(&self) -> &[Op] {
+        &self.setup_ops
+    }
+
+    /// The lease's BackendData, spelled as flannel spells it.
+    pub fn backend_data(&self) -> serde_json::Value {
+        serde_json::json!({ "VNI": self.cfg.vni, "VtepMAC": self.mac.to_string() })
+    }
+
+    /// Makes the next [`reconcile`](Self::reconcile) re-list the device instead of trusting the
+    /// in-memory view (periodic safety net, or after someone else may have touched it).
+    pub fn resync(&mut self) {
+        self.view = None;
+    }
+
+    /// Makes the device hold exactly the entries for `peers`. The first call, and the first after
+    /// [`resync`](Self::resync) or after any failure, lists the kernel's entries; otherwise the
+    /// view left by the previous call is trusted. Failing ops are reported per peer and do not
+    /// stop the others; an `Err` means the device could not be read at all or is gone
+    /// ([`VxlanError::DeviceGone`]: call [`setup`](Self::setup) again).
+    pub async fn reconcile(
+        &mut self,
+        nl: &Netlink,
+        peers: &[VxlanPeer],
+    ) -> Result<ReconcileStats, VxlanError> {
+        let view = match self.view.take() {
+            Some(v) => v,
+            None => {
+                ObservedState::observe(nl, self.ifindex, self.cfg.local_ip, self.cfg.own_subnet)
+                    .await
+                    .map_err(|source| VxlanError::Observe {
+                        device: self.name.clone(),
+                        source,
+                    })?
+            }
+        };
+        let ops = plan(&view, peers);
+        let stats = apply_plan(nl, &ops, |op| owner(op, peers)).await;
+        for f in &stats.failures {
+            tracing::warn!(device = %self.name, "vxlan: {f}");
+        }
+        // Retrying cannot help then: every later op would fail the same way.
+        if stats
+            .failures
+            .iter()
+            .any(|f| f.error.errno() == Some(libc::ENODEV))
+        {
+            return Err(VxlanError::DeviceGone {
+                device: self.name.clone(),
+            });
+        }
+        // After a failure the kernel's state is not what the model says; read it next time.
+        self.view = stats.failures.is_empty().then(|| view.after(&ops));
+        Ok(stats)
+    }
+}
+
+/// Applies setup ops; the first failure is the error, since a half-made device is useless.
+async fn apply_strict(nl: &Netlink, ops: &[Op]) -> Result<(), NetlinkError> {
+    for op in ops {
+        nl.apply(op).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::Fake;
+
+    const DEV: u32 = 9;
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn mac(last: u8) -> MacAddr {
+        MacAddr([0x02, 0, 0, 0, 0, last])
+    }
+
+    fn peer(n: u8) -> VxlanPeer {
+        VxlanPeer {
+            subnet: net(&format!("10.244.{n}.0/24")),
+            public_ip: ip(&format!("198.18.0.{n}")),
+            vtep_mac: mac(n),
+        }
+    }
+
+    fn observed() -> ObservedState {
+        ObservedState::empty(DEV, ip("198.18.0.1"), net("10.244.1.0/24"))
+    }
+
+    /// The observed state a correct kernel would show after programming `peers`.
+    fn programmed(peers: &[VxlanPeer]) -> ObservedState {
+        let o = observed();
+        o.after(&plan(&o, peers))
+    }
+
+    fn entries_for(p: &VxlanPeer) -> Vec<Op> {
+        vec![
+            Op::FdbReplace {
+                ifindex: DEV,
+                mac: p.vtep_mac,
+                dst: p.public_ip,
+            },
+            Op::NeighReplace {
+                ifindex: DEV,
+                ip: p.gateway(),
+                mac: p.vtep_mac,
+            },
+            Op::RouteReplace(Route::onlink(p.subnet, p.gateway(), DEV)),
+        ]
+    }
+
+    #[test]
+    fn adds_three_entries_per_peer() {
+        let ops = plan(&observed(), &[peer(3), peer(2)]);
+        let mut want = entries_for(&peer(2));
+        want.extend(entries_for(&peer(3)));
+        assert_eq!(ops, want);
+    }
+
+    #[test]
+    fn restart_with_the_same_peers_plans_nothing() {
+        let peers = [peer(2), peer(3), peer(4)];
+        assert_eq!(plan(&programmed(&peers), &peers), vec![]);
+    }
+
+    #[test]
+    fn own_subnet_and_own_ip_are_never_programmed() {
+        let own_subnet = VxlanPeer {
+            subnet: net("10.244.1.0/24"),
+            ..peer(7)
+        };
+        let own_ip = VxlanPeer {
+            public_ip: ip("198.18.0.1"),
+            ..peer(8)
+        };
+        let overlapping = VxlanPeer {
+            subnet: net("10.244.0.0/16"),
+            ..peer(9)
+        };
+        assert_eq!(
+            plan(&observed(), &[own_subnet, own_ip, overlapping]),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_gone_peer_loses_exactly_its_entries() {
+        let before = programmed(&[peer(2), peer(3)]);
+        let p = peer(3);
+        assert_eq!(
+            plan(&before, &[peer(2)]),
+            vec![
+                Op::RouteDel(Route::onlink(p.subnet, p.gateway(), DEV)),
+                Op::NeighDel {
+                    ifindex: DEV,
+                    ip: p.gateway()
+                },
+                Op::FdbDel {
+                    ifindex: DEV,
+                    mac: p.vtep_mac,
+                    dst: Some(p.public_ip)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn new_vtep_mac_rewrites_fdb_and_neighbour_only() {
+        let before = programmed(&[peer(2)]);
+        let moved = VxlanPeer {
+            vtep_mac: mac(0x42),
+            ..peer(2)
+        };
+        assert_eq!(
+            plan(&before, &[moved]),
+            vec![
+                Op::FdbDel {
+                    ifindex: DEV,
+                    mac: mac(2),
+                    dst: Some(ip("198.18.0.2"))
+                },
+                Op::FdbReplace {
+                    ifindex: DEV,
+                    mac: mac(0x42),
+                    dst: ip("198.18.0.2")
+                },
+                Op::NeighReplace {
+                    ifindex: DEV,
+                    ip: ip("10.244.2.0"),
+                    mac: mac(0x42)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn new_public_ip_rewrites_fdb_in_place() {
+        let before = programmed(&[peer(2)]);
+        let moved = VxlanPeer {
+            public_ip: ip("198.18.7.7"),
+            ..peer(2)
+        };
+        let ops = plan(&before, &[moved]);
+        assert_eq!(
+            ops,
+            vec![Op::FdbReplace {
+                ifindex: DEV,
+                mac: mac(2),
+                dst: ip("198.18.7.7")
+            }]
+        );
+        assert_eq!(plan(&before.after(&ops), &[moved]), vec![]);
+    }
+
+    #[test]
+    fn stale_entries_from_a_previous_run_are_cleaned_but_kernel_ones_kept() {
+        let mut o = programmed(&[peer(2)]);
+        let old = peer(5);
+        o.neighbours.push(Neighbour {
+            ifindex: DEV,
+            ip: old.gateway(),
+            mac: Some(old.vtep_mac),
+            permanent: true,
+        });
+        o.fdb.push(FdbEntry {
+            ifindex: DEV,
+            mac: old.vtep_mac,
+            dst: Some(old.public_ip),
+            permanent: true,
+        });
+        o.routes.push(Route::onlink(old.subnet, old.gateway(), DEV));
+        // Kernel-made: a resolved ARP entry, a multicast FDB entry, a protocol-kernel route,
+        // and other devices' entries.
+        o.neighbours.push(Neighbour {
+            ifindex: DEV,
+            ip: ip("10.244.99.9"),
+            mac: Some(mac(99)),
+            permanent: false,
+        });
+        o.fdb.push(FdbEntry {
+            ifindex: DEV,
+            mac: "33:33:00:00:00:01".parse().unwrap(),
+            dst: None,
+            permanent: true,
+        });
+        o.fdb.push(FdbEntry {
+            ifindex: DEV + 1,
+            mac: mac(77),
+            dst: Some(ip("1.2.3.4")),
+            permanent: true,
+        });
+        o.routes.push(Route {
+            protocol: Route::PROTO_KERNEL,
+            ..Route::via(net("10.244.98.0/24"), ip("10.244.98.1"), Some(DEV))
+        });
+        o.routes.push(Route::via(
+            net("0.0.0.0/0"),
+            ip("198.18.0.254"),
+            Some(DEV + 1),
+        ));
+
+        let ops = plan(&o, &[peer(2)]);
+        assert_eq!(
+            ops,
+            vec![
+                Op::RouteDel(Route::onlink(old.subnet, old.gateway(), DEV)),
+                Op::NeighDel {
+                    ifindex: DEV,
+                    ip: old.gateway()
+                },
+                Op::FdbDel {
+                    ifindex: DEV,
+                    mac: old.vtep_mac,
+                    dst: Some(old.public_ip)
+                },
+            ]
+        );
+        assert_eq!(plan(&o.after(&ops), &[peer(2)]), vec![]);
+    }
+
+    #[test]
+    fn non_permanent_or_wrong_entries_for_a_peer_are_replaced() {
+        let p = peer(2);
+        let mut o = observed();
+        o.neighbours.push(Neighbour {
+            ifindex: DEV,
+            ip: p.gateway(),
+            mac: Some(p.vtep_mac),
+            permanent: false,
+        });
+        o.fdb.push(FdbEntry {
+            ifindex: DEV,
+            mac: p.vtep_mac,
+            dst: Some(p.public_ip),
+            permanent: true,
+        });
+        o.fdb.push(FdbEntry {
+            ifindex: DEV,
+            mac: p.vtep_mac,
+            dst: Some(ip("198.18.0.200")),
+            permanent: true,
+        });
+        o.routes
+            .push(Route::via(p.subnet, ip("198.18.0.2"), Some(DEV)));
+        let ops = plan(&o, &[p]);
+        assert_eq!(
+            ops,
+            vec![
+                Op::FdbDel {
+                    ifindex: DEV,
+                    mac: p.vtep_mac,
+                    dst: Some(ip("198.18.0.200"))
+                },
+                Op::NeighReplace {
+                    ifindex: DEV,
+                    ip: p.gateway(),
+                    mac: p.vtep_mac
+                },
+                Op::RouteReplace(Route::onlink(p.subnet, p.gateway(), DEV)),
+            ]
+        );
+        assert_eq!(plan(&o.after(&ops), &[p]), vec![]);
+    }
+
+    #[test]
+    fn duplicate_and_conflicting_peers_are_programmed_once() {
+        let clone = VxlanPeer {
+            subnet: net("10.244.9.0/24"),
+            public_ip: ip("198.18.0.9"),
+            vtep_mac: mac(2),
+        };
+        let ops = plan(&observed(), &[peer(2), peer(2), clone]);
+        assert_eq!(ops, entries_for(&peer(2)));
+    }
+
+    fn cfg(dir: &Path, underlay: u32) -> VxlanConfig {
+        VxlanConfig::new(
+            1,
+            ip("198.18.0.1"),
+            underlay,
+            1500,
+            net("10.244.1.0/24"),
+            dir.join("state/vtep-mac"),
+        )
+    }
+
+    fn fake_host() -> (Fake, Netlink, u32) {
+        let fake = Fake::new();
+        let eth0 = fake.add_link("eth0", 1500, Some(mac(0xee)));
+        (fake.clone(), Netlink::from(fake), eth0)
+    }
+
+    #[tokio::test]
+    async fn setup_creates_the_device_and_stores_the_mac() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fake, nl, eth0) = fake_host();
+        let b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        assert_eq!(b.device_name(), "tweed.1");
+        let link = nl.link_by_name("tweed.1").await.unwrap().unwrap();
+        assert_eq!(link.mtu, 1450);
+        assert!(link.up);
+        let v = link.vxlan.unwrap();
+        assert_eq!(
+            (v.vni, v.port, v.learning, v.underlay),
+            (1, 8472, false, Some(eth0))
+        );
+        assert_eq!(v.local, Some(ip("198.18.0.1")));
+        assert_eq!(link.mac, Some(b.vtep_mac()));
+        let stored = fs::read_to_string(tmp.path().join("state/vtep-mac")).unwrap();
+        assert_eq!(stored.trim(), b.vtep_mac().to_string());
+        let addrs = nl.addresses(Some(link.index)).await.unwrap();
+        assert_eq!(addrs.len(), 1);
+        assert_eq!(addrs[0].net, net("10.244.1.0/32"));
+        assert_eq!(
+            b.backend_data().to_string(),
+            format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, b.vtep_mac())
+        );
+        assert_eq!(fake.ops(), b.setup_ops());
+    }
+
+    #[tokio::test]
+    async fn second_setup_and_reconcile_touch_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fake, nl, eth0) = fake_host();
+        let peers = [peer(2), peer(3), peer(4)];
+        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        let stats = b.reconcile(&nl, &peers).await.unwrap();
+        assert_eq!((stats.ops_applied, stats.failures.len()), (9, 0));
+        let first_mac = b.vtep_mac();
+        fake.take_ops();
+
+        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        assert_eq!(b.setup_ops(), &[]);
+        assert_eq!(b.vtep_mac(), first_mac);
+        let stats = b.reconcile(&nl, &peers).await.unwrap();
+        assert_eq!(stats.ops_applied, 0);
+        assert_eq!(fake.ops(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn recreated_device_keeps_the_stored_mac() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_fake, nl, eth0) = fake_host();
+        let first = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        nl.apply(&Op::LinkDel {
+            name: "tweed.1".into(),
+        })
+        .await
+        .unwrap();
+        let again = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        assert_eq!(again.vtep_mac(), first.vtep_mac());
+        assert_ne!(again.ifindex(), first.ifindex());
+    }
+
+    #[tokio::test]
+    async fn incompatible_device_is_recreated_and_compatible_one_only_fixed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fake, nl, eth0) = fake_host();
+        let first = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+
+        let mut c = cfg(tmp.path(), eth0);
+        c.mtu_override = Some(1400);
+        fake.take_ops();
+        VxlanBackend::setup(&nl, c).await.unwrap();
+        assert_eq!(
+            fake.take_ops(),
+            vec![Op::LinkSetMtu {
+                name: "tweed.1".into(),
+                mtu: 1400
+            }]
+        );
+
+        let mut c = cfg(tmp.path(), eth0);
+        c.port = 4789;
+        let b = VxlanBackend::setup(&nl, c).await.unwrap();
+        let ops = fake.take_ops();
+        assert_eq!(
+            ops[0],
+            Op::LinkDel {
+                name: "tweed.1".into()
+            }
+        );
+        assert!(
+            matches!(&ops[1], Op::LinkAddVxlan(s) if s.port == 4789 && s.mac == Some(first.vtep_mac()))
+        );
+        assert_eq!(b.vtep_mac(), first.vtep_mac());
+    }
+
+    #[tokio::test]
+    async fn stale_address_from_an_old_lease_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fake, nl, eth0) = fake_host();
+        let old = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        let mut c = cfg(tmp.path(), eth0);
+        c.own_subnet = net("10.244.7.0/24");
+        fake.take_ops();
+        let b = VxlanBackend::setup(&nl, c).await.unwrap();
+        assert_eq!(b.ifindex(), old.ifindex());
+        assert_eq!(
+            fake.take_ops(),
+            vec![
+                Op::AddrAdd {
+                    ifindex: b.ifindex(),
+                    addr: net("10.244.7.0/32")
+                },
+                Op::AddrDel {
+                    ifindex: b.ifindex(),
+                    addr: net("10.244.1.0/32")
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn unusable_mac_file_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_fake, nl, eth0) = fake_host();
+        let c = cfg(tmp.path(), eth0);
+        fs::create_dir_all(c.mac_file.parent().unwrap()).unwrap();
+        fs::write(&c.mac_file, "ff:ff:ff:ff:ff:ff\n").unwrap();
+        let b = VxlanBackend::setup(&nl, c.clone()).await.unwrap();
+        assert!(b.vtep_mac().is_valid_unicast());
+        assert_eq!(
+            fs::read_to_string(&c.mac_file).unwrap().trim(),
+            b.vtep_mac().to_string()
+        );
+    }
+
+    #[tokio::test]
+    async fn too_small_mtu_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_fake, nl, eth0) = fake_host();
+        let mut c = cfg(tmp.path(), eth0);
+        c.underlay_mtu = 100;
+        let e = VxlanBackend::setup(&nl, c).await.unwrap_err();
+        assert!(matches!(e, VxlanError::Mtu { mtu: 50, .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn incremental_reconcile_uses_the_view_and_resync_relists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fake, nl, eth0) = fake_host();
+        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        b.reconcile(&nl, &[peer(2), peer(3)]).await.unwrap();
+        fake.take_ops();
+
+        let stats = b.reconcile(&nl, &[peer(2)]).await.unwrap();
+        assert_eq!(stats.ops_applied, 3);
+        fake.take_ops();
+
+        // Someone deletes an entry behind our back: the view does not know, a resync does.
+        let p = peer(2);
+        nl.apply(&Op::NeighDel {
+            ifindex: b.ifindex(),
+            ip: p.gateway(),
+        })
+        .await
+        .unwrap();
+        fake.take_ops();
+        assert_eq!(b.reconcile(&nl, &[p]).await.unwrap().ops_applied, 0);
+        b.resync();
+        assert_eq!(b.reconcile(&nl, &[p]).await.unwrap().ops_applied, 1);
+    }
+
+    #[tokio::test]
+    async fn failures_are_per_peer_and_retried() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fake, nl, eth0) = fake_host();
+        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        let bad = peer(3);
+        fake.fail_when(move |op| match op {
+            Op::FdbReplace { mac, .. } if *mac == bad.vtep_mac => Some(libc::EINVAL),
+            _ => None,
+        });
+        let peers = [peer(2), peer(3), peer(4)];
+        let stats = b.reconcile(&nl, &peers).await.unwrap();
+        assert_eq!(stats.ops_applied, 8);
+        assert_eq!(stats.failures.len(), 1);
+        let f = &stats.failures[0];
+        assert_eq!(f.subnet, Some(bad.subnet));
+        assert_eq!(f.error.errno(), Some(libc::EINVAL));
+        assert!(f.to_string().contains("10.244.3.0/24"), "{f}");
+
+        fake.clear_failures();
+        fake.take_ops();
+        let stats = b.reconcile(&nl, &peers).await.unwrap();
+        assert_eq!((stats.ops_applied, stats.failures.len()), (1, 0));
+        assert!(matches!(fake.ops()[..], [Op::FdbReplace { .. }]));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_device_is_reported_as_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_fake, nl, eth0) = fake_host();
+        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
+            .await
+            .unwrap();
+        nl.apply(&Op::LinkDel {
+            name: "tweed.1".into(),
+        })
+        .await
+        .unwrap();
+        let e = b.reconcile(&nl, &[peer(2)]).await.unwrap_err();
+        assert!(matches!(e, VxlanError::DeviceGone { .. }), "{e}");
+    }
+
+    #[test]
+    fn host_bits_in_a_peer_subnet_are_dropped() {
+        let sloppy = VxlanPeer {
+            subnet: net("10.244.2.7/24"),
+            ..peer(2)
+        };
+        let o = observed();
+        let ops = plan(&o, &[sloppy]);
+        assert_eq!(ops, entries_for(&peer(2)));
+        assert_eq!(plan(&o.after(&ops), &[sloppy]), vec![]);
+    }
+
+    #[test]
+    fn futures_are_send() {
+        // The run loop spawns these on a multi-thread runtime.
+        fn send<T: Send>(_: &T) {}
+        let tmp = tempfile::tempdir().unwrap();
+        let nl = Netlink::from(Fake::new());
+        send(&VxlanBackend::setup(&nl, cfg(tmp.path(), 1)));
+        let mut b = VxlanBackend {
+            cfg: cfg(tmp.path(), 1),
+            name: "tweed.1".into(),
+            ifindex: 2,
+            mac: mac(1),
+            setup_ops: vec![],
+            view: None,
+        };
+        send(&b.reconcile(&nl, &[]));
+        send(&nl.apply_all(&[]));
+        // One future type covers both Netlink arms, so this checks the real socket's too.
+        send(&crate::netlink::select_iface(&nl, None));
+    }
+
+    #[test]
+    fn peer_from_a_flannel_lease() {
+        let attrs = tweed_config::LeaseAttrs::parse(
+            br#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:f0"}}"#,
+        )
+        .unwrap();
+        let p = VxlanPeer::from_lease(net("10.244.3.0/24"), &attrs).unwrap();
+        assert_eq!(p.public_ip, ip("198.18.0.3"));
+        assert_eq!(p.vtep_mac.to_string(), "aa:bb:cc:dd:ee:f0");
+        let bad = tweed_config::LeaseAttrs::parse(
+            br#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"nope"}}"#,
+        )
+        .unwrap();
+        let e = VxlanPeer::from_lease(net("10.244.3.0/24"), &bad).unwrap_err();
+        assert!(e.to_string().contains("10.244.3.0/24"), "{e}");
+    }
+}

@@ -1,0 +1,265 @@
+//! An in-memory kernel for tests that must run without root: it keeps links, addresses,
+//! neighbours, FDB entries and routes, answers the same queries as the real socket, records every
+//! op it is asked to apply and can be told to fail chosen ops.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::error::NetlinkError;
+use super::model::Tables;
+use super::op::Op;
+use super::types::{Addr, FdbEntry, Link, MacAddr, Neighbour, Route};
+
+type FailRule = Box<dyn Fn(&Op) -> Option<i32> + Send>;
+
+#[derive(Default)]
+struct State {
+    links: BTreeMap<u32, Link>,
+    addrs: Vec<Addr>,
+    tables: Tables,
+    next_index: u32,
+    log: Vec<Op>,
+    fail: Vec<FailRule>,
+}
+
+/// Cheap to clone; clones share one kernel, so a test keeps a clone to inspect what the code under
+/// test did through its [`super::Netlink`].
+#[derive(Clone, Default)]
+pub struct Fake {
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for Fake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("Fake")
+            .field("links", &s.links.len())
+            .field("ops", &s.log.len())
+            .finish()
+    }
+}
+
+impl Fake {
+    pub fn new() -> Fake {
+        let fake = Fake::default();
+        fake.add_link("lo", 65536, None);
+        fake
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking test thread must not hide the state from the assertion that follows.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a plain (non-vxlan) device, returning its index. Not recorded as an op.
+    pub fn add_link(&self, name: &str, mtu: u32, mac: Option<MacAddr>) -> u32 {
+        let mut s = self.lock();
+        s.next_index += 1;
+        let index = s.next_index;
+        s.links.insert(
+            index,
+            Link {
+                index,
+                name: name.to_string(),
+                mtu,
+                mac,
+                kind: None,
+                up: true,
+                vxlan: None,
+            },
+        );
+        index
+    }
+
+    /// Inserts or overwrites a link as given (index included). Not recorded as an op.
+    pub fn put_link(&self, link: Link) {
+        let mut s = self.lock();
+        s.next_index = s.next_index.max(link.index);
+        s.links.insert(link.index, link);
+    }
+
+    pub fn add_addr(&self, addr: Addr) {
+        self.lock().addrs.push(addr);
+    }
+
+    pub fn add_route(&self, route: Route) {
+        self.lock()
+            .tables
+            .routes
+            .insert((route.dst, route.metric), route);
+    }
+
+    pub fn add_neighbour(&self, n: Neighbour) {
+        self.lock().tables.neigh.insert((n.ifindex, n.ip), n);
+    }
+
+    pub fn add_fdb(&self, e: FdbEntry) {
+        self.lock()
+            .tables
+            .fdb
+            .entry((e.ifindex, e.mac))
+            .or_default()
+            .push(e);
+    }
+
+    /// Makes every later op for which `rule` returns `Some(errno)` fail with that errno.
+    pub fn fail_when(&self, rule: impl Fn(&Op) -> Option<i32> + Send + 'static) {
+        self.lock().fail.push(Box::new(rule));
+    }
+
+    pub fn clear_failures(&self) {
+        self.lock().fail.clear();
+    }
+
+    /// Every op applied so far, failed ones included, in order.
+    pub fn ops(&self) -> Vec<Op> {
+        self.lock().log.clone()
+    }
+
+    pub fn take_ops(&self) -> Vec<Op> {
+        std::mem::take(&mut self.lock().log)
+    }
+
+    pub(crate) fn link_by_name(&self, name: &str) -> Option<Link> {
+        self.lock().links.values().find(|l| l.name == name).cloned()
+    }
+
+    pub(crate) fn link_by_index(&self, index: u32) -> Option<Link> {
+        self.lock().links.get(&index).cloned()
+    }
+
+    pub(crate) fn links(&self) -> Vec<Link> {
+        self.lock().links.values().cloned().collect()
+    }
+
+    pub(crate) fn addresses(&self, ifindex: Option<u32>) -> Vec<Addr> {
+        let s = self.lock();
+        s.addrs
+            .iter()
+            .filter(|a| ifindex.is_none_or(|i| a.ifindex == i))
+            .copied()
+            .collect()
+    }
+
+    pub(crate) fn neighbours(&self, ifindex: u32) -> Vec<Neighbour> {
+        self.lock().tables.neighbours(ifindex)
+    }
+
+    pub(crate) fn fdb(&self, ifindex: u32) -> Vec<FdbEntry> {
+        self.lock().tables.fdb_entries(ifindex)
+    }
+
+    pub(crate) fn routes(&self) -> Vec<Route> {
+        self.lock().tables.routes.values().copied().collect()
+    }
+
+    pub(crate) fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
+        let mut s = self.lock();
+        s.log.push(op.clone());
+        let injected = s.fail.iter().find_map(|rule| rule(op));
+        let res = match injected {
+            Some(errno) => Err(errno),
+            None => s.apply(op),
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(errno) if op.gone_errnos().contains(&errno) => Ok(()),
+            Err(errno) => Err(NetlinkError::op(op, errno)),
+        }
+    }
+}
+
+impl State {
+    fn link_named(&mut self, name: &str) -> Result<&mut Link, i32> {
+        self.links
+            .values_mut()
+            .find(|l| l.name == name)
+            .ok_or(libc::ENODEV)
+    }
+
+    fn need_link(&self, ifindex: u32) -> Result<(), i32> {
+        if self.links.contains_key(&ifindex) {
+            Ok(())
+        } else {
+            Err(libc::ENODEV)
+        }
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), i32> {
+        match op {
+            Op::LinkAddVxlan(spec) => {
+                if let Ok(l) = self.link_named(&spec.name) {
+                    // As the real handle settles EEXIST: same vxlan attributes is success.
+                    return if l.vxlan == Some(spec.attrs()) {
+                        Ok(())
+                    } else {
+                        Err(libc::EEXIST)
+                    };
+                }
+                self.need_link(spec.underlay)?;
+                self.next_index += 1;
+                let index = self.next_index;
+                self.links.insert(
+                    index,
+                    Link {
+                        index,
+                        name: spec.name.clone(),
+                        mtu: spec.mtu.unwrap_or(1450),
+                        mac: Some(spec.mac.unwrap_or_else(MacAddr::random_local)),
+                        kind: Some("vxlan".into()),
+                        up: false,
+                        vxlan: Some(spec.attrs()),
+                    },
+                );
+                Ok(())
+            }
+            Op::LinkSetUp { name } => {
+                self.link_named(name)?.up = true;
+                Ok(())
+            }
+            Op::LinkSetMtu { name, mtu } => {
+                self.link_named(name)?.mtu = *mtu;
+                Ok(())
+            }
+            Op::LinkDel { name } => {
+                let index = self.link_named(name)?.index;
+                self.links.remove(&index);
+                self.addrs.retain(|a| a.ifindex != index);
+                self.tables.drop_device(index);
+                Ok(())
+            }
+            Op::AddrAdd { ifindex, addr } => {
+                self.need_link(*ifindex)?;
+                let a = Addr {
+                    ifindex: *ifindex,
+                    net: *addr,
+                };
+                if !self.addrs.contains(&a) {
+                    self.addrs.push(a);
+                }
+                Ok(())
+            }
+            Op::AddrDel { ifindex, addr } => {
+                let before = self.addrs.len();
+                self.addrs
+                    .retain(|a| !(a.ifindex == *ifindex && a.net == *addr));
+                if self.addrs.len() == before {
+                    Err(libc::EADDRNOTAVAIL)
+                } else {
+                    Ok(())
+                }
+            }
+            Op::NeighReplace { ifindex, .. } | Op::FdbReplace { ifindex, .. } => {
+                self.need_link(*ifindex)?;
+                self.tables.apply(op)
+            }
+            Op::RouteReplace(r) => {
+                if let Some(oif) = r.oif {
+                    self.need_link(oif)?;
+                }
+                self.tables.apply(op)
+            }
+            Op::NeighDel { .. } | Op::FdbDel { .. } | Op::RouteDel(_) => self.tables.apply(op),
+        }
+    }
+}

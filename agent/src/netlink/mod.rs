@@ -1,0 +1,143 @@
+//! The one place that talks netlink.
+//!
+//! Callers describe kernel changes as [`Op`] values and read kernel state as plain types
+//! ([`Link`], [`Addr`], [`Neighbour`], [`FdbEntry`], [`Route`]). [`Netlink`] has two
+//! implementations behind one enum: [`Real`], a batched NETLINK_ROUTE socket in the current network
+//! namespace, and [`Fake`], an in-memory kernel for tests that cannot be root. Enum dispatch rather
+//! than a trait keeps the futures `Send` without boxing and lets the backends take `&Netlink`.
+
+mod error;
+mod fake;
+pub mod iface;
+pub(crate) mod model;
+mod op;
+mod real;
+mod types;
+
+pub use error::NetlinkError;
+pub use fake::Fake;
+pub use iface::{pick_iface, select_iface, Iface, IfaceError, IfaceSpec};
+pub use op::Op;
+pub use real::Real;
+pub use types::{
+    Addr, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, VxlanAttrs, VxlanSpec,
+};
+
+/// A handle on the kernel's routing tables; cheap to clone (clones share the socket or the fake).
+#[derive(Clone, Debug)]
+pub enum Netlink {
+    Real(Real),
+    Fake(Fake),
+}
+
+impl From<Real> for Netlink {
+    fn from(r: Real) -> Netlink {
+        Netlink::Real(r)
+    }
+}
+
+impl From<Fake> for Netlink {
+    fn from(f: Fake) -> Netlink {
+        Netlink::Fake(f)
+    }
+}
+
+impl Netlink {
+    /// A real socket in the calling thread's network namespace. Must be called inside a tokio
+    /// runtime, which then drives the socket; enter the namespace before calling.
+    pub fn real() -> Result<Netlink, NetlinkError> {
+        Real::connect().map(Netlink::Real)
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        match self {
+            Netlink::Real(r) => r.link_by_name(name).await,
+            Netlink::Fake(f) => Ok(f.link_by_name(name)),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
+        match self {
+            Netlink::Real(r) => r.link_by_index(index).await,
+            Netlink::Fake(f) => Ok(f.link_by_index(index)),
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        match self {
+            Netlink::Real(r) => r.links().await,
+            Netlink::Fake(f) => Ok(f.links()),
+        }
+    }
+
+    /// IPv4 addresses of one link, or of all links with `None`, in kernel order (primary first).
+    pub async fn addresses(&self, ifindex: Option<u32>) -> Result<Vec<Addr>, NetlinkError> {
+        match self {
+            Netlink::Real(r) => r.addresses(ifindex).await,
+            Netlink::Fake(f) => Ok(f.addresses(ifindex)),
+        }
+    }
+
+    /// IPv4 neighbours (ARP entries) of a link, whatever their state.
+    pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+        match self {
+            Netlink::Real(r) => r.neighbours(ifindex).await,
+            Netlink::Fake(f) => Ok(f.neighbours(ifindex)),
+        }
+    }
+
+    /// Bridge-family FDB entries the link itself holds (`bridge fdb show dev X`).
+    pub async fn fdb(&self, ifindex: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        match self {
+            Netlink::Real(r) => r.fdb(ifindex).await,
+            Netlink::Fake(f) => Ok(f.fdb(ifindex)),
+        }
+    }
+
+    /// IPv4 unicast routes of the main table whose output device is `oif`.
+    pub async fn routes(&self, oif: u32) -> Result<Vec<Route>, NetlinkError> {
+        let all = self.all_routes().await?;
+        Ok(all.into_iter().filter(|r| r.oif == Some(oif)).collect())
+    }
+
+    /// IPv4 unicast routes of the main table.
+    pub async fn all_routes(&self) -> Result<Vec<Route>, NetlinkError> {
+        match self {
+            Netlink::Real(r) => r.routes().await,
+            Netlink::Fake(f) => Ok(f.routes()),
+        }
+    }
+
+    /// The device of the IPv4 default route the kernel would use (lowest metric), if any.
+    pub async fn default_route_oif(&self) -> Result<Option<u32>, NetlinkError> {
+        let routes = self.all_routes().await?;
+        Ok(routes
+            .iter()
+            .filter(|r| r.is_default() && r.oif.is_some())
+            .min_by_key(|r| r.metric)
+            .and_then(|r| r.oif))
+    }
+
+    pub async fn mtu(&self, ifindex: u32) -> Result<u32, NetlinkError> {
+        self.link_by_index(ifindex)
+            .await?
+            .map(|l| l.mtu)
+            .ok_or(NetlinkError::NoSuchLink { ifindex })
+    }
+
+    pub async fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
+        self.apply_all(std::slice::from_ref(op))
+            .await
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Applies `ops` in order, as if one by one, but batched. One result per op, same order; a
+    /// failed op does not stop the ones after it, so callers decide what a failure means.
+    pub async fn apply_all(&self, ops: &[Op]) -> Vec<Result<(), NetlinkError>> {
+        match self {
+            Netlink::Real(r) => r.apply_all(ops).await,
+            Netlink::Fake(f) => ops.iter().map(|op| f.apply(op)).collect(),
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Kernel changes as data: backends compute a `Vec<Op>` with pure functions, tests compare those
+//! vectors, and only [`super::Netlink::apply_all`] turns them into side effects.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+use super::types::{MacAddr, Route, VxlanSpec};
+
+/// One idempotent kernel change. Adds are replaces (`NLM_F_CREATE | NLM_F_REPLACE`) and deleting
+/// something already gone succeeds, so any op can be retried or re-applied after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create a vxlan device. A device of that name with the same vxlan attributes counts as
+    /// success and is left alone (MTU and MAC included); any other fails with `EEXIST`, since a
+    /// vxlan device cannot be changed into another one in place.
+    LinkAddVxlan(VxlanSpec),
+    LinkSetUp {
+        name: String,
+    },
+    LinkSetMtu {
+        name: String,
+        mtu: u32,
+    },
+    LinkDel {
+        name: String,
+    },
+    AddrAdd {
+        ifindex: u32,
+        addr: Ipv4Network,
+    },
+    AddrDel {
+        ifindex: u32,
+        addr: Ipv4Network,
+    },
+    /// Permanent ARP entry `ip lladdr mac dev ifindex`.
+    NeighReplace {
+        ifindex: u32,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+    },
+    NeighDel {
+        ifindex: u32,
+        ip: Ipv4Addr,
+    },
+    /// Permanent vxlan FDB entry `mac dst dst dev ifindex self`; an existing entry for `mac` has
+    /// its first destination replaced.
+    FdbReplace {
+        ifindex: u32,
+        mac: MacAddr,
+        dst: Ipv4Addr,
+    },
+    /// Removes one destination of `mac`, or the whole entry when `dst` is `None`.
+    FdbDel {
+        ifindex: u32,
+        mac: MacAddr,
+        dst: Option<Ipv4Addr>,
+    },
+    /// Main-table route; the kernel keys it by (dst, metric), so this moves a route with the same
+    /// key off another device or gateway.
+    RouteReplace(Route),
+    RouteDel(Route),
+}
+
+impl Op {
+    pub fn is_delete(&self) -> bool {
+        matches!(
+            self,
+            Op::LinkDel { .. }
+                | Op::AddrDel { .. }
+                | Op::NeighDel { .. }
+                | Op::FdbDel { .. }
+                | Op::RouteDel(_)
+        )
+    }
+
+    /// Errnos meaning "already gone" for a delete, so that deleting twice is success. Each
+    /// object type reports absence differently.
+    pub(crate) fn gone_errnos(&self) -> &'static [i32] {
+        match self {
+            Op::LinkDel { .. } => &[libc::ENODEV],
+            Op::AddrDel { .. } => &[libc::EADDRNOTAVAIL, libc::ENODEV],
+            Op::NeighDel { .. } | Op::FdbDel { .. } => &[libc::ENOENT, libc::ENODEV],
+            Op::RouteDel(_) => &[libc::ESRCH, libc::ENOENT, libc::ENODEV],
+            _ => &[],
+        }
+    }
+}
+
+/// `ip`-like spelling, so logs and errors read like the command an operator would type.
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::LinkAddVxlan(s) => {
+                write!(
+                    f,
+                    "link add {} type vxlan id {} dstport {} local {} dev #{} {}learning",
+                    s.name,
+                    s.vni,
+                    s.port,
+                    s.local,
+                    s.underlay,
+                    if s.learning { "" } else { "no" }
+                )?;
+                if let Some(mtu) = s.mtu {
+                    write!(f, " mtu {mtu}")?;
+                }
+                if let Some(mac) = s.mac {
+                    write!(f, " address {mac}")?;
+                }
+                Ok(())
+            }
+            Op::LinkSetUp { name } => write!(f, "link set {name} up"),
+            Op::LinkSetMtu { name, mtu } => write!(f, "link set {name} mtu {mtu}"),
+            Op::LinkDel { name } => write!(f, "link del {name}"),
+            Op::AddrAdd { ifindex, addr } => write!(f, "addr replace {addr} dev #{ifindex}"),
+            Op::AddrDel { ifindex, addr } => write!(f, "addr del {addr} dev #{ifindex}"),
+            Op::NeighReplace { ifindex, ip, mac } => {
+                write!(
+                    f,
+                    "neigh replace {ip} lladdr {mac} dev #{ifindex} nud permanent"
+                )
+            }
+            Op::NeighDel { ifindex, ip } => write!(f, "neigh del {ip} dev #{ifindex}"),
+            Op::FdbReplace { ifindex, mac, dst } => {
+                write!(
+                    f,
+                    "fdb replace {mac} dst {dst} dev #{ifindex} self permanent"
+                )
+            }
+            Op::FdbDel { ifindex, mac, dst } => {
+                write!(f, "fdb del {mac}")?;
+                if let Some(dst) = dst {
+                    write!(f, " dst {dst}")?;
+                }
+                write!(f, " dev #{ifindex} self")
+            }
+            Op::RouteReplace(r) => write!(f, "route replace {}", RouteText(r)),
+            Op::RouteDel(r) => write!(f, "route del {}", RouteText(r)),
+        }
+    }
+}
+
+struct RouteText<'a>(&'a Route);
+
+impl fmt::Display for RouteText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        write!(f, "{}", r.dst)?;
+        if let Some(gw) = r.gateway {
+            write!(f, " via {gw}")?;
+        }
+        if let Some(oif) = r.oif {
+            write!(f, " dev #{oif}")?;
+        }
+        if r.onlink {
+            write!(f, " onlink")?;
+        }
+        if r.metric != 0 {
+            write!(f, " metric {}", r.metric)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_reads_like_ip() {
+        let r = Route::onlink(
+            "10.244.5.0/24".parse().unwrap(),
+            "10.244.5.0".parse().unwrap(),
+            7,
+        );
+        assert_eq!(
+            Op::RouteReplace(r).to_string(),
+            "route replace 10.244.5.0/24 via 10.244.5.0 dev #7 onlink"
+        );
+        let op = Op::FdbReplace {
+            ifindex: 7,
+            mac: "aa:bb:cc:dd:ee:ff".parse().unwrap(),
+            dst: "198.18.0.5".parse().unwrap(),
+        };
+        assert_eq!(
+            op.to_string(),
+            "fdb replace aa:bb:cc:dd:ee:ff dst 198.18.0.5 dev #7 self permanent"
+        );
+        assert!(!op.is_delete());
+        assert!(Op::RouteDel(r).is_delete());
+    }
+}
