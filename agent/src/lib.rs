@@ -7,7 +7,7 @@
 
 pub mod alloc;
 pub mod backend;
-pub mod netlink;
+pub use tweed_netlink as netlink;
 pub mod registry;
 pub mod run;
 pub mod settings;

@@ -1,6 +1,6 @@
 use anyhow::Context;
-use std::io::IsTerminal;
 use clap::Parser;
+use std::io::IsTerminal;
 use tweed_agent::settings::Cli;
 
 fn main() -> anyhow::Result<()> {

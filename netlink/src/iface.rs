@@ -137,7 +137,7 @@ pub async fn select_iface(nl: &Netlink, iface: Option<&str>) -> Result<Iface, If
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::{Fake, Route};
+    use crate::{Fake, Route};
 
     fn world() -> (Vec<Link>, Vec<Addr>) {
         let link = |index, name: &str| Link {

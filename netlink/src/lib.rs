@@ -9,7 +9,7 @@
 mod error;
 mod fake;
 pub mod iface;
-pub(crate) mod model;
+pub mod model;
 mod op;
 mod real;
 mod types;

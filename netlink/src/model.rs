@@ -11,7 +11,7 @@ use super::op::Op;
 use super::types::{FdbEntry, MacAddr, Neighbour, Route};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Tables {
+pub struct Tables {
     pub neigh: BTreeMap<(u32, Ipv4Addr), Neighbour>,
     /// One entry per (device, MAC) with its list of remote VTEPs, as vxlan keeps them.
     pub fdb: BTreeMap<(u32, MacAddr), Vec<FdbEntry>>,
