@@ -75,7 +75,7 @@ pub fn start_agent(a: &StoppedAgent) -> u32 {
         .create(true)
         .open(&a.log)
         .expect("agent log");
-    let child = Command::new("ip")
+    let mut child = Command::new("ip")
         .args(["netns", "exec", &a.netns, "setsid"])
         .args(&a.argv)
         .stdin(Stdio::null())
@@ -83,7 +83,10 @@ pub fn start_agent(a: &StoppedAgent) -> u32 {
         .stderr(log)
         .spawn()
         .expect("start tweedd");
-    child.id()
+    let pid = child.id();
+    // Reaped in the background so a killed agent does not linger as a zombie of the test.
+    std::thread::spawn(move || child.wait());
+    pid
 }
 
 pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
