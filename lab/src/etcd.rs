@@ -1,0 +1,653 @@
+//! A real etcd (Debian's `etcd-server`) for tests and labs: start, wait until healthy, stop on Drop.
+//!
+//! ```no_run
+//! let dir = tempfile::tempdir().unwrap();
+//! let etcd = tweed_lab::etcd::EtcdProcess::start_local(dir.path()).unwrap();
+//! tweed_lab::etcd::etcdctl(None, &etcd.endpoints(), &["put", "k", "v"]).unwrap();
+//! ```
+
+use std::fs;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cmd::{self, CmdError};
+
+/// How long `start` waits for etcd to answer a health check.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `stop` waits after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Auto-picked ports can be taken by someone else between our probe and etcd's bind.
+const PORT_RACE_RETRIES: usize = 5;
+const LOG_TAIL_LINES: usize = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("`{0}` not found in PATH: install the Debian package `{1}` (apt-get install {1})")]
+    MissingBinary(&'static str, &'static str),
+    #[error("network namespace `{0}` does not exist (no /run/netns/{0})")]
+    NoNetns(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("could not find a free port on {ip}{}: {source}", ns_suffix(.netns))]
+    NoFreePort {
+        ip: IpAddr,
+        netns: Option<String>,
+        source: io::Error,
+    },
+    #[error("could not start `{command}`: {source}")]
+    Spawn { command: String, source: io::Error },
+    #[error("etcd {who} exited during start-up ({status}); tail of {}:\n{tail}", log.display())]
+    Exited {
+        /// e.g. "`lab` in netns `twl-a-u`"
+        who: String,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("etcd {who} not healthy after {START_TIMEOUT:?} (last check: {last}); tail of {}:\n{tail}", log.display())]
+    NotReady {
+        who: String,
+        last: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error(transparent)]
+    Command(#[from] CmdError),
+}
+
+fn ns_suffix(netns: &Option<String>) -> String {
+    netns
+        .as_ref()
+        .map(|n| format!(" in netns `{n}`"))
+        .unwrap_or_default()
+}
+
+/// What to start. `client_port`/`peer_port` 0 means "pick a free one".
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// Run inside this network namespace (`ip netns exec`); needs root.
+    pub netns: Option<String>,
+    pub listen_ip: IpAddr,
+    pub client_port: u16,
+    pub peer_port: u16,
+    /// Where etcd's stdout/stderr go; default: `<data_dir>.log`.
+    pub log_file: Option<PathBuf>,
+}
+
+impl EtcdOptions {
+    /// A single member on 127.0.0.1 with free ports.
+    pub fn local(name: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        EtcdOptions {
+            name: name.into(),
+            data_dir: data_dir.into(),
+            netns: None,
+            listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            client_port: 0,
+            peer_port: 0,
+            log_file: None,
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.log_file.clone().unwrap_or_else(|| {
+            let mut s = self.data_dir.clone().into_os_string();
+            s.push(".log");
+            PathBuf::from(s)
+        })
+    }
+}
+
+/// A running etcd member. Dropping it stops it (SIGTERM, then SIGKILL) and reaps it, and removes the
+/// data directory unless [`EtcdProcess::keep_data_dir`] was called.
+#[derive(Debug)]
+pub struct EtcdProcess {
+    child: Option<Child>,
+    pid: u32,
+    name: String,
+    netns: Option<String>,
+    client_url: String,
+    data_dir: PathBuf,
+    log_file: PathBuf,
+    keep_data: bool,
+}
+
+impl EtcdProcess {
+    /// Starts etcd and waits (up to [`START_TIMEOUT`]) until `etcdctl endpoint health` passes.
+    pub fn start(opts: EtcdOptions) -> Result<Self, EtcdError> {
+        Self::spawn(opts, false)
+    }
+
+    /// A throw-away etcd on 127.0.0.1 with free ports; data and log live under `dir`.
+    /// Needs no root.
+    pub fn start_local(dir: impl AsRef<Path>) -> Result<Self, EtcdError> {
+        let dir = dir.as_ref();
+        let mut opts = EtcdOptions::local("local", dir.join("etcd-data"));
+        opts.log_file = Some(dir.join("etcd.log"));
+        Self::start(opts)
+    }
+
+    /// Like `start`, but in a new session (setsid) so it is immune to the caller's terminal signals;
+    /// use with [`EtcdProcess::detach`].
+    pub fn start_daemon(opts: EtcdOptions) -> Result<Self, EtcdError> {
+        Self::spawn(opts, true)
+    }
+
+    fn spawn(opts: EtcdOptions, daemon: bool) -> Result<Self, EtcdError> {
+        let etcd_bin =
+            cmd::find_program("etcd").ok_or(EtcdError::MissingBinary("etcd", "etcd-server"))?;
+        cmd::find_program("etcdctl").ok_or(EtcdError::MissingBinary("etcdctl", "etcd-client"))?;
+        if let Some(ns) = &opts.netns {
+            if !Path::new("/run/netns").join(ns).exists() {
+                return Err(EtcdError::NoNetns(ns.clone()));
+            }
+        }
+        let log = opts.log_path();
+        if let Some(parent) = log.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|source| EtcdError::Io {
+                what: "cannot create log directory",
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        let fresh_dir = is_empty_or_missing(&opts.data_dir);
+        let auto_ports = opts.client_port == 0 || opts.peer_port == 0;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (client_port, peer_port) = pick_ports(&opts)?;
+            match Self::try_start(&opts, &etcd_bin, &log, client_port, peer_port, daemon) {
+                Err(EtcdError::Exited { tail, .. })
+                    if auto_ports
+                        && attempt < PORT_RACE_RETRIES
+                        && tail.contains("address already in use") =>
+                {
+                    if fresh_dir {
+                        let _ = fs::remove_dir_all(&opts.data_dir);
+                    }
+                    continue;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn try_start(
+        opts: &EtcdOptions,
+        etcd_bin: &Path,
+        log: &Path,
+        client_port: u16,
+        peer_port: u16,
+        daemon: bool,
+    ) -> Result<Self, EtcdError> {
+        let client_url = url(opts.listen_ip, client_port);
+        let peer_url = url(opts.listen_ip, peer_port);
+        let log_out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| EtcdError::Io {
+                what: "cannot open etcd log",
+                path: log.to_path_buf(),
+                source,
+            })?;
+        let log_err = log_out.try_clone().map_err(|source| EtcdError::Io {
+            what: "cannot open etcd log",
+            path: log.to_path_buf(),
+            source,
+        })?;
+        // Only this attempt's output matters for the error tail.
+        let log_start = log_out.metadata().map(|m| m.len()).unwrap_or(0);
+
+        let mut command = match &opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(etcd_bin);
+                c
+            }
+            None => Command::new(etcd_bin),
+        };
+        command
+            .arg("--name")
+            .arg(&opts.name)
+            .arg("--data-dir")
+            .arg(&opts.data_dir)
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("{}={peer_url}", opts.name))
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .arg("--initial-cluster-token")
+            .arg(format!("tweed-{}", opts.name))
+            // capnslog (3.4's default) is deprecated and noisy about it.
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log_out)
+            .stderr(log_err);
+        if daemon {
+            cmd::new_session(&mut command);
+        }
+        let child = command.spawn().map_err(|source| EtcdError::Spawn {
+            command: cmd::display(&command),
+            source,
+        })?;
+        let mut me = EtcdProcess {
+            pid: child.id(),
+            child: Some(child),
+            name: opts.name.clone(),
+            netns: opts.netns.clone(),
+            client_url,
+            data_dir: opts.data_dir.clone(),
+            log_file: log.to_path_buf(),
+            // On a failed start, don't delete a data dir the caller may want to inspect... unless
+            // it was ours to begin with; `spawn` handles that.
+            keep_data: true,
+        };
+        match me.wait_ready(log_start) {
+            Ok(()) => {
+                me.keep_data = false;
+                Ok(me)
+            }
+            Err(e) => {
+                me.stop();
+                Err(e)
+            }
+        }
+    }
+
+    fn wait_ready(&mut self, log_start: u64) -> Result<(), EtcdError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(EtcdError::Exited {
+                        who: self.who(),
+                        status: status.to_string(),
+                        log: self.log_file.clone(),
+                        tail: tail_from(&self.log_file, log_start),
+                    });
+                }
+            }
+            // A plain connect is much cheaper than forking etcdctl, but only works from our netns.
+            let listening = self.netns.is_some()
+                || self
+                    .client_url
+                    .trim_start_matches("http://")
+                    .parse::<SocketAddr>()
+                    .map(|a| TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok())
+                    .unwrap_or(true);
+            let last = if listening {
+                match etcdctl(
+                    self.netns.as_deref(),
+                    &self.endpoints(),
+                    &[
+                        "--dial-timeout=1s",
+                        "--command-timeout=2s",
+                        "endpoint",
+                        "health",
+                    ],
+                ) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => e.to_string(),
+                }
+            } else {
+                format!("{} refuses connections", self.client_url)
+            };
+            if Instant::now() >= deadline {
+                return Err(EtcdError::NotReady {
+                    who: self.who(),
+                    last,
+                    log: self.log_file.clone(),
+                    tail: tail_from(&self.log_file, log_start),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn who(&self) -> String {
+        format!("`{}`{}", self.name, ns_suffix(&self.netns))
+    }
+
+    /// Client URLs, e.g. `["http://127.0.0.1:41234"]`.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.client_url.clone()]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn log_file(&self) -> &Path {
+        &self.log_file
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Keep the data directory when this is stopped or dropped.
+    pub fn keep_data_dir(&mut self) {
+        self.keep_data = true;
+    }
+
+    /// SIGTERM, up to 5 s grace, SIGKILL; reaps the process. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                cmd::signal(self.pid, libc::SIGTERM);
+                let deadline = Instant::now() + STOP_GRACE;
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        if !self.keep_data {
+            let _ = fs::remove_dir_all(&self.data_dir);
+        }
+    }
+
+    /// Gives up ownership but hands back the process handle, so a caller that kills etcd later
+    /// (the lab's `down`, in the same process) can reap it instead of leaving a zombie.
+    pub(crate) fn into_child(mut self) -> Option<Child> {
+        self.keep_data = true;
+        self.child.take()
+    }
+
+    /// Leaves etcd running (and its data in place) and returns its pid, e.g. for `tweed-lab up`.
+    pub fn detach(mut self) -> u32 {
+        // Dropping a std Child neither kills nor waits; our parent-less child is reaped by init
+        // once we exit.
+        self.child = None;
+        self.keep_data = true;
+        self.pid
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs `etcdctl` (API v3) against `endpoints`, inside `netns` if given; returns its stdout.
+pub fn etcdctl(
+    netns: Option<&str>,
+    endpoints: &[String],
+    args: &[&str],
+) -> Result<String, EtcdError> {
+    let bin =
+        cmd::find_program("etcdctl").ok_or(EtcdError::MissingBinary("etcdctl", "etcd-client"))?;
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    c.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(args)
+        .stdin(Stdio::null());
+    Ok(cmd::run(&mut c)?)
+}
+
+fn url(ip: IpAddr, port: u16) -> String {
+    format!("http://{}", SocketAddr::new(ip, port))
+}
+
+fn is_empty_or_missing(dir: &Path) -> bool {
+    match fs::read_dir(dir) {
+        Ok(mut it) => it.next().is_none(),
+        Err(_) => true,
+    }
+}
+
+fn tail_from(log: &Path, start: u64) -> String {
+    let full = cmd::tail(log, LOG_TAIL_LINES * 4);
+    // Drop lines from earlier attempts when the log was appended to; a rough cut is fine here.
+    let len = fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+    let new_bytes = len.saturating_sub(start) as usize;
+    let cut = full.len().saturating_sub(new_bytes);
+    let text = full.get(cut..).unwrap_or(&full);
+    let lines: Vec<&str> = text.lines().collect();
+    let keep = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    if keep.is_empty() {
+        "(no output)".into()
+    } else {
+        keep.join("\n")
+    }
+}
+
+fn pick_ports(opts: &EtcdOptions) -> Result<(u16, u16), EtcdError> {
+    if opts.client_port != 0 && opts.peer_port != 0 {
+        return Ok((opts.client_port, opts.peer_port));
+    }
+    let err = |source| EtcdError::NoFreePort {
+        ip: opts.listen_ip,
+        netns: opts.netns.clone(),
+        source,
+    };
+    let (a, b) = match &opts.netns {
+        None => free_port_pair(opts.listen_ip).map_err(err)?,
+        Some(ns) => {
+            let ns_path = Path::new("/run/netns").join(ns);
+            let ip = opts.listen_ip;
+            // setns(2) only moves the calling thread, so a throw-away thread can probe the
+            // namespace's ports without disturbing anyone else.
+            std::thread::spawn(move || -> io::Result<(u16, u16)> {
+                let f = fs::File::open(&ns_path)?;
+                use std::os::fd::AsRawFd;
+                // SAFETY: a valid fd; affects only this short-lived thread.
+                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                free_port_pair(ip)
+            })
+            .join()
+            .map_err(|_| err(io::Error::other("port probe thread panicked")))?
+            .map_err(err)?
+        }
+    };
+    let client = if opts.client_port != 0 {
+        opts.client_port
+    } else {
+        a
+    };
+    let peer = match opts.peer_port {
+        0 if b == client => a,
+        0 => b,
+        p => p,
+    };
+    Ok((client, peer))
+}
+
+fn free_port_pair(ip: IpAddr) -> io::Result<(u16, u16)> {
+    // Hold both at once so they differ.
+    let a = TcpListener::bind((ip, 0))?;
+    let b = TcpListener::bind((ip, 0))?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn have_etcd() -> bool {
+        cmd::find_program("etcd").is_some() && cmd::find_program("etcdctl").is_some()
+    }
+
+    #[test]
+    fn urls_bracket_ipv6() {
+        assert_eq!(
+            url("127.0.0.1".parse().unwrap(), 2379),
+            "http://127.0.0.1:2379"
+        );
+        assert_eq!(url("::1".parse().unwrap(), 2379), "http://[::1]:2379");
+    }
+
+    #[test]
+    fn default_log_sits_beside_data_dir() {
+        let o = EtcdOptions::local("x", "/tmp/abc/etcd-data");
+        assert_eq!(o.log_path(), PathBuf::from("/tmp/abc/etcd-data.log"));
+    }
+
+    #[test]
+    fn missing_binary_names_the_package() {
+        let e = EtcdError::MissingBinary("etcd", "etcd-server");
+        assert!(e.to_string().contains("apt-get install etcd-server"), "{e}");
+    }
+
+    #[test]
+    fn start_local_put_get_and_drop_kills() {
+        assert!(
+            have_etcd(),
+            "etcd/etcdctl missing: apt-get install etcd-server etcd-client"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = EtcdProcess::start_local(dir.path()).unwrap();
+        let eps = etcd.endpoints();
+        assert_eq!(eps.len(), 1);
+        assert!(eps[0].starts_with("http://127.0.0.1:"), "{eps:?}");
+        etcdctl(
+            None,
+            &eps,
+            &[
+                "put",
+                "/coreos.com/network/config",
+                r#"{"Network":"10.244.0.0/16"}"#,
+            ],
+        )
+        .unwrap();
+        let got = etcdctl(
+            None,
+            &eps,
+            &["get", "--print-value-only", "/coreos.com/network/config"],
+        )
+        .unwrap();
+        assert_eq!(got.trim(), r#"{"Network":"10.244.0.0/16"}"#);
+
+        let pid = etcd.pid();
+        let data = etcd.data_dir().to_path_buf();
+        assert!(cmd::pid_alive(pid));
+        drop(etcd);
+        assert!(!cmd::pid_alive(pid), "etcd {pid} still alive after drop");
+        assert!(!data.exists(), "data dir not removed");
+        assert!(etcdctl(None, &eps, &["--dial-timeout=300ms", "get", "x"]).is_err());
+    }
+
+    #[test]
+    fn two_local_etcds_run_side_by_side() {
+        let d1 = tempfile::tempdir().unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        let (e1, e2) = std::thread::scope(|s| {
+            let a = s.spawn(|| EtcdProcess::start_local(d1.path()));
+            let b = s.spawn(|| EtcdProcess::start_local(d2.path()));
+            (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+        });
+        assert_ne!(e1.endpoints(), e2.endpoints());
+        etcdctl(None, &e1.endpoints(), &["put", "k", "one"]).unwrap();
+        let v = etcdctl(None, &e2.endpoints(), &["get", "--print-value-only", "k"]).unwrap();
+        assert_eq!(v.trim(), "");
+    }
+
+    #[test]
+    fn keep_data_dir_survives_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut etcd = EtcdProcess::start_local(dir.path()).unwrap();
+        etcd.keep_data_dir();
+        etcd.stop();
+        assert!(dir.path().join("etcd-data/member").is_dir());
+        assert!(dir.path().join("etcd.log").is_file());
+    }
+
+    #[test]
+    fn port_in_use_fails_fast_with_log_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = EtcdOptions::local("bad", dir.path().join("d"));
+        // A port that is in use by our own listener: etcd must exit and we must say why.
+        let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        opts.client_port = l.local_addr().unwrap().port();
+        opts.peer_port = {
+            let l2 = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+            l2.local_addr().unwrap().port()
+        };
+        let t = Instant::now();
+        let err = EtcdProcess::start(opts).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(20));
+        let msg = err.to_string();
+        assert!(matches!(err, EtcdError::Exited { .. }), "{msg}");
+        assert!(msg.contains("address already in use"), "{msg}");
+    }
+
+    #[test]
+    fn runs_inside_a_netns_when_root() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        let ns = format!("twl-etcdt-{}", std::process::id());
+        cmd::run(Command::new("ip").args(["netns", "add", &ns])).unwrap();
+        struct DelNs(String);
+        impl Drop for DelNs {
+            fn drop(&mut self) {
+                let _ = cmd::run(Command::new("ip").args(["netns", "del", &self.0]));
+            }
+        }
+        let _del = DelNs(ns.clone());
+        cmd::run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"])).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = EtcdOptions::local("nstest", dir.path().join("d"));
+        opts.netns = Some(ns.clone());
+        let etcd = EtcdProcess::start(opts).unwrap();
+        etcdctl(Some(&ns), &etcd.endpoints(), &["put", "a", "b"]).unwrap();
+        let v = etcdctl(
+            Some(&ns),
+            &etcd.endpoints(),
+            &["get", "--print-value-only", "a"],
+        )
+        .unwrap();
+        assert_eq!(v.trim(), "b");
+        // Not reachable from our own namespace: the member really lives in the netns.
+        assert!(etcdctl(
+            None,
+            &etcd.endpoints(),
+            &["--dial-timeout=300ms", "get", "a"]
+        )
+        .is_err());
+        let pid = etcd.pid();
+        drop(etcd);
+        assert!(!cmd::pid_alive(pid));
+    }
+
+    #[test]
+    fn netns_that_does_not_exist_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = EtcdOptions::local("x", dir.path().join("d"));
+        opts.netns = Some("twl-no-such-ns".into());
+        let err = EtcdProcess::start(opts).unwrap_err();
+        assert!(err.to_string().contains("twl-no-such-ns"), "{err}");
+    }
+}

@@ -1,0 +1,252 @@
+//! Names and addresses of everything a lab creates. Pure: no I/O.
+//!
+//! Every namespace carries the lab's prefix `twl-<lab>-`, so labs never collide and `down` can find
+//! a lab's leftovers without its state file. Interface names never carry the lab name: they live
+//! inside the lab's own namespaces, where short fixed names (`br0`, `eth0`, `cni0`, `veth-h3`,
+//! `veth-p2`) cannot clash and always fit the kernel's 15-character limit.
+
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+/// The underlay: one /24 that is only ever configured inside the lab's namespaces.
+pub const UNDERLAY_PREFIX: u8 = 24;
+pub const UNDERLAY_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+/// The underlay bridge's own address, where etcd listens.
+pub const UNDERLAY_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+pub const UNDERLAY_BRIDGE: &str = "br0";
+pub const HOST_IFACE: &str = "eth0";
+pub const POD_IFACE: &str = "eth0";
+pub const POD_BRIDGE: &str = "cni0";
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+pub const ETCD_PEER_PORT: u16 = 2380;
+pub const OVERLAY_NETWORK: &str = "10.244.0.0/16";
+pub const OVERLAY_SUBNET_LEN: u8 = 24;
+/// .254 is the bridge, so hosts take .1 to .253.
+pub const MAX_HOSTS: usize = 253;
+/// Keeps `ip netns list` readable; nothing in the kernel limits namespace names this tightly.
+pub const MAX_NAME_LEN: usize = 12;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid lab name {name:?}: {reason}")]
+pub struct NameError {
+    pub name: String,
+    pub reason: String,
+}
+
+/// Lab names: 1 to 12 of `[a-z0-9-]`, starting with a letter or digit and not ending in `-`.
+pub fn validate_lab_name(name: &str) -> Result<(), NameError> {
+    let bad = |reason: &str| {
+        Err(NameError {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad(&format!("longer than {MAX_NAME_LEN} characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return bad("only a-z, 0-9 and '-' are allowed");
+    }
+    if name.starts_with('-') || name.ends_with('-') || name.contains("--") {
+        return bad("'-' may not start or end it, nor repeat");
+    }
+    Ok(())
+}
+
+/// The names of one lab's namespaces and hosts. Hosts and pods count from 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    lab: String,
+}
+
+impl Names {
+    pub fn new(lab: &str) -> Result<Self, NameError> {
+        validate_lab_name(lab)?;
+        Ok(Names {
+            lab: lab.to_string(),
+        })
+    }
+
+    pub fn lab(&self) -> &str {
+        &self.lab
+    }
+
+    pub fn prefix(&self) -> String {
+        format!("twl-{}-", self.lab)
+    }
+
+    pub fn underlay_ns(&self) -> String {
+        format!("twl-{}-u", self.lab)
+    }
+
+    pub fn host(&self, host: usize) -> String {
+        format!("h{host}")
+    }
+
+    pub fn host_ns(&self, host: usize) -> String {
+        format!("twl-{}-h{host}", self.lab)
+    }
+
+    pub fn pod(&self, pod: usize) -> String {
+        format!("p{pod}")
+    }
+
+    pub fn pod_ns(&self, host: usize, pod: usize) -> String {
+        format!("twl-{}-h{host}-p{pod}", self.lab)
+    }
+
+    /// The host's end of its underlay cable, in the underlay namespace.
+    pub fn underlay_veth(&self, host: usize) -> String {
+        format!("veth-h{host}")
+    }
+
+    /// The pod's cable end on the host's `cni0`, in the host namespace.
+    pub fn pod_veth(&self, pod: usize) -> String {
+        format!("veth-p{pod}")
+    }
+
+    /// Whether `ns` is one of this lab's namespaces. Exact shapes, not a prefix test: lab `a`'s
+    /// prefix is a prefix of lab `a-h1`'s too, but `twl-a-h1-u` is no shape of lab `a`.
+    pub fn owns_netns(&self, ns: &str) -> bool {
+        let Some(rest) = ns.strip_prefix(&self.prefix()) else {
+            return false;
+        };
+        if rest == "u" {
+            return true;
+        }
+        let num = |s: &str, tag: char| {
+            s.strip_prefix(tag)
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        };
+        match rest.split_once('-') {
+            None => num(rest, 'h'),
+            Some((h, p)) => num(h, 'h') && num(p, 'p'),
+        }
+    }
+
+    /// Resolves an `exec` target: `underlay`, `hN` or `hN/pM` (also `hN-pM`).
+    pub fn target_ns(&self, target: &str) -> Option<String> {
+        if target == "underlay" || target == "u" {
+            return Some(self.underlay_ns());
+        }
+        let ns = format!("{}{}", self.prefix(), target.replace('/', "-"));
+        (self.owns_netns(&ns) && ns != self.underlay_ns()).then_some(ns)
+    }
+}
+
+/// `198.18.0.<host>`
+pub fn host_public_ip(host: usize) -> Ipv4Addr {
+    assert!((1..=MAX_HOSTS).contains(&host), "host index {host}");
+    let o = UNDERLAY_NET.octets();
+    Ipv4Addr::new(o[0], o[1], o[2], host as u8)
+}
+
+pub fn etcd_endpoint() -> String {
+    format!("http://{UNDERLAY_GW}:{ETCD_CLIENT_PORT}")
+}
+
+/// Pod `pod` (from 1) of a host whose bridge holds `bridge` (TWEED_SUBNET, e.g. 10.244.3.1/24)
+/// gets the address `pod` above it: .2, .3, ... Errors when the subnet has no room.
+pub fn pod_ip(bridge: Ipv4Network, pod: usize) -> Result<Ipv4Network, String> {
+    let base = u32::from(bridge.ip());
+    let last = u32::from(bridge.broadcast()).saturating_sub(1);
+    let ip = u32::try_from(pod)
+        .ok()
+        .and_then(|p| base.checked_add(p))
+        .filter(|ip| *ip <= last && pod > 0)
+        .ok_or_else(|| format!("subnet {bridge} has no room for pod {pod}"))?;
+    Ipv4Network::new(Ipv4Addr::from(ip), bridge.prefix()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_scheme_and_fit() {
+        let n = Names::new("demo").unwrap();
+        assert_eq!(n.underlay_ns(), "twl-demo-u");
+        assert_eq!(n.host_ns(3), "twl-demo-h3");
+        assert_eq!(n.pod_ns(3, 2), "twl-demo-h3-p2");
+        assert_eq!(n.host(3), "h3");
+        assert_eq!(n.pod(2), "p2");
+        for name in [n.underlay_veth(MAX_HOSTS), n.pod_veth(253)] {
+            assert!(name.len() <= 15, "{name}");
+        }
+        for name in [UNDERLAY_BRIDGE, HOST_IFACE, POD_BRIDGE, POD_IFACE] {
+            assert!(name.len() <= 15);
+        }
+    }
+
+    #[test]
+    fn lab_names_are_validated() {
+        for ok in ["a", "demo", "e2e-1", "x1234567890y"] {
+            validate_lab_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "Demo",
+            "de_mo",
+            "-a",
+            "a-",
+            "a--b",
+            "x1234567890yz",
+            "a b",
+            "ä",
+        ] {
+            let e = validate_lab_name(bad).unwrap_err();
+            assert!(e.to_string().contains("invalid lab name"), "{e}");
+        }
+    }
+
+    #[test]
+    fn ownership_is_exact_even_with_dashes() {
+        let a = Names::new("a").unwrap();
+        let ah1 = Names::new("a-h1").unwrap();
+        assert!(a.owns_netns("twl-a-u"));
+        assert!(a.owns_netns("twl-a-h1"));
+        assert!(a.owns_netns("twl-a-h12-p3"));
+        assert!(!a.owns_netns("twl-a-h1-u"));
+        assert!(!a.owns_netns("twl-a-h1-h2"));
+        assert!(!a.owns_netns("twl-a-h"));
+        assert!(!a.owns_netns("twl-a-hx"));
+        assert!(!a.owns_netns("twl-ab-u"));
+        assert!(!a.owns_netns("twl-a-h1-p"));
+        assert!(ah1.owns_netns("twl-a-h1-u"));
+        assert!(ah1.owns_netns("twl-a-h1-h2-p1"));
+        assert!(!ah1.owns_netns("twl-a-h1-p1"));
+    }
+
+    #[test]
+    fn targets_resolve() {
+        let n = Names::new("demo").unwrap();
+        assert_eq!(n.target_ns("h2").unwrap(), "twl-demo-h2");
+        assert_eq!(n.target_ns("h2/p1").unwrap(), "twl-demo-h2-p1");
+        assert_eq!(n.target_ns("h2-p1").unwrap(), "twl-demo-h2-p1");
+        assert_eq!(n.target_ns("underlay").unwrap(), "twl-demo-u");
+        assert_eq!(n.target_ns("p1"), None);
+        assert_eq!(n.target_ns("h2/x"), None);
+    }
+
+    #[test]
+    fn addressing() {
+        assert_eq!(host_public_ip(1), Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(host_public_ip(253), Ipv4Addr::new(198, 18, 0, 253));
+        assert_eq!(etcd_endpoint(), "http://198.18.0.254:2379");
+        let br: Ipv4Network = "10.244.3.1/24".parse().unwrap();
+        assert_eq!(pod_ip(br, 1).unwrap().to_string(), "10.244.3.2/24");
+        assert_eq!(pod_ip(br, 253).unwrap().to_string(), "10.244.3.254/24");
+        assert!(pod_ip(br, 254).is_err());
+        assert!(pod_ip(br, 0).is_err());
+        let small: Ipv4Network = "10.244.3.1/30".parse().unwrap();
+        assert_eq!(pod_ip(small, 1).unwrap().to_string(), "10.244.3.2/30");
+        assert!(pod_ip(small, 2).is_err());
+    }
+}

@@ -1,0 +1,318 @@
+//! Root-only: real namespaces, a real etcd, and `fake-tweedd` in place of the agent. These test the
+//! lab's plumbing; the multi-host e2e tests with the real tweedd live in the tests/ crate.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tweed_lab::{netns, Lab, LabError, LabGuard, LabSpec};
+
+fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (network namespaces)");
+            return;
+        }
+    };
+}
+
+fn fake_tweedd() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-tweedd")
+}
+
+/// Unique per test and per process, so parallel runs of the suite never meet.
+fn lab_name(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+fn spec(name: &str, hosts: usize, root: &Path) -> LabSpec {
+    let mut s = LabSpec::new(name, hosts);
+    s.tweedd = Some(fake_tweedd());
+    s.root = Some(root.to_path_buf());
+    s.agent_timeout = Duration::from_secs(15);
+    s
+}
+
+fn namespaces_of(name: &str) -> Vec<String> {
+    let names = tweed_lab::names::Names::new(name).unwrap();
+    netns::list()
+        .unwrap()
+        .into_iter()
+        .filter(|ns| names.owns_netns(ns))
+        .collect()
+}
+
+fn has_link(ns: &str, link: &str) -> bool {
+    netns::ip(ns, &["link", "show", link]).is_ok()
+}
+
+#[test]
+fn two_host_lab_comes_up_and_goes_away() {
+    require_root!();
+    let root = tempfile::tempdir().unwrap();
+    let name = lab_name("pl");
+    let lab = LabGuard::up(spec(&name, 2, root.path())).unwrap();
+
+    let mut got = namespaces_of(&name);
+    got.sort();
+    let mut want: Vec<String> = ["u", "h1", "h2", "h1-p1", "h1-p2", "h2-p1", "h2-p2"]
+        .iter()
+        .map(|s| format!("twl-{name}-{s}"))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+
+    let u = format!("twl-{name}-u");
+    assert!(has_link(&u, "br0"));
+    assert!(has_link(&u, "veth-h1") && has_link(&u, "veth-h2"));
+    for h in ["h1", "h2"] {
+        let ns = format!("twl-{name}-{h}");
+        assert!(has_link(&ns, "eth0") && has_link(&ns, "cni0"), "{ns}");
+        let fwd = lab
+            .exec(h, &["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .unwrap();
+        assert_eq!(fwd.trim(), "1");
+    }
+    let cni0 = netns::ip(&format!("twl-{name}-h1"), &["-o", "addr", "show", "cni0"]).unwrap();
+    assert!(cni0.contains("10.244.1.1/24"), "{cni0}");
+    let mtu = netns::ip(&format!("twl-{name}-h1-p1"), &["link", "show", "eth0"]).unwrap();
+    assert!(mtu.contains("mtu 1450"), "{mtu}");
+
+    // Underlay: hosts reach each other and etcd.
+    lab.exec("h1", &["ping", "-c", "1", "-W", "2", "198.18.0.2"])
+        .unwrap();
+    let st = lab.status();
+    assert_eq!(st.etcd.endpoints, ["http://198.18.0.254:2379"]);
+    assert!(st.etcd.alive);
+    assert_eq!(st.hosts.len(), 2);
+    for h in &st.hosts {
+        assert!(h.agent_alive, "{h:?}");
+        assert_eq!(h.pods.len(), 2);
+    }
+    assert_eq!(st.hosts[0].subnet.as_deref(), Some("10.244.1.0/24"));
+    assert_eq!(st.hosts[1].pods[1].ip, "10.244.2.3");
+
+    // Same-host pods talk over cni0; the pods' default route goes via the bridge.
+    lab.exec(
+        "h1/p1",
+        &["ping", "-c", "2", "-W", "2", "-i", "0.2", "10.244.1.3"],
+    )
+    .unwrap();
+    lab.exec("h2/p2", &["ping", "-c", "1", "-W", "2", "10.244.2.1"])
+        .unwrap();
+    let route = lab
+        .exec("h1/p2", &["ip", "route", "show", "default"])
+        .unwrap();
+    assert!(route.contains("via 10.244.1.1"), "{route}");
+
+    // The fake agent builds no overlay, so every cross-host ping fails...
+    let report = lab.check().unwrap();
+    assert_eq!((report.passed(), report.failed()), (0, 8), "{report:?}");
+    let t = std::time::Instant::now();
+    let report = lab.check_until(Duration::from_millis(600)).unwrap();
+    assert_eq!(report.failed(), 8);
+    assert!(t.elapsed() >= Duration::from_millis(600));
+    // ...until routes stand in for one.
+    lab.exec(
+        "h1",
+        &["ip", "route", "add", "10.244.2.0/24", "via", "198.18.0.2"],
+    )
+    .unwrap();
+    lab.exec(
+        "h2",
+        &["ip", "route", "add", "10.244.1.0/24", "via", "198.18.0.1"],
+    )
+    .unwrap();
+    let report = lab.check_until(Duration::from_secs(10)).unwrap();
+    assert_eq!(report.summary(), "8 passed, 0 failed", "{report:?}");
+
+    // Another process's view: state.json.
+    let loaded = Lab::load_in(root.path(), &name).unwrap();
+    assert_eq!(loaded.status().hosts, st.hosts);
+    let agent_pids: Vec<u32> = st.hosts.iter().filter_map(|h| h.agent_pid).collect();
+    let etcd_pid = st.etcd.pid.unwrap();
+
+    let report = lab.down().unwrap();
+    assert_eq!(report.namespaces.len(), 7);
+    assert!(namespaces_of(&name).is_empty());
+    assert!(!root.path().join(&name).exists());
+    for pid in agent_pids.into_iter().chain([etcd_pid]) {
+        assert!(!tweed_lab::cmd::pid_alive(pid), "pid {pid} survived down");
+    }
+    // Idempotent.
+    tweed_lab::down_in(root.path(), &name).unwrap();
+}
+
+#[test]
+fn two_labs_at_once() {
+    require_root!();
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (lab_name("pa"), lab_name("pb"));
+    let (la, lb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| LabGuard::up(spec(&a, 2, root.path())));
+        let tb = s.spawn(|| LabGuard::up(spec(&b, 1, root.path())));
+        (ta.join().unwrap().unwrap(), tb.join().unwrap().unwrap())
+    });
+    assert_eq!(namespaces_of(&a).len(), 7);
+    assert_eq!(namespaces_of(&b).len(), 4);
+    // Same addresses, separate worlds.
+    la.exec("h1/p1", &["ping", "-c", "1", "-W", "2", "10.244.1.3"])
+        .unwrap();
+    lb.exec("h1/p1", &["ping", "-c", "1", "-W", "2", "10.244.1.3"])
+        .unwrap();
+    drop(la);
+    assert!(namespaces_of(&a).is_empty());
+    assert_eq!(
+        namespaces_of(&b).len(),
+        4,
+        "downing one lab touched the other"
+    );
+    drop(lb);
+    assert!(namespaces_of(&b).is_empty());
+}
+
+#[test]
+fn failed_up_tears_down_and_shows_the_agent_log() {
+    require_root!();
+    let root = tempfile::tempdir().unwrap();
+    let name = lab_name("pf");
+    let mut s = spec(&name, 2, root.path());
+    s.agent_args = vec!["--fake-fail".into()];
+    let err = Lab::up(s).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, LabError::Agent { .. }), "{msg}");
+    assert!(msg.contains("failing on purpose"), "{msg}");
+    assert!(msg.contains(&format!("twl-{name}-h")), "{msg}");
+    assert!(namespaces_of(&name).is_empty());
+    assert!(!root.path().join(&name).exists());
+
+    let mut s = spec(&name, 1, root.path());
+    s.agent_args = vec!["--fake-mute".into()];
+    s.agent_timeout = Duration::from_secs(1);
+    let msg = Lab::up(s).unwrap_err().to_string();
+    assert!(
+        msg.contains("subnet.env") && msg.contains("after 1s"),
+        "{msg}"
+    );
+    assert!(namespaces_of(&name).is_empty());
+}
+
+#[test]
+fn down_works_without_state_and_up_refuses_an_existing_lab() {
+    require_root!();
+    let root = tempfile::tempdir().unwrap();
+    let name = lab_name("pd");
+    let lab = Lab::up(spec(&name, 1, root.path())).unwrap();
+    let err = Lab::up(spec(&name, 1, root.path())).unwrap_err();
+    assert!(matches!(err, LabError::Exists { .. }), "{err}");
+    let etcd_pid = lab.status().etcd.pid.unwrap();
+    // As if `up` had died before writing any state.
+    std::fs::remove_file(root.path().join(&name).join("state.json")).unwrap();
+    let err = Lab::load_in(root.path(), &name).unwrap_err().to_string();
+    assert!(err.contains("tweed-lab down"), "{err}");
+    drop(lab);
+    let report = tweed_lab::down_in(root.path(), &name).unwrap();
+    assert_eq!(report.namespaces.len(), 4);
+    assert!(namespaces_of(&name).is_empty());
+    assert!(!tweed_lab::cmd::pid_alive(etcd_pid));
+}
+
+#[test]
+fn cli_round_trip() {
+    require_root!();
+    let root = tempfile::tempdir().unwrap();
+    let name = lab_name("pc");
+    let bin = env!("CARGO_BIN_EXE_tweed-lab");
+    let run = |args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .env("TWEED_LAB_ROOT", root.path())
+            .output()
+            .unwrap()
+    };
+    struct Down<'a>(&'a dyn Fn(&[&str]) -> std::process::Output, &'a str);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["down", "--name", self.1]);
+        }
+    }
+    let _down = Down(&run, &name);
+    let fake = fake_tweedd();
+    let out = run(&[
+        "up",
+        "--name",
+        &name,
+        "--hosts",
+        "2",
+        "--pods-per-host",
+        "1",
+        "--backend",
+        "vxlan",
+        "--lease-ttl",
+        "2m",
+        "--tweedd",
+        fake.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("etcd http://198.18.0.254:2379"),
+        "{progress}"
+    );
+
+    let out = run(&["status", "--name", &name, "--output", "json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["hosts"][1]["public_ip"], "198.18.0.2");
+    assert_eq!(
+        v["hosts"][0]["pods"][0]["netns"],
+        format!("twl-{name}-h1-p1")
+    );
+    let out = run(&["status", "--name", &name]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PUBLIC_IP"));
+
+    let out = run(&[
+        "exec", "--name", &name, "h2/p1", "--", "sh", "-c", "exit 42",
+    ]);
+    assert_eq!(out.status.code(), Some(42));
+    let log = run(&[
+        "exec",
+        "--name",
+        &name,
+        "h1",
+        "--",
+        "cat",
+        &format!("{}/{name}/hosts/h1/tweedd.log", root.path().display()),
+    ]);
+    assert!(String::from_utf8_lossy(&log.stdout).contains("fake-tweedd"));
+
+    let out = run(&["check", "--name", &name]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().last(), Some("0 passed, 2 failed"), "{text}");
+
+    let out = run(&["up", "--name", &name, "--hosts", "1", "--backend", "udp"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only vxlan"));
+
+    let out = run(&["down", "--name", &name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(namespaces_of(&name).is_empty());
+    let out = run(&["down", "--name", &name]);
+    assert!(out.status.success());
+    let out = run(&["up", "--name", "Bad_Name", "--hosts", "1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid lab name"));
+}
