@@ -1,0 +1,158 @@
+//! The gRPC API on a unix socket: status, leases, peers and a stream of lease events.
+
+use crate::state::{AgentState, EventKind, LeaseEventView, LeaseView};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tweed_api::v1::agent_server::{Agent, AgentServer};
+use tweed_api::v1::{self as pb, lease_event::Kind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("API socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("API server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+pub struct Service {
+    state: AgentState,
+}
+
+fn lease_pb(l: &LeaseView) -> pb::Lease {
+    pb::Lease {
+        subnet: l.subnet.clone(),
+        public_ip: l.public_ip.clone(),
+        backend_type: l.backend_type.clone(),
+        backend_data: l.backend_data.clone(),
+        lease_id: l.lease_id,
+        own: l.own,
+    }
+}
+
+fn event_pb(e: &LeaseEventView) -> pb::LeaseEvent {
+    let kind = match e.kind {
+        EventKind::Added => Kind::Added,
+        EventKind::Updated => Kind::Updated,
+        EventKind::Removed => Kind::Removed,
+    };
+    pb::LeaseEvent {
+        kind: kind as i32,
+        lease: Some(lease_pb(&e.lease)),
+        unix_millis: e.unix_millis,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for Service {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let s = self.state.snapshot();
+        let not_ready = s.not_ready();
+        Ok(Response::new(pb::StatusReply {
+            node: s.node,
+            public_ip: s.public_ip,
+            network: s.network,
+            subnet: s.subnet,
+            backend: s.backend,
+            mtu: s.mtu,
+            ready: not_ready.is_empty(),
+            lease_held: s.lease_held,
+            backend_programmed: s.backend_programmed,
+            watch_live: s.watch_live,
+            not_ready,
+            lease_expiry_unix: s.lease_expiry_unix,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            etcd_endpoints: s.etcd_endpoints,
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        _: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesReply>, Status> {
+        let leases = self.state.snapshot().leases.iter().map(lease_pb).collect();
+        Ok(Response::new(pb::ListLeasesReply { leases }))
+    }
+
+    async fn list_peers(
+        &self,
+        _: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersReply>, Status> {
+        let peers = self
+            .state
+            .snapshot()
+            .peers
+            .into_iter()
+            .map(|p| pb::Peer {
+                subnet: p.subnet,
+                public_ip: p.public_ip,
+                backend: p.backend,
+                programmed: p.programmed,
+                error: p.error.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListPeersReply { peers }))
+    }
+
+    type WatchLeasesStream = EventStream;
+
+    async fn watch_leases(
+        &self,
+        _: Request<pb::WatchLeasesRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let rx = self.state.subscribe();
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).map(|r| match r {
+            Ok(e) => Ok(event_pb(&e)),
+            Err(e) => Err(Status::data_loss(format!(
+                "watcher fell behind ({e}); list leases and watch again"
+            ))),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Binds the socket (replacing a stale one from a previous run) with mode 0600: the API shows the
+/// cluster's layout, so only root may read it.
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ApiError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(l)
+}
+
+pub async fn serve(
+    listener: UnixListener,
+    state: AgentState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ApiError> {
+    tonic::transport::Server::builder()
+        .add_service(AgentServer::new(Service { state }))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! The metrics/health HTTP server and the gRPC API, on a port-0 listener and a temp unix socket.
+
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tweed_agent::state::{AgentState, EventKind, LeaseEventView, LeaseView, PeerView};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, out)
+}
+
+fn ready(state: &AgentState) {
+    state.update(|s| {
+        s.node = "h1".into();
+        s.subnet = "10.244.3.0/24".into();
+        s.backend = "vxlan".into();
+        s.lease_held = true;
+        s.backend_programmed = true;
+        s.watch_live = true;
+        s.leases = vec![LeaseView {
+            subnet: "10.244.3.0/24".into(),
+            public_ip: "198.18.0.1".into(),
+            backend_type: "vxlan".into(),
+            own: true,
+            ..Default::default()
+        }];
+        s.peers = vec![PeerView {
+            subnet: "10.244.4.0/24".into(),
+            public_ip: "198.18.0.2".into(),
+            backend: "vxlan".into(),
+            programmed: true,
+            error: None,
+        }];
+    });
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics() {
+    let state = AgentState::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(tweed_agent::http::serve(listener, state.clone(), async {
+        let _ = rx.await;
+    }));
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("no subnet lease held") && body.contains("lease watch not live"),
+        "{body}"
+    );
+    ready(&state);
+    assert_eq!(get(addr, "/readyz").await.0, 200);
+    state.metrics.lease_renewals.inc();
+    let (code, body) = get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("tweed_lease_renewals_total 1"), "{body}");
+    assert_eq!(get(addr, "/nope").await.0, 404);
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn grpc_status_lists_and_event_stream_over_a_0600_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/tweedd.sock");
+    // A stale socket file from a crashed run is replaced.
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"stale").unwrap();
+    let state = AgentState::new();
+    let listener = tweed_agent::api::bind(&path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(tweed_agent::api::serve(listener, state.clone(), async {
+        let _ = rx.await;
+    }));
+    let mut c = tweed_api::connect(&path).await.unwrap();
+    let st = c
+        .status(tweed_api::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!st.ready && st.not_ready.len() == 3, "{st:?}");
+    ready(&state);
+    let st = c
+        .status(tweed_api::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.ready, "{st:?}");
+    assert_eq!(
+        (st.node.as_str(), st.subnet.as_str()),
+        ("h1", "10.244.3.0/24")
+    );
+    let leases = c
+        .list_leases(tweed_api::v1::ListLeasesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(leases.leases.len(), 1);
+    assert!(leases.leases[0].own);
+    let peers = c
+        .list_peers(tweed_api::v1::ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(peers.peers[0].public_ip, "198.18.0.2");
+
+    let mut stream = c
+        .watch_leases(tweed_api::v1::WatchLeasesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    // The subscription is live once the call returned.
+    state.publish(LeaseEventView {
+        kind: EventKind::Removed,
+        lease: LeaseView {
+            subnet: "10.244.4.0/24".into(),
+            ..Default::default()
+        },
+        unix_millis: 42,
+    });
+    let ev = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.kind, tweed_api::v1::lease_event::Kind::Removed as i32);
+    assert_eq!(ev.lease.unwrap().subnet, "10.244.4.0/24");
+    drop(stream);
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
