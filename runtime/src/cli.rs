@@ -1,0 +1,428 @@
+//! Command-line parsing and output for tweedctl.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use tweed_runtime::exec::ExecSpec;
+use tweed_runtime::process;
+use tweed_runtime::runtime::{self, Options, RunSpec, Runtime};
+
+#[derive(Parser, Debug)]
+#[command(name = "tweedctl", version, about = "tweed's container runtime")]
+struct Cli {
+    /// Runtime state directory.
+    #[arg(long, env = "TWEED_ROOT", default_value = "/run/tweed", global = true)]
+    root: PathBuf,
+    /// Image store and container layers.
+    #[arg(
+        long,
+        env = "TWEED_IMAGE_ROOT",
+        default_value = "/var/lib/tweed",
+        global = true
+    )]
+    image_root: PathBuf,
+    /// Cgroup parent of containers (absolute within each hierarchy).
+    #[arg(
+        long,
+        env = "TWEED_CGROUP_PARENT",
+        default_value = "/tweed",
+        global = true
+    )]
+    cgroup_parent: String,
+    /// Network namespace (name in /run/netns, or a path) that plays the host: CNI plugins run
+    /// in it and --net host joins it.
+    #[arg(long, env = "TWEED_HOST_NETNS", global = true)]
+    host_netns: Option<String>,
+    /// CNI network configuration list used by --net overlay.
+    #[arg(
+        long,
+        env = "TWEED_CNI_CONF",
+        default_value = "/etc/cni/net.d/10-tweed.conflist",
+        global = true
+    )]
+    cni_conf: PathBuf,
+    /// Directories searched for CNI plugins.
+    #[arg(
+        long,
+        env = "TWEED_CNI_PATH",
+        default_value = "/opt/cni/bin:/usr/lib/cni",
+        global = true
+    )]
+    cni_path: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Create and start a container.
+    Run(RunArgs),
+    /// List containers.
+    Ps {
+        /// Only ids.
+        #[arg(short, long)]
+        quiet: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a container's output.
+    Logs {
+        #[arg(short, long)]
+        follow: bool,
+        container: String,
+    },
+    /// Run a command in a running container.
+    Exec(ExecArgs),
+    /// Stop containers (SIGTERM, then SIGKILL after the grace period).
+    Stop {
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        time: u64,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Send a signal to containers (default SIGKILL).
+    Kill {
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Remove containers.
+    Rm {
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Show containers as JSON.
+    Inspect {
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Wait for a container to end; prints its exit code.
+    Wait { container: String },
+    /// Make a container's changes a new image.
+    Commit { container: String, name: String },
+    /// CNI GC: let the network's plugins release what no container uses (CNI >= 1.1.0).
+    Gc,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Import a docker-save tarball or OCI layout (dir or tar), or a plain rootfs directory.
+    Import {
+        /// Import a plain directory as a one-layer image named NAME.
+        #[arg(long, value_name = "DIR")]
+        rootfs: Option<PathBuf>,
+        /// Name the imported image (instead of its own tag).
+        #[arg(long)]
+        name: Option<String>,
+        /// FILE (or NAME with --rootfs).
+        arg: String,
+    },
+    /// List images.
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove images (refused while a container uses one).
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Run in the background and print the id.
+    #[arg(short, long)]
+    detach: bool,
+    /// Remove the container when it ends.
+    #[arg(long)]
+    rm: bool,
+    #[arg(long)]
+    name: Option<String>,
+    /// Memory limit, e.g. 64m.
+    #[arg(short, long)]
+    memory: Option<String>,
+    /// CPU limit, e.g. 0.5.
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Process limit.
+    #[arg(long)]
+    pids: Option<String>,
+    /// overlay | none | host | container:ID.
+    #[arg(long, default_value = "none")]
+    net: String,
+    #[arg(long)]
+    hostname: Option<String>,
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    #[arg(short, long = "volume")]
+    volume: Vec<String>,
+    #[arg(short, long)]
+    workdir: Option<String>,
+    #[arg(short, long)]
+    user: Option<String>,
+    #[arg(long)]
+    entrypoint: Option<String>,
+    image: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    cmd: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ExecArgs {
+    #[arg(short, long)]
+    interactive: bool,
+    #[arg(short, long)]
+    tty: bool,
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    #[arg(short, long)]
+    workdir: Option<String>,
+    #[arg(short, long)]
+    user: Option<String>,
+    container: String,
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    cmd: Vec<String>,
+}
+
+fn options(cli: &Cli) -> Options {
+    let host_netns = cli.host_netns.as_ref().map(|n| {
+        if n.contains('/') {
+            PathBuf::from(n)
+        } else {
+            PathBuf::from("/run/netns").join(n)
+        }
+    });
+    Options {
+        run_root: cli.root.clone(),
+        image_root: cli.image_root.clone(),
+        cgroup_parent: cli.cgroup_parent.clone(),
+        host_netns,
+        cni_conf: cli.cni_conf.clone(),
+        cni_path: cli
+            .cni_path
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+    }
+}
+
+pub fn main() -> i32 {
+    process::mark("tweedctl: main");
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tweedctl: {}", chain(&e));
+            125
+        }
+    }
+}
+
+/// The error and its causes, skipping causes whose text the previous message already shows.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    for c in e.chain().skip(1) {
+        let s = c.to_string();
+        if !last.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        last = s;
+    }
+    out
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let rt = Runtime::new(options(&cli)).context("opening the runtime state")?;
+    let mut stdout = io::stdout();
+    let out: &mut dyn Write = &mut stdout;
+    match cli.cmd {
+        Cmd::Image(ImageCmd::Import { rootfs, name, arg }) => {
+            let recs = match rootfs {
+                Some(dir) => vec![rt.images.import_rootfs(&dir, &arg)?],
+                None => rt.images.import(&PathBuf::from(&arg), name.as_deref())?,
+            };
+            for r in recs {
+                writeln!(out, "{} {}", r.name, r.id)?;
+            }
+        }
+        Cmd::Image(ImageCmd::Ls { quiet }) => {
+            let imgs = rt.images.list()?;
+            if !quiet {
+                writeln!(out, "{:<40} {:<19} {:>6}  CREATED", "NAME", "ID", "LAYERS")?;
+            }
+            for i in imgs {
+                let short = &tweed_runtime::digest::hex_part(&i.id)[..12];
+                if quiet {
+                    writeln!(out, "{}", i.name)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<40} {:<19} {:>6}  {}",
+                        i.name,
+                        short,
+                        i.layers.len(),
+                        i.created
+                    )?;
+                }
+            }
+        }
+        Cmd::Image(ImageCmd::Rm { images }) => {
+            for i in images {
+                let removed = rt.remove_image(&i)?;
+                writeln!(out, "removed {i} ({} layers freed)", removed.len())?;
+            }
+        }
+        Cmd::Run(a) => return run_cmd(&rt, a, out),
+        Cmd::Ps { quiet, json } => {
+            let list = rt.list()?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else if quiet {
+                for c in list {
+                    writeln!(out, "{}", c.id)?;
+                }
+            } else {
+                writeln!(
+                    out,
+                    "{:<12}  {:<16} {:<20} {:<24} {:<8} STATUS",
+                    "ID", "NAME", "IMAGE", "COMMAND", "PID"
+                )?;
+                for c in list {
+                    let mut cmd = c.command.clone();
+                    if cmd.len() > 24 {
+                        cmd.truncate(21);
+                        cmd.push_str("...");
+                    }
+                    writeln!(
+                        out,
+                        "{:<12}  {:<16} {:<20} {:<24} {:<8} {}",
+                        &c.id[..12],
+                        c.name,
+                        c.image,
+                        cmd,
+                        c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        c.status.show()
+                    )?;
+                }
+            }
+        }
+        Cmd::Logs { follow, container } => {
+            let id = rt.resolve(&container)?;
+            rt.logs(&id, follow, out, &mut io::stderr())?;
+        }
+        Cmd::Exec(a) => {
+            let id = rt.resolve(&a.container)?;
+            let spec = ExecSpec {
+                argv: a.cmd,
+                env: a.env,
+                workdir: a.workdir,
+                user: a.user,
+                tty: a.tty,
+                interactive: a.interactive,
+            };
+            return Ok(rt.exec(&id, &spec)?);
+        }
+        Cmd::Stop { time, containers } => {
+            for c in containers {
+                let id = rt.resolve(&c)?;
+                rt.stop(&id, Duration::from_secs(time))?;
+                writeln!(out, "{c}")?;
+            }
+        }
+        Cmd::Kill { signal, containers } => {
+            let sig = process::signal_number(&signal)
+                .ok_or_else(|| runtime::RuntimeError::BadSignal(signal.clone()))?;
+            for c in containers {
+                let id = rt.resolve(&c)?;
+                rt.kill(&id, sig)?;
+                writeln!(out, "{c}")?;
+            }
+        }
+        Cmd::Rm { force, containers } => {
+            let mut failed = false;
+            for c in containers {
+                match rt.resolve(&c).and_then(|id| rt.remove(&id, force)) {
+                    Ok(()) => writeln!(out, "{c}")?,
+                    Err(e) => {
+                        eprintln!("tweedctl: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Ok(1);
+            }
+        }
+        Cmd::Inspect { containers } => {
+            let mut all = Vec::new();
+            for c in containers {
+                let id = rt.resolve(&c)?;
+                all.push(rt.inspect(&id)?);
+            }
+            writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+        }
+        Cmd::Wait { container } => {
+            let id = rt.resolve(&container)?;
+            let e = rt.wait(&id, None)?;
+            writeln!(out, "{}", e.code)?;
+        }
+        Cmd::Commit { container, name } => {
+            let id = rt.resolve(&container)?;
+            let r = rt.commit(&id, &name)?;
+            writeln!(out, "{} {}", r.name, r.id)?;
+        }
+        Cmd::Gc => {
+            if !rt.cni_gc()? {
+                writeln!(out, "the network's CNI version has no GC (needs 1.1.0)")?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn run_cmd(rt: &Runtime, a: RunArgs, out: &mut dyn Write) -> Result<i32> {
+    if a.image.is_empty() {
+        bail!("no image given");
+    }
+    let spec = RunSpec {
+        image: a.image,
+        cmd: a.cmd,
+        entrypoint: a.entrypoint,
+        name: a.name,
+        env: a.env,
+        volumes: a.volume,
+        workdir: a.workdir,
+        hostname: a.hostname,
+        net: Some(a.net),
+        memory: a.memory,
+        cpus: a.cpus,
+        pids: a.pids,
+        user: a.user,
+        auto_remove: a.rm,
+    };
+    if a.detach {
+        let id = rt.run(&spec)?;
+        writeln!(out, "{id}")?;
+        return Ok(0);
+    }
+    let (_, exit) = runtime::run_attached(rt, &spec, out, &mut io::stderr())?;
+    if exit.oom_killed {
+        eprintln!("tweedctl: the container was OOM-killed");
+    }
+    Ok(exit.code)
+}

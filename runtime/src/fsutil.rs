@@ -1,0 +1,169 @@
+//! Small filesystem helpers over libc: xattrs, lchown, times, device numbers, atomic writes.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use crate::syscall::cstr;
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn lsetxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let p = cstr(path)?;
+    let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid C strings and a buffer of the given length.
+    check(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+            0,
+        )
+    })
+}
+
+pub fn lgetxattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
+    let p = cstr(path)?;
+    let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: buffer pointer/len describe `buf`.
+        let r = unsafe {
+            libc::lgetxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+            )
+        };
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(Some(buf));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::ENOTSUP) => return Ok(None),
+            Some(libc::ERANGE) => buf.resize(buf.len() * 4, 0),
+            _ => return Err(e),
+        }
+    }
+}
+
+pub fn llistxattr(path: &Path) -> io::Result<Vec<String>> {
+    let p = cstr(path)?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: buffer pointer/len describe `buf`.
+        let r = unsafe {
+            libc::llistxattr(p.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len())
+        };
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(buf
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOTSUP) => return Ok(vec![]),
+            Some(libc::ERANGE) => buf.resize(buf.len() * 4, 0),
+            _ => return Err(e),
+        }
+    }
+}
+
+pub fn lchown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::lchown(p.as_ptr(), uid, gid) })
+}
+
+/// Sets atime and mtime (seconds) without following a final symlink.
+pub fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
+    let p = cstr(path)?;
+    let ts = libc::timespec {
+        tv_sec: mtime as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [ts, ts];
+    // SAFETY: valid C string and two timespecs.
+    check(unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+pub fn mknod(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let p = cstr(path)?;
+    let dev = libc::makedev(major, minor);
+    // SAFETY: valid C string.
+    check(unsafe { libc::mknod(p.as_ptr(), mode as libc::mode_t, dev) })
+}
+
+pub fn dev_major(dev: u64) -> u32 {
+    libc::major(dev as libc::dev_t)
+}
+
+pub fn dev_minor(dev: u64) -> u32 {
+    libc::minor(dev as libc::dev_t)
+}
+
+/// Writes `data` to `path` atomically (temporary file in the same directory, then rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Removes a directory tree; missing is fine.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `path` is a mount point (its device differs from its parent's, or it is `/`).
+pub fn is_mount_point(path: &Path) -> bool {
+    let me = std::fs::symlink_metadata(path);
+    let parent = path.parent().map(std::fs::symlink_metadata);
+    use std::os::unix::fs::MetadataExt;
+    match (me, parent) {
+        (Ok(m), Some(Ok(p))) => m.dev() != p.dev() || m.ino() == p.ino(),
+        _ => false,
+    }
+}
+
+/// A path as bytes for messages.
+pub fn show(p: &Path) -> String {
+    String::from_utf8_lossy(p.as_os_str().as_bytes()).into_owned()
+}
+
+/// Random hex string of `n` bytes (from the OS).
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::fill(&mut b[..]);
+    crate::digest::hex(&b)
+}

@@ -1,0 +1,275 @@
+//! Turning a directory into a layer tar: a plain rootfs (`image import --rootfs`) or a
+//! container's overlay upper directory (`commit`), where overlay whiteouts (char 0/0) and opaque
+//! directories become OCI `.wh.NAME` and `.wh..wh..opq` entries again.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::fsutil;
+use crate::image::layer::{OVERLAY_OPAQUE_XATTR, WH_OPAQUE, WH_PREFIX};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("writing the layer tar entry for {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// How to read the directory.
+#[derive(Debug, Clone, Default)]
+pub struct DiffOptions {
+    /// Treat the directory as an overlay upper dir: convert whiteouts and opaque markers.
+    pub overlay_upper: bool,
+    /// Relative paths left out (the init layer's files: they belong to the container, not the image).
+    pub exclude: HashSet<PathBuf>,
+}
+
+/// Entry counts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DiffSummary {
+    pub entries: u64,
+    pub whiteouts: u64,
+    pub opaque_dirs: u64,
+}
+
+/// Whether a file is an overlay whiteout.
+pub fn is_whiteout(meta: &fs::Metadata) -> bool {
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+/// The OCI whiteout path for a deleted `rel`.
+pub fn whiteout_path(rel: &Path) -> PathBuf {
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    rel.parent()
+        .unwrap_or(Path::new(""))
+        .join(format!("{WH_PREFIX}{name}"))
+}
+
+struct Walker<'a, W: Write> {
+    b: tar::Builder<W>,
+    opts: &'a DiffOptions,
+    links: HashMap<(u64, u64), PathBuf>,
+    sum: DiffSummary,
+}
+
+fn base_header(meta: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(meta.uid() as u64);
+    h.set_gid(meta.gid() as u64);
+    h.set_mtime(meta.mtime().max(0) as u64);
+    h.set_size(0);
+    h
+}
+
+impl<W: Write> Walker<'_, W> {
+    fn werr(path: &Path) -> impl FnOnce(io::Error) -> DiffError + '_ {
+        move |source| DiffError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn xattrs(&mut self, abs: &Path) -> Result<Option<Vec<u8>>, DiffError> {
+        let names = fsutil::llistxattr(abs).map_err(|source| DiffError::Read {
+            path: abs.to_path_buf(),
+            source,
+        })?;
+        let mut opaque = None;
+        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+        for n in names {
+            let v = fsutil::lgetxattr(abs, &n)
+                .map_err(|source| DiffError::Read {
+                    path: abs.to_path_buf(),
+                    source,
+                })?
+                .unwrap_or_default();
+            if n.starts_with("trusted.overlay.") {
+                if n == OVERLAY_OPAQUE_XATTR {
+                    opaque = Some(v);
+                }
+                continue;
+            }
+            pax.push((format!("SCHILY.xattr.{n}"), v));
+        }
+        if !pax.is_empty() {
+            self.b
+                .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .map_err(Self::werr(abs))?;
+        }
+        Ok(opaque)
+    }
+
+    fn empty_file(&mut self, rel: &Path) -> Result<(), DiffError> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o600);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(0);
+        h.set_mtime(0);
+        self.b
+            .append_data(&mut h, rel, io::empty())
+            .map_err(Self::werr(rel))
+    }
+
+    fn visit(&mut self, abs: &Path, rel: &Path) -> Result<(), DiffError> {
+        let rerr = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| DiffError::Read { path: p, source }
+        };
+        let mut names: Vec<_> = fs::read_dir(abs)
+            .map_err(rerr(abs))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(rerr(abs))?;
+        names.sort();
+        for name in names {
+            let a = abs.join(&name);
+            let r = rel.join(&name);
+            if self.opts.exclude.contains(&r) {
+                continue;
+            }
+            let meta = fs::symlink_metadata(&a).map_err(rerr(&a))?;
+            let ft = meta.file_type();
+            self.sum.entries += 1;
+            if self.opts.overlay_upper && is_whiteout(&meta) {
+                self.empty_file(&whiteout_path(&r))?;
+                self.sum.whiteouts += 1;
+                continue;
+            }
+            if ft.is_dir() {
+                let opaque = self.xattrs(&a)?;
+                let mut h = base_header(&meta, tar::EntryType::Directory);
+                self.b
+                    .append_data(&mut h, &r, io::empty())
+                    .map_err(Self::werr(&r))?;
+                if self.opts.overlay_upper && opaque.as_deref() == Some(b"y") {
+                    self.empty_file(&r.join(WH_OPAQUE))?;
+                    self.sum.opaque_dirs += 1;
+                }
+                self.visit(&a, &r)?;
+            } else if ft.is_file() {
+                if meta.nlink() > 1 {
+                    if let Some(first) = self.links.get(&(meta.dev(), meta.ino())).cloned() {
+                        let mut h = base_header(&meta, tar::EntryType::Link);
+                        self.b
+                            .append_link(&mut h, &r, &first)
+                            .map_err(Self::werr(&r))?;
+                        continue;
+                    }
+                    self.links.insert((meta.dev(), meta.ino()), r.clone());
+                }
+                self.xattrs(&a)?;
+                let mut h = base_header(&meta, tar::EntryType::Regular);
+                h.set_size(meta.len());
+                let f = fs::File::open(&a).map_err(rerr(&a))?;
+                self.b.append_data(&mut h, &r, f).map_err(Self::werr(&r))?;
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&a).map_err(rerr(&a))?;
+                self.xattrs(&a)?;
+                let mut h = base_header(&meta, tar::EntryType::Symlink);
+                self.b
+                    .append_link(&mut h, &r, &target)
+                    .map_err(Self::werr(&r))?;
+            } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+                let kind = if ft.is_char_device() {
+                    tar::EntryType::Char
+                } else if ft.is_block_device() {
+                    tar::EntryType::Block
+                } else {
+                    tar::EntryType::Fifo
+                };
+                self.xattrs(&a)?;
+                let mut h = base_header(&meta, kind);
+                if !ft.is_fifo() {
+                    h.set_device_major(fsutil::dev_major(meta.rdev()))
+                        .map_err(Self::werr(&r))?;
+                    h.set_device_minor(fsutil::dev_minor(meta.rdev()))
+                        .map_err(Self::werr(&r))?;
+                }
+                self.b
+                    .append_data(&mut h, &r, io::empty())
+                    .map_err(Self::werr(&r))?;
+            }
+            // Sockets are not part of images.
+        }
+        Ok(())
+    }
+}
+
+/// Writes `src` as a layer tar to `out`.
+pub fn write_layer<W: Write>(
+    src: &Path,
+    out: W,
+    opts: &DiffOptions,
+) -> Result<(W, DiffSummary), DiffError> {
+    let mut b = tar::Builder::new(out);
+    b.follow_symlinks(false);
+    let mut w = Walker {
+        b,
+        opts,
+        links: HashMap::new(),
+        sum: DiffSummary::default(),
+    };
+    w.visit(src, Path::new(""))?;
+    let sum = w.sum.clone();
+    let out = w.b.into_inner().map_err(|source| DiffError::Write {
+        path: src.to_path_buf(),
+        source,
+    })?;
+    Ok((out, sum))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whiteout_paths() {
+        assert_eq!(
+            whiteout_path(Path::new("etc/passwd")),
+            PathBuf::from("etc/.wh.passwd")
+        );
+        assert_eq!(whiteout_path(Path::new("top")), PathBuf::from(".wh.top"));
+    }
+
+    #[test]
+    fn plain_tree_round_trips_through_tar_listing() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        fs::create_dir_all(root.join("etc/sub")).unwrap();
+        fs::write(root.join("etc/hosts"), "x").unwrap();
+        fs::write(root.join("etc/keep"), "keep").unwrap();
+        fs::hard_link(root.join("etc/keep"), root.join("etc/keep2")).unwrap();
+        std::os::unix::fs::symlink("/etc/keep", root.join("link")).unwrap();
+        let opts = DiffOptions {
+            overlay_upper: true,
+            exclude: [PathBuf::from("etc/hosts")].into_iter().collect(),
+        };
+        let (buf, sum) = write_layer(root, Vec::new(), &opts).unwrap();
+        assert_eq!(sum.whiteouts, 0);
+        let mut ar = tar::Archive::new(&buf[..]);
+        let mut seen = Vec::new();
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            seen.push((
+                e.path().unwrap().to_string_lossy().into_owned(),
+                e.header().entry_type(),
+            ));
+        }
+        let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["etc", "etc/keep", "etc/keep2", "etc/sub", "link"]);
+        assert_eq!(seen[0].1, tar::EntryType::Directory);
+        assert_eq!(seen[2].1, tar::EntryType::Link);
+        assert_eq!(seen[4].1, tar::EntryType::Symlink);
+    }
+}

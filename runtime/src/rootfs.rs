@@ -1,0 +1,573 @@
+//! A container's root filesystem: overlayfs over the image layers with a per-container init
+//! layer (`/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`, mount points) and upper/work dirs,
+//! then `/proc`, a minimal `/dev`, a read-only `/sys`, masked and read-only paths as Docker
+//! does, the honest `/proc` files, and `pivot_root`.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::state::Volume;
+use crate::syscall::{Mount, Syscall};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("mounting {what} on {target}: {source}")]
+    Mount {
+        what: String,
+        target: PathBuf,
+        source: io::Error,
+    },
+    #[error("{step} {path}: {source}")]
+    Step {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("overlay mount options are {len} bytes, over the kernel's page-size limit (too many layers)")]
+    TooManyLayers { len: usize },
+    #[error("writing the init layer {path}: {source}")]
+    InitLayer { path: PathBuf, source: io::Error },
+}
+
+/// Docker's masked paths (hidden with /dev/null or an empty read-only tmpfs).
+pub const MASKED: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Docker's read-only paths.
+pub const READONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Device nodes of the minimal /dev: (name, major, minor).
+pub const DEVICES: &[(&str, u32, u32)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+const NOSUID: libc::c_ulong = libc::MS_NOSUID;
+const NODEV: libc::c_ulong = libc::MS_NODEV;
+const NOEXEC: libc::c_ulong = libc::MS_NOEXEC;
+const RDONLY: libc::c_ulong = libc::MS_RDONLY;
+const BIND: libc::c_ulong = libc::MS_BIND;
+const REC: libc::c_ulong = libc::MS_REC;
+const REMOUNT: libc::c_ulong = libc::MS_REMOUNT;
+const PRIVATE: libc::c_ulong = libc::MS_PRIVATE;
+const STRICTATIME: libc::c_ulong = libc::MS_STRICTATIME;
+
+/// What the init needs to build the root filesystem.
+#[derive(Debug, Clone)]
+pub struct RootfsSpec {
+    /// Overlay mount point.
+    pub merged: PathBuf,
+    /// Lower dirs, topmost first: the init layer, then the image layers.
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub volumes: Vec<Volume>,
+    /// Files bind-mounted over /proc/meminfo, /proc/cpuinfo, /sys/devices/system/cpu/online.
+    pub meminfo: Option<PathBuf>,
+    pub cpuinfo: Option<PathBuf>,
+    pub cpu_online: Option<PathBuf>,
+}
+
+/// The overlay mount's data string.
+pub fn overlay_options(spec: &RootfsSpec) -> Result<String, RootfsError> {
+    let lowers: Vec<String> = spec
+        .lowers
+        .iter()
+        .map(|p| escape_overlay(&p.to_string_lossy()))
+        .collect();
+    let s = format!(
+        "lowerdir={},upperdir={},workdir={},index=off,redirect_dir=off,metacopy=off,volatile",
+        lowers.join(":"),
+        escape_overlay(&spec.upper.to_string_lossy()),
+        escape_overlay(&spec.work.to_string_lossy()),
+    );
+    // The kernel copies at most one page of mount data.
+    if s.len() >= 4096 {
+        return Err(RootfsError::TooManyLayers { len: s.len() });
+    }
+    Ok(s)
+}
+
+fn escape_overlay(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace(':', "\\:")
+        .replace(',', "\\,")
+}
+
+fn join(root: &Path, abs: &str) -> PathBuf {
+    root.join(abs.trim_start_matches('/'))
+}
+
+fn mount(sys: &dyn Syscall, m: Mount, what: &str) -> Result<(), RootfsError> {
+    sys.mount(&m).map_err(|source| RootfsError::Mount {
+        what: what.to_string(),
+        target: m.target.clone(),
+        source,
+    })
+}
+
+fn step<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RootfsError + 'a {
+    move |source| RootfsError::Step {
+        step,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Builds the container's filesystem and pivots into it. Runs in the container's new mount
+/// namespace.
+pub fn setup(sys: &dyn Syscall, spec: &RootfsSpec) -> Result<(), RootfsError> {
+    let root = &spec.merged;
+    // Nothing we mount may propagate back to the host, nor host mounts in.
+    mount(
+        sys,
+        Mount::new("/").flags(REC | PRIVATE),
+        "private propagation",
+    )?;
+    mount(
+        sys,
+        Mount::new(root)
+            .source("overlay")
+            .fstype("overlay")
+            .data(overlay_options(spec)?),
+        "overlay",
+    )?;
+
+    for v in &spec.volumes {
+        let t = join(root, &v.container.to_string_lossy());
+        mount(
+            sys,
+            Mount::new(&t).source(&v.host).flags(BIND | REC),
+            &format!("volume {}", v.host.display()),
+        )?;
+        if v.readonly {
+            mount(
+                sys,
+                Mount::new(&t).flags(BIND | REC | REMOUNT | RDONLY),
+                "read-only volume",
+            )?;
+        }
+    }
+
+    let proc_ = join(root, "/proc");
+    mount(
+        sys,
+        Mount::new(&proc_)
+            .source("proc")
+            .fstype("proc")
+            .flags(NOSUID | NODEV | NOEXEC),
+        "proc",
+    )?;
+
+    let dev = join(root, "/dev");
+    mount(
+        sys,
+        Mount::new(&dev)
+            .source("tmpfs")
+            .fstype("tmpfs")
+            .flags(NOSUID | STRICTATIME)
+            .data("mode=755,size=65536k"),
+        "/dev tmpfs",
+    )?;
+    for (name, major, minor) in DEVICES {
+        let p = dev.join(name);
+        sys.mknod(&p, libc::S_IFCHR | 0o666, libc::makedev(*major, *minor))
+            .map_err(step("mknod", &p))?;
+    }
+    for d in ["pts", "shm", "mqueue"] {
+        sys.mkdir_all(&dev.join(d), 0o755)
+            .map_err(step("mkdir", &dev))?;
+    }
+    mount(
+        sys,
+        Mount::new(dev.join("pts"))
+            .source("devpts")
+            .fstype("devpts")
+            .flags(NOSUID | NOEXEC)
+            .data("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        "devpts",
+    )?;
+    mount(
+        sys,
+        Mount::new(dev.join("shm"))
+            .source("shm")
+            .fstype("tmpfs")
+            .flags(NOSUID | NODEV | NOEXEC)
+            .data("mode=1777,size=65536k"),
+        "/dev/shm",
+    )?;
+    mount(
+        sys,
+        Mount::new(dev.join("mqueue"))
+            .source("mqueue")
+            .fstype("mqueue")
+            .flags(NOSUID | NODEV | NOEXEC),
+        "mqueue",
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let l = dev.join(link);
+        sys.symlink(Path::new(target), &l)
+            .map_err(step("symlink", &l))?;
+    }
+
+    let sys_ = join(root, "/sys");
+    mount(
+        sys,
+        Mount::new(&sys_)
+            .source("sysfs")
+            .fstype("sysfs")
+            .flags(NOSUID | NODEV | NOEXEC | RDONLY),
+        "sysfs",
+    )?;
+
+    // The honest /proc: files the supervisor keeps current.
+    for (src, dst) in [
+        (&spec.meminfo, "/proc/meminfo"),
+        (&spec.cpuinfo, "/proc/cpuinfo"),
+        (&spec.cpu_online, "/sys/devices/system/cpu/online"),
+    ] {
+        if let Some(src) = src {
+            let t = join(root, dst);
+            if sys.exists(&t) {
+                mount(sys, Mount::new(&t).source(src).flags(BIND), dst)?;
+                mount(
+                    sys,
+                    Mount::new(&t).flags(BIND | REMOUNT | RDONLY | NOSUID | NODEV | NOEXEC),
+                    dst,
+                )?;
+            }
+        }
+    }
+
+    let null = dev.join("null");
+    for p in MASKED {
+        let t = join(root, p);
+        if !sys.exists(&t) {
+            continue;
+        }
+        if sys.is_dir(&t) {
+            mount(
+                sys,
+                Mount::new(&t)
+                    .source("tmpfs")
+                    .fstype("tmpfs")
+                    .flags(RDONLY)
+                    .data("size=0"),
+                p,
+            )?;
+        } else {
+            mount(sys, Mount::new(&t).source(&null).flags(BIND), p)?;
+        }
+    }
+    for p in READONLY {
+        let t = join(root, p);
+        if !sys.exists(&t) {
+            continue;
+        }
+        mount(sys, Mount::new(&t).source(&t).flags(BIND | REC), p)?;
+        mount(
+            sys,
+            Mount::new(&t).flags(BIND | REC | REMOUNT | RDONLY | NOSUID | NODEV | NOEXEC),
+            p,
+        )?;
+    }
+
+    // pivot_root(".", ".") stacks the old root on the new one; unmounting "." then drops it.
+    sys.chdir(root).map_err(step("chdir", root))?;
+    sys.pivot_root(Path::new("."), Path::new("."))
+        .map_err(step("pivot_root", root))?;
+    sys.umount2(Path::new("."), libc::MNT_DETACH)
+        .map_err(step("unmount old root", root))?;
+    sys.chdir(Path::new("/"))
+        .map_err(step("chdir", Path::new("/")))?;
+    Ok(())
+}
+
+/// The files of the init layer.
+#[derive(Debug, Clone, Default)]
+pub struct InitLayer {
+    pub hostname: String,
+    pub hosts: String,
+    pub resolv_conf: String,
+    /// Volume targets, created so that the image's own paths are never changed for them.
+    pub mount_dirs: Vec<PathBuf>,
+    pub mount_files: Vec<PathBuf>,
+}
+
+/// Paths of the init layer that `commit` leaves out of the writable layer.
+pub const INIT_FILES: &[&str] = &["etc/hosts", "etc/hostname", "etc/resolv.conf"];
+
+/// `/etc/hosts` for a container with addresses `ips`.
+pub fn render_hosts(hostname: &str, ips: &[String]) -> String {
+    let mut s = String::from(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
+    );
+    for ip in ips {
+        s.push_str(&format!("{ip}\t{hostname}\n"));
+    }
+    s
+}
+
+/// A container's `/etc/resolv.conf` from the host's, without loopback resolvers (they are the
+/// host's own, unreachable from another network namespace) unless the container shares the
+/// host's network.
+pub fn render_resolv(host: &str, keep_loopback: bool, dns: &[String], search: &[String]) -> String {
+    if !dns.is_empty() {
+        let mut s = String::new();
+        if !search.is_empty() {
+            s.push_str(&format!("search {}\n", search.join(" ")));
+        }
+        for d in dns {
+            s.push_str(&format!("nameserver {d}\n"));
+        }
+        return s;
+    }
+    host.lines()
+        .filter(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next()) {
+                (Some("nameserver"), Some(ip)) => {
+                    keep_loopback || !(ip.starts_with("127.") || ip == "::1")
+                }
+                _ => true,
+            }
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Writes the init layer under `dir`.
+pub fn write_init_layer(dir: &Path, l: &InitLayer) -> Result<(), RootfsError> {
+    let err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| RootfsError::InitLayer { path: p, source }
+    };
+    for d in ["etc", "proc", "sys", "dev"] {
+        let p = dir.join(d);
+        fs::create_dir_all(&p).map_err(err(&p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).map_err(err(&p))?;
+    }
+    for (f, content) in [
+        ("etc/hostname", format!("{}\n", l.hostname)),
+        ("etc/hosts", l.hosts.clone()),
+        ("etc/resolv.conf", l.resolv_conf.clone()),
+    ] {
+        let p = dir.join(f);
+        fs::write(&p, content).map_err(err(&p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).map_err(err(&p))?;
+    }
+    for d in &l.mount_dirs {
+        let p = dir.join(d.strip_prefix("/").unwrap_or(d));
+        fs::create_dir_all(&p).map_err(err(&p))?;
+    }
+    for f in &l.mount_files {
+        let p = dir.join(f.strip_prefix("/").unwrap_or(f));
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(err(parent))?;
+        }
+        fs::write(&p, "").map_err(err(&p))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscall::{Call, FakeSyscall};
+
+    fn spec() -> RootfsSpec {
+        RootfsSpec {
+            merged: "/c/merged".into(),
+            lowers: vec!["/c/init".into(), "/l/top".into(), "/l/bottom".into()],
+            upper: "/c/upper".into(),
+            work: "/c/work".into(),
+            volumes: vec![Volume {
+                host: "/data".into(),
+                container: "/mnt/data".into(),
+                readonly: true,
+            }],
+            meminfo: Some("/s/meminfo".into()),
+            cpuinfo: None,
+            cpu_online: Some("/s/online".into()),
+        }
+    }
+
+    fn mounts(calls: &[Call]) -> Vec<Mount> {
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Mount(m) => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn overlay_data_orders_layers_top_first() {
+        assert_eq!(
+            overlay_options(&spec()).unwrap(),
+            "lowerdir=/c/init:/l/top:/l/bottom,upperdir=/c/upper,workdir=/c/work,index=off,redirect_dir=off,metacopy=off,volatile"
+        );
+        let mut s = spec();
+        s.lowers = (0..100)
+            .map(|i| PathBuf::from(format!("/var/lib/tweed/layers/{i:064}")))
+            .collect();
+        assert!(matches!(
+            overlay_options(&s),
+            Err(RootfsError::TooManyLayers { .. })
+        ));
+        assert_eq!(escape_overlay("/a:b,c"), "/a\\:b\\,c");
+    }
+
+    #[test]
+    fn setup_mounts_in_order_and_pivots() {
+        let sys = FakeSyscall::with_existing(
+            &[
+                "/c/merged/proc/meminfo",
+                "/c/merged/proc/kcore",
+                "/c/merged/sys/devices/system/cpu/online",
+            ],
+            &["/c/merged/proc/sys", "/c/merged/proc/acpi"],
+        );
+        setup(&sys, &spec()).unwrap();
+        let calls = sys.calls();
+        let ms = mounts(&calls);
+        assert_eq!(ms[0].target, PathBuf::from("/"));
+        assert_eq!(ms[0].flags, REC | PRIVATE);
+        assert_eq!(ms[1].fstype.as_deref(), Some("overlay"));
+        // The read-only volume: bind, then remount read-only.
+        assert_eq!(ms[2].source, Some(PathBuf::from("/data")));
+        assert_eq!(ms[2].target, PathBuf::from("/c/merged/mnt/data"));
+        assert_ne!(ms[3].flags & RDONLY, 0);
+        assert_eq!(ms[4].fstype.as_deref(), Some("proc"));
+        let by_target = |t: &str| {
+            ms.iter()
+                .filter(|m| m.target == Path::new(t))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(by_target("/c/merged/sys")[0].flags & RDONLY, RDONLY);
+        assert_eq!(
+            by_target("/c/merged/dev/pts")[0].fstype.as_deref(),
+            Some("devpts")
+        );
+        assert_eq!(
+            by_target("/c/merged/dev/shm")[0].fstype.as_deref(),
+            Some("tmpfs")
+        );
+        // Honest /proc: meminfo bound (it exists), cpuinfo not configured.
+        assert_eq!(
+            by_target("/c/merged/proc/meminfo")[0].source,
+            Some(PathBuf::from("/s/meminfo"))
+        );
+        assert!(by_target("/c/merged/proc/cpuinfo").is_empty());
+        assert_eq!(
+            by_target("/c/merged/sys/devices/system/cpu/online").len(),
+            2
+        );
+        // Masked: the file gets /dev/null, the directory an empty tmpfs; absent ones nothing.
+        assert_eq!(
+            by_target("/c/merged/proc/kcore")[0].source,
+            Some(PathBuf::from("/c/merged/dev/null"))
+        );
+        assert_eq!(
+            by_target("/c/merged/proc/acpi")[0].fstype.as_deref(),
+            Some("tmpfs")
+        );
+        assert!(by_target("/c/merged/proc/keys").is_empty());
+        // Read-only: bind + remount ro.
+        let ps = by_target("/c/merged/proc/sys");
+        assert_eq!(ps.len(), 2);
+        assert_ne!(ps[1].flags & RDONLY, 0);
+        // Devices.
+        let nods: Vec<_> = calls
+            .iter()
+            .filter(|c| matches!(c, Call::Mknod(..)))
+            .collect();
+        assert_eq!(nods.len(), DEVICES.len());
+        // Pivot last.
+        let n = calls.len();
+        assert_eq!(calls[n - 4], Call::Chdir("/c/merged".into()));
+        assert_eq!(calls[n - 3], Call::PivotRoot(".".into(), ".".into()));
+        assert_eq!(calls[n - 2], Call::Umount(".".into(), libc::MNT_DETACH));
+        assert_eq!(calls[n - 1], Call::Chdir("/".into()));
+    }
+
+    #[test]
+    fn a_failing_mount_names_its_target() {
+        let mut sys = FakeSyscall::new();
+        sys.fail_on = Some("/c/merged/proc".into());
+        let e = setup(&sys, &spec()).unwrap_err();
+        assert!(e.to_string().contains("proc"), "{e}");
+        assert!(!sys.calls().iter().any(|c| matches!(c, Call::PivotRoot(..))));
+    }
+
+    #[test]
+    fn hosts_and_resolv() {
+        let h = render_hosts("web", &["10.1.0.5".into()]);
+        assert!(h.starts_with("127.0.0.1\tlocalhost\n"));
+        assert!(h.ends_with("10.1.0.5\tweb\n"));
+        let host = "search lan\nnameserver 127.0.0.53\nnameserver 192.0.2.1\noptions edns0\n";
+        assert_eq!(
+            render_resolv(host, false, &[], &[]),
+            "search lan\nnameserver 192.0.2.1\noptions edns0\n"
+        );
+        assert_eq!(render_resolv(host, true, &[], &[]), host);
+        assert_eq!(
+            render_resolv(host, false, &["10.0.0.10".into()], &["svc".into()]),
+            "search svc\nnameserver 10.0.0.10\n"
+        );
+    }
+
+    #[test]
+    fn init_layer_files() {
+        let t = tempfile::tempdir().unwrap();
+        write_init_layer(
+            t.path(),
+            &InitLayer {
+                hostname: "h1".into(),
+                hosts: "127.0.0.1 localhost\n".into(),
+                resolv_conf: "".into(),
+                mount_dirs: vec!["/mnt/data".into()],
+                mount_files: vec!["/etc/app.conf".into()],
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(t.path().join("etc/hostname")).unwrap(),
+            "h1\n"
+        );
+        assert!(t.path().join("mnt/data").is_dir());
+        assert!(t.path().join("etc/app.conf").is_file());
+        assert!(t.path().join("proc").is_dir());
+    }
+}

@@ -1,0 +1,398 @@
+//! The per-container supervisor. `tweedctl run` double-forks it (so it belongs to no terminal
+//! and no `tweedctl`); it clones the container init into the namespaces (the init joins its
+//! cgroups itself before it execs), relays its stdout/stderr into the log, keeps the honest
+//! `/proc/meminfo` fresh, and records the exit status (and OOM kills) when the init ends.
+//! The init dies with its supervisor (`PR_SET_PDEATHSIG`), so a killed supervisor never leaves
+//! an unsupervised container behind; `tweedctl ps` reports it as dead.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::cgroup::{self, Cgroup, CgroupManager, CgroupRecord};
+use crate::init::{self, InitSpec};
+use crate::process::{self, Fork};
+use crate::state::{self, ExitInfo, ProcInfo};
+use crate::syscall::LinuxSyscall;
+use crate::{logs, procview, timefmt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("starting the supervisor: {0}")]
+    Spawn(io::Error),
+    #[error("{0}")]
+    Start(String),
+}
+
+/// What the supervisor needs.
+pub struct ShimSpec {
+    pub state_dir: PathBuf,
+    pub init: InitSpec,
+    pub cgroup: CgroupRecord,
+    /// The host's /proc/meminfo, when the container has a memory limit (template).
+    pub meminfo_template: Option<String>,
+    pub memory_limit: Option<u64>,
+    /// Run after the exit is recorded (`--rm`).
+    pub on_exit: Option<Box<dyn FnOnce()>>,
+}
+
+/// A started container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub shim_pid: i32,
+    pub init_pid: i32,
+}
+
+pub const MEMINFO_REFRESH: Duration = Duration::from_secs(1);
+
+/// Starts the supervisor and, through it, the container. Returns once the container's command
+/// has been exec'd (or failed to start: then nothing of the process side is left).
+pub fn spawn(spec: ShimSpec) -> Result<Started, ShimError> {
+    let (rr, rw) = process::pipe().map_err(ShimError::Spawn)?;
+    match process::fork().map_err(ShimError::Spawn)? {
+        Fork::Child => process::child(move || {
+            drop(rr);
+            // SAFETY: setsid in a fresh child.
+            unsafe {
+                libc::setsid();
+            }
+            match process::fork() {
+                Ok(Fork::Child) => supervise(spec, rw),
+                Ok(Fork::Parent(_)) => 0,
+                Err(e) => {
+                    let _ = process::write_all(rw.as_raw_fd(), format!("err fork: {e}").as_bytes());
+                    1
+                }
+            }
+        }),
+        Fork::Parent(pid) => {
+            drop(rw);
+            let _ = process::waitpid(pid);
+            let msg = process::read_to_end(rr.as_raw_fd()).map_err(ShimError::Spawn)?;
+            parse_report(&String::from_utf8_lossy(&msg))
+        }
+    }
+}
+
+fn parse_report(s: &str) -> Result<Started, ShimError> {
+    if let Some(rest) = s.strip_prefix("ok ") {
+        let mut it = rest.split_whitespace().map(|x| x.parse::<i32>());
+        if let (Some(Ok(shim_pid)), Some(Ok(init_pid))) = (it.next(), it.next()) {
+            return Ok(Started { shim_pid, init_pid });
+        }
+    }
+    match s.strip_prefix("err ") {
+        Some(m) => Err(ShimError::Start(m.to_string())),
+        None if s.is_empty() => Err(ShimError::Start(
+            "the supervisor died before starting the container".into(),
+        )),
+        None => Err(ShimError::Start(s.to_string())),
+    }
+}
+
+/// The supervisor process: never returns to the caller's code.
+fn supervise(spec: ShimSpec, report: OwnedFd) -> i32 {
+    let me = std::process::id() as i32;
+    if let Ok(null) = process::dev_null() {
+        let _ = process::dup2(null.as_raw_fd(), 0);
+    }
+    if let Ok(f) = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.state_dir.join("shim.log"))
+    {
+        let _ = process::dup2(f.as_raw_fd(), 1);
+        let _ = process::dup2(f.as_raw_fd(), 2);
+    }
+    process::close_fds_except(&[report.as_raw_fd()]);
+    let info = ProcInfo {
+        pid: me,
+        start_time: state::proc_start_time(me).unwrap_or(0),
+        started: timefmt::now(),
+    };
+    let _ = state::write_json(&spec.state_dir.join("shim.json"), &info);
+    match run(spec, report) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("supervisor: {e}");
+            1
+        }
+    }
+}
+
+fn report_err(report: &OwnedFd, msg: &str) {
+    let _ = process::write_all(report.as_raw_fd(), format!("err {msg}").as_bytes());
+}
+
+/// Renders and writes the container's /proc/meminfo in place (same length every time).
+pub fn refresh_meminfo(file: &File, template: &str, cg: &Cgroup, limit: u64) {
+    if let Ok(stats) = cg.stats() {
+        let text = procview::render_meminfo(template, &stats, limit);
+        let _ = file.write_all_at(text.as_bytes(), 0);
+    }
+}
+
+fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
+    let cg = Cgroup::from_record(&spec.cgroup);
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.state_dir.join("log"))?;
+    let meminfo = match (&spec.meminfo_template, spec.memory_limit) {
+        (Some(t), Some(limit)) => {
+            let path = spec.state_dir.join("proc/meminfo");
+            // Rendered by tweedctl a moment ago; refreshed from the first poll timeout on.
+            let f = OpenOptions::new().write(true).open(&path)?;
+            Some((f, t.clone(), limit))
+        }
+        _ => None,
+    };
+    let null = process::dev_null()?;
+    let (out_r, out_w) = process::pipe()?;
+    let (err_r, err_w) = process::pipe()?;
+    let (go_r, go_w) = process::pipe()?;
+    let (e_r, e_w) = process::pipe()?;
+    let mut join = match cgroup::SelfJoin::open(&spec.cgroup) {
+        Ok(j) => j,
+        Err(e) => {
+            report_err(&report, &e.to_string());
+            return Ok(());
+        }
+    };
+    let flags = init::clone_flags(&spec.init);
+    process::mark("shim: cloning");
+    let pid = match process::clone_ns(flags) {
+        Err(e) => {
+            report_err(&report, &format!("cloning the container init: {e}"));
+            return Err(e);
+        }
+        Ok(Fork::Child) => process::child(|| {
+            let _ = process::set_pdeathsig(libc::SIGKILL);
+            for (from, to) in [
+                (null.as_raw_fd(), 0),
+                (out_w.as_raw_fd(), 1),
+                (err_w.as_raw_fd(), 2),
+            ] {
+                let _ = process::dup2(from, to);
+            }
+            // The init moves itself into its cgroups (see SelfJoin): keep those files.
+            let mut keep = join.fds();
+            keep.extend([go_r.as_raw_fd(), e_w.as_raw_fd()]);
+            process::close_fds_except(&keep);
+            init::child_main(
+                &LinuxSyscall,
+                &spec.init,
+                &mut join,
+                go_r.as_raw_fd(),
+                e_w.as_raw_fd(),
+            )
+        }),
+        Ok(Fork::Parent(pid)) => pid,
+    };
+    drop((out_w, err_w, go_r, e_w, join));
+    let pidfd = match process::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = process::kill(pid, libc::SIGKILL);
+            let _ = process::waitpid(pid);
+            report_err(&report, &format!("watching the container init: {e}"));
+            return Err(e);
+        }
+    };
+    let listener =
+        match init::read_child_report(e_r.as_raw_fd(), pidfd.as_raw_fd(), go_w.as_raw_fd()) {
+            Ok(fds) => fds
+                .into_iter()
+                .find(|(t, _)| *t == init::TAG_LISTENER)
+                .map(|(_, f)| f),
+            Err(msg) => {
+                let _ = process::kill(pid, libc::SIGKILL);
+                let _ = process::waitpid(pid);
+                report_err(&report, &msg);
+                return Ok(());
+            }
+        };
+    drop(go_w);
+    process::mark("shim: exec'd");
+    let init_info = ProcInfo {
+        pid,
+        start_time: state::proc_start_time(pid).unwrap_or(0),
+        started: timefmt::now(),
+    };
+    state::write_json(&spec.state_dir.join("init.json"), &init_info).map_err(io::Error::other)?;
+    process::write_all(
+        report.as_raw_fd(),
+        format!("ok {} {}", std::process::id(), pid).as_bytes(),
+    )?;
+    drop(report);
+
+    let mut pipes: Vec<(OwnedFd, u8)> = vec![(out_r, logs::STDOUT), (err_r, logs::STDERR)];
+    let mut listener = listener;
+    let limit = spec.memory_limit.unwrap_or(u64::MAX);
+    let view = || (cg.stats().unwrap_or_default(), limit);
+    let mut exited = None;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if exited.is_some()
+            && (pipes.is_empty() || drain_deadline.is_some_and(|d| Instant::now() > d))
+        {
+            break;
+        }
+        let mut pfds: Vec<libc::pollfd> = pipes
+            .iter()
+            .map(|(fd, _)| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if exited.is_none() {
+            pfds.push(libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        if let Some(l) = &listener {
+            pfds.push(libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = if exited.is_some() {
+            50
+        } else if meminfo.is_some() {
+            MEMINFO_REFRESH.as_millis() as i32
+        } else {
+            -1
+        };
+        // SAFETY: pfds is a valid array of pollfd.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            if let Some((f, t, limit)) = &meminfo {
+                refresh_meminfo(f, t, &cg, *limit);
+            }
+            continue;
+        }
+        let mut closed: Vec<RawFd> = Vec::new();
+        for p in &pfds {
+            if p.revents == 0 {
+                continue;
+            }
+            if let Some(l) = listener.as_ref().filter(|l| l.as_raw_fd() == p.fd) {
+                if p.revents & libc::POLLIN != 0 && serve_one_logged(l, &view) {
+                    continue;
+                }
+                // POLLHUP: no process uses the filter any more.
+                listener = None;
+                continue;
+            }
+            if p.fd == pidfd.as_raw_fd() {
+                exited = Some(process::waitpid(pid)?);
+                drain_deadline = Some(Instant::now() + Duration::from_millis(500));
+                continue;
+            }
+            let stream = pipes
+                .iter()
+                .find(|(fd, _)| fd.as_raw_fd() == p.fd)
+                .map(|(_, s)| *s);
+            // SAFETY: reading into our buffer from a pipe we own.
+            let r = unsafe { libc::read(p.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if r > 0 {
+                let _ = log.write_all(&logs::encode(
+                    stream.unwrap_or(logs::STDOUT),
+                    &buf[..r as usize],
+                ));
+            } else if r == 0
+                || (r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted)
+            {
+                closed.push(p.fd);
+            }
+        }
+        pipes.retain(|(fd, _)| !closed.contains(&fd.as_raw_fd()));
+    }
+    let exit = exited.expect("loop ends after the exit");
+    process::mark("shim: init exited");
+    let oom = cg.stats().map(|s| s.oom_kills > 0).unwrap_or(false);
+    let info = ExitInfo {
+        code: exit.code,
+        signal: exit.signal,
+        oom_killed: oom,
+        finished: timefmt::now(),
+    };
+    state::write_json(&spec.state_dir.join("exit.json"), &info).map_err(io::Error::other)?;
+    process::mark("shim: exit recorded");
+    if let Some(f) = spec.on_exit.take() {
+        f();
+    }
+    Ok(())
+}
+
+fn serve_one_logged(l: &OwnedFd, view: &dyn Fn() -> (crate::cgroup::Stats, u64)) -> bool {
+    match crate::sysinfo::serve_one(l, view) {
+        Ok(more) => more,
+        Err(e) => {
+            eprintln!("supervisor: sysinfo notification: {e}");
+            false
+        }
+    }
+}
+
+/// Creates the files the init bind-mounts over /proc and /sys before it exists.
+pub fn prepare_proc_files(
+    state_dir: &Path,
+    meminfo: Option<&str>,
+    cpuinfo: Option<&str>,
+    cpu_online: Option<&str>,
+) -> io::Result<(Option<PathBuf>, Option<PathBuf>, Option<PathBuf>)> {
+    let mut out = (None, None, None);
+    let dir = state_dir.join("proc");
+    fs::create_dir_all(&dir)?;
+    for (content, name, slot) in [
+        (meminfo, "meminfo", &mut out.0),
+        (cpuinfo, "cpuinfo", &mut out.1),
+        (cpu_online, "cpu-online", &mut out.2),
+    ] {
+        if let Some(c) = content {
+            let p = dir.join(name);
+            fs::write(&p, c)?;
+            *slot = Some(p);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports() {
+        assert_eq!(
+            parse_report("ok 10 11").unwrap(),
+            Started {
+                shim_pid: 10,
+                init_pid: 11
+            }
+        );
+        assert_eq!(
+            parse_report("err exec: \"nope\": executable file not found in $PATH")
+                .unwrap_err()
+                .to_string(),
+            "exec: \"nope\": executable file not found in $PATH"
+        );
+        assert!(parse_report("").is_err());
+    }
+}

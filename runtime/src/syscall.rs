@@ -1,0 +1,392 @@
+//! Every kernel call that changes a container's world goes through [`Syscall`]: the real
+//! [`LinuxSyscall`] and the recording [`FakeSyscall`], so mount plans and the init's steps can be
+//! checked without root.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::caps::CapSet;
+
+/// One mount(2) call, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub source: Option<PathBuf>,
+    pub target: PathBuf,
+    pub fstype: Option<String>,
+    pub flags: libc::c_ulong,
+    pub data: Option<String>,
+}
+
+impl Mount {
+    pub fn new(target: impl Into<PathBuf>) -> Self {
+        Mount {
+            source: None,
+            target: target.into(),
+            fstype: None,
+            flags: 0,
+            data: None,
+        }
+    }
+    pub fn source(mut self, s: impl Into<PathBuf>) -> Self {
+        self.source = Some(s.into());
+        self
+    }
+    pub fn fstype(mut self, t: &str) -> Self {
+        self.fstype = Some(t.to_string());
+        self
+    }
+    pub fn flags(mut self, f: libc::c_ulong) -> Self {
+        self.flags = f;
+        self
+    }
+    pub fn data(mut self, d: impl Into<String>) -> Self {
+        self.data = Some(d.into());
+        self
+    }
+}
+
+/// The side effects of setting up a container's namespaces, filesystem and credentials.
+pub trait Syscall {
+    fn mount(&self, m: &Mount) -> io::Result<()>;
+    fn umount2(&self, target: &Path, flags: i32) -> io::Result<()>;
+    /// `pivot_root(new_root, put_old)`.
+    fn pivot_root(&self, new_root: &Path, put_old: &Path) -> io::Result<()>;
+    fn chdir(&self, path: &Path) -> io::Result<()>;
+    fn mkdir_all(&self, path: &Path, mode: u32) -> io::Result<()>;
+    /// Creates an empty file if nothing is there (a bind mount target).
+    fn touch(&self, path: &Path) -> io::Result<()>;
+    fn mknod(&self, path: &Path, mode: u32, dev: u64) -> io::Result<()>;
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()>;
+    fn sethostname(&self, name: &str) -> io::Result<()>;
+    fn setns(&self, fd: RawFd, nstype: i32) -> io::Result<()>;
+    fn unshare(&self, flags: i32) -> io::Result<()>;
+    fn set_no_new_privs(&self) -> io::Result<()>;
+    /// Drops every capability outside `caps` from the bounding set, then sets the permitted,
+    /// effective and inheritable sets to `caps` and clears the ambient set.
+    fn set_capabilities(&self, caps: &CapSet) -> io::Result<()>;
+    fn set_affinity(&self, cpus: &[usize]) -> io::Result<()>;
+    fn set_ids(&self, uid: u32, gid: u32, groups: &[u32]) -> io::Result<()>;
+    /// Installs the seccomp filter that turns `sysinfo` into a user notification; returns the
+    /// listener fd (close-on-exec).
+    fn sysinfo_listener(&self) -> io::Result<RawFd>;
+    /// Brings the loopback interface of the current network namespace up.
+    fn loopback_up(&self) -> io::Result<()>;
+    /// Whether `path` exists (without following a final symlink).
+    fn exists(&self, path: &Path) -> bool;
+    fn is_dir(&self, path: &Path) -> bool;
+}
+
+pub(crate) fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The real thing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSyscall;
+
+impl Syscall for LinuxSyscall {
+    fn mount(&self, m: &Mount) -> io::Result<()> {
+        let src = m.source.as_deref().map(cstr).transpose()?;
+        let tgt = cstr(&m.target)?;
+        let fst = m
+            .fstype
+            .as_deref()
+            .map(|s| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput)))
+            .transpose()?;
+        let data = m
+            .data
+            .as_deref()
+            .map(|s| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput)))
+            .transpose()?;
+        // SAFETY: every pointer is either null or a valid NUL-terminated string that outlives the call.
+        check(unsafe {
+            libc::mount(
+                src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+                tgt.as_ptr(),
+                fst.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+                m.flags,
+                data.as_ref()
+                    .map_or(std::ptr::null(), |s| s.as_ptr() as *const libc::c_void),
+            )
+        })
+    }
+
+    fn umount2(&self, target: &Path, flags: i32) -> io::Result<()> {
+        let t = cstr(target)?;
+        // SAFETY: valid C string.
+        check(unsafe { libc::umount2(t.as_ptr(), flags) })
+    }
+
+    fn pivot_root(&self, new_root: &Path, put_old: &Path) -> io::Result<()> {
+        let n = cstr(new_root)?;
+        let o = cstr(put_old)?;
+        // SAFETY: valid C strings; pivot_root has no libc wrapper.
+        check(unsafe { libc::syscall(libc::SYS_pivot_root, n.as_ptr(), o.as_ptr()) as libc::c_int })
+    }
+
+    fn chdir(&self, path: &Path) -> io::Result<()> {
+        std::env::set_current_dir(path)
+    }
+
+    fn mkdir_all(&self, path: &Path, mode: u32) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(path)
+    }
+
+    fn touch(&self, path: &Path) -> io::Result<()> {
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Ok(());
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map(drop)
+    }
+
+    fn mknod(&self, path: &Path, mode: u32, dev: u64) -> io::Result<()> {
+        let p = cstr(path)?;
+        // SAFETY: valid C string.
+        check(unsafe { libc::mknod(p.as_ptr(), mode as libc::mode_t, dev as libc::dev_t) })
+    }
+
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
+        std::os::unix::fs::symlink(target, link)
+    }
+
+    fn sethostname(&self, name: &str) -> io::Result<()> {
+        // SAFETY: pointer and length describe `name`.
+        check(unsafe { libc::sethostname(name.as_ptr() as *const libc::c_char, name.len()) })
+    }
+
+    fn setns(&self, fd: RawFd, nstype: i32) -> io::Result<()> {
+        // SAFETY: plain syscall on an fd.
+        check(unsafe { libc::setns(fd, nstype) })
+    }
+
+    fn unshare(&self, flags: i32) -> io::Result<()> {
+        // SAFETY: plain syscall.
+        check(unsafe { libc::unshare(flags) })
+    }
+
+    fn set_no_new_privs(&self) -> io::Result<()> {
+        // SAFETY: plain prctl.
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+    }
+
+    fn set_capabilities(&self, caps: &CapSet) -> io::Result<()> {
+        crate::caps::apply(caps)
+    }
+
+    fn set_affinity(&self, cpus: &[usize]) -> io::Result<()> {
+        // SAFETY: cpu_set_t is plain data; CPU_SET only writes inside it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            check(libc::sched_setaffinity(
+                0,
+                std::mem::size_of::<libc::cpu_set_t>(),
+                &set,
+            ))
+        }
+    }
+
+    fn set_ids(&self, uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+        // SAFETY: plain syscalls; `groups` outlives setgroups.
+        unsafe {
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            check(libc::setresgid(gid, gid, gid))?;
+            check(libc::setresuid(uid, uid, uid))
+        }
+    }
+
+    fn sysinfo_listener(&self) -> io::Result<RawFd> {
+        use std::os::fd::IntoRawFd;
+        crate::sysinfo::install_filter().map(|fd| fd.into_raw_fd())
+    }
+
+    fn loopback_up(&self) -> io::Result<()> {
+        loopback_up()
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok()
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+    }
+}
+
+/// What [`FakeSyscall`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Mount(Mount),
+    Umount(PathBuf, i32),
+    PivotRoot(PathBuf, PathBuf),
+    Chdir(PathBuf),
+    MkdirAll(PathBuf),
+    Touch(PathBuf),
+    Mknod(PathBuf, u32, u64),
+    Symlink(PathBuf, PathBuf),
+    Sethostname(String),
+    Setns(RawFd, i32),
+    Unshare(i32),
+    NoNewPrivs,
+    Caps(CapSet),
+    Affinity(Vec<usize>),
+    SetIds(u32, u32),
+    LoopbackUp,
+    SysinfoFilter,
+}
+
+/// Records calls; paths listed in `existing` (and those it created) exist, directories among them
+/// are those in `dirs` or made by `mkdir_all`.
+#[derive(Debug, Default)]
+pub struct FakeSyscall {
+    pub calls: Mutex<Vec<Call>>,
+    pub existing: Mutex<Vec<PathBuf>>,
+    pub dirs: Mutex<Vec<PathBuf>>,
+    /// Calls whose target is this path fail with EPERM.
+    pub fail_on: Option<PathBuf>,
+}
+
+impl FakeSyscall {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn with_existing(files: &[&str], dirs: &[&str]) -> Self {
+        let f = Self::default();
+        f.existing
+            .lock()
+            .unwrap()
+            .extend(files.iter().chain(dirs.iter()).map(PathBuf::from));
+        f.dirs
+            .lock()
+            .unwrap()
+            .extend(dirs.iter().map(PathBuf::from));
+        f
+    }
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn rec(&self, c: Call, target: Option<&Path>) -> io::Result<()> {
+        self.calls.lock().unwrap().push(c);
+        match (&self.fail_on, target) {
+            (Some(f), Some(t)) if f == t => Err(io::Error::from_raw_os_error(libc::EPERM)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Syscall for FakeSyscall {
+    fn mount(&self, m: &Mount) -> io::Result<()> {
+        self.rec(Call::Mount(m.clone()), Some(&m.target))
+    }
+    fn umount2(&self, target: &Path, flags: i32) -> io::Result<()> {
+        self.rec(Call::Umount(target.into(), flags), Some(target))
+    }
+    fn pivot_root(&self, n: &Path, o: &Path) -> io::Result<()> {
+        self.rec(Call::PivotRoot(n.into(), o.into()), Some(n))
+    }
+    fn chdir(&self, p: &Path) -> io::Result<()> {
+        self.rec(Call::Chdir(p.into()), Some(p))
+    }
+    fn mkdir_all(&self, p: &Path, _mode: u32) -> io::Result<()> {
+        self.existing.lock().unwrap().push(p.into());
+        self.dirs.lock().unwrap().push(p.into());
+        self.rec(Call::MkdirAll(p.into()), Some(p))
+    }
+    fn touch(&self, p: &Path) -> io::Result<()> {
+        self.existing.lock().unwrap().push(p.into());
+        self.rec(Call::Touch(p.into()), Some(p))
+    }
+    fn mknod(&self, p: &Path, mode: u32, dev: u64) -> io::Result<()> {
+        self.existing.lock().unwrap().push(p.into());
+        self.rec(Call::Mknod(p.into(), mode, dev), Some(p))
+    }
+    fn symlink(&self, t: &Path, l: &Path) -> io::Result<()> {
+        self.existing.lock().unwrap().push(l.into());
+        self.rec(Call::Symlink(t.into(), l.into()), Some(l))
+    }
+    fn sethostname(&self, n: &str) -> io::Result<()> {
+        self.rec(Call::Sethostname(n.into()), None)
+    }
+    fn setns(&self, fd: RawFd, t: i32) -> io::Result<()> {
+        self.rec(Call::Setns(fd, t), None)
+    }
+    fn unshare(&self, f: i32) -> io::Result<()> {
+        self.rec(Call::Unshare(f), None)
+    }
+    fn set_no_new_privs(&self) -> io::Result<()> {
+        self.rec(Call::NoNewPrivs, None)
+    }
+    fn set_capabilities(&self, caps: &CapSet) -> io::Result<()> {
+        self.rec(Call::Caps(*caps), None)
+    }
+    fn set_affinity(&self, cpus: &[usize]) -> io::Result<()> {
+        self.rec(Call::Affinity(cpus.to_vec()), None)
+    }
+    fn set_ids(&self, uid: u32, gid: u32, _g: &[u32]) -> io::Result<()> {
+        self.rec(Call::SetIds(uid, gid), None)
+    }
+    fn sysinfo_listener(&self) -> io::Result<RawFd> {
+        self.rec(Call::SysinfoFilter, None).map(|_| 99)
+    }
+    fn loopback_up(&self) -> io::Result<()> {
+        self.rec(Call::LoopbackUp, None)
+    }
+    fn exists(&self, p: &Path) -> bool {
+        self.existing.lock().unwrap().iter().any(|e| e == p)
+    }
+    fn is_dir(&self, p: &Path) -> bool {
+        self.dirs.lock().unwrap().iter().any(|e| e == p)
+    }
+}
+
+/// `ip link set lo up` by ioctl, in the calling thread's network namespace.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket/ioctl/close on a zeroed ifreq naming "lo".
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        let r = (|| {
+            if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })();
+        libc::close(fd);
+        r
+    }
+}

@@ -1,0 +1,342 @@
+//! Shared harness of the root tests: a private runtime (state, images, cgroup parent) per
+//! test, torn down on drop even when the test panics; a busybox rootfs; netns guards.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A short name unique to this test process and call: `<prefix><pid><n>`.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100000,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Fails the test clearly unless it runs as root.
+pub fn require_root() {
+    // SAFETY: plain getter.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "the tweed-runtime integration tests need root (namespaces, mounts, cgroups): run them as root"
+    );
+}
+
+pub fn tweedctl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tweedctl"))
+}
+
+/// One isolated runtime.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub run_root: PathBuf,
+    pub image_root: PathBuf,
+    pub cgroup_parent: String,
+    pub extra: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("tweedtest")
+            .tempdir()
+            .unwrap();
+        let run_root = dir.path().join("run");
+        let image_root = dir.path().join("lib");
+        Env {
+            run_root,
+            image_root,
+            cgroup_parent: format!("/{}", unique("tweedtest")),
+            extra: vec![],
+            dir,
+        }
+    }
+
+    /// With the busybox image imported as `busybox`.
+    pub fn with_busybox() -> Env {
+        let e = Env::new();
+        let rootfs = busybox_rootfs(e.dir.path());
+        e.ok(&[
+            "image",
+            "import",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "busybox",
+        ]);
+        e
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(tweedctl_bin());
+        c.env("TWEED_ROOT", &self.run_root)
+            .env("TWEED_IMAGE_ROOT", &self.image_root)
+            .env("TWEED_CGROUP_PARENT", &self.cgroup_parent)
+            .envs(self.extra.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running tweedctl")
+    }
+
+    /// Runs tweedctl and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "tweedctl {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs tweedctl and requires failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            !o.status.success(),
+            "tweedctl {args:?} should have failed:\nstdout: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    /// `run -d`: the container id.
+    pub fn start(&self, args: &[&str]) -> String {
+        let mut a = vec!["run", "-d"];
+        a.extend_from_slice(args);
+        self.ok(&a).trim().to_string()
+    }
+
+    pub fn inspect(&self, c: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", c])).unwrap();
+        v[0].clone()
+    }
+
+    pub fn init_pid(&self, c: &str) -> i32 {
+        self.inspect(c)["State"]["Pid"]
+            .as_i64()
+            .expect("running container has a pid") as i32
+    }
+
+    /// Waits until `f` holds (polling), or panics with `what`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn state_entries(&self) -> Vec<String> {
+        list(&self.run_root.join("containers"))
+    }
+
+    pub fn layer_entries(&self) -> Vec<String> {
+        list(&self.image_root.join("containers"))
+    }
+
+    /// Container cgroup directories still present under this env's parent.
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for h in cgroup_mounts() {
+            let p = h.join(self.cgroup_parent.trim_start_matches('/'));
+            for e in list(&p) {
+                let d = p.join(e);
+                if d.is_dir() {
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
+    /// Mounts (in this, the host's, namespace) whose path mentions this env.
+    pub fn host_mounts(&self) -> Vec<String> {
+        let me = self.dir.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&me))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Everything a removed/failed container could leave behind: must all be empty.
+    pub fn assert_nothing_left(&self) {
+        assert_eq!(
+            self.state_entries(),
+            Vec::<String>::new(),
+            "state dirs left"
+        );
+        assert_eq!(
+            self.layer_entries(),
+            Vec::<String>::new(),
+            "container layers left"
+        );
+        assert_eq!(self.cgroup_dirs(), Vec::<PathBuf>::new(), "cgroups left");
+        assert_eq!(self.host_mounts(), Vec::<String>::new(), "mounts left");
+        assert_eq!(
+            list(&self.run_root.join("names")),
+            Vec::<String>::new(),
+            "names left"
+        );
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Ok(o) = self.cmd(&["ps", "-q"]).output() {
+            for id in String::from_utf8_lossy(&o.stdout).lines() {
+                let _ = self.cmd(&["rm", "-f", id]).output();
+            }
+        }
+        // Whatever a crashed test left: netns bind mounts, cgroups, files.
+        for m in self.host_mounts() {
+            if let Some(p) = m.split_whitespace().nth(4) {
+                let c = std::ffi::CString::new(p).unwrap();
+                // SAFETY: lazy unmount of a path this test created.
+                unsafe {
+                    libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+        }
+        for h in cgroup_mounts() {
+            let p = h.join(self.cgroup_parent.trim_start_matches('/'));
+            for e in list(&p) {
+                let d = p.join(e);
+                if !d.is_dir() {
+                    continue;
+                }
+                if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                    for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                        // SAFETY: killing processes left in this test's cgroup.
+                        unsafe {
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    }
+                }
+                for _ in 0..100 {
+                    if std::fs::remove_dir(&d).is_ok() || !d.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let _ = std::fs::remove_dir(&p);
+        }
+    }
+}
+
+pub fn list(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Mount points of cgroup hierarchies (v1 controllers, or the v2 root).
+pub fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fs = right.split_whitespace().next()?;
+            (fs == "cgroup" || fs == "cgroup2")
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+        })
+        .collect()
+}
+
+/// A busybox rootfs (static busybox + applet links + passwd/group) under `dir`.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("bbroot");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox is installed (Debian package busybox-static)");
+    std::fs::copy(bb, root.join("bin/busybox")).unwrap();
+    let applets = Command::new(bb).arg("--list").output().unwrap();
+    for a in String::from_utf8_lossy(&applets.stdout).lines() {
+        if a != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    root
+}
+
+/// A network namespace created for a test, deleted on drop.
+pub struct NetnsGuard {
+    pub name: String,
+}
+
+impl NetnsGuard {
+    pub fn new() -> NetnsGuard {
+        let name = unique("twt");
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name}");
+        let g = NetnsGuard { name };
+        g.ip(&["link", "set", "lo", "up"]);
+        g
+    }
+
+    pub fn ip(&self, args: &[&str]) -> String {
+        let o = Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

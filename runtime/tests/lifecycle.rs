@@ -1,0 +1,211 @@
+//! Container lifecycle through tweedctl: run, ps, logs, exec, stop, kill, wait, inspect, rm;
+//! bad input leaves nothing behind; the supervisor outlives tweedctl.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn attached_run_streams_output_and_returns_the_exit_code() {
+    let e = Env::with_busybox();
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(stdout(&o), "out\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("err\n"));
+    e.assert_nothing_left();
+}
+
+#[test]
+fn detached_lifecycle() {
+    let e = Env::with_busybox();
+    let id = e.start(&[
+        "--name",
+        "web",
+        "busybox",
+        "sh",
+        "-c",
+        "echo started; exec sleep 1000",
+    ]);
+    assert_eq!(id.len(), 64);
+    let ps = e.ok(&["ps"]);
+    assert!(ps.contains("web") && ps.contains("running"), "{ps}");
+    e.wait_until("log output", Duration::from_secs(5), || {
+        e.ok(&["logs", "web"]) == "started\n"
+    });
+    // exec
+    assert_eq!(e.ok(&["exec", "web", "echo", "hi"]), "hi\n");
+    assert_eq!(
+        e.run(&["exec", "web", "sh", "-c", "exit 5"]).status.code(),
+        Some(5)
+    );
+    assert_eq!(e.run(&["exec", "web", "nope"]).status.code(), Some(127));
+    // rm of a running container is refused
+    assert!(e.fails(&["rm", "web"]).contains("is running"));
+    // stop: sleep as pid 1 ignores SIGTERM, so the grace period ends in SIGKILL
+    e.ok(&["stop", "-t", "1", "web"]);
+    let st = &e.inspect("web")["State"];
+    assert_eq!(st["Running"], false);
+    assert_eq!(st["ExitCode"], 137);
+    assert_eq!(st["OOMKilled"], false);
+    assert!(e.ok(&["ps"]).contains("exited (137)"));
+    assert_eq!(e.ok(&["wait", "web"]).trim(), "137");
+    e.ok(&["rm", "web"]);
+    assert!(e.fails(&["inspect", "web"]).contains("no such container"));
+    e.assert_nothing_left();
+}
+
+#[test]
+fn kill_and_force_remove() {
+    let e = Env::with_busybox();
+    // A shell with a TERM trap exits 143 on SIGTERM.
+    e.start(&[
+        "--name",
+        "t",
+        "busybox",
+        "sh",
+        "-c",
+        "trap 'exit 143' TERM; while true; do sleep 0.1; done",
+    ]);
+    e.ok(&["kill", "-s", "TERM", "t"]);
+    assert_eq!(e.ok(&["wait", "t"]).trim(), "143");
+    e.ok(&["rm", "t"]);
+    e.start(&["--name", "f", "busybox", "sleep", "1000"]);
+    e.ok(&["rm", "-f", "f"]);
+    e.assert_nothing_left();
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_nothing() {
+    let e = Env::with_busybox();
+    assert!(e
+        .fails(&["run", "nosuchimage", "true"])
+        .contains("unknown image"));
+    assert!(e
+        .fails(&["run", "--memory", "1m", "busybox", "true"])
+        .contains("too small"));
+    assert!(e
+        .fails(&["run", "--memory", "lots", "busybox", "true"])
+        .contains("invalid memory"));
+    assert!(e
+        .fails(&["run", "--cpus", "999", "busybox", "true"])
+        .contains("out of range"));
+    assert!(e
+        .fails(&["run", "--pids", "0", "busybox", "true"])
+        .contains("pids"));
+    assert!(e
+        .fails(&["run", "--entrypoint", "", "busybox"])
+        .contains("no command"));
+    assert!(e
+        .fails(&["run", "busybox", "/no/such/binary"])
+        .contains("not found"));
+    assert!(e
+        .fails(&["run", "--net", "carrier-pigeon", "busybox", "true"])
+        .contains("network mode"));
+    assert!(e
+        .fails(&["run", "-v", "relative:/x", "busybox", "true"])
+        .contains("invalid volume"));
+    assert!(e
+        .fails(&["run", "--net", "container:nope", "busybox", "true"])
+        .contains("no such container"));
+    assert!(e
+        .fails(&["run", "-w", "/etc/passwd", "busybox", "true"])
+        .contains("working directory"));
+    e.assert_nothing_left();
+    // A busy name.
+    e.start(&["--name", "taken", "busybox", "sleep", "1000"]);
+    assert!(e
+        .fails(&["run", "--name", "taken", "busybox", "true"])
+        .contains("already in use"));
+    assert_eq!(e.state_entries().len(), 1);
+    e.ok(&["rm", "-f", "taken"]);
+    e.assert_nothing_left();
+}
+
+#[test]
+fn supervisor_survives_tweedctl_being_killed() {
+    let e = Env::with_busybox();
+    // An attached run: tweedctl waits for the container; kill tweedctl, the container goes on.
+    let mut child = e
+        .cmd(&[
+            "run",
+            "--name",
+            "keep",
+            "busybox",
+            "sh",
+            "-c",
+            "echo up; exec sleep 1000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    e.wait_until("the container", Duration::from_secs(10), || {
+        e.ok(&["ps"]).contains("running")
+    });
+    let tweedctl_pid = child.id();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let ps = e.ok(&["ps"]);
+    assert!(ps.contains("keep") && ps.contains("running"), "{ps}");
+    assert_eq!(e.ok(&["exec", "keep", "echo", "alive"]), "alive\n");
+    let pid = e.init_pid("keep");
+    let shim = e.inspect("keep")["State"]["SupervisorPid"]
+        .as_i64()
+        .unwrap() as i32;
+    // The supervisor was never tweedctl's child (double fork): its parent is not tweedctl.
+    let stat = std::fs::read_to_string(format!("/proc/{shim}/stat")).unwrap();
+    let ppid: u32 = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(ppid, tweedctl_pid);
+    // Now kill the supervisor itself: the container dies with it and ps says so.
+    // SAFETY: killing the supervisor this test started.
+    unsafe {
+        libc::kill(shim, libc::SIGKILL);
+    }
+    e.wait_until("the init to die", Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    let ps = e.ok(&["ps"]);
+    assert!(ps.contains("dead (supervisor killed"), "{ps}");
+    assert_eq!(e.inspect("keep")["State"]["Dead"], true);
+    e.ok(&["rm", "keep"]);
+    e.assert_nothing_left();
+}
+
+#[test]
+fn detached_auto_remove() {
+    let e = Env::with_busybox();
+    e.start(&["--rm", "--name", "gone", "busybox", "true"]);
+    e.wait_until("auto removal", Duration::from_secs(10), || {
+        e.state_entries().is_empty()
+    });
+    e.assert_nothing_left();
+}
+
+#[test]
+fn logs_follow_until_exit() {
+    let e = Env::with_busybox();
+    e.start(&[
+        "--name",
+        "l",
+        "busybox",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo $i; sleep 0.2; done",
+    ]);
+    assert_eq!(e.ok(&["logs", "-f", "l"]), "1\n2\n3\n");
+    e.ok(&["rm", "l"]);
+}
