@@ -113,6 +113,8 @@ enum Cmd {
     Commit { container: String, name: String },
     /// CNI GC: let the network's plugins release what no container uses (CNI >= 1.1.0).
     Gc,
+    /// Inspect the local tweedd agent: status, leases, peers, watch.
+    Net(crate::netcli::NetArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -247,9 +249,13 @@ fn chain(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<i32> {
-    let rt = Runtime::new(options(&cli)).context("opening the runtime state")?;
     let mut stdout = io::stdout();
     let out: &mut dyn Write = &mut stdout;
+    // Talks to the agent only: no runtime state needed.
+    if let Cmd::Net(args) = cli.cmd {
+        return crate::netcli::run(args, out);
+    }
+    let rt = Runtime::new(options(&cli)).context("opening the runtime state")?;
     match cli.cmd {
         Cmd::Image(ImageCmd::Import { rootfs, name, arg }) => {
             let recs = match rootfs {
@@ -391,6 +397,7 @@ fn run(cli: Cli) -> Result<i32> {
                 writeln!(out, "the network's CNI version has no GC (needs 1.1.0)")?;
             }
         }
+        Cmd::Net(_) => unreachable!("handled before the runtime is opened"),
     }
     Ok(0)
 }
