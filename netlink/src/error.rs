@@ -31,6 +31,9 @@ pub enum NetlinkError {
     #[error("{what}: unexpected netlink reply: {detail}")]
     Unexpected { what: String, detail: String },
 
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+
     #[error("no link with index {ifindex}")]
     NoSuchLink { ifindex: u32 },
 }

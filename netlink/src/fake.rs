@@ -66,6 +66,8 @@ impl Fake {
                 kind: None,
                 up: true,
                 vxlan: None,
+                master: None,
+                alias: None,
             },
         );
         index
@@ -177,6 +179,39 @@ impl State {
             .ok_or(libc::ENODEV)
     }
 
+    fn new_link(
+        &mut self,
+        name: &str,
+        kind: &str,
+        mtu: u32,
+        mac: Option<MacAddr>,
+        alias: Option<String>,
+    ) -> u32 {
+        self.next_index += 1;
+        let index = self.next_index;
+        self.links.insert(
+            index,
+            Link {
+                index,
+                name: name.to_string(),
+                mtu,
+                mac: Some(mac.unwrap_or_else(MacAddr::random_local)),
+                kind: Some(kind.into()),
+                up: false,
+                vxlan: None,
+                master: None,
+                alias,
+            },
+        );
+        index
+    }
+
+    fn remove_link(&mut self, index: u32) {
+        self.links.remove(&index);
+        self.addrs.retain(|a| a.ifindex != index);
+        self.tables.drop_device(index);
+    }
+
     fn need_link(&self, ifindex: u32) -> Result<(), i32> {
         if self.links.contains_key(&ifindex) {
             Ok(())
@@ -209,6 +244,8 @@ impl State {
                         kind: Some("vxlan".into()),
                         up: false,
                         vxlan: Some(spec.attrs()),
+                        master: None,
+                        alias: None,
                     },
                 );
                 Ok(())
@@ -226,6 +263,88 @@ impl State {
                 self.links.remove(&index);
                 self.addrs.retain(|a| a.ifindex != index);
                 self.tables.drop_device(index);
+                Ok(())
+            }
+            Op::LinkAddBridge(spec) => {
+                if let Ok(l) = self.link_named(&spec.name) {
+                    return if l.kind.as_deref() == Some("bridge") {
+                        Ok(())
+                    } else {
+                        Err(libc::EEXIST)
+                    };
+                }
+                self.new_link(
+                    &spec.name,
+                    "bridge",
+                    spec.mtu.unwrap_or(1500),
+                    spec.mac,
+                    None,
+                );
+                Ok(())
+            }
+            Op::LinkAddVeth(spec) => {
+                let taken = |s: &mut State, n: &str| s.link_named(n).is_ok();
+                if taken(self, &spec.name) || (spec.peer_netns.is_none() && taken(self, &spec.peer))
+                {
+                    return Err(libc::EEXIST);
+                }
+                let mtu = spec.mtu.unwrap_or(1500);
+                self.new_link(&spec.name, "veth", mtu, spec.mac, None);
+                // A peer in another namespace is out of this fake kernel's sight.
+                if spec.peer_netns.is_none() {
+                    self.new_link(&spec.peer, "veth", mtu, spec.peer_mac, None);
+                }
+                Ok(())
+            }
+            Op::LinkSetDown { name } => {
+                self.link_named(name)?.up = false;
+                Ok(())
+            }
+            Op::LinkSetMaster { name, master } => {
+                if let Some(m) = master {
+                    self.need_link(*m)?;
+                }
+                self.link_named(name)?.master = *master;
+                Ok(())
+            }
+            Op::LinkSetMac { name, mac } => {
+                if !mac.is_valid_unicast() {
+                    return Err(libc::EADDRNOTAVAIL);
+                }
+                self.link_named(name)?.mac = Some(*mac);
+                Ok(())
+            }
+            Op::LinkSetAlias { name, alias } => {
+                self.link_named(name)?.alias = Some(alias.clone()).filter(|a| !a.is_empty());
+                Ok(())
+            }
+            Op::LinkSetHairpin { name, .. } => {
+                let link = self.link_named(name)?;
+                if link.master.is_none() {
+                    return Err(libc::EOPNOTSUPP);
+                }
+                Ok(())
+            }
+            Op::LinkSetNetns { name, .. } => {
+                let index = self.link_named(name)?.index;
+                self.remove_link(index);
+                Ok(())
+            }
+            Op::LinkRename { ifindex, new_name } => {
+                self.need_link(*ifindex)?;
+                if self.link_named(new_name).is_ok() {
+                    return Err(libc::EEXIST);
+                }
+                let link = self.links.get_mut(ifindex).expect("checked");
+                if link.up {
+                    return Err(libc::EBUSY);
+                }
+                link.name = new_name.clone();
+                Ok(())
+            }
+            Op::LinkDelIndex { ifindex } => {
+                self.need_link(*ifindex)?;
+                self.remove_link(*ifindex);
                 Ok(())
             }
             Op::AddrAdd { ifindex, addr } => {
@@ -261,5 +380,91 @@ impl State {
             }
             Op::NeighDel { .. } | Op::FdbDel { .. } | Op::RouteDel(_) => self.tables.apply(op),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{BridgeSpec, VethSpec};
+
+    fn veth(name: &str, peer: &str) -> Op {
+        Op::LinkAddVeth(VethSpec {
+            name: name.into(),
+            peer: peer.into(),
+            peer_netns: None,
+            mtu: Some(1450),
+            mac: None,
+            peer_mac: None,
+        })
+    }
+
+    #[test]
+    fn cni_link_ops() {
+        let f = Fake::new();
+        let br = Op::LinkAddBridge(BridgeSpec {
+            name: "cni0".into(),
+            mtu: Some(1450),
+            mac: None,
+        });
+        f.apply(&br).unwrap();
+        f.apply(&br).unwrap();
+        let bi = f.link_by_name("cni0").unwrap().index;
+        f.apply(&veth("tw0", "eth0")).unwrap();
+        assert_eq!(
+            f.apply(&veth("tw0", "x")).unwrap_err().errno(),
+            Some(libc::EEXIST)
+        );
+        assert_eq!(
+            f.apply(&veth("tw1", "eth0")).unwrap_err().errno(),
+            Some(libc::EEXIST)
+        );
+        f.apply(&Op::LinkSetMaster {
+            name: "tw0".into(),
+            master: Some(bi),
+        })
+        .unwrap();
+        f.apply(&Op::LinkSetHairpin {
+            name: "tw0".into(),
+            on: true,
+        })
+        .unwrap();
+        f.apply(&Op::LinkSetAlias {
+            name: "tw0".into(),
+            alias: "tweed/x".into(),
+        })
+        .unwrap();
+        let l = f.link_by_name("tw0").unwrap();
+        assert_eq!((l.master, l.alias.as_deref()), (Some(bi), Some("tweed/x")));
+        // A device that is not a bridge under the bridge's name is refused.
+        let dup = Op::LinkAddBridge(BridgeSpec {
+            name: "tw0".into(),
+            mtu: None,
+            mac: None,
+        });
+        assert_eq!(f.apply(&dup).unwrap_err().errno(), Some(libc::EEXIST));
+        let e = f.link_by_name("eth0").unwrap();
+        f.apply(&Op::LinkSetUp {
+            name: "eth0".into(),
+        })
+        .unwrap();
+        let rename = Op::LinkRename {
+            ifindex: e.index,
+            new_name: "net1".into(),
+        };
+        assert_eq!(f.apply(&rename).unwrap_err().errno(), Some(libc::EBUSY));
+        f.apply(&Op::LinkSetDown {
+            name: "eth0".into(),
+        })
+        .unwrap();
+        f.apply(&rename).unwrap();
+        f.apply(&Op::LinkDelIndex { ifindex: l.index }).unwrap();
+        f.apply(&Op::LinkDelIndex { ifindex: l.index }).unwrap();
+        f.apply(&Op::LinkSetNetns {
+            name: "net1".into(),
+            netns: 3,
+        })
+        .unwrap();
+        assert!(f.link_by_name("net1").is_none() && f.link_by_name("tw0").is_none());
     }
 }

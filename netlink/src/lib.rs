@@ -10,6 +10,7 @@ mod error;
 mod fake;
 pub mod iface;
 pub mod model;
+pub mod netns;
 mod op;
 mod real;
 mod types;
@@ -17,10 +18,12 @@ mod types;
 pub use error::NetlinkError;
 pub use fake::Fake;
 pub use iface::{pick_iface, select_iface, Iface, IfaceError, IfaceSpec};
+pub use netns::{Netns, NetnsError};
 pub use op::Op;
 pub use real::Real;
 pub use types::{
-    Addr, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, VxlanAttrs, VxlanSpec,
+    Addr, BridgeSpec, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, VethSpec,
+    VxlanAttrs, VxlanSpec,
 };
 
 /// A handle on the kernel's routing tables; cheap to clone (clones share the socket or the fake).
@@ -47,6 +50,14 @@ impl Netlink {
     /// runtime, which then drives the socket; enter the namespace before calling.
     pub fn real() -> Result<Netlink, NetlinkError> {
         Real::connect().map(Netlink::Real)
+    }
+
+    /// A real socket opened inside `netns` (see [`Netns::run`]: a short-lived thread enters the
+    /// namespace, opens the socket and ends; no caller thread changes namespace). Driven by the
+    /// current tokio runtime like [`Netlink::real`]; every op and query through it acts in
+    /// `netns`.
+    pub fn real_in(netns: &Netns) -> Result<Netlink, NetlinkError> {
+        Real::connect_in(netns).map(Netlink::Real)
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {

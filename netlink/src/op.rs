@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use super::types::{MacAddr, Route, VxlanSpec};
+use super::types::{BridgeSpec, MacAddr, Route, VethSpec, VxlanSpec};
 
 /// One idempotent kernel change. Adds are replaces (`NLM_F_CREATE | NLM_F_REPLACE`) and deleting
 /// something already gone succeeds, so any op can be retried or re-applied after a crash.
@@ -25,6 +25,49 @@ pub enum Op {
     },
     LinkDel {
         name: String,
+    },
+    /// Create a bridge. An existing bridge of that name counts as success and is left alone (a
+    /// plan sets its MTU or MAC with the ops below); any other device of that name fails with
+    /// `EEXIST`.
+    LinkAddBridge(BridgeSpec),
+    /// Create a veth pair, the peer possibly straight into another namespace. Fails with
+    /// `EEXIST` when either name is taken: a veth pair is never adopted.
+    LinkAddVeth(VethSpec),
+    LinkSetDown {
+        name: String,
+    },
+    /// `link set NAME master #MASTER`, or `nomaster` with `None`.
+    LinkSetMaster {
+        name: String,
+        master: Option<u32>,
+    },
+    LinkSetMac {
+        name: String,
+        mac: MacAddr,
+    },
+    LinkSetAlias {
+        name: String,
+        alias: String,
+    },
+    /// Hairpin mode of a bridge port: frames may leave through the port they came in on.
+    LinkSetHairpin {
+        name: String,
+        on: bool,
+    },
+    /// Moves a device into the namespace behind the open fd `netns`.
+    LinkSetNetns {
+        name: String,
+        netns: i32,
+    },
+    /// Renames device `#ifindex`; the kernel refuses (`EBUSY`) while it is up.
+    LinkRename {
+        ifindex: u32,
+        new_name: String,
+    },
+    /// Deletes the device with this index: what a caller that checked a device's identity
+    /// (say, its alias) deletes, so a device renamed in between is never hit by name.
+    LinkDelIndex {
+        ifindex: u32,
     },
     AddrAdd {
         ifindex: u32,
@@ -68,6 +111,7 @@ impl Op {
         matches!(
             self,
             Op::LinkDel { .. }
+                | Op::LinkDelIndex { .. }
                 | Op::AddrDel { .. }
                 | Op::NeighDel { .. }
                 | Op::FdbDel { .. }
@@ -79,7 +123,7 @@ impl Op {
     /// object type reports absence differently.
     pub(crate) fn gone_errnos(&self) -> &'static [i32] {
         match self {
-            Op::LinkDel { .. } => &[libc::ENODEV],
+            Op::LinkDel { .. } | Op::LinkDelIndex { .. } => &[libc::ENODEV],
             Op::AddrDel { .. } => &[libc::EADDRNOTAVAIL, libc::ENODEV],
             Op::NeighDel { .. } | Op::FdbDel { .. } => &[libc::ENOENT, libc::ENODEV],
             Op::RouteDel(_) => &[libc::ESRCH, libc::ENOENT, libc::ENODEV],
@@ -114,6 +158,50 @@ impl fmt::Display for Op {
             Op::LinkSetUp { name } => write!(f, "link set {name} up"),
             Op::LinkSetMtu { name, mtu } => write!(f, "link set {name} mtu {mtu}"),
             Op::LinkDel { name } => write!(f, "link del {name}"),
+            Op::LinkAddBridge(b) => {
+                write!(f, "link add {} type bridge", b.name)?;
+                if let Some(mtu) = b.mtu {
+                    write!(f, " mtu {mtu}")?;
+                }
+                if let Some(mac) = b.mac {
+                    write!(f, " address {mac}")?;
+                }
+                Ok(())
+            }
+            Op::LinkAddVeth(v) => {
+                write!(f, "link add {}", v.name)?;
+                if let Some(mtu) = v.mtu {
+                    write!(f, " mtu {mtu}")?;
+                }
+                if let Some(mac) = v.mac {
+                    write!(f, " address {mac}")?;
+                }
+                write!(f, " type veth peer name {}", v.peer)?;
+                if let Some(mac) = v.peer_mac {
+                    write!(f, " address {mac}")?;
+                }
+                if let Some(fd) = v.peer_netns {
+                    write!(f, " netns fd:{fd}")?;
+                }
+                Ok(())
+            }
+            Op::LinkSetDown { name } => write!(f, "link set {name} down"),
+            Op::LinkSetMaster { name, master } => match master {
+                Some(m) => write!(f, "link set {name} master #{m}"),
+                None => write!(f, "link set {name} nomaster"),
+            },
+            Op::LinkSetMac { name, mac } => write!(f, "link set {name} address {mac}"),
+            Op::LinkSetAlias { name, alias } => write!(f, "link set {name} alias {alias:?}"),
+            Op::LinkSetHairpin { name, on } => write!(
+                f,
+                "link set {name} type bridge_slave hairpin {}",
+                if *on { "on" } else { "off" }
+            ),
+            Op::LinkSetNetns { name, netns } => write!(f, "link set {name} netns fd:{netns}"),
+            Op::LinkRename { ifindex, new_name } => {
+                write!(f, "link set #{ifindex} name {new_name}")
+            }
+            Op::LinkDelIndex { ifindex } => write!(f, "link del #{ifindex}"),
             Op::AddrAdd { ifindex, addr } => write!(f, "addr replace {addr} dev #{ifindex}"),
             Op::AddrDel { ifindex, addr } => write!(f, "addr del {addr} dev #{ifindex}"),
             Op::NeighReplace { ifindex, ip, mac } => {

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 
 use futures::stream::StreamExt;
 use ipnetwork::Ipv4Network;
@@ -19,7 +19,8 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVxlan,
+    LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -29,11 +30,12 @@ use rtnetlink::packet_route::route::{
     RouteType,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::proto::ConnectionHandle;
-use rtnetlink::sys::{protocols::NETLINK_ROUTE, AsyncSocket, SocketAddr};
+use rtnetlink::proto::{ConnectionHandle, NetlinkCodec};
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, AsyncSocket, SocketAddr, TokioSocket};
 use rtnetlink::LinkVxlan;
 
 use super::error::NetlinkError;
+use super::netns::Netns;
 use super::op::Op;
 use super::types::{Addr, FdbEntry, Link, MacAddr, Neighbour, Route, VxlanAttrs};
 
@@ -68,6 +70,31 @@ impl Real {
         Ok(Real { handle })
     }
 
+    /// Like [`Real::connect`], with the socket opened inside `netns`: a socket belongs to the
+    /// namespace it was created in, so only its creation needs to happen there.
+    pub fn connect_in(netns: &Netns) -> Result<Real, NetlinkError> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| NetlinkError::NoRuntime)?;
+        let sock = netns
+            .run(|| rtnetlink::sys::Socket::new(NETLINK_ROUTE))?
+            .map_err(NetlinkError::Connect)?;
+        let fd = sock.into_raw_fd();
+        // SAFETY: `fd` is a NETLINK_ROUTE socket we own (just released by `into_raw_fd`); the
+        // TokioSocket takes it over and registers it with the runtime entered below.
+        let socket = {
+            let _enter = rt.enter();
+            unsafe { TokioSocket::from_raw_fd(fd) }
+        };
+        let (mut conn, handle, _unsolicited) = rtnetlink::proto::from_socket_with_codec::<
+            RouteNetlinkMessage,
+            TokioSocket,
+            NetlinkCodec,
+        >(socket);
+        conn.set_forward_ack(true);
+        grow_rcvbuf(conn.socket_mut().socket_mut());
+        rt.spawn(conn);
+        Ok(Real { handle })
+    }
+
     pub(crate) async fn apply_all(&self, ops: &[Op]) -> Vec<Result<(), NetlinkError>> {
         // All batches are queued up front, in op order; the connection sends them one at a time
         // and reads every ack before the next send, so the kernel sees the ops exactly in
@@ -95,14 +122,25 @@ impl Real {
     /// success, which makes `LinkAddVxlan` idempotent like every other op.
     async fn settle_existing_links(&self, ops: &[Op], results: &mut [Result<(), NetlinkError>]) {
         for (op, res) in ops.iter().zip(results.iter_mut()) {
-            let Op::LinkAddVxlan(spec) = op else { continue };
             if !matches!(res, Err(e) if e.errno() == Some(libc::EEXIST)) {
                 continue;
             }
-            if let Ok(Some(link)) = self.link_by_name(&spec.name).await {
-                if link.vxlan == Some(spec.attrs()) {
-                    *res = Ok(());
+            match op {
+                Op::LinkAddVxlan(spec) => {
+                    if let Ok(Some(link)) = self.link_by_name(&spec.name).await {
+                        if link.vxlan == Some(spec.attrs()) {
+                            *res = Ok(());
+                        }
+                    }
                 }
+                Op::LinkAddBridge(spec) => {
+                    if let Ok(Some(link)) = self.link_by_name(&spec.name).await {
+                        if link.kind.as_deref() == Some("bridge") {
+                            *res = Ok(());
+                        }
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -365,6 +403,103 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
             (RouteNetlinkMessage::SetLink(m), PLAIN)
         }
         Op::LinkDel { name } => (RouteNetlinkMessage::DelLink(link_named(name)), PLAIN),
+        Op::LinkDelIndex { ifindex } => {
+            let mut m = LinkMessage::default();
+            m.header.index = *ifindex;
+            (RouteNetlinkMessage::DelLink(m), PLAIN)
+        }
+        Op::LinkAddBridge(b) => {
+            let mut m = link_named(&b.name);
+            if let Some(mtu) = b.mtu {
+                m.attributes.push(LinkAttribute::Mtu(mtu));
+            }
+            if let Some(mac) = b.mac {
+                m.attributes
+                    .push(LinkAttribute::Address(mac.octets().to_vec()));
+            }
+            m.attributes
+                .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                    InfoKind::Bridge,
+                )]));
+            // Same reasoning as for vxlan: EEXIST is settled afterwards.
+            (
+                RouteNetlinkMessage::NewLink(m),
+                PLAIN | NLM_F_CREATE | NLM_F_EXCL,
+            )
+        }
+        Op::LinkAddVeth(v) => {
+            let mut peer = link_named(&v.peer);
+            if let Some(mtu) = v.mtu {
+                peer.attributes.push(LinkAttribute::Mtu(mtu));
+            }
+            if let Some(mac) = v.peer_mac {
+                peer.attributes
+                    .push(LinkAttribute::Address(mac.octets().to_vec()));
+            }
+            if let Some(fd) = v.peer_netns {
+                peer.attributes.push(LinkAttribute::NetNsFd(fd));
+            }
+            let mut m = link_named(&v.name);
+            if let Some(mtu) = v.mtu {
+                m.attributes.push(LinkAttribute::Mtu(mtu));
+            }
+            if let Some(mac) = v.mac {
+                m.attributes
+                    .push(LinkAttribute::Address(mac.octets().to_vec()));
+            }
+            m.attributes.push(LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Veth),
+                LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+            ]));
+            (
+                RouteNetlinkMessage::NewLink(m),
+                PLAIN | NLM_F_CREATE | NLM_F_EXCL,
+            )
+        }
+        Op::LinkSetDown { name } => {
+            let mut m = link_named(name);
+            m.header.change_mask = LinkFlags::Up;
+            (RouteNetlinkMessage::SetLink(m), PLAIN)
+        }
+        Op::LinkSetMaster { name, master } => {
+            let mut m = link_named(name);
+            m.attributes
+                .push(LinkAttribute::Controller(master.unwrap_or(0)));
+            (RouteNetlinkMessage::SetLink(m), PLAIN)
+        }
+        Op::LinkSetMac { name, mac } => {
+            let mut m = link_named(name);
+            m.attributes
+                .push(LinkAttribute::Address(mac.octets().to_vec()));
+            (RouteNetlinkMessage::SetLink(m), PLAIN)
+        }
+        Op::LinkSetAlias { name, alias } => {
+            let mut m = link_named(name);
+            m.attributes.push(LinkAttribute::IfAlias(alias.clone()));
+            (RouteNetlinkMessage::SetLink(m), PLAIN)
+        }
+        Op::LinkSetHairpin { name, on } => {
+            let mut m = link_named(name);
+            m.attributes.push(LinkAttribute::LinkInfo(vec![
+                LinkInfo::PortKind(InfoPortKind::Bridge),
+                LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
+                    *on,
+                )])),
+            ]));
+            // RTM_NEWLINK on an existing device is a change; slave data needs it (not SETLINK).
+            (RouteNetlinkMessage::NewLink(m), PLAIN)
+        }
+        Op::LinkSetNetns { name, netns } => {
+            let mut m = link_named(name);
+            m.attributes.push(LinkAttribute::NetNsFd(*netns));
+            (RouteNetlinkMessage::SetLink(m), PLAIN)
+        }
+        Op::LinkRename { ifindex, new_name } => {
+            let mut m = LinkMessage::default();
+            m.header.index = *ifindex;
+            m.attributes.push(LinkAttribute::IfName(new_name.clone()));
+            (RouteNetlinkMessage::SetLink(m), PLAIN)
+        }
         Op::AddrAdd { ifindex, addr } => (
             RouteNetlinkMessage::NewAddress(addr_msg(*ifindex, addr)),
             ADD,
@@ -500,12 +635,16 @@ fn parse_link(m: &LinkMessage) -> Link {
         kind: None,
         up: m.header.flags.contains(LinkFlags::Up),
         vxlan: None,
+        master: None,
+        alias: None,
     };
     for attr in &m.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
             LinkAttribute::Address(a) => link.mac = MacAddr::from_slice(a),
+            LinkAttribute::Controller(i) => link.master = Some(*i).filter(|i| *i != 0),
+            LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()).filter(|a| !a.is_empty()),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {

@@ -116,6 +116,10 @@ pub struct Link {
     /// Administratively up (`IFF_UP`), not carrier state.
     pub up: bool,
     pub vxlan: Option<VxlanAttrs>,
+    /// `IFLA_MASTER`: the bridge (or bond) this device is a port of.
+    pub master: Option<u32>,
+    /// `IFLA_IFALIAS`: free text; the CNI plugin records which attachment owns a device here.
+    pub alias: Option<String>,
 }
 
 /// The vxlan attributes tweed cares about; the rest (ttl, tos, ageing, ...) stay kernel defaults.
@@ -153,6 +157,29 @@ impl VxlanSpec {
             underlay: Some(self.underlay),
         }
     }
+}
+
+/// What to create for a bridge. `mac` is set in the creating request: a bridge whose address was
+/// set explicitly keeps it, instead of taking the lowest address among its ports as they come
+/// and go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeSpec {
+    pub name: String,
+    pub mtu: Option<u32>,
+    pub mac: Option<MacAddr>,
+}
+
+/// A veth pair: `name` in the namespace of the socket that applies the op, `peer` created
+/// directly in the namespace behind `peer_netns` (an open namespace fd, see
+/// [`crate::Netns::raw_fd`]; `None`: the same namespace). Neither end ever exists elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethSpec {
+    pub name: String,
+    pub peer: String,
+    pub peer_netns: Option<i32>,
+    pub mtu: Option<u32>,
+    pub mac: Option<MacAddr>,
+    pub peer_mac: Option<MacAddr>,
 }
 
 /// An IPv4 address on a device; `net` is the address with its prefix length (`10.244.3.0/32`).

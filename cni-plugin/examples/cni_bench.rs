@@ -1,0 +1,221 @@
+//! ADD+DEL latency of `tweed` against the reference `bridge` + `host-local` doing the same job
+//! (a bridge with the gateway address, a veth into the container, an address from the node
+//! subnet, a route to the overlay and a default route, hairpin on), interleaved in one run.
+//!
+//! Root only. Everything happens in two namespaces this program creates and deletes: the
+//! plugins run inside the "host" one, the container end lands in the other.
+//!
+//! `cni_bench [--rounds N] [--tweed PATH] [--cni-dir DIR]`; `bench/cni` builds and runs it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tweed_cni::testkit::{self, Call, NetnsGuard};
+
+struct Samples {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    both: Vec<Duration>,
+}
+
+impl Samples {
+    fn new() -> Samples {
+        Samples {
+            add: Vec::new(),
+            del: Vec::new(),
+            both: Vec::new(),
+        }
+    }
+    fn sort(&mut self) {
+        self.add.sort();
+        self.del.sort();
+        self.both.sort();
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> ExitCode {
+    let mut rounds = 50usize;
+    let mut tweed: Option<PathBuf> = None;
+    let mut cni_dir = PathBuf::from("/usr/lib/cni");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(rounds),
+            "--tweed" => tweed = args.next().map(PathBuf::from),
+            "--cni-dir" => cni_dir = args.next().map(PathBuf::from).unwrap_or(cni_dir),
+            other => {
+                eprintln!("unknown argument {other:?}; usage: cni_bench [--rounds N] [--tweed PATH] [--cni-dir DIR]");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if !testkit::is_root() {
+        eprintln!("cni_bench needs root: it creates network namespaces");
+        return ExitCode::from(2);
+    }
+    let tweed = tweed.unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("own path");
+        // target/<profile>/examples/cni_bench -> target/<profile>/tweed
+        exe.parent()
+            .and_then(|p| p.parent())
+            .expect("target dir")
+            .join("tweed")
+    });
+    let bridge = cni_dir.join("bridge");
+    for p in [&tweed, &bridge, &cni_dir.join("host-local")] {
+        if !p.exists() {
+            eprintln!(
+                "{} not found (reference plugins: Debian package containernetworking-plugins)",
+                p.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let pid = std::process::id();
+    let host = NetnsGuard::new(&format!("twb{pid}h")).expect("host namespace");
+    let ctr = NetnsGuard::new(&format!("twb{pid}c")).expect("container namespace");
+    let tmp = tempdir();
+    let subnet_env = tmp.join("subnet.env");
+    testkit::write_subnet_env(&subnet_env, "10.244.0.0/16", "10.244.9.1/24", 1450)
+        .expect("subnet.env");
+    let tweed_conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "bench-tweed", "type": "tweed", "bridge": "cni0",
+        "subnetFile": subnet_env, "dataDir": tmp.join("tweed"), "hairpinMode": true,
+    })
+    .to_string();
+    let ref_conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "bench-ref", "type": "bridge", "bridge": "cni1",
+        "isGateway": true, "hairpinMode": true, "mtu": 1450,
+        "ipam": {"type": "host-local", "subnet": "10.244.10.0/24", "dataDir": tmp.join("ref"),
+                 "routes": [{"dst": "10.244.0.0/16"}, {"dst": "0.0.0.0/0"}]},
+    })
+    .to_string();
+    let cni_path = cni_dir.display().to_string();
+    let netns = ctr.path_str();
+    let plugins = [
+        ("tweed", tweed.clone(), tweed_conf),
+        ("bridge+host-local", bridge, ref_conf),
+    ];
+    let mut samples = [Samples::new(), Samples::new()];
+    let warmup = 3;
+    for round in 0..rounds + warmup {
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (name, path, conf) = &plugins[i];
+            let id = format!("bench-{round}");
+            let mut call = Call::new("ADD", &id, &netns);
+            call.cni_path = &cni_path;
+            let add = testkit::run(host.netns(), path, &call, conf.as_bytes()).expect("spawn");
+            if !add.ok() {
+                eprintln!("{name} ADD failed: {} {}", add.stdout, add.stderr);
+                return ExitCode::FAILURE;
+            }
+            call.command = "DEL";
+            let del = testkit::run(host.netns(), path, &call, conf.as_bytes()).expect("spawn");
+            if !del.ok() {
+                eprintln!("{name} DEL failed: {} {}", del.stdout, del.stderr);
+                return ExitCode::FAILURE;
+            }
+            if round >= warmup {
+                let s = &mut samples[i];
+                s.add.push(add.elapsed);
+                s.del.push(del.elapsed);
+                s.both.push(add.elapsed + del.elapsed);
+            }
+        }
+    }
+    for s in samples.iter_mut() {
+        s.sort();
+    }
+    let mut floor = kernel_floor(&host, &ctr, rounds);
+    floor.sort();
+    println!(
+        "cni bench: {rounds} rounds, interleaved, {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "plugin", "ADD p50", "ADD p99", "DEL p50", "DEL p99", "ADD+DEL p50", "ADD+DEL p99"
+    );
+    for (i, s) in samples.iter().enumerate() {
+        println!(
+            "{:<18} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>10.2}ms",
+            plugins[i].0,
+            ms(testkit::percentile(&s.add, 50.0)),
+            ms(testkit::percentile(&s.add, 99.0)),
+            ms(testkit::percentile(&s.del, 50.0)),
+            ms(testkit::percentile(&s.del, 99.0)),
+            ms(testkit::percentile(&s.both, 50.0)),
+            ms(testkit::percentile(&s.both, 99.0)),
+        );
+    }
+    println!(
+        "{:<18} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>10.2}ms",
+        "kernel floor",
+        ms(testkit::percentile(&floor.add, 50.0)),
+        ms(testkit::percentile(&floor.add, 99.0)),
+        ms(testkit::percentile(&floor.del, 50.0)),
+        ms(testkit::percentile(&floor.del, 99.0)),
+        ms(testkit::percentile(&floor.both, 50.0)),
+        ms(testkit::percentile(&floor.both, 99.0)),
+    );
+    println!("(kernel floor: creating and deleting one veth pair across the two namespaces through an open netlink socket, no process, no IPAM)");
+    let ratio = |p: f64| {
+        ms(testkit::percentile(&samples[0].both, p)) / ms(testkit::percentile(&samples[1].both, p))
+    };
+    let add_ratio = ms(testkit::percentile(&samples[0].add, 50.0))
+        / ms(testkit::percentile(&samples[1].add, 50.0));
+    println!("tweed / reference, ADD+DEL: median {:.2}x, p99 {:.2}x (target <= 0.50x); ADD alone: median {add_ratio:.2}x", ratio(50.0), ratio(99.0));
+    drop((host, ctr));
+    let _ = std::fs::remove_dir_all(&tmp);
+    ExitCode::SUCCESS
+}
+
+/// What the kernel alone takes to create and delete the veth pair of one attachment: the part
+/// of ADD and DEL no plugin can avoid.
+fn kernel_floor(host: &NetnsGuard, ctr: &NetnsGuard, rounds: usize) -> Samples {
+    use tweed_netlink::{Netlink, Op, VethSpec};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    let mut s = Samples::new();
+    rt.block_on(async {
+        let nl = Netlink::real_in(host.netns()).expect("netlink in the host namespace");
+        for _ in 0..rounds {
+            let add = Op::LinkAddVeth(VethSpec {
+                name: "twfloor".into(),
+                peer: "eth0".into(),
+                peer_netns: Some(ctr.netns().raw_fd()),
+                mtu: Some(1450),
+                mac: None,
+                peer_mac: None,
+            });
+            let t = std::time::Instant::now();
+            nl.apply(&add).await.expect("veth add");
+            let a = t.elapsed();
+            let t = std::time::Instant::now();
+            nl.apply(&Op::LinkDel {
+                name: "twfloor".into(),
+            })
+            .await
+            .expect("veth del");
+            let d = t.elapsed();
+            s.add.push(a);
+            s.del.push(d);
+            s.both.push(a + d);
+        }
+    });
+    s
+}
+
+fn tempdir() -> PathBuf {
+    let p = std::env::temp_dir().join(format!("tweed-cni-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&p).expect("temp dir");
+    p
+}

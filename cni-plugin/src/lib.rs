@@ -1,0 +1,145 @@
+//! tweed's CNI plugin: what flannel + bridge + host-local do as three binaries, in one.
+//!
+//! * [`env`], [`conf`]: the `CNI_*` variables and the configuration on stdin.
+//! * [`ipam`]: addresses from the node subnet, on disk under a lock (host-local's layout).
+//! * [`plan`]: names, ownership marks and the netlink ops of an attachment (pure).
+//! * [`result`]: results in every supported spec version.
+//! * [`cmd`]: the verbs, doing the work through `tweed-netlink`.
+//!
+//! [`main`] is the whole binary: it reads the environment and stdin and prints one JSON document
+//! (a result, a version answer or an error) or nothing.
+
+pub mod cmd;
+pub mod conf;
+pub mod env;
+pub mod error;
+pub mod ipam;
+pub mod masq;
+pub mod plan;
+pub mod result;
+pub mod testkit;
+pub mod version;
+
+use crate::conf::NetConf;
+use crate::env::{CniEnv, Command};
+use crate::error::{Error, ErrorDoc};
+
+/// What to print on stdout and the exit code.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub stdout: Option<String>,
+    pub code: i32,
+}
+
+/// One invocation: environment through `get`, configuration `stdin`.
+pub fn main(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Reply {
+    // The version errors are reported in: the configuration's, when it says one we speak.
+    let raw_version = serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|s| s.as_str())
+                .map(str::to_string)
+        })
+        .filter(|v| version::Version::is_supported(v))
+        .unwrap_or_else(|| version::LATEST.to_string());
+    let fail = |e: &Error| Reply {
+        stdout: Some(ErrorDoc::new(&raw_version, e).to_json()),
+        code: 1,
+    };
+    let env = match CniEnv::from_lookup(&get) {
+        Ok(e) => e,
+        Err(e) => return fail(&e.into()),
+    };
+    if env.command == Command::Version {
+        return Reply {
+            stdout: Some(version::version_doc(&raw_version)),
+            code: 0,
+        };
+    }
+    let conf = match NetConf::parse(stdin) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.into()),
+    };
+    match cmd::run(&env, &conf) {
+        Ok(out) => Reply {
+            stdout: out,
+            code: 0,
+        },
+        Err(e)
+            if env.command == Command::Status && !matches!(e, Error::VerbNeedsVersion { .. }) =>
+        {
+            Reply {
+                stdout: Some(ErrorDoc::not_available(&conf.cni_version, e.to_string()).to_json()),
+                code: 1,
+            }
+        }
+        Err(e) => Reply {
+            stdout: Some(ErrorDoc::new(&conf.cni_version, &e).to_json()),
+            code: 1,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn call(vars: &[(&str, &str)], stdin: &str) -> (i32, serde_json::Value) {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let r = main(|k| m.get(k).cloned(), stdin.as_bytes());
+        let doc = r
+            .stdout
+            .as_deref()
+            .map(|s| serde_json::from_str(s).expect("one JSON document"))
+            .unwrap_or(serde_json::Value::Null);
+        (r.code, doc)
+    }
+
+    #[test]
+    fn version_needs_no_config() {
+        let (code, doc) = call(&[("CNI_COMMAND", "VERSION")], "");
+        assert_eq!(code, 0);
+        assert_eq!(doc["cniVersion"], version::LATEST);
+        let (_, doc) = call(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
+        assert_eq!(doc["cniVersion"], "0.4.0");
+    }
+
+    #[test]
+    fn errors_are_json_with_codes_and_the_callers_version() {
+        let (code, doc) = call(&[], "{}");
+        assert_eq!((code, doc["code"].as_u64()), (1, Some(4)));
+        let add = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let (_, doc) = call(&add, "{oops");
+        assert_eq!(doc["code"], 6);
+        let missing =
+            r#"{"cniVersion":"0.3.1","name":"n","subnetFile":"/nonexistent/tweed/subnet.env"}"#;
+        let (_, doc) = call(&add, missing);
+        assert_eq!(doc["code"], 11);
+        assert_eq!(doc["cniVersion"], "0.3.1");
+        assert!(doc["msg"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/tweed/subnet.env"));
+    }
+
+    #[test]
+    fn status_says_not_available_with_code_50() {
+        let conf =
+            r#"{"cniVersion":"1.1.0","name":"n","subnetFile":"/nonexistent/tweed/subnet.env"}"#;
+        let (code, doc) = call(&[("CNI_COMMAND", "STATUS")], conf);
+        assert_eq!((code, doc["code"].as_u64()), (1, Some(50)));
+        let old = r#"{"cniVersion":"1.0.0","name":"n"}"#;
+        let (_, doc) = call(&[("CNI_COMMAND", "STATUS")], old);
+        assert_eq!(doc["code"], 1);
+    }
+}

@@ -1,0 +1,478 @@
+//! Pure decisions: device names, addresses, ownership marks, and the netlink ops for each side
+//! of an attachment. Nothing here touches the kernel, so all of it is unit-tested.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use sha2::{Digest, Sha256};
+use tweed_netlink::{BridgeSpec, Link, MacAddr, Op, Route, VethSpec};
+
+use crate::conf::Attachment;
+
+/// Marks a device as tweed's: `tweed/<network>/<containerID>/<ifname>` in `IFLA_IFALIAS`.
+pub const ALIAS_PREFIX: &str = "tweed/";
+/// The kernel keeps at most 255 bytes of alias.
+const ALIAS_MAX: usize = 255;
+
+/// The host end of an attachment's veth: `tw` + 12 hex digits of a hash of the container ID
+/// and interface name. Deterministic, so DEL finds it without any state, and distinct per
+/// attachment, so DEL never meets another container's device under this name.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let h = Sha256::digest(format!("{container_id}/{ifname}").as_bytes());
+    let hex: String = h.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("tw{hex}")
+}
+
+/// Whether `name` has the shape [`host_veth_name`] gives.
+pub fn is_host_veth_name(name: &str) -> bool {
+    name.len() == 14
+        && name.starts_with("tw")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The ownership mark of an attachment's devices (both ends).
+pub fn alias(network: &str, container_id: &str, ifname: &str) -> String {
+    let full = format!("{ALIAS_PREFIX}{network}/{container_id}/{ifname}");
+    if full.len() <= ALIAS_MAX {
+        return full;
+    }
+    let h = Sha256::digest(full.as_bytes());
+    let hex: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{ALIAS_PREFIX}#{hex}")
+}
+
+/// `(network, containerID, ifname)` of a mark written by [`alias`] (not of a hashed one).
+pub fn parse_alias(alias: &str) -> Option<(&str, &str, &str)> {
+    let rest = alias.strip_prefix(ALIAS_PREFIX)?;
+    // The network name may not contain '/', nor the container ID or the interface name.
+    let mut it = rest.splitn(3, '/');
+    let (n, c, i) = (it.next()?, it.next()?, it.next()?);
+    if n.is_empty() || c.is_empty() || i.is_empty() || i.contains('/') {
+        return None;
+    }
+    Some((n, c, i))
+}
+
+/// `0a:58:` + the IPv4 address: stable for an address, so neighbours' ARP entries stay right
+/// when an address is reused, and never a vendor's (locally administered, unicast).
+pub fn mac_for_ip(ip: Ipv4Addr) -> MacAddr {
+    let o = ip.octets();
+    MacAddr([0x0a, 0x58, o[0], o[1], o[2], o[3]])
+}
+
+/// What the node's bridge must look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeWant {
+    pub name: String,
+    pub mtu: u32,
+    pub mac: MacAddr,
+    /// The gateway with the node subnet's prefix, e.g. 10.244.3.1/24.
+    pub gateway: Ipv4Network,
+}
+
+impl BridgeWant {
+    pub fn new(name: &str, mtu: u32, gateway: Ipv4Network) -> BridgeWant {
+        BridgeWant {
+            name: name.into(),
+            mtu,
+            mac: mac_for_ip(gateway.ip()),
+            gateway,
+        }
+    }
+
+    pub fn create_op(&self) -> Op {
+        Op::LinkAddBridge(BridgeSpec {
+            name: self.name.clone(),
+            mtu: Some(self.mtu),
+            mac: Some(self.mac),
+        })
+    }
+}
+
+/// Why an existing device cannot serve as the bridge.
+pub fn bridge_conflict(observed: &Link) -> Option<String> {
+    match observed.kind.as_deref() {
+        Some("bridge") => None,
+        other => Some(format!(
+            "{} exists but is {}, not a bridge",
+            observed.name,
+            other.map_or("a device of no kind".to_string(), |k| format!(
+                "a {k} device"
+            ))
+        )),
+    }
+}
+
+/// Ops that bring an existing bridge to `want`: its MAC (a bridge left with a kernel-chosen
+/// MAC by an earlier, interrupted ADD is corrected here rather than kept forever), MTU,
+/// gateway address and up state.
+pub fn bridge_fix_ops(observed: &Link, want: &BridgeWant) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if observed.mac != Some(want.mac) {
+        ops.push(Op::LinkSetMac {
+            name: want.name.clone(),
+            mac: want.mac,
+        });
+    }
+    if observed.mtu != want.mtu {
+        ops.push(Op::LinkSetMtu {
+            name: want.name.clone(),
+            mtu: want.mtu,
+        });
+    }
+    ops.push(Op::AddrAdd {
+        ifindex: observed.index,
+        addr: want.gateway,
+    });
+    if !observed.up {
+        ops.push(Op::LinkSetUp {
+            name: want.name.clone(),
+        });
+    }
+    ops
+}
+
+/// One attachment as the host side sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    pub network: String,
+    pub container_id: String,
+    pub ifname: String,
+    pub host_veth: String,
+    pub host_mac: MacAddr,
+    pub container_mac: MacAddr,
+    pub mtu: u32,
+    pub hairpin: bool,
+    /// The container's address with the node subnet's prefix.
+    pub addr: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub network_cidr: Ipv4Network,
+    pub default_route: bool,
+}
+
+impl Attach {
+    pub fn alias(&self) -> String {
+        alias(&self.network, &self.container_id, &self.ifname)
+    }
+
+    /// Host side, after the bridge exists as `bridge_index`: the veth pair (its container end
+    /// created straight into the container's namespace, already named `ifname`), marked, on the
+    /// bridge, up.
+    pub fn host_ops(&self, bridge_index: u32, container_netns_fd: i32) -> Vec<Op> {
+        let mut ops = vec![
+            Op::LinkAddVeth(VethSpec {
+                name: self.host_veth.clone(),
+                peer: self.ifname.clone(),
+                peer_netns: Some(container_netns_fd),
+                mtu: Some(self.mtu),
+                mac: Some(self.host_mac),
+                peer_mac: Some(self.container_mac),
+            }),
+            Op::LinkSetAlias {
+                name: self.host_veth.clone(),
+                alias: self.alias(),
+            },
+            Op::LinkSetMaster {
+                name: self.host_veth.clone(),
+                master: Some(bridge_index),
+            },
+        ];
+        if self.hairpin {
+            ops.push(Op::LinkSetHairpin {
+                name: self.host_veth.clone(),
+                on: true,
+            });
+        }
+        ops.push(Op::LinkSetUp {
+            name: self.host_veth.clone(),
+        });
+        ops
+    }
+
+    /// Container side, once its end is `ifindex` there: mark, up, address, routes.
+    pub fn container_ops(&self, ifindex: u32) -> Vec<Op> {
+        let mut ops = vec![
+            Op::LinkSetAlias {
+                name: self.ifname.clone(),
+                alias: self.alias(),
+            },
+            Op::LinkSetUp {
+                name: self.ifname.clone(),
+            },
+            Op::AddrAdd {
+                ifindex,
+                addr: self.addr,
+            },
+        ];
+        for dst in self.route_dsts() {
+            ops.push(Op::RouteReplace(Route::via(
+                dst,
+                self.gateway,
+                Some(ifindex),
+            )));
+        }
+        ops
+    }
+
+    /// Routes in the container: the overlay network, and the default route unless turned off.
+    pub fn route_dsts(&self) -> Vec<Ipv4Network> {
+        let mut v = vec![self.network_cidr];
+        if self.default_route {
+            v.push(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"));
+        }
+        v
+    }
+}
+
+/// Whether a device carries this attachment's mark.
+pub fn owned_by(link: &Link, alias: &str) -> bool {
+    link.alias.as_deref() == Some(alias)
+}
+
+/// The host end DEL may delete: it carries the mark, or (a plugin killed between creating the
+/// pair and marking it, microseconds apart in one batch) it is an unmarked veth under the
+/// attachment's own hashed name. A device marked for anyone else is never touched.
+pub fn host_end_deletable(link: &Link, alias: &str) -> bool {
+    owned_by(link, alias)
+        || (link.alias.is_none()
+            && link.kind.as_deref() == Some("veth")
+            && is_host_veth_name(&link.name))
+}
+
+/// Host devices GC removes for `network`: tweed-marked veths of this network whose attachment
+/// is not valid, and unmarked `tw…` veths (see [`host_end_deletable`]) that no valid
+/// attachment's name maps to.
+pub fn gc_links<'a>(
+    links: &'a [Link],
+    network: &str,
+    valid: &BTreeSet<Attachment>,
+) -> Vec<&'a Link> {
+    let names: BTreeSet<String> = valid
+        .iter()
+        .map(|a| host_veth_name(&a.container_id, &a.ifname))
+        .collect();
+    links
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("veth"))
+        .filter(|l| match l.alias.as_deref() {
+            Some(a) => match parse_alias(a) {
+                Some((n, c, i)) => {
+                    n == network && !valid.iter().any(|v| v.container_id == c && v.ifname == i)
+                }
+                None => false,
+            },
+            None => is_host_veth_name(&l.name) && !names.contains(&l.name),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, kind: &str, alias: Option<&str>) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            mtu: 1500,
+            mac: None,
+            kind: Some(kind.into()),
+            up: true,
+            vxlan: None,
+            master: None,
+            alias: alias.map(str::to_string),
+        }
+    }
+
+    fn attach() -> Attach {
+        Attach {
+            network: "tweed".into(),
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            host_veth: host_veth_name("c1", "eth0"),
+            host_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            container_mac: mac_for_ip("10.244.1.2".parse().unwrap()),
+            mtu: 1450,
+            hairpin: true,
+            addr: "10.244.1.2/24".parse().unwrap(),
+            gateway: "10.244.1.1".parse().unwrap(),
+            network_cidr: "10.244.0.0/16".parse().unwrap(),
+            default_route: true,
+        }
+    }
+
+    #[test]
+    fn names_are_stable_short_and_distinct() {
+        let a = host_veth_name("c1", "eth0");
+        assert_eq!(a, host_veth_name("c1", "eth0"));
+        assert_ne!(a, host_veth_name("c1", "net1"));
+        assert_ne!(a, host_veth_name("c2", "eth0"));
+        assert!(a.len() <= 15 && is_host_veth_name(&a), "{a}");
+        assert!(!is_host_veth_name("tweed0") && !is_host_veth_name("twXXXXXXXXXXXX"));
+    }
+
+    #[test]
+    fn alias_round_trip_and_long_ids() {
+        let a = alias("tweed", "abc-1", "eth0");
+        assert_eq!(a, "tweed/tweed/abc-1/eth0");
+        assert_eq!(parse_alias(&a), Some(("tweed", "abc-1", "eth0")));
+        let long = alias("n", &"x".repeat(300), "eth0");
+        assert!(long.len() <= 255 && long.starts_with("tweed/#"));
+        assert_eq!(parse_alias(&long), None);
+        assert_eq!(parse_alias("something else"), None);
+    }
+
+    #[test]
+    fn mac_follows_the_address() {
+        let m = mac_for_ip("10.244.3.7".parse().unwrap());
+        assert_eq!(m.to_string(), "0a:58:0a:f4:03:07");
+        assert!(m.is_valid_unicast());
+    }
+
+    #[test]
+    fn bridge_is_fixed_only_where_it_differs() {
+        let want = BridgeWant::new("cni0", 1450, "10.244.1.1/24".parse().unwrap());
+        let mut l = link(4, "cni0", "bridge", None);
+        l.mac = Some(want.mac);
+        l.mtu = 1450;
+        assert_eq!(
+            bridge_fix_ops(&l, &want),
+            vec![Op::AddrAdd {
+                ifindex: 4,
+                addr: want.gateway
+            }]
+        );
+        // A bridge left behind with a kernel-chosen MAC and MTU, down.
+        l.mac = Some(MacAddr([2, 1, 2, 3, 4, 5]));
+        l.mtu = 1500;
+        l.up = false;
+        let ops = bridge_fix_ops(&l, &want);
+        assert_eq!(ops.len(), 4);
+        assert!(ops.contains(&Op::LinkSetMac {
+            name: "cni0".into(),
+            mac: want.mac
+        }));
+        assert!(ops.contains(&Op::LinkSetMtu {
+            name: "cni0".into(),
+            mtu: 1450
+        }));
+        assert!(bridge_conflict(&link(4, "cni0", "dummy", None))
+            .unwrap()
+            .contains("a dummy device"));
+        assert_eq!(bridge_conflict(&l), None);
+        assert!(matches!(
+            want.create_op(),
+            Op::LinkAddBridge(BridgeSpec {
+                mtu: Some(1450),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn host_and_container_plans() {
+        let a = attach();
+        let host = a.host_ops(4, 9);
+        assert!(matches!(&host[0], Op::LinkAddVeth(v)
+            if v.peer == "eth0" && v.peer_netns == Some(9) && v.mtu == Some(1450)));
+        assert!(host.contains(&Op::LinkSetMaster {
+            name: a.host_veth.clone(),
+            master: Some(4)
+        }));
+        assert!(host.contains(&Op::LinkSetHairpin {
+            name: a.host_veth.clone(),
+            on: true
+        }));
+        assert_eq!(
+            host.last(),
+            Some(&Op::LinkSetUp {
+                name: a.host_veth.clone()
+            })
+        );
+        let c = a.container_ops(2);
+        let routes: Vec<String> = c
+            .iter()
+            .filter(|o| matches!(o, Op::RouteReplace(_)))
+            .map(|o| o.to_string())
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                "route replace 10.244.0.0/16 via 10.244.1.1 dev #2",
+                "route replace 0.0.0.0/0 via 10.244.1.1 dev #2"
+            ]
+        );
+        let mut no_default = a.clone();
+        no_default.default_route = false;
+        no_default.hairpin = false;
+        assert_eq!(no_default.route_dsts().len(), 1);
+        assert!(!no_default
+            .host_ops(4, 9)
+            .iter()
+            .any(|o| matches!(o, Op::LinkSetHairpin { .. })));
+    }
+
+    #[test]
+    fn ownership_rules() {
+        let a = attach();
+        let mine = link(5, &a.host_veth, "veth", Some(&a.alias()));
+        let theirs = link(6, &a.host_veth, "veth", Some("tweed/tweed/other/eth0"));
+        let unmarked = link(7, &a.host_veth, "veth", None);
+        let foreign = link(8, "eth0", "veth", Some("set by someone else"));
+        assert!(host_end_deletable(&mine, &a.alias()));
+        assert!(!host_end_deletable(&theirs, &a.alias()));
+        assert!(host_end_deletable(&unmarked, &a.alias()));
+        assert!(!owned_by(&foreign, &a.alias()));
+        assert!(!host_end_deletable(
+            &link(9, "eth0", "veth", None),
+            &a.alias()
+        ));
+    }
+
+    #[test]
+    fn gc_picks_invalid_attachments_of_this_network_only() {
+        let keep = Attachment {
+            container_id: "keep".into(),
+            ifname: "eth0".into(),
+        };
+        let valid: BTreeSet<_> = [keep.clone()].into();
+        let links = vec![
+            link(1, "lo", "", None),
+            link(2, "cni0", "bridge", None),
+            link(
+                3,
+                &host_veth_name("keep", "eth0"),
+                "veth",
+                Some(&alias("tweed", "keep", "eth0")),
+            ),
+            link(
+                4,
+                &host_veth_name("gone", "eth0"),
+                "veth",
+                Some(&alias("tweed", "gone", "eth0")),
+            ),
+            link(
+                5,
+                &host_veth_name("x", "eth0"),
+                "veth",
+                Some(&alias("othernet", "x", "eth0")),
+            ),
+            link(6, &host_veth_name("half", "eth0"), "veth", None),
+            link(
+                7,
+                &host_veth_name("keep", "eth0").replace("tw", "tx"),
+                "veth",
+                None,
+            ),
+            link(8, "vethabc", "veth", None),
+        ];
+        let doomed: Vec<u32> = gc_links(&links, "tweed", &valid)
+            .iter()
+            .map(|l| l.index)
+            .collect();
+        assert_eq!(doomed, vec![4, 6]);
+    }
+}

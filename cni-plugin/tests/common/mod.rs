@@ -1,0 +1,146 @@
+//! A "node" for the root integration tests: a host namespace the plugin runs in, a temp dir
+//! with subnet.env and the IPAM store, and container namespaces. Everything is removed on drop,
+//! also when a test fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use tweed_cni::testkit::{self, Call, NetnsGuard, PluginRun};
+
+pub const TWEED: &str = env!("CARGO_BIN_EXE_tweed");
+pub const REF_DIR: &str = "/usr/lib/cni";
+
+/// Skips (returning `None`) unless root.
+pub fn node(tag: &str) -> Option<Node> {
+    if !testkit::is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return None;
+    }
+    Some(Node::new(tag, "10.244.7.1/24"))
+}
+
+pub struct Node {
+    pub prefix: String,
+    pub host: NetnsGuard,
+    pub dir: tempfile::TempDir,
+    pub subnet_env: PathBuf,
+}
+
+impl Node {
+    pub fn new(tag: &str, subnet: &str) -> Node {
+        let prefix = format!("twt{}{tag}", std::process::id());
+        let host = NetnsGuard::new(&format!("{prefix}h")).expect("host netns");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let subnet_env = dir.path().join("subnet.env");
+        testkit::write_subnet_env(&subnet_env, "10.244.0.0/16", subnet, 1450).expect("subnet.env");
+        Node {
+            prefix,
+            host,
+            dir,
+            subnet_env,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The IPAM store of network `name`.
+    pub fn store(&self, name: &str) -> PathBuf {
+        self.data_dir().join(name)
+    }
+
+    /// Address records in the store of network `name`.
+    pub fn records(&self, name: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.store(name))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// A tweed configuration for this node, with `extra` keys merged in.
+    pub fn conf_value(&self, version: &str, extra: Value) -> Value {
+        let mut c = json!({
+            "cniVersion": version,
+            "name": "tnet",
+            "type": "tweed",
+            "subnetFile": self.subnet_env,
+            "dataDir": self.data_dir(),
+        });
+        if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                c.insert(k.clone(), v.clone());
+            }
+        }
+        c
+    }
+
+    pub fn conf(&self, version: &str, extra: Value) -> String {
+        self.conf_value(version, extra).to_string()
+    }
+
+    pub fn container(&self, n: usize) -> NetnsGuard {
+        NetnsGuard::new(&format!("{}c{n}", self.prefix)).expect("container netns")
+    }
+
+    pub fn run(&self, plugin: &Path, call: &Call<'_>, conf: &str) -> PluginRun {
+        testkit::run(self.host.netns(), plugin, call, conf.as_bytes()).expect("spawning the plugin")
+    }
+
+    pub fn tweed(&self, command: &str, id: &str, netns: &str, conf: &str) -> PluginRun {
+        self.run(Path::new(TWEED), &Call::new(command, id, netns), conf)
+    }
+
+    /// Names of the host namespace's links.
+    pub fn host_links(&self) -> Vec<String> {
+        links(&self.host)
+    }
+}
+
+/// Link names in a namespace.
+pub fn links(ns: &NetnsGuard) -> Vec<String> {
+    ns.ip(&["-o", "link", "show"])
+        .expect("ip link")
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+/// Asserts a run failed with `code` and printed exactly one JSON error document naming
+/// `needle`.
+pub fn assert_error(run: &PluginRun, code: u64, needle: &str) {
+    assert!(!run.ok(), "expected failure, got success: {}", run.stdout);
+    let v = run.json();
+    assert_eq!(v["code"], code, "{}", run.stdout);
+    let msg = v["msg"].as_str().unwrap_or_default();
+    assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+    assert_eq!(
+        run.stdout.trim().lines().count(),
+        1,
+        "one document only: {:?}",
+        run.stdout
+    );
+}
+
+/// Whether the reference plugins are installed (Debian `containernetworking-plugins`).
+pub fn have_reference_plugins() -> bool {
+    [
+        "bridge",
+        "host-local",
+        "portmap",
+        "bandwidth",
+        "firewall",
+        "tuning",
+    ]
+    .iter()
+    .all(|p| Path::new(REF_DIR).join(p).exists())
+}

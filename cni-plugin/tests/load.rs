@@ -1,0 +1,164 @@
+//! Load and crash behaviour (root only): parallel ADDs, ADD/DEL churn, a plugin killed mid-ADD.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{links, node, Node, TWEED};
+use serde_json::json;
+use tweed_cni::testkit::{self, Call, NetnsGuard};
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tw_links(n: &Node) -> Vec<String> {
+    n.host_links()
+        .into_iter()
+        .filter(|l| l.starts_with("tw"))
+        .collect()
+}
+
+#[test]
+fn two_hundred_parallel_adds_get_distinct_addresses() {
+    let Some(n) = node("par") else { return };
+    const N: usize = 200;
+    let conf = n.conf("1.0.0", json!({}));
+    let containers: Vec<NetnsGuard> = (0..N).map(|i| n.container(i)).collect();
+    let paths: Vec<String> = containers.iter().map(NetnsGuard::path_str).collect();
+    let ids: Vec<String> = (0..N).map(|i| format!("par{i}")).collect();
+    // Start all 200 before waiting for any.
+    let children: Vec<_> = (0..N)
+        .map(|i| {
+            testkit::spawn(
+                n.host.netns(),
+                Path::new(TWEED),
+                &Call::new("ADD", &ids[i], &paths[i]),
+                conf.as_bytes(),
+            )
+            .expect("spawn")
+        })
+        .collect();
+    let mut addrs = std::collections::BTreeSet::new();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "ADD {i}: {stdout}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        addrs.insert(v["ips"][0]["address"].as_str().unwrap().to_string());
+    }
+    assert_eq!(addrs.len(), N, "every ADD got its own address");
+    assert_eq!(n.records("tnet").len(), N);
+    for (i, c) in containers.iter().enumerate().step_by(37) {
+        let a = c.ip(&["-o", "-4", "addr", "show", "eth0"]).unwrap();
+        assert!(a.contains("10.244.7."), "container {i}: {a}");
+    }
+    let dels: Vec<_> = (0..N)
+        .map(|i| {
+            testkit::spawn(
+                n.host.netns(),
+                Path::new(TWEED),
+                &Call::new("DEL", &ids[i], &paths[i]),
+                conf.as_bytes(),
+            )
+            .expect("spawn")
+        })
+        .collect();
+    for (i, child) in dels.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "DEL {i}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(n.records("tnet").is_empty());
+    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
+}
+
+#[test]
+fn hundred_add_del_cycles_leave_nothing() {
+    let Some(n) = node("cyc") else { return };
+    let conf = n.conf("1.0.0", json!({"hairpinMode": true}));
+    let c = n.container(1);
+    for i in 0..100 {
+        let id = format!("cyc{i}");
+        let add = n.tweed("ADD", &id, &c.path_str(), &conf);
+        assert!(add.ok(), "cycle {i}: {}", add.stdout);
+        let del = n.tweed("DEL", &id, &c.path_str(), &conf);
+        assert!(del.ok(), "cycle {i}: {}", del.stdout);
+    }
+    assert!(n.records("tnet").is_empty());
+    assert_eq!(links(&c), ["lo"]);
+    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
+}
+
+#[test]
+fn plugin_killed_mid_add_leaks_nothing_after_gc() {
+    let Some(n) = node("kil") else { return };
+    let conf = n.conf("1.1.0", json!({}));
+    // Killed while holding the IPAM lock: the kernel drops the lock, the next ADD goes on.
+    let c0 = n.container(0);
+    let p0 = c0.path_str();
+    let mut call = Call::new("ADD", "k0", &p0);
+    call.extra_env = vec![("TWEED_CNI_TEST_PAUSE".into(), "ipam-locked".into())];
+    let mut child =
+        testkit::spawn(n.host.netns(), Path::new(TWEED), &call, conf.as_bytes()).unwrap();
+    wait_for("the address record", Duration::from_secs(10), || {
+        n.records("tnet").len() == 1
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Killed after the veth pair exists, before the container side is configured.
+    let c1 = n.container(1);
+    let p1 = c1.path_str();
+    let mut call = Call::new("ADD", "k1", &p1);
+    call.extra_env = vec![("TWEED_CNI_TEST_PAUSE".into(), "after-host".into())];
+    let mut child =
+        testkit::spawn(n.host.netns(), Path::new(TWEED), &call, conf.as_bytes()).unwrap();
+    wait_for("the veth pair", Duration::from_secs(10), || {
+        tw_links(&n).len() == 1
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(n.records("tnet").len(), 2);
+
+    // A live container, which GC must keep.
+    let c2 = n.container(2);
+    let add = n.tweed("ADD", "live", &c2.path_str(), &conf);
+    assert!(add.ok(), "{}", add.stdout);
+    let live_ip = add.json()["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+
+    let gc_conf = n.conf(
+        "1.1.0",
+        json!({"cni.dev/valid-attachments": [{"containerID": "live", "ifname": "eth0"}]}),
+    );
+    let gc = n.tweed("GC", "", "", &gc_conf);
+    assert!(gc.ok(), "{}", gc.stdout);
+    assert_eq!(n.records("tnet"), [live_ip]);
+    assert_eq!(
+        tw_links(&n).len(),
+        1,
+        "only the live container's veth: {:?}",
+        tw_links(&n)
+    );
+    assert_eq!(
+        links(&c1),
+        ["lo"],
+        "the killed ADD's container end went with its pair"
+    );
+    assert!(n.tweed("DEL", "live", &c2.path_str(), &conf).ok());
+    assert!(tw_links(&n).is_empty());
+}
