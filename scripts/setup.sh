@@ -33,9 +33,26 @@ declare -A PROGRAM_PACKAGE=(
     [cc]=build-essential
     [make]=build-essential
     [pkg-config]=pkg-config
+    [jq]=jq
+    [nsenter]=util-linux
+    [busybox]=busybox-static
+    [umoci]=umoci
+    [skopeo]=skopeo
+    [runc]=runc
+    [containerd]=containerd
+    [ctr]=containerd
+    [podman]=podman
+    [nft]=nftables
+    [bc]=bc
+)
+# Files the tests need that are not programs on PATH, and their packages.
+declare -A FILE_PACKAGE=(
+    [/usr/lib/cni/bridge]=containernetworking-plugins
+    [/etc/ssl/certs/ca-certificates.crt]=ca-certificates
 )
 APT_PACKAGES=(etcd-server etcd-client protobuf-compiler iproute2 iputils-ping iperf3 iptables
-    procps psmisc build-essential pkg-config ca-certificates)
+    nftables procps psmisc build-essential pkg-config ca-certificates jq util-linux
+    busybox-static umoci skopeo runc containerd podman containernetworking-plugins bc)
 
 install_packages() {
     local missing=()
@@ -43,7 +60,9 @@ install_packages() {
     for p in "${!PROGRAM_PACKAGE[@]}"; do
         command -v "$p" >/dev/null 2>&1 || missing+=("$p (${PROGRAM_PACKAGE[$p]})")
     done
-    [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=("CA certificates (ca-certificates)")
+    for p in "${!FILE_PACKAGE[@]}"; do
+        [ -e "$p" ] || missing+=("$p (${FILE_PACKAGE[$p]})")
+    done
     if [ ${#missing[@]} -eq 0 ]; then
         log "all tools present, skipping apt-get"
         return
@@ -55,6 +74,9 @@ install_packages() {
     apt-get install -y --no-install-recommends "${APT_PACKAGES[@]}"
     for p in "${!PROGRAM_PACKAGE[@]}"; do
         command -v "$p" >/dev/null 2>&1 || die "$p still missing after installing ${PROGRAM_PACKAGE[$p]}"
+    done
+    for p in "${!FILE_PACKAGE[@]}"; do
+        [ -e "$p" ] || die "$p still missing after installing ${FILE_PACKAGE[$p]}"
     done
 }
 
