@@ -1,4 +1,8 @@
-//! Masquerade and forward rules, as plain data rendered for `iptables-restore`.
+//! Masquerade and forward rules, as plain data rendered for `iptables-restore` or `nft -f`.
+//!
+//! [`Firewall`] is what the agent calls: [`Firewall::sync`] brings the kernel to a [`RuleSpec`]
+//! with iptables ([`Iptables`]) or nftables ([`Nftables`]), and says whether it had to change
+//! anything (call it every `--iptables-resync`).
 //!
 //! The chain structure follows flannel's: a nat chain jumped to from POSTROUTING that returns early
 //! for traffic staying inside the overlay and masquerades what leaves it, and a filter chain
@@ -8,6 +12,7 @@
 
 use ipnetwork::Ipv4Network;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 pub const NAT_CHAIN: &str = "TWEED-POSTRTG";
 pub const FWD_CHAIN: &str = "TWEED-FWD";
@@ -21,6 +26,72 @@ pub enum RulesError {
         args: String,
         reason: String,
     },
+    #[error(
+        "nft table ip {table} still differs from the rules just applied; nft printed:\n{listing}"
+    )]
+    NftMismatch {
+        table: &'static str,
+        listing: String,
+    },
+}
+
+/// What the rules must say, whichever tool writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleSpec {
+    /// The whole overlay (`Network` of the network config).
+    pub network: Ipv4Network,
+    /// This node's lease.
+    pub subnet: Ipv4Network,
+    /// `--ip-masq`: masquerade traffic leaving the overlay. Without it only the forward rules
+    /// exist (and masquerade rules left by an earlier run with it are removed).
+    pub ip_masq: bool,
+}
+
+impl RuleSpec {
+    /// The iptables chains this spec wants (the nat chain only with `ip_masq`).
+    pub fn iptables_chains(&self) -> Vec<Chain> {
+        let mut v = Vec::new();
+        if self.ip_masq {
+            v.push(masquerade_chain(self.network, self.subnet));
+        }
+        v.push(forward_chain(self.network));
+        v
+    }
+}
+
+/// The one thing the agent calls: iptables (default, as flannel) or nftables (`--nftables`).
+#[derive(Debug)]
+pub enum Firewall {
+    Iptables,
+    /// Holds what nft printed after the last apply, see [`Nftables`].
+    Nftables(Nftables),
+}
+
+impl Firewall {
+    pub fn new(nftables: bool) -> Firewall {
+        if nftables {
+            Firewall::Nftables(Nftables::default())
+        } else {
+            Firewall::Iptables
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Firewall::Iptables => "iptables",
+            Firewall::Nftables(_) => "nftables",
+        }
+    }
+
+    /// Brings the rules to `spec`; returns whether anything had to change. Runs the iptables or
+    /// nft binaries in the calling thread's network namespace: blocking, so call it from
+    /// `spawn_blocking` in async code.
+    pub fn sync(&self, spec: &RuleSpec) -> Result<bool, RulesError> {
+        match self {
+            Firewall::Iptables => Iptables::sync_spec(spec),
+            Firewall::Nftables(n) => n.sync(spec),
+        }
+    }
 }
 
 /// One of tweed's chains: where it hangs (table + built-in chain) and what it holds.
@@ -146,6 +217,133 @@ pub fn plan_sync(chains: &[Chain], listings: &dyn Fn(&str) -> String) -> SyncPla
     }
 }
 
+/// What removing `c` has to do: (delete the jump, delete the chain).
+pub fn plan_removal(listing: &str, c: &Chain) -> (bool, bool) {
+    (
+        has_jump(listing, c),
+        chain_rules_from_listing(listing, c.name).is_some(),
+    )
+}
+
+/// The nftables table (family `ip`) that holds all of tweed's rules.
+pub const NFT_TABLE: &str = "tweed";
+
+/// The table as `nft list table ip tweed` prints it (nftables 1.0), so that a listing of a correct
+/// table equals it after [`nft_canonical`]. Same semantics as the iptables chains: base chains
+/// hooked at postrouting (srcnat) and forward (filter).
+pub fn render_nft(spec: &RuleSpec) -> String {
+    let (n, s) = (spec.network, spec.subnet);
+    let mut out = format!("table ip {NFT_TABLE} {{\n");
+    if spec.ip_masq {
+        out.push_str(&format!(
+            "\tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tmeta mark & 0x00004000 == 0x00004000 return\n\
+             \t\tip saddr {n} ip daddr {n} return\n\
+             \t\tip saddr != {n} ip daddr {s} return\n\
+             \t\tip saddr {n} ip daddr != 224.0.0.0/4 masquerade fully-random\n\
+             \t\tip saddr != {n} ip daddr {n} masquerade fully-random\n\
+             \t}}\n\n"
+        ));
+    }
+    out.push_str(&format!(
+        "\tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tip saddr {n} accept\n\
+         \t\tip daddr {n} accept\n\
+         \t}}\n}}\n"
+    ));
+    out
+}
+
+/// `nft -f` input that replaces the table in one transaction: creating it first makes the delete
+/// valid when it does not exist yet, and nothing is ever without rules in between.
+pub fn nft_script(spec: &RuleSpec) -> String {
+    format!(
+        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n{}",
+        render_nft(spec)
+    )
+}
+
+/// A listing reduced to what matters: no comments, blank lines or indentation differences.
+pub fn nft_canonical(text: &str) -> String {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// nftables through the `nft` binary. Sync = list the table, compare with the desired rules, and
+/// replace the whole table atomically when they differ (or it is gone).
+///
+/// Comparison is against the rendered text in nft 1.0's print format; an nft that prints the same
+/// rules differently would otherwise be "changed" on every sync, so after each apply the listing
+/// nft gave back is remembered as an equivalent form of that desired state.
+#[derive(Debug, Default)]
+pub struct Nftables {
+    /// (canonical desired text, canonical listing right after applying it)
+    applied: Mutex<Option<(String, String)>>,
+}
+
+impl Nftables {
+    /// `nft list table ip tweed`; `None` when the table does not exist.
+    pub fn listing() -> Result<Option<String>, RulesError> {
+        match Iptables::run("nft", &["list", "table", "ip", NFT_TABLE], None) {
+            Ok(l) => Ok(Some(l)),
+            Err(RulesError::Command { reason, .. })
+                if reason.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the table if it exists.
+    pub fn remove() -> Result<bool, RulesError> {
+        if Self::listing()?.is_none() {
+            return Ok(false);
+        }
+        Iptables::run("nft", &["delete", "table", "ip", NFT_TABLE], None)?;
+        Ok(true)
+    }
+
+    fn is_current(&self, desired: &str, listing: &str) -> bool {
+        let got = nft_canonical(listing);
+        if got == desired {
+            return true;
+        }
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(&*applied, Some((d, l)) if d == desired && *l == got)
+    }
+
+    pub fn sync(&self, spec: &RuleSpec) -> Result<bool, RulesError> {
+        let desired = nft_canonical(&render_nft(spec));
+        if let Some(listing) = Self::listing()? {
+            if self.is_current(&desired, &listing) {
+                return Ok(false);
+            }
+        }
+        Iptables::run("nft", &["-f", "-"], Some(&nft_script(spec)))?;
+        let after = Self::listing()?.unwrap_or_default();
+        let after = nft_canonical(&after);
+        if after != desired {
+            tracing::debug!(
+                "nft prints the tweed table differently from how it is rendered; remembering its form"
+            );
+        }
+        if after.is_empty() {
+            return Err(RulesError::NftMismatch {
+                table: NFT_TABLE,
+                listing: after,
+            });
+        }
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some((desired, after));
+        Ok(true)
+    }
+}
+
 /// Runs the iptables binaries (the only way to reach both iptables-legacy and iptables-nft hosts).
 pub struct Iptables;
 
@@ -169,9 +367,14 @@ impl Iptables {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| err(format!("{e} (is the iptables package installed?)")))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let pkg = if program == "nft" {
+                "nftables"
+            } else {
+                "iptables"
+            };
+            err(format!("{e} (is the {pkg} package installed?)"))
+        })?;
         if let Some(input) = stdin {
             use std::io::Write;
             child
@@ -190,6 +393,32 @@ impl Iptables {
 
     pub fn listing(table: &str) -> Result<String, RulesError> {
         Self::run("iptables", &["-w", "5", "-t", table, "-S"], None)
+    }
+
+    /// [`Iptables::sync`] for a [`RuleSpec`], and removes the nat chain (and its jump) when the
+    /// spec has no masquerading.
+    pub fn sync_spec(spec: &RuleSpec) -> Result<bool, RulesError> {
+        let mut changed = Self::sync(&spec.iptables_chains())?;
+        if !spec.ip_masq {
+            changed |= Self::remove(&masquerade_chain(spec.network, spec.subnet))?;
+        }
+        Ok(changed)
+    }
+
+    /// Deletes the jump into `c` and the chain itself, if present; returns whether it did.
+    pub fn remove(c: &Chain) -> Result<bool, RulesError> {
+        let listing = Self::listing(c.table)?;
+        let (jump, chain) = plan_removal(&listing, c);
+        if jump {
+            let mut args = vec!["-w", "5", "-t", c.table, "-D", c.builtin];
+            args.extend(["-m", "comment", "--comment", COMMENT, "-j", c.name]);
+            Self::run("iptables", &args, None)?;
+        }
+        if chain {
+            Self::run("iptables", &["-w", "5", "-t", c.table, "-F", c.name], None)?;
+            Self::run("iptables", &["-w", "5", "-t", c.table, "-X", c.name], None)?;
+        }
+        Ok(jump || chain)
     }
 
     /// Brings `chains` to the desired state; returns whether anything had to change.
@@ -275,6 +504,120 @@ mod tests {
         let p = plan_sync(&other, &listing_for);
         assert!(p.restore.unwrap().contains("-d 10.244.9.0/24"));
         assert!(p.insert_jumps.is_empty());
+    }
+
+    fn spec(ip_masq: bool) -> RuleSpec {
+        RuleSpec {
+            network: net(),
+            subnet: sub(),
+            ip_masq,
+        }
+    }
+
+    #[test]
+    fn spec_chains_follow_ip_masq() {
+        let names = |s: RuleSpec| {
+            s.iptables_chains()
+                .iter()
+                .map(|c| c.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(spec(true)), vec![NAT_CHAIN, FWD_CHAIN]);
+        assert_eq!(names(spec(false)), vec![FWD_CHAIN]);
+        assert_eq!(Firewall::new(false).name(), "iptables");
+        assert_eq!(Firewall::new(true).name(), "nftables");
+    }
+
+    #[test]
+    fn removal_plan() {
+        let c = masquerade_chain(net(), sub());
+        let full = format!(
+            "-P POSTROUTING ACCEPT\n-N {NAT_CHAIN}\n-A POSTROUTING {}\n-A {NAT_CHAIN} -j RETURN\n",
+            c.jump()
+        );
+        assert_eq!(plan_removal(&full, &c), (true, true));
+        assert_eq!(
+            plan_removal(&format!("-N {NAT_CHAIN}\n"), &c),
+            (false, true)
+        );
+        assert_eq!(plan_removal("-P POSTROUTING ACCEPT\n", &c), (false, false));
+    }
+
+    #[test]
+    fn nft_table_has_the_iptables_semantics() {
+        let t = render_nft(&spec(true));
+        for want in [
+            "type nat hook postrouting priority srcnat; policy accept;",
+            "meta mark & 0x00004000 == 0x00004000 return",
+            "ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return",
+            "ip saddr != 10.244.0.0/16 ip daddr 10.244.3.0/24 return",
+            "ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random",
+            "ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random",
+            "type filter hook forward priority filter; policy accept;",
+            "ip saddr 10.244.0.0/16 accept",
+            "ip daddr 10.244.0.0/16 accept",
+        ] {
+            assert!(t.contains(want), "{want} missing in\n{t}");
+        }
+        // One rule per iptables rule, in the same order.
+        let nat_rules = t
+            .lines()
+            .skip_while(|l| !l.contains("chain postrouting"))
+            .skip(2)
+            .take_while(|l| !l.contains('}'))
+            .count();
+        assert_eq!(nat_rules, masquerade_chain(net(), sub()).rules.len());
+        let t = render_nft(&spec(false));
+        assert!(
+            !t.contains("postrouting") && t.contains("chain forward"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn nft_script_replaces_the_table_atomically() {
+        let s = nft_script(&spec(true));
+        assert!(
+            s.starts_with("table ip tweed\ndelete table ip tweed\ntable ip tweed {\n"),
+            "{s}"
+        );
+        assert_eq!(s.matches("delete").count(), 1);
+    }
+
+    #[test]
+    fn nft_canonical_ignores_layout_only() {
+        // What nft 1.0.6 printed for this spec (tabs, blank line between chains).
+        let printed = "table ip tweed {\n\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmeta mark & 0x00004000 == 0x00004000 return\n\t\tip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return\n\t\tip saddr != 10.244.0.0/16 ip daddr 10.244.3.0/24 return\n\t\tip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random\n\t\tip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random\n\t}\n\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tip saddr 10.244.0.0/16 accept\n\t\tip daddr 10.244.0.0/16 accept\n\t}\n}\n";
+        assert_eq!(
+            nft_canonical(printed),
+            nft_canonical(&render_nft(&spec(true)))
+        );
+        let other = RuleSpec {
+            subnet: "10.244.9.0/24".parse().unwrap(),
+            ..spec(true)
+        };
+        assert_ne!(nft_canonical(printed), nft_canonical(&render_nft(&other)));
+        let fewer = printed.replace("\t\tip daddr 10.244.0.0/16 accept\n", "");
+        assert_ne!(
+            nft_canonical(&fewer),
+            nft_canonical(&render_nft(&spec(true)))
+        );
+    }
+
+    #[test]
+    fn nft_remembers_an_equivalent_printed_form() {
+        let n = Nftables::default();
+        let desired = nft_canonical(&render_nft(&spec(true)));
+        let printed_elsewhere = desired.replace("srcnat", "100");
+        assert!(n.is_current(&desired, &desired));
+        assert!(!n.is_current(&desired, &printed_elsewhere));
+        *n.applied.lock().unwrap() = Some((desired.clone(), nft_canonical(&printed_elsewhere)));
+        assert!(n.is_current(&desired, &printed_elsewhere));
+        let other = nft_canonical(&render_nft(&spec(false)));
+        assert!(
+            !n.is_current(&other, &printed_elsewhere),
+            "only for the spec it was applied for"
+        );
     }
 
     #[test]

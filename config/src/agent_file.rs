@@ -53,13 +53,25 @@ pub struct AgentFile {
     pub etcd_cafile: Option<PathBuf>,
     pub etcd_certfile: Option<PathBuf>,
     pub etcd_keyfile: Option<PathBuf>,
+    pub etcd_username: Option<String>,
+    /// Prefer `etcd-password-file`: a config file is often world-readable.
+    pub etcd_password: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
     pub iface: Option<OneOrMany>,
+    pub iface_regex: Option<OneOrMany>,
+    pub iface_can_reach: Option<String>,
     pub public_ip: Option<String>,
     pub subnet_file: Option<PathBuf>,
     pub subnet_lease_renew_margin: Option<String>,
     pub lease_ttl: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub log_level: Option<String>,
+    /// `host:port`, or `""`/`off` to disable.
+    pub metrics_addr: Option<String>,
+    pub api_socket: Option<PathBuf>,
+    pub ip_masq: Option<bool>,
+    pub iptables_resync: Option<String>,
+    pub nftables: Option<bool>,
 }
 
 impl AgentFile {
@@ -120,7 +132,43 @@ mod tests {
             AgentFile::duration(Path::new("a"), "lease-ttl", &f.lease_ttl).unwrap(),
             Some(Duration::from_secs(10))
         );
-        assert_eq!(AgentFile::parse(Path::new("e"), "\n").unwrap(), AgentFile::default());
+        assert_eq!(
+            AgentFile::parse(Path::new("e"), "\n").unwrap(),
+            AgentFile::default()
+        );
+    }
+
+    #[test]
+    fn parses_the_newer_keys() {
+        let f = AgentFile::parse(
+            Path::new("a.yaml"),
+            "etcd-username: flannel\netcd-password-file: /etc/tweed/pw\niface-regex: ['^eth[0-9]+$', '^198\\.18\\.']\n\
+             iface-can-reach: 198.18.0.1\nmetrics-addr: off\napi-socket: /run/x.sock\nip-masq: true\n\
+             iptables-resync: 10s\nnftables: false\n",
+        )
+        .unwrap();
+        assert_eq!(f.etcd_username.as_deref(), Some("flannel"));
+        assert_eq!(f.etcd_password_file, Some(PathBuf::from("/etc/tweed/pw")));
+        assert_eq!(
+            f.iface_regex.unwrap().into_vec(),
+            vec!["^eth[0-9]+$", "^198\\.18\\."]
+        );
+        assert_eq!(f.iface_can_reach.as_deref(), Some("198.18.0.1"));
+        assert_eq!(f.metrics_addr.as_deref(), Some("off"));
+        assert_eq!(f.api_socket, Some(PathBuf::from("/run/x.sock")));
+        assert_eq!((f.ip_masq, f.nftables), (Some(true), Some(false)));
+        assert_eq!(f.iptables_resync.as_deref(), Some("10s"));
+    }
+
+    #[test]
+    fn a_bool_key_with_a_non_bool_value_is_named() {
+        let e = AgentFile::parse(Path::new("/etc/tweed/tweedd.yaml"), "ip-masq: maybe\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/tweed/tweedd.yaml") && e.contains("ip-masq"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -128,7 +176,10 @@ mod tests {
         let e = AgentFile::parse(Path::new("/etc/tweed/tweedd.yaml"), "etcd-endpoint: x\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("/etc/tweed/tweedd.yaml") && e.contains("etcd-endpoint"), "{e}");
+        assert!(
+            e.contains("/etc/tweed/tweedd.yaml") && e.contains("etcd-endpoint"),
+            "{e}"
+        );
         let e = AgentFile::duration(Path::new("f"), "lease-ttl", &Some("soon".into()))
             .unwrap_err()
             .to_string();

@@ -108,9 +108,17 @@ pub struct LeaseAttrs {
         skip_serializing_if = "Option::is_none"
     )]
     pub public_ipv6: Option<Ipv6Addr>,
-    #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub backend_type: String,
-    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_data: Option<Box<RawValue>>,
     #[serde(
         rename = "BackendV6Data",
@@ -133,7 +141,11 @@ impl PartialEq for LeaseAttrs {
 impl Eq for LeaseAttrs {}
 
 impl LeaseAttrs {
-    pub fn new(public_ip: Ipv4Addr, backend_type: &str, backend_data: Option<&serde_json::Value>) -> Self {
+    pub fn new(
+        public_ip: Ipv4Addr,
+        backend_type: &str,
+        backend_data: Option<&serde_json::Value>,
+    ) -> Self {
         LeaseAttrs {
             public_ip,
             public_ipv6: None,
@@ -199,7 +211,10 @@ mod tests {
         assert_eq!(d.ipv6.unwrap().to_string(), "fc00:0:0:3::/64");
         assert_eq!(d.to_string(), "10.244.3.0-24&fc00:0:0:3::-64");
         assert_eq!(
-            SubnetKey::from_etcd_key("/coreos.com/network", "/coreos.com/network/subnets/10.1.2.0-24"),
+            SubnetKey::from_etcd_key(
+                "/coreos.com/network",
+                "/coreos.com/network/subnets/10.1.2.0-24"
+            ),
             Some(Ok(SubnetKey::new("10.1.2.0/24".parse().unwrap())))
         );
         assert_eq!(
@@ -210,7 +225,14 @@ mod tests {
 
     #[test]
     fn bad_keys() {
-        for k in ["", "10.244.3.0", "10.244.3.0-33", "10.244.3.5-24", "x-24", "10.244.3.0-24&zz-64"] {
+        for k in [
+            "",
+            "10.244.3.0",
+            "10.244.3.0-33",
+            "10.244.3.5-24",
+            "x-24",
+            "10.244.3.0-24&zz-64",
+        ] {
             assert!(k.parse::<SubnetKey>().is_err(), "{k} should be rejected");
         }
     }
@@ -249,10 +271,16 @@ mod tests {
 
     #[test]
     fn corrupt_values_are_errors() {
-        for v in [&b"{"[..], b"null", br#"{"PublicIP":"nope"}"#, br#"{"BackendType":"vxlan"}"#] {
+        for v in [
+            &b"{"[..],
+            b"null",
+            br#"{"PublicIP":"nope"}"#,
+            br#"{"BackendType":"vxlan"}"#,
+        ] {
             assert!(LeaseAttrs::parse(v).is_err());
         }
-        let no_data = LeaseAttrs::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#).unwrap();
+        let no_data =
+            LeaseAttrs::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#).unwrap();
         assert!(no_data.vxlan_data().is_err());
     }
 }

@@ -86,7 +86,10 @@ fn get_uint(
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(v) if v <= max => Ok(Some(v)),
-            _ => Err(bad(field, format!("expected an integer 0..={max}, got {n}"))),
+            _ => Err(bad(
+                field,
+                format!("expected an integer 0..={max}, got {n}"),
+            )),
         },
         Some(other) => Err(bad(field, format!("expected a number, got {other}"))),
     }
@@ -255,7 +258,10 @@ impl NetworkConfig {
     fn parse_mtu(b: &Map<String, Value>) -> Result<u32, NetworkConfigError> {
         let mtu = get_uint(b, "MTU", "Backend.MTU", 65535)?.unwrap_or(0) as u32;
         if mtu != 0 && mtu < 576 {
-            return Err(bad("Backend.MTU", format!("{mtu} is below IPv4's minimum of 576")));
+            return Err(bad(
+                "Backend.MTU",
+                format!("{mtu} is below IPv4's minimum of 576"),
+            ));
         }
         Ok(mtu)
     }
@@ -330,8 +336,8 @@ mod tests {
         assert_eq!(c.nth_subnet(0).unwrap().to_string(), "10.244.1.0/24");
         assert_eq!(c.nth_subnet(254).unwrap().to_string(), "10.244.255.0/24");
         assert!(c.nth_subnet(255).is_none());
-        let u = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#)
-            .unwrap();
+        let u =
+            NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#).unwrap();
         assert_eq!(u.backend, BackendConfig::Udp { port: 8285, mtu: 0 });
         let h = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
             .unwrap();

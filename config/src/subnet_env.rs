@@ -33,8 +33,7 @@ pub struct SubnetEnv {
 impl SubnetEnv {
     /// The node subnet itself (network address), e.g. `10.244.3.0/24`.
     pub fn node_subnet(&self) -> Ipv4Network {
-        Ipv4Network::new(self.subnet.network(), self.subnet.prefix())
-            .expect("prefix already valid")
+        Ipv4Network::new(self.subnet.network(), self.subnet.prefix()).expect("prefix already valid")
     }
 
     pub fn render(&self) -> String {
@@ -75,9 +74,8 @@ impl SubnetEnv {
                 .map(|v| (format!("TWEED_{k}"), v))
                 .or_else(|| flannel.get(k).map(|v| (format!("FLANNEL_{k}"), v)))
         };
-        let need = |k: &str| {
-            get(k).ok_or_else(|| field(&format!("TWEED_{k}"), "missing".to_string()))
-        };
+        let need =
+            |k: &str| get(k).ok_or_else(|| field(&format!("TWEED_{k}"), "missing".to_string()));
         let (nk, nv) = need("NETWORK")?;
         let network: Ipv4Network = nv
             .parse()
@@ -128,9 +126,15 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), SubnetEnvError> 
         path: path.to_path_buf(),
         source,
     };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -173,15 +177,24 @@ mod tests {
         let text = "# written by flannel\nFLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
         assert_eq!(SubnetEnv::parse(Path::new("x"), text).unwrap(), sample());
         let with_comment = "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.3.1/24 # first usable\nexport TWEED_MTU=\"1450\"\nTWEED_IPMASQ=true\n";
-        assert_eq!(SubnetEnv::parse(Path::new("x"), with_comment).unwrap(), sample());
+        assert_eq!(
+            SubnetEnv::parse(Path::new("x"), with_comment).unwrap(),
+            sample()
+        );
     }
 
     #[test]
     fn errors_name_file_and_key() {
-        let e = SubnetEnv::parse(Path::new("/run/tweed/subnet.env"), "TWEED_NETWORK=10.0.0.0/16\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("/run/tweed/subnet.env") && e.contains("TWEED_SUBNET"), "{e}");
+        let e = SubnetEnv::parse(
+            Path::new("/run/tweed/subnet.env"),
+            "TWEED_NETWORK=10.0.0.0/16\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/run/tweed/subnet.env") && e.contains("TWEED_SUBNET"),
+            "{e}"
+        );
         let e = SubnetEnv::parse(
             Path::new("f"),
             "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=big\n",
@@ -209,7 +222,9 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temp file left behind: {names:?}");
-        let err = SubnetEnv::read(&dir.path().join("missing")).unwrap_err().to_string();
+        let err = SubnetEnv::read(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing"), "{err}");
     }
 }

@@ -3,45 +3,236 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tweed_config::{LeaseAttrs, SubnetKey};
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct EtcdOptions {
     pub endpoints: Vec<String>,
     pub prefix: String,
+    /// `--etcd-cafile`: the CA that signed etcd's server certificate. `https://` endpoints need
+    /// it: tweed does not consult the system trust store.
     pub ca_file: Option<PathBuf>,
+    /// `--etcd-certfile`/`--etcd-keyfile`: a client certificate for etcd's `--client-cert-auth`.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// `--etcd-username`/`--etcd-password`: etcd's own authentication (simple tokens, refreshed
+    /// when they expire).
+    pub username: Option<String>,
+    pub password: Option<String>,
     /// Per-request deadline: without it a request to a dead member hangs instead of failing over.
     pub request_timeout: Duration,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
 }
 
 pub struct EtcdRegistry {
     client: Client,
     prefix: String,
+    ctx: Ctx,
 }
 
-fn etcd_err(op: &'static str, key: &str) -> impl FnOnce(etcd_client::Error) -> RegistryError {
-    let key = key.to_string();
-    move |e| RegistryError::Etcd {
-        op,
-        key,
-        source: Box::new(e),
+/// The whole chain of an etcd-client error: its Display stops at "transport error", which says
+/// nothing about a refused certificate or a closed port.
+pub(crate) fn describe(e: &etcd_client::Error) -> String {
+    fn chain(mut out: String, mut next: Option<&(dyn std::error::Error + 'static)>) -> String {
+        while let Some(e) = next {
+            let s = e.to_string();
+            if !out.contains(&s) {
+                out.push_str(": ");
+                out.push_str(&s);
+            }
+            next = e.source();
+        }
+        out
+    }
+    use std::error::Error as _;
+    match e {
+        etcd_client::Error::TransportError(t) => chain(t.to_string(), t.source()),
+        etcd_client::Error::GRpcStatus(st) => {
+            chain(format!("{:?}: {}", st.code(), st.message()), st.source())
+        }
+        other => other.to_string(),
     }
 }
 
-fn read_file(path: &PathBuf) -> Result<Vec<u8>, RegistryError> {
-    std::fs::read(path).map_err(|source| RegistryError::TlsFile {
-        path: path.clone(),
+/// Whether an error is a TLS failure (handshake refused, certificate not trusted, ...).
+fn is_tls_failure(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "unknownissuer", "ssl"]
+        .iter()
+        .any(|w| d.contains(w))
+}
+
+/// Whether etcd refused the credentials themselves (as opposed to being unreachable).
+fn is_auth_rejection(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(st) => {
+            let m = st.message();
+            m.contains("authentication failed")
+                || m.contains("invalid user ID or password")
+                || m.contains("user name")
+                || st.code() == tonic::Code::PermissionDenied
+                || st.code() == tonic::Code::Unauthenticated
+        }
+        _ => false,
+    }
+}
+
+/// What error messages need to know about the connection.
+#[derive(Clone)]
+struct Ctx {
+    endpoints: String,
+    tls: bool,
+}
+
+impl Ctx {
+    fn classify(&self, op: &'static str, key: &str, e: etcd_client::Error) -> RegistryError {
+        let mut detail = describe(&e);
+        if is_tls_failure(&detail) {
+            return RegistryError::Tls {
+                op,
+                key: key.to_string(),
+                endpoints: self.endpoints.clone(),
+                detail,
+                source: Box::new(e),
+            };
+        }
+        let closed = ["connection closed", "broken pipe", "connection reset"]
+            .iter()
+            .any(|w| detail.contains(w));
+        if self.tls && closed {
+            // TLS 1.3: a server that refuses the client's certificate (or its absence) does so
+            // after the client considers the handshake done, so the client only sees a close.
+            detail.push_str(
+                " (if this persists: an etcd with --client-cert-auth, or with --trusted-ca-file, \
+                 which implies it, closes connections from clients without a certificate it \
+                 trusts; check --etcd-certfile/--etcd-keyfile)",
+            );
+        }
+        if detail.contains("user name is empty") {
+            detail.push_str(
+                " (etcd has authentication enabled: pass --etcd-username and --etcd-password-file)",
+            );
+        } else if detail.contains("permission denied") {
+            detail.push_str(" (the etcd user needs a role with readwrite on the prefix)");
+        }
+        RegistryError::Etcd {
+            op,
+            key: key.to_string(),
+            detail,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// Errors worth waiting out while authenticating at start: etcd not up (yet), no leader.
+fn is_transient(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    [
+        "connection refused",
+        "connect error",
+        "timed out",
+        "timeout",
+        "deadline",
+        "dns error",
+        "unreachable",
+        "no route to host",
+        "no leader",
+        "leader changed",
+        "too many requests",
+    ]
+    .iter()
+    .any(|w| d.contains(w))
+}
+
+fn read_pem(flag: &'static str, path: &Path, marker: &str) -> Result<Vec<u8>, RegistryError> {
+    let err = |source| RegistryError::TlsFile {
+        flag,
+        path: path.to_path_buf(),
         source,
-    })
+    };
+    let bytes = std::fs::read(path).map_err(err)?;
+    if !String::from_utf8_lossy(&bytes).contains(marker) {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a PEM file: no line containing {marker:?}"),
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The rustls client config: the CA (required for `https://`; the system store is not used) and
+/// optionally the client identity.
+fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, RegistryError> {
+    let https = opts.endpoints.iter().any(|e| e.starts_with("https://"));
+    let http = opts.endpoints.iter().any(|e| e.starts_with("http://"));
+    let files = opts.ca_file.is_some() || opts.cert_file.is_some() || opts.key_file.is_some();
+    if https && http {
+        return Err(RegistryError::Options(format!(
+            "--etcd-endpoints mixes http:// and https:// ({}); use one scheme",
+            opts.endpoints.join(",")
+        )));
+    }
+    if !https {
+        if files {
+            return Err(RegistryError::Options(format!(
+                "--etcd-cafile/--etcd-certfile/--etcd-keyfile are given but the endpoints ({}) are \
+                 plain http://; use https:// endpoints",
+                opts.endpoints.join(",")
+            )));
+        }
+        return Ok(None);
+    }
+    let Some(ca) = &opts.ca_file else {
+        return Err(RegistryError::Options(format!(
+            "https:// endpoints ({}) need --etcd-cafile, the CA that signed etcd's server \
+             certificate (the system trust store is not used)",
+            opts.endpoints.join(",")
+        )));
+    };
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem(
+        "--etcd-cafile",
+        ca,
+        "BEGIN CERTIFICATE",
+    )?));
+    match (&opts.cert_file, &opts.key_file) {
+        (Some(c), Some(k)) => {
+            let cert = read_pem("--etcd-certfile", c, "BEGIN CERTIFICATE")?;
+            let key = read_pem("--etcd-keyfile", k, "PRIVATE KEY")?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(RegistryError::Options(
+                "--etcd-certfile and --etcd-keyfile go together: give both or neither".into(),
+            ))
+        }
+    }
+    Ok(Some(tls))
 }
 
 impl EtcdRegistry {
-    /// Connects lazily: the channel dials on first use and re-dials after failures, so an etcd that
-    /// is down at start (or later) delays requests instead of failing the agent.
+    /// Without credentials this connects lazily: the channel dials on first use and re-dials after
+    /// failures, so an etcd that is down at start (or later) delays requests instead of failing
+    /// the agent. With `--etcd-username`, etcd-client must authenticate before the first request:
+    /// an unreachable etcd is then waited for here (with backoff), while a refused password or a
+    /// TLS failure fails at once. Bad TLS files fail at once, naming the flag and file.
     pub async fn connect(opts: EtcdOptions) -> Result<Self, RegistryError> {
         let timeout = if opts.request_timeout.is_zero() {
             Duration::from_secs(5)
@@ -53,24 +244,84 @@ impl EtcdRegistry {
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(10), timeout)
             .with_require_leader(true);
-        if opts.ca_file.is_some() || opts.cert_file.is_some() {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &opts.ca_file {
-                tls = tls.ca_certificate(Certificate::from_pem(read_file(ca)?));
-            }
-            if let (Some(c), Some(k)) = (&opts.cert_file, &opts.key_file) {
-                tls = tls.identity(Identity::from_pem(read_file(c)?, read_file(k)?));
-            }
+        if let Some(tls) = tls_options(&opts)? {
             co = co.with_tls(tls);
         }
         let endpoints = opts.endpoints.join(",");
-        let client = Client::connect(&opts.endpoints, Some(co))
-            .await
-            .map_err(etcd_err("connect", &endpoints))?;
+        let ctx = Ctx {
+            endpoints: endpoints.clone(),
+            tls: opts.endpoints.iter().any(|e| e.starts_with("https://")),
+        };
+        let with_creds = match (&opts.username, &opts.password) {
+            (Some(u), Some(p)) => Some(
+                co.clone()
+                    .with_user(u.clone(), p.clone())
+                    .with_auto_token_refresh(true),
+            ),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(RegistryError::Options(
+                    "--etcd-username and --etcd-password go together: give both or neither".into(),
+                ))
+            }
+            (None, None) => None,
+        };
+        let client = match with_creds {
+            None => Client::connect(&opts.endpoints, Some(co))
+                .await
+                .map_err(|e| ctx.classify("connect", "", e))?,
+            Some(cred_opts) => {
+                let user = opts.username.clone().unwrap_or_default();
+                let mut backoff = Duration::from_millis(500);
+                loop {
+                    match Client::connect(&opts.endpoints, Some(cred_opts.clone())).await {
+                        Ok(c) => break c,
+                        Err(etcd_client::Error::GRpcStatus(st))
+                            if st.message().contains("authentication is not enabled") =>
+                        {
+                            // What etcd's Go client does too: credentials are not needed.
+                            tracing::warn!(
+                                %endpoints,
+                                "etcd has authentication disabled; ignoring --etcd-username"
+                            );
+                            break Client::connect(&opts.endpoints, Some(co))
+                                .await
+                                .map_err(|e| ctx.classify("connect", "", e))?;
+                        }
+                        Err(e) if is_auth_rejection(&e) => {
+                            return Err(RegistryError::Auth {
+                                user,
+                                endpoints,
+                                detail: describe(&e),
+                                source: Box::new(e),
+                            })
+                        }
+                        Err(e) => {
+                            let transient = is_transient(&describe(&e));
+                            let err = ctx.classify("authenticate as", &user, e);
+                            if !transient || matches!(err, RegistryError::Tls { .. }) {
+                                return Err(err);
+                            }
+                            tracing::warn!("{err}; retrying in {backoff:?}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+            }
+        };
         Ok(EtcdRegistry {
             client,
             prefix: opts.prefix.trim_end_matches('/').to_string(),
+            ctx,
         })
+    }
+
+    fn err<'a>(
+        &'a self,
+        op: &'static str,
+        key: &'a str,
+    ) -> impl FnOnce(etcd_client::Error) -> RegistryError + 'a {
+        move |e| self.ctx.classify(op, key, e)
     }
 
     pub fn prefix(&self) -> &str {
@@ -88,7 +339,7 @@ impl EtcdRegistry {
             .kv_client()
             .get(key.as_str(), None)
             .await
-            .map_err(etcd_err("get", &key))?;
+            .map_err(self.err("get", &key))?;
         Ok(resp
             .kvs()
             .first()
@@ -102,7 +353,7 @@ impl EtcdRegistry {
             .kv_client()
             .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(etcd_err("list", &dir))?;
+            .map_err(self.err("list", &dir))?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let leases = resp
             .kvs()
@@ -130,7 +381,7 @@ impl EtcdRegistry {
             .lease_client()
             .grant(ttl_secs, None)
             .await
-            .map_err(etcd_err("lease grant for", &k))?;
+            .map_err(self.err("lease grant for", &k))?;
         let lease_id = grant.id();
         let txn = Txn::new()
             .when([Compare::version(k.as_str(), CompareOp::Equal, 0)])
@@ -144,7 +395,7 @@ impl EtcdRegistry {
             .kv_client()
             .txn(txn)
             .await
-            .map_err(etcd_err("create", &k))?;
+            .map_err(self.err("create", &k))?;
         if resp.succeeded() {
             Ok(CreateOutcome::Created { lease_id })
         } else {
@@ -178,7 +429,7 @@ impl EtcdRegistry {
             .kv_client()
             .txn(txn)
             .await
-            .map_err(etcd_err("update", &k))?;
+            .map_err(self.err("update", &k))?;
         Ok(resp.succeeded())
     }
 
@@ -191,14 +442,14 @@ impl EtcdRegistry {
                     .lease_client()
                     .time_to_live(lease_id, None)
                     .await
-                    .map_err(etcd_err("lease ttl", &key))?;
+                    .map_err(self.err("lease ttl", &key))?;
                 Ok((ttl.ttl() > 0).then(|| Duration::from_secs(ttl.ttl() as u64)))
             }
             Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(None),
             Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
                 Ok(None)
             }
-            Err(e) => Err(etcd_err("lease keepalive", &key)(e)),
+            Err(e) => Err(self.err("lease keepalive", &key)(e)),
         }
     }
 
@@ -216,11 +467,12 @@ impl EtcdRegistry {
                 ),
             )
             .await
-            .map_err(etcd_err("watch", &dir))?;
+            .map_err(self.err("watch", &dir))?;
         Ok(EtcdWatch {
             stream,
             prefix: dir,
             requested: from_revision,
+            ctx: self.ctx.clone(),
         })
     }
 }
@@ -229,16 +481,25 @@ pub struct EtcdWatch {
     stream: WatchStream,
     prefix: String,
     requested: i64,
+    ctx: Ctx,
 }
 
 impl EtcdWatch {
+    fn err<'a>(
+        &'a self,
+        op: &'static str,
+        key: &'a str,
+    ) -> impl FnOnce(etcd_client::Error) -> RegistryError + 'a {
+        move |e| self.ctx.classify(op, key, e)
+    }
+
     pub async fn next(&mut self) -> Result<Vec<WatchEvent>, RegistryError> {
         loop {
             let msg = self
                 .stream
                 .message()
                 .await
-                .map_err(etcd_err("watch", &self.prefix))?;
+                .map_err(self.err("watch", &self.prefix))?;
             let Some(resp) = msg else {
                 return Err(RegistryError::WatchEnded {
                     prefix: self.prefix.clone(),

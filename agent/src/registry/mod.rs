@@ -13,19 +13,46 @@ use tweed_config::{LeaseAttrs, SubnetKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd {op} {key}: {source}")]
+    /// `detail` is the whole error chain (etcd-client's own Display stops at "transport error").
+    #[error("etcd {op} {key}: {detail}")]
     Etcd {
         op: &'static str,
         key: String,
+        detail: String,
         #[source]
         source: Box<etcd_client::Error>,
     },
-    #[error("etcd TLS file {path}: {source}")]
+    #[error(
+        "etcd {op} {key}: TLS with {endpoints} failed: {detail} (check --etcd-cafile: it must be \
+         the CA that signed etcd's server certificate, whose SANs must name the endpoint's host or \
+         IP; an etcd with --client-cert-auth also needs --etcd-certfile and --etcd-keyfile)"
+    )]
+    Tls {
+        op: &'static str,
+        key: String,
+        endpoints: String,
+        detail: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    #[error("etcd authentication as user {user:?} at {endpoints} failed: {detail} (check --etcd-username and --etcd-password/--etcd-password-file)")]
+    Auth {
+        user: String,
+        endpoints: String,
+        detail: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    #[error("{flag} {path}: {source}")]
     TlsFile {
+        /// The flag that named the file, e.g. `--etcd-certfile`.
+        flag: &'static str,
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("etcd options: {0}")]
+    Options(String),
     #[error("watch from revision {requested} is compacted (oldest kept: {compacted})")]
     Compacted { requested: i64, compacted: i64 },
     #[error("watch on {prefix} ended: {reason}")]
