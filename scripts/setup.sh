@@ -44,6 +44,8 @@ declare -A PROGRAM_PACKAGE=(
     [podman]=podman
     [nft]=nftables
     [bc]=bc
+    [curl]=curl
+    [python3]=python3
 )
 # Files the tests need that are not programs on PATH, and their packages.
 declare -A FILE_PACKAGE=(
@@ -52,7 +54,7 @@ declare -A FILE_PACKAGE=(
 )
 APT_PACKAGES=(etcd-server etcd-client protobuf-compiler iproute2 iputils-ping iperf3 iptables
     nftables procps psmisc build-essential pkg-config ca-certificates jq util-linux
-    busybox-static umoci skopeo runc containerd podman containernetworking-plugins bc)
+    busybox-static umoci skopeo runc containerd podman containernetworking-plugins bc curl python3)
 
 install_packages() {
     local missing=()

@@ -132,6 +132,8 @@ fn containerd_and_podman_attach_through_tweed_and_reach_another_host() {
     );
 
     let mut spec = LabSpec::new(format!("rc{}", std::process::id() % 100_000), 2);
+    // The lab's own pods wired directly, so every `tw…` veth on h1 belongs to the callers here.
+    spec.pods_via = tweed_lab::PodsVia::Direct;
     spec.pods_per_host = 1;
     spec.tweedd = Some(tweedd());
     let lab = LabGuard::up(spec).expect("lab up");

@@ -69,6 +69,50 @@ fn ns_suffix(netns: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// Serve clients over TLS (`https://`): etcd's `--cert-file`, `--key-file`, `--trusted-ca-file`
+/// and `--client-cert-auth`. The health check and [`EtcdProcess::ctl`] pass `--cacert` (and, for
+/// mutual TLS, `--cert`/`--key`) to etcdctl. Peer traffic stays plain (single-member labs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The server certificate (PEM); it must name the listen IP as an IP SAN.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that signed the server certificate (etcdctl's `--cacert`) and, with
+    /// `client_cert_auth`, that client certificates must chain to (etcd's `--trusted-ca-file`).
+    pub ca_file: PathBuf,
+    /// Refuse clients without a certificate signed by `ca_file` (etcd's `--client-cert-auth`).
+    pub client_cert_auth: bool,
+    /// The client certificate and key etcdctl presents (needed with `client_cert_auth`).
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl EtcdTls {
+    /// etcdctl's TLS flags for this member.
+    pub fn etcdctl_args(&self) -> Vec<String> {
+        let mut v = vec![format!("--cacert={}", self.ca_file.display())];
+        if let (Some(c), Some(k)) = (&self.client_cert_file, &self.client_key_file) {
+            v.push(format!("--cert={}", c.display()));
+            v.push(format!("--key={}", k.display()));
+        }
+        v
+    }
+
+    fn etcd_args(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("--cert-file={}", self.cert_file.display()),
+            format!("--key-file={}", self.key_file.display()),
+        ];
+        // etcd turns client certificate authentication on whenever --trusted-ca-file is set,
+        // whatever --client-cert-auth says: pass it only when that is wanted.
+        if self.client_cert_auth {
+            v.push(format!("--trusted-ca-file={}", self.ca_file.display()));
+            v.push("--client-cert-auth".into());
+        }
+        v
+    }
+}
+
 /// What to start. `client_port`/`peer_port` 0 means "pick a free one".
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -81,6 +125,16 @@ pub struct EtcdOptions {
     pub peer_port: u16,
     /// Where etcd's stdout/stderr go; default: `<data_dir>.log`.
     pub log_file: Option<PathBuf>,
+    /// Serve clients over `https://` with these certificates; `None`: plain `http://`.
+    pub tls: Option<EtcdTls>,
+    /// More etcd flags, appended last (e.g. `--auth-token-ttl=2`).
+    pub extra_args: Vec<String>,
+    /// A member of a multi-member cluster: etcd's `--initial-cluster`
+    /// (`name1=http://ip1:port,name2=...`), shared by all members; `None`: a cluster of one.
+    /// Start the members together with [`EtcdProcess::start_cluster`].
+    pub initial_cluster: Option<String>,
+    /// `--initial-cluster-token`, the same for every member; default `tweed-<name>`.
+    pub cluster_token: Option<String>,
 }
 
 impl EtcdOptions {
@@ -94,7 +148,16 @@ impl EtcdOptions {
             client_port: 0,
             peer_port: 0,
             log_file: None,
+            tls: None,
+            extra_args: Vec::new(),
+            initial_cluster: None,
+            cluster_token: None,
         }
+    }
+
+    /// This member's peer URL (`http://<listen_ip>:<peer_port>`), for `--initial-cluster`.
+    pub fn peer_url(&self) -> String {
+        url(self.listen_ip, self.peer_port)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -115,6 +178,7 @@ pub struct EtcdProcess {
     name: String,
     netns: Option<String>,
     client_url: String,
+    tls: Option<EtcdTls>,
     data_dir: PathBuf,
     log_file: PathBuf,
     keep_data: bool,
@@ -141,10 +205,50 @@ impl EtcdProcess {
         Self::spawn(opts, true)
     }
 
-    fn spawn(opts: EtcdOptions, daemon: bool) -> Result<Self, EtcdError> {
+    /// Starts the members of one cluster together (each with fixed ports and the same
+    /// `initial_cluster`), then waits until every member answers a health check, which needs a
+    /// quorum: a member started alone would wait for its peers. On failure, stops them all.
+    pub fn start_cluster(
+        members: Vec<EtcdOptions>,
+        daemon: bool,
+    ) -> Result<Vec<EtcdProcess>, EtcdError> {
+        let etcd_bin = Self::preflight()?;
+        let mut started = Vec::new();
+        for opts in &members {
+            assert!(
+                opts.client_port != 0 && opts.peer_port != 0,
+                "cluster members need fixed ports"
+            );
+            let log = Self::prepare_log(opts)?;
+            let log_start = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+            let me = Self::launch(
+                opts,
+                &etcd_bin,
+                &log,
+                opts.client_port,
+                opts.peer_port,
+                daemon,
+            )?;
+            started.push((me, log_start));
+        }
+        let mut ready = Vec::new();
+        for (mut me, log_start) in started {
+            // On error, the members still in `started`/`ready` stop on drop.
+            me.wait_ready(log_start)?;
+            me.keep_data = false;
+            ready.push(me);
+        }
+        Ok(ready)
+    }
+
+    fn preflight() -> Result<PathBuf, EtcdError> {
         let etcd_bin =
             cmd::find_program("etcd").ok_or(EtcdError::MissingBinary("etcd", "etcd-server"))?;
         cmd::find_program("etcdctl").ok_or(EtcdError::MissingBinary("etcdctl", "etcd-client"))?;
+        Ok(etcd_bin)
+    }
+
+    fn prepare_log(opts: &EtcdOptions) -> Result<PathBuf, EtcdError> {
         if let Some(ns) = &opts.netns {
             if !Path::new("/run/netns").join(ns).exists() {
                 return Err(EtcdError::NoNetns(ns.clone()));
@@ -158,6 +262,12 @@ impl EtcdProcess {
                 source,
             })?;
         }
+        Ok(log)
+    }
+
+    fn spawn(opts: EtcdOptions, daemon: bool) -> Result<Self, EtcdError> {
+        let etcd_bin = Self::preflight()?;
+        let log = Self::prepare_log(&opts)?;
         let fresh_dir = is_empty_or_missing(&opts.data_dir);
         let auto_ports = opts.client_port == 0 || opts.peer_port == 0;
         let mut attempt = 0;
@@ -188,7 +298,32 @@ impl EtcdProcess {
         peer_port: u16,
         daemon: bool,
     ) -> Result<Self, EtcdError> {
-        let client_url = url(opts.listen_ip, client_port);
+        // Only this attempt's output matters for the error tail.
+        let log_start = fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+        let mut me = Self::launch(opts, etcd_bin, log, client_port, peer_port, daemon)?;
+        match me.wait_ready(log_start) {
+            Ok(()) => {
+                me.keep_data = false;
+                Ok(me)
+            }
+            Err(e) => {
+                me.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Spawns the member without waiting for it.
+    fn launch(
+        opts: &EtcdOptions,
+        etcd_bin: &Path,
+        log: &Path,
+        client_port: u16,
+        peer_port: u16,
+        daemon: bool,
+    ) -> Result<Self, EtcdError> {
+        let client_scheme = if opts.tls.is_some() { "https" } else { "http" };
+        let client_url = scheme_url(client_scheme, opts.listen_ip, client_port);
         let peer_url = url(opts.listen_ip, peer_port);
         let log_out = fs::OpenOptions::new()
             .create(true)
@@ -204,8 +339,6 @@ impl EtcdProcess {
             path: log.to_path_buf(),
             source,
         })?;
-        // Only this attempt's output matters for the error tail.
-        let log_start = log_out.metadata().map(|m| m.len()).unwrap_or(0);
 
         let mut command = match &opts.netns {
             Some(ns) => {
@@ -229,13 +362,23 @@ impl EtcdProcess {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer_url)
             .arg("--initial-cluster")
-            .arg(format!("{}={peer_url}", opts.name))
+            .arg(
+                opts.initial_cluster
+                    .clone()
+                    .unwrap_or_else(|| format!("{}={peer_url}", opts.name)),
+            )
             .arg("--initial-cluster-state")
             .arg("new")
             .arg("--initial-cluster-token")
-            .arg(format!("tweed-{}", opts.name))
+            .arg(
+                opts.cluster_token
+                    .clone()
+                    .unwrap_or_else(|| format!("tweed-{}", opts.name)),
+            )
             // capnslog (3.4's default) is deprecated and noisy about it.
             .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(opts.tls.iter().flat_map(EtcdTls::etcd_args))
+            .args(&opts.extra_args)
             .stdin(Stdio::null())
             .stdout(log_out)
             .stderr(log_err);
@@ -246,28 +389,19 @@ impl EtcdProcess {
             command: cmd::display(&command),
             source,
         })?;
-        let mut me = EtcdProcess {
+        Ok(EtcdProcess {
             pid: child.id(),
             child: Some(child),
             name: opts.name.clone(),
             netns: opts.netns.clone(),
             client_url,
+            tls: opts.tls.clone(),
             data_dir: opts.data_dir.clone(),
             log_file: log.to_path_buf(),
             // On a failed start, don't delete a data dir the caller may want to inspect... unless
             // it was ours to begin with; `spawn` handles that.
             keep_data: true,
-        };
-        match me.wait_ready(log_start) {
-            Ok(()) => {
-                me.keep_data = false;
-                Ok(me)
-            }
-            Err(e) => {
-                me.stop();
-                Err(e)
-            }
-        }
+        })
     }
 
     fn wait_ready(&mut self, log_start: u64) -> Result<(), EtcdError> {
@@ -289,20 +423,17 @@ impl EtcdProcess {
                 || self
                     .client_url
                     .trim_start_matches("http://")
+                    .trim_start_matches("https://")
                     .parse::<SocketAddr>()
                     .map(|a| TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok())
                     .unwrap_or(true);
             let last = if listening {
-                match etcdctl(
-                    self.netns.as_deref(),
-                    &self.endpoints(),
-                    &[
-                        "--dial-timeout=1s",
-                        "--command-timeout=2s",
-                        "endpoint",
-                        "health",
-                    ],
-                ) {
+                match self.ctl(&[
+                    "--dial-timeout=1s",
+                    "--command-timeout=2s",
+                    "endpoint",
+                    "health",
+                ]) {
                     Ok(_) => return Ok(()),
                     Err(e) => e.to_string(),
                 }
@@ -325,13 +456,36 @@ impl EtcdProcess {
         format!("`{}`{}", self.name, ns_suffix(&self.netns))
     }
 
-    /// Client URLs, e.g. `["http://127.0.0.1:41234"]`.
+    /// Client URLs, e.g. `["http://127.0.0.1:41234"]` (`https://` when started with TLS).
     pub fn endpoints(&self) -> Vec<String> {
         vec![self.client_url.clone()]
     }
 
+    /// The TLS settings this member serves with, if any.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    /// Runs etcdctl against this member: in its netns, with its TLS flags (`--cacert`, and
+    /// `--cert`/`--key` when a client certificate is configured). Returns stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, EtcdError> {
+        let tls_args = self
+            .tls
+            .as_ref()
+            .map(EtcdTls::etcdctl_args)
+            .unwrap_or_default();
+        let mut all: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        etcdctl(self.netns.as_deref(), &self.endpoints(), &all)
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The member name (`--name`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn log_file(&self) -> &Path {
@@ -415,7 +569,11 @@ pub fn etcdctl(
 }
 
 fn url(ip: IpAddr, port: u16) -> String {
-    format!("http://{}", SocketAddr::new(ip, port))
+    scheme_url("http", ip, port)
+}
+
+fn scheme_url(scheme: &str, ip: IpAddr, port: u16) -> String {
+    format!("{scheme}://{}", SocketAddr::new(ip, port))
 }
 
 fn is_empty_or_missing(dir: &Path) -> bool {
@@ -509,6 +667,42 @@ mod tests {
     }
 
     #[test]
+    fn tls_flags_for_etcd_and_etcdctl() {
+        let mut t = EtcdTls {
+            cert_file: "/c/server.pem".into(),
+            key_file: "/c/server-key.pem".into(),
+            ca_file: "/c/ca.pem".into(),
+            client_cert_auth: false,
+            client_cert_file: None,
+            client_key_file: None,
+        };
+        assert_eq!(
+            t.etcd_args(),
+            vec!["--cert-file=/c/server.pem", "--key-file=/c/server-key.pem"]
+        );
+        assert_eq!(t.etcdctl_args(), vec!["--cacert=/c/ca.pem"]);
+        t.client_cert_auth = true;
+        t.client_cert_file = Some("/c/client.pem".into());
+        t.client_key_file = Some("/c/client-key.pem".into());
+        assert_eq!(
+            &t.etcd_args()[2..],
+            ["--trusted-ca-file=/c/ca.pem", "--client-cert-auth"]
+        );
+        assert_eq!(
+            t.etcdctl_args(),
+            vec![
+                "--cacert=/c/ca.pem",
+                "--cert=/c/client.pem",
+                "--key=/c/client-key.pem"
+            ]
+        );
+        assert_eq!(
+            scheme_url("https", "127.0.0.1".parse().unwrap(), 2379),
+            "https://127.0.0.1:2379"
+        );
+    }
+
+    #[test]
     fn default_log_sits_beside_data_dir() {
         let o = EtcdOptions::local("x", "/tmp/abc/etcd-data");
         assert_eq!(o.log_path(), PathBuf::from("/tmp/abc/etcd-data.log"));
@@ -571,6 +765,41 @@ mod tests {
         etcdctl(None, &e1.endpoints(), &["put", "k", "one"]).unwrap();
         let v = etcdctl(None, &e2.endpoints(), &["get", "--print-value-only", "k"]).unwrap();
         assert_eq!(v.trim(), "");
+    }
+
+    #[test]
+    fn three_member_cluster_starts_together_and_survives_losing_one() {
+        assert!(have_etcd(), "etcd/etcdctl missing");
+        let dir = tempfile::tempdir().unwrap();
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut members: Vec<EtcdOptions> = (1..=3)
+            .map(|i| {
+                let (c, p) = free_port_pair(lo).unwrap();
+                let mut o = EtcdOptions::local(format!("m{i}"), dir.path().join(format!("m{i}")));
+                o.client_port = c;
+                o.peer_port = p;
+                o.cluster_token = Some("t-cluster".into());
+                o
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = Some(initial.clone());
+        }
+        let mut cluster = EtcdProcess::start_cluster(members, false).unwrap();
+        let all: Vec<String> = cluster.iter().flat_map(|m| m.endpoints()).collect();
+        assert_eq!(all.len(), 3);
+        let list = etcdctl(None, &all[..1], &["member", "list"]).unwrap();
+        assert_eq!(list.lines().count(), 3, "{list}");
+        etcdctl(None, &all, &["put", "k", "v"]).unwrap();
+        // Losing one member keeps a quorum.
+        cluster.remove(0).stop();
+        let v = etcdctl(None, &all[1..], &["get", "--print-value-only", "k"]).unwrap();
+        assert_eq!(v.trim(), "v");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use tweed_lab::{Backend, Lab, LabSpec};
+use tweed_lab::{Backend, Lab, LabSpec, PodsVia};
 
 #[derive(Parser)]
 #[command(
@@ -29,13 +29,38 @@ enum Cmd {
         name: String,
         #[arg(long)]
         hosts: usize,
+        /// vxlan, host-gw or udp.
         #[arg(long, default_value = "vxlan", value_parser = parse_backend)]
         backend: Backend,
+        /// vxlan only: plain routes to the peers on the same underlay segment.
+        #[arg(long)]
+        direct_routing: bool,
+        /// Underlay segments: 2 puts hosts alternately on 198.18.0.0/24 and 198.18.1.0/24,
+        /// routed by the underlay namespace.
+        #[arg(long, default_value_t = 1)]
+        segments: usize,
         #[arg(long, default_value_t = 2)]
         pods_per_host: usize,
-        /// The tweedd binary (default: beside tweed-lab, else in PATH).
+        /// How pods are attached: cni (the tweed CNI plugin), runtime (tweedctl containers) or
+        /// direct (the lab's own ip wiring, no plugin).
+        #[arg(long, default_value = "cni", value_parser = parse_pods_via)]
+        pods_via: PodsVia,
+        /// The tweedd binary (default: beside tweed-lab, one directory up, else in PATH).
         #[arg(long)]
         tweedd: Option<PathBuf>,
+        /// The tweed CNI plugin (default: `tweed` beside tweed-lab, one directory up, else in
+        /// PATH).
+        #[arg(long)]
+        cni_plugin: Option<PathBuf>,
+        /// tweedctl, for --pods-via runtime (found like tweedd).
+        #[arg(long)]
+        tweedctl: Option<PathBuf>,
+        /// etcd members: 1 on 198.18.0.254, or a real cluster on 198.18.0.251-253.
+        #[arg(long, default_value_t = 1)]
+        etcd_members: usize,
+        /// Do not pass --ip-masq to the agents.
+        #[arg(long)]
+        no_ip_masq: bool,
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         lease_ttl: Duration,
         /// How long each agent may take to write its subnet.env.
@@ -57,7 +82,7 @@ enum Cmd {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
-    /// Run a command in a host's or pod's namespace: HOST, HOST/POD or `underlay`.
+    /// Run a command in a host's or pod's namespace: HOST, HOST/POD, `underlay` or `outside`.
     Exec {
         #[arg(long)]
         name: String,
@@ -82,6 +107,10 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
     s.parse()
 }
 
+fn parse_pods_via(s: &str) -> Result<PodsVia, String> {
+    s.parse()
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -98,15 +127,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             name,
             hosts,
             backend,
+            direct_routing,
+            segments,
             pods_per_host,
+            pods_via,
             tweedd,
+            cni_plugin,
+            tweedctl,
+            etcd_members,
+            no_ip_masq,
             lease_ttl,
             agent_timeout,
         } => {
             let mut spec = LabSpec::new(&name, hosts);
             spec.backend = backend;
+            spec.direct_routing = direct_routing;
+            spec.segments = segments;
             spec.pods_per_host = pods_per_host;
+            spec.pods_via = pods_via;
             spec.tweedd = tweedd;
+            spec.cni_plugin = cni_plugin;
+            spec.tweedctl = tweedctl;
+            spec.etcd_members = etcd_members;
+            spec.ip_masq = !no_ip_masq;
             spec.lease_ttl = lease_ttl;
             spec.agent_timeout = agent_timeout;
             spec.cancel = Some(cancel_on_signals());
@@ -154,6 +197,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Down { name } => {
             let report = tweed_lab::down(&name)?;
+            for w in &report.warnings {
+                eprintln!("tweed-lab: warning: {w}");
+            }
             eprintln!(
                 "lab {name} down: {} namespaces deleted, {} processes stopped",
                 report.namespaces.len(),

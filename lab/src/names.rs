@@ -2,19 +2,32 @@
 //!
 //! Every namespace carries the lab's prefix `twl-<lab>-`, so labs never collide and `down` can find
 //! a lab's leftovers without its state file. Interface names never carry the lab name: they live
-//! inside the lab's own namespaces, where short fixed names (`br0`, `eth0`, `cni0`, `veth-h3`,
-//! `veth-p2`) cannot clash and always fit the kernel's 15-character limit.
+//! inside the lab's own namespaces, where short fixed names (`br0`, `br1`, `eth0`, `cni0`,
+//! `veth-h3`, `veth-o`, `veth-p2`) cannot clash and always fit the kernel's 15-character limit.
 
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-/// The underlay: one /24 that is only ever configured inside the lab's namespaces.
+/// The underlay: /24 segments that are only ever configured inside the lab's namespaces. Segment
+/// A is 198.18.0.0/24 on bridge `br0`; a routed second segment B (`--segments 2`) is
+/// 198.18.1.0/24 on `br1`. Both bridges live in the underlay namespace, which routes between them.
 pub const UNDERLAY_PREFIX: u8 = 24;
 pub const UNDERLAY_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
-/// The underlay bridge's own address, where etcd listens.
+/// The underlay bridge's own address (segment A's gateway), where a single etcd listens.
 pub const UNDERLAY_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const UNDERLAY_BRIDGE: &str = "br0";
+/// How many underlay segments a lab can have.
+pub const MAX_SEGMENTS: usize = 2;
+/// The "outside" namespace: on segment A, not part of the overlay (a stand-in for the internet,
+/// for masquerade tests).
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
+pub const OUTSIDE_VETH: &str = "veth-o";
+/// The members of a multi-member etcd cluster listen on these addresses of `br0`.
+pub const ETCD_MEMBER_BASE: u8 = 251;
+pub const MAX_ETCD_MEMBERS: usize = 3;
+/// tweedd's default metrics port (`--metrics-addr 0.0.0.0:9867`).
+pub const METRICS_PORT: u16 = 9867;
 pub const HOST_IFACE: &str = "eth0";
 pub const POD_IFACE: &str = "eth0";
 pub const POD_BRIDGE: &str = "cni0";
@@ -22,8 +35,9 @@ pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const ETCD_PEER_PORT: u16 = 2380;
 pub const OVERLAY_NETWORK: &str = "10.244.0.0/16";
 pub const OVERLAY_SUBNET_LEN: u8 = 24;
-/// .254 is the bridge, so hosts take .1 to .253.
-pub const MAX_HOSTS: usize = 253;
+/// .254 is the bridge, .250 the outside namespace and .251 to .253 etcd members, so hosts take
+/// .1 to .249.
+pub const MAX_HOSTS: usize = 249;
 /// Keeps `ip netns list` readable; nothing in the kernel limits namespace names this tightly.
 pub const MAX_NAME_LEN: usize = 12;
 
@@ -86,6 +100,11 @@ impl Names {
         format!("twl-{}-u", self.lab)
     }
 
+    /// The namespace outside the overlay, on segment A (`exec` target `outside`).
+    pub fn outside_ns(&self) -> String {
+        format!("twl-{}-o", self.lab)
+    }
+
     pub fn host(&self, host: usize) -> String {
         format!("h{host}")
     }
@@ -118,7 +137,7 @@ impl Names {
         let Some(rest) = ns.strip_prefix(&self.prefix()) else {
             return false;
         };
-        if rest == "u" {
+        if rest == "u" || rest == "o" {
             return true;
         }
         let num = |s: &str, tag: char| {
@@ -131,25 +150,60 @@ impl Names {
         }
     }
 
-    /// Resolves an `exec` target: `underlay`, `hN` or `hN/pM` (also `hN-pM`).
+    /// Resolves an `exec` target: `underlay`, `outside`, `hN` or `hN/pM` (also `hN-pM`).
     pub fn target_ns(&self, target: &str) -> Option<String> {
         if target == "underlay" || target == "u" {
             return Some(self.underlay_ns());
         }
+        if target == "outside" || target == "o" {
+            return Some(self.outside_ns());
+        }
         let ns = format!("{}{}", self.prefix(), target.replace('/', "-"));
-        (self.owns_netns(&ns) && ns != self.underlay_ns()).then_some(ns)
+        (self.owns_netns(&ns) && ns != self.underlay_ns() && ns != self.outside_ns()).then_some(ns)
     }
 }
 
-/// `198.18.0.<host>`
-pub fn host_public_ip(host: usize) -> Ipv4Addr {
-    assert!((1..=MAX_HOSTS).contains(&host), "host index {host}");
+/// The segment (0 = A, 1 = B) of host `host` when the underlay has `segments` segments: hosts
+/// alternate, h1 on A, h2 on B, h3 on A, ...
+pub fn host_segment(host: usize, segments: usize) -> usize {
+    (host - 1) % segments.max(1)
+}
+
+/// Segment `seg`'s network, e.g. 198.18.1.0/24 for B.
+pub fn segment_net(seg: usize) -> Ipv4Network {
     let o = UNDERLAY_NET.octets();
+    Ipv4Network::new(Ipv4Addr::new(o[0], o[1], seg as u8, 0), UNDERLAY_PREFIX)
+        .expect("a /24 is valid")
+}
+
+/// Segment `seg`'s gateway: the underlay namespace's address on it (198.18.<seg>.254).
+pub fn segment_gateway(seg: usize) -> Ipv4Addr {
+    let o = UNDERLAY_GW.octets();
+    Ipv4Addr::new(o[0], o[1], seg as u8, o[3])
+}
+
+/// Segment `seg`'s bridge in the underlay namespace: `br0`, `br1`.
+pub fn segment_bridge(seg: usize) -> String {
+    format!("br{seg}")
+}
+
+/// `198.18.<segment>.<host>`: host i keeps its number as the last octet on either segment.
+pub fn host_public_ip(host: usize, segments: usize) -> Ipv4Addr {
+    assert!((1..=MAX_HOSTS).contains(&host), "host index {host}");
+    let o = segment_net(host_segment(host, segments)).network().octets();
     Ipv4Addr::new(o[0], o[1], o[2], host as u8)
 }
 
+/// The single etcd's endpoint (on the underlay bridge's own address).
 pub fn etcd_endpoint() -> String {
     format!("http://{UNDERLAY_GW}:{ETCD_CLIENT_PORT}")
+}
+
+/// Member `m` (from 1) of a multi-member etcd: 198.18.0.251, .252, .253.
+pub fn etcd_member_ip(m: usize) -> Ipv4Addr {
+    assert!((1..=MAX_ETCD_MEMBERS).contains(&m), "etcd member {m}");
+    let o = UNDERLAY_NET.octets();
+    Ipv4Addr::new(o[0], o[1], o[2], ETCD_MEMBER_BASE + (m as u8 - 1))
 }
 
 /// Pod `pod` (from 1) of a host whose bridge holds `bridge` (TWEED_SUBNET, e.g. 10.244.3.1/24)
@@ -231,15 +285,32 @@ mod tests {
         assert_eq!(n.target_ns("h2/p1").unwrap(), "twl-demo-h2-p1");
         assert_eq!(n.target_ns("h2-p1").unwrap(), "twl-demo-h2-p1");
         assert_eq!(n.target_ns("underlay").unwrap(), "twl-demo-u");
+        assert_eq!(n.target_ns("outside").unwrap(), "twl-demo-o");
+        assert_eq!(n.target_ns("o").unwrap(), "twl-demo-o");
+        assert!(n.owns_netns("twl-demo-o"));
         assert_eq!(n.target_ns("p1"), None);
         assert_eq!(n.target_ns("h2/x"), None);
     }
 
     #[test]
     fn addressing() {
-        assert_eq!(host_public_ip(1), Ipv4Addr::new(198, 18, 0, 1));
-        assert_eq!(host_public_ip(253), Ipv4Addr::new(198, 18, 0, 253));
+        assert_eq!(host_public_ip(1, 1), Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(host_public_ip(249, 1), Ipv4Addr::new(198, 18, 0, 249));
+        assert_eq!(host_public_ip(2, 1), Ipv4Addr::new(198, 18, 0, 2));
+        // Two segments: hosts alternate, keeping their number.
+        assert_eq!(host_public_ip(1, 2), Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(host_public_ip(2, 2), Ipv4Addr::new(198, 18, 1, 2));
+        assert_eq!(host_public_ip(3, 2), Ipv4Addr::new(198, 18, 0, 3));
+        assert_eq!(segment_gateway(1), Ipv4Addr::new(198, 18, 1, 254));
+        assert_eq!(segment_net(1).to_string(), "198.18.1.0/24");
+        assert_eq!(segment_bridge(1), "br1");
         assert_eq!(etcd_endpoint(), "http://198.18.0.254:2379");
+        assert_eq!(etcd_member_ip(1), Ipv4Addr::new(198, 18, 0, 251));
+        assert_eq!(etcd_member_ip(3), Ipv4Addr::new(198, 18, 0, 253));
+        // Nothing the lab puts on segment A collides with a host.
+        for reserved in [OUTSIDE_IP, UNDERLAY_GW, etcd_member_ip(1)] {
+            assert!(reserved.octets()[3] as usize > MAX_HOSTS);
+        }
         let br: Ipv4Network = "10.244.3.1/24".parse().unwrap();
         assert_eq!(pod_ip(br, 1).unwrap().to_string(), "10.244.3.2/24");
         assert_eq!(pod_ip(br, 253).unwrap().to_string(), "10.244.3.254/24");

@@ -1,11 +1,12 @@
-//! Root-only: real namespaces, a real etcd, and `fake-tweedd` in place of the agent. These test the
-//! lab's plumbing; the multi-host e2e tests with the real tweedd live in the tests/ crate.
+//! Root-only: real namespaces, a real etcd, the real tweed CNI plugin (`target/*/tweed`: build
+//! the workspace's binaries first) and `fake-tweedd` in place of the agent. These test the lab's
+//! plumbing; the multi-host e2e tests with the real tweedd live in the tests/ crate.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tweed_lab::{netns, Lab, LabError, LabGuard, LabSpec};
+use tweed_lab::{netns, Lab, LabError, LabGuard, LabSpec, PodsVia};
 
 fn is_root() -> bool {
     // SAFETY: no preconditions.
@@ -60,7 +61,7 @@ fn two_host_lab_comes_up_and_goes_away() {
 
     let mut got = namespaces_of(&name);
     got.sort();
-    let mut want: Vec<String> = ["u", "h1", "h2", "h1-p1", "h1-p2", "h2-p1", "h2-p2"]
+    let mut want: Vec<String> = ["u", "o", "h1", "h2", "h1-p1", "h1-p2", "h2-p1", "h2-p2"]
         .iter()
         .map(|s| format!("twl-{name}-{s}"))
         .collect();
@@ -83,9 +84,54 @@ fn two_host_lab_comes_up_and_goes_away() {
     let mtu = netns::ip(&format!("twl-{name}-h1-p1"), &["link", "show", "eth0"]).unwrap();
     assert!(mtu.contains("mtu 1450"), "{mtu}");
 
-    // Underlay: hosts reach each other and etcd.
+    // Underlay: hosts reach each other, etcd and the outside namespace; outside knows no route
+    // into the overlay.
     lab.exec("h1", &["ping", "-c", "1", "-W", "2", "198.18.0.2"])
         .unwrap();
+    lab.exec("outside", &["ping", "-c", "1", "-W", "2", "198.18.0.1"])
+        .unwrap();
+    assert!(lab
+        .exec("outside", &["ping", "-c", "1", "-W", "1", "10.244.1.2"])
+        .is_err());
+    // The agents got a per-host API socket and --ip-masq (the fake's --help lists both).
+    for h in &lab.state().hosts {
+        let cmdline = std::fs::read_to_string(&h.log).unwrap();
+        let sock = root
+            .path()
+            .join(&name)
+            .join("hosts")
+            .join(&h.name)
+            .join("tweedd.sock");
+        assert!(
+            cmdline.contains(&format!("--api-socket {}", sock.display())),
+            "{cmdline}"
+        );
+        assert!(cmdline.contains("--ip-masq"), "{cmdline}");
+        assert_eq!(h.api_socket.as_deref(), Some(sock.as_path()));
+        assert_eq!(
+            h.metrics.as_deref(),
+            Some(format!("http://{}:9867/metrics", h.public_ip).as_str())
+        );
+        // Pods came through the CNI plugin: its IPAM store holds their addresses.
+        let ipam = root
+            .path()
+            .join(&name)
+            .join("hosts")
+            .join(&h.name)
+            .join("ipam/tweed");
+        for p in &h.pods {
+            assert!(ipam.join(p.ip.to_string()).is_file(), "{}", p.ip);
+        }
+        let conflist = root
+            .path()
+            .join(&name)
+            .join("hosts")
+            .join(&h.name)
+            .join("net.d/10-tweed.conflist");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(conflist).unwrap()).unwrap();
+        assert_eq!(v["plugins"][0]["type"], "tweed");
+    }
     let st = lab.status();
     assert_eq!(st.etcd.endpoints, ["http://198.18.0.254:2379"]);
     assert!(st.etcd.alive);
@@ -138,7 +184,8 @@ fn two_host_lab_comes_up_and_goes_away() {
     let etcd_pid = st.etcd.pid.unwrap();
 
     let report = lab.down().unwrap();
-    assert_eq!(report.namespaces.len(), 7);
+    assert_eq!(report.namespaces.len(), 8);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
     assert!(namespaces_of(&name).is_empty());
     assert!(!root.path().join(&name).exists());
     for pid in agent_pids.into_iter().chain([etcd_pid]) {
@@ -153,13 +200,18 @@ fn two_labs_at_once() {
     require_root!();
     let root = tempfile::tempdir().unwrap();
     let (a, b) = (lab_name("pa"), lab_name("pb"));
+    // One through the CNI plugin, one wired directly: the same addresses either way.
+    let mut sb = spec(&b, 1, root.path());
+    sb.pods_via = PodsVia::Direct;
     let (la, lb) = std::thread::scope(|s| {
         let ta = s.spawn(|| LabGuard::up(spec(&a, 2, root.path())));
-        let tb = s.spawn(|| LabGuard::up(spec(&b, 1, root.path())));
+        let tb = s.spawn(|| LabGuard::up(sb));
         (ta.join().unwrap().unwrap(), tb.join().unwrap().unwrap())
     });
-    assert_eq!(namespaces_of(&a).len(), 7);
-    assert_eq!(namespaces_of(&b).len(), 4);
+    assert_eq!(namespaces_of(&a).len(), 8);
+    assert_eq!(namespaces_of(&b).len(), 5);
+    assert_eq!(lb.state().pods_via, "direct");
+    assert!(!root.path().join(&b).join("hosts/h1/ipam").exists());
     // Same addresses, separate worlds.
     la.exec("h1/p1", &["ping", "-c", "1", "-W", "2", "10.244.1.3"])
         .unwrap();
@@ -169,7 +221,7 @@ fn two_labs_at_once() {
     assert!(namespaces_of(&a).is_empty());
     assert_eq!(
         namespaces_of(&b).len(),
-        4,
+        5,
         "downing one lab touched the other"
     );
     drop(lb);
@@ -217,7 +269,7 @@ fn down_works_without_state_and_up_refuses_an_existing_lab() {
     assert!(err.contains("tweed-lab down"), "{err}");
     drop(lab);
     let report = tweed_lab::down_in(root.path(), &name).unwrap();
-    assert_eq!(report.namespaces.len(), 4);
+    assert_eq!(report.namespaces.len(), 5);
     assert!(namespaces_of(&name).is_empty());
     assert!(!tweed_lab::cmd::pid_alive(etcd_pid));
 }
@@ -300,9 +352,20 @@ fn cli_round_trip() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().last(), Some("0 passed, 2 failed"), "{text}");
 
-    let out = run(&["up", "--name", &name, "--hosts", "1", "--backend", "udp"]);
+    let out = run(&[
+        "up",
+        "--name",
+        &name,
+        "--hosts",
+        "1",
+        "--backend",
+        "udp",
+        "--direct-routing",
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("only vxlan"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vxlan option"));
+    let out = run(&["up", "--name", "x", "--hosts", "1", "--pods-via", "cri"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cni, runtime or direct"));
 
     let out = run(&["down", "--name", &name]);
     assert!(
@@ -315,4 +378,47 @@ fn cli_round_trip() {
     assert!(out.status.success());
     let out = run(&["up", "--name", "Bad_Name", "--hosts", "1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid lab name"));
+}
+
+#[test]
+fn two_segments_are_routed_by_the_underlay() {
+    require_root!();
+    let root = tempfile::tempdir().unwrap();
+    let name = lab_name("ps");
+    let mut s = spec(&name, 3, root.path());
+    s.segments = 2;
+    s.pods_per_host = 1;
+    let lab = LabGuard::up(s).unwrap();
+    let ips: Vec<String> = lab
+        .state()
+        .hosts
+        .iter()
+        .map(|h| h.public_ip.to_string())
+        .collect();
+    assert_eq!(ips, ["198.18.0.1", "198.18.1.2", "198.18.0.3"]);
+    let u = format!("twl-{name}-u");
+    assert!(has_link(&u, "br0") && has_link(&u, "br1"));
+    // h2 (segment B) reaches h1 through the underlay router, and etcd on segment A.
+    let route = lab
+        .exec("h2", &["ip", "route", "get", "198.18.0.1"])
+        .unwrap();
+    assert!(route.contains("via 198.18.1.254"), "{route}");
+    lab.exec("h2", &["ping", "-c", "1", "-W", "2", "198.18.0.1"])
+        .unwrap();
+    lab.exec(
+        "h2",
+        &[
+            "etcdctl",
+            "--endpoints=http://198.18.0.254:2379",
+            "--dial-timeout=2s",
+            "endpoint",
+            "health",
+        ],
+    )
+    .unwrap();
+    // Same segment: no router in between.
+    let route = lab
+        .exec("h1", &["ip", "route", "get", "198.18.0.3"])
+        .unwrap();
+    assert!(!route.contains("via"), "{route}");
 }

@@ -130,10 +130,74 @@ pub fn vxlan_state(netns: &str, dev: &str) -> VxlanState {
     }
 }
 
+/// etcdctl against the lab's live etcd members; panics on failure.
 pub fn etcdctl(lab: &Lab, args: &[&str]) -> String {
-    let etcd = lab.state().etcd.as_ref().expect("lab etcd");
-    tweed_lab::etcd::etcdctl(Some(&lab.state().underlay_netns), &etcd.endpoints, args)
-        .expect("etcdctl")
+    lab.etcdctl(args).expect("etcdctl")
+}
+
+/// The source address a UDP datagram from `from` to `to_ip` arrives with at `to` (both lab
+/// `exec` targets): shows whether traffic was masqueraded on its way. A listener in `to` prints
+/// the first datagram's source; `from` sends until it is heard or `timeout` passes.
+pub fn udp_source_seen(lab: &Lab, from: &str, to: &str, to_ip: &str, timeout: Duration) -> String {
+    const PORT: u16 = 5999;
+    let listen = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0',{PORT}))\nprint('ready',flush=True)\n\
+         s.settimeout({})\nd,a=s.recvfrom(100)\nprint(a[0],flush=True)\n",
+        timeout.as_secs_f64()
+    );
+    let mut listener = lab
+        .command(to, &["python3", "-c", &listen])
+        .expect("listener target")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 listener");
+    let mut out = std::io::BufReader::new(listener.stdout.take().unwrap());
+    let mut line = String::new();
+    use std::io::BufRead;
+    out.read_line(&mut line).expect("listener output");
+    assert_eq!(line.trim(), "ready", "listener in {to} did not start");
+    let send = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         for _ in range({}):\n    s.sendto(b'x',('{to_ip}',{PORT}))\n    time.sleep(0.1)\n",
+        (timeout.as_millis() / 100).max(1)
+    );
+    let mut sender = lab
+        .command(from, &["python3", "-c", &send])
+        .expect("sender target")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 sender");
+    line.clear();
+    let _ = out.read_line(&mut line);
+    let _ = sender.kill();
+    let _ = sender.wait();
+    let _ = listener.kill();
+    let _ = listener.wait();
+    line.trim().to_string()
+}
+
+/// The agent's command line, as the kernel has it.
+pub fn agent_cmdline(lab: &Lab, host: &str) -> Vec<String> {
+    let pid = host_state(lab, host).agent_pid.expect("agent pid");
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .expect("agent alive")
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// The value following `flag` on a command line.
+pub fn flag_value<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
+    argv.iter()
+        .position(|a| a == flag)
+        .and_then(|i| argv.get(i + 1))
+        .map(String::as_str)
 }
 
 /// Parsed `ping -q` summary: (transmitted, received).
@@ -151,6 +215,17 @@ pub fn ping_summary(out: &str) -> (u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn flag_values() {
+        let argv: Vec<String> = ["tweedd", "--iface", "eth0", "--ip-masq"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(super::flag_value(&argv, "--iface"), Some("eth0"));
+        assert_eq!(super::flag_value(&argv, "--ip-masq"), None);
+        assert_eq!(super::flag_value(&argv, "--nope"), None);
+    }
+
     #[test]
     fn ping_summary_parses() {
         let out = "PING x\n\n--- 10.0.0.1 ping statistics ---\n400 packets transmitted, 398 received, 0.5% packet loss, time 6718ms\n";

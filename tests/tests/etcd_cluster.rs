@@ -1,0 +1,79 @@
+//! Issue 7: a lab on a real 3-member etcd cluster keeps working when the leader dies.
+
+use std::time::Duration;
+use tweed_e2e::*;
+use tweed_lab::LabSpec;
+
+#[test]
+fn three_member_cluster_survives_losing_its_leader() {
+    let mut spec = LabSpec::new(lab_name("ec"), 3);
+    spec.etcd_members = 3;
+    spec.pods_per_host = 1;
+    let lab = up(spec);
+    let members = lab.etcd_members();
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().all(|m| m.alive), "{members:?}");
+    let endpoints: Vec<String> = members.iter().map(|m| m.endpoint.clone()).collect();
+    assert_eq!(
+        endpoints,
+        [
+            "http://198.18.0.251:2379",
+            "http://198.18.0.252:2379",
+            "http://198.18.0.253:2379"
+        ]
+    );
+    assert_eq!(lab.status().etcd.endpoints, endpoints);
+    // Every agent knows every member.
+    for h in ["h1", "h2", "h3"] {
+        let argv = agent_cmdline(&lab, h);
+        assert_eq!(
+            flag_value(&argv, "--etcd-endpoints"),
+            Some(endpoints.join(",").as_str())
+        );
+    }
+    let list = etcdctl(&lab, &["member", "list"]);
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert_eq!(
+        lab.check_until(Duration::from_secs(10)).unwrap().summary(),
+        "6 passed, 0 failed"
+    );
+
+    let leader = lab.etcd_leader().unwrap().expect("a leader");
+    lab.kill_etcd_member(&leader).unwrap();
+    assert!(
+        !lab.etcd_members()
+            .iter()
+            .find(|m| m.name == leader)
+            .unwrap()
+            .alive
+    );
+    let mut new_leader = None;
+    wait_for(Duration::from_secs(15), "a new etcd leader", || {
+        new_leader = lab.etcd_leader().ok().flatten();
+        new_leader.is_some()
+    });
+    assert_ne!(new_leader.as_deref(), Some(leader.as_str()));
+    assert_eq!(
+        lab.check_until(Duration::from_secs(10)).unwrap().summary(),
+        "6 passed, 0 failed"
+    );
+
+    // The agents still use etcd: a restarted agent gets its lease back from the survivors and
+    // the data plane is whole again.
+    let h2 = host_state(&lab, "h2");
+    let before = tweed_config::SubnetEnv::read(&h2.subnet_file).unwrap();
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    std::fs::remove_file(&h2.subnet_file).unwrap();
+    start_agent(&stopped);
+    wait_for(Duration::from_secs(30), "h2's subnet.env again", || {
+        h2.subnet_file.exists()
+    });
+    let after = tweed_config::SubnetEnv::read(&h2.subnet_file).unwrap();
+    assert_eq!(after.subnet, before.subnet);
+    assert_eq!(
+        lab.check_until(Duration::from_secs(15)).unwrap().summary(),
+        "6 passed, 0 failed"
+    );
+    // A new lease write lands too: the etcd cluster still has a quorum.
+    etcdctl(&lab, &["put", "/tweed-lab-test/after-failover", "ok"]);
+}
