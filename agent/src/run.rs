@@ -1,15 +1,21 @@
 //! The agent's one loop: lease in, data plane out.
 //!
 //! Start-up: connect, wait for the network config, pick the interface, prepare the backend (which
-//! fixes the VTEP MAC the lease advertises), acquire the lease, program the backend, write
-//! subnet.env. Then one `select!` over shutdown, renewal, lease events and a periodic data-plane
-//! resync. On shutdown the lease and the data plane stay as they are, so a restart drops nothing.
+//! fixes what the lease advertises, e.g. vxlan's VTEP MAC), acquire the lease, set the backend
+//! up, write subnet.env. Then one `select!` over shutdown, renewal, lease events and a periodic
+//! data-plane resync. Every backend plugs in through [`Prepared`] and [`DataPlane`]: the loop
+//! hands it all remote leases and logs what it skipped. On shutdown the lease and the data plane
+//! stay as they are, so a restart drops nothing (udp's persistent TUN device only loses the
+//! packets that arrive while no agent reads it).
 
-use crate::backend::vxlan::{VxlanBackend, VxlanConfig, VxlanError, VxlanPeer};
+use crate::backend::{BackendError, DataPlane, NodeContext, Prepared, Remote};
 use crate::netlink::{self, Netlink};
 use crate::registry::{EtcdRegistry, LeaseWatch, Registry, RegistryError, Snapshot, WatchEvent};
+use crate::rules::{Firewall, RuleSpec};
 use crate::settings::Settings;
+use crate::state::{AgentState, EventKind, LeaseEventView, LeaseView, PeerView};
 use crate::subnet::{self, OwnLease, SubnetError};
+use crate::watch::Lease;
 use crate::watch::{Applied, LeaseChange, LeaseTable};
 use ipnetwork::Ipv4Network;
 use std::collections::HashSet;
@@ -19,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
-use tweed_config::{BackendConfig, LeaseAttrs, NetworkConfig, SubnetEnv};
+use tweed_config::{LeaseAttrs, NetworkConfig, SubnetEnv};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -30,11 +36,17 @@ pub enum AgentError {
     #[error(transparent)]
     Iface(#[from] netlink::IfaceError),
     #[error(transparent)]
-    Vxlan(#[from] VxlanError),
+    Backend(#[from] BackendError),
     #[error(transparent)]
     SubnetEnv(#[from] tweed_config::subnet_env::SubnetEnvError),
-    #[error("backend {0:?} is not supported by this build of tweedd yet")]
-    UnsupportedBackend(&'static str),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    #[error("--metrics-addr {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How often the data plane is re-read and repaired even without lease events (reads only when
@@ -42,6 +54,7 @@ pub enum AgentError {
 const DATAPLANE_RESYNC: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+#[derive(Clone)]
 struct Stop(watch::Receiver<bool>);
 
 impl Stop {
@@ -79,6 +92,63 @@ pub async fn run(
     });
     let mut stop = Stop(stop_rx);
 
+    // The servers come first, so /healthz and the API answer while etcd or the config is awaited.
+    let state = AgentState::new();
+    state.update(|s| {
+        s.node = hostname();
+        s.etcd_endpoints = settings.etcd.endpoints.join(",");
+    });
+    let mut servers = Vec::new();
+    if let Some(addr) = settings.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::MetricsListen { addr, source })?;
+        let s = stop.clone();
+        info!(%addr, "serving /metrics, /healthz, /readyz");
+        servers.push(tokio::spawn(crate::http::serve(
+            listener,
+            state.clone(),
+            async move { s.clone().wait().await },
+        )));
+    }
+    let api_listener = crate::api::bind(&settings.api_socket)?;
+    info!(socket = %settings.api_socket.display(), "serving the gRPC API");
+    {
+        let s = stop.clone();
+        let st = state.clone();
+        servers.push(tokio::spawn(async move {
+            if let Err(e) =
+                crate::api::serve(api_listener, st, async move { s.clone().wait().await }).await
+            {
+                error!("{e}");
+            }
+            Ok(())
+        }));
+    }
+    let result = run_agent(settings, &mut stop, state).await;
+    // An error ends the agent without a shutdown signal: the servers must not keep it alive.
+    let graceful = stop.stopped();
+    for s in servers {
+        if !graceful {
+            s.abort();
+        }
+        let _ = s.await;
+    }
+    result
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn run_agent(
+    settings: Settings,
+    stop: &mut Stop,
+    state: AgentState,
+) -> Result<(), AgentError> {
+    let mut stop = stop.clone();
     let registry = Arc::new(Registry::etcd(
         EtcdRegistry::connect(settings.etcd.clone()).await?,
     ));
@@ -88,47 +158,46 @@ pub async fn run(
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = cfg.backend.type_name(), "network config");
 
     let nl = Netlink::real()?;
-    let iface = choose_iface(&nl, &settings.iface).await?;
+    let iface = netlink::iface::select(&nl, &settings.iface_choice()?).await?;
     let public_ip = settings.public_ip.unwrap_or(iface.ip);
     info!(iface = %iface.name, addr = %iface.ip, %public_ip, mtu = iface.mtu, "underlay interface");
+    state.update(|s| {
+        s.public_ip = public_ip.to_string();
+        s.network = cfg.network.to_string();
+        s.backend = cfg.backend.type_name().to_string();
+    });
 
-    let BackendConfig::Vxlan { vni, port, mtu, .. } = cfg.backend else {
-        return Err(AgentError::UnsupportedBackend(cfg.backend.type_name()));
-    };
     let previous = SubnetEnv::read(&settings.subnet_file)
         .ok()
         .filter(|e| e.network == cfg.network)
         .map(|e| e.node_subnet());
-    let mut vx_cfg = VxlanConfig {
-        vni,
-        port,
-        local_ip: public_ip,
-        underlay_ifindex: iface.index,
-        underlay_mtu: iface.mtu,
-        // Replaced by the leased subnet before the device is set up.
-        own_subnet: previous.unwrap_or(cfg.nth_subnet(0).expect("a network has subnets")),
-        mac_file: settings.state_dir.join(format!("vtep-mac.{vni}")),
-        mtu_override: (mtu != 0).then_some(mtu),
-    };
-    let vtep_mac = VxlanBackend::prepare_mac(&nl, &vx_cfg).await?;
-    let attrs = LeaseAttrs::new(
+    let node = NodeContext {
+        network: cfg.network,
         public_ip,
-        "vxlan",
-        Some(&serde_json::json!({"VNI": vni, "VtepMAC": vtep_mac.to_string()})),
-    );
+        iface: iface.clone(),
+        state_dir: settings.state_dir.clone(),
+    };
+    // The subnet is a placeholder until the lease is known.
+    let placeholder = previous.unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));
+    let (mut prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
 
-    let Some(own) =
-        acquire_until_done(&registry, &cfg, &attrs, previous, &settings, &mut stop).await
+    let Some(own) = acquire_until_done(
+        &registry, &cfg, &attrs, previous, &settings, &mut stop, &state,
+    )
+    .await
     else {
         return Ok(());
     };
-    vx_cfg.own_subnet = own.subnet();
-    let backend = VxlanBackend::setup(&nl, vx_cfg.clone()).await?;
-    if backend.vtep_mac() != vtep_mac {
-        // The device ended up with another MAC than advertised; the lease must say what is real.
-        warn!(advertised = %vtep_mac, actual = %backend.vtep_mac(), "VTEP MAC changed during set-up");
+    prepared.set_own_subnet(own.subnet());
+    let backend = prepared.setup(&nl).await?;
+    if let (DataPlane::Vxlan(b), Some(data)) = (&backend, &attrs.backend_data) {
+        if !data.get().contains(&b.vtep_mac().to_string()) {
+            // The device ended up with another MAC than advertised; the lease must say what is real.
+            warn!(advertised = %data.get(), actual = %b.vtep_mac(), "VTEP MAC changed during set-up");
+        }
     }
     write_subnet_env(&settings, &cfg, &own, backend.mtu())?;
+    state.update(|s| s.mtu = backend.mtu());
 
     let mut agent = Agent {
         registry: registry.clone(),
@@ -141,9 +210,13 @@ pub async fn run(
         table: LeaseTable::new(registry.prefix(), cfg.network),
         backend,
         warned: HashSet::new(),
-        vx_cfg,
+        prepared,
+        firewall: Firewall::new(settings.nftables),
+        state,
+        udp_seen: Default::default(),
     };
     agent.main_loop(&mut stop).await;
+    agent.backend.stop();
     info!("shutting down; lease and data plane left in place");
     Ok(())
 }
@@ -186,16 +259,53 @@ async fn acquire_until_done(
     previous: Option<Ipv4Network>,
     settings: &Settings,
     stop: &mut Stop,
+    state: &AgentState,
 ) -> Option<OwnLease> {
     let mut backoff = Duration::from_millis(500);
     loop {
         match subnet::acquire(registry, cfg, attrs, previous, settings.lease_ttl).await {
             Ok(own) => {
                 info!(subnet = %own.subnet(), lease = format!("{:x}", own.lease_id), reused = own.reused, "lease acquired");
+                let m = &state.metrics;
+                m.lease_acquisitions.inc();
+                m.lease_info.reset();
+                m.lease_info
+                    .with_label_values(&[&own.subnet().to_string()])
+                    .set(1);
+                let expiry = if own.lease_id == 0 {
+                    0
+                } else {
+                    unix_now() + settings.lease_ttl.as_secs() as i64
+                };
+                m.lease_expiry.set(expiry);
+                state.update(|s| {
+                    s.subnet = own.subnet().to_string();
+                    s.lease_held = true;
+                    s.lease_expiry_unix = expiry;
+                });
                 return Some(own);
             }
-            Err(SubnetError::Alloc(e)) => error!("{e}; retrying"),
-            Err(e) => warn!("acquiring a lease: {e}; retrying"),
+            Err(SubnetError::Alloc(e)) => {
+                state
+                    .metrics
+                    .lease_failures
+                    .with_label_values(&["acquire"])
+                    .inc();
+                error!("{e}; retrying")
+            }
+            Err(e) => {
+                state
+                    .metrics
+                    .lease_failures
+                    .with_label_values(&["acquire"])
+                    .inc();
+                state
+                    .metrics
+                    .etcd_errors
+                    .with_label_values(&["acquire"])
+                    .inc();
+                warn!("acquiring a lease: {e}; retrying")
+            }
         }
         if stop.sleep(backoff).await {
             return None;
@@ -216,8 +326,8 @@ fn write_subnet_env(
         network: cfg.network,
         subnet: Ipv4Network::new(first, subnet.prefix()).expect("valid prefix"),
         mtu,
-        // The agent installs no masquerade rules yet, so it must not tell the CNI plugin it does.
-        ipmasq: false,
+        // Tells the CNI plugin the agent masquerades, so the plugin does not do it a second time.
+        ipmasq: settings.ip_masq,
     };
     env.write_atomic(&settings.subnet_file)?;
     info!(path = %settings.subnet_file.display(), "wrote subnet.env");
@@ -228,17 +338,38 @@ fn write_subnet_env(
 enum Feed {
     Events(Vec<WatchEvent>),
     Resync(Snapshot),
+    /// Whether a watch stream is established (readiness).
+    Live(bool),
 }
 
 /// Owns the watch: snapshot, then watch from the next revision; on errors reconnect with backoff
 /// from the last revision seen; on compaction re-list so the table can diff what was missed.
-async fn watch_task(registry: Arc<Registry>, start_revision: i64, tx: mpsc::Sender<Feed>) {
+async fn watch_task(
+    registry: Arc<Registry>,
+    start_revision: i64,
+    tx: mpsc::Sender<Feed>,
+    state: AgentState,
+) {
     let mut next = start_revision;
     let mut backoff = Duration::from_millis(200);
+    let mut first = true;
     loop {
+        if !first {
+            state.metrics.watch_reconnects.inc();
+        }
+        first = false;
         let mut w: LeaseWatch = match registry.watch(next).await {
-            Ok(w) => w,
+            Ok(w) => {
+                let _ = tx.send(Feed::Live(true)).await;
+                w
+            }
             Err(e) => {
+                state
+                    .metrics
+                    .etcd_errors
+                    .with_label_values(&["watch"])
+                    .inc();
+                let _ = tx.send(Feed::Live(false)).await;
                 warn!("watch: {e}; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = next_backoff(backoff);
@@ -273,6 +404,12 @@ async fn watch_task(registry: Arc<Registry>, start_revision: i64, tx: mpsc::Send
                     break;
                 }
                 Err(e) => {
+                    state
+                        .metrics
+                        .etcd_errors
+                        .with_label_values(&["watch"])
+                        .inc();
+                    let _ = tx.send(Feed::Live(false)).await;
                     warn!("watch broke: {e}; reconnecting in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = next_backoff(backoff);
@@ -292,10 +429,15 @@ struct Agent {
     own: OwnLease,
     public_ip: Ipv4Addr,
     table: LeaseTable,
-    backend: VxlanBackend,
+    backend: DataPlane,
     /// Keys already warned about, so a bad lease is logged once rather than on every resync.
     warned: HashSet<String>,
-    vx_cfg: VxlanConfig,
+    /// How to set the backend up again (lost device, new subnet).
+    prepared: Prepared,
+    firewall: Firewall,
+    state: AgentState,
+    /// udp counters at the last metrics export, to add only the difference.
+    udp_seen: crate::backend::udp::io::Stats,
 }
 
 impl Agent {
@@ -313,7 +455,13 @@ impl Agent {
                 }
             }
         };
-        let watcher = tokio::spawn(watch_task(self.registry.clone(), snap.revision + 1, tx));
+        let watcher = tokio::spawn(watch_task(
+            self.registry.clone(),
+            snap.revision + 1,
+            tx,
+            self.state.clone(),
+        ));
+        self.sync_rules().await;
         self.on_feed(Feed::Resync(snap), stop).await;
 
         let renew_every =
@@ -321,6 +469,8 @@ impl Agent {
         let mut renew_at = tokio::time::Instant::now() + renew_every;
         let mut resync = tokio::time::interval(DATAPLANE_RESYNC);
         resync.tick().await;
+        let mut rules = tokio::time::interval(self.settings.iptables_resync);
+        rules.tick().await;
         loop {
             tokio::select! {
                 _ = stop.wait() => break,
@@ -335,6 +485,10 @@ impl Agent {
                     self.backend.resync();
                     self.program().await;
                 }
+                _ = rules.tick() => {
+                    self.sync_rules().await;
+                    self.export_udp_stats();
+                }
             }
         }
         watcher.abort();
@@ -348,14 +502,34 @@ impl Agent {
         match self.registry.renew(self.own.lease_id).await {
             Ok(Some(ttl)) => {
                 debug!(subnet = %self.own.subnet(), ?ttl, "lease renewed");
+                self.state.metrics.lease_renewals.inc();
+                let expiry = unix_now() + ttl.as_secs() as i64;
+                self.state.metrics.lease_expiry.set(expiry);
+                self.state.update(|s| s.lease_expiry_unix = expiry);
                 every
             }
             Ok(None) => {
                 warn!(subnet = %self.own.subnet(), "lease expired; re-acquiring");
+                self.state
+                    .metrics
+                    .lease_failures
+                    .with_label_values(&["renew"])
+                    .inc();
+                self.state.update(|s| s.lease_held = false);
                 self.reacquire(stop).await;
                 every
             }
             Err(e) => {
+                self.state
+                    .metrics
+                    .lease_failures
+                    .with_label_values(&["renew"])
+                    .inc();
+                self.state
+                    .metrics
+                    .etcd_errors
+                    .with_label_values(&["renew"])
+                    .inc();
                 warn!("renewing lease: {e}; retrying in 2s");
                 Duration::from_secs(2)
             }
@@ -371,6 +545,7 @@ impl Agent {
             previous,
             &self.settings,
             stop,
+            &self.state,
         )
         .await
         else {
@@ -378,24 +553,31 @@ impl Agent {
         };
         if own.subnet() != self.own.subnet() {
             error!(old = %self.own.subnet(), new = %own.subnet(), "our subnet was taken while the lease was lost; moved to a new one (local pods need new addresses)");
-            self.vx_cfg.own_subnet = own.subnet();
-            match VxlanBackend::setup(&self.nl, self.vx_cfg.clone()).await {
-                Ok(b) => self.backend = b,
-                Err(e) => error!("reconfiguring the backend for {}: {e}", own.subnet()),
-            }
+            self.prepared.set_own_subnet(own.subnet());
+            self.resetup().await;
             if let Err(e) = write_subnet_env(&self.settings, &self.cfg, &own, self.backend.mtu()) {
                 error!("{e}");
             }
         }
         self.own = own;
         self.program().await;
+        self.sync_rules().await;
     }
 
     async fn on_feed(&mut self, feed: Feed, stop: &mut Stop) {
+        let received = std::time::Instant::now();
         let applied: Applied = match feed {
             Feed::Events(ev) => self.table.apply(&ev),
             Feed::Resync(snap) => self.table.resync(&snap.leases),
+            Feed::Live(live) => {
+                self.state.update(|s| s.watch_live = live);
+                return;
+            }
         };
+        self.state
+            .metrics
+            .leases_skipped
+            .inc_by(applied.skipped.len() as u64);
         for s in &applied.skipped {
             if self.warned.insert(format!("{}|{}", s.key, s.reason)) {
                 warn!(key = %s.key, "skipping lease: {}", s.reason);
@@ -404,6 +586,26 @@ impl Agent {
         let mut own_lost = false;
         for c in &applied.changes {
             let own = c.subnet() == self.own.subnet();
+            let (kind, lease) = match c {
+                LeaseChange::Added(l) => (EventKind::Added, l),
+                LeaseChange::Updated { new, .. } => (EventKind::Updated, new),
+                LeaseChange::Removed(l) => (EventKind::Removed, l),
+            };
+            let label = match kind {
+                EventKind::Added => "added",
+                EventKind::Updated => "updated",
+                EventKind::Removed => "removed",
+            };
+            self.state
+                .metrics
+                .lease_events
+                .with_label_values(&[label])
+                .inc();
+            self.state.publish(LeaseEventView {
+                kind,
+                lease: lease_view(lease, own),
+                unix_millis: unix_now() * 1000,
+            });
             match c {
                 LeaseChange::Added(l) => {
                     info!(subnet = %l.key.ipv4, peer = %l.attrs.public_ip, own, "lease added")
@@ -422,82 +624,201 @@ impl Agent {
             self.reacquire(stop).await;
         }
         if !applied.changes.is_empty() {
+            let own_subnet = self.own.subnet();
+            let leases = self
+                .table
+                .leases()
+                .map(|l| lease_view(l, l.key.ipv4 == own_subnet))
+                .collect();
+            self.state.update(|s| s.leases = leases);
             self.program().await;
+            self.state
+                .metrics
+                .reconcile_seconds
+                .observe(received.elapsed().as_secs_f64());
         }
     }
 
-    fn peers(&mut self) -> Vec<VxlanPeer> {
-        let mut peers = Vec::new();
-        let own_subnet = self.own.subnet();
-        for l in self.table.leases() {
-            if l.key.ipv4 == own_subnet || l.attrs.public_ip == self.public_ip {
-                continue;
+    /// Masquerade and forward rules; run on a blocking thread since they fork iptables or nft.
+    async fn sync_rules(&mut self) {
+        let spec = RuleSpec {
+            network: self.cfg.network,
+            subnet: self.own.subnet(),
+            ip_masq: self.settings.ip_masq,
+        };
+        let fw = std::mem::replace(&mut self.firewall, Firewall::new(self.settings.nftables));
+        let (fw, result) = tokio::task::spawn_blocking(move || {
+            let r = fw.sync(&spec);
+            (fw, r)
+        })
+        .await
+        .expect("rule sync does not panic");
+        self.firewall = fw;
+        match result {
+            Ok(true) => {
+                self.state.metrics.rules_resyncs.inc();
+                info!(
+                    firewall = self.firewall.name(),
+                    ip_masq = self.settings.ip_masq,
+                    "rules (re)installed"
+                );
             }
-            let ty = l.attrs.effective_backend_type();
-            let peer = if ty == "vxlan" {
-                VxlanPeer::from_lease(l.key.ipv4, &l.attrs).map_err(|e| e.to_string())
-            } else {
-                Err(format!("its backend is {ty:?}, this node runs vxlan"))
-            };
-            match peer {
-                Ok(p) => peers.push(p),
-                Err(reason) => {
-                    let k = format!("{}|{reason}", l.key);
-                    if self.warned.insert(k) {
-                        warn!(subnet = %l.key.ipv4, peer = %l.attrs.public_ip, "not programming peer: {reason}");
-                    }
-                }
+            Ok(false) => {}
+            Err(e) => {
+                self.state.metrics.rules_errors.inc();
+                warn!("syncing {} rules: {e}", self.firewall.name());
             }
         }
-        peers
+    }
+
+    /// Adds what the udp workers counted since the last export to the Prometheus counters.
+    fn export_udp_stats(&mut self) {
+        let DataPlane::Udp(b) = &self.backend else {
+            return;
+        };
+        let now = b.stats();
+        let last = std::mem::replace(&mut self.udp_seen, now);
+        let m = &self.state.metrics;
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        m.udp_packets
+            .with_label_values(&["tx"])
+            .inc_by(d(now.tx_packets, last.tx_packets));
+        m.udp_packets
+            .with_label_values(&["rx"])
+            .inc_by(d(now.rx_datagrams, last.rx_datagrams));
+        for (reason, a, b) in [
+            (
+                "unknown_peer",
+                now.drop_unknown_peer,
+                last.drop_unknown_peer,
+            ),
+            (
+                "spoofed_inner",
+                now.drop_spoofed_inner,
+                last.drop_spoofed_inner,
+            ),
+            ("not_for_us", now.drop_not_for_us, last.drop_not_for_us),
+            ("malformed", now.drop_malformed, last.drop_malformed),
+            ("not_remote", now.drop_not_remote, last.drop_not_remote),
+            ("not_ready", now.drop_not_ready, last.drop_not_ready),
+        ] {
+            m.udp_drops.with_label_values(&[reason]).inc_by(d(a, b));
+        }
+    }
+
+    /// Every other node's lease. Which of them the backend can serve is its decision.
+    fn remotes(&self) -> Vec<Remote> {
+        let own_subnet = self.own.subnet();
+        self.table
+            .leases()
+            .filter(|l| l.key.ipv4 != own_subnet && l.attrs.public_ip != self.public_ip)
+            .map(|l| Remote {
+                subnet: l.key.ipv4,
+                attrs: l.attrs.clone(),
+            })
+            .collect()
+    }
+
+    /// Sets the backend up again from scratch (device deleted behind our back, new subnet).
+    async fn resetup(&mut self) {
+        // udp: the old workers must let go of the TUN queues and the port first.
+        self.backend.stop();
+        match self.prepared.setup(&self.nl).await {
+            Ok(b) => self.backend = b,
+            Err(e) => error!(
+                backend = self.prepared.type_name(),
+                "setting the backend up again: {e}"
+            ),
+        }
     }
 
     async fn program(&mut self) {
-        let peers = self.peers();
+        let remotes = self.remotes();
         let started = std::time::Instant::now();
-        match self.backend.reconcile(&self.nl, &peers).await {
-            Ok(stats) => {
-                if stats.ops_applied > 0 || !stats.failures.is_empty() {
-                    info!(
-                        peers = peers.len(),
-                        ops = stats.ops_applied,
-                        failures = stats.failures.len(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "data plane programmed"
-                    );
+        let stats = match self.backend.reconcile(&self.nl, &remotes).await {
+            Ok(s) => s,
+            Err(e) if e.is_device_gone() => {
+                warn!("{e}; setting the backend up again");
+                self.resetup().await;
+                match self.backend.reconcile(&self.nl, &remotes).await {
+                    Ok(s) => s,
+                    Err(e) => return error!("programming the data plane: {e}"),
                 }
             }
-            Err(VxlanError::DeviceGone { device }) => {
-                warn!(%device, "vxlan device vanished; recreating it");
-                match VxlanBackend::setup(&self.nl, self.vx_cfg.clone()).await {
-                    Ok(b) => {
-                        self.backend = b;
-                        if let Err(e) = self.backend.reconcile(&self.nl, &peers).await {
-                            error!("programming the data plane: {e}");
-                        }
-                    }
-                    Err(e) => error!("recreating {device}: {e}"),
+            Err(e) => return error!("programming the data plane: {e}"),
+        };
+        let m = &self.state.metrics;
+        m.netlink_ops.inc_by(stats.ops_applied as u64);
+        m.netlink_failures.inc_by(stats.failures.len() as u64);
+        m.peers.reset();
+        let programmed = remotes.len() - stats.skipped.len();
+        m.peers
+            .with_label_values(&[self.prepared.type_name()])
+            .set(programmed as i64);
+        let failed: HashSet<Ipv4Network> = stats.failures.iter().filter_map(|f| f.subnet).collect();
+        let peers: Vec<PeerView> = remotes
+            .iter()
+            .map(|r| {
+                let skip = stats.skipped.iter().find(|s| s.subnet == r.subnet);
+                let error = skip.map(|s| s.reason.clone()).or_else(|| {
+                    failed
+                        .contains(&r.subnet)
+                        .then(|| "netlink programming failed (see log)".to_string())
+                });
+                PeerView {
+                    subnet: r.subnet.to_string(),
+                    public_ip: r.attrs.public_ip.to_string(),
+                    backend: r.attrs.effective_backend_type().to_string(),
+                    programmed: error.is_none(),
+                    error,
                 }
+            })
+            .collect();
+        let clean = stats.failures.is_empty();
+        self.state.update(|s| {
+            s.peers = peers;
+            s.backend_programmed = clean;
+        });
+        for s in &stats.skipped {
+            if self
+                .warned
+                .insert(format!("{}|{}|{}", s.subnet, s.public_ip, s.reason))
+            {
+                warn!(subnet = %s.subnet, peer = %s.public_ip, "{s}");
             }
-            Err(e) => error!("programming the data plane: {e}"),
+        }
+        if stats.ops_applied > 0 || !stats.failures.is_empty() {
+            info!(
+                peers = remotes.len(),
+                skipped = stats.skipped.len(),
+                ops = stats.ops_applied,
+                failures = stats.failures.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "data plane programmed"
+            );
         }
     }
 }
 
-/// `--iface` values are tried in order, first match wins; none given means the default route's.
-async fn choose_iface(nl: &Netlink, wanted: &[String]) -> Result<netlink::Iface, AgentError> {
-    if wanted.is_empty() {
-        return Ok(netlink::select_iface(nl, None).await?);
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn lease_view(l: &Lease, own: bool) -> LeaseView {
+    LeaseView {
+        subnet: l.key.ipv4.to_string(),
+        public_ip: l.attrs.public_ip.to_string(),
+        backend_type: l.attrs.effective_backend_type().to_string(),
+        backend_data: l
+            .attrs
+            .backend_data
+            .as_ref()
+            .map(|d| d.get().to_string())
+            .unwrap_or_default(),
+        lease_id: l.lease_id,
+        own,
     }
-    let mut last = None;
-    for w in wanted {
-        match netlink::select_iface(nl, Some(w)).await {
-            Ok(i) => return Ok(i),
-            Err(e) => {
-                debug!(iface = %w, "not usable: {e}");
-                last = Some(e);
-            }
-        }
-    }
-    Err(last.expect("at least one --iface").into())
 }

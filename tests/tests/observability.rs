@@ -75,3 +75,104 @@ fn traffic_to_the_outside_is_masqueraded_and_pod_to_pod_is_not() {
     );
     assert_eq!(seen, h1.pods[0].ip.to_string(), "source seen by a pod");
 }
+
+/// Readiness, the metric series an operator alerts on, `tweedctl net` over the API socket, and
+/// the rules coming back after someone deletes them.
+#[test]
+fn ready_metrics_tweedctl_net_and_rules_resync() {
+    let lab = up(LabSpec::new(lab_name("op"), 2));
+    let h1 = host_state(&lab, "h1");
+    let base = format!("http://{}:9867", h1.public_ip);
+    wait_for(Duration::from_secs(10), "h1 to be ready", || {
+        lab.exec(
+            "h2",
+            &["curl", "-sf", "--max-time", "2", &format!("{base}/readyz")],
+        )
+        .is_ok()
+    });
+    let body = lab
+        .exec(
+            "h2",
+            &["curl", "-sf", "--max-time", "2", &format!("{base}/metrics")],
+        )
+        .unwrap();
+    for series in [
+        format!("tweed_lease_info{{subnet=\"{}\"}} 1", subnet_of(&h1)),
+        "tweed_peers{backend=\"vxlan\"} 1".to_string(),
+        "tweed_lease_acquisitions_total 1".to_string(),
+        "tweed_reconcile_seconds_count".to_string(),
+        "tweed_rules_resyncs_total".to_string(),
+    ] {
+        assert!(body.contains(&series), "missing {series} in\n{body}");
+    }
+
+    // tweedctl net, as an operator on h1 would run it (the socket is a file: no netns needed).
+    let tweedctl = tweed_lab_bin("tweedctl");
+    let sock = h1.log.with_file_name("tweedd.sock");
+    let out = std::process::Command::new(&tweedctl)
+        .args([
+            "net",
+            "--socket",
+            sock.to_str().unwrap(),
+            "status",
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["ready"], true, "{st}");
+    assert_eq!(st["subnet"], subnet_of(&h1));
+    let out = std::process::Command::new(&tweedctl)
+        .args(["net", "--socket", sock.to_str().unwrap(), "peers"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let h2 = host_state(&lab, "h2");
+    assert!(
+        table.contains(&subnet_of(&h2)) && table.contains("yes"),
+        "{table}"
+    );
+
+    // Someone deletes the masquerade chain: back within the 5 s resync period.
+    in_ns(
+        &h1.netns,
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-D",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "tweed",
+            "-j",
+            "TWEED-POSTRTG",
+        ],
+    );
+    in_ns(&h1.netns, &["iptables", "-t", "nat", "-F", "TWEED-POSTRTG"]);
+    in_ns(&h1.netns, &["iptables", "-t", "nat", "-X", "TWEED-POSTRTG"]);
+    wait_for(Duration::from_secs(8), "the chain to be restored", || {
+        in_ns(&h1.netns, &["iptables", "-t", "nat", "-S"]).contains("-j TWEED-POSTRTG")
+    });
+}
+
+fn subnet_of(h: &tweed_lab::state::HostState) -> String {
+    let s = h.subnet.as_ref().expect("subnet");
+    let (addr, len) = s.split_once('/').unwrap();
+    let mut o: Vec<&str> = addr.split('.').collect();
+    o[3] = "0";
+    format!("{}/{len}", o.join("."))
+}
+
+/// A binary built beside the test's own target dir (target/debug).
+fn tweed_lab_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
