@@ -6,9 +6,14 @@
 //! the kernel.
 
 pub mod alloc;
+pub mod api;
 pub mod backend;
+pub mod http;
+pub mod metrics;
+pub mod state;
 pub use tweed_netlink as netlink;
 pub mod registry;
+pub mod rules;
 pub mod run;
 pub mod settings;
 pub mod subnet;

@@ -6,16 +6,28 @@
 //! 3. a pure `plan(observed, desired) -> Vec<Op>` producing only the missing, different and stale
 //!    entries, so an unchanged world costs zero syscalls beyond the first observation;
 //! 4. [`apply_plan`]: batched, idempotent, failures reported per peer in [`ReconcileStats`].
+//!
+//! The run loop sees them through one interface: [`Prepared`] (chosen from the network config,
+//! knows what the lease must advertise before a subnet is leased) and [`DataPlane`] (set up for
+//! the leased subnet; `reconcile` with every remote lease, `resync`, `mtu`).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use ipnetwork::Ipv4Network;
+use tweed_config::{BackendConfig, LeaseAttrs};
 
-use crate::netlink::{Netlink, NetlinkError, Op, Route};
+use crate::netlink::{Iface, Netlink, NetlinkError, Op, Route};
 
+pub mod hostgw;
+pub mod route;
+pub mod udp;
 pub mod vxlan;
 
+pub use hostgw::{HostGwBackend, HostGwConfig, HostGwError, HostGwPeer};
+pub use udp::{UdpBackend, UdpConfig, UdpError, UdpPeer};
 pub use vxlan::{ObservedState, VxlanBackend, VxlanConfig, VxlanError, VxlanPeer};
 
 /// Outcome of one reconcile pass.
@@ -24,6 +36,26 @@ pub struct ReconcileStats {
     /// Ops the kernel accepted (deletes of already-gone entries included).
     pub ops_applied: usize,
     pub failures: Vec<PeerFailure>,
+    /// Peers deliberately not programmed, with the reason (e.g. host-gw peers behind a router).
+    pub skipped: Vec<PeerSkip>,
+}
+
+/// A remote lease the backend refuses to program, named so the operator can find the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSkip {
+    pub subnet: Ipv4Network,
+    pub public_ip: Ipv4Addr,
+    pub reason: String,
+}
+
+impl fmt::Display for PeerSkip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "peer {} (PublicIP {}) not programmed: {}",
+            self.subnet, self.public_ip, self.reason
+        )
+    }
 }
 
 impl ReconcileStats {
@@ -50,6 +82,274 @@ impl fmt::Display for PeerFailure {
             Some(s) => write!(f, "peer {s}: {}", self.error),
             None => write!(f, "stale entry cleanup: {}", self.error),
         }
+    }
+}
+
+/// Another node's lease, as every backend receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub subnet: Ipv4Network,
+    pub attrs: LeaseAttrs,
+}
+
+impl Remote {
+    fn skip(&self, reason: String) -> PeerSkip {
+        PeerSkip {
+            subnet: self.subnet,
+            public_ip: self.attrs.public_ip,
+            reason,
+        }
+    }
+
+    /// The lease must be of `want`'s backend type: nodes of different backends cannot reach each
+    /// other (flannel requires one backend per network too).
+    fn same_type(&self, want: &str) -> Result<(), PeerSkip> {
+        let ty = self.attrs.effective_backend_type();
+        if ty == want {
+            Ok(())
+        } else {
+            Err(self.skip(format!("its backend is {ty:?}, this node runs {want}")))
+        }
+    }
+}
+
+/// Where this node stands: what every backend needs besides its own config.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub network: Ipv4Network,
+    pub public_ip: Ipv4Addr,
+    pub iface: Iface,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Vxlan(#[from] VxlanError),
+    #[error(transparent)]
+    HostGw(#[from] HostGwError),
+    #[error(transparent)]
+    Udp(#[from] UdpError),
+}
+
+impl BackendError {
+    /// The backend's device (or underlay) went away: set it up again.
+    pub fn is_device_gone(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Vxlan(VxlanError::DeviceGone { .. })
+                | BackendError::HostGw(HostGwError::UnderlayGone { .. })
+                | BackendError::Udp(UdpError::DeviceGone)
+        )
+    }
+}
+
+/// A backend chosen from the network config, not set up yet.
+#[derive(Debug, Clone)]
+pub enum Prepared {
+    Vxlan(VxlanConfig),
+    HostGw(HostGwConfig),
+    Udp(UdpConfig),
+}
+
+impl Prepared {
+    /// Chooses the backend and computes what the lease advertises (vxlan: the VTEP MAC, fixed
+    /// now because the lease must carry it). `own_subnet` is a placeholder until the lease is
+    /// known ([`set_own_subnet`](Self::set_own_subnet)).
+    pub async fn new(
+        nl: &Netlink,
+        backend: &BackendConfig,
+        node: &NodeContext,
+        own_subnet: Ipv4Network,
+    ) -> Result<(Prepared, LeaseAttrs), BackendError> {
+        let iface = &node.iface;
+        Ok(match *backend {
+            BackendConfig::Vxlan {
+                vni,
+                port,
+                direct_routing,
+                mtu,
+            } => {
+                let cfg = VxlanConfig {
+                    vni,
+                    port,
+                    local_ip: node.public_ip,
+                    underlay_ifindex: iface.index,
+                    underlay_mtu: iface.mtu,
+                    own_subnet,
+                    mac_file: node.state_dir.join(format!("vtep-mac.{vni}")),
+                    mtu_override: (mtu != 0).then_some(mtu),
+                    direct_routing: direct_routing.then(|| vxlan::DirectRouting {
+                        network: node.network,
+                        underlay_name: iface.name.clone(),
+                    }),
+                };
+                let mac = VxlanBackend::prepare_mac(nl, &cfg).await?;
+                let attrs = LeaseAttrs::new(
+                    node.public_ip,
+                    "vxlan",
+                    Some(&serde_json::json!({"VNI": vni, "VtepMAC": mac.to_string()})),
+                );
+                (Prepared::Vxlan(cfg), attrs)
+            }
+            BackendConfig::HostGw => (
+                Prepared::HostGw(HostGwConfig {
+                    network: node.network,
+                    own_subnet,
+                    local_ip: node.public_ip,
+                    underlay_ifindex: iface.index,
+                    underlay_name: iface.name.clone(),
+                    underlay_mtu: iface.mtu,
+                }),
+                LeaseAttrs::new(node.public_ip, "host-gw", None),
+            ),
+            BackendConfig::Udp { port, mtu } => (
+                Prepared::Udp(UdpConfig {
+                    network: node.network,
+                    own_subnet,
+                    // Bound to the interface's address: a --public-ip behind NAT is not ours.
+                    local_ip: iface.ip,
+                    port,
+                    underlay_mtu: iface.mtu,
+                    mtu_override: (mtu != 0).then_some(mtu),
+                    queues: udp_workers(),
+                }),
+                LeaseAttrs::new(node.public_ip, "udp", None),
+            ),
+        })
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Prepared::Vxlan(_) => "vxlan",
+            Prepared::HostGw(_) => "host-gw",
+            Prepared::Udp(_) => "udp",
+        }
+    }
+
+    pub fn set_own_subnet(&mut self, subnet: Ipv4Network) {
+        match self {
+            Prepared::Vxlan(c) => c.own_subnet = subnet,
+            Prepared::HostGw(c) => c.own_subnet = subnet,
+            Prepared::Udp(c) => c.own_subnet = subnet,
+        }
+    }
+
+    /// Sets the backend up (idempotent: a restart finds its device and changes nothing).
+    pub async fn setup(&self, nl: &Netlink) -> Result<DataPlane, BackendError> {
+        Ok(match self {
+            Prepared::Vxlan(c) => DataPlane::Vxlan(VxlanBackend::setup(nl, c.clone()).await?),
+            Prepared::HostGw(c) => DataPlane::HostGw(HostGwBackend::setup(nl, c.clone()).await?),
+            Prepared::Udp(c) => DataPlane::Udp(UdpBackend::setup(nl, c.clone()).await?),
+        })
+    }
+}
+
+/// udp workers (TUN queues): one per core, at most 8; `TWEED_UDP_WORKERS` overrides it (a
+/// host whose pods mostly talk request/response can prefer fewer threads to wake up).
+fn udp_workers() -> usize {
+    std::env::var("TWEED_UDP_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(8)
+        })
+}
+
+/// A set-up backend.
+#[derive(Debug)]
+pub enum DataPlane {
+    Vxlan(VxlanBackend),
+    HostGw(HostGwBackend),
+    Udp(UdpBackend),
+}
+
+impl DataPlane {
+    /// The MTU pods must use (subnet.env's `TWEED_MTU`).
+    pub fn mtu(&self) -> u32 {
+        match self {
+            DataPlane::Vxlan(b) => b.mtu(),
+            DataPlane::HostGw(b) => b.mtu(),
+            DataPlane::Udp(b) => b.mtu(),
+        }
+    }
+
+    /// The next reconcile re-reads the kernel instead of trusting the backend's view.
+    pub fn resync(&mut self) {
+        match self {
+            DataPlane::Vxlan(b) => b.resync(),
+            DataPlane::HostGw(b) => b.resync(),
+            DataPlane::Udp(b) => b.resync(),
+        }
+    }
+
+    /// Releases what the backend runs (udp: its workers); the kernel state stays.
+    pub fn stop(&mut self) {
+        if let DataPlane::Udp(b) = self {
+            b.stop();
+        }
+    }
+
+    /// Makes the data plane serve exactly `remotes` (other nodes' leases). Leases this backend
+    /// cannot serve come back in [`ReconcileStats::skipped`].
+    pub async fn reconcile(
+        &mut self,
+        nl: &Netlink,
+        remotes: &[Remote],
+    ) -> Result<ReconcileStats, BackendError> {
+        let mut skipped = Vec::new();
+        let mut stats = match self {
+            DataPlane::Vxlan(b) => {
+                let peers: Vec<VxlanPeer> = remotes
+                    .iter()
+                    .filter_map(|r| {
+                        let p = r.same_type("vxlan").and_then(|()| {
+                            VxlanPeer::from_lease(r.subnet, &r.attrs)
+                                .map_err(|e| r.skip(e.to_string()))
+                        });
+                        p.map_err(|s| skipped.push(s)).ok()
+                    })
+                    .collect();
+                b.reconcile(nl, &peers).await?
+            }
+            DataPlane::HostGw(b) => {
+                let peers: Vec<HostGwPeer> = remotes
+                    .iter()
+                    .filter_map(|r| {
+                        r.same_type("host-gw")
+                            .map(|()| HostGwPeer {
+                                subnet: r.subnet,
+                                public_ip: r.attrs.public_ip,
+                            })
+                            .map_err(|s| skipped.push(s))
+                            .ok()
+                    })
+                    .collect();
+                b.reconcile(nl, &peers).await?
+            }
+            DataPlane::Udp(b) => {
+                let peers: Vec<UdpPeer> = remotes
+                    .iter()
+                    .filter_map(|r| {
+                        r.same_type("udp")
+                            .map(|()| UdpPeer {
+                                subnet: r.subnet,
+                                public_ip: r.attrs.public_ip,
+                            })
+                            .map_err(|s| skipped.push(s))
+                            .ok()
+                    })
+                    .collect();
+                b.reconcile(nl, &peers).await?
+            }
+        };
+        skipped.append(&mut stats.skipped);
+        stats.skipped = skipped;
+        Ok(stats)
     }
 }
 
@@ -110,6 +410,111 @@ pub fn diff_routes(observed: &[Route], desired: &[Route]) -> RouteDiff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::netlink::{Addr, Fake};
+
+    fn remote(subnet: &str, value: &str) -> Remote {
+        Remote {
+            subnet: subnet.parse().unwrap(),
+            attrs: LeaseAttrs::parse(value.as_bytes()).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_backend_is_prepared_and_driven_the_same_way() {
+        let fake = Fake::new();
+        let eth0 = fake.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
+        fake.add_addr(Addr {
+            ifindex: eth0,
+            net: "198.18.0.1/24".parse().unwrap(),
+        });
+        fake.add_route(Route {
+            dst: "198.18.0.0/24".parse().unwrap(),
+            gateway: None,
+            oif: Some(eth0),
+            onlink: false,
+            metric: 0,
+            protocol: Route::PROTO_KERNEL,
+        });
+        let nl = Netlink::from(fake.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let node = NodeContext {
+            network: "10.244.0.0/16".parse().unwrap(),
+            public_ip: "198.18.0.1".parse().unwrap(),
+            iface: Iface {
+                index: eth0,
+                name: "eth0".into(),
+                ip: "198.18.0.1".parse().unwrap(),
+                mtu: 1500,
+            },
+            state_dir: tmp.path().to_path_buf(),
+        };
+        let own: Ipv4Network = "10.244.1.0/24".parse().unwrap();
+
+        // host-gw: the lease says host-gw, no BackendData; only host-gw peers are served.
+        let (mut p, attrs) = Prepared::new(&nl, &BackendConfig::HostGw, &node, own)
+            .await
+            .unwrap();
+        assert_eq!(
+            attrs.to_json(),
+            r#"{"PublicIP":"198.18.0.1","BackendType":"host-gw"}"#
+        );
+        p.set_own_subnet(own);
+        let mut dp = p.setup(&nl).await.unwrap();
+        assert_eq!(dp.mtu(), 1500);
+        let stats = dp
+            .reconcile(
+                &nl,
+                &[
+                    remote(
+                        "10.244.2.0/24",
+                        r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw"}"#,
+                    ),
+                    remote("10.244.3.0/24", r#"{"PublicIP":"198.18.0.3"}"#),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(stats.ops_applied, 1);
+        assert_eq!(stats.skipped.len(), 1);
+        assert!(
+            stats.skipped[0].reason.contains(r#""udp""#)
+                && stats.skipped[0].reason.contains("host-gw"),
+            "{}",
+            stats.skipped[0]
+        );
+
+        // vxlan: the lease carries the VTEP MAC the device then has.
+        let vx = BackendConfig::Vxlan {
+            vni: 1,
+            port: 8472,
+            direct_routing: false,
+            mtu: 0,
+        };
+        let (p, attrs) = Prepared::new(&nl, &vx, &node, own).await.unwrap();
+        let dp = p.setup(&nl).await.unwrap();
+        let DataPlane::Vxlan(b) = &dp else {
+            panic!("{dp:?}")
+        };
+        assert!(attrs
+            .backend_data
+            .as_ref()
+            .unwrap()
+            .get()
+            .contains(&b.vtep_mac().to_string()));
+        assert_eq!(dp.mtu(), 1450);
+
+        // udp: flannel's wire needs no BackendData.
+        let (p, attrs) = Prepared::new(&nl, &BackendConfig::Udp { port: 8285, mtu: 0 }, &node, own)
+            .await
+            .unwrap();
+        assert_eq!(
+            attrs.to_json(),
+            r#"{"PublicIP":"198.18.0.1","BackendType":"udp"}"#
+        );
+        let Prepared::Udp(c) = p else { panic!() };
+        assert_eq!((c.mtu(), c.port, c.local_ip), (1472, 8285, node.iface.ip));
+    }
 
     #[test]
     fn route_diff_replaces_in_place_and_deletes_strays() {

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
 
+use super::hostgw::{self, HostGwConfig, HostGwPeer};
+use super::route::canonical;
 use super::{apply_plan, diff_routes, ReconcileStats};
 use crate::netlink::model::Tables;
 use crate::netlink::{
@@ -83,6 +85,17 @@ pub struct VxlanConfig {
     /// Where the VTEP MAC survives a device deletion (reboot, incompatible config).
     pub mac_file: PathBuf,
     pub mtu_override: Option<u32>,
+    /// `DirectRouting: true`: peers on this node's L2 segment get a plain host-gw route instead
+    /// of the tunnel (no encapsulation cost); the others stay on vxlan.
+    pub direct_routing: Option<DirectRouting>,
+}
+
+/// What DirectRouting needs beyond the vxlan device: where host-gw routes go and which routes
+/// can be ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectRouting {
+    pub network: Ipv4Network,
+    pub underlay_name: String,
 }
 
 impl VxlanConfig {
@@ -104,7 +117,19 @@ impl VxlanConfig {
             own_subnet,
             mac_file,
             mtu_override: None,
+            direct_routing: None,
         }
+    }
+
+    fn hostgw(&self) -> Option<HostGwConfig> {
+        self.direct_routing.as_ref().map(|d| HostGwConfig {
+            network: d.network,
+            own_subnet: self.own_subnet,
+            local_ip: self.local_ip,
+            underlay_ifindex: self.underlay_ifindex,
+            underlay_name: d.underlay_name.clone(),
+            underlay_mtu: self.underlay_mtu,
+        })
     }
 
     pub fn device_name(&self) -> String {
@@ -400,6 +425,45 @@ pub fn plan(observed: &ObservedState, desired: &[VxlanPeer]) -> Vec<Op> {
     dels
 }
 
+/// DirectRouting: peers whose PublicIP is on this node's segment get a host-gw route on the
+/// underlay, the others the usual vxlan entries. A peer switching sides keeps its route key
+/// (dst, metric), so the replace on the new side moves the route in place and the delete the
+/// old side would plan is dropped: traffic never finds no route. Host-gw ops come first, so a
+/// peer leaving the tunnel has its direct route before its vxlan entries go.
+pub fn plan_direct(
+    hg: &HostGwConfig,
+    routes: &[Route],
+    observed: &ObservedState,
+    peers: &[VxlanPeer],
+) -> Vec<Op> {
+    let hpeers: Vec<HostGwPeer> = peers
+        .iter()
+        .map(|p| HostGwPeer {
+            subnet: p.subnet,
+            public_ip: p.public_ip,
+        })
+        .collect();
+    // Peers behind a router are exactly what the tunnel is for: no report.
+    let (direct, _tunnelled) = hostgw::classify(hg, routes, &hpeers);
+    let direct_set: HashSet<Ipv4Network> = direct.iter().map(|p| p.subnet).collect();
+    let tunnelled: Vec<VxlanPeer> = peers
+        .iter()
+        .filter(|p| !direct_set.contains(&canonical(p.subnet)))
+        .copied()
+        .collect();
+    let tunnel_set: HashSet<Ipv4Network> = tunnelled.iter().map(|p| canonical(p.subnet)).collect();
+    let mut ops: Vec<Op> = hostgw::plan_routes(hg, routes, &direct)
+        .into_iter()
+        .filter(|op| !matches!(op, Op::RouteDel(r) if tunnel_set.contains(&r.dst)))
+        .collect();
+    ops.extend(
+        plan(observed, &tunnelled)
+            .into_iter()
+            .filter(|op| !matches!(op, Op::RouteDel(r) if direct_set.contains(&r.dst))),
+    );
+    ops
+}
+
 /// Which peer an op served, for failure reports.
 fn owner(op: &Op, peers: &[VxlanPeer]) -> Option<Ipv4Network> {
     match op {
@@ -543,6 +607,8 @@ pub struct VxlanBackend {
     setup_ops: Vec<Op>,
     /// What the device holds, as far as we know; `None` forces a re-list at the next reconcile.
     view: Option<ObservedState>,
+    /// DirectRouting only: the main table as far as we know (same rule as `view`).
+    underlay_view: Option<Vec<Route>>,
 }
 
 impl VxlanBackend {
@@ -624,6 +690,7 @@ impl VxlanBackend {
             mac,
             setup_ops,
             view: None,
+            underlay_view: None,
         })
     }
 
@@ -661,6 +728,7 @@ impl VxlanBackend {
     /// in-memory view (periodic safety net, or after someone else may have touched it).
     pub fn resync(&mut self) {
         self.view = None;
+        self.underlay_view = None;
     }
 
     /// Makes the device hold exactly the entries for `peers`. The first call, and the first after
@@ -684,7 +752,22 @@ impl VxlanBackend {
                     })?
             }
         };
-        let ops = plan(&view, peers);
+        let (ops, underlay_routes) = match self.cfg.hostgw() {
+            None => (plan(&view, peers), None),
+            Some(hg) => {
+                let routes = match self.underlay_view.take() {
+                    Some(v) => v,
+                    None => nl
+                        .all_routes()
+                        .await
+                        .map_err(|source| VxlanError::Observe {
+                            device: self.name.clone(),
+                            source,
+                        })?,
+                };
+                (plan_direct(&hg, &routes, &view, peers), Some(routes))
+            }
+        };
         let stats = apply_plan(nl, &ops, |op| owner(op, peers)).await;
         for f in &stats.failures {
             tracing::warn!(device = %self.name, "vxlan: {f}");
@@ -700,7 +783,11 @@ impl VxlanBackend {
             });
         }
         // After a failure the kernel's state is not what the model says; read it next time.
-        self.view = stats.failures.is_empty().then(|| view.after(&ops));
+        let clean = stats.failures.is_empty();
+        self.view = clean.then(|| view.after(&ops));
+        self.underlay_view = underlay_routes
+            .filter(|_| clean)
+            .map(|r| hostgw::routes_after(&r, &ops));
         Ok(stats)
     }
 }
@@ -1239,6 +1326,91 @@ mod tests {
         assert!(matches!(e, VxlanError::DeviceGone { .. }), "{e}");
     }
 
+    fn hg() -> HostGwConfig {
+        HostGwConfig {
+            network: net("10.244.0.0/16"),
+            own_subnet: net("10.244.1.0/24"),
+            local_ip: ip("198.18.0.1"),
+            underlay_ifindex: 2,
+            underlay_name: "eth0".into(),
+            underlay_mtu: 1500,
+        }
+    }
+
+    /// The underlay: 198.18.0.0/24 connected, everything else via a router.
+    fn underlay_routes() -> Vec<Route> {
+        vec![
+            Route {
+                dst: net("198.18.0.0/24"),
+                gateway: None,
+                oif: Some(2),
+                onlink: false,
+                metric: 0,
+                protocol: Route::PROTO_KERNEL,
+            },
+            Route::via(net("0.0.0.0/0"), ip("198.18.0.254"), Some(2)),
+        ]
+    }
+
+    #[test]
+    fn direct_routing_splits_peers_by_segment() {
+        let near = peer(2);
+        let far = VxlanPeer {
+            public_ip: ip("198.18.1.3"),
+            ..peer(3)
+        };
+        let ops = plan_direct(&hg(), &underlay_routes(), &observed(), &[near, far]);
+        let mut want = vec![Op::RouteReplace(Route::via(
+            near.subnet,
+            near.public_ip,
+            Some(2),
+        ))];
+        want.extend(entries_for(&far));
+        assert_eq!(ops, want);
+        let routes = hostgw::routes_after(&underlay_routes(), &ops);
+        assert_eq!(
+            plan_direct(&hg(), &routes, &observed().after(&ops), &[near, far]),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn direct_routing_moves_a_peer_between_sides_without_deleting_its_route() {
+        let near = peer(2);
+        // Tunnelled first (as if it was behind the router), then on our segment.
+        let far = VxlanPeer {
+            public_ip: ip("198.18.1.2"),
+            ..near
+        };
+        let ops1 = plan_direct(&hg(), &underlay_routes(), &observed(), &[far]);
+        let view = observed().after(&ops1);
+        let routes = hostgw::routes_after(&underlay_routes(), &ops1);
+        let ops2 = plan_direct(&hg(), &routes, &view, &[near]);
+        assert!(
+            !ops2
+                .iter()
+                .any(|o| matches!(o, Op::RouteDel(r) if r.dst == near.subnet)),
+            "{ops2:?}"
+        );
+        assert_eq!(
+            ops2[0],
+            Op::RouteReplace(Route::via(near.subnet, near.public_ip, Some(2)))
+        );
+        // ...and back: the vxlan route replaces the direct one in place.
+        let view = view.after(&ops2);
+        let routes = hostgw::routes_after(&routes, &ops2);
+        let ops3 = plan_direct(&hg(), &routes, &view, &[far]);
+        assert!(
+            !ops3.iter().any(|o| matches!(o, Op::RouteDel(_))),
+            "{ops3:?}"
+        );
+        assert!(ops3.contains(&Op::RouteReplace(Route::onlink(
+            far.subnet,
+            far.gateway(),
+            DEV
+        ))));
+    }
+
     #[test]
     fn host_bits_in_a_peer_subnet_are_dropped() {
         let sloppy = VxlanPeer {
@@ -1265,6 +1437,7 @@ mod tests {
             mac: mac(1),
             setup_ops: vec![],
             view: None,
+            underlay_view: None,
         };
         send(&b.reconcile(&nl, &[]));
         send(&nl.apply_all(&[]));

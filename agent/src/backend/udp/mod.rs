@@ -1,0 +1,566 @@
+//! The udp backend: a TUN device `tweed0` holding this node's subnet address, a route for the
+//! whole overlay network into it, and user-space workers that carry each inner IPv4 packet as
+//! the payload of one UDP datagram to the peer holding its destination (flannel's udp wire
+//! format, port 8285), for hosts without VXLAN.
+//!
+//! Unlike flannel's, it checks what it lets in: the outer source must be a current peer's
+//! PublicIP and the inner source inside that peer's subnet; everything else is dropped and
+//! counted. Destinations inside the overlay that no peer holds get ICMP net-unreachable.
+//!
+//! Layout: [`packet`], [`table`], [`offload`] and [`csum`] are pure (parsing, peer table,
+//! segmentation and coalescing, checksums) and unit-tested; [`io`] is the thin loop around them.
+//! The device is persistent (`TUNSETPERSIST`): when the agent exits, address and routes stay
+//! and a restarted agent only re-attaches its queues.
+
+pub mod csum;
+pub mod fuzz;
+pub mod io;
+pub mod offload;
+pub mod packet;
+pub mod table;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+
+use self::io::{Counters, Shared, Stats, Worker};
+pub use self::table::{PeerTable, UdpPeer};
+use super::route::canonical;
+use super::vxlan::plan_addresses;
+use super::{diff_routes, ReconcileStats};
+use crate::netlink::{Addr, Link, Netlink, NetlinkError, Op, Route};
+
+pub const DEVICE: &str = "tweed0";
+pub const DEFAULT_PORT: u16 = 8285;
+/// Outer IPv4 (20) + UDP (8): flannel's udp overhead.
+pub const UDP_OVERHEAD: u32 = 28;
+const MIN_MTU: u32 = 68;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UdpError {
+    #[error(
+        "{DEVICE}: MTU {mtu} is below the IPv4 minimum of {MIN_MTU} (underlay MTU {underlay_mtu}, \
+         udp needs {UDP_OVERHEAD} bytes of it)"
+    )]
+    Mtu { mtu: u32, underlay_mtu: u32 },
+
+    #[error("opening TUN device {DEVICE} (multiqueue, virtio-net header): {0}")]
+    Tun(#[source] std::io::Error),
+
+    #[error("UDP socket on {addr}: {source}")]
+    Socket {
+        addr: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("setting up {DEVICE}: {0}")]
+    Device(#[source] NetlinkError),
+
+    #[error("{DEVICE} no longer exists or its queues died; the udp backend must be set up again")]
+    DeviceGone,
+
+    #[error("starting a udp worker thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpConfig {
+    pub network: Ipv4Network,
+    pub own_subnet: Ipv4Network,
+    /// The address the sockets bind to (the underlay interface's): outer packets leave from it,
+    /// and peers check them against our lease's PublicIP.
+    pub local_ip: Ipv4Addr,
+    pub port: u16,
+    pub underlay_mtu: u32,
+    pub mtu_override: Option<u32>,
+    /// Worker threads, each with its own TUN queue and socket.
+    pub queues: usize,
+}
+
+impl UdpConfig {
+    pub fn mtu(&self) -> u32 {
+        self.mtu_override
+            .unwrap_or(self.underlay_mtu.saturating_sub(UDP_OVERHEAD))
+    }
+
+    /// The device address: the subnet's network address as /32, as vxlan does; host-originated
+    /// overlay traffic uses it as source (ICMP errors do not: see `PeerTable::icmp_source`).
+    pub fn device_addr(&self) -> Ipv4Network {
+        Ipv4Network::new(self.own_subnet.network(), 32).expect("/32 is a valid prefix")
+    }
+
+    /// The one route this backend owns: the whole overlay into the TUN device (the pod bridge's
+    /// more specific route keeps local traffic local).
+    pub fn route(&self, ifindex: u32) -> Route {
+        Route {
+            dst: canonical(self.network),
+            gateway: None,
+            oif: Some(ifindex),
+            onlink: false,
+            metric: 0,
+            protocol: Route::PROTO_STATIC,
+        }
+    }
+}
+
+/// What the device needs so it matches `cfg`: MTU, up, exactly the one address, exactly the one
+/// route. Pure; `routes` are the main-table routes through the device.
+pub fn plan_device(cfg: &UdpConfig, link: &Link, addrs: &[Addr], routes: &[Route]) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if link.mtu != cfg.mtu() {
+        ops.push(Op::LinkSetMtu {
+            name: link.name.clone(),
+            mtu: cfg.mtu(),
+        });
+    }
+    if !link.up {
+        ops.push(Op::LinkSetUp {
+            name: link.name.clone(),
+        });
+    }
+    ops.extend(plan_addresses(link.index, addrs, cfg.device_addr()));
+    let ours: Vec<Route> = routes
+        .iter()
+        .filter(|r| r.oif == Some(link.index) && r.protocol != Route::PROTO_KERNEL)
+        .copied()
+        .collect();
+    let d = diff_routes(&ours, &[cfg.route(link.index)]);
+    ops.extend(d.delete.into_iter().map(Op::RouteDel));
+    ops.extend(d.replace.into_iter().map(Op::RouteReplace));
+    ops
+}
+
+/// Opens (or re-attaches to) the persistent multiqueue TUN device with the virtio-net header and
+/// TCPv4 segmentation offload; one non-blocking descriptor per queue.
+fn open_tun(queues: usize) -> std::io::Result<Vec<OwnedFd>> {
+    let first = tun_rs::DeviceBuilder::new()
+        .name(DEVICE)
+        .offload(true)
+        .multi_queue(true)
+        .build_sync()?;
+    first.persist()?;
+    let mut devs = vec![first];
+    for _ in 1..queues.max(1) {
+        devs.push(devs[0].try_clone()?);
+    }
+    // Only what the workers segment themselves: TCPv4 (tun-rs also asks for TSO6 and USO,
+    // which would hand over super-packets this backend does not cut). The mask is per device.
+    let offloads = (libc::TUN_F_CSUM | libc::TUN_F_TSO4) as libc::c_ulong;
+    // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is a live TUN queue.
+    let rc = unsafe { libc::ioctl(devs[0].as_raw_fd(), libc::TUNSETOFFLOAD, offloads) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    for d in devs {
+        d.set_nonblocking(true)?;
+        // SAFETY: into_raw_fd hands over sole ownership of the queue's descriptor.
+        fds.push(unsafe { OwnedFd::from_raw_fd(d.into_raw_fd()) });
+    }
+    Ok(fds)
+}
+
+/// The running udp data plane.
+pub struct UdpBackend {
+    cfg: UdpConfig,
+    ifindex: u32,
+    shared: Arc<Shared>,
+    counters: Vec<Arc<Counters>>,
+    threads: Vec<JoinHandle<()>>,
+    peers: Option<Vec<UdpPeer>>,
+    /// Whether the device was checked since the last resync.
+    device_checked: bool,
+    setup_ops: Vec<Op>,
+}
+
+impl std::fmt::Debug for UdpBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpBackend")
+            .field("cfg", &self.cfg)
+            .field("ifindex", &self.ifindex)
+            .field("workers", &self.threads.len())
+            .finish()
+    }
+}
+
+impl UdpBackend {
+    /// Creates or re-attaches `tweed0`, configures it, binds the sockets and starts the workers.
+    /// The workers drop everything until the first [`reconcile`](Self::reconcile) loads the peer
+    /// table (so a restart never answers live traffic with ICMP errors).
+    pub async fn setup(nl: &Netlink, cfg: UdpConfig) -> Result<UdpBackend, UdpError> {
+        if cfg.mtu() < MIN_MTU {
+            return Err(UdpError::Mtu {
+                mtu: cfg.mtu(),
+                underlay_mtu: cfg.underlay_mtu,
+            });
+        }
+        let existing = nl.link_by_name(DEVICE).await.map_err(UdpError::Device)?;
+        if let Some(l) = &existing {
+            if l.kind.as_deref() != Some("tun") {
+                tracing::warn!(device = DEVICE, kind = ?l.kind, "udp: replacing a device that is not a TUN device");
+                apply_strict(
+                    nl,
+                    &[Op::LinkDel {
+                        name: DEVICE.into(),
+                    }],
+                )
+                .await?;
+            }
+        }
+        let fds = match open_tun(cfg.queues) {
+            Ok(f) => f,
+            // A persistent device made with other flags (single queue, no virtio header) refuses
+            // to attach: replace it.
+            Err(e) if existing.is_some() => {
+                tracing::warn!(
+                    device = DEVICE,
+                    "udp: cannot attach to the existing device ({e}); recreating it"
+                );
+                apply_strict(
+                    nl,
+                    &[Op::LinkDel {
+                        name: DEVICE.into(),
+                    }],
+                )
+                .await?;
+                open_tun(cfg.queues).map_err(UdpError::Tun)?
+            }
+            Err(e) => return Err(UdpError::Tun(e)),
+        };
+        let link = nl
+            .link_by_name(DEVICE)
+            .await
+            .map_err(UdpError::Device)?
+            .ok_or(UdpError::DeviceGone)?;
+        let setup_ops = configure(nl, &cfg, &link).await?;
+        if !setup_ops.is_empty() {
+            tracing::info!(
+                device = DEVICE,
+                mtu = cfg.mtu(),
+                ops = setup_ops.len(),
+                "udp: device set up"
+            );
+        }
+
+        let bind = SocketAddrV4::new(cfg.local_ip, cfg.port);
+        let mut socks = Vec::new();
+        for _ in 0..fds.len() {
+            socks.push(
+                io::udp_socket(bind).map_err(|source| UdpError::Socket { addr: bind, source })?,
+            );
+        }
+        if socks.len() > 1 {
+            if let Err(e) = io::attach_reuseport_program(socks[0].0.as_raw_fd(), socks.len() as u32)
+            {
+                tracing::warn!("udp: no inner-flow steering across workers ({e}); the kernel's 4-tuple hash decides");
+            }
+        }
+        if !socks.iter().all(|(_, gro)| *gro) {
+            tracing::warn!("udp: this kernel has no UDP_GRO; receiving one datagram per read");
+        }
+        let shared = Arc::new(Shared::new(
+            PeerTable::not_ready(cfg.network, cfg.own_subnet),
+            cfg.port,
+        ));
+        let mut counters = Vec::new();
+        let mut threads = Vec::new();
+        for (id, (tun, (sock, gro))) in fds.into_iter().zip(socks).enumerate() {
+            let c = Arc::new(Counters::default());
+            counters.push(c.clone());
+            let w = Worker {
+                id,
+                tun,
+                sock,
+                gro,
+                shared: shared.clone(),
+                counters: c,
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("tweed-udp-{id}"))
+                .spawn(move || w.run())
+                .map_err(UdpError::Thread)?;
+            threads.push(t);
+        }
+        threads.push(spawn_reporter(shared.clone(), counters.clone()).map_err(UdpError::Thread)?);
+        tracing::info!(device = DEVICE, %bind, workers = counters.len(), mtu = cfg.mtu(), "udp: data plane running");
+        Ok(UdpBackend {
+            cfg,
+            ifindex: link.index,
+            shared,
+            counters,
+            threads,
+            peers: None,
+            device_checked: true,
+            setup_ops,
+        })
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.cfg.mtu()
+    }
+
+    pub fn config(&self) -> &UdpConfig {
+        &self.cfg
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    pub fn setup_ops(&self) -> &[Op] {
+        &self.setup_ops
+    }
+
+    /// The table the workers use now.
+    pub fn table(&self) -> Arc<PeerTable> {
+        self.shared.table()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for c in &self.counters {
+            c.add_to(&mut s);
+        }
+        s
+    }
+
+    /// The next reconcile re-checks the device.
+    pub fn resync(&mut self) {
+        self.device_checked = false;
+    }
+
+    /// Moves to another subnet (the lease was lost and another one acquired).
+    pub fn set_own_subnet(&mut self, subnet: Ipv4Network) {
+        self.cfg.own_subnet = subnet;
+        self.peers = None;
+        self.device_checked = false;
+    }
+
+    /// Publishes the peer table for `peers` (only when it changed) and, after a resync, checks
+    /// the device's MTU, address and route.
+    pub async fn reconcile(
+        &mut self,
+        nl: &Netlink,
+        peers: &[UdpPeer],
+    ) -> Result<ReconcileStats, UdpError> {
+        if self.shared.device_gone.load(Ordering::Relaxed) {
+            return Err(UdpError::DeviceGone);
+        }
+        let mut stats = ReconcileStats::default();
+        if !self.device_checked {
+            let link = nl
+                .link_by_name(DEVICE)
+                .await
+                .map_err(UdpError::Device)?
+                .filter(|l| l.index == self.ifindex)
+                .ok_or(UdpError::DeviceGone)?;
+            stats.ops_applied += configure(nl, &self.cfg, &link).await?.len();
+            self.device_checked = true;
+        }
+        let mut sorted = peers.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        if self.peers.as_ref() != Some(&sorted) {
+            let table = PeerTable::new(
+                self.cfg.network,
+                self.cfg.own_subnet,
+                self.cfg.local_ip,
+                &sorted,
+            );
+            tracing::debug!(peers = table.len(), "udp: peer table published");
+            self.shared.publish(table);
+            self.peers = Some(sorted);
+        }
+        Ok(stats)
+    }
+
+    /// Stops the workers (the device and its routes stay: a restart re-attaches).
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn configure(nl: &Netlink, cfg: &UdpConfig, link: &Link) -> Result<Vec<Op>, UdpError> {
+    let addrs = nl
+        .addresses(Some(link.index))
+        .await
+        .map_err(UdpError::Device)?;
+    let routes = nl.routes(link.index).await.map_err(UdpError::Device)?;
+    let ops = plan_device(cfg, link, &addrs, &routes);
+    apply_strict(nl, &ops).await?;
+    Ok(ops)
+}
+
+async fn apply_strict(nl: &Netlink, ops: &[Op]) -> Result<(), UdpError> {
+    for op in ops {
+        nl.apply(op).await.map_err(UdpError::Device)?;
+    }
+    Ok(())
+}
+
+/// Logs refused packets once a second when the counters moved, so a spoofing attempt or a
+/// misconfigured peer shows in the log without a log line per packet.
+fn spawn_reporter(
+    shared: Arc<Shared>,
+    counters: Vec<Arc<Counters>>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("tweed-udp-stats".into())
+        .spawn(move || {
+            let mut last = Stats::default();
+            let mut ticks = 0u32;
+            while !shared.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                ticks += 1;
+                if ticks < 10 {
+                    continue;
+                }
+                ticks = 0;
+                let mut s = Stats::default();
+                for c in &counters {
+                    c.add_to(&mut s);
+                }
+                if s.rx_refused() != last.rx_refused() || s.drop_malformed != last.drop_malformed {
+                    tracing::warn!(
+                        unknown_peer = s.drop_unknown_peer,
+                        spoofed_inner_source = s.drop_spoofed_inner,
+                        not_for_this_node = s.drop_not_for_us,
+                        malformed = s.drop_malformed,
+                        "udp: dropped packets (totals since start)"
+                    );
+                }
+                if s.tx_packets != last.tx_packets || s.rx_datagrams != last.rx_datagrams {
+                    tracing::debug!(
+                        tun_reads = s.tx_packets - last.tx_packets,
+                        datagrams_sent = s.tx_datagrams - last.tx_datagrams,
+                        datagrams_received = s.rx_datagrams - last.rx_datagrams,
+                        tun_writes = s.rx_writes - last.rx_writes,
+                        "udp: last second"
+                    );
+                }
+                if s.icmp_unreachable != last.icmp_unreachable {
+                    tracing::info!(
+                        total = s.icmp_unreachable,
+                        "udp: sent ICMP net-unreachable for destinations no peer holds"
+                    );
+                }
+                last = s;
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> UdpConfig {
+        UdpConfig {
+            network: "10.244.0.0/16".parse().unwrap(),
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+            local_ip: "198.18.0.1".parse().unwrap(),
+            port: DEFAULT_PORT,
+            underlay_mtu: 1500,
+            mtu_override: None,
+            queues: 2,
+        }
+    }
+
+    fn link(mtu: u32, up: bool) -> Link {
+        Link {
+            index: 7,
+            name: DEVICE.into(),
+            mtu,
+            mac: None,
+            kind: Some("tun".into()),
+            up,
+            vxlan: None,
+            master: None,
+            alias: None,
+        }
+    }
+
+    #[test]
+    fn mtu_is_underlay_minus_28() {
+        assert_eq!(cfg().mtu(), 1472);
+        let c = UdpConfig {
+            mtu_override: Some(1400),
+            ..cfg()
+        };
+        assert_eq!(c.mtu(), 1400);
+    }
+
+    #[test]
+    fn fresh_device_gets_mtu_up_address_and_route() {
+        let c = cfg();
+        let ops = plan_device(&c, &link(1500, false), &[], &[]);
+        assert_eq!(
+            ops,
+            vec![
+                Op::LinkSetMtu {
+                    name: DEVICE.into(),
+                    mtu: 1472
+                },
+                Op::LinkSetUp {
+                    name: DEVICE.into()
+                },
+                Op::AddrAdd {
+                    ifindex: 7,
+                    addr: "10.244.1.0/32".parse().unwrap()
+                },
+                Op::RouteReplace(c.route(7)),
+            ]
+        );
+        let addrs = [Addr {
+            ifindex: 7,
+            net: "10.244.1.0/32".parse().unwrap(),
+        }];
+        assert_eq!(
+            plan_device(&c, &link(1472, true), &addrs, &[c.route(7)]),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_new_subnet_replaces_the_address_and_stray_routes_go() {
+        let c = cfg();
+        let old = [Addr {
+            ifindex: 7,
+            net: "10.244.9.0/32".parse().unwrap(),
+        }];
+        let stray = Route::via(
+            "10.245.0.0/16".parse().unwrap(),
+            "10.244.9.1".parse().unwrap(),
+            Some(7),
+        );
+        let ops = plan_device(&c, &link(1472, true), &old, &[c.route(7), stray]);
+        assert_eq!(
+            ops,
+            vec![
+                Op::AddrAdd {
+                    ifindex: 7,
+                    addr: "10.244.1.0/32".parse().unwrap()
+                },
+                Op::AddrDel {
+                    ifindex: 7,
+                    addr: "10.244.9.0/32".parse().unwrap()
+                },
+                Op::RouteDel(stray),
+            ]
+        );
+    }
+}

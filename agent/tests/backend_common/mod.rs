@@ -1,0 +1,510 @@
+//! A small multi-host cluster in network namespaces for the backend end-to-end tests (root).
+//!
+//! Layout: an underlay namespace acting as two L2 segments joined by a router (`br0`
+//! 198.18.0.254/24 and `br1` 198.18.1.254/24, forwarding on), etcd listening on 198.18.0.254 in
+//! it, one namespace per host (eth0 on one segment, default route via its router address,
+//! `tweedd` from this build started with `ip netns exec`), and one pod namespace per host behind
+//! a `cni0` bridge wired from the host's subnet.env. Every name carries a per-process prefix;
+//! [`Cluster`]'s Drop kills the agents and deletes every namespace, also on panic. Nothing is
+//! created in the root namespace and no traffic leaves these namespaces.
+
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tweed_config::SubnetEnv;
+use tweed_lab::etcd::{etcdctl, EtcdOptions, EtcdProcess};
+
+pub const CONFIG_KEY: &str = "/coreos.com/network/config";
+pub const ETCD_IP: &str = "198.18.0.254";
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the backend end-to-end tests need root: they build network namespaces"
+    );
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `argv` in `ns`; returns (success, stdout + stderr).
+pub fn try_exec(ns: &str, argv: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(argv)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ip netns exec");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+pub fn exec(ns: &str, argv: &[&str]) -> String {
+    let (ok, out) = try_exec(ns, argv);
+    assert!(ok, "{ns}: {}: {out}", argv.join(" "));
+    out
+}
+
+pub fn ip(ns: &str, args: &[&str]) -> String {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `f` on a thread inside namespace `ns` (so sockets it opens live there).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: fd is an open namespace file; setns affects only this thread.
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Binds a UDP socket inside `ns` (the thread that made it exits; the socket stays there).
+pub fn udp_socket_in(ns: &str, bind: &str) -> UdpSocket {
+    let bind = bind.to_string();
+    in_netns(ns, move || UdpSocket::bind(&bind).expect("bind"))
+}
+
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    pub ns: String,
+    pub pod_ns: String,
+    pub public_ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub env: Option<SubnetEnv>,
+}
+
+impl Host {
+    pub fn pod_ip(&self) -> Ipv4Addr {
+        let e = self.env.as_ref().expect("subnet.env read");
+        Ipv4Addr::from(u32::from(e.subnet.ip()) + 1)
+    }
+
+    pub fn subnet(&self) -> ipnetwork::Ipv4Network {
+        self.env.as_ref().expect("subnet.env read").node_subnet()
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("tweedd.log")
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    pub underlay: String,
+    pub hosts: Vec<Host>,
+    pub etcd: Option<EtcdProcess>,
+    pub dir: tempfile::TempDir,
+    agents: Vec<Option<Child>>,
+    extra_ns: Vec<String>,
+    tweedd: PathBuf,
+}
+
+impl Cluster {
+    /// Builds the underlay and one host per entry of `segments` (0 or 1), starts etcd and writes
+    /// `config`, then starts the agents and wires a pod on each host.
+    pub fn up(tag: &str, config: &str, segments: &[u8]) -> Cluster {
+        require_root();
+        let prefix = format!("tw{tag}{}", std::process::id() % 100_000);
+        let underlay = format!("{prefix}-u");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Cluster {
+            prefix: prefix.clone(),
+            underlay: underlay.clone(),
+            hosts: Vec::new(),
+            etcd: None,
+            dir,
+            agents: Vec::new(),
+            extra_ns: Vec::new(),
+            tweedd: PathBuf::from(env!("CARGO_BIN_EXE_tweedd")),
+        };
+        add_ns(&underlay);
+        for (br, addr) in [("br0", "198.18.0.254/24"), ("br1", "198.18.1.254/24")] {
+            ip(&underlay, &["link", "add", "name", br, "type", "bridge"]);
+            ip(&underlay, &["addr", "add", addr, "dev", br]);
+            ip(&underlay, &["link", "set", br, "up"]);
+        }
+        exec(&underlay, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        for (i, seg) in segments.iter().enumerate() {
+            let n = i + 1;
+            let name = format!("h{n}");
+            let ns = format!("{prefix}-{name}");
+            let public_ip = Ipv4Addr::new(198, 18, *seg, n as u8);
+            add_ns(&ns);
+            c.hosts.push(Host {
+                name: name.clone(),
+                ns: ns.clone(),
+                pod_ns: format!("{ns}-p"),
+                public_ip,
+                dir: c.dir.path().join(&name),
+                env: None,
+            });
+            fs::create_dir_all(c.dir.path().join(&name)).unwrap();
+            veth(&underlay, &format!("v{name}"), &ns, "eth0", None);
+            ip(
+                &underlay,
+                &[
+                    "link",
+                    "set",
+                    &format!("v{name}"),
+                    "master",
+                    &format!("br{seg}"),
+                ],
+            );
+            ip(
+                &ns,
+                &["addr", "add", &format!("{public_ip}/24"), "dev", "eth0"],
+            );
+            ip(
+                &ns,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("198.18.{seg}.254"),
+                ],
+            );
+            exec(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            c.agents.push(None);
+        }
+        let mut opts = EtcdOptions::local("e2e", c.dir.path().join("etcd"));
+        opts.netns = Some(underlay.clone());
+        opts.listen_ip = ETCD_IP.parse().unwrap();
+        opts.client_port = 2379;
+        opts.peer_port = 2380;
+        opts.log_file = Some(c.dir.path().join("etcd.log"));
+        c.etcd = Some(EtcdProcess::start(opts).expect("etcd"));
+        c.etcdctl(&["put", CONFIG_KEY, config]);
+        for i in 0..c.hosts.len() {
+            c.start_agent(i);
+        }
+        for i in 0..c.hosts.len() {
+            let env = c.wait_subnet_env(i);
+            c.hosts[i].env = Some(env.clone());
+            let h = c.hosts[i].clone();
+            ip(&h.ns, &["link", "add", "name", "cni0", "type", "bridge"]);
+            ip(&h.ns, &["link", "set", "cni0", "mtu", &env.mtu.to_string()]);
+            ip(
+                &h.ns,
+                &["addr", "add", &env.subnet.to_string(), "dev", "cni0"],
+            );
+            ip(&h.ns, &["link", "set", "cni0", "up"]);
+            add_ns(&h.pod_ns);
+            veth(&h.ns, "vpod", &h.pod_ns, "eth0", Some(env.mtu));
+            ip(&h.ns, &["link", "set", "vpod", "master", "cni0"]);
+            ip(
+                &h.pod_ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/{}", h.pod_ip(), env.subnet.prefix()),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            ip(
+                &h.pod_ns,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &env.subnet.ip().to_string(),
+                ],
+            );
+        }
+        c
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{ETCD_IP}:2379")
+    }
+
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        etcdctl(Some(&self.underlay), &[self.endpoint()], args).expect("etcdctl")
+    }
+
+    /// A namespace on segment `seg` with address `addr` that is no host of the cluster.
+    pub fn add_stranger(&mut self, name: &str, seg: u8, addr: Ipv4Addr) -> String {
+        let ns = format!("{}-{name}", self.prefix);
+        add_ns(&ns);
+        self.extra_ns.push(ns.clone());
+        let v = format!("v{name}");
+        veth(&self.underlay, &v, &ns, "eth0", None);
+        ip(
+            &self.underlay,
+            &["link", "set", &v, "master", &format!("br{seg}")],
+        );
+        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let h = &self.hosts[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(h.log())
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(&self.tweedd)
+            .args(["--etcd-endpoints", &self.endpoint(), "--iface", "eth0"])
+            .arg("--subnet-file")
+            .arg(h.subnet_file())
+            .arg("--state-dir")
+            .arg(h.dir.join("lib"))
+            .args(["--lease-ttl", "10m", "--log-level", "info"])
+            // Each agent its own API socket (the default path is shared by every namespace on
+            // this machine) and no metrics listener.
+            .arg("--api-socket")
+            .arg(h.dir.join("api.sock"))
+            .args(["--metrics-addr", "off"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tweedd");
+        self.agents[i] = Some(child);
+    }
+
+    /// Sends `sig` to host `i`'s agent and waits until it has exited.
+    pub fn stop_agent(&mut self, i: usize, sig: i32) {
+        if let Some(mut child) = self.agents[i].take() {
+            // SAFETY: kill(2) on our own child process.
+            unsafe { libc::kill(child.id() as i32, sig) };
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    pub fn agent_alive(&mut self, i: usize) -> bool {
+        matches!(
+            self.agents[i].as_mut().map(|c| c.try_wait()),
+            Some(Ok(None))
+        )
+    }
+
+    fn wait_subnet_env(&mut self, i: usize) -> SubnetEnv {
+        let start = Instant::now();
+        loop {
+            if let Ok(e) = SubnetEnv::read(&self.hosts[i].subnet_file()) {
+                return e;
+            }
+            let dead = !self.agent_alive(i);
+            if dead || start.elapsed() > Duration::from_secs(30) {
+                panic!(
+                    "{}: no subnet.env (agent {}); log:\n{}",
+                    self.hosts[i].name,
+                    if dead { "exited" } else { "still running" },
+                    self.hosts[i].log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Pings `to` from `from`'s pod until one reply comes back or `timeout` passes.
+    pub fn pod_reaches(&self, from: usize, to: Ipv4Addr, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            let (ok, _) = try_exec(
+                &self.hosts[from].pod_ns,
+                &["ping", "-n", "-q", "-c", "1", "-W", "1", &to.to_string()],
+            );
+            if ok {
+                return true;
+            }
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every pod reaches every other host's pod (waiting up to `timeout` for convergence).
+    pub fn assert_all_pairs(&self, pairs: &[(usize, usize)], timeout: Duration) {
+        for &(a, b) in pairs {
+            let to = self.hosts[b].pod_ip();
+            assert!(
+                self.pod_reaches(a, to, timeout),
+                "{} pod cannot reach {} pod {to}\n--- {} log:\n{}\n--- {} log:\n{}",
+                self.hosts[a].name,
+                self.hosts[b].name,
+                self.hosts[a].name,
+                self.hosts[a].log_text(),
+                self.hosts[b].name,
+                self.hosts[b].log_text()
+            );
+        }
+    }
+
+    pub fn routes(&self, i: usize) -> Vec<serde_json::Value> {
+        let out = ip(&self.hosts[i].ns, &["-j", "-4", "route", "show"]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap_or_default()
+    }
+
+    /// The main-table route for `dst` (e.g. "10.244.3.0/24") on host `i`.
+    pub fn route_to(&self, i: usize, dst: &str) -> Option<serde_json::Value> {
+        self.routes(i).into_iter().find(|r| r["dst"] == dst)
+    }
+}
+
+/// `ping -D -i interval -c count` from `ns`; returns (sent, received, largest gap in seconds
+/// between consecutive replies, including from the start and to the end of the run).
+pub fn ping_gaps(ns: &str, to: Ipv4Addr, interval: &str, count: u32) -> (u32, u32, f64) {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let (_, out) = try_exec(
+        ns,
+        &[
+            "ping",
+            "-n",
+            "-D",
+            "-W",
+            "1",
+            "-i",
+            interval,
+            "-c",
+            &count.to_string(),
+            &to.to_string(),
+        ],
+    );
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let mut times = vec![started];
+    for l in out.lines() {
+        if l.contains("bytes from") {
+            if let Some(ts) = l
+                .strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .and_then(|t| t.parse::<f64>().ok())
+            {
+                times.push(ts);
+            }
+        }
+    }
+    let received = times.len() as u32 - 1;
+    times.push(ended);
+    let gap = times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    (count, received, gap)
+}
+
+fn add_ns(ns: &str) {
+    run("ip", &["netns", "add", ns]);
+    ip(ns, &["link", "set", "lo", "up"]);
+}
+
+fn veth(a_ns: &str, a: &str, b_ns: &str, b: &str, mtu: Option<u32>) {
+    let mtu = mtu.map(|m| m.to_string());
+    let mut args = vec!["link", "add", "name", a];
+    if let Some(m) = &mtu {
+        args.extend(["mtu", m]);
+    }
+    args.extend(["type", "veth", "peer", "name", b]);
+    if let Some(m) = &mtu {
+        args.extend(["mtu", m]);
+    }
+    args.extend(["netns", b_ns]);
+    ip(a_ns, &args);
+    ip(a_ns, &["link", "set", a, "up"]);
+    ip(b_ns, &["link", "set", b, "up"]);
+}
+
+fn del_ns(ns: &str) {
+    if Path::new("/run/netns").join(ns).exists() {
+        // Anything still running in it (a stray ping) goes first.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(p) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) of a process inside our own test namespace.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in self.agents.iter_mut() {
+            if let Some(mut c) = a.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if let Some(mut e) = self.etcd.take() {
+            e.stop();
+        }
+        let mut all: Vec<String> = self.hosts.iter().map(|h| h.pod_ns.clone()).collect();
+        all.extend(self.extra_ns.iter().cloned());
+        all.extend(self.hosts.iter().map(|h| h.ns.clone()));
+        all.push(self.underlay.clone());
+        for ns in all {
+            del_ns(&ns);
+        }
+    }
+}
