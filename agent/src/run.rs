@@ -113,19 +113,27 @@ pub async fn run(
     }
     let api_listener = crate::api::bind(&settings.api_socket)?;
     info!(socket = %settings.api_socket.display(), "serving the gRPC API");
+    let control = crate::api::ControlSlot::default();
     {
         let s = stop.clone();
         let st = state.clone();
+        let control = control.clone();
         servers.push(tokio::spawn(async move {
             if let Err(e) =
-                crate::api::serve(api_listener, st, async move { s.clone().wait().await }).await
+                crate::api::serve(
+                    api_listener,
+                    st,
+                    control,
+                    async move { s.clone().wait().await },
+                )
+                .await
             {
                 error!("{e}");
             }
             Ok(())
         }));
     }
-    let result = run_agent(settings, &mut stop, state).await;
+    let result = run_agent(settings, &mut stop, state, control).await;
     // An error ends the agent without a shutdown signal: the servers must not keep it alive.
     let graceful = stop.stopped();
     for s in servers {
@@ -147,6 +155,7 @@ async fn run_agent(
     settings: Settings,
     stop: &mut Stop,
     state: AgentState,
+    control: crate::api::ControlSlot,
 ) -> Result<(), AgentError> {
     let mut stop = stop.clone();
     let registry = Arc::new(Registry::etcd(
@@ -156,6 +165,11 @@ async fn run_agent(
         return Ok(());
     };
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = cfg.backend.type_name(), "network config");
+    let _ = control.set(crate::api::Control {
+        registry: registry.clone(),
+        cfg: cfg.clone(),
+        lease_ttl: settings.lease_ttl,
+    });
 
     let nl = Netlink::real()?;
     let iface = netlink::iface::select(&nl, &settings.iface_choice()?).await?;
@@ -364,15 +378,7 @@ async fn watch_task(
                 w
             }
             Err(e) => {
-                state
-                    .metrics
-                    .etcd_errors
-                    .with_label_values(&["watch"])
-                    .inc();
-                let _ = tx.send(Feed::Live(false)).await;
-                warn!("watch: {e}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = next_backoff(backoff);
+                watch_down(&state, &tx, &mut backoff, "watch", e).await;
                 continue;
             }
         };
@@ -404,20 +410,31 @@ async fn watch_task(
                     break;
                 }
                 Err(e) => {
-                    state
-                        .metrics
-                        .etcd_errors
-                        .with_label_values(&["watch"])
-                        .inc();
-                    let _ = tx.send(Feed::Live(false)).await;
-                    warn!("watch broke: {e}; reconnecting in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = next_backoff(backoff);
+                    watch_down(&state, &tx, &mut backoff, "watch broke", e).await;
                     break;
                 }
             }
         }
     }
+}
+
+/// The watch is down: counted, reported as not live, then a backoff before the next attempt.
+async fn watch_down(
+    state: &AgentState,
+    tx: &mpsc::Sender<Feed>,
+    backoff: &mut Duration,
+    what: &str,
+    e: RegistryError,
+) {
+    state
+        .metrics
+        .etcd_errors
+        .with_label_values(&["watch"])
+        .inc();
+    let _ = tx.send(Feed::Live(false)).await;
+    warn!("{what}: {e}; retrying in {backoff:?}");
+    tokio::time::sleep(*backoff).await;
+    *backoff = next_backoff(*backoff);
 }
 
 struct Agent {
@@ -564,6 +581,29 @@ impl Agent {
         self.sync_rules().await;
     }
 
+    /// Follows what etcd says about our key's lease: an operator's `reserve` detaches it from its
+    /// TTL (lease 0: nothing to renew, it never expires) and `unreserve` attaches it to a fresh
+    /// TTL lease, which we must renew from then on.
+    fn adopt_own_lease_id(&mut self) {
+        let Some(l) = self.table.get(&self.own.key) else {
+            return;
+        };
+        if l.attrs.public_ip != self.public_ip || l.lease_id == self.own.lease_id {
+            return;
+        }
+        let (old, new) = (self.own.lease_id, l.lease_id);
+        self.own.lease_id = new;
+        let expiry = if new == 0 {
+            info!(subnet = %self.own.subnet(), old = format!("{old:x}"), "our lease is reserved now: no TTL, nothing to renew");
+            0
+        } else {
+            info!(subnet = %self.own.subnet(), lease = format!("{new:x}"), "our lease has a TTL now; renewing it");
+            unix_now() + self.settings.lease_ttl.as_secs() as i64
+        };
+        self.state.metrics.lease_expiry.set(expiry);
+        self.state.update(|s| s.lease_expiry_unix = expiry);
+    }
+
     async fn on_feed(&mut self, feed: Feed, stop: &mut Stop) {
         let received = std::time::Instant::now();
         let applied: Applied = match feed {
@@ -619,6 +659,7 @@ impl Agent {
                 }
             }
         }
+        self.adopt_own_lease_id();
         if own_lost && !stop.stopped() {
             warn!(subnet = %self.own.subnet(), "our lease was deleted; re-acquiring");
             self.reacquire(stop).await;
