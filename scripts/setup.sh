@@ -26,6 +26,7 @@ declare -A PROGRAM_PACKAGE=(
     [ip]=iproute2
     [ping]=iputils-ping
     [iperf3]=iperf3
+    [prometheus]=prometheus
     [iptables]=iptables
     [sysctl]=procps
     [pgrep]=procps
@@ -46,6 +47,8 @@ declare -A PROGRAM_PACKAGE=(
     [bc]=bc
     [curl]=curl
     [python3]=python3
+    [systemd-analyze]=systemd
+    [vagrant]=vagrant
 )
 # Files the tests need that are not programs on PATH, and their packages.
 declare -A FILE_PACKAGE=(
@@ -54,7 +57,8 @@ declare -A FILE_PACKAGE=(
 )
 APT_PACKAGES=(etcd-server etcd-client protobuf-compiler iproute2 iputils-ping iperf3 iptables
     nftables procps psmisc build-essential pkg-config ca-certificates jq util-linux
-    busybox-static umoci skopeo runc containerd podman containernetworking-plugins bc curl python3)
+    busybox-static umoci skopeo runc containerd podman containernetworking-plugins bc curl python3
+    prometheus python3-venv systemd vagrant)
 
 install_packages() {
     local missing=()

@@ -1,15 +1,20 @@
 //! The gRPC API on a unix socket: status, leases, peers and a stream of lease events.
 
+use crate::registry::{Registry, ReserveOutcome, UnreserveOutcome};
 use crate::state::{AgentState, EventKind, LeaseEventView, LeaseView};
+use ipnetwork::Ipv4Network;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tweed_api::v1::agent_server::{Agent, AgentServer};
 use tweed_api::v1::{self as pb, lease_event::Kind};
+use tweed_config::{NetworkConfig, SubnetKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -23,8 +28,54 @@ pub enum ApiError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// What Reserve/Unreserve need, known once the agent reached etcd and read the network config.
+pub struct Control {
+    pub registry: Arc<Registry>,
+    pub cfg: NetworkConfig,
+    /// `--lease-ttl`: the TTL an unreserved key gets.
+    pub lease_ttl: Duration,
+}
+
+/// Set by the run loop; empty while etcd or the network config is awaited.
+pub type ControlSlot = Arc<OnceLock<Control>>;
+
 pub struct Service {
     state: AgentState,
+    control: ControlSlot,
+}
+
+impl Service {
+    fn control(&self) -> Result<&Control, Status> {
+        self.control.get().ok_or_else(|| {
+            Status::unavailable("the agent has not read the network config from etcd yet")
+        })
+    }
+}
+
+/// "10.244.7.0/24" or flannel's key form "10.244.7.0-24", checked against the network.
+fn parse_subnet(cfg: &NetworkConfig, s: &str) -> Result<SubnetKey, Status> {
+    let s = s.trim();
+    let net = s
+        .parse::<Ipv4Network>()
+        .ok()
+        .or_else(|| s.parse::<SubnetKey>().ok().map(|k| k.ipv4))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{s:?} is not a subnet (write it like 10.244.7.0/{})",
+                cfg.subnet_len
+            ))
+        })?;
+    if !cfg.is_allocatable(net) {
+        return Err(Status::invalid_argument(format!(
+            "{s} is not an allocatable subnet of network {}: it must be a /{} between {} and {}",
+            cfg.network, cfg.subnet_len, cfg.subnet_min, cfg.subnet_max
+        )));
+    }
+    Ok(SubnetKey::new(net))
+}
+
+fn registry_status(e: crate::registry::RegistryError) -> Status {
+    Status::unavailable(e.to_string())
 }
 
 fn lease_pb(l: &LeaseView) -> pb::Lease {
@@ -122,6 +173,71 @@ impl Agent for Service {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn reserve(
+        &self,
+        req: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveReply>, Status> {
+        let req = req.into_inner();
+        let c = self.control()?;
+        let key = parse_subnet(&c.cfg, &req.subnet)?;
+        let ip: std::net::Ipv4Addr = req.public_ip.trim().parse().map_err(|_| {
+            Status::invalid_argument(format!("{:?} is not an IPv4 address", req.public_ip))
+        })?;
+        match c
+            .registry
+            .reserve(&key, ip)
+            .await
+            .map_err(registry_status)?
+        {
+            ReserveOutcome::Reserved { created } => {
+                tracing::info!(subnet = %key.ipv4, public_ip = %ip, created, "subnet reserved");
+                Ok(Response::new(pb::ReserveReply {
+                    subnet: key.ipv4.to_string(),
+                    public_ip: ip.to_string(),
+                    created,
+                }))
+            }
+            ReserveOutcome::HeldBy(holder) => Err(Status::already_exists(format!(
+                "{} is held by {holder}, not {ip}: unreserve it, or wait until its lease expires",
+                key.ipv4
+            ))),
+        }
+    }
+
+    async fn unreserve(
+        &self,
+        req: Request<pb::UnreserveRequest>,
+    ) -> Result<Response<pb::UnreserveReply>, Status> {
+        let req = req.into_inner();
+        let c = self.control()?;
+        let key = parse_subnet(&c.cfg, &req.subnet)?;
+        match c
+            .registry
+            .unreserve(&key, c.lease_ttl)
+            .await
+            .map_err(registry_status)?
+        {
+            UnreserveOutcome::Released { lease_id } => {
+                tracing::info!(subnet = %key.ipv4, lease = format!("{lease_id:x}"), "subnet unreserved");
+                Ok(Response::new(pb::UnreserveReply {
+                    subnet: key.ipv4.to_string(),
+                    lease_id,
+                    ttl_seconds: c.lease_ttl.as_secs().max(1) as i64,
+                }))
+            }
+            UnreserveOutcome::NotReserved { lease_id } => {
+                Err(Status::failed_precondition(format!(
+                    "{} is not reserved: it has the TTL lease {lease_id:x}",
+                    key.ipv4
+                )))
+            }
+            UnreserveOutcome::NotFound => Err(Status::not_found(format!(
+                "{} is not leased or reserved",
+                key.ipv4
+            ))),
+        }
+    }
 }
 
 /// Binds the socket (replacing a stale one from a previous run) with mode 0600: the API shows the
@@ -148,10 +264,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 pub async fn serve(
     listener: UnixListener,
     state: AgentState,
+    control: ControlSlot,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiError> {
     tonic::transport::Server::builder()
-        .add_service(AgentServer::new(Service { state }))
+        .add_service(AgentServer::new(Service { state, control }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

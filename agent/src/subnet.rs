@@ -301,4 +301,36 @@ mod tests {
         .unwrap();
         assert_ne!(got.subnet(), prev);
     }
+
+    #[tokio::test]
+    async fn a_reservation_is_taken_only_by_its_public_ip_and_keeps_no_ttl() {
+        let mem = MemRegistry::new(P);
+        let reg = Registry::Mem(mem.clone());
+        let ttl = Duration::from_secs(60);
+        let reserved: Ipv4Network = "10.244.9.0/24".parse().unwrap();
+        let key = SubnetKey::new(reserved);
+        reg.reserve(&key, "198.18.0.77".parse().unwrap())
+            .await
+            .unwrap();
+        // Another node never gets it, even when it asks for it as its previous subnet.
+        let other = acquire(&reg, &cfg(), &attrs("198.18.0.5"), Some(reserved), ttl)
+            .await
+            .unwrap();
+        assert_ne!(other.subnet(), reserved);
+        // The node with that IP takes it, keeps it without a TTL and writes its backend data.
+        let own = acquire(&reg, &cfg(), &attrs("198.18.0.77"), None, ttl)
+            .await
+            .unwrap();
+        assert_eq!(own.subnet(), reserved);
+        assert_eq!(own.lease_id, 0);
+        assert!(own.reused);
+        let snap = reg.list_leases().await.unwrap();
+        let l = snap
+            .leases
+            .iter()
+            .find(|l| l.key == key.etcd_key(P))
+            .unwrap();
+        assert_eq!(l.lease_id, 0);
+        assert_eq!(LeaseAttrs::parse(&l.value).unwrap(), attrs("198.18.0.77"));
+    }
 }

@@ -116,6 +116,9 @@ impl LeaseTable {
             **k != key
                 && (k.ipv4.contains(key.ipv4.network()) || key.ipv4.contains(k.ipv4.network()))
         }) {
+            // Ignored by everyone, so it must not block allocation either: a stray
+            // `10.244.0.0-16` would otherwise leave no free subnet at all.
+            self.occupied.remove(&raw.key);
             return out.skipped.push(skip(format!(
                 "subnet {} overlaps the existing lease for {}",
                 key.ipv4, other.ipv4
@@ -129,7 +132,9 @@ impl LeaseTable {
         };
         match self.leases.insert(key, new.clone()) {
             None => out.changes.push(LeaseChange::Added(new)),
-            Some(old) if old.attrs != new.attrs => {
+            // A changed lease id is a change too: `tweedctl net reserve` detaches a key from its
+            // TTL (lease 0) and `unreserve` attaches it to a new one, with the same value.
+            Some(old) if old.attrs != new.attrs || old.lease_id != new.lease_id => {
                 out.changes.push(LeaseChange::Updated { old, new })
             }
             Some(_) => {}
@@ -171,6 +176,10 @@ impl LeaseTable {
         for k in gone {
             self.delete(&k, &mut out);
         }
+        // Oldest write first, as a watch would have delivered them: otherwise a newer key that
+        // sorts first (`10.244.0.0-16`, a /23 before its /24) wins an overlap against a real lease.
+        let mut listing: Vec<&RawLease> = listing.iter().collect();
+        listing.sort_by_key(|l| l.mod_revision);
         for raw in listing {
             self.put(raw, &mut out);
         }
@@ -306,6 +315,30 @@ mod tests {
         let a = t.apply(&[WatchEvent::Put(raw("10.244.2.0-24", "garbage", 8))]);
         assert!(a.changes.is_empty() && a.skipped.len() == 1);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn resync_lets_the_older_of_two_overlapping_leases_win_whatever_the_key_order() {
+        let mut t = table();
+        let a = t.resync(&[
+            raw("10.244.0.0-16", &vx("198.18.0.9", "aa:aa:aa:aa:aa:09"), 9),
+            raw("10.244.2.0-23", &vx("198.18.0.8", "aa:aa:aa:aa:aa:08"), 8),
+            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 3),
+            raw("10.244.5.0-24", &vx("198.18.0.5", "aa:aa:aa:aa:aa:05"), 4),
+        ]);
+        assert_eq!(a.changes.len(), 2, "{a:?}");
+        assert_eq!(a.skipped.len(), 2, "{a:?}");
+        assert_eq!(t.len(), 2);
+        // Skipped for overlapping, they do not block allocation.
+        let mut occupied = t.occupied();
+        occupied.sort();
+        assert_eq!(
+            occupied,
+            [
+                "10.244.2.0/24".parse().unwrap(),
+                "10.244.5.0/24".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

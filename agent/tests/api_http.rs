@@ -87,9 +87,14 @@ async fn grpc_status_lists_and_event_stream_over_a_0600_socket() {
         0o600
     );
     let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(tweed_agent::api::serve(listener, state.clone(), async {
-        let _ = rx.await;
-    }));
+    let server = tokio::spawn(tweed_agent::api::serve(
+        listener,
+        state.clone(),
+        Default::default(),
+        async {
+            let _ = rx.await;
+        },
+    ));
     let mut c = tweed_api::connect(&path).await.unwrap();
     let st = c
         .status(tweed_api::v1::StatusRequest {})
@@ -150,4 +155,96 @@ async fn grpc_status_lists_and_event_stream_over_a_0600_socket() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// Issue 6: Reserve/Unreserve over the socket, against the in-memory registry.
+#[tokio::test]
+async fn grpc_reserve_and_unreserve() {
+    use std::sync::Arc;
+    use tweed_agent::api::{Control, ControlSlot};
+    use tweed_agent::registry::{MemRegistry, Registry};
+    use tweed_api::v1::{ReserveRequest, UnreserveRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tweedd.sock");
+    let listener = tweed_agent::api::bind(&path).unwrap();
+    let control = ControlSlot::default();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(tweed_agent::api::serve(
+        listener,
+        AgentState::new(),
+        control.clone(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let mut c = tweed_api::connect(&path).await.unwrap();
+    let req = |subnet: &str, ip: &str| ReserveRequest {
+        subnet: subnet.into(),
+        public_ip: ip.into(),
+    };
+    // Before the agent has read the network config: unavailable, not a crash.
+    let e = c
+        .reserve(req("10.244.9.0/24", "198.18.0.77"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+
+    let mem = MemRegistry::new("/coreos.com/network");
+    assert!(control
+        .set(Control {
+            registry: Arc::new(Registry::Mem(mem.clone())),
+            cfg: tweed_config::NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap(),
+            lease_ttl: Duration::from_secs(30),
+        })
+        .is_ok());
+    for (subnet, ip) in [
+        ("10.99.0.0/24", "198.18.0.77"),
+        ("10.244.9.0/25", "198.18.0.77"),
+        ("10.244.9.1/24", "198.18.0.77"),
+        ("nonsense", "198.18.0.77"),
+        ("10.244.9.0/24", "not-an-ip"),
+    ] {
+        let e = c.reserve(req(subnet, ip)).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{subnet} {ip}: {e:?}"
+        );
+    }
+    let r = c
+        .reserve(req("10.244.9.0-24", "198.18.0.77"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.subnet.as_str(), r.created), ("10.244.9.0/24", true));
+    let e = c
+        .reserve(req("10.244.9.0/24", "198.18.0.78"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    assert!(e.message().contains("held by 198.18.0.77"), "{e:?}");
+    let u = c
+        .unreserve(UnreserveRequest {
+            subnet: "10.244.9.0/24".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(u.lease_id != 0 && u.ttl_seconds == 30, "{u:?}");
+    let e = c
+        .unreserve(UnreserveRequest {
+            subnet: "10.244.9.0/24".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let e = c
+        .unreserve(UnreserveRequest {
+            subnet: "10.244.10.0/24".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let _ = tx.send(());
+    server.await.unwrap().unwrap();
 }

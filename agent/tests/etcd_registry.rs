@@ -208,3 +208,72 @@ async fn config_is_read_verbatim() {
     env.ctl(&["put", &format!("{P}/config"), json]);
     assert_eq!(reg.get_config().await.unwrap().as_deref(), Some(json));
 }
+
+/// Issue 6: a reservation is a key without an etcd lease (flannel's layout), made and undone with
+/// guarded transactions.
+#[tokio::test]
+async fn reserve_detaches_the_ttl_and_unreserve_attaches_a_fresh_one() {
+    use tweed_agent::registry::{ReserveOutcome, UnreserveOutcome};
+    let env = Env::start();
+    let reg = env.registry().await;
+    let ttl = Duration::from_secs(2);
+    // A held lease, pinned by its own IP: the old TTL lapses, the key stays.
+    let own = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
+    let key = own.key.etcd_key(P);
+    assert_eq!(
+        reg.reserve(&own.key, "198.18.0.2".parse().unwrap())
+            .await
+            .unwrap(),
+        ReserveOutcome::HeldBy("198.18.0.1".into())
+    );
+    assert_eq!(
+        reg.reserve(&own.key, attrs(1).public_ip).await.unwrap(),
+        ReserveOutcome::Reserved { created: false }
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let snap = reg.list_leases().await.unwrap();
+    let l = snap.leases.iter().find(|l| l.key == key).expect("kept");
+    assert_eq!(l.lease_id, 0);
+    assert_eq!(LeaseAttrs::parse(&l.value).unwrap(), attrs(1));
+
+    // A free subnet reserved for a new IP: flannel's exact value, no lease.
+    let free = SubnetKey::new("10.244.77.0/24".parse().unwrap());
+    assert_eq!(
+        reg.reserve(&free, "198.18.0.77".parse().unwrap())
+            .await
+            .unwrap(),
+        ReserveOutcome::Reserved { created: true }
+    );
+    let fk = free.etcd_key(P);
+    assert_eq!(
+        env.ctl(&["get", &fk, "--print-value-only"]).trim(),
+        r#"{"PublicIP":"198.18.0.77"}"#
+    );
+    assert!(env
+        .ctl(&["get", &fk, "-w", "json"])
+        .find("\"lease\"")
+        .is_none());
+
+    // Unreserved, it has a TTL and lapses unless renewed.
+    let UnreserveOutcome::Released { lease_id } = reg.unreserve(&free, ttl).await.unwrap() else {
+        panic!("not released")
+    };
+    let out = env.ctl(&["lease", "timetolive", &format!("{lease_id:x}"), "--keys"]);
+    assert!(
+        out.contains("granted with TTL(2s)") && out.contains(&fk),
+        "{out}"
+    );
+    assert_eq!(
+        reg.unreserve(&free, ttl).await.unwrap(),
+        UnreserveOutcome::NotReserved { lease_id }
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(env
+        .ctl(&["get", &fk, "--print-value-only"])
+        .trim()
+        .is_empty());
+    assert_eq!(
+        reg.unreserve(&free, ttl).await.unwrap(),
+        UnreserveOutcome::NotFound
+    );
+}

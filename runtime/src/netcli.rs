@@ -35,6 +35,18 @@ enum NetCmd {
     Peers,
     /// Stream lease changes until interrupted.
     Watch,
+    /// Pin SUBNET to PUBLIC_IP: no TTL, never expires, taken only by the agent with that IP.
+    Reserve {
+        /// e.g. 10.244.7.0/24
+        subnet: String,
+        /// the public IP of the node that may hold it
+        public_ip: String,
+    },
+    /// Give a reserved SUBNET a TTL again (the agent's --lease-ttl): it expires unless renewed.
+    Unreserve {
+        /// e.g. 10.244.7.0/24
+        subnet: String,
+    },
 }
 
 pub fn run(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
@@ -133,6 +145,42 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
                     )?;
                 }
                 out.flush()?;
+            }
+        }
+        NetCmd::Reserve { subnet, public_ip } => {
+            let r = c
+                .reserve(pb::ReserveRequest { subnet, public_ip })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            if args.output == Output::Json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"subnet": r.subnet, "public_ip": r.public_ip, "created": r.created})
+                )?;
+            } else {
+                writeln!(out, "reserved {} for {}", r.subnet, r.public_ip)?;
+            }
+        }
+        NetCmd::Unreserve { subnet } => {
+            let r = c
+                .unreserve(pb::UnreserveRequest { subnet })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            if args.output == Output::Json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"subnet": r.subnet, "lease_id": format!("{:x}", r.lease_id), "ttl_seconds": r.ttl_seconds})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "unreserved {}: lease {:x}, expires in {}s unless renewed",
+                    r.subnet, r.lease_id, r.ttl_seconds
+                )?;
             }
         }
     }

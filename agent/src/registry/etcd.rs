@@ -1,8 +1,12 @@
-use super::{CreateOutcome, RawLease, RegistryError, Snapshot, WatchEvent};
+use super::{
+    holder_of, reservation_value, CreateOutcome, RawLease, RegistryError, ReserveOutcome, Snapshot,
+    UnreserveOutcome, WatchEvent,
+};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tweed_config::{LeaseAttrs, SubnetKey};
@@ -451,6 +455,127 @@ impl EtcdRegistry {
             }
             Err(e) => Err(self.err("lease keepalive", &key)(e)),
         }
+    }
+
+    /// One key, with its lease and revision; `None` when absent.
+    async fn get_one(&self, k: &str, op: &'static str) -> Result<Option<RawLease>, RegistryError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(k, None)
+            .await
+            .map_err(self.err(op, k))?;
+        Ok(resp.kvs().first().map(|kv| RawLease {
+            key: k.to_string(),
+            value: kv.value().to_vec(),
+            lease_id: kv.lease(),
+            mod_revision: kv.mod_revision(),
+        }))
+    }
+
+    /// Each step is a transaction guarded by what was read (absent, or that mod revision), so a
+    /// concurrent writer makes it read again instead of being overwritten.
+    pub async fn reserve(
+        &self,
+        key: &SubnetKey,
+        public_ip: Ipv4Addr,
+    ) -> Result<ReserveOutcome, RegistryError> {
+        let k = key.etcd_key(&self.prefix);
+        for _ in 0..16 {
+            let (txn, created) = match self.get_one(&k, "reserve").await? {
+                None => (
+                    Txn::new()
+                        .when([Compare::version(k.as_str(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(k.as_str(), reservation_value(public_ip), None)]),
+                    true,
+                ),
+                Some(l) => {
+                    match holder_of(&l.value) {
+                        Ok(ip) if ip == public_ip => {}
+                        Ok(ip) => return Ok(ReserveOutcome::HeldBy(ip.to_string())),
+                        Err(v) => return Ok(ReserveOutcome::HeldBy(v)),
+                    }
+                    if l.lease_id == 0 {
+                        return Ok(ReserveOutcome::Reserved { created: false });
+                    }
+                    // The same value without a lease: detached from its TTL, it never expires.
+                    (
+                        Txn::new()
+                            .when([Compare::mod_revision(
+                                k.as_str(),
+                                CompareOp::Equal,
+                                l.mod_revision,
+                            )])
+                            .and_then([TxnOp::put(k.as_str(), l.value, None)]),
+                        false,
+                    )
+                }
+            };
+            let resp = self
+                .client
+                .kv_client()
+                .txn(txn)
+                .await
+                .map_err(self.err("reserve", &k))?;
+            if resp.succeeded() {
+                return Ok(ReserveOutcome::Reserved { created });
+            }
+        }
+        Err(RegistryError::Raced {
+            op: "reserve",
+            key: k,
+        })
+    }
+
+    pub async fn unreserve(
+        &self,
+        key: &SubnetKey,
+        ttl: Duration,
+    ) -> Result<UnreserveOutcome, RegistryError> {
+        let k = key.etcd_key(&self.prefix);
+        for _ in 0..16 {
+            let l = match self.get_one(&k, "unreserve").await? {
+                None => return Ok(UnreserveOutcome::NotFound),
+                Some(l) if l.lease_id != 0 => {
+                    return Ok(UnreserveOutcome::NotReserved {
+                        lease_id: l.lease_id,
+                    })
+                }
+                Some(l) => l,
+            };
+            let grant = self
+                .client
+                .lease_client()
+                .grant(ttl.as_secs().max(1) as i64, None)
+                .await
+                .map_err(self.err("lease grant for", &k))?;
+            let lease_id = grant.id();
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    k.as_str(),
+                    CompareOp::Equal,
+                    l.mod_revision,
+                )])
+                .and_then([TxnOp::put(
+                    k.as_str(),
+                    l.value,
+                    Some(PutOptions::new().with_lease(lease_id)),
+                )]);
+            let resp = self
+                .client
+                .kv_client()
+                .txn(txn)
+                .await
+                .map_err(self.err("unreserve", &k))?;
+            if resp.succeeded() {
+                return Ok(UnreserveOutcome::Released { lease_id });
+            }
+            let _ = self.client.lease_client().revoke(lease_id).await;
+        }
+        Err(RegistryError::Raced {
+            op: "unreserve",
+            key: k,
+        })
     }
 
     pub async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {

@@ -1,7 +1,11 @@
 //! An in-memory registry with etcd's semantics, for tests of everything above the registry.
 
-use super::{CreateOutcome, RawLease, RegistryError, Snapshot, WatchEvent};
+use super::{
+    holder_of, reservation_value, CreateOutcome, RawLease, RegistryError, ReserveOutcome, Snapshot,
+    UnreserveOutcome, WatchEvent,
+};
 use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -190,6 +194,51 @@ impl MemRegistry {
         }))
     }
 
+    pub async fn reserve(
+        &self,
+        key: &SubnetKey,
+        public_ip: Ipv4Addr,
+    ) -> Result<ReserveOutcome, RegistryError> {
+        let k = key.etcd_key(&self.prefix);
+        Ok(self.with(|s| match s.kvs.get(&k).cloned() {
+            None => {
+                s.put(&k, reservation_value(public_ip), 0);
+                ReserveOutcome::Reserved { created: true }
+            }
+            Some(l) => match holder_of(&l.value) {
+                Ok(ip) if ip == public_ip => {
+                    if l.lease_id != 0 {
+                        s.put(&k, l.value, 0);
+                    }
+                    ReserveOutcome::Reserved { created: false }
+                }
+                Ok(ip) => ReserveOutcome::HeldBy(ip.to_string()),
+                Err(v) => ReserveOutcome::HeldBy(v),
+            },
+        }))
+    }
+
+    pub async fn unreserve(
+        &self,
+        key: &SubnetKey,
+        ttl: Duration,
+    ) -> Result<UnreserveOutcome, RegistryError> {
+        let k = key.etcd_key(&self.prefix);
+        Ok(self.with(|s| match s.kvs.get(&k).cloned() {
+            None => UnreserveOutcome::NotFound,
+            Some(l) if l.lease_id != 0 => UnreserveOutcome::NotReserved {
+                lease_id: l.lease_id,
+            },
+            Some(l) => {
+                s.next_lease += 1;
+                let id = s.next_lease;
+                s.leases.insert(id, (Instant::now() + ttl, ttl));
+                s.put(&k, l.value, id);
+                UnreserveOutcome::Released { lease_id: id }
+            }
+        }))
+    }
+
     pub fn watch(&self, from_revision: i64) -> Result<MemWatch, RegistryError> {
         let compacted = self.with(|s| s.compacted);
         if from_revision <= compacted {
@@ -243,6 +292,147 @@ impl MemWatch {
             }
             // Lease expiry happens on access; a bounded wait makes expiries visible to watchers.
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+
+    const P: &str = "/coreos.com/network";
+
+    fn key(s: &str) -> SubnetKey {
+        SubnetKey::new(s.parse().unwrap())
+    }
+
+    fn attrs(ip: &str) -> LeaseAttrs {
+        LeaseAttrs::new(ip.parse().unwrap(), "vxlan", None)
+    }
+
+    async fn get(reg: &Registry, k: &SubnetKey) -> Option<RawLease> {
+        let key = k.etcd_key(P);
+        reg.list_leases()
+            .await
+            .unwrap()
+            .leases
+            .into_iter()
+            .find(|l| l.key == key)
+    }
+
+    #[tokio::test]
+    async fn reserve_creates_a_key_without_ttl_that_never_expires() {
+        let mem = MemRegistry::new(P);
+        let reg = Registry::Mem(mem.clone());
+        let k = key("10.244.9.0/24");
+        let ip: Ipv4Addr = "198.18.0.77".parse().unwrap();
+        assert_eq!(
+            reg.reserve(&k, ip).await.unwrap(),
+            ReserveOutcome::Reserved { created: true }
+        );
+        let l = get(&reg, &k).await.unwrap();
+        assert_eq!(l.lease_id, 0);
+        assert_eq!(l.value, br#"{"PublicIP":"198.18.0.77"}"#);
+        // Idempotent, and nothing is rewritten.
+        assert_eq!(
+            reg.reserve(&k, ip).await.unwrap(),
+            ReserveOutcome::Reserved { created: false }
+        );
+        assert_eq!(get(&reg, &k).await.unwrap().mod_revision, l.mod_revision);
+        // Nobody can create it, another IP cannot reserve it.
+        assert_eq!(
+            reg.create_lease(&k, &attrs("198.18.0.5"), Duration::from_secs(1))
+                .await
+                .unwrap(),
+            CreateOutcome::Taken
+        );
+        assert_eq!(
+            reg.reserve(&k, "198.18.0.5".parse().unwrap())
+                .await
+                .unwrap(),
+            ReserveOutcome::HeldBy("198.18.0.77".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn reserve_detaches_a_held_lease_from_its_ttl_keeping_its_value() {
+        let mem = MemRegistry::new(P);
+        let reg = Registry::Mem(mem.clone());
+        let k = key("10.244.3.0/24");
+        let a = attrs("198.18.0.1");
+        let CreateOutcome::Created { lease_id } = reg
+            .create_lease(&k, &a, Duration::from_millis(100))
+            .await
+            .unwrap()
+        else {
+            panic!("not created")
+        };
+        assert_eq!(
+            reg.reserve(&k, "198.18.0.2".parse().unwrap())
+                .await
+                .unwrap(),
+            ReserveOutcome::HeldBy("198.18.0.1".into())
+        );
+        assert_eq!(
+            reg.reserve(&k, a.public_ip).await.unwrap(),
+            ReserveOutcome::Reserved { created: false }
+        );
+        // The old TTL lease expiring takes nothing with it.
+        mem.expire_lease(lease_id);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let l = get(&reg, &k)
+            .await
+            .expect("reserved key survives its old lease");
+        assert_eq!(l.lease_id, 0);
+        assert_eq!(LeaseAttrs::parse(&l.value).unwrap(), a);
+        assert_eq!(reg.renew(lease_id).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn unreserve_attaches_a_fresh_ttl() {
+        let mem = MemRegistry::new(P);
+        let reg = Registry::Mem(mem.clone());
+        let k = key("10.244.9.0/24");
+        assert_eq!(
+            reg.unreserve(&k, Duration::from_secs(1)).await.unwrap(),
+            UnreserveOutcome::NotFound
+        );
+        reg.reserve(&k, "198.18.0.77".parse().unwrap())
+            .await
+            .unwrap();
+        let UnreserveOutcome::Released { lease_id } =
+            reg.unreserve(&k, Duration::from_millis(200)).await.unwrap()
+        else {
+            panic!("not released")
+        };
+        assert_ne!(lease_id, 0);
+        let l = get(&reg, &k).await.unwrap();
+        assert_eq!(l.lease_id, lease_id);
+        assert_eq!(l.value, br#"{"PublicIP":"198.18.0.77"}"#);
+        assert_eq!(
+            reg.unreserve(&k, Duration::from_secs(1)).await.unwrap(),
+            UnreserveOutcome::NotReserved { lease_id }
+        );
+        // Renewed, it stays; left alone, it expires.
+        assert!(reg.renew(lease_id).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(get(&reg, &k).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_holder_is_named() {
+        let mem = MemRegistry::new(P);
+        let reg = Registry::Mem(mem.clone());
+        let k = key("10.244.4.0/24");
+        mem.put_raw(&k.etcd_key(P), b"garbage");
+        match reg
+            .reserve(&k, "198.18.0.1".parse().unwrap())
+            .await
+            .unwrap()
+        {
+            ReserveOutcome::HeldBy(h) => assert!(h.contains("garbage"), "{h}"),
+            o => panic!("{o:?}"),
         }
     }
 }

@@ -8,6 +8,7 @@ mod mem;
 pub use etcd::{EtcdOptions, EtcdRegistry};
 pub use mem::MemRegistry;
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 use tweed_config::{LeaseAttrs, SubnetKey};
 
@@ -57,6 +58,8 @@ pub enum RegistryError {
     Compacted { requested: i64, compacted: i64 },
     #[error("watch on {prefix} ended: {reason}")]
     WatchEnded { prefix: String, reason: String },
+    #[error("etcd {op} {key}: the key kept changing under us; try again")]
+    Raced { op: &'static str, key: String },
 }
 
 /// A key/value under `<prefix>/subnets/`, unparsed: parsing (and skipping what is corrupt) is the
@@ -98,6 +101,45 @@ pub enum CreateOutcome {
     },
     /// Someone else holds the key: pick another subnet.
     Taken,
+}
+
+/// What [`Registry::reserve`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// The key now has no TTL lease. `created`: it did not exist before; otherwise an existing
+    /// lease of the same public IP was detached from its TTL (or was reserved already).
+    Reserved { created: bool },
+    /// Another public IP holds the subnet (its PublicIP, or the raw value if unreadable).
+    HeldBy(String),
+}
+
+/// What [`Registry::unreserve`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnreserveOutcome {
+    /// The key is now attached to the fresh TTL lease `lease_id`.
+    Released {
+        lease_id: i64,
+    },
+    /// The key has a TTL lease already: it is not a reservation.
+    NotReserved {
+        lease_id: i64,
+    },
+    NotFound,
+}
+
+/// The value a reservation is created with, as flannel's: `{"PublicIP":"…"}`.
+pub fn reservation_value(public_ip: Ipv4Addr) -> Vec<u8> {
+    serde_json::json!({ "PublicIP": public_ip.to_string() })
+        .to_string()
+        .into_bytes()
+}
+
+/// The PublicIP of a stored lease value, `Err(text)` when it has none.
+pub(crate) fn holder_of(value: &[u8]) -> Result<Ipv4Addr, String> {
+    serde_json::from_slice::<serde_json::Value>(value)
+        .ok()
+        .and_then(|v| v.get("PublicIP")?.as_str()?.parse().ok())
+        .ok_or_else(|| format!("an unreadable value {:?}", String::from_utf8_lossy(value)))
 }
 
 pub enum Registry {
@@ -180,6 +222,25 @@ impl Registry {
     /// Extends the TTL lease. `Ok(None)` when the lease no longer exists (expired or revoked).
     pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
         dispatch!(self, r => r.renew(lease_id).await)
+    }
+
+    /// Pins `key` to `public_ip` without a TTL: creates `{"PublicIP":ip}` if absent, or rewrites
+    /// the same value without a lease if that IP holds it. Nothing changes when another IP does.
+    pub async fn reserve(
+        &self,
+        key: &SubnetKey,
+        public_ip: Ipv4Addr,
+    ) -> Result<ReserveOutcome, RegistryError> {
+        dispatch!(self, r => r.reserve(key, public_ip).await)
+    }
+
+    /// Attaches a reserved key (no TTL) to a fresh TTL lease, so it expires unless renewed.
+    pub async fn unreserve(
+        &self,
+        key: &SubnetKey,
+        ttl: Duration,
+    ) -> Result<UnreserveOutcome, RegistryError> {
+        dispatch!(self, r => r.unreserve(key, ttl).await)
     }
 
     pub async fn watch(&self, from_revision: i64) -> Result<LeaseWatch, RegistryError> {
