@@ -727,6 +727,12 @@ impl Agent {
         m.udp_packets
             .with_label_values(&["rx"])
             .inc_by(d(now.rx_datagrams, last.rx_datagrams));
+        m.udp_bytes
+            .with_label_values(&["tx"])
+            .inc_by(d(now.tx_bytes, last.tx_bytes));
+        m.udp_bytes
+            .with_label_values(&["rx"])
+            .inc_by(d(now.rx_bytes, last.rx_bytes));
         for (reason, a, b) in [
             (
                 "unknown_peer",

@@ -46,6 +46,23 @@ fn udp_lab_passes_check() {
         let link = in_ns(&h.netns, &["ip", "-d", "link", "show", "tweed0"]);
         assert!(link.contains("tun"), "{link}");
     }
+    // The pings crossed h1's udp workers: its packet and byte counters reach /metrics (exported
+    // every rule resync, 5 s).
+    let h1 = &lab.state().hosts[0];
+    let url = format!("http://{}:9867/metrics", h1.public_ip);
+    let counted = |body: &str, series: &str| {
+        body.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_for(Duration::from_secs(12), "udp counters in /metrics", || {
+        let body = lab
+            .exec("h2", &["curl", "-sf", "--max-time", "2", &url])
+            .unwrap_or_default();
+        counted(&body, "tweed_udp_packets_total{direction=\"tx\"}") > 0.0
+            && counted(&body, "tweed_udp_bytes_total{direction=\"rx\"}") > 0.0
+    });
 }
 
 #[test]

@@ -45,6 +45,10 @@ const RX_BUF: usize = 65535;
 #[derive(Debug, Default)]
 pub struct Counters {
     pub tx_packets: AtomicU64,
+    /// Inner bytes read from the TUN device (what the overlay sends).
+    pub tx_bytes: AtomicU64,
+    /// UDP payload bytes received (inner packets from peers).
+    pub rx_bytes: AtomicU64,
     pub tx_datagrams: AtomicU64,
     pub rx_datagrams: AtomicU64,
     pub rx_writes: AtomicU64,
@@ -63,6 +67,8 @@ pub struct Counters {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
     pub tx_datagrams: u64,
     pub rx_datagrams: u64,
     pub rx_writes: u64,
@@ -104,6 +110,8 @@ impl Counters {
     pub fn add_to(&self, s: &mut Stats) {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         s.tx_packets += g(&self.tx_packets);
+        s.tx_bytes += g(&self.tx_bytes);
+        s.rx_bytes += g(&self.rx_bytes);
         s.tx_datagrams += g(&self.tx_datagrams);
         s.rx_datagrams += g(&self.rx_datagrams);
         s.rx_writes += g(&self.rx_writes);
@@ -436,6 +444,7 @@ impl Worker {
                 }
             };
             inc(&c.tx_packets, 1);
+            inc(&c.tx_bytes, (n - VNET_HDR_LEN) as u64);
             match table.route(&hdr) {
                 Outbound::Peer(p) => ready.push((slot, tx, p)),
                 Outbound::Drop(r) => c.count_drop(r, 1),
@@ -660,6 +669,7 @@ impl Worker {
                 let seg = gro_size(h).unwrap_or(len).max(1);
                 let datagrams = len.div_ceil(seg).max(1) as u64;
                 inc(&c.rx_datagrams, datagrams);
+                inc(&c.rx_bytes, len as u64);
                 if h.msg_flags & libc::MSG_TRUNC != 0 {
                     inc(&c.drop_malformed, datagrams);
                     continue;
