@@ -176,10 +176,11 @@ impl LeaseTable {
         for k in gone {
             self.delete(&k, &mut out);
         }
-        // Oldest write first, as a watch would have delivered them: otherwise a newer key that
-        // sorts first (`10.244.0.0-16`, a /23 before its /24) wins an overlap against a real lease.
+        // Oldest key first: otherwise a newer key that sorts first (`10.244.0.0-16`, a /23 before
+        // its /24) wins an overlap against a real lease. Creation, not last write, decides, so a
+        // real lease rewritten later (new VTEP MAC) still beats a bogus key written before that.
         let mut listing: Vec<&RawLease> = listing.iter().collect();
-        listing.sort_by_key(|l| l.mod_revision);
+        listing.sort_by_key(|l| (l.create_revision, l.mod_revision));
         for raw in listing {
             self.put(raw, &mut out);
         }
@@ -199,6 +200,7 @@ mod tests {
             value: value.as_bytes().to_vec(),
             lease_id: 5,
             mod_revision: rev,
+            create_revision: rev,
         }
     }
 
@@ -292,6 +294,7 @@ mod tests {
                 value: b"{}".to_vec(),
                 lease_id: 0,
                 mod_revision: 7,
+                create_revision: 7,
             }),
         ]);
         assert_eq!(a.changes.len(), 1, "{a:?}");
@@ -339,6 +342,23 @@ mod tests {
                 "10.244.5.0/24".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn a_real_lease_rewritten_after_a_bogus_key_still_wins_on_resync() {
+        let mut t = table();
+        // Real lease created at 3, bogus /16 at 5, real lease rewritten (new MAC) at 8.
+        let mut real = raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:22"), 8);
+        real.create_revision = 3;
+        let bogus = raw("10.244.0.0-16", &vx("198.18.0.9", "aa:aa:aa:aa:aa:09"), 5);
+        let a = t.resync(&[bogus, real]);
+        assert_eq!(t.len(), 1, "{a:?}");
+        assert_eq!(
+            t.leases().next().unwrap().key.ipv4.to_string(),
+            "10.244.2.0/24"
+        );
+        assert_eq!(a.skipped.len(), 1);
+        assert!(a.skipped[0].key.ends_with("10.244.0.0-16"), "{a:?}");
     }
 
     #[test]

@@ -367,6 +367,7 @@ impl EtcdRegistry {
                 value: kv.value().to_vec(),
                 lease_id: kv.lease(),
                 mod_revision: kv.mod_revision(),
+                create_revision: kv.create_revision(),
             })
             .collect();
         Ok(Snapshot { leases, revision })
@@ -470,6 +471,7 @@ impl EtcdRegistry {
             value: kv.value().to_vec(),
             lease_id: kv.lease(),
             mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
         }))
     }
 
@@ -658,6 +660,7 @@ impl EtcdWatch {
                             value: kv.value().to_vec(),
                             lease_id: kv.lease(),
                             mod_revision: kv.mod_revision(),
+                            create_revision: kv.create_revision(),
                         }),
                         EventType::Delete => WatchEvent::Delete {
                             key,

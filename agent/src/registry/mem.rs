@@ -50,11 +50,13 @@ impl Store {
 
     fn put(&mut self, key: &str, value: Vec<u8>, lease_id: i64) {
         self.revision += 1;
+        let created = self.kvs.get(key).map(|l| l.create_revision);
         let l = RawLease {
             key: key.to_string(),
             value,
             lease_id,
             mod_revision: self.revision,
+            create_revision: created.unwrap_or(self.revision),
         };
         self.kvs.insert(key.to_string(), l.clone());
         self.history.push(WatchEvent::Put(l));

@@ -70,6 +70,8 @@ pub struct RawLease {
     pub value: Vec<u8>,
     pub lease_id: i64,
     pub mod_revision: i64,
+    /// When the key was created; unchanged by later writes. Orders overlapping claims.
+    pub create_revision: i64,
 }
 
 #[derive(Debug, Clone)]
