@@ -1,0 +1,19 @@
+//! cargo +nightly fuzz run network_config: any text as `<prefix>/config` must parse or be refused
+//! with a field error, never panic (an operator's typo must not crash every agent).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(cfg) = tweed_config::NetworkConfig::parse(text) {
+            // Derived values must be usable: every listed subnet is allocatable.
+            let n = cfg.subnet_count();
+            for i in [0, n / 2, n.saturating_sub(1)] {
+                if let Some(s) = cfg.nth_subnet(i) {
+                    assert!(cfg.is_allocatable(s), "{s} from {text}");
+                }
+            }
+        }
+    }
+});
