@@ -9,6 +9,8 @@ fn three_member_cluster_survives_losing_its_leader() {
     let mut spec = LabSpec::new(lab_name("ec"), 3);
     spec.etcd_members = 3;
     spec.pods_per_host = 1;
+    // Short enough that renewals must go through the surviving members during the test.
+    spec.lease_ttl = Duration::from_secs(6);
     let lab = up(spec);
     let members = lab.etcd_members();
     assert_eq!(members.len(), 3);
@@ -38,6 +40,16 @@ fn three_member_cluster_survives_losing_its_leader() {
         "6 passed, 0 failed"
     );
 
+    // Pod-to-pod traffic across the failover: the data plane never waits on etcd.
+    let target = host_state(&lab, "h2").pods[0].ip.to_string();
+    let pinger = std::process::Command::new("ip")
+        .args(["netns", "exec", &host_state(&lab, "h1").pods[0].netns])
+        .args(["ping", "-q", "-i", "0.01", "-c", "800", "-W", "1", &target])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    std::thread::sleep(Duration::from_millis(500));
     let leader = lab.etcd_leader().unwrap().expect("a leader");
     lab.kill_etcd_member(&leader).unwrap();
     assert!(
@@ -53,6 +65,49 @@ fn three_member_cluster_survives_losing_its_leader() {
         new_leader.is_some()
     });
     assert_ne!(new_leader.as_deref(), Some(leader.as_str()));
+    let out = pinger.wait_with_output().expect("ping output");
+    assert_eq!(
+        ping_summary(&String::from_utf8_lossy(&out.stdout)),
+        (800, 800),
+        "packets lost while the etcd leader died"
+    );
+    // Renewing: after two TTLs every node's lease is still there (renewed through survivors).
+    std::thread::sleep(Duration::from_secs(12));
+    let keys = etcdctl(
+        &lab,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ],
+    );
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 3, "{keys}");
+    // Watching: a lease written now reaches every agent's data plane.
+    etcdctl(
+        &lab,
+        &[
+            "put",
+            "/coreos.com/network/subnets/10.244.250.0-24",
+            r#"{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:99"}}"#,
+        ],
+    );
+    for h in ["h1", "h2", "h3"] {
+        let ns = host_state(&lab, h).netns;
+        wait_for(
+            Duration::from_secs(5),
+            "the new lease to be programmed",
+            || {
+                vxlan_state(&ns, "tweed.1")
+                    .routes
+                    .contains("10.244.250.0/24")
+            },
+        );
+    }
+    etcdctl(
+        &lab,
+        &["del", "/coreos.com/network/subnets/10.244.250.0-24"],
+    );
     assert_eq!(
         lab.check_until(Duration::from_secs(10)).unwrap().summary(),
         "6 passed, 0 failed"

@@ -8,6 +8,8 @@ use etcd_client::{
 };
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tweed_config::{LeaseAttrs, SubnetKey};
 
@@ -46,7 +48,11 @@ impl std::fmt::Debug for EtcdOptions {
 }
 
 pub struct EtcdRegistry {
-    client: Client,
+    /// The client in use and the index of the endpoint it is pinned to (usize::MAX: the
+    /// balanced client over all endpoints made at start).
+    pinned: tokio::sync::Mutex<(usize, Client)>,
+    endpoint_list: Vec<String>,
+    connect_opts: ConnectOptions,
     prefix: String,
     ctx: Ctx,
 }
@@ -103,11 +109,16 @@ fn is_auth_rejection(e: &etcd_client::Error) -> bool {
 struct Ctx {
     endpoints: String,
     tls: bool,
+    /// Set when a request failed in a way another member may not: the next request moves on.
+    failover: Arc<AtomicBool>,
 }
 
 impl Ctx {
     fn classify(&self, op: &'static str, key: &str, e: etcd_client::Error) -> RegistryError {
         let mut detail = describe(&e);
+        if is_transient(&detail) {
+            self.failover.store(true, Ordering::Relaxed);
+        }
         if is_tls_failure(&detail) {
             return RegistryError::Tls {
                 op,
@@ -253,6 +264,7 @@ impl EtcdRegistry {
         }
         let endpoints = opts.endpoints.join(",");
         let ctx = Ctx {
+            failover: Arc::default(),
             endpoints: endpoints.clone(),
             tls: opts.endpoints.iter().any(|e| e.starts_with("https://")),
         };
@@ -269,6 +281,8 @@ impl EtcdRegistry {
             }
             (None, None) => None,
         };
+        // Credentials are dropped below when etcd has auth off; failover follows the same choice.
+        let mut connect_opts = with_creds.clone().unwrap_or_else(|| co.clone());
         let client = match with_creds {
             None => Client::connect(&opts.endpoints, Some(co))
                 .await
@@ -287,6 +301,7 @@ impl EtcdRegistry {
                                 %endpoints,
                                 "etcd has authentication disabled; ignoring --etcd-username"
                             );
+                            connect_opts = co.clone();
                             break Client::connect(&opts.endpoints, Some(co))
                                 .await
                                 .map_err(|e| ctx.classify("connect", "", e))?;
@@ -314,10 +329,36 @@ impl EtcdRegistry {
             }
         };
         Ok(EtcdRegistry {
-            client,
+            pinned: tokio::sync::Mutex::new((usize::MAX, client)),
+            endpoint_list: opts.endpoints.clone(),
+            connect_opts,
             prefix: opts.prefix.trim_end_matches('/').to_string(),
             ctx,
         })
+    }
+
+    /// The client for the next request. etcd-client's balanced channel keeps sending requests to
+    /// a member that died (seen: "connection refused" for as long as the member was down), so
+    /// after a transient failure this pins the next endpoint that accepts a connection, in turn.
+    async fn client(&self) -> Client {
+        let mut pinned = self.pinned.lock().await;
+        let n = self.endpoint_list.len();
+        if n > 1 && self.ctx.failover.swap(false, Ordering::Relaxed) {
+            let from = if pinned.0 == usize::MAX { 0 } else { pinned.0 };
+            for step in 1..=n {
+                let idx = (from + step) % n;
+                let ep = &self.endpoint_list[idx];
+                match Client::connect([ep.as_str()], Some(self.connect_opts.clone())).await {
+                    Ok(c) => {
+                        tracing::warn!(endpoint = %ep, "etcd: a request failed; using this member next");
+                        *pinned = (idx, c);
+                        break;
+                    }
+                    Err(e) => tracing::debug!(endpoint = %ep, "etcd: not usable: {}", describe(&e)),
+                }
+            }
+        }
+        pinned.1.clone()
     }
 
     fn err<'a>(
@@ -339,7 +380,8 @@ impl EtcdRegistry {
     pub async fn get_config(&self) -> Result<Option<String>, RegistryError> {
         let key = format!("{}/config", self.prefix);
         let resp = self
-            .client
+            .client()
+            .await
             .kv_client()
             .get(key.as_str(), None)
             .await
@@ -353,7 +395,8 @@ impl EtcdRegistry {
     pub async fn list_leases(&self) -> Result<Snapshot, RegistryError> {
         let dir = self.subnets();
         let resp = self
-            .client
+            .client()
+            .await
             .kv_client()
             .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
             .await
@@ -382,7 +425,8 @@ impl EtcdRegistry {
         let k = key.etcd_key(&self.prefix);
         let ttl_secs = ttl.as_secs().max(1) as i64;
         let grant = self
-            .client
+            .client()
+            .await
             .lease_client()
             .grant(ttl_secs, None)
             .await
@@ -396,7 +440,8 @@ impl EtcdRegistry {
                 Some(PutOptions::new().with_lease(lease_id)),
             )]);
         let resp = self
-            .client
+            .client()
+            .await
             .kv_client()
             .txn(txn)
             .await
@@ -405,7 +450,7 @@ impl EtcdRegistry {
             Ok(CreateOutcome::Created { lease_id })
         } else {
             // The grant is ours alone and now useless; let it go rather than wait out its TTL.
-            let _ = self.client.lease_client().revoke(lease_id).await;
+            let _ = self.client().await.lease_client().revoke(lease_id).await;
             Ok(CreateOutcome::Taken)
         }
     }
@@ -430,7 +475,8 @@ impl EtcdRegistry {
                 Some(PutOptions::new().with_lease(lease_id)),
             )]);
         let resp = self
-            .client
+            .client()
+            .await
             .kv_client()
             .txn(txn)
             .await
@@ -440,10 +486,17 @@ impl EtcdRegistry {
 
     pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
         let key = format!("lease {lease_id:x}");
-        match self.client.lease_client().keep_alive(lease_id).await {
+        match self
+            .client()
+            .await
+            .lease_client()
+            .keep_alive(lease_id)
+            .await
+        {
             Ok((_keeper, _stream)) => {
                 let ttl = self
-                    .client
+                    .client()
+                    .await
                     .lease_client()
                     .time_to_live(lease_id, None)
                     .await
@@ -461,7 +514,8 @@ impl EtcdRegistry {
     /// One key, with its lease and revision; `None` when absent.
     async fn get_one(&self, k: &str, op: &'static str) -> Result<Option<RawLease>, RegistryError> {
         let resp = self
-            .client
+            .client()
+            .await
             .kv_client()
             .get(k, None)
             .await
@@ -514,7 +568,8 @@ impl EtcdRegistry {
                 }
             };
             let resp = self
-                .client
+                .client()
+                .await
                 .kv_client()
                 .txn(txn)
                 .await
@@ -546,7 +601,8 @@ impl EtcdRegistry {
                 Some(l) => l,
             };
             let grant = self
-                .client
+                .client()
+                .await
                 .lease_client()
                 .grant(ttl.as_secs().max(1) as i64, None)
                 .await
@@ -564,7 +620,8 @@ impl EtcdRegistry {
                     Some(PutOptions::new().with_lease(lease_id)),
                 )]);
             let resp = self
-                .client
+                .client()
+                .await
                 .kv_client()
                 .txn(txn)
                 .await
@@ -572,7 +629,7 @@ impl EtcdRegistry {
             if resp.succeeded() {
                 return Ok(UnreserveOutcome::Released { lease_id });
             }
-            let _ = self.client.lease_client().revoke(lease_id).await;
+            let _ = self.client().await.lease_client().revoke(lease_id).await;
         }
         Err(RegistryError::Raced {
             op: "unreserve",
@@ -583,7 +640,8 @@ impl EtcdRegistry {
     pub async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
         let dir = self.subnets();
         let stream = self
-            .client
+            .client()
+            .await
             .watch_client()
             .watch(
                 dir.as_str(),
