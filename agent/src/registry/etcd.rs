@@ -423,30 +423,12 @@ impl EtcdRegistry {
         ttl: Duration,
     ) -> Result<CreateOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);
-        let ttl_secs = ttl.as_secs().max(1) as i64;
-        let grant = self
-            .client()
-            .await
-            .lease_client()
-            .grant(ttl_secs, None)
-            .await
-            .map_err(self.err("lease grant for", &k))?;
-        let lease_id = grant.id();
-        let txn = Txn::new()
-            .when([Compare::version(k.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                k.as_str(),
-                attrs.to_json(),
-                Some(PutOptions::new().with_lease(lease_id)),
-            )]);
-        let resp = self
-            .client()
-            .await
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(self.err("create", &k))?;
-        if resp.succeeded() {
+        let lease_id = self.grant(&k, ttl).await?;
+        let absent = Compare::version(k.as_str(), CompareOp::Equal, 0);
+        if self
+            .put_if("create", &k, absent, attrs.to_json(), lease_id)
+            .await?
+        {
             Ok(CreateOutcome::Created { lease_id })
         } else {
             // The grant is ours alone and now useless; let it go rather than wait out its TTL.
@@ -463,25 +445,44 @@ impl EtcdRegistry {
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
         let k = key.etcd_key(&self.prefix);
+        let unchanged = Compare::mod_revision(k.as_str(), CompareOp::Equal, mod_revision);
+        self.put_if("update", &k, unchanged, attrs.to_json(), lease_id)
+            .await
+    }
+
+    /// Writes `value` at `k`, attached to `lease_id` (0: no lease), only if `cmp` holds; false
+    /// when it did not (someone else wrote first).
+    async fn put_if(
+        &self,
+        op: &'static str,
+        k: &str,
+        cmp: Compare,
+        value: impl Into<Vec<u8>>,
+        lease_id: i64,
+    ) -> Result<bool, RegistryError> {
+        let opts = (lease_id != 0).then(|| PutOptions::new().with_lease(lease_id));
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                k.as_str(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::put(
-                k.as_str(),
-                attrs.to_json(),
-                Some(PutOptions::new().with_lease(lease_id)),
-            )]);
+            .when([cmp])
+            .and_then([TxnOp::put(k, value, opts)]);
         let resp = self
             .client()
             .await
             .kv_client()
             .txn(txn)
             .await
-            .map_err(self.err("update", &k))?;
+            .map_err(self.err(op, k))?;
         Ok(resp.succeeded())
+    }
+
+    async fn grant(&self, k: &str, ttl: Duration) -> Result<i64, RegistryError> {
+        let grant = self
+            .client()
+            .await
+            .lease_client()
+            .grant(ttl.as_secs().max(1) as i64, None)
+            .await
+            .map_err(self.err("lease grant for", k))?;
+        Ok(grant.id())
     }
 
     pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
@@ -538,11 +539,10 @@ impl EtcdRegistry {
     ) -> Result<ReserveOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);
         for _ in 0..16 {
-            let (txn, created) = match self.get_one(&k, "reserve").await? {
+            let (cmp, value, created) = match self.get_one(&k, "reserve").await? {
                 None => (
-                    Txn::new()
-                        .when([Compare::version(k.as_str(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(k.as_str(), reservation_value(public_ip), None)]),
+                    Compare::version(k.as_str(), CompareOp::Equal, 0),
+                    reservation_value(public_ip),
                     true,
                 ),
                 Some(l) => {
@@ -556,25 +556,13 @@ impl EtcdRegistry {
                     }
                     // The same value without a lease: detached from its TTL, it never expires.
                     (
-                        Txn::new()
-                            .when([Compare::mod_revision(
-                                k.as_str(),
-                                CompareOp::Equal,
-                                l.mod_revision,
-                            )])
-                            .and_then([TxnOp::put(k.as_str(), l.value, None)]),
+                        Compare::mod_revision(k.as_str(), CompareOp::Equal, l.mod_revision),
+                        l.value,
                         false,
                     )
                 }
             };
-            let resp = self
-                .client()
-                .await
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(self.err("reserve", &k))?;
-            if resp.succeeded() {
+            if self.put_if("reserve", &k, cmp, value, 0).await? {
                 return Ok(ReserveOutcome::Reserved { created });
             }
         }
@@ -600,33 +588,12 @@ impl EtcdRegistry {
                 }
                 Some(l) => l,
             };
-            let grant = self
-                .client()
-                .await
-                .lease_client()
-                .grant(ttl.as_secs().max(1) as i64, None)
-                .await
-                .map_err(self.err("lease grant for", &k))?;
-            let lease_id = grant.id();
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    k.as_str(),
-                    CompareOp::Equal,
-                    l.mod_revision,
-                )])
-                .and_then([TxnOp::put(
-                    k.as_str(),
-                    l.value,
-                    Some(PutOptions::new().with_lease(lease_id)),
-                )]);
-            let resp = self
-                .client()
-                .await
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(self.err("unreserve", &k))?;
-            if resp.succeeded() {
+            let lease_id = self.grant(&k, ttl).await?;
+            let unchanged = Compare::mod_revision(k.as_str(), CompareOp::Equal, l.mod_revision);
+            if self
+                .put_if("unreserve", &k, unchanged, l.value, lease_id)
+                .await?
+            {
                 return Ok(UnreserveOutcome::Released { lease_id });
             }
             let _ = self.client().await.lease_client().revoke(lease_id).await;
