@@ -2,6 +2,10 @@
 //! (a bridge with the gateway address, a veth into the container, an address from the node
 //! subnet, a route to the overlay and a default route, hairpin on), interleaved in one run.
 //!
+//! Each run counts until the plugin exited and its stdout and stderr reached EOF, as a runtime
+//! waits. A separate pass then times tweed's DEL against the exit of the detached child that
+//! finishes the kernel's teardown after DEL returned, and a last one the kernel floor.
+//!
 //! Root only. Everything happens in two namespaces this program creates and deletes: the
 //! plugins run inside the "host" one, the container end lands in the other.
 //!
@@ -121,6 +125,9 @@ fn main() -> ExitCode {
                 eprintln!("{name} DEL failed: {} {}", del.stdout, del.stderr);
                 return ExitCode::FAILURE;
             }
+            // `testkit::run` returns once the plugin exited and its stdout and stderr reached
+            // EOF: what a runtime waits for. A detached child still holding either pipe would
+            // show up here.
             if round >= warmup {
                 let s = &mut samples[i];
                 s.add.push(add.elapsed);
@@ -132,6 +139,15 @@ fn main() -> ExitCode {
     for s in samples.iter_mut() {
         s.sort();
     }
+    let mut teardown = match detached_teardown(&host, &tweed, &plugins[0].2, &netns, rounds) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("measuring tweed's detached teardown: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    teardown.0.sort();
+    teardown.1.sort();
     let mut floor = kernel_floor(&host, &ctr, rounds);
     floor.sort();
     println!(
@@ -164,6 +180,18 @@ fn main() -> ExitCode {
         ms(testkit::percentile(&floor.both, 50.0)),
         ms(testkit::percentile(&floor.both, 99.0)),
     );
+    println!(
+        "{:<18} {:>10} {:>10} {:>8.2}ms {:>8.2}ms   (a separate pass of {rounds} tweed ADD/DELs: DEL returned)",
+        "tweed DEL", "", "",
+        ms(testkit::percentile(&teardown.0, 50.0)),
+        ms(testkit::percentile(&teardown.0, 99.0)),
+    );
+    println!(
+        "{:<18} {:>10} {:>10} {:>8.2}ms {:>8.2}ms   (same DELs: until the detached child that finishes the kernel's teardown exited)",
+        "tweed teardown", "", "",
+        ms(testkit::percentile(&teardown.1, 50.0)),
+        ms(testkit::percentile(&teardown.1, 99.0)),
+    );
     println!("(kernel floor: creating and deleting one veth pair across the two namespaces through an open netlink socket, no process, no IPAM)");
     let ratio = |p: f64| {
         ms(testkit::percentile(&samples[0].both, p)) / ms(testkit::percentile(&samples[1].both, p))
@@ -174,6 +202,57 @@ fn main() -> ExitCode {
     drop((host, ctr));
     let _ = std::fs::remove_dir_all(&tmp);
     ExitCode::SUCCESS
+}
+
+/// tweed's DEL returns once its devices are unlisted; a detached child of the plugin finishes
+/// the kernel's teardown. This pass measures, per DEL, the time until the plugin was done (as
+/// in the main loop: its exit and EOF on its stdout and stderr) and the time until that child
+/// exited. The bench becomes a child subreaper for this pass, so the orphaned child is
+/// reparented to it and its exit can be waited for. It runs apart from the interleaved rounds
+/// because waiting for each child there would keep the next ADD from overlapping with the
+/// teardown, as it does under a real runtime.
+fn detached_teardown(
+    host: &NetnsGuard,
+    tweed: &std::path::Path,
+    conf: &str,
+    netns: &str,
+    rounds: usize,
+) -> std::io::Result<(Vec<Duration>, Vec<Duration>)> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only sets a flag on this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let (mut returned, mut done) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let id = format!("teardown-{round}");
+        let mut call = Call::new("ADD", &id, netns);
+        let add = testkit::run(host.netns(), tweed, &call, conf.as_bytes())?;
+        if !add.ok() {
+            return Err(std::io::Error::other(format!("ADD: {}", add.stdout)));
+        }
+        // Nothing else is a child now: any orphan of the ADD (there is none) is drained.
+        reap_all();
+        call.command = "DEL";
+        let start = std::time::Instant::now();
+        let del = testkit::run(host.netns(), tweed, &call, conf.as_bytes())?;
+        if !del.ok() {
+            return Err(std::io::Error::other(format!("DEL: {}", del.stdout)));
+        }
+        returned.push(del.elapsed);
+        // Blocks until the detached child exits (at once when DEL deleted synchronously).
+        reap_all();
+        done.push(start.elapsed());
+    }
+    // SAFETY: as above.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
+    Ok((returned, done))
+}
+
+/// Waits for every child of this process (only orphans inherited as a subreaper are left when
+/// this is called).
+fn reap_all() {
+    // SAFETY: waitpid with a null status pointer; ECHILD ends the loop.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } > 0 {}
 }
 
 /// What the kernel alone takes to create and delete the veth pair of one attachment: the part

@@ -13,6 +13,7 @@ use tweed_config::SubnetEnv;
 use tweed_netlink::{Link, MacAddr, Netlink, NetlinkError, Netns, NetnsError, Op};
 
 use crate::conf::{ConfError, NetConf};
+use crate::detach;
 use crate::env::{CniEnv, Command};
 use crate::error::Error;
 use crate::ipam::{self, FsDir, Owner, Pool};
@@ -435,38 +436,53 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
             Err(e) => return Err(netns_err(e)),
         }
     };
-    let rt = runtime()?;
-    rt.block_on(async {
-        if let Some(ns) = &cns {
-            let place = format!("container netns {}", env.netns);
-            let nl = Netlink::real_in(ns).map_err(kernel(format!("opening netlink in {place}")))?;
-            let link = nl
-                .link_by_name(&env.ifname)
-                .await
-                .map_err(kernel(format!("looking up {} in {place}", env.ifname)))?;
-            // Only the device this attachment made: an interface of that name set up by
-            // anyone else stays.
-            if let Some(l) = link.filter(|l| plan::owned_by(l, &alias)) {
-                apply(&nl, &[Op::LinkDelIndex { ifindex: l.index }], &place)
+    let container_place = format!("container netns {}", env.netns);
+    // Which devices are this attachment's, found through tweed-netlink as everywhere else.
+    let (in_container, on_host) = {
+        let rt = runtime()?;
+        rt.block_on(async {
+            let mut in_container = None;
+            if let Some(ns) = &cns {
+                let place = &container_place;
+                let nl =
+                    Netlink::real_in(ns).map_err(kernel(format!("opening netlink in {place}")))?;
+                let link = nl
+                    .link_by_name(&env.ifname)
                     .await
-                    .1?;
+                    .map_err(kernel(format!("looking up {} in {place}", env.ifname)))?;
+                // Only the device this attachment made: an interface of that name set up by
+                // anyone else stays.
+                in_container = link.filter(|l| plan::owned_by(l, &alias)).map(|l| l.index);
             }
-        }
-        let host = Netlink::real().map_err(kernel("opening netlink in the host namespace"))?;
-        let link = host.link_by_name(&host_veth).await.map_err(kernel(format!(
-            "looking up {host_veth} in the host namespace"
-        )))?;
-        if let Some(l) = link.filter(|l| plan::host_end_deletable(l, &alias)) {
-            apply(
-                &host,
-                &[Op::LinkDelIndex { ifindex: l.index }],
-                "the host namespace",
-            )
-            .await
-            .1?;
-        }
-        Ok::<(), Error>(())
-    })?;
+            let host = Netlink::real().map_err(kernel("opening netlink in the host namespace"))?;
+            let link = host.link_by_name(&host_veth).await.map_err(kernel(format!(
+                "looking up {host_veth} in the host namespace"
+            )))?;
+            let on_host = link
+                .filter(|l| plan::host_end_deletable(l, &alias))
+                .map(|l| l.index);
+            Ok::<_, Error>((in_container, on_host))
+        })?
+        // The runtime is dropped here, before `detach` forks (see `Waiter::detached` there).
+    };
+    // The container end first: deleting it takes the host end along, which is then only
+    // checked. Each returns once unlisted; the kernel's teardown finishes in a detached child.
+    let mut targets = Vec::new();
+    if let (Some(ifindex), Some(ns)) = (in_container, cns.as_ref()) {
+        targets.push(detach::Target {
+            netns: Some(ns),
+            ifindex,
+            place: container_place.clone(),
+        });
+    }
+    if let Some(ifindex) = on_host {
+        targets.push(detach::Target {
+            netns: None,
+            ifindex,
+            place: "the host namespace".into(),
+        });
+    }
+    detach::delete(&targets, detach::Hooks::from_env())?;
     let released = {
         let mut dir = FsDir::lock(&conf.store_dir())?;
         ipam::release_owner(&mut dir, &owner)?

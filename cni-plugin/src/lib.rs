@@ -5,12 +5,14 @@
 //! * [`plan`]: names, ownership marks and the netlink ops of an attachment (pure).
 //! * [`result`]: results in every supported spec version.
 //! * [`cmd`]: the verbs, doing the work through `tweed-netlink`.
+//! * [`detach`]: DEL's link delete that returns once the devices are unlisted.
 //!
 //! [`main`] is the whole binary: it reads the environment and stdin and prints one JSON document
 //! (a result, a version answer or an error) or nothing.
 
 pub mod cmd;
 pub mod conf;
+pub mod detach;
 pub mod env;
 pub mod error;
 pub mod ipam;

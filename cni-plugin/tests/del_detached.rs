@@ -1,0 +1,190 @@
+//! DEL's detached link delete (root only): when DEL returns, both veth ends are gone and the
+//! attachment can be added again at once; the forked child that finishes the kernel's teardown
+//! holds neither stdout nor stderr; when the child fails, DEL deletes synchronously.
+//!
+//! The pause hooks (`TWEED_CNI_TEST_PAUSE=del-child-*`) exist in debug builds only, which is
+//! what `cargo test` builds.
+
+mod common;
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{links, node, Node, TWEED};
+use serde_json::json;
+use tweed_cni::testkit::{self, Call};
+
+fn tw_links(n: &Node) -> Vec<String> {
+    n.host_links()
+        .into_iter()
+        .filter(|l| l.starts_with("tw"))
+        .collect()
+}
+
+/// Live (not zombie) processes whose environment holds `CNI_CONTAINERID=<id>`.
+fn plugin_processes(id: &str) -> Vec<i32> {
+    let needle = format!("CNI_CONTAINERID={id}");
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // A zombie's environment reads empty.
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn kill_all(id: &str) {
+    for pid in plugin_processes(id) {
+        // SAFETY: kill has no memory preconditions; these are the test's own plugin processes.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn del_returns_with_both_ends_gone_and_the_same_attachment_adds_again_at_once() {
+    let Some(n) = node("dre") else { return };
+    let conf = n.conf("1.0.0", json!({"hairpinMode": true}));
+    let c = n.container(1);
+    let id = format!("{}-re", n.prefix);
+    for i in 0..20 {
+        let add = n.tweed("ADD", &id, &c.path_str(), &conf);
+        assert!(add.ok(), "ADD {i} right after DEL: {}", add.stdout);
+        let del = n.tweed("DEL", &id, &c.path_str(), &conf);
+        assert!(del.ok(), "DEL {i}: {}", del.stdout);
+        assert!(del.stdout.trim().is_empty(), "{:?}", del.stdout);
+        assert_eq!(links(&c), ["lo"], "DEL {i}: the container end is gone");
+        assert!(tw_links(&n).is_empty(), "DEL {i}: {:?}", tw_links(&n));
+        assert!(n.records("tnet").is_empty(), "DEL {i}");
+    }
+    // A DEL of what is already gone still succeeds.
+    assert!(n.tweed("DEL", &id, &c.path_str(), &conf).ok());
+}
+
+#[test]
+fn the_detached_child_holds_neither_stdout_nor_stderr() {
+    let Some(n) = node("dso") else { return };
+    let conf = n.conf("1.0.0", json!({}));
+    let c = n.container(1);
+    let id = format!("{}-so", n.prefix);
+    let path = c.path_str();
+    let add = n.tweed("ADD", &id, &path, &conf);
+    assert!(add.ok(), "{}", add.stdout);
+
+    // The child stays alive after its ACK, until killed.
+    let mut call = Call::new("DEL", &id, &path);
+    call.extra_env = vec![("TWEED_CNI_TEST_PAUSE".into(), "del-child-after".into())];
+    let child = testkit::spawn(n.host.netns(), Path::new(TWEED), &call, conf.as_bytes()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Returns once the plugin exited and both pipes reached EOF.
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            kill_all(&id);
+            panic!("DEL's stdout or stderr never reached EOF while its detached child lived");
+        }
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+    assert_eq!(links(&c), ["lo"]);
+    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
+    assert!(n.records("tnet").is_empty());
+
+    // The pipes reached EOF while the child was still alive, and it holds one descriptor: the
+    // netlink socket.
+    let pids = plugin_processes(&id);
+    assert_eq!(pids.len(), 1, "the paused detached child: {pids:?}");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", pids[0]))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            std::fs::read_link(e.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    kill_all(&id);
+    assert_eq!(fds.len(), 1, "{fds:?}");
+    assert!(fds[0].starts_with("socket:"), "{fds:?}");
+}
+
+#[test]
+fn a_child_that_never_sends_makes_del_delete_synchronously() {
+    let Some(n) = node("dfb") else { return };
+    let conf = n.conf("1.0.0", json!({}));
+    let c = n.container(1);
+    let id = format!("{}-fb", n.prefix);
+    let path = c.path_str();
+    let add = n.tweed("ADD", &id, &path, &conf);
+    assert!(add.ok(), "{}", add.stdout);
+
+    let mut call = Call::new("DEL", &id, &path);
+    call.extra_env = vec![("TWEED_CNI_TEST_PAUSE".into(), "del-child-before".into())];
+    let del = n.run(Path::new(TWEED), &call, &conf);
+    assert!(del.ok(), "{} {}", del.stdout, del.stderr);
+    assert!(del.stdout.trim().is_empty());
+    assert_eq!(links(&c), ["lo"]);
+    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
+    assert!(n.records("tnet").is_empty());
+    // The plugin killed and reaped its child before deleting: nothing of it is left.
+    assert_eq!(plugin_processes(&id), Vec::<i32>::new());
+}
+
+#[test]
+fn parallel_dels_leave_no_device_record_or_process() {
+    let Some(n) = node("dpa") else { return };
+    const N: usize = 50;
+    let conf = n.conf("1.0.0", json!({}));
+    let containers: Vec<_> = (0..N).map(|i| n.container(i)).collect();
+    let paths: Vec<String> = containers.iter().map(|c| c.path_str()).collect();
+    let ids: Vec<String> = (0..N).map(|i| format!("{}-p{i}", n.prefix)).collect();
+    for i in 0..N {
+        let add = n.tweed("ADD", &ids[i], &paths[i], &conf);
+        assert!(add.ok(), "ADD {i}: {}", add.stdout);
+    }
+    let dels: Vec<_> = (0..N)
+        .map(|i| {
+            testkit::spawn(
+                n.host.netns(),
+                Path::new(TWEED),
+                &Call::new("DEL", &ids[i], &paths[i]),
+                conf.as_bytes(),
+            )
+            .unwrap()
+        })
+        .collect();
+    for (i, d) in dels.into_iter().enumerate() {
+        let out = d.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "DEL {i}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(links(&containers[i]), ["lo"], "DEL {i}");
+    }
+    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
+    assert!(n.records("tnet").is_empty());
+    // Every detached child finishes on its own.
+    let start = Instant::now();
+    while ids.iter().any(|id| !plugin_processes(id).is_empty()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "detached children still running a minute later"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
