@@ -28,6 +28,7 @@ PANELS = [
     ("udp64", "UDP 64 B (kpps received)"),
     ("p50", "RTT p50 (us, lower is better)"),
     ("p99", "RTT p99 (us, lower is better)"),
+    ("cpugb", "TCP 1 stream: CPU s per GB (lower is better)"),
 ]
 
 

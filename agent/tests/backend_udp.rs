@@ -45,6 +45,9 @@ fn udp_all_pairs_mtu_and_device() {
         assert_eq!(h.env.as_ref().unwrap().mtu, 1472, "underlay 1500 - 28");
         let link = ip(&h.ns, &["-d", "link", "show", "tweed0"]);
         assert!(link.contains("mtu 1472") && link.contains("tun"), "{link}");
+        // No IPv6 on the device: the kernel's router solicitations would land in the workers.
+        let v6 = ip(&h.ns, &["-6", "addr", "show", "dev", "tweed0"]);
+        assert!(!v6.contains("inet6"), "{v6}");
         let r = c
             .route_to(0, "10.244.0.0/16")
             .expect("overlay route via tweed0");

@@ -228,9 +228,13 @@ pub fn udp_socket(bind: SocketAddrV4) -> io::Result<(OwnedFd, bool)> {
 }
 
 /// The classic-BPF program choosing the receiving socket of the reuseport group: a hash of the
-/// inner packet's addresses and ports (the UDP payload starts at offset 0 for this program), so
-/// all segments of one inner flow reach one worker and different flows spread. A packet too short
-/// for the loads makes the program return 0: worker 0.
+/// inner packet's addresses and, for TCP, UDP and SCTP (first fragments only), its ports (the
+/// UDP payload starts at offset 0 for this program). Both halves are combined with XOR, so the
+/// hash is symmetric: a flow's replies reach the worker that wrote its requests to the TUN
+/// queue, and the TUN device's own flow steering sends the next request out of that same queue.
+/// One thread then serves a request/response exchange on each host: no second wake-up. ICMP and
+/// other protocols hash by addresses only (an echo's checksum differs from its reply's). Different
+/// flows spread over the workers. A packet too short for a load ends the program with 0: worker 0.
 pub fn reuseport_program(workers: u32) -> Vec<libc::sock_filter> {
     let op = |code: u32, k: u32| libc::sock_filter {
         code: code as u16,
@@ -238,25 +242,57 @@ pub fn reuseport_program(workers: u32) -> Vec<libc::sock_filter> {
         jf: 0,
         k,
     };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
     const LD_W_ABS: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    const LD_H_ABS: u32 = libc::BPF_LD | libc::BPF_H | libc::BPF_ABS;
+    const LD_B_ABS: u32 = libc::BPF_LD | libc::BPF_B | libc::BPF_ABS;
+    const LD_H_IND: u32 = libc::BPF_LD | libc::BPF_H | libc::BPF_IND;
+    const LD_MEM: u32 = libc::BPF_LD | libc::BPF_MEM;
+    const LDX_MSH: u32 = libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH;
+    const LDX_MEM: u32 = libc::BPF_LDX | libc::BPF_MEM;
+    const ST: u32 = libc::BPF_ST;
     const TAX: u32 = libc::BPF_MISC | libc::BPF_TAX;
     const XOR_X: u32 = libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X;
     const MUL_K: u32 = libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K;
     const RSH_K: u32 = libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K;
     const MOD_K: u32 = libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K;
+    const JEQ_K: u32 = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
+    const JSET_K: u32 = libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K;
+    const JA: u32 = libc::BPF_JMP | libc::BPF_JA;
     const RET_A: u32 = libc::BPF_RET | libc::BPF_A;
+    // Jump offsets count instructions after the jump; the comments number the instructions.
     vec![
-        op(LD_W_ABS, 12), // inner source address
-        op(TAX, 0),
-        op(LD_W_ABS, 16), // inner destination address
-        op(XOR_X, 0),
-        op(TAX, 0),
-        op(LD_W_ABS, 20), // both ports (IHL 5; anything else still hashes deterministically)
-        op(XOR_X, 0),
-        op(MUL_K, 0x9e37_79b1),
-        op(RSH_K, 16),
-        op(MOD_K, workers.max(1)),
-        op(RET_A, 0),
+        op(LD_W_ABS, 12),           // 0: inner source address
+        op(TAX, 0),                 // 1
+        op(LD_W_ABS, 16),           // 2: inner destination address
+        op(XOR_X, 0),               // 3
+        op(ST, 0),                  // 4: M[0] = src ^ dst
+        op(LD_B_ABS, 9),            // 5: protocol
+        jump(JEQ_K, 6, 3, 0),       // 6: TCP -> 10
+        jump(JEQ_K, 17, 2, 0),      // 7: UDP -> 10
+        jump(JEQ_K, 132, 1, 0),     // 8: SCTP -> 10
+        op(JA, 11),                 // 9: no ports -> 21
+        op(LD_H_ABS, 6),            // 10: flags and fragment offset
+        jump(JSET_K, 0x1fff, 9, 0), // 11: not a first fragment: no ports -> 21
+        op(LDX_MSH, 0),             // 12: X = header length
+        op(LD_H_IND, 0),            // 13: source port
+        op(ST, 1),                  // 14
+        op(LD_H_IND, 2),            // 15: destination port
+        op(LDX_MEM, 1),             // 16
+        op(XOR_X, 0),               // 17: sport ^ dport
+        op(LDX_MEM, 0),             // 18
+        op(XOR_X, 0),               // 19
+        op(ST, 0),                  // 20: M[0] ^= sport ^ dport
+        op(LD_MEM, 0),              // 21
+        op(MUL_K, 0x9e37_79b1),     // 22
+        op(RSH_K, 16),              // 23
+        op(MOD_K, workers.max(1)),  // 24
+        op(RET_A, 0),               // 25
     ]
 }
 
@@ -781,15 +817,121 @@ fn gro_size(h: &libc::msghdr) -> Option<usize> {
 mod tests {
     use super::*;
 
+    /// Runs a classic-BPF program the way the kernel does for a reuseport group (a load past
+    /// the end returns 0), so the program's choices are tested without a socket.
+    fn run_cbpf(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+        let (mut a, mut x, mut mem, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
+        let load = |off: usize, size: usize| -> Option<u32> {
+            let b = pkt.get(off..off + size)?;
+            Some(b.iter().fold(0u32, |v, &b| v << 8 | b as u32))
+        };
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            let (code, k) = (i.code as u32, i.k);
+            match code {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => match load(k as usize, 4) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                c if c == libc::BPF_LD | libc::BPF_H | libc::BPF_ABS => match load(k as usize, 2) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                c if c == libc::BPF_LD | libc::BPF_B | libc::BPF_ABS => match load(k as usize, 1) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                c if c == libc::BPF_LD | libc::BPF_H | libc::BPF_IND => {
+                    match load((x + k) as usize, 2) {
+                        Some(v) => a = v,
+                        None => return 0,
+                    }
+                }
+                c if c == libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH => {
+                    match load(k as usize, 1) {
+                        Some(v) => x = 4 * (v & 0xf),
+                        None => return 0,
+                    }
+                }
+                c if c == libc::BPF_LD | libc::BPF_MEM => a = mem[k as usize],
+                c if c == libc::BPF_LDX | libc::BPF_MEM => x = mem[k as usize],
+                c if c == libc::BPF_ST => mem[k as usize] = a,
+                c if c == libc::BPF_MISC | libc::BPF_TAX => x = a,
+                c if c == libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X => a ^= x,
+                c if c == libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K => a = a.wrapping_mul(k),
+                c if c == libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K => a >>= k,
+                c if c == libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K => a %= k,
+                c if c == libc::BPF_JMP | libc::BPF_JA => pc += k as usize,
+                c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => {
+                    pc += if a == k { i.jt } else { i.jf } as usize
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K => {
+                    pc += if a & k != 0 { i.jt } else { i.jf } as usize
+                }
+                c if c == libc::BPF_RET | libc::BPF_A => return a,
+                c => panic!("unexpected opcode {c:#x}"),
+            }
+        }
+    }
+
+    fn ipv4(proto: u8, src: [u8; 4], dst: [u8; 4], l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(l4);
+        p
+    }
+
     #[test]
-    fn reuseport_program_is_well_formed() {
-        let p = reuseport_program(2);
-        assert_eq!(p.len(), 11);
-        assert_eq!(p.last().unwrap().code as u32, libc::BPF_RET | libc::BPF_A);
-        assert!(p.iter().any(|i| i.k == 2));
-        assert!(reuseport_program(0)
-            .iter()
-            .all(|i| !(i.code as u32 == libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K && i.k == 0)));
+    fn reuseport_hash_is_symmetric_and_spreads_flows() {
+        let prog = reuseport_program(4);
+        assert!(prog.len() < 64);
+        let (a, b) = ([10, 244, 1, 2], [10, 244, 7, 3]);
+        let ports = |s: u16, d: u16| [s.to_be_bytes(), d.to_be_bytes()].concat();
+        // A TCP segment and its ACK: one worker.
+        for (s, d) in [(40000, 5201), (5201, 80), (1, 65535)] {
+            let there = run_cbpf(&prog, &ipv4(6, a, b, &ports(s, d)));
+            let back = run_cbpf(&prog, &ipv4(6, b, a, &ports(d, s)));
+            assert_eq!(there, back, "tcp {s}->{d}");
+            assert!(there < 4);
+        }
+        // An ICMP echo and its reply differ in type and checksum: addresses only, one worker.
+        let req = run_cbpf(&prog, &ipv4(1, a, b, &[8, 0, 0x12, 0x34, 0, 1, 0, 1]));
+        let rep = run_cbpf(&prog, &ipv4(1, b, a, &[0, 0, 0x1a, 0x34, 0, 1, 0, 1]));
+        let req2 = run_cbpf(&prog, &ipv4(1, a, b, &[8, 0, 0x12, 0x33, 0, 1, 0, 2]));
+        assert_eq!(req, rep);
+        assert_eq!(req, req2);
+        // Many flows between the same two pods use every worker.
+        let used: std::collections::BTreeSet<u32> = (0..64u16)
+            .map(|i| run_cbpf(&prog, &ipv4(6, a, b, &ports(40000 + i, 5201))))
+            .collect();
+        assert_eq!(used.len(), 4, "{used:?}");
+        // An options-carrying header: ports are read after the options.
+        let mut opt = ipv4(17, a, b, &[]);
+        opt[0] = 0x46;
+        opt.extend_from_slice(&[1, 1, 1, 0]);
+        let with_opts = |s: u16, d: u16| {
+            let mut p = opt.clone();
+            p.extend_from_slice(&ports(s, d));
+            run_cbpf(&prog, &p)
+        };
+        let distinct: std::collections::BTreeSet<u32> =
+            (0..64u16).map(|i| with_opts(1000 + i, 53)).collect();
+        assert!(distinct.len() > 1);
+        // Too short for the loads: worker 0, never a panic or an index past the group.
+        assert_eq!(run_cbpf(&prog, &[0x45, 0, 0]), 0);
+        assert_eq!(run_cbpf(&prog, &ipv4(6, a, b, &[])), 0);
+        assert_eq!(
+            run_cbpf(&reuseport_program(1), &ipv4(6, a, b, &ports(1, 2))),
+            0
+        );
+        // A non-first fragment has no ports: hashed by addresses, like its first fragment
+        // cannot be, but deterministically.
+        let mut frag = ipv4(17, a, b, &ports(9, 9));
+        frag[6] = 0x00;
+        frag[7] = 0x10;
+        assert_eq!(run_cbpf(&prog, &frag), run_cbpf(&prog, &ipv4(1, a, b, &[])));
     }
 
     #[test]

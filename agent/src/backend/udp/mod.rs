@@ -21,6 +21,7 @@ pub mod table;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -238,6 +239,14 @@ impl UdpBackend {
             .await
             .map_err(UdpError::Device)?
             .ok_or(UdpError::DeviceGone)?;
+        // IPv6 on tweed0 would only make the kernel send router solicitations and MLD reports
+        // into the TUN device, which the workers must drop (IPv4 only) and report as malformed
+        // every few minutes, forever.
+        match disable_ipv6(Path::new(IPV6_CONF), DEVICE) {
+            Ok(true) => tracing::info!(device = DEVICE, "udp: IPv6 disabled on the device"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(device = DEVICE, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
+        }
         let setup_ops = configure(nl, &cfg, &link).await?;
         if !setup_ops.is_empty() {
             tracing::info!(
@@ -406,6 +415,27 @@ async fn configure(nl: &Netlink, cfg: &UdpConfig, link: &Link) -> Result<Vec<Op>
     Ok(ops)
 }
 
+/// Where the per-device IPv6 switches are, in the agent's network namespace.
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+
+/// Sets `<conf>/<dev>/disable_ipv6` to 1 unless it already is. `Ok(false)`: nothing to do,
+/// including a kernel without IPv6 (no such directory). Checked first, so a restart writes
+/// nothing.
+fn disable_ipv6(conf: &Path, dev: &str) -> std::io::Result<bool> {
+    let path = conf.join(dev).join("disable_ipv6");
+    match std::fs::read_to_string(&path) {
+        Ok(v) if v.trim() == "1" => Ok(false),
+        Ok(_) => std::fs::write(&path, "1")
+            .map(|()| true)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        )),
+    }
+}
+
 async fn apply_strict(nl: &Netlink, ops: &[Op]) -> Result<(), UdpError> {
     for op in ops {
         nl.apply(op).await.map_err(UdpError::Device)?;
@@ -467,6 +497,31 @@ fn spawn_reporter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_is_switched_off_once_and_a_kernel_without_it_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("tweed0");
+        std::fs::create_dir(&dev).unwrap();
+        std::fs::write(dev.join("disable_ipv6"), "0\n").unwrap();
+        assert!(disable_ipv6(dir.path(), "tweed0").unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dev.join("disable_ipv6")).unwrap(),
+            "1"
+        );
+        assert!(
+            !disable_ipv6(dir.path(), "tweed0").unwrap(),
+            "a restart writes nothing"
+        );
+        assert!(
+            !disable_ipv6(dir.path(), "nodev").unwrap(),
+            "no IPv6 in the kernel"
+        );
+        std::fs::remove_file(dev.join("disable_ipv6")).unwrap();
+        std::fs::create_dir(dev.join("disable_ipv6")).unwrap();
+        let e = disable_ipv6(dir.path(), "tweed0").unwrap_err();
+        assert!(e.to_string().contains("tweed0/disable_ipv6"), "{e}");
+    }
 
     fn cfg() -> UdpConfig {
         UdpConfig {
