@@ -144,6 +144,10 @@ fn open_tun(queues: usize) -> std::io::Result<Vec<OwnedFd>> {
         .name(DEVICE)
         .offload(true)
         .multi_queue(true)
+        // A new device stays down until IPv6 is off and it is configured (tun-rs would bring
+        // it up at once, and the kernel would send a router solicitation into it); a restart
+        // finds it up and leaves it so.
+        .inherit_enable_state()
         .build_sync()?;
     first.persist()?;
     let mut devs = vec![first];
