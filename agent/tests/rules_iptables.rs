@@ -1,56 +1,21 @@
 //! The rule sync against real iptables, inside a network namespace made for the test (root).
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+mod common;
+
+use common::{in_netns, Netns};
 use std::process::Command;
 use tweed_agent::rules::{forward_chain, masquerade_chain, Iptables};
 
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Runs `f` on a thread that has entered `ns`; children it spawns (iptables) inherit the netns.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = File::open(&path).expect("netns file");
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        assert_eq!(
-            unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
-
 #[test]
 fn sync_installs_is_idempotent_repairs_and_replaces() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (network namespaces)"
-    );
-    let ns = Netns(format!("twr-{}", std::process::id()));
-    assert!(Command::new("ip")
-        .args(["netns", "add", &ns.0])
-        .status()
-        .unwrap()
-        .success());
+    let ns = Netns::new("twr");
     let net = "10.244.0.0/16".parse().unwrap();
     let chains = vec![
         masquerade_chain(net, "10.244.3.0/24".parse().unwrap()),
         forward_chain(net),
     ];
     let c2 = chains.clone();
-    let (first, second, listing) = in_netns(&ns.0, move || {
+    let (first, second, listing) = in_netns(&ns, move || {
         let first = Iptables::sync(&c2).unwrap();
         let second = Iptables::sync(&c2).unwrap();
         (first, second, Iptables::listing("nat").unwrap())
@@ -65,7 +30,7 @@ fn sync_installs_is_idempotent_repairs_and_replaces() {
 
     // An operator deletes the chain: the next sync restores chain and jump.
     let c3 = chains.clone();
-    let repaired = in_netns(&ns.0, move || {
+    let repaired = in_netns(&ns, move || {
         let run =
             |a: &[&str]| assert!(Command::new("iptables").args(a).status().unwrap().success());
         run(&[
@@ -97,7 +62,7 @@ fn sync_installs_is_idempotent_repairs_and_replaces() {
         masquerade_chain(net, "10.244.9.0/24".parse().unwrap()),
         forward_chain(net),
     ];
-    let listing = in_netns(&ns.0, move || {
+    let listing = in_netns(&ns, move || {
         Iptables::sync(&moved).unwrap();
         Iptables::listing("nat").unwrap()
     });

@@ -1,56 +1,12 @@
 //! The firewall sync against real nftables (and iptables for `--ip-masq` off), inside a network
 //! namespace made for the test (root). The root namespace is never touched.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+mod common;
+
+use common::{in_netns, Netns};
 use std::process::Command;
 use std::sync::Arc;
 use tweed_agent::rules::{Firewall, Iptables, Nftables, RuleSpec, NAT_CHAIN};
-
-/// Deletes the namespace (and with it every rule in it) however the test ends.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "this test needs root (network namespaces)"
-        );
-        let ns = Netns(format!("twn-{tag}-{}", std::process::id()));
-        assert!(Command::new("ip")
-            .args(["netns", "add", &ns.0])
-            .status()
-            .unwrap()
-            .success());
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Runs `f` on a thread that has entered `ns`; children it spawns (nft, iptables) inherit the
-/// thread's netns.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.0);
-    std::thread::spawn(move || {
-        let fd = File::open(&path).expect("netns file");
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        assert_eq!(
-            unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
 
 fn spec(subnet: &str, ip_masq: bool) -> RuleSpec {
     RuleSpec {
@@ -71,7 +27,7 @@ fn nft(args: &[&str]) {
 
 #[test]
 fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
-    let ns = Netns::new("nft");
+    let ns = Netns::new("twn-nft");
     let fw = Arc::new(Firewall::new(true));
     let s3 = spec("10.244.3.0/24", true);
 
@@ -151,7 +107,7 @@ fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
 
 #[test]
 fn iptables_firewall_follows_ip_masq() {
-    let ns = Netns::new("ipt");
+    let ns = Netns::new("twn-ipt");
     let fw = Arc::new(Firewall::new(false));
     let f = fw.clone();
     let (first, second, nat) = in_netns(&ns, move || {

@@ -148,6 +148,12 @@ impl<'a> Call<'a> {
             extra_env: Vec::new(),
         }
     }
+
+    /// Adds `key=value` to the plugin's environment (the debug-build test hooks are read there).
+    pub fn env(mut self, key: &str, value: &str) -> Call<'a> {
+        self.extra_env.push((key.into(), value.into()));
+        self
+    }
 }
 
 /// Starts `plugin` inside `host` (the child enters it between fork and exec), feeds `stdin`.

@@ -11,15 +11,49 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{links, node, Node, TWEED};
+use common::{links, node, wait_ok, Node, TWEED};
 use serde_json::json;
-use tweed_cni::testkit::{self, Call};
+use tweed_cni::testkit::{Call, NetnsGuard};
 
-fn tw_links(n: &Node) -> Vec<String> {
-    n.host_links()
-        .into_iter()
-        .filter(|l| l.starts_with("tw"))
-        .collect()
+/// One attachment, added, whose DEL the test runs.
+struct Added {
+    // Before `n`, so that the container namespace goes first, as a runtime removes it.
+    c: NetnsGuard,
+    n: Node,
+    conf: String,
+    id: String,
+    path: String,
+}
+
+fn added(tag: &str) -> Option<Added> {
+    let n = node(tag)?;
+    let conf = n.conf("1.0.0", json!({}));
+    let c = n.container(1);
+    let id = format!("{}-{tag}", n.prefix);
+    let path = c.path_str();
+    let add = n.tweed("ADD", &id, &path, &conf);
+    assert!(add.ok(), "{}", add.stdout);
+    Some(Added {
+        c,
+        n,
+        conf,
+        id,
+        path,
+    })
+}
+
+impl Added {
+    /// DEL with the detached child held at the debug-build hook `point`.
+    fn del_paused_at(&self, point: &str) -> Call<'_> {
+        Call::new("DEL", &self.id, &self.path).env("TWEED_CNI_TEST_PAUSE", point)
+    }
+}
+
+/// What every DEL must leave: the container end, the host end and the address record gone.
+fn assert_gone(n: &Node, c: &NetnsGuard, what: &str) {
+    assert_eq!(links(c), ["lo"], "{what}: the container end is gone");
+    assert!(n.tw_links().is_empty(), "{what}: {:?}", n.tw_links());
+    assert!(n.records("tnet").is_empty(), "{what}");
 }
 
 /// Live (not zombie) processes whose environment holds `CNI_CONTAINERID=<id>`.
@@ -60,9 +94,7 @@ fn del_returns_with_both_ends_gone_and_the_same_attachment_adds_again_at_once() 
         let del = n.tweed("DEL", &id, &c.path_str(), &conf);
         assert!(del.ok(), "DEL {i}: {}", del.stdout);
         assert!(del.stdout.trim().is_empty(), "{:?}", del.stdout);
-        assert_eq!(links(&c), ["lo"], "DEL {i}: the container end is gone");
-        assert!(tw_links(&n).is_empty(), "DEL {i}: {:?}", tw_links(&n));
-        assert!(n.records("tnet").is_empty(), "DEL {i}");
+        assert_gone(&n, &c, &format!("DEL {i}"));
     }
     // A DEL of what is already gone still succeeds.
     assert!(n.tweed("DEL", &id, &c.path_str(), &conf).ok());
@@ -70,18 +102,11 @@ fn del_returns_with_both_ends_gone_and_the_same_attachment_adds_again_at_once() 
 
 #[test]
 fn the_detached_child_holds_neither_stdout_nor_stderr() {
-    let Some(n) = node("dso") else { return };
-    let conf = n.conf("1.0.0", json!({}));
-    let c = n.container(1);
-    let id = format!("{}-so", n.prefix);
-    let path = c.path_str();
-    let add = n.tweed("ADD", &id, &path, &conf);
-    assert!(add.ok(), "{}", add.stdout);
+    let Some(a) = added("dso") else { return };
+    let (n, id) = (&a.n, &a.id);
 
     // The child stays alive after its ACK, until killed.
-    let mut call = Call::new("DEL", &id, &path);
-    call.extra_env = vec![("TWEED_CNI_TEST_PAUSE".into(), "del-child-after".into())];
-    let child = testkit::spawn(n.host.netns(), Path::new(TWEED), &call, conf.as_bytes()).unwrap();
+    let child = n.spawn(&a.del_paused_at("del-child-after"), &a.conf);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         // Returns once the plugin exited and both pipes reached EOF.
@@ -90,7 +115,7 @@ fn the_detached_child_holds_neither_stdout_nor_stderr() {
     let out = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(out) => out.unwrap(),
         Err(_) => {
-            kill_all(&id);
+            kill_all(id);
             panic!("DEL's stdout or stderr never reached EOF while its detached child lived");
         }
     };
@@ -100,13 +125,11 @@ fn the_detached_child_holds_neither_stdout_nor_stderr() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(out.stdout.is_empty() && out.stderr.is_empty());
-    assert_eq!(links(&c), ["lo"]);
-    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
-    assert!(n.records("tnet").is_empty());
+    assert_gone(n, &a.c, "DEL");
 
     // The pipes reached EOF while the child was still alive, and it holds one descriptor: the
     // netlink socket.
-    let pids = plugin_processes(&id);
+    let pids = plugin_processes(id);
     assert_eq!(pids.len(), 1, "the paused detached child: {pids:?}");
     let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", pids[0]))
         .unwrap()
@@ -117,31 +140,23 @@ fn the_detached_child_holds_neither_stdout_nor_stderr() {
                 .unwrap_or_default()
         })
         .collect();
-    kill_all(&id);
+    kill_all(id);
     assert_eq!(fds.len(), 1, "{fds:?}");
     assert!(fds[0].starts_with("socket:"), "{fds:?}");
 }
 
 #[test]
 fn a_child_that_never_sends_makes_del_delete_synchronously() {
-    let Some(n) = node("dfb") else { return };
-    let conf = n.conf("1.0.0", json!({}));
-    let c = n.container(1);
-    let id = format!("{}-fb", n.prefix);
-    let path = c.path_str();
-    let add = n.tweed("ADD", &id, &path, &conf);
-    assert!(add.ok(), "{}", add.stdout);
+    let Some(a) = added("dfb") else { return };
+    let n = &a.n;
 
-    let mut call = Call::new("DEL", &id, &path);
-    call.extra_env = vec![("TWEED_CNI_TEST_PAUSE".into(), "del-child-before".into())];
-    let del = n.run(Path::new(TWEED), &call, &conf);
+    let call = a.del_paused_at("del-child-before");
+    let del = n.run(Path::new(TWEED), &call, &a.conf);
     assert!(del.ok(), "{} {}", del.stdout, del.stderr);
     assert!(del.stdout.trim().is_empty());
-    assert_eq!(links(&c), ["lo"]);
-    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
-    assert!(n.records("tnet").is_empty());
+    assert_gone(n, &a.c, "DEL");
     // The plugin killed and reaped its child before deleting: nothing of it is left.
-    assert_eq!(plugin_processes(&id), Vec::<i32>::new());
+    assert_eq!(plugin_processes(&a.id), Vec::<i32>::new());
 }
 
 #[test]
@@ -156,27 +171,12 @@ fn parallel_dels_leave_no_device_record_or_process() {
         let add = n.tweed("ADD", &ids[i], &paths[i], &conf);
         assert!(add.ok(), "ADD {i}: {}", add.stdout);
     }
-    let dels: Vec<_> = (0..N)
-        .map(|i| {
-            testkit::spawn(
-                n.host.netns(),
-                Path::new(TWEED),
-                &Call::new("DEL", &ids[i], &paths[i]),
-                conf.as_bytes(),
-            )
-            .unwrap()
-        })
-        .collect();
+    let dels = n.spawn_all("DEL", &ids, &paths, &conf);
     for (i, d) in dels.into_iter().enumerate() {
-        let out = d.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "DEL {i}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        wait_ok(d, &format!("DEL {i}"));
         assert_eq!(links(&containers[i]), ["lo"], "DEL {i}");
     }
-    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
+    assert!(n.tw_links().is_empty(), "{:?}", n.tw_links());
     assert!(n.records("tnet").is_empty());
     // Every detached child finishes on its own.
     let start = Instant::now();

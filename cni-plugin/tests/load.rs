@@ -2,12 +2,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{links, node, Node, TWEED};
+use common::{links, node, wait_ok};
 use serde_json::json;
-use tweed_cni::testkit::{self, Call, NetnsGuard};
+use tweed_cni::testkit::{Call, NetnsGuard};
 
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -15,13 +14,6 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn tw_links(n: &Node) -> Vec<String> {
-    n.host_links()
-        .into_iter()
-        .filter(|l| l.starts_with("tw"))
-        .collect()
 }
 
 #[test]
@@ -32,23 +24,10 @@ fn two_hundred_parallel_adds_get_distinct_addresses() {
     let containers: Vec<NetnsGuard> = (0..N).map(|i| n.container(i)).collect();
     let paths: Vec<String> = containers.iter().map(NetnsGuard::path_str).collect();
     let ids: Vec<String> = (0..N).map(|i| format!("par{i}")).collect();
-    // Start all 200 before waiting for any.
-    let children: Vec<_> = (0..N)
-        .map(|i| {
-            testkit::spawn(
-                n.host.netns(),
-                Path::new(TWEED),
-                &Call::new("ADD", &ids[i], &paths[i]),
-                conf.as_bytes(),
-            )
-            .expect("spawn")
-        })
-        .collect();
+    let children = n.spawn_all("ADD", &ids, &paths, &conf);
     let mut addrs = std::collections::BTreeSet::new();
     for (i, child) in children.into_iter().enumerate() {
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "ADD {i}: {stdout}");
+        let stdout = wait_ok(child, &format!("ADD {i}"));
         let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         addrs.insert(v["ips"][0]["address"].as_str().unwrap().to_string());
     }
@@ -58,27 +37,12 @@ fn two_hundred_parallel_adds_get_distinct_addresses() {
         let a = c.ip(&["-o", "-4", "addr", "show", "eth0"]).unwrap();
         assert!(a.contains("10.244.7."), "container {i}: {a}");
     }
-    let dels: Vec<_> = (0..N)
-        .map(|i| {
-            testkit::spawn(
-                n.host.netns(),
-                Path::new(TWEED),
-                &Call::new("DEL", &ids[i], &paths[i]),
-                conf.as_bytes(),
-            )
-            .expect("spawn")
-        })
-        .collect();
+    let dels = n.spawn_all("DEL", &ids, &paths, &conf);
     for (i, child) in dels.into_iter().enumerate() {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "DEL {i}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        wait_ok(child, &format!("DEL {i}"));
     }
     assert!(n.records("tnet").is_empty());
-    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
+    assert!(n.tw_links().is_empty(), "{:?}", n.tw_links());
 }
 
 #[test]
@@ -95,7 +59,7 @@ fn hundred_add_del_cycles_leave_nothing() {
     }
     assert!(n.records("tnet").is_empty());
     assert_eq!(links(&c), ["lo"]);
-    assert!(tw_links(&n).is_empty(), "{:?}", tw_links(&n));
+    assert!(n.tw_links().is_empty(), "{:?}", n.tw_links());
 }
 
 #[test]
@@ -105,10 +69,8 @@ fn plugin_killed_mid_add_leaks_nothing_after_gc() {
     // Killed while holding the IPAM lock: the kernel drops the lock, the next ADD goes on.
     let c0 = n.container(0);
     let p0 = c0.path_str();
-    let mut call = Call::new("ADD", "k0", &p0);
-    call.extra_env = vec![("TWEED_CNI_TEST_PAUSE".into(), "ipam-locked".into())];
-    let mut child =
-        testkit::spawn(n.host.netns(), Path::new(TWEED), &call, conf.as_bytes()).unwrap();
+    let call = Call::new("ADD", "k0", &p0).env("TWEED_CNI_TEST_PAUSE", "ipam-locked");
+    let mut child = n.spawn(&call, &conf);
     wait_for("the address record", Duration::from_secs(10), || {
         n.records("tnet").len() == 1
     });
@@ -118,12 +80,10 @@ fn plugin_killed_mid_add_leaks_nothing_after_gc() {
     // Killed after the veth pair exists, before the container side is configured.
     let c1 = n.container(1);
     let p1 = c1.path_str();
-    let mut call = Call::new("ADD", "k1", &p1);
-    call.extra_env = vec![("TWEED_CNI_TEST_PAUSE".into(), "after-host".into())];
-    let mut child =
-        testkit::spawn(n.host.netns(), Path::new(TWEED), &call, conf.as_bytes()).unwrap();
+    let call = Call::new("ADD", "k1", &p1).env("TWEED_CNI_TEST_PAUSE", "after-host");
+    let mut child = n.spawn(&call, &conf);
     wait_for("the veth pair", Duration::from_secs(10), || {
-        tw_links(&n).len() == 1
+        n.tw_links().len() == 1
     });
     child.kill().unwrap();
     child.wait().unwrap();
@@ -149,10 +109,10 @@ fn plugin_killed_mid_add_leaks_nothing_after_gc() {
     assert!(gc.ok(), "{}", gc.stdout);
     assert_eq!(n.records("tnet"), [live_ip]);
     assert_eq!(
-        tw_links(&n).len(),
+        n.tw_links().len(),
         1,
         "only the live container's veth: {:?}",
-        tw_links(&n)
+        n.tw_links()
     );
     assert_eq!(
         links(&c1),
@@ -160,5 +120,5 @@ fn plugin_killed_mid_add_leaks_nothing_after_gc() {
         "the killed ADD's container end went with its pair"
     );
     assert!(n.tweed("DEL", "live", &c2.path_str(), &conf).ok());
-    assert!(tw_links(&n).is_empty());
+    assert!(n.tw_links().is_empty());
 }

@@ -235,8 +235,7 @@ fn failed_add_rolls_back_completely() {
     for point in ["after-host", "after-wire"] {
         let c = n.container(1);
         let path = c.path_str();
-        let mut call = Call::new("ADD", "c1", &path);
-        call.extra_env = vec![("TWEED_CNI_TEST_FAIL".into(), point.into())];
+        let call = Call::new("ADD", "c1", &path).env("TWEED_CNI_TEST_FAIL", point);
         let run = n.run(
             Path::new(TWEED),
             &call,

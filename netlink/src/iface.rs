@@ -83,6 +83,49 @@ pub enum IfaceError {
     NoneMatched { tried: Vec<String> },
 }
 
+impl Iface {
+    fn of(link: &Link, ip: Ipv4Addr) -> Iface {
+        Iface {
+            index: link.index,
+            name: link.name.clone(),
+            ip,
+            mtu: link.mtu,
+        }
+    }
+}
+
+fn link_by_index(links: &[Link], index: u32) -> Option<&Link> {
+    links.iter().find(|l| l.index == index)
+}
+
+/// `link` as the underlay, with the address the kernel would most likely use as source towards
+/// `next_hop`: one whose network contains it, else the primary (the link's first in `addrs`).
+/// `None` when the link has no IPv4 address.
+fn underlay(link: &Link, addrs: &[Addr], next_hop: Option<Ipv4Addr>) -> Option<Iface> {
+    let mine = || addrs.iter().filter(|a| a.ifindex == link.index);
+    next_hop
+        .and_then(|h| mine().find(|a| a.net.contains(h)))
+        .or_else(|| mine().next())
+        .map(|a| Iface::of(link, a.net.ip()))
+}
+
+/// Why the interface a route names is no underlay; each caller words it for its own knob.
+enum Unusable<'a> {
+    Gone,
+    NoIpv4(&'a Link),
+}
+
+/// The [`underlay`] on the link with `index` (a route's output device).
+fn routed_underlay<'a>(
+    links: &'a [Link],
+    addrs: &[Addr],
+    index: u32,
+    next_hop: Option<Ipv4Addr>,
+) -> Result<Iface, Unusable<'a>> {
+    let link = link_by_index(links, index).ok_or(Unusable::Gone)?;
+    underlay(link, addrs, next_hop).ok_or(Unusable::NoIpv4(link))
+}
+
 /// Pure selection. `addrs` lists IPv4 addresses in kernel order, so the first one of a link is
 /// its primary address.
 pub fn pick_iface(
@@ -91,18 +134,6 @@ pub fn pick_iface(
     addrs: &[Addr],
     default_oif: Option<u32>,
 ) -> Result<Iface, IfaceError> {
-    let first_ip = |index: u32| {
-        addrs
-            .iter()
-            .find(|a| a.ifindex == index)
-            .map(|a| a.net.ip())
-    };
-    let build = |link: &Link, ip: Ipv4Addr| Iface {
-        index: link.index,
-        name: link.name.clone(),
-        ip,
-        mtu: link.mtu,
-    };
     match spec {
         Some(IfaceSpec::Name(name)) => {
             let link =
@@ -113,31 +144,28 @@ pub fn pick_iface(
                         name: name.clone(),
                         available: links.iter().map(|l| l.name.clone()).collect(),
                     })?;
-            let ip = first_ip(link.index).ok_or_else(|| IfaceError::NoIpv4 {
+            underlay(link, addrs, None).ok_or_else(|| IfaceError::NoIpv4 {
                 name: link.name.clone(),
                 how: "given by --iface",
-            })?;
-            Ok(build(link, ip))
+            })
         }
         Some(IfaceSpec::Addr(ip)) => {
             let link = addrs
                 .iter()
                 .find(|a| a.net.ip() == *ip)
-                .and_then(|a| links.iter().find(|l| l.index == a.ifindex))
+                .and_then(|a| link_by_index(links, a.ifindex))
                 .ok_or(IfaceError::NoSuchAddr { ip: *ip })?;
-            Ok(build(link, *ip))
+            Ok(Iface::of(link, *ip))
         }
         None => {
             let index = default_oif.ok_or(IfaceError::NoDefaultRoute)?;
-            let link = links
-                .iter()
-                .find(|l| l.index == index)
-                .ok_or(IfaceError::DefaultRouteLinkGone { index })?;
-            let ip = first_ip(index).ok_or_else(|| IfaceError::NoIpv4 {
-                name: link.name.clone(),
-                how: "the IPv4 default route's",
-            })?;
-            Ok(build(link, ip))
+            routed_underlay(links, addrs, index, None).map_err(|e| match e {
+                Unusable::Gone => IfaceError::DefaultRouteLinkGone { index },
+                Unusable::NoIpv4(link) => IfaceError::NoIpv4 {
+                    name: link.name.clone(),
+                    how: "the IPv4 default route's",
+                },
+            })
         }
     }
 }
@@ -229,22 +257,6 @@ pub fn choose(
     routes: &[Route],
 ) -> Result<Iface, IfaceError> {
     let mut tried: Vec<String> = Vec::new();
-    let build = |link: &Link, ip: Ipv4Addr| Iface {
-        index: link.index,
-        name: link.name.clone(),
-        ip,
-        mtu: link.mtu,
-    };
-    let link_by_index = |i: u32| links.iter().find(|l| l.index == i);
-    // The address of `index` the kernel would most likely use as source towards `next_hop`: one
-    // whose network contains it, else the primary.
-    let source_ip = |index: u32, next_hop: Option<Ipv4Addr>| {
-        let mine = || addrs.iter().filter(|a| a.ifindex == index);
-        next_hop
-            .and_then(|h| mine().find(|a| a.net.contains(h)))
-            .or_else(|| mine().next())
-            .map(|a| a.net.ip())
-    };
 
     for want in &spec.ifaces {
         match pick_iface(Some(want), links, addrs, None) {
@@ -257,11 +269,11 @@ pub fn choose(
     for re in &spec.regexes {
         // Addresses first (flannel's order), then names; loopback never matches.
         let by_addr = addrs.iter().find_map(|a| {
-            let link = link_by_index(a.ifindex)?;
+            let link = link_by_index(links, a.ifindex)?;
             (!is_loopback(link)
                 && !a.net.ip().is_loopback()
                 && re.is_match(&a.net.ip().to_string()))
-            .then(|| build(link, a.net.ip()))
+            .then(|| Iface::of(link, a.net.ip()))
         });
         if let Some(i) = by_addr {
             return Ok(i);
@@ -270,10 +282,7 @@ pub fn choose(
             .iter()
             .filter(|l| !is_loopback(l) && re.is_match(&l.name))
             .collect();
-        if let Some(i) = named
-            .iter()
-            .find_map(|l| source_ip(l.index, None).map(|ip| build(l, ip)))
-        {
+        if let Some(i) = named.iter().find_map(|l| underlay(l, addrs, None)) {
             return Ok(i);
         }
         tried.push(if named.is_empty() {
@@ -299,18 +308,16 @@ pub fn choose(
             None => tried.push(format!(
                 "--iface-can-reach {target}: no route to it in the main table"
             )),
-            Some(hit) => match link_by_index(hit.oif) {
-                None => tried.push(format!(
+            Some(hit) => match routed_underlay(links, addrs, hit.oif, Some(hit.next_hop)) {
+                Ok(i) => return Ok(i),
+                Err(Unusable::Gone) => tried.push(format!(
                     "--iface-can-reach {target}: the route uses interface #{}, which no longer exists",
                     hit.oif
                 )),
-                Some(link) => match source_ip(link.index, Some(hit.next_hop)) {
-                    Some(ip) => return Ok(build(link, ip)),
-                    None => tried.push(format!(
-                        "--iface-can-reach {target}: routed out of {}, which has no IPv4 address",
-                        link.name
-                    )),
-                },
+                Err(Unusable::NoIpv4(link)) => tried.push(format!(
+                    "--iface-can-reach {target}: routed out of {}, which has no IPv4 address",
+                    link.name
+                )),
             },
         }
     }
@@ -338,17 +345,15 @@ pub fn choose(
         }
         Some(r) => {
             let index = r.oif.expect("filtered");
-            match link_by_index(index) {
-                None => tried.push(format!(
+            match routed_underlay(links, addrs, index, r.gateway) {
+                Ok(i) => return Ok(i),
+                Err(Unusable::Gone) => tried.push(format!(
                     "the IPv4 default route's interface: #{index} no longer exists"
                 )),
-                Some(link) => match source_ip(index, r.gateway) {
-                    Some(ip) => return Ok(build(link, ip)),
-                    None => tried.push(format!(
-                        "the IPv4 default route's interface {}: it has no IPv4 address",
-                        link.name
-                    )),
-                },
+                Err(Unusable::NoIpv4(link)) => tried.push(format!(
+                    "the IPv4 default route's interface {}: it has no IPv4 address",
+                    link.name
+                )),
             }
         }
     }
@@ -380,28 +385,40 @@ mod tests {
     use super::*;
     use crate::{Fake, Route};
 
-    fn world() -> (Vec<Link>, Vec<Addr>) {
-        let link = |index, name: &str| Link {
+    fn link(index: u32, name: &str, mtu: u32) -> Link {
+        Link {
             index,
             name: name.into(),
-            mtu: 1500 - index,
+            mtu,
             mac: None,
             kind: None,
             up: true,
             vxlan: None,
             master: None,
             alias: None,
-        };
-        let addr = |ifindex, s: &str| Addr {
+        }
+    }
+
+    fn addr(ifindex: u32, s: &str) -> Addr {
+        Addr {
             ifindex,
             net: s.parse().unwrap(),
-        };
+        }
+    }
+
+    /// What the assertions compare: the chosen interface's name and address.
+    fn name_ip(i: &Iface) -> (&str, String) {
+        (i.name.as_str(), i.ip.to_string())
+    }
+
+    fn world() -> (Vec<Link>, Vec<Addr>) {
         (
+            // Each link its own MTU, so a test can tell which link an Iface was built from.
             vec![
-                link(1, "lo"),
-                link(2, "eth0"),
-                link(3, "eth1"),
-                link(4, "bare"),
+                link(1, "lo", 1499),
+                link(2, "eth0", 1498),
+                link(3, "eth1", 1497),
+                link(4, "bare", 1496),
             ],
             vec![
                 addr(1, "127.0.0.1/8"),
@@ -447,10 +464,7 @@ mod tests {
     fn default_route_interface() {
         let (links, addrs) = world();
         let i = pick_iface(None, &links, &addrs, Some(3)).unwrap();
-        assert_eq!(
-            (i.name.as_str(), i.ip.to_string()),
-            ("eth1", "10.0.0.3".into())
-        );
+        assert_eq!(name_ip(&i), ("eth1", "10.0.0.3".into()));
     }
 
     #[test]
@@ -516,10 +530,7 @@ mod tests {
     fn choose_defaults_to_the_default_route_interface() {
         let (links, addrs) = world();
         let i = choose(&IfaceChoice::default(), &links, &addrs, &routes()).unwrap();
-        assert_eq!(
-            (i.name.as_str(), i.ip.to_string()),
-            ("eth0", "198.18.0.2".into())
-        );
+        assert_eq!(name_ip(&i), ("eth0", "198.18.0.2".into()));
     }
 
     #[test]
@@ -540,15 +551,9 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(
-            (i.name.as_str(), i.ip.to_string()),
-            ("eth0", "198.18.0.99".into())
-        );
+        assert_eq!(name_ip(&i), ("eth0", "198.18.0.99".into()));
         let i = choose(&choice(&[], &["^eth1$"], None), &links, &addrs, &[]).unwrap();
-        assert_eq!(
-            (i.name.as_str(), i.ip.to_string()),
-            ("eth1", "10.0.0.3".into())
-        );
+        assert_eq!(name_ip(&i), ("eth1", "10.0.0.3".into()));
         // `.` matches everything; lo (first in kernel order) is skipped.
         let i = choose(&choice(&[], &["."], None), &links, &addrs, &[]).unwrap();
         assert_eq!(i.name, "eth0");
@@ -618,10 +623,7 @@ mod tests {
             &routes(),
         )
         .unwrap();
-        assert_eq!(
-            (i.name.as_str(), i.ip.to_string()),
-            ("eth0", "198.18.0.2".into())
-        );
+        assert_eq!(name_ip(&i), ("eth0", "198.18.0.2".into()));
     }
 
     /// The Vagrant trap: every VM has the NAT interface eth0 = 10.0.2.15 with the default route,
@@ -629,22 +631,11 @@ mod tests {
     /// 10.0.2.15); `--iface eth1` or `--iface-can-reach <etcd IP>` picks the right one.
     #[test]
     fn vagrant_nat_interface_trap() {
-        let link = |index, name: &str| Link {
-            index,
-            name: name.into(),
-            mtu: 1500,
-            mac: None,
-            kind: None,
-            up: true,
-            vxlan: None,
-            master: None,
-            alias: None,
-        };
-        let links = vec![link(1, "lo"), link(2, "eth0"), link(3, "eth1")];
-        let addr = |ifindex, s: &str| Addr {
-            ifindex,
-            net: s.parse().unwrap(),
-        };
+        let links = vec![
+            link(1, "lo", 1500),
+            link(2, "eth0", 1500),
+            link(3, "eth1", 1500),
+        ];
         let addrs = vec![
             addr(1, "127.0.0.1/8"),
             addr(2, "10.0.2.15/24"),
@@ -662,10 +653,7 @@ mod tests {
             choice(&[], &[], Some("192.168.56.10")),
         ] {
             let i = choose(&c, &links, &addrs, &routes).unwrap();
-            assert_eq!(
-                (i.name.as_str(), i.ip.to_string()),
-                ("eth1", "192.168.56.11".into())
-            );
+            assert_eq!(name_ip(&i), ("eth1", "192.168.56.11".into()));
         }
     }
 
@@ -719,17 +707,19 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn select_reads_the_fake_kernel() {
+    /// eth0 198.18.0.2/24 (MTU 1500) and eth1 10.1.0.2/24 (MTU 9000), no routes yet.
+    fn two_nic_fake() -> (Fake, u32, u32) {
         let fake = Fake::new();
         let eth0 = fake.add_link("eth0", 1500, None);
         let eth1 = fake.add_link("eth1", 9000, None);
-        for (i, ip) in [(eth0, "198.18.0.2/24"), (eth1, "10.1.0.2/24")] {
-            fake.add_addr(Addr {
-                ifindex: i,
-                net: ip.parse().unwrap(),
-            });
-        }
+        fake.add_addr(addr(eth0, "198.18.0.2/24"));
+        fake.add_addr(addr(eth1, "10.1.0.2/24"));
+        (fake, eth0, eth1)
+    }
+
+    #[tokio::test]
+    async fn select_reads_the_fake_kernel() {
+        let (fake, eth0, eth1) = two_nic_fake();
         fake.add_route(route("0.0.0.0/0", Some("198.18.0.1"), Some(eth0), 0));
         fake.add_route(route("10.1.0.0/24", None, Some(eth1), 0));
         let nl = Netlink::from(fake);
@@ -742,15 +732,7 @@ mod tests {
 
     #[tokio::test]
     async fn select_uses_the_lowest_metric_default_route() {
-        let fake = Fake::new();
-        let eth0 = fake.add_link("eth0", 1500, None);
-        let eth1 = fake.add_link("eth1", 9000, None);
-        for (i, ip) in [(eth0, "198.18.0.2/24"), (eth1, "10.1.0.2/24")] {
-            fake.add_addr(Addr {
-                ifindex: i,
-                net: ip.parse().unwrap(),
-            });
-        }
+        let (fake, eth0, eth1) = two_nic_fake();
         let default = |oif, metric| Route {
             metric,
             ..Route::via(

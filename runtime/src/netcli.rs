@@ -72,58 +72,77 @@ fn status_msg(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("tweedd answered: {}", e.message())
 }
 
+/// The agent's answer to one call; a gRPC error status becomes what tweedd said.
+async fn answer<T>(
+    call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    Ok(call.await.map_err(status_msg)?.into_inner())
+}
+
+/// How `--output json` lays a value out.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// Whole answers, indented for people.
+    Pretty,
+    /// Stream events and confirmations: one line each, so a script can read them as they come.
+    Line,
+}
+
+/// Prints one answer in the chosen format, building only that form; `table` brings its own
+/// newlines.
+fn emit(
+    out: &mut dyn Write,
+    output: Output,
+    layout: Layout,
+    json: impl FnOnce() -> serde_json::Value,
+    table: impl FnOnce() -> String,
+) -> Result<()> {
+    match (output, layout) {
+        // `{:#}` is serde_json's pretty printer, byte for byte `to_string_pretty`.
+        (Output::Json, Layout::Pretty) => writeln!(out, "{:#}", json())?,
+        (Output::Json, Layout::Line) => writeln!(out, "{}", json())?,
+        (Output::Table, _) => write!(out, "{}", table())?,
+    }
+    Ok(())
+}
+
 async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
     let mut c = connect(&args.socket).await?;
+    let output = args.output;
     match args.cmd {
         NetCmd::Status => {
-            let s = c
-                .status(pb::StatusRequest {})
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if args.output == Output::Json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&status_json(&s))?)?;
-            } else {
-                write!(out, "{}", status_table(&s))?;
-            }
+            let s = answer(c.status(pb::StatusRequest {})).await?;
+            emit(
+                out,
+                output,
+                Layout::Pretty,
+                || status_json(&s),
+                || status_table(&s),
+            )?;
             return Ok(if s.ready { 0 } else { 1 });
         }
         NetCmd::Leases => {
-            let l = c
-                .list_leases(pb::ListLeasesRequest {})
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if args.output == Output::Json {
-                let v: Vec<_> = l.leases.iter().map(lease_json).collect();
-                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
-            } else {
-                write!(out, "{}", leases_table(&l.leases))?;
-            }
+            let l = answer(c.list_leases(pb::ListLeasesRequest {})).await?;
+            emit(
+                out,
+                output,
+                Layout::Pretty,
+                || l.leases.iter().map(lease_json).collect(),
+                || leases_table(&l.leases),
+            )?;
         }
         NetCmd::Peers => {
-            let p = c
-                .list_peers(pb::ListPeersRequest {})
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if args.output == Output::Json {
-                let v: Vec<_> = p
-                    .peers
-                    .iter()
-                    .map(|p| json!({"subnet": p.subnet, "public_ip": p.public_ip, "backend": p.backend, "programmed": p.programmed, "error": p.error}))
-                    .collect();
-                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
-            } else {
-                write!(out, "{}", peers_table(&p.peers))?;
-            }
+            let p = answer(c.list_peers(pb::ListPeersRequest {})).await?;
+            emit(
+                out,
+                output,
+                Layout::Pretty,
+                || p.peers.iter().map(peer_json).collect(),
+                || peers_table(&p.peers),
+            )?;
         }
         NetCmd::Watch => {
-            let mut s = c
-                .watch_leases(pb::WatchLeasesRequest {})
-                .await
-                .map_err(status_msg)?
-                .into_inner();
+            let mut s = answer(c.watch_leases(pb::WatchLeasesRequest {})).await?;
             while let Some(ev) = s.message().await.map_err(status_msg)? {
                 let kind = match Kind::try_from(ev.kind).unwrap_or(Kind::Updated) {
                     Kind::Added => "added",
@@ -131,57 +150,45 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
                     Kind::Removed => "removed",
                 };
                 let lease = ev.lease.unwrap_or_default();
-                if args.output == Output::Json {
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({"kind": kind, "unix_millis": ev.unix_millis, "lease": lease_json(&lease)})
-                    )?;
-                } else {
-                    writeln!(
-                        out,
-                        "{:<8} {:<18} {:<16} {}",
-                        kind, lease.subnet, lease.public_ip, lease.backend_type
-                    )?;
-                }
+                emit(
+                    out,
+                    output,
+                    Layout::Line,
+                    || json!({"kind": kind, "unix_millis": ev.unix_millis, "lease": lease_json(&lease)}),
+                    || {
+                        format!(
+                            "{:<8} {:<18} {:<16} {}\n",
+                            kind, lease.subnet, lease.public_ip, lease.backend_type
+                        )
+                    },
+                )?;
                 out.flush()?;
             }
         }
         NetCmd::Reserve { subnet, public_ip } => {
-            let r = c
-                .reserve(pb::ReserveRequest { subnet, public_ip })
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if args.output == Output::Json {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"subnet": r.subnet, "public_ip": r.public_ip, "created": r.created})
-                )?;
-            } else {
-                writeln!(out, "reserved {} for {}", r.subnet, r.public_ip)?;
-            }
+            let r = answer(c.reserve(pb::ReserveRequest { subnet, public_ip })).await?;
+            emit(
+                out,
+                output,
+                Layout::Line,
+                || json!({"subnet": r.subnet, "public_ip": r.public_ip, "created": r.created}),
+                || format!("reserved {} for {}\n", r.subnet, r.public_ip),
+            )?;
         }
         NetCmd::Unreserve { subnet } => {
-            let r = c
-                .unreserve(pb::UnreserveRequest { subnet })
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if args.output == Output::Json {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"subnet": r.subnet, "lease_id": format!("{:x}", r.lease_id), "ttl_seconds": r.ttl_seconds})
-                )?;
-            } else {
-                writeln!(
-                    out,
-                    "unreserved {}: lease {:x}, expires in {}s unless renewed",
-                    r.subnet, r.lease_id, r.ttl_seconds
-                )?;
-            }
+            let r = answer(c.unreserve(pb::UnreserveRequest { subnet })).await?;
+            emit(
+                out,
+                output,
+                Layout::Line,
+                || json!({"subnet": r.subnet, "lease_id": format!("{:x}", r.lease_id), "ttl_seconds": r.ttl_seconds}),
+                || {
+                    format!(
+                        "unreserved {}: lease {:x}, expires in {}s unless renewed\n",
+                        r.subnet, r.lease_id, r.ttl_seconds
+                    )
+                },
+            )?;
         }
     }
     Ok(0)
@@ -259,6 +266,11 @@ fn leases_table(leases: &[pb::Lease]) -> String {
     t
 }
 
+fn peer_json(p: &pb::Peer) -> serde_json::Value {
+    json!({"subnet": p.subnet, "public_ip": p.public_ip, "backend": p.backend,
+           "programmed": p.programmed, "error": p.error})
+}
+
 fn peers_table(peers: &[pb::Peer]) -> String {
     let mut t = format!(
         "{:<18} {:<16} {:<8} {}\n",
@@ -324,5 +336,32 @@ mod tests {
         });
         assert!(s.contains("no (no subnet lease held)"), "{s}");
         assert_eq!(status_json(&pb::StatusReply::default())["ready"], false);
+    }
+
+    #[test]
+    fn emit_prints_the_chosen_form_only() {
+        let leases = vec![lease_json(&pb::Lease::default()), json!({"a": [1, 2]})];
+        let print = |output, layout| {
+            let mut out = Vec::new();
+            emit(
+                &mut out,
+                output,
+                layout,
+                || leases.iter().cloned().collect(),
+                || "a table\n".to_string(),
+            )
+            .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            print(Output::Json, Layout::Pretty),
+            serde_json::to_string_pretty(&leases).unwrap() + "\n"
+        );
+        assert_eq!(
+            print(Output::Json, Layout::Line),
+            serde_json::to_string(&leases).unwrap() + "\n"
+        );
+        assert_eq!(print(Output::Table, Layout::Pretty), "a table\n");
+        assert_eq!(print(Output::Table, Layout::Line), "a table\n");
     }
 }

@@ -1,10 +1,11 @@
 //! Helpers for the end-to-end tests: a lab per test (torn down on drop, also on panic), agent
-//! stop/start by pid, and readers of a host's kernel state.
+//! stop/start by pid, readers of a host's kernel state, and a flannel-configured node to join a
+//! lab with.
 //!
 //! The tests need root (namespaces, vxlan); they say so instead of silently passing.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tweed_lab::{Lab, LabGuard, LabSpec};
 
@@ -99,20 +100,52 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `argv` in `netns` (through `ip netns exec`) with stdin closed, for the caller to run as it needs.
+pub fn ns_command(netns: &str, argv: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .args(argv)
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// Runs `ip`/`bridge`-style commands in a namespace and returns stdout; panics with stderr.
 pub fn in_ns(netns: &str, argv: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(argv)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ip netns exec");
+    let out = ns_command(netns, argv).output().expect("ip netns exec");
     assert!(
         out.status.success(),
         "{argv:?} in {netns}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `argv` succeeds in `netns` (for polling; [`in_ns`] panics).
+pub fn ok_in(netns: &str, argv: &[&str]) -> bool {
+    ns_command(netns, argv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Starts `argv` in `netns` without waiting for it; its stderr is dropped.
+pub fn spawn_in(netns: &str, argv: &[&str], stdout: Stdio) -> Child {
+    ns_command(netns, argv)
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{argv:?} in {netns}: {e}"))
+}
+
+/// `ip ARGS` (`-n NETNS` to reach into a namespace); panics with stderr.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The vxlan data plane of one host as text lines, for asserting what points where.
@@ -211,6 +244,201 @@ pub fn ping_summary(out: &str) -> (u32, u32) {
         .filter_map(|p| p.split_whitespace().next()?.parse().ok())
         .collect();
     (nums[0], nums[1])
+}
+
+/// A node set up the way flannel sets one up, joining a lab from outside it: the tests that show
+/// tweed and flannel nodes can share one cluster.
+pub mod flannel {
+    use super::{etcdctl, in_ns, ip};
+    use std::process::Command;
+    use tweed_lab::Lab;
+
+    /// flannel's etcd prefix for leases, one key per subnet (`10.244.7.0-24`).
+    pub const SUBNETS: &str = "/coreos.com/network/subnets/";
+
+    /// Namespaces a test makes outside the lab's own (the lab's `down` does not know them). On
+    /// drop, also when the test fails, their processes are killed (the test started all of them:
+    /// a namespace with a live process would linger) and the namespaces deleted.
+    struct Namespaces(Vec<String>);
+
+    impl Drop for Namespaces {
+        fn drop(&mut self) {
+            for ns in &self.0 {
+                let pids = Command::new("ip")
+                    .args(["netns", "pids", ns])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                for pid in pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: plain kill(2) on a process in a namespace this test created.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            for ns in &self.0 {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+
+    /// A flannel node's host namespace on the lab's underlay bridge (eth0 [`PUBLIC_IP`]/24,
+    /// forwarding on) and one pod behind its `cni0` bridge, on a subnet no tweed host took. No
+    /// backend device and no lease yet: those differ between flannel's backends. Both namespaces
+    /// go when this is dropped.
+    pub struct Node {
+        /// The host's namespace.
+        pub node: String,
+        /// The pod's namespace.
+        pub pod: String,
+        /// The node's subnet, e.g. `10.244.200.0` (its lease is for the /24).
+        pub subnet: String,
+        pub pod_ip: String,
+        _namespaces: Namespaces,
+    }
+
+    /// The flannel node's underlay address: outside the range the lab gives its hosts.
+    pub const PUBLIC_IP: &str = "198.18.0.200";
+
+    impl Node {
+        /// `prefix` keeps the namespaces of tests running side by side apart; `mtu` is what
+        /// flannel's subnet.env gives pods for the backend under test.
+        pub fn up(lab: &Lab, prefix: &str, mtu: &str) -> Node {
+            let name = lab.name();
+            let node = format!("{prefix}-{name}");
+            let pod = format!("{prefix}-{name}-p");
+            // Before the first namespace exists, so a failing step below still removes both.
+            let namespaces = Namespaces(vec![pod.clone(), node.clone()]);
+            let underlay = lab.state().underlay_netns.clone();
+
+            let taken: Vec<String> = lab
+                .state()
+                .hosts
+                .iter()
+                .filter_map(|h| h.subnet.clone())
+                .collect();
+            let third = (200..250)
+                .find(|o| !taken.iter().any(|t| t.starts_with(&format!("10.244.{o}."))))
+                .unwrap();
+            let subnet = format!("10.244.{third}.0");
+
+            ip(&["netns", "add", &node]);
+            ip(&[
+                "-n", &underlay, "link", "add", "flv", "type", "veth", "peer", "name", "eth0",
+                "netns", &node,
+            ]);
+            ip(&["-n", &underlay, "link", "set", "flv", "master", "br0", "up"]);
+            in_ns(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            ip(&["-n", &node, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{PUBLIC_IP}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &node, "link", "set", "eth0", "up"]);
+
+            // As flannel's CNI chain (bridge + host-local) makes a pod.
+            let gw = format!("10.244.{third}.1");
+            let pod_ip = format!("10.244.{third}.2");
+            ip(&["-n", &node, "link", "add", "cni0", "type", "bridge"]);
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                "cni0",
+            ]);
+            ip(&["-n", &node, "link", "set", "cni0", "mtu", mtu, "up"]);
+            ip(&["netns", "add", &pod]);
+            ip(&[
+                "-n", &node, "link", "add", "vp", "mtu", mtu, "type", "veth", "peer", "name",
+                "eth0", "netns", &pod,
+            ]);
+            ip(&["-n", &node, "link", "set", "vp", "master", "cni0", "up"]);
+            ip(&["-n", &pod, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &pod,
+                "addr",
+                "add",
+                &format!("{pod_ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &pod, "link", "set", "eth0", "mtu", mtu, "up"]);
+            ip(&["-n", &pod, "route", "add", "default", "via", &gw]);
+
+            Node {
+                node,
+                pod,
+                subnet,
+                pod_ip,
+                _namespaces: namespaces,
+            }
+        }
+
+        /// Gives flannel's backend device `dev` the subnet's network address as /32, as flannel
+        /// does: the node's source address for the overlay.
+        pub fn address_device(&self, dev: &str) {
+            ip(&[
+                "-n",
+                &self.node,
+                "addr",
+                "add",
+                &format!("{}/32", self.subnet),
+                "dev",
+                dev,
+            ]);
+        }
+
+        /// Writes the node's lease the way flannel does: `value` under its subnet's key, held by
+        /// an etcd lease of `ttl_secs`.
+        pub fn write_lease(&self, lab: &Lab, ttl_secs: u32, value: &str) {
+            let grant = etcdctl(lab, &["lease", "grant", &ttl_secs.to_string()]);
+            let lease_id = grant
+                .split_whitespace()
+                .nth(1)
+                .expect("lease id")
+                .to_string();
+            etcdctl(
+                lab,
+                &[
+                    "put",
+                    &format!("--lease={lease_id}"),
+                    &format!("{SUBNETS}{}-24", self.subnet),
+                    value,
+                ],
+            );
+        }
+    }
+
+    /// The leases in an `etcdctl get --prefix SUBNETS` listing, the node's own included, as
+    /// (key, subnet, value): the subnet read from the key the way flannel reads it.
+    pub fn leases(listing: &str) -> Vec<(&str, String, &str)> {
+        let lines: Vec<&str> = listing.lines().collect();
+        lines
+            .chunks(2)
+            .map(|pair| {
+                let (key, val) = (pair[0], pair[1]);
+                let subnet = key
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .split('-')
+                    .next()
+                    .unwrap()
+                    .to_string();
+                (key, subnet, val)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

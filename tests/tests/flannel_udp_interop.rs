@@ -25,32 +25,6 @@ const MTU: &str = "1472";
 const BULK_PORT: u16 = 5990;
 const IPERF_PORT: u16 = 5201;
 
-/// Namespaces this test makes outside the lab's own; their processes are killed (all of them
-/// started here) and the namespaces deleted on drop, also when the test fails.
-struct Namespaces(Vec<String>);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let pids = Command::new("ip")
-                .args(["netns", "pids", ns])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: plain kill(2) on a process in a namespace this test created.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
 /// Processes started by this test (relay, servers); killed and reaped on drop.
 struct Procs(Vec<Child>);
 
@@ -61,27 +35,6 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Whether `argv` succeeds in `netns` (for polling; [`in_ns`] panics).
-fn ok_in(netns: &str, argv: &[&str]) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Builds bench/udp-relay (a no-op when it is up to date) where bench/dataplane builds it.
@@ -110,17 +63,6 @@ fn udp_relay() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     target.join("release").join("udp-relay")
-}
-
-fn spawn_in(netns: &str, argv: &[&str], stdout: Stdio) -> Child {
-    Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(argv)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{argv:?} in {netns}: {e}"))
 }
 
 /// One series' value in a Prometheus text body; 0 when absent (a counter never incremented).
@@ -154,10 +96,7 @@ fn peer_drops(body: &str) -> Vec<(&'static str, f64)> {
 /// link-local address a device gets while IPv6 is on): the udp workers would read them from
 /// `tweed0` and count them as `malformed` (not IPv4). 0 without IPv6 on the device.
 fn ipv6_out(netns: &str, dev: &str) -> f64 {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "cat"])
-        .arg(format!("/proc/net/dev_snmp6/{dev}"))
-        .stdin(Stdio::null())
+    let out = ns_command(netns, &["cat", &format!("/proc/net/dev_snmp6/{dev}")])
         .stderr(Stdio::null())
         .output()
         .expect("ip netns exec");
@@ -261,13 +200,6 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
     spec.pods_per_host = 1;
     let lab = up(spec);
     let relay = udp_relay();
-    let name = lab.name().to_string();
-    let node = format!("twu-{name}");
-    let pod = format!("twu-{name}-p");
-    let _namespaces = Namespaces(vec![pod.clone(), node.clone()]);
-    let mut procs = Procs(Vec::new());
-    let underlay = lab.state().underlay_netns.clone();
-    let public_ip = "198.18.0.200";
 
     // Before any flannel traffic: tweed's drop counters.
     let hosts: Vec<_> = ["h1", "h2"].iter().map(|h| host_state(&lab, h)).collect();
@@ -285,104 +217,23 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
         .map(|(h, url)| metrics(&h.netns, url))
         .collect();
 
-    // Subnet: one the tweed nodes did not take.
-    let taken: Vec<String> = hosts.iter().filter_map(|h| h.subnet.clone()).collect();
-    let third = (200..250)
-        .find(|o| !taken.iter().any(|t| t.starts_with(&format!("10.244.{o}."))))
-        .unwrap();
-    let subnet = format!("10.244.{third}.0");
-
-    // The host, on the lab's underlay bridge.
-    ip(&["netns", "add", &node]);
-    ip(&[
-        "-n", &underlay, "link", "add", "veth-f", "type", "veth", "peer", "name", "eth0", "netns",
-        &node,
-    ]);
-    ip(&[
-        "-n", &underlay, "link", "set", "veth-f", "master", "br0", "up",
-    ]);
-    in_ns(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    ip(&["-n", &node, "link", "set", "lo", "up"]);
-    ip(&[
-        "-n",
-        &node,
-        "addr",
-        "add",
-        &format!("{public_ip}/24"),
-        "dev",
-        "eth0",
-    ]);
-    ip(&["-n", &node, "link", "set", "eth0", "up"]);
-
-    // A pod behind a cni0 bridge, as flannel's CNI chain (bridge + host-local) makes it, with
-    // flannel's udp MTU from its subnet.env.
-    let gw = format!("10.244.{third}.1");
-    let pod_ip = format!("10.244.{third}.2");
-    ip(&["-n", &node, "link", "add", "cni0", "type", "bridge"]);
-    ip(&[
-        "-n",
-        &node,
-        "addr",
-        "add",
-        &format!("{gw}/24"),
-        "dev",
-        "cni0",
-    ]);
-    ip(&["-n", &node, "link", "set", "cni0", "mtu", MTU, "up"]);
-    ip(&["netns", "add", &pod]);
-    ip(&[
-        "-n", &node, "link", "add", "vp", "mtu", MTU, "type", "veth", "peer", "name", "eth0",
-        "netns", &pod,
-    ]);
-    ip(&["-n", &node, "link", "set", "vp", "master", "cni0", "up"]);
-    ip(&["-n", &pod, "link", "set", "lo", "up"]);
-    ip(&[
-        "-n",
-        &pod,
-        "addr",
-        "add",
-        &format!("{pod_ip}/24"),
-        "dev",
-        "eth0",
-    ]);
-    ip(&["-n", &pod, "link", "set", "eth0", "mtu", MTU, "up"]);
-    ip(&["-n", &pod, "route", "add", "default", "via", &gw]);
+    // flannel's udp MTU from its subnet.env for the pod.
+    let fl = flannel::Node::up(&lab, "twu", MTU);
+    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let public_ip = flannel::PUBLIC_IP;
+    let mut procs = Procs(Vec::new());
 
     // The lease, as flannel's udp backend writes it: its attrs carry only the PublicIP (Go's
     // encoding of flannel's LeaseAttrs: no BackendType, a null PublicIPv6), under a 24 h TTL
     // lease (flannel's subnet lease TTL).
-    let grant = etcdctl(&lab, &["lease", "grant", "86400"]);
-    let lease_id = grant
-        .split_whitespace()
-        .nth(1)
-        .expect("lease id")
-        .to_string();
     let value = format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":null}}"#);
-    etcdctl(
-        &lab,
-        &[
-            "put",
-            &format!("--lease={lease_id}"),
-            &format!("/coreos.com/network/subnets/{subnet}-24"),
-            &value,
-        ],
-    );
+    fl.write_lease(&lab, 86400, &value);
 
     // flannel's udp proxy learns its peers from their leases (subnet from the key, PublicIP from
     // the value): tweed's leases must be readable by those rules.
-    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
-    let lines: Vec<&str> = listing.lines().collect();
+    let listing = etcdctl(&lab, &["get", "--prefix", flannel::SUBNETS]);
     let mut peers = Vec::new();
-    for pair in lines.chunks(2) {
-        let (key, val) = (pair[0], pair[1]);
-        let peer_net = key
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .split('-')
-            .next()
-            .unwrap()
-            .to_string();
+    for (key, peer_net, val) in flannel::leases(&listing) {
         if peer_net == subnet {
             assert_eq!(val, value, "our lease as written");
             continue;
@@ -404,10 +255,7 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
     let mut argv = vec![relay.to_str().unwrap(), "flannel0", &listen];
     argv.extend(peers.iter().map(String::as_str));
     // Its stderr is piped and read only when it dies: it writes nothing else.
-    let relay_proc = Command::new("ip")
-        .args(["netns", "exec", &node])
-        .args(&argv)
-        .stdin(Stdio::null())
+    let relay_proc = ns_command(node, &argv)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -422,28 +270,20 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
     };
     wait_for(Duration::from_secs(5), "udp-relay's flannel0", || {
         relay_alive();
-        ok_in(&node, &["ip", "link", "show", "flannel0"])
+        ok_in(node, &["ip", "link", "show", "flannel0"])
     });
+    fl.address_device("flannel0");
+    ip(&["-n", node, "link", "set", "flannel0", "mtu", MTU, "up"]);
     ip(&[
         "-n",
-        &node,
-        "addr",
-        "add",
-        &format!("{subnet}/32"),
-        "dev",
-        "flannel0",
-    ]);
-    ip(&["-n", &node, "link", "set", "flannel0", "mtu", MTU, "up"]);
-    ip(&[
-        "-n",
-        &node,
+        node,
         "route",
         "add",
         "10.244.0.0/16",
         "dev",
         "flannel0",
     ]);
-    let link = in_ns(&node, &["ip", "-d", "link", "show", "flannel0"]);
+    let link = in_ns(node, &["ip", "-d", "link", "show", "flannel0"]);
     assert!(link.contains("tun") && link.contains("mtu 1472"), "{link}");
     relay_alive();
 
@@ -458,13 +298,13 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
         wait_for(
             Duration::from_secs(15),
             "tweed to tunnel to the flannel node",
-            || ok_in(ns, &["ping", "-c", "1", "-W", "1", &pod_ip]),
+            || ok_in(ns, &["ping", "-c", "1", "-W", "1", pod_ip]),
         );
     }
 
     // Both directions, every tweed pod; also full-size packets (1444 + 28 = the 1472 MTU).
     for (ns, ip_) in &tweed_pods {
-        for (from, to) in [(ns.as_str(), pod_ip.as_str()), (pod.as_str(), ip_.as_str())] {
+        for (from, to) in [(ns.as_str(), pod_ip), (pod, ip_.as_str())] {
             for size in ["56", "1444"] {
                 let out = in_ns(
                     from,
@@ -484,12 +324,12 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
 
     // TCP, byte-exact, both directions between h1's pod and the flannel pod.
     let (p1_ns, p1_ip) = tweed_pods[0].clone();
-    let csum0 = (csum_errors(&pod), csum_errors(&p1_ns));
-    let out = bulk(&p1_ns, &pod, &pod_ip);
+    let csum0 = (csum_errors(pod), csum_errors(&p1_ns));
+    let out = bulk(&p1_ns, pod, pod_ip);
     eprintln!("bulk {BULK_BYTES} bytes tweed h1/p1 -> flannel pod: {out:?}");
-    let back = bulk(&pod, &p1_ns, &p1_ip);
+    let back = bulk(pod, &p1_ns, &p1_ip);
     eprintln!("bulk {BULK_BYTES} bytes flannel pod -> tweed h1/p1: {back:?}");
-    let csum1 = (csum_errors(&pod), csum_errors(&p1_ns));
+    let csum1 = (csum_errors(pod), csum_errors(&p1_ns));
     assert_eq!(
         csum0, csum1,
         "(Tcp InCsumErrors, Ip InHdrErrors) of (flannel pod, tweed pod) before vs after"
@@ -499,17 +339,17 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
     let (p2_ns, _) = tweed_pods[1].clone();
     let port = IPERF_PORT.to_string();
     procs.0.push(spawn_in(
-        &pod,
-        &["iperf3", "-s", "-p", &port, "-B", &pod_ip],
+        pod,
+        &["iperf3", "-s", "-p", &port, "-B", pod_ip],
         Stdio::null(),
     ));
     wait_for(Duration::from_secs(5), "iperf3 server", || {
-        !in_ns(&pod, &["ss", "-Hltn", &format!("sport = :{port}")])
+        !in_ns(pod, &["ss", "-Hltn", &format!("sport = :{port}")])
             .trim()
             .is_empty()
     });
     for reverse in [false, true] {
-        let (sent, received) = iperf(&p2_ns, &pod_ip, reverse);
+        let (sent, received) = iperf(&p2_ns, pod_ip, reverse);
         let dir = if reverse {
             "flannel -> tweed"
         } else {
@@ -527,7 +367,7 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
             "{dir}: {sent} bytes sent, {received} received"
         );
     }
-    let csum2 = (csum_errors(&pod), csum_errors(&p2_ns));
+    let csum2 = (csum_errors(pod), csum_errors(&p2_ns));
     assert_eq!(
         csum2.0, csum1.0,
         "flannel pod's checksum errors after iperf3"

@@ -2,11 +2,12 @@
 //! lease TTL: a reserved subnet has no TTL, outlives it, and is held only by its public IP; an
 //! unreserved one gets a TTL again, which its node renews and nobody else does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use tweed_e2e::*;
-use tweed_lab::LabSpec;
+use tweed_lab::state::HostState;
+use tweed_lab::{LabGuard, LabSpec};
 
 const TTL: Duration = Duration::from_secs(5);
 const SUBNETS: &str = "/coreos.com/network/subnets";
@@ -25,6 +26,12 @@ fn net(sock: &Path, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `tweedctl net status -o json`; `None` while the agent does not answer with JSON.
+fn status(sock: &Path) -> Option<serde_json::Value> {
+    let (_, out, _) = net(sock, &["status", "--output", "json"]);
+    serde_json::from_str(&out).ok()
 }
 
 /// The lease of `subnet` as `tweedctl net leases -o json` shows it.
@@ -46,22 +53,57 @@ fn key_of(subnet: &str) -> String {
     format!("{SUBNETS}/{}", subnet.replace('/', "-"))
 }
 
-#[test]
-fn reserve_pins_a_subnet_to_an_ip_without_ttl_and_unreserve_gives_it_back_a_ttl() {
-    let mut spec = LabSpec::new(lab_name("rs"), 2);
+/// A 2-host lab with the short TTL and a pod per host, its agents' API sockets and subnets, and a
+/// subnet neither host holds.
+struct TwoHosts {
+    lab: LabGuard,
+    h1: HostState,
+    h2: HostState,
+    sock1: PathBuf,
+    sock2: PathBuf,
+    s1: String,
+    s2: String,
+    spare: String,
+}
+
+/// `tag` names the lab: tests running side by side each need their own.
+fn two_hosts(tag: &str) -> TwoHosts {
+    let mut spec = LabSpec::new(lab_name(tag), 2);
     spec.lease_ttl = TTL;
     spec.pods_per_host = 1;
     let lab = up(spec);
     let h1 = host_state(&lab, "h1");
     let h2 = host_state(&lab, "h2");
-    let sock1 = h1.log.with_file_name("tweedd.sock");
-    let sock2 = h2.log.with_file_name("tweedd.sock");
     let s1 = network_of(h1.subnet.as_deref().unwrap());
     let s2 = network_of(h2.subnet.as_deref().unwrap());
-    let free = (200..255)
+    let spare = (200..255)
         .map(|i| format!("10.244.{i}.0/24"))
         .find(|s| *s != s1 && *s != s2)
         .unwrap();
+    TwoHosts {
+        lab,
+        sock1: h1.log.with_file_name("tweedd.sock"),
+        sock2: h2.log.with_file_name("tweedd.sock"),
+        h1,
+        h2,
+        s1,
+        s2,
+        spare,
+    }
+}
+
+#[test]
+fn reserve_pins_a_subnet_to_an_ip_without_ttl_and_unreserve_gives_it_back_a_ttl() {
+    let TwoHosts {
+        lab,
+        h1,
+        h2,
+        sock1,
+        sock2,
+        s1,
+        s2,
+        spare: free,
+    } = two_hosts("rs");
     let ip1 = h1.public_ip.to_string();
     wait_for(
         Duration::from_secs(10),
@@ -111,9 +153,7 @@ fn reserve_pins_a_subnet_to_an_ip_without_ttl_and_unreserve_gives_it_back_a_ttl(
         lease(&sock1, &s1).is_some_and(|l| l["lease_id"] == "0" && l["own"] == true)
     });
     wait_for(Duration::from_secs(5), "h1 to report no expiry", || {
-        let (_, out, _) = net(&sock1, &["status", "--output", "json"]);
-        serde_json::from_str::<serde_json::Value>(&out)
-            .is_ok_and(|s| s["lease_expiry_unix"] == 0 && s["ready"] == true)
+        status(&sock1).is_some_and(|s| s["lease_expiry_unix"] == 0 && s["ready"] == true)
     });
 
     // Well past the TTL: both reservations are still there, the cluster still works.
@@ -148,9 +188,7 @@ fn reserve_pins_a_subnet_to_an_ip_without_ttl_and_unreserve_gives_it_back_a_ttl(
     let (ok, out, err) = net(&sock2, &["unreserve", &s1]);
     assert!(ok, "{out}{err}");
     wait_for(Duration::from_secs(5), "h1 to adopt the TTL lease", || {
-        let (_, out, _) = net(&sock1, &["status", "--output", "json"]);
-        serde_json::from_str::<serde_json::Value>(&out)
-            .is_ok_and(|s| s["lease_expiry_unix"].as_i64().unwrap_or(0) > 0)
+        status(&sock1).is_some_and(|s| s["lease_expiry_unix"].as_i64().unwrap_or(0) > 0)
     });
     std::thread::sleep(TTL * 2);
     let l = lease(&sock2, &s1).expect("h1's lease survives: h1 renews it");
@@ -165,20 +203,15 @@ fn reserve_pins_a_subnet_to_an_ip_without_ttl_and_unreserve_gives_it_back_a_ttl(
 /// and writes its backend data into it.
 #[test]
 fn an_agent_with_the_reserved_public_ip_takes_the_reservation() {
-    let mut spec = LabSpec::new(lab_name("rp"), 2);
-    spec.lease_ttl = TTL;
-    spec.pods_per_host = 1;
-    let lab = up(spec);
-    let h1 = host_state(&lab, "h1");
-    let h2 = host_state(&lab, "h2");
-    let sock1 = h1.log.with_file_name("tweedd.sock");
-    let sock2 = h2.log.with_file_name("tweedd.sock");
-    let s1 = network_of(h1.subnet.as_deref().unwrap());
-    let s2 = network_of(h2.subnet.as_deref().unwrap());
-    let reserved = (200..255)
-        .map(|i| format!("10.244.{i}.0/24"))
-        .find(|s| *s != s1 && *s != s2)
-        .unwrap();
+    let TwoHosts {
+        lab,
+        h2,
+        sock1,
+        sock2,
+        s2,
+        spare: reserved,
+        ..
+    } = two_hosts("rp");
     let (ok, out, err) = net(&sock1, &["reserve", &reserved, "198.18.0.77"]);
     assert!(ok, "{out}{err}");
 
@@ -193,8 +226,7 @@ fn an_agent_with_the_reserved_public_ip_takes_the_reservation() {
         .extend(["--public-ip".into(), "198.18.0.77".into()]);
     start_agent(&agent);
     wait_for(Duration::from_secs(15), "h2 on the reserved subnet", || {
-        let (_, out, _) = net(&sock2, &["status", "--output", "json"]);
-        serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|s| {
+        status(&sock2).is_some_and(|s| {
             s["subnet"] == reserved.as_str()
                 && s["lease_expiry_unix"] == 0
                 && s["public_ip"] == "198.18.0.77"

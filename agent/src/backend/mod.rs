@@ -304,46 +304,27 @@ impl DataPlane {
         let mut skipped = Vec::new();
         let mut stats = match self {
             DataPlane::Vxlan(b) => {
-                let peers: Vec<VxlanPeer> = remotes
-                    .iter()
-                    .filter_map(|r| {
-                        let p = r.same_type("vxlan").and_then(|()| {
-                            VxlanPeer::from_lease(r.subnet, &r.attrs)
-                                .map_err(|e| r.skip(e.to_string()))
-                        });
-                        p.map_err(|s| skipped.push(s)).ok()
-                    })
-                    .collect();
+                let peers = peers_of_type(remotes, "vxlan", &mut skipped, |r| {
+                    VxlanPeer::from_lease(r.subnet, &r.attrs).map_err(|e| r.skip(e.to_string()))
+                });
                 b.reconcile(nl, &peers).await?
             }
             DataPlane::HostGw(b) => {
-                let peers: Vec<HostGwPeer> = remotes
-                    .iter()
-                    .filter_map(|r| {
-                        r.same_type("host-gw")
-                            .map(|()| HostGwPeer {
-                                subnet: r.subnet,
-                                public_ip: r.attrs.public_ip,
-                            })
-                            .map_err(|s| skipped.push(s))
-                            .ok()
+                let peers = peers_of_type(remotes, "host-gw", &mut skipped, |r| {
+                    Ok(HostGwPeer {
+                        subnet: r.subnet,
+                        public_ip: r.attrs.public_ip,
                     })
-                    .collect();
+                });
                 b.reconcile(nl, &peers).await?
             }
             DataPlane::Udp(b) => {
-                let peers: Vec<UdpPeer> = remotes
-                    .iter()
-                    .filter_map(|r| {
-                        r.same_type("udp")
-                            .map(|()| UdpPeer {
-                                subnet: r.subnet,
-                                public_ip: r.attrs.public_ip,
-                            })
-                            .map_err(|s| skipped.push(s))
-                            .ok()
+                let peers = peers_of_type(remotes, "udp", &mut skipped, |r| {
+                    Ok(UdpPeer {
+                        subnet: r.subnet,
+                        public_ip: r.attrs.public_ip,
                     })
-                    .collect();
+                });
                 b.reconcile(nl, &peers).await?
             }
         };
@@ -351,6 +332,26 @@ impl DataPlane {
         stats.skipped = skipped;
         Ok(stats)
     }
+}
+
+/// The remotes of backend type `ty`, as that backend's peers. Every lease left out (another
+/// backend type, or one `to_peer` refuses) goes to `skipped` in lease order, so the operator is
+/// told about each node this one does not reach.
+fn peers_of_type<P>(
+    remotes: &[Remote],
+    ty: &str,
+    skipped: &mut Vec<PeerSkip>,
+    to_peer: impl Fn(&Remote) -> Result<P, PeerSkip>,
+) -> Vec<P> {
+    remotes
+        .iter()
+        .filter_map(|r| {
+            r.same_type(ty)
+                .and_then(|()| to_peer(r))
+                .map_err(|s| skipped.push(s))
+                .ok()
+        })
+        .collect()
 }
 
 /// Applies a plan and attributes each failure with `owner`.

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Child;
 
 use serde_json::{json, Value};
 use tweed_cni::testkit::{self, Call, NetnsGuard, PluginRun};
@@ -99,10 +100,48 @@ impl Node {
         self.run(Path::new(TWEED), &Call::new(command, id, netns), conf)
     }
 
+    /// Starts tweed without waiting for it: the test kills it, or overlaps it with others.
+    pub fn spawn(&self, call: &Call<'_>, conf: &str) -> Child {
+        testkit::spawn(self.host.netns(), Path::new(TWEED), call, conf.as_bytes())
+            .expect("spawning the plugin")
+    }
+
+    /// Starts `command` for container `ids[i]` in `paths[i]`, every one before waiting for any,
+    /// so that they contend as on a busy node; see [`wait_ok`].
+    pub fn spawn_all(
+        &self,
+        command: &str,
+        ids: &[String],
+        paths: &[String],
+        conf: &str,
+    ) -> Vec<Child> {
+        ids.iter()
+            .zip(paths)
+            .map(|(id, path)| self.spawn(&Call::new(command, id, path), conf))
+            .collect()
+    }
+
     /// Names of the host namespace's links.
     pub fn host_links(&self) -> Vec<String> {
         links(&self.host)
     }
+
+    /// The host ends of tweed's veth pairs: what a DEL or GC must leave none of.
+    pub fn tw_links(&self) -> Vec<String> {
+        self.host_links()
+            .into_iter()
+            .filter(|l| l.starts_with("tw"))
+            .collect()
+    }
+}
+
+/// Waits for a plugin from [`Node::spawn`] and asserts it succeeded, naming the run `what`;
+/// returns its stdout.
+pub fn wait_ok(child: Child, what: &str) -> String {
+    let out = child.wait_with_output().expect("waiting for the plugin");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{what}: {stdout}");
+    stdout
 }
 
 /// Link names in a namespace.
