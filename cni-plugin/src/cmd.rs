@@ -482,7 +482,7 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
             place: "the host namespace".into(),
         });
     }
-    detach::delete(&targets, detach::Hooks::from_env())?;
+    detach::delete(&targets, conf.detached_delete, detach::Hooks::from_env())?;
     let released = {
         let mut dir = FsDir::lock(&conf.store_dir())?;
         ipam::release_owner(&mut dir, &owner)?

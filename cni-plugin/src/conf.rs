@@ -19,6 +19,7 @@ struct Raw {
     hairpin_mode: Option<bool>,
     ip_masq: Option<bool>,
     default_route: Option<bool>,
+    detached_delete: Option<bool>,
     range_start: Option<Ipv4Addr>,
     range_end: Option<Ipv4Addr>,
     dns: Option<Value>,
@@ -114,6 +115,9 @@ pub struct NetConf {
     pub hairpin_mode: bool,
     pub ip_masq: bool,
     pub default_route: bool,
+    /// DEL returns once the veth is unlisted and leaves the kernel's teardown to a forked child
+    /// (see `detach`); `false` deletes in the plugin process, as the reference plugins do.
+    pub detached_delete: bool,
     pub range_start: Option<Ipv4Addr>,
     pub range_end: Option<Ipv4Addr>,
     pub dns: Option<Value>,
@@ -144,6 +148,7 @@ impl NetConf {
             hairpin_mode: get(obj, "hairpinMode")?,
             ip_masq: get(obj, "ipMasq")?,
             default_route: get(obj, "defaultRoute")?,
+            detached_delete: get(obj, "detachedDelete")?,
             range_start: get(obj, "rangeStart")?,
             range_end: get(obj, "rangeEnd")?,
             dns: get(obj, "dns")?,
@@ -225,6 +230,7 @@ impl NetConf {
             hairpin_mode: raw.hairpin_mode.unwrap_or(false),
             ip_masq: raw.ip_masq.unwrap_or(false),
             default_route: raw.default_route.unwrap_or(true),
+            detached_delete: raw.detached_delete.unwrap_or(true),
             range_start: raw.range_start,
             range_end: raw.range_end,
             dns: raw.dns,
@@ -288,7 +294,7 @@ mod tests {
         assert_eq!(c.bridge, "cni0");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/cni/networks"));
         assert_eq!(c.store_dir(), PathBuf::from("/var/lib/cni/networks/tweed"));
-        assert!(!c.ip_masq && !c.hairpin_mode && c.default_route);
+        assert!(!c.ip_masq && !c.hairpin_mode && c.default_route && c.detached_delete);
         assert_eq!(c.mtu, None);
         assert_eq!(c.valid_attachments, None);
     }
@@ -298,7 +304,7 @@ mod tests {
         let c = parse(
             r#"{"cniVersion":"1.1.0","name":"n","type":"tweed","bridge":"br9",
             "subnetFile":"/x/subnet.env","dataDir":"/d","mtu":1400,"hairpinMode":true,
-            "ipMasq":true,"defaultRoute":false,"rangeStart":"10.244.1.100",
+            "ipMasq":true,"defaultRoute":false,"detachedDelete":false,"rangeStart":"10.244.1.100",
             "rangeEnd":"10.244.1.200","dns":{"nameservers":["10.96.0.10"]},
             "capabilities":{"portMappings":true,"ips":true},
             "runtimeConfig":{"ips":["10.244.1.150/24"],"mac":"0a:58:00:00:00:01",
@@ -311,7 +317,7 @@ mod tests {
         assert_eq!(c.bridge, "br9");
         assert_eq!(c.subnet_file_path(), PathBuf::from("/x/subnet.env"));
         assert_eq!(c.mtu, Some(1400));
-        assert!(c.ip_masq && c.hairpin_mode && !c.default_route);
+        assert!(c.ip_masq && c.hairpin_mode && !c.default_route && !c.detached_delete);
         assert_eq!(c.runtime_config.ips, vec!["10.244.1.150/24".to_string()]);
         assert_eq!(c.prev_result, None);
         assert_eq!(c.valid_attachments.unwrap().len(), 2);
@@ -367,6 +373,11 @@ mod tests {
                 r#"{"cniVersion":"1.0.0","name":"n","mtu":"big"}"#,
                 code::INVALID_CONFIG,
                 "mtu",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","detachedDelete":"no"}"#,
+                code::INVALID_CONFIG,
+                "detachedDelete",
             ),
         ];
         for (text, want, needle) in cases {

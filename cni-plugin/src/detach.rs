@@ -115,11 +115,11 @@ pub struct Target<'a> {
     pub place: String,
 }
 
-/// Deletes every target still present, in order: detached where possible (see the module
-/// docs), else synchronously. When this returns `Ok`, none of them is listed any more. The
+/// Deletes every target still present, in order: detached where possible and `detached` is
+/// set (the `detachedDelete` setting; see the module docs), else synchronously. When this returns `Ok`, none of them is listed any more. The
 /// first target's deletion usually takes the others with it (the two ends of one veth): their
 /// notifications are waited for too, and they are then skipped.
-pub fn delete(targets: &[Target<'_>], hooks: Hooks) -> Result<(), Error> {
+pub fn delete(targets: &[Target<'_>], detached: bool, hooks: Hooks) -> Result<(), Error> {
     // Per target, three sockets in its namespace, opened by one thread there when it is
     // another namespace: one to ask on, one subscribed to link notifications (never asked on:
     // when notifications overrun it, replies could be lost), one for the child to send from.
@@ -162,6 +162,7 @@ pub fn delete(targets: &[Target<'_>], hooks: Hooks) -> Result<(), Error> {
         // A second detached delete in one namespace (when the first did not take this target
         // along) needs a fresh socket to send from.
         let send = match spare[i].take() {
+            _ if !detached => None,
             Some(s) => Some(s),
             None => open_sockets(t.netns, 1).ok().and_then(|mut v| v.pop()),
         };

@@ -160,6 +160,27 @@ fn a_child_that_never_sends_makes_del_delete_synchronously() {
 }
 
 #[test]
+fn detached_delete_off_deletes_in_the_plugin_and_forks_nothing() {
+    let Some(n) = node("dsy") else { return };
+    let conf = n.conf("1.0.0", json!({"detachedDelete": false}));
+    let c = n.container(1);
+    let id = format!("{}-sy", n.prefix);
+    let add = n.tweed("ADD", &id, &c.path_str(), &conf);
+    assert!(add.ok(), "{}", add.stdout);
+    // The hook keeps a detached child alive after its ACK: with detached deletes on, one would
+    // still be there when DEL returns (see the stdout test above). Off, none may exist.
+    let path = c.path_str();
+    let call = Call::new("DEL", &id, &path).env("TWEED_CNI_TEST_PAUSE", "del-child-after");
+    let del = n.run(Path::new(TWEED), &call, &conf);
+    let left = plugin_processes(&id);
+    kill_all(&id);
+    assert!(del.ok(), "{} {}", del.stdout, del.stderr);
+    assert!(del.stdout.trim().is_empty());
+    assert_gone(&n, &c, "DEL");
+    assert_eq!(left, Vec::<i32>::new(), "a child was forked");
+}
+
+#[test]
 fn parallel_dels_leave_no_device_record_or_process() {
     let Some(n) = node("dpa") else { return };
     const N: usize = 50;
