@@ -234,6 +234,25 @@ pub fn flag_value<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 /// Parsed `ping -q` summary: (transmitted, received).
+/// `10.244.X.0` (X in 200..250, after the X in `skip`) that no host of the lab holds: for
+/// leases a test writes itself. The agents pick their subnets at random, so a fixed test subnet
+/// would now and then land on a host's own lease and overwrite it.
+pub fn free_subnet(lab: &Lab, skip: &[&str]) -> String {
+    let taken: Vec<String> = lab
+        .state()
+        .hosts
+        .iter()
+        .filter_map(|h| h.subnet.clone())
+        .collect();
+    (200..250)
+        .find(|o| {
+            !taken.iter().any(|t| t.starts_with(&format!("10.244.{o}.")))
+                && !skip.contains(&format!("10.244.{o}.0").as_str())
+        })
+        .map(|o| format!("10.244.{o}.0"))
+        .expect("a free 10.244.x.0/24 in 200..250")
+}
+
 pub fn ping_summary(out: &str) -> (u32, u32) {
     let line = out
         .lines()
@@ -312,16 +331,8 @@ pub mod flannel {
             let namespaces = Namespaces(vec![pod.clone(), node.clone()]);
             let underlay = lab.state().underlay_netns.clone();
 
-            let taken: Vec<String> = lab
-                .state()
-                .hosts
-                .iter()
-                .filter_map(|h| h.subnet.clone())
-                .collect();
-            let third = (200..250)
-                .find(|o| !taken.iter().any(|t| t.starts_with(&format!("10.244.{o}."))))
-                .unwrap();
-            let subnet = format!("10.244.{third}.0");
+            let subnet = super::free_subnet(lab, &[]);
+            let third = subnet.split('.').nth(2).expect("10.244.x.0").to_string();
 
             ip(&["netns", "add", &node]);
             ip(&[

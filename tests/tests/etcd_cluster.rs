@@ -94,11 +94,14 @@ fn three_member_cluster_survives_losing_its_leader() {
     );
     assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 3, "{keys}");
     // Watching: a lease written now reaches every agent's data plane.
+    let net = free_subnet(&lab, &[]);
+    let key = format!("/coreos.com/network/subnets/{net}-24");
+    let route = format!("{net}/24");
     etcdctl(
         &lab,
         &[
             "put",
-            "/coreos.com/network/subnets/10.244.250.0-24",
+            &key,
             r#"{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:99"}}"#,
         ],
     );
@@ -107,17 +110,10 @@ fn three_member_cluster_survives_losing_its_leader() {
         wait_for(
             Duration::from_secs(5),
             "the new lease to be programmed",
-            || {
-                vxlan_state(&ns, "tweed.1")
-                    .routes
-                    .contains("10.244.250.0/24")
-            },
+            || vxlan_state(&ns, "tweed.1").routes.contains(&route),
         );
     }
-    etcdctl(
-        &lab,
-        &["del", "/coreos.com/network/subnets/10.244.250.0-24"],
-    );
+    etcdctl(&lab, &["del", &key]);
     assert_eq!(
         lab.check_until(Duration::from_secs(10)).unwrap().summary(),
         "6 passed, 0 failed"

@@ -193,11 +193,12 @@ fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
         });
     }
     // A lease written after the recovery reaches every node (the watches came back).
-    ctl(&["put", &format!("{SUBNETS}/10.244.250.0-24"), &value]).unwrap();
+    let net = free_subnet(&lab, &[]);
+    ctl(&["put", &format!("{SUBNETS}/{net}-24"), &value]).unwrap();
     for h in ["h1", "h2"] {
         let ns = host_state(&lab, h).netns;
         wait_for(Duration::from_secs(15), "the new lease programmed", || {
-            vxlan_state(&ns, DEV).routes.contains("10.244.250.0/24")
+            vxlan_state(&ns, DEV).routes.contains(&format!("{net}/24"))
         });
     }
     assert_eq!(
@@ -226,11 +227,10 @@ fn corrupt_and_overlapping_leases_are_skipped_not_programmed() {
     let h1_net = subnet_network(h1.subnet.as_deref().unwrap());
     let third: u8 = h1_net.split('.').nth(2).unwrap().parse().unwrap();
     let covering = format!("10.244.{}.0", third & !1);
+    let covered = format!("10.244.{}.0", (third & !1) + 1);
+    let corrupt = format!("{}-24", free_subnet(&lab, &[&covering, &covered]));
     let bad = [
-        (
-            format!("{SUBNETS}/10.244.201.0-24"),
-            "{not json".to_string(),
-        ),
+        (format!("{SUBNETS}/{corrupt}"), "{not json".to_string()),
         (
             format!("{SUBNETS}/10.244.0.0-16"),
             fake_lease(&lab, "h1", "198.18.0.66", "02:00:00:00:00:66"),
@@ -251,21 +251,18 @@ fn corrupt_and_overlapping_leases_are_skipped_not_programmed() {
                 "the bad leases to be logged",
                 || {
                     let log = std::fs::read_to_string(&s.log).unwrap_or_default();
-                    [
-                        "10.244.201.0-24",
-                        "10.244.0.0-16",
-                        &format!("{covering}-23"),
-                    ]
-                    .iter()
-                    .all(|k| {
-                        log.lines()
-                            .any(|l| l.contains("skipping lease") && l.contains(k))
-                    })
+                    [&corrupt, "10.244.0.0-16", &format!("{covering}-23")]
+                        .iter()
+                        .all(|k| {
+                            log.lines()
+                                .any(|l| l.contains("skipping lease") && l.contains(k))
+                        })
                 },
             );
             let routes = in_ns(&s.netns, &["ip", "route", "show"]);
+            let corrupt_route = corrupt.replace("-24", "/24");
             for bogus in [
-                "10.244.201.0/24",
+                corrupt_route.as_str(),
                 "10.244.0.0/16",
                 &format!("{covering}/23"),
                 "198.18.0.66",
@@ -317,11 +314,7 @@ fn corrupt_and_overlapping_leases_are_skipped_not_programmed() {
     );
     assert!(tweed_lab::netns::pid_in(&s.netns, pid));
     let log = std::fs::read_to_string(&stopped.log).unwrap();
-    for k in [
-        "10.244.201.0-24",
-        "10.244.0.0-16",
-        &format!("{covering}-23"),
-    ] {
+    for k in [&corrupt, "10.244.0.0-16", &format!("{covering}-23")] {
         assert!(
             log.lines()
                 .any(|l| l.contains("skipping lease") && l.contains(k)),

@@ -76,10 +76,7 @@ fn two_hosts(tag: &str) -> TwoHosts {
     let h2 = host_state(&lab, "h2");
     let s1 = network_of(h1.subnet.as_deref().unwrap());
     let s2 = network_of(h2.subnet.as_deref().unwrap());
-    let spare = (200..255)
-        .map(|i| format!("10.244.{i}.0/24"))
-        .find(|s| *s != s1 && *s != s2)
-        .unwrap();
+    let spare = format!("{}/24", free_subnet(&lab, &[]));
     TwoHosts {
         lab,
         sock1: h1.log.with_file_name("tweedd.sock"),
