@@ -659,20 +659,24 @@ impl Worker {
         let c = &self.counters;
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as usize;
-        let mut control = vec![0u8; space * RX_BATCH];
-        // SAFETY: all-zero sockaddr_in/iovec/mmsghdr are valid values.
-        let mut addrs: Vec<libc::sockaddr_in> =
-            (0..RX_BATCH).map(|_| unsafe { zeroed() }).collect();
-        let mut iovs: Vec<libc::iovec> = bufs
-            .rx
-            .iter_mut()
-            .map(|b| libc::iovec {
+        // Made on the first receive and kept in `bufs` after: the receive path does not
+        // allocate. The iovecs point into `bufs.rx`, whose buffers never move, and the kernel
+        // does not change them; every header field is set again below before each call.
+        let mut control = std::mem::take(&mut bufs.rx_control);
+        control.resize(space * RX_BATCH, 0);
+        let mut addrs = std::mem::take(&mut bufs.rx_addrs);
+        // SAFETY: all-zero sockaddr_in/mmsghdr are valid values.
+        addrs.resize_with(RX_BATCH, || unsafe { zeroed() });
+        let mut iovs = std::mem::take(&mut bufs.rx_iovs);
+        if iovs.is_empty() {
+            iovs.extend(bufs.rx.iter_mut().map(|b| libc::iovec {
                 iov_base: b.as_mut_ptr().cast(),
                 iov_len: b.len(),
-            })
-            .collect();
+            }));
+        }
+        let mut msgs = std::mem::take(&mut bufs.rx_msgs);
         // SAFETY: see above.
-        let mut msgs: Vec<libc::mmsghdr> = (0..RX_BATCH).map(|_| unsafe { zeroed() }).collect();
+        msgs.resize_with(RX_BATCH, || unsafe { zeroed() });
         for _round in 0..4 {
             for (i, m) in msgs.iter_mut().enumerate() {
                 let h = &mut m.msg_hdr;
