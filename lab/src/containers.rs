@@ -5,13 +5,14 @@
 //! (`ip netns attach`), so `check`, `exec hN/pM` and `down` treat it like any other pod.
 
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
 use crate::cmd::{self, CmdError};
+use crate::error::{io_err, IoError};
+use crate::state::LabState;
 
 /// The image every runtime pod runs.
 pub const IMAGE: &str = "busybox";
@@ -22,21 +23,12 @@ pub const POD_COMMAND: &[&str] = &["sleep", "2000000000"];
 pub enum RuntimeError {
     #[error("`busybox` not found: install the Debian package busybox-static")]
     NoBusybox,
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(transparent)]
     Cmd(#[from] CmdError),
     #[error("tweedctl {what}: unexpected output {output:?}")]
     Output { what: String, output: String },
-}
-
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RuntimeError {
-    let path = path.to_path_buf();
-    move |source| RuntimeError::Io { what, path, source }
 }
 
 /// A busybox root filesystem in `dir`: `/bin/busybox` (static) and a link per applet.
@@ -68,6 +60,16 @@ pub struct Tweedctl {
     /// `--cni-path`: `run` needs it for ADD and `rm` for DEL (a container records its host
     /// namespace and network list, not where the plugins are).
     pub cni_path: Option<PathBuf>,
+}
+
+/// tweedctl with the state directories of a `--pods-via runtime` lab; `None` for other labs.
+pub fn of_lab(state: &LabState) -> Option<Tweedctl> {
+    state.runtime.as_ref().map(|r| Tweedctl {
+        bin: r.tweedctl.clone(),
+        root: r.root.clone(),
+        image_root: r.image_root.clone(),
+        cni_path: state.cni_path.clone(),
+    })
 }
 
 /// What `run` needs per host.

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cmd::{self, CmdError};
+use crate::error::{io_err, IoError};
 
 /// How long `start` waits for etcd to answer a health check.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,12 +30,8 @@ pub enum EtcdError {
     MissingBinary(&'static str, &'static str),
     #[error("network namespace `{0}` does not exist (no /run/netns/{0})")]
     NoNetns(String),
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("could not find a free port on {ip}{}: {source}", ns_suffix(.netns))]
     NoFreePort {
         ip: IpAddr,
@@ -155,6 +152,19 @@ impl EtcdOptions {
         }
     }
 
+    /// Makes `members` one cluster: the same `--initial-cluster` (every member's
+    /// `name=peer URL`) for all of them. Their ports must be set first.
+    pub fn join_as_cluster(members: &mut [EtcdOptions]) {
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in members {
+            m.initial_cluster = Some(initial.clone());
+        }
+    }
+
     /// This member's peer URL (`http://<listen_ip>:<peer_port>`), for `--initial-cluster`.
     pub fn peer_url(&self) -> String {
         url(self.listen_ip, self.peer_port)
@@ -256,11 +266,7 @@ impl EtcdProcess {
         }
         let log = opts.log_path();
         if let Some(parent) = log.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).map_err(|source| EtcdError::Io {
-                what: "cannot create log directory",
-                path: parent.to_path_buf(),
-                source,
-            })?;
+            fs::create_dir_all(parent).map_err(io_err("cannot create log directory", parent))?;
         }
         Ok(log)
     }
@@ -329,16 +335,10 @@ impl EtcdProcess {
             .create(true)
             .append(true)
             .open(log)
-            .map_err(|source| EtcdError::Io {
-                what: "cannot open etcd log",
-                path: log.to_path_buf(),
-                source,
-            })?;
-        let log_err = log_out.try_clone().map_err(|source| EtcdError::Io {
-            what: "cannot open etcd log",
-            path: log.to_path_buf(),
-            source,
-        })?;
+            .map_err(io_err("cannot open etcd log", log))?;
+        let log_err = log_out
+            .try_clone()
+            .map_err(io_err("cannot open etcd log", log))?;
 
         let mut command = match &opts.netns {
             Some(ns) => {
@@ -782,14 +782,7 @@ mod tests {
                 o
             })
             .collect();
-        let initial = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url()))
-            .collect::<Vec<_>>()
-            .join(",");
-        for m in &mut members {
-            m.initial_cluster = Some(initial.clone());
-        }
+        EtcdOptions::join_as_cluster(&mut members);
         let mut cluster = EtcdProcess::start_cluster(members, false).unwrap();
         let all: Vec<String> = cluster.iter().flat_map(|m| m.endpoints()).collect();
         assert_eq!(all.len(), 3);

@@ -1,32 +1,29 @@
-//! Pod wiring. Three ways, one shape (a `cni0` bridge in the host namespace and one namespace per
-//! pod behind it):
+//! Pods: how a lab attaches them, and how `down` detaches them. Three ways, one shape (a `cni0`
+//! bridge in the host namespace and one namespace per pod behind it):
 //!
 //! * [`PodsVia::Cni`] (the default): the real tweed CNI plugin, run by the CNI protocol inside the
-//!   host namespace, as a container runtime would ([`cni_add`], [`cni_del`]).
+//!   host namespace, as a container runtime would (see [`crate::cni`]).
 //! * [`PodsVia::Runtime`]: each pod is a `tweedctl run --net overlay` container (see
 //!   [`crate::containers`]), which calls the same plugin.
 //! * [`PodsVia::Direct`]: the lab wires the pods itself with `ip` ([`wire_bridge`], [`wire_pod`]).
 //!   It needs no plugin binary, so it tells an agent problem from a plugin problem.
 
-use std::fmt;
-use std::io::Write as _;
+use std::fs;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::str::FromStr;
+use std::process::Command;
 
 use ipnetwork::Ipv4Network;
-use serde_json::{json, Value};
 use tweed_config::SubnetEnv;
 
 use crate::cmd::{self, CmdError};
+use crate::cni::{self, CniCall};
+use crate::containers::{self, Tweedctl};
+use crate::error::{io_err, LabError};
 use crate::names::{self, Names};
 use crate::netns;
-
-/// The CNI network name, also the IPAM directory under `dataDir`.
-pub const CNI_NETWORK: &str = "tweed";
-pub const CNI_VERSION: &str = "1.0.0";
-/// Where a host's conflist lives, under its `hosts/hN/` directory.
-pub const CONFLIST: &str = "net.d/10-tweed.conflist";
+use crate::spec::{self, Binary};
+use crate::state::{HostState, LabState, PodState};
 
 /// How `up` attaches pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,195 +37,17 @@ pub enum PodsVia {
     Direct,
 }
 
-impl PodsVia {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PodsVia::Cni => "cni",
-            PodsVia::Runtime => "runtime",
-            PodsVia::Direct => "direct",
-        }
-    }
+string_enum!(PodsVia, "pod mode", {
+    Cni => "cni",
+    Runtime => "runtime",
+    Direct => "direct",
+});
 
+impl PodsVia {
     /// Whether this mode needs the CNI plugin binary.
     pub fn uses_plugin(self) -> bool {
         self != PodsVia::Direct
     }
-}
-
-impl fmt::Display for PodsVia {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for PodsVia {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cni" => Ok(PodsVia::Cni),
-            "runtime" => Ok(PodsVia::Runtime),
-            "direct" => Ok(PodsVia::Direct),
-            other => Err(format!(
-                "unknown pod mode {other:?}: expected cni, runtime or direct"
-            )),
-        }
-    }
-}
-
-/// A failed CNI call: what the plugin said (its JSON error on stdout) and where.
-#[derive(Debug, thiserror::Error)]
-pub enum CniError {
-    #[error("could not run the CNI plugin `{command}`: {source}")]
-    Spawn {
-        command: String,
-        source: std::io::Error,
-    },
-    #[error("CNI {verb} of {target} failed: {msg}")]
-    Failed {
-        verb: &'static str,
-        /// `<container> (netns <pod ns>) in host netns <host ns>`
-        target: String,
-        /// The exit status and the plugin's error `code` and `msg`, else its raw output.
-        msg: String,
-    },
-    #[error("CNI ADD of {container}: the result has no IPv4 address: {result}")]
-    NoAddress { container: String, result: String },
-}
-
-/// A host's network configuration list, as `/etc/cni/net.d/10-tweed.conflist` would hold it.
-pub fn conflist(subnet_file: &Path, data_dir: &Path) -> Value {
-    json!({
-        "cniVersion": CNI_VERSION,
-        "name": CNI_NETWORK,
-        "plugins": [{
-            "type": "tweed",
-            "subnetFile": subnet_file,
-            "dataDir": data_dir,
-        }],
-    })
-}
-
-/// What a runtime sends the first plugin of `list` on stdin: the plugin's entry plus the list's
-/// `name` and `cniVersion`.
-pub fn plugin_conf(list: &Value) -> Value {
-    let mut conf = list["plugins"][0].clone();
-    if let Some(o) = conf.as_object_mut() {
-        o.insert("name".into(), list["name"].clone());
-        o.insert("cniVersion".into(), list["cniVersion"].clone());
-    }
-    conf
-}
-
-/// One CNI call's parameters (the `CNI_*` variables).
-#[derive(Debug, Clone)]
-pub struct CniCall<'a> {
-    pub plugin: &'a Path,
-    /// `CNI_PATH`
-    pub cni_path: &'a Path,
-    /// The namespace that plays the host: the plugin runs inside it.
-    pub host_ns: &'a str,
-    pub container_id: &'a str,
-    /// The pod's namespace name (`CNI_NETNS=/run/netns/<it>`).
-    pub pod_ns: &'a str,
-    /// The plugin's configuration (stdin).
-    pub conf: &'a Value,
-}
-
-impl CniCall<'_> {
-    fn command(&self, verb: &str, netns_path: &str) -> Command {
-        let mut c = netns::exec_command(self.host_ns, &[self.plugin]);
-        c.env("CNI_COMMAND", verb)
-            .env("CNI_CONTAINERID", self.container_id)
-            .env("CNI_NETNS", netns_path)
-            .env("CNI_IFNAME", names::POD_IFACE)
-            .env("CNI_PATH", self.cni_path)
-            .env_remove("CNI_ARGS")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    }
-
-    fn run(&self, verb: &'static str, netns_path: &str) -> Result<String, CniError> {
-        let mut c = self.command(verb, netns_path);
-        let spawn_err = |c: &Command, source| CniError::Spawn {
-            command: cmd::display(c),
-            source,
-        };
-        let mut child = c.spawn().map_err(|e| spawn_err(&c, e))?;
-        let input = self.conf.to_string();
-        if let Some(mut stdin) = child.stdin.take() {
-            // A plugin that exits without reading gives EPIPE here; its output says why.
-            let _ = stdin.write_all(input.as_bytes());
-        }
-        let out = child.wait_with_output().map_err(|e| spawn_err(&c, e))?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            return Ok(stdout);
-        }
-        let msg = match serde_json::from_str::<Value>(&stdout) {
-            Ok(v) if v.get("msg").is_some() => format!(
-                "code {}: {}",
-                v["code"],
-                v["msg"].as_str().unwrap_or_default()
-            ),
-            _ => format!(
-                "{} {}",
-                stdout.trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-            .trim()
-            .to_string(),
-        };
-        Err(CniError::Failed {
-            verb,
-            target: format!(
-                "{} (netns {}) in host netns {}",
-                self.container_id, self.pod_ns, self.host_ns
-            ),
-            msg: format!("({}) {msg}", out.status),
-        })
-    }
-}
-
-/// CNI ADD: the plugin attaches the (existing) pod namespace; returns the pod's address.
-pub fn cni_add(call: &CniCall<'_>) -> Result<Ipv4Network, CniError> {
-    let out = call.run("ADD", &format!("/run/netns/{}", call.pod_ns))?;
-    result_ipv4(&out).ok_or_else(|| CniError::NoAddress {
-        container: call.container_id.into(),
-        result: out.trim().to_string(),
-    })
-}
-
-/// CNI DEL (idempotent; an empty `CNI_NETNS` when the pod namespace is gone).
-pub fn cni_del(call: &CniCall<'_>) -> Result<(), CniError> {
-    let path = Path::new("/run/netns").join(call.pod_ns);
-    let netns_path = if path.exists() {
-        path.display().to_string()
-    } else {
-        String::new()
-    };
-    call.run("DEL", &netns_path).map(|_| ())
-}
-
-/// The first IPv4 address of a CNI result (`ips[].address`, e.g. `10.244.3.2/24`).
-pub fn result_ipv4(result: &str) -> Option<Ipv4Network> {
-    let v: Value = serde_json::from_str(result).ok()?;
-    v.get("ips")?
-        .as_array()?
-        .iter()
-        .filter_map(|ip| ip.get("address")?.as_str()?.parse::<Ipv4Network>().ok())
-        .next()
-}
-
-/// `CNI_PATH` for the lab: `<dir>/tweed`, a link to the plugin, so that a plugin file not named
-/// `tweed` still answers to `"type": "tweed"`.
-pub fn cni_bin_dir(dir: &Path, plugin: &Path) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let link = dir.join("tweed");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(plugin, &link)?;
-    Ok(dir.to_path_buf())
 }
 
 /// One pod to create. Pure data, so the plan is unit-testable.
@@ -249,16 +68,22 @@ pub fn plan(
     env: &SubnetEnv,
     count: usize,
 ) -> Result<Vec<PodPlan>, String> {
-    (1..=count)
-        .map(|p| {
-            Ok(PodPlan {
-                name: names.pod(p),
-                netns: names.pod_ns(host, p),
-                ip: names::pod_ip(env.subnet, p)?,
-                host_veth: names.pod_veth(p),
-            })
-        })
-        .collect()
+    (1..=count).map(|p| plan_pod(names, host, env, p)).collect()
+}
+
+/// Pod `pod` of host `host`.
+pub fn plan_pod(
+    names: &Names,
+    host: usize,
+    env: &SubnetEnv,
+    pod: usize,
+) -> Result<PodPlan, String> {
+    Ok(PodPlan {
+        name: names.pod(pod),
+        netns: names.pod_ns(host, pod),
+        ip: names::pod_ip(env.subnet, pod)?,
+        host_veth: names.pod_veth(pod),
+    })
 }
 
 /// The host's pod bridge: holds TWEED_SUBNET's address, MTU TWEED_MTU.
@@ -304,44 +129,237 @@ pub fn wire_pod(host_ns: &str, env: &SubnetEnv, pod: &PodPlan) -> Result<(), Cmd
     Ok(())
 }
 
+/// A lab's way of attaching pods, with what that way runs.
+#[derive(Debug, Clone)]
+pub(crate) enum Attach {
+    Direct,
+    Cni { plugin: PathBuf, cni_path: PathBuf },
+    Runtime(Tweedctl),
+}
+
+impl Attach {
+    /// From a lab's state once its `CNI_PATH` is set up.
+    pub(crate) fn of_lab(state: &LabState) -> Result<Attach, LabError> {
+        let missing = |what: &str| {
+            LabError::Spec(format!(
+                "lab {}: pods via {} but no {what} in its state",
+                state.name, state.pods_via
+            ))
+        };
+        Ok(match state.pods_via {
+            PodsVia::Direct => Attach::Direct,
+            PodsVia::Cni => Attach::Cni {
+                plugin: state
+                    .cni_plugin
+                    .clone()
+                    .ok_or_else(|| missing("CNI plugin"))?,
+                cni_path: state.cni_path.clone().ok_or_else(|| missing("CNI_PATH"))?,
+            },
+            PodsVia::Runtime => {
+                Attach::Runtime(containers::of_lab(state).ok_or_else(|| missing("tweedctl"))?)
+            }
+        })
+    }
+}
+
+/// What a host needs before its first pod: the directly wired pods' bridge (the plugin makes its
+/// own).
+pub(crate) fn prepare_host(
+    how: &Attach,
+    host: &HostState,
+    env: &SubnetEnv,
+) -> Result<(), LabError> {
+    if let Attach::Direct = how {
+        wire_bridge(&host.netns, env)?;
+    }
+    Ok(())
+}
+
+/// Pod `pod` (from 1) of host `host_no`, whose state is `host`.
+pub(crate) fn attach_pod(
+    how: &Attach,
+    names: &Names,
+    host_no: usize,
+    host: &HostState,
+    env: &SubnetEnv,
+    pod: usize,
+) -> Result<PodState, LabError> {
+    let (name, pod_ns) = (names.pod(pod), names.pod_ns(host_no, pod));
+    let conf_path = || {
+        host.cni_conf
+            .clone()
+            .ok_or_else(|| LabError::Spec(format!("host {} has no CNI conflist", host.name)))
+    };
+    let (ip, container_id) = match how {
+        Attach::Direct => {
+            let p = plan_pod(names, host_no, env, pod)
+                .map_err(|e| LabError::Spec(format!("pods on {}: {e}", host.name)))?;
+            wire_pod(&host.netns, env, &p)?;
+            (p.ip.ip(), None)
+        }
+        Attach::Cni { plugin, cni_path } => {
+            netns::add(&pod_ns)?;
+            let conf = cni::read_plugin_conf(&conf_path()?)?;
+            let ip = cni::cni_add(&CniCall {
+                plugin,
+                cni_path,
+                host_ns: &host.netns,
+                container_id: &pod_ns,
+                pod_ns: &pod_ns,
+                conf: &conf,
+            })?;
+            (ip.ip(), None)
+        }
+        Attach::Runtime(rt) => {
+            let conf = conf_path()?;
+            let net = containers::HostNet {
+                host_ns: &host.netns,
+                cni_conf: &conf,
+            };
+            let id = rt.run_pod(&net, &format!("{}-{name}", host.name))?;
+            let (pid, ip) = rt.pid_and_ip(&id)?;
+            let ip: Ipv4Addr = ip.parse().map_err(|_| {
+                LabError::Spec(format!("container {id} has no IPv4 address: {ip:?}"))
+            })?;
+            // Named like any pod's, so `check`, `exec hN/pM` and `down` need not know.
+            cmd::run(Command::new("ip").args(["netns", "attach", &pod_ns, &pid.to_string()]))?;
+            (ip, Some(id))
+        }
+    };
+    Ok(PodState {
+        name,
+        netns: pod_ns,
+        ip,
+        container_id,
+    })
+}
+
+/// `p1 10.244.3.2`, and the container for tweedctl pods.
+pub(crate) fn describe(pod: &PodState) -> String {
+    match &pod.container_id {
+        Some(id) => format!(
+            "{} {} (container {})",
+            pod.name,
+            pod.ip,
+            id.chars().take(12).collect::<String>()
+        ),
+        None => format!("{} {}", pod.name, pod.ip),
+    }
+}
+
+/// Runs CNI DEL for the lab's CNI pods and `tweedctl rm -f` for its containers (best effort, as a
+/// node would: the namespaces go anyway); returns what failed.
+pub(crate) fn detach_all(dir: &Path, state: Option<&LabState>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    // Containers: every one in the lab's runtime root, recorded in state.json or not (an `up`
+    // may have died between `run` and saving).
+    let runtime_root = dir.join("runtime");
+    if runtime_root.join("containers").is_dir() {
+        let rt = match state.and_then(containers::of_lab) {
+            Some(rt) => Some(rt),
+            None => spec::find_binary(Binary::Tweedctl, None)
+                .ok()
+                .map(|bin| Tweedctl {
+                    bin,
+                    root: runtime_root.clone(),
+                    image_root: dir.join("images"),
+                    cni_path: Some(dir.join("cni-bin")).filter(|p| p.is_dir()),
+                }),
+        };
+        match rt {
+            Some(rt) => {
+                if let Err(e) = rt.ids().and_then(|ids| rt.remove(&ids)) {
+                    warnings.push(format!("removing the lab's containers: {e}"));
+                }
+            }
+            None => warnings.push("containers left: tweedctl not found".into()),
+        }
+    }
+    let Some(s) = state else {
+        return warnings;
+    };
+    if s.pods_via != PodsVia::Cni {
+        return warnings;
+    }
+    let (Some(plugin), Some(cni_path)) = (&s.cni_plugin, &s.cni_path) else {
+        return warnings;
+    };
+    for h in s.hosts.iter().filter(|h| netns::exists(&h.netns)) {
+        let Some(Ok(conf)) = h.cni_conf.as_deref().map(cni::read_plugin_conf) else {
+            continue;
+        };
+        for p in &h.pods {
+            let call = CniCall {
+                plugin,
+                cni_path,
+                host_ns: &h.netns,
+                container_id: &p.netns,
+                pod_ns: &p.netns,
+                conf: &conf,
+            };
+            if let Err(e) = cni::cni_del(&call) {
+                warnings.push(e.to_string());
+            }
+        }
+    }
+    warnings
+}
+
+/// Writes host `host_dir`'s conflist (for the plugin modes); returns its path.
+pub(crate) fn write_conflist(host_dir: &Path, subnet_file: &Path) -> Result<PathBuf, LabError> {
+    let path = host_dir.join(cni::CONFLIST);
+    let parent = path.parent().unwrap_or(host_dir);
+    fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
+    let list = cni::conflist(subnet_file, &host_dir.join("ipam"));
+    fs::write(&path, format!("{list:#}\n")).map_err(io_err("cannot write", &path))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn conflist_and_plugin_conf_are_what_a_runtime_sends() {
-        let list = conflist(
-            Path::new("/lab/hosts/h1/subnet.env"),
-            Path::new("/lab/hosts/h1/ipam"),
-        );
-        assert_eq!(
-            list,
-            json!({"cniVersion":"1.0.0","name":"tweed","plugins":[{"type":"tweed",
-                "subnetFile":"/lab/hosts/h1/subnet.env","dataDir":"/lab/hosts/h1/ipam"}]})
-        );
-        assert_eq!(
-            plugin_conf(&list),
-            json!({"cniVersion":"1.0.0","name":"tweed","type":"tweed",
-                "subnetFile":"/lab/hosts/h1/subnet.env","dataDir":"/lab/hosts/h1/ipam"})
-        );
-    }
-
-    #[test]
-    fn result_address_is_parsed() {
-        let r = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"cni0"}],
-            "ips":[{"address":"10.244.3.2/24","gateway":"10.244.3.1","interface":2}]}"#;
-        assert_eq!(result_ipv4(r).unwrap().to_string(), "10.244.3.2/24");
-        assert_eq!(result_ipv4(r#"{"ips":[]}"#), None);
-        assert_eq!(result_ipv4("not json"), None);
-    }
-
-    #[test]
     fn pod_modes_parse() {
         for m in [PodsVia::Cni, PodsVia::Runtime, PodsVia::Direct] {
             assert_eq!(m.as_str().parse::<PodsVia>().unwrap(), m);
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
         }
-        assert!("cri".parse::<PodsVia>().unwrap_err().contains("expected"));
+        assert_eq!(
+            "cri".parse::<PodsVia>().unwrap_err(),
+            r#"unknown pod mode "cri": expected cni, runtime or direct"#
+        );
         assert_eq!(PodsVia::default(), PodsVia::Cni);
+    }
+
+    #[test]
+    fn pods_are_described_with_a_short_container_id() {
+        let mut p = PodState {
+            name: "p1".into(),
+            netns: "twl-demo-h1-p1".into(),
+            ip: Ipv4Addr::new(10, 244, 3, 2),
+            container_id: None,
+        };
+        assert_eq!(describe(&p), "p1 10.244.3.2");
+        p.container_id = Some("0123456789abcdef".into());
+        assert_eq!(describe(&p), "p1 10.244.3.2 (container 0123456789ab)");
+        p.container_id = Some("abc".into());
+        assert_eq!(describe(&p), "p1 10.244.3.2 (container abc)");
+    }
+
+    #[test]
+    fn the_conflist_written_is_the_one_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let subnet = dir.path().join("subnet.env");
+        let path = write_conflist(dir.path(), &subnet).unwrap();
+        assert_eq!(path, dir.path().join("net.d/10-tweed.conflist"));
+        let conf = cni::read_plugin_conf(&path).unwrap();
+        assert_eq!(conf["type"], "tweed");
+        assert_eq!(conf["subnetFile"], subnet.display().to_string());
+        assert_eq!(
+            conf["dataDir"],
+            dir.path().join("ipam").display().to_string()
+        );
     }
 
     #[test]

@@ -1,10 +1,37 @@
 //! `state.json`: what a lab is made of, written as it is built so that `down` and `status` work
 //! from another process, and after a half-finished `up`.
+//!
+//! Labs outlive upgrades of `tweed-lab` (an operator may have one up across an upgrade and must
+//! still be able to `down` it), so every field added after the first release has a default that
+//! describes what older labs did, and the typed fields keep the spelling older labs wrote:
+//! `backend` as flannel spells it, `pods_via` in lowercase, `lease_ttl` as a humantime duration.
 
+use std::fmt::Display;
+use std::fs;
+use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{io_err, IoError};
+use crate::pods::PodsVia;
+use crate::spec::Backend;
+
+/// Reading or writing `state.json`, with the file it was about.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// Names the field when a value is bad (e.g. `field `backend`: unknown backend "ipip"`).
+    #[error("{}: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
 
 /// Where labs keep their state: `$TWEED_LAB_ROOT`, else `/run/tweed-lab` (tmpfs: gone on reboot,
 /// like the namespaces it describes).
@@ -26,7 +53,8 @@ pub enum Phase {
 pub struct LabState {
     pub name: String,
     pub phase: Phase,
-    pub backend: String,
+    #[serde(deserialize_with = "backend")]
+    pub backend: Backend,
     /// vxlan's `DirectRouting`.
     #[serde(default)]
     pub direct_routing: bool,
@@ -35,9 +63,9 @@ pub struct LabState {
     #[serde(default = "one")]
     pub segments: usize,
     pub pods_per_host: usize,
-    /// How pods are attached: `cni`, `runtime` or `direct` (labs older than this field: direct).
-    #[serde(default = "direct")]
-    pub pods_via: String,
+    /// How pods are attached (labs older than this field wired them directly).
+    #[serde(default = "direct", deserialize_with = "pods_via")]
+    pub pods_via: PodsVia,
     pub tweedd: PathBuf,
     /// The tweed CNI plugin (`cni` and `runtime` pods).
     #[serde(default)]
@@ -48,7 +76,9 @@ pub struct LabState {
     /// `runtime` pods: tweedctl and its per-lab state.
     #[serde(default)]
     pub runtime: Option<RuntimeState>,
-    pub lease_ttl: String,
+    /// The agents' `--lease-ttl`, written like `5m`.
+    #[serde(serialize_with = "humantime_duration", deserialize_with = "lease_ttl")]
+    pub lease_ttl: Duration,
     pub underlay_netns: String,
     /// The namespace outside the overlay (198.18.0.250).
     #[serde(default)]
@@ -61,8 +91,40 @@ fn one() -> usize {
     1
 }
 
-fn direct() -> String {
-    "direct".into()
+fn direct() -> PodsVia {
+    PodsVia::Direct
+}
+
+/// A string field parsed by `parse`; errors name the field, since serde_json's own messages only
+/// give a line and column.
+fn parsed<'de, D, T, E>(
+    field: &'static str,
+    d: D,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    E: Display,
+{
+    let s =
+        String::deserialize(d).map_err(|e| D::Error::custom(format!("field `{field}`: {e}")))?;
+    parse(&s).map_err(|e| D::Error::custom(format!("field `{field}`: {e}")))
+}
+
+fn backend<'de, D: Deserializer<'de>>(d: D) -> Result<Backend, D::Error> {
+    parsed("backend", d, str::parse)
+}
+
+fn pods_via<'de, D: Deserializer<'de>>(d: D) -> Result<PodsVia, D::Error> {
+    parsed("pods_via", d, str::parse)
+}
+
+fn lease_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    parsed("lease_ttl", d, humantime::parse_duration)
+}
+
+fn humantime_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
 }
 
 /// What `tweedctl` needs to find the lab's containers again: `tweedctl --root ROOT --image-root
@@ -110,10 +172,10 @@ pub struct HostState {
     /// Underlay segment: 0 (A, 198.18.0.0/24) or 1 (B, 198.18.1.0/24).
     #[serde(default)]
     pub segment: usize,
-    /// The agent's gRPC socket, when this tweedd takes `--api-socket`.
+    /// The agent's gRPC socket; `None` when the lab's `agent_args` chose their own.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
-    /// The agent's metrics URL, when this tweedd takes `--metrics-addr`.
+    /// The agent's metrics URL; `None` when the lab's `agent_args` chose their own address.
     #[serde(default)]
     pub metrics: Option<String>,
     /// The host's CNI network configuration list (`net.d/10-tweed.conflist`).
@@ -138,4 +200,155 @@ pub struct PodState {
 
 pub fn state_file(dir: &Path) -> PathBuf {
     dir.join("state.json")
+}
+
+impl LabState {
+    /// The state of the lab in `dir`; `Ok(None)` when it has no state.json.
+    pub fn read(dir: &Path) -> Result<Option<LabState>, StateError> {
+        let path = state_file(dir);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("cannot read", &path)(e).into()),
+        };
+        Self::parse(&path, &text).map(Some)
+    }
+
+    /// Parses the text of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<LabState, StateError> {
+        serde_json::from_str(text).map_err(|source| StateError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Replaces `dir`'s state.json atomically, so a reader never sees half of it.
+    pub fn write(&self, dir: &Path) -> Result<(), StateError> {
+        let path = state_file(dir);
+        let tmp = dir.join(".state.json.tmp");
+        let text = serde_json::to_string_pretty(self).map_err(|source| StateError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        fs::write(&tmp, text + "\n").map_err(io_err("cannot write", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("cannot write", &path))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state.json as the first tweed-lab wrote it: no pods_via, segments, CNI, runtime,
+    /// outside namespace, etcd members, API socket or metrics.
+    const FIRST_RELEASE: &str = r#"{
+  "name": "old",
+  "phase": "ready",
+  "backend": "host-gw",
+  "network": "10.244.0.0/16",
+  "pods_per_host": 1,
+  "tweedd": "/usr/bin/tweedd",
+  "lease_ttl": "1m 30s",
+  "underlay_netns": "twl-old-u",
+  "etcd": {
+    "pid": 4000,
+    "endpoints": ["http://198.18.0.254:2379"],
+    "data_dir": "/run/tweed-lab/old/etcd",
+    "log": "/run/tweed-lab/old/etcd.log"
+  },
+  "hosts": [{
+    "name": "h1",
+    "netns": "twl-old-h1",
+    "public_ip": "198.18.0.1",
+    "agent_pid": 4001,
+    "log": "/run/tweed-lab/old/hosts/h1/tweedd.log",
+    "subnet_file": "/run/tweed-lab/old/hosts/h1/subnet.env",
+    "agent_state_dir": "/run/tweed-lab/old/hosts/h1/lib",
+    "subnet": "10.244.5.1/24",
+    "mtu": 1500,
+    "pods": [{"name": "p1", "netns": "twl-old-h1-p1", "ip": "10.244.5.2"}]
+  }]
+}"#;
+
+    #[test]
+    fn a_first_release_state_reads_with_the_defaults_of_its_time() {
+        let s = LabState::parse(Path::new("state.json"), FIRST_RELEASE).unwrap();
+        assert_eq!(s.backend, Backend::HostGw);
+        assert_eq!(s.lease_ttl, Duration::from_secs(90));
+        assert_eq!(s.pods_via, PodsVia::Direct);
+        assert_eq!(s.segments, 1);
+        assert!(!s.direct_routing);
+        assert!(s.cni_plugin.is_none() && s.runtime.is_none() && s.outside_netns.is_none());
+        assert!(s.etcd.as_ref().unwrap().members.is_empty());
+        let h = &s.hosts[0];
+        assert_eq!(
+            (h.segment, h.api_socket.as_ref(), h.metrics.as_ref()),
+            (0, None, None)
+        );
+        assert_eq!(h.pods[0].container_id, None);
+    }
+
+    #[test]
+    fn typed_fields_are_written_as_older_labs_wrote_them() {
+        let mut s = LabState::parse(Path::new("state.json"), FIRST_RELEASE).unwrap();
+        s.pods_via = PodsVia::Runtime;
+        s.lease_ttl = Duration::from_secs(300);
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["backend"], "host-gw");
+        assert_eq!(v["pods_via"], "runtime");
+        assert_eq!(v["lease_ttl"], "5m");
+        let back = LabState::parse(Path::new("state.json"), &v.to_string()).unwrap();
+        assert_eq!(
+            (back.backend, back.pods_via, back.lease_ttl),
+            (s.backend, s.pods_via, s.lease_ttl)
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_the_file_and_the_field() {
+        let path = Path::new("/run/tweed-lab/old/state.json");
+        for (field, from, to) in [
+            ("backend", r#""backend": "host-gw""#, r#""backend": "ipip""#),
+            (
+                "lease_ttl",
+                r#""lease_ttl": "1m 30s""#,
+                r#""lease_ttl": "soon""#,
+            ),
+            (
+                "lease_ttl",
+                r#""lease_ttl": "1m 30s""#,
+                r#""lease_ttl": 90"#,
+            ),
+            (
+                "pods_via",
+                r#""pods_per_host": 1,"#,
+                r#""pods_per_host": 1, "pods_via": "cri","#,
+            ),
+        ] {
+            let text = FIRST_RELEASE.replace(from, to);
+            assert_ne!(text, FIRST_RELEASE);
+            let e = LabState::parse(path, &text).unwrap_err().to_string();
+            assert!(e.starts_with("/run/tweed-lab/old/state.json: "), "{e}");
+            assert!(e.contains(&format!("field `{field}`")), "{e}");
+        }
+        let e = LabState::parse(path, &FIRST_RELEASE.replace(r#""backend": "host-gw","#, ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `backend`"), "{e}");
+    }
+
+    #[test]
+    fn write_then_read_in_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(LabState::read(dir.path()).unwrap().is_none());
+        let s = LabState::parse(Path::new("x"), FIRST_RELEASE).unwrap();
+        s.write(dir.path()).unwrap();
+        let back = LabState::read(dir.path()).unwrap().unwrap();
+        assert_eq!(back.name, "old");
+        assert!(!dir.path().join(".state.json.tmp").exists());
+        fs::write(state_file(dir.path()), "{").unwrap();
+        let e = LabState::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("state.json"), "{e}");
+    }
 }

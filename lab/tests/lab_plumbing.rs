@@ -39,6 +39,15 @@ fn spec(name: &str, hosts: usize, root: &Path) -> LabSpec {
     s
 }
 
+/// `tweed-lab ARGS...` with labs under `root`.
+fn cli(root: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tweed-lab"))
+        .args(args)
+        .env("TWEED_LAB_ROOT", root)
+        .output()
+        .unwrap()
+}
+
 fn namespaces_of(name: &str) -> Vec<String> {
     let names = tweed_lab::names::Names::new(name).unwrap();
     netns::list()
@@ -93,7 +102,8 @@ fn two_host_lab_comes_up_and_goes_away() {
     assert!(lab
         .exec("outside", &["ping", "-c", "1", "-W", "1", "10.244.1.2"])
         .is_err());
-    // The agents got a per-host API socket and --ip-masq (the fake's --help lists both).
+    // The agents got a per-host API socket, metrics on every address and --ip-masq (the fake
+    // refuses flags a real tweedd would refuse).
     for h in &lab.state().hosts {
         let cmdline = std::fs::read_to_string(&h.log).unwrap();
         let sock = root
@@ -107,6 +117,7 @@ fn two_host_lab_comes_up_and_goes_away() {
             "{cmdline}"
         );
         assert!(cmdline.contains("--ip-masq"), "{cmdline}");
+        assert!(cmdline.contains("--metrics-addr 0.0.0.0:9867"), "{cmdline}");
         assert_eq!(h.api_socket.as_deref(), Some(sock.as_path()));
         assert_eq!(
             h.metrics.as_deref(),
@@ -186,11 +197,7 @@ fn two_host_lab_comes_up_and_goes_away() {
     let report = lab.down().unwrap();
     assert_eq!(report.namespaces.len(), 8);
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    assert!(namespaces_of(&name).is_empty());
-    assert!(!root.path().join(&name).exists());
-    for pid in agent_pids.into_iter().chain([etcd_pid]) {
-        assert!(!tweed_lab::cmd::pid_alive(pid), "pid {pid} survived down");
-    }
+    assert_gone(root.path(), &name, agent_pids.into_iter().chain([etcd_pid]));
     // Idempotent.
     tweed_lab::down_in(root.path(), &name).unwrap();
 }
@@ -210,7 +217,7 @@ fn two_labs_at_once() {
     });
     assert_eq!(namespaces_of(&a).len(), 8);
     assert_eq!(namespaces_of(&b).len(), 5);
-    assert_eq!(lb.state().pods_via, "direct");
+    assert_eq!(lb.state().pods_via, PodsVia::Direct);
     assert!(!root.path().join(&b).join("hosts/h1/ipam").exists());
     // Same addresses, separate worlds.
     la.exec("h1/p1", &["ping", "-c", "1", "-W", "2", "10.244.1.3"])
@@ -270,8 +277,7 @@ fn down_works_without_state_and_up_refuses_an_existing_lab() {
     drop(lab);
     let report = tweed_lab::down_in(root.path(), &name).unwrap();
     assert_eq!(report.namespaces.len(), 5);
-    assert!(namespaces_of(&name).is_empty());
-    assert!(!tweed_lab::cmd::pid_alive(etcd_pid));
+    assert_gone(root.path(), &name, [etcd_pid]);
 }
 
 #[test]
@@ -279,14 +285,7 @@ fn cli_round_trip() {
     require_root!();
     let root = tempfile::tempdir().unwrap();
     let name = lab_name("pc");
-    let bin = env!("CARGO_BIN_EXE_tweed-lab");
-    let run = |args: &[&str]| {
-        Command::new(bin)
-            .args(args)
-            .env("TWEED_LAB_ROOT", root.path())
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| cli(root.path(), args);
     struct Down<'a>(&'a dyn Fn(&[&str]) -> std::process::Output, &'a str);
     impl Drop for Down<'_> {
         fn drop(&mut self) {
@@ -421,4 +420,140 @@ fn two_segments_are_routed_by_the_underlay() {
         .exec("h1", &["ip", "route", "get", "198.18.0.3"])
         .unwrap();
     assert!(!route.contains("via"), "{route}");
+}
+
+/// What `down` leaves of lab `name`: no namespaces, no state directory, none of `pids`.
+fn assert_gone(root: &Path, name: &str, pids: impl IntoIterator<Item = u32>) {
+    assert!(namespaces_of(name).is_empty());
+    assert!(!root.join(name).exists());
+    for pid in pids {
+        assert!(!tweed_lab::cmd::pid_alive(pid), "pid {pid} survived down");
+    }
+}
+
+/// The pids of a lab's agents and etcd, from its state.
+fn lab_pids(lab: &Lab) -> Vec<u32> {
+    let st = lab.status();
+    st.hosts
+        .iter()
+        .filter_map(|h| h.agent_pid)
+        .chain(st.etcd.pid)
+        .collect()
+}
+
+/// An operator with a lab up across an upgrade of tweed-lab must still be able to take it down:
+/// a state.json in the first release's shape (no pods_via, segments, outside namespace, etcd
+/// members, API socket, ...) is read as it is, by `status` and by `down`.
+#[test]
+fn down_takes_down_a_lab_whose_state_an_older_tweed_lab_wrote() {
+    require_root!();
+    let root = tempfile::tempdir().unwrap();
+    let name = lab_name("po");
+    let mut s = spec(&name, 2, root.path());
+    s.pods_via = PodsVia::Direct;
+    s.pods_per_host = 1;
+    let lab = LabGuard::up(s).unwrap();
+    let pids = lab_pids(&lab);
+    let path = root.path().join(&name).join("state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let first_release = |v: &mut serde_json::Value, keep: &[&str]| {
+        v.as_object_mut()
+            .unwrap()
+            .retain(|k, _| keep.contains(&k.as_str()));
+    };
+    first_release(
+        &mut v,
+        &[
+            "name",
+            "phase",
+            "backend",
+            "network",
+            "pods_per_host",
+            "tweedd",
+            "lease_ttl",
+            "underlay_netns",
+            "etcd",
+            "hosts",
+        ],
+    );
+    first_release(&mut v["etcd"], &["pid", "endpoints", "data_dir", "log"]);
+    for h in v["hosts"].as_array_mut().unwrap() {
+        first_release(
+            h,
+            &[
+                "name",
+                "netns",
+                "public_ip",
+                "agent_pid",
+                "log",
+                "subnet_file",
+                "agent_state_dir",
+                "subnet",
+                "mtu",
+                "pods",
+            ],
+        );
+        for p in h["pods"].as_array_mut().unwrap() {
+            first_release(p, &["name", "netns", "ip"]);
+        }
+    }
+    std::fs::write(&path, v.to_string()).unwrap();
+
+    let out = cli(
+        root.path(),
+        &["status", "--name", &name, "--output", "json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        st["hosts"][1]["pods"][0]["netns"],
+        format!("twl-{name}-h2-p1")
+    );
+    assert!(st["hosts"][0]["api_socket"].is_null());
+
+    let out = cli(root.path(), &["down", "--name", &name]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    assert_gone(root.path(), &name, pids);
+    drop(lab);
+}
+
+/// A state.json this tweed-lab cannot read: `status` names the file and the field, and `down`
+/// still takes everything down (by the namespaces' names), saying what it could not do.
+#[test]
+fn a_state_with_a_bad_field_is_named_and_down_still_works() {
+    require_root!();
+    let root = tempfile::tempdir().unwrap();
+    let name = lab_name("pv");
+    let mut s = spec(&name, 1, root.path());
+    s.pods_per_host = 1;
+    let lab = LabGuard::up(s).unwrap();
+    let pids = lab_pids(&lab);
+    let path = root.path().join(&name).join("state.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let bad = text.replace(r#""backend": "vxlan""#, r#""backend": "ipip""#);
+    assert_ne!(bad, text);
+    std::fs::write(&path, bad).unwrap();
+
+    let out = cli(root.path(), &["status", "--name", &name]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("field `backend`"), "{err}");
+
+    let out = cli(root.path(), &["down", "--name", &name]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("field `backend`"),
+        "{err}"
+    );
+    assert_gone(root.path(), &name, pids);
+    drop(lab);
 }

@@ -8,7 +8,7 @@ use tweed_lab::LabSpec;
 #[test]
 fn pods_attached_by_the_cni_plugin_reach_every_other_host() {
     let lab = up(LabSpec::new(lab_name("cn"), 2));
-    assert_eq!(lab.state().pods_via, "cni");
+    assert_eq!(lab.state().pods_via, tweed_lab::PodsVia::Cni);
     let report = lab.check_until(Duration::from_secs(10)).expect("check");
     assert_eq!(report.summary(), "8 passed, 0 failed");
 

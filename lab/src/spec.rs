@@ -1,0 +1,290 @@
+//! What `up` builds ([`LabSpec`]), the network configuration it writes to etcd, and the checks it
+//! makes before touching anything ([`preflight`]), including finding the binaries it runs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cmd;
+use crate::error::LabError;
+use crate::names;
+use crate::pods::PodsVia;
+
+/// Where flannel (and tweed) look for the network config.
+pub const CONFIG_KEY: &str = "/coreos.com/network/config";
+
+/// The most pods a host's /24 takes besides its bridge address.
+const MAX_PODS_PER_HOST: usize = 250;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan,
+    HostGw,
+    Udp,
+}
+
+// The spelling of flannel's `Backend.Type`.
+string_enum!(Backend, "backend", {
+    Vxlan => "vxlan",
+    HostGw => "host-gw",
+    Udp => "udp",
+});
+
+/// The network config the lab writes to etcd (`DirectRouting` only when set, vxlan only).
+pub fn network_config_json(backend: Backend, direct_routing: bool) -> String {
+    let mut b = serde_json::json!({"Type": backend.as_str()});
+    if direct_routing {
+        b["DirectRouting"] = true.into();
+    }
+    serde_json::json!({
+        "Network": names::OVERLAY_NETWORK,
+        "SubnetLen": names::OVERLAY_SUBNET_LEN,
+        "Backend": b,
+    })
+    .to_string()
+}
+
+/// What `up` builds.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub name: String,
+    pub hosts: usize,
+    pub backend: Backend,
+    /// vxlan's `DirectRouting`: peers on the same underlay segment get plain routes.
+    pub direct_routing: bool,
+    /// Underlay segments: 1 (198.18.0.0/24) or 2 (hosts alternate between 198.18.0.0/24 and
+    /// 198.18.1.0/24, routed by the underlay namespace).
+    pub segments: usize,
+    pub pods_per_host: usize,
+    /// How pods are attached (default: the tweed CNI plugin).
+    pub pods_via: PodsVia,
+    /// Default: `tweedd` beside the running executable (or one directory up, for test binaries
+    /// in `target/*/deps`), else in `$PATH`.
+    pub tweedd: Option<PathBuf>,
+    /// The tweed CNI plugin; found like `tweedd` (as `tweed`).
+    pub cni_plugin: Option<PathBuf>,
+    /// tweedctl, for `PodsVia::Runtime`; found like `tweedd`.
+    pub tweedctl: Option<PathBuf>,
+    /// etcd members: 1 (on 198.18.0.254) or a real cluster of 2-3 (198.18.0.251-253).
+    pub etcd_members: usize,
+    /// Pass `--ip-masq` to the agents.
+    pub ip_masq: bool,
+    pub lease_ttl: Duration,
+    /// Default: [`crate::state::default_root`].
+    pub root: Option<PathBuf>,
+    /// How long each agent may take to write its subnet.env.
+    pub agent_timeout: Duration,
+    /// Appended to every tweedd command line; a flag the lab passes itself (`--api-socket`,
+    /// `--ip-masq`, `--metrics-addr`) given here replaces the lab's.
+    pub agent_args: Vec<String>,
+    /// Set it (e.g. from a SIGINT handler) to make `up` stop between steps and tear down.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl LabSpec {
+    pub fn new(name: impl Into<String>, hosts: usize) -> Self {
+        LabSpec {
+            name: name.into(),
+            hosts,
+            backend: Backend::Vxlan,
+            direct_routing: false,
+            segments: 1,
+            pods_per_host: 2,
+            pods_via: PodsVia::default(),
+            tweedd: None,
+            cni_plugin: None,
+            tweedctl: None,
+            etcd_members: 1,
+            ip_masq: true,
+            lease_ttl: Duration::from_secs(300),
+            root: None,
+            agent_timeout: Duration::from_secs(30),
+            agent_args: Vec::new(),
+            cancel: None,
+        }
+    }
+}
+
+/// The programs `up` runs.
+#[derive(Debug)]
+pub(crate) struct Tools {
+    pub tweedd: PathBuf,
+    pub cni_plugin: Option<PathBuf>,
+    pub tweedctl: Option<PathBuf>,
+}
+
+/// The spec's own contradictions and out-of-range numbers (pure).
+fn validate(spec: &LabSpec) -> Result<(), LabError> {
+    let range = |flag: &str, value: usize, max: usize| {
+        if (1..=max).contains(&value) {
+            Ok(())
+        } else {
+            Err(LabError::Spec(format!(
+                "{flag} must be 1 to {max}, not {value}"
+            )))
+        }
+    };
+    range("--hosts", spec.hosts, names::MAX_HOSTS)?;
+    if spec.pods_per_host > MAX_PODS_PER_HOST {
+        return Err(LabError::Spec(format!(
+            "--pods-per-host {} does not fit a /{} node subnet",
+            spec.pods_per_host,
+            names::OVERLAY_SUBNET_LEN
+        )));
+    }
+    if spec.direct_routing && spec.backend != Backend::Vxlan {
+        return Err(LabError::Spec(format!(
+            "--direct-routing is a vxlan option; backend {} has none",
+            spec.backend
+        )));
+    }
+    range("--segments", spec.segments, names::MAX_SEGMENTS)?;
+    range("--etcd-members", spec.etcd_members, names::MAX_ETCD_MEMBERS)
+}
+
+/// Checks what `up` needs before it touches anything; returns the programs to run.
+pub(crate) fn preflight(spec: &LabSpec) -> Result<Tools, LabError> {
+    validate(spec)?;
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(LabError::NotRoot);
+    }
+    let mut needed = vec![
+        ("ip", "iproute2"),
+        ("sysctl", "procps"),
+        ("etcd", "etcd-server"),
+        ("etcdctl", "etcd-client"),
+    ];
+    if spec.pods_via == PodsVia::Runtime {
+        needed.push(("busybox", "busybox-static"));
+    }
+    for (program, package) in needed {
+        cmd::find_program(program).ok_or(LabError::MissingProgram { program, package })?;
+    }
+    Ok(Tools {
+        tweedd: find_binary(Binary::Tweedd, spec.tweedd.as_deref())?,
+        cni_plugin: spec
+            .pods_via
+            .uses_plugin()
+            .then(|| find_binary(Binary::CniPlugin, spec.cni_plugin.as_deref()))
+            .transpose()?,
+        tweedctl: (spec.pods_via == PodsVia::Runtime)
+            .then(|| find_binary(Binary::Tweedctl, spec.tweedctl.as_deref()))
+            .transpose()?,
+    })
+}
+
+/// The workspace's binaries the lab runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Binary {
+    Tweedd,
+    CniPlugin,
+    Tweedctl,
+}
+
+impl Binary {
+    /// (file name, cargo package, `tweed-lab up` flag)
+    fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Binary::Tweedd => ("tweedd", "tweed-agent", "--tweedd"),
+            Binary::CniPlugin => ("tweed", "tweed-cni", "--cni-plugin"),
+            Binary::Tweedctl => ("tweedctl", "tweed-runtime", "--tweedctl"),
+        }
+    }
+}
+
+/// `explicit`, else the binary beside the running executable (or one directory up, for test
+/// binaries in `target/*/deps`), else in `$PATH`.
+pub(crate) fn find_binary(which: Binary, explicit: Option<&Path>) -> Result<PathBuf, LabError> {
+    let (name, package, flag) = which.names();
+    if let Some(p) = explicit {
+        return fs::canonicalize(p)
+            .map_err(|e| LabError::Spec(format!("{name} {}: {e}", p.display())));
+    }
+    let exe_dirs = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+        .map(|d| vec![d.clone(), d.join("..")])
+        .unwrap_or_default();
+    exe_dirs
+        .into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .or_else(|| cmd::find_program(name))
+        .and_then(|p| fs::canonicalize(p).ok())
+        .ok_or_else(|| {
+            LabError::Spec(format!(
+                "{name} not found beside tweed-lab nor in PATH: build it \
+                 (cargo build -p {package}) or pass {flag} PATH"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_json_is_flannels() {
+        assert_eq!(
+            network_config_json(Backend::Vxlan, false),
+            r#"{"Backend":{"Type":"vxlan"},"Network":"10.244.0.0/16","SubnetLen":24}"#
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&network_config_json(Backend::HostGw, false)).unwrap();
+        assert_eq!(v["Backend"]["Type"], "host-gw");
+        let v: serde_json::Value =
+            serde_json::from_str(&network_config_json(Backend::Udp, false)).unwrap();
+        assert_eq!(v["Backend"]["Type"], "udp");
+        let v: serde_json::Value =
+            serde_json::from_str(&network_config_json(Backend::Vxlan, true)).unwrap();
+        assert_eq!(v["Backend"]["DirectRouting"], true);
+    }
+
+    #[test]
+    fn backends_parse() {
+        for b in [Backend::Vxlan, Backend::HostGw, Backend::Udp] {
+            assert_eq!(b.as_str().parse::<Backend>().unwrap(), b);
+            assert_eq!(serde_json::to_value(b).unwrap(), b.as_str());
+        }
+        assert_eq!("host-gw".parse::<Backend>().unwrap(), Backend::HostGw);
+        assert_eq!(
+            "ipip".parse::<Backend>().unwrap_err(),
+            r#"unknown backend "ipip": expected vxlan, host-gw or udp"#
+        );
+    }
+
+    #[test]
+    fn impossible_specs_are_rejected_before_anything_is_made() {
+        let err = |f: &dyn Fn(&mut LabSpec)| {
+            let mut spec = LabSpec::new("x", 2);
+            f(&mut spec);
+            validate(&spec).unwrap_err().to_string()
+        };
+        validate(&LabSpec::new("x", 2)).unwrap();
+        let e = err(&|s| {
+            s.backend = Backend::HostGw;
+            s.direct_routing = true;
+        });
+        assert!(
+            e.contains("--direct-routing") && e.contains("host-gw"),
+            "{e}"
+        );
+        assert_eq!(err(&|s| s.hosts = 0), "--hosts must be 1 to 249, not 0");
+        assert!(err(&|s| s.hosts = 250).contains("--hosts"));
+        assert!(err(&|s| s.segments = 3).contains("--segments"));
+        assert!(err(&|s| s.segments = 0).contains("--segments"));
+        assert!(err(&|s| s.etcd_members = 4).contains("--etcd-members"));
+        assert!(err(&|s| s.pods_per_host = 251).contains("--pods-per-host"));
+    }
+
+    #[test]
+    fn a_missing_explicit_binary_names_itself() {
+        let e = find_binary(Binary::Tweedd, Some(Path::new("/nonexistent/tweedd")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tweedd /nonexistent/tweedd"), "{e}");
+    }
+}

@@ -1,0 +1,145 @@
+//! The lab's wires: the underlay namespace (a bridge per segment, routing between segments, the
+//! etcd members' addresses), the outside namespace, and each host's namespace with its cable into
+//! its segment. Addresses and names come from [`crate::names`]; this module only applies them.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::LabError;
+use crate::names::{self, Names};
+use crate::netns;
+use crate::state::HostState;
+
+/// The underlay namespace with `segments` bridges and, for a multi-member etcd, the members'
+/// addresses on `br0`. Returns what it made, for the progress line.
+pub(crate) fn add_underlay(
+    names: &Names,
+    segments: usize,
+    etcd_members: usize,
+) -> Result<String, LabError> {
+    let u = names.underlay_ns();
+    netns::add(&u)?;
+    let mut what = Vec::new();
+    for seg in 0..segments {
+        let gw = format!("{}/{}", names::segment_gateway(seg), names::UNDERLAY_PREFIX);
+        let br = names::segment_bridge(seg);
+        netns::bridge(&u, &br, Some(&gw), None)?;
+        what.push(format!("bridge {br} {gw}"));
+    }
+    if segments > 1 {
+        netns::sysctl(&u, "net.ipv4.ip_forward", "1")?;
+        what.push("routing between them".into());
+    }
+    if etcd_members > 1 {
+        for m in 1..=etcd_members {
+            let a = format!("{}/{}", names::etcd_member_ip(m), names::UNDERLAY_PREFIX);
+            netns::ip(&u, &["addr", "add", &a, "dev", names::UNDERLAY_BRIDGE])?;
+        }
+    }
+    Ok(what.join(", "))
+}
+
+/// The namespace outside the overlay: on segment A at 198.18.0.250, default route via the
+/// underlay (which knows nothing of 10.244.0.0/16: only masqueraded traffic gets answers).
+pub(crate) fn add_outside(names: &Names) -> Result<(), LabError> {
+    let o = names.outside_ns();
+    netns::add(&o)?;
+    let addr = format!("{}/{}", names::OUTSIDE_IP, names::UNDERLAY_PREFIX);
+    cable(
+        names,
+        names::OUTSIDE_VETH,
+        names::UNDERLAY_BRIDGE,
+        &o,
+        &addr,
+        names::UNDERLAY_GW,
+    )
+}
+
+/// Where host `name` keeps its files: `<lab dir>/hosts/<name>`.
+pub fn host_dir(lab_dir: &Path, name: &str) -> PathBuf {
+    lab_dir.join("hosts").join(name)
+}
+
+/// Host `i`'s record before it exists: its namespace, address and files under `dir`
+/// (`hosts/hN/`). Pure.
+pub fn host_state(names: &Names, dir: &Path, i: usize, segments: usize) -> HostState {
+    let name = names.host(i);
+    let host_dir = host_dir(dir, &name);
+    HostState {
+        netns: names.host_ns(i),
+        public_ip: names::host_public_ip(i, segments),
+        agent_pid: None,
+        log: host_dir.join("tweedd.log"),
+        subnet_file: host_dir.join("subnet.env"),
+        agent_state_dir: host_dir.join("lib"),
+        segment: names::host_segment(i, segments),
+        api_socket: None,
+        metrics: None,
+        cni_conf: None,
+        subnet: None,
+        mtu: None,
+        pods: Vec::new(),
+        name,
+    }
+}
+
+/// Host `i`'s namespace, its `eth0` cable into its segment's bridge, its address, a default
+/// route via its segment's gateway (for etcd on a cluster address, the other segment and the
+/// outside), and forwarding on.
+pub(crate) fn add_host(names: &Names, i: usize, h: &HostState) -> Result<(), LabError> {
+    netns::add(&h.netns)?;
+    let addr = format!("{}/{}", h.public_ip, names::UNDERLAY_PREFIX);
+    cable(
+        names,
+        &names.underlay_veth(i),
+        &names::segment_bridge(h.segment),
+        &h.netns,
+        &addr,
+        names::segment_gateway(h.segment),
+    )?;
+    netns::sysctl(&h.netns, "net.ipv4.ip_forward", "1")?;
+    Ok(())
+}
+
+/// A veth from `bridge` in the underlay to `eth0` in `ns`, which gets `addr` and a default route
+/// via `gateway`.
+fn cable(
+    names: &Names,
+    underlay_end: &str,
+    bridge: &str,
+    ns: &str,
+    addr: &str,
+    gateway: std::net::Ipv4Addr,
+) -> Result<(), LabError> {
+    let u = names.underlay_ns();
+    netns::veth(&u, underlay_end, ns, names::HOST_IFACE, None)?;
+    netns::ip(&u, &["link", "set", underlay_end, "master", bridge])?;
+    netns::ip(ns, &["addr", "add", addr, "dev", names::HOST_IFACE])?;
+    netns::ip(
+        ns,
+        &["route", "add", "default", "via", &gateway.to_string()],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_host_record_names_its_files_and_address() {
+        let names = Names::new("demo").unwrap();
+        let dir = Path::new("/run/tweed-lab/demo");
+        let h = host_state(&names, dir, 2, 2);
+        assert_eq!(h.name, "h2");
+        assert_eq!(h.netns, "twl-demo-h2");
+        assert_eq!(h.public_ip, Ipv4Addr::new(198, 18, 1, 2));
+        assert_eq!(h.segment, 1);
+        assert_eq!(h.log, dir.join("hosts/h2/tweedd.log"));
+        assert_eq!(h.subnet_file, dir.join("hosts/h2/subnet.env"));
+        assert_eq!(h.agent_state_dir, dir.join("hosts/h2/lib"));
+        assert!(h.agent_pid.is_none() && h.pods.is_empty() && h.cni_conf.is_none());
+        let h = host_state(&names, dir, 2, 1);
+        assert_eq!((h.public_ip, h.segment), (Ipv4Addr::new(198, 18, 0, 2), 0));
+    }
+}
