@@ -431,14 +431,27 @@ fn assert_gone(root: &Path, name: &str, pids: impl IntoIterator<Item = u32>) {
     }
 }
 
-/// The pids of a lab's agents and etcd, from its state.
-fn lab_pids(lab: &Lab) -> Vec<u32> {
+/// A lab with one pod per host; its name, the pids of its agents and etcd, and its state.json.
+fn one_pod_lab(
+    root: &Path,
+    tag: &str,
+    hosts: usize,
+    pods_via: PodsVia,
+) -> (String, LabGuard, Vec<u32>, PathBuf) {
+    let name = lab_name(tag);
+    let mut s = spec(&name, hosts, root);
+    s.pods_via = pods_via;
+    s.pods_per_host = 1;
+    let lab = LabGuard::up(s).unwrap();
     let st = lab.status();
-    st.hosts
+    let pids = st
+        .hosts
         .iter()
         .filter_map(|h| h.agent_pid)
         .chain(st.etcd.pid)
-        .collect()
+        .collect();
+    let path = root.join(&name).join("state.json");
+    (name, lab, pids, path)
 }
 
 /// An operator with a lab up across an upgrade of tweed-lab must still be able to take it down:
@@ -448,13 +461,7 @@ fn lab_pids(lab: &Lab) -> Vec<u32> {
 fn down_takes_down_a_lab_whose_state_an_older_tweed_lab_wrote() {
     require_root!();
     let root = tempfile::tempdir().unwrap();
-    let name = lab_name("po");
-    let mut s = spec(&name, 2, root.path());
-    s.pods_via = PodsVia::Direct;
-    s.pods_per_host = 1;
-    let lab = LabGuard::up(s).unwrap();
-    let pids = lab_pids(&lab);
-    let path = root.path().join(&name).join("state.json");
+    let (name, lab, pids, path) = one_pod_lab(root.path(), "po", 2, PodsVia::Direct);
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let first_release = |v: &mut serde_json::Value, keep: &[&str]| {
@@ -530,12 +537,7 @@ fn down_takes_down_a_lab_whose_state_an_older_tweed_lab_wrote() {
 fn a_state_with_a_bad_field_is_named_and_down_still_works() {
     require_root!();
     let root = tempfile::tempdir().unwrap();
-    let name = lab_name("pv");
-    let mut s = spec(&name, 1, root.path());
-    s.pods_per_host = 1;
-    let lab = LabGuard::up(s).unwrap();
-    let pids = lab_pids(&lab);
-    let path = root.path().join(&name).join("state.json");
+    let (name, lab, pids, path) = one_pod_lab(root.path(), "pv", 1, PodsVia::Cni);
     let text = std::fs::read_to_string(&path).unwrap();
     let bad = text.replace(r#""backend": "vxlan""#, r#""backend": "ipip""#);
     assert_ne!(bad, text);
