@@ -13,6 +13,8 @@ pub mod exec;
 pub mod fsutil;
 pub mod image;
 pub mod init;
+#[cfg(test)]
+mod journal;
 pub mod logs;
 pub mod netns;
 pub mod process;
