@@ -102,7 +102,8 @@ pub fn exec(cfg: &ContainerConfig, init_pid: i32, spec: &ExecSpec) -> Result<i32
     } else {
         None
     };
-    match process::fork().map_err(ExecError::Fork)? {
+    // SAFETY: `tweedctl exec` is single-threaded, and the child leaves through `process::child`.
+    match unsafe { process::fork() }.map_err(ExecError::Fork)? {
         Fork::Child => process::child(|| joiner(cfg, &nsfds, spec)),
         Fork::Parent(pid) => {
             drop(nsfds);
@@ -137,7 +138,9 @@ fn joiner(cfg: &ContainerConfig, nsfds: &[(File, libc::c_int)], spec: &ExecSpec)
             return 126;
         }
     };
-    let pid = match process::fork() {
+    // SAFETY: this forked child has a single thread; the command leaves through
+    // `process::child`.
+    let pid = match unsafe { process::fork() } {
         Ok(Fork::Child) => process::child(|| {
             command(
                 cfg,

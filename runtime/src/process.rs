@@ -27,9 +27,22 @@ pub enum Fork {
     Parent(i32),
 }
 
-/// fork(2). The caller must be single-threaded for the child to be sound.
-pub fn fork() -> io::Result<Fork> {
-    // SAFETY: tweed's processes are single-threaded when they fork.
+/// fork(2).
+///
+/// # Safety
+///
+/// The child is a copy of the caller's memory with only the calling thread in it. A lock that
+/// another thread held at the time of the call (the allocator's, stdio's, the environment's)
+/// stays locked in the child forever, so the caller must either
+/// - be single-threaded at the call (every thread it started has been joined), or
+/// - make the child do only async-signal-safe work (raw syscalls, no allocation, no locks)
+///   until it execs or exits.
+///
+/// The child must leave through `execve` or [`exit_now`] (e.g. by running in [`child`]), never
+/// by returning into the caller's code: that would run the parent's destructors and flush its
+/// buffers a second time.
+pub unsafe fn fork() -> io::Result<Fork> {
+    // SAFETY: the caller upholds the contract above; fork itself takes no pointers.
     match cvt(unsafe { libc::fork() })? {
         0 => Ok(Fork::Child),
         pid => Ok(Fork::Parent(pid)),
@@ -37,9 +50,17 @@ pub fn fork() -> io::Result<Fork> {
 }
 
 /// clone(2) with namespace flags and fork semantics (no new stack: the child continues on a
-/// copy of this one). Single-threaded callers only.
-pub fn clone_ns(flags: libc::c_int) -> io::Result<Fork> {
-    // SAFETY: a raw clone without CLONE_VM and with a null stack behaves like fork.
+/// copy of this one).
+///
+/// # Safety
+///
+/// The contract of [`fork`]: a single-threaded caller or a child that does only
+/// async-signal-safe work, and a child that leaves only through `execve` or [`exit_now`].
+/// `flags` must not contain `CLONE_VM`, `CLONE_SETTLS` or any flag that needs the pointer
+/// arguments, which are null.
+pub unsafe fn clone_ns(flags: libc::c_int) -> io::Result<Fork> {
+    // SAFETY: without CLONE_VM and with a null stack the raw clone behaves like fork, whose
+    // contract the caller upholds.
     let r = unsafe {
         libc::syscall(
             libc::SYS_clone,

@@ -52,14 +52,19 @@ pub const MEMINFO_REFRESH: Duration = Duration::from_secs(1);
 /// has been exec'd (or failed to start: then nothing of the process side is left).
 pub fn spawn(spec: ShimSpec) -> Result<Started, ShimError> {
     let (rr, rw) = process::pipe().map_err(ShimError::Spawn)?;
-    match process::fork().map_err(ShimError::Spawn)? {
+    // SAFETY: tweedctl is single-threaded here (the thread that made a network namespace has
+    // been joined; CNI plugins ran as child processes), and the child leaves through
+    // `process::child`.
+    match unsafe { process::fork() }.map_err(ShimError::Spawn)? {
         Fork::Child => process::child(move || {
             drop(rr);
             // SAFETY: setsid in a fresh child.
             unsafe {
                 libc::setsid();
             }
-            match process::fork() {
+            // SAFETY: a forked child has a single thread; the grandchild, the supervisor,
+            // leaves through the `process::child` around this closure.
+            match unsafe { process::fork() } {
                 Ok(Fork::Child) => supervise(spec, rw),
                 Ok(Fork::Parent(_)) => 0,
                 Err(e) => {
@@ -164,7 +169,9 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
     };
     let flags = init::clone_flags(&spec.init);
     process::mark("shim: cloning");
-    let pid = match process::clone_ns(flags) {
+    // SAFETY: the supervisor is single-threaded (a forked child that starts no thread), the
+    // flags are namespace flags only, and the init leaves through `process::child`.
+    let pid = match unsafe { process::clone_ns(flags) } {
         Err(e) => {
             report_err(&report, &format!("cloning the container init: {e}"));
             return Err(e);
