@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use tweed_runtime::exec::ExecSpec;
 use tweed_runtime::process;
-use tweed_runtime::runtime::{self, Options, RunSpec, Runtime};
+use tweed_runtime::runtime::{self, Options, RunSpec, Runtime, Summary};
+use tweed_runtime::state;
 
 #[derive(Parser, Debug)]
 #[command(name = "tweedctl", version, about = "tweed's container runtime")]
@@ -272,7 +273,7 @@ fn run(cli: Cli) -> Result<i32> {
                 writeln!(out, "{:<40} {:<19} {:>6}  CREATED", "NAME", "ID", "LAYERS")?;
             }
             for i in imgs {
-                let short = &tweed_runtime::digest::hex_part(&i.id)[..12];
+                let short = state::short_id(tweed_runtime::digest::hex_part(&i.id));
                 if quiet {
                     writeln!(out, "{}", i.name)?;
                 } else {
@@ -303,28 +304,7 @@ fn run(cli: Cli) -> Result<i32> {
                     writeln!(out, "{}", c.id)?;
                 }
             } else {
-                writeln!(
-                    out,
-                    "{:<12}  {:<16} {:<20} {:<24} {:<8} STATUS",
-                    "ID", "NAME", "IMAGE", "COMMAND", "PID"
-                )?;
-                for c in list {
-                    let mut cmd = c.command.clone();
-                    if cmd.len() > 24 {
-                        cmd.truncate(21);
-                        cmd.push_str("...");
-                    }
-                    writeln!(
-                        out,
-                        "{:<12}  {:<16} {:<20} {:<24} {:<8} {}",
-                        &c.id[..12],
-                        c.name,
-                        c.image,
-                        cmd,
-                        c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                        c.status.show()
-                    )?;
-                }
+                write_ps_table(&list, out)?;
             }
         }
         Cmd::Logs { follow, container } => {
@@ -402,6 +382,39 @@ fn run(cli: Cli) -> Result<i32> {
     Ok(0)
 }
 
+/// `ps` as a table. Ids and commands come from state files anyone with access to the run root
+/// can write: they are shortened by characters, never cut inside one or past the end.
+fn write_ps_table(list: &[Summary], out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<12}  {:<16} {:<20} {:<24} {:<8} STATUS",
+        "ID", "NAME", "IMAGE", "COMMAND", "PID"
+    )?;
+    for c in list {
+        writeln!(
+            out,
+            "{:<12}  {:<16} {:<20} {:<24} {:<8} {}",
+            state::short_id(&c.id),
+            c.name,
+            c.image,
+            ellipsize(&c.command, 24),
+            c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            c.status.show()
+        )?;
+    }
+    Ok(())
+}
+
+/// `s` if it has at most `max` characters, else its first `max - 3` and "...".
+fn ellipsize(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(3)).collect();
+    out.push_str("...");
+    out
+}
+
 fn run_cmd(rt: &Runtime, a: RunArgs, out: &mut dyn Write) -> Result<i32> {
     if a.image.is_empty() {
         bail!("no image given");
@@ -432,4 +445,53 @@ fn run_cmd(rt: &Runtime, a: RunArgs, out: &mut dyn Write) -> Result<i32> {
         eprintln!("tweedctl: the container was OOM-killed");
     }
     Ok(exit.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tweed_runtime::state::Status;
+
+    fn summary(id: &str, command: &str) -> Summary {
+        Summary {
+            id: id.into(),
+            name: "n".into(),
+            image: "busybox".into(),
+            command: command.into(),
+            status: Status::Running,
+            created: "t".into(),
+            pid: Some(7),
+        }
+    }
+
+    #[test]
+    fn ps_shows_short_ids_and_odd_commands_without_panicking() {
+        let list = [
+            summary("0123456789abcdef0123456789abcdef", "sleep 1000"),
+            summary("abc", "echo"),
+            summary("é", "echo ééééééééééééééééééééééééééééé"),
+        ];
+        let mut out = Vec::new();
+        write_ps_table(&list, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[1].starts_with("0123456789ab  n"), "{text}");
+        assert!(lines[2].starts_with("abc           n"), "{text}");
+        assert!(lines[3].contains("echo éééééééééééééééé... "), "{text}");
+    }
+
+    #[test]
+    fn ellipsis_counts_characters() {
+        assert_eq!(ellipsize("short", 24), "short");
+        assert_eq!(ellipsize(&"x".repeat(24), 24), "x".repeat(24));
+        assert_eq!(
+            ellipsize(&"x".repeat(25), 24),
+            format!("{}...", "x".repeat(21))
+        );
+        assert_eq!(
+            ellipsize(&"ü".repeat(30), 24),
+            format!("{}...", "ü".repeat(21))
+        );
+    }
 }

@@ -31,6 +31,12 @@ pub enum StateError {
     Corrupt { path: PathBuf, what: String },
 }
 
+/// The short form of a container id shown by `ps` and used for default names: its first 12
+/// characters, or all of an id that is shorter (a state directory someone made by hand).
+pub fn short_id(id: &str) -> &str {
+    id.char_indices().nth(12).map_or(id, |(i, _)| &id[..i])
+}
+
 /// Where things live.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -280,6 +286,15 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_ids_never_cut_past_the_end_or_inside_a_character() {
+        assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_id("0123456789ab"), "0123456789ab");
+        assert_eq!(short_id("abc"), "abc");
+        assert_eq!(short_id(""), "");
+        assert_eq!(short_id("ééééééééééééé"), "éééééééééééé");
+    }
 
     #[test]
     fn net_modes() {
