@@ -23,6 +23,17 @@ use crate::{logs, procview, timefmt};
 pub enum ShimError {
     #[error("starting the supervisor: {0}")]
     Spawn(io::Error),
+    /// The init's cgroup files could not be opened.
+    #[error("{0}")]
+    Cgroup(cgroup::CgroupError),
+    #[error("cloning the container init: {0}")]
+    Clone(io::Error),
+    #[error("watching the container init: {0}")]
+    Watch(io::Error),
+    /// The init's own report of why it could not exec.
+    #[error("{0}")]
+    Init(String),
+    /// What the supervisor reported to `tweedctl`.
     #[error("{0}")]
     Start(String),
 }
@@ -158,71 +169,23 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
     let null = process::dev_null()?;
     let (out_r, out_w) = process::pipe()?;
     let (err_r, err_w) = process::pipe()?;
-    let (go_r, go_w) = process::pipe()?;
-    let (e_r, e_w) = process::pipe()?;
-    let mut join = match cgroup::SelfJoin::open(&spec.cgroup) {
-        Ok(j) => j,
+    let cloned = clone_init(
+        &spec,
+        [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+    );
+    drop((null, out_w, err_w));
+    let started = cloned.and_then(handshake);
+    let Running {
+        pid,
+        pidfd,
+        listener,
+    } = match started {
+        Ok(r) => r,
         Err(e) => {
             report_err(&report, &e.to_string());
-            return Ok(());
+            return Err(io::Error::other(e));
         }
     };
-    let flags = init::clone_flags(&spec.init);
-    process::mark("shim: cloning");
-    // SAFETY: the supervisor is single-threaded (a forked child that starts no thread), the
-    // flags are namespace flags only, and the init leaves through `process::child`.
-    let pid = match unsafe { process::clone_ns(flags) } {
-        Err(e) => {
-            report_err(&report, &format!("cloning the container init: {e}"));
-            return Err(e);
-        }
-        Ok(Fork::Child) => process::child(|| {
-            let _ = process::set_pdeathsig(libc::SIGKILL);
-            for (from, to) in [
-                (null.as_raw_fd(), 0),
-                (out_w.as_raw_fd(), 1),
-                (err_w.as_raw_fd(), 2),
-            ] {
-                let _ = process::dup2(from, to);
-            }
-            // The init moves itself into its cgroups (see SelfJoin): keep those files.
-            let mut keep = join.fds();
-            keep.extend([go_r.as_raw_fd(), e_w.as_raw_fd()]);
-            process::close_fds_except(&keep);
-            init::child_main(
-                &LinuxSyscall,
-                &spec.init,
-                &mut join,
-                go_r.as_raw_fd(),
-                e_w.as_raw_fd(),
-            )
-        }),
-        Ok(Fork::Parent(pid)) => pid,
-    };
-    drop((out_w, err_w, go_r, e_w, join));
-    let pidfd = match process::pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = process::kill(pid, libc::SIGKILL);
-            let _ = process::waitpid(pid);
-            report_err(&report, &format!("watching the container init: {e}"));
-            return Err(e);
-        }
-    };
-    let listener =
-        match init::read_child_report(e_r.as_raw_fd(), pidfd.as_raw_fd(), go_w.as_raw_fd()) {
-            Ok(fds) => fds
-                .into_iter()
-                .find(|(t, _)| *t == init::TAG_LISTENER)
-                .map(|(_, f)| f),
-            Err(msg) => {
-                let _ = process::kill(pid, libc::SIGKILL);
-                let _ = process::waitpid(pid);
-                report_err(&report, &msg);
-                return Ok(());
-            }
-        };
-    drop(go_w);
     process::mark("shim: exec'd");
     let init_info = ProcInfo {
         pid,
@@ -345,6 +308,88 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
         f();
     }
     Ok(())
+}
+
+/// A cloned init before its exec: its pid and the supervisor's ends of the start handshake.
+struct Cloned {
+    pid: i32,
+    /// The init's reports: an error, fds to copy, or EOF once it has exec'd.
+    report: OwnedFd,
+    /// The supervisor's acks of copied fds.
+    ack: OwnedFd,
+}
+
+/// An init that has exec'd the container's command.
+struct Running {
+    pid: i32,
+    pidfd: OwnedFd,
+    /// The sysinfo notification listener it handed over, if it installed the filter.
+    listener: Option<OwnedFd>,
+}
+
+/// Stage "namespaces/clone": clones the init into new namespaces with `stdio` as its fds 0, 1
+/// and 2; the child builds its world, moves itself into its cgroups and execs
+/// ([`init::child_main`]). A failure leaves no process behind.
+fn clone_init(spec: &ShimSpec, stdio: [RawFd; 3]) -> Result<Cloned, ShimError> {
+    let (go_r, go_w) = process::pipe().map_err(ShimError::Clone)?;
+    let (e_r, e_w) = process::pipe().map_err(ShimError::Clone)?;
+    let mut join = cgroup::SelfJoin::open(&spec.cgroup).map_err(ShimError::Cgroup)?;
+    let flags = init::clone_flags(&spec.init);
+    process::mark("shim: cloning");
+    // SAFETY: the supervisor is single-threaded (a forked child that starts no thread), the
+    // flags are namespace flags only, and the init leaves through `process::child`.
+    match unsafe { process::clone_ns(flags) }.map_err(ShimError::Clone)? {
+        Fork::Child => process::child(|| {
+            let _ = process::set_pdeathsig(libc::SIGKILL);
+            for (from, to) in stdio.into_iter().zip(0..) {
+                let _ = process::dup2(from, to);
+            }
+            // The init moves itself into its cgroups (see SelfJoin): keep those files.
+            let mut keep = join.fds();
+            keep.extend([go_r.as_raw_fd(), e_w.as_raw_fd()]);
+            process::close_fds_except(&keep);
+            init::child_main(
+                &LinuxSyscall,
+                &spec.init,
+                &mut join,
+                go_r.as_raw_fd(),
+                e_w.as_raw_fd(),
+            )
+        }),
+        // Our copies of the init's ends close here, so its exec reads as EOF.
+        Fork::Parent(pid) => Ok(Cloned {
+            pid,
+            report: e_r,
+            ack: go_w,
+        }),
+    }
+}
+
+/// Stage "init handshake": waits until the init has exec'd or reported why it could not,
+/// copying the fds it hands over. On failure the init is killed and reaped: nothing is left.
+fn handshake(c: Cloned) -> Result<Running, ShimError> {
+    let r = process::pidfd_open(c.pid)
+        .map_err(ShimError::Watch)
+        .and_then(|pidfd| {
+            init::read_child_report(c.report.as_raw_fd(), pidfd.as_raw_fd(), c.ack.as_raw_fd())
+                .map(|fds| (pidfd, fds))
+                .map_err(ShimError::Init)
+        });
+    match r {
+        Ok((pidfd, fds)) => Ok(Running {
+            pid: c.pid,
+            pidfd,
+            listener: fds
+                .into_iter()
+                .find(|(t, _)| *t == init::TAG_LISTENER)
+                .map(|(_, f)| f),
+        }),
+        Err(e) => {
+            let _ = process::kill(c.pid, libc::SIGKILL);
+            let _ = process::waitpid(c.pid);
+            Err(e)
+        }
+    }
 }
 
 fn serve_one_logged(l: &OwnedFd, view: &dyn Fn() -> (crate::cgroup::Stats, u64)) -> bool {
