@@ -8,8 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use tweed_runtime::exec::ExecSpec;
+use tweed_runtime::plan::RunSpec;
 use tweed_runtime::process;
-use tweed_runtime::runtime::{self, Options, RunSpec, Runtime, Summary};
+use tweed_runtime::runtime::{self, Options, Runtime, Summary};
 use tweed_runtime::state;
 
 #[derive(Parser, Debug)]

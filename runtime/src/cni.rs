@@ -3,12 +3,14 @@
 //!
 //! Plugins run with the process's namespaces, or in `host_netns` when set (a lab "host").
 
+#[cfg(test)]
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+#[cfg(test)]
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -249,13 +251,17 @@ impl PluginExec for RealExec {
     }
 }
 
-/// Scripted plugins for tests: records every call and answers from a queue (default: `{}`).
+/// Scripted plugins for unit tests: records every call (also in `journal`, as
+/// `cni <COMMAND> <plugin>`) and answers from a queue (default: `{}`).
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct FakeExec {
     pub calls: Mutex<Vec<(String, String, Value)>>,
     pub answers: Mutex<VecDeque<Output>>,
+    pub journal: crate::journal::Journal,
 }
 
+#[cfg(test)]
 impl PluginExec for FakeExec {
     fn run(
         &self,
@@ -269,6 +275,7 @@ impl PluginExec for FakeExec {
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
         let conf: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
+        self.journal.note(format!("cni {command} {plugin}"));
         self.calls
             .lock()
             .unwrap()
@@ -285,6 +292,7 @@ impl PluginExec for FakeExec {
 #[derive(Debug)]
 pub enum Exec {
     Real(RealExec),
+    #[cfg(test)]
     Fake(FakeExec),
 }
 
@@ -297,6 +305,7 @@ impl PluginExec for Exec {
     ) -> Result<Output, CniError> {
         match self {
             Exec::Real(r) => r.run(plugin, env, stdin),
+            #[cfg(test)]
             Exec::Fake(f) => f.run(plugin, env, stdin),
         }
     }

@@ -359,7 +359,7 @@ pub fn child_main(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::syscall::{Call, FakeSyscall};
+    use crate::syscall::fake::{Call, FakeSyscall};
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nwww:x:33:34:www:/var/www:/bin/false\n";
     const GROUP: &str = "root:x:0:\nstaff:x:50:\nwww:x:34:\n";

@@ -4,7 +4,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::syscall::{self, Mount, Syscall};
+use crate::syscall::{Mount, Syscall};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -15,7 +15,7 @@ pub enum NetnsError {
 }
 
 /// Creates a new network namespace (loopback up) pinned at `path`.
-pub fn create(path: &Path) -> Result<(), NetnsError> {
+pub fn create(sys: &dyn Syscall, path: &Path) -> Result<(), NetnsError> {
     let err = |source| NetnsError::Create {
         path: path.to_path_buf(),
         source,
@@ -25,20 +25,20 @@ pub fn create(path: &Path) -> Result<(), NetnsError> {
         .create_new(true)
         .open(path)
         .map_err(err)?;
-    let target = path.to_path_buf();
     // unshare(CLONE_NEWNET) moves only the calling thread: do it in a throwaway one.
-    let r = std::thread::spawn(move || -> io::Result<()> {
-        let sys = syscall::LinuxSyscall;
-        sys.unshare(libc::CLONE_NEWNET)?;
-        syscall::loopback_up()?;
-        sys.mount(
-            &Mount::new(&target)
-                .source("/proc/thread-self/ns/net")
-                .flags(libc::MS_BIND),
-        )
-    })
-    .join()
-    .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")));
+    let r = std::thread::scope(|s| {
+        s.spawn(|| -> io::Result<()> {
+            sys.unshare(libc::CLONE_NEWNET)?;
+            sys.loopback_up()?;
+            sys.mount(
+                &Mount::new(path)
+                    .source("/proc/thread-self/ns/net")
+                    .flags(libc::MS_BIND),
+            )
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+    });
     if let Err(e) = r {
         let _ = std::fs::remove_file(path);
         return Err(err(e));
@@ -47,8 +47,7 @@ pub fn create(path: &Path) -> Result<(), NetnsError> {
 }
 
 /// Unpins and deletes a namespace file; a missing one is fine.
-pub fn remove(path: &Path) -> Result<(), NetnsError> {
-    let sys = syscall::LinuxSyscall;
+pub fn remove(sys: &dyn Syscall, path: &Path) -> Result<(), NetnsError> {
     match sys.umount2(path, libc::MNT_DETACH) {
         Ok(()) => {}
         Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) => {}

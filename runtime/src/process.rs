@@ -13,6 +13,21 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Makes a raw call until a signal does not interrupt it (EINTR): its non-negative result, or
+/// the error. Allocates nothing, so forked children may use it.
+pub fn retry<T: PartialOrd + Default>(mut call: impl FnMut() -> T) -> io::Result<T> {
+    loop {
+        let r = call();
+        if r >= T::default() {
+            return Ok(r);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// A close-on-exec pipe: (read, write).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -114,18 +129,8 @@ pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
         revents: 0,
     };
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-    loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(r > 0);
-    }
+    // SAFETY: one valid pollfd.
+    retry(|| unsafe { libc::poll(&mut p, 1, ms) }).map(|r| r > 0)
 }
 
 /// How a process ended, shell-style.
@@ -153,31 +158,16 @@ pub fn decode_status(status: libc::c_int) -> Exit {
 /// Blocking waitpid for a child.
 pub fn waitpid(pid: i32) -> io::Result<Exit> {
     let mut status = 0;
-    loop {
-        // SAFETY: plain waitpid with a valid out pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(decode_status(status));
-    }
+    // SAFETY: plain waitpid with a valid out pointer.
+    retry(|| unsafe { libc::waitpid(pid, &mut status, 0) })?;
+    Ok(decode_status(status))
 }
 
 pub fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         // SAFETY: pointer/len describe `data`.
-        let n = unsafe { libc::write(fd, data.as_ptr() as *const libc::c_void, data.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let n =
+            retry(|| unsafe { libc::write(fd, data.as_ptr() as *const libc::c_void, data.len()) })?;
         data = &data[n as usize..];
     }
     Ok(())
@@ -189,14 +179,8 @@ pub fn read_to_end(fd: RawFd) -> io::Result<Vec<u8>> {
     let mut buf = [0u8; 4096];
     loop {
         // SAFETY: pointer/len describe `buf`.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let n =
+            retry(|| unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) })?;
         if n == 0 {
             return Ok(out);
         }

@@ -112,6 +112,26 @@ pub fn parse_cpu_list(s: &str) -> Vec<usize> {
     v
 }
 
+/// The CPUs this process may run on (all online ones if the kernel will not say).
+pub fn host_cpus_allowed() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills a zeroed cpu_set_t.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..online_cpus()).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &set))
+            .collect()
+    }
+}
+
+pub fn online_cpus() -> usize {
+    // SAFETY: plain sysconf.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    n.max(1) as usize
+}
+
 /// Picks `n` of the `allowed` CPUs for a container, starting at an offset derived from its id so
 /// that containers spread over the host.
 pub fn pick_cpus(allowed: &[usize], n: usize, id: &str) -> Vec<usize> {

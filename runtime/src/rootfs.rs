@@ -402,7 +402,7 @@ pub fn write_init_layer(dir: &Path, l: &InitLayer) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::syscall::{Call, FakeSyscall};
+    use crate::syscall::fake::{Call, FakeSyscall};
 
     fn spec() -> RootfsSpec {
         RootfsSpec {

@@ -9,22 +9,21 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::caps::CapSet;
 use crate::cgroup::{self, Cgroup, CgroupError, CgroupManager};
-use crate::cni::{self, Attachment, Cni, CniError, NetworkList};
+use crate::cni::{Cni, CniError, NetworkList};
 use crate::exec::{self, ExecError, ExecSpec};
 use crate::image::{self, diff::DiffOptions, ImageConfig, ImageError, ImageRecord, ImageStore};
-use crate::init::InitSpec;
-use crate::netns::{self, NetnsError};
-use crate::rootfs::{self, InitLayer, RootfsError, RootfsSpec};
-use crate::shim::{self, ShimError, ShimSpec};
+use crate::plan::RunSpec;
+use crate::release::Release;
+use crate::rootfs;
+use crate::start::{Host, StartError};
 use crate::state::{
-    self, ContainerConfig, ExitInfo, NetMode, Paths, ProcInfo, StateError, Status, Volume,
+    self, CniRecord, ContainerConfig, ExitInfo, Paths, ProcInfo, StateError, Status,
 };
-use crate::units::{self, Limits, UnitsError};
-use crate::{fsutil, logs, process, procview, timefmt};
+use crate::syscall::{LinuxSyscall, Syscall};
+use crate::units::UnitsError;
+use crate::{logs, process};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -32,8 +31,6 @@ pub enum RuntimeError {
     NoSuchContainer(String),
     #[error("container reference {0:?} is ambiguous: give more of the id")]
     Ambiguous(String),
-    #[error("the name {0:?} is already in use by container {1}")]
-    NameInUse(String, String),
     #[error("invalid container name {0:?}: use [a-zA-Z0-9][a-zA-Z0-9_.-]*")]
     BadName(String),
     #[error("no command: image {0} has no Cmd or Entrypoint, so give one after the image name")]
@@ -63,13 +60,9 @@ pub enum RuntimeError {
     #[error("network: {0}")]
     Cni(#[from] CniError),
     #[error("{0}")]
-    Netns(#[from] NetnsError),
-    #[error("rootfs: {0}")]
-    Rootfs(#[from] RootfsError),
-    #[error("{0}")]
     State(#[from] StateError),
-    #[error("starting the container: {0}")]
-    Start(#[from] ShimError),
+    #[error(transparent)]
+    Start(#[from] StartError),
     #[error("exec: {0}")]
     Exec(#[from] ExecError),
     #[error("container {id} removed, but cleanup reported: {errors}")]
@@ -114,26 +107,6 @@ impl Default for Options {
     }
 }
 
-/// `tweedctl run` arguments.
-#[derive(Debug, Clone, Default)]
-pub struct RunSpec {
-    pub image: String,
-    pub cmd: Vec<String>,
-    pub entrypoint: Option<String>,
-    pub name: Option<String>,
-    pub env: Vec<String>,
-    pub volumes: Vec<String>,
-    pub workdir: Option<String>,
-    pub hostname: Option<String>,
-    /// overlay | none | host | container:ID (default none).
-    pub net: Option<String>,
-    pub memory: Option<String>,
-    pub cpus: Option<String>,
-    pub pids: Option<String>,
-    pub user: Option<String>,
-    pub auto_remove: bool,
-}
-
 /// One line of `ps`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -144,109 +117,6 @@ pub struct Summary {
     pub status: Status,
     pub created: String,
     pub pid: Option<i32>,
-}
-
-/// The CNI attachment of a container, recorded before ADD so that DEL and GC always know it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct CniRecord {
-    pub list: NetworkList,
-    pub attachment: Attachment,
-    pub result: Option<Value>,
-}
-
-/// Container name rule (Docker's).
-pub fn valid_container_name(n: &str) -> bool {
-    let b = n.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
-}
-
-/// The command a container runs: entrypoint + (given command or the image's Cmd).
-pub fn command_for(cfg: &ImageConfig, entrypoint: Option<&str>, cmd: &[String]) -> Vec<String> {
-    let ep: Vec<String> = match entrypoint {
-        Some("") => vec![],
-        Some(e) => vec![e.to_string()],
-        None => cfg.entrypoint.clone(),
-    };
-    let rest = if cmd.is_empty() && entrypoint.is_none() {
-        cfg.cmd.clone()
-    } else {
-        cmd.to_vec()
-    };
-    ep.into_iter().chain(rest).collect()
-}
-
-/// The container's environment: PATH default, the image's, the user's (`K` alone takes the
-/// caller's value), HOSTNAME and HOME.
-pub fn container_env(
-    image_env: &[String],
-    user_env: &[String],
-    hostname: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<Vec<String>, RuntimeError> {
-    let mut env =
-        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
-    env = exec::merge_env(&env, image_env);
-    let mut extra = Vec::new();
-    for e in user_env {
-        match e.split_once('=') {
-            Some((k, _)) if !k.is_empty() => extra.push(e.clone()),
-            None if !e.is_empty() => {
-                if let Some(v) = lookup(e) {
-                    extra.push(format!("{e}={v}"));
-                }
-            }
-            _ => return Err(RuntimeError::BadEnv(e.clone())),
-        }
-    }
-    env = exec::merge_env(&env, &[format!("HOSTNAME={hostname}")]);
-    env = exec::merge_env(&env, &extra);
-    if !env.iter().any(|e| e.starts_with("HOME=")) {
-        env.push("HOME=/root".into());
-    }
-    Ok(env)
-}
-
-/// Undo actions for a half-created container, run in reverse unless disarmed.
-struct Undo(Vec<Box<dyn FnOnce()>>);
-
-impl Undo {
-    fn push(&mut self, f: impl FnOnce() + 'static) {
-        self.0.push(Box::new(f));
-    }
-    fn disarm(&mut self) {
-        self.0.clear();
-    }
-}
-
-impl Drop for Undo {
-    fn drop(&mut self) {
-        while let Some(f) = self.0.pop() {
-            f();
-        }
-    }
-}
-
-fn host_cpus_allowed() -> Vec<usize> {
-    // SAFETY: sched_getaffinity fills a zeroed cpu_set_t.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return (0..online_cpus()).collect();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|c| libc::CPU_ISSET(*c, &set))
-            .collect()
-    }
-}
-
-fn online_cpus() -> usize {
-    // SAFETY: plain sysconf.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    n.max(1) as usize
 }
 
 /// The runtime.
@@ -318,7 +188,7 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::NoSuchContainer(id.to_string()))
     }
 
-    fn proc_info(&self, id: &str, file: &str) -> Result<Option<ProcInfo>, RuntimeError> {
+    pub(crate) fn proc_info(&self, id: &str, file: &str) -> Result<Option<ProcInfo>, RuntimeError> {
         Ok(state::read_json(&self.paths.state_dir(id).join(file))?)
     }
 
@@ -355,7 +225,7 @@ impl Runtime {
         }
     }
 
-    fn netns_of(&self, id: &str) -> Result<PathBuf, RuntimeError> {
+    pub(crate) fn netns_of(&self, id: &str) -> Result<PathBuf, RuntimeError> {
         let cfg = self.config(id)?;
         let pid = self.init_pid(id)?;
         Ok(match cfg.netns_path {
@@ -368,317 +238,17 @@ impl Runtime {
     pub fn run(&self, spec: &RunSpec) -> Result<String, RuntimeError> {
         process::mark("run: start");
         // Everything that can be checked is checked before anything is created.
-        let image = self.images.get(&spec.image)?;
-        let argv = command_for(&image.config, spec.entrypoint.as_deref(), &spec.cmd);
-        if argv.is_empty() {
-            return Err(RuntimeError::MissingCommand(image.name.clone()));
-        }
-        let limits = Limits {
-            memory: spec
-                .memory
-                .as_deref()
-                .map(units::parse_memory)
-                .transpose()?,
-            millicpus: spec
-                .cpus
-                .as_deref()
-                .map(|c| units::parse_cpus(c, online_cpus()))
-                .transpose()?,
-            pids: spec.pids.as_deref().map(units::parse_pids).transpose()?,
-        };
-        let net_s = spec.net.clone().unwrap_or_else(|| "none".into());
-        let mut net =
-            NetMode::parse(&net_s).ok_or_else(|| RuntimeError::BadNetMode(net_s.clone()))?;
-        let mut join_netns = None;
-        if let NetMode::Container(r) = &net {
-            let target = self.resolve(r)?;
-            join_netns = Some(self.netns_of(&target)?);
-            net = NetMode::Container(target);
-        }
-        if net == NetMode::Host {
-            join_netns = self.opts.host_netns.clone();
-        }
-        let list = if net == NetMode::Overlay {
-            Some(NetworkList::load(&self.opts.cni_conf)?)
-        } else {
-            None
-        };
-        let mut volumes = Vec::new();
-        for v in &spec.volumes {
-            let vol = Volume::parse(v).ok_or_else(|| RuntimeError::BadVolume(v.clone()))?;
-            if !vol.host.exists() {
-                return Err(RuntimeError::VolumeSource(vol.host));
-            }
-            volumes.push(vol);
-        }
-        let id = fsutil::random_hex(32);
-        let name = spec
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("c-{}", &id[..12]));
-        if !valid_container_name(&name) {
-            return Err(RuntimeError::BadName(name));
-        }
-        let hostname = spec
-            .hostname
-            .clone()
-            .unwrap_or_else(|| id[..12].to_string());
-        let env = container_env(&image.config.env, &spec.env, &hostname, |k| {
-            std::env::var(k).ok()
-        })?;
-
-        let mut undo = Undo(Vec::new());
-        // The name: an atomic symlink, so two runs cannot both get it.
-        let link = self.paths.name_link(&name);
-        if let Err(e) = std::os::unix::fs::symlink(&id, &link) {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                let other = fs::read_link(&link)
-                    .map(|t| t.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if self.paths.state_dir(&other).exists() {
-                    return Err(RuntimeError::NameInUse(name, other));
-                }
-                // A stale reservation (its container is gone): take it over.
-                let _ = fs::remove_file(&link);
-                std::os::unix::fs::symlink(&id, &link).map_err(io_err(&link))?;
-            } else {
-                return Err(io_err(&link)(e));
-            }
-        }
-        undo.push(move || {
-            let _ = fs::remove_file(&link);
-        });
-        let sdir = self.paths.state_dir(&id);
-        let ddir = self.paths.data_dir(&id);
-        fs::create_dir(&sdir).map_err(io_err(&sdir))?;
-        {
-            let s = sdir.clone();
-            undo.push(move || {
-                let _ = fsutil::remove_tree(&s);
-            });
-        }
-        for d in ["upper", "work", "init", "merged"] {
-            let p = ddir.join(d);
-            fs::create_dir_all(&p).map_err(io_err(&p))?;
-        }
-        {
-            let d = ddir.clone();
-            undo.push(move || {
-                let _ = fsutil::remove_tree(&d);
-            });
-        }
-
-        process::mark("run: dirs made");
         let layout = cgroup::host_layout()?;
-        let cg = Cgroup::for_container(&layout, &self.opts.cgroup_parent, &id);
-        let rec = cg.record();
-        {
-            let rec = rec.clone();
-            undo.push(move || {
-                let _ = Cgroup::from_record(&rec).remove();
-            });
-        }
-        cg.create()?;
-        cg.apply(&limits)?;
-
-        process::mark("run: cgroup made");
-        let cpus = match limits.millicpus {
-            Some(_) => {
-                let allowed = host_cpus_allowed();
-                procview::pick_cpus(&allowed, limits.visible_cpus(allowed.len()), &id)
-            }
-            None => vec![],
+        let plan = self.plan(spec, &layout)?;
+        let cgroup = Cgroup::for_container(&layout, &self.opts.cgroup_parent, &plan.config.id);
+        let cni = Cni::real(self.opts.cni_path.clone(), self.opts.host_netns.clone());
+        let host = Host {
+            sys: &LinuxSyscall,
+            cgroup: &cgroup,
+            cni: &cni,
         };
-
-        // Network.
-        let mut netns_path = None;
-        let mut ips: Vec<String> = Vec::new();
-        let mut dns = (Vec::new(), Vec::new());
-        if let Some(list) = &list {
-            let p = sdir.join("netns");
-            netns::create(&p)?;
-            {
-                let p = p.clone();
-                undo.push(move || {
-                    let _ = netns::remove(&p);
-                });
-            }
-            let rec = CniRecord {
-                list: list.clone(),
-                attachment: Attachment {
-                    container_id: id.clone(),
-                    netns: p.clone(),
-                    ifname: "eth0".into(),
-                },
-                result: None,
-            };
-            let rpath = sdir.join("cni.json");
-            state::write_json(&rpath, &rec)?;
-            let cni = Cni::real(self.opts.cni_path.clone(), self.opts.host_netns.clone());
-            let result = cni.add(list, &rec.attachment)?;
-            {
-                let (list, att, res) = (list.clone(), rec.attachment.clone(), result.clone());
-                let (path, host) = (self.opts.cni_path.clone(), self.opts.host_netns.clone());
-                undo.push(move || {
-                    let _ = Cni::real(path, host).del(&list, &att, Some(&res));
-                });
-            }
-            ips = cni::result_ips(&result);
-            dns = cni::result_dns(&result);
-            state::write_json(
-                &rpath,
-                &CniRecord {
-                    result: Some(result),
-                    ..rec
-                },
-            )?;
-            netns_path = Some(p.clone());
-            join_netns = Some(p);
-        }
-
-        // Init layer.
-        let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        let hosts = if net == NetMode::Host {
-            fs::read_to_string("/etc/hosts")
-                .unwrap_or_else(|_| rootfs::render_hosts(&hostname, &[]))
-        } else {
-            rootfs::render_hosts(&hostname, &ips)
-        };
-        let (mount_dirs, mount_files) =
-            volumes.iter().fold((vec![], vec![]), |(mut d, mut f), v| {
-                if v.host.is_dir() {
-                    d.push(v.container.clone());
-                } else {
-                    f.push(v.container.clone());
-                }
-                (d, f)
-            });
-        rootfs::write_init_layer(
-            &ddir.join("init"),
-            &InitLayer {
-                hostname: hostname.clone(),
-                hosts,
-                resolv_conf: rootfs::render_resolv(
-                    &host_resolv,
-                    net == NetMode::Host,
-                    &dns.0,
-                    &dns.1,
-                ),
-                mount_dirs,
-                mount_files,
-            },
-        )?;
-
-        // The honest /proc.
-        let meminfo_template = limits
-            .memory
-            .and_then(|_| fs::read_to_string("/proc/meminfo").ok());
-        let meminfo = match (&meminfo_template, limits.memory) {
-            (Some(t), Some(m)) => Some(procview::render_meminfo(
-                t,
-                // A cgroup with nothing in it yet uses nothing.
-                &cgroup::Stats::default(),
-                m,
-            )),
-            _ => None,
-        };
-        let (cpuinfo, online) = if cpus.is_empty() {
-            (None, None)
-        } else {
-            (
-                fs::read_to_string("/proc/cpuinfo")
-                    .ok()
-                    .map(|c| procview::render_cpuinfo(&c, &cpus)),
-                Some(procview::render_cpu_online(cpus.len())),
-            )
-        };
-        let (meminfo_p, cpuinfo_p, online_p) = shim::prepare_proc_files(
-            &sdir,
-            meminfo.as_deref(),
-            cpuinfo.as_deref(),
-            online.as_deref(),
-        )
-        .map_err(io_err(&sdir))?;
-
-        let mut lowers = vec![ddir.join("init")];
-        lowers.extend(self.images.lower_dirs(&image));
-        let user = spec
-            .user
-            .clone()
-            .unwrap_or_else(|| image.config.user.clone());
-        let cwd = spec
-            .workdir
-            .clone()
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| image.config.working_dir.clone());
-        let cwd = if cwd.is_empty() { "/".to_string() } else { cwd };
-        let config = ContainerConfig {
-            id: id.clone(),
-            name: name.clone(),
-            image: image.name.clone(),
-            image_id: image.id.clone(),
-            layers: image.layers.clone(),
-            argv: argv.clone(),
-            env: env.clone(),
-            cwd: cwd.clone(),
-            user: user.clone(),
-            hostname: hostname.clone(),
-            limits: limits.clone(),
-            cpus: cpus.clone(),
-            net: net.clone(),
-            volumes: volumes.clone(),
-            cgroup: rec.clone(),
-            caps: CapSet::docker_default(),
-            created: timefmt::now(),
-            auto_remove: spec.auto_remove,
-            host_netns: self.opts.host_netns.clone(),
-            netns_path,
-        };
-        state::write_json(&sdir.join("config.json"), &config)?;
-
-        let init = InitSpec {
-            rootfs: RootfsSpec {
-                merged: ddir.join("merged"),
-                lowers,
-                upper: ddir.join("upper"),
-                work: ddir.join("work"),
-                volumes,
-                meminfo: meminfo_p,
-                cpuinfo: cpuinfo_p,
-                cpu_online: online_p,
-            },
-            hostname,
-            argv,
-            env,
-            cwd,
-            user,
-            caps: config.caps,
-            cpus,
-            new_netns: net == NetMode::None,
-            join_netns,
-            virtual_sysinfo: limits.memory.is_some(),
-        };
-        let on_exit: Option<Box<dyn FnOnce()>> = if spec.auto_remove {
-            let rt = self.clone();
-            let id = id.clone();
-            Some(Box::new(move || {
-                let _ = rt.cleanup(&id);
-            }))
-        } else {
-            None
-        };
-        process::mark("run: spawning shim");
-        shim::spawn(ShimSpec {
-            state_dir: sdir,
-            init,
-            cgroup: rec,
-            meminfo_template,
-            memory_limit: limits.memory,
-            on_exit,
-        })?;
-        process::mark("run: started");
-        undo.disarm();
-        Ok(id)
+        self.start(&plan, &host)?;
+        Ok(plan.config.id)
     }
 
     /// Blocks until the container's supervisor has recorded its exit.
@@ -752,44 +322,22 @@ impl Runtime {
 
     /// Releases everything of a container that is no longer running.
     pub fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
-        let sdir = self.paths.state_dir(id);
-        let cfg: Option<ContainerConfig> = state::read_json(&sdir.join("config.json"))?;
-        let mut errors: Vec<String> = Vec::new();
+        let cfg: Option<ContainerConfig> =
+            state::read_json(&self.paths.state_dir(id).join("config.json"))?;
         process::mark("cleanup: start");
-        let cni_rec: Option<CniRecord> = state::read_json(&sdir.join("cni.json")).unwrap_or(None);
-        if let Some(r) = cni_rec {
-            let host = cfg
-                .as_ref()
-                .and_then(|c| c.host_netns.clone())
-                .or(self.opts.host_netns.clone());
-            let cni = Cni::real(self.opts.cni_path.clone(), host);
-            if let Err(e) = cni.del(&r.list, &r.attachment, r.result.as_ref()) {
-                errors.push(e.to_string());
-            }
-        }
-        if let Err(e) = netns::remove(&sdir.join("netns")) {
-            errors.push(e.to_string());
-        }
-        if let Some(c) = &cfg {
-            if let Err(e) = Cgroup::from_record(&c.cgroup).remove() {
-                errors.push(e.to_string());
-            }
-        }
-        process::mark("cleanup: cgroups removed");
-        let ddir = self.paths.data_dir(id);
-        if let Err(e) = fsutil::remove_tree(&ddir) {
-            errors.push(format!("{}: {e}", ddir.display()));
-        }
-        if let Some(c) = &cfg {
-            let link = self.paths.name_link(&c.name);
-            if fs::read_link(&link).is_ok_and(|t| t == Path::new(id)) {
-                let _ = fs::remove_file(&link);
-            }
-        }
-        process::mark("cleanup: layers removed");
-        if let Err(e) = fsutil::remove_tree(&sdir) {
-            errors.push(format!("{}: {e}", sdir.display()));
-        }
+        let host_netns = cfg
+            .as_ref()
+            .and_then(|c| c.host_netns.clone())
+            .or(self.opts.host_netns.clone());
+        let cni = Cni::real(self.opts.cni_path.clone(), host_netns);
+        let cgroup = cfg.as_ref().map(|c| Cgroup::from_record(&c.cgroup));
+        let errors = self.release(
+            id,
+            cfg.as_ref(),
+            &LinuxSyscall,
+            &cni,
+            cgroup.as_ref().map(|c| c as &dyn CgroupManager),
+        );
         process::mark("cleanup: state removed");
         if errors.is_empty() {
             Ok(())
@@ -799,6 +347,35 @@ impl Runtime {
                 errors: errors.join("; "),
             })
         }
+    }
+
+    /// Gives back what a container that no longer runs holds, whatever the errors: its
+    /// network, cgroup, layers, name and state, in that order. Returns the errors.
+    pub(crate) fn release(
+        &self,
+        id: &str,
+        cfg: Option<&ContainerConfig>,
+        sys: &dyn Syscall,
+        cni: &Cni,
+        cgroup: Option<&dyn CgroupManager>,
+    ) -> Vec<String> {
+        let sdir = self.paths.state_dir(id);
+        let attachment: Option<CniRecord> =
+            state::read_json(&sdir.join("cni.json")).unwrap_or(None);
+        let mut steps = Vec::new();
+        steps.extend(attachment.map(|record| Release::Attachment { cni, record }));
+        steps.push(Release::Netns {
+            sys,
+            path: self.paths.netns(id),
+        });
+        steps.extend(cgroup.map(Release::Cgroup));
+        steps.push(Release::Tree(self.paths.data_dir(id)));
+        steps.extend(cfg.map(|c| Release::Name {
+            link: self.paths.name_link(&c.name),
+            id: id.to_string(),
+        }));
+        steps.push(Release::Tree(sdir));
+        steps.iter().filter_map(|s| s.run().err()).collect()
     }
 
     pub fn list(&self) -> Result<Vec<Summary>, RuntimeError> {
@@ -822,83 +399,6 @@ impl Runtime {
         }
         out.sort_by(|a, b| a.created.cmp(&b.created));
         Ok(out)
-    }
-
-    /// Everything known about a container, as JSON.
-    pub fn inspect(&self, id: &str) -> Result<Value, RuntimeError> {
-        let cfg = self.config(id)?;
-        let status = self.status(id)?;
-        let init = self.proc_info(id, "init.json")?;
-        let shim = self.proc_info(id, "shim.json")?;
-        let exit = self.exit_info(id)?;
-        let cni: Option<CniRecord> = state::read_json(&self.paths.state_dir(id).join("cni.json"))?;
-        let stats = if status == Status::Running {
-            Cgroup::from_record(&cfg.cgroup).stats().ok()
-        } else {
-            None
-        };
-        let ddir = self.paths.data_dir(id);
-        let image = self.images.get(&cfg.image_id).ok();
-        Ok(serde_json::json!({
-            "Id": cfg.id,
-            "Name": cfg.name,
-            "Created": cfg.created,
-            "Image": cfg.image,
-            "ImageId": cfg.image_id,
-            "Path": cfg.argv.first(),
-            "Args": cfg.argv.get(1..).unwrap_or(&[]),
-            "State": {
-                "Status": status,
-                "Running": status == Status::Running,
-                "Pid": if status == Status::Running { init.as_ref().map(|i| i.pid) } else { None },
-                "SupervisorPid": shim.as_ref().map(|s| s.pid),
-                "StartedAt": init.as_ref().map(|i| i.started.clone()),
-                "FinishedAt": exit.as_ref().map(|e| e.finished.clone()),
-                "ExitCode": exit.as_ref().map(|e| e.code),
-                "Signal": exit.as_ref().and_then(|e| e.signal),
-                "OOMKilled": exit.as_ref().is_some_and(|e| e.oom_killed),
-                "Dead": matches!(status, Status::Dead { .. }),
-            },
-            "Config": {
-                "Hostname": cfg.hostname,
-                "Env": cfg.env,
-                "Cmd": cfg.argv,
-                "WorkingDir": cfg.cwd,
-                "User": cfg.user,
-            },
-            "HostConfig": {
-                "Memory": cfg.limits.memory,
-                "NanoCpus": cfg.limits.millicpus.map(|m| m * 1_000_000),
-                "CpuQuota": cfg.limits.cpu_quota_us(),
-                "CpuPeriod": cfg.limits.millicpus.map(|_| units::CPU_PERIOD_US),
-                "PidsLimit": cfg.limits.pids,
-                "CpusetCpus": cfg.cpus,
-                "NetworkMode": cfg.net.show(),
-                "Binds": cfg.volumes.iter().map(|v| format!("{}:{}{}", v.host.display(), v.container.display(), if v.readonly { ":ro" } else { "" })).collect::<Vec<_>>(),
-                "CapAdd": Value::Null,
-                "Capabilities": cfg.caps.names(),
-                "AutoRemove": cfg.auto_remove,
-            },
-            "NetworkSettings": {
-                "Mode": cfg.net.show(),
-                "SandboxKey": cfg.netns_path,
-                "IPAddresses": cni.as_ref().and_then(|c| c.result.as_ref()).map(cni::result_ips).unwrap_or_default(),
-                "CniResult": cni.as_ref().and_then(|c| c.result.clone()),
-                "CniNetwork": cni.as_ref().map(|c| c.list.name.clone()),
-            },
-            "GraphDriver": {
-                "Name": "overlay",
-                "Data": {
-                    "LowerDir": image.as_ref().map(|i| self.images.lower_dirs(i)),
-                    "InitDir": ddir.join("init"),
-                    "UpperDir": ddir.join("upper"),
-                    "WorkDir": ddir.join("work"),
-                    "MergedDir": ddir.join("merged"),
-                },
-            },
-            "Cgroup": cfg.cgroup,
-            "Stats": stats,
-        }))
     }
 
     /// Copies the container's log to `out`/`err`; with `follow`, until the container ends.
@@ -994,17 +494,7 @@ impl Runtime {
             working_dir: cfg.cwd.clone(),
             user: cfg.user.clone(),
         };
-        let created = timefmt::now();
-        let rec = ImageRecord {
-            name,
-            id: ImageStore::synth_config_id(&config, &layers, &created),
-            layers,
-            config,
-            created,
-            source: "commit".into(),
-        };
-        self.images.save(&rec)?;
-        Ok(rec)
+        Ok(self.images.save_made(name, config, layers, "commit")?)
     }
 
     /// `image rm`: refused while a container uses the image.
@@ -1073,71 +563,4 @@ pub fn run_attached(
     }
     process::mark("run: removed");
     Ok((id, exit?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        assert!(valid_container_name("web-1"));
-        assert!(valid_container_name("a.b_c"));
-        assert!(!valid_container_name("-x"));
-        assert!(!valid_container_name("a/b"));
-        assert!(!valid_container_name(""));
-    }
-
-    #[test]
-    fn commands() {
-        let cfg = ImageConfig {
-            entrypoint: vec!["/entry".into()],
-            cmd: vec!["serve".into()],
-            ..Default::default()
-        };
-        assert_eq!(command_for(&cfg, None, &[]), ["/entry", "serve"]);
-        assert_eq!(command_for(&cfg, None, &["x".into()]), ["/entry", "x"]);
-        assert_eq!(command_for(&cfg, Some(""), &["sh".into()]), ["sh"]);
-        assert_eq!(command_for(&cfg, Some("/bin/ls"), &[]), ["/bin/ls"]);
-        assert!(command_for(&ImageConfig::default(), None, &[]).is_empty());
-    }
-
-    #[test]
-    fn environment() {
-        let env = container_env(
-            &["PATH=/img".into(), "A=1".into()],
-            &["A=2".into(), "FROMHOST".into(), "MISSING".into()],
-            "h",
-            |k| (k == "FROMHOST").then(|| "v".to_string()),
-        )
-        .unwrap();
-        assert_eq!(
-            env,
-            ["PATH=/img", "HOSTNAME=h", "A=2", "FROMHOST=v", "HOME=/root"]
-        );
-        assert!(matches!(
-            container_env(&[], &["=x".into()], "h", |_| None),
-            Err(RuntimeError::BadEnv(_))
-        ));
-    }
-
-    #[test]
-    fn undo_runs_in_reverse_unless_disarmed() {
-        use std::sync::{Arc, Mutex};
-        let log = Arc::new(Mutex::new(Vec::new()));
-        {
-            let mut u = Undo(Vec::new());
-            for i in 0..3 {
-                let l = log.clone();
-                u.push(move || l.lock().unwrap().push(i));
-            }
-        }
-        assert_eq!(*log.lock().unwrap(), vec![2, 1, 0]);
-        let mut u = Undo(Vec::new());
-        let l = log.clone();
-        u.push(move || l.lock().unwrap().push(9));
-        u.disarm();
-        drop(u);
-        assert_eq!(log.lock().unwrap().len(), 3);
-    }
 }

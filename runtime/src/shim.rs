@@ -242,14 +242,9 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
             -1
         };
         // SAFETY: pfds is a valid array of pollfd.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let n = process::retry(|| unsafe {
+            libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout)
+        })?;
         if n == 0 {
             if let Some((f, t, limit)) = &meminfo {
                 refresh_meminfo(f, t, &cg, *limit);

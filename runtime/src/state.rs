@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::caps::CapSet;
 use crate::cgroup::CgroupRecord;
+use crate::cni::{Attachment, NetworkList};
 use crate::fsutil;
 use crate::units::Limits;
 
@@ -59,6 +60,10 @@ impl Paths {
     }
     pub fn name_link(&self, name: &str) -> PathBuf {
         self.names().join(name)
+    }
+    /// An overlay container's pinned network namespace.
+    pub fn netns(&self, id: &str) -> PathBuf {
+        self.state_dir(id).join("netns")
     }
 }
 
@@ -257,6 +262,14 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
 /// Whether the process `info` describes is still the same live process.
 pub fn alive(pid: i32, start_time: u64) -> bool {
     pid > 0 && proc_start_time(pid) == Some(start_time)
+}
+
+/// The CNI attachment of a container, recorded before ADD so that DEL and GC always know it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CniRecord {
+    pub list: NetworkList,
+    pub attachment: Attachment,
+    pub result: Option<serde_json::Value>,
 }
 
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {

@@ -1,15 +1,18 @@
 //! Every kernel call that changes a container's world goes through [`Syscall`]: the real
-//! [`LinuxSyscall`] and the recording [`FakeSyscall`], so mount plans and the init's steps can be
-//! checked without root.
+//! [`LinuxSyscall`] and, in unit tests, the recording `fake::FakeSyscall`, so mount plans, the
+//! init's steps and the runtime's start sequence can be checked without root.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use crate::caps::CapSet;
+use crate::shim::{ShimError, ShimSpec, Started};
+
+#[cfg(test)]
+pub mod fake;
 
 /// One mount(2) call, as data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +53,8 @@ impl Mount {
 }
 
 /// The side effects of setting up a container's namespaces, filesystem and credentials.
-pub trait Syscall {
+/// `Sync`: a network namespace is made in a helper thread (see `netns::create`).
+pub trait Syscall: Sync {
     fn mount(&self, m: &Mount) -> io::Result<()>;
     fn umount2(&self, target: &Path, flags: i32) -> io::Result<()>;
     /// `pivot_root(new_root, put_old)`.
@@ -78,6 +82,10 @@ pub trait Syscall {
     /// Whether `path` exists (without following a final symlink).
     fn exists(&self, path: &Path) -> bool;
     fn is_dir(&self, path: &Path) -> bool;
+    /// Starts a container: forks its supervisor, which clones the init into new namespaces
+    /// ([`crate::init::clone_flags`]) and returns once the init has exec'd the command or
+    /// failed (then no process of the container is left).
+    fn start_supervisor(&self, spec: ShimSpec) -> Result<Started, ShimError>;
 }
 
 pub(crate) fn cstr(p: &Path) -> io::Result<CString> {
@@ -236,131 +244,9 @@ impl Syscall for LinuxSyscall {
             .map(|m| m.is_dir())
             .unwrap_or(false)
     }
-}
 
-/// What [`FakeSyscall`] saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Call {
-    Mount(Mount),
-    Umount(PathBuf, i32),
-    PivotRoot(PathBuf, PathBuf),
-    Chdir(PathBuf),
-    MkdirAll(PathBuf),
-    Touch(PathBuf),
-    Mknod(PathBuf, u32, u64),
-    Symlink(PathBuf, PathBuf),
-    Sethostname(String),
-    Setns(RawFd, i32),
-    Unshare(i32),
-    NoNewPrivs,
-    Caps(CapSet),
-    Affinity(Vec<usize>),
-    SetIds(u32, u32),
-    LoopbackUp,
-    SysinfoFilter,
-}
-
-/// Records calls; paths listed in `existing` (and those it created) exist, directories among them
-/// are those in `dirs` or made by `mkdir_all`.
-#[derive(Debug, Default)]
-pub struct FakeSyscall {
-    pub calls: Mutex<Vec<Call>>,
-    pub existing: Mutex<Vec<PathBuf>>,
-    pub dirs: Mutex<Vec<PathBuf>>,
-    /// Calls whose target is this path fail with EPERM.
-    pub fail_on: Option<PathBuf>,
-}
-
-impl FakeSyscall {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn with_existing(files: &[&str], dirs: &[&str]) -> Self {
-        let f = Self::default();
-        f.existing
-            .lock()
-            .unwrap()
-            .extend(files.iter().chain(dirs.iter()).map(PathBuf::from));
-        f.dirs
-            .lock()
-            .unwrap()
-            .extend(dirs.iter().map(PathBuf::from));
-        f
-    }
-    pub fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn rec(&self, c: Call, target: Option<&Path>) -> io::Result<()> {
-        self.calls.lock().unwrap().push(c);
-        match (&self.fail_on, target) {
-            (Some(f), Some(t)) if f == t => Err(io::Error::from_raw_os_error(libc::EPERM)),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl Syscall for FakeSyscall {
-    fn mount(&self, m: &Mount) -> io::Result<()> {
-        self.rec(Call::Mount(m.clone()), Some(&m.target))
-    }
-    fn umount2(&self, target: &Path, flags: i32) -> io::Result<()> {
-        self.rec(Call::Umount(target.into(), flags), Some(target))
-    }
-    fn pivot_root(&self, n: &Path, o: &Path) -> io::Result<()> {
-        self.rec(Call::PivotRoot(n.into(), o.into()), Some(n))
-    }
-    fn chdir(&self, p: &Path) -> io::Result<()> {
-        self.rec(Call::Chdir(p.into()), Some(p))
-    }
-    fn mkdir_all(&self, p: &Path, _mode: u32) -> io::Result<()> {
-        self.existing.lock().unwrap().push(p.into());
-        self.dirs.lock().unwrap().push(p.into());
-        self.rec(Call::MkdirAll(p.into()), Some(p))
-    }
-    fn touch(&self, p: &Path) -> io::Result<()> {
-        self.existing.lock().unwrap().push(p.into());
-        self.rec(Call::Touch(p.into()), Some(p))
-    }
-    fn mknod(&self, p: &Path, mode: u32, dev: u64) -> io::Result<()> {
-        self.existing.lock().unwrap().push(p.into());
-        self.rec(Call::Mknod(p.into(), mode, dev), Some(p))
-    }
-    fn symlink(&self, t: &Path, l: &Path) -> io::Result<()> {
-        self.existing.lock().unwrap().push(l.into());
-        self.rec(Call::Symlink(t.into(), l.into()), Some(l))
-    }
-    fn sethostname(&self, n: &str) -> io::Result<()> {
-        self.rec(Call::Sethostname(n.into()), None)
-    }
-    fn setns(&self, fd: RawFd, t: i32) -> io::Result<()> {
-        self.rec(Call::Setns(fd, t), None)
-    }
-    fn unshare(&self, f: i32) -> io::Result<()> {
-        self.rec(Call::Unshare(f), None)
-    }
-    fn set_no_new_privs(&self) -> io::Result<()> {
-        self.rec(Call::NoNewPrivs, None)
-    }
-    fn set_capabilities(&self, caps: &CapSet) -> io::Result<()> {
-        self.rec(Call::Caps(*caps), None)
-    }
-    fn set_affinity(&self, cpus: &[usize]) -> io::Result<()> {
-        self.rec(Call::Affinity(cpus.to_vec()), None)
-    }
-    fn set_ids(&self, uid: u32, gid: u32, _g: &[u32]) -> io::Result<()> {
-        self.rec(Call::SetIds(uid, gid), None)
-    }
-    fn sysinfo_listener(&self) -> io::Result<RawFd> {
-        self.rec(Call::SysinfoFilter, None).map(|_| 99)
-    }
-    fn loopback_up(&self) -> io::Result<()> {
-        self.rec(Call::LoopbackUp, None)
-    }
-    fn exists(&self, p: &Path) -> bool {
-        self.existing.lock().unwrap().iter().any(|e| e == p)
-    }
-    fn is_dir(&self, p: &Path) -> bool {
-        self.dirs.lock().unwrap().iter().any(|e| e == p)
+    fn start_supervisor(&self, spec: ShimSpec) -> Result<Started, ShimError> {
+        crate::shim::spawn(spec)
     }
 }
 

@@ -102,7 +102,7 @@ pub trait CgroupManager {
     fn record(&self) -> CgroupRecord;
 }
 
-/// Enum dispatch over the host implementations (tests use [`fake::FakeCgroup`] directly).
+/// Enum dispatch over the host implementations (unit tests use `fake::FakeCgroup` directly).
 #[derive(Debug)]
 pub enum Cgroup {
     V1(V1Cgroup),

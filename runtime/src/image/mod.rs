@@ -359,6 +359,28 @@ impl ImageStore {
         rec.layers.iter().rev().map(|d| self.layer_dir(d)).collect()
     }
 
+    /// Records an image tweed made itself (`source`: a rootfs import or a commit), created
+    /// now, with the content-addressed id of the config blob OCI would write for it.
+    pub fn save_made(
+        &self,
+        name: String,
+        config: ImageConfig,
+        layers: Vec<String>,
+        source: &str,
+    ) -> Result<ImageRecord, ImageError> {
+        let created = crate::timefmt::now();
+        let rec = ImageRecord {
+            name,
+            id: Self::synth_config_id(&config, &layers, &created),
+            layers,
+            config,
+            created,
+            source: source.into(),
+        };
+        self.save(&rec)?;
+        Ok(rec)
+    }
+
     /// An image config blob as OCI writes it, for content-addressed ids of images tweed makes.
     pub fn synth_config_id(config: &ImageConfig, layers: &[String], created: &str) -> String {
         let v = serde_json::json!({
@@ -387,23 +409,12 @@ impl ImageStore {
             });
         }
         let diff_id = self.add_layer_from_dir(dir, &diff::DiffOptions::default())?;
-        let created = crate::timefmt::now();
         let config = ImageConfig {
             env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
             cmd: vec!["/bin/sh".into()],
             ..Default::default()
         };
-        let layers = vec![diff_id];
-        let rec = ImageRecord {
-            name,
-            id: Self::synth_config_id(&config, &layers, &created),
-            layers,
-            config,
-            created,
-            source: "rootfs".into(),
-        };
-        self.save(&rec)?;
-        Ok(rec)
+        self.save_made(name, config, vec![diff_id], "rootfs")
     }
 }
 

@@ -1,0 +1,426 @@
+//! Starting a container from its [`Plan`]: named stages, each a function with its own error
+//! and its own undo ([`Release`] steps), run in this order:
+//!
+//! ```text
+//! reserve     name link, state dir                     undo: remove them
+//! rootfs      layer dirs (upper, work, init, merged)   undo: remove them
+//! cgroup      create it, write the limits              undo: kill what is left, remove it
+//! network     pinned netns, CNI ADD (overlay only)     undo: CNI DEL, unpin the netns
+//! init layer  hostname, hosts, resolv.conf, the honest /proc files
+//! record      config.json
+//! start       the supervisor clones the init into its namespaces and completes the init
+//!             handshake (in `shim`); a failed start leaves no process
+//! ```
+//!
+//! The last three need no undo of their own: what they write lives in the state and layer
+//! directories, and the supervisor kills and reaps an init that fails its handshake.
+//!
+//! The network comes before the clone because the init joins the pinned namespace and its
+//! `/etc/hosts` names the address CNI gave. The record comes before the start because a `--rm`
+//! container's supervisor reads it to clean up, maybe before `tweedctl` has returned.
+//!
+//! When a stage fails, the finished stages are undone in reverse order. The host is reached only
+//! through a [`Host`]: kernel calls ([`Syscall`]: the netns pin and the supervisor's clone), the
+//! container's cgroup ([`CgroupManager`]) and the CNI plugins ([`Cni`]), so the order and the
+//! undo are unit-tested with fakes, without root.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::cgroup::{self, CgroupError, CgroupManager};
+use crate::cni::{self, Attachment, Cni, CniError};
+use crate::init::InitSpec;
+use crate::netns::{self, NetnsError};
+use crate::plan::Plan;
+use crate::release::Release;
+use crate::rootfs::{self, InitLayer, RootfsError, RootfsSpec};
+use crate::runtime::Runtime;
+use crate::shim::{self, ShimError, ShimSpec};
+use crate::state::{self, CniRecord, ContainerConfig, NetMode, StateError};
+use crate::syscall::Syscall;
+use crate::{procview, timefmt};
+
+/// The stages, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Reserve,
+    Rootfs,
+    Cgroup,
+    Network,
+    InitLayer,
+    Record,
+    Start,
+}
+
+/// Why a start failed; every variant names the stage, and the path or container it failed on.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the name {name:?} is already in use by container {other}")]
+    NameInUse { name: String, other: String },
+    #[error("{path}: {source}")]
+    Reserve { path: PathBuf, source: io::Error },
+    #[error("{path}: {source}")]
+    Rootfs { path: PathBuf, source: io::Error },
+    #[error("cgroup: {source}")]
+    Cgroup { id: String, source: CgroupError },
+    #[error(transparent)]
+    Netns(NetnsError),
+    #[error("network: {source}")]
+    Cni { id: String, source: Box<CniError> },
+    /// Writing `cni.json`.
+    #[error(transparent)]
+    NetworkRecord(StateError),
+    #[error("rootfs: {0}")]
+    InitLayer(RootfsError),
+    #[error("{path}: {source}")]
+    ProcFiles { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Record(StateError),
+    #[error("starting the container: {source}")]
+    Start { id: String, source: ShimError },
+}
+
+impl StartError {
+    pub fn stage(&self) -> Stage {
+        match self {
+            StartError::NameInUse { .. } | StartError::Reserve { .. } => Stage::Reserve,
+            StartError::Rootfs { .. } => Stage::Rootfs,
+            StartError::Cgroup { .. } => Stage::Cgroup,
+            StartError::Netns(_) | StartError::Cni { .. } | StartError::NetworkRecord(_) => {
+                Stage::Network
+            }
+            StartError::InitLayer(_) | StartError::ProcFiles { .. } => Stage::InitLayer,
+            StartError::Record(_) => Stage::Record,
+            StartError::Start { .. } => Stage::Start,
+        }
+    }
+}
+
+/// The host as a container start sees it.
+pub struct Host<'a> {
+    /// Kernel calls: the network namespace pin and the supervisor's clone.
+    pub sys: &'a dyn Syscall,
+    /// The new container's cgroup.
+    pub cgroup: &'a dyn CgroupManager,
+    pub cni: &'a Cni,
+}
+
+impl Runtime {
+    /// Creates and starts the container `plan` describes; returns once its command runs. On
+    /// failure nothing of it is left: the finished stages are undone, last first.
+    pub fn start(&self, plan: &Plan, host: &Host<'_>) -> Result<(), StartError> {
+        let id = &plan.config.id;
+        let mut s = Starting {
+            rt: self,
+            plan,
+            host,
+            state_dir: self.paths.state_dir(id),
+            data_dir: self.paths.data_dir(id),
+            undo: Vec::new(),
+        };
+        s.reserve()?;
+        s.rootfs()?;
+        crate::process::mark("run: dirs made");
+        s.cgroup()?;
+        crate::process::mark("run: cgroup made");
+        let net = s.network()?;
+        let views = s.init_layer(&net)?;
+        s.record()?;
+        s.start(views)?;
+        s.undo.clear();
+        Ok(())
+    }
+}
+
+/// A start under way: the undo steps of the finished stages, run in reverse on drop unless the
+/// start got through.
+struct Starting<'a> {
+    rt: &'a Runtime,
+    plan: &'a Plan,
+    host: &'a Host<'a>,
+    state_dir: PathBuf,
+    data_dir: PathBuf,
+    undo: Vec<Release<'a>>,
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        while let Some(step) = self.undo.pop() {
+            // Best effort: the start's own error is the one to report.
+            let _ = step.run();
+        }
+    }
+}
+
+/// What the network stage hands on: the addresses and DNS settings CNI gave.
+#[derive(Debug, Default)]
+struct Attached {
+    ips: Vec<String>,
+    nameservers: Vec<String>,
+    search: Vec<String>,
+}
+
+/// The files the init bind-mounts over `/proc` and `/sys`, and the supervisor's template for
+/// refreshing meminfo.
+#[derive(Debug, Default)]
+struct ProcViews {
+    meminfo_template: Option<String>,
+    meminfo: Option<PathBuf>,
+    cpuinfo: Option<PathBuf>,
+    cpu_online: Option<PathBuf>,
+}
+
+fn io_at(
+    path: &Path,
+    variant: fn(PathBuf, io::Error) -> StartError,
+) -> impl FnOnce(io::Error) -> StartError + '_ {
+    move |source| variant(path.to_path_buf(), source)
+}
+
+impl<'a> Starting<'a> {
+    fn config(&self) -> &'a ContainerConfig {
+        &self.plan.config
+    }
+
+    /// The name (an atomic symlink, so two runs cannot both get it) and the state directory.
+    fn reserve(&mut self) -> Result<(), StartError> {
+        let reserve = |path, source| StartError::Reserve { path, source };
+        let (id, name) = (&self.config().id, &self.config().name);
+        let link = self.rt.paths.name_link(name);
+        if let Err(e) = std::os::unix::fs::symlink(id, &link) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(io_at(&link, reserve)(e));
+            }
+            let other = fs::read_link(&link)
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if self.rt.paths.state_dir(&other).exists() {
+                return Err(StartError::NameInUse {
+                    name: name.clone(),
+                    other,
+                });
+            }
+            // A stale reservation (its container is gone): take it over.
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(id, &link).map_err(io_at(&link, reserve))?;
+        }
+        self.undo.push(Release::Name {
+            link,
+            id: id.clone(),
+        });
+        fs::create_dir(&self.state_dir).map_err(io_at(&self.state_dir, reserve))?;
+        self.undo.push(Release::Tree(self.state_dir.clone()));
+        Ok(())
+    }
+
+    /// The overlay's directories; the init mounts them in its own mount namespace.
+    fn rootfs(&mut self) -> Result<(), StartError> {
+        let rootfs = |path, source| StartError::Rootfs { path, source };
+        fs::create_dir(&self.data_dir).map_err(io_at(&self.data_dir, rootfs))?;
+        self.undo.push(Release::Tree(self.data_dir.clone()));
+        for d in ["upper", "work", "init", "merged"] {
+            let p = self.data_dir.join(d);
+            fs::create_dir(&p).map_err(io_at(&p, rootfs))?;
+        }
+        Ok(())
+    }
+
+    /// The cgroup with its limits.
+    fn cgroup(&mut self) -> Result<(), StartError> {
+        let cg = self.host.cgroup;
+        // Before create: removing a half-made cgroup is fine.
+        self.undo.push(Release::Cgroup(cg));
+        let err = |source| StartError::Cgroup {
+            id: self.config().id.clone(),
+            source,
+        };
+        cg.create().map_err(err)?;
+        cg.apply(&self.config().limits).map_err(err)
+    }
+
+    /// An overlay container's own network namespace, attached by the CNI plugins.
+    fn network(&mut self) -> Result<Attached, StartError> {
+        let Some(list) = &self.plan.network else {
+            return Ok(Attached::default());
+        };
+        let id = &self.config().id;
+        let ns = self.rt.paths.netns(id);
+        netns::create(self.host.sys, &ns).map_err(StartError::Netns)?;
+        self.undo.push(Release::Netns {
+            sys: self.host.sys,
+            path: ns.clone(),
+        });
+        let record = CniRecord {
+            list: list.clone(),
+            attachment: Attachment {
+                container_id: id.clone(),
+                netns: ns,
+                ifname: "eth0".into(),
+            },
+            result: None,
+        };
+        let path = self.state_dir.join("cni.json");
+        // Recorded before ADD so that DEL and GC always know the attachment.
+        state::write_json(&path, &record).map_err(StartError::NetworkRecord)?;
+        // A failed ADD has already DELeted what its plugins made.
+        let result = self
+            .host
+            .cni
+            .add(list, &record.attachment)
+            .map_err(|e| StartError::Cni {
+                id: id.clone(),
+                source: Box::new(e),
+            })?;
+        let (nameservers, search) = cni::result_dns(&result);
+        let ips = cni::result_ips(&result);
+        let record = CniRecord {
+            result: Some(result),
+            ..record
+        };
+        self.undo.push(Release::Attachment {
+            cni: self.host.cni,
+            record: record.clone(),
+        });
+        state::write_json(&path, &record).map_err(StartError::NetworkRecord)?;
+        Ok(Attached {
+            ips,
+            nameservers,
+            search,
+        })
+    }
+
+    /// The files that make the container's identity (hostname, hosts, resolv.conf, volume
+    /// mount points) and its honest `/proc` files.
+    fn init_layer(&mut self, net: &Attached) -> Result<ProcViews, StartError> {
+        let config = self.config();
+        let host_mode = config.net == NetMode::Host;
+        let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let hosts = if host_mode {
+            fs::read_to_string("/etc/hosts")
+                .unwrap_or_else(|_| rootfs::render_hosts(&config.hostname, &[]))
+        } else {
+            rootfs::render_hosts(&config.hostname, &net.ips)
+        };
+        let (dirs, files): (Vec<_>, Vec<_>) = config.volumes.iter().partition(|v| v.host.is_dir());
+        rootfs::write_init_layer(
+            &self.data_dir.join("init"),
+            &InitLayer {
+                hostname: config.hostname.clone(),
+                hosts,
+                resolv_conf: rootfs::render_resolv(
+                    &host_resolv,
+                    host_mode,
+                    &net.nameservers,
+                    &net.search,
+                ),
+                mount_dirs: dirs.into_iter().map(|v| v.container.clone()).collect(),
+                mount_files: files.into_iter().map(|v| v.container.clone()).collect(),
+            },
+        )
+        .map_err(StartError::InitLayer)?;
+
+        let (limits, cpus) = (&config.limits, &config.cpus);
+        let meminfo_template = limits
+            .memory
+            .and_then(|_| fs::read_to_string("/proc/meminfo").ok());
+        let meminfo = match (&meminfo_template, limits.memory) {
+            // A cgroup with nothing in it yet uses nothing.
+            (Some(t), Some(m)) => Some(procview::render_meminfo(t, &cgroup::Stats::default(), m)),
+            _ => None,
+        };
+        let (cpuinfo, online) = if cpus.is_empty() {
+            (None, None)
+        } else {
+            (
+                fs::read_to_string("/proc/cpuinfo")
+                    .ok()
+                    .map(|c| procview::render_cpuinfo(&c, cpus)),
+                Some(procview::render_cpu_online(cpus.len())),
+            )
+        };
+        let (meminfo, cpuinfo, cpu_online) = shim::prepare_proc_files(
+            &self.state_dir,
+            meminfo.as_deref(),
+            cpuinfo.as_deref(),
+            online.as_deref(),
+        )
+        .map_err(|source| StartError::ProcFiles {
+            path: self.state_dir.join("proc"),
+            source,
+        })?;
+        Ok(ProcViews {
+            meminfo_template,
+            meminfo,
+            cpuinfo,
+            cpu_online,
+        })
+    }
+
+    /// `config.json`: from here on any `tweedctl` sees the container.
+    fn record(&mut self) -> Result<(), StartError> {
+        let config = ContainerConfig {
+            created: timefmt::now(),
+            ..self.config().clone()
+        };
+        state::write_json(&self.state_dir.join("config.json"), &config).map_err(StartError::Record)
+    }
+
+    /// The supervisor, which clones the init and waits for its handshake.
+    fn start(&mut self, views: ProcViews) -> Result<(), StartError> {
+        let config = self.config();
+        let mut lowers = vec![self.data_dir.join("init")];
+        lowers.extend(self.plan.lowers.iter().cloned());
+        let init = InitSpec {
+            rootfs: RootfsSpec {
+                merged: self.data_dir.join("merged"),
+                lowers,
+                upper: self.data_dir.join("upper"),
+                work: self.data_dir.join("work"),
+                volumes: config.volumes.clone(),
+                meminfo: views.meminfo,
+                cpuinfo: views.cpuinfo,
+                cpu_online: views.cpu_online,
+            },
+            hostname: config.hostname.clone(),
+            argv: config.argv.clone(),
+            env: config.env.clone(),
+            cwd: config.cwd.clone(),
+            user: config.user.clone(),
+            caps: config.caps,
+            cpus: config.cpus.clone(),
+            new_netns: config.net == NetMode::None,
+            join_netns: self.plan.join_netns.clone(),
+            virtual_sysinfo: config.limits.memory.is_some(),
+        };
+        let on_exit: Option<Box<dyn FnOnce()>> = if config.auto_remove {
+            let rt = self.rt.clone();
+            let id = config.id.clone();
+            Some(Box::new(move || {
+                let _ = rt.cleanup(&id);
+            }))
+        } else {
+            None
+        };
+        crate::process::mark("run: spawning shim");
+        self.host
+            .sys
+            .start_supervisor(ShimSpec {
+                state_dir: self.state_dir.clone(),
+                init,
+                cgroup: config.cgroup.clone(),
+                meminfo_template: views.meminfo_template,
+                memory_limit: config.limits.memory,
+                on_exit,
+            })
+            .map_err(|source| StartError::Start {
+                id: config.id.clone(),
+                source,
+            })?;
+        crate::process::mark("run: started");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
