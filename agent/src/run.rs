@@ -230,7 +230,7 @@ async fn run_agent(
         udp_seen: Default::default(),
     };
     agent.main_loop(&mut stop).await;
-    agent.backend.stop();
+    agent.backend.stop().await;
     info!("shutting down; lease and data plane left in place");
     Ok(())
 }
@@ -769,7 +769,7 @@ impl Agent {
     /// Sets the backend up again from scratch (device deleted behind our back, new subnet).
     async fn resetup(&mut self) {
         // udp: the old workers must let go of the TUN queues and the port first.
-        self.backend.stop();
+        self.backend.stop().await;
         match self.prepared.setup(&self.nl).await {
             Ok(b) => self.backend = b,
             Err(e) => error!(

@@ -288,9 +288,9 @@ impl DataPlane {
     }
 
     /// Releases what the backend runs (udp: its workers); the kernel state stays.
-    pub fn stop(&mut self) {
+    pub async fn stop(&mut self) {
         if let DataPlane::Udp(b) = self {
-            b.stop();
+            b.stop().await;
         }
     }
 
