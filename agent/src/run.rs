@@ -96,10 +96,10 @@ pub async fn run(
     let state = AgentState::new();
     state.update(|s| {
         s.node = hostname();
-        s.etcd_endpoints = settings.etcd.endpoints.join(",");
+        s.etcd_endpoints = settings.etcd_endpoints.join(",");
     });
     let mut servers = Vec::new();
-    if let Some(addr) = settings.metrics_addr {
+    if let Some(addr) = settings.metrics_addr.0 {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| AgentError::MetricsListen { addr, source })?;
@@ -159,7 +159,7 @@ async fn run_agent(
 ) -> Result<(), AgentError> {
     let mut stop = stop.clone();
     let registry = Arc::new(Registry::etcd(
-        EtcdRegistry::connect(settings.etcd.clone()).await?,
+        EtcdRegistry::connect(settings.etcd()).await?,
     ));
     let Some(cfg) = wait_for_config(&registry, &mut stop).await else {
         return Ok(());
@@ -190,6 +190,7 @@ async fn run_agent(
         public_ip,
         iface: iface.clone(),
         state_dir: settings.state_dir.clone(),
+        udp_workers: settings.udp_workers(),
     };
     // The subnet is a placeholder until the lease is known.
     let placeholder = previous.unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));
@@ -481,8 +482,10 @@ impl Agent {
         self.sync_rules().await;
         self.on_feed(Feed::Resync(snap), stop).await;
 
-        let renew_every =
-            subnet::renew_interval(self.settings.lease_ttl, self.settings.renew_margin);
+        let renew_every = subnet::renew_interval(
+            self.settings.lease_ttl,
+            self.settings.subnet_lease_renew_margin,
+        );
         let mut renew_at = tokio::time::Instant::now() + renew_every;
         let mut resync = tokio::time::interval(DATAPLANE_RESYNC);
         resync.tick().await;
