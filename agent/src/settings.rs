@@ -596,5 +596,12 @@ pub(crate) fn env_lock() -> std::sync::MutexGuard<'static, ()> {
     ENV.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Settings from `args` (program name included), for tests.
+#[cfg(test)]
+pub(crate) fn for_test(args: &[&str]) -> Settings {
+    let _g = env_lock();
+    Settings::load_from(args).unwrap()
+}
+
 #[cfg(test)]
 mod tests;
