@@ -24,6 +24,11 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "API socket {path}: another tweedd answers on it; stop that agent first, or give this one \
+         another --api-socket"
+    )]
+    InUse { path: PathBuf },
     #[error("API server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -240,8 +245,9 @@ impl Agent for Service {
     }
 }
 
-/// Binds the socket (replacing a stale one from a previous run) with mode 0600: the API shows the
-/// cluster's layout, so only root may read it.
+/// Binds the socket with mode 0600: the API shows the cluster's layout, so only root may read it.
+/// A socket left by an agent that is gone is replaced; one that an agent still answers on is
+/// refused, so a second agent started by mistake does not take the running one's API away.
 pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |source| ApiError::Socket {
@@ -250,6 +256,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    // Refused (nobody listens) or not a socket at all: stale, replaced below.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ApiError::InUse {
+            path: path.to_path_buf(),
+        });
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -272,4 +284,42 @@ pub async fn serve(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn bind_refuses_a_live_socket_and_replaces_a_stale_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("tweedd.sock");
+        let first = bind(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+
+        let e = bind(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(path.to_str().unwrap()) && e.contains("another tweedd"),
+            "{e}"
+        );
+        // The running agent keeps its socket.
+        let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        first.accept().await.expect("the first agent still accepts");
+
+        // Gone without removing its socket (killed): the next agent takes the path over.
+        drop(first);
+        assert!(path.exists());
+        let second = bind(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        second.accept().await.unwrap();
+
+        // Whatever else sits there is not an agent either.
+        drop(second);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "not a socket").unwrap();
+        bind(&path).unwrap();
+    }
 }

@@ -1,9 +1,10 @@
 //! tweedd: the tweed node agent.
 //!
-//! Layers, from the outside in: `main.rs` parses flags ([`settings`]) and calls [`run::run`]; the
-//! run loop wires a [`registry::Registry`] (etcd or in-memory) to a backend through pure pieces
-//! ([`alloc`], [`watch`]) and a single netlink layer ([`netlink`]) that is the only code talking to
-//! the kernel.
+//! Layers, from the outside in: `main.rs` loads [`settings`] and calls [`run::run`], which
+//! connects etcd, the kernel and the firewall and hands them to [`run::run_with`], the agent's
+//! loop. The loop wires a [`registry::Registry`] (etcd or in-memory) to a backend through pure
+//! pieces ([`alloc`], [`watch`]) and a single netlink layer ([`netlink`]) that is the only code
+//! talking to the kernel.
 
 pub mod alloc;
 pub mod api;

@@ -1,10 +1,14 @@
 use anyhow::Context;
-use clap::Parser;
 use std::io::IsTerminal;
-use tweed_agent::settings::Cli;
+use tweed_agent::settings::{Settings, SettingsError};
 
 fn main() -> anyhow::Result<()> {
-    let settings = Cli::parse().into_settings()?;
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        // Usage errors, --help and --version print as clap formats them, with clap's exit status.
+        Err(SettingsError::Cli(e)) => e.exit(),
+        Err(e) => return Err(e.into()),
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&settings.log_level)
         .with_context(|| format!("--log-level {:?}", settings.log_level))?;
     tracing_subscriber::fmt()
@@ -18,6 +22,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // An error (a task that died included) ends the process with a non-zero status.
     rt.block_on(tweed_agent::run::run(settings, shutdown_signal()))?;
     Ok(())
 }

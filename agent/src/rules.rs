@@ -65,6 +65,8 @@ pub enum Firewall {
     Iptables,
     /// Holds what nft printed after the last apply, see [`Nftables`].
     Nftables(Nftables),
+    /// Keeps the rules in memory, for tests that run without root or iptables.
+    Fake(FakeFirewall),
 }
 
 impl Firewall {
@@ -80,6 +82,7 @@ impl Firewall {
         match self {
             Firewall::Iptables => "iptables",
             Firewall::Nftables(_) => "nftables",
+            Firewall::Fake(_) => "fake",
         }
     }
 
@@ -90,7 +93,34 @@ impl Firewall {
         match self {
             Firewall::Iptables => Iptables::sync_spec(spec),
             Firewall::Nftables(n) => n.sync(spec),
+            Firewall::Fake(f) => Ok(f.sync(spec)),
         }
+    }
+}
+
+/// Rules in memory. Cheap to clone; clones share them, so a test keeps a clone to see what the
+/// code under test asked for.
+#[derive(Debug, Clone, Default)]
+pub struct FakeFirewall {
+    applied: std::sync::Arc<Mutex<Vec<RuleSpec>>>,
+}
+
+impl FakeFirewall {
+    /// Every spec the rules were changed to, in order (a sync that changed nothing adds none).
+    pub fn applied(&self) -> Vec<RuleSpec> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn sync(&self, spec: &RuleSpec) -> bool {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if applied.last() == Some(spec) {
+            return false;
+        }
+        applied.push(*spec);
+        true
     }
 }
 

@@ -1,29 +1,26 @@
-//! tweedd's settings: flags, `TWEED_<FLAG>` environment variables and the YAML config file, merged
-//! in that order of precedence over built-in defaults.
+//! tweedd's settings, each declared once: a field of [`Settings`] whose `#[arg]` names its flag,
+//! its `TWEED_<FLAG>` environment variable, its default and its parser.
+//!
+//! The YAML file (`--config`) is the layer between the environment and the built-in default: its
+//! values become the arguments' defaults and the command line is parsed again, so clap itself
+//! applies flag > environment > file > default, and a value goes through the same parser wherever
+//! it was written. What no single value can check (pairs of settings, the password file) is
+//! checked after, naming where the value came from.
 
 use crate::registry::EtcdOptions;
 use clap::builder::BoolishValueParser;
-use clap::Parser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches, Parser};
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use tweed_config::agent_file::{AgentFile, AgentFileError};
 use tweed_netlink::iface::{IfaceChoice, IfaceError};
 
-pub const DEFAULT_ETCD_ENDPOINTS: &str = "http://127.0.0.1:2379";
-pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
-pub const DEFAULT_SUBNET_FILE: &str = "/run/tweed/subnet.env";
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/tweed";
-pub const DEFAULT_RENEW_MARGIN: Duration = Duration::from_secs(60 * 60);
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9867";
-pub const DEFAULT_API_SOCKET: &str = "/run/tweed/tweedd.sock";
-/// flannel's `--iptables-resync` default.
-pub const DEFAULT_IPTABLES_RESYNC: Duration = Duration::from_secs(5);
-
-/// Values are `Option` so "not given" can fall through to the config file and then the default;
-/// clap already folds the environment variable into the flag.
-#[derive(Debug, Parser, Default)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "tweedd",
     version,
@@ -32,23 +29,29 @@ pub const DEFAULT_IPTABLES_RESYNC: Duration = Duration::from_secs(5);
 or as a key in the --config YAML file (e.g. `etcd-endpoints: http://10.0.0.1:2379`). \
 Precedence: flag, then environment, then file, then default."
 )]
-pub struct Cli {
+pub struct Settings {
     /// YAML config file whose keys are the long flag names.
     #[arg(long, env = "TWEED_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// etcd endpoints, comma-separated [default: http://127.0.0.1:2379]
+    /// etcd endpoints, comma-separated
     #[arg(
         long,
         env = "TWEED_ETCD_ENDPOINTS",
         value_delimiter = ',',
-        value_name = "URLS"
+        value_name = "URLS",
+        default_value = "http://127.0.0.1:2379"
     )]
-    pub etcd_endpoints: Option<Vec<String>>,
+    pub etcd_endpoints: Vec<String>,
 
-    /// etcd key prefix holding `config` and `subnets/` (flannel's layout) [default: /coreos.com/network]
-    #[arg(long, env = "TWEED_ETCD_PREFIX", value_name = "PREFIX")]
-    pub etcd_prefix: Option<String>,
+    /// etcd key prefix holding `config` and `subnets/` (flannel's layout)
+    #[arg(
+        long,
+        env = "TWEED_ETCD_PREFIX",
+        value_name = "PREFIX",
+        default_value = "/coreos.com/network"
+    )]
+    pub etcd_prefix: String,
 
     /// CA certificate (PEM) to verify etcd's server certificate.
     #[arg(long, env = "TWEED_ETCD_CAFILE", value_name = "FILE")]
@@ -66,6 +69,7 @@ pub struct Cli {
     #[arg(long, env = "TWEED_ETCD_USERNAME", value_name = "USER")]
     pub etcd_username: Option<String>,
 
+    // Once loaded: the password from whichever of the two was used.
     /// etcd password; prefer --etcd-password-file (a flag shows in `ps`).
     #[arg(
         long,
@@ -73,7 +77,7 @@ pub struct Cli {
         hide_env_values = true,
         value_name = "PASSWORD"
     )]
-    pub etcd_password: Option<String>,
+    pub etcd_password: Option<Secret>,
 
     /// File holding the etcd password (trailing newline ignored), e.g. a mounted secret.
     #[arg(long, env = "TWEED_ETCD_PASSWORD_FILE", value_name = "FILE")]
@@ -87,12 +91,12 @@ pub struct Cli {
         value_delimiter = ',',
         value_name = "NAME|IP"
     )]
-    pub iface: Option<Vec<String>>,
+    pub iface: Vec<String>,
 
     /// Regex matched against IPv4 addresses, then interface names (unanchored); repeatable, tried
     /// after --iface, first match wins
-    #[arg(long, env = "TWEED_IFACE_REGEX", value_name = "REGEX")]
-    pub iface_regex: Option<Vec<String>>,
+    #[arg(long, env = "TWEED_IFACE_REGEX", value_name = "REGEX", value_parser = regex)]
+    pub iface_regex: Vec<String>,
 
     /// Use the interface the routing table sends this address out of (e.g. etcd's IP); tried
     /// after --iface and --iface-regex
@@ -103,100 +107,189 @@ pub struct Cli {
     #[arg(long, env = "TWEED_PUBLIC_IP", value_name = "IP")]
     pub public_ip: Option<Ipv4Addr>,
 
-    /// Where to write the lease for the CNI plugin [default: /run/tweed/subnet.env]
-    #[arg(long, env = "TWEED_SUBNET_FILE", value_name = "FILE")]
-    pub subnet_file: Option<PathBuf>,
+    /// Where to write the lease for the CNI plugin
+    #[arg(
+        long,
+        env = "TWEED_SUBNET_FILE",
+        value_name = "FILE",
+        default_value = "/run/tweed/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
 
     /// Renew the lease this long before it expires; a bare number means minutes, as in flannel
-    /// [default: 60m]
-    #[arg(long, env = "TWEED_SUBNET_LEASE_RENEW_MARGIN", value_name = "DURATION")]
-    pub subnet_lease_renew_margin: Option<String>,
+    #[arg(
+        long,
+        env = "TWEED_SUBNET_LEASE_RENEW_MARGIN",
+        value_name = "DURATION",
+        default_value = "60m",
+        value_parser = minutes
+    )]
+    pub subnet_lease_renew_margin: Duration,
 
-    /// TTL of this node's lease in etcd (e.g. 24h, 30s) [default: 24h]
-    #[arg(long, env = "TWEED_LEASE_TTL", value_name = "DURATION")]
-    pub lease_ttl: Option<String>,
+    /// TTL of this node's lease in etcd (e.g. 24h, 30s)
+    #[arg(
+        long,
+        env = "TWEED_LEASE_TTL",
+        value_name = "DURATION",
+        default_value = "24h",
+        value_parser = duration
+    )]
+    pub lease_ttl: Duration,
 
-    /// Directory for state kept across restarts (the VTEP MAC) [default: /var/lib/tweed]
-    #[arg(long, env = "TWEED_STATE_DIR", value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
+    /// Directory for state kept across restarts (the VTEP MAC)
+    #[arg(
+        long,
+        env = "TWEED_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/tweed"
+    )]
+    pub state_dir: PathBuf,
 
-    /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info]
-    #[arg(long, env = "TWEED_LOG_LEVEL", value_name = "LEVEL")]
-    pub log_level: Option<String>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive
+    #[arg(
+        long,
+        env = "TWEED_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    pub log_level: String,
 
-    /// Address for /metrics, /healthz, /readyz; "" or "off" disables [default: 0.0.0.0:9867]
-    #[arg(long, env = "TWEED_METRICS_ADDR", value_name = "HOST:PORT")]
-    pub metrics_addr: Option<String>,
+    /// Address for /metrics, /healthz, /readyz; "" or "off" disables
+    #[arg(
+        long,
+        env = "TWEED_METRICS_ADDR",
+        value_name = "HOST:PORT",
+        default_value = "0.0.0.0:9867",
+        value_parser = metrics_addr
+    )]
+    pub metrics_addr: MetricsAddr,
 
-    /// Unix socket of the gRPC API (tweedctl) [default: /run/tweed/tweedd.sock]
-    #[arg(long, env = "TWEED_API_SOCKET", value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
+    /// Unix socket of the gRPC API (tweedctl)
+    #[arg(
+        long,
+        env = "TWEED_API_SOCKET",
+        value_name = "PATH",
+        default_value = tweed_api::DEFAULT_SOCKET
+    )]
+    pub api_socket: PathBuf,
 
-    /// Masquerade traffic leaving the overlay (as flannel's --ip-masq) [default: false]
+    /// Masquerade traffic leaving the overlay (as flannel's --ip-masq)
     #[arg(
         long,
         env = "TWEED_IP_MASQ",
+        action = ArgAction::Set,
         num_args = 0..=1,
         default_missing_value = "true",
         require_equals = true,
+        default_value = "false",
         value_parser = BoolishValueParser::new(),
         value_name = "BOOL"
     )]
-    pub ip_masq: Option<bool>,
+    pub ip_masq: bool,
 
     /// How often the firewall rules are checked and repaired; a bare number means seconds, as
-    /// in flannel [default: 5s]
-    #[arg(long, env = "TWEED_IPTABLES_RESYNC", value_name = "DURATION")]
-    pub iptables_resync: Option<String>,
+    /// in flannel
+    #[arg(
+        long,
+        env = "TWEED_IPTABLES_RESYNC",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = seconds
+    )]
+    pub iptables_resync: Duration,
 
-    /// Program the rules with nftables (table `ip tweed`) instead of iptables [default: false]
+    /// Program the rules with nftables (table `ip tweed`) instead of iptables
     #[arg(
         long,
         env = "TWEED_NFTABLES",
+        action = ArgAction::Set,
         num_args = 0..=1,
         default_missing_value = "true",
         require_equals = true,
+        default_value = "false",
         value_parser = BoolishValueParser::new(),
         value_name = "BOOL"
     )]
-    pub nftables: Option<bool>,
+    pub nftables: bool,
+
+    /// udp backend: worker threads (TUN queues), 1-64 [default: one per core, at most 8]
+    #[arg(long, env = "TWEED_UDP_WORKERS", value_name = "N", value_parser = udp_workers)]
+    pub udp_workers: Option<usize>,
 }
+
+/// A value that must not show in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
+/// `--metrics-addr`: `None` when the HTTP endpoint is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
+    /// A flag or environment value clap refused, or `--help`/`--version`: [`clap::Error::exit`]
+    /// prints it and exits with the right status.
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
     #[error(transparent)]
     File(#[from] AgentFileError),
     #[error("{source_name} {flag}: {reason}")]
     Invalid {
+        /// Where the value came from: `--flag`, `TWEED_FLAG` or the config file's path.
         source_name: String,
-        flag: &'static str,
+        flag: String,
         reason: String,
     },
 }
 
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Includes `username`/`password` (the password already read from --etcd-password-file).
-    pub etcd: EtcdOptions,
-    pub iface: Vec<String>,
-    /// Validated regexes (see [`Settings::iface_choice`]).
-    pub iface_regex: Vec<String>,
-    pub iface_can_reach: Option<Ipv4Addr>,
-    pub public_ip: Option<Ipv4Addr>,
-    pub subnet_file: PathBuf,
-    pub renew_margin: Duration,
-    pub lease_ttl: Duration,
-    pub state_dir: PathBuf,
-    pub log_level: String,
-    /// `None`: metrics/health HTTP disabled (`--metrics-addr off`).
-    pub metrics_addr: Option<SocketAddr>,
-    pub api_socket: PathBuf,
-    pub ip_masq: bool,
-    pub iptables_resync: Duration,
-    pub nftables: bool,
-}
-
 impl Settings {
+    /// Reads the process's arguments, its environment and the file they name.
+    pub fn load() -> Result<Settings, SettingsError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// As [`load`](Self::load) with `args` (program name first) instead of the process's.
+    pub fn load_from<I, T>(args: I) -> Result<Settings, SettingsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let config = Settings::command()
+            .try_get_matches_from(&args)?
+            .get_one::<PathBuf>("config")
+            .cloned();
+        let file = match &config {
+            Some(p) => AgentFile::read(p)?,
+            None => AgentFile::default(),
+        };
+        let (cmd, from_file) = with_file_defaults(Settings::command(), &file)?;
+        // Flags and the environment parsed once already, so what fails now is a file value.
+        let matches = cmd
+            .try_get_matches_from(&args)
+            .map_err(|e| file_value_error(&file, e))?;
+        let mut s = Settings::from_arg_matches(&matches)?;
+        let origin = Origin {
+            matches: &matches,
+            from_file: &from_file,
+            file: &file,
+        };
+        s.check(&origin)?;
+        Ok(s)
+    }
+
     /// Everything the interface choice needs (see `tweed_netlink::iface::choose`).
     pub fn iface_choice(&self) -> Result<IfaceChoice, IfaceError> {
         IfaceChoice::new(
@@ -206,674 +299,309 @@ impl Settings {
             self.public_ip,
         )
     }
-}
 
-/// What a bare number means for a duration flag.
-#[derive(Clone, Copy)]
-enum Bare {
-    Rejected,
-    Minutes,
-    Seconds,
-}
-
-fn parse_duration(
-    source_name: &str,
-    flag: &'static str,
-    v: &str,
-    bare: Bare,
-) -> Result<Duration, SettingsError> {
-    if let Ok(n) = v.trim().parse::<u64>() {
-        match bare {
-            Bare::Minutes if n > 0 => return Ok(Duration::from_secs(n * 60)),
-            Bare::Seconds if n > 0 => return Ok(Duration::from_secs(n)),
-            _ => {}
+    /// How to reach etcd; the password is the one [`load`](Self::load) settled on.
+    pub fn etcd(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone().map(|p| p.0),
+            request_timeout: Duration::from_secs(5),
         }
     }
-    let d = humantime::parse_duration(v.trim()).map_err(|e| SettingsError::Invalid {
-        source_name: source_name.to_string(),
-        flag,
-        reason: format!("{v:?}: {e} (e.g. 60m, 24h, 30s)"),
-    })?;
+
+    /// udp workers (TUN queues): one per core, at most 8, unless `--udp-workers` says otherwise (a
+    /// host whose pods mostly talk request/response can prefer fewer threads to wake up).
+    pub fn udp_workers(&self) -> usize {
+        self.udp_workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(8)
+        })
+    }
+
+    /// The checks no single value's parser can make.
+    fn check(&mut self, origin: &Origin) -> Result<(), SettingsError> {
+        self.etcd_endpoints = self
+            .etcd_endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        let invalid = |id: &str, reason: String| SettingsError::Invalid {
+            source_name: origin.name(id),
+            flag: long_name(id),
+            reason,
+        };
+        if self.etcd_endpoints.is_empty() {
+            return Err(invalid("etcd_endpoints", "no endpoint given".into()));
+        }
+        if let Some(e) = self
+            .etcd_endpoints
+            .iter()
+            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return Err(invalid(
+                "etcd_endpoints",
+                format!("{e:?} must start with http:// or https://"),
+            ));
+        }
+        if self.etcd_certfile.is_some() != self.etcd_keyfile.is_some() {
+            return Err(SettingsError::Invalid {
+                source_name: "--etcd-certfile/--etcd-keyfile".into(),
+                flag: "etcd-certfile".into(),
+                reason: "a client certificate and its key go together: give both or neither".into(),
+            });
+        }
+        self.etcd_password = self.password(origin)?;
+        match (&self.etcd_username, &self.etcd_password) {
+            (Some(u), _) if u.trim().is_empty() => Err(invalid("etcd_username", "is empty".into())),
+            (Some(_), None) => Err(invalid(
+                "etcd_username",
+                "needs --etcd-password or --etcd-password-file".into(),
+            )),
+            (None, Some(_)) => Err(invalid("etcd_password", "needs --etcd-username".into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// The password from the highest layer that gives one (flag or environment over the file),
+    /// as a value or a file to read; both at that layer is an error.
+    fn password(&self, origin: &Origin) -> Result<Option<Secret>, SettingsError> {
+        let top = origin
+            .layer("etcd_password")
+            .max(origin.layer("etcd_password_file"));
+        let value = self
+            .etcd_password
+            .clone()
+            .filter(|_| origin.layer("etcd_password") == top);
+        let file = self
+            .etcd_password_file
+            .as_ref()
+            .filter(|_| origin.layer("etcd_password_file") == top);
+        let invalid = |id: &str, reason: String| SettingsError::Invalid {
+            source_name: origin.name(id),
+            flag: long_name(id),
+            reason,
+        };
+        match (value, file) {
+            (Some(_), Some(_)) => Err(SettingsError::Invalid {
+                source_name: match top {
+                    Layer::File => origin.file.path.display().to_string(),
+                    _ => "--etcd-password/--etcd-password-file".into(),
+                },
+                flag: "etcd-password".into(),
+                reason: "give etcd-password or etcd-password-file, not both".into(),
+            }),
+            (Some(p), None) => Ok(Some(p)),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid("etcd_password_file", format!("{}: {e}", path.display()))
+                })?;
+                let pw = text.trim_end_matches(['\n', '\r']);
+                if pw.is_empty() {
+                    return Err(invalid(
+                        "etcd_password_file",
+                        format!("{}: is empty", path.display()),
+                    ));
+                }
+                Ok(Some(Secret(pw.to_string())))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// Which layer gave a value; the flag and the environment are one layer, as for a password
+/// given by one and a password file by the other (an error: not both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Layer {
+    Default,
+    File,
+    FlagOrEnv,
+}
+
+/// Where each value of one load came from.
+struct Origin<'a> {
+    matches: &'a ArgMatches,
+    /// Ids of the arguments the file set.
+    from_file: &'a HashSet<String>,
+    file: &'a AgentFile,
+}
+
+impl Origin<'_> {
+    fn layer(&self, id: &str) -> Layer {
+        match self.matches.value_source(id) {
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable) => Layer::FlagOrEnv,
+            _ if self.from_file.contains(id) => Layer::File,
+            _ => Layer::Default,
+        }
+    }
+
+    /// `--flag`, `TWEED_FLAG` or the file's path, for error messages.
+    fn name(&self, id: &str) -> String {
+        match self.matches.value_source(id) {
+            Some(ValueSource::EnvVariable) => {
+                format!("TWEED_{}", id.to_ascii_uppercase())
+            }
+            _ if self.from_file.contains(id) => self.file.path.display().to_string(),
+            _ => format!("--{}", long_name(id)),
+        }
+    }
+}
+
+fn long_name(id: &str) -> String {
+    id.replace('_', "-")
+}
+
+/// `cmd` with the file's values as its arguments' defaults, and the ids the file set. Unknown
+/// keys are errors, so a typo does not go unnoticed.
+fn with_file_defaults(
+    mut cmd: Command,
+    file: &AgentFile,
+) -> Result<(Command, HashSet<String>), AgentFileError> {
+    let mut from_file = HashSet::new();
+    for (key, value) in &file.entries {
+        let field = |reason: String| AgentFileError::Field {
+            path: file.path.clone(),
+            key: key.clone(),
+            reason,
+        };
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
+        else {
+            return Err(field(
+                "unknown key; the keys are the long flag names of `tweedd --help`".into(),
+            ));
+        };
+        let values = if matches!(arg.get_action(), ArgAction::Append) {
+            value.clone().into_vec()
+        } else {
+            match value {
+                tweed_config::agent_file::FileValue::One(v) => vec![v.clone()],
+                tweed_config::agent_file::FileValue::Many(_) => {
+                    return Err(field("takes one value, not a list".into()))
+                }
+            }
+        };
+        let id = arg.get_id().to_string();
+        cmd = cmd.mut_arg(&id, |a| a.default_values(values));
+        from_file.insert(id);
+    }
+    Ok((cmd, from_file))
+}
+
+/// A file value that failed its argument's parser, named by file and key.
+fn file_value_error(file: &AgentFile, e: clap::Error) -> SettingsError {
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let (Some(arg), Some(value)) = (
+        text(ContextKind::InvalidArg),
+        text(ContextKind::InvalidValue),
+    ) else {
+        return SettingsError::Cli(e);
+    };
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return SettingsError::Cli(e);
+    }
+    // "--lease-ttl <DURATION>" or "--ip-masq[=<BOOL>]"
+    let key: String = arg
+        .trim_start_matches('-')
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    let reason = match std::error::Error::source(&e) {
+        Some(cause) => format!("{value:?}: {cause}"),
+        None => format!("{value:?} is not a valid value"),
+    };
+    SettingsError::Invalid {
+        source_name: file.path.display().to_string(),
+        flag: key,
+        reason,
+    }
+}
+
+/// A duration with a unit (`24h`, `30s`), greater than zero.
+fn duration(v: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(v.trim()).map_err(|e| format!("{e} (e.g. 60m, 24h, 30s)"))?;
     if d.is_zero() {
-        return Err(SettingsError::Invalid {
-            source_name: source_name.to_string(),
-            flag,
-            reason: "must be greater than zero".into(),
-        });
+        return Err("must be greater than zero".into());
     }
     Ok(d)
 }
 
-impl Cli {
-    pub fn into_settings(self) -> Result<Settings, SettingsError> {
-        let file = match &self.config {
-            Some(p) => AgentFile::read(p)?,
-            None => AgentFile::default(),
-        };
-        Self::merge(self, file)
+/// A duration, or a bare number of minutes (flannel's `--subnet-lease-renew-margin`).
+fn minutes(v: &str) -> Result<Duration, String> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n * 60)),
+        _ => duration(v),
     }
+}
 
-    fn merge(cli: Cli, file: AgentFile) -> Result<Settings, SettingsError> {
-        let fname = cli
-            .config
-            .as_deref()
-            .unwrap_or(Path::new("config file"))
-            .display()
-            .to_string();
-        let invalid =
-            |source_name: &str, flag: &'static str, reason: String| SettingsError::Invalid {
-                source_name: source_name.to_string(),
-                flag,
-                reason,
-            };
-        let pick_dur = |flag: &'static str,
-                        c: &Option<String>,
-                        f: &Option<String>,
-                        default: Duration,
-                        bare: Bare| {
-            match (c, f) {
-                (Some(v), _) => parse_duration(&format!("--{flag}"), flag, v, bare),
-                (None, Some(v)) => parse_duration(&fname, flag, v, bare),
-                (None, None) => Ok(default),
-            }
-        };
-        let renew_margin = pick_dur(
-            "subnet-lease-renew-margin",
-            &cli.subnet_lease_renew_margin,
-            &file.subnet_lease_renew_margin,
-            DEFAULT_RENEW_MARGIN,
-            Bare::Minutes,
-        )?;
-        let lease_ttl = pick_dur(
-            "lease-ttl",
-            &cli.lease_ttl,
-            &file.lease_ttl,
-            DEFAULT_LEASE_TTL,
-            Bare::Rejected,
-        )?;
-        let iptables_resync = pick_dur(
-            "iptables-resync",
-            &cli.iptables_resync,
-            &file.iptables_resync,
-            DEFAULT_IPTABLES_RESYNC,
-            Bare::Seconds,
-        )?;
-        let metrics_addr = match (&cli.metrics_addr, &file.metrics_addr) {
-            (Some(v), _) => {
-                parse_metrics_addr(v).map_err(|r| invalid("--metrics-addr", "metrics-addr", r))?
-            }
-            (None, Some(v)) => {
-                parse_metrics_addr(v).map_err(|r| invalid(&fname, "metrics-addr", r))?
-            }
-            (None, None) => Some(DEFAULT_METRICS_ADDR.parse().expect("valid default")),
-        };
-        let (username, password) = etcd_credentials(&cli_creds(&cli), &file_creds(&file), &fname)?;
-        let iface_can_reach = match (cli.iface_can_reach, &file.iface_can_reach) {
-            (Some(ip), _) => Some(ip),
-            (None, Some(s)) => Some(s.trim().parse().map_err(|_| {
-                invalid(
-                    &fname,
-                    "iface-can-reach",
-                    format!("{s:?} is not an IPv4 address"),
-                )
-            })?),
-            (None, None) => None,
-        };
-        let (iface_regex_source, iface_regex) = match (cli.iface_regex, file.iface_regex) {
-            (Some(v), _) => ("--iface-regex".to_string(), v),
-            (None, Some(v)) => (fname.clone(), v.into_vec()),
-            (None, None) => (String::new(), Vec::new()),
-        };
-        if let Err(e) = IfaceChoice::new(&[], &iface_regex, None, None) {
-            return Err(invalid(&iface_regex_source, "iface-regex", e.to_string()));
-        }
+/// A duration, or a bare number of seconds (flannel's `--iptables-resync`).
+fn seconds(v: &str) -> Result<Duration, String> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+        _ => duration(v),
+    }
+}
 
-        let public_ip = match (cli.public_ip, &file.public_ip) {
-            (Some(ip), _) => Some(ip),
-            (None, Some(s)) => Some(s.parse().map_err(|_| SettingsError::Invalid {
-                source_name: fname.clone(),
-                flag: "public-ip",
-                reason: format!("{s:?} is not an IPv4 address"),
-            })?),
-            (None, None) => None,
-        };
-        let endpoints: Vec<String> = cli
-            .etcd_endpoints
-            .or(file.etcd_endpoints.map(|e| e.into_vec()))
-            .unwrap_or_else(|| vec![DEFAULT_ETCD_ENDPOINTS.to_string()])
-            .into_iter()
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect();
-        if endpoints.is_empty() {
-            return Err(SettingsError::Invalid {
-                source_name: "--etcd-endpoints".into(),
-                flag: "etcd-endpoints",
-                reason: "no endpoint given".into(),
-            });
-        }
-        for e in &endpoints {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(SettingsError::Invalid {
-                    source_name: "--etcd-endpoints".into(),
-                    flag: "etcd-endpoints",
-                    reason: format!("{e:?} must start with http:// or https://"),
-                });
-            }
-        }
-        let etcd = EtcdOptions {
-            endpoints,
-            prefix: cli
-                .etcd_prefix
-                .or(file.etcd_prefix)
-                .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string()),
-            ca_file: cli.etcd_cafile.or(file.etcd_cafile),
-            cert_file: cli.etcd_certfile.or(file.etcd_certfile),
-            key_file: cli.etcd_keyfile.or(file.etcd_keyfile),
-            username,
-            password,
-            request_timeout: Duration::from_secs(5),
-        };
-        if etcd.cert_file.is_some() != etcd.key_file.is_some() {
-            return Err(SettingsError::Invalid {
-                source_name: "--etcd-certfile/--etcd-keyfile".into(),
-                flag: "etcd-certfile",
-                reason: "a client certificate and its key go together: give both or neither".into(),
-            });
-        }
-        Ok(Settings {
-            etcd,
-            iface: cli
-                .iface
-                .or(file.iface.map(|i| i.into_vec()))
-                .unwrap_or_default(),
-            public_ip,
-            subnet_file: cli
-                .subnet_file
-                .or(file.subnet_file)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SUBNET_FILE)),
-            renew_margin,
-            lease_ttl,
-            state_dir: cli
-                .state_dir
-                .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            log_level: cli
-                .log_level
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".to_string()),
-            iface_regex,
-            iface_can_reach,
-            metrics_addr,
-            api_socket: cli
-                .api_socket
-                .or(file.api_socket)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET)),
-            ip_masq: cli.ip_masq.or(file.ip_masq).unwrap_or(false),
-            iptables_resync,
-            nftables: cli.nftables.or(file.nftables).unwrap_or(false),
-        })
+fn regex(v: &str) -> Result<String, String> {
+    regex::Regex::new(v)
+        .map(|_| v.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn udp_workers(v: &str) -> Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => Err("must be a number from 1 to 64".into()),
     }
 }
 
 /// `host:port`, `:port` (all addresses, as Go spells it), or `""`/`off` for disabled.
-fn parse_metrics_addr(v: &str) -> Result<Option<SocketAddr>, String> {
+fn metrics_addr(v: &str) -> Result<MetricsAddr, String> {
     let v = v.trim();
     if v.is_empty() || v.eq_ignore_ascii_case("off") {
-        return Ok(None);
+        return Ok(MetricsAddr(None));
     }
     let full = match v.strip_prefix(':') {
         Some(port) => format!("0.0.0.0:{port}"),
         None => v.to_string(),
     };
-    full.parse::<SocketAddr>().map(Some).map_err(|_| {
-        format!("{v:?} is not HOST:PORT with an IP host (e.g. 0.0.0.0:9867, 127.0.0.1:9867, :9867), nor \"off\"")
-    })
+    full.parse::<SocketAddr>()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| {
+            "not HOST:PORT with an IP host (e.g. 0.0.0.0:9867, 127.0.0.1:9867, :9867), nor \"off\""
+                .to_string()
+        })
 }
 
-/// The credential-related values given at one level (flags+env, or the file).
-struct Creds {
-    source: String,
-    username: Option<String>,
-    password: Option<String>,
-    password_file: Option<PathBuf>,
+/// clap reads `TWEED_*` from the process environment: a test that sets it must not overlap with
+/// a test that loads settings, so every test that loads holds this.
+#[cfg(test)]
+pub(crate) fn env_lock() -> std::sync::MutexGuard<'static, ()> {
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ENV.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn cli_creds(cli: &Cli) -> Creds {
-    Creds {
-        source: "--etcd-password/--etcd-password-file".into(),
-        username: cli.etcd_username.clone(),
-        password: cli.etcd_password.clone(),
-        password_file: cli.etcd_password_file.clone(),
-    }
-}
-
-fn file_creds(file: &AgentFile) -> Creds {
-    Creds {
-        source: String::new(),
-        username: file.etcd_username.clone(),
-        password: file.etcd_password.clone(),
-        password_file: file.etcd_password_file.clone(),
-    }
-}
-
-/// Username and password; the password comes from the highest level that gives one (flag/env
-/// over file), as either a value or a file, and reading the file is an error naming it.
-fn etcd_credentials(
-    cli: &Creds,
-    file: &Creds,
-    fname: &str,
-) -> Result<(Option<String>, Option<String>), SettingsError> {
-    let invalid = |source_name: &str, flag: &'static str, reason: String| SettingsError::Invalid {
-        source_name: source_name.to_string(),
-        flag,
-        reason,
-    };
-    let username = cli.username.clone().or_else(|| file.username.clone());
-    let level = if cli.password.is_some() || cli.password_file.is_some() {
-        Some((cli, cli.source.as_str()))
-    } else if file.password.is_some() || file.password_file.is_some() {
-        Some((file, fname))
-    } else {
-        None
-    };
-    let password = match level {
-        None => None,
-        Some((c, src)) => match (&c.password, &c.password_file) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    src,
-                    "etcd-password",
-                    "give etcd-password or etcd-password-file, not both".into(),
-                ))
-            }
-            (Some(p), None) => Some(p.clone()),
-            (None, Some(path)) => {
-                let src = if c.source.is_empty() {
-                    fname
-                } else {
-                    "--etcd-password-file"
-                };
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    invalid(
-                        src,
-                        "etcd-password-file",
-                        format!("{}: {e}", path.display()),
-                    )
-                })?;
-                let pw = text.trim_end_matches(['\n', '\r']).to_string();
-                if pw.is_empty() {
-                    return Err(invalid(
-                        src,
-                        "etcd-password-file",
-                        format!("{}: is empty", path.display()),
-                    ));
-                }
-                Some(pw)
-            }
-            (None, None) => unreachable!("level chosen because one is set"),
-        },
-    };
-    match (&username, &password) {
-        (Some(u), _) if u.trim().is_empty() => Err(invalid(
-            "--etcd-username",
-            "etcd-username",
-            "is empty".into(),
-        )),
-        (Some(_), None) => Err(invalid(
-            "--etcd-username",
-            "etcd-username",
-            "needs --etcd-password or --etcd-password-file".into(),
-        )),
-        (None, Some(_)) => Err(invalid(
-            "--etcd-password",
-            "etcd-password",
-            "needs --etcd-username".into(),
-        )),
-        _ => Ok((username, password)),
-    }
+/// Settings from `args` (program name included), for tests.
+#[cfg(test)]
+pub(crate) fn for_test(args: &[&str]) -> Settings {
+    let _g = env_lock();
+    Settings::load_from(args).unwrap()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// clap reads `TWEED_*` from the process environment: tests that set it must not overlap with
-    /// tests that parse, so every test that parses holds this.
-    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    fn env_lock() -> std::sync::MutexGuard<'static, ()> {
-        ENV.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn cli(args: &[&str]) -> Cli {
-        let _g = env_lock();
-        let mut v = vec!["tweedd"];
-        v.extend_from_slice(args);
-        Cli::try_parse_from(v).unwrap()
-    }
-
-    fn file(text: &str) -> AgentFile {
-        AgentFile::parse(Path::new("/etc/tweed/f.yaml"), text).unwrap()
-    }
-
-    fn merge_err(args: &[&str], f: AgentFile) -> String {
-        Cli::merge(cli(args), f).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn newer_flags_default_like_flannel() {
-        let s = Cli::merge(cli(&[]), AgentFile::default()).unwrap();
-        assert_eq!(s.metrics_addr, Some("0.0.0.0:9867".parse().unwrap()));
-        assert_eq!(s.api_socket, PathBuf::from("/run/tweed/tweedd.sock"));
-        assert!(!s.ip_masq && !s.nftables);
-        assert_eq!(s.iptables_resync, Duration::from_secs(5));
-        assert!(s.iface_regex.is_empty() && s.iface_can_reach.is_none());
-        assert!(s.etcd.username.is_none() && s.etcd.password.is_none());
-        assert!(s.iface_choice().unwrap().is_automatic());
-    }
-
-    #[test]
-    fn newer_flags_parse_and_beat_the_file() {
-        let f = file(
-            "metrics-addr: 127.0.0.1:1\napi-socket: /file.sock\nip-masq: true\nnftables: true\n\
-             iptables-resync: 1m\niface-regex: ['^file']\niface-can-reach: 10.0.0.1\n",
-        );
-        let s = Cli::merge(cli(&[]), f.clone()).unwrap();
-        assert_eq!(s.metrics_addr, Some("127.0.0.1:1".parse().unwrap()));
-        assert_eq!(s.api_socket, PathBuf::from("/file.sock"));
-        assert!(s.ip_masq && s.nftables);
-        assert_eq!(s.iptables_resync, Duration::from_secs(60));
-        assert_eq!(s.iface_regex, vec!["^file"]);
-        assert_eq!(s.iface_can_reach, Some("10.0.0.1".parse().unwrap()));
-        let s = Cli::merge(
-            cli(&[
-                "--metrics-addr=off",
-                "--api-socket",
-                "/flag.sock",
-                "--ip-masq=false",
-                "--nftables=no",
-                "--iptables-resync",
-                "7",
-                "--iface-regex",
-                "^eth",
-                "--iface-regex",
-                "^198\\.18\\.",
-                "--iface-can-reach",
-                "198.18.0.1",
-            ]),
-            f,
-        )
-        .unwrap();
-        assert_eq!(s.metrics_addr, None);
-        assert_eq!(s.api_socket, PathBuf::from("/flag.sock"));
-        assert!(!s.ip_masq && !s.nftables, "flags turn the file's true off");
-        assert_eq!(
-            s.iptables_resync,
-            Duration::from_secs(7),
-            "bare number = seconds"
-        );
-        assert_eq!(s.iface_regex, vec!["^eth", "^198\\.18\\."]);
-        assert_eq!(s.iface_can_reach, Some("198.18.0.1".parse().unwrap()));
-        let c = s.iface_choice().unwrap();
-        assert_eq!((c.regexes.len(), c.can_reach.is_some()), (2, true));
-        // A bare boolean flag means true; the next flag is not taken as its value.
-        let s = Cli::merge(cli(&["--ip-masq", "--nftables"]), AgentFile::default()).unwrap();
-        assert!(s.ip_masq && s.nftables);
-        for (v, want) in [("", None), ("OFF", None), (":9100", Some("0.0.0.0:9100"))] {
-            let s = Cli::merge(cli(&["--metrics-addr", v]), AgentFile::default()).unwrap();
-            assert_eq!(s.metrics_addr, want.map(|w| w.parse().unwrap()), "{v:?}");
-        }
-    }
-
-    #[test]
-    fn environment_sits_between_flag_and_file() {
-        let _g = env_lock();
-        let vars = [
-            ("TWEED_IP_MASQ", "true"),
-            ("TWEED_METRICS_ADDR", "127.0.0.1:9999"),
-            ("TWEED_IFACE_REGEX", "^env"),
-            ("TWEED_IPTABLES_RESYNC", "30s"),
-            ("TWEED_ETCD_USERNAME", "envuser"),
-            ("TWEED_ETCD_PASSWORD", "envpw"),
-        ];
-        for (k, v) in vars {
-            std::env::set_var(k, v);
-        }
-        let parse = |args: &[&str]| {
-            let mut v = vec!["tweedd"];
-            v.extend_from_slice(args);
-            Cli::try_parse_from(v)
-        };
-        let f = file(
-            "ip-masq: false\nmetrics-addr: off\niptables-resync: 1s\netcd-username: fileuser\n",
-        );
-        let from_env = parse(&[]).map(|c| Cli::merge(c, f.clone()));
-        let from_flag = parse(&["--metrics-addr", "127.0.0.1:1", "--ip-masq=0"])
-            .map(|c| Cli::merge(c, f.clone()));
-        for (k, _) in vars {
-            std::env::remove_var(k);
-        }
-        let s = from_env.unwrap().unwrap();
-        assert!(s.ip_masq, "env beats file");
-        assert_eq!(s.metrics_addr, Some("127.0.0.1:9999".parse().unwrap()));
-        assert_eq!(s.iface_regex, vec!["^env"]);
-        assert_eq!(s.iptables_resync, Duration::from_secs(30));
-        assert_eq!(s.etcd.username.as_deref(), Some("envuser"));
-        assert_eq!(s.etcd.password.as_deref(), Some("envpw"));
-        let s = from_flag.unwrap().unwrap();
-        assert!(!s.ip_masq, "flag beats env");
-        assert_eq!(s.metrics_addr, Some("127.0.0.1:1".parse().unwrap()));
-    }
-
-    #[test]
-    fn etcd_password_file_and_its_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("pw");
-        std::fs::write(&pw, "s3cret\n").unwrap();
-        let pws = pw.to_str().unwrap();
-        let s = Cli::merge(
-            cli(&["--etcd-username", "tweed", "--etcd-password-file", pws]),
-            AgentFile::default(),
-        )
-        .unwrap();
-        assert_eq!(
-            (s.etcd.username.as_deref(), s.etcd.password.as_deref()),
-            (Some("tweed"), Some("s3cret"))
-        );
-        assert!(
-            !format!("{s:?}").contains("s3cret"),
-            "Debug must not show the password"
-        );
-        // From the file, and a flag password overrides the file's password file.
-        let f = file(&format!(
-            "etcd-username: tweed\netcd-password-file: {pws}\n"
-        ));
-        let s = Cli::merge(cli(&[]), f.clone()).unwrap();
-        assert_eq!(s.etcd.password.as_deref(), Some("s3cret"));
-        let s = Cli::merge(cli(&["--etcd-password", "flagpw"]), f).unwrap();
-        assert_eq!(s.etcd.password.as_deref(), Some("flagpw"));
-
-        let missing = dir.path().join("nope");
-        let e = merge_err(
-            &[
-                "--etcd-username",
-                "u",
-                "--etcd-password-file",
-                missing.to_str().unwrap(),
-            ],
-            AgentFile::default(),
-        );
-        assert!(
-            e.contains("--etcd-password-file") && e.contains("nope"),
-            "{e}"
-        );
-        let f = file(&format!(
-            "etcd-username: u\netcd-password-file: {}\n",
-            missing.display()
-        ));
-        let e = merge_err(&["--config", "/etc/tweed/f.yaml"], f);
-        assert!(
-            e.contains("/etc/tweed/f.yaml") && e.contains("etcd-password-file"),
-            "{e}"
-        );
-        std::fs::write(&pw, "\n").unwrap();
-        let e = merge_err(
-            &["--etcd-username", "u", "--etcd-password-file", pws],
-            AgentFile::default(),
-        );
-        assert!(e.contains("empty"), "{e}");
-        let e = merge_err(
-            &[
-                "--etcd-username",
-                "u",
-                "--etcd-password",
-                "p",
-                "--etcd-password-file",
-                pws,
-            ],
-            AgentFile::default(),
-        );
-        assert!(e.contains("not both"), "{e}");
-        let e = merge_err(&["--etcd-username", "u"], AgentFile::default());
-        assert!(
-            e.contains("etcd-username") && e.contains("--etcd-password"),
-            "{e}"
-        );
-        let e = merge_err(&["--etcd-password", "p"], AgentFile::default());
-        assert!(e.contains("needs --etcd-username"), "{e}");
-    }
-
-    #[test]
-    fn newer_bad_values_name_the_flag_or_file() {
-        let e = merge_err(&["--metrics-addr", "localhost"], AgentFile::default());
-        assert!(
-            e.contains("--metrics-addr") && e.contains("localhost"),
-            "{e}"
-        );
-        let e = merge_err(
-            &["--config", "/etc/tweed/f.yaml"],
-            file("metrics-addr: nope:1\n"),
-        );
-        assert!(
-            e.contains("/etc/tweed/f.yaml") && e.contains("metrics-addr"),
-            "{e}"
-        );
-        let e = merge_err(&["--iptables-resync", "often"], AgentFile::default());
-        assert!(e.contains("iptables-resync") && e.contains("often"), "{e}");
-        let e = merge_err(&["--iptables-resync", "0"], AgentFile::default());
-        assert!(e.contains("iptables-resync"), "{e}");
-        let e = merge_err(&["--iface-regex", "(eth"], AgentFile::default());
-        assert!(e.contains("--iface-regex") && e.contains("(eth"), "{e}");
-        let e = merge_err(
-            &["--config", "/etc/tweed/f.yaml"],
-            file("iface-regex: '['\n"),
-        );
-        assert!(
-            e.contains("/etc/tweed/f.yaml") && e.contains("iface-regex"),
-            "{e}"
-        );
-        let e = merge_err(
-            &["--config", "/etc/tweed/f.yaml"],
-            file("iface-can-reach: etcd1\n"),
-        );
-        assert!(e.contains("iface-can-reach") && e.contains("etcd1"), "{e}");
-        let _g = env_lock();
-        for bad in [
-            &["tweedd", "--iface-can-reach", "etcd1"][..],
-            &["tweedd", "--ip-masq=perhaps"],
-            &["tweedd", "--nftables=2"],
-        ] {
-            let e = Cli::try_parse_from(bad).unwrap_err().to_string();
-            assert!(e.contains(bad[1].split('=').next().unwrap()), "{e}");
-        }
-    }
-
-    #[test]
-    fn defaults() {
-        let s = Cli::merge(cli(&[]), AgentFile::default()).unwrap();
-        assert_eq!(s.etcd.endpoints, vec!["http://127.0.0.1:2379"]);
-        assert_eq!(s.etcd.prefix, "/coreos.com/network");
-        assert_eq!(s.subnet_file, PathBuf::from("/run/tweed/subnet.env"));
-        assert_eq!(s.lease_ttl, DEFAULT_LEASE_TTL);
-        assert_eq!(s.renew_margin, DEFAULT_RENEW_MARGIN);
-        assert_eq!(s.state_dir, PathBuf::from("/var/lib/tweed"));
-        assert!(s.iface.is_empty() && s.public_ip.is_none());
-    }
-
-    #[test]
-    fn flag_beats_file_beats_default() {
-        let file = AgentFile::parse(
-            Path::new("f.yaml"),
-            "etcd-endpoints: [http://file:2379]\nlease-ttl: 1h\nsubnet-file: /file/subnet.env\niface: eth9\n",
-        )
-        .unwrap();
-        let s = Cli::merge(
-            cli(&[
-                "--etcd-endpoints",
-                "http://a:1,http://b:2",
-                "--iface",
-                "eth1",
-                "--iface",
-                "10.0.0.1",
-            ]),
-            file,
-        )
-        .unwrap();
-        assert_eq!(s.etcd.endpoints, vec!["http://a:1", "http://b:2"]);
-        assert_eq!(s.iface, vec!["eth1", "10.0.0.1"]);
-        assert_eq!(s.lease_ttl, Duration::from_secs(3600));
-        assert_eq!(s.subnet_file, PathBuf::from("/file/subnet.env"));
-    }
-
-    #[test]
-    fn renew_margin_accepts_flannel_minutes() {
-        let s = Cli::merge(
-            cli(&["--subnet-lease-renew-margin", "30"]),
-            AgentFile::default(),
-        )
-        .unwrap();
-        assert_eq!(s.renew_margin, Duration::from_secs(1800));
-        let s = Cli::merge(
-            cli(&["--subnet-lease-renew-margin", "90s"]),
-            AgentFile::default(),
-        )
-        .unwrap();
-        assert_eq!(s.renew_margin, Duration::from_secs(90));
-    }
-
-    #[test]
-    fn bad_values_name_the_flag() {
-        let e = Cli::merge(cli(&["--lease-ttl", "soon"]), AgentFile::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("lease-ttl") && e.contains("soon"), "{e}");
-        let e = Cli::merge(cli(&["--lease-ttl", "0s"]), AgentFile::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("lease-ttl"), "{e}");
-        let e = Cli::merge(
-            cli(&["--etcd-endpoints", "127.0.0.1:2379"]),
-            AgentFile::default(),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("etcd-endpoints") && e.contains("http://"), "{e}");
-        let e = Cli::merge(cli(&["--etcd-certfile", "/c.pem"]), AgentFile::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("etcd-keyfile"), "{e}");
-        assert!({
-            let _g = env_lock();
-            Cli::try_parse_from(["tweedd", "--public-ip", "not-an-ip"]).is_err()
-        });
-        let file = AgentFile::parse(Path::new("f.yaml"), "public-ip: nope\n").unwrap();
-        let e = Cli::merge(cli(&["--config", "/etc/tweed/f.yaml"]), file)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("/etc/tweed/f.yaml") && e.contains("public-ip"),
-            "{e}"
-        );
-    }
-}
+mod tests;

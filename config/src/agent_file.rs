@@ -1,9 +1,10 @@
-//! The agent's YAML config file (`tweedd --config FILE`). Keys are the long flag names; the command
-//! line and `TWEED_*` environment variables override what is set here.
+//! The agent's YAML config file (`tweedd --config FILE`): a mapping from long flag names to values.
+//!
+//! This module knows the file's shape, not its keys: each key's value is kept as the text a flag
+//! would have been given, and the agent checks keys and values with the same parsers as its flags,
+//! so a setting is declared once (in the agent's flag definitions) whichever place it comes from.
 
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentFileError {
@@ -18,71 +19,84 @@ pub enum AgentFileError {
     #[error("{path}: {key}: {reason}")]
     Field {
         path: PathBuf,
-        key: &'static str,
+        key: String,
         reason: String,
     },
 }
 
-/// A scalar or a list, because `etcd-endpoints: a,b` and a YAML list are both natural to write.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum OneOrMany {
+/// One key's value as written: a scalar or a list, because `etcd-endpoints: a,b` and a YAML list
+/// are both natural to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileValue {
     One(String),
     Many(Vec<String>),
 }
 
-impl OneOrMany {
+impl FileValue {
+    /// The values of a setting that takes several: a list as written, a scalar split at commas.
     pub fn into_vec(self) -> Vec<String> {
         match self {
-            OneOrMany::One(s) => s
+            FileValue::One(s) => s
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect(),
-            OneOrMany::Many(v) => v,
+            FileValue::Many(v) => v,
         }
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+/// The keys a file sets, in file order. A key whose value is empty (`lease-ttl:`) is not set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentFile {
-    pub etcd_endpoints: Option<OneOrMany>,
-    pub etcd_prefix: Option<String>,
-    pub etcd_cafile: Option<PathBuf>,
-    pub etcd_certfile: Option<PathBuf>,
-    pub etcd_keyfile: Option<PathBuf>,
-    pub etcd_username: Option<String>,
-    /// Prefer `etcd-password-file`: a config file is often world-readable.
-    pub etcd_password: Option<String>,
-    pub etcd_password_file: Option<PathBuf>,
-    pub iface: Option<OneOrMany>,
-    pub iface_regex: Option<OneOrMany>,
-    pub iface_can_reach: Option<String>,
-    pub public_ip: Option<String>,
-    pub subnet_file: Option<PathBuf>,
-    pub subnet_lease_renew_margin: Option<String>,
-    pub lease_ttl: Option<String>,
-    pub state_dir: Option<PathBuf>,
-    pub log_level: Option<String>,
-    /// `host:port`, or `""`/`off` to disable.
-    pub metrics_addr: Option<String>,
-    pub api_socket: Option<PathBuf>,
-    pub ip_masq: Option<bool>,
-    pub iptables_resync: Option<String>,
-    pub nftables: Option<bool>,
+    pub path: PathBuf,
+    pub entries: Vec<(String, FileValue)>,
 }
 
 impl AgentFile {
     pub fn parse(path: &Path, text: &str) -> Result<Self, AgentFileError> {
-        if text.trim().is_empty() {
-            return Ok(AgentFile::default());
-        }
-        serde_yaml_ng::from_str(text).map_err(|e| AgentFileError::Parse {
+        let mut file = AgentFile {
             path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+            entries: Vec::new(),
+        };
+        if text.trim().is_empty() {
+            return Ok(file);
+        }
+        let parse_err = |message: String| AgentFileError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        let serde_yaml_ng::Value::Mapping(map) = doc else {
+            return Err(parse_err(
+                "must be a mapping of long flag names to values (e.g. `lease-ttl: 24h`)".into(),
+            ));
+        };
+        for (k, v) in map {
+            let key = scalar(&k).ok_or_else(|| parse_err(format!("a key must be text: {k:?}")))?;
+            let field = |reason: String| AgentFileError::Field {
+                path: path.to_path_buf(),
+                key: key.clone(),
+                reason,
+            };
+            let value = match v {
+                serde_yaml_ng::Value::Null => continue,
+                serde_yaml_ng::Value::Sequence(items) => FileValue::Many(
+                    items
+                        .iter()
+                        .map(|i| scalar(i).ok_or_else(|| field(format!("{i:?} is not a value"))))
+                        .collect::<Result<_, _>>()?,
+                ),
+                other => FileValue::One(
+                    scalar(&other)
+                        .ok_or_else(|| field("takes a value or a list of values".into()))?,
+                ),
+            };
+            file.entries.push((key, value));
+        }
+        Ok(file)
     }
 
     pub fn read(path: &Path) -> Result<Self, AgentFileError> {
@@ -92,23 +106,15 @@ impl AgentFile {
         })?;
         Self::parse(path, &text)
     }
+}
 
-    /// Parses a duration value from this file, naming the key on error.
-    pub fn duration(
-        path: &Path,
-        key: &'static str,
-        value: &Option<String>,
-    ) -> Result<Option<Duration>, AgentFileError> {
-        value
-            .as_deref()
-            .map(|v| {
-                humantime::parse_duration(v).map_err(|e| AgentFileError::Field {
-                    path: path.to_path_buf(),
-                    key,
-                    reason: format!("{v:?}: {e} (e.g. 60m, 24h, 10s)"),
-                })
-            })
-            .transpose()
+/// A YAML scalar as the text a flag would be given (`true`, `10`, `24h`).
+fn scalar(v: &serde_yaml_ng::Value) -> Option<String> {
+    match v {
+        serde_yaml_ng::Value::String(s) => Some(s.clone()),
+        serde_yaml_ng::Value::Bool(b) => Some(b.to_string()),
+        serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 
@@ -116,73 +122,60 @@ impl AgentFile {
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<AgentFile, AgentFileError> {
+        AgentFile::parse(Path::new("/etc/tweed/tweedd.yaml"), text)
+    }
+
+    fn value(f: &AgentFile, key: &str) -> FileValue {
+        f.entries.iter().find(|(k, _)| k == key).unwrap().1.clone()
+    }
+
     #[test]
-    fn parses_every_key() {
-        let f = AgentFile::parse(
-            Path::new("a.yaml"),
-            "etcd-endpoints: http://a:2379,http://b:2379\netcd-prefix: /x\niface: [eth1, 10.0.0.1]\nlease-ttl: 10s\nsubnet-lease-renew-margin: 2s\nstate-dir: /tmp/s\n",
+    fn scalars_lists_and_comma_lists() {
+        let f = parse(
+            "etcd-endpoints: http://a:2379,http://b:2379\niface: [eth1, 10.0.0.1]\nlease-ttl: 10s\n\
+             ip-masq: true\nudp-workers: 4\nmetrics-addr: off\nstate-dir:\n",
         )
         .unwrap();
         assert_eq!(
-            f.etcd_endpoints.unwrap().into_vec(),
+            value(&f, "etcd-endpoints").into_vec(),
             vec!["http://a:2379", "http://b:2379"]
         );
-        assert_eq!(f.iface.unwrap().into_vec(), vec!["eth1", "10.0.0.1"]);
-        assert_eq!(
-            AgentFile::duration(Path::new("a"), "lease-ttl", &f.lease_ttl).unwrap(),
-            Some(Duration::from_secs(10))
-        );
-        assert_eq!(
-            AgentFile::parse(Path::new("e"), "\n").unwrap(),
-            AgentFile::default()
-        );
-    }
-
-    #[test]
-    fn parses_the_newer_keys() {
-        let f = AgentFile::parse(
-            Path::new("a.yaml"),
-            "etcd-username: flannel\netcd-password-file: /etc/tweed/pw\niface-regex: ['^eth[0-9]+$', '^198\\.18\\.']\n\
-             iface-can-reach: 198.18.0.1\nmetrics-addr: off\napi-socket: /run/x.sock\nip-masq: true\n\
-             iptables-resync: 10s\nnftables: false\n",
-        )
-        .unwrap();
-        assert_eq!(f.etcd_username.as_deref(), Some("flannel"));
-        assert_eq!(f.etcd_password_file, Some(PathBuf::from("/etc/tweed/pw")));
-        assert_eq!(
-            f.iface_regex.unwrap().into_vec(),
-            vec!["^eth[0-9]+$", "^198\\.18\\."]
-        );
-        assert_eq!(f.iface_can_reach.as_deref(), Some("198.18.0.1"));
-        assert_eq!(f.metrics_addr.as_deref(), Some("off"));
-        assert_eq!(f.api_socket, Some(PathBuf::from("/run/x.sock")));
-        assert_eq!((f.ip_masq, f.nftables), (Some(true), Some(false)));
-        assert_eq!(f.iptables_resync.as_deref(), Some("10s"));
-    }
-
-    #[test]
-    fn a_bool_key_with_a_non_bool_value_is_named() {
-        let e = AgentFile::parse(Path::new("/etc/tweed/tweedd.yaml"), "ip-masq: maybe\n")
-            .unwrap_err()
-            .to_string();
+        assert_eq!(value(&f, "iface").into_vec(), vec!["eth1", "10.0.0.1"]);
+        // Every scalar is the text a flag would get; YAML 1.2 reads `off` as text.
+        for (k, v) in [
+            ("lease-ttl", "10s"),
+            ("ip-masq", "true"),
+            ("udp-workers", "4"),
+            ("metrics-addr", "off"),
+        ] {
+            assert_eq!(value(&f, k), FileValue::One(v.into()), "{k}");
+        }
         assert!(
-            e.contains("/etc/tweed/tweedd.yaml") && e.contains("ip-masq"),
-            "{e}"
+            f.entries.iter().all(|(k, _)| k != "state-dir"),
+            "an empty value is not set"
         );
+        assert_eq!(f.path, Path::new("/etc/tweed/tweedd.yaml"));
+        assert!(parse("\n").unwrap().entries.is_empty());
     }
 
     #[test]
-    fn typos_and_bad_values_name_the_key_and_file() {
-        let e = AgentFile::parse(Path::new("/etc/tweed/tweedd.yaml"), "etcd-endpoint: x\n")
+    fn bad_shapes_name_the_file_and_key() {
+        for (text, want) in [
+            ("- a\n- b\n", "mapping"),
+            ("iface: {name: eth0}\n", "iface"),
+            ("iface: [[eth0]]\n", "iface"),
+            ("lease-ttl: [\n", "tweedd.yaml"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.contains("/etc/tweed/tweedd.yaml") && e.contains(want),
+                "{text:?}: {e}"
+            );
+        }
+        let e = AgentFile::read(Path::new("/nonexistent/tweedd.yaml"))
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("/etc/tweed/tweedd.yaml") && e.contains("etcd-endpoint"),
-            "{e}"
-        );
-        let e = AgentFile::duration(Path::new("f"), "lease-ttl", &Some("soon".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("lease-ttl") && e.contains("soon"), "{e}");
+        assert!(e.contains("/nonexistent/tweedd.yaml"), "{e}");
     }
 }

@@ -120,6 +120,8 @@ pub struct NodeContext {
     pub public_ip: Ipv4Addr,
     pub iface: Iface,
     pub state_dir: PathBuf,
+    /// udp backend: worker threads, one TUN queue each (`--udp-workers`).
+    pub udp_workers: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +214,7 @@ impl Prepared {
                     port,
                     underlay_mtu: iface.mtu,
                     mtu_override: (mtu != 0).then_some(mtu),
-                    queues: udp_workers(),
+                    queues: node.udp_workers,
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
@@ -245,21 +247,6 @@ impl Prepared {
     }
 }
 
-/// udp workers (TUN queues): one per core, at most 8; `TWEED_UDP_WORKERS` overrides it (a
-/// host whose pods mostly talk request/response can prefer fewer threads to wake up).
-fn udp_workers() -> usize {
-    std::env::var("TWEED_UDP_WORKERS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| (1..=64).contains(n))
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .min(8)
-        })
-}
-
 /// A set-up backend.
 #[derive(Debug)]
 pub enum DataPlane {
@@ -288,9 +275,9 @@ impl DataPlane {
     }
 
     /// Releases what the backend runs (udp: its workers); the kernel state stays.
-    pub fn stop(&mut self) {
+    pub async fn stop(&mut self) {
         if let DataPlane::Udp(b) = self {
-            b.stop();
+            b.stop().await;
         }
     }
 
@@ -449,6 +436,7 @@ mod tests {
                 mtu: 1500,
             },
             state_dir: tmp.path().to_path_buf(),
+            udp_workers: 2,
         };
         let own: Ipv4Network = "10.244.1.0/24".parse().unwrap();
 
@@ -514,7 +502,10 @@ mod tests {
             r#"{"PublicIP":"198.18.0.1","BackendType":"udp"}"#
         );
         let Prepared::Udp(c) = p else { panic!() };
-        assert_eq!((c.mtu(), c.port, c.local_ip), (1472, 8285, node.iface.ip));
+        assert_eq!(
+            (c.mtu(), c.port, c.local_ip, c.queues),
+            (1472, 8285, node.iface.ip, 2)
+        );
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! An in-memory registry with etcd's semantics, for tests of everything above the registry.
+//! An in-memory registry with etcd's semantics, for tests of everything above the registry. TTLs
+//! run on tokio's clock, so a test that pauses time decides when leases expire; a test can also
+//! take the store out of reach (an etcd outage) or make a call panic (a bug in a client library).
 
 use super::{
     holder_of, reservation_value, CreateOutcome, RawLease, RegistryError, ReserveOutcome, Snapshot,
@@ -7,8 +9,9 @@ use super::{
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tweed_config::{LeaseAttrs, SubnetKey};
 
 #[derive(Default)]
@@ -19,6 +22,18 @@ struct Store {
     leases: HashMap<i64, (Instant, Duration)>,
     next_lease: i64,
     history: Vec<WatchEvent>,
+    /// Set while the store is out of reach: every call fails.
+    unreachable: bool,
+    /// Calls that panic the next time they are made.
+    panic_next: Vec<MemOp>,
+}
+
+/// A registry call a test can make panic ([`MemRegistry::panic_next`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemOp {
+    Renew,
+    /// Reading the next batch of a watch.
+    WatchNext,
 }
 
 impl Store {
@@ -93,7 +108,7 @@ impl MemRegistry {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
-        let mut s = self.store.lock().expect("mem registry lock");
+        let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
         s.expire();
         let before = s.revision;
         let out = f(&mut s);
@@ -101,6 +116,47 @@ impl MemRegistry {
             self.changed.notify_waiters();
         }
         out
+    }
+
+    /// [`with`](Self::with) for a client's call: fails as etcd does when no member answers, or
+    /// panics when the test asked for it.
+    fn call<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        panics: Option<MemOp>,
+        f: impl FnOnce(&mut Store) -> T,
+    ) -> Result<T, RegistryError> {
+        let (down, panic) = {
+            let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            let at = panics.and_then(|p| s.panic_next.iter().position(|q| *q == p));
+            (s.unreachable, at.map(|i| s.panic_next.remove(i)))
+        };
+        if let Some(p) = panic {
+            panic!("mem registry: injected panic in {p:?}");
+        }
+        if down {
+            let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+            let source = etcd_client::Error::IoError(refused);
+            return Err(RegistryError::Etcd {
+                op,
+                key: key.to_string(),
+                detail: source.to_string(),
+                source: Box::new(source),
+            });
+        }
+        Ok(self.with(f))
+    }
+
+    /// Test control: takes the store out of reach (every call fails) or brings it back. TTLs keep
+    /// running meanwhile, as etcd's do.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.with(|s| s.unreachable = !reachable);
+    }
+
+    /// Test control: the next `op` panics.
+    pub fn panic_next(&self, op: MemOp) {
+        self.with(|s| s.panic_next.push(op));
     }
 
     pub fn prefix(&self) -> &str {
@@ -131,16 +187,16 @@ impl MemRegistry {
 
     pub async fn get_config(&self) -> Result<Option<String>, RegistryError> {
         let key = format!("{}/config", self.prefix);
-        Ok(self.with(|s| {
+        self.call("get", &key, None, |s| {
             s.kvs
                 .get(&key)
                 .map(|l| String::from_utf8_lossy(&l.value).into_owned())
-        }))
+        })
     }
 
     pub async fn list_leases(&self) -> Result<Snapshot, RegistryError> {
         let dir = format!("{}/subnets/", self.prefix);
-        Ok(self.with(|s| Snapshot {
+        self.call("list", &dir, None, |s| Snapshot {
             leases: s
                 .kvs
                 .range(dir.clone()..)
@@ -148,7 +204,7 @@ impl MemRegistry {
                 .map(|(_, v)| v.clone())
                 .collect(),
             revision: s.revision,
-        }))
+        })
     }
 
     pub async fn create_lease(
@@ -158,7 +214,7 @@ impl MemRegistry {
         ttl: Duration,
     ) -> Result<CreateOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);
-        Ok(self.with(|s| {
+        self.call("create", &k, None, |s| {
             if s.kvs.contains_key(&k) {
                 return CreateOutcome::Taken;
             }
@@ -167,7 +223,7 @@ impl MemRegistry {
             s.leases.insert(id, (Instant::now() + ttl, ttl));
             s.put(&k, attrs.to_json().into_bytes(), id);
             CreateOutcome::Created { lease_id: id }
-        }))
+        })
     }
 
     pub async fn update_lease(
@@ -178,22 +234,23 @@ impl MemRegistry {
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
         let k = key.etcd_key(&self.prefix);
-        Ok(self.with(|s| match s.kvs.get(&k) {
+        self.call("update", &k, None, |s| match s.kvs.get(&k) {
             Some(l) if l.mod_revision == mod_revision => {
                 s.put(&k, attrs.to_json().into_bytes(), lease_id);
                 true
             }
             _ => false,
-        }))
+        })
     }
 
     pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
-        Ok(self.with(|s| {
+        let id = format!("{lease_id:x}");
+        self.call("renew", &id, Some(MemOp::Renew), |s| {
             s.leases.get_mut(&lease_id).map(|(deadline, ttl)| {
                 *deadline = Instant::now() + *ttl;
                 *ttl
             })
-        }))
+        })
     }
 
     pub async fn reserve(
@@ -202,7 +259,7 @@ impl MemRegistry {
         public_ip: Ipv4Addr,
     ) -> Result<ReserveOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);
-        Ok(self.with(|s| match s.kvs.get(&k).cloned() {
+        self.call("reserve", &k, None, |s| match s.kvs.get(&k).cloned() {
             None => {
                 s.put(&k, reservation_value(public_ip), 0);
                 ReserveOutcome::Reserved { created: true }
@@ -217,7 +274,7 @@ impl MemRegistry {
                 Ok(ip) => ReserveOutcome::HeldBy(ip.to_string()),
                 Err(v) => ReserveOutcome::HeldBy(v),
             },
-        }))
+        })
     }
 
     pub async fn unreserve(
@@ -226,7 +283,7 @@ impl MemRegistry {
         ttl: Duration,
     ) -> Result<UnreserveOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);
-        Ok(self.with(|s| match s.kvs.get(&k).cloned() {
+        self.call("unreserve", &k, None, |s| match s.kvs.get(&k).cloned() {
             None => UnreserveOutcome::NotFound,
             Some(l) if l.lease_id != 0 => UnreserveOutcome::NotReserved {
                 lease_id: l.lease_id,
@@ -238,11 +295,11 @@ impl MemRegistry {
                 s.put(&k, l.value, id);
                 UnreserveOutcome::Released { lease_id: id }
             }
-        }))
+        })
     }
 
     pub fn watch(&self, from_revision: i64) -> Result<MemWatch, RegistryError> {
-        let compacted = self.with(|s| s.compacted);
+        let compacted = self.call("watch", &self.prefix, None, |s| s.compacted)?;
         if from_revision <= compacted {
             return Err(RegistryError::Compacted {
                 requested: from_revision,
@@ -266,7 +323,7 @@ impl MemWatch {
         let dir = format!("{}/subnets/", self.reg.prefix);
         loop {
             let notified = self.reg.changed.notified();
-            let batch = self.reg.with(|s| {
+            let batch = self.reg.call("watch", &dir, Some(MemOp::WatchNext), |s| {
                 if self.next <= s.compacted {
                     return Err(RegistryError::Compacted {
                         requested: self.next,
@@ -278,7 +335,7 @@ impl MemWatch {
                     .filter(|e| e.revision() >= self.next)
                     .cloned()
                     .collect::<Vec<_>>())
-            })?;
+            })??;
             if let Some(last) = batch.last() {
                 self.next = last.revision() + 1;
             }

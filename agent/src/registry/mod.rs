@@ -6,7 +6,7 @@ mod etcd;
 mod mem;
 
 pub use etcd::{EtcdOptions, EtcdRegistry};
-pub use mem::MemRegistry;
+pub use mem::{MemOp, MemRegistry};
 
 use std::net::Ipv4Addr;
 use std::time::Duration;

@@ -393,18 +393,34 @@ impl UdpBackend {
         Ok(stats)
     }
 
-    /// Stops the workers (the device and its routes stay: a restart re-attaches).
-    pub fn stop(&mut self) {
+    /// Stops the workers and waits until they let go of the TUN queues and the port (the device
+    /// and its routes stay: a restart re-attaches). A worker notices within one poll interval;
+    /// the wait runs on a blocking thread, so the runtime's other tasks keep running meanwhile.
+    pub async fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        let threads = std::mem::take(&mut self.threads);
+        if threads.is_empty() {
+            return;
+        }
+        let joined = tokio::task::spawn_blocking(move || join_all(threads)).await;
+        if let Err(e) = joined {
+            tracing::error!("udp: waiting for the workers to stop: {e}");
         }
     }
 }
 
+fn join_all(threads: Vec<JoinHandle<()>>) {
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// For owners outside async code (tests); the agent calls [`UdpBackend::stop`] first, which
+/// leaves nothing to join here.
 impl Drop for UdpBackend {
     fn drop(&mut self) {
-        self.stop();
+        self.shared.stop.store(true, Ordering::Relaxed);
+        join_all(std::mem::take(&mut self.threads));
     }
 }
 
@@ -525,6 +541,65 @@ mod tests {
         std::fs::create_dir(dev.join("disable_ipv6")).unwrap();
         let e = disable_ipv6(dir.path(), "tweed0").unwrap_err();
         assert!(e.to_string().contains("tweed0/disable_ipv6"), "{e}");
+    }
+
+    /// `stop` waits until the workers let go (they hold the TUN queues and the port a new set-up
+    /// needs) without blocking the async runtime meanwhile: on a single-threaded runtime, another
+    /// task keeps running while a slow worker winds down.
+    #[tokio::test]
+    async fn stop_waits_for_the_workers_without_blocking_the_runtime() {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let cfg = cfg();
+        let shared = Arc::new(Shared::new(
+            PeerTable::not_ready(cfg.network, cfg.own_subnet),
+            cfg.port,
+        ));
+        let exited = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (shared, exited) = (shared.clone(), exited.clone());
+            std::thread::spawn(move || {
+                while !shared.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Letting go of a queue takes a while (up to a poll interval for a real worker).
+                std::thread::sleep(Duration::from_millis(300));
+                exited.store(true, Ordering::Relaxed);
+            })
+        };
+        let mut b = UdpBackend {
+            cfg,
+            ifindex: 7,
+            shared,
+            counters: Vec::new(),
+            threads: vec![worker],
+            peers: None,
+            device_checked: true,
+            setup_ops: Vec::new(),
+        };
+        let ticks = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        tokio::task::yield_now().await;
+        let before = ticks.load(Ordering::Relaxed);
+        b.stop().await;
+        let during = ticks.load(Ordering::Relaxed) - before;
+        ticker.abort();
+        assert!(
+            exited.load(Ordering::Relaxed),
+            "stop returned before the worker ended"
+        );
+        assert!(
+            during >= 3,
+            "the runtime stood still while stopping ({during} ticks)"
+        );
+        b.stop().await;
     }
 
     fn cfg() -> UdpConfig {

@@ -1,0 +1,291 @@
+//! This node's lease: acquiring it (retried until done or stopped), renewing it in a task of its
+//! own so a slow reconcile never delays a renewal, and following what an operator does to it
+//! (`reserve` detaches it from its TTL, `unreserve` attaches a fresh one).
+
+use super::report::Report;
+use super::stop::{next_backoff, Stop};
+use super::AgentError;
+use crate::registry::Registry;
+use crate::subnet::{self, OwnLease};
+use crate::watch::LeaseTable;
+use ipnetwork::Ipv4Network;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tweed_config::{LeaseAttrs, NetworkConfig};
+
+/// How soon a renewal that failed (etcd unreachable) is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(2);
+
+/// Acquires a lease, retrying with backoff; `None` when stopped first.
+pub(super) async fn acquire(
+    registry: &Registry,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<Ipv4Network>,
+    ttl: Duration,
+    stop: &mut Stop,
+    report: &Report,
+) -> Option<OwnLease> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match subnet::acquire(registry, cfg, attrs, previous, ttl).await {
+            Ok(own) => {
+                report.lease_acquired(&own, ttl);
+                return Some(own);
+            }
+            Err(e) => report.acquire_failed(&e),
+        }
+        if stop.sleep(backoff).await {
+            return None;
+        }
+        backoff = next_backoff(backoff);
+    }
+}
+
+/// The lease held, and the task renewing it.
+pub(super) struct LeaseKeeper {
+    registry: Arc<Registry>,
+    cfg: NetworkConfig,
+    attrs: LeaseAttrs,
+    ttl: Duration,
+    report: Report,
+    /// The lease held; the renewal task renews whatever this says (nothing for lease 0).
+    own: watch::Sender<OwnLease>,
+    /// Lease ids the renewal task found gone (expired or revoked).
+    expired: mpsc::Receiver<i64>,
+    task: JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    /// Keeps `own`, renewing it every `every`.
+    pub(super) fn start(
+        registry: Arc<Registry>,
+        cfg: NetworkConfig,
+        attrs: LeaseAttrs,
+        ttl: Duration,
+        every: Duration,
+        own: OwnLease,
+        report: Report,
+    ) -> LeaseKeeper {
+        let (own, watched) = watch::channel(own);
+        let (expired_tx, expired) = mpsc::channel(4);
+        let task = tokio::spawn(renew(
+            registry.clone(),
+            watched,
+            every,
+            expired_tx,
+            report.clone(),
+        ));
+        LeaseKeeper {
+            registry,
+            cfg,
+            attrs,
+            ttl,
+            report,
+            own,
+            expired,
+            task,
+        }
+    }
+
+    pub(super) fn own(&self) -> OwnLease {
+        self.own.borrow().clone()
+    }
+
+    /// Waits until the renewal finds our lease gone; an error when the renewal task died.
+    pub(super) async fn expired(&mut self) -> Result<i64, AgentError> {
+        match self.expired.recv().await {
+            Some(id) => Ok(id),
+            // The task holds the only sender: it ended.
+            None => Err(AgentError::task_died(
+                "lease renewal",
+                (&mut self.task).await,
+            )),
+        }
+    }
+
+    /// The renewal found lease `id` gone: takes a lease again. True when it did; false when `id`
+    /// is not ours any more (the watch saw the loss first and we hold a new one) or when stopped
+    /// first.
+    pub(super) async fn on_expired(&mut self, id: i64, stop: &mut Stop) -> bool {
+        if id != self.own.borrow().lease_id {
+            return false;
+        }
+        self.report.lease_expired(self.own().subnet());
+        self.reacquire(stop).await
+    }
+
+    /// Takes a lease again, preferring the subnet we had. False when stopped first.
+    pub(super) async fn reacquire(&mut self, stop: &mut Stop) -> bool {
+        let previous = Some(self.own().subnet());
+        let Some(own) = acquire(
+            &self.registry,
+            &self.cfg,
+            &self.attrs,
+            previous,
+            self.ttl,
+            stop,
+            &self.report,
+        )
+        .await
+        else {
+            return false;
+        };
+        self.own.send_replace(own);
+        true
+    }
+
+    /// Follows what etcd says about our key's lease: an operator's `reserve` detaches it from its
+    /// TTL (lease 0: nothing to renew, it never expires) and `unreserve` attaches it to a fresh
+    /// TTL lease, which we must renew from then on.
+    pub(super) fn follow(&mut self, table: &LeaseTable) {
+        let own = self.own();
+        let Some(l) = table.get(&own.key) else {
+            return;
+        };
+        if l.attrs.public_ip != self.attrs.public_ip || l.lease_id == own.lease_id {
+            return;
+        }
+        let new = l.lease_id;
+        self.report
+            .lease_id_changed(own.subnet(), own.lease_id, new, self.ttl);
+        self.own.send_modify(|o| o.lease_id = new);
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        // Shutting down leaves the lease to its TTL: a restart takes it back.
+        self.task.abort();
+    }
+}
+
+/// The renewal task: renews the lease `own` names every `every`; tells the main loop when it is
+/// gone and then waits for the next one.
+async fn renew(
+    registry: Arc<Registry>,
+    mut own: watch::Receiver<OwnLease>,
+    every: Duration,
+    expired: mpsc::Sender<i64>,
+    report: Report,
+) {
+    let mut wait = every;
+    loop {
+        tokio::time::sleep(wait).await;
+        let lease = own.borrow_and_update().clone();
+        if lease.lease_id == 0 {
+            wait = every;
+            continue;
+        }
+        wait = match registry.renew(lease.lease_id).await {
+            Ok(Some(ttl)) => {
+                report.lease_renewed(lease.subnet(), lease.lease_id, ttl);
+                every
+            }
+            Ok(None) => {
+                if expired.send(lease.lease_id).await.is_err() || own.changed().await.is_err() {
+                    return;
+                }
+                every
+            }
+            Err(e) => {
+                report.renew_failed(&e, RENEW_RETRY);
+                RENEW_RETRY
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::MemRegistry;
+    use crate::run::Clock;
+    use crate::state::AgentState;
+
+    const PREFIX: &str = "/coreos.com/network";
+    const TTL: Duration = Duration::from_secs(60);
+    const EVERY: Duration = Duration::from_secs(40);
+
+    /// A keeper of a freshly acquired lease, renewing every 40 s.
+    async fn keeper(mem: &MemRegistry) -> (LeaseKeeper, AgentState, Stop) {
+        let registry = Arc::new(Registry::Mem(mem.clone()));
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let attrs = LeaseAttrs::new("198.18.0.1".parse().unwrap(), "host-gw", None);
+        let state = AgentState::new();
+        let report = Report::new(state.clone(), Clock::tokio(0));
+        let mut stop = Stop::new(std::future::pending());
+        let own = acquire(&registry, &cfg, &attrs, None, TTL, &mut stop, &report)
+            .await
+            .unwrap();
+        let k = LeaseKeeper::start(registry, cfg, attrs, TTL, EVERY, own, report);
+        (k, state, stop)
+    }
+
+    async fn lease_of(mem: &MemRegistry, own: &OwnLease) -> Option<i64> {
+        let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+        let k = own.key.etcd_key(PREFIX);
+        snap.leases.iter().find(|l| l.key == k).map(|l| l.lease_id)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_renewal_keeps_the_lease_and_says_when_it_is_gone() {
+        let mem = MemRegistry::new(PREFIX);
+        let (mut k, state, mut stop) = keeper(&mem).await;
+        let first = k.own();
+        // Ten TTLs: only the renewals (every 40 s) keep it; the last at 600 s.
+        tokio::time::sleep(TTL * 10 + Duration::from_secs(1)).await;
+        assert_eq!(lease_of(&mem, &first).await, Some(first.lease_id));
+        assert_eq!(state.metrics.lease_renewals.get(), 15);
+        assert_eq!(state.snapshot().lease_expiry_unix, 600 + 60);
+
+        // Gone between two renewals: the next one says so, and the keeper takes a new lease.
+        mem.expire_lease(first.lease_id);
+        let gone = tokio::time::timeout(EVERY * 2, k.expired()).await;
+        assert_eq!(gone.unwrap().unwrap(), first.lease_id);
+        assert!(k.on_expired(first.lease_id, &mut stop).await);
+        let second = k.own();
+        assert_eq!(second.subnet(), first.subnet(), "the subnet we had");
+        assert_ne!(second.lease_id, first.lease_id);
+        // News of the old lease, late (the watch was first): nothing to do.
+        assert!(!k.on_expired(first.lease_id, &mut stop).await);
+        assert_eq!(
+            (k.own(), state.metrics.lease_acquisitions.get()),
+            (second.clone(), 2)
+        );
+        // The renewal follows the new lease.
+        tokio::time::sleep(TTL * 3).await;
+        assert_eq!(lease_of(&mem, &second).await, Some(second.lease_id));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reserved_lease_is_not_renewed_and_an_unreserved_one_is() {
+        let mem = MemRegistry::new(PREFIX);
+        let (mut k, state, _stop) = keeper(&mem).await;
+        let own = k.own();
+        let reg = Registry::Mem(mem.clone());
+        let mut table = LeaseTable::new(PREFIX, "10.244.0.0/16".parse().unwrap());
+
+        reg.reserve(&own.key, "198.18.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        table.resync(&reg.list_leases().await.unwrap().leases);
+        k.follow(&table);
+        assert_eq!(k.own().lease_id, 0);
+        assert_eq!(state.snapshot().lease_expiry_unix, 0);
+        let renewals = state.metrics.lease_renewals.get();
+        let quiet = tokio::time::timeout(TTL * 10, k.expired()).await;
+        assert!(quiet.is_err(), "nothing to renew, nothing lost");
+        assert_eq!(state.metrics.lease_renewals.get(), renewals);
+
+        reg.unreserve(&own.key, TTL).await.unwrap();
+        table.resync(&reg.list_leases().await.unwrap().leases);
+        k.follow(&table);
+        let id = k.own().lease_id;
+        assert_ne!(id, 0);
+        tokio::time::sleep(TTL * 3).await;
+        assert_eq!(lease_of(&mem, &own).await, Some(id), "kept by renewals");
+    }
+}

@@ -1,0 +1,405 @@
+//! The agent loop with an in-memory etcd, a fake kernel and fake rules, on tokio's paused clock:
+//! hours of leases and outages run in milliseconds, without root.
+
+use super::*;
+use crate::netlink::{Addr, Fake, Op, Route};
+use crate::registry::{MemOp, MemRegistry};
+use crate::rules::{FakeFirewall, RuleSpec};
+use crate::state::Snapshot;
+use ipnetwork::Ipv4Network;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tweed_config::{SubnetEnv, SubnetKey};
+
+const PREFIX: &str = "/coreos.com/network";
+const NETWORK: &str = "10.244.0.0/16";
+const OUR_IP: &str = "198.18.0.1";
+
+fn net(s: &str) -> Ipv4Network {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn key(subnet: &str) -> String {
+    SubnetKey::new(net(subnet)).etcd_key(PREFIX)
+}
+
+/// etcd with a host-gw network config.
+fn etcd() -> MemRegistry {
+    let mem = MemRegistry::new(PREFIX);
+    mem.put_raw(
+        &format!("{PREFIX}/config"),
+        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"host-gw"}}}}"#).as_bytes(),
+    );
+    mem
+}
+
+/// Another node's host-gw lease, without TTL.
+fn put_peer(mem: &MemRegistry, subnet: &str, public_ip: &str) {
+    let value = format!(r#"{{"PublicIP":"{public_ip}","BackendType":"host-gw"}}"#);
+    mem.put_raw(&key(subnet), value.as_bytes());
+}
+
+/// One agent on `eth0` (198.18.0.1/24), run by [`run_with`] with fakes, lease TTL 1 h (renewed
+/// every 40 min).
+struct Node {
+    mem: MemRegistry,
+    kernel: Fake,
+    rules: FakeFirewall,
+    state: AgentState,
+    eth0: u32,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    agent: JoinHandle<Result<(), AgentError>>,
+}
+
+impl Node {
+    fn start(mem: &MemRegistry) -> Node {
+        let kernel = Fake::new();
+        let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
+        kernel.add_addr(Addr {
+            ifindex: eth0,
+            net: format!("{OUR_IP}/24").parse().unwrap(),
+        });
+        kernel.add_route(Route {
+            dst: net("198.18.0.0/24"),
+            gateway: None,
+            oif: Some(eth0),
+            onlink: false,
+            metric: 0,
+            protocol: Route::PROTO_KERNEL,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let settings = crate::settings::for_test(&[
+            "tweedd",
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &path("subnet.env"),
+            "--state-dir",
+            &path("state"),
+            "--lease-ttl",
+            "1h",
+            "--ip-masq",
+        ]);
+        let rules = FakeFirewall::default();
+        let state = AgentState::new();
+        let deps = Deps {
+            registry: Arc::new(Registry::Mem(mem.clone())),
+            netlink: Netlink::from(kernel.clone()),
+            firewall: Firewall::Fake(rules.clone()),
+            clock: Clock::tokio(1_700_000_000),
+            state: state.clone(),
+            control: crate::api::ControlSlot::default(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let agent = tokio::spawn(run_with(deps, settings, async {
+            let _ = stopped.await;
+        }));
+        Node {
+            mem: mem.clone(),
+            kernel,
+            rules,
+            state,
+            eth0,
+            dir,
+            stop: Some(stop),
+            agent,
+        }
+    }
+
+    /// Started, with its lease, its rules and every peer programmed.
+    async fn ready(mem: &MemRegistry) -> Node {
+        let n = Node::start(mem);
+        n.until("the agent to be ready", |s| s.not_ready().is_empty())
+            .await;
+        n
+    }
+
+    /// Ready, with one peer (10.244.7.0/24 at 198.18.0.2) programmed and the ops so far taken;
+    /// also our subnet and its lease id.
+    async fn with_a_peer() -> (MemRegistry, Node, Ipv4Network, i64) {
+        let mem = etcd();
+        put_peer(&mem, "10.244.7.0/24", "198.18.0.2");
+        let n = Node::ready(&mem).await;
+        let subnet = n.subnet();
+        let lease = n.lease_id(subnet).await.unwrap();
+        n.kernel.take_ops();
+        (mem, n, subnet, lease)
+    }
+
+    /// Whether the peer of [`with_a_peer`](Self::with_a_peer) is still routed.
+    async fn peer_routed(&self) -> bool {
+        let nl = Netlink::from(self.kernel.clone());
+        let want = self.route("10.244.7.0/24", "198.18.0.2");
+        nl.all_routes().await.unwrap().contains(&want)
+    }
+
+    /// Waits (in tokio time) until `f` holds, at most 10 minutes.
+    async fn until(&self, what: &str, f: impl Fn(&Snapshot) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !f(&self.state.snapshot()) {
+            assert!(!self.agent.is_finished(), "the agent ended before {what}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                self.state.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn subnet(&self) -> Ipv4Network {
+        net(&self.state.snapshot().subnet)
+    }
+
+    /// Our key's lease id in etcd, `None` when the key is gone.
+    async fn lease_id(&self, subnet: Ipv4Network) -> Option<i64> {
+        let k = SubnetKey::new(subnet).etcd_key(PREFIX);
+        let reg = Registry::Mem(self.mem.clone());
+        let snap = reg.list_leases().await.unwrap();
+        snap.leases.iter().find(|l| l.key == k).map(|l| l.lease_id)
+    }
+
+    fn subnet_env(&self) -> SubnetEnv {
+        SubnetEnv::read(&self.dir.path().join("subnet.env")).unwrap()
+    }
+
+    fn route(&self, subnet: &str, via: &str) -> Route {
+        Route::via(net(subnet), ip(via), Some(self.eth0))
+    }
+
+    fn rules_for(&self, subnet: Ipv4Network) -> RuleSpec {
+        RuleSpec {
+            network: net(NETWORK),
+            subnet,
+            ip_masq: true,
+        }
+    }
+
+    fn counter(&self, name: &str, label: &str) -> u64 {
+        let m = &self.state.metrics;
+        match name {
+            "lease_failures" => m.lease_failures.with_label_values(&[label]).get(),
+            "etcd_errors" => m.etcd_errors.with_label_values(&[label]).get(),
+            "lease_acquisitions" => m.lease_acquisitions.get(),
+            "lease_renewals" => m.lease_renewals.get(),
+            other => panic!("no counter {other}"),
+        }
+    }
+
+    /// Sends the shutdown signal and returns what the agent returned.
+    async fn shut_down(mut self) -> (Result<(), AgentError>, Node) {
+        self.stop.take().unwrap().send(()).unwrap();
+        let r = (&mut self.agent).await.unwrap();
+        (r, self)
+    }
+
+    /// Waits for the agent to end on its own.
+    async fn ended(&mut self) -> Result<(), AgentError> {
+        tokio::time::timeout(Duration::from_secs(3600), &mut self.agent)
+            .await
+            .expect("the agent to end")
+            .unwrap()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_up_leases_a_subnet_writes_subnet_env_and_installs_the_rules() {
+    let mem = etcd();
+    let n = Node::ready(&mem).await;
+    let subnet = n.subnet();
+    assert!(net(NETWORK).contains(subnet.network()) && subnet.prefix() == 24);
+    assert!(n.lease_id(subnet).await.unwrap() != 0, "a TTL lease");
+    let env = n.subnet_env();
+    assert_eq!(
+        (env.node_subnet(), env.mtu, env.ipmasq),
+        (subnet, 1500, true)
+    );
+    assert_eq!(n.rules.applied(), vec![n.rules_for(subnet)]);
+    let s = n.state.snapshot();
+    assert_eq!(
+        (s.public_ip.as_str(), s.backend.as_str()),
+        (OUR_IP, "host-gw")
+    );
+    // The clock the deps hand in is the one expiry is reported on.
+    assert_eq!(s.lease_expiry_unix, 1_700_000_000 + 3600);
+    // host-gw has no device: nothing to program without peers.
+    assert_eq!(n.kernel.take_ops(), vec![]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn peers_added_and_removed_are_exactly_their_routes() {
+    let mem = etcd();
+    let n = Node::ready(&mem).await;
+    n.kernel.take_ops();
+
+    put_peer(&mem, "10.244.7.0/24", "198.18.0.2");
+    n.until("the peer to be programmed", |s| {
+        s.peers.len() == 1 && s.peers[0].programmed
+    })
+    .await;
+    let route = n.route("10.244.7.0/24", "198.18.0.2");
+    assert_eq!(n.kernel.take_ops(), vec![Op::RouteReplace(route)]);
+
+    // A peer of another backend is reported, not programmed.
+    let vx = r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:03"}}"#;
+    mem.put_raw(&key("10.244.8.0/24"), vx.as_bytes());
+    n.until("the vxlan peer to be reported", |s| s.peers.len() == 2)
+        .await;
+    let s = n.state.snapshot();
+    let skipped = s
+        .peers
+        .iter()
+        .find(|p| p.subnet == "10.244.8.0/24")
+        .unwrap();
+    assert!(!skipped.programmed && skipped.error.as_deref().unwrap().contains("vxlan"));
+    assert_eq!(n.kernel.take_ops(), vec![]);
+
+    // Periodic resyncs re-read the kernel and change nothing that is right.
+    tokio::time::sleep(Duration::from_secs(150)).await;
+    assert_eq!(n.kernel.take_ops(), vec![]);
+
+    mem.delete_raw(&key("10.244.7.0/24"));
+    n.until("the peer to be gone", |s| s.peers.len() == 1).await;
+    assert_eq!(n.kernel.take_ops(), vec![Op::RouteDel(route)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_lease_is_acquired_again_with_the_same_subnet() {
+    let (mem, n, subnet, old) = Node::with_a_peer().await;
+
+    assert!(mem.delete_raw(&SubnetKey::new(subnet).etcd_key(PREFIX)));
+    n.until("a second lease", |_| {
+        n.counter("lease_acquisitions", "") == 2
+    })
+    .await;
+    let new = n.lease_id(subnet).await.expect("our key is back");
+    assert!(new != 0 && new != old, "a fresh TTL lease: {old} -> {new}");
+    assert_eq!(n.subnet(), subnet);
+    assert_eq!(n.subnet_env().node_subnet(), subnet);
+    // Same subnet: the data plane and the rules had nothing to change.
+    assert_eq!(n.kernel.take_ops(), vec![]);
+    assert_eq!(n.rules.applied(), vec![n.rules_for(subnet)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_taken_while_lost_moves_us_to_another_subnet() {
+    let mem = etcd();
+    let n = Node::ready(&mem).await;
+    let old = n.subnet();
+    n.kernel.take_ops();
+
+    // Deleted, and another node takes the subnet before we can.
+    let k = SubnetKey::new(old).etcd_key(PREFIX);
+    mem.delete_raw(&k);
+    mem.put_raw(&k, br#"{"PublicIP":"198.18.0.9","BackendType":"host-gw"}"#);
+    n.until("a lease elsewhere", |s| s.subnet != old.to_string())
+        .await;
+    let new = n.subnet();
+    n.until("the new neighbour programmed", |s| {
+        s.peers
+            .iter()
+            .any(|p| p.subnet == old.to_string() && p.programmed)
+    })
+    .await;
+    assert_eq!(n.subnet_env().node_subnet(), new);
+    assert_eq!(n.rules.applied(), vec![n.rules_for(old), n.rules_for(new)]);
+    // The old subnet is a peer's now: routed to it, not ours.
+    assert_eq!(
+        n.kernel.take_ops(),
+        vec![Op::RouteReplace(n.route(&old.to_string(), "198.18.0.9"))]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_etcd_outage_keeps_the_lease_and_the_data_plane() {
+    let (mem, n, subnet, lease) = Node::with_a_peer().await;
+
+    mem.set_reachable(false);
+    n.until("the watch to be down", |s| !s.watch_live).await;
+    // 50 minutes: the renewal at 40 fails and is retried; the lease (1 h) has not run out.
+    tokio::time::sleep(Duration::from_secs(50 * 60)).await;
+    assert!(n.counter("lease_failures", "renew") > 0);
+    assert!(n.counter("etcd_errors", "watch") > 0);
+    let s = n.state.snapshot();
+    assert!(
+        s.lease_held && s.backend_programmed && s.peers[0].programmed,
+        "{s:?}"
+    );
+    assert_eq!(n.kernel.take_ops(), vec![], "nothing torn down or redone");
+    assert!(n.peer_routed().await);
+
+    mem.set_reachable(true);
+    n.until("the watch to be back", |s| s.watch_live).await;
+    n.until("a renewal", |_| n.counter("lease_renewals", "") > 0)
+        .await;
+    assert_eq!(
+        n.lease_id(subnet).await,
+        Some(lease),
+        "the same lease, renewed"
+    );
+    assert_eq!(n.counter("lease_acquisitions", ""), 1);
+    assert_eq!(n.kernel.take_ops(), vec![]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_longer_than_the_ttl_loses_the_lease_and_takes_it_again() {
+    let (mem, n, subnet, old) = Node::with_a_peer().await;
+
+    mem.set_reachable(false);
+    tokio::time::sleep(Duration::from_secs(90 * 60)).await;
+    mem.set_reachable(true);
+    n.until("a second lease", |_| {
+        n.counter("lease_acquisitions", "") >= 2
+    })
+    .await;
+    n.until("ready again", |s| s.not_ready().is_empty()).await;
+    let new = n.lease_id(subnet).await.expect("the same subnet again");
+    assert!(new != old, "a fresh lease");
+    assert_eq!(n.subnet(), subnet);
+    // Programmed all along: the peer's route was never withdrawn.
+    assert_eq!(n.kernel.take_ops(), vec![]);
+    assert!(n.peer_routed().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_leaves_the_lease_and_the_data_plane_in_place() {
+    let (_mem, n, subnet, lease) = Node::with_a_peer().await;
+
+    let (result, n) = n.shut_down().await;
+    result.expect("a clean shutdown");
+    assert_eq!(
+        n.lease_id(subnet).await,
+        Some(lease),
+        "the lease is not revoked"
+    );
+    assert_eq!(n.kernel.take_ops(), vec![], "nothing deleted");
+    assert!(n.peer_routed().await);
+    assert_eq!(n.subnet_env().node_subnet(), subnet);
+    assert_eq!(n.rules.applied(), vec![n.rules_for(subnet)]);
+}
+
+/// A task the agent cannot work without dies: the agent ends with an error naming it (so the
+/// process exits non-zero), leaving the lease in place for the restart.
+#[tokio::test(start_paused = true)]
+async fn a_dead_task_ends_the_agent_with_an_error_naming_it() {
+    for (op, task) in [
+        (MemOp::WatchNext, "lease watch"),
+        (MemOp::Renew, "lease renewal"),
+    ] {
+        let mem = etcd();
+        let mut n = Node::ready(&mem).await;
+        mem.panic_next(op);
+        let e = n.ended().await.unwrap_err().to_string();
+        assert!(e.contains(task) && e.contains("injected panic"), "{e}");
+        assert!(n.lease_id(n.subnet()).await.is_some());
+    }
+}
