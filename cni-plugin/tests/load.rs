@@ -85,6 +85,11 @@ fn plugin_killed_mid_add_leaks_nothing_after_gc() {
         Duration::from_secs(30),
     );
     assert_eq!(n.tw_links().len(), 1, "the pair exists: {:?}", n.tw_links());
+    let addrs = c1.ip(&["-o", "-4", "addr", "show"]).unwrap();
+    assert!(
+        !addrs.contains("10.244."),
+        "the container side is not done yet: {addrs}"
+    );
     t.kill(t.pid);
     assert_eq!(n.records("tnet").len(), 2);
 
