@@ -15,7 +15,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tweed_cni::testkit::{self, Call, NetnsGuard};
+// The tests' helpers: test code, kept out of the plugin crate's library.
+#[allow(dead_code)]
+#[path = "../tests/common/testkit.rs"]
+mod testkit;
+
+use testkit::{Call, NetnsGuard};
 
 struct Samples {
     add: Vec<Duration>,

@@ -3,9 +3,18 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
+use serde_json::Value;
+
+use crate::attachment::Attachment;
+use crate::code;
+use crate::env::validate_ifname;
+use crate::version::{Version, SUPPORTED};
+
+pub const DEFAULT_BRIDGE: &str = "cni0";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 
 /// The keys tweed reads, before validation.
 struct Raw {
@@ -29,17 +38,6 @@ struct Raw {
     valid_attachments: Option<Vec<Attachment>>,
     attachments: Option<Vec<Attachment>>,
 }
-use serde_json::Value;
-
-use crate::env::validate_ifname;
-use crate::error::code;
-use crate::version::{Version, SUPPORTED};
-
-pub const DEFAULT_BRIDGE: &str = "cni0";
-pub const DEFAULT_SUBNET_FILE: &str = "/run/tweed/subnet.env";
-/// Tried when `subnetFile` is not set and tweed's own file is absent: a flannel node.
-pub const FLANNEL_SUBNET_FILE: &str = "/run/flannel/subnet.env";
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfError {
@@ -68,15 +66,6 @@ impl ConfError {
             ConfError::Ipam => code::UNSUPPORTED_FIELD,
         }
     }
-}
-
-/// One entry of GC's valid list.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-pub struct Attachment {
-    #[serde(rename = "containerID")]
-    pub container_id: String,
-    #[serde(rename = "ifname")]
-    pub ifname: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -108,7 +97,7 @@ pub struct NetConf {
     pub cni_version: String,
     pub name: String,
     pub bridge: String,
-    /// `None`: tweed's default, then flannel's (see [`NetConf::subnet_file_path`]).
+    /// `None`: tweed's default, then flannel's (see [`crate::node::subnet_file`]).
     pub subnet_file: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub mtu: Option<u32>,
@@ -248,22 +237,6 @@ impl NetConf {
     pub fn store_dir(&self) -> PathBuf {
         self.data_dir.join(&self.name)
     }
-
-    /// `subnetFile` when set; otherwise tweed's default, or flannel's when only that exists.
-    pub fn subnet_file_path(&self) -> PathBuf {
-        match &self.subnet_file {
-            Some(p) => p.clone(),
-            None => {
-                let tweed = Path::new(DEFAULT_SUBNET_FILE);
-                let flannel = Path::new(FLANNEL_SUBNET_FILE);
-                if !tweed.exists() && flannel.exists() {
-                    flannel.to_path_buf()
-                } else {
-                    tweed.to_path_buf()
-                }
-            }
-        }
-    }
 }
 
 /// The network name becomes a directory name under `dataDir`.
@@ -315,7 +288,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.bridge, "br9");
-        assert_eq!(c.subnet_file_path(), PathBuf::from("/x/subnet.env"));
+        assert_eq!(c.subnet_file, Some(PathBuf::from("/x/subnet.env")));
         assert_eq!(c.mtu, Some(1400));
         assert!(c.ip_masq && c.hairpin_mode && !c.default_route && !c.detached_delete);
         assert_eq!(c.runtime_config.ips, vec!["10.244.1.150/24".to_string()]);

@@ -13,13 +13,13 @@
 //! gone) instead when a socket overran, when the child exited, and every [`CHECK_EVERY`]. The
 //! child lives until its ACK comes (~15–30 ms), as an orphan once the plugin has exited.
 //!
-//! If anything in that path fails (no socket, `fork` failing, the child exiting with the link
-//! still there, the link not unlisted within [`UNLIST_BOUND`]), the link is deleted
-//! synchronously, as before. The child is killed and reaped first, so a late `RTM_DELLINK`
-//! from it can never meet a device that reused the index.
+//! If anything in that path fails (no socket, no subscription to the notifications, `fork`
+//! failing, the child exiting with the link still there, the link not unlisted within
+//! [`UNLIST_BOUND`]), the link is deleted synchronously, as before. The child is killed and
+//! reaped first, so a late `RTM_DELLINK` from it can never meet a device that reused the index.
 //!
 //! The child runs only raw syscalls (`dup2`, `close`, `close_range`, `setsid`, `send`, `recv`,
-//! `_exit`; `pause` in debug-build test hooks): no allocation, no lock, no Rust runtime state.
+//! `_exit`) on a request built before the fork: no allocation, no lock, no Rust runtime state.
 //! It closes every inherited descriptor except its netlink socket, first of all stdin, stdout
 //! and stderr: a runtime reads the plugin's stdout and stderr until EOF, and a child holding
 //! them would make DEL as slow as before for the runtime. `setsid` keeps it out of the
@@ -31,7 +31,23 @@ use std::time::{Duration, Instant};
 
 use tweed_netlink::Netns;
 
-use crate::error::Error;
+use crate::code;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what} in {place}: {reason}")]
+pub struct DetachError {
+    /// The request, `ip`-like: "link del #7".
+    pub what: String,
+    /// The namespace, as [`Target::place`] names it.
+    pub place: String,
+    pub reason: String,
+}
+
+impl DetachError {
+    pub fn code(&self) -> u32 {
+        code::NETLINK
+    }
+}
 
 /// How long the plugin waits for a detached delete to unlist the device before deleting it
 /// itself.
@@ -107,33 +123,38 @@ pub fn parse_reply(buf: &[u8], seq: u32) -> Option<Reply> {
 }
 
 /// A device to delete: its index in the namespace `netns` (`None`: the plugin's own), and the
-/// namespace's description for error messages.
+/// namespace's description for error messages. `N` is the namespace handle: [`Netns`] here, a
+/// fake one in the command layer's tests.
 #[derive(Debug)]
-pub struct Target<'a> {
-    pub netns: Option<&'a Netns>,
+pub struct Target<'a, N = Netns> {
+    pub netns: Option<&'a N>,
     pub ifindex: u32,
     pub place: String,
 }
 
 /// Deletes every target still present, in order: detached where possible and `detached` is
-/// set (the `detachedDelete` setting; see the module docs), else synchronously. When this returns `Ok`, none of them is listed any more. The
-/// first target's deletion usually takes the others with it (the two ends of one veth): their
-/// notifications are waited for too, and they are then skipped.
-pub fn delete(targets: &[Target<'_>], detached: bool, hooks: Hooks) -> Result<(), Error> {
+/// set (the `detachedDelete` setting; see the module docs), else synchronously. When this
+/// returns `Ok`, none of them is listed any more. The first target's deletion usually takes the
+/// others with it (the two ends of one veth): their notifications are waited for too, and they
+/// are then skipped.
+pub fn delete(targets: &[Target<'_>], detached: bool) -> Result<(), DetachError> {
     // Per target, three sockets in its namespace, opened by one thread there when it is
     // another namespace: one to ask on, one subscribed to link notifications (never asked on:
     // when notifications overrun it, replies could be lost), one for the child to send from.
     let mut query = Vec::with_capacity(targets.len());
     let mut watch = Vec::with_capacity(targets.len());
     let mut spare = Vec::with_capacity(targets.len());
+    let mut subscribed = Vec::with_capacity(targets.len());
     for t in targets {
-        let socks = open_sockets(t.netns, 3).map_err(|e| Error::Kernel {
-            what: format!("opening netlink in {}", t.place),
+        let socks = open_sockets(t.netns, 3).map_err(|e| DetachError {
+            what: "opening netlink".into(),
+            place: t.place.clone(),
             reason: e.to_string(),
         })?;
         let [q, w, s]: [OwnedFd; 3] = socks.try_into().expect("three sockets");
-        // Without the subscription, the periodic RTM_GETLINK still sees the device go.
-        subscribe_links(&w);
+        // Unsubscribed, the wait would hear of the device only from the periodic RTM_GETLINK,
+        // later than a synchronous delete would be done: such a target is deleted here.
+        subscribed.push(subscribe_links(&w).is_ok());
         query.push(q);
         watch.push(w);
         spare.push(Some(s));
@@ -153,8 +174,9 @@ pub fn delete(targets: &[Target<'_>], detached: bool, hooks: Hooks) -> Result<()
             }
             Ok(_) => {}
             Err(e) => {
-                return Err(Error::Kernel {
-                    what: format!("link show #{} in {}", t.ifindex, t.place),
+                return Err(DetachError {
+                    what: format!("link show #{}", t.ifindex),
+                    place: t.place.clone(),
                     reason: e.to_string(),
                 })
             }
@@ -162,7 +184,7 @@ pub fn delete(targets: &[Target<'_>], detached: bool, hooks: Hooks) -> Result<()
         // A second detached delete in one namespace (when the first did not take this target
         // along) needs a fresh socket to send from.
         let send = match spare[i].take() {
-            _ if !detached => None,
+            _ if !detached || !subscribed[i] => None,
             Some(s) => Some(s),
             None => open_sockets(t.netns, 1).ok().and_then(|mut v| v.pop()),
         };
@@ -174,13 +196,14 @@ pub fn delete(targets: &[Target<'_>], detached: bool, hooks: Hooks) -> Result<()
                 present: &mut present,
                 seq: &mut seq,
             };
-            if w.detached(i, send, hooks) {
+            if w.detached(i, send) {
                 continue;
             }
         }
         seq += 1;
-        let del = |reason: String| Error::Kernel {
-            what: format!("link del #{} in {}", t.ifindex, t.place),
+        let del = |reason: String| DetachError {
+            what: format!("link del #{}", t.ifindex),
+            place: t.place.clone(),
             reason,
         };
         match request(&query[i], &dellink_msg(t.ifindex, seq), seq) {
@@ -191,27 +214,6 @@ pub fn delete(targets: &[Target<'_>], detached: bool, hooks: Hooks) -> Result<()
         }
     }
     Ok(())
-}
-
-/// Debug-build test hooks for the forked child (`TWEED_CNI_TEST_PAUSE=del-child-before` or
-/// `del-child-after`): it waits for a signal before sending its request, or after its ACK.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Hooks {
-    pub pause_before_send: bool,
-    pub pause_after_ack: bool,
-}
-
-impl Hooks {
-    pub fn from_env() -> Hooks {
-        if !cfg!(debug_assertions) {
-            return Hooks::default();
-        }
-        let v = std::env::var("TWEED_CNI_TEST_PAUSE").unwrap_or_default();
-        Hooks {
-            pause_before_send: v == "del-child-before",
-            pause_after_ack: v == "del-child-after",
-        }
-    }
 }
 
 /// The child's request has this sequence number; the plugin's own queries count up from
@@ -233,9 +235,11 @@ impl Waiter<'_, '_> {
     /// `i` is unlisted, and every other target still present too, or the child exited. True
     /// when target `i` is gone; false when the caller must delete it itself (the child, if
     /// any, is then dead and reaped).
-    fn detached(&mut self, i: usize, send: OwnedFd, hooks: Hooks) -> bool {
+    fn detached(&mut self, i: usize, send: OwnedFd) -> bool {
+        // Everything the child uses is ready before the fork: it must not allocate.
         let msg = dellink_msg(self.targets[i].ifindex, CHILD_SEQ);
         let max_fd = max_fd();
+        let sock = send.as_raw_fd();
         // Single-threaded here, by construction: the tokio runtime that looked the links up
         // was current-thread and has been dropped (it never used a blocking pool, and dropping
         // it would have joined one), and the threads that opened sockets inside a namespace
@@ -245,7 +249,7 @@ impl Waiter<'_, '_> {
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             // SAFETY: in the freshly forked child, see `child`.
-            unsafe { child(send.as_raw_fd(), &msg, max_fd, hooks) }
+            unsafe { child(sock, &msg, max_fd) }
         }
         // The child has its copy of the socket; ours goes.
         drop(send);
@@ -316,13 +320,7 @@ impl Waiter<'_, '_> {
                 return false;
             }
             if start.elapsed() > UNLIST_BOUND {
-                // SAFETY: kill and reap our own child. Inside its request, the kernel
-                // finishes or abandons the request before the child dies; after waitpid,
-                // nothing of it is left in flight.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                }
+                kill_and_reap(pid);
                 return false;
             }
         }
@@ -333,6 +331,22 @@ impl Waiter<'_, '_> {
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
         }
         true
+    }
+}
+
+/// Kills and reaps our own child. Inside its request, the kernel finishes or abandons the
+/// request before the child dies; once reaped, nothing of it is left in flight.
+fn kill_and_reap(pid: libc::pid_t) {
+    // SAFETY: kill and waitpid on our own, not yet reaped child: the pid cannot have been
+    // reused. kill cannot fail here (the pid exists, zombie or not, and is ours to signal).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    loop {
+        // SAFETY: as above.
+        let r = unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        if r == pid || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // Reaped, or ECHILD: it is not ours to wait for any more, so it is gone.
+            return;
+        }
     }
 }
 
@@ -405,35 +419,42 @@ pub fn dellink_seen(buf: &[u8], ifindex: u32) -> bool {
 /// Subscribes to the link notifications of the socket's namespace (`RTMGRP_LINK`). `bind`
 /// also gives the socket a port: the kernel skips unbound sockets (port 0) when it multicasts
 /// a notification that names no port to exclude.
-fn subscribe_links(fd: &OwnedFd) {
+fn subscribe_links(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: sockaddr_nl is plain data; all-zero is valid.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
     addr.nl_groups = 1 << (libc::RTNLGRP_LINK - 1);
     // SAFETY: addr outlives the call, and its size is passed.
-    unsafe {
+    let r = unsafe {
         libc::bind(
             fd.as_raw_fd(),
             (&addr as *const libc::sockaddr_nl).cast(),
             std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
         )
     };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The forked child: keeps only the netlink socket (as fd 3), leaves the session, sends the
-/// prepared request, reads the ACK and exits: 0 on an ACK, 1 when sending failed, 2 on an
-/// error reply.
+/// prepared request, reads the ACK and exits: 0 on an ACK, 1 when setting itself up failed, 2
+/// when sending failed or the reply was no ACK. Whatever is not 0 makes the plugin delete the
+/// link itself.
 ///
 /// # Safety
 ///
 /// Only in a child just returned from `fork`. Everything here is a raw, async-signal-safe
 /// syscall or pure code on the stack.
-unsafe fn child(sock: RawFd, msg: &[u8; LINK_MSG_LEN], max_fd: i32, hooks: Hooks) -> ! {
+unsafe fn child(sock: RawFd, msg: &[u8; LINK_MSG_LEN], max_fd: i32) -> ! {
     // SAFETY: raw syscalls on descriptors of this process; the caller guarantees the context.
     unsafe {
         if sock != 3 && libc::dup2(sock, 3) != 3 {
             libc::_exit(1);
         }
+        // close's result is not waited on: Linux releases the descriptor whatever it returns
+        // (EBADF: it was not open), so no outcome leaves a pipe of the runtime held here.
         for fd in 0..3 {
             libc::close(fd);
         }
@@ -442,24 +463,21 @@ unsafe fn child(sock: RawFd, msg: &[u8; LINK_MSG_LEN], max_fd: i32, hooks: Hooks
                 libc::close(fd);
             }
         }
-        libc::setsid();
-        if hooks.pause_before_send {
-            loop {
-                libc::pause();
-            }
+        // Only a process group leader cannot leave: a forked child never is one, so a failure
+        // means something unforeseen, and the plugin does the delete instead.
+        if libc::setsid() < 0 {
+            libc::_exit(1);
         }
         let sent = libc::send(3, msg.as_ptr().cast(), msg.len(), 0);
         if sent != msg.len() as isize {
-            libc::_exit(1);
+            libc::_exit(2);
         }
         let mut buf = [0u8; 512];
         let n = libc::recv(3, buf.as_mut_ptr().cast(), buf.len(), 0);
-        if hooks.pause_after_ack {
-            loop {
-                libc::pause();
-            }
+        if n < 0 {
+            libc::_exit(2);
         }
-        let code = match parse_reply(&buf[..n.max(0) as usize], CHILD_SEQ) {
+        let code = match parse_reply(&buf[..n as usize], CHILD_SEQ) {
             Some(Reply::Errno(0)) => 0,
             _ => 2,
         };
@@ -513,7 +531,7 @@ fn route_socket() -> io::Result<OwnedFd> {
         tv_usec: 0,
     };
     // SAFETY: tv outlives the call, and its size is passed.
-    unsafe {
+    let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
@@ -522,6 +540,9 @@ fn route_socket() -> io::Result<OwnedFd> {
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(fd)
 }
 

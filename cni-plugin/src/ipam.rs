@@ -7,7 +7,7 @@
 //!
 //! The allocation logic works over [`Dir`], so it is tested on an in-memory directory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
 
-use crate::conf::Attachment;
-use crate::error::code;
+use crate::attachment::Attachment;
+use crate::code;
 
 pub const LAST_RESERVED: &str = "last_reserved_ip.0";
 pub const LOCK: &str = "lock";
@@ -159,11 +159,13 @@ impl Dir for FsDir {
 }
 
 /// An in-memory [`Dir`] for tests.
+#[cfg(test)]
 #[derive(Debug, Clone, Default)]
-pub struct MemDir {
-    pub files: BTreeMap<String, Vec<u8>>,
+pub(crate) struct MemDir {
+    pub files: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
+#[cfg(test)]
 impl Dir for MemDir {
     fn create_new(&mut self, name: &str, content: &[u8]) -> io::Result<bool> {
         if self.files.contains_key(name) {
@@ -190,38 +192,18 @@ impl Dir for MemDir {
     }
 }
 
-/// Who holds an address.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Owner {
-    pub container_id: String,
-    pub ifname: String,
+/// host-local's record of who holds an address: `<id>\r\n<ifname>`.
+pub fn record(holder: &Attachment) -> Vec<u8> {
+    format!("{}\r\n{}", holder.container_id, holder.ifname).into_bytes()
 }
 
-impl Owner {
-    pub fn new(container_id: &str, ifname: &str) -> Owner {
-        Owner {
-            container_id: container_id.into(),
-            ifname: ifname.into(),
-        }
-    }
-
-    /// host-local's record: `<id>\r\n<ifname>`.
-    pub fn record(&self) -> Vec<u8> {
-        format!("{}\r\n{}", self.container_id, self.ifname).into_bytes()
-    }
-
-    /// Reads a record; an old host-local record (the ID alone) has no interface name.
-    pub fn parse(b: &[u8]) -> Option<Owner> {
-        let text = std::str::from_utf8(b).ok()?;
-        let mut lines = text.lines().map(str::trim);
-        let id = lines.next().filter(|s| !s.is_empty())?;
-        let ifname = lines.next().unwrap_or("");
-        Some(Owner::new(id, ifname))
-    }
-
-    pub fn matches(&self, a: &Attachment) -> bool {
-        self.container_id == a.container_id && self.ifname == a.ifname
-    }
+/// Reads a record; an old host-local record (the ID alone) has no interface name.
+pub fn parse_record(b: &[u8]) -> Option<Attachment> {
+    let text = std::str::from_utf8(b).ok()?;
+    let mut lines = text.lines().map(str::trim);
+    let id = lines.next().filter(|s| !s.is_empty())?;
+    let ifname = lines.next().unwrap_or("");
+    Some(Attachment::new(id, ifname))
 }
 
 /// The addresses that may be handed out: the node subnet less its network and broadcast
@@ -310,10 +292,10 @@ fn io_err<D: Dir + ?Sized>(
 pub fn allocate<D: Dir + ?Sized>(
     dir: &mut D,
     pool: &Pool,
-    owner: &Owner,
+    owner: &Attachment,
     requested: Option<Ipv4Addr>,
 ) -> Result<Ipv4Addr, IpamError> {
-    let record = owner.record();
+    let rec = record(owner);
     if let Some(ip) = requested {
         let refuse = |reason: String| IpamError::Requested { ip, reason };
         if ip == pool.gateway {
@@ -328,13 +310,13 @@ pub fn allocate<D: Dir + ?Sized>(
         }
         let name = ip.to_string();
         if !dir
-            .create_new(&name, &record)
+            .create_new(&name, &rec)
             .map_err(io_err(dir, format!("creating {name}")))?
         {
             let holder = dir
                 .read(&name)
                 .map_err(io_err(dir, format!("reading {name}")))?
-                .and_then(|b| Owner::parse(&b));
+                .and_then(|b| parse_record(&b));
             if holder.as_ref() != Some(owner) {
                 return Err(refuse(match holder {
                     Some(h) => format!("held by container {} ({})", h.container_id, h.ifname),
@@ -352,7 +334,7 @@ pub fn allocate<D: Dir + ?Sized>(
     for ip in pool.candidates(last) {
         let name = ip.to_string();
         if dir
-            .create_new(&name, &record)
+            .create_new(&name, &rec)
             .map_err(io_err(dir, format!("creating {name}")))?
         {
             dir.write(LAST_RESERVED, name.as_bytes())
@@ -368,7 +350,7 @@ pub fn allocate<D: Dir + ?Sized>(
 }
 
 /// Every address record: (address, holder; `None` for an empty or unreadable record).
-pub fn records<D: Dir + ?Sized>(dir: &D) -> Result<Vec<(Ipv4Addr, Option<Owner>)>, IpamError> {
+pub fn records<D: Dir + ?Sized>(dir: &D) -> Result<Vec<(Ipv4Addr, Option<Attachment>)>, IpamError> {
     let mut out = Vec::new();
     for name in dir.list().map_err(io_err(dir, "listing"))? {
         let Ok(ip) = name.parse::<Ipv4Addr>() else {
@@ -377,7 +359,7 @@ pub fn records<D: Dir + ?Sized>(dir: &D) -> Result<Vec<(Ipv4Addr, Option<Owner>)
         let owner = dir
             .read(&name)
             .map_err(io_err(dir, format!("reading {name}")))?
-            .and_then(|b| Owner::parse(&b));
+            .and_then(|b| parse_record(&b));
         out.push((ip, owner));
     }
     out.sort();
@@ -385,7 +367,7 @@ pub fn records<D: Dir + ?Sized>(dir: &D) -> Result<Vec<(Ipv4Addr, Option<Owner>)
 }
 
 /// The addresses `owner` holds.
-pub fn held_by<D: Dir + ?Sized>(dir: &D, owner: &Owner) -> Result<Vec<Ipv4Addr>, IpamError> {
+pub fn held_by<D: Dir + ?Sized>(dir: &D, owner: &Attachment) -> Result<Vec<Ipv4Addr>, IpamError> {
     Ok(records(dir)?
         .into_iter()
         .filter(|(_, o)| o.as_ref() == Some(owner))
@@ -396,7 +378,7 @@ pub fn held_by<D: Dir + ?Sized>(dir: &D, owner: &Owner) -> Result<Vec<Ipv4Addr>,
 /// Releases every address `owner` holds; returns them.
 pub fn release_owner<D: Dir + ?Sized>(
     dir: &mut D,
-    owner: &Owner,
+    owner: &Attachment,
 ) -> Result<Vec<Ipv4Addr>, IpamError> {
     let ips = held_by(dir, owner)?;
     for ip in &ips {
@@ -411,13 +393,13 @@ pub fn release_owner<D: Dir + ?Sized>(
 pub fn release_ip<D: Dir + ?Sized>(
     dir: &mut D,
     ip: Ipv4Addr,
-    owner: &Owner,
+    owner: &Attachment,
 ) -> Result<bool, IpamError> {
     let name = ip.to_string();
     let holder = dir
         .read(&name)
         .map_err(io_err(dir, format!("reading {name}")))?
-        .and_then(|b| Owner::parse(&b));
+        .and_then(|b| parse_record(&b));
     if holder.as_ref() != Some(owner) {
         return Ok(false);
     }
@@ -428,15 +410,12 @@ pub fn release_ip<D: Dir + ?Sized>(
 /// Which records GC releases: those whose holder is not a valid attachment (empty records, left
 /// by a plugin killed between creating and writing one, included). Pure.
 pub fn gc_plan(
-    records: &[(Ipv4Addr, Option<Owner>)],
+    records: &[(Ipv4Addr, Option<Attachment>)],
     valid: &BTreeSet<Attachment>,
-) -> Vec<(Ipv4Addr, Option<Owner>)> {
+) -> Vec<(Ipv4Addr, Option<Attachment>)> {
     records
         .iter()
-        .filter(|(_, o)| match o {
-            Some(o) => !valid.iter().any(|a| o.matches(a)),
-            None => true,
-        })
+        .filter(|(_, o)| o.as_ref().is_none_or(|o| !valid.contains(o)))
         .cloned()
         .collect()
 }
@@ -445,7 +424,7 @@ pub fn gc_plan(
 pub fn gc<D: Dir + ?Sized>(
     dir: &mut D,
     valid: &BTreeSet<Attachment>,
-) -> Result<Vec<(Ipv4Addr, Option<Owner>)>, IpamError> {
+) -> Result<Vec<(Ipv4Addr, Option<Attachment>)>, IpamError> {
     let doomed = gc_plan(&records(dir)?, valid);
     for (ip, _) in &doomed {
         let name = ip.to_string();
@@ -477,14 +456,14 @@ mod tests {
     fn sequential_from_last_reserved_skipping_the_gateway() {
         let mut d = MemDir::default();
         let p = pool();
-        let a = allocate(&mut d, &p, &Owner::new("a", "eth0"), None).unwrap();
-        let b = allocate(&mut d, &p, &Owner::new("b", "eth0"), None).unwrap();
+        let a = allocate(&mut d, &p, &Attachment::new("a", "eth0"), None).unwrap();
+        let b = allocate(&mut d, &p, &Attachment::new("b", "eth0"), None).unwrap();
         assert_eq!((a, b), (ip("10.244.1.2"), ip("10.244.1.3")));
         assert_eq!(d.files[LAST_RESERVED], b"10.244.1.3");
         assert_eq!(d.files["10.244.1.2"], b"a\r\neth0");
         // Releasing .2 does not make it the next one: allocation goes on after the last.
-        release_owner(&mut d, &Owner::new("a", "eth0")).unwrap();
-        let c = allocate(&mut d, &p, &Owner::new("c", "eth0"), None).unwrap();
+        release_owner(&mut d, &Attachment::new("a", "eth0")).unwrap();
+        let c = allocate(&mut d, &p, &Attachment::new("c", "eth0"), None).unwrap();
         assert_eq!(c, ip("10.244.1.4"));
     }
 
@@ -501,7 +480,9 @@ mod tests {
         // .2 .. .6 are usable (.1 is the gateway, .7 broadcast).
         d.write(LAST_RESERVED, b"10.244.1.5").unwrap();
         let got: Vec<_> = (0..5)
-            .map(|i| allocate(&mut d, &p, &Owner::new(&format!("c{i}"), "eth0"), None).unwrap())
+            .map(|i| {
+                allocate(&mut d, &p, &Attachment::new(&format!("c{i}"), "eth0"), None).unwrap()
+            })
             .collect();
         assert_eq!(
             got,
@@ -515,7 +496,7 @@ mod tests {
             .map(ip)
             .to_vec()
         );
-        let e = allocate(&mut d, &p, &Owner::new("x", "eth0"), None).unwrap_err();
+        let e = allocate(&mut d, &p, &Attachment::new("x", "eth0"), None).unwrap_err();
         assert_eq!(e.code(), code::EXHAUSTED);
         assert!(e.to_string().contains("10.244.1.0/29"), "{e}");
     }
@@ -524,7 +505,7 @@ mod tests {
     fn garbage_last_reserved_starts_over() {
         let mut d = MemDir::default();
         d.write(LAST_RESERVED, b"not an ip").unwrap();
-        let a = allocate(&mut d, &pool(), &Owner::new("a", "eth0"), None).unwrap();
+        let a = allocate(&mut d, &pool(), &Attachment::new("a", "eth0"), None).unwrap();
         assert_eq!(a, ip("10.244.1.2"));
     }
 
@@ -539,14 +520,14 @@ mod tests {
         .unwrap();
         let mut d = MemDir::default();
         assert_eq!(
-            allocate(&mut d, &p, &Owner::new("a", "e"), None).unwrap(),
+            allocate(&mut d, &p, &Attachment::new("a", "e"), None).unwrap(),
             ip("10.244.1.100")
         );
         assert_eq!(
-            allocate(&mut d, &p, &Owner::new("b", "e"), None).unwrap(),
+            allocate(&mut d, &p, &Attachment::new("b", "e"), None).unwrap(),
             ip("10.244.1.101")
         );
-        assert!(allocate(&mut d, &p, &Owner::new("c", "e"), None).is_err());
+        assert!(allocate(&mut d, &p, &Attachment::new("c", "e"), None).is_err());
         assert!(Pool::new(
             "10.244.1.0/24".parse().unwrap(),
             ip("10.244.1.1"),
@@ -567,7 +548,7 @@ mod tests {
     fn requested_addresses() {
         let mut d = MemDir::default();
         let p = pool();
-        let a = Owner::new("a", "eth0");
+        let a = Attachment::new("a", "eth0");
         assert_eq!(
             allocate(&mut d, &p, &a, Some(ip("10.244.1.50"))).unwrap(),
             ip("10.244.1.50")
@@ -577,14 +558,14 @@ mod tests {
         let e = allocate(
             &mut d,
             &p,
-            &Owner::new("b", "eth0"),
+            &Attachment::new("b", "eth0"),
             Some(ip("10.244.1.50")),
         )
         .unwrap_err();
         assert_eq!(e.code(), code::ADDRESS_UNAVAILABLE);
         assert!(e.to_string().contains("held by container a"), "{e}");
         for bad in ["10.244.1.1", "10.244.2.9", "10.244.1.255"] {
-            assert!(allocate(&mut d, &p, &Owner::new("c", "eth0"), Some(ip(bad))).is_err());
+            assert!(allocate(&mut d, &p, &Attachment::new("c", "eth0"), Some(ip(bad))).is_err());
         }
     }
 
@@ -592,9 +573,9 @@ mod tests {
     fn release_only_touches_the_owner() {
         let mut d = MemDir::default();
         let p = pool();
-        let a = Owner::new("a", "eth0");
-        let a1 = Owner::new("a", "net1");
-        let b = Owner::new("b", "eth0");
+        let a = Attachment::new("a", "eth0");
+        let a1 = Attachment::new("a", "net1");
+        let b = Attachment::new("b", "eth0");
         let ia = allocate(&mut d, &p, &a, None).unwrap();
         let ia1 = allocate(&mut d, &p, &a1, None).unwrap();
         let ib = allocate(&mut d, &p, &b, None).unwrap();
@@ -611,23 +592,19 @@ mod tests {
         let mut d = MemDir::default();
         let p = pool();
         for id in ["keep", "drop"] {
-            allocate(&mut d, &p, &Owner::new(id, "eth0"), None).unwrap();
+            allocate(&mut d, &p, &Attachment::new(id, "eth0"), None).unwrap();
         }
-        allocate(&mut d, &p, &Owner::new("keep", "net1"), None).unwrap();
+        allocate(&mut d, &p, &Attachment::new("keep", "net1"), None).unwrap();
         d.write("10.244.1.77", b"").unwrap(); // a record from a plugin killed mid-write
         d.write("junk", b"x").unwrap();
-        let valid: BTreeSet<Attachment> = [Attachment {
-            container_id: "keep".into(),
-            ifname: "eth0".into(),
-        }]
-        .into();
+        let valid: BTreeSet<Attachment> = [Attachment::new("keep", "eth0")].into();
         let gone = gc(&mut d, &valid).unwrap();
         let gone_ips: Vec<_> = gone.iter().map(|(ip, _)| ip.to_string()).collect();
         assert_eq!(gone_ips, ["10.244.1.3", "10.244.1.4", "10.244.1.77"]);
         let left: Vec<_> = records(&d).unwrap();
         assert_eq!(
             left,
-            vec![(ip("10.244.1.2"), Some(Owner::new("keep", "eth0")))]
+            vec![(ip("10.244.1.2"), Some(Attachment::new("keep", "eth0")))]
         );
         assert!(d.files.contains_key("junk") && d.files.contains_key(LAST_RESERVED));
     }
@@ -635,15 +612,15 @@ mod tests {
     #[test]
     fn records_parse_host_local_formats() {
         assert_eq!(
-            Owner::parse(b"abc\r\neth0"),
-            Some(Owner::new("abc", "eth0"))
+            parse_record(b"abc\r\neth0"),
+            Some(Attachment::new("abc", "eth0"))
         );
         assert_eq!(
-            Owner::parse(b"abc\neth0\n"),
-            Some(Owner::new("abc", "eth0"))
+            parse_record(b"abc\neth0\n"),
+            Some(Attachment::new("abc", "eth0"))
         );
-        assert_eq!(Owner::parse(b"abc"), Some(Owner::new("abc", "")));
-        assert_eq!(Owner::parse(b""), None);
+        assert_eq!(parse_record(b"abc"), Some(Attachment::new("abc", "")));
+        assert_eq!(parse_record(b""), None);
     }
 
     #[test]
@@ -652,7 +629,7 @@ mod tests {
         let path = tmp.path().join("net");
         {
             let mut d = FsDir::lock(&path).unwrap();
-            let a = allocate(&mut d, &pool(), &Owner::new("a", "eth0"), None).unwrap();
+            let a = allocate(&mut d, &pool(), &Attachment::new("a", "eth0"), None).unwrap();
             assert_eq!(
                 std::fs::read_to_string(path.join(a.to_string())).unwrap(),
                 "a\r\neth0"

@@ -1,30 +1,40 @@
 //! tweed's CNI plugin: what flannel + bridge + host-local do as three binaries, in one.
 //!
 //! * [`env`], [`conf`]: the `CNI_*` variables and the configuration on stdin.
+//! * [`attachment`]: `(containerID, ifname)`, what holds an address or a device.
+//! * [`node`]: the node's subnet, gateway and MTU from subnet.env.
 //! * [`ipam`]: addresses from the node subnet, on disk under a lock (host-local's layout).
 //! * [`plan`]: names, ownership marks and the netlink ops of an attachment (pure).
-//! * [`result`]: results in every supported spec version.
-//! * [`cmd`]: the verbs, doing the work through `tweed-netlink`.
+//! * [`result`], [`version`]: results and version answers in every supported spec version.
+//! * [`cmd`]: the verbs, thin drivers over the above.
+//! * [`host`]: every side effect of a verb behind one seam (real, and fake in tests).
+//! * [`masq`]: the `ipMasq` iptables rule.
 //! * [`detach`]: DEL's link delete that returns once the devices are unlisted.
+//! * [`code`], [`error`]: CNI error codes, and the error document on stdout.
 //!
 //! [`main`] is the whole binary: it reads the environment and stdin and prints one JSON document
 //! (a result, a version answer or an error) or nothing.
 
+pub mod attachment;
 pub mod cmd;
+pub mod code;
 pub mod conf;
 pub mod detach;
 pub mod env;
 pub mod error;
+pub mod host;
 pub mod ipam;
 pub mod masq;
+pub mod node;
 pub mod plan;
 pub mod result;
-pub mod testkit;
 pub mod version;
 
+use crate::cmd::VerbError;
 use crate::conf::NetConf;
 use crate::env::{CniEnv, Command};
 use crate::error::{Error, ErrorDoc};
+use crate::host::{Host, RealHost};
 
 /// What to print on stdout and the exit code.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,8 +43,13 @@ pub struct Reply {
     pub code: i32,
 }
 
-/// One invocation: environment through `get`, configuration `stdin`.
+/// One invocation on this machine: environment through `get`, configuration `stdin`.
 pub fn main(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Reply {
+    main_with(&RealHost, get, stdin)
+}
+
+/// One invocation on `host`.
+pub fn main_with<H: Host>(host: &H, get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Reply {
     // The version errors are reported in: the configuration's, when it says one we speak.
     let raw_version = serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
@@ -63,13 +78,14 @@ pub fn main(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Reply {
         Ok(c) => c,
         Err(e) => return fail(&e.into()),
     };
-    match cmd::run(&env, &conf) {
+    match cmd::run(host, &env, &conf) {
         Ok(out) => Reply {
             stdout: out,
             code: 0,
         },
         Err(e)
-            if env.command == Command::Status && !matches!(e, Error::VerbNeedsVersion { .. }) =>
+            if env.command == Command::Status
+                && !matches!(e, Error::Verb(VerbError::NeedsVersion { .. })) =>
         {
             Reply {
                 stdout: Some(ErrorDoc::not_available(&conf.cni_version, e.to_string()).to_json()),
@@ -143,5 +159,65 @@ mod tests {
         let old = r#"{"cniVersion":"1.0.0","name":"n"}"#;
         let (_, doc) = call(&[("CNI_COMMAND", "STATUS")], old);
         assert_eq!(doc["code"], 1);
+    }
+
+    /// The whole path from environment and stdin to the reply, on a fake node.
+    fn call_on(host: &host::fake::FakeHost, vars: &[(&str, &str)], stdin: &str) -> Reply {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        main_with(host, |k| m.get(k).cloned(), stdin.as_bytes())
+    }
+
+    #[test]
+    fn a_verb_replies_with_one_document_or_nothing_and_its_code() {
+        let host = host::fake::FakeHost::new();
+        host.add_container("/run/netns/c1");
+        let vars = |verb| {
+            [
+                ("CNI_COMMAND", verb),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_NETNS", "/run/netns/c1"),
+                ("CNI_IFNAME", "eth0"),
+            ]
+        };
+        let conf = format!(
+            r#"{{"cniVersion":"0.4.0","name":"n","subnetFile":"{}"}}"#,
+            host::fake::SUBNET_FILE
+        );
+        let add = call_on(&host, &vars("ADD"), &conf);
+        assert_eq!(add.code, 0);
+        let doc: serde_json::Value = serde_json::from_str(add.stdout.as_deref().unwrap()).unwrap();
+        assert_eq!(doc["cniVersion"], "0.4.0");
+        assert_eq!(doc["ips"][0]["address"], "10.244.7.2/24");
+        // The same attachment again: the kernel refuses the second pair.
+        let again = call_on(&host, &vars("ADD"), &conf);
+        assert_eq!(again.code, 1);
+        let doc: serde_json::Value =
+            serde_json::from_str(again.stdout.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            (doc["code"].as_u64(), &doc["cniVersion"]),
+            (Some(100), &"0.4.0".into())
+        );
+        assert!(
+            doc["msg"].as_str().unwrap().contains("already exists"),
+            "{doc}"
+        );
+        assert_eq!(doc["details"], "tweed: kernel refused a network change");
+        let del = call_on(&host, &vars("DEL"), &conf);
+        assert_eq!(
+            del,
+            Reply {
+                stdout: None,
+                code: 0
+            }
+        );
+        // STATUS of a node whose agent is not up: code 50, not 11.
+        *host.subnet_env.borrow_mut() = None;
+        let status = conf.replace("0.4.0", "1.1.0");
+        let st = call_on(&host, &[("CNI_COMMAND", "STATUS")], &status);
+        let doc: serde_json::Value = serde_json::from_str(st.stdout.as_deref().unwrap()).unwrap();
+        assert_eq!((st.code, doc["code"].as_u64()), (1, Some(50)));
     }
 }

@@ -8,7 +8,7 @@ use ipnetwork::Ipv4Network;
 use sha2::{Digest, Sha256};
 use tweed_netlink::{BridgeSpec, Link, MacAddr, Op, Route, VethSpec};
 
-use crate::conf::Attachment;
+use crate::attachment::Attachment;
 
 /// Marks a device as tweed's: `tweed/<network>/<containerID>/<ifname>` in `IFLA_IFALIAS`.
 pub const ALIAS_PREFIX: &str = "tweed/";

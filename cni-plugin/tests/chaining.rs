@@ -6,9 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::testkit::Call;
 use common::{have_reference_plugins, links, node, Node, REF_DIR, TWEED};
 use serde_json::{json, Map, Value};
-use tweed_cni::testkit::Call;
 
 fn plugin_path(kind: &str) -> PathBuf {
     if kind == "tweed" {

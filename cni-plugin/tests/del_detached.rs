@@ -2,18 +2,17 @@
 //! attachment can be added again at once; the forked child that finishes the kernel's teardown
 //! holds neither stdout nor stderr; when the child fails, DEL deletes synchronously.
 //!
-//! The pause hooks (`TWEED_CNI_TEST_PAUSE=del-child-*`) exist in debug builds only, which is
-//! what `cargo test` builds.
+//! The child is held where a test needs it from outside the plugin, by tracing it (see
+//! `common/trace.rs`): the binary under test has no hooks.
 
 mod common;
 
-use std::path::Path;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{links, node, wait_ok, Node, TWEED};
+use common::testkit::{Call, NetnsGuard};
+use common::trace::{Children, Traced};
+use common::{links, node, wait_ok, Node};
 use serde_json::json;
-use tweed_cni::testkit::{Call, NetnsGuard};
 
 /// One attachment, added, whose DEL the test runs.
 struct Added {
@@ -43,9 +42,10 @@ fn added(tag: &str) -> Option<Added> {
 }
 
 impl Added {
-    /// DEL with the detached child held at the debug-build hook `point`.
-    fn del_paused_at(&self, point: &str) -> Call<'_> {
-        Call::new("DEL", &self.id, &self.path).env("TWEED_CNI_TEST_PAUSE", point)
+    /// DEL, traced, its forked children handled as `children` says.
+    fn del_traced(&self, children: Children) -> Traced {
+        let call = Call::new("DEL", &self.id, &self.path);
+        self.n.traced(&call, &self.conf, false, children)
     }
 }
 
@@ -75,13 +75,6 @@ fn plugin_processes(id: &str) -> Vec<i32> {
     pids
 }
 
-fn kill_all(id: &str) {
-    for pid in plugin_processes(id) {
-        // SAFETY: kill has no memory preconditions; these are the test's own plugin processes.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
 #[test]
 fn del_returns_with_both_ends_gone_and_the_same_attachment_adds_again_at_once() {
     let Some(n) = node("dre") else { return };
@@ -103,35 +96,22 @@ fn del_returns_with_both_ends_gone_and_the_same_attachment_adds_again_at_once() 
 #[test]
 fn the_detached_child_holds_neither_stdout_nor_stderr() {
     let Some(a) = added("dso") else { return };
-    let (n, id) = (&a.n, &a.id);
+    let n = &a.n;
 
-    // The child stays alive after its ACK, until killed.
-    let child = n.spawn(&a.del_paused_at("del-child-after"), &a.conf);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // Returns once the plugin exited and both pipes reached EOF.
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            kill_all(id);
-            panic!("DEL's stdout or stderr never reached EOF while its detached child lived");
-        }
-    };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // The child is held alive as it exits, after its ACK, until killed. `wait` returns once
+    // the plugin exited and both pipes reached EOF, and fails if they do not.
+    let mut t = a.del_traced(Children::HoldAtExit);
+    let out = t.wait(Duration::from_secs(60));
+    assert!(out.ok(), "{} {}", out.stdout, out.stderr);
     assert!(out.stdout.is_empty() && out.stderr.is_empty());
     assert_gone(n, &a.c, "DEL");
 
     // The pipes reached EOF while the child was still alive, and it holds one descriptor: the
     // netlink socket.
-    let pids = plugin_processes(id);
-    assert_eq!(pids.len(), 1, "the paused detached child: {pids:?}");
-    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", pids[0]))
+    assert_eq!(t.forks().len(), 1, "one detached child");
+    let child = t.forks()[0];
+    assert_eq!(t.held(), [child], "alive and held at its exit");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{child}/fd"))
         .unwrap()
         .flatten()
         .map(|e| {
@@ -140,9 +120,10 @@ fn the_detached_child_holds_neither_stdout_nor_stderr() {
                 .unwrap_or_default()
         })
         .collect();
-    kill_all(id);
+    t.kill(child);
     assert_eq!(fds.len(), 1, "{fds:?}");
     assert!(fds[0].starts_with("socket:"), "{fds:?}");
+    assert_eq!(plugin_processes(&a.id), Vec::<i32>::new());
 }
 
 #[test]
@@ -150,12 +131,15 @@ fn a_child_that_never_sends_makes_del_delete_synchronously() {
     let Some(a) = added("dfb") else { return };
     let n = &a.n;
 
-    let call = a.del_paused_at("del-child-before");
-    let del = n.run(Path::new(TWEED), &call, &a.conf);
+    // Held before its first instruction after fork: it never sends its request.
+    let mut t = a.del_traced(Children::HoldAtStart);
+    let del = t.wait(Duration::from_secs(60));
     assert!(del.ok(), "{} {}", del.stdout, del.stderr);
     assert!(del.stdout.trim().is_empty());
     assert_gone(n, &a.c, "DEL");
+    assert_eq!(t.forks().len(), 1, "one detached child");
     // The plugin killed and reaped its child before deleting: nothing of it is left.
+    assert!(t.held().is_empty());
     assert_eq!(plugin_processes(&a.id), Vec::<i32>::new());
 }
 
@@ -167,17 +151,21 @@ fn detached_delete_off_deletes_in_the_plugin_and_forks_nothing() {
     let id = format!("{}-sy", n.prefix);
     let add = n.tweed("ADD", &id, &c.path_str(), &conf);
     assert!(add.ok(), "{}", add.stdout);
-    // The hook keeps a detached child alive after its ACK: with detached deletes on, one would
-    // still be there when DEL returns (see the stdout test above). Off, none may exist.
+    // Traced, every fork the plugin makes is seen; off, there must be none.
     let path = c.path_str();
-    let call = Call::new("DEL", &id, &path).env("TWEED_CNI_TEST_PAUSE", "del-child-after");
-    let del = n.run(Path::new(TWEED), &call, &conf);
-    let left = plugin_processes(&id);
-    kill_all(&id);
+    let mut t = n.traced(&Call::new("DEL", &id, &path), &conf, false, Children::Run);
+    let del = t.wait(Duration::from_secs(60));
     assert!(del.ok(), "{} {}", del.stdout, del.stderr);
     assert!(del.stdout.trim().is_empty());
     assert_gone(&n, &c, "DEL");
-    assert_eq!(left, Vec::<i32>::new(), "a child was forked");
+    assert_eq!(t.forks(), &[] as &[i32], "a child was forked");
+    // With it on (the default), the same DEL forks its one child.
+    let on = n.conf("1.0.0", json!({}));
+    assert!(n.tweed("ADD", &id, &path, &on).ok());
+    let mut t = n.traced(&Call::new("DEL", &id, &path), &on, false, Children::Run);
+    assert!(t.wait(Duration::from_secs(60)).ok());
+    assert_eq!(t.forks().len(), 1);
+    assert_gone(&n, &c, "DEL");
 }
 
 #[test]

@@ -2,19 +2,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::testkit::{Call, NetnsGuard};
+use common::trace::{Children, Stop};
 use common::{links, node, wait_ok};
 use serde_json::json;
-use tweed_cni::testkit::{Call, NetnsGuard};
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn two_hundred_parallel_adds_get_distinct_addresses() {
@@ -66,27 +59,38 @@ fn hundred_add_del_cycles_leave_nothing() {
 fn plugin_killed_mid_add_leaks_nothing_after_gc() {
     let Some(n) = node("kil") else { return };
     let conf = n.conf("1.1.0", json!({}));
-    // Killed while holding the IPAM lock: the kernel drops the lock, the next ADD goes on.
+    // Killed while holding the IPAM lock, its address record just made: the kernel drops the
+    // lock, the next ADD goes on. The plugin is held at the first syscall it enters once the
+    // record exists (it holds the lock until the record is complete and last_reserved_ip.0
+    // written).
     let c0 = n.container(0);
     let p0 = c0.path_str();
-    let call = Call::new("ADD", "k0", &p0).env("TWEED_CNI_TEST_PAUSE", "ipam-locked");
-    let mut child = n.spawn(&call, &conf);
-    wait_for("the address record", Duration::from_secs(10), || {
-        n.records("tnet").len() == 1
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut t = n.traced(&Call::new("ADD", "k0", &p0), &conf, true, Children::Run);
+    let at = t.run_until(
+        |s| matches!(s, Stop::Syscall(_)) && n.records("tnet").len() == 1,
+        Duration::from_secs(30),
+    );
+    assert!(matches!(at, Stop::Syscall(_)), "{at:?}");
+    t.kill(t.pid);
+    assert!(n.tw_links().is_empty(), "killed before any device existed");
 
-    // Killed after the veth pair exists, before the container side is configured.
+    // Killed after the veth pair exists, before the container side is configured: held as it
+    // starts its first thread, the one that enters the container's namespace (the host side is
+    // all one netlink batch before that).
     let c1 = n.container(1);
     let p1 = c1.path_str();
-    let call = Call::new("ADD", "k1", &p1).env("TWEED_CNI_TEST_PAUSE", "after-host");
-    let mut child = n.spawn(&call, &conf);
-    wait_for("the veth pair", Duration::from_secs(10), || {
-        n.tw_links().len() == 1
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut t = n.traced(&Call::new("ADD", "k1", &p1), &conf, true, Children::Run);
+    t.run_until(
+        |s| matches!(s, Stop::Syscall(nr) if nr == libc::SYS_clone3 || nr == libc::SYS_clone),
+        Duration::from_secs(30),
+    );
+    assert_eq!(n.tw_links().len(), 1, "the pair exists: {:?}", n.tw_links());
+    let addrs = c1.ip(&["-o", "-4", "addr", "show"]).unwrap();
+    assert!(
+        !addrs.contains("10.244."),
+        "the container side is not done yet: {addrs}"
+    );
+    t.kill(t.pid);
     assert_eq!(n.records("tnet").len(), 2);
 
     // A live container, which GC must keep.

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::testkit;
 use common::TWEED;
 use serde_json::json;
-use tweed_cni::testkit;
 use tweed_lab::{LabGuard, LabSpec};
 
 const NEEDED: &[(&str, &str)] = &[

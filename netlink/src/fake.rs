@@ -1,14 +1,16 @@
 //! An in-memory kernel for tests that must run without root: it keeps links, addresses,
 //! neighbours, FDB entries and routes, answers the same queries as the real socket, records every
-//! op it is asked to apply and can be told to fail chosen ops.
+//! op it is asked to apply and can be told to fail chosen ops. One `Fake` is one network
+//! namespace; [`Fake::add_netns`] lets a veth's peer land in another one, as a CNI plugin creates
+//! a container's end.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::error::NetlinkError;
 use super::model::Tables;
 use super::op::Op;
-use super::types::{Addr, FdbEntry, Link, MacAddr, Neighbour, Route};
+use super::types::{Addr, FdbEntry, Link, MacAddr, Neighbour, Route, VethSpec};
 
 type FailRule = Box<dyn Fn(&Op) -> Option<i32> + Send>;
 
@@ -20,6 +22,10 @@ struct State {
     next_index: u32,
     log: Vec<Op>,
     fail: Vec<FailRule>,
+    /// Other fake namespaces, by the fd number a `VethSpec::peer_netns` names them with.
+    netns: BTreeMap<i32, Fake>,
+    /// Veth ends whose peer is in another fake namespace: deleting either end deletes both.
+    peers: BTreeMap<u32, (Weak<Mutex<State>>, u32)>,
 }
 
 /// Cheap to clone; clones share one kernel, so a test keeps a clone to inspect what the code under
@@ -104,6 +110,14 @@ impl Fake {
             .push(e);
     }
 
+    /// Makes `other` the namespace that the fd number `fd` stands for in a
+    /// `VethSpec::peer_netns`: the peer is created there, and deleting either end of the pair
+    /// (here or there) deletes both, as the kernel does. A peer sent to an fd that was never
+    /// added stays out of sight.
+    pub fn add_netns(&self, fd: i32, other: &Fake) {
+        self.lock().netns.insert(fd, other.clone());
+    }
+
     /// Makes every later op for which `rule` returns `Some(errno)` fail with that errno.
     pub fn fail_when(&self, rule: impl Fn(&Op) -> Option<i32> + Send + 'static) {
         self.lock().fail.push(Box::new(rule));
@@ -161,7 +175,44 @@ impl Fake {
         let injected = s.fail.iter().find_map(|rule| rule(op));
         let res = match injected {
             Some(errno) => Err(errno),
-            None => s.apply(op),
+            None => match op {
+                Op::LinkAddVeth(spec)
+                    if spec.peer_netns.is_some_and(|fd| s.netns.contains_key(&fd)) =>
+                {
+                    let other = s.netns[&spec.peer_netns.expect("checked")].clone();
+                    drop(s);
+                    if Arc::ptr_eq(&self.state, &other.state) {
+                        // Its own namespace: as without a peer namespace.
+                        let local = VethSpec {
+                            peer_netns: None,
+                            ..spec.clone()
+                        };
+                        self.lock().apply(&Op::LinkAddVeth(local))
+                    } else {
+                        self.add_veth_across(spec, &other)
+                    }
+                }
+                _ => {
+                    let before: Vec<u32> = s.peers.keys().copied().collect();
+                    let res = s.apply(op);
+                    // The ends this op deleted take their peers along, one lock at a time.
+                    let gone: Vec<u32> = before
+                        .into_iter()
+                        .filter(|i| !s.links.contains_key(i))
+                        .collect();
+                    let gone: Vec<(Weak<Mutex<State>>, u32)> =
+                        gone.iter().filter_map(|i| s.peers.remove(i)).collect();
+                    drop(s);
+                    for (other, index) in gone {
+                        if let Some(other) = other.upgrade() {
+                            let mut o = other.lock().unwrap_or_else(|e| e.into_inner());
+                            o.peers.remove(&index);
+                            o.remove_link(index);
+                        }
+                    }
+                    res
+                }
+            },
         };
         match res {
             Ok(()) => Ok(()),
@@ -169,6 +220,37 @@ impl Fake {
             Err(errno) => Err(NetlinkError::op(op, errno)),
         }
     }
+}
+
+impl Fake {
+    /// A veth pair whose peer goes into `other` (another namespace): both names are checked
+    /// before either end exists.
+    fn add_veth_across(&self, spec: &VethSpec, other: &Fake) -> Result<(), i32> {
+        let mut s = self.lock();
+        let mut o = other.lock();
+        if s.link_named(&spec.name).is_ok() || o.link_named(&spec.peer).is_ok() {
+            return Err(libc::EEXIST);
+        }
+        check_macs(spec)?;
+        let mtu = spec.mtu.unwrap_or(1500);
+        let index = s.new_link(&spec.name, "veth", mtu, spec.mac, None);
+        let peer = o.new_link(&spec.peer, "veth", mtu, spec.peer_mac, None);
+        s.peers.insert(index, (Arc::downgrade(&other.state), peer));
+        o.peers.insert(peer, (Arc::downgrade(&self.state), index));
+        Ok(())
+    }
+}
+
+/// The kernel refuses a multicast or all-zero device address.
+fn check_macs(spec: &VethSpec) -> Result<(), i32> {
+    if [spec.mac, spec.peer_mac]
+        .iter()
+        .flatten()
+        .any(|m| !m.is_valid_unicast())
+    {
+        return Err(libc::EADDRNOTAVAIL);
+    }
+    Ok(())
 }
 
 impl State {
@@ -288,6 +370,7 @@ impl State {
                 {
                     return Err(libc::EEXIST);
                 }
+                check_macs(spec)?;
                 let mtu = spec.mtu.unwrap_or(1500);
                 self.new_link(&spec.name, "veth", mtu, spec.mac, None);
                 // A peer in another namespace is out of this fake kernel's sight.
@@ -466,5 +549,41 @@ mod tests {
         })
         .unwrap();
         assert!(f.link_by_name("net1").is_none() && f.link_by_name("tw0").is_none());
+    }
+
+    #[test]
+    fn a_veth_peer_lands_in_another_namespace_and_goes_with_its_pair() {
+        let host = Fake::new();
+        let ctr = Fake::new();
+        host.add_netns(7, &ctr);
+        let across = |name: &str, peer: &str, peer_mac: Option<MacAddr>| {
+            Op::LinkAddVeth(VethSpec {
+                name: name.into(),
+                peer: peer.into(),
+                peer_netns: Some(7),
+                mtu: Some(1450),
+                mac: None,
+                peer_mac,
+            })
+        };
+        host.apply(&across("tw0", "eth0", None)).unwrap();
+        assert!(host.link_by_name("eth0").is_none());
+        assert_eq!(ctr.link_by_name("eth0").unwrap().mtu, 1450);
+        // The peer's name is taken in the other namespace only; a multicast MAC is refused.
+        let dup = across("tw1", "eth0", None);
+        assert_eq!(host.apply(&dup).unwrap_err().errno(), Some(libc::EEXIST));
+        let mcast = across("tw2", "eth1", Some(MacAddr([1, 0, 0x5e, 0, 0, 1])));
+        assert_eq!(
+            host.apply(&mcast).unwrap_err().errno(),
+            Some(libc::EADDRNOTAVAIL)
+        );
+        assert!(host.link_by_name("tw2").is_none() && ctr.link_by_name("eth1").is_none());
+        // Deleting the container's end deletes the host's, and the other way round.
+        let e = ctr.link_by_name("eth0").unwrap().index;
+        ctr.apply(&Op::LinkDelIndex { ifindex: e }).unwrap();
+        assert!(host.link_by_name("tw0").is_none());
+        host.apply(&across("tw0", "eth0", None)).unwrap();
+        host.apply(&Op::LinkDel { name: "tw0".into() }).unwrap();
+        assert!(ctr.link_by_name("eth0").is_none());
     }
 }

@@ -4,11 +4,14 @@
 
 #![allow(dead_code)]
 
+pub mod testkit;
+pub mod trace;
+
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
 use serde_json::{json, Value};
-use tweed_cni::testkit::{self, Call, NetnsGuard, PluginRun};
+use testkit::{Call, NetnsGuard, PluginRun};
 
 pub const TWEED: &str = env!("CARGO_BIN_EXE_tweed");
 pub const REF_DIR: &str = "/usr/lib/cni";
@@ -98,6 +101,25 @@ impl Node {
 
     pub fn tweed(&self, command: &str, id: &str, netns: &str, conf: &str) -> PluginRun {
         self.run(Path::new(TWEED), &Call::new(command, id, netns), conf)
+    }
+
+    /// Starts tweed traced (see [`trace`]): the test holds it, or the child it forks, where it
+    /// wants, and kills it or lets it finish.
+    pub fn traced(
+        &self,
+        call: &Call<'_>,
+        conf: &str,
+        syscalls: bool,
+        children: trace::Children,
+    ) -> trace::Traced {
+        trace::Traced::spawn(
+            self.host.netns(),
+            Path::new(TWEED),
+            call,
+            conf.as_bytes(),
+            syscalls,
+            children,
+        )
     }
 
     /// Starts tweed without waiting for it: the test kills it, or overlaps it with others.

@@ -1,6 +1,7 @@
-//! Helpers for the root integration tests and the benchmark: named network namespaces that are
-//! deleted on drop (also when a test panics), and running a CNI plugin the way a runtime does,
-//! with the plugin process (never this one) inside a chosen "host" namespace.
+//! Helpers for the root integration tests and the benchmark (`examples/cni_bench.rs` includes
+//! this file): named network namespaces that are deleted on drop (also when a test panics), and
+//! running a CNI plugin the way a runtime does, with the plugin process (never this one) inside
+//! a chosen "host" namespace. Test code only: nothing here is in the plugin.
 //!
 //! Nothing here touches the root namespace: plugins run inside namespaces this module made.
 
@@ -149,7 +150,8 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// Adds `key=value` to the plugin's environment (the debug-build test hooks are read there).
+    /// Adds `key=value` to the plugin's environment (set after the others, so it may replace
+    /// `PATH`).
     pub fn env(mut self, key: &str, value: &str) -> Call<'a> {
         self.extra_env.push((key.into(), value.into()));
         self
@@ -163,6 +165,16 @@ pub fn spawn(
     call: &Call<'_>,
     stdin: &[u8],
 ) -> io::Result<std::process::Child> {
+    let mut child = command(host, plugin, call).spawn()?;
+    if let Some(mut s) = child.stdin.take() {
+        s.write_all(stdin)?;
+    }
+    Ok(child)
+}
+
+/// The command that runs `plugin` inside `host` as a runtime would, its stdin, stdout and
+/// stderr piped. `host` must stay open until it is spawned.
+pub fn command(host: &Netns, plugin: &Path, call: &Call<'_>) -> Command {
     let mut cmd = Command::new(plugin);
     cmd.env_clear()
         .env(
@@ -181,7 +193,7 @@ pub fn spawn(
         .stderr(Stdio::piped());
     let fd = host.raw_fd();
     // SAFETY: only setns, an async-signal-safe syscall, runs between fork and exec, and `fd`
-    // stays open until after `spawn` returns.
+    // stays open until the command is spawned (the caller's promise).
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
@@ -190,11 +202,7 @@ pub fn spawn(
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
-    if let Some(mut s) = child.stdin.take() {
-        s.write_all(stdin)?;
-    }
-    Ok(child)
+    cmd
 }
 
 /// Runs a plugin to completion; see [`spawn`].

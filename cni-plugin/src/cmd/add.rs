@@ -1,0 +1,528 @@
+//! ADD: an address from the pool, the bridge, a veth pair into the container with its address
+//! and routes, then the result. A failure after the address was taken undoes what exists.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde_json::{Map, Value};
+use tweed_netlink::{Link, MacAddr, Op};
+
+use super::node;
+use crate::attachment::Attachment;
+use crate::conf::{ConfError, NetConf};
+use crate::env::CniEnv;
+use crate::error::Error;
+use crate::host::{container_place, Host, HostError, Kernel, HOST_PLACE};
+use crate::ipam;
+use crate::node::Node;
+use crate::plan::{self, Attach, BridgeWant};
+use crate::result::{CniResult, Interface, IpConfig, RouteOut};
+
+/// What ADD is asked for beyond the attachment itself, checked before anything happens.
+#[derive(Debug, Clone, PartialEq)]
+struct Request {
+    /// runtimeConfig `ips`, else `CNI_ARGS` `IP=`.
+    ip: Option<Ipv4Addr>,
+    /// runtimeConfig `mac`.
+    mac: Option<MacAddr>,
+    prev: Option<CniResult>,
+}
+
+impl Request {
+    fn parse(env: &CniEnv, conf: &NetConf) -> Result<Request, Error> {
+        let mac = match &conf.runtime_config.mac {
+            Some(m) => Some(m.parse::<MacAddr>().map_err(|e| ConfError::Invalid {
+                key: "runtimeConfig",
+                reason: format!("mac: {e}"),
+            })?),
+            None => None,
+        };
+        let prev = match &conf.prev_result {
+            Some(v) => Some(CniResult::from_value(v)?),
+            None => None,
+        };
+        Ok(Request {
+            ip: requested_ip(env, conf)?,
+            mac,
+            prev,
+        })
+    }
+}
+
+/// The address the runtime asks for: runtimeConfig `ips` (the `ips` capability) first, then
+/// `CNI_ARGS` `IP=`. IPv6 entries are ignored: the node subnet is IPv4.
+fn requested_ip(env: &CniEnv, conf: &NetConf) -> Result<Option<Ipv4Addr>, ConfError> {
+    for s in &conf.runtime_config.ips {
+        let ip = s
+            .parse::<IpNetwork>()
+            .map(|n| n.ip())
+            .or_else(|_| s.parse::<IpAddr>())
+            .map_err(|_| ConfError::Invalid {
+                key: "runtimeConfig",
+                reason: format!("ips: {s:?} is not an IP address"),
+            })?;
+        if let IpAddr::V4(v4) = ip {
+            return Ok(Some(v4));
+        }
+    }
+    Ok(env.args.ip)
+}
+
+/// The attachment to make, once its address is known.
+fn attach(
+    env: &CniEnv,
+    conf: &NetConf,
+    node: &Node,
+    req: &Request,
+    ip: Ipv4Addr,
+    host_mac: MacAddr,
+) -> Attach {
+    Attach {
+        network: conf.name.clone(),
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+        host_veth: plan::host_veth_name(&env.container_id, &env.ifname),
+        host_mac,
+        container_mac: req.mac.unwrap_or_else(|| plan::mac_for_ip(ip)),
+        mtu: node.mtu,
+        hairpin: conf.hairpin_mode,
+        addr: Ipv4Network::new(ip, node.gateway.prefix()).expect("prefix from subnet.env"),
+        gateway: node.gateway.ip(),
+        network_cidr: node.network,
+        default_route: conf.default_route,
+    }
+}
+
+pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Error> {
+    let node = node(host, conf)?;
+    let pool = node.pool(conf)?;
+    let req = Request::parse(env, conf)?;
+    let cns = host.open_netns(&env.netns).map_err(HostError::from)?;
+    if host.is_own_netns(&cns).map_err(HostError::from)? {
+        return Err(HostError::Netns {
+            path: env.netns.clone().into(),
+            reason: "it is the namespace the plugin runs in (the host's), not a container's".into(),
+        }
+        .into());
+    }
+
+    let owner = Attachment::new(&env.container_id, &env.ifname);
+    let ip = {
+        let mut store = host.lock_store(&conf.store_dir())?;
+        ipam::allocate(&mut store, &pool, &owner, req.ip)?
+    };
+    let a = attach(env, conf, &node, &req, ip, MacAddr::random_local());
+    let bridge = node.bridge(conf);
+
+    let mut veth_made = false;
+    let wired = (|| -> Result<(), Error> {
+        host.block_on(wire(host, &a, &bridge, &cns, &env.netns, &mut veth_made))??;
+        if conf.ip_masq {
+            host.masq_add(ip, node.network, &a.alias())?;
+        }
+        host.enable_forwarding();
+        Ok(())
+    })();
+    if let Err(e) = wired {
+        undo(host, conf, &node, &a, veth_made, &owner);
+        return Err(e);
+    }
+    Ok(result(&a, &bridge, &env.netns, conf, req.prev)
+        .to_value(&conf.cni_version)
+        .to_string())
+}
+
+/// Host side then container side. `veth_made` tells the undo whether the pair exists.
+async fn wire<H: Host>(
+    host: &H,
+    a: &Attach,
+    bridge: &BridgeWant,
+    cns: &H::Netns,
+    netns_path: &str,
+    veth_made: &mut bool,
+) -> Result<(), HostError> {
+    let hk = Kernel::open(host, None, HOST_PLACE)?;
+    let br = ensure_bridge(&hk, bridge).await?;
+    let mut ops = plan::bridge_fix_ops(&br, bridge);
+    let veth_at = ops.len();
+    ops.extend(a.host_ops(br.index, host.netns_fd(cns)));
+    let (done, res) = hk.apply(&ops).await;
+    *veth_made = done[veth_at];
+    res?;
+
+    let ck = Kernel::open(host, Some(cns), &container_place(netns_path))?;
+    let link = ck.link(&a.ifname).await?.ok_or_else(|| HostError::Kernel {
+        what: format!("looking up {} in {}", a.ifname, ck.place),
+        reason: "the veth's container end is not there".into(),
+    })?;
+    ck.apply(&a.container_ops(link.index)).await.1
+}
+
+/// The bridge as it is, created first if missing. Concurrent ADDs may race to create it; the
+/// losers see EEXIST on a bridge, which the netlink layer counts as success.
+async fn ensure_bridge(hk: &Kernel, want: &BridgeWant) -> Result<Link, HostError> {
+    let link = match hk.link(&want.name).await? {
+        Some(l) => l,
+        None => {
+            hk.apply(&[want.create_op()]).await.1?;
+            hk.link(&want.name)
+                .await?
+                .ok_or_else(|| HostError::Kernel {
+                    what: format!("bridge {} in {}", want.name, hk.place),
+                    reason: "created, then gone".into(),
+                })?
+        }
+    };
+    match plan::bridge_conflict(&link) {
+        Some(reason) => Err(HostError::Kernel {
+            what: format!("bridge {} in {}", want.name, hk.place),
+            reason,
+        }),
+        None => Ok(link),
+    }
+}
+
+/// Undoes a failed ADD: the veth pair (both ends go with the host end), the masquerade rule,
+/// the address record. Best effort: the original error is what the caller reports.
+fn undo<H: Host>(
+    host: &H,
+    conf: &NetConf,
+    node: &Node,
+    a: &Attach,
+    veth_made: bool,
+    owner: &Attachment,
+) {
+    if veth_made {
+        let _ = host.block_on(async {
+            let del = Op::LinkDel {
+                name: a.host_veth.clone(),
+            };
+            Kernel::open(host, None, HOST_PLACE)?.apply(&[del]).await.1
+        });
+    }
+    let ip = a.addr.ip();
+    if conf.ip_masq {
+        let _ = host.masq_del(ip, node.network, &a.alias());
+    }
+    if let Ok(mut store) = host.lock_store(&conf.store_dir()) {
+        let _ = ipam::release_ip(&mut store, ip, owner);
+    }
+}
+
+/// What ADD prints: the bridge, the host end and the container end, the address on the
+/// container end, the routes; appended to `prev` when tweed is chained after other plugins.
+fn result(
+    a: &Attach,
+    bridge: &BridgeWant,
+    netns: &str,
+    conf: &NetConf,
+    prev: Option<CniResult>,
+) -> CniResult {
+    let iface = |name: &str, mac: MacAddr, mtu: Option<u32>, sandbox: Option<&str>| Interface {
+        name: name.into(),
+        mac: Some(mac.to_string()),
+        mtu,
+        sandbox: sandbox.map(str::to_string),
+        extra: Map::new(),
+    };
+    let mut ours = CniResult {
+        interfaces: vec![
+            iface(&bridge.name, bridge.mac, None, None),
+            iface(&a.host_veth, a.host_mac, None, None),
+            iface(&a.ifname, a.container_mac, Some(a.mtu), Some(netns)),
+        ],
+        ips: vec![IpConfig {
+            address: IpNetwork::V4(a.addr),
+            gateway: Some(IpAddr::V4(a.gateway)),
+            interface: Some(2),
+            extra: Map::new(),
+        }],
+        routes: a
+            .route_dsts()
+            .into_iter()
+            .map(|dst| RouteOut {
+                dst: IpNetwork::V4(dst),
+                gw: Some(IpAddr::V4(a.gateway)),
+                extra: Map::new(),
+            })
+            .collect(),
+        dns: conf.dns.clone(),
+    };
+    match prev {
+        Some(mut p) => {
+            p.append(ours);
+            p
+        }
+        None => {
+            ours.dns = ours.dns.or_else(|| Some(Value::Object(Map::new())));
+            ours
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::cmd::run;
+    use crate::cmd::tests::{add, conf, env};
+    use crate::host::fake::{addrs, link, names, routes, FakeHost};
+
+    const C1: &str = "/run/netns/c1";
+
+    #[test]
+    fn add_wires_the_host_and_the_container_and_prints_what_it_made() {
+        let host = FakeHost::new();
+        let ctr = host.add_container(C1);
+        let c = conf(
+            "1.0.0",
+            json!({"hairpinMode": true, "dns": {"nameservers": ["10.96.0.10"]}}),
+        );
+        let r = add(&host, "c1", C1, &c);
+
+        let br = link(&host.kernel, "cni0");
+        assert_eq!(br.kind.as_deref(), Some("bridge"));
+        assert_eq!(br.mac.unwrap().to_string(), "0a:58:0a:f4:07:01");
+        assert!(br.up && br.mtu == 1450);
+        assert_eq!(addrs(&host.kernel, &br), ["10.244.7.1/24"]);
+        let hv = plan::host_veth_name("c1", "eth0");
+        let port = link(&host.kernel, &hv);
+        assert_eq!(port.master, Some(br.index));
+        assert_eq!(port.alias.as_deref(), Some("tweed/tnet/c1/eth0"));
+        assert!(port.up && port.mtu == 1450);
+        assert!(host.kernel.ops().contains(&Op::LinkSetHairpin {
+            name: hv.clone(),
+            on: true
+        }));
+
+        let eth0 = link(&ctr, "eth0");
+        assert_eq!(eth0.alias.as_deref(), Some("tweed/tnet/c1/eth0"));
+        assert!(eth0.up && eth0.mtu == 1450);
+        assert_eq!(eth0.mac.unwrap().to_string(), "0a:58:0a:f4:07:02");
+        assert_eq!(addrs(&ctr, &eth0), ["10.244.7.2/24"]);
+        assert_eq!(
+            routes(&ctr, &eth0),
+            ["0.0.0.0/0 via 10.244.7.1", "10.244.0.0/16 via 10.244.7.1"]
+        );
+        assert_eq!(host.records()["10.244.7.2"], "c1\r\neth0");
+        assert!(host.forwarding.get());
+        assert!(host.masq.borrow().is_empty(), "ipMasq is off by default");
+
+        assert_eq!(r["cniVersion"], "1.0.0");
+        assert_eq!(r["interfaces"][0]["name"], "cni0");
+        assert_eq!(r["interfaces"][0]["mac"], "0a:58:0a:f4:07:01");
+        assert_eq!(r["interfaces"][1]["name"], hv.as_str());
+        assert_eq!(r["interfaces"][1]["mac"], port.mac.unwrap().to_string());
+        assert_eq!(r["interfaces"][2]["name"], "eth0");
+        assert_eq!(r["interfaces"][2]["sandbox"], C1);
+        assert_eq!(r["ips"][0]["address"], "10.244.7.2/24");
+        assert_eq!(r["ips"][0]["gateway"], "10.244.7.1");
+        assert_eq!(r["ips"][0]["interface"], 2);
+        assert_eq!(r["routes"][0]["dst"], "10.244.0.0/16");
+        assert_eq!(r["routes"][1]["dst"], "0.0.0.0/0");
+        assert_eq!(r["dns"]["nameservers"][0], "10.96.0.10");
+    }
+
+    #[test]
+    fn a_failure_after_the_veth_exists_deletes_it_and_releases_the_address() {
+        let host = FakeHost::new();
+        let ctr = host.add_container(C1);
+        ctr.fail_when(|op| matches!(op, Op::AddrAdd { .. }).then_some(libc::EPERM));
+        let e = run(&host, &env("ADD", "c1", C1), &conf("1.0.0", json!({}))).unwrap_err();
+        assert_eq!(e.code(), 100, "{e}");
+        assert!(
+            e.to_string().contains("in container netns /run/netns/c1"),
+            "{e}"
+        );
+        let hv = plan::host_veth_name("c1", "eth0");
+        assert!(
+            host.kernel.ops().contains(&Op::LinkDel { name: hv }),
+            "the undo deletes the pair by its host end"
+        );
+        assert_eq!(names(&host.kernel), ["lo", "cni0"]);
+        assert_eq!(names(&ctr), ["lo"], "the container end went with the pair");
+        assert!(host.records().is_empty(), "{:?}", host.records());
+    }
+
+    #[test]
+    fn a_failure_after_wiring_undoes_the_wiring_and_the_rule() {
+        let host = FakeHost::new();
+        let ctr = host.add_container(C1);
+        host.masq_fails.set(true);
+        let c = conf("1.0.0", json!({"ipMasq": true}));
+        let e = run(&host, &env("ADD", "c1", C1), &c).unwrap_err();
+        assert_eq!(e.code(), 5, "{e}");
+        assert!(e.to_string().contains("iptables"), "{e}");
+        assert_eq!(names(&host.kernel), ["lo", "cni0"]);
+        assert_eq!(names(&ctr), ["lo"]);
+        assert!(host.records().is_empty());
+        // With iptables back, the same ADD goes through and adds its one rule (for the next
+        // address: allocation goes on after the last one handed out).
+        host.masq_fails.set(false);
+        add(&host, "c1", C1, &c);
+        assert_eq!(
+            host.masq.borrow().iter().collect::<Vec<_>>(),
+            ["10.244.7.3 10.244.0.0/16 tweed/tnet/c1/eth0"]
+        );
+    }
+
+    #[test]
+    fn a_veth_that_could_not_be_made_is_not_deleted() {
+        let host = FakeHost::new();
+        let ctr = host.add_container(C1);
+        // Someone else's eth0 is in the container already.
+        ctr.add_link("eth0", 1500, None);
+        let e = run(&host, &env("ADD", "c1", C1), &conf("1.0.0", json!({}))).unwrap_err();
+        assert_eq!(e.code(), 100);
+        assert!(e.to_string().contains("eth0 already exists"), "{e}");
+        assert!(!host
+            .kernel
+            .ops()
+            .iter()
+            .any(|op| matches!(op, Op::LinkDel { .. })));
+        assert_eq!(names(&ctr), ["lo", "eth0"]);
+        assert!(host.records().is_empty());
+        // A multicast MAC is refused by the kernel the same way: nothing made, address back.
+        let c2 = "/run/netns/c2";
+        host.add_container(c2);
+        let mac = conf(
+            "1.0.0",
+            json!({"runtimeConfig": {"mac": "01:00:5e:00:00:01"}}),
+        );
+        assert_eq!(
+            run(&host, &env("ADD", "c2", c2), &mac).unwrap_err().code(),
+            100
+        );
+        assert!(host.records().is_empty());
+    }
+
+    #[test]
+    fn rejections_take_no_address() {
+        let host = FakeHost::new();
+        host.add_container(C1);
+        let c = conf("1.0.0", json!({}));
+        let code = |id: &str, netns: &str, c: &NetConf| {
+            let e = run(&host, &env("ADD", id, netns), c).unwrap_err();
+            (e.code(), e.to_string())
+        };
+        let (n, msg) = code("c1", "/run/netns/gone", &c);
+        assert_eq!(n, 3);
+        assert!(msg.contains("/run/netns/gone"), "{msg}");
+        let (n, msg) = code("c1", "/proc/self/ns/net", &c);
+        assert_eq!(n, 3);
+        assert!(msg.contains("not a container's"), "{msg}");
+        let bad_ip = conf("1.0.0", json!({"runtimeConfig": {"ips": ["nope"]}}));
+        assert_eq!(code("c1", C1, &bad_ip).0, 7);
+        let bad_mac = conf("1.0.0", json!({"runtimeConfig": {"mac": "zz"}}));
+        assert_eq!(code("c1", C1, &bad_mac).0, 7);
+        let bad_prev = conf("1.0.0", json!({"prevResult": {"ips": [{"address": "x"}]}}));
+        assert_eq!(code("c1", C1, &bad_prev).0, 6);
+        assert!(host.records().is_empty());
+        assert!(host.kernel.ops().is_empty(), "nothing was touched");
+        *host.subnet_env.borrow_mut() = None;
+        assert_eq!(code("c1", C1, &c).0, 11);
+    }
+
+    #[test]
+    fn an_exhausted_pool_fails_with_101_and_makes_nothing() {
+        let host = FakeHost::new();
+        host.add_container(C1);
+        let c2 = host.add_container("/run/netns/c2");
+        let one = conf(
+            "1.0.0",
+            json!({"rangeStart": "10.244.7.9", "rangeEnd": "10.244.7.9"}),
+        );
+        assert_eq!(
+            add(&host, "c1", C1, &one)["ips"][0]["address"],
+            "10.244.7.9/24"
+        );
+        let e = run(&host, &env("ADD", "c2", "/run/netns/c2"), &one).unwrap_err();
+        assert_eq!(e.code(), 101);
+        assert!(e.to_string().contains("no free address"), "{e}");
+        assert_eq!(names(&c2), ["lo"]);
+        assert_eq!(host.records().keys().collect::<Vec<_>>(), ["10.244.7.9"]);
+    }
+
+    #[test]
+    fn requested_address_mac_and_a_chained_prev_result() {
+        let host = FakeHost::new();
+        let ctr = host.add_container(C1);
+        let c = conf(
+            "1.0.0",
+            json!({"runtimeConfig": {"ips": ["fd00::5/64", "10.244.7.50/24"],
+                                     "mac": "0a:58:00:00:00:99"}}),
+        );
+        let r = add(&host, "r1", C1, &c);
+        assert_eq!(r["ips"][0]["address"], "10.244.7.50/24");
+        assert_eq!(
+            link(&ctr, "eth0").mac.unwrap().to_string(),
+            "0a:58:00:00:00:99"
+        );
+        // CNI_ARGS IP=, and the result of a plugin before tweed in the chain.
+        let c2 = "/run/netns/c2";
+        host.add_container(c2);
+        let prev = json!({"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "sandbox": c2}],
+                          "ips": [{"address": "127.0.0.1/8", "interface": 0}],
+                          "dns": {"nameservers": ["1.1.1.1"]}});
+        let mut e = env("ADD", "r2", c2);
+        e.args.ip = Some("10.244.7.60".parse().unwrap());
+        let out = run(&host, &e, &conf("1.0.0", json!({"prevResult": prev}))).unwrap();
+        let r: Value = serde_json::from_str(&out.unwrap()).unwrap();
+        assert_eq!(r["interfaces"][0]["name"], "lo");
+        assert_eq!(r["ips"][1]["address"], "10.244.7.60/24");
+        assert_eq!(r["ips"][1]["interface"], 3);
+        assert_eq!(r["dns"]["nameservers"][0], "1.1.1.1");
+        // The same address for another container is refused.
+        let c3 = "/run/netns/c3";
+        host.add_container(c3);
+        let mut e = env("ADD", "r3", c3);
+        e.args.ip = Some("10.244.7.60".parse().unwrap());
+        let err = run(&host, &e, &conf("1.0.0", json!({}))).unwrap_err();
+        assert_eq!(err.code(), 103);
+        assert!(err.to_string().contains("held by container r2"), "{err}");
+    }
+
+    #[test]
+    fn a_leftover_bridge_is_corrected_and_a_foreign_device_refused() {
+        let host = FakeHost::new();
+        host.add_container(C1);
+        host.kernel.put_link(Link {
+            index: 40,
+            name: "cni0".into(),
+            mtu: 1500,
+            mac: Some(MacAddr([2, 0x11, 0x22, 0x33, 0x44, 0x55])),
+            kind: Some("bridge".into()),
+            up: false,
+            vxlan: None,
+            master: None,
+            alias: None,
+        });
+        add(&host, "c1", C1, &conf("1.0.0", json!({})));
+        let br = link(&host.kernel, "cni0");
+        assert_eq!(br.index, 40, "kept, not made again");
+        assert_eq!(br.mac.unwrap().to_string(), "0a:58:0a:f4:07:01");
+        assert!(br.up && br.mtu == 1450);
+        assert_eq!(addrs(&host.kernel, &br), ["10.244.7.1/24"]);
+
+        let other = FakeHost::new();
+        other.add_container(C1);
+        other.kernel.add_link("cni0", 1500, None);
+        let e = run(&other, &env("ADD", "c1", C1), &conf("1.0.0", json!({}))).unwrap_err();
+        assert_eq!(e.code(), 100);
+        assert!(e.to_string().contains("not a bridge"), "{e}");
+        assert!(other.records().is_empty());
+    }
+
+    #[test]
+    fn results_follow_the_configurations_version() {
+        for v in ["0.3.1", "1.1.0"] {
+            let host = FakeHost::new();
+            host.add_container(C1);
+            let r = add(&host, "c1", C1, &conf(v, json!({})));
+            assert_eq!(r["cniVersion"], v);
+            assert_eq!(r["ips"][0].get("version").is_some(), v == "0.3.1", "{r}");
+            assert_eq!(r["interfaces"][2].get("mtu").is_some(), v == "1.1.0", "{r}");
+        }
+    }
+}
