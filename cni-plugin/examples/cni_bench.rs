@@ -15,12 +15,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-// The tests' helpers: test code, kept out of the plugin crate's library.
-#[allow(dead_code)]
-#[path = "../tests/common/testkit.rs"]
-mod testkit;
-
-use testkit::{Call, NetnsGuard};
+use tweed_testkit::cni::{self as testkit, Call};
+use tweed_testkit::{is_root, NetnsGuard};
 
 struct Samples {
     add: Vec<Duration>,
@@ -63,7 +59,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    if !testkit::is_root() {
+    if !is_root() {
         eprintln!("cni_bench needs root: it creates network namespaces");
         return ExitCode::from(2);
     }
@@ -119,13 +115,13 @@ fn main() -> ExitCode {
             let id = format!("bench-{round}");
             let mut call = Call::new("ADD", &id, &netns);
             call.cni_path = &cni_path;
-            let add = testkit::run(host.netns(), path, &call, conf.as_bytes()).expect("spawn");
+            let add = testkit::run(&host, path, &call, conf.as_bytes()).expect("spawn");
             if !add.ok() {
                 eprintln!("{name} ADD failed: {} {}", add.stdout, add.stderr);
                 return ExitCode::FAILURE;
             }
             call.command = "DEL";
-            let del = testkit::run(host.netns(), path, &call, conf.as_bytes()).expect("spawn");
+            let del = testkit::run(&host, path, &call, conf.as_bytes()).expect("spawn");
             if !del.ok() {
                 eprintln!("{name} DEL failed: {} {}", del.stdout, del.stderr);
                 return ExitCode::FAILURE;
@@ -231,7 +227,7 @@ fn detached_teardown(
     for round in 0..rounds {
         let id = format!("teardown-{round}");
         let mut call = Call::new("ADD", &id, netns);
-        let add = testkit::run(host.netns(), tweed, &call, conf.as_bytes())?;
+        let add = testkit::run(&host, tweed, &call, conf.as_bytes())?;
         if !add.ok() {
             return Err(std::io::Error::other(format!("ADD: {}", add.stdout)));
         }
@@ -239,7 +235,7 @@ fn detached_teardown(
         reap_all();
         call.command = "DEL";
         let start = std::time::Instant::now();
-        let del = testkit::run(host.netns(), tweed, &call, conf.as_bytes())?;
+        let del = testkit::run(&host, tweed, &call, conf.as_bytes())?;
         if !del.ok() {
             return Err(std::io::Error::other(format!("DEL: {}", del.stdout)));
         }
@@ -263,19 +259,21 @@ fn reap_all() {
 /// What the kernel alone takes to create and delete the veth pair of one attachment: the part
 /// of ADD and DEL no plugin can avoid.
 fn kernel_floor(host: &NetnsGuard, ctr: &NetnsGuard, rounds: usize) -> Samples {
-    use tweed_netlink::{Netlink, Op, VethSpec};
+    use std::os::fd::AsRawFd;
+    use tweed_netlink::{Netlink, Netns, Op, VethSpec};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .expect("runtime");
     let mut s = Samples::new();
     rt.block_on(async {
-        let nl = Netlink::real_in(host.netns()).expect("netlink in the host namespace");
+        let host = Netns::open(host.path()).expect("the host namespace");
+        let nl = Netlink::real_in(&host).expect("netlink in the host namespace");
         for _ in 0..rounds {
             let add = Op::LinkAddVeth(VethSpec {
                 name: "twfloor".into(),
                 peer: "eth0".into(),
-                peer_netns: Some(ctr.netns().raw_fd()),
+                peer_netns: Some(ctr.as_raw_fd()),
                 mtu: Some(1450),
                 mac: None,
                 peer_mac: None,

@@ -6,9 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::testkit::Call;
-use common::{have_reference_plugins, links, node, Node, REF_DIR, TWEED};
+use common::{have_reference_plugins, links, node, Node, NEEDS_ROOT, REF_DIR, TWEED};
 use serde_json::{json, Map, Value};
+use tweed_testkit::cni::Call;
+use tweed_testkit::require_root;
 
 fn plugin_path(kind: &str) -> PathBuf {
     if kind == "tweed" {
@@ -101,7 +102,8 @@ fn run_list(
 
 #[test]
 fn tweed_then_portmap_bandwidth_firewall_tuning() {
-    let Some(n) = node("ch") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("ch");
     assert!(
         have_reference_plugins(),
         "reference plugins missing in {REF_DIR}: install the Debian package \

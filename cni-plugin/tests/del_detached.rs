@@ -9,10 +9,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::testkit::{Call, NetnsGuard};
 use common::trace::{Children, Traced};
-use common::{links, node, wait_ok, Node};
+use common::{links, node, wait_ok, Node, NEEDS_ROOT};
 use serde_json::json;
+use tweed_testkit::cni::Call;
+use tweed_testkit::{require_root, NetnsGuard};
 
 /// One attachment, added, whose DEL the test runs.
 struct Added {
@@ -24,21 +25,21 @@ struct Added {
     path: String,
 }
 
-fn added(tag: &str) -> Option<Added> {
-    let n = node(tag)?;
+fn added(tag: &str) -> Added {
+    let n = node(tag);
     let conf = n.conf("1.0.0", json!({}));
     let c = n.container(1);
     let id = format!("{}-{tag}", n.prefix);
     let path = c.path_str();
     let add = n.tweed("ADD", &id, &path, &conf);
     assert!(add.ok(), "{}", add.stdout);
-    Some(Added {
+    Added {
         c,
         n,
         conf,
         id,
         path,
-    })
+    }
 }
 
 impl Added {
@@ -77,7 +78,8 @@ fn plugin_processes(id: &str) -> Vec<i32> {
 
 #[test]
 fn del_returns_with_both_ends_gone_and_the_same_attachment_adds_again_at_once() {
-    let Some(n) = node("dre") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("dre");
     let conf = n.conf("1.0.0", json!({"hairpinMode": true}));
     let c = n.container(1);
     let id = format!("{}-re", n.prefix);
@@ -95,7 +97,8 @@ fn del_returns_with_both_ends_gone_and_the_same_attachment_adds_again_at_once() 
 
 #[test]
 fn the_detached_child_holds_neither_stdout_nor_stderr() {
-    let Some(a) = added("dso") else { return };
+    require_root!(NEEDS_ROOT);
+    let a = added("dso");
     let n = &a.n;
 
     // The child is held alive as it exits, after its ACK, until killed. `wait` returns once
@@ -128,7 +131,8 @@ fn the_detached_child_holds_neither_stdout_nor_stderr() {
 
 #[test]
 fn a_child_that_never_sends_makes_del_delete_synchronously() {
-    let Some(a) = added("dfb") else { return };
+    require_root!(NEEDS_ROOT);
+    let a = added("dfb");
     let n = &a.n;
 
     // Held before its first instruction after fork: it never sends its request.
@@ -145,7 +149,8 @@ fn a_child_that_never_sends_makes_del_delete_synchronously() {
 
 #[test]
 fn detached_delete_off_deletes_in_the_plugin_and_forks_nothing() {
-    let Some(n) = node("dsy") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("dsy");
     let conf = n.conf("1.0.0", json!({"detachedDelete": false}));
     let c = n.container(1);
     let id = format!("{}-sy", n.prefix);
@@ -170,7 +175,8 @@ fn detached_delete_off_deletes_in_the_plugin_and_forks_nothing() {
 
 #[test]
 fn parallel_dels_leave_no_device_record_or_process() {
-    let Some(n) = node("dpa") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("dpa");
     const N: usize = 50;
     let conf = n.conf("1.0.0", json!({}));
     let containers: Vec<_> = (0..N).map(|i| n.container(i)).collect();

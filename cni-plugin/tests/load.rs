@@ -4,14 +4,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::testkit::{Call, NetnsGuard};
 use common::trace::{Children, Stop};
-use common::{links, node, wait_ok};
+use common::{links, node, wait_ok, NEEDS_ROOT};
 use serde_json::json;
+use tweed_testkit::cni::Call;
+use tweed_testkit::{require_root, NetnsGuard};
 
 #[test]
 fn two_hundred_parallel_adds_get_distinct_addresses() {
-    let Some(n) = node("par") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("par");
     const N: usize = 200;
     let conf = n.conf("1.0.0", json!({}));
     let containers: Vec<NetnsGuard> = (0..N).map(|i| n.container(i)).collect();
@@ -40,7 +42,8 @@ fn two_hundred_parallel_adds_get_distinct_addresses() {
 
 #[test]
 fn hundred_add_del_cycles_leave_nothing() {
-    let Some(n) = node("cyc") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("cyc");
     let conf = n.conf("1.0.0", json!({"hairpinMode": true}));
     let c = n.container(1);
     for i in 0..100 {
@@ -57,7 +60,8 @@ fn hundred_add_del_cycles_leave_nothing() {
 
 #[test]
 fn plugin_killed_mid_add_leaks_nothing_after_gc() {
-    let Some(n) = node("kil") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("kil");
     let conf = n.conf("1.1.0", json!({}));
     // Killed while holding the IPAM lock, its address record just made: the kernel drops the
     // lock, the next ADD goes on. The plugin is held at the first syscall it enters once the

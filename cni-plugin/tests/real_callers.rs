@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::testkit;
 use common::TWEED;
 use serde_json::json;
 use tweed_lab::{LabGuard, LabSpec};
@@ -116,10 +115,7 @@ fn records(data: &Path, net: &str) -> Vec<String> {
 
 #[test]
 fn containerd_and_podman_attach_through_tweed_and_reach_another_host() {
-    if !testkit::is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
-    }
+    tweed_testkit::require_root!(common::NEEDS_ROOT);
     let missing: Vec<String> = NEEDED
         .iter()
         .filter(|(p, _)| which(p).is_none())

@@ -4,9 +4,10 @@ mod common;
 
 use std::path::Path;
 
-use common::testkit::Call;
-use common::{assert_error, links, node, TWEED};
+use common::{assert_error, links, node, NEEDS_ROOT, TWEED};
 use serde_json::{json, Value};
+use tweed_testkit::cni::{self, Call};
+use tweed_testkit::{require_root, NetnsGuard};
 
 fn with_prev(conf: &str, prev: &Value) -> String {
     let mut c: Value = serde_json::from_str(conf).unwrap();
@@ -16,7 +17,8 @@ fn with_prev(conf: &str, prev: &Value) -> String {
 
 #[test]
 fn add_check_del_round_trip() {
-    let Some(n) = node("rt") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("rt");
     let c = n.container(1);
     let conf = n.conf(
         "1.0.0",
@@ -102,7 +104,8 @@ fn add_check_del_round_trip() {
 
 #[test]
 fn results_in_every_version() {
-    let Some(n) = node("ver") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("ver");
     for (i, v) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
         .iter()
         .enumerate()
@@ -138,7 +141,8 @@ fn results_in_every_version() {
 
 #[test]
 fn version_and_status() {
-    let Some(n) = node("st") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("st");
     let v = n.tweed("VERSION", "", "", r#"{"cniVersion":"1.0.0"}"#);
     assert!(v.ok());
     let doc = v.json();
@@ -162,7 +166,8 @@ fn version_and_status() {
 
 #[test]
 fn rejections() {
-    let Some(n) = node("rej") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("rej");
     let c = n.container(1);
     let ns = c.path_str();
     assert_error(&n.tweed("ADD", "c1", &ns, "{nope"), 6, "not valid JSON");
@@ -231,7 +236,8 @@ fn rejections() {
 
 #[test]
 fn failed_add_rolls_back_completely() {
-    let Some(n) = node("rb") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("rb");
     // A failure after everything is wired: ipMasq on a node without iptables. The pair, the
     // record and the rule go again. (Failures at every other step are unit tests of the
     // command layer, on a fake host.)
@@ -261,7 +267,8 @@ fn failed_add_rolls_back_completely() {
 
 #[test]
 fn del_without_netns_or_prev_result() {
-    let Some(n) = node("dv") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("dv");
     let conf = n.conf("1.0.0", json!({}));
     let c = n.container(1);
     let path = c.path_str();
@@ -279,7 +286,8 @@ fn del_without_netns_or_prev_result() {
 
 #[test]
 fn del_leaves_other_containers_interfaces() {
-    let Some(n) = node("own") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("own");
     let conf = n.conf("1.0.0", json!({}));
     let c = n.container(1);
     assert!(n.tweed("ADD", "a", &c.path_str(), &conf).ok());
@@ -299,7 +307,8 @@ fn del_leaves_other_containers_interfaces() {
 
 #[test]
 fn gc_releases_what_is_not_valid() {
-    let Some(n) = node("gc") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("gc");
     let conf = n.conf("1.1.0", json!({}));
     let cs: Vec<_> = (0..3).map(|i| n.container(i)).collect();
     for (i, c) in cs.iter().enumerate() {
@@ -328,7 +337,8 @@ fn gc_releases_what_is_not_valid() {
 
 #[test]
 fn leftover_bridge_gets_its_mac_mtu_and_address() {
-    let Some(n) = node("br") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("br");
     // What an interrupted first ADD of another plugin may leave: a bare bridge, kernel MAC.
     n.host
         .ip(&[
@@ -351,11 +361,11 @@ fn leftover_bridge_gets_its_mac_mtu_and_address() {
         "{br}"
     );
     // A device of that name that is no bridge is refused.
-    let m = common::testkit::NetnsGuard::new(&format!("{}m", n.prefix)).unwrap();
+    let m = NetnsGuard::new(&format!("{}m", n.prefix)).unwrap();
     m.ip(&["link", "add", "cni0", "type", "veth", "peer", "name", "p"])
         .unwrap();
-    let run = common::testkit::run(
-        m.netns(),
+    let run = cni::run(
+        &m,
         Path::new(TWEED),
         &Call::new("ADD", "c2", &n.container(2).path_str()),
         conf.as_bytes(),
@@ -367,7 +377,8 @@ fn leftover_bridge_gets_its_mac_mtu_and_address() {
 
 #[test]
 fn requested_addresses_mac_and_chained_prev_result() {
-    let Some(n) = node("req") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("req");
     let c = n.container(1);
     let conf = n.conf(
         "1.0.0",
@@ -412,7 +423,8 @@ fn requested_addresses_mac_and_chained_prev_result() {
 
 #[test]
 fn ip_masq_adds_and_removes_its_rule() {
-    let Some(n) = node("mq") else { return };
+    require_root!(NEEDS_ROOT);
+    let n = node("mq");
     if std::process::Command::new("iptables")
         .arg("--version")
         .output()

@@ -4,25 +4,24 @@
 
 #![allow(dead_code)]
 
-pub mod testkit;
 pub mod trace;
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
 use serde_json::{json, Value};
-use testkit::{Call, NetnsGuard, PluginRun};
+use tweed_testkit::cni::{self, Call, PluginRun};
+use tweed_testkit::NetnsGuard;
 
 pub const TWEED: &str = env!("CARGO_BIN_EXE_tweed");
 pub const REF_DIR: &str = "/usr/lib/cni";
 
-/// Skips (returning `None`) unless root.
-pub fn node(tag: &str) -> Option<Node> {
-    if !testkit::is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return None;
-    }
-    Some(Node::new(tag, "10.244.7.1/24"))
+/// Why these tests need root, for `tweed_testkit::require_root!`.
+pub const NEEDS_ROOT: &str = "network namespaces, veths and iptables for the plugin";
+
+/// A node with subnet 10.244.7.1/24 (the test has checked for root).
+pub fn node(tag: &str) -> Node {
+    Node::new(tag, "10.244.7.1/24")
 }
 
 pub struct Node {
@@ -38,7 +37,7 @@ impl Node {
         let host = NetnsGuard::new(&format!("{prefix}h")).expect("host netns");
         let dir = tempfile::tempdir().expect("temp dir");
         let subnet_env = dir.path().join("subnet.env");
-        testkit::write_subnet_env(&subnet_env, "10.244.0.0/16", subnet, 1450).expect("subnet.env");
+        cni::write_subnet_env(&subnet_env, "10.244.0.0/16", subnet, 1450).expect("subnet.env");
         Node {
             prefix,
             host,
@@ -96,7 +95,7 @@ impl Node {
     }
 
     pub fn run(&self, plugin: &Path, call: &Call<'_>, conf: &str) -> PluginRun {
-        testkit::run(self.host.netns(), plugin, call, conf.as_bytes()).expect("spawning the plugin")
+        cni::run(&self.host, plugin, call, conf.as_bytes()).expect("spawning the plugin")
     }
 
     pub fn tweed(&self, command: &str, id: &str, netns: &str, conf: &str) -> PluginRun {
@@ -113,7 +112,7 @@ impl Node {
         children: trace::Children,
     ) -> trace::Traced {
         trace::Traced::spawn(
-            self.host.netns(),
+            &self.host,
             Path::new(TWEED),
             call,
             conf.as_bytes(),
@@ -124,7 +123,7 @@ impl Node {
 
     /// Starts tweed without waiting for it: the test kills it, or overlaps it with others.
     pub fn spawn(&self, call: &Call<'_>, conf: &str) -> Child {
-        testkit::spawn(self.host.netns(), Path::new(TWEED), call, conf.as_bytes())
+        cni::spawn(&self.host, Path::new(TWEED), call, conf.as_bytes())
             .expect("spawning the plugin")
     }
 

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::testkit::{self, Call, PluginRun};
-use tweed_netlink::Netns;
+use tweed_testkit::cni::{self, Call, PluginRun};
+use tweed_testkit::NetnsGuard;
 
 /// What the tracer does with the children the plugin forks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,18 +82,18 @@ fn check(r: libc::c_long, what: &str) {
 }
 
 impl Traced {
-    /// Starts `plugin` inside `host` as [`testkit::spawn`] does, traced from before it reads
+    /// Starts `plugin` inside `host` as [`cni::spawn`] does, traced from before it reads
     /// `stdin`. With `syscalls`, [`Traced::run_until`] sees every syscall the plugin's main
     /// thread enters.
     pub fn spawn(
-        host: &Netns,
+        host: &NetnsGuard,
         plugin: &Path,
         call: &Call<'_>,
         stdin: &[u8],
         syscalls: bool,
         children: Children,
     ) -> Traced {
-        let mut child = testkit::command(host, plugin, call)
+        let mut child = cni::command(host, plugin, call)
             .spawn()
             .expect("spawning the plugin");
         let pid = child.id() as i32;
