@@ -14,6 +14,7 @@ const DIRECT: &str =
 
 #[test]
 fn hostgw_routes_same_segment_peers_and_reports_the_routed_one() {
+    require_root!(NEEDS_ROOT);
     let mut c = Cluster::up("g1", HOSTGW, &[0, 0, 1]);
     c.assert_all_pairs(&[(0, 1), (1, 0)], Duration::from_secs(10));
     let h2 = c.hosts[1].clone();
@@ -73,6 +74,7 @@ fn hostgw_routes_same_segment_peers_and_reports_the_routed_one() {
 
 #[test]
 fn hostgw_restart_loses_nothing_and_reconciles_stale_routes() {
+    require_root!(NEEDS_ROOT);
     let mut c = Cluster::up("g2", HOSTGW, &[0, 0]);
     c.assert_all_pairs(&[(0, 1), (1, 0)], Duration::from_secs(10));
     let from = c.hosts[0].pod_ns.clone();
@@ -82,7 +84,7 @@ fn hostgw_restart_loses_nothing_and_reconciles_stale_routes() {
     c.stop_agent(0, libc::SIGTERM);
     // While it is down, a stale route of a peer that no longer exists appears (as if a lease
     // vanished while the agent was away): the restarted agent removes it.
-    ip(
+    ip_in(
         &c.hosts[0].ns,
         &[
             "route",
@@ -110,6 +112,7 @@ fn hostgw_restart_loses_nothing_and_reconciles_stale_routes() {
 
 #[test]
 fn vxlan_direct_routing_mixes_plain_routes_and_the_tunnel() {
+    require_root!(NEEDS_ROOT);
     let mut c = Cluster::up("d1", DIRECT, &[0, 0, 1]);
     c.assert_all_pairs(
         &[(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)],

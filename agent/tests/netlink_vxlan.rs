@@ -3,127 +3,56 @@
 //! The checks read the kernel back through `ip`/`bridge` JSON output, an implementation
 //! independent of ours.
 
-use std::fs::File;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
 use tweed_agent::backend::{VxlanBackend, VxlanConfig, VxlanPeer};
 use tweed_agent::netlink::{select_iface, IfaceError, MacAddr, Netlink};
+use tweed_testkit::{ip_in, require_root, NetnsGuard};
 
 const UNDERLAY: &str = "tw-u0";
 const LOCAL_IP: &str = "198.18.0.1";
 const OWN_SUBNET: &str = "10.244.1.0/24";
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the netlink_vxlan tests need root: they create network namespaces and devices \
-         (run them as root, or leave them out with `cargo test -- --skip netlink_`)"
-    );
-}
+/// Why these tests need root, for `require_root!`.
+const NEEDS_ROOT: &str = "network namespaces and vxlan devices";
 
-/// A uniquely named network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        require_root();
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "tw-nl-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// A veth pair as underlay (this kernel has no dummy driver), addressed and up.
-    fn with_underlay() -> Netns {
-        let ns = Netns::new();
-        ns.ip(&[
+/// A namespace of its own with a veth pair as underlay (this kernel has no dummy driver),
+/// addressed and up.
+fn with_underlay() -> NetnsGuard {
+    let ns = NetnsGuard::unique("tw-nl-");
+    for args in [
+        &[
             "link", "add", UNDERLAY, "type", "veth", "peer", "name", "tw-u1",
-        ]);
-        ns.ip(&["addr", "add", &format!("{LOCAL_IP}/24"), "dev", UNDERLAY]);
-        ns.ip(&["link", "set", UNDERLAY, "up"]);
-        ns.ip(&["link", "set", "tw-u1", "up"]);
-        ns
+        ][..],
+        &["addr", "add", &format!("{LOCAL_IP}/24"), "dev", UNDERLAY],
+        &["link", "set", UNDERLAY, "up"],
+        &["link", "set", "tw-u1", "up"],
+    ] {
+        ip_in(ns.name(), args);
     }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        run("ip", &full)
-    }
-
-    fn json(&self, tool: &str, args: &[&str]) -> Value {
-        let mut full = vec!["-n", &self.name, "-j"];
-        full.extend_from_slice(args);
-        let out = run(tool, &full);
-        if out.trim().is_empty() {
-            return Value::Array(vec![]);
-        }
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{tool} {args:?}: {e}: {out}"))
-    }
-
-    /// Runs `f` on a fresh thread that has entered the namespace, under a current-thread runtime,
-    /// so the netlink socket `f` opens lives in the namespace and nothing else moves there.
-    fn enter<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = T>,
-        T: Send + 'static,
-    {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: fd is an open namespace file; setns only affects this thread.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(f())
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    }
+    ns
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+/// Runs `f` on a thread inside `ns` under a current-thread runtime, so the netlink socket `f`
+/// opens lives in the namespace and nothing else moves there.
+fn block_in<F, Fut, T>(ns: &NetnsGuard, f: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+    T: Send + 'static,
+{
+    ns.enter(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f())
+    })
 }
 
 async fn config(nl: &Netlink, mac_file: &Path) -> VxlanConfig {
@@ -156,7 +85,7 @@ fn peers(n: u32) -> Vec<VxlanPeer> {
 }
 
 /// (neighbours, fdb entries, routes) on tweed.1 as `ip`/`bridge` report them.
-fn entries(ns: &Netns) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
+fn entries(ns: &NetnsGuard) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
     let arr = |v: Value| v.as_array().cloned().unwrap_or_default();
     let neigh = arr(ns.json("ip", &["-4", "neigh", "show", "dev", "tweed.1"]));
     let fdb = arr(ns.json("bridge", &["fdb", "show", "dev", "tweed.1"]))
@@ -167,7 +96,7 @@ fn entries(ns: &Netns) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
     (neigh, fdb, routes)
 }
 
-fn assert_programmed(ns: &Netns, want: &[VxlanPeer]) {
+fn assert_programmed(ns: &NetnsGuard, want: &[VxlanPeer]) {
     let (neigh, fdb, routes) = entries(ns);
     assert_eq!(neigh.len(), want.len(), "neighbours: {neigh:?}");
     assert_eq!(fdb.len(), want.len(), "fdb: {fdb:?}");
@@ -203,11 +132,12 @@ fn assert_programmed(ns: &Netns, want: &[VxlanPeer]) {
 
 #[test]
 fn netlink_setup_creates_the_device() {
-    let ns = Netns::with_underlay();
+    require_root!(NEEDS_ROOT);
+    let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mac_file = tmp.path().join("run/tweed/vtep-mac");
     let mf = mac_file.clone();
-    let (mac, setup_ops) = ns.enter(move || async move {
+    let (mac, setup_ops) = block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -239,12 +169,13 @@ fn netlink_setup_creates_the_device() {
 
 #[test]
 fn netlink_reconcile_programs_and_removes_peers() {
-    let ns = Netns::with_underlay();
+    require_root!(NEEDS_ROOT);
+    let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
     let three = peers(3);
     let p = three.clone();
-    let mut b = ns.enter(move || async move {
+    let mut b = block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -258,7 +189,7 @@ fn netlink_reconcile_programs_and_removes_peers() {
 
     let two = three[..2].to_vec();
     let p = two.clone();
-    b = ns.enter(move || async move {
+    b = block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let stats = b.reconcile(&nl, &p).await.unwrap();
         assert!(stats.is_clean(), "{:?}", stats.failures);
@@ -280,7 +211,7 @@ fn netlink_reconcile_programs_and_removes_peers() {
         public_ip: LOCAL_IP.parse().unwrap(),
         ..peer(51)
     });
-    ns.enter(move || async move {
+    block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         b.resync();
         let stats = b.reconcile(&nl, &with_self).await.unwrap();
@@ -291,11 +222,12 @@ fn netlink_reconcile_programs_and_removes_peers() {
 
 #[test]
 fn netlink_restart_is_a_no_op_and_keeps_the_mac() {
-    let ns = Netns::with_underlay();
+    require_root!(NEEDS_ROOT);
+    let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
     let mf2 = mf.clone();
-    let (mac, index) = ns.enter(move || async move {
+    let (mac, index) = block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -303,7 +235,7 @@ fn netlink_restart_is_a_no_op_and_keeps_the_mac() {
         b.reconcile(&nl, &peers(3)).await.unwrap();
         (b.vtep_mac(), b.ifindex())
     });
-    ns.enter(move || async move {
+    block_in(&ns, move || async move {
         // A new process: new socket, nothing in memory.
         let nl = Netlink::real().unwrap();
         let mut b = VxlanBackend::setup(&nl, config(&nl, &mf2).await)
@@ -324,28 +256,32 @@ fn netlink_restart_is_a_no_op_and_keeps_the_mac() {
 
 #[test]
 fn netlink_incompatible_device_is_recreated_with_the_same_mac() {
-    let ns = Netns::with_underlay();
-    ns.ip(&[
-        "link",
-        "add",
-        "tweed.1",
-        "address",
-        "02:11:22:33:44:55",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "dstport",
-        "4789",
-        "local",
-        LOCAL_IP,
-        "dev",
-        UNDERLAY,
-        "nolearning",
-    ]);
+    require_root!(NEEDS_ROOT);
+    let ns = with_underlay();
+    ip_in(
+        ns.name(),
+        &[
+            "link",
+            "add",
+            "tweed.1",
+            "address",
+            "02:11:22:33:44:55",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "4789",
+            "local",
+            LOCAL_IP,
+            "dev",
+            UNDERLAY,
+            "nolearning",
+        ],
+    );
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
-    let mac = ns.enter(move || async move {
+    let mac = block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -360,24 +296,28 @@ fn netlink_incompatible_device_is_recreated_with_the_same_mac() {
 
 #[test]
 fn netlink_iface_selection() {
-    let ns = Netns::with_underlay();
-    let e = ns.enter(|| async {
+    require_root!(NEEDS_ROOT);
+    let ns = with_underlay();
+    let e = block_in(&ns, || async {
         let nl = Netlink::real().unwrap();
         select_iface(&nl, None).await.unwrap_err()
     });
     assert!(matches!(e, IfaceError::NoDefaultRoute), "{e}");
     assert!(e.to_string().contains("--iface"), "{e}");
 
-    ns.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "198.18.0.254",
-        "dev",
-        UNDERLAY,
-    ]);
-    let (by_default, by_ip) = ns.enter(|| async {
+    ip_in(
+        ns.name(),
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.18.0.254",
+            "dev",
+            UNDERLAY,
+        ],
+    );
+    let (by_default, by_ip) = block_in(&ns, || async {
         let nl = Netlink::real().unwrap();
         (
             select_iface(&nl, None).await.unwrap(),
@@ -397,11 +337,12 @@ fn netlink_iface_selection() {
 
 #[test]
 fn netlink_five_thousand_peers() {
+    require_root!(NEEDS_ROOT);
     const N: u32 = 5000;
-    let ns = Netns::with_underlay();
+    let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
-    let (program, relist, remove) = ns.enter(move || async move {
+    let (program, relist, remove) = block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -456,7 +397,8 @@ fn netlink_five_thousand_peers() {
 
 #[test]
 fn netlink_one_bad_peer_does_not_hold_back_the_others() {
-    let ns = Netns::with_underlay();
+    require_root!(NEEDS_ROOT);
+    let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
     // The kernel refuses an onlink gateway that is a local address (127.0.0.0/8 on lo), so this
@@ -473,7 +415,7 @@ fn netlink_one_bad_peer_does_not_hold_back_the_others() {
     all.push(bad);
     all.push(after);
     let all2 = all.clone();
-    ns.enter(move || async move {
+    block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -503,7 +445,8 @@ fn netlink_one_bad_peer_does_not_hold_back_the_others() {
 
 #[test]
 fn netlink_changed_lease_attributes_are_rewritten() {
-    let ns = Netns::with_underlay();
+    require_root!(NEEDS_ROOT);
+    let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
     let before = peers(3);
@@ -511,7 +454,7 @@ fn netlink_changed_lease_attributes_are_rewritten() {
     after[1].public_ip = "198.18.9.9".parse().unwrap();
     after[2].vtep_mac = "02:99:00:00:00:03".parse().unwrap();
     let after2 = after.clone();
-    ns.enter(move || async move {
+    block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -530,11 +473,12 @@ fn netlink_changed_lease_attributes_are_rewritten() {
 
 #[test]
 fn netlink_ops_are_idempotent() {
+    require_root!(NEEDS_ROOT);
     use tweed_agent::netlink::{Op, Route};
-    let ns = Netns::with_underlay();
+    let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
-    ns.enter(move || async move {
+    block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await

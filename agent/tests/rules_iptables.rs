@@ -1,21 +1,19 @@
 //! The rule sync against real iptables, inside a network namespace made for the test (root).
 
-mod common;
-
-use common::{in_netns, Netns};
-use std::process::Command;
 use tweed_agent::rules::{forward_chain, masquerade_chain, Iptables};
+use tweed_testkit::{require_root, NetnsGuard};
 
 #[test]
 fn sync_installs_is_idempotent_repairs_and_replaces() {
-    let ns = Netns::new("twr");
+    require_root!("a network namespace for the rules");
+    let ns = NetnsGuard::unique("twr");
     let net = "10.244.0.0/16".parse().unwrap();
     let chains = vec![
         masquerade_chain(net, "10.244.3.0/24".parse().unwrap()),
         forward_chain(net),
     ];
     let c2 = chains.clone();
-    let (first, second, listing) = in_netns(&ns, move || {
+    let (first, second, listing) = ns.enter(move || {
         let first = Iptables::sync(&c2).unwrap();
         let second = Iptables::sync(&c2).unwrap();
         (first, second, Iptables::listing("nat").unwrap())
@@ -30,9 +28,10 @@ fn sync_installs_is_idempotent_repairs_and_replaces() {
 
     // An operator deletes the chain: the next sync restores chain and jump.
     let c3 = chains.clone();
-    let repaired = in_netns(&ns, move || {
-        let run =
-            |a: &[&str]| assert!(Command::new("iptables").args(a).status().unwrap().success());
+    let repaired = ns.enter(move || {
+        let run = |a: &[&str]| {
+            tweed_testkit::run("iptables", a);
+        };
         run(&[
             "-t",
             "nat",
@@ -62,7 +61,7 @@ fn sync_installs_is_idempotent_repairs_and_replaces() {
         masquerade_chain(net, "10.244.9.0/24".parse().unwrap()),
         forward_chain(net),
     ];
-    let listing = in_netns(&ns, move || {
+    let listing = ns.enter(move || {
         Iptables::sync(&moved).unwrap();
         Iptables::listing("nat").unwrap()
     });

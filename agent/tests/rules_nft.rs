@@ -1,12 +1,9 @@
 //! The firewall sync against real nftables (and iptables for `--ip-masq` off), inside a network
 //! namespace made for the test (root). The root namespace is never touched.
 
-mod common;
-
-use common::{in_netns, Netns};
-use std::process::Command;
 use std::sync::Arc;
 use tweed_agent::rules::{Firewall, Iptables, Nftables, RuleSpec, NAT_CHAIN};
+use tweed_testkit::{require_root, NetnsGuard};
 
 fn spec(subnet: &str, ip_masq: bool) -> RuleSpec {
     RuleSpec {
@@ -17,22 +14,18 @@ fn spec(subnet: &str, ip_masq: bool) -> RuleSpec {
 }
 
 fn nft(args: &[&str]) {
-    let out = Command::new("nft").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tweed_testkit::run("nft", args);
 }
 
 #[test]
 fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
-    let ns = Netns::new("twn-nft");
+    require_root!("a network namespace for the rules");
+    let ns = NetnsGuard::unique("twn-nft");
     let fw = Arc::new(Firewall::new(true));
     let s3 = spec("10.244.3.0/24", true);
 
     let f = fw.clone();
-    let (first, second, listing) = in_netns(&ns, move || {
+    let (first, second, listing) = ns.enter(move || {
         let first = f.sync(&s3).unwrap();
         let second = f.sync(&s3).unwrap();
         (first, second, Nftables::listing().unwrap().unwrap())
@@ -48,12 +41,12 @@ fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
     );
 
     // A fresh Firewall (an agent restart) finds the table current: nothing to do.
-    let again = in_netns(&ns, move || Firewall::new(true).sync(&s3).unwrap());
+    let again = ns.enter(move || Firewall::new(true).sync(&s3).unwrap());
     assert!(!again, "a restarted agent leaves a correct table alone");
 
     // An operator deletes the table: the next sync restores it.
     let f = fw.clone();
-    let (repaired, listing) = in_netns(&ns, move || {
+    let (repaired, listing) = ns.enter(move || {
         nft(&["delete", "table", "ip", "tweed"]);
         assert!(Nftables::listing().unwrap().is_none());
         (f.sync(&s3).unwrap(), Nftables::listing().unwrap().unwrap())
@@ -63,7 +56,7 @@ fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
 
     // One rule flushed by hand is noticed too.
     let f = fw.clone();
-    let repaired = in_netns(&ns, move || {
+    let repaired = ns.enter(move || {
         nft(&["flush", "chain", "ip", "tweed", "forward"]);
         f.sync(&s3).unwrap()
     });
@@ -71,7 +64,7 @@ fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
 
     // The subnet changes: the table is replaced, the old subnet gone, nothing duplicated.
     let f = fw.clone();
-    let (moved, listing) = in_netns(&ns, move || {
+    let (moved, listing) = ns.enter(move || {
         let s9 = spec("10.244.9.0/24", true);
         (f.sync(&s9).unwrap(), Nftables::listing().unwrap().unwrap())
     });
@@ -84,7 +77,7 @@ fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
 
     // --ip-masq off: only the forward chain remains.
     let f = fw.clone();
-    let listing = in_netns(&ns, move || {
+    let listing = ns.enter(move || {
         assert!(f.sync(&spec("10.244.9.0/24", false)).unwrap());
         assert!(!f.sync(&spec("10.244.9.0/24", false)).unwrap());
         Nftables::listing().unwrap().unwrap()
@@ -95,7 +88,7 @@ fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
     );
 
     // Removal leaves no table behind.
-    let removed = in_netns(&ns, || {
+    let removed = ns.enter(|| {
         (
             Nftables::remove().unwrap(),
             Nftables::remove().unwrap(),
@@ -107,10 +100,11 @@ fn nft_sync_installs_is_idempotent_repairs_and_replaces() {
 
 #[test]
 fn iptables_firewall_follows_ip_masq() {
-    let ns = Netns::new("twn-ipt");
+    require_root!("a network namespace for the rules");
+    let ns = NetnsGuard::unique("twn-ipt");
     let fw = Arc::new(Firewall::new(false));
     let f = fw.clone();
-    let (first, second, nat) = in_netns(&ns, move || {
+    let (first, second, nat) = ns.enter(move || {
         let s = spec("10.244.3.0/24", true);
         (
             f.sync(&s).unwrap(),
@@ -123,7 +117,7 @@ fn iptables_firewall_follows_ip_masq() {
 
     // Turning --ip-masq off removes the nat chain and its jump; forward rules stay.
     let f = fw.clone();
-    let (changed, again, nat, filter) = in_netns(&ns, move || {
+    let (changed, again, nat, filter) = ns.enter(move || {
         let s = spec("10.244.3.0/24", false);
         (
             f.sync(&s).unwrap(),

@@ -87,6 +87,13 @@ pub fn ip(args: &[&str]) -> String {
     run("ip", args)
 }
 
+/// `ip -n NS ARGS...`: stdout; panics naming the command.
+pub fn ip_in(ns: &str, args: &[&str]) -> String {
+    let mut a = vec!["-n", ns];
+    a.extend_from_slice(args);
+    run("ip", &a)
+}
+
 /// `argv` in namespace `ns` (through `ip netns exec`), stdin closed, for the caller to run.
 pub fn ns_command(ns: &str, argv: &[&str]) -> Command {
     let mut cmd = Command::new("ip");

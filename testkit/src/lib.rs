@@ -18,7 +18,7 @@ pub mod cni;
 pub mod netns;
 pub mod root;
 
-pub use cmd::{ip, run, try_run, CmdError};
+pub use cmd::{in_ns, ip, ip_in, ok_in, probe_in, run, try_in_ns, try_run, CmdError};
 pub use netns::NetnsGuard;
 pub use root::is_root;
 

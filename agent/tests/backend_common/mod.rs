@@ -10,10 +10,9 @@
 
 #![allow(dead_code)]
 
-use std::fs::{self, File};
+use std::fs;
 use std::net::{Ipv4Addr, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,84 +22,15 @@ use tweed_lab::etcd::{etcdctl, EtcdOptions, EtcdProcess};
 pub const CONFIG_KEY: &str = "/coreos.com/network/config";
 pub const ETCD_IP: &str = "198.18.0.254";
 
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the backend end-to-end tests need root: they build network namespaces"
-    );
-}
+/// Why these tests need root, for `require_root!`.
+pub const NEEDS_ROOT: &str = "a cluster of network namespaces with real agents, veths and bridges";
 
-pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `argv` in `ns`; returns (success, stdout + stderr).
-pub fn try_exec(ns: &str, argv: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(argv)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ip netns exec");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
-pub fn exec(ns: &str, argv: &[&str]) -> String {
-    let (ok, out) = try_exec(ns, argv);
-    assert!(ok, "{ns}: {}: {out}", argv.join(" "));
-    out
-}
-
-pub fn ip(ns: &str, args: &[&str]) -> String {
-    let mut full = vec!["-n", ns];
-    full.extend_from_slice(args);
-    run("ip", &full)
-}
-
-pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Runs `f` on a thread inside namespace `ns` (so sockets it opens live there).
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: fd is an open namespace file; setns affects only this thread.
-        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-}
+pub use tweed_testkit::{in_ns, ip_in, probe_in, require_root, wait_for};
 
 /// Binds a UDP socket inside `ns` (the thread that made it exits; the socket stays there).
 pub fn udp_socket_in(ns: &str, bind: &str) -> UdpSocket {
     let bind = bind.to_string();
-    in_netns(ns, move || UdpSocket::bind(&bind).expect("bind"))
+    tweed_testkit::netns::enter(ns, move || UdpSocket::bind(&bind).expect("bind"))
 }
 
 #[derive(Debug, Clone)]
@@ -151,7 +81,6 @@ impl Cluster {
     /// Builds the underlay and one host per entry of `segments` (0 or 1), starts etcd and writes
     /// `config`, then starts the agents and wires a pod on each host.
     pub fn up(tag: &str, config: &str, segments: &[u8]) -> Cluster {
-        require_root();
         let prefix = format!("tw{tag}{}", std::process::id() % 100_000);
         let underlay = format!("{prefix}-u");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -167,11 +96,11 @@ impl Cluster {
         };
         add_ns(&underlay);
         for (br, addr) in [("br0", "198.18.0.254/24"), ("br1", "198.18.1.254/24")] {
-            ip(&underlay, &["link", "add", "name", br, "type", "bridge"]);
-            ip(&underlay, &["addr", "add", addr, "dev", br]);
-            ip(&underlay, &["link", "set", br, "up"]);
+            ip_in(&underlay, &["link", "add", "name", br, "type", "bridge"]);
+            ip_in(&underlay, &["addr", "add", addr, "dev", br]);
+            ip_in(&underlay, &["link", "set", br, "up"]);
         }
-        exec(&underlay, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        in_ns(&underlay, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         for (i, seg) in segments.iter().enumerate() {
             let n = i + 1;
             let name = format!("h{n}");
@@ -188,7 +117,7 @@ impl Cluster {
             });
             fs::create_dir_all(c.dir.path().join(&name)).unwrap();
             veth(&underlay, &format!("v{name}"), &ns, "eth0", None);
-            ip(
+            ip_in(
                 &underlay,
                 &[
                     "link",
@@ -198,11 +127,11 @@ impl Cluster {
                     &format!("br{seg}"),
                 ],
             );
-            ip(
+            ip_in(
                 &ns,
                 &["addr", "add", &format!("{public_ip}/24"), "dev", "eth0"],
             );
-            ip(
+            ip_in(
                 &ns,
                 &[
                     "route",
@@ -212,7 +141,7 @@ impl Cluster {
                     &format!("198.18.{seg}.254"),
                 ],
             );
-            exec(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            in_ns(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             c.agents.push(None);
         }
         let mut opts = EtcdOptions::local("e2e", c.dir.path().join("etcd"));
@@ -230,17 +159,17 @@ impl Cluster {
             let env = c.wait_subnet_env(i);
             c.hosts[i].env = Some(env.clone());
             let h = c.hosts[i].clone();
-            ip(&h.ns, &["link", "add", "name", "cni0", "type", "bridge"]);
-            ip(&h.ns, &["link", "set", "cni0", "mtu", &env.mtu.to_string()]);
-            ip(
+            ip_in(&h.ns, &["link", "add", "name", "cni0", "type", "bridge"]);
+            ip_in(&h.ns, &["link", "set", "cni0", "mtu", &env.mtu.to_string()]);
+            ip_in(
                 &h.ns,
                 &["addr", "add", &env.subnet.to_string(), "dev", "cni0"],
             );
-            ip(&h.ns, &["link", "set", "cni0", "up"]);
+            ip_in(&h.ns, &["link", "set", "cni0", "up"]);
             add_ns(&h.pod_ns);
             veth(&h.ns, "vpod", &h.pod_ns, "eth0", Some(env.mtu));
-            ip(&h.ns, &["link", "set", "vpod", "master", "cni0"]);
-            ip(
+            ip_in(&h.ns, &["link", "set", "vpod", "master", "cni0"]);
+            ip_in(
                 &h.pod_ns,
                 &[
                     "addr",
@@ -250,7 +179,7 @@ impl Cluster {
                     "eth0",
                 ],
             );
-            ip(
+            ip_in(
                 &h.pod_ns,
                 &[
                     "route",
@@ -279,11 +208,11 @@ impl Cluster {
         self.extra_ns.push(ns.clone());
         let v = format!("v{name}");
         veth(&self.underlay, &v, &ns, "eth0", None);
-        ip(
+        ip_in(
             &self.underlay,
             &["link", "set", &v, "master", &format!("br{seg}")],
         );
-        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ip_in(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         ns
     }
 
@@ -366,7 +295,7 @@ impl Cluster {
     pub fn pod_reaches(&self, from: usize, to: Ipv4Addr, timeout: Duration) -> bool {
         let start = Instant::now();
         loop {
-            let (ok, _) = try_exec(
+            let (ok, _) = probe_in(
                 &self.hosts[from].pod_ns,
                 &["ping", "-n", "-q", "-c", "1", "-W", "1", &to.to_string()],
             );
@@ -398,7 +327,7 @@ impl Cluster {
     }
 
     pub fn routes(&self, i: usize) -> Vec<serde_json::Value> {
-        let out = ip(&self.hosts[i].ns, &["-j", "-4", "route", "show"]);
+        let out = ip_in(&self.hosts[i].ns, &["-j", "-4", "route", "show"]);
         serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap_or_default()
     }
 
@@ -415,7 +344,7 @@ pub fn ping_gaps(ns: &str, to: Ipv4Addr, interval: &str, count: u32) -> (u32, u3
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    let (_, out) = try_exec(
+    let (_, out) = probe_in(
         ns,
         &[
             "ping",
@@ -453,8 +382,7 @@ pub fn ping_gaps(ns: &str, to: Ipv4Addr, interval: &str, count: u32) -> (u32, u3
 }
 
 fn add_ns(ns: &str) {
-    run("ip", &["netns", "add", ns]);
-    ip(ns, &["link", "set", "lo", "up"]);
+    tweed_testkit::netns::create(ns).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn veth(a_ns: &str, a: &str, b_ns: &str, b: &str, mtu: Option<u32>) {
@@ -468,24 +396,9 @@ fn veth(a_ns: &str, a: &str, b_ns: &str, b: &str, mtu: Option<u32>) {
         args.extend(["mtu", m]);
     }
     args.extend(["netns", b_ns]);
-    ip(a_ns, &args);
-    ip(a_ns, &["link", "set", a, "up"]);
-    ip(b_ns, &["link", "set", b, "up"]);
-}
-
-fn del_ns(ns: &str) {
-    if Path::new("/run/netns").join(ns).exists() {
-        // Anything still running in it (a stray ping) goes first.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(p) = pid.parse::<i32>() {
-                    // SAFETY: kill(2) of a process inside our own test namespace.
-                    unsafe { libc::kill(p, libc::SIGKILL) };
-                }
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", ns]).status();
-    }
+    ip_in(a_ns, &args);
+    ip_in(a_ns, &["link", "set", a, "up"]);
+    ip_in(b_ns, &["link", "set", b, "up"]);
 }
 
 impl Drop for Cluster {
@@ -504,7 +417,7 @@ impl Drop for Cluster {
         all.extend(self.hosts.iter().map(|h| h.ns.clone()));
         all.push(self.underlay.clone());
         for ns in all {
-            del_ns(&ns);
+            tweed_testkit::netns::delete(&ns);
         }
     }
 }
