@@ -7,6 +7,7 @@ use common::*;
 
 #[test]
 fn commit_round_trip() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     e.start(&[
         "--name",

@@ -30,6 +30,7 @@ fn usage_ns(e: &Env, c: &str) -> u64 {
 
 #[test]
 fn busy_loop_at_half_a_cpu_uses_half_a_core() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     // Two busy loops: without the quota they would take two cores.
     e.start(&[

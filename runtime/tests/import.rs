@@ -84,6 +84,7 @@ fn oci_layout(dir: &Path, layers: &[Vec<u8>], cmd: &[&str]) -> PathBuf {
 
 #[test]
 fn umoci_and_skopeo_images_with_whiteouts() {
+    require_root!(NEEDS_ROOT);
     let e = Env::new();
     let work = e.dir.path().join("umoci");
     std::fs::create_dir(&work).unwrap();
@@ -188,6 +189,7 @@ fn refused(e: &Env, name: &str, layer: Vec<u8>, expect: &str) {
 
 #[test]
 fn hostile_layers_are_refused_with_a_clear_error() {
+    require_root!(NEEDS_ROOT);
     let e = Env::new();
     let outside = e.dir.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
@@ -268,6 +270,7 @@ fn hostile_layers_are_refused_with_a_clear_error() {
 
 #[test]
 fn modes_owners_xattrs_hardlinks_and_devices_are_preserved() {
+    require_root!(NEEDS_ROOT);
     let e = Env::new();
     let b = &mut tar::Builder::new(Vec::new());
     #[allow(clippy::too_many_arguments)]

@@ -10,6 +10,7 @@ use common::*;
 
 #[test]
 fn pid_one_hostname_and_private_mounts() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     let out = e.ok(&[
         "run",
@@ -60,6 +61,7 @@ fn pid_one_hostname_and_private_mounts() {
 
 #[test]
 fn proc_sys_dev_and_privileges_as_docker() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     let out = e.ok(&[
         "run",
@@ -103,6 +105,7 @@ fn proc_sys_dev_and_privileges_as_docker() {
 
 #[test]
 fn honest_proc_and_sysinfo() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     let out = e.ok(&[
         "run", "--rm", "--memory", "64m", "--cpus", "0.5", "busybox", "sh", "-c",
@@ -149,6 +152,7 @@ fn honest_proc_and_sysinfo() {
 
 #[test]
 fn exec_joins_every_namespace_and_the_cgroup() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     e.start(&[
         "--name", "x", "--memory", "64m", "--cpus", "0.5", "busybox", "sleep", "1000",
@@ -197,6 +201,7 @@ fn exec_joins_every_namespace_and_the_cgroup() {
 
 #[test]
 fn memory_hog_is_oom_killed_and_inspect_says_so() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     let o = e.run(&[
         "run",
@@ -220,6 +225,7 @@ fn memory_hog_is_oom_killed_and_inspect_says_so() {
 
 #[test]
 fn fork_bomb_stops_at_the_pids_limit() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     // The bomb runs in a subshell (ash gives up when a fork fails); the init then execs.
     e.start(&[
@@ -258,6 +264,7 @@ fn fork_bomb_stops_at_the_pids_limit() {
 
 #[test]
 fn volumes_and_workdir_and_env() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     let host = e.dir.path().join("vol");
     std::fs::create_dir(&host).unwrap();

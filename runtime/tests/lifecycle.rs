@@ -9,6 +9,7 @@ use common::*;
 
 #[test]
 fn attached_run_streams_output_and_returns_the_exit_code() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     let o = e.run(&[
         "run",
@@ -26,6 +27,7 @@ fn attached_run_streams_output_and_returns_the_exit_code() {
 
 #[test]
 fn detached_lifecycle() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     let id = e.start(&[
         "--name",
@@ -65,6 +67,7 @@ fn detached_lifecycle() {
 
 #[test]
 fn kill_and_force_remove() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     // A shell with a TERM trap exits 143 on SIGTERM.
     e.start(&[
@@ -85,6 +88,7 @@ fn kill_and_force_remove() {
 
 #[test]
 fn bad_input_is_refused_and_leaves_nothing() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     assert!(e
         .fails(&["run", "nosuchimage", "true"])
@@ -132,6 +136,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
 
 #[test]
 fn supervisor_survives_tweedctl_being_killed() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     // An attached run: tweedctl waits for the container; kill tweedctl, the container goes on.
     let mut child = e
@@ -187,6 +192,7 @@ fn supervisor_survives_tweedctl_being_killed() {
 
 #[test]
 fn detached_auto_remove() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     e.start(&["--rm", "--name", "gone", "busybox", "true"]);
     e.wait_until("auto removal", Duration::from_secs(10), || {
@@ -197,6 +203,7 @@ fn detached_auto_remove() {
 
 #[test]
 fn logs_follow_until_exit() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     e.start(&[
         "--name",

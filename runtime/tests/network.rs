@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use tweed_testkit::NetnsGuard;
 
 /// `net:[inode]` of a namespace file (a /proc link or a bind-mounted file).
 fn netns_ino(p: &str) -> String {
@@ -25,12 +26,15 @@ fn cni_plugin_dir() -> &'static str {
 
 #[test]
 fn none_host_and_container_modes() {
+    require_root!(NEEDS_ROOT);
     let mut e = Env::with_busybox();
-    let host = NetnsGuard::new();
+    let host = NetnsGuard::unique("twt");
     let dummy = unique("twd");
     let peer = unique("twp");
-    host.ip(&["link", "add", &dummy, "type", "veth", "peer", "name", &peer]);
-    e.extra.push(("TWEED_HOST_NETNS".into(), host.name.clone()));
+    host.ip(&["link", "add", &dummy, "type", "veth", "peer", "name", &peer])
+        .unwrap();
+    e.extra
+        .push(("TWEED_HOST_NETNS".into(), host.name().to_string()));
 
     // none: a fresh namespace with only loopback, up.
     let out = e.ok(&[
@@ -105,11 +109,13 @@ fn ipam_ips(e: &Env, net: &str) -> Vec<String> {
 
 #[test]
 fn overlay_through_a_cni_chain() {
+    require_root!(NEEDS_ROOT);
     let mut e = Env::with_busybox();
-    let host = NetnsGuard::new();
+    let host = NetnsGuard::unique("twt");
     let br = unique("twb");
     let conf = conflist(&e, &br, "");
-    e.extra.push(("TWEED_HOST_NETNS".into(), host.name.clone()));
+    e.extra
+        .push(("TWEED_HOST_NETNS".into(), host.name().to_string()));
     e.extra
         .push(("TWEED_CNI_CONF".into(), conf.display().to_string()));
     e.extra
@@ -163,6 +169,7 @@ fn overlay_through_a_cni_chain() {
     assert_eq!(ipam_ips(&e, &br), vec![a_ip.clone()]);
     assert_eq!(
         host.ip(&["-o", "link", "show", "type", "veth"])
+            .unwrap()
             .lines()
             .count(),
         1
@@ -178,6 +185,7 @@ fn overlay_through_a_cni_chain() {
     assert!(ipam_ips(&e, &br).is_empty(), "address leaked");
     assert_eq!(
         host.ip(&["-o", "link", "show", "type", "veth"])
+            .unwrap()
             .lines()
             .count(),
         0
@@ -187,11 +195,13 @@ fn overlay_through_a_cni_chain() {
 
 #[test]
 fn failed_cni_add_leaves_nothing() {
+    require_root!(NEEDS_ROOT);
     let mut e = Env::with_busybox();
-    let host = NetnsGuard::new();
+    let host = NetnsGuard::unique("twt");
     let br = unique("twb");
     let conf = conflist(&e, &br, r#",{"type":"no-such-plugin"}"#);
-    e.extra.push(("TWEED_HOST_NETNS".into(), host.name.clone()));
+    e.extra
+        .push(("TWEED_HOST_NETNS".into(), host.name().to_string()));
     e.extra
         .push(("TWEED_CNI_CONF".into(), conf.display().to_string()));
     e.extra
@@ -204,6 +214,7 @@ fn failed_cni_add_leaves_nothing() {
     assert!(ipam_ips(&e, &br).is_empty(), "address leaked");
     assert_eq!(
         host.ip(&["-o", "link", "show", "type", "veth"])
+            .unwrap()
             .lines()
             .count(),
         0,

@@ -1,32 +1,16 @@
 //! Shared harness of the root tests: a private runtime (state, images, cgroup parent) per
-//! test, torn down on drop even when the test panics; a busybox rootfs; netns guards.
+//! test, torn down on drop even when the test panics; a busybox rootfs. Netns guards, names and
+//! the root rule come from tweed-testkit.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+pub use tweed_testkit::{require_root, unique};
 
-/// A short name unique to this test process and call: `<prefix><pid><n>`.
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}x{}",
-        std::process::id() % 100000,
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-/// Fails the test clearly unless it runs as root.
-pub fn require_root() {
-    // SAFETY: plain getter.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "the tweed-runtime integration tests need root (namespaces, mounts, cgroups): run them as root"
-    );
-}
+/// Why these tests need root, for `require_root!`.
+pub const NEEDS_ROOT: &str = "namespaces, mounts and cgroups for containers";
 
 pub fn tweedctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tweedctl"))
@@ -43,7 +27,6 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        require_root();
         let dir = tempfile::Builder::new()
             .prefix("tweedtest")
             .tempdir()
@@ -131,12 +114,8 @@ impl Env {
     }
 
     /// Waits until `f` holds (polling), or panics with `what`.
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-        let t = Instant::now();
-        while !f() {
-            assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    pub fn wait_until(&self, what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+        tweed_testkit::wait_for_every(timeout, Duration::from_millis(50), what, f)
     }
 
     pub fn state_entries(&self) -> Vec<String> {
@@ -288,53 +267,6 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
     root
-}
-
-/// A network namespace created for a test, deleted on drop.
-pub struct NetnsGuard {
-    pub name: String,
-}
-
-impl NetnsGuard {
-    pub fn new() -> NetnsGuard {
-        let name = unique("twt");
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip netns add {name}");
-        let g = NetnsGuard { name };
-        g.ip(&["link", "set", "lo", "up"]);
-        g
-    }
-
-    pub fn ip(&self, args: &[&str]) -> String {
-        let o = Command::new("ip")
-            .arg("-n")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "ip -n {} {args:?}: {}",
-            self.name,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-}
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 pub fn stdout(o: &Output) -> String {
