@@ -7,28 +7,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use tweed_lab::{netns, Lab, LabError, LabGuard, LabSpec, PodsVia};
+use tweed_testkit::{per_process, require_root};
 
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (network namespaces)");
-            return;
-        }
-    };
-}
+/// Why these tests need root, for `require_root!`.
+const NEEDS_ROOT: &str = "network namespaces, a real etcd and the CNI plugin";
 
 fn fake_tweedd() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-tweedd")
-}
-
-/// Unique per test and per process, so parallel runs of the suite never meet.
-fn lab_name(tag: &str) -> String {
-    format!("{tag}{}", std::process::id() % 100_000)
 }
 
 fn spec(name: &str, hosts: usize, root: &Path) -> LabSpec {
@@ -63,9 +48,9 @@ fn has_link(ns: &str, link: &str) -> bool {
 
 #[test]
 fn two_host_lab_comes_up_and_goes_away() {
-    require_root!();
+    require_root!(NEEDS_ROOT);
     let root = tempfile::tempdir().unwrap();
-    let name = lab_name("pl");
+    let name = per_process("pl");
     let lab = LabGuard::up(spec(&name, 2, root.path())).unwrap();
 
     let mut got = namespaces_of(&name);
@@ -204,9 +189,9 @@ fn two_host_lab_comes_up_and_goes_away() {
 
 #[test]
 fn two_labs_at_once() {
-    require_root!();
+    require_root!(NEEDS_ROOT);
     let root = tempfile::tempdir().unwrap();
-    let (a, b) = (lab_name("pa"), lab_name("pb"));
+    let (a, b) = (per_process("pa"), per_process("pb"));
     // One through the CNI plugin, one wired directly: the same addresses either way.
     let mut sb = spec(&b, 1, root.path());
     sb.pods_via = PodsVia::Direct;
@@ -237,9 +222,9 @@ fn two_labs_at_once() {
 
 #[test]
 fn failed_up_tears_down_and_shows_the_agent_log() {
-    require_root!();
+    require_root!(NEEDS_ROOT);
     let root = tempfile::tempdir().unwrap();
-    let name = lab_name("pf");
+    let name = per_process("pf");
     let mut s = spec(&name, 2, root.path());
     s.agent_args = vec!["--fake-fail".into()];
     let err = Lab::up(s).unwrap_err();
@@ -263,9 +248,9 @@ fn failed_up_tears_down_and_shows_the_agent_log() {
 
 #[test]
 fn down_works_without_state_and_up_refuses_an_existing_lab() {
-    require_root!();
+    require_root!(NEEDS_ROOT);
     let root = tempfile::tempdir().unwrap();
-    let name = lab_name("pd");
+    let name = per_process("pd");
     let lab = Lab::up(spec(&name, 1, root.path())).unwrap();
     let err = Lab::up(spec(&name, 1, root.path())).unwrap_err();
     assert!(matches!(err, LabError::Exists { .. }), "{err}");
@@ -282,9 +267,9 @@ fn down_works_without_state_and_up_refuses_an_existing_lab() {
 
 #[test]
 fn cli_round_trip() {
-    require_root!();
+    require_root!(NEEDS_ROOT);
     let root = tempfile::tempdir().unwrap();
-    let name = lab_name("pc");
+    let name = per_process("pc");
     let run = |args: &[&str]| cli(root.path(), args);
     struct Down<'a>(&'a dyn Fn(&[&str]) -> std::process::Output, &'a str);
     impl Drop for Down<'_> {
@@ -381,9 +366,9 @@ fn cli_round_trip() {
 
 #[test]
 fn two_segments_are_routed_by_the_underlay() {
-    require_root!();
+    require_root!(NEEDS_ROOT);
     let root = tempfile::tempdir().unwrap();
-    let name = lab_name("ps");
+    let name = per_process("ps");
     let mut s = spec(&name, 3, root.path());
     s.segments = 2;
     s.pods_per_host = 1;
@@ -438,7 +423,7 @@ fn one_pod_lab(
     hosts: usize,
     pods_via: PodsVia,
 ) -> (String, LabGuard, Vec<u32>, PathBuf) {
-    let name = lab_name(tag);
+    let name = per_process(tag);
     let mut s = spec(&name, hosts, root);
     s.pods_via = pods_via;
     s.pods_per_host = 1;
@@ -459,7 +444,7 @@ fn one_pod_lab(
 /// members, API socket, ...) is read as it is, by `status` and by `down`.
 #[test]
 fn down_takes_down_a_lab_whose_state_an_older_tweed_lab_wrote() {
-    require_root!();
+    require_root!(NEEDS_ROOT);
     let root = tempfile::tempdir().unwrap();
     let (name, lab, pids, path) = one_pod_lab(root.path(), "po", 2, PodsVia::Direct);
     let mut v: serde_json::Value =
@@ -535,7 +520,7 @@ fn down_takes_down_a_lab_whose_state_an_older_tweed_lab_wrote() {
 /// still takes everything down (by the namespaces' names), saying what it could not do.
 #[test]
 fn a_state_with_a_bad_field_is_named_and_down_still_works() {
-    require_root!();
+    require_root!(NEEDS_ROOT);
     let root = tempfile::tempdir().unwrap();
     let (name, lab, pids, path) = one_pod_lab(root.path(), "pv", 1, PodsVia::Cni);
     let text = std::fs::read_to_string(&path).unwrap();

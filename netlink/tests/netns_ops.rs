@@ -1,41 +1,8 @@
 //! Root only: the link ops the CNI plugin uses, against the real kernel, inside two namespaces
 //! this test creates (and deletes on drop). Nothing touches the root namespace.
 
-use std::process::{Command, Stdio};
-
 use tweed_netlink::{BridgeSpec, MacAddr, Netlink, Netns, Op, Route, VethSpec};
-
-struct Ns(String);
-
-impl Ns {
-    fn new(tag: &str) -> Ns {
-        let name = format!("twn{}{tag}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        assert!(Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success());
-        Ns(name)
-    }
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.0)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use tweed_testkit::{require_root, NetnsGuard};
 
 fn ok(results: Vec<Result<(), tweed_netlink::NetlinkError>>) {
     for r in results {
@@ -45,11 +12,8 @@ fn ok(results: Vec<Result<(), tweed_netlink::NetlinkError>>) {
 
 #[test]
 fn bridge_veth_and_addresses_across_namespaces() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
-    }
-    let (a, b) = (Ns::new("a"), Ns::new("b"));
+    require_root!("network namespaces");
+    let (a, b) = (NetnsGuard::unique("twna"), NetnsGuard::unique("twnb"));
     let (na, nb) = (
         Netns::open(a.path()).unwrap(),
         Netns::open(b.path()).unwrap(),

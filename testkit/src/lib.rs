@@ -36,6 +36,12 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// `tag` followed by this process's id (mod 100000): short names (a lab's is at most 12
+/// characters) that concurrent runs of a suite never share. Tags tell one process's tests apart.
+pub fn per_process(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
 /// Polls `f` every `every` until it holds; panics naming `what` after `timeout`.
 pub fn wait_for_every(timeout: Duration, every: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -2,28 +2,21 @@
 //! stop/start by pid, readers of a host's kernel state, and a flannel-configured node to join a
 //! lab with.
 //!
-//! The tests need root (namespaces, vxlan); they say so instead of silently passing.
+//! The tests need root (namespaces, vxlan); without it they skip, saying so, by tweed-testkit's
+//! one rule. Commands in namespaces run through tweed-testkit too.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 use tweed_lab::{Lab, LabGuard, LabSpec};
 
-/// Panics with a clear message unless root: these tests build network namespaces.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!("the end-to-end tests need root (network namespaces, vxlan): run them as root");
-    }
-}
+pub use tweed_testkit::cmd::{ns_command, spawn_in};
+pub use tweed_testkit::{in_ns, ip, ok_in, per_process, require_root, wait_for};
 
-/// A lab name unique to this process and test (lab names are at most 12 characters).
-pub fn lab_name(tag: &str) -> String {
-    format!("{tag}{}", std::process::id() % 100_000)
-}
+/// Why these tests need root, for `require_root!`.
+pub const NEEDS_ROOT: &str = "network namespaces, vxlan and a lab of real agents";
 
 pub fn up(spec: LabSpec) -> LabGuard {
-    require_root();
     LabGuard::up(spec).expect("lab up")
 }
 
@@ -47,12 +40,7 @@ pub struct StoppedAgent {
 pub fn stop_agent(lab: &Lab, host: &str, signal: i32) -> StoppedAgent {
     let h = host_state(lab, host);
     let pid = h.agent_pid.expect("agent pid");
-    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .expect("agent alive")
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
+    let argv = agent_cmdline(lab, host);
     // SAFETY: plain kill(2) on a pid we started.
     unsafe { libc::kill(pid as i32, signal) };
     wait_for(Duration::from_secs(10), "agent to exit", || {
@@ -88,64 +76,6 @@ pub fn start_agent(a: &StoppedAgent) -> u32 {
     // Reaped in the background so a killed agent does not linger as a zombie of the test.
     std::thread::spawn(move || child.wait());
     pid
-}
-
-pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// `argv` in `netns` (through `ip netns exec`) with stdin closed, for the caller to run as it needs.
-pub fn ns_command(netns: &str, argv: &[&str]) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns])
-        .args(argv)
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// Runs `ip`/`bridge`-style commands in a namespace and returns stdout; panics with stderr.
-pub fn in_ns(netns: &str, argv: &[&str]) -> String {
-    let out = ns_command(netns, argv).output().expect("ip netns exec");
-    assert!(
-        out.status.success(),
-        "{argv:?} in {netns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Whether `argv` succeeds in `netns` (for polling; [`in_ns`] panics).
-pub fn ok_in(netns: &str, argv: &[&str]) -> bool {
-    ns_command(netns, argv)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Starts `argv` in `netns` without waiting for it; its stderr is dropped.
-pub fn spawn_in(netns: &str, argv: &[&str], stdout: Stdio) -> Child {
-    ns_command(netns, argv)
-        .stdout(stdout)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{argv:?} in {netns}: {e}"))
-}
-
-/// `ip ARGS` (`-n NETNS` to reach into a namespace); panics with stderr.
-pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The vxlan data plane of one host as text lines, for asserting what points where.
@@ -269,7 +199,6 @@ pub fn ping_summary(out: &str) -> (u32, u32) {
 /// tweed and flannel nodes can share one cluster.
 pub mod flannel {
     use super::{etcdctl, in_ns, ip};
-    use std::process::Command;
     use tweed_lab::Lab;
 
     /// flannel's etcd prefix for leases, one key per subnet (`10.244.7.0-24`).
@@ -283,21 +212,7 @@ pub mod flannel {
     impl Drop for Namespaces {
         fn drop(&mut self) {
             for ns in &self.0 {
-                let pids = Command::new("ip")
-                    .args(["netns", "pids", ns])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
-                for pid in pids
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    // SAFETY: plain kill(2) on a process in a namespace this test created.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            for ns in &self.0 {
-                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+                tweed_testkit::netns::delete(ns);
             }
         }
     }

@@ -12,7 +12,8 @@ fn subnet_of(lab: &tweed_lab::Lab, host: &str) -> String {
 
 #[test]
 fn host_gw_lab_passes_check_with_routes_via_the_peers() {
-    let mut spec = LabSpec::new(lab_name("hg"), 3);
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("hg"), 3);
     spec.backend = Backend::HostGw;
     let lab = up(spec);
     let report = lab.check_until(Duration::from_secs(15)).expect("check");
@@ -37,7 +38,8 @@ fn host_gw_lab_passes_check_with_routes_via_the_peers() {
 
 #[test]
 fn udp_lab_passes_check() {
-    let mut spec = LabSpec::new(lab_name("ud"), 3);
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("ud"), 3);
     spec.backend = Backend::Udp;
     let lab = up(spec);
     let report = lab.check_until(Duration::from_secs(15)).expect("check");
@@ -67,7 +69,8 @@ fn udp_lab_passes_check() {
 
 #[test]
 fn direct_routing_uses_plain_routes_on_the_segment_and_vxlan_across_it() {
-    let mut spec = LabSpec::new(lab_name("dr"), 4);
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("dr"), 4);
     spec.direct_routing = true;
     spec.segments = 2;
     spec.pods_per_host = 1;

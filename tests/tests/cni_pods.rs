@@ -7,7 +7,8 @@ use tweed_lab::LabSpec;
 
 #[test]
 fn pods_attached_by_the_cni_plugin_reach_every_other_host() {
-    let lab = up(LabSpec::new(lab_name("cn"), 2));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("cn"), 2));
     assert_eq!(lab.state().pods_via, tweed_lab::PodsVia::Cni);
     let report = lab.check_until(Duration::from_secs(10)).expect("check");
     assert_eq!(report.summary(), "8 passed, 0 failed");
@@ -63,7 +64,8 @@ fn pods_attached_by_the_cni_plugin_reach_every_other_host() {
 
 #[test]
 fn status_names_each_hosts_cni_pods_and_exec_reaches_them() {
-    let lab = up(LabSpec::new(lab_name("cs"), 1));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("cs"), 1));
     let st = lab.status();
     assert_eq!(st.hosts[0].pods.len(), 2);
     let p2 = &st.hosts[0].pods[1];

@@ -6,7 +6,8 @@ use tweed_lab::LabSpec;
 
 #[test]
 fn three_member_cluster_survives_losing_its_leader() {
-    let mut spec = LabSpec::new(lab_name("ec"), 3);
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("ec"), 3);
     spec.etcd_members = 3;
     spec.pods_per_host = 1;
     // Short enough that renewals must go through the surviving members during the test, long

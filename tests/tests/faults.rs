@@ -23,9 +23,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// peer forgets it within TTL + 2 s, and its subnet can be leased again.
 #[test]
 fn a_dead_node_is_forgotten_within_its_ttl_and_its_subnet_can_be_leased_again() {
+    require_root!(NEEDS_ROOT);
     let _serial = serial();
     let ttl = Duration::from_secs(4);
-    let mut spec = LabSpec::new(lab_name("nd"), 3);
+    let mut spec = LabSpec::new(per_process("nd"), 3);
     spec.lease_ttl = ttl;
     spec.pods_per_host = 1;
     let lab = up(spec);
@@ -107,6 +108,7 @@ fn a_dead_node_is_forgotten_within_its_ttl_and_its_subnet_can_be_leased_again() 
 /// a lease written after the recovery reaches every node.
 #[test]
 fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
+    require_root!(NEEDS_ROOT);
     let _serial = serial();
     let outage = Duration::from_secs(
         std::env::var("TWEED_FAULT_ETCD_OUTAGE_SECS")
@@ -114,7 +116,7 @@ fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(120),
     );
-    let mut spec = LabSpec::new(lab_name("eo"), 2);
+    let mut spec = LabSpec::new(per_process("eo"), 2);
     spec.pods_per_host = 1;
     let lab = up(spec);
     assert_eq!(
@@ -215,8 +217,9 @@ fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
 /// passes.
 #[test]
 fn corrupt_and_overlapping_leases_are_skipped_not_programmed() {
+    require_root!(NEEDS_ROOT);
     let _serial = serial();
-    let mut spec = LabSpec::new(lab_name("cl"), 2);
+    let mut spec = LabSpec::new(per_process("cl"), 2);
     spec.pods_per_host = 1;
     let lab = up(spec);
     assert_eq!(
@@ -400,9 +403,10 @@ fn subnet_network(subnet: &str) -> String {
 /// lease, the 100 subnets are distinct, and no agent exits.
 #[test]
 fn a_hundred_agents_starting_together_get_distinct_subnets() {
+    require_root!(NEEDS_ROOT);
     let _serial = serial();
     const N: usize = 100;
-    let mut spec = LabSpec::new(lab_name("cr"), 1);
+    let mut spec = LabSpec::new(per_process("cr"), 1);
     spec.pods_per_host = 0;
     let lab = up(spec);
     let st = lab.state().clone();

@@ -8,7 +8,8 @@ use tweed_lab::LabSpec;
 
 #[test]
 fn a_flannel_configured_node_interoperates_with_tweed_nodes() {
-    let lab = up(LabSpec::new(lab_name("fl"), 2));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("fl"), 2));
     let fl = flannel::Node::up(&lab, "twf", "1450");
     let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
     let public_ip = flannel::PUBLIC_IP;

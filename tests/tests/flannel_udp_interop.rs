@@ -195,7 +195,8 @@ fn iperf(client: &str, server_ip: &str, reverse: bool) -> (f64, f64) {
 
 #[test]
 fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
-    let mut spec = LabSpec::new(lab_name("fu"), 2);
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("fu"), 2);
     spec.backend = Backend::Udp;
     spec.pods_per_host = 1;
     let lab = up(spec);

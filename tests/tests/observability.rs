@@ -7,7 +7,8 @@ use tweed_lab::LabSpec;
 
 #[test]
 fn status_shows_metrics_and_api_socket_and_both_answer() {
-    let lab = up(LabSpec::new(lab_name("ob"), 2));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("ob"), 2));
     let st = lab.status();
     let v: serde_json::Value = serde_json::from_str(&st.to_json()).unwrap();
     for (i, h) in lab.state().hosts.iter().enumerate() {
@@ -47,7 +48,8 @@ fn status_shows_metrics_and_api_socket_and_both_answer() {
 
 #[test]
 fn traffic_to_the_outside_is_masqueraded_and_pod_to_pod_is_not() {
-    let lab = up(LabSpec::new(lab_name("mq"), 2));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("mq"), 2));
     assert_eq!(
         lab.check_until(Duration::from_secs(10)).unwrap().failed(),
         0
@@ -80,7 +82,8 @@ fn traffic_to_the_outside_is_masqueraded_and_pod_to_pod_is_not() {
 /// the rules coming back after someone deletes them.
 #[test]
 fn ready_metrics_tweedctl_net_and_rules_resync() {
-    let lab = up(LabSpec::new(lab_name("op"), 2));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("op"), 2));
     let h1 = host_state(&lab, "h1");
     let base = format!("http://{}:9867", h1.public_ip);
     wait_for(Duration::from_secs(10), "h1 to be ready", || {

@@ -75,7 +75,8 @@ fn api(lab: &tweed_lab::Lab, host: &str, path: &str) -> Option<serde_json::Value
 
 #[test]
 fn prometheus_scrapes_a_lab_host_and_sees_its_lease() {
-    let mut spec = LabSpec::new(lab_name("pm"), 2);
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("pm"), 2);
     spec.pods_per_host = 1;
     let lab = up(spec);
     let h1 = host_state(&lab, "h1");

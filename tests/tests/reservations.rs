@@ -68,7 +68,7 @@ struct TwoHosts {
 
 /// `tag` names the lab: tests running side by side each need their own.
 fn two_hosts(tag: &str) -> TwoHosts {
-    let mut spec = LabSpec::new(lab_name(tag), 2);
+    let mut spec = LabSpec::new(per_process(tag), 2);
     spec.lease_ttl = TTL;
     spec.pods_per_host = 1;
     let lab = up(spec);
@@ -91,6 +91,7 @@ fn two_hosts(tag: &str) -> TwoHosts {
 
 #[test]
 fn reserve_pins_a_subnet_to_an_ip_without_ttl_and_unreserve_gives_it_back_a_ttl() {
+    require_root!(NEEDS_ROOT);
     let TwoHosts {
         lab,
         h1,
@@ -200,6 +201,7 @@ fn reserve_pins_a_subnet_to_an_ip_without_ttl_and_unreserve_gives_it_back_a_ttl(
 /// and writes its backend data into it.
 #[test]
 fn an_agent_with_the_reserved_public_ip_takes_the_reservation() {
+    require_root!(NEEDS_ROOT);
     let TwoHosts {
         lab,
         h2,

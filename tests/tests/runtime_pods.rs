@@ -8,7 +8,8 @@ use tweed_lab::{LabSpec, PodsVia};
 
 #[test]
 fn containers_on_two_hosts_reach_each_other_over_the_overlay() {
-    let mut spec = LabSpec::new(lab_name("rt"), 2);
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("rt"), 2);
     spec.pods_via = PodsVia::Runtime;
     let lab = up(spec);
     let report = lab.check_until(Duration::from_secs(10)).expect("check");

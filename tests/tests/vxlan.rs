@@ -9,7 +9,8 @@ const DEV: &str = "tweed.1";
 
 #[test]
 fn three_hosts_all_pairs_reach_each_other() {
-    let lab = up(LabSpec::new(lab_name("vx"), 3));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("vx"), 3));
     let report = lab.check_until(Duration::from_secs(10)).expect("check");
     // 3 hosts x 2 pods, each pod pings the 4 pods on the other hosts.
     assert_eq!(report.passed(), 24, "{}", report.summary());
@@ -38,7 +39,8 @@ fn three_hosts_all_pairs_reach_each_other() {
 
 #[test]
 fn a_deleted_lease_removes_its_routes_neighbours_and_fdb_entries_everywhere() {
-    let lab = up(LabSpec::new(lab_name("dl"), 3));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("dl"), 3));
     let h3 = host_state(&lab, "h3");
     let subnet = h3.subnet.clone().expect("h3 subnet"); // e.g. 10.244.7.1/24
     let net_addr = subnet_network(&subnet);
@@ -75,7 +77,8 @@ fn a_deleted_lease_removes_its_routes_neighbours_and_fdb_entries_everywhere() {
 
 #[test]
 fn restarting_an_agent_under_traffic_loses_no_packet_and_keeps_its_subnet() {
-    let lab = up(LabSpec::new(lab_name("rs"), 2));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("rs"), 2));
     let h1 = host_state(&lab, "h1");
     let target = h1.pods[0].ip.to_string();
     let mac_before = in_ns(
@@ -129,7 +132,8 @@ fn restarting_an_agent_under_traffic_loses_no_packet_and_keeps_its_subnet() {
 
 #[test]
 fn an_agent_whose_lease_is_deleted_takes_the_same_subnet_back() {
-    let lab = up(LabSpec::new(lab_name("rq"), 2));
+    require_root!(NEEDS_ROOT);
+    let lab = up(LabSpec::new(per_process("rq"), 2));
     let h1 = host_state(&lab, "h1");
     let net_addr = subnet_network(h1.subnet.as_ref().unwrap());
     let key = format!("/coreos.com/network/subnets/{net_addr}-24");
