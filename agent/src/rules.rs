@@ -66,6 +66,7 @@ pub enum Firewall {
     /// Holds what nft printed after the last apply, see [`Nftables`].
     Nftables(Nftables),
     /// Keeps the rules in memory, for tests that run without root or iptables.
+    #[cfg(any(test, feature = "fake"))]
     Fake(FakeFirewall),
 }
 
@@ -82,6 +83,7 @@ impl Firewall {
         match self {
             Firewall::Iptables => "iptables",
             Firewall::Nftables(_) => "nftables",
+            #[cfg(any(test, feature = "fake"))]
             Firewall::Fake(_) => "fake",
         }
     }
@@ -93,11 +95,13 @@ impl Firewall {
         match self {
             Firewall::Iptables => Iptables::sync_spec(spec),
             Firewall::Nftables(n) => n.sync(spec),
+            #[cfg(any(test, feature = "fake"))]
             Firewall::Fake(f) => Ok(f.sync(spec)),
         }
     }
 }
 
+#[cfg(any(test, feature = "fake"))]
 /// Rules in memory. Cheap to clone; clones share them, so a test keeps a clone to see what the
 /// code under test asked for.
 #[derive(Debug, Clone, Default)]
@@ -105,6 +109,7 @@ pub struct FakeFirewall {
     applied: std::sync::Arc<Mutex<Vec<RuleSpec>>>,
 }
 
+#[cfg(any(test, feature = "fake"))]
 impl FakeFirewall {
     /// Every spec the rules were changed to, in order (a sync that changed nothing adds none).
     pub fn applied(&self) -> Vec<RuleSpec> {

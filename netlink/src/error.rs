@@ -49,6 +49,7 @@ impl NetlinkError {
         }
     }
 
+    #[cfg(any(test, feature = "fake"))]
     pub(crate) fn op(op: &Op, errno: i32) -> NetlinkError {
         NetlinkError::Op {
             op: Box::new(op.clone()),

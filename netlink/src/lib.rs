@@ -3,10 +3,12 @@
 //! Callers describe kernel changes as [`Op`] values and read kernel state as plain types
 //! ([`Link`], [`Addr`], [`Neighbour`], [`FdbEntry`], [`Route`]). [`Netlink`] has two
 //! implementations behind one enum: [`Real`], a batched NETLINK_ROUTE socket in the current network
-//! namespace, and [`Fake`], an in-memory kernel for tests that cannot be root. Enum dispatch rather
-//! than a trait keeps the futures `Send` without boxing and lets the backends take `&Netlink`.
+//! namespace, and `Fake`, an in-memory kernel for tests that cannot be root (compiled for tests
+//! only: `cfg(test)` here, the `fake` feature from other crates' dev-dependencies, so no release
+//! binary carries it). Enum dispatch rather than a trait keeps the futures `Send` without boxing and lets the backends take `&Netlink`.
 
 mod error;
+#[cfg(any(test, feature = "fake"))]
 mod fake;
 pub mod iface;
 pub mod model;
@@ -16,6 +18,7 @@ mod real;
 mod types;
 
 pub use error::NetlinkError;
+#[cfg(any(test, feature = "fake"))]
 pub use fake::Fake;
 pub use iface::{pick_iface, select_iface, Iface, IfaceError, IfaceSpec};
 pub use netns::{Netns, NetnsError};
@@ -30,6 +33,7 @@ pub use types::{
 #[derive(Clone, Debug)]
 pub enum Netlink {
     Real(Real),
+    #[cfg(any(test, feature = "fake"))]
     Fake(Fake),
 }
 
@@ -39,6 +43,7 @@ impl From<Real> for Netlink {
     }
 }
 
+#[cfg(any(test, feature = "fake"))]
 impl From<Fake> for Netlink {
     fn from(f: Fake) -> Netlink {
         Netlink::Fake(f)
@@ -63,6 +68,7 @@ impl Netlink {
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
         match self {
             Netlink::Real(r) => r.link_by_name(name).await,
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => Ok(f.link_by_name(name)),
         }
     }
@@ -70,6 +76,7 @@ impl Netlink {
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
         match self {
             Netlink::Real(r) => r.link_by_index(index).await,
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => Ok(f.link_by_index(index)),
         }
     }
@@ -77,6 +84,7 @@ impl Netlink {
     pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
         match self {
             Netlink::Real(r) => r.links().await,
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => Ok(f.links()),
         }
     }
@@ -85,6 +93,7 @@ impl Netlink {
     pub async fn addresses(&self, ifindex: Option<u32>) -> Result<Vec<Addr>, NetlinkError> {
         match self {
             Netlink::Real(r) => r.addresses(ifindex).await,
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => Ok(f.addresses(ifindex)),
         }
     }
@@ -93,6 +102,7 @@ impl Netlink {
     pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>, NetlinkError> {
         match self {
             Netlink::Real(r) => r.neighbours(ifindex).await,
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => Ok(f.neighbours(ifindex)),
         }
     }
@@ -101,6 +111,7 @@ impl Netlink {
     pub async fn fdb(&self, ifindex: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
         match self {
             Netlink::Real(r) => r.fdb(ifindex).await,
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => Ok(f.fdb(ifindex)),
         }
     }
@@ -115,6 +126,7 @@ impl Netlink {
     pub async fn all_routes(&self) -> Result<Vec<Route>, NetlinkError> {
         match self {
             Netlink::Real(r) => r.routes().await,
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => Ok(f.routes()),
         }
     }
@@ -148,6 +160,7 @@ impl Netlink {
     pub async fn apply_all(&self, ops: &[Op]) -> Vec<Result<(), NetlinkError>> {
         match self {
             Netlink::Real(r) => r.apply_all(ops).await,
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => ops.iter().map(|op| f.apply(op)).collect(),
         }
     }

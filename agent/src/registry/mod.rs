@@ -3,9 +3,11 @@
 //! subnet manager is tested without etcd and the etcd impl is tested against a real etcd.
 
 mod etcd;
+#[cfg(any(test, feature = "fake"))]
 mod mem;
 
 pub use etcd::{EtcdOptions, EtcdRegistry};
+#[cfg(any(test, feature = "fake"))]
 pub use mem::{MemOp, MemRegistry};
 
 use std::net::Ipv4Addr;
@@ -146,11 +148,13 @@ pub(crate) fn holder_of(value: &[u8]) -> Result<Ipv4Addr, String> {
 
 pub enum Registry {
     Etcd(Box<EtcdRegistry>),
+    #[cfg(any(test, feature = "fake"))]
     Mem(MemRegistry),
 }
 
 pub enum LeaseWatch {
     Etcd(Box<etcd::EtcdWatch>),
+    #[cfg(any(test, feature = "fake"))]
     Mem(mem::MemWatch),
 }
 
@@ -159,6 +163,7 @@ impl LeaseWatch {
     pub async fn next(&mut self) -> Result<Vec<WatchEvent>, RegistryError> {
         match self {
             LeaseWatch::Etcd(w) => w.next().await,
+            #[cfg(any(test, feature = "fake"))]
             LeaseWatch::Mem(w) => w.next().await,
         }
     }
@@ -168,6 +173,7 @@ macro_rules! dispatch {
     ($self:ident, $r:ident => $e:expr) => {
         match $self {
             Registry::Etcd($r) => $e,
+            #[cfg(any(test, feature = "fake"))]
             Registry::Mem($r) => $e,
         }
     };
@@ -251,6 +257,7 @@ impl Registry {
                 .watch(from_revision)
                 .await
                 .map(|w| LeaseWatch::Etcd(Box::new(w))),
+            #[cfg(any(test, feature = "fake"))]
             Registry::Mem(r) => r.watch(from_revision).map(LeaseWatch::Mem),
         }
     }
