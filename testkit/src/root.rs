@@ -4,6 +4,8 @@
 //! those tests (grep the output for `skip:`). Start such a test with
 //! `tweed_testkit::require_root!("why")`.
 
+use std::io::Write;
+
 /// Whether the effective user is root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -20,15 +22,17 @@ pub fn skip_unless_root(test: &str, why: &str) -> bool {
     if is_root() {
         return true;
     }
-    eprintln!("{}", skip_line(test, why));
+    // Straight to stderr, not through `eprintln!`: the test harness captures that and shows it
+    // only for failed tests, and a skipped test passes.
+    let _ = writeln!(std::io::stderr(), "{}", skip_line(test, why));
     false
 }
 
-/// `crate::module::test_fn::here` (a fn item's type name) → `module::test_fn`.
+/// `test_file::module::test_fn::here` (a fn item's type name) → `test_file::module::test_fn`:
+/// an integration test's crate is its file, so the name says where the test is.
 #[doc(hidden)]
 pub fn test_name(marker: &str) -> &str {
-    let path = marker.strip_suffix("::here").unwrap_or(marker);
-    path.split_once("::").map_or(path, |(_, rest)| rest)
+    marker.strip_suffix("::here").unwrap_or(marker)
 }
 
 /// Returns from the calling test (after printing `skip: <test> needs root: <why>`) unless root.
@@ -65,7 +69,7 @@ mod tests {
         }
         assert_eq!(
             test_name(name_of(here)),
-            "root::tests::the_macro_names_the_calling_test"
+            "tweed_testkit::root::tests::the_macro_names_the_calling_test"
         );
     }
 
