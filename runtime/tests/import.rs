@@ -86,8 +86,7 @@ fn oci_layout(dir: &Path, layers: &[Vec<u8>], cmd: &[&str]) -> PathBuf {
 fn umoci_and_skopeo_images_with_whiteouts() {
     require_root!(NEEDS_ROOT);
     let e = Env::new();
-    let work = e.dir.path().join("umoci");
-    std::fs::create_dir(&work).unwrap();
+    let work = e.mkdir("umoci");
     let rootfs = busybox_rootfs(e.dir.path());
     // Layer 1: busybox. Layer 2 (umoci's own diff): /bin/vi and /etc/group deleted, /etc
     // rewritten, /var/lib/{a,b} added. Layer 3 (hand-made): /var/lib made opaque with only c,
@@ -191,8 +190,7 @@ fn refused(e: &Env, name: &str, layer: Vec<u8>, expect: &str) {
 fn hostile_layers_are_refused_with_a_clear_error() {
     require_root!(NEEDS_ROOT);
     let e = Env::new();
-    let outside = e.dir.path().join("outside");
-    std::fs::create_dir(&outside).unwrap();
+    let outside = e.mkdir("outside");
     refused(
         &e,
         "dotdot",

@@ -266,8 +266,7 @@ fn fork_bomb_stops_at_the_pids_limit() {
 fn volumes_and_workdir_and_env() {
     require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
-    let host = e.dir.path().join("vol");
-    std::fs::create_dir(&host).unwrap();
+    let host = e.mkdir("vol");
     std::fs::write(host.join("in"), "from host\n").unwrap();
     let rw = format!("{}:/data", host.display());
     let ro = format!("{}:/ro:ro", host.display());

@@ -24,17 +24,44 @@ fn cni_plugin_dir() -> &'static str {
     panic!("CNI plugins missing: install Debian's containernetworking-plugins")
 }
 
+/// A runtime whose containers' host side is a namespace of the test's own, not the root one.
+fn env_with_host_netns() -> (Env, NetnsGuard) {
+    let mut e = Env::with_busybox();
+    let host = NetnsGuard::unique("twt");
+    e.extra
+        .push(("TWEED_HOST_NETNS".into(), host.name().to_string()));
+    (e, host)
+}
+
+/// [`env_with_host_netns`] with `--net overlay` through a bridge + host-local chain on a bridge
+/// of its own (`extra` is appended to the chain's plugins); returns the bridge's name too.
+fn overlay_env(extra: &str) -> (Env, NetnsGuard, String) {
+    let (mut e, host) = env_with_host_netns();
+    let br = unique("twb");
+    let conf = conflist(&e, &br, extra);
+    e.extra
+        .push(("TWEED_CNI_CONF".into(), conf.display().to_string()));
+    e.extra
+        .push(("TWEED_CNI_PATH".into(), cni_plugin_dir().into()));
+    (e, host, br)
+}
+
+/// How many veths the host namespace holds: one per attached container.
+fn veths(host: &NetnsGuard) -> usize {
+    host.ip(&["-o", "link", "show", "type", "veth"])
+        .unwrap()
+        .lines()
+        .count()
+}
+
 #[test]
 fn none_host_and_container_modes() {
     require_root!(NEEDS_ROOT);
-    let mut e = Env::with_busybox();
-    let host = NetnsGuard::unique("twt");
+    let (e, host) = env_with_host_netns();
     let dummy = unique("twd");
     let peer = unique("twp");
     host.ip(&["link", "add", &dummy, "type", "veth", "peer", "name", &peer])
         .unwrap();
-    e.extra
-        .push(("TWEED_HOST_NETNS".into(), host.name().to_string()));
 
     // none: a fresh namespace with only loopback, up.
     let out = e.ok(&[
@@ -110,16 +137,7 @@ fn ipam_ips(e: &Env, net: &str) -> Vec<String> {
 #[test]
 fn overlay_through_a_cni_chain() {
     require_root!(NEEDS_ROOT);
-    let mut e = Env::with_busybox();
-    let host = NetnsGuard::unique("twt");
-    let br = unique("twb");
-    let conf = conflist(&e, &br, "");
-    e.extra
-        .push(("TWEED_HOST_NETNS".into(), host.name().to_string()));
-    e.extra
-        .push(("TWEED_CNI_CONF".into(), conf.display().to_string()));
-    e.extra
-        .push(("TWEED_CNI_PATH".into(), cni_plugin_dir().into()));
+    let (e, host, br) = overlay_env("");
 
     e.start(&[
         "--name",
@@ -167,13 +185,7 @@ fn overlay_through_a_cni_chain() {
     assert_eq!(out, "1\nreached\n", "{out}");
     // The removed container's address went back to the pool: only a's is taken.
     assert_eq!(ipam_ips(&e, &br), vec![a_ip.clone()]);
-    assert_eq!(
-        host.ip(&["-o", "link", "show", "type", "veth"])
-            .unwrap()
-            .lines()
-            .count(),
-        1
-    );
+    assert_eq!(veths(&host), 1);
     // The root namespace never saw any of it.
     let root_links = std::process::Command::new("ip")
         .args(["-o", "link"])
@@ -183,43 +195,21 @@ fn overlay_through_a_cni_chain() {
 
     e.ok(&["rm", "-f", "a"]);
     assert!(ipam_ips(&e, &br).is_empty(), "address leaked");
-    assert_eq!(
-        host.ip(&["-o", "link", "show", "type", "veth"])
-            .unwrap()
-            .lines()
-            .count(),
-        0
-    );
+    assert_eq!(veths(&host), 0);
     e.assert_nothing_left();
 }
 
 #[test]
 fn failed_cni_add_leaves_nothing() {
     require_root!(NEEDS_ROOT);
-    let mut e = Env::with_busybox();
-    let host = NetnsGuard::unique("twt");
-    let br = unique("twb");
-    let conf = conflist(&e, &br, r#",{"type":"no-such-plugin"}"#);
-    e.extra
-        .push(("TWEED_HOST_NETNS".into(), host.name().to_string()));
-    e.extra
-        .push(("TWEED_CNI_CONF".into(), conf.display().to_string()));
-    e.extra
-        .push(("TWEED_CNI_PATH".into(), cni_plugin_dir().into()));
+    let (mut e, host, br) = overlay_env(r#",{"type":"no-such-plugin"}"#);
     let err = e.fails(&["run", "--net", "overlay", "busybox", "true"]);
     assert!(
         err.contains("no-such-plugin") && err.contains("not found"),
         "{err}"
     );
     assert!(ipam_ips(&e, &br).is_empty(), "address leaked");
-    assert_eq!(
-        host.ip(&["-o", "link", "show", "type", "veth"])
-            .unwrap()
-            .lines()
-            .count(),
-        0,
-        "veth leaked"
-    );
+    assert_eq!(veths(&host), 0, "veth leaked");
     e.assert_nothing_left();
     // A missing conflist is refused before anything is made.
     e.extra

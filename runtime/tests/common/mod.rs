@@ -56,6 +56,13 @@ impl Env {
         e
     }
 
+    /// A new directory `name` in this env's temporary directory.
+    pub fn mkdir(&self, name: &str) -> PathBuf {
+        let d = self.dir.path().join(name);
+        std::fs::create_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        d
+    }
+
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(tweedctl_bin());
         c.env("TWEED_ROOT", &self.run_root)
