@@ -19,3 +19,6 @@ pub mod run;
 pub mod settings;
 pub mod subnet;
 pub mod watch;
+
+#[cfg(test)]
+mod testutil;

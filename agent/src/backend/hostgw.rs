@@ -234,12 +234,7 @@ mod tests {
 
     const ETH0: u32 = 2;
 
-    fn net(s: &str) -> Ipv4Network {
-        s.parse().unwrap()
-    }
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().unwrap()
-    }
+    use crate::testutil::{ip, net};
     fn cfg() -> HostGwConfig {
         HostGwConfig {
             network: net("10.244.0.0/16"),

@@ -81,12 +81,7 @@ pub fn canonical(subnet: Ipv4Network) -> Ipv4Network {
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Network {
-        s.parse().unwrap()
-    }
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().unwrap()
-    }
+    use crate::testutil::{ip, net};
     fn connected(dst: &str, oif: u32) -> Route {
         Route {
             dst: net(dst),

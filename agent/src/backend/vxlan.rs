@@ -807,13 +807,7 @@ mod tests {
 
     const DEV: u32 = 9;
 
-    fn net(s: &str) -> Ipv4Network {
-        s.parse().unwrap()
-    }
-
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().unwrap()
-    }
+    use crate::testutil::{ip, net};
 
     fn mac(last: u8) -> MacAddr {
         MacAddr([0x02, 0, 0, 0, 0, last])

@@ -7,7 +7,6 @@ use crate::registry::{MemOp, MemRegistry};
 use crate::rules::{FakeFirewall, RuleSpec};
 use crate::state::Snapshot;
 use ipnetwork::Ipv4Network;
-use std::net::Ipv4Addr;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -18,13 +17,7 @@ const PREFIX: &str = "/coreos.com/network";
 const NETWORK: &str = "10.244.0.0/16";
 const OUR_IP: &str = "198.18.0.1";
 
-fn net(s: &str) -> Ipv4Network {
-    s.parse().unwrap()
-}
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
+use crate::testutil::{ip, net};
 
 fn key(subnet: &str) -> String {
     SubnetKey::new(net(subnet)).etcd_key(PREFIX)

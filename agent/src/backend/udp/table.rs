@@ -205,12 +205,7 @@ mod tests {
     use super::super::packet::PROTO_UDP;
     use super::*;
 
-    fn net(s: &str) -> Ipv4Network {
-        s.parse().unwrap()
-    }
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().unwrap()
-    }
+    use crate::testutil::{ip, net};
     fn peer(n: u8) -> UdpPeer {
         UdpPeer {
             subnet: net(&format!("10.244.{n}.0/24")),
