@@ -149,6 +149,16 @@ mod tests {
         )
     }
 
+    /// Acquires for the node `ip` (asking for `prev` back, as a restarted agent does).
+    async fn acquire_as(
+        reg: &Registry,
+        ip: &str,
+        prev: Option<Ipv4Network>,
+        ttl: Duration,
+    ) -> OwnLease {
+        acquire(reg, &cfg(), &attrs(ip), prev, ttl).await.unwrap()
+    }
+
     #[test]
     fn renew_interval_rules() {
         let h = Duration::from_secs(3600);
@@ -210,20 +220,14 @@ mod tests {
         let mem = MemRegistry::new(P);
         let reg = Registry::Mem(mem.clone());
         let ttl = Duration::from_secs(60);
-        let first = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl)
-            .await
-            .unwrap();
+        let first = acquire_as(&reg, "198.18.0.1", None, ttl).await;
         assert!(!first.reused);
-        let again = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl)
-            .await
-            .unwrap();
+        let again = acquire_as(&reg, "198.18.0.1", None, ttl).await;
         assert_eq!(again.key, first.key);
         assert!(again.reused);
         let rev_before = reg.list_leases().await.unwrap().revision;
         // Unchanged attrs: no write at all (peers see nothing).
-        acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl)
-            .await
-            .unwrap();
+        acquire_as(&reg, "198.18.0.1", None, ttl).await;
         assert_eq!(reg.list_leases().await.unwrap().revision, rev_before);
         // New VTEP MAC: same subnet, value rewritten.
         let mut changed = attrs("198.18.0.1");
@@ -244,43 +248,17 @@ mod tests {
         let mem = MemRegistry::new(P);
         let reg = Registry::Mem(mem.clone());
         let ttl = Duration::from_secs(60);
-        let first = acquire(&reg, &cfg(), &attrs("198.18.0.1"), None, ttl)
-            .await
-            .unwrap();
+        let first = acquire_as(&reg, "198.18.0.1", None, ttl).await;
         mem.expire_lease(first.lease_id);
         assert_eq!(reg.renew(first.lease_id).await.unwrap(), None);
         assert!(reg.list_leases().await.unwrap().leases.is_empty());
-        let back = acquire(
-            &reg,
-            &cfg(),
-            &attrs("198.18.0.1"),
-            Some(first.subnet()),
-            ttl,
-        )
-        .await
-        .unwrap();
+        let back = acquire_as(&reg, "198.18.0.1", Some(first.subnet()), ttl).await;
         assert_eq!(back.subnet(), first.subnet());
         assert_ne!(back.lease_id, first.lease_id);
         // Someone else grabbed it while we were away: we get another one, not an error.
         mem.delete_raw(&back.key.etcd_key(P));
-        acquire(
-            &reg,
-            &cfg(),
-            &attrs("198.18.0.2"),
-            Some(first.subnet()),
-            ttl,
-        )
-        .await
-        .unwrap();
-        let other = acquire(
-            &reg,
-            &cfg(),
-            &attrs("198.18.0.1"),
-            Some(first.subnet()),
-            ttl,
-        )
-        .await
-        .unwrap();
+        acquire_as(&reg, "198.18.0.2", Some(first.subnet()), ttl).await;
+        let other = acquire_as(&reg, "198.18.0.1", Some(first.subnet()), ttl).await;
         assert_ne!(other.subnet(), first.subnet());
     }
 
@@ -318,9 +296,7 @@ mod tests {
             .unwrap();
         assert_ne!(other.subnet(), reserved);
         // The node with that IP takes it, keeps it without a TTL and writes its backend data.
-        let own = acquire(&reg, &cfg(), &attrs("198.18.0.77"), None, ttl)
-            .await
-            .unwrap();
+        let own = acquire_as(&reg, "198.18.0.77", None, ttl).await;
         assert_eq!(own.subnet(), reserved);
         assert_eq!(own.lease_id, 0);
         assert!(own.reused);

@@ -41,6 +41,19 @@ fn ready(state: &AgentState) {
     });
 }
 
+/// Tells a server to shut down and requires it to finish, cleanly, within 5 s.
+async fn stop<E: std::fmt::Debug>(
+    tx: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), E>>,
+) {
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn health_ready_and_metrics() {
     let state = AgentState::new();
@@ -64,12 +77,7 @@ async fn health_ready_and_metrics() {
     assert_eq!(code, 200);
     assert!(body.contains("tweed_lease_renewals_total 1"), "{body}");
     assert_eq!(get(addr, "/nope").await.0, 404);
-    tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop(tx, server).await;
 }
 
 #[tokio::test]
@@ -149,12 +157,7 @@ async fn grpc_status_lists_and_event_stream_over_a_0600_socket() {
     assert_eq!(ev.kind, tweed_api::v1::lease_event::Kind::Removed as i32);
     assert_eq!(ev.lease.unwrap().subnet, "10.244.4.0/24");
     drop(stream);
-    tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop(tx, server).await;
 }
 
 /// Issue 6: Reserve/Unreserve over the socket, against the in-memory registry.
