@@ -29,23 +29,9 @@ fn sync_installs_is_idempotent_repairs_and_replaces() {
     // An operator deletes the chain: the next sync restores chain and jump.
     let c3 = chains.clone();
     let repaired = ns.enter(move || {
-        let run = |a: &[&str]| {
-            tweed_testkit::run("iptables", a);
-        };
-        run(&[
-            "-t",
-            "nat",
-            "-D",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "tweed",
-            "-j",
-            "TWEED-POSTRTG",
-        ]);
-        run(&["-t", "nat", "-F", "TWEED-POSTRTG"]);
-        run(&["-t", "nat", "-X", "TWEED-POSTRTG"]);
+        for argv in tweed_testkit::sabotage::DELETE_MASQUERADE_CHAIN {
+            tweed_testkit::run(argv[0], &argv[1..]);
+        }
         (
             Iptables::sync(&c3).unwrap(),
             Iptables::listing("nat").unwrap(),

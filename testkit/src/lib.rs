@@ -17,6 +17,7 @@ pub mod cmd;
 pub mod cni;
 pub mod netns;
 pub mod root;
+pub mod sabotage;
 
 pub use cmd::{in_ns, ip, ip_in, ok_in, probe_in, run, try_in_ns, try_run, CmdError};
 pub use netns::NetnsGuard;

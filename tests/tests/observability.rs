@@ -143,24 +143,9 @@ fn ready_metrics_tweedctl_net_and_rules_resync() {
     );
 
     // Someone deletes the masquerade chain: back within the 5 s resync period.
-    in_ns(
-        &h1.netns,
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-D",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "tweed",
-            "-j",
-            "TWEED-POSTRTG",
-        ],
-    );
-    in_ns(&h1.netns, &["iptables", "-t", "nat", "-F", "TWEED-POSTRTG"]);
-    in_ns(&h1.netns, &["iptables", "-t", "nat", "-X", "TWEED-POSTRTG"]);
+    for argv in tweed_testkit::sabotage::DELETE_MASQUERADE_CHAIN {
+        in_ns(&h1.netns, argv);
+    }
     wait_for(Duration::from_secs(8), "the chain to be restored", || {
         in_ns(&h1.netns, &["iptables", "-t", "nat", "-S"]).contains("-j TWEED-POSTRTG")
     });
