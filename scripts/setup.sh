@@ -15,75 +15,61 @@ fi
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 require_root() {
-    [ "$(id -u)" = 0 ] || die "run as root: it creates network namespaces (sudo bash $0)"
+    [ "$(id -u)" = 0 ] || die "run as root: it creates network namespaces (as a user with sudo: sudo bash $0)"
 }
 
-# Every command the build and the lab need, mapped to the Debian package that ships it.
-declare -A PROGRAM_PACKAGE=(
-    [etcd]=etcd-server
-    [etcdctl]=etcd-client
-    [protoc]=protobuf-compiler
-    [ip]=iproute2
-    [ping]=iputils-ping
-    [iperf3]=iperf3
-    [prometheus]=prometheus
-    [iptables]=iptables
-    [sysctl]=procps
-    [pgrep]=procps
-    [killall]=psmisc
-    [cc]=build-essential
-    [make]=build-essential
-    [pkg-config]=pkg-config
-    [jq]=jq
-    [nsenter]=util-linux
-    [busybox]=busybox-static
-    [umoci]=umoci
-    [skopeo]=skopeo
-    [runc]=runc
-    [containerd]=containerd
-    [ctr]=containerd
-    [podman]=podman
-    [nft]=nftables
-    [bc]=bc
-    [curl]=curl
-    [python3]=python3
-    [systemd-analyze]=systemd
-    [vagrant]=vagrant
+# Debian packages by need. Header, library and data packages are listed as well as programs:
+# `apt-get install --no-install-recommends` installs nothing the list does not name, and a
+# missing .proto or header cannot be found by looking for programs (docs/install.md says why
+# each package is here).
+#   demo: build the workspace and run a vxlan lab (scripts/demo)
+#   test: everything scripts/test runs (unit, integration, root e2e tests, deploy/check)
+#   vm:   the VM stage (scripts/vm-test): a hypervisor, libvirt and Vagrant
+PACKAGES_demo=(
+    build-essential pkg-config protobuf-compiler libprotobuf-dev ca-certificates
+    etcd-server etcd-client iproute2 iptables iputils-ping procps
 )
-# Files the tests need that are not programs on PATH, and their packages.
-declare -A FILE_PACKAGE=(
-    [/usr/lib/cni/bridge]=containernetworking-plugins
-    [/etc/ssl/certs/ca-certificates.crt]=ca-certificates
+PACKAGES_test=(
+    "${PACKAGES_demo[@]}"
+    nftables psmisc util-linux jq bc curl python3 python3-venv
+    iperf3 prometheus ethtool tcpdump wireguard-tools wireguard-go
+    busybox-static umoci skopeo runc containerd podman containernetworking-plugins
+    systemd vagrant
 )
-APT_PACKAGES=(etcd-server etcd-client protobuf-compiler iproute2 iputils-ping iperf3 iptables
-    nftables procps psmisc build-essential pkg-config ca-certificates jq util-linux
-    busybox-static umoci skopeo runc containerd podman containernetworking-plugins bc curl python3
-    prometheus python3-venv systemd vagrant)
+PACKAGES_vm=(
+    qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients dnsmasq-base
+    vagrant vagrant-libvirt debootstrap rsync openssh-client
+)
 
-install_packages() {
-    local missing=()
+# Prints the packages of list NAME (demo, test or vm) that dpkg does not report as installed.
+missing_packages() {
+    local -n list="PACKAGES_$1"
     local p
-    for p in "${!PROGRAM_PACKAGE[@]}"; do
-        command -v "$p" >/dev/null 2>&1 || missing+=("$p (${PROGRAM_PACKAGE[$p]})")
+    for p in "${list[@]}"; do
+        [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || echo "$p"
     done
-    for p in "${!FILE_PACKAGE[@]}"; do
-        [ -e "$p" ] || missing+=("$p (${FILE_PACKAGE[$p]})")
-    done
+}
+
+# Installs what list NAME (demo, test or vm) lacks; apt-get runs only when something does.
+# The stable entry point for other scripts: source scripts/setup.sh; ensure_packages vm
+ensure_packages() {
+    local need=$1
+    declare -p "PACKAGES_$need" >/dev/null 2>&1 || die "unknown package list '$need' (demo, test, vm)"
+    command -v dpkg-query >/dev/null 2>&1 || die "no dpkg-query: tweed's scripts need Debian 12"
+    local missing
+    mapfile -t missing < <(missing_packages "$need")
     if [ ${#missing[@]} -eq 0 ]; then
-        log "all tools present, skipping apt-get"
+        log "all $need packages installed, skipping apt-get"
         return
     fi
-    log "missing: ${missing[*]}; installing Debian packages"
+    log "missing $need packages: ${missing[*]}; installing"
     command -v apt-get >/dev/null 2>&1 || die "no apt-get: install these by hand: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends "${APT_PACKAGES[@]}"
-    for p in "${!PROGRAM_PACKAGE[@]}"; do
-        command -v "$p" >/dev/null 2>&1 || die "$p still missing after installing ${PROGRAM_PACKAGE[$p]}"
-    done
-    for p in "${!FILE_PACKAGE[@]}"; do
-        [ -e "$p" ] || die "$p still missing after installing ${FILE_PACKAGE[$p]}"
-    done
+    # No daemon is needed from these packages: installing under a policy-rc.d that forbids
+    # starting services (exit 101) works, and every test starts its own etcd on a free port.
+    DEBIAN_FRONTEND=noninteractive apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+    mapfile -t missing < <(missing_packages "$need")
+    [ ${#missing[@]} -eq 0 ] || die "still not installed after apt-get: ${missing[*]}"
 }
 
 # sudo resets PATH, hiding a rustup toolchain in the invoking user's home: look there too.
@@ -116,8 +102,9 @@ find_cargo() {
     log "using $(cargo --version)"
 }
 
+# setup demo|test: root, that list's packages, and a recent enough cargo.
 setup() {
     require_root
-    install_packages
+    ensure_packages "${1:?setup needs a package list: demo or test}"
     find_cargo
 }

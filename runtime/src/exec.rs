@@ -16,6 +16,8 @@ use crate::syscall::{LinuxSyscall, Syscall};
 pub enum ExecError {
     #[error("opening namespace {path}: {source}")]
     OpenNs { path: PathBuf, source: io::Error },
+    #[error("opening the container's root {path}: {source}")]
+    OpenRoot { path: PathBuf, source: io::Error },
     #[error("starting the exec process: {0}")]
     Fork(io::Error),
     #[error("terminal: {0}")]
@@ -97,6 +99,19 @@ pub fn exec(cfg: &ContainerConfig, init_pid: i32, spec: &ExecSpec) -> Result<i32
         let f = File::open(&path).map_err(|source| ExecError::OpenNs { path, source })?;
         nsfds.push((f, *flag));
     }
+    // Joining a mount namespace puts us at the namespace's root, which is the container's
+    // root only when the container was pivoted onto it. A tweedctl started inside a chroot
+    // leaves the container's root below that (the host's real root): enter the init's root
+    // itself, as it is seen from here.
+    let root = {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = PathBuf::from(format!("/proc/{init_pid}/root"));
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&path)
+            .map_err(|source| ExecError::OpenRoot { path, source })?
+    };
     let _raw = if spec.tty {
         Some(RawTerm::enter())
     } else {
@@ -104,9 +119,9 @@ pub fn exec(cfg: &ContainerConfig, init_pid: i32, spec: &ExecSpec) -> Result<i32
     };
     // SAFETY: `tweedctl exec` is single-threaded, and the child leaves through `process::child`.
     match unsafe { process::fork() }.map_err(ExecError::Fork)? {
-        Fork::Child => process::child(|| joiner(cfg, &nsfds, spec)),
+        Fork::Child => process::child(|| joiner(cfg, &nsfds, root.as_raw_fd(), spec)),
         Fork::Parent(pid) => {
-            drop(nsfds);
+            drop((nsfds, root));
             let e = process::waitpid(pid).map_err(ExecError::Fork)?;
             Ok(e.code)
         }
@@ -115,7 +130,12 @@ pub fn exec(cfg: &ContainerConfig, init_pid: i32, spec: &ExecSpec) -> Result<i32
 
 /// The first child: joins cgroups and namespaces, forks the command (which is then inside the
 /// container's pid namespace), relays the terminal, and exits with the command's code.
-fn joiner(cfg: &ContainerConfig, nsfds: &[(File, libc::c_int)], spec: &ExecSpec) -> i32 {
+fn joiner(
+    cfg: &ContainerConfig,
+    nsfds: &[(File, libc::c_int)],
+    root: RawFd,
+    spec: &ExecSpec,
+) -> i32 {
     let sys = LinuxSyscall;
     // Single-threaded: moving ourselves through `tasks` avoids the global migration lock.
     if let Err(e) = crate::cgroup::SelfJoin::open(&cfg.cgroup).and_then(|mut j| j.join()) {
@@ -145,7 +165,7 @@ fn joiner(cfg: &ContainerConfig, nsfds: &[(File, libc::c_int)], spec: &ExecSpec)
             command(
                 cfg,
                 spec,
-                mnt.0.as_raw_fd(),
+                (mnt.0.as_raw_fd(), root),
                 (rep_w.as_raw_fd(), ack_r.as_raw_fd()),
             )
         }),
@@ -273,6 +293,18 @@ fn serve(
     }
 }
 
+/// Makes the directory `root` (an fd opened on `/proc/<init>/root`) this process's root.
+fn enter_root(root: RawFd) -> io::Result<()> {
+    let dot = std::ffi::CString::new(".").expect("no NUL");
+    // SAFETY: fchdir on an fd we hold; chroot with a valid C string.
+    unsafe {
+        if libc::fchdir(root) != 0 || libc::chroot(dot.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn open_pty() -> io::Result<(OwnedFd, PathBuf)> {
     let p = std::ffi::CString::new("/dev/ptmx").expect("no NUL");
     // SAFETY: opening the container's ptmx; ioctls with valid out pointers.
@@ -302,12 +334,16 @@ fn open_pty() -> io::Result<(OwnedFd, PathBuf)> {
 fn command(
     cfg: &ContainerConfig,
     spec: &ExecSpec,
-    mnt: RawFd,
+    (mnt, root): (RawFd, RawFd),
     (report, ack): (RawFd, RawFd),
 ) -> i32 {
     let sys = LinuxSyscall;
     if let Err(e) = sys.setns(mnt, libc::CLONE_NEWNS) {
         eprintln!("tweedctl exec: joining the mount namespace: {e}");
+        return 126;
+    }
+    if let Err(e) = enter_root(root) {
+        eprintln!("tweedctl exec: entering the container's root: {e}");
         return 126;
     }
     let slave = if spec.tty {
