@@ -185,7 +185,7 @@ fn both_formats(c: &Case, name: &str, extra: Vec<Vec<u8>>, expect: &[&str]) {
         &docker_archive(
             extra.clone(),
             &config_for(&[sha256_of(&layer)]),
-            &[layer.clone()],
+            std::slice::from_ref(&layer),
         ),
     );
     c.refused(&d, &[], expect);
@@ -247,7 +247,11 @@ fn layer_dotdot_and_absolute_entries_are_refused_in_both_formats() {
     ] {
         let d = c.write(
             &format!("{name}.tar"),
-            &docker_archive(vec![], &config_for(&[sha256_of(&layer)]), &[layer.clone()]),
+            &docker_archive(
+                vec![],
+                &config_for(&[sha256_of(&layer)]),
+                std::slice::from_ref(&layer),
+            ),
         );
         c.refused(&d, &[], &["l0/layer.tar", expect]);
         let dir = c.e.dir.path().join(name);
@@ -371,7 +375,11 @@ fn traversal_diff_ids_cannot_name_a_host_directory() {
     // docker-save: the config names the layer by a traversal.
     let d = c.write(
         "difftrav-docker.tar",
-        &docker_archive(vec![], &config_for(&[evil.clone()]), &[layer.clone()]),
+        &docker_archive(
+            vec![],
+            &config_for(std::slice::from_ref(&evil)),
+            std::slice::from_ref(&layer),
+        ),
     );
     c.refused(&d, &[], &["rootfs.diff_ids[0]", "not 64 lowercase hex"]);
     // OCI: same, with the true layer blob present and verified.
@@ -412,7 +420,7 @@ fn bad_digests_are_refused_naming_the_field() {
         let dir = c.e.dir.path().join(format!("bd-{name}"));
         oci_dir(
             &dir,
-            &oci_files(&[layer.clone()], None, |m| {
+            &oci_files(std::slice::from_ref(&layer), None, |m| {
                 m["layers"][0]["digest"] = bad.into()
             }),
         );
@@ -420,7 +428,7 @@ fn bad_digests_are_refused_naming_the_field() {
     }
     // A config whose content does not hash to its descriptor.
     let dir = c.e.dir.path().join("bd-mismatch");
-    let mut files = oci_files(&[layer.clone()], None, |_| {});
+    let mut files = oci_files(std::slice::from_ref(&layer), None, |_| {});
     let cfg = config_for(&[sha256_of(&layer)]).to_string();
     let cpath = format!("blobs/sha256/{}", hex_part(&sha256_of(cfg.as_bytes())));
     for (n, d) in files.iter_mut() {
@@ -508,7 +516,11 @@ fn tar_and_gzip_bombs_are_stopped_by_the_limits() {
     assert!(layer.len() < 1 << 20);
     let d = c.write(
         "bomb-docker.tar",
-        &docker_archive(vec![], &config_for(&[sha256_of(&big)]), &[layer.clone()]),
+        &docker_archive(
+            vec![],
+            &config_for(&[sha256_of(&big)]),
+            std::slice::from_ref(&layer),
+        ),
     );
     c.refused(
         &d,
@@ -524,7 +536,7 @@ fn tar_and_gzip_bombs_are_stopped_by_the_limits() {
     let outer = gzip(&docker_archive(
         vec![],
         &config_for(&[sha256_of(&big)]),
-        &[big.clone()],
+        std::slice::from_ref(&big),
     ));
     let o = c.write("bomb-outer.tar.gz", &outer);
     c.refused(
@@ -546,7 +558,7 @@ fn huge_entry_counts_are_stopped_by_the_limits() {
     let c = Case::new();
     let layer = tar_of((0..3000).map(|i| file(&format!("f{i}"), b"")).collect());
     let dir = c.e.dir.path().join("many");
-    oci_dir(&dir, &oci_files(&[layer.clone()], None, |_| {}));
+    oci_dir(&dir, &oci_files(std::slice::from_ref(&layer), None, |_| {}));
     c.refused(
         &dir,
         &["--max-entries", "1000"],
