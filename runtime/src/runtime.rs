@@ -135,6 +135,11 @@ impl Runtime {
             run_root: opts.run_root.clone(),
             image_root: opts.image_root.clone(),
         };
+        // /run/tweed is shared with the agent (subnet.env, its socket) and keeps its mode when
+        // it exists; a new one, and everything tweedctl keeps in it, is root's alone.
+        if fs::symlink_metadata(&paths.run_root).is_err() {
+            fsutil::create_private_dir(&paths.run_root).map_err(io_err(&paths.run_root))?;
+        }
         for d in [
             paths.containers(),
             paths.names(),
@@ -143,7 +148,6 @@ impl Runtime {
             // Container environments, logs and layers are root's alone.
             fsutil::create_private_dir(&d).map_err(io_err(&d))?;
         }
-        fsutil::create_private_dir(&paths.run_root).map_err(io_err(&paths.run_root))?;
         let images = ImageStore::open(&opts.image_root)?;
         Ok(Runtime {
             opts,

@@ -170,7 +170,12 @@ pub struct ImageStore {
 
 impl ImageStore {
     pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
-        fsutil::create_private_dir(root).map_err(io_err(root))?;
+        // The root may be shared (the agent keeps its state in /var/lib/tweed too): made
+        // private when tweed creates it, left as it is otherwise; what tweed keeps in it is
+        // private either way.
+        if fs::symlink_metadata(root).is_err() {
+            fsutil::create_private_dir(root).map_err(io_err(root))?;
+        }
         for d in ["layers", "verified", "images", "tmp"] {
             let p = root.join(d);
             fsutil::create_private_dir(&p).map_err(io_err(&p))?;
