@@ -567,9 +567,9 @@ mod tests {
     #[test]
     fn only_verified_layers_count() {
         let t = tempfile::tempdir().unwrap();
-        let s = ImageStore::open(t.path()).unwrap();
+        let s = ImageStore::open(&t.path().join("store")).unwrap();
         for d in ["", "layers", "verified", "images", "tmp"] {
-            let m = fs::metadata(t.path().join(d)).unwrap();
+            let m = fs::metadata(t.path().join("store").join(d)).unwrap();
             assert_eq!(m.permissions().mode() & 0o7777, 0o700, "{d}");
         }
         let d = Digest::of(b"layer");
