@@ -129,6 +129,13 @@ enum ImageCmd {
         /// Name the imported image (instead of its own tag).
         #[arg(long)]
         name: Option<String>,
+        /// Refuse an archive or layer whose uncompressed tar, or the files written from it,
+        /// pass this size (tar and gzip bombs). Suffixes k, m, g, t.
+        #[arg(long, value_name = "SIZE", default_value = "64g", value_parser = parse_size_arg)]
+        max_unpacked: u64,
+        /// Refuse an archive or layer with more entries than this.
+        #[arg(long, value_name = "N", default_value_t = tweed_runtime::image::Limits::DEFAULT_MAX_ENTRIES)]
+        max_entries: u64,
         /// FILE (or NAME with --rootfs).
         arg: String,
     },
@@ -259,10 +266,22 @@ fn run(cli: Cli) -> Result<i32> {
     }
     let rt = Runtime::new(options(&cli)).context("opening the runtime state")?;
     match cli.cmd {
-        Cmd::Image(ImageCmd::Import { rootfs, name, arg }) => {
+        Cmd::Image(ImageCmd::Import {
+            rootfs,
+            name,
+            max_unpacked,
+            max_entries,
+            arg,
+        }) => {
+            let limits = tweed_runtime::image::Limits {
+                max_unpacked,
+                max_entries,
+            };
             let recs = match rootfs {
                 Some(dir) => vec![rt.images.import_rootfs(&dir, &arg)?],
-                None => rt.images.import(&PathBuf::from(&arg), name.as_deref())?,
+                None => rt
+                    .images
+                    .import_with(&PathBuf::from(&arg), name.as_deref(), &limits)?,
             };
             for r in recs {
                 writeln!(out, "{} {}", r.name, r.id)?;
@@ -274,7 +293,7 @@ fn run(cli: Cli) -> Result<i32> {
                 writeln!(out, "{:<40} {:<19} {:>6}  CREATED", "NAME", "ID", "LAYERS")?;
             }
             for i in imgs {
-                let short = state::short_id(tweed_runtime::digest::hex_part(&i.id));
+                let short = state::short_id(i.id.hex());
                 if quiet {
                     writeln!(out, "{}", i.name)?;
                 } else {
@@ -446,6 +465,10 @@ fn run_cmd(rt: &Runtime, a: RunArgs, out: &mut dyn Write) -> Result<i32> {
         eprintln!("tweedctl: the container was OOM-killed");
     }
     Ok(exit.code)
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    tweed_runtime::units::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -122,18 +122,64 @@ pub fn dev_minor(dev: u64) -> u32 {
     libc::minor(dev as libc::dev_t)
 }
 
-/// Writes `data` to `path` atomically (temporary file in the same directory, then rename).
+/// Writes `data` to `path` atomically and durably, readable by root only: a temporary file
+/// in the same directory (mode 0600 from its creation), fsync, rename over `path`, fsync of the
+/// directory so the rename itself survives a crash. Readers see the old content or the new,
+/// never a torn file, and a crash never leaves an empty one.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}-{}",
         path.file_name()
             .map(|n| n.to_string_lossy())
             .unwrap_or_default(),
-        std::process::id()
+        std::process::id(),
+        random_hex(4)
     ));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
+    let r = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r?;
+    sync_dir(dir)
+}
+
+/// fsync of a directory: makes the entries created, renamed or removed in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates `path` (and missing parents) and makes it 0700: tweed's state and image
+/// directories hold container environments, logs and images, for root only.
+pub fn create_private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    let m = std::fs::symlink_metadata(path)?;
+    if !m.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "exists and is not a directory",
+        ));
+    }
+    if m.permissions().mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Removes a directory tree; missing is fine.
@@ -166,4 +212,40 @@ pub fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     rand::fill(&mut b[..]);
     crate::digest::hex(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn atomic_writes_are_private_and_replace_whole() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("state.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
+        // A write into a missing directory fails and leaves nothing.
+        assert!(write_atomic(&t.path().join("no/such"), b"x").is_err());
+    }
+
+    #[test]
+    fn private_dirs_are_0700_even_when_they_existed() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("a/b");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&d).unwrap();
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+        std::fs::write(t.path().join("f"), "").unwrap();
+        assert!(create_private_dir(&t.path().join("f")).is_err());
+    }
 }

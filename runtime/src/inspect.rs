@@ -75,7 +75,7 @@ impl Runtime {
             "GraphDriver": {
                 "Name": "overlay",
                 "Data": {
-                    "LowerDir": image.as_ref().map(|i| self.images.lower_dirs(i)),
+                    "LowerDir": image.as_ref().and_then(|i| self.images.lower_dirs(i).ok()),
                     "InitDir": ddir.join("init"),
                     "UpperDir": ddir.join("upper"),
                     "WorkDir": ddir.join("work"),

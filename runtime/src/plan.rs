@@ -129,13 +129,13 @@ impl Runtime {
         }
         let cgroup = Cgroup::for_container(layout, &self.opts.cgroup_parent, &id).record();
         Ok(Plan {
-            lowers: self.images.lower_dirs(&image),
+            lowers: self.images.lower_dirs(&image)?,
             config: ContainerConfig {
                 id,
                 name,
                 image: image.name,
-                image_id: image.id,
-                layers: image.layers,
+                image_id: image.id.to_string(),
+                layers: image.layers.iter().map(ToString::to_string).collect(),
                 argv,
                 env,
                 cwd: if cwd.is_empty() { "/".to_string() } else { cwd },

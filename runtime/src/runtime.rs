@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use crate::cgroup::{self, Cgroup, CgroupError, CgroupManager};
 use crate::cni::{Cni, CniError, NetworkList};
+use crate::digest::Digest;
 use crate::exec::{self, ExecError, ExecSpec};
+use crate::fsutil;
 use crate::image::{self, diff::DiffOptions, ImageConfig, ImageError, ImageRecord, ImageStore};
 use crate::plan::RunSpec;
 use crate::release::Release;
@@ -133,12 +135,18 @@ impl Runtime {
             run_root: opts.run_root.clone(),
             image_root: opts.image_root.clone(),
         };
+        // /run/tweed is shared with the agent (subnet.env, its socket) and keeps its mode when
+        // it exists; a new one, and everything tweedctl keeps in it, is root's alone.
+        if fs::symlink_metadata(&paths.run_root).is_err() {
+            fsutil::create_private_dir(&paths.run_root).map_err(io_err(&paths.run_root))?;
+        }
         for d in [
             paths.containers(),
             paths.names(),
             opts.image_root.join("containers"),
         ] {
-            fs::create_dir_all(&d).map_err(io_err(&d))?;
+            // Container environments, logs and layers are root's alone.
+            fsutil::create_private_dir(&d).map_err(io_err(&d))?;
         }
         let images = ImageStore::open(&opts.image_root)?;
         Ok(Runtime {
@@ -480,7 +488,19 @@ impl Runtime {
             let _ = cg.freeze(false);
         }
         let diff_id = r?;
-        let mut layers = cfg.layers.clone();
+        let cfg_path = self.paths.state_dir(id).join("config.json");
+        let mut layers = cfg
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                Digest::parse(d).map_err(|source| ImageError::BadDigest {
+                    path: cfg_path.clone(),
+                    field: format!("layers[{i}]"),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         layers.push(diff_id);
         let config = ImageConfig {
             env: cfg
@@ -508,7 +528,7 @@ impl Runtime {
         let mut keep = HashSet::new();
         for id in self.ids()? {
             let Ok(c) = self.config(&id) else { continue };
-            if c.image == rec.name || (c.image_id == rec.id && !others_same_id) {
+            if c.image == rec.name || (rec.id == *c.image_id && !others_same_id) {
                 return Err(ImageError::InUse {
                     name: rec.name,
                     container: c.name,

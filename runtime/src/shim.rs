@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -115,9 +115,11 @@ fn supervise(spec: ShimSpec, report: OwnedFd) -> i32 {
     if let Ok(null) = process::dev_null() {
         let _ = process::dup2(null.as_raw_fd(), 0);
     }
+    // Logs carry the container's output, which may hold secrets: root only.
     if let Ok(f) = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(spec.state_dir.join("shim.log"))
     {
         let _ = process::dup2(f.as_raw_fd(), 1);
@@ -156,6 +158,7 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(spec.state_dir.join("log"))?;
     let meminfo = match (&spec.meminfo_template, spec.memory_limit) {
         (Some(t), Some(limit)) => {

@@ -209,7 +209,10 @@ impl<'a> Starting<'a> {
             link,
             id: id.clone(),
         });
-        fs::create_dir(&self.state_dir).map_err(io_at(&self.state_dir, reserve))?;
+        // The state holds the container's environment (secrets) and its output: root's alone.
+        std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+            .create(&self.state_dir)
+            .map_err(io_at(&self.state_dir, reserve))?;
         self.undo.push(Release::Tree(self.state_dir.clone()));
         Ok(())
     }

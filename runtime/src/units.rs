@@ -26,6 +26,15 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 
 /// Parses a memory size: `64m`, `64M`, `64mb`, `1.5g`, `1048576`, `512k`.
 pub fn parse_memory(s: &str) -> Result<u64, UnitsError> {
+    let bytes = parse_size(s)?;
+    if bytes < MIN_MEMORY {
+        return Err(UnitsError::MemoryTooSmall(s.to_string()));
+    }
+    Ok(bytes)
+}
+
+/// Parses a size in bytes with the suffixes of [`parse_memory`], without its minimum.
+pub fn parse_size(s: &str) -> Result<u64, UnitsError> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.strip_suffix('b').filter(|r| !r.is_empty()).unwrap_or(&t);
     let (num, mult): (&str, u64) = match t.chars().last() {
@@ -46,11 +55,7 @@ pub fn parse_memory(s: &str) -> Result<u64, UnitsError> {
     if !bytes.is_finite() || bytes >= u64::MAX as f64 {
         return Err(UnitsError::BadMemory(s.to_string()));
     }
-    let bytes = bytes as u64;
-    if bytes < MIN_MEMORY {
-        return Err(UnitsError::MemoryTooSmall(s.to_string()));
-    }
-    Ok(bytes)
+    Ok(bytes as u64)
 }
 
 /// A CPU limit in millicpus (`0.5` -> 500). `host_cpus` bounds it, as Docker does.

@@ -1,5 +1,10 @@
 //! `image import FILE`: docker-save tarballs and OCI image layouts (directory or tar), every
 //! blob checked against its sha256, every layer extracted once.
+//!
+//! Everything here is outside input. The archive is unpacked by the same extractor as layers
+//! (nothing lands outside its temporary directory); every file the metadata names is resolved
+//! inside it; every digest is parsed into a [`Digest`] where it is read, with the file and
+//! field named in the error; a layer is stored only once its content hashed to its diff id.
 
 use std::collections::HashMap;
 use std::fs;
@@ -10,8 +15,10 @@ use serde::Deserialize;
 
 use super::{
     io_err, layer, normalize_name, valid_name, ImageConfig, ImageError, ImageRecord, ImageStore,
+    Limits,
 };
-use crate::{digest, fsutil};
+use crate::digest::{self, Digest};
+use crate::fsutil;
 
 pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -114,7 +121,7 @@ impl Drop for Source {
 }
 
 impl Source {
-    fn open(store: &ImageStore, path: &Path) -> Result<Source, ImageError> {
+    fn open(store: &ImageStore, path: &Path, limits: &Limits) -> Result<Source, ImageError> {
         let meta = fs::metadata(path).map_err(io_err(path))?;
         if meta.is_dir() {
             return Ok(Source {
@@ -131,7 +138,12 @@ impl Source {
         };
         let f = fs::File::open(path).map_err(io_err(path))?;
         let r = decompress(BufReader::with_capacity(1 << 16, f), path, "")?;
-        unpack_outer(r, &tmp, path)?;
+        layer::extract(r, &tmp, layer::Mode::Archive, limits).map_err(|source| {
+            ImageError::Archive {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         Ok(src)
     }
 
@@ -156,6 +168,15 @@ impl Source {
         }
     }
 
+    /// Parses a digest found in `file` at `field`.
+    fn digest(&self, file: &Path, field: &str, value: &str) -> Result<Digest, ImageError> {
+        Digest::parse(value).map_err(|source| ImageError::BadDigest {
+            path: file.to_path_buf(),
+            field: field.to_string(),
+            source,
+        })
+    }
+
     fn read_json<T: for<'de> Deserialize<'de>>(&self, p: &Path) -> Result<T, ImageError> {
         let data = fs::read(p).map_err(io_err(p))?;
         serde_json::from_slice(&data).map_err(|e| ImageError::Malformed {
@@ -163,46 +184,6 @@ impl Source {
             what: e.to_string(),
         })
     }
-}
-
-/// Unpacks the outer tarball (docker save / oci-archive) with the same path rules as layers.
-fn unpack_outer<R: Read>(r: R, dest: &Path, shown: &Path) -> Result<(), ImageError> {
-    let mut ar = tar::Archive::new(r);
-    let lerr = |source| ImageError::Layer {
-        layer: fsutil::show(shown),
-        source,
-    };
-    for e in ar.entries().map_err(io_err(shown))? {
-        let mut e = e.map_err(io_err(shown))?;
-        let raw = e.path().map_err(io_err(shown))?.into_owned();
-        let Some(rel) = layer::clean_path(&raw).map_err(lerr)? else {
-            continue;
-        };
-        layer::ensure_parents(dest, &rel, &fsutil::show(&raw)).map_err(lerr)?;
-        let target = dest.join(&rel);
-        match e.header().entry_type() {
-            tar::EntryType::Directory => {
-                fs::create_dir_all(&target).map_err(io_err(&target))?;
-            }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let mut f = fs::File::create(&target).map_err(io_err(&target))?;
-                io::copy(&mut e, &mut f).map_err(io_err(&target))?;
-            }
-            tar::EntryType::Symlink | tar::EntryType::Link => {
-                // Old docker-save archives link repeated layers; resolve() keeps them inside.
-                if let Some(l) = e.link_name().map_err(io_err(shown))? {
-                    let l = l.into_owned();
-                    if e.header().entry_type() == tar::EntryType::Symlink {
-                        std::os::unix::fs::symlink(&l, &target).map_err(io_err(&target))?;
-                    } else if let Ok(Some(lr)) = layer::clean_path(&l) {
-                        fs::hard_link(dest.join(lr), &target).map_err(io_err(&target))?;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// Wraps `r` in a decompressor chosen by magic bytes.
@@ -229,7 +210,7 @@ fn decompress<'a, R: io::BufRead + 'a>(
 }
 
 /// Checks a blob's digest (and size when known).
-fn verify_blob(path: &Path, expected: &str, size: Option<u64>) -> Result<(), ImageError> {
+fn verify_blob(path: &Path, expected: &Digest, size: Option<u64>) -> Result<(), ImageError> {
     let (actual, n) = digest::file_sha256(path).map_err(io_err(path))?;
     if let Some(s) = size {
         if s != n {
@@ -240,7 +221,7 @@ fn verify_blob(path: &Path, expected: &str, size: Option<u64>) -> Result<(), Ima
             });
         }
     }
-    if actual != expected {
+    if *expected != *actual {
         return Err(ImageError::DigestMismatch {
             path: path.to_path_buf(),
             expected: expected.to_string(),
@@ -251,30 +232,50 @@ fn verify_blob(path: &Path, expected: &str, size: Option<u64>) -> Result<(), Ima
 }
 
 /// The digest a docker-archive file name claims (`<hex>.tar`, `<hex>.json`, `blobs/sha256/<hex>`).
-pub fn digest_from_name(reference: &str) -> Option<String> {
+pub fn digest_from_name(reference: &str) -> Option<Digest> {
     let last = reference.rsplit('/').next()?;
     let stem = last
         .strip_suffix(".tar")
         .or_else(|| last.strip_suffix(".json"))
         .unwrap_or(last);
-    let d = format!("sha256:{stem}");
-    digest::is_sha256(&d).then_some(d)
+    Digest::parse(&format!("sha256:{stem}")).ok()
+}
+
+/// The diff ids of a config blob, each parsed strictly (they become store paths).
+fn diff_ids(src: &Source, cfg_path: &Path, cfg: &ConfigBlob) -> Result<Vec<Digest>, ImageError> {
+    cfg.rootfs
+        .diff_ids
+        .iter()
+        .enumerate()
+        .map(|(i, d)| src.digest(cfg_path, &format!("rootfs.diff_ids[{i}]"), d))
+        .collect()
 }
 
 impl ImageStore {
     /// Imports every image in a docker-save tarball or OCI layout (directory or tar). With
     /// `name`, the (first) image gets that name instead of its own tags.
     pub fn import(&self, path: &Path, name: Option<&str>) -> Result<Vec<ImageRecord>, ImageError> {
+        self.import_with(path, name, &Limits::default())
+    }
+
+    /// [`ImageStore::import`] with explicit bounds on what each archive and layer may unpack to.
+    pub fn import_with(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        limits: &Limits,
+    ) -> Result<Vec<ImageRecord>, ImageError> {
         if let Some(n) = name {
             if !valid_name(&normalize_name(n)) {
                 return Err(ImageError::BadName(n.to_string()));
             }
         }
-        let src = Source::open(self, path)?;
-        if src.root.join("manifest.json").is_file() {
-            self.import_docker(&src, name)
-        } else if src.root.join("index.json").is_file() {
-            self.import_oci(&src, name, path)
+        let src = Source::open(self, path, limits)?;
+        let present = |f: &str| fs::symlink_metadata(src.root.join(f)).is_ok();
+        if present("manifest.json") {
+            self.import_docker(&src, name, limits)
+        } else if present("index.json") {
+            self.import_oci(&src, name, path, limits)
         } else {
             Err(ImageError::UnknownFormat {
                 path: path.to_path_buf(),
@@ -286,7 +287,8 @@ impl ImageStore {
         &self,
         src: &Source,
         layers: &[LayerRef],
-        diff_ids: &[String],
+        diff_ids: &[Digest],
+        limits: &Limits,
     ) -> Result<(), ImageError> {
         if layers.len() != diff_ids.len() {
             return Err(ImageError::Malformed {
@@ -302,25 +304,25 @@ impl ImageStore {
             if let Some((d, size)) = desc {
                 verify_blob(p, d, Some(*size))?;
             }
+            // Only a layer whose content was hashed to this diff id when it was stored.
             if self.has_layer(diff_id) {
                 continue;
             }
             let f = fs::File::open(p).map_err(io_err(p))?;
             let r = decompress(BufReader::with_capacity(1 << 16, f), p, media)?;
-            self.add_layer(r, Some(diff_id), p)?;
+            self.add_layer(r, Some(diff_id), p, limits)?;
         }
         Ok(())
     }
 
     fn record_from(
         &self,
-        src: &Source,
-        cfg_path: &Path,
-        config_digest: &str,
+        cfg: ConfigBlob,
+        diff_ids: &[Digest],
+        config_digest: &Digest,
         names: Vec<String>,
         source: &str,
     ) -> Result<Vec<ImageRecord>, ImageError> {
-        let cfg: ConfigBlob = src.read_json(cfg_path)?;
         let rc = cfg.config.unwrap_or_default();
         let config = ImageConfig {
             env: rc.env.unwrap_or_default(),
@@ -333,8 +335,8 @@ impl ImageStore {
         for n in names {
             let rec = ImageRecord {
                 name: normalize_name(&n),
-                id: config_digest.to_string(),
-                layers: cfg.rootfs.diff_ids.clone(),
+                id: config_digest.clone(),
+                layers: diff_ids.to_vec(),
                 config: config.clone(),
                 created: cfg.created.clone().unwrap_or_default(),
                 source: source.to_string(),
@@ -349,8 +351,9 @@ impl ImageStore {
         &self,
         src: &Source,
         name: Option<&str>,
+        limits: &Limits,
     ) -> Result<Vec<ImageRecord>, ImageError> {
-        let mpath = src.root.join("manifest.json");
+        let mpath = src.resolve("manifest.json")?;
         let entries: Vec<DockerEntry> = src.read_json(&mpath)?;
         let mut out = Vec::new();
         for (i, ent) in entries.iter().enumerate() {
@@ -359,17 +362,19 @@ impl ImageStore {
             }
             let cfg_path = src.resolve(&ent.config)?;
             let (cfg_digest, _) = digest::file_sha256(&cfg_path).map_err(io_err(&cfg_path))?;
+            let cfg_digest = Digest::parse(&cfg_digest).expect("sha256 digests are well-formed");
             if let Some(d) = digest_from_name(&ent.config) {
                 verify_blob(&cfg_path, &d, None)?;
             }
             let cfg: ConfigBlob = src.read_json(&cfg_path)?;
+            let diff_ids = diff_ids(src, &cfg_path, &cfg)?;
             let mut layers = Vec::new();
             for l in &ent.layers {
                 let p = src.resolve(l)?;
                 if let Some(d) = digest_from_name(l) {
                     // A file named by a digest must hash to it (skopeo names layers by diff id;
                     // Docker 25+ by blob digest).
-                    if !cfg.rootfs.diff_ids.contains(&d) {
+                    if !diff_ids.contains(&d) {
                         verify_blob(&p, &d, None)?;
                     }
                 }
@@ -377,21 +382,21 @@ impl ImageStore {
             }
             // docker-save layers are uncompressed or gzip; their content must match the diff ids,
             // so a layer already in the store is still hashed here.
-            for ((p, _, _), diff_id) in layers.iter().zip(&cfg.rootfs.diff_ids) {
+            for ((p, _, _), diff_id) in layers.iter().zip(&diff_ids) {
                 if self.has_layer(diff_id) {
                     let f = fs::File::open(p).map_err(io_err(p))?;
                     let r = decompress(BufReader::with_capacity(1 << 16, f), p, "")?;
                     let (actual, _) = digest::HashingReader::new(r).finish().map_err(io_err(p))?;
-                    if &actual != diff_id {
+                    if *diff_id != *actual {
                         return Err(ImageError::DiffIdMismatch {
                             path: p.clone(),
-                            expected: diff_id.clone(),
+                            expected: diff_id.to_string(),
                             actual,
                         });
                     }
                 }
             }
-            self.import_layers(src, &layers, &cfg.rootfs.diff_ids)?;
+            self.import_layers(src, &layers, &diff_ids, limits)?;
             let names = match name {
                 Some(n) => vec![n.to_string()],
                 None => match &ent.repo_tags {
@@ -403,7 +408,7 @@ impl ImageStore {
                     }
                 },
             };
-            out.extend(self.record_from(src, &cfg_path, &cfg_digest, names, "docker-archive")?);
+            out.extend(self.record_from(cfg, &diff_ids, &cfg_digest, names, "docker-archive")?);
         }
         Ok(out)
     }
@@ -413,8 +418,9 @@ impl ImageStore {
         src: &Source,
         name: Option<&str>,
         path: &Path,
+        limits: &Limits,
     ) -> Result<Vec<ImageRecord>, ImageError> {
-        let ipath = src.root.join("index.json");
+        let ipath = src.resolve("index.json")?;
         let index: Index = src.read_json(&ipath)?;
         let stem = path
             .file_name()
@@ -434,19 +440,26 @@ impl ImageStore {
                 .annotations
                 .get("org.opencontainers.image.ref.name")
                 .cloned();
-            let manifest_desc = self.pick_manifest(src, desc)?;
+            let mdigest = src.digest(&ipath, &format!("manifests[{i}].digest"), &desc.digest)?;
+            let manifest_desc = self.pick_manifest(src, desc, mdigest, &ipath, 0)?;
             let mpath = self.blob(src, &manifest_desc.digest)?;
             verify_blob(&mpath, &manifest_desc.digest, Some(manifest_desc.size))?;
             let m: Manifest = src.read_json(&mpath)?;
-            let cpath = self.blob(src, &m.config.digest)?;
-            verify_blob(&cpath, &m.config.digest, Some(m.config.size))?;
+            let cdigest = src.digest(&mpath, "config.digest", &m.config.digest)?;
+            let cpath = self.blob(src, &cdigest)?;
+            verify_blob(&cpath, &cdigest, Some(m.config.size))?;
             let cfg: ConfigBlob = src.read_json(&cpath)?;
-            let mut layers = Vec::new();
-            for l in &m.layers {
-                let p = self.blob(src, &l.digest)?;
-                layers.push((p, Some((l.digest.as_str(), l.size)), l.media_type.clone()));
+            let diff_ids = diff_ids(src, &cpath, &cfg)?;
+            let mut ldigests = Vec::new();
+            for (j, l) in m.layers.iter().enumerate() {
+                ldigests.push(src.digest(&mpath, &format!("layers[{j}].digest"), &l.digest)?);
             }
-            self.import_layers(src, &layers, &cfg.rootfs.diff_ids)?;
+            let mut layers = Vec::new();
+            for (l, d) in m.layers.iter().zip(&ldigests) {
+                let p = self.blob(src, d)?;
+                layers.push((p, Some((d, l.size)), l.media_type.clone()));
+            }
+            self.import_layers(src, &layers, &diff_ids, limits)?;
             let n = match (name, refname) {
                 (Some(n), _) => n.to_string(),
                 (None, Some(r)) if r.contains(':') || r.contains('/') => r,
@@ -457,7 +470,7 @@ impl ImageStore {
                     })
                 }
             };
-            out.extend(self.record_from(src, &cpath, &m.config.digest, vec![n], "oci-layout")?);
+            out.extend(self.record_from(cfg, &diff_ids, &cdigest, vec![n], "oci-layout")?);
         }
         if out.is_empty() {
             return Err(ImageError::Malformed {
@@ -468,53 +481,59 @@ impl ImageStore {
         Ok(out)
     }
 
-    fn blob(&self, src: &Source, d: &str) -> Result<PathBuf, ImageError> {
-        let (alg, hex) = d.split_once(':').ok_or_else(|| ImageError::Malformed {
-            path: src.shown.clone(),
-            what: format!("bad digest {d:?}"),
-        })?;
-        if alg != "sha256" || !digest::is_sha256(d) {
-            return Err(ImageError::Malformed {
-                path: src.shown.clone(),
-                what: format!("unsupported digest {d:?} (only sha256)"),
-            });
-        }
-        src.resolve(&format!("blobs/{alg}/{hex}"))
+    fn blob(&self, src: &Source, d: &Digest) -> Result<PathBuf, ImageError> {
+        src.resolve(&format!("blobs/sha256/{}", d.hex()))
     }
 
-    /// Follows nested indexes to the manifest for this platform.
-    fn pick_manifest(&self, src: &Source, desc: &Descriptor) -> Result<OwnedDesc, ImageError> {
+    /// Follows nested indexes to the manifest for this platform (`digest`: `desc`'s, parsed).
+    fn pick_manifest(
+        &self,
+        src: &Source,
+        desc: &Descriptor,
+        digest: Digest,
+        file: &Path,
+        depth: usize,
+    ) -> Result<OwnedDesc, ImageError> {
         if desc.media_type != MEDIA_OCI_INDEX && desc.media_type != MEDIA_DOCKER_LIST {
             return Ok(OwnedDesc {
-                digest: desc.digest.clone(),
+                digest,
                 size: desc.size,
             });
         }
-        let p = self.blob(src, &desc.digest)?;
-        verify_blob(&p, &desc.digest, Some(desc.size))?;
+        // Content addressing rules out cycles, but not a deep chain of distinct indexes.
+        if depth >= 8 {
+            return Err(ImageError::Malformed {
+                path: file.to_path_buf(),
+                what: "image indexes nested more than 8 deep".into(),
+            });
+        }
+        let p = self.blob(src, &digest)?;
+        verify_blob(&p, &digest, Some(desc.size))?;
         let idx: Index = src.read_json(&p)?;
-        let pick = idx
+        let (i, pick) = idx
             .manifests
             .iter()
-            .find(|m| {
+            .enumerate()
+            .find(|(_, m)| {
                 m.platform
                     .as_ref()
                     .is_some_and(|pl| pl.architecture == go_arch() && pl.os == "linux")
             })
-            .or(idx.manifests.first())
+            .or(idx.manifests.first().map(|m| (0, m)))
             .ok_or_else(|| ImageError::Malformed {
                 path: p.clone(),
                 what: "empty image index".into(),
             })?;
-        self.pick_manifest(src, pick)
+        let d = src.digest(&p, &format!("manifests[{i}].digest"), &pick.digest)?;
+        self.pick_manifest(src, pick, d, &p, depth + 1)
     }
 }
 
 /// A layer file, its descriptor (digest, size) when known, and its media type.
-type LayerRef<'a> = (PathBuf, Option<(&'a str, u64)>, String);
+type LayerRef<'a> = (PathBuf, Option<(&'a Digest, u64)>, String);
 
 struct OwnedDesc {
-    digest: String,
+    digest: Digest,
     size: u64,
 }
 
@@ -525,18 +544,10 @@ mod tests {
     #[test]
     fn digests_from_docker_names() {
         let h = "a".repeat(64);
-        assert_eq!(
-            digest_from_name(&format!("{h}.tar")),
-            Some(format!("sha256:{h}"))
-        );
-        assert_eq!(
-            digest_from_name(&format!("{h}.json")),
-            Some(format!("sha256:{h}"))
-        );
-        assert_eq!(
-            digest_from_name(&format!("blobs/sha256/{h}")),
-            Some(format!("sha256:{h}"))
-        );
+        let d = Some(Digest::parse(&format!("sha256:{h}")).unwrap());
+        assert_eq!(digest_from_name(&format!("{h}.tar")), d);
+        assert_eq!(digest_from_name(&format!("{h}.json")), d);
+        assert_eq!(digest_from_name(&format!("blobs/sha256/{h}")), d);
         assert_eq!(digest_from_name(&format!("{h}/layer.tar")), None);
         assert_eq!(digest_from_name("config.json"), None);
     }
@@ -565,10 +576,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("b");
         fs::write(&p, "hello").unwrap();
-        let good = digest::sha256_of(b"hello");
+        let good = Digest::of(b"hello");
         verify_blob(&p, &good, Some(5)).unwrap();
         assert!(matches!(
-            verify_blob(&p, &digest::sha256_of(b"other"), None),
+            verify_blob(&p, &Digest::of(b"other"), None),
             Err(ImageError::DigestMismatch { .. })
         ));
         assert!(matches!(

@@ -2,9 +2,15 @@
 //!
 //! ```text
 //! <root>/layers/<diff-id hex>/     one extracted layer (overlay lower dir), made once
+//! <root>/verified/<diff-id hex>    written (durably) once that layer's content matched its digest
 //! <root>/images/<name>.json        an image: its layers (bottom first) and run config
 //! <root>/tmp/                      extraction in progress (renamed into layers/ when complete)
 //! ```
+//!
+//! Every directory is 0700 and every record 0600. A diff id becomes a path only through
+//! [`Digest`], which holds nothing but `sha256:` and 64 hex digits; a layer directory counts as
+//! present only with its `verified/` mark, so a directory that got there any other way (a crash
+//! between rename and mark, an older tweed, a hand-made one) is never mounted or reused.
 
 pub mod diff;
 pub mod import;
@@ -17,8 +23,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{self, HashingReader};
+use crate::digest::{self, Digest, DigestError};
 use crate::fsutil;
+pub use layer::Limits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -70,6 +77,19 @@ pub enum ImageError {
         layer: String,
         source: layer::LayerError,
     },
+    #[error("image archive {path}: {source}")]
+    Archive {
+        path: PathBuf,
+        source: layer::LayerError,
+    },
+    #[error("{path}: {field}: {source}")]
+    BadDigest {
+        path: PathBuf,
+        field: String,
+        source: DigestError,
+    },
+    #[error("layer {layer} of image {image} is not in the store, or was never verified: re-import the image")]
+    LayerMissing { image: String, layer: Digest },
     #[error("building a layer from {path}: {source}")]
     Diff {
         path: PathBuf,
@@ -102,9 +122,9 @@ pub struct ImageConfig {
 pub struct ImageRecord {
     pub name: String,
     /// `sha256:` digest of the image config.
-    pub id: String,
+    pub id: Digest,
     /// Layer diff ids, bottom first.
-    pub layers: Vec<String>,
+    pub layers: Vec<Digest>,
     pub config: ImageConfig,
     pub created: String,
     /// `docker-archive`, `oci-layout`, `rootfs` or `commit`.
@@ -150,21 +170,64 @@ pub struct ImageStore {
 
 impl ImageStore {
     pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
-        for d in ["layers", "images", "tmp"] {
+        // The root may be shared (the agent keeps its state in /var/lib/tweed too): made
+        // private when tweed creates it, left as it is otherwise; what tweed keeps in it is
+        // private either way.
+        if fs::symlink_metadata(root).is_err() {
+            fsutil::create_private_dir(root).map_err(io_err(root))?;
+        }
+        for d in ["layers", "verified", "images", "tmp"] {
             let p = root.join(d);
-            fs::create_dir_all(&p).map_err(io_err(&p))?;
+            fsutil::create_private_dir(&p).map_err(io_err(&p))?;
         }
         Ok(ImageStore {
             root: root.to_path_buf(),
         })
     }
 
-    pub fn layer_dir(&self, diff_id: &str) -> PathBuf {
-        self.root.join("layers").join(digest::hex_part(diff_id))
+    pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers").join(diff_id.hex())
     }
 
-    pub fn has_layer(&self, diff_id: &str) -> bool {
-        self.layer_dir(diff_id).is_dir()
+    fn mark_path(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("verified").join(diff_id.hex())
+    }
+
+    /// Whether the layer is extracted and its content was verified against `diff_id`.
+    pub fn has_layer(&self, diff_id: &Digest) -> bool {
+        let real_dir = fs::symlink_metadata(self.layer_dir(diff_id)).is_ok_and(|m| m.is_dir());
+        real_dir
+            && fs::read(self.mark_path(diff_id))
+                .is_ok_and(|m| m.strip_suffix(b"\n") == Some(diff_id.as_str().as_bytes()))
+    }
+
+    /// Moves a verified extraction into `layers/` and marks it, durably, in that order: a crash
+    /// in between leaves an unmarked directory, which is replaced next time.
+    fn install_layer(&self, tmp: &Path, diff_id: &Digest) -> Result<(), ImageError> {
+        if self.has_layer(diff_id) {
+            // Another import extracted the same content first: theirs is identical.
+            return fsutil::remove_tree(tmp).map_err(io_err(tmp));
+        }
+        let dest = self.layer_dir(diff_id);
+        if fs::symlink_metadata(&dest).is_ok() {
+            // Not verified: whatever it is, it is not trusted and not kept.
+            match fs::symlink_metadata(&dest) {
+                Ok(m) if m.is_dir() => fsutil::remove_tree(&dest),
+                _ => fs::remove_file(&dest),
+            }
+            .map_err(io_err(&dest))?;
+        }
+        match fs::rename(tmp, &dest) {
+            Ok(()) => {}
+            Err(_) if self.has_layer(diff_id) => {
+                return fsutil::remove_tree(tmp).map_err(io_err(tmp))
+            }
+            Err(e) => return Err(io_err(&dest)(e)),
+        }
+        let layers = self.root.join("layers");
+        fsutil::sync_dir(&layers).map_err(io_err(&layers))?;
+        let mark = self.mark_path(diff_id);
+        fsutil::write_atomic(&mark, format!("{diff_id}\n").as_bytes()).map_err(io_err(&mark))
     }
 
     fn record_path(&self, name: &str) -> PathBuf {
@@ -184,41 +247,35 @@ impl ImageStore {
     }
 
     /// Extracts a layer tar (uncompressed stream) into the store. When `expected` is given the
-    /// stream's digest must match it. Returns the diff id. A layer already present is reused.
+    /// stream's digest must match it. Returns the diff id. A verified layer already present is
+    /// reused.
     pub fn add_layer<R: Read>(
         &self,
         reader: R,
-        expected: Option<&str>,
+        expected: Option<&Digest>,
         what: &Path,
-    ) -> Result<String, ImageError> {
+        limits: &Limits,
+    ) -> Result<Digest, ImageError> {
         let tmp = self.temp_dir("layer")?;
-        let result = (|| {
-            let mut hr = HashingReader::new(reader);
-            let r = layer::extract(&mut hr, &tmp);
-            let r = r.map_err(|source| ImageError::Layer {
-                layer: fsutil::show(what),
-                source,
-            })?;
-            let (diff_id, _) = hr.finish().map_err(io_err(what))?;
-            let _ = r;
-            if let Some(exp) = expected {
-                if exp != diff_id {
-                    return Err(ImageError::DiffIdMismatch {
-                        path: what.to_path_buf(),
-                        expected: exp.to_string(),
-                        actual: diff_id,
-                    });
+        let result =
+            (|| {
+                let (_, diff_id) = layer::extract(reader, &tmp, layer::Mode::Layer, limits)
+                    .map_err(|source| ImageError::Layer {
+                        layer: fsutil::show(what),
+                        source,
+                    })?;
+                if let Some(exp) = expected {
+                    if *exp != diff_id {
+                        return Err(ImageError::DiffIdMismatch {
+                            path: what.to_path_buf(),
+                            expected: exp.to_string(),
+                            actual: diff_id.to_string(),
+                        });
+                    }
                 }
-            }
-            let dest = self.layer_dir(&diff_id);
-            match fs::rename(&tmp, &dest) {
-                Ok(()) => {}
-                // Someone else (another import) extracted it first: theirs is identical.
-                Err(_) if dest.is_dir() => fsutil::remove_tree(&tmp).map_err(io_err(&tmp))?,
-                Err(e) => return Err(io_err(&dest)(e)),
-            }
-            Ok(diff_id)
-        })();
+                self.install_layer(&tmp, &diff_id)?;
+                Ok(diff_id)
+            })();
         if result.is_err() {
             let _ = fsutil::remove_tree(&tmp);
         }
@@ -230,7 +287,7 @@ impl ImageStore {
         &self,
         dir: &Path,
         opts: &diff::DiffOptions,
-    ) -> Result<String, ImageError> {
+    ) -> Result<Digest, ImageError> {
         let tmp = self.temp_dir("diff")?;
         let tarp = tmp.join("layer.tar");
         let result = (|| {
@@ -241,11 +298,17 @@ impl ImageStore {
                 source,
             })?;
             let (diff_id, _) = w.finish().map_err(io_err(&tarp))?;
+            let diff_id = Digest::parse(&diff_id).expect("sha256 digests are well-formed");
             if self.has_layer(&diff_id) {
                 return Ok(diff_id);
             }
             let f = fs::File::open(&tarp).map_err(io_err(&tarp))?;
-            self.add_layer(io::BufReader::new(f), Some(&diff_id), dir)
+            // Made here from a local directory: nothing hostile to bound.
+            let unbounded = Limits {
+                max_unpacked: u64::MAX,
+                max_entries: u64::MAX,
+            };
+            self.add_layer(io::BufReader::new(f), Some(&diff_id), dir, &unbounded)
         })();
         let _ = fsutil::remove_tree(&tmp);
         result
@@ -303,7 +366,7 @@ impl ImageStore {
             let all = self.list()?;
             let m: Vec<&ImageRecord> = all
                 .iter()
-                .filter(|r| digest::hex_part(&r.id).starts_with(hexref))
+                .filter(|r| r.id.hex().starts_with(hexref))
                 .collect();
             let ids: HashSet<&str> = m.iter().map(|r| r.id.as_str()).collect();
             match ids.len() {
@@ -339,7 +402,7 @@ impl ImageStore {
             .map(|d| digest::hex_part(d).to_string())
             .collect();
         for r in self.list()? {
-            used.extend(r.layers.iter().map(|d| digest::hex_part(d).to_string()));
+            used.extend(r.layers.iter().map(|d| d.hex().to_string()));
         }
         let dir = self.root.join("layers");
         let mut removed = Vec::new();
@@ -347,6 +410,14 @@ impl ImageStore {
             let e = e.map_err(io_err(&dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if !used.contains(&name) {
+                // The mark goes first: a layer half removed must not count as present.
+                let mark = self.root.join("verified").join(&name);
+                match fs::remove_file(&mark) {
+                    Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_err(&mark)(err))
+                    }
+                    _ => {}
+                }
                 fsutil::remove_tree(&e.path()).map_err(io_err(&e.path()))?;
                 removed.push(format!("sha256:{name}"));
             }
@@ -354,9 +425,23 @@ impl ImageStore {
         Ok(removed)
     }
 
-    /// Overlay lower dirs for an image, topmost first (overlayfs's order).
-    pub fn lower_dirs(&self, rec: &ImageRecord) -> Vec<PathBuf> {
-        rec.layers.iter().rev().map(|d| self.layer_dir(d)).collect()
+    /// Overlay lower dirs for an image, topmost first (overlayfs's order). Every layer must be
+    /// present and verified.
+    pub fn lower_dirs(&self, rec: &ImageRecord) -> Result<Vec<PathBuf>, ImageError> {
+        rec.layers
+            .iter()
+            .rev()
+            .map(|d| {
+                if self.has_layer(d) {
+                    Ok(self.layer_dir(d))
+                } else {
+                    Err(ImageError::LayerMissing {
+                        image: rec.name.clone(),
+                        layer: d.clone(),
+                    })
+                }
+            })
+            .collect()
     }
 
     /// Records an image tweed made itself (`source`: a rootfs import or a commit), created
@@ -365,7 +450,7 @@ impl ImageStore {
         &self,
         name: String,
         config: ImageConfig,
-        layers: Vec<String>,
+        layers: Vec<Digest>,
         source: &str,
     ) -> Result<ImageRecord, ImageError> {
         let created = crate::timefmt::now();
@@ -382,7 +467,7 @@ impl ImageStore {
     }
 
     /// An image config blob as OCI writes it, for content-addressed ids of images tweed makes.
-    pub fn synth_config_id(config: &ImageConfig, layers: &[String], created: &str) -> String {
+    pub fn synth_config_id(config: &ImageConfig, layers: &[Digest], created: &str) -> Digest {
         let v = serde_json::json!({
             "architecture": import::go_arch(),
             "os": "linux",
@@ -393,7 +478,7 @@ impl ImageStore {
             },
             "rootfs": {"type": "layers", "diff_ids": layers},
         });
-        digest::sha256_of(v.to_string().as_bytes())
+        Digest::of(v.to_string().as_bytes())
     }
 
     /// `image import --rootfs DIR NAME`.
@@ -421,6 +506,7 @@ impl ImageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn names() {
@@ -444,8 +530,8 @@ mod tests {
         let s = ImageStore::open(t.path()).unwrap();
         let rec = ImageRecord {
             name: "bb:latest".into(),
-            id: digest::sha256_of(b"cfg"),
-            layers: vec![digest::sha256_of(b"l1")],
+            id: Digest::of(b"cfg"),
+            layers: vec![Digest::of(b"l1")],
             config: ImageConfig::default(),
             created: "x".into(),
             source: "test".into(),
@@ -460,15 +546,74 @@ mod tests {
         s.save(&hub).unwrap();
         assert_eq!(s.get("hub:v1").unwrap(), hub);
         s.remove_record("docker.io/library/hub:v1").unwrap();
-        assert_eq!(s.get(&digest::hex_part(&rec.id)[..8]).unwrap(), rec);
+        assert_eq!(s.get(&rec.id.hex()[..8]).unwrap(), rec);
         assert!(matches!(s.get("nope"), Err(ImageError::Unknown(_))));
         // Layers nobody references are collected; referenced ones stay.
-        fs::create_dir(s.layer_dir(&rec.layers[0])).unwrap();
-        fs::create_dir(s.layer_dir(&digest::sha256_of(b"orphan"))).unwrap();
+        let tmp = s.temp_dir("t").unwrap();
+        s.install_layer(&tmp, &rec.layers[0]).unwrap();
+        let orphan = Digest::of(b"orphan");
+        let tmp = s.temp_dir("t").unwrap();
+        s.install_layer(&tmp, &orphan).unwrap();
+        assert!(s.has_layer(&orphan));
         let removed = s.gc_layers(&HashSet::new()).unwrap();
-        assert_eq!(removed, vec![digest::sha256_of(b"orphan")]);
+        assert_eq!(removed, vec![orphan.to_string()]);
+        assert!(!s.has_layer(&orphan));
+        assert!(!s.mark_path(&orphan).exists());
         assert!(s.has_layer(&rec.layers[0]));
         s.remove_record("bb:latest").unwrap();
         assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_verified_layers_count() {
+        let t = tempfile::tempdir().unwrap();
+        let s = ImageStore::open(&t.path().join("store")).unwrap();
+        for d in ["", "layers", "verified", "images", "tmp"] {
+            let m = fs::metadata(t.path().join("store").join(d)).unwrap();
+            assert_eq!(m.permissions().mode() & 0o7777, 0o700, "{d}");
+        }
+        let d = Digest::of(b"layer");
+        // A directory that got there without verification (a crash, a hand-made one) is not a
+        // layer, nor is a symlink to a host directory with a mark.
+        fs::create_dir(s.layer_dir(&d)).unwrap();
+        assert!(!s.has_layer(&d));
+        fs::remove_dir(s.layer_dir(&d)).unwrap();
+        std::os::unix::fs::symlink("/etc", s.layer_dir(&d)).unwrap();
+        fs::write(s.mark_path(&d), format!("{d}\n")).unwrap();
+        assert!(!s.has_layer(&d));
+        let rec = ImageRecord {
+            name: "x:1".into(),
+            id: Digest::of(b"c"),
+            layers: vec![d.clone()],
+            config: ImageConfig::default(),
+            created: String::new(),
+            source: "test".into(),
+        };
+        let e = s.lower_dirs(&rec).unwrap_err().to_string();
+        assert!(
+            e.contains(d.as_str()) && e.contains("never verified"),
+            "{e}"
+        );
+        // Installing replaces whatever unverified thing sat there, and marks it.
+        let tmp = s.temp_dir("t").unwrap();
+        fs::write(tmp.join("f"), "layer").unwrap();
+        s.install_layer(&tmp, &d).unwrap();
+        assert!(s.has_layer(&d));
+        assert_eq!(fs::read(s.layer_dir(&d).join("f")).unwrap(), b"layer");
+        assert_eq!(s.lower_dirs(&rec).unwrap(), vec![s.layer_dir(&d)]);
+        assert_eq!(
+            fs::metadata(s.mark_path(&d)).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A record naming a layer by a non-digest does not load.
+        let p = s.record_path("bad:1");
+        let mut v = serde_json::to_value(&rec).unwrap();
+        v["layers"] = serde_json::json!(["sha256:../../../../etc"]);
+        fs::write(&p, v.to_string()).unwrap();
+        let e = s.get("bad:1").unwrap_err().to_string();
+        assert!(
+            e.contains("bad%3A1.json") && e.contains("not 64 lowercase hex"),
+            "{e}"
+        );
     }
 }
