@@ -178,6 +178,18 @@ struct RunArgs {
     user: Option<String>,
     #[arg(long)]
     entrypoint: Option<String>,
+    /// seccomp=unconfined | seccomp=PROFILE.json (Docker's format) | no-new-privileges[=false].
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
+    /// Add a capability to Docker's default set (NAME, CAP_NAME or ALL).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    cap_add: Vec<String>,
+    /// Drop a capability from the default set (NAME, CAP_NAME or ALL).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    cap_drop: Vec<String>,
+    /// Every capability, no seccomp filter, no masked paths, every device: the explicit way out.
+    #[arg(long)]
+    privileged: bool,
     image: String,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     cmd: Vec<String>,
@@ -435,6 +447,12 @@ fn run_cmd(rt: &Runtime, a: RunArgs, out: &mut dyn Write) -> Result<i32> {
         pids: a.pids,
         user: a.user,
         auto_remove: a.rm,
+        security: tweed_runtime::security::SecurityArgs {
+            security_opt: a.security_opt,
+            cap_add: a.cap_add,
+            cap_drop: a.cap_drop,
+            privileged: a.privileged,
+        },
     };
     if a.detach {
         let id = rt.run(&spec)?;

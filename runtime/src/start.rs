@@ -381,6 +381,7 @@ impl<'a> Starting<'a> {
                 meminfo: views.meminfo,
                 cpuinfo: views.cpuinfo,
                 cpu_online: views.cpu_online,
+                privileged: config.security.privileged,
             },
             hostname: config.hostname.clone(),
             argv: config.argv.clone(),
@@ -392,6 +393,8 @@ impl<'a> Starting<'a> {
             new_netns: config.net == NetMode::None,
             join_netns: self.plan.join_netns.clone(),
             virtual_sysinfo: config.limits.memory.is_some(),
+            seccomp: self.plan.seccomp.clone(),
+            no_new_privs: config.security.no_new_privs,
         };
         let on_exit: Option<Box<dyn FnOnce()>> = if config.auto_remove {
             let rt = self.rt.clone();

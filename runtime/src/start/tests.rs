@@ -77,6 +77,7 @@ impl Bed {
                 volumes: vec![],
                 cgroup: cgroup.record(),
                 caps: CapSet::docker_default(),
+                security: Default::default(),
                 created: String::new(),
                 auto_remove: false,
                 host_netns: None,
@@ -89,6 +90,7 @@ impl Bed {
                 cni_version: "1.0.0".into(),
                 plugins: vec![plugin],
             }),
+            seccomp: None,
         };
         Bed {
             rt,
