@@ -146,6 +146,14 @@ impl CapSet {
     }
 }
 
+/// The bounding set of this process (`--privileged` can give no more than the runtime has,
+/// e.g. when it runs in a sandbox itself).
+pub fn own_bounding() -> Option<CapSet> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapBnd:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok().map(CapSet)
+}
+
 /// The kernel's highest capability number.
 pub fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")

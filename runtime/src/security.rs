@@ -91,7 +91,8 @@ pub fn resolve(
     let caps = if args.privileged {
         sec.privileged = true;
         sec.seccomp = SeccompChoice::Unconfined;
-        CapSet::all(last_cap)
+        let own = crate::caps::own_bounding().unwrap_or(CapSet(u64::MAX));
+        CapSet(CapSet::all(last_cap).0 & own.0)
     } else {
         CapSet::docker_default()
             .adjust(&args.cap_add, &args.cap_drop, last_cap)
@@ -173,7 +174,8 @@ mod tests {
             cwd,
         )
         .unwrap();
-        assert_eq!(caps, CapSet::all(40));
+        let own = crate::caps::own_bounding().unwrap();
+        assert_eq!(caps, CapSet(CapSet::all(40).0 & own.0));
         assert!(sec.privileged);
         assert_eq!(sec.seccomp, SeccompChoice::Unconfined);
 

@@ -1,0 +1,327 @@
+//! Container confinement at Docker's defaults, checked from inside real containers: the seccomp
+//! filter (user namespaces, mount), capabilities, devices (nodev rootfs and the device cgroup),
+//! masked and read-only paths, mount targets that are symlinks in the image, fds of the runtime,
+//! and each opt-out (`--security-opt`, `--cap-add/--cap-drop`, `--privileged`).
+//!
+//! The device cgroup is checked on the host's cgroup version; this host is v1. The v2 device
+//! program is unit-tested in `cgroup::devices` and runs for real only on a v2 host (the VMs of
+//! the Vagrant issue).
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+
+use common::*;
+
+const DEFAULT_CAPEFF: &str = "00000000a80425fb";
+
+fn status_field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+        .trim()
+}
+
+/// Major and minor of the host's root disk (the block device under `/`).
+fn host_disk() -> (u64, u64) {
+    let dev = std::fs::metadata("/").unwrap().dev();
+    let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+    if major != 0 {
+        return (major, minor);
+    }
+    // An overlay or other virtual root: any block device of the host will do.
+    let e = std::fs::read_dir("/sys/dev/block")
+        .unwrap()
+        .next()
+        .expect("a block device")
+        .unwrap();
+    let n = e.file_name().to_string_lossy().into_owned();
+    let (a, b) = n.split_once(':').unwrap();
+    (a.parse().unwrap(), b.parse().unwrap())
+}
+
+#[test]
+fn defaults_from_inside() {
+    let e = Env::with_busybox();
+    let (major, minor) = host_disk();
+    let script = format!(
+        "grep -E '^(Seccomp|CapEff|CapBnd|NoNewPrivs):' /proc/self/status; \
+         unshare -U -r id >/dev/null 2>&1 && echo userns=yes || echo userns=no; \
+         unshare -m true >/dev/null 2>&1 && echo mountns=yes || echo mountns=no; \
+         mount -t tmpfs t /mnt >/dev/null 2>&1 && echo mount=yes || echo mount=no; \
+         mknod /dev/hostdisk b {major} {minor} && echo mknod=yes || echo mknod=no; \
+         dd if=/dev/hostdisk of=/dev/null bs=512 count=1 >/dev/null 2>&1 && echo devread=yes || echo devread=no; \
+         mknod /tmp/hostdisk b {major} {minor} && echo mknod-rootfs=yes || echo mknod-rootfs=no; \
+         dd if=/tmp/hostdisk of=/dev/null bs=512 count=1 >/dev/null 2>&1 && echo rootfsread=yes || echo rootfsread=no; \
+         echo kcore=$(head -c 64 /proc/kcore 2>/dev/null | wc -c); \
+         echo keys=$(cat /proc/keys 2>/dev/null | wc -c); \
+         echo timer_list=$(cat /proc/timer_list 2>/dev/null | wc -c); \
+         echo sched_debug=$(cat /proc/sched_debug 2>/dev/null | wc -c); \
+         echo firmware=$(ls /sys/firmware 2>/dev/null | wc -l); \
+         echo h > /proc/sysrq-trigger 2>/dev/null && echo sysrq=yes || echo sysrq=no; \
+         echo x > /proc/sys/kernel/domainname 2>/dev/null && echo procsys=rw || echo procsys=ro; \
+         grep -E ' /proc/(sys|irq|bus|fs|sysrq-trigger) ' /proc/self/mountinfo | grep -c ' ro,'; \
+         grep ' / ' /proc/self/mountinfo | grep -q nodev && echo rootfs=nodev || echo rootfs=dev"
+    );
+    let out = e.ok(&["run", "--rm", "busybox", "sh", "-c", &script]);
+    assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
+    assert_eq!(status_field(&out, "CapEff"), DEFAULT_CAPEFF, "{out}");
+    assert_eq!(status_field(&out, "CapBnd"), DEFAULT_CAPEFF, "{out}");
+    assert_eq!(status_field(&out, "NoNewPrivs"), "1", "{out}");
+    for want in [
+        "userns=no",
+        "mountns=no",
+        "mount=no",
+        // CAP_MKNOD is in Docker's set: the node can be made, but not opened.
+        "mknod=yes",
+        "devread=no",
+        "rootfsread=no",
+        "kcore=0",
+        "keys=0",
+        "timer_list=0",
+        "firmware=0",
+        "sysrq=no",
+        "procsys=ro",
+        "rootfs=nodev",
+    ] {
+        assert!(out.lines().any(|l| l == want), "want {want}:\n{out}");
+    }
+    // /proc/sched_debug only exists with CONFIG_SCHED_DEBUG; masked when it does.
+    assert!(out.lines().any(|l| l == "sched_debug=0"), "{out}");
+    // The five read-only paths are read-only mounts (those the kernel has).
+    let ro: usize = out
+        .lines()
+        .find_map(|l| l.parse().ok())
+        .expect("count of read-only mounts");
+    assert!(ro >= 4, "read-only /proc mounts: {ro}\n{out}");
+    e.assert_nothing_left();
+}
+
+#[test]
+fn exec_gets_the_same_confinement() {
+    let e = Env::with_busybox();
+    e.start(&["--name", "c", "busybox", "sleep", "1000"]);
+    let out = e.ok(&[
+        "exec",
+        "c",
+        "sh",
+        "-c",
+        "grep -E '^(Seccomp|CapEff|NoNewPrivs):' /proc/self/status; \
+         unshare -U -r id >/dev/null 2>&1 && echo userns=yes || echo userns=no",
+    ]);
+    assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
+    assert_eq!(status_field(&out, "CapEff"), DEFAULT_CAPEFF, "{out}");
+    assert!(out.contains("userns=no"), "{out}");
+    e.ok(&["rm", "-f", "c"]);
+    e.assert_nothing_left();
+}
+
+/// An fd tweedctl inherited without close-on-exec never reaches the container.
+#[test]
+fn fds_of_the_runtime_do_not_leak_inside() {
+    let e = Env::with_busybox();
+    let marker = e.dir.path().join("leak-marker-file");
+    std::fs::write(&marker, "secret").unwrap();
+    let c = std::ffi::CString::new(marker.to_str().unwrap()).unwrap();
+    // SAFETY: open without O_CLOEXEC on purpose: every child of this test inherits it.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY) };
+    assert!(fd > 2);
+    let list = "for f in /proc/self/fd/*; do echo \"$f $(readlink $f)\"; done";
+    let run = e.ok(&["run", "--rm", "busybox", "sh", "-c", list]);
+    e.start(&["--name", "c", "busybox", "sleep", "1000"]);
+    let exec = e.ok(&["exec", "c", "sh", "-c", list]);
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    for out in [&run, &exec] {
+        assert!(!out.contains("leak-marker"), "leaked:\n{out}");
+        let fds: Vec<&str> = out
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        // 0, 1, 2 and the directory the glob read (gone by the time readlink runs, or shown).
+        assert!(fds.len() <= 4, "{out}");
+        for (i, want) in ["/proc/self/fd/0", "/proc/self/fd/1", "/proc/self/fd/2"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(fds[i], *want, "{out}");
+        }
+    }
+    e.ok(&["rm", "-f", "c"]);
+    e.assert_nothing_left();
+}
+
+/// Symlinks in the image at mount targets resolve inside the container's root, never on the
+/// host: an image cannot make tweed mount proc, sysfs or a volume over a host directory.
+#[test]
+fn symlinked_mount_targets_stay_inside_the_root() {
+    let e = Env::new();
+    let root = busybox_rootfs(e.dir.path());
+    let host_dir = e.dir.path().join("host-target");
+    std::fs::create_dir(&host_dir).unwrap();
+    std::fs::write(host_dir.join("keep"), "host").unwrap();
+    let abs = host_dir.to_str().unwrap();
+    std::os::unix::fs::symlink(abs, root.join("proc")).unwrap();
+    std::os::unix::fs::symlink(format!("../../../../../../..{abs}"), root.join("sys")).unwrap();
+    std::os::unix::fs::symlink(abs, root.join("data")).unwrap();
+    e.ok(&[
+        "image",
+        "import",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "evil",
+    ]);
+    let vol = e.dir.path().join("vol");
+    std::fs::create_dir(&vol).unwrap();
+    std::fs::write(vol.join("v"), "volume").unwrap();
+    let spec = format!("{}:/data/sub", vol.display());
+    let id = e.start(&["--name", "c", "-v", &spec, "evil", "sleep", "1000"]);
+    let pid = e.init_pid(&id);
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(
+        !mounts.contains("host-target"),
+        "a mount landed on the host path:\n{mounts}"
+    );
+    let out = e.ok(&[
+        "exec",
+        "c",
+        "sh",
+        "-c",
+        "grep -E ' /(proc|sys|data/sub) ' /proc/self/mountinfo | awk '{print $5, $9}'; cat /data/sub/v",
+    ]);
+    assert!(out.contains("/proc proc"), "{out}");
+    assert!(out.contains("/sys sysfs"), "{out}");
+    assert!(out.contains("volume"), "{out}");
+    e.ok(&["rm", "-f", "c"]);
+    assert_eq!(
+        list(&host_dir),
+        ["keep"],
+        "the host directory behind the symlinks changed"
+    );
+    e.assert_nothing_left();
+}
+
+#[test]
+fn opt_outs() {
+    let e = Env::with_busybox();
+    let status = "grep -E '^(Seccomp|CapEff|NoNewPrivs):' /proc/self/status; \
+                  unshare -U -r id >/dev/null 2>&1 && echo userns=yes || echo userns=no";
+
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "--security-opt",
+        "seccomp=unconfined",
+        "busybox",
+        "sh",
+        "-c",
+        status,
+    ]);
+    assert_eq!(status_field(&out, "Seccomp"), "0", "{out}");
+    assert_eq!(status_field(&out, "CapEff"), DEFAULT_CAPEFF, "{out}");
+    assert!(out.contains("userns=yes"), "{out}");
+
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "NET_BIND_SERVICE",
+        "busybox",
+        "sh",
+        "-c",
+        status,
+    ]);
+    assert_eq!(status_field(&out, "CapEff"), "0000000000000400", "{out}");
+    assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
+
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "--security-opt",
+        "no-new-privileges=false",
+        "busybox",
+        "sh",
+        "-c",
+        status,
+    ]);
+    assert_eq!(status_field(&out, "NoNewPrivs"), "0", "{out}");
+    assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
+    assert!(out.contains("userns=no"), "{out}");
+
+    // CAP_SYS_ADMIN opens the namespace group of the default profile, as in Docker.
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "--cap-add",
+        "SYS_ADMIN",
+        "busybox",
+        "sh",
+        "-c",
+        status,
+    ]);
+    assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
+    assert!(out.contains("userns=yes"), "{out}");
+
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "--privileged",
+        "busybox",
+        "sh",
+        "-c",
+        &format!("{status}; grep -c ' /proc/kcore ' /proc/self/mountinfo; true"),
+    ]);
+    assert_eq!(status_field(&out, "Seccomp"), "0", "{out}");
+    // Every capability the runtime itself holds.
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert_eq!(
+        status_field(&out, "CapEff"),
+        status_field(&own, "CapBnd"),
+        "{out}"
+    );
+    assert_eq!(out.lines().last(), Some("0"), "kcore still masked:\n{out}");
+
+    // A profile file in Docker's format: everything but mkdir.
+    let prof = e.dir.path().join("nomkdir.json");
+    std::fs::write(
+        &prof,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", prof.display());
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "--security-opt",
+        &opt,
+        "busybox",
+        "sh",
+        "-c",
+        "grep Seccomp: /proc/self/status; mkdir /x 2>&1; touch /y && echo touched",
+    ]);
+    assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    assert!(out.contains("touched"), "{out}");
+
+    // Bad options are refused before anything is created, naming what was wrong.
+    let err = e.fails(&[
+        "run",
+        "--rm",
+        "--security-opt",
+        "apparmor=x",
+        "busybox",
+        "true",
+    ]);
+    assert!(err.contains("apparmor=x"), "{err}");
+    let err = e.fails(&["run", "--rm", "--cap-add", "CAP_NOPE", "busybox", "true"]);
+    assert!(err.contains("CAP_NOPE"), "{err}");
+    std::fs::write(&prof, r#"{"defaultAction":"SCMP_ACT_BOGUS"}"#).unwrap();
+    let err = e.fails(&["run", "--rm", "--security-opt", &opt, "busybox", "true"]);
+    assert!(
+        err.contains("nomkdir.json") && err.contains("SCMP_ACT_BOGUS"),
+        "{err}"
+    );
+    e.assert_nothing_left();
+}
