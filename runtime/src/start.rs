@@ -28,7 +28,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::cgroup::{self, CgroupError, CgroupManager};
+use crate::cgroup::{self, CgroupError, CgroupManager, DevicePolicy};
 use crate::cni::{self, Attachment, Cni, CniError};
 use crate::init::InitSpec;
 use crate::netns::{self, NetnsError};
@@ -236,6 +236,12 @@ impl<'a> Starting<'a> {
             source,
         };
         cg.create().map_err(err)?;
+        let policy = if self.config().security.privileged {
+            DevicePolicy::All
+        } else {
+            DevicePolicy::Default
+        };
+        cg.devices(policy).map_err(err)?;
         cg.apply(&self.config().limits).map_err(err)
     }
 
