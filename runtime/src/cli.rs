@@ -115,6 +115,13 @@ enum Cmd {
     Commit { container: String, name: String },
     /// CNI GC: let the network's plugins release what no container uses (CNI >= 1.1.0).
     Gc,
+    /// Print the seccomp profile a container gets by default, in Docker's (and the OCI
+    /// spec's) format: to read what is blocked, or to give runc or Docker the same filter.
+    SeccompProfile {
+        /// Capabilities the container would add to the default set (they unlock syscalls).
+        #[arg(long = "cap-add", value_name = "CAP")]
+        cap_add: Vec<String>,
+    },
     /// Inspect the local tweedd agent: status, leases, peers, watch.
     Net(crate::netcli::NetArgs),
 }
@@ -269,6 +276,18 @@ fn run(cli: Cli) -> Result<i32> {
     if let Cmd::Net(args) = cli.cmd {
         return crate::netcli::run(args, out);
     }
+    if let Cmd::SeccompProfile { cap_add } = &cli.cmd {
+        let caps = tweed_runtime::caps::CapSet::docker_default()
+            .adjust(cap_add, &[], tweed_runtime::caps::last_cap())
+            .map_err(anyhow::Error::msg)?;
+        let p = tweed_runtime::seccomp::default::profile(caps);
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&tweed_runtime::seccomp::docker::to_docker(&p))?
+        )?;
+        return Ok(0);
+    }
     let rt = Runtime::new(options(&cli)).context("opening the runtime state")?;
     match cli.cmd {
         Cmd::Image(ImageCmd::Import { rootfs, name, arg }) => {
@@ -390,7 +409,9 @@ fn run(cli: Cli) -> Result<i32> {
                 writeln!(out, "the network's CNI version has no GC (needs 1.1.0)")?;
             }
         }
-        Cmd::Net(_) => unreachable!("handled before the runtime is opened"),
+        Cmd::Net(_) | Cmd::SeccompProfile { .. } => {
+            unreachable!("handled before the runtime is opened")
+        }
     }
     Ok(0)
 }

@@ -213,6 +213,54 @@ fn arch_matches(a: &str) -> bool {
     ours.contains(&a)
 }
 
+/// `p` in Docker's (and the OCI runtime spec's `linux.seccomp`) format, one entry per rule, so
+/// that runc or Docker can be given exactly tweed's filter (`tweedctl seccomp-profile`).
+pub fn to_docker(p: &Profile) -> serde_json::Value {
+    use serde_json::json;
+    let act = |a: Action| -> (&'static str, Option<u32>) {
+        match a {
+            Action::Allow => ("SCMP_ACT_ALLOW", None),
+            Action::Errno(e) => ("SCMP_ACT_ERRNO", Some(e)),
+            Action::KillThread => ("SCMP_ACT_KILL_THREAD", None),
+            Action::KillProcess => ("SCMP_ACT_KILL_PROCESS", None),
+            Action::Trap => ("SCMP_ACT_TRAP", None),
+            Action::Log => ("SCMP_ACT_LOG", None),
+        }
+    };
+    let (da, de) = act(p.default_action);
+    let mut doc = json!({
+        "defaultAction": da,
+        "architectures": [this_arch()],
+        "syscalls": p.rules.iter().map(|r| {
+            let (a, e) = act(r.action);
+            let mut entry = json!({
+                "names": [r.name],
+                "action": a,
+                "args": r.args.iter().map(|x| {
+                    let (op, value, two) = match x.op {
+                        CmpOp::Eq => ("SCMP_CMP_EQ", x.value, 0),
+                        CmpOp::Ne => ("SCMP_CMP_NE", x.value, 0),
+                        CmpOp::Lt => ("SCMP_CMP_LT", x.value, 0),
+                        CmpOp::Le => ("SCMP_CMP_LE", x.value, 0),
+                        CmpOp::Gt => ("SCMP_CMP_GT", x.value, 0),
+                        CmpOp::Ge => ("SCMP_CMP_GE", x.value, 0),
+                        CmpOp::MaskedEq(m) => ("SCMP_CMP_MASKED_EQ", m, x.value),
+                    };
+                    json!({ "index": x.index, "value": value, "valueTwo": two, "op": op })
+                }).collect::<Vec<_>>(),
+            });
+            if let Some(e) = e {
+                entry["errnoRet"] = json!(e);
+            }
+            entry
+        }).collect::<Vec<_>>(),
+    });
+    if let Some(e) = de {
+        doc["defaultErrnoRet"] = json!(e);
+    }
+    doc
+}
+
 /// Reads and parses a profile file, refusing anything over [`MAX_BYTES`].
 pub fn load(path: &Path, caps: CapSet) -> Result<Profile, SeccompError> {
     let err = |what: String| SeccompError::Profile {

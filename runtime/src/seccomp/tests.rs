@@ -317,6 +317,13 @@ mod docker_format {
     }
 
     #[test]
+    fn the_default_profile_round_trips_through_docker_format() {
+        let p = default::profile(CapSet::docker_default());
+        let text = docker::to_docker(&p).to_string();
+        assert_eq!(parse(&text).unwrap(), p);
+    }
+
+    #[test]
     fn oversized_and_odd_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let big = dir.path().join("big.json");
