@@ -65,7 +65,7 @@ enum Cmd {
     #[command(subcommand)]
     Image(ImageCmd),
     /// Create and start a container.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List containers.
     Ps {
         /// Only ids.
@@ -326,7 +326,7 @@ fn run(cli: Cli) -> Result<i32> {
                 writeln!(out, "removed {i} ({} layers freed)", removed.len())?;
             }
         }
-        Cmd::Run(a) => return run_cmd(&rt, a, out),
+        Cmd::Run(a) => return run_cmd(&rt, *a, out),
         Cmd::Ps { quiet, json } => {
             let list = rt.list()?;
             if json {

@@ -129,10 +129,13 @@ impl SeccompChoice {
     }
 }
 
+/// Rules of one filter by syscall name: `None` matches every call, else any of the argument
+/// condition sets.
+type ByName = BTreeMap<String, Option<BTreeSet<Vec<Arg>>>>;
+
 /// The stack of filters for `p` as seccompiler groups: (mismatch action, match action, rules by
 /// syscall name). Rules that match every call of a syscall absorb its conditional ones.
-fn groups(p: &Profile) -> Vec<(Action, Action, BTreeMap<String, Option<BTreeSet<Vec<Arg>>>>)> {
-    type ByName = BTreeMap<String, Option<BTreeSet<Vec<Arg>>>>;
+fn groups(p: &Profile) -> Vec<(Action, Action, ByName)> {
     fn add(m: &mut ByName, r: &Rule) {
         let e = m
             .entry(r.name.clone())
