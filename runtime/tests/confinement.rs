@@ -412,3 +412,27 @@ fn disk_node(major: u64, minor: u64) -> std::path::PathBuf {
         .expect("DEVNAME in uevent");
     std::path::Path::new("/dev").join(name)
 }
+
+/// The CVE-2019-5736 class: a container process watching for new processes must never get at
+/// `/proc/PID/exe` of a `tweedctl exec` helper while it is inside the container's namespaces.
+/// The helper is non-dumpable until its command's execve, so the link cannot be read (or
+/// opened). A race by nature: the watcher loops while 40 execs run; without the defence it
+/// catches the helper within a few (checked when this test was written).
+#[test]
+fn exec_helpers_are_out_of_the_containers_reach() {
+    let e = Env::with_busybox();
+    let watch = "while :; do for p in /proc/[0-9]*; do \
+                 l=$(readlink $p/exe 2>/dev/null) && case \"$l\" in *tweedctl*) echo \"$l\" >> /tmp/seen;; esac; \
+                 done; done";
+    e.start(&["--name", "c", "busybox", "sh", "-c", watch]);
+    for _ in 0..40 {
+        e.ok(&["exec", "c", "true"]);
+    }
+    let seen = e.ok(&["exec", "c", "sh", "-c", "cat /tmp/seen 2>/dev/null; true"]);
+    assert!(
+        !seen.contains("tweedctl"),
+        "the container read the runtime's /proc/PID/exe:\n{seen}"
+    );
+    e.ok(&["rm", "-f", "c"]);
+    e.assert_nothing_left();
+}
