@@ -53,6 +53,19 @@ pub const NAMES: &[(u32, &str)] = &[
     (40, "CAP_CHECKPOINT_RESTORE"),
 ];
 
+pub const DAC_READ_SEARCH: u32 = 2;
+pub const MKNOD: u32 = 27;
+pub const SYS_MODULE: u32 = 16;
+pub const SYS_RAWIO: u32 = 17;
+pub const SYS_CHROOT: u32 = 18;
+pub const SYS_PTRACE: u32 = 19;
+pub const SYS_PACCT: u32 = 20;
+pub const SYS_ADMIN: u32 = 21;
+pub const SYS_BOOT: u32 = 22;
+pub const SYS_NICE: u32 = 23;
+pub const SYS_TIME: u32 = 25;
+pub const SYS_TTY_CONFIG: u32 = 26;
+
 /// Docker's default capability set (moby `oci/caps/defaults.go`).
 pub const DOCKER_DEFAULT: &[&str] = &[
     "CAP_CHOWN",
@@ -83,6 +96,40 @@ impl CapSet {
     pub fn docker_default() -> CapSet {
         CapSet::from_names(DOCKER_DEFAULT).expect("default names are known")
     }
+    /// Every capability the kernel knows (`--privileged`).
+    pub fn all(last_cap: u32) -> CapSet {
+        CapSet(if last_cap >= 63 {
+            u64::MAX
+        } else {
+            (1u64 << (last_cap + 1)) - 1
+        })
+    }
+    /// Docker's `--cap-add`/`--cap-drop`: names with or without `CAP_`, any case, or `ALL`.
+    /// Drops apply first, then adds (so `--cap-drop ALL --cap-add NET_RAW` keeps one).
+    pub fn adjust(self, add: &[String], drop: &[String], last_cap: u32) -> Result<CapSet, String> {
+        let parse = |n: &String| -> Result<u64, String> {
+            let up = n.trim().to_ascii_uppercase();
+            if up == "ALL" {
+                return Ok(CapSet::all(last_cap).0);
+            }
+            let full = if up.starts_with("CAP_") {
+                up
+            } else {
+                format!("CAP_{up}")
+            };
+            CapSet::from_names(&[full.as_str()])
+                .map(|c| c.0)
+                .ok_or_else(|| format!("unknown capability {n:?}"))
+        };
+        let mut m = self.0;
+        for n in drop {
+            m &= !parse(n)?;
+        }
+        for n in add {
+            m |= parse(n)?;
+        }
+        Ok(CapSet(m))
+    }
     pub fn contains(&self, cap: u32) -> bool {
         cap < 64 && self.0 & (1 << cap) != 0
     }
@@ -97,6 +144,14 @@ impl CapSet {
     pub fn to_drop(&self, last_cap: u32) -> Vec<u32> {
         (0..=last_cap).filter(|c| !self.contains(*c)).collect()
     }
+}
+
+/// The bounding set of this process (`--privileged` can give no more than the runtime has,
+/// e.g. when it runs in a sandbox itself).
+pub fn own_bounding() -> Option<CapSet> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapBnd:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok().map(CapSet)
 }
 
 /// The kernel's highest capability number.
@@ -195,6 +250,26 @@ mod tests {
         assert_eq!(drop.len(), 41 - 14);
         assert!(drop.contains(&21));
         assert!(!drop.contains(&0));
+    }
+
+    #[test]
+    fn add_and_drop_as_docker() {
+        let d = CapSet::docker_default();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let c = d
+            .adjust(&s(&["sys_ptrace"]), &s(&["CAP_MKNOD", "net_raw"]), 40)
+            .unwrap();
+        assert!(c.contains(SYS_PTRACE) && !c.contains(MKNOD) && !c.contains(13));
+        let only = d
+            .adjust(&s(&["NET_BIND_SERVICE"]), &s(&["ALL"]), 40)
+            .unwrap();
+        assert_eq!(only.names(), ["CAP_NET_BIND_SERVICE"]);
+        assert_eq!(d.adjust(&s(&["all"]), &[], 40).unwrap(), CapSet::all(40));
+        assert_eq!(CapSet::all(40).0, (1 << 41) - 1);
+        assert!(d
+            .adjust(&s(&["CAP_NOPE"]), &[], 40)
+            .unwrap_err()
+            .contains("CAP_NOPE"));
     }
 
     #[test]

@@ -65,7 +65,7 @@ enum Cmd {
     #[command(subcommand)]
     Image(ImageCmd),
     /// Create and start a container.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List containers.
     Ps {
         /// Only ids.
@@ -115,6 +115,13 @@ enum Cmd {
     Commit { container: String, name: String },
     /// CNI GC: let the network's plugins release what no container uses (CNI >= 1.1.0).
     Gc,
+    /// Print the seccomp profile a container gets by default, in Docker's (and the OCI
+    /// spec's) format: to read what is blocked, or to give runc or Docker the same filter.
+    SeccompProfile {
+        /// Capabilities the container would add to the default set (they unlock syscalls).
+        #[arg(long = "cap-add", value_name = "CAP")]
+        cap_add: Vec<String>,
+    },
     /// Inspect the local tweedd agent: status, leases, peers, watch.
     Net(crate::netcli::NetArgs),
 }
@@ -185,6 +192,18 @@ struct RunArgs {
     user: Option<String>,
     #[arg(long)]
     entrypoint: Option<String>,
+    /// seccomp=unconfined | seccomp=PROFILE.json (Docker's format) | no-new-privileges[=false].
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
+    /// Add a capability to Docker's default set (NAME, CAP_NAME or ALL).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    cap_add: Vec<String>,
+    /// Drop a capability from the default set (NAME, CAP_NAME or ALL).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    cap_drop: Vec<String>,
+    /// Every capability, no seccomp filter, no masked paths, every device: the explicit way out.
+    #[arg(long)]
+    privileged: bool,
     image: String,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     cmd: Vec<String>,
@@ -264,6 +283,18 @@ fn run(cli: Cli) -> Result<i32> {
     if let Cmd::Net(args) = cli.cmd {
         return crate::netcli::run(args, out);
     }
+    if let Cmd::SeccompProfile { cap_add } = &cli.cmd {
+        let caps = tweed_runtime::caps::CapSet::docker_default()
+            .adjust(cap_add, &[], tweed_runtime::caps::last_cap())
+            .map_err(anyhow::Error::msg)?;
+        let p = tweed_runtime::seccomp::default::profile(caps);
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&tweed_runtime::seccomp::docker::to_docker(&p))?
+        )?;
+        return Ok(0);
+    }
     let rt = Runtime::new(options(&cli)).context("opening the runtime state")?;
     match cli.cmd {
         Cmd::Image(ImageCmd::Import {
@@ -314,7 +345,7 @@ fn run(cli: Cli) -> Result<i32> {
                 writeln!(out, "removed {i} ({} layers freed)", removed.len())?;
             }
         }
-        Cmd::Run(a) => return run_cmd(&rt, a, out),
+        Cmd::Run(a) => return run_cmd(&rt, *a, out),
         Cmd::Ps { quiet, json } => {
             let list = rt.list()?;
             if json {
@@ -397,7 +428,9 @@ fn run(cli: Cli) -> Result<i32> {
                 writeln!(out, "the network's CNI version has no GC (needs 1.1.0)")?;
             }
         }
-        Cmd::Net(_) => unreachable!("handled before the runtime is opened"),
+        Cmd::Net(_) | Cmd::SeccompProfile { .. } => {
+            unreachable!("handled before the runtime is opened")
+        }
     }
     Ok(0)
 }
@@ -454,6 +487,12 @@ fn run_cmd(rt: &Runtime, a: RunArgs, out: &mut dyn Write) -> Result<i32> {
         pids: a.pids,
         user: a.user,
         auto_remove: a.rm,
+        security: tweed_runtime::security::SecurityArgs {
+            security_opt: a.security_opt,
+            cap_add: a.cap_add,
+            cap_drop: a.cap_drop,
+            privileged: a.privileged,
+        },
     };
     if a.detach {
         let id = rt.run(&spec)?;

@@ -92,7 +92,19 @@ impl Drop for RawTerm {
 }
 
 /// Runs `spec` in the container whose init is `init_pid`; returns the exit code.
-pub fn exec(cfg: &ContainerConfig, init_pid: i32, spec: &ExecSpec) -> Result<i32, ExecError> {
+pub fn exec(
+    cfg: &ContainerConfig,
+    init_pid: i32,
+    spec: &ExecSpec,
+    seccomp: Option<&crate::seccomp::Programs>,
+) -> Result<i32, ExecError> {
+    // Non-dumpable until the command's execve: a process of the container cannot open
+    // /proc/PID/exe of this tweedctl (the CVE-2019-5736 class) nor ptrace it while it is
+    // inside the container's namespaces. Forks inherit it; execve resets it.
+    // SAFETY: plain prctl on ourselves.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
     let mut nsfds: Vec<(File, libc::c_int)> = Vec::new();
     for (name, flag) in NAMESPACES {
         let path = PathBuf::from(format!("/proc/{init_pid}/ns/{name}"));
@@ -119,7 +131,7 @@ pub fn exec(cfg: &ContainerConfig, init_pid: i32, spec: &ExecSpec) -> Result<i32
     };
     // SAFETY: `tweedctl exec` is single-threaded, and the child leaves through `process::child`.
     match unsafe { process::fork() }.map_err(ExecError::Fork)? {
-        Fork::Child => process::child(|| joiner(cfg, &nsfds, root.as_raw_fd(), spec)),
+        Fork::Child => process::child(|| joiner(cfg, &nsfds, root.as_raw_fd(), spec, seccomp)),
         Fork::Parent(pid) => {
             drop((nsfds, root));
             let e = process::waitpid(pid).map_err(ExecError::Fork)?;
@@ -135,6 +147,7 @@ fn joiner(
     nsfds: &[(File, libc::c_int)],
     root: RawFd,
     spec: &ExecSpec,
+    seccomp: Option<&crate::seccomp::Programs>,
 ) -> i32 {
     let sys = LinuxSyscall;
     // Single-threaded: moving ourselves through `tasks` avoids the global migration lock.
@@ -165,6 +178,7 @@ fn joiner(
             command(
                 cfg,
                 spec,
+                seccomp,
                 (mnt.0.as_raw_fd(), root),
                 (rep_w.as_raw_fd(), ack_r.as_raw_fd()),
             )
@@ -334,6 +348,7 @@ fn open_pty() -> io::Result<(OwnedFd, PathBuf)> {
 fn command(
     cfg: &ContainerConfig,
     spec: &ExecSpec,
+    seccomp: Option<&crate::seccomp::Programs>,
     (mnt, root): (RawFd, RawFd),
     (report, ack): (RawFd, RawFd),
 ) -> i32 {
@@ -405,15 +420,16 @@ fn command(
                     source,
                 })?;
         }
-        let (uid, gid) = init::resolve_user(spec.user.as_deref().unwrap_or(&cfg.user))?;
-        sys.set_no_new_privs().map_err(InitError::NoNewPrivs)?;
-        sys.set_capabilities(&cfg.caps).map_err(InitError::Caps)?;
-        if uid != 0 || gid != 0 {
-            sys.set_ids(uid, gid, &[])
-                .map_err(|source| InitError::Ids { uid, gid, source })?;
-        }
-        if cfg.limits.memory.is_some() {
-            let l = sys.sysinfo_listener().map_err(InitError::Seccomp)?;
+        let ids = init::resolve_user(spec.user.as_deref().unwrap_or(&cfg.user))?;
+        let listener = init::drop_privileges(
+            &sys,
+            &cfg.caps,
+            ids,
+            cfg.security.no_new_privs,
+            seccomp,
+            cfg.limits.memory.is_some(),
+        )?;
+        if let Some(l) = listener {
             init::hand_off_listener(l, report, ack)?;
         }
         Ok(())

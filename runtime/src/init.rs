@@ -47,6 +47,8 @@ pub enum InitError {
     Cgroup(String),
     #[error("installing the sysinfo filter: {0}")]
     Seccomp(io::Error),
+    #[error("installing the seccomp filter: {0}")]
+    Filter(io::Error),
     #[error("handing the sysinfo listener to the supervisor: {0}")]
     Handoff(io::Error),
     #[error("exec: {cmd:?}: executable file not found in $PATH")]
@@ -72,6 +74,9 @@ pub struct InitSpec {
     pub new_netns: bool,
     /// Answer `sysinfo` with the container's limits (the supervisor serves the notifications).
     pub virtual_sysinfo: bool,
+    /// The compiled seccomp filters (none: unconfined).
+    pub seccomp: Option<crate::seccomp::Programs>,
+    pub no_new_privs: bool,
 }
 
 /// Namespaces the init is cloned with.
@@ -137,16 +142,49 @@ pub fn prepare(
     sys.unshare(libc::CLONE_NEWCGROUP)
         .map_err(InitError::CgroupNs)?;
     let (uid, gid) = resolve_user(&spec.user)?;
-    sys.set_no_new_privs().map_err(InitError::NoNewPrivs)?;
-    sys.set_capabilities(&spec.caps).map_err(InitError::Caps)?;
+    drop_privileges(
+        sys,
+        &spec.caps,
+        (uid, gid),
+        spec.no_new_privs,
+        spec.seccomp.as_ref(),
+        spec.virtual_sysinfo,
+    )
+}
+
+/// The last steps before `execve`, shared by the init and `exec`: no_new_privs, capabilities,
+/// ids, the sysinfo listener, and the seccomp filter. With no_new_privs the filter goes last (so
+/// the profile need not allow what the runtime does before), without it the filter must go in
+/// while we still hold CAP_SYS_ADMIN, before the capabilities are dropped.
+pub fn drop_privileges(
+    sys: &dyn Syscall,
+    caps: &CapSet,
+    (uid, gid): (u32, u32),
+    no_new_privs: bool,
+    seccomp: Option<&crate::seccomp::Programs>,
+    virtual_sysinfo: bool,
+) -> Result<Option<RawFd>, InitError> {
+    if no_new_privs {
+        sys.set_no_new_privs().map_err(InitError::NoNewPrivs)?;
+    } else if let Some(p) = seccomp {
+        sys.seccomp(p).map_err(InitError::Filter)?;
+    }
+    sys.set_capabilities(caps).map_err(InitError::Caps)?;
     if uid != 0 || gid != 0 {
         sys.set_ids(uid, gid, &[])
             .map_err(|source| InitError::Ids { uid, gid, source })?;
     }
-    if spec.virtual_sysinfo {
-        return sys.sysinfo_listener().map(Some).map_err(InitError::Seccomp);
+    let listener = if virtual_sysinfo {
+        Some(sys.sysinfo_listener().map_err(InitError::Seccomp)?)
+    } else {
+        None
+    };
+    if no_new_privs {
+        if let Some(p) = seccomp {
+            sys.seccomp(p).map_err(InitError::Filter)?;
+        }
     }
-    Ok(None)
+    Ok(listener)
 }
 
 /// Tag of the sysinfo listener in the start handshake.
@@ -322,6 +360,9 @@ pub fn exec(argv: &[String], env: &[String]) -> InitError {
     let mut penv: Vec<*const libc::c_char> = cenv.iter().map(|a| a.as_ptr()).collect();
     penv.push(std::ptr::null());
     process::reset_signals();
+    // Nothing of the runtime's may reach the command: whatever fd was inherited or opened on
+    // the way (and not already close-on-exec) closes at the exec.
+    process::cloexec_from(3);
     // SAFETY: NUL-terminated arrays of valid C strings that outlive the call.
     unsafe {
         libc::execve(cpath.as_ptr(), pargv.as_ptr(), penv.as_ptr());
@@ -386,6 +427,7 @@ mod tests {
                 meminfo: None,
                 cpuinfo: None,
                 cpu_online: None,
+                privileged: false,
             },
             hostname: "box".into(),
             argv: vec!["sh".into()],
@@ -397,6 +439,8 @@ mod tests {
             join_netns: None,
             new_netns: true,
             virtual_sysinfo: true,
+            seccomp: Some(vec![vec![]]),
+            no_new_privs: true,
         }
     }
 
@@ -426,13 +470,33 @@ mod tests {
         // Privileges go last, capabilities after no_new_privs.
         let nnp = pos(&Call::NoNewPrivs);
         assert_eq!(calls[nnp + 1], Call::Caps(CapSet::docker_default()));
-        // The seccomp filter comes last: it needs no_new_privs.
+        // The filters come last: they need no_new_privs, and the profile need not allow the
+        // runtime's own calls.
         assert_eq!(calls[nnp + 2], Call::SysinfoFilter);
-        assert_eq!(nnp + 3, calls.len());
+        assert_eq!(calls[nnp + 3], Call::Seccomp(1));
+        assert_eq!(nnp + 4, calls.len());
         assert_eq!(
             clone_flags(&spec()) & libc::CLONE_NEWNET,
             libc::CLONE_NEWNET
         );
+    }
+
+    #[test]
+    fn without_no_new_privs_the_filter_goes_in_before_the_capabilities_drop() {
+        let mut s = spec();
+        s.no_new_privs = false;
+        let sys = FakeSyscall::new();
+        prepare(&sys, &s, &mut || Ok(())).unwrap();
+        let calls = sys.calls();
+        assert!(!calls.contains(&Call::NoNewPrivs));
+        let f = calls.iter().position(|c| *c == Call::Seccomp(1)).unwrap();
+        assert_eq!(calls[f + 1], Call::Caps(CapSet::docker_default()));
+        // Unconfined: no filter at all.
+        let mut s = spec();
+        s.seccomp = None;
+        let sys = FakeSyscall::new();
+        prepare(&sys, &s, &mut || Ok(())).unwrap();
+        assert!(!sys.calls().iter().any(|c| matches!(c, Call::Seccomp(_))));
     }
 
     #[test]

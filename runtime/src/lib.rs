@@ -25,6 +25,8 @@ pub mod procview;
 pub mod release;
 pub mod rootfs;
 pub mod runtime;
+pub mod seccomp;
+pub mod security;
 pub mod shim;
 pub mod start;
 pub mod state;

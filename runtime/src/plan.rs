@@ -32,6 +32,7 @@ pub struct RunSpec {
     pub pids: Option<String>,
     pub user: Option<String>,
     pub auto_remove: bool,
+    pub security: crate::security::SecurityArgs,
 }
 
 /// A container to create, every input checked: the configuration it will record, and what
@@ -47,6 +48,8 @@ pub struct Plan {
     pub join_netns: Option<PathBuf>,
     /// The CNI network an overlay container is attached to.
     pub network: Option<NetworkList>,
+    /// The container's seccomp filters, compiled (or read from the cache) now.
+    pub seccomp: Option<crate::seccomp::Programs>,
 }
 
 impl Runtime {
@@ -128,6 +131,10 @@ impl Runtime {
             join_netns = netns_path.clone();
         }
         let cgroup = Cgroup::for_container(layout, &self.opts.cgroup_parent, &id).record();
+        let cwd_now = std::env::current_dir().unwrap_or_else(|_| "/".into());
+        let (caps, security) =
+            crate::security::resolve(&spec.security, crate::caps::last_cap(), &cwd_now)?;
+        let seccomp = self.seccomp_programs(caps, &security)?;
         Ok(Plan {
             lowers: self.images.lower_dirs(&image)?,
             config: ContainerConfig {
@@ -146,7 +153,8 @@ impl Runtime {
                 net,
                 volumes,
                 cgroup,
-                caps: CapSet::docker_default(),
+                caps,
+                security,
                 created: String::new(),
                 auto_remove: spec.auto_remove,
                 host_netns: self.opts.host_netns.clone(),
@@ -154,7 +162,25 @@ impl Runtime {
             },
             join_netns,
             network,
+            seccomp,
         })
+    }
+
+    /// The compiled seccomp filters of a container holding `caps`, through the cache under the
+    /// image root.
+    pub fn seccomp_programs(
+        &self,
+        caps: CapSet,
+        security: &crate::security::Security,
+    ) -> Result<Option<crate::seccomp::Programs>, RuntimeError> {
+        let Some(profile) = security.seccomp.profile(caps) else {
+            return Ok(None);
+        };
+        let dir = self.opts.image_root.join("seccomp");
+        Ok(Some(
+            crate::seccomp::compiled(&profile, &dir)
+                .map_err(crate::security::SecurityError::from)?,
+        ))
     }
 }
 

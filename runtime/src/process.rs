@@ -211,6 +211,35 @@ pub fn close_fds_except(keep: &[RawFd]) {
     }
 }
 
+/// Marks every fd from `first` up close-on-exec (`close_range(CLOSE_RANGE_CLOEXEC)`, falling
+/// back to walking /proc/self/fd on kernels before 5.11).
+pub fn cloexec_from(first: RawFd) {
+    // SAFETY: plain syscall; it only sets flags on our own fds.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return;
+    }
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => (first..1024).collect(),
+    };
+    for fd in fds.into_iter().filter(|fd| *fd >= first) {
+        // SAFETY: setting FD_CLOEXEC on an fd number; a closed one fails harmlessly.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+}
+
 /// Opens /dev/null for reading and writing.
 pub fn dev_null() -> io::Result<OwnedFd> {
     let p = CString::new("/dev/null").expect("no NUL");

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::state::Volume;
-use crate::syscall::{Mount, Syscall};
+use crate::syscall::{Mount, Pinned, Syscall};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -89,6 +89,8 @@ pub struct RootfsSpec {
     pub meminfo: Option<PathBuf>,
     pub cpuinfo: Option<PathBuf>,
     pub cpu_online: Option<PathBuf>,
+    /// `--privileged`: no masked or read-only paths, /sys writable.
+    pub privileged: bool,
 }
 
 /// The overlay mount's data string.
@@ -137,8 +139,19 @@ fn step<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Roo
     }
 }
 
+/// `abs` resolved inside `root` (see [`Syscall::pin_in_root`]): an image cannot turn a mount
+/// target into a host path with a symlink (`/proc -> /etc` or `../../..` tricks).
+fn pin(sys: &dyn Syscall, root: &Path, abs: &str) -> Result<Pinned, RootfsError> {
+    sys.pin_in_root(root, abs)
+        .map_err(|source| RootfsError::Step {
+            step: "resolving inside the container's root",
+            path: PathBuf::from(abs),
+            source,
+        })
+}
+
 /// Builds the container's filesystem and pivots into it. Runs in the container's new mount
-/// namespace.
+/// namespace. Every target inside the root is resolved inside it right before its mount.
 pub fn setup(sys: &dyn Syscall, spec: &RootfsSpec) -> Result<(), RootfsError> {
     let root = &spec.merged;
     // Nothing we mount may propagate back to the host, nor host mounts in.
@@ -147,51 +160,60 @@ pub fn setup(sys: &dyn Syscall, spec: &RootfsSpec) -> Result<(), RootfsError> {
         Mount::new("/").flags(REC | PRIVATE),
         "private propagation",
     )?;
+    // nodev: a device node in the image or made inside opens nothing (the device cgroup is the
+    // second line); only the /dev tmpfs below holds devices.
     mount(
         sys,
         Mount::new(root)
             .source("overlay")
             .fstype("overlay")
+            .flags(NODEV)
             .data(overlay_options(spec)?),
         "overlay",
     )?;
 
     for v in &spec.volumes {
-        let t = join(root, &v.container.to_string_lossy());
+        let c = v.container.to_string_lossy();
+        let t = pin(sys, root, &c)?;
         mount(
             sys,
-            Mount::new(&t).source(&v.host).flags(BIND | REC),
+            Mount::new(&t.path).source(&v.host).flags(BIND | REC),
             &format!("volume {}", v.host.display()),
         )?;
         if v.readonly {
+            // Pinned again: the first pin names the directory under the new mount.
+            let t = pin(sys, root, &c)?;
             mount(
                 sys,
-                Mount::new(&t).flags(BIND | REC | REMOUNT | RDONLY),
+                Mount::new(&t.path).flags(BIND | REC | REMOUNT | RDONLY),
                 "read-only volume",
             )?;
         }
     }
 
-    let proc_ = join(root, "/proc");
+    let proc_ = pin(sys, root, "/proc")?;
     mount(
         sys,
-        Mount::new(&proc_)
+        Mount::new(&proc_.path)
             .source("proc")
             .fstype("proc")
             .flags(NOSUID | NODEV | NOEXEC),
         "proc",
     )?;
 
-    let dev = join(root, "/dev");
+    let dev_mp = pin(sys, root, "/dev")?;
     mount(
         sys,
-        Mount::new(&dev)
+        Mount::new(&dev_mp.path)
             .source("tmpfs")
             .fstype("tmpfs")
             .flags(NOSUID | STRICTATIME)
             .data("mode=755,size=65536k"),
         "/dev tmpfs",
     )?;
+    // The tmpfs root, ours from here on.
+    let dev_fd = pin(sys, root, "/dev")?;
+    let dev = &dev_fd.path;
     for (name, major, minor) in DEVICES {
         let p = dev.join(name);
         sys.mknod(&p, libc::S_IFCHR | 0o666, libc::makedev(*major, *minor))
@@ -199,7 +221,7 @@ pub fn setup(sys: &dyn Syscall, spec: &RootfsSpec) -> Result<(), RootfsError> {
     }
     for d in ["pts", "shm", "mqueue"] {
         sys.mkdir_all(&dev.join(d), 0o755)
-            .map_err(step("mkdir", &dev))?;
+            .map_err(step("mkdir", dev))?;
     }
     mount(
         sys,
@@ -239,13 +261,14 @@ pub fn setup(sys: &dyn Syscall, spec: &RootfsSpec) -> Result<(), RootfsError> {
             .map_err(step("symlink", &l))?;
     }
 
-    let sys_ = join(root, "/sys");
+    let sys_ = pin(sys, root, "/sys")?;
+    let sys_ro = if spec.privileged { 0 } else { RDONLY };
     mount(
         sys,
-        Mount::new(&sys_)
+        Mount::new(&sys_.path)
             .source("sysfs")
             .fstype("sysfs")
-            .flags(NOSUID | NODEV | NOEXEC | RDONLY),
+            .flags(NOSUID | NODEV | NOEXEC | sys_ro),
         "sysfs",
     )?;
 
@@ -256,50 +279,61 @@ pub fn setup(sys: &dyn Syscall, spec: &RootfsSpec) -> Result<(), RootfsError> {
         (&spec.cpu_online, "/sys/devices/system/cpu/online"),
     ] {
         if let Some(src) = src {
-            let t = join(root, dst);
-            if sys.exists(&t) {
-                mount(sys, Mount::new(&t).source(src).flags(BIND), dst)?;
+            if sys.exists(&join(root, dst)) {
+                let t = pin(sys, root, dst)?;
+                mount(sys, Mount::new(&t.path).source(src).flags(BIND), dst)?;
+                let t = pin(sys, root, dst)?;
                 mount(
                     sys,
-                    Mount::new(&t).flags(BIND | REMOUNT | RDONLY | NOSUID | NODEV | NOEXEC),
+                    Mount::new(&t.path).flags(BIND | REMOUNT | RDONLY | NOSUID | NODEV | NOEXEC),
                     dst,
                 )?;
             }
         }
     }
 
-    let null = dev.join("null");
-    for p in MASKED {
-        let t = join(root, p);
-        if !sys.exists(&t) {
-            continue;
+    if !spec.privileged {
+        let null = dev.join("null");
+        for p in MASKED {
+            let t = join(root, p);
+            if !sys.exists(&t) {
+                continue;
+            }
+            let is_dir = sys.is_dir(&t);
+            let t = pin(sys, root, p)?;
+            if is_dir {
+                mount(
+                    sys,
+                    Mount::new(&t.path)
+                        .source("tmpfs")
+                        .fstype("tmpfs")
+                        .flags(RDONLY)
+                        .data("size=0"),
+                    p,
+                )?;
+            } else {
+                mount(sys, Mount::new(&t.path).source(&null).flags(BIND), p)?;
+            }
         }
-        if sys.is_dir(&t) {
+        for p in READONLY {
+            if !sys.exists(&join(root, p)) {
+                continue;
+            }
+            let t = pin(sys, root, p)?;
             mount(
                 sys,
-                Mount::new(&t)
-                    .source("tmpfs")
-                    .fstype("tmpfs")
-                    .flags(RDONLY)
-                    .data("size=0"),
+                Mount::new(&t.path).source(&t.path).flags(BIND | REC),
                 p,
             )?;
-        } else {
-            mount(sys, Mount::new(&t).source(&null).flags(BIND), p)?;
+            let t = pin(sys, root, p)?;
+            mount(
+                sys,
+                Mount::new(&t.path).flags(BIND | REC | REMOUNT | RDONLY | NOSUID | NODEV | NOEXEC),
+                p,
+            )?;
         }
     }
-    for p in READONLY {
-        let t = join(root, p);
-        if !sys.exists(&t) {
-            continue;
-        }
-        mount(sys, Mount::new(&t).source(&t).flags(BIND | REC), p)?;
-        mount(
-            sys,
-            Mount::new(&t).flags(BIND | REC | REMOUNT | RDONLY | NOSUID | NODEV | NOEXEC),
-            p,
-        )?;
-    }
+    drop((proc_, dev_mp, dev_fd, sys_));
 
     // pivot_root(".", ".") stacks the old root on the new one; unmounting "." then drops it.
     sys.chdir(root).map_err(step("chdir", root))?;
@@ -418,6 +452,7 @@ mod tests {
             meminfo: Some("/s/meminfo".into()),
             cpuinfo: None,
             cpu_online: Some("/s/online".into()),
+            privileged: false,
         }
     }
 

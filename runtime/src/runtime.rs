@@ -67,6 +67,8 @@ pub enum RuntimeError {
     Start(#[from] StartError),
     #[error("exec: {0}")]
     Exec(#[from] ExecError),
+    #[error("{0}")]
+    Security(#[from] crate::security::SecurityError),
     #[error("container {id} removed, but cleanup reported: {errors}")]
     Cleanup { id: String, errors: String },
     #[error("{path}: {source}")]
@@ -464,7 +466,8 @@ impl Runtime {
     pub fn exec(&self, id: &str, spec: &ExecSpec) -> Result<i32, RuntimeError> {
         let cfg = self.config(id)?;
         let pid = self.init_pid(id)?;
-        Ok(exec::exec(&cfg, pid, spec)?)
+        let seccomp = self.seccomp_programs(cfg.caps, &cfg.security)?;
+        Ok(exec::exec(&cfg, pid, spec, seccomp.as_ref())?)
     }
 
     /// Makes the container's writable layer a new image layer on top of its image.

@@ -28,7 +28,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::cgroup::{self, CgroupError, CgroupManager};
+use crate::cgroup::{self, CgroupError, CgroupManager, DevicePolicy};
 use crate::cni::{self, Attachment, Cni, CniError};
 use crate::init::InitSpec;
 use crate::netns::{self, NetnsError};
@@ -239,6 +239,12 @@ impl<'a> Starting<'a> {
             source,
         };
         cg.create().map_err(err)?;
+        let policy = if self.config().security.privileged {
+            DevicePolicy::All
+        } else {
+            DevicePolicy::Default
+        };
+        cg.devices(policy).map_err(err)?;
         cg.apply(&self.config().limits).map_err(err)
     }
 
@@ -384,6 +390,7 @@ impl<'a> Starting<'a> {
                 meminfo: views.meminfo,
                 cpuinfo: views.cpuinfo,
                 cpu_online: views.cpu_online,
+                privileged: config.security.privileged,
             },
             hostname: config.hostname.clone(),
             argv: config.argv.clone(),
@@ -395,6 +402,8 @@ impl<'a> Starting<'a> {
             new_netns: config.net == NetMode::None,
             join_netns: self.plan.join_netns.clone(),
             virtual_sysinfo: config.limits.memory.is_some(),
+            seccomp: self.plan.seccomp.clone(),
+            no_new_privs: config.security.no_new_privs,
         };
         let on_exit: Option<Box<dyn FnOnce()>> = if config.auto_remove {
             let rt = self.rt.clone();

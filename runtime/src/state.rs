@@ -152,6 +152,9 @@ pub struct ContainerConfig {
     pub volumes: Vec<Volume>,
     pub cgroup: CgroupRecord,
     pub caps: CapSet,
+    /// seccomp, no_new_privs, privileged (absent in configs older than these options).
+    #[serde(default)]
+    pub security: crate::security::Security,
     pub created: String,
     pub auto_remove: bool,
     /// The namespace treated as the host's (CNI plugins and `--net host` use it).

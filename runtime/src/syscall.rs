@@ -14,6 +14,33 @@ use crate::shim::{ShimError, ShimSpec, Started};
 #[cfg(test)]
 pub mod fake;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_paths_never_leave_the_root() {
+        use std::os::fd::AsRawFd;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("real")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../../../../etc", root.join("rel")).unwrap();
+        std::fs::create_dir(root.join("etc")).unwrap();
+        let real = |p: &str| {
+            let fd = open_in_root(&root, p).unwrap();
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+        };
+        let canon = root.canonicalize().unwrap();
+        // Absolute and climbing links resolve to the root's own /etc, never the host's.
+        assert_eq!(real("/abs"), canon.join("etc"));
+        assert_eq!(real("rel"), canon.join("etc"));
+        assert_eq!(real("/../../real"), canon.join("real"));
+        assert_eq!(real("/"), canon);
+        assert!(open_in_root(&root, "/missing").is_err());
+    }
+}
+
 /// One mount(2) call, as data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
@@ -74,6 +101,12 @@ pub trait Syscall: Sync {
     fn set_capabilities(&self, caps: &CapSet) -> io::Result<()>;
     fn set_affinity(&self, cpus: &[usize]) -> io::Result<()>;
     fn set_ids(&self, uid: u32, gid: u32, groups: &[u32]) -> io::Result<()>;
+    /// Installs compiled seccomp filters, in order.
+    fn seccomp(&self, progs: &crate::seccomp::Programs) -> io::Result<()>;
+    /// Resolves `path` inside `root` as if `root` were `/` (symlinks, `..` and absolute links
+    /// never leave it: `openat2(RESOLVE_IN_ROOT)`), and returns a path naming the very inode
+    /// found, for use as a mount target while the returned value lives.
+    fn pin_in_root(&self, root: &Path, path: &str) -> io::Result<Pinned>;
     /// Installs the seccomp filter that turns `sysinfo` into a user notification; returns the
     /// listener fd (close-on-exec).
     fn sysinfo_listener(&self) -> io::Result<RawFd>;
@@ -86,6 +119,45 @@ pub trait Syscall: Sync {
     /// ([`crate::init::clone_flags`]) and returns once the init has exec'd the command or
     /// failed (then no process of the container is left).
     fn start_supervisor(&self, spec: ShimSpec) -> Result<Started, ShimError>;
+}
+
+/// A path inside a container's root, resolved once; `fd` keeps the inode it names.
+#[derive(Debug)]
+pub struct Pinned {
+    pub path: PathBuf,
+    pub fd: Option<std::os::fd::OwnedFd>,
+}
+
+/// `openat2(dirfd, path, O_PATH | O_CLOEXEC, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`.
+pub fn open_in_root(root: &Path, path: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = std::fs::File::open(root)?;
+    let rel = CString::new(path.trim_start_matches('/').as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let rel = if rel.as_bytes().is_empty() {
+        CString::new(".").expect("no NUL")
+    } else {
+        rel
+    };
+    // SAFETY: open_how is plain data; zero is "no flags" for every field.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid dir fd, NUL-terminated path and an open_how of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            rel.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
 pub(crate) fn cstr(p: &Path) -> io::Result<CString> {
@@ -224,6 +296,19 @@ impl Syscall for LinuxSyscall {
             check(libc::setresgid(gid, gid, gid))?;
             check(libc::setresuid(uid, uid, uid))
         }
+    }
+
+    fn seccomp(&self, progs: &crate::seccomp::Programs) -> io::Result<()> {
+        crate::seccomp::install(progs)
+    }
+
+    fn pin_in_root(&self, root: &Path, path: &str) -> io::Result<Pinned> {
+        use std::os::fd::AsRawFd;
+        let fd = open_in_root(root, path)?;
+        Ok(Pinned {
+            path: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            fd: Some(fd),
+        })
     }
 
     fn sysinfo_listener(&self) -> io::Result<RawFd> {

@@ -49,6 +49,7 @@ fn ok(o: Output, what: &str) -> String {
 
 #[test]
 fn exec_from_a_chrooted_tweedctl_lands_in_the_container_root() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     // A file only the host has: seen from an exec, it means the exec is in the host's root.
     let host_only = e.dir.path().join("host-only-marker");

@@ -642,6 +642,7 @@ fn mode(p: &Path) -> u32 {
 
 #[test]
 fn runtime_state_and_logs_are_private() {
+    require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
     let id = e.start(&[
         "-e",

@@ -5,7 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use super::{v2_writes, CgroupError, CgroupManager, CgroupRecord, Stats};
+use super::{v2_writes, CgroupError, CgroupManager, CgroupRecord, DevicePolicy, Stats};
 use crate::journal::Journal;
 use crate::units::Limits;
 
@@ -73,6 +73,10 @@ impl CgroupManager for FakeCgroup {
         for (f, v) in v2_writes(limits) {
             w.push((f.to_string(), v));
         }
+        Ok(())
+    }
+    fn devices(&self, policy: DevicePolicy) -> Result<(), CgroupError> {
+        self.journal.note(format!("cgroup devices {policy:?}"));
         Ok(())
     }
     fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {

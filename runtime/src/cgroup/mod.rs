@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::Limits;
 
+pub mod devices;
 #[cfg(test)]
 pub mod fake;
 mod files;
@@ -22,10 +23,11 @@ pub mod layout;
 pub mod v1;
 pub mod v2;
 
+pub use devices::{DevicePolicy, DEVICE_ALLOW};
 pub use files::keyed;
 pub use join::SelfJoin;
 pub use layout::{detect, host_layout, parse_mountinfo, Hierarchy, Layout};
-pub use v1::{v1_writes, V1Cgroup, DEVICE_ALLOW};
+pub use v1::{v1_writes, V1Cgroup};
 pub use v2::{v2_writes, V2Cgroup};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,11 @@ pub enum CgroupError {
     Remove { path: PathBuf, source: io::Error },
     #[error("cgroup {path} did not freeze within 5 s")]
     FreezeTimeout { path: PathBuf },
+    #[error("device rules of cgroup {path}: {source}")]
+    Devices {
+        path: PathBuf,
+        source: devices::DeviceError,
+    },
 }
 
 /// What the runtime reads back from a container's cgroup.
@@ -93,6 +100,8 @@ pub trait CgroupManager {
     fn create(&self) -> Result<(), CgroupError>;
     /// Writes the limits (before the container's command runs).
     fn apply(&self, limits: &Limits) -> Result<(), CgroupError>;
+    /// Restricts device access (v1 `devices.deny`/`devices.allow`, v2 an eBPF program).
+    fn devices(&self, policy: DevicePolicy) -> Result<(), CgroupError>;
     fn add_pid(&self, pid: i32) -> Result<(), CgroupError>;
     fn stats(&self) -> Result<Stats, CgroupError>;
     fn procs(&self) -> Result<Vec<i32>, CgroupError>;
@@ -156,6 +165,9 @@ impl CgroupManager for Cgroup {
     }
     fn apply(&self, limits: &Limits) -> Result<(), CgroupError> {
         self.inner().apply(limits)
+    }
+    fn devices(&self, policy: DevicePolicy) -> Result<(), CgroupError> {
+        self.inner().devices(policy)
     }
     fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {
         self.inner().add_pid(pid)

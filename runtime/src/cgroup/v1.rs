@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::files::{keyed, mkdir, read, read_procs, rmdir_retry, under, write};
-use super::{CgroupError, CgroupManager, CgroupRecord, Hierarchy, Stats};
+use super::{
+    CgroupError, CgroupManager, CgroupRecord, DevicePolicy, Hierarchy, Stats, DEVICE_ALLOW,
+};
 use crate::units::{Limits, CPU_PERIOD_US};
 
 /// v1 files and values for `limits`: (controller, file, value), in the order they must be written.
@@ -28,22 +30,6 @@ pub fn v1_writes(limits: &Limits, has_memsw: bool) -> Vec<(&'static str, &'stati
     }
     w
 }
-
-/// Docker's default device allow-list (v1 `devices` controller).
-pub const DEVICE_ALLOW: &[&str] = &[
-    "c *:* m",
-    "b *:* m",
-    "c 1:3 rwm",
-    "c 1:5 rwm",
-    "c 1:7 rwm",
-    "c 1:8 rwm",
-    "c 1:9 rwm",
-    "c 5:0 rwm",
-    "c 5:1 rwm",
-    "c 5:2 rwm",
-    "c 136:* rwm",
-    "c 10:200 rwm",
-];
 
 /// A container's cgroup on a v1 host: one directory per hierarchy it uses.
 #[derive(Debug, Clone)]
@@ -86,28 +72,6 @@ impl CgroupManager for V1Cgroup {
         for d in self.unique_dirs() {
             mkdir(d)?;
         }
-        if let Some(d) = self.dirs.get("devices") {
-            write(&d.join("devices.deny"), "a")?;
-            // One rule per write(2), through one open file.
-            let p = d.join("devices.allow");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .map_err(|source| CgroupError::Write {
-                    path: p.clone(),
-                    value: DEVICE_ALLOW[0].to_string(),
-                    source,
-                })?;
-            for rule in DEVICE_ALLOW {
-                use std::io::Write;
-                f.write_all(rule.as_bytes())
-                    .map_err(|source| CgroupError::Write {
-                        path: p.clone(),
-                        value: rule.to_string(),
-                        source,
-                    })?;
-            }
-        }
         Ok(())
     }
 
@@ -118,6 +82,37 @@ impl CgroupManager for V1Cgroup {
             .is_some_and(|d| d.join("memory.memsw.limit_in_bytes").exists());
         for (ctrl, file, value) in v1_writes(limits, has_memsw) {
             write(&self.dir(ctrl)?.join(file), &value)?;
+        }
+        Ok(())
+    }
+
+    fn devices(&self, policy: DevicePolicy) -> Result<(), CgroupError> {
+        let Some(d) = self.dirs.get("devices") else {
+            return Ok(());
+        };
+        let rules: &[&str] = match policy {
+            DevicePolicy::Default => DEVICE_ALLOW,
+            DevicePolicy::All => &["a"],
+        };
+        write(&d.join("devices.deny"), "a")?;
+        // One rule per write(2), through one open file.
+        let p = d.join("devices.allow");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(|source| CgroupError::Write {
+                path: p.clone(),
+                value: rules[0].to_string(),
+                source,
+            })?;
+        for rule in rules {
+            use std::io::Write;
+            f.write_all(rule.as_bytes())
+                .map_err(|source| CgroupError::Write {
+                    path: p.clone(),
+                    value: rule.to_string(),
+                    source,
+                })?;
         }
         Ok(())
     }

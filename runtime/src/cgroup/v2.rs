@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::files::{keyed, mkdir, read, read_procs, rmdir_retry, under, write};
-use super::{CgroupError, CgroupManager, CgroupRecord, Stats};
+use super::{CgroupError, CgroupManager, CgroupRecord, DevicePolicy, Stats};
 use crate::units::{Limits, CPU_PERIOD_US};
 
 /// v2 files and values for `limits`.
@@ -91,6 +91,18 @@ impl CgroupManager for V2Cgroup {
             write(&p, &value)?;
         }
         Ok(())
+    }
+
+    /// v2 has no devices files: Docker's list becomes an eBPF program on the cgroup. `All`
+    /// attaches nothing (no program: every device).
+    fn devices(&self, policy: DevicePolicy) -> Result<(), CgroupError> {
+        if policy == DevicePolicy::All {
+            return Ok(());
+        }
+        super::devices::install_v2(&self.dir).map_err(|source| CgroupError::Devices {
+            path: self.dir.clone(),
+            source,
+        })
     }
 
     fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {

@@ -77,6 +77,7 @@ impl Bed {
                 volumes: vec![],
                 cgroup: cgroup.record(),
                 caps: CapSet::docker_default(),
+                security: Default::default(),
                 created: String::new(),
                 auto_remove: false,
                 host_netns: None,
@@ -89,6 +90,7 @@ impl Bed {
                 cni_version: "1.0.0".into(),
                 plugins: vec![plugin],
             }),
+            seccomp: None,
         };
         Bed {
             rt,
@@ -135,6 +137,7 @@ impl Bed {
     fn through_network(&self) -> Vec<String> {
         vec![
             "cgroup create".into(),
+            "cgroup devices Default".into(),
             "cgroup apply".into(),
             format!("sys unshare {:#x}", libc::CLONE_NEWNET),
             "sys loopback up".into(),
@@ -239,6 +242,7 @@ fn a_container_without_network_gets_its_namespace_from_clone() {
         b.journal.lines(),
         [
             "cgroup create".to_string(),
+            "cgroup devices Default".into(),
             "cgroup apply".into(),
             format!("sys start supervisor {}", b.state_dir().display()),
         ]
@@ -319,7 +323,12 @@ fn refused_limits_remove_the_cgroup_and_the_dirs() {
     let mut b = Bed::new();
     b.cgroup.fail_on = Some(Op::Apply);
     let e = b.start().unwrap_err();
-    let journal = ["cgroup create", "cgroup apply", "cgroup remove"];
+    let journal = [
+        "cgroup create",
+        "cgroup devices Default",
+        "cgroup apply",
+        "cgroup remove",
+    ];
     assert_undone(&b, &e, Stage::Cgroup, journal.map(String::from).into());
 }
 
@@ -333,7 +342,7 @@ fn a_netns_that_cannot_be_pinned_undoes_cgroup_and_dirs() {
         "{e}"
     );
     let mut want = b.through_network();
-    want.truncate(5); // up to the failed mount: no plugin ran
+    want.truncate(6); // up to the failed mount: no plugin ran
     want.push("cgroup remove".into());
     assert_undone(&b, &e, Stage::Network, want);
     assert!(!b.netns().exists());

@@ -30,6 +30,8 @@ pub enum Call {
     SetIds(u32, u32),
     LoopbackUp,
     SysinfoFilter,
+    /// Seccomp filters installed (how many).
+    Seccomp(usize),
     /// A container start: its state directory, the namespaces its init is cloned with and
     /// the one it joins, and whether its `config.json` (which a `--rm` supervisor reads) is
     /// there yet.
@@ -148,6 +150,15 @@ impl Syscall for FakeSyscall {
     }
     fn set_ids(&self, uid: u32, gid: u32, _g: &[u32]) -> io::Result<()> {
         self.rec(Call::SetIds(uid, gid), None)
+    }
+    fn seccomp(&self, progs: &crate::seccomp::Programs) -> io::Result<()> {
+        self.rec(Call::Seccomp(progs.len()), None)
+    }
+    fn pin_in_root(&self, root: &Path, path: &str) -> io::Result<crate::syscall::Pinned> {
+        Ok(crate::syscall::Pinned {
+            path: root.join(path.trim_start_matches('/')),
+            fd: None,
+        })
     }
     fn sysinfo_listener(&self) -> io::Result<RawFd> {
         self.rec(Call::SysinfoFilter, None).map(|_| 99)
