@@ -314,6 +314,27 @@ impl Settings {
         }
     }
 
+    /// What an operator must hear about at start-up although it works: today, an etcd password
+    /// sent over plain http, readable by anyone on the path to etcd.
+    pub fn security_warnings(&self) -> Vec<String> {
+        let plain: Vec<&str> = self
+            .etcd_endpoints
+            .iter()
+            .filter(|e| e.starts_with("http://"))
+            .map(String::as_str)
+            .collect();
+        let mut out = Vec::new();
+        if let (Some(user), false) = (&self.etcd_username, plain.is_empty()) {
+            out.push(format!(
+                "etcd user {user:?} and its password are sent unencrypted to {}: anyone on the \
+                 path can read them and then rewrite every lease; use https:// endpoints \
+                 (--etcd-cafile)",
+                plain.join(", ")
+            ));
+        }
+        out
+    }
+
     /// udp workers (TUN queues): one per core, at most 8, unless `--udp-workers` says otherwise (a
     /// host whose pods mostly talk request/response can prefer fewer threads to wake up).
     pub fn udp_workers(&self) -> usize {

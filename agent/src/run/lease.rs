@@ -18,6 +18,34 @@ use tweed_config::{LeaseAttrs, NetworkConfig};
 /// How soon a renewal that failed (etcd unreachable) is tried again.
 const RENEW_RETRY: Duration = Duration::from_secs(2);
 
+/// How often our key is written back after being overwritten before we give the subnet up: a
+/// writer that keeps overwriting it would otherwise fight us for ever, with the data plane of
+/// every peer flapping between the two values.
+const MAX_RESTORES: u32 = 3;
+
+/// What was done when our own key no longer said what we wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConflictAction {
+    /// Our lease was still alive: the overwrite was not a protocol write (a node only ever
+    /// creates absent keys), so our value was written back.
+    Restored,
+    /// Our lease was gone (someone may hold the subnet rightfully) or the key was overwritten
+    /// again and again: we took another subnet.
+    Moved,
+    /// Nothing to do (resolved meanwhile, or etcd unreachable: the next event retries).
+    None,
+}
+
+impl ConflictAction {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            ConflictAction::Restored => "restored",
+            ConflictAction::Moved => "moved",
+            ConflictAction::None => "none",
+        }
+    }
+}
+
 /// Acquires a lease, retrying with backoff; `None` when stopped first.
 pub(super) async fn acquire(
     registry: &Registry,
@@ -56,6 +84,8 @@ pub(super) struct LeaseKeeper {
     /// Lease ids the renewal task found gone (expired or revoked).
     expired: mpsc::Receiver<i64>,
     task: JoinHandle<()>,
+    /// Times our key was written back since we took it.
+    restores: u32,
 }
 
 impl LeaseKeeper {
@@ -87,6 +117,75 @@ impl LeaseKeeper {
             own,
             expired,
             task,
+            restores: 0,
+        }
+    }
+
+    /// Whether etcd's latest word on our key is a conflict: another node's PublicIP under our
+    /// key, or a value the table refused written over it. Never adopted either way.
+    pub(super) fn conflicts(&self, table: &LeaseTable, applied: &crate::watch::Applied) -> bool {
+        let own = self.own();
+        let key = own.key.etcd_key(self.registry.prefix());
+        table
+            .get(&own.key)
+            .is_some_and(|l| l.attrs.public_ip != self.attrs.public_ip)
+            || applied.skipped.iter().any(|s| s.key == key)
+    }
+
+    /// Someone else's value is under our key. Restore ours while our lease lives (a node only
+    /// ever creates absent keys, so this was no node's protocol write), up to [`MAX_RESTORES`]
+    /// times; otherwise move to another subnet. Never adopt the foreign value.
+    pub(super) async fn resolve_conflict(&mut self, stop: &mut Stop) -> ConflictAction {
+        let own = self.own();
+        let key = own.key.etcd_key(self.registry.prefix());
+        let current = match self.registry.list_leases().await {
+            Ok(snap) => snap.leases.into_iter().find(|l| l.key == key),
+            Err(e) => {
+                self.report.conflict_check_failed(own.subnet(), &e);
+                return ConflictAction::None;
+            }
+        };
+        // Deleted: the lost-lease path re-acquires. Ours again: resolved meanwhile.
+        let Some(current) = current else {
+            return ConflictAction::None;
+        };
+        let holder = LeaseAttrs::parse(&current.value).ok();
+        if holder.as_ref().map(|a| a.public_ip) == Some(self.attrs.public_ip) {
+            return ConflictAction::None;
+        }
+        let found = holder
+            .map(|a| format!("PublicIP {}", a.public_ip))
+            .unwrap_or_else(|| format!("{:?}", String::from_utf8_lossy(&current.value)));
+        let alive =
+            own.lease_id == 0 || matches!(self.registry.renew(own.lease_id).await, Ok(Some(_)));
+        if alive && self.restores < MAX_RESTORES {
+            match self
+                .registry
+                .update_lease(&own.key, &self.attrs, own.lease_id, current.mod_revision)
+                .await
+            {
+                Ok(true) => {
+                    self.restores += 1;
+                    self.report
+                        .lease_conflict(ConflictAction::Restored, own.subnet(), &found);
+                    return ConflictAction::Restored;
+                }
+                // Written again meanwhile: its watch event brings us back here.
+                Ok(false) => return ConflictAction::None,
+                Err(e) => {
+                    self.report.conflict_check_failed(own.subnet(), &e);
+                    return ConflictAction::None;
+                }
+            }
+        }
+        self.report
+            .lease_conflict(ConflictAction::Moved, own.subnet(), &found);
+        // The foreign value keeps the key occupied, so acquisition chooses another subnet.
+        if self.reacquire(stop).await {
+            self.restores = 0;
+            ConflictAction::Moved
+        } else {
+            ConflictAction::None
         }
     }
 
@@ -266,7 +365,7 @@ mod tests {
         let (mut k, state, _stop) = keeper(&mem).await;
         let own = k.own();
         let reg = Registry::Mem(mem.clone());
-        let mut table = LeaseTable::new(PREFIX, "10.244.0.0/16".parse().unwrap());
+        let mut table = LeaseTable::new(PREFIX, "10.244.0.0/16".parse().unwrap(), 24);
 
         reg.reserve(&own.key, "198.18.0.1".parse().unwrap())
             .await

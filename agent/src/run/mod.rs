@@ -82,6 +82,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let stop = Stop::new(shutdown);
+    for w in settings.security_warnings() {
+        tracing::warn!("SECURITY: {w}");
+    }
     // The servers come first, so /healthz and the API answer while etcd or the config is awaited.
     let state = AgentState::new();
     state.update(|s| {

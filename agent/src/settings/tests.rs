@@ -417,3 +417,37 @@ fn bad_file_keys_name_the_file_and_key() {
     assert!(e.contains("/nonexistent/tweedd.yaml"), "{e}");
     assert!(Path::new(&path).exists());
 }
+
+#[test]
+fn credentials_over_plain_http_are_warned_about_and_nothing_else() {
+    let creds = ["--etcd-username", "tweed", "--etcd-password", "pw"];
+    let plain = load(
+        &[
+            &creds[..],
+            &[
+                "--etcd-endpoints",
+                "https://10.0.0.1:2379,http://10.0.0.2:2379",
+            ],
+        ]
+        .concat(),
+        None,
+    )
+    .unwrap();
+    let w = plain.security_warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("http://10.0.0.2:2379")
+            && !w[0].contains("https://10.0.0.1")
+            && w[0].contains("\"tweed\"")
+            && !w[0].contains("pw "),
+        "{w:?}"
+    );
+    let tls = load(
+        &[&creds[..], &["--etcd-endpoints", "https://10.0.0.1:2379"]].concat(),
+        None,
+    )
+    .unwrap();
+    assert!(tls.security_warnings().is_empty());
+    // No credentials: nothing secret travels.
+    assert!(load(&[], None).unwrap().security_warnings().is_empty());
+}
