@@ -217,10 +217,12 @@ impl Agent {
             |c| matches!(c, crate::watch::LeaseChange::Removed(l) if l.key.ipv4 == own.subnet()),
         );
         self.lease.follow(&self.table);
-        if !own_lost && !stop.stopped() && self.lease.conflicts(&self.table, &applied) {
-            if self.lease.resolve_conflict(stop).await == lease::ConflictAction::Moved {
-                self.after_reacquire(own.subnet()).await;
-            }
+        if !own_lost
+            && !stop.stopped()
+            && self.lease.conflicts(&self.table, &applied)
+            && self.lease.resolve_conflict(stop).await == lease::ConflictAction::Moved
+        {
+            self.after_reacquire(own.subnet()).await;
         }
         if own_lost && !stop.stopped() {
             warn!(subnet = %own.subnet(), "our lease was deleted; re-acquiring");

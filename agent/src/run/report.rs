@@ -193,7 +193,7 @@ impl Report {
             let covers_own = s.subnet.is_some_and(|n| n != own && n.overlaps(own));
             if covers_own {
                 m.lease_conflicts.with_label_values(&["ignored"]).inc();
-                error!(key = %s.key, reason = s.kind, own = %own, "a lease covering our subnet was written by someone else; ignored: {}", s.reason);
+                error!(key = %s.key, reason = s.kind, own = %own, "rejecting lease: {} (CONFLICT: it covers our subnet; ours is kept)", s.reason);
             } else {
                 warn!(key = %s.key, reason = s.kind, revision = s.mod_revision, "rejecting lease: {}", s.reason);
             }
