@@ -387,4 +387,97 @@ mod tests {
         tokio::time::sleep(TTL * 3).await;
         assert_eq!(lease_of(&mem, &own).await, Some(id), "kept by renewals");
     }
+
+    /// The value under `subnet`'s key: (PublicIP or the raw text, lease id).
+    async fn value_at(mem: &MemRegistry, key: &str) -> (String, i64) {
+        let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+        let l = snap
+            .leases
+            .iter()
+            .find(|l| l.key == key)
+            .expect("key present");
+        let v = LeaseAttrs::parse(&l.value)
+            .map(|a| a.public_ip.to_string())
+            .unwrap_or_else(|_| String::from_utf8_lossy(&l.value).into_owned());
+        (v, l.lease_id)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overwritten_own_lease_is_restored_then_given_up_never_adopted() {
+        let mem = MemRegistry::new(PREFIX);
+        let (mut k, state, mut stop) = keeper(&mem).await;
+        let own = k.own();
+        let reg = Registry::Mem(mem.clone());
+        let key = own.key.etcd_key(PREFIX);
+        let mut table = LeaseTable::new(PREFIX, "10.244.0.0/16".parse().unwrap(), 24);
+        let conflicts = |action: &str| {
+            state
+                .metrics
+                .lease_conflicts
+                .with_label_values(&[action])
+                .get()
+        };
+        let applied = table.resync(&reg.list_leases().await.unwrap().leases);
+        assert!(
+            !k.conflicts(&table, &applied),
+            "our own value is no conflict"
+        );
+
+        // Another node's address, then garbage: both restored while our lease lives.
+        let thief: &[u8] = br#"{"PublicIP":"198.18.0.66","BackendType":"host-gw"}"#;
+        for (round, value) in [thief, b"{garbage", thief].into_iter().enumerate() {
+            mem.put_raw(&key, value);
+            let applied = table.resync(&reg.list_leases().await.unwrap().leases);
+            assert!(k.conflicts(&table, &applied), "round {round}");
+            assert_eq!(
+                k.resolve_conflict(&mut stop).await,
+                ConflictAction::Restored
+            );
+            assert_eq!(
+                value_at(&mem, &key).await,
+                ("198.18.0.1".to_string(), own.lease_id),
+                "our value, attached to our lease again"
+            );
+            assert_eq!(k.own(), own);
+            assert_eq!(conflicts("restored"), round as u64 + 1);
+            let applied = table.resync(&reg.list_leases().await.unwrap().leases);
+            assert!(!k.conflicts(&table, &applied));
+        }
+        // A fourth time: we stop fighting, move, and leave the foreign value alone.
+        mem.put_raw(&key, thief);
+        let applied = table.resync(&reg.list_leases().await.unwrap().leases);
+        assert!(k.conflicts(&table, &applied));
+        assert_eq!(k.resolve_conflict(&mut stop).await, ConflictAction::Moved);
+        let moved = k.own();
+        assert_ne!(moved.subnet(), own.subnet());
+        assert_eq!(conflicts("moved"), 1);
+        assert_eq!(value_at(&mem, &key).await.0, "198.18.0.66");
+        let new_key = moved.key.etcd_key(PREFIX);
+        assert_eq!(value_at(&mem, &new_key).await.0, "198.18.0.1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_taken_after_our_lease_expired_is_given_up_at_once() {
+        let mem = MemRegistry::new(PREFIX);
+        let (mut k, state, mut stop) = keeper(&mem).await;
+        let own = k.own();
+        let key = own.key.etcd_key(PREFIX);
+        mem.expire_lease(own.lease_id);
+        // Someone took the free key meanwhile: rightfully, as far as we can tell.
+        mem.put_raw(
+            &key,
+            br#"{"PublicIP":"198.18.0.7","BackendType":"host-gw"}"#,
+        );
+        assert_eq!(k.resolve_conflict(&mut stop).await, ConflictAction::Moved);
+        assert_ne!(k.own().subnet(), own.subnet());
+        assert_eq!(value_at(&mem, &key).await.0, "198.18.0.7");
+        assert_eq!(
+            state
+                .metrics
+                .lease_conflicts
+                .with_label_values(&["restored"])
+                .get(),
+            0
+        );
+    }
 }
