@@ -120,6 +120,11 @@ fn udp_takes_packets_only_from_the_peers_agent_port() {
     lab.exec("outside", &["python3", "-c", &from_outside])
         .expect("inject from outside");
 
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let _ = listener.kill();
+    let _ = listener.wait();
+    assert_eq!(line.trim(), "nothing", "an injected packet reached the pod");
     let body = wait_metric(
         &lab,
         "h1",
@@ -131,11 +136,6 @@ fn udp_takes_packets_only_from_the_peers_agent_port() {
         metric(&body, "tweed_udp_drops_total{reason=\"unknown_peer\"}") >= unknown0 + 30.0,
         "{body}"
     );
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let _ = listener.kill();
-    let _ = listener.wait();
-    assert_eq!(line.trim(), "nothing", "an injected packet reached the pod");
     // Real traffic between the agents still flows.
     lab.check_until(Duration::from_secs(15))
         .expect("check after the injection");
