@@ -97,7 +97,12 @@ pub async fn run(
             .await
             .map_err(|source| AgentError::MetricsListen { addr, source })?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
-        let served = crate::http::serve(listener, state.clone(), stop.clone().wait_owned());
+        let served = crate::http::serve_with(
+            listener,
+            state.clone(),
+            settings.http_limits(),
+            stop.clone().wait_owned(),
+        );
         servers.push(tokio::spawn(async move {
             if let Err(e) = served.await {
                 error!("metrics server: {e}");

@@ -227,6 +227,28 @@ fn defaults() {
     assert!(s.iface_regex.is_empty() && s.iface_can_reach.is_none());
     assert!(s.iface_choice().unwrap().is_automatic());
     assert!((1..=8).contains(&s.udp_workers()));
+    assert_eq!(s.http_limits(), crate::http::HttpLimits::default());
+    let tight = load(
+        &[
+            "--metrics-max-connections",
+            "10",
+            "--metrics-max-connections-per-ip",
+            "2",
+            "--metrics-header-timeout",
+            "1s",
+        ],
+        None,
+    )
+    .unwrap()
+    .http_limits();
+    assert_eq!(
+        (
+            tight.max_connections,
+            tight.max_per_ip,
+            tight.header_timeout
+        ),
+        (10, 2, Duration::from_secs(1))
+    );
 }
 
 #[test]
@@ -342,6 +364,14 @@ fn bad_values_name_the_flag() {
         (
             &["--iptables-resync", "often"],
             &["iptables-resync", "often"],
+        ),
+        (
+            &["--metrics-max-connections", "0"],
+            &["metrics-max-connections", "1 to 65536"],
+        ),
+        (
+            &["--metrics-header-timeout", "never"],
+            &["metrics-header-timeout", "never"],
         ),
         (&["--iptables-resync", "0"], &["iptables-resync"]),
         (&["--iface-regex", "(eth"], &["--iface-regex", "(eth"]),
