@@ -18,7 +18,10 @@ pub struct Metrics {
     pub etcd_errors: IntCounterVec,
     pub watch_reconnects: IntCounter,
     pub lease_events: IntCounterVec,
-    pub leases_skipped: IntCounter,
+    /// Peer leases refused by validation, per reason (see `LeaseRejection::label`).
+    pub leases_rejected: IntCounterVec,
+    /// Our own lease found taken, overwritten or covered by another, per action taken.
+    pub lease_conflicts: IntCounterVec,
     pub netlink_ops: IntCounter,
     pub netlink_failures: IntCounter,
     pub reconcile_seconds: Histogram,
@@ -82,9 +85,15 @@ impl Metrics {
                 "Times the lease watch was re-established",
             ),
             lease_events: counter_vec("lease_events_total", "Lease changes seen", &["kind"]),
-            leases_skipped: counter(
-                "leases_skipped_total",
-                "Lease values skipped as corrupt or foreign",
+            leases_rejected: counter_vec(
+                "leases_rejected_total",
+                "Lease keys or values refused (corrupt, hostile or overlapping), per revision",
+                &["reason"],
+            ),
+            lease_conflicts: counter_vec(
+                "lease_conflicts_total",
+                "Conflicts over this node's own lease, by the action taken",
+                &["action"],
             ),
             netlink_ops: counter("netlink_ops_total", "Netlink changes applied"),
             netlink_failures: counter("netlink_failures_total", "Netlink changes that failed"),

@@ -164,6 +164,36 @@ pub struct Settings {
     )]
     pub metrics_addr: MetricsAddr,
 
+    /// Connections the metrics server holds at once; more are closed on arrival
+    #[arg(
+        long,
+        env = "TWEED_METRICS_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value = "256",
+        value_parser = connections
+    )]
+    pub metrics_max_connections: usize,
+
+    /// Connections the metrics server holds at once from one address
+    #[arg(
+        long,
+        env = "TWEED_METRICS_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value = "32",
+        value_parser = connections
+    )]
+    pub metrics_max_connections_per_ip: usize,
+
+    /// Time a metrics client has to send a request head (slow clients are cut off)
+    #[arg(
+        long,
+        env = "TWEED_METRICS_HEADER_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = seconds
+    )]
+    pub metrics_header_timeout: Duration,
+
     /// Unix socket of the gRPC API (tweedctl)
     #[arg(
         long,
@@ -312,6 +342,38 @@ impl Settings {
             password: self.etcd_password.clone().map(|p| p.0),
             request_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// The metrics server's limits; the response deadline and connection age stay at their
+    /// defaults (they bound what a client holds, which the two caps already limit).
+    pub fn http_limits(&self) -> crate::http::HttpLimits {
+        crate::http::HttpLimits {
+            max_connections: self.metrics_max_connections,
+            max_per_ip: self.metrics_max_connections_per_ip,
+            header_timeout: self.metrics_header_timeout,
+            ..crate::http::HttpLimits::default()
+        }
+    }
+
+    /// What an operator must hear about at start-up although it works: today, an etcd password
+    /// sent over plain http, readable by anyone on the path to etcd.
+    pub fn security_warnings(&self) -> Vec<String> {
+        let plain: Vec<&str> = self
+            .etcd_endpoints
+            .iter()
+            .filter(|e| e.starts_with("http://"))
+            .map(String::as_str)
+            .collect();
+        let mut out = Vec::new();
+        if let (Some(user), false) = (&self.etcd_username, plain.is_empty()) {
+            out.push(format!(
+                "etcd user {user:?} and its password are sent unencrypted to {}: anyone on the \
+                 path can read them and then rewrite every lease; use https:// endpoints \
+                 (--etcd-cafile)",
+                plain.join(", ")
+            ));
+        }
+        out
     }
 
     /// udp workers (TUN queues): one per core, at most 8, unless `--udp-workers` says otherwise (a
@@ -561,6 +623,13 @@ fn regex(v: &str) -> Result<String, String> {
     regex::Regex::new(v)
         .map(|_| v.to_string())
         .map_err(|e| e.to_string())
+}
+
+fn connections(v: &str) -> Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=65536).contains(&n) => Ok(n),
+        _ => Err("must be a number from 1 to 65536".into()),
+    }
 }
 
 fn udp_workers(v: &str) -> Result<usize, String> {

@@ -62,7 +62,7 @@ pub async fn acquire(
     let mut previous = previous;
     for _ in 0..MAX_RACE_RETRIES {
         let snap = registry.list_leases().await?;
-        let mut table = LeaseTable::new(registry.prefix(), cfg.network);
+        let mut table = LeaseTable::new(registry.prefix(), cfg.network, cfg.subnet_len);
         let applied = table.resync(&snap.leases);
         for s in &applied.skipped {
             tracing::warn!(key = %s.key, reason = %s.reason, "skipping unusable lease");

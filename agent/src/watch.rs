@@ -4,7 +4,7 @@
 use crate::registry::{RawLease, WatchEvent};
 use ipnetwork::Ipv4Network;
 use std::collections::BTreeMap;
-use tweed_config::{LeaseAttrs, SubnetKey};
+use tweed_config::{LeaseAttrs, LeaseRejection, SubnetKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -30,11 +30,18 @@ impl LeaseChange {
     }
 }
 
-/// A value or key the table refused. Never fatal: the caller logs it with the key.
+/// A value or key the table refused. Never fatal: the caller logs it with the key (once per
+/// revision) and counts it under `kind`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
     pub key: String,
     pub reason: String,
+    /// The `reason` label of `tweed_leases_rejected_total`: `bad_key`, `bad_value`, `overlap` or
+    /// a [`LeaseRejection`] label.
+    pub kind: &'static str,
+    /// The key's subnet when the key parsed: a rejected lease covering ours is a conflict.
+    pub subnet: Option<Ipv4Network>,
+    pub mod_revision: i64,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -46,16 +53,18 @@ pub struct Applied {
 pub struct LeaseTable {
     dir: String,
     network: Ipv4Network,
+    subnet_len: u8,
     leases: BTreeMap<SubnetKey, Lease>,
     /// Every parseable key, valid value or not: all of them block allocation of their subnet.
     occupied: BTreeMap<String, Ipv4Network>,
 }
 
 impl LeaseTable {
-    pub fn new(prefix: &str, network: Ipv4Network) -> Self {
+    pub fn new(prefix: &str, network: Ipv4Network, subnet_len: u8) -> Self {
         LeaseTable {
             dir: format!("{}/subnets/", prefix.trim_end_matches('/')),
             network,
+            subnet_len,
             leases: BTreeMap::new(),
             occupied: BTreeMap::new(),
         }
@@ -81,37 +90,45 @@ impl LeaseTable {
         self.occupied.values().copied().collect()
     }
 
-    fn parse_key(&self, key: &str) -> Option<Result<SubnetKey, Skipped>> {
+    fn parse_key(&self, key: &str, mod_revision: i64) -> Option<Result<SubnetKey, Skipped>> {
         let name = key.strip_prefix(&self.dir)?;
         Some(name.parse::<SubnetKey>().map_err(|e| Skipped {
             key: key.to_string(),
             reason: e.to_string(),
+            kind: "bad_key",
+            subnet: None,
+            mod_revision,
         }))
     }
 
     fn put(&mut self, raw: &RawLease, out: &mut Applied) {
-        let key = match self.parse_key(&raw.key) {
+        let key = match self.parse_key(&raw.key, raw.mod_revision) {
             None => return,
             Some(Err(s)) => return out.skipped.push(s),
             Some(Ok(k)) => k,
         };
         self.occupied.insert(raw.key.clone(), key.ipv4);
-        let skip = |reason: String| Skipped {
+        let skip = |kind: &'static str, reason: String| Skipped {
             key: raw.key.clone(),
             reason,
+            kind,
+            subnet: Some(key.ipv4),
+            mod_revision: raw.mod_revision,
         };
-        if !self.network.contains(key.ipv4.network()) || key.ipv4.prefix() < self.network.prefix() {
-            return out.skipped.push(skip(format!(
-                "subnet {} is outside network {}",
-                key.ipv4, self.network
-            )));
-        }
-        // A corrupt value keeps whatever we last knew for the key: dropping a working peer because
-        // someone wrote garbage would turn one bad write into lost traffic.
+        // A corrupt or hostile value keeps whatever we last knew for the key: dropping a working
+        // peer because someone wrote garbage would turn one bad write into lost traffic.
         let attrs = match LeaseAttrs::parse(&raw.value) {
             Ok(a) => a,
-            Err(e) => return out.skipped.push(skip(e.to_string())),
+            Err(e) => return out.skipped.push(skip("bad_value", e.to_string())),
         };
+        if let Err(e) = attrs.validate(&key, self.network, self.subnet_len) {
+            if matches!(e, LeaseRejection::WrongPrefixLen { .. }) {
+                // No node allocates such a key, so it must not block allocation either: a
+                // stray `10.244.0.0-16` would otherwise leave no free subnet at all.
+                self.occupied.remove(&raw.key);
+            }
+            return out.skipped.push(skip(e.label(), e.to_string()));
+        }
         if let Some(other) = self.leases.keys().find(|k| {
             **k != key
                 && (k.ipv4.contains(key.ipv4.network()) || key.ipv4.contains(k.ipv4.network()))
@@ -119,10 +136,13 @@ impl LeaseTable {
             // Ignored by everyone, so it must not block allocation either: a stray
             // `10.244.0.0-16` would otherwise leave no free subnet at all.
             self.occupied.remove(&raw.key);
-            return out.skipped.push(skip(format!(
-                "subnet {} overlaps the existing lease for {}",
-                key.ipv4, other.ipv4
-            )));
+            return out.skipped.push(skip(
+                "overlap",
+                format!(
+                    "subnet {} overlaps the existing lease for {}",
+                    key.ipv4, other.ipv4
+                ),
+            ));
         }
         let new = Lease {
             key,
@@ -143,7 +163,7 @@ impl LeaseTable {
 
     fn delete(&mut self, key: &str, out: &mut Applied) {
         self.occupied.remove(key);
-        if let Some(Ok(k)) = self.parse_key(key) {
+        if let Some(Ok(k)) = self.parse_key(key, 0) {
             if let Some(old) = self.leases.remove(&k) {
                 out.changes.push(LeaseChange::Removed(old));
             }
@@ -211,7 +231,7 @@ mod tests {
     }
 
     fn table() -> LeaseTable {
-        LeaseTable::new(P, "10.244.0.0/16".parse().unwrap())
+        LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24)
     }
 
     #[test]
@@ -307,8 +327,18 @@ mod tests {
             keys,
             ["10.244.1.0-24", "bogus", "10.9.0.0-24", "10.244.2.0-23"]
         );
+        let kinds: Vec<_> = a.skipped.iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "bad_value",
+                "bad_key",
+                "outside_network",
+                "wrong_prefix_len"
+            ]
+        );
         assert!(
-            a.skipped[3].reason.contains("overlaps"),
+            a.skipped[3].reason.contains("SubnetLen is /24"),
             "{:?}",
             a.skipped[3]
         );
@@ -331,8 +361,12 @@ mod tests {
         ]);
         assert_eq!(a.changes.len(), 2, "{a:?}");
         assert_eq!(a.skipped.len(), 2, "{a:?}");
+        assert!(
+            a.skipped.iter().all(|s| s.kind == "wrong_prefix_len"),
+            "{a:?}"
+        );
         assert_eq!(t.len(), 2);
-        // Skipped for overlapping, they do not block allocation.
+        // Skipped for their length, they do not block allocation.
         let mut occupied = t.occupied();
         occupied.sort();
         assert_eq!(
@@ -359,6 +393,83 @@ mod tests {
         );
         assert_eq!(a.skipped.len(), 1);
         assert!(a.skipped[0].key.ends_with("10.244.0.0-16"), "{a:?}");
+    }
+
+    #[test]
+    fn hostile_values_are_rejected_counted_by_kind_and_keep_the_last_good_value() {
+        let mut t = table();
+        let good = raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 2);
+        t.apply(&[WatchEvent::Put(good)]);
+        let hostile = [
+            (
+                r#"{"PublicIP":"127.0.0.1","BackendType":"host-gw"}"#,
+                "bad_public_ip",
+            ),
+            (
+                r#"{"PublicIP":"224.0.0.5","BackendType":"host-gw"}"#,
+                "bad_public_ip",
+            ),
+            (
+                r#"{"PublicIP":"0.0.0.0","BackendType":"host-gw"}"#,
+                "bad_public_ip",
+            ),
+            (
+                r#"{"PublicIP":"10.244.7.1","BackendType":"host-gw"}"#,
+                "public_ip_in_overlay",
+            ),
+            (
+                r#"{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"x"}}"#,
+                "bad_backend_data",
+            ),
+        ];
+        for (i, (v, kind)) in hostile.iter().enumerate() {
+            let a = t.apply(&[WatchEvent::Put(raw("10.244.2.0-24", v, 10 + i as i64))]);
+            assert!(a.changes.is_empty(), "{v}: {a:?}");
+            assert_eq!(a.skipped.len(), 1);
+            assert_eq!(a.skipped[0].kind, *kind, "{v}");
+            assert_eq!(a.skipped[0].mod_revision, 10 + i as i64);
+            assert_eq!(a.skipped[0].subnet, Some("10.244.2.0/24".parse().unwrap()));
+        }
+        let l = t.leases().next().unwrap();
+        assert_eq!(l.attrs.public_ip.to_string(), "198.18.0.2");
+        // A hostile new key is never added, but still blocks allocation of its subnet.
+        let a = t.apply(&[WatchEvent::Put(raw(
+            "10.244.3.0-24",
+            r#"{"PublicIP":"127.0.0.1"}"#,
+            20,
+        ))]);
+        assert!(a.changes.is_empty() && a.skipped.len() == 1);
+        assert_eq!(t.len(), 1);
+        assert!(t.occupied().contains(&"10.244.3.0/24".parse().unwrap()));
+    }
+
+    #[test]
+    fn overlapping_keys_lose_to_the_older_one() {
+        // Only reachable when the network's SubnetLen changed under running agents; the older
+        // key still wins.
+        let mut t = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 23);
+        let a = t.resync(&[
+            raw("10.244.2.0-23", &vx("198.18.0.8", "aa:aa:aa:aa:aa:08"), 3),
+            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 2),
+        ]);
+        assert_eq!(a.skipped.len(), 1, "{a:?}");
+        assert_eq!(a.skipped[0].kind, "wrong_prefix_len");
+        let mut t = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24);
+        t.leases.insert(
+            "10.244.2.0-23".parse().unwrap(),
+            Lease {
+                key: "10.244.2.0-23".parse().unwrap(),
+                attrs: LeaseAttrs::parse(vx("198.18.0.8", "aa:aa:aa:aa:aa:08").as_bytes()).unwrap(),
+                lease_id: 1,
+                mod_revision: 1,
+            },
+        );
+        let a = t.apply(&[WatchEvent::Put(raw(
+            "10.244.3.0-24",
+            &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"),
+            4,
+        ))]);
+        assert_eq!(a.skipped[0].kind, "overlap", "{a:?}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -185,6 +185,210 @@ impl LeaseAttrs {
     }
 }
 
+/// Why a peer's lease is refused. Anyone who can write to etcd can write a lease; these are the
+/// values no real node writes and that would make this node send traffic somewhere it must not
+/// (its own loopback, a multicast group, into the overlay itself) or claim more address space
+/// than a node gets. The label is the `reason` of `tweed_leases_rejected_total`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseRejection {
+    #[error("subnet {subnet} is outside network {network}")]
+    OutsideNetwork {
+        subnet: Ipv4Network,
+        network: Ipv4Network,
+    },
+    #[error("subnet {subnet} is a /{len}, but the network's SubnetLen is /{want}")]
+    WrongPrefixLen {
+        subnet: Ipv4Network,
+        len: u8,
+        want: u8,
+    },
+    #[error("PublicIP {ip} is {what}: no node can be reached there")]
+    BadPublicIp { ip: IpAddr, what: &'static str },
+    #[error(
+        "PublicIP {ip} is inside the overlay network {network}: tunnelling to it would loop \
+         through the overlay"
+    )]
+    PublicIpInOverlay { ip: Ipv4Addr, network: Ipv4Network },
+    #[error("BackendType {0:?} is not a backend name")]
+    BadBackendType(String),
+    #[error("BackendData of a {backend} lease: {reason}")]
+    BadBackendData {
+        backend: &'static str,
+        reason: String,
+    },
+}
+
+impl LeaseRejection {
+    /// The metric label: a fixed, small set.
+    pub fn label(&self) -> &'static str {
+        match self {
+            LeaseRejection::OutsideNetwork { .. } => "outside_network",
+            LeaseRejection::WrongPrefixLen { .. } => "wrong_prefix_len",
+            LeaseRejection::BadPublicIp { .. } => "bad_public_ip",
+            LeaseRejection::PublicIpInOverlay { .. } => "public_ip_in_overlay",
+            LeaseRejection::BadBackendType(_) => "bad_backend_type",
+            LeaseRejection::BadBackendData { .. } => "bad_backend_data",
+        }
+    }
+}
+
+/// Larger than any backend's data (vxlan's is ~50 bytes), small enough that a hostile value
+/// cannot make every node hold megabytes per lease.
+pub const MAX_BACKEND_DATA: usize = 4096;
+
+fn unusable_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
+fn unusable_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else {
+        None
+    }
+}
+
+/// A MAC a VTEP can have: six hex octets, not multicast/broadcast, not all zero.
+fn valid_vtep_mac(s: &str) -> Result<(), String> {
+    let octets: Vec<&str> = s.split(':').collect();
+    let parsed: Option<Vec<u8>> = (octets.len() == 6)
+        .then(|| {
+            octets
+                .iter()
+                .map(|o| {
+                    (o.len() == 2)
+                        .then(|| u8::from_str_radix(o, 16).ok())
+                        .flatten()
+                })
+                .collect()
+        })
+        .flatten();
+    let b = parsed.ok_or_else(|| format!("VtepMAC {s:?} is not a MAC address"))?;
+    if b[0] & 1 == 1 {
+        return Err(format!("VtepMAC {s} is a multicast address"));
+    }
+    if b.iter().all(|o| *o == 0) {
+        return Err(format!("VtepMAC {s} is all zero"));
+    }
+    Ok(())
+}
+
+impl LeaseAttrs {
+    /// Checks a peer's lease for `key` against the network (`network`, `SubnetLen`). Pure: the
+    /// watch calls it for every value before anything is programmed from it.
+    pub fn validate(
+        &self,
+        key: &SubnetKey,
+        network: Ipv4Network,
+        subnet_len: u8,
+    ) -> Result<(), LeaseRejection> {
+        let subnet = key.ipv4;
+        if !network.contains(subnet.network()) || subnet.prefix() < network.prefix() {
+            return Err(LeaseRejection::OutsideNetwork { subnet, network });
+        }
+        if subnet.prefix() != subnet_len {
+            return Err(LeaseRejection::WrongPrefixLen {
+                subnet,
+                len: subnet.prefix(),
+                want: subnet_len,
+            });
+        }
+        if let Some(what) = unusable_v4(self.public_ip) {
+            return Err(LeaseRejection::BadPublicIp {
+                ip: self.public_ip.into(),
+                what,
+            });
+        }
+        if network.contains(self.public_ip) {
+            return Err(LeaseRejection::PublicIpInOverlay {
+                ip: self.public_ip,
+                network,
+            });
+        }
+        if let Some(v6) = self.public_ipv6 {
+            if let Some(what) = unusable_v6(v6) {
+                return Err(LeaseRejection::BadPublicIp {
+                    ip: v6.into(),
+                    what,
+                });
+            }
+        }
+        let ty = &self.backend_type;
+        if ty.len() > 32
+            || !ty
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(LeaseRejection::BadBackendType(
+                ty.chars().take(40).collect(),
+            ));
+        }
+        let backend: &'static str = match self.effective_backend_type() {
+            "vxlan" => "vxlan",
+            "host-gw" => "host-gw",
+            "udp" => "udp",
+            // Another backend's lease: its data is that backend's business; the data plane
+            // reports the node as unreachable by ours.
+            _ => "foreign",
+        };
+        let bad = |reason: String| LeaseRejection::BadBackendData { backend, reason };
+        for raw in [&self.backend_data, &self.backend_v6_data]
+            .into_iter()
+            .flatten()
+        {
+            if raw.get().len() > MAX_BACKEND_DATA {
+                return Err(bad(format!(
+                    "{} bytes, more than the {MAX_BACKEND_DATA} allowed",
+                    raw.get().len()
+                )));
+            }
+        }
+        match backend {
+            "vxlan" => {
+                let d = self.vxlan_data().map_err(|e| bad(e.to_string()))?;
+                if d.vni >= 1 << 24 {
+                    return Err(bad(format!("VNI {} does not fit in 24 bits", d.vni)));
+                }
+                valid_vtep_mac(&d.vtep_mac).map_err(bad)?;
+                if let Some(raw) = &self.backend_v6_data {
+                    let d6: VxlanLeaseData = serde_json::from_str(raw.get())
+                        .map_err(|e| bad(format!("BackendV6Data: {e}")))?;
+                    valid_vtep_mac(&d6.vtep_mac).map_err(|e| bad(format!("BackendV6Data: {e}")))?;
+                }
+            }
+            // host-gw and udp carry nothing; flannel writes no data or `null`, and an object
+            // (future fields) is tolerated, but not a bare scalar or array.
+            "host-gw" | "udp" => {
+                for raw in [&self.backend_data, &self.backend_v6_data]
+                    .into_iter()
+                    .flatten()
+                {
+                    let t = raw.get().trim_start();
+                    if !(t.starts_with('{') || t == "null") {
+                        return Err(bad(format!("{t:.40} is not an object")));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VxlanLeaseData {
     #[serde(rename = "VNI", default)]
@@ -282,5 +486,201 @@ mod tests {
         let no_data =
             LeaseAttrs::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#).unwrap();
         assert!(no_data.vxlan_data().is_err());
+    }
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    fn check(key: &str, value: &str) -> Result<(), LeaseRejection> {
+        let k: SubnetKey = key.parse().unwrap();
+        LeaseAttrs::parse(value.as_bytes())
+            .unwrap()
+            .validate(&k, net("10.244.0.0/16"), 24)
+    }
+
+    #[test]
+    fn good_leases_of_every_backend_pass() {
+        for v in [
+            r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:f0"}}"#,
+            r#"{"PublicIP":"198.18.0.4","BackendType":"host-gw"}"#,
+            r#"{"PublicIP":"198.18.0.5"}"#,
+            r#"{"PublicIP":"198.18.0.5","BackendType":"udp","BackendData":null}"#,
+            r#"{"PublicIP":"10.0.0.5","BackendType":"ipip","BackendData":[1,2]}"#,
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"fc00::6","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:04"}}"#,
+        ] {
+            assert_eq!(check("10.244.3.0-24", v), Ok(()), "{v}");
+        }
+    }
+
+    #[test]
+    fn hostile_leases_are_refused_with_a_reason_naming_the_field() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "10.245.0.0-24",
+                r#"{"PublicIP":"198.18.0.3"}"#,
+                "outside_network",
+                "outside network",
+            ),
+            (
+                "10.0.0.0-8",
+                r#"{"PublicIP":"198.18.0.3"}"#,
+                "outside_network",
+                "outside network",
+            ),
+            (
+                "10.244.0.0-16",
+                r#"{"PublicIP":"198.18.0.3"}"#,
+                "wrong_prefix_len",
+                "SubnetLen is /24",
+            ),
+            (
+                "10.244.4.0-23",
+                r#"{"PublicIP":"198.18.0.3"}"#,
+                "wrong_prefix_len",
+                "/23",
+            ),
+            (
+                "10.244.4.128-25",
+                r#"{"PublicIP":"198.18.0.3"}"#,
+                "wrong_prefix_len",
+                "/25",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"127.0.0.1"}"#,
+                "bad_public_ip",
+                "loopback",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"127.8.9.10"}"#,
+                "bad_public_ip",
+                "loopback",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"0.0.0.0"}"#,
+                "bad_public_ip",
+                "unspecified",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"224.0.0.1"}"#,
+                "bad_public_ip",
+                "multicast",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"239.255.255.250"}"#,
+                "bad_public_ip",
+                "multicast",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"255.255.255.255"}"#,
+                "bad_public_ip",
+                "broadcast",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","PublicIPv6":"::1"}"#,
+                "bad_public_ip",
+                "::1",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"10.244.1.1"}"#,
+                "public_ip_in_overlay",
+                "inside the overlay",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"10.244.3.1"}"#,
+                "public_ip_in_overlay",
+                "10.244.3.1",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vx lan\n"}"#,
+                "bad_backend_type",
+                "BackendType",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan"}"#,
+                "bad_backend_data",
+                "no BackendData",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1}}"#,
+                "bad_backend_data",
+                "VtepMAC",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz:bb:cc:dd:ee:ff"}}"#,
+                "bad_backend_data",
+                "not a MAC",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee"}}"#,
+                "bad_backend_data",
+                "not a MAC",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}}"#,
+                "bad_backend_data",
+                "multicast",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"00:00:00:00:00:00"}}"#,
+                "bad_backend_data",
+                "all zero",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{"VNI":16777216,"VtepMAC":"aa:bb:cc:dd:ee:f0"}}"#,
+                "bad_backend_data",
+                "24 bits",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":"aa"}"#,
+                "bad_backend_data",
+                "vxlan BackendData",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw","BackendData":42}"#,
+                "bad_backend_data",
+                "not an object",
+            ),
+            (
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendData":[1]}"#,
+                "bad_backend_data",
+                "udp",
+            ),
+        ];
+        for (key, value, label, needle) in cases {
+            let e = check(key, value).expect_err(&format!("{key} {value} must be refused"));
+            assert_eq!(e.label(), *label, "{key} {value}: {e}");
+            assert!(
+                e.to_string().contains(needle),
+                "{key} {value}: {e:?} lacks {needle:?}"
+            );
+        }
+        let huge = format!(
+            r#"{{"PublicIP":"198.18.0.3","BackendType":"host-gw","BackendData":{{"x":"{}"}}}}"#,
+            "a".repeat(MAX_BACKEND_DATA)
+        );
+        let e = check("10.244.3.0-24", &huge).unwrap_err();
+        assert_eq!(e.label(), "bad_backend_data");
+        assert!(e.to_string().contains("bytes"), "{e}");
     }
 }

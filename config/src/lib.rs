@@ -9,6 +9,6 @@ pub mod lease;
 pub mod network;
 pub mod subnet_env;
 
-pub use lease::{LeaseAttrs, SubnetKey};
+pub use lease::{LeaseAttrs, LeaseRejection, SubnetKey};
 pub use network::{BackendConfig, NetworkConfig};
 pub use subnet_env::SubnetEnv;

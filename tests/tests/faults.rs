@@ -258,7 +258,7 @@ fn corrupt_and_overlapping_leases_are_skipped_not_programmed() {
                         .iter()
                         .all(|k| {
                             log.lines()
-                                .any(|l| l.contains("skipping lease") && l.contains(k))
+                                .any(|l| l.contains("rejecting lease") && l.contains(k))
                         })
                 },
             );
@@ -320,7 +320,7 @@ fn corrupt_and_overlapping_leases_are_skipped_not_programmed() {
     for k in [&corrupt, "10.244.0.0-16", &format!("{covering}-23")] {
         assert!(
             log.lines()
-                .any(|l| l.contains("skipping lease") && l.contains(k)),
+                .any(|l| l.contains("rejecting lease") && l.contains(k)),
             "after restart, {k} not skipped:\n{log}"
         );
     }

@@ -306,10 +306,14 @@ impl DataPlane {
                 b.reconcile(nl, &peers).await?
             }
             DataPlane::Udp(b) => {
+                // Every node of a network binds the network config's Backend.Port (flannel's
+                // udp leases carry no BackendData), so that is the port a peer sends from.
+                let port = b.port();
                 let peers = peers_of_type(remotes, "udp", &mut skipped, |r| {
                     Ok(UdpPeer {
                         subnet: r.subnet,
                         public_ip: r.attrs.public_ip,
+                        port,
                     })
                 });
                 b.reconcile(nl, &peers).await?

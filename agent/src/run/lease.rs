@@ -18,6 +18,34 @@ use tweed_config::{LeaseAttrs, NetworkConfig};
 /// How soon a renewal that failed (etcd unreachable) is tried again.
 const RENEW_RETRY: Duration = Duration::from_secs(2);
 
+/// How often our key is written back after being overwritten before we give the subnet up: a
+/// writer that keeps overwriting it would otherwise fight us for ever, with the data plane of
+/// every peer flapping between the two values.
+const MAX_RESTORES: u32 = 3;
+
+/// What was done when our own key no longer said what we wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConflictAction {
+    /// Our lease was still alive: the overwrite was not a protocol write (a node only ever
+    /// creates absent keys), so our value was written back.
+    Restored,
+    /// Our lease was gone (someone may hold the subnet rightfully) or the key was overwritten
+    /// again and again: we took another subnet.
+    Moved,
+    /// Nothing to do (resolved meanwhile, or etcd unreachable: the next event retries).
+    None,
+}
+
+impl ConflictAction {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            ConflictAction::Restored => "restored",
+            ConflictAction::Moved => "moved",
+            ConflictAction::None => "none",
+        }
+    }
+}
+
 /// Acquires a lease, retrying with backoff; `None` when stopped first.
 pub(super) async fn acquire(
     registry: &Registry,
@@ -56,6 +84,8 @@ pub(super) struct LeaseKeeper {
     /// Lease ids the renewal task found gone (expired or revoked).
     expired: mpsc::Receiver<i64>,
     task: JoinHandle<()>,
+    /// Times our key was written back since we took it.
+    restores: u32,
 }
 
 impl LeaseKeeper {
@@ -87,6 +117,75 @@ impl LeaseKeeper {
             own,
             expired,
             task,
+            restores: 0,
+        }
+    }
+
+    /// Whether etcd's latest word on our key is a conflict: another node's PublicIP under our
+    /// key, or a value the table refused written over it. Never adopted either way.
+    pub(super) fn conflicts(&self, table: &LeaseTable, applied: &crate::watch::Applied) -> bool {
+        let own = self.own();
+        let key = own.key.etcd_key(self.registry.prefix());
+        table
+            .get(&own.key)
+            .is_some_and(|l| l.attrs.public_ip != self.attrs.public_ip)
+            || applied.skipped.iter().any(|s| s.key == key)
+    }
+
+    /// Someone else's value is under our key. Restore ours while our lease lives (a node only
+    /// ever creates absent keys, so this was no node's protocol write), up to [`MAX_RESTORES`]
+    /// times; otherwise move to another subnet. Never adopt the foreign value.
+    pub(super) async fn resolve_conflict(&mut self, stop: &mut Stop) -> ConflictAction {
+        let own = self.own();
+        let key = own.key.etcd_key(self.registry.prefix());
+        let current = match self.registry.list_leases().await {
+            Ok(snap) => snap.leases.into_iter().find(|l| l.key == key),
+            Err(e) => {
+                self.report.conflict_check_failed(own.subnet(), &e);
+                return ConflictAction::None;
+            }
+        };
+        // Deleted: the lost-lease path re-acquires. Ours again: resolved meanwhile.
+        let Some(current) = current else {
+            return ConflictAction::None;
+        };
+        let holder = LeaseAttrs::parse(&current.value).ok();
+        if holder.as_ref().map(|a| a.public_ip) == Some(self.attrs.public_ip) {
+            return ConflictAction::None;
+        }
+        let found = holder
+            .map(|a| format!("PublicIP {}", a.public_ip))
+            .unwrap_or_else(|| format!("{:?}", String::from_utf8_lossy(&current.value)));
+        let alive =
+            own.lease_id == 0 || matches!(self.registry.renew(own.lease_id).await, Ok(Some(_)));
+        if alive && self.restores < MAX_RESTORES {
+            match self
+                .registry
+                .update_lease(&own.key, &self.attrs, own.lease_id, current.mod_revision)
+                .await
+            {
+                Ok(true) => {
+                    self.restores += 1;
+                    self.report
+                        .lease_conflict(ConflictAction::Restored, own.subnet(), &found);
+                    return ConflictAction::Restored;
+                }
+                // Written again meanwhile: its watch event brings us back here.
+                Ok(false) => return ConflictAction::None,
+                Err(e) => {
+                    self.report.conflict_check_failed(own.subnet(), &e);
+                    return ConflictAction::None;
+                }
+            }
+        }
+        self.report
+            .lease_conflict(ConflictAction::Moved, own.subnet(), &found);
+        // The foreign value keeps the key occupied, so acquisition chooses another subnet.
+        if self.reacquire(stop).await {
+            self.restores = 0;
+            ConflictAction::Moved
+        } else {
+            ConflictAction::None
         }
     }
 
@@ -266,7 +365,7 @@ mod tests {
         let (mut k, state, _stop) = keeper(&mem).await;
         let own = k.own();
         let reg = Registry::Mem(mem.clone());
-        let mut table = LeaseTable::new(PREFIX, "10.244.0.0/16".parse().unwrap());
+        let mut table = LeaseTable::new(PREFIX, "10.244.0.0/16".parse().unwrap(), 24);
 
         reg.reserve(&own.key, "198.18.0.1".parse().unwrap())
             .await
@@ -287,5 +386,98 @@ mod tests {
         assert_ne!(id, 0);
         tokio::time::sleep(TTL * 3).await;
         assert_eq!(lease_of(&mem, &own).await, Some(id), "kept by renewals");
+    }
+
+    /// The value under `subnet`'s key: (PublicIP or the raw text, lease id).
+    async fn value_at(mem: &MemRegistry, key: &str) -> (String, i64) {
+        let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+        let l = snap
+            .leases
+            .iter()
+            .find(|l| l.key == key)
+            .expect("key present");
+        let v = LeaseAttrs::parse(&l.value)
+            .map(|a| a.public_ip.to_string())
+            .unwrap_or_else(|_| String::from_utf8_lossy(&l.value).into_owned());
+        (v, l.lease_id)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overwritten_own_lease_is_restored_then_given_up_never_adopted() {
+        let mem = MemRegistry::new(PREFIX);
+        let (mut k, state, mut stop) = keeper(&mem).await;
+        let own = k.own();
+        let reg = Registry::Mem(mem.clone());
+        let key = own.key.etcd_key(PREFIX);
+        let mut table = LeaseTable::new(PREFIX, "10.244.0.0/16".parse().unwrap(), 24);
+        let conflicts = |action: &str| {
+            state
+                .metrics
+                .lease_conflicts
+                .with_label_values(&[action])
+                .get()
+        };
+        let applied = table.resync(&reg.list_leases().await.unwrap().leases);
+        assert!(
+            !k.conflicts(&table, &applied),
+            "our own value is no conflict"
+        );
+
+        // Another node's address, then garbage: both restored while our lease lives.
+        let thief: &[u8] = br#"{"PublicIP":"198.18.0.66","BackendType":"host-gw"}"#;
+        for (round, value) in [thief, b"{garbage", thief].into_iter().enumerate() {
+            mem.put_raw(&key, value);
+            let applied = table.resync(&reg.list_leases().await.unwrap().leases);
+            assert!(k.conflicts(&table, &applied), "round {round}");
+            assert_eq!(
+                k.resolve_conflict(&mut stop).await,
+                ConflictAction::Restored
+            );
+            assert_eq!(
+                value_at(&mem, &key).await,
+                ("198.18.0.1".to_string(), own.lease_id),
+                "our value, attached to our lease again"
+            );
+            assert_eq!(k.own(), own);
+            assert_eq!(conflicts("restored"), round as u64 + 1);
+            let applied = table.resync(&reg.list_leases().await.unwrap().leases);
+            assert!(!k.conflicts(&table, &applied));
+        }
+        // A fourth time: we stop fighting, move, and leave the foreign value alone.
+        mem.put_raw(&key, thief);
+        let applied = table.resync(&reg.list_leases().await.unwrap().leases);
+        assert!(k.conflicts(&table, &applied));
+        assert_eq!(k.resolve_conflict(&mut stop).await, ConflictAction::Moved);
+        let moved = k.own();
+        assert_ne!(moved.subnet(), own.subnet());
+        assert_eq!(conflicts("moved"), 1);
+        assert_eq!(value_at(&mem, &key).await.0, "198.18.0.66");
+        let new_key = moved.key.etcd_key(PREFIX);
+        assert_eq!(value_at(&mem, &new_key).await.0, "198.18.0.1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_taken_after_our_lease_expired_is_given_up_at_once() {
+        let mem = MemRegistry::new(PREFIX);
+        let (mut k, state, mut stop) = keeper(&mem).await;
+        let own = k.own();
+        let key = own.key.etcd_key(PREFIX);
+        mem.expire_lease(own.lease_id);
+        // Someone took the free key meanwhile: rightfully, as far as we can tell.
+        mem.put_raw(
+            &key,
+            br#"{"PublicIP":"198.18.0.7","BackendType":"host-gw"}"#,
+        );
+        assert_eq!(k.resolve_conflict(&mut stop).await, ConflictAction::Moved);
+        assert_ne!(k.own().subnet(), own.subnet());
+        assert_eq!(value_at(&mem, &key).await.0, "198.18.0.7");
+        assert_eq!(
+            state
+                .metrics
+                .lease_conflicts
+                .with_label_values(&["restored"])
+                .get(),
+            0
+        );
     }
 }

@@ -103,7 +103,7 @@ pub async fn run_with(
         report.clone(),
     );
     let mut agent = Agent {
-        table: LeaseTable::new(registry.prefix(), cfg.network),
+        table: LeaseTable::new(registry.prefix(), cfg.network, cfg.subnet_len),
         registry,
         public_ip,
         lease,
@@ -217,6 +217,13 @@ impl Agent {
             |c| matches!(c, crate::watch::LeaseChange::Removed(l) if l.key.ipv4 == own.subnet()),
         );
         self.lease.follow(&self.table);
+        if !own_lost
+            && !stop.stopped()
+            && self.lease.conflicts(&self.table, &applied)
+            && self.lease.resolve_conflict(stop).await == lease::ConflictAction::Moved
+        {
+            self.after_reacquire(own.subnet()).await;
+        }
         if own_lost && !stop.stopped() {
             warn!(subnet = %own.subnet(), "our lease was deleted; re-acquiring");
             if self.lease.reacquire(stop).await {

@@ -82,6 +82,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let stop = Stop::new(shutdown);
+    for w in settings.security_warnings() {
+        tracing::warn!("SECURITY: {w}");
+    }
     // The servers come first, so /healthz and the API answer while etcd or the config is awaited.
     let state = AgentState::new();
     state.update(|s| {
@@ -94,7 +97,12 @@ pub async fn run(
             .await
             .map_err(|source| AgentError::MetricsListen { addr, source })?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
-        let served = crate::http::serve(listener, state.clone(), stop.clone().wait_owned());
+        let served = crate::http::serve_with(
+            listener,
+            state.clone(),
+            settings.http_limits(),
+            stop.clone().wait_owned(),
+        );
         servers.push(tokio::spawn(async move {
             if let Err(e) = served.await {
                 error!("metrics server: {e}");

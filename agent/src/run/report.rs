@@ -126,6 +126,37 @@ impl Report {
         self.set_expiry(self.expiry(new, ttl));
     }
 
+    /// Our own key held someone else's value; `found` says whose.
+    pub(super) fn lease_conflict(
+        &self,
+        action: super::lease::ConflictAction,
+        subnet: Ipv4Network,
+        found: &str,
+    ) {
+        self.state
+            .metrics
+            .lease_conflicts
+            .with_label_values(&[action.label()])
+            .inc();
+        match action {
+            super::lease::ConflictAction::Restored => {
+                error!(%subnet, %found, "CONFLICT: our lease was overwritten by someone else while we hold it; wrote our value back (check who writes to etcd)")
+            }
+            _ => {
+                error!(%subnet, %found, "CONFLICT: our lease is held by someone else; moving to another subnet (local pods need new addresses)")
+            }
+        }
+    }
+
+    pub(super) fn conflict_check_failed(&self, subnet: Ipv4Network, e: &RegistryError) {
+        self.state
+            .metrics
+            .etcd_errors
+            .with_label_values(&["conflict"])
+            .inc();
+        warn!(%subnet, "checking a conflict over our lease: {e}; retrying on the next event");
+    }
+
     pub(super) fn subnet_moved(&self, old: Ipv4Network, new: Ipv4Network) {
         error!(%old, %new, "our subnet was taken while the lease was lost; moved to a new one (local pods need new addresses)");
     }
@@ -150,10 +181,21 @@ impl Report {
     /// Counts, publishes and logs what the lease table made of a batch; `own` is our subnet.
     pub(super) fn lease_changes(&self, applied: &Applied, own: Ipv4Network) {
         let m = &self.state.metrics;
-        m.leases_skipped.inc_by(applied.skipped.len() as u64);
         for s in &applied.skipped {
-            if self.first_time(format!("{}|{}", s.key, s.reason)) {
-                warn!(key = %s.key, "skipping lease: {}", s.reason);
+            // Once per key and revision: a resync re-reads the same bad value and must not
+            // count or log it again, but a new hostile write to the same key is news.
+            if !self.first_time(format!("{}|{}|{}", s.key, s.mod_revision, s.reason)) {
+                continue;
+            }
+            m.leases_rejected.with_label_values(&[s.kind]).inc();
+            // Our exact key is the lease keeper's business (restore or move); another key
+            // covering our subnet is refused by everyone, so we keep ours.
+            let covers_own = s.subnet.is_some_and(|n| n != own && n.overlaps(own));
+            if covers_own {
+                m.lease_conflicts.with_label_values(&["ignored"]).inc();
+                error!(key = %s.key, reason = s.kind, own = %own, "rejecting lease: {} (CONFLICT: it covers our subnet; ours is kept)", s.reason);
+            } else {
+                warn!(key = %s.key, reason = s.kind, revision = s.mod_revision, "rejecting lease: {}", s.reason);
             }
         }
         for c in &applied.changes {
@@ -302,6 +344,7 @@ impl Report {
                 now.drop_spoofed_inner,
                 last.drop_spoofed_inner,
             ),
+            ("wrong_port", now.drop_wrong_port, last.drop_wrong_port),
             ("not_for_us", now.drop_not_for_us, last.drop_not_for_us),
             ("malformed", now.drop_malformed, last.drop_malformed),
             ("not_remote", now.drop_not_remote, last.drop_not_remote),

@@ -227,6 +227,28 @@ fn defaults() {
     assert!(s.iface_regex.is_empty() && s.iface_can_reach.is_none());
     assert!(s.iface_choice().unwrap().is_automatic());
     assert!((1..=8).contains(&s.udp_workers()));
+    assert_eq!(s.http_limits(), crate::http::HttpLimits::default());
+    let tight = load(
+        &[
+            "--metrics-max-connections",
+            "10",
+            "--metrics-max-connections-per-ip",
+            "2",
+            "--metrics-header-timeout",
+            "1s",
+        ],
+        None,
+    )
+    .unwrap()
+    .http_limits();
+    assert_eq!(
+        (
+            tight.max_connections,
+            tight.max_per_ip,
+            tight.header_timeout
+        ),
+        (10, 2, Duration::from_secs(1))
+    );
 }
 
 #[test]
@@ -343,6 +365,14 @@ fn bad_values_name_the_flag() {
             &["--iptables-resync", "often"],
             &["iptables-resync", "often"],
         ),
+        (
+            &["--metrics-max-connections", "0"],
+            &["metrics-max-connections", "1 to 65536"],
+        ),
+        (
+            &["--metrics-header-timeout", "never"],
+            &["metrics-header-timeout", "never"],
+        ),
         (&["--iptables-resync", "0"], &["iptables-resync"]),
         (&["--iface-regex", "(eth"], &["--iface-regex", "(eth"]),
         (&["--iface-can-reach", "etcd1"], &["--iface-can-reach"]),
@@ -416,4 +446,38 @@ fn bad_file_keys_name_the_file_and_key() {
     let e = err(&["--config", "/nonexistent/tweedd.yaml"], None);
     assert!(e.contains("/nonexistent/tweedd.yaml"), "{e}");
     assert!(Path::new(&path).exists());
+}
+
+#[test]
+fn credentials_over_plain_http_are_warned_about_and_nothing_else() {
+    let creds = ["--etcd-username", "tweed", "--etcd-password", "pw"];
+    let plain = load(
+        &[
+            &creds[..],
+            &[
+                "--etcd-endpoints",
+                "https://10.0.0.1:2379,http://10.0.0.2:2379",
+            ],
+        ]
+        .concat(),
+        None,
+    )
+    .unwrap();
+    let w = plain.security_warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("http://10.0.0.2:2379")
+            && !w[0].contains("https://10.0.0.1")
+            && w[0].contains("\"tweed\"")
+            && !w[0].contains("pw "),
+        "{w:?}"
+    );
+    let tls = load(
+        &[&creds[..], &["--etcd-endpoints", "https://10.0.0.1:2379"]].concat(),
+        None,
+    )
+    .unwrap();
+    assert!(tls.security_warnings().is_empty());
+    // No credentials: nothing secret travels.
+    assert!(load(&[], None).unwrap().security_warnings().is_empty());
 }

@@ -3,7 +3,7 @@
 //! (virtio-net header + packet). Shared by the cargo-fuzz target (`fuzz/`, nightly) and the
 //! seeded random test below (stable, runs in `cargo test`). It must never panic.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnetwork::Ipv4Network;
 
@@ -20,10 +20,12 @@ fn table() -> PeerTable {
             UdpPeer {
                 subnet: net("10.244.2.0/24"),
                 public_ip: Ipv4Addr::new(198, 18, 0, 2),
+                port: 8285,
             },
             UdpPeer {
                 subnet: net("10.244.3.0/24"),
                 public_ip: Ipv4Addr::new(198, 18, 0, 3),
+                port: 8285,
             },
         ],
     )
@@ -38,10 +40,10 @@ pub fn fuzz_one(data: &[u8]) {
     };
     let t = table();
     let outer = match sel & 3 {
-        0 => Ipv4Addr::new(198, 18, 0, 2),
-        1 => Ipv4Addr::new(198, 18, 0, 3),
-        2 => Ipv4Addr::new(198, 18, 0, 1),
-        _ => Ipv4Addr::new(203, 0, 113, 9),
+        0 => SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285),
+        1 => SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 3), 8285),
+        2 => SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 3), 8286),
+        _ => SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 8285),
     };
     let seg = match sel >> 2 {
         0 => rest.len().max(1),
@@ -186,7 +188,12 @@ mod tests {
         // Sanity: unmutated inputs reach the interesting paths (not just early rejects).
         let t = table();
         for d in corpus().iter().take(2) {
-            assert!(t.decap(Ipv4Addr::new(198, 18, 0, 2), &d[1..]).is_ok());
+            assert!(t
+                .decap(
+                    SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285),
+                    &d[1..]
+                )
+                .is_ok());
         }
         for d in corpus() {
             fuzz_one(&d);

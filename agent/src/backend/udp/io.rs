@@ -53,6 +53,7 @@ pub struct Counters {
     pub rx_datagrams: AtomicU64,
     pub rx_writes: AtomicU64,
     pub drop_unknown_peer: AtomicU64,
+    pub drop_wrong_port: AtomicU64,
     pub drop_spoofed_inner: AtomicU64,
     pub drop_not_for_us: AtomicU64,
     pub drop_malformed: AtomicU64,
@@ -73,6 +74,7 @@ pub struct Stats {
     pub rx_datagrams: u64,
     pub rx_writes: u64,
     pub drop_unknown_peer: u64,
+    pub drop_wrong_port: u64,
     pub drop_spoofed_inner: u64,
     pub drop_not_for_us: u64,
     pub drop_malformed: u64,
@@ -86,7 +88,10 @@ pub struct Stats {
 impl Stats {
     /// Packets refused by the receive-side security checks.
     pub fn rx_refused(&self) -> u64 {
-        self.drop_unknown_peer + self.drop_spoofed_inner + self.drop_not_for_us
+        self.drop_unknown_peer
+            + self.drop_wrong_port
+            + self.drop_spoofed_inner
+            + self.drop_not_for_us
     }
 }
 
@@ -99,6 +104,7 @@ impl Counters {
         let c = match r {
             DropReason::Malformed(_) => &self.drop_malformed,
             DropReason::UnknownPeer => &self.drop_unknown_peer,
+            DropReason::WrongPort => &self.drop_wrong_port,
             DropReason::SpoofedInnerSource => &self.drop_spoofed_inner,
             DropReason::NotForThisNode => &self.drop_not_for_us,
             DropReason::NotRemote => &self.drop_not_remote,
@@ -116,6 +122,7 @@ impl Counters {
         s.rx_datagrams += g(&self.rx_datagrams);
         s.rx_writes += g(&self.rx_writes);
         s.drop_unknown_peer += g(&self.drop_unknown_peer);
+        s.drop_wrong_port += g(&self.drop_wrong_port);
         s.drop_spoofed_inner += g(&self.drop_spoofed_inner);
         s.drop_not_for_us += g(&self.drop_not_for_us);
         s.drop_malformed += g(&self.drop_malformed);
@@ -714,15 +721,22 @@ impl Worker {
                     inc(&c.drop_malformed, datagrams);
                     continue;
                 }
-                let src = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
+                let src = SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr)),
+                    u16::from_be(addrs[i].sin_port),
+                );
                 if !table.is_ready() {
                     c.count_drop(DropReason::NotReady, datagrams);
                     continue;
                 }
-                // One look-up per run: GRO only merges datagrams of one sender.
-                let Some(subnets) = table.subnets_of(src) else {
-                    c.count_drop(DropReason::UnknownPeer, datagrams);
-                    continue;
+                // One look-up per run: GRO only merges datagrams of one sender (address and
+                // port).
+                let subnets = match table.subnets_of(src) {
+                    Ok(s) => s,
+                    Err(r) => {
+                        c.count_drop(r, datagrams);
+                        continue;
+                    }
                 };
                 let data = &bufs.rx[i][..len];
                 let mut off = 0;

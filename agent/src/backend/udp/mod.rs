@@ -355,6 +355,11 @@ impl UdpBackend {
         self.device_checked = false;
     }
 
+    /// The udp port this node binds, and so (same network config) the one every peer sends from.
+    pub fn port(&self) -> u16 {
+        self.cfg.port
+    }
+
     /// Publishes the peer table for `peers` (only when it changed) and, after a resync, checks
     /// the device's MTU, address and route.
     pub async fn reconcile(

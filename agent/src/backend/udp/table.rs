@@ -3,19 +3,29 @@
 //! workers hold an `Arc<PeerTable>` that the control plane swaps when leases change.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnetwork::Ipv4Network;
 
 use super::packet::{parse_ipv4, Ipv4Header, PacketError};
 use crate::backend::route::canonical;
 
-/// A remote node: packets for `subnet` go to `public_ip`, and only `public_ip` may send packets
-/// from `subnet`.
+/// A remote node: packets for `subnet` go to `public_ip`, and only `public_ip:port` may send
+/// packets from `subnet`. The port matters: any process on the peer host (a pod with host
+/// networking, or one whose traffic is masqueraded to the node's address) can send from
+/// `public_ip`, but only the peer's agent holds `port`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UdpPeer {
     pub subnet: Ipv4Network,
     pub public_ip: Ipv4Addr,
+    pub port: u16,
+}
+
+/// What a public IP may send: from which port, packets of which subnets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sender {
+    port: u16,
+    subnets: Vec<Ipv4Network>,
 }
 
 /// Why a packet was not forwarded; each has its own counter.
@@ -26,6 +36,10 @@ pub enum DropReason {
     /// The outer source is not the PublicIP of any current peer: a spoofed or stale sender.
     #[error("outer source is not a peer")]
     UnknownPeer,
+    /// The outer source is a peer's PublicIP but not its agent's port: another process on that
+    /// host (e.g. a pod) trying to inject packets as the node.
+    #[error("outer source port is not the peer's udp port")]
+    WrongPort,
     /// A peer sent a packet claiming a source outside its own subnet.
     #[error("inner source is outside the sending peer's subnet")]
     SpoofedInnerSource,
@@ -57,7 +71,7 @@ pub struct PeerTable {
     pub own_subnet: Ipv4Network,
     /// Longest prefix first; per prefix length, network address -> peer.
     by_prefix: Vec<(u8, HashMap<u32, Ipv4Addr>)>,
-    by_public_ip: HashMap<Ipv4Addr, Vec<Ipv4Network>>,
+    by_public_ip: HashMap<Ipv4Addr, Sender>,
     ready: bool,
 }
 
@@ -97,10 +111,19 @@ impl PeerTable {
             .collect();
         sorted.sort();
         let mut by_len: HashMap<u8, HashMap<u32, Ipv4Addr>> = HashMap::new();
-        let mut by_public_ip: HashMap<Ipv4Addr, Vec<Ipv4Network>> = HashMap::new();
+        let mut by_public_ip: HashMap<Ipv4Addr, Sender> = HashMap::new();
         let mut taken: Vec<Ipv4Network> = Vec::new();
         for p in sorted {
             if taken.iter().any(|t| t.overlaps(p.subnet)) {
+                continue;
+            }
+            // One port per public IP (one agent per node): a second lease of the same node
+            // naming another port is the stale one, and sorting makes the choice the same on
+            // every node.
+            if by_public_ip
+                .get(&p.public_ip)
+                .is_some_and(|s| s.port != p.port)
+            {
                 continue;
             }
             taken.push(p.subnet);
@@ -108,7 +131,14 @@ impl PeerTable {
                 .entry(p.subnet.prefix())
                 .or_default()
                 .insert(u32::from(p.subnet.network()), p.public_ip);
-            by_public_ip.entry(p.public_ip).or_default().push(p.subnet);
+            by_public_ip
+                .entry(p.public_ip)
+                .or_insert_with(|| Sender {
+                    port: p.port,
+                    subnets: Vec::new(),
+                })
+                .subnets
+                .push(p.subnet);
         }
         let mut by_prefix: Vec<(u8, HashMap<u32, Ipv4Addr>)> = by_len.into_iter().collect();
         by_prefix.sort_by_key(|e| std::cmp::Reverse(e.0));
@@ -126,7 +156,7 @@ impl PeerTable {
     }
 
     pub fn len(&self) -> usize {
-        self.by_public_ip.values().map(Vec::len).sum()
+        self.by_public_ip.values().map(|s| s.subnets.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -150,9 +180,17 @@ impl PeerTable {
         })
     }
 
-    /// The subnets a public IP may send from; `None` when it is no peer.
-    pub fn subnets_of(&self, public_ip: Ipv4Addr) -> Option<&[Ipv4Network]> {
-        self.by_public_ip.get(&public_ip).map(Vec::as_slice)
+    /// The subnets the outer source `src` may send from: only a peer's PublicIP with that
+    /// peer's port is one.
+    pub fn subnets_of(&self, src: SocketAddrV4) -> Result<&[Ipv4Network], DropReason> {
+        let s = self
+            .by_public_ip
+            .get(src.ip())
+            .ok_or(DropReason::UnknownPeer)?;
+        if s.port != src.port() {
+            return Err(DropReason::WrongPort);
+        }
+        Ok(&s.subnets)
     }
 
     /// Encap side: where an inner packet read from the TUN device goes.
@@ -172,11 +210,11 @@ impl PeerTable {
     /// Decap side: may `payload`, received from `outer_src`, be written to the TUN device? On
     /// success returns the inner header; only `total_len` bytes of the payload are the packet.
     /// This is the fuzzed function: no input may panic it.
-    pub fn decap(&self, outer_src: Ipv4Addr, payload: &[u8]) -> Result<Ipv4Header, DropReason> {
+    pub fn decap(&self, outer_src: SocketAddrV4, payload: &[u8]) -> Result<Ipv4Header, DropReason> {
         if !self.ready {
             return Err(DropReason::NotReady);
         }
-        let subnets = self.subnets_of(outer_src).ok_or(DropReason::UnknownPeer)?;
+        let subnets = self.subnets_of(outer_src)?;
         let hdr = parse_ipv4(payload)?;
         check_inner(self.own_subnet, subnets, &hdr)?;
         Ok(hdr)
@@ -210,7 +248,12 @@ mod tests {
         UdpPeer {
             subnet: net(&format!("10.244.{n}.0/24")),
             public_ip: ip(&format!("198.18.0.{n}")),
+            port: PORT,
         }
+    }
+    const PORT: u16 = 8285;
+    fn from(s: &str) -> SocketAddrV4 {
+        SocketAddrV4::new(ip(s), PORT)
     }
     fn table() -> PeerTable {
         PeerTable::new(
@@ -264,24 +307,29 @@ mod tests {
                 UdpPeer {
                     subnet: net("10.244.128.0/25"),
                     public_ip: ip("198.18.0.9"),
+                    port: PORT,
                 },
                 UdpPeer {
                     subnet: net("10.244.2.0/24"),
                     public_ip: ip("198.18.0.2"),
+                    port: PORT,
                 },
                 // Overlaps 10.244.2.0/24, which sorts first: ignored.
                 UdpPeer {
                     subnet: net("10.244.2.128/25"),
                     public_ip: ip("198.18.0.8"),
+                    port: PORT,
                 },
                 // Ourselves, and outside the overlay: ignored.
                 UdpPeer {
                     subnet: net("10.244.5.0/24"),
                     public_ip: ip("198.18.0.1"),
+                    port: PORT,
                 },
                 UdpPeer {
                     subnet: net("10.99.0.0/24"),
                     public_ip: ip("198.18.0.7"),
+                    port: PORT,
                 },
             ],
         );
@@ -289,7 +337,10 @@ mod tests {
         assert_eq!(t.lookup(ip("10.244.128.7")), Some(ip("198.18.0.9")));
         assert_eq!(t.lookup(ip("10.244.128.200")), None);
         assert_eq!(t.lookup(ip("10.244.2.200")), Some(ip("198.18.0.2")));
-        assert_eq!(t.subnets_of(ip("198.18.0.8")), None);
+        assert_eq!(
+            t.subnets_of(from("198.18.0.8")),
+            Err(DropReason::UnknownPeer)
+        );
         assert_eq!(t.lookup(ip("10.244.5.1")), None);
     }
 
@@ -297,32 +348,79 @@ mod tests {
     fn decap_accepts_only_a_peer_sending_from_its_subnet_to_ours() {
         let t = table();
         let ok = ipv4("10.244.2.5", "10.244.1.7", PROTO_UDP, &[0; 8]);
-        assert_eq!(t.decap(ip("198.18.0.2"), &ok).unwrap().total_len, ok.len());
         assert_eq!(
-            t.decap(ip("198.18.0.99"), &ok),
+            t.decap(from("198.18.0.2"), &ok).unwrap().total_len,
+            ok.len()
+        );
+        assert_eq!(
+            t.decap(from("198.18.0.99"), &ok),
             Err(DropReason::UnknownPeer)
         );
         assert_eq!(
-            t.decap(ip("198.18.0.3"), &ok),
+            t.decap(from("198.18.0.3"), &ok),
             Err(DropReason::SpoofedInnerSource)
         );
         let elsewhere = ipv4("10.244.2.5", "10.244.3.7", PROTO_UDP, &[0; 8]);
         assert_eq!(
-            t.decap(ip("198.18.0.2"), &elsewhere),
+            t.decap(from("198.18.0.2"), &elsewhere),
             Err(DropReason::NotForThisNode)
         );
         let outside = ipv4("10.244.2.5", "192.168.1.1", PROTO_UDP, &[0; 8]);
         assert_eq!(
-            t.decap(ip("198.18.0.2"), &outside),
+            t.decap(from("198.18.0.2"), &outside),
             Err(DropReason::NotForThisNode)
         );
         assert!(matches!(
-            t.decap(ip("198.18.0.2"), &ok[..10]),
+            t.decap(from("198.18.0.2"), &ok[..10]),
             Err(DropReason::Malformed(_))
         ));
         assert!(matches!(
-            t.decap(ip("198.18.0.2"), &[0x60; 40]),
+            t.decap(from("198.18.0.2"), &[0x60; 40]),
             Err(DropReason::Malformed(PacketError::NotIpv4(6)))
         ));
+    }
+
+    #[test]
+    fn decap_refuses_a_peers_ip_from_another_port() {
+        let t = table();
+        let ok = ipv4("10.244.2.5", "10.244.1.7", PROTO_UDP, &[0; 8]);
+        for port in [0, 53, PORT - 1, PORT + 1, 40000, u16::MAX] {
+            let src = SocketAddrV4::new(ip("198.18.0.2"), port);
+            assert_eq!(t.decap(src, &ok), Err(DropReason::WrongPort), "port {port}");
+        }
+        // A stranger is unknown whatever port it uses, the peer's port included.
+        let stranger = SocketAddrV4::new(ip("198.18.0.99"), PORT);
+        assert_eq!(t.decap(stranger, &ok), Err(DropReason::UnknownPeer));
+        assert!(t.decap(from("198.18.0.2"), &ok).is_ok());
+    }
+
+    #[test]
+    fn a_peer_with_a_per_lease_port_is_checked_against_its_own() {
+        let mut p3 = peer(3);
+        p3.port = 9000;
+        // The same node again under another port: the first (sorted) one wins.
+        let mut stale = peer(2);
+        stale.subnet = net("10.244.9.0/24");
+        stale.port = 7000;
+        let t = PeerTable::new(
+            net("10.244.0.0/16"),
+            net("10.244.1.0/24"),
+            ip("198.18.0.1"),
+            &[peer(2), p3, stale],
+        );
+        let from3 = ipv4("10.244.3.5", "10.244.1.7", PROTO_UDP, &[0; 8]);
+        assert!(t
+            .decap(SocketAddrV4::new(ip("198.18.0.3"), 9000), &from3)
+            .is_ok());
+        assert_eq!(
+            t.decap(from("198.18.0.3"), &from3),
+            Err(DropReason::WrongPort)
+        );
+        assert_eq!(
+            t.lookup(ip("10.244.9.1")),
+            None,
+            "the stale second port is ignored"
+        );
+        assert_eq!(t.len(), 2);
     }
 }
