@@ -7,6 +7,7 @@
 //! than a trait keeps the futures `Send` without boxing and lets the backends take `&Netlink`.
 
 mod error;
+pub mod events;
 mod fake;
 pub mod iface;
 pub mod model;
@@ -16,6 +17,7 @@ mod real;
 mod types;
 
 pub use error::NetlinkError;
+pub use events::{Change, Event, Events};
 pub use fake::Fake;
 pub use iface::{pick_iface, select_iface, Iface, IfaceError, IfaceSpec};
 pub use netns::{Netns, NetnsError};
@@ -58,6 +60,16 @@ impl Netlink {
     /// `netns`.
     pub fn real_in(netns: &Netns) -> Result<Netlink, NetlinkError> {
         Real::connect_in(netns).map(Netlink::Real)
+    }
+
+    /// Subscribes to the kernel's link, address, route and neighbour notifications: for a real
+    /// handle in the calling thread's network namespace (the one [`Netlink::real`] uses), for a
+    /// fake from its in-memory kernel, which announces every op it applies.
+    pub fn events(&self) -> Result<Events, NetlinkError> {
+        match self {
+            Netlink::Real(_) => Events::real(),
+            Netlink::Fake(f) => Ok(f.subscribe()),
+        }
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
