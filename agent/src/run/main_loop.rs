@@ -12,11 +12,12 @@ use super::dataplane::{Plane, PlaneConfig};
 use super::deps::Deps;
 use super::feed::{self, Feed, Feeds};
 use super::lease::{self, LeaseKeeper};
+use super::repair::{Schedule, Trigger, Watched};
 use super::report::Report;
 use super::stop::{next_backoff, Stop};
 use super::AgentError;
 use crate::backend::{NodeContext, Prepared, Remote};
-use crate::netlink;
+use crate::netlink::{self, Event, Events, NetlinkError};
 use crate::registry::Registry;
 use crate::settings::Settings;
 use crate::subnet;
@@ -69,6 +70,7 @@ pub async fn run_with(
         .ok()
         .filter(|e| e.network == cfg.network)
         .map(|e| e.node_subnet());
+    let underlay = iface.index;
     let node = NodeContext {
         network: cfg.network,
         public_ip,
@@ -90,7 +92,10 @@ pub async fn run_with(
         network: cfg.network,
         ip_masq: settings.ip_masq,
         subnet_file: settings.subnet_file.clone(),
+        underlay,
     };
+    // Subscribed before the data plane is checked, so no drift after that check goes unseen.
+    let events = subscribe(&nl);
     let plane = Plane::setup(nl, prepared, &attrs, &own, firewall, config, report.clone()).await?;
     let every = subnet::renew_interval(ttl, settings.subnet_lease_renew_margin);
     let lease = LeaseKeeper::start(
@@ -102,8 +107,15 @@ pub async fn run_with(
         own,
         report.clone(),
     );
+    let watched = plane.watched();
     let mut agent = Agent {
         table: LeaseTable::new(registry.prefix(), cfg.network),
+        kernel: Kernel {
+            nl: events.1,
+            events: events.0,
+            watched,
+            schedule: Schedule::default(),
+        },
         registry,
         public_ip,
         lease,
@@ -117,6 +129,33 @@ pub async fn run_with(
         Err(e) => error!("{e}; lease and data plane left in place"),
     }
     result
+}
+
+/// The kernel's notifications, or none (the periodic relist then is the only repair).
+fn subscribe(nl: &netlink::Netlink) -> (Option<Events>, netlink::Netlink) {
+    match nl.events() {
+        Ok(e) => (Some(e), nl.clone()),
+        Err(e) => {
+            error!("cannot subscribe to kernel notifications, drift is repaired only by the periodic relist: {e}");
+            (None, nl.clone())
+        }
+    }
+}
+
+/// The next notification; never, without a subscription.
+async fn next_event(events: &mut Option<Events>) -> Option<Result<Event, NetlinkError>> {
+    match events {
+        Some(e) => e.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When the scheduled repair is due; never, with none scheduled.
+async fn repair_due(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn wait_for_config(registry: &Registry, stop: &mut Stop) -> Option<NetworkConfig> {
@@ -150,8 +189,17 @@ async fn wait_for_config(registry: &Registry, stop: &mut Stop) -> Option<Network
     }
 }
 
+/// Kernel notifications and the repairs they schedule.
+struct Kernel {
+    nl: netlink::Netlink,
+    events: Option<Events>,
+    watched: Watched,
+    schedule: Schedule,
+}
+
 /// The running agent: everyone's leases, ours, and the data plane made of them.
 struct Agent {
+    kernel: Kernel,
     registry: Arc<Registry>,
     public_ip: Ipv4Addr,
     table: LeaseTable,
@@ -192,15 +240,72 @@ impl Agent {
                         self.after_reacquire(old).await;
                     }
                 }
+                ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
+                _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
                 _ = resync.tick() => {
-                    self.plane.resync();
-                    self.program().await;
+                    // The backstop for lost notifications: reads only, unless something drifted.
+                    let since = tokio::time::Instant::now();
+                    let all = [Trigger::Lost].into_iter().collect();
+                    let remotes = self.remotes();
+                    let r = self.plane.repair(&remotes, &all).await;
+                    self.report.repaired("periodic relist", &r, since.elapsed());
+                    self.kernel.watched = self.plane.watched();
                 }
                 _ = rules.tick() => {
                     self.plane.sync_rules(self.lease.own().subnet()).await;
                     self.plane.export_udp_stats();
                 }
             }
+        }
+    }
+
+    fn on_kernel_event(&mut self, ev: Option<Result<Event, NetlinkError>>) {
+        let now = tokio::time::Instant::now();
+        match ev {
+            Some(Ok(e)) => {
+                if let Some(t) = self.kernel.watched.trigger(&e) {
+                    self.kernel.schedule.note(t, now);
+                }
+            }
+            Some(Err(e)) => {
+                // Whatever happened while the socket failed is unknown: re-read it all.
+                warn!("kernel notifications: {e}; subscribing again");
+                self.kernel.events = subscribe(&self.kernel.nl).0;
+                self.kernel.schedule.note(Trigger::Lost, now);
+            }
+            None => {
+                warn!("kernel notifications ended; drift is repaired by the periodic relist only");
+                self.kernel.events = None;
+            }
+        }
+    }
+
+    /// The repair the notifications scheduled; retried with backoff while it fails.
+    async fn repair(&mut self) {
+        let now = tokio::time::Instant::now();
+        let Some(due) = self.kernel.schedule.take(now) else {
+            return;
+        };
+        let remotes = self.remotes();
+        let r = self.plane.repair(&remotes, &due.triggers).await;
+        let cause: Vec<&str> = due.triggers.iter().map(|t| t.as_str()).collect();
+        self.report
+            .repaired(&cause.join(","), &r, due.since.elapsed());
+        self.kernel.watched = self.plane.watched();
+        // Rules have no notifications; a device coming and going is when they get flushed.
+        if due
+            .triggers
+            .iter()
+            .any(|t| matches!(t, Trigger::Device | Trigger::Underlay | Trigger::Lost))
+        {
+            self.plane.sync_rules(self.lease.own().subnet()).await;
+        }
+        if r.clean {
+            self.kernel.schedule.succeeded();
+        } else {
+            self.kernel
+                .schedule
+                .failed(due, tokio::time::Instant::now());
         }
     }
 

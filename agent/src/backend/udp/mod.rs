@@ -373,7 +373,9 @@ impl UdpBackend {
                 .map_err(UdpError::Device)?
                 .filter(|l| l.index == self.ifindex)
                 .ok_or(UdpError::DeviceGone)?;
-            stats.ops_applied += configure(nl, &self.cfg, &link).await?.len();
+            let ops = configure(nl, &self.cfg, &link).await?;
+            stats.ops_applied += ops.len();
+            stats.applied = ops;
             self.device_checked = true;
         }
         let mut sorted = peers.to_vec();
