@@ -483,3 +483,24 @@ async fn a_repair_the_kernel_refuses_is_retried_with_backoff_until_it_holds() {
     assert!(n.peer_routed().await);
     assert!(n.state.snapshot().not_ready().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_underlay_mtu_change_reaches_subnet_env_and_the_metrics() {
+    let (_mem, n, _, _) = Node::with_a_peer().await;
+    assert_eq!(n.subnet_env().mtu, 1500);
+    let nl = Netlink::from(n.kernel.clone());
+    let mut eth0 = nl.link_by_index(n.eth0).await.unwrap().unwrap();
+    eth0.mtu = 9000;
+    // Changed behind the agent's back (put_link is silent), then announced as the kernel would.
+    n.kernel.put_link(eth0.clone());
+    n.kernel.announce(crate::netlink::Event::Link(
+        crate::netlink::Change::New,
+        eth0,
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // host-gw: pods get the underlay's MTU itself.
+    assert_eq!(n.subnet_env().mtu, 9000);
+    assert_eq!(n.state.snapshot().mtu, 9000);
+    assert_eq!(n.counter("repairs", "mtu"), 1);
+    assert!(n.peer_routed().await);
+}
