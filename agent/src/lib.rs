@@ -11,6 +11,7 @@ pub mod api;
 pub mod backend;
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod state;
 pub use tweed_netlink as netlink;
 pub mod registry;

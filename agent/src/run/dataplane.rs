@@ -102,7 +102,9 @@ impl Plane {
             // Tells the CNI plugin the agent masquerades, so the plugin does not do it a second time.
             ipmasq: self.ip_masq,
         };
-        env.write_atomic(&self.subnet_file)?;
+        let written = env.write_atomic(&self.subnet_file);
+        self.report.subnet_env_written(written.is_ok());
+        written?;
         info!(path = %self.subnet_file.display(), "wrote subnet.env");
         Ok(())
     }
@@ -150,12 +152,14 @@ impl Plane {
                     }
                     Err(e) => {
                         error!("programming the data plane: {e}");
+                        self.report.backend_failed();
                         return None;
                     }
                 }
             }
             Err(e) => {
                 error!("programming the data plane: {e}");
+                self.report.backend_failed();
                 return None;
             }
         };
@@ -240,6 +244,7 @@ impl Plane {
                             backend = self.prepared.type_name(),
                             "repairing the device: {e}"
                         );
+                        self.report.backend_failed();
                         return out;
                     }
                 }

@@ -32,6 +32,8 @@ use tweed_config::{NetworkConfig, SubnetEnv};
 /// How often the data plane is re-read and repaired even without lease events (reads only when
 /// nothing drifted).
 const DATAPLANE_RESYNC: Duration = Duration::from_secs(60);
+/// How often the main loop says it is alive (/healthz, systemd's watchdog).
+const BEAT: Duration = Duration::from_secs(1);
 
 /// Runs the agent with `deps` until `shutdown` resolves (`Ok`) or something a restart must fix
 /// happens (`Err`: no usable interface, an unsupported backend, a task that died). etcd outages
@@ -49,6 +51,7 @@ pub async fn run_with(
         clock,
         state,
         control,
+        notifier,
     } = deps;
     let report = Report::new(state, clock);
     let Some(cfg) = wait_for_config(&registry, &mut stop).await else {
@@ -109,6 +112,8 @@ pub async fn run_with(
     );
     let watched = plane.watched();
     let mut agent = Agent {
+        notifier,
+        told_ready: false,
         table: LeaseTable::new(registry.prefix(), cfg.network),
         kernel: Kernel {
             nl: events.1,
@@ -200,6 +205,9 @@ struct Kernel {
 /// The running agent: everyone's leases, ours, and the data plane made of them.
 struct Agent {
     kernel: Kernel,
+    notifier: crate::notify::Notifier,
+    /// systemd was told READY=1 (once; readiness lost later shows in /readyz).
+    told_ready: bool,
     registry: Arc<Registry>,
     public_ip: Ipv4Addr,
     table: LeaseTable,
@@ -230,6 +238,7 @@ impl Agent {
         resync.tick().await;
         let mut rules = tokio::time::interval(rules_every);
         rules.tick().await;
+        let mut beat = tokio::time::interval(BEAT);
         loop {
             tokio::select! {
                 _ = stop.wait() => return Ok(()),
@@ -242,6 +251,7 @@ impl Agent {
                 }
                 ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
                 _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
+                _ = beat.tick() => self.beat(),
                 _ = resync.tick() => {
                     // The backstop for lost notifications: reads only, unless something drifted.
                     let since = tokio::time::Instant::now();
@@ -255,6 +265,21 @@ impl Agent {
                     self.plane.sync_rules(self.lease.own().subnet()).await;
                     self.plane.export_udp_stats();
                 }
+            }
+        }
+    }
+
+    /// Liveness for /healthz and systemd's watchdog, and READY=1 the first time the node is ready.
+    fn beat(&mut self) {
+        let ready = self.report.beat();
+        if let Err(e) = self.notifier.watchdog() {
+            warn!("{e}");
+        }
+        if ready && !self.told_ready {
+            self.told_ready = true;
+            match self.notifier.ready() {
+                Ok(()) => info!("ready: lease held, data plane programmed, subnet.env written"),
+                Err(e) => warn!("{e}"),
             }
         }
     }

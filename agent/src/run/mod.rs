@@ -44,6 +44,8 @@ pub enum AgentError {
     SubnetEnv(#[from] tweed_config::subnet_env::SubnetEnvError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
     #[error("--metrics-addr {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -147,6 +149,7 @@ async fn real_deps(
         clock: Clock::System,
         state,
         control,
+        notifier: crate::notify::Notifier::from_env()?,
     })
 }
 

@@ -254,6 +254,25 @@ impl Report {
         }
     }
 
+    pub(super) fn subnet_env_written(&self, ok: bool) {
+        self.state.update(|s| s.subnet_env_written = ok);
+    }
+
+    /// The backend could not be programmed at all (device gone and not re-made, unreadable).
+    pub(super) fn backend_failed(&self) {
+        self.state.update(|s| s.backend_programmed = false);
+    }
+
+    /// The main loop runs; whether the node is ready now.
+    pub(super) fn beat(&self) -> bool {
+        let mut ready = false;
+        self.state.update(|s| {
+            s.loop_beat = Some(std::time::Instant::now());
+            ready = s.not_ready().is_empty();
+        });
+        ready
+    }
+
     /// A repair that found drift: counted per kind, timed from the first notification, logged
     /// with what it had to write. Repairs that found nothing leave no trace.
     pub(super) fn repaired(&self, cause: &str, r: &Repaired, elapsed: Duration) {

@@ -98,6 +98,7 @@ impl Node {
             clock: Clock::tokio(1_700_000_000),
             state: state.clone(),
             control: crate::api::ControlSlot::default(),
+            notifier: crate::notify::Notifier::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let agent = tokio::spawn(run_with(deps, settings, async {
