@@ -67,6 +67,16 @@ pub async fn run_with(
     let iface = netlink::iface::select(&nl, &settings.iface_choice()?).await?;
     let public_ip = settings.public_ip.unwrap_or(iface.ip);
     info!(iface = %iface.name, addr = %iface.ip, %public_ip, mtu = iface.mtu, "underlay interface");
+    let choice = format!("{} {} {}", iface.name, iface.ip, public_ip);
+    match remember_underlay(&settings.state_dir.join("underlay"), &choice) {
+        Ok(Some(before)) => warn!(
+            before = %before,
+            now = %choice,
+            "the underlay choice (interface, address, public IP) changed since the last start; peers are told the new public IP through the lease"
+        ),
+        Ok(None) => {}
+        Err(e) => warn!("{e}"),
+    }
     report.network(&cfg, public_ip);
 
     let previous = SubnetEnv::read(&settings.subnet_file)
@@ -134,6 +144,46 @@ pub async fn run_with(
         Err(e) => error!("{e}; lease and data plane left in place"),
     }
     result
+}
+
+/// Records `choice` (interface, address, public IP) in `path` and returns the one recorded by
+/// the previous start when it differs: a choice that changes between restarts (an address added,
+/// interfaces renumbered) is worth a warning, since peers then reach this node elsewhere.
+fn remember_underlay(path: &std::path::Path, choice: &str) -> Result<Option<String>, String> {
+    let before = std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string());
+    if before.as_deref() == Some(choice) {
+        return Ok(None);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{choice}\n"))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("recording the underlay choice in {}: {e}", path.display()))?;
+    Ok(before.filter(|b| !b.is_empty()))
+}
+
+#[cfg(test)]
+#[test]
+fn a_changed_underlay_choice_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state/underlay");
+    assert_eq!(
+        remember_underlay(&path, "eth0 198.18.0.1 198.18.0.1"),
+        Ok(None)
+    );
+    assert_eq!(
+        remember_underlay(&path, "eth0 198.18.0.1 198.18.0.1"),
+        Ok(None)
+    );
+    assert_eq!(
+        remember_underlay(&path, "eth1 10.0.0.1 10.0.0.1"),
+        Ok(Some("eth0 198.18.0.1 198.18.0.1".into()))
+    );
+    assert_eq!(remember_underlay(&path, "eth1 10.0.0.1 10.0.0.1"), Ok(None));
 }
 
 /// The kernel's notifications, or none (the periodic relist then is the only repair).
