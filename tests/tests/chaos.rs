@@ -386,6 +386,29 @@ fn vxlan_drift_is_repaired_within_a_second() {
 }
 
 #[test]
+fn nft_rules_flushed_are_repaired_within_a_second() {
+    let mut spec = LabSpec::new(lab_name("cn"), 2);
+    spec.agent_args = vec!["--nftables".into()];
+    let lab = up(spec);
+    let present = |ns: &str| out(ns, "nft list table ip tweed").contains("masquerade");
+    let faults = vec![
+        Fault {
+            name: "nft flush ruleset",
+            cmd: "nft flush ruleset".into(),
+            repaired: Box::new(present),
+            bound: SECOND,
+        },
+        Fault {
+            name: "nft delete table ip tweed",
+            cmd: "nft delete table ip tweed".into(),
+            repaired: Box::new(present),
+            bound: SECOND,
+        },
+    ];
+    run_faults(&lab, "vxlan+nft", faults);
+}
+
+#[test]
 fn host_gw_drift_is_repaired_within_a_second() {
     let mut spec = LabSpec::new(lab_name("ch"), 2);
     spec.backend = Backend::HostGw;

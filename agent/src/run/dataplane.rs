@@ -298,6 +298,11 @@ impl Plane {
             .rules_synced(self.firewall.name(), self.ip_masq, &result);
     }
 
+    /// Whether the rules are nftables' (which announces changes; iptables does not).
+    pub(super) fn rules_are_nft(&self) -> bool {
+        matches!(*self.firewall, Firewall::Nftables(_))
+    }
+
     /// Adds what the udp workers counted since the last export to the metrics.
     pub(super) fn export_udp_stats(&mut self) {
         let DataPlane::Udp(b) = &self.backend else {

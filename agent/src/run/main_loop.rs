@@ -205,6 +205,14 @@ async fn next_event(events: &mut Option<Events>) -> Option<Result<Event, Netlink
     }
 }
 
+/// The next change `nft monitor` saw to tweed's table; never, without nftables.
+async fn nft_change(nft: &mut Option<super::nftmon::NftMonitor>) -> Option<()> {
+    match nft {
+        Some(m) => m.changes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// When the scheduled repair is due; never, with none scheduled.
 async fn repair_due(at: Option<tokio::time::Instant>) {
     match at {
@@ -289,6 +297,11 @@ impl Agent {
         let mut rules = tokio::time::interval(rules_every);
         rules.tick().await;
         let mut beat = tokio::time::interval(BEAT);
+        let mut nft = self
+            .plane
+            .rules_are_nft()
+            .then(super::nftmon::NftMonitor::spawn);
+        let mut nft_due: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.wait() => return Ok(()),
@@ -302,6 +315,14 @@ impl Agent {
                 ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
                 _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
                 _ = beat.tick() => self.beat(),
+                Some(()) = nft_change(&mut nft) => {
+                    // Our own writes echo too: gather a burst, then one listing decides.
+                    nft_due.get_or_insert(tokio::time::Instant::now() + super::repair::DEBOUNCE);
+                }
+                _ = repair_due(nft_due) => {
+                    nft_due = None;
+                    self.plane.sync_rules(self.lease.own().subnet()).await;
+                }
                 _ = resync.tick() => {
                     // The backstop for lost notifications: reads only, unless something drifted.
                     let since = tokio::time::Instant::now();

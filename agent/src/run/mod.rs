@@ -11,6 +11,7 @@ mod deps;
 mod feed;
 mod lease;
 mod main_loop;
+mod nftmon;
 mod repair;
 mod report;
 mod stop;
