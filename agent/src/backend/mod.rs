@@ -217,6 +217,7 @@ impl Prepared {
                     underlay_mtu: iface.mtu,
                     mtu_override: (mtu != 0).then_some(mtu),
                     queues: node.udp_workers,
+                    peers_file: Some(node.state_dir.join("udp-peers")),
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
