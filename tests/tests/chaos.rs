@@ -503,9 +503,10 @@ fn udp_restart_under_load_is_reported() {
     let lab = up(spec);
     let (lost, _) = restart_under_load(&lab);
     // Two restarts (each host's agent once); the userspace backend drops what arrives while no
-    // agent reads the TUN device and the socket. The figure goes to docs/reliability.md.
+    // agent reads the TUN device and the socket: at most 200 ms of traffic per restart.
+    let bound = 2 * RATE_HZ as usize / 5;
     assert!(
-        lost < 2 * 2 * RATE_HZ as usize,
-        "{lost} lost over two restarts"
+        lost <= bound,
+        "{lost} lost over two restarts (bound {bound})"
     );
 }
