@@ -12,6 +12,7 @@ pub mod backend;
 pub mod http;
 pub mod metrics;
 pub mod notify;
+pub mod offload;
 pub mod state;
 pub use tweed_netlink as netlink;
 pub mod registry;

@@ -510,3 +510,48 @@ fn udp_restart_under_load_is_reported() {
         "{lost} lost over two restarts (bound {bound})"
     );
 }
+
+#[test]
+fn vxlan_tx_checksum_offload_switch_is_set_and_kept_across_recreation() {
+    let mut spec = LabSpec::new(lab_name("co"), 2);
+    spec.agent_args = vec!["--vxlan-tx-checksum-offload=false".into()];
+    let lab = up(spec);
+    // Only h1 gets the switch: the lab passes agent_args to every host, so h2's agent is
+    // restarted with the default.
+    let h2_agent = stop_agent(&lab, "h2", libc::SIGTERM);
+    let argv: Vec<String> = h2_agent
+        .argv
+        .iter()
+        .filter(|a| !a.starts_with("--vxlan-tx-checksum-offload"))
+        .cloned()
+        .collect();
+    start_agent(&StoppedAgent { argv, ..h2_agent });
+    let h1 = host_state(&lab, "h1");
+    let off = |ns: &str| {
+        out(ns, "ethtool -k tweed.1")
+            .lines()
+            .any(|l| l.trim().starts_with("tx-checksum-ip-generic: off"))
+    };
+    wait_for(Duration::from_secs(5), "the feature to be off", || {
+        off(&h1.netns)
+    });
+    // A re-created device starts with the kernel's default (on); the repair turns it off again.
+    sh(&h1.netns, "ip link del tweed.1");
+    wait_for(
+        Duration::from_secs(5),
+        "the device back, offload off",
+        || link_up(&h1.netns, "tweed.1") && off(&h1.netns),
+    );
+    assert_eq!(
+        lab.check_until(Duration::from_secs(10)).unwrap().failed(),
+        0
+    );
+    // The other host runs with the default, which leaves the feature as the kernel makes it: a
+    // device re-created there has it on.
+    let h2 = host_state(&lab, "h2");
+    sh(&h2.netns, "ip link del tweed.1");
+    wait_for(Duration::from_secs(5), "h2's device back", || {
+        link_up(&h2.netns, "tweed.1")
+    });
+    assert!(out(&h2.netns, "ethtool -k tweed.1").contains("tx-checksum-ip-generic: on"));
+}

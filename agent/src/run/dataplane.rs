@@ -34,6 +34,7 @@ pub(super) struct Plane {
     udp_seen: UdpStats,
     /// The underlay device, watched for MTU changes.
     underlay: u32,
+    tx_csum_off: bool,
 }
 
 /// What one repair did: the ops it had to apply (none when nothing had drifted), and whether
@@ -53,6 +54,8 @@ pub(super) struct PlaneConfig {
     pub(super) subnet_file: PathBuf,
     /// The underlay device's index.
     pub(super) underlay: u32,
+    /// `--vxlan-tx-checksum-offload=false`: keep tx-checksum-ip-generic off on the vxlan device.
+    pub(super) tx_csum_off: bool,
 }
 
 impl Plane {
@@ -86,7 +89,9 @@ impl Plane {
             report,
             udp_seen: UdpStats::default(),
             underlay: config.underlay,
+            tx_csum_off: config.tx_csum_off,
         };
+        plane.ensure_tx_csum().await;
         plane.write_subnet_env(own.subnet())?;
         plane.report.mtu(plane.backend.mtu());
         Ok(plane)
@@ -256,6 +261,9 @@ impl Plane {
             }
             _ => {}
         }
+        if device || rebuild {
+            self.ensure_tx_csum().await;
+        }
         self.backend.resync();
         let Some(stats) = self.reconcile(remotes).await else {
             return out;
@@ -296,6 +304,29 @@ impl Plane {
             .expect("rule sync does not panic");
         self.report
             .rules_synced(self.firewall.name(), self.ip_masq, &result);
+    }
+
+    /// With `--vxlan-tx-checksum-offload=false`, turns the vxlan device's tx checksum offload off
+    /// unless it already is (a re-created device starts with it on).
+    async fn ensure_tx_csum(&self) {
+        let DataPlane::Vxlan(b) = &self.backend else {
+            return;
+        };
+        if !self.tx_csum_off {
+            return;
+        }
+        let dev = b.device_name().to_string();
+        let done = tokio::task::spawn_blocking(move || crate::offload::tx_csum_off(&dev))
+            .await
+            .expect("ethtool does not panic");
+        match done {
+            Ok(true) => info!(
+                device = b.device_name(),
+                "tx-checksum-ip-generic turned off"
+            ),
+            Ok(false) => {}
+            Err(e) => error!("{e}"),
+        }
     }
 
     /// Whether the rules are nftables' (which announces changes; iptables does not).

@@ -106,6 +106,7 @@ pub async fn run_with(
         ip_masq: settings.ip_masq,
         subnet_file: settings.subnet_file.clone(),
         underlay,
+        tx_csum_off: !settings.vxlan_tx_checksum_offload,
     };
     // Subscribed before the data plane is checked, so no drift after that check goes unseen.
     let events = subscribe(&nl);
