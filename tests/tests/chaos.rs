@@ -555,3 +555,39 @@ fn vxlan_tx_checksum_offload_switch_is_set_and_kept_across_recreation() {
     });
     assert!(out(&h2.netns, "ethtool -k tweed.1").contains("tx-checksum-ip-generic: on"));
 }
+
+#[test]
+fn an_underlay_mtu_change_at_run_time_reaches_the_device_and_subnet_env() {
+    let lab = up(LabSpec::new(lab_name("cm"), 2));
+    let h1 = host_state(&lab, "h1");
+    let mtu_of = |dev: &str| {
+        in_ns(&h1.netns, &["cat", &format!("/sys/class/net/{dev}/mtu")])
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert_eq!(mtu_of("tweed.1"), 1450);
+    sh(&h1.netns, "ip link set eth0 mtu 9000");
+    wait_for(Duration::from_secs(3), "tweed.1 at 9000 - 50", || {
+        mtu_of("tweed.1") == 8950
+    });
+    wait_for(Duration::from_secs(3), "subnet.env at 8950", || {
+        tweed_config::SubnetEnv::read(&h1.subnet_file)
+            .map(|e| e.mtu == 8950)
+            .unwrap_or(false)
+    });
+    // Logged right after the change is applied.
+    wait_for(Duration::from_secs(3), "the MTU change in the log", || {
+        let log = std::fs::read_to_string(&h1.log).unwrap_or_default();
+        log.contains("MTU changed from 1500 to 9000") && log.contains("running pods keep 1450")
+    });
+    // Back down: the device follows, so full-size overlay packets fit the underlay again.
+    sh(&h1.netns, "ip link set eth0 mtu 1500");
+    wait_for(Duration::from_secs(3), "tweed.1 back at 1450", || {
+        mtu_of("tweed.1") == 1450
+    });
+    assert_eq!(
+        lab.check_until(Duration::from_secs(10)).unwrap().failed(),
+        0
+    );
+}
