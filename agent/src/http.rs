@@ -1,5 +1,6 @@
-//! `/metrics`, `/healthz` (the process answers) and `/readyz` (lease held, backend programmed,
-//! watch live) on `--metrics-addr`.
+//! `/metrics`, `/healthz` (liveness: the main loop runs) and `/readyz` (lease held, backend
+//! device up and every peer programmed, watch live, subnet.env written) on `--metrics-addr`.
+//! Both answer JSON saying what is missing.
 //!
 //! The listener keeps the default bind on all addresses: the DaemonSet's probes, Prometheus and
 //! the lab reach it on the node's address. So anyone who can reach the node can open connections
@@ -25,7 +26,7 @@ use tower::ServiceExt;
 pub fn router(state: AgentState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
 }
@@ -38,15 +39,40 @@ async fn metrics(State(s): State<AgentState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AgentState>) -> impl IntoResponse {
-    let reasons = s.snapshot().not_ready();
-    if reasons.is_empty() {
-        (StatusCode::OK, "ready\n".to_string())
+    let snap = s.snapshot();
+    let reasons = snap.not_ready();
+    let body = serde_json::json!({
+        "ready": reasons.is_empty(),
+        "reasons": reasons,
+        "lease_held": snap.lease_held,
+        "backend_programmed": snap.backend_programmed,
+        "watch_live": snap.watch_live,
+        "subnet_env_written": snap.subnet_env_written,
+    });
+    let code = if reasons.is_empty() {
+        StatusCode::OK
     } else {
-        (
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(code, body)
+}
+
+async fn healthz(State(s): State<AgentState>) -> impl IntoResponse {
+    match s.snapshot().not_alive(std::time::Instant::now()) {
+        None => json(StatusCode::OK, serde_json::json!({"alive": true})),
+        Some(reason) => json(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", reasons.join("; ")),
-        )
+            serde_json::json!({"alive": false, "reason": reason}),
+        ),
     }
+}
+
+fn json(code: StatusCode, body: serde_json::Value) -> impl IntoResponse {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
 }
 
 /// What one client may hold of the server.

@@ -11,6 +11,8 @@ pub mod api;
 pub mod backend;
 pub mod http;
 pub mod metrics;
+pub mod notify;
+pub mod offload;
 pub mod state;
 pub use tweed_netlink as netlink;
 pub mod registry;

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub netlink_failures: IntCounter,
     pub reconcile_seconds: Histogram,
     pub rules_resyncs: IntCounter,
+    /// Drift repaired after a kernel notification or the periodic relist, by object kind.
+    pub repairs: IntCounterVec,
+    /// From the first notification of a drift to its repair applied.
+    pub repair_seconds: Histogram,
     pub rules_errors: IntCounter,
     pub udp_packets: IntCounterVec,
     pub udp_bytes: IntCounterVec,
@@ -115,6 +119,24 @@ impl Metrics {
                 "Rule syncs that had to change something",
             ),
             rules_errors: counter("rules_errors_total", "Rule syncs that failed"),
+            repairs: counter_vec(
+                "repairs_total",
+                "Owned kernel objects found drifted and repaired",
+                &["kind"],
+            ),
+            repair_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "repair_seconds",
+                        "From a kernel notification of drift to the repair applied",
+                    )
+                    .buckets(vec![
+                        0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                )
+                .expect("valid"),
+            ),
             udp_packets: counter_vec("udp_packets_total", "udp backend packets", &["direction"]),
             udp_bytes: counter_vec("udp_bytes_total", "udp backend bytes", &["direction"]),
             udp_drops: counter_vec(

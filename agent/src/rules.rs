@@ -379,6 +379,32 @@ impl Nftables {
     }
 }
 
+/// Whether a line of `nft monitor` output may mean tweed's table changed: any change to table
+/// `ip tweed` (its chains and rules included) or a flush of the whole ruleset. Comments (`# new
+/// generation ...`) and other tables' changes do not.
+pub fn nft_monitor_concerns_tweed(line: &str) -> bool {
+    let line = line.trim();
+    if line.starts_with('#') {
+        return false;
+    }
+    if line == "flush ruleset" {
+        return true;
+    }
+    let mut words = line.split_whitespace();
+    let Some(verb) = words.next() else {
+        return false;
+    };
+    if !matches!(
+        verb,
+        "add" | "delete" | "flush" | "replace" | "insert" | "destroy"
+    ) {
+        return false;
+    }
+    // `<verb> <object> ip tweed ...`
+    let rest: Vec<&str> = words.collect();
+    rest.len() >= 3 && rest[1] == "ip" && rest[2] == NFT_TABLE
+}
+
 /// Runs the iptables binaries (the only way to reach both iptables-legacy and iptables-nft hosts).
 pub struct Iptables;
 
@@ -653,6 +679,32 @@ mod tests {
             !n.is_current(&other, &printed_elsewhere),
             "only for the spec it was applied for"
         );
+    }
+
+    #[test]
+    fn nft_monitor_lines_of_tweeds_table_only() {
+        for yes in [
+            "delete table ip tweed",
+            "delete chain ip tweed postrouting",
+            "delete rule ip tweed postrouting handle 4",
+            "flush chain ip tweed forward",
+            "add rule ip tweed forward ip saddr 10.244.0.0/16 accept",
+            "flush ruleset",
+        ] {
+            assert!(nft_monitor_concerns_tweed(yes), "{yes}");
+        }
+        for no in [
+            "# new generation 5 by process 22689 (nft)",
+            "add table ip other",
+            "delete rule ip filter forward handle 3",
+            "delete table ip6 tweed",
+            "delete table ip tweedy",
+            "",
+            "tweed",
+            "add",
+        ] {
+            assert!(!nft_monitor_concerns_tweed(no), "{no}");
+        }
     }
 
     #[test]

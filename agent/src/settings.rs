@@ -242,6 +242,21 @@ pub struct Settings {
     )]
     pub nftables: bool,
 
+    /// vxlan: leave the device's tx checksum offload on; `false` turns tx-checksum-ip-generic off
+    /// (some NIC/kernel pairs corrupt vxlan checksums with it)
+    #[arg(
+        long,
+        env = "TWEED_VXLAN_TX_CHECKSUM_OFFLOAD",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true,
+        default_value = "true",
+        value_parser = BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    pub vxlan_tx_checksum_offload: bool,
+
     /// udp backend: worker threads (TUN queues), 1-64 [default: one per core, at most 8]
     #[arg(long, env = "TWEED_UDP_WORKERS", value_name = "N", value_parser = udp_workers)]
     pub udp_workers: Option<usize>,

@@ -5,6 +5,10 @@ use crate::metrics::Metrics;
 use std::sync::{Arc, RwLock};
 use tokio::sync::broadcast;
 
+/// How long the main loop may go without running before the agent counts as dead. Generous: the
+/// loop waits out a lost lease's re-acquisition during an etcd outage.
+pub const LIVENESS: std::time::Duration = std::time::Duration::from_secs(120);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeaseView {
     pub subnet: String,
@@ -49,6 +53,10 @@ pub struct Snapshot {
     pub lease_held: bool,
     pub backend_programmed: bool,
     pub watch_live: bool,
+    /// subnet.env holds this node's current subnet and MTU.
+    pub subnet_env_written: bool,
+    /// When the agent's main loop last ran; `None` before it started (start-up, etcd awaited).
+    pub loop_beat: Option<std::time::Instant>,
     pub lease_expiry_unix: i64,
     pub etcd_endpoints: String,
     pub leases: Vec<LeaseView>,
@@ -75,7 +83,18 @@ impl Snapshot {
         if !self.watch_live {
             r.push("lease watch not live".to_string());
         }
+        if !self.subnet_env_written {
+            r.push("subnet.env not written".to_string());
+        }
         r
+    }
+
+    /// Why the agent is not alive, if it is not: its main loop stopped running (a loop blocked
+    /// or dead; a dead watch or renewal task ends the process, see `run`).
+    pub fn not_alive(&self, now: std::time::Instant) -> Option<String> {
+        let beat = self.loop_beat?;
+        let age = now.saturating_duration_since(beat);
+        (age > LIVENESS).then(|| format!("the main loop last ran {} s ago", age.as_secs()))
     }
 }
 

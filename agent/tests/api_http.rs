@@ -5,6 +5,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tweed_agent::state::{AgentState, EventKind, LeaseEventView, LeaseView, PeerView};
 
+/// The body of a raw HTTP response.
+fn json_body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
@@ -24,6 +29,7 @@ fn ready(state: &AgentState) {
         s.lease_held = true;
         s.backend_programmed = true;
         s.watch_live = true;
+        s.subnet_env_written = true;
         s.leases = vec![LeaseView {
             subnet: "10.244.3.0/24".into(),
             public_ip: "198.18.0.1".into(),
@@ -63,15 +69,51 @@ async fn health_ready_and_metrics() {
     let server = tokio::spawn(tweed_agent::http::serve(listener, state.clone(), async {
         let _ = rx.await;
     }));
+    // Alive while starting (no loop yet), and while the loop runs.
     assert_eq!(get(addr, "/healthz").await.0, 200);
+    state.update(|s| s.loop_beat = Some(std::time::Instant::now()));
+    let (code, body) = get(addr, "/healthz").await;
+    assert_eq!((code, json_body(&body)), (200, "{\"alive\":true}\n"));
     let (code, body) = get(addr, "/readyz").await;
     assert_eq!(code, 503);
+    let v: serde_json::Value = serde_json::from_str(json_body(&body)).unwrap();
+    assert_eq!(v["ready"], false);
+    assert_eq!(v["lease_held"], false);
+    assert_eq!(v["subnet_env_written"], false);
     assert!(
-        body.contains("no subnet lease held") && body.contains("lease watch not live"),
+        body.contains("no subnet lease held")
+            && body.contains("lease watch not live")
+            && body.contains("subnet.env not written"),
         "{body}"
     );
     ready(&state);
-    assert_eq!(get(addr, "/readyz").await.0, 200);
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(json_body(&body)).unwrap();
+    assert_eq!(
+        (
+            v["ready"].as_bool(),
+            v["reasons"].as_array().map(|r| r.len())
+        ),
+        (Some(true), Some(0))
+    );
+    // A device that could not be programmed: not ready, and the body says why.
+    state.update(|s| s.backend_programmed = false);
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("backend vxlan not programmed"), "{body}");
+    state.update(|s| s.backend_programmed = true);
+    // A main loop that stopped running: not alive.
+    let stale = std::time::Instant::now()
+        .checked_sub(tweed_agent::state::LIVENESS + Duration::from_secs(1))
+        .unwrap();
+    state.update(|s| s.loop_beat = Some(stale));
+    let (code, body) = get(addr, "/healthz").await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("\"alive\":false") && body.contains("main loop last ran"),
+        "{body}"
+    );
     state.metrics.lease_renewals.inc();
     let (code, body) = get(addr, "/metrics").await;
     assert_eq!(code, 200);
@@ -109,7 +151,7 @@ async fn grpc_status_lists_and_event_stream_over_a_0600_socket() {
         .await
         .unwrap()
         .into_inner();
-    assert!(!st.ready && st.not_ready.len() == 3, "{st:?}");
+    assert!(!st.ready && st.not_ready.len() == 4, "{st:?}");
     ready(&state);
     let st = c
         .status(tweed_api::v1::StatusRequest {})

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::error::NetlinkError;
+use super::events::{Change, Event, Events};
 use super::model::Tables;
 use super::op::Op;
 use super::types::{Addr, FdbEntry, Link, MacAddr, Neighbour, Route, VethSpec};
@@ -26,6 +27,8 @@ struct State {
     netns: BTreeMap<i32, Fake>,
     /// Veth ends whose peer is in another fake namespace: deleting either end deletes both.
     peers: BTreeMap<u32, (Weak<Mutex<State>>, u32)>,
+    /// [`Fake::subscribe`]rs; each successful op is announced to them, as the kernel would.
+    subscribers: Vec<tokio::sync::mpsc::UnboundedSender<Event>>,
 }
 
 /// Cheap to clone; clones share one kernel, so a test keeps a clone to inspect what the code under
@@ -127,6 +130,23 @@ impl Fake {
         self.lock().fail.clear();
     }
 
+    /// Notifications for every op applied from now on that changed something (a link's state
+    /// after the op, or before it for a deletion; the route, neighbour or FDB entry written or
+    /// removed), plus whatever [`Fake::announce`] sends.
+    pub fn subscribe(&self) -> Events {
+        let (tx, events) = Events::channel();
+        self.lock().subscribers.push(tx);
+        events
+    }
+
+    /// Sends `event` to every subscriber, e.g. [`Event::Lost`] or a change made behind the
+    /// fake's back with [`Fake::put_link`].
+    pub fn announce(&self, event: Event) {
+        self.lock()
+            .subscribers
+            .retain(|tx| tx.send(event.clone()).is_ok());
+    }
+
     /// Every op applied so far, failed ones included, in order.
     pub fn ops(&self) -> Vec<Op> {
         self.lock().log.clone()
@@ -170,6 +190,118 @@ impl Fake {
     }
 
     pub(crate) fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
+        let before = self.link_of(op);
+        let res = self.apply_quiet(op);
+        if res.is_ok() {
+            for e in self.events_of(op, before) {
+                self.announce(e);
+            }
+        }
+        res
+    }
+
+    /// The link an op names, as it is now.
+    fn link_of(&self, op: &Op) -> Option<Link> {
+        let s = self.lock();
+        match op {
+            Op::LinkSetUp { name }
+            | Op::LinkSetDown { name }
+            | Op::LinkSetMtu { name, .. }
+            | Op::LinkDel { name }
+            | Op::LinkSetMac { name, .. } => s.links.values().find(|l| &l.name == name).cloned(),
+            Op::LinkAddVxlan(spec) => s.links.values().find(|l| l.name == spec.name).cloned(),
+            Op::LinkDelIndex { ifindex } | Op::LinkRename { ifindex, .. } => {
+                s.links.get(ifindex).cloned()
+            }
+            _ => None,
+        }
+    }
+
+    fn events_of(&self, op: &Op, before: Option<Link>) -> Vec<Event> {
+        if self.lock().subscribers.is_empty() {
+            return Vec::new();
+        }
+        let link_now = |index: u32| self.lock().links.get(&index).cloned();
+        let link = |before: Option<Link>| match before {
+            Some(b) => match link_now(b.index) {
+                Some(now) if now != b => Some(Event::Link(Change::New, now)),
+                Some(_) => None,
+                None => Some(Event::Link(Change::Del, b)),
+            },
+            None => None,
+        };
+        match op {
+            Op::LinkAddVxlan(spec) => match before {
+                Some(_) => link(before).into_iter().collect(),
+                None => self
+                    .link_by_name(&spec.name)
+                    .map(|l| vec![Event::Link(Change::New, l)])
+                    .unwrap_or_default(),
+            },
+            Op::LinkSetUp { .. }
+            | Op::LinkSetDown { .. }
+            | Op::LinkSetMtu { .. }
+            | Op::LinkDel { .. }
+            | Op::LinkSetMac { .. }
+            | Op::LinkDelIndex { .. }
+            | Op::LinkRename { .. } => link(before).into_iter().collect(),
+            Op::AddrAdd { ifindex, addr } => vec![Event::Addr(
+                Change::New,
+                Addr {
+                    ifindex: *ifindex,
+                    net: *addr,
+                },
+            )],
+            Op::AddrDel { ifindex, addr } => vec![Event::Addr(
+                Change::Del,
+                Addr {
+                    ifindex: *ifindex,
+                    net: *addr,
+                },
+            )],
+            Op::RouteReplace(r) => vec![Event::Route(Change::New, *r)],
+            Op::RouteDel(r) => vec![Event::Route(Change::Del, *r)],
+            Op::NeighReplace { ifindex, ip, mac } => vec![Event::Neigh(
+                Change::New,
+                Neighbour {
+                    ifindex: *ifindex,
+                    ip: *ip,
+                    mac: Some(*mac),
+                    permanent: true,
+                },
+            )],
+            Op::NeighDel { ifindex, ip } => vec![Event::Neigh(
+                Change::Del,
+                Neighbour {
+                    ifindex: *ifindex,
+                    ip: *ip,
+                    mac: None,
+                    permanent: true,
+                },
+            )],
+            Op::FdbReplace { ifindex, mac, dst } => vec![Event::Fdb(
+                Change::New,
+                FdbEntry {
+                    ifindex: *ifindex,
+                    mac: *mac,
+                    dst: Some(*dst),
+                    permanent: true,
+                },
+            )],
+            Op::FdbDel { ifindex, mac, dst } => vec![Event::Fdb(
+                Change::Del,
+                FdbEntry {
+                    ifindex: *ifindex,
+                    mac: *mac,
+                    dst: *dst,
+                    permanent: true,
+                },
+            )],
+            _ => Vec::new(),
+        }
+    }
+
+    fn apply_quiet(&self, op: &Op) -> Result<(), NetlinkError> {
         let mut s = self.lock();
         s.log.push(op.clone());
         let injected = s.fail.iter().find_map(|rule| rule(op));
@@ -585,5 +717,40 @@ mod tests {
         host.apply(&across("tw0", "eth0", None)).unwrap();
         host.apply(&Op::LinkDel { name: "tw0".into() }).unwrap();
         assert!(ctr.link_by_name("eth0").is_none());
+    }
+
+    #[tokio::test]
+    async fn subscribers_hear_every_change_and_nothing_for_a_no_op() {
+        let f = Fake::new();
+        let eth0 = f.add_link("eth0", 1500, None);
+        let mut ev = f.subscribe();
+        let r = Route::onlink(
+            "10.244.2.0/24".parse().unwrap(),
+            "10.244.2.0".parse().unwrap(),
+            eth0,
+        );
+        f.apply(&Op::RouteReplace(r)).unwrap();
+        f.apply(&Op::LinkSetDown {
+            name: "eth0".into(),
+        })
+        .unwrap();
+        // Already down: the kernel sends nothing for a change that changes nothing.
+        f.apply(&Op::LinkSetDown {
+            name: "eth0".into(),
+        })
+        .unwrap();
+        f.apply(&Op::LinkDel {
+            name: "eth0".into(),
+        })
+        .unwrap();
+        f.announce(Event::Lost);
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(ev.next().await.unwrap().unwrap());
+        }
+        assert_eq!(got[0], Event::Route(Change::New, r));
+        assert!(matches!(&got[1], Event::Link(Change::New, l) if !l.up && l.name == "eth0"));
+        assert!(matches!(&got[2], Event::Link(Change::Del, l) if l.index == eth0));
+        assert_eq!(got[3], Event::Lost);
     }
 }

@@ -8,6 +8,7 @@
 //! binary carries it). Enum dispatch rather than a trait keeps the futures `Send` without boxing and lets the backends take `&Netlink`.
 
 mod error;
+pub mod events;
 #[cfg(any(test, feature = "fake"))]
 mod fake;
 pub mod iface;
@@ -18,6 +19,7 @@ mod real;
 mod types;
 
 pub use error::NetlinkError;
+pub use events::{Change, Event, Events};
 #[cfg(any(test, feature = "fake"))]
 pub use fake::Fake;
 pub use iface::{pick_iface, select_iface, Iface, IfaceError, IfaceSpec};
@@ -63,6 +65,16 @@ impl Netlink {
     /// `netns`.
     pub fn real_in(netns: &Netns) -> Result<Netlink, NetlinkError> {
         Real::connect_in(netns).map(Netlink::Real)
+    }
+
+    /// Subscribes to the kernel's link, address, route and neighbour notifications: for a real
+    /// handle in the calling thread's network namespace (the one [`Netlink::real`] uses), for a
+    /// fake from its in-memory kernel, which announces every op it applies.
+    pub fn events(&self) -> Result<Events, NetlinkError> {
+        match self {
+            Netlink::Real(_) => Events::real(),
+            Netlink::Fake(f) => Ok(f.subscribe()),
+        }
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {

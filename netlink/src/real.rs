@@ -322,7 +322,7 @@ fn closed(what: &str) -> NetlinkError {
     }
 }
 
-fn grow_rcvbuf(sock: &rtnetlink::sys::Socket) {
+pub(crate) fn grow_rcvbuf(sock: &rtnetlink::sys::Socket) {
     let size = RCVBUF as libc::c_int;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local; the fd is owned by
     // `sock` and open for the duration of the call.
@@ -626,7 +626,7 @@ fn route_msg(r: &Route) -> RouteMessage {
     m
 }
 
-fn parse_link(m: &LinkMessage) -> Link {
+pub(crate) fn parse_link(m: &LinkMessage) -> Link {
     let mut link = Link {
         index: m.header.index,
         name: String::new(),
@@ -681,7 +681,7 @@ fn parse_vxlan(attrs: &[InfoVxlan]) -> VxlanAttrs {
     v
 }
 
-fn parse_addr(m: &AddressMessage) -> Option<Addr> {
+pub(crate) fn parse_addr(m: &AddressMessage) -> Option<Addr> {
     if m.header.family != AddressFamily::Inet {
         return None;
     }
@@ -719,7 +719,7 @@ fn neigh_mac(attrs: &[NeighbourAttribute]) -> Option<MacAddr> {
     })
 }
 
-fn parse_neigh(m: &NeighbourMessage) -> Option<Neighbour> {
+pub(crate) fn parse_neigh(m: &NeighbourMessage) -> Option<Neighbour> {
     if m.header.family != AddressFamily::Inet {
         return None;
     }
@@ -731,7 +731,7 @@ fn parse_neigh(m: &NeighbourMessage) -> Option<Neighbour> {
     })
 }
 
-fn parse_fdb(m: &NeighbourMessage) -> Option<FdbEntry> {
+pub(crate) fn parse_fdb(m: &NeighbourMessage) -> Option<FdbEntry> {
     if m.header.family != AddressFamily::Bridge {
         return None;
     }
@@ -743,7 +743,7 @@ fn parse_fdb(m: &NeighbourMessage) -> Option<FdbEntry> {
     })
 }
 
-fn parse_route(m: &RouteMessage) -> Option<Route> {
+pub(crate) fn parse_route(m: &RouteMessage) -> Option<Route> {
     let h = &m.header;
     if h.address_family != AddressFamily::Inet || h.kind != RouteType::Unicast {
         return None;

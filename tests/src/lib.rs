@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tweed_lab::{Lab, LabGuard, LabSpec};
 
 pub use tweed_testkit::cmd::{ns_command, spawn_in};
@@ -43,12 +43,21 @@ pub fn stop_agent(lab: &Lab, host: &str, signal: i32) -> StoppedAgent {
     let argv = agent_cmdline(lab, host);
     // SAFETY: plain kill(2) on a pid we started.
     unsafe { libc::kill(pid as i32, signal) };
-    wait_for(Duration::from_secs(10), "agent to exit", || {
-        !PathBuf::from(format!("/proc/{pid}/cmdline")).exists()
-            || std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.is_empty())
-                .unwrap_or(true)
-    });
+    // Polled closely: restart tests start the next agent the moment this one is gone, and a
+    // coarse poll would count its own delay as the agent's downtime.
+    let gone = || {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| c.is_empty())
+            .unwrap_or(true)
+    };
+    let start = Instant::now();
+    while !gone() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for agent {pid} to exit"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     StoppedAgent {
         netns: h.netns,
         argv,

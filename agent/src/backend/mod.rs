@@ -35,6 +35,8 @@ pub use vxlan::{ObservedState, VxlanBackend, VxlanConfig, VxlanError, VxlanPeer}
 pub struct ReconcileStats {
     /// Ops the kernel accepted (deletes of already-gone entries included).
     pub ops_applied: usize,
+    /// Those ops, so a repair can say what was wrong.
+    pub applied: Vec<Op>,
     pub failures: Vec<PeerFailure>,
     /// Peers deliberately not programmed, with the reason (e.g. host-gw peers behind a router).
     pub skipped: Vec<PeerSkip>,
@@ -215,6 +217,7 @@ impl Prepared {
                     underlay_mtu: iface.mtu,
                     mtu_override: (mtu != 0).then_some(mtu),
                     queues: node.udp_workers,
+                    peers_file: Some(node.state_dir.join("udp-peers")),
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
@@ -234,6 +237,34 @@ impl Prepared {
             Prepared::Vxlan(c) => c.own_subnet = subnet,
             Prepared::HostGw(c) => c.own_subnet = subnet,
             Prepared::Udp(c) => c.own_subnet = subnet,
+        }
+    }
+
+    /// The subnet the backend is (or will be) set up for.
+    pub fn own_subnet(&self) -> Ipv4Network {
+        match self {
+            Prepared::Vxlan(c) => c.own_subnet,
+            Prepared::HostGw(c) => c.own_subnet,
+            Prepared::Udp(c) => c.own_subnet,
+        }
+    }
+
+    /// The underlay MTU the backend derives its device's MTU from.
+    pub fn underlay_mtu(&self) -> u32 {
+        match self {
+            Prepared::Vxlan(c) => c.underlay_mtu,
+            Prepared::HostGw(c) => c.underlay_mtu,
+            Prepared::Udp(c) => c.underlay_mtu,
+        }
+    }
+
+    /// The underlay's MTU changed at run time: the next [`setup`](Self::setup) derives the
+    /// device's MTU from `mtu` (an MTU override in the network config still wins).
+    pub fn set_underlay_mtu(&mut self, mtu: u32) {
+        match self {
+            Prepared::Vxlan(c) => c.underlay_mtu = mtu,
+            Prepared::HostGw(c) => c.underlay_mtu = mtu,
+            Prepared::Udp(c) => c.underlay_mtu = mtu,
         }
     }
 
@@ -357,7 +388,10 @@ pub async fn apply_plan(
     }
     for (op, res) in ops.iter().zip(nl.apply_all(ops).await) {
         match res {
-            Ok(()) => stats.ops_applied += 1,
+            Ok(()) => {
+                stats.ops_applied += 1;
+                stats.applied.push(op.clone());
+            }
             Err(error) => stats.failures.push(PeerFailure {
                 subnet: owner(op),
                 op: op.clone(),

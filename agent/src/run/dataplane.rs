@@ -2,19 +2,21 @@
 //! forward rules, and subnet.env for the CNI plugin. It is only ever added to or repaired, never
 //! torn down: on shutdown the kernel state stays, so a restart drops nothing.
 
+use super::repair::{Trigger, Watched};
 use super::report::Report;
 use super::AgentError;
 use crate::backend::udp::io::Stats as UdpStats;
-use crate::backend::{DataPlane, Prepared, Remote};
-use crate::netlink::Netlink;
+use crate::backend::{DataPlane, Prepared, ReconcileStats, Remote};
+use crate::netlink::{Netlink, Op};
 use crate::rules::{Firewall, RuleSpec};
 use crate::subnet::OwnLease;
 use ipnetwork::Ipv4Network;
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tweed_config::{LeaseAttrs, SubnetEnv};
 
 pub(super) struct Plane {
@@ -30,6 +32,19 @@ pub(super) struct Plane {
     report: Report,
     /// udp counters at the last metrics export, to add only the difference.
     udp_seen: UdpStats,
+    /// The underlay device, watched for MTU changes.
+    underlay: u32,
+    tx_csum_off: bool,
+}
+
+/// What one repair did: the ops it had to apply (none when nothing had drifted), and whether
+/// everything is right now (else it is retried).
+#[derive(Debug, Default)]
+pub(super) struct Repaired {
+    pub(super) ops: Vec<Op>,
+    /// Said when the underlay MTU changed, which no op of ours shows on the underlay itself.
+    pub(super) notes: Vec<String>,
+    pub(super) clean: bool,
 }
 
 /// What [`Plane::setup`] needs besides the backend.
@@ -37,6 +52,10 @@ pub(super) struct PlaneConfig {
     pub(super) network: Ipv4Network,
     pub(super) ip_masq: bool,
     pub(super) subnet_file: PathBuf,
+    /// The underlay device's index.
+    pub(super) underlay: u32,
+    /// `--vxlan-tx-checksum-offload=false`: keep tx-checksum-ip-generic off on the vxlan device.
+    pub(super) tx_csum_off: bool,
 }
 
 impl Plane {
@@ -69,7 +88,10 @@ impl Plane {
             subnet_file: config.subnet_file,
             report,
             udp_seen: UdpStats::default(),
+            underlay: config.underlay,
+            tx_csum_off: config.tx_csum_off,
         };
+        plane.ensure_tx_csum().await;
         plane.write_subnet_env(own.subnet())?;
         plane.report.mtu(plane.backend.mtu());
         Ok(plane)
@@ -85,7 +107,9 @@ impl Plane {
             // Tells the CNI plugin the agent masquerades, so the plugin does not do it a second time.
             ipmasq: self.ip_masq,
         };
-        env.write_atomic(&self.subnet_file)?;
+        let written = env.write_atomic(&self.subnet_file);
+        self.report.subnet_env_written(written.is_ok());
+        written?;
         info!(path = %self.subnet_file.display(), "wrote subnet.env");
         Ok(())
     }
@@ -112,14 +136,14 @@ impl Plane {
         }
     }
 
-    /// The next [`program`](Self::program) re-reads the kernel instead of trusting the backend.
-    pub(super) fn resync(&mut self) {
-        self.backend.resync();
-    }
-
     /// Makes the backend serve exactly `remotes`; a backend whose device went away is set up
     /// again once.
     pub(super) async fn program(&mut self, remotes: &[Remote]) {
+        self.reconcile(remotes).await;
+    }
+
+    /// [`program`](Self::program), returning what was applied (`None`: it failed, logged).
+    async fn reconcile(&mut self, remotes: &[Remote]) -> Option<ReconcileStats> {
         let started = Instant::now();
         let stats = match self.backend.reconcile(&self.nl, remotes).await {
             Ok(s) => s,
@@ -127,14 +151,143 @@ impl Plane {
                 warn!("{e}; setting the backend up again");
                 self.resetup().await;
                 match self.backend.reconcile(&self.nl, remotes).await {
-                    Ok(s) => s,
-                    Err(e) => return error!("programming the data plane: {e}"),
+                    Ok(mut s) => {
+                        s.applied.insert(0, self.recreated_marker());
+                        s
+                    }
+                    Err(e) => {
+                        error!("programming the data plane: {e}");
+                        self.report.backend_failed();
+                        return None;
+                    }
                 }
             }
-            Err(e) => return error!("programming the data plane: {e}"),
+            Err(e) => {
+                error!("programming the data plane: {e}");
+                self.report.backend_failed();
+                return None;
+            }
         };
         self.report
             .programmed(self.prepared.type_name(), remotes, &stats, started);
+        Some(stats)
+    }
+
+    /// Stands for "the device was set up again" in a repair's list of what was wrong (a
+    /// backend's set-up does not say which ops it took).
+    fn recreated_marker(&self) -> Op {
+        Op::LinkSetUp {
+            name: self
+                .watched()
+                .device
+                .map(|(_, n)| n)
+                .unwrap_or_else(|| "?".into()),
+        }
+    }
+
+    /// What this data plane owns in the kernel, for telling its notifications apart.
+    pub(super) fn watched(&self) -> Watched {
+        let device = match &self.backend {
+            DataPlane::Vxlan(b) => Some((b.ifindex(), b.device_name().to_string())),
+            DataPlane::Udp(b) => Some((b.ifindex(), crate::backend::udp::DEVICE.to_string())),
+            DataPlane::HostGw(_) => None,
+        };
+        Watched {
+            device,
+            underlay: self.underlay,
+            network: self.network,
+        }
+    }
+
+    /// Re-reads what `triggers` say may have drifted and puts back what differs from the plan:
+    /// the device (re-created when deleted, brought up when set down, its MTU and address),
+    /// then every peer's entries. Nothing drifted, nothing written.
+    pub(super) async fn repair(
+        &mut self,
+        remotes: &[Remote],
+        triggers: &BTreeSet<Trigger>,
+    ) -> Repaired {
+        let mut out = Repaired::default();
+        let any = |ts: &[Trigger]| ts.iter().any(|t| triggers.contains(t));
+        let mtu_before = self.backend.mtu();
+        let mut rebuild = false;
+        if any(&[Trigger::Underlay, Trigger::Lost]) {
+            match self.nl.link_by_index(self.underlay).await {
+                Ok(Some(l)) if l.mtu != self.prepared.underlay_mtu() && l.mtu != 0 => {
+                    out.notes.push(format!(
+                        "underlay {} MTU changed from {} to {}",
+                        l.name,
+                        self.prepared.underlay_mtu(),
+                        l.mtu
+                    ));
+                    self.prepared.set_underlay_mtu(l.mtu);
+                    rebuild = true;
+                }
+                Ok(_) => {}
+                Err(e) => warn!("reading the underlay device: {e}"),
+            }
+        }
+        let device = any(&[
+            Trigger::Device,
+            Trigger::Address,
+            Trigger::Underlay,
+            Trigger::Lost,
+        ]);
+        match &self.backend {
+            // Set-up is idempotent: it reads the device and its addresses and writes only what
+            // is missing or different (a deleted device is made again with the stored MAC).
+            DataPlane::Vxlan(_) | DataPlane::HostGw(_) if device || rebuild => {
+                match self.prepared.setup(&self.nl).await {
+                    Ok(new) => {
+                        if let DataPlane::Vxlan(b) = &new {
+                            out.ops.extend(b.setup_ops().iter().cloned());
+                        }
+                        self.backend = new;
+                    }
+                    Err(e) => {
+                        error!(
+                            backend = self.prepared.type_name(),
+                            "repairing the device: {e}"
+                        );
+                        self.report.backend_failed();
+                        return out;
+                    }
+                }
+            }
+            // The workers' buffers are sized for the MTU: start them again.
+            DataPlane::Udp(_) if rebuild => {
+                self.resetup().await;
+                out.ops.push(self.recreated_marker());
+            }
+            _ => {}
+        }
+        if device || rebuild {
+            self.ensure_tx_csum().await;
+        }
+        self.backend.resync();
+        let Some(stats) = self.reconcile(remotes).await else {
+            return out;
+        };
+        out.ops.extend(stats.applied);
+        out.clean = stats.failures.is_empty();
+        if self.backend.mtu() != mtu_before {
+            out.notes.push(format!(
+                "device MTU {} -> {}; pods started from now on get {} from subnet.env, running pods keep {} until they are recreated",
+                mtu_before,
+                self.backend.mtu(),
+                self.backend.mtu(),
+                mtu_before
+            ));
+            self.report.mtu(self.backend.mtu());
+            if let Err(e) = self.write_subnet_env(self.prepared.own_subnet()) {
+                error!("{e}");
+                out.clean = false;
+            }
+        }
+        if out.ops.is_empty() && out.notes.is_empty() {
+            debug!(?triggers, "kernel notification: nothing had drifted");
+        }
+        out
     }
 
     /// Masquerade and forward rules for `subnet`; on a blocking thread since they fork iptables
@@ -151,6 +304,34 @@ impl Plane {
             .expect("rule sync does not panic");
         self.report
             .rules_synced(self.firewall.name(), self.ip_masq, &result);
+    }
+
+    /// With `--vxlan-tx-checksum-offload=false`, turns the vxlan device's tx checksum offload off
+    /// unless it already is (a re-created device starts with it on).
+    async fn ensure_tx_csum(&self) {
+        let DataPlane::Vxlan(b) = &self.backend else {
+            return;
+        };
+        if !self.tx_csum_off {
+            return;
+        }
+        let dev = b.device_name().to_string();
+        let done = tokio::task::spawn_blocking(move || crate::offload::tx_csum_off(&dev))
+            .await
+            .expect("ethtool does not panic");
+        match done {
+            Ok(true) => info!(
+                device = b.device_name(),
+                "tx-checksum-ip-generic turned off"
+            ),
+            Ok(false) => {}
+            Err(e) => error!("{e}"),
+        }
+    }
+
+    /// Whether the rules are nftables' (which announces changes; iptables does not).
+    pub(super) fn rules_are_nft(&self) -> bool {
+        matches!(*self.firewall, Firewall::Nftables(_))
     }
 
     /// Adds what the udp workers counted since the last export to the metrics.

@@ -20,6 +20,8 @@ pub struct Deps {
     pub state: AgentState,
     /// Where the agent hands the API what Reserve/Unreserve need, once it has them.
     pub control: ControlSlot,
+    /// systemd's readiness and watchdog notifications (nothing outside systemd).
+    pub notifier: crate::notify::Notifier,
 }
 
 /// Wall-clock time for what the agent reports (lease expiry, event times). Waiting is always on

@@ -12,11 +12,12 @@ use super::dataplane::{Plane, PlaneConfig};
 use super::deps::Deps;
 use super::feed::{self, Feed, Feeds};
 use super::lease::{self, LeaseKeeper};
+use super::repair::{Schedule, Trigger, Watched};
 use super::report::Report;
 use super::stop::{next_backoff, Stop};
 use super::AgentError;
 use crate::backend::{NodeContext, Prepared, Remote};
-use crate::netlink;
+use crate::netlink::{self, Event, Events, NetlinkError};
 use crate::registry::Registry;
 use crate::settings::Settings;
 use crate::subnet;
@@ -31,6 +32,8 @@ use tweed_config::{NetworkConfig, SubnetEnv};
 /// How often the data plane is re-read and repaired even without lease events (reads only when
 /// nothing drifted).
 const DATAPLANE_RESYNC: Duration = Duration::from_secs(60);
+/// How often the main loop says it is alive (/healthz, systemd's watchdog).
+const BEAT: Duration = Duration::from_secs(1);
 
 /// Runs the agent with `deps` until `shutdown` resolves (`Ok`) or something a restart must fix
 /// happens (`Err`: no usable interface, an unsupported backend, a task that died). etcd outages
@@ -48,6 +51,7 @@ pub async fn run_with(
         clock,
         state,
         control,
+        notifier,
     } = deps;
     let report = Report::new(state, clock);
     let Some(cfg) = wait_for_config(&registry, &mut stop).await else {
@@ -63,12 +67,23 @@ pub async fn run_with(
     let iface = netlink::iface::select(&nl, &settings.iface_choice()?).await?;
     let public_ip = settings.public_ip.unwrap_or(iface.ip);
     info!(iface = %iface.name, addr = %iface.ip, %public_ip, mtu = iface.mtu, "underlay interface");
+    let choice = format!("{} {} {}", iface.name, iface.ip, public_ip);
+    match remember_underlay(&settings.state_dir.join("underlay"), &choice) {
+        Ok(Some(before)) => warn!(
+            before = %before,
+            now = %choice,
+            "the underlay choice (interface, address, public IP) changed since the last start; peers are told the new public IP through the lease"
+        ),
+        Ok(None) => {}
+        Err(e) => warn!("{e}"),
+    }
     report.network(&cfg, public_ip);
 
     let previous = SubnetEnv::read(&settings.subnet_file)
         .ok()
         .filter(|e| e.network == cfg.network)
         .map(|e| e.node_subnet());
+    let underlay = iface.index;
     let node = NodeContext {
         network: cfg.network,
         public_ip,
@@ -90,7 +105,11 @@ pub async fn run_with(
         network: cfg.network,
         ip_masq: settings.ip_masq,
         subnet_file: settings.subnet_file.clone(),
+        underlay,
+        tx_csum_off: !settings.vxlan_tx_checksum_offload,
     };
+    // Subscribed before the data plane is checked, so no drift after that check goes unseen.
+    let events = subscribe(&nl);
     let plane = Plane::setup(nl, prepared, &attrs, &own, firewall, config, report.clone()).await?;
     let every = subnet::renew_interval(ttl, settings.subnet_lease_renew_margin);
     let lease = LeaseKeeper::start(
@@ -102,8 +121,17 @@ pub async fn run_with(
         own,
         report.clone(),
     );
+    let watched = plane.watched();
     let mut agent = Agent {
+        notifier,
+        told_ready: false,
         table: LeaseTable::new(registry.prefix(), cfg.network, cfg.subnet_len),
+        kernel: Kernel {
+            nl: events.1,
+            events: events.0,
+            watched,
+            schedule: Schedule::default(),
+        },
         registry,
         public_ip,
         lease,
@@ -117,6 +145,81 @@ pub async fn run_with(
         Err(e) => error!("{e}; lease and data plane left in place"),
     }
     result
+}
+
+/// Records `choice` (interface, address, public IP) in `path` and returns the one recorded by
+/// the previous start when it differs: a choice that changes between restarts (an address added,
+/// interfaces renumbered) is worth a warning, since peers then reach this node elsewhere.
+fn remember_underlay(path: &std::path::Path, choice: &str) -> Result<Option<String>, String> {
+    let before = std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string());
+    if before.as_deref() == Some(choice) {
+        return Ok(None);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{choice}\n"))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("recording the underlay choice in {}: {e}", path.display()))?;
+    Ok(before.filter(|b| !b.is_empty()))
+}
+
+#[cfg(test)]
+#[test]
+fn a_changed_underlay_choice_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state/underlay");
+    assert_eq!(
+        remember_underlay(&path, "eth0 198.18.0.1 198.18.0.1"),
+        Ok(None)
+    );
+    assert_eq!(
+        remember_underlay(&path, "eth0 198.18.0.1 198.18.0.1"),
+        Ok(None)
+    );
+    assert_eq!(
+        remember_underlay(&path, "eth1 10.0.0.1 10.0.0.1"),
+        Ok(Some("eth0 198.18.0.1 198.18.0.1".into()))
+    );
+    assert_eq!(remember_underlay(&path, "eth1 10.0.0.1 10.0.0.1"), Ok(None));
+}
+
+/// The kernel's notifications, or none (the periodic relist then is the only repair).
+fn subscribe(nl: &netlink::Netlink) -> (Option<Events>, netlink::Netlink) {
+    match nl.events() {
+        Ok(e) => (Some(e), nl.clone()),
+        Err(e) => {
+            error!("cannot subscribe to kernel notifications, drift is repaired only by the periodic relist: {e}");
+            (None, nl.clone())
+        }
+    }
+}
+
+/// The next notification; never, without a subscription.
+async fn next_event(events: &mut Option<Events>) -> Option<Result<Event, NetlinkError>> {
+    match events {
+        Some(e) => e.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next change `nft monitor` saw to tweed's table; never, without nftables.
+async fn nft_change(nft: &mut Option<super::nftmon::NftMonitor>) -> Option<()> {
+    match nft {
+        Some(m) => m.changes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When the scheduled repair is due; never, with none scheduled.
+async fn repair_due(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn wait_for_config(registry: &Registry, stop: &mut Stop) -> Option<NetworkConfig> {
@@ -150,8 +253,20 @@ async fn wait_for_config(registry: &Registry, stop: &mut Stop) -> Option<Network
     }
 }
 
+/// Kernel notifications and the repairs they schedule.
+struct Kernel {
+    nl: netlink::Netlink,
+    events: Option<Events>,
+    watched: Watched,
+    schedule: Schedule,
+}
+
 /// The running agent: everyone's leases, ours, and the data plane made of them.
 struct Agent {
+    kernel: Kernel,
+    notifier: crate::notify::Notifier,
+    /// systemd was told READY=1 (once; readiness lost later shows in /readyz).
+    told_ready: bool,
     registry: Arc<Registry>,
     public_ip: Ipv4Addr,
     table: LeaseTable,
@@ -182,6 +297,12 @@ impl Agent {
         resync.tick().await;
         let mut rules = tokio::time::interval(rules_every);
         rules.tick().await;
+        let mut beat = tokio::time::interval(BEAT);
+        let mut nft = self
+            .plane
+            .rules_are_nft()
+            .then(super::nftmon::NftMonitor::spawn);
+        let mut nft_due: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.wait() => return Ok(()),
@@ -192,15 +313,96 @@ impl Agent {
                         self.after_reacquire(old).await;
                     }
                 }
+                ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
+                _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
+                _ = beat.tick() => self.beat(),
+                Some(()) = nft_change(&mut nft) => {
+                    // Our own writes echo too: gather a burst, then one listing decides.
+                    nft_due.get_or_insert(tokio::time::Instant::now() + super::repair::DEBOUNCE);
+                }
+                _ = repair_due(nft_due) => {
+                    nft_due = None;
+                    self.plane.sync_rules(self.lease.own().subnet()).await;
+                }
                 _ = resync.tick() => {
-                    self.plane.resync();
-                    self.program().await;
+                    // The backstop for lost notifications: reads only, unless something drifted.
+                    let since = tokio::time::Instant::now();
+                    let all = [Trigger::Lost].into_iter().collect();
+                    let remotes = self.remotes();
+                    let r = self.plane.repair(&remotes, &all).await;
+                    self.report.repaired("periodic relist", &r, since.elapsed());
+                    self.kernel.watched = self.plane.watched();
                 }
                 _ = rules.tick() => {
                     self.plane.sync_rules(self.lease.own().subnet()).await;
                     self.plane.export_udp_stats();
                 }
             }
+        }
+    }
+
+    /// Liveness for /healthz and systemd's watchdog, and READY=1 the first time the node is ready.
+    fn beat(&mut self) {
+        let ready = self.report.beat();
+        if let Err(e) = self.notifier.watchdog() {
+            warn!("{e}");
+        }
+        if ready && !self.told_ready {
+            self.told_ready = true;
+            match self.notifier.ready() {
+                Ok(()) => info!("ready: lease held, data plane programmed, subnet.env written"),
+                Err(e) => warn!("{e}"),
+            }
+        }
+    }
+
+    fn on_kernel_event(&mut self, ev: Option<Result<Event, NetlinkError>>) {
+        let now = tokio::time::Instant::now();
+        match ev {
+            Some(Ok(e)) => {
+                if let Some(t) = self.kernel.watched.trigger(&e) {
+                    self.kernel.schedule.note(t, now);
+                }
+            }
+            Some(Err(e)) => {
+                // Whatever happened while the socket failed is unknown: re-read it all.
+                warn!("kernel notifications: {e}; subscribing again");
+                self.kernel.events = subscribe(&self.kernel.nl).0;
+                self.kernel.schedule.note(Trigger::Lost, now);
+            }
+            None => {
+                warn!("kernel notifications ended; drift is repaired by the periodic relist only");
+                self.kernel.events = None;
+            }
+        }
+    }
+
+    /// The repair the notifications scheduled; retried with backoff while it fails.
+    async fn repair(&mut self) {
+        let now = tokio::time::Instant::now();
+        let Some(due) = self.kernel.schedule.take(now) else {
+            return;
+        };
+        let remotes = self.remotes();
+        let r = self.plane.repair(&remotes, &due.triggers).await;
+        let cause: Vec<&str> = due.triggers.iter().map(|t| t.as_str()).collect();
+        self.report
+            .repaired(&cause.join(","), &r, due.since.elapsed());
+        self.kernel.watched = self.plane.watched();
+        // Rules have no notifications; a device coming and going is when they get flushed.
+        if due
+            .triggers
+            .iter()
+            .any(|t| matches!(t, Trigger::Device | Trigger::Underlay | Trigger::Lost))
+        {
+            self.plane.sync_rules(self.lease.own().subnet()).await;
+        }
+        if r.clean {
+            self.kernel.schedule.succeeded();
+        } else {
+            self.kernel
+                .schedule
+                .failed(due, tokio::time::Instant::now());
         }
     }
 

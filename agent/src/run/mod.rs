@@ -11,6 +11,8 @@ mod deps;
 mod feed;
 mod lease;
 mod main_loop;
+mod nftmon;
+mod repair;
 mod report;
 mod stop;
 #[cfg(test)]
@@ -43,6 +45,8 @@ pub enum AgentError {
     SubnetEnv(#[from] tweed_config::subnet_env::SubnetEnvError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
     #[error("--metrics-addr {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -154,6 +158,7 @@ async fn real_deps(
         clock: Clock::System,
         state,
         control,
+        notifier: crate::notify::Notifier::from_env()?,
     })
 }
 

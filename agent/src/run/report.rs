@@ -2,6 +2,7 @@
 //! metrics, the lease event stream and the log. Every part of the agent reports through here, so
 //! the parts themselves only decide.
 
+use super::dataplane::Repaired;
 use super::deps::Clock;
 use crate::backend::udp::io::Stats as UdpStats;
 use crate::backend::{ReconcileStats, Remote};
@@ -293,6 +294,56 @@ impl Report {
                 "data plane programmed"
             );
         }
+    }
+
+    pub(super) fn subnet_env_written(&self, ok: bool) {
+        self.state.update(|s| s.subnet_env_written = ok);
+    }
+
+    /// The backend could not be programmed at all (device gone and not re-made, unreadable).
+    pub(super) fn backend_failed(&self) {
+        self.state.update(|s| s.backend_programmed = false);
+    }
+
+    /// The main loop runs; whether the node is ready now.
+    pub(super) fn beat(&self) -> bool {
+        let mut ready = false;
+        self.state.update(|s| {
+            s.loop_beat = Some(std::time::Instant::now());
+            ready = s.not_ready().is_empty();
+        });
+        ready
+    }
+
+    /// A repair that found drift: counted per kind, timed from the first notification, logged
+    /// with what it had to write. Repairs that found nothing leave no trace.
+    pub(super) fn repaired(&self, cause: &str, r: &Repaired, elapsed: Duration) {
+        if r.ops.is_empty() && r.notes.is_empty() {
+            return;
+        }
+        let m = &self.state.metrics;
+        let mut kinds = super::repair::kinds(&r.ops);
+        if !r.notes.is_empty() {
+            kinds.insert("mtu");
+        }
+        for k in &kinds {
+            m.repairs.with_label_values(&[k]).inc();
+        }
+        m.repair_seconds.observe(elapsed.as_secs_f64());
+        let what: Vec<String> = r
+            .notes
+            .iter()
+            .cloned()
+            .chain(r.ops.iter().map(|o| o.to_string()))
+            .collect();
+        warn!(
+            cause,
+            kinds = ?kinds,
+            elapsed_ms = elapsed.as_millis() as u64,
+            clean = r.clean,
+            "repaired drift, put back: {}",
+            what.join("; ")
+        );
     }
 
     pub(super) fn rules_synced(

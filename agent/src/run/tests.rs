@@ -91,6 +91,7 @@ impl Node {
             clock: Clock::tokio(1_700_000_000),
             state: state.clone(),
             control: crate::api::ControlSlot::default(),
+            notifier: crate::notify::Notifier::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let agent = tokio::spawn(run_with(deps, settings, async {
@@ -184,6 +185,7 @@ impl Node {
             "etcd_errors" => m.etcd_errors.with_label_values(&[label]).get(),
             "lease_acquisitions" => m.lease_acquisitions.get(),
             "lease_renewals" => m.lease_renewals.get(),
+            "repairs" => m.repairs.with_label_values(&[label]).get(),
             other => panic!("no counter {other}"),
         }
     }
@@ -395,4 +397,104 @@ async fn a_dead_task_ends_the_agent_with_an_error_naming_it() {
         assert!(e.contains(task) && e.contains("injected panic"), "{e}");
         assert!(n.lease_id(n.subnet()).await.is_some());
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_peer_route_is_put_back_a_debounce_window_after_its_notification() {
+    let (_mem, n, _, _) = Node::with_a_peer().await;
+    let nl = Netlink::from(n.kernel.clone());
+    let route = n.route("10.244.7.0/24", "198.18.0.2");
+    // The echoes of the start-up's own writes have been read by then: no window is open.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(n.kernel.take_ops(), vec![]);
+    let t0 = Instant::now();
+    nl.apply(&Op::RouteDel(route)).await.unwrap();
+    while !n.peer_routed().await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "not repaired within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= super::repair::DEBOUNCE && took < super::repair::DEBOUNCE * 2,
+        "{took:?}"
+    );
+    assert_eq!(
+        n.kernel.take_ops(),
+        vec![Op::RouteDel(route), Op::RouteReplace(route)],
+        "exactly the deleted route is written back"
+    );
+    assert_eq!(n.counter("repairs", "route"), 1);
+    assert_eq!(n.state.metrics.repair_seconds.get_sample_count(), 1);
+    // The echo of the repair's own write is read and changes nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(n.kernel.take_ops(), vec![]);
+    assert_eq!(n.counter("repairs", "route"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_periodic_relist_writes_nothing_without_drift_and_repairs_unnoticed_drift() {
+    let (_mem, n, _, _) = Node::with_a_peer().await;
+    tokio::time::sleep(Duration::from_secs(3 * 60 + 1)).await;
+    assert_eq!(n.kernel.take_ops(), vec![], "three relists, zero writes");
+    assert_eq!(n.state.metrics.repair_seconds.get_sample_count(), 0);
+    // A stray route into the overlay that no notification told about (the fake's add_route
+    // is silent, like a notification the kernel dropped): the next relist removes it.
+    let stray = n.route("10.244.9.0/24", "198.18.0.9");
+    n.kernel.add_route(stray);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(n.kernel.take_ops(), vec![Op::RouteDel(stray)]);
+    assert_eq!(n.counter("repairs", "route"), 1);
+    assert!(n.peer_routed().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repair_the_kernel_refuses_is_retried_with_backoff_until_it_holds() {
+    let (_mem, n, _, _) = Node::with_a_peer().await;
+    let nl = Netlink::from(n.kernel.clone());
+    let route = n.route("10.244.7.0/24", "198.18.0.2");
+    n.kernel
+        .fail_when(|op| matches!(op, Op::RouteReplace(_)).then_some(libc::ENETDOWN));
+    nl.apply(&Op::RouteDel(route)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = n
+        .kernel
+        .take_ops()
+        .iter()
+        .filter(|o| matches!(o, Op::RouteReplace(_)))
+        .count();
+    // 0.1 s, then 0.2, 0.4 and 0.8 s later: four tries in two seconds, not a busy loop.
+    assert_eq!(tries, 4);
+    assert!(!n.peer_routed().await);
+    assert!(
+        !n.state.snapshot().not_ready().is_empty(),
+        "not ready meanwhile"
+    );
+    n.kernel.clear_failures();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(n.peer_routed().await);
+    assert!(n.state.snapshot().not_ready().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_underlay_mtu_change_reaches_subnet_env_and_the_metrics() {
+    let (_mem, n, _, _) = Node::with_a_peer().await;
+    assert_eq!(n.subnet_env().mtu, 1500);
+    let nl = Netlink::from(n.kernel.clone());
+    let mut eth0 = nl.link_by_index(n.eth0).await.unwrap().unwrap();
+    eth0.mtu = 9000;
+    // Changed behind the agent's back (put_link is silent), then announced as the kernel would.
+    n.kernel.put_link(eth0.clone());
+    n.kernel.announce(crate::netlink::Event::Link(
+        crate::netlink::Change::New,
+        eth0,
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // host-gw: pods get the underlay's MTU itself.
+    assert_eq!(n.subnet_env().mtu, 9000);
+    assert_eq!(n.state.snapshot().mtu, 9000);
+    assert_eq!(n.counter("repairs", "mtu"), 1);
+    assert!(n.peer_routed().await);
 }

@@ -17,6 +17,7 @@ pub mod fuzz;
 pub mod io;
 pub mod offload;
 pub mod packet;
+pub mod persist;
 pub mod table;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -82,6 +83,8 @@ pub struct UdpConfig {
     pub mtu_override: Option<u32>,
     /// Worker threads, each with its own TUN queue and socket.
     pub queues: usize,
+    /// Where the peer table is kept across restarts ([`persist`]); `None`: not kept.
+    pub peers_file: Option<std::path::PathBuf>,
 }
 
 impl UdpConfig {
@@ -277,10 +280,23 @@ impl UdpBackend {
         if !socks.iter().all(|(_, gro)| *gro) {
             tracing::warn!("udp: this kernel has no UDP_GRO; receiving one datagram per read");
         }
-        let shared = Arc::new(Shared::new(
-            PeerTable::not_ready(cfg.network, cfg.own_subnet),
-            cfg.port,
-        ));
+        // The table the previous run left: forwarding starts with the workers, and the first
+        // reconcile (after the leases are listed) corrects it.
+        let stored = cfg
+            .peers_file
+            .as_deref()
+            .map(persist::load)
+            .unwrap_or_default();
+        let table = if stored.is_empty() {
+            PeerTable::not_ready(cfg.network, cfg.own_subnet)
+        } else {
+            tracing::info!(
+                peers = stored.len(),
+                "udp: forwarding with the stored peer table until the leases are listed"
+            );
+            PeerTable::new(cfg.network, cfg.own_subnet, cfg.local_ip, &stored)
+        };
+        let shared = Arc::new(Shared::new(table, cfg.port));
         let mut counters = Vec::new();
         let mut threads = Vec::new();
         for (id, (tun, (sock, gro))) in fds.into_iter().zip(socks).enumerate() {
@@ -378,7 +394,9 @@ impl UdpBackend {
                 .map_err(UdpError::Device)?
                 .filter(|l| l.index == self.ifindex)
                 .ok_or(UdpError::DeviceGone)?;
-            stats.ops_applied += configure(nl, &self.cfg, &link).await?.len();
+            let ops = configure(nl, &self.cfg, &link).await?;
+            stats.ops_applied += ops.len();
+            stats.applied = ops;
             self.device_checked = true;
         }
         let mut sorted = peers.to_vec();
@@ -393,6 +411,11 @@ impl UdpBackend {
             );
             tracing::debug!(peers = table.len(), "udp: peer table published");
             self.shared.publish(table);
+            if let Some(path) = &self.cfg.peers_file {
+                if let Err(e) = persist::store(path, &sorted) {
+                    tracing::warn!(path = %path.display(), "udp: storing the peer table: {e}");
+                }
+            }
             self.peers = Some(sorted);
         }
         Ok(stats)
@@ -616,6 +639,7 @@ mod tests {
             underlay_mtu: 1500,
             mtu_override: None,
             queues: 2,
+            peers_file: None,
         }
     }
 

@@ -1,0 +1,373 @@
+//! Event-driven repair of what the data plane owns, as pure logic: which kernel notifications
+//! concern this node ([`Watched::trigger`]), when to act on them ([`Schedule`]: one debounce
+//! window, then retries with backoff) and what a repair's ops say was wrong ([`kind_of`]).
+//!
+//! A notification is only a hint that something owned may have drifted: the repair re-reads the
+//! backend's tables and writes what differs from the plan, so the echoes of the agent's own writes
+//! cost one read and zero writes, and a lost notification is caught by the periodic relist.
+
+use crate::netlink::{Event, Op};
+use ipnetwork::Ipv4Network;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long notifications are gathered before one repair handles them all: `ip link del` alone
+/// sends a dozen (the link, each of its routes, neighbours and FDB entries).
+pub(super) const DEBOUNCE: Duration = Duration::from_millis(100);
+/// First retry after a failed repair; doubles up to [`MAX_RETRY`].
+pub(super) const FIRST_RETRY: Duration = Duration::from_millis(200);
+pub(super) const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// What a notification touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum Trigger {
+    /// The backend's device: deleted, set down, renamed, MTU or flags changed.
+    Device,
+    /// An address on the backend's device.
+    Address,
+    /// A route into the overlay network.
+    Route,
+    Neigh,
+    Fdb,
+    /// The underlay device: its MTU or state changed, or one of its addresses.
+    Underlay,
+    /// The kernel dropped notifications: everything is re-read.
+    Lost,
+}
+
+impl Trigger {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Device => "device",
+            Trigger::Address => "address",
+            Trigger::Route => "route",
+            Trigger::Neigh => "neigh",
+            Trigger::Fdb => "fdb",
+            Trigger::Underlay => "underlay",
+            Trigger::Lost => "lost",
+        }
+    }
+}
+
+/// What this node owns in the kernel, to tell its notifications from everyone else's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Watched {
+    /// The backend's device (vxlan `tweed.<VNI>`, udp `tweed0`); host-gw has none.
+    pub(super) device: Option<(u32, String)>,
+    pub(super) underlay: u32,
+    /// The overlay: every route into it is owned by some node's agent, this one's included.
+    pub(super) network: Ipv4Network,
+}
+
+impl Watched {
+    /// Whether `event` may concern what this node owns, and how.
+    pub(super) fn trigger(&self, event: &Event) -> Option<Trigger> {
+        let dev_index = self.device.as_ref().map(|(i, _)| *i);
+        let ours = |ifindex: u32| dev_index == Some(ifindex);
+        match event {
+            Event::Link(_, l) => {
+                let by_name = self.device.as_ref().is_some_and(|(_, n)| *n == l.name);
+                if ours(l.index) || by_name {
+                    Some(Trigger::Device)
+                } else if l.index == self.underlay {
+                    Some(Trigger::Underlay)
+                } else {
+                    None
+                }
+            }
+            Event::Addr(_, a) if ours(a.ifindex) => Some(Trigger::Address),
+            Event::Addr(_, a) if a.ifindex == self.underlay => Some(Trigger::Underlay),
+            Event::Route(_, r) if self.in_overlay(r.dst) => Some(Trigger::Route),
+            Event::Neigh(_, n) if ours(n.ifindex) => Some(Trigger::Neigh),
+            Event::Fdb(_, f) if ours(f.ifindex) => Some(Trigger::Fdb),
+            Event::Lost => Some(Trigger::Lost),
+            _ => None,
+        }
+    }
+
+    fn in_overlay(&self, dst: Ipv4Network) -> bool {
+        dst.prefix() >= self.network.prefix() && self.network.contains(dst.network())
+    }
+}
+
+/// The kind of object an op repairs, the label of `tweed_repairs_total`.
+pub(super) fn kind_of(op: &Op) -> &'static str {
+    match op {
+        Op::RouteReplace(_) | Op::RouteDel(_) => "route",
+        Op::NeighReplace { .. } | Op::NeighDel { .. } => "neigh",
+        Op::FdbReplace { .. } | Op::FdbDel { .. } => "fdb",
+        Op::AddrAdd { .. } | Op::AddrDel { .. } => "address",
+        _ => "device",
+    }
+}
+
+/// The kinds among `ops`, each once, in a stable order.
+pub(super) fn kinds(ops: &[Op]) -> BTreeSet<&'static str> {
+    ops.iter().map(kind_of).collect()
+}
+
+/// When to repair: the first notification opens a [`DEBOUNCE`] window (later ones join it
+/// without moving it, so a stream of notifications cannot postpone the repair); a repair that
+/// failed is retried after [`FIRST_RETRY`], doubling up to [`MAX_RETRY`], until one succeeds.
+#[derive(Debug)]
+pub(super) struct Schedule {
+    pending: BTreeSet<Trigger>,
+    /// When the oldest unhandled notification arrived (what the repair time is measured from).
+    since: Option<Instant>,
+    due: Option<Instant>,
+    retry: Duration,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            pending: BTreeSet::new(),
+            since: None,
+            due: None,
+            retry: FIRST_RETRY,
+        }
+    }
+}
+
+/// One repair to run now.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Due {
+    pub(super) triggers: BTreeSet<Trigger>,
+    pub(super) since: Instant,
+}
+
+impl Schedule {
+    pub(super) fn note(&mut self, t: Trigger, now: Instant) {
+        self.pending.insert(t);
+        self.since.get_or_insert(now);
+        let window = now + DEBOUNCE;
+        self.due = Some(self.due.map_or(window, |d| d.min(window)));
+    }
+
+    /// When the next repair is due, if one is.
+    pub(super) fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// Takes the repair that is due at `now`.
+    pub(super) fn take(&mut self, now: Instant) -> Option<Due> {
+        if self.due.is_none_or(|d| d > now) {
+            return None;
+        }
+        self.due = None;
+        Some(Due {
+            triggers: std::mem::take(&mut self.pending),
+            since: self.since.take().unwrap_or(now),
+        })
+    }
+
+    /// `done` failed: try it again after the current backoff, keeping what it was for.
+    pub(super) fn failed(&mut self, done: Due, now: Instant) {
+        self.pending.extend(done.triggers);
+        self.since = Some(self.since.map_or(done.since, |s| s.min(done.since)));
+        let at = now + self.retry;
+        self.due = Some(self.due.map_or(at, |d| d.min(at)));
+        self.retry = (self.retry * 2).min(MAX_RETRY);
+    }
+
+    pub(super) fn succeeded(&mut self) {
+        self.retry = FIRST_RETRY;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::{Addr, Change, FdbEntry, Link, Neighbour, Route};
+
+    fn watched() -> Watched {
+        Watched {
+            device: Some((7, "tweed.1".into())),
+            underlay: 2,
+            network: "10.244.0.0/16".parse().unwrap(),
+        }
+    }
+
+    fn link(index: u32, name: &str) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            mtu: 1450,
+            mac: None,
+            kind: None,
+            up: true,
+            vxlan: None,
+            master: None,
+            alias: None,
+        }
+    }
+
+    fn route(dst: &str, oif: u32) -> Route {
+        Route::onlink(dst.parse().unwrap(), "10.244.2.0".parse().unwrap(), oif)
+    }
+
+    #[test]
+    fn only_what_this_node_owns_triggers_a_repair() {
+        let w = watched();
+        let t = |e: Event| w.trigger(&e);
+        use Change::{Del, New};
+        assert_eq!(
+            t(Event::Link(Del, link(7, "tweed.1"))),
+            Some(Trigger::Device)
+        );
+        // Recreated by someone else under our name, or renamed away from it: ours either way.
+        assert_eq!(
+            t(Event::Link(New, link(9, "tweed.1"))),
+            Some(Trigger::Device)
+        );
+        assert_eq!(
+            t(Event::Link(New, link(7, "renamed"))),
+            Some(Trigger::Device)
+        );
+        assert_eq!(
+            t(Event::Link(New, link(2, "eth0"))),
+            Some(Trigger::Underlay)
+        );
+        assert_eq!(t(Event::Link(New, link(3, "veth123"))), None);
+        let addr = |ifindex, net: &str| Addr {
+            ifindex,
+            net: net.parse().unwrap(),
+        };
+        assert_eq!(
+            t(Event::Addr(Del, addr(7, "10.244.1.0/32"))),
+            Some(Trigger::Address)
+        );
+        assert_eq!(
+            t(Event::Addr(New, addr(2, "198.18.0.9/24"))),
+            Some(Trigger::Underlay)
+        );
+        assert_eq!(t(Event::Addr(New, addr(4, "172.17.0.1/16"))), None);
+        // Routes into the overlay, whatever their device (host-gw's go through the underlay);
+        // the overlay route itself too (udp's); nothing outside it, nothing wider.
+        assert_eq!(
+            t(Event::Route(Del, route("10.244.2.0/24", 7))),
+            Some(Trigger::Route)
+        );
+        assert_eq!(
+            t(Event::Route(New, route("10.244.2.0/24", 2))),
+            Some(Trigger::Route)
+        );
+        assert_eq!(
+            t(Event::Route(Del, route("10.244.0.0/16", 9))),
+            Some(Trigger::Route)
+        );
+        assert_eq!(t(Event::Route(Del, route("10.0.0.0/8", 7))), None);
+        assert_eq!(t(Event::Route(New, route("192.168.0.0/24", 2))), None);
+        let neigh = |ifindex| Neighbour {
+            ifindex,
+            ip: "10.244.2.0".parse().unwrap(),
+            mac: None,
+            permanent: true,
+        };
+        assert_eq!(t(Event::Neigh(Del, neigh(7))), Some(Trigger::Neigh));
+        // The underlay's ARP entries churn all the time and are the kernel's.
+        assert_eq!(t(Event::Neigh(New, neigh(2))), None);
+        let fdb = |ifindex| FdbEntry {
+            ifindex,
+            mac: "02:00:00:00:00:02".parse().unwrap(),
+            dst: None,
+            permanent: true,
+        };
+        assert_eq!(t(Event::Fdb(Del, fdb(7))), Some(Trigger::Fdb));
+        assert_eq!(t(Event::Fdb(Del, fdb(5))), None);
+        assert_eq!(t(Event::Route6(New)), None);
+        assert_eq!(t(Event::Lost), Some(Trigger::Lost));
+
+        // host-gw: no device of its own.
+        let hg = Watched {
+            device: None,
+            ..watched()
+        };
+        assert_eq!(hg.trigger(&Event::Link(Del, link(7, "tweed.1"))), None);
+        assert_eq!(hg.trigger(&Event::Neigh(Del, neigh(7))), None);
+        assert_eq!(
+            hg.trigger(&Event::Route(Del, route("10.244.2.0/24", 2))),
+            Some(Trigger::Route)
+        );
+    }
+
+    #[test]
+    fn a_burst_is_one_repair_a_debounce_window_after_its_first_notification() {
+        let t0 = Instant::now();
+        let mut s = Schedule::default();
+        assert_eq!(s.due(), None);
+        assert_eq!(s.take(t0 + Duration::from_secs(9)), None);
+        s.note(Trigger::Device, t0);
+        // Notifications keep arriving: the repair is not postponed by them.
+        for ms in [10, 50, 99] {
+            s.note(Trigger::Route, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(s.due(), Some(t0 + DEBOUNCE));
+        assert_eq!(s.take(t0 + Duration::from_millis(99)), None);
+        let due = s.take(t0 + DEBOUNCE).unwrap();
+        assert_eq!(
+            due.triggers,
+            BTreeSet::from([Trigger::Device, Trigger::Route])
+        );
+        assert_eq!(due.since, t0);
+        assert_eq!(s.due(), None);
+        // The next notification opens a new window.
+        let t1 = t0 + Duration::from_secs(1);
+        s.note(Trigger::Fdb, t1);
+        assert_eq!(s.take(t1 + DEBOUNCE).unwrap().since, t1);
+    }
+
+    #[test]
+    fn failed_repairs_are_retried_with_doubling_backoff_until_one_succeeds() {
+        let t0 = Instant::now();
+        let mut s = Schedule::default();
+        s.note(Trigger::Route, t0);
+        let mut now = t0 + DEBOUNCE;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let due = s.take(now).expect("due");
+            assert_eq!(due.since, t0, "measured from the first notification");
+            assert_eq!(due.triggers, BTreeSet::from([Trigger::Route]));
+            s.failed(due, now);
+            let next = s.due().unwrap();
+            waits.push((next - now).as_millis());
+            now = next;
+        }
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        let due = s.take(now).unwrap();
+        s.succeeded();
+        drop(due);
+        s.note(Trigger::Neigh, now);
+        let due = s.take(now + DEBOUNCE).unwrap();
+        s.failed(due, now + DEBOUNCE);
+        assert_eq!(s.due(), Some(now + DEBOUNCE + FIRST_RETRY), "backoff reset");
+        // A notification during a backoff does not wait for it longer than a debounce window.
+        let mut s = Schedule::default();
+        s.note(Trigger::Route, t0);
+        let due = s.take(t0 + DEBOUNCE).unwrap();
+        s.failed(due, t0 + DEBOUNCE);
+        s.note(Trigger::Fdb, t0 + DEBOUNCE);
+        assert_eq!(s.due(), Some(t0 + DEBOUNCE + DEBOUNCE));
+        let due = s.take(t0 + DEBOUNCE + DEBOUNCE).unwrap();
+        assert_eq!(due.triggers, BTreeSet::from([Trigger::Route, Trigger::Fdb]));
+    }
+
+    #[test]
+    fn repair_kinds_come_from_the_ops() {
+        let ops = [
+            Op::LinkSetUp {
+                name: "tweed.1".into(),
+            },
+            Op::RouteReplace(route("10.244.2.0/24", 7)),
+            Op::RouteReplace(route("10.244.3.0/24", 7)),
+            Op::FdbDel {
+                ifindex: 7,
+                mac: "02:00:00:00:00:02".parse().unwrap(),
+                dst: None,
+            },
+        ];
+        assert_eq!(kinds(&ops), BTreeSet::from(["device", "route", "fdb"]));
+        assert!(kinds(&[]).is_empty());
+    }
+}
