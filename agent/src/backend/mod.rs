@@ -25,10 +25,12 @@ pub mod hostgw;
 pub mod route;
 pub mod udp;
 pub mod vxlan;
+pub mod wireguard;
 
 pub use hostgw::{HostGwBackend, HostGwConfig, HostGwError, HostGwPeer};
 pub use udp::{UdpBackend, UdpConfig, UdpError, UdpPeer};
 pub use vxlan::{ObservedState, VxlanBackend, VxlanConfig, VxlanError, VxlanPeer};
+pub use wireguard::{WgConfig, WgError, WgImpl};
 
 /// Outcome of one reconcile pass.
 #[derive(Debug, Default)]
@@ -122,6 +124,10 @@ pub struct NodeContext {
     pub state_dir: PathBuf,
     /// udp backend: worker threads, one TUN queue each (`--udp-workers`).
     pub udp_workers: usize,
+    /// wireguard: the private key file (`$WIREGUARD_KEY_FILE`), default `<state_dir>/wgkey`.
+    pub wg_key_file: Option<PathBuf>,
+    /// wireguard: kernel, userspace or whichever this host has.
+    pub wg_impl: WgImpl,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +138,8 @@ pub enum BackendError {
     HostGw(#[from] HostGwError),
     #[error(transparent)]
     Udp(#[from] UdpError),
+    #[error(transparent)]
+    Wireguard(#[from] WgError),
 }
 
 impl BackendError {
@@ -152,6 +160,7 @@ pub enum Prepared {
     Vxlan(VxlanConfig),
     HostGw(HostGwConfig),
     Udp(UdpConfig),
+    Wireguard(WgConfig),
 }
 
 impl Prepared {
@@ -218,6 +227,39 @@ impl Prepared {
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
+            BackendConfig::Wireguard(ref w) => {
+                let key_path = node
+                    .wg_key_file
+                    .clone()
+                    .unwrap_or_else(|| node.state_dir.join(wireguard::key::KEY_FILE_NAME));
+                let (private_key, created) = wireguard::key::load_or_create(&key_path)
+                    .map_err(|e| BackendError::Wireguard(e.into()))?;
+                let cfg = WgConfig {
+                    network: node.network,
+                    own_subnet,
+                    local_ip: iface.ip,
+                    public_ip: node.public_ip,
+                    listen_port: w.listen_port,
+                    underlay_mtu: iface.mtu,
+                    mtu_base: w.mtu,
+                    psk: w.psk,
+                    keepalive: w.persistent_keepalive,
+                    key_path,
+                    private_key,
+                    implementation: node.wg_impl,
+                    queues: node.udp_workers,
+                };
+                cfg.check_mtu()?;
+                tracing::info!(
+                    key_file = %cfg.key_path.display(),
+                    public_key = %cfg.public_key(),
+                    generated = created,
+                    "wireguard: node key"
+                );
+                let attrs =
+                    wireguard::plan::lease_attrs(node.public_ip, &cfg.public_key(), w.listen_port);
+                (Prepared::Wireguard(cfg), attrs)
+            }
         })
     }
 
@@ -226,6 +268,7 @@ impl Prepared {
             Prepared::Vxlan(_) => "vxlan",
             Prepared::HostGw(_) => "host-gw",
             Prepared::Udp(_) => "udp",
+            Prepared::Wireguard(_) => "wireguard",
         }
     }
 
@@ -234,6 +277,7 @@ impl Prepared {
             Prepared::Vxlan(c) => c.own_subnet = subnet,
             Prepared::HostGw(c) => c.own_subnet = subnet,
             Prepared::Udp(c) => c.own_subnet = subnet,
+            Prepared::Wireguard(c) => c.own_subnet = subnet,
         }
     }
 
@@ -243,6 +287,13 @@ impl Prepared {
             Prepared::Vxlan(c) => DataPlane::Vxlan(VxlanBackend::setup(nl, c.clone()).await?),
             Prepared::HostGw(c) => DataPlane::HostGw(HostGwBackend::setup(nl, c.clone()).await?),
             Prepared::Udp(c) => DataPlane::Udp(UdpBackend::setup(nl, c.clone()).await?),
+            Prepared::Wireguard(_) => {
+                return Err(WgError::Unavailable(
+                    "userspace",
+                    "the data plane is not in this build yet".into(),
+                )
+                .into())
+            }
         })
     }
 }
@@ -437,6 +488,8 @@ mod tests {
             },
             state_dir: tmp.path().to_path_buf(),
             udp_workers: 2,
+            wg_key_file: None,
+            wg_impl: WgImpl::Auto,
         };
         let own: Ipv4Network = "10.244.1.0/24".parse().unwrap();
 
