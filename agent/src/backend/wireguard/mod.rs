@@ -8,6 +8,7 @@
 
 pub mod key;
 pub mod plan;
+pub mod userspace;
 
 use std::path::PathBuf;
 
