@@ -224,6 +224,7 @@ impl Prepared {
                     underlay_mtu: iface.mtu,
                     mtu_override: (mtu != 0).then_some(mtu),
                     queues: node.udp_workers,
+                    device: udp::DEVICE,
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
@@ -287,12 +288,8 @@ impl Prepared {
             Prepared::Vxlan(c) => DataPlane::Vxlan(VxlanBackend::setup(nl, c.clone()).await?),
             Prepared::HostGw(c) => DataPlane::HostGw(HostGwBackend::setup(nl, c.clone()).await?),
             Prepared::Udp(c) => DataPlane::Udp(UdpBackend::setup(nl, c.clone()).await?),
-            Prepared::Wireguard(_) => {
-                return Err(WgError::Unavailable(
-                    "userspace",
-                    "the data plane is not in this build yet".into(),
-                )
-                .into())
+            Prepared::Wireguard(c) => {
+                DataPlane::Wireguard(wireguard::WgBackend::setup(nl, c.clone()).await?)
             }
         })
     }
@@ -304,6 +301,7 @@ pub enum DataPlane {
     Vxlan(VxlanBackend),
     HostGw(HostGwBackend),
     Udp(UdpBackend),
+    Wireguard(wireguard::WgBackend),
 }
 
 impl DataPlane {
@@ -313,6 +311,7 @@ impl DataPlane {
             DataPlane::Vxlan(b) => b.mtu(),
             DataPlane::HostGw(b) => b.mtu(),
             DataPlane::Udp(b) => b.mtu(),
+            DataPlane::Wireguard(b) => b.mtu(),
         }
     }
 
@@ -322,13 +321,16 @@ impl DataPlane {
             DataPlane::Vxlan(b) => b.resync(),
             DataPlane::HostGw(b) => b.resync(),
             DataPlane::Udp(b) => b.resync(),
+            DataPlane::Wireguard(b) => b.resync(),
         }
     }
 
     /// Releases what the backend runs (udp: its workers); the kernel state stays.
     pub async fn stop(&mut self) {
-        if let DataPlane::Udp(b) = self {
-            b.stop().await;
+        match self {
+            DataPlane::Udp(b) => b.stop().await,
+            DataPlane::Wireguard(b) => b.stop().await,
+            _ => {}
         }
     }
 
@@ -362,6 +364,13 @@ impl DataPlane {
                         subnet: r.subnet,
                         public_ip: r.attrs.public_ip,
                     })
+                });
+                b.reconcile(nl, &peers).await?
+            }
+            DataPlane::Wireguard(b) => {
+                let port = b.config_port();
+                let peers = peers_of_type(remotes, "wireguard", &mut skipped, |r| {
+                    wireguard::WgPeer::from_lease(r.subnet, &r.attrs, port).map_err(|e| r.skip(e))
                 });
                 b.reconcile(nl, &peers).await?
             }

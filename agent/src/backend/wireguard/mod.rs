@@ -125,3 +125,163 @@ impl WgConfig {
         }
     }
 }
+
+/// The running wireguard data plane. On this path the udp backend's workers carry the packets
+/// (TUN device [`DEVICE`], the listen port), sealing and opening each datagram with the
+/// [`userspace::WgTable`] published next to their routing table.
+pub struct WgBackend {
+    cfg: WgConfig,
+    udp: crate::backend::UdpBackend,
+    table: std::sync::Arc<userspace::WgTable>,
+    /// The device as last published; the plan against it decides whether anything changes.
+    applied: plan::DeviceSpec,
+    published: bool,
+}
+
+impl std::fmt::Debug for WgBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgBackend")
+            .field("implementation", &"userspace")
+            .field("peers", &self.applied.peers.len())
+            .finish()
+    }
+}
+
+impl WgBackend {
+    /// Chooses the implementation and sets the device up. Only the userspace one is built: a
+    /// host with the kernel module still gets the userspace path under `auto`, and `kernel`
+    /// is refused with that reason.
+    pub async fn setup(
+        nl: &crate::netlink::Netlink,
+        cfg: WgConfig,
+    ) -> Result<WgBackend, crate::backend::BackendError> {
+        if cfg.implementation == WgImpl::Kernel {
+            return Err(WgError::Unavailable(
+                "kernel",
+                "this build drives only the userspace implementation; use --wireguard-impl=userspace or auto".into(),
+            )
+            .into());
+        }
+        let udp_cfg = crate::backend::UdpConfig {
+            network: cfg.network,
+            own_subnet: cfg.own_subnet,
+            local_ip: cfg.local_ip,
+            port: cfg.listen_port,
+            underlay_mtu: cfg.underlay_mtu,
+            mtu_override: Some(cfg.mtu()),
+            queues: cfg.queues,
+            device: DEVICE,
+        };
+        let udp = crate::backend::UdpBackend::setup(nl, udp_cfg).await?;
+        tracing::info!(
+            implementation = "userspace",
+            device = DEVICE,
+            port = cfg.listen_port,
+            public_key = %cfg.public_key(),
+            mtu = cfg.mtu(),
+            "wireguard: data plane running"
+        );
+        let table = std::sync::Arc::new(userspace::WgTable::new(&cfg.private_key));
+        Ok(WgBackend {
+            cfg,
+            udp,
+            table,
+            applied: plan::DeviceSpec::default(),
+            published: false,
+        })
+    }
+
+    pub fn config_port(&self) -> u16 {
+        self.cfg.listen_port
+    }
+
+    pub fn implementation(&self) -> &'static str {
+        "userspace"
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.cfg.mtu()
+    }
+
+    pub fn resync(&mut self) {
+        self.udp.resync();
+    }
+
+    pub async fn stop(&mut self) {
+        self.udp.stop().await;
+    }
+
+    pub fn stats(&self) -> crate::backend::udp::io::Stats {
+        self.udp.stats()
+    }
+
+    /// Per peer: public key, endpoint, subnet, time since the last handshake, bytes out and in.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.table
+            .peers()
+            .iter()
+            .map(|p| {
+                let (age, tx, rx) = p.stats();
+                PeerStats {
+                    public_key: p.spec.public_key,
+                    endpoint: p.spec.endpoint,
+                    subnet: p.spec.allowed_ips.first().copied(),
+                    last_handshake: age,
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                }
+            })
+            .collect()
+    }
+
+    /// Makes the device hold exactly the peers `peers` call for; publishes a new table to the
+    /// workers only when the plan has ops.
+    pub async fn reconcile(
+        &mut self,
+        nl: &crate::netlink::Netlink,
+        peers: &[WgPeer],
+    ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
+        let (specs, skipped) = plan::desired_peers(&self.cfg.local(), peers);
+        let desired = plan::device_spec(
+            *self.cfg.private_key.bytes(),
+            self.cfg.listen_port,
+            specs.clone(),
+        );
+        let ops = plan::plan(&self.applied, &desired);
+        let udp_peers: Vec<crate::backend::UdpPeer> = specs
+            .iter()
+            .filter_map(|s| {
+                Some(crate::backend::UdpPeer {
+                    subnet: *s.allowed_ips.first()?,
+                    public_ip: *s.endpoint?.ip(),
+                })
+            })
+            .collect();
+        let wg = (!ops.is_empty() || !self.published).then(|| {
+            self.table = std::sync::Arc::new(self.table.update(&self.cfg.private_key, &specs));
+            self.table.clone()
+        });
+        if wg.is_some() {
+            tracing::debug!(ops = ?ops, "wireguard: peers updated");
+        }
+        let mut stats = self.udp.reconcile_with(nl, &udp_peers, wg.clone()).await?;
+        if wg.is_some() {
+            stats.ops_applied += ops.len();
+            plan::apply_to(&mut self.applied, &ops);
+            self.published = true;
+        }
+        stats.skipped.extend(skipped);
+        Ok(stats)
+    }
+}
+
+/// One peer's figures for metrics and `tweedctl net peers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    pub public_key: PublicKey,
+    pub endpoint: Option<std::net::SocketAddrV4>,
+    pub subnet: Option<Ipv4Network>,
+    pub last_handshake: Option<std::time::Duration>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}

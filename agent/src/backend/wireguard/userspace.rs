@@ -77,8 +77,9 @@ impl std::fmt::Debug for WgTable {
 
 /// What one received datagram asks of the worker.
 pub enum Opened<'a> {
-    /// An inner IPv4 packet from `peer`, with its allowed subnets to check its source against.
-    Packet(&'a [u8], &'a PeerState),
+    /// An inner IPv4 packet of this length from `peer`, at the start of the output buffer;
+    /// its source still has to be checked against the peer's allowed IPs ([`allowed`]).
+    Packet(usize, &'a PeerState),
     /// Protocol traffic handled; the worker must send what [`WgTable::drain`] yields for `peer`.
     Handled(&'a PeerState),
     Rejected,
@@ -197,23 +198,14 @@ impl WgTable {
     }
 
     /// Opens one datagram from `src` into `out` (at least the datagram's length).
-    pub fn open<'a>(
-        &'a self,
-        src: Ipv4Addr,
-        d: &[u8],
-        out: &'a mut [u8],
-    ) -> (Opened<'a>, Option<usize>) {
+    pub fn open(&self, src: Ipv4Addr, d: &[u8], out: &mut [u8]) -> (Opened<'_>, Option<usize>) {
         let Some(peer) = self.peer_of(d) else {
             self.rx_unknown.fetch_add(1, Ordering::Relaxed);
             return (Opened::Rejected, None);
         };
         let mut t = lock(&peer.tunn);
         match t.decapsulate(Some(src.into()), d, out) {
-            TunnResult::WriteToTunnelV4(p, _) => {
-                let n = p.len();
-                drop(t);
-                (Opened::Packet(&out[..n], peer), None)
-            }
+            TunnResult::WriteToTunnelV4(p, _) => (Opened::Packet(p.len(), peer), None),
             // Keepalives come out as empty v4 or v6 packets: nothing to write.
             TunnResult::WriteToTunnelV6(..) | TunnResult::Done => (Opened::Handled(peer), None),
             TunnResult::WriteToNetwork(b) => {
@@ -295,8 +287,8 @@ mod tests {
         let (mut pkts, mut back) = (Vec::new(), Vec::new());
         let (o, reply) = to.open(src.parse().unwrap(), d, &mut out);
         let peer = match o {
-            Opened::Packet(p, peer) => {
-                pkts.push(p.to_vec());
+            Opened::Packet(n, peer) => {
+                pkts.push(out[..n].to_vec());
                 Some(peer.spec.public_key)
             }
             Opened::Handled(peer) => Some(peer.spec.public_key),
