@@ -398,7 +398,7 @@ mod tests {
     fn an_update_keeps_unchanged_peers_sessions() {
         let (a, _, ka) = pair(None, None);
         let before = a.peers()[0].clone();
-        let same = a.update(&ka, &[before.spec.clone()]);
+        let same = a.update(&ka, std::slice::from_ref(&before.spec));
         assert!(Arc::ptr_eq(&before, &same.peers()[0]));
         let kc = PrivateKey::generate();
         let grown = a.update(
