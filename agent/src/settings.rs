@@ -260,6 +260,20 @@ pub struct Settings {
     /// udp backend: worker threads (TUN queues), 1-64 [default: one per core, at most 8]
     #[arg(long, env = "TWEED_UDP_WORKERS", value_name = "N", value_parser = udp_workers)]
     pub udp_workers: Option<usize>,
+
+    /// wireguard backend: the node's private key file, made (mode 0400) when missing; the
+    /// variable is flannel's [default: <state-dir>/wgkey]
+    #[arg(long, env = "WIREGUARD_KEY_FILE", value_name = "FILE")]
+    pub wireguard_key_file: Option<PathBuf>,
+
+    /// wireguard backend: `kernel`, `userspace`, or `auto` (the kernel's when it has the module)
+    #[arg(
+        long,
+        env = "TWEED_WIREGUARD_IMPL",
+        value_name = "auto|kernel|userspace",
+        default_value = "auto"
+    )]
+    pub wireguard_impl: crate::backend::WgImpl,
 }
 
 /// A value that must not show in logs or `Debug` output.

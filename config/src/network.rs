@@ -8,6 +8,8 @@ pub const DEFAULT_SUBNET_LEN: u8 = 24;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 pub const DEFAULT_UDP_PORT: u16 = 8285;
 pub const DEFAULT_VNI: u32 = 1;
+pub const DEFAULT_WG_PORT: u16 = 51820;
+pub const DEFAULT_WG_PORT_V6: u16 = 51821;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetworkConfigError {
@@ -51,6 +53,42 @@ pub enum BackendConfig {
         port: u16,
         mtu: u32,
     },
+    Wireguard(WireguardConfig),
+}
+
+/// flannel's `wireguard` backend keys, with its defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireguardConfig {
+    pub listen_port: u16,
+    /// Parsed and kept so a flannel config round-trips; tweed's overlay is IPv4 only.
+    pub listen_port_v6: u16,
+    /// 0 means "the external interface's MTU"; the device gets this minus 80.
+    pub mtu: u32,
+    /// The pre-shared key, decoded from base64.
+    pub psk: Option<[u8; 32]>,
+    /// Seconds; 0 is off.
+    pub persistent_keepalive: u16,
+    pub mode: WireguardMode,
+}
+
+/// flannel's `Mode`: one device per address family (`separate`), one for both (`auto`), or one
+/// family only. With an IPv4-only overlay, `separate`, `auto` and `ipv4` all mean one IPv4 device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireguardMode {
+    Separate,
+    Auto,
+    Ipv4,
+}
+
+/// Decodes a WireGuard key (standard base64 of exactly 32 bytes), as `wg` and flannel spell them.
+pub fn decode_wg_key(s: &str) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| format!("not base64: {e}"))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("a key is 32 bytes, this one is {}", b.len()))
 }
 
 impl BackendConfig {
@@ -60,6 +98,7 @@ impl BackendConfig {
             BackendConfig::Vxlan { .. } => "vxlan",
             BackendConfig::HostGw => "host-gw",
             BackendConfig::Udp { .. } => "udp",
+            BackendConfig::Wireguard(_) => "wireguard",
         }
     }
 }
@@ -248,11 +287,58 @@ impl NetworkConfig {
                     mtu: Self::parse_mtu(b)?,
                 })
             }
+            "wireguard" => Self::parse_wireguard(b).map(BackendConfig::Wireguard),
             other => Err(bad(
                 "Backend.Type",
-                format!("unknown backend {other:?}; tweed supports vxlan, host-gw and udp"),
+                format!(
+                    "unknown backend {other:?}; tweed supports vxlan, host-gw, udp and wireguard"
+                ),
             )),
         }
+    }
+
+    fn parse_wireguard(b: &Map<String, Value>) -> Result<WireguardConfig, NetworkConfigError> {
+        let port = |key: &'static str, field: &'static str, default: u16| {
+            get_uint(b, key, field, u16::MAX as u64).map(|p| match p {
+                Some(0) | None => default,
+                Some(p) => p as u16,
+            })
+        };
+        let psk = get_str(b, "PSK", "Backend.PSK")?
+            .filter(|s| !s.is_empty())
+            .map(|s| decode_wg_key(s).map_err(|e| bad("Backend.PSK", e)))
+            .transpose()?;
+        let keepalive = get_uint(
+            b,
+            "PersistentKeepaliveInterval",
+            "Backend.PersistentKeepaliveInterval",
+            u16::MAX as u64,
+        )?
+        .unwrap_or(0) as u16;
+        let mode =
+            match get_str(b, "Mode", "Backend.Mode")?.unwrap_or("") {
+                "" | "separate" => WireguardMode::Separate,
+                "auto" => WireguardMode::Auto,
+                "ipv4" => WireguardMode::Ipv4,
+                "ipv6" => return Err(bad(
+                    "Backend.Mode",
+                    "\"ipv6\" needs an IPv6 overlay, which tweed does not have; use \"separate\"",
+                )),
+                other => {
+                    return Err(bad(
+                        "Backend.Mode",
+                        format!("{other:?} is not one of separate, auto, ipv4, ipv6"),
+                    ))
+                }
+            };
+        Ok(WireguardConfig {
+            listen_port: port("ListenPort", "Backend.ListenPort", DEFAULT_WG_PORT)?,
+            listen_port_v6: port("ListenPortV6", "Backend.ListenPortV6", DEFAULT_WG_PORT_V6)?,
+            mtu: Self::parse_mtu(b)?,
+            psk,
+            persistent_keepalive: keepalive,
+            mode,
+        })
     }
 
     fn parse_mtu(b: &Map<String, Value>) -> Result<u32, NetworkConfigError> {
@@ -404,6 +490,105 @@ mod tests {
             field_err(r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#),
             "Backend"
         );
+    }
+
+    #[test]
+    fn wireguard_keys_and_defaults() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#)
+            .unwrap();
+        assert_eq!(c.backend.type_name(), "wireguard");
+        assert_eq!(
+            c.backend,
+            BackendConfig::Wireguard(WireguardConfig {
+                listen_port: 51820,
+                listen_port_v6: 51821,
+                mtu: 0,
+                psk: None,
+                persistent_keepalive: 0,
+                mode: WireguardMode::Separate,
+            })
+        );
+        let psk = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = NetworkConfig::parse(&format!(
+            r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard","ListenPort":51000,
+               "ListenPortV6":51001,"MTU":1420,"PSK":"{psk}","PersistentKeepaliveInterval":25,
+               "Mode":"auto"}}}}"#
+        ))
+        .unwrap();
+        let BackendConfig::Wireguard(w) = c.backend else {
+            panic!("{c:?}")
+        };
+        let want: [u8; 32] = std::array::from_fn(|i| i as u8);
+        assert_eq!(
+            (
+                w.listen_port,
+                w.listen_port_v6,
+                w.mtu,
+                w.psk,
+                w.persistent_keepalive,
+                w.mode
+            ),
+            (51000, 51001, 1420, Some(want), 25, WireguardMode::Auto)
+        );
+        for (mode, want) in [
+            ("separate", WireguardMode::Separate),
+            ("ipv4", WireguardMode::Ipv4),
+            ("", WireguardMode::Separate),
+        ] {
+            let c = NetworkConfig::parse(&format!(
+                r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard","Mode":"{mode}"}}}}"#
+            ))
+            .unwrap();
+            assert!(matches!(c.backend, BackendConfig::Wireguard(w) if w.mode == want));
+        }
+    }
+
+    #[test]
+    fn wireguard_rejections_name_the_field() {
+        let wg = |keys: &str| {
+            field_err(&format!(
+                r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard",{keys}}}}}"#
+            ))
+        };
+        assert_eq!(wg(r#""Mode":"both""#), "Backend.Mode");
+        assert_eq!(wg(r#""Mode":"ipv6""#), "Backend.Mode");
+        assert_eq!(wg(r#""Mode":4"#), "Backend.Mode");
+        assert_eq!(wg(r#""ListenPort":65536"#), "Backend.ListenPort");
+        assert_eq!(wg(r#""ListenPort":-1"#), "Backend.ListenPort");
+        assert_eq!(wg(r#""ListenPortV6":"x""#), "Backend.ListenPortV6");
+        assert_eq!(wg(r#""MTU":80"#), "Backend.MTU");
+        assert_eq!(wg(r#""PSK":"not base64!""#), "Backend.PSK");
+        // Valid base64, wrong length: a 16-byte key.
+        assert_eq!(wg(r#""PSK":"AAECAwQFBgcICQoLDA0ODw==""#), "Backend.PSK");
+        assert_eq!(wg(r#""PSK":7"#), "Backend.PSK");
+        assert_eq!(
+            wg(r#""PersistentKeepaliveInterval":70000"#),
+            "Backend.PersistentKeepaliveInterval"
+        );
+        assert_eq!(
+            wg(r#""PersistentKeepaliveInterval":1.5"#),
+            "Backend.PersistentKeepaliveInterval"
+        );
+        // An empty PSK is flannel's "none".
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","PSK":""}}"#,
+        )
+        .unwrap();
+        assert!(matches!(c.backend, BackendConfig::Wireguard(w) if w.psk.is_none()));
+    }
+
+    #[test]
+    fn wg_keys_decode_only_as_32_bytes_of_base64() {
+        // Unpadded, as some tools print keys: refused like `wg` refuses it.
+        assert!(decode_wg_key(&"A".repeat(43)).is_err());
+        let k = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        assert_eq!(decode_wg_key(k).unwrap()[31], 31);
+        assert_eq!(decode_wg_key(&format!(" {k}\n")).unwrap()[0], 0);
+        assert!(decode_wg_key("").unwrap_err().contains("0"));
+        assert!(decode_wg_key(&"QUFB".repeat(100))
+            .unwrap_err()
+            .contains("300"));
+        assert!(decode_wg_key("ÿÿÿÿ").is_err());
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub enum Backend {
     Vxlan,
     HostGw,
     Udp,
+    Wireguard,
 }
 
 // The spelling of flannel's `Backend.Type`.
@@ -30,6 +31,7 @@ string_enum!(Backend, "backend", {
     Vxlan => "vxlan",
     HostGw => "host-gw",
     Udp => "udp",
+    Wireguard => "wireguard",
 });
 
 /// The network config the lab writes to etcd (`DirectRouting` only when set, vxlan only).
@@ -245,7 +247,12 @@ mod tests {
 
     #[test]
     fn backends_parse() {
-        for b in [Backend::Vxlan, Backend::HostGw, Backend::Udp] {
+        for b in [
+            Backend::Vxlan,
+            Backend::HostGw,
+            Backend::Udp,
+            Backend::Wireguard,
+        ] {
             assert_eq!(b.as_str().parse::<Backend>().unwrap(), b);
             assert_eq!(serde_json::to_value(b).unwrap(), b.as_str());
         }

@@ -25,10 +25,12 @@ pub mod hostgw;
 pub mod route;
 pub mod udp;
 pub mod vxlan;
+pub mod wireguard;
 
 pub use hostgw::{HostGwBackend, HostGwConfig, HostGwError, HostGwPeer};
 pub use udp::{UdpBackend, UdpConfig, UdpError, UdpPeer};
 pub use vxlan::{ObservedState, VxlanBackend, VxlanConfig, VxlanError, VxlanPeer};
+pub use wireguard::{WgConfig, WgError, WgImpl};
 
 /// Outcome of one reconcile pass.
 #[derive(Debug, Default)]
@@ -124,6 +126,10 @@ pub struct NodeContext {
     pub state_dir: PathBuf,
     /// udp backend: worker threads, one TUN queue each (`--udp-workers`).
     pub udp_workers: usize,
+    /// wireguard: the private key file (`$WIREGUARD_KEY_FILE`), default `<state_dir>/wgkey`.
+    pub wg_key_file: Option<PathBuf>,
+    /// wireguard: kernel, userspace or whichever this host has.
+    pub wg_impl: WgImpl,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +140,8 @@ pub enum BackendError {
     HostGw(#[from] HostGwError),
     #[error(transparent)]
     Udp(#[from] UdpError),
+    #[error(transparent)]
+    Wireguard(#[from] WgError),
 }
 
 impl BackendError {
@@ -154,6 +162,7 @@ pub enum Prepared {
     Vxlan(VxlanConfig),
     HostGw(HostGwConfig),
     Udp(UdpConfig),
+    Wireguard(WgConfig),
 }
 
 impl Prepared {
@@ -218,9 +227,43 @@ impl Prepared {
                     mtu_override: (mtu != 0).then_some(mtu),
                     queues: node.udp_workers,
                     peers_file: Some(node.state_dir.join("udp-peers")),
+                    device: udp::DEVICE,
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
+            BackendConfig::Wireguard(ref w) => {
+                let key_path = node
+                    .wg_key_file
+                    .clone()
+                    .unwrap_or_else(|| node.state_dir.join(wireguard::key::KEY_FILE_NAME));
+                let (private_key, created) = wireguard::key::load_or_create(&key_path)
+                    .map_err(|e| BackendError::Wireguard(e.into()))?;
+                let cfg = WgConfig {
+                    network: node.network,
+                    own_subnet,
+                    local_ip: iface.ip,
+                    public_ip: node.public_ip,
+                    listen_port: w.listen_port,
+                    underlay_mtu: iface.mtu,
+                    mtu_base: w.mtu,
+                    psk: w.psk,
+                    keepalive: w.persistent_keepalive,
+                    key_path,
+                    private_key,
+                    implementation: node.wg_impl,
+                    queues: node.udp_workers,
+                };
+                cfg.check_mtu()?;
+                tracing::info!(
+                    key_file = %cfg.key_path.display(),
+                    public_key = %cfg.public_key(),
+                    generated = created,
+                    "wireguard: node key"
+                );
+                let attrs =
+                    wireguard::plan::lease_attrs(node.public_ip, &cfg.public_key(), w.listen_port);
+                (Prepared::Wireguard(cfg), attrs)
+            }
         })
     }
 
@@ -229,6 +272,7 @@ impl Prepared {
             Prepared::Vxlan(_) => "vxlan",
             Prepared::HostGw(_) => "host-gw",
             Prepared::Udp(_) => "udp",
+            Prepared::Wireguard(_) => "wireguard",
         }
     }
 
@@ -237,6 +281,7 @@ impl Prepared {
             Prepared::Vxlan(c) => c.own_subnet = subnet,
             Prepared::HostGw(c) => c.own_subnet = subnet,
             Prepared::Udp(c) => c.own_subnet = subnet,
+            Prepared::Wireguard(c) => c.own_subnet = subnet,
         }
     }
 
@@ -246,6 +291,7 @@ impl Prepared {
             Prepared::Vxlan(c) => c.own_subnet,
             Prepared::HostGw(c) => c.own_subnet,
             Prepared::Udp(c) => c.own_subnet,
+            Prepared::Wireguard(c) => c.own_subnet,
         }
     }
 
@@ -255,6 +301,7 @@ impl Prepared {
             Prepared::Vxlan(c) => c.underlay_mtu,
             Prepared::HostGw(c) => c.underlay_mtu,
             Prepared::Udp(c) => c.underlay_mtu,
+            Prepared::Wireguard(c) => c.underlay_mtu,
         }
     }
 
@@ -265,6 +312,7 @@ impl Prepared {
             Prepared::Vxlan(c) => c.underlay_mtu = mtu,
             Prepared::HostGw(c) => c.underlay_mtu = mtu,
             Prepared::Udp(c) => c.underlay_mtu = mtu,
+            Prepared::Wireguard(c) => c.underlay_mtu = mtu,
         }
     }
 
@@ -274,6 +322,9 @@ impl Prepared {
             Prepared::Vxlan(c) => DataPlane::Vxlan(VxlanBackend::setup(nl, c.clone()).await?),
             Prepared::HostGw(c) => DataPlane::HostGw(HostGwBackend::setup(nl, c.clone()).await?),
             Prepared::Udp(c) => DataPlane::Udp(UdpBackend::setup(nl, c.clone()).await?),
+            Prepared::Wireguard(c) => {
+                DataPlane::Wireguard(wireguard::WgBackend::setup(nl, c.clone()).await?)
+            }
         })
     }
 }
@@ -284,6 +335,7 @@ pub enum DataPlane {
     Vxlan(VxlanBackend),
     HostGw(HostGwBackend),
     Udp(UdpBackend),
+    Wireguard(wireguard::WgBackend),
 }
 
 impl DataPlane {
@@ -293,6 +345,7 @@ impl DataPlane {
             DataPlane::Vxlan(b) => b.mtu(),
             DataPlane::HostGw(b) => b.mtu(),
             DataPlane::Udp(b) => b.mtu(),
+            DataPlane::Wireguard(b) => b.mtu(),
         }
     }
 
@@ -302,13 +355,16 @@ impl DataPlane {
             DataPlane::Vxlan(b) => b.resync(),
             DataPlane::HostGw(b) => b.resync(),
             DataPlane::Udp(b) => b.resync(),
+            DataPlane::Wireguard(b) => b.resync(),
         }
     }
 
     /// Releases what the backend runs (udp: its workers); the kernel state stays.
     pub async fn stop(&mut self) {
-        if let DataPlane::Udp(b) = self {
-            b.stop().await;
+        match self {
+            DataPlane::Udp(b) => b.stop().await,
+            DataPlane::Wireguard(b) => b.stop().await,
+            _ => {}
         }
     }
 
@@ -346,6 +402,13 @@ impl DataPlane {
                         public_ip: r.attrs.public_ip,
                         port,
                     })
+                });
+                b.reconcile(nl, &peers).await?
+            }
+            DataPlane::Wireguard(b) => {
+                let port = b.config_port();
+                let peers = peers_of_type(remotes, "wireguard", &mut skipped, |r| {
+                    wireguard::WgPeer::from_lease(r.subnet, &r.attrs, port).map_err(|e| r.skip(e))
                 });
                 b.reconcile(nl, &peers).await?
             }
@@ -475,6 +538,8 @@ mod tests {
             },
             state_dir: tmp.path().to_path_buf(),
             udp_workers: 2,
+            wg_key_file: None,
+            wg_impl: WgImpl::Auto,
         };
         let own: Ipv4Network = "10.244.1.0/24".parse().unwrap();
 

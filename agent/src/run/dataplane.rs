@@ -190,6 +190,10 @@ impl Plane {
         let device = match &self.backend {
             DataPlane::Vxlan(b) => Some((b.ifindex(), b.device_name().to_string())),
             DataPlane::Udp(b) => Some((b.ifindex(), crate::backend::udp::DEVICE.to_string())),
+            DataPlane::Wireguard(b) => Some((
+                b.ifindex(),
+                crate::backend::wireguard::DEVICE.to_string(),
+            )),
             DataPlane::HostGw(_) => None,
         };
         Watched {
@@ -255,7 +259,7 @@ impl Plane {
                 }
             }
             // The workers' buffers are sized for the MTU: start them again.
-            DataPlane::Udp(_) if rebuild => {
+            DataPlane::Udp(_) | DataPlane::Wireguard(_) if rebuild => {
                 self.resetup().await;
                 out.ops.push(self.recreated_marker());
             }
@@ -336,10 +340,11 @@ impl Plane {
 
     /// Adds what the udp workers counted since the last export to the metrics.
     pub(super) fn export_udp_stats(&mut self) {
-        let DataPlane::Udp(b) = &self.backend else {
-            return;
+        let now = match &self.backend {
+            DataPlane::Udp(b) => b.stats(),
+            DataPlane::Wireguard(b) => b.stats(),
+            _ => return,
         };
-        let now = b.stats();
         let last = std::mem::replace(&mut self.udp_seen, now);
         self.report.udp_traffic(&now, &last);
     }

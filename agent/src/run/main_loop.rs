@@ -90,6 +90,8 @@ pub async fn run_with(
         iface,
         state_dir: settings.state_dir.clone(),
         udp_workers: settings.udp_workers(),
+        wg_key_file: settings.wireguard_key_file.clone(),
+        wg_impl: settings.wireguard_impl,
     };
     // The subnet is a placeholder until the lease is known.
     let placeholder = previous.unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));

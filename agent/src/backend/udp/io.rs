@@ -21,9 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use super::offload::{gso_batches, prepare_tx, Coalescer, Span, TxPacket, VnetHdr, VNET_HDR_LEN};
+use super::offload::{
+    gso_batches, prepare_tx, Coalescer, Span, TxPacket, VnetHdr, MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD,
+    VNET_HDR_LEN,
+};
 use super::packet::{icmp_net_unreachable, parse_ipv4, IcmpLimiter, MAX_PACKET};
 use super::table::{check_inner, DropReason, Outbound, PeerTable};
+use crate::backend::wireguard::userspace::{allowed, Opened, WgTable};
 
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
@@ -62,6 +66,8 @@ pub struct Counters {
     pub icmp_unreachable: AtomicU64,
     pub send_errors: AtomicU64,
     pub tun_errors: AtomicU64,
+    /// wireguard: datagrams refused by the protocol (no peer, bad MAC or tag, replay).
+    pub drop_unauthenticated: AtomicU64,
 }
 
 /// A plain copy of the counters.
@@ -83,6 +89,7 @@ pub struct Stats {
     pub icmp_unreachable: u64,
     pub send_errors: u64,
     pub tun_errors: u64,
+    pub drop_unauthenticated: u64,
 }
 
 impl Stats {
@@ -92,6 +99,7 @@ impl Stats {
             + self.drop_wrong_port
             + self.drop_spoofed_inner
             + self.drop_not_for_us
+            + self.drop_unauthenticated
     }
 }
 
@@ -131,6 +139,7 @@ impl Counters {
         s.icmp_unreachable += g(&self.icmp_unreachable);
         s.send_errors += g(&self.send_errors);
         s.tun_errors += g(&self.tun_errors);
+        s.drop_unauthenticated += g(&self.drop_unauthenticated);
     }
 }
 
@@ -138,6 +147,8 @@ impl Counters {
 #[derive(Debug)]
 pub struct Shared {
     table: RwLock<Arc<PeerTable>>,
+    /// wireguard: the protocol state sealing and opening every datagram; `None` for plain udp.
+    wg: RwLock<Option<Arc<WgTable>>>,
     version: AtomicU64,
     pub stop: AtomicBool,
     /// Set by a worker whose TUN queue died (device deleted): the backend must be set up again.
@@ -149,6 +160,7 @@ impl Shared {
     pub fn new(table: PeerTable, port: u16) -> Shared {
         Shared {
             table: RwLock::new(Arc::new(table)),
+            wg: RwLock::new(None),
             version: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             device_gone: AtomicBool::new(false),
@@ -164,6 +176,16 @@ impl Shared {
 
     pub fn table(&self) -> Arc<PeerTable> {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Publishes the routing table and the WireGuard state that goes with it, as one version.
+    pub fn publish_wg(&self, table: PeerTable, wg: Arc<WgTable>) {
+        *self.wg.write().unwrap_or_else(|e| e.into_inner()) = Some(wg);
+        self.publish(table);
+    }
+
+    pub fn wg(&self) -> Option<Arc<WgTable>> {
+        self.wg.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -350,6 +372,14 @@ struct Bufs {
     rx_iovs: Vec<libc::iovec>,
     rx_msgs: Vec<libc::mmsghdr>,
     write_iovs: Vec<libc::iovec>,
+    /// wireguard: sealed datagrams of one TUN batch, back to back, and where each is.
+    sealed: Vec<u8>,
+    sealed_at: Vec<(usize, usize, SocketAddrV4)>,
+    /// wireguard: one plaintext segment, assembled for sealing.
+    segment: Vec<u8>,
+    /// wireguard: opened packets, at the offsets of their datagrams in `rx`.
+    plain: Vec<Vec<u8>>,
+    control_msg: Vec<u8>,
 }
 
 /// One planned datagram run for `sendmmsg`: `iov_count` iovecs from `iov_first`, to `dst`,
@@ -357,7 +387,7 @@ struct Bufs {
 struct Planned {
     iov_first: usize,
     iov_count: usize,
-    dst: Ipv4Addr,
+    dst: SocketAddrV4,
     gso: Option<u16>,
     segments: usize,
 }
@@ -380,10 +410,17 @@ impl Worker {
             rx_iovs: Vec::new(),
             rx_msgs: Vec::new(),
             write_iovs: Vec::with_capacity(80),
+            sealed: Vec::new(),
+            sealed_at: Vec::new(),
+            segment: Vec::new(),
+            plain: Vec::new(),
+            control_msg: vec![0u8; 2048],
         };
 
         let mut table = self.shared.table();
+        let mut wg = self.shared.wg();
         let mut version = self.shared.version.load(Ordering::Acquire);
+        let mut last_tick = Instant::now();
         let mut coalescer = Coalescer::new();
         let mut icmp_limit = IcmpLimiter::new(100, 50);
         let mut gso_ok = true;
@@ -395,7 +432,21 @@ impl Worker {
             let v = self.shared.version.load(Ordering::Acquire);
             if v != version {
                 table = self.shared.table();
+                wg = self.shared.wg();
                 version = v;
+            }
+            // One worker runs the WireGuard timers (handshake retries, rekeys, keepalives).
+            if let (0, Some(w)) = (self.id, &wg) {
+                if last_tick.elapsed().as_millis() >= 250 {
+                    last_tick = Instant::now();
+                    for p in w.peers() {
+                        if let (Some(b), Some(ep)) =
+                            (w.tick(p, &mut bufs.control_msg), p.endpoint())
+                        {
+                            self.send_one(b, ep);
+                        }
+                    }
+                }
             }
             let mut fds = [
                 libc::pollfd {
@@ -428,7 +479,13 @@ impl Worker {
                 return;
             }
             if fds[0].revents & libc::POLLIN != 0 {
-                match self.tun_to_udp(&table, &mut bufs, &mut icmp_limit, &mut gso_ok) {
+                match self.tun_to_udp(
+                    &table,
+                    wg.as_deref(),
+                    &mut bufs,
+                    &mut icmp_limit,
+                    &mut gso_ok,
+                ) {
                     Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(
@@ -441,7 +498,13 @@ impl Worker {
                 }
             }
             if fds[1].revents & libc::POLLIN != 0 {
-                self.udp_to_tun(&table, &mut bufs, &mut coalescer, &mut gro_ok);
+                self.udp_to_tun(
+                    &table,
+                    wg.as_deref(),
+                    &mut bufs,
+                    &mut coalescer,
+                    &mut gro_ok,
+                );
             }
         }
     }
@@ -450,6 +513,7 @@ impl Worker {
     fn tun_to_udp(
         &self,
         table: &PeerTable,
+        wg: Option<&WgTable>,
         bufs: &mut Bufs,
         icmp_limit: &mut IcmpLimiter,
         gso_ok: &mut bool,
@@ -520,6 +584,11 @@ impl Worker {
             bufs.ready = ready;
             return Ok(());
         }
+        if let Some(wg) = wg {
+            self.seal_and_send(wg, &ready, bufs, gso_ok);
+            bufs.ready = ready;
+            return Ok(());
+        }
         // Plan first, then take pointers: the iovec vector must not move once msghdrs point
         // into it.
         let mut iovs = std::mem::take(&mut bufs.tx_iovs);
@@ -537,7 +606,7 @@ impl Worker {
                     planned.push(Planned {
                         iov_first: iovs.len(),
                         iov_count: 1,
-                        dst: *dst,
+                        dst: SocketAddrV4::new(*dst, self.shared.port),
                         gso: None,
                         segments: 1,
                     });
@@ -559,7 +628,7 @@ impl Worker {
                         planned.push(Planned {
                             iov_first,
                             iov_count: 2 * count,
-                            dst: *dst,
+                            dst: SocketAddrV4::new(*dst, self.shared.port),
                             gso: (count > 1).then_some(tso.seg_size() as u16),
                             segments: count,
                         });
@@ -584,11 +653,7 @@ impl Worker {
         let c = &self.counters;
         let addrs = &mut bufs.tx_addrs;
         addrs.clear();
-        addrs.extend(
-            planned
-                .iter()
-                .map(|p| sockaddr(SocketAddrV4::new(p.dst, self.shared.port))),
-        );
+        addrs.extend(planned.iter().map(|p| sockaddr(p.dst)));
         // One cmsg buffer per message: UDP_SEGMENT takes a u16.
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
@@ -659,6 +724,7 @@ impl Worker {
     fn udp_to_tun(
         &self,
         table: &PeerTable,
+        wg: Option<&WgTable>,
         bufs: &mut Bufs,
         coalescer: &mut Coalescer,
         gro_ok: &mut bool,
@@ -729,6 +795,10 @@ impl Worker {
                     c.count_drop(DropReason::NotReady, datagrams);
                     continue;
                 }
+                if let Some(wg) = wg {
+                    self.open_run(wg, table, i, len, seg, *src.ip(), bufs, coalescer, *gro_ok);
+                    continue;
+                }
                 // One look-up per run: GRO only merges datagrams of one sender (address and
                 // port).
                 let subnets = match table.subnets_of(src) {
@@ -764,7 +834,7 @@ impl Worker {
                     off = end;
                 }
             }
-            self.flush(coalescer, bufs, gro_ok);
+            self.flush(coalescer, bufs, gro_ok, wg.is_some());
             if n < RX_BATCH {
                 break;
             }
@@ -775,7 +845,7 @@ impl Worker {
         bufs.rx_msgs = msgs;
     }
 
-    fn flush(&self, coalescer: &mut Coalescer, bufs: &mut Bufs, gro_ok: &mut bool) {
+    fn flush(&self, coalescer: &mut Coalescer, bufs: &mut Bufs, gro_ok: &mut bool, opened: bool) {
         let c = &self.counters;
         let mut iov = std::mem::take(&mut bufs.write_iovs);
         for it in coalescer.items() {
@@ -785,7 +855,8 @@ impl Worker {
                 iov_len: it.head.len(),
             });
             for p in &it.parts {
-                let b = &bufs.rx[p.buf][p.start..p.end];
+                let src = if opened { &bufs.plain } else { &bufs.rx };
+                let b = &src[p.buf][p.start..p.end];
                 iov.push(libc::iovec {
                     iov_base: b.as_ptr() as *mut libc::c_void,
                     iov_len: b.len(),
@@ -808,6 +879,202 @@ impl Worker {
         }
         coalescer.clear();
         bufs.write_iovs = iov;
+    }
+}
+
+impl Worker {
+    /// One datagram, outside the batches: WireGuard handshakes, cookies and keepalives.
+    fn send_one(&self, b: &[u8], to: SocketAddrV4) {
+        let sa = sockaddr(to);
+        // SAFETY: b and sa are live for the call and their lengths are passed.
+        let rc = unsafe {
+            libc::sendto(
+                self.sock.as_raw_fd(),
+                b.as_ptr().cast(),
+                b.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            inc(&self.counters.send_errors, 1);
+        } else {
+            inc(&self.counters.tx_datagrams, 1);
+        }
+    }
+
+    /// wireguard: seals every segment of the batch, back to back in one buffer, then sends runs
+    /// of equal-sized data messages to one peer as UDP GSO sends (a TSO super-packet's segments
+    /// seal to equal sizes but the last), the rest one by one.
+    fn seal_and_send(
+        &self,
+        wg: &WgTable,
+        ready: &[(usize, TxPacket, Ipv4Addr)],
+        bufs: &mut Bufs,
+        gso_ok: &mut bool,
+    ) {
+        let c = &self.counters;
+        let mut sealed = std::mem::take(&mut bufs.sealed);
+        let mut at = std::mem::take(&mut bufs.sealed_at);
+        let mut segment = std::mem::take(&mut bufs.segment);
+        sealed.clear();
+        at.clear();
+        let mut seal = |pt: &[u8], to: Ipv4Addr, sealed: &mut Vec<u8>| {
+            let Some(peer) = wg.by_public_ip(to) else {
+                c.count_drop(DropReason::UnknownPeer, 1);
+                return;
+            };
+            let Some(ep) = peer.endpoint() else { return };
+            let off = sealed.len();
+            sealed.resize(off + pt.len() + 32 + 148, 0);
+            match wg.seal(peer, pt, &mut sealed[off..]) {
+                Some(b) => {
+                    let n = b.len();
+                    sealed.truncate(off + n);
+                    at.push((off, n, ep));
+                }
+                None => sealed.truncate(off),
+            }
+        };
+        for (slot, tx, dst) in ready {
+            let pkt = &bufs.tx[*slot][VNET_HDR_LEN..];
+            match tx {
+                TxPacket::Single { len } => seal(&pkt[..*len], *dst, &mut sealed),
+                TxPacket::Tso(tso) => {
+                    let headers = &bufs.tx_headers[*slot];
+                    for i in 0..tso.count {
+                        segment.clear();
+                        segment.extend_from_slice(&headers[i * tso.hdr_len..(i + 1) * tso.hdr_len]);
+                        segment.extend_from_slice(&pkt[tso.payload(i)]);
+                        seal(&segment, *dst, &mut sealed);
+                    }
+                }
+            }
+        }
+        // Pointers are taken only now that `sealed` no longer grows.
+        let mut iovs = std::mem::take(&mut bufs.tx_iovs);
+        let mut planned = std::mem::take(&mut bufs.planned);
+        iovs.clear();
+        planned.clear();
+        let mut k = 0;
+        while k < at.len() {
+            let (off, n, ep) = at[k];
+            let data = sealed[off] == 4;
+            let mut count = 1;
+            if *gso_ok && data {
+                while k + count < at.len()
+                    && count < MAX_GSO_SEGMENTS
+                    && (count + 1) * n <= MAX_UDP_PAYLOAD
+                {
+                    let (o2, n2, ep2) = at[k + count];
+                    if ep2 != ep || sealed[o2] != 4 || n2 > n {
+                        break;
+                    }
+                    count += 1;
+                    // A shorter datagram can only end a GSO run.
+                    if n2 < n {
+                        break;
+                    }
+                }
+            }
+            let iov_first = iovs.len();
+            for &(o, len, _) in &at[k..k + count] {
+                iovs.push(libc::iovec {
+                    iov_base: sealed[o..].as_ptr() as *mut libc::c_void,
+                    iov_len: len,
+                });
+            }
+            planned.push(Planned {
+                iov_first,
+                iov_count: count,
+                dst: ep,
+                gso: (count > 1).then_some(n as u16),
+                segments: count,
+            });
+            k += count;
+        }
+        self.send_planned(&mut iovs, &planned, bufs, gso_ok);
+        bufs.tx_iovs = iovs;
+        bufs.planned = planned;
+        bufs.sealed = sealed;
+        bufs.sealed_at = at;
+        bufs.segment = segment;
+    }
+
+    /// wireguard: opens one received run (GRO may have merged several datagrams of one sender)
+    /// into `bufs.plain[i]` at the same offsets, checks each inner packet against the sending
+    /// peer's allowed IPs and this node's subnet, and queues it for the coalescer. Handshake
+    /// replies and the packets a handshake released go out at once, to the lease's endpoint.
+    #[allow(clippy::too_many_arguments)]
+    fn open_run(
+        &self,
+        wg: &WgTable,
+        table: &PeerTable,
+        i: usize,
+        len: usize,
+        seg: usize,
+        src: Ipv4Addr,
+        bufs: &mut Bufs,
+        coalescer: &mut Coalescer,
+        gro_ok: bool,
+    ) {
+        let c = &self.counters;
+        while bufs.plain.len() <= i {
+            bufs.plain.push(vec![0u8; RX_BUF]);
+        }
+        let mut off = 0;
+        while off < len {
+            let end = (off + seg).min(len);
+            let (opened, reply) = {
+                let d = &bufs.rx[i][off..end];
+                let out = &mut bufs.plain[i][off..end];
+                let (o, r) = wg.open(src, d, out);
+                let o = match o {
+                    Opened::Packet(n, peer) => Ok((n, peer)),
+                    Opened::Handled(peer) => Err(Some(peer)),
+                    Opened::Rejected => Err(None),
+                };
+                (o, r)
+            };
+            match opened {
+                Ok((n, peer)) => match parse_ipv4(&bufs.plain[i][off..off + n]) {
+                    Err(e) => c.count_drop(DropReason::Malformed(e), 1),
+                    Ok(hdr) if !allowed(peer, hdr.src) => {
+                        c.count_drop(DropReason::SpoofedInnerSource, 1)
+                    }
+                    Ok(hdr) if !table.own_subnet.contains(hdr.dst) => {
+                        c.count_drop(DropReason::NotForThisNode, 1)
+                    }
+                    Ok(hdr) => {
+                        let span = Span {
+                            buf: i,
+                            start: off,
+                            end: off + hdr.total_len,
+                        };
+                        if gro_ok {
+                            coalescer.push(&bufs.plain[i][off..off + hdr.total_len], &hdr, span);
+                        } else {
+                            coalescer.push_single(span);
+                        }
+                    }
+                },
+                Err(Some(peer)) => {
+                    if let Some(ep) = peer.endpoint() {
+                        if let Some(n) = reply {
+                            let msg = bufs.plain[i][off..off + n].to_vec();
+                            self.send_one(&msg, ep);
+                        }
+                        while let Some(b) = wg.drain(peer, &mut bufs.control_msg) {
+                            let b = b.to_vec();
+                            self.send_one(&b, ep);
+                        }
+                    }
+                }
+                Err(None) => inc(&c.drop_unauthenticated, 1),
+            }
+            off = end;
+        }
     }
 }
 

@@ -85,6 +85,8 @@ pub struct UdpConfig {
     pub queues: usize,
     /// Where the peer table is kept across restarts ([`persist`]); `None`: not kept.
     pub peers_file: Option<std::path::PathBuf>,
+    /// The TUN device: [`DEVICE`], or the wireguard backend's when it runs on these workers.
+    pub device: &'static str,
 }
 
 impl UdpConfig {
@@ -142,9 +144,9 @@ pub fn plan_device(cfg: &UdpConfig, link: &Link, addrs: &[Addr], routes: &[Route
 
 /// Opens (or re-attaches to) the persistent multiqueue TUN device with the virtio-net header and
 /// TCPv4 segmentation offload; one non-blocking descriptor per queue.
-fn open_tun(queues: usize) -> std::io::Result<Vec<OwnedFd>> {
+fn open_tun(name: &str, queues: usize) -> std::io::Result<Vec<OwnedFd>> {
     let first = tun_rs::DeviceBuilder::new()
-        .name(DEVICE)
+        .name(name)
         .offload(true)
         .multi_queue(true)
         // A new device stays down until IPv6 is off and it is configured (tun-rs would bring
@@ -202,62 +204,66 @@ impl UdpBackend {
     /// The workers drop everything until the first [`reconcile`](Self::reconcile) loads the peer
     /// table (so a restart never answers live traffic with ICMP errors).
     pub async fn setup(nl: &Netlink, cfg: UdpConfig) -> Result<UdpBackend, UdpError> {
+        let cfg_device = cfg.device;
         if cfg.mtu() < MIN_MTU {
             return Err(UdpError::Mtu {
                 mtu: cfg.mtu(),
                 underlay_mtu: cfg.underlay_mtu,
             });
         }
-        let existing = nl.link_by_name(DEVICE).await.map_err(UdpError::Device)?;
+        let existing = nl
+            .link_by_name(cfg_device)
+            .await
+            .map_err(UdpError::Device)?;
         if let Some(l) = &existing {
             if l.kind.as_deref() != Some("tun") {
-                tracing::warn!(device = DEVICE, kind = ?l.kind, "udp: replacing a device that is not a TUN device");
+                tracing::warn!(device = cfg_device, kind = ?l.kind, "udp: replacing a device that is not a TUN device");
                 apply_strict(
                     nl,
                     &[Op::LinkDel {
-                        name: DEVICE.into(),
+                        name: cfg_device.into(),
                     }],
                 )
                 .await?;
             }
         }
-        let fds = match open_tun(cfg.queues) {
+        let fds = match open_tun(cfg_device, cfg.queues) {
             Ok(f) => f,
             // A persistent device made with other flags (single queue, no virtio header) refuses
             // to attach: replace it.
             Err(e) if existing.is_some() => {
                 tracing::warn!(
-                    device = DEVICE,
+                    device = cfg_device,
                     "udp: cannot attach to the existing device ({e}); recreating it"
                 );
                 apply_strict(
                     nl,
                     &[Op::LinkDel {
-                        name: DEVICE.into(),
+                        name: cfg_device.into(),
                     }],
                 )
                 .await?;
-                open_tun(cfg.queues).map_err(UdpError::Tun)?
+                open_tun(cfg_device, cfg.queues).map_err(UdpError::Tun)?
             }
             Err(e) => return Err(UdpError::Tun(e)),
         };
         let link = nl
-            .link_by_name(DEVICE)
+            .link_by_name(cfg_device)
             .await
             .map_err(UdpError::Device)?
             .ok_or(UdpError::DeviceGone)?;
         // IPv6 on tweed0 would only make the kernel send router solicitations and MLD reports
         // into the TUN device, which the workers must drop (IPv4 only) and report as malformed
         // every few minutes, forever.
-        match disable_ipv6(Path::new(IPV6_CONF), DEVICE) {
-            Ok(true) => tracing::info!(device = DEVICE, "udp: IPv6 disabled on the device"),
+        match disable_ipv6(Path::new(IPV6_CONF), cfg_device) {
+            Ok(true) => tracing::info!(device = cfg_device, "udp: IPv6 disabled on the device"),
             Ok(false) => {}
-            Err(e) => tracing::warn!(device = DEVICE, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
+            Err(e) => tracing::warn!(device = cfg_device, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
         }
         let setup_ops = configure(nl, &cfg, &link).await?;
         if !setup_ops.is_empty() {
             tracing::info!(
-                device = DEVICE,
+                device = cfg_device,
                 mtu = cfg.mtu(),
                 ops = setup_ops.len(),
                 "udp: device set up"
@@ -317,7 +323,7 @@ impl UdpBackend {
             threads.push(t);
         }
         threads.push(spawn_reporter(shared.clone(), counters.clone()).map_err(UdpError::Thread)?);
-        tracing::info!(device = DEVICE, %bind, workers = counters.len(), mtu = cfg.mtu(), "udp: data plane running");
+        tracing::info!(device = cfg_device, %bind, workers = counters.len(), mtu = cfg.mtu(), "udp: data plane running");
         Ok(UdpBackend {
             cfg,
             ifindex: link.index,
@@ -383,13 +389,25 @@ impl UdpBackend {
         nl: &Netlink,
         peers: &[UdpPeer],
     ) -> Result<ReconcileStats, UdpError> {
+        self.reconcile_with(nl, peers, None).await
+    }
+
+    /// As [`reconcile`](Self::reconcile); with `wg`, the workers seal and open every datagram
+    /// with that WireGuard state (published with the table, always: the caller publishes only
+    /// when something changed).
+    pub async fn reconcile_with(
+        &mut self,
+        nl: &Netlink,
+        peers: &[UdpPeer],
+        wg: Option<Arc<crate::backend::wireguard::userspace::WgTable>>,
+    ) -> Result<ReconcileStats, UdpError> {
         if self.shared.device_gone.load(Ordering::Relaxed) {
             return Err(UdpError::DeviceGone);
         }
         let mut stats = ReconcileStats::default();
         if !self.device_checked {
             let link = nl
-                .link_by_name(DEVICE)
+                .link_by_name(self.cfg.device)
                 .await
                 .map_err(UdpError::Device)?
                 .filter(|l| l.index == self.ifindex)
@@ -402,7 +420,16 @@ impl UdpBackend {
         let mut sorted = peers.to_vec();
         sorted.sort();
         sorted.dedup();
-        if self.peers.as_ref() != Some(&sorted) {
+        if let Some(wg) = wg {
+            let table = PeerTable::new(
+                self.cfg.network,
+                self.cfg.own_subnet,
+                self.cfg.local_ip,
+                &sorted,
+            );
+            self.shared.publish_wg(table, wg);
+            self.peers = Some(sorted);
+        } else if self.peers.as_ref() != Some(&sorted) {
             let table = PeerTable::new(
                 self.cfg.network,
                 self.cfg.own_subnet,
@@ -640,6 +667,7 @@ mod tests {
             mtu_override: None,
             queues: 2,
             peers_file: None,
+            device: DEVICE,
         }
     }
 

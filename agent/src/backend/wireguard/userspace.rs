@@ -1,0 +1,415 @@
+//! The userspace WireGuard: boringtun's noise core (`Tunn`: handshakes, sessions, timers,
+//! sealing and opening, no I/O) per peer, driven by the udp backend's workers, which keep their
+//! TUN/UDP batching and offloads. This module is the part between them, still without I/O:
+//! which peer a datagram belongs to, sealing one inner packet, opening one datagram.
+//!
+//! Peers are found the way WireGuard finds them, not by the outer source address: a handshake
+//! initiation by the static key it carries, everything else by the receiver index we handed
+//! out (its upper 24 bits name the peer). Replies and handshakes always go to the lease's
+//! endpoint: this implementation never roams.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
+use ipnetwork::Ipv4Network;
+
+use super::key::{PrivateKey, PublicKey};
+use super::plan::PeerSpec;
+
+/// Handshake initiations per second before cookies are demanded (boringtun's device default).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// One peer's protocol state, kept across peer-table updates so a lease change elsewhere does
+/// not cost this peer a handshake.
+pub struct PeerState {
+    pub spec: PeerSpec,
+    pub index: u32,
+    /// Shared with the entry this one replaced when only its endpoint or allowed IPs changed.
+    pub tunn: Arc<Mutex<Tunn>>,
+    /// Datagrams from this peer that failed authentication or replay checks.
+    pub rx_rejected: AtomicU64,
+}
+
+impl PeerState {
+    pub fn endpoint(&self) -> Option<SocketAddrV4> {
+        self.spec.endpoint
+    }
+
+    /// Time since the last handshake, bytes sent and received (inner).
+    pub fn stats(&self) -> (Option<Duration>, usize, usize) {
+        let (age, tx, rx, _, _) = lock(&self.tunn).stats();
+        (age, tx, rx)
+    }
+}
+
+fn lock(t: &Mutex<Tunn>) -> std::sync::MutexGuard<'_, Tunn> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The node's side: its key and the peers, published to the workers as one value.
+pub struct WgTable {
+    secret: StaticSecret,
+    public: XPublic,
+    peers: Vec<Arc<PeerState>>,
+    by_index: HashMap<u32, usize>,
+    by_key: HashMap<[u8; 32], usize>,
+    by_public_ip: HashMap<Ipv4Addr, usize>,
+    limiter: Arc<RateLimiter>,
+    next_index: u32,
+    /// Datagrams no peer claims (unknown key or index, garbage).
+    pub rx_unknown: AtomicU64,
+}
+
+impl std::fmt::Debug for WgTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgTable")
+            .field("peers", &self.peers.len())
+            .finish()
+    }
+}
+
+/// What one received datagram asks of the worker.
+pub enum Opened<'a> {
+    /// An inner IPv4 packet of this length from `peer`, at the start of the output buffer;
+    /// its source still has to be checked against the peer's allowed IPs ([`allowed`]).
+    Packet(usize, &'a PeerState),
+    /// Protocol traffic handled; the worker must send what [`WgTable::drain`] yields for `peer`.
+    Handled(&'a PeerState),
+    Rejected,
+}
+
+impl WgTable {
+    pub fn new(key: &PrivateKey) -> WgTable {
+        let secret = StaticSecret::from(*key.bytes());
+        let public = XPublic::from(&secret);
+        WgTable {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            peers: Vec::new(),
+            by_index: HashMap::new(),
+            by_key: HashMap::new(),
+            by_public_ip: HashMap::new(),
+            next_index: 1,
+            rx_unknown: AtomicU64::new(0),
+        }
+    }
+
+    /// The table for `peers`, keeping the state of every peer whose key and PSK are unchanged.
+    pub fn update(&self, key: &PrivateKey, peers: &[PeerSpec]) -> WgTable {
+        let same_key = key.bytes() == self.secret.as_bytes();
+        let mut t = if same_key {
+            WgTable {
+                secret: self.secret.clone(),
+                public: self.public,
+                limiter: self.limiter.clone(),
+                peers: Vec::new(),
+                by_index: HashMap::new(),
+                by_key: HashMap::new(),
+                by_public_ip: HashMap::new(),
+                next_index: self.next_index,
+                rx_unknown: AtomicU64::new(self.rx_unknown.load(Ordering::Relaxed)),
+            }
+        } else {
+            let mut t = WgTable::new(key);
+            t.next_index = self.next_index;
+            t
+        };
+        for spec in peers {
+            let kept = same_key
+                .then(|| self.by_key.get(&spec.public_key.0))
+                .flatten()
+                .map(|&i| &self.peers[i])
+                .filter(|p| p.spec.psk == spec.psk && p.spec.keepalive == spec.keepalive);
+            let state = match kept {
+                Some(p) if p.spec == *spec => p.clone(),
+                // Endpoint or allowed IPs changed: same sessions, new addressing.
+                Some(p) => Arc::new(PeerState {
+                    spec: spec.clone(),
+                    index: p.index,
+                    tunn: p.tunn.clone(),
+                    rx_rejected: AtomicU64::new(0),
+                }),
+                None => {
+                    let index = t.next_index;
+                    t.next_index = (t.next_index + 1) & 0x00ff_ffff;
+                    Arc::new(PeerState {
+                        spec: spec.clone(),
+                        index,
+                        tunn: Arc::new(Mutex::new(t.new_tunn(spec, index))),
+                        rx_rejected: AtomicU64::new(0),
+                    })
+                }
+            };
+            t.insert(state);
+        }
+        t
+    }
+
+    fn new_tunn(&self, spec: &PeerSpec, index: u32) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            XPublic::from(spec.public_key.0),
+            spec.psk,
+            (spec.keepalive != 0).then_some(spec.keepalive),
+            index,
+            Some(self.limiter.clone()),
+        )
+    }
+
+    fn insert(&mut self, p: Arc<PeerState>) {
+        let i = self.peers.len();
+        self.by_index.insert(p.index, i);
+        self.by_key.insert(p.spec.public_key.0, i);
+        if let Some(e) = p.spec.endpoint {
+            self.by_public_ip.insert(*e.ip(), i);
+        }
+        self.peers.push(p);
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+
+    pub fn peers(&self) -> &[Arc<PeerState>] {
+        &self.peers
+    }
+
+    /// The peer whose endpoint is `public_ip` (the udp peer table routes to PublicIPs).
+    pub fn by_public_ip(&self, ip: Ipv4Addr) -> Option<&PeerState> {
+        self.by_public_ip.get(&ip).map(|&i| &*self.peers[i])
+    }
+
+    /// Seals one inner packet for `peer` into `out` (at least `pkt.len() + 32` and 148 bytes).
+    /// The bytes to send: a data message, or a handshake initiation when there is no session
+    /// yet (the packet then waits in the peer's queue and leaves once the handshake is done).
+    pub fn seal<'a>(&self, peer: &PeerState, pkt: &[u8], out: &'a mut [u8]) -> Option<&'a [u8]> {
+        match lock(&peer.tunn).encapsulate(pkt, out) {
+            TunnResult::WriteToNetwork(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Opens one datagram from `src` into `out` (at least the datagram's length).
+    pub fn open(&self, src: Ipv4Addr, d: &[u8], out: &mut [u8]) -> (Opened<'_>, Option<usize>) {
+        let Some(peer) = self.peer_of(d) else {
+            self.rx_unknown.fetch_add(1, Ordering::Relaxed);
+            return (Opened::Rejected, None);
+        };
+        let mut t = lock(&peer.tunn);
+        match t.decapsulate(Some(src.into()), d, out) {
+            TunnResult::WriteToTunnelV4(p, _) => (Opened::Packet(p.len(), peer), None),
+            // Keepalives come out as empty v4 or v6 packets: nothing to write.
+            TunnResult::WriteToTunnelV6(..) | TunnResult::Done => (Opened::Handled(peer), None),
+            TunnResult::WriteToNetwork(b) => {
+                let n = b.len();
+                (Opened::Handled(peer), Some(n))
+            }
+            TunnResult::Err(e) => {
+                tracing::trace!(peer = %peer.spec.public_key, "wireguard: datagram refused: {e:?}");
+                peer.rx_rejected.fetch_add(1, Ordering::Relaxed);
+                (Opened::Rejected, None)
+            }
+        }
+    }
+
+    /// What `peer` has queued for the network after a handshake step (packets held back for
+    /// the session); call until `None`.
+    pub fn drain<'a>(&self, peer: &PeerState, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        match lock(&peer.tunn).decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Runs `peer`'s timers (rekey, keepalive, handshake retry); what to send, if anything.
+    pub fn tick<'a>(&self, peer: &PeerState, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        match lock(&peer.tunn).update_timers(out) {
+            TunnResult::WriteToNetwork(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The peer a datagram is for: a handshake initiation by the static key inside it (one DH,
+    /// rate-limited by the peer's Tunn after), anything else by our receiver index.
+    fn peer_of(&self, d: &[u8]) -> Option<&PeerState> {
+        let i = match Tunn::parse_incoming_packet(d).ok()? {
+            Packet::HandshakeInit(p) => {
+                let half = parse_handshake_anon(&self.secret, &self.public, &p).ok()?;
+                *self.by_key.get(&half.peer_static_public)?
+            }
+            Packet::HandshakeResponse(p) => *self.by_index.get(&(p.receiver_idx >> 8))?,
+            Packet::PacketCookieReply(p) => *self.by_index.get(&(p.receiver_idx >> 8))?,
+            Packet::PacketData(p) => *self.by_index.get(&(p.receiver_idx >> 8))?,
+        };
+        Some(&self.peers[i])
+    }
+}
+
+/// Whether an inner source may come from a peer: inside its allowed IPs.
+pub fn allowed(peer: &PeerState, src: Ipv4Addr) -> bool {
+    peer.spec
+        .allowed_ips
+        .iter()
+        .any(|n: &Ipv4Network| n.contains(src))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::udp::packet::tests::ipv4;
+
+    fn spec(k: &PrivateKey, subnet: &str, ip: &str, psk: Option<[u8; 32]>) -> PeerSpec {
+        spec_of(k.public(), subnet, ip, psk)
+    }
+
+    fn spec_of(public_key: PublicKey, subnet: &str, ip: &str, psk: Option<[u8; 32]>) -> PeerSpec {
+        PeerSpec {
+            public_key,
+            endpoint: Some(SocketAddrV4::new(ip.parse().unwrap(), 51820)),
+            allowed_ips: vec![subnet.parse().unwrap()],
+            psk,
+            keepalive: 0,
+        }
+    }
+
+    /// Delivers every datagram `from` produced to `to`, returning the inner packets that came
+    /// out and the datagrams `to` sends back.
+    fn deliver(to: &WgTable, src: &str, d: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut out = vec![0u8; 2048];
+        let (mut pkts, mut back) = (Vec::new(), Vec::new());
+        let (o, reply) = to.open(src.parse().unwrap(), d, &mut out);
+        let peer = match o {
+            Opened::Packet(n, peer) => {
+                pkts.push(out[..n].to_vec());
+                Some(peer.spec.public_key)
+            }
+            Opened::Handled(peer) => Some(peer.spec.public_key),
+            Opened::Rejected => None,
+        };
+        if let Some(n) = reply {
+            back.push(out[..n].to_vec());
+        }
+        if let Some(k) = peer {
+            let p = &to.peers[to.by_key[&k.0]];
+            let mut buf = vec![0u8; 2048];
+            while let Some(b) = to.drain(p, &mut buf) {
+                back.push(b.to_vec());
+            }
+        }
+        (pkts, back)
+    }
+
+    fn pair(psk_a: Option<[u8; 32]>, psk_b: Option<[u8; 32]>) -> (WgTable, WgTable, PrivateKey) {
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let a = WgTable::new(&ka).update(&ka, &[spec(&kb, "10.244.2.0/24", "198.18.0.2", psk_a)]);
+        let b = WgTable::new(&kb).update(&kb, &[spec(&ka, "10.244.1.0/24", "198.18.0.1", psk_b)]);
+        (a, b, ka)
+    }
+
+    /// A's first packet triggers the handshake, is held, and arrives once the session is up;
+    /// on the wire no byte of it is in clear.
+    #[test]
+    fn handshake_then_data_both_ways_and_no_plaintext_on_the_wire() {
+        let (a, b, _) = pair(None, None);
+        let secret = b"tweed-known-payload-0123456789";
+        let pkt = ipv4("10.244.1.5", "10.244.2.7", 17, secret);
+        let pa = &a.peers()[0];
+        let mut out = vec![0u8; 2048];
+        let init = a.seal(pa, &pkt, &mut out).unwrap().to_vec();
+        assert_eq!(init[0], 1, "handshake initiation");
+        let (got, resp) = deliver(&b, "198.18.0.1", &init);
+        assert!(got.is_empty());
+        assert_eq!(resp.len(), 1);
+        assert_eq!(resp[0][0], 2, "handshake response");
+        // The response completes A's handshake; the held packet then leaves as data.
+        let (got, queued) = deliver(&a, "198.18.0.2", &resp[0]);
+        assert!(got.is_empty());
+        assert!(queued.iter().any(|d| d[0] == 4));
+        let mut inner = Vec::new();
+        for d in &queued {
+            assert!(!d.windows(secret.len()).any(|w| w == secret));
+            inner.extend(deliver(&b, "198.18.0.1", d).0);
+        }
+        assert_eq!(inner, vec![pkt.clone()]);
+        // And back, with the session now established on both sides.
+        let reply = ipv4("10.244.2.7", "10.244.1.5", 17, b"pong");
+        let d = b.seal(&b.peers()[0], &reply, &mut out).unwrap().to_vec();
+        assert_eq!(d[0], 4);
+        assert_eq!(deliver(&a, "198.18.0.2", &d).0, vec![reply]);
+        let (age, tx, rx) = a.peers()[0].stats();
+        assert!(age.is_some());
+        assert!(tx >= pkt.len() && rx > 0, "{tx} {rx}");
+        // A replayed datagram is refused and counted.
+        assert!(deliver(&a, "198.18.0.2", &d).0.is_empty());
+        assert_eq!(a.peers()[0].rx_rejected.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_wrong_psk_or_a_stranger_gets_nothing_through() {
+        let (a, b, _) = pair(Some([1; 32]), Some([2; 32]));
+        let mut out = vec![0u8; 2048];
+        let init = a
+            .seal(
+                &a.peers()[0],
+                &ipv4("10.244.1.5", "10.244.2.7", 1, b"x"),
+                &mut out,
+            )
+            .unwrap()
+            .to_vec();
+        let (got, resp) = deliver(&b, "198.18.0.1", &init);
+        assert!(got.is_empty());
+        // B answers (it cannot check the PSK before), but A cannot complete the handshake.
+        for r in resp {
+            let (got, back) = deliver(&a, "198.18.0.2", &r);
+            assert!(got.is_empty() && back.iter().all(|d| d[0] != 4));
+        }
+        // A node nobody knows: its initiation names no peer.
+        let stranger_key = PrivateKey::generate();
+        let s = WgTable::new(&stranger_key).update(
+            &stranger_key,
+            &[spec_of(b.public_key(), "10.244.2.0/24", "198.18.0.2", None)],
+        );
+        let init = s
+            .seal(
+                &s.peers()[0],
+                &ipv4("10.244.9.1", "10.244.2.7", 1, b"x"),
+                &mut out,
+            )
+            .unwrap()
+            .to_vec();
+        assert!(deliver(&b, "198.18.0.9", &init).1.is_empty());
+        assert!(b.rx_unknown.load(Ordering::Relaxed) >= 1);
+        // Garbage of every short length is refused, never a panic.
+        for n in 0..200 {
+            let junk: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
+            assert!(deliver(&b, "198.18.0.1", &junk).0.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_update_keeps_unchanged_peers_sessions() {
+        let (a, _, ka) = pair(None, None);
+        let before = a.peers()[0].clone();
+        let same = a.update(&ka, std::slice::from_ref(&before.spec));
+        assert!(Arc::ptr_eq(&before, &same.peers()[0]));
+        let kc = PrivateKey::generate();
+        let grown = a.update(
+            &ka,
+            &[
+                before.spec.clone(),
+                spec(&kc, "10.244.3.0/24", "198.18.0.3", None),
+            ],
+        );
+        assert!(Arc::ptr_eq(&before, &grown.peers()[0]));
+        assert_ne!(grown.peers()[1].index, before.index);
+        assert!(grown.by_public_ip("198.18.0.3".parse().unwrap()).is_some());
+    }
+}
