@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use ipnetwork::Ipv4Network;
 use tweed_config::{BackendConfig, LeaseAttrs};
 
-use crate::netlink::{Iface, Netlink, NetlinkError, Op, Route};
+use crate::netlink::{Iface, Link, Netlink, NetlinkError, Op, Route};
 
 pub mod hostgw;
 pub mod route;
@@ -316,6 +316,69 @@ impl Prepared {
         }
     }
 
+    /// What another backend left in the kernel: after an operator switches the network's
+    /// backend and restarts the agent, the old device would keep its routes (a udp `tweed0`
+    /// routes the whole network) and host-gw's per-peer routes via the underlay would shadow
+    /// the new backend's. Devices go with their routes; host-gw routes are told by a gateway
+    /// outside the overlay network, which no other backend writes.
+    pub fn leftovers(&self, network: Ipv4Network, links: &[Link], routes: &[Route]) -> Vec<Op> {
+        let own_vxlan = match self {
+            Prepared::Vxlan(c) => Some(vxlan::device_name(c.vni)),
+            _ => None,
+        };
+        let mut ops: Vec<Op> = links
+            .iter()
+            .filter(|l| {
+                let old_udp = l.name == udp::DEVICE && !matches!(self, Prepared::Udp(_));
+                let old_vxlan = l.kind.as_deref() == Some("vxlan")
+                    && l.name.starts_with("tweed.")
+                    && own_vxlan.as_deref() != Some(l.name.as_str());
+                old_udp || old_vxlan
+            })
+            .map(|l| Op::LinkDel {
+                name: l.name.clone(),
+            })
+            .collect();
+        // vxlan with DirectRouting writes host-gw's kind of route itself.
+        let writes_gateway_routes = match self {
+            Prepared::HostGw(_) => true,
+            Prepared::Vxlan(c) => c.direct_routing.is_some(),
+            Prepared::Udp(_) => false,
+        };
+        if !writes_gateway_routes {
+            ops.extend(
+                routes
+                    .iter()
+                    .filter(|r| {
+                        r.protocol == Route::PROTO_STATIC
+                            && r.dst.prefix() > network.prefix()
+                            && network.contains(r.dst.network())
+                            && r.gateway.is_some_and(|gw| !network.contains(gw))
+                    })
+                    .map(|r| Op::RouteDel(r.clone())),
+            );
+        }
+        ops
+    }
+
+    /// Removes [`leftovers`](Self::leftovers); a failure is logged, since the new backend
+    /// works beside most leftovers and the next restart tries again.
+    pub async fn remove_leftovers(&self, nl: &Netlink, network: Ipv4Network) {
+        let (links, routes) = match (nl.links().await, nl.all_routes().await) {
+            (Ok(l), Ok(r)) => (l, r),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("looking for other backends' leftovers: {e}");
+                return;
+            }
+        };
+        for op in self.leftovers(network, &links, &routes) {
+            match nl.apply(&op).await {
+                Ok(()) => tracing::info!(backend = self.type_name(), "removed leftover: {op}"),
+                Err(e) => tracing::warn!("removing leftover ({op}): {e}"),
+            }
+        }
+    }
+
     /// Sets the backend up (idempotent: a restart finds its device and changes nothing).
     pub async fn setup(&self, nl: &Netlink) -> Result<DataPlane, BackendError> {
         Ok(match self {
@@ -507,6 +570,74 @@ mod tests {
             subnet: subnet.parse().unwrap(),
             attrs: LeaseAttrs::parse(value.as_bytes()).unwrap(),
         }
+    }
+
+    #[test]
+    fn leftovers_of_other_backends_are_removed_and_nothing_else() {
+        let network: Ipv4Network = "10.244.0.0/16".parse().unwrap();
+        let link = |index, name: &str, kind: Option<&str>| Link {
+            index,
+            name: name.into(),
+            mtu: 1450,
+            mac: None,
+            kind: kind.map(Into::into),
+            up: true,
+            vxlan: None,
+            master: None,
+        };
+        let links = [
+            link(1, "eth1", None),
+            link(2, "tweed.1", Some("vxlan")),
+            link(3, "tweed0", Some("tun")),
+            link(4, "tweed.7", Some("vxlan")),
+            link(5, "tweed.9", Some("bridge")),
+        ];
+        let route = |dst: &str, gw: &str, oif, protocol| Route {
+            dst: dst.parse().unwrap(),
+            gateway: Some(gw.parse().unwrap()),
+            oif: Some(oif),
+            onlink: false,
+            metric: 0,
+            protocol,
+        };
+        let hostgw = route("10.244.5.0/24", "192.168.56.12", 1, Route::PROTO_STATIC);
+        let routes = [
+            hostgw.clone(),
+            // vxlan's own: gateway inside the overlay
+            route("10.244.6.0/24", "10.244.6.0", 2, Route::PROTO_STATIC),
+            // not tweed's: another protocol, outside the network, the whole network
+            route("10.244.7.0/24", "192.168.56.13", 1, Route::PROTO_BOOT),
+            route("10.9.0.0/24", "192.168.56.13", 1, Route::PROTO_STATIC),
+            route("10.244.0.0/16", "192.168.56.13", 1, Route::PROTO_STATIC),
+        ];
+        let vxlan = Prepared::Vxlan(VxlanConfig {
+            vni: 1,
+            port: 0,
+            local_ip: "192.168.56.11".parse().unwrap(),
+            underlay_ifindex: 1,
+            underlay_mtu: 1500,
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+            mac_file: PathBuf::from("/nonexistent"),
+            mtu_override: None,
+            direct_routing: None,
+        });
+        let del = |n: &str| Op::LinkDel { name: n.into() };
+        assert_eq!(
+            vxlan.leftovers(network, &links, &routes),
+            vec![del("tweed0"), del("tweed.7"), Op::RouteDel(hostgw.clone())]
+        );
+        let hg = Prepared::HostGw(HostGwConfig {
+            network,
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+            local_ip: "192.168.56.11".parse().unwrap(),
+            underlay_ifindex: 1,
+            underlay_name: "eth1".into(),
+            underlay_mtu: 1500,
+        });
+        assert_eq!(
+            hg.leftovers(network, &links, &routes),
+            vec![del("tweed.1"), del("tweed0"), del("tweed.7")]
+        );
     }
 
     #[tokio::test]

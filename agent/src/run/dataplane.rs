@@ -71,6 +71,7 @@ impl Plane {
         report: Report,
     ) -> Result<Plane, AgentError> {
         prepared.set_own_subnet(own.subnet());
+        prepared.remove_leftovers(&nl, config.network).await;
         let backend = prepared.setup(&nl).await?;
         if let (DataPlane::Vxlan(b), Some(data)) = (&backend, &attrs.backend_data) {
             if !data.get().contains(&b.vtep_mac().to_string()) {
