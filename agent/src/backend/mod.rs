@@ -330,10 +330,11 @@ impl Prepared {
             .iter()
             .filter(|l| {
                 let old_udp = l.name == udp::DEVICE && !matches!(self, Prepared::Udp(_));
+                let old_wg = l.name == wireguard::DEVICE && !matches!(self, Prepared::Wireguard(_));
                 let old_vxlan = l.kind.as_deref() == Some("vxlan")
                     && l.name.starts_with("tweed.")
                     && own_vxlan.as_deref() != Some(l.name.as_str());
-                old_udp || old_vxlan
+                old_udp || old_wg || old_vxlan
             })
             .map(|l| Op::LinkDel {
                 name: l.name.clone(),
@@ -343,7 +344,7 @@ impl Prepared {
         let writes_gateway_routes = match self {
             Prepared::HostGw(_) => true,
             Prepared::Vxlan(c) => c.direct_routing.is_some(),
-            Prepared::Udp(_) => false,
+            Prepared::Udp(_) | Prepared::Wireguard(_) => false,
         };
         if !writes_gateway_routes {
             ops.extend(
@@ -355,7 +356,7 @@ impl Prepared {
                             && network.contains(r.dst.network())
                             && r.gateway.is_some_and(|gw| !network.contains(gw))
                     })
-                    .map(|r| Op::RouteDel(r.clone())),
+                    .map(|r| Op::RouteDel(*r)),
             );
         }
         ops
@@ -584,6 +585,7 @@ mod tests {
             up: true,
             vxlan: None,
             master: None,
+            alias: None,
         };
         let links = [
             link(1, "eth1", None),
@@ -602,7 +604,7 @@ mod tests {
         };
         let hostgw = route("10.244.5.0/24", "192.168.56.12", 1, Route::PROTO_STATIC);
         let routes = [
-            hostgw.clone(),
+            hostgw,
             // vxlan's own: gateway inside the overlay
             route("10.244.6.0/24", "10.244.6.0", 2, Route::PROTO_STATIC),
             // not tweed's: another protocol, outside the network, the whole network
@@ -624,7 +626,7 @@ mod tests {
         let del = |n: &str| Op::LinkDel { name: n.into() };
         assert_eq!(
             vxlan.leftovers(network, &links, &routes),
-            vec![del("tweed0"), del("tweed.7"), Op::RouteDel(hostgw.clone())]
+            vec![del("tweed0"), del("tweed.7"), Op::RouteDel(hostgw)]
         );
         let hg = Prepared::HostGw(HostGwConfig {
             network,

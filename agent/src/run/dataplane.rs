@@ -191,10 +191,9 @@ impl Plane {
         let device = match &self.backend {
             DataPlane::Vxlan(b) => Some((b.ifindex(), b.device_name().to_string())),
             DataPlane::Udp(b) => Some((b.ifindex(), crate::backend::udp::DEVICE.to_string())),
-            DataPlane::Wireguard(b) => Some((
-                b.ifindex(),
-                crate::backend::wireguard::DEVICE.to_string(),
-            )),
+            DataPlane::Wireguard(b) => {
+                Some((b.ifindex(), crate::backend::wireguard::DEVICE.to_string()))
+            }
             DataPlane::HostGw(_) => None,
         };
         Watched {
