@@ -259,7 +259,7 @@ mod tests {
         assert_eq!("host-gw".parse::<Backend>().unwrap(), Backend::HostGw);
         assert_eq!(
             "ipip".parse::<Backend>().unwrap_err(),
-            r#"unknown backend "ipip": expected vxlan, host-gw or udp"#
+            r#"unknown backend "ipip": expected vxlan, host-gw, udp or wireguard"#
         );
     }
 
