@@ -10,5 +10,5 @@ pub mod network;
 pub mod subnet_env;
 
 pub use lease::{LeaseAttrs, LeaseRejection, SubnetKey};
-pub use network::{BackendConfig, NetworkConfig, WireguardConfig, WireguardMode};
-pub use subnet_env::SubnetEnv;
+pub use network::{BackendConfig, Ipv6Config, NetworkConfig, WireguardConfig, WireguardMode};
+pub use subnet_env::{SubnetEnv, SubnetEnvV6};
