@@ -418,6 +418,50 @@ impl LeaseAttrs {
     }
 }
 
+/// What this node makes of a peer lease's IPv6 half. The IPv4 half is checked by
+/// [`LeaseAttrs::validate`]; a bad or missing v6 half never rejects the lease, it only means no
+/// v6 route to that peer (a v4-only node in a dual-stack network still reaches everyone by v4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerIpv6 {
+    /// Route the peer's v6 subnet via its `PublicIPv6`.
+    Usable {
+        subnet: Ipv6Network,
+        public_ipv6: Ipv6Addr,
+    },
+    /// Nothing to route; the reason is for the log (a fixed, small set).
+    Skipped(&'static str),
+}
+
+impl LeaseAttrs {
+    /// `ipv6` is this node's view of the network's IPv6 half (`None` when it runs v4-only).
+    pub fn peer_ipv6(&self, key: &SubnetKey, ipv6: Option<&crate::Ipv6Config>) -> PeerIpv6 {
+        let Some(cfg) = ipv6 else {
+            return PeerIpv6::Skipped("this node runs IPv4 only");
+        };
+        let Some(subnet) = key.ipv6 else {
+            return PeerIpv6::Skipped("the peer's lease has no IPv6 subnet");
+        };
+        let Some(public_ipv6) = self.public_ipv6 else {
+            return PeerIpv6::Skipped("the peer's lease has an IPv6 subnet but no PublicIPv6");
+        };
+        if !cfg.network.contains(subnet.network()) || subnet.prefix() != cfg.subnet_len {
+            return PeerIpv6::Skipped("the peer's IPv6 subnet is not a node subnet of IPv6Network");
+        }
+        if unusable_v6(public_ipv6).is_some() {
+            return PeerIpv6::Skipped(
+                "the peer's PublicIPv6 is unspecified, loopback or multicast",
+            );
+        }
+        if cfg.network.contains(public_ipv6) {
+            return PeerIpv6::Skipped("the peer's PublicIPv6 is inside the IPv6 overlay");
+        }
+        PeerIpv6::Usable {
+            subnet,
+            public_ipv6,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VxlanLeaseData {
     #[serde(rename = "VNI", default)]
@@ -498,6 +542,79 @@ mod tests {
         ] {
             assert!(k.parse::<SubnetKey>().is_err(), "{k} should be rejected");
         }
+    }
+
+    /// A dual-stack lease exactly as flannel writes it, read by a v4-only tweed node and by a
+    /// dual-stack one.
+    #[test]
+    fn flannel_dual_stack_lease_v4_only_node_skips_the_v6_half() {
+        let key: SubnetKey = "10.244.3.0-24&fd00:10:244:3::-64".parse().unwrap();
+        let attrs = LeaseAttrs::parse(
+            br#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#,
+        )
+        .unwrap();
+        let net = net("10.244.0.0/16");
+        assert_eq!(attrs.validate(&key, net, 24), Ok(()));
+        assert_eq!(
+            attrs.peer_ipv6(&key, None),
+            PeerIpv6::Skipped("this node runs IPv4 only")
+        );
+        let cfg = crate::NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap()
+        .ipv6
+        .unwrap();
+        assert_eq!(
+            attrs.peer_ipv6(&key, Some(&cfg)),
+            PeerIpv6::Usable {
+                subnet: "fd00:10:244:3::/64".parse().unwrap(),
+                public_ipv6: "2001:db8::6".parse().unwrap()
+            }
+        );
+        // Bad v6 halves are skipped, never fatal, and the v4 half stays valid.
+        let v4_only_key: SubnetKey = "10.244.3.0-24".parse().unwrap();
+        for (k, v) in [
+            (
+                &v4_only_key,
+                r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6"}"#,
+            ),
+            (&key, r#"{"PublicIP":"198.18.0.6"}"#),
+            (&key, r#"{"PublicIP":"198.18.0.6","PublicIPv6":"::1"}"#),
+            (&key, r#"{"PublicIP":"198.18.0.6","PublicIPv6":"ff02::1"}"#),
+            (
+                &key,
+                r#"{"PublicIP":"198.18.0.6","PublicIPv6":"fd00:10:244:9::1"}"#,
+            ),
+            (
+                &"10.244.3.0-24&fd00:99::-64".parse().unwrap(),
+                r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6"}"#,
+            ),
+            (
+                &"10.244.3.0-24&fd00:10:244:3::-80".parse().unwrap(),
+                r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6"}"#,
+            ),
+            (
+                &"10.244.3.0-24&fd00:10:244::-48".parse().unwrap(),
+                r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6"}"#,
+            ),
+        ] {
+            let a = LeaseAttrs::parse(v.as_bytes()).unwrap();
+            assert!(
+                matches!(a.peer_ipv6(k, Some(&cfg)), PeerIpv6::Skipped(_)),
+                "{k} {v}"
+            );
+            // validate() already refuses a loopback/multicast PublicIPv6 outright (a value no
+            // real node writes); every other bad v6 half leaves the v4 half usable.
+            if !v.contains("::1\"") && !v.contains("ff02") {
+                assert_eq!(a.validate(k, net, 24), Ok(()), "{k} {v}");
+            }
+        }
+        // A PublicIPv6 that is not an address at all makes the value unreadable, as any corrupt
+        // value is: the watch skips and logs it.
+        assert!(
+            LeaseAttrs::parse(br#"{"PublicIP":"198.18.0.6","PublicIPv6":"10.0.0.1"}"#).is_err()
+        );
     }
 
     #[test]
