@@ -6,8 +6,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const DEFAULT_SUBNET_LEN: u8 = 24;
 pub const DEFAULT_IPV6_SUBNET_LEN: u8 = 64;
-/// Longest IPv6 node subnet flannel accepts: a /124 still holds a gateway and a few pods.
-pub const MAX_IPV6_SUBNET_LEN: u8 = 124;
+/// Longest IPv6 node subnet flannel accepts: a /126 still holds a gateway and a pod.
+pub const MAX_IPV6_SUBNET_LEN: u8 = 126;
+/// Longest IPv6Network prefix: four subnets of the longest length.
+pub const MAX_IPV6_NETWORK_PREFIX: u8 = MAX_IPV6_SUBNET_LEN - 2;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 pub const DEFAULT_UDP_PORT: u16 = 8285;
 pub const DEFAULT_VNI: u32 = 1;
@@ -77,6 +79,12 @@ impl Ipv6Config {
             ));
         }
         let prefix = network.prefix();
+        if prefix > MAX_IPV6_NETWORK_PREFIX {
+            return Err(bad(
+                "IPv6Network",
+                format!("{network} is too small: it needs at least /{MAX_IPV6_NETWORK_PREFIX} to hold four node subnets"),
+            ));
+        }
         let subnet_len = match get_uint(obj, "IPv6SubnetLen", "IPv6SubnetLen", 128)? {
             Some(0) | None if prefix > 62 => prefix.saturating_add(2),
             Some(0) | None => DEFAULT_IPV6_SUBNET_LEN,
@@ -100,7 +108,7 @@ impl Ipv6Config {
         }
         let size = 1u128 << (128 - subnet_len as u32);
         let first = u128::from(network.network());
-        // prefix < subnet_len <= 124, so the shift cannot overflow.
+        // prefix < subnet_len <= 126, so the shift cannot overflow.
         let last_subnet = first + ((1u128 << (128 - prefix as u32)) - size);
         let check = |field: &'static str, addr: Ipv6Addr| -> Result<Ipv6Addr, NetworkConfigError> {
             if !network.contains(addr) {
@@ -829,15 +837,21 @@ mod ipv6_tests {
             ("fd00::/63", 65),
             ("fd00::/100", 102),
             ("fd00::/122", 124),
+            ("fd00::/124", 126),
         ] {
             let c = v6(&format!(r#","IPv6Network":"{net}""#)).unwrap();
             assert_eq!(c.ipv6.unwrap().subnet_len, want, "{net}");
         }
-        // /123 would default to /125, past the limit.
-        assert_eq!(
-            field_of(v6(r#","IPv6Network":"fd00::/123""#)),
-            "IPv6SubnetLen"
-        );
+        // Past /124 the network cannot hold four subnets of at most /126.
+        for net in ["fd00::/125", "fd00::/128"] {
+            assert_eq!(
+                field_of(v6(&format!(r#","IPv6Network":"{net}""#))),
+                "IPv6Network",
+                "{net}"
+            );
+        }
+        let c = v6(r#","IPv6Network":"fd00::/48","IPv6SubnetLen":126"#).unwrap();
+        assert_eq!(c.ipv6.unwrap().subnet_len, 126);
     }
 
     #[test]
@@ -872,7 +886,15 @@ mod ipv6_tests {
                 "IPv6SubnetLen",
             ),
             (
-                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":125"#,
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":127"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":128"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/124","IPv6SubnetLen":125"#,
                 "IPv6SubnetLen",
             ),
             (
