@@ -57,12 +57,13 @@ impl SubnetEnv {
         let mut s = String::new();
         let _ = writeln!(s, "TWEED_NETWORK={}", self.network);
         let _ = writeln!(s, "TWEED_SUBNET={}", self.subnet);
-        let _ = writeln!(s, "TWEED_MTU={}", self.mtu);
-        let _ = writeln!(s, "TWEED_IPMASQ={}", self.ipmasq);
+        // The v6 pair sits where flannel puts FLANNEL_IPV6_*: after the v4 pair.
         if let Some(v6) = &self.ipv6 {
             let _ = writeln!(s, "TWEED_IPV6_NETWORK={}", v6.network);
             let _ = writeln!(s, "TWEED_IPV6_SUBNET={}", v6.subnet);
         }
+        let _ = writeln!(s, "TWEED_MTU={}", self.mtu);
+        let _ = writeln!(s, "TWEED_IPMASQ={}", self.ipmasq);
         s
     }
 
@@ -234,9 +235,8 @@ mod tests {
         let s = dual();
         let text = s.render();
         assert!(
-            text.ends_with(
-                "TWEED_IPMASQ=true\nTWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:3::1/64\n"
-            ),
+            text
+                == "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.3.1/24\nTWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:3::1/64\nTWEED_MTU=1450\nTWEED_IPMASQ=true\n",
             "{text}"
         );
         assert_eq!(SubnetEnv::parse(Path::new("x"), &text).unwrap(), s);
