@@ -1,10 +1,10 @@
 //! Choosing this node's subnet. Pure: the caller lists leases, this decides, the caller writes.
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use rand::Rng;
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
-use tweed_config::NetworkConfig;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use tweed_config::{Ipv6Config, NetworkConfig};
 
 use crate::watch::Lease;
 
@@ -19,6 +19,15 @@ pub enum AllocError {
         count: u32,
         min: Ipv4Addr,
         max: Ipv4Addr,
+    },
+    #[error(
+        "no free IPv6 subnet: the /{subnet_len} subnets of {network} between {min} and {max} are leased or covered by other keys"
+    )]
+    OutOfIpv6Subnets {
+        network: Ipv6Network,
+        subnet_len: u8,
+        min: Ipv6Addr,
+        max: Ipv6Addr,
     },
 }
 
@@ -84,6 +93,172 @@ pub fn choose(
         min: cfg.subnet_min,
         max: cfg.subnet_max,
     })
+}
+
+fn overlaps_v6(a: Ipv6Network, b: Ipv6Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+/// Up to this many subnets the IPv6 range is scanned exhaustively, like IPv4's. Beyond it (a /48
+/// of /64s already has 65535) the range is far larger than any cluster, so random probes plus a
+/// scan bounded by the number of occupied keys find a free subnet unless large foreign keys cover
+/// the range.
+const V6_EXHAUSTIVE_SCAN: u128 = 1 << 16;
+
+/// The IPv6 half of a dual-stack lease, chosen by the same rules as [`choose`]: the previous
+/// subnet (from the old subnet.env) if still free, else a random free one in
+/// [IPv6SubnetMin, IPv6SubnetMax]. `occupied` holds the v6 part of every key under `subnets/`.
+pub fn choose_v6(
+    cfg: &Ipv6Config,
+    occupied: &[Ipv6Network],
+    previous: Option<Ipv6Network>,
+    exclude: &HashSet<Ipv6Network>,
+    rng: &mut impl Rng,
+) -> Result<Ipv6Network, AllocError> {
+    let is_free =
+        |s: Ipv6Network| !exclude.contains(&s) && !occupied.iter().any(|o| overlaps_v6(*o, s));
+    if let Some(p) = previous.filter(|p| cfg.is_allocatable(*p) && is_free(*p)) {
+        return Ok(p);
+    }
+    let count = cfg.subnet_count();
+    for _ in 0..32 {
+        let s = cfg
+            .nth_subnet(rng.random_range(0..count))
+            .expect("index in range");
+        if is_free(s) {
+            return Ok(s);
+        }
+    }
+    // n keys of subnet size block at most n consecutive indices, so n+1 steps past a random start
+    // reach a free one whenever one exists in that stretch.
+    let steps = if count <= V6_EXHAUSTIVE_SCAN {
+        count
+    } else {
+        (occupied.len() + exclude.len()) as u128 + 1
+    };
+    let start = rng.random_range(0..count);
+    for i in 0..steps {
+        let s = cfg.nth_subnet((start + i) % count).expect("index in range");
+        if is_free(s) {
+            return Ok(s);
+        }
+    }
+    Err(AllocError::OutOfIpv6Subnets {
+        network: cfg.network,
+        subnet_len: cfg.subnet_len,
+        min: cfg.subnet_min,
+        max: cfg.subnet_max,
+    })
+}
+
+#[cfg(test)]
+mod v6_tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn v6(extra: &str) -> Ipv6Config {
+        NetworkConfig::parse(&format!(
+            r#"{{"Network":"10.244.0.0/16","EnableIPv6":true{extra}}}"#
+        ))
+        .unwrap()
+        .ipv6
+        .unwrap()
+    }
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(11)
+    }
+
+    fn n(s: &str) -> Ipv6Network {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn previous_when_free_else_random_in_range() {
+        let c = v6(r#","IPv6Network":"fd00:10:244::/56""#);
+        let prev = n("fd00:10:244:12::/64");
+        assert_eq!(
+            choose_v6(&c, &[], Some(prev), &HashSet::new(), &mut rng()).unwrap(),
+            prev
+        );
+        for seed in 0..50 {
+            let s = choose_v6(
+                &c,
+                &[prev],
+                Some(prev),
+                &HashSet::new(),
+                &mut rand::rngs::StdRng::seed_from_u64(seed),
+            )
+            .unwrap();
+            assert_ne!(s, prev);
+            assert!(c.is_allocatable(s), "{s}");
+        }
+        // Previous subnet of another length or outside the range: ignored.
+        for p in [
+            "fd00:10:244:12::/80",
+            "fd00:10:244::/64",
+            "fd00:10:245:1::/64",
+        ] {
+            let s = choose_v6(&c, &[], Some(n(p)), &HashSet::new(), &mut rng()).unwrap();
+            assert!(c.is_allocatable(s) && s != n(p), "{p} -> {s}");
+        }
+    }
+
+    #[test]
+    fn every_free_subnet_is_reachable_then_exhaustion() {
+        let c = v6(r#","IPv6Network":"fd00::/60""#);
+        assert_eq!(c.subnet_count(), 15);
+        let mut occ = Vec::new();
+        for _ in 0..15 {
+            let s = choose_v6(&c, &occ, None, &HashSet::new(), &mut rng()).unwrap();
+            assert!(!occ.contains(&s));
+            occ.push(s);
+        }
+        let err = choose_v6(&c, &occ, None, &HashSet::new(), &mut rng()).unwrap_err();
+        assert!(
+            matches!(err, AllocError::OutOfIpv6Subnets { subnet_len: 64, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn foreign_wide_keys_and_race_exclusions_block() {
+        let c = v6(r#","IPv6Network":"fd00::/60""#);
+        // A foreign key covering the whole network: nothing is free.
+        assert!(choose_v6(&c, &[n("fd00::/56")], None, &HashSet::new(), &mut rng()).is_err());
+        // Everything but fd00:0:0:5::/64 is occupied or lost a race.
+        let occ: Vec<_> = (1..=15u16)
+            .filter(|i| i % 2 == 0)
+            .map(|i| n(&format!("fd00:0:0:{i:x}::/64")))
+            .collect();
+        let lost: HashSet<_> = (1..=15u16)
+            .filter(|i| i % 2 == 1 && *i != 5)
+            .map(|i| n(&format!("fd00:0:0:{i:x}::/64")))
+            .collect();
+        assert_eq!(
+            choose_v6(&c, &occ, None, &lost, &mut rng()).unwrap(),
+            n("fd00:0:0:5::/64")
+        );
+    }
+
+    #[test]
+    fn a_huge_range_terminates_and_avoids_occupied() {
+        // 2^116 - 1 subnets: never scanned whole.
+        let c = v6(r#","IPv6Network":"fd00::/8","IPv6SubnetLen":124"#);
+        let occ = vec![n("fd00::10/124"), n("fd00::20/124")];
+        let s = choose_v6(
+            &c,
+            &occ,
+            Some(n("fd00::10/124")),
+            &HashSet::new(),
+            &mut rng(),
+        )
+        .unwrap();
+        assert!(c.is_allocatable(s) && !occ.contains(&s), "{s}");
+        // A foreign key covering it all: a bounded search, then a clear error.
+        let err = choose_v6(&c, &[n("fd00::/8")], None, &HashSet::new(), &mut rng()).unwrap_err();
+        assert!(err.to_string().contains("fd00::/8"), "{err}");
+    }
 }
 
 #[cfg(test)]

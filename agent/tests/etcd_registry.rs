@@ -277,3 +277,48 @@ async fn reserve_detaches_the_ttl_and_unreserve_attaches_a_fresh_one() {
         UnreserveOutcome::NotFound
     );
 }
+
+/// A dual-stack lease written by a flannel node (key and value in flannel's exact format) is
+/// listed with both halves, its v4 subnet blocks allocation, and a v4-only tweed node reads it
+/// without touching it.
+#[tokio::test]
+async fn a_flannel_dual_stack_lease_is_read_and_avoided_by_a_v4_only_node() {
+    let env = Env::start();
+    let reg = env.registry().await;
+    let key = format!("{P}/subnets/10.244.7.0-24&fd00:10:244:7::-64");
+    let value = r#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:09"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:0a"}}"#;
+    env.ctl(&["put", &key, value]);
+    let snap = reg.list_leases().await.unwrap();
+    // The watch's table: the same parse and validation the running agent applies.
+    let mut table = tweed_agent::watch::LeaseTable::new(P, cfg().network, 24);
+    let applied = table.resync(&snap.leases);
+    assert!(applied.skipped.is_empty(), "{:?}", applied.skipped);
+    let theirs = table
+        .leases()
+        .find(|l| l.key.ipv4 == "10.244.7.0/24".parse().unwrap())
+        .expect("the flannel lease is listed");
+    assert_eq!(theirs.key.ipv6, Some("fd00:10:244:7::/64".parse().unwrap()));
+    assert_eq!(
+        theirs.attrs.public_ipv6,
+        Some("2001:db8::9".parse().unwrap())
+    );
+    assert_eq!(theirs.attrs.to_json(), value);
+    assert_eq!(
+        theirs.attrs.validate(&theirs.key, cfg().network, 24),
+        Ok(())
+    );
+    // Our previous subnet was the one flannel now holds: we must take another.
+    let own = acquire(
+        &reg,
+        &cfg(),
+        &attrs(3),
+        Some("10.244.7.0/24".parse().unwrap()),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert_ne!(own.subnet(), "10.244.7.0/24".parse().unwrap());
+    assert_eq!(own.key.ipv6, None, "a v4-only node writes a v4-only key");
+    let out = env.ctl(&["get", &key, "--print-value-only"]);
+    assert_eq!(out.trim(), value, "the foreign lease is left untouched");
+}

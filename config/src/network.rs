@@ -1,10 +1,15 @@
 //! The network config JSON stored at `<prefix>/config`, spelled as flannel spells it.
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::{Map, Value};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const DEFAULT_SUBNET_LEN: u8 = 24;
+pub const DEFAULT_IPV6_SUBNET_LEN: u8 = 64;
+/// Longest IPv6 node subnet flannel accepts: a /126 still holds a gateway and a pod.
+pub const MAX_IPV6_SUBNET_LEN: u8 = 126;
+/// Longest IPv6Network prefix: four subnets of the longest length.
+pub const MAX_IPV6_NETWORK_PREFIX: u8 = MAX_IPV6_SUBNET_LEN - 2;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 pub const DEFAULT_UDP_PORT: u16 = 8285;
 pub const DEFAULT_VNI: u32 = 1;
@@ -37,6 +42,157 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
     pub backend: BackendConfig,
+    /// `EnableIPv4`; only `true` is accepted until tweed has an IPv6-only mode.
+    pub enable_ipv4: bool,
+    /// Present when `EnableIPv6` is true.
+    pub ipv6: Option<Ipv6Config>,
+}
+
+/// The IPv6 half of a dual-stack network (`EnableIPv6: true`), defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6Config {
+    pub network: Ipv6Network,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv6Addr,
+    pub subnet_max: Ipv6Addr,
+}
+
+impl Ipv6Config {
+    fn parse(obj: &Map<String, Value>) -> Result<Self, NetworkConfigError> {
+        let net_str = get_str(obj, "IPv6Network", "IPv6Network")?.ok_or_else(|| {
+            bad(
+                "IPv6Network",
+                "missing while EnableIPv6 is true (e.g. \"fd00:10:244::/56\")",
+            )
+        })?;
+        let network: Ipv6Network = net_str
+            .parse()
+            .map_err(|_| bad("IPv6Network", format!("{net_str:?} is not an IPv6 CIDR")))?;
+        if network.network() != network.ip() {
+            return Err(bad(
+                "IPv6Network",
+                format!(
+                    "{net_str} has host bits set; did you mean {}/{}?",
+                    network.network(),
+                    network.prefix()
+                ),
+            ));
+        }
+        let prefix = network.prefix();
+        if prefix > MAX_IPV6_NETWORK_PREFIX {
+            return Err(bad(
+                "IPv6Network",
+                format!("{network} is too small: it needs at least /{MAX_IPV6_NETWORK_PREFIX} to hold four node subnets"),
+            ));
+        }
+        let subnet_len = match get_uint(obj, "IPv6SubnetLen", "IPv6SubnetLen", 128)? {
+            Some(0) | None if prefix > 62 => prefix.saturating_add(2),
+            Some(0) | None => DEFAULT_IPV6_SUBNET_LEN,
+            Some(v) => v as u8,
+        };
+        if subnet_len > MAX_IPV6_SUBNET_LEN {
+            return Err(bad(
+                "IPv6SubnetLen",
+                format!(
+                    "{subnet_len} is too long: a node subnet needs at least /{MAX_IPV6_SUBNET_LEN}"
+                ),
+            ));
+        }
+        if subnet_len <= prefix || subnet_len - prefix < 2 {
+            return Err(bad(
+                "IPv6SubnetLen",
+                format!(
+                    "IPv6Network {network} holds fewer than 4 subnets of /{subnet_len}; use a larger IPv6Network or a longer IPv6SubnetLen"
+                ),
+            ));
+        }
+        let size = 1u128 << (128 - subnet_len as u32);
+        let first = u128::from(network.network());
+        // prefix < subnet_len <= 126, so the shift cannot overflow.
+        let last_subnet = first + ((1u128 << (128 - prefix as u32)) - size);
+        let check = |field: &'static str, addr: Ipv6Addr| -> Result<Ipv6Addr, NetworkConfigError> {
+            if !network.contains(addr) {
+                return Err(bad(
+                    field,
+                    format!("{addr} is outside IPv6Network {network}"),
+                ));
+            }
+            if (u128::from(addr) - first) % size != 0 {
+                return Err(bad(
+                    field,
+                    format!("{addr} is not aligned to IPv6SubnetLen /{subnet_len}"),
+                ));
+            }
+            Ok(addr)
+        };
+        let get_v6 = |key: &'static str| -> Result<Option<Ipv6Addr>, NetworkConfigError> {
+            get_str(obj, key, key)?
+                .map(|s| {
+                    s.parse::<Ipv6Addr>()
+                        .map_err(|_| bad(key, format!("{s:?} is not an IPv6 address")))
+                })
+                .transpose()
+        };
+        let subnet_min = match get_v6("IPv6SubnetMin")? {
+            Some(a) => check("IPv6SubnetMin", a)?,
+            None => Ipv6Addr::from(first + size),
+        };
+        let subnet_max = match get_v6("IPv6SubnetMax")? {
+            Some(a) => check("IPv6SubnetMax", a)?,
+            None => Ipv6Addr::from(last_subnet),
+        };
+        if u128::from(subnet_min) > u128::from(subnet_max) {
+            return Err(bad(
+                "IPv6SubnetMin",
+                format!("{subnet_min} is above IPv6SubnetMax {subnet_max}"),
+            ));
+        }
+        Ok(Ipv6Config {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+        })
+    }
+
+    /// Size of one node subnet in addresses.
+    pub fn subnet_size(&self) -> u128 {
+        1u128 << (128 - self.subnet_len as u32)
+    }
+
+    /// Number of node subnets in [IPv6SubnetMin, IPv6SubnetMax].
+    pub fn subnet_count(&self) -> u128 {
+        (u128::from(self.subnet_max) - u128::from(self.subnet_min)) / self.subnet_size() + 1
+    }
+
+    /// The i-th subnet of the allocatable range.
+    pub fn nth_subnet(&self, i: u128) -> Option<Ipv6Network> {
+        if i >= self.subnet_count() {
+            return None;
+        }
+        let base = u128::from(self.subnet_min) + i * self.subnet_size();
+        Ipv6Network::new(Ipv6Addr::from(base), self.subnet_len).ok()
+    }
+
+    /// Whether `subnet` is a well-formed node subnet inside [IPv6SubnetMin, IPv6SubnetMax].
+    pub fn is_allocatable(&self, subnet: Ipv6Network) -> bool {
+        let a = u128::from(subnet.ip());
+        subnet.prefix() == self.subnet_len
+            && subnet.ip() == subnet.network()
+            && a >= u128::from(self.subnet_min)
+            && a <= u128::from(self.subnet_max)
+    }
+}
+
+fn get_bool_or(
+    obj: &Map<String, Value>,
+    key: &'static str,
+    default: bool,
+) -> Result<bool, NetworkConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        _ => get_bool(obj, key, key),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,12 +400,27 @@ impl NetworkConfig {
             Some(other) => return Err(bad("Backend", format!("expected an object, got {other}"))),
         };
 
+        let enable_ipv4 = get_bool_or(obj, "EnableIPv4", true)?;
+        if !enable_ipv4 {
+            return Err(bad(
+                "EnableIPv4",
+                "false (IPv6-only) is not supported yet; see docs/ipv6.md",
+            ));
+        }
+        let ipv6 = if get_bool_or(obj, "EnableIPv6", false)? {
+            Some(Ipv6Config::parse(obj)?)
+        } else {
+            None
+        };
+
         Ok(NetworkConfig {
             network,
             subnet_len,
             subnet_min,
             subnet_max,
             backend,
+            enable_ipv4,
+            ipv6,
         })
     }
 
@@ -603,5 +774,185 @@ mod tests {
         assert!(!c.is_allocatable("10.0.3.0/24".parse().unwrap()));
         assert!(!c.is_allocatable("10.0.10.0/24".parse().unwrap()));
         assert!(!c.is_allocatable("10.0.5.0/25".parse().unwrap()));
+    }
+}
+
+#[cfg(test)]
+mod ipv6_tests {
+    use super::*;
+
+    fn v6(extra: &str) -> Result<NetworkConfig, NetworkConfigError> {
+        NetworkConfig::parse(&format!(
+            r#"{{"Network":"10.244.0.0/16","EnableIPv6":true{extra}}}"#
+        ))
+    }
+
+    fn field_of(r: Result<NetworkConfig, NetworkConfigError>) -> &'static str {
+        match r {
+            Err(NetworkConfigError::Field { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v4_only_by_default_and_ipv6_keys_ignored_when_disabled() {
+        let c =
+            NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","IPv6Network":"not even a cidr"}"#)
+                .unwrap();
+        assert!(c.enable_ipv4);
+        assert_eq!(c.ipv6, None);
+        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","EnableIPv6":false}"#).unwrap();
+        assert_eq!(c.ipv6, None);
+    }
+
+    #[test]
+    fn flannel_dual_stack_defaults() {
+        let c = v6(r#","IPv6Network":"fd00:10:244::/56""#).unwrap();
+        let s = c.ipv6.unwrap();
+        assert_eq!(s.subnet_len, 64);
+        // The first subnet is skipped, as for IPv4.
+        assert_eq!(s.subnet_min, "fd00:10:244:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            s.subnet_max,
+            "fd00:10:244:ff::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(s.subnet_count(), 255);
+        assert_eq!(s.nth_subnet(0).unwrap().to_string(), "fd00:10:244:1::/64");
+        assert_eq!(
+            s.nth_subnet(254).unwrap().to_string(),
+            "fd00:10:244:ff::/64"
+        );
+        assert_eq!(s.nth_subnet(255), None);
+        assert!(s.is_allocatable("fd00:10:244:7::/64".parse().unwrap()));
+        assert!(!s.is_allocatable("fd00:10:244::/64".parse().unwrap()));
+        assert!(!s.is_allocatable("fd00:10:244:7::/80".parse().unwrap()));
+        assert!(!s.is_allocatable("fd00:10:245::/64".parse().unwrap()));
+    }
+
+    #[test]
+    fn subnet_len_defaults_to_prefix_plus_two_past_62() {
+        for (net, want) in [
+            ("fd00::/48", 64),
+            ("fd00::/62", 64),
+            ("fd00::/63", 65),
+            ("fd00::/100", 102),
+            ("fd00::/122", 124),
+            ("fd00::/124", 126),
+        ] {
+            let c = v6(&format!(r#","IPv6Network":"{net}""#)).unwrap();
+            assert_eq!(c.ipv6.unwrap().subnet_len, want, "{net}");
+        }
+        // Past /124 the network cannot hold four subnets of at most /126.
+        for net in ["fd00::/125", "fd00::/128"] {
+            assert_eq!(
+                field_of(v6(&format!(r#","IPv6Network":"{net}""#))),
+                "IPv6Network",
+                "{net}"
+            );
+        }
+        let c = v6(r#","IPv6Network":"fd00::/48","IPv6SubnetLen":126"#).unwrap();
+        assert_eq!(c.ipv6.unwrap().subnet_len, 126);
+    }
+
+    #[test]
+    fn explicit_subnet_len_and_range() {
+        let c = v6(
+            r#","IPv6Network":"2001:db8::/32","IPv6SubnetLen":56,"IPv6SubnetMin":"2001:db8:0:200::","IPv6SubnetMax":"2001:db8:0:f00::""#,
+        )
+        .unwrap();
+        let s = c.ipv6.unwrap();
+        assert_eq!(s.subnet_len, 56);
+        assert_eq!(s.subnet_count(), 14);
+        assert_eq!(s.nth_subnet(1).unwrap().to_string(), "2001:db8:0:300::/56");
+        // A /8 network of /124 subnets: 2^116 subnets; the count must not overflow.
+        let c = v6(r#","IPv6Network":"fd00::/8","IPv6SubnetLen":124"#).unwrap();
+        assert_eq!(c.ipv6.unwrap().subnet_count(), (1u128 << 116) - 1);
+    }
+
+    #[test]
+    fn hostile_and_malformed_values_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("", "IPv6Network"),
+            (r#","IPv6Network":"10.0.0.0/8""#, "IPv6Network"),
+            (r#","IPv6Network":"fd00::1/64""#, "IPv6Network"),
+            (r#","IPv6Network":"fd00::/129""#, "IPv6Network"),
+            (r#","IPv6Network":12"#, "IPv6Network"),
+            (
+                r#","IPv6Network":"fd00::/64","IPv6SubnetLen":64"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/64","IPv6SubnetLen":65"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":127"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":128"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/124","IPv6SubnetLen":125"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":129"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":-1"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":1e300"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":18446744073709551616"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":"64""#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMin":"fd01::""#,
+                "IPv6SubnetMin",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:1::1""#,
+                "IPv6SubnetMin",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMin":"10.244.1.0""#,
+                "IPv6SubnetMin",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMax":"fd00:1::""#,
+                "IPv6SubnetMax",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:8::""#,
+                "IPv6SubnetMin",
+            ),
+        ];
+        for (extra, field) in cases {
+            assert_eq!(field_of(v6(extra)), *field, "{extra}");
+        }
+        assert_eq!(
+            field_of(NetworkConfig::parse(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":"yes"}"#
+            )),
+            "EnableIPv6"
+        );
+        assert_eq!(
+            field_of(NetworkConfig::parse(
+                r#"{"Network":"10.244.0.0/16","EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48"}"#
+            )),
+            "EnableIPv4"
+        );
+        assert!(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","EnableIPv4":true}"#).is_ok());
     }
 }

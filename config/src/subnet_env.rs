@@ -1,6 +1,6 @@
 //! `subnet.env`: how the agent tells the CNI plugin (and flannel-era tooling) its lease.
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,23 @@ pub struct SubnetEnv {
     pub subnet: Ipv4Network,
     pub mtu: u32,
     pub ipmasq: bool,
+    /// The IPv6 half of a dual-stack lease; `None` on a v4-only node.
+    pub ipv6: Option<SubnetEnvV6>,
+}
+
+/// `TWEED_IPV6_NETWORK` / `TWEED_IPV6_SUBNET` (flannel: `FLANNEL_IPV6_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnvV6 {
+    pub network: Ipv6Network,
+    /// The node's first usable address with the subnet's prefix, e.g. `fd00:10:244:3::1/64`.
+    pub subnet: Ipv6Network,
+}
+
+impl SubnetEnvV6 {
+    /// The node subnet itself (network address), e.g. `fd00:10:244:3::/64`.
+    pub fn node_subnet(&self) -> Ipv6Network {
+        Ipv6Network::new(self.subnet.network(), self.subnet.prefix()).expect("prefix already valid")
+    }
 }
 
 impl SubnetEnv {
@@ -40,6 +57,11 @@ impl SubnetEnv {
         let mut s = String::new();
         let _ = writeln!(s, "TWEED_NETWORK={}", self.network);
         let _ = writeln!(s, "TWEED_SUBNET={}", self.subnet);
+        // The v6 pair sits where flannel puts FLANNEL_IPV6_*: after the v4 pair.
+        if let Some(v6) = &self.ipv6 {
+            let _ = writeln!(s, "TWEED_IPV6_NETWORK={}", v6.network);
+            let _ = writeln!(s, "TWEED_IPV6_SUBNET={}", v6.subnet);
+        }
         let _ = writeln!(s, "TWEED_MTU={}", self.mtu);
         let _ = writeln!(s, "TWEED_IPMASQ={}", self.ipmasq);
         s
@@ -98,11 +120,47 @@ impl SubnetEnv {
                 other => return Err(field(&k, format!("{other:?} is not true or false"))),
             },
         };
+        let v6_cidr = |k: &str| -> Result<Option<Ipv6Network>, SubnetEnvError> {
+            match get(k) {
+                None => Ok(None),
+                Some((key, v)) => v
+                    .parse::<Ipv6Network>()
+                    .map(Some)
+                    .map_err(|_| field(&key, format!("{v:?} is not an IPv6 CIDR"))),
+            }
+        };
+        // Both or neither: half a dual-stack lease would give pods a v6 address with no network
+        // to route it in (or the reverse).
+        let ipv6 = match (v6_cidr("IPV6_NETWORK")?, v6_cidr("IPV6_SUBNET")?) {
+            (None, None) => None,
+            (Some(network), Some(subnet)) => {
+                if !network.contains(subnet.network()) || subnet.prefix() < network.prefix() {
+                    return Err(field(
+                        "TWEED_IPV6_SUBNET",
+                        format!("{subnet} is outside TWEED_IPV6_NETWORK {network}"),
+                    ));
+                }
+                Some(SubnetEnvV6 { network, subnet })
+            }
+            (Some(_), None) => {
+                return Err(field(
+                    "TWEED_IPV6_SUBNET",
+                    "missing while TWEED_IPV6_NETWORK is set".to_string(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(field(
+                    "TWEED_IPV6_NETWORK",
+                    "missing while TWEED_IPV6_SUBNET is set".to_string(),
+                ))
+            }
+        };
         Ok(SubnetEnv {
             network,
             subnet,
             mtu,
             ipmasq,
+            ipv6,
         })
     }
 
@@ -158,6 +216,70 @@ mod tests {
             subnet: "10.244.3.1/24".parse().unwrap(),
             mtu: 1450,
             ipmasq: true,
+            ipv6: None,
+        }
+    }
+
+    fn dual() -> SubnetEnv {
+        SubnetEnv {
+            ipv6: Some(SubnetEnvV6 {
+                network: "fd00:10:244::/56".parse().unwrap(),
+                subnet: "fd00:10:244:3::1/64".parse().unwrap(),
+            }),
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn dual_stack_render_parse_round_trip() {
+        let s = dual();
+        let text = s.render();
+        assert!(
+            text
+                == "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.3.1/24\nTWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:3::1/64\nTWEED_MTU=1450\nTWEED_IPMASQ=true\n",
+            "{text}"
+        );
+        assert_eq!(SubnetEnv::parse(Path::new("x"), &text).unwrap(), s);
+        assert_eq!(
+            s.ipv6.unwrap().node_subnet().to_string(),
+            "fd00:10:244:3::/64"
+        );
+        // flannel's spelling of the same lease.
+        let flannel = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+        assert_eq!(SubnetEnv::parse(Path::new("x"), flannel).unwrap(), dual());
+    }
+
+    #[test]
+    fn bad_ipv6_halves_name_the_key() {
+        let base = "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.3.1/24\nTWEED_MTU=1450\n";
+        for (extra, key) in [
+            ("TWEED_IPV6_NETWORK=fd00::/56\n", "TWEED_IPV6_SUBNET"),
+            ("TWEED_IPV6_SUBNET=fd00::1/64\n", "TWEED_IPV6_NETWORK"),
+            (
+                "TWEED_IPV6_NETWORK=10.0.0.0/8\nTWEED_IPV6_SUBNET=fd00::1/64\n",
+                "TWEED_IPV6_NETWORK",
+            ),
+            (
+                "TWEED_IPV6_NETWORK=fd00::/56\nTWEED_IPV6_SUBNET=10.244.3.1/24\n",
+                "TWEED_IPV6_SUBNET",
+            ),
+            (
+                "TWEED_IPV6_NETWORK=fd00::/56\nTWEED_IPV6_SUBNET=fd01::1/64\n",
+                "TWEED_IPV6_SUBNET",
+            ),
+            (
+                "TWEED_IPV6_NETWORK=fd00::/56\nTWEED_IPV6_SUBNET=fd00::1/48\n",
+                "TWEED_IPV6_SUBNET",
+            ),
+            (
+                "TWEED_IPV6_NETWORK=fd00::/56\nTWEED_IPV6_SUBNET=fd00::1/999\n",
+                "TWEED_IPV6_SUBNET",
+            ),
+        ] {
+            let e = SubnetEnv::parse(Path::new("f"), &format!("{base}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{extra}: {e}");
         }
     }
 

@@ -370,6 +370,7 @@ mod tests {
             subnet: "10.244.7.1/24".parse().unwrap(),
             mtu: 1450,
             ipmasq: true,
+            ipv6: None,
         };
         let p = plan(&names, 2, &env, 2).unwrap();
         assert_eq!(

@@ -107,6 +107,8 @@ impl Plane {
             mtu: self.backend.mtu(),
             // Tells the CNI plugin the agent masquerades, so the plugin does not do it a second time.
             ipmasq: self.ip_masq,
+            // Dual-stack leases are not acquired yet (docs/ipv6.md).
+            ipv6: None,
         };
         let written = env.write_atomic(&self.subnet_file);
         self.report.subnet_env_written(written.is_ok());
