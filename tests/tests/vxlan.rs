@@ -162,3 +162,47 @@ fn subnet_network(subnet: &str) -> String {
     octets[3] = "0";
     octets.join(".")
 }
+
+/// A node down longer than its lease TTL, rebooted (/run emptied, so no subnet.env), takes its old
+/// subnet back from the copy in its state dir, as long as nobody took it meanwhile.
+#[test]
+fn an_agent_back_after_its_lease_expired_and_run_was_emptied_gets_the_same_subnet() {
+    require_root!(NEEDS_ROOT);
+    let ttl = Duration::from_secs(5);
+    let mut spec = LabSpec::new(per_process("rb"), 2);
+    spec.lease_ttl = ttl;
+    let lab = up(spec);
+    let h1 = host_state(&lab, "h1");
+    let before = h1.subnet.clone().expect("h1 subnet");
+    let key = format!("/coreos.com/network/subnets/{}-24", subnet_network(&before));
+    // Power cut: no word to etcd, the lease is left to expire.
+    let stopped = stop_agent(&lab, "h1", libc::SIGKILL);
+    wait_for(ttl * 3, "h1's lease to expire in etcd", || {
+        etcdctl(&lab, &["get", &key, "--print-value-only"])
+            .trim()
+            .is_empty()
+    });
+    // The reboot empties /run: subnet.env is gone, only the state dir's copy is left.
+    std::fs::remove_file(&h1.subnet_file).expect("remove subnet.env");
+    start_agent(&stopped);
+    wait_for(
+        Duration::from_secs(15),
+        "h1 to write subnet.env again",
+        || tweed_config::SubnetEnv::read(&h1.subnet_file).is_ok(),
+    );
+    let env = tweed_config::SubnetEnv::read(&h1.subnet_file).unwrap();
+    assert_eq!(
+        env.subnet.to_string(),
+        before,
+        "h1 came back on another subnet"
+    );
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(
+        log.matches("lease acquired").count() >= 2 && !log.contains("reused=true"),
+        "a new lease for the old subnet, not a reused one:\n{log}"
+    );
+    assert_eq!(
+        lab.check_until(Duration::from_secs(10)).unwrap().failed(),
+        0
+    );
+}

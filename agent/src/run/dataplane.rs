@@ -29,6 +29,8 @@ pub(super) struct Plane {
     /// `--ip-masq`: the rules masquerade, and subnet.env tells the CNI plugin so.
     ip_masq: bool,
     subnet_file: PathBuf,
+    /// The state dir's copy of subnet.env, which survives a reboot.
+    kept_subnet_file: PathBuf,
     report: Report,
     /// udp counters at the last metrics export, to add only the difference.
     udp_seen: UdpStats,
@@ -52,6 +54,8 @@ pub(super) struct PlaneConfig {
     pub(super) network: Ipv4Network,
     pub(super) ip_masq: bool,
     pub(super) subnet_file: PathBuf,
+    /// `<state dir>/subnet.env`: the last subnet, kept for the next boot.
+    pub(super) kept_subnet_file: PathBuf,
     /// The underlay device's index.
     pub(super) underlay: u32,
     /// `--vxlan-tx-checksum-offload=false`: keep tx-checksum-ip-generic off on the vxlan device.
@@ -87,6 +91,7 @@ impl Plane {
             network: config.network,
             ip_masq: config.ip_masq,
             subnet_file: config.subnet_file,
+            kept_subnet_file: config.kept_subnet_file,
             report,
             udp_seen: UdpStats::default(),
             underlay: config.underlay,
@@ -114,6 +119,10 @@ impl Plane {
         self.report.subnet_env_written(written.is_ok());
         written?;
         info!(path = %self.subnet_file.display(), "wrote subnet.env");
+        // Only a hint for the next start: failing to keep it costs at most a new subnet then.
+        if let Err(e) = env.write_atomic(&self.kept_subnet_file) {
+            warn!("could not keep the subnet for the next boot: {e}");
+        }
         Ok(())
     }
 

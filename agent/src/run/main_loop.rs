@@ -22,11 +22,13 @@ use crate::registry::Registry;
 use crate::settings::Settings;
 use crate::subnet;
 use crate::watch::LeaseTable;
+use ipnetwork::Ipv4Network;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
+use tweed_config::subnet_env::SubnetEnvError;
 use tweed_config::{NetworkConfig, SubnetEnv};
 
 /// How often the data plane is re-read and repaired even without lease events (reads only when
@@ -79,10 +81,12 @@ pub async fn run_with(
     }
     report.network(&cfg, public_ip);
 
-    let previous = SubnetEnv::read(&settings.subnet_file)
-        .ok()
-        .filter(|e| e.network == cfg.network)
-        .map(|e| e.node_subnet());
+    let kept_file = settings.state_dir.join(KEPT_SUBNET_FILE);
+    let previous = previous_subnet(
+        cfg.network,
+        SubnetEnv::read(&settings.subnet_file),
+        SubnetEnv::read(&kept_file),
+    );
     let underlay = iface.index;
     let node = NodeContext {
         network: cfg.network,
@@ -107,6 +111,7 @@ pub async fn run_with(
         network: cfg.network,
         ip_masq: settings.ip_masq,
         subnet_file: settings.subnet_file.clone(),
+        kept_subnet_file: kept_file,
         underlay,
         tx_csum_off: !settings.vxlan_tx_checksum_offload,
     };
@@ -468,5 +473,93 @@ impl Agent {
     async fn program(&mut self) {
         let remotes = self.remotes();
         self.plane.program(&remotes).await;
+    }
+}
+
+/// The copy of subnet.env kept in the state dir: subnet.env lives in /run, which a reboot empties,
+/// and a node that was down longer than the lease TTL should still get its old subnet back when
+/// nobody took it (its pods' addresses stay valid for whoever remembers them).
+pub(crate) const KEPT_SUBNET_FILE: &str = "subnet.env";
+
+/// The subnet to try first: the live subnet.env's (an agent restart), else the state dir's copy (a
+/// reboot). A file of another network is not ours to re-take; an unreadable or hostile one is
+/// logged and ignored, since a fresh subnet is always a safe answer.
+pub(crate) fn previous_subnet(
+    network: Ipv4Network,
+    live: Result<SubnetEnv, SubnetEnvError>,
+    kept: Result<SubnetEnv, SubnetEnvError>,
+) -> Option<Ipv4Network> {
+    [live, kept].into_iter().find_map(|r| match r {
+        Ok(e) if e.network == network => Some(e.node_subnet()),
+        Ok(e) => {
+            info!(old = %e.network, new = %network, "previous subnet is of another network; not re-taken");
+            None
+        }
+        Err(SubnetEnvError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            None
+        }
+        Err(e) => {
+            warn!("previous subnet ignored: {e}");
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod previous_tests {
+    use super::*;
+    use std::path::Path;
+
+    fn env(text: &str) -> Result<SubnetEnv, SubnetEnvError> {
+        SubnetEnv::parse(Path::new("/test/subnet.env"), text)
+    }
+    fn missing() -> Result<SubnetEnv, SubnetEnvError> {
+        SubnetEnv::read(Path::new("/nonexistent/tweed/subnet.env"))
+    }
+    const NET: &str = "10.244.0.0/16";
+    fn net() -> Ipv4Network {
+        NET.parse().unwrap()
+    }
+    fn good(subnet: &str) -> String {
+        format!("TWEED_NETWORK={NET}\nTWEED_SUBNET={subnet}\nTWEED_MTU=1450\nTWEED_IPMASQ=false\n")
+    }
+
+    #[test]
+    fn the_live_file_wins_then_the_kept_copy_survives_a_reboot() {
+        let s = previous_subnet(
+            net(),
+            env(&good("10.244.7.1/24")),
+            env(&good("10.244.9.1/24")),
+        );
+        assert_eq!(s, Some("10.244.7.0/24".parse().unwrap()));
+        // /run emptied by a reboot: the state dir's copy is used.
+        let s = previous_subnet(net(), missing(), env(&good("10.244.9.1/24")));
+        assert_eq!(s, Some("10.244.9.0/24".parse().unwrap()));
+        assert_eq!(previous_subnet(net(), missing(), missing()), None);
+    }
+
+    #[test]
+    fn hostile_or_foreign_kept_files_are_ignored_not_fatal() {
+        let hostile = [
+            "",
+            "\0\0\0\u{fffd}",
+            "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=999.1.1.1/24\n",
+            "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.7.1/99\n",
+            &"A=".repeat(100_000),
+            "TWEED_SUBNET=$(reboot)\n",
+        ];
+        for text in hostile {
+            assert_eq!(
+                previous_subnet(net(), missing(), env(text)),
+                None,
+                "{text:.40?}"
+            );
+        }
+        // A corrupt live file still lets the kept copy answer.
+        let s = previous_subnet(net(), env("garbage"), env(&good("10.244.9.1/24")));
+        assert_eq!(s, Some("10.244.9.0/24".parse().unwrap()));
+        // Another network's subnet (the config changed) is not ours to re-take.
+        let other = "TWEED_NETWORK=10.99.0.0/16\nTWEED_SUBNET=10.99.3.1/24\nTWEED_MTU=1450\n";
+        assert_eq!(previous_subnet(net(), missing(), env(other)), None);
     }
 }
