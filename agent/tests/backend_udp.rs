@@ -108,15 +108,17 @@ fn udp_spoofed_and_foreign_packets_never_reach_a_pod() {
         "a non-peer's packet reached the pod"
     );
 
-    // 2. From a real peer's address, but with an inner source outside that peer's subnet.
-    let from_h2 = udp_socket_in(&h2.ns, &format!("{}:0", h2.public_ip));
+    // 2. From a real peer's address and agent port (forged with a raw socket: h2's agent holds
+    // the port), but with an inner source outside that peer's subnet.
+    let raw = RawUdp::new_in(&h2.ns);
+    let h2_agent = std::net::SocketAddrV4::new(h2.public_ip, 8285);
+    let to_h1 = std::net::SocketAddrV4::new(h1.public_ip, 8285);
     for _ in 0..5 {
-        from_h2
-            .send_to(
-                &inner_udp(h3.pod_ip(), h1.pod_ip(), pod_port, b"spoof-inner"),
-                &target,
-            )
-            .unwrap();
+        raw.send(
+            h2_agent,
+            to_h1,
+            &inner_udp(h3.pod_ip(), h1.pod_ip(), pod_port, b"spoof-inner"),
+        );
     }
     assert_eq!(
         recv("inner"),
@@ -124,7 +126,7 @@ fn udp_spoofed_and_foreign_packets_never_reach_a_pod() {
         "a packet with a spoofed inner source reached the pod"
     );
 
-    // 3. Garbage from a peer: truncated, oversized header claims, not IPv4.
+    // 3. Garbage from the peer's agent port: truncated, oversized header claims, not IPv4.
     let good = inner_udp(h2.pod_ip(), h1.pod_ip(), pod_port, b"legit");
     let mut not_v4 = good.clone();
     not_v4[0] = 0x60;
@@ -135,14 +137,26 @@ fn udp_spoofed_and_foreign_packets_never_reach_a_pod() {
         &not_v4[..],
         &lying_len[..],
         &[][..],
-        &[0x45; 3000][..],
+        &[0x45; 1400][..],
     ] {
-        from_h2.send_to(junk, &target).unwrap();
+        raw.send(h2_agent, to_h1, junk);
     }
     assert_eq!(recv("junk"), None);
 
-    // Control: the same path delivers a legitimate packet (the listener works).
-    from_h2.send_to(&good, &target).unwrap();
+    // 4. A well-formed packet from the peer's address but another port (any process on h2, or
+    // a pod masqueraded to h2's address).
+    let from_h2 = udp_socket_in(&h2.ns, &format!("{}:0", h2.public_ip));
+    for _ in 0..5 {
+        from_h2.send_to(&good, &target).unwrap();
+    }
+    assert_eq!(
+        recv("wrong port"),
+        None,
+        "a packet from the peer's address but not its agent port reached the pod"
+    );
+
+    // Control: the same packet from the peer's agent port is delivered (the listener works).
+    raw.send(h2_agent, to_h1, &good);
     assert_eq!(recv("legit").as_deref(), Some("legit"));
 
     // The drops are counted and reported.
@@ -150,12 +164,15 @@ fn udp_spoofed_and_foreign_packets_never_reach_a_pod() {
         Duration::from_secs(5),
         "the drop report in h1's log",
         || {
-            let log = h1.log_text();
-            log.contains("udp: dropped packets") && log.contains("unknown_peer=5")
+            // The reporter logs once a second: wait for the line with every count in it.
+            h1.log_text().lines().any(|l| {
+                l.contains("udp: dropped packets")
+                    && l.contains("unknown_peer=5")
+                    && l.contains("wrong_port=5")
+                    && l.contains("spoofed_inner_source=5")
+            })
         },
     );
-    let log = h1.log_text();
-    assert!(log.contains("spoofed_inner_source=5"), "{log}");
     // The data plane still works after all that.
     c.assert_all_pairs(&[(1, 0), (0, 2)], Duration::from_secs(5));
 }

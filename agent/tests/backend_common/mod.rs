@@ -33,6 +33,66 @@ pub fn udp_socket_in(ns: &str, bind: &str) -> UdpSocket {
     tweed_testkit::netns::enter(ns, move || UdpSocket::bind(&bind).expect("bind"))
 }
 
+/// Sends UDP datagrams with any outer source address and port from inside `ns`: a raw socket
+/// (`IPPROTO_RAW`, so the test writes the IPv4 header itself). The udp backend accepts packets
+/// only from a peer's PublicIP *and* its agent port, which a normal socket cannot take while the
+/// peer's agent holds it.
+pub struct RawUdp(std::os::fd::OwnedFd);
+
+impl RawUdp {
+    pub fn new_in(ns: &str) -> RawUdp {
+        use std::os::fd::FromRawFd;
+        tweed_testkit::netns::enter(ns, || {
+            // SAFETY: plain socket(2); the fd is owned by the OwnedFd from here.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            // SAFETY: `fd` was just returned by socket(2) and is not owned elsewhere.
+            RawUdp(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        })
+    }
+
+    /// One datagram `src` -> `dst` carrying `payload` (UDP checksum 0: "none", valid for IPv4).
+    pub fn send(&self, src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4, payload: &[u8]) {
+        use std::os::fd::AsRawFd;
+        let total = 20 + 8 + payload.len();
+        let mut p = Vec::with_capacity(total);
+        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p.extend_from_slice(&src.ip().octets());
+        p.extend_from_slice(&dst.ip().octets());
+        p.extend_from_slice(&src.port().to_be_bytes());
+        p.extend_from_slice(&dst.port().to_be_bytes());
+        p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(payload);
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*dst.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid buffer and sockaddr_in for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                p.as_ptr().cast(),
+                p.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            n,
+            p.len() as isize,
+            "raw sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Host {
     pub name: String,

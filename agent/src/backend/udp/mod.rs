@@ -543,6 +543,8 @@ fn spawn_reporter(
                 if s.rx_refused() != last.rx_refused() || s.drop_malformed != last.drop_malformed {
                     tracing::warn!(
                         unknown_peer = s.drop_unknown_peer,
+                        wrong_port = s.drop_wrong_port,
+                        unauthenticated = s.drop_unauthenticated,
                         spoofed_inner_source = s.drop_spoofed_inner,
                         not_for_this_node = s.drop_not_for_us,
                         malformed = s.drop_malformed,
