@@ -73,6 +73,7 @@ impl Netlink {
     pub fn events(&self) -> Result<Events, NetlinkError> {
         match self {
             Netlink::Real(_) => Events::real(),
+            #[cfg(any(test, feature = "fake"))]
             Netlink::Fake(f) => Ok(f.subscribe()),
         }
     }
