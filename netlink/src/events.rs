@@ -15,6 +15,7 @@ use rtnetlink::packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, AsyncSocketExt, SocketAddr};
 use rtnetlink::sys::{Socket, TokioSocket};
+#[cfg(any(test, feature = "fake"))]
 use tokio::sync::mpsc;
 
 use super::error::NetlinkError;
@@ -62,6 +63,7 @@ impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self.inner {
             Inner::Real { .. } => "Events::Real",
+            #[cfg(any(test, feature = "fake"))]
             Inner::Fake(_) => "Events::Fake",
         })
     }
@@ -72,6 +74,7 @@ enum Inner {
         socket: TokioSocket,
         pending: VecDeque<Event>,
     },
+    #[cfg(any(test, feature = "fake"))]
     Fake(mpsc::UnboundedReceiver<Event>),
 }
 
@@ -116,6 +119,7 @@ impl Events {
     }
 
     /// A subscription fed by hand (see [`crate::Fake::subscribe`]).
+    #[cfg(any(test, feature = "fake"))]
     pub(crate) fn channel() -> (mpsc::UnboundedSender<Event>, Events) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
@@ -130,6 +134,7 @@ impl Events {
     /// other than an overrun is returned.
     pub async fn next(&mut self) -> Option<Result<Event, NetlinkError>> {
         match &mut self.inner {
+            #[cfg(any(test, feature = "fake"))]
             Inner::Fake(rx) => rx.recv().await.map(Ok),
             Inner::Real { socket, pending } => loop {
                 if let Some(e) = pending.pop_front() {
