@@ -34,6 +34,10 @@ pub struct Metrics {
     pub udp_packets: IntCounterVec,
     pub udp_bytes: IntCounterVec,
     pub udp_drops: IntCounterVec,
+    /// Per wireguard peer (labels: its subnet and public key), refreshed with the udp counters;
+    /// a peer leaving the table leaves these too. Age is -1 before the first handshake.
+    pub wg_handshake_age: IntGaugeVec,
+    pub wg_peer_bytes: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -143,6 +147,28 @@ impl Metrics {
                 "udp_drops_total",
                 "udp backend packets dropped",
                 &["reason"],
+            ),
+            wg_handshake_age: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "wireguard_peer_handshake_age_seconds",
+                        "Seconds since the last handshake with a peer (-1: none yet)",
+                    ),
+                    &["subnet", "public_key"],
+                )
+                .expect("valid"),
+            ),
+            wg_peer_bytes: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "wireguard_peer_bytes",
+                        "Bytes sent to (tx) and received from (rx) a peer since its session began",
+                    ),
+                    &["subnet", "public_key", "direction"],
+                )
+                .expect("valid"),
             ),
             registry: r,
         }

@@ -121,6 +121,38 @@ fn wireguard_lab_passes_check_encrypted_with_flannels_lease_format() {
         "the control capture missed the marker"
     );
 
+    // Per-peer figures on h1 for h2 (the pings above went that way): a handshake happened and
+    // bytes went both ways; the worker counters are exported under the udp families.
+    let h2_key = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::fs::File::open(h2.agent_state_dir.join("wgkey")).unwrap())
+        .output()
+        .unwrap();
+    let h2_key = String::from_utf8(h2_key.stdout).unwrap().trim().to_string();
+    let url = format!("http://{}:9867/metrics", lab.state().hosts[0].public_ip);
+    let value = |body: &str, family: &str, also: &str| {
+        body.lines()
+            .find(|l| l.starts_with(family) && l.contains(&h2_key) && l.contains(also))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let mut body = String::new();
+    wait_for(
+        Duration::from_secs(12),
+        "wireguard peer figures in /metrics",
+        || {
+            body = lab
+                .exec("h2", &["curl", "-sf", "--max-time", "2", &url])
+                .unwrap_or_default();
+            let age = value(&body, "tweed_wireguard_peer_handshake_age_seconds{", "");
+            let tx = value(&body, "tweed_wireguard_peer_bytes{", "direction=\"tx\"");
+            let rx = value(&body, "tweed_wireguard_peer_bytes{", "direction=\"rx\"");
+            matches!(age, Some(a) if (0.0..180.0).contains(&a))
+                && tx.unwrap_or(0.0) > 0.0
+                && rx.unwrap_or(0.0) > 0.0
+                && body.contains("tweed_udp_packets_total{direction=\"tx\"}")
+        },
+    );
+
     // The key survives a restart: same public key in the lease, pods still reach each other.
     let before =
         std::fs::read_to_string(lab.state().hosts[0].agent_state_dir.join("wgkey")).unwrap();

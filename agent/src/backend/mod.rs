@@ -151,7 +151,7 @@ impl BackendError {
             self,
             BackendError::Vxlan(VxlanError::DeviceGone { .. })
                 | BackendError::HostGw(HostGwError::UnderlayGone { .. })
-                | BackendError::Udp(UdpError::DeviceGone)
+                | BackendError::Udp(UdpError::DeviceGone { .. })
         )
     }
 }

@@ -358,6 +358,9 @@ impl Plane {
         };
         let last = std::mem::replace(&mut self.udp_seen, now);
         self.report.udp_traffic(&now, &last);
+        if let DataPlane::Wireguard(b) = &self.backend {
+            self.report.wireguard_peers(&b.peer_stats());
+        }
     }
 
     /// Stops what the backend runs (udp: its workers); the kernel state stays.

@@ -366,6 +366,27 @@ impl Report {
     }
 
     /// Adds what the udp workers counted between `last` and `now` to the Prometheus counters.
+    /// Replaces the per-peer wireguard gauges with `peers`: reset first, so a removed or
+    /// rotated-away key stops being exported.
+    pub(super) fn wireguard_peers(&self, peers: &[crate::backend::wireguard::PeerStats]) {
+        let m = &self.state.metrics;
+        m.wg_handshake_age.reset();
+        m.wg_peer_bytes.reset();
+        for p in peers {
+            let subnet = p.subnet.map(|s| s.to_string()).unwrap_or_default();
+            let key = p.public_key.to_string();
+            let age = p.last_handshake.map_or(-1, |d| d.as_secs() as i64);
+            m.wg_handshake_age
+                .with_label_values(&[&subnet, &key])
+                .set(age);
+            for (dir, n) in [("tx", p.tx_bytes), ("rx", p.rx_bytes)] {
+                m.wg_peer_bytes
+                    .with_label_values(&[&subnet, &key, dir])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     pub(super) fn udp_traffic(&self, now: &UdpStats, last: &UdpStats) {
         let m = &self.state.metrics;
         let d = |a: u64, b: u64| a.saturating_sub(b);

@@ -46,13 +46,21 @@ const MIN_MTU: u32 = 68;
 #[derive(Debug, thiserror::Error)]
 pub enum UdpError {
     #[error(
-        "{DEVICE}: MTU {mtu} is below the IPv4 minimum of {MIN_MTU} (underlay MTU {underlay_mtu}, \
+        "{device}: MTU {mtu} is below the IPv4 minimum of {MIN_MTU} (underlay MTU {underlay_mtu}, \
          udp needs {UDP_OVERHEAD} bytes of it)"
     )]
-    Mtu { mtu: u32, underlay_mtu: u32 },
+    Mtu {
+        device: &'static str,
+        mtu: u32,
+        underlay_mtu: u32,
+    },
 
-    #[error("opening TUN device {DEVICE} (multiqueue, virtio-net header): {0}")]
-    Tun(#[source] std::io::Error),
+    #[error("opening TUN device {device} (multiqueue, virtio-net header): {source}")]
+    Tun {
+        device: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("UDP socket on {addr}: {source}")]
     Socket {
@@ -61,11 +69,11 @@ pub enum UdpError {
         source: std::io::Error,
     },
 
-    #[error("setting up {DEVICE}: {0}")]
+    #[error("setting up the TUN device: {0}")]
     Device(#[source] NetlinkError),
 
-    #[error("{DEVICE} no longer exists or its queues died; the udp backend must be set up again")]
-    DeviceGone,
+    #[error("{device} no longer exists or its queues died; the backend must be set up again")]
+    DeviceGone { device: &'static str },
 
     #[error("starting a udp worker thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -207,6 +215,7 @@ impl UdpBackend {
         let cfg_device = cfg.device;
         if cfg.mtu() < MIN_MTU {
             return Err(UdpError::Mtu {
+                device: cfg_device,
                 mtu: cfg.mtu(),
                 underlay_mtu: cfg.underlay_mtu,
             });
@@ -243,15 +252,23 @@ impl UdpBackend {
                     }],
                 )
                 .await?;
-                open_tun(cfg_device, cfg.queues).map_err(UdpError::Tun)?
+                open_tun(cfg_device, cfg.queues).map_err(|source| UdpError::Tun {
+                    device: cfg_device,
+                    source,
+                })?
             }
-            Err(e) => return Err(UdpError::Tun(e)),
+            Err(source) => {
+                return Err(UdpError::Tun {
+                    device: cfg_device,
+                    source,
+                })
+            }
         };
         let link = nl
             .link_by_name(cfg_device)
             .await
             .map_err(UdpError::Device)?
-            .ok_or(UdpError::DeviceGone)?;
+            .ok_or(UdpError::DeviceGone { device: cfg_device })?;
         // IPv6 on tweed0 would only make the kernel send router solicitations and MLD reports
         // into the TUN device, which the workers must drop (IPv4 only) and report as malformed
         // every few minutes, forever.
@@ -402,7 +419,9 @@ impl UdpBackend {
         wg: Option<Arc<crate::backend::wireguard::userspace::WgTable>>,
     ) -> Result<ReconcileStats, UdpError> {
         if self.shared.device_gone.load(Ordering::Relaxed) {
-            return Err(UdpError::DeviceGone);
+            return Err(UdpError::DeviceGone {
+                device: self.cfg.device,
+            });
         }
         let mut stats = ReconcileStats::default();
         if !self.device_checked {
@@ -411,7 +430,9 @@ impl UdpBackend {
                 .await
                 .map_err(UdpError::Device)?
                 .filter(|l| l.index == self.ifindex)
-                .ok_or(UdpError::DeviceGone)?;
+                .ok_or(UdpError::DeviceGone {
+                    device: self.cfg.device,
+                })?;
             let ops = configure(nl, &self.cfg, &link).await?;
             stats.ops_applied += ops.len();
             stats.applied = ops;

@@ -230,11 +230,23 @@ impl WgTable {
     }
 
     /// Runs `peer`'s timers (rekey, keepalive, handshake retry); what to send, if anything.
+    /// A peer with no session yet gets a handshake initiation without waiting for traffic: after
+    /// our restart the peer still seals with keys we lost, and a one-way stream from it would
+    /// otherwise stay dark until its own rekey timers fire (seen: several seconds).
     pub fn tick<'a>(&self, peer: &PeerState, out: &'a mut [u8]) -> Option<&'a [u8]> {
-        match lock(&peer.tunn).update_timers(out) {
-            TunnResult::WriteToNetwork(b) => Some(b),
-            _ => None,
-        }
+        let mut t = lock(&peer.tunn);
+        let n = match t.update_timers(out) {
+            TunnResult::WriteToNetwork(b) => b.len(),
+            _ if t.time_since_last_handshake().is_none() => {
+                // `false`: no resend while one is in flight (the timers retry it).
+                match t.format_handshake_initiation(out, false) {
+                    TunnResult::WriteToNetwork(b) => b.len(),
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        };
+        Some(&out[..n])
     }
 
     /// The peer a datagram is for: a handshake initiation by the static key inside it (one DH,
