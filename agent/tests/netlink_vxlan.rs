@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
@@ -342,7 +342,7 @@ fn netlink_five_thousand_peers() {
     let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
-    let (program, relist, remove) = block_in(&ns, move || async move {
+    let (program, relist, remove, floor) = block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -354,6 +354,7 @@ fn netlink_five_thousand_peers() {
         let program = t.elapsed();
         assert!(stats.is_clean(), "{:?}", &stats.failures[..1]);
         assert_eq!(stats.ops_applied, 3 * N as usize);
+        let ops = stats.applied;
 
         let dev = b.ifindex();
         let perm = nl.neighbours(dev).await.unwrap();
@@ -380,16 +381,32 @@ fn netlink_five_thousand_peers() {
         let remove = t.elapsed();
         assert!(stats.is_clean());
         assert_eq!(stats.ops_applied, 3 * N as usize);
-        (program, relist, remove)
+
+        // The kernel floor: the very ops the backend sent, sent again straight to netlink with no
+        // observing or planning. The bound is a ratio to it, measured in this run, because an
+        // absolute time says more about the CI machine's load than about the backend.
+        let t = Instant::now();
+        let res = nl.apply_all(&ops).await;
+        let floor = t.elapsed();
+        assert!(res.iter().all(|r| r.is_ok()), "floor batch failed");
+        b.resync();
+        let stats = b.reconcile(&nl, &[]).await.unwrap();
+        assert!(stats.is_clean());
+        assert_eq!(stats.ops_applied, 3 * N as usize);
+        (program, relist, remove, floor)
     });
+    let ratio = program.as_secs_f64() / floor.as_secs_f64();
     println!(
         "vxlan, {N} peers: programmed {} entries in {program:?}, re-listed and planned 0 ops in \
-         {relist:?}, removed all in {remove:?}",
+         {relist:?}, removed all in {remove:?}; the same ops sent bare took {floor:?} \
+         ({ratio:.2}x the floor)",
         3 * N
     );
+    // Generous for a loaded 2-core CI machine; a superlinear step in the backend's own view or
+    // diff shows up as a ratio far above this at 5,000 peers.
     assert!(
-        program < Duration::from_secs(2),
-        "programming {N} peers took {program:?}"
+        ratio < 3.0,
+        "programming {N} peers took {program:?}, {ratio:.2}x the {floor:?} of the bare netlink batch"
     );
     let (neigh, fdb, routes) = entries(&ns);
     assert_eq!((neigh.len(), fdb.len(), routes.len()), (0, 0, 0));
