@@ -564,3 +564,66 @@ fn netlink_ops_are_idempotent() {
         assert!(e.to_string().contains("tw-nothere"), "{e}");
     });
 }
+
+/// A measurement, not part of the suite (`--ignored`): the vxlan backend's first programming of
+/// N peers against the kernel floor (the same ops sent straight to netlink) at 2,500 to 20,000
+/// peers, each in a fresh namespace, to tell growth in the agent from growth in the kernel.
+#[test]
+#[ignore = "measurement for docs/performance.md; run with --ignored --nocapture"]
+fn netlink_scaling_against_the_floor() {
+    require_root!(NEEDS_ROOT);
+    for n in [2_500u32, 5_000, 10_000, 20_000] {
+        let ns = with_underlay();
+        let tmp = tempfile::tempdir().unwrap();
+        let mf = tmp.path().join("vtep-mac");
+        let (program, floor, per_kind) = block_in(&ns, move || async move {
+            let nl = Netlink::real().unwrap();
+            let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
+                .await
+                .unwrap();
+            let all = peers(n);
+            let t = Instant::now();
+            let stats = b.reconcile(&nl, &all).await.unwrap();
+            let program = t.elapsed();
+            assert!(stats.is_clean());
+            assert_eq!(stats.ops_applied, 3 * n as usize);
+            let ops = stats.applied;
+            assert!(b.reconcile(&nl, &[]).await.unwrap().is_clean());
+            let t = Instant::now();
+            let res = nl.apply_all(&ops).await;
+            let floor = t.elapsed();
+            assert!(res.iter().all(|r| r.is_ok()));
+            b.resync();
+            assert!(b.reconcile(&nl, &[]).await.unwrap().is_clean());
+            // The floor again, one kind of op (one kernel table) at a time.
+            let mut kinds: Vec<(String, Vec<_>)> = Vec::new();
+            for op in ops {
+                let k = format!("{op:?}");
+                let k = k.split(['(', ' ']).next().unwrap_or("").to_string();
+                match kinds.iter_mut().find(|(name, _)| *name == k) {
+                    Some((_, v)) => v.push(op),
+                    None => kinds.push((k, vec![op])),
+                }
+            }
+            let mut per_kind = String::new();
+            for (k, v) in &kinds {
+                let t = Instant::now();
+                let res = nl.apply_all(v).await;
+                let d = t.elapsed();
+                assert!(res.iter().all(|r| r.is_ok()), "{k}");
+                per_kind += &format!(" {k} {:.1} ms;", d.as_secs_f64() * 1e3);
+            }
+            b.resync();
+            assert!(b.reconcile(&nl, &[]).await.unwrap().is_clean());
+            (program, floor, per_kind)
+        });
+        println!(
+            "vxlan scaling: {n:>6} peers ({:>6} ops): backend {:>8.1} ms, bare netlink {:>8.1} ms, ratio {:.2}x, floor per op {:.1} us; by table:{per_kind}",
+            3 * n,
+            program.as_secs_f64() * 1e3,
+            floor.as_secs_f64() * 1e3,
+            program.as_secs_f64() / floor.as_secs_f64(),
+            floor.as_secs_f64() * 1e6 / (3 * n) as f64
+        );
+    }
+}
