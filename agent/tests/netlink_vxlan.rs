@@ -626,7 +626,7 @@ fn netlink_scaling_against_the_floor() {
                 .map(|(i, op)| match op {
                     Op::RouteReplace(r) => Op::RouteReplace(Route {
                         metric: 1000 + (i as u32 % 4096),
-                        ..r.clone()
+                        ..*r
                     }),
                     other => other.clone(),
                 })
