@@ -322,3 +322,44 @@ async fn a_flannel_dual_stack_lease_is_read_and_avoided_by_a_v4_only_node() {
     let out = env.ctl(&["get", &key, "--print-value-only"]);
     assert_eq!(out.trim(), value, "the foreign lease is left untouched");
 }
+
+#[tokio::test]
+async fn a_list_of_many_pages_returns_every_lease_and_nothing_outside_the_directory() {
+    let env = Env::start();
+    let mut kv = etcd_client::Client::connect(env.etcd.endpoints(), None)
+        .await
+        .unwrap();
+    const N: u32 = 2_345;
+    let mut want = HashSet::new();
+    for i in 0..N {
+        let key = format!("{P}/subnets/10.{}.{}.0-24", 1 + i / 256, i % 256);
+        kv.put(key.as_str(), format!("{{\"n\":{i}}}"), None)
+            .await
+            .unwrap();
+        want.insert(key);
+    }
+    // Keys that sort right next to the directory must stay out of it.
+    kv.put(format!("{P}/subnets0"), "x", None).await.unwrap();
+    kv.put(format!("{P}/config"), "{}", None).await.unwrap();
+    let reg = EtcdRegistry::connect(EtcdOptions {
+        endpoints: env.etcd.endpoints(),
+        prefix: P.into(),
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let whole = reg.list_leases_paged(i64::MAX).await.unwrap();
+    for page in [1_000, 7, 1] {
+        let snap = reg.list_leases_paged(page).await.unwrap();
+        let got: Vec<_> = snap.leases.iter().map(|l| l.key.clone()).collect();
+        assert_eq!(got.len(), N as usize, "page {page}");
+        assert_eq!(
+            got.iter().cloned().collect::<HashSet<_>>(),
+            want,
+            "page {page}"
+        );
+        assert_eq!(snap.revision, whole.revision, "page {page}");
+    }
+    assert_eq!(reg.list_leases().await.unwrap().leases.len(), N as usize);
+}

@@ -6,12 +6,12 @@
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
 use tweed_agent::backend::{VxlanBackend, VxlanConfig, VxlanPeer};
-use tweed_agent::netlink::{select_iface, IfaceError, MacAddr, Netlink};
+use tweed_agent::netlink::{select_iface, IfaceError, MacAddr, Netlink, Op, Route};
 use tweed_testkit::{ip_in, require_root, NetnsGuard};
 
 const UNDERLAY: &str = "tw-u0";
@@ -342,7 +342,7 @@ fn netlink_five_thousand_peers() {
     let ns = with_underlay();
     let tmp = tempfile::tempdir().unwrap();
     let mf = tmp.path().join("vtep-mac");
-    let (program, relist, remove) = block_in(&ns, move || async move {
+    let (program, relist, remove, floor) = block_in(&ns, move || async move {
         let nl = Netlink::real().unwrap();
         let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
             .await
@@ -354,6 +354,7 @@ fn netlink_five_thousand_peers() {
         let program = t.elapsed();
         assert!(stats.is_clean(), "{:?}", &stats.failures[..1]);
         assert_eq!(stats.ops_applied, 3 * N as usize);
+        let ops = stats.applied;
 
         let dev = b.ifindex();
         let perm = nl.neighbours(dev).await.unwrap();
@@ -380,16 +381,32 @@ fn netlink_five_thousand_peers() {
         let remove = t.elapsed();
         assert!(stats.is_clean());
         assert_eq!(stats.ops_applied, 3 * N as usize);
-        (program, relist, remove)
+
+        // The kernel floor: the very ops the backend sent, sent again straight to netlink with no
+        // observing or planning. The bound is a ratio to it, measured in this run, because an
+        // absolute time says more about the CI machine's load than about the backend.
+        let t = Instant::now();
+        let res = nl.apply_all(&ops).await;
+        let floor = t.elapsed();
+        assert!(res.iter().all(|r| r.is_ok()), "floor batch failed");
+        b.resync();
+        let stats = b.reconcile(&nl, &[]).await.unwrap();
+        assert!(stats.is_clean());
+        assert_eq!(stats.ops_applied, 3 * N as usize);
+        (program, relist, remove, floor)
     });
+    let ratio = program.as_secs_f64() / floor.as_secs_f64();
     println!(
         "vxlan, {N} peers: programmed {} entries in {program:?}, re-listed and planned 0 ops in \
-         {relist:?}, removed all in {remove:?}",
+         {relist:?}, removed all in {remove:?}; the same ops sent bare took {floor:?} \
+         ({ratio:.2}x the floor)",
         3 * N
     );
+    // Generous for a loaded 2-core CI machine; a superlinear step in the backend's own view or
+    // diff shows up as a ratio far above this at 5,000 peers.
     assert!(
-        program < Duration::from_secs(2),
-        "programming {N} peers took {program:?}"
+        ratio < 3.0,
+        "programming {N} peers took {program:?}, {ratio:.2}x the {floor:?} of the bare netlink batch"
     );
     let (neigh, fdb, routes) = entries(&ns);
     assert_eq!((neigh.len(), fdb.len(), routes.len()), (0, 0, 0));
@@ -546,4 +563,91 @@ fn netlink_ops_are_idempotent() {
         assert_eq!(e.errno(), Some(libc::ENODEV), "{e}");
         assert!(e.to_string().contains("tw-nothere"), "{e}");
     });
+}
+
+/// A measurement, not part of the suite (`--ignored`): the vxlan backend's first programming of
+/// N peers against the kernel floor (the same ops sent straight to netlink) at 2,500 to 20,000
+/// peers, each in a fresh namespace, to tell growth in the agent from growth in the kernel.
+#[test]
+#[ignore = "measurement for docs/performance.md; run with --ignored --nocapture"]
+fn netlink_scaling_against_the_floor() {
+    require_root!(NEEDS_ROOT);
+    for n in [2_500u32, 5_000, 10_000, 20_000] {
+        let ns = with_underlay();
+        let tmp = tempfile::tempdir().unwrap();
+        let mf = tmp.path().join("vtep-mac");
+        let (program, floor, per_kind) = block_in(&ns, move || async move {
+            let nl = Netlink::real().unwrap();
+            let mut b = VxlanBackend::setup(&nl, config(&nl, &mf).await)
+                .await
+                .unwrap();
+            let all = peers(n);
+            let t = Instant::now();
+            let stats = b.reconcile(&nl, &all).await.unwrap();
+            let program = t.elapsed();
+            assert!(stats.is_clean());
+            assert_eq!(stats.ops_applied, 3 * n as usize);
+            let ops = stats.applied;
+            assert!(b.reconcile(&nl, &[]).await.unwrap().is_clean());
+            let t = Instant::now();
+            let res = nl.apply_all(&ops).await;
+            let floor = t.elapsed();
+            assert!(res.iter().all(|r| r.is_ok()));
+            b.resync();
+            assert!(b.reconcile(&nl, &[]).await.unwrap().is_clean());
+            // The floor again, one kind of op (one kernel table) at a time.
+            let mut kinds: Vec<(String, Vec<_>)> = Vec::new();
+            for op in ops {
+                let k = format!("{op:?}");
+                let k = k.split(['(', ' ']).next().unwrap_or("").to_string();
+                match kinds.iter_mut().find(|(name, _)| *name == k) {
+                    Some((_, v)) => v.push(op),
+                    None => kinds.push((k, vec![op])),
+                }
+            }
+            let mut per_kind = String::new();
+            for (k, v) in &kinds {
+                let t = Instant::now();
+                let res = nl.apply_all(v).await;
+                let d = t.elapsed();
+                assert!(res.iter().all(|r| r.is_ok()), "{k}");
+                per_kind += &format!(" {k} {:.1} ms;", d.as_secs_f64() * 1e3);
+            }
+            b.resync();
+            assert!(b.reconcile(&nl, &[]).await.unwrap().is_clean());
+            // The diagnosis put to the test: the kernel shares equal `fib_info`s through a hash
+            // that keys on the metric but not the gateway, so the same routes spread over 4,096
+            // metrics should insert in about linear time. (The namespace goes with the routes.)
+            let spread: Vec<Op> = kinds
+                .iter()
+                .filter(|(k, _)| k == "RouteReplace")
+                .flat_map(|(_, v)| v.iter())
+                .enumerate()
+                .map(|(i, op)| match op {
+                    Op::RouteReplace(r) => Op::RouteReplace(Route {
+                        metric: 1000 + (i as u32 % 4096),
+                        ..*r
+                    }),
+                    other => other.clone(),
+                })
+                .collect();
+            let t = Instant::now();
+            let res = nl.apply_all(&spread).await;
+            let d = t.elapsed();
+            assert!(res.iter().all(|r| r.is_ok()), "spread routes");
+            per_kind += &format!(
+                " routes over 4,096 metrics {:.1} ms;",
+                d.as_secs_f64() * 1e3
+            );
+            (program, floor, per_kind)
+        });
+        println!(
+            "vxlan scaling: {n:>6} peers ({:>6} ops): backend {:>8.1} ms, bare netlink {:>8.1} ms, ratio {:.2}x, floor per op {:.1} us; by table:{per_kind}",
+            3 * n,
+            program.as_secs_f64() * 1e3,
+            floor.as_secs_f64() * 1e3,
+            program.as_secs_f64() / floor.as_secs_f64(),
+            floor.as_secs_f64() * 1e6 / (3 * n) as f64
+        );
+    }
 }

@@ -13,6 +13,22 @@ use std::sync::Arc;
 use std::time::Duration;
 use tweed_config::{LeaseAttrs, SubnetKey};
 
+/// Keys per request of the initial list.
+pub const LIST_PAGE: i64 = 1000;
+
+/// The smallest key after every key that starts with `prefix` (etcd's `--prefix` range end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
 #[derive(Clone, Default)]
 pub struct EtcdOptions {
     pub endpoints: Vec<String>,
@@ -392,27 +408,54 @@ impl EtcdRegistry {
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
+    /// The whole subnet directory, read in pages of [`LIST_PAGE`] keys at one revision: a single
+    /// get of 20,000 leases is ~3.6 MB, near the gRPC client's 4 MiB decode limit.
     pub async fn list_leases(&self) -> Result<Snapshot, RegistryError> {
+        self.list_leases_paged(LIST_PAGE).await
+    }
+
+    /// [`list_leases`](Self::list_leases) with `page` keys a request. Every page after the first
+    /// reads at the first page's revision, so the pages together are one consistent snapshot (a
+    /// compaction in between fails the list, and the caller lists again).
+    pub async fn list_leases_paged(&self, page: i64) -> Result<Snapshot, RegistryError> {
         let dir = self.subnets();
-        let resp = self
-            .client()
-            .await
-            .kv_client()
-            .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.err("list", &dir))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let leases = resp
-            .kvs()
-            .iter()
-            .map(|kv| RawLease {
+        let end = prefix_end(dir.as_bytes());
+        let mut from = dir.clone().into_bytes();
+        let mut revision = 0;
+        let mut leases = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page.max(1));
+            if revision != 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self
+                .client()
+                .await
+                .kv_client()
+                .get(from.clone(), Some(opts))
+                .await
+                .map_err(self.err("list", &dir))?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            leases.extend(resp.kvs().iter().map(|kv| RawLease {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 value: kv.value().to_vec(),
                 lease_id: kv.lease(),
                 mod_revision: kv.mod_revision(),
                 create_revision: kv.create_revision(),
-            })
-            .collect();
+            }));
+            match resp.kvs().last() {
+                // The next page starts just after the last key seen.
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
         Ok(Snapshot { leases, revision })
     }
 
@@ -699,5 +742,17 @@ impl EtcdWatch {
             }
             return Ok(events);
         }
+    }
+}
+
+#[cfg(test)]
+mod paging_tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/a/subnets/"), b"/a/subnets0".to_vec());
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
     }
 }
