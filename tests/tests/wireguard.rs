@@ -166,3 +166,150 @@ fn wireguard_lab_passes_check_encrypted_with_flannels_lease_format() {
         .expect("check after restart");
     assert_eq!(report.summary(), "24 passed, 0 failed");
 }
+
+/// A binary built beside the test's own target dir (target/debug).
+fn tweed_lab_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+/// `tweedctl net --socket SOCK -o json ARGS...`: its stdout as JSON (panics with stderr).
+fn tweedctl_json(sock: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(tweed_lab_bin("tweedctl"))
+        .args([
+            "net",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .args(args)
+        .output()
+        .expect("run tweedctl");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tweedctl {args:?}: {e}; stdout {:?} stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn pubkey_of(file: &std::path::Path) -> String {
+    let out = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::fs::File::open(file).unwrap())
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// WireGuard's REKEY_TIMEOUT: a handshake that goes unanswered is retried after this long. A
+/// rotation whose first handshake is lost shows a pause of at least this; one that takes a
+/// single handshake stays below it.
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Issue 18 item 3: `tweedctl net wireguard rotate-key` under a 50/s ping. The key file, the
+/// lease and every peer's view change to the new key (the old entry is gone, not left stale),
+/// and the ping pauses for less than one handshake attempt.
+#[test]
+fn wireguard_key_rotation_under_ping_pauses_one_handshake_and_drops_the_old_peer() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("wgrot"), 3);
+    spec.backend = Backend::Wireguard;
+    let lab = up(spec);
+    let report = lab.check_until(Duration::from_secs(20)).expect("check");
+    assert_eq!(report.summary(), "24 passed, 0 failed");
+    let hosts = lab.state().hosts.clone();
+    let sock = |i: usize| hosts[i].log.with_file_name("tweedd.sock");
+    let h1_ip = hosts[0].public_ip.to_string();
+    let key_file = hosts[0].agent_state_dir.join("wgkey");
+    let before = pubkey_of(&key_file);
+
+    let interval = Duration::from_millis(20);
+    let count = 400; // 8 s
+    let dst = hosts[1].pods[0].ip.to_string();
+    let ping = lab
+        .command(
+            "h1/p1",
+            &[
+                "ping",
+                "-n",
+                "-i",
+                "0.02",
+                "-c",
+                &count.to_string(),
+                "-W",
+                "1",
+                &dst,
+            ],
+        )
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ping");
+    std::thread::sleep(Duration::from_secs(3));
+    let r = tweedctl_json(&sock(0), &["wireguard", "rotate-key"]);
+    let out = ping.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(r["old_public_key"], before.as_str(), "{r}");
+    let new = r["new_public_key"].as_str().unwrap().to_string();
+    assert_ne!(new, before);
+    assert_eq!(r["published"], true, "{r}");
+
+    let (tx, rx) = ping_summary(&out);
+    let lost = tx - rx;
+    let pause = interval * lost;
+    println!(
+        "rotation under ping: {tx} sent every {interval:?}, {lost} lost = {pause:?} paused \
+         (one handshake attempt: {REKEY_TIMEOUT:?})"
+    );
+    assert!(tx as usize == count && rx > 0, "{out}");
+    assert!(
+        pause < REKEY_TIMEOUT,
+        "the rotation paused traffic {pause:?}, more than one handshake ({REKEY_TIMEOUT:?}):\n{out}"
+    );
+
+    // The file holds the new key, mode 0400; the lease advertises it.
+    assert_eq!(pubkey_of(&key_file), new);
+    let meta = std::fs::metadata(&key_file).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400);
+    let leases = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    assert!(
+        leases.contains(&new) && !leases.contains(&before),
+        "{leases}"
+    );
+
+    // Every peer's view: h1's subnet under the new key, the old key nowhere.
+    let mut seen = String::new();
+    let start = std::time::Instant::now();
+    let mut views = || {
+        seen.clear();
+        (1..hosts.len()).all(|i| {
+            let peers = tweedctl_json(&sock(i), &["peers"]);
+            seen.push_str(&format!("{}: {peers:#}\n", hosts[i].name));
+            let text = peers.to_string();
+            let h1 = peers
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["public_ip"] == h1_ip.as_str());
+            !text.contains(&before)
+                && h1.is_some_and(|p| {
+                    p["public_key"] == new.as_str() && p["handshake_age_seconds"].is_number()
+                })
+        })
+    };
+    let mut ok = views();
+    while !ok && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(500));
+        ok = views();
+    }
+    assert!(ok, "old key {before} / new key {new}:\n{seen}");
+    let report = lab
+        .check_until(Duration::from_secs(20))
+        .expect("check after rotation");
+    assert_eq!(report.summary(), "24 passed, 0 failed");
+}
