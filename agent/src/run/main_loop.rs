@@ -34,8 +34,8 @@ use tweed_config::{NetworkConfig, SubnetEnv};
 /// How often the data plane is re-read and repaired even without lease events (reads only when
 /// nothing drifted).
 const DATAPLANE_RESYNC: Duration = Duration::from_secs(60);
-/// How often per-peer wireguard figures (handshake age, bytes) are refreshed for the API and
-/// metrics, and an unpublished rotated key is written to the lease again.
+/// How often the udp/wireguard counters and per-peer wireguard figures (handshake age, bytes)
+/// are refreshed for the API and metrics, and an unpublished rotated key is written to the lease again.
 const PEER_STATS: Duration = Duration::from_secs(5);
 /// How often the main loop says it is alive (/healthz, systemd's watchdog).
 const BEAT: Duration = Duration::from_secs(1);
@@ -334,7 +334,7 @@ impl Agent {
                 _ = beat.tick() => self.beat(),
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                 _ = peer_stats.tick() => {
-                    self.plane.export_wireguard_peers();
+                    self.plane.export_udp_stats();
                     if !self.lease.republish().await {
                         warn!("the lease still advertises the old wireguard key; retrying");
                     }

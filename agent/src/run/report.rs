@@ -446,6 +446,12 @@ impl Report {
             ("malformed", now.drop_malformed, last.drop_malformed),
             ("not_remote", now.drop_not_remote, last.drop_not_remote),
             ("not_ready", now.drop_not_ready, last.drop_not_ready),
+            // wireguard: failed authentication (unknown key, wrong PSK, replay, garbage).
+            (
+                "unauthenticated",
+                now.drop_unauthenticated,
+                last.drop_unauthenticated,
+            ),
         ] {
             m.udp_drops.with_label_values(&[reason]).inc_by(d(a, b));
         }
