@@ -443,6 +443,37 @@ mod tests {
         assert_eq!(lease_of(&mem, &own).await, Some(id), "kept by renewals");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn published_attributes_replace_the_value_under_the_same_lease() {
+        let mem = MemRegistry::new(PREFIX);
+        let (mut k, _state, mut stop) = keeper(&mem).await;
+        let own = k.own();
+        let key = own.key.etcd_key(PREFIX);
+        let key_b64 = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+        let attrs = crate::backend::wireguard::plan::lease_attrs(
+            "198.18.0.1".parse().unwrap(),
+            &crate::backend::wireguard::PublicKey(
+                tweed_config::network::decode_wg_key(key_b64).unwrap(),
+            ),
+            51820,
+        );
+        assert!(k.publish(attrs.clone()).await);
+        let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+        let l = snap.leases.iter().find(|l| l.key == key).unwrap();
+        assert_eq!(l.lease_id, own.lease_id, "the TTL lease is kept");
+        let text = String::from_utf8_lossy(&l.value).into_owned();
+        assert!(text.contains("hSDwCYkwp1R0i33ctD73Wg2"), "{text}");
+        // Nothing left to write.
+        assert!(k.republish().await);
+
+        // A lease lost later is taken again with the new attributes, not the old ones.
+        mem.expire_lease(own.lease_id);
+        assert!(k.reacquire(&mut stop).await);
+        let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+        let l = snap.leases.iter().find(|l| l.key == key).unwrap();
+        assert!(String::from_utf8_lossy(&l.value).contains("wireguard"));
+    }
+
     /// The value under `subnet`'s key: (PublicIP or the raw text, lease id).
     async fn value_at(mem: &MemRegistry, key: &str) -> (String, i64) {
         let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
