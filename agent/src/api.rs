@@ -39,6 +39,14 @@ pub struct Control {
     pub cfg: NetworkConfig,
     /// `--lease-ttl`: the TTL an unreserved key gets.
     pub lease_ttl: Duration,
+    /// Requests only the run loop can carry out (it owns the data plane and the lease).
+    pub commands: tokio::sync::mpsc::Sender<Command>,
+}
+
+/// A request for the run loop, with where its answer goes.
+#[derive(Debug)]
+pub enum Command {
+    RotateWireguardKey(tokio::sync::oneshot::Sender<Result<pb::RotateWireguardKeyReply, Status>>),
 }
 
 /// Set by the run loop; empty while etcd or the network config is awaited.
@@ -147,17 +155,28 @@ impl Agent for Service {
         &self,
         _: Request<pb::ListPeersRequest>,
     ) -> Result<Response<pb::ListPeersReply>, Status> {
-        let peers = self
-            .state
-            .snapshot()
+        let snap = self.state.snapshot();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let peers = snap
             .peers
             .into_iter()
-            .map(|p| pb::Peer {
-                subnet: p.subnet,
-                public_ip: p.public_ip,
-                backend: p.backend,
-                programmed: p.programmed,
-                error: p.error.unwrap_or_default(),
+            .map(|p| {
+                let wg = snap.wg_peers.iter().find(|w| w.subnet == p.subnet);
+                pb::Peer {
+                    public_key: wg.map(|w| w.public_key.clone()).unwrap_or_default(),
+                    handshake_age_seconds: wg
+                        .and_then(|w| w.handshake_unix_ms)
+                        .map_or(-1, |t| now_ms.saturating_sub(t).max(0) / 1000),
+                    tx_bytes: wg.map_or(0, |w| w.tx_bytes),
+                    rx_bytes: wg.map_or(0, |w| w.rx_bytes),
+                    subnet: p.subnet,
+                    public_ip: p.public_ip,
+                    backend: p.backend,
+                    programmed: p.programmed,
+                    error: p.error.unwrap_or_default(),
+                }
             })
             .collect();
         Ok(Response::new(pb::ListPeersReply { peers }))
@@ -208,6 +227,20 @@ impl Agent for Service {
                 key.ipv4
             ))),
         }
+    }
+
+    async fn rotate_wireguard_key(
+        &self,
+        _: Request<pb::RotateWireguardKeyRequest>,
+    ) -> Result<Response<pb::RotateWireguardKeyReply>, Status> {
+        let c = self.control()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gone = || Status::unavailable("the agent's run loop is not running (shutting down?)");
+        c.commands
+            .send(Command::RotateWireguardKey(tx))
+            .await
+            .map_err(|_| gone())?;
+        Ok(Response::new(rx.await.map_err(|_| gone())??))
     }
 
     async fn unreserve(

@@ -41,9 +41,14 @@ async fn metrics(State(s): State<AgentState>) -> impl IntoResponse {
 async fn readyz(State(s): State<AgentState>) -> impl IntoResponse {
     let snap = s.snapshot();
     let reasons = snap.not_ready();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let body = serde_json::json!({
         "ready": reasons.is_empty(),
         "reasons": reasons,
+        // Reported only: an idle peer may rightly have no handshake.
+        "stale_peers": crate::state::stale_wg_peers(&snap.wg_peers, now_ms),
         "lease_held": snap.lease_held,
         "backend_programmed": snap.backend_programmed,
         "watch_live": snap.watch_live,

@@ -240,6 +240,7 @@ async fn grpc_reserve_and_unreserve() {
             registry: Arc::new(Registry::Mem(mem.clone())),
             cfg: tweed_config::NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap(),
             lease_ttl: Duration::from_secs(30),
+            commands: tokio::sync::mpsc::channel(1).0,
         })
         .is_ok());
     for (subnet, ip) in [

@@ -47,6 +47,18 @@ enum NetCmd {
         /// e.g. 10.244.7.0/24
         subnet: String,
     },
+    /// The wireguard backend's key.
+    Wireguard {
+        #[command(subcommand)]
+        cmd: WgCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WgCmd {
+    /// New private key without a restart: stored in the key file, used, and published in this
+    /// node's lease; peers replace the old peer entry.
+    RotateKey,
 }
 
 pub fn run(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
@@ -175,6 +187,30 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
                 || format!("reserved {} for {}\n", r.subnet, r.public_ip),
             )?;
         }
+        NetCmd::Wireguard {
+            cmd: WgCmd::RotateKey,
+        } => {
+            let r = answer(c.rotate_wireguard_key(pb::RotateWireguardKeyRequest {})).await?;
+            emit(
+                out,
+                output,
+                Layout::Line,
+                || json!({"old_public_key": r.old_public_key, "new_public_key": r.new_public_key, "published": r.published}),
+                || {
+                    format!(
+                        "rotated: {} -> {}{}\n",
+                        r.old_public_key,
+                        r.new_public_key,
+                        if r.published {
+                            ""
+                        } else {
+                            " (not in the lease yet: the agent retries every 5 s)"
+                        }
+                    )
+                },
+            )?;
+            return Ok(if r.published { 0 } else { 1 });
+        }
         NetCmd::Unreserve { subnet } => {
             let r = answer(c.unreserve(pb::UnreserveRequest { subnet })).await?;
             emit(
@@ -267,15 +303,47 @@ fn leases_table(leases: &[pb::Lease]) -> String {
 }
 
 fn peer_json(p: &pb::Peer) -> serde_json::Value {
-    json!({"subnet": p.subnet, "public_ip": p.public_ip, "backend": p.backend,
-           "programmed": p.programmed, "error": p.error})
+    let mut v = json!({"subnet": p.subnet, "public_ip": p.public_ip, "backend": p.backend,
+           "programmed": p.programmed, "error": p.error});
+    if !p.public_key.is_empty() {
+        v["public_key"] = json!(p.public_key);
+        v["handshake_age_seconds"] =
+            json!((p.handshake_age_seconds >= 0).then_some(p.handshake_age_seconds));
+        v["tx_bytes"] = json!(p.tx_bytes);
+        v["rx_bytes"] = json!(p.rx_bytes);
+    }
+    v
+}
+
+/// wireguard peers' columns: key, handshake age, bytes out/in; nothing for other backends.
+fn wg_columns(p: &pb::Peer) -> String {
+    if p.public_key.is_empty() {
+        return String::new();
+    }
+    let age = if p.handshake_age_seconds < 0 {
+        "never".to_string()
+    } else {
+        format!("{}s", p.handshake_age_seconds)
+    };
+    format!(
+        " {:<44} {:>9} {:>12} {:>12}",
+        p.public_key, age, p.tx_bytes, p.rx_bytes
+    )
 }
 
 fn peers_table(peers: &[pb::Peer]) -> String {
+    let wg = peers.iter().any(|p| !p.public_key.is_empty());
     let mut t = format!(
-        "{:<18} {:<16} {:<8} {}\n",
+        "{:<18} {:<16} {:<9} {:<10}",
         "SUBNET", "PUBLIC_IP", "BACKEND", "PROGRAMMED"
     );
+    if wg {
+        t.push_str(&format!(
+            " {:<44} {:>9} {:>12} {:>12}",
+            "PUBLIC_KEY", "HANDSHAKE", "TX_BYTES", "RX_BYTES"
+        ));
+    }
+    t.push('\n');
     for p in peers {
         let state = if p.programmed {
             "yes".to_string()
@@ -283,8 +351,12 @@ fn peers_table(peers: &[pb::Peer]) -> String {
             format!("no: {}", p.error)
         };
         t.push_str(&format!(
-            "{:<18} {:<16} {:<8} {}\n",
-            p.subnet, p.public_ip, p.backend, state
+            "{:<18} {:<16} {:<9} {:<10}{}\n",
+            p.subnet,
+            p.public_ip,
+            p.backend,
+            state,
+            wg_columns(p)
         ));
     }
     t
@@ -329,6 +401,30 @@ mod tests {
             ..Default::default()
         }]);
         assert!(p.contains("no: bad MAC"), "{p}");
+        assert!(!p.contains("HANDSHAKE"), "{p}");
+        let key = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+        let wg = |age| pb::Peer {
+            subnet: "10.244.4.0/24".into(),
+            backend: "wireguard".into(),
+            programmed: true,
+            public_key: key.into(),
+            handshake_age_seconds: age,
+            tx_bytes: 1234,
+            rx_bytes: 5678,
+            ..Default::default()
+        };
+        let p = peers_table(&[wg(42), wg(-1)]);
+        assert!(p.lines().next().unwrap().contains("HANDSHAKE"), "{p}");
+        let row = p.lines().nth(1).unwrap();
+        assert!(
+            row.contains(key) && row.contains(" 42s ") && row.ends_with(" 5678"),
+            "{p}"
+        );
+        assert!(p.lines().nth(2).unwrap().contains("never"), "{p}");
+        let j = peer_json(&wg(-1));
+        assert_eq!(j["handshake_age_seconds"], serde_json::Value::Null);
+        assert_eq!(j["public_key"], key);
+        assert_eq!(peer_json(&wg(7))["handshake_age_seconds"], 7);
         let s = status_table(&pb::StatusReply {
             ready: false,
             not_ready: vec!["no subnet lease held".into()],

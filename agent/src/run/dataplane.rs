@@ -6,6 +6,7 @@ use super::repair::{Trigger, Watched};
 use super::report::Report;
 use super::AgentError;
 use crate::backend::udp::io::Stats as UdpStats;
+use crate::backend::wireguard::{key, KeyError, PrivateKey, PublicKey};
 use crate::backend::{DataPlane, Prepared, ReconcileStats, Remote};
 use crate::netlink::{Netlink, Op};
 use crate::rules::{Firewall, RuleSpec};
@@ -18,6 +19,14 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, error, info, warn};
 use tweed_config::{LeaseAttrs, SubnetEnv};
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RotateError {
+    #[error("this node runs the {0} backend; only wireguard has a key to rotate")]
+    NotWireguard(&'static str),
+    #[error("the new key was not stored, the old one stays in use: {0}")]
+    Store(#[from] KeyError),
+}
 
 pub(super) struct Plane {
     nl: Netlink,
@@ -358,9 +367,37 @@ impl Plane {
         };
         let last = std::mem::replace(&mut self.udp_seen, now);
         self.report.udp_traffic(&now, &last);
+        self.export_wireguard_peers();
+    }
+
+    /// wireguard: per-peer figures to the metrics and the API's peer list.
+    pub(super) fn export_wireguard_peers(&self) {
         if let DataPlane::Wireguard(b) = &self.backend {
             self.report.wireguard_peers(&b.peer_stats());
         }
+    }
+
+    /// wireguard: a new private key, stored in the key file first (one rename: a crash leaves the
+    /// old key or the new one, and the next start publishes whichever is there), then set for the
+    /// backend's next reconcile and for any later set-up. The old and new public keys and the
+    /// attributes the lease must carry now.
+    pub(super) fn rotate_wireguard_key(
+        &mut self,
+    ) -> Result<(PublicKey, PublicKey, LeaseAttrs), RotateError> {
+        let (Prepared::Wireguard(cfg), DataPlane::Wireguard(b)) =
+            (&mut self.prepared, &mut self.backend)
+        else {
+            return Err(RotateError::NotWireguard(self.prepared.type_name()));
+        };
+        let old = cfg.public_key();
+        let new = PrivateKey::generate();
+        key::store(&cfg.key_path, &new)?;
+        cfg.private_key = new.clone();
+        b.set_private_key(new);
+        let public = cfg.public_key();
+        let attrs =
+            crate::backend::wireguard::plan::lease_attrs(cfg.public_ip, &public, cfg.listen_port);
+        Ok((old, public, attrs))
     }
 
     /// Stops what the backend runs (udp: its workers); the kernel state stays.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::warn;
 use tweed_config::{LeaseAttrs, NetworkConfig};
 
 /// How soon a renewal that failed (etcd unreachable) is tried again.
@@ -86,6 +87,8 @@ pub(super) struct LeaseKeeper {
     task: JoinHandle<()>,
     /// Times our key was written back since we took it.
     restores: u32,
+    /// `attrs` changed (a rotated wireguard key) and etcd does not have them yet.
+    unpublished: bool,
 }
 
 impl LeaseKeeper {
@@ -118,6 +121,7 @@ impl LeaseKeeper {
             expired,
             task,
             restores: 0,
+            unpublished: false,
         }
     }
 
@@ -187,6 +191,57 @@ impl LeaseKeeper {
         } else {
             ConflictAction::None
         }
+    }
+
+    /// Advertises `attrs` from now on: written over our lease's value (same TTL lease), and used
+    /// by any later acquisition. False when etcd did not take it yet; [`republish`] retries.
+    ///
+    /// [`republish`]: Self::republish
+    pub(super) async fn publish(&mut self, attrs: LeaseAttrs) -> bool {
+        self.attrs = attrs;
+        self.unpublished = true;
+        self.republish().await
+    }
+
+    /// Writes attributes [`publish`](Self::publish) could not write yet; true when etcd has
+    /// ours.
+    pub(super) async fn republish(&mut self) -> bool {
+        if !self.unpublished {
+            return true;
+        }
+        let own = self.own();
+        let key = own.key.etcd_key(self.registry.prefix());
+        // Compare-and-swap on the value we read: a write racing ours (an operator, a conflict)
+        // is read again, a few times.
+        for _ in 0..3 {
+            let current = match self.registry.list_leases().await {
+                Ok(snap) => snap.leases.into_iter().find(|l| l.key == key),
+                Err(e) => {
+                    warn!(subnet = %own.subnet(), "publishing new lease attributes: {e}; retried later");
+                    return false;
+                }
+            };
+            // Gone: the lost-lease path acquires again, with the new attributes.
+            let Some(current) = current else {
+                return false;
+            };
+            match self
+                .registry
+                .update_lease(&own.key, &self.attrs, own.lease_id, current.mod_revision)
+                .await
+            {
+                Ok(true) => {
+                    self.unpublished = false;
+                    return true;
+                }
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!(subnet = %own.subnet(), "publishing new lease attributes: {e}; retried later");
+                    return false;
+                }
+            }
+        }
+        false
     }
 
     pub(super) fn own(&self) -> OwnLease {
@@ -386,6 +441,37 @@ mod tests {
         assert_ne!(id, 0);
         tokio::time::sleep(TTL * 3).await;
         assert_eq!(lease_of(&mem, &own).await, Some(id), "kept by renewals");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn published_attributes_replace_the_value_under_the_same_lease() {
+        let mem = MemRegistry::new(PREFIX);
+        let (mut k, _state, mut stop) = keeper(&mem).await;
+        let own = k.own();
+        let key = own.key.etcd_key(PREFIX);
+        let key_b64 = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+        let attrs = crate::backend::wireguard::plan::lease_attrs(
+            "198.18.0.1".parse().unwrap(),
+            &crate::backend::wireguard::PublicKey(
+                tweed_config::network::decode_wg_key(key_b64).unwrap(),
+            ),
+            51820,
+        );
+        assert!(k.publish(attrs.clone()).await);
+        let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+        let l = snap.leases.iter().find(|l| l.key == key).unwrap();
+        assert_eq!(l.lease_id, own.lease_id, "the TTL lease is kept");
+        let text = String::from_utf8_lossy(&l.value).into_owned();
+        assert!(text.contains("hSDwCYkwp1R0i33ctD73Wg2"), "{text}");
+        // Nothing left to write.
+        assert!(k.republish().await);
+
+        // A lease lost later is taken again with the new attributes, not the old ones.
+        mem.expire_lease(own.lease_id);
+        assert!(k.reacquire(&mut stop).await);
+        let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+        let l = snap.leases.iter().find(|l| l.key == key).unwrap();
+        assert!(String::from_utf8_lossy(&l.value).contains("wireguard"));
     }
 
     /// The value under `subnet`'s key: (PublicIP or the raw text, lease id).

@@ -34,6 +34,9 @@ use tweed_config::{NetworkConfig, SubnetEnv};
 /// How often the data plane is re-read and repaired even without lease events (reads only when
 /// nothing drifted).
 const DATAPLANE_RESYNC: Duration = Duration::from_secs(60);
+/// How often the udp/wireguard counters and per-peer wireguard figures (handshake age, bytes)
+/// are refreshed for the API and metrics, and an unpublished rotated key is written to the lease again.
+const PEER_STATS: Duration = Duration::from_secs(5);
 /// How often the main loop says it is alive (/healthz, systemd's watchdog).
 const BEAT: Duration = Duration::from_secs(1);
 
@@ -60,10 +63,12 @@ pub async fn run_with(
         return Ok(());
     };
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = cfg.backend.type_name(), "network config");
+    let (commands_tx, commands) = tokio::sync::mpsc::channel(4);
     let _ = control.set(crate::api::Control {
         registry: registry.clone(),
         cfg: cfg.clone(),
         lease_ttl: settings.lease_ttl,
+        commands: commands_tx,
     });
 
     let iface = netlink::iface::select(&nl, &settings.iface_choice()?).await?;
@@ -144,6 +149,7 @@ pub async fn run_with(
         lease,
         plane,
         report,
+        commands,
     };
     let result = agent.main_loop(&mut stop, settings.iptables_resync).await;
     agent.plane.stop().await;
@@ -280,6 +286,8 @@ struct Agent {
     lease: LeaseKeeper,
     plane: Plane,
     report: Report,
+    /// The API's requests (a key rotation).
+    commands: tokio::sync::mpsc::Receiver<crate::api::Command>,
 }
 
 impl Agent {
@@ -305,6 +313,7 @@ impl Agent {
         let mut rules = tokio::time::interval(rules_every);
         rules.tick().await;
         let mut beat = tokio::time::interval(BEAT);
+        let mut peer_stats = tokio::time::interval(PEER_STATS);
         let mut nft = self
             .plane
             .rules_are_nft()
@@ -323,6 +332,13 @@ impl Agent {
                 ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
                 _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
                 _ = beat.tick() => self.beat(),
+                Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
+                _ = peer_stats.tick() => {
+                    self.plane.export_udp_stats();
+                    if !self.lease.republish().await {
+                        warn!("the lease still advertises the old wireguard key; retrying");
+                    }
+                }
                 Some(()) = nft_change(&mut nft) => {
                     // Our own writes echo too: gather a burst, then one listing decides.
                     nft_due.get_or_insert(tokio::time::Instant::now() + super::repair::DEBOUNCE);
@@ -346,6 +362,38 @@ impl Agent {
                 }
             }
         }
+    }
+
+    async fn on_command(&mut self, cmd: crate::api::Command) {
+        match cmd {
+            crate::api::Command::RotateWireguardKey(reply) => {
+                let r = self.rotate_wireguard_key().await;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// A new key in the file, in use, then in the lease: peers that see the lease replace our
+    /// old peer entry and handshake with the new key (ours already answers to it; the other way
+    /// round, they would be refused until our table changed).
+    async fn rotate_wireguard_key(
+        &mut self,
+    ) -> Result<tweed_api::v1::RotateWireguardKeyReply, tonic::Status> {
+        let (old, new, attrs) = self.plane.rotate_wireguard_key().map_err(|e| match e {
+            super::dataplane::RotateError::NotWireguard(_) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
+            _ => tonic::Status::internal(e.to_string()),
+        })?;
+        self.program().await;
+        let published = self.lease.publish(attrs).await;
+        self.plane.export_wireguard_peers();
+        info!(%old, %new, published, "wireguard: key rotated");
+        Ok(tweed_api::v1::RotateWireguardKeyReply {
+            old_public_key: old.to_string(),
+            new_public_key: new.to_string(),
+            published,
+        })
     }
 
     /// Liveness for /healthz and systemd's watchdog, and READY=1 the first time the node is ready.

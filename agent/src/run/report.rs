@@ -369,6 +369,31 @@ impl Report {
     /// Replaces the per-peer wireguard gauges with `peers`: reset first, so a removed or
     /// rotated-away key stops being exported.
     pub(super) fn wireguard_peers(&self, peers: &[crate::backend::wireguard::PeerStats]) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.state.update(|s| {
+            let views = peers
+                .iter()
+                .map(|p| {
+                    let key = p.public_key.to_string();
+                    let since = s
+                        .wg_peers
+                        .iter()
+                        .find(|v| v.public_key == key)
+                        .map_or(now_ms, |v| v.since_unix_ms);
+                    crate::state::WgPeerView {
+                        subnet: p.subnet.map(|s| s.to_string()).unwrap_or_default(),
+                        public_key: key,
+                        handshake_unix_ms: p.last_handshake.map(|d| now_ms - d.as_millis() as i64),
+                        since_unix_ms: since,
+                        tx_bytes: p.tx_bytes,
+                        rx_bytes: p.rx_bytes,
+                    }
+                })
+                .collect();
+            s.wg_peers = views;
+        });
         let m = &self.state.metrics;
         m.wg_handshake_age.reset();
         m.wg_peer_bytes.reset();
@@ -421,6 +446,12 @@ impl Report {
             ("malformed", now.drop_malformed, last.drop_malformed),
             ("not_remote", now.drop_not_remote, last.drop_not_remote),
             ("not_ready", now.drop_not_ready, last.drop_not_ready),
+            // wireguard: failed authentication (unknown key, wrong PSK, replay, garbage).
+            (
+                "unauthenticated",
+                now.drop_unauthenticated,
+                last.drop_unauthenticated,
+            ),
         ] {
             m.udp_drops.with_label_values(&[reason]).inc_by(d(a, b));
         }

@@ -194,6 +194,16 @@ impl WgBackend {
         })
     }
 
+    /// Uses `key` from the next [`reconcile`](Self::reconcile) on: the device op it plans
+    /// publishes a table of fresh sessions under the new key (every peer handshakes again).
+    pub fn set_private_key(&mut self, key: PrivateKey) {
+        self.cfg.private_key = key;
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.cfg.public_key()
+    }
+
     pub fn config_port(&self) -> u16 {
         self.cfg.listen_port
     }
