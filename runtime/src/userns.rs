@@ -29,6 +29,8 @@ pub const SUBGID: &str = "/etc/subgid";
 pub enum UsernsError {
     #[error("--userns {0:?}: expected auto or UID:GID:COUNT (host ids, COUNT >= 1)")]
     BadOpt(String),
+    #[error("--userns cannot be combined with --privileged (Docker refuses it too)")]
+    Privileged,
     #[error("--userns {opt:?}: {why}")]
     BadRange { opt: String, why: &'static str },
     #[error("{path}: {source}")]
@@ -232,6 +234,15 @@ pub fn parse_subid(
     (ranges, skipped)
 }
 
+/// The uid of [`OWNER`] in the host's `/etc/passwd`, if that user exists.
+pub fn owner_uid() -> Option<u32> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next() == Some(OWNER)).then(|| f.nth(1).and_then(num))?
+    })
+}
+
 /// Reads a subid file, refusing anything over [`MAX_FILE`] and any non-UTF-8 content.
 pub fn read_subid_file(path: &Path) -> Result<String, UsernsError> {
     let read = |source| UsernsError::Read {
@@ -310,29 +321,40 @@ pub struct SubIds<'a> {
 
 /// The mapping for a new container: `opt` checked against the delegation in the subid files and
 /// against `used` (the mappings of the containers that exist). Returns the lines skipped as
-/// well, for the caller to log.
+/// well, also on failure, for the caller to log: they often are the reason.
 pub fn resolve(
     opt: UsernsOpt,
     opt_text: &str,
     files: &SubIds<'_>,
     used: &[Mapping],
-) -> Result<(Mapping, Vec<UsernsError>), UsernsError> {
+) -> (Result<Mapping, UsernsError>, Vec<UsernsError>) {
     let (uids, mut skipped) = parse_subid(files.uid_path, files.uid_text, files.owner_uid);
     let (gids, gskipped) = parse_subid(files.gid_path, files.gid_text, files.owner_uid);
     skipped.extend(gskipped);
+    (pick(opt, opt_text, files, &uids, &gids, used), skipped)
+}
+
+fn pick(
+    opt: UsernsOpt,
+    opt_text: &str,
+    files: &SubIds<'_>,
+    uids: &[IdRange],
+    gids: &[IdRange],
+    used: &[Mapping],
+) -> Result<Mapping, UsernsError> {
     let mapping = match opt {
         UsernsOpt::Auto => {
             let used_u: Vec<IdRange> = used.iter().map(|m| m.uid).collect();
             let used_g: Vec<IdRange> = used.iter().map(|m| m.gid).collect();
             Mapping {
-                uid: choose(files.uid_path, &uids, &used_u, AUTO_SIZE)?,
-                gid: choose(files.gid_path, &gids, &used_g, AUTO_SIZE)?,
+                uid: choose(files.uid_path, uids, &used_u, AUTO_SIZE)?,
+                gid: choose(files.gid_path, gids, &used_g, AUTO_SIZE)?,
             }
         }
         UsernsOpt::Fixed { uid, gid, count } => {
             // parse_opt made sure these are valid.
             let (u, g) = (IdRange { start: uid, count }, IdRange { start: gid, count });
-            for (r, all, path) in [(u, &uids, files.uid_path), (g, &gids, files.gid_path)] {
+            for (r, all, path) in [(u, uids, files.uid_path), (g, gids, files.gid_path)] {
                 if !all.iter().any(|d| d.contains(&r)) {
                     return Err(UsernsError::NotDelegated {
                         opt: opt_text.to_string(),
@@ -347,7 +369,7 @@ pub fn resolve(
             Mapping { uid: u, gid: g }
         }
     };
-    Ok((mapping, skipped))
+    Ok(mapping)
 }
 
 #[cfg(test)]
@@ -551,21 +573,24 @@ mod tests {
             gid_text: "tweed:200000:65536\n",
             owner_uid: None,
         };
-        let (m, skipped) = resolve(UsernsOpt::Auto, "auto", &files, &[]).unwrap();
+        let (m, skipped) = resolve(UsernsOpt::Auto, "auto", &files, &[]);
+        let m = m.unwrap();
         assert_eq!(m.uid, r(100000, 65536));
         assert_eq!(m.gid, r(200000, 65536));
         assert_eq!(skipped.len(), 1, "only our own bad line: {skipped:?}");
         // The gid side is full: the error names subgid.
-        let e = resolve(UsernsOpt::Auto, "auto", &files, &[m])
-            .unwrap_err()
-            .to_string();
+        let (r, skipped) = resolve(UsernsOpt::Auto, "auto", &files, &[m]);
+        let e = r.unwrap_err().to_string();
+        // The skipped line is reported on failure too.
+        assert_eq!(skipped.len(), 1);
         assert!(e.contains("/etc/subgid"), "{e}");
 
         let fixed = parse_opt("100010:200000:1000").unwrap();
-        let (m, _) = resolve(fixed, "100010:200000:1000", &files, &[]).unwrap();
+        let m = resolve(fixed, "100010:200000:1000", &files, &[]).0.unwrap();
         assert_eq!(m.uid_map(), "0 100010 1000\n");
         let fixed = parse_opt("100000:200000:65537").unwrap();
         let e = resolve(fixed, "100000:200000:65537", &files, &[])
+            .0
             .unwrap_err()
             .to_string();
         assert!(
@@ -579,6 +604,6 @@ mod tests {
             ..files
         };
         let fixed = parse_opt("100000:100000:20").unwrap();
-        assert!(resolve(fixed, "x", &files2, &[]).is_err());
+        assert!(resolve(fixed, "x", &files2, &[]).0.is_err());
     }
 }
