@@ -17,6 +17,8 @@ use crate::syscall::Syscall;
 pub enum InitError {
     #[error("joining network namespace {path}: {source}")]
     Netns { path: PathBuf, source: io::Error },
+    #[error("setting sysctl {key}: {source}")]
+    Sysctl { key: String, source: io::Error },
     #[error("entering a new cgroup namespace: {0}")]
     CgroupNs(io::Error),
     /// Joining the user namespace the supervisor made, or becoming its root.
@@ -85,7 +87,18 @@ pub struct InitSpec {
     /// The user namespace with those maps, made by the supervisor right before the clone (the
     /// fd is inherited). None until then.
     pub userns_fd: Option<RawFd>,
+    /// With `--userns` and a network namespace of the container's own: the namespace stays
+    /// the host user namespace's, so the container's root holds no CAP_NET_RAW or
+    /// CAP_NET_BIND_SERVICE over it. [`USERNS_NET_SYSCTLS`] give back ping and low ports
+    /// without them, as Docker's defaults do for every container.
+    pub userns_net_sysctls: bool,
 }
+
+/// Written in the container's network namespace when [`InitSpec::userns_net_sysctls`].
+pub const USERNS_NET_SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.ping_group_range", "0 2147483647"),
+    ("net.ipv4.ip_unprivileged_port_start", "0"),
+];
 
 /// Namespaces the init is cloned with.
 pub fn clone_flags(spec: &InitSpec) -> libc::c_int {
@@ -125,6 +138,14 @@ pub fn prepare(
     }
     if spec.new_netns {
         sys.loopback_up().map_err(InitError::Loopback)?;
+    }
+    if spec.userns_net_sysctls {
+        for (key, value) in USERNS_NET_SYSCTLS {
+            sys.sysctl(key, value).map_err(|source| InitError::Sysctl {
+                key: key.to_string(),
+                source,
+            })?;
+        }
     }
     sys.sethostname(&spec.hostname)
         .map_err(|source| InitError::Hostname {
@@ -466,6 +487,7 @@ mod tests {
             no_new_privs: true,
             userns: None,
             userns_fd: None,
+            userns_net_sysctls: false,
         }
     }
 
@@ -484,6 +506,7 @@ mod tests {
         assert!(sys.calls().is_empty());
 
         s.userns_fd = Some(7);
+        s.userns_net_sysctls = true;
         let sys = FakeSyscall::new();
         prepare(&sys, &s, &mut || Ok(())).unwrap();
         let calls = sys.calls();
@@ -491,6 +514,11 @@ mod tests {
         let join = pos(&Call::Setns(7, libc::CLONE_NEWUSER));
         assert!(pos(&Call::IdmapMount("/l".into(), "/i/0".into(), 7)) < join);
         assert!(pos(&Call::Sethostname("box".into())) < join);
+        let sysctl = pos(&Call::Sysctl(
+            "net.ipv4.ping_group_range".into(),
+            "0 2147483647".into(),
+        ));
+        assert!(pos(&Call::LoopbackUp) < sysctl && sysctl < join);
         assert!(pos(&Call::PivotRoot(".".into(), ".".into())) < join);
         assert!(pos(&Call::Unshare(libc::CLONE_NEWCGROUP)) < join);
         // Root of the namespace right away, then the usual drop.
@@ -502,7 +530,7 @@ mod tests {
         prepare(&sys, &spec(), &mut || Ok(())).unwrap();
         assert!(!sys.calls().iter().any(|c| matches!(
             c,
-            Call::Setns(_, libc::CLONE_NEWUSER) | Call::IdmapMount(..)
+            Call::Setns(_, libc::CLONE_NEWUSER) | Call::IdmapMount(..) | Call::Sysctl(..)
         )));
     }
 

@@ -418,6 +418,8 @@ impl<'a> Starting<'a> {
             no_new_privs: config.security.no_new_privs,
             userns: config.userns,
             userns_fd: None,
+            // Never the host's own namespace: its sysctls are not the container's to change.
+            userns_net_sysctls: config.userns.is_some() && config.net != NetMode::Host,
         };
         let on_exit: Option<Box<dyn FnOnce()>> = if config.auto_remove {
             let rt = self.rt.clone();

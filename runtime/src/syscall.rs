@@ -105,6 +105,8 @@ pub trait Syscall: Sync {
     /// user namespace `userns` (an idmapped mount: on-disk uid 0 reads as that namespace's
     /// root). Needs Linux 5.12+, and a filesystem that supports it under `src`.
     fn idmap_mount(&self, src: &Path, target: &Path, userns: RawFd) -> io::Result<()>;
+    /// Writes `value` to the sysctl `key` (dotted) of the current network namespace.
+    fn sysctl(&self, key: &str, value: &str) -> io::Result<()>;
     /// Installs compiled seccomp filters, in order.
     fn seccomp(&self, progs: &crate::seccomp::Programs) -> io::Result<()>;
     /// Resolves `path` inside `root` as if `root` were `/` (symlinks, `..` and absolute links
@@ -300,6 +302,10 @@ impl Syscall for LinuxSyscall {
             check(libc::setresgid(gid, gid, gid))?;
             check(libc::setresuid(uid, uid, uid))
         }
+    }
+
+    fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        std::fs::write(Path::new("/proc/sys").join(key.replace('.', "/")), value)
     }
 
     fn idmap_mount(&self, src: &Path, target: &Path, userns: RawFd) -> io::Result<()> {

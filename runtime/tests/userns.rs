@@ -215,3 +215,84 @@ fn refusals_name_their_cause_and_leave_nothing() {
     );
     e.assert_nothing_left();
 }
+
+fn cni_plugin_dir() -> &'static str {
+    for d in ["/usr/lib/cni", "/opt/cni/bin"] {
+        if Path::new(d).join("bridge").exists() {
+            return d;
+        }
+    }
+    panic!("CNI plugins missing: install Debian's containernetworking-plugins")
+}
+
+/// The container's network still works from inside a user namespace: an overlay attachment
+/// through a bridge + host-local chain, in a namespace of the test's own playing the host.
+#[test]
+fn network_reaches_out_and_low_ports_bind() {
+    require_root!(NEEDS_ROOT);
+    let mut e = env_with_subids(3_600_000, 65536);
+    let host = tweed_testkit::NetnsGuard::unique("twu");
+    let br = unique("twub");
+    let conf = e.dir.path().join("net.conflist");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"{br}","plugins":[
+            {{"type":"bridge","bridge":"{br}","isGateway":true,"ipMasq":false,
+              "ipam":{{"type":"host-local","subnet":"10.244.251.0/24","dataDir":"{}"}}}}]}}"#,
+            e.dir.path().join("ipam").display()
+        ),
+    )
+    .unwrap();
+    e.extra
+        .push(("TWEED_HOST_NETNS".into(), host.name().to_string()));
+    e.extra
+        .push(("TWEED_CNI_CONF".into(), conf.display().to_string()));
+    e.extra
+        .push(("TWEED_CNI_PATH".into(), cni_plugin_dir().into()));
+    // A listener on the gateway (the bridge, in the test's host namespace). busybox's ping
+    // wants a raw socket, which needs CAP_NET_RAW over the namespace: TCP proves the path.
+    let listener = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            host.name(),
+            // Bounded: a failed run must not leave it waiting forever.
+            "timeout",
+            "30",
+            "busybox",
+            "nc",
+            "-l",
+            "-p",
+            "8081",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "--net",
+        "overlay",
+        "--userns",
+        "auto",
+        "busybox",
+        "sh",
+        "-c",
+        // Port 80 binds without CAP_NET_BIND_SERVICE (ip_unprivileged_port_start).
+        "id -u; for i in 1 2 3 4 5 6 7 8 9 10; do \
+           echo hello-from-userns | nc 10.244.251.1 8081 && echo sent && break; sleep 0.2; done; \
+         nc -l -p 80 & sleep 0.3; kill $! && echo bound",
+    ]);
+    let got = listener.wait_with_output().unwrap();
+    assert_eq!(out, "0\nsent\nbound\n", "{out}");
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "hello-from-userns\n");
+    // The host namespace's own sysctls are untouched.
+    assert_eq!(
+        host.exec(&["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"])
+            .unwrap()
+            .trim(),
+        "1024"
+    );
+    e.assert_nothing_left();
+}
