@@ -296,3 +296,59 @@ fn network_reaches_out_and_low_ports_bind() {
     );
     e.assert_nothing_left();
 }
+
+/// Unmounts on drop, also when the test panics.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Layers on a filesystem that cannot be idmapped (ramfs): the run fails, saying which layer
+/// and why, and leaves nothing behind; without --userns the same image runs.
+#[test]
+fn layers_without_idmap_support_fail_clearly() {
+    require_root!(NEEDS_ROOT);
+    let mut e = Env::new();
+    let ram = e.mkdir("ram");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&ram)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount ramfs");
+    let guard = Mounted(ram.clone());
+    e.image_root = ram.join("lib");
+    for (var, name) in [("TWEED_SUBUID", "subuid"), ("TWEED_SUBGID", "subgid")] {
+        let p = e.dir.path().join(name);
+        std::fs::write(&p, "tweed:3800000:65536\n").unwrap();
+        e.extra.push((var.into(), p.display().to_string()));
+    }
+    let rootfs = busybox_rootfs(e.dir.path());
+    e.ok(&[
+        "image",
+        "import",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "busybox",
+    ]);
+    assert_eq!(
+        e.ok(&["run", "--rm", "busybox", "echo", "plain"]),
+        "plain\n"
+    );
+    let err = e.fails(&["run", "--rm", "--userns", "auto", "busybox", "true"]);
+    assert!(
+        err.contains("idmapped mount of layer") && err.contains(&ram.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(e.state_entries(), Vec::<String>::new());
+    assert_eq!(e.layer_entries(), Vec::<String>::new());
+    assert_eq!(e.cgroup_dirs(), Vec::<PathBuf>::new());
+    drop(guard);
+    e.assert_nothing_left();
+}
