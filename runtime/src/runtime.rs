@@ -149,6 +149,9 @@ impl Runtime {
         if fs::symlink_metadata(&paths.run_root).is_err() {
             fsutil::create_private_dir(&paths.run_root).map_err(io_err(&paths.run_root))?;
         }
+        // The store first: it makes a missing image root private, which creating
+        // `<image root>/containers` first would have made with the default mode.
+        let images = ImageStore::open(&opts.image_root)?;
         for d in [
             paths.containers(),
             paths.names(),
@@ -157,7 +160,6 @@ impl Runtime {
             // Container environments, logs and layers are root's alone.
             fsutil::create_private_dir(&d).map_err(io_err(&d))?;
         }
-        let images = ImageStore::open(&opts.image_root)?;
         Ok(Runtime {
             opts,
             paths,

@@ -44,15 +44,55 @@ fn busy_loop_at_half_a_cpu_uses_half_a_core() {
         "while :; do :; done & while :; do :; done",
     ]);
     std::thread::sleep(Duration::from_millis(500));
-    let (u0, t0) = (usage_ns(&e, "spin"), Instant::now());
+    let (u0, t0, h0) = (usage_ns(&e, "spin"), Instant::now(), host_idle());
     std::thread::sleep(Duration::from_secs(3));
-    let (u1, t1) = (usage_ns(&e, "spin"), Instant::now());
+    let (u1, t1, h1) = (usage_ns(&e, "spin"), Instant::now(), host_idle());
     let cores = (u1 - u0) as f64 / (t1 - t0).as_nanos() as f64;
-    assert!(
-        (0.4..=0.6).contains(&cores),
-        "used {cores:.3} cores, expected about 0.5"
-    );
+    assert!(cores <= 0.6, "used {cores:.3} cores, over the 0.5 quota");
+    // The floor holds only when the container could have had half a core: on a host whose
+    // cores were busy with other work it gets its fair share, which may be less.
+    let idle = h1.idle_cores_since(&h0);
+    if cores + idle >= 0.5 {
+        assert!(
+            cores >= 0.4,
+            "used {cores:.3} cores with {idle:.2} cores idle, expected about 0.5"
+        );
+    } else {
+        eprintln!("cpu_limit: host busy ({idle:.2} cores idle): only the quota's ceiling checked");
+    }
     e.ok(&["rm", "-f", "spin"]);
 
     e.assert_nothing_left();
+}
+
+/// The host's idle and total CPU time from /proc/stat's first line.
+struct HostIdle {
+    idle: u64,
+    total: u64,
+}
+
+fn host_idle() -> HostIdle {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    // idle + iowait
+    HostIdle {
+        idle: v[3] + v.get(4).copied().unwrap_or(0),
+        total: v.iter().sum(),
+    }
+}
+
+impl HostIdle {
+    /// Idle cores on average between `before` and now.
+    fn idle_cores_since(&self, before: &HostIdle) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let total = self.total.saturating_sub(before.total).max(1) as f64;
+        self.idle.saturating_sub(before.idle) as f64 / total * cpus
+    }
 }
