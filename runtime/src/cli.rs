@@ -55,6 +55,22 @@ struct Cli {
         global = true
     )]
     cni_path: String,
+    /// Host uids delegated to tweed for --userns (lines `tweed:START:COUNT`).
+    #[arg(
+        long,
+        env = "TWEED_SUBUID",
+        default_value = "/etc/subuid",
+        global = true
+    )]
+    subuid: PathBuf,
+    /// Host gids delegated to tweed for --userns.
+    #[arg(
+        long,
+        env = "TWEED_SUBGID",
+        default_value = "/etc/subgid",
+        global = true
+    )]
+    subgid: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -204,6 +220,10 @@ struct RunArgs {
     /// Every capability, no seccomp filter, no masked paths, every device: the explicit way out.
     #[arg(long)]
     privileged: bool,
+    /// Run in a user namespace: `auto` (a free block of 65536 ids delegated to user tweed in
+    /// /etc/subuid and /etc/subgid) or host `UID:GID:COUNT` from that delegation. Off by default.
+    #[arg(long, value_name = "auto|UID:GID:COUNT")]
+    userns: Option<String>,
     image: String,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     cmd: Vec<String>,
@@ -246,6 +266,8 @@ fn options(cli: &Cli) -> Options {
             .filter(|p| !p.is_empty())
             .map(PathBuf::from)
             .collect(),
+        subuid: cli.subuid.clone(),
+        subgid: cli.subgid.clone(),
     }
 }
 
@@ -492,6 +514,7 @@ fn run_cmd(rt: &Runtime, a: RunArgs, out: &mut dyn Write) -> Result<i32> {
             cap_add: a.cap_add,
             cap_drop: a.cap_drop,
             privileged: a.privileged,
+            userns: a.userns,
         },
     };
     if a.detach {

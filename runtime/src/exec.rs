@@ -124,6 +124,15 @@ pub fn exec(
             .open(&path)
             .map_err(|source| ExecError::OpenRoot { path, source })?
     };
+    // With --userns the command joins the container's user namespace last, as the init did:
+    // without it, it would be host root inside the container.
+    let userns = match cfg.userns {
+        Some(_) => {
+            let path = PathBuf::from(format!("/proc/{init_pid}/ns/user"));
+            Some(File::open(&path).map_err(|source| ExecError::OpenNs { path, source })?)
+        }
+        None => None,
+    };
     let _raw = if spec.tty {
         Some(RawTerm::enter())
     } else {
@@ -131,9 +140,12 @@ pub fn exec(
     };
     // SAFETY: `tweedctl exec` is single-threaded, and the child leaves through `process::child`.
     match unsafe { process::fork() }.map_err(ExecError::Fork)? {
-        Fork::Child => process::child(|| joiner(cfg, &nsfds, root.as_raw_fd(), spec, seccomp)),
+        Fork::Child => process::child(|| {
+            let ns = (root.as_raw_fd(), userns.as_ref().map(|f| f.as_raw_fd()));
+            joiner(cfg, &nsfds, ns, spec, seccomp)
+        }),
         Fork::Parent(pid) => {
-            drop((nsfds, root));
+            drop((nsfds, root, userns));
             let e = process::waitpid(pid).map_err(ExecError::Fork)?;
             Ok(e.code)
         }
@@ -145,7 +157,7 @@ pub fn exec(
 fn joiner(
     cfg: &ContainerConfig,
     nsfds: &[(File, libc::c_int)],
-    root: RawFd,
+    (root, userns): (RawFd, Option<RawFd>),
     spec: &ExecSpec,
     seccomp: Option<&crate::seccomp::Programs>,
 ) -> i32 {
@@ -179,7 +191,7 @@ fn joiner(
                 cfg,
                 spec,
                 seccomp,
-                (mnt.0.as_raw_fd(), root),
+                (mnt.0.as_raw_fd(), root, userns),
                 (rep_w.as_raw_fd(), ack_r.as_raw_fd()),
             )
         }),
@@ -349,7 +361,7 @@ fn command(
     cfg: &ContainerConfig,
     spec: &ExecSpec,
     seccomp: Option<&crate::seccomp::Programs>,
-    (mnt, root): (RawFd, RawFd),
+    (mnt, root, userns): (RawFd, RawFd, Option<RawFd>),
     (report, ack): (RawFd, RawFd),
 ) -> i32 {
     let sys = LinuxSyscall;
@@ -408,6 +420,11 @@ fn command(
     let cwd = spec.workdir.clone().unwrap_or_else(|| cfg.cwd.clone());
     let cwd = if cwd.is_empty() { "/".to_string() } else { cwd };
     let r = (|| -> Result<(), InitError> {
+        if let Some(fd) = userns {
+            sys.setns(fd, libc::CLONE_NEWUSER)
+                .map_err(InitError::Userns)?;
+            sys.set_ids(0, 0, &[]).map_err(InitError::Userns)?;
+        }
         sys.chdir(std::path::Path::new(&cwd))
             .map_err(|source| InitError::Cwd {
                 path: cwd.clone(),

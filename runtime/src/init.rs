@@ -17,8 +17,13 @@ use crate::syscall::Syscall;
 pub enum InitError {
     #[error("joining network namespace {path}: {source}")]
     Netns { path: PathBuf, source: io::Error },
+    #[error("setting sysctl {key}: {source}")]
+    Sysctl { key: String, source: io::Error },
     #[error("entering a new cgroup namespace: {0}")]
     CgroupNs(io::Error),
+    /// Joining the user namespace the supervisor made, or becoming its root.
+    #[error("--userns: entering the container's user namespace: {0}")]
+    Userns(io::Error),
     #[error("bringing up loopback: {0}")]
     Loopback(io::Error),
     #[error("setting hostname {name:?}: {source}")]
@@ -77,7 +82,23 @@ pub struct InitSpec {
     /// The compiled seccomp filters (none: unconfined).
     pub seccomp: Option<crate::seccomp::Programs>,
     pub no_new_privs: bool,
+    /// `--userns`: the ids the container runs as on the host.
+    pub userns: Option<crate::userns::Mapping>,
+    /// The user namespace with those maps, made by the supervisor right before the clone (the
+    /// fd is inherited). None until then.
+    pub userns_fd: Option<RawFd>,
+    /// With `--userns` and a network namespace of the container's own: the namespace stays
+    /// the host user namespace's, so the container's root holds no CAP_NET_RAW or
+    /// CAP_NET_BIND_SERVICE over it. [`USERNS_NET_SYSCTLS`] give back ping and low ports
+    /// without them, as Docker's defaults do for every container.
+    pub userns_net_sysctls: bool,
 }
+
+/// Written in the container's network namespace when [`InitSpec::userns_net_sysctls`].
+pub const USERNS_NET_SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.ping_group_range", "0 2147483647"),
+    ("net.ipv4.ip_unprivileged_port_start", "0"),
+];
 
 /// Namespaces the init is cloned with.
 pub fn clone_flags(spec: &InitSpec) -> libc::c_int {
@@ -99,6 +120,11 @@ pub fn prepare(
     spec: &InitSpec,
     placed: &mut dyn FnMut() -> Result<(), InitError>,
 ) -> Result<Option<RawFd>, InitError> {
+    if spec.userns.is_some() && spec.userns_fd.is_none() {
+        return Err(InitError::Userns(io::Error::other(
+            "the supervisor made no user namespace",
+        )));
+    }
     if let Some(p) = &spec.join_netns {
         let f = std::fs::File::open(p).map_err(|source| InitError::Netns {
             path: p.clone(),
@@ -113,12 +139,20 @@ pub fn prepare(
     if spec.new_netns {
         sys.loopback_up().map_err(InitError::Loopback)?;
     }
+    if spec.userns_net_sysctls {
+        for (key, value) in USERNS_NET_SYSCTLS {
+            sys.sysctl(key, value).map_err(|source| InitError::Sysctl {
+                key: key.to_string(),
+                source,
+            })?;
+        }
+    }
     sys.sethostname(&spec.hostname)
         .map_err(|source| InitError::Hostname {
             name: spec.hostname.clone(),
             source,
         })?;
-    rootfs::setup(sys, &spec.rootfs)?;
+    rootfs::setup(sys, &spec.rootfs, spec.userns_fd)?;
     let cwd = Path::new(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
     if !sys.is_dir(cwd) {
         sys.mkdir_all(cwd, 0o755).map_err(|source| InitError::Cwd {
@@ -141,6 +175,15 @@ pub fn prepare(
     // In our cgroups now: they become the root of our cgroup namespace.
     sys.unshare(libc::CLONE_NEWCGROUP)
         .map_err(InitError::CgroupNs)?;
+    // The user namespace comes last: every other namespace, mount and the cgroup placement
+    // above needed host root, and stay owned by the host's user namespace, so the
+    // container's root cannot undo any of them. Joining gives every capability in the new
+    // namespace (dropped below as usual); becoming its uid 0 makes us the mapped host uid.
+    if let Some(fd) = spec.userns_fd {
+        sys.setns(fd, libc::CLONE_NEWUSER)
+            .map_err(InitError::Userns)?;
+        sys.set_ids(0, 0, &[]).map_err(InitError::Userns)?;
+    }
     let (uid, gid) = resolve_user(&spec.user)?;
     drop_privileges(
         sys,
@@ -428,6 +471,7 @@ mod tests {
                 cpuinfo: None,
                 cpu_online: None,
                 privileged: false,
+                idmap_dir: None,
             },
             hostname: "box".into(),
             argv: vec!["sh".into()],
@@ -441,7 +485,53 @@ mod tests {
             virtual_sysinfo: true,
             seccomp: Some(vec![vec![]]),
             no_new_privs: true,
+            userns: None,
+            userns_fd: None,
+            userns_net_sysctls: false,
         }
+    }
+
+    #[test]
+    fn userns_is_joined_after_everything_that_needs_host_root() {
+        let mut s = spec();
+        s.userns = Some(crate::userns::Mapping {
+            uid: crate::userns::IdRange::new(100000, 65536).unwrap(),
+            gid: crate::userns::IdRange::new(100000, 65536).unwrap(),
+        });
+        s.rootfs.idmap_dir = Some("/i".into());
+        // No fd from the supervisor: refuse rather than run as host root.
+        let sys = FakeSyscall::new();
+        let e = prepare(&sys, &s, &mut || Ok(())).unwrap_err();
+        assert!(matches!(e, InitError::Userns(_)), "{e}");
+        assert!(sys.calls().is_empty());
+
+        s.userns_fd = Some(7);
+        s.userns_net_sysctls = true;
+        let sys = FakeSyscall::new();
+        prepare(&sys, &s, &mut || Ok(())).unwrap();
+        let calls = sys.calls();
+        let pos = |c: &Call| calls.iter().position(|x| x == c).unwrap();
+        let join = pos(&Call::Setns(7, libc::CLONE_NEWUSER));
+        assert!(pos(&Call::IdmapMount("/l".into(), "/i/0".into(), 7)) < join);
+        assert!(pos(&Call::Sethostname("box".into())) < join);
+        let sysctl = pos(&Call::Sysctl(
+            "net.ipv4.ping_group_range".into(),
+            "0 2147483647".into(),
+        ));
+        assert!(pos(&Call::LoopbackUp) < sysctl && sysctl < join);
+        assert!(pos(&Call::PivotRoot(".".into(), ".".into())) < join);
+        assert!(pos(&Call::Unshare(libc::CLONE_NEWCGROUP)) < join);
+        // Root of the namespace right away, then the usual drop.
+        assert_eq!(calls[join + 1], Call::SetIds(0, 0));
+        assert!(join + 1 < pos(&Call::NoNewPrivs));
+        assert!(join + 1 < pos(&Call::Caps(CapSet::docker_default())));
+        // Without --userns nothing of it happens.
+        let sys = FakeSyscall::new();
+        prepare(&sys, &spec(), &mut || Ok(())).unwrap();
+        assert!(!sys.calls().iter().any(|c| matches!(
+            c,
+            Call::Setns(_, libc::CLONE_NEWUSER) | Call::IdmapMount(..) | Call::Sysctl(..)
+        )));
     }
 
     #[test]

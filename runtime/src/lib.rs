@@ -34,3 +34,4 @@ pub mod syscall;
 pub mod sysinfo;
 pub mod timefmt;
 pub mod units;
+pub mod userns;

@@ -135,6 +135,7 @@ impl Runtime {
         let (caps, security) =
             crate::security::resolve(&spec.security, crate::caps::last_cap(), &cwd_now)?;
         let seccomp = self.seccomp_programs(caps, &security)?;
+        let userns = self.userns_mapping(&spec.security)?;
         Ok(Plan {
             lowers: self.images.lower_dirs(&image)?,
             config: ContainerConfig {
@@ -159,11 +160,49 @@ impl Runtime {
                 auto_remove: spec.auto_remove,
                 host_netns: self.opts.host_netns.clone(),
                 netns_path,
+                userns,
             },
             join_netns,
             network,
             seccomp,
         })
+    }
+
+    /// The user namespace mapping `--userns` asks for: from the delegation in the subid files,
+    /// clear of every existing container's. Skipped lines of those files are logged.
+    pub fn userns_mapping(
+        &self,
+        args: &crate::security::SecurityArgs,
+    ) -> Result<Option<crate::userns::Mapping>, RuntimeError> {
+        use crate::userns;
+        let Some(text) = &args.userns else {
+            return Ok(None);
+        };
+        let opt = userns::parse_opt(text)?;
+        if args.privileged {
+            return Err(userns::UsernsError::Privileged.into());
+        }
+        let uid_text = userns::read_subid_file(&self.opts.subuid)?;
+        let gid_text = userns::read_subid_file(&self.opts.subgid)?;
+        let mut used = Vec::new();
+        for id in self.ids()? {
+            // A container being removed concurrently is simply not in the way any more.
+            if let Ok(Some(m)) = self.config(&id).map(|c| c.userns) {
+                used.push(m);
+            }
+        }
+        let files = userns::SubIds {
+            uid_path: &self.opts.subuid,
+            uid_text: &uid_text,
+            gid_path: &self.opts.subgid,
+            gid_text: &gid_text,
+            owner_uid: userns::owner_uid(),
+        };
+        let (m, skipped) = userns::resolve(opt, text, &files, &used);
+        for e in skipped {
+            eprintln!("tweedctl: {e}");
+        }
+        Ok(Some(m?))
     }
 
     /// The compiled seccomp filters of a container holding `caps`, through the cache under the

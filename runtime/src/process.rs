@@ -330,6 +330,40 @@ pub fn mark(label: &str) {
     }
 }
 
+/// A user namespace with `m`'s maps, as an fd: a child is cloned into a new user namespace,
+/// we (its parent, root in ours) write its `uid_map` and `gid_map`, keep a handle on the
+/// namespace and let the child go. The init uses the fd for idmapped layers and joins it last.
+///
+/// The caller must be single-threaded (see [`fork`]).
+pub fn userns_fd(m: &crate::userns::Mapping) -> io::Result<OwnedFd> {
+    let (hold_r, hold_w) = pipe()?;
+    // SAFETY: the caller is single-threaded; the child only reads a pipe and exits.
+    match unsafe { clone_ns(libc::CLONE_NEWUSER) }? {
+        Fork::Child => child(|| {
+            drop(hold_w);
+            // Blocks until the parent closes its end: EOF or error, either way we are done.
+            let _ = read_to_end(hold_r.as_raw_fd());
+            0
+        }),
+        Fork::Parent(pid) => {
+            drop(hold_r);
+            let r = (|| {
+                let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+                // One write each: the kernel takes a map only whole and only once.
+                std::fs::write(dir.join("uid_map"), m.uid_map())
+                    .map_err(|e| io::Error::new(e.kind(), format!("writing uid_map: {e}")))?;
+                std::fs::write(dir.join("gid_map"), m.gid_map())
+                    .map_err(|e| io::Error::new(e.kind(), format!("writing gid_map: {e}")))?;
+                let f = std::fs::File::open(dir.join("ns/user"))?;
+                Ok(OwnedFd::from(f))
+            })();
+            drop(hold_w);
+            waitpid(pid)?;
+            r
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +30,19 @@ pub enum RootfsError {
     TooManyLayers { len: usize },
     #[error("writing the init layer {path}: {source}")]
     InitLayer { path: PathBuf, source: io::Error },
+    /// The layers could not be shifted to the container's user namespace. EINVAL or
+    /// EOPNOTSUPP here mean the kernel (before 5.12) or the filesystem holding the layer
+    /// cannot make idmapped mounts; without them the image's files would belong to nobody
+    /// inside, so the container is not started.
+    #[error(
+        "--userns: idmapped mount of layer {lower} on {target}: {source} (needs Linux 5.19+ and \
+         a layer filesystem with idmapped mounts: ext4, xfs, btrfs, tmpfs 6.3+)"
+    )]
+    Idmap {
+        lower: PathBuf,
+        target: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// Docker's masked paths (hidden with /dev/null or an empty read-only tmpfs).
@@ -91,6 +105,43 @@ pub struct RootfsSpec {
     pub cpu_online: Option<PathBuf>,
     /// `--privileged`: no masked or read-only paths, /sys writable.
     pub privileged: bool,
+    /// With `--userns`: an empty directory where each lower dir is mounted idmapped (as
+    /// `<dir>/<index>`), the overlay then being built from those mounts.
+    pub idmap_dir: Option<PathBuf>,
+}
+
+/// Mounts each lower dir idmapped through the container's user namespace under `dir`, and
+/// returns the spec with those as its lowers. Image files owned by host root are then owned by
+/// the container's root, so copy-up and permission checks inside work as without a user
+/// namespace. The upper dir is left plain: what the container writes lands on the host owned
+/// by its mapped ids.
+fn idmap_lowers(
+    sys: &dyn Syscall,
+    spec: &RootfsSpec,
+    dir: &Path,
+    userns_fd: RawFd,
+) -> Result<RootfsSpec, RootfsError> {
+    let mut lowers = Vec::with_capacity(spec.lowers.len());
+    for (i, lower) in spec.lowers.iter().enumerate() {
+        let target = dir.join(i.to_string());
+        sys.mkdir_all(&target, 0o700)
+            .map_err(|source| RootfsError::Step {
+                step: "mkdir",
+                path: target.clone(),
+                source,
+            })?;
+        sys.idmap_mount(lower, &target, userns_fd)
+            .map_err(|source| RootfsError::Idmap {
+                lower: lower.clone(),
+                target: target.clone(),
+                source,
+            })?;
+        lowers.push(target);
+    }
+    Ok(RootfsSpec {
+        lowers,
+        ..spec.clone()
+    })
 }
 
 /// The overlay mount's data string.
@@ -152,7 +203,11 @@ fn pin(sys: &dyn Syscall, root: &Path, abs: &str) -> Result<Pinned, RootfsError>
 
 /// Builds the container's filesystem and pivots into it. Runs in the container's new mount
 /// namespace. Every target inside the root is resolved inside it right before its mount.
-pub fn setup(sys: &dyn Syscall, spec: &RootfsSpec) -> Result<(), RootfsError> {
+pub fn setup(
+    sys: &dyn Syscall,
+    spec: &RootfsSpec,
+    userns_fd: Option<RawFd>,
+) -> Result<(), RootfsError> {
     let root = &spec.merged;
     // Nothing we mount may propagate back to the host, nor host mounts in.
     mount(
@@ -160,6 +215,14 @@ pub fn setup(sys: &dyn Syscall, spec: &RootfsSpec) -> Result<(), RootfsError> {
         Mount::new("/").flags(REC | PRIVATE),
         "private propagation",
     )?;
+    let idmapped;
+    let spec = match (&spec.idmap_dir, userns_fd) {
+        (Some(dir), Some(fd)) => {
+            idmapped = idmap_lowers(sys, spec, dir, fd)?;
+            &idmapped
+        }
+        _ => spec,
+    };
     // nodev: a device node in the image or made inside opens nothing (the device cgroup is the
     // second line); only the /dev tmpfs below holds devices.
     mount(
@@ -453,6 +516,7 @@ mod tests {
             cpuinfo: None,
             cpu_online: Some("/s/online".into()),
             privileged: false,
+            idmap_dir: None,
         }
     }
 
@@ -484,6 +548,55 @@ mod tests {
     }
 
     #[test]
+    fn userns_builds_the_overlay_from_idmapped_lowers() {
+        let sys = FakeSyscall::new();
+        let mut sp = spec();
+        sp.idmap_dir = Some("/c/idmap".into());
+        setup(&sys, &sp, Some(9)).unwrap();
+        let calls = sys.calls();
+        let pos = |want: &dyn Fn(&Call) -> bool| calls.iter().position(want).unwrap();
+        let private = pos(&|c| matches!(c, Call::Mount(m) if m.target == Path::new("/")));
+        let overlay =
+            pos(&|c| matches!(c, Call::Mount(m) if m.fstype.as_deref() == Some("overlay")));
+        let idmaps: Vec<(usize, &Call)> = calls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| matches!(c, Call::IdmapMount(..)))
+            .collect();
+        assert_eq!(idmaps.len(), 3);
+        for (i, (at, c)) in idmaps.iter().enumerate() {
+            // After private propagation (the staging mounts must not reach the host), before
+            // the overlay that uses them.
+            assert!(private < *at && *at < overlay);
+            assert_eq!(
+                **c,
+                Call::IdmapMount(
+                    sp.lowers[i].clone(),
+                    PathBuf::from(format!("/c/idmap/{i}")),
+                    9
+                )
+            );
+        }
+        let Call::Mount(m) = &calls[overlay] else {
+            unreachable!()
+        };
+        assert!(
+            m.data
+                .as_deref()
+                .unwrap()
+                .starts_with("lowerdir=/c/idmap/0:/c/idmap/1:/c/idmap/2,upperdir=/c/upper,"),
+            "{m:?}"
+        );
+        // Without a namespace fd nothing is idmapped.
+        let sys = FakeSyscall::new();
+        setup(&sys, &sp, None).unwrap();
+        assert!(!sys
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::IdmapMount(..))));
+    }
+
+    #[test]
     fn setup_mounts_in_order_and_pivots() {
         let sys = FakeSyscall::with_existing(
             &[
@@ -493,7 +606,7 @@ mod tests {
             ],
             &["/c/merged/proc/sys", "/c/merged/proc/acpi"],
         );
-        setup(&sys, &spec()).unwrap();
+        setup(&sys, &spec(), None).unwrap();
         let calls = sys.calls();
         let ms = mounts(&calls);
         assert_eq!(ms[0].target, PathBuf::from("/"));
@@ -561,7 +674,7 @@ mod tests {
     fn a_failing_mount_names_its_target() {
         let mut sys = FakeSyscall::new();
         sys.fail_on = Some("/c/merged/proc".into());
-        let e = setup(&sys, &spec()).unwrap_err();
+        let e = setup(&sys, &spec(), None).unwrap_err();
         assert!(e.to_string().contains("proc"), "{e}");
         assert!(!sys.calls().iter().any(|c| matches!(c, Call::PivotRoot(..))));
     }

@@ -31,6 +31,8 @@ use crate::{logs, process};
 pub enum RuntimeError {
     #[error("no such container: {0}")]
     NoSuchContainer(String),
+    #[error(transparent)]
+    Userns(#[from] crate::userns::UsernsError),
     #[error("container reference {0:?} is ambiguous: give more of the id")]
     Ambiguous(String),
     #[error("invalid container name {0:?}: use [a-zA-Z0-9][a-zA-Z0-9_.-]*")]
@@ -96,6 +98,9 @@ pub struct Options {
     pub host_netns: Option<PathBuf>,
     pub cni_conf: PathBuf,
     pub cni_path: Vec<PathBuf>,
+    /// Where `--userns` finds the host ids delegated to tweed (default /etc/subuid, /etc/subgid).
+    pub subuid: PathBuf,
+    pub subgid: PathBuf,
 }
 
 impl Default for Options {
@@ -107,6 +112,8 @@ impl Default for Options {
             host_netns: None,
             cni_conf: "/etc/cni/net.d/10-tweed.conflist".into(),
             cni_path: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+            subuid: crate::userns::SUBUID.into(),
+            subgid: crate::userns::SUBGID.into(),
         }
     }
 }
@@ -183,7 +190,7 @@ impl Runtime {
         }
     }
 
-    fn ids(&self) -> Result<Vec<String>, RuntimeError> {
+    pub(crate) fn ids(&self) -> Result<Vec<String>, RuntimeError> {
         let d = self.paths.containers();
         let mut v = Vec::new();
         for e in fs::read_dir(&d).map_err(io_err(&d))? {

@@ -47,6 +47,8 @@ pub struct SecurityArgs {
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
     pub privileged: bool,
+    /// `--userns auto|UID:GID:COUNT` (see [`crate::userns`]); none: no user namespace.
+    pub userns: Option<String>,
 }
 
 /// One `--security-opt` value.

@@ -28,6 +28,13 @@ pub enum ShimError {
     Cgroup(cgroup::CgroupError),
     #[error("cloning the container init: {0}")]
     Clone(io::Error),
+    /// EINVAL/ENOSPC from the clone: the kernel has no user namespaces (CONFIG_USER_NS) or
+    /// `user.max_user_namespaces` is 0; EPERM writing a map: not root on the host.
+    #[error(
+        "--userns: making the container's user namespace: {0} (needs CONFIG_USER_NS, \
+         user.max_user_namespaces > 0, and tweedctl running as root)"
+    )]
+    Userns(io::Error),
     #[error("watching the container init: {0}")]
     Watch(io::Error),
     /// The init's own report of why it could not exec.
@@ -333,6 +340,12 @@ fn clone_init(spec: &ShimSpec, stdio: [RawFd; 3]) -> Result<Cloned, ShimError> {
     let (e_r, e_w) = process::pipe().map_err(ShimError::Clone)?;
     let mut join = cgroup::SelfJoin::open(&spec.cgroup).map_err(ShimError::Cgroup)?;
     let flags = init::clone_flags(&spec.init);
+    // The supervisor is root in the host's user namespace, so it may write any map; the init
+    // joins the namespace only at the end of its setup.
+    let userns = match &spec.init.userns {
+        Some(m) => Some(process::userns_fd(m).map_err(ShimError::Userns)?),
+        None => None,
+    };
     process::mark("shim: cloning");
     // SAFETY: the supervisor is single-threaded (a forked child that starts no thread), the
     // flags are namespace flags only, and the init leaves through `process::child`.
@@ -345,10 +358,13 @@ fn clone_init(spec: &ShimSpec, stdio: [RawFd; 3]) -> Result<Cloned, ShimError> {
             // The init moves itself into its cgroups (see SelfJoin): keep those files.
             let mut keep = join.fds();
             keep.extend([go_r.as_raw_fd(), e_w.as_raw_fd()]);
+            let mut init_spec = spec.init.clone();
+            init_spec.userns_fd = userns.as_ref().map(|f| f.as_raw_fd());
+            keep.extend(init_spec.userns_fd);
             process::close_fds_except(&keep);
             init::child_main(
                 &LinuxSyscall,
-                &spec.init,
+                &init_spec,
                 &mut join,
                 go_r.as_raw_fd(),
                 e_w.as_raw_fd(),

@@ -226,6 +226,17 @@ impl<'a> Starting<'a> {
             let p = self.data_dir.join(d);
             fs::create_dir(&p).map_err(io_at(&p, rootfs))?;
         }
+        if let Some(m) = &self.config().userns {
+            // The upper dir is the overlay's root directory: it must be the container root's,
+            // which is the mapped uid here (the lowers are idmapped by the init instead).
+            let upper = self.data_dir.join("upper");
+            std::os::unix::fs::chown(&upper, Some(m.uid.start), Some(m.gid.start))
+                .map_err(io_at(&upper, rootfs))?;
+            let p = self.data_dir.join("idmap");
+            std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+                .create(&p)
+                .map_err(io_at(&p, rootfs))?;
+        }
         Ok(())
     }
 
@@ -391,6 +402,7 @@ impl<'a> Starting<'a> {
                 cpuinfo: views.cpuinfo,
                 cpu_online: views.cpu_online,
                 privileged: config.security.privileged,
+                idmap_dir: config.userns.map(|_| self.data_dir.join("idmap")),
             },
             hostname: config.hostname.clone(),
             argv: config.argv.clone(),
@@ -404,6 +416,10 @@ impl<'a> Starting<'a> {
             virtual_sysinfo: config.limits.memory.is_some(),
             seccomp: self.plan.seccomp.clone(),
             no_new_privs: config.security.no_new_privs,
+            userns: config.userns,
+            userns_fd: None,
+            // Never the host's own namespace: its sysctls are not the container's to change.
+            userns_net_sysctls: config.userns.is_some() && config.net != NetMode::Host,
         };
         let on_exit: Option<Box<dyn FnOnce()>> = if config.auto_remove {
             let rt = self.rt.clone();

@@ -161,6 +161,9 @@ pub struct ContainerConfig {
     pub host_netns: Option<PathBuf>,
     /// Path of the container's network namespace when it has a persistent one.
     pub netns_path: Option<PathBuf>,
+    /// `--userns`: the host ids of the container's uid/gid 0.. (none: no user namespace).
+    #[serde(default)]
+    pub userns: Option<crate::userns::Mapping>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -101,6 +101,12 @@ pub trait Syscall: Sync {
     fn set_capabilities(&self, caps: &CapSet) -> io::Result<()>;
     fn set_affinity(&self, cpus: &[usize]) -> io::Result<()>;
     fn set_ids(&self, uid: u32, gid: u32, groups: &[u32]) -> io::Result<()>;
+    /// Mounts a copy of the directory `src` on `target`, its file owners shifted through the
+    /// user namespace `userns` (an idmapped mount: on-disk uid 0 reads as that namespace's
+    /// root). Needs Linux 5.12+, and a filesystem that supports it under `src`.
+    fn idmap_mount(&self, src: &Path, target: &Path, userns: RawFd) -> io::Result<()>;
+    /// Writes `value` to the sysctl `key` (dotted) of the current network namespace.
+    fn sysctl(&self, key: &str, value: &str) -> io::Result<()>;
     /// Installs compiled seccomp filters, in order.
     fn seccomp(&self, progs: &crate::seccomp::Programs) -> io::Result<()>;
     /// Resolves `path` inside `root` as if `root` were `/` (symlinks, `..` and absolute links
@@ -296,6 +302,73 @@ impl Syscall for LinuxSyscall {
             check(libc::setresgid(gid, gid, gid))?;
             check(libc::setresuid(uid, uid, uid))
         }
+    }
+
+    fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        std::fs::write(Path::new("/proc/sys").join(key.replace('.', "/")), value)
+    }
+
+    fn idmap_mount(&self, src: &Path, target: &Path, userns: RawFd) -> io::Result<()> {
+        const OPEN_TREE_CLONE: libc::c_uint = 1;
+        const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+        const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+        #[repr(C)]
+        struct MountAttr {
+            attr_set: u64,
+            attr_clr: u64,
+            propagation: u64,
+            userns_fd: u64,
+        }
+        let (s, t) = (cstr(src)?, cstr(target)?);
+        let empty = CString::default();
+        // SAFETY: valid C strings; the tree fd is ours and closed by OwnedFd.
+        let tree = unsafe {
+            let r = libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                s.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            );
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            std::os::fd::OwnedFd::from_raw_fd(r as RawFd)
+        };
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns as u64,
+        };
+        // SAFETY: `attr` outlives the call and its size is passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: valid fds and C strings.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     fn seccomp(&self, progs: &crate::seccomp::Programs) -> io::Result<()> {

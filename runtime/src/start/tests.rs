@@ -82,6 +82,7 @@ impl Bed {
                 auto_remove: false,
                 host_netns: None,
                 netns_path: Some(rt.paths.netns(ID)),
+                userns: None,
             },
             lowers: vec![dir.path().join("lib/layers/beef")],
             join_netns: Some(rt.paths.netns(ID)),

@@ -28,6 +28,9 @@ pub enum Call {
     Caps(CapSet),
     Affinity(Vec<usize>),
     SetIds(u32, u32),
+    /// An idmapped copy of a directory mounted: source, target, user namespace fd.
+    IdmapMount(PathBuf, PathBuf, RawFd),
+    Sysctl(String, String),
     LoopbackUp,
     SysinfoFilter,
     /// Seccomp filters installed (how many).
@@ -150,6 +153,15 @@ impl Syscall for FakeSyscall {
     }
     fn set_ids(&self, uid: u32, gid: u32, _g: &[u32]) -> io::Result<()> {
         self.rec(Call::SetIds(uid, gid), None)
+    }
+    fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        self.rec(Call::Sysctl(key.into(), value.into()), None)
+    }
+    fn idmap_mount(&self, src: &Path, target: &Path, userns: RawFd) -> io::Result<()> {
+        self.rec(
+            Call::IdmapMount(src.to_path_buf(), target.to_path_buf(), userns),
+            None,
+        )
     }
     fn seccomp(&self, progs: &crate::seccomp::Programs) -> io::Result<()> {
         self.rec(Call::Seccomp(progs.len()), None)
