@@ -250,25 +250,12 @@ fn network_reaches_out_and_low_ports_bind() {
         .push(("TWEED_CNI_CONF".into(), conf.display().to_string()));
     e.extra
         .push(("TWEED_CNI_PATH".into(), cni_plugin_dir().into()));
-    // A listener on the gateway (the bridge, in the test's host namespace). busybox's ping
-    // wants a raw socket, which needs CAP_NET_RAW over the namespace: TCP proves the path.
-    let listener = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            host.name(),
-            // Bounded: a failed run must not leave it waiting forever.
-            "timeout",
-            "30",
-            "busybox",
-            "nc",
-            "-l",
-            "-p",
-            "8081",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    // A listener in the test's host namespace, reached through the bridge's gateway address.
+    // A socket of our own rather than `nc -l`: busybox's listener exits as soon as its stdin
+    // reads EOF, which raced the data it was meant to print. busybox's ping wants a raw
+    // socket, which needs CAP_NET_RAW over the namespace: TCP proves the path.
+    let listener = host.enter(|| std::net::TcpListener::bind("0.0.0.0:8081").unwrap());
+    let received = std::thread::spawn(move || read_one_connection(listener));
     let out = e.ok(&[
         "run",
         "--rm",
@@ -284,9 +271,8 @@ fn network_reaches_out_and_low_ports_bind() {
            echo hello-from-userns | nc 10.244.251.1 8081 && echo sent && break; sleep 0.2; done; \
          nc -l -p 80 & sleep 0.3; kill $! && echo bound",
     ]);
-    let got = listener.wait_with_output().unwrap();
     assert_eq!(out, "0\nsent\nbound\n", "{out}");
-    assert_eq!(String::from_utf8_lossy(&got.stdout), "hello-from-userns\n");
+    assert_eq!(received.join().unwrap(), "hello-from-userns\n");
     // The host namespace's own sysctls are untouched.
     assert_eq!(
         host.exec(&["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"])
@@ -295,6 +281,33 @@ fn network_reaches_out_and_low_ports_bind() {
         "1024"
     );
     e.assert_nothing_left();
+}
+
+/// The bytes of the first connection to `listener`, up to its close; bounded, so a run whose
+/// container never connects fails instead of waiting forever.
+fn read_one_connection(listener: std::net::TcpListener) -> String {
+    use std::io::Read;
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no connection in 30 s"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut got = String::new();
+    conn.read_to_string(&mut got).unwrap();
+    got
 }
 
 /// Unmounts on drop, also when the test panics.

@@ -2,6 +2,7 @@
 //! drop kills what still runs there and deletes it.
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use tweed_testkit::{cmd, netns, require_root, NetnsGuard};
 
@@ -23,6 +24,18 @@ fn a_guard_runs_things_inside_and_leaves_nothing() {
         "{err}"
     );
     let mut sleeper = cmd::spawn_in(&name, &["sleep", "600"], Stdio::null());
+    // `ip netns exec` enters the namespace after it starts: until then the guard cannot see it
+    // (a loaded machine made that window long enough to lose the sleeper).
+    let pid = sleeper.id().to_string();
+    tweed_testkit::wait_for(
+        Duration::from_secs(10),
+        "the sleeper in the namespace",
+        || {
+            cmd::ip(&["netns", "pids", &name])
+                .split_whitespace()
+                .any(|p| p == pid)
+        },
+    );
     drop(ns);
     assert!(!netns::path_of(&name).exists());
     // Killed with the namespace: reaped at once, by a signal.
