@@ -6,6 +6,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
 
@@ -288,22 +289,22 @@ fn network_reaches_out_and_low_ports_bind() {
 fn read_one_connection(listener: std::net::TcpListener) -> String {
     use std::io::Read;
     listener.set_nonblocking(true).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut conn = loop {
-        match listener.accept() {
-            Ok((conn, _)) => break conn,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no connection in 30 s"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut accepted = None;
+    tweed_testkit::wait_for(
+        Duration::from_secs(30),
+        "the container's connection",
+        || {
+            match listener.accept() {
+                Ok((conn, _)) => accepted = Some(conn),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
             }
-            Err(e) => panic!("accept: {e}"),
-        }
-    };
+            accepted.is_some()
+        },
+    );
+    let mut conn = accepted.unwrap();
     conn.set_nonblocking(false).unwrap();
-    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut got = String::new();
     conn.read_to_string(&mut got).unwrap();
