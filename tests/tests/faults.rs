@@ -390,14 +390,6 @@ fn cmdline(pid: u32) -> Vec<String> {
         .collect()
 }
 
-/// `10.244.7.1/24` -> `10.244.7.0`.
-fn subnet_network(subnet: &str) -> String {
-    let (addr, _) = subnet.split_once('/').unwrap();
-    let mut octets: Vec<&str> = addr.split('.').collect();
-    octets[3] = "0";
-    octets.join(".")
-}
-
 /// 100 agents start at the same moment against one etcd: real `tweedd` processes, each in its
 /// own namespace with a veth into the lab's underlay bridge (198.18.0.101-200). Every one gets a
 /// lease, the 100 subnets are distinct, and no agent exits.

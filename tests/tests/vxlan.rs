@@ -155,14 +155,6 @@ fn an_agent_whose_lease_is_deleted_takes_the_same_subnet_back() {
     );
 }
 
-/// `10.244.7.1/24` -> `10.244.7.0`.
-fn subnet_network(subnet: &str) -> String {
-    let (addr, _) = subnet.split_once('/').unwrap();
-    let mut octets: Vec<&str> = addr.split('.').collect();
-    octets[3] = "0";
-    octets.join(".")
-}
-
 /// A node down longer than its lease TTL, rebooted (/run emptied, so no subnet.env), takes its old
 /// subnet back from the copy in its state dir, as long as nobody took it meanwhile.
 #[test]
