@@ -643,12 +643,9 @@ mod tests {
             index: 7,
             name: "tweed0".into(),
             mtu: 1472,
-            mac: None,
             kind: Some("tun".into()),
             up: true,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         };
         let addr: Ipv4Network = "10.244.1.0/32".parse().unwrap();
         let addrs = [crate::netlink::Addr {
@@ -696,12 +693,9 @@ mod tests {
             index,
             name: name.into(),
             mtu: 1450,
-            mac: None,
             kind: kind.map(Into::into),
             up: true,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         };
         let links = [
             link(1, "eth1", None),

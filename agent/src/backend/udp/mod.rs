@@ -676,12 +676,9 @@ mod tests {
             index: 7,
             name: DEVICE.into(),
             mtu,
-            mac: None,
             kind: Some("tun".into()),
             up,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         }
     }
 

@@ -617,12 +617,9 @@ mod tests {
             index: 9,
             name: "tweed-wg".into(),
             mtu,
-            mac: None,
             kind: Some("wireguard".into()),
             up,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         };
         let ops = plan_link(&spec, &link(1420, false), &[], &[]);
         assert_eq!(
