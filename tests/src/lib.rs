@@ -6,7 +6,7 @@
 //! one rule. Commands in namespaces run through tweed-testkit too.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tweed_lab::{Lab, LabGuard, LabSpec};
 
@@ -73,8 +73,7 @@ pub fn start_agent(a: &StoppedAgent) -> u32 {
         .create(true)
         .open(&a.log)
         .expect("agent log");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &a.netns, "setsid"])
+    let mut child = ns_command(&a.netns, &["setsid"])
         .args(&a.argv)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
