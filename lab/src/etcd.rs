@@ -826,20 +826,9 @@ mod tests {
 
     #[test]
     fn runs_inside_a_netns_when_root() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root for a network namespace");
-            return;
-        }
-        let ns = format!("twl-etcdt-{}", std::process::id());
-        cmd::run(Command::new("ip").args(["netns", "add", &ns])).unwrap();
-        struct DelNs(String);
-        impl Drop for DelNs {
-            fn drop(&mut self) {
-                let _ = cmd::run(Command::new("ip").args(["netns", "del", &self.0]));
-            }
-        }
-        let _del = DelNs(ns.clone());
-        cmd::run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"])).unwrap();
+        tweed_testkit::require_root!("a network namespace");
+        let guard = tweed_testkit::NetnsGuard::unique("twl-etcdt");
+        let ns = guard.name().to_string();
         let dir = tempfile::tempdir().unwrap();
         let mut opts = EtcdOptions::local("nstest", dir.path().join("d"));
         opts.netns = Some(ns.clone());

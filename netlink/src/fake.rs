@@ -72,11 +72,8 @@ impl Fake {
                 name: name.to_string(),
                 mtu,
                 mac,
-                kind: None,
                 up: true,
-                vxlan: None,
-                master: None,
-                alias: None,
+                ..Default::default()
             },
         );
         index
@@ -456,10 +453,8 @@ impl State {
                         mtu: spec.mtu.unwrap_or(1450),
                         mac: Some(spec.mac.unwrap_or_else(MacAddr::random_local)),
                         kind: Some("vxlan".into()),
-                        up: false,
                         vxlan: Some(spec.attrs()),
-                        master: None,
-                        alias: None,
+                        ..Default::default()
                     },
                 );
                 Ok(())

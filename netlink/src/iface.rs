@@ -390,12 +390,8 @@ mod tests {
             index,
             name: name.into(),
             mtu,
-            mac: None,
-            kind: None,
             up: true,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         }
     }
 

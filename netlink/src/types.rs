@@ -103,8 +103,9 @@ impl<'de> Deserialize<'de> for MacAddr {
     }
 }
 
-/// A network device as the kernel reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A network device as the kernel reports it. The default is an unnamed plain device, down,
+/// with nothing attached: a base that tests and the fake kernel complete with the fields they set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Link {
     pub index: u32,
     pub name: String,

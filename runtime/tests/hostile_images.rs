@@ -16,26 +16,9 @@ use tweed_runtime::digest::{hex_part, sha256_of};
 
 const HOST: &str = "host content\n";
 
-/// A raw tar entry with any name (the tar crate's builder refuses `..` and absolute names,
-/// which is exactly what these tests need to write).
+/// A raw tar entry with any name (see [`raw_entry`]); `link` empty for none.
 fn entry(name: &str, kind: tar::EntryType, link: &str, data: &[u8]) -> Vec<u8> {
-    let mut h = tar::Header::new_old();
-    {
-        let old = h.as_old_mut();
-        old.name[..name.len()].copy_from_slice(name.as_bytes());
-        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
-    }
-    h.set_entry_type(kind);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(data.len() as u64);
-    h.set_cksum();
-    let mut v = h.as_bytes().to_vec();
-    v.extend_from_slice(data);
-    v.resize(v.len().div_ceil(512) * 512, 0);
-    v
+    raw_entry(name, kind, Some(link).filter(|l| !l.is_empty()), data)
 }
 
 fn file(name: &str, data: &[u8]) -> Vec<u8> {
@@ -43,9 +26,7 @@ fn file(name: &str, data: &[u8]) -> Vec<u8> {
 }
 
 fn tar_of(entries: Vec<Vec<u8>>) -> Vec<u8> {
-    let mut v: Vec<u8> = entries.concat();
-    v.extend_from_slice(&[0u8; 1024]);
-    v
+    finish_tar(entries.concat())
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {

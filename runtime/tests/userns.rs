@@ -343,14 +343,7 @@ fn layers_without_idmap_support_fail_clearly() {
         std::fs::write(&p, "tweed:3800000:65536\n").unwrap();
         e.extra.push((var.into(), p.display().to_string()));
     }
-    let rootfs = busybox_rootfs(e.dir.path());
-    e.ok(&[
-        "image",
-        "import",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "busybox",
-    ]);
+    e.import_busybox();
     assert_eq!(
         e.ok(&["run", "--rm", "busybox", "echo", "plain"]),
         "plain\n"

@@ -6,7 +6,7 @@
 //! one rule. Commands in namespaces run through tweed-testkit too.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tweed_lab::{Lab, LabGuard, LabSpec};
 
@@ -73,8 +73,7 @@ pub fn start_agent(a: &StoppedAgent) -> u32 {
         .create(true)
         .open(&a.log)
         .expect("agent log");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &a.netns, "setsid"])
+    let mut child = ns_command(&a.netns, &["setsid"])
         .args(&a.argv)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -172,7 +171,6 @@ pub fn flag_value<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// Parsed `ping -q` summary: (transmitted, received).
 /// `10.244.X.0` (X in 200..250, after the X in `skip`) that no host of the lab holds: for
 /// leases a test writes itself. The agents pick their subnets at random, so a fixed test subnet
 /// would now and then land on a host's own lease and overwrite it.
@@ -192,6 +190,17 @@ pub fn free_subnet(lab: &Lab, skip: &[&str]) -> String {
         .expect("a free 10.244.x.0/24 in 200..250")
 }
 
+/// A host's subnet as its lease key names it: `10.244.7.1/24` -> `10.244.7.0`.
+pub fn subnet_network(subnet: &str) -> String {
+    let (addr, _) = subnet
+        .split_once('/')
+        .unwrap_or_else(|| panic!("{subnet:?} is no ADDRESS/PREFIX"));
+    let mut octets: Vec<&str> = addr.split('.').collect();
+    octets[3] = "0";
+    octets.join(".")
+}
+
+/// Parsed `ping -q` summary: (transmitted, received).
 pub fn ping_summary(out: &str) -> (u32, u32) {
     let line = out
         .lines()
@@ -387,6 +396,12 @@ mod tests {
         assert_eq!(super::flag_value(&argv, "--iface"), Some("eth0"));
         assert_eq!(super::flag_value(&argv, "--ip-masq"), None);
         assert_eq!(super::flag_value(&argv, "--nope"), None);
+    }
+
+    #[test]
+    fn subnet_network_zeroes_the_host_part() {
+        assert_eq!(super::subnet_network("10.244.7.1/24"), "10.244.7.0");
+        assert_eq!(super::subnet_network("10.244.213.0/24"), "10.244.213.0");
     }
 
     #[test]

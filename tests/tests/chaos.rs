@@ -17,13 +17,13 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tweed_e2e::*;
 use tweed_lab::{Backend, Lab, LabSpec};
+use tweed_testkit::netns;
 
 const PORT: u16 = 9477;
 const RATE_HZ: u64 = 1000;
@@ -34,14 +34,6 @@ fn reps() -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|n| *n > 0)
         .unwrap_or(5)
-}
-
-/// Moves the calling thread into the network namespace `/run/netns/<name>`.
-fn enter(name: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns");
-    // SAFETY: setns on an fd we own, for this thread only (CLONE_NEWNET).
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns {name}: {}", std::io::Error::last_os_error());
 }
 
 /// A numbered UDP stream from one pod to another.
@@ -68,43 +60,45 @@ impl Stream {
         let receiver = {
             let (stop, received, ns) = (stop.clone(), received.clone(), to_ns.to_string());
             std::thread::spawn(move || {
-                enter(&ns);
-                let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT))
-                    .expect("bind in pod");
-                sock.set_read_timeout(Some(Duration::from_millis(50)))
-                    .unwrap();
-                ready_tx.send(()).unwrap();
-                let mut buf = [0u8; 64];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(n) = sock.recv(&mut buf) {
-                        if n >= 8 {
-                            let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
-                            received.lock().unwrap().push((seq, Instant::now()));
+                netns::enter(&ns, move || {
+                    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT))
+                        .expect("bind in pod");
+                    sock.set_read_timeout(Some(Duration::from_millis(50)))
+                        .unwrap();
+                    ready_tx.send(()).unwrap();
+                    let mut buf = [0u8; 64];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(n) = sock.recv(&mut buf) {
+                            if n >= 8 {
+                                let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
+                                received.lock().unwrap().push((seq, Instant::now()));
+                            }
                         }
                     }
-                }
+                })
             })
         };
         ready_rx.recv().expect("receiver up");
         let sender = {
             let (stop, ns) = (stop.clone(), from_ns.to_string());
             std::thread::spawn(move || {
-                enter(&ns);
-                let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-                let dst = SocketAddrV4::new(to, PORT);
-                let start = Instant::now();
-                let mut sent = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let seq = sent.len() as u64;
-                    let at = start + Duration::from_micros(seq * 1_000_000 / RATE_HZ);
-                    if let Some(d) = at.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(d);
+                netns::enter(&ns, move || {
+                    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+                    let dst = SocketAddrV4::new(to, PORT);
+                    let start = Instant::now();
+                    let mut sent = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let seq = sent.len() as u64;
+                        let at = start + Duration::from_micros(seq * 1_000_000 / RATE_HZ);
+                        if let Some(d) = at.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(d);
+                        }
+                        // A route that is gone makes send fail (ENETUNREACH): that datagram is lost.
+                        let _ = sock.send_to(&seq.to_be_bytes(), dst);
+                        sent.push(Instant::now());
                     }
-                    // A route that is gone makes send fail (ENETUNREACH): that datagram is lost.
-                    let _ = sock.send_to(&seq.to_be_bytes(), dst);
-                    sent.push(Instant::now());
-                }
-                sent
+                    sent
+                })
             })
         };
         Stream {

@@ -141,8 +141,7 @@ fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
     // ping -i 0.01 for the outage plus 3 s either side.
     let count = ((outage.as_secs() + 6) * 100).to_string();
     let target = host_state(&lab, "h1").pods[0].ip.to_string();
-    let pinger = Command::new("ip")
-        .args(["netns", "exec", &host_state(&lab, "h2").pods[0].netns])
+    let pinger = ns_command(&host_state(&lab, "h2").pods[0].netns, &[])
         .args(["ping", "-q", "-i", "0.01", "-c", &count, "-W", "1", &target])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -160,8 +159,7 @@ fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
         .create(true)
         .open(lab.dir().join("etcd.log"))
         .unwrap();
-    let mut etcd = Command::new("ip")
-        .args(["netns", "exec", &u, "setsid"])
+    let mut etcd = ns_command(&u, &["setsid"])
         .args(&etcd_argv)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -353,8 +351,7 @@ fn fake_lease(lab: &Lab, host: &str, public_ip: &str, mac: &str) -> String {
 /// Writes `key` only if it does not exist (how an allocator takes a subnet); whether it did.
 fn create_only(lab: &Lab, key: &str, value: &str) -> bool {
     let st = lab.state();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &st.underlay_netns, "etcdctl"])
+    let mut child = ns_command(&st.underlay_netns, &["etcdctl"])
         .arg(format!(
             "--endpoints={}",
             lab.etcd_live_endpoints().join(",")
@@ -388,14 +385,6 @@ fn cmdline(pid: u32) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect()
-}
-
-/// `10.244.7.1/24` -> `10.244.7.0`.
-fn subnet_network(subnet: &str) -> String {
-    let (addr, _) = subnet.split_once('/').unwrap();
-    let mut octets: Vec<&str> = addr.split('.').collect();
-    octets[3] = "0";
-    octets.join(".")
 }
 
 /// 100 agents start at the same moment against one etcd: real `tweedd` processes, each in its
@@ -448,8 +437,7 @@ fn a_hundred_agents_starting_together_get_distinct_subnets() {
         .iter()
         .map(|(ns, _, d)| {
             let log = std::fs::File::create(d.join("tweedd.log")).unwrap();
-            Command::new("ip")
-                .args(["netns", "exec", ns])
+            ns_command(ns, &[])
                 .arg(&st.tweedd)
                 .args(["--etcd-endpoints", &endpoints, "--iface", "eth0"])
                 .arg("--subnet-file")

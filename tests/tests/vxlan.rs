@@ -1,6 +1,6 @@
 //! End to end, as root, in namespaces: a 3-host vxlan lab with real etcd and real tweedd agents.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 use tweed_e2e::*;
 use tweed_lab::LabSpec;
@@ -85,8 +85,7 @@ fn restarting_an_agent_under_traffic_loses_no_packet_and_keeps_its_subnet() {
         &h1.netns,
         &["cat", &format!("/sys/class/net/{DEV}/address")],
     );
-    let pinger = Command::new("ip")
-        .args(["netns", "exec", &host_state(&lab, "h2").pods[0].netns])
+    let pinger = ns_command(&host_state(&lab, "h2").pods[0].netns, &[])
         .args(["ping", "-q", "-i", "0.01", "-c", "500", "-W", "1", &target])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -153,14 +152,6 @@ fn an_agent_whose_lease_is_deleted_takes_the_same_subnet_back() {
         lab.check_until(Duration::from_secs(10)).unwrap().failed(),
         0
     );
-}
-
-/// `10.244.7.1/24` -> `10.244.7.0`.
-fn subnet_network(subnet: &str) -> String {
-    let (addr, _) = subnet.split_once('/').unwrap();
-    let mut octets: Vec<&str> = addr.split('.').collect();
-    octets[3] = "0";
-    octets.join(".")
 }
 
 /// A node down longer than its lease TTL, rebooted (/run emptied, so no subnet.env), takes its old

@@ -16,28 +16,21 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
 }
 
-/// Captures on `target` (all interfaces) while `h1/p1` pings `dst` with the marker; the raw
-/// capture bytes.
-fn capture_during_ping(lab: &tweed_lab::Lab, target: &str, dst: &str) -> Vec<u8> {
-    let file = std::env::temp_dir().join(format!(
-        "tweed-wg-cap-{}-{}.pcap",
-        std::process::id(),
-        target.replace('/', "_")
-    ));
+/// Runs `during` while tcpdump captures on `target` (all interfaces) what matches `filter`; the
+/// raw capture bytes (a 24-byte pcap file header first, when tcpdump wrote anything).
+fn capture_while(
+    lab: &tweed_lab::Lab,
+    target: &str,
+    filter: &str,
+    during: impl FnOnce(),
+) -> Vec<u8> {
+    let file = std::env::temp_dir().join(format!("{}.pcap", tweed_testkit::unique("tweed-wg-cap")));
     let file_s = file.to_str().unwrap().to_string();
     let mut dump = lab
         .command(
             target,
             &[
-                "tcpdump",
-                "-i",
-                "any",
-                "-U",
-                "-s",
-                "0",
-                "-w",
-                &file_s,
-                "udp or icmp",
+                "tcpdump", "-i", "any", "-U", "-s", "0", "-w", &file_s, filter,
             ],
         )
         .unwrap()
@@ -47,16 +40,7 @@ fn capture_during_ping(lab: &tweed_lab::Lab, target: &str, dst: &str) -> Vec<u8>
         .spawn()
         .expect("tcpdump");
     std::thread::sleep(Duration::from_millis(1500));
-    let out = lab
-        .exec(
-            "h1/p1",
-            &[
-                "ping", "-c", "5", "-i", "0.2", "-W", "2", "-p", MARKER_HEX, dst,
-            ],
-        )
-        .unwrap_or_else(|e| panic!("ping {dst}: {e}"));
-    let (tx, rx) = ping_summary(&out);
-    assert_eq!((tx, rx), (5, 5), "{out}");
+    during();
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(dump.id() as i32, libc::SIGTERM) };
@@ -64,6 +48,23 @@ fn capture_during_ping(lab: &tweed_lab::Lab, target: &str, dst: &str) -> Vec<u8>
     let bytes = std::fs::read(&file).unwrap_or_default();
     let _ = std::fs::remove_file(&file);
     bytes
+}
+
+/// Captures on `target` (all interfaces) while `h1/p1` pings `dst` with the marker; the raw
+/// capture bytes.
+fn capture_during_ping(lab: &tweed_lab::Lab, target: &str, dst: &str) -> Vec<u8> {
+    capture_while(lab, target, "udp or icmp", || {
+        let out = lab
+            .exec(
+                "h1/p1",
+                &[
+                    "ping", "-c", "5", "-i", "0.2", "-W", "2", "-p", MARKER_HEX, dst,
+                ],
+            )
+            .unwrap_or_else(|e| panic!("ping {dst}: {e}"));
+        let (tx, rx) = ping_summary(&out);
+        assert_eq!((tx, rx), (5, 5), "{out}");
+    })
 }
 
 #[test]
@@ -340,33 +341,15 @@ fn unauthenticated_drops(lab: &tweed_lab::Lab) -> f64 {
 /// Pings h1's pod from the outsider's WireGuard address while capturing in that pod: (pings
 /// answered, bytes the pod capture holds beyond the pcap file header).
 fn outsider_ping(lab: &tweed_lab::Lab, dst: &str, src: &str) -> (u32, usize) {
-    let file = std::env::temp_dir().join(format!("tweed-wg-bad-{}.pcap", std::process::id()));
-    let file_s = file.to_str().unwrap().to_string();
-    let filter = format!("src host {src}");
-    let mut dump = lab
-        .command(
-            "h1/p1",
-            &["tcpdump", "-i", "any", "-U", "-w", &file_s, &filter],
-        )
-        .unwrap()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(1500));
-    let out = lab
-        .exec(
-            "outside",
-            &["ping", "-n", "-c", "6", "-i", "0.5", "-W", "1", dst],
-        )
-        .unwrap_or_else(|e| e.to_string());
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(dump.id() as i32, libc::SIGTERM) };
-    let _ = dump.wait();
-    let bytes = std::fs::read(&file).unwrap_or_default();
-    let _ = std::fs::remove_file(&file);
+    let mut out = String::new();
+    let bytes = capture_while(lab, "h1/p1", &format!("src host {src}"), || {
+        out = lab
+            .exec(
+                "outside",
+                &["ping", "-n", "-c", "6", "-i", "0.5", "-W", "1", dst],
+            )
+            .unwrap_or_else(|e| e.to_string());
+    });
     assert!(bytes.len() >= 24, "no pcap written in h1/p1");
     let answered = out
         .lines()
@@ -428,8 +411,7 @@ fn wireguard_peer_with_wrong_psk_or_key_gets_nothing_through_and_is_counted() {
     let dev = format!("wgb{}", std::process::id() % 100_000);
     let outside = lab.state().outside_netns.clone().expect("outside netns");
     let wg_go = WgGo(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &outside, "wireguard-go", "-f", &dev])
+        ns_command(&outside, &["wireguard-go", "-f", &dev])
             .env("WG_PROCESS_FOREGROUND", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -454,44 +436,34 @@ fn wireguard_peer_with_wrong_psk_or_key_gets_nothing_through_and_is_counted() {
         h1.public_ip
     ));
 
-    // Wrong PSK: the handshake never completes, nothing reaches the pod, h1 counts it.
-    let before = unauthenticated_drops(&lab);
-    let (answered, captured) = outsider_ping(&lab, &dst, &src);
-    assert_eq!((answered, captured), (0, 0), "wrong PSK got through");
-    let mut after = before;
-    wait_for(
-        Duration::from_secs(12),
-        "h1 counts the wrong-PSK datagrams",
-        || {
-            after = unauthenticated_drops(&lab);
-            after > before
-        },
-    );
-    println!(
-        "wrong PSK: 0 of 6 pings through; h1 counted {} unauthenticated datagrams",
-        after - before
-    );
+    // Nothing of the outsider's reaches the pod, and h1 counts what it refused.
+    let refused = |what: &str| {
+        let before = unauthenticated_drops(&lab);
+        let (answered, captured) = outsider_ping(&lab, &dst, &src);
+        assert_eq!((answered, captured), (0, 0), "{what} got through");
+        let mut after = before;
+        wait_for(
+            Duration::from_secs(12),
+            &format!("h1 counts the {what} datagrams"),
+            || {
+                after = unauthenticated_drops(&lab);
+                after > before
+            },
+        );
+        println!(
+            "{what}: 0 of 6 pings through; h1 counted {} unauthenticated datagrams",
+            after - before
+        );
+    };
+
+    // Wrong PSK: the handshake never completes.
+    refused("wrong PSK");
 
     // Wrong key: no lease advertises it.
     sh(&format!(
         "wg set {dev} private-key {unknown} peer {h1_key} preshared-key /dev/null"
     ));
-    let before = unauthenticated_drops(&lab);
-    let (answered, captured) = outsider_ping(&lab, &dst, &src);
-    assert_eq!((answered, captured), (0, 0), "wrong key got through");
-    let mut after = before;
-    wait_for(
-        Duration::from_secs(12),
-        "h1 counts the wrong-key datagrams",
-        || {
-            after = unauthenticated_drops(&lab);
-            after > before
-        },
-    );
-    println!(
-        "wrong key: 0 of 6 pings through; h1 counted {} unauthenticated datagrams",
-        after - before
-    );
+    refused("wrong key");
 
     // Control: the same outsider with the key its lease advertises and no PSK is a peer like
     // any other, so the capture and the ping above would have shown what got through.

@@ -118,10 +118,7 @@ pub fn plan_routes(cfg: &HostGwConfig, routes: &[Route], direct: &[HostGwPeer]) 
         .iter()
         .map(|p| p.route(cfg.underlay_ifindex))
         .collect();
-    let d = diff_routes(&ours, &want);
-    let mut ops: Vec<Op> = d.delete.into_iter().map(Op::RouteDel).collect();
-    ops.extend(d.replace.into_iter().map(Op::RouteReplace));
-    ops
+    diff_routes(&ours, &want).into_ops()
 }
 
 /// The whole host-gw decision: which peers get routes, which are skipped and why, and the ops.

@@ -529,6 +529,58 @@ pub async fn apply_plan(
     stats
 }
 
+/// What a layer-3 device (udp's TUN, wireguard's link) needs to match: `mtu`, up, exactly the
+/// one address `addr`, exactly the one `route` among the non-kernel routes through it. Pure;
+/// `routes` are the main-table routes, `addrs` the device's addresses.
+pub fn plan_l3_device(
+    link: &Link,
+    addrs: &[crate::netlink::Addr],
+    routes: &[Route],
+    mtu: u32,
+    addr: Ipv4Network,
+    route: Route,
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if link.mtu != mtu {
+        ops.push(Op::LinkSetMtu {
+            name: link.name.clone(),
+            mtu,
+        });
+    }
+    if !link.up {
+        ops.push(Op::LinkSetUp {
+            name: link.name.clone(),
+        });
+    }
+    ops.extend(vxlan::plan_addresses(link.index, addrs, addr));
+    let ours: Vec<Route> = routes
+        .iter()
+        .filter(|r| r.oif == Some(link.index) && r.protocol != Route::PROTO_KERNEL)
+        .copied()
+        .collect();
+    ops.extend(diff_routes(&ours, &[route]).into_ops());
+    ops
+}
+
+/// The address an overlay device holds: its subnet's network address as /32 (flannel's choice;
+/// host-originated overlay traffic uses it as source).
+pub fn device_addr(own_subnet: Ipv4Network) -> Ipv4Network {
+    Ipv4Network::new(own_subnet.network(), 32).expect("/32 is a valid prefix")
+}
+
+/// The one route a layer-3 device owns: the whole overlay `network` into device `ifindex` (the
+/// pod bridge's more specific route keeps local traffic local).
+pub fn overlay_route(network: Ipv4Network, ifindex: u32) -> Route {
+    Route {
+        dst: route::canonical(network),
+        gateway: None,
+        oif: Some(ifindex),
+        onlink: false,
+        metric: 0,
+        protocol: Route::PROTO_STATIC,
+    }
+}
+
 /// The route part of a plan.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RouteDiff {
@@ -536,6 +588,16 @@ pub struct RouteDiff {
     pub delete: Vec<Route>,
     /// Desired routes that are missing or differ, in desired order.
     pub replace: Vec<Route>,
+}
+
+impl RouteDiff {
+    /// The ops that carry the diff out: deletes first, then the replaces.
+    pub fn into_ops(self) -> Vec<Op> {
+        let deletes = self.delete.into_iter().map(Op::RouteDel);
+        deletes
+            .chain(self.replace.into_iter().map(Op::RouteReplace))
+            .collect()
+    }
 }
 
 /// Diffs the routes a backend owns (`observed`, already narrowed to its device and protocol)
@@ -573,6 +635,57 @@ mod tests {
         }
     }
 
+    /// The device's own route is put in place; what the kernel made for the device (its
+    /// address's route) and routes through other devices are not the plan's to touch.
+    #[test]
+    fn a_layer3_device_plan_touches_only_its_own_non_kernel_routes() {
+        let tun = Link {
+            index: 7,
+            name: "tweed0".into(),
+            mtu: 1472,
+            kind: Some("tun".into()),
+            up: true,
+            ..Default::default()
+        };
+        let addr: Ipv4Network = "10.244.1.0/32".parse().unwrap();
+        let addrs = [crate::netlink::Addr {
+            ifindex: 7,
+            net: addr,
+        }];
+        let want = Route {
+            dst: "10.244.0.0/16".parse().unwrap(),
+            gateway: None,
+            oif: Some(7),
+            onlink: false,
+            metric: 0,
+            protocol: Route::PROTO_STATIC,
+        };
+        let kernel = Route {
+            dst: "10.244.1.0/32".parse().unwrap(),
+            protocol: Route::PROTO_KERNEL,
+            ..want
+        };
+        let elsewhere = Route {
+            dst: "10.99.0.0/16".parse().unwrap(),
+            oif: Some(3),
+            ..want
+        };
+        let stray = Route {
+            dst: "10.98.0.0/16".parse().unwrap(),
+            ..want
+        };
+        let routes = [kernel, elsewhere, stray];
+        assert_eq!(
+            plan_l3_device(&tun, &addrs, &routes, 1472, addr, want),
+            vec![Op::RouteDel(stray), Op::RouteReplace(want)]
+        );
+        let done = [kernel, elsewhere, want];
+        assert_eq!(
+            plan_l3_device(&tun, &addrs, &done, 1472, addr, want),
+            vec![]
+        );
+    }
+
     #[test]
     fn leftovers_of_other_backends_are_removed_and_nothing_else() {
         let network: Ipv4Network = "10.244.0.0/16".parse().unwrap();
@@ -580,12 +693,9 @@ mod tests {
             index,
             name: name.into(),
             mtu: 1450,
-            mac: None,
             kind: kind.map(Into::into),
             up: true,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         };
         let links = [
             link(1, "eth1", None),

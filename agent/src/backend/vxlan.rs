@@ -17,7 +17,7 @@ use ipnetwork::Ipv4Network;
 
 use super::hostgw::{self, HostGwConfig, HostGwPeer};
 use super::route::canonical;
-use super::{apply_plan, diff_routes, ReconcileStats};
+use super::{apply_plan, device_addr, diff_routes, ReconcileStats};
 use crate::netlink::model::Tables;
 use crate::netlink::{
     Addr, FdbEntry, Link, MacAddr, Neighbour, Netlink, NetlinkError, Op, Route, VxlanSpec,
@@ -145,7 +145,7 @@ impl VxlanConfig {
     /// The address the device carries: the subnet's network address, which is also the
     /// gateway address peers route this subnet through.
     pub fn device_addr(&self) -> Ipv4Network {
-        Ipv4Network::new(self.own_subnet.network(), 32).expect("/32 is a valid prefix")
+        device_addr(self.own_subnet)
     }
 
     fn spec(&self, mac: Option<MacAddr>) -> VxlanSpec {

@@ -194,12 +194,8 @@ mod tests {
             index,
             name: name.into(),
             mtu: 1450,
-            mac: None,
-            kind: None,
             up: true,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         }
     }
 

@@ -13,7 +13,7 @@
 use std::fs;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use tweed_config::SubnetEnv;
@@ -25,6 +25,7 @@ pub const ETCD_IP: &str = "198.18.0.254";
 /// Why these tests need root, for `require_root!`.
 pub const NEEDS_ROOT: &str = "a cluster of network namespaces with real agents, veths and bridges";
 
+pub use tweed_testkit::cmd::ns_command;
 pub use tweed_testkit::{in_ns, ip_in, probe_in, require_root, wait_for};
 
 /// Binds a UDP socket inside `ns` (the thread that made it exits; the socket stays there).
@@ -283,8 +284,7 @@ impl Cluster {
             .append(true)
             .open(h.log())
             .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &h.ns])
+        let child = ns_command(&h.ns, &[])
             .arg(&self.tweedd)
             .args(["--etcd-endpoints", &self.endpoint(), "--iface", "eth0"])
             .arg("--subnet-file")

@@ -493,10 +493,7 @@ mod tests {
             mtu: 1500,
             mac: Some(MacAddr([2, 0x11, 0x22, 0x33, 0x44, 0x55])),
             kind: Some("bridge".into()),
-            up: false,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         });
         add(&host, "c1", C1, &conf("1.0.0", json!({})));
         let br = link(&host.kernel, "cni0");

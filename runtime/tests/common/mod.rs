@@ -45,15 +45,21 @@ impl Env {
     /// With the busybox image imported as `busybox`.
     pub fn with_busybox() -> Env {
         let e = Env::new();
-        let rootfs = busybox_rootfs(e.dir.path());
-        e.ok(&[
+        e.import_busybox();
+        e
+    }
+
+    /// Imports the busybox rootfs as image `busybox` (for an env whose image root or
+    /// environment the test set first).
+    pub fn import_busybox(&self) {
+        let rootfs = busybox_rootfs(self.dir.path());
+        self.ok(&[
             "image",
             "import",
             "--rootfs",
             rootfs.to_str().unwrap(),
             "busybox",
         ]);
-        e
     }
 
     /// A new directory `name` in this env's temporary directory.
@@ -278,4 +284,34 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A raw tar header with any name (the tar crate refuses `..` and absolute names, which is
+/// exactly what these tests need to write).
+pub fn raw_entry(name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    {
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            old.linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+    }
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    let mut v = h.as_bytes().to_vec();
+    v.extend_from_slice(data);
+    v.resize(v.len().div_ceil(512) * 512, 0);
+    v
+}
+
+/// `entries` made an archive: the two zero blocks that end a tar.
+pub fn finish_tar(mut v: Vec<u8>) -> Vec<u8> {
+    v.extend_from_slice(&[0u8; 1024]);
+    v
 }

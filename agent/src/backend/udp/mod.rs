@@ -32,9 +32,7 @@ use ipnetwork::Ipv4Network;
 
 use self::io::{Counters, Shared, Stats, Worker};
 pub use self::table::{PeerTable, UdpPeer};
-use super::route::canonical;
-use super::vxlan::plan_addresses;
-use super::{diff_routes, ReconcileStats};
+use super::{device_addr, overlay_route, plan_l3_device, ReconcileStats};
 use crate::netlink::{Addr, Link, Netlink, NetlinkError, Op, Route};
 
 pub const DEVICE: &str = "tweed0";
@@ -106,48 +104,27 @@ impl UdpConfig {
     /// The device address: the subnet's network address as /32, as vxlan does; host-originated
     /// overlay traffic uses it as source (ICMP errors do not: see `PeerTable::icmp_source`).
     pub fn device_addr(&self) -> Ipv4Network {
-        Ipv4Network::new(self.own_subnet.network(), 32).expect("/32 is a valid prefix")
+        device_addr(self.own_subnet)
     }
 
     /// The one route this backend owns: the whole overlay into the TUN device (the pod bridge's
     /// more specific route keeps local traffic local).
     pub fn route(&self, ifindex: u32) -> Route {
-        Route {
-            dst: canonical(self.network),
-            gateway: None,
-            oif: Some(ifindex),
-            onlink: false,
-            metric: 0,
-            protocol: Route::PROTO_STATIC,
-        }
+        overlay_route(self.network, ifindex)
     }
 }
 
 /// What the device needs so it matches `cfg`: MTU, up, exactly the one address, exactly the one
 /// route. Pure; `routes` are the main-table routes through the device.
 pub fn plan_device(cfg: &UdpConfig, link: &Link, addrs: &[Addr], routes: &[Route]) -> Vec<Op> {
-    let mut ops = Vec::new();
-    if link.mtu != cfg.mtu() {
-        ops.push(Op::LinkSetMtu {
-            name: link.name.clone(),
-            mtu: cfg.mtu(),
-        });
-    }
-    if !link.up {
-        ops.push(Op::LinkSetUp {
-            name: link.name.clone(),
-        });
-    }
-    ops.extend(plan_addresses(link.index, addrs, cfg.device_addr()));
-    let ours: Vec<Route> = routes
-        .iter()
-        .filter(|r| r.oif == Some(link.index) && r.protocol != Route::PROTO_KERNEL)
-        .copied()
-        .collect();
-    let d = diff_routes(&ours, &[cfg.route(link.index)]);
-    ops.extend(d.delete.into_iter().map(Op::RouteDel));
-    ops.extend(d.replace.into_iter().map(Op::RouteReplace));
-    ops
+    plan_l3_device(
+        link,
+        addrs,
+        routes,
+        cfg.mtu(),
+        cfg.device_addr(),
+        cfg.route(link.index),
+    )
 }
 
 /// Opens (or re-attaches to) the persistent multiqueue TUN device with the virtio-net header and
@@ -699,12 +676,9 @@ mod tests {
             index: 7,
             name: DEVICE.into(),
             mtu,
-            mac: None,
             kind: Some("tun".into()),
             up,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         }
     }
 

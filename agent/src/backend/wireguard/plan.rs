@@ -15,8 +15,7 @@ use tweed_config::LeaseAttrs;
 
 use super::key::{encode, PublicKey};
 use crate::backend::route::canonical;
-use crate::backend::vxlan::plan_addresses;
-use crate::backend::{diff_routes, PeerSkip};
+use crate::backend::{device_addr, overlay_route, plan_l3_device, PeerSkip};
 use crate::netlink::{Addr, Link, Op, Route};
 
 /// flannel's overhead for the device MTU: outer IPv6 (40) + UDP (8) + WireGuard (32), rounded
@@ -321,45 +320,24 @@ pub fn device_mtu(configured: u32, underlay_mtu: u32) -> u32 {
 
 impl LinkSpec {
     pub fn addr(&self) -> Ipv4Network {
-        Ipv4Network::new(self.own_subnet.network(), 32).expect("/32 is a valid prefix")
+        device_addr(self.own_subnet)
     }
 
     pub fn route(&self, ifindex: u32) -> Route {
-        Route {
-            dst: canonical(self.network),
-            gateway: None,
-            oif: Some(ifindex),
-            onlink: false,
-            metric: 0,
-            protocol: Route::PROTO_STATIC,
-        }
+        overlay_route(self.network, ifindex)
     }
 }
 
 /// What the link needs to match `spec`; `routes` are the main-table routes through it.
 pub fn plan_link(spec: &LinkSpec, link: &Link, addrs: &[Addr], routes: &[Route]) -> Vec<Op> {
-    let mut ops = Vec::new();
-    if link.mtu != spec.mtu {
-        ops.push(Op::LinkSetMtu {
-            name: link.name.clone(),
-            mtu: spec.mtu,
-        });
-    }
-    if !link.up {
-        ops.push(Op::LinkSetUp {
-            name: link.name.clone(),
-        });
-    }
-    ops.extend(plan_addresses(link.index, addrs, spec.addr()));
-    let ours: Vec<Route> = routes
-        .iter()
-        .filter(|r| r.oif == Some(link.index) && r.protocol != Route::PROTO_KERNEL)
-        .copied()
-        .collect();
-    let d = diff_routes(&ours, &[spec.route(link.index)]);
-    ops.extend(d.delete.into_iter().map(Op::RouteDel));
-    ops.extend(d.replace.into_iter().map(Op::RouteReplace));
-    ops
+    plan_l3_device(
+        link,
+        addrs,
+        routes,
+        spec.mtu,
+        spec.addr(),
+        spec.route(link.index),
+    )
 }
 
 /// For logs: a key as `wg show` prints it.
@@ -639,12 +617,9 @@ mod tests {
             index: 9,
             name: "tweed-wg".into(),
             mtu,
-            mac: None,
             kind: Some("wireguard".into()),
             up,
-            vxlan: None,
-            master: None,
-            alias: None,
+            ..Default::default()
         };
         let ops = plan_link(&spec, &link(1420, false), &[], &[]);
         assert_eq!(
