@@ -456,11 +456,6 @@ fn udp_drift_is_repaired_within_a_second() {
 
 /// Stops and starts each host's agent in turn under the stream; returns the datagrams lost.
 fn restart_under_load(lab: &Lab) -> (usize, Duration) {
-    restart_under_load_settling(lab, Duration::from_millis(700))
-}
-
-/// As [`restart_under_load`], waiting `settle` after each restart.
-fn restart_under_load_settling(lab: &Lab, settle: Duration) -> (usize, Duration) {
     let h1 = host_state(lab, "h1");
     let h2 = host_state(lab, "h2");
     let stream = Stream::start(&h2.pods[0].netns, &h1.pods[0].netns, h1.pods[0].ip);
@@ -478,7 +473,7 @@ fn restart_under_load_settling(lab: &Lab, settle: Duration) -> (usize, Duration)
                 .count()
                 >= 2
         });
-        std::thread::sleep(settle);
+        std::thread::sleep(Duration::from_millis(700));
     }
     let (sent, received) = stream.finish();
     let l = loss_after(&sent, &received, t0);
@@ -611,20 +606,16 @@ fn wireguard_restart_under_load_is_reported() {
     require_root!(NEEDS_ROOT);
     let mut spec = LabSpec::new(per_process("rw"), 2);
     spec.backend = Backend::Wireguard;
+    // The host kernel has no wireguard module; say so rather than rely on `auto`.
+    spec.agent_args = vec!["--wireguard-impl=userspace".into()];
     let lab = up(spec);
-    // A restarted agent has lost its sessions: what the peer still seals with the old keys is
-    // dropped until a new handshake, so wait long enough after each restart to see the stream
-    // come back (seen: ~1 s, sometimes more than 0.7 s after the second restart).
-    let (lost, outage) = restart_under_load_settling(&lab, Duration::from_secs(16));
-    assert!(
-        outage < Duration::MAX,
-        "the stream never came back ({lost} lost)"
-    );
-    // Worst case by the protocol: the sender rekeys after keepalive + rekey timeouts (10 s + 5 s)
-    // with no answer; bound: 16 s of traffic per restart.
-    let bound = 2 * 16 * RATE_HZ as usize;
+    let (lost, _) = restart_under_load(&lab);
+    // Two restarts, as for udp: a restarted agent has lost its sessions too, so each restart
+    // costs a handshake on top of the time no agent reads the TUN device and the socket. At
+    // most 200 ms of traffic per restart.
+    let bound = 2 * RATE_HZ as usize / 5;
     assert!(
         lost <= bound,
-        "{lost} lost over two restarts (bound {bound}), outage {outage:?}"
+        "{lost} lost over two restarts (bound {bound})"
     );
 }
