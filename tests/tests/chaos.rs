@@ -8,7 +8,8 @@
 //! (from the command to the first datagram through after the last lost one) and the datagrams
 //! lost. Each fault is repeated `TWEED_CHAOS_REPS` times (default 5); the p99 of the repair time
 //! must be under 1 s (rules: under the rule check interval, 5 s, plus 1 s: iptables has no
-//! notifications). A table of the figures is printed (`--nocapture`).
+//! notifications). A table of the figures is printed (`--nocapture`). The restart tests copy
+//! both agents' logs into `$TWEED_CHAOS_LOGS` when it names a directory.
 //!
 //! ```sh
 //! cargo build --workspace --bins
@@ -462,7 +463,9 @@ fn restart_under_load(lab: &Lab) -> (usize, Duration) {
     stream.wait_flowing();
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
+    let mut starts = Vec::new();
     for host in ["h1", "h2"] {
+        starts.push(Instant::now());
         // As `systemctl restart` does: the new agent starts as soon as the old one is gone.
         let stopped = stop_agent(lab, host, libc::SIGTERM);
         start_agent(&stopped);
@@ -477,12 +480,24 @@ fn restart_under_load(lab: &Lab) -> (usize, Duration) {
     }
     let (sent, received) = stream.finish();
     let l = loss_after(&sent, &received, t0);
+    let second = loss_after(&sent, &received, starts[1]);
     eprintln!(
-        "restart under {RATE_HZ} datagrams/s: {} sent, {} lost, outage {} ms",
+        "restart under {RATE_HZ} datagrams/s: {} sent, {} lost (h1's restart {}, h2's {}), \
+         outage {} ms",
         sent.len(),
         l.lost,
+        l.lost - second.lost,
+        second.lost,
         ms(l.outage)
     );
+    // For a look at an outlier: the agents' logs, kept where this names.
+    if let Ok(dir) = std::env::var("TWEED_CHAOS_LOGS") {
+        for h in [&h1, &h2] {
+            let to =
+                std::path::Path::new(&dir).join(format!("{}-{}.log", h.netns, std::process::id()));
+            let _ = std::fs::copy(&h.log, to);
+        }
+    }
     (l.lost, l.outage)
 }
 
