@@ -212,8 +212,9 @@ impl std::fmt::Debug for UdpBackend {
 
 impl UdpBackend {
     /// Creates or re-attaches `tweed0`, configures it, binds the sockets and starts the workers.
-    /// The workers drop everything until the first [`reconcile`](Self::reconcile) loads the peer
-    /// table (so a restart never answers live traffic with ICMP errors).
+    /// Without a stored table the workers read nothing until the first
+    /// [`reconcile`](Self::reconcile) loads the peer table: what arrives meanwhile waits in the
+    /// kernel and is forwarded then (a restart never answers live traffic with ICMP errors).
     pub async fn setup(nl: &Netlink, cfg: UdpConfig) -> Result<UdpBackend, UdpError> {
         let cfg_device = cfg.device;
         if cfg.mtu() < MIN_MTU {
