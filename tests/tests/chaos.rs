@@ -8,7 +8,8 @@
 //! (from the command to the first datagram through after the last lost one) and the datagrams
 //! lost. Each fault is repeated `TWEED_CHAOS_REPS` times (default 5); the p99 of the repair time
 //! must be under 1 s (rules: under the rule check interval, 5 s, plus 1 s: iptables has no
-//! notifications). A table of the figures is printed (`--nocapture`).
+//! notifications). A table of the figures is printed (`--nocapture`). The restart tests copy
+//! both agents' logs into `$TWEED_CHAOS_LOGS` when it names a directory.
 //!
 //! ```sh
 //! cargo build --workspace --bins
@@ -450,18 +451,15 @@ fn udp_drift_is_repaired_within_a_second() {
 
 /// Stops and starts each host's agent in turn under the stream; returns the datagrams lost.
 fn restart_under_load(lab: &Lab) -> (usize, Duration) {
-    restart_under_load_settling(lab, Duration::from_millis(700))
-}
-
-/// As [`restart_under_load`], waiting `settle` after each restart.
-fn restart_under_load_settling(lab: &Lab, settle: Duration) -> (usize, Duration) {
     let h1 = host_state(lab, "h1");
     let h2 = host_state(lab, "h2");
     let stream = Stream::start(&h2.pods[0].netns, &h1.pods[0].netns, h1.pods[0].ip);
     stream.wait_flowing();
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
+    let mut starts = Vec::new();
     for host in ["h1", "h2"] {
+        starts.push(Instant::now());
         // As `systemctl restart` does: the new agent starts as soon as the old one is gone.
         let stopped = stop_agent(lab, host, libc::SIGTERM);
         start_agent(&stopped);
@@ -472,16 +470,28 @@ fn restart_under_load_settling(lab: &Lab, settle: Duration) -> (usize, Duration)
                 .count()
                 >= 2
         });
-        std::thread::sleep(settle);
+        std::thread::sleep(Duration::from_millis(700));
     }
     let (sent, received) = stream.finish();
     let l = loss_after(&sent, &received, t0);
+    let second = loss_after(&sent, &received, starts[1]);
     eprintln!(
-        "restart under {RATE_HZ} datagrams/s: {} sent, {} lost, outage {} ms",
+        "restart under {RATE_HZ} datagrams/s: {} sent, {} lost (h1's restart {}, h2's {}), \
+         outage {} ms",
         sent.len(),
         l.lost,
+        l.lost - second.lost,
+        second.lost,
         ms(l.outage)
     );
+    // For a look at an outlier: the agents' logs, kept where this names.
+    if let Ok(dir) = std::env::var("TWEED_CHAOS_LOGS") {
+        for h in [&h1, &h2] {
+            let to =
+                std::path::Path::new(&dir).join(format!("{}-{}.log", h.netns, std::process::id()));
+            let _ = std::fs::copy(&h.log, to);
+        }
+    }
     (l.lost, l.outage)
 }
 
@@ -605,20 +615,16 @@ fn wireguard_restart_under_load_is_reported() {
     require_root!(NEEDS_ROOT);
     let mut spec = LabSpec::new(per_process("rw"), 2);
     spec.backend = Backend::Wireguard;
+    // The host kernel has no wireguard module; say so rather than rely on `auto`.
+    spec.agent_args = vec!["--wireguard-impl=userspace".into()];
     let lab = up(spec);
-    // A restarted agent has lost its sessions: what the peer still seals with the old keys is
-    // dropped until a new handshake, so wait long enough after each restart to see the stream
-    // come back (seen: ~1 s, sometimes more than 0.7 s after the second restart).
-    let (lost, outage) = restart_under_load_settling(&lab, Duration::from_secs(16));
-    assert!(
-        outage < Duration::MAX,
-        "the stream never came back ({lost} lost)"
-    );
-    // Worst case by the protocol: the sender rekeys after keepalive + rekey timeouts (10 s + 5 s)
-    // with no answer; bound: 16 s of traffic per restart.
-    let bound = 2 * 16 * RATE_HZ as usize;
+    let (lost, _) = restart_under_load(&lab);
+    // Two restarts, as for udp: a restarted agent has lost its sessions too, so each restart
+    // costs a handshake on top of the time no agent reads the TUN device and the socket. At
+    // most 200 ms of traffic per restart.
+    let bound = 2 * RATE_HZ as usize / 5;
     assert!(
         lost <= bound,
-        "{lost} lost over two restarts (bound {bound}), outage {outage:?}"
+        "{lost} lost over two restarts (bound {bound})"
     );
 }

@@ -150,28 +150,43 @@ pub struct Shared {
     /// wireguard: the protocol state sealing and opening every datagram; `None` for plain udp.
     wg: RwLock<Option<Arc<WgTable>>>,
     version: AtomicU64,
-    pub stop: AtomicBool,
+    stop: AtomicBool,
     /// Set by a worker whose TUN queue died (device deleted): the backend must be set up again.
     pub device_gone: AtomicBool,
     pub port: u16,
+    /// One eventfd per thread that sleeps in `poll` (the workers, then the reporter): a stop or
+    /// a new table wakes it at once instead of after its poll interval. One each, because the
+    /// thread that reads an eventfd resets it for everyone polling it.
+    wakers: Vec<OwnedFd>,
 }
 
 impl Shared {
-    pub fn new(table: PeerTable, port: u16) -> Shared {
-        Shared {
+    /// `sleepers`: how many threads will wait with [`Shared::waker`] (indices `0..sleepers`).
+    pub fn new(table: PeerTable, port: u16, sleepers: usize) -> io::Result<Shared> {
+        let wakers = (0..sleepers)
+            .map(|_| {
+                // SAFETY: plain eventfd(2) call; the result is checked before use.
+                let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+                // SAFETY: fd was just returned by eventfd(2) and is owned by nobody else.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Shared {
             table: RwLock::new(Arc::new(table)),
             wg: RwLock::new(None),
             version: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             device_gone: AtomicBool::new(false),
             port,
-        }
+            wakers,
+        })
     }
 
-    /// Publishes a new table; workers pick it up before their next batch.
+    /// Publishes a new table; workers pick it up before their next batch, woken for it.
     pub fn publish(&self, table: PeerTable) {
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
         self.version.fetch_add(1, Ordering::Release);
+        self.wake_all();
     }
 
     pub fn table(&self) -> Arc<PeerTable> {
@@ -187,6 +202,56 @@ impl Shared {
     pub fn wg(&self) -> Option<Arc<WgTable>> {
         self.wg.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Tells every thread to stop and wakes it.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake_all();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The eventfd thread `i` polls; readable after a stop or a publish.
+    pub fn waker(&self, i: usize) -> Option<RawFd> {
+        self.wakers.get(i).map(|f| f.as_raw_fd())
+    }
+
+    fn wake_all(&self) {
+        for w in &self.wakers {
+            let one = 1u64;
+            // SAFETY: writes the 8 bytes of a live u64 to an eventfd we own. A full counter
+            // (EAGAIN) means the thread is already woken: nothing to do.
+            let _ = unsafe { libc::write(w.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+/// Sleeps until `waker` is readable or `timeout_ms` passed, then resets it; true when woken.
+pub fn sleep_on(waker: Option<RawFd>, timeout_ms: libc::c_int) -> bool {
+    let Some(fd) = waker else {
+        std::thread::sleep(std::time::Duration::from_millis(timeout_ms as u64));
+        return false;
+    };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, length 1.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    let woken = n > 0 && p.revents & libc::POLLIN != 0;
+    if woken {
+        reset_waker(fd);
+    }
+    woken
+}
+
+fn reset_waker(fd: RawFd) {
+    let mut v = 0u64;
+    // SAFETY: reads at most 8 bytes into a live u64; the fd is non-blocking.
+    let _ = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
 fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
@@ -421,31 +486,32 @@ impl Worker {
         let mut wg = self.shared.wg();
         let mut version = self.shared.version.load(Ordering::Acquire);
         let mut last_tick = Instant::now();
+        // A fresh WireGuard table is ticked at once: its new peers get their handshake
+        // initiations now, not at the next tick (a restart's first handshake waited for it).
+        let mut fresh_wg = wg.is_some();
         let mut coalescer = Coalescer::new();
         let mut icmp_limit = IcmpLimiter::new(100, 50);
         let mut gso_ok = true;
         let mut gro_ok = self.gro;
+        let waker = self.shared.waker(self.id);
         loop {
-            if self.shared.stop.load(Ordering::Relaxed) {
+            if self.shared.stopping() {
                 return;
             }
-            let v = self.shared.version.load(Ordering::Acquire);
-            if v != version {
-                table = self.shared.table();
-                wg = self.shared.wg();
-                version = v;
+            self.reload(&mut version, &mut table, &mut wg, &mut fresh_wg);
+            // Until the first table, read nothing: what arrives queues in the TUN queue and the
+            // socket buffer and is forwarded once the table is there, instead of being dropped
+            // as "not ready" (a restarted agent lists the leases after its workers start).
+            if !table.is_ready() {
+                sleep_on(waker, POLL_MS);
+                continue;
             }
             // One worker runs the WireGuard timers (handshake retries, rekeys, keepalives).
             if let (0, Some(w)) = (self.id, &wg) {
-                if last_tick.elapsed().as_millis() >= 250 {
+                if fresh_wg || last_tick.elapsed().as_millis() >= 250 {
+                    fresh_wg = false;
                     last_tick = Instant::now();
-                    for p in w.peers() {
-                        if let (Some(b), Some(ep)) =
-                            (w.tick(p, &mut bufs.control_msg), p.endpoint())
-                        {
-                            self.send_one(b, ep);
-                        }
-                    }
+                    w.tick_all(&mut bufs.control_msg, |b, ep| self.send_one(b, ep));
                 }
             }
             let mut fds = [
@@ -459,9 +525,15 @@ impl Worker {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                libc::pollfd {
+                    // poll ignores a negative fd.
+                    fd: waker.unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
-            // SAFETY: fds is a live array of two pollfd and its length is passed.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, POLL_MS) };
+            // SAFETY: fds is a live array of three pollfd and its length is passed.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, POLL_MS) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -470,6 +542,16 @@ impl Worker {
                 tracing::error!(worker = self.id, "udp: poll: {e}; worker stops");
                 return;
             }
+            if fds[2].revents & libc::POLLIN != 0 {
+                reset_waker(fds[2].fd);
+            }
+            if self.shared.stopping() {
+                return;
+            }
+            // The table may have changed while this worker slept: what woke it is for the
+            // current one (a handshake response to an initiation the new table sent would
+            // otherwise meet the table before it, be dropped, and cost the peer a 5 s retry).
+            self.reload(&mut version, &mut table, &mut wg, &mut fresh_wg);
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
                 tracing::warn!(
                     worker = self.id,
@@ -507,6 +589,29 @@ impl Worker {
                 );
             }
         }
+    }
+
+    /// Takes the published table when its version moved; `fresh_wg` is set when the
+    /// WireGuard state is a new one.
+    fn reload(
+        &self,
+        version: &mut u64,
+        table: &mut Arc<PeerTable>,
+        wg: &mut Option<Arc<WgTable>>,
+        fresh_wg: &mut bool,
+    ) {
+        let v = self.shared.version.load(Ordering::Acquire);
+        if v == *version {
+            return;
+        }
+        *table = self.shared.table();
+        let new = self.shared.wg();
+        *fresh_wg |= match (&new, &*wg) {
+            (Some(n), Some(o)) => !Arc::ptr_eq(n, o),
+            (n, _) => n.is_some(),
+        };
+        *wg = new;
+        *version = v;
     }
 
     /// Reads up to a batch from the TUN queue and sends it. Errors only for a dead queue.
@@ -1217,6 +1322,43 @@ mod tests {
         frag[6] = 0x00;
         frag[7] = 0x10;
         assert_eq!(run_cbpf(&prog, &frag), run_cbpf(&prog, &ipv4(1, a, b, &[])));
+    }
+
+    /// A publish and a stop wake every sleeping thread at once, each through its own eventfd
+    /// (one thread resetting a shared one would leave the others asleep).
+    #[test]
+    fn a_publish_or_a_stop_wakes_every_sleeper() {
+        let net = "10.244.0.0/16".parse().unwrap();
+        let own = "10.244.1.0/24".parse().unwrap();
+        let shared = Arc::new(Shared::new(PeerTable::not_ready(net, own), 8285, 3).unwrap());
+        for i in 0..3 {
+            assert!(
+                !sleep_on(shared.waker(i), 0),
+                "woken before anything happened"
+            );
+        }
+        shared.publish(PeerTable::new(net, own, "198.18.0.1".parse().unwrap(), &[]));
+        for i in 0..3 {
+            assert!(
+                sleep_on(shared.waker(i), 0),
+                "sleeper {i} missed the publish"
+            );
+            assert!(!sleep_on(shared.waker(i), 0), "sleeper {i} not reset");
+        }
+        // Threads asleep for far longer than the test waits: the stop is what ends their sleep.
+        let sleepers: Vec<_> = (0..3)
+            .map(|i| {
+                let shared = shared.clone();
+                std::thread::spawn(move || sleep_on(shared.waker(i), 600_000))
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        shared.request_stop();
+        for t in sleepers {
+            assert!(t.join().unwrap(), "woken by the stop, not the timeout");
+        }
+        assert!(shared.stopping());
+        assert!(shared.waker(3).is_none());
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub enum UdpError {
 
     #[error("starting a udp worker thread: {0}")]
     Thread(#[source] std::io::Error),
+
+    #[error("creating the udp workers' wake-up eventfds: {0}")]
+    Waker(#[source] std::io::Error),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,8 +189,9 @@ impl std::fmt::Debug for UdpBackend {
 
 impl UdpBackend {
     /// Creates or re-attaches `tweed0`, configures it, binds the sockets and starts the workers.
-    /// The workers drop everything until the first [`reconcile`](Self::reconcile) loads the peer
-    /// table (so a restart never answers live traffic with ICMP errors).
+    /// Without a stored table the workers read nothing until the first
+    /// [`reconcile`](Self::reconcile) loads the peer table: what arrives meanwhile waits in the
+    /// kernel and is forwarded then (a restart never answers live traffic with ICMP errors).
     pub async fn setup(nl: &Netlink, cfg: UdpConfig) -> Result<UdpBackend, UdpError> {
         let cfg_device = cfg.device;
         if cfg.mtu() < MIN_MTU {
@@ -296,7 +300,9 @@ impl UdpBackend {
             );
             PeerTable::new(cfg.network, cfg.own_subnet, cfg.local_ip, &stored)
         };
-        let shared = Arc::new(Shared::new(table, cfg.port));
+        // The workers sleep on wakers 0..n, the reporter on n.
+        let shared =
+            Arc::new(Shared::new(table, cfg.port, fds.len() + 1).map_err(UdpError::Waker)?);
         let mut counters = Vec::new();
         let mut threads = Vec::new();
         for (id, (tun, (sock, gro))) in fds.into_iter().zip(socks).enumerate() {
@@ -447,10 +453,12 @@ impl UdpBackend {
     }
 
     /// Stops the workers and waits until they let go of the TUN queues and the port (the device
-    /// and its routes stay: a restart re-attaches). A worker notices within one poll interval;
-    /// the wait runs on a blocking thread, so the runtime's other tasks keep running meanwhile.
+    /// and its routes stay: a restart re-attaches). Their wakers make them notice at once, not
+    /// after a poll interval (a restart's traffic is lost meanwhile); the wait runs on a
+    /// blocking thread, so the runtime's other tasks keep running.
     pub async fn stop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        self.shared.request_stop();
         let threads = std::mem::take(&mut self.threads);
         if threads.is_empty() {
             return;
@@ -459,6 +467,11 @@ impl UdpBackend {
         if let Err(e) = joined {
             tracing::error!("udp: waiting for the workers to stop: {e}");
         }
+        tracing::info!(
+            device = self.cfg.device,
+            ms = t.elapsed().as_millis() as u64,
+            "udp: workers stopped"
+        );
     }
 }
 
@@ -472,7 +485,7 @@ fn join_all(threads: Vec<JoinHandle<()>>) {
 /// leaves nothing to join here.
 impl Drop for UdpBackend {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.request_stop();
         join_all(std::mem::take(&mut self.threads));
     }
 }
@@ -526,14 +539,16 @@ fn spawn_reporter(
         .name("tweed-udp-stats".into())
         .spawn(move || {
             let mut last = Stats::default();
-            let mut ticks = 0u32;
-            while !shared.stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                ticks += 1;
-                if ticks < 10 {
+            let waker = shared.waker(counters.len());
+            let mut next = std::time::Instant::now() + Duration::from_secs(1);
+            while !shared.stopping() {
+                // Woken by every publish too: the report stays once a second.
+                let left = next.saturating_duration_since(std::time::Instant::now());
+                if !left.is_zero() {
+                    io::sleep_on(waker, left.as_millis().max(1) as libc::c_int);
                     continue;
                 }
-                ticks = 0;
+                next += Duration::from_secs(1);
                 let mut s = Stats::default();
                 for c in &counters {
                     c.add_to(&mut s);
@@ -605,15 +620,19 @@ mod tests {
     async fn stop_waits_for_the_workers_without_blocking_the_runtime() {
         use std::sync::atomic::{AtomicBool, AtomicU64};
         let cfg = cfg();
-        let shared = Arc::new(Shared::new(
-            PeerTable::not_ready(cfg.network, cfg.own_subnet),
-            cfg.port,
-        ));
+        let shared = Arc::new(
+            Shared::new(
+                PeerTable::not_ready(cfg.network, cfg.own_subnet),
+                cfg.port,
+                1,
+            )
+            .unwrap(),
+        );
         let exited = Arc::new(AtomicBool::new(false));
         let worker = {
             let (shared, exited) = (shared.clone(), exited.clone());
             std::thread::spawn(move || {
-                while !shared.stop.load(Ordering::Relaxed) {
+                while !shared.stopping() {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 // Letting go of a queue takes a while (up to a poll interval for a real worker).

@@ -249,6 +249,22 @@ impl WgTable {
         Some(&out[..n])
     }
 
+    /// Runs every peer's timers ([`tick`](Self::tick)) and hands `send` what to send where. Called
+    /// every 250 ms and at once for a new table, so a restarted agent's peers get their
+    /// handshake initiations right away. Also restarts the handshake count of the cookie
+    /// logic once a second: it counts handshakes per second, and nothing else resets it (after
+    /// the 100th handshake of the agent's life, every handshake would get a cookie reply, and
+    /// the initiator retries only after 5 s).
+    pub fn tick_all(&self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddrV4)) {
+        // A no-op until a second has passed since the last reset.
+        self.limiter.reset_count();
+        for p in &self.peers {
+            if let (Some(b), Some(ep)) = (self.tick(p, out), p.endpoint()) {
+                send(b, ep);
+            }
+        }
+    }
+
     /// The peer a datagram is for: a handshake initiation by the static key inside it (one DH,
     /// rate-limited by the peer's Tunn after), anything else by our receiver index.
     fn peer_of(&self, d: &[u8]) -> Option<&PeerState> {
@@ -423,5 +439,77 @@ mod tests {
         assert!(Arc::ptr_eq(&before, &grown.peers()[0]));
         assert_ne!(grown.peers()[1].index, before.index);
         assert!(grown.by_public_ip("198.18.0.3".parse().unwrap()).is_some());
+    }
+
+    /// Everything `tick_all` asks to send, as (message type, endpoint IP).
+    fn ticked(t: &WgTable) -> Vec<(u8, Ipv4Addr)> {
+        let mut out = vec![0u8; 2048];
+        let mut sent = Vec::new();
+        t.tick_all(&mut out, |b, ep| sent.push((b[0], *ep.ip())));
+        sent
+    }
+
+    /// A new table (a restarted agent's first) starts a handshake with every peer at once; one
+    /// in flight is not sent again, and a later table adds only its new peers' initiations.
+    #[test]
+    fn a_new_table_sends_every_peer_an_initiation_at_once() {
+        let k = PrivateKey::generate();
+        let peers: Vec<PeerSpec> = (2..5)
+            .map(|i| {
+                spec(
+                    &PrivateKey::generate(),
+                    &format!("10.244.{i}.0/24"),
+                    &format!("198.18.0.{i}"),
+                    None,
+                )
+            })
+            .collect();
+        let t = WgTable::new(&k).update(&k, &peers);
+        let mut sent = ticked(&t);
+        sent.sort();
+        let want: Vec<(u8, Ipv4Addr)> = (2..5)
+            .map(|i| (1, format!("198.18.0.{i}").parse().unwrap()))
+            .collect();
+        assert_eq!(sent, want);
+        assert_eq!(ticked(&t), vec![], "in flight: not resent on the next tick");
+        let mut more = peers.clone();
+        more.push(spec(
+            &PrivateKey::generate(),
+            "10.244.9.0/24",
+            "198.18.0.9",
+            None,
+        ));
+        let t2 = t.update(&k, &more);
+        assert_eq!(ticked(&t2), vec![(1, "198.18.0.9".parse().unwrap())]);
+    }
+
+    /// The cookie logic counts handshakes per second: past 100 it answers with cookie replies
+    /// (the initiator then retries only after 5 s). Ticking restarts the count once a second,
+    /// so a long-lived agent still answers handshakes.
+    #[test]
+    fn the_handshake_count_restarts_every_second() {
+        let (a, b, _) = pair(None, None);
+        let pa = &a.peers()[0];
+        let mut out = vec![0u8; 2048];
+        let mut init = || match lock(&pa.tunn).format_handshake_initiation(&mut out, true) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let answer = |d: &[u8]| {
+            let (_, back) = deliver(&b, "198.18.0.1", d);
+            back.first().map(|m| m[0])
+        };
+        for n in 0..HANDSHAKE_RATE_LIMIT {
+            assert_ne!(answer(&init()), Some(3), "cookie reply at handshake {n}");
+        }
+        assert_eq!(answer(&init()), Some(3), "over the limit: a cookie reply");
+        std::thread::sleep(Duration::from_millis(1050));
+        assert_eq!(
+            answer(&init()),
+            Some(3),
+            "a second later, not ticked: still"
+        );
+        let _ = ticked(&b);
+        assert_eq!(answer(&init()), Some(2), "ticked: a handshake response");
     }
 }
