@@ -128,6 +128,65 @@ fn auto_root_is_a_mapped_uid_and_the_rootfs_works() {
     e.assert_nothing_left();
 }
 
+/// `/proc/PID/uid_map` or `gid_map` as the kernel has it: (inside, host start, count).
+fn kernel_map(pid: i32, which: &str) -> (u32, u32, u32) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{which}")).unwrap();
+    let f: Vec<u32> = text
+        .split_whitespace()
+        .map(|w| w.parse().unwrap())
+        .collect();
+    assert_eq!(f.len(), 3, "one line expected: {text}");
+    (f[0], f[1], f[2])
+}
+
+/// Six `auto` runs started at once each get a block of their own: the choice and the record
+/// of the block happen under the run root's lock.
+#[test]
+fn concurrent_auto_runs_never_share_a_block() {
+    require_root!(NEEDS_ROOT);
+    const RUNS: u32 = 6;
+    let base = 4_000_000;
+    let e = env_with_subids(base, RUNS * 65536);
+    let children: Vec<_> = (0..RUNS)
+        .map(|_| {
+            e.cmd(&["run", "-d", "--userns", "auto", "busybox", "sleep", "1000"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "a concurrent run failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ids.push(stdout(&o).trim().to_string());
+    }
+    let mut blocks = Vec::new();
+    for id in &ids {
+        let pid = e.init_pid(id);
+        let (uid_in, uid_start, uid_count) = kernel_map(pid, "uid_map");
+        let (gid_in, gid_start, gid_count) = kernel_map(pid, "gid_map");
+        assert_eq!((uid_in, uid_count, gid_in, gid_count), (0, 65536, 0, 65536));
+        assert!((base..base + RUNS * 65536).contains(&uid_start), "{uid_start}");
+        blocks.push((uid_start, gid_start));
+    }
+    for (i, a) in blocks.iter().enumerate() {
+        for b in &blocks[i + 1..] {
+            // Aligned blocks of one size: distinct starts are disjoint blocks.
+            assert!(a.0 != b.0 && a.1 != b.1, "shared block: {blocks:?}");
+        }
+    }
+    let mut refs: Vec<&str> = vec!["rm", "-f"];
+    refs.extend(ids.iter().map(String::as_str));
+    e.ok(&refs);
+    e.assert_nothing_left();
+}
+
 #[test]
 fn explicit_range_and_a_non_root_user() {
     require_root!(NEEDS_ROOT);
