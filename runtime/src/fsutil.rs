@@ -198,8 +198,7 @@ impl FileLock {
         let file = open_lock_file(path)?;
         loop {
             // SAFETY: flock only takes the fd, which `file` keeps open.
-            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } == 0
-            {
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } == 0 {
                 return Ok(FileLock { file });
             }
             let e = io::Error::last_os_error();

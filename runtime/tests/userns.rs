@@ -172,7 +172,10 @@ fn concurrent_auto_runs_never_share_a_block() {
         let (uid_in, uid_start, uid_count) = kernel_map(pid, "uid_map");
         let (gid_in, gid_start, gid_count) = kernel_map(pid, "gid_map");
         assert_eq!((uid_in, uid_count, gid_in, gid_count), (0, 65536, 0, 65536));
-        assert!((base..base + RUNS * 65536).contains(&uid_start), "{uid_start}");
+        assert!(
+            (base..base + RUNS * 65536).contains(&uid_start),
+            "{uid_start}"
+        );
         blocks.push((uid_start, gid_start));
     }
     for (i, a) in blocks.iter().enumerate() {
@@ -184,6 +187,79 @@ fn concurrent_auto_runs_never_share_a_block() {
     let mut refs: Vec<&str> = vec!["rm", "-f"];
     refs.extend(ids.iter().map(String::as_str));
     e.ok(&refs);
+    e.assert_nothing_left();
+}
+
+/// `commit` of a `--userns` container: the layer records the ids the container saw (its root
+/// as 0, its uid 1000 as 1000), not the mapped host ids its upper dir holds on disk, so the
+/// image runs the same without a user namespace. The upper dir itself is not chowned.
+#[test]
+fn commit_shifts_owners_back_to_container_ids() {
+    require_root!(NEEDS_ROOT);
+    let base = 4_500_000;
+    let e = env_with_subids(base, 65536);
+    let id = e.start(&[
+        "--name",
+        "src",
+        "--userns",
+        "auto",
+        "busybox",
+        "sh",
+        "-c",
+        "echo r > /by-root && mkdir -m 777 /w && mkdir /d1000 && chown 1000:1000 /d1000 && \
+         ln -s /by-root /link1000 && chown -h 1000:1000 /link1000 && echo made; \
+         exec sleep 1000",
+    ]);
+    e.wait_until("the files", Duration::from_secs(20), || {
+        e.ok(&["logs", "src"]).contains("made")
+    });
+    e.ok(&[
+        "exec",
+        "-u",
+        "1000:1000",
+        "src",
+        "sh",
+        "-c",
+        "echo u > /w/by-1000",
+    ]);
+    let upper = upper_of(&e, &id);
+    let (b, b1000) = (base, base + 1000);
+    assert_eq!(host_ids(&upper.join("by-root")), (b, b));
+    assert_eq!(host_ids(&upper.join("w/by-1000")), (b1000, b1000));
+
+    let out = e.ok(&["commit", "src", "shifted:v1"]);
+    assert!(out.starts_with("shifted:v1 sha256:"), "{out}");
+    // Only the tar headers are shifted: the upper dir keeps its host owners.
+    assert_eq!(host_ids(&upper.join("by-root")), (b, b));
+    assert_eq!(host_ids(&upper.join("link1000")), (b1000, b1000));
+
+    // Without a user namespace, the committed image shows the container's ids.
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "shifted:v1",
+        "stat",
+        "-c",
+        "%n %u:%g",
+        "/by-root",
+        "/w",
+        "/w/by-1000",
+        "/d1000",
+        "/link1000",
+    ]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "/by-root 0:0",
+            "/w 0:0",
+            "/w/by-1000 1000:1000",
+            "/d1000 1000:1000",
+            "/link1000 1000:1000",
+        ],
+        "{out}"
+    );
+    e.ok(&["rm", "-f", "src"]);
+    e.ok(&["image", "rm", "shifted:v1"]);
     e.assert_nothing_left();
 }
 

@@ -26,6 +26,11 @@ pub struct DiffOptions {
     pub overlay_upper: bool,
     /// Relative paths left out (the init layer's files: they belong to the container, not the image).
     pub exclude: HashSet<PathBuf>,
+    /// The upper dir of a `--userns` container: its files are owned by the mapped host ids, and
+    /// the layer records them as the container's ids (host `start + n` as `n`; outside the map
+    /// as [`crate::userns::OVERFLOW_ID`], which is what the container saw). Only the tar
+    /// headers change; the files on disk keep their owners.
+    pub unshift: Option<crate::userns::Mapping>,
 }
 
 /// Entry counts.
@@ -34,6 +39,8 @@ pub struct DiffSummary {
     pub entries: u64,
     pub whiteouts: u64,
     pub opaque_dirs: u64,
+    /// Entries whose host owner was outside [`DiffOptions::unshift`]'s map.
+    pub unmapped: u64,
 }
 
 /// Whether a file is an overlay whiteout.
@@ -59,18 +66,33 @@ struct Walker<'a, W: Write> {
     sum: DiffSummary,
 }
 
-fn base_header(meta: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(meta.mode() & 0o7777);
-    h.set_uid(meta.uid() as u64);
-    h.set_gid(meta.gid() as u64);
-    h.set_mtime(meta.mtime().max(0) as u64);
-    h.set_size(0);
-    h
+/// The owner a layer records for a file owned by host `uid:gid`: unchanged, or shifted back
+/// through `unshift` (the bool: outside its map).
+pub fn layer_owner(
+    uid: u32,
+    gid: u32,
+    unshift: Option<&crate::userns::Mapping>,
+) -> (u32, u32, bool) {
+    match unshift {
+        None => (uid, gid, false),
+        Some(m) => m.to_container(uid, gid),
+    }
 }
 
 impl<W: Write> Walker<'_, W> {
+    fn base_header(&mut self, meta: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
+        let (uid, gid, outside) = layer_owner(meta.uid(), meta.gid(), self.opts.unshift.as_ref());
+        self.sum.unmapped += u64::from(outside);
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(meta.mode() & 0o7777);
+        h.set_uid(uid.into());
+        h.set_gid(gid.into());
+        h.set_mtime(meta.mtime().max(0) as u64);
+        h.set_size(0);
+        h
+    }
+
     fn werr(path: &Path) -> impl FnOnce(io::Error) -> DiffError + '_ {
         move |source| DiffError::Write {
             path: path.to_path_buf(),
@@ -148,7 +170,7 @@ impl<W: Write> Walker<'_, W> {
             }
             if ft.is_dir() {
                 let opaque = self.xattrs(&a)?;
-                let mut h = base_header(&meta, tar::EntryType::Directory);
+                let mut h = self.base_header(&meta, tar::EntryType::Directory);
                 self.b
                     .append_data(&mut h, &r, io::empty())
                     .map_err(Self::werr(&r))?;
@@ -160,7 +182,7 @@ impl<W: Write> Walker<'_, W> {
             } else if ft.is_file() {
                 if meta.nlink() > 1 {
                     if let Some(first) = self.links.get(&(meta.dev(), meta.ino())).cloned() {
-                        let mut h = base_header(&meta, tar::EntryType::Link);
+                        let mut h = self.base_header(&meta, tar::EntryType::Link);
                         self.b
                             .append_link(&mut h, &r, &first)
                             .map_err(Self::werr(&r))?;
@@ -169,14 +191,14 @@ impl<W: Write> Walker<'_, W> {
                     self.links.insert((meta.dev(), meta.ino()), r.clone());
                 }
                 self.xattrs(&a)?;
-                let mut h = base_header(&meta, tar::EntryType::Regular);
+                let mut h = self.base_header(&meta, tar::EntryType::Regular);
                 h.set_size(meta.len());
                 let f = fs::File::open(&a).map_err(rerr(&a))?;
                 self.b.append_data(&mut h, &r, f).map_err(Self::werr(&r))?;
             } else if ft.is_symlink() {
                 let target = fs::read_link(&a).map_err(rerr(&a))?;
                 self.xattrs(&a)?;
-                let mut h = base_header(&meta, tar::EntryType::Symlink);
+                let mut h = self.base_header(&meta, tar::EntryType::Symlink);
                 self.b
                     .append_link(&mut h, &r, &target)
                     .map_err(Self::werr(&r))?;
@@ -189,7 +211,7 @@ impl<W: Write> Walker<'_, W> {
                     tar::EntryType::Fifo
                 };
                 self.xattrs(&a)?;
-                let mut h = base_header(&meta, kind);
+                let mut h = self.base_header(&meta, kind);
                 if !ft.is_fifo() {
                     h.set_device_major(fsutil::dev_major(meta.rdev()))
                         .map_err(Self::werr(&r))?;
@@ -254,6 +276,7 @@ mod tests {
         let opts = DiffOptions {
             overlay_upper: true,
             exclude: [PathBuf::from("etc/hosts")].into_iter().collect(),
+            unshift: None,
         };
         let (buf, sum) = write_layer(root, Vec::new(), &opts).unwrap();
         assert_eq!(sum.whiteouts, 0);
@@ -271,5 +294,106 @@ mod tests {
         assert_eq!(seen[0].1, tar::EntryType::Directory);
         assert_eq!(seen[2].1, tar::EntryType::Link);
         assert_eq!(seen[4].1, tar::EntryType::Symlink);
+    }
+
+    /// The ids of each entry of a layer tar, by path.
+    fn owners(buf: &[u8]) -> HashMap<String, (u64, u64, tar::EntryType)> {
+        let mut ar = tar::Archive::new(buf);
+        ar.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                (
+                    e.path().unwrap().to_string_lossy().into_owned(),
+                    (h.uid().unwrap(), h.gid().unwrap(), h.entry_type()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn owners_shift_back_only_with_a_mapping() {
+        use crate::userns::{IdRange, Mapping, OVERFLOW_ID};
+        let m = Mapping {
+            uid: IdRange::new(100000, 65536).unwrap(),
+            gid: IdRange::new(300000, 65536).unwrap(),
+        };
+        assert_eq!(layer_owner(101000, 301000, Some(&m)), (1000, 1000, false));
+        assert_eq!(layer_owner(101000, 301000, None), (101000, 301000, false));
+        assert_eq!(layer_owner(5, 300000, Some(&m)), (OVERFLOW_ID, 0, true));
+    }
+
+    /// A `--userns` container's upper dir: files, a dir, a symlink (its own owner, not its
+    /// target's) and a hardlink are recorded with container ids, one owner outside the map as
+    /// the overflow id; the files on disk keep their host owners. Needs root for the chowns;
+    /// without root the tree is the caller's and a one-id map of the caller's uid is used.
+    #[test]
+    fn a_userns_upper_dir_is_recorded_with_container_ids() {
+        use crate::userns::{IdRange, Mapping, OVERFLOW_ID};
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        fs::create_dir(root.join("home")).unwrap();
+        fs::write(root.join("home/f"), "x").unwrap();
+        fs::write(root.join("rootfile"), "r").unwrap();
+        fs::hard_link(root.join("home/f"), root.join("home/f2")).unwrap();
+        std::os::unix::fs::symlink("rootfile", root.join("link")).unwrap();
+        fs::write(root.join("stray"), "s").unwrap();
+        // SAFETY: plain id queries.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        if uid != 0 {
+            let m = Mapping {
+                uid: IdRange::new(uid, 1).unwrap(),
+                gid: IdRange::new(gid, 1).unwrap(),
+            };
+            let opts = DiffOptions {
+                unshift: Some(m),
+                ..DiffOptions::default()
+            };
+            let (buf, sum) = write_layer(root, Vec::new(), &opts).unwrap();
+            assert_eq!(sum.unmapped, 0);
+            for (p, (u, g, _)) in owners(&buf) {
+                assert_eq!((u, g), (0, 0), "{p}");
+            }
+            return;
+        }
+        let m = Mapping {
+            uid: IdRange::new(100000, 65536).unwrap(),
+            gid: IdRange::new(300000, 65536).unwrap(),
+        };
+        let chown = |p: &str, u, g| fsutil::lchown(&root.join(p), u, g).unwrap();
+        chown("home", 101000, 301000);
+        chown("home/f", 101000, 301001);
+        chown("rootfile", 100000, 300000);
+        // The link's own owner differs from its target's: lchown semantics.
+        chown("link", 100007, 300007);
+        chown("stray", 42, 300000);
+        let opts = DiffOptions {
+            overlay_upper: true,
+            unshift: Some(m),
+            ..DiffOptions::default()
+        };
+        let (buf, sum) = write_layer(root, Vec::new(), &opts).unwrap();
+        let o = owners(&buf);
+        assert_eq!(o["home"], (1000, 1000, tar::EntryType::Directory));
+        assert_eq!(o["home/f"], (1000, 1001, tar::EntryType::Regular));
+        assert_eq!(o["home/f2"], (1000, 1001, tar::EntryType::Link));
+        assert_eq!(o["rootfile"], (0, 0, tar::EntryType::Regular));
+        assert_eq!(o["link"], (7, 7, tar::EntryType::Symlink));
+        assert_eq!(
+            o["stray"],
+            (u64::from(OVERFLOW_ID), 0, tar::EntryType::Regular)
+        );
+        assert_eq!(sum.unmapped, 1);
+        // The upper dir itself is untouched.
+        let md = |p: &str| fs::symlink_metadata(root.join(p)).unwrap();
+        assert_eq!((md("home/f").uid(), md("home/f").gid()), (101000, 301001));
+        assert_eq!((md("link").uid(), md("rootfile").uid()), (100007, 100000));
+        // Without a mapping the host ids are recorded as they are.
+        let (plain, _) = write_layer(root, Vec::new(), &DiffOptions::default()).unwrap();
+        assert_eq!(
+            owners(&plain)["home/f"],
+            (101000, 301001, tar::EntryType::Regular)
+        );
     }
 }
