@@ -263,6 +263,90 @@ fn commit_shifts_owners_back_to_container_ids() {
     e.assert_nothing_left();
 }
 
+/// A volume under `--userns` is an idmapped mount through the container's namespace: host
+/// uid N reads as N inside and the container's uid N writes host uid N, as without a user
+/// namespace; `:ro` still holds. A volume on a filesystem without idmapped mounts (ramfs)
+/// fails the run, naming the volume, and leaves nothing.
+#[test]
+fn volumes_are_idmapped_through_the_containers_namespace() {
+    require_root!(NEEDS_ROOT);
+    use std::os::unix::fs::PermissionsExt;
+    let base = 4_600_000;
+    let e = env_with_subids(base, 65536);
+    let vol = e.mkdir("vol");
+    std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::write(vol.join("host-root"), "r").unwrap();
+    std::fs::write(vol.join("host-1000"), "u").unwrap();
+    std::os::unix::fs::chown(vol.join("host-1000"), Some(1000), Some(1000)).unwrap();
+    let rw = format!("{}:/v", vol.display());
+    let ro = format!("{}:/ro:ro", vol.display());
+    e.start(&[
+        "--name", "c", "--userns", "auto", "-v", &rw, "-v", &ro, "busybox", "sleep", "1000",
+    ]);
+    let out = e.ok(&[
+        "exec",
+        "c",
+        "sh",
+        "-c",
+        "stat -c '%n %u:%g' /v/host-root /v/host-1000 /ro/host-1000; \
+         echo x > /v/by-root && echo root-wrote; \
+         mkdir /v/d && chown 1000:1000 /v/d && echo chowned; \
+         echo y > /ro/nope 2>/dev/null || echo ro-refused",
+    ]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "/v/host-root 0:0",
+            "/v/host-1000 1000:1000",
+            "/ro/host-1000 1000:1000",
+            "root-wrote",
+            "chowned",
+            "ro-refused",
+        ],
+        "{out}"
+    );
+    e.ok(&[
+        "exec",
+        "-u",
+        "1000:1000",
+        "c",
+        "sh",
+        "-c",
+        "echo z > /v/by-1000",
+    ]);
+    // On the host: the ids the container used, not the mapped block.
+    assert_eq!(host_ids(&vol.join("by-root")), (0, 0));
+    assert_eq!(host_ids(&vol.join("d")), (1000, 1000));
+    assert_eq!(host_ids(&vol.join("by-1000")), (1000, 1000));
+    assert!(!vol.join("nope").exists());
+    e.ok(&["rm", "-f", "c"]);
+    e.assert_nothing_left();
+
+    // A volume whose filesystem cannot be idmapped: refused, no fallback to a plain bind.
+    let ram = e.mkdir("ramvol");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&ram)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount ramfs");
+    let guard = Mounted(ram.clone());
+    let spec = format!("{}:/r", ram.display());
+    // Without --userns the same volume is a plain bind and works.
+    e.ok(&["run", "--rm", "-v", &spec, "busybox", "true"]);
+    let err = e.fails(&[
+        "run", "--rm", "--userns", "auto", "-v", &spec, "busybox", "true",
+    ]);
+    assert!(
+        err.contains("cannot be idmapped") && err.contains(&ram.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(e.state_entries(), Vec::<String>::new());
+    assert_eq!(e.layer_entries(), Vec::<String>::new());
+    drop(guard);
+    e.assert_nothing_left();
+}
+
 #[test]
 fn explicit_range_and_a_non_root_user() {
     require_root!(NEEDS_ROOT);
