@@ -66,6 +66,76 @@ struct Walker<'a, W: Write> {
     sum: DiffSummary,
 }
 
+/// `security.capability` revisions (linux/capability.h): v2 applies to whoever is root, v3
+/// names the host uid of the namespace root it applies to (`rootid`, the last 4 bytes).
+const VFS_CAP_REVISION_MASK: u32 = 0xFF00_0000;
+const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
+const VFS_CAP_REVISION_3: u32 = 0x0300_0000;
+const VFS_CAP_V2_LEN: usize = 20;
+const VFS_CAP_V3_LEN: usize = 24;
+/// POSIX ACL xattr layout (linux/posix_acl_xattr.h): a version word, then entries of tag (u16),
+/// permissions (u16) and id (u32); only user and group entries carry an id.
+const ACL_VERSION: u32 = 2;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP: u16 = 0x08;
+
+/// An xattr of a `--userns` container's upper dir with the host ids it holds shifted back to
+/// the container's, as the host reads it: a v3 file capability whose `rootid` is the
+/// container's root becomes the v2 an image would carry (applies to root wherever the image
+/// runs); POSIX ACL entries naming users or groups are shifted like owners (outside the map:
+/// [`crate::userns::OVERFLOW_ID`]). `None`: leave the xattr out, a capability of a namespace
+/// root outside the map (it applied to nothing the container could be). Anything else, or a
+/// malformed value, is returned as it is. The bool: an id was outside the map.
+pub fn unshift_xattr(
+    name: &str,
+    value: &[u8],
+    m: &crate::userns::Mapping,
+) -> (Option<Vec<u8>>, bool) {
+    let word = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    match name {
+        "security.capability"
+            if value.len() == VFS_CAP_V3_LEN
+                && word(value, 0) & VFS_CAP_REVISION_MASK == VFS_CAP_REVISION_3 =>
+        {
+            match m.container_uid(word(value, 20)) {
+                None => (None, true),
+                Some(0) => {
+                    let mut v = value[..VFS_CAP_V2_LEN].to_vec();
+                    let magic = (word(value, 0) & !VFS_CAP_REVISION_MASK) | VFS_CAP_REVISION_2;
+                    v[..4].copy_from_slice(&magic.to_le_bytes());
+                    (Some(v), false)
+                }
+                Some(root) => {
+                    let mut v = value.to_vec();
+                    v[20..].copy_from_slice(&root.to_le_bytes());
+                    (Some(v), false)
+                }
+            }
+        }
+        "system.posix_acl_access" | "system.posix_acl_default"
+            if value.len() >= 4
+                && (value.len() - 4).is_multiple_of(8)
+                && word(value, 0) == ACL_VERSION =>
+        {
+            let (mut v, mut outside) = (value.to_vec(), false);
+            for e in v[4..].chunks_exact_mut(8) {
+                let tag = u16::from_le_bytes([e[0], e[1]]);
+                let id = u32::from_le_bytes(e[4..8].try_into().expect("4 bytes"));
+                let shifted = match tag {
+                    ACL_USER => m.container_uid(id),
+                    ACL_GROUP => m.container_gid(id),
+                    _ => continue,
+                };
+                outside |= shifted.is_none();
+                let id = shifted.unwrap_or(crate::userns::OVERFLOW_ID);
+                e[4..8].copy_from_slice(&id.to_le_bytes());
+            }
+            (Some(v), outside)
+        }
+        _ => (Some(value.to_vec()), false),
+    }
+}
+
 /// The owner a layer records for a file owned by host `uid:gid`: unchanged, or shifted back
 /// through `unshift` (the bool: outside its map).
 pub fn layer_owner(
@@ -120,6 +190,17 @@ impl<W: Write> Walker<'_, W> {
                 }
                 continue;
             }
+            let v = match &self.opts.unshift {
+                Some(m) => {
+                    let (v, outside) = unshift_xattr(&n, &v, m);
+                    self.sum.unmapped += u64::from(outside);
+                    match v {
+                        Some(v) => v,
+                        None => continue,
+                    }
+                }
+                None => v,
+            };
             pax.push((format!("SCHILY.xattr.{n}"), v));
         }
         if !pax.is_empty() {
@@ -296,6 +377,107 @@ mod tests {
         assert_eq!(seen[4].1, tar::EntryType::Symlink);
     }
 
+    fn cap_v3(magic_low: u32, permitted: u32, rootid: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        for w in [VFS_CAP_REVISION_3 | magic_low, permitted, 0, 0, 0, rootid] {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v
+    }
+
+    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut v = ACL_VERSION.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            v.extend_from_slice(&id.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn ids_inside_xattrs_shift_back_too() {
+        use crate::userns::{IdRange, Mapping, OVERFLOW_ID};
+        let m = Mapping {
+            uid: IdRange::new(100000, 65536).unwrap(),
+            gid: IdRange::new(300000, 65536).unwrap(),
+        };
+        let cap = "security.capability";
+        // setcap by the container's root: v3 naming its host uid becomes a plain v2, the
+        // effective flag and the capability words kept.
+        let (v, outside) = unshift_xattr(cap, &cap_v3(1, 1 << 10, 100000), &m);
+        let v = v.unwrap();
+        assert!(!outside);
+        assert_eq!(v.len(), VFS_CAP_V2_LEN);
+        assert_eq!(&v[..4], &(VFS_CAP_REVISION_2 | 1).to_le_bytes());
+        assert_eq!(&v[4..8], &(1u32 << 10).to_le_bytes());
+        // A nested namespace's root (container uid 1000) stays v3 with the container's id.
+        let (v, _) = unshift_xattr(cap, &cap_v3(0, 1, 101000), &m);
+        assert_eq!(&v.unwrap()[20..], &1000u32.to_le_bytes());
+        // A rootid outside the map is left out: it applied to nobody the container could be.
+        assert_eq!(unshift_xattr(cap, &cap_v3(0, 1, 7), &m), (None, true));
+        // v2 and malformed values pass through untouched.
+        let mut v2 = cap_v3(0, 1, 0);
+        v2.truncate(VFS_CAP_V2_LEN);
+        v2[..4].copy_from_slice(&VFS_CAP_REVISION_2.to_le_bytes());
+        assert_eq!(unshift_xattr(cap, &v2, &m), (Some(v2.clone()), false));
+        assert_eq!(
+            unshift_xattr(cap, b"short", &m),
+            (Some(b"short".to_vec()), false)
+        );
+
+        // ACLs: user and group entries shifted, the owner/mask/other entries untouched.
+        let host = acl(&[
+            (0x01, 6, u32::MAX),
+            (ACL_USER, 6, 101000),
+            (ACL_GROUP, 4, 300050),
+            (ACL_USER, 4, 42),
+            (0x20, 0, u32::MAX),
+        ]);
+        let want = acl(&[
+            (0x01, 6, u32::MAX),
+            (ACL_USER, 6, 1000),
+            (ACL_GROUP, 4, 50),
+            (ACL_USER, 4, OVERFLOW_ID),
+            (0x20, 0, u32::MAX),
+        ]);
+        for name in ["system.posix_acl_access", "system.posix_acl_default"] {
+            assert_eq!(unshift_xattr(name, &host, &m), (Some(want.clone()), true));
+        }
+        // A torn ACL is not reinterpreted.
+        let torn = &host[..host.len() - 3];
+        assert_eq!(
+            unshift_xattr("system.posix_acl_access", torn, &m),
+            (Some(torn.to_vec()), false)
+        );
+        // Other xattrs carry no ids.
+        assert_eq!(
+            unshift_xattr("user.note", b"100000", &m),
+            (Some(b"100000".to_vec()), false)
+        );
+    }
+
+    /// The xattrs of each entry of a layer tar (from its PAX headers), by path.
+    fn xattrs(buf: &[u8]) -> HashMap<String, HashMap<String, Vec<u8>>> {
+        let mut ar = tar::Archive::new(buf);
+        let mut out = HashMap::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let mut x = HashMap::new();
+            if let Some(exts) = e.pax_extensions().unwrap() {
+                for ext in exts {
+                    let ext = ext.unwrap();
+                    if let Some(n) = ext.key().unwrap().strip_prefix("SCHILY.xattr.") {
+                        x.insert(n.to_string(), ext.value_bytes().to_vec());
+                    }
+                }
+            }
+            out.insert(path, x);
+        }
+        out
+    }
+
     /// The ids of each entry of a layer tar, by path.
     fn owners(buf: &[u8]) -> HashMap<String, (u64, u64, tar::EntryType)> {
         let mut ar = tar::Archive::new(buf);
@@ -368,6 +550,17 @@ mod tests {
         // The link's own owner differs from its target's: lchown semantics.
         chown("link", 100007, 300007);
         chown("stray", 42, 300000);
+        // What setcap and setfacl inside leave on the upper dir, as the host reads it.
+        let acl_in = acl(&[
+            (0x01, 6, u32::MAX),
+            (ACL_USER, 6, 101000),
+            (0x04, 4, u32::MAX),
+            (0x10, 6, u32::MAX),
+            (0x20, 4, u32::MAX),
+        ]);
+        fsutil::lsetxattr(&root.join("home/f"), "system.posix_acl_access", &acl_in).unwrap();
+        let cap = cap_v3(1, 1 << 10, 100000);
+        fsutil::lsetxattr(&root.join("rootfile"), "security.capability", &cap).unwrap();
         let opts = DiffOptions {
             overlay_upper: true,
             unshift: Some(m),
@@ -385,6 +578,13 @@ mod tests {
             (u64::from(OVERFLOW_ID), 0, tar::EntryType::Regular)
         );
         assert_eq!(sum.unmapped, 1);
+        let x = xattrs(&buf);
+        let acl_out = &x["home/f"]["system.posix_acl_access"];
+        // The second entry (after the version word and the owner entry) is the user one.
+        assert_eq!(&acl_out[16..20], &1000u32.to_le_bytes(), "{acl_out:?}");
+        let cap_out = &x["rootfile"]["security.capability"];
+        assert_eq!(cap_out.len(), VFS_CAP_V2_LEN);
+        assert_eq!(&cap_out[..4], &(VFS_CAP_REVISION_2 | 1).to_le_bytes());
         // The upper dir itself is untouched.
         let md = |p: &str| fs::symlink_metadata(root.join(p)).unwrap();
         assert_eq!((md("home/f").uid(), md("home/f").gid()), (101000, 301001));
