@@ -50,7 +50,32 @@ pub struct Plan {
     pub network: Option<NetworkList>,
     /// The container's seccomp filters, compiled (or read from the cache) now.
     pub seccomp: Option<crate::seccomp::Programs>,
+    /// With `--userns`: held from the choice of the mapping until `config.json` records it, so
+    /// that concurrent runs never choose the same ids. Released by the record stage (or when
+    /// the plan is dropped).
+    pub userns_lock: ChoiceLock,
 }
+
+/// The run root's `userns.lock`, shared by the clones of one [`Plan`]; releasing it once
+/// releases it for all of them (and closes the file, so no process forked later inherits it).
+#[derive(Debug, Clone, Default)]
+pub struct ChoiceLock(std::sync::Arc<std::sync::Mutex<Option<fsutil::FileLock>>>);
+
+impl ChoiceLock {
+    pub fn held(lock: fsutil::FileLock) -> ChoiceLock {
+        ChoiceLock(std::sync::Arc::new(std::sync::Mutex::new(Some(lock))))
+    }
+    pub fn release(&self) {
+        let lock = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(lock);
+    }
+    pub fn is_held(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+}
+
+/// The lock file of `--userns` choices, in the run root.
+pub const USERNS_LOCK: &str = "userns.lock";
 
 impl Runtime {
     /// Checks `spec` against the images, the containers and the host; creates nothing. The
@@ -135,7 +160,10 @@ impl Runtime {
         let (caps, security) =
             crate::security::resolve(&spec.security, crate::caps::last_cap(), &cwd_now)?;
         let seccomp = self.seccomp_programs(caps, &security)?;
-        let userns = self.userns_mapping(&spec.security)?;
+        let (userns, userns_lock) = match self.userns_mapping(&spec.security)? {
+            Some((m, lock)) => (Some(m), lock),
+            None => (None, ChoiceLock::default()),
+        };
         Ok(Plan {
             lowers: self.images.lower_dirs(&image)?,
             config: ContainerConfig {
@@ -165,15 +193,19 @@ impl Runtime {
             join_netns,
             network,
             seccomp,
+            userns_lock,
         })
     }
 
     /// The user namespace mapping `--userns` asks for: from the delegation in the subid files,
-    /// clear of every existing container's. Skipped lines of those files are logged.
+    /// clear of every existing container's. Skipped lines of those files are logged. Returned
+    /// with the run root's [`USERNS_LOCK`] held: the caller keeps it until the mapping is
+    /// recorded in `config.json`, where the next run's choice reads it. An explicit mapping
+    /// takes the lock too, since `auto` choices must see it.
     pub fn userns_mapping(
         &self,
         args: &crate::security::SecurityArgs,
-    ) -> Result<Option<crate::userns::Mapping>, RuntimeError> {
+    ) -> Result<Option<(crate::userns::Mapping, ChoiceLock)>, RuntimeError> {
         use crate::userns;
         let Some(text) = &args.userns else {
             return Ok(None);
@@ -182,6 +214,11 @@ impl Runtime {
         if args.privileged {
             return Err(userns::UsernsError::Privileged.into());
         }
+        let lock_path = self.paths.run_root.join(USERNS_LOCK);
+        let lock = fsutil::FileLock::acquire(&lock_path).map_err(|source| RuntimeError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
         let uid_text = userns::read_subid_file(&self.opts.subuid)?;
         let gid_text = userns::read_subid_file(&self.opts.subgid)?;
         let mut used = Vec::new();
@@ -202,7 +239,7 @@ impl Runtime {
         for e in skipped {
             eprintln!("tweedctl: {e}");
         }
-        Ok(Some(m?))
+        Ok(Some((m?, ChoiceLock::held(lock))))
     }
 
     /// The compiled seccomp filters of a container holding `caps`, through the cache under the

@@ -43,6 +43,19 @@ pub enum RootfsError {
         target: PathBuf,
         source: io::Error,
     },
+    /// A volume under `--userns` is mounted idmapped, so that its host owners read the same
+    /// inside; a plain bind would show every file as nobody and write new ones as the mapped
+    /// ids. When its filesystem cannot do that, the container is not started.
+    #[error(
+        "--userns: volume {host} (on {container}) cannot be idmapped: {source} (its filesystem \
+         needs idmapped mounts: ext4, xfs, btrfs, tmpfs 6.3+; not NFS, FUSE, ramfs); move the \
+         volume or run without --userns"
+    )]
+    IdmapVolume {
+        host: PathBuf,
+        container: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// Docker's masked paths (hidden with /dev/null or an empty read-only tmpfs).
@@ -238,11 +251,23 @@ pub fn setup(
     for v in &spec.volumes {
         let c = v.container.to_string_lossy();
         let t = pin(sys, root, &c)?;
-        mount(
-            sys,
-            Mount::new(&t.path).source(&v.host).flags(BIND | REC),
-            &format!("volume {}", v.host.display()),
-        )?;
+        match userns_fd {
+            // Host uid N reads and writes as container uid N (Podman's `:idmap` with the
+            // container's own mapping). Not recursive: mounts below the host directory are
+            // not carried in (each would have to support idmapping too).
+            Some(fd) => sys.idmap_mount(&v.host, &t.path, fd).map_err(|source| {
+                RootfsError::IdmapVolume {
+                    host: v.host.clone(),
+                    container: v.container.clone(),
+                    source,
+                }
+            })?,
+            None => mount(
+                sys,
+                Mount::new(&t.path).source(&v.host).flags(BIND | REC),
+                &format!("volume {}", v.host.display()),
+            )?,
+        }
         if v.readonly {
             // Pinned again: the first pin names the directory under the new mount.
             let t = pin(sys, root, &c)?;
@@ -563,8 +588,9 @@ mod tests {
             .enumerate()
             .filter(|(_, c)| matches!(c, Call::IdmapMount(..)))
             .collect();
-        assert_eq!(idmaps.len(), 3);
-        for (i, (at, c)) in idmaps.iter().enumerate() {
+        // The three lowers, then the volume.
+        assert_eq!(idmaps.len(), 4);
+        for (i, (at, c)) in idmaps[..3].iter().enumerate() {
             // After private propagation (the staging mounts must not reach the host), before
             // the overlay that uses them.
             assert!(private < *at && *at < overlay);
@@ -587,13 +613,66 @@ mod tests {
                 .starts_with("lowerdir=/c/idmap/0:/c/idmap/1:/c/idmap/2,upperdir=/c/upper,"),
             "{m:?}"
         );
-        // Without a namespace fd nothing is idmapped.
+        // The volume: idmapped through the same namespace (no plain bind of it), on its pinned
+        // target inside the overlay, then made read-only, all before /proc.
+        let (vol_at, vol) = idmaps[3];
+        assert_eq!(
+            *vol,
+            Call::IdmapMount("/data".into(), "/c/merged/mnt/data".into(), 9)
+        );
+        assert!(overlay < vol_at);
+        assert!(!calls.iter().any(
+            |c| matches!(c, Call::Mount(m) if m.source.as_deref() == Some(Path::new("/data")))
+        ));
+        let ro = pos(&|c| {
+            matches!(c, Call::Mount(m) if m.target == Path::new("/c/merged/mnt/data")
+                && m.flags & (REMOUNT | RDONLY) == REMOUNT | RDONLY)
+        });
+        let proc_ = pos(&|c| matches!(c, Call::Mount(m) if m.fstype.as_deref() == Some("proc")));
+        assert!(vol_at < ro && ro < proc_);
+        // Without a namespace fd nothing is idmapped; the volume is a plain recursive bind.
         let sys = FakeSyscall::new();
         setup(&sys, &sp, None).unwrap();
         assert!(!sys
             .calls()
             .iter()
             .any(|c| matches!(c, Call::IdmapMount(..))));
+        assert!(mounts(&sys.calls())
+            .iter()
+            .any(|m| m.source.as_deref() == Some(Path::new("/data")) && m.flags == BIND | REC));
+    }
+
+    /// A volume whose filesystem cannot be idmapped stops the setup right there, naming the
+    /// volume: no plain bind instead (its files would be nobody's inside), no later mount and
+    /// no pivot. Nothing needs undoing: the mounts so far live in the init's own mount
+    /// namespace, which goes with it.
+    #[test]
+    fn a_volume_that_cannot_be_idmapped_fails_naming_it() {
+        let mut sys = FakeSyscall::new();
+        sys.fail_on = Some("/c/merged/mnt/data".into());
+        let mut sp = spec();
+        sp.idmap_dir = Some("/c/idmap".into());
+        let e = setup(&sys, &sp, Some(9)).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(&e, RootfsError::IdmapVolume { host, container, .. }
+                if host == Path::new("/data") && container == Path::new("/mnt/data")),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("/data") && msg.contains("idmapped") && msg.contains("--userns"),
+            "{msg}"
+        );
+        let calls = sys.calls();
+        assert!(matches!(
+            calls.last(),
+            Some(Call::IdmapMount(src, _, 9)) if src == Path::new("/data")
+        ));
+        assert!(!calls.iter().any(|c| matches!(c, Call::PivotRoot(..))));
+        assert!(!mounts(&calls)
+            .iter()
+            .any(|m| m.source.as_deref() == Some(Path::new("/data"))
+                || m.fstype.as_deref() == Some("proc")));
     }
 
     #[test]

@@ -492,14 +492,26 @@ impl Runtime {
         let opts = DiffOptions {
             overlay_upper: true,
             exclude: rootfs::INIT_FILES.iter().map(PathBuf::from).collect(),
+            // A --userns container's files are the mapped host ids on disk; the image must
+            // hold the ids its processes saw, or a run without that mapping gets strangers.
+            unshift: cfg.userns,
         };
-        let r = self
-            .images
-            .add_layer_from_dir(&self.paths.data_dir(id).join("upper"), &opts);
+        let upper = self.paths.data_dir(id).join("upper");
+        let r = self.images.add_layer_from_dir(&upper, &opts);
         if frozen {
             let _ = cg.freeze(false);
         }
-        let diff_id = r?;
+        let (diff_id, sum) = r?;
+        if sum.unmapped > 0 {
+            // Only host root can make such files (the container cannot name those ids).
+            eprintln!(
+                "tweedctl: commit: {} entries of {} are owned by host ids outside the \
+                 container's map; recorded as {} (nobody), as the container saw them",
+                sum.unmapped,
+                upper.display(),
+                crate::userns::OVERFLOW_ID
+            );
+        }
         let cfg_path = self.paths.state_dir(id).join("config.json");
         let mut layers = cfg
             .layers

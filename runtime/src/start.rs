@@ -7,7 +7,7 @@
 //! cgroup      create it, write the limits              undo: kill what is left, remove it
 //! network     pinned netns, CNI ADD (overlay only)     undo: CNI DEL, unpin the netns
 //! init layer  hostname, hosts, resolv.conf, the honest /proc files
-//! record      config.json
+//! record      config.json; lets go of the --userns choice's lock
 //! start       the supervisor clones the init into its namespaces and completes the init
 //!             handshake (in `shim`); a failed start leaves no process
 //! ```
@@ -377,13 +377,19 @@ impl<'a> Starting<'a> {
         })
     }
 
-    /// `config.json`: from here on any `tweedctl` sees the container.
+    /// `config.json`: from here on any `tweedctl` sees the container, and the next `--userns`
+    /// choice sees its ids, so the choice's lock is let go here (not before: another run would
+    /// choose the same block; not later: runs would wait on each other's start).
     fn record(&mut self) -> Result<(), StartError> {
         let config = ContainerConfig {
             created: timefmt::now(),
             ..self.config().clone()
         };
-        state::write_json(&self.state_dir.join("config.json"), &config).map_err(StartError::Record)
+        let r = state::write_json(&self.state_dir.join("config.json"), &config)
+            .map_err(StartError::Record);
+        // On failure too: the undo removes the state dir, so the ids are free again.
+        self.plan.userns_lock.release();
+        r
     }
 
     /// The supervisor, which clones the init and waits for its handshake.

@@ -311,6 +311,9 @@ impl Syscall for LinuxSyscall {
     fn idmap_mount(&self, src: &Path, target: &Path, userns: RawFd) -> io::Result<()> {
         const OPEN_TREE_CLONE: libc::c_uint = 1;
         const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+        // Follow the target's final symlink as mount(2) does: a volume's target is a pinned
+        // `/proc/self/fd/N`, a magic link to the directory resolved inside the root.
+        const MOVE_MOUNT_T_SYMLINKS: libc::c_uint = 0x10;
         const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
         #[repr(C)]
         struct MountAttr {
@@ -362,7 +365,7 @@ impl Syscall for LinuxSyscall {
                 empty.as_ptr(),
                 libc::AT_FDCWD,
                 t.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
+                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS,
             )
         };
         if r < 0 {

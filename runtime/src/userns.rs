@@ -123,6 +123,32 @@ impl Mapping {
     pub fn host_gid(&self, id: u32) -> Option<u32> {
         (id < self.gid.count).then(|| self.gid.start + id)
     }
+    /// The container uid that host uid `host` is inside, if mapped (for `commit`).
+    pub fn container_uid(&self, host: u32) -> Option<u32> {
+        back(&self.uid, host)
+    }
+    pub fn container_gid(&self, host: u32) -> Option<u32> {
+        back(&self.gid, host)
+    }
+    /// A host owner as the container sees it: each id shifted back into the container's
+    /// range, or [`OVERFLOW_ID`] when outside the map, as the kernel shows it inside. The
+    /// bool says whether either was outside.
+    pub fn to_container(&self, uid: u32, gid: u32) -> (u32, u32, bool) {
+        let (u, g) = (self.container_uid(uid), self.container_gid(gid));
+        (
+            u.unwrap_or(OVERFLOW_ID),
+            g.unwrap_or(OVERFLOW_ID),
+            u.is_none() || g.is_none(),
+        )
+    }
+}
+
+/// What a user namespace shows for an id its map does not cover (the kernel's
+/// `overflowuid`/`overflowgid` default, `nobody`/`nogroup`).
+pub const OVERFLOW_ID: u32 = 65534;
+
+fn back(r: &IdRange, host: u32) -> Option<u32> {
+    (u64::from(host) >= u64::from(r.start) && u64::from(host) < r.end()).then(|| host - r.start)
 }
 
 fn map_line(r: &IdRange) -> String {
@@ -441,6 +467,42 @@ mod tests {
         assert_eq!(m.host_uid(65535), Some(165535));
         assert_eq!(m.host_uid(65536), None);
         assert_eq!(m.host_gid(7), Some(200007));
+    }
+
+    #[test]
+    fn host_ids_shift_back_into_the_container() {
+        let m = Mapping {
+            uid: r(100000, 65536),
+            gid: r(200000, 1000),
+        };
+        assert_eq!(m.to_container(100000, 200000), (0, 0, false));
+        assert_eq!(m.to_container(101000, 200999), (1000, 999, false));
+        assert_eq!(m.to_container(165535, 200000), (65535, 0, false));
+        // Just outside on either side, host root, and the gid side's smaller range.
+        for (u, g) in [
+            (99999, 200000),
+            (165536, 200000),
+            (0, 200000),
+            (100000, 201000),
+            (100000, 199999),
+            (u32::MAX, u32::MAX),
+        ] {
+            let (cu, cg, outside) = m.to_container(u, g);
+            assert!(outside, "{u}:{g}");
+            assert!(cu == OVERFLOW_ID || cg == OVERFLOW_ID, "{u}:{g}");
+        }
+        assert_eq!(m.to_container(0, 200001), (OVERFLOW_ID, 1, true));
+        // Shifting back undoes host_uid for every mapped id, at the edges too.
+        for id in [0, 1, 999, 65535] {
+            assert_eq!(m.container_uid(m.host_uid(id).unwrap()), Some(id));
+        }
+        // A range that ends at the last id.
+        let top = Mapping {
+            uid: r(u32::MAX, 1),
+            gid: r(u32::MAX, 1),
+        };
+        assert_eq!(top.to_container(u32::MAX, u32::MAX), (0, 0, false));
+        assert_eq!(top.container_uid(u32::MAX - 1), None);
     }
 
     #[test]

@@ -128,6 +128,225 @@ fn auto_root_is_a_mapped_uid_and_the_rootfs_works() {
     e.assert_nothing_left();
 }
 
+/// `/proc/PID/uid_map` or `gid_map` as the kernel has it: (inside, host start, count).
+fn kernel_map(pid: i32, which: &str) -> (u32, u32, u32) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{which}")).unwrap();
+    let f: Vec<u32> = text
+        .split_whitespace()
+        .map(|w| w.parse().unwrap())
+        .collect();
+    assert_eq!(f.len(), 3, "one line expected: {text}");
+    (f[0], f[1], f[2])
+}
+
+/// Six `auto` runs started at once each get a block of their own: the choice and the record
+/// of the block happen under the run root's lock.
+#[test]
+fn concurrent_auto_runs_never_share_a_block() {
+    require_root!(NEEDS_ROOT);
+    const RUNS: u32 = 6;
+    let base = 4_000_000;
+    let e = env_with_subids(base, RUNS * 65536);
+    let children: Vec<_> = (0..RUNS)
+        .map(|_| {
+            e.cmd(&["run", "-d", "--userns", "auto", "busybox", "sleep", "1000"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "a concurrent run failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ids.push(stdout(&o).trim().to_string());
+    }
+    let mut blocks = Vec::new();
+    for id in &ids {
+        let pid = e.init_pid(id);
+        let (uid_in, uid_start, uid_count) = kernel_map(pid, "uid_map");
+        let (gid_in, gid_start, gid_count) = kernel_map(pid, "gid_map");
+        assert_eq!((uid_in, uid_count, gid_in, gid_count), (0, 65536, 0, 65536));
+        assert!(
+            (base..base + RUNS * 65536).contains(&uid_start),
+            "{uid_start}"
+        );
+        blocks.push((uid_start, gid_start));
+    }
+    for (i, a) in blocks.iter().enumerate() {
+        for b in &blocks[i + 1..] {
+            // Aligned blocks of one size: distinct starts are disjoint blocks.
+            assert!(a.0 != b.0 && a.1 != b.1, "shared block: {blocks:?}");
+        }
+    }
+    let mut refs: Vec<&str> = vec!["rm", "-f"];
+    refs.extend(ids.iter().map(String::as_str));
+    e.ok(&refs);
+    e.assert_nothing_left();
+}
+
+/// `commit` of a `--userns` container: the layer records the ids the container saw (its root
+/// as 0, its uid 1000 as 1000), not the mapped host ids its upper dir holds on disk, so the
+/// image runs the same without a user namespace. The upper dir itself is not chowned.
+#[test]
+fn commit_shifts_owners_back_to_container_ids() {
+    require_root!(NEEDS_ROOT);
+    let base = 4_500_000;
+    let e = env_with_subids(base, 65536);
+    let id = e.start(&[
+        "--name",
+        "src",
+        "--userns",
+        "auto",
+        "busybox",
+        "sh",
+        "-c",
+        "echo r > /by-root && mkdir -m 777 /w && mkdir /d1000 && chown 1000:1000 /d1000 && \
+         ln -s /by-root /link1000 && chown -h 1000:1000 /link1000 && echo made; \
+         exec sleep 1000",
+    ]);
+    e.wait_until("the files", Duration::from_secs(20), || {
+        e.ok(&["logs", "src"]).contains("made")
+    });
+    e.ok(&[
+        "exec",
+        "-u",
+        "1000:1000",
+        "src",
+        "sh",
+        "-c",
+        "echo u > /w/by-1000",
+    ]);
+    let upper = upper_of(&e, &id);
+    let (b, b1000) = (base, base + 1000);
+    assert_eq!(host_ids(&upper.join("by-root")), (b, b));
+    assert_eq!(host_ids(&upper.join("w/by-1000")), (b1000, b1000));
+
+    let out = e.ok(&["commit", "src", "shifted:v1"]);
+    assert!(out.starts_with("shifted:v1 sha256:"), "{out}");
+    // Only the tar headers are shifted: the upper dir keeps its host owners.
+    assert_eq!(host_ids(&upper.join("by-root")), (b, b));
+    assert_eq!(host_ids(&upper.join("link1000")), (b1000, b1000));
+
+    // Without a user namespace, the committed image shows the container's ids.
+    let out = e.ok(&[
+        "run",
+        "--rm",
+        "shifted:v1",
+        "stat",
+        "-c",
+        "%n %u:%g",
+        "/by-root",
+        "/w",
+        "/w/by-1000",
+        "/d1000",
+        "/link1000",
+    ]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "/by-root 0:0",
+            "/w 0:0",
+            "/w/by-1000 1000:1000",
+            "/d1000 1000:1000",
+            "/link1000 1000:1000",
+        ],
+        "{out}"
+    );
+    e.ok(&["rm", "-f", "src"]);
+    e.ok(&["image", "rm", "shifted:v1"]);
+    e.assert_nothing_left();
+}
+
+/// A volume under `--userns` is an idmapped mount through the container's namespace: host
+/// uid N reads as N inside and the container's uid N writes host uid N, as without a user
+/// namespace; `:ro` still holds. A volume on a filesystem without idmapped mounts (ramfs)
+/// fails the run, naming the volume, and leaves nothing.
+#[test]
+fn volumes_are_idmapped_through_the_containers_namespace() {
+    require_root!(NEEDS_ROOT);
+    use std::os::unix::fs::PermissionsExt;
+    let base = 4_600_000;
+    let e = env_with_subids(base, 65536);
+    let vol = e.mkdir("vol");
+    std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::write(vol.join("host-root"), "r").unwrap();
+    std::fs::write(vol.join("host-1000"), "u").unwrap();
+    std::os::unix::fs::chown(vol.join("host-1000"), Some(1000), Some(1000)).unwrap();
+    let rw = format!("{}:/v", vol.display());
+    let ro = format!("{}:/ro:ro", vol.display());
+    e.start(&[
+        "--name", "c", "--userns", "auto", "-v", &rw, "-v", &ro, "busybox", "sleep", "1000",
+    ]);
+    let out = e.ok(&[
+        "exec",
+        "c",
+        "sh",
+        "-c",
+        "stat -c '%n %u:%g' /v/host-root /v/host-1000 /ro/host-1000; \
+         echo x > /v/by-root && echo root-wrote; \
+         mkdir /v/d && chown 1000:1000 /v/d && echo chowned; \
+         echo y > /ro/nope 2>/dev/null || echo ro-refused",
+    ]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "/v/host-root 0:0",
+            "/v/host-1000 1000:1000",
+            "/ro/host-1000 1000:1000",
+            "root-wrote",
+            "chowned",
+            "ro-refused",
+        ],
+        "{out}"
+    );
+    e.ok(&[
+        "exec",
+        "-u",
+        "1000:1000",
+        "c",
+        "sh",
+        "-c",
+        "echo z > /v/by-1000",
+    ]);
+    // On the host: the ids the container used, not the mapped block.
+    assert_eq!(host_ids(&vol.join("by-root")), (0, 0));
+    assert_eq!(host_ids(&vol.join("d")), (1000, 1000));
+    assert_eq!(host_ids(&vol.join("by-1000")), (1000, 1000));
+    assert!(!vol.join("nope").exists());
+    e.ok(&["rm", "-f", "c"]);
+    e.assert_nothing_left();
+
+    // A volume whose filesystem cannot be idmapped: refused, no fallback to a plain bind.
+    let ram = e.mkdir("ramvol");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&ram)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount ramfs");
+    let guard = Mounted(ram.clone());
+    let spec = format!("{}:/r", ram.display());
+    // Without --userns the same volume is a plain bind and works.
+    e.ok(&["run", "--rm", "-v", &spec, "busybox", "true"]);
+    let err = e.fails(&[
+        "run", "--rm", "--userns", "auto", "-v", &spec, "busybox", "true",
+    ]);
+    assert!(
+        err.contains("cannot be idmapped") && err.contains(&ram.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(e.state_entries(), Vec::<String>::new());
+    assert_eq!(e.layer_entries(), Vec::<String>::new());
+    drop(guard);
+    e.assert_nothing_left();
+}
+
 #[test]
 fn explicit_range_and_a_non_root_user() {
     require_root!(NEEDS_ROOT);

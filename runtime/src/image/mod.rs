@@ -287,20 +287,20 @@ impl ImageStore {
         &self,
         dir: &Path,
         opts: &diff::DiffOptions,
-    ) -> Result<Digest, ImageError> {
+    ) -> Result<(Digest, diff::DiffSummary), ImageError> {
         let tmp = self.temp_dir("diff")?;
         let tarp = tmp.join("layer.tar");
         let result = (|| {
             let f = fs::File::create(&tarp).map_err(io_err(&tarp))?;
             let w = digest::HashingWriter::new(io::BufWriter::new(f));
-            let (w, _) = diff::write_layer(dir, w, opts).map_err(|source| ImageError::Diff {
+            let (w, sum) = diff::write_layer(dir, w, opts).map_err(|source| ImageError::Diff {
                 path: dir.to_path_buf(),
                 source,
             })?;
             let (diff_id, _) = w.finish().map_err(io_err(&tarp))?;
             let diff_id = Digest::parse(&diff_id).expect("sha256 digests are well-formed");
             if self.has_layer(&diff_id) {
-                return Ok(diff_id);
+                return Ok((diff_id, sum));
             }
             let f = fs::File::open(&tarp).map_err(io_err(&tarp))?;
             // Made here from a local directory: nothing hostile to bound.
@@ -308,7 +308,8 @@ impl ImageStore {
                 max_unpacked: u64::MAX,
                 max_entries: u64::MAX,
             };
-            self.add_layer(io::BufReader::new(f), Some(&diff_id), dir, &unbounded)
+            let d = self.add_layer(io::BufReader::new(f), Some(&diff_id), dir, &unbounded)?;
+            Ok((d, sum))
         })();
         let _ = fsutil::remove_tree(&tmp);
         result
@@ -493,7 +494,7 @@ impl ImageStore {
                 source: io::Error::from(io::ErrorKind::NotFound),
             });
         }
-        let diff_id = self.add_layer_from_dir(dir, &diff::DiffOptions::default())?;
+        let (diff_id, _) = self.add_layer_from_dir(dir, &diff::DiffOptions::default())?;
         let config = ImageConfig {
             env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
             cmd: vec!["/bin/sh".into()],

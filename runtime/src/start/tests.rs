@@ -92,6 +92,7 @@ impl Bed {
                 plugins: vec![plugin],
             }),
             seccomp: None,
+            userns_lock: Default::default(),
         };
         Bed {
             rt,
@@ -412,6 +413,7 @@ fn a_failed_record_undoes_every_earlier_stage() {
     fs::create_dir(b.state_dir().join("config.json")).unwrap();
     let e = s.record().unwrap_err();
     drop(s);
+    assert!(!b.plan.userns_lock.is_held());
     let journal = concat(&[b.through_network(), b.network_and_cgroup_undone()]);
     assert_undone(&b, &e, Stage::Record, journal);
 }
@@ -445,4 +447,43 @@ fn rm_gives_back_what_a_start_took() {
         b.network_and_cgroup_undone()[..]
     );
     b.assert_nothing_left();
+}
+
+/// Concurrent `--userns auto` runs: the lock taken with the choice of ids is held through the
+/// stages that come before `config.json` and let go as soon as it is written, before the
+/// supervisor is started (which would otherwise inherit it).
+#[test]
+fn the_userns_choice_lock_is_held_until_the_config_records_it() {
+    use crate::fsutil::FileLock;
+    use crate::plan::{ChoiceLock, USERNS_LOCK};
+    let mut b = Bed::new();
+    let lock_path = b.rt.paths.run_root.join(USERNS_LOCK);
+    b.plan.userns_lock = ChoiceLock::held(FileLock::acquire(&lock_path).unwrap());
+    let free = || FileLock::try_acquire(&lock_path).unwrap().is_some();
+    let host = b.host();
+    let mut s = Starting {
+        rt: &b.rt,
+        plan: &b.plan,
+        host: &host,
+        state_dir: b.state_dir(),
+        data_dir: b.data_dir(),
+        undo: Vec::new(),
+    };
+    s.reserve().unwrap();
+    s.rootfs().unwrap();
+    s.cgroup().unwrap();
+    let net = s.network().unwrap();
+    let views = s.init_layer(&net).unwrap();
+    assert!(!free(), "let go before the record");
+    s.record().unwrap();
+    assert!(free(), "still held after the record");
+    assert!(b.state_dir().join("config.json").is_file());
+    s.start(views).unwrap();
+    s.undo.clear();
+    // Clones of the plan share the lock: released once is released for all.
+    let other = FileLock::acquire(&lock_path).unwrap();
+    let shared = ChoiceLock::held(other);
+    let copy = shared.clone();
+    shared.release();
+    assert!(!copy.is_held() && free());
 }

@@ -160,7 +160,7 @@ impl Syscall for FakeSyscall {
     fn idmap_mount(&self, src: &Path, target: &Path, userns: RawFd) -> io::Result<()> {
         self.rec(
             Call::IdmapMount(src.to_path_buf(), target.to_path_buf(), userns),
-            None,
+            Some(target),
         )
     }
     fn seccomp(&self, progs: &crate::seccomp::Programs) -> io::Result<()> {
