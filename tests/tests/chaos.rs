@@ -178,8 +178,8 @@ struct Fault {
 }
 
 impl Fault {
-    /// A fault the agent is notified of: repaired within [`SECOND`].
-    fn notified(
+    /// A fault the agent is notified of: repaired within [`SECOND`] (but see [`Fault::in_rules`]).
+    fn new(
         name: &'static str,
         cmd: impl Into<String>,
         repaired: impl Fn(&str) -> bool + 'static,
@@ -193,14 +193,10 @@ impl Fault {
     }
 
     /// A fault in the rules, which are checked every 5 s: repaired within [`RULES`].
-    fn rule(
-        name: &'static str,
-        cmd: impl Into<String>,
-        repaired: impl Fn(&str) -> bool + 'static,
-    ) -> Fault {
+    fn in_rules(self) -> Fault {
         Fault {
             bound: RULES,
-            ..Fault::notified(name, cmd, repaired)
+            ..self
         }
     }
 }
@@ -314,17 +310,19 @@ const RULES: Duration = Duration::from_secs(6);
 
 fn rule_faults() -> Vec<Fault> {
     vec![
-        Fault::rule("iptables -F", "iptables -w 5 -F", |ns| {
+        Fault::new("iptables -F", "iptables -w 5 -F", |ns| {
             out(ns, "iptables -w 5 -S FORWARD").contains("-j TWEED-FWD")
                 && out(ns, "iptables -w 5 -S TWEED-FWD").lines().count() > 1
-        }),
-        Fault::rule("iptables -t nat -F", "iptables -w 5 -t nat -F", |ns| {
+        })
+        .in_rules(),
+        Fault::new("iptables -t nat -F", "iptables -w 5 -t nat -F", |ns| {
             out(ns, "iptables -w 5 -t nat -S POSTROUTING").contains("-j TWEED-POSTRTG")
                 && out(ns, "iptables -w 5 -t nat -S TWEED-POSTRTG")
                     .lines()
                     .count()
                     > 1
-        }),
+        })
+        .in_rules(),
     ]
 }
 
@@ -355,14 +353,14 @@ fn vxlan_drift_is_repaired_within_a_second() {
         move |ns: &str| link_up(ns, "tweed.1") && routed(ns)
     };
     let mut faults = vec![
-        Fault::notified(
+        Fault::new(
             "ip route del",
             format!("ip route del {peer}"),
             routed.clone(),
         ),
-        Fault::notified("ip link del", "ip link del tweed.1", whole.clone()),
-        Fault::notified("ip link set down", "ip link set tweed.1 down", whole),
-        Fault::notified(
+        Fault::new("ip link del", "ip link del tweed.1", whole.clone()),
+        Fault::new("ip link set down", "ip link set tweed.1 down", whole),
+        Fault::new(
             "bridge fdb del",
             format!("bridge fdb del {mac} dev tweed.1 dst {h1ip}"),
             {
@@ -374,7 +372,7 @@ fn vxlan_drift_is_repaired_within_a_second() {
                 }
             },
         ),
-        Fault::notified(
+        Fault::new(
             "ip neigh del",
             format!("ip neigh del {gw} dev tweed.1"),
             move |ns: &str| {
@@ -394,8 +392,8 @@ fn nft_rules_flushed_are_repaired_within_a_second() {
     let lab = up(spec);
     let present = |ns: &str| out(ns, "nft list table ip tweed").contains("masquerade");
     let faults = vec![
-        Fault::notified("nft flush ruleset", "nft flush ruleset", present),
-        Fault::notified(
+        Fault::new("nft flush ruleset", "nft flush ruleset", present),
+        Fault::new(
             "nft delete table ip tweed",
             "nft delete table ip tweed",
             present,
@@ -412,7 +410,7 @@ fn host_gw_drift_is_repaired_within_a_second() {
     let lab = up(spec);
     let peer = subnet_of(&lab, "h1");
     let via = host_state(&lab, "h1").public_ip.to_string();
-    let mut faults = vec![Fault::notified(
+    let mut faults = vec![Fault::new(
         "ip route del",
         format!("ip route del {peer}"),
         move |ns: &str| out(ns, &format!("ip route show {peer}")).contains(&format!("via {via}")),
@@ -429,12 +427,12 @@ fn udp_drift_is_repaired_within_a_second() {
     let lab = up(spec);
     let routed = |ns: &str| out(ns, "ip route show 10.244.0.0/16").contains("tweed0");
     let faults = vec![
-        Fault::notified(
+        Fault::new(
             "ip route del",
             "ip route del 10.244.0.0/16 dev tweed0",
             routed,
         ),
-        Fault::notified(
+        Fault::new(
             "ip link set down",
             "ip link set tweed0 down",
             move |ns: &str| link_up(ns, "tweed0") && routed(ns),
