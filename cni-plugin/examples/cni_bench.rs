@@ -37,6 +37,21 @@ impl Samples {
         self.del.sort();
         self.both.sort();
     }
+
+    /// One row of the table: p50 and p99 of ADD, DEL and both, in ms.
+    fn print_row(&self, name: &str) {
+        let p = |v: &[Duration], q: f64| ms(testkit::percentile(v, q));
+        println!(
+            "{:<18} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>10.2}ms",
+            name,
+            p(&self.add, 50.0),
+            p(&self.add, 99.0),
+            p(&self.del, 50.0),
+            p(&self.del, 99.0),
+            p(&self.both, 50.0),
+            p(&self.both, 99.0),
+        );
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -160,27 +175,9 @@ fn main() -> ExitCode {
         "plugin", "ADD p50", "ADD p99", "DEL p50", "DEL p99", "ADD+DEL p50", "ADD+DEL p99"
     );
     for (i, s) in samples.iter().enumerate() {
-        println!(
-            "{:<18} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>10.2}ms",
-            plugins[i].0,
-            ms(testkit::percentile(&s.add, 50.0)),
-            ms(testkit::percentile(&s.add, 99.0)),
-            ms(testkit::percentile(&s.del, 50.0)),
-            ms(testkit::percentile(&s.del, 99.0)),
-            ms(testkit::percentile(&s.both, 50.0)),
-            ms(testkit::percentile(&s.both, 99.0)),
-        );
+        s.print_row(plugins[i].0);
     }
-    println!(
-        "{:<18} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>10.2}ms",
-        "kernel floor",
-        ms(testkit::percentile(&floor.add, 50.0)),
-        ms(testkit::percentile(&floor.add, 99.0)),
-        ms(testkit::percentile(&floor.del, 50.0)),
-        ms(testkit::percentile(&floor.del, 99.0)),
-        ms(testkit::percentile(&floor.both, 50.0)),
-        ms(testkit::percentile(&floor.both, 99.0)),
-    );
+    floor.print_row("kernel floor");
     println!(
         "{:<18} {:>10} {:>10} {:>8.2}ms {:>8.2}ms   (a separate pass of {rounds} tweed ADD/DELs: DEL returned)",
         "tweed DEL", "", "",

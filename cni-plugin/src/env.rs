@@ -244,22 +244,33 @@ mod tests {
             env(&[("CNI_COMMAND", "add")]).unwrap_err(),
             EnvError::UnknownCommand(_)
         ));
-        let bad_id = env(&[
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", "../etc"),
-            ("CNI_IFNAME", "eth0"),
-        ])
-        .unwrap_err();
-        assert!(bad_id.to_string().contains("CNI_CONTAINERID"), "{bad_id}");
-        let bad_if = env(&[
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", "a"),
-            ("CNI_IFNAME", "a-very-long-interface-name"),
-        ])
-        .unwrap_err();
-        assert!(bad_if.to_string().contains("CNI_IFNAME"), "{bad_if}");
-        let bad_args = env(&[("CNI_COMMAND", "VERSION"), ("CNI_ARGS", "junk")]).unwrap_err();
-        assert!(bad_args.to_string().contains("CNI_ARGS"), "{bad_args}");
+        // One bad variable each, which the error must name.
+        let cases: [(&[(&str, &str)], &str); 3] = [
+            (
+                &[
+                    ("CNI_COMMAND", "DEL"),
+                    ("CNI_CONTAINERID", "../etc"),
+                    ("CNI_IFNAME", "eth0"),
+                ],
+                "CNI_CONTAINERID",
+            ),
+            (
+                &[
+                    ("CNI_COMMAND", "DEL"),
+                    ("CNI_CONTAINERID", "a"),
+                    ("CNI_IFNAME", "a-very-long-interface-name"),
+                ],
+                "CNI_IFNAME",
+            ),
+            (
+                &[("CNI_COMMAND", "VERSION"), ("CNI_ARGS", "junk")],
+                "CNI_ARGS",
+            ),
+        ];
+        for (vars, bad) in cases {
+            let e = env(vars).unwrap_err();
+            assert!(e.to_string().contains(bad), "{bad}: {e}");
+        }
         assert!(CniArgs::parse("IP=nope").is_err());
         assert_eq!(CniArgs::parse("").unwrap(), CniArgs::default());
     }

@@ -10,9 +10,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::trace::{Children, Traced};
-use common::{links, node, wait_ok, Node, NEEDS_ROOT};
+use common::{links, node, wait_ok, Containers, Node, NEEDS_ROOT};
 use serde_json::json;
-use tweed_testkit::cni::Call;
+use tweed_testkit::cni::{Call, PluginRun};
 use tweed_testkit::{require_root, NetnsGuard};
 
 /// One attachment, added, whose DEL the test runs.
@@ -55,6 +55,16 @@ fn assert_gone(n: &Node, c: &NetnsGuard, what: &str) {
     assert_eq!(links(c), ["lo"], "{what}: the container end is gone");
     assert!(n.tw_links().is_empty(), "{what}: {:?}", n.tw_links());
     assert!(n.records("tnet").is_empty(), "{what}");
+}
+
+/// Waits for the traced DEL `t` and asserts what every DEL must give: success, nothing on
+/// stdout, both ends and the record gone. The trace and the run, for what the test checks more.
+fn del_ok(n: &Node, c: &NetnsGuard, mut t: Traced) -> (Traced, PluginRun) {
+    let del = t.wait(Duration::from_secs(60));
+    assert!(del.ok(), "{} {}", del.stdout, del.stderr);
+    assert!(del.stdout.trim().is_empty(), "{:?}", del.stdout);
+    assert_gone(n, c, "DEL");
+    (t, del)
 }
 
 /// Live (not zombie) processes whose environment holds `CNI_CONTAINERID=<id>`.
@@ -103,11 +113,8 @@ fn the_detached_child_holds_neither_stdout_nor_stderr() {
 
     // The child is held alive as it exits, after its ACK, until killed. `wait` returns once
     // the plugin exited and both pipes reached EOF, and fails if they do not.
-    let mut t = a.del_traced(Children::HoldAtExit);
-    let out = t.wait(Duration::from_secs(60));
-    assert!(out.ok(), "{} {}", out.stdout, out.stderr);
+    let (mut t, out) = del_ok(n, &a.c, a.del_traced(Children::HoldAtExit));
     assert!(out.stdout.is_empty() && out.stderr.is_empty());
-    assert_gone(n, &a.c, "DEL");
 
     // The pipes reached EOF while the child was still alive, and it holds one descriptor: the
     // netlink socket.
@@ -136,11 +143,7 @@ fn a_child_that_never_sends_makes_del_delete_synchronously() {
     let n = &a.n;
 
     // Held before its first instruction after fork: it never sends its request.
-    let mut t = a.del_traced(Children::HoldAtStart);
-    let del = t.wait(Duration::from_secs(60));
-    assert!(del.ok(), "{} {}", del.stdout, del.stderr);
-    assert!(del.stdout.trim().is_empty());
-    assert_gone(n, &a.c, "DEL");
+    let (t, _) = del_ok(n, &a.c, a.del_traced(Children::HoldAtStart));
     assert_eq!(t.forks().len(), 1, "one detached child");
     // The plugin killed and reaped its child before deleting: nothing of it is left.
     assert!(t.held().is_empty());
@@ -158,11 +161,8 @@ fn detached_delete_off_deletes_in_the_plugin_and_forks_nothing() {
     assert!(add.ok(), "{}", add.stdout);
     // Traced, every fork the plugin makes is seen; off, there must be none.
     let path = c.path_str();
-    let mut t = n.traced(&Call::new("DEL", &id, &path), &conf, false, Children::Run);
-    let del = t.wait(Duration::from_secs(60));
-    assert!(del.ok(), "{} {}", del.stdout, del.stderr);
-    assert!(del.stdout.trim().is_empty());
-    assert_gone(&n, &c, "DEL");
+    let call = Call::new("DEL", &id, &path);
+    let (t, _) = del_ok(&n, &c, n.traced(&call, &conf, false, Children::Run));
     assert_eq!(t.forks(), &[] as &[i32], "a child was forked");
     // With it on (the default), the same DEL forks its one child.
     let on = n.conf("1.0.0", json!({}));
@@ -179,9 +179,11 @@ fn parallel_dels_leave_no_device_record_or_process() {
     let n = node("dpa");
     const N: usize = 50;
     let conf = n.conf("1.0.0", json!({}));
-    let containers: Vec<_> = (0..N).map(|i| n.container(i)).collect();
-    let paths: Vec<String> = containers.iter().map(|c| c.path_str()).collect();
-    let ids: Vec<String> = (0..N).map(|i| format!("{}-p{i}", n.prefix)).collect();
+    let Containers {
+        netns: containers,
+        paths,
+        ids,
+    } = n.containers(N, &format!("{}-p", n.prefix));
     for i in 0..N {
         let add = n.tweed("ADD", &ids[i], &paths[i], &conf);
         assert!(add.ok(), "ADD {i}: {}", add.stdout);

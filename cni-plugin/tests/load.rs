@@ -5,10 +5,10 @@ mod common;
 use std::time::Duration;
 
 use common::trace::{Children, Stop};
-use common::{links, node, wait_ok, NEEDS_ROOT};
+use common::{links, node, wait_ok, Containers, NEEDS_ROOT};
 use serde_json::json;
 use tweed_testkit::cni::Call;
-use tweed_testkit::{require_root, NetnsGuard};
+use tweed_testkit::require_root;
 
 #[test]
 fn two_hundred_parallel_adds_get_distinct_addresses() {
@@ -16,9 +16,11 @@ fn two_hundred_parallel_adds_get_distinct_addresses() {
     let n = node("par");
     const N: usize = 200;
     let conf = n.conf("1.0.0", json!({}));
-    let containers: Vec<NetnsGuard> = (0..N).map(|i| n.container(i)).collect();
-    let paths: Vec<String> = containers.iter().map(NetnsGuard::path_str).collect();
-    let ids: Vec<String> = (0..N).map(|i| format!("par{i}")).collect();
+    let Containers {
+        netns: containers,
+        paths,
+        ids,
+    } = n.containers(N, "par");
     let children = n.spawn_all("ADD", &ids, &paths, &conf);
     let mut addrs = std::collections::BTreeSet::new();
     for (i, child) in children.into_iter().enumerate() {

@@ -230,7 +230,7 @@ impl EtcdProcess {
                 "cluster members need fixed ports"
             );
             let log = Self::prepare_log(opts)?;
-            let log_start = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+            let log_start = log_len(&log);
             let me = Self::launch(
                 opts,
                 &etcd_bin,
@@ -280,7 +280,11 @@ impl EtcdProcess {
         loop {
             attempt += 1;
             let (client_port, peer_port) = pick_ports(&opts)?;
-            match Self::try_start(&opts, &etcd_bin, &log, client_port, peer_port, daemon) {
+            // Only this attempt's output matters for the error tail.
+            let log_start = log_len(&log);
+            let started = Self::launch(&opts, &etcd_bin, &log, client_port, peer_port, daemon)
+                .and_then(|me| me.ready_or_stop(log_start));
+            match started {
                 Err(EtcdError::Exited { tail, .. })
                     if auto_ports
                         && attempt < PORT_RACE_RETRIES
@@ -296,24 +300,15 @@ impl EtcdProcess {
         }
     }
 
-    fn try_start(
-        opts: &EtcdOptions,
-        etcd_bin: &Path,
-        log: &Path,
-        client_port: u16,
-        peer_port: u16,
-        daemon: bool,
-    ) -> Result<Self, EtcdError> {
-        // Only this attempt's output matters for the error tail.
-        let log_start = fs::metadata(log).map(|m| m.len()).unwrap_or(0);
-        let mut me = Self::launch(opts, etcd_bin, log, client_port, peer_port, daemon)?;
-        match me.wait_ready(log_start) {
+    /// Waits for the member [`Self::launch`] started; stops it if it does not come up.
+    fn ready_or_stop(mut self, log_start: u64) -> Result<Self, EtcdError> {
+        match self.wait_ready(log_start) {
             Ok(()) => {
-                me.keep_data = false;
-                Ok(me)
+                self.keep_data = false;
+                Ok(self)
             }
             Err(e) => {
-                me.stop();
+                self.stop();
                 Err(e)
             }
         }
@@ -581,6 +576,11 @@ fn is_empty_or_missing(dir: &Path) -> bool {
         Ok(mut it) => it.next().is_none(),
         Err(_) => true,
     }
+}
+
+/// Where the log ends now: a start's error tail is what comes after.
+fn log_len(log: &Path) -> u64 {
+    fs::metadata(log).map(|m| m.len()).unwrap_or(0)
 }
 
 fn tail_from(log: &Path, start: u64) -> String {

@@ -222,6 +222,11 @@ impl LabState {
         })
     }
 
+    /// The hosts' underlay addresses, in host order.
+    pub fn public_ips(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.public_ip.to_string()).collect()
+    }
+
     /// Replaces `dir`'s state.json atomically, so a reader never sees half of it.
     pub fn write(&self, dir: &Path) -> Result<(), StateError> {
         let path = state_file(dir);
@@ -287,6 +292,15 @@ mod tests {
             (0, None, None)
         );
         assert_eq!(h.pods[0].container_id, None);
+    }
+
+    #[test]
+    fn public_ips_are_the_hosts_addresses_in_order() {
+        let mut s = LabState::parse(Path::new("state.json"), FIRST_RELEASE).unwrap();
+        let mut h2 = s.hosts[0].clone();
+        h2.public_ip = "198.18.1.2".parse().unwrap();
+        s.hosts.push(h2);
+        assert_eq!(s.public_ips(), ["198.18.0.1", "198.18.1.2"]);
     }
 
     #[test]

@@ -123,20 +123,9 @@ impl Status {
             let _ = writeln!(s, "outside {ns} {ip}");
         }
         s.push('\n');
-        let mut rows = vec![[
-            "HOST".to_string(),
-            "NETNS".into(),
-            "PUBLIC_IP".into(),
-            "SUBNET".into(),
-            "BACKEND".into(),
-            "AGENT".into(),
-        ]];
-        let mut agents = vec![[
-            "HOST".to_string(),
-            "METRICS".into(),
-            "API_SOCKET".into(),
-            "LOG".into(),
-        ]];
+        let mut rows =
+            vec![["HOST", "NETNS", "PUBLIC_IP", "SUBNET", "BACKEND", "AGENT"].map(String::from)];
+        let mut agents = vec![["HOST", "METRICS", "API_SOCKET", "LOG"].map(String::from)];
         for h in &self.hosts {
             let agent = match (h.agent_pid, h.agent_alive) {
                 (Some(p), true) => format!("{p} alive"),
@@ -161,12 +150,7 @@ impl Status {
         s.push_str(&table(&rows));
         s.push('\n');
         s.push_str(&table(&agents));
-        let mut pods = vec![[
-            "POD".to_string(),
-            "NETNS".into(),
-            "IP".into(),
-            "CONTAINER".into(),
-        ]];
+        let mut pods = vec![["POD", "NETNS", "IP", "CONTAINER"].map(String::from)];
         for h in &self.hosts {
             for p in &h.pods {
                 pods.push([

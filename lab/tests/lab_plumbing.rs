@@ -373,13 +373,10 @@ fn two_segments_are_routed_by_the_underlay() {
     s.segments = 2;
     s.pods_per_host = 1;
     let lab = LabGuard::up(s).unwrap();
-    let ips: Vec<String> = lab
-        .state()
-        .hosts
-        .iter()
-        .map(|h| h.public_ip.to_string())
-        .collect();
-    assert_eq!(ips, ["198.18.0.1", "198.18.1.2", "198.18.0.3"]);
+    assert_eq!(
+        lab.state().public_ips(),
+        ["198.18.0.1", "198.18.1.2", "198.18.0.3"]
+    );
     let u = format!("twl-{name}-u");
     assert!(has_link(&u, "br0") && has_link(&u, "br1"));
     // h2 (segment B) reaches h1 through the underlay router, and etcd on segment A.

@@ -216,76 +216,36 @@ fn opt_outs() {
     let status = "grep -E '^(Seccomp|CapEff|NoNewPrivs):' /proc/self/status; \
                   unshare -U -r id >/dev/null 2>&1 && echo userns=yes || echo userns=no";
 
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "--security-opt",
-        "seccomp=unconfined",
-        "busybox",
-        "sh",
-        "-c",
-        status,
-    ]);
+    let out = e.sh(&["--security-opt", "seccomp=unconfined"], status);
     assert_eq!(status_field(&out, "Seccomp"), "0", "{out}");
     assert_eq!(status_field(&out, "CapEff"), DEFAULT_CAPEFF, "{out}");
     assert!(out.contains("userns=yes"), "{out}");
 
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "--cap-drop",
-        "ALL",
-        "--cap-add",
-        "NET_BIND_SERVICE",
-        "busybox",
-        "sh",
-        "-c",
+    let out = e.sh(
+        &["--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE"],
         status,
-    ]);
+    );
     assert_eq!(status_field(&out, "CapEff"), "0000000000000400", "{out}");
     assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
 
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "--security-opt",
-        "no-new-privileges=false",
-        "busybox",
-        "sh",
-        "-c",
-        status,
-    ]);
+    let out = e.sh(&["--security-opt", "no-new-privileges=false"], status);
     assert_eq!(status_field(&out, "NoNewPrivs"), "0", "{out}");
     assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
     assert!(out.contains("userns=no"), "{out}");
 
     // CAP_SYS_ADMIN opens the namespace group of the default profile, as in Docker.
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "--cap-add",
-        "SYS_ADMIN",
-        "busybox",
-        "sh",
-        "-c",
-        status,
-    ]);
+    let out = e.sh(&["--cap-add", "SYS_ADMIN"], status);
     assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
     assert!(out.contains("userns=yes"), "{out}");
 
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "--privileged",
-        "busybox",
-        "sh",
-        "-c",
+    let out = e.sh(
+        &["--privileged"],
         &format!(
             "{status}; mknod /dev/hostdisk b {major} {minor}; \
              dd if=/dev/hostdisk of=/dev/null bs=512 count=1 >/dev/null 2>&1 && echo devread=yes || echo devread=no; \
              grep -c ' /proc/kcore ' /proc/self/mountinfo; true"
         ),
-    ]);
+    );
     // The device refusal of the default is the confinement's: privileged, the same node opens.
     assert!(out.contains("devread=yes"), "{out}");
     assert_eq!(status_field(&out, "Seccomp"), "0", "{out}");
@@ -306,16 +266,10 @@ fn opt_outs() {
     )
     .unwrap();
     let opt = format!("seccomp={}", prof.display());
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "--security-opt",
-        &opt,
-        "busybox",
-        "sh",
-        "-c",
+    let out = e.sh(
+        &["--security-opt", &opt],
         "grep Seccomp: /proc/self/status; mkdir /x 2>&1; touch /y && echo touched",
-    ]);
+    );
     assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
     assert!(out.contains("Permission denied"), "{out}");
     assert!(out.contains("touched"), "{out}");

@@ -162,44 +162,63 @@ fn hostile_layers_are_refused_with_a_clear_error() {
     require_root!(NEEDS_ROOT);
     let e = Env::new();
     let outside = e.mkdir("outside");
-    refused(
-        &e,
-        "dotdot",
-        raw_entry("a/../../evil", tar::EntryType::Regular, None, b"x"),
-        "contains '..'",
-    );
-    refused(
-        &e,
-        "absolute",
-        raw_entry("/etc/evil", tar::EntryType::Regular, None, b"x"),
-        "absolute path",
-    );
-    let mut sl = raw_entry(
-        "lnk",
-        tar::EntryType::Symlink,
-        Some(outside.to_str().unwrap()),
-        b"",
-    );
-    sl.extend(raw_entry("lnk/evil", tar::EntryType::Regular, None, b"x"));
-    refused(&e, "symlink", sl, "symlink escape");
-    let mut rel = raw_entry("up", tar::EntryType::Symlink, Some("../../.."), b"");
-    rel.extend(raw_entry("up/evil", tar::EntryType::Regular, None, b"x"));
-    refused(&e, "relsymlink", rel, "symlink escape");
-    refused(
-        &e,
-        "hardlink",
-        raw_entry("h", tar::EntryType::Link, Some("../../etc/passwd"), b""),
-        "escapes the layer",
-    );
-    let mut hl = raw_entry("d", tar::EntryType::Symlink, Some("/etc"), b"");
-    hl.extend(raw_entry("h", tar::EntryType::Link, Some("d/passwd"), b""));
-    refused(&e, "hardlinkvia", hl, "escapes the layer");
-    refused(
-        &e,
-        "hardlinkabs",
-        raw_entry("h", tar::EntryType::Link, Some("/etc/passwd"), b""),
-        "escapes the layer",
-    );
+    let outside_s = outside.to_str().unwrap();
+    // Each layer: its tar entries (name, kind, link target, data) and the error it must get.
+    type Entry<'a> = (&'a str, tar::EntryType, Option<&'a str>, &'a [u8]);
+    use tar::EntryType::{Link, Regular, Symlink};
+    let cases: &[(&str, &[Entry], &str)] = &[
+        (
+            "dotdot",
+            &[("a/../../evil", Regular, None, b"x")],
+            "contains '..'",
+        ),
+        (
+            "absolute",
+            &[("/etc/evil", Regular, None, b"x")],
+            "absolute path",
+        ),
+        (
+            "symlink",
+            &[
+                ("lnk", Symlink, Some(outside_s), b""),
+                ("lnk/evil", Regular, None, b"x"),
+            ],
+            "symlink escape",
+        ),
+        (
+            "relsymlink",
+            &[
+                ("up", Symlink, Some("../../.."), b""),
+                ("up/evil", Regular, None, b"x"),
+            ],
+            "symlink escape",
+        ),
+        (
+            "hardlink",
+            &[("h", Link, Some("../../etc/passwd"), b"")],
+            "escapes the layer",
+        ),
+        (
+            "hardlinkvia",
+            &[
+                ("d", Symlink, Some("/etc"), b""),
+                ("h", Link, Some("d/passwd"), b""),
+            ],
+            "escapes the layer",
+        ),
+        (
+            "hardlinkabs",
+            &[("h", Link, Some("/etc/passwd"), b"")],
+            "escapes the layer",
+        ),
+    ];
+    for (name, entries, expect) in cases {
+        let layer = entries
+            .iter()
+            .flat_map(|(n, kind, link, data)| raw_entry(n, *kind, *link, data))
+            .collect();
+        refused(&e, name, layer, expect);
+    }
     assert!(list(&outside).is_empty(), "something was written outside");
 
     // A tampered blob.

@@ -12,16 +12,10 @@ use common::*;
 fn pid_one_hostname_and_private_mounts() {
     require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "--hostname",
-        "box1",
-        "busybox",
-        "sh",
-        "-c",
+    let out = e.sh(
+        &["--hostname", "box1"],
         "echo $$; hostname; cat /etc/hostname; ps -o pid,comm; exit 0",
-    ]);
+    );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[..3], ["1", "box1", "box1"], "{out}");
     // Only the container's own processes: the shell as pid 1 and ps.
@@ -63,17 +57,13 @@ fn pid_one_hostname_and_private_mounts() {
 fn proc_sys_dev_and_privileges_as_docker() {
     require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "busybox",
-        "sh",
-        "-c",
+    let out = e.sh(
+        &[],
         "cat /proc/keys 2>/dev/null | wc -c; cat /proc/timer_list 2>/dev/null | wc -c; \
          touch /sys/x 2>/dev/null && echo sys-rw || echo sys-ro; \
          echo 1 > /proc/sys/kernel/hostname 2>/dev/null && echo procsys-rw || echo procsys-ro; \
          grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; ls /dev | tr '\\n' ' '",
-    ]);
+    );
     let l: Vec<&str> = out.lines().collect();
     // Masked (both exist on any kernel with keys and timers; the host shows content).
     assert!(!std::fs::read_to_string("/proc/timer_list")
@@ -107,10 +97,11 @@ fn proc_sys_dev_and_privileges_as_docker() {
 fn honest_proc_and_sysinfo() {
     require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
-    let out = e.ok(&[
-        "run", "--rm", "--memory", "64m", "--cpus", "0.5", "busybox", "sh", "-c",
-        "grep -E '^(MemTotal|MemFree):' /proc/meminfo; free | grep Mem:; nproc; grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online",
-    ]);
+    let out = e.sh(
+        &["--memory", "64m", "--cpus", "0.5"],
+        "grep -E '^(MemTotal|MemFree):' /proc/meminfo; free | grep Mem:; nproc; \
+         grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online",
+    );
     let l: Vec<&str> = out.lines().collect();
     let kb = |s: &str| s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
     assert_eq!(kb(l[0]), 65536, "{out}");
@@ -264,22 +255,10 @@ fn volumes_and_workdir_and_env() {
     std::fs::write(host.join("in"), "from host\n").unwrap();
     let rw = format!("{}:/data", host.display());
     let ro = format!("{}:/ro:ro", host.display());
-    let out = e.ok(&[
-        "run",
-        "--rm",
-        "-v",
-        &rw,
-        "-v",
-        &ro,
-        "-w",
-        "/data",
-        "-e",
-        "GREETING=hi",
-        "busybox",
-        "sh",
-        "-c",
+    let out = e.sh(
+        &["-v", &rw, "-v", &ro, "-w", "/data", "-e", "GREETING=hi"],
         "pwd; cat in; echo out > out; echo x > /ro/y 2>/dev/null || echo ro; echo $GREETING",
-    ]);
+    );
     assert_eq!(out, "/data\nfrom host\nro\nhi\n");
     assert_eq!(std::fs::read_to_string(host.join("out")).unwrap(), "out\n");
     e.assert_nothing_left();

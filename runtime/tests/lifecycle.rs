@@ -90,39 +90,39 @@ fn kill_and_force_remove() {
 fn bad_input_is_refused_and_leaves_nothing() {
     require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
-    assert!(e
-        .fails(&["run", "nosuchimage", "true"])
-        .contains("unknown image"));
-    assert!(e
-        .fails(&["run", "--memory", "1m", "busybox", "true"])
-        .contains("too small"));
-    assert!(e
-        .fails(&["run", "--memory", "lots", "busybox", "true"])
-        .contains("invalid memory"));
-    assert!(e
-        .fails(&["run", "--cpus", "999", "busybox", "true"])
-        .contains("out of range"));
-    assert!(e
-        .fails(&["run", "--pids", "0", "busybox", "true"])
-        .contains("pids"));
-    assert!(e
-        .fails(&["run", "--entrypoint", "", "busybox"])
-        .contains("no command"));
-    assert!(e
-        .fails(&["run", "busybox", "/no/such/binary"])
-        .contains("not found"));
-    assert!(e
-        .fails(&["run", "--net", "carrier-pigeon", "busybox", "true"])
-        .contains("network mode"));
-    assert!(e
-        .fails(&["run", "-v", "relative:/x", "busybox", "true"])
-        .contains("invalid volume"));
-    assert!(e
-        .fails(&["run", "--net", "container:nope", "busybox", "true"])
-        .contains("no such container"));
-    assert!(e
-        .fails(&["run", "-w", "/etc/passwd", "busybox", "true"])
-        .contains("working directory"));
+    // Each refusal names its cause.
+    let refusals: &[(&[&str], &str)] = &[
+        (&["run", "nosuchimage", "true"], "unknown image"),
+        (&["run", "--memory", "1m", "busybox", "true"], "too small"),
+        (
+            &["run", "--memory", "lots", "busybox", "true"],
+            "invalid memory",
+        ),
+        (&["run", "--cpus", "999", "busybox", "true"], "out of range"),
+        (&["run", "--pids", "0", "busybox", "true"], "pids"),
+        (&["run", "--entrypoint", "", "busybox"], "no command"),
+        (&["run", "busybox", "/no/such/binary"], "not found"),
+        (
+            &["run", "--net", "carrier-pigeon", "busybox", "true"],
+            "network mode",
+        ),
+        (
+            &["run", "-v", "relative:/x", "busybox", "true"],
+            "invalid volume",
+        ),
+        (
+            &["run", "--net", "container:nope", "busybox", "true"],
+            "no such container",
+        ),
+        (
+            &["run", "-w", "/etc/passwd", "busybox", "true"],
+            "working directory",
+        ),
+    ];
+    for (args, cause) in refusals {
+        let err = e.fails(args);
+        assert!(err.contains(cause), "{args:?}: {err}");
+    }
     e.assert_nothing_left();
     // A busy name.
     e.start(&["--name", "taken", "busybox", "sleep", "1000"]);

@@ -76,14 +76,8 @@ fn direct_routing_uses_plain_routes_on_the_segment_and_vxlan_across_it() {
     spec.pods_per_host = 1;
     let lab = up(spec);
     // h1, h3 on segment A (198.18.0.0/24); h2, h4 on segment B (198.18.1.0/24).
-    let ips: Vec<String> = lab
-        .state()
-        .hosts
-        .iter()
-        .map(|h| h.public_ip.to_string())
-        .collect();
     assert_eq!(
-        ips,
+        lab.state().public_ips(),
         ["198.18.0.1", "198.18.1.2", "198.18.0.3", "198.18.1.4"]
     );
     let report = lab.check_until(Duration::from_secs(15)).expect("check");

@@ -177,6 +177,30 @@ struct Fault {
     bound: Duration,
 }
 
+impl Fault {
+    /// A fault the agent is notified of: repaired within [`SECOND`] (but see [`Fault::in_rules`]).
+    fn new(
+        name: &'static str,
+        cmd: impl Into<String>,
+        repaired: impl Fn(&str) -> bool + 'static,
+    ) -> Fault {
+        Fault {
+            name,
+            cmd: cmd.into(),
+            repaired: Box::new(repaired),
+            bound: SECOND,
+        }
+    }
+
+    /// A fault in the rules, which are checked every 5 s: repaired within [`RULES`].
+    fn in_rules(self) -> Fault {
+        Fault {
+            bound: RULES,
+            ..self
+        }
+    }
+}
+
 #[derive(Default)]
 struct Figures {
     repair: Vec<Duration>,
@@ -286,27 +310,19 @@ const RULES: Duration = Duration::from_secs(6);
 
 fn rule_faults() -> Vec<Fault> {
     vec![
-        Fault {
-            name: "iptables -F",
-            cmd: "iptables -w 5 -F".into(),
-            repaired: Box::new(|ns| {
-                out(ns, "iptables -w 5 -S FORWARD").contains("-j TWEED-FWD")
-                    && out(ns, "iptables -w 5 -S TWEED-FWD").lines().count() > 1
-            }),
-            bound: RULES,
-        },
-        Fault {
-            name: "iptables -t nat -F",
-            cmd: "iptables -w 5 -t nat -F".into(),
-            repaired: Box::new(|ns| {
-                out(ns, "iptables -w 5 -t nat -S POSTROUTING").contains("-j TWEED-POSTRTG")
-                    && out(ns, "iptables -w 5 -t nat -S TWEED-POSTRTG")
-                        .lines()
-                        .count()
-                        > 1
-            }),
-            bound: RULES,
-        },
+        Fault::new("iptables -F", "iptables -w 5 -F", |ns| {
+            out(ns, "iptables -w 5 -S FORWARD").contains("-j TWEED-FWD")
+                && out(ns, "iptables -w 5 -S TWEED-FWD").lines().count() > 1
+        })
+        .in_rules(),
+        Fault::new("iptables -t nat -F", "iptables -w 5 -t nat -F", |ns| {
+            out(ns, "iptables -w 5 -t nat -S POSTROUTING").contains("-j TWEED-POSTRTG")
+                && out(ns, "iptables -w 5 -t nat -S TWEED-POSTRTG")
+                    .lines()
+                    .count()
+                    > 1
+        })
+        .in_rules(),
     ]
 }
 
@@ -337,45 +353,32 @@ fn vxlan_drift_is_repaired_within_a_second() {
         move |ns: &str| link_up(ns, "tweed.1") && routed(ns)
     };
     let mut faults = vec![
-        Fault {
-            name: "ip route del",
-            cmd: format!("ip route del {peer}"),
-            repaired: Box::new(routed.clone()),
-            bound: SECOND,
-        },
-        Fault {
-            name: "ip link del",
-            cmd: "ip link del tweed.1".into(),
-            repaired: Box::new(whole.clone()),
-            bound: SECOND,
-        },
-        Fault {
-            name: "ip link set down",
-            cmd: "ip link set tweed.1 down".into(),
-            repaired: Box::new(whole),
-            bound: SECOND,
-        },
-        Fault {
-            name: "bridge fdb del",
-            cmd: format!("bridge fdb del {mac} dev tweed.1 dst {h1ip}"),
-            repaired: Box::new({
+        Fault::new(
+            "ip route del",
+            format!("ip route del {peer}"),
+            routed.clone(),
+        ),
+        Fault::new("ip link del", "ip link del tweed.1", whole.clone()),
+        Fault::new("ip link set down", "ip link set tweed.1 down", whole),
+        Fault::new(
+            "bridge fdb del",
+            format!("bridge fdb del {mac} dev tweed.1 dst {h1ip}"),
+            {
                 let (mac, h1ip) = (mac.clone(), h1ip.clone());
                 move |ns: &str| {
                     out(ns, "bridge fdb show dev tweed.1")
                         .lines()
                         .any(|l| l.starts_with(&mac) && l.contains(&format!("dst {h1ip}")))
                 }
-            }),
-            bound: SECOND,
-        },
-        Fault {
-            name: "ip neigh del",
-            cmd: format!("ip neigh del {gw} dev tweed.1"),
-            repaired: Box::new(move |ns: &str| {
+            },
+        ),
+        Fault::new(
+            "ip neigh del",
+            format!("ip neigh del {gw} dev tweed.1"),
+            move |ns: &str| {
                 out(ns, &format!("ip neigh show {gw} dev tweed.1")).contains("PERMANENT")
-            }),
-            bound: SECOND,
-        },
+            },
+        ),
     ];
     faults.extend(rule_faults());
     run_faults(&lab, "vxlan", faults);
@@ -389,18 +392,12 @@ fn nft_rules_flushed_are_repaired_within_a_second() {
     let lab = up(spec);
     let present = |ns: &str| out(ns, "nft list table ip tweed").contains("masquerade");
     let faults = vec![
-        Fault {
-            name: "nft flush ruleset",
-            cmd: "nft flush ruleset".into(),
-            repaired: Box::new(present),
-            bound: SECOND,
-        },
-        Fault {
-            name: "nft delete table ip tweed",
-            cmd: "nft delete table ip tweed".into(),
-            repaired: Box::new(present),
-            bound: SECOND,
-        },
+        Fault::new("nft flush ruleset", "nft flush ruleset", present),
+        Fault::new(
+            "nft delete table ip tweed",
+            "nft delete table ip tweed",
+            present,
+        ),
     ];
     run_faults(&lab, "vxlan+nft", faults);
 }
@@ -413,14 +410,11 @@ fn host_gw_drift_is_repaired_within_a_second() {
     let lab = up(spec);
     let peer = subnet_of(&lab, "h1");
     let via = host_state(&lab, "h1").public_ip.to_string();
-    let mut faults = vec![Fault {
-        name: "ip route del",
-        cmd: format!("ip route del {peer}"),
-        repaired: Box::new(move |ns: &str| {
-            out(ns, &format!("ip route show {peer}")).contains(&format!("via {via}"))
-        }),
-        bound: SECOND,
-    }];
+    let mut faults = vec![Fault::new(
+        "ip route del",
+        format!("ip route del {peer}"),
+        move |ns: &str| out(ns, &format!("ip route show {peer}")).contains(&format!("via {via}")),
+    )];
     faults.extend(rule_faults());
     run_faults(&lab, "host-gw", faults);
 }
@@ -433,18 +427,16 @@ fn udp_drift_is_repaired_within_a_second() {
     let lab = up(spec);
     let routed = |ns: &str| out(ns, "ip route show 10.244.0.0/16").contains("tweed0");
     let faults = vec![
-        Fault {
-            name: "ip route del",
-            cmd: "ip route del 10.244.0.0/16 dev tweed0".into(),
-            repaired: Box::new(routed),
-            bound: SECOND,
-        },
-        Fault {
-            name: "ip link set down",
-            cmd: "ip link set tweed0 down".into(),
-            repaired: Box::new(move |ns: &str| link_up(ns, "tweed0") && routed(ns)),
-            bound: SECOND,
-        },
+        Fault::new(
+            "ip route del",
+            "ip route del 10.244.0.0/16 dev tweed0",
+            routed,
+        ),
+        Fault::new(
+            "ip link set down",
+            "ip link set tweed0 down",
+            move |ns: &str| link_up(ns, "tweed0") && routed(ns),
+        ),
     ];
     run_faults(&lab, "udp", faults);
 }

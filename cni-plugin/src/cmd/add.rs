@@ -266,10 +266,8 @@ mod tests {
 
     use super::*;
     use crate::cmd::run;
-    use crate::cmd::tests::{add, conf, env};
+    use crate::cmd::tests::{add, conf, env, C1};
     use crate::host::fake::{addrs, link, names, routes, FakeHost};
-
-    const C1: &str = "/run/netns/c1";
 
     #[test]
     fn add_wires_the_host_and_the_container_and_prints_what_it_made() {

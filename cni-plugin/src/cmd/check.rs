@@ -206,16 +206,12 @@ mod tests {
 
     use super::*;
     use crate::cmd::run;
-    use crate::cmd::tests::{add, conf, env};
+    use crate::cmd::tests::{attached, conf, env, C1};
     use crate::host::fake::{block_on, link, FakeHost};
-
-    const C1: &str = "/run/netns/c1";
 
     /// A node with c1 added, and the configuration CHECK gets (ADD's result as prevResult).
     fn added() -> (FakeHost, Fake, NetConf) {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
-        let r = add(&host, "c1", C1, &conf("1.0.0", json!({})));
+        let (host, ctr, _, r) = attached("c1", json!({}));
         (host, ctr, conf("1.0.0", json!({ "prevResult": r })))
     }
 
@@ -356,10 +352,7 @@ mod tests {
 
     #[test]
     fn without_the_default_route_check_does_not_ask_for_it() {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
-        let c = conf("1.0.0", json!({"defaultRoute": false}));
-        let r = add(&host, "c1", C1, &c);
+        let (host, ctr, _, r) = attached("c1", json!({"defaultRoute": false}));
         let routes = block_on(Netlink::from(ctr.clone()).routes(link(&ctr, "eth0").index)).unwrap();
         assert!(!routes.iter().any(|r| r.is_default()), "{routes:?}");
         let c = conf("1.0.0", json!({"defaultRoute": false, "prevResult": r}));

@@ -90,10 +90,8 @@ mod tests {
 
     use super::*;
     use crate::cmd::run;
-    use crate::cmd::tests::{add, conf, env};
+    use crate::cmd::tests::{attached, conf, env, C1};
     use crate::host::fake::{link, names, veth, FakeHost};
-
-    const C1: &str = "/run/netns/c1";
 
     fn del(host: &FakeHost, id: &str, netns: &str, c: &NetConf) {
         assert_eq!(
@@ -105,10 +103,7 @@ mod tests {
 
     #[test]
     fn del_removes_the_container_end_first_then_the_record_and_the_rule() {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
-        let c = conf("1.0.0", json!({"ipMasq": true}));
-        add(&host, "c1", C1, &c);
+        let (host, ctr, c, _) = attached("c1", json!({"ipMasq": true}));
         let eth0 = link(&ctr, "eth0").index;
         let hv = link(&host.kernel, &plan::host_veth_name("c1", "eth0")).index;
         del(&host, "c1", C1, &c);
@@ -131,10 +126,7 @@ mod tests {
 
     #[test]
     fn del_after_the_namespace_vanished_still_frees_everything() {
-        let host = FakeHost::new();
-        host.add_container(C1);
-        let c = conf("1.0.0", json!({}));
-        add(&host, "c1", C1, &c);
+        let (host, _, c, _) = attached("c1", json!({}));
         host.remove_container(C1);
         del(&host, "c1", C1, &c);
         del(&host, "c1", C1, &c);
@@ -162,10 +154,7 @@ mod tests {
 
     #[test]
     fn del_leaves_what_is_not_this_attachments() {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
-        let c = conf("1.0.0", json!({}));
-        add(&host, "a", C1, &c);
+        let (host, ctr, c, _) = attached("a", json!({}));
         // Another container ID naming the same namespace and interface.
         del(&host, "b", C1, &c);
         assert!(names(&ctr).contains(&"eth0".to_string()));
@@ -184,10 +173,7 @@ mod tests {
 
     #[test]
     fn detached_delete_off_is_passed_on() {
-        let host = FakeHost::new();
-        host.add_container(C1);
-        let c = conf("1.0.0", json!({"detachedDelete": false}));
-        add(&host, "c1", C1, &c);
+        let (host, _, c, _) = attached("c1", json!({"detachedDelete": false}));
         del(&host, "c1", C1, &c);
         let d = host.deleted.borrow();
         assert!(
@@ -198,10 +184,7 @@ mod tests {
 
     #[test]
     fn a_kernel_failure_is_reported_and_keeps_the_record() {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
-        let c = conf("1.0.0", json!({}));
-        add(&host, "c1", C1, &c);
+        let (host, ctr, c, _) = attached("c1", json!({}));
         ctr.fail_when(|op| matches!(op, Op::LinkDelIndex { .. }).then_some(libc::EBUSY));
         let e = run(&host, &env("DEL", "c1", C1), &c).unwrap_err();
         assert_eq!(e.code(), 100);

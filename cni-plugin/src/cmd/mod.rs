@@ -117,6 +117,20 @@ pub(crate) mod tests {
         serde_json::from_str(&out.expect("ADD prints its result")).expect("one JSON document")
     }
 
+    /// The container namespace the verbs' tests attach.
+    pub const C1: &str = "/run/netns/c1";
+
+    /// A node with [`C1`] added as container `id` under a 1.0.0 configuration with `extra`:
+    /// where a test of what comes after ADD starts. The node, the container, the configuration
+    /// and ADD's result.
+    pub fn attached(id: &str, extra: Value) -> (FakeHost, tweed_netlink::Fake, NetConf, Value) {
+        let host = FakeHost::new();
+        let ctr = host.add_container(C1);
+        let c = conf("1.0.0", extra);
+        let r = add(&host, id, C1, &c);
+        (host, ctr, c, r)
+    }
+
     #[test]
     fn verbs_newer_than_the_configuration_are_refused_with_code_1() {
         let host = FakeHost::new();

@@ -94,6 +94,16 @@ impl Node {
         NetnsGuard::new(&format!("{}c{n}", self.prefix)).expect("container netns")
     }
 
+    /// `count` containers for a parallel run, container `i` with ID `{id_prefix}{i}`.
+    pub fn containers(&self, count: usize, id_prefix: &str) -> Containers {
+        let netns: Vec<NetnsGuard> = (0..count).map(|i| self.container(i)).collect();
+        Containers {
+            paths: netns.iter().map(NetnsGuard::path_str).collect(),
+            ids: (0..count).map(|i| format!("{id_prefix}{i}")).collect(),
+            netns,
+        }
+    }
+
     pub fn run(&self, plugin: &Path, call: &Call<'_>, conf: &str) -> PluginRun {
         cni::run(&self.host, plugin, call, conf.as_bytes()).expect("spawning the plugin")
     }
@@ -154,6 +164,13 @@ impl Node {
             .filter(|l| l.starts_with("tw"))
             .collect()
     }
+}
+
+/// Containers from [`Node::containers`]: what [`Node::spawn_all`] takes, index by index.
+pub struct Containers {
+    pub netns: Vec<NetnsGuard>,
+    pub paths: Vec<String>,
+    pub ids: Vec<String>,
 }
 
 /// Waits for a plugin from [`Node::spawn`] and asserts it succeeded, naming the run `what`;

@@ -97,6 +97,15 @@ impl Env {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// Runs `script` under busybox's sh in a throwaway container (`run --rm`) given the `run`
+    /// options `opts`; requires success, returns stdout.
+    pub fn sh(&self, opts: &[&str], script: &str) -> String {
+        let mut args = vec!["run", "--rm"];
+        args.extend_from_slice(opts);
+        args.extend(["busybox", "sh", "-c", script]);
+        self.ok(&args)
+    }
+
     /// Runs tweedctl and requires failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let o = self.run(args);
