@@ -1,11 +1,12 @@
 //! The etcd registry and the subnet manager against a real etcd (Debian's etcd-server), started by
 //! each test on free ports in its own data dir. No root needed.
 
+use ipnetwork::Ipv4Network;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tweed_agent::registry::{EtcdOptions, EtcdRegistry, Registry, RegistryError, WatchEvent};
-use tweed_agent::subnet::{acquire, renew_interval};
+use tweed_agent::subnet::{acquire, renew_interval, OwnLease};
 use tweed_config::{LeaseAttrs, NetworkConfig, SubnetKey};
 use tweed_lab::etcd::{etcdctl, EtcdProcess};
 
@@ -22,6 +23,13 @@ impl Env {
         let etcd =
             EtcdProcess::start_local(dir.path()).expect("start etcd (apt-get install etcd-server)");
         Env { _dir: dir, etcd }
+    }
+
+    /// An etcd and one registry client on it: what most tests start from.
+    async fn with_registry() -> (Env, Registry) {
+        let env = Env::start();
+        let reg = env.registry().await;
+        (env, reg)
     }
 
     async fn registry(&self) -> Registry {
@@ -57,6 +65,13 @@ fn attrs(i: u32) -> LeaseAttrs {
     )
 }
 
+/// Node `i` (public IP 198.18.0.i) takes a lease in [`cfg`], preferring `previous`.
+async fn node(reg: &Registry, i: u32, previous: Option<Ipv4Network>, ttl: Duration) -> OwnLease {
+    acquire(reg, &cfg(), &attrs(i), previous, ttl)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_agents_get_twenty_distinct_subnets() {
     let env = Env::start();
@@ -71,15 +86,13 @@ async fn twenty_concurrent_agents_get_twenty_distinct_subnets() {
         .map(|(i, reg)| {
             tokio::spawn(async move {
                 // All start from the same previous subnet to force creation races.
-                acquire(
+                node(
                     &reg,
-                    &cfg(),
-                    &attrs(i as u32 + 1),
+                    i as u32 + 1,
                     Some("10.244.7.0/24".parse().unwrap()),
                     Duration::from_secs(60),
                 )
                 .await
-                .unwrap()
             })
         })
         .collect();
@@ -94,11 +107,8 @@ async fn twenty_concurrent_agents_get_twenty_distinct_subnets() {
 
 #[tokio::test]
 async fn the_lease_is_written_in_flannels_exact_format_with_a_ttl() {
-    let env = Env::start();
-    let reg = env.registry().await;
-    let own = acquire(&reg, &cfg(), &attrs(3), None, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (env, reg) = Env::with_registry().await;
+    let own = node(&reg, 3, None, Duration::from_secs(120)).await;
     let key = own.key.etcd_key(P);
     let out = env.ctl(&["get", &key, "--print-value-only"]);
     assert_eq!(
@@ -111,11 +121,10 @@ async fn the_lease_is_written_in_flannels_exact_format_with_a_ttl() {
 
 #[tokio::test]
 async fn ttl_expiry_frees_the_subnet_and_renewal_keeps_it() {
-    let env = Env::start();
-    let reg = env.registry().await;
+    let (_env, reg) = Env::with_registry().await;
     let ttl = Duration::from_secs(2);
-    let lapsed = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
-    let kept = acquire(&reg, &cfg(), &attrs(2), None, ttl).await.unwrap();
+    let lapsed = node(&reg, 1, None, ttl).await;
+    let kept = node(&reg, 2, None, ttl).await;
     let interval = renew_interval(ttl, Duration::from_secs(3600));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < deadline {
@@ -134,35 +143,29 @@ async fn ttl_expiry_frees_the_subnet_and_renewal_keeps_it() {
     );
     assert_eq!(reg.renew(lapsed.lease_id).await.unwrap(), None);
     // The freed subnet can be taken by another node.
-    let other = acquire(&reg, &cfg(), &attrs(9), Some(lapsed.subnet()), ttl)
-        .await
-        .unwrap();
+    let other = node(&reg, 9, Some(lapsed.subnet()), ttl).await;
     assert_eq!(other.subnet(), lapsed.subnet());
 }
 
 #[tokio::test]
 async fn reacquire_after_an_operator_deletes_the_lease() {
-    let env = Env::start();
-    let reg = env.registry().await;
+    let (env, reg) = Env::with_registry().await;
     let ttl = Duration::from_secs(60);
-    let first = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
+    let first = node(&reg, 1, None, ttl).await;
     env.ctl(&["del", &first.key.etcd_key(P)]);
-    let again = acquire(&reg, &cfg(), &attrs(1), Some(first.subnet()), ttl)
-        .await
-        .unwrap();
+    let again = node(&reg, 1, Some(first.subnet()), ttl).await;
     assert_eq!(again.subnet(), first.subnet());
     assert!(!again.reused);
     // Restart with the lease in place: reused, no new write.
     let rev = reg.list_leases().await.unwrap().revision;
-    let third = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
+    let third = node(&reg, 1, None, ttl).await;
     assert!(third.reused && third.key == again.key);
     assert_eq!(reg.list_leases().await.unwrap().revision, rev);
 }
 
 #[tokio::test]
 async fn watch_sees_puts_and_deletes_and_reports_compaction() {
-    let env = Env::start();
-    let reg = env.registry().await;
+    let (env, reg) = Env::with_registry().await;
     let snap = reg.list_leases().await.unwrap();
     let mut w = reg.watch(snap.revision + 1).await.unwrap();
     let key = SubnetKey::new("10.244.9.0/24".parse().unwrap()).etcd_key(P);
@@ -201,8 +204,7 @@ async fn watch_sees_puts_and_deletes_and_reports_compaction() {
 
 #[tokio::test]
 async fn config_is_read_verbatim() {
-    let env = Env::start();
-    let reg = env.registry().await;
+    let (env, reg) = Env::with_registry().await;
     assert_eq!(reg.get_config().await.unwrap(), None);
     let json = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
     env.ctl(&["put", &format!("{P}/config"), json]);
@@ -214,11 +216,10 @@ async fn config_is_read_verbatim() {
 #[tokio::test]
 async fn reserve_detaches_the_ttl_and_unreserve_attaches_a_fresh_one() {
     use tweed_agent::registry::{ReserveOutcome, UnreserveOutcome};
-    let env = Env::start();
-    let reg = env.registry().await;
+    let (env, reg) = Env::with_registry().await;
     let ttl = Duration::from_secs(2);
     // A held lease, pinned by its own IP: the old TTL lapses, the key stays.
-    let own = acquire(&reg, &cfg(), &attrs(1), None, ttl).await.unwrap();
+    let own = node(&reg, 1, None, ttl).await;
     let key = own.key.etcd_key(P);
     assert_eq!(
         reg.reserve(&own.key, "198.18.0.2".parse().unwrap())
@@ -283,8 +284,7 @@ async fn reserve_detaches_the_ttl_and_unreserve_attaches_a_fresh_one() {
 /// without touching it.
 #[tokio::test]
 async fn a_flannel_dual_stack_lease_is_read_and_avoided_by_a_v4_only_node() {
-    let env = Env::start();
-    let reg = env.registry().await;
+    let (env, reg) = Env::with_registry().await;
     let key = format!("{P}/subnets/10.244.7.0-24&fd00:10:244:7::-64");
     let value = r#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:09"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:0a"}}"#;
     env.ctl(&["put", &key, value]);
@@ -308,15 +308,13 @@ async fn a_flannel_dual_stack_lease_is_read_and_avoided_by_a_v4_only_node() {
         Ok(())
     );
     // Our previous subnet was the one flannel now holds: we must take another.
-    let own = acquire(
+    let own = node(
         &reg,
-        &cfg(),
-        &attrs(3),
+        3,
         Some("10.244.7.0/24".parse().unwrap()),
         Duration::from_secs(60),
     )
-    .await
-    .unwrap();
+    .await;
     assert_ne!(own.subnet(), "10.244.7.0/24".parse().unwrap());
     assert_eq!(own.key.ipv6, None, "a v4-only node writes a v4-only key");
     let out = env.ctl(&["get", &key, "--print-value-only"]);

@@ -170,6 +170,20 @@ async fn mutual_tls_lists_creates_and_watches() {
     );
 }
 
+/// The error of the first request through a client that connected with `o`.
+async fn list_error(o: EtcdOptions) -> RegistryError {
+    let reg = EtcdRegistry::connect(o).await.unwrap();
+    Registry::etcd(reg).list_leases().await.unwrap_err()
+}
+
+/// Why connecting with `o` is refused before any request.
+async fn refused(o: EtcdOptions) -> RegistryError {
+    EtcdRegistry::connect(o)
+        .await
+        .err()
+        .expect("the options must be refused")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_failures_say_tls_and_name_files() {
     let pki = Pki::new();
@@ -177,15 +191,13 @@ async fn tls_failures_say_tls_and_name_files() {
     let etcd = start_etcd(dir.path(), Some(pki.server_tls(true)), &[]);
 
     // A CA that did not sign etcd's certificate: the handshake fails, and the error says so.
-    let reg = EtcdRegistry::connect(EtcdOptions {
+    let err = list_error(EtcdOptions {
         ca_file: Some(pki.path("other-ca.pem")),
         cert_file: Some(pki.path("client.pem")),
         key_file: Some(pki.path("client-key.pem")),
         ..opts(&etcd)
     })
-    .await
-    .unwrap();
-    let err = Registry::etcd(reg).list_leases().await.unwrap_err();
+    .await;
     let msg = err.to_string();
     assert!(matches!(err, RegistryError::Tls { .. }), "{msg}");
     assert!(msg.contains("TLS") && msg.contains("certificate"), "{msg}");
@@ -193,13 +205,11 @@ async fn tls_failures_say_tls_and_name_files() {
     eprintln!("wrong CA: {msg}");
 
     // No client certificate while etcd requires one.
-    let reg = EtcdRegistry::connect(EtcdOptions {
+    let err = list_error(EtcdOptions {
         ca_file: Some(pki.path("ca.pem")),
         ..opts(&etcd)
     })
-    .await
-    .unwrap();
-    let err = Registry::etcd(reg).list_leases().await.unwrap_err();
+    .await;
     let msg = err.to_string();
     // Depending on timing the client sees the server's alert or only the closed connection.
     assert!(
@@ -210,43 +220,39 @@ async fn tls_failures_say_tls_and_name_files() {
 
     // A missing file fails at once, naming the flag and the file.
     let missing = pki.path("no-such-client.pem");
-    let err = EtcdRegistry::connect(EtcdOptions {
+    let msg = refused(EtcdOptions {
         ca_file: Some(pki.path("ca.pem")),
         cert_file: Some(missing.clone()),
         key_file: Some(pki.path("client-key.pem")),
         ..opts(&etcd)
     })
     .await
-    .err()
-    .expect("missing cert file must fail");
-    let msg = err.to_string();
+    .to_string();
     assert!(
         msg.contains("--etcd-certfile") && msg.contains(missing.to_str().unwrap()),
         "{msg}"
     );
 
     // A file that is not PEM (key given as CA, say) is named too.
-    let err = EtcdRegistry::connect(EtcdOptions {
+    let msg = refused(EtcdOptions {
         ca_file: Some(pki.path("client-key.pem")),
         ..opts(&etcd)
     })
     .await
-    .err()
-    .expect("a key is no CA");
-    let msg = err.to_string();
+    .to_string();
     assert!(
         msg.contains("--etcd-cafile") && msg.contains("client-key.pem") && msg.contains("PEM"),
         "{msg}"
     );
 
     // https:// without a CA, and TLS files with http://: refused before dialing.
-    let err = EtcdRegistry::connect(opts(&etcd)).await.err().unwrap();
-    assert!(err.to_string().contains("--etcd-cafile"), "{err}");
+    let err = refused(opts(&etcd)).await.to_string();
+    assert!(err.contains("--etcd-cafile"), "{err}");
     let mut o = opts(&etcd);
     o.endpoints = vec!["http://127.0.0.1:1".into()];
     o.ca_file = Some(pki.path("ca.pem"));
-    let err = EtcdRegistry::connect(o).await.err().unwrap();
-    assert!(err.to_string().contains("https://"), "{err}");
+    let err = refused(o).await.to_string();
+    assert!(err.contains("https://"), "{err}");
 }
 
 /// Sets up etcd auth: root (required by `auth enable`) and a `tweed` user that may only
@@ -312,14 +318,12 @@ async fn username_password_over_server_tls() {
     assert!(e.is_err(), "role limits the user to the prefix");
 
     // A wrong password fails at connect, clearly.
-    let err = EtcdRegistry::connect(EtcdOptions {
+    let err = refused(EtcdOptions {
         username: Some("tweed".into()),
         password: Some("wrong".into()),
         ..server_tls.clone()
     })
-    .await
-    .err()
-    .expect("wrong password must fail");
+    .await;
     let msg = err.to_string();
     assert!(matches!(err, RegistryError::Auth { .. }), "{msg}");
     assert!(
@@ -329,8 +333,7 @@ async fn username_password_over_server_tls() {
     eprintln!("wrong password: {msg}");
 
     // No credentials at all against an etcd with auth enabled: requests fail, not hang.
-    let reg = Registry::etcd(EtcdRegistry::connect(server_tls).await.unwrap());
-    let err = reg.list_leases().await.unwrap_err();
+    let err = list_error(server_tls).await;
     assert!(err.to_string().contains("--etcd-username"), "{err}");
 }
 

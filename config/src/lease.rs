@@ -265,29 +265,26 @@ impl LeaseRejection {
 /// cannot make every node hold megabytes per lease.
 pub const MAX_BACKEND_DATA: usize = 4096;
 
-fn unusable_v4(ip: Ipv4Addr) -> Option<&'static str> {
+/// Why `ip` cannot be a node's public address, if it cannot.
+fn unusable(ip: IpAddr) -> Option<&'static str> {
     if ip.is_unspecified() {
         Some("unspecified")
     } else if ip.is_loopback() {
         Some("a loopback address")
     } else if ip.is_multicast() {
         Some("a multicast address")
-    } else if ip.is_broadcast() {
+    } else if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
         Some("the broadcast address")
     } else {
         None
     }
 }
 
-fn unusable_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("unspecified")
-    } else if ip.is_loopback() {
-        Some("a loopback address")
-    } else if ip.is_multicast() {
-        Some("a multicast address")
-    } else {
-        None
+/// [`unusable`] as the rejection a lease gets for it.
+fn check_public_ip(ip: IpAddr) -> Result<(), LeaseRejection> {
+    match unusable(ip) {
+        Some(what) => Err(LeaseRejection::BadPublicIp { ip, what }),
+        None => Ok(()),
     }
 }
 
@@ -336,12 +333,7 @@ impl LeaseAttrs {
                 want: subnet_len,
             });
         }
-        if let Some(what) = unusable_v4(self.public_ip) {
-            return Err(LeaseRejection::BadPublicIp {
-                ip: self.public_ip.into(),
-                what,
-            });
-        }
+        check_public_ip(self.public_ip.into())?;
         if network.contains(self.public_ip) {
             return Err(LeaseRejection::PublicIpInOverlay {
                 ip: self.public_ip,
@@ -349,12 +341,7 @@ impl LeaseAttrs {
             });
         }
         if let Some(v6) = self.public_ipv6 {
-            if let Some(what) = unusable_v6(v6) {
-                return Err(LeaseRejection::BadPublicIp {
-                    ip: v6.into(),
-                    what,
-                });
-            }
+            check_public_ip(v6.into())?;
         }
         let ty = &self.backend_type;
         if ty.len() > 32
@@ -447,7 +434,7 @@ impl LeaseAttrs {
         if !cfg.network.contains(subnet.network()) || subnet.prefix() != cfg.subnet_len {
             return PeerIpv6::Skipped("the peer's IPv6 subnet is not a node subnet of IPv6Network");
         }
-        if unusable_v6(public_ipv6).is_some() {
+        if unusable(public_ipv6.into()).is_some() {
             return PeerIpv6::Skipped(
                 "the peer's PublicIPv6 is unspecified, loopback or multicast",
             );

@@ -307,30 +307,26 @@ mod tests {
 
     #[test]
     fn errors_name_file_and_key() {
-        let e = SubnetEnv::parse(
-            Path::new("/run/tweed/subnet.env"),
-            "TWEED_NETWORK=10.0.0.0/16\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("/run/tweed/subnet.env") && e.contains("TWEED_SUBNET"),
-            "{e}"
-        );
-        let e = SubnetEnv::parse(
-            Path::new("f"),
-            "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=big\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("TWEED_MTU"), "{e}");
-        let e = SubnetEnv::parse(
-            Path::new("f"),
-            "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=1450\nTWEED_IPMASQ=maybe\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("TWEED_IPMASQ"), "{e}");
+        // (file, text, the key the error must name); the file is named in every error.
+        let cases = [
+            ("/run/tweed/subnet.env", "TWEED_NETWORK=10.0.0.0/16\n", "TWEED_SUBNET"),
+            (
+                "f",
+                "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=big\n",
+                "TWEED_MTU",
+            ),
+            (
+                "f",
+                "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=1450\nTWEED_IPMASQ=maybe\n",
+                "TWEED_IPMASQ",
+            ),
+        ];
+        for (file, text, key) in cases {
+            let e = SubnetEnv::parse(Path::new(file), text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(file) && e.contains(key), "{e}");
+        }
     }
 
     #[test]

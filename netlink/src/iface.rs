@@ -602,24 +602,16 @@ mod tests {
 
     #[test]
     fn choose_can_reach_picks_the_routed_interface() {
-        let (links, addrs) = world();
-        let i = choose(
-            &choice(&[], &[], Some("10.0.200.1")),
-            &links,
-            &addrs,
-            &routes(),
-        )
-        .unwrap();
-        assert_eq!(i.name, "eth1");
+        let reaching = |dest| {
+            let (links, addrs) = world();
+            choose(&choice(&[], &[], Some(dest)), &links, &addrs, &routes()).unwrap()
+        };
+        assert_eq!(reaching("10.0.200.1").name, "eth1");
         // Via the default route: eth0, with its address in the gateway's network.
-        let i = choose(
-            &choice(&[], &[], Some("203.0.113.9")),
-            &links,
-            &addrs,
-            &routes(),
-        )
-        .unwrap();
-        assert_eq!(name_ip(&i), ("eth0", "198.18.0.2".into()));
+        assert_eq!(
+            name_ip(&reaching("203.0.113.9")),
+            ("eth0", "198.18.0.2".into())
+        );
     }
 
     /// The Vagrant trap: every VM has the NAT interface eth0 = 10.0.2.15 with the default route,

@@ -52,6 +52,18 @@ impl From<Fake> for Netlink {
     }
 }
 
+/// A read of kernel state: from the real socket (async, fallible) or from the fake's in-memory
+/// kernel (immediate, infallible), by the method of the same name on either.
+macro_rules! query {
+    ($self:ident, $method:ident($($arg:expr),*)) => {
+        match $self {
+            Netlink::Real(r) => r.$method($($arg),*).await,
+            #[cfg(any(test, feature = "fake"))]
+            Netlink::Fake(f) => Ok(f.$method($($arg),*)),
+        }
+    };
+}
+
 impl Netlink {
     /// A real socket in the calling thread's network namespace. Must be called inside a tokio
     /// runtime, which then drives the socket; enter the namespace before calling.
@@ -79,54 +91,30 @@ impl Netlink {
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
-        match self {
-            Netlink::Real(r) => r.link_by_name(name).await,
-            #[cfg(any(test, feature = "fake"))]
-            Netlink::Fake(f) => Ok(f.link_by_name(name)),
-        }
+        query!(self, link_by_name(name))
     }
 
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
-        match self {
-            Netlink::Real(r) => r.link_by_index(index).await,
-            #[cfg(any(test, feature = "fake"))]
-            Netlink::Fake(f) => Ok(f.link_by_index(index)),
-        }
+        query!(self, link_by_index(index))
     }
 
     pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
-        match self {
-            Netlink::Real(r) => r.links().await,
-            #[cfg(any(test, feature = "fake"))]
-            Netlink::Fake(f) => Ok(f.links()),
-        }
+        query!(self, links())
     }
 
     /// IPv4 addresses of one link, or of all links with `None`, in kernel order (primary first).
     pub async fn addresses(&self, ifindex: Option<u32>) -> Result<Vec<Addr>, NetlinkError> {
-        match self {
-            Netlink::Real(r) => r.addresses(ifindex).await,
-            #[cfg(any(test, feature = "fake"))]
-            Netlink::Fake(f) => Ok(f.addresses(ifindex)),
-        }
+        query!(self, addresses(ifindex))
     }
 
     /// IPv4 neighbours (ARP entries) of a link, whatever their state.
     pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>, NetlinkError> {
-        match self {
-            Netlink::Real(r) => r.neighbours(ifindex).await,
-            #[cfg(any(test, feature = "fake"))]
-            Netlink::Fake(f) => Ok(f.neighbours(ifindex)),
-        }
+        query!(self, neighbours(ifindex))
     }
 
     /// Bridge-family FDB entries the link itself holds (`bridge fdb show dev X`).
     pub async fn fdb(&self, ifindex: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
-        match self {
-            Netlink::Real(r) => r.fdb(ifindex).await,
-            #[cfg(any(test, feature = "fake"))]
-            Netlink::Fake(f) => Ok(f.fdb(ifindex)),
-        }
+        query!(self, fdb(ifindex))
     }
 
     /// IPv4 unicast routes of the main table whose output device is `oif`.
@@ -137,11 +125,7 @@ impl Netlink {
 
     /// IPv4 unicast routes of the main table.
     pub async fn all_routes(&self) -> Result<Vec<Route>, NetlinkError> {
-        match self {
-            Netlink::Real(r) => r.routes().await,
-            #[cfg(any(test, feature = "fake"))]
-            Netlink::Fake(f) => Ok(f.routes()),
-        }
+        query!(self, routes())
     }
 
     /// The device of the IPv4 default route the kernel would use (lowest metric), if any.

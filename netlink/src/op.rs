@@ -147,12 +147,7 @@ impl fmt::Display for Op {
                     s.underlay,
                     if s.learning { "" } else { "no" }
                 )?;
-                if let Some(mtu) = s.mtu {
-                    write!(f, " mtu {mtu}")?;
-                }
-                if let Some(mac) = s.mac {
-                    write!(f, " address {mac}")?;
-                }
+                write_mtu_mac(f, s.mtu, s.mac)?;
                 Ok(())
             }
             Op::LinkSetUp { name } => write!(f, "link set {name} up"),
@@ -160,22 +155,12 @@ impl fmt::Display for Op {
             Op::LinkDel { name } => write!(f, "link del {name}"),
             Op::LinkAddBridge(b) => {
                 write!(f, "link add {} type bridge", b.name)?;
-                if let Some(mtu) = b.mtu {
-                    write!(f, " mtu {mtu}")?;
-                }
-                if let Some(mac) = b.mac {
-                    write!(f, " address {mac}")?;
-                }
+                write_mtu_mac(f, b.mtu, b.mac)?;
                 Ok(())
             }
             Op::LinkAddVeth(v) => {
                 write!(f, "link add {}", v.name)?;
-                if let Some(mtu) = v.mtu {
-                    write!(f, " mtu {mtu}")?;
-                }
-                if let Some(mac) = v.mac {
-                    write!(f, " address {mac}")?;
-                }
+                write_mtu_mac(f, v.mtu, v.mac)?;
                 write!(f, " type veth peer name {}", v.peer)?;
                 if let Some(mac) = v.peer_mac {
                     write!(f, " address {mac}")?;
@@ -228,6 +213,21 @@ impl fmt::Display for Op {
             Op::RouteDel(r) => write!(f, "route del {}", RouteText(r)),
         }
     }
+}
+
+/// The optional ` mtu N address M` of the link-creating ops, in `ip link` order.
+fn write_mtu_mac(
+    f: &mut fmt::Formatter<'_>,
+    mtu: Option<u32>,
+    mac: Option<MacAddr>,
+) -> fmt::Result {
+    if let Some(mtu) = mtu {
+        write!(f, " mtu {mtu}")?;
+    }
+    if let Some(mac) = mac {
+        write!(f, " address {mac}")?;
+    }
+    Ok(())
 }
 
 struct RouteText<'a>(&'a Route);

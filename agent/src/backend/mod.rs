@@ -165,6 +165,18 @@ pub enum Prepared {
     Wireguard(WgConfig),
 }
 
+/// `$body` on the config of whichever backend this is, for the fields every backend has.
+macro_rules! each_config {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self {
+            Prepared::Vxlan($c) => $body,
+            Prepared::HostGw($c) => $body,
+            Prepared::Udp($c) => $body,
+            Prepared::Wireguard($c) => $body,
+        }
+    };
+}
+
 impl Prepared {
     /// Chooses the backend and computes what the lease advertises (vxlan: the VTEP MAC, fixed
     /// now because the lease must carry it). `own_subnet` is a placeholder until the lease is
@@ -277,43 +289,23 @@ impl Prepared {
     }
 
     pub fn set_own_subnet(&mut self, subnet: Ipv4Network) {
-        match self {
-            Prepared::Vxlan(c) => c.own_subnet = subnet,
-            Prepared::HostGw(c) => c.own_subnet = subnet,
-            Prepared::Udp(c) => c.own_subnet = subnet,
-            Prepared::Wireguard(c) => c.own_subnet = subnet,
-        }
+        each_config!(self, c => c.own_subnet = subnet)
     }
 
     /// The subnet the backend is (or will be) set up for.
     pub fn own_subnet(&self) -> Ipv4Network {
-        match self {
-            Prepared::Vxlan(c) => c.own_subnet,
-            Prepared::HostGw(c) => c.own_subnet,
-            Prepared::Udp(c) => c.own_subnet,
-            Prepared::Wireguard(c) => c.own_subnet,
-        }
+        each_config!(self, c => c.own_subnet)
     }
 
     /// The underlay MTU the backend derives its device's MTU from.
     pub fn underlay_mtu(&self) -> u32 {
-        match self {
-            Prepared::Vxlan(c) => c.underlay_mtu,
-            Prepared::HostGw(c) => c.underlay_mtu,
-            Prepared::Udp(c) => c.underlay_mtu,
-            Prepared::Wireguard(c) => c.underlay_mtu,
-        }
+        each_config!(self, c => c.underlay_mtu)
     }
 
     /// The underlay's MTU changed at run time: the next [`setup`](Self::setup) derives the
     /// device's MTU from `mtu` (an MTU override in the network config still wins).
     pub fn set_underlay_mtu(&mut self, mtu: u32) {
-        match self {
-            Prepared::Vxlan(c) => c.underlay_mtu = mtu,
-            Prepared::HostGw(c) => c.underlay_mtu = mtu,
-            Prepared::Udp(c) => c.underlay_mtu = mtu,
-            Prepared::Wireguard(c) => c.underlay_mtu = mtu,
-        }
+        each_config!(self, c => c.underlay_mtu = mtu)
     }
 
     /// What another backend left in the kernel: after an operator switches the network's

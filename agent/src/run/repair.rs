@@ -205,75 +205,67 @@ mod tests {
 
     #[test]
     fn only_what_this_node_owns_triggers_a_repair() {
-        let w = watched();
-        let t = |e: Event| w.trigger(&e);
         use Change::{Del, New};
-        assert_eq!(
-            t(Event::Link(Del, link(7, "tweed.1"))),
-            Some(Trigger::Device)
-        );
-        // Recreated by someone else under our name, or renamed away from it: ours either way.
-        assert_eq!(
-            t(Event::Link(New, link(9, "tweed.1"))),
-            Some(Trigger::Device)
-        );
-        assert_eq!(
-            t(Event::Link(New, link(7, "renamed"))),
-            Some(Trigger::Device)
-        );
-        assert_eq!(
-            t(Event::Link(New, link(2, "eth0"))),
-            Some(Trigger::Underlay)
-        );
-        assert_eq!(t(Event::Link(New, link(3, "veth123"))), None);
         let addr = |ifindex, net: &str| Addr {
             ifindex,
             net: net.parse().unwrap(),
         };
-        assert_eq!(
-            t(Event::Addr(Del, addr(7, "10.244.1.0/32"))),
-            Some(Trigger::Address)
-        );
-        assert_eq!(
-            t(Event::Addr(New, addr(2, "198.18.0.9/24"))),
-            Some(Trigger::Underlay)
-        );
-        assert_eq!(t(Event::Addr(New, addr(4, "172.17.0.1/16"))), None);
-        // Routes into the overlay, whatever their device (host-gw's go through the underlay);
-        // the overlay route itself too (udp's); nothing outside it, nothing wider.
-        assert_eq!(
-            t(Event::Route(Del, route("10.244.2.0/24", 7))),
-            Some(Trigger::Route)
-        );
-        assert_eq!(
-            t(Event::Route(New, route("10.244.2.0/24", 2))),
-            Some(Trigger::Route)
-        );
-        assert_eq!(
-            t(Event::Route(Del, route("10.244.0.0/16", 9))),
-            Some(Trigger::Route)
-        );
-        assert_eq!(t(Event::Route(Del, route("10.0.0.0/8", 7))), None);
-        assert_eq!(t(Event::Route(New, route("192.168.0.0/24", 2))), None);
         let neigh = |ifindex| Neighbour {
             ifindex,
             ip: "10.244.2.0".parse().unwrap(),
             mac: None,
             permanent: true,
         };
-        assert_eq!(t(Event::Neigh(Del, neigh(7))), Some(Trigger::Neigh));
-        // The underlay's ARP entries churn all the time and are the kernel's.
-        assert_eq!(t(Event::Neigh(New, neigh(2))), None);
         let fdb = |ifindex| FdbEntry {
             ifindex,
             mac: "02:00:00:00:00:02".parse().unwrap(),
             dst: None,
             permanent: true,
         };
-        assert_eq!(t(Event::Fdb(Del, fdb(7))), Some(Trigger::Fdb));
-        assert_eq!(t(Event::Fdb(Del, fdb(5))), None);
-        assert_eq!(t(Event::Route6(New)), None);
-        assert_eq!(t(Event::Lost), Some(Trigger::Lost));
+        let cases = [
+            (Event::Link(Del, link(7, "tweed.1")), Some(Trigger::Device)),
+            // Recreated by someone else under our name, or renamed away from it: ours either way.
+            (Event::Link(New, link(9, "tweed.1")), Some(Trigger::Device)),
+            (Event::Link(New, link(7, "renamed")), Some(Trigger::Device)),
+            (Event::Link(New, link(2, "eth0")), Some(Trigger::Underlay)),
+            (Event::Link(New, link(3, "veth123")), None),
+            (
+                Event::Addr(Del, addr(7, "10.244.1.0/32")),
+                Some(Trigger::Address),
+            ),
+            (
+                Event::Addr(New, addr(2, "198.18.0.9/24")),
+                Some(Trigger::Underlay),
+            ),
+            (Event::Addr(New, addr(4, "172.17.0.1/16")), None),
+            // Routes into the overlay, whatever their device (host-gw's go through the underlay);
+            // the overlay route itself too (udp's); nothing outside it, nothing wider.
+            (
+                Event::Route(Del, route("10.244.2.0/24", 7)),
+                Some(Trigger::Route),
+            ),
+            (
+                Event::Route(New, route("10.244.2.0/24", 2)),
+                Some(Trigger::Route),
+            ),
+            (
+                Event::Route(Del, route("10.244.0.0/16", 9)),
+                Some(Trigger::Route),
+            ),
+            (Event::Route(Del, route("10.0.0.0/8", 7)), None),
+            (Event::Route(New, route("192.168.0.0/24", 2)), None),
+            (Event::Neigh(Del, neigh(7)), Some(Trigger::Neigh)),
+            // The underlay's ARP entries churn all the time and are the kernel's.
+            (Event::Neigh(New, neigh(2)), None),
+            (Event::Fdb(Del, fdb(7)), Some(Trigger::Fdb)),
+            (Event::Fdb(Del, fdb(5)), None),
+            (Event::Route6(New), None),
+            (Event::Lost, Some(Trigger::Lost)),
+        ];
+        let w = watched();
+        for (event, want) in &cases {
+            assert_eq!(w.trigger(event), *want, "{event:?}");
+        }
 
         // host-gw: no device of its own.
         let hg = Watched {

@@ -553,11 +553,7 @@ impl Worker {
             // otherwise meet the table before it, be dropped, and cost the peer a 5 s retry).
             self.reload(&mut version, &mut table, &mut wg, &mut fresh_wg);
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-                tracing::warn!(
-                    worker = self.id,
-                    "udp: TUN queue closed (device deleted?); worker stops"
-                );
-                self.shared.device_gone.store(true, Ordering::Relaxed);
+                self.tun_gone(format_args!("TUN queue closed (device deleted?)"));
                 return;
             }
             if fds[0].revents & libc::POLLIN != 0 {
@@ -570,11 +566,7 @@ impl Worker {
                 ) {
                     Ok(()) => {}
                     Err(e) => {
-                        tracing::warn!(
-                            worker = self.id,
-                            "udp: reading the TUN queue: {e}; worker stops"
-                        );
-                        self.shared.device_gone.store(true, Ordering::Relaxed);
+                        self.tun_gone(format_args!("reading the TUN queue: {e}"));
                         return;
                     }
                 }
@@ -593,6 +585,13 @@ impl Worker {
 
     /// Takes the published table when its version moved; `fresh_wg` is set when the
     /// WireGuard state is a new one.
+    /// The TUN queue is unusable (the device was deleted, most likely): the worker stops, and the
+    /// next reconcile reports the device gone so that the agent sets the backend up again.
+    fn tun_gone(&self, why: std::fmt::Arguments<'_>) {
+        tracing::warn!(worker = self.id, "udp: {why}; worker stops");
+        self.shared.device_gone.store(true, Ordering::Relaxed);
+    }
+
     fn reload(
         &self,
         version: &mut u64,
