@@ -13,10 +13,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnetwork::Ipv4Network;
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+};
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_generic::{GenlFamily, GenlMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute,
     WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
@@ -289,6 +293,59 @@ pub fn choose(wanted: WgImpl, probe: &mut dyn KernelProbe) -> Result<WgImpl, sup
     }
 }
 
+/// Creates a `wireguard` link over rtnetlink in the calling thread's namespace (which also
+/// makes a kernel with the module loadable load it). Fails with the kernel's errno otherwise
+/// (`EOPNOTSUPP`: no such link kind).
+pub fn add_link(name: &str) -> Result<(), KernelError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    msg.attributes
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+            InfoKind::Wireguard,
+        )]));
+    let mut nl = NetlinkMessage::from(RouteNetlinkMessage::NewLink(msg));
+    nl.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    rtnl(nl, "creating a wireguard link", name)
+}
+
+pub fn del_link(name: &str) -> Result<(), KernelError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    let mut nl = NetlinkMessage::from(RouteNetlinkMessage::DelLink(msg));
+    nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    rtnl(nl, "deleting the link", name)
+}
+
+fn rtnl(
+    nl: NetlinkMessage<RouteNetlinkMessage>,
+    what: &'static str,
+    name: &str,
+) -> Result<(), KernelError> {
+    let io = |source| KernelError::Io {
+        what,
+        device: name.to_string(),
+        source,
+    };
+    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE).map_err(io)?;
+    sock.bind_auto().map_err(io)?;
+    sock.connect(&netlink_sys::SocketAddr::new(0, 0))
+        .map_err(io)?;
+    exchange(&sock, &mut 0, nl, what, name).map(|_| ())
+}
+
+/// The real probe: a throw-away link named after the process (unique per agent, at most 15
+/// bytes), created and deleted.
+#[derive(Debug, Default)]
+pub struct LinkProbe;
+
+impl KernelProbe for LinkProbe {
+    fn probe(&mut self) -> Result<(), String> {
+        let name = format!("twwg{}", std::process::id() % 100_000_000);
+        add_link(&name).map_err(|e| e.to_string())?;
+        del_link(&name).map_err(|e| e.to_string())
+    }
+}
+
 /// The kernel over a blocking generic netlink socket in the calling thread's namespace.
 pub struct RealGenl {
     sock: netlink_sys::Socket,
@@ -325,7 +382,13 @@ impl RealGenl {
         req.finalize();
         let mut nl = NetlinkMessage::from(req);
         nl.header.flags = NLM_F_REQUEST;
-        let replies = match g.exchange::<GenlCtrl>(nl, "resolving the wireguard family", "-") {
+        let replies = match exchange(
+            &g.sock,
+            &mut g.seq,
+            nl,
+            "resolving the wireguard family",
+            "-",
+        ) {
             Err(KernelError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
                 return Err(KernelError::NoModule)
             }
@@ -342,76 +405,78 @@ impl RealGenl {
         Ok(g)
     }
 
-    fn exchange<F>(
-        &mut self,
-        mut msg: NetlinkMessage<GenlMessage<F>>,
-        what: &'static str,
-        device: &str,
-    ) -> Result<Vec<GenlMessage<F>>, KernelError>
-    where
-        F: GenlFamily
-            + netlink_packet_core::Emitable
-            + netlink_packet_core::ParseableParametrized<[u8], netlink_packet_generic::GenlHeader>
-            + std::fmt::Debug,
-    {
-        let io = |source| KernelError::Io {
-            what,
-            device: device.to_string(),
-            source,
-        };
-        let decode = |detail: String| KernelError::Decode {
-            what,
-            device: device.to_string(),
-            detail,
-        };
-        self.seq = self.seq.wrapping_add(1);
-        msg.header.sequence_number = self.seq;
-        msg.finalize();
-        let mut buf = vec![0u8; msg.buffer_len()];
-        msg.serialize(&mut buf);
-        self.sock.send(&buf, 0).map_err(io)?;
-        let dump = msg.header.flags & NLM_F_DUMP == NLM_F_DUMP;
-        let acked = msg.header.flags & NLM_F_ACK != 0;
-        let mut out = Vec::new();
-        loop {
-            let (data, _) = self.sock.recv_from_full().map_err(io)?;
-            let mut off = 0;
-            while off < data.len() {
-                let reply = NetlinkMessage::<GenlMessage<F>>::deserialize(&data[off..])
-                    .map_err(|e| decode(e.to_string()))?;
-                let len = reply.header.length as usize;
-                if len == 0 {
-                    return Err(decode("zero-length message".into()));
-                }
-                off += (len + 3) & !3;
-                if reply.header.sequence_number != self.seq {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::InnerMessage(m) => {
-                        out.push(m);
-                        if !dump && !acked {
-                            return Ok(out);
-                        }
-                    }
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(out),
-                            Some(_) => Err(io(e.to_io())),
-                        };
-                    }
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    _ => {}
-                }
-            }
-        }
-    }
-
     fn wg(&self, payload: WireguardMessage) -> GenlMessage<WireguardMessage> {
         let mut m = GenlMessage::from_payload(payload);
         m.set_resolved_family_id(self.family);
         m.finalize();
         m
+    }
+}
+
+/// Sends `msg` on `sock` and collects the replies to it until the ack, the dump's end or (a
+/// plain request) the first answer; a netlink error comes back as the errno it carries.
+fn exchange<I>(
+    sock: &netlink_sys::Socket,
+    seq: &mut u32,
+    mut msg: NetlinkMessage<I>,
+    what: &'static str,
+    device: &str,
+) -> Result<Vec<I>, KernelError>
+where
+    I: netlink_packet_core::NetlinkSerializable
+        + netlink_packet_core::NetlinkDeserializable
+        + std::fmt::Debug,
+{
+    let io = |source| KernelError::Io {
+        what,
+        device: device.to_string(),
+        source,
+    };
+    let decode = |detail: String| KernelError::Decode {
+        what,
+        device: device.to_string(),
+        detail,
+    };
+    *seq = seq.wrapping_add(1);
+    msg.header.sequence_number = *seq;
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    sock.send(&buf, 0).map_err(io)?;
+    let dump = msg.header.flags & NLM_F_DUMP == NLM_F_DUMP;
+    let acked = msg.header.flags & NLM_F_ACK != 0;
+    let mut out = Vec::new();
+    loop {
+        let (data, _) = sock.recv_from_full().map_err(io)?;
+        let mut off = 0;
+        while off < data.len() {
+            let reply = NetlinkMessage::<I>::deserialize(&data[off..])
+                .map_err(|e| decode(e.to_string()))?;
+            let len = reply.header.length as usize;
+            if len == 0 {
+                return Err(decode("zero-length message".into()));
+            }
+            off += (len + 3) & !3;
+            if reply.header.sequence_number != *seq {
+                continue;
+            }
+            match reply.payload {
+                NetlinkPayload::InnerMessage(m) => {
+                    out.push(m);
+                    if !dump && !acked {
+                        return Ok(out);
+                    }
+                }
+                NetlinkPayload::Error(e) => {
+                    return match e.code {
+                        None => Ok(out),
+                        Some(_) => Err(io(e.to_io())),
+                    };
+                }
+                NetlinkPayload::Done(_) => return Ok(out),
+                _ => {}
+            }
+        }
     }
 }
 
@@ -422,11 +487,12 @@ impl WgGenl for RealGenl {
             attributes: vec![WireguardAttribute::IfName(device.to_string())],
         }));
         nl.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        Ok(self
-            .exchange(nl, "reading the device", device)?
-            .into_iter()
-            .map(|m| m.payload)
-            .collect())
+        Ok(
+            exchange(&self.sock, &mut self.seq, nl, "reading the device", device)?
+                .into_iter()
+                .map(|m| m.payload)
+                .collect(),
+        )
     }
 
     fn set_device(&mut self, msg: WireguardMessage) -> Result<(), KernelError> {
@@ -440,7 +506,13 @@ impl WgGenl for RealGenl {
             .unwrap_or_default();
         let mut nl = NetlinkMessage::from(self.wg(msg));
         nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        self.exchange(nl, "configuring the device", &device)?;
+        exchange(
+            &self.sock,
+            &mut self.seq,
+            nl,
+            "configuring the device",
+            &device,
+        )?;
         Ok(())
     }
 }
