@@ -1,0 +1,148 @@
+//! Root-only: the kernel WireGuard layer against the real kernel, in a namespace of its own
+//! (deleted by a guard, even on panic). Which branch runs is decided by iproute2, an
+//! implementation independent of ours: `ip link add type wireguard` succeeds only where the
+//! kernel has the module. This lab host has none, so here the test proves the refusal and the
+//! fallback; on a kernel with the module (the VMs) it configures a device and reads it back
+//! with `wg`.
+
+use std::net::SocketAddrV4;
+
+use tweed_agent::backend::wireguard::kernel::{
+    self, choose, KernelError, KernelProbe, LinkProbe, RealGenl,
+};
+use tweed_agent::backend::wireguard::plan::{device_spec, PeerSpec};
+use tweed_agent::backend::wireguard::{PrivateKey, WgImpl};
+use tweed_testkit::{in_ns, ip_in, require_root, try_run, NetnsGuard};
+
+const NEEDS_ROOT: &str = "network namespaces and wireguard links";
+
+fn links(ns: &NetnsGuard) -> String {
+    ip_in(ns.name(), &["-o", "link", "show"])
+}
+
+fn kernel_has_wireguard(ns: &NetnsGuard) -> bool {
+    let ok = try_run(
+        "ip",
+        &[
+            "-n",
+            ns.name(),
+            "link",
+            "add",
+            "tw-oracle",
+            "type",
+            "wireguard",
+        ],
+    )
+    .is_ok();
+    if ok {
+        ip_in(ns.name(), &["link", "del", "tw-oracle"]);
+    }
+    ok
+}
+
+#[test]
+fn kernel_is_refused_clearly_and_auto_falls_back_without_the_module() {
+    require_root!(NEEDS_ROOT);
+    let ns = NetnsGuard::unique("tw-wgk-");
+    if kernel_has_wireguard(&ns) {
+        eprintln!("the kernel has wireguard: the no-module branch does not apply here");
+        return;
+    }
+    let (probe, open, auto, forced) = ns.enter(|| {
+        let probe = LinkProbe.probe();
+        let open = RealGenl::open().err();
+        let auto = choose(WgImpl::Auto, &mut LinkProbe).map_err(|e| e.to_string());
+        let forced = choose(WgImpl::Kernel, &mut LinkProbe).map_err(|e| e.to_string());
+        (probe, open, auto, forced)
+    });
+    let why = probe.expect_err("the probe created a wireguard link iproute2 could not");
+    assert!(why.contains("creating a wireguard link"), "{why}");
+    assert!(
+        matches!(open, Some(KernelError::NoModule)),
+        "generic netlink family resolved without the module: {open:?}"
+    );
+    assert_eq!(auto, Ok(WgImpl::Userspace));
+    let err = forced.expect_err("kernel accepted without the module");
+    eprintln!("--wireguard-impl kernel here: {err}");
+    assert!(
+        err.contains("kernel implementation is not available") && err.contains(&why),
+        "{err}"
+    );
+    // The probe leaves nothing behind, failed or not.
+    let l = links(&ns);
+    assert!(!l.contains("twwg"), "{l}");
+}
+
+fn peer(n: u8, ip: [u8; 4]) -> PeerSpec {
+    PeerSpec {
+        public_key: PrivateKey::from_bytes([n; 32]).public(),
+        endpoint: Some(SocketAddrV4::new(ip.into(), 51820)),
+        allowed_ips: vec![format!("10.5.{n}.0/24").parse().unwrap()],
+        psk: None,
+        keepalive: 0,
+    }
+}
+
+#[test]
+fn kernel_device_is_configured_and_read_back_where_the_module_exists() {
+    require_root!(NEEDS_ROOT);
+    let ns = NetnsGuard::unique("tw-wgk-");
+    if !kernel_has_wireguard(&ns) {
+        eprintln!("no wireguard module in this kernel: the device branch runs only in the VMs");
+        return;
+    }
+    const DEV: &str = "tw-wgk0";
+    let want = device_spec(
+        *PrivateKey::from_bytes([7; 32]).bytes(),
+        51820,
+        vec![peer(1, [192, 0, 2, 1]), peer(2, [192, 0, 2, 2])],
+    );
+    let w = want.clone();
+    let (auto, first, second) = ns.enter(move || {
+        let auto = choose(WgImpl::Auto, &mut LinkProbe).unwrap();
+        kernel::add_link(DEV).unwrap();
+        let mut g = RealGenl::open().unwrap();
+        let first = kernel::reconcile(&mut g, DEV, &w).unwrap().0;
+        let (second, seen) = kernel::reconcile(&mut g, DEV, &w).unwrap();
+        assert_eq!(seen.spec, w);
+        (auto, first, second)
+    });
+    assert_eq!(auto, WgImpl::Kernel);
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert!(
+        second.is_empty(),
+        "an unchanged device got writes: {second:?}"
+    );
+    let dump = in_ns(ns.name(), &["wg", "show", DEV, "dump"]);
+    for p in want.peers.values() {
+        let line = format!(
+            "{}\t(none)\t{}\t{}",
+            p.public_key,
+            p.endpoint.unwrap(),
+            p.allowed_ips[0]
+        );
+        assert!(dump.contains(&line), "{line:?} not in {dump}");
+    }
+    // Roam peer 1 behind our back; the next reconcile sets the lease's endpoint again.
+    let k1 = want.peers.keys().next().unwrap().to_string();
+    in_ns(
+        ns.name(),
+        &[
+            "wg",
+            "set",
+            DEV,
+            "peer",
+            &k1,
+            "endpoint",
+            "198.51.100.9:4000",
+        ],
+    );
+    let w = want.clone();
+    let third = ns.enter(move || {
+        let mut g = RealGenl::open().unwrap();
+        kernel::reconcile(&mut g, DEV, &w).unwrap().0
+    });
+    assert_eq!(third.len(), 1, "{third:?}");
+    let dump = in_ns(ns.name(), &["wg", "show", DEV, "endpoints"]);
+    assert!(dump.contains("192.0.2.1:51820"), "{dump}");
+}
