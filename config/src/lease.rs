@@ -74,6 +74,41 @@ fn parse_part<A: FromStr, N>(
     make(addr, len).map_err(|e| err(e.to_string()))
 }
 
+/// The IPv6 half of a key, shared by the dual-stack and the IPv6-only form.
+fn parse_v6_part(key: &str, part: &str) -> Result<Ipv6Network, LeaseError> {
+    let n = parse_part(key, part, |a: Ipv6Addr, l| Ipv6Network::new(a, l), 128)?;
+    // flannel's key pattern allows only hex digits and colons in the v6 part; a dotted
+    // (IPv4-mapped) subnet is not a pod network either, and a dot is what would let flannel's
+    // pattern find an IPv4 part inside an IPv6-only key.
+    if part.contains('.') {
+        return Err(LeaseError::Key {
+            key: key.to_string(),
+            reason: format!("{n} is an IPv4-mapped address, not an IPv6 subnet"),
+        });
+    }
+    if n.ip() != n.network() {
+        return Err(LeaseError::Key {
+            key: key.to_string(),
+            reason: format!("{n} has host bits set"),
+        });
+    }
+    Ok(n)
+}
+
+/// One subnet, one etcd key: a spelling such as `-+24`, `-024` or `FD00::` would parse to the
+/// same subnets as the canonical key, letting two keys claim one subnet and a renewal write beside
+/// the lease it renews. flannel only ever writes the canonical form.
+fn canonical<K: fmt::Display>(s: &str, key: K) -> Result<K, LeaseError> {
+    let canonical = key.to_string();
+    if canonical != s {
+        return Err(LeaseError::Key {
+            key: s.to_string(),
+            reason: format!("not in canonical form (the same subnets are spelled {canonical:?})"),
+        });
+    }
+    Ok(key)
+}
+
 impl FromStr for SubnetKey {
     type Err = LeaseError;
     fn from_str(s: &str) -> Result<Self, LeaseError> {
@@ -81,6 +116,15 @@ impl FromStr for SubnetKey {
             Some((a, b)) => (a, Some(b)),
             None => (s, None),
         };
+        if v6.is_none() && v4.contains(':') && s.parse::<Ipv6OnlyKey>().is_ok() {
+            // Said apart from garbage so the skip in the log tells the operator why.
+            return Err(LeaseError::Key {
+                key: s.to_string(),
+                reason: "an IPv6-only lease (no IPv4 subnet); this reader takes IPv4 and \
+                         dual-stack keys only"
+                    .into(),
+            });
+        }
         let ipv4: Ipv4Network = parse_part(s, v4, |a: Ipv4Addr, l| Ipv4Network::new(a, l), 32)?;
         if ipv4.ip() != ipv4.network() {
             return Err(LeaseError::Key {
@@ -88,39 +132,109 @@ impl FromStr for SubnetKey {
                 reason: format!("{ipv4} has host bits set"),
             });
         }
-        let ipv6 = v6
-            .map(|p| parse_part(s, p, |a: Ipv6Addr, l| Ipv6Network::new(a, l), 128))
-            .transpose()?;
-        if let Some(n) = ipv6 {
-            // flannel's key pattern allows only hex digits and colons in the v6 part; a dotted
-            // (IPv4-mapped) subnet is not a pod network either.
-            if v6.is_some_and(|p| p.contains('.')) {
-                return Err(LeaseError::Key {
-                    key: s.to_string(),
-                    reason: format!("{n} is an IPv4-mapped address, not an IPv6 subnet"),
-                });
-            }
-            if n.ip() != n.network() {
-                return Err(LeaseError::Key {
-                    key: s.to_string(),
-                    reason: format!("{n} has host bits set"),
-                });
-            }
-        }
-        let key = SubnetKey { ipv4, ipv6 };
-        // One subnet, one etcd key: a spelling such as `-+24`, `-024` or `FD00::` would parse to
-        // the same subnets as the canonical key, letting two keys claim one subnet and a renewal
-        // write beside the lease it renews. flannel only ever writes the canonical form.
-        let canonical = key.to_string();
-        if canonical != s {
+        if v6.is_some() && ipv4.prefix() == 0 {
+            // What flannel renders for an IPv6-only node (an empty IPv4 half). Read as a v4 key it
+            // would claim 0.0.0.0/0, which overlaps every subnet and would block all allocation.
             return Err(LeaseError::Key {
                 key: s.to_string(),
                 reason: format!(
-                    "not in canonical form (the same subnets are spelled {canonical:?})"
+                    "{ipv4} is not a node subnet (flannel's spelling of an IPv6-only lease; \
+                     tweed's is the IPv6 part alone)"
                 ),
             });
         }
-        Ok(key)
+        let ipv6 = v6.map(|p| parse_v6_part(s, p)).transpose()?;
+        canonical(s, SubnetKey { ipv4, ipv6 })
+    }
+}
+
+/// The key of an IPv6-only lease (`EnableIPv4: false`, tweed only): the IPv6 part of a
+/// dual-stack key on its own, `fd00:12:13::-56`. flannel's etcd mode has no such form (its key
+/// always starts with an IPv4 part, which it leaves at `0.0.0.0-0` for IPv6-only); this one has
+/// no dot, so flannel's key pattern does not match it and it skips the key, and tweed's
+/// [`SubnetKey`] refuses it, so a node that reads IPv4 and dual-stack keys skips it and logs
+/// why instead of taking `0.0.0.0/0` for a peer's subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv6OnlyKey {
+    pub ipv6: Ipv6Network,
+}
+
+impl fmt::Display for Ipv6OnlyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ipv6.ip(), self.ipv6.prefix())
+    }
+}
+
+impl FromStr for Ipv6OnlyKey {
+    type Err = LeaseError;
+    fn from_str(s: &str) -> Result<Self, LeaseError> {
+        if s.contains('&') {
+            return Err(LeaseError::Key {
+                key: s.to_string(),
+                reason: "an IPv6-only key has one part, no '&'".into(),
+            });
+        }
+        let ipv6 = parse_v6_part(s, s)?;
+        canonical(s, Ipv6OnlyKey { ipv6 })
+    }
+}
+
+/// Any lease key tweed reads or writes: flannel's form (IPv4, optionally with IPv6) or tweed's
+/// IPv6-only form. Which one a node writes follows from its families: IPv4 or dual stack write
+/// [`SubnetKey`], IPv6-only writes [`Ipv6OnlyKey`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LeaseKey {
+    Flannel(SubnetKey),
+    Ipv6Only(Ipv6OnlyKey),
+}
+
+impl LeaseKey {
+    pub fn ipv4(&self) -> Option<Ipv4Network> {
+        match self {
+            LeaseKey::Flannel(k) => Some(k.ipv4),
+            LeaseKey::Ipv6Only(_) => None,
+        }
+    }
+
+    pub fn ipv6(&self) -> Option<Ipv6Network> {
+        match self {
+            LeaseKey::Flannel(k) => k.ipv6,
+            LeaseKey::Ipv6Only(k) => Some(k.ipv6),
+        }
+    }
+
+    /// Full etcd key under `prefix`.
+    pub fn etcd_key(&self, prefix: &str) -> String {
+        format!("{}/subnets/{}", prefix.trim_end_matches('/'), self)
+    }
+
+    /// Parses a full etcd key; `None` when the key is not under `<prefix>/subnets/`.
+    pub fn from_etcd_key(prefix: &str, key: &str) -> Option<Result<Self, LeaseError>> {
+        let dir = format!("{}/subnets/", prefix.trim_end_matches('/'));
+        key.strip_prefix(&dir).map(str::parse)
+    }
+}
+
+impl fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaseKey::Flannel(k) => k.fmt(f),
+            LeaseKey::Ipv6Only(k) => k.fmt(f),
+        }
+    }
+}
+
+impl FromStr for LeaseKey {
+    type Err = LeaseError;
+    fn from_str(s: &str) -> Result<Self, LeaseError> {
+        // The first part decides the form: an IPv4 address starts flannel's, an IPv6 one tweed's
+        // IPv6-only key (which then must have no second part).
+        let first = s.split('&').next().unwrap_or_default();
+        if first.contains(':') {
+            s.parse().map(LeaseKey::Ipv6Only)
+        } else {
+            s.parse().map(LeaseKey::Flannel)
+        }
     }
 }
 
@@ -662,6 +776,11 @@ mod tests {
                 },
             ] {
                 let text = key.to_string();
+                if key.ipv6.is_some() && v4.prefix() == 0 {
+                    // flannel's IPv6-only spelling: refused (see `flannels_ipv6_only_spelling`).
+                    assert!(text.parse::<SubnetKey>().is_err(), "{text}");
+                    continue;
+                }
                 assert_eq!(text.parse::<SubnetKey>(), Ok(key), "{text}");
                 // Any single-byte corruption either fails or parses to a key that renders as
                 // the corrupted text: never a silent alias of another spelling.
@@ -675,6 +794,198 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn ipv6_only_keys_round_trip_and_are_told_apart_from_flannels() {
+        let k: LeaseKey = "fd00:12:13::-56".parse().unwrap();
+        assert_eq!(
+            k,
+            LeaseKey::Ipv6Only(Ipv6OnlyKey {
+                ipv6: "fd00:12:13::/56".parse().unwrap()
+            })
+        );
+        assert_eq!((k.ipv4(), k.ipv6()), (None, Some("fd00:12:13::/56".parse().unwrap())));
+        assert_eq!(
+            k.etcd_key("/coreos.com/network/"),
+            "/coreos.com/network/subnets/fd00:12:13::-56"
+        );
+        assert_eq!(
+            LeaseKey::from_etcd_key("/coreos.com/network", &k.etcd_key("/coreos.com/network")),
+            Some(Ok(k))
+        );
+        assert_eq!(
+            LeaseKey::from_etcd_key("/coreos.com/network", "/coreos.com/network/config"),
+            None
+        );
+        // flannel's forms read through LeaseKey exactly as through SubnetKey.
+        for text in ["10.12.13.0-24", "10.12.13.0-24&fd00:12:13::-56"] {
+            let k: LeaseKey = text.parse().unwrap();
+            assert_eq!(k, LeaseKey::Flannel(text.parse().unwrap()));
+            assert_eq!(k.to_string(), text);
+            assert_eq!(k.ipv4(), Some("10.12.13.0/24".parse().unwrap()));
+        }
+        for text in ["fd00::-64", "2001:cafe:42::-64", "fd00::1230-124", "::-0", "fd00::1-128"] {
+            let k: Ipv6OnlyKey = text.parse().unwrap();
+            assert_eq!(k.to_string(), text);
+        }
+    }
+
+    /// Issue 19 item 5: what an IPv4 or dual-stack reader (tweed's `SubnetKey`, which the watch
+    /// uses, and flannel's key pattern) makes of an IPv6-only key: a refusal, never a subnet.
+    #[test]
+    fn ipv6_only_keys_are_skipped_by_the_flannel_format_reader() {
+        let err = "fd00:12:13::-56".parse::<SubnetKey>().unwrap_err();
+        assert!(err.to_string().contains("IPv6-only lease"), "{err}");
+        // flannel's pattern needs `digits.digits` before the first '-', so a key without a dot
+        // never matches it; every rendered IPv6-only key is dot-free, and a dotted one is refused.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..5000 {
+            let len = (next() % 129) as u8;
+            let a = (u128::from(next()) << 64) | u128::from(next());
+            let n = Ipv6Network::new(Ipv6Addr::from(a), len).unwrap();
+            let k = Ipv6OnlyKey {
+                ipv6: Ipv6Network::new(n.network(), len).unwrap(),
+            };
+            let text = k.to_string();
+            if text.contains('.') {
+                // Rust renders an IPv4-mapped address dotted: such a "subnet" is refused on read
+                // (and IPv6Network refuses the mapped range, so tweed never allocates one).
+                assert!(text.parse::<Ipv6OnlyKey>().is_err(), "{text}");
+                continue;
+            }
+            assert_eq!(text.parse::<Ipv6OnlyKey>(), Ok(k), "{text}");
+            assert_eq!(text.parse::<LeaseKey>(), Ok(LeaseKey::Ipv6Only(k)), "{text}");
+            assert!(text.parse::<SubnetKey>().is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn flannels_ipv6_only_spelling_is_refused_not_read_as_0_0_0_0_slash_0() {
+        for text in ["0.0.0.0-0&fd00:12:13::-56", "0.0.0.0-0&::-0"] {
+            let err = text.parse::<SubnetKey>().unwrap_err().to_string();
+            assert!(err.contains("IPv6-only"), "{err}");
+            assert!(text.parse::<LeaseKey>().is_err(), "{text}");
+        }
+        // A v4-only 0.0.0.0-0 is no IPv6-only spelling; it stays what it was (refused later by
+        // validation as outside the network).
+        assert!("0.0.0.0-0".parse::<SubnetKey>().is_ok());
+    }
+
+    #[test]
+    fn hostile_ipv6_only_keys_are_refused() {
+        let huge = format!("fd00::-{}", "9".repeat(1 << 20));
+        let long_addr = format!("{}::-64", "f".repeat(1 << 20));
+        for k in [
+            "",
+            "-",
+            "-64",
+            "fd00::",
+            "fd00::-",
+            "fd00::-64&",
+            "fd00::-64&fd01::-64",
+            "fd00::-64&10.244.3.0-24",
+            "fd00::-64&&",
+            "fd00::-64&garbage",
+            "fd00::-64-64",
+            // Prefix out of range, signed, padded, huge.
+            "fd00::-129",
+            "fd00::-256",
+            "fd00::-+64",
+            "fd00::--64",
+            "fd00::-064",
+            "fd00::- 64",
+            "fd00::-18446744073709551616",
+            huge.as_str(),
+            long_addr.as_str(),
+            // Host bits.
+            "fd00::1-64",
+            "fd00::1-127",
+            "fd00:0:0:3:8000::-64",
+            // Non-canonical spellings of valid keys.
+            "FD00::-64",
+            "fd00:0:0:0:0:0:0:0-64",
+            "fd00:0000::-64",
+            "fd00::-64 ",
+            " fd00::-64",
+            "fd00::-64\n",
+            "[fd00::]-64",
+            "fd00::%eth0-64",
+            // IPv4-mapped and IPv4 in the v6 slot.
+            "::ffff:10.0.0.0-120",
+            "::ffff:a00:0-120",
+            "10.244.3.0-24",
+            // Unicode digits (fullwidth, Arabic-Indic) and lookalike characters.
+            "fd00::-\u{ff16}\u{ff14}",
+            "fd00::-\u{666}\u{664}",
+            "fd00\u{ff1a}\u{ff1a}-64",
+            "fd00::-6\u{200b}4",
+        ] {
+            assert!(k.parse::<Ipv6OnlyKey>().is_err(), "{k:?} should be rejected");
+            // Whatever LeaseKey makes of it, it never silently aliases another spelling.
+            if let Ok(lk) = k.parse::<LeaseKey>() {
+                assert_eq!(lk.to_string(), k);
+            }
+        }
+        // "::ffff:a00:0-120" is canonical only in Rust's dotted rendering, so it is refused as
+        // non-canonical; the dotted form is refused as IPv4-mapped. Either way: no key.
+        assert!("::ffff:10.0.0.0-120".parse::<LeaseKey>().is_err());
+    }
+
+    /// An IPv6-only lease value: flannel's field set, with the IPv4 `PublicIP` it always writes
+    /// left at 0.0.0.0, round-trips byte for byte.
+    #[test]
+    fn ipv6_only_and_dual_stack_values_round_trip() {
+        for v in [
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#,
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6","BackendType":"host-gw"}"#,
+        ] {
+            let a = LeaseAttrs::parse(v.as_bytes()).unwrap();
+            assert_eq!(a.to_json(), v);
+            assert_eq!(LeaseAttrs::parse(a.to_json().as_bytes()).unwrap(), a);
+        }
+    }
+
+    /// Values crafted to make two readers disagree about the IPv6 half.
+    #[test]
+    fn spoofed_ipv6_value_fields() {
+        // A duplicated field: Go's decoder keeps the last, a lenient reader might keep the
+        // first; refusing the value leaves no room for the two to route differently.
+        for v in [
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6","PublicIPv6":"2001:db8::7"}"#,
+            r#"{"PublicIP":"198.18.0.6","BackendV6Data":{"VNI":1},"BackendV6Data":{"VNI":2}}"#,
+            // Wrong types and families in the v6 fields.
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"198.18.0.7"}"#,
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"::ffff:198.18.0.7x"}"#,
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":6}"#,
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":["2001:db8::6"]}"#,
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6%eth0"}"#,
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"[2001:db8::6]"}"#,
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::\uff16"}"#,
+        ] {
+            assert!(LeaseAttrs::parse(v.as_bytes()).is_err(), "{v}");
+        }
+        // A case variant is not the field (tweed matches names exactly): it is ignored, so it can
+        // neither add nor replace a PublicIPv6.
+        let a = LeaseAttrs::parse(
+            br#"{"PublicIP":"198.18.0.6","publicipv6":"2001:db8::66","backendv6data":{"VNI":9}}"#,
+        )
+        .unwrap();
+        assert_eq!((a.public_ipv6, a.backend_v6_data.is_none()), (None, true));
+        // A BackendV6Data with a bad VtepMAC rejects the lease naming the field.
+        let key: SubnetKey = "10.244.3.0-24&fd00:10:244:3::-64".parse().unwrap();
+        let bad = LeaseAttrs::parse(
+            br#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}}"#,
+        )
+        .unwrap();
+        let e = bad.validate(&key, net("10.244.0.0/16"), 24).unwrap_err();
+        assert!(e.to_string().contains("BackendV6Data"), "{e}");
     }
 
     #[test]

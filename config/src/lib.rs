@@ -9,6 +9,6 @@ pub mod lease;
 pub mod network;
 pub mod subnet_env;
 
-pub use lease::{LeaseAttrs, LeaseRejection, PeerIpv6, SubnetKey};
+pub use lease::{Ipv6OnlyKey, LeaseAttrs, LeaseKey, LeaseRejection, PeerIpv6, SubnetKey};
 pub use network::{BackendConfig, Ipv6Config, NetworkConfig, WireguardConfig, WireguardMode};
 pub use subnet_env::{SubnetEnv, SubnetEnvV6};
