@@ -805,7 +805,10 @@ mod tests {
                 ipv6: "fd00:12:13::/56".parse().unwrap()
             })
         );
-        assert_eq!((k.ipv4(), k.ipv6()), (None, Some("fd00:12:13::/56".parse().unwrap())));
+        assert_eq!(
+            (k.ipv4(), k.ipv6()),
+            (None, Some("fd00:12:13::/56".parse().unwrap()))
+        );
         assert_eq!(
             k.etcd_key("/coreos.com/network/"),
             "/coreos.com/network/subnets/fd00:12:13::-56"
@@ -825,7 +828,13 @@ mod tests {
             assert_eq!(k.to_string(), text);
             assert_eq!(k.ipv4(), Some("10.12.13.0/24".parse().unwrap()));
         }
-        for text in ["fd00::-64", "2001:cafe:42::-64", "fd00::1230-124", "::-0", "fd00::1-128"] {
+        for text in [
+            "fd00::-64",
+            "2001:cafe:42::-64",
+            "fd00::1230-124",
+            "::-0",
+            "fd00::1-128",
+        ] {
             let k: Ipv6OnlyKey = text.parse().unwrap();
             assert_eq!(k.to_string(), text);
         }
@@ -861,7 +870,11 @@ mod tests {
                 continue;
             }
             assert_eq!(text.parse::<Ipv6OnlyKey>(), Ok(k), "{text}");
-            assert_eq!(text.parse::<LeaseKey>(), Ok(LeaseKey::Ipv6Only(k)), "{text}");
+            assert_eq!(
+                text.parse::<LeaseKey>(),
+                Ok(LeaseKey::Ipv6Only(k)),
+                "{text}"
+            );
             assert!(text.parse::<SubnetKey>().is_err(), "{text}");
         }
     }
@@ -927,7 +940,10 @@ mod tests {
             "fd00\u{ff1a}\u{ff1a}-64",
             "fd00::-6\u{200b}4",
         ] {
-            assert!(k.parse::<Ipv6OnlyKey>().is_err(), "{k:?} should be rejected");
+            assert!(
+                k.parse::<Ipv6OnlyKey>().is_err(),
+                "{k:?} should be rejected"
+            );
             // Whatever LeaseKey makes of it, it never silently aliases another spelling.
             if let Ok(lk) = k.parse::<LeaseKey>() {
                 assert_eq!(lk.to_string(), k);

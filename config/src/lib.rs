@@ -10,5 +10,8 @@ pub mod network;
 pub mod subnet_env;
 
 pub use lease::{Ipv6OnlyKey, LeaseAttrs, LeaseKey, LeaseRejection, PeerIpv6, SubnetKey};
-pub use network::{BackendConfig, Ipv6Config, NetworkConfig, WireguardConfig, WireguardMode};
+pub use network::{
+    BackendConfig, Ipv6Config, Ipv6OnlyNetwork, NetworkConfig, ParsedNetwork, WireguardConfig,
+    WireguardMode,
+};
 pub use subnet_env::{SubnetEnv, SubnetEnvV6};

@@ -42,10 +42,29 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
     pub backend: BackendConfig,
-    /// `EnableIPv4`; only `true` is accepted until tweed has an IPv6-only mode.
+    /// `EnableIPv4`; always `true` here: an IPv6-only config parses to
+    /// [`ParsedNetwork::Ipv6Only`] instead.
     pub enable_ipv4: bool,
     /// Present when `EnableIPv6` is true.
     pub ipv6: Option<Ipv6Config>,
+}
+
+/// What a network config describes: an IPv4 network (possibly dual stack, with
+/// [`NetworkConfig::ipv6`]) or an IPv6-only one. Separate types because an IPv6-only network has no
+/// IPv4 `Network`, and everything that runs today needs one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParsedNetwork {
+    Ipv4(NetworkConfig),
+    Ipv6Only(Ipv6OnlyNetwork),
+}
+
+/// An IPv6-only network (`EnableIPv4: false`, `EnableIPv6: true`), validated with flannel's rules.
+/// Its IPv4 keys (`Network`, `SubnetLen`, `SubnetMin`, `SubnetMax`) are ignored, as flannel ignores
+/// them. Parsed and tested; the agent does not run one yet (docs/ipv6.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6OnlyNetwork {
+    pub ipv6: Ipv6Config,
+    pub backend: BackendConfig,
 }
 
 /// The IPv6 half of a dual-stack network (`EnableIPv6: true`), defaults filled in.
@@ -76,6 +95,16 @@ impl Ipv6Config {
                     network.network(),
                     network.prefix()
                 ),
+            ));
+        }
+        // Rust and Go both render IPv4-mapped addresses dotted, which neither side's key parser
+        // takes as an IPv6 subnet: a network reaching into ::ffff:0:0/96 could hand out subnets
+        // whose lease keys every reader refuses.
+        let mapped: Ipv6Network = "::ffff:0:0/96".parse().expect("constant");
+        if network.overlaps(mapped) {
+            return Err(bad(
+                "IPv6Network",
+                format!("{network} overlaps the IPv4-mapped range {mapped}"),
             ));
         }
         let prefix = network.prefix();
@@ -322,10 +351,41 @@ fn subnet_size(len: u8) -> u32 {
 impl NetworkConfig {
     /// Parses and validates flannel's JSON, accepting keys it does not use (flannel configs in the wild
     /// carry `EnableIPv6`, `EnableNFTables` and the like) so a config written for flannel works verbatim.
+    ///
+    /// Refuses an IPv6-only config (naming `EnableIPv4`): the agent cannot run one yet. Use
+    /// [`NetworkConfig::parse_any`] to read one.
     pub fn parse(json: &str) -> Result<Self, NetworkConfigError> {
+        match Self::parse_any(json)? {
+            ParsedNetwork::Ipv4(c) => Ok(c),
+            ParsedNetwork::Ipv6Only(_) => Err(bad(
+                "EnableIPv4",
+                "false (an IPv6-only network) is valid but tweed's agent does not run IPv6-only \
+                 networks yet; see docs/ipv6.md",
+            )),
+        }
+    }
+
+    /// Parses and validates any network config, IPv6-only included.
+    pub fn parse_any(json: &str) -> Result<ParsedNetwork, NetworkConfigError> {
         let value: Value =
             serde_json::from_str(json).map_err(|e| NetworkConfigError::Json(e.to_string()))?;
         let obj = value.as_object().ok_or(NetworkConfigError::NotObject)?;
+
+        // The families come first: they decide which other keys matter.
+        let enable_ipv4 = get_bool_or(obj, "EnableIPv4", true)?;
+        let enable_ipv6 = get_bool_or(obj, "EnableIPv6", false)?;
+        if !enable_ipv4 && !enable_ipv6 {
+            return Err(bad(
+                "EnableIPv4",
+                "false while EnableIPv6 is false too: the network would have no address family",
+            ));
+        }
+        if !enable_ipv4 {
+            return Ok(ParsedNetwork::Ipv6Only(Ipv6OnlyNetwork {
+                ipv6: Ipv6Config::parse(obj)?,
+                backend: Self::parse_backend_of(obj)?,
+            }));
+        }
 
         let net_str = get_str(obj, "Network", "Network")?
             .ok_or_else(|| bad("Network", "missing (e.g. \"10.244.0.0/16\")"))?;
@@ -394,26 +454,14 @@ impl NetworkConfig {
             ));
         }
 
-        let backend = match obj.get("Backend") {
-            None | Some(Value::Null) => Self::parse_backend(&Map::new())?,
-            Some(Value::Object(b)) => Self::parse_backend(b)?,
-            Some(other) => return Err(bad("Backend", format!("expected an object, got {other}"))),
-        };
-
-        let enable_ipv4 = get_bool_or(obj, "EnableIPv4", true)?;
-        if !enable_ipv4 {
-            return Err(bad(
-                "EnableIPv4",
-                "false (IPv6-only) is not supported yet; see docs/ipv6.md",
-            ));
-        }
-        let ipv6 = if get_bool_or(obj, "EnableIPv6", false)? {
+        let backend = Self::parse_backend_of(obj)?;
+        let ipv6 = if enable_ipv6 {
             Some(Ipv6Config::parse(obj)?)
         } else {
             None
         };
 
-        Ok(NetworkConfig {
+        Ok(ParsedNetwork::Ipv4(NetworkConfig {
             network,
             subnet_len,
             subnet_min,
@@ -421,7 +469,15 @@ impl NetworkConfig {
             backend,
             enable_ipv4,
             ipv6,
-        })
+        }))
+    }
+
+    fn parse_backend_of(obj: &Map<String, Value>) -> Result<BackendConfig, NetworkConfigError> {
+        match obj.get("Backend") {
+            None | Some(Value::Null) => Self::parse_backend(&Map::new()),
+            Some(Value::Object(b)) => Self::parse_backend(b),
+            Some(other) => Err(bad("Backend", format!("expected an object, got {other}"))),
+        }
     }
 
     fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig, NetworkConfigError> {
@@ -954,5 +1010,122 @@ mod ipv6_tests {
             "EnableIPv4"
         );
         assert!(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","EnableIPv4":true}"#).is_ok());
+        // Networks reaching into the IPv4-mapped range would hand out subnets whose keys are
+        // rendered dotted and refused by every reader.
+        for net in [
+            "::/0",
+            "::/64",
+            "::ffff:0:0/96",
+            "::ffff:a00:0/120",
+            "::ff00:0:0/88",
+        ] {
+            assert_eq!(
+                field_of(v6(&format!(r#","IPv6Network":"{net}""#))),
+                "IPv6Network",
+                "{net}"
+            );
+        }
+        assert!(v6(r#","IPv6Network":"::1:0:0:0/80""#).is_ok());
+    }
+
+    fn any(json: &str) -> Result<ParsedNetwork, NetworkConfigError> {
+        NetworkConfig::parse_any(json)
+    }
+
+    #[test]
+    fn ipv6_only_is_parsed_by_parse_any_and_refused_by_parse() {
+        let json = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
+        let ParsedNetwork::Ipv6Only(n) = any(json).unwrap() else {
+            panic!("expected an IPv6-only network");
+        };
+        assert_eq!(n.backend, BackendConfig::HostGw);
+        assert_eq!(n.ipv6.network.to_string(), "fd00:10:244::/56");
+        assert_eq!(n.ipv6.subnet_len, 64);
+        assert_eq!(
+            n.ipv6.subnet_min,
+            "fd00:10:244:1::".parse::<Ipv6Addr>().unwrap()
+        );
+        // The agent runs NetworkConfig, which needs an IPv4 Network: refused, naming the field.
+        let err = NetworkConfig::parse(json).unwrap_err();
+        assert!(err.to_string().contains("IPv6-only"), "{err}");
+        assert_eq!(field_of(Err(err)), "EnableIPv4");
+        // IPv4 keys are ignored in an IPv6-only network, whatever they hold (flannel's rule).
+        let with_v4 = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Network":"not a cidr","SubnetLen":99,"Backend":{"Type":"host-gw"}}"#;
+        assert_eq!(any(with_v4).unwrap(), any(json).unwrap());
+        // Dual stack and IPv4 come back as the NetworkConfig parse returns.
+        for j in [
+            r#"{"Network":"10.244.0.0/16"}"#,
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48"}"#,
+        ] {
+            assert_eq!(
+                any(j).unwrap(),
+                ParsedNetwork::Ipv4(NetworkConfig::parse(j).unwrap())
+            );
+        }
+    }
+
+    #[test]
+    fn contradictory_family_settings_name_the_field() {
+        let field = |r: Result<ParsedNetwork, NetworkConfigError>| match r {
+            Err(NetworkConfigError::Field { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        };
+        let cases: &[(&str, &str)] = &[
+            // No family at all, spelled out or by EnableIPv6's default.
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv4":false,"EnableIPv6":false}"#,
+                "EnableIPv4",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv4":false}"#,
+                "EnableIPv4",
+            ),
+            // IPv6 switched on with nothing to run it on.
+            (r#"{"EnableIPv4":false,"EnableIPv6":true}"#, "IPv6Network"),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":""}"#,
+                "IPv6Network",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#,
+                "IPv6Network",
+            ),
+            // IPv4 on (the default) needs its Network even when IPv6 is set up.
+            (
+                r#"{"EnableIPv6":true,"IPv6Network":"fd00::/48"}"#,
+                "Network",
+            ),
+            // Wrong types for the switches themselves.
+            (
+                r#"{"EnableIPv4":"false","EnableIPv6":true,"IPv6Network":"fd00::/48"}"#,
+                "EnableIPv4",
+            ),
+            (r#"{"EnableIPv4":0,"EnableIPv6":1}"#, "EnableIPv4"),
+            // An IPv6-only network is validated as strictly as a dual-stack one's IPv6 half.
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/125"}"#,
+                "IPv6Network",
+            ),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetLen":127}"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMax":"fd00:1::"}"#,
+                "IPv6SubnetMax",
+            ),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48","Backend":{"Type":"bogus"}}"#,
+                "Backend.Type",
+            ),
+        ];
+        for (json, want) in cases {
+            assert_eq!(field(any(json)), *want, "{json}");
+        }
+        // null means unset: EnableIPv4 stays true.
+        assert!(matches!(
+            any(r#"{"Network":"10.244.0.0/16","EnableIPv4":null}"#),
+            Ok(ParsedNetwork::Ipv4(_))
+        ));
     }
 }
