@@ -350,6 +350,32 @@ mod tests {
         assert_eq!(t.len(), 1);
     }
 
+    /// Issue 19 item 5: an IPv6-only key (tweed's form) and flannel's IPv6-only spelling reach an
+    /// IPv4/dual-stack node's watch: both are skipped as bad keys, neither claims an IPv4 subnet
+    /// (flannel's would otherwise read as 0.0.0.0/0 and leave no subnet free), and the good lease
+    /// beside them is applied.
+    #[test]
+    fn ipv6_only_keys_are_skipped_and_block_no_ipv4_subnet() {
+        let mut t = table();
+        let v6only = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:06"}}"#;
+        let a = t.resync(&[
+            raw("fd00:10:244:3::-64", v6only, 2),
+            raw("0.0.0.0-0&fd00:10:244:4::-64", v6only, 3),
+            raw(
+                "10.244.2.0-24",
+                &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"),
+                4,
+            ),
+        ]);
+        assert_eq!(a.changes.len(), 1, "{a:?}");
+        let kinds: Vec<_> = a.skipped.iter().map(|s| (s.kind, s.subnet)).collect();
+        assert_eq!(kinds, [("bad_key", None), ("bad_key", None)]);
+        for s in &a.skipped {
+            assert!(s.reason.contains("IPv6-only"), "{s:?}");
+        }
+        assert_eq!(t.occupied(), ["10.244.2.0/24".parse().unwrap()]);
+    }
+
     #[test]
     fn resync_lets_the_older_of_two_overlapping_leases_win_whatever_the_key_order() {
         let mut t = table();
