@@ -99,15 +99,14 @@ fn overlaps_v6(a: Ipv6Network, b: Ipv6Network) -> bool {
     a.contains(b.network()) || b.contains(a.network())
 }
 
-/// Up to this many subnets the IPv6 range is scanned exhaustively, like IPv4's. Beyond it (a /48
-/// of /64s already has 65535) the range is far larger than any cluster, so random probes plus a
-/// scan bounded by the number of occupied keys find a free subnet unless large foreign keys cover
-/// the range.
-const V6_EXHAUSTIVE_SCAN: u128 = 1 << 16;
-
 /// The IPv6 half of a dual-stack lease, chosen by the same rules as [`choose`]: the previous
 /// subnet (from the old subnet.env) if still free, else a random free one in
 /// [IPv6SubnetMin, IPv6SubnetMax]. `occupied` holds the v6 part of every key under `subnets/`.
+///
+/// The range can hold 2^116 subnets, so it is never walked subnet by subnet: after random probes
+/// (which spread nodes), the first free subnet at or after a random index is found from the
+/// occupied keys alone, as gaps between their index ranges. That is exact: the error comes only
+/// when no subnet is free, however wide the foreign keys.
 pub fn choose_v6(
     cfg: &Ipv6Config,
     occupied: &[Ipv6Network],
@@ -129,26 +128,57 @@ pub fn choose_v6(
             return Ok(s);
         }
     }
-    // n keys of subnet size block at most n consecutive indices, so n+1 steps past a random start
-    // reach a free one whenever one exists in that stretch.
-    let steps = if count <= V6_EXHAUSTIVE_SCAN {
-        count
-    } else {
-        (occupied.len() + exclude.len()) as u128 + 1
-    };
+    let blocked = blocked_indices(cfg, occupied.iter().chain(exclude));
     let start = rng.random_range(0..count);
-    for i in 0..steps {
-        let s = cfg.nth_subnet((start + i) % count).expect("index in range");
-        if is_free(s) {
-            return Ok(s);
+    first_free(&blocked, start, count)
+        .or_else(|| first_free(&blocked, 0, count))
+        .map(|i| cfg.nth_subnet(i).expect("index in range"))
+        .ok_or(AllocError::OutOfIpv6Subnets {
+            network: cfg.network,
+            subnet_len: cfg.subnet_len,
+            min: cfg.subnet_min,
+            max: cfg.subnet_max,
+        })
+}
+
+/// The allocatable indices (as in [`Ipv6Config::nth_subnet`]) each key overlaps, as inclusive
+/// ranges sorted by start. Keys of any length and alignment count: a foreign /40 blocks every
+/// node subnet inside it, a foreign /120 the one node subnet around it.
+fn blocked_indices<'a>(
+    cfg: &Ipv6Config,
+    keys: impl Iterator<Item = &'a Ipv6Network>,
+) -> Vec<(u128, u128)> {
+    let size = cfg.subnet_size();
+    let min = u128::from(cfg.subnet_min);
+    let last = cfg.subnet_count() - 1;
+    let mut out: Vec<(u128, u128)> = keys
+        .filter_map(|k| {
+            let lo = u128::from(k.network());
+            // A /0 spans 2^128 addresses: its last one is u128::MAX, computed without overflow.
+            let hi = lo | (u128::MAX.checked_shr(u32::from(k.prefix())).unwrap_or(0));
+            if hi < min {
+                return None;
+            }
+            let first = lo.saturating_sub(min) / size;
+            (first <= last).then(|| (first, ((hi - min) / size).min(last)))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The lowest index in [from, count) that no range covers.
+fn first_free(blocked: &[(u128, u128)], from: u128, count: u128) -> Option<u128> {
+    let mut candidate = from;
+    for &(lo, hi) in blocked {
+        if lo > candidate {
+            break;
+        }
+        if hi >= candidate {
+            candidate = hi.checked_add(1)?;
         }
     }
-    Err(AllocError::OutOfIpv6Subnets {
-        network: cfg.network,
-        subnet_len: cfg.subnet_len,
-        min: cfg.subnet_min,
-        max: cfg.subnet_max,
-    })
+    (candidate < count).then_some(candidate)
 }
 
 #[cfg(test)]
@@ -258,6 +288,111 @@ mod v6_tests {
         // A foreign key covering it all: a bounded search, then a clear error.
         let err = choose_v6(&c, &[n("fd00::/8")], None, &HashSet::new(), &mut rng()).unwrap_err();
         assert!(err.to_string().contains("fd00::/8"), "{err}");
+        // Keys covering the whole address space or reaching past it end to end.
+        for k in ["::/0", "fc00::/7", "fd00::/8"] {
+            assert!(
+                choose_v6(&c, &[n(k)], None, &HashSet::new(), &mut rng()).is_err(),
+                "{k}"
+            );
+        }
+    }
+
+    /// A /48 of /64s, or a /32 of /64s (2^32 subnets): one free subnet left among foreign keys
+    /// that cover everything else is found at once, from every random start.
+    #[test]
+    fn the_only_free_subnet_of_a_large_range_is_found_without_walking_it() {
+        for (net, free) in [
+            ("fd00:10:244::/48", "fd00:10:244:beef::/64"),
+            ("2001:db8::/32", "2001:db8:1234:5678::/64"),
+            ("fd00::/8", "fd12:3456:789a:bcde::/64"),
+        ] {
+            let c = v6(&format!(r#","IPv6Network":"{net}""#));
+            let free = n(free);
+            // The siblings along the path from the network down to `free` cover all but it.
+            let mut occ = Vec::new();
+            for len in (c.network.prefix() + 1)..=64 {
+                let on_path = Ipv6Network::new(free.ip(), len).unwrap();
+                let sibling = u128::from(on_path.network()) ^ (1u128 << (128 - len as u32));
+                occ.push(Ipv6Network::new(Ipv6Addr::from(sibling), len).unwrap());
+            }
+            for seed in 0..20 {
+                let got = choose_v6(
+                    &c,
+                    &occ,
+                    None,
+                    &HashSet::new(),
+                    &mut rand::rngs::StdRng::seed_from_u64(seed),
+                )
+                .unwrap();
+                assert_eq!(got, free, "{net} seed {seed}");
+            }
+            // Lost the race for it too: now nothing is free.
+            let lost = HashSet::from([free]);
+            assert!(
+                choose_v6(&c, &occ, None, &lost, &mut rng()).is_err(),
+                "{net}"
+            );
+        }
+    }
+
+    /// 1023/1024 of a 2^32-subnet range covered by ten foreign keys: 32 random probes nearly
+    /// always miss the 2^22 free subnets, and a scan bounded by the key count would give up; the
+    /// gap search must find one from every start.
+    #[test]
+    fn wide_foreign_keys_never_make_a_mostly_covered_range_look_full() {
+        let c = v6(r#","IPv6Network":"2001:db8::/32""#);
+        let free = n("2001:db8:ffc0::/42");
+        let occ: Vec<_> = (33..=42u8)
+            .map(|len| {
+                let on_path = Ipv6Network::new(free.ip(), len).unwrap();
+                let sibling = u128::from(on_path.network()) ^ (1u128 << (128 - len as u32));
+                Ipv6Network::new(Ipv6Addr::from(sibling), len).unwrap()
+            })
+            .collect();
+        for seed in 0..200 {
+            let s = choose_v6(
+                &c,
+                &occ,
+                None,
+                &HashSet::new(),
+                &mut rand::rngs::StdRng::seed_from_u64(seed),
+            )
+            .unwrap();
+            assert!(
+                c.is_allocatable(s) && free.contains(s.ip()),
+                "seed {seed}: {s}"
+            );
+        }
+    }
+
+    #[test]
+    fn gap_search_over_index_ranges() {
+        let b = [(0, 3), (2, 5), (7, 7), (9, 20)];
+        assert_eq!(first_free(&b, 0, 30), Some(6));
+        assert_eq!(first_free(&b, 6, 30), Some(6));
+        assert_eq!(first_free(&b, 7, 30), Some(8));
+        assert_eq!(first_free(&b, 9, 30), Some(21));
+        assert_eq!(first_free(&b, 9, 21), None);
+        assert_eq!(first_free(&[(0, u128::MAX)], 0, u128::MAX), None);
+        assert_eq!(first_free(&[], 5, 5), None);
+        // Key ranges clamp to the allocatable range: below SubnetMin blocks nothing, past
+        // SubnetMax stops at the last index.
+        let c = v6(r#","IPv6Network":"fd00::/60""#);
+        assert_eq!(
+            blocked_indices(
+                &c,
+                [
+                    n("fd00::/64"),
+                    n("fd00::/62"),
+                    n("fd00:0:0:1::8/125"),
+                    n("fd00:0:0:f::/64"),
+                    n("fd00:0:0:8::/61"),
+                    n("fe80::/10"),
+                ]
+                .iter()
+            ),
+            [(0, 0), (0, 2), (7, 14), (14, 14)]
+        );
     }
 }
 

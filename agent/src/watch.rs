@@ -361,11 +361,7 @@ mod tests {
         let a = t.resync(&[
             raw("fd00:10:244:3::-64", v6only, 2),
             raw("0.0.0.0-0&fd00:10:244:4::-64", v6only, 3),
-            raw(
-                "10.244.2.0-24",
-                &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"),
-                4,
-            ),
+            raw("10.244.2.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 4),
         ]);
         assert_eq!(a.changes.len(), 1, "{a:?}");
         let kinds: Vec<_> = a.skipped.iter().map(|s| (s.kind, s.subnet)).collect();
