@@ -120,38 +120,38 @@ impl SubnetEnv {
                 other => return Err(field(&k, format!("{other:?} is not true or false"))),
             },
         };
-        let v6_cidr = |k: &str| -> Result<Option<Ipv6Network>, SubnetEnvError> {
+        let v6_cidr = |k: &str| -> Result<Option<(String, Ipv6Network)>, SubnetEnvError> {
             match get(k) {
                 None => Ok(None),
-                Some((key, v)) => v
-                    .parse::<Ipv6Network>()
-                    .map(Some)
-                    .map_err(|_| field(&key, format!("{v:?} is not an IPv6 CIDR"))),
+                Some((key, v)) => match v.parse::<Ipv6Network>() {
+                    Ok(n) => Ok(Some((key, n))),
+                    Err(_) => Err(field(&key, format!("{v:?} is not an IPv6 CIDR"))),
+                },
             }
         };
+        // The other half of a pair is named as the present half is spelled, so an error about a
+        // flannel file names flannel's key.
+        let sibling = |present: &str, from: &str, to: &str| present.replace(from, to);
         // Both or neither: half a dual-stack lease would give pods a v6 address with no network
         // to route it in (or the reverse).
         let ipv6 = match (v6_cidr("IPV6_NETWORK")?, v6_cidr("IPV6_SUBNET")?) {
             (None, None) => None,
-            (Some(network), Some(subnet)) => {
+            (Some((nk, network)), Some((sk, subnet))) => {
                 if !network.contains(subnet.network()) || subnet.prefix() < network.prefix() {
-                    return Err(field(
-                        "TWEED_IPV6_SUBNET",
-                        format!("{subnet} is outside TWEED_IPV6_NETWORK {network}"),
-                    ));
+                    return Err(field(&sk, format!("{subnet} is outside {nk} {network}")));
                 }
                 Some(SubnetEnvV6 { network, subnet })
             }
-            (Some(_), None) => {
+            (Some((nk, _)), None) => {
                 return Err(field(
-                    "TWEED_IPV6_SUBNET",
-                    "missing while TWEED_IPV6_NETWORK is set".to_string(),
+                    &sibling(&nk, "NETWORK", "SUBNET"),
+                    format!("missing while {nk} is set"),
                 ))
             }
-            (None, Some(_)) => {
+            (None, Some((sk, _))) => {
                 return Err(field(
-                    "TWEED_IPV6_NETWORK",
-                    "missing while TWEED_IPV6_SUBNET is set".to_string(),
+                    &sibling(&sk, "SUBNET", "NETWORK"),
+                    format!("missing while {sk} is set"),
                 ))
             }
         };
@@ -280,6 +280,13 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{extra}: {e}");
+            // The same mistakes in a flannel-written file name flannel's keys.
+            let flannel = format!("{base}{extra}").replace("TWEED_", "FLANNEL_");
+            let e = SubnetEnv::parse(Path::new("f"), &flannel)
+                .unwrap_err()
+                .to_string();
+            let fkey = key.replace("TWEED_", "FLANNEL_");
+            assert!(e.contains(&fkey) && !e.contains("TWEED_"), "{flannel}: {e}");
         }
     }
 
