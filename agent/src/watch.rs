@@ -122,9 +122,14 @@ impl LeaseTable {
             Err(e) => return out.skipped.push(skip("bad_value", e.to_string())),
         };
         if let Err(e) = attrs.validate(&key, self.network, self.subnet_len) {
-            if matches!(e, LeaseRejection::WrongPrefixLen { .. }) {
+            if matches!(
+                e,
+                LeaseRejection::WrongPrefixLen { .. } | LeaseRejection::OutsideNetwork { .. }
+            ) {
                 // No node allocates such a key, so it must not block allocation either: a
-                // stray `10.244.0.0-16` would otherwise leave no free subnet at all.
+                // stray `10.244.0.0-16`, or `10.0.0.0-8` around the whole network, would
+                // otherwise leave no free subnet at all. (One outside and disjoint blocks
+                // nothing anyway.)
                 self.occupied.remove(&raw.key);
             }
             return out.skipped.push(skip(e.label(), e.to_string()));
@@ -370,6 +375,39 @@ mod tests {
             assert!(s.reason.contains("IPv6-only"), "{s:?}");
         }
         assert_eq!(t.occupied(), ["10.244.2.0/24".parse().unwrap()]);
+    }
+
+    /// A key around the whole network (`10.0.0.0-8` over 10.244.0.0/16, or `0.0.0.0-0`) is
+    /// refused as outside the network and, like a wrong-length key, leaves allocation free.
+    #[test]
+    fn keys_around_the_whole_network_block_no_allocation() {
+        let mut t = table();
+        let a = t.resync(&[
+            raw("10.0.0.0-8", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 2),
+            raw("0.0.0.0-0", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 3),
+            raw("10.244.0.0-16", &vx("198.18.0.5", "aa:aa:aa:aa:aa:05"), 4),
+            raw("10.244.2.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 5),
+        ]);
+        let kinds: Vec<_> = a.skipped.iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            ["outside_network", "outside_network", "wrong_prefix_len"]
+        );
+        assert_eq!(t.occupied(), ["10.244.2.0/24".parse().unwrap()]);
+        let cfg = tweed_config::NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let d = crate::alloc::choose(
+            &cfg,
+            &[],
+            &t.occupied(),
+            "198.18.0.9".parse().unwrap(),
+            None,
+            &Default::default(),
+            &mut rand::rng(),
+        );
+        assert!(
+            matches!(d, Ok(crate::alloc::Decision::Take(s)) if s != "10.244.2.0/24".parse().unwrap()),
+            "{d:?}"
+        );
     }
 
     #[test]
