@@ -136,6 +136,48 @@ mod tests {
         );
     }
 
+    /// A flannel dual-stack node's file: the plugin reads it (the IPv6 pair parsed and kept for
+    /// the dual-stack IPAM to come) and sets up exactly the IPv4 node it did before.
+    #[test]
+    fn flannels_dual_stack_file_gives_the_same_ipv4_node() {
+        let p = Path::new(FLANNEL_SUBNET_FILE);
+        let v4 = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+        let dual = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+        let (e4, e6) = (
+            SubnetEnv::parse(p, v4).unwrap(),
+            SubnetEnv::parse(p, dual).unwrap(),
+        );
+        let c = conf("");
+        assert_eq!(Node::new(&e6, &c), Node::new(&e4, &c));
+        assert_eq!(
+            Node::new(&e6, &c).pool(&c).unwrap(),
+            Node::new(&e4, &c).pool(&c).unwrap()
+        );
+        let v6 = e6.ipv6.expect("the IPv6 pair is parsed");
+        assert_eq!(v6.node_subnet().to_string(), "fd00:10:244:3::/64");
+        assert_eq!(v6.subnet.ip().to_string(), "fd00:10:244:3::1");
+        // A broken IPv6 half is a broken file (INVALID_CONFIG naming flannel's key), not a
+        // silently v4-only node.
+        for (bad, key) in [
+            (
+                "FLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\n",
+                "FLANNEL_IPV6_NETWORK",
+            ),
+            (
+                "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd01::1/64\n",
+                "FLANNEL_IPV6_SUBNET",
+            ),
+            (
+                "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=10.244.3.1/24\n",
+                "FLANNEL_IPV6_SUBNET",
+            ),
+        ] {
+            let e = subnet_env_error(p, SubnetEnv::parse(p, &format!("{v4}{bad}")).unwrap_err());
+            assert_eq!(e.code(), code::INVALID_CONFIG, "{bad}");
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn missing_is_not_ready_and_broken_is_invalid() {
         let p = Path::new("/run/tweed/subnet.env");
