@@ -15,5 +15,18 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
+        // IPv6-only configs too: every listed IPv6 subnet is allocatable and its key reads back.
+        if let Ok(tweed_config::ParsedNetwork::Ipv6Only(n)) =
+            tweed_config::NetworkConfig::parse_any(text)
+        {
+            let c = n.ipv6.subnet_count();
+            for i in [0, c / 2, c.saturating_sub(1)] {
+                if let Some(s) = n.ipv6.nth_subnet(i) {
+                    assert!(n.ipv6.is_allocatable(s), "{s} from {text}");
+                    let k = tweed_config::Ipv6OnlyKey { ipv6: s };
+                    assert_eq!(k.to_string().parse::<tweed_config::Ipv6OnlyKey>(), Ok(k));
+                }
+            }
+        }
     }
 });
