@@ -189,6 +189,16 @@ pub enum LeaseKey {
 }
 
 impl LeaseKey {
+    /// The key a node with these subnets writes: flannel's form whenever it has an IPv4 subnet
+    /// (so flannel nodes read it), the IPv6-only form otherwise; `None` without any subnet.
+    pub fn for_subnets(ipv4: Option<Ipv4Network>, ipv6: Option<Ipv6Network>) -> Option<Self> {
+        match (ipv4, ipv6) {
+            (Some(ipv4), ipv6) => Some(LeaseKey::Flannel(SubnetKey { ipv4, ipv6 })),
+            (None, Some(ipv6)) => Some(LeaseKey::Ipv6Only(Ipv6OnlyKey { ipv6 })),
+            (None, None) => None,
+        }
+    }
+
     pub fn ipv4(&self) -> Option<Ipv4Network> {
         match self {
             LeaseKey::Flannel(k) => Some(k.ipv4),
@@ -827,6 +837,24 @@ mod tests {
             assert_eq!(k, LeaseKey::Flannel(text.parse().unwrap()));
             assert_eq!(k.to_string(), text);
             assert_eq!(k.ipv4(), Some("10.12.13.0/24".parse().unwrap()));
+        }
+        // Which form a node writes follows from the subnets it holds.
+        let (v4, v6) = (
+            Some("10.12.13.0/24".parse().unwrap()),
+            Some("fd00:12:13::/56".parse().unwrap()),
+        );
+        for ((a, b), want) in [
+            ((v4, None), Some("10.12.13.0-24")),
+            ((v4, v6), Some("10.12.13.0-24&fd00:12:13::-56")),
+            ((None, v6), Some("fd00:12:13::-56")),
+            ((None, None), None),
+        ] {
+            let k = LeaseKey::for_subnets(a, b);
+            assert_eq!(k.map(|k| k.to_string()).as_deref(), want);
+            if let Some(k) = k {
+                assert_eq!((k.ipv4(), k.ipv6()), (a, b));
+                assert_eq!(k.to_string().parse::<LeaseKey>(), Ok(k));
+            }
         }
         for text in [
             "fd00::-64",
