@@ -62,21 +62,13 @@ impl Fake {
 
     /// Adds a plain (non-vxlan) device, returning its index. Not recorded as an op.
     pub fn add_link(&self, name: &str, mtu: u32, mac: Option<MacAddr>) -> u32 {
-        let mut s = self.lock();
-        s.next_index += 1;
-        let index = s.next_index;
-        s.links.insert(
-            index,
-            Link {
-                index,
-                name: name.to_string(),
-                mtu,
-                mac,
-                up: true,
-                ..Default::default()
-            },
-        );
-        index
+        self.lock().insert_new(Link {
+            name: name.to_string(),
+            mtu,
+            mac,
+            up: true,
+            ..Default::default()
+        })
     }
 
     /// Inserts or overwrites a link as given (index included). Not recorded as an op.
@@ -398,23 +390,25 @@ impl State {
         mac: Option<MacAddr>,
         alias: Option<String>,
     ) -> u32 {
+        self.insert_new(Link {
+            index: 0,
+            name: name.to_string(),
+            mtu,
+            mac: Some(mac.unwrap_or_else(MacAddr::random_local)),
+            kind: Some(kind.into()),
+            up: false,
+            vxlan: None,
+            master: None,
+            alias,
+        })
+    }
+
+    /// Inserts `link` under the next free index (as the kernel numbers new links) and returns it.
+    fn insert_new(&mut self, mut link: Link) -> u32 {
         self.next_index += 1;
-        let index = self.next_index;
-        self.links.insert(
-            index,
-            Link {
-                index,
-                name: name.to_string(),
-                mtu,
-                mac: Some(mac.unwrap_or_else(MacAddr::random_local)),
-                kind: Some(kind.into()),
-                up: false,
-                vxlan: None,
-                master: None,
-                alias,
-            },
-        );
-        index
+        link.index = self.next_index;
+        self.links.insert(link.index, link);
+        self.next_index
     }
 
     fn remove_link(&mut self, index: u32) {

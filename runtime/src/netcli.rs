@@ -118,40 +118,54 @@ fn emit(
     Ok(())
 }
 
+/// Where answers go, and in which format.
+struct Printer<'a> {
+    out: &'a mut dyn Write,
+    output: Output,
+}
+
+impl Printer<'_> {
+    /// A reply that is read by people (JSON indented).
+    fn pretty(
+        &mut self,
+        json: impl FnOnce() -> serde_json::Value,
+        table: impl FnOnce() -> String,
+    ) -> Result<()> {
+        emit(self.out, self.output, Layout::Pretty, json, table)
+    }
+
+    /// One line per event or action (JSON on one line).
+    fn line(
+        &mut self,
+        json: impl FnOnce() -> serde_json::Value,
+        table: impl FnOnce() -> String,
+    ) -> Result<()> {
+        emit(self.out, self.output, Layout::Line, json, table)
+    }
+}
+
 async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
     let mut c = connect(&args.socket).await?;
-    let output = args.output;
+    let mut w = Printer {
+        out,
+        output: args.output,
+    };
     match args.cmd {
         NetCmd::Status => {
             let s = answer(c.status(pb::StatusRequest {})).await?;
-            emit(
-                out,
-                output,
-                Layout::Pretty,
-                || status_json(&s),
-                || status_table(&s),
-            )?;
+            w.pretty(|| status_json(&s), || status_table(&s))?;
             return Ok(if s.ready { 0 } else { 1 });
         }
         NetCmd::Leases => {
             let l = answer(c.list_leases(pb::ListLeasesRequest {})).await?;
-            emit(
-                out,
-                output,
-                Layout::Pretty,
-                || l.leases.iter().map(lease_json).collect(),
+            w.pretty(
+                || json_list(&l.leases, lease_json),
                 || leases_table(&l.leases),
             )?;
         }
         NetCmd::Peers => {
             let p = answer(c.list_peers(pb::ListPeersRequest {})).await?;
-            emit(
-                out,
-                output,
-                Layout::Pretty,
-                || p.peers.iter().map(peer_json).collect(),
-                || peers_table(&p.peers),
-            )?;
+            w.pretty(|| json_list(&p.peers, peer_json), || peers_table(&p.peers))?;
         }
         NetCmd::Watch => {
             let mut s = answer(c.watch_leases(pb::WatchLeasesRequest {})).await?;
@@ -162,11 +176,7 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
                     Kind::Removed => "removed",
                 };
                 let lease = ev.lease.unwrap_or_default();
-                emit(
-                    out,
-                    output,
-                    Layout::Line,
-                    || json!({"kind": kind, "unix_millis": ev.unix_millis, "lease": lease_json(&lease)}),
+                w.line(|| json!({"kind": kind, "unix_millis": ev.unix_millis, "lease": lease_json(&lease)}),
                     || {
                         format!(
                             "{:<8} {:<18} {:<16} {}\n",
@@ -174,15 +184,12 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
                         )
                     },
                 )?;
-                out.flush()?;
+                w.out.flush()?;
             }
         }
         NetCmd::Reserve { subnet, public_ip } => {
             let r = answer(c.reserve(pb::ReserveRequest { subnet, public_ip })).await?;
-            emit(
-                out,
-                output,
-                Layout::Line,
+            w.line(
                 || json!({"subnet": r.subnet, "public_ip": r.public_ip, "created": r.created}),
                 || format!("reserved {} for {}\n", r.subnet, r.public_ip),
             )?;
@@ -191,11 +198,7 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
             cmd: WgCmd::RotateKey,
         } => {
             let r = answer(c.rotate_wireguard_key(pb::RotateWireguardKeyRequest {})).await?;
-            emit(
-                out,
-                output,
-                Layout::Line,
-                || json!({"old_public_key": r.old_public_key, "new_public_key": r.new_public_key, "published": r.published}),
+            w.line(|| json!({"old_public_key": r.old_public_key, "new_public_key": r.new_public_key, "published": r.published}),
                 || {
                     format!(
                         "rotated: {} -> {}{}\n",
@@ -213,11 +216,7 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
         }
         NetCmd::Unreserve { subnet } => {
             let r = answer(c.unreserve(pb::UnreserveRequest { subnet })).await?;
-            emit(
-                out,
-                output,
-                Layout::Line,
-                || json!({"subnet": r.subnet, "lease_id": format!("{:x}", r.lease_id), "ttl_seconds": r.ttl_seconds}),
+            w.line(|| json!({"subnet": r.subnet, "lease_id": format!("{:x}", r.lease_id), "ttl_seconds": r.ttl_seconds}),
                 || {
                     format!(
                         "unreserved {}: lease {:x}, expires in {}s unless renewed\n",
@@ -272,6 +271,10 @@ fn status_table(s: &pb::StatusReply) -> String {
         t.push_str(&format!("{k:<14} {v}\n"));
     }
     t
+}
+
+fn json_list<T>(items: &[T], one: fn(&T) -> serde_json::Value) -> serde_json::Value {
+    items.iter().map(one).collect()
 }
 
 fn lease_json(l: &pb::Lease) -> serde_json::Value {
