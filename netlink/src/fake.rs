@@ -252,39 +252,19 @@ impl Fake {
             Op::RouteDel(r) => vec![Event::Route(Change::Del, *r)],
             Op::NeighReplace { ifindex, ip, mac } => vec![Event::Neigh(
                 Change::New,
-                Neighbour {
-                    ifindex: *ifindex,
-                    ip: *ip,
-                    mac: Some(*mac),
-                    permanent: true,
-                },
+                Neighbour::permanent(*ifindex, *ip, Some(*mac)),
             )],
             Op::NeighDel { ifindex, ip } => vec![Event::Neigh(
                 Change::Del,
-                Neighbour {
-                    ifindex: *ifindex,
-                    ip: *ip,
-                    mac: None,
-                    permanent: true,
-                },
+                Neighbour::permanent(*ifindex, *ip, None),
             )],
             Op::FdbReplace { ifindex, mac, dst } => vec![Event::Fdb(
                 Change::New,
-                FdbEntry {
-                    ifindex: *ifindex,
-                    mac: *mac,
-                    dst: Some(*dst),
-                    permanent: true,
-                },
+                FdbEntry::permanent(*ifindex, *mac, Some(*dst)),
             )],
             Op::FdbDel { ifindex, mac, dst } => vec![Event::Fdb(
                 Change::Del,
-                FdbEntry {
-                    ifindex: *ifindex,
-                    mac: *mac,
-                    dst: *dst,
-                    permanent: true,
-                },
+                FdbEntry::permanent(*ifindex, *mac, *dst),
             )],
             _ => Vec::new(),
         }

@@ -125,22 +125,24 @@ struct Printer<'a> {
 }
 
 impl Printer<'_> {
-    /// A reply that is read by people (JSON indented).
-    fn pretty(
+    fn emit(
         &mut self,
+        layout: Layout,
         json: impl FnOnce() -> serde_json::Value,
         table: impl FnOnce() -> String,
     ) -> Result<()> {
-        emit(self.out, self.output, Layout::Pretty, json, table)
+        emit(self.out, self.output, layout, json, table)
     }
 
-    /// One line per event or action (JSON on one line).
-    fn line(
+    /// A list reply: JSON an array of `one` per item, or the table `table` makes of them all.
+    fn list<T>(
         &mut self,
-        json: impl FnOnce() -> serde_json::Value,
-        table: impl FnOnce() -> String,
+        items: &[T],
+        one: fn(&T) -> serde_json::Value,
+        table: fn(&[T]) -> String,
     ) -> Result<()> {
-        emit(self.out, self.output, Layout::Line, json, table)
+        let json = || items.iter().map(one).collect();
+        emit(self.out, self.output, Layout::Pretty, json, || table(items))
     }
 }
 
@@ -153,19 +155,16 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
     match args.cmd {
         NetCmd::Status => {
             let s = answer(c.status(pb::StatusRequest {})).await?;
-            w.pretty(|| status_json(&s), || status_table(&s))?;
+            w.emit(Layout::Pretty, || status_json(&s), || status_table(&s))?;
             return Ok(if s.ready { 0 } else { 1 });
         }
         NetCmd::Leases => {
             let l = answer(c.list_leases(pb::ListLeasesRequest {})).await?;
-            w.pretty(
-                || json_list(&l.leases, lease_json),
-                || leases_table(&l.leases),
-            )?;
+            w.list(&l.leases, lease_json, leases_table)?;
         }
         NetCmd::Peers => {
             let p = answer(c.list_peers(pb::ListPeersRequest {})).await?;
-            w.pretty(|| json_list(&p.peers, peer_json), || peers_table(&p.peers))?;
+            w.list(&p.peers, peer_json, peers_table)?;
         }
         NetCmd::Watch => {
             let mut s = answer(c.watch_leases(pb::WatchLeasesRequest {})).await?;
@@ -176,7 +175,9 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
                     Kind::Removed => "removed",
                 };
                 let lease = ev.lease.unwrap_or_default();
-                w.line(|| json!({"kind": kind, "unix_millis": ev.unix_millis, "lease": lease_json(&lease)}),
+                w.emit(
+                    Layout::Line,
+                    || json!({"kind": kind, "unix_millis": ev.unix_millis, "lease": lease_json(&lease)}),
                     || {
                         format!(
                             "{:<8} {:<18} {:<16} {}\n",
@@ -189,7 +190,8 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
         }
         NetCmd::Reserve { subnet, public_ip } => {
             let r = answer(c.reserve(pb::ReserveRequest { subnet, public_ip })).await?;
-            w.line(
+            w.emit(
+                Layout::Line,
                 || json!({"subnet": r.subnet, "public_ip": r.public_ip, "created": r.created}),
                 || format!("reserved {} for {}\n", r.subnet, r.public_ip),
             )?;
@@ -198,7 +200,9 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
             cmd: WgCmd::RotateKey,
         } => {
             let r = answer(c.rotate_wireguard_key(pb::RotateWireguardKeyRequest {})).await?;
-            w.line(|| json!({"old_public_key": r.old_public_key, "new_public_key": r.new_public_key, "published": r.published}),
+            w.emit(
+                Layout::Line,
+                || json!({"old_public_key": r.old_public_key, "new_public_key": r.new_public_key, "published": r.published}),
                 || {
                     format!(
                         "rotated: {} -> {}{}\n",
@@ -216,7 +220,9 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
         }
         NetCmd::Unreserve { subnet } => {
             let r = answer(c.unreserve(pb::UnreserveRequest { subnet })).await?;
-            w.line(|| json!({"subnet": r.subnet, "lease_id": format!("{:x}", r.lease_id), "ttl_seconds": r.ttl_seconds}),
+            w.emit(
+                Layout::Line,
+                || json!({"subnet": r.subnet, "lease_id": format!("{:x}", r.lease_id), "ttl_seconds": r.ttl_seconds}),
                 || {
                     format!(
                         "unreserved {}: lease {:x}, expires in {}s unless renewed\n",
@@ -271,10 +277,6 @@ fn status_table(s: &pb::StatusReply) -> String {
         t.push_str(&format!("{k:<14} {v}\n"));
     }
     t
-}
-
-fn json_list<T>(items: &[T], one: fn(&T) -> serde_json::Value) -> serde_json::Value {
-    items.iter().map(one).collect()
 }
 
 fn lease_json(l: &pb::Lease) -> serde_json::Value {
