@@ -1,9 +1,11 @@
 //! Choosing this node's subnet. Pure: the caller lists leases, this decides, the caller writes.
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
+use rand::distr::uniform::SampleUniform;
 use rand::Rng;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::ops::{Add, Rem};
 use tweed_config::{Ipv6Config, NetworkConfig};
 
 use crate::watch::Lease;
@@ -69,22 +71,8 @@ pub fn choose(
         return Ok(Decision::Take(p));
     }
     let count = cfg.subnet_count();
-    // Random probes find a free subnet fast in a sparse network; the scan from a random start makes
-    // a nearly full one still terminate, and still spreads nodes that race for the last few subnets.
-    for _ in 0..32 {
-        let s = cfg
-            .nth_subnet(rng.random_range(0..count))
-            .expect("index in range");
-        if is_free(s) {
-            return Ok(Decision::Take(s));
-        }
-    }
-    let start = rng.random_range(0..count);
-    for i in 0..count {
-        let s = cfg.nth_subnet((start + i) % count).expect("index in range");
-        if is_free(s) {
-            return Ok(Decision::Take(s));
-        }
+    if let Some(s) = probe_then_scan(count, count, |i| cfg.nth_subnet(i), is_free, rng) {
+        return Ok(Decision::Take(s));
     }
     Err(AllocError::OutOfSubnets {
         network: cfg.network,
@@ -93,6 +81,39 @@ pub fn choose(
         min: cfg.subnet_min,
         max: cfg.subnet_max,
     })
+}
+
+/// The free subnet among indices `0..count` that `nth` names: 32 random probes, then `steps`
+/// indices from a random start. Random probes find a free subnet fast in a sparse network; the
+/// scan from a random start makes a nearly full one still terminate, and still spreads nodes that
+/// race for the last few subnets.
+fn probe_then_scan<I, N>(
+    count: I,
+    steps: I,
+    nth: impl Fn(I) -> Option<N>,
+    is_free: impl Fn(N) -> bool,
+    rng: &mut impl Rng,
+) -> Option<N>
+where
+    I: SampleUniform + Copy + PartialOrd + Add<Output = I> + Rem<Output = I> + From<u8>,
+    N: Copy,
+{
+    for _ in 0..32 {
+        let s = nth(rng.random_range(I::from(0)..count)).expect("index in range");
+        if is_free(s) {
+            return Some(s);
+        }
+    }
+    let start = rng.random_range(I::from(0)..count);
+    let mut i = I::from(0);
+    while i < steps {
+        let s = nth((start + i) % count).expect("index in range");
+        if is_free(s) {
+            return Some(s);
+        }
+        i = i + I::from(1);
+    }
+    None
 }
 
 fn overlaps_v6(a: Ipv6Network, b: Ipv6Network) -> bool {
@@ -120,13 +141,9 @@ pub fn choose_v6(
         return Ok(p);
     }
     let count = cfg.subnet_count();
-    for _ in 0..32 {
-        let s = cfg
-            .nth_subnet(rng.random_range(0..count))
-            .expect("index in range");
-        if is_free(s) {
-            return Ok(s);
-        }
+    // The random probes only: the scan is replaced by the gap search below.
+    if let Some(s) = probe_then_scan(count, 0, |i| cfg.nth_subnet(i), is_free, rng) {
+        return Ok(s);
     }
     let blocked = blocked_indices(cfg, occupied.iter().chain(exclude));
     let start = rng.random_range(0..count);
@@ -419,6 +436,19 @@ mod tests {
         rand::rngs::StdRng::seed_from_u64(7)
     }
 
+    /// `choose` for the node at `me`, with nothing excluded and the seeded rng.
+    fn choose_for(
+        c: &NetworkConfig,
+        own_leases: &[Lease],
+        occupied: &[Ipv4Network],
+        me: &str,
+        previous: Option<&str>,
+    ) -> Result<Decision, AllocError> {
+        let previous = previous.map(|p| p.parse().unwrap());
+        let (me, none) = (me.parse().unwrap(), HashSet::new());
+        choose(c, own_leases, occupied, me, previous, &none, &mut rng())
+    }
+
     #[test]
     fn reuses_the_lease_held_for_our_ip_first() {
         let c = cfg(r#"{"Network":"10.244.0.0/16"}"#);
@@ -427,16 +457,7 @@ mod tests {
             lease("10.244.9.0/24", "198.18.0.1"),
         ];
         let occ: Vec<_> = leases.iter().map(|l| l.key.ipv4).collect();
-        let d = choose(
-            &c,
-            &leases,
-            &occ,
-            "198.18.0.1".parse().unwrap(),
-            Some("10.244.3.0/24".parse().unwrap()),
-            &HashSet::new(),
-            &mut rng(),
-        )
-        .unwrap();
+        let d = choose_for(&c, &leases, &occ, "198.18.0.1", Some("10.244.3.0/24")).unwrap();
         assert_eq!(d, Decision::Reuse(leases[1].clone()));
     }
 
@@ -444,16 +465,7 @@ mod tests {
     fn a_held_lease_outside_the_range_is_not_reused() {
         let c = cfg(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0"}"#);
         let leases = vec![lease("10.244.3.0/24", "198.18.0.1")];
-        let d = choose(
-            &c,
-            &leases,
-            &[leases[0].key.ipv4],
-            "198.18.0.1".parse().unwrap(),
-            None,
-            &HashSet::new(),
-            &mut rng(),
-        )
-        .unwrap();
+        let d = choose_for(&c, &leases, &[leases[0].key.ipv4], "198.18.0.1", None).unwrap();
         match d {
             Decision::Take(s) => assert!(c.is_allocatable(s)),
             other => panic!("{other:?}"),
@@ -505,16 +517,7 @@ mod tests {
         assert_eq!(c.subnet_count(), 3);
         // A foreign /24 key covers the whole range.
         let occ = vec!["10.0.0.0/24".parse().unwrap()];
-        let err = choose(
-            &c,
-            &[],
-            &occ,
-            "1.1.1.1".parse().unwrap(),
-            None,
-            &HashSet::new(),
-            &mut rng(),
-        )
-        .unwrap_err();
+        let err = choose_for(&c, &[], &occ, "1.1.1.1", None).unwrap_err();
         assert!(
             err.to_string().contains("all 3 /26 subnets of 10.0.0.0/16"),
             "{err}"
@@ -547,30 +550,12 @@ mod tests {
         let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.8.0"}"#);
         let mut occ: Vec<Ipv4Network> = Vec::new();
         for _ in 0..8 {
-            let Decision::Take(s) = choose(
-                &c,
-                &[],
-                &occ,
-                "1.1.1.1".parse().unwrap(),
-                None,
-                &HashSet::new(),
-                &mut rng(),
-            )
-            .unwrap() else {
+            let Decision::Take(s) = choose_for(&c, &[], &occ, "1.1.1.1", None).unwrap() else {
                 panic!()
             };
             assert!(!occ.contains(&s));
             occ.push(s);
         }
-        assert!(choose(
-            &c,
-            &[],
-            &occ,
-            "1.1.1.1".parse().unwrap(),
-            None,
-            &HashSet::new(),
-            &mut rng()
-        )
-        .is_err());
+        assert!(choose_for(&c, &[], &occ, "1.1.1.1", None).is_err());
     }
 }

@@ -63,6 +63,12 @@ impl Service {
             Status::unavailable("the agent has not read the network config from etcd yet")
         })
     }
+
+    /// The control handle and the key of `subnet`, checked against the network it holds.
+    fn control_and_key(&self, subnet: &str) -> Result<(&Control, SubnetKey), Status> {
+        let c = self.control()?;
+        Ok((c, parse_subnet(&c.cfg, subnet)?))
+    }
 }
 
 /// "10.244.7.0/24" or flannel's key form "10.244.7.0-24", checked against the network.
@@ -203,8 +209,7 @@ impl Agent for Service {
         req: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveReply>, Status> {
         let req = req.into_inner();
-        let c = self.control()?;
-        let key = parse_subnet(&c.cfg, &req.subnet)?;
+        let (c, key) = self.control_and_key(&req.subnet)?;
         let ip: std::net::Ipv4Addr = req.public_ip.trim().parse().map_err(|_| {
             Status::invalid_argument(format!("{:?} is not an IPv4 address", req.public_ip))
         })?;
@@ -247,9 +252,7 @@ impl Agent for Service {
         &self,
         req: Request<pb::UnreserveRequest>,
     ) -> Result<Response<pb::UnreserveReply>, Status> {
-        let req = req.into_inner();
-        let c = self.control()?;
-        let key = parse_subnet(&c.cfg, &req.subnet)?;
+        let (c, key) = self.control_and_key(&req.into_inner().subnet)?;
         match c
             .registry
             .unreserve(&key, c.lease_ttl)

@@ -149,6 +149,14 @@ mod tests {
         )
     }
 
+    const TTL: Duration = Duration::from_secs(60);
+
+    /// An empty in-memory registry, and the handle the agent code takes.
+    fn mem_registry() -> (MemRegistry, Registry) {
+        let mem = MemRegistry::new(P);
+        (mem.clone(), Registry::Mem(mem))
+    }
+
     /// Acquires for the node `ip` (asking for `prev` back, as a restarted agent does).
     async fn acquire_as(
         reg: &Registry,
@@ -186,7 +194,7 @@ mod tests {
                     &cfg(),
                     &attrs(&format!("198.18.0.{}", i + 1)),
                     None,
-                    Duration::from_secs(60),
+                    TTL,
                 )
                 .await
                 .unwrap()
@@ -199,16 +207,10 @@ mod tests {
         }
         assert_eq!(got.len(), 40);
         // The range holds exactly 40: the 41st node gets a clear error.
-        let err = acquire(
-            &Registry::Mem(mem),
-            &cfg(),
-            &attrs("198.18.1.1"),
-            None,
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let err = acquire(&Registry::Mem(mem), &cfg(), &attrs("198.18.1.1"), None, TTL)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("out of subnets") && err.contains("10.244.0.0/16"),
             "{err}"
@@ -217,17 +219,15 @@ mod tests {
 
     #[tokio::test]
     async fn restart_reuses_the_lease_and_rewrites_changed_attrs() {
-        let mem = MemRegistry::new(P);
-        let reg = Registry::Mem(mem.clone());
-        let ttl = Duration::from_secs(60);
-        let first = acquire_as(&reg, "198.18.0.1", None, ttl).await;
+        let (_, reg) = mem_registry();
+        let first = acquire_as(&reg, "198.18.0.1", None, TTL).await;
         assert!(!first.reused);
-        let again = acquire_as(&reg, "198.18.0.1", None, ttl).await;
+        let again = acquire_as(&reg, "198.18.0.1", None, TTL).await;
         assert_eq!(again.key, first.key);
         assert!(again.reused);
         let rev_before = reg.list_leases().await.unwrap().revision;
         // Unchanged attrs: no write at all (peers see nothing).
-        acquire_as(&reg, "198.18.0.1", None, ttl).await;
+        acquire_as(&reg, "198.18.0.1", None, TTL).await;
         assert_eq!(reg.list_leases().await.unwrap().revision, rev_before);
         // New VTEP MAC: same subnet, value rewritten.
         let mut changed = attrs("198.18.0.1");
@@ -237,7 +237,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let third = acquire(&reg, &cfg(), &changed, None, ttl).await.unwrap();
+        let third = acquire(&reg, &cfg(), &changed, None, TTL).await.unwrap();
         assert_eq!(third.key, first.key);
         let snap = reg.list_leases().await.unwrap();
         assert!(String::from_utf8_lossy(&snap.leases[0].value).contains("ee:99"));
@@ -245,58 +245,47 @@ mod tests {
 
     #[tokio::test]
     async fn expired_or_deleted_lease_is_reacquired_on_the_same_subnet() {
-        let mem = MemRegistry::new(P);
-        let reg = Registry::Mem(mem.clone());
-        let ttl = Duration::from_secs(60);
-        let first = acquire_as(&reg, "198.18.0.1", None, ttl).await;
+        let (mem, reg) = mem_registry();
+        let first = acquire_as(&reg, "198.18.0.1", None, TTL).await;
         mem.expire_lease(first.lease_id);
         assert_eq!(reg.renew(first.lease_id).await.unwrap(), None);
         assert!(reg.list_leases().await.unwrap().leases.is_empty());
-        let back = acquire_as(&reg, "198.18.0.1", Some(first.subnet()), ttl).await;
+        let back = acquire_as(&reg, "198.18.0.1", Some(first.subnet()), TTL).await;
         assert_eq!(back.subnet(), first.subnet());
         assert_ne!(back.lease_id, first.lease_id);
         // Someone else grabbed it while we were away: we get another one, not an error.
         mem.delete_raw(&back.key.etcd_key(P));
-        acquire_as(&reg, "198.18.0.2", Some(first.subnet()), ttl).await;
-        let other = acquire_as(&reg, "198.18.0.1", Some(first.subnet()), ttl).await;
+        acquire_as(&reg, "198.18.0.2", Some(first.subnet()), TTL).await;
+        let other = acquire_as(&reg, "198.18.0.1", Some(first.subnet()), TTL).await;
         assert_ne!(other.subnet(), first.subnet());
     }
 
     #[tokio::test]
     async fn a_corrupt_lease_blocks_its_subnet_but_nothing_else() {
-        let mem = MemRegistry::new(P);
-        let reg = Registry::Mem(mem.clone());
+        let (mem, reg) = mem_registry();
         let prev: Ipv4Network = "10.244.5.0/24".parse().unwrap();
         mem.put_raw(&format!("{P}/subnets/10.244.5.0-24"), b"{garbage");
-        let got = acquire(
-            &reg,
-            &cfg(),
-            &attrs("198.18.0.1"),
-            Some(prev),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
+        let got = acquire(&reg, &cfg(), &attrs("198.18.0.1"), Some(prev), TTL)
+            .await
+            .unwrap();
         assert_ne!(got.subnet(), prev);
     }
 
     #[tokio::test]
     async fn a_reservation_is_taken_only_by_its_public_ip_and_keeps_no_ttl() {
-        let mem = MemRegistry::new(P);
-        let reg = Registry::Mem(mem.clone());
-        let ttl = Duration::from_secs(60);
+        let (_, reg) = mem_registry();
         let reserved: Ipv4Network = "10.244.9.0/24".parse().unwrap();
         let key = SubnetKey::new(reserved);
         reg.reserve(&key, "198.18.0.77".parse().unwrap())
             .await
             .unwrap();
         // Another node never gets it, even when it asks for it as its previous subnet.
-        let other = acquire(&reg, &cfg(), &attrs("198.18.0.5"), Some(reserved), ttl)
+        let other = acquire(&reg, &cfg(), &attrs("198.18.0.5"), Some(reserved), TTL)
             .await
             .unwrap();
         assert_ne!(other.subnet(), reserved);
         // The node with that IP takes it, keeps it without a TTL and writes its backend data.
-        let own = acquire_as(&reg, "198.18.0.77", None, ttl).await;
+        let own = acquire_as(&reg, "198.18.0.77", None, TTL).await;
         assert_eq!(own.subnet(), reserved);
         assert_eq!(own.lease_id, 0);
         assert!(own.reused);

@@ -62,21 +62,13 @@ impl Fake {
 
     /// Adds a plain (non-vxlan) device, returning its index. Not recorded as an op.
     pub fn add_link(&self, name: &str, mtu: u32, mac: Option<MacAddr>) -> u32 {
-        let mut s = self.lock();
-        s.next_index += 1;
-        let index = s.next_index;
-        s.links.insert(
-            index,
-            Link {
-                index,
-                name: name.to_string(),
-                mtu,
-                mac,
-                up: true,
-                ..Default::default()
-            },
-        );
-        index
+        self.lock().insert_new(Link {
+            name: name.to_string(),
+            mtu,
+            mac,
+            up: true,
+            ..Default::default()
+        })
     }
 
     /// Inserts or overwrites a link as given (index included). Not recorded as an op.
@@ -260,39 +252,19 @@ impl Fake {
             Op::RouteDel(r) => vec![Event::Route(Change::Del, *r)],
             Op::NeighReplace { ifindex, ip, mac } => vec![Event::Neigh(
                 Change::New,
-                Neighbour {
-                    ifindex: *ifindex,
-                    ip: *ip,
-                    mac: Some(*mac),
-                    permanent: true,
-                },
+                Neighbour::permanent(*ifindex, *ip, Some(*mac)),
             )],
             Op::NeighDel { ifindex, ip } => vec![Event::Neigh(
                 Change::Del,
-                Neighbour {
-                    ifindex: *ifindex,
-                    ip: *ip,
-                    mac: None,
-                    permanent: true,
-                },
+                Neighbour::permanent(*ifindex, *ip, None),
             )],
             Op::FdbReplace { ifindex, mac, dst } => vec![Event::Fdb(
                 Change::New,
-                FdbEntry {
-                    ifindex: *ifindex,
-                    mac: *mac,
-                    dst: Some(*dst),
-                    permanent: true,
-                },
+                FdbEntry::permanent(*ifindex, *mac, Some(*dst)),
             )],
             Op::FdbDel { ifindex, mac, dst } => vec![Event::Fdb(
                 Change::Del,
-                FdbEntry {
-                    ifindex: *ifindex,
-                    mac: *mac,
-                    dst: *dst,
-                    permanent: true,
-                },
+                FdbEntry::permanent(*ifindex, *mac, *dst),
             )],
             _ => Vec::new(),
         }
@@ -398,23 +370,25 @@ impl State {
         mac: Option<MacAddr>,
         alias: Option<String>,
     ) -> u32 {
+        self.insert_new(Link {
+            index: 0,
+            name: name.to_string(),
+            mtu,
+            mac: Some(mac.unwrap_or_else(MacAddr::random_local)),
+            kind: Some(kind.into()),
+            up: false,
+            vxlan: None,
+            master: None,
+            alias,
+        })
+    }
+
+    /// Inserts `link` under the next free index (as the kernel numbers new links) and returns it.
+    fn insert_new(&mut self, mut link: Link) -> u32 {
         self.next_index += 1;
-        let index = self.next_index;
-        self.links.insert(
-            index,
-            Link {
-                index,
-                name: name.to_string(),
-                mtu,
-                mac: Some(mac.unwrap_or_else(MacAddr::random_local)),
-                kind: Some(kind.into()),
-                up: false,
-                vxlan: None,
-                master: None,
-                alias,
-            },
-        );
-        index
+        link.index = self.next_index;
+        self.links.insert(link.index, link);
+        self.next_index
     }
 
     fn remove_link(&mut self, index: u32) {

@@ -65,12 +65,7 @@ impl Tables {
             Op::NeighReplace { ifindex, ip, mac } => {
                 self.neigh.insert(
                     (*ifindex, *ip),
-                    Neighbour {
-                        ifindex: *ifindex,
-                        ip: *ip,
-                        mac: Some(*mac),
-                        permanent: true,
-                    },
+                    Neighbour::permanent(*ifindex, *ip, Some(*mac)),
                 );
                 Ok(())
             }
@@ -80,12 +75,7 @@ impl Tables {
                 .map(drop)
                 .ok_or(libc::ENOENT),
             Op::FdbReplace { ifindex, mac, dst } => {
-                let new = FdbEntry {
-                    ifindex: *ifindex,
-                    mac: *mac,
-                    dst: Some(*dst),
-                    permanent: true,
-                };
+                let new = FdbEntry::permanent(*ifindex, *mac, Some(*dst));
                 let remotes = self.fdb.entry((*ifindex, *mac)).or_default();
                 // vxlan's NLM_F_REPLACE rewrites the first remote in place and leaves the others.
                 match remotes.iter().position(|e| e.dst == Some(*dst)) {

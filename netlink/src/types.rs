@@ -210,6 +210,30 @@ pub struct FdbEntry {
     pub permanent: bool,
 }
 
+impl Neighbour {
+    /// An entry as tweed makes them (`NUD_PERMANENT`).
+    pub fn permanent(ifindex: u32, ip: Ipv4Addr, mac: Option<MacAddr>) -> Neighbour {
+        Neighbour {
+            ifindex,
+            ip,
+            mac,
+            permanent: true,
+        }
+    }
+}
+
+impl FdbEntry {
+    /// An entry as tweed makes them (`NUD_PERMANENT`).
+    pub fn permanent(ifindex: u32, mac: MacAddr, dst: Option<Ipv4Addr>) -> FdbEntry {
+        FdbEntry {
+            ifindex,
+            mac,
+            dst,
+            permanent: true,
+        }
+    }
+}
+
 /// An IPv4 route in the main table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {

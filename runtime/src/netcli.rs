@@ -118,40 +118,53 @@ fn emit(
     Ok(())
 }
 
+/// Where answers go, and in which format.
+struct Printer<'a> {
+    out: &'a mut dyn Write,
+    output: Output,
+}
+
+impl Printer<'_> {
+    fn emit(
+        &mut self,
+        layout: Layout,
+        json: impl FnOnce() -> serde_json::Value,
+        table: impl FnOnce() -> String,
+    ) -> Result<()> {
+        emit(self.out, self.output, layout, json, table)
+    }
+
+    /// A list reply: JSON an array of `one` per item, or the table `table` makes of them all.
+    fn list<T>(
+        &mut self,
+        items: &[T],
+        one: fn(&T) -> serde_json::Value,
+        table: fn(&[T]) -> String,
+    ) -> Result<()> {
+        let json = || items.iter().map(one).collect();
+        emit(self.out, self.output, Layout::Pretty, json, || table(items))
+    }
+}
+
 async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
     let mut c = connect(&args.socket).await?;
-    let output = args.output;
+    let mut w = Printer {
+        out,
+        output: args.output,
+    };
     match args.cmd {
         NetCmd::Status => {
             let s = answer(c.status(pb::StatusRequest {})).await?;
-            emit(
-                out,
-                output,
-                Layout::Pretty,
-                || status_json(&s),
-                || status_table(&s),
-            )?;
+            w.emit(Layout::Pretty, || status_json(&s), || status_table(&s))?;
             return Ok(if s.ready { 0 } else { 1 });
         }
         NetCmd::Leases => {
             let l = answer(c.list_leases(pb::ListLeasesRequest {})).await?;
-            emit(
-                out,
-                output,
-                Layout::Pretty,
-                || l.leases.iter().map(lease_json).collect(),
-                || leases_table(&l.leases),
-            )?;
+            w.list(&l.leases, lease_json, leases_table)?;
         }
         NetCmd::Peers => {
             let p = answer(c.list_peers(pb::ListPeersRequest {})).await?;
-            emit(
-                out,
-                output,
-                Layout::Pretty,
-                || p.peers.iter().map(peer_json).collect(),
-                || peers_table(&p.peers),
-            )?;
+            w.list(&p.peers, peer_json, peers_table)?;
         }
         NetCmd::Watch => {
             let mut s = answer(c.watch_leases(pb::WatchLeasesRequest {})).await?;
@@ -162,9 +175,7 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
                     Kind::Removed => "removed",
                 };
                 let lease = ev.lease.unwrap_or_default();
-                emit(
-                    out,
-                    output,
+                w.emit(
                     Layout::Line,
                     || json!({"kind": kind, "unix_millis": ev.unix_millis, "lease": lease_json(&lease)}),
                     || {
@@ -174,14 +185,12 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
                         )
                     },
                 )?;
-                out.flush()?;
+                w.out.flush()?;
             }
         }
         NetCmd::Reserve { subnet, public_ip } => {
             let r = answer(c.reserve(pb::ReserveRequest { subnet, public_ip })).await?;
-            emit(
-                out,
-                output,
+            w.emit(
                 Layout::Line,
                 || json!({"subnet": r.subnet, "public_ip": r.public_ip, "created": r.created}),
                 || format!("reserved {} for {}\n", r.subnet, r.public_ip),
@@ -191,9 +200,7 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
             cmd: WgCmd::RotateKey,
         } => {
             let r = answer(c.rotate_wireguard_key(pb::RotateWireguardKeyRequest {})).await?;
-            emit(
-                out,
-                output,
+            w.emit(
                 Layout::Line,
                 || json!({"old_public_key": r.old_public_key, "new_public_key": r.new_public_key, "published": r.published}),
                 || {
@@ -213,9 +220,7 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
         }
         NetCmd::Unreserve { subnet } => {
             let r = answer(c.unreserve(pb::UnreserveRequest { subnet })).await?;
-            emit(
-                out,
-                output,
+            w.emit(
                 Layout::Line,
                 || json!({"subnet": r.subnet, "lease_id": format!("{:x}", r.lease_id), "ttl_seconds": r.ttl_seconds}),
                 || {

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::cgroup::Stats;
+use crate::seccomp::Insn;
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -15,14 +16,14 @@ const AUDIT_ARCH: u32 = 0xC000_003E;
 const AUDIT_ARCH: u32 = 0xC000_00B7;
 
 /// The filter: `sysinfo` -> user notification, everything else allowed.
-fn program() -> Vec<libc::sock_filter> {
-    let st = |code: u16, k: u32| libc::sock_filter {
+fn program() -> Vec<Insn> {
+    let st = |code: u16, k: u32| Insn {
         code,
         jt: 0,
         jf: 0,
         k,
     };
-    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+    let jeq = |k: u32, jt: u8, jf: u8| Insn {
         code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
         jt,
         jf,
@@ -42,23 +43,7 @@ fn program() -> Vec<libc::sock_filter> {
 
 /// Installs the filter on the calling thread (needs no_new_privs) and returns the listener.
 pub fn install_filter() -> io::Result<OwnedFd> {
-    let prog = program();
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: a valid BPF program that outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &fprog as *const libc::sock_fprog,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let r = crate::seccomp::set_mode_filter(&program(), libc::SECCOMP_FILTER_FLAG_NEW_LISTENER)?;
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }

@@ -9,6 +9,7 @@
 //!   also when the test panics, and a way to run code on a thread inside one;
 //! - [`cni`]: calling a CNI plugin the way a container runtime does, from inside a chosen "host"
 //!   namespace;
+//! - [`tar`]: archives with hostile names, made by hand;
 //! - [`unique`] names and [`wait_for`] polling.
 //!
 //! Nothing here touches the root namespace: commands run in namespaces the tests made.
@@ -18,6 +19,7 @@ pub mod cni;
 pub mod netns;
 pub mod root;
 pub mod sabotage;
+pub mod tar;
 
 pub use cmd::{in_ns, ip, ip_in, ok_in, probe_in, run, try_in_ns, try_run, CmdError};
 pub use netns::NetnsGuard;

@@ -32,6 +32,43 @@ pub use udp::{UdpBackend, UdpConfig, UdpError, UdpPeer};
 pub use vxlan::{ObservedState, VxlanBackend, VxlanConfig, VxlanError, VxlanPeer};
 pub use wireguard::{WgConfig, WgError, WgImpl};
 
+/// The smallest MTU IPv4 allows; below it the device would be useless.
+pub const MIN_MTU: u32 = 68;
+
+/// An encapsulating backend's device MTU (the underlay's minus the backend's overhead) is below
+/// IPv4's minimum.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{device}: MTU {mtu} is below the IPv4 minimum of {MIN_MTU} (underlay MTU {underlay_mtu}, \
+     {backend} needs {overhead} bytes of it)"
+)]
+pub struct MtuError {
+    pub device: String,
+    pub mtu: u32,
+    pub underlay_mtu: u32,
+    pub backend: &'static str,
+    pub overhead: u32,
+}
+
+/// Refuses a device MTU below [`MIN_MTU`], naming what the encapsulation took of the underlay's.
+pub fn check_mtu(
+    device: &str,
+    mtu: u32,
+    underlay_mtu: u32,
+    (backend, overhead): (&'static str, u32),
+) -> Result<(), MtuError> {
+    if mtu >= MIN_MTU {
+        return Ok(());
+    }
+    Err(MtuError {
+        device: device.to_string(),
+        mtu,
+        underlay_mtu,
+        backend,
+        overhead,
+    })
+}
+
 /// Outcome of one reconcile pass.
 #[derive(Debug, Default)]
 pub struct ReconcileStats {

@@ -17,7 +17,7 @@ use ipnetwork::Ipv4Network;
 
 use super::hostgw::{self, HostGwConfig, HostGwPeer};
 use super::route::canonical;
-use super::{apply_plan, device_addr, diff_routes, ReconcileStats};
+use super::{apply_plan, check_mtu, device_addr, diff_routes, MtuError, ReconcileStats};
 use crate::netlink::model::Tables;
 use crate::netlink::{
     Addr, FdbEntry, Link, MacAddr, Neighbour, Netlink, NetlinkError, Op, Route, VxlanSpec,
@@ -28,21 +28,9 @@ use crate::netlink::{
 pub const DEFAULT_PORT: u16 = 8472;
 /// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
-/// The smallest MTU IPv4 allows; below it the device would be useless.
-const MIN_MTU: u32 = 68;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VxlanError {
-    #[error(
-        "{device}: MTU {mtu} is below the IPv4 minimum of {MIN_MTU} (underlay MTU {underlay_mtu}, \
-         vxlan needs {VXLAN_OVERHEAD} bytes of it)"
-    )]
-    Mtu {
-        device: String,
-        mtu: u32,
-        underlay_mtu: u32,
-    },
-
     #[error("VTEP MAC file {}: {source}", path.display())]
     MacFile {
         path: PathBuf,
@@ -70,6 +58,9 @@ pub enum VxlanError {
 
     #[error("vxlan lease for {subnet}: {reason}")]
     PeerData { subnet: Ipv4Network, reason: String },
+
+    #[error(transparent)]
+    Mtu(#[from] MtuError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -640,13 +631,12 @@ impl VxlanBackend {
             device: name.clone(),
             source,
         };
-        if cfg.mtu() < MIN_MTU {
-            return Err(VxlanError::Mtu {
-                device: name,
-                mtu: cfg.mtu(),
-                underlay_mtu: cfg.underlay_mtu,
-            });
-        }
+        check_mtu(
+            &name,
+            cfg.mtu(),
+            cfg.underlay_mtu,
+            ("vxlan", VXLAN_OVERHEAD),
+        )?;
         let existing = nl.link_by_name(&name).await.map_err(device_err)?;
         let stored = read_mac_file(&cfg.mac_file)?;
         let dev = plan_device(&cfg, existing.as_ref(), stored, MacAddr::random_local());
@@ -825,6 +815,26 @@ mod tests {
         ObservedState::empty(DEV, ip("198.18.0.1"), net("10.244.1.0/24"))
     }
 
+    /// A neighbour entry on the device, as the kernel lists it.
+    fn neigh(ip: Ipv4Addr, mac: Option<MacAddr>, permanent: bool) -> Neighbour {
+        Neighbour {
+            ifindex: DEV,
+            ip,
+            mac,
+            permanent,
+        }
+    }
+
+    /// An FDB entry on `ifindex`, as the kernel lists it.
+    fn fdb(ifindex: u32, mac: MacAddr, dst: Option<Ipv4Addr>, permanent: bool) -> FdbEntry {
+        FdbEntry {
+            ifindex,
+            mac,
+            dst,
+            permanent,
+        }
+    }
+
     /// The observed state a correct kernel would show after programming `peers`.
     fn programmed(peers: &[VxlanPeer]) -> ObservedState {
         let o = observed();
@@ -954,39 +964,18 @@ mod tests {
     fn stale_entries_from_a_previous_run_are_cleaned_but_kernel_ones_kept() {
         let mut o = programmed(&[peer(2)]);
         let old = peer(5);
-        o.neighbours.push(Neighbour {
-            ifindex: DEV,
-            ip: old.gateway(),
-            mac: Some(old.vtep_mac),
-            permanent: true,
-        });
-        o.fdb.push(FdbEntry {
-            ifindex: DEV,
-            mac: old.vtep_mac,
-            dst: Some(old.public_ip),
-            permanent: true,
-        });
+        o.neighbours
+            .push(neigh(old.gateway(), Some(old.vtep_mac), true));
+        o.fdb
+            .push(fdb(DEV, old.vtep_mac, Some(old.public_ip), true));
         o.routes.push(Route::onlink(old.subnet, old.gateway(), DEV));
         // Kernel-made: a resolved ARP entry, a multicast FDB entry, a protocol-kernel route,
         // and other devices' entries.
-        o.neighbours.push(Neighbour {
-            ifindex: DEV,
-            ip: ip("10.244.99.9"),
-            mac: Some(mac(99)),
-            permanent: false,
-        });
-        o.fdb.push(FdbEntry {
-            ifindex: DEV,
-            mac: "33:33:00:00:00:01".parse().unwrap(),
-            dst: None,
-            permanent: true,
-        });
-        o.fdb.push(FdbEntry {
-            ifindex: DEV + 1,
-            mac: mac(77),
-            dst: Some(ip("1.2.3.4")),
-            permanent: true,
-        });
+        o.neighbours
+            .push(neigh(ip("10.244.99.9"), Some(mac(99)), false));
+        o.fdb
+            .push(fdb(DEV, "33:33:00:00:00:01".parse().unwrap(), None, true));
+        o.fdb.push(fdb(DEV + 1, mac(77), Some(ip("1.2.3.4")), true));
         o.routes.push(Route {
             protocol: Route::PROTO_KERNEL,
             ..Route::via(net("10.244.98.0/24"), ip("10.244.98.1"), Some(DEV))
@@ -1020,24 +1009,11 @@ mod tests {
     fn non_permanent_or_wrong_entries_for_a_peer_are_replaced() {
         let p = peer(2);
         let mut o = observed();
-        o.neighbours.push(Neighbour {
-            ifindex: DEV,
-            ip: p.gateway(),
-            mac: Some(p.vtep_mac),
-            permanent: false,
-        });
-        o.fdb.push(FdbEntry {
-            ifindex: DEV,
-            mac: p.vtep_mac,
-            dst: Some(p.public_ip),
-            permanent: true,
-        });
-        o.fdb.push(FdbEntry {
-            ifindex: DEV,
-            mac: p.vtep_mac,
-            dst: Some(ip("198.18.0.200")),
-            permanent: true,
-        });
+        o.neighbours
+            .push(neigh(p.gateway(), Some(p.vtep_mac), false));
+        o.fdb.push(fdb(DEV, p.vtep_mac, Some(p.public_ip), true));
+        o.fdb
+            .push(fdb(DEV, p.vtep_mac, Some(ip("198.18.0.200")), true));
         o.routes
             .push(Route::via(p.subnet, ip("198.18.0.2"), Some(DEV)));
         let ops = plan(&o, &[p]);
@@ -1082,19 +1058,50 @@ mod tests {
         )
     }
 
-    fn fake_host() -> (Fake, Netlink, u32) {
+    /// A state directory and a fake kernel with `eth0`, as the backend's tests start from.
+    fn fake_host() -> (tempfile::TempDir, Fake, Netlink, u32) {
         let fake = Fake::new();
         let eth0 = fake.add_link("eth0", 1500, Some(mac(0xee)));
-        (fake.clone(), Netlink::from(fake), eth0)
+        let tmp = tempfile::tempdir().unwrap();
+        (tmp, fake.clone(), Netlink::from(fake), eth0)
+    }
+
+    /// [`fake_host`] and the backend set up there with the default [`cfg`].
+    async fn set_up_host() -> (tempfile::TempDir, Fake, Netlink, u32, VxlanBackend) {
+        let (tmp, fake, nl, eth0) = fake_host();
+        let b = set_up(&nl, &tmp, eth0).await;
+        (tmp, fake, nl, eth0, b)
+    }
+
+    /// Deletes the device behind the backend's back.
+    async fn delete_device(nl: &Netlink) {
+        nl.apply(&Op::LinkDel {
+            name: "tweed.1".into(),
+        })
+        .await
+        .unwrap();
+    }
+
+    /// The backend set up with the default [`cfg`].
+    async fn set_up(nl: &Netlink, tmp: &tempfile::TempDir, eth0: u32) -> VxlanBackend {
+        set_up_with(nl, tmp, eth0, |_| {}).await
+    }
+
+    /// The backend set up with the default [`cfg`] as `change` leaves it.
+    async fn set_up_with(
+        nl: &Netlink,
+        tmp: &tempfile::TempDir,
+        eth0: u32,
+        change: impl FnOnce(&mut VxlanConfig),
+    ) -> VxlanBackend {
+        let mut c = cfg(tmp.path(), eth0);
+        change(&mut c);
+        VxlanBackend::setup(nl, c).await.unwrap()
     }
 
     #[tokio::test]
     async fn setup_creates_the_device_and_stores_the_mac() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (fake, nl, eth0) = fake_host();
-        let b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
+        let (tmp, fake, nl, eth0, b) = set_up_host().await;
         assert_eq!(b.device_name(), "tweed.1");
         let link = nl.link_by_name("tweed.1").await.unwrap().unwrap();
         assert_eq!(link.mtu, 1450);
@@ -1120,20 +1127,15 @@ mod tests {
 
     #[tokio::test]
     async fn second_setup_and_reconcile_touch_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (fake, nl, eth0) = fake_host();
+        let (tmp, fake, nl, eth0) = fake_host();
         let peers = [peer(2), peer(3), peer(4)];
-        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
+        let mut b = set_up(&nl, &tmp, eth0).await;
         let stats = b.reconcile(&nl, &peers).await.unwrap();
         assert_eq!((stats.ops_applied, stats.failures.len()), (9, 0));
         let first_mac = b.vtep_mac();
         fake.take_ops();
 
-        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
+        let mut b = set_up(&nl, &tmp, eth0).await;
         assert_eq!(b.setup_ops(), &[]);
         assert_eq!(b.vtep_mac(), first_mac);
         let stats = b.reconcile(&nl, &peers).await.unwrap();
@@ -1143,35 +1145,19 @@ mod tests {
 
     #[tokio::test]
     async fn recreated_device_keeps_the_stored_mac() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (_fake, nl, eth0) = fake_host();
-        let first = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
-        nl.apply(&Op::LinkDel {
-            name: "tweed.1".into(),
-        })
-        .await
-        .unwrap();
-        let again = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
+        let (tmp, _fake, nl, eth0, first) = set_up_host().await;
+        delete_device(&nl).await;
+        let again = set_up(&nl, &tmp, eth0).await;
         assert_eq!(again.vtep_mac(), first.vtep_mac());
         assert_ne!(again.ifindex(), first.ifindex());
     }
 
     #[tokio::test]
     async fn incompatible_device_is_recreated_and_compatible_one_only_fixed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (fake, nl, eth0) = fake_host();
-        let first = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
+        let (tmp, fake, nl, eth0, first) = set_up_host().await;
 
-        let mut c = cfg(tmp.path(), eth0);
-        c.mtu_override = Some(1400);
         fake.take_ops();
-        VxlanBackend::setup(&nl, c).await.unwrap();
+        set_up_with(&nl, &tmp, eth0, |c| c.mtu_override = Some(1400)).await;
         assert_eq!(
             fake.take_ops(),
             vec![Op::LinkSetMtu {
@@ -1180,9 +1166,7 @@ mod tests {
             }]
         );
 
-        let mut c = cfg(tmp.path(), eth0);
-        c.port = 4789;
-        let b = VxlanBackend::setup(&nl, c).await.unwrap();
+        let b = set_up_with(&nl, &tmp, eth0, |c| c.port = 4789).await;
         let ops = fake.take_ops();
         assert_eq!(
             ops[0],
@@ -1198,15 +1182,9 @@ mod tests {
 
     #[tokio::test]
     async fn stale_address_from_an_old_lease_is_replaced() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (fake, nl, eth0) = fake_host();
-        let old = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
-        let mut c = cfg(tmp.path(), eth0);
-        c.own_subnet = net("10.244.7.0/24");
+        let (tmp, fake, nl, eth0, old) = set_up_host().await;
         fake.take_ops();
-        let b = VxlanBackend::setup(&nl, c).await.unwrap();
+        let b = set_up_with(&nl, &tmp, eth0, |c| c.own_subnet = net("10.244.7.0/24")).await;
         assert_eq!(b.ifindex(), old.ifindex());
         assert_eq!(
             fake.take_ops(),
@@ -1225,8 +1203,7 @@ mod tests {
 
     #[tokio::test]
     async fn unusable_mac_file_is_replaced() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (_fake, nl, eth0) = fake_host();
+        let (tmp, _fake, nl, eth0) = fake_host();
         let c = cfg(tmp.path(), eth0);
         fs::create_dir_all(c.mac_file.parent().unwrap()).unwrap();
         fs::write(&c.mac_file, "ff:ff:ff:ff:ff:ff\n").unwrap();
@@ -1240,21 +1217,19 @@ mod tests {
 
     #[tokio::test]
     async fn too_small_mtu_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (_fake, nl, eth0) = fake_host();
+        let (tmp, _fake, nl, eth0) = fake_host();
         let mut c = cfg(tmp.path(), eth0);
         c.underlay_mtu = 100;
         let e = VxlanBackend::setup(&nl, c).await.unwrap_err();
-        assert!(matches!(e, VxlanError::Mtu { mtu: 50, .. }), "{e}");
+        assert!(
+            matches!(e, VxlanError::Mtu(MtuError { mtu: 50, .. })),
+            "{e}"
+        );
     }
 
     #[tokio::test]
     async fn incremental_reconcile_uses_the_view_and_resync_relists() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (fake, nl, eth0) = fake_host();
-        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
+        let (_tmp, fake, nl, _eth0, mut b) = set_up_host().await;
         b.reconcile(&nl, &[peer(2), peer(3)]).await.unwrap();
         fake.take_ops();
 
@@ -1278,11 +1253,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_per_peer_and_retried() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (fake, nl, eth0) = fake_host();
-        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
+        let (_tmp, fake, nl, _eth0, mut b) = set_up_host().await;
         let bad = peer(3);
         fake.fail_when(move |op| match op {
             Op::FdbReplace { mac, .. } if *mac == bad.vtep_mac => Some(libc::EINVAL),
@@ -1306,16 +1277,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_deleted_device_is_reported_as_gone() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (_fake, nl, eth0) = fake_host();
-        let mut b = VxlanBackend::setup(&nl, cfg(tmp.path(), eth0))
-            .await
-            .unwrap();
-        nl.apply(&Op::LinkDel {
-            name: "tweed.1".into(),
-        })
-        .await
-        .unwrap();
+        let (_tmp, _fake, nl, _eth0, mut b) = set_up_host().await;
+        delete_device(&nl).await;
         let e = b.reconcile(&nl, &[peer(2)]).await.unwrap_err();
         assert!(matches!(e, VxlanError::DeviceGone { .. }), "{e}");
     }

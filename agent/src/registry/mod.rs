@@ -179,6 +179,18 @@ macro_rules! dispatch {
     };
 }
 
+/// Async methods that forward to the backend's method of the same name and arguments.
+macro_rules! forward {
+    ($($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ok:ty;)*) => {
+        $(
+            $(#[$doc])*
+            pub async fn $name(&self, $($arg: $ty),*) -> Result<$ok, RegistryError> {
+                dispatch!(self, r => r.$name($($arg),*).await)
+            }
+        )*
+    };
+}
+
 impl Registry {
     pub fn etcd(r: EtcdRegistry) -> Self {
         Registry::Etcd(Box::new(r))
@@ -196,59 +208,23 @@ impl Registry {
         format!("{}/subnets/", self.prefix())
     }
 
-    /// The network config JSON, `None` while it has not been written.
-    pub async fn get_config(&self) -> Result<Option<String>, RegistryError> {
-        dispatch!(self, r => r.get_config().await)
-    }
-
-    pub async fn list_leases(&self) -> Result<Snapshot, RegistryError> {
-        dispatch!(self, r => r.list_leases().await)
-    }
-
-    /// Creates `key` with a fresh TTL lease only if it does not exist (version 0).
-    pub async fn create_lease(
-        &self,
-        key: &SubnetKey,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<CreateOutcome, RegistryError> {
-        dispatch!(self, r => r.create_lease(key, attrs, ttl).await)
-    }
-
-    /// Rewrites the value of a lease we hold, keeping its TTL lease, only if nobody changed it since
-    /// `mod_revision`. Returns false when it changed or vanished.
-    pub async fn update_lease(
-        &self,
-        key: &SubnetKey,
-        attrs: &LeaseAttrs,
-        lease_id: i64,
-        mod_revision: i64,
-    ) -> Result<bool, RegistryError> {
-        dispatch!(self, r => r.update_lease(key, attrs, lease_id, mod_revision).await)
-    }
-
-    /// Extends the TTL lease. `Ok(None)` when the lease no longer exists (expired or revoked).
-    pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
-        dispatch!(self, r => r.renew(lease_id).await)
-    }
-
-    /// Pins `key` to `public_ip` without a TTL: creates `{"PublicIP":ip}` if absent, or rewrites
-    /// the same value without a lease if that IP holds it. Nothing changes when another IP does.
-    pub async fn reserve(
-        &self,
-        key: &SubnetKey,
-        public_ip: Ipv4Addr,
-    ) -> Result<ReserveOutcome, RegistryError> {
-        dispatch!(self, r => r.reserve(key, public_ip).await)
-    }
-
-    /// Attaches a reserved key (no TTL) to a fresh TTL lease, so it expires unless renewed.
-    pub async fn unreserve(
-        &self,
-        key: &SubnetKey,
-        ttl: Duration,
-    ) -> Result<UnreserveOutcome, RegistryError> {
-        dispatch!(self, r => r.unreserve(key, ttl).await)
+    forward! {
+        /// The network config JSON, `None` while it has not been written.
+        fn get_config() -> Option<String>;
+        fn list_leases() -> Snapshot;
+        /// Creates `key` with a fresh TTL lease only if it does not exist (version 0).
+        fn create_lease(key: &SubnetKey, attrs: &LeaseAttrs, ttl: Duration) -> CreateOutcome;
+        /// Rewrites the value of a lease we hold, keeping its TTL lease, only if nobody changed it
+        /// since `mod_revision`. Returns false when it changed or vanished.
+        fn update_lease(key: &SubnetKey, attrs: &LeaseAttrs, lease_id: i64, mod_revision: i64) -> bool;
+        /// Extends the TTL lease. `Ok(None)` when the lease no longer exists (expired or revoked).
+        fn renew(lease_id: i64) -> Option<Duration>;
+        /// Pins `key` to `public_ip` without a TTL: creates `{"PublicIP":ip}` if absent, or
+        /// rewrites the same value without a lease if that IP holds it. Nothing changes when
+        /// another IP does.
+        fn reserve(key: &SubnetKey, public_ip: Ipv4Addr) -> ReserveOutcome;
+        /// Attaches a reserved key (no TTL) to a fresh TTL lease, so it expires unless renewed.
+        fn unreserve(key: &SubnetKey, ttl: Duration) -> UnreserveOutcome;
     }
 
     pub async fn watch(&self, from_revision: i64) -> Result<LeaseWatch, RegistryError> {

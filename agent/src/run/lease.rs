@@ -363,8 +363,9 @@ mod tests {
     const TTL: Duration = Duration::from_secs(60);
     const EVERY: Duration = Duration::from_secs(40);
 
-    /// A keeper of a freshly acquired lease, renewing every 40 s.
-    async fn keeper(mem: &MemRegistry) -> (LeaseKeeper, AgentState, Stop) {
+    /// An empty registry and the keeper of a lease freshly acquired in it, renewing every 40 s.
+    async fn keeper() -> (MemRegistry, LeaseKeeper, AgentState, Stop) {
+        let mem = MemRegistry::new(PREFIX);
         let registry = Arc::new(Registry::Mem(mem.clone()));
         let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
         let attrs = LeaseAttrs::new("198.18.0.1".parse().unwrap(), "host-gw", None);
@@ -375,7 +376,7 @@ mod tests {
             .await
             .unwrap();
         let k = LeaseKeeper::start(registry, cfg, attrs, TTL, EVERY, own, report);
-        (k, state, stop)
+        (mem, k, state, stop)
     }
 
     async fn lease_of(mem: &MemRegistry, own: &OwnLease) -> Option<i64> {
@@ -386,8 +387,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_renewal_keeps_the_lease_and_says_when_it_is_gone() {
-        let mem = MemRegistry::new(PREFIX);
-        let (mut k, state, mut stop) = keeper(&mem).await;
+        let (mem, mut k, state, mut stop) = keeper().await;
         let first = k.own();
         // Ten TTLs: only the renewals (every 40 s) keep it; the last at 600 s.
         tokio::time::sleep(TTL * 10 + Duration::from_secs(1)).await;
@@ -416,8 +416,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reserved_lease_is_not_renewed_and_an_unreserved_one_is() {
-        let mem = MemRegistry::new(PREFIX);
-        let (mut k, state, _stop) = keeper(&mem).await;
+        let (mem, mut k, state, _stop) = keeper().await;
         let own = k.own();
         let reg = Registry::Mem(mem.clone());
         let mut table = LeaseTable::new(PREFIX, "10.244.0.0/16".parse().unwrap(), 24);
@@ -445,8 +444,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn published_attributes_replace_the_value_under_the_same_lease() {
-        let mem = MemRegistry::new(PREFIX);
-        let (mut k, _state, mut stop) = keeper(&mem).await;
+        let (mem, mut k, _state, mut stop) = keeper().await;
         let own = k.own();
         let key = own.key.etcd_key(PREFIX);
         let key_b64 = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
@@ -490,8 +488,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_overwritten_own_lease_is_restored_then_given_up_never_adopted() {
-        let mem = MemRegistry::new(PREFIX);
-        let (mut k, state, mut stop) = keeper(&mem).await;
+        let (mem, mut k, state, mut stop) = keeper().await;
         let own = k.own();
         let reg = Registry::Mem(mem.clone());
         let key = own.key.etcd_key(PREFIX);
@@ -544,8 +541,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_key_taken_after_our_lease_expired_is_given_up_at_once() {
-        let mem = MemRegistry::new(PREFIX);
-        let (mut k, state, mut stop) = keeper(&mem).await;
+        let (mem, mut k, state, mut stop) = keeper().await;
         let own = k.own();
         let key = own.key.etcd_key(PREFIX);
         mem.expire_lease(own.lease_id);

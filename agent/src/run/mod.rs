@@ -27,6 +27,7 @@ use crate::rules::Firewall;
 use crate::settings::Settings;
 use crate::state::AgentState;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use stop::Stop;
 use tracing::{error, info};
@@ -101,31 +102,16 @@ pub async fn run(
             .await
             .map_err(|source| AgentError::MetricsListen { addr, source })?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
-        let served = crate::http::serve_with(
-            listener,
-            state.clone(),
-            settings.http_limits(),
-            stop.clone().wait_owned(),
-        );
-        servers.push(tokio::spawn(async move {
-            if let Err(e) = served.await {
-                error!("metrics server: {e}");
-            }
+        servers.push(serve_until_stop("metrics server: ", &stop, |stopped| {
+            crate::http::serve_with(listener, state.clone(), settings.http_limits(), stopped)
         }));
     }
     let api_listener = crate::api::bind(&settings.api_socket)?;
     info!(socket = %settings.api_socket.display(), "serving the gRPC API");
     let control = crate::api::ControlSlot::default();
-    let served = crate::api::serve(
-        api_listener,
-        state.clone(),
-        control.clone(),
-        stop.clone().wait_owned(),
-    );
-    servers.push(tokio::spawn(async move {
-        if let Err(e) = served.await {
-            error!("{e}");
-        }
+    // ApiError names the API server itself.
+    servers.push(serve_until_stop("", &stop, |stopped| {
+        crate::api::serve(api_listener, state.clone(), control.clone(), stopped)
     }));
 
     let result = match real_deps(&settings, state, control).await {
@@ -159,6 +145,24 @@ async fn real_deps(
         state,
         control,
         notifier: crate::notify::Notifier::from_env()?,
+    })
+}
+
+/// Runs a server on the runtime until `stop`; when it fails, its error is logged after `prefix`.
+fn serve_until_stop<E, F>(
+    prefix: &'static str,
+    stop: &Stop,
+    serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+) -> tokio::task::JoinHandle<()>
+where
+    E: std::fmt::Display + Send + 'static,
+    F: Future<Output = Result<(), E>> + Send + 'static,
+{
+    let served = serve(Box::pin(stop.clone().wait_owned()));
+    tokio::spawn(async move {
+        if let Err(e) = served.await {
+            error!("{prefix}{e}");
+        }
     })
 }
 

@@ -269,10 +269,16 @@ mod tests {
     use crate::cmd::tests::{add, conf, env, C1};
     use crate::host::fake::{addrs, link, names, routes, FakeHost};
 
-    #[test]
-    fn add_wires_the_host_and_the_container_and_prints_what_it_made() {
+    /// A host with the one container `C1`, whose kernel is returned too.
+    fn with_c1() -> (FakeHost, tweed_netlink::Fake) {
         let host = FakeHost::new();
         let ctr = host.add_container(C1);
+        (host, ctr)
+    }
+
+    #[test]
+    fn add_wires_the_host_and_the_container_and_prints_what_it_made() {
+        let (host, ctr) = with_c1();
         let c = conf(
             "1.0.0",
             json!({"hairpinMode": true, "dns": {"nameservers": ["10.96.0.10"]}}),
@@ -324,8 +330,7 @@ mod tests {
 
     #[test]
     fn a_failure_after_the_veth_exists_deletes_it_and_releases_the_address() {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
+        let (host, ctr) = with_c1();
         ctr.fail_when(|op| matches!(op, Op::AddrAdd { .. }).then_some(libc::EPERM));
         let e = run(&host, &env("ADD", "c1", C1), &conf("1.0.0", json!({}))).unwrap_err();
         assert_eq!(e.code(), 100, "{e}");
@@ -345,8 +350,7 @@ mod tests {
 
     #[test]
     fn a_failure_after_wiring_undoes_the_wiring_and_the_rule() {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
+        let (host, ctr) = with_c1();
         host.masq_fails.set(true);
         let c = conf("1.0.0", json!({"ipMasq": true}));
         let e = run(&host, &env("ADD", "c1", C1), &c).unwrap_err();
@@ -367,8 +371,7 @@ mod tests {
 
     #[test]
     fn a_veth_that_could_not_be_made_is_not_deleted() {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
+        let (host, ctr) = with_c1();
         // Someone else's eth0 is in the container already.
         ctr.add_link("eth0", 1500, None);
         let e = run(&host, &env("ADD", "c1", C1), &conf("1.0.0", json!({}))).unwrap_err();
@@ -444,8 +447,7 @@ mod tests {
 
     #[test]
     fn requested_address_mac_and_a_chained_prev_result() {
-        let host = FakeHost::new();
-        let ctr = host.add_container(C1);
+        let (host, ctr) = with_c1();
         let c = conf(
             "1.0.0",
             json!({"runtimeConfig": {"ips": ["fd00::5/64", "10.244.7.50/24"],

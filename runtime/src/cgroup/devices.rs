@@ -225,23 +225,17 @@ pub fn load(prog: &[u8]) -> Result<OwnedFd, DeviceError> {
         prog_name: name,
         ..Default::default()
     };
-    // SAFETY: attr points at live buffers (program, license, log) for the whole call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoadAttr,
-            std::mem::size_of::<ProgLoadAttr>(),
-        )
+    // attr points at live buffers (program, license, log) for the whole call.
+    let r = match bpf(BPF_PROG_LOAD, &attr) {
+        Ok(r) => r,
+        Err(source) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            return Err(DeviceError::Load {
+                source,
+                log: String::from_utf8_lossy(&log[..end]).trim().to_string(),
+            });
+        }
     };
-    if r < 0 {
-        let source = io::Error::last_os_error();
-        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-        return Err(DeviceError::Load {
-            source,
-            log: String::from_utf8_lossy(&log[..end]).trim().to_string(),
-        });
-    }
     // SAFETY: the kernel just gave us this fd.
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
@@ -260,19 +254,25 @@ pub fn attach(dir: &Path, prog: &OwnedFd) -> Result<(), DeviceError> {
         attach_type: BPF_CGROUP_DEVICE,
         attach_flags: BPF_F_ALLOW_MULTI,
     };
-    // SAFETY: plain bpf(2) with an attr struct alive for the call.
+    bpf(BPF_PROG_ATTACH, &attr).map_err(err)?;
+    Ok(())
+}
+
+/// `bpf(cmd, attr, sizeof attr)`: `A` is the `#[repr(C)]` attr union member that `cmd` reads.
+fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<i64> {
+    // SAFETY: attr is a live reference for the call and the size passed is its own.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attr as *const ProgAttachAttr,
-            std::mem::size_of::<ProgAttachAttr>(),
+            cmd,
+            attr as *const A,
+            std::mem::size_of::<A>(),
         )
     };
     if r < 0 {
-        return Err(err(io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(r)
 }
 
 /// Builds, loads and attaches Docker's device program to the v2 cgroup `dir`.

@@ -679,24 +679,10 @@ mod tests {
 
     /// A tar made by hand: the tar crate's builder refuses the hostile names tested here.
     fn tar_of(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (name, kind, link, data) in entries {
-            let mut h = tar::Header::new_old();
-            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
-            h.set_entry_type(*kind);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(0);
-            h.set_size(data.len() as u64);
-            h.set_cksum();
-            out.extend_from_slice(h.as_bytes());
-            out.extend_from_slice(data);
-            out.resize(out.len().div_ceil(512) * 512, 0);
-        }
-        out.extend_from_slice(&[0; 1024]);
-        out
+        let raw = |(name, kind, link, data): &(&str, tar::EntryType, &str, &[u8])| {
+            tweed_testkit::tar::raw_entry(name, *kind, Some(*link).filter(|l| !l.is_empty()), data)
+        };
+        tweed_testkit::tar::finish_tar(entries.iter().flat_map(raw).collect())
     }
 
     fn archive(

@@ -383,24 +383,32 @@ pub fn compiled(p: &Profile, cache_dir: &Path) -> Result<Programs, SeccompError>
 /// Installs `progs` on the calling thread, in order. Needs no_new_privs or CAP_SYS_ADMIN.
 pub fn install(progs: &Programs) -> io::Result<()> {
     for p in progs {
-        let fprog = libc::sock_fprog {
-            len: p.len() as u16,
-            filter: p.as_ptr() as *mut libc::sock_filter,
-        };
-        // SAFETY: a program seccompiler produced, alive for the call; the kernel copies it.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0,
-                &fprog as *const libc::sock_fprog,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_mode_filter(p, 0)?;
     }
     Ok(())
+}
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)` on the calling thread; returns what the kernel
+/// returned (a listener fd with `SECCOMP_FILTER_FLAG_NEW_LISTENER`). No allocation: callers run
+/// it between fork and exec.
+pub fn set_mode_filter(prog: &[Insn], flags: libc::c_ulong) -> io::Result<i64> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` is alive for the call and the kernel copies it before returning.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
 }
 
 #[cfg(test)]

@@ -135,6 +135,24 @@ impl Bed {
         self.rt.paths.netns(ID)
     }
 
+    /// A start that ran every stage up to and including the network, for tests of the stages
+    /// after it.
+    fn through_network_stage<'a>(&'a self, host: &'a Host<'a>) -> (Starting<'a>, Attached) {
+        let mut s = Starting {
+            rt: &self.rt,
+            plan: &self.plan,
+            host,
+            state_dir: self.state_dir(),
+            data_dir: self.data_dir(),
+            undo: Vec::new(),
+        };
+        s.reserve().unwrap();
+        s.rootfs().unwrap();
+        s.cgroup().unwrap();
+        let net = s.network().unwrap();
+        (s, net)
+    }
+
     /// The journal of the stages up to and including a successful network stage.
     fn through_network(&self) -> Vec<String> {
         vec![
@@ -397,18 +415,7 @@ fn a_failed_record_undoes_every_earlier_stage() {
     // directory where it goes.
     let b = Bed::new();
     let host = b.host();
-    let mut s = Starting {
-        rt: &b.rt,
-        plan: &b.plan,
-        host: &host,
-        state_dir: b.state_dir(),
-        data_dir: b.data_dir(),
-        undo: Vec::new(),
-    };
-    s.reserve().unwrap();
-    s.rootfs().unwrap();
-    s.cgroup().unwrap();
-    let net = s.network().unwrap();
+    let (mut s, net) = b.through_network_stage(&host);
     s.init_layer(&net).unwrap();
     fs::create_dir(b.state_dir().join("config.json")).unwrap();
     let e = s.record().unwrap_err();
@@ -461,18 +468,7 @@ fn the_userns_choice_lock_is_held_until_the_config_records_it() {
     b.plan.userns_lock = ChoiceLock::held(FileLock::acquire(&lock_path).unwrap());
     let free = || FileLock::try_acquire(&lock_path).unwrap().is_some();
     let host = b.host();
-    let mut s = Starting {
-        rt: &b.rt,
-        plan: &b.plan,
-        host: &host,
-        state_dir: b.state_dir(),
-        data_dir: b.data_dir(),
-        undo: Vec::new(),
-    };
-    s.reserve().unwrap();
-    s.rootfs().unwrap();
-    s.cgroup().unwrap();
-    let net = s.network().unwrap();
+    let (mut s, net) = b.through_network_stage(&host);
     let views = s.init_layer(&net).unwrap();
     assert!(!free(), "let go before the record");
     s.record().unwrap();

@@ -32,26 +32,18 @@ use ipnetwork::Ipv4Network;
 
 use self::io::{Counters, Shared, Stats, Worker};
 pub use self::table::{PeerTable, UdpPeer};
-use super::{device_addr, overlay_route, plan_l3_device, ReconcileStats};
+use super::{check_mtu, device_addr, overlay_route, plan_l3_device, MtuError, ReconcileStats};
 use crate::netlink::{Addr, Link, Netlink, NetlinkError, Op, Route};
 
 pub const DEVICE: &str = "tweed0";
 pub const DEFAULT_PORT: u16 = 8285;
 /// Outer IPv4 (20) + UDP (8): flannel's udp overhead.
 pub const UDP_OVERHEAD: u32 = 28;
-const MIN_MTU: u32 = 68;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UdpError {
-    #[error(
-        "{device}: MTU {mtu} is below the IPv4 minimum of {MIN_MTU} (underlay MTU {underlay_mtu}, \
-         udp needs {UDP_OVERHEAD} bytes of it)"
-    )]
-    Mtu {
-        device: &'static str,
-        mtu: u32,
-        underlay_mtu: u32,
-    },
+    #[error(transparent)]
+    Mtu(#[from] MtuError),
 
     #[error("opening TUN device {device} (multiqueue, virtio-net header): {source}")]
     Tun {
@@ -194,13 +186,12 @@ impl UdpBackend {
     /// kernel and is forwarded then (a restart never answers live traffic with ICMP errors).
     pub async fn setup(nl: &Netlink, cfg: UdpConfig) -> Result<UdpBackend, UdpError> {
         let cfg_device = cfg.device;
-        if cfg.mtu() < MIN_MTU {
-            return Err(UdpError::Mtu {
-                device: cfg_device,
-                mtu: cfg.mtu(),
-                underlay_mtu: cfg.underlay_mtu,
-            });
-        }
+        check_mtu(
+            cfg_device,
+            cfg.mtu(),
+            cfg.underlay_mtu,
+            ("udp", UDP_OVERHEAD),
+        )?;
         let existing = nl
             .link_by_name(cfg_device)
             .await

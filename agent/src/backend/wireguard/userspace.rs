@@ -335,6 +335,11 @@ mod tests {
         (pkts, back)
     }
 
+    fn seal_to_first_peer(t: &WgTable, pkt: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; 2048];
+        t.seal(&t.peers()[0], pkt, &mut out).unwrap().to_vec()
+    }
+
     fn pair(psk_a: Option<[u8; 32]>, psk_b: Option<[u8; 32]>) -> (WgTable, WgTable, PrivateKey) {
         let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
         let a = WgTable::new(&ka).update(&ka, &[spec(&kb, "10.244.2.0/24", "198.18.0.2", psk_a)]);
@@ -383,15 +388,7 @@ mod tests {
     #[test]
     fn a_wrong_psk_or_a_stranger_gets_nothing_through() {
         let (a, b, _) = pair(Some([1; 32]), Some([2; 32]));
-        let mut out = vec![0u8; 2048];
-        let init = a
-            .seal(
-                &a.peers()[0],
-                &ipv4("10.244.1.5", "10.244.2.7", 1, b"x"),
-                &mut out,
-            )
-            .unwrap()
-            .to_vec();
+        let init = seal_to_first_peer(&a, &ipv4("10.244.1.5", "10.244.2.7", 1, b"x"));
         let (got, resp) = deliver(&b, "198.18.0.1", &init);
         assert!(got.is_empty());
         // B answers (it cannot check the PSK before), but A cannot complete the handshake.
@@ -405,14 +402,7 @@ mod tests {
             &stranger_key,
             &[spec_of(b.public_key(), "10.244.2.0/24", "198.18.0.2", None)],
         );
-        let init = s
-            .seal(
-                &s.peers()[0],
-                &ipv4("10.244.9.1", "10.244.2.7", 1, b"x"),
-                &mut out,
-            )
-            .unwrap()
-            .to_vec();
+        let init = seal_to_first_peer(&s, &ipv4("10.244.9.1", "10.244.2.7", 1, b"x"));
         assert!(deliver(&b, "198.18.0.9", &init).1.is_empty());
         assert!(b.rx_unknown.load(Ordering::Relaxed) >= 1);
         // Garbage of every short length is refused, never a panic.
