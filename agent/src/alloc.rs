@@ -314,6 +314,20 @@ mod v6_tests {
         }
     }
 
+    /// For each prefix length in `lens`, the other half of the subnet of that length around
+    /// `target`: together they cover everything above `target` except `target` itself.
+    fn siblings_on_path(
+        target: Ipv6Network,
+        lens: std::ops::RangeInclusive<u8>,
+    ) -> Vec<Ipv6Network> {
+        lens.map(|len| {
+            let on_path = Ipv6Network::new(target.ip(), len).unwrap();
+            let sibling = u128::from(on_path.network()) ^ (1u128 << (128 - u32::from(len)));
+            Ipv6Network::new(Ipv6Addr::from(sibling), len).unwrap()
+        })
+        .collect()
+    }
+
     /// A /48 of /64s, or a /32 of /64s (2^32 subnets): one free subnet left among foreign keys
     /// that cover everything else is found at once, from every random start.
     #[test]
@@ -326,12 +340,7 @@ mod v6_tests {
             let c = v6(&format!(r#","IPv6Network":"{net}""#));
             let free = n(free);
             // The siblings along the path from the network down to `free` cover all but it.
-            let mut occ = Vec::new();
-            for len in (c.network.prefix() + 1)..=64 {
-                let on_path = Ipv6Network::new(free.ip(), len).unwrap();
-                let sibling = u128::from(on_path.network()) ^ (1u128 << (128 - len as u32));
-                occ.push(Ipv6Network::new(Ipv6Addr::from(sibling), len).unwrap());
-            }
+            let occ = siblings_on_path(free, (c.network.prefix() + 1)..=64);
             for seed in 0..20 {
                 let got = choose_v6(
                     &c,
@@ -359,13 +368,7 @@ mod v6_tests {
     fn wide_foreign_keys_never_make_a_mostly_covered_range_look_full() {
         let c = v6(r#","IPv6Network":"2001:db8::/32""#);
         let free = n("2001:db8:ffc0::/42");
-        let occ: Vec<_> = (33..=42u8)
-            .map(|len| {
-                let on_path = Ipv6Network::new(free.ip(), len).unwrap();
-                let sibling = u128::from(on_path.network()) ^ (1u128 << (128 - len as u32));
-                Ipv6Network::new(Ipv6Addr::from(sibling), len).unwrap()
-            })
-            .collect();
+        let occ = siblings_on_path(free, 33..=42);
         for seed in 0..200 {
             let s = choose_v6(
                 &c,

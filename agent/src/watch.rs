@@ -235,6 +235,15 @@ mod tests {
         )
     }
 
+    /// The vxlan lease of node `n`: public IP 198.18.0.n, VTEP MAC aa:aa:aa:aa:aa:<n as two digits>.
+    fn node(subnet: &str, n: u8, rev: i64) -> RawLease {
+        raw(
+            subnet,
+            &vx(&format!("198.18.0.{n}"), &format!("aa:aa:aa:aa:aa:{n:02}")),
+            rev,
+        )
+    }
+
     fn table() -> LeaseTable {
         LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24)
     }
@@ -297,7 +306,7 @@ mod tests {
         let mut t = table();
         let a = t.apply(&[
             WatchEvent::Put(raw("10.244.1.0-24", "{not json", 2)),
-            WatchEvent::Put(raw("bogus", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 3)),
+            WatchEvent::Put(node("bogus", 2, 3)),
             WatchEvent::Put(raw(
                 "10.9.0.0-24",
                 &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"),
@@ -366,7 +375,7 @@ mod tests {
         let a = t.resync(&[
             raw("fd00:10:244:3::-64", v6only, 2),
             raw("0.0.0.0-0&fd00:10:244:4::-64", v6only, 3),
-            raw("10.244.2.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 4),
+            node("10.244.2.0-24", 4, 4),
         ]);
         assert_eq!(a.changes.len(), 1, "{a:?}");
         let kinds: Vec<_> = a.skipped.iter().map(|s| (s.kind, s.subnet)).collect();
@@ -383,10 +392,10 @@ mod tests {
     fn keys_around_the_whole_network_block_no_allocation() {
         let mut t = table();
         let a = t.resync(&[
-            raw("10.0.0.0-8", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 2),
-            raw("0.0.0.0-0", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 3),
-            raw("10.244.0.0-16", &vx("198.18.0.5", "aa:aa:aa:aa:aa:05"), 4),
-            raw("10.244.2.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 5),
+            node("10.0.0.0-8", 2, 2),
+            node("0.0.0.0-0", 3, 3),
+            node("10.244.0.0-16", 5, 4),
+            node("10.244.2.0-24", 4, 5),
         ]);
         let kinds: Vec<_> = a.skipped.iter().map(|s| s.kind).collect();
         assert_eq!(
@@ -414,10 +423,10 @@ mod tests {
     fn resync_lets_the_older_of_two_overlapping_leases_win_whatever_the_key_order() {
         let mut t = table();
         let a = t.resync(&[
-            raw("10.244.0.0-16", &vx("198.18.0.9", "aa:aa:aa:aa:aa:09"), 9),
-            raw("10.244.2.0-23", &vx("198.18.0.8", "aa:aa:aa:aa:aa:08"), 8),
-            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 3),
-            raw("10.244.5.0-24", &vx("198.18.0.5", "aa:aa:aa:aa:aa:05"), 4),
+            node("10.244.0.0-16", 9, 9),
+            node("10.244.2.0-23", 8, 8),
+            node("10.244.2.0-24", 2, 3),
+            node("10.244.5.0-24", 5, 4),
         ]);
         assert_eq!(a.changes.len(), 2, "{a:?}");
         assert_eq!(a.skipped.len(), 2, "{a:?}");
@@ -444,7 +453,7 @@ mod tests {
         // Real lease created at 3, bogus /16 at 5, real lease rewritten (new MAC) at 8.
         let mut real = raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:22"), 8);
         real.create_revision = 3;
-        let bogus = raw("10.244.0.0-16", &vx("198.18.0.9", "aa:aa:aa:aa:aa:09"), 5);
+        let bogus = node("10.244.0.0-16", 9, 5);
         let a = t.resync(&[bogus, real]);
         assert_eq!(t.len(), 1, "{a:?}");
         assert_eq!(
@@ -458,7 +467,7 @@ mod tests {
     #[test]
     fn hostile_values_are_rejected_counted_by_kind_and_keep_the_last_good_value() {
         let mut t = table();
-        let good = raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 2);
+        let good = node("10.244.2.0-24", 2, 2);
         t.apply(&[WatchEvent::Put(good)]);
         let hostile = [
             (
@@ -508,10 +517,7 @@ mod tests {
         // Only reachable when the network's SubnetLen changed under running agents; the older
         // key still wins.
         let mut t = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 23);
-        let a = t.resync(&[
-            raw("10.244.2.0-23", &vx("198.18.0.8", "aa:aa:aa:aa:aa:08"), 3),
-            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 2),
-        ]);
+        let a = t.resync(&[node("10.244.2.0-23", 8, 3), node("10.244.2.0-24", 2, 2)]);
         assert_eq!(a.skipped.len(), 1, "{a:?}");
         assert_eq!(a.skipped[0].kind, "wrong_prefix_len");
         let mut t = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24);
@@ -536,16 +542,16 @@ mod tests {
     fn resync_after_compaction_reports_the_missed_difference() {
         let mut t = table();
         t.resync(&[
-            raw("10.244.1.0-24", &vx("198.18.0.1", "aa:aa:aa:aa:aa:01"), 2),
-            raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:02"), 3),
-            raw("10.244.3.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4),
+            node("10.244.1.0-24", 1, 2),
+            node("10.244.2.0-24", 2, 3),
+            node("10.244.3.0-24", 3, 4),
         ]);
         assert_eq!(t.len(), 3);
         // While the watch was down: .1 deleted, .2 changed, .3 untouched, .4 added.
         let a = t.resync(&[
             raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:22"), 10),
-            raw("10.244.3.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4),
-            raw("10.244.4.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 11),
+            node("10.244.3.0-24", 3, 4),
+            node("10.244.4.0-24", 4, 11),
         ]);
         let mut kinds: Vec<_> = a
             .changes
@@ -570,8 +576,8 @@ mod tests {
         assert!(t
             .resync(&[
                 raw("10.244.2.0-24", &vx("198.18.0.2", "aa:aa:aa:aa:aa:22"), 10),
-                raw("10.244.3.0-24", &vx("198.18.0.3", "aa:aa:aa:aa:aa:03"), 4),
-                raw("10.244.4.0-24", &vx("198.18.0.4", "aa:aa:aa:aa:aa:04"), 11),
+                node("10.244.3.0-24", 3, 4),
+                node("10.244.4.0-24", 4, 11),
             ])
             .changes
             .is_empty());

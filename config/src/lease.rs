@@ -23,21 +23,29 @@ pub struct SubnetKey {
     pub ipv6: Option<Ipv6Network>,
 }
 
+/// `etcd_key` and `from_etcd_key` for a key type that displays and parses as the part after
+/// `<prefix>/subnets/`: both key forms live in the same directory.
+macro_rules! etcd_key_methods {
+    () => {
+        /// Full etcd key under `prefix` (e.g. `/coreos.com/network`).
+        pub fn etcd_key(&self, prefix: &str) -> String {
+            format!("{}/subnets/{}", prefix.trim_end_matches('/'), self)
+        }
+
+        /// Parses a full etcd key; `None` when the key is not under `<prefix>/subnets/`.
+        pub fn from_etcd_key(prefix: &str, key: &str) -> Option<Result<Self, LeaseError>> {
+            let dir = format!("{}/subnets/", prefix.trim_end_matches('/'));
+            key.strip_prefix(&dir).map(str::parse)
+        }
+    };
+}
+
 impl SubnetKey {
     pub fn new(ipv4: Ipv4Network) -> Self {
         SubnetKey { ipv4, ipv6: None }
     }
 
-    /// Full etcd key under `prefix` (e.g. `/coreos.com/network`).
-    pub fn etcd_key(&self, prefix: &str) -> String {
-        format!("{}/subnets/{}", prefix.trim_end_matches('/'), self)
-    }
-
-    /// Parses a full etcd key; `None` when the key is not under `<prefix>/subnets/`.
-    pub fn from_etcd_key(prefix: &str, key: &str) -> Option<Result<Self, LeaseError>> {
-        let dir = format!("{}/subnets/", prefix.trim_end_matches('/'));
-        key.strip_prefix(&dir).map(str::parse)
-    }
+    etcd_key_methods!();
 }
 
 impl fmt::Display for SubnetKey {
@@ -213,16 +221,7 @@ impl LeaseKey {
         }
     }
 
-    /// Full etcd key under `prefix`.
-    pub fn etcd_key(&self, prefix: &str) -> String {
-        format!("{}/subnets/{}", prefix.trim_end_matches('/'), self)
-    }
-
-    /// Parses a full etcd key; `None` when the key is not under `<prefix>/subnets/`.
-    pub fn from_etcd_key(prefix: &str, key: &str) -> Option<Result<Self, LeaseError>> {
-        let dir = format!("{}/subnets/", prefix.trim_end_matches('/'));
-        key.strip_prefix(&dir).map(str::parse)
-    }
+    etcd_key_methods!();
 }
 
 impl fmt::Display for LeaseKey {
