@@ -138,7 +138,9 @@ fn supervise(spec: ShimSpec, report: OwnedFd) -> i32 {
         start_time: state::proc_start_time(me).unwrap_or(0),
         started: timefmt::now(),
     };
-    let _ = state::write_json(&spec.state_dir.join("shim.json"), &info);
+    process::mark("shim: supervisor up");
+    let _ = state::write_process_record(&spec.state_dir.join("shim.json"), &info);
+    process::mark("shim: shim.json written");
     match run(spec, report) {
         Ok(()) => 0,
         Err(e) => {
@@ -202,7 +204,9 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
         start_time: state::proc_start_time(pid).unwrap_or(0),
         started: timefmt::now(),
     };
-    state::write_json(&spec.state_dir.join("init.json"), &init_info).map_err(io::Error::other)?;
+    state::write_process_record(&spec.state_dir.join("init.json"), &init_info)
+        .map_err(io::Error::other)?;
+    process::mark("shim: init.json written");
     process::write_all(
         report.as_raw_fd(),
         format!("ok {} {}", std::process::id(), pid).as_bytes(),
@@ -307,7 +311,8 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
         oom_killed: oom,
         finished: timefmt::now(),
     };
-    state::write_json(&spec.state_dir.join("exit.json"), &info).map_err(io::Error::other)?;
+    state::write_process_record(&spec.state_dir.join("exit.json"), &info)
+        .map_err(io::Error::other)?;
     process::mark("shim: exit recorded");
     if let Some(f) = spec.on_exit.take() {
         f();

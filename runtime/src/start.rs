@@ -126,7 +126,9 @@ impl Runtime {
         crate::process::mark("run: cgroup made");
         let net = s.network()?;
         let views = s.init_layer(&net)?;
+        crate::process::mark("run: init layer written");
         s.record()?;
+        crate::process::mark("run: recorded");
         s.start(views)?;
         s.undo.clear();
         Ok(())
