@@ -302,6 +302,13 @@ pub fn write_process_record<T: Serialize>(path: &Path, v: &T) -> Result<(), Stat
     })
 }
 
+/// Writes a record atomically but leaves the fsyncs of [`write_json`] to the caller
+/// (`shim::sync_durable`), who overlaps them with other work and must finish them before
+/// reporting success: `config.json`, synced while the supervisor starts the container.
+pub fn write_json_pending<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
+    write_process_record(path, v)
+}
+
 /// Reads a state file; a missing file, or an empty one (what a crash can leave of a process
 /// record, see [`write_process_record`]), is `None`.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StateError> {

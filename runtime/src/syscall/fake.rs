@@ -193,6 +193,7 @@ impl Syscall for FakeSyscall {
         };
         self.rec(call, Some(&spec.state_dir))
             .map_err(ShimError::Spawn)?;
+        crate::shim::sync_durable(&spec.sync_meanwhile)?;
         Ok(Started {
             shim_pid: 0,
             init_pid: 0,
