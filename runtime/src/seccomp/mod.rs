@@ -385,13 +385,26 @@ fn read_cache(path: &Path) -> Option<Vec<u8>> {
 /// write there can as well replace the image layers or `tweedctl` itself. A file with another
 /// owner or writable by group/others is not read at all.
 pub fn compiled(p: &Profile, cache_dir: &Path) -> Result<Programs, SeccompError> {
-    let path = cache_dir.join(format!("{}.bpf", cache_key(p)));
+    let path = cache_path(p, cache_dir);
     if let Some(b) = read_cache(&path) {
         if let Some(progs) = unseal(&b).and_then(decode) {
             return Ok(progs);
         }
     }
     let progs = compile(p)?;
+    store(p, cache_dir, &progs)?;
+    Ok(progs)
+}
+
+/// Where [`compiled`] keeps the filters of `p`.
+pub fn cache_path(p: &Profile, cache_dir: &Path) -> PathBuf {
+    cache_dir.join(format!("{}.bpf", cache_key(p)))
+}
+
+/// Stores `progs` as the compiled filters of `p` (atomically, root-only, sealed with their
+/// checksum). [`compiled`] stores what it compiled; the tests plant other programs with it.
+pub fn store(p: &Profile, cache_dir: &Path, progs: &Programs) -> Result<(), SeccompError> {
+    let path = cache_path(p, cache_dir);
     let cache_err = |source| SeccompError::Cache {
         path: path.clone(),
         source,
@@ -413,7 +426,7 @@ pub fn compiled(p: &Profile, cache_dir: &Path) -> Result<Programs, SeccompError>
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&seal(&encode(&progs)))?;
+        f.write_all(&seal(&encode(progs)))?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     })();
@@ -421,7 +434,7 @@ pub fn compiled(p: &Profile, cache_dir: &Path) -> Result<Programs, SeccompError>
         let _ = std::fs::remove_file(&tmp);
         return Err(cache_err(e));
     }
-    Ok(progs)
+    Ok(())
 }
 
 /// Installs `progs` on the calling thread, in order. Needs no_new_privs or CAP_SYS_ADMIN.
