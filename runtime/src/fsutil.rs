@@ -127,6 +127,17 @@ pub fn dev_minor(dev: u64) -> u32 {
 /// directory so the rename itself survives a crash. Readers see the old content or the new,
 /// never a torn file, and a crash never leaves an empty one.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace(path, data, true)
+}
+
+/// [`write_atomic`] without the two fsyncs: readers still see the old content or the new,
+/// never a torn file, but after a host crash the file may be missing or empty. Only for
+/// records whose loss a crash makes harmless: see `state::write_process_record`.
+pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace(path, data, false)
+}
+
+fn replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
@@ -149,14 +160,19 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     r?;
-    sync_dir(dir)
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// fsync of a directory: makes the entries created, renamed or removed in it durable.
@@ -296,6 +312,26 @@ mod tests {
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
         // A write into a missing directory fails and leaves nothing.
         assert!(write_atomic(&t.path().join("no/such"), b"x").is_err());
+    }
+
+    #[test]
+    fn volatile_atomic_writes_are_private_and_replace_whole_too() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("exit.json");
+        write_atomic_volatile(&p, b"one").unwrap();
+        write_atomic_volatile(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
+        // A symlink planted at the temporary name's place is never followed: the target
+        // is replaced by rename, the link's target stays untouched.
+        let outside = t.path().join("outside");
+        std::fs::write(&outside, b"keep").unwrap();
+        std::os::unix::fs::symlink(&outside, t.path().join("link.json")).unwrap();
+        write_atomic_volatile(&t.path().join("link.json"), b"new").unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert!(write_atomic_volatile(&t.path().join("no/such"), b"x").is_err());
     }
 
     #[test]

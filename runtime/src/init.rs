@@ -152,7 +152,9 @@ pub fn prepare(
             name: spec.hostname.clone(),
             source,
         })?;
+    crate::process::mark("init: namespaces set");
     rootfs::setup(sys, &spec.rootfs, spec.userns_fd)?;
+    crate::process::mark("init: rootfs mounted");
     let cwd = Path::new(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
     if !sys.is_dir(cwd) {
         sys.mkdir_all(cwd, 0o755).map_err(|source| InitError::Cwd {
@@ -172,6 +174,7 @@ pub fn prepare(
             })?;
     }
     placed()?;
+    crate::process::mark("init: in cgroups");
     // In our cgroups now: they become the root of our cgroup namespace.
     sys.unshare(libc::CLONE_NEWCGROUP)
         .map_err(InitError::CgroupNs)?;
@@ -428,7 +431,15 @@ pub fn child_main(
     err_fd: RawFd,
 ) -> i32 {
     let mut placed = || join.join().map_err(|e| InitError::Cgroup(e.to_string()));
+    crate::process::mark("init: cloned");
     let e = match prepare(sys, spec, &mut placed) {
+        Ok(x) => {
+            crate::process::mark("init: confined");
+            Ok(x)
+        }
+        e => e,
+    };
+    let e = match e {
         Ok(None) => exec(&spec.argv, &spec.env),
         Ok(Some(l)) => match hand_off_listener(l, err_fd, go_fd) {
             Ok(()) => exec(&spec.argv, &spec.env),

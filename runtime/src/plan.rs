@@ -82,6 +82,7 @@ impl Runtime {
     /// container's cgroup is `<cgroup parent>/<id>` on `layout`.
     pub fn plan(&self, spec: &RunSpec, layout: &Layout) -> Result<Plan, RuntimeError> {
         let image = self.images.get(&spec.image)?;
+        crate::process::mark("plan: image read");
         let argv = command_for(&image.config, spec.entrypoint.as_deref(), &spec.cmd);
         if argv.is_empty() {
             return Err(RuntimeError::MissingCommand(image.name.clone()));
@@ -159,11 +160,14 @@ impl Runtime {
         let cwd_now = std::env::current_dir().unwrap_or_else(|_| "/".into());
         let (caps, security) =
             crate::security::resolve(&spec.security, crate::caps::last_cap(), &cwd_now)?;
+        crate::process::mark("plan: security resolved");
         let seccomp = self.seccomp_programs(caps, &security)?;
+        crate::process::mark("plan: seccomp loaded");
         let (userns, userns_lock) = match self.userns_mapping(&spec.security)? {
             Some((m, lock)) => (Some(m), lock),
             None => (None, ChoiceLock::default()),
         };
+        crate::process::mark("plan: userns chosen");
         Ok(Plan {
             lowers: self.images.lower_dirs(&image)?,
             config: ContainerConfig {

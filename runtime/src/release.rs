@@ -27,6 +27,17 @@ pub enum Release<'a> {
 }
 
 impl Release<'_> {
+    /// The step's name for the `TWEED_TIMING` trace.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Release::Attachment { .. } => "release: attachment",
+            Release::Netns { .. } => "release: netns",
+            Release::Cgroup(_) => "release: cgroup",
+            Release::Tree(_) => "release: tree",
+            Release::Name { .. } => "release: name",
+        }
+    }
+
     /// Gives the thing back; one that is already gone is fine.
     pub fn run(&self) -> Result<(), String> {
         match self {

@@ -394,7 +394,14 @@ impl Runtime {
             id: id.to_string(),
         }));
         steps.push(Release::Tree(sdir));
-        steps.iter().filter_map(|s| s.run().err()).collect()
+        steps
+            .iter()
+            .filter_map(|s| {
+                let r = s.run().err();
+                process::mark(s.label());
+                r
+            })
+            .collect()
     }
 
     pub fn list(&self) -> Result<Vec<Summary>, RuntimeError> {

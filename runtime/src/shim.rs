@@ -43,6 +43,9 @@ pub enum ShimError {
     /// What the supervisor reported to `tweedctl`.
     #[error("{0}")]
     Start(String),
+    /// A record could not be made durable (see [`ShimSpec::sync_meanwhile`]).
+    #[error("{path}: making it durable: {source}")]
+    Sync { path: PathBuf, source: io::Error },
 }
 
 /// What the supervisor needs.
@@ -55,6 +58,26 @@ pub struct ShimSpec {
     pub memory_limit: Option<u64>,
     /// Run after the exit is recorded (`--rm`).
     pub on_exit: Option<Box<dyn FnOnce()>>,
+    /// Files already in place (renamed into their directory) but not yet durable: `spawn`
+    /// fsyncs each and its directory while the supervisor starts the container, so the wait
+    /// for the disk overlaps the clone and mounts instead of preceding them. `spawn` returns
+    /// only once they are durable, and fails (the caller's undo then kills the container)
+    /// if they cannot be made so.
+    pub sync_meanwhile: Vec<PathBuf>,
+}
+
+/// fsync of each file and of its directory (see [`ShimSpec::sync_meanwhile`]).
+pub fn sync_durable(files: &[PathBuf]) -> Result<(), ShimError> {
+    for f in files {
+        let synced = File::open(f)
+            .and_then(|h| h.sync_all())
+            .and_then(|()| crate::fsutil::sync_dir(f.parent().unwrap_or_else(|| Path::new("."))));
+        synced.map_err(|source| ShimError::Sync {
+            path: f.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// A started container.
@@ -70,6 +93,7 @@ pub const MEMINFO_REFRESH: Duration = Duration::from_secs(1);
 /// has been exec'd (or failed to start: then nothing of the process side is left).
 pub fn spawn(spec: ShimSpec) -> Result<Started, ShimError> {
     let (rr, rw) = process::pipe().map_err(ShimError::Spawn)?;
+    let sync = spec.sync_meanwhile.clone();
     // SAFETY: tweedctl is single-threaded here (the thread that made a network namespace has
     // been joined; CNI plugins ran as child processes), and the child leaves through
     // `process::child`.
@@ -93,9 +117,12 @@ pub fn spawn(spec: ShimSpec) -> Result<Started, ShimError> {
         }),
         Fork::Parent(pid) => {
             drop(rw);
+            // While the supervisor clones and sets up the init.
+            let synced = sync_durable(&sync);
             let _ = process::waitpid(pid);
             let msg = process::read_to_end(rr.as_raw_fd()).map_err(ShimError::Spawn)?;
-            parse_report(&String::from_utf8_lossy(&msg))
+            let started = parse_report(&String::from_utf8_lossy(&msg))?;
+            synced.map(|()| started)
         }
     }
 }
@@ -138,7 +165,9 @@ fn supervise(spec: ShimSpec, report: OwnedFd) -> i32 {
         start_time: state::proc_start_time(me).unwrap_or(0),
         started: timefmt::now(),
     };
-    let _ = state::write_json(&spec.state_dir.join("shim.json"), &info);
+    process::mark("shim: supervisor up");
+    let _ = state::write_process_record(&spec.state_dir.join("shim.json"), &info);
+    process::mark("shim: shim.json written");
     match run(spec, report) {
         Ok(()) => 0,
         Err(e) => {
@@ -202,7 +231,9 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
         start_time: state::proc_start_time(pid).unwrap_or(0),
         started: timefmt::now(),
     };
-    state::write_json(&spec.state_dir.join("init.json"), &init_info).map_err(io::Error::other)?;
+    state::write_process_record(&spec.state_dir.join("init.json"), &init_info)
+        .map_err(io::Error::other)?;
+    process::mark("shim: init.json written");
     process::write_all(
         report.as_raw_fd(),
         format!("ok {} {}", std::process::id(), pid).as_bytes(),
@@ -307,7 +338,8 @@ fn run(mut spec: ShimSpec, report: OwnedFd) -> io::Result<()> {
         oom_killed: oom,
         finished: timefmt::now(),
     };
-    state::write_json(&spec.state_dir.join("exit.json"), &info).map_err(io::Error::other)?;
+    state::write_process_record(&spec.state_dir.join("exit.json"), &info)
+        .map_err(io::Error::other)?;
     process::mark("shim: exit recorded");
     if let Some(f) = spec.on_exit.take() {
         f();
@@ -443,6 +475,21 @@ pub fn prepare_proc_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_records_are_synced_or_the_error_names_them() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("config.json");
+        std::fs::write(&p, b"{}").unwrap();
+        sync_durable(std::slice::from_ref(&p)).unwrap();
+        let gone = t.path().join("gone.json");
+        let e = sync_durable(&[p, gone.clone()]).unwrap_err();
+        assert!(
+            matches!(&e, ShimError::Sync { path, .. } if *path == gone),
+            "{e}"
+        );
+        assert!(e.to_string().contains("gone.json"), "{e}");
+    }
 
     #[test]
     fn reports() {

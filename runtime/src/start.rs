@@ -126,7 +126,9 @@ impl Runtime {
         crate::process::mark("run: cgroup made");
         let net = s.network()?;
         let views = s.init_layer(&net)?;
+        crate::process::mark("run: init layer written");
         s.record()?;
+        crate::process::mark("run: recorded");
         s.start(views)?;
         s.undo.clear();
         Ok(())
@@ -385,7 +387,11 @@ impl<'a> Starting<'a> {
             created: timefmt::now(),
             ..self.config().clone()
         };
-        let r = state::write_json(&self.state_dir.join("config.json"), &config)
+        // Visible now (atomic rename), durable by the time the start returns: the fsyncs run
+        // while the supervisor starts the container (`ShimSpec::sync_meanwhile`). A crash
+        // before then kills the container too, and leaves no record or an empty one, which
+        // reads as none, as if the crash had come a moment earlier.
+        let r = state::write_json_pending(&self.state_dir.join("config.json"), &config)
             .map_err(StartError::Record);
         // On failure too: the undo removes the state dir, so the ids are free again.
         self.plan.userns_lock.release();
@@ -446,6 +452,7 @@ impl<'a> Starting<'a> {
                 meminfo_template: views.meminfo_template,
                 memory_limit: config.limits.memory,
                 on_exit,
+                sync_meanwhile: vec![self.state_dir.join("config.json")],
             })
             .map_err(|source| StartError::Start {
                 id: config.id.clone(),

@@ -101,6 +101,43 @@ fn defaults_from_inside() {
     e.assert_nothing_left();
 }
 
+/// The runtime loads the compiled filter from its cache, not from a compile per run: a
+/// permissive program planted under the default profile's hash is what the container gets
+/// (a filter is installed, yet `unshare -U` works), and with the plant gone the real filter
+/// is back and cached again.
+#[test]
+fn the_seccomp_cache_is_what_the_container_gets() {
+    use tweed_runtime::caps::CapSet;
+    use tweed_runtime::seccomp::{self, Insn};
+    require_root!(NEEDS_ROOT);
+    let e = Env::with_busybox();
+    let profile = seccomp::default::profile(CapSet::docker_default());
+    let dir = e.image_root.join("seccomp");
+    // SECCOMP_RET_ALLOW for everything: unlike anything the default profile compiles to.
+    let allow_all = vec![vec![Insn {
+        code: 0x06,
+        jt: 0,
+        jf: 0,
+        k: 0x7fff_0000,
+    }]];
+    seccomp::store(&profile, &dir, &allow_all).unwrap();
+    let status = "grep -E '^Seccomp:' /proc/self/status; \
+                  unshare -U -r id >/dev/null 2>&1 && echo userns=yes || echo userns=no";
+    let out = e.sh(&[], status);
+    assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
+    assert!(
+        out.contains("userns=yes"),
+        "the planted filter was not loaded: {out}"
+    );
+
+    std::fs::remove_file(seccomp::cache_path(&profile, &dir)).unwrap();
+    let out = e.sh(&[], status);
+    assert_eq!(status_field(&out, "Seccomp"), "2", "{out}");
+    assert!(out.contains("userns=no"), "{out}");
+    assert!(seccomp::cache_path(&profile, &dir).is_file());
+    e.assert_nothing_left();
+}
+
 #[test]
 fn exec_gets_the_same_confinement() {
     require_root!(NEEDS_ROOT);

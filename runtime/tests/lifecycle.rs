@@ -69,15 +69,20 @@ fn detached_lifecycle() {
 fn kill_and_force_remove() {
     require_root!(NEEDS_ROOT);
     let e = Env::with_busybox();
-    // A shell with a TERM trap exits 143 on SIGTERM.
+    // A shell with a TERM trap exits 143 on SIGTERM. It is the pid namespace's init, for
+    // which the kernel drops a signal it has no handler for: `run -d` returns at its exec,
+    // before the shell has set the trap, so the test waits for the shell to say it has.
     e.start(&[
         "--name",
         "t",
         "busybox",
         "sh",
         "-c",
-        "trap 'exit 143' TERM; while true; do sleep 0.1; done",
+        "trap 'exit 143' TERM; echo trapped; while true; do sleep 0.1; done",
     ]);
+    e.wait_until("the TERM trap is set", Duration::from_secs(10), || {
+        e.ok(&["logs", "t"]).contains("trapped")
+    });
     e.ok(&["kill", "-s", "TERM", "t"]);
     assert_eq!(e.ok(&["wait", "t"]).trim(), "143");
     e.ok(&["rm", "t"]);

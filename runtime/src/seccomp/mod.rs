@@ -285,7 +285,8 @@ fn compile_json(doc: &serde_json::Value) -> Result<Programs, SeccompError> {
 /// Cache key: what is compiled, for which architecture, by which compiler.
 pub fn cache_key(p: &Profile) -> String {
     let mut h = Sha256::new();
-    h.update(b"tweed-seccomp-v1 seccompiler-0.5 ");
+    // v2: cache files carry a checksum (see `seal`); v1 files are simply never read again.
+    h.update(b"tweed-seccomp-v2 seccompiler-0.5 ");
     h.update(std::env::consts::ARCH.as_bytes());
     h.update(serde_json::to_vec(p).unwrap_or_default());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
@@ -338,16 +339,72 @@ fn decode(b: &[u8]) -> Option<Programs> {
     (off == b.len()).then_some(out)
 }
 
+/// A cache file: the SHA-256 of the encoded programs, then the programs.
+fn seal(encoded: &[u8]) -> Vec<u8> {
+    let mut out = Sha256::digest(encoded).to_vec();
+    out.extend_from_slice(encoded);
+    out
+}
+
+/// The encoded programs of a cache file whose checksum matches, else `None`.
+fn unseal(b: &[u8]) -> Option<&[u8]> {
+    let (sum, body) = (b.get(..32)?, b.get(32..)?);
+    (Sha256::digest(body).as_slice() == sum).then_some(body)
+}
+
+/// A cache file's content when it can be trusted as far as a cache can be: a regular file
+/// (not followed through a symlink) owned by us and writable by nobody else. Anything else
+/// is a miss, and the recompiled filters replace it.
+fn read_cache(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let m = f.metadata().ok()?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_file() || m.uid() != me || m.mode() & 0o022 != 0 {
+        return None;
+    }
+    let mut b = Vec::with_capacity(m.len() as usize);
+    f.read_to_end(&mut b).ok()?;
+    Some(b)
+}
+
 /// The compiled filters for `p`, from `cache_dir/<key>.bpf` when an earlier container compiled
 /// the same profile, else compiled now and stored (atomically, root-only).
+///
+/// The cache is trusted once its checksum matches, not re-verified by compiling (which is the
+/// work it saves; a compile costs several times the read). The checksum catches what happens
+/// without an attacker: a torn or bit-flipped file that still decodes as a valid, different
+/// filter, which would silently confine less. It cannot stop a deliberate writer, and need not:
+/// the directory is root's alone (0700 under the image root) and the file 0600, and whoever can
+/// write there can as well replace the image layers or `tweedctl` itself. A file with another
+/// owner or writable by group/others is not read at all.
 pub fn compiled(p: &Profile, cache_dir: &Path) -> Result<Programs, SeccompError> {
-    let path = cache_dir.join(format!("{}.bpf", cache_key(p)));
-    if let Ok(b) = std::fs::read(&path) {
-        if let Some(progs) = decode(&b) {
+    let path = cache_path(p, cache_dir);
+    if let Some(b) = read_cache(&path) {
+        if let Some(progs) = unseal(&b).and_then(decode) {
             return Ok(progs);
         }
     }
     let progs = compile(p)?;
+    store(p, cache_dir, &progs)?;
+    Ok(progs)
+}
+
+/// Where [`compiled`] keeps the filters of `p`.
+pub fn cache_path(p: &Profile, cache_dir: &Path) -> PathBuf {
+    cache_dir.join(format!("{}.bpf", cache_key(p)))
+}
+
+/// Stores `progs` as the compiled filters of `p` (atomically, root-only, sealed with their
+/// checksum). [`compiled`] stores what it compiled; the tests plant other programs with it.
+pub fn store(p: &Profile, cache_dir: &Path, progs: &Programs) -> Result<(), SeccompError> {
+    let path = cache_path(p, cache_dir);
     let cache_err = |source| SeccompError::Cache {
         path: path.clone(),
         source,
@@ -369,7 +426,7 @@ pub fn compiled(p: &Profile, cache_dir: &Path) -> Result<Programs, SeccompError>
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&encode(&progs))?;
+        f.write_all(&seal(&encode(progs)))?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     })();
@@ -377,7 +434,7 @@ pub fn compiled(p: &Profile, cache_dir: &Path) -> Result<Programs, SeccompError>
         let _ = std::fs::remove_file(&tmp);
         return Err(cache_err(e));
     }
-    Ok(progs)
+    Ok(())
 }
 
 /// Installs `progs` on the calling thread, in order. Needs no_new_privs or CAP_SYS_ADMIN.

@@ -1,5 +1,6 @@
 use super::*;
 use crate::caps::CapSet;
+use std::os::unix::fs::OpenOptionsExt;
 
 fn allowed_names(p: &Profile) -> BTreeSet<String> {
     p.rules
@@ -108,7 +109,87 @@ fn compiles_and_caches_by_hash() {
     // A damaged cache file is a miss, recompiled and rewritten.
     std::fs::write(&file, b"\x01\x00\x00\x00\xff").unwrap();
     assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
-    assert_eq!(decode(&std::fs::read(&file).unwrap()).unwrap(), progs);
+    assert_eq!(
+        unseal(&std::fs::read(&file).unwrap())
+            .and_then(decode)
+            .unwrap(),
+        progs
+    );
+}
+
+/// One instruction: SECCOMP_RET_ALLOW, a valid program unlike anything `compile` makes.
+fn allow_all() -> Programs {
+    vec![vec![Insn {
+        code: 0x06,
+        jt: 0,
+        jf: 0,
+        k: 0x7fff_0000,
+    }]]
+}
+
+#[test]
+fn the_cache_is_really_read_a_planted_program_is_what_loads() {
+    let p = default::profile(CapSet::docker_default());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{}.bpf", cache_key(&p)));
+    // Planted before any compile: were the profile compiled on every run, this would not load.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .unwrap();
+    f.write_all(&seal(&encode(&allow_all()))).unwrap();
+    drop(f);
+    assert_eq!(compiled(&p, dir.path()).unwrap(), allow_all());
+    // And it is left as it was: a hit writes nothing.
+    assert_eq!(
+        unseal(&std::fs::read(&file).unwrap()).and_then(decode),
+        Some(allow_all())
+    );
+}
+
+#[test]
+fn a_cache_file_damaged_into_another_valid_filter_is_rejected_and_recompiled() {
+    let p = default::profile(CapSet::docker_default());
+    let progs = compile(&p).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    compiled(&p, dir.path()).unwrap();
+    let file = dir.path().join(format!("{}.bpf", cache_key(&p)));
+    let mut b = std::fs::read(&file).unwrap();
+    // One flipped bit in the last instruction's k (the default action of the last filter):
+    // structurally still a valid program, so only the checksum can tell.
+    let last = b.len() - 1;
+    b[last] ^= 0x01;
+    assert!(decode(&b[32..]).is_some_and(|d| d != progs));
+    std::fs::write(&file, &b).unwrap();
+    assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
+    assert_eq!(
+        unseal(&std::fs::read(&file).unwrap())
+            .and_then(decode)
+            .unwrap(),
+        progs
+    );
+}
+
+#[test]
+fn a_cache_file_others_could_write_is_not_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = default::profile(CapSet::docker_default());
+    let progs = compile(&p).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{}.bpf", cache_key(&p)));
+    std::fs::write(&file, seal(&encode(&allow_all()))).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
+    // Replaced by the compiled filters, root-only again.
+    assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+    // A symlink is not followed either.
+    std::fs::remove_file(&file).unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::write(&elsewhere, seal(&encode(&allow_all()))).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+    assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
 }
 
 #[test]

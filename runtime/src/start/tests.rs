@@ -237,6 +237,7 @@ fn the_stages_run_in_order_and_success_records_state() {
         clone_flags,
         join_netns,
         config_recorded,
+        sync_meanwhile,
         ..
     }) = b.sys.calls().last().cloned()
     else {
@@ -246,8 +247,10 @@ fn the_stages_run_in_order_and_success_records_state() {
     assert_eq!(join_netns, Some(b.netns()));
     assert_eq!(clone_flags & libc::CLONE_NEWNET, 0);
     assert_ne!(clone_flags & libc::CLONE_NEWPID, 0);
-    // A --rm supervisor cleans up from config.json: it was recorded before the start.
+    // A --rm supervisor cleans up from config.json: it was recorded before the start, and
+    // the start makes it durable before returning (it names the layers and the cgroup).
     assert!(config_recorded);
+    assert_eq!(sync_meanwhile, vec![b.state_dir().join("config.json")]);
 }
 
 #[test]

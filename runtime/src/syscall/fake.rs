@@ -43,6 +43,8 @@ pub enum Call {
         clone_flags: i32,
         join_netns: Option<PathBuf>,
         config_recorded: bool,
+        /// What the start makes durable while the supervisor starts.
+        sync_meanwhile: Vec<PathBuf>,
     },
 }
 
@@ -190,9 +192,11 @@ impl Syscall for FakeSyscall {
             clone_flags: crate::init::clone_flags(&spec.init),
             join_netns: spec.init.join_netns.clone(),
             config_recorded: spec.state_dir.join("config.json").is_file(),
+            sync_meanwhile: spec.sync_meanwhile.clone(),
         };
         self.rec(call, Some(&spec.state_dir))
             .map_err(ShimError::Spawn)?;
+        crate::shim::sync_durable(&spec.sync_meanwhile)?;
         Ok(Started {
             shim_pid: 0,
             init_pid: 0,
