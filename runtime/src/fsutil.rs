@@ -299,39 +299,33 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    /// Both writers, durable and volatile, differ only in fsync: the same file results.
     #[test]
     fn atomic_writes_are_private_and_replace_whole() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("state.json");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        // No temporary file is left behind.
-        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
-        // A write into a missing directory fails and leaves nothing.
-        assert!(write_atomic(&t.path().join("no/such"), b"x").is_err());
-    }
-
-    #[test]
-    fn volatile_atomic_writes_are_private_and_replace_whole_too() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("exit.json");
-        write_atomic_volatile(&p, b"one").unwrap();
-        write_atomic_volatile(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
-        // A symlink planted at the temporary name's place is never followed: the target
-        // is replaced by rename, the link's target stays untouched.
-        let outside = t.path().join("outside");
-        std::fs::write(&outside, b"keep").unwrap();
-        std::os::unix::fs::symlink(&outside, t.path().join("link.json")).unwrap();
-        write_atomic_volatile(&t.path().join("link.json"), b"new").unwrap();
-        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
-        assert!(write_atomic_volatile(&t.path().join("no/such"), b"x").is_err());
+        type Write = fn(&Path, &[u8]) -> io::Result<()>;
+        for (name, write) in [
+            ("durable", write_atomic as Write),
+            ("volatile", write_atomic_volatile as Write),
+        ] {
+            let t = tempfile::tempdir().unwrap();
+            let p = t.path().join("state.json");
+            write(&p, b"one").unwrap();
+            write(&p, b"two").unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"two", "{name}");
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+            // No temporary file is left behind.
+            assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1, "{name}");
+            // A symlink planted at the target's place is never followed: rename replaces the
+            // link, its target stays untouched.
+            let outside = t.path().join("outside");
+            std::fs::write(&outside, b"keep").unwrap();
+            std::os::unix::fs::symlink(&outside, t.path().join("link.json")).unwrap();
+            write(&t.path().join("link.json"), b"new").unwrap();
+            assert_eq!(std::fs::read(&outside).unwrap(), b"keep", "{name}");
+            // A write into a missing directory fails and leaves nothing.
+            assert!(write(&t.path().join("no/such"), b"x").is_err(), "{name}");
+        }
     }
 
     #[test]

@@ -109,12 +109,12 @@ fn compiles_and_caches_by_hash() {
     // A damaged cache file is a miss, recompiled and rewritten.
     std::fs::write(&file, b"\x01\x00\x00\x00\xff").unwrap();
     assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
-    assert_eq!(
-        unseal(&std::fs::read(&file).unwrap())
-            .and_then(decode)
-            .unwrap(),
-        progs
-    );
+    assert_eq!(cached(&file), Some(progs));
+}
+
+/// What a cache file holds, if it is intact.
+fn cached(file: &std::path::Path) -> Option<Programs> {
+    unseal(&std::fs::read(file).unwrap()).and_then(decode)
 }
 
 /// One instruction: SECCOMP_RET_ALLOW, a valid program unlike anything `compile` makes.
@@ -143,10 +143,7 @@ fn the_cache_is_really_read_a_planted_program_is_what_loads() {
     drop(f);
     assert_eq!(compiled(&p, dir.path()).unwrap(), allow_all());
     // And it is left as it was: a hit writes nothing.
-    assert_eq!(
-        unseal(&std::fs::read(&file).unwrap()).and_then(decode),
-        Some(allow_all())
-    );
+    assert_eq!(cached(&file), Some(allow_all()));
 }
 
 #[test]
@@ -164,12 +161,7 @@ fn a_cache_file_damaged_into_another_valid_filter_is_rejected_and_recompiled() {
     assert!(decode(&b[32..]).is_some_and(|d| d != progs));
     std::fs::write(&file, &b).unwrap();
     assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
-    assert_eq!(
-        unseal(&std::fs::read(&file).unwrap())
-            .and_then(decode)
-            .unwrap(),
-        progs
-    );
+    assert_eq!(cached(&file), Some(progs));
 }
 
 #[test]
