@@ -152,6 +152,7 @@ impl BackendError {
             BackendError::Vxlan(VxlanError::DeviceGone { .. })
                 | BackendError::HostGw(HostGwError::UnderlayGone { .. })
                 | BackendError::Udp(UdpError::DeviceGone { .. })
+                | BackendError::Wireguard(WgError::DeviceGone)
         )
     }
 }

@@ -358,8 +358,19 @@ impl Plane {
         matches!(*self.firewall, Firewall::Nftables(_))
     }
 
-    /// Adds what the udp workers counted since the last export to the metrics.
-    pub(super) fn export_udp_stats(&mut self) {
+    /// Adds what the udp workers counted since the last export to the metrics. wireguard's
+    /// kernel path reads its device back first (fresh figures; a roamed endpoint set back).
+    pub(super) async fn export_udp_stats(&mut self) {
+        if let DataPlane::Wireguard(b) = &mut self.backend {
+            match b.refresh().await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    writes = n,
+                    "wireguard: kernel device drifted from the leases; set back"
+                ),
+                Err(e) => warn!("wireguard: reading the kernel device: {e}"),
+            }
+        }
         let now = match &self.backend {
             DataPlane::Udp(b) => b.stats(),
             DataPlane::Wireguard(b) => b.stats(),

@@ -6,8 +6,8 @@
 //! blocking `netlink-sys` socket, [`FakeGenl`] keeps a device in memory with the kernel's
 //! semantics for the flags used here, so the reconcile is tested without root or module.
 //!
-//! Not wired into the agent yet: `--wireguard-impl kernel` is still refused (see
-//! docs/wireguard.md); [`choose`] is the decision `auto` will take.
+//! [`super::WgBackend`] runs this path when [`choose`] picks it: `auto` where the kernel makes
+//! `wireguard` links, `kernel` always (failing, with the reason, where it cannot).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -272,6 +272,31 @@ pub fn reconcile(
 /// Whether a kernel wireguard link can be created in this namespace.
 pub trait KernelProbe {
     fn probe(&mut self) -> Result<(), String>;
+}
+
+/// A probe already made (asynchronously, through the agent's netlink handle).
+#[derive(Debug, Clone)]
+pub struct Probed(pub Result<(), String>);
+
+impl KernelProbe for Probed {
+    fn probe(&mut self) -> Result<(), String> {
+        self.0.clone()
+    }
+}
+
+/// Shared, so a test keeps a handle on the fake device the backend writes to.
+impl<T: WgGenl> WgGenl for std::sync::Arc<std::sync::Mutex<T>> {
+    fn get_device(&mut self, device: &str) -> Result<Vec<WireguardMessage>, KernelError> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_device(device)
+    }
+
+    fn set_device(&mut self, msg: WireguardMessage) -> Result<(), KernelError> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_device(msg)
+    }
 }
 
 /// What runs: `kernel` insists (and fails with the probe's reason), `userspace` never probes,
