@@ -406,6 +406,25 @@ impl DataPlane {
         }
     }
 
+    /// What carries the packets: `kernel` (vxlan, host-gw, wireguard's kernel device) or
+    /// `userspace` (udp's workers, wireguard's on them).
+    pub fn implementation(&self) -> &'static str {
+        match self {
+            DataPlane::Vxlan(_) | DataPlane::HostGw(_) => "kernel",
+            DataPlane::Udp(_) => "userspace",
+            DataPlane::Wireguard(b) => b.implementation(),
+        }
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DataPlane::Vxlan(_) => "vxlan",
+            DataPlane::HostGw(_) => "host-gw",
+            DataPlane::Udp(_) => "udp",
+            DataPlane::Wireguard(_) => "wireguard",
+        }
+    }
+
     /// The next reconcile re-reads the kernel instead of trusting the backend's view.
     pub fn resync(&mut self) {
         match self {
