@@ -146,6 +146,7 @@ impl Agent for Service {
             lease_expiry_unix: s.lease_expiry_unix,
             version: env!("CARGO_PKG_VERSION").to_string(),
             etcd_endpoints: s.etcd_endpoints,
+            backend_implementation: s.backend_implementation,
         }))
     }
 

@@ -38,6 +38,8 @@ pub struct Metrics {
     /// a peer leaving the table leaves these too. Age is -1 before the first handshake.
     pub wg_handshake_age: IntGaugeVec,
     pub wg_peer_bytes: IntGaugeVec,
+    /// The backend running and its implementation (`kernel` | `userspace`), value 1.
+    pub backend_info: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -170,6 +172,17 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            backend_info: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "backend_info",
+                        "The backend running and which implementation carries it: kernel or userspace (value 1)",
+                    ),
+                    &["backend", "implementation"],
+                )
+                .expect("valid"),
+            ),
             registry: r,
         }
     }
@@ -206,11 +219,15 @@ mod tests {
         m.udp_bytes.with_label_values(&["tx"]).inc_by(100);
         m.udp_drops.with_label_values(&["unknown_peer"]).inc();
         m.reconcile_seconds.observe(0.002);
+        m.backend_info
+            .with_label_values(&["wireguard", "kernel"])
+            .set(1);
         let text = m.render();
         for name in [
             "tweed_lease_info{subnet=\"10.244.3.0/24\"} 1",
             "tweed_lease_expiry_timestamp_seconds 0",
             "tweed_peers{backend=\"vxlan\"} 2",
+            "tweed_backend_info{backend=\"wireguard\",implementation=\"kernel\"} 1",
             "tweed_lease_acquisitions_total 0",
             "tweed_lease_renewals_total 0",
             "tweed_lease_failures_total{op=\"renew\"} 1",

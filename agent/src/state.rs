@@ -94,6 +94,9 @@ pub struct Snapshot {
     pub network: String,
     pub subnet: String,
     pub backend: String,
+    /// `kernel` or `userspace`: what carries the data plane (see
+    /// `DataPlane::implementation`); empty before set-up.
+    pub backend_implementation: String,
     pub mtu: u32,
     pub lease_held: bool,
     pub backend_programmed: bool,

@@ -27,6 +27,9 @@ struct State {
     netns: BTreeMap<i32, Fake>,
     /// Veth ends whose peer is in another fake namespace: deleting either end deletes both.
     peers: BTreeMap<u32, (Weak<Mutex<State>>, u32)>,
+    /// Whether this kernel has the wireguard module (`Op::LinkAddWireguard` else fails with
+    /// `EOPNOTSUPP`, as a kernel without it does); see [`Fake::with_wireguard`].
+    wireguard: bool,
     /// [`Fake::subscribe`]rs; each successful op is announced to them, as the kernel would.
     subscribers: Vec<tokio::sync::mpsc::UnboundedSender<Event>>,
 }
@@ -52,6 +55,13 @@ impl Fake {
     pub fn new() -> Fake {
         let fake = Fake::default();
         fake.add_link("lo", 65536, None);
+        fake
+    }
+
+    /// A kernel that can create `wireguard` devices.
+    pub fn with_wireguard() -> Fake {
+        let fake = Fake::new();
+        fake.lock().wireguard = true;
         fake
     }
 
@@ -199,6 +209,7 @@ impl Fake {
             | Op::LinkDel { name }
             | Op::LinkSetMac { name, .. } => s.links.values().find(|l| &l.name == name).cloned(),
             Op::LinkAddVxlan(spec) => s.links.values().find(|l| l.name == spec.name).cloned(),
+            Op::LinkAddWireguard { name } => s.links.values().find(|l| &l.name == name).cloned(),
             Op::LinkDelIndex { ifindex } | Op::LinkRename { ifindex, .. } => {
                 s.links.get(ifindex).cloned()
             }
@@ -224,6 +235,13 @@ impl Fake {
                 Some(_) => link(before).into_iter().collect(),
                 None => self
                     .link_by_name(&spec.name)
+                    .map(|l| vec![Event::Link(Change::New, l)])
+                    .unwrap_or_default(),
+            },
+            Op::LinkAddWireguard { name } => match before {
+                Some(_) => link(before).into_iter().collect(),
+                None => self
+                    .link_by_name(name)
                     .map(|l| vec![Event::Link(Change::New, l)])
                     .unwrap_or_default(),
             },
@@ -465,6 +483,21 @@ impl State {
                 );
                 Ok(())
             }
+            Op::LinkAddWireguard { name } => {
+                if let Ok(l) = self.link_named(name) {
+                    return if l.kind.as_deref() == Some("wireguard") {
+                        Ok(())
+                    } else {
+                        Err(libc::EEXIST)
+                    };
+                }
+                if !self.wireguard {
+                    return Err(libc::EOPNOTSUPP);
+                }
+                // The kernel's default for a new wireguard device.
+                self.new_link(name, "wireguard", 1420, None, None);
+                Ok(())
+            }
             Op::LinkAddVeth(spec) => {
                 let taken = |s: &mut State, n: &str| s.link_named(n).is_ok();
                 if taken(self, &spec.name) || (spec.peer_netns.is_none() && taken(self, &spec.peer))
@@ -650,6 +683,26 @@ mod tests {
         })
         .unwrap();
         assert!(f.link_by_name("net1").is_none() && f.link_by_name("tw0").is_none());
+    }
+
+    #[test]
+    fn wireguard_links_need_the_module_and_are_adopted_only_as_wireguard() {
+        let wg = Op::LinkAddWireguard {
+            name: "tweed-wg".into(),
+        };
+        let none = Fake::new();
+        assert_eq!(none.apply(&wg).unwrap_err().errno(), Some(libc::EOPNOTSUPP));
+        let f = Fake::with_wireguard();
+        f.apply(&wg).unwrap();
+        f.apply(&wg).unwrap();
+        let l = f.link_by_name("tweed-wg").unwrap();
+        assert_eq!(
+            (l.kind.as_deref(), l.mtu, l.up),
+            (Some("wireguard"), 1420, false)
+        );
+        f.add_link("tw1", 1500, None);
+        let other = Op::LinkAddWireguard { name: "tw1".into() };
+        assert_eq!(f.apply(&other).unwrap_err().errno(), Some(libc::EEXIST));
     }
 
     #[test]

@@ -30,6 +30,13 @@ pub enum Op {
     /// plan sets its MTU or MAC with the ops below); any other device of that name fails with
     /// `EEXIST`.
     LinkAddBridge(BridgeSpec),
+    /// Create a kernel WireGuard device (its keys and peers go over generic netlink, not
+    /// here). An existing `wireguard` device of that name counts as success and is left alone;
+    /// any other device of that name fails with `EEXIST`; a kernel without the module fails
+    /// with `EOPNOTSUPP`.
+    LinkAddWireguard {
+        name: String,
+    },
     /// Create a veth pair, the peer possibly straight into another namespace. Fails with
     /// `EEXIST` when either name is taken: a veth pair is never adopted.
     LinkAddVeth(VethSpec),
@@ -158,6 +165,7 @@ impl fmt::Display for Op {
                 write_mtu_mac(f, b.mtu, b.mac)?;
                 Ok(())
             }
+            Op::LinkAddWireguard { name } => write!(f, "link add {name} type wireguard"),
             Op::LinkAddVeth(v) => {
                 write!(f, "link add {}", v.name)?;
                 write_mtu_mac(f, v.mtu, v.mac)?;

@@ -140,6 +140,13 @@ impl Real {
                         }
                     }
                 }
+                Op::LinkAddWireguard { name } => {
+                    if let Ok(Some(link)) = self.link_by_name(name).await {
+                        if link.kind.as_deref() == Some("wireguard") {
+                            *res = Ok(());
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -422,6 +429,18 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
                     InfoKind::Bridge,
                 )]));
             // Same reasoning as for vxlan: EEXIST is settled afterwards.
+            (
+                RouteNetlinkMessage::NewLink(m),
+                PLAIN | NLM_F_CREATE | NLM_F_EXCL,
+            )
+        }
+        Op::LinkAddWireguard { name } => {
+            let mut m = link_named(name);
+            m.attributes
+                .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                    InfoKind::Wireguard,
+                )]));
+            // EEXIST is settled afterwards, as for a bridge.
             (
                 RouteNetlinkMessage::NewLink(m),
                 PLAIN | NLM_F_CREATE | NLM_F_EXCL,

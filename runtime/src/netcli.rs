@@ -238,7 +238,7 @@ async fn run_async(args: NetArgs, out: &mut dyn Write) -> Result<i32> {
 fn status_json(s: &pb::StatusReply) -> serde_json::Value {
     json!({
         "node": s.node, "public_ip": s.public_ip, "network": s.network, "subnet": s.subnet,
-        "backend": s.backend, "mtu": s.mtu, "ready": s.ready, "not_ready": s.not_ready,
+        "backend": s.backend, "backend_implementation": s.backend_implementation, "mtu": s.mtu, "ready": s.ready, "not_ready": s.not_ready,
         "lease_held": s.lease_held, "backend_programmed": s.backend_programmed,
         "watch_live": s.watch_live, "lease_expiry_unix": s.lease_expiry_unix,
         "version": s.version, "etcd_endpoints": s.etcd_endpoints,
@@ -252,7 +252,14 @@ fn status_table(s: &pb::StatusReply) -> String {
         ("public ip", s.public_ip.clone()),
         ("network", s.network.clone()),
         ("subnet", s.subnet.clone()),
-        ("backend", s.backend.clone()),
+        (
+            "backend",
+            if s.backend_implementation.is_empty() {
+                s.backend.clone()
+            } else {
+                format!("{} ({})", s.backend, s.backend_implementation)
+            },
+        ),
         ("mtu", s.mtu.to_string()),
         (
             "ready",
@@ -437,6 +444,13 @@ mod tests {
         });
         assert!(s.contains("no (no subnet lease held)"), "{s}");
         assert_eq!(status_json(&pb::StatusReply::default())["ready"], false);
+        let wg = pb::StatusReply {
+            backend: "wireguard".into(),
+            backend_implementation: "kernel".into(),
+            ..Default::default()
+        };
+        assert!(status_table(&wg).contains("wireguard (kernel)"));
+        assert_eq!(status_json(&wg)["backend_implementation"], "kernel");
     }
 
     #[test]

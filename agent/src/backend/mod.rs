@@ -189,6 +189,7 @@ impl BackendError {
             BackendError::Vxlan(VxlanError::DeviceGone { .. })
                 | BackendError::HostGw(HostGwError::UnderlayGone { .. })
                 | BackendError::Udp(UdpError::DeviceGone { .. })
+                | BackendError::Wireguard(WgError::DeviceGone)
         )
     }
 }
@@ -439,6 +440,25 @@ impl DataPlane {
             DataPlane::HostGw(b) => b.mtu(),
             DataPlane::Udp(b) => b.mtu(),
             DataPlane::Wireguard(b) => b.mtu(),
+        }
+    }
+
+    /// What carries the packets: `kernel` (vxlan, host-gw, wireguard's kernel device) or
+    /// `userspace` (udp's workers, wireguard's on them).
+    pub fn implementation(&self) -> &'static str {
+        match self {
+            DataPlane::Vxlan(_) | DataPlane::HostGw(_) => "kernel",
+            DataPlane::Udp(_) => "userspace",
+            DataPlane::Wireguard(b) => b.implementation(),
+        }
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DataPlane::Vxlan(_) => "vxlan",
+            DataPlane::HostGw(_) => "host-gw",
+            DataPlane::Udp(_) => "udp",
+            DataPlane::Wireguard(_) => "wireguard",
         }
     }
 

@@ -86,6 +86,7 @@ impl Plane {
         prepared.set_own_subnet(own.subnet());
         prepared.remove_leftovers(&nl, config.network).await;
         let backend = prepared.setup(&nl).await?;
+        report.backend_running(backend.type_name(), backend.implementation());
         if let (DataPlane::Vxlan(b), Some(data)) = (&backend, &attrs.backend_data) {
             if !data.get().contains(&b.vtep_mac().to_string()) {
                 // The device ended up with another MAC than advertised; the lease must say what is real.
@@ -149,7 +150,11 @@ impl Plane {
         // udp: the old workers must let go of the TUN queues and the port first.
         self.backend.stop().await;
         match self.prepared.setup(&self.nl).await {
-            Ok(b) => self.backend = b,
+            Ok(b) => {
+                self.report
+                    .backend_running(b.type_name(), b.implementation());
+                self.backend = b;
+            }
             Err(e) => error!(
                 backend = self.prepared.type_name(),
                 "setting the backend up again: {e}"
@@ -266,6 +271,8 @@ impl Plane {
                         if let DataPlane::Vxlan(b) = &new {
                             out.ops.extend(b.setup_ops().iter().cloned());
                         }
+                        self.report
+                            .backend_running(new.type_name(), new.implementation());
                         self.backend = new;
                     }
                     Err(e) => {
@@ -358,8 +365,19 @@ impl Plane {
         matches!(*self.firewall, Firewall::Nftables(_))
     }
 
-    /// Adds what the udp workers counted since the last export to the metrics.
-    pub(super) fn export_udp_stats(&mut self) {
+    /// Adds what the udp workers counted since the last export to the metrics. wireguard's
+    /// kernel path reads its device back first (fresh figures; a roamed endpoint set back).
+    pub(super) async fn export_udp_stats(&mut self) {
+        if let DataPlane::Wireguard(b) = &mut self.backend {
+            match b.refresh().await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    writes = n,
+                    "wireguard: kernel device drifted from the leases; set back"
+                ),
+                Err(e) => warn!("wireguard: reading the kernel device: {e}"),
+            }
+        }
         let now = match &self.backend {
             DataPlane::Udp(b) => b.stats(),
             DataPlane::Wireguard(b) => b.stats(),

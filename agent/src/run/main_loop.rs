@@ -334,7 +334,7 @@ impl Agent {
                 _ = beat.tick() => self.beat(),
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                 _ = peer_stats.tick() => {
-                    self.plane.export_udp_stats();
+                    self.plane.export_udp_stats().await;
                     if !self.lease.republish().await {
                         warn!("the lease still advertises the old wireguard key; retrying");
                     }
@@ -358,7 +358,7 @@ impl Agent {
                 }
                 _ = rules.tick() => {
                     self.plane.sync_rules(self.lease.own().subnet()).await;
-                    self.plane.export_udp_stats();
+                    self.plane.export_udp_stats().await;
                 }
             }
         }

@@ -66,6 +66,16 @@ impl Report {
         });
     }
 
+    /// A data plane was set up (start, or again after a repair): which one, and which
+    /// implementation carries it, for `/metrics` and the API's status.
+    pub(super) fn backend_running(&self, backend: &str, implementation: &str) {
+        let m = &self.state.metrics.backend_info;
+        m.reset();
+        m.with_label_values(&[backend, implementation]).set(1);
+        self.state
+            .update(|s| s.backend_implementation = implementation.to_string());
+    }
+
     pub(super) fn mtu(&self, mtu: u32) {
         self.state.update(|s| s.mtu = mtu);
     }

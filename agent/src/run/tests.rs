@@ -221,9 +221,18 @@ async fn start_up_leases_a_subnet_writes_subnet_env_and_installs_the_rules() {
     assert_eq!(n.rules.applied(), vec![n.rules_for(subnet)]);
     let s = n.state.snapshot();
     assert_eq!(
-        (s.public_ip.as_str(), s.backend.as_str()),
-        (OUR_IP, "host-gw")
+        (
+            s.public_ip.as_str(),
+            s.backend.as_str(),
+            s.backend_implementation.as_str()
+        ),
+        (OUR_IP, "host-gw", "kernel")
     );
+    assert!(n
+        .state
+        .metrics
+        .render()
+        .contains("tweed_backend_info{backend=\"host-gw\",implementation=\"kernel\"} 1"));
     // The clock the deps hand in is the one expiry is reported on.
     assert_eq!(s.lease_expiry_unix, 1_700_000_000 + 3600);
     // host-gw has no device: nothing to program without peers.

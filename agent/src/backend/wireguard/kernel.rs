@@ -6,8 +6,8 @@
 //! blocking `netlink-sys` socket, [`FakeGenl`] keeps a device in memory with the kernel's
 //! semantics for the flags used here, so the reconcile is tested without root or module.
 //!
-//! Not wired into the agent yet: `--wireguard-impl kernel` is still refused (see
-//! docs/wireguard.md); [`choose`] is the decision `auto` will take.
+//! [`super::WgBackend`] runs this path when [`choose`] picks it: `auto` where the kernel makes
+//! `wireguard` links, `kernel` always (failing, with the reason, where it cannot).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -262,16 +262,54 @@ pub fn reconcile(
     desired: &DeviceSpec,
 ) -> Result<(Vec<WgOp>, Observed), KernelError> {
     let observed = parse_device(&genl.get_device(device)?, SystemTime::now());
-    let ops = super::plan::plan(&observed.spec, desired);
+    // The kernel stores the key clamped and reads it back so: compared unclamped, an
+    // unchanged device would get its key written on every pass (found in the VMs).
+    let mut desired = desired.clone();
+    desired.private_key = desired.private_key.map(clamp);
+    let ops = super::plan::plan(&observed.spec, &desired);
     for m in messages(device, &ops) {
         genl.set_device(m)?;
     }
     Ok((ops, observed))
 }
 
+/// Curve25519 clamping, as the kernel applies it to a private key it is given (the same key
+/// for X25519: the public key does not change).
+pub fn clamp(mut k: [u8; 32]) -> [u8; 32] {
+    k[0] &= 248;
+    k[31] &= 127;
+    k[31] |= 64;
+    k
+}
+
 /// Whether a kernel wireguard link can be created in this namespace.
 pub trait KernelProbe {
     fn probe(&mut self) -> Result<(), String>;
+}
+
+/// A probe already made (asynchronously, through the agent's netlink handle).
+#[derive(Debug, Clone)]
+pub struct Probed(pub Result<(), String>);
+
+impl KernelProbe for Probed {
+    fn probe(&mut self) -> Result<(), String> {
+        self.0.clone()
+    }
+}
+
+/// Shared, so a test keeps a handle on the fake device the backend writes to.
+impl<T: WgGenl> WgGenl for std::sync::Arc<std::sync::Mutex<T>> {
+    fn get_device(&mut self, device: &str) -> Result<Vec<WireguardMessage>, KernelError> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_device(device)
+    }
+
+    fn set_device(&mut self, msg: WireguardMessage) -> Result<(), KernelError> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_device(msg)
+    }
 }
 
 /// What runs: `kernel` insists (and fails with the probe's reason), `userspace` never probes,
@@ -518,7 +556,8 @@ impl WgGenl for RealGenl {
 }
 
 /// An in-memory kernel device: applies SET_DEVICE with the kernel's rules for the flags the
-/// translation uses, answers GET_DEVICE from its state, and counts writes.
+/// translation uses (and clamps the private key, as the kernel does), answers GET_DEVICE from
+/// its state, and counts writes.
 #[derive(Debug, Default)]
 pub struct FakeGenl {
     pub device: String,
@@ -638,7 +677,7 @@ impl WgGenl for FakeGenl {
         self.writes += 1;
         for a in msg.attributes {
             match a {
-                WireguardAttribute::PrivateKey(k) => self.private_key = Some(k),
+                WireguardAttribute::PrivateKey(k) => self.private_key = Some(clamp(k)),
                 WireguardAttribute::ListenPort(p) => self.listen_port = p,
                 WireguardAttribute::Peers(peers) => {
                     for peer in peers {

@@ -12,6 +12,7 @@ pub mod plan;
 pub mod userspace;
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use ipnetwork::Ipv4Network;
 use std::net::Ipv4Addr;
@@ -58,6 +59,19 @@ pub enum WgError {
 
     #[error("wireguard: the {0} implementation is not available on this host: {1}")]
     Unavailable(&'static str, String),
+
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
+
+    #[error("wireguard: setting up {device}: {source}")]
+    Device {
+        device: &'static str,
+        #[source]
+        source: crate::netlink::NetlinkError,
+    },
+
+    #[error("wireguard: {DEVICE} no longer exists; the backend must be set up again")]
+    DeviceGone,
 }
 
 /// Everything the backend needs, fixed before the lease is acquired (the lease carries the
@@ -127,76 +141,107 @@ impl WgConfig {
     }
 }
 
-/// The running wireguard data plane. On this path the udp backend's workers carry the packets
-/// (TUN device [`DEVICE`], the listen port), sealing and opening each datagram with the
-/// [`userspace::WgTable`] published next to their routing table.
+/// The running wireguard data plane: the kernel's device, or the udp backend's workers.
 pub struct WgBackend {
     cfg: WgConfig,
+    plane: Plane,
+}
+
+enum Plane {
+    Userspace(Userspace),
+    Kernel(KernelPlane),
+}
+
+/// On this path the udp backend's workers carry the packets (TUN device [`DEVICE`], the listen
+/// port), sealing and opening each datagram with the [`userspace::WgTable`] published next to
+/// their routing table.
+struct Userspace {
     udp: crate::backend::UdpBackend,
-    table: std::sync::Arc<userspace::WgTable>,
+    table: Arc<userspace::WgTable>,
     /// The device as last published; the plan against it decides whether anything changes.
     applied: plan::DeviceSpec,
     published: bool,
 }
 
+/// The kernel's `wireguard` link [`DEVICE`], configured over generic netlink. Every
+/// reconcile reads the device back and writes only the difference, so what another tool (or
+/// the kernel's roaming) changed is put back and an unchanged device sees no write at all.
+struct KernelPlane {
+    ifindex: u32,
+    /// Blocking socket: used on the blocking pool only.
+    genl: SharedGenl,
+    /// What the last reconcile asked for: the periodic refresh holds the device to it.
+    desired: Option<plan::DeviceSpec>,
+    /// Per-peer figures from the last read-back.
+    stats: Vec<PeerStats>,
+    device_checked: bool,
+    setup_ops: Vec<crate::netlink::Op>,
+}
+
+type SharedGenl = Arc<Mutex<Box<dyn kernel::WgGenl + Send>>>;
+
 impl std::fmt::Debug for WgBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let peers = match &self.plane {
+            Plane::Userspace(u) => u.applied.peers.len(),
+            Plane::Kernel(k) => k.desired.as_ref().map_or(0, |d| d.peers.len()),
+        };
         f.debug_struct("WgBackend")
-            .field("implementation", &"userspace")
-            .field("peers", &self.applied.peers.len())
+            .field("implementation", &self.implementation())
+            .field("peers", &peers)
             .finish()
     }
 }
 
+/// Opens the generic netlink side of the kernel path (the real socket, or a fake in tests).
+pub type GenlOpener =
+    Box<dyn FnOnce() -> Result<Box<dyn kernel::WgGenl + Send>, kernel::KernelError> + Send>;
+
 impl WgBackend {
-    /// Chooses the implementation and sets the device up. Only the userspace one is built: a
-    /// host with the kernel module still gets the userspace path under `auto`, and `kernel`
-    /// is refused with that reason.
+    /// Chooses the implementation (`auto`: the kernel's when a `wireguard` link can be created)
+    /// and sets the device up; idempotent, so a restart finds its device and writes nothing.
     pub async fn setup(
         nl: &crate::netlink::Netlink,
         cfg: WgConfig,
     ) -> Result<WgBackend, crate::backend::BackendError> {
-        if cfg.implementation == WgImpl::Kernel {
-            return Err(WgError::Unavailable(
-                "kernel",
-                "this build drives only the userspace implementation; use --wireguard-impl=userspace or auto".into(),
-            )
-            .into());
-        }
-        let udp_cfg = crate::backend::UdpConfig {
-            network: cfg.network,
-            own_subnet: cfg.own_subnet,
-            local_ip: cfg.local_ip,
-            port: cfg.listen_port,
-            underlay_mtu: cfg.underlay_mtu,
-            mtu_override: Some(cfg.mtu()),
-            queues: cfg.queues,
-            // The peer table comes from the leases' keys; a stored copy could not open packets
-            // before the handshake anyway.
-            peers_file: None,
-            device: DEVICE,
+        let open: GenlOpener = Box::new(|| {
+            kernel::RealGenl::open().map(|g| Box::new(g) as Box<dyn kernel::WgGenl + Send>)
+        });
+        WgBackend::setup_with(nl, cfg, open).await
+    }
+
+    /// As [`setup`](Self::setup), the kernel path's generic netlink opened by `open` (called
+    /// only when the kernel runs). The socket is opened on the calling thread, so it lives in
+    /// the agent's namespace, as the `Netlink` handle does for `tweedd`.
+    pub async fn setup_with(
+        nl: &crate::netlink::Netlink,
+        cfg: WgConfig,
+        open: GenlOpener,
+    ) -> Result<WgBackend, crate::backend::BackendError> {
+        cfg.check_mtu()?;
+        let probed = match cfg.implementation {
+            WgImpl::Userspace => Ok(()),
+            _ => probe_kernel(nl).await,
         };
-        let udp = crate::backend::UdpBackend::setup(nl, udp_cfg).await?;
+        let chosen = kernel::choose(cfg.implementation, &mut kernel::Probed(probed))?;
+        let plane = match chosen {
+            WgImpl::Kernel => Plane::Kernel(setup_kernel(nl, &cfg, open).await?),
+            _ => Plane::Userspace(setup_userspace(nl, &cfg).await?),
+        };
+        let b = WgBackend { cfg, plane };
         tracing::info!(
-            implementation = "userspace",
+            implementation = b.implementation(),
             device = DEVICE,
-            port = cfg.listen_port,
-            public_key = %cfg.public_key(),
-            mtu = cfg.mtu(),
+            port = b.cfg.listen_port,
+            public_key = %b.cfg.public_key(),
+            mtu = b.cfg.mtu(),
             "wireguard: data plane running"
         );
-        let table = std::sync::Arc::new(userspace::WgTable::new(&cfg.private_key));
-        Ok(WgBackend {
-            cfg,
-            udp,
-            table,
-            applied: plan::DeviceSpec::default(),
-            published: false,
-        })
+        Ok(b)
     }
 
     /// Uses `key` from the next [`reconcile`](Self::reconcile) on: the device op it plans
-    /// publishes a table of fresh sessions under the new key (every peer handshakes again).
+    /// sets the new key (every peer handshakes again).
     pub fn set_private_key(&mut self, key: PrivateKey) {
         self.cfg.private_key = key;
     }
@@ -209,8 +254,12 @@ impl WgBackend {
         self.cfg.listen_port
     }
 
+    /// Which WireGuard carries the traffic: `kernel` or `userspace`.
     pub fn implementation(&self) -> &'static str {
-        "userspace"
+        match self.plane {
+            Plane::Userspace(_) => "userspace",
+            Plane::Kernel(_) => "kernel",
+        }
     }
 
     pub fn mtu(&self) -> u32 {
@@ -218,42 +267,85 @@ impl WgBackend {
     }
 
     pub fn ifindex(&self) -> u32 {
-        self.udp.ifindex()
+        match &self.plane {
+            Plane::Userspace(u) => u.udp.ifindex(),
+            Plane::Kernel(k) => k.ifindex,
+        }
+    }
+
+    /// Netlink ops the kernel path's set-up applied (none when the device was already right).
+    pub fn setup_ops(&self) -> &[crate::netlink::Op] {
+        match &self.plane {
+            Plane::Userspace(u) => u.udp.setup_ops(),
+            Plane::Kernel(k) => &k.setup_ops,
+        }
     }
 
     pub fn resync(&mut self) {
-        self.udp.resync();
+        match &mut self.plane {
+            Plane::Userspace(u) => u.udp.resync(),
+            Plane::Kernel(k) => k.device_checked = false,
+        }
     }
 
+    /// Userspace: stops the workers. Kernel: nothing runs in the agent; the device stays.
     pub async fn stop(&mut self) {
-        self.udp.stop().await;
+        if let Plane::Userspace(u) = &mut self.plane {
+            u.udp.stop().await;
+        }
     }
 
+    /// The userspace workers' counters (the kernel path has none of these: zeros).
     pub fn stats(&self) -> crate::backend::udp::io::Stats {
-        self.udp.stats()
+        match &self.plane {
+            Plane::Userspace(u) => u.udp.stats(),
+            Plane::Kernel(_) => Default::default(),
+        }
     }
 
-    /// Per peer: public key, endpoint, subnet, time since the last handshake, bytes out and in.
+    /// Per peer: public key, endpoint, subnet, time since the last handshake, bytes out and in
+    /// (kernel: as of the last read-back, see [`refresh`](Self::refresh)).
     pub fn peer_stats(&self) -> Vec<PeerStats> {
-        self.table
-            .peers()
-            .iter()
-            .map(|p| {
-                let (age, tx, rx) = p.stats();
-                PeerStats {
-                    public_key: p.spec.public_key,
-                    endpoint: p.spec.endpoint,
-                    subnet: p.spec.allowed_ips.first().copied(),
-                    last_handshake: age,
-                    tx_bytes: tx as u64,
-                    rx_bytes: rx as u64,
-                }
-            })
-            .collect()
+        match &self.plane {
+            Plane::Userspace(u) => u
+                .table
+                .peers()
+                .iter()
+                .map(|p| {
+                    let (age, tx, rx) = p.stats();
+                    PeerStats {
+                        public_key: p.spec.public_key,
+                        endpoint: p.spec.endpoint,
+                        subnet: p.spec.allowed_ips.first().copied(),
+                        last_handshake: age,
+                        tx_bytes: tx as u64,
+                        rx_bytes: rx as u64,
+                    }
+                })
+                .collect(),
+            Plane::Kernel(k) => k.stats.clone(),
+        }
     }
 
-    /// Makes the device hold exactly the peers `peers` call for; publishes a new table to the
-    /// workers only when the plan has ops.
+    /// Kernel: reads the device again for fresh figures and, in the same pass, sets back
+    /// whatever drifted from the last reconcile's plan (an endpoint the kernel roamed to
+    /// another source: flannel#1770). Writes nothing when nothing drifted. Userspace: nothing
+    /// to do (its figures are live and it never roams).
+    pub async fn refresh(&mut self) -> Result<usize, WgError> {
+        let Plane::Kernel(k) = &mut self.plane else {
+            return Ok(0);
+        };
+        let Some(desired) = k.desired.clone() else {
+            return Ok(0);
+        };
+        let (ops, stats) = genl_reconcile(k.genl.clone(), desired).await?;
+        k.stats = stats;
+        Ok(ops)
+    }
+
+    /// Makes the device hold exactly the peers `peers` call for. Userspace: publishes a new
+    /// table to the workers only when the plan has ops. Kernel: writes only the plan's ops
+    /// against the device as read back now (none when it already matches).
     pub async fn reconcile(
         &mut self,
         nl: &crate::netlink::Netlink,
@@ -265,6 +357,37 @@ impl WgBackend {
             self.cfg.listen_port,
             specs.clone(),
         );
+        let mut stats = match &mut self.plane {
+            Plane::Userspace(u) => u.reconcile(nl, &self.cfg, &specs, desired).await?,
+            Plane::Kernel(k) => {
+                let mut stats = crate::backend::ReconcileStats::default();
+                if !k.device_checked {
+                    let (ifindex, ops) = kernel_link(nl, &self.cfg).await?;
+                    k.ifindex = ifindex;
+                    stats.ops_applied += ops.len();
+                    stats.applied = ops;
+                    k.device_checked = true;
+                }
+                let (n, peer_stats) = genl_reconcile(k.genl.clone(), desired.clone()).await?;
+                stats.ops_applied += n;
+                k.stats = peer_stats;
+                k.desired = Some(desired);
+                stats
+            }
+        };
+        stats.skipped.extend(skipped);
+        Ok(stats)
+    }
+}
+
+impl Userspace {
+    async fn reconcile(
+        &mut self,
+        nl: &crate::netlink::Netlink,
+        cfg: &WgConfig,
+        specs: &[plan::PeerSpec],
+        desired: plan::DeviceSpec,
+    ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let ops = plan::plan(&self.applied, &desired);
         let udp_peers: Vec<crate::backend::UdpPeer> = specs
             .iter()
@@ -277,7 +400,7 @@ impl WgBackend {
             })
             .collect();
         let wg = (!ops.is_empty() || !self.published).then(|| {
-            self.table = std::sync::Arc::new(self.table.update(&self.cfg.private_key, &specs));
+            self.table = Arc::new(self.table.update(&cfg.private_key, specs));
             self.table.clone()
         });
         if wg.is_some() {
@@ -289,9 +412,169 @@ impl WgBackend {
             plan::apply_to(&mut self.applied, &ops);
             self.published = true;
         }
-        stats.skipped.extend(skipped);
         Ok(stats)
     }
+}
+
+async fn setup_userspace(
+    nl: &crate::netlink::Netlink,
+    cfg: &WgConfig,
+) -> Result<Userspace, crate::backend::BackendError> {
+    let udp_cfg = crate::backend::UdpConfig {
+        network: cfg.network,
+        own_subnet: cfg.own_subnet,
+        local_ip: cfg.local_ip,
+        port: cfg.listen_port,
+        underlay_mtu: cfg.underlay_mtu,
+        mtu_override: Some(cfg.mtu()),
+        queues: cfg.queues,
+        // The peer table comes from the leases' keys; a stored copy could not open packets
+        // before the handshake anyway.
+        peers_file: None,
+        device: DEVICE,
+    };
+    let udp = crate::backend::UdpBackend::setup(nl, udp_cfg).await?;
+    Ok(Userspace {
+        udp,
+        table: Arc::new(userspace::WgTable::new(&cfg.private_key)),
+        applied: plan::DeviceSpec::default(),
+        published: false,
+    })
+}
+
+async fn setup_kernel(
+    nl: &crate::netlink::Netlink,
+    cfg: &WgConfig,
+    open: GenlOpener,
+) -> Result<KernelPlane, crate::backend::BackendError> {
+    let (ifindex, setup_ops) = kernel_link(nl, cfg).await?;
+    if !setup_ops.is_empty() {
+        tracing::info!(
+            device = DEVICE,
+            mtu = cfg.mtu(),
+            ops = setup_ops.len(),
+            "wireguard: kernel device set up"
+        );
+    }
+    let genl = open().map_err(WgError::Kernel)?;
+    Ok(KernelPlane {
+        ifindex,
+        genl: Arc::new(Mutex::new(genl)),
+        desired: None,
+        stats: Vec::new(),
+        device_checked: true,
+        setup_ops,
+    })
+}
+
+/// Whether this kernel makes `wireguard` links: a throw-away one (named after the process, so
+/// two agents never collide) created and deleted through the same handle the device will be.
+async fn probe_kernel(nl: &crate::netlink::Netlink) -> Result<(), String> {
+    use crate::netlink::Op;
+    let name = format!("twwg{}", std::process::id() % 100_000_000);
+    match nl.apply(&Op::LinkAddWireguard { name: name.clone() }).await {
+        Ok(()) => nl
+            .apply(&Op::LinkDel { name })
+            .await
+            .map_err(|e| format!("deleting the probe link: {e}")),
+        Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Err(format!(
+            "`ip link add type wireguard` fails ({e}): this kernel has no wireguard module \
+             (load it with `modprobe wireguard`, or use --wireguard-impl=userspace)"
+        )),
+        Err(e) => Err(format!("creating a wireguard link: {e}")),
+    }
+}
+
+/// The `wireguard` link [`DEVICE`] with MTU, up, the subnet's address and the network's route,
+/// as the userspace path's TUN device has them. A device of another kind under that name (the
+/// userspace path's TUN device after a switch to the kernel) is replaced. Returns the link's
+/// index and the ops applied: none when everything was in place.
+async fn kernel_link(
+    nl: &crate::netlink::Netlink,
+    cfg: &WgConfig,
+) -> Result<(u32, Vec<crate::netlink::Op>), WgError> {
+    use crate::netlink::Op;
+    let dev = |source| WgError::Device {
+        device: DEVICE,
+        source,
+    };
+    let mut applied = Vec::new();
+    let existing = nl.link_by_name(DEVICE).await.map_err(dev)?;
+    if existing
+        .as_ref()
+        .is_some_and(|l| l.kind.as_deref() != Some("wireguard"))
+    {
+        tracing::warn!(
+            device = DEVICE,
+            "wireguard: replacing a device that is not a kernel wireguard link"
+        );
+        let op = Op::LinkDel {
+            name: DEVICE.into(),
+        };
+        nl.apply(&op).await.map_err(dev)?;
+        applied.push(op);
+    }
+    if existing.is_none() || !applied.is_empty() {
+        let op = Op::LinkAddWireguard {
+            name: DEVICE.into(),
+        };
+        nl.apply(&op).await.map_err(dev)?;
+        applied.push(op);
+    }
+    let link = nl
+        .link_by_name(DEVICE)
+        .await
+        .map_err(dev)?
+        .ok_or(WgError::DeviceGone)?;
+    let addrs = nl.addresses(Some(link.index)).await.map_err(dev)?;
+    let routes = nl.routes(link.index).await.map_err(dev)?;
+    let ops = crate::backend::plan_l3_device(
+        &link,
+        &addrs,
+        &routes,
+        cfg.mtu(),
+        crate::backend::device_addr(cfg.own_subnet),
+        crate::backend::overlay_route(cfg.network, link.index),
+    );
+    for op in ops {
+        nl.apply(&op).await.map_err(dev)?;
+        applied.push(op);
+    }
+    Ok((link.index, applied))
+}
+
+/// [`kernel::reconcile`] on the blocking pool (the socket blocks). Returns how many writes it
+/// made and the per-peer figures as they are after them (read again only when it wrote).
+async fn genl_reconcile(
+    genl: SharedGenl,
+    desired: plan::DeviceSpec,
+) -> Result<(usize, Vec<PeerStats>), WgError> {
+    tokio::task::spawn_blocking(move || {
+        let mut g = genl.lock().unwrap_or_else(|e| e.into_inner());
+        let (ops, observed) = kernel::reconcile(&mut **g, DEVICE, &desired)?;
+        for op in &ops {
+            if let WgOp::SetPeer(p) = op {
+                let was = observed.spec.peers.get(&p.public_key).and_then(|o| o.endpoint);
+                if was.is_some() && was != p.endpoint {
+                    tracing::warn!(peer = %p.public_key, roamed_to = ?was, lease = ?p.endpoint, "wireguard: the kernel moved a peer's endpoint; set back to the lease's");
+                }
+            }
+        }
+        if ops.is_empty() {
+            return Ok((0, observed.stats));
+        }
+        tracing::debug!(ops = ?ops, "wireguard: kernel device updated");
+        let now = kernel::parse_device(&g.get_device(DEVICE)?, std::time::SystemTime::now());
+        Ok((ops.len(), now.stats))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    .map_err(|e: kernel::KernelError| match e {
+        kernel::KernelError::Io { ref source, .. } if source.raw_os_error() == Some(libc::ENODEV) => {
+            WgError::DeviceGone
+        }
+        e => WgError::Kernel(e),
+    })
 }
 
 /// One peer's figures for metrics and `tweedctl net peers`.
@@ -304,3 +587,6 @@ pub struct PeerStats {
     pub tx_bytes: u64,
     pub rx_bytes: u64,
 }
+
+#[cfg(test)]
+mod backend_tests;

@@ -19,8 +19,28 @@ fn peer(n: u8, ip: [u8; 4], port: u16) -> PeerSpec {
     }
 }
 
+/// With a clamped key, as every key tweed generates is; the unclamped case has its own test.
 fn desired(peers: Vec<PeerSpec>) -> DeviceSpec {
-    device_spec([7; 32], 51820, peers)
+    device_spec(clamp([7; 32]), 51820, peers)
+}
+
+/// The kernel clamps the private key it is given and reads it back clamped: a key file holding
+/// an unclamped key (written by another tool) must not make every pass rewrite the key.
+#[test]
+fn an_unclamped_private_key_is_written_once() {
+    let mut fake = FakeGenl::new(DEV);
+    let want = device_spec([7; 32], 51820, vec![peer(1, [192, 0, 2, 1], 51820)]);
+    let (ops, _) = reconcile(&mut fake, DEV, &want).unwrap();
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    assert_eq!(fake.private_key, Some(clamp([7; 32])));
+    let (ops, seen) = reconcile(&mut fake, DEV, &want).unwrap();
+    assert!(ops.is_empty(), "{ops:?}");
+    assert_eq!(seen.spec.private_key, Some(clamp([7; 32])));
+    // Same key for X25519: the public key is unchanged by clamping.
+    assert_eq!(
+        PrivateKey::from_bytes([7; 32]).public(),
+        PrivateKey::from_bytes(clamp([7; 32])).public()
+    );
 }
 
 /// Every message must survive the wire: emitted as a generic netlink message and parsed back

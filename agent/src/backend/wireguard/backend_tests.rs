@@ -1,0 +1,317 @@
+//! The backend's whole lease-event flow on the kernel path, without root: the fake netlink
+//! kernel (which has or lacks the wireguard module) holds the link, the fake generic netlink
+//! device holds keys and peers, and every assertion reads them back from there.
+
+use super::kernel::FakeGenl;
+use super::*;
+use crate::netlink::{Fake, Netlink, Op};
+
+fn cfg(implementation: WgImpl) -> WgConfig {
+    WgConfig {
+        network: "10.5.0.0/16".parse().unwrap(),
+        own_subnet: "10.5.1.0/24".parse().unwrap(),
+        local_ip: Ipv4Addr::new(192, 168, 9, 1),
+        public_ip: Ipv4Addr::new(192, 168, 9, 1),
+        listen_port: 51820,
+        underlay_mtu: 1500,
+        mtu_base: 0,
+        psk: None,
+        keepalive: 0,
+        key_path: PathBuf::from("/nonexistent/wgkey"),
+        private_key: PrivateKey::from_bytes([1; 32]),
+        implementation,
+        queues: 1,
+    }
+}
+
+fn peer(n: u8, key: u8, ip: [u8; 4]) -> WgPeer {
+    WgPeer {
+        subnet: format!("10.5.{n}.0/24").parse().unwrap(),
+        public_ip: ip.into(),
+        public_key: PrivateKey::from_bytes([key; 32]).public(),
+        port: 51820,
+    }
+}
+
+type Shared = Arc<Mutex<FakeGenl>>;
+
+fn opener(g: &Shared) -> GenlOpener {
+    let g = g.clone();
+    Box::new(move || Ok(Box::new(g) as Box<dyn kernel::WgGenl + Send>))
+}
+
+fn lock(g: &Shared) -> std::sync::MutexGuard<'_, FakeGenl> {
+    g.lock().unwrap()
+}
+
+/// The kernel device's peers as (key, endpoint, allowed IPs), by allowed IPs.
+fn peers_of(g: &Shared) -> Vec<(PublicKey, String, Vec<String>)> {
+    let mut v: Vec<(PublicKey, String, Vec<String>)> = lock(g)
+        .peers
+        .iter()
+        .map(|p| {
+            (
+                PublicKey(p.public_key),
+                p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                p.allowed
+                    .iter()
+                    .map(|(ip, c)| format!("{ip}/{c}"))
+                    .collect(),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.2.cmp(&b.2));
+    v
+}
+
+async fn kernel_backend(nl: &Netlink, g: &Shared, wanted: WgImpl) -> WgBackend {
+    WgBackend::setup_with(nl, cfg(wanted), opener(g))
+        .await
+        .expect("set up on a kernel with the module")
+}
+
+#[tokio::test]
+async fn auto_takes_the_kernel_and_configures_the_link_like_the_userspace_device() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let b = kernel_backend(&nl, &g, WgImpl::Auto).await;
+    assert_eq!(b.implementation(), "kernel");
+    let link = nl
+        .link_by_name(DEVICE)
+        .await
+        .unwrap()
+        .expect("device created");
+    assert_eq!(link.kind.as_deref(), Some("wireguard"));
+    assert_eq!((link.mtu, link.up), (1420, true));
+    assert_eq!(b.ifindex(), link.index);
+    let addrs: Vec<String> = nl
+        .addresses(Some(link.index))
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.net.to_string())
+        .collect();
+    assert_eq!(addrs, ["10.5.1.0/32"]);
+    let routes: Vec<String> = nl
+        .all_routes()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.oif == Some(link.index))
+        .map(|r| r.dst.to_string())
+        .collect();
+    assert_eq!(routes, ["10.5.0.0/16"]);
+    // The probe's throw-away link is gone.
+    assert!(nl
+        .links()
+        .await
+        .unwrap()
+        .iter()
+        .all(|l| !l.name.starts_with("twwg")));
+    // Nothing was written to the device before the first reconcile.
+    assert_eq!(lock(&g).writes, 0);
+}
+
+#[tokio::test]
+async fn lease_events_reach_the_kernel_device_and_an_unchanged_set_writes_nothing() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let mut b = kernel_backend(&nl, &g, WgImpl::Kernel).await;
+    let (a, c) = (peer(2, 2, [192, 168, 9, 2]), peer(3, 3, [192, 168, 9, 3]));
+
+    // Two peers added: the device key and port, then one message per peer.
+    let s = b.reconcile(&nl, &[a, c]).await.unwrap();
+    assert_eq!((s.ops_applied, lock(&g).writes), (3, 3));
+    // Stored clamped, as the kernel stores it.
+    let ours = kernel::clamp(*cfg(WgImpl::Kernel).private_key.bytes());
+    assert_eq!(lock(&g).private_key, Some(ours));
+    assert_eq!(lock(&g).listen_port, 51820);
+    assert_eq!(
+        peers_of(&g),
+        vec![
+            (
+                a.public_key,
+                "192.168.9.2:51820".into(),
+                vec!["10.5.2.0/24".into()]
+            ),
+            (
+                c.public_key,
+                "192.168.9.3:51820".into(),
+                vec!["10.5.3.0/24".into()]
+            ),
+        ]
+    );
+    // The same leases again: zero writes, on either side.
+    let log = fake.ops().len();
+    let s = b.reconcile(&nl, &[a, c]).await.unwrap();
+    assert_eq!(
+        (s.ops_applied, lock(&g).writes, fake.ops().len()),
+        (0, 3, log)
+    );
+
+    // A lease whose PublicIP moved: that peer alone is rewritten.
+    let a2 = peer(2, 2, [192, 168, 9, 22]);
+    let s = b.reconcile(&nl, &[a2, c]).await.unwrap();
+    assert_eq!((s.ops_applied, lock(&g).writes), (1, 4));
+    assert_eq!(peers_of(&g)[0].1, "192.168.9.22:51820");
+
+    // A peer's key rotated (new key in its lease): the old entry goes, the new one comes.
+    let c2 = peer(3, 33, [192, 168, 9, 3]);
+    b.reconcile(&nl, &[a2, c2]).await.unwrap();
+    let keys: Vec<PublicKey> = peers_of(&g).into_iter().map(|p| p.0).collect();
+    assert_eq!(keys, vec![a2.public_key, c2.public_key]);
+
+    // Our own key rotated: one device write, the peers untouched.
+    let before = lock(&g).writes;
+    b.set_private_key(PrivateKey::from_bytes([9; 32]));
+    let s = b.reconcile(&nl, &[a2, c2]).await.unwrap();
+    assert_eq!((s.ops_applied, lock(&g).writes), (1, before + 1));
+    assert_eq!(lock(&g).private_key, Some(kernel::clamp([9; 32])));
+
+    // A peer's lease removed.
+    b.reconcile(&nl, &[c2]).await.unwrap();
+    let keys: Vec<PublicKey> = peers_of(&g).into_iter().map(|p| p.0).collect();
+    assert_eq!(keys, vec![c2.public_key]);
+    let writes = lock(&g).writes;
+    b.reconcile(&nl, &[c2]).await.unwrap();
+    assert_eq!(lock(&g).writes, writes);
+}
+
+#[tokio::test]
+async fn a_roamed_endpoint_is_set_back_and_the_figures_come_from_the_read_back() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let mut b = kernel_backend(&nl, &g, WgImpl::Kernel).await;
+    let a = peer(2, 2, [192, 168, 9, 2]);
+    b.reconcile(&nl, std::slice::from_ref(&a)).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    {
+        // What the kernel does on its own: a handshake, traffic, and (a packet authenticated
+        // from another source) the endpoint moved there.
+        let mut k = lock(&g);
+        let p = &mut k.peers[0];
+        p.last_handshake = (now.as_secs() as i64 - 30, 0);
+        p.rx = 1234;
+        p.tx = 5678;
+        p.endpoint = Some("192.168.77.7:40000".parse().unwrap());
+    }
+    let writes = lock(&g).writes;
+    assert_eq!(b.refresh().await.unwrap(), 1);
+    assert_eq!(lock(&g).writes, writes + 1);
+    assert_eq!(peers_of(&g)[0].1, "192.168.9.2:51820");
+    let st = b.peer_stats();
+    assert_eq!(st.len(), 1);
+    assert_eq!((st[0].rx_bytes, st[0].tx_bytes), (1234, 5678));
+    assert_eq!(st[0].subnet, Some(a.subnet));
+    assert_eq!(st[0].endpoint, Some("192.168.9.2:51820".parse().unwrap()));
+    let age = st[0].last_handshake.expect("handshake read back").as_secs();
+    assert!((29..=60).contains(&age), "{age}");
+    // Nothing drifted since: the refresh reads and writes nothing.
+    assert_eq!(b.refresh().await.unwrap(), 0);
+    assert_eq!(lock(&g).writes, writes + 1);
+    // The userspace counters are not this path's: zeros.
+    assert_eq!(b.stats(), Default::default());
+}
+
+#[tokio::test]
+async fn a_restart_on_a_configured_device_writes_nothing() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let peers = [peer(2, 2, [192, 168, 9, 2]), peer(3, 3, [192, 168, 9, 3])];
+    let mut first = kernel_backend(&nl, &g, WgImpl::Auto).await;
+    first.reconcile(&nl, &peers).await.unwrap();
+    first.stop().await;
+    drop(first);
+    let (ops, writes) = (fake.ops().len(), lock(&g).writes);
+
+    let mut again = kernel_backend(&nl, &g, WgImpl::Auto).await;
+    assert!(again.setup_ops().is_empty(), "{:?}", again.setup_ops());
+    let s = again.reconcile(&nl, &peers).await.unwrap();
+    assert_eq!(s.ops_applied, 0);
+    // Only the probe's throw-away link was created and deleted.
+    let new_ops: Vec<Op> = fake.ops()[ops..].to_vec();
+    assert!(
+        new_ops.iter().all(|op| match op {
+            Op::LinkAddWireguard { name } | Op::LinkDel { name } => name.starts_with("twwg"),
+            _ => false,
+        }),
+        "{new_ops:?}"
+    );
+    assert_eq!(lock(&g).writes, writes);
+    // After a resync the link is checked again: still nothing to write.
+    again.resync();
+    let s = again.reconcile(&nl, &peers).await.unwrap();
+    assert_eq!(s.ops_applied, 0);
+}
+
+#[tokio::test]
+async fn the_userspace_tun_device_is_replaced_by_a_kernel_link() {
+    let fake = Fake::with_wireguard();
+    fake.put_link(crate::netlink::Link {
+        index: 40,
+        name: DEVICE.into(),
+        mtu: 1420,
+        kind: Some("tun".into()),
+        up: true,
+        ..Default::default()
+    });
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let b = kernel_backend(&nl, &g, WgImpl::Auto).await;
+    let link = nl.link_by_name(DEVICE).await.unwrap().unwrap();
+    assert_eq!(link.kind.as_deref(), Some("wireguard"));
+    assert_ne!(link.index, 40);
+    assert_eq!(b.ifindex(), link.index);
+}
+
+#[tokio::test]
+async fn kernel_without_the_module_fails_naming_it_and_auto_would_take_userspace() {
+    let fake = Fake::new();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let err = WgBackend::setup_with(&nl, cfg(WgImpl::Kernel), opener(&g))
+        .await
+        .expect_err("kernel accepted without the module")
+        .to_string();
+    assert!(
+        err.contains("kernel implementation is not available")
+            && err.contains("no wireguard module"),
+        "{err}"
+    );
+    assert!(nl.link_by_name(DEVICE).await.unwrap().is_none());
+    // auto on the same kernel: the probe's answer makes choose() take userspace (whose TUN
+    // set-up needs root, so it is not run here).
+    let probed = probe_kernel(&nl).await;
+    assert!(probed
+        .as_ref()
+        .is_err_and(|e| e.contains("modprobe wireguard")));
+    assert_eq!(
+        kernel::choose(WgImpl::Auto, &mut kernel::Probed(probed)).unwrap(),
+        WgImpl::Userspace
+    );
+    assert!(nl
+        .links()
+        .await
+        .unwrap()
+        .iter()
+        .all(|l| !l.name.starts_with("twwg")));
+}
+
+#[tokio::test]
+async fn a_vanished_kernel_device_asks_for_a_new_setup() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new("gone")));
+    let mut b = kernel_backend(&nl, &g, WgImpl::Kernel).await;
+    let err = b
+        .reconcile(&nl, &[peer(2, 2, [192, 168, 9, 2])])
+        .await
+        .expect_err("wrote to a missing device");
+    assert!(err.is_device_gone(), "{err}");
+}
