@@ -314,6 +314,12 @@ mod v6_tests {
         }
     }
 
+    /// A fresh node's v6 choice with nothing excluded, reproducible by seed.
+    fn choose_seeded(c: &Ipv6Config, occ: &[Ipv6Network], seed: u64) -> Ipv6Network {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        choose_v6(c, occ, None, &HashSet::new(), &mut rng).unwrap()
+    }
+
     /// For each prefix length in `lens`, the other half of the subnet of that length around
     /// `target`: together they cover everything above `target` except `target` itself.
     fn siblings_on_path(
@@ -342,15 +348,7 @@ mod v6_tests {
             // The siblings along the path from the network down to `free` cover all but it.
             let occ = siblings_on_path(free, (c.network.prefix() + 1)..=64);
             for seed in 0..20 {
-                let got = choose_v6(
-                    &c,
-                    &occ,
-                    None,
-                    &HashSet::new(),
-                    &mut rand::rngs::StdRng::seed_from_u64(seed),
-                )
-                .unwrap();
-                assert_eq!(got, free, "{net} seed {seed}");
+                assert_eq!(choose_seeded(&c, &occ, seed), free, "{net} seed {seed}");
             }
             // Lost the race for it too: now nothing is free.
             let lost = HashSet::from([free]);
@@ -370,14 +368,7 @@ mod v6_tests {
         let free = n("2001:db8:ffc0::/42");
         let occ = siblings_on_path(free, 33..=42);
         for seed in 0..200 {
-            let s = choose_v6(
-                &c,
-                &occ,
-                None,
-                &HashSet::new(),
-                &mut rand::rngs::StdRng::seed_from_u64(seed),
-            )
-            .unwrap();
+            let s = choose_seeded(&c, &occ, seed);
             assert!(
                 c.is_allocatable(s) && free.contains(s.ip()),
                 "seed {seed}: {s}"

@@ -391,12 +391,13 @@ mod tests {
     #[test]
     fn keys_around_the_whole_network_block_no_allocation() {
         let mut t = table();
-        let a = t.resync(&[
-            node("10.0.0.0-8", 2, 2),
-            node("0.0.0.0-0", 3, 3),
-            node("10.244.0.0-16", 5, 4),
-            node("10.244.2.0-24", 4, 5),
-        ]);
+        // Nodes 2..=5, each key one revision newer than the one before.
+        let keys = ["10.0.0.0-8", "0.0.0.0-0", "10.244.0.0-16", "10.244.2.0-24"];
+        let leases: Vec<_> = (2u8..)
+            .zip(keys)
+            .map(|(n, k)| node(k, n, n.into()))
+            .collect();
+        let a = t.resync(&leases);
         let kinds: Vec<_> = a.skipped.iter().map(|s| s.kind).collect();
         assert_eq!(
             kinds,

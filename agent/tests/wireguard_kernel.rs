@@ -186,22 +186,30 @@ fn agent_run(
     wanted: WgImpl,
     peers: Vec<WgPeer>,
 ) -> Result<(&'static str, usize, usize, usize), String> {
+    with_netlink_in(ns, move |nl| async move {
+        let mut b = WgBackend::setup(&nl, backend_cfg(wanted))
+            .await
+            .map_err(|e| e.to_string())?;
+        let setup = b.setup_ops().len();
+        let first = b.reconcile(&nl, &peers).await.unwrap().ops_applied;
+        let second = b.reconcile(&nl, &peers).await.unwrap().ops_applied;
+        assert_eq!(b.peer_stats().len(), peers.len());
+        Ok((b.implementation(), setup, first, second))
+    })
+}
+
+/// Runs `f` on a current-thread runtime in `ns`, with a real netlink handle opened there.
+fn with_netlink_in<T, F>(ns: &NetnsGuard, f: impl FnOnce(Netlink) -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
     ns.enter(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async move {
-            let nl = Netlink::real().unwrap();
-            let mut b = WgBackend::setup(&nl, backend_cfg(wanted))
-                .await
-                .map_err(|e| e.to_string())?;
-            let setup = b.setup_ops().len();
-            let first = b.reconcile(&nl, &peers).await.unwrap().ops_applied;
-            let second = b.reconcile(&nl, &peers).await.unwrap().ops_applied;
-            assert_eq!(b.peer_stats().len(), peers.len());
-            Ok((b.implementation(), setup, first, second))
-        })
+        rt.block_on(async move { f(Netlink::real().unwrap()).await })
     })
 }
 
@@ -283,17 +291,10 @@ fn node_run(
     &'static str,
     Vec<tweed_agent::backend::wireguard::PeerStats>,
 ) {
-    ns.enter(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let nl = Netlink::real().unwrap();
-            let mut b = WgBackend::setup(&nl, node_cfg(own)).await.unwrap();
-            b.reconcile(&nl, &peers).await.unwrap();
-            (b.implementation(), b.peer_stats())
-        })
+    with_netlink_in(ns, move |nl| async move {
+        let mut b = WgBackend::setup(&nl, node_cfg(own)).await.unwrap();
+        b.reconcile(&nl, &peers).await.unwrap();
+        (b.implementation(), b.peer_stats())
     })
 }
 

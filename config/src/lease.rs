@@ -758,17 +758,21 @@ mod tests {
         );
     }
 
-    /// Property: every key tweed renders parses back to itself, over a deterministic sweep of
-    /// subnets of both families (no fuzz crate in the workspace; a seeded generator instead).
-    #[test]
-    fn rendered_keys_round_trip_over_a_sweep() {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
+    /// A seeded xorshift64 generator: the sweeps below are deterministic without a fuzz crate.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x
-        };
+        }
+    }
+
+    /// Property: every key tweed renders parses back to itself, over a deterministic sweep of
+    /// subnets of both families (no fuzz crate in the workspace; a seeded generator instead).
+    #[test]
+    fn rendered_keys_round_trip_over_a_sweep() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..5000 {
             let l4 = (next() % 33) as u8;
             let l6 = (next() % 129) as u8;
@@ -883,13 +887,7 @@ mod tests {
         assert!(err.to_string().contains("IPv6-only lease"), "{err}");
         // flannel's pattern needs `digits.digits` before the first '-', so a key without a dot
         // never matches it; every rendered IPv6-only key is dot-free, and a dotted one is refused.
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..5000 {
             let len = (next() % 129) as u8;
             let a = (u128::from(next()) << 64) | u128::from(next());

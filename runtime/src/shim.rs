@@ -477,21 +477,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pending_records_are_synced_or_the_error_names_them() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("config.json");
-        std::fs::write(&p, b"{}").unwrap();
-        sync_durable(std::slice::from_ref(&p)).unwrap();
-        let gone = t.path().join("gone.json");
-        let e = sync_durable(&[p, gone.clone()]).unwrap_err();
-        assert!(
-            matches!(&e, ShimError::Sync { path, .. } if *path == gone),
-            "{e}"
-        );
-        assert!(e.to_string().contains("gone.json"), "{e}");
-    }
-
-    #[test]
     fn reports() {
         assert_eq!(
             parse_report("ok 10 11").unwrap(),
@@ -507,5 +492,20 @@ mod tests {
             "exec: \"nope\": executable file not found in $PATH"
         );
         assert!(parse_report("").is_err());
+    }
+
+    #[test]
+    fn pending_records_are_synced_or_the_error_names_them() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("config.json");
+        std::fs::write(&p, b"{}").unwrap();
+        sync_durable(std::slice::from_ref(&p)).unwrap();
+        let gone = t.path().join("gone.json");
+        let e = sync_durable(&[p, gone.clone()]).unwrap_err();
+        assert!(
+            matches!(&e, ShimError::Sync { path, .. } if *path == gone),
+            "{e}"
+        );
+        assert!(e.to_string().contains("gone.json"), "{e}");
     }
 }

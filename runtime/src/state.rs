@@ -333,6 +333,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn short_ids_never_cut_past_the_end_or_inside_a_character() {
+        assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_id("0123456789ab"), "0123456789ab");
+        assert_eq!(short_id("abc"), "abc");
+        assert_eq!(short_id(""), "");
+        assert_eq!(short_id("ééééééééééééé"), "éééééééééééé");
+    }
+
+    #[test]
     fn a_process_record_a_crash_left_empty_reads_as_none() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("init.json");
@@ -351,15 +360,6 @@ mod tests {
         std::fs::write(&p, b"{\"pid\":").unwrap();
         let e = read_json::<ProcInfo>(&p).unwrap_err().to_string();
         assert!(e.contains("init.json"), "{e}");
-    }
-
-    #[test]
-    fn short_ids_never_cut_past_the_end_or_inside_a_character() {
-        assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
-        assert_eq!(short_id("0123456789ab"), "0123456789ab");
-        assert_eq!(short_id("abc"), "abc");
-        assert_eq!(short_id(""), "");
-        assert_eq!(short_id("ééééééééééééé"), "éééééééééééé");
     }
 
     #[test]

@@ -671,6 +671,14 @@ pub fn diff_routes(observed: &[Route], desired: &[Route]) -> RouteDiff {
     }
 }
 
+/// The one log line of a device set-up that changed something: a restart on a device already
+/// configured stays quiet.
+pub(crate) fn log_setup(what: &str, device: &str, mtu: u32, ops: usize) {
+    if ops > 0 {
+        tracing::info!(device, mtu, ops, "{what} set up");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -250,14 +250,7 @@ impl UdpBackend {
             Err(e) => tracing::warn!(device = cfg_device, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
         }
         let setup_ops = configure(nl, &cfg, &link).await?;
-        if !setup_ops.is_empty() {
-            tracing::info!(
-                device = cfg_device,
-                mtu = cfg.mtu(),
-                ops = setup_ops.len(),
-                "udp: device set up"
-            );
-        }
+        crate::backend::log_setup("udp: device", cfg_device, cfg.mtu(), setup_ops.len());
 
         let bind = SocketAddrV4::new(cfg.local_ip, cfg.port);
         let mut socks = Vec::new();

@@ -103,12 +103,7 @@ async fn auto_takes_the_kernel_and_configures_the_link_like_the_userspace_device
         .collect();
     assert_eq!(routes, ["10.5.0.0/16"]);
     // The probe's throw-away link is gone.
-    assert!(nl
-        .links()
-        .await
-        .unwrap()
-        .iter()
-        .all(|l| !l.name.starts_with("twwg")));
+    assert!(no_probe_link_left(&nl).await);
     // Nothing was written to the device before the first reconcile.
     assert_eq!(lock(&g).writes, 0);
 }
@@ -295,12 +290,7 @@ async fn kernel_without_the_module_fails_naming_it_and_auto_would_take_userspace
         kernel::choose(WgImpl::Auto, &mut kernel::Probed(probed)).unwrap(),
         WgImpl::Userspace
     );
-    assert!(nl
-        .links()
-        .await
-        .unwrap()
-        .iter()
-        .all(|l| !l.name.starts_with("twwg")));
+    assert!(no_probe_link_left(&nl).await);
 }
 
 #[tokio::test]
@@ -314,4 +304,13 @@ async fn a_vanished_kernel_device_asks_for_a_new_setup() {
         .await
         .expect_err("wrote to a missing device");
     assert!(err.is_device_gone(), "{err}");
+}
+
+/// The kernel probe's throw-away `twwg<pid>` link is gone again.
+async fn no_probe_link_left(nl: &Netlink) -> bool {
+    nl.links()
+        .await
+        .unwrap()
+        .iter()
+        .all(|l| !l.name.starts_with("twwg"))
 }

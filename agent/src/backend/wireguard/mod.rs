@@ -448,14 +448,12 @@ async fn setup_kernel(
     open: GenlOpener,
 ) -> Result<KernelPlane, crate::backend::BackendError> {
     let (ifindex, setup_ops) = kernel_link(nl, cfg).await?;
-    if !setup_ops.is_empty() {
-        tracing::info!(
-            device = DEVICE,
-            mtu = cfg.mtu(),
-            ops = setup_ops.len(),
-            "wireguard: kernel device set up"
-        );
-    }
+    crate::backend::log_setup(
+        "wireguard: kernel device",
+        DEVICE,
+        cfg.mtu(),
+        setup_ops.len(),
+    );
     let genl = open().map_err(WgError::Kernel)?;
     Ok(KernelPlane {
         ifindex,
