@@ -318,12 +318,12 @@ mod tests {
         let cases = [
             ("/run/tweed/subnet.env", "TWEED_NETWORK=10.0.0.0/16\n", "TWEED_SUBNET"),
             (
-                "f",
+                "/etc/tweed/mtu-test.env",
                 "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=big\n",
                 "TWEED_MTU",
             ),
             (
-                "f",
+                "/var/lib/masq-test.env",
                 "TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.1.1/24\nTWEED_MTU=1450\nTWEED_IPMASQ=maybe\n",
                 "TWEED_IPMASQ",
             ),

@@ -208,11 +208,13 @@ impl Runtime {
     }
 
     pub(crate) fn proc_info(&self, id: &str, file: &str) -> Result<Option<ProcInfo>, RuntimeError> {
-        Ok(state::read_json(&self.paths.state_dir(id).join(file))?)
+        Ok(state::read_process_record(
+            &self.paths.state_dir(id).join(file),
+        )?)
     }
 
     pub fn exit_info(&self, id: &str) -> Result<Option<ExitInfo>, RuntimeError> {
-        Ok(state::read_json(
+        Ok(state::read_process_record(
             &self.paths.state_dir(id).join("exit.json"),
         )?)
     }

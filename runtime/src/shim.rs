@@ -68,16 +68,39 @@ pub struct ShimSpec {
 
 /// fsync of each file and of its directory (see [`ShimSpec::sync_meanwhile`]).
 pub fn sync_durable(files: &[PathBuf]) -> Result<(), ShimError> {
+    open_durable(files)?.sync()
+}
+
+/// The files of [`ShimSpec::sync_meanwhile`] and their directories, opened before the supervisor
+/// starts: a `--rm` container that exits at once has its state directory removed by the
+/// supervisor, maybe before the fsyncs run, and an fsync through a descriptor opened earlier
+/// still works (there is then nothing left to make durable, and no error).
+pub struct PendingSync(Vec<(PathBuf, File, File)>);
+
+pub fn open_durable(files: &[PathBuf]) -> Result<PendingSync, ShimError> {
+    let mut out = Vec::with_capacity(files.len());
     for f in files {
-        let synced = File::open(f)
-            .and_then(|h| h.sync_all())
-            .and_then(|()| crate::fsutil::sync_dir(f.parent().unwrap_or_else(|| Path::new("."))));
-        synced.map_err(|source| ShimError::Sync {
+        let opened = File::open(f).and_then(|file| {
+            let dir = File::open(f.parent().unwrap_or_else(|| Path::new(".")))?;
+            Ok((f.clone(), file, dir))
+        });
+        out.push(opened.map_err(|source| ShimError::Sync {
             path: f.clone(),
             source,
-        })?;
+        })?);
     }
-    Ok(())
+    Ok(PendingSync(out))
+}
+
+impl PendingSync {
+    pub fn sync(self) -> Result<(), ShimError> {
+        for (path, file, dir) in self.0 {
+            file.sync_all()
+                .and_then(|()| dir.sync_all())
+                .map_err(|source| ShimError::Sync { path, source })?;
+        }
+        Ok(())
+    }
 }
 
 /// A started container.
@@ -93,7 +116,7 @@ pub const MEMINFO_REFRESH: Duration = Duration::from_secs(1);
 /// has been exec'd (or failed to start: then nothing of the process side is left).
 pub fn spawn(spec: ShimSpec) -> Result<Started, ShimError> {
     let (rr, rw) = process::pipe().map_err(ShimError::Spawn)?;
-    let sync = spec.sync_meanwhile.clone();
+    let sync = open_durable(&spec.sync_meanwhile)?;
     // SAFETY: tweedctl is single-threaded here (the thread that made a network namespace has
     // been joined; CNI plugins ran as child processes), and the child leaves through
     // `process::child`.
@@ -118,7 +141,7 @@ pub fn spawn(spec: ShimSpec) -> Result<Started, ShimError> {
         Fork::Parent(pid) => {
             drop(rw);
             // While the supervisor clones and sets up the init.
-            let synced = sync_durable(&sync);
+            let synced = sync.sync();
             let _ = process::waitpid(pid);
             let msg = process::read_to_end(rr.as_raw_fd()).map_err(ShimError::Spawn)?;
             let started = parse_report(&String::from_utf8_lossy(&msg))?;
@@ -507,5 +530,13 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("gone.json"), "{e}");
+        // Opened before the supervisor starts, synced after a `--rm` container's state directory
+        // is gone: the descriptors still sync, and nothing fails.
+        let d = t.path().join("c1");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("config.json"), b"{}").unwrap();
+        let pending = open_durable(&[d.join("config.json")]).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+        pending.sync().unwrap();
     }
 }

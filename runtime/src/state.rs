@@ -290,7 +290,7 @@ pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StateError> {
 /// rename) but without fsync, unlike [`write_json`]. Each fsync pair cost ~0.8 ms on ext4 and
 /// three sat on the path every `run` waits for. Nothing is lost by it: these records describe
 /// processes, and a host crash kills those processes anyway. After a crash a record may be
-/// missing or empty; [`read_json`] reads both as "no record", so the container shows as dead
+/// missing, empty or garbage; [`read_process_record`] reads all three as "no record", so the container shows as dead
 /// (no live supervisor) and `rm` still works. What names resources that outlive a crash
 /// (`config.json`: cgroup, layers, name; `cni.json`: the CNI attachment and its address) stays
 /// durable through [`write_json`].
@@ -300,6 +300,19 @@ pub fn write_process_record<T: Serialize>(path: &Path, v: &T) -> Result<(), Stat
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Reads a process record written by [`write_process_record`]. Besides missing and empty, a
+/// record that does not parse is "no record" too: without fsync, a crash on a file system that
+/// writes data after metadata (ext4 `data=writeback`, for one) can leave NULs or stale bytes in
+/// it, and a process it described died with the host. `status`, `list` and `rm` keep working.
+pub fn read_process_record<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+) -> Result<Option<T>, StateError> {
+    match read_json(path) {
+        Err(StateError::Corrupt { .. }) => Ok(None),
+        other => other,
+    }
 }
 
 /// Writes a record atomically but leaves the fsyncs of [`write_json`] to the caller
@@ -356,10 +369,17 @@ mod tests {
         // What a crash can leave of an unsynced new file: the name with no content.
         std::fs::write(&p, b"").unwrap();
         assert!(read_json::<ProcInfo>(&p).unwrap().is_none());
-        // Damage is still reported, naming the file.
+        // Damage is still reported, naming the file, where the file must be durable...
         std::fs::write(&p, b"{\"pid\":").unwrap();
         let e = read_json::<ProcInfo>(&p).unwrap_err().to_string();
         assert!(e.contains("init.json"), "{e}");
+        // ...while a process record that a crash filled with NULs or cut short is no record.
+        assert!(read_process_record::<ProcInfo>(&p).unwrap().is_none());
+        std::fs::write(&p, [0u8; 64]).unwrap();
+        assert!(read_process_record::<ProcInfo>(&p).unwrap().is_none());
+        write_process_record(&p, &info).unwrap();
+        let back: ProcInfo = read_process_record(&p).unwrap().unwrap();
+        assert_eq!(back.pid, 42);
     }
 
     #[test]

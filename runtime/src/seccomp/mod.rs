@@ -339,17 +339,26 @@ fn decode(b: &[u8]) -> Option<Programs> {
     (off == b.len()).then_some(out)
 }
 
-/// A cache file: the SHA-256 of the encoded programs, then the programs.
-fn seal(encoded: &[u8]) -> Vec<u8> {
-    let mut out = Sha256::digest(encoded).to_vec();
+/// A cache file: the SHA-256 of its cache key and the encoded programs, then the programs. The
+/// key is in the sum so that a file is valid only under its own name: one sealed for a more
+/// permissive profile and copied (or renamed) to another profile's name is a miss.
+fn seal(key: &str, encoded: &[u8]) -> Vec<u8> {
+    let mut out = sealed_sum(key, encoded);
     out.extend_from_slice(encoded);
     out
 }
 
-/// The encoded programs of a cache file whose checksum matches, else `None`.
-fn unseal(b: &[u8]) -> Option<&[u8]> {
+fn sealed_sum(key: &str, encoded: &[u8]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(key.as_bytes());
+    h.update(encoded);
+    h.finalize().to_vec()
+}
+
+/// The encoded programs of a cache file whose checksum matches `key`, else `None`.
+fn unseal<'a>(key: &str, b: &'a [u8]) -> Option<&'a [u8]> {
     let (sum, body) = (b.get(..32)?, b.get(32..)?);
-    (Sha256::digest(body).as_slice() == sum).then_some(body)
+    (sealed_sum(key, body) == sum).then_some(body)
 }
 
 /// A cache file's content when it can be trusted as far as a cache can be: a regular file
@@ -369,6 +378,11 @@ fn read_cache(path: &Path) -> Option<Vec<u8>> {
     if !m.is_file() || m.uid() != me || m.mode() & 0o022 != 0 {
         return None;
     }
+    // The directory too: in one others can write, a file could be swapped under its name.
+    let d = std::fs::symlink_metadata(path.parent()?).ok()?;
+    if !d.is_dir() || d.uid() != me || d.mode() & 0o022 != 0 {
+        return None;
+    }
     let mut b = Vec::with_capacity(m.len() as usize);
     f.read_to_end(&mut b).ok()?;
     Some(b)
@@ -385,9 +399,10 @@ fn read_cache(path: &Path) -> Option<Vec<u8>> {
 /// write there can as well replace the image layers or `tweedctl` itself. A file with another
 /// owner or writable by group/others is not read at all.
 pub fn compiled(p: &Profile, cache_dir: &Path) -> Result<Programs, SeccompError> {
-    let path = cache_path(p, cache_dir);
+    let key = cache_key(p);
+    let path = cache_dir.join(format!("{key}.bpf"));
     if let Some(b) = read_cache(&path) {
-        if let Some(progs) = unseal(&b).and_then(decode) {
+        if let Some(progs) = unseal(&key, &b).and_then(decode) {
             return Ok(progs);
         }
     }
@@ -426,7 +441,7 @@ pub fn store(p: &Profile, cache_dir: &Path, progs: &Programs) -> Result<(), Secc
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&seal(&encode(progs)))?;
+        f.write_all(&seal(&cache_key(p), &encode(progs)))?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     })();

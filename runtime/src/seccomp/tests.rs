@@ -109,12 +109,12 @@ fn compiles_and_caches_by_hash() {
     // A damaged cache file is a miss, recompiled and rewritten.
     std::fs::write(&file, b"\x01\x00\x00\x00\xff").unwrap();
     assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
-    assert_eq!(cached(&file), Some(progs));
+    assert_eq!(cached(&p, &file), Some(progs));
 }
 
 /// What a cache file holds, if it is intact.
-fn cached(file: &std::path::Path) -> Option<Programs> {
-    unseal(&std::fs::read(file).unwrap()).and_then(decode)
+fn cached(p: &Profile, file: &std::path::Path) -> Option<Programs> {
+    unseal(&cache_key(p), &std::fs::read(file).unwrap()).and_then(decode)
 }
 
 /// One instruction: SECCOMP_RET_ALLOW, a valid program unlike anything `compile` makes.
@@ -139,11 +139,12 @@ fn the_cache_is_really_read_a_planted_program_is_what_loads() {
         .mode(0o600)
         .open(&file)
         .unwrap();
-    f.write_all(&seal(&encode(&allow_all()))).unwrap();
+    f.write_all(&seal(&cache_key(&p), &encode(&allow_all())))
+        .unwrap();
     drop(f);
     assert_eq!(compiled(&p, dir.path()).unwrap(), allow_all());
     // And it is left as it was: a hit writes nothing.
-    assert_eq!(cached(&file), Some(allow_all()));
+    assert_eq!(cached(&p, &file), Some(allow_all()));
 }
 
 #[test]
@@ -161,7 +162,7 @@ fn a_cache_file_damaged_into_another_valid_filter_is_rejected_and_recompiled() {
     assert!(decode(&b[32..]).is_some_and(|d| d != progs));
     std::fs::write(&file, &b).unwrap();
     assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
-    assert_eq!(cached(&file), Some(progs));
+    assert_eq!(cached(&p, &file), Some(progs));
 }
 
 #[test]
@@ -171,7 +172,7 @@ fn a_cache_file_others_could_write_is_not_read() {
     let progs = compile(&p).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join(format!("{}.bpf", cache_key(&p)));
-    std::fs::write(&file, seal(&encode(&allow_all()))).unwrap();
+    std::fs::write(&file, seal(&cache_key(&p), &encode(&allow_all()))).unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
     // Replaced by the compiled filters, root-only again.
@@ -179,9 +180,33 @@ fn a_cache_file_others_could_write_is_not_read() {
     // A symlink is not followed either.
     std::fs::remove_file(&file).unwrap();
     let elsewhere = dir.path().join("elsewhere");
-    std::fs::write(&elsewhere, seal(&encode(&allow_all()))).unwrap();
+    std::fs::write(&elsewhere, seal(&cache_key(&p), &encode(&allow_all()))).unwrap();
     std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
     assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
+}
+
+#[test]
+fn a_cache_file_sealed_for_another_profile_or_in_an_open_directory_is_not_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = default::profile(CapSet::docker_default());
+    let progs = compile(&p).unwrap();
+    let mut other = p.clone();
+    other.rules.pop();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{}.bpf", cache_key(&p)));
+    // Valid, root-owned, 0600, but sealed under the other profile's key (a copied file).
+    std::fs::write(&file, seal(&cache_key(&other), &encode(&allow_all()))).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
+    // Correctly sealed for p, but in a directory others can write.
+    std::fs::write(&file, seal(&cache_key(&p), &encode(&allow_all()))).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert_eq!(compiled(&p, dir.path()).unwrap(), progs);
+    // The same file in a private directory is what loads (the two refusals above were theirs).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(&file, seal(&cache_key(&p), &encode(&allow_all()))).unwrap();
+    assert_eq!(compiled(&p, dir.path()).unwrap(), allow_all());
 }
 
 #[test]

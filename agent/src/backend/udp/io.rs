@@ -583,8 +583,6 @@ impl Worker {
         }
     }
 
-    /// Takes the published table when its version moved; `fresh_wg` is set when the
-    /// WireGuard state is a new one.
     /// The TUN queue is unusable (the device was deleted, most likely): the worker stops, and the
     /// next reconcile reports the device gone so that the agent sets the backend up again.
     fn tun_gone(&self, why: std::fmt::Arguments<'_>) {
@@ -592,6 +590,8 @@ impl Worker {
         self.shared.device_gone.store(true, Ordering::Relaxed);
     }
 
+    /// Takes the published table when its version moved; `fresh_wg` is set when the
+    /// WireGuard state is a new one.
     fn reload(
         &self,
         version: &mut u64,

@@ -312,5 +312,25 @@ async fn no_probe_link_left(nl: &Netlink) -> bool {
         .await
         .unwrap()
         .iter()
-        .all(|l| !l.name.starts_with("twwg"))
+        .all(|l| !l.name.starts_with(PROBE_PREFIX))
+}
+
+#[tokio::test]
+async fn the_probe_removes_a_dead_agents_link_and_a_failed_delete_still_means_kernel() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    // What an agent killed between the probe's add and delete leaves behind.
+    fake.add_link(&format!("{PROBE_PREFIX}4242"), 1420, None);
+    probe_kernel(&nl).await.unwrap();
+    assert!(no_probe_link_left(&nl).await);
+    // The kernel made the link, only its delete failed: still a kernel with wireguard, and the
+    // link is gone after the next start's probe.
+    fake.fail_when(|op| {
+        matches!(op, Op::LinkDel { name } if name.starts_with(PROBE_PREFIX)).then_some(libc::EBUSY)
+    });
+    probe_kernel(&nl).await.unwrap();
+    assert!(!no_probe_link_left(&nl).await);
+    fake.clear_failures();
+    probe_kernel(&nl).await.unwrap();
+    assert!(no_probe_link_left(&nl).await);
 }

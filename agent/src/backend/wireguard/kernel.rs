@@ -248,9 +248,11 @@ fn handshake_age(secs: i64, nanos: i64, now: SystemTime) -> Option<Duration> {
     if secs == 0 && nanos == 0 {
         return None;
     }
+    // Values from the kernel, but parsed from a socket: an absurd one is no handshake, not a
+    // panic on overflow.
     let at = UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(secs).ok()?)
-        + Duration::from_nanos(u64::try_from(nanos).ok()?);
+        .checked_add(Duration::from_secs(u64::try_from(secs).ok()?))?
+        .checked_add(Duration::from_nanos(u64::try_from(nanos).ok()?))?;
     Some(now.duration_since(at).unwrap_or(Duration::ZERO))
 }
 

@@ -368,10 +368,12 @@ impl WgBackend {
                     stats.applied = ops;
                     k.device_checked = true;
                 }
-                let (n, peer_stats) = genl_reconcile(k.genl.clone(), desired.clone()).await?;
+                // Recorded before the write: a pass that fails half-way must not leave the
+                // periodic read-back converging the device to the state before it.
+                k.desired = Some(desired.clone());
+                let (n, peer_stats) = genl_reconcile(k.genl.clone(), desired).await?;
                 stats.ops_applied += n;
                 k.stats = peer_stats;
-                k.desired = Some(desired);
                 stats
             }
         };
@@ -465,16 +467,37 @@ async fn setup_kernel(
     })
 }
 
-/// Whether this kernel makes `wireguard` links: a throw-away one (named after the process, so
-/// two agents never collide) created and deleted through the same handle the device will be.
+/// Whether this kernel makes `wireguard` links: a throw-away one (named after the process)
+/// created and deleted through the same handle the device will be. A probe link an agent left
+/// when it died between the two steps is removed first (in a container the agent is often pid
+/// 1 every time, elsewhere the name differs per run and nothing else would ever remove it).
 async fn probe_kernel(nl: &crate::netlink::Netlink) -> Result<(), String> {
     use crate::netlink::Op;
-    let name = format!("twwg{}", std::process::id() % 100_000_000);
+    if let Ok(links) = nl.links().await {
+        for l in links.iter().filter(|l| l.name.starts_with(PROBE_PREFIX)) {
+            match nl
+                .apply(&Op::LinkDel {
+                    name: l.name.clone(),
+                })
+                .await
+            {
+                Ok(()) => tracing::info!(link = %l.name, "removed a leftover wireguard probe link"),
+                Err(e) => {
+                    tracing::warn!(link = %l.name, "removing a leftover wireguard probe link: {e}")
+                }
+            }
+        }
+    }
+    let name = format!("{PROBE_PREFIX}{}", std::process::id() % 100_000_000);
     match nl.apply(&Op::LinkAddWireguard { name: name.clone() }).await {
-        Ok(()) => nl
-            .apply(&Op::LinkDel { name })
-            .await
-            .map_err(|e| format!("deleting the probe link: {e}")),
+        Ok(()) => {
+            // The add answered the question; a failed delete is a leftover the next start
+            // removes, not a reason to think the kernel lacks wireguard.
+            if let Err(e) = nl.apply(&Op::LinkDel { name: name.clone() }).await {
+                tracing::warn!(link = %name, "deleting the wireguard probe link: {e}");
+            }
+            Ok(())
+        }
         Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Err(format!(
             "`ip link add type wireguard` fails ({e}): this kernel has no wireguard module \
              (load it with `modprobe wireguard`, or use --wireguard-impl=userspace)"
@@ -482,6 +505,9 @@ async fn probe_kernel(nl: &crate::netlink::Netlink) -> Result<(), String> {
         Err(e) => Err(format!("creating a wireguard link: {e}")),
     }
 }
+
+/// The name prefix of the probe's throw-away link.
+const PROBE_PREFIX: &str = "twwg";
 
 /// The `wireguard` link [`DEVICE`] with MTU, up, the subnet's address and the network's route,
 /// as the userspace path's TUN device has them. A device of another kind under that name (the

@@ -264,6 +264,11 @@ fn stats_read_back_handshake_age_and_bytes() {
     let seen = parse_device(&fake.get_device(DEV).unwrap(), now);
     let s2 = seen.stats.iter().find(|s| s.public_key == key(2)).unwrap();
     assert_eq!(s2.last_handshake, None, "never handshaken");
+    // A time no clock reaches (a corrupt or hostile reply): no handshake, no overflow panic.
+    fake.peers[1].last_handshake = (i64::MAX, i64::MAX);
+    let seen = parse_device(&fake.get_device(DEV).unwrap(), now);
+    let s2 = seen.stats.iter().find(|s| s.public_key == key(2)).unwrap();
+    assert_eq!(s2.last_handshake, None);
 }
 
 #[test]
