@@ -496,3 +496,253 @@ fn which(bin: &str) -> Option<std::path::PathBuf> {
             .find(|f| f.is_file())
     })
 }
+
+/// flannel's wireguard MTU rule on the lab's 1500-byte underlay: MTU − 80.
+const WG_MTU: u32 = 1420;
+/// Bytes of each checksummed TCP transfer.
+const BULK_BYTES: usize = 4 << 20;
+const BULK_PORT: u16 = 5991;
+
+/// Sends `BULK_BYTES` random bytes over one TCP connection from namespace `from` to `to_ip` in
+/// namespace `to`; asserts the receiver got the same count and sha256 the sender sent.
+fn tcp_transfer_checked(from: &str, to: &str, to_ip: &str) {
+    use std::io::BufRead;
+    let server = format!(
+        "import socket,hashlib\n\
+         s=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('{to_ip}',{BULK_PORT}))\ns.listen(1)\nprint('ready',flush=True)\n\
+         s.settimeout(30)\nc,_=s.accept()\nc.settimeout(30)\nh=hashlib.sha256()\nn=0\n\
+         while True:\n    d=c.recv(1<<20)\n    if not d: break\n    h.update(d)\n    n+=len(d)\n\
+         print(n,h.hexdigest(),flush=True)\nc.close()\n"
+    );
+    let client = format!(
+        "import socket,hashlib,os\nd=os.urandom({BULK_BYTES})\n\
+         c=socket.create_connection(('{to_ip}',{BULK_PORT}),timeout=30)\n\
+         c.sendall(d)\nc.shutdown(socket.SHUT_WR)\nc.recv(1)\n\
+         print(len(d),hashlib.sha256(d).hexdigest(),flush=True)\n"
+    );
+    let mut srv = spawn_in(to, &["python3", "-c", &server], Stdio::piped());
+    let mut out = std::io::BufReader::new(srv.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).expect("receiver output");
+    assert_eq!(line.trim(), "ready", "receiver in {to} did not start");
+    let sent = in_ns(from, &["timeout", "60", "python3", "-c", &client]);
+    line.clear();
+    out.read_line(&mut line).expect("receiver result");
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(sent.starts_with(&format!("{BULK_BYTES} ")), "{sent}");
+    assert_eq!(
+        line.trim(),
+        sent.trim(),
+        "bytes and sha256 received in {to} (left) differ from those sent from {from} (right)"
+    );
+}
+
+/// `ping -c 3` from `netns` to `dst`, with `extra` flags; panics unless every ping is answered
+/// but the first (which may wait for the handshake).
+fn ping_ok(netns: &str, dst: &str, extra: &[&str]) {
+    let mut argv = vec!["ping", "-n", "-c", "3", "-i", "0.3", "-W", "3"];
+    argv.extend_from_slice(extra);
+    argv.push(dst);
+    let out = ns_command(netns, &argv).output().expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (tx, rx) = ping_summary(&text);
+    assert!(
+        tx == 3 && rx >= 2,
+        "ping {extra:?} {dst} from {netns}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 18 item 4: a node configured exactly as flannel configures one, from the documented
+/// lease JSON only, on an independent WireGuard implementation (Debian's wireguard-go), joins a
+/// tweed lab running the wireguard backend: a key pair, its lease in flannel's format, the device
+/// with the subnet's network address /32, one route for the whole network, MTU − 80, and a peer
+/// per other lease (allowed IPs = its subnet, endpoint = `PublicIP:Port`). Pods on both sides
+/// reach each other (full-size pings with DF, checksummed TCP both ways), both sides report the
+/// handshakes, and tweed lists the node as a peer.
+#[test]
+fn a_wireguard_go_node_configured_as_flannel_does_interoperates_with_tweed_nodes() {
+    require_root!(NEEDS_ROOT);
+    if which("wireguard-go").is_none() {
+        eprintln!("SKIPPED: wireguard-go is not installed (apt-get install wireguard-go)");
+        return;
+    }
+    let mut spec = LabSpec::new(per_process("wgi"), 2);
+    spec.backend = Backend::Wireguard;
+    spec.pods_per_host = 1;
+    let lab = up(spec);
+    let fl = flannel::Node::up(&lab, "twg", &WG_MTU.to_string());
+    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let public_ip = flannel::PUBLIC_IP;
+    let hosts = lab.state().hosts.clone();
+
+    // The node's key pair, generated once as flannel does.
+    let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgi-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let key_file = dir.0.join("wgkey");
+    let genkey = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .unwrap();
+    std::fs::write(&key_file, &genkey.stdout).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let public_key = pubkey_of(&key_file);
+
+    // The device. flannel names it `flannel-wg`, but wireguard-go's control socket
+    // (/var/run/wireguard/<dev>.sock) is not per namespace: a name per test run.
+    let dev = format!("fwg{}", std::process::id() % 100_000);
+    let _wg_go = WgGo(
+        ns_command(node, &["wireguard-go", "-f", &dev])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wireguard-go"),
+    );
+    let uapi = std::path::PathBuf::from(format!("/var/run/wireguard/{dev}.sock"));
+    wait_for(Duration::from_secs(5), "wireguard-go's socket", || {
+        uapi.exists()
+    });
+
+    // flannel's device set-up: key and listen port, the subnet's network address as /32, the MTU,
+    // and one route for the whole network (from the network config) through the device.
+    let config: serde_json::Value = serde_json::from_str(&etcdctl(
+        &lab,
+        &["get", "--print-value-only", tweed_lab::spec::CONFIG_KEY],
+    ))
+    .expect("network config JSON");
+    let network = config["Network"].as_str().expect("Network").to_string();
+    in_ns(
+        node,
+        &[
+            "wg",
+            "set",
+            &dev,
+            "listen-port",
+            "51820",
+            "private-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    fl.address_device(&dev);
+    ip(&[
+        "-n",
+        node,
+        "link",
+        "set",
+        &dev,
+        "mtu",
+        &WG_MTU.to_string(),
+        "up",
+    ]);
+    ip(&[
+        "-n", node, "route", "add", &network, "dev", &dev, "scope", "link",
+    ]);
+
+    // Its lease, byte for byte flannel's attrs for a wireguard node.
+    let value = format!(
+        r#"{{"PublicIP":"{public_ip}","BackendType":"wireguard","BackendData":{{"PublicKey":"{public_key}","Port":51820}}}}"#
+    );
+    fl.write_lease(&lab, 86400, &value);
+
+    // A peer per other lease, read by flannel's rules: allowed IPs = the lease's subnet,
+    // endpoint = PublicIP:Port (the local listen port when a lease has no Port).
+    let listing = etcdctl(&lab, &["get", "--prefix", flannel::SUBNETS]);
+    let mut peers = Vec::new();
+    for (key, peer_net, val) in flannel::leases(&listing) {
+        if peer_net == subnet {
+            assert_eq!(val, value, "our lease as written");
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(val).expect("tweed lease is flannel JSON");
+        assert_eq!(v["BackendType"], "wireguard", "{key} {val}");
+        let peer_key = v["BackendData"]["PublicKey"].as_str().expect("PublicKey");
+        let port = v["BackendData"]["Port"].as_u64().unwrap_or(51820);
+        let endpoint = format!("{}:{port}", v["PublicIP"].as_str().expect("PublicIP"));
+        in_ns(
+            node,
+            &[
+                "wg",
+                "set",
+                &dev,
+                "peer",
+                peer_key,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &format!("{peer_net}/24"),
+            ],
+        );
+        peers.push(peer_key.to_string());
+    }
+    assert_eq!(peers.len(), 2, "{listing}");
+
+    // Both directions, every tweed pod, also full-size with DF at the MTU (IP 20 + ICMP 8).
+    let full = (WG_MTU - 28).to_string();
+    for h in &hosts {
+        for p in &h.pods {
+            let ip = p.ip.to_string();
+            ping_ok(pod, &ip, &[]);
+            ping_ok(&p.netns, pod_ip, &[]);
+            ping_ok(pod, &ip, &["-M", "do", "-s", &full]);
+            ping_ok(&p.netns, pod_ip, &["-M", "do", "-s", &full]);
+        }
+    }
+    // TCP, checksummed, each way.
+    let (h1_pod, h2_pod) = (&hosts[0].pods[0], &hosts[1].pods[0]);
+    tcp_transfer_checked(pod, &h1_pod.netns, &h1_pod.ip.to_string());
+    tcp_transfer_checked(&h2_pod.netns, pod, pod_ip);
+
+    // wireguard-go's side: a handshake with each tweed node.
+    let handshakes = in_ns(node, &["wg", "show", &dev, "latest-handshakes"]);
+    for k in &peers {
+        let at: u64 = handshakes
+            .lines()
+            .find_map(|l| l.strip_prefix(k.as_str()))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(at > 0, "no handshake with {k}:\n{handshakes}");
+    }
+    // ... and the transfers counted on the right peers: to h1, from h2.
+    let transfer = in_ns(node, &["wg", "show", &dev, "transfer"]);
+    let bytes = |key: &str, col: usize| -> u64 {
+        transfer
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|t| t.split_whitespace().nth(col)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let key_of = |h: &tweed_lab::state::HostState| pubkey_of(&h.agent_state_dir.join("wgkey"));
+    let (h1_key, h2_key) = (key_of(&hosts[0]), key_of(&hosts[1]));
+    assert!(
+        bytes(&h1_key, 1) >= BULK_BYTES as u64 && bytes(&h2_key, 0) >= BULK_BYTES as u64,
+        "wireguard-go's transfer (rx tx per peer):\n{transfer}"
+    );
+    // tweed's side: each node lists the wireguard-go node as a peer under its key, with a
+    // handshake and bytes both ways, h1 having received and h2 sent a transfer's worth (figures
+    // refresh every 5 s).
+    for (i, h) in hosts.iter().enumerate() {
+        let sock = h.api_socket.clone().expect("the lab's agent socket");
+        let mut seen = serde_json::Value::Null;
+        wait_for(
+            Duration::from_secs(12),
+            &format!("{} to report the wireguard-go peer's handshake", h.name),
+            || {
+                seen = tweedctl_json(&sock, &["peers"]);
+                seen.as_array().into_iter().flatten().any(|p| {
+                    p["public_ip"] == public_ip
+                        && p["subnet"].as_str().is_some_and(|s| s.starts_with(subnet))
+                        && p["public_key"] == public_key.as_str()
+                        && p["handshake_age_seconds"].is_number()
+                        && p["tx_bytes"].as_u64().unwrap_or(0) > 0
+                        && p["rx_bytes"].as_u64().unwrap_or(0) > 0
+                        && p[["rx_bytes", "tx_bytes"][i]].as_u64().unwrap_or(0) >= BULK_BYTES as u64
+                })
+            },
+        );
+        println!("{}: {seen}", h.name);
+    }
+}
