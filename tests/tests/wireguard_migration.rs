@@ -387,6 +387,38 @@ fn migrate(tag: &str, groups: &[&[&str]], pause: Duration) {
     }
     let report = lab.check_until(Duration::from_secs(20)).expect("check");
     assert_eq!(report.failed(), 0, "{}", report.summary());
+
+    // Pods made under vxlan keep its MTU (1450) until they are made again; the wireguard device
+    // has 1420. A full-size packet still gets through (the host fragments it), and one with DF
+    // gets the host's "fragmentation needed, mtu 1420" (path MTU discovery works).
+    let (pod, dst) = (&pods[0].0, pods[1].1.to_string());
+    let mtu = in_ns(pod, &["cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(mtu.trim(), "1450", "pod MTU");
+    let full = ns_command(
+        pod,
+        &["ping", "-n", "-c", "2", "-W", "3", "-s", "1422", &dst],
+    )
+    .output()
+    .expect("ping");
+    let text = String::from_utf8_lossy(&full.stdout);
+    assert!(ping_summary(&text).1 >= 1, "{text}");
+    let df = ns_command(
+        pod,
+        &[
+            "ping", "-n", "-c", "2", "-W", "3", "-M", "do", "-s", "1422", &dst,
+        ],
+    )
+    .output()
+    .expect("ping");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&df.stdout),
+        String::from_utf8_lossy(&df.stderr)
+    );
+    assert!(
+        text.contains("mtu = 1420") || text.contains("mtu=1420"),
+        "a DF packet above the wireguard MTU: {text}"
+    );
 }
 
 #[test]
