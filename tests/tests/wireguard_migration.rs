@@ -40,6 +40,13 @@ struct Mesh {
     arrivals: Vec<Arrivals>,
 }
 
+/// A test that fails before [`Mesh::finish`] stops the threads too (the lab goes after them).
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// What the mesh saw from one pod to another.
 struct Flow {
     lost: usize,
@@ -140,12 +147,11 @@ impl Mesh {
 
     /// Stops the mesh; per (from, to): what it saw after `from_time`. Datagrams sent in the last
     /// 200 ms are left out: they may still be in flight when the receivers stop.
-    fn finish(self, from_time: Instant) -> HashMap<(usize, usize), Flow> {
+    fn finish(mut self, from_time: Instant) -> HashMap<(usize, usize), Flow> {
         let cutoff = Instant::now();
         std::thread::sleep(Duration::from_millis(200));
         self.stop.store(true, Ordering::Relaxed);
-        let sent: Vec<Vec<Instant>> = self
-            .senders
+        let sent: Vec<Vec<Instant>> = std::mem::take(&mut self.senders)
             .into_iter()
             .map(|s| {
                 let mut v = s.join().unwrap();
@@ -153,7 +159,7 @@ impl Mesh {
                 v
             })
             .collect();
-        for r in self.receivers {
+        for r in std::mem::take(&mut self.receivers) {
             r.join().unwrap();
         }
         let mut flows = HashMap::new();
