@@ -726,22 +726,28 @@ fn a_wireguard_go_node_configured_as_flannel_does_interoperates_with_tweed_nodes
     // refresh every 5 s).
     for (i, h) in hosts.iter().enumerate() {
         let sock = h.api_socket.clone().expect("the lab's agent socket");
-        let mut seen = serde_json::Value::Null;
-        wait_for(
-            Duration::from_secs(12),
-            &format!("{} to report the wireguard-go peer's handshake", h.name),
-            || {
-                seen = tweedctl_json(&sock, &["peers"]);
-                seen.as_array().into_iter().flatten().any(|p| {
-                    p["public_ip"] == public_ip
-                        && p["subnet"].as_str().is_some_and(|s| s.starts_with(subnet))
-                        && p["public_key"] == public_key.as_str()
-                        && p["handshake_age_seconds"].is_number()
-                        && p["tx_bytes"].as_u64().unwrap_or(0) > 0
-                        && p["rx_bytes"].as_u64().unwrap_or(0) > 0
-                        && p[["rx_bytes", "tx_bytes"][i]].as_u64().unwrap_or(0) >= BULK_BYTES as u64
-                })
-            },
+        let listed = |peers: &serde_json::Value| {
+            peers.as_array().into_iter().flatten().any(|p| {
+                p["public_ip"] == public_ip
+                    && p["subnet"].as_str().is_some_and(|s| s.starts_with(subnet))
+                    && p["public_key"] == public_key.as_str()
+                    && p["handshake_age_seconds"].is_number()
+                    && p["tx_bytes"].as_u64().unwrap_or(0) > 0
+                    && p["rx_bytes"].as_u64().unwrap_or(0) > 0
+                    && p[["rx_bytes", "tx_bytes"][i]].as_u64().unwrap_or(0) >= BULK_BYTES as u64
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(12);
+        let mut seen = tweedctl_json(&sock, &["peers"]);
+        while !listed(&seen) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            seen = tweedctl_json(&sock, &["peers"]);
+        }
+        assert!(
+            listed(&seen),
+            "{} does not list the wireguard-go node {public_key} with its handshake and \
+             transfer:\n{seen:#}",
+            h.name
         );
         println!("{}: {seen}", h.name);
     }
