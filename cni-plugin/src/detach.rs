@@ -242,8 +242,8 @@ impl Waiter<'_, '_> {
         let sock = send.as_raw_fd();
         // Single-threaded here, by construction: the tokio runtime that looked the links up
         // was current-thread and has been dropped (it never used a blocking pool, and dropping
-        // it would have joined one), and the threads that opened sockets inside a namespace
-        // were joined by `Netns::run`. The child needs no lock anyway: it runs raw syscalls.
+        // it would have joined one), and sockets inside a namespace were opened on this
+        // thread. The child needs no lock anyway: it runs raw syscalls.
         // SAFETY: fork has no preconditions; the child only calls `child`, which never returns
         // and is async-signal-safe.
         let pid = unsafe { libc::fork() };
@@ -497,8 +497,8 @@ fn max_fd() -> i32 {
     }
 }
 
-/// `n` NETLINK_ROUTE sockets in `netns` (the plugin's own when `None`), opened by one
-/// short-lived thread there (joined before this returns).
+/// `n` NETLINK_ROUTE sockets in `netns` (the plugin's own when `None`), opened by this
+/// thread, switched there and back (no thread is started: the fork below wants none).
 fn open_sockets(netns: Option<&Netns>, n: usize) -> io::Result<Vec<OwnedFd>> {
     let open = || {
         (0..n)
@@ -507,7 +507,7 @@ fn open_sockets(netns: Option<&Netns>, n: usize) -> io::Result<Vec<OwnedFd>> {
     };
     match netns {
         None => open(),
-        Some(ns) => ns.run(open).map_err(io::Error::other)?,
+        Some(ns) => crate::host::real::run_here(ns, open)?,
     }
 }
 

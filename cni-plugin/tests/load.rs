@@ -81,13 +81,13 @@ fn plugin_killed_mid_add_leaks_nothing_after_gc() {
     assert!(n.tw_links().is_empty(), "killed before any device existed");
 
     // Killed after the veth pair exists, before the container side is configured: held as it
-    // starts its first thread, the one that enters the container's namespace (the host side is
-    // all one netlink batch before that).
+    // first enters the container's namespace (`setns`, to open its netlink socket there; the
+    // host side is all one netlink batch before that).
     let c1 = n.container(1);
     let p1 = c1.path_str();
     let mut t = n.traced(&Call::new("ADD", "k1", &p1), &conf, true, Children::Run);
     t.run_until(
-        |s| matches!(s, Stop::Syscall(nr) if nr == libc::SYS_clone3 || nr == libc::SYS_clone),
+        |s| matches!(s, Stop::Syscall(nr) if nr == libc::SYS_setns),
         Duration::from_secs(30),
     );
     assert_eq!(n.tw_links().len(), 1, "the pair exists: {:?}", n.tw_links());

@@ -448,6 +448,12 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
         }
         Op::LinkAddVeth(v) => {
             let mut peer = link_named(&v.peer);
+            // One queue each way, asked for up front: a veth is otherwise created with one
+            // queue per possible CPU and then cut down to one active queue, and that cut waits
+            // for an RCU grace period (synchronize_net, under RTNL), for each end: most of a
+            // veth add's kernel time on a busy node.
+            let queues = [LinkAttribute::NumTxQueues(1), LinkAttribute::NumRxQueues(1)];
+            peer.attributes.extend(queues.clone());
             if let Some(mtu) = v.mtu {
                 peer.attributes.push(LinkAttribute::Mtu(mtu));
             }
@@ -459,6 +465,7 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
                 peer.attributes.push(LinkAttribute::NetNsFd(fd));
             }
             let mut m = link_named(&v.name);
+            m.attributes.extend(queues);
             if let Some(mtu) = v.mtu {
                 m.attributes.push(LinkAttribute::Mtu(mtu));
             }

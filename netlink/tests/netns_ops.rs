@@ -75,6 +75,12 @@ fn bridge_veth_and_addresses_across_namespaces() {
         // The peer is in b, with its MAC; configure it there.
         let eth0 = hb.link_by_name("eth0").await.unwrap().unwrap();
         assert_eq!(eth0.mac, Some("0a:58:0a:00:00:02".parse().unwrap()));
+        // Both ends were made with one queue each way (no cut down from one per CPU).
+        for (ns, name) in [(&a, "hv0"), (&b, "eth0")] {
+            let d = ns.json("ip", &["-d", "link", "show", name]);
+            let q = (&d[0]["num_tx_queues"], &d[0]["num_rx_queues"]);
+            assert_eq!(q, (&1.into(), &1.into()), "{name}: {d}");
+        }
         let addr = "10.99.0.2/24".parse().unwrap();
         let default = Route::via(
             "0.0.0.0/0".parse().unwrap(),

@@ -9,7 +9,7 @@
 
 #[cfg(test)]
 pub(crate) mod fake;
-mod real;
+pub(crate) mod real;
 
 use std::future::Future;
 use std::net::Ipv4Addr;

@@ -139,6 +139,12 @@ impl Traced {
         }
     }
 
+    /// Lets the plugin go on from `at`, the stop [`Traced::run_until`] left it in, after the
+    /// test acted there (e.g. killed the child it just forked).
+    pub fn go_on(&mut self, at: Stop) {
+        self.resume(self.pid, at);
+    }
+
     /// The children the plugin forked so far.
     pub fn forks(&self) -> &[i32] {
         &self.forks
