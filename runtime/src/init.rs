@@ -473,7 +473,9 @@ mod tests {
     fn spec() -> InitSpec {
         InitSpec {
             rootfs: RootfsSpec {
-                merged: "/m".into(),
+                scratch: "/s".into(),
+                init_layer: Default::default(),
+                init_owner: (0, 0),
                 lowers: vec!["/l".into()],
                 upper: "/u".into(),
                 work: "/w".into(),
@@ -482,7 +484,6 @@ mod tests {
                 cpuinfo: None,
                 cpu_online: None,
                 privileged: false,
-                idmap_dir: None,
             },
             hostname: "box".into(),
             argv: vec!["sh".into()],
@@ -509,7 +510,6 @@ mod tests {
             uid: crate::userns::IdRange::new(100000, 65536).unwrap(),
             gid: crate::userns::IdRange::new(100000, 65536).unwrap(),
         });
-        s.rootfs.idmap_dir = Some("/i".into());
         // No fd from the supervisor: refuse rather than run as host root.
         let sys = FakeSyscall::new();
         let e = prepare(&sys, &s, &mut || Ok(())).unwrap_err();
@@ -523,7 +523,7 @@ mod tests {
         let calls = sys.calls();
         let pos = |c: &Call| calls.iter().position(|x| x == c).unwrap();
         let join = pos(&Call::Setns(7, libc::CLONE_NEWUSER));
-        assert!(pos(&Call::IdmapMount("/l".into(), "/i/0".into(), 7)) < join);
+        assert!(pos(&Call::IdmapMount("/l".into(), "/s/idmap/0".into(), 7)) < join);
         assert!(pos(&Call::Sethostname("box".into())) < join);
         let sysctl = pos(&Call::Sysctl(
             "net.ipv4.ping_group_range".into(),

@@ -76,10 +76,12 @@ impl Runtime {
                 "Name": "overlay",
                 "Data": {
                     "LowerDir": image.as_ref().and_then(|i| self.images.lower_dirs(i).ok()),
-                    "InitDir": ddir.join("init"),
                     "UpperDir": ddir.join("upper"),
                     "WorkDir": ddir.join("work"),
-                    "MergedDir": ddir.join("merged"),
+                    // On the init's scratch tmpfs: these paths exist in the container's mount
+                    // namespace only (`/proc/<pid>/root` reaches the merged view from the host).
+                    "InitDir": self.paths.scratch().join("init"),
+                    "MergedDir": self.paths.scratch().join("merged"),
                 },
             },
             "Cgroup": cfg.cgroup,

@@ -2,11 +2,14 @@
 //! layer (`/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`, mount points) and upper/work dirs,
 //! then `/proc`, a minimal `/dev`, a read-only `/sys`, masked and read-only paths as Docker
 //! does, the honest `/proc` files, and `pivot_root`.
+//!
+//! The init layer and the overlay's mount point live on a scratch tmpfs that the init mounts in
+//! its own mount namespace: nothing of them is on the host's disk, nothing has to be removed
+//! (the tmpfs goes with the namespace), and the host's mount table never sees it. Only the
+//! upper and work dirs are on disk: they hold what the container writes.
 
-use std::fs;
 use std::io;
 use std::os::fd::RawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::state::Volume;
@@ -28,7 +31,9 @@ pub enum RootfsError {
     },
     #[error("overlay mount options are {len} bytes, over the kernel's page-size limit (too many layers)")]
     TooManyLayers { len: usize },
-    #[error("writing the init layer {path}: {source}")]
+    /// `path` as the container sees it (the layer is on the init's scratch tmpfs, a path the
+    /// host never shows).
+    #[error("writing the init layer: {path} in the container: {source}")]
     InitLayer { path: PathBuf, source: io::Error },
     /// The layers could not be shifted to the container's user namespace. EINVAL or
     /// EOPNOTSUPP here mean the kernel (before 5.12) or the filesystem holding the layer
@@ -105,9 +110,16 @@ const STRICTATIME: libc::c_ulong = libc::MS_STRICTATIME;
 /// What the init needs to build the root filesystem.
 #[derive(Debug, Clone)]
 pub struct RootfsSpec {
-    /// Overlay mount point.
-    pub merged: PathBuf,
-    /// Lower dirs, topmost first: the init layer, then the image layers.
+    /// An existing directory the init mounts its scratch tmpfs on (in its own mount namespace):
+    /// the init layer goes to `init/`, the overlay's mount point is `merged/`, the idmapped
+    /// lowers of `--userns` are under `idmap/`. Shared by every container: each sees its own.
+    pub scratch: PathBuf,
+    /// The files of the init layer, written on the scratch tmpfs; topmost lower.
+    pub init_layer: InitLayer,
+    /// Owner of the init layer's files: host root, or under `--userns` the container's root
+    /// (its mapped ids; the init layer is not idmapped, so tmpfs idmapping is not needed).
+    pub init_owner: (u32, u32),
+    /// The image's lower dirs, topmost first.
     pub lowers: Vec<PathBuf>,
     pub upper: PathBuf,
     pub work: PathBuf,
@@ -118,10 +130,21 @@ pub struct RootfsSpec {
     pub cpu_online: Option<PathBuf>,
     /// `--privileged`: no masked or read-only paths, /sys writable.
     pub privileged: bool,
-    /// With `--userns`: an empty directory where each lower dir is mounted idmapped (as
-    /// `<dir>/<index>`), the overlay then being built from those mounts.
-    pub idmap_dir: Option<PathBuf>,
 }
+
+impl RootfsSpec {
+    /// The overlay's mount point, the container's root until the pivot.
+    pub fn merged(&self) -> PathBuf {
+        self.scratch.join("merged")
+    }
+    pub fn init_dir(&self) -> PathBuf {
+        self.scratch.join("init")
+    }
+}
+
+/// Size cap of the scratch tmpfs: the init layer is a few small files (`/etc/hosts` of a
+/// host-network container is the host's); pages are only used as written.
+const SCRATCH_SIZE: &str = "size=16m,nr_inodes=4096";
 
 /// Mounts each lower dir idmapped through the container's user namespace under `dir`, and
 /// returns the spec with those as its lowers. Image files owned by host root are then owned by
@@ -158,10 +181,10 @@ fn idmap_lowers(
 }
 
 /// The overlay mount's data string.
-pub fn overlay_options(spec: &RootfsSpec) -> Result<String, RootfsError> {
-    let lowers: Vec<String> = spec
-        .lowers
-        .iter()
+/// The init layer comes first (topmost), then the image's lowers.
+pub fn overlay_options(init: &Path, spec: &RootfsSpec) -> Result<String, RootfsError> {
+    let lowers: Vec<String> = std::iter::once(init)
+        .chain(spec.lowers.iter().map(PathBuf::as_path))
         .map(|p| escape_overlay(&p.to_string_lossy()))
         .collect();
     let s = format!(
@@ -221,20 +244,35 @@ pub fn setup(
     spec: &RootfsSpec,
     userns_fd: Option<RawFd>,
 ) -> Result<(), RootfsError> {
-    let root = &spec.merged;
+    let merged = spec.merged();
+    let root = &merged;
     // Nothing we mount may propagate back to the host, nor host mounts in.
     mount(
         sys,
         Mount::new("/").flags(REC | PRIVATE),
         "private propagation",
     )?;
+    // After the line above: the host never sees this tmpfs, and it is freed with our mount
+    // namespace (the overlay keeps it alive past the pivot).
+    mount(
+        sys,
+        Mount::new(&spec.scratch)
+            .source("tmpfs")
+            .fstype("tmpfs")
+            .flags(NOSUID | NODEV | NOEXEC)
+            .data(format!("mode=0700,{SCRATCH_SIZE}")),
+        "scratch tmpfs",
+    )?;
+    let init = spec.init_dir();
+    write_init_layer(sys, &init, &spec.init_layer, spec.init_owner)?;
+    sys.mkdir_all(root, 0o700).map_err(step("mkdir", root))?;
     let idmapped;
-    let spec = match (&spec.idmap_dir, userns_fd) {
-        (Some(dir), Some(fd)) => {
-            idmapped = idmap_lowers(sys, spec, dir, fd)?;
+    let spec = match userns_fd {
+        Some(fd) => {
+            idmapped = idmap_lowers(sys, spec, &spec.scratch.join("idmap"), fd)?;
             &idmapped
         }
-        _ => spec,
+        None => spec,
     };
     // nodev: a device node in the image or made inside opens nothing (the device cgroup is the
     // second line); only the /dev tmpfs below holds devices.
@@ -244,7 +282,7 @@ pub fn setup(
             .source("overlay")
             .fstype("overlay")
             .flags(NODEV)
-            .data(overlay_options(spec)?),
+            .data(overlay_options(&init, spec)?),
         "overlay",
     )?;
 
@@ -435,7 +473,7 @@ pub fn setup(
 }
 
 /// The files of the init layer.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InitLayer {
     pub hostname: String,
     pub hosts: String,
@@ -487,16 +525,35 @@ pub fn render_resolv(host: &str, keep_loopback: bool, dns: &[String], search: &[
         .collect()
 }
 
-/// Writes the init layer under `dir`.
-pub fn write_init_layer(dir: &Path, l: &InitLayer) -> Result<(), RootfsError> {
+/// Writes the init layer under `dir` (on the scratch tmpfs, which holds nothing else an image
+/// or a user controls: no symlink can redirect these writes), every entry owned by `owner`.
+fn write_init_layer(
+    sys: &dyn Syscall,
+    dir: &Path,
+    l: &InitLayer,
+    owner: (u32, u32),
+) -> Result<(), RootfsError> {
     let err = |p: &Path| {
-        let p = p.to_path_buf();
+        let p = Path::new("/").join(p.strip_prefix(dir).unwrap_or(p));
         move |source| RootfsError::InitLayer { path: p, source }
     };
+    let own = |p: &Path, mode: u32| sys.set_owner(p, owner, mode).map_err(err(p));
+    // Every directory from `dir` down to `p` that is not there yet, made and given to `owner`
+    // with its mode set whatever the umask.
+    let mkdirs = |p: &Path| -> Result<(), RootfsError> {
+        let mut missing: Vec<&Path> = p
+            .ancestors()
+            .take_while(|a| a.starts_with(dir) && !sys.is_dir(a))
+            .collect();
+        missing.reverse();
+        for d in missing {
+            sys.mkdir_all(d, 0o755).map_err(err(d))?;
+            own(d, 0o755)?;
+        }
+        Ok(())
+    };
     for d in ["etc", "proc", "sys", "dev"] {
-        let p = dir.join(d);
-        fs::create_dir_all(&p).map_err(err(&p))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).map_err(err(&p))?;
+        mkdirs(&dir.join(d))?;
     }
     for (f, content) in [
         ("etc/hostname", format!("{}\n", l.hostname)),
@@ -504,19 +561,19 @@ pub fn write_init_layer(dir: &Path, l: &InitLayer) -> Result<(), RootfsError> {
         ("etc/resolv.conf", l.resolv_conf.clone()),
     ] {
         let p = dir.join(f);
-        fs::write(&p, content).map_err(err(&p))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).map_err(err(&p))?;
+        sys.write_file(&p, content.as_bytes()).map_err(err(&p))?;
+        own(&p, 0o644)?;
     }
     for d in &l.mount_dirs {
-        let p = dir.join(d.strip_prefix("/").unwrap_or(d));
-        fs::create_dir_all(&p).map_err(err(&p))?;
+        mkdirs(&dir.join(d.strip_prefix("/").unwrap_or(d)))?;
     }
     for f in &l.mount_files {
         let p = dir.join(f.strip_prefix("/").unwrap_or(f));
         if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(err(parent))?;
+            mkdirs(parent)?;
         }
-        fs::write(&p, "").map_err(err(&p))?;
+        sys.write_file(&p, b"").map_err(err(&p))?;
+        own(&p, 0o644)?;
     }
     Ok(())
 }
@@ -525,11 +582,15 @@ pub fn write_init_layer(dir: &Path, l: &InitLayer) -> Result<(), RootfsError> {
 mod tests {
     use super::*;
     use crate::syscall::fake::{Call, FakeSyscall};
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn spec() -> RootfsSpec {
         RootfsSpec {
-            merged: "/c/merged".into(),
-            lowers: vec!["/c/init".into(), "/l/top".into(), "/l/bottom".into()],
+            scratch: "/c".into(),
+            init_layer: InitLayer::default(),
+            init_owner: (0, 0),
+            lowers: vec!["/l/top".into(), "/l/bottom".into()],
             upper: "/c/upper".into(),
             work: "/c/work".into(),
             volumes: vec![Volume {
@@ -541,7 +602,6 @@ mod tests {
             cpuinfo: None,
             cpu_online: Some("/s/online".into()),
             privileged: false,
-            idmap_dir: None,
         }
     }
 
@@ -558,7 +618,7 @@ mod tests {
     #[test]
     fn overlay_data_orders_layers_top_first() {
         assert_eq!(
-            overlay_options(&spec()).unwrap(),
+            overlay_options(Path::new("/c/init"), &spec()).unwrap(),
             "lowerdir=/c/init:/l/top:/l/bottom,upperdir=/c/upper,workdir=/c/work,index=off,redirect_dir=off,metacopy=off,volatile"
         );
         let mut s = spec();
@@ -566,7 +626,7 @@ mod tests {
             .map(|i| PathBuf::from(format!("/var/lib/tweed/layers/{i:064}")))
             .collect();
         assert!(matches!(
-            overlay_options(&s),
+            overlay_options(Path::new("/c/init"), &s),
             Err(RootfsError::TooManyLayers { .. })
         ));
         assert_eq!(escape_overlay("/a:b,c"), "/a\\:b\\,c");
@@ -575,8 +635,7 @@ mod tests {
     #[test]
     fn userns_builds_the_overlay_from_idmapped_lowers() {
         let sys = FakeSyscall::new();
-        let mut sp = spec();
-        sp.idmap_dir = Some("/c/idmap".into());
+        let sp = spec();
         setup(&sys, &sp, Some(9)).unwrap();
         let calls = sys.calls();
         let pos = |want: &dyn Fn(&Call) -> bool| calls.iter().position(want).unwrap();
@@ -588,9 +647,10 @@ mod tests {
             .enumerate()
             .filter(|(_, c)| matches!(c, Call::IdmapMount(..)))
             .collect();
-        // The three lowers, then the volume.
-        assert_eq!(idmaps.len(), 4);
-        for (i, (at, c)) in idmaps[..3].iter().enumerate() {
+        // The image's two lowers (not the init layer: it is written owned by the mapped root,
+        // so tmpfs needs no idmap support), then the volume.
+        assert_eq!(idmaps.len(), 3);
+        for (i, (at, c)) in idmaps[..2].iter().enumerate() {
             // After private propagation (the staging mounts must not reach the host), before
             // the overlay that uses them.
             assert!(private < *at && *at < overlay);
@@ -610,12 +670,12 @@ mod tests {
             m.data
                 .as_deref()
                 .unwrap()
-                .starts_with("lowerdir=/c/idmap/0:/c/idmap/1:/c/idmap/2,upperdir=/c/upper,"),
+                .starts_with("lowerdir=/c/init:/c/idmap/0:/c/idmap/1,upperdir=/c/upper,"),
             "{m:?}"
         );
         // The volume: idmapped through the same namespace (no plain bind of it), on its pinned
         // target inside the overlay, then made read-only, all before /proc.
-        let (vol_at, vol) = idmaps[3];
+        let (vol_at, vol) = idmaps[2];
         assert_eq!(
             *vol,
             Call::IdmapMount("/data".into(), "/c/merged/mnt/data".into(), 9)
@@ -650,8 +710,7 @@ mod tests {
     fn a_volume_that_cannot_be_idmapped_fails_naming_it() {
         let mut sys = FakeSyscall::new();
         sys.fail_on = Some("/c/merged/mnt/data".into());
-        let mut sp = spec();
-        sp.idmap_dir = Some("/c/idmap".into());
+        let sp = spec();
         let e = setup(&sys, &sp, Some(9)).unwrap_err();
         let msg = e.to_string();
         assert!(
@@ -690,12 +749,29 @@ mod tests {
         let ms = mounts(&calls);
         assert_eq!(ms[0].target, PathBuf::from("/"));
         assert_eq!(ms[0].flags, REC | PRIVATE);
-        assert_eq!(ms[1].fstype.as_deref(), Some("overlay"));
+        // The scratch tmpfs, after private propagation: the host never sees it.
+        assert_eq!(ms[1].fstype.as_deref(), Some("tmpfs"));
+        assert_eq!(ms[1].target, PathBuf::from("/c"));
+        assert_eq!(ms[1].flags, NOSUID | NODEV | NOEXEC);
+        // The init layer is written on it before the overlay that uses it.
+        let overlay_at = calls
+            .iter()
+            .position(|c| matches!(c, Call::Mount(m) if m.fstype.as_deref() == Some("overlay")))
+            .unwrap();
+        let hostname_at = calls
+            .iter()
+            .position(
+                |c| matches!(c, Call::WriteFile(p, _) if p == Path::new("/c/init/etc/hostname")),
+            )
+            .unwrap();
+        assert!(hostname_at < overlay_at);
+        assert_eq!(ms[2].fstype.as_deref(), Some("overlay"));
+        assert_eq!(ms[2].target, PathBuf::from("/c/merged"));
         // The read-only volume: bind, then remount read-only.
-        assert_eq!(ms[2].source, Some(PathBuf::from("/data")));
-        assert_eq!(ms[2].target, PathBuf::from("/c/merged/mnt/data"));
-        assert_ne!(ms[3].flags & RDONLY, 0);
-        assert_eq!(ms[4].fstype.as_deref(), Some("proc"));
+        assert_eq!(ms[3].source, Some(PathBuf::from("/data")));
+        assert_eq!(ms[3].target, PathBuf::from("/c/merged/mnt/data"));
+        assert_ne!(ms[4].flags & RDONLY, 0);
+        assert_eq!(ms[5].fstype.as_deref(), Some("proc"));
         let by_target = |t: &str| {
             ms.iter()
                 .filter(|m| m.target == Path::new(t))
@@ -775,26 +851,88 @@ mod tests {
         );
     }
 
+    fn layer() -> InitLayer {
+        InitLayer {
+            hostname: "h1".into(),
+            hosts: "127.0.0.1 localhost\n".into(),
+            resolv_conf: "".into(),
+            mount_dirs: vec!["/mnt/data".into()],
+            mount_files: vec!["/etc/app.conf".into()],
+        }
+    }
+
     #[test]
     fn init_layer_files() {
         let t = tempfile::tempdir().unwrap();
-        write_init_layer(
-            t.path(),
-            &InitLayer {
-                hostname: "h1".into(),
-                hosts: "127.0.0.1 localhost\n".into(),
-                resolv_conf: "".into(),
-                mount_dirs: vec!["/mnt/data".into()],
-                mount_files: vec!["/etc/app.conf".into()],
-            },
-        )
-        .unwrap();
+        let dir = t.path().join("init");
+        // Owned by whoever runs the test: a chown that needs no privilege.
+        let me = fs::metadata(t.path()).unwrap();
+        let r = write_init_layer(
+            &crate::syscall::LinuxSyscall,
+            &dir,
+            &layer(),
+            (me.uid(), me.gid()),
+        );
+        r.unwrap();
+        assert_eq!(fs::metadata(dir.join("mnt/data")).unwrap().uid(), me.uid());
         assert_eq!(
-            fs::read_to_string(t.path().join("etc/hostname")).unwrap(),
+            fs::read_to_string(dir.join("etc/hostname")).unwrap(),
             "h1\n"
         );
-        assert!(t.path().join("mnt/data").is_dir());
-        assert!(t.path().join("etc/app.conf").is_file());
-        assert!(t.path().join("proc").is_dir());
+        assert!(dir.join("mnt/data").is_dir());
+        assert!(dir.join("etc/app.conf").is_file());
+        assert!(dir.join("proc").is_dir());
+        let mode = |p: &str| fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode("etc"), 0o755);
+        assert_eq!(mode("mnt"), 0o755);
+        assert_eq!(mode("etc/hosts"), 0o644);
+    }
+
+    /// Under `--userns` every entry of the init layer, intermediate directories of volume
+    /// targets too, belongs to the container's root (the mapped ids).
+    #[test]
+    fn init_layer_belongs_to_its_owner() {
+        let sys = FakeSyscall::new();
+        write_init_layer(&sys, Path::new("/s/init"), &layer(), (100000, 100000)).unwrap();
+        let calls = sys.calls();
+        let made: Vec<&PathBuf> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::MkdirAll(p) | Call::WriteFile(p, _) => Some(p),
+                _ => None,
+            })
+            .collect();
+        for p in [
+            "/s/init",
+            "/s/init/etc",
+            "/s/init/mnt",
+            "/s/init/mnt/data",
+            "/s/init/etc/app.conf",
+        ] {
+            assert!(made.contains(&&PathBuf::from(p)), "{p} not made: {made:?}");
+        }
+        for p in made {
+            assert!(
+                calls
+                    .iter()
+                    .any(|c| matches!(c, Call::SetOwner(q, (100000, 100000), _) if q == p)),
+                "{} not given to the container's root",
+                p.display()
+            );
+        }
+    }
+
+    /// A volume target under a file of the init layer: the error names the path.
+    #[test]
+    fn a_failed_init_layer_names_the_path() {
+        let sys = FakeSyscall::new();
+        let mut l = layer();
+        l.mount_dirs = vec!["/etc/hostname/x".into()];
+        let e = write_init_layer(&sys, Path::new("/s/init"), &l, (0, 0)).unwrap_err();
+        assert!(
+            matches!(&e, RootfsError::InitLayer { path, .. } if path == Path::new("/etc/hostname")),
+            "{e}"
+        );
+        assert!(e.to_string().contains("init layer"), "{e}");
     }
 }

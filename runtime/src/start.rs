@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! reserve     name link, state dir                     undo: remove them
-//! rootfs      layer dirs (upper, work, init, merged)   undo: remove them
+//! rootfs      layer dirs (upper, work)                 undo: remove them
 //! cgroup      create it, write the limits              undo: kill what is left, remove it
 //! network     pinned netns, CNI ADD (overlay only)     undo: CNI DEL, unpin the netns
-//! init layer  hostname, hosts, resolv.conf, the honest /proc files
+//! init layer  hostname, hosts, resolv.conf (written by the init on its scratch tmpfs), the
+//!             honest /proc files
 //! record      config.json; lets go of the --userns choice's lock
 //! start       the supervisor clones the init into its namespaces and completes the init
 //!             handshake (in `shim`); a failed start leaves no process
@@ -34,7 +35,7 @@ use crate::init::InitSpec;
 use crate::netns::{self, NetnsError};
 use crate::plan::Plan;
 use crate::release::Release;
-use crate::rootfs::{self, InitLayer, RootfsError, RootfsSpec};
+use crate::rootfs::{self, InitLayer, RootfsSpec};
 use crate::runtime::Runtime;
 use crate::shim::{self, ShimError, ShimSpec};
 use crate::state::{self, CniRecord, ContainerConfig, NetMode, StateError};
@@ -71,8 +72,6 @@ pub enum StartError {
     /// Writing `cni.json`.
     #[error(transparent)]
     NetworkRecord(StateError),
-    #[error("rootfs: {0}")]
-    InitLayer(RootfsError),
     #[error("{path}: {source}")]
     ProcFiles { path: PathBuf, source: io::Error },
     #[error(transparent)]
@@ -90,7 +89,7 @@ impl StartError {
             StartError::Netns(_) | StartError::Cni { .. } | StartError::NetworkRecord(_) => {
                 Stage::Network
             }
-            StartError::InitLayer(_) | StartError::ProcFiles { .. } => Stage::InitLayer,
+            StartError::ProcFiles { .. } => Stage::InitLayer,
             StartError::Record(_) => Stage::Record,
             StartError::Start { .. } => Stage::Start,
         }
@@ -163,10 +162,11 @@ struct Attached {
     search: Vec<String>,
 }
 
-/// The files the init bind-mounts over `/proc` and `/sys`, and the supervisor's template for
-/// refreshing meminfo.
+/// The init layer the init writes, the files it bind-mounts over `/proc` and `/sys`, and the
+/// supervisor's template for refreshing meminfo.
 #[derive(Debug, Default)]
 struct ProcViews {
+    init_layer: InitLayer,
     meminfo_template: Option<String>,
     meminfo: Option<PathBuf>,
     cpuinfo: Option<PathBuf>,
@@ -219,12 +219,22 @@ impl<'a> Starting<'a> {
         Ok(())
     }
 
-    /// The overlay's directories; the init mounts them in its own mount namespace.
+    /// The overlay's directories on disk; the init mounts them in its own mount namespace,
+    /// with its init layer and the mount point on its scratch tmpfs (no disk work for them).
     fn rootfs(&mut self) -> Result<(), StartError> {
         let rootfs = |path, source| StartError::Rootfs { path, source };
+        let scratch = self.rt.paths.scratch();
+        // Made once, shared by every container, never removed: each init mounts over it.
+        if let Err(e) = std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+            .create(&scratch)
+        {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(rootfs(scratch, e));
+            }
+        }
         fs::create_dir(&self.data_dir).map_err(io_at(&self.data_dir, rootfs))?;
         self.undo.push(Release::Tree(self.data_dir.clone()));
-        for d in ["upper", "work", "init", "merged"] {
+        for d in ["upper", "work"] {
             let p = self.data_dir.join(d);
             fs::create_dir(&p).map_err(io_at(&p, rootfs))?;
         }
@@ -234,10 +244,6 @@ impl<'a> Starting<'a> {
             let upper = self.data_dir.join("upper");
             std::os::unix::fs::chown(&upper, Some(m.uid.start), Some(m.gid.start))
                 .map_err(io_at(&upper, rootfs))?;
-            let p = self.data_dir.join("idmap");
-            std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
-                .create(&p)
-                .map_err(io_at(&p, rootfs))?;
         }
         Ok(())
     }
@@ -313,7 +319,7 @@ impl<'a> Starting<'a> {
     }
 
     /// The files that make the container's identity (hostname, hosts, resolv.conf, volume
-    /// mount points) and its honest `/proc` files.
+    /// mount points; the init writes them) and its honest `/proc` files.
     fn init_layer(&mut self, net: &Attached) -> Result<ProcViews, StartError> {
         let config = self.config();
         let host_mode = config.net == NetMode::Host;
@@ -325,22 +331,18 @@ impl<'a> Starting<'a> {
             rootfs::render_hosts(&config.hostname, &net.ips)
         };
         let (dirs, files): (Vec<_>, Vec<_>) = config.volumes.iter().partition(|v| v.host.is_dir());
-        rootfs::write_init_layer(
-            &self.data_dir.join("init"),
-            &InitLayer {
-                hostname: config.hostname.clone(),
-                hosts,
-                resolv_conf: rootfs::render_resolv(
-                    &host_resolv,
-                    host_mode,
-                    &net.nameservers,
-                    &net.search,
-                ),
-                mount_dirs: dirs.into_iter().map(|v| v.container.clone()).collect(),
-                mount_files: files.into_iter().map(|v| v.container.clone()).collect(),
-            },
-        )
-        .map_err(StartError::InitLayer)?;
+        let init_layer = InitLayer {
+            hostname: config.hostname.clone(),
+            hosts,
+            resolv_conf: rootfs::render_resolv(
+                &host_resolv,
+                host_mode,
+                &net.nameservers,
+                &net.search,
+            ),
+            mount_dirs: dirs.into_iter().map(|v| v.container.clone()).collect(),
+            mount_files: files.into_iter().map(|v| v.container.clone()).collect(),
+        };
 
         let (limits, cpus) = (&config.limits, &config.cpus);
         let meminfo_template = limits
@@ -372,6 +374,7 @@ impl<'a> Starting<'a> {
             source,
         })?;
         Ok(ProcViews {
+            init_layer,
             meminfo_template,
             meminfo,
             cpuinfo,
@@ -401,12 +404,12 @@ impl<'a> Starting<'a> {
     /// The supervisor, which clones the init and waits for its handshake.
     fn start(&mut self, views: ProcViews) -> Result<(), StartError> {
         let config = self.config();
-        let mut lowers = vec![self.data_dir.join("init")];
-        lowers.extend(self.plan.lowers.iter().cloned());
         let init = InitSpec {
             rootfs: RootfsSpec {
-                merged: self.data_dir.join("merged"),
-                lowers,
+                scratch: self.rt.paths.scratch(),
+                init_layer: views.init_layer,
+                init_owner: config.userns.map_or((0, 0), |m| (m.uid.start, m.gid.start)),
+                lowers: self.plan.lowers.clone(),
                 upper: self.data_dir.join("upper"),
                 work: self.data_dir.join("work"),
                 volumes: config.volumes.clone(),
@@ -414,7 +417,6 @@ impl<'a> Starting<'a> {
                 cpuinfo: views.cpuinfo,
                 cpu_online: views.cpu_online,
                 privileged: config.security.privileged,
-                idmap_dir: config.userns.map(|_| self.data_dir.join("idmap")),
             },
             hostname: config.hostname.clone(),
             argv: config.argv.clone(),

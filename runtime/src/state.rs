@@ -10,7 +10,9 @@
 //! <run>/containers/<id>/log           stdout/stderr records
 //! <run>/containers/<id>/netns         the container's network namespace (bind mount)
 //! <run>/names/<name> -> <id>          name reservations (created atomically)
-//! <image-root>/containers/<id>/       init layer, upper and work dirs, merged mount point
+//! <image-root>/containers/<id>/       upper and work dirs of the overlay
+//! <image-root>/scratch/               empty; each init mounts its own tmpfs there (init layer,
+//!                                     overlay mount point), seen only in its mount namespace
 //! ```
 
 use std::io;
@@ -57,6 +59,10 @@ impl Paths {
     }
     pub fn data_dir(&self, id: &str) -> PathBuf {
         self.image_root.join("containers").join(id)
+    }
+    /// See [`crate::rootfs::RootfsSpec::scratch`].
+    pub fn scratch(&self) -> PathBuf {
+        self.image_root.join("scratch")
     }
     pub fn name_link(&self, name: &str) -> PathBuf {
         self.names().join(name)

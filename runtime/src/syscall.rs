@@ -90,6 +90,10 @@ pub trait Syscall: Sync {
     fn mkdir_all(&self, path: &Path, mode: u32) -> io::Result<()>;
     /// Creates an empty file if nothing is there (a bind mount target).
     fn touch(&self, path: &Path) -> io::Result<()>;
+    /// Creates or truncates the file `path` with `content` (no symlink followed at the end).
+    fn write_file(&self, path: &Path, content: &[u8]) -> io::Result<()>;
+    /// Sets the owner (uid, gid) and the permission bits of `path` (no symlink followed).
+    fn set_owner(&self, path: &Path, owner: (u32, u32), mode: u32) -> io::Result<()>;
     fn mknod(&self, path: &Path, mode: u32, dev: u64) -> io::Result<()>;
     fn symlink(&self, target: &Path, link: &Path) -> io::Result<()>;
     fn sethostname(&self, name: &str) -> io::Result<()>;
@@ -244,6 +248,26 @@ impl Syscall for LinuxSyscall {
             .write(true)
             .open(path)
             .map(drop)
+    }
+
+    fn write_file(&self, path: &Path, content: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?
+            .write_all(content)
+    }
+
+    fn set_owner(&self, path: &Path, owner: (u32, u32), mode: u32) -> io::Result<()> {
+        std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1))?;
+        // After the chown, which clears set-id bits; fchmodat cannot skip symlinks, but this
+        // is only called on what the caller just made.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
     }
 
     fn mknod(&self, path: &Path, mode: u32, dev: u64) -> io::Result<()> {

@@ -274,3 +274,77 @@ fn cgroup_dir(e: &Env, name: &str, controller: &str) -> String {
         .unwrap_or_else(|| panic!("no {controller} cgroup in {cg}"))
         .to_string()
 }
+
+/// The init layer (hostname, hosts, resolv.conf, volume mount points) and the overlay's mount
+/// point live on a tmpfs the init mounts in its own mount namespace: the host's mount table
+/// never shows it, the disk holds only the overlay's upper and work dirs, and what the
+/// container writes over an init-layer file is copied up to disk like any other write.
+#[test]
+fn the_init_layer_lives_on_a_scratch_tmpfs_nobody_sees() {
+    require_root!(NEEDS_ROOT);
+    let e = Env::with_busybox();
+    let host_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let vol = e.mkdir("vol");
+    let v = format!("{}:/srv/data", vol.display());
+    let id = e.start(&[
+        "--name",
+        "s",
+        "--hostname",
+        "scratchy",
+        "-v",
+        &v,
+        "busybox",
+        "sleep",
+        "1000",
+    ]);
+    let out = e.ok(&[
+        "exec",
+        "s",
+        "sh",
+        "-c",
+        "cat /etc/hostname; grep -c localhost /etc/hosts; test -d /srv/data && echo dir; \
+         stat -c '%a %u' /etc /etc/hosts; echo '10.1.2.3 extra' >> /etc/hosts; \
+         awk '{print $5}' /proc/self/mountinfo | grep -c scratch || true",
+    ]);
+    // No mount point of the container names the scratch tmpfs: it went with the old root.
+    assert_eq!(out, "scratchy\n2\ndir\n755 0\n644 0\n0\n", "{out}");
+    // On disk: the overlay's writable dirs and nothing else; the host's scratch mount point
+    // stays empty, and no mount of the container reached the host's table.
+    let data = e.image_root.join("containers").join(&id);
+    assert_eq!(list(&data), ["upper", "work"]);
+    let copied = std::fs::read_to_string(data.join("upper/etc/hosts")).unwrap();
+    assert!(copied.ends_with("10.1.2.3 extra\n"), "{copied}");
+    assert!(list(&e.image_root.join("scratch")).is_empty());
+    assert_eq!(e.host_mounts(), Vec::<String>::new());
+    let host_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let ours = |t: &str| {
+        t.lines()
+            .filter(|l| l.contains(&*e.dir.path().to_string_lossy()))
+            .count()
+    };
+    assert_eq!(ours(&host_before), ours(&host_after));
+    e.ok(&["rm", "-f", "s"]);
+    e.assert_nothing_left();
+    assert!(list(&e.image_root.join("scratch")).is_empty());
+}
+
+/// The init writes the init layer now: when it cannot (a volume target under one of its
+/// files), `run` fails naming the layer and the path, and nothing of the container is left.
+#[test]
+fn a_failed_init_layer_is_reported_and_leaves_nothing() {
+    require_root!(NEEDS_ROOT);
+    let e = Env::with_busybox();
+    let vol = e.mkdir("vol");
+    let v = format!("{}:/etc/hostname/x", vol.display());
+    let err = e.fails(&["run", "--rm", "-v", &v, "busybox", "true"]);
+    assert!(
+        err.contains("init layer") && err.contains("/etc/hostname in the container"),
+        "{err}"
+    );
+    e.assert_nothing_left();
+    let err = e.fails(&[
+        "run", "-d", "--name", "f", "-v", &v, "busybox", "sleep", "9",
+    ]);
+    assert!(err.contains("init layer"), "{err}");
+    e.assert_nothing_left();
+}

@@ -57,11 +57,14 @@ fn auto_root_is_a_mapped_uid_and_the_rootfs_works() {
         "busybox",
         "sh",
         "-c",
-        // Inside: the map, root as usual, the image's files root's (idmapped), writes to new
-        // and existing files (copy-up), then wait to be looked at from the host.
+        // Inside: the map, root as usual, the image's files root's (idmapped), the init
+        // layer's too (written owned by the mapped root), writes to new and existing files
+        // (copy-up, from an image layer and from the init layer), then wait to be looked at
+        // from the host.
         "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; \
-         stat -c '%u:%g' / /bin/busybox /etc/passwd; \
-         touch /made-by-root && mkdir /dir && echo x >> /etc/passwd && echo writes-ok; \
+         stat -c '%u:%g' / /bin/busybox /etc/passwd /etc/hosts; \
+         touch /made-by-root && mkdir /dir && echo x >> /etc/passwd && echo y >> /etc/hosts \
+         && echo writes-ok; \
          exec sleep 1000",
     ]);
     let pid = e.init_pid(&id);
@@ -77,8 +80,8 @@ fn auto_root_is_a_mapped_uid_and_the_rootfs_works() {
     assert_eq!(lines[0], ["0", b.as_str(), "65536"], "{out}");
     assert_eq!(lines[1], ["0", b.as_str(), "65536"], "{out}");
     assert_eq!(
-        &lines[2..7],
-        [["0"], ["0"], ["0:0"], ["0:0"], ["0:0"]],
+        &lines[2..8],
+        [["0"], ["0"], ["0:0"], ["0:0"], ["0:0"], ["0:0"]],
         "{out}"
     );
 
@@ -93,7 +96,7 @@ fn auto_root_is_a_mapped_uid_and_the_rootfs_works() {
     // What root made inside belongs to the mapped ids on the host's upper dir; the image's
     // own files (lowers) are unchanged.
     let upper = upper_of(&e, &id);
-    for f in ["made-by-root", "dir", "etc/passwd", "."] {
+    for f in ["made-by-root", "dir", "etc/passwd", "etc/hosts", "."] {
         assert_eq!(host_ids(&upper.join(f)), (base, base), "{f}");
     }
     let stored = find(&e.image_root, "passwd", &e.image_root.join("containers"));

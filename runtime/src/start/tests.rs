@@ -11,14 +11,14 @@ use crate::cgroup::fake::{FakeCgroup, Op};
 use crate::cni::{Exec, FakeExec, NetworkList, Output};
 use crate::journal::Journal;
 use crate::runtime::Options;
-use crate::state::Volume;
 use crate::syscall::fake::{Call, FakeSyscall};
 use crate::units::Limits;
 
 const ID: &str = "0123456789abcdef0123456789abcdef";
 
 struct Bed {
-    dir: tempfile::TempDir,
+    /// Holds the runtime's roots for the test's length.
+    _dir: tempfile::TempDir,
     rt: Runtime,
     journal: Journal,
     sys: FakeSyscall,
@@ -107,7 +107,7 @@ impl Bed {
             },
             journal,
             plan,
-            dir,
+            _dir: dir,
         }
     }
 
@@ -222,15 +222,16 @@ fn the_stages_run_in_order_and_success_records_state() {
         .unwrap()
         .unwrap();
     assert_eq!(cni::result_ips(rec.result.as_ref().unwrap()), ["10.9.8.7"]);
-    for d in ["upper", "work", "init", "merged"] {
+    for d in ["upper", "work"] {
         assert!(b.data_dir().join(d).is_dir(), "{d}");
     }
-    // The init layer was written after the network: it names the address CNI gave.
-    let init = b.data_dir().join("init/etc");
-    let hosts = fs::read_to_string(init.join("hosts")).unwrap();
-    assert!(hosts.contains("10.9.8.7\tweb"), "{hosts}");
-    let resolv = fs::read_to_string(init.join("resolv.conf")).unwrap();
-    assert!(resolv.contains("nameserver 10.9.8.1"), "{resolv}");
+    // The init layer and the overlay's mount point are the init's, on its scratch tmpfs:
+    // nothing of them on disk.
+    for d in ["init", "merged"] {
+        assert!(!b.data_dir().join(d).exists(), "{d}");
+    }
+    assert!(b.rt.paths.scratch().is_dir());
+    assert_eq!(fs::read_dir(b.rt.paths.scratch()).unwrap().count(), 0);
     assert!(b.state_dir().join("proc/meminfo").is_file());
     assert!(b.state_dir().join("proc/cpuinfo").is_file());
     let Some(Call::StartSupervisor {
@@ -238,11 +239,26 @@ fn the_stages_run_in_order_and_success_records_state() {
         join_netns,
         config_recorded,
         sync_meanwhile,
+        init_layer,
+        scratch,
         ..
     }) = b.sys.calls().last().cloned()
     else {
         panic!("the supervisor was not started last: {:?}", b.sys.calls())
     };
+    assert_eq!(scratch, b.rt.paths.scratch());
+    // The init layer was made after the network: it names the address CNI gave.
+    assert!(
+        init_layer.hosts.contains("10.9.8.7\tweb"),
+        "{}",
+        init_layer.hosts
+    );
+    assert!(
+        init_layer.resolv_conf.contains("nameserver 10.9.8.1"),
+        "{}",
+        init_layer.resolv_conf
+    );
+    assert_eq!(init_layer.hostname, b.plan.config.hostname);
     // The init joins the pinned namespace rather than getting a new one from clone.
     assert_eq!(join_netns, Some(b.netns()));
     assert_eq!(clone_flags & libc::CLONE_NEWNET, 0);
@@ -390,26 +406,6 @@ fn a_failed_cni_add_unpins_the_netns_and_undoes_the_rest() {
     // netns and the cgroup, and does not DEL a second time.
     let journal = concat(&[b.through_network(), b.network_and_cgroup_undone()]);
     assert_undone(&b, &e, Stage::Network, journal);
-}
-
-#[test]
-fn a_failed_init_layer_undoes_network_cgroup_and_dirs() {
-    let mut b = Bed::new();
-    let vol = b.dir.path().join("vol");
-    fs::create_dir(&vol).unwrap();
-    // A mount point under a file the init layer writes: mkdir fails with ENOTDIR.
-    b.plan.config.volumes = vec![Volume {
-        host: vol,
-        container: "/etc/hostname/x".into(),
-        readonly: false,
-    }];
-    let e = b.start().unwrap_err();
-    assert!(
-        matches!(&e, StartError::InitLayer(RootfsError::InitLayer { path, .. }) if path.ends_with("etc/hostname/x")),
-        "{e}"
-    );
-    let journal = concat(&[b.through_network(), b.network_and_cgroup_undone()]);
-    assert_undone(&b, &e, Stage::InitLayer, journal);
 }
 
 #[test]

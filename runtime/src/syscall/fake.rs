@@ -19,6 +19,10 @@ pub enum Call {
     Chdir(PathBuf),
     MkdirAll(PathBuf),
     Touch(PathBuf),
+    /// A file written: path, content.
+    WriteFile(PathBuf, String),
+    /// Owner and mode set: path, (uid, gid), mode.
+    SetOwner(PathBuf, (u32, u32), u32),
     Mknod(PathBuf, u32, u64),
     Symlink(PathBuf, PathBuf),
     Sethostname(String),
@@ -45,6 +49,10 @@ pub enum Call {
         config_recorded: bool,
         /// What the start makes durable while the supervisor starts.
         sync_meanwhile: Vec<PathBuf>,
+        /// The init layer the init is to write on its scratch tmpfs.
+        init_layer: crate::rootfs::InitLayer,
+        /// Where that tmpfs is mounted.
+        scratch: PathBuf,
     },
 }
 
@@ -119,6 +127,17 @@ impl Syscall for FakeSyscall {
         self.rec(Call::Chdir(p.into()), Some(p))
     }
     fn mkdir_all(&self, p: &Path, _mode: u32) -> io::Result<()> {
+        // A file on the way: as the kernel would say.
+        let file_on_the_way = {
+            let (existing, dirs) = (self.existing.lock().unwrap(), self.dirs.lock().unwrap());
+            existing
+                .iter()
+                .any(|e| p.starts_with(e) && !dirs.contains(e))
+        };
+        if file_on_the_way {
+            self.rec(Call::MkdirAll(p.into()), None)?;
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
         self.existing.lock().unwrap().push(p.into());
         self.dirs.lock().unwrap().push(p.into());
         self.rec(Call::MkdirAll(p.into()), Some(p))
@@ -126,6 +145,17 @@ impl Syscall for FakeSyscall {
     fn touch(&self, p: &Path) -> io::Result<()> {
         self.existing.lock().unwrap().push(p.into());
         self.rec(Call::Touch(p.into()), Some(p))
+    }
+    fn write_file(&self, p: &Path, content: &[u8]) -> io::Result<()> {
+        if self.is_dir(p) {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        self.existing.lock().unwrap().push(p.into());
+        let c = String::from_utf8_lossy(content).into_owned();
+        self.rec(Call::WriteFile(p.into(), c), Some(p))
+    }
+    fn set_owner(&self, p: &Path, owner: (u32, u32), mode: u32) -> io::Result<()> {
+        self.rec(Call::SetOwner(p.into(), owner, mode), Some(p))
     }
     fn mknod(&self, p: &Path, mode: u32, dev: u64) -> io::Result<()> {
         self.existing.lock().unwrap().push(p.into());
@@ -193,6 +223,8 @@ impl Syscall for FakeSyscall {
             join_netns: spec.init.join_netns.clone(),
             config_recorded: spec.state_dir.join("config.json").is_file(),
             sync_meanwhile: spec.sync_meanwhile.clone(),
+            init_layer: spec.init.rootfs.init_layer.clone(),
+            scratch: spec.init.rootfs.scratch.clone(),
         };
         self.rec(call, Some(&spec.state_dir))
             .map_err(ShimError::Spawn)?;
