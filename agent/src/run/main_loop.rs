@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 use tweed_config::subnet_env::SubnetEnvError;
-use tweed_config::{NetworkConfig, SubnetEnv};
+use tweed_config::{NetworkConfig, SubnetEnv, SubnetKey};
 
 /// How often the data plane is re-read and repaired even without lease events (reads only when
 /// nothing drifted).
@@ -103,7 +103,9 @@ pub async fn run_with(
         wg_impl: settings.wireguard_impl,
     };
     // The subnet is a placeholder until the lease is known.
-    let placeholder = previous.unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));
+    let placeholder = previous
+        .map(|k| k.ipv4)
+        .unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));
     let (prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
 
     let ttl = settings.lease_ttl;
@@ -536,9 +538,12 @@ pub(crate) fn previous_subnet(
     network: Ipv4Network,
     live: Result<SubnetEnv, SubnetEnvError>,
     kept: Result<SubnetEnv, SubnetEnvError>,
-) -> Option<Ipv4Network> {
+) -> Option<SubnetKey> {
     [live, kept].into_iter().find_map(|r| match r {
-        Ok(e) if e.network == network => Some(e.node_subnet()),
+        Ok(e) if e.network == network => Some(SubnetKey {
+            ipv4: e.node_subnet(),
+            ipv6: e.ipv6.as_ref().map(|v6| v6.node_subnet()),
+        }),
         Ok(e) => {
             info!(old = %e.network, new = %network, "previous subnet is of another network; not re-taken");
             None
@@ -564,6 +569,13 @@ mod previous_tests {
     fn missing() -> Result<SubnetEnv, SubnetEnvError> {
         SubnetEnv::read(Path::new("/nonexistent/tweed/subnet.env"))
     }
+    fn prev4(
+        network: Ipv4Network,
+        live: Result<SubnetEnv, SubnetEnvError>,
+        kept: Result<SubnetEnv, SubnetEnvError>,
+    ) -> Option<Ipv4Network> {
+        previous_subnet(network, live, kept).map(|k| k.ipv4)
+    }
     const NET: &str = "10.244.0.0/16";
     fn net() -> Ipv4Network {
         NET.parse().unwrap()
@@ -574,16 +586,26 @@ mod previous_tests {
 
     #[test]
     fn the_live_file_wins_then_the_kept_copy_survives_a_reboot() {
-        let s = previous_subnet(
+        let s = prev4(
             net(),
             env(&good("10.244.7.1/24")),
             env(&good("10.244.9.1/24")),
         );
         assert_eq!(s, Some("10.244.7.0/24".parse().unwrap()));
         // /run emptied by a reboot: the state dir's copy is used.
-        let s = previous_subnet(net(), missing(), env(&good("10.244.9.1/24")));
+        let s = prev4(net(), missing(), env(&good("10.244.9.1/24")));
         assert_eq!(s, Some("10.244.9.0/24".parse().unwrap()));
-        assert_eq!(previous_subnet(net(), missing(), missing()), None);
+        assert_eq!(prev4(net(), missing(), missing()), None);
+    }
+
+    #[test]
+    fn a_dual_stack_file_asks_both_halves_back() {
+        let text = format!(
+            "{}TWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:3::1/64\n",
+            good("10.244.7.1/24")
+        );
+        let k = previous_subnet(net(), env(&text), missing()).unwrap();
+        assert_eq!(k.to_string(), "10.244.7.0-24&fd00:10:244:3::-64");
     }
 
     #[test]
@@ -597,17 +619,13 @@ mod previous_tests {
             "TWEED_SUBNET=$(reboot)\n",
         ];
         for text in hostile {
-            assert_eq!(
-                previous_subnet(net(), missing(), env(text)),
-                None,
-                "{text:.40?}"
-            );
+            assert_eq!(prev4(net(), missing(), env(text)), None, "{text:.40?}");
         }
         // A corrupt live file still lets the kept copy answer.
-        let s = previous_subnet(net(), env("garbage"), env(&good("10.244.9.1/24")));
+        let s = prev4(net(), env("garbage"), env(&good("10.244.9.1/24")));
         assert_eq!(s, Some("10.244.9.0/24".parse().unwrap()));
         // Another network's subnet (the config changed) is not ours to re-take.
         let other = "TWEED_NETWORK=10.99.0.0/16\nTWEED_SUBNET=10.99.3.1/24\nTWEED_MTU=1450\n";
-        assert_eq!(previous_subnet(net(), missing(), env(other)), None);
+        assert_eq!(prev4(net(), missing(), env(other)), None);
     }
 }
