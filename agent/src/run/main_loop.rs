@@ -57,6 +57,7 @@ pub async fn run_with(
         state,
         control,
         notifier,
+        ipv6_addrs,
     } = deps;
     let report = Report::new(state, clock);
     let Some(cfg) = wait_for_config(&registry, &mut stop).await else {
@@ -107,6 +108,14 @@ pub async fn run_with(
         .map(|k| k.ipv4)
         .unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));
     let (prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
+    let ipv6 = ipv6_mode(&cfg, &settings, &ipv6_addrs, &node.iface);
+    report.ipv6_mode(&ipv6);
+    let attrs = match ipv6 {
+        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => {
+            crate::ipv6::with_public_ipv6(attrs, public_ipv6)
+        }
+        _ => attrs,
+    };
 
     let ttl = settings.lease_ttl;
     let Some(own) =
@@ -160,6 +169,38 @@ pub async fn run_with(
         Err(e) => error!("{e}; lease and data plane left in place"),
     }
     result
+}
+
+/// What this node does with the network's IPv6 half: dual stack with `--public-ipv6` or the
+/// interface's global address, else IPv4 only, said in the log (flannel refuses to start there;
+/// the node stays useful over IPv4, and peers skip the IPv6 half of a lease that has none).
+fn ipv6_mode(
+    cfg: &NetworkConfig,
+    settings: &Settings,
+    addrs: &crate::ipv6::Ipv6Addrs,
+    iface: &netlink::iface::Iface,
+) -> crate::ipv6::Ipv6Mode {
+    use crate::ipv6::Ipv6Mode;
+    let Some(v6) = &cfg.ipv6 else {
+        return Ipv6Mode::Off;
+    };
+    let listed = addrs.list().unwrap_or_else(|e| {
+        warn!("{e}");
+        Vec::new()
+    });
+    match crate::ipv6::public_ipv6(settings.public_ipv6, iface.index, &listed) {
+        Some(public_ipv6) => {
+            info!(%public_ipv6, ipv6_network = %v6.network, "dual stack");
+            Ipv6Mode::DualStack { public_ipv6 }
+        }
+        None => {
+            let mode = Ipv6Mode::V4Only {
+                iface: iface.name.clone(),
+            };
+            warn!(ipv6_network = %v6.network, "{}", mode.status());
+            mode
+        }
+    }
 }
 
 /// Records `choice` (interface, address, public IP) in `path` and returns the one recorded by

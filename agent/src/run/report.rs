@@ -66,6 +66,17 @@ impl Report {
         });
     }
 
+    /// What the node does with the network's IPv6 half (status `ipv6`, `public_ipv6`).
+    pub(super) fn ipv6_mode(&self, mode: &crate::ipv6::Ipv6Mode) {
+        self.state.update(|s| {
+            s.ipv6 = mode.status();
+            s.public_ipv6 = match mode {
+                crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => public_ipv6.to_string(),
+                _ => String::new(),
+            };
+        });
+    }
+
     /// A data plane was set up (start, or again after a repair): which one, and which
     /// implementation carries it, for `/metrics` and the API's status.
     pub(super) fn backend_running(&self, backend: &str, implementation: &str) {
@@ -92,6 +103,7 @@ impl Report {
         self.set_expiry(expiry);
         self.state.update(|s| {
             s.subnet = own.subnet().to_string();
+            s.subnet_v6 = own.key.ipv6.map(|n| n.to_string()).unwrap_or_default();
             s.lease_held = true;
         });
     }
