@@ -159,6 +159,9 @@ impl Agent for Service {
             version: env!("CARGO_PKG_VERSION").to_string(),
             etcd_endpoints: s.etcd_endpoints,
             backend_implementation: s.backend_implementation,
+            ipv6: s.ipv6,
+            public_ipv6: s.public_ipv6,
+            subnet_v6: s.subnet_v6,
         }))
     }
 

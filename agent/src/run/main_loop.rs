@@ -130,6 +130,7 @@ pub async fn run_with(
         kept_subnet_file: kept_file,
         underlay,
         tx_csum_off: !settings.vxlan_tx_checksum_offload,
+        ipv6_network: cfg.ipv6.as_ref().map(|c| c.network),
     };
     // Subscribed before the data plane is checked, so no drift after that check goes unseen.
     let events = subscribe(&nl);
@@ -540,6 +541,7 @@ impl Agent {
     /// A lease is held again after a loss; `old` is the subnet we had.
     async fn after_reacquire(&mut self, old: ipnetwork::Ipv4Network) {
         let new = self.lease.own().subnet();
+        self.plane.set_own_v6(self.lease.own().key.ipv6);
         if new != old {
             self.report.subnet_moved(old, new);
             self.plane.move_to(new).await;

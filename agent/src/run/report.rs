@@ -92,13 +92,19 @@ impl Report {
     }
 
     pub(super) fn lease_acquired(&self, own: &OwnLease, ttl: Duration) {
-        info!(subnet = %own.subnet(), lease = format!("{:x}", own.lease_id), reused = own.reused, "lease acquired");
+        info!(subnet = %own.subnet(), subnet_v6 = ?own.key.ipv6, lease = format!("{:x}", own.lease_id), reused = own.reused, "lease acquired");
         let m = &self.state.metrics;
         m.lease_acquisitions.inc();
         m.lease_info.reset();
         m.lease_info
             .with_label_values(&[&own.subnet().to_string()])
             .set(1);
+        m.lease_ipv6_info.reset();
+        if let Some(v6) = own.key.ipv6 {
+            m.lease_ipv6_info
+                .with_label_values(&[&v6.to_string()])
+                .set(1);
+        }
         let expiry = self.expiry(own.lease_id, ttl);
         self.set_expiry(expiry);
         self.state.update(|s| {

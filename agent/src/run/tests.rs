@@ -563,6 +563,23 @@ async fn a_node_with_a_global_ipv6_address_takes_a_dual_stack_lease() {
         (s.ipv6.as_str(), s.public_ipv6.as_str(), s.subnet_v6),
         ("dual-stack", "2001:db8::1", v6_subnet.to_string())
     );
+    // subnet.env: the IPv6 pair in flannel's form (first address/len), read back as such.
+    let env = n.subnet_env();
+    let env6 = env.ipv6.expect("TWEED_IPV6_* written");
+    assert_eq!(env6.network.to_string(), "fd00:10:244::/56");
+    assert_eq!(env6.node_subnet(), v6_subnet);
+    assert_eq!(
+        u128::from(env6.subnet.ip()),
+        u128::from(v6_subnet.network()) + 1
+    );
+    let text = std::fs::read_to_string(n.dir.path().join("subnet.env")).unwrap();
+    assert!(
+        text.contains(&format!("TWEED_IPV6_SUBNET={}1/64\n", v6_subnet.ip())),
+        "{text}"
+    );
+    assert!(n.state.metrics.render().contains(&format!(
+        "tweed_lease_ipv6_info{{subnet=\"{v6_subnet}\"}} 1"
+    )));
 }
 
 #[tokio::test(start_paused = true)]
@@ -585,4 +602,6 @@ async fn a_node_without_ipv6_in_a_dual_stack_network_runs_ipv4_only_and_says_so(
         s.ipv6
     );
     assert_eq!((s.public_ipv6.as_str(), s.subnet_v6.as_str()), ("", ""));
+    assert_eq!(n.subnet_env().ipv6, None);
+    assert!(!n.state.metrics.render().contains("tweed_lease_ipv6_info{"));
 }
