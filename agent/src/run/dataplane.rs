@@ -9,7 +9,7 @@ use crate::backend::udp::io::Stats as UdpStats;
 use crate::backend::wireguard::{key, KeyError, PrivateKey, PublicKey};
 use crate::backend::{DataPlane, Prepared, ReconcileStats, Remote};
 use crate::netlink::{Netlink, Op};
-use crate::rules::{Firewall, RuleSpec};
+use crate::rules::{Firewall, RuleSpec, RuleSpecV6};
 use crate::subnet::OwnLease;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use std::collections::BTreeSet;
@@ -357,6 +357,10 @@ impl Plane {
             network: self.network,
             subnet,
             ip_masq: self.ip_masq,
+            ipv6: self
+                .ipv6_network
+                .zip(self.own_v6)
+                .map(|(network, subnet)| RuleSpecV6 { network, subnet }),
         };
         let fw = self.firewall.clone();
         let result = tokio::task::spawn_blocking(move || fw.sync(&spec))

@@ -184,6 +184,7 @@ impl Node {
             network: net(NETWORK),
             subnet,
             ip_masq: true,
+            ipv6: None,
         }
     }
 
@@ -580,6 +581,15 @@ async fn a_node_with_a_global_ipv6_address_takes_a_dual_stack_lease() {
     assert!(n.state.metrics.render().contains(&format!(
         "tweed_lease_ipv6_info{{subnet=\"{v6_subnet}\"}} 1"
     )));
+    // The IPv6 rules follow the lease's IPv6 half.
+    let rules = n.rules.applied();
+    assert_eq!(
+        rules.last().and_then(|r| r.ipv6),
+        Some(crate::rules::RuleSpecV6 {
+            network: "fd00:10:244::/56".parse().unwrap(),
+            subnet: v6_subnet,
+        })
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -604,4 +614,5 @@ async fn a_node_without_ipv6_in_a_dual_stack_network_runs_ipv4_only_and_says_so(
     assert_eq!((s.public_ipv6.as_str(), s.subnet_v6.as_str()), ("", ""));
     assert_eq!(n.subnet_env().ipv6, None);
     assert!(!n.state.metrics.render().contains("tweed_lease_ipv6_info{"));
+    assert!(n.rules.applied().iter().all(|r| r.ipv6.is_none()));
 }
