@@ -267,6 +267,15 @@ async fn rename(
     if !registry.delete_lease(&old.key, old.mod_revision).await? {
         tracing::warn!(old = %old.key, "the lease's old key changed meanwhile; left to its owner or TTL");
     }
+    // Watchers skipped the new key as an overlap while the old one (older, same IPv4 subnet)
+    // stood; writing it again makes them read it now that it stands alone.
+    let k = key.etcd_key(registry.prefix());
+    let snap = registry.list_leases().await?;
+    if let Some(now) = snap.leases.iter().find(|l| l.key == k) {
+        registry
+            .update_lease(&key, attrs, now.lease_id, now.mod_revision)
+            .await?;
+    }
     tracing::info!(old = %old.key, new = %key, "lease renamed: its IPv6 half changed");
     Ok(Some(OwnLease {
         key,
@@ -633,6 +642,11 @@ mod tests {
         // Leased while the network (or the node) was IPv4 only.
         let first = acquire_as(&reg, "198.18.0.1", None, TTL).await;
         assert_eq!(first.key.ipv6, None);
+        // A peer's lease table, following the watch through the rename.
+        let snap = reg.list_leases().await.unwrap();
+        let mut peer = LeaseTable::new(P, cfg().network, 24);
+        peer.resync(&snap.leases);
+        let mut watch = reg.watch(snap.revision + 1).await.unwrap();
         let dual = dual_attrs("198.18.0.1", "2001:db8::1");
         let second = acquire(&reg, &dual_cfg(), &dual, None, TTL).await.unwrap();
         assert_eq!(second.subnet(), first.subnet());
@@ -641,6 +655,12 @@ mod tests {
             keys(&reg).await,
             vec![second.key.to_string()],
             "the old key is gone"
+        );
+        peer.apply(&watch.next().await.unwrap());
+        assert_eq!(
+            peer.leases().map(|l| l.key).collect::<Vec<_>>(),
+            vec![second.key],
+            "the peer sees the new key, not an overlap skipped for good"
         );
         // The node lost its IPv6 address: back to an IPv4-only key, same IPv4 subnet.
         let third = acquire(&reg, &dual_cfg(), &attrs("198.18.0.1"), None, TTL)

@@ -514,9 +514,12 @@ impl Agent {
         };
         let own = self.lease.own();
         self.report.lease_changes(&applied, own.subnet());
-        let own_lost = applied.changes.iter().any(
-            |c| matches!(c, crate::watch::LeaseChange::Removed(l) if l.key.ipv4 == own.subnet()),
-        );
+        // The whole key: a renamed lease (its IPv6 half changed) removes an old key naming the
+        // same IPv4 subnet, which is not ours any more.
+        let own_lost = applied
+            .changes
+            .iter()
+            .any(|c| matches!(c, crate::watch::LeaseChange::Removed(l) if l.key == own.key));
         self.lease.follow(&self.table);
         if !own_lost
             && !stop.stopped()
