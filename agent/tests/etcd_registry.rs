@@ -105,6 +105,55 @@ async fn twenty_concurrent_agents_get_twenty_distinct_subnets() {
     assert_eq!(listed.lines().filter(|l| !l.is_empty()).count(), 20);
 }
 
+/// Dual-stack agents asking for distinct IPv4 subnets but the same IPv6 one: their keys have
+/// different names, so etcd's create-if-absent lets every one in, and only the re-check after
+/// creating (older claim wins, the younger deletes its key) keeps the IPv6 halves distinct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dual_stack_agents_never_share_an_ipv6_subnet() {
+    let env = Env::start();
+    let cfg = NetworkConfig::parse(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/60","IPv6SubnetLen":64}"#,
+    )
+    .unwrap();
+    let mut regs = Vec::new();
+    for _ in 0..12 {
+        regs.push(Arc::new(env.registry().await));
+    }
+    let tasks: Vec<_> = regs
+        .into_iter()
+        .enumerate()
+        .map(|(i, reg)| {
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let mut a = attrs(i as u32 + 1);
+                a.public_ipv6 = Some(format!("2001:db8::{}", i + 1).parse().unwrap());
+                let previous = SubnetKey {
+                    ipv4: format!("10.244.{}.0/24", i + 10).parse().unwrap(),
+                    ipv6: Some("fd00:10:244:5::/64".parse().unwrap()),
+                };
+                acquire(&reg, &cfg, &a, Some(previous), Duration::from_secs(60))
+                    .await
+                    .unwrap()
+                    .key
+            })
+        })
+        .collect();
+    let (mut v4, mut v6) = (HashSet::new(), HashSet::new());
+    for t in tasks {
+        let k = t.await.unwrap();
+        assert!(v4.insert(k.ipv4), "{k}");
+        assert!(v6.insert(k.ipv6.expect("dual stack")), "{k}");
+    }
+    assert!(v6.contains(&"fd00:10:244:5::/64".parse().unwrap()));
+    // The losers' keys are gone: one key per node.
+    let listed = env.ctl(&["get", "--prefix", "--keys-only", &format!("{P}/subnets/")]);
+    assert_eq!(
+        listed.lines().filter(|l| !l.is_empty()).count(),
+        12,
+        "{listed}"
+    );
+}
+
 #[tokio::test]
 async fn the_lease_is_written_in_flannels_exact_format_with_a_ttl() {
     let (env, reg) = Env::with_registry().await;
