@@ -65,9 +65,21 @@ impl Service {
     }
 
     /// The control handle and the key of `subnet`, checked against the network it holds.
-    fn control_and_key(&self, subnet: &str) -> Result<(&Control, SubnetKey), Status> {
+    ///
+    /// A dual-stack lease's key names its IPv6 half too (`10.244.7.0-24&fd00:…-64`): the key
+    /// already holding the subnet is the one acted on, so a reservation keeps the IPv6 half
+    /// instead of writing a second, v4-only key beside it.
+    async fn control_and_key(&self, subnet: &str) -> Result<(&Control, SubnetKey), Status> {
         let c = self.control()?;
-        Ok((c, parse_subnet(&c.cfg, subnet)?))
+        let key = parse_subnet(&c.cfg, subnet)?;
+        let snap = c.registry.list_leases().await.map_err(registry_status)?;
+        let prefix = c.registry.prefix();
+        let existing = snap
+            .leases
+            .iter()
+            .filter_map(|l| SubnetKey::from_etcd_key(prefix, &l.key)?.ok())
+            .find(|k| k.ipv4 == key.ipv4);
+        Ok((c, existing.unwrap_or(key)))
     }
 }
 
@@ -147,6 +159,9 @@ impl Agent for Service {
             version: env!("CARGO_PKG_VERSION").to_string(),
             etcd_endpoints: s.etcd_endpoints,
             backend_implementation: s.backend_implementation,
+            ipv6: s.ipv6,
+            public_ipv6: s.public_ipv6,
+            subnet_v6: s.subnet_v6,
         }))
     }
 
@@ -210,7 +225,7 @@ impl Agent for Service {
         req: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveReply>, Status> {
         let req = req.into_inner();
-        let (c, key) = self.control_and_key(&req.subnet)?;
+        let (c, key) = self.control_and_key(&req.subnet).await?;
         let ip: std::net::Ipv4Addr = req.public_ip.trim().parse().map_err(|_| {
             Status::invalid_argument(format!("{:?} is not an IPv4 address", req.public_ip))
         })?;
@@ -253,7 +268,7 @@ impl Agent for Service {
         &self,
         req: Request<pb::UnreserveRequest>,
     ) -> Result<Response<pb::UnreserveReply>, Status> {
-        let (c, key) = self.control_and_key(&req.into_inner().subnet)?;
+        let (c, key) = self.control_and_key(&req.into_inner().subnet).await?;
         match c
             .registry
             .unreserve(&key, c.lease_ttl)

@@ -10,6 +10,7 @@ pub mod alloc;
 pub mod api;
 pub mod backend;
 pub mod http;
+pub mod ipv6;
 pub mod metrics;
 pub mod notify;
 pub mod offload;

@@ -10,6 +10,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// 1 for the subnet this node holds (label), absent while none is held.
     pub lease_info: IntGaugeVec,
+    /// 1 for the IPv6 subnet of this node's dual-stack lease (label), absent when IPv4 only.
+    pub lease_ipv6_info: IntGaugeVec,
     pub lease_expiry: IntGauge,
     pub peers: IntGaugeVec,
     pub lease_acquisitions: IntCounter,
@@ -63,6 +65,17 @@ impl Metrics {
                 &r,
                 IntGaugeVec::new(
                     Opts::new("lease_info", "The subnet this node holds (value 1)"),
+                    &["subnet"],
+                )
+                .expect("valid"),
+            ),
+            lease_ipv6_info: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "lease_ipv6_info",
+                        "The IPv6 subnet of this node's dual-stack lease (value 1)",
+                    ),
                     &["subnet"],
                 )
                 .expect("valid"),
@@ -211,6 +224,9 @@ mod tests {
     fn renders_every_family_with_the_prefix() {
         let m = Metrics::new();
         m.lease_info.with_label_values(&["10.244.3.0/24"]).set(1);
+        m.lease_ipv6_info
+            .with_label_values(&["fd00:10:244:3::/64"])
+            .set(1);
         m.peers.with_label_values(&["vxlan"]).set(2);
         m.lease_failures.with_label_values(&["renew"]).inc();
         m.etcd_errors.with_label_values(&["watch"]).inc();
@@ -225,6 +241,7 @@ mod tests {
         let text = m.render();
         for name in [
             "tweed_lease_info{subnet=\"10.244.3.0/24\"} 1",
+            "tweed_lease_ipv6_info{subnet=\"fd00:10:244:3::/64\"} 1",
             "tweed_lease_expiry_timestamp_seconds 0",
             "tweed_peers{backend=\"vxlan\"} 2",
             "tweed_backend_info{backend=\"wireguard\",implementation=\"kernel\"} 1",

@@ -10,7 +10,8 @@
 //! Only tweed's own chains are ever flushed; the jumps into them are checked and inserted one by
 //! one, so other software's rules are left alone.
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use std::fmt::Display;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
@@ -45,6 +46,31 @@ pub struct RuleSpec {
     /// `--ip-masq`: masquerade traffic leaving the overlay. Without it only the forward rules
     /// exist (and masquerade rules left by an earlier run with it are removed).
     pub ip_masq: bool,
+    /// The IPv6 half of a dual-stack lease: the same rules with ip6tables (or in nft's table
+    /// `ip6 tweed`). `None` leaves the IPv6 rules alone: a host without IPv6 may have no
+    /// ip6tables at all, and failing there would cost the IPv4 rules.
+    pub ipv6: Option<RuleSpecV6>,
+}
+
+/// The IPv6 half of [`RuleSpec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleSpecV6 {
+    /// `IPv6Network` of the network config.
+    pub network: Ipv6Network,
+    /// The IPv6 half of this node's lease.
+    pub subnet: Ipv6Network,
+}
+
+impl RuleSpecV6 {
+    /// The ip6tables chains (the nat chain only with `ip_masq`).
+    pub fn ip6tables_chains(&self, ip_masq: bool) -> Vec<Chain> {
+        let mut v = Vec::new();
+        if ip_masq {
+            v.push(masquerade_chain_v6(self.network, self.subnet));
+        }
+        v.push(forward_chain_v6(self.network));
+        v
+    }
 }
 
 impl RuleSpec {
@@ -101,6 +127,29 @@ impl Firewall {
     }
 }
 
+/// Which iptables binaries: `iptables` for IPv4, `ip6tables` for IPv6 (the same chains).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+}
+
 #[cfg(any(test, feature = "fake"))]
 /// Rules in memory. Cheap to clone; clones share them, so a test keeps a clone to see what the
 /// code under test asked for.
@@ -150,6 +199,15 @@ impl Chain {
 /// with the host's address, and traffic from outside into another node's pods is masqueraded so
 /// replies come back through this host.
 pub fn masquerade_chain(network: Ipv4Network, subnet: Ipv4Network) -> Chain {
+    masquerade_rules(network, subnet, "224.0.0.0/4")
+}
+
+/// [`masquerade_chain`] for ip6tables: IPv6 multicast (`ff00::/8`) in place of IPv4's.
+pub fn masquerade_chain_v6(network: Ipv6Network, subnet: Ipv6Network) -> Chain {
+    masquerade_rules(network, subnet, "ff00::/8")
+}
+
+fn masquerade_rules<N: Display>(network: N, subnet: N, multicast: &str) -> Chain {
     // Unquoted: `iptables -S` prints a one-word comment without quotes, and listings are
     // compared with what we render.
     let c = format!("-m comment --comment {COMMENT}");
@@ -162,13 +220,22 @@ pub fn masquerade_chain(network: Ipv4Network, subnet: Ipv4Network) -> Chain {
             format!("-m mark --mark 0x4000/0x4000 {c} -j RETURN"),
             format!("-s {network} -d {network} {c} -j RETURN"),
             format!("! -s {network} -d {subnet} {c} -j RETURN"),
-            format!("-s {network} ! -d 224.0.0.0/4 {c} -j MASQUERADE --random-fully"),
+            format!("-s {network} ! -d {multicast} {c} -j MASQUERADE --random-fully"),
             format!("! -s {network} -d {network} {c} -j MASQUERADE --random-fully"),
         ],
     }
 }
 
 pub fn forward_chain(network: Ipv4Network) -> Chain {
+    forward_rules(network)
+}
+
+/// [`forward_chain`] for ip6tables.
+pub fn forward_chain_v6(network: Ipv6Network) -> Chain {
+    forward_rules(network)
+}
+
+fn forward_rules<N: Display>(network: N) -> Chain {
     // Unquoted: `iptables -S` prints a one-word comment without quotes, and listings are
     // compared with what we render.
     let c = format!("-m comment --comment {COMMENT}");
@@ -260,32 +327,48 @@ pub fn plan_removal(listing: &str, c: &Chain) -> (bool, bool) {
     )
 }
 
-/// The nftables table (family `ip`) that holds all of tweed's rules.
+/// The nftables table that holds all of tweed's rules: `ip tweed`, and `ip6 tweed` for the IPv6
+/// half of a dual-stack lease.
 pub const NFT_TABLE: &str = "tweed";
 
 /// The table as `nft list table ip tweed` prints it (nftables 1.0), so that a listing of a correct
 /// table equals it after [`nft_canonical`]. Same semantics as the iptables chains: base chains
 /// hooked at postrouting (srcnat) and forward (filter).
 pub fn render_nft(spec: &RuleSpec) -> String {
-    let (n, s) = (spec.network, spec.subnet);
-    let mut out = format!("table ip {NFT_TABLE} {{\n");
-    if spec.ip_masq {
+    render_nft_table("ip", spec.network, spec.subnet, "224.0.0.0/4", spec.ip_masq)
+}
+
+/// [`render_nft`] for the IPv6 half: table `ip6 tweed`, `ip6` matches, IPv6 multicast.
+pub fn render_nft_v6(v6: &RuleSpecV6, ip_masq: bool) -> String {
+    render_nft_table("ip6", v6.network, v6.subnet, "ff00::/8", ip_masq)
+}
+
+fn render_nft_table<N: Display>(
+    family: &str,
+    n: N,
+    s: N,
+    multicast: &str,
+    ip_masq: bool,
+) -> String {
+    let ip = family;
+    let mut out = format!("table {family} {NFT_TABLE} {{\n");
+    if ip_masq {
         out.push_str(&format!(
             "\tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\tmeta mark & 0x00004000 == 0x00004000 return\n\
-             \t\tip saddr {n} ip daddr {n} return\n\
-             \t\tip saddr != {n} ip daddr {s} return\n\
-             \t\tip saddr {n} ip daddr != 224.0.0.0/4 masquerade fully-random\n\
-             \t\tip saddr != {n} ip daddr {n} masquerade fully-random\n\
+             \t\t{ip} saddr {n} {ip} daddr {n} return\n\
+             \t\t{ip} saddr != {n} {ip} daddr {s} return\n\
+             \t\t{ip} saddr {n} {ip} daddr != {multicast} masquerade fully-random\n\
+             \t\t{ip} saddr != {n} {ip} daddr {n} masquerade fully-random\n\
              \t}}\n\n"
         ));
     }
     out.push_str(&format!(
         "\tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\tip saddr {n} accept\n\
-         \t\tip daddr {n} accept\n\
+         \t\t{ip} saddr {n} accept\n\
+         \t\t{ip} daddr {n} accept\n\
          \t}}\n}}\n"
     ));
     out
@@ -294,10 +377,12 @@ pub fn render_nft(spec: &RuleSpec) -> String {
 /// `nft -f` input that replaces the table in one transaction: creating it first makes the delete
 /// valid when it does not exist yet, and nothing is ever without rules in between.
 pub fn nft_script(spec: &RuleSpec) -> String {
-    format!(
-        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n{}",
-        render_nft(spec)
-    )
+    nft_replace("ip", &render_nft(spec))
+}
+
+/// `nft -f` input replacing table `<family> tweed` with `rendered`, as [`nft_script`].
+fn nft_replace(family: &str, rendered: &str) -> String {
+    format!("table {family} {NFT_TABLE}\ndelete table {family} {NFT_TABLE}\n{rendered}")
 }
 
 /// A listing reduced to what matters: no comments, blank lines or indentation differences.
@@ -319,12 +404,23 @@ pub fn nft_canonical(text: &str) -> String {
 pub struct Nftables {
     /// (canonical desired text, canonical listing right after applying it)
     applied: Mutex<Option<(String, String)>>,
+    /// The same for table `ip6 tweed`.
+    applied_v6: Mutex<Option<(String, String)>>,
 }
 
 impl Nftables {
     /// `nft list table ip tweed`; `None` when the table does not exist.
     pub fn listing() -> Result<Option<String>, RulesError> {
-        match Iptables::run("nft", &["list", "table", "ip", NFT_TABLE], None) {
+        Self::listing_of("ip")
+    }
+
+    /// `nft list table ip6 tweed`; `None` when the table does not exist.
+    pub fn listing_v6() -> Result<Option<String>, RulesError> {
+        Self::listing_of("ip6")
+    }
+
+    fn listing_of(family: &str) -> Result<Option<String>, RulesError> {
+        match Iptables::run("nft", &["list", "table", family, NFT_TABLE], None) {
             Ok(l) => Ok(Some(l)),
             Err(RulesError::Command { reason, .. })
                 if reason.contains("No such file or directory") =>
@@ -344,24 +440,43 @@ impl Nftables {
         Ok(true)
     }
 
+    #[cfg(test)]
     fn is_current(&self, desired: &str, listing: &str) -> bool {
+        Self::current_in(&self.applied, desired, listing)
+    }
+
+    fn current_in(applied: &Mutex<Option<(String, String)>>, desired: &str, listing: &str) -> bool {
         let got = nft_canonical(listing);
         if got == desired {
             return true;
         }
-        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = applied.lock().unwrap_or_else(|p| p.into_inner());
         matches!(&*applied, Some((d, l)) if d == desired && *l == got)
     }
 
     pub fn sync(&self, spec: &RuleSpec) -> Result<bool, RulesError> {
-        let desired = nft_canonical(&render_nft(spec));
-        if let Some(listing) = Self::listing()? {
-            if self.is_current(&desired, &listing) {
+        let mut changed = self.sync_table("ip", &render_nft(spec), &self.applied)?;
+        if let Some(v6) = &spec.ipv6 {
+            changed |=
+                self.sync_table("ip6", &render_nft_v6(v6, spec.ip_masq), &self.applied_v6)?;
+        }
+        Ok(changed)
+    }
+
+    fn sync_table(
+        &self,
+        family: &str,
+        rendered: &str,
+        applied: &Mutex<Option<(String, String)>>,
+    ) -> Result<bool, RulesError> {
+        let desired = nft_canonical(rendered);
+        if let Some(listing) = Self::listing_of(family)? {
+            if Self::current_in(applied, &desired, &listing) {
                 return Ok(false);
             }
         }
-        Iptables::run("nft", &["-f", "-"], Some(&nft_script(spec)))?;
-        let after = Self::listing()?.unwrap_or_default();
+        Iptables::run("nft", &["-f", "-"], Some(&nft_replace(family, rendered)))?;
+        let after = Self::listing_of(family)?.unwrap_or_default();
         let after = nft_canonical(&after);
         if after != desired {
             tracing::debug!(
@@ -374,7 +489,7 @@ impl Nftables {
                 listing: after,
             });
         }
-        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some((desired, after));
+        *applied.lock().unwrap_or_else(|p| p.into_inner()) = Some((desired, after));
         Ok(true)
     }
 }
@@ -402,7 +517,7 @@ pub fn nft_monitor_concerns_tweed(line: &str) -> bool {
     }
     // `<verb> <object> ip tweed ...`
     let rest: Vec<&str> = words.collect();
-    rest.len() >= 3 && rest[1] == "ip" && rest[2] == NFT_TABLE
+    rest.len() >= 3 && matches!(rest[1], "ip" | "ip6") && rest[2] == NFT_TABLE
 }
 
 /// Runs the iptables binaries (the only way to reach both iptables-legacy and iptables-nft hosts).
@@ -453,51 +568,74 @@ impl Iptables {
     }
 
     pub fn listing(table: &str) -> Result<String, RulesError> {
-        Self::run("iptables", &["-w", "5", "-t", table, "-S"], None)
+        Self::listing_in(Family::V4, table)
+    }
+
+    /// `iptables -S` or `ip6tables -S` of `table`.
+    pub fn listing_in(family: Family, table: &str) -> Result<String, RulesError> {
+        Self::run(family.iptables(), &["-w", "5", "-t", table, "-S"], None)
     }
 
     /// [`Iptables::sync`] for a [`RuleSpec`], and removes the nat chain (and its jump) when the
-    /// spec has no masquerading.
+    /// spec has no masquerading; the same with ip6tables for the IPv6 half, when there is one.
     pub fn sync_spec(spec: &RuleSpec) -> Result<bool, RulesError> {
         let mut changed = Self::sync(&spec.iptables_chains())?;
         if !spec.ip_masq {
             changed |= Self::remove(&masquerade_chain(spec.network, spec.subnet))?;
+        }
+        if let Some(v6) = &spec.ipv6 {
+            changed |= Self::sync_in(Family::V6, &v6.ip6tables_chains(spec.ip_masq))?;
+            if !spec.ip_masq {
+                changed |=
+                    Self::remove_in(Family::V6, &masquerade_chain_v6(v6.network, v6.subnet))?;
+            }
         }
         Ok(changed)
     }
 
     /// Deletes the jump into `c` and the chain itself, if present; returns whether it did.
     pub fn remove(c: &Chain) -> Result<bool, RulesError> {
-        let listing = Self::listing(c.table)?;
+        Self::remove_in(Family::V4, c)
+    }
+
+    /// [`remove`](Self::remove) with `family`'s binary.
+    pub fn remove_in(family: Family, c: &Chain) -> Result<bool, RulesError> {
+        let program = family.iptables();
+        let listing = Self::listing_in(family, c.table)?;
         let (jump, chain) = plan_removal(&listing, c);
         if jump {
             let mut args = vec!["-w", "5", "-t", c.table, "-D", c.builtin];
             args.extend(["-m", "comment", "--comment", COMMENT, "-j", c.name]);
-            Self::run("iptables", &args, None)?;
+            Self::run(program, &args, None)?;
         }
         if chain {
-            Self::run("iptables", &["-w", "5", "-t", c.table, "-F", c.name], None)?;
-            Self::run("iptables", &["-w", "5", "-t", c.table, "-X", c.name], None)?;
+            Self::run(program, &["-w", "5", "-t", c.table, "-F", c.name], None)?;
+            Self::run(program, &["-w", "5", "-t", c.table, "-X", c.name], None)?;
         }
         Ok(jump || chain)
     }
 
     /// Brings `chains` to the desired state; returns whether anything had to change.
     pub fn sync(chains: &[Chain]) -> Result<bool, RulesError> {
+        Self::sync_in(Family::V4, chains)
+    }
+
+    /// [`sync`](Self::sync) with `family`'s binaries.
+    pub fn sync_in(family: Family, chains: &[Chain]) -> Result<bool, RulesError> {
         let mut listings = std::collections::HashMap::new();
         for c in chains {
             if !listings.contains_key(c.table) {
-                listings.insert(c.table, Self::listing(c.table)?);
+                listings.insert(c.table, Self::listing_in(family, c.table)?);
             }
         }
         let plan = plan_sync(chains, &|t| listings.get(t).cloned().unwrap_or_default());
         if let Some(input) = &plan.restore {
-            Self::run("iptables-restore", &["-w", "5", "--noflush"], Some(input))?;
+            Self::run(family.restore(), &["-w", "5", "--noflush"], Some(input))?;
         }
         for c in &plan.insert_jumps {
             let mut args = vec!["-w", "5", "-t", c.table, "-I", c.builtin, "1"];
             args.extend(["-m", "comment", "--comment", COMMENT, "-j", c.name]);
-            Self::run("iptables", &args, None)?;
+            Self::run(family.iptables(), &args, None)?;
         }
         Ok(plan.restore.is_some() || !plan.insert_jumps.is_empty())
     }
@@ -572,7 +710,58 @@ mod tests {
             network: net(),
             subnet: sub(),
             ip_masq,
+            ipv6: None,
         }
+    }
+
+    fn v6() -> RuleSpecV6 {
+        RuleSpecV6 {
+            network: "fd00:10:244::/56".parse().unwrap(),
+            subnet: "fd00:10:244:3::/64".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_mirror_the_ipv4_ones() {
+        let [nat, fwd] = &v6().ip6tables_chains(true)[..] else {
+            panic!("two chains");
+        };
+        let v4 = masquerade_chain(net(), sub());
+        assert_eq!(
+            (nat.table, nat.builtin, nat.name),
+            (v4.table, v4.builtin, v4.name)
+        );
+        assert_eq!(nat.rules.len(), v4.rules.len());
+        for want in [
+            "-s fd00:10:244::/56 -d fd00:10:244::/56 -m comment --comment tweed -j RETURN",
+            "! -s fd00:10:244::/56 -d fd00:10:244:3::/64 -m comment --comment tweed -j RETURN",
+            "-s fd00:10:244::/56 ! -d ff00::/8 -m comment --comment tweed -j MASQUERADE --random-fully",
+        ] {
+            assert!(nat.rules.iter().any(|r| r == want), "{want}: {:?}", nat.rules);
+        }
+        assert_eq!(
+            fwd.rules[0],
+            "-s fd00:10:244::/56 -m comment --comment tweed -j ACCEPT"
+        );
+        assert_eq!(v6().ip6tables_chains(false).len(), 1);
+        let t = render_nft_v6(&v6(), true);
+        assert!(t.starts_with("table ip6 tweed {\n"), "{t}");
+        for want in [
+            "ip6 saddr != fd00:10:244::/56 ip6 daddr fd00:10:244:3::/64 return",
+            "ip6 saddr fd00:10:244::/56 ip6 daddr != ff00::/8 masquerade fully-random",
+            "ip6 daddr fd00:10:244::/56 accept",
+        ] {
+            assert!(t.contains(want), "{want} missing in\n{t}");
+        }
+        assert!(!t.contains("ip saddr"), "{t}");
+        assert_eq!(
+            nft_replace("ip6", "x"),
+            "table ip6 tweed\ndelete table ip6 tweed\nx"
+        );
+        // The IPv4 table's text is unchanged by the generalisation.
+        assert!(render_nft(&spec(true)).contains(
+            "\t\tip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random\n"
+        ));
     }
 
     #[test]
@@ -690,6 +879,9 @@ mod tests {
             "flush chain ip tweed forward",
             "add rule ip tweed forward ip saddr 10.244.0.0/16 accept",
             "flush ruleset",
+            // The IPv6 half's table.
+            "delete table ip6 tweed",
+            "delete rule ip6 tweed forward handle 2",
         ] {
             assert!(nft_monitor_concerns_tweed(yes), "{yes}");
         }
@@ -697,8 +889,8 @@ mod tests {
             "# new generation 5 by process 22689 (nft)",
             "add table ip other",
             "delete rule ip filter forward handle 3",
-            "delete table ip6 tweed",
             "delete table ip tweedy",
+            "delete table inet tweed",
             "",
             "tweed",
             "add",

@@ -107,6 +107,11 @@ pub struct Settings {
     #[arg(long, env = "TWEED_PUBLIC_IP", value_name = "IP")]
     pub public_ip: Option<Ipv4Addr>,
 
+    /// IPv6 address advertised as the lease's PublicIPv6 when the network has EnableIPv6
+    /// [default: the chosen interface's first stable global-scope IPv6 address]
+    #[arg(long, env = "TWEED_PUBLIC_IPV6", value_name = "IPV6", value_parser = public_ipv6)]
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
+
     /// Where to write the lease for the CNI plugin
     #[arg(
         long,
@@ -646,6 +651,26 @@ fn seconds(v: &str) -> Result<Duration, String> {
         Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
         _ => duration(v),
     }
+}
+
+/// An address peers can send to: not unspecified, loopback, multicast, link-local or
+/// IPv4-mapped (all refused or skipped by every reader of the lease).
+fn public_ipv6(v: &str) -> Result<std::net::Ipv6Addr, String> {
+    let a: std::net::Ipv6Addr = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{v:?} is not an IPv6 address"))?;
+    if a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || a.is_unicast_link_local()
+        || a.to_ipv4_mapped().is_some()
+    {
+        return Err(format!(
+            "{a} cannot be a node's address (unspecified, loopback, multicast, link-local or IPv4-mapped)"
+        ));
+    }
+    Ok(a)
 }
 
 fn regex(v: &str) -> Result<String, String> {

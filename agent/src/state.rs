@@ -93,6 +93,13 @@ pub struct Snapshot {
     pub public_ip: String,
     pub network: String,
     pub subnet: String,
+    /// `off`, `dual-stack`, or why this node runs IPv4 only in a dual-stack network; empty
+    /// before the network config is read.
+    pub ipv6: String,
+    /// The lease's `PublicIPv6`; empty when none.
+    pub public_ipv6: String,
+    /// The lease's IPv6 subnet; empty when none.
+    pub subnet_v6: String,
     pub backend: String,
     /// `kernel` or `userspace`: what carries the data plane (see
     /// `DataPlane::implementation`); empty before set-up.

@@ -1,8 +1,8 @@
 //! The subnet manager: acquires this node's lease, renews it, and re-acquires it when it is lost.
 
 use crate::alloc::{self, AllocError, Decision};
-use crate::registry::{CreateOutcome, Registry, RegistryError};
-use crate::watch::LeaseTable;
+use crate::registry::{CreateOutcome, Registry, RegistryError, ReserveOutcome};
+use crate::watch::{Lease, LeaseTable};
 use ipnetwork::Ipv4Network;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -51,18 +51,26 @@ const MAX_RACE_RETRIES: u32 = 64;
 
 /// Acquires a lease following design order (own lease, previous subnet, random free). A lost
 /// creation race moves on to another subnet instead of exiting, which is where flannel gives up.
+///
+/// With an IPv6 half in the network (`EnableIPv6`) and a `PublicIPv6` in `attrs`, the lease is
+/// dual stack: one key naming both subnets, as flannel writes it. Without a `PublicIPv6` it is
+/// IPv4 only. `previous` is the key we had (both halves are asked back).
 pub async fn acquire(
     registry: &Registry,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
-    previous: Option<Ipv4Network>,
+    previous: Option<SubnetKey>,
     ttl: Duration,
 ) -> Result<OwnLease, SubnetError> {
     let mut lost = HashSet::new();
+    let mut lost_v6 = HashSet::new();
     let mut previous = previous;
+    let v6cfg = cfg.ipv6.as_ref().filter(|_| attrs.public_ipv6.is_some());
+    let prefix = registry.prefix().to_string();
     for _ in 0..MAX_RACE_RETRIES {
         let snap = registry.list_leases().await?;
-        let mut table = LeaseTable::new(registry.prefix(), cfg.network, cfg.subnet_len);
+        let mut table = LeaseTable::new(&prefix, cfg.network, cfg.subnet_len)
+            .with_ipv6_subnet_len(cfg.ipv6.as_ref().map(|c| c.subnet_len));
         let applied = table.resync(&snap.leases);
         for s in &applied.skipped {
             tracing::warn!(key = %s.key, reason = %s.reason, "skipping unusable lease");
@@ -77,15 +85,41 @@ pub async fn acquire(
             &mine,
             &table.occupied(),
             attrs.public_ip,
-            previous,
+            previous.map(|k| k.ipv4),
             &lost,
             &mut rand::rng(),
         )?;
         match decision {
             Decision::Reuse(l) => {
+                // The IPv6 half we keep: the lease's own while it is still a node subnet of
+                // IPv6Network, else a new one (the network gained an IPv6 half, or it changed).
+                let v6 = match v6cfg {
+                    None => None,
+                    Some(c) => match l.key.ipv6.filter(|s| c.is_allocatable(*s)) {
+                        Some(s) => Some(s),
+                        None => Some(alloc::choose_v6(
+                            c,
+                            &table.occupied_v6(Some(&l.key.etcd_key(&prefix))),
+                            previous.and_then(|k| k.ipv6),
+                            &lost_v6,
+                            &mut rand::rng(),
+                        )?),
+                    },
+                };
+                if v6 != l.key.ipv6 {
+                    let key = SubnetKey {
+                        ipv4: l.key.ipv4,
+                        ipv6: v6,
+                    };
+                    if let Some(own) = rename(registry, cfg, &l, key, attrs, ttl).await? {
+                        return Ok(own);
+                    }
+                    lost_v6.extend(v6);
+                    continue;
+                }
                 if l.lease_id != 0 && registry.renew(l.lease_id).await?.is_none() {
                     // Expired between list and renew; its key is gone or going: choose again.
-                    previous = Some(l.key.ipv4);
+                    previous = Some(l.key);
                     continue;
                 }
                 if l.attrs != *attrs
@@ -102,22 +136,49 @@ pub async fn acquire(
                 });
             }
             Decision::Take(subnet) => {
-                let key = SubnetKey::new(subnet);
-                match registry.create_lease(&key, attrs, ttl).await? {
+                let v6 = v6cfg
+                    .map(|c| {
+                        alloc::choose_v6(
+                            c,
+                            &table.occupied_v6(None),
+                            previous.and_then(|k| k.ipv6),
+                            &lost_v6,
+                            &mut rand::rng(),
+                        )
+                    })
+                    .transpose()?;
+                let key = SubnetKey {
+                    ipv4: subnet,
+                    ipv6: v6,
+                };
+                let won = match registry.create_lease(&key, attrs, ttl).await? {
                     CreateOutcome::Created { lease_id } => {
-                        return Ok(OwnLease {
-                            key,
-                            lease_id,
-                            reused: false,
-                        })
-                    }
-                    CreateOutcome::Taken => {
-                        tracing::info!(%subnet, "subnet taken by another node first; choosing another");
-                        lost.insert(subnet);
-                        if previous == Some(subnet) {
-                            previous = None;
+                        match race(registry, cfg, &key, None).await? {
+                            Race::Won => {
+                                return Ok(OwnLease {
+                                    key,
+                                    lease_id,
+                                    reused: false,
+                                })
+                            }
+                            Race::Lost { mod_revision } => {
+                                // Ours is the younger claim: every reader ignores it; remove it.
+                                registry.delete_lease(&key, mod_revision).await?;
+                                false
+                            }
+                            Race::Gone => false,
                         }
                     }
+                    CreateOutcome::Taken => false,
+                };
+                if !won {
+                    tracing::info!(%key, "subnet taken by another node first; choosing another");
+                    lost.insert(subnet);
+                    lost_v6.extend(v6);
+                    previous = previous.filter(|p| p.ipv4 != subnet).map(|p| SubnetKey {
+                        ipv4: p.ipv4,
+                        ipv6: p.ipv6.filter(|p6| Some(*p6) != v6),
+                    });
                 }
             }
         }
@@ -125,6 +186,102 @@ pub async fn acquire(
     Err(SubnetError::Contended {
         attempts: MAX_RACE_RETRIES,
     })
+}
+
+/// Whether a key we just created holds its subnets. Create-if-absent guards one key name only,
+/// and with dual-stack keys two names can claim one subnet (`10.244.3.0-24` and
+/// `10.244.3.0-24&fd00::-64`, or two IPv6 halves in one key each): the older claim wins, as
+/// every reader's lease table decides.
+enum Race {
+    Won,
+    Lost {
+        mod_revision: i64,
+    },
+    /// Our key vanished meanwhile (expired, or deleted by an operator).
+    Gone,
+}
+
+/// `replacing`: our own older key that the new one renames, which is no rival.
+async fn race(
+    registry: &Registry,
+    cfg: &NetworkConfig,
+    key: &SubnetKey,
+    replacing: Option<&str>,
+) -> Result<Race, SubnetError> {
+    let snap = registry.list_leases().await?;
+    let k = key.etcd_key(registry.prefix());
+    let Some(ours) = snap.leases.iter().find(|l| l.key == k) else {
+        return Ok(Race::Gone);
+    };
+    let mut table = LeaseTable::new(registry.prefix(), cfg.network, cfg.subnet_len)
+        .with_ipv6_subnet_len(cfg.ipv6.as_ref().map(|c| c.subnet_len));
+    table.resync(&snap.leases);
+    let beaten = snap.leases.iter().any(|l| {
+        l.key != k
+            && Some(l.key.as_str()) != replacing
+            && (l.create_revision, &l.key) < (ours.create_revision, &k)
+            && table.blocks(&l.key, key.ipv4, key.ipv6)
+    });
+    Ok(if beaten {
+        Race::Lost {
+            mod_revision: ours.mod_revision,
+        }
+    } else {
+        Race::Won
+    })
+}
+
+/// Moves our lease `old` to `key`, the same IPv4 subnet with another IPv6 half (or none): the
+/// key's name holds both, so the value cannot just be rewritten. The new key is created first
+/// and the old one deleted after, so the IPv4 subnet is never free in between. An operator's
+/// reservation (no TTL) stays a reservation. `None` when the new key is taken.
+async fn rename(
+    registry: &Registry,
+    cfg: &NetworkConfig,
+    old: &Lease,
+    key: SubnetKey,
+    attrs: &LeaseAttrs,
+    ttl: Duration,
+) -> Result<Option<OwnLease>, SubnetError> {
+    let CreateOutcome::Created { mut lease_id } = registry.create_lease(&key, attrs, ttl).await?
+    else {
+        return Ok(None);
+    };
+    let old_key = old.key.etcd_key(registry.prefix());
+    match race(registry, cfg, &key, Some(&old_key)).await? {
+        Race::Won => {}
+        Race::Lost { mod_revision } => {
+            registry.delete_lease(&key, mod_revision).await?;
+            return Ok(None);
+        }
+        Race::Gone => return Ok(None),
+    }
+    if old.lease_id == 0
+        && matches!(
+            registry.reserve(&key, attrs.public_ip).await?,
+            ReserveOutcome::Reserved { .. }
+        )
+    {
+        lease_id = 0;
+    }
+    if !registry.delete_lease(&old.key, old.mod_revision).await? {
+        tracing::warn!(old = %old.key, "the lease's old key changed meanwhile; left to its owner or TTL");
+    }
+    // Watchers skipped the new key as an overlap while the old one (older, same IPv4 subnet)
+    // stood; writing it again makes them read it now that it stands alone.
+    let k = key.etcd_key(registry.prefix());
+    let snap = registry.list_leases().await?;
+    if let Some(now) = snap.leases.iter().find(|l| l.key == k) {
+        registry
+            .update_lease(&key, attrs, now.lease_id, now.mod_revision)
+            .await?;
+    }
+    tracing::info!(old = %old.key, new = %key, "lease renamed: its IPv6 half changed");
+    Ok(Some(OwnLease {
+        key,
+        lease_id,
+        reused: true,
+    }))
 }
 
 #[cfg(test)]
@@ -164,7 +321,9 @@ mod tests {
         prev: Option<Ipv4Network>,
         ttl: Duration,
     ) -> OwnLease {
-        acquire(reg, &cfg(), &attrs(ip), prev, ttl).await.unwrap()
+        acquire(reg, &cfg(), &attrs(ip), prev.map(SubnetKey::new), ttl)
+            .await
+            .unwrap()
     }
 
     #[test]
@@ -265,9 +424,15 @@ mod tests {
         let (mem, reg) = mem_registry();
         let prev: Ipv4Network = "10.244.5.0/24".parse().unwrap();
         mem.put_raw(&format!("{P}/subnets/10.244.5.0-24"), b"{garbage");
-        let got = acquire(&reg, &cfg(), &attrs("198.18.0.1"), Some(prev), TTL)
-            .await
-            .unwrap();
+        let got = acquire(
+            &reg,
+            &cfg(),
+            &attrs("198.18.0.1"),
+            Some(SubnetKey::new(prev)),
+            TTL,
+        )
+        .await
+        .unwrap();
         assert_ne!(got.subnet(), prev);
     }
 
@@ -280,9 +445,15 @@ mod tests {
             .await
             .unwrap();
         // Another node never gets it, even when it asks for it as its previous subnet.
-        let other = acquire(&reg, &cfg(), &attrs("198.18.0.5"), Some(reserved), TTL)
-            .await
-            .unwrap();
+        let other = acquire(
+            &reg,
+            &cfg(),
+            &attrs("198.18.0.5"),
+            Some(SubnetKey::new(reserved)),
+            TTL,
+        )
+        .await
+        .unwrap();
         assert_ne!(other.subnet(), reserved);
         // The node with that IP takes it, keeps it without a TTL and writes its backend data.
         let own = acquire_as(&reg, "198.18.0.77", None, TTL).await;
@@ -297,5 +468,233 @@ mod tests {
             .unwrap();
         assert_eq!(l.lease_id, 0);
         assert_eq!(LeaseAttrs::parse(&l.value).unwrap(), attrs("198.18.0.77"));
+    }
+
+    /// A dual-stack network whose IPv6 half holds three node subnets (fd00:10:244:1::/64 to
+    /// :3::/64; the first is skipped as always).
+    fn dual_cfg() -> NetworkConfig {
+        NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.40.0",
+                "EnableIPv6":true,"IPv6Network":"fd00:10:244::/62","IPv6SubnetLen":64}"#,
+        )
+        .unwrap()
+    }
+
+    fn dual_attrs(ip: &str, ip6: &str) -> LeaseAttrs {
+        let mut a = attrs(ip);
+        a.public_ipv6 = Some(ip6.parse().unwrap());
+        a
+    }
+
+    /// Every key under subnets/, as the part after the directory.
+    async fn keys(reg: &Registry) -> Vec<String> {
+        let dir = format!("{P}/subnets/");
+        let mut k: Vec<String> = reg
+            .list_leases()
+            .await
+            .unwrap()
+            .leases
+            .iter()
+            .map(|l| l.key.strip_prefix(&dir).unwrap().to_string())
+            .collect();
+        k.sort();
+        k
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_node_writes_one_key_with_both_subnets_in_flannels_form() {
+        let (_, reg) = mem_registry();
+        let a = dual_attrs("198.18.0.1", "2001:db8::1");
+        let own = acquire(&reg, &dual_cfg(), &a, None, TTL).await.unwrap();
+        let v6 = own.key.ipv6.expect("a dual-stack lease");
+        assert!(dual_cfg().ipv6.unwrap().is_allocatable(v6));
+        let snap = reg.list_leases().await.unwrap();
+        assert_eq!(snap.leases.len(), 1);
+        let name = &snap.leases[0].key;
+        assert_eq!(
+            name,
+            &format!("{P}/subnets/{}-{}&{}-64", own.subnet().ip(), 24, v6.ip())
+        );
+        let value = String::from_utf8_lossy(&snap.leases[0].value).into_owned();
+        assert!(value.contains(r#""PublicIPv6":"2001:db8::1""#), "{value}");
+        // Restarted: the same key, both halves, no write.
+        let again = acquire(&reg, &dual_cfg(), &a, None, TTL).await.unwrap();
+        assert_eq!((again.key, again.reused), (own.key, true));
+        assert_eq!(reg.list_leases().await.unwrap().revision, snap.revision);
+        // Without a PublicIPv6 the same network gives an IPv4-only lease.
+        let v4 = acquire(&reg, &dual_cfg(), &attrs("198.18.0.2"), None, TTL)
+            .await
+            .unwrap();
+        assert_eq!(v4.key.ipv6, None);
+    }
+
+    #[tokio::test]
+    async fn every_key_form_blocks_its_ipv6_subnet() {
+        let (mem, reg) = mem_registry();
+        let v = br#"{"PublicIP":"198.18.0.50","PublicIPv6":"2001:db8::50"}"#;
+        // A flannel dual-stack lease, a tweed IPv6-only lease, and a v4-only one.
+        mem.put_raw(&format!("{P}/subnets/10.244.2.0-24&fd00:10:244:1::-64"), v);
+        mem.put_raw(&format!("{P}/subnets/fd00:10:244:2::-64"), v);
+        mem.put_raw(&format!("{P}/subnets/10.244.3.0-24"), v);
+        let own = acquire(
+            &reg,
+            &dual_cfg(),
+            &dual_attrs("198.18.0.1", "2001:db8::1"),
+            Some(SubnetKey {
+                ipv4: "10.244.9.0/24".parse().unwrap(),
+                // Asked back, but a flannel node holds it now.
+                ipv6: Some("fd00:10:244:1::/64".parse().unwrap()),
+            }),
+            TTL,
+        )
+        .await
+        .unwrap();
+        assert_eq!(own.key.to_string(), "10.244.9.0-24&fd00:10:244:3::-64");
+        // Every IPv6 subnet is held now: the next dual-stack node is told so, naming the network.
+        let err = acquire(
+            &reg,
+            &dual_cfg(),
+            &dual_attrs("198.18.0.2", "2001:db8::2"),
+            None,
+            TTL,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("fd00:10:244::/62"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_dual_stack_agents_get_distinct_halves() {
+        let mem = MemRegistry::new(P);
+        let cfg = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/120",
+                "IPv6SubnetLen":124}"#,
+        )
+        .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..15 {
+            let (reg, cfg) = (Registry::Mem(mem.clone()), cfg.clone());
+            tasks.push(tokio::spawn(async move {
+                let a = dual_attrs(&format!("198.18.0.{}", i + 1), &format!("2001:db8::{i}"));
+                acquire(&reg, &cfg, &a, None, TTL).await.unwrap().key
+            }));
+        }
+        let (mut v4, mut v6) = (HashSet::new(), HashSet::new());
+        for t in tasks {
+            let k = t.await.unwrap();
+            assert!(v4.insert(k.ipv4) && v6.insert(k.ipv6.unwrap()), "{k}");
+        }
+        // 15 of the 15 /124s past the first: all taken, each once.
+        assert_eq!(v6.len(), 15);
+    }
+
+    #[tokio::test]
+    async fn a_younger_key_claiming_an_older_keys_subnet_loses_and_is_removed() {
+        let (mem, reg) = mem_registry();
+        let cfg = dual_cfg();
+        // Another node's key names the same IPv4 subnet under another IPv6 half: created first,
+        // it wins, though create-if-absent let both names in.
+        mem.put_raw(
+            &format!("{P}/subnets/10.244.7.0-24&fd00:10:244:1::-64"),
+            br#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9"}"#,
+        );
+        let ours = SubnetKey {
+            ipv4: "10.244.7.0/24".parse().unwrap(),
+            ipv6: Some("fd00:10:244:2::/64".parse().unwrap()),
+        };
+        let a = dual_attrs("198.18.0.1", "2001:db8::1");
+        reg.create_lease(&ours, &a, TTL).await.unwrap();
+        let Race::Lost { mod_revision } = race(&reg, &cfg, &ours, None).await.unwrap() else {
+            panic!("the older key wins");
+        };
+        assert!(reg.delete_lease(&ours, mod_revision).await.unwrap());
+        // An IPv6 half held by an older IPv6-only key loses the same way.
+        mem.put_raw(&format!("{P}/subnets/fd00:10:244:3::-64"), b"{}");
+        let mine = SubnetKey {
+            ipv4: "10.244.8.0/24".parse().unwrap(),
+            ipv6: Some("fd00:10:244:3::/64".parse().unwrap()),
+        };
+        reg.create_lease(&mine, &a, TTL).await.unwrap();
+        assert!(matches!(
+            race(&reg, &cfg, &mine, None).await.unwrap(),
+            Race::Lost { .. }
+        ));
+        // A key around the whole network blocks nobody (every reader skips it), older or not.
+        let free = SubnetKey {
+            ipv4: "10.244.9.0/24".parse().unwrap(),
+            ipv6: None,
+        };
+        mem.put_raw(
+            &format!("{P}/subnets/10.0.0.0-8"),
+            br#"{"PublicIP":"198.18.0.3"}"#,
+        );
+        reg.create_lease(&free, &a, TTL).await.unwrap();
+        assert!(matches!(
+            race(&reg, &cfg, &free, None).await.unwrap(),
+            Race::Won
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_lease_whose_ipv6_half_changed_is_renamed_keeping_its_ipv4_subnet() {
+        let (_, reg) = mem_registry();
+        // Leased while the network (or the node) was IPv4 only.
+        let first = acquire_as(&reg, "198.18.0.1", None, TTL).await;
+        assert_eq!(first.key.ipv6, None);
+        // A peer's lease table, following the watch through the rename.
+        let snap = reg.list_leases().await.unwrap();
+        let mut peer = LeaseTable::new(P, cfg().network, 24);
+        peer.resync(&snap.leases);
+        let mut watch = reg.watch(snap.revision + 1).await.unwrap();
+        let dual = dual_attrs("198.18.0.1", "2001:db8::1");
+        let second = acquire(&reg, &dual_cfg(), &dual, None, TTL).await.unwrap();
+        assert_eq!(second.subnet(), first.subnet());
+        assert!(second.key.ipv6.is_some());
+        assert_eq!(
+            keys(&reg).await,
+            vec![second.key.to_string()],
+            "the old key is gone"
+        );
+        peer.apply(&watch.next().await.unwrap());
+        assert_eq!(
+            peer.leases().map(|l| l.key).collect::<Vec<_>>(),
+            vec![second.key],
+            "the peer sees the new key, not an overlap skipped for good"
+        );
+        // The node lost its IPv6 address: back to an IPv4-only key, same IPv4 subnet.
+        let third = acquire(&reg, &dual_cfg(), &attrs("198.18.0.1"), None, TTL)
+            .await
+            .unwrap();
+        assert_eq!(third.key, first.key);
+        assert_eq!(keys(&reg).await, vec![first.key.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_keeps_its_ipv6_half_and_stays_reserved_when_renamed() {
+        let (_, reg) = mem_registry();
+        let dual = dual_attrs("198.18.0.77", "2001:db8::77");
+        // Reserved while IPv4 only: taking the IPv6 half keeps it a reservation.
+        let reserved = SubnetKey::new("10.244.9.0/24".parse().unwrap());
+        reg.reserve(&reserved, "198.18.0.77".parse().unwrap())
+            .await
+            .unwrap();
+        let own = acquire(&reg, &dual_cfg(), &dual, None, TTL).await.unwrap();
+        assert_eq!(own.subnet(), reserved.ipv4);
+        assert!(own.key.ipv6.is_some());
+        assert_eq!(own.lease_id, 0, "still without a TTL");
+        let snap = reg.list_leases().await.unwrap();
+        assert_eq!(snap.leases.len(), 1);
+        assert_eq!(snap.leases[0].lease_id, 0);
+        assert_eq!(LeaseAttrs::parse(&snap.leases[0].value).unwrap(), dual);
+        // Expired and re-taken later: both halves asked back and given.
+        let (mem2, reg2) = mem_registry();
+        let a = acquire(&reg2, &dual_cfg(), &dual, None, TTL).await.unwrap();
+        mem2.expire_lease(a.lease_id);
+        let b = acquire(&reg2, &dual_cfg(), &dual, Some(a.key), TTL)
+            .await
+            .unwrap();
+        assert_eq!(b.key, a.key);
+        assert_ne!(b.lease_id, a.lease_id);
     }
 }

@@ -2,9 +2,9 @@
 //! add/update/remove rules and the compaction re-list diff are unit-tested without etcd.
 
 use crate::registry::{RawLease, WatchEvent};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use std::collections::BTreeMap;
-use tweed_config::{LeaseAttrs, LeaseRejection, SubnetKey};
+use tweed_config::{Ipv6OnlyKey, LeaseAttrs, LeaseRejection, SubnetKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -57,6 +57,12 @@ pub struct LeaseTable {
     leases: BTreeMap<SubnetKey, Lease>,
     /// Every parseable key, valid value or not: all of them block allocation of their subnet.
     occupied: BTreeMap<String, Ipv4Network>,
+    /// The IPv6 part of every parseable key, of either form (dual stack, or tweed's IPv6-only
+    /// key that this table otherwise skips): all of them block allocation of their IPv6 subnet.
+    occupied_v6: BTreeMap<String, Ipv6Network>,
+    /// The IPv6 node subnet length, when the network has an IPv6 half: a key whose IPv6 part
+    /// has another length blocks nothing (see [`Self::with_ipv6_subnet_len`]).
+    v6_subnet_len: Option<u8>,
 }
 
 impl LeaseTable {
@@ -67,7 +73,24 @@ impl LeaseTable {
             subnet_len,
             leases: BTreeMap::new(),
             occupied: BTreeMap::new(),
+            occupied_v6: BTreeMap::new(),
+            v6_subnet_len: None,
         }
+    }
+
+    /// Counts only IPv6 parts of `len` as occupied, as IPv4 parts of another length than
+    /// `SubnetLen` are not: no node allocates another length, and a hostile `&::-0` (or a part
+    /// covering all of `IPv6Network`) would otherwise leave no IPv6 subnet free for anyone.
+    pub fn with_ipv6_subnet_len(mut self, len: Option<u8>) -> Self {
+        self.v6_subnet_len = len;
+        self
+    }
+
+    fn occupy_v6(&mut self, key: &str, v6: Option<Ipv6Network>) {
+        match v6.filter(|n| self.v6_subnet_len.is_none_or(|l| n.prefix() == l)) {
+            Some(n) => self.occupied_v6.insert(key.to_string(), n),
+            None => self.occupied_v6.remove(key),
+        };
     }
 
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
@@ -90,6 +113,25 @@ impl LeaseTable {
         self.occupied.values().copied().collect()
     }
 
+    /// The IPv6 part of every key but `except` (an etcd key), for [`crate::alloc::choose_v6`].
+    pub fn occupied_v6(&self, except: Option<&str>) -> Vec<Ipv6Network> {
+        self.occupied_v6
+            .iter()
+            .filter(|(k, _)| Some(k.as_str()) != except)
+            .map(|(_, v)| *v)
+            .collect()
+    }
+
+    /// Whether the etcd key `key` blocks allocation of an IPv4 subnet overlapping `v4` or an
+    /// IPv6 subnet overlapping `v6`.
+    pub fn blocks(&self, key: &str, v4: Ipv4Network, v6: Option<Ipv6Network>) -> bool {
+        let over4 = |o: &Ipv4Network| o.contains(v4.network()) || v4.contains(o.network());
+        let over6 = |o: &Ipv6Network| {
+            v6.is_some_and(|v6| o.contains(v6.network()) || v6.contains(o.network()))
+        };
+        self.occupied.get(key).is_some_and(over4) || self.occupied_v6.get(key).is_some_and(over6)
+    }
+
     fn parse_key(&self, key: &str, mod_revision: i64) -> Option<Result<SubnetKey, Skipped>> {
         let name = key.strip_prefix(&self.dir)?;
         Some(name.parse::<SubnetKey>().map_err(|e| Skipped {
@@ -104,10 +146,18 @@ impl LeaseTable {
     fn put(&mut self, raw: &RawLease, out: &mut Applied) {
         let key = match self.parse_key(&raw.key, raw.mod_revision) {
             None => return,
-            Some(Err(s)) => return out.skipped.push(s),
+            Some(Err(s)) => {
+                // An IPv6-only key is no peer of this (IPv4) table, but its subnet is taken.
+                let name = raw.key.strip_prefix(&self.dir).unwrap_or_default();
+                if let Ok(k) = name.parse::<Ipv6OnlyKey>() {
+                    self.occupy_v6(&raw.key, Some(k.ipv6));
+                }
+                return out.skipped.push(s);
+            }
             Some(Ok(k)) => k,
         };
         self.occupied.insert(raw.key.clone(), key.ipv4);
+        self.occupy_v6(&raw.key, key.ipv6);
         let skip = |kind: &'static str, reason: String| Skipped {
             key: raw.key.clone(),
             reason,
@@ -168,6 +218,7 @@ impl LeaseTable {
 
     fn delete(&mut self, key: &str, out: &mut Applied) {
         self.occupied.remove(key);
+        self.occupied_v6.remove(key);
         if let Some(Ok(k)) = self.parse_key(key, 0) {
             if let Some(old) = self.leases.remove(&k) {
                 out.changes.push(LeaseChange::Removed(old));
@@ -192,9 +243,10 @@ impl LeaseTable {
         let mut out = Applied::default();
         let present: std::collections::HashSet<&str> =
             listing.iter().map(|l| l.key.as_str()).collect();
-        let gone: Vec<String> = self
+        let gone: std::collections::BTreeSet<String> = self
             .occupied
             .keys()
+            .chain(self.occupied_v6.keys())
             .filter(|k| !present.contains(k.as_str()))
             .cloned()
             .collect();
@@ -582,5 +634,49 @@ mod tests {
             ])
             .changes
             .is_empty());
+    }
+
+    /// Hostile IPv6 parts (a /0, the whole IPv6 network, a wrong length, a dotted or
+    /// non-canonical spelling) block no IPv6 subnet; node-sized ones of both key forms do.
+    #[test]
+    fn only_node_sized_ipv6_parts_block_ipv6_subnets() {
+        use crate::testutil::net;
+        let mut t = LeaseTable::new(P, net("10.244.0.0/16"), 24).with_ipv6_subnet_len(Some(64));
+        let v = r#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9"}"#;
+        let listing: Vec<RawLease> = [
+            "10.244.1.0-24&::-0",
+            "10.244.2.0-24&fd00:10:244::-56",
+            "10.244.3.0-24&fd00:10:244:3::-80",
+            "10.244.4.0-24&::ffff:10.0.0.0-120",
+            "10.244.5.0-24&FD00:10:244:5::-64",
+            "fd00:10:244:6::-64&",
+            "::-0",
+            "10.244.7.0-24&fd00:10:244:7::-64",
+            "fd00:10:244:8::-64",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| raw(k, v, i as i64 + 1))
+        .collect();
+        t.resync(&listing);
+        let mut got: Vec<String> = t.occupied_v6(None).iter().map(|n| n.to_string()).collect();
+        got.sort();
+        assert_eq!(got, ["fd00:10:244:7::/64", "fd00:10:244:8::/64"]);
+        let k7 = format!("{P}/subnets/10.244.7.0-24&fd00:10:244:7::-64");
+        assert_eq!(t.occupied_v6(Some(&k7)).len(), 1);
+        assert!(t.blocks(
+            &k7,
+            net("10.244.99.0/24"),
+            Some("fd00:10:244:7::/64".parse().unwrap())
+        ));
+        assert!(t.blocks(&k7, net("10.244.7.0/24"), None));
+        assert!(!t.blocks(
+            &k7,
+            net("10.244.99.0/24"),
+            Some("fd00:10:244:9::/64".parse().unwrap())
+        ));
+        // Deleted keys free their IPv6 subnets, the IPv6-only form included.
+        t.resync(&listing[..6]);
+        assert!(t.occupied_v6(None).is_empty());
     }
 }

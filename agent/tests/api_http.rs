@@ -286,6 +286,38 @@ async fn grpc_reserve_and_unreserve() {
         let e = c.unreserve(unreq(subnet)).await.unwrap_err();
         assert_eq!(e.code(), code, "{subnet}: {e:?}");
     }
+    // A dual-stack lease's key names its IPv6 half too: reserve and unreserve act on that key,
+    // never writing a second, v4-only key for the same subnet.
+    let dual = "/coreos.com/network/subnets/10.244.20.0-24&fd00:10:244:20::-64";
+    mem.put_raw(
+        dual,
+        br#"{"PublicIP":"198.18.0.80","PublicIPv6":"2001:db8::80"}"#,
+    );
+    let u = c
+        .unreserve(unreq("10.244.20.0/24"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(u.lease_id != 0, "{u:?}");
+    let r = c
+        .reserve(req("10.244.20.0/24", "198.18.0.80"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.created, "{r:?}");
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let keys: Vec<&str> = snap
+        .leases
+        .iter()
+        .map(|l| l.key.as_str())
+        .filter(|k| k.contains("10.244.20.0"))
+        .collect();
+    assert_eq!(keys, vec![dual]);
+    assert_eq!(
+        snap.leases.iter().find(|l| l.key == dual).unwrap().lease_id,
+        0,
+        "reserved again"
+    );
     let _ = tx.send(());
     server.await.unwrap().unwrap();
 }

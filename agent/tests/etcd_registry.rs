@@ -67,7 +67,7 @@ fn attrs(i: u32) -> LeaseAttrs {
 
 /// Node `i` (public IP 198.18.0.i) takes a lease in [`cfg`], preferring `previous`.
 async fn node(reg: &Registry, i: u32, previous: Option<Ipv4Network>, ttl: Duration) -> OwnLease {
-    acquire(reg, &cfg(), &attrs(i), previous, ttl)
+    acquire(reg, &cfg(), &attrs(i), previous.map(SubnetKey::new), ttl)
         .await
         .unwrap()
 }
@@ -103,6 +103,55 @@ async fn twenty_concurrent_agents_get_twenty_distinct_subnets() {
     assert_eq!(subnets.len(), 20);
     let listed = env.ctl(&["get", "--prefix", "--keys-only", &format!("{P}/subnets/")]);
     assert_eq!(listed.lines().filter(|l| !l.is_empty()).count(), 20);
+}
+
+/// Dual-stack agents asking for distinct IPv4 subnets but the same IPv6 one: their keys have
+/// different names, so etcd's create-if-absent lets every one in, and only the re-check after
+/// creating (older claim wins, the younger deletes its key) keeps the IPv6 halves distinct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dual_stack_agents_never_share_an_ipv6_subnet() {
+    let env = Env::start();
+    let cfg = NetworkConfig::parse(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/60","IPv6SubnetLen":64}"#,
+    )
+    .unwrap();
+    let mut regs = Vec::new();
+    for _ in 0..12 {
+        regs.push(Arc::new(env.registry().await));
+    }
+    let tasks: Vec<_> = regs
+        .into_iter()
+        .enumerate()
+        .map(|(i, reg)| {
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let mut a = attrs(i as u32 + 1);
+                a.public_ipv6 = Some(format!("2001:db8::{}", i + 1).parse().unwrap());
+                let previous = SubnetKey {
+                    ipv4: format!("10.244.{}.0/24", i + 10).parse().unwrap(),
+                    ipv6: Some("fd00:10:244:5::/64".parse().unwrap()),
+                };
+                acquire(&reg, &cfg, &a, Some(previous), Duration::from_secs(60))
+                    .await
+                    .unwrap()
+                    .key
+            })
+        })
+        .collect();
+    let (mut v4, mut v6) = (HashSet::new(), HashSet::new());
+    for t in tasks {
+        let k = t.await.unwrap();
+        assert!(v4.insert(k.ipv4), "{k}");
+        assert!(v6.insert(k.ipv6.expect("dual stack")), "{k}");
+    }
+    assert!(v6.contains(&"fd00:10:244:5::/64".parse().unwrap()));
+    // The losers' keys are gone: one key per node.
+    let listed = env.ctl(&["get", "--prefix", "--keys-only", &format!("{P}/subnets/")]);
+    assert_eq!(
+        listed.lines().filter(|l| !l.is_empty()).count(),
+        12,
+        "{listed}"
+    );
 }
 
 #[tokio::test]
@@ -319,6 +368,81 @@ async fn a_flannel_dual_stack_lease_is_read_and_avoided_by_a_v4_only_node() {
     assert_eq!(own.key.ipv6, None, "a v4-only node writes a v4-only key");
     let out = env.ctl(&["get", &key, "--print-value-only"]);
     assert_eq!(out.trim(), value, "the foreign lease is left untouched");
+}
+
+/// A dual-stack tweed node against real etcd: one key in flannel's form holding both halves,
+/// its value with `PublicIPv6` and `BackendV6Data` in flannel's field order, read back by a
+/// reader written from flannel's documented key format (not tweed's parser); a flannel node's
+/// dual-stack key and a tweed IPv6-only key both keep their IPv6 subnets from being taken.
+#[tokio::test]
+async fn a_dual_stack_lease_is_written_in_flannels_format_and_avoids_every_key_form() {
+    let (env, reg) = Env::with_registry().await;
+    let cfg = NetworkConfig::parse(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/62","IPv6SubnetLen":64}"#,
+    )
+    .unwrap();
+    // fd00:10:244:1::/64 is flannel's, :2::/64 an IPv6-only tweed node's: :3:: is what is left.
+    env.ctl(&[
+        "put",
+        &format!("{P}/subnets/10.244.7.0-24&fd00:10:244:1::-64"),
+        r#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:09"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:0a"}}"#,
+    ]);
+    env.ctl(&[
+        "put",
+        &format!("{P}/subnets/fd00:10:244:2::-64"),
+        r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::8","BackendType":"vxlan"}"#,
+    ]);
+    let mut a = attrs(3);
+    a.public_ipv6 = Some("2001:db8::3".parse().unwrap());
+    a.backend_v6_data = Some(
+        serde_json::value::RawValue::from_string(
+            r#"{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:03"}"#.into(),
+        )
+        .unwrap(),
+    );
+    let own = acquire(&reg, &cfg, &a, None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(own.key.ipv6, Some("fd00:10:244:3::/64".parse().unwrap()));
+    let key = own.key.etcd_key(P);
+    let value = env.ctl(&["get", &key, "--print-value-only"]);
+    assert_eq!(
+        value.trim(),
+        r#"{"PublicIP":"198.18.0.3","PublicIPv6":"2001:db8::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:03"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:03"}}"#
+    );
+    // flannel's key pattern: dotted IPv4 "-" length, then optionally "&" IPv6 (hex digits and
+    // colons) "-" length.
+    let flannel =
+        regex::Regex::new(r"^(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$").unwrap();
+    let keys = env.ctl(&["get", &format!("{P}/subnets/"), "--prefix", "--keys-only"]);
+    let names: Vec<&str> = keys
+        .lines()
+        .filter_map(|k| k.strip_prefix(&format!("{P}/subnets/")))
+        .collect();
+    assert_eq!(names.len(), 3, "{keys}");
+    let ours = names
+        .iter()
+        .find_map(|n| flannel.captures(n).filter(|c| &c[1] != "10.244.7.0"))
+        .expect("our key matches flannel's pattern");
+    assert_eq!(&ours[1], own.subnet().ip().to_string());
+    assert_eq!(&ours[2], "24");
+    assert_eq!(&ours[3], "fd00:10:244:3::");
+    assert_eq!(&ours[4], "64");
+    // The IPv6-only key is one flannel's pattern skips.
+    assert!(!flannel.is_match("fd00:10:244:2::-64"));
+    // Renewed: the key and both halves stay.
+    assert!(reg.renew(own.lease_id).await.unwrap().is_some());
+    let again = acquire(&reg, &cfg, &a, None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!((again.key, again.lease_id), (own.key, own.lease_id));
+    // The node lost its IPv6 address: the same IPv4 subnet under a v4-only key, the old key
+    // deleted (a compare-and-delete on etcd).
+    let v4 = acquire(&reg, &cfg, &attrs(3), None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(v4.key, SubnetKey::new(own.subnet()));
+    assert_eq!(env.ctl(&["get", &key, "--print-value-only"]).trim(), "");
 }
 
 #[tokio::test]

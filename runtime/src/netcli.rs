@@ -242,6 +242,7 @@ fn status_json(s: &pb::StatusReply) -> serde_json::Value {
         "lease_held": s.lease_held, "backend_programmed": s.backend_programmed,
         "watch_live": s.watch_live, "lease_expiry_unix": s.lease_expiry_unix,
         "version": s.version, "etcd_endpoints": s.etcd_endpoints,
+        "ipv6": s.ipv6, "public_ipv6": s.public_ipv6, "subnet_v6": s.subnet_v6,
     })
 }
 
@@ -252,6 +253,9 @@ fn status_table(s: &pb::StatusReply) -> String {
         ("public ip", s.public_ip.clone()),
         ("network", s.network.clone()),
         ("subnet", s.subnet.clone()),
+        ("ipv6", s.ipv6.clone()),
+        ("public ipv6", s.public_ipv6.clone()),
+        ("ipv6 subnet", s.subnet_v6.clone()),
         (
             "backend",
             if s.backend_implementation.is_empty() {
@@ -451,6 +455,20 @@ mod tests {
         };
         assert!(status_table(&wg).contains("wireguard (kernel)"));
         assert_eq!(status_json(&wg)["backend_implementation"], "kernel");
+        let dual = pb::StatusReply {
+            ipv6: "dual-stack".into(),
+            public_ipv6: "2001:db8::1".into(),
+            subnet_v6: "fd00:10:244:3::/64".into(),
+            ..Default::default()
+        };
+        let t = status_table(&dual);
+        assert!(
+            t.contains("ipv6           dual-stack\n")
+                && t.contains("public ipv6    2001:db8::1\n")
+                && t.contains("ipv6 subnet    fd00:10:244:3::/64\n"),
+            "{t}"
+        );
+        assert_eq!(status_json(&dual)["subnet_v6"], "fd00:10:244:3::/64");
     }
 
     #[test]

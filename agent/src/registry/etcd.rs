@@ -493,6 +493,29 @@ impl EtcdRegistry {
             .await
     }
 
+    /// Deletes `key` only if nobody wrote it since `mod_revision`; false when it changed or is
+    /// gone. A node renaming its own key (its IPv6 half changed) removes the old one this way,
+    /// never a value someone wrote over it meanwhile.
+    pub async fn delete_lease(
+        &self,
+        key: &SubnetKey,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        let k = key.etcd_key(&self.prefix);
+        let unchanged = Compare::mod_revision(k.as_str(), CompareOp::Equal, mod_revision);
+        let txn = Txn::new()
+            .when([unchanged])
+            .and_then([TxnOp::delete(k.as_str(), None)]);
+        let resp = self
+            .client()
+            .await
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(self.err("delete", &k))?;
+        Ok(resp.succeeded())
+    }
+
     /// Writes `value` at `k`, attached to `lease_id` (0: no lease), only if `cmp` holds; false
     /// when it did not (someone else wrote first).
     async fn put_if(

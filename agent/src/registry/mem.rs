@@ -243,6 +243,18 @@ impl MemRegistry {
         })
     }
 
+    pub async fn delete_lease(
+        &self,
+        key: &SubnetKey,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        let k = key.etcd_key(&self.prefix);
+        self.call("delete", &k, None, |s| match s.kvs.get(&k) {
+            Some(l) if l.mod_revision == mod_revision => s.delete(&k),
+            _ => false,
+        })
+    }
+
     pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
         let id = format!("{lease_id:x}");
         self.call("renew", &id, Some(MemOp::Renew), |s| {

@@ -217,6 +217,8 @@ impl Registry {
         /// Rewrites the value of a lease we hold, keeping its TTL lease, only if nobody changed it
         /// since `mod_revision`. Returns false when it changed or vanished.
         fn update_lease(key: &SubnetKey, attrs: &LeaseAttrs, lease_id: i64, mod_revision: i64) -> bool;
+        /// Deletes `key` only if unchanged since `mod_revision`; false when it changed or vanished.
+        fn delete_lease(key: &SubnetKey, mod_revision: i64) -> bool;
         /// Extends the TTL lease. `Ok(None)` when the lease no longer exists (expired or revoked).
         fn renew(lease_id: i64) -> Option<Duration>;
         /// Pins `key` to `public_ip` without a TTL: creates `{"PublicIP":ip}` if absent, or

@@ -9,16 +9,16 @@ use crate::backend::udp::io::Stats as UdpStats;
 use crate::backend::wireguard::{key, KeyError, PrivateKey, PublicKey};
 use crate::backend::{DataPlane, Prepared, ReconcileStats, Remote};
 use crate::netlink::{Netlink, Op};
-use crate::rules::{Firewall, RuleSpec};
+use crate::rules::{Firewall, RuleSpec, RuleSpecV6};
 use crate::subnet::OwnLease;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, error, info, warn};
-use tweed_config::{LeaseAttrs, SubnetEnv};
+use tweed_config::{LeaseAttrs, SubnetEnv, SubnetEnvV6};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RotateError {
@@ -46,6 +46,10 @@ pub(super) struct Plane {
     /// The underlay device, watched for MTU changes.
     underlay: u32,
     tx_csum_off: bool,
+    /// `IPv6Network` of a dual-stack network.
+    ipv6_network: Option<Ipv6Network>,
+    /// The IPv6 half of our lease; `None` when IPv4 only.
+    own_v6: Option<Ipv6Network>,
 }
 
 /// What one repair did: the ops it had to apply (none when nothing had drifted), and whether
@@ -69,6 +73,8 @@ pub(super) struct PlaneConfig {
     pub(super) underlay: u32,
     /// `--vxlan-tx-checksum-offload=false`: keep tx-checksum-ip-generic off on the vxlan device.
     pub(super) tx_csum_off: bool,
+    /// `IPv6Network` of a dual-stack network, for subnet.env.
+    pub(super) ipv6_network: Option<Ipv6Network>,
 }
 
 impl Plane {
@@ -106,6 +112,8 @@ impl Plane {
             udp_seen: UdpStats::default(),
             underlay: config.underlay,
             tx_csum_off: config.tx_csum_off,
+            ipv6_network: config.ipv6_network,
+            own_v6: own.key.ipv6,
         };
         plane.ensure_tx_csum().await;
         plane.write_subnet_env(own.subnet())?;
@@ -122,8 +130,7 @@ impl Plane {
             mtu: self.backend.mtu(),
             // Tells the CNI plugin the agent masquerades, so the plugin does not do it a second time.
             ipmasq: self.ip_masq,
-            // Dual-stack leases are not acquired yet (docs/ipv6.md).
-            ipv6: None,
+            ipv6: self.subnet_env_v6(),
         };
         let written = env.write_atomic(&self.subnet_file);
         self.report.subnet_env_written(written.is_ok());
@@ -134,6 +141,28 @@ impl Plane {
             warn!("could not keep the subnet for the next boot: {e}");
         }
         Ok(())
+    }
+
+    /// subnet.env's IPv6 pair: the network and our subnet's first address (flannel's form).
+    fn subnet_env_v6(&self) -> Option<SubnetEnvV6> {
+        let (network, own) = (self.ipv6_network?, self.own_v6?);
+        let first = Ipv6Addr::from(u128::from(own.network()) + 1);
+        Some(SubnetEnvV6 {
+            network,
+            subnet: Ipv6Network::new(first, own.prefix()).expect("valid prefix"),
+        })
+    }
+
+    /// Follows our lease's IPv6 half (renamed, or taken again after a loss): subnet.env is
+    /// rewritten when it changed.
+    pub(super) fn set_own_v6(&mut self, v6: Option<Ipv6Network>) {
+        if self.own_v6 == v6 {
+            return;
+        }
+        self.own_v6 = v6;
+        if let Err(e) = self.write_subnet_env(self.prepared.own_subnet()) {
+            error!("{e}");
+        }
     }
 
     /// Moves to a new subnet (ours was taken while the lease was lost).
@@ -328,6 +357,10 @@ impl Plane {
             network: self.network,
             subnet,
             ip_masq: self.ip_masq,
+            ipv6: self
+                .ipv6_network
+                .zip(self.own_v6)
+                .map(|(network, subnet)| RuleSpecV6 { network, subnet }),
         };
         let fw = self.firewall.clone();
         let result = tokio::task::spawn_blocking(move || fw.sync(&spec))

@@ -22,6 +22,8 @@ pub struct Deps {
     pub control: ControlSlot,
     /// systemd's readiness and watchdog notifications (nothing outside systemd).
     pub notifier: crate::notify::Notifier,
+    /// This namespace's IPv6 addresses (the lease's `PublicIPv6`).
+    pub ipv6_addrs: crate::ipv6::Ipv6Addrs,
 }
 
 /// Wall-clock time for what the agent reports (lease expiry, event times). Waiting is always on

@@ -8,13 +8,12 @@ use super::AgentError;
 use crate::registry::Registry;
 use crate::subnet::{self, OwnLease};
 use crate::watch::LeaseTable;
-use ipnetwork::Ipv4Network;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::warn;
-use tweed_config::{LeaseAttrs, NetworkConfig};
+use tweed_config::{LeaseAttrs, NetworkConfig, SubnetKey};
 
 /// How soon a renewal that failed (etcd unreachable) is tried again.
 const RENEW_RETRY: Duration = Duration::from_secs(2);
@@ -52,7 +51,7 @@ pub(super) async fn acquire(
     registry: &Registry,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
-    previous: Option<Ipv4Network>,
+    previous: Option<SubnetKey>,
     ttl: Duration,
     stop: &mut Stop,
     report: &Report,
@@ -273,7 +272,7 @@ impl LeaseKeeper {
 
     /// Takes a lease again, preferring the subnet we had. False when stopped first.
     pub(super) async fn reacquire(&mut self, stop: &mut Stop) -> bool {
-        let previous = Some(self.own().subnet());
+        let previous = Some(self.own().key);
         let Some(own) = acquire(
             &self.registry,
             &self.cfg,

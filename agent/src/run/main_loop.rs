@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 use tweed_config::subnet_env::SubnetEnvError;
-use tweed_config::{NetworkConfig, SubnetEnv};
+use tweed_config::{NetworkConfig, SubnetEnv, SubnetKey};
 
 /// How often the data plane is re-read and repaired even without lease events (reads only when
 /// nothing drifted).
@@ -57,6 +57,7 @@ pub async fn run_with(
         state,
         control,
         notifier,
+        ipv6_addrs,
     } = deps;
     let report = Report::new(state, clock);
     let Some(cfg) = wait_for_config(&registry, &mut stop).await else {
@@ -103,8 +104,18 @@ pub async fn run_with(
         wg_impl: settings.wireguard_impl,
     };
     // The subnet is a placeholder until the lease is known.
-    let placeholder = previous.unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));
+    let placeholder = previous
+        .map(|k| k.ipv4)
+        .unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));
     let (prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
+    let ipv6 = ipv6_mode(&cfg, &settings, &ipv6_addrs, &node.iface);
+    report.ipv6_mode(&ipv6);
+    let attrs = match ipv6 {
+        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => {
+            crate::ipv6::with_public_ipv6(attrs, public_ipv6)
+        }
+        _ => attrs,
+    };
 
     let ttl = settings.lease_ttl;
     let Some(own) =
@@ -119,6 +130,7 @@ pub async fn run_with(
         kept_subnet_file: kept_file,
         underlay,
         tx_csum_off: !settings.vxlan_tx_checksum_offload,
+        ipv6_network: cfg.ipv6.as_ref().map(|c| c.network),
     };
     // Subscribed before the data plane is checked, so no drift after that check goes unseen.
     let events = subscribe(&nl);
@@ -158,6 +170,38 @@ pub async fn run_with(
         Err(e) => error!("{e}; lease and data plane left in place"),
     }
     result
+}
+
+/// What this node does with the network's IPv6 half: dual stack with `--public-ipv6` or the
+/// interface's global address, else IPv4 only, said in the log (flannel refuses to start there;
+/// the node stays useful over IPv4, and peers skip the IPv6 half of a lease that has none).
+fn ipv6_mode(
+    cfg: &NetworkConfig,
+    settings: &Settings,
+    addrs: &crate::ipv6::Ipv6Addrs,
+    iface: &netlink::iface::Iface,
+) -> crate::ipv6::Ipv6Mode {
+    use crate::ipv6::Ipv6Mode;
+    let Some(v6) = &cfg.ipv6 else {
+        return Ipv6Mode::Off;
+    };
+    let listed = addrs.list().unwrap_or_else(|e| {
+        warn!("{e}");
+        Vec::new()
+    });
+    match crate::ipv6::public_ipv6(settings.public_ipv6, iface.index, &listed) {
+        Some(public_ipv6) => {
+            info!(%public_ipv6, ipv6_network = %v6.network, "dual stack");
+            Ipv6Mode::DualStack { public_ipv6 }
+        }
+        None => {
+            let mode = Ipv6Mode::V4Only {
+                iface: iface.name.clone(),
+            };
+            warn!(ipv6_network = %v6.network, "{}", mode.status());
+            mode
+        }
+    }
 }
 
 /// Records `choice` (interface, address, public IP) in `path` and returns the one recorded by
@@ -470,9 +514,12 @@ impl Agent {
         };
         let own = self.lease.own();
         self.report.lease_changes(&applied, own.subnet());
-        let own_lost = applied.changes.iter().any(
-            |c| matches!(c, crate::watch::LeaseChange::Removed(l) if l.key.ipv4 == own.subnet()),
-        );
+        // The whole key: a renamed lease (its IPv6 half changed) removes an old key naming the
+        // same IPv4 subnet, which is not ours any more.
+        let own_lost = applied
+            .changes
+            .iter()
+            .any(|c| matches!(c, crate::watch::LeaseChange::Removed(l) if l.key == own.key));
         self.lease.follow(&self.table);
         if !own_lost
             && !stop.stopped()
@@ -497,6 +544,7 @@ impl Agent {
     /// A lease is held again after a loss; `old` is the subnet we had.
     async fn after_reacquire(&mut self, old: ipnetwork::Ipv4Network) {
         let new = self.lease.own().subnet();
+        self.plane.set_own_v6(self.lease.own().key.ipv6);
         if new != old {
             self.report.subnet_moved(old, new);
             self.plane.move_to(new).await;
@@ -536,9 +584,12 @@ pub(crate) fn previous_subnet(
     network: Ipv4Network,
     live: Result<SubnetEnv, SubnetEnvError>,
     kept: Result<SubnetEnv, SubnetEnvError>,
-) -> Option<Ipv4Network> {
+) -> Option<SubnetKey> {
     [live, kept].into_iter().find_map(|r| match r {
-        Ok(e) if e.network == network => Some(e.node_subnet()),
+        Ok(e) if e.network == network => Some(SubnetKey {
+            ipv4: e.node_subnet(),
+            ipv6: e.ipv6.as_ref().map(|v6| v6.node_subnet()),
+        }),
         Ok(e) => {
             info!(old = %e.network, new = %network, "previous subnet is of another network; not re-taken");
             None
@@ -564,6 +615,13 @@ mod previous_tests {
     fn missing() -> Result<SubnetEnv, SubnetEnvError> {
         SubnetEnv::read(Path::new("/nonexistent/tweed/subnet.env"))
     }
+    fn prev4(
+        network: Ipv4Network,
+        live: Result<SubnetEnv, SubnetEnvError>,
+        kept: Result<SubnetEnv, SubnetEnvError>,
+    ) -> Option<Ipv4Network> {
+        previous_subnet(network, live, kept).map(|k| k.ipv4)
+    }
     const NET: &str = "10.244.0.0/16";
     fn net() -> Ipv4Network {
         NET.parse().unwrap()
@@ -574,16 +632,26 @@ mod previous_tests {
 
     #[test]
     fn the_live_file_wins_then_the_kept_copy_survives_a_reboot() {
-        let s = previous_subnet(
+        let s = prev4(
             net(),
             env(&good("10.244.7.1/24")),
             env(&good("10.244.9.1/24")),
         );
         assert_eq!(s, Some("10.244.7.0/24".parse().unwrap()));
         // /run emptied by a reboot: the state dir's copy is used.
-        let s = previous_subnet(net(), missing(), env(&good("10.244.9.1/24")));
+        let s = prev4(net(), missing(), env(&good("10.244.9.1/24")));
         assert_eq!(s, Some("10.244.9.0/24".parse().unwrap()));
-        assert_eq!(previous_subnet(net(), missing(), missing()), None);
+        assert_eq!(prev4(net(), missing(), missing()), None);
+    }
+
+    #[test]
+    fn a_dual_stack_file_asks_both_halves_back() {
+        let text = format!(
+            "{}TWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:3::1/64\n",
+            good("10.244.7.1/24")
+        );
+        let k = previous_subnet(net(), env(&text), missing()).unwrap();
+        assert_eq!(k.to_string(), "10.244.7.0-24&fd00:10:244:3::-64");
     }
 
     #[test]
@@ -597,17 +665,13 @@ mod previous_tests {
             "TWEED_SUBNET=$(reboot)\n",
         ];
         for text in hostile {
-            assert_eq!(
-                previous_subnet(net(), missing(), env(text)),
-                None,
-                "{text:.40?}"
-            );
+            assert_eq!(prev4(net(), missing(), env(text)), None, "{text:.40?}");
         }
         // A corrupt live file still lets the kept copy answer.
-        let s = previous_subnet(net(), env("garbage"), env(&good("10.244.9.1/24")));
+        let s = prev4(net(), env("garbage"), env(&good("10.244.9.1/24")));
         assert_eq!(s, Some("10.244.9.0/24".parse().unwrap()));
         // Another network's subnet (the config changed) is not ours to re-take.
         let other = "TWEED_NETWORK=10.99.0.0/16\nTWEED_SUBNET=10.99.3.1/24\nTWEED_MTU=1450\n";
-        assert_eq!(previous_subnet(net(), missing(), env(other)), None);
+        assert_eq!(prev4(net(), missing(), env(other)), None);
     }
 }

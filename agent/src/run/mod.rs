@@ -145,6 +145,7 @@ async fn real_deps(
         state,
         control,
         notifier: crate::notify::Notifier::from_env()?,
+        ipv6_addrs: crate::ipv6::Ipv6Addrs::Proc,
     })
 }
 

@@ -66,6 +66,17 @@ impl Report {
         });
     }
 
+    /// What the node does with the network's IPv6 half (status `ipv6`, `public_ipv6`).
+    pub(super) fn ipv6_mode(&self, mode: &crate::ipv6::Ipv6Mode) {
+        self.state.update(|s| {
+            s.ipv6 = mode.status();
+            s.public_ipv6 = match mode {
+                crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => public_ipv6.to_string(),
+                _ => String::new(),
+            };
+        });
+    }
+
     /// A data plane was set up (start, or again after a repair): which one, and which
     /// implementation carries it, for `/metrics` and the API's status.
     pub(super) fn backend_running(&self, backend: &str, implementation: &str) {
@@ -81,17 +92,24 @@ impl Report {
     }
 
     pub(super) fn lease_acquired(&self, own: &OwnLease, ttl: Duration) {
-        info!(subnet = %own.subnet(), lease = format!("{:x}", own.lease_id), reused = own.reused, "lease acquired");
+        info!(subnet = %own.subnet(), subnet_v6 = ?own.key.ipv6, lease = format!("{:x}", own.lease_id), reused = own.reused, "lease acquired");
         let m = &self.state.metrics;
         m.lease_acquisitions.inc();
         m.lease_info.reset();
         m.lease_info
             .with_label_values(&[&own.subnet().to_string()])
             .set(1);
+        m.lease_ipv6_info.reset();
+        if let Some(v6) = own.key.ipv6 {
+            m.lease_ipv6_info
+                .with_label_values(&[&v6.to_string()])
+                .set(1);
+        }
         let expiry = self.expiry(own.lease_id, ttl);
         self.set_expiry(expiry);
         self.state.update(|s| {
             s.subnet = own.subnet().to_string();
+            s.subnet_v6 = own.key.ipv6.map(|n| n.to_string()).unwrap_or_default();
             s.lease_held = true;
         });
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tweed_config::{SubnetEnv, SubnetKey};
+use tweed_config::{LeaseAttrs, SubnetEnv, SubnetKey};
 
 const PREFIX: &str = "/coreos.com/network";
 const NETWORK: &str = "10.244.0.0/16";
@@ -54,6 +54,12 @@ struct Node {
 
 impl Node {
     fn start(mem: &MemRegistry) -> Node {
+        Node::start_with_v6(mem, "")
+    }
+
+    /// [`start`](Self::start), with these IPv6 addresses in the namespace: lines of
+    /// `/proc/net/if_inet6`, `IDX` standing for eth0's index.
+    fn start_with_v6(mem: &MemRegistry, if_inet6: &str) -> Node {
         let kernel = Fake::new();
         let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
         kernel.add_addr(Addr {
@@ -92,6 +98,9 @@ impl Node {
             state: state.clone(),
             control: crate::api::ControlSlot::default(),
             notifier: crate::notify::Notifier::default(),
+            ipv6_addrs: crate::ipv6::Ipv6Addrs::Fixed(crate::ipv6::parse_if_inet6(
+                &if_inet6.replace("IDX", &format!("{eth0:02x}")),
+            )),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let agent = tokio::spawn(run_with(deps, settings, async {
@@ -175,6 +184,7 @@ impl Node {
             network: net(NETWORK),
             subnet,
             ip_masq: true,
+            ipv6: None,
         }
     }
 
@@ -506,4 +516,103 @@ async fn an_underlay_mtu_change_reaches_subnet_env_and_the_metrics() {
     assert_eq!(n.state.snapshot().mtu, 9000);
     assert_eq!(n.counter("repairs", "mtu"), 1);
     assert!(n.peer_routed().await);
+}
+
+/// etcd with a dual-stack host-gw network config.
+fn dual_etcd() -> MemRegistry {
+    let mem = MemRegistry::new(PREFIX);
+    mem.put_raw(
+        &format!("{PREFIX}/config"),
+        format!(
+            r#"{{"Network":"{NETWORK}","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"host-gw"}}}}"#
+        )
+        .as_bytes(),
+    );
+    mem
+}
+
+/// Our key in etcd and its value, whatever its form.
+async fn own_key(mem: &MemRegistry) -> (String, LeaseAttrs) {
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let l = snap
+        .leases
+        .iter()
+        .find(|l| LeaseAttrs::parse(&l.value).is_ok_and(|a| a.public_ip == ip(OUR_IP)))
+        .expect("our lease");
+    let name = l.key.rsplit('/').next().unwrap().to_string();
+    (name, LeaseAttrs::parse(&l.value).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_with_a_global_ipv6_address_takes_a_dual_stack_lease() {
+    let mem = dual_etcd();
+    // A link-local address is passed over, and so is another interface's global one.
+    let n = Node::start_with_v6(
+        &mem,
+        "fe800000000000000000000000000001 IDX 40 20 80 eth0\n\
+         20010db80000000000000000000000ff 7f 40 00 80 eth9\n\
+         20010db8000000000000000000000001 IDX 40 00 80 eth0\n",
+    );
+    n.until("the agent to be ready", |s| s.not_ready().is_empty())
+        .await;
+    let (key, attrs) = own_key(&mem).await;
+    let parsed: SubnetKey = key.parse().unwrap();
+    let v6_subnet = parsed.ipv6.expect("a dual-stack key");
+    assert_eq!(attrs.public_ipv6, Some("2001:db8::1".parse().unwrap()));
+    let s = n.state.snapshot();
+    assert_eq!(
+        (s.ipv6.as_str(), s.public_ipv6.as_str(), s.subnet_v6),
+        ("dual-stack", "2001:db8::1", v6_subnet.to_string())
+    );
+    // subnet.env: the IPv6 pair in flannel's form (first address/len), read back as such.
+    let env = n.subnet_env();
+    let env6 = env.ipv6.expect("TWEED_IPV6_* written");
+    assert_eq!(env6.network.to_string(), "fd00:10:244::/56");
+    assert_eq!(env6.node_subnet(), v6_subnet);
+    assert_eq!(
+        u128::from(env6.subnet.ip()),
+        u128::from(v6_subnet.network()) + 1
+    );
+    let text = std::fs::read_to_string(n.dir.path().join("subnet.env")).unwrap();
+    assert!(
+        text.contains(&format!("TWEED_IPV6_SUBNET={}1/64\n", v6_subnet.ip())),
+        "{text}"
+    );
+    assert!(n.state.metrics.render().contains(&format!(
+        "tweed_lease_ipv6_info{{subnet=\"{v6_subnet}\"}} 1"
+    )));
+    // The IPv6 rules follow the lease's IPv6 half.
+    let rules = n.rules.applied();
+    assert_eq!(
+        rules.last().and_then(|r| r.ipv6),
+        Some(crate::rules::RuleSpecV6 {
+            network: "fd00:10:244::/56".parse().unwrap(),
+            subnet: v6_subnet,
+        })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_without_ipv6_in_a_dual_stack_network_runs_ipv4_only_and_says_so() {
+    let mem = dual_etcd();
+    let n = Node::start_with_v6(
+        &mem,
+        "fe800000000000000000000000000001 IDX 40 20 80 eth0\n\
+         20010db80000000000000000000000ff 7f 40 00 80 eth9\n",
+    );
+    n.until("the agent to be ready", |s| s.not_ready().is_empty())
+        .await;
+    let (key, attrs) = own_key(&mem).await;
+    assert_eq!(key.parse::<SubnetKey>().unwrap().ipv6, None, "{key}");
+    assert_eq!(attrs.public_ipv6, None);
+    let s = n.state.snapshot();
+    assert!(
+        s.ipv6.starts_with("IPv4 only") && s.ipv6.contains("eth0"),
+        "{}",
+        s.ipv6
+    );
+    assert_eq!((s.public_ipv6.as_str(), s.subnet_v6.as_str()), ("", ""));
+    assert_eq!(n.subnet_env().ipv6, None);
+    assert!(!n.state.metrics.render().contains("tweed_lease_ipv6_info{"));
+    assert!(n.rules.applied().iter().all(|r| r.ipv6.is_none()));
 }

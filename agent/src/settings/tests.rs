@@ -485,3 +485,27 @@ fn credentials_over_plain_http_are_warned_about_and_nothing_else() {
     // No credentials: nothing secret travels.
     assert!(load(&[], None).unwrap().security_warnings().is_empty());
 }
+
+#[test]
+fn public_ipv6_takes_only_an_address_peers_can_reach() {
+    let s = load(&["--public-ipv6", "2001:db8::7"], None).unwrap();
+    assert_eq!(s.public_ipv6, Some("2001:db8::7".parse().unwrap()));
+    let s = load(&[], Some("public-ipv6: fd00::7\n")).unwrap();
+    assert_eq!(s.public_ipv6, Some("fd00::7".parse().unwrap()));
+    for bad in [
+        "::",
+        "::1",
+        "fe80::1",
+        "ff02::1",
+        "::ffff:198.18.0.1",
+        "198.18.0.1",
+        "2001:db8::1/64",
+        "2001:db8::1%eth0",
+        "",
+        "2001:db8::1\n--iface=x",
+    ] {
+        let e = err(&["--public-ipv6", bad], None);
+        assert!(e.contains("public-ipv6"), "{bad:?}: {e}");
+    }
+    assert_eq!(load(&[], None).unwrap().public_ipv6, None);
+}
