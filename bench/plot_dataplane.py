@@ -20,6 +20,8 @@ LABELS = {
     "tvxlan": "tweed\nvxlan",
     "tudp": "tweed\nudp",
     "relay": "naive relay\n(flannel udp)",
+    "twg": "tweed\nwireguard",
+    "wggo": "wireguard-go",
     "tweed": "tweed (lab)\nvxlan",
 }
 PANELS = [
@@ -29,6 +31,7 @@ PANELS = [
     ("p50", "RTT p50 (us, lower is better)"),
     ("p99", "RTT p99 (us, lower is better)"),
     ("cpugb", "TCP 1 stream: CPU s per GB (lower is better)"),
+    ("pathgb", "TCP 1 stream: the path's CPU s per GB (lower is better)"),
 ]
 
 

@@ -278,6 +278,7 @@ impl Prepared {
                     queues: node.udp_workers,
                     peers_file: Some(node.state_dir.join("udp-peers")),
                     device: udp::DEVICE,
+                    steering: udp::io::Steering::InnerFlow,
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),

@@ -390,8 +390,70 @@ pub fn reuseport_program(workers: u32) -> Vec<libc::sock_filter> {
     ]
 }
 
-pub fn attach_reuseport_program(fd: RawFd, workers: u32) -> io::Result<()> {
-    let prog = reuseport_program(workers);
+/// What the reuseport program reads to pick a worker for a received datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steering {
+    /// The inner packet's flow ([`reuseport_program`]): the udp backend, whose payload is the
+    /// inner packet in clear.
+    InnerFlow,
+    /// The WireGuard peer ([`wireguard_reuseport_program`]): the payload is ciphertext.
+    WireguardPeer,
+}
+
+/// The reuseport program for WireGuard messages: the inner packet is encrypted, so a hash of
+/// the bytes where [`reuseport_program`] looks for addresses is a hash of ciphertext, different
+/// for every datagram. That scattered one TCP stream's segments over every worker: they queued
+/// on the peer's session lock, arrived out of order and were no longer coalesced into
+/// super-packets. This program hashes the peer instead: the receiver index we handed out (data
+/// messages and cookie replies at offset 4, handshake responses at 8; little-endian, the low
+/// byte is the session and the upper 24 bits the peer, see `WgTable::peer_of`) without its
+/// session byte, so a peer stays on one worker across rekeys and its datagrams stay in order.
+/// Handshake initiations name no index of ours (the peer is in the encrypted static key):
+/// worker 0, which also runs the timers. Too short or unknown: worker 0 as well.
+pub fn wireguard_reuseport_program(workers: u32) -> Vec<libc::sock_filter> {
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    const LD_W_ABS: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    const LD_B_ABS: u32 = libc::BPF_LD | libc::BPF_B | libc::BPF_ABS;
+    const AND_K: u32 = libc::BPF_ALU | libc::BPF_AND | libc::BPF_K;
+    const MUL_K: u32 = libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K;
+    const RSH_K: u32 = libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K;
+    const MOD_K: u32 = libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K;
+    const JA: u32 = libc::BPF_JMP | libc::BPF_JA;
+    const RET_A: u32 = libc::BPF_RET | libc::BPF_A;
+    const RET_K: u32 = libc::BPF_RET | libc::BPF_K;
+    vec![
+        op(LD_B_ABS, 0),           // 0: message type (the other three bytes are zero)
+        jump(4, 2, 0),             // 1: data -> 4
+        jump(3, 1, 0),             // 2: cookie reply -> 4
+        jump(2, 2, 8),             // 3: handshake response -> 6; initiation, other -> 12
+        op(LD_W_ABS, 4),           // 4: receiver index (loaded big-endian: session byte on top)
+        op(JA, 1),                 // 5: -> 7
+        op(LD_W_ABS, 8),           // 6: receiver index of a response
+        op(AND_K, 0x00ff_ffff),    // 7: the peer's 24 bits, without the session byte
+        op(MUL_K, 0x9e37_79b1),    // 8
+        op(RSH_K, 16),             // 9
+        op(MOD_K, workers.max(1)), // 10
+        op(RET_A, 0),              // 11
+        op(RET_K, 0),              // 12: worker 0
+    ]
+}
+
+pub fn attach_reuseport_program(fd: RawFd, workers: u32, steering: Steering) -> io::Result<()> {
+    let prog = match steering {
+        Steering::InnerFlow => reuseport_program(workers),
+        Steering::WireguardPeer => wireguard_reuseport_program(workers),
+    };
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,
@@ -1258,7 +1320,9 @@ mod tests {
                 c if c == libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K => {
                     pc += if a & k != 0 { i.jt } else { i.jf } as usize
                 }
+                c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => a &= k,
                 c if c == libc::BPF_RET | libc::BPF_A => return a,
+                c if c == libc::BPF_RET | libc::BPF_K => return k,
                 c => panic!("unexpected opcode {c:#x}"),
             }
         }
@@ -1321,6 +1385,137 @@ mod tests {
         frag[6] = 0x00;
         frag[7] = 0x10;
         assert_eq!(run_cbpf(&prog, &frag), run_cbpf(&prog, &ipv4(1, a, b, &[])));
+    }
+
+    /// The WireGuard program, fed real messages from boringtun: every datagram a peer sends us
+    /// after a handshake (its data, our handshake response's counterpart, a cookie reply) goes to
+    /// one worker, also after a new session changed the index's session byte; different peers
+    /// use different workers. The inner-flow program scatters the same peer's data (the reason
+    /// for a second program).
+    #[test]
+    fn wireguard_steering_keeps_a_peer_on_one_worker() {
+        use crate::backend::wireguard::plan::PeerSpec;
+        use crate::backend::wireguard::userspace::{Opened, WgTable};
+        use crate::backend::wireguard::PrivateKey;
+
+        const WORKERS: u32 = 4;
+        let prog = wireguard_reuseport_program(WORKERS);
+        let inner = reuseport_program(WORKERS);
+        let spec = |k: &PrivateKey, subnet: String, ip: String| PeerSpec {
+            public_key: k.public(),
+            endpoint: Some(SocketAddrV4::new(ip.parse().unwrap(), 51820)),
+            allowed_ips: vec![subnet.parse().unwrap()],
+            psk: None,
+            keepalive: 0,
+        };
+        let mut buf = vec![0u8; 4096];
+        // Opens `d` at `to`; what `to` answers or releases for the network.
+        let open = |to: &WgTable, src: &str, d: &[u8], buf: &mut Vec<u8>| -> Vec<Vec<u8>> {
+            let (o, reply) = to.open(src.parse().unwrap(), d, buf);
+            let mut back: Vec<Vec<u8>> = reply.map(|n| buf[..n].to_vec()).into_iter().collect();
+            if let Opened::Handled(p) | Opened::Packet(_, p) = o {
+                let mut b = vec![0u8; 4096];
+                while let Some(x) = to.drain(p, &mut b) {
+                    back.push(x.to_vec());
+                }
+            }
+            back
+        };
+        let pkt = |n: u8| {
+            ipv4(
+                17,
+                [10, 244, 2 + n, 7],
+                [10, 244, 1, 5],
+                &[0, 53, 0, 53, 0, 8, 0, 0],
+            )
+        };
+
+        let kn = PrivateKey::generate();
+        let keys: Vec<PrivateKey> = (0..8).map(|_| PrivateKey::generate()).collect();
+        let specs: Vec<PeerSpec> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                spec(
+                    k,
+                    format!("10.244.{}.0/24", i + 2),
+                    format!("198.18.0.{}", i + 2),
+                )
+            })
+            .collect();
+        let node = WgTable::new(&kn).update(&kn, &specs);
+        let node_spec = spec(&kn, "10.244.1.0/24".into(), "198.18.0.1".into());
+        let mut workers = std::collections::BTreeSet::new();
+        let mut inner_scatter = std::collections::BTreeSet::new();
+        for (i, k) in keys.iter().enumerate() {
+            let src = format!("198.18.0.{}", i + 2);
+            let peer = WgTable::new(k).update(k, std::slice::from_ref(&node_spec));
+            // We initiate: the peer's handshake response carries our index at offset 8.
+            let init = node
+                .seal(&node.peers()[i], &pkt(i as u8), &mut buf)
+                .unwrap()
+                .to_vec();
+            assert_eq!(run_cbpf(&prog, &init), 0, "initiations: worker 0");
+            let resp = open(&peer, "198.18.0.1", &init, &mut buf);
+            assert_eq!(resp.len(), 1);
+            assert_eq!(resp[0][0], 2);
+            let w = run_cbpf(&prog, &resp[0]);
+            assert!(w < WORKERS);
+            workers.insert(w);
+            let ours = u32::from_le_bytes(resp[0][8..12].try_into().unwrap());
+            assert_eq!(ours >> 8, node.peers()[i].index, "the index names the peer");
+            // Our held packet leaves as data and confirms the session at the peer (a responder
+            // sends nothing before that).
+            for d in open(&node, &src, &resp[0], &mut buf) {
+                open(&peer, "198.18.0.1", &d, &mut buf);
+            }
+            // The peer's data: our index at offset 4, one worker for all of it.
+            for n in 0..16u8 {
+                let d = peer
+                    .seal(&peer.peers()[0], &pkt(n), &mut buf)
+                    .unwrap()
+                    .to_vec();
+                assert_eq!(d[0], 4);
+                assert_eq!(run_cbpf(&prog, &d), w, "peer {i} data {n}");
+                inner_scatter.insert(run_cbpf(&inner, &d));
+            }
+            // A cookie reply to us names the same index.
+            let mut cookie = vec![0u8; 64];
+            cookie[0] = 3;
+            cookie[4..8].copy_from_slice(&ours.to_le_bytes());
+            assert_eq!(run_cbpf(&prog, &cookie), w);
+            // The peer restarts and handshakes again: a new session of ours, a new low byte,
+            // the same worker.
+            let peer = WgTable::new(k).update(k, std::slice::from_ref(&node_spec));
+            let init = peer
+                .seal(&peer.peers()[0], &pkt(1), &mut buf)
+                .unwrap()
+                .to_vec();
+            let resp = open(&node, &src, &init, &mut buf);
+            let data = open(&peer, "198.18.0.1", &resp[0], &mut buf);
+            assert!(!data.is_empty());
+            for d in &data {
+                assert_eq!(d[0], 4);
+                let again = u32::from_le_bytes(d[4..8].try_into().unwrap());
+                assert_ne!(again, ours, "a new session");
+                assert_eq!(again >> 8, ours >> 8);
+                assert_eq!(run_cbpf(&prog, d), w, "peer {i} after its restart");
+            }
+        }
+        assert!(workers.len() > 1, "8 peers on one worker: {workers:?}");
+        assert!(
+            inner_scatter.len() > 1,
+            "the inner-flow hash of ciphertext: {inner_scatter:?}"
+        );
+        // Too short, garbage, one worker: worker 0, never past the group.
+        assert_eq!(run_cbpf(&prog, &[4, 0, 0]), 0);
+        assert_eq!(run_cbpf(&prog, &[9; 64]), 0);
+        assert_eq!(run_cbpf(&prog, &[]), 0);
+        let one = wireguard_reuseport_program(1);
+        let mut d = vec![0u8; 32];
+        d[0] = 4;
+        d[4..8].copy_from_slice(&0x1234_5601u32.to_le_bytes());
+        assert_eq!(run_cbpf(&one, &d), 0);
     }
 
     /// A publish and a stop wake every sleeping thread at once, each through its own eventfd

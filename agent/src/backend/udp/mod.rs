@@ -88,6 +88,8 @@ pub struct UdpConfig {
     pub peers_file: Option<std::path::PathBuf>,
     /// The TUN device: [`DEVICE`], or the wireguard backend's when it runs on these workers.
     pub device: &'static str,
+    /// How received datagrams are spread over the workers.
+    pub steering: io::Steering,
 }
 
 impl UdpConfig {
@@ -260,9 +262,12 @@ impl UdpBackend {
             );
         }
         if socks.len() > 1 {
-            if let Err(e) = io::attach_reuseport_program(socks[0].0.as_raw_fd(), socks.len() as u32)
-            {
-                tracing::warn!("udp: no inner-flow steering across workers ({e}); the kernel's 4-tuple hash decides");
+            if let Err(e) = io::attach_reuseport_program(
+                socks[0].0.as_raw_fd(),
+                socks.len() as u32,
+                cfg.steering,
+            ) {
+                tracing::warn!(steering = ?cfg.steering, "udp: no steering across workers ({e}); the kernel's 4-tuple hash decides");
             }
         }
         if !socks.iter().all(|(_, gro)| *gro) {
@@ -671,6 +676,7 @@ mod tests {
             queues: 2,
             peers_file: None,
             device: DEVICE,
+            steering: io::Steering::InnerFlow,
         }
     }
 

@@ -434,6 +434,8 @@ async fn setup_userspace(
         // before the handshake anyway.
         peers_file: None,
         device: DEVICE,
+        // One peer's datagrams to one worker: they are ciphertext, and one session's lock.
+        steering: crate::backend::udp::io::Steering::WireguardPeer,
     };
     let udp = crate::backend::UdpBackend::setup(nl, udp_cfg).await?;
     Ok(Userspace {
