@@ -50,6 +50,19 @@ impl Added {
         let call = Call::new("DEL", &self.id, &self.path);
         self.n.traced(&call, &self.conf, false, children)
     }
+
+    /// DEL, with the plugin and its teardown child both killed at the fork: nothing deleted
+    /// or released yet.
+    fn del_killed_at_the_fork(&self) {
+        let mut t = self.del_traced(Children::HoldAtStart);
+        let Stop::Forked(child) =
+            t.run_until(|s| matches!(s, Stop::Forked(_)), Duration::from_secs(60))
+        else {
+            unreachable!("run_until returns only the stop asked for")
+        };
+        t.kill(child);
+        t.kill(t.pid);
+    }
 }
 
 /// What every DEL must leave: the container end, the host end and the address record gone.
@@ -377,14 +390,7 @@ fn a_teardown_child_killed_at_any_point_leaves_nothing_uncollected() {
     // The plugin and its child both killed at the fork: nothing was deleted or released,
     // and GC collects both the veth and the record.
     let a = added("dk4");
-    let mut t = a.del_traced(Children::HoldAtStart);
-    let Stop::Forked(child) =
-        t.run_until(|s| matches!(s, Stop::Forked(_)), Duration::from_secs(60))
-    else {
-        unreachable!("run_until returns only the stop asked for")
-    };
-    t.kill(child);
-    t.kill(t.pid);
+    a.del_killed_at_the_fork();
     assert_eq!(a.n.tw_links().len(), 1, "the veth outlived the crash");
     assert_eq!(
         a.n.records("tnet").len(),
@@ -399,15 +405,7 @@ fn a_teardown_child_killed_at_any_point_leaves_nothing_uncollected() {
 
     // The same crash, collected by the runtime's retried DEL alone.
     let a = added("dk5");
-    let mut t = a.del_traced(Children::HoldAtStart);
-    let Stop::Forked(child) =
-        t.run_until(|s| matches!(s, Stop::Forked(_)), Duration::from_secs(60))
-    else {
-        unreachable!("run_until returns only the stop asked for")
-    };
-    t.kill(child);
-    t.kill(t.pid);
-    drop(t);
+    a.del_killed_at_the_fork();
     let del = a.n.tweed("DEL", &a.id, &a.path, &a.conf);
     assert!(del.ok(), "{}", del.stdout);
     until_no_process(&a.id);

@@ -326,6 +326,27 @@ impl Drop for WgGo {
     }
 }
 
+impl WgGo {
+    /// `wireguard-go` in the foreground in namespace `ns`, once its control socket is up. Its
+    /// sockets live in `/var/run/wireguard`, shared by every namespace: `dev` must be unique.
+    fn start(ns: &str, dev: &str) -> WgGo {
+        let wg_go = WgGo(
+            ns_command(ns, &["wireguard-go", "-f", dev])
+                .env("WG_PROCESS_FOREGROUND", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("wireguard-go"),
+        );
+        let sock = std::path::PathBuf::from(format!("/var/run/wireguard/{dev}.sock"));
+        wait_for(Duration::from_secs(5), "wireguard-go's socket", || {
+            sock.exists()
+        });
+        wg_go
+    }
+}
+
 /// h1's `tweed_udp_drops_total{reason="unauthenticated"}`.
 fn unauthenticated_drops(lab: &tweed_lab::Lab) -> f64 {
     let url = format!("http://{}:9867/metrics", lab.state().hosts[0].public_ip);
@@ -410,19 +431,7 @@ fn wireguard_peer_with_wrong_psk_or_key_gets_nothing_through_and_is_counted() {
 
     let dev = format!("wgb{}", std::process::id() % 100_000);
     let outside = lab.state().outside_netns.clone().expect("outside netns");
-    let wg_go = WgGo(
-        ns_command(&outside, &["wireguard-go", "-f", &dev])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("wireguard-go"),
-    );
-    let sock = std::path::PathBuf::from(format!("/var/run/wireguard/{dev}.sock"));
-    wait_for(Duration::from_secs(5), "wireguard-go's socket", || {
-        sock.exists()
-    });
+    let wg_go = WgGo::start(&outside, &dev);
     let sh = |cmd: &str| {
         let out = lab
             .exec("outside", &["sh", "-c", cmd])
@@ -593,19 +602,7 @@ fn a_wireguard_go_node_configured_as_flannel_does_interoperates_with_tweed_nodes
     // The device. flannel names it `flannel-wg`, but wireguard-go's control socket
     // (/var/run/wireguard/<dev>.sock) is not per namespace: a name per test run.
     let dev = format!("fwg{}", std::process::id() % 100_000);
-    let _wg_go = WgGo(
-        ns_command(node, &["wireguard-go", "-f", &dev])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("wireguard-go"),
-    );
-    let uapi = std::path::PathBuf::from(format!("/var/run/wireguard/{dev}.sock"));
-    wait_for(Duration::from_secs(5), "wireguard-go's socket", || {
-        uapi.exists()
-    });
+    let _wg_go = WgGo::start(node, &dev);
 
     // flannel's device set-up: key and listen port, the subnet's network address as /32, the MTU,
     // and one route for the whole network (from the network config) through the device.
