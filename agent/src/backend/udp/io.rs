@@ -321,6 +321,16 @@ pub fn udp_socket(bind: SocketAddrV4) -> io::Result<(OwnedFd, bool)> {
     Ok((fd, gro))
 }
 
+/// One classic BPF instruction (`jt`/`jf` 0 for a statement), for the reuseport programs.
+fn bpf_jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
 /// The classic-BPF program choosing the receiving socket of the reuseport group: a hash of the
 /// inner packet's addresses and, for TCP, UDP and SCTP (first fragments only), its ports (the
 /// UDP payload starts at offset 0 for this program). Both halves are combined with XOR, so the
@@ -330,18 +340,8 @@ pub fn udp_socket(bind: SocketAddrV4) -> io::Result<(OwnedFd, bool)> {
 /// other protocols hash by addresses only (an echo's checksum differs from its reply's). Different
 /// flows spread over the workers. A packet too short for a load ends the program with 0: worker 0.
 pub fn reuseport_program(workers: u32) -> Vec<libc::sock_filter> {
-    let op = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
+    let op = |code: u32, k: u32| bpf_jump(code, k, 0, 0);
+    let jump = bpf_jump;
     const LD_W_ABS: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
     const LD_H_ABS: u32 = libc::BPF_LD | libc::BPF_H | libc::BPF_ABS;
     const LD_B_ABS: u32 = libc::BPF_LD | libc::BPF_B | libc::BPF_ABS;
@@ -411,18 +411,9 @@ pub enum Steering {
 /// Handshake initiations name no index of ours (the peer is in the encrypted static key):
 /// worker 0, which also runs the timers. Too short or unknown: worker 0 as well.
 pub fn wireguard_reuseport_program(workers: u32) -> Vec<libc::sock_filter> {
-    let op = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-        jt,
-        jf,
-        k,
-    };
+    let op = |code: u32, k: u32| bpf_jump(code, k, 0, 0);
+    let jump =
+        |k: u32, jt: u8, jf: u8| bpf_jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, k, jt, jf);
     const LD_W_ABS: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
     const LD_B_ABS: u32 = libc::BPF_LD | libc::BPF_B | libc::BPF_ABS;
     const AND_K: u32 = libc::BPF_ALU | libc::BPF_AND | libc::BPF_K;
