@@ -363,6 +363,32 @@ pub mod flannel {
         }
     }
 
+    impl Node {
+        /// The other nodes' leases as flannel's watcher reads them, as (subnet, attrs): the own
+        /// lease must read back as `own_value`, every other one must be flannel JSON of
+        /// `backend_type`.
+        pub fn peer_leases(
+            &self,
+            lab: &Lab,
+            own_value: &str,
+            backend_type: &str,
+        ) -> Vec<(String, serde_json::Value)> {
+            let listing = etcdctl(lab, &["get", "--prefix", SUBNETS]);
+            let mut peers = Vec::new();
+            for (key, peer_net, val) in leases(&listing) {
+                if peer_net == self.subnet {
+                    assert_eq!(val, own_value, "our lease as written");
+                    continue;
+                }
+                let v: serde_json::Value =
+                    serde_json::from_str(val).expect("tweed lease is flannel JSON");
+                assert_eq!(v["BackendType"], backend_type, "{key} {val}");
+                peers.push((peer_net, v));
+            }
+            peers
+        }
+    }
+
     /// The leases in an `etcdctl get --prefix SUBNETS` listing, the node's own included, as
     /// (key, subnet, value): the subnet read from the key the way flannel reads it.
     pub fn leases(listing: &str) -> Vec<(&str, String, &str)> {

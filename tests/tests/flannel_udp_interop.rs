@@ -220,7 +220,7 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
 
     // flannel's udp MTU from its subnet.env for the pod.
     let fl = flannel::Node::up(&lab, "twu", MTU);
-    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let (node, pod, pod_ip) = (&*fl.node, &*fl.pod, &*fl.pod_ip);
     let public_ip = flannel::PUBLIC_IP;
     let mut procs = Procs(Vec::new());
 
@@ -232,23 +232,16 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
 
     // flannel's udp proxy learns its peers from their leases (subnet from the key, PublicIP from
     // the value): tweed's leases must be readable by those rules.
-    let listing = etcdctl(&lab, &["get", "--prefix", flannel::SUBNETS]);
     let mut peers = Vec::new();
-    for (key, peer_net, val) in flannel::leases(&listing) {
-        if peer_net == subnet {
-            assert_eq!(val, value, "our lease as written");
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(val).expect("tweed lease is flannel JSON");
-        assert_eq!(v["BackendType"], "udp", "{val}");
+    for (peer_net, v) in fl.peer_leases(&lab, &value, "udp") {
         let peer_ip = v["PublicIP"].as_str().expect("PublicIP").to_string();
         assert!(
             hosts.iter().any(|h| h.public_ip.to_string() == peer_ip),
-            "{key} {val}"
+            "{peer_net} {v}"
         );
         peers.push(format!("{peer_net}/24={peer_ip}"));
     }
-    assert_eq!(peers.len(), 2, "{listing}");
+    assert_eq!(peers.len(), 2, "{peers:?}");
 
     // flannel's udp device: flannel0, a plain TUN; the subnet's address as /32, MTU 1472, up, and
     // a route for the whole overlay network into it (cni0's /24 keeps local traffic local).

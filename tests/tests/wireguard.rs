@@ -647,15 +647,8 @@ fn a_wireguard_go_node_configured_as_flannel_does_interoperates_with_tweed_nodes
 
     // A peer per other lease, read by flannel's rules: allowed IPs = the lease's subnet,
     // endpoint = PublicIP:Port (the local listen port when a lease has no Port).
-    let listing = etcdctl(&lab, &["get", "--prefix", flannel::SUBNETS]);
     let mut peers = Vec::new();
-    for (key, peer_net, val) in flannel::leases(&listing) {
-        if peer_net == subnet {
-            assert_eq!(val, value, "our lease as written");
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(val).expect("tweed lease is flannel JSON");
-        assert_eq!(v["BackendType"], "wireguard", "{key} {val}");
+    for (peer_net, v) in fl.peer_leases(&lab, &value, "wireguard") {
         let peer_key = v["BackendData"]["PublicKey"].as_str().expect("PublicKey");
         let port = v["BackendData"]["Port"].as_u64().unwrap_or(51820);
         let endpoint = format!("{}:{port}", v["PublicIP"].as_str().expect("PublicIP"));
@@ -675,7 +668,7 @@ fn a_wireguard_go_node_configured_as_flannel_does_interoperates_with_tweed_nodes
         );
         peers.push(peer_key.to_string());
     }
-    assert_eq!(peers.len(), 2, "{listing}");
+    assert_eq!(peers.len(), 2, "{peers:?}");
 
     // Both directions, every tweed pod, also full-size with DF at the MTU (IP 20 + ICMP 8).
     let full = (WG_MTU - 28).to_string();
