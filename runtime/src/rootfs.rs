@@ -142,9 +142,10 @@ impl RootfsSpec {
     }
 }
 
-/// Size cap of the scratch tmpfs: the init layer is a few small files (`/etc/hosts` of a
-/// host-network container is the host's); pages are only used as written.
-const SCRATCH_SIZE: &str = "size=16m,nr_inodes=4096";
+/// Size cap of the scratch tmpfs: the init layer is a few small files, but `/etc/hosts` of a
+/// host-network container is the host's, and blocklist-style hosts files run to tens of MiB.
+/// Pages are only used as written, and the container cannot write here (it is a lower layer).
+const SCRATCH_SIZE: &str = "size=128m,nr_inodes=4096";
 
 /// Mounts each lower dir idmapped through the container's user namespace under `dir`, and
 /// returns the spec with those as its lowers. Image files owned by host root are then owned by
