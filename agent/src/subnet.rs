@@ -1,7 +1,9 @@
 //! The subnet manager: acquires this node's lease, renews it, and re-acquires it when it is lost.
 
 use crate::alloc::{self, AllocError, Decision};
-use crate::registry::{CreateOutcome, Registry, RegistryError, ReserveOutcome};
+use crate::registry::{
+    holder_of, CreateOutcome, RawLease, Registry, RegistryError, ReserveOutcome,
+};
 use crate::watch::{Lease, LeaseTable};
 use ipnetwork::Ipv4Network;
 use std::collections::HashSet;
@@ -91,6 +93,9 @@ pub async fn acquire(
         )?;
         match decision {
             Decision::Reuse(l) => {
+                if remove_leftovers(registry, &snap.leases, &l).await? {
+                    continue;
+                }
                 // The IPv6 half we keep: the lease's own while it is still a node subnet of
                 // IPv6Network, else a new one (the network gained an IPv6 half, or it changed).
                 let v6 = match v6cfg {
@@ -186,6 +191,36 @@ pub async fn acquire(
     Err(SubnetError::Contended {
         attempts: MAX_RACE_RETRIES,
     })
+}
+
+/// Removes the keys a rename cut short left beside our lease `own` (an etcd error, or the agent
+/// killed, after its new key was created): the same IPv4 subnet under our PublicIP. Younger than
+/// `own`, every reader skips them as overlaps, and a new rename would lose its race to them every
+/// time (until their TTL, or for good when the rename was of a reservation). True when there was
+/// one: the caller lists again.
+async fn remove_leftovers(
+    registry: &Registry,
+    listing: &[RawLease],
+    own: &Lease,
+) -> Result<bool, SubnetError> {
+    let prefix = registry.prefix();
+    let mut found = false;
+    for raw in listing {
+        let Some(Ok(key)) = SubnetKey::from_etcd_key(prefix, &raw.key) else {
+            continue;
+        };
+        if key.ipv4 != own.key.ipv4
+            || key == own.key
+            || holder_of(&raw.value) != Ok(own.attrs.public_ip)
+        {
+            continue;
+        }
+        found = true;
+        if registry.delete_lease(&key, raw.mod_revision).await? {
+            tracing::info!(%key, lease = %own.key, "removed the key of an unfinished rename");
+        }
+    }
+    Ok(found)
 }
 
 /// Whether a key we just created holds its subnets. Create-if-absent guards one key name only,
@@ -287,7 +322,7 @@ async fn rename(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::MemRegistry;
+    use crate::registry::{MemOp, MemRegistry};
 
     const P: &str = "/coreos.com/network";
 
@@ -668,6 +703,35 @@ mod tests {
             .unwrap();
         assert_eq!(third.key, first.key);
         assert_eq!(keys(&reg).await, vec![first.key.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_rename_cut_short_leaves_a_key_that_the_next_start_removes() {
+        for reserved in [false, true] {
+            let (mem, reg) = mem_registry();
+            let v4: Ipv4Network = "10.244.9.0/24".parse().unwrap();
+            if reserved {
+                reg.reserve(&SubnetKey::new(v4), "198.18.0.1".parse().unwrap())
+                    .await
+                    .unwrap();
+            } else {
+                acquire_as(&reg, "198.18.0.1", Some(v4), TTL).await;
+            }
+            let dual = dual_attrs("198.18.0.1", "2001:db8::1");
+            // Killed after the new key was created and checked, before the old one was deleted.
+            mem.panic_next(MemOp::Delete);
+            let (r, d) = (Registry::Mem(mem.clone()), dual.clone());
+            let killed = tokio::spawn(async move { acquire(&r, &dual_cfg(), &d, None, TTL).await });
+            assert!(killed.await.is_err(), "the injected kill");
+            let left = keys(&reg).await;
+            assert_eq!(left.len(), 2, "the old key and the new one: {left:?}");
+            // The next start removes the leftover and renames the lease once more.
+            let back = acquire(&reg, &dual_cfg(), &dual, None, TTL).await.unwrap();
+            assert_eq!(back.subnet(), v4);
+            assert!(back.key.ipv6.is_some());
+            assert_eq!(back.lease_id == 0, reserved);
+            assert_eq!(keys(&reg).await, vec![back.key.to_string()]);
+        }
     }
 
     #[tokio::test]

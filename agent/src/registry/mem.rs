@@ -32,6 +32,8 @@ struct Store {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemOp {
     Renew,
+    /// Deleting a lease key (`delete_lease`).
+    Delete,
     /// Reading the next batch of a watch.
     WatchNext,
 }
@@ -249,7 +251,7 @@ impl MemRegistry {
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
         let k = key.etcd_key(&self.prefix);
-        self.call("delete", &k, None, |s| match s.kvs.get(&k) {
+        self.call("delete", &k, Some(MemOp::Delete), |s| match s.kvs.get(&k) {
             Some(l) if l.mod_revision == mod_revision => s.delete(&k),
             _ => false,
         })
