@@ -116,10 +116,11 @@ pub async fn acquire(
                         ipv4: l.key.ipv4,
                         ipv6: v6,
                     };
-                    if let Some(own) = rename(registry, cfg, &l, key, attrs, ttl).await? {
-                        return Ok(own);
+                    match rename(registry, cfg, &l, key, attrs, ttl).await? {
+                        Renamed::Done(own) => return Ok(own),
+                        Renamed::Taken => lost_v6.extend(v6),
+                        Renamed::Again => {}
                     }
-                    lost_v6.extend(v6);
                     continue;
                 }
                 if l.lease_id != 0 && registry.renew(l.lease_id).await?.is_none() {
@@ -266,10 +267,18 @@ async fn race(
     })
 }
 
+enum Renamed {
+    Done(OwnLease),
+    /// The new key is taken, or lost its race: its IPv6 half is another node's.
+    Taken,
+    /// Our old key changed since it was read and still stands: decide again on a fresh listing.
+    Again,
+}
+
 /// Moves our lease `old` to `key`, the same IPv4 subnet with another IPv6 half (or none): the
 /// key's name holds both, so the value cannot just be rewritten. The new key is created first
 /// and the old one deleted after, so the IPv4 subnet is never free in between. An operator's
-/// reservation (no TTL) stays a reservation. `None` when the new key is taken.
+/// reservation (no TTL) stays a reservation.
 async fn rename(
     registry: &Registry,
     cfg: &NetworkConfig,
@@ -277,19 +286,19 @@ async fn rename(
     key: SubnetKey,
     attrs: &LeaseAttrs,
     ttl: Duration,
-) -> Result<Option<OwnLease>, SubnetError> {
+) -> Result<Renamed, SubnetError> {
     let CreateOutcome::Created { mut lease_id } = registry.create_lease(&key, attrs, ttl).await?
     else {
-        return Ok(None);
+        return Ok(Renamed::Taken);
     };
     let old_key = old.key.etcd_key(registry.prefix());
     match race(registry, cfg, &key, Some(&old_key)).await? {
         Race::Won => {}
         Race::Lost { mod_revision } => {
             registry.delete_lease(&key, mod_revision).await?;
-            return Ok(None);
+            return Ok(Renamed::Taken);
         }
-        Race::Gone => return Ok(None),
+        Race::Gone => return Ok(Renamed::Taken),
     }
     if old.lease_id == 0
         && matches!(
@@ -299,20 +308,29 @@ async fn rename(
     {
         lease_id = 0;
     }
-    if !registry.delete_lease(&old.key, old.mod_revision).await? {
-        tracing::warn!(old = %old.key, "the lease's old key changed meanwhile; left to its owner or TTL");
+    let deleted = registry.delete_lease(&old.key, old.mod_revision).await?;
+    let k = key.etcd_key(registry.prefix());
+    let snap = registry.list_leases().await?;
+    let now = snap.leases.iter().find(|l| l.key == k);
+    if !deleted && snap.leases.iter().any(|l| l.key == old_key) {
+        // Rewritten since we read it (an operator's reserve or unreserve, say): older, it keeps
+        // the IPv4 subnet and every reader skips the new key. (Gone instead, expired, the new
+        // key stands alone and is kept.)
+        tracing::warn!(old = %old.key, "the lease's old key changed meanwhile; renaming again");
+        if let Some(now) = now {
+            registry.delete_lease(&key, now.mod_revision).await?;
+        }
+        return Ok(Renamed::Again);
     }
     // Watchers skipped the new key as an overlap while the old one (older, same IPv4 subnet)
     // stood; writing it again makes them read it now that it stands alone.
-    let k = key.etcd_key(registry.prefix());
-    let snap = registry.list_leases().await?;
-    if let Some(now) = snap.leases.iter().find(|l| l.key == k) {
+    if let Some(now) = now {
         registry
             .update_lease(&key, attrs, now.lease_id, now.mod_revision)
             .await?;
     }
     tracing::info!(old = %old.key, new = %key, "lease renamed: its IPv6 half changed");
-    Ok(Some(OwnLease {
+    Ok(Renamed::Done(OwnLease {
         key,
         lease_id,
         reused: true,
@@ -732,6 +750,39 @@ mod tests {
             assert_eq!(back.lease_id == 0, reserved);
             assert_eq!(keys(&reg).await, vec![back.key.to_string()]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_rename_whose_old_key_changed_meanwhile_removes_its_new_key() {
+        let (_, reg) = mem_registry();
+        let first = acquire_as(&reg, "198.18.0.1", None, TTL).await;
+        let mut table = LeaseTable::new(P, cfg().network, 24);
+        table.resync(&reg.list_leases().await.unwrap().leases);
+        let old = table.get(&first.key).unwrap().clone();
+        // An operator reserves the subnet after the agent read the lease: the old key is
+        // rewritten, and the agent's compare-and-delete of it fails.
+        reg.reserve(&first.key, "198.18.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        let dual = dual_attrs("198.18.0.1", "2001:db8::1");
+        let new = SubnetKey {
+            ipv4: first.subnet(),
+            ipv6: Some("fd00:10:244:2::/64".parse().unwrap()),
+        };
+        let r = rename(&reg, &dual_cfg(), &old, new, &dual, TTL)
+            .await
+            .unwrap();
+        assert!(matches!(r, Renamed::Again));
+        assert_eq!(
+            keys(&reg).await,
+            vec![first.key.to_string()],
+            "the new key is removed; the old one stands"
+        );
+        // Deciding again on what the old key holds now: renamed, and still a reservation.
+        let own = acquire(&reg, &dual_cfg(), &dual, None, TTL).await.unwrap();
+        assert_eq!((own.subnet(), own.lease_id), (first.subnet(), 0));
+        assert!(own.key.ipv6.is_some());
+        assert_eq!(keys(&reg).await, vec![own.key.to_string()]);
     }
 
     #[tokio::test]
