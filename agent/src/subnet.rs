@@ -98,9 +98,25 @@ pub async fn acquire(
                 }
                 // The IPv6 half we keep: the lease's own while it is still a node subnet of
                 // IPv6Network, else a new one (the network gained an IPv6 half, or it changed).
+                // Also a new one when an older key claims it: our key lost that race, but the
+                // agent stopped before removing it (the IPv4 half, which the table accepted,
+                // is ours).
+                let own_key = l.key.etcd_key(&prefix);
+                let lost_race = |v6| {
+                    snap.leases
+                        .iter()
+                        .find(|r| r.key == own_key)
+                        .is_some_and(|own| {
+                            older_claim(&snap.leases, own, None, |k| table.blocks_v6(k, v6))
+                        })
+                };
                 let v6 = match v6cfg {
                     None => None,
-                    Some(c) => match l.key.ipv6.filter(|s| c.is_allocatable(*s)) {
+                    Some(c) => match l
+                        .key
+                        .ipv6
+                        .filter(|s| c.is_allocatable(*s) && !lost_race(*s))
+                    {
                         Some(s) => Some(s),
                         None => Some(alloc::choose_v6(
                             c,
@@ -252,11 +268,8 @@ async fn race(
     let mut table = LeaseTable::new(registry.prefix(), cfg.network, cfg.subnet_len)
         .with_ipv6_subnet_len(cfg.ipv6.as_ref().map(|c| c.subnet_len));
     table.resync(&snap.leases);
-    let beaten = snap.leases.iter().any(|l| {
-        l.key != k
-            && Some(l.key.as_str()) != replacing
-            && (l.create_revision, &l.key) < (ours.create_revision, &k)
-            && table.blocks(&l.key, key.ipv4, key.ipv6)
+    let beaten = older_claim(&snap.leases, ours, replacing, |l| {
+        table.blocks(l, key.ipv4, key.ipv6)
     });
     Ok(if beaten {
         Race::Lost {
@@ -264,6 +277,22 @@ async fn race(
         }
     } else {
         Race::Won
+    })
+}
+
+/// Whether a key of `listing` older than `ours` (but `except`) claims a subnet of it, as
+/// `blocks` tells from the etcd key: the older claim wins, as in every reader's lease table.
+fn older_claim(
+    listing: &[RawLease],
+    ours: &RawLease,
+    except: Option<&str>,
+    blocks: impl Fn(&str) -> bool,
+) -> bool {
+    listing.iter().any(|l| {
+        l.key != ours.key
+            && Some(l.key.as_str()) != except
+            && (l.create_revision, &l.key) < (ours.create_revision, &ours.key)
+            && blocks(&l.key)
     })
 }
 
@@ -783,6 +812,42 @@ mod tests {
         assert_eq!((own.subnet(), own.lease_id), (first.subnet(), 0));
         assert!(own.key.ipv6.is_some());
         assert_eq!(keys(&reg).await, vec![own.key.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_kept_lease_whose_ipv6_half_lost_to_an_older_key_is_renamed() {
+        let (mem, reg) = mem_registry();
+        let other = "10.244.2.0-24&fd00:10:244:1::-64";
+        mem.put_raw(
+            &format!("{P}/subnets/{other}"),
+            br#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9"}"#,
+        );
+        // Ours claimed the same IPv6 half later and lost its race, but the agent stopped before
+        // removing it: the restart must not keep that half.
+        let ours = SubnetKey {
+            ipv4: "10.244.7.0/24".parse().unwrap(),
+            ipv6: Some("fd00:10:244:1::/64".parse().unwrap()),
+        };
+        let dual = dual_attrs("198.18.0.1", "2001:db8::1");
+        reg.create_lease(&ours, &dual, TTL).await.unwrap();
+        let own = acquire(&reg, &dual_cfg(), &dual, Some(ours), TTL)
+            .await
+            .unwrap();
+        assert_eq!(own.subnet(), ours.ipv4, "the IPv4 half is ours and kept");
+        assert!(
+            own.key.ipv6.is_some() && own.key.ipv6 != ours.ipv6,
+            "{}",
+            own.key
+        );
+        assert_eq!(
+            keys(&reg).await,
+            vec![other.to_string(), own.key.to_string()]
+        );
+        // Restarted once more: kept as it is now.
+        let again = acquire(&reg, &dual_cfg(), &dual, Some(own.key), TTL)
+            .await
+            .unwrap();
+        assert_eq!((again.key, again.reused), (own.key, true));
     }
 
     #[tokio::test]
