@@ -186,9 +186,13 @@ pub async fn acquire(
                             Race::Lost { mod_revision } => {
                                 // Ours is the younger claim: every reader ignores it; remove it.
                                 registry.delete_lease(&key, mod_revision).await?;
+                                release(registry, lease_id).await;
                                 false
                             }
-                            Race::Gone => false,
+                            Race::Gone => {
+                                release(registry, lease_id).await;
+                                false
+                            }
                         }
                     }
                     CreateOutcome::Taken => false,
@@ -296,6 +300,14 @@ fn older_claim(
     })
 }
 
+/// Revokes a TTL lease granted for a key we gave up, rather than leave it to its TTL (24 hours
+/// by default). Best effort: an orphan lease holds nothing and expires anyway.
+async fn release(registry: &Registry, lease_id: i64) {
+    if let Err(e) = registry.revoke(lease_id).await {
+        tracing::debug!(lease_id, error = %e, "could not revoke an unused lease; it will expire");
+    }
+}
+
 enum Renamed {
     Done(OwnLease),
     /// The new key is taken, or lost its race: its IPv6 half is another node's.
@@ -325,9 +337,13 @@ async fn rename(
         Race::Won => {}
         Race::Lost { mod_revision } => {
             registry.delete_lease(&key, mod_revision).await?;
+            release(registry, lease_id).await;
             return Ok(Renamed::Taken);
         }
-        Race::Gone => return Ok(Renamed::Taken),
+        Race::Gone => {
+            release(registry, lease_id).await;
+            return Ok(Renamed::Taken);
+        }
     }
     if old.lease_id == 0
         && matches!(
@@ -335,6 +351,8 @@ async fn rename(
             ReserveOutcome::Reserved { .. }
         )
     {
+        // The key no longer hangs on the TTL lease we were granted.
+        release(registry, lease_id).await;
         lease_id = 0;
     }
     let deleted = registry.delete_lease(&old.key, old.mod_revision).await?;
@@ -348,6 +366,9 @@ async fn rename(
         tracing::warn!(old = %old.key, "the lease's old key changed meanwhile; renaming again");
         if let Some(now) = now {
             registry.delete_lease(&key, now.mod_revision).await?;
+        }
+        if lease_id != 0 {
+            release(registry, lease_id).await;
         }
         return Ok(Renamed::Again);
     }
@@ -566,6 +587,17 @@ mod tests {
         let mut a = attrs(ip);
         a.public_ipv6 = Some(ip6.parse().unwrap());
         a
+    }
+
+    /// The newest TTL lease still granted in the in-memory store behind `reg` (0: none).
+    fn mem_leases(reg: &Registry) -> i64 {
+        let Registry::Mem(mem) = reg else {
+            unreachable!("the tests use the in-memory registry")
+        };
+        (1..=64)
+            .filter(|id| mem.lease_alive(*id))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Every key under subnets/, as the part after the directory.
@@ -803,6 +835,11 @@ mod tests {
             .unwrap();
         assert!(matches!(r, Renamed::Again));
         assert_eq!(
+            mem_leases(&reg),
+            first.lease_id,
+            "the new key's lease is revoked"
+        );
+        assert_eq!(
             keys(&reg).await,
             vec![first.key.to_string()],
             "the new key is removed; the old one stands"
@@ -863,6 +900,11 @@ mod tests {
         assert_eq!(own.subnet(), reserved.ipv4);
         assert!(own.key.ipv6.is_some());
         assert_eq!(own.lease_id, 0, "still without a TTL");
+        assert_eq!(
+            mem_leases(&reg),
+            0,
+            "the lease granted for the new key is revoked"
+        );
         let snap = reg.list_leases().await.unwrap();
         assert_eq!(snap.leases.len(), 1);
         assert_eq!(snap.leases[0].lease_id, 0);

@@ -257,6 +257,16 @@ impl MemRegistry {
         })
     }
 
+    pub async fn revoke(&self, lease_id: i64) -> Result<(), RegistryError> {
+        let id = format!("{lease_id:x}");
+        self.call("revoke", &id, None, |s| s.revoke(lease_id))
+    }
+
+    /// Test control: whether the TTL lease `lease_id` is still granted.
+    pub fn lease_alive(&self, lease_id: i64) -> bool {
+        self.with(|s| s.leases.contains_key(&lease_id))
+    }
+
     pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
         let id = format!("{lease_id:x}");
         self.call("renew", &id, Some(MemOp::Renew), |s| {
