@@ -1,6 +1,6 @@
 //! The gRPC API on a unix socket: status, leases, peers and a stream of lease events.
 
-use crate::registry::{Registry, ReserveOutcome, UnreserveOutcome};
+use crate::registry::{RawLease, Registry, ReserveOutcome, UnreserveOutcome};
 use crate::state::{AgentState, EventKind, LeaseEventView, LeaseView};
 use ipnetwork::Ipv4Network;
 use std::future::Future;
@@ -73,14 +73,23 @@ impl Service {
         let c = self.control()?;
         let key = parse_subnet(&c.cfg, subnet)?;
         let snap = c.registry.list_leases().await.map_err(registry_status)?;
-        let prefix = c.registry.prefix();
-        let existing = snap
-            .leases
-            .iter()
-            .filter_map(|l| SubnetKey::from_etcd_key(prefix, &l.key)?.ok())
-            .find(|k| k.ipv4 == key.ipv4);
+        let existing = key_holding(c.registry.prefix(), &snap.leases, key.ipv4);
         Ok((c, existing.unwrap_or(key)))
     }
+}
+
+/// The key holding the IPv4 subnet `v4`. Two keys can name it (a rename cut short, or two
+/// nodes' racing claims); the oldest one is the lease every reader's table accepts, the others
+/// are skipped as overlaps.
+fn key_holding(prefix: &str, leases: &[RawLease], v4: Ipv4Network) -> Option<SubnetKey> {
+    leases
+        .iter()
+        .filter_map(|l| {
+            let k = SubnetKey::from_etcd_key(prefix, &l.key)?.ok()?;
+            (k.ipv4 == v4).then_some(((l.create_revision, l.mod_revision), k))
+        })
+        .min_by_key(|(rev, _)| *rev)
+        .map(|(_, k)| k)
 }
 
 /// "10.244.7.0/24" or flannel's key form "10.244.7.0-24", checked against the network.
@@ -342,6 +351,35 @@ pub async fn serve(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_key_holding_a_subnet_is_the_oldest_of_those_naming_it() {
+        const P: &str = "/coreos.com/network";
+        let raw = |name: &str, created: i64| RawLease {
+            key: format!("{P}/subnets/{name}"),
+            value: br#"{"PublicIP":"198.18.0.1"}"#.to_vec(),
+            lease_id: 0,
+            mod_revision: 50 - created,
+            create_revision: created,
+        };
+        let v4: Ipv4Network = "10.244.7.0/24".parse().unwrap();
+        // The older key sorts after the younger one by name: age decides, not the name.
+        let leases = [
+            raw("10.244.6.0-24", 1),
+            raw("10.244.7.0-24", 9),
+            raw("10.244.7.0-24&fd00:10:244:1::-64", 4),
+        ];
+        let k = key_holding(P, &leases, v4).unwrap();
+        assert_eq!(k.to_string(), "10.244.7.0-24&fd00:10:244:1::-64");
+        assert_eq!(
+            key_holding(P, &leases[..2], v4).unwrap().to_string(),
+            "10.244.7.0-24"
+        );
+        assert_eq!(
+            key_holding(P, &leases, "10.244.8.0/24".parse().unwrap()),
+            None
+        );
+    }
 
     #[tokio::test]
     async fn bind_refuses_a_live_socket_and_replaces_a_stale_one() {

@@ -1,7 +1,9 @@
 //! The subnet manager: acquires this node's lease, renews it, and re-acquires it when it is lost.
 
 use crate::alloc::{self, AllocError, Decision};
-use crate::registry::{CreateOutcome, Registry, RegistryError, ReserveOutcome};
+use crate::registry::{
+    holder_of, CreateOutcome, RawLease, Registry, RegistryError, ReserveOutcome,
+};
 use crate::watch::{Lease, LeaseTable};
 use ipnetwork::Ipv4Network;
 use std::collections::HashSet;
@@ -91,11 +93,30 @@ pub async fn acquire(
         )?;
         match decision {
             Decision::Reuse(l) => {
+                if remove_leftovers(registry, &snap.leases, &l).await? {
+                    continue;
+                }
                 // The IPv6 half we keep: the lease's own while it is still a node subnet of
                 // IPv6Network, else a new one (the network gained an IPv6 half, or it changed).
+                // Also a new one when an older key claims it: our key lost that race, but the
+                // agent stopped before removing it (the IPv4 half, which the table accepted,
+                // is ours).
+                let own_key = l.key.etcd_key(&prefix);
+                let lost_race = |v6| {
+                    snap.leases
+                        .iter()
+                        .find(|r| r.key == own_key)
+                        .is_some_and(|own| {
+                            older_claim(&snap.leases, own, None, |k| table.blocks_v6(k, v6))
+                        })
+                };
                 let v6 = match v6cfg {
                     None => None,
-                    Some(c) => match l.key.ipv6.filter(|s| c.is_allocatable(*s)) {
+                    Some(c) => match l
+                        .key
+                        .ipv6
+                        .filter(|s| c.is_allocatable(*s) && !lost_race(*s))
+                    {
                         Some(s) => Some(s),
                         None => Some(alloc::choose_v6(
                             c,
@@ -111,10 +132,11 @@ pub async fn acquire(
                         ipv4: l.key.ipv4,
                         ipv6: v6,
                     };
-                    if let Some(own) = rename(registry, cfg, &l, key, attrs, ttl).await? {
-                        return Ok(own);
+                    match rename(registry, cfg, &l, key, attrs, ttl).await? {
+                        Renamed::Done(own) => return Ok(own),
+                        Renamed::Taken => lost_v6.extend(v6),
+                        Renamed::Again => {}
                     }
-                    lost_v6.extend(v6);
                     continue;
                 }
                 if l.lease_id != 0 && registry.renew(l.lease_id).await?.is_none() {
@@ -164,9 +186,13 @@ pub async fn acquire(
                             Race::Lost { mod_revision } => {
                                 // Ours is the younger claim: every reader ignores it; remove it.
                                 registry.delete_lease(&key, mod_revision).await?;
+                                release(registry, lease_id).await;
                                 false
                             }
-                            Race::Gone => false,
+                            Race::Gone => {
+                                release(registry, lease_id).await;
+                                false
+                            }
                         }
                     }
                     CreateOutcome::Taken => false,
@@ -186,6 +212,36 @@ pub async fn acquire(
     Err(SubnetError::Contended {
         attempts: MAX_RACE_RETRIES,
     })
+}
+
+/// Removes the keys a rename cut short left beside our lease `own` (an etcd error, or the agent
+/// killed, after its new key was created): the same IPv4 subnet under our PublicIP. Younger than
+/// `own`, every reader skips them as overlaps, and a new rename would lose its race to them every
+/// time (until their TTL, or for good when the rename was of a reservation). True when there was
+/// one: the caller lists again.
+async fn remove_leftovers(
+    registry: &Registry,
+    listing: &[RawLease],
+    own: &Lease,
+) -> Result<bool, SubnetError> {
+    let prefix = registry.prefix();
+    let mut found = false;
+    for raw in listing {
+        let Some(Ok(key)) = SubnetKey::from_etcd_key(prefix, &raw.key) else {
+            continue;
+        };
+        if key.ipv4 != own.key.ipv4
+            || key == own.key
+            || holder_of(&raw.value) != Ok(own.attrs.public_ip)
+        {
+            continue;
+        }
+        found = true;
+        if registry.delete_lease(&key, raw.mod_revision).await? {
+            tracing::info!(%key, lease = %own.key, "removed the key of an unfinished rename");
+        }
+    }
+    Ok(found)
 }
 
 /// Whether a key we just created holds its subnets. Create-if-absent guards one key name only,
@@ -216,11 +272,8 @@ async fn race(
     let mut table = LeaseTable::new(registry.prefix(), cfg.network, cfg.subnet_len)
         .with_ipv6_subnet_len(cfg.ipv6.as_ref().map(|c| c.subnet_len));
     table.resync(&snap.leases);
-    let beaten = snap.leases.iter().any(|l| {
-        l.key != k
-            && Some(l.key.as_str()) != replacing
-            && (l.create_revision, &l.key) < (ours.create_revision, &k)
-            && table.blocks(&l.key, key.ipv4, key.ipv6)
+    let beaten = older_claim(&snap.leases, ours, replacing, |l| {
+        table.blocks(l, key.ipv4, key.ipv6)
     });
     Ok(if beaten {
         Race::Lost {
@@ -231,10 +284,42 @@ async fn race(
     })
 }
 
+/// Whether a key of `listing` older than `ours` (but `except`) claims a subnet of it, as
+/// `blocks` tells from the etcd key: the older claim wins, as in every reader's lease table.
+fn older_claim(
+    listing: &[RawLease],
+    ours: &RawLease,
+    except: Option<&str>,
+    blocks: impl Fn(&str) -> bool,
+) -> bool {
+    listing.iter().any(|l| {
+        l.key != ours.key
+            && Some(l.key.as_str()) != except
+            && (l.create_revision, &l.key) < (ours.create_revision, &ours.key)
+            && blocks(&l.key)
+    })
+}
+
+/// Revokes a TTL lease granted for a key we gave up, rather than leave it to its TTL (24 hours
+/// by default). Best effort: an orphan lease holds nothing and expires anyway.
+async fn release(registry: &Registry, lease_id: i64) {
+    if let Err(e) = registry.revoke(lease_id).await {
+        tracing::debug!(lease_id, error = %e, "could not revoke an unused lease; it will expire");
+    }
+}
+
+enum Renamed {
+    Done(OwnLease),
+    /// The new key is taken, or lost its race: its IPv6 half is another node's.
+    Taken,
+    /// Our old key changed since it was read and still stands: decide again on a fresh listing.
+    Again,
+}
+
 /// Moves our lease `old` to `key`, the same IPv4 subnet with another IPv6 half (or none): the
 /// key's name holds both, so the value cannot just be rewritten. The new key is created first
 /// and the old one deleted after, so the IPv4 subnet is never free in between. An operator's
-/// reservation (no TTL) stays a reservation. `None` when the new key is taken.
+/// reservation (no TTL) stays a reservation.
 async fn rename(
     registry: &Registry,
     cfg: &NetworkConfig,
@@ -242,19 +327,23 @@ async fn rename(
     key: SubnetKey,
     attrs: &LeaseAttrs,
     ttl: Duration,
-) -> Result<Option<OwnLease>, SubnetError> {
+) -> Result<Renamed, SubnetError> {
     let CreateOutcome::Created { mut lease_id } = registry.create_lease(&key, attrs, ttl).await?
     else {
-        return Ok(None);
+        return Ok(Renamed::Taken);
     };
     let old_key = old.key.etcd_key(registry.prefix());
     match race(registry, cfg, &key, Some(&old_key)).await? {
         Race::Won => {}
         Race::Lost { mod_revision } => {
             registry.delete_lease(&key, mod_revision).await?;
-            return Ok(None);
+            release(registry, lease_id).await;
+            return Ok(Renamed::Taken);
         }
-        Race::Gone => return Ok(None),
+        Race::Gone => {
+            release(registry, lease_id).await;
+            return Ok(Renamed::Taken);
+        }
     }
     if old.lease_id == 0
         && matches!(
@@ -262,22 +351,36 @@ async fn rename(
             ReserveOutcome::Reserved { .. }
         )
     {
+        // The key no longer hangs on the TTL lease we were granted.
+        release(registry, lease_id).await;
         lease_id = 0;
     }
-    if !registry.delete_lease(&old.key, old.mod_revision).await? {
-        tracing::warn!(old = %old.key, "the lease's old key changed meanwhile; left to its owner or TTL");
+    let deleted = registry.delete_lease(&old.key, old.mod_revision).await?;
+    let k = key.etcd_key(registry.prefix());
+    let snap = registry.list_leases().await?;
+    let now = snap.leases.iter().find(|l| l.key == k);
+    if !deleted && snap.leases.iter().any(|l| l.key == old_key) {
+        // Rewritten since we read it (an operator's reserve or unreserve, say): older, it keeps
+        // the IPv4 subnet and every reader skips the new key. (Gone instead, expired, the new
+        // key stands alone and is kept.)
+        tracing::warn!(old = %old.key, "the lease's old key changed meanwhile; renaming again");
+        if let Some(now) = now {
+            registry.delete_lease(&key, now.mod_revision).await?;
+        }
+        if lease_id != 0 {
+            release(registry, lease_id).await;
+        }
+        return Ok(Renamed::Again);
     }
     // Watchers skipped the new key as an overlap while the old one (older, same IPv4 subnet)
     // stood; writing it again makes them read it now that it stands alone.
-    let k = key.etcd_key(registry.prefix());
-    let snap = registry.list_leases().await?;
-    if let Some(now) = snap.leases.iter().find(|l| l.key == k) {
+    if let Some(now) = now {
         registry
             .update_lease(&key, attrs, now.lease_id, now.mod_revision)
             .await?;
     }
     tracing::info!(old = %old.key, new = %key, "lease renamed: its IPv6 half changed");
-    Ok(Some(OwnLease {
+    Ok(Renamed::Done(OwnLease {
         key,
         lease_id,
         reused: true,
@@ -287,7 +390,7 @@ async fn rename(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::MemRegistry;
+    use crate::registry::{MemOp, MemRegistry};
 
     const P: &str = "/coreos.com/network";
 
@@ -486,6 +589,17 @@ mod tests {
         a
     }
 
+    /// The newest TTL lease still granted in the in-memory store behind `reg` (0: none).
+    fn mem_leases(reg: &Registry) -> i64 {
+        let Registry::Mem(mem) = reg else {
+            unreachable!("the tests use the in-memory registry")
+        };
+        (1..=64)
+            .filter(|id| mem.lease_alive(*id))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Every key under subnets/, as the part after the directory.
     async fn keys(reg: &Registry) -> Vec<String> {
         let dir = format!("{P}/subnets/");
@@ -671,6 +785,109 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_rename_cut_short_leaves_a_key_that_the_next_start_removes() {
+        for reserved in [false, true] {
+            let (mem, reg) = mem_registry();
+            let v4: Ipv4Network = "10.244.9.0/24".parse().unwrap();
+            if reserved {
+                reg.reserve(&SubnetKey::new(v4), "198.18.0.1".parse().unwrap())
+                    .await
+                    .unwrap();
+            } else {
+                acquire_as(&reg, "198.18.0.1", Some(v4), TTL).await;
+            }
+            let dual = dual_attrs("198.18.0.1", "2001:db8::1");
+            // Killed after the new key was created and checked, before the old one was deleted.
+            mem.panic_next(MemOp::Delete);
+            let (r, d) = (Registry::Mem(mem.clone()), dual.clone());
+            let killed = tokio::spawn(async move { acquire(&r, &dual_cfg(), &d, None, TTL).await });
+            assert!(killed.await.is_err(), "the injected kill");
+            let left = keys(&reg).await;
+            assert_eq!(left.len(), 2, "the old key and the new one: {left:?}");
+            // The next start removes the leftover and renames the lease once more.
+            let back = acquire(&reg, &dual_cfg(), &dual, None, TTL).await.unwrap();
+            assert_eq!(back.subnet(), v4);
+            assert!(back.key.ipv6.is_some());
+            assert_eq!(back.lease_id == 0, reserved);
+            assert_eq!(keys(&reg).await, vec![back.key.to_string()]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rename_whose_old_key_changed_meanwhile_removes_its_new_key() {
+        let (_, reg) = mem_registry();
+        let first = acquire_as(&reg, "198.18.0.1", None, TTL).await;
+        let mut table = LeaseTable::new(P, cfg().network, 24);
+        table.resync(&reg.list_leases().await.unwrap().leases);
+        let old = table.get(&first.key).unwrap().clone();
+        // An operator reserves the subnet after the agent read the lease: the old key is
+        // rewritten, and the agent's compare-and-delete of it fails.
+        reg.reserve(&first.key, "198.18.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        let dual = dual_attrs("198.18.0.1", "2001:db8::1");
+        let new = SubnetKey {
+            ipv4: first.subnet(),
+            ipv6: Some("fd00:10:244:2::/64".parse().unwrap()),
+        };
+        let r = rename(&reg, &dual_cfg(), &old, new, &dual, TTL)
+            .await
+            .unwrap();
+        assert!(matches!(r, Renamed::Again));
+        assert_eq!(
+            mem_leases(&reg),
+            first.lease_id,
+            "the new key's lease is revoked"
+        );
+        assert_eq!(
+            keys(&reg).await,
+            vec![first.key.to_string()],
+            "the new key is removed; the old one stands"
+        );
+        // Deciding again on what the old key holds now: renamed, and still a reservation.
+        let own = acquire(&reg, &dual_cfg(), &dual, None, TTL).await.unwrap();
+        assert_eq!((own.subnet(), own.lease_id), (first.subnet(), 0));
+        assert!(own.key.ipv6.is_some());
+        assert_eq!(keys(&reg).await, vec![own.key.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_kept_lease_whose_ipv6_half_lost_to_an_older_key_is_renamed() {
+        let (mem, reg) = mem_registry();
+        let other = "10.244.2.0-24&fd00:10:244:1::-64";
+        mem.put_raw(
+            &format!("{P}/subnets/{other}"),
+            br#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9"}"#,
+        );
+        // Ours claimed the same IPv6 half later and lost its race, but the agent stopped before
+        // removing it: the restart must not keep that half.
+        let ours = SubnetKey {
+            ipv4: "10.244.7.0/24".parse().unwrap(),
+            ipv6: Some("fd00:10:244:1::/64".parse().unwrap()),
+        };
+        let dual = dual_attrs("198.18.0.1", "2001:db8::1");
+        reg.create_lease(&ours, &dual, TTL).await.unwrap();
+        let own = acquire(&reg, &dual_cfg(), &dual, Some(ours), TTL)
+            .await
+            .unwrap();
+        assert_eq!(own.subnet(), ours.ipv4, "the IPv4 half is ours and kept");
+        assert!(
+            own.key.ipv6.is_some() && own.key.ipv6 != ours.ipv6,
+            "{}",
+            own.key
+        );
+        assert_eq!(
+            keys(&reg).await,
+            vec![other.to_string(), own.key.to_string()]
+        );
+        // Restarted once more: kept as it is now.
+        let again = acquire(&reg, &dual_cfg(), &dual, Some(own.key), TTL)
+            .await
+            .unwrap();
+        assert_eq!((again.key, again.reused), (own.key, true));
+    }
+
+    #[tokio::test]
     async fn a_reservation_keeps_its_ipv6_half_and_stays_reserved_when_renamed() {
         let (_, reg) = mem_registry();
         let dual = dual_attrs("198.18.0.77", "2001:db8::77");
@@ -683,6 +900,11 @@ mod tests {
         assert_eq!(own.subnet(), reserved.ipv4);
         assert!(own.key.ipv6.is_some());
         assert_eq!(own.lease_id, 0, "still without a TTL");
+        assert_eq!(
+            mem_leases(&reg),
+            0,
+            "the lease granted for the new key is revoked"
+        );
         let snap = reg.list_leases().await.unwrap();
         assert_eq!(snap.leases.len(), 1);
         assert_eq!(snap.leases[0].lease_id, 0);

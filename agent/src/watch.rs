@@ -126,10 +126,14 @@ impl LeaseTable {
     /// IPv6 subnet overlapping `v6`.
     pub fn blocks(&self, key: &str, v4: Ipv4Network, v6: Option<Ipv6Network>) -> bool {
         let over4 = |o: &Ipv4Network| o.contains(v4.network()) || v4.contains(o.network());
-        let over6 = |o: &Ipv6Network| {
-            v6.is_some_and(|v6| o.contains(v6.network()) || v6.contains(o.network()))
-        };
-        self.occupied.get(key).is_some_and(over4) || self.occupied_v6.get(key).is_some_and(over6)
+        self.occupied.get(key).is_some_and(over4) || v6.is_some_and(|v6| self.blocks_v6(key, v6))
+    }
+
+    /// Whether the etcd key `key` blocks allocation of an IPv6 subnet overlapping `v6`.
+    pub fn blocks_v6(&self, key: &str, v6: Ipv6Network) -> bool {
+        self.occupied_v6
+            .get(key)
+            .is_some_and(|o| o.contains(v6.network()) || v6.contains(o.network()))
     }
 
     fn parse_key(&self, key: &str, mod_revision: i64) -> Option<Result<SubnetKey, Skipped>> {

@@ -197,6 +197,16 @@ async fn ttl_expiry_frees_the_subnet_and_renewal_keeps_it() {
 }
 
 #[tokio::test]
+async fn revoke_drops_the_lease_with_its_key_and_a_second_revoke_is_no_error() {
+    let (_env, reg) = Env::with_registry().await;
+    let own = node(&reg, 1, None, Duration::from_secs(60)).await;
+    reg.revoke(own.lease_id).await.unwrap();
+    assert_eq!(reg.renew(own.lease_id).await.unwrap(), None);
+    assert!(reg.list_leases().await.unwrap().leases.is_empty());
+    reg.revoke(own.lease_id).await.unwrap();
+}
+
+#[tokio::test]
 async fn reacquire_after_an_operator_deletes_the_lease() {
     let (env, reg) = Env::with_registry().await;
     let ttl = Duration::from_secs(60);

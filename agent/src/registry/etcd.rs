@@ -551,6 +551,17 @@ impl EtcdRegistry {
         Ok(grant.id())
     }
 
+    pub async fn revoke(&self, lease_id: i64) -> Result<(), RegistryError> {
+        let key = format!("lease {lease_id:x}");
+        match self.client().await.lease_client().revoke(lease_id).await {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+                Ok(())
+            }
+            Err(e) => Err(self.err("lease revoke", &key)(e)),
+        }
+    }
+
     pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
         let key = format!("lease {lease_id:x}");
         match self

@@ -32,6 +32,8 @@ struct Store {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemOp {
     Renew,
+    /// Deleting a lease key (`delete_lease`).
+    Delete,
     /// Reading the next batch of a watch.
     WatchNext,
 }
@@ -249,10 +251,20 @@ impl MemRegistry {
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
         let k = key.etcd_key(&self.prefix);
-        self.call("delete", &k, None, |s| match s.kvs.get(&k) {
+        self.call("delete", &k, Some(MemOp::Delete), |s| match s.kvs.get(&k) {
             Some(l) if l.mod_revision == mod_revision => s.delete(&k),
             _ => false,
         })
+    }
+
+    pub async fn revoke(&self, lease_id: i64) -> Result<(), RegistryError> {
+        let id = format!("{lease_id:x}");
+        self.call("revoke", &id, None, |s| s.revoke(lease_id))
+    }
+
+    /// Test control: whether the TTL lease `lease_id` is still granted.
+    pub fn lease_alive(&self, lease_id: i64) -> bool {
+        self.with(|s| s.leases.contains_key(&lease_id))
     }
 
     pub async fn renew(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {

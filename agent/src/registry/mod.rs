@@ -219,6 +219,9 @@ impl Registry {
         fn update_lease(key: &SubnetKey, attrs: &LeaseAttrs, lease_id: i64, mod_revision: i64) -> bool;
         /// Deletes `key` only if unchanged since `mod_revision`; false when it changed or vanished.
         fn delete_lease(key: &SubnetKey, mod_revision: i64) -> bool;
+        /// Lets go of a TTL lease now (its keys go with it) instead of waiting out its TTL. A lease
+        /// already gone is no error.
+        fn revoke(lease_id: i64) -> ();
         /// Extends the TTL lease. `Ok(None)` when the lease no longer exists (expired or revoked).
         fn renew(lease_id: i64) -> Option<Duration>;
         /// Pins `key` to `public_ip` without a TTL: creates `{"PublicIP":ip}` if absent, or
