@@ -10,16 +10,19 @@
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::attachment::Attachment;
 use crate::code;
 
 pub const LAST_RESERVED: &str = "last_reserved_ip.0";
+/// The IPv6 range set's hint (host-local numbers range sets in the configured order, and
+/// flannel configures IPv4 first).
+pub const LAST_RESERVED_V6: &str = "last_reserved_ip.1";
 pub const LOCK: &str = "lock";
 
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +36,12 @@ pub enum IpamError {
     },
     #[error("no free address left in {range} (node subnet {subnet}, store {store})")]
     Exhausted {
-        subnet: Ipv4Network,
+        subnet: String,
         range: String,
         store: String,
     },
     #[error("address {ip} cannot be given: {reason}")]
-    Requested { ip: Ipv4Addr, reason: String },
+    Requested { ip: IpAddr, reason: String },
     #[error("address range: {0}")]
     Range(String),
 }
@@ -217,33 +220,87 @@ pub fn parse_record(b: &[u8]) -> Option<Attachment> {
     Some(Attachment::new(id, ifname))
 }
 
-/// The addresses that may be handed out: the node subnet less its network and broadcast
-/// addresses and the gateway, optionally narrowed to `[rangeStart, rangeEnd]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pool {
-    pub subnet: Ipv4Network,
-    pub gateway: Ipv4Addr,
-    pub start: Ipv4Addr,
-    pub end: Ipv4Addr,
+/// An address family the store holds addresses of: IPv4 and IPv6 share the allocation logic,
+/// working on addresses as integers.
+pub trait Family:
+    Copy + Ord + std::fmt::Debug + std::fmt::Display + std::str::FromStr + Into<IpAddr>
+{
+    /// The subnet type of this family.
+    type Net: Copy + std::fmt::Debug + std::fmt::Display + PartialEq + Eq;
+    /// host-local keeps one "last handed out" file per range set: `.0` for the first (IPv4
+    /// in flannel's order), `.1` for the second (IPv6).
+    const LAST_RESERVED: &'static str;
+    fn to_int(self) -> u128;
+    fn from_int(v: u128) -> Self;
+    /// First and last address of `net`.
+    fn bounds(net: Self::Net) -> (u128, u128);
 }
 
-impl Pool {
+impl Family for Ipv4Addr {
+    type Net = Ipv4Network;
+    const LAST_RESERVED: &'static str = LAST_RESERVED;
+    fn to_int(self) -> u128 {
+        u32::from(self).into()
+    }
+    fn from_int(v: u128) -> Self {
+        Ipv4Addr::from(v as u32)
+    }
+    fn bounds(net: Ipv4Network) -> (u128, u128) {
+        (
+            u32::from(net.network()).into(),
+            u32::from(net.broadcast()).into(),
+        )
+    }
+}
+
+impl Family for Ipv6Addr {
+    type Net = Ipv6Network;
+    const LAST_RESERVED: &'static str = LAST_RESERVED_V6;
+    fn to_int(self) -> u128 {
+        u128::from(self)
+    }
+    fn from_int(v: u128) -> Self {
+        Ipv6Addr::from(v)
+    }
+    fn bounds(net: Ipv6Network) -> (u128, u128) {
+        let first = u128::from(net.network());
+        // A /0 has every bit free; `checked_shr` covers the 128-bit shift Rust refuses.
+        let host_bits = u128::MAX.checked_shr(u32::from(net.prefix())).unwrap_or(0);
+        (first, first | host_bits)
+    }
+}
+
+/// The addresses that may be handed out: the node subnet less its first address (IPv4's
+/// network address, IPv6's Subnet-Router anycast address), its last (IPv4's broadcast; kept
+/// out of IPv6 too, so both families read alike) and the gateway, optionally narrowed to
+/// `[rangeStart, rangeEnd]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool<A: Family = Ipv4Addr> {
+    pub subnet: A::Net,
+    pub gateway: A,
+    pub start: A,
+    pub end: A,
+}
+
+/// A pool of each family (the IPv4 half is always there; the IPv6 one on a dual-stack node).
+pub type Pool6 = Pool<Ipv6Addr>;
+
+impl<A: Family> Pool<A> {
     pub fn new(
-        subnet: Ipv4Network,
-        gateway: Ipv4Addr,
-        range_start: Option<Ipv4Addr>,
-        range_end: Option<Ipv4Addr>,
-    ) -> Result<Pool, IpamError> {
-        let net = u32::from(subnet.network());
-        let bcast = u32::from(subnet.broadcast());
-        if bcast - net < 3 {
+        subnet: A::Net,
+        gateway: A,
+        range_start: Option<A>,
+        range_end: Option<A>,
+    ) -> Result<Pool<A>, IpamError> {
+        let (net, last) = A::bounds(subnet);
+        if last - net < 3 {
             return Err(IpamError::Range(format!(
                 "node subnet {subnet} is too small for a gateway and containers"
             )));
         }
-        let first = Ipv4Addr::from(net + 1);
-        let last = Ipv4Addr::from(bcast - 1);
-        let check = |name: &str, ip: Ipv4Addr| {
+        let first = A::from_int(net + 1);
+        let last = A::from_int(last - 1);
+        let check = |name: &str, ip: A| {
             if ip < first || ip > last {
                 Err(IpamError::Range(format!(
                     "{name} {ip} is not a host address of the node subnet {subnet}"
@@ -271,20 +328,30 @@ impl Pool {
         format!("{}-{}", self.start, self.end)
     }
 
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+    pub fn contains(&self, ip: A) -> bool {
         ip >= self.start && ip <= self.end && ip != self.gateway
     }
 
     /// Every candidate once, starting right after `last` (or at the start), wrapping around.
-    fn candidates(&self, last: Option<Ipv4Addr>) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        let (s, e) = (u32::from(self.start), u32::from(self.end));
+    /// Lazy: an IPv6 /64 is never walked further than to the first free address.
+    fn candidates(&self, last: Option<A>) -> impl Iterator<Item = A> + '_ {
+        let (s, e) = (self.start.to_int(), self.end.to_int());
+        // At most 2^128 - 2 (the first and last addresses are never in a pool): no overflow.
         let n = e - s + 1;
-        let first = match last.map(u32::from) {
+        let first = match last.map(A::to_int) {
             Some(l) if l >= s && l < e => l + 1 - s,
             _ => 0,
         };
         (0..n)
-            .map(move |i| Ipv4Addr::from(s + (first + i) % n))
+            .map(move |i| {
+                // (first + i) mod n without the sum overflowing u128.
+                let off = if i < n - first {
+                    first + i
+                } else {
+                    i - (n - first)
+                };
+                A::from_int(s + off)
+            })
             .filter(move |ip| *ip != self.gateway)
     }
 }
@@ -300,15 +367,18 @@ fn io_err<D: Dir + ?Sized>(
 
 /// Gives `owner` an address: `requested` if set (it must be in the pool and free, or already
 /// this owner's), else the next free one after the last handed out.
-pub fn allocate<D: Dir + ?Sized>(
+pub fn allocate<D: Dir + ?Sized, A: Family>(
     dir: &mut D,
-    pool: &Pool,
+    pool: &Pool<A>,
     owner: &Attachment,
-    requested: Option<Ipv4Addr>,
-) -> Result<Ipv4Addr, IpamError> {
+    requested: Option<A>,
+) -> Result<A, IpamError> {
     let rec = record(owner);
     if let Some(ip) = requested {
-        let refuse = |reason: String| IpamError::Requested { ip, reason };
+        let refuse = |reason: String| IpamError::Requested {
+            ip: ip.into(),
+            reason,
+        };
         if ip == pool.gateway {
             return Err(refuse(format!("it is the gateway of {}", pool.subnet)));
         }
@@ -338,33 +408,66 @@ pub fn allocate<D: Dir + ?Sized>(
         return Ok(ip);
     }
     let last = dir
-        .read(LAST_RESERVED)
-        .map_err(io_err(dir, format!("reading {LAST_RESERVED}")))?
+        .read(A::LAST_RESERVED)
+        .map_err(io_err(dir, format!("reading {}", A::LAST_RESERVED)))?
         .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.trim().parse::<Ipv4Addr>().ok());
+        .and_then(|s| s.trim().parse::<A>().ok());
     for ip in pool.candidates(last) {
         let name = ip.to_string();
         if dir
             .create_new(&name, &rec)
             .map_err(io_err(dir, format!("creating {name}")))?
         {
-            dir.write(LAST_RESERVED, name.as_bytes())
-                .map_err(io_err(dir, format!("writing {LAST_RESERVED}")))?;
+            dir.write(A::LAST_RESERVED, name.as_bytes())
+                .map_err(io_err(dir, format!("writing {}", A::LAST_RESERVED)))?;
             return Ok(ip);
         }
     }
     Err(IpamError::Exhausted {
-        subnet: pool.subnet,
+        subnet: pool.subnet.to_string(),
         range: pool.describe(),
         store: dir.location().display().to_string(),
     })
 }
 
-/// Every address record: (address, holder; `None` for an empty or unreadable record).
-pub fn records<D: Dir + ?Sized>(dir: &D) -> Result<Vec<(Ipv4Addr, Option<Attachment>)>, IpamError> {
+/// One address of each family for `owner`: the IPv4 one, then the IPv6 one when `pool6` is
+/// set. When the second fails the first is released before the error is returned, so a
+/// failed dual-stack allocation leaves no record of either family. (A crash between the two
+/// leaves a record of the first, as a crash after a single-family allocation does: GC or the
+/// owner's DEL releases it.)
+pub fn allocate_dual<D: Dir + ?Sized>(
+    dir: &mut D,
+    pool: &Pool,
+    pool6: Option<&Pool6>,
+    owner: &Attachment,
+    requested: Option<Ipv4Addr>,
+    requested6: Option<Ipv6Addr>,
+) -> Result<(Ipv4Addr, Option<Ipv6Addr>), IpamError> {
+    // An address this owner held before the call (an ADD repeated with a requested address)
+    // is not released on the way out: it was not this call's to give back.
+    let had = held_by(dir, owner)?;
+    let v4 = allocate(dir, pool, owner, requested)?;
+    let Some(pool6) = pool6 else {
+        return Ok((v4, None));
+    };
+    match allocate(dir, pool6, owner, requested6) {
+        Ok(v6) => Ok((v4, Some(v6))),
+        Err(e) => {
+            if !had.contains(&IpAddr::V4(v4)) {
+                // Best effort: the error of the IPv6 half is what the caller must see.
+                let _ = release_ip(dir, v4, owner);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Every address record of both families: (address, holder; `None` for an empty or
+/// unreadable record). IPv4 ones sort first.
+pub fn records<D: Dir + ?Sized>(dir: &D) -> Result<Vec<(IpAddr, Option<Attachment>)>, IpamError> {
     let mut out = Vec::new();
     for name in dir.list().map_err(io_err(dir, "listing"))? {
-        let Ok(ip) = name.parse::<Ipv4Addr>() else {
+        let Ok(ip) = name.parse::<IpAddr>() else {
             continue;
         };
         let owner = dir
@@ -377,8 +480,8 @@ pub fn records<D: Dir + ?Sized>(dir: &D) -> Result<Vec<(Ipv4Addr, Option<Attachm
     Ok(out)
 }
 
-/// The addresses `owner` holds.
-pub fn held_by<D: Dir + ?Sized>(dir: &D, owner: &Attachment) -> Result<Vec<Ipv4Addr>, IpamError> {
+/// The addresses `owner` holds, of both families.
+pub fn held_by<D: Dir + ?Sized>(dir: &D, owner: &Attachment) -> Result<Vec<IpAddr>, IpamError> {
     Ok(records(dir)?
         .into_iter()
         .filter(|(_, o)| o.as_ref() == Some(owner))
@@ -386,11 +489,11 @@ pub fn held_by<D: Dir + ?Sized>(dir: &D, owner: &Attachment) -> Result<Vec<Ipv4A
         .collect())
 }
 
-/// Releases every address `owner` holds; returns them.
+/// Releases every address `owner` holds, of both families; returns them.
 pub fn release_owner<D: Dir + ?Sized>(
     dir: &mut D,
     owner: &Attachment,
-) -> Result<Vec<Ipv4Addr>, IpamError> {
+) -> Result<Vec<IpAddr>, IpamError> {
     let ips = held_by(dir, owner)?;
     for ip in &ips {
         let name = ip.to_string();
@@ -403,10 +506,10 @@ pub fn release_owner<D: Dir + ?Sized>(
 /// Releases `ip` if `owner` still holds it (a rolled-back ADD).
 pub fn release_ip<D: Dir + ?Sized>(
     dir: &mut D,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     owner: &Attachment,
 ) -> Result<bool, IpamError> {
-    let name = ip.to_string();
+    let name = ip.into().to_string();
     let holder = dir
         .read(&name)
         .map_err(io_err(dir, format!("reading {name}")))?
@@ -421,9 +524,9 @@ pub fn release_ip<D: Dir + ?Sized>(
 /// Which records GC releases: those whose holder is not a valid attachment (empty records, left
 /// by a plugin killed between creating and writing one, included). Pure.
 pub fn gc_plan(
-    records: &[(Ipv4Addr, Option<Attachment>)],
+    records: &[(IpAddr, Option<Attachment>)],
     valid: &BTreeSet<Attachment>,
-) -> Vec<(Ipv4Addr, Option<Attachment>)> {
+) -> Vec<(IpAddr, Option<Attachment>)> {
     records
         .iter()
         .filter(|(_, o)| o.as_ref().is_none_or(|o| !valid.contains(o)))
@@ -431,11 +534,11 @@ pub fn gc_plan(
         .collect()
 }
 
-/// Runs [`gc_plan`] and removes what it names; returns the released records.
+/// Runs [`gc_plan`] and removes what it names, of both families; returns the released records.
 pub fn gc<D: Dir + ?Sized>(
     dir: &mut D,
     valid: &BTreeSet<Attachment>,
-) -> Result<Vec<(Ipv4Addr, Option<Attachment>)>, IpamError> {
+) -> Result<Vec<(IpAddr, Option<Attachment>)>, IpamError> {
     let doomed = gc_plan(&records(dir)?, valid);
     for (ip, _) in &doomed {
         let name = ip.to_string();
@@ -591,11 +694,11 @@ mod tests {
         let ia1 = allocate(&mut d, &p, &a1, None).unwrap();
         let ib = allocate(&mut d, &p, &b, None).unwrap();
         assert!(!release_ip(&mut d, ib, &a).unwrap());
-        assert_eq!(release_owner(&mut d, &a).unwrap(), vec![ia]);
-        assert_eq!(release_owner(&mut d, &a).unwrap(), Vec::<Ipv4Addr>::new());
-        assert_eq!(held_by(&d, &a1).unwrap(), vec![ia1]);
+        assert_eq!(release_owner(&mut d, &a).unwrap(), vec![IpAddr::V4(ia)]);
+        assert_eq!(release_owner(&mut d, &a).unwrap(), Vec::<IpAddr>::new());
+        assert_eq!(held_by(&d, &a1).unwrap(), vec![IpAddr::V4(ia1)]);
         assert!(release_ip(&mut d, ib, &b).unwrap());
-        assert_eq!(held_by(&d, &b).unwrap(), Vec::<Ipv4Addr>::new());
+        assert_eq!(held_by(&d, &b).unwrap(), Vec::<IpAddr>::new());
     }
 
     #[test]
@@ -615,7 +718,10 @@ mod tests {
         let left: Vec<_> = records(&d).unwrap();
         assert_eq!(
             left,
-            vec![(ip("10.244.1.2"), Some(Attachment::new("keep", "eth0")))]
+            vec![(
+                IpAddr::V4(ip("10.244.1.2")),
+                Some(Attachment::new("keep", "eth0"))
+            )]
         );
         assert!(d.files.contains_key("junk") && d.files.contains_key(LAST_RESERVED));
     }
@@ -650,5 +756,184 @@ mod tests {
         let d = FsDir::lock(&path).unwrap();
         assert_eq!(records(&d).unwrap().len(), 1);
         assert!(path.join(LOCK).exists());
+    }
+
+    fn pool6(subnet: &str, gw: &str) -> Pool6 {
+        Pool::new(subnet.parse().unwrap(), gw.parse().unwrap(), None, None).unwrap()
+    }
+
+    fn ip6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_pool_skips_the_anycast_the_last_and_the_gateway() {
+        let p = pool6("fd00:10:244:3::/64", "fd00:10:244:3::1");
+        assert_eq!(p.start, ip6("fd00:10:244:3::1"));
+        assert_eq!(p.end, ip6("fd00:10:244:3:ffff:ffff:ffff:fffe"));
+        assert!(!p.contains(p.gateway));
+        let mut d = MemDir::default();
+        let a = allocate(&mut d, &p, &Attachment::new("a", "eth0"), None).unwrap();
+        let b = allocate(&mut d, &p, &Attachment::new("b", "eth0"), None).unwrap();
+        assert_eq!((a, b), (ip6("fd00:10:244:3::2"), ip6("fd00:10:244:3::3")));
+        // Its own hint file, so the IPv4 walk is not disturbed (host-local's `.1`).
+        assert_eq!(d.files[LAST_RESERVED_V6], b"fd00:10:244:3::3");
+        assert!(!d.files.contains_key(LAST_RESERVED));
+        assert_eq!(d.files["fd00:10:244:3::2"], b"a\r\neth0");
+    }
+
+    #[test]
+    fn ipv6_wraps_and_exhausts_in_a_small_subnet() {
+        // A /125: ::0 and ::7 out, ::1 the gateway, so ::2..::6.
+        let p = pool6("fd00::/125", "fd00::1");
+        let mut d = MemDir::default();
+        let got: Vec<_> = (0..5)
+            .map(|i| {
+                allocate(&mut d, &p, &Attachment::new(&format!("c{i}"), "eth0"), None).unwrap()
+            })
+            .collect();
+        assert_eq!(got.first(), Some(&ip6("fd00::2")));
+        assert_eq!(got.last(), Some(&ip6("fd00::6")));
+        let e = allocate(&mut d, &p, &Attachment::new("x", "eth0"), None).unwrap_err();
+        assert_eq!(e.code(), code::EXHAUSTED);
+        assert!(e.to_string().contains("fd00::/125"), "{e}");
+        release_ip(&mut d, ip6("fd00::3"), &Attachment::new("c1", "eth0")).unwrap();
+        let again = allocate(&mut d, &p, &Attachment::new("y", "eth0"), None).unwrap();
+        assert_eq!(again, ip6("fd00::3"));
+    }
+
+    /// Crafted prefixes and ranges: no panic, no overflow, an error naming the problem.
+    #[test]
+    fn ipv6_absurd_subnets_and_ranges() {
+        for tiny in ["fd00::/127", "fd00::/128"] {
+            let e = Pool::new(tiny.parse().unwrap(), ip6("fd00::1"), None, None).unwrap_err();
+            assert!(e.to_string().contains("too small"), "{tiny}: {e}");
+        }
+        // The whole address space: bounds at the very ends of u128.
+        let all = pool6("::/0", "::1");
+        assert_eq!(
+            (all.start, all.end),
+            (ip6("::1"), ip6("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"))
+        );
+        let mut d = MemDir::default();
+        assert_eq!(
+            allocate(&mut d, &all, &Attachment::new("a", "eth0"), None).unwrap(),
+            ip6("::2")
+        );
+        // A hint at the range's last address wraps to the start, not past the end.
+        d.files.insert(
+            LAST_RESERVED_V6.into(),
+            b"ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".to_vec(),
+        );
+        assert_eq!(
+            allocate(&mut d, &all, &Attachment::new("b", "eth0"), None).unwrap(),
+            ip6("::3")
+        );
+        let subnet: Ipv6Network = "fd00:1::/64".parse().unwrap();
+        let outside = Pool::new(subnet, ip6("fd00:1::1"), Some(ip6("fd00:2::5")), None);
+        assert!(outside
+            .unwrap_err()
+            .to_string()
+            .contains("rangeStart fd00:2::5"));
+        let anycast = Pool::new(subnet, ip6("fd00:1::1"), Some(ip6("fd00:1::")), None);
+        assert_eq!(anycast.unwrap_err().code(), code::INVALID_CONFIG);
+        let reversed = Pool::new(
+            subnet,
+            ip6("fd00:1::1"),
+            Some(ip6("fd00:1::9")),
+            Some(ip6("fd00:1::5")),
+        );
+        assert!(reversed
+            .unwrap_err()
+            .to_string()
+            .contains("rangeStart fd00:1::9 > rangeEnd"));
+        // Garbage (or an IPv4 address) in the IPv6 hint: start over, do not fail.
+        let p = pool6("fd00:1::/64", "fd00:1::1");
+        for junk in [&b"10.244.1.9"[..], b"\xff\xfe", b"fd00:1::zz"] {
+            let mut d = MemDir::default();
+            d.files.insert(LAST_RESERVED_V6.into(), junk.to_vec());
+            assert_eq!(
+                allocate(&mut d, &p, &Attachment::new("a", "eth0"), None).unwrap(),
+                ip6("fd00:1::2")
+            );
+        }
+    }
+
+    #[test]
+    fn dual_allocation_gives_one_of_each_or_nothing() {
+        let p4 = pool();
+        let p6 = pool6("fd00::/125", "fd00::1");
+        let mut d = MemDir::default();
+        let a = Attachment::new("a", "eth0");
+        let (v4, v6) = allocate_dual(&mut d, &p4, Some(&p6), &a, None, None).unwrap();
+        assert_eq!((v4, v6), (ip("10.244.1.2"), Some(ip6("fd00::2"))));
+        assert_eq!(
+            held_by(&d, &a).unwrap(),
+            vec![IpAddr::V4(v4), IpAddr::V6(ip6("fd00::2"))]
+        );
+        // v4-only: exactly the single-family path.
+        let b = Attachment::new("b", "eth0");
+        assert_eq!(
+            allocate_dual(&mut d, &p4, None, &b, None, None).unwrap(),
+            (ip("10.244.1.3"), None)
+        );
+        // Fill the IPv6 pool, then a dual ADD: IPv4 is taken, IPv6 fails, IPv4 is given back.
+        for i in 0..4 {
+            allocate(
+                &mut d,
+                &p6,
+                &Attachment::new(&format!("f{i}"), "eth0"),
+                None,
+            )
+            .unwrap();
+        }
+        let before = records(&d).unwrap();
+        let x = Attachment::new("x", "eth0");
+        let e = allocate_dual(&mut d, &p4, Some(&p6), &x, None, None).unwrap_err();
+        assert_eq!(e.code(), code::EXHAUSTED);
+        assert!(held_by(&d, &x).unwrap().is_empty());
+        assert_eq!(records(&d).unwrap(), before);
+        // A requested IPv6 address held by someone else fails the same way.
+        let e = allocate_dual(&mut d, &p4, Some(&p6), &x, None, Some(ip6("fd00::2"))).unwrap_err();
+        assert_eq!(e.code(), code::ADDRESS_UNAVAILABLE);
+        assert!(held_by(&d, &x).unwrap().is_empty());
+        // A repeated ADD whose IPv4 address was already this owner's keeps it on failure.
+        let e = allocate_dual(&mut d, &p4, Some(&p6), &a, Some(v4), Some(ip6("fd00::3")));
+        assert!(e.is_err());
+        assert!(held_by(&d, &a).unwrap().contains(&IpAddr::V4(v4)));
+    }
+
+    #[test]
+    fn release_and_gc_cover_both_families() {
+        let mut d = MemDir::default();
+        let p6 = pool6("fd00::/64", "fd00::1");
+        let a = Attachment::new("a", "eth0");
+        let k = Attachment::new("k", "eth0");
+        allocate_dual(&mut d, &pool(), Some(&p6), &a, None, None).unwrap();
+        allocate_dual(&mut d, &pool(), Some(&p6), &k, None, None).unwrap();
+        d.write("fd00::77", b"").unwrap(); // killed mid-write
+        let gone = gc(&mut d, &[k.clone()].into()).unwrap();
+        let names: Vec<_> = gone.iter().map(|(ip, _)| ip.to_string()).collect();
+        assert_eq!(names, ["10.244.1.2", "fd00::2", "fd00::77"]);
+        assert_eq!(release_owner(&mut d, &k).unwrap().len(), 2);
+        assert!(records(&d).unwrap().is_empty());
+    }
+
+    #[test]
+    fn fs_dir_holds_ipv6_records_as_host_local_names_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut d = FsDir::lock(tmp.path()).unwrap();
+        let p6 = pool6("fd00:10:244:3::/64", "fd00:10:244:3::1");
+        let a = Attachment::new("a", "eth0");
+        allocate_dual(&mut d, &pool(), Some(&p6), &a, None, None).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("fd00:10:244:3::2")).unwrap(),
+            "a\r\neth0"
+        );
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join(LAST_RESERVED_V6)).unwrap(),
+            "fd00:10:244:3::2"
+        );
+        assert_eq!(release_owner(&mut d, &a).unwrap().len(), 2);
     }
 }

@@ -139,7 +139,7 @@ pub fn check<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Erro
         let store = host.lock_store(&conf.store_dir())?;
         ipam::held_by(&store, &owner)?
     };
-    if let Some(a) = addrs.iter().find(|a| !held.contains(&a.ip())) {
+    if let Some(a) = addrs.iter().find(|a| !held.contains(&a.ip().into())) {
         return Err(fail(format!(
             "address {} is not recorded for this container in {}",
             a.ip(),

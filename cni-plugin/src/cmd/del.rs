@@ -75,7 +75,11 @@ pub fn del<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Error>
     if conf.ip_masq && !released.is_empty() {
         // Without subnet.env the rule cannot be named; the addresses are free all the same.
         if let Ok(node_env) = host.read_subnet_env(conf.subnet_file.as_deref()) {
-            for ip in released {
+            // The masquerade rule is IPv4's; an IPv6 address has none.
+            for ip in released.into_iter().filter_map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            }) {
                 host.masq_del(ip, node_env.network, &alias)?;
             }
         }

@@ -30,6 +30,10 @@ pub fn gc<H: Host>(host: &H, conf: &NetConf) -> Result<(), Error> {
     if conf.ip_masq {
         if let Ok(node_env) = host.read_subnet_env(conf.subnet_file.as_deref()) {
             for (ip, owner) in released {
+                // The masquerade rule is IPv4's; an IPv6 address has none.
+                let std::net::IpAddr::V4(ip) = ip else {
+                    continue;
+                };
                 if let Some(o) = owner {
                     let alias = plan::alias(&conf.name, &o.container_id, &o.ifname);
                     host.masq_del(ip, node_env.network, &alias)?;
