@@ -11,7 +11,7 @@ use super::error::NetlinkError;
 use super::events::{Change, Event, Events};
 use super::model::Tables;
 use super::op::Op;
-use super::types::{Addr, FdbEntry, Link, MacAddr, Neighbour, Route, VethSpec};
+use super::types::{Addr, Addr6, FdbEntry, Link, MacAddr, Neighbour, Route, Route6, VethSpec};
 
 type FailRule = Box<dyn Fn(&Op) -> Option<i32> + Send>;
 
@@ -19,6 +19,8 @@ type FailRule = Box<dyn Fn(&Op) -> Option<i32> + Send>;
 struct State {
     links: BTreeMap<u32, Link>,
     addrs: Vec<Addr>,
+    addrs6: Vec<Addr6>,
+    routes6: BTreeMap<ipnetwork::Ipv6Network, Route6>,
     tables: Tables,
     next_index: u32,
     log: Vec<Op>,
@@ -174,6 +176,19 @@ impl Fake {
             .filter(|a| ifindex.is_none_or(|i| a.ifindex == i))
             .copied()
             .collect()
+    }
+
+    pub(crate) fn addresses6(&self, ifindex: Option<u32>) -> Vec<Addr6> {
+        let s = self.lock();
+        s.addrs6
+            .iter()
+            .filter(|a| ifindex.is_none_or(|i| a.ifindex == i))
+            .copied()
+            .collect()
+    }
+
+    pub(crate) fn routes6(&self) -> Vec<Route6> {
+        self.lock().routes6.values().copied().collect()
     }
 
     pub(crate) fn neighbours(&self, ifindex: u32) -> Vec<Neighbour> {
@@ -412,6 +427,8 @@ impl State {
     fn remove_link(&mut self, index: u32) {
         self.links.remove(&index);
         self.addrs.retain(|a| a.ifindex != index);
+        self.addrs6.retain(|a| a.ifindex != index);
+        self.routes6.retain(|_, r| r.oif != Some(index));
         self.tables.drop_device(index);
     }
 
@@ -585,6 +602,58 @@ impl State {
                     Ok(())
                 }
             }
+            Op::Addr6Add {
+                ifindex,
+                addr,
+                nodad,
+            } => {
+                self.need_link(*ifindex)?;
+                self.addrs6
+                    .retain(|a| !(a.ifindex == *ifindex && a.net.ip() == addr.ip()));
+                self.addrs6.push(Addr6 {
+                    ifindex: *ifindex,
+                    net: *addr,
+                    // This kernel runs no DAD: an address added without `nodad` stays
+                    // tentative, so a caller that forgets it is caught by its tests.
+                    tentative: !*nodad,
+                });
+                Ok(())
+            }
+            Op::Addr6Del { ifindex, addr } => {
+                let before = self.addrs6.len();
+                self.addrs6
+                    .retain(|a| !(a.ifindex == *ifindex && a.net == *addr));
+                if self.addrs6.len() == before {
+                    Err(libc::EADDRNOTAVAIL)
+                } else {
+                    Ok(())
+                }
+            }
+            Op::Route6Replace(r) => {
+                if let Some(oif) = r.oif {
+                    self.need_link(oif)?;
+                }
+                // The kernel wants a gateway it can reach on the device: an address of the
+                // device whose prefix holds it.
+                if let Some(gw) = r.gateway {
+                    if !self
+                        .addrs6
+                        .iter()
+                        .any(|a| r.oif.is_none_or(|o| a.ifindex == o) && a.net.contains(gw))
+                    {
+                        return Err(libc::ENETUNREACH);
+                    }
+                }
+                self.routes6.insert(r.dst, *r);
+                Ok(())
+            }
+            Op::Route6Del(r) => match self.routes6.get(&r.dst) {
+                Some(have) if r.gateway.is_none_or(|g| have.gateway == Some(g)) => {
+                    self.routes6.remove(&r.dst);
+                    Ok(())
+                }
+                _ => Err(libc::ESRCH),
+            },
             Op::NeighReplace { ifindex, .. } | Op::FdbReplace { ifindex, .. } => {
                 self.need_link(*ifindex)?;
                 self.tables.apply(op)

@@ -27,7 +27,7 @@ pub use netns::{Netns, NetnsError};
 pub use op::Op;
 pub use real::Real;
 pub use types::{
-    Addr, BridgeSpec, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, VethSpec,
+    Addr, Addr6, BridgeSpec, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, Route6, VethSpec,
     VxlanAttrs, VxlanSpec,
 };
 
@@ -105,6 +105,16 @@ impl Netlink {
     /// IPv4 addresses of one link, or of all links with `None`, in kernel order (primary first).
     pub async fn addresses(&self, ifindex: Option<u32>) -> Result<Vec<Addr>, NetlinkError> {
         query!(self, addresses(ifindex))
+    }
+
+    /// IPv6 addresses of one link, or of all links with `None` (link-local ones included).
+    pub async fn addresses6(&self, ifindex: Option<u32>) -> Result<Vec<Addr6>, NetlinkError> {
+        query!(self, addresses6(ifindex))
+    }
+
+    /// IPv6 unicast routes of the main table (the kernel's own included).
+    pub async fn routes6(&self) -> Result<Vec<Route6>, NetlinkError> {
+        query!(self, routes6())
     }
 
     /// IPv4 neighbours (ARP entries) of a link, whatever their state.

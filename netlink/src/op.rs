@@ -4,9 +4,9 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::types::{BridgeSpec, MacAddr, Route, VethSpec, VxlanSpec};
+use super::types::{BridgeSpec, MacAddr, Route, Route6, VethSpec, VxlanSpec};
 
 /// One idempotent kernel change. Adds are replaces (`NLM_F_CREATE | NLM_F_REPLACE`) and deleting
 /// something already gone succeeds, so any op can be retried or re-applied after a crash.
@@ -84,6 +84,20 @@ pub enum Op {
         ifindex: u32,
         addr: Ipv4Network,
     },
+    /// An IPv6 address, usable at once: `nodad` skips duplicate address detection, for
+    /// addresses whose uniqueness an allocator already guarantees (a CNI plugin's store).
+    Addr6Add {
+        ifindex: u32,
+        addr: Ipv6Network,
+        nodad: bool,
+    },
+    Addr6Del {
+        ifindex: u32,
+        addr: Ipv6Network,
+    },
+    /// Main-table IPv6 route, keyed by its destination like [`Op::RouteReplace`].
+    Route6Replace(Route6),
+    Route6Del(Route6),
     /// Permanent ARP entry `ip lladdr mac dev ifindex`.
     NeighReplace {
         ifindex: u32,
@@ -120,6 +134,8 @@ impl Op {
             Op::LinkDel { .. }
                 | Op::LinkDelIndex { .. }
                 | Op::AddrDel { .. }
+                | Op::Addr6Del { .. }
+                | Op::Route6Del(_)
                 | Op::NeighDel { .. }
                 | Op::FdbDel { .. }
                 | Op::RouteDel(_)
@@ -131,9 +147,9 @@ impl Op {
     pub(crate) fn gone_errnos(&self) -> &'static [i32] {
         match self {
             Op::LinkDel { .. } | Op::LinkDelIndex { .. } => &[libc::ENODEV],
-            Op::AddrDel { .. } => &[libc::EADDRNOTAVAIL, libc::ENODEV],
+            Op::AddrDel { .. } | Op::Addr6Del { .. } => &[libc::EADDRNOTAVAIL, libc::ENODEV],
             Op::NeighDel { .. } | Op::FdbDel { .. } => &[libc::ENOENT, libc::ENODEV],
-            Op::RouteDel(_) => &[libc::ESRCH, libc::ENOENT, libc::ENODEV],
+            Op::RouteDel(_) | Op::Route6Del(_) => &[libc::ESRCH, libc::ENOENT, libc::ENODEV],
             _ => &[],
         }
     }
@@ -219,7 +235,37 @@ impl fmt::Display for Op {
             }
             Op::RouteReplace(r) => write!(f, "route replace {}", RouteText(r)),
             Op::RouteDel(r) => write!(f, "route del {}", RouteText(r)),
+            Op::Addr6Add {
+                ifindex,
+                addr,
+                nodad,
+            } => {
+                write!(f, "addr replace {addr} dev #{ifindex}")?;
+                if *nodad {
+                    write!(f, " nodad")?;
+                }
+                Ok(())
+            }
+            Op::Addr6Del { ifindex, addr } => write!(f, "addr del {addr} dev #{ifindex}"),
+            Op::Route6Replace(r) => write!(f, "route replace {}", Route6Text(r)),
+            Op::Route6Del(r) => write!(f, "route del {}", Route6Text(r)),
         }
+    }
+}
+
+struct Route6Text<'a>(&'a Route6);
+
+impl fmt::Display for Route6Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        write!(f, "{}", r.dst)?;
+        if let Some(gw) = r.gateway {
+            write!(f, " via {gw}")?;
+        }
+        if let Some(oif) = r.oif {
+            write!(f, " dev #{oif}")?;
+        }
+        Ok(())
     }
 }
 

@@ -8,16 +8,18 @@
 //! `ip -batch`).
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 
 use futures::stream::StreamExt;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
     NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
+};
 use rtnetlink::packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVxlan,
     LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -37,7 +39,7 @@ use rtnetlink::LinkVxlan;
 use super::error::NetlinkError;
 use super::netns::Netns;
 use super::op::Op;
-use super::types::{Addr, FdbEntry, Link, MacAddr, Neighbour, Route, VxlanAttrs};
+use super::types::{Addr, Addr6, FdbEntry, Link, MacAddr, Neighbour, Route, Route6, VxlanAttrs};
 
 /// Requests per `sendmsg`. Every request is acked, and all acks of a batch land in the receive
 /// buffer before we read any; a full buffer makes the kernel drop acks, which would leave their
@@ -265,6 +267,38 @@ impl Real {
                 _ => None,
             })
             .filter(|a| ifindex.is_none_or(|i| a.ifindex == i))
+            .collect())
+    }
+
+    pub(crate) async fn addresses6(&self, ifindex: Option<u32>) -> Result<Vec<Addr6>, NetlinkError> {
+        let mut q = AddressMessage::default();
+        q.header.family = AddressFamily::Inet6;
+        let msgs = self
+            .dump(RouteNetlinkMessage::GetAddress(q), "listing IPv6 addresses")
+            .await?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => parse_addr6(a),
+                _ => None,
+            })
+            .filter(|a| ifindex.is_none_or(|i| a.ifindex == i))
+            .collect())
+    }
+
+    /// All IPv6 unicast routes of the main table.
+    pub(crate) async fn routes6(&self) -> Result<Vec<Route6>, NetlinkError> {
+        let mut q = RouteMessage::default();
+        q.header.address_family = AddressFamily::Inet6;
+        let msgs = self
+            .dump(RouteNetlinkMessage::GetRoute(q), "listing IPv6 routes")
+            .await?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => parse_route6(r),
+                _ => None,
+            })
             .collect())
     }
 
@@ -534,6 +568,38 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
             RouteNetlinkMessage::DelAddress(addr_msg(*ifindex, addr)),
             PLAIN,
         ),
+        Op::Addr6Add {
+            ifindex,
+            addr,
+            nodad,
+        } => {
+            let mut m = addr6_msg(*ifindex, addr);
+            if *nodad {
+                // Both places: the header byte for older kernels, IFA_FLAGS for newer ones.
+                m.header.flags = AddressHeaderFlags::Nodad;
+                m.attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            (RouteNetlinkMessage::NewAddress(m), ADD)
+        }
+        Op::Addr6Del { ifindex, addr } => (
+            RouteNetlinkMessage::DelAddress(addr6_msg(*ifindex, addr)),
+            PLAIN,
+        ),
+        Op::Route6Replace(r) => {
+            let mut m = route6_msg(r);
+            m.header.protocol = RouteProtocol::from(Route::PROTO_STATIC);
+            m.header.scope = RouteScope::Universe;
+            m.header.kind = RouteType::Unicast;
+            (RouteNetlinkMessage::NewRoute(m), ADD)
+        }
+        Op::Route6Del(r) => {
+            let mut m = route6_msg(r);
+            m.header.scope = RouteScope::NoWhere;
+            m.header.kind = RouteType::Unspec;
+            m.header.protocol = RouteProtocol::Unspec;
+            (RouteNetlinkMessage::DelRoute(m), PLAIN)
+        }
         Op::NeighReplace { ifindex, ip, mac } => {
             let mut m = neigh_msg(AddressFamily::Inet, *ifindex);
             m.header.state = NeighbourState::Permanent;
@@ -617,6 +683,39 @@ fn addr_msg(ifindex: u32, addr: &Ipv4Network) -> AddressMessage {
     m.attributes.push(AddressAttribute::Local(addr.ip().into()));
     m.attributes
         .push(AddressAttribute::Address(addr.ip().into()));
+    m
+}
+
+fn addr6_msg(ifindex: u32, addr: &Ipv6Network) -> AddressMessage {
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet6;
+    m.header.prefix_len = addr.prefix();
+    m.header.scope = AddressScope::Universe;
+    m.header.index = ifindex;
+    m.attributes.push(AddressAttribute::Local(addr.ip().into()));
+    m.attributes
+        .push(AddressAttribute::Address(addr.ip().into()));
+    m
+}
+
+fn route6_msg(r: &Route6) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet6;
+    m.header.destination_prefix_length = r.dst.prefix();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    if r.dst.prefix() > 0 {
+        m.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet6(
+                r.dst.network(),
+            )));
+    }
+    if let Some(gw) = r.gateway {
+        m.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet6(gw)));
+    }
+    if let Some(oif) = r.oif {
+        m.attributes.push(RouteAttribute::Oif(oif));
+    }
     m
 }
 
@@ -803,5 +902,55 @@ pub(crate) fn parse_route(m: &RouteMessage) -> Option<Route> {
     }
     route.oif = route.oif.or(first_hop_oif);
     route.dst = Ipv4Network::new(dst, h.destination_prefix_length).ok()?;
+    Some(route)
+}
+
+pub(crate) fn parse_addr6(m: &AddressMessage) -> Option<Addr6> {
+    if m.header.family != AddressFamily::Inet6 {
+        return None;
+    }
+    let mut ip: Option<Ipv6Addr> = None;
+    // IFA_FLAGS (32 bits) when present, else the header's byte.
+    let mut tentative = m.header.flags.contains(AddressHeaderFlags::Tentative);
+    for attr in &m.attributes {
+        match attr {
+            AddressAttribute::Local(IpAddr::V6(a)) => ip = Some(*a),
+            AddressAttribute::Address(IpAddr::V6(a)) => ip = ip.or(Some(*a)),
+            AddressAttribute::Flags(f) => tentative = f.contains(AddressFlags::Tentative),
+            _ => {}
+        }
+    }
+    Some(Addr6 {
+        ifindex: m.header.index,
+        net: Ipv6Network::new(ip?, m.header.prefix_len).ok()?,
+        tentative,
+    })
+}
+
+pub(crate) fn parse_route6(m: &RouteMessage) -> Option<Route6> {
+    let h = &m.header;
+    if h.address_family != AddressFamily::Inet6 || h.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(h.table);
+    let mut dst = Ipv6Addr::UNSPECIFIED;
+    let mut route = Route6 {
+        dst: Ipv6Network::new(dst, 0).ok()?,
+        gateway: None,
+        oif: None,
+    };
+    for attr in &m.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => route.gateway = Some(*ip),
+            RouteAttribute::Oif(i) => route.oif = Some(*i),
+            _ => {}
+        }
+    }
+    if table != RT_TABLE_MAIN {
+        return None;
+    }
+    route.dst = Ipv6Network::new(dst, h.destination_prefix_length).ok()?;
     Some(route)
 }

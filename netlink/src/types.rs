@@ -2,10 +2,10 @@
 //! never on netlink messages, so it can be tested without a kernel.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// An Ethernet address. Text form is lowercase `aa:bb:cc:dd:ee:ff`, the spelling flannel puts in
@@ -181,6 +181,24 @@ pub struct VethSpec {
     pub mtu: Option<u32>,
     pub mac: Option<MacAddr>,
     pub peer_mac: Option<MacAddr>,
+}
+
+/// An IPv6 address on a device, with its prefix length; `tentative` while duplicate address
+/// detection runs (the kernel neither sends from it nor accepts traffic to it until it ends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr6 {
+    pub ifindex: u32,
+    pub net: Ipv6Network,
+    pub tentative: bool,
+}
+
+/// An IPv6 unicast route of the main table, as the CNI plugin writes and checks them: a
+/// destination, a next hop, a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route6 {
+    pub dst: Ipv6Network,
+    pub gateway: Option<Ipv6Addr>,
+    pub oif: Option<u32>,
 }
 
 /// An IPv4 address on a device; `net` is the address with its prefix length (`10.244.3.0/32`).
