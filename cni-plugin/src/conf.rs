@@ -2,9 +2,10 @@
 //! (`runtimeConfig`, `prevResult`, GC's attachment list), parsed and validated.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -31,6 +32,7 @@ struct Raw {
     detached_delete: Option<bool>,
     range_start: Option<Ipv4Addr>,
     range_end: Option<Ipv4Addr>,
+    ranges: Option<Vec<Vec<RawRange>>>,
     dns: Option<Value>,
     ipam: Option<Value>,
     runtime_config: Option<Value>,
@@ -65,6 +67,141 @@ impl ConfError {
             ConfError::Invalid { .. } => code::INVALID_CONFIG,
             ConfError::Ipam => code::UNSUPPORTED_FIELD,
         }
+    }
+}
+
+/// One range of host-local's `ranges` (the shape flannel's plugin hands its delegate).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRange {
+    subnet: IpNetwork,
+    #[serde(default, rename = "rangeStart")]
+    range_start: Option<IpAddr>,
+    #[serde(default, rename = "rangeEnd")]
+    range_end: Option<IpAddr>,
+    #[serde(default)]
+    gateway: Option<IpAddr>,
+}
+
+/// A range set of `ranges`, of one family: the node subnet it names (checked against
+/// subnet.env at ADD), and the optional narrowing and gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeSpec<N, A> {
+    pub subnet: N,
+    pub start: Option<A>,
+    pub end: Option<A>,
+    pub gateway: Option<A>,
+}
+
+pub type RangeV4 = RangeSpec<Ipv4Network, Ipv4Addr>;
+pub type RangeV6 = RangeSpec<Ipv6Network, Ipv6Addr>;
+
+/// `ranges`: at most one set per family, each of one range. `None` when the key is absent:
+/// then the families are subnet.env's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ranges {
+    pub v4: Option<RangeV4>,
+    pub v6: Option<RangeV6>,
+}
+
+/// The longest IPv6 prefix a node subnet can have and still hold the gateway and a container
+/// (see `ipam::Pool`); also what keeps a crafted `/128` out.
+const MAX_V6_PREFIX: u8 = 126;
+
+impl Ranges {
+    fn parse(sets: Vec<Vec<RawRange>>) -> Result<Ranges, String> {
+        if sets.is_empty() {
+            return Err("empty: give one range set per family, or leave \"ranges\" out".into());
+        }
+        let mut out = Ranges::default();
+        for (i, set) in sets.into_iter().enumerate() {
+            let [r]: [RawRange; 1] = set.try_into().map_err(|set: Vec<RawRange>| {
+                format!(
+                    "set {i} has {} ranges; tweed takes exactly one per set (the node's subnet)",
+                    set.len()
+                )
+            })?;
+            let same_family = |name: &str, ip: Option<IpAddr>| match ip {
+                Some(ip) if ip.is_ipv4() != r.subnet.is_ipv4() => Err(format!(
+                    "set {i}: {name} {ip} is not of the family of subnet {}",
+                    r.subnet
+                )),
+                Some(ip) if !r.subnet.contains(ip) => Err(format!(
+                    "set {i}: {name} {ip} is outside subnet {}",
+                    r.subnet
+                )),
+                _ => Ok(()),
+            };
+            same_family("rangeStart", r.range_start)?;
+            same_family("rangeEnd", r.range_end)?;
+            same_family("gateway", r.gateway)?;
+            if r.subnet.ip() != r.subnet.network() {
+                return Err(format!(
+                    "set {i}: subnet {} has host bits set (write {}/{})",
+                    r.subnet,
+                    r.subnet.network(),
+                    r.subnet.prefix()
+                ));
+            }
+            if let (Some(a), Some(b)) = (r.range_start, r.range_end) {
+                if a > b {
+                    return Err(format!("set {i}: rangeEnd {b} comes before rangeStart {a}"));
+                }
+            }
+            let v4 = |ip: Option<IpAddr>| match ip {
+                Some(IpAddr::V4(a)) => Some(a),
+                _ => None,
+            };
+            let v6 = |ip: Option<IpAddr>| match ip {
+                Some(IpAddr::V6(a)) => Some(a),
+                _ => None,
+            };
+            match r.subnet {
+                IpNetwork::V4(subnet) => {
+                    if out.v4.is_some() {
+                        return Err(format!(
+                            "set {i}: a second IPv4 range set; tweed gives one address per family"
+                        ));
+                    }
+                    if subnet.prefix() > 30 {
+                        return Err(format!(
+                            "set {i}: subnet {subnet} is too small for a gateway and containers"
+                        ));
+                    }
+                    out.v4 = Some(RangeSpec {
+                        subnet,
+                        start: v4(r.range_start),
+                        end: v4(r.range_end),
+                        gateway: v4(r.gateway),
+                    });
+                }
+                IpNetwork::V6(subnet) => {
+                    if out.v6.is_some() {
+                        return Err(format!(
+                            "set {i}: a second IPv6 range set; tweed gives one address per family"
+                        ));
+                    }
+                    if subnet.prefix() > MAX_V6_PREFIX {
+                        return Err(format!(
+                            "set {i}: subnet {subnet} is too small for a gateway and containers"
+                        ));
+                    }
+                    out.v6 = Some(RangeSpec {
+                        subnet,
+                        start: v6(r.range_start),
+                        end: v6(r.range_end),
+                        gateway: v6(r.gateway),
+                    });
+                }
+            }
+        }
+        if out.v4.is_none() {
+            return Err(
+                "no IPv4 range set: IPv6-only attachments are not supported by the plugin yet"
+                    .into(),
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -109,6 +246,8 @@ pub struct NetConf {
     pub detached_delete: bool,
     pub range_start: Option<Ipv4Addr>,
     pub range_end: Option<Ipv4Addr>,
+    /// host-local's `ranges`, as flannel's plugin passes them: `[[{"subnet":v4}],[{"subnet":v6}]]`.
+    pub ranges: Option<Ranges>,
     pub dns: Option<Value>,
     pub runtime_config: RuntimeConfig,
     pub prev_result: Option<Value>,
@@ -140,6 +279,7 @@ impl NetConf {
             detached_delete: get(obj, "detachedDelete")?,
             range_start: get(obj, "rangeStart")?,
             range_end: get(obj, "rangeEnd")?,
+            ranges: get(obj, "ranges")?,
             dns: get(obj, "dns")?,
             ipam: get(obj, "ipam")?,
             runtime_config: get(obj, "runtimeConfig")?,
@@ -191,6 +331,16 @@ impl NetConf {
                 ));
             }
         }
+        let ranges = match raw.ranges {
+            None => None,
+            Some(sets) => Some(Ranges::parse(sets).map_err(|r| invalid("ranges", &r))?),
+        };
+        if ranges.is_some() && (raw.range_start.is_some() || raw.range_end.is_some()) {
+            return Err(invalid(
+                "ranges",
+                "give either \"ranges\" or the top-level rangeStart/rangeEnd, not both",
+            ));
+        }
         if let Some(dns) = &raw.dns {
             if !dns.is_object() {
                 return Err(invalid("dns", "not an object"));
@@ -222,6 +372,7 @@ impl NetConf {
             detached_delete: raw.detached_delete.unwrap_or(true),
             range_start: raw.range_start,
             range_end: raw.range_end,
+            ranges,
             dns: raw.dns,
             runtime_config,
             prev_result,
@@ -358,5 +509,114 @@ mod tests {
             assert_eq!(e.code(), *want, "{text}: {e}");
             assert!(e.to_string().contains(needle), "{text}: {e}");
         }
+    }
+
+    fn ranges(sets: &str) -> Result<NetConf, ConfError> {
+        parse(&format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","ranges":{sets}}}"#
+        ))
+    }
+
+    #[test]
+    fn flannels_dual_stack_ranges() {
+        let c =
+            ranges(r#"[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244:3::/64"}]]"#).unwrap();
+        let r = c.ranges.unwrap();
+        assert_eq!(r.v4.unwrap().subnet, "10.244.3.0/24".parse().unwrap());
+        assert_eq!(r.v6.unwrap().subnet, "fd00:10:244:3::/64".parse().unwrap());
+        // Order does not decide the family: the subnet does.
+        let swapped = ranges(r#"[[{"subnet":"fd00::/64"}],[{"subnet":"10.1.0.0/24"}]]"#).unwrap();
+        assert!(swapped.ranges.unwrap().v6.is_some());
+        let narrowed = ranges(
+            r#"[[{"subnet":"10.1.0.0/24"}],[{"subnet":"fd00::/64","rangeStart":"fd00::10","rangeEnd":"fd00::20","gateway":"fd00::1"}]]"#,
+        )
+        .unwrap();
+        let v6 = narrowed.ranges.unwrap().v6.unwrap();
+        assert_eq!(v6.start, Some("fd00::10".parse().unwrap()));
+        assert_eq!(v6.gateway, Some("fd00::1".parse().unwrap()));
+        assert_eq!(
+            parse(r#"{"cniVersion":"1.0.0","name":"n"}"#)
+                .unwrap()
+                .ranges,
+            None
+        );
+    }
+
+    /// Crafted `ranges`: every one an INVALID_CONFIG (or DECODE-free) error naming "ranges".
+    #[test]
+    fn hostile_ranges() {
+        let v4 = r#"[{"subnet":"10.1.0.0/24"}]"#;
+        for (sets, needle) in [
+            ("[]".to_string(), "empty"),
+            (r#"[[]]"#.to_string(), "has 0 ranges"),
+            (
+                format!(r#"[[{{"subnet":"10.1.0.0/24"}},{{"subnet":"10.2.0.0/24"}}]]"#),
+                "has 2 ranges",
+            ),
+            // Two sets of one family: an IPv4 range in flannel's IPv6 slot.
+            (
+                format!(r#"[{v4},[{{"subnet":"10.9.0.0/24"}}]]"#),
+                "second IPv4",
+            ),
+            (
+                format!(r#"[{v4},[{{"subnet":"fd00::/64"}}],[{{"subnet":"fd01::/64"}}]]"#),
+                "second IPv6",
+            ),
+            (r#"[[{"subnet":"fd00::/64"}]]"#.to_string(), "no IPv4"),
+            // Absurd prefixes.
+            (format!(r#"[{v4},[{{"subnet":"fd00::/129"}}]]"#), "ranges"),
+            (
+                format!(r#"[{v4},[{{"subnet":"fd00::/128"}}]]"#),
+                "too small",
+            ),
+            (
+                format!(r#"[{v4},[{{"subnet":"fd00::/127"}}]]"#),
+                "too small",
+            ),
+            (r#"[[{"subnet":"10.1.0.0/33"}]]"#.to_string(), "ranges"),
+            (r#"[[{"subnet":"10.1.0.0/31"}]]"#.to_string(), "too small"),
+            (r#"[[{"subnet":"10.1.0.0/-1"}]]"#.to_string(), "ranges"),
+            (
+                format!(r#"[{v4},[{{"subnet":"fd00::1/64"}}]]"#),
+                "host bits",
+            ),
+            // Addresses of the other family or outside the subnet.
+            (
+                format!(r#"[{v4},[{{"subnet":"fd00::/64","rangeStart":"10.1.0.5"}}]]"#),
+                "not of the family",
+            ),
+            (
+                format!(r#"[{v4},[{{"subnet":"fd00::/64","gateway":"fd01::1"}}]]"#),
+                "outside subnet",
+            ),
+            (
+                r#"[[{"subnet":"10.1.0.0/24","rangeEnd":"fd00::1"}]]"#.to_string(),
+                "not of the family",
+            ),
+            (
+                format!(
+                    r#"[{v4},[{{"subnet":"fd00::/64","rangeStart":"fd00::9","rangeEnd":"fd00::2"}}]]"#
+                ),
+                "comes before",
+            ),
+            // Wrong shapes and unknown keys (a typo must not silently widen the range).
+            (r#"{"subnet":"10.1.0.0/24"}"#.to_string(), "ranges"),
+            (
+                r#"[[{"subnet":"10.1.0.0/24","rangestart":"10.1.0.9"}]]"#.to_string(),
+                "rangestart",
+            ),
+            (r#"[[{"subnet":12}]]"#.to_string(), "ranges"),
+            (r#"[[{}]]"#.to_string(), "subnet"),
+        ] {
+            let e = ranges(&sets).unwrap_err();
+            assert_eq!(e.code(), code::INVALID_CONFIG, "{sets}: {e}");
+            assert!(e.to_string().contains("\"ranges\""), "{sets}: {e}");
+            assert!(e.to_string().contains(needle), "{sets}: {e}");
+        }
+        let both = parse(&format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","rangeStart":"10.1.0.5","ranges":[{v4}]}}"#
+        ))
+        .unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
     }
 }

@@ -3,13 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use tweed_config::subnet_env::SubnetEnvError;
 use tweed_config::SubnetEnv;
 
 use crate::code;
 use crate::conf::NetConf;
-use crate::ipam::{IpamError, Pool};
+use crate::ipam::{IpamError, Pool, Pool6};
 use crate::plan::BridgeWant;
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/tweed/subnet.env";
@@ -81,6 +81,17 @@ pub struct Node {
     pub subnet: Ipv4Network,
     /// `mtu` of the configuration, else subnet.env's.
     pub mtu: u32,
+    /// The IPv6 half of a dual-stack lease (subnet.env's `*_IPV6_NETWORK` / `*_IPV6_SUBNET`).
+    pub v6: Option<Node6>,
+}
+
+/// The node's IPv6 share, as [`Node`]'s IPv4 fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Node6 {
+    pub network: Ipv6Network,
+    /// The first address with the subnet's prefix, e.g. `fd00:10:244:3::1/64`: on the bridge.
+    pub gateway: Ipv6Network,
+    pub subnet: Ipv6Network,
 }
 
 impl Node {
@@ -90,20 +101,88 @@ impl Node {
             gateway: env.subnet,
             subnet: env.node_subnet(),
             mtu: conf.mtu.unwrap_or(env.mtu),
+            v6: env.ipv6.as_ref().map(|v6| Node6 {
+                network: v6.network,
+                gateway: v6.subnet,
+                subnet: v6.node_subnet(),
+            }),
         }
     }
 
+    /// The IPv4 pool: the node subnet, narrowed by `rangeStart`/`rangeEnd` or by the IPv4 set
+    /// of `ranges`, which must name this node's subnet (and gateway, if it names one).
     pub fn pool(&self, conf: &NetConf) -> Result<Pool, IpamError> {
-        Pool::new(
-            self.subnet,
-            self.gateway.ip(),
-            conf.range_start,
-            conf.range_end,
-        )
+        let (start, end) = match conf.ranges.and_then(|r| r.v4) {
+            Some(r) => {
+                same_subnet(r.subnet, self.subnet, r.gateway, self.gateway.ip())?;
+                (r.start, r.end)
+            }
+            None => (conf.range_start, conf.range_end),
+        };
+        Pool::new(self.subnet, self.gateway.ip(), start, end)
+    }
+
+    /// The IPv6 pool when this attachment is dual-stack: `ranges` has an IPv6 set, or (no
+    /// `ranges`) subnet.env has the IPv6 pair. `ranges` asking for IPv6 on a node without an
+    /// IPv6 lease, or for another subnet than the node's, is a configuration error: an address
+    /// outside the node's lease would be unreachable from the other nodes.
+    pub fn pool6(&self, conf: &NetConf) -> Result<Option<Pool6>, IpamError> {
+        let spec = match conf.ranges {
+            Some(r) => match r.v6 {
+                Some(spec) => Some(spec),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let Some(n6) = self.v6 else {
+            return match spec {
+                Some(s) => Err(IpamError::Range(format!(
+                    "\"ranges\" asks for IPv6 ({}), but this node's subnet.env has no IPv6 \
+                     subnet (TWEED_IPV6_SUBNET / FLANNEL_IPV6_SUBNET): is EnableIPv6 set and \
+                     does the node have an IPv6 lease?",
+                    s.subnet
+                ))),
+                None => Ok(None),
+            };
+        };
+        let (start, end) = match spec {
+            Some(s) => {
+                same_subnet(s.subnet, n6.subnet, s.gateway, n6.gateway.ip())?;
+                (s.start, s.end)
+            }
+            None => (None, None),
+        };
+        Pool::new(n6.subnet, n6.gateway.ip(), start, end).map(Some)
+    }
+
+    pub fn bridge6(&self) -> Option<Ipv6Network> {
+        self.v6.map(|v| v.gateway)
     }
 
     pub fn bridge(&self, conf: &NetConf) -> BridgeWant {
         BridgeWant::new(&conf.bridge, self.mtu, self.gateway)
+    }
+}
+
+/// A `ranges` set must name the node's own subnet and gateway: the lease is the node's only
+/// share of the overlay.
+fn same_subnet<N: PartialEq + std::fmt::Display, A: PartialEq + std::fmt::Display>(
+    asked: N,
+    node: N,
+    gateway: Option<A>,
+    node_gateway: A,
+) -> Result<(), IpamError> {
+    if asked != node {
+        return Err(IpamError::Range(format!(
+            "\"ranges\" names subnet {asked}, but this node's subnet is {node}"
+        )));
+    }
+    match gateway {
+        Some(g) if g != node_gateway => Err(IpamError::Range(format!(
+            "\"ranges\" names gateway {g}, but this node's gateway (the bridge's address) is \
+             {node_gateway}"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -136,8 +215,8 @@ mod tests {
         );
     }
 
-    /// A flannel dual-stack node's file: the plugin reads it (the IPv6 pair parsed and kept for
-    /// the dual-stack IPAM to come) and sets up exactly the IPv4 node it did before.
+    /// A flannel dual-stack node's file: the plugin reads it and sets up exactly the IPv4 node
+    /// it did before, plus the IPv6 half.
     #[test]
     fn flannels_dual_stack_file_gives_the_same_ipv4_node() {
         let p = Path::new(FLANNEL_SUBNET_FILE);
@@ -148,7 +227,14 @@ mod tests {
             SubnetEnv::parse(p, dual).unwrap(),
         );
         let c = conf("");
-        assert_eq!(Node::new(&e6, &c), Node::new(&e4, &c));
+        let (mut n6, n4) = (Node::new(&e6, &c), Node::new(&e4, &c));
+        assert!(n4.v6.is_none() && n6.v6.is_some());
+        assert_eq!(n4.pool6(&c).unwrap(), None);
+        let p6 = n6.pool6(&c).unwrap().unwrap();
+        assert_eq!(p6.gateway.to_string(), "fd00:10:244:3::1");
+        assert_eq!(p6.start.to_string(), "fd00:10:244:3::1");
+        n6.v6 = None;
+        assert_eq!(n6, n4);
         assert_eq!(
             Node::new(&e6, &c).pool(&c).unwrap(),
             Node::new(&e4, &c).pool(&c).unwrap()
@@ -213,5 +299,71 @@ mod tests {
         assert_eq!((b.name.as_str(), b.gateway), ("br9", n.gateway));
         let outside = conf(r#","rangeStart":"10.244.9.1""#);
         assert_eq!(n.pool(&outside).unwrap_err().code(), code::INVALID_CONFIG);
+    }
+
+    fn dual_env() -> SubnetEnv {
+        SubnetEnv::parse(
+            Path::new("/s"),
+            "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.3.1/24\nTWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:3::1/64\nTWEED_MTU=1450\n",
+        )
+        .unwrap()
+    }
+
+    /// `ranges` decides the families; each set must be this node's own subnet and gateway.
+    #[test]
+    fn ranges_pick_the_families_and_must_name_the_nodes_subnets() {
+        let r = |sets: &str| conf(&format!(r#","ranges":{sets}"#));
+        let both = r(
+            r#"[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244:3::/64","rangeStart":"fd00:10:244:3::100"}]]"#,
+        );
+        let n = Node::new(&dual_env(), &both);
+        assert_eq!(n.pool(&both).unwrap(), n.pool(&conf("")).unwrap());
+        assert_eq!(
+            n.pool6(&both).unwrap().unwrap().start.to_string(),
+            "fd00:10:244:3::100"
+        );
+        // Only an IPv4 set on a dual-stack node: a v4-only attachment.
+        let v4 = r(r#"[[{"subnet":"10.244.3.0/24","rangeStart":"10.244.3.50"}]]"#);
+        assert_eq!(n.pool6(&v4).unwrap(), None);
+        assert_eq!(n.pool(&v4).unwrap().start.to_string(), "10.244.3.50");
+        // An IPv6 set on a v4-only node.
+        let e = Node::new(&env(), &both).pool6(&both).unwrap_err();
+        assert_eq!(e.code(), code::INVALID_CONFIG);
+        assert!(e.to_string().contains("no IPv6 subnet"), "{e}");
+        for (sets, needle) in [
+            // Another node's IPv6 subnet, inside the overlay network.
+            (
+                r#"[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244:4::/64"}]]"#,
+                "fd00:10:244:4::/64",
+            ),
+            // The whole overlay network rather than the node's share.
+            (
+                r#"[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244::/56"}]]"#,
+                "fd00:10:244::/56",
+            ),
+            // Outside the network altogether.
+            (
+                r#"[[{"subnet":"10.244.3.0/24"}],[{"subnet":"2001:db8::/64"}]]"#,
+                "2001:db8::/64",
+            ),
+            (
+                r#"[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244:3::/64","gateway":"fd00:10:244:3::9"}]]"#,
+                "gateway fd00:10:244:3::9",
+            ),
+        ] {
+            let e = n.pool6(&r(sets)).unwrap_err();
+            assert_eq!(e.code(), code::INVALID_CONFIG, "{sets}");
+            assert!(e.to_string().contains(needle), "{sets}: {e}");
+        }
+        for sets in [
+            r#"[[{"subnet":"10.244.4.0/24"}]]"#,
+            r#"[[{"subnet":"10.244.3.0/24","gateway":"10.244.3.7"}]]"#,
+        ] {
+            assert_eq!(
+                n.pool(&r(sets)).unwrap_err().code(),
+                code::INVALID_CONFIG,
+                "{sets}"
+            );
+        }
     }
 }

@@ -27,8 +27,8 @@ pub use netns::{Netns, NetnsError};
 pub use op::Op;
 pub use real::Real;
 pub use types::{
-    Addr, Addr6, BridgeSpec, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, Route6, VethSpec,
-    VxlanAttrs, VxlanSpec,
+    Addr, Addr6, BridgeSpec, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, Route6,
+    VethSpec, VxlanAttrs, VxlanSpec,
 };
 
 /// A handle on the kernel's routing tables; cheap to clone (clones share the socket or the fake).

@@ -270,7 +270,10 @@ impl Real {
             .collect())
     }
 
-    pub(crate) async fn addresses6(&self, ifindex: Option<u32>) -> Result<Vec<Addr6>, NetlinkError> {
+    pub(crate) async fn addresses6(
+        &self,
+        ifindex: Option<u32>,
+    ) -> Result<Vec<Addr6>, NetlinkError> {
         let mut q = AddressMessage::default();
         q.header.family = AddressFamily::Inet6;
         let msgs = self
