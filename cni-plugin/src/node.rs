@@ -155,10 +155,6 @@ impl Node {
         Pool::new(n6.subnet, n6.gateway.ip(), start, end).map(Some)
     }
 
-    pub fn bridge6(&self) -> Option<Ipv6Network> {
-        self.v6.map(|v| v.gateway)
-    }
-
     pub fn bridge(&self, conf: &NetConf) -> BridgeWant {
         BridgeWant::new(&conf.bridge, self.mtu, self.gateway)
     }

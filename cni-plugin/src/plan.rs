@@ -2,11 +2,11 @@
 //! of an attachment. Nothing here touches the kernel, so all of it is unit-tested.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use sha2::{Digest, Sha256};
-use tweed_netlink::{BridgeSpec, Link, MacAddr, Op, Route, VethSpec};
+use tweed_netlink::{BridgeSpec, Link, MacAddr, Op, Route, Route6, VethSpec};
 
 use crate::attachment::Attachment;
 
@@ -71,6 +71,8 @@ pub struct BridgeWant {
     pub mac: MacAddr,
     /// The gateway with the node subnet's prefix, e.g. 10.244.3.1/24.
     pub gateway: Ipv4Network,
+    /// The IPv6 gateway of a dual-stack attachment, e.g. fd00:10:244:3::1/64.
+    pub gateway6: Option<Ipv6Network>,
 }
 
 impl BridgeWant {
@@ -80,6 +82,7 @@ impl BridgeWant {
             mtu,
             mac: mac_for_ip(gateway.ip()),
             gateway,
+            gateway6: None,
         }
     }
 
@@ -127,6 +130,16 @@ pub fn bridge_fix_ops(observed: &Link, want: &BridgeWant) -> Vec<Op> {
         ifindex: observed.index,
         addr: want.gateway,
     });
+    if let Some(gw6) = want.gateway6 {
+        // Without DAD, like the containers' addresses (see `Attach6`): the gateway is the
+        // node lease's first address, unique by construction, and a tentative gateway would
+        // leave the first container's neighbour solicitations unanswered for a second or two.
+        ops.push(Op::Addr6Add {
+            ifindex: observed.index,
+            addr: gw6,
+            nodad: true,
+        });
+    }
     if !observed.up {
         ops.push(Op::LinkSetUp {
             name: want.name.clone(),
@@ -151,6 +164,22 @@ pub struct Attach {
     pub gateway: Ipv4Addr,
     pub network_cidr: Ipv4Network,
     pub default_route: bool,
+    /// The IPv6 half of a dual-stack attachment.
+    pub v6: Option<Attach6>,
+}
+
+/// A container's IPv6 address, gateway and overlay network. The address is added with DAD
+/// turned off (`IFA_F_NODAD`) rather than waited on: the IPAM store hands each address of the
+/// node's subnet to one attachment only and the subnet is this node's lease, so DAD could only
+/// delay the address (by `dad_transmits` × `retrans_time`, a second by default), never find a
+/// duplicate; and ADD must not return while the address is tentative, since the kernel drops
+/// traffic to a tentative address and will not send from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach6 {
+    /// With the node subnet's prefix.
+    pub addr: Ipv6Network,
+    pub gateway: Ipv6Addr,
+    pub network_cidr: Ipv6Network,
 }
 
 impl Attach {
@@ -214,7 +243,33 @@ impl Attach {
                 Some(ifindex),
             )));
         }
+        if let Some(v6) = &self.v6 {
+            ops.push(Op::Addr6Add {
+                ifindex,
+                addr: v6.addr,
+                nodad: true,
+            });
+            for dst in self.route_dsts6() {
+                ops.push(Op::Route6Replace(Route6 {
+                    dst,
+                    gateway: Some(v6.gateway),
+                    oif: Some(ifindex),
+                }));
+            }
+        }
         ops
+    }
+
+    /// IPv6 routes in the container, as [`Attach::route_dsts`]: none for a v4-only attachment.
+    pub fn route_dsts6(&self) -> Vec<Ipv6Network> {
+        let Some(v6) = &self.v6 else {
+            return Vec::new();
+        };
+        let mut v = vec![v6.network_cidr];
+        if self.default_route {
+            v.push(Ipv6Network::new(Ipv6Addr::UNSPECIFIED, 0).expect("valid"));
+        }
+        v
     }
 
     /// Routes in the container: the overlay network, and the default route unless turned off.
@@ -301,7 +356,49 @@ mod tests {
             gateway: "10.244.1.1".parse().unwrap(),
             network_cidr: "10.244.0.0/16".parse().unwrap(),
             default_route: true,
+            v6: None,
         }
+    }
+
+    #[test]
+    fn dual_stack_plans_add_the_ipv6_half_without_dad() {
+        let mut a = attach();
+        assert!(a.route_dsts6().is_empty());
+        let v4_only = a.container_ops(2);
+        a.v6 = Some(Attach6 {
+            addr: "fd00:10:244:1::2/64".parse().unwrap(),
+            gateway: "fd00:10:244:1::1".parse().unwrap(),
+            network_cidr: "fd00:10:244::/56".parse().unwrap(),
+        });
+        let ops = a.container_ops(2);
+        // The IPv4 ops are unchanged and come first; the IPv6 ones follow.
+        assert_eq!(ops[..v4_only.len()], v4_only[..]);
+        let v6: Vec<String> = ops[v4_only.len()..].iter().map(Op::to_string).collect();
+        assert_eq!(
+            v6,
+            [
+                "addr replace fd00:10:244:1::2/64 dev #2 nodad",
+                "route replace fd00:10:244::/56 via fd00:10:244:1::1 dev #2",
+                "route replace ::/0 via fd00:10:244:1::1 dev #2",
+            ]
+        );
+        a.default_route = false;
+        assert_eq!(a.route_dsts6(), ["fd00:10:244::/56".parse().unwrap()]);
+        let mut want = BridgeWant::new("cni0", 1450, "10.244.1.1/24".parse().unwrap());
+        want.gateway6 = Some("fd00:10:244:1::1/64".parse().unwrap());
+        let mut l = link(4, "cni0", "bridge", None);
+        (l.mac, l.mtu) = (Some(want.mac), 1450);
+        let fix: Vec<String> = bridge_fix_ops(&l, &want)
+            .iter()
+            .map(Op::to_string)
+            .collect();
+        assert_eq!(
+            fix,
+            [
+                "addr replace 10.244.1.1/24 dev #4",
+                "addr replace fd00:10:244:1::1/64 dev #4 nodad"
+            ]
+        );
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! ADD: an address from the pool, the bridge, a veth pair into the container with its address
 //! and routes, then the result. A failure after the address was taken undoes what exists.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde_json::{Map, Value};
 use tweed_netlink::{Link, MacAddr, Op};
 
@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::host::{container_place, Host, HostError, Kernel, HOST_PLACE};
 use crate::ipam;
 use crate::node::Node;
-use crate::plan::{self, Attach, BridgeWant};
+use crate::plan::{self, Attach, Attach6, BridgeWant};
 use crate::result::{CniResult, Interface, IpConfig, RouteOut};
 
 /// What ADD is asked for beyond the attachment itself, checked before anything happens.
@@ -23,6 +23,8 @@ use crate::result::{CniResult, Interface, IpConfig, RouteOut};
 struct Request {
     /// runtimeConfig `ips`, else `CNI_ARGS` `IP=`.
     ip: Option<Ipv4Addr>,
+    /// runtimeConfig `ips`' IPv6 entry (used on a dual-stack attachment only).
+    ip6: Option<Ipv6Addr>,
     /// runtimeConfig `mac`.
     mac: Option<MacAddr>,
     prev: Option<CniResult>,
@@ -41,17 +43,19 @@ impl Request {
             Some(v) => Some(CniResult::from_value(v)?),
             None => None,
         };
-        Ok(Request {
-            ip: requested_ip(env, conf)?,
-            mac,
-            prev,
-        })
+        let (ip, ip6) = requested_ips(env, conf)?;
+        Ok(Request { ip, ip6, mac, prev })
     }
 }
 
-/// The address the runtime asks for: runtimeConfig `ips` (the `ips` capability) first, then
-/// `CNI_ARGS` `IP=`. IPv6 entries are ignored: the node subnet is IPv4.
-fn requested_ip(env: &CniEnv, conf: &NetConf) -> Result<Option<Ipv4Addr>, ConfError> {
+/// The addresses the runtime asks for: runtimeConfig `ips` (the `ips` capability; the first of
+/// each family) first, then `CNI_ARGS` `IP=` for IPv4. An IPv6 entry on an attachment that
+/// gets no IPv6 address is ignored, as before dual-stack.
+fn requested_ips(
+    env: &CniEnv,
+    conf: &NetConf,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ConfError> {
+    let (mut v4, mut v6) = (None, None);
     for s in &conf.runtime_config.ips {
         let ip = s
             .parse::<IpNetwork>()
@@ -61,11 +65,12 @@ fn requested_ip(env: &CniEnv, conf: &NetConf) -> Result<Option<Ipv4Addr>, ConfEr
                 key: "runtimeConfig",
                 reason: format!("ips: {s:?} is not an IP address"),
             })?;
-        if let IpAddr::V4(v4) = ip {
-            return Ok(Some(v4));
+        match ip {
+            IpAddr::V4(a) => v4 = v4.or(Some(a)),
+            IpAddr::V6(a) => v6 = v6.or(Some(a)),
         }
     }
-    Ok(env.args.ip)
+    Ok((v4.or(env.args.ip), v6))
 }
 
 /// The attachment to make, once its address is known.
@@ -75,8 +80,14 @@ fn attach(
     node: &Node,
     req: &Request,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     host_mac: MacAddr,
 ) -> Attach {
+    let v6 = ip6.zip(node.v6).map(|(ip6, n6)| Attach6 {
+        addr: Ipv6Network::new(ip6, n6.gateway.prefix()).expect("prefix from subnet.env"),
+        gateway: n6.gateway.ip(),
+        network_cidr: n6.network,
+    });
     Attach {
         network: conf.name.clone(),
         container_id: env.container_id.clone(),
@@ -90,12 +101,14 @@ fn attach(
         gateway: node.gateway.ip(),
         network_cidr: node.network,
         default_route: conf.default_route,
+        v6,
     }
 }
 
 pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Error> {
     let node = node(host, conf)?;
     let pool = node.pool(conf)?;
+    let pool6 = node.pool6(conf)?;
     let req = Request::parse(env, conf)?;
     let cns = host.open_netns(&env.netns).map_err(HostError::from)?;
     if host.is_own_netns(&cns).map_err(HostError::from)? {
@@ -107,12 +120,15 @@ pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Er
     }
 
     let owner = Attachment::new(&env.container_id, &env.ifname);
-    let ip = {
+    // Both families under one lock: a failed IPv6 half gives the IPv4 one back before the
+    // lock is dropped.
+    let (ip, ip6) = {
         let mut store = host.lock_store(&conf.store_dir())?;
-        ipam::allocate(&mut store, &pool, &owner, req.ip)?
+        ipam::allocate_dual(&mut store, &pool, pool6.as_ref(), &owner, req.ip, req.ip6)?
     };
-    let a = attach(env, conf, &node, &req, ip, MacAddr::random_local());
-    let bridge = node.bridge(conf);
+    let a = attach(env, conf, &node, &req, ip, ip6, MacAddr::random_local());
+    let mut bridge = node.bridge(conf);
+    bridge.gateway6 = a.v6.as_ref().and_then(|_| node.v6.map(|n| n.gateway));
 
     let mut veth_made = false;
     let wired = (|| -> Result<(), Error> {
@@ -183,7 +199,7 @@ async fn ensure_bridge(hk: &Kernel, want: &BridgeWant) -> Result<Link, HostError
 }
 
 /// Undoes a failed ADD: the veth pair (both ends go with the host end), the masquerade rule,
-/// the address record. Best effort: the original error is what the caller reports.
+/// the address records of both families. Best effort: the original error is what the caller reports.
 fn undo<H: Host>(
     host: &H,
     conf: &NetConf,
@@ -206,6 +222,9 @@ fn undo<H: Host>(
     }
     if let Ok(mut store) = host.lock_store(&conf.store_dir()) {
         let _ = ipam::release_ip(&mut store, ip, owner);
+        if let Some(v6) = &a.v6 {
+            let _ = ipam::release_ip(&mut store, v6.addr.ip(), owner);
+        }
     }
 }
 
@@ -231,12 +250,19 @@ fn result(
             iface(&a.host_veth, a.host_mac, None, None),
             iface(&a.ifname, a.container_mac, Some(a.mtu), Some(netns)),
         ],
-        ips: vec![IpConfig {
+        ips: std::iter::once(IpConfig {
             address: IpNetwork::V4(a.addr),
             gateway: Some(IpAddr::V4(a.gateway)),
             interface: Some(2),
             extra: Map::new(),
-        }],
+        })
+        .chain(a.v6.iter().map(|v6| IpConfig {
+            address: IpNetwork::V6(v6.addr),
+            gateway: Some(IpAddr::V6(v6.gateway)),
+            interface: Some(2),
+            extra: Map::new(),
+        }))
+        .collect(),
         routes: a
             .route_dsts()
             .into_iter()
@@ -245,6 +271,13 @@ fn result(
                 gw: Some(IpAddr::V4(a.gateway)),
                 extra: Map::new(),
             })
+            .chain(a.v6.iter().flat_map(|v6| {
+                a.route_dsts6().into_iter().map(|dst| RouteOut {
+                    dst: IpNetwork::V6(dst),
+                    gw: Some(IpAddr::V6(v6.gateway)),
+                    extra: Map::new(),
+                })
+            }))
             .collect(),
         dns: conf.dns.clone(),
     };

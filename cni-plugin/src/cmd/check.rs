@@ -3,10 +3,10 @@
 //! shows is read first, then compared by a pure function.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::{IpNetwork, Ipv4Network};
-use tweed_netlink::{Link, Route};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use tweed_netlink::{Addr6, Link, Route, Route6};
 
 use super::node;
 use crate::attachment::Attachment;
@@ -39,6 +39,15 @@ struct Want {
     gateway: Ipv4Addr,
     host_veth: String,
     bridge: String,
+    /// The IPv6 half, when ADD's result gave the interface an IPv6 address.
+    v6: Option<Want6>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Want6 {
+    addrs: Vec<Ipv6Network>,
+    routes: Vec<Ipv6Network>,
+    gateway: Ipv6Addr,
 }
 
 /// What the kernel shows of it. Nothing past `link` is read when `link` is missing.
@@ -47,12 +56,17 @@ struct Seen {
     link: Option<Link>,
     addrs: BTreeSet<Ipv4Network>,
     routes: Vec<Route>,
+    addrs6: Vec<Addr6>,
+    routes6: Vec<Route6>,
     host_end: Option<Link>,
     bridge: Option<Link>,
 }
 
-/// The IPv4 addresses prevResult gives the container's `ifname`.
-fn prev_addrs(prev: &CniResult, ifname: &str) -> Result<Vec<Ipv4Network>, String> {
+/// The IPv4 and IPv6 addresses prevResult gives the container's `ifname`.
+fn prev_addrs(
+    prev: &CniResult,
+    ifname: &str,
+) -> Result<(Vec<Ipv4Network>, Vec<Ipv6Network>), String> {
     let idx = prev
         .interfaces
         .iter()
@@ -70,7 +84,16 @@ fn prev_addrs(prev: &CniResult, ifname: &str) -> Result<Vec<Ipv4Network>, String
     if addrs.is_empty() {
         return Err("prevResult gives it no IPv4 address".into());
     }
-    Ok(addrs)
+    let addrs6 = prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface == Some(idx))
+        .filter_map(|ip| match ip.address {
+            IpNetwork::V6(a) => Some(a),
+            IpNetwork::V4(_) => None,
+        })
+        .collect();
+    Ok((addrs, addrs6))
 }
 
 /// The first way `seen` differs from `want`.
@@ -99,6 +122,30 @@ fn verify(want: &Want, seen: &Seen) -> Result<(), String> {
             .any(|r| r.dst == *dst && r.gateway == Some(gw))
         {
             return Err(format!("route to {dst} via {gw} is missing"));
+        }
+    }
+    if let Some(w6) = &want.v6 {
+        for a in &w6.addrs {
+            match seen.addrs6.iter().find(|s| s.net == *a) {
+                None => return Err(format!("address {a} is missing")),
+                Some(s) if s.tentative => {
+                    return Err(format!(
+                        "address {a} is tentative (duplicate address detection has not \
+                         finished, or found a duplicate)"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let gw = w6.gateway;
+        for dst in &w6.routes {
+            if !seen
+                .routes6
+                .iter()
+                .any(|r| r.dst == *dst && r.gateway == Some(gw))
+            {
+                return Err(format!("route to {dst} via {gw} is missing"));
+            }
         }
     }
     let hv = &want.host_veth;
@@ -132,21 +179,48 @@ pub fn check<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Erro
         key: "prevResult",
         reason: "CHECK needs the result of ADD as prevResult".into(),
     })?;
-    let addrs = prev_addrs(&CniResult::from_value(prev)?, &env.ifname).map_err(fail)?;
+    let (addrs, addrs6) = prev_addrs(&CniResult::from_value(prev)?, &env.ifname).map_err(fail)?;
     let node = node(host, conf)?;
     let owner = Attachment::new(&env.container_id, &env.ifname);
     let held = {
         let store = host.lock_store(&conf.store_dir())?;
         ipam::held_by(&store, &owner)?
     };
-    if let Some(a) = addrs.iter().find(|a| !held.contains(&a.ip().into())) {
-        return Err(fail(format!(
-            "address {} is not recorded for this container in {}",
-            a.ip(),
-            conf.store_dir().display()
-        ))
-        .into());
+    let ips = addrs
+        .iter()
+        .map(|a| a.ip().into())
+        .chain(addrs6.iter().map(|a| a.ip().into()));
+    for ip in ips {
+        if !held.contains(&ip) {
+            return Err(fail(format!(
+                "address {ip} is not recorded for this container in {}",
+                conf.store_dir().display()
+            ))
+            .into());
+        }
     }
+    let v6 = match (addrs6.is_empty(), node.v6) {
+        (true, _) => None,
+        (false, None) => {
+            return Err(fail(
+                "prevResult gives it an IPv6 address, but this node's subnet.env has no IPv6 \
+                 subnet any more"
+                    .into(),
+            )
+            .into())
+        }
+        (false, Some(n6)) => {
+            let mut routes = vec![n6.network];
+            if conf.default_route {
+                routes.push(Ipv6Network::new(Ipv6Addr::UNSPECIFIED, 0).expect("valid"));
+            }
+            Some(Want6 {
+                addrs: addrs6,
+                routes,
+                gateway: n6.gateway.ip(),
+            })
+        }
+    };
     let mut routes = vec![node.network];
     if conf.default_route {
         routes.push(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"));
@@ -160,6 +234,7 @@ pub fn check<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Erro
         gateway: node.gateway.ip(),
         host_veth: plan::host_veth_name(&env.container_id, &env.ifname),
         bridge: conf.bridge.clone(),
+        v6,
     };
     let cns = host.open_netns(&env.netns).map_err(HostError::from)?;
     let seen = host.block_on(observe(host, &cns, &env.netns, &want))??;
@@ -189,11 +264,31 @@ async fn observe<H: Host>(
         .routes(link.index)
         .await
         .map_err(ck.fail("listing routes"))?;
+    let (addrs6, routes6) = if want.v6.is_some() {
+        let addrs6 = ck
+            .nl
+            .addresses6(Some(link.index))
+            .await
+            .map_err(ck.fail("listing IPv6 addresses"))?;
+        let routes6 = ck
+            .nl
+            .routes6()
+            .await
+            .map_err(ck.fail("listing IPv6 routes"))?
+            .into_iter()
+            .filter(|r| r.oif == Some(link.index))
+            .collect();
+        (addrs6, routes6)
+    } else {
+        Default::default()
+    };
     let hk = Kernel::open(host, None, HOST_PLACE)?;
     Ok(Seen {
         link: Some(link),
         addrs,
         routes,
+        addrs6,
+        routes6,
         host_end: hk.link(&want.host_veth).await?,
         bridge: hk.link(&want.bridge).await?,
     })
