@@ -555,4 +555,202 @@ mod tests {
             assert_eq!(r["interfaces"][2].get("mtu").is_some(), v == "1.1.0", "{r}");
         }
     }
+
+    /// A dual-stack node with the one container `C1`.
+    fn dual_with_c1() -> (FakeHost, tweed_netlink::Fake) {
+        let (host, ctr) = with_c1();
+        *host.subnet_env.borrow_mut() = Some(crate::host::fake::DUAL_SUBNET_ENV.into());
+        (host, ctr)
+    }
+
+    #[test]
+    fn dual_stack_add_gives_one_address_per_family() {
+        use crate::host::fake::{addrs6, routes6};
+        let (host, ctr) = dual_with_c1();
+        let r = add(&host, "c1", C1, &conf("1.1.0", json!({})));
+        let br = link(&host.kernel, "cni0");
+        assert_eq!(addrs(&host.kernel, &br), ["10.244.7.1/24"]);
+        assert_eq!(addrs6(&host.kernel, &br), ["fd00:10:244:7::1/64"]);
+        let eth0 = link(&ctr, "eth0");
+        assert_eq!(addrs(&ctr, &eth0), ["10.244.7.2/24"]);
+        // Not tentative: added without DAD, usable when ADD returns.
+        assert_eq!(addrs6(&ctr, &eth0), ["fd00:10:244:7::2/64"]);
+        assert_eq!(
+            routes(&ctr, &eth0),
+            ["0.0.0.0/0 via 10.244.7.1", "10.244.0.0/16 via 10.244.7.1"]
+        );
+        assert_eq!(
+            routes6(&ctr, &eth0),
+            [
+                "::/0 via fd00:10:244:7::1",
+                "fd00:10:244::/56 via fd00:10:244:7::1"
+            ]
+        );
+        assert_eq!(host.records()["10.244.7.2"], "c1\r\neth0");
+        assert_eq!(host.records()["fd00:10:244:7::2"], "c1\r\neth0");
+        // CNI 1.x: both IPs on the container's interface (index 2), each with its gateway, and
+        // the routes of both families.
+        assert_eq!(
+            r["ips"],
+            json!([
+                {"address": "10.244.7.2/24", "gateway": "10.244.7.1", "interface": 2},
+                {"address": "fd00:10:244:7::2/64", "gateway": "fd00:10:244:7::1", "interface": 2}
+            ])
+        );
+        assert_eq!(
+            r["routes"],
+            json!([
+                {"dst": "10.244.0.0/16", "gw": "10.244.7.1"},
+                {"dst": "0.0.0.0/0", "gw": "10.244.7.1"},
+                {"dst": "fd00:10:244::/56", "gw": "fd00:10:244:7::1"},
+                {"dst": "::/0", "gw": "fd00:10:244:7::1"}
+            ])
+        );
+        // 0.4.0 spells the family on each IP.
+        let (host, _) = dual_with_c1();
+        let old = add(&host, "c1", C1, &conf("0.4.0", json!({})));
+        assert_eq!(old["ips"][1]["version"], "6");
+        assert_eq!(old["ips"][0]["version"], "4");
+    }
+
+    #[test]
+    fn dual_stack_add_follows_ranges_and_the_runtimes_ipv6_request() {
+        use crate::host::fake::addrs6;
+        let (host, ctr) = dual_with_c1();
+        let c = conf(
+            "1.0.0",
+            json!({
+                "ranges": [[{"subnet": "10.244.7.0/24"}], [{"subnet": "fd00:10:244:7::/64"}]],
+                "runtimeConfig": {"ips": ["fd00:10:244:7::99/64", "10.244.7.50"]}
+            }),
+        );
+        add(&host, "c1", C1, &c);
+        let eth0 = link(&ctr, "eth0");
+        assert_eq!(addrs(&ctr, &eth0), ["10.244.7.50/24"]);
+        assert_eq!(addrs6(&ctr, &eth0), ["fd00:10:244:7::99/64"]);
+        // `ranges` with the IPv4 set only: a v4-only attachment on a dual-stack node.
+        let (host, ctr) = dual_with_c1();
+        let v4 = conf("1.0.0", json!({"ranges": [[{"subnet": "10.244.7.0/24"}]]}));
+        let r = add(&host, "c1", C1, &v4);
+        assert_eq!(r["ips"].as_array().unwrap().len(), 1);
+        assert!(addrs6(&ctr, &link(&ctr, "eth0")).is_empty());
+        assert!(addrs6(&host.kernel, &link(&host.kernel, "cni0")).is_empty());
+        assert_eq!(host.records().len(), 1);
+    }
+
+    /// IPv4-only subnet.env: exactly the ops and result of before dual-stack.
+    #[test]
+    fn ipv4_only_node_makes_no_ipv6_op() {
+        let (host, ctr) = with_c1();
+        let r = add(
+            &host,
+            "c1",
+            C1,
+            &conf("1.0.0", json!({"runtimeConfig": {"ips": ["fd00::5"]}})),
+        );
+        let v6_op = |op: &Op| {
+            matches!(
+                op,
+                Op::Addr6Add { .. } | Op::Route6Replace(_) | Op::Addr6Del { .. } | Op::Route6Del(_)
+            )
+        };
+        assert!(!host.kernel.ops().iter().any(v6_op));
+        assert!(!ctr.ops().iter().any(v6_op));
+        assert_eq!(r["ips"].as_array().unwrap().len(), 1);
+        assert_eq!(host.records().keys().collect::<Vec<_>>(), ["10.244.7.2"]);
+        // `ranges` asking for IPv6 on this node: refused before anything is made.
+        let (host, ctr) = with_c1();
+        let c = conf(
+            "1.0.0",
+            json!({"ranges": [[{"subnet": "10.244.7.0/24"}], [{"subnet": "fd00:10:244:7::/64"}]]}),
+        );
+        let e = run(&host, &env("ADD", "c1", C1), &c).unwrap_err();
+        assert_eq!(e.code(), 7, "{e}");
+        assert!(e.to_string().contains("no IPv6 subnet"), "{e}");
+        assert!(host.records().is_empty() && names(&ctr) == ["lo"]);
+    }
+
+    /// A failed dual-stack ADD leaves no veth and no address of either family.
+    #[test]
+    fn a_failed_dual_stack_add_leaves_nothing_of_either_family() {
+        // The IPv6 pool exhausted after the IPv4 allocation.
+        let (host, ctr) = dual_with_c1();
+        let narrow = conf(
+            "1.0.0",
+            json!({"ranges": [[{"subnet": "10.244.7.0/24"}],
+                [{"subnet": "fd00:10:244:7::/64", "rangeStart": "fd00:10:244:7::2", "rangeEnd": "fd00:10:244:7::2"}]]}),
+        );
+        add(&host, "c0", C1, &narrow);
+        let c2 = "/run/netns/c2";
+        let ctr2 = host.add_container(c2);
+        let e = run(&host, &env("ADD", "c2", c2), &narrow).unwrap_err();
+        assert_eq!(e.code(), crate::code::EXHAUSTED, "{e}");
+        assert!(e.to_string().contains("fd00:10:244:7::/64"), "{e}");
+        assert_eq!(names(&ctr2), ["lo"]);
+        let hv2 = plan::host_veth_name("c2", "eth0");
+        assert!(!names(&host.kernel).contains(&hv2));
+        assert_eq!(
+            host.records().keys().collect::<Vec<_>>(),
+            ["10.244.7.2", "fd00:10:244:7::2"],
+            "only c0's pair"
+        );
+        let _ = ctr;
+        // The kernel refusing the IPv6 address after the veth exists: pair deleted, both
+        // records released.
+        let (host, ctr) = dual_with_c1();
+        ctr.fail_when(|op| matches!(op, Op::Addr6Add { .. }).then_some(libc::EACCES));
+        let e = run(&host, &env("ADD", "c1", C1), &conf("1.0.0", json!({}))).unwrap_err();
+        assert_eq!(e.code(), 100, "{e}");
+        assert_eq!(names(&ctr), ["lo"]);
+        assert_eq!(names(&host.kernel), ["lo", "cni0"]);
+        assert!(host.records().is_empty(), "{:?}", host.records());
+        // Or refusing an IPv6 route.
+        let (host, ctr) = dual_with_c1();
+        ctr.fail_when(|op| matches!(op, Op::Route6Replace(_)).then_some(libc::ENETUNREACH));
+        run(&host, &env("ADD", "c1", C1), &conf("1.0.0", json!({}))).unwrap_err();
+        assert_eq!(names(&ctr), ["lo"]);
+        assert!(host.records().is_empty(), "{:?}", host.records());
+    }
+
+    #[test]
+    fn dual_stack_del_and_check() {
+        let (host, ctr) = dual_with_c1();
+        let r = add(&host, "c1", C1, &conf("1.0.0", json!({})));
+        let chk = conf("1.0.0", json!({ "prevResult": r }));
+        run(&host, &env("CHECK", "c1", C1), &chk).unwrap();
+        // The IPv6 address gone (or tentative): CHECK names it.
+        let eth0 = link(&ctr, "eth0");
+        let nl = tweed_netlink::Netlink::from(ctr.clone());
+        let a6: Ipv6Network = "fd00:10:244:7::2/64".parse().unwrap();
+        crate::host::fake::block_on(nl.apply(&Op::Addr6Add {
+            ifindex: eth0.index,
+            addr: a6,
+            nodad: false,
+        }))
+        .unwrap();
+        let e = run(&host, &env("CHECK", "c1", C1), &chk).unwrap_err();
+        assert!(
+            e.to_string().contains("fd00:10:244:7::2/64 is tentative"),
+            "{e}"
+        );
+        crate::host::fake::block_on(nl.apply(&Op::Addr6Del {
+            ifindex: eth0.index,
+            addr: a6,
+        }))
+        .unwrap();
+        let e = run(&host, &env("CHECK", "c1", C1), &chk).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("address fd00:10:244:7::2/64 is missing"),
+            "{e}"
+        );
+        // A v4-only prevResult on the same node checks the IPv4 half only.
+        let mut v4_only = r.clone();
+        v4_only["ips"].as_array_mut().unwrap().truncate(1);
+        let chk4 = conf("1.0.0", json!({ "prevResult": v4_only }));
+        run(&host, &env("CHECK", "c1", C1), &chk4).unwrap();
+        // DEL frees both families.
+        run(&host, &env("DEL", "c1", C1), &conf("1.0.0", json!({}))).unwrap();
+        assert!(host.records().is_empty(), "{:?}", host.records());
+    }
 }

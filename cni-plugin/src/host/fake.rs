@@ -113,7 +113,7 @@ impl FakeHost {
             .borrow()
             .files
             .iter()
-            .filter(|(k, _)| k.parse::<Ipv4Addr>().is_ok())
+            .filter(|(k, _)| k.parse::<std::net::IpAddr>().is_ok())
             .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
             .collect()
     }
@@ -180,6 +180,37 @@ pub fn routes(k: &Fake, l: &Link) -> Vec<String> {
         })
         .collect()
 }
+
+/// The IPv6 addresses on `l`, as text, `(tentative)` marked.
+pub fn addrs6(k: &Fake, l: &Link) -> Vec<String> {
+    let nl = Netlink::from(k.clone());
+    block_on(nl.addresses6(Some(l.index)))
+        .expect("a fake answers")
+        .iter()
+        .map(|a| {
+            let t = if a.tentative { " (tentative)" } else { "" };
+            format!("{}{t}", a.net)
+        })
+        .collect()
+}
+
+/// The IPv6 routes through `l`, as `dst via gateway`.
+pub fn routes6(k: &Fake, l: &Link) -> Vec<String> {
+    let nl = Netlink::from(k.clone());
+    block_on(nl.routes6())
+        .expect("a fake answers")
+        .iter()
+        .filter(|r| r.oif == Some(l.index))
+        .map(|r| match r.gateway {
+            Some(gw) => format!("{} via {gw}", r.dst),
+            None => r.dst.to_string(),
+        })
+        .collect()
+}
+
+/// subnet.env of a dual-stack node (the IPv4 half is [`FakeHost::new`]'s).
+pub const DUAL_SUBNET_ENV: &str = "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.7.1/24\n\
+    TWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:7::1/64\nTWEED_MTU=1450\n";
 
 /// The locked store: a handle on the host's one in-memory directory.
 pub struct FakeStore(Rc<RefCell<MemDir>>);
