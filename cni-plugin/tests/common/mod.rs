@@ -46,6 +46,21 @@ impl Node {
         }
     }
 
+    /// Adds the IPv6 half of a dual-stack lease to subnet.env, as the agent writes it.
+    pub fn dual_stack(self, network6: &str, subnet6: &str) -> Node {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.subnet_env)
+            .expect("subnet.env");
+        writeln!(
+            f,
+            "TWEED_IPV6_NETWORK={network6}\nTWEED_IPV6_SUBNET={subnet6}"
+        )
+        .expect("subnet.env");
+        self
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -61,7 +76,7 @@ impl Node {
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
                     .collect()
             })
             .unwrap_or_default();
