@@ -134,18 +134,32 @@ pub fn version_tuple(v: &str) -> (u32, u32, u32) {
     )
 }
 
-/// Addresses (without prefix length) in a CNI result.
+/// Addresses (without prefix length) in a CNI result, of both families (a dual-stack
+/// attachment has one of each), in the result's order, each once. They end up in the
+/// container's `/etc/hosts` and in `inspect`, so only what parses as an IP address is kept:
+/// text a broken or hostile plugin puts there (a newline and a second hosts line, say) is not.
 pub fn result_ips(result: &Value) -> Vec<String> {
-    result
-        .get("ips")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|ip| ip.get("address")?.as_str())
-                .map(|s| s.split('/').next().unwrap_or(s).to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    let mut out: Vec<String> = Vec::new();
+    let ips = result.get("ips").and_then(Value::as_array);
+    for s in ips
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.get("address")?.as_str())
+    {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
+        let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
+            continue;
+        };
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        if !prefix.is_empty() && prefix.parse::<u8>().map_or(true, |p| p > max) {
+            continue;
+        }
+        let text = ip.to_string();
+        if !out.contains(&text) {
+            out.push(text);
+        }
+    }
+    out
 }
 
 /// (nameservers, search) from a CNI result's `dns`.
@@ -636,5 +650,53 @@ mod tests {
         ));
         assert_eq!(version_tuple("1.1.0"), (1, 1, 0));
         assert!(version_tuple("0.4.0") < (1, 1, 0));
+    }
+
+    /// A dual-stack result from the tweed plugin, in 1.x and in 0.4.0 (`version` per IP): both
+    /// addresses, and the init layer's `/etc/hosts` names the hostname at each.
+    #[test]
+    fn dual_stack_results_give_both_addresses_to_hosts() {
+        for r in [
+            serde_json::json!({"cniVersion":"1.1.0","ips":[
+                {"address":"10.244.7.2/24","gateway":"10.244.7.1","interface":2},
+                {"address":"fd00:10:244:7::2/64","gateway":"fd00:10:244:7::1","interface":2}]}),
+            serde_json::json!({"cniVersion":"0.4.0","ips":[
+                {"version":"4","address":"10.244.7.2/24","interface":2},
+                {"version":"6","address":"fd00:10:244:7:0::2/64","interface":2}]}),
+        ] {
+            let ips = result_ips(&r);
+            assert_eq!(ips, ["10.244.7.2", "fd00:10:244:7::2"], "{r}");
+            let hosts = crate::rootfs::render_hosts("web", &ips);
+            assert!(hosts.contains("\n10.244.7.2\tweb\n"), "{hosts}");
+            assert!(hosts.ends_with("\nfd00:10:244:7::2\tweb\n"), "{hosts}");
+            // The usual IPv6 localhost lines stay.
+            assert!(
+                hosts.contains("::1\tlocalhost ip6-localhost ip6-loopback\n"),
+                "{hosts}"
+            );
+            assert!(hosts.contains("ff02::2\tip6-allrouters\n"), "{hosts}");
+        }
+    }
+
+    /// What a broken or hostile plugin puts in `ips` never reaches `/etc/hosts` as text.
+    #[test]
+    fn crafted_result_addresses_are_dropped() {
+        let r = serde_json::json!({"ips":[
+            {"address":"10.1.0.5/24\n0.0.0.0 bank.example"},
+            {"address":"bank.example"},
+            {"address":"10.1.0.6/33"},
+            {"address":"fd00::6/129"},
+            {"address":"fd00::7/x"},
+            {"address":""},
+            {"address":42},
+            {"noaddress":"10.1.0.8"},
+            "10.1.0.9",
+            {"address":"10.1.0.10"},
+            {"address":"10.1.0.10/24"},
+            {"address":"FD00::0:11/64"}
+        ]});
+        assert_eq!(result_ips(&r), ["10.1.0.10", "fd00::11"]);
+        assert!(result_ips(&serde_json::json!({"ips":"10.1.0.5"})).is_empty());
+        assert!(result_ips(&serde_json::json!([1, 2])).is_empty());
     }
 }
