@@ -550,7 +550,7 @@ mod tests {
             ("[]".to_string(), "empty"),
             (r#"[[]]"#.to_string(), "has 0 ranges"),
             (
-                format!(r#"[[{{"subnet":"10.1.0.0/24"}},{{"subnet":"10.2.0.0/24"}}]]"#),
+                r#"[[{"subnet":"10.1.0.0/24"},{"subnet":"10.2.0.0/24"}]]"#.to_string(),
                 "has 2 ranges",
             ),
             // Two sets of one family: an IPv4 range in flannel's IPv6 slot.
