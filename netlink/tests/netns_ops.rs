@@ -180,3 +180,104 @@ fn bridge_veth_and_addresses_across_namespaces() {
         assert_eq!(again.unwrap_err().errno(), Some(libc::EEXIST));
     });
 }
+
+/// IPv6 addresses and routes against the real kernel: `nodad` gives a usable address at once
+/// (the kernel reports it without `tentative`), without it the address starts tentative; the
+/// routes read back with their gateway; deleting twice is success.
+#[test]
+fn ipv6_addresses_and_routes() {
+    use tweed_netlink::Route6;
+    require_root!("network namespaces");
+    let ns = NetnsGuard::unique("twn6");
+    let n = Netns::open(ns.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let h = Netlink::real_in(&n).unwrap();
+        ok(h.apply_all(&[
+            Op::LinkAddBridge(BridgeSpec {
+                name: "br6".into(),
+                mtu: None,
+                mac: None,
+            }),
+            Op::LinkSetUp { name: "br6".into() },
+        ])
+        .await);
+        let br = h.link_by_name("br6").await.unwrap().unwrap();
+        // A port with a carrier (a veth whose peer is up) gives the bridge one; DAD starts then.
+        ns.ip(&["link", "add", "d6", "type", "veth", "peer", "name", "d6p"])
+            .unwrap();
+        ns.ip(&["link", "set", "d6p", "up"]).unwrap();
+        ns.ip(&["link", "set", "d6", "master", "br6", "up"])
+            .unwrap();
+        let (a, b) = (
+            "fd00:6::1/64".parse().unwrap(),
+            "fd00:6::2/64".parse().unwrap(),
+        );
+        ok(h.apply_all(&[
+            Op::Addr6Add {
+                ifindex: br.index,
+                addr: a,
+                nodad: true,
+            },
+            Op::Addr6Add {
+                ifindex: br.index,
+                addr: b,
+                nodad: false,
+            },
+        ])
+        .await);
+        let got = h.addresses6(Some(br.index)).await.unwrap();
+        let find = |net| got.iter().find(|x| x.net == net).copied().unwrap();
+        assert!(!find(a).tentative, "{got:?}");
+        assert!(find(b).tentative, "{got:?}");
+        let show = ns.ip(&["-6", "-o", "addr", "show", "dev", "br6"]).unwrap();
+        assert!(show.contains("fd00:6::1/64 scope global nodad"), "{show}");
+
+        let r = Route6 {
+            dst: "fd00:60::/56".parse().unwrap(),
+            gateway: Some("fd00:6::9".parse().unwrap()),
+            oif: Some(br.index),
+        };
+        let default = Route6 {
+            dst: "::/0".parse().unwrap(),
+            ..r
+        };
+        ok(
+            h.apply_all(&[Op::Route6Replace(r), Op::Route6Replace(default)])
+                .await,
+        );
+        let routes = h.routes6().await.unwrap();
+        assert!(
+            routes.contains(&r) && routes.contains(&default),
+            "{routes:?}"
+        );
+        let text = ns.ip(&["-6", "route"]).unwrap();
+        assert!(
+            text.contains("fd00:60::/56 via fd00:6::9 dev br6"),
+            "{text}"
+        );
+        ok(h.apply_all(&[
+            Op::Route6Del(r),
+            Op::Route6Del(r),
+            Op::Addr6Del {
+                ifindex: br.index,
+                addr: a,
+            },
+            Op::Addr6Del {
+                ifindex: br.index,
+                addr: a,
+            },
+        ])
+        .await);
+        assert!(!h.routes6().await.unwrap().contains(&r));
+        assert!(!h
+            .addresses6(Some(br.index))
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.net == a));
+    });
+}
