@@ -628,6 +628,20 @@ mod tests {
         let eth0 = link(&ctr, "eth0");
         assert_eq!(addrs(&ctr, &eth0), ["10.244.7.50/24"]);
         assert_eq!(addrs6(&ctr, &eth0), ["fd00:10:244:7::99/64"]);
+        // A requested IPv6 address outside the node's subnet (another node's), or the gateway:
+        // code 103, and the IPv4 address taken first is given back.
+        for bad in [
+            "fd00:10:244:8::5",
+            "fd00:10:244:7::1",
+            "fd00:10:244:7::",
+            "::1",
+        ] {
+            let (host, ctr) = dual_with_c1();
+            let c = conf("1.0.0", json!({"runtimeConfig": {"ips": [bad]}}));
+            let e = run(&host, &env("ADD", "c1", C1), &c).unwrap_err();
+            assert_eq!(e.code(), crate::code::ADDRESS_UNAVAILABLE, "{bad}: {e}");
+            assert!(host.records().is_empty() && names(&ctr) == ["lo"], "{bad}");
+        }
         // `ranges` with the IPv4 set only: a v4-only attachment on a dual-stack node.
         let (host, ctr) = dual_with_c1();
         let v4 = conf("1.0.0", json!({"ranges": [[{"subnet": "10.244.7.0/24"}]]}));

@@ -69,10 +69,12 @@ fn node<H: Host>(host: &H, conf: &NetConf) -> Result<Node, Error> {
     Ok(Node::new(&env, conf))
 }
 
-/// Ready when subnet.env is there, readable and gives a usable pool; the caller turns an error
-/// into code 50.
+/// Ready when subnet.env is there, readable and gives a usable pool of each family the
+/// configuration asks for; the caller turns an error into code 50.
 fn status<H: Host>(host: &H, conf: &NetConf) -> Result<(), Error> {
-    node(host, conf)?.pool(conf)?;
+    let node = node(host, conf)?;
+    node.pool(conf)?;
+    node.pool6(conf)?;
     Ok(())
 }
 
@@ -170,6 +172,15 @@ pub(crate) mod tests {
         let outside = conf("1.1.0", json!({"rangeStart": "10.244.9.1"}));
         let e = run(&host, &env("STATUS", "", ""), &outside).unwrap_err();
         assert!(e.to_string().contains("rangeStart 10.244.9.1"), "{e}");
+        // `ranges` asking for IPv6 on a node whose lease has none: not ready for it.
+        let dual = conf(
+            "1.1.0",
+            json!({"ranges": [[{"subnet": "10.244.7.0/24"}], [{"subnet": "fd00:10:244:7::/64"}]]}),
+        );
+        let e = run(&host, &env("STATUS", "", ""), &dual).unwrap_err();
+        assert!(e.to_string().contains("no IPv6 subnet"), "{e}");
+        *host.subnet_env.borrow_mut() = Some(crate::host::fake::DUAL_SUBNET_ENV.into());
+        assert_eq!(run(&host, &env("STATUS", "", ""), &dual).unwrap(), None);
     }
 
     #[test]
