@@ -321,7 +321,7 @@ fn the_init_layer_lives_on_a_scratch_tmpfs_nobody_sees() {
     let (_, sb) = root.split_once(" - ").unwrap();
     assert!(sb.starts_with("overlay "), "{root}");
     let lower = sb
-        .split(|c| c == ' ' || c == ',')
+        .split([' ', ','])
         .find_map(|o| o.strip_prefix("lowerdir="))
         .unwrap_or_else(|| panic!("no lowerdir in {root}"));
     let top = lower.split(':').next().unwrap();
