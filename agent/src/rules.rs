@@ -88,7 +88,8 @@ impl RuleSpec {
 /// The one thing the agent calls: iptables (default, as flannel) or nftables (`--nftables`).
 #[derive(Debug)]
 pub enum Firewall {
-    Iptables,
+    /// Remembers whether ip6tables has a nat table, see [`IptablesFirewall`].
+    Iptables(IptablesFirewall),
     /// Holds what nft printed after the last apply, see [`Nftables`].
     Nftables(Nftables),
     /// Keeps the rules in memory, for tests that run without root or iptables.
@@ -101,13 +102,13 @@ impl Firewall {
         if nftables {
             Firewall::Nftables(Nftables::default())
         } else {
-            Firewall::Iptables
+            Firewall::Iptables(IptablesFirewall::new(Box::new(System)))
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            Firewall::Iptables => "iptables",
+            Firewall::Iptables(_) => "iptables",
             Firewall::Nftables(_) => "nftables",
             #[cfg(any(test, feature = "fake"))]
             Firewall::Fake(_) => "fake",
@@ -119,7 +120,7 @@ impl Firewall {
     /// `spawn_blocking` in async code.
     pub fn sync(&self, spec: &RuleSpec) -> Result<bool, RulesError> {
         match self {
-            Firewall::Iptables => Iptables::sync_spec(spec),
+            Firewall::Iptables(i) => i.sync_spec(spec),
             Firewall::Nftables(n) => n.sync(spec),
             #[cfg(any(test, feature = "fake"))]
             Firewall::Fake(f) => Ok(f.sync(spec)),
@@ -520,6 +521,111 @@ pub fn nft_monitor_concerns_tweed(line: &str) -> bool {
     rest.len() >= 3 && matches!(rest[1], "ip" | "ip6") && rest[2] == NFT_TABLE
 }
 
+/// Runs a firewall binary: the system's, or a fake one in tests.
+pub trait Runner: Send + Sync {
+    /// Runs `program` with `args` (and `stdin`); its stdout, or an error naming the command.
+    fn run(
+        &self,
+        program: &'static str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, RulesError>;
+}
+
+/// The binaries on the host's `PATH`.
+pub struct System;
+
+impl Runner for System {
+    fn run(
+        &self,
+        program: &'static str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, RulesError> {
+        Iptables::run(program, args, stdin)
+    }
+}
+
+/// How long a missing ip6tables nat table is taken as missing before it is looked for again:
+/// a module loaded later (`modprobe ip6table_nat`) is picked up without a restart, and the
+/// probe does not run (nor fail) on every sync.
+pub const NAT6_RECHECK: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The iptables firewall of the agent: [`Iptables::sync_spec`], except that an ip6tables
+/// without a nat table (a kernel without `ip6table_nat`, or an ip6tables that refuses `-t nat`)
+/// is detected, logged once naming the table, and then left out: the IPv6 forward rules and
+/// the IPv4 rules are still kept, only IPv6 masquerading is missing. Looked for again every
+/// [`NAT6_RECHECK`] (and at every start).
+pub struct IptablesFirewall {
+    runner: Box<dyn Runner>,
+    recheck: std::time::Duration,
+    /// When the nat table was last found missing; `None` while it is there (or not yet known).
+    nat6_missing: Mutex<Option<std::time::Instant>>,
+}
+
+impl std::fmt::Debug for IptablesFirewall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IptablesFirewall")
+            .field("nat6_missing", &self.nat6_missing)
+            .finish()
+    }
+}
+
+impl IptablesFirewall {
+    pub fn new(runner: Box<dyn Runner>) -> Self {
+        Self::with_recheck(runner, NAT6_RECHECK)
+    }
+
+    pub fn with_recheck(runner: Box<dyn Runner>, recheck: std::time::Duration) -> Self {
+        IptablesFirewall {
+            runner,
+            recheck,
+            nat6_missing: Mutex::new(None),
+        }
+    }
+
+    /// Whether the last look found ip6tables without a nat table.
+    pub fn nat6_missing(&self) -> bool {
+        self.nat6_missing.lock().unwrap().is_some()
+    }
+
+    /// Whether ip6tables' nat table can be used now: probed at most once per `recheck` while
+    /// missing. Missing means `-t nat` fails while `-t filter` works; a failing filter table
+    /// is an error of its own, left for the forward chain's sync to report.
+    fn nat6_usable(&self) -> bool {
+        let mut missing = self.nat6_missing.lock().unwrap();
+        if missing.is_some_and(|since| since.elapsed() < self.recheck) {
+            return false;
+        }
+        let r = &*self.runner;
+        let Err(e) = Iptables::listing_with(r, Family::V6, "nat") else {
+            if missing.take().is_some() {
+                tracing::info!("ip6tables has a nat table now: IPv6 masquerading is back");
+            }
+            return true;
+        };
+        if Iptables::listing_with(r, Family::V6, "filter").is_err() {
+            return true;
+        }
+        if missing.is_none() {
+            tracing::error!(
+                "ip6tables has no usable table nat ({e}); is the kernel module ip6table_nat \
+                 loaded? IPv6 traffic leaving the overlay is not masqueraded. The IPv6 forward \
+                 rules and the IPv4 rules are kept; looking again every {:?}",
+                self.recheck
+            );
+        }
+        *missing = Some(std::time::Instant::now());
+        false
+    }
+
+    /// [`Iptables::sync_spec`], the ip6tables nat chain left out while that table is missing.
+    pub fn sync_spec(&self, spec: &RuleSpec) -> Result<bool, RulesError> {
+        let nat6 = spec.ipv6.is_some() && self.nat6_usable();
+        Iptables::sync_spec_with(&*self.runner, spec, nat6)
+    }
+}
+
 /// Runs the iptables binaries (the only way to reach both iptables-legacy and iptables-nft hosts).
 pub struct Iptables;
 
@@ -573,21 +679,37 @@ impl Iptables {
 
     /// `iptables -S` or `ip6tables -S` of `table`.
     pub fn listing_in(family: Family, table: &str) -> Result<String, RulesError> {
-        Self::run(family.iptables(), &["-w", "5", "-t", table, "-S"], None)
+        Self::listing_with(&System, family, table)
+    }
+
+    fn listing_with(r: &dyn Runner, family: Family, table: &str) -> Result<String, RulesError> {
+        r.run(family.iptables(), &["-w", "5", "-t", table, "-S"], None)
     }
 
     /// [`Iptables::sync`] for a [`RuleSpec`], and removes the nat chain (and its jump) when the
     /// spec has no masquerading; the same with ip6tables for the IPv6 half, when there is one.
     pub fn sync_spec(spec: &RuleSpec) -> Result<bool, RulesError> {
-        let mut changed = Self::sync(&spec.iptables_chains())?;
+        Self::sync_spec_with(&System, spec, true)
+    }
+
+    /// [`sync_spec`](Self::sync_spec); `nat6` false leaves ip6tables' nat table alone (it is
+    /// missing), the IPv6 forward chain still synced.
+    fn sync_spec_with(r: &dyn Runner, spec: &RuleSpec, nat6: bool) -> Result<bool, RulesError> {
+        let mut changed = Self::sync_with(r, Family::V4, &spec.iptables_chains())?;
         if !spec.ip_masq {
-            changed |= Self::remove(&masquerade_chain(spec.network, spec.subnet))?;
+            changed |=
+                Self::remove_with(r, Family::V4, &masquerade_chain(spec.network, spec.subnet))?;
         }
         if let Some(v6) = &spec.ipv6 {
-            changed |= Self::sync_in(Family::V6, &v6.ip6tables_chains(spec.ip_masq))?;
-            if !spec.ip_masq {
+            let chains: Vec<Chain> = v6
+                .ip6tables_chains(spec.ip_masq)
+                .into_iter()
+                .filter(|c| nat6 || c.table != "nat")
+                .collect();
+            changed |= Self::sync_with(r, Family::V6, &chains)?;
+            if !spec.ip_masq && nat6 {
                 changed |=
-                    Self::remove_in(Family::V6, &masquerade_chain_v6(v6.network, v6.subnet))?;
+                    Self::remove_with(r, Family::V6, &masquerade_chain_v6(v6.network, v6.subnet))?;
             }
         }
         Ok(changed)
@@ -600,17 +722,21 @@ impl Iptables {
 
     /// [`remove`](Self::remove) with `family`'s binary.
     pub fn remove_in(family: Family, c: &Chain) -> Result<bool, RulesError> {
+        Self::remove_with(&System, family, c)
+    }
+
+    fn remove_with(r: &dyn Runner, family: Family, c: &Chain) -> Result<bool, RulesError> {
         let program = family.iptables();
-        let listing = Self::listing_in(family, c.table)?;
+        let listing = Self::listing_with(r, family, c.table)?;
         let (jump, chain) = plan_removal(&listing, c);
         if jump {
             let mut args = vec!["-w", "5", "-t", c.table, "-D", c.builtin];
             args.extend(["-m", "comment", "--comment", COMMENT, "-j", c.name]);
-            Self::run(program, &args, None)?;
+            r.run(program, &args, None)?;
         }
         if chain {
-            Self::run(program, &["-w", "5", "-t", c.table, "-F", c.name], None)?;
-            Self::run(program, &["-w", "5", "-t", c.table, "-X", c.name], None)?;
+            r.run(program, &["-w", "5", "-t", c.table, "-F", c.name], None)?;
+            r.run(program, &["-w", "5", "-t", c.table, "-X", c.name], None)?;
         }
         Ok(jump || chain)
     }
@@ -622,20 +748,24 @@ impl Iptables {
 
     /// [`sync`](Self::sync) with `family`'s binaries.
     pub fn sync_in(family: Family, chains: &[Chain]) -> Result<bool, RulesError> {
+        Self::sync_with(&System, family, chains)
+    }
+
+    fn sync_with(r: &dyn Runner, family: Family, chains: &[Chain]) -> Result<bool, RulesError> {
         let mut listings = std::collections::HashMap::new();
         for c in chains {
             if !listings.contains_key(c.table) {
-                listings.insert(c.table, Self::listing_in(family, c.table)?);
+                listings.insert(c.table, Self::listing_with(r, family, c.table)?);
             }
         }
         let plan = plan_sync(chains, &|t| listings.get(t).cloned().unwrap_or_default());
         if let Some(input) = &plan.restore {
-            Self::run(family.restore(), &["-w", "5", "--noflush"], Some(input))?;
+            r.run(family.restore(), &["-w", "5", "--noflush"], Some(input))?;
         }
         for c in &plan.insert_jumps {
             let mut args = vec!["-w", "5", "-t", c.table, "-I", c.builtin, "1"];
             args.extend(["-m", "comment", "--comment", COMMENT, "-j", c.name]);
-            Self::run(family.iptables(), &args, None)?;
+            r.run(family.iptables(), &args, None)?;
         }
         Ok(plan.restore.is_some() || !plan.insert_jumps.is_empty())
     }
@@ -908,5 +1038,126 @@ mod tests {
         );
         assert_eq!(chain_rules_from_listing(l, "TWEED-POSTRTG"), None);
         assert_eq!(chain_rules_from_listing("-N X\n", "X"), Some(vec![]));
+    }
+
+    /// ip6tables with the answers of a kernel without `ip6table_nat` (while `nat6` is false):
+    /// `-t nat` fails, everything else works on empty tables. Records every command.
+    #[derive(Clone, Default)]
+    struct NoNat6 {
+        calls: std::sync::Arc<Mutex<Vec<String>>>,
+        nat6: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Runner for NoNat6 {
+        fn run(
+            &self,
+            program: &'static str,
+            args: &[&str],
+            _stdin: Option<&str>,
+        ) -> Result<String, RulesError> {
+            let line = format!("{program} {}", args.join(" "));
+            self.calls.lock().unwrap().push(line.clone());
+            let has_nat = self.nat6.load(std::sync::atomic::Ordering::SeqCst);
+            if program == "ip6tables" && args.contains(&"nat") && !has_nat {
+                return Err(RulesError::Command {
+                    program,
+                    args: args.join(" "),
+                    reason: "can't initialize ip6tables table `nat': Table does not exist \
+                             (do you need to insmod?)"
+                        .into(),
+                });
+            }
+            Ok(String::new())
+        }
+    }
+
+    impl NoNat6 {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+    }
+
+    /// Review finding 2 of issue 19: without ip6tables' nat table every sync used to fail. Now
+    /// the first sync finds it missing (once), writes the IPv4 rules and the IPv6 forward
+    /// chain, and later syncs neither probe nor fail until the recheck is due; once the table
+    /// exists the IPv6 nat chain is written.
+    #[test]
+    fn a_missing_ip6tables_nat_table_is_detected_once_and_the_rest_still_synced() {
+        let fake = NoNat6::default();
+        let fw = IptablesFirewall::with_recheck(
+            Box::new(fake.clone()),
+            std::time::Duration::from_millis(300),
+        );
+        let spec = RuleSpec {
+            ipv6: Some(v6()),
+            ..spec(true)
+        };
+        assert!(fw.sync_spec(&spec).unwrap());
+        assert!(fw.nat6_missing());
+        let calls = fake.take();
+        let restores: Vec<&String> = calls.iter().filter(|c| c.contains("-restore")).collect();
+        assert_eq!(
+            restores,
+            [
+                "iptables-restore -w 5 --noflush",
+                "ip6tables-restore -w 5 --noflush"
+            ],
+            "{calls:#?}"
+        );
+        assert!(calls.contains(&"iptables -w 5 -t nat -S".to_string()));
+        assert!(calls.contains(&"ip6tables -w 5 -t filter -S".to_string()));
+        // The IPv6 jumps written: the forward chain's only.
+        let jumps6: Vec<&String> = calls
+            .iter()
+            .filter(|c| c.starts_with("ip6tables ") && c.contains(" -I "))
+            .collect();
+        assert_eq!(jumps6.len(), 1, "{calls:#?}");
+        assert!(jumps6.iter().all(|c| c.contains("-t filter")), "{jumps6:?}");
+        // The next syncs: no error, ip6tables' nat table not even asked, with or without
+        // masquerading.
+        for ip_masq in [true, false] {
+            let s = RuleSpec { ip_masq, ..spec };
+            fw.sync_spec(&s).unwrap();
+            let calls = fake.take();
+            assert!(
+                !calls.iter().any(|c| c.starts_with("ip6tables -w 5 -t nat")),
+                "{calls:#?}"
+            );
+        }
+        // The module loaded: picked up at the recheck, and the IPv6 nat chain is written.
+        fake.nat6.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(350));
+        fw.sync_spec(&spec).unwrap();
+        assert!(!fw.nat6_missing());
+        let calls = fake.take();
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.starts_with("ip6tables -w 5 -t nat -I POSTROUTING")),
+            "{calls:#?}"
+        );
+        // An ip6tables that fails on every table is an error again, not a missing nat table.
+        let broken = NoNat6::default();
+        struct Broken(NoNat6);
+        impl Runner for Broken {
+            fn run(
+                &self,
+                p: &'static str,
+                a: &[&str],
+                i: Option<&str>,
+            ) -> Result<String, RulesError> {
+                if p == "ip6tables" {
+                    return Err(RulesError::Command {
+                        program: p,
+                        args: a.join(" "),
+                        reason: "no".into(),
+                    });
+                }
+                self.0.run(p, a, i)
+            }
+        }
+        let fw = IptablesFirewall::new(Box::new(Broken(broken)));
+        assert!(fw.sync_spec(&spec).is_err());
+        assert!(!fw.nat6_missing());
     }
 }

@@ -373,7 +373,8 @@ async fn rename(
         return Ok(Renamed::Again);
     }
     // Watchers skipped the new key as an overlap while the old one (older, same IPv4 subnet)
-    // stood; writing it again makes them read it now that it stands alone.
+    // stood. This tweed's lease table reads it again when the old key goes (an update: the route
+    // is kept), so a crash before this line loses nothing; the rewrite is for older readers.
     if let Some(now) = now {
         registry
             .update_lease(&key, attrs, now.lease_id, now.mod_revision)

@@ -28,6 +28,16 @@ impl LeaseChange {
             LeaseChange::Updated { new, .. } => new.key.ipv4,
         }
     }
+
+    /// The key this change leaves without a lease: a removed one, or the old name of a renamed
+    /// one (an update whose key changed: same IPv4 subnet, the IPv6 half added or dropped).
+    pub fn key_gone(&self) -> Option<&SubnetKey> {
+        match self {
+            LeaseChange::Removed(l) => Some(&l.key),
+            LeaseChange::Updated { old, new } if old.key != new.key => Some(&old.key),
+            _ => None,
+        }
+    }
 }
 
 /// A value or key the table refused. Never fatal: the caller logs it with the key (once per
@@ -63,6 +73,11 @@ pub struct LeaseTable {
     /// The IPv6 node subnet length, when the network has an IPv6 half: a key whose IPv6 part
     /// has another length blocks nothing (see [`Self::with_ipv6_subnet_len`]).
     v6_subnet_len: Option<u8>,
+    /// Keys skipped as overlapping an older lease, by etcd key, as last written. When the older
+    /// lease goes they are read again: a rename (the IPv6 half added or dropped) creates the new
+    /// key while the old one stands, and deleting the old one must hand the subnet over at once
+    /// (an update, the route kept), not leave the new key unseen until a rewrite or a resync.
+    shadowed: BTreeMap<String, RawLease>,
 }
 
 impl LeaseTable {
@@ -75,6 +90,7 @@ impl LeaseTable {
             occupied: BTreeMap::new(),
             occupied_v6: BTreeMap::new(),
             v6_subnet_len: None,
+            shadowed: BTreeMap::new(),
         }
     }
 
@@ -148,6 +164,7 @@ impl LeaseTable {
     }
 
     fn put(&mut self, raw: &RawLease, out: &mut Applied) {
+        self.shadowed.remove(&raw.key);
         let key = match self.parse_key(&raw.key, raw.mod_revision) {
             None => return,
             Some(Err(s)) => {
@@ -195,6 +212,7 @@ impl LeaseTable {
             // Ignored by everyone, so it must not block allocation either: a stray
             // `10.244.0.0-16` would otherwise leave no free subnet at all.
             self.occupied.remove(&raw.key);
+            self.shadowed.insert(raw.key.clone(), raw.clone());
             return out.skipped.push(skip(
                 "overlap",
                 format!(
@@ -223,11 +241,60 @@ impl LeaseTable {
     fn delete(&mut self, key: &str, out: &mut Applied) {
         self.occupied.remove(key);
         self.occupied_v6.remove(key);
-        if let Some(Ok(k)) = self.parse_key(key, 0) {
-            if let Some(old) = self.leases.remove(&k) {
-                out.changes.push(LeaseChange::Removed(old));
-            }
+        self.shadowed.remove(key);
+        let Some(Ok(k)) = self.parse_key(key, 0) else {
+            return;
+        };
+        let Some(old) = self.leases.remove(&k) else {
+            return;
+        };
+        let freed = old.key.ipv4;
+        out.changes.push(LeaseChange::Removed(old));
+        // The keys this lease shadowed stand now, oldest first (the table's rule). A rename's
+        // new key becomes the lease in the same batch, and `coalesce` makes the pair an update.
+        let mut waiting: Vec<RawLease> = self
+            .shadowed
+            .values()
+            .filter(|r| {
+                let name = r.key.strip_prefix(&self.dir).unwrap_or_default();
+                name.parse::<SubnetKey>()
+                    .is_ok_and(|s| s.ipv4.overlaps(freed))
+            })
+            .cloned()
+            .collect();
+        waiting.sort_by_key(|r| (r.create_revision, r.mod_revision));
+        for raw in &waiting {
+            self.put(raw, out);
         }
+    }
+
+    /// Makes a removed lease and an added one of the same node on the same IPv4 subnet (same
+    /// `PublicIP`) one update: a rename, whose key gained or lost its IPv6 half. Consumers then
+    /// keep the IPv4 route instead of deleting and re-adding it.
+    fn coalesce(out: &mut Applied) {
+        let mut merged: Vec<LeaseChange> = Vec::with_capacity(out.changes.len());
+        for c in std::mem::take(&mut out.changes) {
+            if let LeaseChange::Added(new) = &c {
+                let same_node = |p: &LeaseChange| {
+                    matches!(p, LeaseChange::Removed(old)
+                        if old.key.ipv4 == new.key.ipv4 && old.attrs.public_ip == new.attrs.public_ip)
+                };
+                if let Some(i) = merged.iter().position(same_node) {
+                    if let LeaseChange::Removed(old) = merged.remove(i) {
+                        merged.insert(
+                            i,
+                            LeaseChange::Updated {
+                                old,
+                                new: new.clone(),
+                            },
+                        );
+                        continue;
+                    }
+                }
+            }
+            merged.push(c);
+        }
+        out.changes = merged;
     }
 
     pub fn apply(&mut self, events: &[WatchEvent]) -> Applied {
@@ -238,6 +305,7 @@ impl LeaseTable {
                 WatchEvent::Delete { key, .. } => self.delete(key, &mut out),
             }
         }
+        Self::coalesce(&mut out);
         out
     }
 
@@ -254,6 +322,8 @@ impl LeaseTable {
             .filter(|k| !present.contains(k.as_str()))
             .cloned()
             .collect();
+        // A shadowed key gone from the listing must not come back when its shadow goes.
+        self.shadowed.retain(|k, _| present.contains(k.as_str()));
         for k in gone {
             self.delete(&k, &mut out);
         }
@@ -265,6 +335,7 @@ impl LeaseTable {
         for raw in listing {
             self.put(raw, &mut out);
         }
+        Self::coalesce(&mut out);
         out
     }
 }
@@ -682,5 +753,85 @@ mod tests {
         // Deleted keys free their IPv6 subnets, the IPv6-only form included.
         t.resync(&listing[..6]);
         assert!(t.occupied_v6(None).is_empty());
+    }
+
+    /// Review finding 1 of issue 19: a node renamed its lease (its IPv6 half added, or dropped),
+    /// creating the new key while the old one stood, then deleting the old one. The table must
+    /// report one update (the IPv4 route kept), never a remove then an add, whatever the order of
+    /// the batches, and in a resync that missed the events.
+    #[test]
+    fn a_rename_of_the_same_node_is_an_update_not_a_remove_and_an_add() {
+        let v4 = "10.244.3.0-24";
+        let dual = "10.244.3.0-24&fd00:10:244:3::-64";
+        let dual_value = r#"{"PublicIP":"198.18.0.3","PublicIPv6":"2001:db8::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:03"}}"#;
+        let del = |k: &str| WatchEvent::Delete {
+            key: format!("{P}/subnets/{k}"),
+            revision: 0,
+        };
+        let rename = |a: &Applied, from: &str, to: &str| match a.changes.as_slice() {
+            [LeaseChange::Updated { old, new }] => {
+                assert_eq!(old.key, from.parse().unwrap());
+                assert_eq!(new.key, to.parse().unwrap());
+                assert_eq!(a.changes[0].key_gone(), Some(&old.key));
+            }
+            other => panic!("{from} -> {to}: {other:?}"),
+        };
+        // v4-only -> dual, then back, each as two batches: create the new key, delete the old.
+        let mut t = table();
+        t.apply(&[WatchEvent::Put(node(v4, 3, 2))]);
+        let a = t.apply(&[WatchEvent::Put(raw(dual, dual_value, 3))]);
+        assert!(
+            a.changes.is_empty(),
+            "the new key waits behind the old: {a:?}"
+        );
+        assert_eq!(a.skipped[0].kind, "overlap");
+        rename(&t.apply(&[del(v4)]), v4, dual);
+        assert_eq!(
+            t.leases().map(|l| l.key).collect::<Vec<_>>(),
+            [dual.parse().unwrap()]
+        );
+        assert_eq!(t.occupied(), ["10.244.3.0/24".parse().unwrap()]);
+        // The rename's rewrite of the new key, once alone, is no change.
+        assert!(t
+            .apply(&[WatchEvent::Put(raw(dual, dual_value, 5))])
+            .changes
+            .is_empty());
+        t.apply(&[WatchEvent::Put(node(v4, 3, 6))]);
+        rename(&t.apply(&[del(dual)]), dual, v4);
+        // One batch holding both events.
+        let mut t = table();
+        t.apply(&[WatchEvent::Put(node(v4, 3, 2))]);
+        rename(
+            &t.apply(&[WatchEvent::Put(raw(dual, dual_value, 3)), del(v4)]),
+            v4,
+            dual,
+        );
+        // A resync that missed both events.
+        let mut t = table();
+        t.resync(&[node(v4, 3, 2)]);
+        rename(&t.resync(&[raw(dual, dual_value, 3)]), v4, dual);
+        // Another node's key on the subnet (another PublicIP) is a real remove and add.
+        let mut t = table();
+        t.apply(&[WatchEvent::Put(node(v4, 3, 2))]);
+        t.apply(&[WatchEvent::Put(node(dual, 4, 3))]);
+        let a = t.apply(&[del(v4)]);
+        assert!(
+            matches!(
+                a.changes.as_slice(),
+                [LeaseChange::Removed(_), LeaseChange::Added(_)]
+            ),
+            "{a:?}"
+        );
+        // A shadowed key deleted before its shadow goes never comes back.
+        let mut t = table();
+        t.apply(&[WatchEvent::Put(node(v4, 3, 2))]);
+        t.apply(&[WatchEvent::Put(raw(dual, dual_value, 3))]);
+        t.apply(&[del(dual)]);
+        let a = t.apply(&[del(v4)]);
+        assert!(
+            matches!(a.changes.as_slice(), [LeaseChange::Removed(_)]),
+            "{a:?}"
+        );
+        assert!(t.is_empty() && t.occupied().is_empty());
     }
 }

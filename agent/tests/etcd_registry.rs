@@ -495,3 +495,71 @@ async fn a_list_of_many_pages_returns_every_lease_and_nothing_outside_the_direct
     }
     assert_eq!(reg.list_leases().await.unwrap().leases.len(), N as usize);
 }
+
+/// Review finding 4 of issue 19: a rename (the node gained an IPv6 address) cut short at each
+/// point, on a real etcd, with a peer's lease table following the watch. Killed after creating
+/// the new key: the peer keeps the old one. Killed after deleting the old key, before the
+/// rename's rewrite of the new one: the peer reads the new key at once (an update of the same
+/// node, never a removal), not only at its next resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_cut_short_at_any_point_leaves_a_lease_peers_read() {
+    let (_env, reg) = Env::with_registry().await;
+    let cfg = NetworkConfig::parse(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+    )
+    .unwrap();
+    let ttl = Duration::from_secs(60);
+    // First start without an IPv6 address: a v4-only key.
+    let old = acquire(&reg, &cfg, &attrs(3), None, ttl).await.unwrap();
+    assert_eq!(old.key.ipv6, None);
+    let snap = reg.list_leases().await.unwrap();
+    let mut peer = tweed_agent::watch::LeaseTable::new(P, cfg.network, 24);
+    peer.resync(&snap.leases);
+    let mut watch = reg.watch(snap.revision + 1).await.unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("a watch event")
+            .unwrap()
+    };
+    // The rename's steps, by hand: create the new key (same IPv4 subnet, an IPv6 half) ...
+    let mut dual = attrs(3);
+    dual.public_ipv6 = Some("2001:db8::3".parse().unwrap());
+    let new = SubnetKey {
+        ipv4: old.subnet(),
+        ipv6: Some("fd00:10:244:3::/64".parse().unwrap()),
+    };
+    assert!(matches!(
+        reg.create_lease(&new, &dual, ttl).await.unwrap(),
+        tweed_agent::registry::CreateOutcome::Created { .. }
+    ));
+    let a = peer.apply(&next().await);
+    assert!(a.changes.is_empty(), "{a:?}");
+    assert_eq!(
+        peer.leases().map(|l| l.key).collect::<Vec<_>>(),
+        [old.key],
+        "cut here, the old key is the lease"
+    );
+    // ... then delete the old one, and the agent is killed before it rewrites the new key.
+    let rev = snap
+        .leases
+        .iter()
+        .find(|l| l.key == old.key.etcd_key(P))
+        .unwrap()
+        .mod_revision;
+    assert!(reg.delete_lease(&old.key, rev).await.unwrap());
+    let a = peer.apply(&next().await);
+    assert!(
+        matches!(a.changes.as_slice(), [tweed_agent::watch::LeaseChange::Updated { old: o, new: n }]
+            if o.key == old.key && n.key == new),
+        "{a:?}"
+    );
+    assert_eq!(peer.leases().map(|l| l.key).collect::<Vec<_>>(), [new]);
+    // A resync reads the same.
+    let mut fresh = tweed_agent::watch::LeaseTable::new(P, cfg.network, 24);
+    fresh.resync(&reg.list_leases().await.unwrap().leases);
+    assert_eq!(fresh.leases().map(|l| l.key).collect::<Vec<_>>(), [new]);
+    // The next start keeps the new key.
+    let back = acquire(&reg, &cfg, &dual, None, ttl).await.unwrap();
+    assert_eq!(back.key, new);
+}

@@ -303,11 +303,54 @@ fn the_init_layer_lives_on_a_scratch_tmpfs_nobody_sees() {
         "sh",
         "-c",
         "cat /etc/hostname; grep -c localhost /etc/hosts; test -d /srv/data && echo dir; \
-         stat -c '%a %u' /etc /etc/hosts; echo '10.1.2.3 extra' >> /etc/hosts; \
-         awk '{print $5}' /proc/self/mountinfo | grep -c scratch || true",
+         stat -c '%a %u' /etc /etc/hosts; echo '10.1.2.3 extra' >> /etc/hosts",
     ]);
-    // No mount point of the container names the scratch tmpfs: it went with the old root.
-    assert_eq!(out, "scratchy\n2\ndir\n755 0\n644 0\n0\n", "{out}");
+    assert_eq!(out, "scratchy\n2\ndir\n755 0\n644 0\n", "{out}");
+    // While it runs: the container's root is the overlay whose topmost lower (the init layer it
+    // just read its hostname from) lies under the scratch mount point, yet on the host that
+    // mount point is an empty directory with nothing mounted on or under it. So the init layer
+    // is on a filesystem (the tmpfs) mounted only in the container's namespace.
+    let scratch = e.image_root.join("scratch");
+    let scratch = scratch.to_string_lossy();
+    let pid = e.init_pid("s");
+    let inside = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = inside
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap_or_else(|| panic!("no root mount in the container:\n{inside}"));
+    let (_, sb) = root.split_once(" - ").unwrap();
+    assert!(sb.starts_with("overlay "), "{root}");
+    let lower = sb
+        .split([' ', ','])
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap_or_else(|| panic!("no lowerdir in {root}"));
+    let top = lower.split(':').next().unwrap();
+    assert!(
+        top.starts_with(&format!("{scratch}/")),
+        "the init layer {top} is not under {scratch}"
+    );
+    assert!(
+        !std::path::Path::new(top).exists(),
+        "{top} visible on the host"
+    );
+    assert!(list(&e.image_root.join("scratch")).is_empty());
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let under_scratch: Vec<&str> = host
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|mp| mp == scratch || mp.starts_with(&format!("{scratch}/")))
+        })
+        .collect();
+    assert!(under_scratch.is_empty(), "{under_scratch:?}");
+    // Inside, no mount point lies under the scratch path either: the tmpfs went with the old
+    // root at the pivot, kept alive only by the overlay.
+    let mount_points: Vec<&str> = inside.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+    assert!(
+        !mount_points.iter().any(|mp| mp.starts_with(&*scratch)),
+        "{mount_points:?}"
+    );
     // On disk: the overlay's writable dirs and nothing else; the host's scratch mount point
     // stays empty, and no mount of the container reached the host's table.
     let data = e.image_root.join("containers").join(&id);

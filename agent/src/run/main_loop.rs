@@ -515,11 +515,11 @@ impl Agent {
         let own = self.lease.own();
         self.report.lease_changes(&applied, own.subnet());
         // The whole key: a renamed lease (its IPv6 half changed) removes an old key naming the
-        // same IPv4 subnet, which is not ours any more.
+        // same IPv4 subnet, which is not ours any more; the table reports a rename as an update.
         let own_lost = applied
             .changes
             .iter()
-            .any(|c| matches!(c, crate::watch::LeaseChange::Removed(l) if l.key == own.key));
+            .any(|c| c.key_gone() == Some(&own.key));
         self.lease.follow(&self.table);
         if !own_lost
             && !stop.stopped()

@@ -616,3 +616,36 @@ async fn a_node_without_ipv6_in_a_dual_stack_network_runs_ipv4_only_and_says_so(
     assert!(!n.state.metrics.render().contains("tweed_lease_ipv6_info{"));
     assert!(n.rules.applied().iter().all(|r| r.ipv6.is_none()));
 }
+
+/// Review finding 1 of issue 19: a peer renames its lease (it restarted with an IPv6 address, then
+/// without one): its new key is created while the old one stands, the old one deleted, and the
+/// new one written again, as `subnet::rename` does. Its IPv4 route is never deleted: the rename
+/// is an update, not a remove and an add.
+#[tokio::test(start_paused = true)]
+async fn a_peer_renaming_its_lease_keeps_its_ipv4_route() {
+    let (mem, n, _, _) = Node::with_a_peer().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(n.kernel.take_ops(), vec![]);
+    let v4 = key("10.244.7.0/24");
+    let dual = format!("{PREFIX}/subnets/10.244.7.0-24&fd00:10:244:7::-64");
+    let v4_value = r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw"}"#;
+    let dual_value =
+        r#"{"PublicIP":"198.18.0.2","PublicIPv6":"2001:db8::2","BackendType":"host-gw"}"#;
+    for (from, to, value) in [(&v4, &dual, dual_value), (&dual, &v4, v4_value)] {
+        mem.put_raw(to, value.as_bytes());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(mem.delete_raw(from));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        mem.put_raw(to, value.as_bytes());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ops = n.kernel.take_ops();
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::RouteDel(_))),
+            "{from} -> {to}: the route was deleted: {ops:?}"
+        );
+        assert!(n.peer_routed().await, "{from} -> {to}");
+        let s = n.state.snapshot();
+        assert_eq!(s.peers.len(), 1, "{:?}", s.peers);
+        assert!(s.peers[0].programmed, "{:?}", s.peers);
+    }
+}
