@@ -389,3 +389,271 @@ mod tests {
         assert!(waiter.join().unwrap(), "acquired while still held");
     }
 }
+
+/// Name prefix of a container's layer directory set aside for removal ([`set_aside`]).
+/// Container ids are hex, so no live directory starts with it.
+pub const GONE_PREFIX: &str = ".gone.";
+
+/// Takes a container's layer directory out of use in one rename (`<parent>/<name>` becomes
+/// `<parent>/.gone.<name>`) so that its removal, a dozen rmdirs each waiting for the file
+/// system's journal, can happen after `rm` has returned ([`sweep_detached`]). Returns whether
+/// there was anything to set aside. A crash after the rename leaves a `.gone.` entry that the
+/// next sweep of the same directory removes.
+pub fn set_aside(path: &Path) -> io::Result<bool> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    let mut gone = std::ffi::OsString::from(GONE_PREFIX);
+    gone.push(name);
+    let to = parent.join(gone);
+    // A leftover of the same name (a crash between rename and sweep, the id reused) first.
+    remove_tree(&to)?;
+    match std::fs::rename(path, &to) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The pid of the last sweeper this process started, reaped at the next start so that a
+/// long-lived caller keeps at most one zombie.
+static LAST_SWEEPER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Removes every `.gone.` entry of `dir` in a detached child process (its own session, stdio
+/// on /dev/null, nice 10), this call's and any a crash left behind. The child allocates
+/// nothing and takes no lock, so the caller may be multi-threaded.
+pub fn sweep_detached(dir: &Path) -> io::Result<()> {
+    let d = cstr(dir)?;
+    let null = CString::new("/dev/null").expect("no NUL");
+    let last = LAST_SWEEPER.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if last > 0 {
+        // SAFETY: non-blocking wait for our own earlier child.
+        unsafe { libc::waitpid(last, std::ptr::null_mut(), libc::WNOHANG) };
+    }
+    // SAFETY: the child only makes async-signal-safe system calls on memory prepared before
+    // the fork (the two C strings) or on its stack, then _exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => unsafe {
+            libc::setsid();
+            let fd = libc::open(null.as_ptr(), libc::O_RDWR);
+            if fd >= 0 {
+                libc::dup2(fd, 0);
+                libc::dup2(fd, 1);
+                libc::dup2(fd, 2);
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            libc::nice(10);
+            let parent = libc::open(
+                d.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if parent >= 0 {
+                remove_gone_entries(parent);
+            }
+            libc::_exit(0)
+        },
+        pid => {
+            LAST_SWEEPER.store(pid, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+    }
+}
+
+/// One `getdents64` record: (name with its NUL, is a directory or of unknown type, next offset).
+fn dirent_at(buf: &[u8], off: usize) -> (&[u8], bool, usize) {
+    // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+    let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+    let dtype = buf[off + 18];
+    let raw = &buf[off + 19..off + reclen];
+    let len = raw
+        .iter()
+        .position(|&b| b == 0)
+        .map_or(raw.len(), |p| p + 1);
+    let dirish = dtype == libc::DT_DIR || dtype == libc::DT_UNKNOWN;
+    (&raw[..len], dirish, off + reclen)
+}
+
+fn is_dot(name: &[u8]) -> bool {
+    name == b".\0" || name == b"..\0"
+}
+
+/// Removes the `.gone.` entries of the directory open as `parent`; allocation-free.
+fn remove_gone_entries(parent: libc::c_int) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut found = false;
+        // SAFETY: lseek/getdents64 on our fd into our buffer.
+        unsafe { libc::lseek(parent, 0, libc::SEEK_SET) };
+        loop {
+            let n =
+                unsafe { libc::syscall(libc::SYS_getdents64, parent, buf.as_mut_ptr(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            let mut off = 0;
+            while off < n as usize {
+                let (name, _, next) = dirent_at(&buf, off);
+                off = next;
+                if name.starts_with(GONE_PREFIX.as_bytes()) {
+                    // SAFETY: `name` is NUL-terminated (dirent_at keeps the NUL).
+                    let ok =
+                        unsafe { remove_tree_at(parent, name.as_ptr() as *const libc::c_char) };
+                    found |= ok;
+                }
+            }
+        }
+        // Entries removed while reading may hide others: read again until a pass removes none.
+        if !found {
+            return;
+        }
+    }
+}
+
+/// Removes the directory `name` of `parent` and everything below it, in O(1) memory: it
+/// descends into a subdirectory that is not empty, and climbs back through `..` once a
+/// directory is empty, until the top is empty. Gives up (returns false) when a pass over a
+/// directory removes nothing and finds nowhere to descend (an entry it may not remove).
+///
+/// # Safety
+///
+/// `name` must be a NUL-terminated string.
+unsafe fn remove_tree_at(parent: libc::c_int, name: *const libc::c_char) -> bool {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY (whole body): system calls on our own fds, our buffer and NUL-terminated names.
+    unsafe {
+        if libc::unlinkat(parent, name, 0) == 0
+            || libc::unlinkat(parent, name, libc::AT_REMOVEDIR) == 0
+        {
+            return true;
+        }
+        let top = libc::openat(parent, name, flags);
+        if top < 0 {
+            return false;
+        }
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(top, &mut st);
+        let top_id = (st.st_dev, st.st_ino);
+        let mut cur = top;
+        let mut buf = [0u8; 4096];
+        let mut budget: u64 = 10_000_000;
+        'dir: loop {
+            budget -= 1;
+            if budget == 0 {
+                libc::close(cur);
+                return false;
+            }
+            libc::lseek(cur, 0, libc::SEEK_SET);
+            let mut progress = false;
+            loop {
+                let n = libc::syscall(libc::SYS_getdents64, cur, buf.as_mut_ptr(), buf.len());
+                if n <= 0 {
+                    break;
+                }
+                let mut off = 0;
+                while off < n as usize {
+                    let (e, dirish, next) = dirent_at(&buf, off);
+                    off = next;
+                    if is_dot(e) {
+                        continue;
+                    }
+                    let e = e.as_ptr() as *const libc::c_char;
+                    if libc::unlinkat(cur, e, if dirish { libc::AT_REMOVEDIR } else { 0 }) == 0
+                        || libc::unlinkat(cur, e, if dirish { 0 } else { libc::AT_REMOVEDIR }) == 0
+                    {
+                        progress = true;
+                        continue;
+                    }
+                    let sub = libc::openat(cur, e, flags);
+                    if sub >= 0 {
+                        libc::close(cur);
+                        cur = sub;
+                        continue 'dir;
+                    }
+                }
+            }
+            if progress {
+                continue 'dir;
+            }
+            // A pass removed nothing: the directory is empty, or holds what we may not remove.
+            libc::fstat(cur, &mut st);
+            let empty_reread = {
+                libc::lseek(cur, 0, libc::SEEK_SET);
+                let n = libc::syscall(libc::SYS_getdents64, cur, buf.as_mut_ptr(), buf.len());
+                let mut off = 0;
+                let mut only_dots = true;
+                while n > 0 && off < n as usize {
+                    let (e, _, next) = dirent_at(&buf, off);
+                    off = next;
+                    only_dots &= is_dot(e);
+                }
+                only_dots
+            };
+            if !empty_reread {
+                libc::close(cur);
+                return false;
+            }
+            if (st.st_dev, st.st_ino) == top_id {
+                libc::close(cur);
+                return libc::unlinkat(parent, name, libc::AT_REMOVEDIR) == 0;
+            }
+            let up = libc::openat(cur, c"..".as_ptr(), flags);
+            libc::close(cur);
+            if up < 0 {
+                return false;
+            }
+            cur = up;
+        }
+    }
+}
+
+#[cfg(test)]
+mod gone_tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A layer directory set aside is gone from its path at once; the detached sweep removes
+    /// it (deep, with files, symlinks and an empty dir) and a leftover of an earlier crash,
+    /// and leaves the other entries and what a symlink points to alone.
+    #[test]
+    fn set_aside_then_sweep_removes_this_and_earlier_leftovers_only() {
+        let t = tempfile::tempdir().unwrap();
+        let containers = t.path().join("containers");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"x").unwrap();
+        let c = containers.join("abc");
+        let mut deep = c.join("upper");
+        for i in 0..200 {
+            deep = deep.join(format!("d{i}"));
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f"), b"x").unwrap();
+        std::fs::create_dir_all(c.join("work/work/incompat/volatile")).unwrap();
+        for i in 0..300 {
+            std::fs::write(c.join(format!("upper/file{i}")), b"x").unwrap();
+        }
+        symlink(&outside, c.join("upper/link")).unwrap();
+        let crashed = containers.join(format!("{GONE_PREFIX}old"));
+        std::fs::create_dir_all(crashed.join("upper/x")).unwrap();
+        std::fs::create_dir_all(containers.join("live")).unwrap();
+
+        assert!(set_aside(&c).unwrap());
+        assert!(!c.exists());
+        assert!(!set_aside(&c).unwrap(), "nothing left to set aside");
+        sweep_detached(&containers).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let left: Vec<_> = std::fs::read_dir(&containers)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            if left == [std::ffi::OsString::from("live")] {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "left: {left:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(outside.join("keep").exists());
+    }
+}

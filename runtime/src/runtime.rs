@@ -390,7 +390,7 @@ impl Runtime {
             path: self.paths.netns(id),
         });
         steps.extend(cgroup.map(Release::Cgroup));
-        steps.push(Release::Tree(self.paths.data_dir(id)));
+        steps.push(Release::Layers(self.paths.data_dir(id)));
         steps.extend(cfg.map(|c| Release::Name {
             link: self.paths.name_link(&c.name),
             id: id.to_string(),

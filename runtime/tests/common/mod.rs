@@ -184,10 +184,22 @@ impl Env {
             Vec::<String>::new(),
             "state dirs left"
         );
+        // `rm` renames a layer directory to `.gone.<id>` and a detached child removes it:
+        // no live one may be left, and the set-aside ones must go within a bounded time.
+        let live: Vec<String> = self
+            .layer_entries()
+            .into_iter()
+            .filter(|e| !e.starts_with(".gone."))
+            .collect();
+        assert_eq!(live, Vec::<String>::new(), "container layers left");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.layer_entries().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(
             self.layer_entries(),
             Vec::<String>::new(),
-            "container layers left"
+            "container layers set aside but not swept"
         );
         assert_eq!(self.cgroup_dirs(), Vec::<PathBuf>::new(), "cgroups left");
         assert_eq!(self.host_mounts(), Vec::<String>::new(), "mounts left");
