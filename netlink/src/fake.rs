@@ -188,6 +188,18 @@ impl Fake {
         self.lock().tables.routes.values().copied().collect()
     }
 
+    pub(crate) fn neighbours6(&self, ifindex: u32) -> Vec<crate::Neighbour6> {
+        self.lock().tables.neighbours6(ifindex)
+    }
+
+    pub(crate) fn fdb6(&self, ifindex: u32) -> Vec<crate::FdbEntry6> {
+        self.lock().tables.fdb6_entries(ifindex)
+    }
+
+    pub(crate) fn routes6(&self) -> Vec<crate::Route6> {
+        self.lock().tables.routes6.values().copied().collect()
+    }
+
     pub(crate) fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
         let before = self.link_of(op);
         let res = self.apply_quiet(op);
@@ -268,6 +280,8 @@ impl Fake {
             )],
             Op::RouteReplace(r) => vec![Event::Route(Change::New, *r)],
             Op::RouteDel(r) => vec![Event::Route(Change::Del, *r)],
+            Op::Route6Replace(_) => vec![Event::Route6(Change::New)],
+            Op::Route6Del(_) => vec![Event::Route6(Change::Del)],
             Op::NeighReplace { ifindex, ip, mac } => vec![Event::Neigh(
                 Change::New,
                 Neighbour::permanent(*ifindex, *ip, Some(*mac)),
@@ -596,6 +610,17 @@ impl State {
                 self.tables.apply(op)
             }
             Op::NeighDel { .. } | Op::FdbDel { .. } | Op::RouteDel(_) => self.tables.apply(op),
+            Op::Neigh6Replace { ifindex, .. } | Op::Fdb6Replace { ifindex, .. } => {
+                self.need_link(*ifindex)?;
+                self.tables.apply(op)
+            }
+            Op::Route6Replace(r) => {
+                if let Some(oif) = r.oif {
+                    self.need_link(oif)?;
+                }
+                self.tables.apply(op)
+            }
+            Op::Neigh6Del { .. } | Op::Fdb6Del { .. } | Op::Route6Del(_) => self.tables.apply(op),
         }
     }
 }

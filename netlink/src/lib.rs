@@ -27,8 +27,8 @@ pub use netns::{Netns, NetnsError};
 pub use op::Op;
 pub use real::Real;
 pub use types::{
-    Addr, BridgeSpec, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, VethSpec,
-    VxlanAttrs, VxlanSpec,
+    Addr, BridgeSpec, FdbEntry, FdbEntry6, Link, MacAddr, Neighbour, Neighbour6, ParseMacError,
+    Route, Route6, VethSpec, VxlanAttrs, VxlanSpec,
 };
 
 /// A handle on the kernel's routing tables; cheap to clone (clones share the socket or the fake).
@@ -129,6 +129,19 @@ impl Netlink {
     }
 
     /// The device of the IPv4 default route the kernel would use (lowest metric), if any.
+    pub async fn neighbours6(&self, ifindex: u32) -> Result<Vec<Neighbour6>, NetlinkError> {
+        query!(self, neighbours6(ifindex))
+    }
+
+    pub async fn fdb6(&self, ifindex: u32) -> Result<Vec<FdbEntry6>, NetlinkError> {
+        query!(self, fdb6(ifindex))
+    }
+
+    /// All IPv6 unicast routes of the main table.
+    pub async fn all_routes6(&self) -> Result<Vec<Route6>, NetlinkError> {
+        query!(self, routes6())
+    }
+
     pub async fn default_route_oif(&self) -> Result<Option<u32>, NetlinkError> {
         let routes = self.all_routes().await?;
         Ok(routes
