@@ -24,6 +24,7 @@ use crate::netlink::{Iface, Link, Netlink, NetlinkError, Op, Route};
 pub mod hostgw;
 pub mod route;
 pub mod udp;
+pub mod v6;
 pub mod vxlan;
 pub mod wireguard;
 
