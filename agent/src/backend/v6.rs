@@ -7,8 +7,9 @@
 //! layout and field names, `BackendV6Data {"VNI","VtepMAC"}`). host-gw: `<peer v6 subnet> via
 //! <peer PublicIPv6>` on the underlay, only for peers on a directly connected IPv6 network.
 //!
-//! Not wired into the running backends yet: these plans, and the netlink ops they emit (tested
-//! against the real kernel in `netlink/tests/v6_ops.rs`), are the building blocks.
+//! [`V6Plane`] runs these plans beside the IPv4 backend: the agent's data plane sets it up after
+//! the backend and reconciles it after every IPv4 reconcile and repair. It re-reads the kernel
+//! each time (no cached view), so a drifted v6 entry is put back on the next reconcile.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv6Addr;
@@ -17,7 +18,10 @@ use ipnetwork::Ipv6Network;
 use tweed_config::lease::VxlanLeaseData;
 use tweed_config::{Ipv6Config, LeaseAttrs, PeerIpv6, SubnetKey};
 
-use crate::netlink::{FdbEntry6, MacAddr, Neighbour6, Op, Route, Route6, VxlanSpec};
+use super::{DataPlane, Remote};
+use crate::netlink::{
+    FdbEntry6, Link, MacAddr, Neighbour6, Netlink, NetlinkError, Op, Route, Route6, VxlanSpec,
+};
 
 /// Outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14): an IPv6 underlay costs 20 bytes
 /// more than flannel's 50, which assumes an IPv4 outer header; 50 would make full-size inner
@@ -268,6 +272,190 @@ pub fn plan_hostgw6(
         }
     }
     (ops, skipped)
+}
+
+/// The node's IPv6 half: the network's IPv6 config, this node's IPv6 subnet and `PublicIPv6`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V6Params {
+    pub cfg: Ipv6Config,
+    pub own_subnet: Ipv6Network,
+    pub public_ipv6: Ipv6Addr,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Vxlan { spec: VxlanSpec, ifindex: u32 },
+    HostGw { underlay: u32 },
+}
+
+/// The IPv6 data plane beside a vxlan or host-gw backend.
+#[derive(Debug, Clone)]
+pub struct V6Plane {
+    params: V6Params,
+    kind: Kind,
+}
+
+/// The device decision, as for IPv4: a device with the wanted vxlan attributes and MAC is kept
+/// (only its MTU and up state corrected, so a restart drops nothing); anything else is replaced.
+pub fn plan_device6(spec: &VxlanSpec, existing: Option<&Link>) -> Vec<Op> {
+    let name = spec.name.clone();
+    let compatible = existing.filter(|l| {
+        l.kind.as_deref() == Some("vxlan") && l.vxlan == Some(spec.attrs()) && l.mac == spec.mac
+    });
+    let mut ops = Vec::new();
+    match compatible {
+        Some(l) => {
+            if let Some(mtu) = spec.mtu.filter(|m| *m != l.mtu) {
+                ops.push(Op::LinkSetMtu {
+                    name: name.clone(),
+                    mtu,
+                });
+            }
+            if !l.up {
+                ops.push(Op::LinkSetUp { name });
+            }
+        }
+        None => {
+            if existing.is_some() {
+                ops.push(Op::LinkDel { name: name.clone() });
+            }
+            ops.push(Op::LinkAddVxlan(spec.clone()));
+            ops.push(Op::LinkSetUp { name });
+        }
+    }
+    ops
+}
+
+fn first_error(results: Vec<Result<(), NetlinkError>>) -> Result<(), NetlinkError> {
+    results.into_iter().collect()
+}
+
+impl V6Plane {
+    /// Sets the IPv6 half up next to `backend`: for vxlan the device `tweed-v6.<VNI>` (same VNI,
+    /// port and VTEP MAC as the IPv4 device, which is what the lease's `BackendV6Data` says);
+    /// host-gw needs no device. Other backends carry no IPv6 yet: `None`.
+    pub async fn setup(
+        nl: &Netlink,
+        params: V6Params,
+        backend: &DataPlane,
+    ) -> Result<Option<V6Plane>, NetlinkError> {
+        let kind = match backend {
+            DataPlane::Vxlan(b) => {
+                let c = b.config();
+                let spec = device_spec(
+                    c.vni,
+                    c.port,
+                    params.public_ipv6,
+                    c.underlay_ifindex,
+                    c.underlay_mtu,
+                    b.vtep_mac(),
+                );
+                let existing = nl.link_by_name(&spec.name).await?;
+                let ops = plan_device6(&spec, existing.as_ref());
+                first_error(nl.apply_all(&ops).await)?;
+                if !ops.is_empty() {
+                    tracing::info!(device = %spec.name, local = %params.public_ipv6, ops = ops.len(), "vxlan: IPv6 device set up");
+                }
+                let ifindex = nl
+                    .link_by_name(&spec.name)
+                    .await?
+                    .map(|l| l.index)
+                    .ok_or(NetlinkError::NoSuchLink { ifindex: 0 })?;
+                Kind::Vxlan { spec, ifindex }
+            }
+            DataPlane::HostGw(b) => Kind::HostGw {
+                underlay: b.config().underlay_ifindex,
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(V6Plane { params, kind }))
+    }
+
+    /// The vxlan device's index (drift repair's way to tell its notifications apart).
+    pub fn device(&self) -> Option<(u32, String)> {
+        match &self.kind {
+            Kind::Vxlan { spec, ifindex } => Some((*ifindex, spec.name.clone())),
+            Kind::HostGw { .. } => None,
+        }
+    }
+
+    /// Programs exactly the usable IPv6 halves of `remotes`; returns the ops applied and the
+    /// ones that failed. Peers whose IPv6 half is skipped get nothing here (their IPv4 half is
+    /// the backend's), and whatever this plane programmed for them before is removed.
+    pub async fn reconcile(
+        &mut self,
+        nl: &Netlink,
+        remotes: &[Remote],
+    ) -> Result<(Vec<Op>, Vec<(Op, NetlinkError)>), NetlinkError> {
+        let ops = match &self.kind {
+            Kind::Vxlan { ifindex, .. } => {
+                let peers: Vec<Vxlan6Peer> = remotes
+                    .iter()
+                    .filter(|r| r.attrs.effective_backend_type() == "vxlan")
+                    .filter_map(|r| {
+                        let key = SubnetKey {
+                            ipv4: r.subnet,
+                            ipv6: r.subnet_v6,
+                        };
+                        Vxlan6Peer::from_lease(&key, &r.attrs, Some(&self.params.cfg))
+                            .map_err(|why| tracing::debug!(subnet = %r.subnet, "vxlan: no IPv6 half programmed: {why}"))
+                            .ok()
+                    })
+                    .collect();
+                let dev = *ifindex;
+                let routes = nl.all_routes6().await?;
+                let observed = Observed6 {
+                    ifindex: dev,
+                    own_subnet: Some(self.params.own_subnet),
+                    local: Some(self.params.public_ipv6),
+                    neighbours: nl.neighbours6(dev).await?,
+                    fdb: nl.fdb6(dev).await?,
+                    routes: routes.into_iter().filter(|r| r.oif == Some(dev)).collect(),
+                };
+                plan_vxlan6(&observed, &peers)
+            }
+            Kind::HostGw { underlay } => {
+                let peers: Vec<(Ipv6Network, Ipv6Addr)> = remotes
+                    .iter()
+                    .filter(|r| r.attrs.effective_backend_type() == "host-gw")
+                    .filter_map(|r| {
+                        let key = SubnetKey {
+                            ipv4: r.subnet,
+                            ipv6: r.subnet_v6,
+                        };
+                        match r.attrs.peer_ipv6(&key, Some(&self.params.cfg)) {
+                            PeerIpv6::Usable {
+                                subnet,
+                                public_ipv6,
+                            } => Some((subnet, public_ipv6)),
+                            PeerIpv6::Skipped(_) => None,
+                        }
+                    })
+                    .collect();
+                let routes = nl.all_routes6().await?;
+                let (ops, skipped) = plan_hostgw6(
+                    self.params.cfg.network,
+                    self.params.own_subnet,
+                    *underlay,
+                    &routes,
+                    &peers,
+                );
+                for (subnet, why) in skipped {
+                    tracing::warn!(%subnet, "host-gw: no IPv6 route: {why}");
+                }
+                ops
+            }
+        };
+        let mut applied = Vec::new();
+        let mut failed = Vec::new();
+        for (op, res) in ops.iter().zip(nl.apply_all(&ops).await) {
+            match res {
+                Ok(()) => applied.push(op.clone()),
+                Err(e) => failed.push((op.clone(), e)),
+            }
+        }
+        Ok((applied, failed))
+    }
 }
 
 #[cfg(test)]
