@@ -250,11 +250,11 @@ impl Attach {
                 nodad: true,
             });
             for dst in self.route_dsts6() {
-                ops.push(Op::Route6Replace(Route6 {
+                ops.push(Op::Route6Replace(Route6::via(
                     dst,
-                    gateway: Some(v6.gateway),
-                    oif: Some(ifindex),
-                }));
+                    v6.gateway,
+                    Some(ifindex),
+                )));
             }
         }
         ops
@@ -378,8 +378,8 @@ mod tests {
             v6,
             [
                 "addr replace fd00:10:244:1::2/64 dev #2 nodad",
-                "route replace fd00:10:244::/56 via fd00:10:244:1::1 dev #2",
-                "route replace ::/0 via fd00:10:244:1::1 dev #2",
+                "-6 route replace fd00:10:244::/56 via fd00:10:244:1::1 dev #2 metric 1024",
+                "-6 route replace ::/0 via fd00:10:244:1::1 dev #2 metric 1024",
             ]
         );
         a.default_route = false;

@@ -11,7 +11,7 @@ use super::error::NetlinkError;
 use super::events::{Change, Event, Events};
 use super::model::Tables;
 use super::op::Op;
-use super::types::{Addr, Addr6, FdbEntry, Link, MacAddr, Neighbour, Route, Route6, VethSpec};
+use super::types::{Addr, Addr6, FdbEntry, Link, MacAddr, Neighbour, Route, VethSpec};
 
 type FailRule = Box<dyn Fn(&Op) -> Option<i32> + Send>;
 
@@ -20,7 +20,6 @@ struct State {
     links: BTreeMap<u32, Link>,
     addrs: Vec<Addr>,
     addrs6: Vec<Addr6>,
-    routes6: BTreeMap<ipnetwork::Ipv6Network, Route6>,
     tables: Tables,
     next_index: u32,
     log: Vec<Op>,
@@ -187,10 +186,6 @@ impl Fake {
             .collect()
     }
 
-    pub(crate) fn routes6(&self) -> Vec<Route6> {
-        self.lock().routes6.values().copied().collect()
-    }
-
     pub(crate) fn neighbours(&self, ifindex: u32) -> Vec<Neighbour> {
         self.lock().tables.neighbours(ifindex)
     }
@@ -201,6 +196,18 @@ impl Fake {
 
     pub(crate) fn routes(&self) -> Vec<Route> {
         self.lock().tables.routes.values().copied().collect()
+    }
+
+    pub(crate) fn neighbours6(&self, ifindex: u32) -> Vec<crate::Neighbour6> {
+        self.lock().tables.neighbours6(ifindex)
+    }
+
+    pub(crate) fn fdb6(&self, ifindex: u32) -> Vec<crate::FdbEntry6> {
+        self.lock().tables.fdb6_entries(ifindex)
+    }
+
+    pub(crate) fn routes6(&self) -> Vec<crate::Route6> {
+        self.lock().tables.routes6.values().copied().collect()
     }
 
     pub(crate) fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
@@ -283,6 +290,8 @@ impl Fake {
             )],
             Op::RouteReplace(r) => vec![Event::Route(Change::New, *r)],
             Op::RouteDel(r) => vec![Event::Route(Change::Del, *r)],
+            Op::Route6Replace(_) => vec![Event::Route6(Change::New)],
+            Op::Route6Del(_) => vec![Event::Route6(Change::Del)],
             Op::NeighReplace { ifindex, ip, mac } => vec![Event::Neigh(
                 Change::New,
                 Neighbour::permanent(*ifindex, *ip, Some(*mac)),
@@ -428,7 +437,6 @@ impl State {
         self.links.remove(&index);
         self.addrs.retain(|a| a.ifindex != index);
         self.addrs6.retain(|a| a.ifindex != index);
-        self.routes6.retain(|_, r| r.oif != Some(index));
         self.tables.drop_device(index);
     }
 
@@ -629,31 +637,6 @@ impl State {
                     Ok(())
                 }
             }
-            Op::Route6Replace(r) => {
-                if let Some(oif) = r.oif {
-                    self.need_link(oif)?;
-                }
-                // The kernel wants a gateway it can reach on the device: an address of the
-                // device whose prefix holds it.
-                if let Some(gw) = r.gateway {
-                    if !self
-                        .addrs6
-                        .iter()
-                        .any(|a| r.oif.is_none_or(|o| a.ifindex == o) && a.net.contains(gw))
-                    {
-                        return Err(libc::ENETUNREACH);
-                    }
-                }
-                self.routes6.insert(r.dst, *r);
-                Ok(())
-            }
-            Op::Route6Del(r) => match self.routes6.get(&r.dst) {
-                Some(have) if r.gateway.is_none_or(|g| have.gateway == Some(g)) => {
-                    self.routes6.remove(&r.dst);
-                    Ok(())
-                }
-                _ => Err(libc::ESRCH),
-            },
             Op::NeighReplace { ifindex, .. } | Op::FdbReplace { ifindex, .. } => {
                 self.need_link(*ifindex)?;
                 self.tables.apply(op)
@@ -665,6 +648,33 @@ impl State {
                 self.tables.apply(op)
             }
             Op::NeighDel { .. } | Op::FdbDel { .. } | Op::RouteDel(_) => self.tables.apply(op),
+            Op::Neigh6Replace { ifindex, .. } | Op::Fdb6Replace { ifindex, .. } => {
+                self.need_link(*ifindex)?;
+                self.tables.apply(op)
+            }
+            Op::Route6Replace(r) => {
+                if let Some(oif) = r.oif {
+                    self.need_link(oif)?;
+                }
+                // The kernel wants a gateway it can reach (unless told `onlink`): inside the
+                // prefix of an address of the device, or of a connected route.
+                if let Some(gw) = r.gateway.filter(|_| !r.onlink) {
+                    let by_addr = self
+                        .addrs6
+                        .iter()
+                        .any(|a| r.oif.is_none_or(|o| a.ifindex == o) && a.net.contains(gw));
+                    let by_route = self.tables.routes6.values().any(|c| {
+                        c.gateway.is_none()
+                            && r.oif.is_none_or(|o| c.oif == Some(o))
+                            && c.dst.contains(gw)
+                    });
+                    if !(by_addr || by_route) {
+                        return Err(libc::ENETUNREACH);
+                    }
+                }
+                self.tables.apply(op)
+            }
+            Op::Neigh6Del { .. } | Op::Fdb6Del { .. } | Op::Route6Del(_) => self.tables.apply(op),
         }
     }
 }

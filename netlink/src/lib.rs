@@ -27,8 +27,8 @@ pub use netns::{Netns, NetnsError};
 pub use op::Op;
 pub use real::Real;
 pub use types::{
-    Addr, Addr6, BridgeSpec, FdbEntry, Link, MacAddr, Neighbour, ParseMacError, Route, Route6,
-    VethSpec, VxlanAttrs, VxlanSpec,
+    Addr, Addr6, BridgeSpec, FdbEntry, FdbEntry6, Link, MacAddr, Neighbour, Neighbour6,
+    ParseMacError, Route, Route6, VethSpec, VxlanAttrs, VxlanSpec,
 };
 
 /// A handle on the kernel's routing tables; cheap to clone (clones share the socket or the fake).
@@ -112,11 +112,6 @@ impl Netlink {
         query!(self, addresses6(ifindex))
     }
 
-    /// IPv6 unicast routes of the main table (the kernel's own included).
-    pub async fn routes6(&self) -> Result<Vec<Route6>, NetlinkError> {
-        query!(self, routes6())
-    }
-
     /// IPv4 neighbours (ARP entries) of a link, whatever their state.
     pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>, NetlinkError> {
         query!(self, neighbours(ifindex))
@@ -136,6 +131,21 @@ impl Netlink {
     /// IPv4 unicast routes of the main table.
     pub async fn all_routes(&self) -> Result<Vec<Route>, NetlinkError> {
         query!(self, routes())
+    }
+
+    /// IPv6 neighbours (NDP entries) of a link, whatever their state.
+    pub async fn neighbours6(&self, ifindex: u32) -> Result<Vec<Neighbour6>, NetlinkError> {
+        query!(self, neighbours6(ifindex))
+    }
+
+    /// Bridge-family FDB entries of a link whose remote is an IPv6 VTEP.
+    pub async fn fdb6(&self, ifindex: u32) -> Result<Vec<FdbEntry6>, NetlinkError> {
+        query!(self, fdb6(ifindex))
+    }
+
+    /// All IPv6 unicast routes of the main table (the kernel's own included).
+    pub async fn all_routes6(&self) -> Result<Vec<Route6>, NetlinkError> {
+        query!(self, routes6())
     }
 
     /// The device of the IPv4 default route the kernel would use (lowest metric), if any.

@@ -3,12 +3,12 @@
 //! programmed, so both agree with each other by construction.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use super::op::Op;
-use super::types::{FdbEntry, MacAddr, Neighbour, Route};
+use super::types::{FdbEntry, FdbEntry6, MacAddr, Neighbour, Neighbour6, Route, Route6};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tables {
@@ -17,6 +17,10 @@ pub struct Tables {
     pub fdb: BTreeMap<(u32, MacAddr), Vec<FdbEntry>>,
     /// The main table's identity of a route is (dst, metric), not the device.
     pub routes: BTreeMap<(Ipv4Network, u32), Route>,
+    /// The IPv6 twins, kept by the same rules.
+    pub neigh6: BTreeMap<(u32, Ipv6Addr), Neighbour6>,
+    pub fdb6: BTreeMap<(u32, MacAddr), Vec<FdbEntry6>>,
+    pub routes6: BTreeMap<(Ipv6Network, u32), Route6>,
 }
 
 impl Tables {
@@ -127,8 +131,98 @@ impl Tables {
                 self.routes.remove(&key);
                 Ok(())
             }
+            Op::Neigh6Replace { ifindex, ip, mac } => {
+                self.neigh6.insert(
+                    (*ifindex, *ip),
+                    Neighbour6 {
+                        ifindex: *ifindex,
+                        ip: *ip,
+                        mac: Some(*mac),
+                        permanent: true,
+                    },
+                );
+                Ok(())
+            }
+            Op::Neigh6Del { ifindex, ip } => self
+                .neigh6
+                .remove(&(*ifindex, *ip))
+                .map(drop)
+                .ok_or(libc::ENOENT),
+            Op::Fdb6Replace { ifindex, mac, dst } => {
+                let new = FdbEntry6 {
+                    ifindex: *ifindex,
+                    mac: *mac,
+                    dst: Some(*dst),
+                    permanent: true,
+                };
+                let remotes = self.fdb6.entry((*ifindex, *mac)).or_default();
+                match remotes.iter().position(|e| e.dst == Some(*dst)) {
+                    Some(i) => remotes[i] = new,
+                    None if remotes.is_empty() => remotes.push(new),
+                    None => remotes[0] = new,
+                }
+                for e in remotes.iter_mut() {
+                    e.permanent = true;
+                }
+                Ok(())
+            }
+            Op::Fdb6Del { ifindex, mac, dst } => {
+                let key = (*ifindex, *mac);
+                let remotes = self.fdb6.get_mut(&key).ok_or(libc::ENOENT)?;
+                match dst {
+                    None => {
+                        self.fdb6.remove(&key);
+                    }
+                    Some(d) => {
+                        let i = remotes
+                            .iter()
+                            .position(|e| e.dst == Some(*d))
+                            .ok_or(libc::ENOENT)?;
+                        remotes.remove(i);
+                        if remotes.is_empty() {
+                            self.fdb6.remove(&key);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Op::Route6Replace(r) => {
+                let mut r = *r;
+                if r.protocol == 0 {
+                    r.protocol = Route::PROTO_STATIC;
+                }
+                self.routes6.insert((r.dst, r.metric), r);
+                Ok(())
+            }
+            Op::Route6Del(r) => {
+                let key = (r.dst, r.metric);
+                let found = self.routes6.get(&key).ok_or(libc::ESRCH)?;
+                let oif_ok = r.oif.is_none() || r.oif == found.oif;
+                let gw_ok = r.gateway.is_none() || r.gateway == found.gateway;
+                if !(oif_ok && gw_ok) {
+                    return Err(libc::ESRCH);
+                }
+                self.routes6.remove(&key);
+                Ok(())
+            }
             _ => Ok(()),
         }
+    }
+
+    pub fn neighbours6(&self, ifindex: u32) -> Vec<Neighbour6> {
+        self.neigh6
+            .values()
+            .filter(|n| n.ifindex == ifindex)
+            .copied()
+            .collect()
+    }
+
+    pub fn fdb6_entries(&self, ifindex: u32) -> Vec<FdbEntry6> {
+        self.fdb6
+            .iter()
+            .filter(|((i, _), _)| *i == ifindex)
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect()
     }
 
     /// Forgets everything attached to a device, as the kernel does when the device goes away.
@@ -136,5 +230,8 @@ impl Tables {
         self.neigh.retain(|(i, _), _| *i != ifindex);
         self.fdb.retain(|(i, _), _| *i != ifindex);
         self.routes.retain(|_, r| r.oif != Some(ifindex));
+        self.neigh6.retain(|(i, _), _| *i != ifindex);
+        self.fdb6.retain(|(i, _), _| *i != ifindex);
+        self.routes6.retain(|_, r| r.oif != Some(ifindex));
     }
 }

@@ -2,7 +2,7 @@
 //! vectors, and only [`super::Netlink::apply_all`] turns them into side effects.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
@@ -95,9 +95,6 @@ pub enum Op {
         ifindex: u32,
         addr: Ipv6Network,
     },
-    /// Main-table IPv6 route, keyed by its destination like [`Op::RouteReplace`].
-    Route6Replace(Route6),
-    Route6Del(Route6),
     /// Permanent ARP entry `ip lladdr mac dev ifindex`.
     NeighReplace {
         ifindex: u32,
@@ -125,6 +122,29 @@ pub enum Op {
     /// key off another device or gateway.
     RouteReplace(Route),
     RouteDel(Route),
+    /// The IPv6 twins of the three above, same semantics (NDP entry, FDB entry of an
+    /// IPv6-underlay vxlan device, main-table IPv6 route keyed by (dst, metric)).
+    Neigh6Replace {
+        ifindex: u32,
+        ip: Ipv6Addr,
+        mac: MacAddr,
+    },
+    Neigh6Del {
+        ifindex: u32,
+        ip: Ipv6Addr,
+    },
+    Fdb6Replace {
+        ifindex: u32,
+        mac: MacAddr,
+        dst: Ipv6Addr,
+    },
+    Fdb6Del {
+        ifindex: u32,
+        mac: MacAddr,
+        dst: Option<Ipv6Addr>,
+    },
+    Route6Replace(Route6),
+    Route6Del(Route6),
 }
 
 impl Op {
@@ -135,10 +155,12 @@ impl Op {
                 | Op::LinkDelIndex { .. }
                 | Op::AddrDel { .. }
                 | Op::Addr6Del { .. }
-                | Op::Route6Del(_)
                 | Op::NeighDel { .. }
                 | Op::FdbDel { .. }
                 | Op::RouteDel(_)
+                | Op::Neigh6Del { .. }
+                | Op::Fdb6Del { .. }
+                | Op::Route6Del(_)
         )
     }
 
@@ -148,7 +170,9 @@ impl Op {
         match self {
             Op::LinkDel { .. } | Op::LinkDelIndex { .. } => &[libc::ENODEV],
             Op::AddrDel { .. } | Op::Addr6Del { .. } => &[libc::EADDRNOTAVAIL, libc::ENODEV],
-            Op::NeighDel { .. } | Op::FdbDel { .. } => &[libc::ENOENT, libc::ENODEV],
+            Op::NeighDel { .. } | Op::FdbDel { .. } | Op::Neigh6Del { .. } | Op::Fdb6Del { .. } => {
+                &[libc::ENOENT, libc::ENODEV]
+            }
             Op::RouteDel(_) | Op::Route6Del(_) => &[libc::ESRCH, libc::ENOENT, libc::ENODEV],
             _ => &[],
         }
@@ -247,25 +271,25 @@ impl fmt::Display for Op {
                 Ok(())
             }
             Op::Addr6Del { ifindex, addr } => write!(f, "addr del {addr} dev #{ifindex}"),
-            Op::Route6Replace(r) => write!(f, "route replace {}", Route6Text(r)),
-            Op::Route6Del(r) => write!(f, "route del {}", Route6Text(r)),
+            Op::Neigh6Replace { ifindex, ip, mac } => write!(
+                f,
+                "-6 neigh replace {ip} lladdr {mac} dev #{ifindex} nud permanent"
+            ),
+            Op::Neigh6Del { ifindex, ip } => write!(f, "-6 neigh del {ip} dev #{ifindex}"),
+            Op::Fdb6Replace { ifindex, mac, dst } => write!(
+                f,
+                "fdb replace {mac} dst {dst} dev #{ifindex} self permanent"
+            ),
+            Op::Fdb6Del { ifindex, mac, dst } => {
+                write!(f, "fdb del {mac}")?;
+                if let Some(dst) = dst {
+                    write!(f, " dst {dst}")?;
+                }
+                write!(f, " dev #{ifindex} self")
+            }
+            Op::Route6Replace(r) => write!(f, "-6 route replace {}", Route6Text(r)),
+            Op::Route6Del(r) => write!(f, "-6 route del {}", Route6Text(r)),
         }
-    }
-}
-
-struct Route6Text<'a>(&'a Route6);
-
-impl fmt::Display for Route6Text<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let r = self.0;
-        write!(f, "{}", r.dst)?;
-        if let Some(gw) = r.gateway {
-            write!(f, " via {gw}")?;
-        }
-        if let Some(oif) = r.oif {
-            write!(f, " dev #{oif}")?;
-        }
-        Ok(())
     }
 }
 
@@ -287,6 +311,28 @@ fn write_mtu_mac(
 struct RouteText<'a>(&'a Route);
 
 impl fmt::Display for RouteText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        write!(f, "{}", r.dst)?;
+        if let Some(gw) = r.gateway {
+            write!(f, " via {gw}")?;
+        }
+        if let Some(oif) = r.oif {
+            write!(f, " dev #{oif}")?;
+        }
+        if r.onlink {
+            write!(f, " onlink")?;
+        }
+        if r.metric != 0 {
+            write!(f, " metric {}", r.metric)?;
+        }
+        Ok(())
+    }
+}
+
+struct Route6Text<'a>(&'a Route6);
+
+impl fmt::Display for Route6Text<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = self.0;
         write!(f, "{}", r.dst)?;

@@ -39,7 +39,10 @@ use rtnetlink::LinkVxlan;
 use super::error::NetlinkError;
 use super::netns::Netns;
 use super::op::Op;
-use super::types::{Addr, Addr6, FdbEntry, Link, MacAddr, Neighbour, Route, Route6, VxlanAttrs};
+use super::types::{
+    Addr, Addr6, FdbEntry, FdbEntry6, Link, MacAddr, Neighbour, Neighbour6, Route, Route6,
+    VxlanAttrs,
+};
 
 /// Requests per `sendmsg`. Every request is acked, and all acks of a batch land in the receive
 /// buffer before we read any; a full buffer makes the kernel drop acks, which would leave their
@@ -289,22 +292,6 @@ impl Real {
             .collect())
     }
 
-    /// All IPv6 unicast routes of the main table.
-    pub(crate) async fn routes6(&self) -> Result<Vec<Route6>, NetlinkError> {
-        let mut q = RouteMessage::default();
-        q.header.address_family = AddressFamily::Inet6;
-        let msgs = self
-            .dump(RouteNetlinkMessage::GetRoute(q), "listing IPv6 routes")
-            .await?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => parse_route6(r),
-                _ => None,
-            })
-            .collect())
-    }
-
     pub(crate) async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>, NetlinkError> {
         let mut q = NeighbourMessage::default();
         q.header.family = AddressFamily::Inet;
@@ -340,6 +327,60 @@ impl Real {
                 _ => None,
             })
             .filter(|e| e.ifindex == ifindex)
+            .collect())
+    }
+
+    pub(crate) async fn neighbours6(&self, ifindex: u32) -> Result<Vec<Neighbour6>, NetlinkError> {
+        let mut q = NeighbourMessage::default();
+        q.header.family = AddressFamily::Inet6;
+        let msgs = self
+            .dump(
+                RouteNetlinkMessage::GetNeighbour(q),
+                "listing IPv6 neighbours",
+            )
+            .await?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => parse_neigh6(n),
+                _ => None,
+            })
+            .filter(|n| n.ifindex == ifindex)
+            .collect())
+    }
+
+    pub(crate) async fn fdb6(&self, ifindex: u32) -> Result<Vec<FdbEntry6>, NetlinkError> {
+        let mut q = NeighbourMessage::default();
+        q.header.family = AddressFamily::Bridge;
+        let msgs = self
+            .dump(
+                RouteNetlinkMessage::GetNeighbour(q),
+                "listing bridge FDB entries",
+            )
+            .await?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => parse_fdb6(n),
+                _ => None,
+            })
+            .filter(|e| e.ifindex == ifindex)
+            .collect())
+    }
+
+    /// All IPv6 unicast routes of the main table.
+    pub(crate) async fn routes6(&self) -> Result<Vec<Route6>, NetlinkError> {
+        let mut q = RouteMessage::default();
+        q.header.address_family = AddressFamily::Inet6;
+        let msgs = self
+            .dump(RouteNetlinkMessage::GetRoute(q), "listing IPv6 routes")
+            .await?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => parse_route6(r),
+                _ => None,
+            })
             .collect())
     }
 
@@ -419,8 +460,11 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
             let mut b = LinkVxlan::new(&s.name, s.vni)
                 .dev(s.underlay)
                 .port(s.port)
-                .local(s.local)
                 .learning(s.learning);
+            b = match s.local {
+                IpAddr::V4(ip) => b.local(ip),
+                IpAddr::V6(ip) => b.local6(ip),
+            };
             if let Some(mtu) = s.mtu {
                 b = b.mtu(mtu);
             }
@@ -589,20 +633,6 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
             RouteNetlinkMessage::DelAddress(addr6_msg(*ifindex, addr)),
             PLAIN,
         ),
-        Op::Route6Replace(r) => {
-            let mut m = route6_msg(r);
-            m.header.protocol = RouteProtocol::from(Route::PROTO_STATIC);
-            m.header.scope = RouteScope::Universe;
-            m.header.kind = RouteType::Unicast;
-            (RouteNetlinkMessage::NewRoute(m), ADD)
-        }
-        Op::Route6Del(r) => {
-            let mut m = route6_msg(r);
-            m.header.scope = RouteScope::NoWhere;
-            m.header.kind = RouteType::Unspec;
-            m.header.protocol = RouteProtocol::Unspec;
-            (RouteNetlinkMessage::DelRoute(m), PLAIN)
-        }
         Op::NeighReplace { ifindex, ip, mac } => {
             let mut m = neigh_msg(AddressFamily::Inet, *ifindex);
             m.header.state = NeighbourState::Permanent;
@@ -665,6 +695,71 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
             m.header.protocol = RouteProtocol::Unspec;
             (RouteNetlinkMessage::DelRoute(m), PLAIN)
         }
+        Op::Neigh6Replace { ifindex, ip, mac } => {
+            let mut m = neigh_msg(AddressFamily::Inet6, *ifindex);
+            m.header.state = NeighbourState::Permanent;
+            m.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                    *ip,
+                )));
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+            (RouteNetlinkMessage::NewNeighbour(m), ADD)
+        }
+        Op::Neigh6Del { ifindex, ip } => {
+            let mut m = neigh_msg(AddressFamily::Inet6, *ifindex);
+            m.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                    *ip,
+                )));
+            (RouteNetlinkMessage::DelNeighbour(m), PLAIN)
+        }
+        Op::Fdb6Replace { ifindex, mac, dst } => {
+            let mut m = neigh_msg(AddressFamily::Bridge, *ifindex);
+            m.header.state = NeighbourState::Permanent;
+            m.header.flags = NeighbourFlags::Own;
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+            m.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                    *dst,
+                )));
+            (RouteNetlinkMessage::NewNeighbour(m), ADD)
+        }
+        Op::Fdb6Del { ifindex, mac, dst } => {
+            let mut m = neigh_msg(AddressFamily::Bridge, *ifindex);
+            m.header.flags = NeighbourFlags::Own;
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+            if let Some(dst) = dst {
+                m.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                        *dst,
+                    )));
+            }
+            (RouteNetlinkMessage::DelNeighbour(m), PLAIN)
+        }
+        Op::Route6Replace(r) => {
+            let mut m = route6_msg(r);
+            m.header.protocol = RouteProtocol::from(if r.protocol == 0 {
+                Route::PROTO_STATIC
+            } else {
+                r.protocol
+            });
+            m.header.scope = RouteScope::Universe;
+            m.header.kind = RouteType::Unicast;
+            if r.onlink {
+                m.header.flags = RouteFlags::Onlink;
+            }
+            (RouteNetlinkMessage::NewRoute(m), ADD)
+        }
+        Op::Route6Del(r) => {
+            let mut m = route6_msg(r);
+            m.header.scope = RouteScope::NoWhere;
+            m.header.kind = RouteType::Unspec;
+            m.header.protocol = RouteProtocol::Unspec;
+            (RouteNetlinkMessage::DelRoute(m), PLAIN)
+        }
     };
     let mut nl = NetlinkMessage::from(msg);
     nl.header.flags = flags;
@@ -701,27 +796,6 @@ fn addr6_msg(ifindex: u32, addr: &Ipv6Network) -> AddressMessage {
     m
 }
 
-fn route6_msg(r: &Route6) -> RouteMessage {
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet6;
-    m.header.destination_prefix_length = r.dst.prefix();
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
-    if r.dst.prefix() > 0 {
-        m.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet6(
-                r.dst.network(),
-            )));
-    }
-    if let Some(gw) = r.gateway {
-        m.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::Inet6(gw)));
-    }
-    if let Some(oif) = r.oif {
-        m.attributes.push(RouteAttribute::Oif(oif));
-    }
-    m
-}
-
 fn neigh_msg(family: AddressFamily, ifindex: u32) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = family;
@@ -748,6 +822,32 @@ fn route_msg(r: &Route) -> RouteMessage {
     if let Some(oif) = r.oif {
         m.attributes.push(RouteAttribute::Oif(oif));
     }
+    if r.metric != 0 {
+        m.attributes.push(RouteAttribute::Priority(r.metric));
+    }
+    m
+}
+
+fn route6_msg(r: &Route6) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet6;
+    m.header.destination_prefix_length = r.dst.prefix();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    if r.dst.prefix() > 0 {
+        m.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet6(
+                r.dst.network(),
+            )));
+    }
+    if let Some(gw) = r.gateway {
+        m.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet6(gw)));
+    }
+    if let Some(oif) = r.oif {
+        m.attributes.push(RouteAttribute::Oif(oif));
+    }
+    // Metric 0 is sent as no priority; the kernel then stores IPv6 routes at 1024, which is why
+    // `Route6`'s constructors ask for 1024 explicitly (what is written is what is read back).
     if r.metric != 0 {
         m.attributes.push(RouteAttribute::Priority(r.metric));
     }
@@ -800,7 +900,8 @@ fn parse_vxlan(attrs: &[InfoVxlan]) -> VxlanAttrs {
         match a {
             InfoVxlan::Id(id) => v.vni = *id,
             InfoVxlan::Port(p) => v.port = *p,
-            InfoVxlan::Local(ip) => v.local = Some(*ip),
+            InfoVxlan::Local(ip) => v.local = Some(IpAddr::V4(*ip)),
+            InfoVxlan::Local6(ip) => v.local = Some(IpAddr::V6(*ip)),
             InfoVxlan::Learning(l) => v.learning = *l,
             InfoVxlan::Link(i) => v.underlay = Some(*i).filter(|i| *i != 0),
             _ => {}
@@ -871,6 +972,79 @@ pub(crate) fn parse_fdb(m: &NeighbourMessage) -> Option<FdbEntry> {
     })
 }
 
+fn neigh_ipv6(attrs: &[NeighbourAttribute]) -> Option<Ipv6Addr> {
+    attrs.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(*ip),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 16]>::try_from(b.as_slice()).ok().map(Ipv6Addr::from)
+        }
+        _ => None,
+    })
+}
+
+pub(crate) fn parse_neigh6(m: &NeighbourMessage) -> Option<Neighbour6> {
+    if m.header.family != AddressFamily::Inet6 {
+        return None;
+    }
+    Some(Neighbour6 {
+        ifindex: m.header.ifindex,
+        ip: neigh_ipv6(&m.attributes)?,
+        mac: neigh_mac(&m.attributes),
+        permanent: u16::from(m.header.state) & NUD_PERMANENT != 0,
+    })
+}
+
+/// An FDB entry whose destination is an IPv6 VTEP (entries with an IPv4 or no destination are
+/// the IPv4 view's, [`parse_fdb`]).
+pub(crate) fn parse_fdb6(m: &NeighbourMessage) -> Option<FdbEntry6> {
+    if m.header.family != AddressFamily::Bridge {
+        return None;
+    }
+    Some(FdbEntry6 {
+        ifindex: m.header.ifindex,
+        mac: neigh_mac(&m.attributes)?,
+        dst: neigh_ipv6(&m.attributes),
+        permanent: u16::from(m.header.state) & NUD_PERMANENT != 0,
+    })
+}
+
+pub(crate) fn parse_route6(m: &RouteMessage) -> Option<Route6> {
+    let h = &m.header;
+    if h.address_family != AddressFamily::Inet6 || h.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(h.table);
+    let mut dst = Ipv6Addr::UNSPECIFIED;
+    let mut route = Route6 {
+        dst: Ipv6Network::new(dst, 0).ok()?,
+        gateway: None,
+        oif: None,
+        onlink: h.flags.contains(RouteFlags::Onlink),
+        metric: 0,
+        protocol: u8::from(h.protocol),
+    };
+    let mut first_hop_oif = None;
+    for attr in &m.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => route.gateway = Some(*ip),
+            RouteAttribute::Oif(i) => route.oif = Some(*i),
+            RouteAttribute::Priority(p) => route.metric = *p,
+            RouteAttribute::MultiPath(hops) => {
+                first_hop_oif = hops.first().map(|h| h.interface_index)
+            }
+            _ => {}
+        }
+    }
+    if table != RT_TABLE_MAIN {
+        return None;
+    }
+    route.oif = route.oif.or(first_hop_oif);
+    route.dst = Ipv6Network::new(dst, h.destination_prefix_length).ok()?;
+    Some(route)
+}
+
 pub(crate) fn parse_route(m: &RouteMessage) -> Option<Route> {
     let h = &m.header;
     if h.address_family != AddressFamily::Inet || h.kind != RouteType::Unicast {
@@ -928,32 +1102,4 @@ pub(crate) fn parse_addr6(m: &AddressMessage) -> Option<Addr6> {
         net: Ipv6Network::new(ip?, m.header.prefix_len).ok()?,
         tentative,
     })
-}
-
-pub(crate) fn parse_route6(m: &RouteMessage) -> Option<Route6> {
-    let h = &m.header;
-    if h.address_family != AddressFamily::Inet6 || h.kind != RouteType::Unicast {
-        return None;
-    }
-    let mut table = u32::from(h.table);
-    let mut dst = Ipv6Addr::UNSPECIFIED;
-    let mut route = Route6 {
-        dst: Ipv6Network::new(dst, 0).ok()?,
-        gateway: None,
-        oif: None,
-    };
-    for attr in &m.attributes {
-        match attr {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = *ip,
-            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => route.gateway = Some(*ip),
-            RouteAttribute::Oif(i) => route.oif = Some(*i),
-            _ => {}
-        }
-    }
-    if table != RT_TABLE_MAIN {
-        return None;
-    }
-    route.dst = Ipv6Network::new(dst, h.destination_prefix_length).ok()?;
-    Some(route)
 }

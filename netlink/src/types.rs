@@ -2,7 +2,7 @@
 //! never on netlink messages, so it can be tested without a kernel.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
@@ -128,7 +128,8 @@ pub struct Link {
 pub struct VxlanAttrs {
     pub vni: u32,
     pub port: u16,
-    pub local: Option<Ipv4Addr>,
+    /// `IFLA_VXLAN_LOCAL` or `IFLA_VXLAN_LOCAL6`: the family of the underlay the tunnel uses.
+    pub local: Option<IpAddr>,
     pub learning: bool,
     /// `IFLA_VXLAN_LINK`: the underlay device the tunnel is bound to.
     pub underlay: Option<u32>,
@@ -141,7 +142,9 @@ pub struct VxlanSpec {
     pub name: String,
     pub vni: u32,
     pub port: u16,
-    pub local: Ipv4Addr,
+    /// An IPv6 address makes an IPv6-underlay device (`IFLA_VXLAN_LOCAL6`), whose FDB
+    /// destinations are IPv6 VTEPs.
+    pub local: IpAddr,
     pub underlay: u32,
     pub learning: bool,
     pub mtu: Option<u32>,
@@ -190,15 +193,6 @@ pub struct Addr6 {
     pub ifindex: u32,
     pub net: Ipv6Network,
     pub tentative: bool,
-}
-
-/// An IPv6 unicast route of the main table, as the CNI plugin writes and checks them: a
-/// destination, a next hop, a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Route6 {
-    pub dst: Ipv6Network,
-    pub gateway: Option<Ipv6Addr>,
-    pub oif: Option<u32>,
 }
 
 /// An IPv4 address on a device; `net` is the address with its prefix length (`10.244.3.0/32`).
@@ -303,6 +297,73 @@ impl Route {
 
     /// Same forwarding behaviour, ignoring who installed it: the comparison a plan needs.
     pub fn same_path(&self, other: &Route) -> bool {
+        self.dst == other.dst
+            && self.gateway == other.gateway
+            && self.oif == other.oif
+            && self.onlink == other.onlink
+            && self.metric == other.metric
+    }
+}
+
+/// A permanent IPv6 neighbour (NDP) entry, the IPv6 twin of [`Neighbour`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour6 {
+    pub ifindex: u32,
+    pub ip: Ipv6Addr,
+    pub mac: Option<MacAddr>,
+    pub permanent: bool,
+}
+
+/// An FDB entry of an IPv6-underlay vxlan device: frames for `mac` go to IPv6 VTEP `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdbEntry6 {
+    pub ifindex: u32,
+    pub mac: MacAddr,
+    pub dst: Option<Ipv6Addr>,
+    pub permanent: bool,
+}
+
+/// An IPv6 route in the main table, the twin of [`Route`] (same fields, same meaning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route6 {
+    pub dst: Ipv6Network,
+    pub gateway: Option<Ipv6Addr>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    pub metric: u32,
+    pub protocol: u8,
+}
+
+impl Route6 {
+    /// The metric the kernel gives an IPv6 route added without one (`IP6_RT_PRIO_USER`). Routes
+    /// are written with it explicitly so that the route read back equals the route planned.
+    pub const DEFAULT_METRIC: u32 = 1024;
+
+    /// `dst via gateway dev oif onlink` (vxlan: the peer's subnet address on the v6 device).
+    pub fn onlink(dst: Ipv6Network, gateway: Ipv6Addr, oif: u32) -> Route6 {
+        Route6 {
+            dst,
+            gateway: Some(gateway),
+            oif: Some(oif),
+            onlink: true,
+            metric: Route6::DEFAULT_METRIC,
+            protocol: Route::PROTO_STATIC,
+        }
+    }
+
+    /// `dst via gateway [dev oif]` (host-gw).
+    pub fn via(dst: Ipv6Network, gateway: Ipv6Addr, oif: Option<u32>) -> Route6 {
+        Route6 {
+            dst,
+            gateway: Some(gateway),
+            oif,
+            onlink: false,
+            metric: Route6::DEFAULT_METRIC,
+            protocol: Route::PROTO_STATIC,
+        }
+    }
+
+    pub fn same_path(&self, other: &Route6) -> bool {
         self.dst == other.dst
             && self.gateway == other.gateway
             && self.oif == other.oif

@@ -236,11 +236,11 @@ fn ipv6_addresses_and_routes() {
         let show = ns.ip(&["-6", "-o", "addr", "show", "dev", "br6"]).unwrap();
         assert!(show.contains("fd00:6::1/64 scope global nodad"), "{show}");
 
-        let r = Route6 {
-            dst: "fd00:60::/56".parse().unwrap(),
-            gateway: Some("fd00:6::9".parse().unwrap()),
-            oif: Some(br.index),
-        };
+        let r = Route6::via(
+            "fd00:60::/56".parse().unwrap(),
+            "fd00:6::9".parse().unwrap(),
+            Some(br.index),
+        );
         let default = Route6 {
             dst: "::/0".parse().unwrap(),
             ..r
@@ -249,7 +249,7 @@ fn ipv6_addresses_and_routes() {
             h.apply_all(&[Op::Route6Replace(r), Op::Route6Replace(default)])
                 .await,
         );
-        let routes = h.routes6().await.unwrap();
+        let routes = h.all_routes6().await.unwrap();
         assert!(
             routes.contains(&r) && routes.contains(&default),
             "{routes:?}"
@@ -272,7 +272,7 @@ fn ipv6_addresses_and_routes() {
             },
         ])
         .await);
-        assert!(!h.routes6().await.unwrap().contains(&r));
+        assert!(!h.all_routes6().await.unwrap().contains(&r));
         assert!(!h
             .addresses6(Some(br.index))
             .await

@@ -24,6 +24,7 @@ use crate::netlink::{Iface, Link, Netlink, NetlinkError, Op, Route};
 pub mod hostgw;
 pub mod route;
 pub mod udp;
+pub mod v6;
 pub mod vxlan;
 pub mod wireguard;
 
@@ -130,6 +131,8 @@ impl fmt::Display for PeerFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remote {
     pub subnet: Ipv4Network,
+    /// The IPv6 half of the lease's key (flannel's `...&<v6 subnet>` form), if any.
+    pub subnet_v6: Option<ipnetwork::Ipv6Network>,
     pub attrs: LeaseAttrs,
 }
 
@@ -689,6 +692,7 @@ mod tests {
     fn remote(subnet: &str, value: &str) -> Remote {
         Remote {
             subnet: subnet.parse().unwrap(),
+            subnet_v6: None,
             attrs: LeaseAttrs::parse(value.as_bytes()).unwrap(),
         }
     }

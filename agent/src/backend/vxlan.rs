@@ -144,7 +144,7 @@ impl VxlanConfig {
             name: self.device_name(),
             vni: self.vni,
             port: self.port,
-            local: self.local_ip,
+            local: self.local_ip.into(),
             underlay: self.underlay_ifindex,
             learning: false,
             mtu: Some(self.mtu()),
@@ -1111,7 +1111,7 @@ mod tests {
             (v.vni, v.port, v.learning, v.underlay),
             (1, 8472, false, Some(eth0))
         );
-        assert_eq!(v.local, Some(ip("198.18.0.1")));
+        assert_eq!(v.local, Some(ip("198.18.0.1").into()));
         assert_eq!(link.mac, Some(b.vtep_mac()));
         let stored = fs::read_to_string(tmp.path().join("state/vtep-mac")).unwrap();
         assert_eq!(stored.trim(), b.vtep_mac().to_string());

@@ -6,6 +6,7 @@ use super::repair::{Trigger, Watched};
 use super::report::Report;
 use super::AgentError;
 use crate::backend::udp::io::Stats as UdpStats;
+use crate::backend::v6::{V6Params, V6Plane};
 use crate::backend::wireguard::{key, KeyError, PrivateKey, PublicKey};
 use crate::backend::{DataPlane, Prepared, ReconcileStats, Remote};
 use crate::netlink::{Netlink, Op};
@@ -50,6 +51,12 @@ pub(super) struct Plane {
     ipv6_network: Option<Ipv6Network>,
     /// The IPv6 half of our lease; `None` when IPv4 only.
     own_v6: Option<Ipv6Network>,
+    /// The network's IPv6 config and our `PublicIPv6` when this node runs dual stack.
+    ipv6_plane: Option<(tweed_config::Ipv6Config, Ipv6Addr)>,
+    /// The IPv6 data plane (vxlan's `tweed-v6.<VNI>`, host-gw's IPv6 routes).
+    v6: Option<V6Plane>,
+    /// Our IPv6 subnet changed: set the IPv6 plane up again before the next reconcile.
+    v6_stale: bool,
 }
 
 /// What one repair did: the ops it had to apply (none when nothing had drifted), and whether
@@ -75,6 +82,8 @@ pub(super) struct PlaneConfig {
     pub(super) tx_csum_off: bool,
     /// `IPv6Network` of a dual-stack network, for subnet.env.
     pub(super) ipv6_network: Option<Ipv6Network>,
+    /// The network's IPv6 config and our `PublicIPv6`, when this node runs dual stack.
+    pub(super) ipv6_plane: Option<(tweed_config::Ipv6Config, Ipv6Addr)>,
 }
 
 impl Plane {
@@ -99,7 +108,7 @@ impl Plane {
                 warn!(advertised = %data.get(), actual = %b.vtep_mac(), "VTEP MAC changed during set-up");
             }
         }
-        let plane = Plane {
+        let mut plane = Plane {
             nl,
             prepared,
             backend,
@@ -114,7 +123,11 @@ impl Plane {
             tx_csum_off: config.tx_csum_off,
             ipv6_network: config.ipv6_network,
             own_v6: own.key.ipv6,
+            ipv6_plane: config.ipv6_plane,
+            v6: None,
+            v6_stale: false,
         };
+        plane.setup_v6().await;
         plane.ensure_tx_csum().await;
         plane.write_subnet_env(own.subnet())?;
         plane.report.mtu(plane.backend.mtu());
@@ -153,6 +166,54 @@ impl Plane {
         })
     }
 
+    /// Sets the IPv6 data plane up (again) when this node runs dual stack with an IPv6 subnet;
+    /// a failure is logged and leaves the node IPv4 only until the next set-up.
+    async fn setup_v6(&mut self) {
+        let params = match (&self.ipv6_plane, self.own_v6) {
+            (Some((cfg, public_ipv6)), Some(own_subnet)) => V6Params {
+                cfg: cfg.clone(),
+                own_subnet,
+                public_ipv6: *public_ipv6,
+            },
+            _ => {
+                self.v6 = None;
+                return;
+            }
+        };
+        self.v6 = match V6Plane::setup(&self.nl, params, &self.backend).await {
+            Ok(p) => p,
+            Err(e) => {
+                error!("setting the IPv6 data plane up: {e}");
+                None
+            }
+        };
+    }
+
+    /// Programs the IPv6 halves of `remotes` (after the IPv4 backend); the ops it applied.
+    async fn reconcile_v6(&mut self, remotes: &[Remote]) -> Vec<Op> {
+        let Some(v6) = self.v6.as_mut() else {
+            return Vec::new();
+        };
+        match v6.reconcile(&self.nl, remotes).await {
+            Ok((applied, failed)) => {
+                for (op, e) in &failed {
+                    warn!("IPv6 data plane ({op}): {e}");
+                }
+                // The device is gone (deleted behind our back): set up again next time.
+                if failed.iter().any(|(_, e)| e.errno() == Some(libc::ENODEV)) {
+                    self.v6_stale = true;
+                }
+                applied
+            }
+            Err(e) => {
+                // The device went away or a dump failed: set up again, next time retries.
+                warn!("IPv6 data plane: {e}; setting it up again");
+                self.setup_v6().await;
+                Vec::new()
+            }
+        }
+    }
+
     /// Follows our lease's IPv6 half (renamed, or taken again after a loss): subnet.env is
     /// rewritten when it changed.
     pub(super) fn set_own_v6(&mut self, v6: Option<Ipv6Network>) {
@@ -163,6 +224,9 @@ impl Plane {
         if let Err(e) = self.write_subnet_env(self.prepared.own_subnet()) {
             error!("{e}");
         }
+        // The next reconcile sets the IPv6 plane up for the new subnet.
+        self.v6 = None;
+        self.v6_stale = true;
     }
 
     /// Moves to a new subnet (ours was taken while the lease was lost).
@@ -178,6 +242,7 @@ impl Plane {
     async fn resetup(&mut self) {
         // udp: the old workers must let go of the TUN queues and the port first.
         self.backend.stop().await;
+        self.v6_stale = true;
         match self.prepared.setup(&self.nl).await {
             Ok(b) => {
                 self.report
@@ -199,6 +264,18 @@ impl Plane {
 
     /// [`program`](Self::program), returning what was applied (`None`: it failed, logged).
     async fn reconcile(&mut self, remotes: &[Remote]) -> Option<ReconcileStats> {
+        let mut stats = self.reconcile_v4(remotes).await?;
+        if self.v6_stale {
+            self.v6_stale = false;
+            self.setup_v6().await;
+        }
+        let v6 = self.reconcile_v6(remotes).await;
+        stats.ops_applied += v6.len();
+        stats.applied.extend(v6);
+        Some(stats)
+    }
+
+    async fn reconcile_v4(&mut self, remotes: &[Remote]) -> Option<ReconcileStats> {
         let started = Instant::now();
         let stats = match self.backend.reconcile(&self.nl, remotes).await {
             Ok(s) => s,
@@ -323,6 +400,8 @@ impl Plane {
         }
         if device || rebuild {
             self.ensure_tx_csum().await;
+            // The IPv6 device follows the underlay (MTU) and the IPv4 device (its MAC).
+            self.v6_stale = true;
         }
         self.backend.resync();
         let Some(stats) = self.reconcile(remotes).await else {

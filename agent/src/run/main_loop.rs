@@ -131,6 +131,12 @@ pub async fn run_with(
         underlay,
         tx_csum_off: !settings.vxlan_tx_checksum_offload,
         ipv6_network: cfg.ipv6.as_ref().map(|c| c.network),
+        ipv6_plane: match (&cfg.ipv6, &ipv6) {
+            (Some(c), crate::ipv6::Ipv6Mode::DualStack { public_ipv6 }) => {
+                Some((c.clone(), *public_ipv6))
+            }
+            _ => None,
+        },
     };
     // Subscribed before the data plane is checked, so no drift after that check goes unseen.
     let events = subscribe(&nl);
@@ -561,6 +567,7 @@ impl Agent {
             .filter(|l| l.key.ipv4 != own && l.attrs.public_ip != self.public_ip)
             .map(|l| Remote {
                 subnet: l.key.ipv4,
+                subnet_v6: l.key.ipv6,
                 attrs: l.attrs.clone(),
             })
             .collect()

@@ -272,7 +272,7 @@ async fn observe<H: Host>(
             .map_err(ck.fail("listing IPv6 addresses"))?;
         let routes6 = ck
             .nl
-            .routes6()
+            .all_routes6()
             .await
             .map_err(ck.fail("listing IPv6 routes"))?
             .into_iter()

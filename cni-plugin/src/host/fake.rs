@@ -197,7 +197,7 @@ pub fn addrs6(k: &Fake, l: &Link) -> Vec<String> {
 /// The IPv6 routes through `l`, as `dst via gateway`.
 pub fn routes6(k: &Fake, l: &Link) -> Vec<String> {
     let nl = Netlink::from(k.clone());
-    block_on(nl.routes6())
+    block_on(nl.all_routes6())
         .expect("a fake answers")
         .iter()
         .filter(|r| r.oif == Some(l.index))

@@ -1,0 +1,691 @@
+//! The IPv6 half of the vxlan and host-gw data planes, as pure plans (issue 19 item 2).
+//!
+//! vxlan: a second device `tweed-v6.<VNI>` (same VNI and port as `tweed.<VNI>`, local VTEP the
+//! node's `PublicIPv6`) and per peer with a usable IPv6 half the IPv6 twins of the v4 entries:
+//! FDB `<peer VtepMAC> dst <peer PublicIPv6>`, NDP `<peer v6 subnet address> lladdr <VtepMAC>`,
+//! route `<peer v6 subnet> via <peer v6 subnet address> dev tweed-v6.<VNI> onlink` (flannel's
+//! layout and field names, `BackendV6Data {"VNI","VtepMAC"}`). host-gw: `<peer v6 subnet> via
+//! <peer PublicIPv6>` on the underlay, only for peers on a directly connected IPv6 network.
+//!
+//! [`V6Plane`] runs these plans beside the IPv4 backend: the agent's data plane sets it up after
+//! the backend and reconciles it after every IPv4 reconcile and repair. It re-reads the kernel
+//! each time (no cached view), so a drifted v6 entry is put back on the next reconcile.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv6Addr;
+
+use ipnetwork::Ipv6Network;
+use tweed_config::lease::VxlanLeaseData;
+use tweed_config::{Ipv6Config, LeaseAttrs, PeerIpv6, SubnetKey};
+
+use super::{DataPlane, Remote};
+use crate::netlink::{
+    FdbEntry6, Link, MacAddr, Neighbour6, Netlink, NetlinkError, Op, Route, Route6, VxlanSpec,
+};
+
+/// Outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14): an IPv6 underlay costs 20 bytes
+/// more than flannel's 50, which assumes an IPv4 outer header; 50 would make full-size inner
+/// packets 20 bytes too big for the underlay.
+pub const VXLAN6_OVERHEAD: u32 = 70;
+
+pub fn device_name(vni: u32) -> String {
+    format!("tweed-v6.{vni}")
+}
+
+/// The IPv6 vxlan device: same VNI and port as the IPv4 one, so a flannel dual-stack node (which
+/// does the same) interoperates; MTU from the underlay minus [`VXLAN6_OVERHEAD`].
+pub fn device_spec(
+    vni: u32,
+    port: u16,
+    public_ipv6: Ipv6Addr,
+    underlay: u32,
+    underlay_mtu: u32,
+    mac: MacAddr,
+) -> VxlanSpec {
+    VxlanSpec {
+        name: device_name(vni),
+        vni,
+        port,
+        local: public_ipv6.into(),
+        underlay,
+        learning: false,
+        mtu: Some(underlay_mtu.saturating_sub(VXLAN6_OVERHEAD)),
+        mac: Some(mac),
+    }
+}
+
+/// A peer's IPv6 half as the vxlan backend programs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vxlan6Peer {
+    pub subnet: Ipv6Network,
+    pub public_ipv6: Ipv6Addr,
+    pub vtep_mac: MacAddr,
+}
+
+impl Vxlan6Peer {
+    /// The peer's IPv6 half, or why there is none (the peer then gets IPv4 programming only).
+    pub fn from_lease(
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ipv6: Option<&Ipv6Config>,
+    ) -> Result<Vxlan6Peer, String> {
+        let (subnet, public_ipv6) = match attrs.peer_ipv6(key, ipv6) {
+            PeerIpv6::Usable {
+                subnet,
+                public_ipv6,
+            } => (subnet, public_ipv6),
+            PeerIpv6::Skipped(reason) => return Err(reason.to_string()),
+        };
+        let raw = attrs
+            .backend_v6_data
+            .as_ref()
+            .ok_or("the peer's lease has no BackendV6Data")?;
+        let data: VxlanLeaseData =
+            serde_json::from_str(raw.get()).map_err(|e| format!("BackendV6Data: {e}"))?;
+        let vtep_mac: MacAddr = data
+            .vtep_mac
+            .parse()
+            .map_err(|e| format!("BackendV6Data: {e}"))?;
+        if !vtep_mac.is_valid_unicast() {
+            return Err(format!("BackendV6Data: VtepMAC {vtep_mac} is not unicast"));
+        }
+        Ok(Vxlan6Peer {
+            subnet,
+            public_ipv6,
+            vtep_mac,
+        })
+    }
+
+    /// The peer's subnet address, held by its IPv6 vxlan device.
+    pub fn gateway(&self) -> Ipv6Addr {
+        self.subnet.network()
+    }
+}
+
+/// What the IPv6 device holds (or as this node last left it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed6 {
+    pub ifindex: u32,
+    pub own_subnet: Option<Ipv6Network>,
+    pub local: Option<Ipv6Addr>,
+    pub neighbours: Vec<Neighbour6>,
+    pub fdb: Vec<FdbEntry6>,
+    pub routes: Vec<Route6>,
+}
+
+fn canonical6(n: Ipv6Network) -> Ipv6Network {
+    Ipv6Network::new(n.network(), n.prefix()).expect("prefix of a valid network")
+}
+
+/// Ops turning `observed` into exactly `desired` on the IPv6 device: only what is missing or
+/// different is written, only permanent entries and non-kernel routes on the device are removed
+/// (what this plan would have made). Deletes first; per peer FDB, NDP, route, so a route never
+/// points at an unresolvable next hop. Never ourselves, one owner per subnet and per MAC.
+pub fn plan_vxlan6(observed: &Observed6, desired: &[Vxlan6Peer]) -> Vec<Op> {
+    let dev = observed.ifindex;
+    let mut by_subnet: BTreeMap<Ipv6Network, Vxlan6Peer> = BTreeMap::new();
+    for p in desired {
+        let subnet = canonical6(p.subnet);
+        if observed.own_subnet.is_some_and(|o| o.overlaps(subnet))
+            || Some(p.public_ipv6) == observed.local
+            || !p.vtep_mac.is_valid_unicast()
+        {
+            continue;
+        }
+        by_subnet
+            .entry(subnet)
+            .or_insert(Vxlan6Peer { subnet, ..*p });
+    }
+    let mut macs = HashSet::new();
+    let peers: Vec<Vxlan6Peer> = by_subnet
+        .into_values()
+        .filter(|p| macs.insert(p.vtep_mac))
+        .collect();
+
+    let want_routes: Vec<Route6> = peers
+        .iter()
+        .map(|p| Route6::onlink(p.subnet, p.gateway(), dev))
+        .collect();
+    let want_neigh: HashSet<Ipv6Addr> = peers.iter().map(|p| p.gateway()).collect();
+    let our_routes: Vec<&Route6> = observed
+        .routes
+        .iter()
+        .filter(|r| r.oif == Some(dev) && r.protocol != Route::PROTO_KERNEL)
+        .collect();
+
+    let mut ops = Vec::new();
+    for r in &our_routes {
+        if !want_routes
+            .iter()
+            .any(|w| w.dst == r.dst && w.metric == r.metric)
+        {
+            ops.push(Op::Route6Del(**r));
+        }
+    }
+    for n in &observed.neighbours {
+        if n.ifindex == dev && n.permanent && !want_neigh.contains(&n.ip) {
+            ops.push(Op::Neigh6Del {
+                ifindex: dev,
+                ip: n.ip,
+            });
+        }
+    }
+    for e in &observed.fdb {
+        let wanted = peers
+            .iter()
+            .any(|p| p.vtep_mac == e.mac && e.dst == Some(p.public_ipv6));
+        if e.ifindex == dev && e.permanent && e.mac.is_valid_unicast() && !wanted {
+            ops.push(Op::Fdb6Del {
+                ifindex: dev,
+                mac: e.mac,
+                dst: e.dst,
+            });
+        }
+    }
+    for (p, want) in peers.iter().zip(&want_routes) {
+        let fdb_ok = observed.fdb.iter().any(|e| {
+            e.ifindex == dev && e.permanent && e.mac == p.vtep_mac && e.dst == Some(p.public_ipv6)
+        });
+        if !fdb_ok {
+            ops.push(Op::Fdb6Replace {
+                ifindex: dev,
+                mac: p.vtep_mac,
+                dst: p.public_ipv6,
+            });
+        }
+        let neigh_ok = observed.neighbours.iter().any(|n| {
+            n.ifindex == dev && n.ip == p.gateway() && n.permanent && n.mac == Some(p.vtep_mac)
+        });
+        if !neigh_ok {
+            ops.push(Op::Neigh6Replace {
+                ifindex: dev,
+                ip: p.gateway(),
+                mac: p.vtep_mac,
+            });
+        }
+        if !our_routes.iter().any(|r| r.same_path(want)) {
+            ops.push(Op::Route6Replace(*want));
+        }
+    }
+    ops
+}
+
+/// host-gw's IPv6 half: a peer whose `PublicIPv6` lies on a directly connected IPv6 network of
+/// the underlay (a connected route without gateway covers it: the same L2 check as IPv4) gets
+/// `<v6 subnet> via <PublicIPv6> dev <underlay>`; others are skipped with the reason. `routes` is
+/// the IPv6 main table; routes inside `network` are the overlay's and never count as connected.
+pub fn plan_hostgw6(
+    network: Ipv6Network,
+    own_subnet: Ipv6Network,
+    underlay: u32,
+    routes: &[Route6],
+    peers: &[(Ipv6Network, Ipv6Addr)],
+) -> (Vec<Op>, Vec<(Ipv6Network, &'static str)>) {
+    let mut skipped = Vec::new();
+    let mut want: BTreeMap<Ipv6Network, Route6> = BTreeMap::new();
+    for (subnet, ip) in peers {
+        let subnet = canonical6(*subnet);
+        if subnet.overlaps(own_subnet) {
+            continue;
+        }
+        let best = routes
+            .iter()
+            .filter(|r| r.dst.contains(*ip) && !network.contains(r.dst.network()))
+            .max_by(|a, b| {
+                a.dst
+                    .prefix()
+                    .cmp(&b.dst.prefix())
+                    .then(b.metric.cmp(&a.metric))
+            });
+        match best {
+            Some(r) if r.gateway.is_none() && r.oif == Some(underlay) => {
+                want.entry(subnet)
+                    .or_insert(Route6::via(subnet, *ip, Some(underlay)));
+            }
+            Some(r) if r.gateway.is_none() => {
+                skipped.push((subnet, "its PublicIPv6 is on another interface's network"))
+            }
+            Some(_) => skipped.push((subnet, "its PublicIPv6 is behind a router")),
+            None => skipped.push((subnet, "no route covers its PublicIPv6")),
+        }
+    }
+    let ours: Vec<&Route6> = routes
+        .iter()
+        .filter(|r| {
+            r.oif == Some(underlay)
+                && r.gateway.is_some()
+                && !r.onlink
+                && r.protocol != Route::PROTO_KERNEL
+                && network.contains(r.dst.network())
+                && r.dst.prefix() >= network.prefix()
+                && !r.dst.overlaps(own_subnet)
+        })
+        .collect();
+    let mut ops: Vec<Op> = ours
+        .iter()
+        .filter(|r| !want.contains_key(&r.dst))
+        .map(|r| Op::Route6Del(**r))
+        .collect();
+    for w in want.values() {
+        if !ours.iter().any(|r| r.same_path(w)) {
+            ops.push(Op::Route6Replace(*w));
+        }
+    }
+    (ops, skipped)
+}
+
+/// The node's IPv6 half: the network's IPv6 config, this node's IPv6 subnet and `PublicIPv6`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V6Params {
+    pub cfg: Ipv6Config,
+    pub own_subnet: Ipv6Network,
+    pub public_ipv6: Ipv6Addr,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Vxlan { spec: VxlanSpec, ifindex: u32 },
+    HostGw { underlay: u32 },
+}
+
+/// The IPv6 data plane beside a vxlan or host-gw backend.
+#[derive(Debug, Clone)]
+pub struct V6Plane {
+    params: V6Params,
+    kind: Kind,
+}
+
+/// The device decision, as for IPv4: a device with the wanted vxlan attributes and MAC is kept
+/// (only its MTU and up state corrected, so a restart drops nothing); anything else is replaced.
+pub fn plan_device6(spec: &VxlanSpec, existing: Option<&Link>) -> Vec<Op> {
+    let name = spec.name.clone();
+    let compatible = existing.filter(|l| {
+        l.kind.as_deref() == Some("vxlan") && l.vxlan == Some(spec.attrs()) && l.mac == spec.mac
+    });
+    let mut ops = Vec::new();
+    match compatible {
+        Some(l) => {
+            if let Some(mtu) = spec.mtu.filter(|m| *m != l.mtu) {
+                ops.push(Op::LinkSetMtu {
+                    name: name.clone(),
+                    mtu,
+                });
+            }
+            if !l.up {
+                ops.push(Op::LinkSetUp { name });
+            }
+        }
+        None => {
+            if existing.is_some() {
+                ops.push(Op::LinkDel { name: name.clone() });
+            }
+            ops.push(Op::LinkAddVxlan(spec.clone()));
+            ops.push(Op::LinkSetUp { name });
+        }
+    }
+    ops
+}
+
+fn first_error(results: Vec<Result<(), NetlinkError>>) -> Result<(), NetlinkError> {
+    results.into_iter().collect()
+}
+
+impl V6Plane {
+    /// Sets the IPv6 half up next to `backend`: for vxlan the device `tweed-v6.<VNI>` (same VNI,
+    /// port and VTEP MAC as the IPv4 device, which is what the lease's `BackendV6Data` says);
+    /// host-gw needs no device. Other backends carry no IPv6 yet: `None`.
+    pub async fn setup(
+        nl: &Netlink,
+        params: V6Params,
+        backend: &DataPlane,
+    ) -> Result<Option<V6Plane>, NetlinkError> {
+        let kind = match backend {
+            DataPlane::Vxlan(b) => {
+                let c = b.config();
+                let spec = device_spec(
+                    c.vni,
+                    c.port,
+                    params.public_ipv6,
+                    c.underlay_ifindex,
+                    c.underlay_mtu,
+                    b.vtep_mac(),
+                );
+                let existing = nl.link_by_name(&spec.name).await?;
+                let ops = plan_device6(&spec, existing.as_ref());
+                first_error(nl.apply_all(&ops).await)?;
+                if !ops.is_empty() {
+                    tracing::info!(device = %spec.name, local = %params.public_ipv6, ops = ops.len(), "vxlan: IPv6 device set up");
+                }
+                let ifindex = nl
+                    .link_by_name(&spec.name)
+                    .await?
+                    .map(|l| l.index)
+                    .ok_or(NetlinkError::NoSuchLink { ifindex: 0 })?;
+                Kind::Vxlan { spec, ifindex }
+            }
+            DataPlane::HostGw(b) => Kind::HostGw {
+                underlay: b.config().underlay_ifindex,
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(V6Plane { params, kind }))
+    }
+
+    /// The vxlan device's index (drift repair's way to tell its notifications apart).
+    pub fn device(&self) -> Option<(u32, String)> {
+        match &self.kind {
+            Kind::Vxlan { spec, ifindex } => Some((*ifindex, spec.name.clone())),
+            Kind::HostGw { .. } => None,
+        }
+    }
+
+    /// Programs exactly the usable IPv6 halves of `remotes`; returns the ops applied and the
+    /// ones that failed. Peers whose IPv6 half is skipped get nothing here (their IPv4 half is
+    /// the backend's), and whatever this plane programmed for them before is removed.
+    pub async fn reconcile(
+        &mut self,
+        nl: &Netlink,
+        remotes: &[Remote],
+    ) -> Result<(Vec<Op>, Vec<(Op, NetlinkError)>), NetlinkError> {
+        let ops = match &self.kind {
+            Kind::Vxlan { ifindex, .. } => {
+                let peers: Vec<Vxlan6Peer> = remotes
+                    .iter()
+                    .filter(|r| r.attrs.effective_backend_type() == "vxlan")
+                    .filter_map(|r| {
+                        let key = SubnetKey {
+                            ipv4: r.subnet,
+                            ipv6: r.subnet_v6,
+                        };
+                        Vxlan6Peer::from_lease(&key, &r.attrs, Some(&self.params.cfg))
+                            .map_err(|why| tracing::debug!(subnet = %r.subnet, "vxlan: no IPv6 half programmed: {why}"))
+                            .ok()
+                    })
+                    .collect();
+                let dev = *ifindex;
+                let routes = nl.all_routes6().await?;
+                let observed = Observed6 {
+                    ifindex: dev,
+                    own_subnet: Some(self.params.own_subnet),
+                    local: Some(self.params.public_ipv6),
+                    neighbours: nl.neighbours6(dev).await?,
+                    fdb: nl.fdb6(dev).await?,
+                    routes: routes.into_iter().filter(|r| r.oif == Some(dev)).collect(),
+                };
+                plan_vxlan6(&observed, &peers)
+            }
+            Kind::HostGw { underlay } => {
+                let peers: Vec<(Ipv6Network, Ipv6Addr)> = remotes
+                    .iter()
+                    .filter(|r| r.attrs.effective_backend_type() == "host-gw")
+                    .filter_map(|r| {
+                        let key = SubnetKey {
+                            ipv4: r.subnet,
+                            ipv6: r.subnet_v6,
+                        };
+                        match r.attrs.peer_ipv6(&key, Some(&self.params.cfg)) {
+                            PeerIpv6::Usable {
+                                subnet,
+                                public_ipv6,
+                            } => Some((subnet, public_ipv6)),
+                            PeerIpv6::Skipped(_) => None,
+                        }
+                    })
+                    .collect();
+                let routes = nl.all_routes6().await?;
+                let (ops, skipped) = plan_hostgw6(
+                    self.params.cfg.network,
+                    self.params.own_subnet,
+                    *underlay,
+                    &routes,
+                    &peers,
+                );
+                for (subnet, why) in skipped {
+                    tracing::warn!(%subnet, "host-gw: no IPv6 route: {why}");
+                }
+                ops
+            }
+        };
+        let mut applied = Vec::new();
+        let mut failed = Vec::new();
+        for (op, res) in ops.iter().zip(nl.apply_all(&ops).await) {
+            match res {
+                Ok(()) => applied.push(op.clone()),
+                Err(e) => failed.push((op.clone(), e)),
+            }
+        }
+        Ok((applied, failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::model::Tables;
+
+    fn cfg6() -> Ipv6Config {
+        Ipv6Config {
+            network: "fd00:10:244::/56".parse().unwrap(),
+            subnet_len: 64,
+            subnet_min: "fd00:10:244:1::".parse().unwrap(),
+            subnet_max: "fd00:10:244:ff::".parse().unwrap(),
+        }
+    }
+
+    fn lease(key: &str, v6: Option<&str>) -> (SubnetKey, LeaseAttrs) {
+        let mut json = String::from(
+            r#"{"PublicIP":"198.18.0.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:00:00:05"}"#,
+        );
+        if let Some(ip6) = v6 {
+            json.push_str(&format!(
+                r#","PublicIPv6":"{ip6}","BackendV6Data":{{"VNI":1,"VtepMAC":"0a:58:0a:00:00:06"}}"#
+            ));
+        }
+        json.push('}');
+        (key.parse().unwrap(), serde_json::from_str(&json).unwrap())
+    }
+
+    fn observed() -> Observed6 {
+        Observed6 {
+            ifindex: 9,
+            own_subnet: Some("fd00:10:244:3::/64".parse().unwrap()),
+            local: Some("2001:db8::3".parse().unwrap()),
+            ..Default::default()
+        }
+    }
+
+    fn after(o: &Observed6, ops: &[Op]) -> Observed6 {
+        let mut t = Tables::default();
+        for op in o
+            .fdb
+            .iter()
+            .map(|e| Op::Fdb6Replace {
+                ifindex: e.ifindex,
+                mac: e.mac,
+                dst: e.dst.unwrap(),
+            })
+            .chain(o.neighbours.iter().map(|n| Op::Neigh6Replace {
+                ifindex: n.ifindex,
+                ip: n.ip,
+                mac: n.mac.unwrap(),
+            }))
+            .chain(o.routes.iter().map(|r| Op::Route6Replace(*r)))
+            .chain(ops.iter().cloned())
+        {
+            let _ = t.apply(&op);
+        }
+        Observed6 {
+            neighbours: t.neighbours6(o.ifindex),
+            fdb: t.fdb6_entries(o.ifindex),
+            routes: t.routes6.values().copied().collect(),
+            ..o.clone()
+        }
+    }
+
+    #[test]
+    fn dual_stack_lease_gives_fdb_ndp_and_onlink_route() {
+        let (k, a) = lease("10.244.5.0-24&fd00:10:244:5::-64", Some("2001:db8::5"));
+        let p = Vxlan6Peer::from_lease(&k, &a, Some(&cfg6())).unwrap();
+        assert_eq!(p.vtep_mac.to_string(), "0a:58:0a:00:00:06");
+        let ops = plan_vxlan6(&observed(), &[p]);
+        let text: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "fdb replace 0a:58:0a:00:00:06 dst 2001:db8::5 dev #9 self permanent",
+                "-6 neigh replace fd00:10:244:5:: lladdr 0a:58:0a:00:00:06 dev #9 nud permanent",
+                "-6 route replace fd00:10:244:5::/64 via fd00:10:244:5:: dev #9 onlink metric 1024",
+            ]
+        );
+        // Applied, the same plan is empty: a restart writes nothing.
+        let now = after(&observed(), &ops);
+        assert!(plan_vxlan6(&now, &[p]).is_empty());
+        // The lease goes: everything it had is removed.
+        let dels = plan_vxlan6(&now, &[]);
+        assert_eq!(dels.len(), 3, "{dels:?}");
+        assert!(dels.iter().all(Op::is_delete));
+        let gone = after(&now, &dels);
+        assert!(gone.fdb.is_empty() && gone.neighbours.is_empty() && gone.routes.is_empty());
+    }
+
+    #[test]
+    fn skipped_v6_half_gives_no_v6_ops() {
+        // No PublicIPv6: the IPv4 half stays, the v6 half is skipped with peer_ipv6's reason.
+        let (k, a) = lease("10.244.5.0-24&fd00:10:244:5::-64", None);
+        let e = Vxlan6Peer::from_lease(&k, &a, Some(&cfg6())).unwrap_err();
+        assert!(e.contains("no PublicIPv6"), "{e}");
+        // A v4-only key, and this node running v4 only.
+        let (k, a) = lease("10.244.5.0-24", Some("2001:db8::5"));
+        assert!(Vxlan6Peer::from_lease(&k, &a, Some(&cfg6())).is_err());
+        let (k, a) = lease("10.244.5.0-24&fd00:10:244:5::-64", Some("2001:db8::5"));
+        assert!(Vxlan6Peer::from_lease(&k, &a, None).is_err());
+        // PublicIPv6 inside the overlay.
+        let (k, a) = lease("10.244.5.0-24&fd00:10:244:5::-64", Some("fd00:10:244:9::1"));
+        assert!(Vxlan6Peer::from_lease(&k, &a, Some(&cfg6())).is_err());
+        // The v6 half dropping out removes what it had programmed.
+        let (k, a) = lease("10.244.5.0-24&fd00:10:244:5::-64", Some("2001:db8::5"));
+        let p = Vxlan6Peer::from_lease(&k, &a, Some(&cfg6())).unwrap();
+        let now = after(&observed(), &plan_vxlan6(&observed(), &[p]));
+        let dels = plan_vxlan6(&now, &[]);
+        assert!(!dels.is_empty() && dels.iter().all(Op::is_delete));
+    }
+
+    #[test]
+    fn bad_backend_v6_data_is_a_skip() {
+        let (k, mut a) = lease("10.244.5.0-24&fd00:10:244:5::-64", Some("2001:db8::5"));
+        for bad in [
+            r#"{"VNI":1,"VtepMAC":"01:00:5e:00:00:01"}"#,
+            r#"{"VNI":1,"VtepMAC":"nope"}"#,
+            r#"{"VNI":1}"#,
+            r#"[1,2]"#,
+        ] {
+            a.backend_v6_data = Some(serde_json::value::RawValue::from_string(bad.into()).unwrap());
+            assert!(
+                Vxlan6Peer::from_lease(&k, &a, Some(&cfg6())).is_err(),
+                "{bad}"
+            );
+        }
+        a.backend_v6_data = None;
+        assert!(Vxlan6Peer::from_lease(&k, &a, Some(&cfg6())).is_err());
+    }
+
+    #[test]
+    fn own_subnet_own_vtep_and_duplicate_mac_are_not_programmed() {
+        let mac: MacAddr = "0a:58:0a:00:00:06".parse().unwrap();
+        let peers = [
+            Vxlan6Peer {
+                subnet: "fd00:10:244:3::/64".parse().unwrap(),
+                public_ipv6: "2001:db8::9".parse().unwrap(),
+                vtep_mac: mac,
+            },
+            Vxlan6Peer {
+                subnet: "fd00:10:244:4::/64".parse().unwrap(),
+                public_ipv6: "2001:db8::3".parse().unwrap(),
+                vtep_mac: "0a:58:0a:00:00:07".parse().unwrap(),
+            },
+            Vxlan6Peer {
+                subnet: "fd00:10:244:5::/64".parse().unwrap(),
+                public_ipv6: "2001:db8::5".parse().unwrap(),
+                vtep_mac: mac,
+            },
+            Vxlan6Peer {
+                subnet: "fd00:10:244:6::/64".parse().unwrap(),
+                public_ipv6: "2001:db8::6".parse().unwrap(),
+                vtep_mac: mac,
+            },
+        ];
+        let ops = plan_vxlan6(&observed(), &peers);
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert!(ops
+            .iter()
+            .all(|o| o.to_string().contains("fd00:10:244:5::")
+                || o.to_string().contains("2001:db8::5")));
+    }
+
+    #[test]
+    fn vxlan6_device_mtu_is_underlay_minus_70() {
+        let s = device_spec(
+            1,
+            8472,
+            "2001:db8::3".parse().unwrap(),
+            2,
+            1500,
+            "0a:58:0a:00:00:03".parse().unwrap(),
+        );
+        assert_eq!(s.name, "tweed-v6.1");
+        assert_eq!(s.mtu, Some(1430));
+        assert_eq!(s.attrs().local, Some("2001:db8::3".parse().unwrap()));
+    }
+
+    #[test]
+    fn hostgw6_routes_only_directly_connected_peers() {
+        let network: Ipv6Network = "fd00:10:244::/56".parse().unwrap();
+        let own: Ipv6Network = "fd00:10:244:3::/64".parse().unwrap();
+        let connected = Route6 {
+            dst: "2001:db8::/64".parse().unwrap(),
+            gateway: None,
+            oif: Some(2),
+            onlink: false,
+            metric: 256,
+            protocol: Route::PROTO_KERNEL,
+        };
+        let default = Route6::via(
+            "::/0".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+            Some(2),
+        );
+        let routes = vec![connected, default];
+        let peers = [
+            (
+                "fd00:10:244:5::/64".parse().unwrap(),
+                "2001:db8::5".parse().unwrap(),
+            ),
+            (
+                "fd00:10:244:6::/64".parse().unwrap(),
+                "2001:db9::6".parse().unwrap(),
+            ),
+            (own, "2001:db8::3".parse().unwrap()),
+        ];
+        let (ops, skipped) = plan_hostgw6(network, own, 2, &routes, &peers);
+        assert_eq!(
+            ops.iter().map(|o| o.to_string()).collect::<Vec<_>>(),
+            ["-6 route replace fd00:10:244:5::/64 via 2001:db8::5 dev #2 metric 1024"]
+        );
+        assert_eq!(
+            skipped,
+            [(
+                "fd00:10:244:6::/64".parse().unwrap(),
+                "its PublicIPv6 is behind a router"
+            )]
+        );
+        // Applied: nothing more to do; the peer gone: its route is removed.
+        let mut now = routes.clone();
+        if let Op::Route6Replace(r) = ops[0] {
+            now.push(r);
+        }
+        assert!(plan_hostgw6(network, own, 2, &now, &peers).0.is_empty());
+        let (dels, _) = plan_hostgw6(network, own, 2, &now, &[]);
+        assert_eq!(dels.len(), 1);
+        assert!(dels[0].is_delete());
+    }
+}
