@@ -257,9 +257,9 @@ impl Plane {
     }
 
     /// Makes the backend serve exactly `remotes`; a backend whose device went away is set up
-    /// again once.
-    pub(super) async fn program(&mut self, remotes: &[Remote]) {
-        self.reconcile(remotes).await;
+    /// again once. What was applied, for telling the kernel's echoes of it from drift.
+    pub(super) async fn program(&mut self, remotes: &[Remote]) -> Option<ReconcileStats> {
+        self.reconcile(remotes).await
     }
 
     /// [`program`](Self::program), returning what was applied (`None`: it failed, logged).

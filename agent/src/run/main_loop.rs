@@ -12,7 +12,7 @@ use super::dataplane::{Plane, PlaneConfig};
 use super::deps::Deps;
 use super::feed::{self, Feed, Feeds};
 use super::lease::{self, LeaseKeeper};
-use super::repair::{Schedule, Trigger, Watched};
+use super::repair::{Echoes, Schedule, Trigger, Watched};
 use super::report::Report;
 use super::stop::{next_backoff, Stop};
 use super::AgentError;
@@ -161,6 +161,7 @@ pub async fn run_with(
             events: events.0,
             watched,
             schedule: Schedule::default(),
+            echoes: Echoes::default(),
         },
         registry,
         public_ip,
@@ -322,6 +323,8 @@ struct Kernel {
     events: Option<Events>,
     watched: Watched,
     schedule: Schedule,
+    /// Our own recent writes, whose notifications are no drift.
+    echoes: Echoes,
 }
 
 /// The running agent: everyone's leases, ours, and the data plane made of them.
@@ -403,6 +406,7 @@ impl Agent {
                     let all = [Trigger::Lost].into_iter().collect();
                     let remotes = self.remotes();
                     let r = self.plane.repair(&remotes, &all).await;
+                    self.kernel.echoes.record(&r.ops, tokio::time::Instant::now());
                     self.report.repaired("periodic relist", &r, since.elapsed());
                     self.kernel.watched = self.plane.watched();
                 }
@@ -466,7 +470,9 @@ impl Agent {
         match ev {
             Some(Ok(e)) => {
                 if let Some(t) = self.kernel.watched.trigger(&e) {
-                    self.kernel.schedule.note(t, now);
+                    if !self.kernel.echoes.is_echo(&e, now) {
+                        self.kernel.schedule.note(t, now);
+                    }
                 }
             }
             Some(Err(e)) => {
@@ -490,6 +496,9 @@ impl Agent {
         };
         let remotes = self.remotes();
         let r = self.plane.repair(&remotes, &due.triggers).await;
+        self.kernel
+            .echoes
+            .record(&r.ops, tokio::time::Instant::now());
         let cause: Vec<&str> = due.triggers.iter().map(|t| t.as_str()).collect();
         self.report
             .repaired(&cause.join(","), &r, due.since.elapsed());
@@ -541,9 +550,11 @@ impl Agent {
             }
         }
         if !applied.changes.is_empty() {
-            self.report.leases(&self.table, self.lease.own().subnet());
+            // The kernel first: the API's view of 10,000 leases takes milliseconds to rebuild,
+            // and the new peer's route must not wait for it.
             self.program().await;
             self.report.reconciled_in(received);
+            self.report.leases(&self.table, self.lease.own().subnet());
         }
     }
 
@@ -575,7 +586,11 @@ impl Agent {
 
     async fn program(&mut self) {
         let remotes = self.remotes();
-        self.plane.program(&remotes).await;
+        if let Some(stats) = self.plane.program(&remotes).await {
+            self.kernel
+                .echoes
+                .record(&stats.applied, tokio::time::Instant::now());
+        }
     }
 }
 

@@ -8,6 +8,8 @@
 
 mod dataplane;
 mod deps;
+#[cfg(test)]
+mod echo_root_tests;
 mod feed;
 mod lease;
 mod main_loop;

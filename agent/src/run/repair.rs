@@ -3,12 +3,15 @@
 //! window, then retries with backoff) and what a repair's ops say was wrong ([`kind_of`]).
 //!
 //! A notification is only a hint that something owned may have drifted: the repair re-reads the
-//! backend's tables and writes what differs from the plan, so the echoes of the agent's own writes
-//! cost one read and zero writes, and a lost notification is caught by the periodic relist.
+//! backend's tables and writes what differs from the plan, and a lost notification is caught by
+//! the periodic relist. The kernel also announces every write the agent itself makes; those
+//! echoes are told apart by [`Echoes`] and schedule nothing, since a re-read of 10,000 peers'
+//! tables on every lease event is what would delay the next one.
 
-use crate::netlink::{Event, Op};
+use crate::netlink::{Change, Event, MacAddr, Op};
 use ipnetwork::Ipv4Network;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -88,6 +91,168 @@ impl Watched {
 
     fn in_overlay(&self, dst: Ipv4Network) -> bool {
         dst.prefix() >= self.network.prefix() && self.network.contains(dst.network())
+    }
+}
+
+/// How long the kernel's echo of one of our writes is expected: it arrives within milliseconds
+/// (the socket is read by the same loop); a second leaves room for a loop busy with a big batch.
+pub(super) const ECHO_TTL: Duration = Duration::from_secs(1);
+
+/// The identity and content of a route, neighbour or FDB entry one of our writes set or removed,
+/// as its notification will show it. A new entry is matched on its content (an entry someone
+/// else changed right after our write differs from ours and still repairs); a removal on the
+/// entry's identity alone, since the kernel's notification of it carries whatever was there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum EchoKey {
+    RouteNew {
+        dst: Ipv4Network,
+        gateway: Option<Ipv4Addr>,
+    },
+    RouteDel(Ipv4Network),
+    NeighNew {
+        ifindex: u32,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+    },
+    NeighDel {
+        ifindex: u32,
+        ip: Ipv4Addr,
+    },
+    FdbNew {
+        ifindex: u32,
+        mac: MacAddr,
+        dst: Ipv4Addr,
+    },
+    FdbDel {
+        ifindex: u32,
+        mac: MacAddr,
+    },
+}
+
+impl EchoKey {
+    /// What the kernel will announce after `op`; nothing for ops without a watched echo.
+    fn of_op(op: &Op) -> Option<(EchoKey, Option<u32>)> {
+        Some(match *op {
+            Op::RouteReplace(ref r) => (
+                EchoKey::RouteNew {
+                    dst: r.dst,
+                    gateway: r.gateway,
+                },
+                r.oif,
+            ),
+            Op::RouteDel(ref r) => (EchoKey::RouteDel(r.dst), None),
+            Op::NeighReplace { ifindex, ip, mac } => (EchoKey::NeighNew { ifindex, ip, mac }, None),
+            Op::NeighDel { ifindex, ip } => (EchoKey::NeighDel { ifindex, ip }, None),
+            Op::FdbReplace { ifindex, mac, dst } => (EchoKey::FdbNew { ifindex, mac, dst }, None),
+            Op::FdbDel { ifindex, mac, .. } => (EchoKey::FdbDel { ifindex, mac }, None),
+            _ => return None,
+        })
+    }
+
+    /// What `event` announces, with the route's device (an op may leave it to the kernel).
+    fn of_event(event: &Event) -> Option<(EchoKey, Option<u32>)> {
+        Some(match event {
+            Event::Route(Change::New, r) => (
+                EchoKey::RouteNew {
+                    dst: r.dst,
+                    gateway: r.gateway,
+                },
+                r.oif,
+            ),
+            Event::Route(Change::Del, r) => (EchoKey::RouteDel(r.dst), None),
+            Event::Neigh(Change::New, n) if n.permanent => (
+                EchoKey::NeighNew {
+                    ifindex: n.ifindex,
+                    ip: n.ip,
+                    mac: n.mac?,
+                },
+                None,
+            ),
+            // The kernel deletes a neighbour in two steps and announces both: first the entry
+            // marked failed (a "new" without an address), then its removal.
+            Event::Neigh(Change::New, n) if n.mac.is_none() => (
+                EchoKey::NeighDel {
+                    ifindex: n.ifindex,
+                    ip: n.ip,
+                },
+                None,
+            ),
+            Event::Neigh(Change::Del, n) => (
+                EchoKey::NeighDel {
+                    ifindex: n.ifindex,
+                    ip: n.ip,
+                },
+                None,
+            ),
+            Event::Fdb(Change::New, f) if f.permanent => (
+                EchoKey::FdbNew {
+                    ifindex: f.ifindex,
+                    mac: f.mac,
+                    dst: f.dst?,
+                },
+                None,
+            ),
+            Event::Fdb(Change::Del, f) => (
+                EchoKey::FdbDel {
+                    ifindex: f.ifindex,
+                    mac: f.mac,
+                },
+                None,
+            ),
+            _ => return None,
+        })
+    }
+}
+
+/// The writes the agent made in the last [`ECHO_TTL`], to tell the kernel's echoes of them from
+/// drift. Pure: the caller passes the time. A notification that matches no recent write (someone
+/// else's, or ours announced after the TTL) is still drift and still repairs.
+#[derive(Debug, Default)]
+pub(super) struct Echoes {
+    /// Each write's key: when its echo stops counting, and the route's device if the op named one.
+    recent: HashMap<EchoKey, (Instant, Option<u32>)>,
+    /// When expired entries were last dropped (at most once a TTL, so recording stays O(ops)).
+    pruned: Option<Instant>,
+}
+
+impl Echoes {
+    /// Remembers that `ops` were just applied.
+    pub(super) fn record<'a>(&mut self, ops: impl IntoIterator<Item = &'a Op>, now: Instant) {
+        self.prune(now);
+        let until = now + ECHO_TTL;
+        for op in ops {
+            if let Some((key, oif)) = EchoKey::of_op(op) {
+                self.recent.insert(key, (until, oif));
+            }
+        }
+    }
+
+    /// Whether `event` is the echo of a recent write of ours.
+    pub(super) fn is_echo(&mut self, event: &Event, now: Instant) -> bool {
+        let Some((key, oif)) = EchoKey::of_event(event) else {
+            return false;
+        };
+        match self.recent.get(&key) {
+            Some(&(until, want_oif)) if now <= until => want_oif.is_none() || want_oif == oif,
+            _ => false,
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        if self.pruned.is_some_and(|p| now < p + ECHO_TTL) {
+            return;
+        }
+        self.pruned = Some(now);
+        self.recent.retain(|_, (until, _)| *until >= now);
+        // A start-up batch of 30,000 entries must not keep its table's memory for good.
+        if self.recent.capacity() > 4 * self.recent.len().max(256) {
+            self.recent.shrink_to_fit();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.recent.len()
     }
 }
 
@@ -339,6 +504,117 @@ mod tests {
         assert_eq!(s.due(), Some(t0 + DEBOUNCE + DEBOUNCE));
         let due = s.take(t0 + DEBOUNCE + DEBOUNCE).unwrap();
         assert_eq!(due.triggers, BTreeSet::from([Trigger::Route, Trigger::Fdb]));
+    }
+
+    #[test]
+    fn own_writes_are_echoes_until_they_expire_and_drift_still_repairs() {
+        use Change::{Del, New};
+        let t0 = Instant::now();
+        let mac = |b: u8| MacAddr([2, 0, 0, 0, 0, b]);
+        let gw: std::net::Ipv4Addr = "10.244.2.0".parse().unwrap();
+        let public: std::net::Ipv4Addr = "198.18.0.2".parse().unwrap();
+        let neigh = |ip, m, permanent| Neighbour {
+            ifindex: 7,
+            ip,
+            mac: m,
+            permanent,
+        };
+        let fdb = |m, dst| FdbEntry {
+            ifindex: 7,
+            mac: m,
+            dst,
+            permanent: true,
+        };
+        let added = [
+            Op::FdbReplace {
+                ifindex: 7,
+                mac: mac(2),
+                dst: public,
+            },
+            Op::NeighReplace {
+                ifindex: 7,
+                ip: gw,
+                mac: mac(2),
+            },
+            Op::RouteReplace(route("10.244.2.0/24", 7)),
+            Op::RouteDel(route("10.244.9.0/24", 7)),
+            Op::NeighDel {
+                ifindex: 7,
+                ip: "10.244.9.0".parse().unwrap(),
+            },
+            Op::FdbDel {
+                ifindex: 7,
+                mac: mac(9),
+                dst: None,
+            },
+            // No echo is watched for the device's own ops.
+            Op::LinkSetUp {
+                name: "tweed.1".into(),
+            },
+        ];
+        let mut e = Echoes::default();
+        e.record(&added, t0);
+        assert_eq!(e.len(), 6);
+        let soon = t0 + Duration::from_millis(5);
+        // What the kernel announces after those writes.
+        let echoes = [
+            Event::Fdb(New, fdb(mac(2), Some(public))),
+            Event::Neigh(New, neigh(gw, Some(mac(2)), true)),
+            Event::Route(New, route("10.244.2.0/24", 7)),
+            Event::Route(Del, route("10.244.9.0/24", 7)),
+            Event::Neigh(New, neigh("10.244.9.0".parse().unwrap(), None, false)),
+            Event::Neigh(
+                Del,
+                neigh("10.244.9.0".parse().unwrap(), Some(mac(9)), true),
+            ),
+            Event::Fdb(Del, fdb(mac(9), Some("198.18.0.9".parse().unwrap()))),
+        ];
+        for ev in &echoes {
+            assert!(e.is_echo(ev, soon), "{ev:?}");
+            // Announced twice (a replace of an existing entry can be): still ours.
+            assert!(e.is_echo(ev, soon), "{ev:?}");
+        }
+        // Drift right after our writes: someone deleted what we added, re-added what we
+        // removed, or changed it to something else.
+        let drift = [
+            Event::Route(Del, route("10.244.2.0/24", 7)),
+            Event::Route(New, route("10.244.9.0/24", 7)),
+            Event::Route(New, route("10.244.2.0/24", 8)),
+            Event::Route(
+                New,
+                Route::onlink(
+                    "10.244.2.0/24".parse().unwrap(),
+                    "10.244.2.1".parse().unwrap(),
+                    7,
+                ),
+            ),
+            Event::Neigh(Del, neigh(gw, Some(mac(2)), true)),
+            Event::Neigh(New, neigh(gw, Some(mac(3)), true)),
+            Event::Neigh(New, neigh(gw, None, false)),
+            Event::Fdb(Del, fdb(mac(2), Some(public))),
+            Event::Fdb(New, fdb(mac(2), Some("198.18.0.3".parse().unwrap()))),
+            Event::Fdb(New, fdb(mac(9), Some(public))),
+            Event::Route(Del, route("10.244.3.0/24", 7)),
+            Event::Link(Del, link(7, "tweed.1")),
+            Event::Lost,
+        ];
+        for ev in &drift {
+            assert!(!e.is_echo(ev, soon), "{ev:?}");
+        }
+        // Past the TTL an announcement of the same content is no longer taken for ours.
+        let late = t0 + ECHO_TTL + Duration::from_millis(1);
+        for ev in &echoes {
+            assert!(!e.is_echo(ev, late), "{ev:?}");
+        }
+        // Expired writes are forgotten on the next record.
+        e.record(&[Op::RouteReplace(route("10.244.4.0/24", 7))], late);
+        assert_eq!(e.len(), 1);
+        assert!(e.is_echo(&Event::Route(New, route("10.244.4.0/24", 7)), late));
+        // A route written without a device matches whatever device the kernel picked.
+        let mut r = route("10.244.5.0/24", 7);
+        r.oif = None;
+        e.record(&[Op::RouteReplace(r)], late);
+        assert!(e.is_echo(&Event::Route(New, route("10.244.5.0/24", 3)), late));
     }
 
     #[test]
