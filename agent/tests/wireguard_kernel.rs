@@ -310,6 +310,25 @@ fn two_kernel_backends_carry_traffic_and_report_the_handshake() {
         eprintln!("no wireguard module in this kernel: traffic runs only in the VMs");
         return;
     }
+    underlay(&a, &b);
+    let (ia, _) = node_run(&a, 2, vec![lease_peer(3)]);
+    let (ib, _) = node_run(&b, 3, vec![lease_peer(2)]);
+    assert_eq!((ia, ib), ("kernel", "kernel"));
+    let (ok, out) = tweed_testkit::probe_in(a.name(), &["ping", "-c", "3", "-W", "3", "10.5.3.0"]);
+    assert!(ok, "no ping through the kernel devices: {out}");
+    // A restarted agent reads the figures back from the kernel.
+    let (_, stats) = node_run(&a, 2, vec![lease_peer(3)]);
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    let s = &stats[0];
+    assert!(
+        s.last_handshake.is_some() && s.rx_bytes > 0 && s.tx_bytes > 0,
+        "{s:?}"
+    );
+    eprintln!("peer figures read back: {s:?}");
+}
+
+/// A veth pair as the two nodes' underlay: `ua` 192.0.2.2/24 in `a`, `ub` 192.0.2.3/24 in `b`.
+fn underlay(a: &NetnsGuard, b: &NetnsGuard) {
     ip_in(
         a.name(),
         &[
@@ -325,22 +344,233 @@ fn two_kernel_backends_carry_traffic_and_report_the_handshake() {
             b.name(),
         ],
     );
-    for (ns, dev, addr) in [(&a, "ua", "192.0.2.2/24"), (&b, "ub", "192.0.2.3/24")] {
+    for (ns, dev, addr) in [(a, "ua", "192.0.2.2/24"), (b, "ub", "192.0.2.3/24")] {
         ip_in(ns.name(), &["addr", "add", addr, "dev", dev]);
         ip_in(ns.name(), &["link", "set", dev, "up"]);
     }
-    let (ia, _) = node_run(&a, 2, vec![lease_peer(3)]);
-    let (ib, _) = node_run(&b, 3, vec![lease_peer(2)]);
-    assert_eq!((ia, ib), ("kernel", "kernel"));
-    let (ok, out) = tweed_testkit::probe_in(a.name(), &["ping", "-c", "3", "-W", "3", "10.5.3.0"]);
-    assert!(ok, "no ping through the kernel devices: {out}");
-    // A restarted agent reads the figures back from the kernel.
-    let (_, stats) = node_run(&a, 2, vec![lease_peer(3)]);
+}
+
+/// `ping` from `ns` to `dst` through the tunnel (the first one waits for the handshake, which
+/// takes a while under TCG), panicking with the output when none is answered.
+fn ping_ok(ns: &NetnsGuard, dst: &str, what: &str) {
+    let (ok, out) = tweed_testkit::probe_in(ns.name(), &["ping", "-c", "3", "-W", "3", dst]);
+    assert!(ok, "{what}: no ping from {} to {dst}: {out}", ns.name());
+}
+
+/// `argv` with `input` on its stdin, in the current namespace: stdout, trimmed.
+fn run_with_stdin(argv: &[&str], input: &str) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The `wg show DEV latest-handshakes` line of `key`: seconds since the epoch, 0 for none.
+fn wg_latest_handshake(ns: &NetnsGuard, dev: &str, key: &str) -> u64 {
+    let out = in_ns(ns.name(), &["wg", "show", dev, "latest-handshakes"]);
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|t| t.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("{key} not in `wg show {dev} latest-handshakes`: {out}"))
+}
+
+/// Interop with a node configured as flannel's wireguard backend configures one, on the
+/// kernel's WireGuard, from the leases only: tweed's kernel-path backend (node 2, in `a`)
+/// and a `wireguard` link `flannel-wg` set up with `ip` and `wg` (node 3, in `b`): key pair
+/// from `wg genkey`/`wg pubkey`, listen port 51820, the subnet's network address /32, MTU
+/// underlay - 80, one scope-link route for the whole network, a peer per other lease (allowed
+/// IPs = its subnet, endpoint = PublicIP:Port). Each side reads only the other's lease JSON.
+/// Pings both ways; handshake in tweed's read-back and in `wg show latest-handshakes`.
+#[test]
+fn a_kernel_node_configured_as_flannel_does_interoperates_with_the_kernel_backend() {
+    require_root!(NEEDS_ROOT);
+    let a = NetnsGuard::unique("tw-wfa-");
+    let b = NetnsGuard::unique("tw-wfb-");
+    if !kernel_has_wireguard(&a) {
+        eprintln!(
+            "no wireguard module in this kernel: the flannel-configured kernel node runs only in \
+             the VM (scripts/vm-wg-kernel)"
+        );
+        return;
+    }
+    underlay(&a, &b);
+    const DEV: &str = "flannel-wg";
+    // The flannel node's keys, as flannel's backend would hold them.
+    let private = run_with_stdin(&["wg", "genkey"], "");
+    let public = run_with_stdin(&["wg", "pubkey"], &format!("{private}\n"));
+    // Its lease, in flannel's format; tweed reads it as any other lease.
+    let flannel_lease = format!(
+        r#"{{"PublicIP":"192.0.2.3","BackendType":"wireguard","BackendData":{{"PublicKey":"{public}","Port":51820}}}}"#
+    );
+    let attrs = tweed_config::LeaseAttrs::parse(flannel_lease.as_bytes()).unwrap();
+    let flannel_peer = WgPeer::from_lease("10.5.3.0/24".parse().unwrap(), &attrs, 51820).unwrap();
+    // tweed's lease as it publishes it; the flannel node reads only that JSON.
+    let tweed_lease = tweed_agent::backend::wireguard::plan::lease_attrs(
+        [192, 0, 2, 2].into(),
+        &PrivateKey::from_bytes([2; 32]).public(),
+        51820,
+    )
+    .to_json();
+    let v: serde_json::Value = serde_json::from_str(&tweed_lease).unwrap();
+    let (tweed_ip, tweed_key, tweed_port) = (
+        v["PublicIP"].as_str().unwrap().to_string(),
+        v["BackendData"]["PublicKey"].as_str().unwrap().to_string(),
+        v["BackendData"]["Port"].as_u64().unwrap(),
+    );
+    assert_eq!(v["BackendType"], "wireguard", "{tweed_lease}");
+
+    let (imp, _) = node_run(&a, 2, vec![flannel_peer]);
+    assert_eq!(imp, "kernel");
+
+    // The flannel node: Network 10.5.0.0/16, its lease 10.5.3.0/24, underlay MTU 1500.
+    let n = b.name();
+    ip_in(n, &["link", "add", DEV, "type", "wireguard"]);
+    // wg(8) reads the key from a file (no /dev/stdin in the VM's initramfs); 0600, as wg wants.
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), format!("{private}\n")).unwrap();
+    let key_path = key_file.path().to_str().unwrap();
+    in_ns(
+        n,
+        &[
+            "wg",
+            "set",
+            DEV,
+            "listen-port",
+            "51820",
+            "private-key",
+            key_path,
+        ],
+    );
+    ip_in(n, &["addr", "add", "10.5.3.0/32", "dev", DEV]);
+    // flannel: the underlay interface's MTU minus 80.
+    let ub = ip_in(n, &["-o", "link", "show", "ub"]);
+    let underlay_mtu: u32 = ub
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no mtu in {ub}"));
+    let mtu = (underlay_mtu - 80).to_string();
+    ip_in(n, &["link", "set", DEV, "mtu", &mtu, "up"]);
+    ip_in(
+        n,
+        &["route", "add", "10.5.0.0/16", "dev", DEV, "scope", "link"],
+    );
+    let endpoint = format!("{tweed_ip}:{tweed_port}");
+    in_ns(
+        n,
+        &[
+            "wg",
+            "set",
+            DEV,
+            "peer",
+            &tweed_key,
+            "endpoint",
+            &endpoint,
+            "allowed-ips",
+            "10.5.2.0/24",
+        ],
+    );
+
+    // Each side starts a handshake once.
+    ping_ok(&a, "10.5.3.0", "tweed -> flannel-configured node");
+    ping_ok(&b, "10.5.2.0", "flannel-configured node -> tweed");
+
+    let (_, stats) = node_run(&a, 2, vec![flannel_peer]);
     assert_eq!(stats.len(), 1, "{stats:?}");
     let s = &stats[0];
+    assert_eq!(s.public_key.to_string(), public);
     assert!(
         s.last_handshake.is_some() && s.rx_bytes > 0 && s.tx_bytes > 0,
         "{s:?}"
     );
-    eprintln!("peer figures read back: {s:?}");
+    let hs = wg_latest_handshake(&b, DEV, &tweed_key);
+    assert!(hs > 0, "no handshake with tweed on the flannel node");
+    let transfer = in_ns(n, &["wg", "show", DEV, "transfer"]);
+    let line = transfer
+        .lines()
+        .find(|l| l.starts_with(&tweed_key))
+        .unwrap_or_else(|| panic!("{transfer}"));
+    let f: Vec<u64> = line
+        .split('\t')
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert!(f.len() == 2 && f[0] > 0 && f[1] > 0, "{line}");
+    eprintln!(
+        "flannel-configured kernel node: tweed read back {s:?}; wg show on it: handshake at {hs}, \
+         rx/tx {} / {} bytes",
+        f[0], f[1]
+    );
+}
+
+/// Kernel and userspace in one mesh: node 2 runs tweed's backend on the kernel device, node 3
+/// tweed's userspace path (forced: boringtun on the udp workers and a TUN device), in-process
+/// (the workers are threads started in node 3's namespace, stopped when the backend drops).
+/// Pings both ways; each side shows the handshake and bytes with the other.
+#[test]
+fn kernel_and_userspace_backends_in_one_mesh_carry_traffic_both_ways() {
+    require_root!(NEEDS_ROOT);
+    let a = NetnsGuard::unique("tw-wma-");
+    let b = NetnsGuard::unique("tw-wmb-");
+    if !kernel_has_wireguard(&a) {
+        eprintln!(
+            "no wireguard module in this kernel: the kernel <-> userspace mesh runs only in the \
+             VM (scripts/vm-wg-kernel)"
+        );
+        return;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        panic!("/dev/net/tun is missing: the userspace path needs the tun device");
+    }
+    underlay(&a, &b);
+    let (ia, _) = node_run(&a, 2, vec![lease_peer(3)]);
+    assert_eq!(ia, "kernel");
+    // Declared after the namespaces, so it is dropped (its workers stopped) before them.
+    let user = with_netlink_in(&b, move |nl| async move {
+        let cfg = WgConfig {
+            implementation: WgImpl::Userspace,
+            ..node_cfg(3)
+        };
+        let mut u = WgBackend::setup(&nl, cfg).await.unwrap();
+        u.reconcile(&nl, &[lease_peer(2)]).await.unwrap();
+        u
+    });
+    assert_eq!(user.implementation(), "userspace");
+    ping_ok(&a, "10.5.3.0", "kernel -> userspace");
+    ping_ok(&b, "10.5.2.0", "userspace -> kernel");
+    let (_, ks) = node_run(&a, 2, vec![lease_peer(3)]);
+    let us = user.peer_stats();
+    assert_eq!((ks.len(), us.len()), (1, 1), "{ks:?} {us:?}");
+    for (side, s) in [("kernel", &ks[0]), ("userspace", &us[0])] {
+        assert!(
+            s.last_handshake.is_some() && s.rx_bytes > 0 && s.tx_bytes > 0,
+            "{side}: {s:?}"
+        );
+    }
+    assert_eq!(ks[0].public_key, PrivateKey::from_bytes([3; 32]).public());
+    assert_eq!(us[0].public_key, PrivateKey::from_bytes([2; 32]).public());
+    eprintln!(
+        "mixed mesh: kernel node read back {:?}; userspace node {:?}",
+        ks[0], us[0]
+    );
+    drop(user);
 }
