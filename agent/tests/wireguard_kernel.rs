@@ -383,6 +383,57 @@ fn run_with_stdin(argv: &[&str], input: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The largest UDP payload one packet of a 1420-MTU device carries: 1420 - 20 (IP) - 8 (UDP).
+const FULL_PAYLOAD: usize = 1392;
+
+/// One full-size UDP datagram with DF from `from` (`from_ip`) to `to` (`to_ip`), its bytes
+/// compared on arrival; and one byte more refused by the sender's stack (EMSGSIZE: the route's
+/// device has MTU 1420). The sockets are made in their namespaces and used from here.
+fn full_size_udp(from: &NetnsGuard, from_ip: &str, to: &NetnsGuard, to_ip: &str) {
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+    let bind = |ip: &str| -> std::net::SocketAddr { format!("{ip}:0").parse().unwrap() };
+    let (src, dst) = (bind(from_ip), bind(to_ip));
+    let rx = to.enter(move || UdpSocket::bind(dst).unwrap());
+    let tx = from.enter(move || UdpSocket::bind(src).unwrap());
+    let dst = rx.local_addr().unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let df: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            tx.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&df as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "IP_MTU_DISCOVER: {}",
+        std::io::Error::last_os_error()
+    );
+    let payload: Vec<u8> = (0..FULL_PAYLOAD).map(|i| (i * 7 + 3) as u8).collect();
+    tx.send_to(&payload, dst).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, peer) = rx
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("{from_ip} -> {to_ip}: no full-size datagram: {e}"));
+    assert_eq!(peer, tx.local_addr().unwrap());
+    assert!(
+        buf[..n] == payload[..],
+        "{from_ip} -> {to_ip}: {n} bytes, not the sent ones"
+    );
+    let big = vec![0u8; FULL_PAYLOAD + 1];
+    let err = tx
+        .send_to(&big, dst)
+        .expect_err("1393 bytes with DF over MTU 1420");
+    assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
+}
+
 /// The `wg show DEV latest-handshakes` line of `key`: seconds since the epoch, 0 for none.
 fn wg_latest_handshake(ns: &NetnsGuard, dev: &str, key: &str) -> u64 {
     let out = in_ns(ns.name(), &["wg", "show", dev, "latest-handshakes"]);
@@ -493,6 +544,8 @@ fn a_kernel_node_configured_as_flannel_does_interoperates_with_the_kernel_backen
     // Each side starts a handshake once.
     ping_ok(&a, "10.5.3.0", "tweed -> flannel-configured node");
     ping_ok(&b, "10.5.2.0", "flannel-configured node -> tweed");
+    full_size_udp(&a, "10.5.2.0", &b, "10.5.3.0");
+    full_size_udp(&b, "10.5.3.0", &a, "10.5.2.0");
 
     let (_, stats) = node_run(&a, 2, vec![flannel_peer]);
     assert_eq!(stats.len(), 1, "{stats:?}");
@@ -557,6 +610,8 @@ fn kernel_and_userspace_backends_in_one_mesh_carry_traffic_both_ways() {
     assert_eq!(user.implementation(), "userspace");
     ping_ok(&a, "10.5.3.0", "kernel -> userspace");
     ping_ok(&b, "10.5.2.0", "userspace -> kernel");
+    full_size_udp(&a, "10.5.2.0", &b, "10.5.3.0");
+    full_size_udp(&b, "10.5.3.0", &a, "10.5.2.0");
     let (_, ks) = node_run(&a, 2, vec![lease_peer(3)]);
     let us = user.peer_stats();
     assert_eq!((ks.len(), us.len()), (1, 1), "{ks:?} {us:?}");
