@@ -16,6 +16,9 @@ use tweed_config::{LeaseAttrs, SubnetEnv, SubnetKey};
 const PREFIX: &str = "/coreos.com/network";
 const NETWORK: &str = "10.244.0.0/16";
 const OUR_IP: &str = "198.18.0.1";
+/// The tests write peers in 10.244.7-9.0/24 after the node has chosen its subnet at random: keep
+/// its choice above them, or a test fails whenever the draw lands on one of theirs.
+const SUBNET_MIN: &str = r#""SubnetMin":"10.244.16.0""#;
 
 use crate::testutil::{ip, net};
 
@@ -28,7 +31,8 @@ fn etcd() -> MemRegistry {
     let mem = MemRegistry::new(PREFIX);
     mem.put_raw(
         &format!("{PREFIX}/config"),
-        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"host-gw"}}}}"#).as_bytes(),
+        format!(r#"{{"Network":"{NETWORK}",{SUBNET_MIN},"Backend":{{"Type":"host-gw"}}}}"#)
+            .as_bytes(),
     );
     mem
 }
@@ -524,7 +528,7 @@ fn dual_etcd() -> MemRegistry {
     mem.put_raw(
         &format!("{PREFIX}/config"),
         format!(
-            r#"{{"Network":"{NETWORK}","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"host-gw"}}}}"#
+            r#"{{"Network":"{NETWORK}",{SUBNET_MIN},"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"host-gw"}}}}"#
         )
         .as_bytes(),
     );
