@@ -9,7 +9,7 @@
 use std::fmt::Display;
 use std::fs;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{io_err, IoError};
 use crate::pods::PodsVia;
-use crate::spec::Backend;
+use crate::spec::{Backend, IpFamily};
 
 /// Reading or writing `state.json`, with the file it was about.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,9 @@ pub struct LabState {
     /// Underlay segments (1 or 2).
     #[serde(default = "one")]
     pub segments: usize,
+    /// `v4` or `dual` (labs older than this field were IPv4 only).
+    #[serde(default, deserialize_with = "ip_family")]
+    pub ip_family: IpFamily,
     pub pods_per_host: usize,
     /// How pods are attached (labs older than this field wired them directly).
     #[serde(default = "direct", deserialize_with = "pods_via")]
@@ -115,6 +118,10 @@ fn backend<'de, D: Deserializer<'de>>(d: D) -> Result<Backend, D::Error> {
     parsed("backend", d, str::parse)
 }
 
+fn ip_family<'de, D: Deserializer<'de>>(d: D) -> Result<IpFamily, D::Error> {
+    parsed("ip_family", d, str::parse)
+}
+
 fn pods_via<'de, D: Deserializer<'de>>(d: D) -> Result<PodsVia, D::Error> {
     parsed("pods_via", d, str::parse)
 }
@@ -165,6 +172,9 @@ pub struct HostState {
     pub name: String,
     pub netns: String,
     pub public_ip: Ipv4Addr,
+    /// The host's IPv6 underlay address (dual-stack labs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip6: Option<Ipv6Addr>,
     pub agent_pid: Option<u32>,
     pub log: PathBuf,
     pub subnet_file: PathBuf,
@@ -193,6 +203,9 @@ pub struct PodState {
     pub netns: String,
     /// Plain address, e.g. 10.244.3.2.
     pub ip: Ipv4Addr,
+    /// The pod's global IPv6 address (dual-stack labs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// `runtime` pods: the tweedctl container's id.
     #[serde(default)]
     pub container_id: Option<String>,

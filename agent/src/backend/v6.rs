@@ -20,7 +20,8 @@ use tweed_config::{Ipv6Config, LeaseAttrs, PeerIpv6, SubnetKey};
 
 use super::{DataPlane, Remote};
 use crate::netlink::{
-    FdbEntry6, Link, MacAddr, Neighbour6, Netlink, NetlinkError, Op, Route, Route6, VxlanSpec,
+    Addr6, FdbEntry6, Link, MacAddr, Neighbour6, Netlink, NetlinkError, Op, Route, Route6,
+    VxlanSpec,
 };
 
 /// Outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14): an IPv6 underlay costs 20 bytes
@@ -326,6 +327,38 @@ pub fn plan_device6(spec: &VxlanSpec, existing: Option<&Link>) -> Vec<Op> {
     ops
 }
 
+/// The address `tweed-v6.<VNI>` holds: our IPv6 subnet's network address as a /128 (flannel
+/// puts the same on `flannel-v6.<VNI>`). It gives the host an address inside the overlay to send
+/// from, so a reply to the host's own IPv6 traffic into a remote pod comes back through the
+/// overlay even on a node with no pod bridge, and it is the address peers' NDP entries name.
+pub fn device_addr6(own_subnet: Ipv6Network) -> Ipv6Network {
+    Ipv6Network::new(own_subnet.network(), 128).expect("128 is a valid prefix")
+}
+
+/// Puts exactly `want` among the device's global addresses: the new one first (nodad: the lease
+/// makes it unique, and DAD would leave it unusable for a second or two), then stale ones (an
+/// old lease's). Link-local addresses are the kernel's and are left alone.
+pub fn plan_addresses6(ifindex: u32, observed: &[Addr6], want: Ipv6Network) -> Vec<Op> {
+    let link_local: Ipv6Network = "fe80::/10".parse().expect("valid");
+    let mine: Vec<&Addr6> = observed
+        .iter()
+        .filter(|a| a.ifindex == ifindex && !link_local.contains(a.net.ip()))
+        .collect();
+    let mut ops = Vec::new();
+    if !mine.iter().any(|a| a.net == want) {
+        ops.push(Op::Addr6Add {
+            ifindex,
+            addr: want,
+            nodad: true,
+        });
+    }
+    ops.extend(mine.iter().filter(|a| a.net != want).map(|a| Op::Addr6Del {
+        ifindex,
+        addr: a.net,
+    }));
+    ops
+}
+
 fn first_error(results: Vec<Result<(), NetlinkError>>) -> Result<(), NetlinkError> {
     results.into_iter().collect()
 }
@@ -361,6 +394,13 @@ impl V6Plane {
                     .await?
                     .map(|l| l.index)
                     .ok_or(NetlinkError::NoSuchLink { ifindex: 0 })?;
+                let want = device_addr6(params.own_subnet);
+                let addrs = nl.addresses6(Some(ifindex)).await?;
+                let addr_ops = plan_addresses6(ifindex, &addrs, want);
+                first_error(nl.apply_all(&addr_ops).await)?;
+                if !addr_ops.is_empty() {
+                    tracing::info!(device = %spec.name, addr = %want, "vxlan: IPv6 device address set");
+                }
                 Kind::Vxlan { spec, ifindex }
             }
             DataPlane::HostGw(b) => Kind::HostGw {
@@ -620,6 +660,47 @@ mod tests {
             .iter()
             .all(|o| o.to_string().contains("fd00:10:244:5::")
                 || o.to_string().contains("2001:db8::5")));
+    }
+
+    #[test]
+    fn vxlan6_device_holds_exactly_its_subnet_address() {
+        let own: Ipv6Network = "fd00:10:244:7e::/64".parse().unwrap();
+        let want = device_addr6(own);
+        assert_eq!(want.to_string(), "fd00:10:244:7e::/128");
+        let a = |ifindex, net: &str| Addr6 {
+            ifindex,
+            net: net.parse().unwrap(),
+            tentative: false,
+        };
+        // A fresh device (only the kernel's link-local): add, nodad.
+        let fresh = [a(4, "fe80::1/64")];
+        assert_eq!(
+            plan_addresses6(4, &fresh, want),
+            vec![Op::Addr6Add {
+                ifindex: 4,
+                addr: want,
+                nodad: true
+            }]
+        );
+        // Already there: nothing (a restart changes nothing).
+        let there = [a(4, "fe80::1/64"), a(4, "fd00:10:244:7e::/128")];
+        assert!(plan_addresses6(4, &there, want).is_empty());
+        // An old lease's address goes after the new one is added; other devices are not ours.
+        let old = [a(4, "fd00:10:244:9::/128"), a(5, "fd00:10:244:1::/128")];
+        assert_eq!(
+            plan_addresses6(4, &old, want),
+            vec![
+                Op::Addr6Add {
+                    ifindex: 4,
+                    addr: want,
+                    nodad: true
+                },
+                Op::Addr6Del {
+                    ifindex: 4,
+                    addr: "fd00:10:244:9::/128".parse().unwrap()
+                },
+            ]
+        );
     }
 
     #[test]
