@@ -184,6 +184,100 @@ fn vxlan_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
         }
     }
     assert_tcp6_and_outside(&lab);
+    assert_ipv6_survives_an_agent_restart(&lab);
+
+    // Drift of the IPv6 plane is repaired from the kernel's notifications, well before the
+    // 60 s periodic relist: each of h1's entries for h2, then the whole device.
+    let h1 = host_state(&lab, "h1");
+    let s2 = subnet6_of(&lab, "h2");
+    let mac2 = in_ns(
+        &host_state(&lab, "h2").netns,
+        &["cat", "/sys/class/net/tweed-v6.1/address"],
+    );
+    let mac2 = mac2.trim();
+    let route = s2.to_string();
+    let gw = s2.network().to_string();
+    let breakages: [(&str, Vec<&str>); 4] = [
+        (
+            "route",
+            vec!["ip", "-6", "route", "del", &route, "dev", "tweed-v6.1"],
+        ),
+        (
+            "neigh",
+            vec!["ip", "-6", "neigh", "del", &gw, "dev", "tweed-v6.1"],
+        ),
+        (
+            "fdb",
+            vec!["bridge", "fdb", "del", mac2, "dev", "tweed-v6.1"],
+        ),
+        ("device", vec!["ip", "link", "del", "tweed-v6.1"]),
+    ];
+    let dst2 = format!(
+        "dst {} self permanent",
+        host_state(&lab, "h2").public_ip6.unwrap()
+    );
+    let intact = || {
+        let show =
+            |argv: &[&str]| tweed_testkit::cmd::try_in_ns(&h1.netns, argv).unwrap_or_default();
+        show(&["ip", "-6", "route", "show", "dev", "tweed-v6.1"])
+            .contains(&format!("{route} via {gw}"))
+            && show(&["ip", "-6", "neigh", "show", "dev", "tweed-v6.1"])
+                .contains(&format!("{gw} lladdr {mac2} PERMANENT"))
+            && show(&["bridge", "fdb", "show", "dev", "tweed-v6.1"])
+                .contains(&format!("{mac2} {dst2}"))
+            && show(&["ip", "-6", "addr", "show", "dev", "tweed-v6.1"])
+                .contains(&format!("{}/128", subnet6_of(&lab, "h1").network()))
+    };
+    assert!(intact(), "h1's IPv6 entries for h2 before the breakages");
+    for (what, argv) in &breakages {
+        in_ns(&h1.netns, argv);
+        wait_for(
+            Duration::from_secs(5),
+            &format!("h1's IPv6 {what} repaired"),
+            intact,
+        );
+    }
+    let target = host_state(&lab, "h2").pods[0].ip6.unwrap().to_string();
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]
+        ),
+        "h1/p1 -> {target} after the repairs"
+    );
+}
+
+/// The IPv6 data plane outlives its agent (the kernel keeps it), and the restarted agent takes
+/// `tweed-v6.1` over as it is (same ifindex: set-up is idempotent) and keeps pods answering.
+fn assert_ipv6_survives_an_agent_restart(lab: &Lab) {
+    let h2 = host_state(lab, "h2");
+    let ifindex = |ns: &str| {
+        let link = in_ns(ns, &["ip", "-o", "link", "show", "tweed-v6.1"]);
+        link.split(':')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let before = ifindex(&h2.netns);
+    let pinger = &host_state(lab, "h1").pods[0].netns;
+    let target = h2.pods[0].ip6.unwrap().to_string();
+    let ping6 = || ok_in(pinger, &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]);
+    let stopped = stop_agent(lab, "h2", libc::SIGTERM);
+    assert!(ping6(), "h1/p1 -> {target} with h2's agent stopped");
+    start_agent(&stopped);
+    // The restarted agent says `ready` once its IPv6 plane is set up and programmed.
+    wait_for(
+        Duration::from_secs(15),
+        "h2's restarted agent ready",
+        || {
+            std::fs::read_to_string(&h2.log)
+                .map(|l| l.matches("ready: lease held").count() >= 2)
+                .unwrap_or(false)
+        },
+    );
+    assert!(ping6(), "h1/p1 -> {target} after h2's agent restarted");
+    assert_eq!(ifindex(&h2.netns), before, "tweed-v6.1 was made again");
 }
 
 /// host-gw: one IPv6 route per peer, via the peer's IPv6 underlay address on eth0; no vxlan.
@@ -209,4 +303,22 @@ fn host_gw_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
         assert!(!routes.contains("tweed-v6"), "{}: {routes}", h.name);
     }
     assert_tcp6_and_outside(&lab);
+
+    // A deleted IPv6 route is put back from the notification, not the 60 s relist.
+    let h1 = host_state(&lab, "h1");
+    let want = format!(
+        "{} via {} dev eth0",
+        subnet6_of(&lab, "h2"),
+        host_state(&lab, "h2").public_ip6.unwrap()
+    );
+    let dst = subnet6_of(&lab, "h2").to_string();
+    in_ns(&h1.netns, &["ip", "-6", "route", "del", &dst]);
+    wait_for(
+        Duration::from_secs(5),
+        "h1's IPv6 route to h2 repaired",
+        || {
+            tweed_testkit::cmd::try_in_ns(&h1.netns, &["ip", "-6", "route"])
+                .is_ok_and(|r| r.contains(&want))
+        },
+    );
 }

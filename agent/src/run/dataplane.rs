@@ -2,7 +2,7 @@
 //! forward rules, and subnet.env for the CNI plugin. It is only ever added to or repaired, never
 //! torn down: on shutdown the kernel state stays, so a restart drops nothing.
 
-use super::repair::{Trigger, Watched};
+use super::repair::{Trigger, Watched, Watched6};
 use super::report::Report;
 use super::AgentError;
 use crate::backend::udp::io::Stats as UdpStats;
@@ -327,10 +327,18 @@ impl Plane {
             }
             DataPlane::HostGw(_) => None,
         };
+        let v6 = match (&self.v6, self.ipv6_network) {
+            (Some(v6), Some(network)) => Some(Watched6 {
+                device: v6.device(),
+                network,
+            }),
+            _ => None,
+        };
         Watched {
             device,
             underlay: self.underlay,
             network: self.network,
+            v6,
         }
     }
 
