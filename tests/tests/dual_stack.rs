@@ -322,3 +322,93 @@ fn host_gw_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
         },
     );
 }
+
+/// A node that loses its IPv6 address in a dual-stack network runs IPv4 only after a restart
+/// (flannel would refuse to start): its lease is renamed to an IPv4-only key, the other nodes drop
+/// their IPv6 entries for it and keep their IPv4 ones, every pod pair still reaches each other over
+/// IPv4, and the dual-stack nodes' pods still reach each other over IPv6.
+#[test]
+fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("d6m"), HOSTS);
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    assert_eq!(
+        lab.check_until(Duration::from_secs(20)).unwrap().failed(),
+        0
+    );
+    let h3 = host_state(&lab, "h3");
+    let s3 = subnet6_of(&lab, "h3").to_string();
+    let h1 = host_state(&lab, "h1");
+    let v6_routes = || {
+        in_ns(
+            &h1.netns,
+            &["ip", "-6", "route", "show", "dev", "tweed-v6.1"],
+        )
+    };
+    assert!(v6_routes().contains(&s3), "{}", v6_routes());
+
+    let stopped = stop_agent(&lab, "h3", libc::SIGTERM);
+    let addr = format!("{}/64", h3.public_ip6.unwrap());
+    in_ns(
+        &h3.netns,
+        &["ip", "-6", "addr", "del", &addr, "dev", "eth0"],
+    );
+    start_agent(&stopped);
+    wait_for(Duration::from_secs(15), "h3 running IPv4 only", || {
+        std::fs::read_to_string(&h3.log).is_ok_and(|l| l.contains("IPv4 only"))
+    });
+    // h3's lease is an IPv4-only key now, and the others' IPv6 entries for it are gone.
+    wait_for(
+        Duration::from_secs(15),
+        "h1 drops its IPv6 route to h3",
+        || !v6_routes().contains(&s3),
+    );
+    let keys = etcdctl(
+        &lab,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ],
+    );
+    let subnet3 = tweed_config::SubnetEnv::read(&h3.subnet_file).unwrap();
+    let v4_key = subnet3.node_subnet().to_string().replace('/', "-");
+    assert!(
+        keys.lines().any(|k| k.ends_with(&format!("/{v4_key}"))),
+        "no IPv4-only key for h3 ({v4_key}) in\n{keys}"
+    );
+    assert!(
+        subnet3.ipv6.is_none(),
+        "h3's subnet.env still has an IPv6 half"
+    );
+
+    // IPv4: every pair; IPv6: between the dual-stack nodes (h3's pods keep a stale IPv6
+    // address, which `check` still pings and which fails, so only its IPv4 results count).
+    let start = std::time::Instant::now();
+    let v4_failures = loop {
+        let report = lab.check().unwrap();
+        assert!(report.results.iter().any(|r| r.to_ip.is_ipv4()));
+        let failed: Vec<String> = report
+            .failures()
+            .filter(|f| f.to_ip.is_ipv4())
+            .map(|f| format!("{} -> {}: {}", f.from, f.to, f.detail))
+            .collect();
+        if failed.is_empty() || start.elapsed() > Duration::from_secs(20) {
+            break failed;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(v4_failures.is_empty(), "{}", v4_failures.join("\n"));
+    let h2p1 = host_state(&lab, "h2").pods[0].clone();
+    let target = h2p1.ip6.unwrap().to_string();
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", &target]
+        ),
+        "h1/p1 -> h2/p1 over IPv6 with h3 IPv4 only"
+    );
+}
