@@ -321,6 +321,58 @@ fn host_gw_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
                 .is_ok_and(|r| r.contains(&want))
         },
     );
+
+    // An IPv6 vxlan device an earlier (vxlan) run left is removed at the next start; host-gw's
+    // own IPv6 routes stay.
+    let local = h1.public_ip6.unwrap().to_string();
+    in_ns(
+        &h1.netns,
+        &[
+            "ip",
+            "link",
+            "add",
+            "tweed-v6.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "nolearning",
+        ],
+    );
+    let stopped = stop_agent(&lab, "h1", libc::SIGTERM);
+    start_agent(&stopped);
+    wait_for(
+        Duration::from_secs(15),
+        "h1's restarted agent ready",
+        || {
+            std::fs::read_to_string(&h1.log)
+                .is_ok_and(|l| l.matches("ready: lease held").count() >= 2)
+        },
+    );
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(
+        log.contains("removed IPv6 leftover: link del tweed-v6.1"),
+        "{log}"
+    );
+    assert!(
+        !ok_in(&h1.netns, &["ip", "link", "show", "tweed-v6.1"]),
+        "tweed-v6.1 is still on h1"
+    );
+    assert!(in_ns(&h1.netns, &["ip", "-6", "route"]).contains(&want));
+    let target = host_state(&lab, "h2").pods[0].ip6.unwrap().to_string();
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]
+        ),
+        "h1/p1 -> {target} after h1's restart"
+    );
 }
 
 /// A node that loses its IPv6 address in a dual-stack network runs IPv4 only after a restart

@@ -359,6 +359,46 @@ pub fn plan_addresses6(ifindex: u32, observed: &[Addr6], want: Ipv6Network) -> V
     ops
 }
 
+/// What an earlier IPv6 plane left that the current one does not own: a `tweed-v6.*` vxlan device
+/// other than `keep_device` (the backend changed from vxlan, the VNI changed, or this node no
+/// longer runs dual stack: its entries go with it), and, unless host-gw's IPv6 half runs now
+/// (`hostgw6`), host-gw's IPv6 routes: static routes into `network` via a gateway outside it,
+/// which no other backend writes. Without a known `network` (the config dropped IPv6) no route is
+/// judged, since nothing tells an old overlay route from an operator's.
+pub fn leftovers6(
+    keep_device: Option<&str>,
+    hostgw6: bool,
+    network: Option<Ipv6Network>,
+    links: &[Link],
+    routes: &[Route6],
+) -> Vec<Op> {
+    let mut ops: Vec<Op> = links
+        .iter()
+        .filter(|l| {
+            l.kind.as_deref() == Some("vxlan")
+                && l.name.starts_with("tweed-v6.")
+                && keep_device != Some(l.name.as_str())
+        })
+        .map(|l| Op::LinkDel {
+            name: l.name.clone(),
+        })
+        .collect();
+    if let (false, Some(net)) = (hostgw6, network) {
+        ops.extend(
+            routes
+                .iter()
+                .filter(|r| {
+                    r.protocol == Route::PROTO_STATIC
+                        && r.dst.prefix() > net.prefix()
+                        && net.contains(r.dst.network())
+                        && r.gateway.is_some_and(|gw| !net.contains(gw))
+                })
+                .map(|r| Op::Route6Del(*r)),
+        );
+    }
+    ops
+}
+
 fn first_error(results: Vec<Result<(), NetlinkError>>) -> Result<(), NetlinkError> {
     results.into_iter().collect()
 }
@@ -660,6 +700,67 @@ mod tests {
             .iter()
             .all(|o| o.to_string().contains("fd00:10:244:5::")
                 || o.to_string().contains("2001:db8::5")));
+    }
+
+    #[test]
+    fn leftovers6_are_other_ipv6_planes_devices_and_host_gw_routes_only() {
+        let link = |name: &str, kind: &str| Link {
+            index: 1,
+            name: name.into(),
+            mtu: 1430,
+            mac: None,
+            kind: Some(kind.into()),
+            up: true,
+            vxlan: None,
+            master: None,
+            alias: None,
+        };
+        let links = [
+            link("tweed-v6.1", "vxlan"),
+            link("tweed-v6.2", "vxlan"),
+            link("tweed.1", "vxlan"),
+            link("tweed-v6.9", "dummy"),
+            link("eth0", "veth"),
+        ];
+        let net: Ipv6Network = "fd00:10:244::/56".parse().unwrap();
+        let hostgw = Route6::via(
+            "fd00:10:244:3::/64".parse().unwrap(),
+            "2001:db8::3".parse().unwrap(),
+            Some(2),
+        );
+        let vxlan = Route6::onlink(
+            "fd00:10:244:4::/64".parse().unwrap(),
+            "fd00:10:244:4::".parse().unwrap(),
+            5,
+        );
+        let operator = Route6::via(
+            "2001:db8:99::/64".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+            Some(2),
+        );
+        let mut kernel = Route6 {
+            protocol: Route::PROTO_KERNEL,
+            ..hostgw
+        };
+        kernel.dst = "fd00:10:244:5::/64".parse().unwrap();
+        let whole = Route6::via(net, "2001:db8::1".parse().unwrap(), Some(2));
+        let routes = [hostgw, vxlan, operator, kernel, whole];
+        let del = |n: &str| Op::LinkDel { name: n.into() };
+        // vxlan dual stack, VNI 1: the VNI-2 device and host-gw's route go; nothing else.
+        assert_eq!(
+            leftovers6(Some("tweed-v6.1"), false, Some(net), &links, &routes),
+            vec![del("tweed-v6.2"), Op::Route6Del(hostgw)]
+        );
+        // host-gw dual stack: every tweed-v6 device goes, its own routes stay.
+        assert_eq!(
+            leftovers6(None, true, Some(net), &links, &routes),
+            vec![del("tweed-v6.1"), del("tweed-v6.2")]
+        );
+        // The network dropped IPv6: devices go, no route is judged without a network.
+        assert_eq!(
+            leftovers6(None, false, None, &links, &routes),
+            vec![del("tweed-v6.1"), del("tweed-v6.2")]
+        );
     }
 
     #[test]
