@@ -296,6 +296,11 @@ mod tests {
         assert_eq!(s.lease_ttl, Duration::from_secs(90));
         assert_eq!(s.pods_via, PodsVia::Direct);
         assert_eq!(s.segments, 1);
+        assert_eq!(s.ip_family, IpFamily::V4);
+        assert_eq!(
+            (s.hosts[0].public_ip6, s.hosts[0].pods[0].ip6),
+            (None, None)
+        );
         assert!(!s.direct_routing);
         assert!(s.cni_plugin.is_none() && s.runtime.is_none() && s.outside_netns.is_none());
         assert!(s.etcd.as_ref().unwrap().members.is_empty());
@@ -330,6 +335,19 @@ mod tests {
             (back.backend, back.pods_via, back.lease_ttl),
             (s.backend, s.pods_via, s.lease_ttl)
         );
+        // An IPv4 lab writes no IPv6 keys (older tweed-labs read it as they always did); a
+        // dual-stack one writes them and reads them back.
+        assert!(v["hosts"][0].get("public_ip6").is_none());
+        assert!(v["hosts"][0]["pods"][0].get("ip6").is_none());
+        s.ip_family = IpFamily::Dual;
+        s.hosts[0].public_ip6 = Some("fd00:198:18::1".parse().unwrap());
+        s.hosts[0].pods[0].ip6 = Some("fd00:10:244:3::2".parse().unwrap());
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["ip_family"], "dual");
+        assert_eq!(v["hosts"][0]["public_ip6"], "fd00:198:18::1");
+        let back = LabState::parse(Path::new("state.json"), &v.to_string()).unwrap();
+        assert_eq!(back.ip_family, IpFamily::Dual);
+        assert_eq!(back.hosts[0].pods[0].ip6, s.hosts[0].pods[0].ip6);
     }
 
     #[test]
@@ -351,6 +369,11 @@ mod tests {
                 "pods_via",
                 r#""pods_per_host": 1,"#,
                 r#""pods_per_host": 1, "pods_via": "cri","#,
+            ),
+            (
+                "ip_family",
+                r#""pods_per_host": 1,"#,
+                r#""pods_per_host": 1, "ip_family": "v5","#,
             ),
         ] {
             let text = FIRST_RELEASE.replace(from, to);
