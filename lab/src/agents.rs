@@ -189,11 +189,12 @@ fn error(h: &HostState, reason: String) -> LabError {
 mod tests {
     use super::*;
     use crate::names::Names;
+    use crate::spec::IpFamily;
     use crate::topology;
 
     fn host() -> HostState {
         let names = Names::new("demo").unwrap();
-        topology::host_state(&names, Path::new("/lab"), 1, 1)
+        topology::host_state(&names, Path::new("/lab"), 1, 1, IpFamily::V4)
     }
 
     fn args(l: &AgentLaunch) -> Vec<String> {

@@ -1,6 +1,9 @@
 //! What `tweed-lab check` does: ping from every pod to every pod on the other hosts, in
-//! parallel, and report each result.
+//! parallel, and report each result. In a dual-stack lab every pair is pinged over IPv4 and
+//! over IPv6.
 
+use std::net::IpAddr;
+#[cfg(test)]
 use std::net::Ipv4Addr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -19,7 +22,7 @@ pub struct PingResult {
     /// `h1/p1`
     pub from: String,
     pub to: String,
-    pub to_ip: Ipv4Addr,
+    pub to_ip: IpAddr,
     pub ok: bool,
     /// ping's summary, or why it could not run.
     pub detail: String,
@@ -52,22 +55,26 @@ struct Ping {
     from: String,
     netns: String,
     to: String,
-    to_ip: Ipv4Addr,
+    to_ip: IpAddr,
 }
 
-/// Every pod to every pod on the other hosts, in host and pod order.
+/// Every pod to every pod on the other hosts, in host and pod order; IPv4 first, then IPv6
+/// when both pods have an IPv6 address.
 fn pings(hosts: &[HostState]) -> Vec<Ping> {
     let mut jobs = Vec::new();
     for a in hosts {
         for b in hosts.iter().filter(|b| b.name != a.name) {
             for pa in &a.pods {
                 for pb in &b.pods {
-                    jobs.push(Ping {
-                        from: format!("{}/{}", a.name, pa.name),
-                        netns: pa.netns.clone(),
-                        to: format!("{}/{}", b.name, pb.name),
-                        to_ip: pb.ip,
-                    });
+                    let v6 = pa.ip6.and(pb.ip6).map(IpAddr::V6);
+                    for to_ip in std::iter::once(IpAddr::V4(pb.ip)).chain(v6) {
+                        jobs.push(Ping {
+                            from: format!("{}/{}", a.name, pa.name),
+                            netns: pa.netns.clone(),
+                            to: format!("{}/{}", b.name, pb.name),
+                            to_ip,
+                        });
+                    }
                 }
             }
         }
@@ -181,12 +188,19 @@ mod tests {
         let names = Names::new("demo").unwrap();
         let hosts: Vec<HostState> = (1..=3)
             .map(|i| {
-                let mut h = topology::host_state(&names, std::path::Path::new("/lab"), i, 1);
+                let mut h = topology::host_state(
+                    &names,
+                    std::path::Path::new("/lab"),
+                    i,
+                    1,
+                    crate::spec::IpFamily::V4,
+                );
                 h.pods = (1..=2)
                     .map(|p| PodState {
                         name: names.pod(p),
                         netns: names.pod_ns(i, p),
                         ip: Ipv4Addr::new(10, 244, i as u8, p as u8 + 1),
+                        ip6: None,
                         container_id: None,
                     })
                     .collect();
@@ -203,10 +217,27 @@ mod tests {
                 from: "h1/p1".into(),
                 netns: "twl-demo-h1-p1".into(),
                 to: "h2/p1".into(),
-                to_ip: Ipv4Addr::new(10, 244, 2, 2),
+                to_ip: Ipv4Addr::new(10, 244, 2, 2).into(),
             }
         );
         assert!(pings(&hosts[..1]).is_empty());
+        // Dual stack: each pair twice, IPv4 then IPv6; a pod without IPv6 is pinged over IPv4.
+        let mut dual = hosts.clone();
+        for (i, h) in dual.iter_mut().enumerate() {
+            for (p, pod) in h.pods.iter_mut().enumerate() {
+                pod.ip6 = Some(format!("fd00:10:244:{}::{}", i + 1, p + 2).parse().unwrap());
+            }
+        }
+        let jobs = pings(&dual);
+        assert_eq!(jobs.len(), 48);
+        assert_eq!(jobs[0].to_ip, IpAddr::from(Ipv4Addr::new(10, 244, 2, 2)));
+        assert_eq!(jobs[1].to_ip, "fd00:10:244:2::2".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            (jobs[1].from.as_str(), jobs[1].to.as_str()),
+            ("h1/p1", "h2/p1")
+        );
+        dual[1].pods[0].ip6 = None;
+        assert_eq!(pings(&dual).len(), 48 - 2 * 4);
     }
 
     #[test]
@@ -216,7 +247,7 @@ mod tests {
             r.results.push(PingResult {
                 from: "h1/p1".into(),
                 to: "h2/p1".into(),
-                to_ip: Ipv4Addr::new(10, 244, 2, 2),
+                to_ip: Ipv4Addr::new(10, 244, 2, 2).into(),
                 ok,
                 detail: String::new(),
             });

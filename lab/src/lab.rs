@@ -69,6 +69,7 @@ impl Lab {
                 direct_routing: spec.direct_routing,
                 network: names::OVERLAY_NETWORK.into(),
                 segments: spec.segments,
+                ip_family: spec.ip_family,
                 pods_per_host: spec.pods_per_host,
                 pods_via: spec.pods_via,
                 tweedd: tools.tweedd,
@@ -205,14 +206,19 @@ impl Lab {
         let u = self.names.underlay_ns();
 
         let t = Instant::now();
-        let what = topology::add_underlay(&self.names, spec.segments, spec.etcd_members)?;
+        let what = topology::add_underlay(
+            &self.names,
+            spec.segments,
+            spec.etcd_members,
+            spec.ip_family,
+        )?;
         progress(&format!("underlay {u}: {what}"), t.elapsed())?;
 
         let t = Instant::now();
         let o = self.names.outside_ns();
         self.state.outside_netns = Some(o.clone());
         self.save()?;
-        topology::add_outside(&self.names)?;
+        topology::add_outside(&self.names, spec.ip_family)?;
         progress(
             &format!("outside {o}: {} (not in the overlay)", names::OUTSIDE_IP),
             t.elapsed(),
@@ -243,7 +249,7 @@ impl Lab {
         progress(&format!("etcd {} in {u}", endpoints.join(",")), t.elapsed())?;
 
         let t = Instant::now();
-        let config = spec::network_config_json(spec.backend, spec.direct_routing);
+        let config = spec::network_config_json(spec.backend, spec.direct_routing, spec.ip_family);
         etcd::etcdctl(Some(&u), &endpoints, &["put", CONFIG_KEY, &config])?;
         progress(
             &format!("network config {CONFIG_KEY} = {config}"),
@@ -340,7 +346,13 @@ impl Lab {
     /// Host `i`: its directory, its conflist (for the plugin modes), then its wires. Recorded
     /// before it is made, so a failure halfway still names it in state.json.
     fn add_host(&mut self, i: usize) -> Result<(), LabError> {
-        let mut h = topology::host_state(&self.names, &self.dir, i, self.state.segments);
+        let mut h = topology::host_state(
+            &self.names,
+            &self.dir,
+            i,
+            self.state.segments,
+            self.state.ip_family,
+        );
         let host_dir = topology::host_dir(&self.dir, &h.name);
         fs::create_dir_all(&host_dir).map_err(io_err("cannot create", &host_dir))?;
         if self.state.pods_via.uses_plugin() {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use tweed_lab::spec::IpFamily;
 use tweed_lab::{Backend, Lab, LabSpec, PodsVia};
 
 #[derive(Parser)]
@@ -39,6 +40,11 @@ enum Cmd {
         /// routed by the underlay namespace.
         #[arg(long, default_value_t = 1)]
         segments: usize,
+        /// v4 (IPv4 only) or dual: the hosts also get an IPv6 underlay address
+        /// (fd00:198:18:<segment>::<host>), the network config EnableIPv6 with IPv6Network
+        /// fd00:10:244::/56, and every pod an IPv6 address too (vxlan and host-gw only).
+        #[arg(long, default_value = "v4", value_parser = parse_ip_family)]
+        ip_family: IpFamily,
         #[arg(long, default_value_t = 2)]
         pods_per_host: usize,
         /// How pods are attached: cni (the tweed CNI plugin), runtime (tweedctl containers) or
@@ -107,6 +113,10 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
     s.parse()
 }
 
+fn parse_ip_family(s: &str) -> Result<IpFamily, String> {
+    s.parse()
+}
+
 fn parse_pods_via(s: &str) -> Result<PodsVia, String> {
     s.parse()
 }
@@ -129,6 +139,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             backend,
             direct_routing,
             segments,
+            ip_family,
             pods_per_host,
             pods_via,
             tweedd,
@@ -143,6 +154,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             spec.backend = backend;
             spec.direct_routing = direct_routing;
             spec.segments = segments;
+            spec.ip_family = ip_family;
             spec.pods_per_host = pods_per_host;
             spec.pods_via = pods_via;
             spec.tweedd = tweedd;

@@ -5,9 +5,9 @@
 //! inside the lab's own namespaces, where short fixed names (`br0`, `br1`, `eth0`, `cni0`,
 //! `veth-h3`, `veth-o`, `veth-p2`) cannot clash and always fit the kernel's 15-character limit.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 /// The underlay: /24 segments that are only ever configured inside the lab's namespaces. Segment
 /// A is 198.18.0.0/24 on bridge `br0`; a routed second segment B (`--segments 2`) is
@@ -35,6 +35,13 @@ pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const ETCD_PEER_PORT: u16 = 2380;
 pub const OVERLAY_NETWORK: &str = "10.244.0.0/16";
 pub const OVERLAY_SUBNET_LEN: u8 = 24;
+/// `--ip-family dual`: the overlay's IPv6 network and node subnet length (flannel's default /64).
+pub const OVERLAY6_NETWORK: &str = "fd00:10:244::/56";
+pub const OVERLAY6_SUBNET_LEN: u8 = 64;
+/// `--ip-family dual`: the underlay's IPv6 side, a ULA /64 per segment that spells its IPv4
+/// twin (fd00:198:18:<segment>::/64), with the same last numbers: host i is `::<i>` (hex digits
+/// spelling the decimal number, so h12 is `::12`), the gateway `::254`, the outside `::250`.
+pub const UNDERLAY6_PREFIX: u8 = 64;
 /// .254 is the bridge, .250 the outside namespace and .251 to .253 etcd members, so hosts take
 /// .1 to .249.
 pub const MAX_HOSTS: usize = 249;
@@ -194,6 +201,39 @@ pub fn host_public_ip(host: usize, segments: usize) -> Ipv4Addr {
     Ipv4Addr::new(o[0], o[1], o[2], host as u8)
 }
 
+/// Segment `seg`'s IPv6 network: fd00:198:18:<seg>::/64.
+pub fn segment_net6(seg: usize) -> Ipv6Network {
+    Ipv6Network::new(
+        Ipv6Addr::new(0xfd00, 0x198, 0x18, seg as u16, 0, 0, 0, 0),
+        UNDERLAY6_PREFIX,
+    )
+    .expect("a /64 is valid")
+}
+
+/// Address `last` of segment `seg`'s IPv6 network, `last` written in decimal digits read as hex
+/// (host 12 is `::12`, not `::c`), so the IPv6 address reads like its IPv4 twin.
+fn segment_addr6(seg: usize, last: usize) -> Ipv6Addr {
+    let digits = u16::from_str_radix(&last.to_string(), 16).expect("at most 3 decimal digits");
+    let s = segment_net6(seg).network().segments();
+    Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, digits)
+}
+
+/// Segment `seg`'s IPv6 gateway: fd00:198:18:<seg>::254.
+pub fn segment_gateway6(seg: usize) -> Ipv6Addr {
+    segment_addr6(seg, UNDERLAY_GW.octets()[3] as usize)
+}
+
+/// The outside namespace's IPv6 address: fd00:198:18::250.
+pub fn outside_ip6() -> Ipv6Addr {
+    segment_addr6(0, OUTSIDE_IP.octets()[3] as usize)
+}
+
+/// `fd00:198:18:<segment>::<host>`, the IPv6 twin of [`host_public_ip`].
+pub fn host_public_ip6(host: usize, segments: usize) -> Ipv6Addr {
+    assert!((1..=MAX_HOSTS).contains(&host), "host index {host}");
+    segment_addr6(host_segment(host, segments), host)
+}
+
 /// The single etcd's endpoint (on the underlay bridge's own address).
 pub fn etcd_endpoint() -> String {
     format!("http://{UNDERLAY_GW}:{ETCD_CLIENT_PORT}")
@@ -217,6 +257,19 @@ pub fn pod_ip(bridge: Ipv4Network, pod: usize) -> Result<Ipv4Network, String> {
         .filter(|ip| *ip <= last && pod > 0)
         .ok_or_else(|| format!("subnet {bridge} has no room for pod {pod}"))?;
     Ipv4Network::new(Ipv4Addr::from(ip), bridge.prefix()).map_err(|e| e.to_string())
+}
+
+/// Pod `pod`'s IPv6 address behind a bridge holding `bridge` (TWEED_IPV6_SUBNET, e.g.
+/// fd00:10:244:3::1/64): `pod` above it, as [`pod_ip`] does for IPv4.
+pub fn pod_ip6(bridge: Ipv6Network, pod: usize) -> Result<Ipv6Network, String> {
+    let base = u128::from(bridge.ip());
+    let last = u128::from(bridge.broadcast());
+    let ip = u128::try_from(pod)
+        .ok()
+        .and_then(|p| base.checked_add(p))
+        .filter(|ip| *ip <= last && pod > 0)
+        .ok_or_else(|| format!("subnet {bridge} has no room for pod {pod}"))?;
+    Ipv6Network::new(Ipv6Addr::from(ip), bridge.prefix()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -319,5 +372,31 @@ mod tests {
         let small: Ipv4Network = "10.244.3.1/30".parse().unwrap();
         assert_eq!(pod_ip(small, 1).unwrap().to_string(), "10.244.3.2/30");
         assert!(pod_ip(small, 2).is_err());
+    }
+
+    #[test]
+    fn ipv6_addressing_spells_the_ipv4_twin() {
+        assert_eq!(host_public_ip6(1, 1).to_string(), "fd00:198:18::1");
+        assert_eq!(host_public_ip6(12, 1).to_string(), "fd00:198:18::12");
+        assert_eq!(host_public_ip6(249, 1).to_string(), "fd00:198:18::249");
+        assert_eq!(host_public_ip6(2, 2).to_string(), "fd00:198:18:1::2");
+        assert_eq!(segment_gateway6(0).to_string(), "fd00:198:18::254");
+        assert_eq!(segment_gateway6(1).to_string(), "fd00:198:18:1::254");
+        assert_eq!(outside_ip6().to_string(), "fd00:198:18::250");
+        assert_eq!(segment_net6(1).to_string(), "fd00:198:18:1::/64");
+        // Distinct for every host, and never one of the reserved addresses.
+        let all: std::collections::HashSet<_> =
+            (1..=MAX_HOSTS).map(|h| host_public_ip6(h, 1)).collect();
+        assert_eq!(all.len(), MAX_HOSTS);
+        assert!(!all.contains(&segment_gateway6(0)) && !all.contains(&outside_ip6()));
+        let br: Ipv6Network = "fd00:10:244:3::1/64".parse().unwrap();
+        assert_eq!(pod_ip6(br, 1).unwrap().to_string(), "fd00:10:244:3::2/64");
+        assert!(pod_ip6(br, 0).is_err());
+        let tiny: Ipv6Network = "fd00:10:244:3::1/126".parse().unwrap();
+        assert_eq!(
+            pod_ip6(tiny, 2).unwrap().to_string(),
+            "fd00:10:244:3::3/126"
+        );
+        assert!(pod_ip6(tiny, 3).is_err());
     }
 }

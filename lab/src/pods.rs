@@ -9,11 +9,11 @@
 //!   It needs no plugin binary, so it tells an agent problem from a plugin problem.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use tweed_config::SubnetEnv;
 
 use crate::cmd::{self, CmdError};
@@ -57,6 +57,8 @@ pub struct PodPlan {
     pub netns: String,
     /// Address with prefix, e.g. 10.244.3.2/24.
     pub ip: Ipv4Network,
+    /// The IPv6 twin when the network is dual stack, e.g. fd00:10:244:3::2/64.
+    pub ip6: Option<Ipv6Network>,
     /// The pod's cable end on the host's bridge.
     pub host_veth: String,
 }
@@ -82,18 +84,32 @@ pub fn plan_pod(
         name: names.pod(pod),
         netns: names.pod_ns(host, pod),
         ip: names::pod_ip(env.subnet, pod)?,
+        ip6: env
+            .ipv6
+            .as_ref()
+            .map(|v6| names::pod_ip6(v6.subnet, pod))
+            .transpose()?,
         host_veth: names.pod_veth(pod),
     })
 }
 
-/// The host's pod bridge: holds TWEED_SUBNET's address, MTU TWEED_MTU.
+/// The host's pod bridge: holds TWEED_SUBNET's address (and TWEED_IPV6_SUBNET's), MTU TWEED_MTU.
 pub fn wire_bridge(host_ns: &str, env: &SubnetEnv) -> Result<(), CmdError> {
     netns::bridge(
         host_ns,
         names::POD_BRIDGE,
         Some(&env.subnet.to_string()),
         Some(env.mtu),
-    )
+    )?;
+    if let Some(v6) = &env.ipv6 {
+        // nodad: the address is the subnet's own, unique by the lease.
+        let a = v6.subnet.to_string();
+        netns::ip(
+            host_ns,
+            &["-6", "addr", "add", &a, "dev", names::POD_BRIDGE, "nodad"],
+        )?;
+    }
+    Ok(())
 }
 
 /// One pod: its namespace, a veth into `cni0`, its address and a default route via the bridge.
@@ -126,7 +142,55 @@ pub fn wire_pod(host_ns: &str, env: &SubnetEnv, pod: &PodPlan) -> Result<(), Cmd
             names::POD_IFACE,
         ],
     )?;
+    if let (Some(ip6), Some(v6)) = (pod.ip6, &env.ipv6) {
+        let a = ip6.to_string();
+        let gw = v6.subnet.ip().to_string();
+        netns::ip(
+            &pod.netns,
+            &["-6", "addr", "add", &a, "dev", names::POD_IFACE, "nodad"],
+        )?;
+        netns::ip(
+            &pod.netns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw,
+                "dev",
+                names::POD_IFACE,
+            ],
+        )?;
+    }
     Ok(())
+}
+
+/// The global IPv6 address on `eth0` of namespace `ns`, if any (`ip -6 -o addr show`).
+pub fn global_ip6(ns: &str) -> Result<Option<Ipv6Addr>, CmdError> {
+    let out = netns::ip(
+        ns,
+        &[
+            "-6",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            names::POD_IFACE,
+            "scope",
+            "global",
+        ],
+    )?;
+    Ok(parse_global_ip6(&out))
+}
+
+/// The first address of `ip -6 -o addr show` output (`2: eth0    inet6 fd00::2/64 scope ...`).
+fn parse_global_ip6(out: &str) -> Option<Ipv6Addr> {
+    out.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        words.find(|w| *w == "inet6")?;
+        words.next()?.split('/').next()?.parse().ok()
+    })
 }
 
 /// A lab's way of attaching pods, with what that way runs.
@@ -226,24 +290,42 @@ pub(crate) fn attach_pod(
             (ip, Some(id))
         }
     };
+    // Whatever attached the pod, its IPv6 address is read back from the pod itself: a dual-stack
+    // network whose pod got none is an error here, not a mystery in the first ping6.
+    let ip6 = match &env.ipv6 {
+        None => None,
+        Some(_) => Some(global_ip6(&pod_ns)?.ok_or_else(|| {
+            LabError::Spec(format!(
+                "pod {name} on {}: the network is dual stack but {pod_ns} has no global IPv6 \
+                 address on {}",
+                host.name,
+                names::POD_IFACE
+            ))
+        })?),
+    };
     Ok(PodState {
         name,
         netns: pod_ns,
         ip,
+        ip6,
         container_id,
     })
 }
 
-/// `p1 10.244.3.2`, and the container for tweedctl pods.
+/// `p1 10.244.3.2` (`p1 10.244.3.2 fd00:10:244:3::2` when dual stack), and the container for
+/// tweedctl pods.
 pub(crate) fn describe(pod: &PodState) -> String {
+    let ips = match pod.ip6 {
+        Some(ip6) => format!("{} {ip6}", pod.ip),
+        None => pod.ip.to_string(),
+    };
     match &pod.container_id {
         Some(id) => format!(
-            "{} {} (container {})",
+            "{} {ips} (container {})",
             pod.name,
-            pod.ip,
             id.chars().take(12).collect::<String>()
         ),
-        None => format!("{} {}", pod.name, pod.ip),
+        None => format!("{} {ips}", pod.name),
     }
 }
 
@@ -338,6 +420,7 @@ mod tests {
             name: "p1".into(),
             netns: "twl-demo-h1-p1".into(),
             ip: Ipv4Addr::new(10, 244, 3, 2),
+            ip6: None,
             container_id: None,
         };
         assert_eq!(describe(&p), "p1 10.244.3.2");
@@ -345,6 +428,25 @@ mod tests {
         assert_eq!(describe(&p), "p1 10.244.3.2 (container 0123456789ab)");
         p.container_id = Some("abc".into());
         assert_eq!(describe(&p), "p1 10.244.3.2 (container abc)");
+        p.ip6 = Some("fd00:10:244:3::2".parse().unwrap());
+        assert_eq!(
+            describe(&p),
+            "p1 10.244.3.2 fd00:10:244:3::2 (container abc)"
+        );
+    }
+
+    #[test]
+    fn the_global_ipv6_address_is_read_from_ip_output() {
+        let out = "2: eth0    inet6 fd00:10:244:3::2/64 scope global \\       valid_lft forever\n";
+        assert_eq!(
+            parse_global_ip6(out),
+            Some("fd00:10:244:3::2".parse().unwrap())
+        );
+        assert_eq!(parse_global_ip6(""), None);
+        // Crafted junk: no inet6 word, or a non-address after it.
+        assert_eq!(parse_global_ip6("2: eth0 inet 10.0.0.1/24"), None);
+        assert_eq!(parse_global_ip6("2: eth0 inet6 zz::1/64"), None);
+        assert_eq!(parse_global_ip6("2: eth0 inet6"), None);
     }
 
     #[test]
@@ -380,12 +482,14 @@ mod tests {
                     name: "p1".into(),
                     netns: "twl-demo-h2-p1".into(),
                     ip: "10.244.7.2/24".parse().unwrap(),
+                    ip6: None,
                     host_veth: "veth-p1".into(),
                 },
                 PodPlan {
                     name: "p2".into(),
                     netns: "twl-demo-h2-p2".into(),
                     ip: "10.244.7.3/24".parse().unwrap(),
+                    ip6: None,
                     host_veth: "veth-p2".into(),
                 },
             ]

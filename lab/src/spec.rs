@@ -34,18 +34,47 @@ string_enum!(Backend, "backend", {
     Wireguard => "wireguard",
 });
 
-/// The network config the lab writes to etcd (`DirectRouting` only when set, vxlan only).
-pub fn network_config_json(backend: Backend, direct_routing: bool) -> String {
+/// The address families of a lab's underlay and overlay (`--ip-family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IpFamily {
+    #[default]
+    V4,
+    /// IPv4 and IPv6 on the underlay and in the overlay (flannel's `EnableIPv6`).
+    Dual,
+    /// IPv6 only (`EnableIPv4: false`).
+    V6,
+}
+
+string_enum!(IpFamily, "IP family", {
+    V4 => "v4",
+    Dual => "dual",
+    V6 => "v6",
+});
+
+impl IpFamily {
+    pub fn has_v6(self) -> bool {
+        self != IpFamily::V4
+    }
+}
+
+/// The network config the lab writes to etcd (`DirectRouting` only when set, vxlan only; the
+/// IPv6 keys only for a dual-stack lab).
+pub fn network_config_json(backend: Backend, direct_routing: bool, family: IpFamily) -> String {
     let mut b = serde_json::json!({"Type": backend.as_str()});
     if direct_routing {
         b["DirectRouting"] = true.into();
     }
-    serde_json::json!({
+    let mut c = serde_json::json!({
         "Network": names::OVERLAY_NETWORK,
         "SubnetLen": names::OVERLAY_SUBNET_LEN,
         "Backend": b,
-    })
-    .to_string()
+    });
+    if family.has_v6() {
+        c["EnableIPv6"] = true.into();
+        c["IPv6Network"] = names::OVERLAY6_NETWORK.into();
+        c["IPv6SubnetLen"] = names::OVERLAY6_SUBNET_LEN.into();
+    }
+    c.to_string()
 }
 
 /// What `up` builds.
@@ -73,6 +102,8 @@ pub struct LabSpec {
     pub etcd_members: usize,
     /// Pass `--ip-masq` to the agents.
     pub ip_masq: bool,
+    /// IPv4 only (default) or dual stack, underlay and overlay alike.
+    pub ip_family: IpFamily,
     pub lease_ttl: Duration,
     /// Default: [`crate::state::default_root`].
     pub root: Option<PathBuf>,
@@ -100,6 +131,7 @@ impl LabSpec {
             tweedctl: None,
             etcd_members: 1,
             ip_masq: true,
+            ip_family: IpFamily::V4,
             lease_ttl: Duration::from_secs(300),
             root: None,
             agent_timeout: Duration::from_secs(30),
@@ -143,7 +175,23 @@ fn validate(spec: &LabSpec) -> Result<(), LabError> {
         )));
     }
     range("--segments", spec.segments, names::MAX_SEGMENTS)?;
-    range("--etcd-members", spec.etcd_members, names::MAX_ETCD_MEMBERS)
+    range("--etcd-members", spec.etcd_members, names::MAX_ETCD_MEMBERS)?;
+    match spec.ip_family {
+        IpFamily::V4 => Ok(()),
+        // Refused rather than half-built: the agent would refuse the config at start.
+        IpFamily::V6 => Err(LabError::Spec(
+            "--ip-family v6: tweedd does not run IPv6-only networks yet (it refuses \
+             EnableIPv4: false); use dual"
+                .into(),
+        )),
+        IpFamily::Dual => match spec.backend {
+            Backend::Vxlan | Backend::HostGw => Ok(()),
+            other => Err(LabError::Spec(format!(
+                "--ip-family dual: backend {other} carries IPv4 only so far (vxlan and host-gw \
+                 carry IPv6)"
+            ))),
+        },
+    }
 }
 
 /// Checks what `up` needs before it touches anything; returns the programs to run.
@@ -231,17 +279,27 @@ mod tests {
     #[test]
     fn config_json_is_flannels() {
         assert_eq!(
-            network_config_json(Backend::Vxlan, false),
+            network_config_json(Backend::Vxlan, false, IpFamily::V4),
             r#"{"Backend":{"Type":"vxlan"},"Network":"10.244.0.0/16","SubnetLen":24}"#
         );
+        assert_eq!(
+            network_config_json(Backend::HostGw, false, IpFamily::Dual),
+            r#"{"Backend":{"Type":"host-gw"},"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64,"Network":"10.244.0.0/16","SubnetLen":24}"#
+        );
+        // What the lab writes is what the agent reads, dual-stack half included.
+        let dual = network_config_json(Backend::Vxlan, false, IpFamily::Dual);
+        let parsed = tweed_config::NetworkConfig::parse(&dual).unwrap();
+        let v6 = parsed.ipv6.expect("IPv6 enabled");
+        assert_eq!(v6.network.to_string(), names::OVERLAY6_NETWORK);
         let v: serde_json::Value =
-            serde_json::from_str(&network_config_json(Backend::HostGw, false)).unwrap();
+            serde_json::from_str(&network_config_json(Backend::HostGw, false, IpFamily::V4))
+                .unwrap();
         assert_eq!(v["Backend"]["Type"], "host-gw");
         let v: serde_json::Value =
-            serde_json::from_str(&network_config_json(Backend::Udp, false)).unwrap();
+            serde_json::from_str(&network_config_json(Backend::Udp, false, IpFamily::V4)).unwrap();
         assert_eq!(v["Backend"]["Type"], "udp");
         let v: serde_json::Value =
-            serde_json::from_str(&network_config_json(Backend::Vxlan, true)).unwrap();
+            serde_json::from_str(&network_config_json(Backend::Vxlan, true, IpFamily::V4)).unwrap();
         assert_eq!(v["Backend"]["DirectRouting"], true);
     }
 
@@ -285,6 +343,26 @@ mod tests {
         assert!(err(&|s| s.segments = 0).contains("--segments"));
         assert!(err(&|s| s.etcd_members = 4).contains("--etcd-members"));
         assert!(err(&|s| s.pods_per_host = 251).contains("--pods-per-host"));
+        let e = err(&|s| s.ip_family = IpFamily::V6);
+        assert!(
+            e.contains("--ip-family v6") && e.contains("EnableIPv4"),
+            "{e}"
+        );
+        let e = err(&|s| {
+            s.ip_family = IpFamily::Dual;
+            s.backend = Backend::Udp;
+        });
+        assert!(e.contains("--ip-family dual") && e.contains("udp"), "{e}");
+        for b in [Backend::Vxlan, Backend::HostGw] {
+            let mut spec = LabSpec::new("x", 2);
+            (spec.ip_family, spec.backend) = (IpFamily::Dual, b);
+            validate(&spec).unwrap();
+        }
+        assert_eq!("dual".parse::<IpFamily>().unwrap(), IpFamily::Dual);
+        assert!("v5"
+            .parse::<IpFamily>()
+            .unwrap_err()
+            .contains("v4, dual or v6"));
     }
 
     #[test]

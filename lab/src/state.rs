@@ -9,7 +9,7 @@
 use std::fmt::Display;
 use std::fs;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{io_err, IoError};
 use crate::pods::PodsVia;
-use crate::spec::Backend;
+use crate::spec::{Backend, IpFamily};
 
 /// Reading or writing `state.json`, with the file it was about.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,9 @@ pub struct LabState {
     /// Underlay segments (1 or 2).
     #[serde(default = "one")]
     pub segments: usize,
+    /// `v4` or `dual` (labs older than this field were IPv4 only).
+    #[serde(default, deserialize_with = "ip_family")]
+    pub ip_family: IpFamily,
     pub pods_per_host: usize,
     /// How pods are attached (labs older than this field wired them directly).
     #[serde(default = "direct", deserialize_with = "pods_via")]
@@ -115,6 +118,10 @@ fn backend<'de, D: Deserializer<'de>>(d: D) -> Result<Backend, D::Error> {
     parsed("backend", d, str::parse)
 }
 
+fn ip_family<'de, D: Deserializer<'de>>(d: D) -> Result<IpFamily, D::Error> {
+    parsed("ip_family", d, str::parse)
+}
+
 fn pods_via<'de, D: Deserializer<'de>>(d: D) -> Result<PodsVia, D::Error> {
     parsed("pods_via", d, str::parse)
 }
@@ -165,6 +172,9 @@ pub struct HostState {
     pub name: String,
     pub netns: String,
     pub public_ip: Ipv4Addr,
+    /// The host's IPv6 underlay address (dual-stack labs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip6: Option<Ipv6Addr>,
     pub agent_pid: Option<u32>,
     pub log: PathBuf,
     pub subnet_file: PathBuf,
@@ -193,6 +203,9 @@ pub struct PodState {
     pub netns: String,
     /// Plain address, e.g. 10.244.3.2.
     pub ip: Ipv4Addr,
+    /// The pod's global IPv6 address (dual-stack labs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// `runtime` pods: the tweedctl container's id.
     #[serde(default)]
     pub container_id: Option<String>,
@@ -283,6 +296,11 @@ mod tests {
         assert_eq!(s.lease_ttl, Duration::from_secs(90));
         assert_eq!(s.pods_via, PodsVia::Direct);
         assert_eq!(s.segments, 1);
+        assert_eq!(s.ip_family, IpFamily::V4);
+        assert_eq!(
+            (s.hosts[0].public_ip6, s.hosts[0].pods[0].ip6),
+            (None, None)
+        );
         assert!(!s.direct_routing);
         assert!(s.cni_plugin.is_none() && s.runtime.is_none() && s.outside_netns.is_none());
         assert!(s.etcd.as_ref().unwrap().members.is_empty());
@@ -317,6 +335,19 @@ mod tests {
             (back.backend, back.pods_via, back.lease_ttl),
             (s.backend, s.pods_via, s.lease_ttl)
         );
+        // An IPv4 lab writes no IPv6 keys (older tweed-labs read it as they always did); a
+        // dual-stack one writes them and reads them back.
+        assert!(v["hosts"][0].get("public_ip6").is_none());
+        assert!(v["hosts"][0]["pods"][0].get("ip6").is_none());
+        s.ip_family = IpFamily::Dual;
+        s.hosts[0].public_ip6 = Some("fd00:198:18::1".parse().unwrap());
+        s.hosts[0].pods[0].ip6 = Some("fd00:10:244:3::2".parse().unwrap());
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["ip_family"], "dual");
+        assert_eq!(v["hosts"][0]["public_ip6"], "fd00:198:18::1");
+        let back = LabState::parse(Path::new("state.json"), &v.to_string()).unwrap();
+        assert_eq!(back.ip_family, IpFamily::Dual);
+        assert_eq!(back.hosts[0].pods[0].ip6, s.hosts[0].pods[0].ip6);
     }
 
     #[test]
@@ -338,6 +369,11 @@ mod tests {
                 "pods_via",
                 r#""pods_per_host": 1,"#,
                 r#""pods_per_host": 1, "pods_via": "cri","#,
+            ),
+            (
+                "ip_family",
+                r#""pods_per_host": 1,"#,
+                r#""pods_per_host": 1, "ip_family": "v5","#,
             ),
         ] {
             let text = FIRST_RELEASE.replace(from, to);

@@ -36,8 +36,14 @@ pub struct HostStatus {
     pub name: String,
     pub netns: String,
     pub public_ip: String,
+    /// The IPv6 underlay address (dual-stack labs only; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip6: Option<String>,
     /// The node subnet, e.g. 10.244.3.0/24; null until the agent wrote subnet.env.
     pub subnet: Option<String>,
+    /// The IPv6 node subnet, e.g. fd00:10:244:3::/64 (dual-stack labs only; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<String>,
     pub backend: Backend,
     pub agent_pid: Option<u32>,
     pub log: String,
@@ -57,6 +63,9 @@ pub struct PodStatus {
     pub name: String,
     pub netns: String,
     pub ip: String,
+    /// The pod's IPv6 address (dual-stack labs only; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<String>,
     /// The tweedctl container id (`--pods-via runtime`), else null.
     pub container_id: Option<String>,
 }
@@ -132,11 +141,16 @@ impl Status {
                 (Some(p), false) => format!("{p} DEAD"),
                 (None, _) => "-".into(),
             };
+            // Dual stack: both families in one cell, IPv4 first.
+            let both = |v4: String, v6: &Option<String>| match v6 {
+                Some(v6) => format!("{v4} {v6}"),
+                None => v4,
+            };
             rows.push([
                 h.name.clone(),
                 h.netns.clone(),
-                h.public_ip.clone(),
-                h.subnet.clone().unwrap_or_else(|| "-".into()),
+                both(h.public_ip.clone(), &h.public_ip6),
+                both(h.subnet.clone().unwrap_or_else(|| "-".into()), &h.subnet6),
                 h.backend.to_string(),
                 agent,
             ]);
@@ -156,7 +170,10 @@ impl Status {
                 pods.push([
                     format!("{}/{}", h.name, p.name),
                     p.netns.clone(),
-                    p.ip.clone(),
+                    match &p.ip6 {
+                        Some(ip6) => format!("{} {ip6}", p.ip),
+                        None => p.ip.clone(),
+                    },
                     p.container_id
                         .as_deref()
                         .map(|c| c.chars().take(12).collect())
@@ -216,7 +233,12 @@ impl Lab {
                 name: h.name.clone(),
                 netns: h.netns.clone(),
                 public_ip: h.public_ip.to_string(),
+                public_ip6: h.public_ip6.map(|ip| ip.to_string()),
                 subnet: node_subnet(h),
+                subnet6: SubnetEnv::read(&h.subnet_file)
+                    .ok()
+                    .and_then(|e| e.ipv6)
+                    .map(|v6| v6.node_subnet().to_string()),
                 backend: self.state.backend,
                 agent_pid: h.agent_pid,
                 log: h.log.display().to_string(),
@@ -229,6 +251,7 @@ impl Lab {
                         name: p.name.clone(),
                         netns: p.netns.clone(),
                         ip: p.ip.to_string(),
+                        ip6: p.ip6.map(|ip| ip.to_string()),
                         container_id: p.container_id.clone(),
                     })
                     .collect(),
@@ -276,7 +299,9 @@ mod tests {
                 name: "h1".into(),
                 netns: "twl-demo-h1".into(),
                 public_ip: "198.18.0.1".into(),
+                public_ip6: None,
                 subnet: Some("10.244.3.0/24".into()),
+                subnet6: None,
                 backend: Backend::Vxlan,
                 agent_pid: Some(4242),
                 log: "/run/tweed-lab/demo/hosts/h1/tweedd.log".into(),
@@ -286,6 +311,7 @@ mod tests {
                     name: "p1".into(),
                     netns: "twl-demo-h1-p1".into(),
                     ip: "10.244.3.2".into(),
+                    ip6: None,
                     container_id: None,
                 }],
                 agent_alive: true,
@@ -350,6 +376,20 @@ mod tests {
         );
         assert_eq!(v["hosts"][0]["subnet"], "10.244.3.0/24");
         assert_eq!(v["etcd"]["endpoints"][0], "http://198.18.0.254:2379");
+
+        // A dual-stack lab adds the IPv6 twins (and only then), in JSON and in the table.
+        let mut s = sample_status();
+        s.hosts[0].public_ip6 = Some("fd00:198:18::1".into());
+        s.hosts[0].subnet6 = Some("fd00:10:244:3::/64".into());
+        s.hosts[0].pods[0].ip6 = Some("fd00:10:244:3::2".into());
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(v["hosts"][0]["public_ip6"], "fd00:198:18::1");
+        assert_eq!(v["hosts"][0]["subnet6"], "fd00:10:244:3::/64");
+        assert_eq!(v["hosts"][0]["pods"][0]["ip6"], "fd00:10:244:3::2");
+        let t = s.to_table();
+        assert!(t.contains("198.18.0.1 fd00:198:18::1"), "{t}");
+        assert!(t.contains("10.244.3.0/24 fd00:10:244:3::/64"), "{t}");
+        assert!(t.contains("10.244.3.2 fd00:10:244:3::2"), "{t}");
     }
 
     #[test]

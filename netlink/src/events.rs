@@ -20,8 +20,11 @@ use tokio::sync::mpsc;
 
 use super::error::NetlinkError;
 use super::netns::Netns;
-use super::real::{grow_rcvbuf, parse_addr, parse_fdb, parse_link, parse_neigh, parse_route};
-use super::types::{Addr, FdbEntry, Link, Neighbour, Route};
+use super::real::{
+    grow_rcvbuf, parse_addr, parse_fdb, parse_link, parse_neigh, parse_neigh6, parse_route,
+    parse_route6,
+};
+use super::types::{Addr, FdbEntry, Link, Neighbour, Neighbour6, Route, Route6};
 
 // Legacy group bits (`RTMGRP_*`): the ones a bind address carries.
 const RTMGRP_LINK: u32 = 0x1;
@@ -46,9 +49,11 @@ pub enum Event {
     Addr(Change, Addr),
     /// A main-table IPv4 unicast route.
     Route(Change, Route),
-    /// An IPv6 route changed; tweed owns none yet, but an IPv6 underlay's changes are noticed.
-    Route6(Change),
+    /// An IPv6 unicast route (the IPv6 data plane's, or an IPv6 underlay's).
+    Route6(Change, Route6),
     Neigh(Change, Neighbour),
+    /// An IPv6 neighbour (NDP) entry.
+    Neigh6(Change, Neighbour6),
     Fdb(Change, FdbEntry),
     /// The kernel dropped notifications (`ENOBUFS`): whatever the listener owns must be re-read.
     Lost,
@@ -191,11 +196,12 @@ fn event_of(m: &RouteNetlinkMessage) -> Option<Event> {
         M::NewAddress(a) => Event::Addr(New, parse_addr(a)?),
         M::DelAddress(a) => Event::Addr(Del, parse_addr(a)?),
         M::NewRoute(r) | M::DelRoute(r) if r.header.address_family == AddressFamily::Inet6 => {
-            Event::Route6(if matches!(m, M::NewRoute(_)) {
+            let c = if matches!(m, M::NewRoute(_)) {
                 New
             } else {
                 Del
-            })
+            };
+            Event::Route6(c, parse_route6(r)?)
         }
         M::NewRoute(r) => Event::Route(New, parse_route(r)?),
         M::DelRoute(r) => Event::Route(Del, parse_route(r)?),
@@ -207,6 +213,7 @@ fn event_of(m: &RouteNetlinkMessage) -> Option<Event> {
             };
             match n.header.family {
                 AddressFamily::Bridge => Event::Fdb(c, parse_fdb(n)?),
+                AddressFamily::Inet6 => Event::Neigh6(c, parse_neigh6(n)?),
                 _ => Event::Neigh(c, parse_neigh(n)?),
             }
         }

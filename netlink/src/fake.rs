@@ -11,7 +11,7 @@ use super::error::NetlinkError;
 use super::events::{Change, Event, Events};
 use super::model::Tables;
 use super::op::Op;
-use super::types::{Addr, Addr6, FdbEntry, Link, MacAddr, Neighbour, Route, VethSpec};
+use super::types::{Addr, Addr6, FdbEntry, Link, MacAddr, Neighbour, Neighbour6, Route, VethSpec};
 
 type FailRule = Box<dyn Fn(&Op) -> Option<i32> + Send>;
 
@@ -290,8 +290,35 @@ impl Fake {
             )],
             Op::RouteReplace(r) => vec![Event::Route(Change::New, *r)],
             Op::RouteDel(r) => vec![Event::Route(Change::Del, *r)],
-            Op::Route6Replace(_) => vec![Event::Route6(Change::New)],
-            Op::Route6Del(_) => vec![Event::Route6(Change::Del)],
+            Op::Route6Replace(r) => vec![Event::Route6(Change::New, *r)],
+            Op::Route6Del(r) => vec![Event::Route6(Change::Del, *r)],
+            Op::Neigh6Replace { ifindex, ip, mac } => vec![Event::Neigh6(
+                Change::New,
+                Neighbour6 {
+                    ifindex: *ifindex,
+                    ip: *ip,
+                    mac: Some(*mac),
+                    permanent: true,
+                },
+            )],
+            Op::Neigh6Del { ifindex, ip } => vec![Event::Neigh6(
+                Change::Del,
+                Neighbour6 {
+                    ifindex: *ifindex,
+                    ip: *ip,
+                    mac: None,
+                    permanent: true,
+                },
+            )],
+            // The IPv4 view of an FDB entry to an IPv6 VTEP: no destination it can spell.
+            Op::Fdb6Replace { ifindex, mac, .. } => vec![Event::Fdb(
+                Change::New,
+                FdbEntry::permanent(*ifindex, *mac, None),
+            )],
+            Op::Fdb6Del { ifindex, mac, .. } => vec![Event::Fdb(
+                Change::Del,
+                FdbEntry::permanent(*ifindex, *mac, None),
+            )],
             Op::NeighReplace { ifindex, ip, mac } => vec![Event::Neigh(
                 Change::New,
                 Neighbour::permanent(*ifindex, *ip, Some(*mac)),

@@ -69,6 +69,16 @@ fn link_route_neighbour_and_fdb_changes_are_announced() {
         wait_for(&mut ev, "fdb", |e| matches!(e, Event::Fdb(Change::New, f) if f.mac.to_string() == "02:00:00:00:00:08")).await;
         ip(&ns, "bridge fdb del 02:00:00:00:00:08 dev vx0 self");
         wait_for(&mut ev, "fdb del", |e| matches!(e, Event::Fdb(Change::Del, f) if f.mac.to_string() == "02:00:00:00:00:08")).await;
+        // The IPv6 twins, with their content (the IPv6 data plane repairs from them).
+        ip(&ns, "-6 addr add 2001:db8::1/64 dev d0 nodad");
+        ip(&ns, "-6 route add fd00:10:244:9::/64 via 2001:db8::9 dev d0");
+        wait_for(&mut ev, "route6", |e| matches!(e, Event::Route6(Change::New, r) if r.dst.to_string() == "fd00:10:244:9::/64" && r.gateway.map(|g| g.to_string()).as_deref() == Some("2001:db8::9"))).await;
+        ip(&ns, "-6 route del fd00:10:244:9::/64");
+        wait_for(&mut ev, "route6 del", |e| matches!(e, Event::Route6(Change::Del, r) if r.dst.to_string() == "fd00:10:244:9::/64")).await;
+        ip(&ns, "-6 neigh replace 2001:db8::7 lladdr 02:00:00:00:00:17 dev d0 nud permanent");
+        wait_for(&mut ev, "neighbour6", |e| matches!(e, Event::Neigh6(Change::New, n) if n.ip.to_string() == "2001:db8::7" && n.permanent)).await;
+        ip(&ns, "-6 neigh del 2001:db8::7 dev d0");
+        wait_for(&mut ev, "neighbour6 del", |e| matches!(e, Event::Neigh6(Change::Del, n) if n.ip.to_string() == "2001:db8::7")).await;
         ip(&ns, "link set d0 mtu 1400");
         wait_for(&mut ev, "mtu", |e| matches!(e, Event::Link(Change::New, l) if l.name == "d0" && l.mtu == 1400)).await;
         ip(&ns, "link del vx0");

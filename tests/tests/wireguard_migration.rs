@@ -256,7 +256,11 @@ fn migrate(tag: &str, groups: &[&[&str]], pause: Duration) {
         &[
             "put",
             tweed_lab::spec::CONFIG_KEY,
-            &tweed_lab::spec::network_config_json(Backend::Wireguard, false),
+            &tweed_lab::spec::network_config_json(
+                Backend::Wireguard,
+                false,
+                tweed_lab::spec::IpFamily::V4,
+            ),
         ],
     );
     // Nothing changes before a restart: the agents read the config once, at start.

@@ -20,7 +20,8 @@ use tweed_config::{Ipv6Config, LeaseAttrs, PeerIpv6, SubnetKey};
 
 use super::{DataPlane, Remote};
 use crate::netlink::{
-    FdbEntry6, Link, MacAddr, Neighbour6, Netlink, NetlinkError, Op, Route, Route6, VxlanSpec,
+    Addr6, FdbEntry6, Link, MacAddr, Neighbour6, Netlink, NetlinkError, Op, Route, Route6,
+    VxlanSpec,
 };
 
 /// Outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14): an IPv6 underlay costs 20 bytes
@@ -326,6 +327,78 @@ pub fn plan_device6(spec: &VxlanSpec, existing: Option<&Link>) -> Vec<Op> {
     ops
 }
 
+/// The address `tweed-v6.<VNI>` holds: our IPv6 subnet's network address as a /128 (flannel
+/// puts the same on `flannel-v6.<VNI>`). It gives the host an address inside the overlay to send
+/// from, so a reply to the host's own IPv6 traffic into a remote pod comes back through the
+/// overlay even on a node with no pod bridge, and it is the address peers' NDP entries name.
+pub fn device_addr6(own_subnet: Ipv6Network) -> Ipv6Network {
+    Ipv6Network::new(own_subnet.network(), 128).expect("128 is a valid prefix")
+}
+
+/// Puts exactly `want` among the device's global addresses: the new one first (nodad: the lease
+/// makes it unique, and DAD would leave it unusable for a second or two), then stale ones (an
+/// old lease's). Link-local addresses are the kernel's and are left alone.
+pub fn plan_addresses6(ifindex: u32, observed: &[Addr6], want: Ipv6Network) -> Vec<Op> {
+    let link_local: Ipv6Network = "fe80::/10".parse().expect("valid");
+    let mine: Vec<&Addr6> = observed
+        .iter()
+        .filter(|a| a.ifindex == ifindex && !link_local.contains(a.net.ip()))
+        .collect();
+    let mut ops = Vec::new();
+    if !mine.iter().any(|a| a.net == want) {
+        ops.push(Op::Addr6Add {
+            ifindex,
+            addr: want,
+            nodad: true,
+        });
+    }
+    ops.extend(mine.iter().filter(|a| a.net != want).map(|a| Op::Addr6Del {
+        ifindex,
+        addr: a.net,
+    }));
+    ops
+}
+
+/// What an earlier IPv6 plane left that the current one does not own: a `tweed-v6.*` vxlan device
+/// other than `keep_device` (the backend changed from vxlan, the VNI changed, or this node no
+/// longer runs dual stack: its entries go with it), and, unless host-gw's IPv6 half runs now
+/// (`hostgw6`), host-gw's IPv6 routes: static routes into `network` via a gateway outside it,
+/// which no other backend writes. Without a known `network` (the config dropped IPv6) no route is
+/// judged, since nothing tells an old overlay route from an operator's.
+pub fn leftovers6(
+    keep_device: Option<&str>,
+    hostgw6: bool,
+    network: Option<Ipv6Network>,
+    links: &[Link],
+    routes: &[Route6],
+) -> Vec<Op> {
+    let mut ops: Vec<Op> = links
+        .iter()
+        .filter(|l| {
+            l.kind.as_deref() == Some("vxlan")
+                && l.name.starts_with("tweed-v6.")
+                && keep_device != Some(l.name.as_str())
+        })
+        .map(|l| Op::LinkDel {
+            name: l.name.clone(),
+        })
+        .collect();
+    if let (false, Some(net)) = (hostgw6, network) {
+        ops.extend(
+            routes
+                .iter()
+                .filter(|r| {
+                    r.protocol == Route::PROTO_STATIC
+                        && r.dst.prefix() > net.prefix()
+                        && net.contains(r.dst.network())
+                        && r.gateway.is_some_and(|gw| !net.contains(gw))
+                })
+                .map(|r| Op::Route6Del(*r)),
+        );
+    }
+    ops
+}
+
 fn first_error(results: Vec<Result<(), NetlinkError>>) -> Result<(), NetlinkError> {
     results.into_iter().collect()
 }
@@ -361,6 +434,13 @@ impl V6Plane {
                     .await?
                     .map(|l| l.index)
                     .ok_or(NetlinkError::NoSuchLink { ifindex: 0 })?;
+                let want = device_addr6(params.own_subnet);
+                let addrs = nl.addresses6(Some(ifindex)).await?;
+                let addr_ops = plan_addresses6(ifindex, &addrs, want);
+                first_error(nl.apply_all(&addr_ops).await)?;
+                if !addr_ops.is_empty() {
+                    tracing::info!(device = %spec.name, addr = %want, "vxlan: IPv6 device address set");
+                }
                 Kind::Vxlan { spec, ifindex }
             }
             DataPlane::HostGw(b) => Kind::HostGw {
@@ -620,6 +700,108 @@ mod tests {
             .iter()
             .all(|o| o.to_string().contains("fd00:10:244:5::")
                 || o.to_string().contains("2001:db8::5")));
+    }
+
+    #[test]
+    fn leftovers6_are_other_ipv6_planes_devices_and_host_gw_routes_only() {
+        let link = |name: &str, kind: &str| Link {
+            index: 1,
+            name: name.into(),
+            mtu: 1430,
+            mac: None,
+            kind: Some(kind.into()),
+            up: true,
+            vxlan: None,
+            master: None,
+            alias: None,
+        };
+        let links = [
+            link("tweed-v6.1", "vxlan"),
+            link("tweed-v6.2", "vxlan"),
+            link("tweed.1", "vxlan"),
+            link("tweed-v6.9", "dummy"),
+            link("eth0", "veth"),
+        ];
+        let net: Ipv6Network = "fd00:10:244::/56".parse().unwrap();
+        let hostgw = Route6::via(
+            "fd00:10:244:3::/64".parse().unwrap(),
+            "2001:db8::3".parse().unwrap(),
+            Some(2),
+        );
+        let vxlan = Route6::onlink(
+            "fd00:10:244:4::/64".parse().unwrap(),
+            "fd00:10:244:4::".parse().unwrap(),
+            5,
+        );
+        let operator = Route6::via(
+            "2001:db8:99::/64".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+            Some(2),
+        );
+        let mut kernel = Route6 {
+            protocol: Route::PROTO_KERNEL,
+            ..hostgw
+        };
+        kernel.dst = "fd00:10:244:5::/64".parse().unwrap();
+        let whole = Route6::via(net, "2001:db8::1".parse().unwrap(), Some(2));
+        let routes = [hostgw, vxlan, operator, kernel, whole];
+        let del = |n: &str| Op::LinkDel { name: n.into() };
+        // vxlan dual stack, VNI 1: the VNI-2 device and host-gw's route go; nothing else.
+        assert_eq!(
+            leftovers6(Some("tweed-v6.1"), false, Some(net), &links, &routes),
+            vec![del("tweed-v6.2"), Op::Route6Del(hostgw)]
+        );
+        // host-gw dual stack: every tweed-v6 device goes, its own routes stay.
+        assert_eq!(
+            leftovers6(None, true, Some(net), &links, &routes),
+            vec![del("tweed-v6.1"), del("tweed-v6.2")]
+        );
+        // The network dropped IPv6: devices go, no route is judged without a network.
+        assert_eq!(
+            leftovers6(None, false, None, &links, &routes),
+            vec![del("tweed-v6.1"), del("tweed-v6.2")]
+        );
+    }
+
+    #[test]
+    fn vxlan6_device_holds_exactly_its_subnet_address() {
+        let own: Ipv6Network = "fd00:10:244:7e::/64".parse().unwrap();
+        let want = device_addr6(own);
+        assert_eq!(want.to_string(), "fd00:10:244:7e::/128");
+        let a = |ifindex, net: &str| Addr6 {
+            ifindex,
+            net: net.parse().unwrap(),
+            tentative: false,
+        };
+        // A fresh device (only the kernel's link-local): add, nodad.
+        let fresh = [a(4, "fe80::1/64")];
+        assert_eq!(
+            plan_addresses6(4, &fresh, want),
+            vec![Op::Addr6Add {
+                ifindex: 4,
+                addr: want,
+                nodad: true
+            }]
+        );
+        // Already there: nothing (a restart changes nothing).
+        let there = [a(4, "fe80::1/64"), a(4, "fd00:10:244:7e::/128")];
+        assert!(plan_addresses6(4, &there, want).is_empty());
+        // An old lease's address goes after the new one is added; other devices are not ours.
+        let old = [a(4, "fd00:10:244:9::/128"), a(5, "fd00:10:244:1::/128")];
+        assert_eq!(
+            plan_addresses6(4, &old, want),
+            vec![
+                Op::Addr6Add {
+                    ifindex: 4,
+                    addr: want,
+                    nodad: true
+                },
+                Op::Addr6Del {
+                    ifindex: 4,
+                    addr: "fd00:10:244:9::/128".parse().unwrap()
+                },
+            ]
+        );
     }
 
     #[test]

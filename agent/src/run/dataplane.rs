@@ -2,7 +2,7 @@
 //! forward rules, and subnet.env for the CNI plugin. It is only ever added to or repaired, never
 //! torn down: on shutdown the kernel state stays, so a restart drops nothing.
 
-use super::repair::{Trigger, Watched};
+use super::repair::{Trigger, Watched, Watched6};
 use super::report::Report;
 use super::AgentError;
 use crate::backend::udp::io::Stats as UdpStats;
@@ -86,6 +86,37 @@ pub(super) struct PlaneConfig {
     pub(super) ipv6_plane: Option<(tweed_config::Ipv6Config, Ipv6Addr)>,
 }
 
+/// Removes what an earlier IPv6 plane left and this one will not own (see
+/// [`crate::backend::v6::leftovers6`]); failures are logged, as for the IPv4 leftovers.
+async fn remove_leftovers6(nl: &Netlink, prepared: &Prepared, config: &PlaneConfig, own_v6: bool) {
+    let dual = config.ipv6_plane.is_some() && own_v6;
+    let keep = match prepared {
+        Prepared::Vxlan(c) if dual => Some(crate::backend::v6::device_name(c.vni)),
+        _ => None,
+    };
+    let hostgw6 = dual && matches!(prepared, Prepared::HostGw(_));
+    let (links, routes) = match (nl.links().await, nl.all_routes6().await) {
+        (Ok(l), Ok(r)) => (l, r),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!("looking for IPv6 leftovers: {e}");
+            return;
+        }
+    };
+    let ops = crate::backend::v6::leftovers6(
+        keep.as_deref(),
+        hostgw6,
+        config.ipv6_network,
+        &links,
+        &routes,
+    );
+    for op in ops {
+        match nl.apply(&op).await {
+            Ok(()) => info!("removed IPv6 leftover: {op}"),
+            Err(e) => warn!("removing IPv6 leftover ({op}): {e}"),
+        }
+    }
+}
+
 impl Plane {
     /// Sets `prepared` up for `own`'s subnet and writes subnet.env. `attrs` is what the lease
     /// advertises, checked against what the backend turned out to be.
@@ -100,6 +131,7 @@ impl Plane {
     ) -> Result<Plane, AgentError> {
         prepared.set_own_subnet(own.subnet());
         prepared.remove_leftovers(&nl, config.network).await;
+        remove_leftovers6(&nl, &prepared, &config, own.key.ipv6.is_some()).await;
         let backend = prepared.setup(&nl).await?;
         report.backend_running(backend.type_name(), backend.implementation());
         if let (DataPlane::Vxlan(b), Some(data)) = (&backend, &attrs.backend_data) {
@@ -327,10 +359,18 @@ impl Plane {
             }
             DataPlane::HostGw(_) => None,
         };
+        let v6 = match (&self.v6, self.ipv6_network) {
+            (Some(v6), Some(network)) => Some(Watched6 {
+                device: v6.device(),
+                network,
+            }),
+            _ => None,
+        };
         Watched {
             device,
             underlay: self.underlay,
             network: self.network,
+            v6,
         }
     }
 

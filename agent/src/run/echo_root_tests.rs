@@ -87,6 +87,7 @@ fn kernel_echoes_of_a_reconcile_schedule_no_repair_but_an_external_route_delete_
                     device: Some((b.ifindex(), b.device_name().to_string())),
                     underlay: iface.index,
                     network: "10.244.0.0/16".parse().unwrap(),
+                    v6: None,
                 };
                 let mut events = nl.events().unwrap();
                 let mut echoes = Echoes::default();

@@ -592,6 +592,9 @@ impl Agent {
                 .echoes
                 .record(&stats.applied, tokio::time::Instant::now());
         }
+        // Programming may have set the IPv6 plane up again (our IPv6 subnet changed), with a
+        // new device index to watch.
+        self.kernel.watched = self.plane.watched();
     }
 }
 

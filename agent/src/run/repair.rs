@@ -9,9 +9,9 @@
 //! tables on every lease event is what would delay the next one.
 
 use crate::netlink::{Change, Event, MacAddr, Op};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -61,16 +61,30 @@ pub(super) struct Watched {
     pub(super) underlay: u32,
     /// The overlay: every route into it is owned by some node's agent, this one's included.
     pub(super) network: Ipv4Network,
+    /// The IPv6 plane's, when this node runs dual stack.
+    pub(super) v6: Option<Watched6>,
+}
+
+/// What the IPv6 plane owns: vxlan's `tweed-v6.<VNI>` (host-gw has no device) and the routes
+/// into the overlay's IPv6 network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Watched6 {
+    pub(super) device: Option<(u32, String)>,
+    pub(super) network: Ipv6Network,
 }
 
 impl Watched {
     /// Whether `event` may concern what this node owns, and how.
     pub(super) fn trigger(&self, event: &Event) -> Option<Trigger> {
         let dev_index = self.device.as_ref().map(|(i, _)| *i);
-        let ours = |ifindex: u32| dev_index == Some(ifindex);
+        let dev6 = self.v6.as_ref().and_then(|w| w.device.as_ref());
+        // The IPv6 device's FDB entries arrive as IPv4-view FDB events (no destination).
+        let ours =
+            |ifindex: u32| dev_index == Some(ifindex) || dev6.is_some_and(|(i, _)| *i == ifindex);
         match event {
             Event::Link(_, l) => {
-                let by_name = self.device.as_ref().is_some_and(|(_, n)| *n == l.name);
+                let by_name = self.device.as_ref().is_some_and(|(_, n)| *n == l.name)
+                    || dev6.is_some_and(|(_, n)| *n == l.name);
                 if ours(l.index) || by_name {
                     Some(Trigger::Device)
                 } else if l.index == self.underlay {
@@ -84,6 +98,10 @@ impl Watched {
             Event::Route(_, r) if self.in_overlay(r.dst) => Some(Trigger::Route),
             Event::Neigh(_, n) if ours(n.ifindex) => Some(Trigger::Neigh),
             Event::Fdb(_, f) if ours(f.ifindex) => Some(Trigger::Fdb),
+            Event::Route6(_, r) if self.in_overlay6(r.dst) => Some(Trigger::Route),
+            Event::Neigh6(_, n) if dev6.is_some_and(|(i, _)| *i == n.ifindex) => {
+                Some(Trigger::Neigh)
+            }
             Event::Lost => Some(Trigger::Lost),
             _ => None,
         }
@@ -91,6 +109,12 @@ impl Watched {
 
     fn in_overlay(&self, dst: Ipv4Network) -> bool {
         dst.prefix() >= self.network.prefix() && self.network.contains(dst.network())
+    }
+
+    fn in_overlay6(&self, dst: Ipv6Network) -> bool {
+        self.v6.as_ref().is_some_and(|w| {
+            dst.prefix() >= w.network.prefix() && w.network.contains(dst.network())
+        })
     }
 }
 
@@ -127,6 +151,25 @@ enum EchoKey {
         ifindex: u32,
         mac: MacAddr,
     },
+    Route6New {
+        dst: Ipv6Network,
+        gateway: Option<Ipv6Addr>,
+    },
+    Route6Del(Ipv6Network),
+    Neigh6New {
+        ifindex: u32,
+        ip: Ipv6Addr,
+        mac: MacAddr,
+    },
+    Neigh6Del {
+        ifindex: u32,
+        ip: Ipv6Addr,
+    },
+    /// An FDB entry to an IPv6 VTEP, as the IPv4-view notification shows it (no destination).
+    Fdb6New {
+        ifindex: u32,
+        mac: MacAddr,
+    },
 }
 
 impl EchoKey {
@@ -145,6 +188,20 @@ impl EchoKey {
             Op::NeighDel { ifindex, ip } => (EchoKey::NeighDel { ifindex, ip }, None),
             Op::FdbReplace { ifindex, mac, dst } => (EchoKey::FdbNew { ifindex, mac, dst }, None),
             Op::FdbDel { ifindex, mac, .. } => (EchoKey::FdbDel { ifindex, mac }, None),
+            Op::Route6Replace(ref r) => (
+                EchoKey::Route6New {
+                    dst: r.dst,
+                    gateway: r.gateway,
+                },
+                r.oif,
+            ),
+            Op::Route6Del(ref r) => (EchoKey::Route6Del(r.dst), None),
+            Op::Neigh6Replace { ifindex, ip, mac } => {
+                (EchoKey::Neigh6New { ifindex, ip, mac }, None)
+            }
+            Op::Neigh6Del { ifindex, ip } => (EchoKey::Neigh6Del { ifindex, ip }, None),
+            Op::Fdb6Replace { ifindex, mac, .. } => (EchoKey::Fdb6New { ifindex, mac }, None),
+            Op::Fdb6Del { ifindex, mac, .. } => (EchoKey::FdbDel { ifindex, mac }, None),
             _ => return None,
         })
     }
@@ -185,10 +242,46 @@ impl EchoKey {
                 None,
             ),
             Event::Fdb(Change::New, f) if f.permanent => (
-                EchoKey::FdbNew {
-                    ifindex: f.ifindex,
-                    mac: f.mac,
-                    dst: f.dst?,
+                match f.dst {
+                    Some(dst) => EchoKey::FdbNew {
+                        ifindex: f.ifindex,
+                        mac: f.mac,
+                        dst,
+                    },
+                    None => EchoKey::Fdb6New {
+                        ifindex: f.ifindex,
+                        mac: f.mac,
+                    },
+                },
+                None,
+            ),
+            Event::Route6(Change::New, r) => (
+                EchoKey::Route6New {
+                    dst: r.dst,
+                    gateway: r.gateway,
+                },
+                r.oif,
+            ),
+            Event::Route6(Change::Del, r) => (EchoKey::Route6Del(r.dst), None),
+            Event::Neigh6(Change::New, n) if n.permanent => (
+                EchoKey::Neigh6New {
+                    ifindex: n.ifindex,
+                    ip: n.ip,
+                    mac: n.mac?,
+                },
+                None,
+            ),
+            Event::Neigh6(Change::New, n) if n.mac.is_none() => (
+                EchoKey::Neigh6Del {
+                    ifindex: n.ifindex,
+                    ip: n.ip,
+                },
+                None,
+            ),
+            Event::Neigh6(Change::Del, n) => (
+                EchoKey::Neigh6Del {
+                    ifindex: n.ifindex,
+                    ip: n.ip,
                 },
                 None,
             ),
@@ -259,10 +352,18 @@ impl Echoes {
 /// The kind of object an op repairs, the label of `tweed_repairs_total`.
 pub(super) fn kind_of(op: &Op) -> &'static str {
     match op {
-        Op::RouteReplace(_) | Op::RouteDel(_) => "route",
-        Op::NeighReplace { .. } | Op::NeighDel { .. } => "neigh",
-        Op::FdbReplace { .. } | Op::FdbDel { .. } => "fdb",
-        Op::AddrAdd { .. } | Op::AddrDel { .. } => "address",
+        // The IPv6 plane's twins count as their IPv4 kind: the label says what drifted.
+        Op::RouteReplace(_) | Op::RouteDel(_) | Op::Route6Replace(_) | Op::Route6Del(_) => "route",
+        Op::NeighReplace { .. }
+        | Op::NeighDel { .. }
+        | Op::Neigh6Replace { .. }
+        | Op::Neigh6Del { .. } => "neigh",
+        Op::FdbReplace { .. } | Op::FdbDel { .. } | Op::Fdb6Replace { .. } | Op::Fdb6Del { .. } => {
+            "fdb"
+        }
+        Op::AddrAdd { .. } | Op::AddrDel { .. } | Op::Addr6Add { .. } | Op::Addr6Del { .. } => {
+            "address"
+        }
         _ => "device",
     }
 }
@@ -351,6 +452,7 @@ mod tests {
             device: Some((7, "tweed.1".into())),
             underlay: 2,
             network: "10.244.0.0/16".parse().unwrap(),
+            v6: None,
         }
     }
 
@@ -424,7 +526,7 @@ mod tests {
             (Event::Neigh(New, neigh(2)), None),
             (Event::Fdb(Del, fdb(7)), Some(Trigger::Fdb)),
             (Event::Fdb(Del, fdb(5)), None),
-            (Event::Route6(New), None),
+            (Event::Route6(New, route6("fd00:10:244:2::/64", 7)), None),
             (Event::Lost, Some(Trigger::Lost)),
         ];
         let w = watched();
@@ -504,6 +606,101 @@ mod tests {
         assert_eq!(s.due(), Some(t0 + DEBOUNCE + DEBOUNCE));
         let due = s.take(t0 + DEBOUNCE + DEBOUNCE).unwrap();
         assert_eq!(due.triggers, BTreeSet::from([Trigger::Route, Trigger::Fdb]));
+    }
+
+    fn route6(dst: &str, oif: u32) -> crate::netlink::Route6 {
+        let dst: Ipv6Network = dst.parse().unwrap();
+        crate::netlink::Route6::onlink(dst, dst.network(), oif)
+    }
+
+    /// Dual stack: the IPv6 plane's device, routes into the IPv6 overlay and NDP/FDB entries on
+    /// its device trigger repairs like their IPv4 twins; everything else IPv6 does not.
+    #[test]
+    fn the_ipv6_planes_objects_trigger_repairs() {
+        use Change::{Del, New};
+        let w = Watched {
+            v6: Some(Watched6 {
+                device: Some((9, "tweed-v6.1".into())),
+                network: "fd00:10:244::/56".parse().unwrap(),
+            }),
+            ..watched()
+        };
+        let n6 = |ifindex| crate::netlink::Neighbour6 {
+            ifindex,
+            ip: "fd00:10:244:2::".parse().unwrap(),
+            mac: Some(MacAddr([2, 0, 0, 0, 0, 2])),
+            permanent: true,
+        };
+        let fdb6 = |ifindex| FdbEntry {
+            ifindex,
+            mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            dst: None,
+            permanent: true,
+        };
+        let cases = [
+            (
+                Event::Link(Del, link(9, "tweed-v6.1")),
+                Some(Trigger::Device),
+            ),
+            // Re-made under the same name (new index): still ours.
+            (
+                Event::Link(New, link(12, "tweed-v6.1")),
+                Some(Trigger::Device),
+            ),
+            (
+                Event::Route6(Del, route6("fd00:10:244:2::/64", 9)),
+                Some(Trigger::Route),
+            ),
+            // host-gw's IPv6 routes go through the underlay.
+            (
+                Event::Route6(Del, route6("fd00:10:244:3::/64", 2)),
+                Some(Trigger::Route),
+            ),
+            (Event::Route6(Del, route6("fd00:10:244::/48", 9)), None),
+            (Event::Route6(New, route6("2001:db8::/64", 2)), None),
+            (Event::Neigh6(Del, n6(9)), Some(Trigger::Neigh)),
+            (Event::Neigh6(Del, n6(2)), None),
+            (Event::Fdb(Del, fdb6(9)), Some(Trigger::Fdb)),
+            (Event::Fdb(Del, fdb6(5)), None),
+        ];
+        for (event, want) in &cases {
+            assert_eq!(w.trigger(event), *want, "{event:?}");
+        }
+        // Without an IPv6 plane none of them concern this node.
+        let v4 = watched();
+        assert_eq!(v4.trigger(&cases[2].0), None);
+        assert_eq!(v4.trigger(&cases[6].0), None);
+        assert_eq!(v4.trigger(&cases[8].0), None);
+
+        // Our own IPv6 writes are echoes; someone else's change of the same route is not.
+        let t0 = Instant::now();
+        let mut e = Echoes::default();
+        let r = route6("fd00:10:244:2::/64", 9);
+        let mac = MacAddr([2, 0, 0, 0, 0, 2]);
+        e.record(
+            &[
+                Op::Route6Replace(r),
+                Op::Neigh6Replace {
+                    ifindex: 9,
+                    ip: "fd00:10:244:2::".parse().unwrap(),
+                    mac,
+                },
+                Op::Fdb6Replace {
+                    ifindex: 9,
+                    mac,
+                    dst: "fd00:198:18::2".parse().unwrap(),
+                },
+            ],
+            t0,
+        );
+        assert!(e.is_echo(&Event::Route6(New, r), t0));
+        assert!(e.is_echo(&Event::Neigh6(New, n6(9)), t0));
+        assert!(e.is_echo(&Event::Fdb(New, fdb6(9)), t0));
+        let mut moved = r;
+        moved.oif = Some(2);
+        assert!(!e.is_echo(&Event::Route6(New, moved), t0));
+        assert!(!e.is_echo(&Event::Route6(Del, r), t0));
+        assert!(!e.is_echo(&Event::Route6(New, r), t0 + ECHO_TTL * 2));
     }
 
     #[test]
@@ -633,5 +830,12 @@ mod tests {
         ];
         assert_eq!(kinds(&ops), BTreeSet::from(["device", "route", "fdb"]));
         assert!(kinds(&[]).is_empty());
+        // The IPv6 plane's repairs are labelled like their IPv4 twins (not "device").
+        let v6 = [Op::Route6Replace(crate::netlink::Route6::onlink(
+            "fd00:10:244:2::/64".parse().unwrap(),
+            "fd00:10:244:2::".parse().unwrap(),
+            4,
+        ))];
+        assert_eq!(kinds(&v6), BTreeSet::from(["route"]));
     }
 }

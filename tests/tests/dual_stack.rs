@@ -1,0 +1,466 @@
+//! Issue 19: IPv4/IPv6 dual stack end to end. A lab with `--ip-family dual` (each host an IPv4
+//! and an IPv6 underlay address, the network config with EnableIPv6, every pod both families)
+//! runs the vxlan and the host-gw backend; pods on different hosts reach each other over IPv4
+//! and over IPv6, a checksummed TCP transfer crosses the IPv6 overlay unmasqueraded, and pods
+//! reach the outside over IPv6 through the agents' IPv6 masquerade.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv6Addr};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use ipnetwork::Ipv6Network;
+use tweed_e2e::*;
+use tweed_lab::names;
+use tweed_lab::spec::IpFamily;
+use tweed_lab::{Backend, Lab, LabGuard, LabSpec};
+
+const HOSTS: usize = 3;
+const PODS: usize = 2;
+/// Bytes of the TCP transfer: well above one window, so full-size segments (and, on vxlan, path
+/// MTU discovery down to the IPv6 device's MTU) are exercised, not just a handshake.
+const BULK_BYTES: usize = 2 << 20;
+const BULK_PORT: u16 = 5993;
+
+fn dual_lab(tag: &str, backend: Backend) -> LabGuard {
+    let mut spec = LabSpec::new(per_process(tag), HOSTS);
+    spec.backend = backend;
+    spec.pods_per_host = PODS;
+    spec.ip_family = IpFamily::Dual;
+    up(spec)
+}
+
+/// The host's IPv6 subnet as its subnet.env gives it (`fd00:10:244:N::/64`).
+fn subnet6_of(lab: &Lab, host: &str) -> Ipv6Network {
+    let env = tweed_config::SubnetEnv::read(&host_state(lab, host).subnet_file).unwrap();
+    env.ipv6
+        .unwrap_or_else(|| panic!("{host}: subnet.env has no IPv6 half"))
+        .node_subnet()
+}
+
+/// What every dual-stack lab must show: each host an IPv6 underlay address, each pod an IPv6
+/// address inside its host's IPv6 subnet, and every pod pair across hosts answering pings over
+/// both families.
+fn assert_dual_stack_reachability(lab: &Lab) {
+    let overlay6: Ipv6Network = names::OVERLAY6_NETWORK.parse().unwrap();
+    for (i, h) in lab.state().hosts.iter().enumerate() {
+        assert_eq!(
+            h.public_ip6,
+            Some(names::host_public_ip6(i + 1, 1)),
+            "{}",
+            h.name
+        );
+        let sub6 = subnet6_of(lab, &h.name);
+        assert!(overlay6.contains(sub6.network()), "{}: {sub6}", h.name);
+        assert_eq!(h.pods.len(), PODS);
+        for p in &h.pods {
+            let ip6 = p
+                .ip6
+                .unwrap_or_else(|| panic!("{}/{}: no IPv6", h.name, p.name));
+            assert!(
+                sub6.contains(ip6),
+                "{}/{}: {ip6} not in {sub6}",
+                h.name,
+                p.name
+            );
+        }
+    }
+    let report = lab.check_until(Duration::from_secs(20)).expect("check");
+    let failures: Vec<String> = report
+        .failures()
+        .map(|f| format!("{} -> {} ({}): {}", f.from, f.to, f.to_ip, f.detail))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Every pod to every pod on the other hosts, once per family.
+    let pairs = HOSTS * PODS * (HOSTS - 1) * PODS;
+    let v6 = report.results.iter().filter(|r| r.to_ip.is_ipv6()).count();
+    assert_eq!((report.results.len(), v6), (2 * pairs, pairs));
+    assert_eq!(report.summary(), format!("{} passed, 0 failed", 2 * pairs));
+}
+
+/// Kills (and reaps) a helper process on Drop, also when the test panics.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends `BULK_BYTES` random bytes over one TCP connection from namespace `from` to `to_ip` (an
+/// IPv6 address) in namespace `to`. Asserts the receiver got the same count and sha256 as were
+/// sent, and returns the source address the receiver saw.
+fn tcp6_transfer_checked(from: &str, to: &str, to_ip: Ipv6Addr) -> IpAddr {
+    let server = format!(
+        "import socket,hashlib\n\
+         s=socket.socket(socket.AF_INET6)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('{to_ip}',{BULK_PORT}))\ns.listen(1)\nprint('ready',flush=True)\n\
+         s.settimeout(30)\nc,a=s.accept()\nc.settimeout(30)\nh=hashlib.sha256()\nn=0\n\
+         while True:\n    d=c.recv(1<<20)\n    if not d: break\n    h.update(d)\n    n+=len(d)\n\
+         print(n,h.hexdigest(),a[0],flush=True)\nc.close()\n"
+    );
+    let client = format!(
+        "import socket,hashlib,os\nd=os.urandom({BULK_BYTES})\n\
+         c=socket.create_connection(('{to_ip}',{BULK_PORT}),timeout=30)\n\
+         c.sendall(d)\nc.shutdown(socket.SHUT_WR)\nc.recv(1)\n\
+         print(len(d),hashlib.sha256(d).hexdigest(),flush=True)\n"
+    );
+    let mut srv = Reaped(spawn_in(to, &["python3", "-c", &server], Stdio::piped()));
+    let mut out = BufReader::new(srv.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).expect("receiver output");
+    assert_eq!(line.trim(), "ready", "receiver in {to} did not start");
+    let sent = in_ns(from, &["timeout", "60", "python3", "-c", &client]);
+    line.clear();
+    out.read_line(&mut line).expect("receiver result");
+    let sent = sent.trim();
+    assert!(sent.starts_with(&format!("{BULK_BYTES} ")), "{sent}");
+    let (got, source) = line
+        .trim()
+        .rsplit_once(' ')
+        .unwrap_or_else(|| panic!("receiver in {to} said {line:?}"));
+    assert_eq!(
+        got, sent,
+        "bytes and sha256 received in {to} (left) differ from those sent from {from} (right)"
+    );
+    source
+        .parse()
+        .unwrap_or_else(|_| panic!("receiver in {to}: bad peer address {source:?}"))
+}
+
+/// A TCP connection over IPv6 between pods on different hosts carries data intact, from the
+/// client pod's own address (pod-to-pod traffic is never masqueraded), and a pod reaches the
+/// outside namespace over IPv6 (which has no route to the overlay: only a masqueraded packet
+/// is answered).
+fn assert_tcp6_and_outside(lab: &Lab) {
+    let h1p1 = &host_state(lab, "h1").pods[0];
+    let h2p2 = &host_state(lab, "h2").pods[1];
+    let seen = tcp6_transfer_checked(&h1p1.netns, &h2p2.netns, h2p2.ip6.unwrap());
+    assert_eq!(seen, IpAddr::V6(h1p1.ip6.unwrap()), "source seen by h2/p2");
+    let out6 = names::outside_ip6().to_string();
+    assert!(
+        ok_in(
+            &h1p1.netns,
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", &out6],
+        ),
+        "h1/p1 cannot ping the outside's {out6}"
+    );
+}
+
+/// vxlan: `tweed-v6.1` beside `tweed.1`, its VTEP the host's IPv6 underlay address, MTU the
+/// underlay's minus 70, the host's IPv6 subnet address /128 on it; one onlink route per peer.
+#[test]
+fn vxlan_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
+    require_root!(NEEDS_ROOT);
+    let lab = dual_lab("d6v", Backend::Vxlan);
+    assert_dual_stack_reachability(&lab);
+    for h in &lab.state().hosts {
+        let link = in_ns(&h.netns, &["ip", "-d", "link", "show", "tweed-v6.1"]);
+        let local = format!("local {} ", h.public_ip6.unwrap());
+        assert!(
+            link.contains(&local) && link.contains("mtu 1430") && link.contains("vxlan id 1"),
+            "{}: {link}",
+            h.name
+        );
+        let addr = in_ns(&h.netns, &["ip", "-6", "addr", "show", "dev", "tweed-v6.1"]);
+        let own = format!("{}/128", subnet6_of(&lab, &h.name).network());
+        assert!(addr.contains(&own), "{}: no {own} in {addr}", h.name);
+        let routes = in_ns(
+            &h.netns,
+            &["ip", "-6", "route", "show", "dev", "tweed-v6.1"],
+        );
+        for peer in lab.state().hosts.iter().filter(|p| p.name != h.name) {
+            let s = subnet6_of(&lab, &peer.name);
+            let want = format!("{s} via {} proto static metric 1024 onlink", s.network());
+            assert!(
+                routes.contains(&want),
+                "{}: no {want:?} in\n{routes}",
+                h.name
+            );
+            let fdb = in_ns(&h.netns, &["bridge", "fdb", "show", "dev", "tweed-v6.1"]);
+            let dst = format!("dst {} self permanent", peer.public_ip6.unwrap());
+            assert!(fdb.contains(&dst), "{}: no {dst:?} in\n{fdb}", h.name);
+        }
+    }
+    assert_tcp6_and_outside(&lab);
+    assert_ipv6_survives_an_agent_restart(&lab);
+
+    // Drift of the IPv6 plane is repaired from the kernel's notifications, well before the
+    // 60 s periodic relist: each of h1's entries for h2, then the whole device.
+    let h1 = host_state(&lab, "h1");
+    let s2 = subnet6_of(&lab, "h2");
+    let mac2 = in_ns(
+        &host_state(&lab, "h2").netns,
+        &["cat", "/sys/class/net/tweed-v6.1/address"],
+    );
+    let mac2 = mac2.trim();
+    let route = s2.to_string();
+    let gw = s2.network().to_string();
+    let breakages: [(&str, Vec<&str>); 4] = [
+        (
+            "route",
+            vec!["ip", "-6", "route", "del", &route, "dev", "tweed-v6.1"],
+        ),
+        (
+            "neigh",
+            vec!["ip", "-6", "neigh", "del", &gw, "dev", "tweed-v6.1"],
+        ),
+        (
+            "fdb",
+            vec!["bridge", "fdb", "del", mac2, "dev", "tweed-v6.1"],
+        ),
+        ("device", vec!["ip", "link", "del", "tweed-v6.1"]),
+    ];
+    let dst2 = format!(
+        "dst {} self permanent",
+        host_state(&lab, "h2").public_ip6.unwrap()
+    );
+    let intact = || {
+        let show =
+            |argv: &[&str]| tweed_testkit::cmd::try_in_ns(&h1.netns, argv).unwrap_or_default();
+        show(&["ip", "-6", "route", "show", "dev", "tweed-v6.1"])
+            .contains(&format!("{route} via {gw}"))
+            && show(&["ip", "-6", "neigh", "show", "dev", "tweed-v6.1"])
+                .contains(&format!("{gw} lladdr {mac2} PERMANENT"))
+            && show(&["bridge", "fdb", "show", "dev", "tweed-v6.1"])
+                .contains(&format!("{mac2} {dst2}"))
+            && show(&["ip", "-6", "addr", "show", "dev", "tweed-v6.1"])
+                .contains(&format!("{}/128", subnet6_of(&lab, "h1").network()))
+    };
+    assert!(intact(), "h1's IPv6 entries for h2 before the breakages");
+    for (what, argv) in &breakages {
+        in_ns(&h1.netns, argv);
+        wait_for(
+            Duration::from_secs(5),
+            &format!("h1's IPv6 {what} repaired"),
+            intact,
+        );
+    }
+    let target = host_state(&lab, "h2").pods[0].ip6.unwrap().to_string();
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]
+        ),
+        "h1/p1 -> {target} after the repairs"
+    );
+}
+
+/// The IPv6 data plane outlives its agent (the kernel keeps it), and the restarted agent takes
+/// `tweed-v6.1` over as it is (same ifindex: set-up is idempotent) and keeps pods answering.
+fn assert_ipv6_survives_an_agent_restart(lab: &Lab) {
+    let h2 = host_state(lab, "h2");
+    let ifindex = |ns: &str| {
+        let link = in_ns(ns, &["ip", "-o", "link", "show", "tweed-v6.1"]);
+        link.split(':')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let before = ifindex(&h2.netns);
+    let pinger = &host_state(lab, "h1").pods[0].netns;
+    let target = h2.pods[0].ip6.unwrap().to_string();
+    let ping6 = || ok_in(pinger, &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]);
+    let stopped = stop_agent(lab, "h2", libc::SIGTERM);
+    assert!(ping6(), "h1/p1 -> {target} with h2's agent stopped");
+    start_agent(&stopped);
+    // The restarted agent says `ready` once its IPv6 plane is set up and programmed.
+    wait_for(
+        Duration::from_secs(15),
+        "h2's restarted agent ready",
+        || {
+            std::fs::read_to_string(&h2.log)
+                .map(|l| l.matches("ready: lease held").count() >= 2)
+                .unwrap_or(false)
+        },
+    );
+    assert!(ping6(), "h1/p1 -> {target} after h2's agent restarted");
+    assert_eq!(ifindex(&h2.netns), before, "tweed-v6.1 was made again");
+}
+
+/// host-gw: one IPv6 route per peer, via the peer's IPv6 underlay address on eth0; no vxlan.
+#[test]
+fn host_gw_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
+    require_root!(NEEDS_ROOT);
+    let lab = dual_lab("d6h", Backend::HostGw);
+    assert_dual_stack_reachability(&lab);
+    for h in &lab.state().hosts {
+        let routes = in_ns(&h.netns, &["ip", "-6", "route"]);
+        for peer in lab.state().hosts.iter().filter(|p| p.name != h.name) {
+            let want = format!(
+                "{} via {} dev eth0",
+                subnet6_of(&lab, &peer.name),
+                peer.public_ip6.unwrap()
+            );
+            assert!(
+                routes.contains(&want),
+                "{}: no {want:?} in\n{routes}",
+                h.name
+            );
+        }
+        assert!(!routes.contains("tweed-v6"), "{}: {routes}", h.name);
+    }
+    assert_tcp6_and_outside(&lab);
+
+    // A deleted IPv6 route is put back from the notification, not the 60 s relist.
+    let h1 = host_state(&lab, "h1");
+    let want = format!(
+        "{} via {} dev eth0",
+        subnet6_of(&lab, "h2"),
+        host_state(&lab, "h2").public_ip6.unwrap()
+    );
+    let dst = subnet6_of(&lab, "h2").to_string();
+    in_ns(&h1.netns, &["ip", "-6", "route", "del", &dst]);
+    wait_for(
+        Duration::from_secs(5),
+        "h1's IPv6 route to h2 repaired",
+        || {
+            tweed_testkit::cmd::try_in_ns(&h1.netns, &["ip", "-6", "route"])
+                .is_ok_and(|r| r.contains(&want))
+        },
+    );
+
+    // An IPv6 vxlan device an earlier (vxlan) run left is removed at the next start; host-gw's
+    // own IPv6 routes stay.
+    let local = h1.public_ip6.unwrap().to_string();
+    in_ns(
+        &h1.netns,
+        &[
+            "ip",
+            "link",
+            "add",
+            "tweed-v6.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "nolearning",
+        ],
+    );
+    let stopped = stop_agent(&lab, "h1", libc::SIGTERM);
+    start_agent(&stopped);
+    wait_for(
+        Duration::from_secs(15),
+        "h1's restarted agent ready",
+        || {
+            std::fs::read_to_string(&h1.log)
+                .is_ok_and(|l| l.matches("ready: lease held").count() >= 2)
+        },
+    );
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(
+        log.contains("removed IPv6 leftover: link del tweed-v6.1"),
+        "{log}"
+    );
+    assert!(
+        !ok_in(&h1.netns, &["ip", "link", "show", "tweed-v6.1"]),
+        "tweed-v6.1 is still on h1"
+    );
+    assert!(in_ns(&h1.netns, &["ip", "-6", "route"]).contains(&want));
+    let target = host_state(&lab, "h2").pods[0].ip6.unwrap().to_string();
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]
+        ),
+        "h1/p1 -> {target} after h1's restart"
+    );
+}
+
+/// A node that loses its IPv6 address in a dual-stack network runs IPv4 only after a restart
+/// (flannel would refuse to start): its lease is renamed to an IPv4-only key, the other nodes drop
+/// their IPv6 entries for it and keep their IPv4 ones, every pod pair still reaches each other over
+/// IPv4, and the dual-stack nodes' pods still reach each other over IPv6.
+#[test]
+fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("d6m"), HOSTS);
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    assert_eq!(
+        lab.check_until(Duration::from_secs(20)).unwrap().failed(),
+        0
+    );
+    let h3 = host_state(&lab, "h3");
+    let s3 = subnet6_of(&lab, "h3").to_string();
+    let h1 = host_state(&lab, "h1");
+    let v6_routes = || {
+        in_ns(
+            &h1.netns,
+            &["ip", "-6", "route", "show", "dev", "tweed-v6.1"],
+        )
+    };
+    assert!(v6_routes().contains(&s3), "{}", v6_routes());
+
+    let stopped = stop_agent(&lab, "h3", libc::SIGTERM);
+    let addr = format!("{}/64", h3.public_ip6.unwrap());
+    in_ns(
+        &h3.netns,
+        &["ip", "-6", "addr", "del", &addr, "dev", "eth0"],
+    );
+    start_agent(&stopped);
+    wait_for(Duration::from_secs(15), "h3 running IPv4 only", || {
+        std::fs::read_to_string(&h3.log).is_ok_and(|l| l.contains("IPv4 only"))
+    });
+    // h3's lease is an IPv4-only key now, and the others' IPv6 entries for it are gone.
+    wait_for(
+        Duration::from_secs(15),
+        "h1 drops its IPv6 route to h3",
+        || !v6_routes().contains(&s3),
+    );
+    let keys = etcdctl(
+        &lab,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ],
+    );
+    let subnet3 = tweed_config::SubnetEnv::read(&h3.subnet_file).unwrap();
+    let v4_key = subnet3.node_subnet().to_string().replace('/', "-");
+    assert!(
+        keys.lines().any(|k| k.ends_with(&format!("/{v4_key}"))),
+        "no IPv4-only key for h3 ({v4_key}) in\n{keys}"
+    );
+    assert!(
+        subnet3.ipv6.is_none(),
+        "h3's subnet.env still has an IPv6 half"
+    );
+
+    // IPv4: every pair; IPv6: between the dual-stack nodes (h3's pods keep a stale IPv6
+    // address, which `check` still pings and which fails, so only its IPv4 results count).
+    let start = std::time::Instant::now();
+    let v4_failures = loop {
+        let report = lab.check().unwrap();
+        assert!(report.results.iter().any(|r| r.to_ip.is_ipv4()));
+        let failed: Vec<String> = report
+            .failures()
+            .filter(|f| f.to_ip.is_ipv4())
+            .map(|f| format!("{} -> {}: {}", f.from, f.to, f.detail))
+            .collect();
+        if failed.is_empty() || start.elapsed() > Duration::from_secs(20) {
+            break failed;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(v4_failures.is_empty(), "{}", v4_failures.join("\n"));
+    let h2p1 = host_state(&lab, "h2").pods[0].clone();
+    let target = h2p1.ip6.unwrap().to_string();
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", &target]
+        ),
+        "h1/p1 -> h2/p1 over IPv6 with h3 IPv4 only"
+    );
+}
