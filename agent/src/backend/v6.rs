@@ -385,7 +385,7 @@ impl V6Plane {
     pub async fn reconcile(
         &mut self,
         nl: &Netlink,
-        remotes: &[Remote],
+        remotes: &[Remote<'_>],
     ) -> Result<(Vec<Op>, Vec<(Op, NetlinkError)>), NetlinkError> {
         let ops = match &self.kind {
             Kind::Vxlan { ifindex, .. } => {
