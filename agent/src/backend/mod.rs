@@ -498,7 +498,7 @@ impl DataPlane {
         let mut stats = match self {
             DataPlane::Vxlan(b) => {
                 let peers = peers_of_type(remotes, "vxlan", &mut skipped, |r| {
-                    VxlanPeer::from_lease(r.subnet, &r.attrs).map_err(|e| r.skip(e.to_string()))
+                    VxlanPeer::from_lease(r.subnet, r.attrs).map_err(|e| r.skip(e.to_string()))
                 });
                 b.reconcile(nl, &peers).await?
             }
@@ -527,7 +527,7 @@ impl DataPlane {
             DataPlane::Wireguard(b) => {
                 let port = b.config_port();
                 let peers = peers_of_type(remotes, "wireguard", &mut skipped, |r| {
-                    wireguard::WgPeer::from_lease(r.subnet, &r.attrs, port).map_err(|e| r.skip(e))
+                    wireguard::WgPeer::from_lease(r.subnet, r.attrs, port).map_err(|e| r.skip(e))
                 });
                 b.reconcile(nl, &peers).await?
             }

@@ -397,7 +397,7 @@ impl V6Plane {
                             ipv4: r.subnet,
                             ipv6: r.subnet_v6,
                         };
-                        Vxlan6Peer::from_lease(&key, &r.attrs, Some(&self.params.cfg))
+                        Vxlan6Peer::from_lease(&key, r.attrs, Some(&self.params.cfg))
                             .map_err(|why| tracing::debug!(subnet = %r.subnet, "vxlan: no IPv6 half programmed: {why}"))
                             .ok()
                     })
