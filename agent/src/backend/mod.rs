@@ -127,16 +127,18 @@ impl fmt::Display for PeerFailure {
     }
 }
 
-/// Another node's lease, as every backend receives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Remote {
+/// Another node's lease, as every backend receives it. The attributes are borrowed from the
+/// lease table: every lease event hands all peers to the backend, and copying 10,000 leases'
+/// attributes (each with its own heap string) per event cost as much as the JSON parse of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remote<'a> {
     pub subnet: Ipv4Network,
     /// The IPv6 half of the lease's key (flannel's `...&<v6 subnet>` form), if any.
     pub subnet_v6: Option<ipnetwork::Ipv6Network>,
-    pub attrs: LeaseAttrs,
+    pub attrs: &'a LeaseAttrs,
 }
 
-impl Remote {
+impl Remote<'_> {
     fn skip(&self, reason: String) -> PeerSkip {
         PeerSkip {
             subnet: self.subnet,
@@ -490,13 +492,13 @@ impl DataPlane {
     pub async fn reconcile(
         &mut self,
         nl: &Netlink,
-        remotes: &[Remote],
+        remotes: &[Remote<'_>],
     ) -> Result<ReconcileStats, BackendError> {
         let mut skipped = Vec::new();
         let mut stats = match self {
             DataPlane::Vxlan(b) => {
                 let peers = peers_of_type(remotes, "vxlan", &mut skipped, |r| {
-                    VxlanPeer::from_lease(r.subnet, &r.attrs).map_err(|e| r.skip(e.to_string()))
+                    VxlanPeer::from_lease(r.subnet, r.attrs).map_err(|e| r.skip(e.to_string()))
                 });
                 b.reconcile(nl, &peers).await?
             }
@@ -525,7 +527,7 @@ impl DataPlane {
             DataPlane::Wireguard(b) => {
                 let port = b.config_port();
                 let peers = peers_of_type(remotes, "wireguard", &mut skipped, |r| {
-                    wireguard::WgPeer::from_lease(r.subnet, &r.attrs, port).map_err(|e| r.skip(e))
+                    wireguard::WgPeer::from_lease(r.subnet, r.attrs, port).map_err(|e| r.skip(e))
                 });
                 b.reconcile(nl, &peers).await?
             }
@@ -540,10 +542,10 @@ impl DataPlane {
 /// backend type, or one `to_peer` refuses) goes to `skipped` in lease order, so the operator is
 /// told about each node this one does not reach.
 fn peers_of_type<P>(
-    remotes: &[Remote],
+    remotes: &[Remote<'_>],
     ty: &str,
     skipped: &mut Vec<PeerSkip>,
-    to_peer: impl Fn(&Remote) -> Result<P, PeerSkip>,
+    to_peer: impl Fn(&Remote<'_>) -> Result<P, PeerSkip>,
 ) -> Vec<P> {
     remotes
         .iter()
@@ -689,11 +691,13 @@ mod tests {
 
     use crate::netlink::{Addr, Fake};
 
-    fn remote(subnet: &str, value: &str) -> Remote {
+    fn remote(subnet: &str, value: &str) -> Remote<'static> {
+        // Leaked: a test's handful of leases lives as long as the test process anyway.
+        let attrs = Box::leak(Box::new(LeaseAttrs::parse(value.as_bytes()).unwrap()));
         Remote {
             subnet: subnet.parse().unwrap(),
             subnet_v6: None,
-            attrs: LeaseAttrs::parse(value.as_bytes()).unwrap(),
+            attrs,
         }
     }
 

@@ -465,7 +465,7 @@ impl V6Plane {
     pub async fn reconcile(
         &mut self,
         nl: &Netlink,
-        remotes: &[Remote],
+        remotes: &[Remote<'_>],
     ) -> Result<(Vec<Op>, Vec<(Op, NetlinkError)>), NetlinkError> {
         let ops = match &self.kind {
             Kind::Vxlan { ifindex, .. } => {
@@ -477,7 +477,7 @@ impl V6Plane {
                             ipv4: r.subnet,
                             ipv6: r.subnet_v6,
                         };
-                        Vxlan6Peer::from_lease(&key, &r.attrs, Some(&self.params.cfg))
+                        Vxlan6Peer::from_lease(&key, r.attrs, Some(&self.params.cfg))
                             .map_err(|why| tracing::debug!(subnet = %r.subnet, "vxlan: no IPv6 half programmed: {why}"))
                             .ok()
                     })

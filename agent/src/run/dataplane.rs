@@ -222,7 +222,7 @@ impl Plane {
     }
 
     /// Programs the IPv6 halves of `remotes` (after the IPv4 backend); the ops it applied.
-    async fn reconcile_v6(&mut self, remotes: &[Remote]) -> Vec<Op> {
+    async fn reconcile_v6(&mut self, remotes: &[Remote<'_>]) -> Vec<Op> {
         let Some(v6) = self.v6.as_mut() else {
             return Vec::new();
         };
@@ -290,12 +290,12 @@ impl Plane {
 
     /// Makes the backend serve exactly `remotes`; a backend whose device went away is set up
     /// again once. What was applied, for telling the kernel's echoes of it from drift.
-    pub(super) async fn program(&mut self, remotes: &[Remote]) -> Option<ReconcileStats> {
+    pub(super) async fn program(&mut self, remotes: &[Remote<'_>]) -> Option<ReconcileStats> {
         self.reconcile(remotes).await
     }
 
     /// [`program`](Self::program), returning what was applied (`None`: it failed, logged).
-    async fn reconcile(&mut self, remotes: &[Remote]) -> Option<ReconcileStats> {
+    async fn reconcile(&mut self, remotes: &[Remote<'_>]) -> Option<ReconcileStats> {
         let mut stats = self.reconcile_v4(remotes).await?;
         if self.v6_stale {
             self.v6_stale = false;
@@ -307,7 +307,7 @@ impl Plane {
         Some(stats)
     }
 
-    async fn reconcile_v4(&mut self, remotes: &[Remote]) -> Option<ReconcileStats> {
+    async fn reconcile_v4(&mut self, remotes: &[Remote<'_>]) -> Option<ReconcileStats> {
         let started = Instant::now();
         let stats = match self.backend.reconcile(&self.nl, remotes).await {
             Ok(s) => s,
@@ -379,7 +379,7 @@ impl Plane {
     /// then every peer's entries. Nothing drifted, nothing written.
     pub(super) async fn repair(
         &mut self,
-        remotes: &[Remote],
+        remotes: &[Remote<'_>],
         triggers: &BTreeSet<Trigger>,
     ) -> Repaired {
         let mut out = Repaired::default();

@@ -405,7 +405,7 @@ impl Agent {
                     // The backstop for lost notifications: reads only, unless something drifted.
                     let since = tokio::time::Instant::now();
                     let all = [Trigger::Lost].into_iter().collect();
-                    let remotes = self.remotes();
+                    let remotes = remotes(&self.table, self.lease.own().subnet(), self.public_ip);
                     let r = self.plane.repair(&remotes, &all).await;
                     self.kernel.echoes.record(&r.ops, tokio::time::Instant::now());
                     self.report.repaired("periodic relist", &r, since.elapsed());
@@ -495,7 +495,7 @@ impl Agent {
         let Some(due) = self.kernel.schedule.take(now) else {
             return;
         };
-        let remotes = self.remotes();
+        let remotes = remotes(&self.table, self.lease.own().subnet(), self.public_ip);
         let r = self.plane.repair(&remotes, &due.triggers).await;
         self.kernel
             .echoes
@@ -571,22 +571,8 @@ impl Agent {
         self.plane.sync_rules(new).await;
     }
 
-    /// Every other node's lease. Which of them the backend can serve is its decision.
-    fn remotes(&self) -> Vec<Remote> {
-        let own = self.lease.own().subnet();
-        self.table
-            .leases()
-            .filter(|l| l.key.ipv4 != own && l.attrs.public_ip != self.public_ip)
-            .map(|l| Remote {
-                subnet: l.key.ipv4,
-                subnet_v6: l.key.ipv6,
-                attrs: l.attrs.clone(),
-            })
-            .collect()
-    }
-
     async fn program(&mut self) {
-        let remotes = self.remotes();
+        let remotes = remotes(&self.table, self.lease.own().subnet(), self.public_ip);
         if let Some(stats) = self.plane.program(&remotes).await {
             self.kernel
                 .echoes
@@ -596,6 +582,21 @@ impl Agent {
         // new device index to watch.
         self.kernel.watched = self.plane.watched();
     }
+}
+
+/// Every other node's lease (not our subnet, not our public IP), borrowed from `table`. Which of
+/// them the backend can serve is its decision. A free function so the borrow of the table sits
+/// beside the `&mut` of the data plane that consumes it.
+fn remotes(table: &LeaseTable, own: Ipv4Network, public_ip: Ipv4Addr) -> Vec<Remote<'_>> {
+    table
+        .leases()
+        .filter(|l| l.key.ipv4 != own && l.attrs.public_ip != public_ip)
+        .map(|l| Remote {
+            subnet: l.key.ipv4,
+            subnet_v6: l.key.ipv6,
+            attrs: &l.attrs,
+        })
+        .collect()
 }
 
 /// Hands the heap the initial listing and programming freed back to the kernel. With thousands of
@@ -711,5 +712,58 @@ mod previous_tests {
         // Another network's subnet (the config changed) is not ours to re-take.
         let other = "TWEED_NETWORK=10.99.0.0/16\nTWEED_SUBNET=10.99.3.1/24\nTWEED_MTU=1450\n";
         assert_eq!(prev4(net(), missing(), env(other)), None);
+    }
+}
+
+#[cfg(test)]
+mod remotes_tests {
+    use super::*;
+    use crate::registry::RawLease;
+
+    const P: &str = "/coreos.com/network";
+
+    fn node(subnet: &str, n: u8) -> RawLease {
+        RawLease {
+            key: format!("{P}/subnets/{subnet}"),
+            value: format!(
+                r#"{{"PublicIP":"198.18.0.{n}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:{n:02}"}}}}"#
+            )
+            .into_bytes(),
+            lease_id: 5,
+            mod_revision: n.into(),
+            create_revision: n.into(),
+        }
+    }
+
+    #[test]
+    fn remotes_leave_out_our_subnet_and_our_public_ip_and_borrow_the_tables_attributes() {
+        let mut t = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24);
+        t.resync(&[
+            node("10.244.1.0-24", 1),
+            node("10.244.2.0-24", 2),
+            node("10.244.3.0-24", 3),
+            // A second lease from our own public IP (a stale one of ours): never a peer.
+            node("10.244.4.0-24", 9),
+            node("10.244.5.0-24", 5),
+        ]);
+        let own: Ipv4Network = "10.244.2.0/24".parse().unwrap();
+        let r = remotes(&t, own, "198.18.0.9".parse().unwrap());
+        let subnets: Vec<String> = r.iter().map(|r| r.subnet.to_string()).collect();
+        assert_eq!(subnets, ["10.244.1.0/24", "10.244.3.0/24", "10.244.5.0/24"]);
+        // The very attributes the table holds, not copies: a lease event must not duplicate
+        // every peer's lease (issue 20: that was a tenth of the agent's time per event).
+        for r in &r {
+            let lease = t.leases().find(|l| l.key.ipv4 == r.subnet).unwrap();
+            assert!(
+                std::ptr::eq(r.attrs, &lease.attrs),
+                "{} was copied",
+                r.subnet
+            );
+            assert_eq!(r.subnet_v6, lease.key.ipv6);
+        }
+        assert_eq!(
+            r[1].attrs.public_ip,
+            "198.18.0.3".parse::<Ipv4Addr>().unwrap()
+        );
     }
 }

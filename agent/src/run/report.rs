@@ -273,7 +273,7 @@ impl Report {
     pub(super) fn programmed(
         &self,
         backend: &str,
-        remotes: &[Remote],
+        remotes: &[Remote<'_>],
         stats: &ReconcileStats,
         started: Instant,
     ) {
