@@ -345,6 +345,12 @@ pub mod flannel {
         /// Writes the node's lease the way flannel does: `value` under its subnet's key, held by
         /// an etcd lease of `ttl_secs`.
         pub fn write_lease(&self, lab: &Lab, ttl_secs: u32, value: &str) {
+            self.write_lease_at(lab, &format!("{}-24", self.subnet), ttl_secs, value);
+        }
+
+        /// As [`Node::write_lease`], under `<SUBNETS><key>`: for keys other than the IPv4-only
+        /// one, such as flannel's dual-stack `10.244.200.0-24&fd00:10:244:c8::-64`.
+        pub fn write_lease_at(&self, lab: &Lab, key: &str, ttl_secs: u32, value: &str) {
             let grant = etcdctl(lab, &["lease", "grant", &ttl_secs.to_string()]);
             let lease_id = grant
                 .split_whitespace()
@@ -356,7 +362,7 @@ pub mod flannel {
                 &[
                     "put",
                     &format!("--lease={lease_id}"),
-                    &format!("{SUBNETS}{}-24", self.subnet),
+                    &format!("{SUBNETS}{key}"),
                     value,
                 ],
             );

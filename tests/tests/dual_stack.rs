@@ -464,3 +464,242 @@ fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
         "h1/p1 -> h2/p1 over IPv6 with h3 IPv4 only"
     );
 }
+
+/// The IPv6 half of a dual-stack lease key or value as flannel's watcher reads it:
+/// `10.244.5.0-24&fd00:10:244:5::-64` -> `fd00:10:244:5::/64`.
+fn key_subnet6(key: &str) -> Option<Ipv6Network> {
+    let (_, v6) = key.rsplit('/').next()?.split_once('&')?;
+    let (addr, len) = v6.rsplit_once('-')?;
+    Ipv6Network::new(addr.parse().ok()?, len.parse().ok()?).ok()
+}
+
+/// A node configured by hand exactly the way flannel v0.28's vxlan backend configures a
+/// dual-stack node (pkg/backend/vxlan, read for facts): `flannel.1` and `flannel-v6.1` (VNI 1, port
+/// 8472, local its PublicIP / PublicIPv6, learning off), the IPv4 subnet's network /32 on
+/// `flannel.1` and the IPv6 subnet's address /128 on `flannel-v6.1`, one lease under flannel's
+/// dual key `<v4>-24&<v6>-64` with `BackendData` and `BackendV6Data`, and per peer, from the
+/// peers' leases in etcd: neighbour (ARP / NDP) `<peer subnet address> lladdr <VtepMAC>`, FDB
+/// `<VtepMAC> dst <PublicIP / PublicIPv6>`, route `<peer subnet> via <peer subnet address>
+/// onlink`, per family. tweed programs the node's IPv6 half from that lease, and its pod and the
+/// tweed pods reach each other over IPv4 and over IPv6, both ways.
+#[test]
+fn a_flannel_configured_dual_stack_node_interoperates_with_tweed_nodes() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("d6f"), 2);
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    // Namespaces outside the lab: deleted on drop, also when an assertion below fails.
+    let fl = flannel::Node::up(&lab, "twf6", "1450");
+    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let public_ip = flannel::PUBLIC_IP;
+    // The IPv6 twin of the node's IPv4 underlay address (fd00:198:18::200 beside 198.18.0.200).
+    let public_ip6 = names::host_public_ip6(200, 1);
+
+    // An IPv6 subnet of the overlay no tweed host took (the agents pick theirs at random).
+    let overlay6: Ipv6Network = names::OVERLAY6_NETWORK.parse().unwrap();
+    let taken: Vec<Ipv6Network> = ["h1", "h2"].iter().map(|h| subnet6_of(&lab, h)).collect();
+    let subnet6 = (0xc8u16..=0xff)
+        .map(|g| {
+            let s = overlay6.network().segments();
+            Ipv6Network::new(Ipv6Addr::new(s[0], s[1], s[2], g, 0, 0, 0, 0), 64).unwrap()
+        })
+        .find(|s| !taken.contains(s))
+        .expect("a free IPv6 /64 in the overlay");
+    let gw6 = Ipv6Addr::from(u128::from(subnet6.network()) + 1);
+    let pod_ip6 = Ipv6Addr::from(u128::from(subnet6.network()) + 2);
+
+    // IPv6 on the node and its pod: no DAD (a tentative address is unusable for a second or
+    // two), forwarding on, the IPv6 underlay address beside the IPv4 one, and the pod's second
+    // family as flannel's CNI chain gives it (cni0 the gateway, a default route via it).
+    for ns in [node, pod] {
+        for scope in ["all", "default"] {
+            in_ns(
+                ns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{scope}.accept_dad=0"),
+                ],
+            );
+        }
+    }
+    in_ns(node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let addr6 = |ns: &str, a: String, dev: &str| {
+        ip(&["-n", ns, "-6", "addr", "add", &a, "dev", dev, "nodad"]);
+    };
+    addr6(node, format!("{public_ip6}/64"), "eth0");
+    addr6(node, format!("{gw6}/64"), "cni0");
+    addr6(pod, format!("{pod_ip6}/64"), "eth0");
+    let gw6s = gw6.to_string();
+    ip(&["-n", pod, "-6", "route", "add", "default", "via", &gw6s]);
+
+    // flannel's two vxlan devices; the IPv6 one's MTU is left to the kernel (eth0's minus the
+    // IPv6 headroom), as flannel creates it without one.
+    let vxlan = |dev: &str, local: &str| {
+        ip(&[
+            "-n",
+            node,
+            "link",
+            "add",
+            dev,
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            local,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ]);
+    };
+    vxlan("flannel.1", public_ip);
+    vxlan("flannel-v6.1", &public_ip6.to_string());
+    ip(&["-n", node, "link", "set", "flannel.1", "mtu", "1450", "up"]);
+    ip(&["-n", node, "link", "set", "flannel-v6.1", "up"]);
+    fl.address_device("flannel.1");
+    addr6(node, format!("{}/128", subnet6.network()), "flannel-v6.1");
+    let mac_of = |dev: &str| {
+        in_ns(node, &["cat", &format!("/sys/class/net/{dev}/address")])
+            .trim()
+            .to_string()
+    };
+    let (mac, mac6) = (mac_of("flannel.1"), mac_of("flannel-v6.1"));
+
+    // The lease, in flannel's dual-stack key and JSON, held by a TTL lease.
+    let key = format!("{subnet}-24&{}-64", subnet6.network());
+    let value = format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ip6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}"#
+    );
+    fl.write_lease_at(&lab, &key, 600, &value);
+
+    // The node's side, programmed by hand from the tweed hosts' leases as flannel reads them.
+    let listing = etcdctl(&lab, &["get", "--prefix", flannel::SUBNETS]);
+    let mut peers = 0;
+    for (k, peer_net, val) in flannel::leases(&listing) {
+        if peer_net == subnet {
+            assert_eq!(val, value, "our lease as written");
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(val).expect("tweed lease is flannel JSON");
+        assert_eq!(v["BackendType"], "vxlan", "{k}");
+        let peer6 = key_subnet6(k).unwrap_or_else(|| panic!("{k}: no IPv6 half in the key"));
+        let peer_gw6 = peer6.network().to_string();
+        let fam: [(&str, &str, &str, String, String, &str); 2] = [
+            (
+                "-4",
+                "flannel.1",
+                "BackendData",
+                peer_net.clone(),
+                format!("{peer_net}/24"),
+                "PublicIP",
+            ),
+            (
+                "-6",
+                "flannel-v6.1",
+                "BackendV6Data",
+                peer_gw6.clone(),
+                peer6.to_string(),
+                "PublicIPv6",
+            ),
+        ];
+        for (f, dev, data, gw, dst, public) in &fam {
+            assert_eq!(v[*data]["VNI"], 1, "{k} {data}");
+            let peer_mac = v[*data]["VtepMAC"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{k}: no {data}.VtepMAC"));
+            let peer_ip = v[*public]
+                .as_str()
+                .unwrap_or_else(|| panic!("{k}: no {public}"));
+            ip(&[
+                "-n",
+                node,
+                f,
+                "neigh",
+                "replace",
+                gw,
+                "lladdr",
+                peer_mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+            in_ns(
+                node,
+                &[
+                    "bridge",
+                    "fdb",
+                    "replace",
+                    peer_mac,
+                    "dev",
+                    dev,
+                    "dst",
+                    peer_ip,
+                    "self",
+                    "permanent",
+                ],
+            );
+            ip(&[
+                "-n", node, f, "route", "replace", dst, "via", gw, "dev", dev, "onlink",
+            ]);
+        }
+        peers += 1;
+    }
+    assert_eq!(peers, 2, "{listing}");
+
+    // Each tweed host programs the node from its dual-stack lease: both families, flannel's
+    // entries, the IPv6 ones on tweed-v6.1 toward the node's PublicIPv6.
+    let route6 = format!(
+        "{subnet6} via {} proto static metric 1024 onlink",
+        subnet6.network()
+    );
+    let neigh6 = format!("{} lladdr {mac6} PERMANENT", subnet6.network());
+    let fdb6 = format!("{mac6} dst {public_ip6} self permanent");
+    for h in ["h1", "h2"] {
+        let ns = host_state(&lab, h).netns;
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{h} to program the flannel node over both families"),
+            || {
+                let s = vxlan_state(&ns, "tweed.1");
+                let show =
+                    |argv: &[&str]| tweed_testkit::cmd::try_in_ns(&ns, argv).unwrap_or_default();
+                s.routes.contains(&format!("{subnet}/24 via {subnet}"))
+                    && s.fdb.contains(&mac)
+                    && show(&["ip", "-6", "route", "show", "dev", "tweed-v6.1"]).contains(&route6)
+                    && show(&["ip", "-6", "neigh", "show", "dev", "tweed-v6.1"]).contains(&neigh6)
+                    && show(&["bridge", "fdb", "show", "dev", "tweed-v6.1"]).contains(&fdb6)
+            },
+        );
+    }
+
+    // Both directions, both families, every tweed pod; and from the node itself over IPv6,
+    // which leaves from its /128 on flannel-v6.1 and so is answered through the overlay.
+    let pod_ip6s = pod_ip6.to_string();
+    for h in ["h1", "h2"] {
+        for p in &host_state(&lab, h).pods {
+            let ip4 = p.ip.to_string();
+            let ip6 = p
+                .ip6
+                .unwrap_or_else(|| panic!("{h}/{}: no IPv6", p.name))
+                .to_string();
+            for (from, to) in [
+                (pod, ip4.as_str()),
+                (pod, ip6.as_str()),
+                (p.netns.as_str(), pod_ip),
+                (p.netns.as_str(), pod_ip6s.as_str()),
+                (node, ip6.as_str()),
+            ] {
+                assert!(
+                    ok_in(from, &["ping", "-n", "-c", "2", "-W", "2", to]),
+                    "{from} -> {to} ({h}/{})",
+                    p.name
+                );
+            }
+        }
+    }
+}
