@@ -1,5 +1,5 @@
-//! Kernel change notifications: an rtnetlink socket subscribed to the link, IPv4 address, IPv4
-//! and IPv6 route and neighbour multicast groups of one network namespace, decoded into the same
+//! Kernel change notifications: an rtnetlink socket subscribed to the link, IPv4 and IPv6
+//! address, IPv4 and IPv6 route and neighbour multicast groups of one network namespace, decoded into the same
 //! plain types the queries return. The agent repairs what it owns from these within a second
 //! instead of waiting for its periodic relist.
 //!
@@ -21,19 +21,24 @@ use tokio::sync::mpsc;
 use super::error::NetlinkError;
 use super::netns::Netns;
 use super::real::{
-    grow_rcvbuf, parse_addr, parse_fdb, parse_link, parse_neigh, parse_neigh6, parse_route,
-    parse_route6,
+    grow_rcvbuf, parse_addr, parse_addr6, parse_fdb, parse_link, parse_neigh, parse_neigh6,
+    parse_route, parse_route6,
 };
-use super::types::{Addr, FdbEntry, Link, Neighbour, Neighbour6, Route, Route6};
+use super::types::{Addr, Addr6, FdbEntry, Link, Neighbour, Neighbour6, Route, Route6};
 
 // Legacy group bits (`RTMGRP_*`): the ones a bind address carries.
 const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_NEIGH: u32 = 0x4;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 const RTMGRP_IPV6_ROUTE: u32 = 0x400;
-const GROUPS: u32 =
-    RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+const GROUPS: u32 = RTMGRP_LINK
+    | RTMGRP_NEIGH
+    | RTMGRP_IPV4_IFADDR
+    | RTMGRP_IPV4_ROUTE
+    | RTMGRP_IPV6_IFADDR
+    | RTMGRP_IPV6_ROUTE;
 
 /// Whether the kernel announced an object (new or changed) or its removal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +52,8 @@ pub enum Change {
 pub enum Event {
     Link(Change, Link),
     Addr(Change, Addr),
+    /// An IPv6 address (the IPv6 vxlan device holds its subnet address as a /128).
+    Addr6(Change, Addr6),
     /// A main-table IPv4 unicast route.
     Route(Change, Route),
     /// An IPv6 unicast route (the IPv6 data plane's, or an IPv6 underlay's).
@@ -193,6 +200,14 @@ fn event_of(m: &RouteNetlinkMessage) -> Option<Event> {
     Some(match m {
         M::NewLink(l) => Event::Link(New, parse_link(l)),
         M::DelLink(l) => Event::Link(Del, parse_link(l)),
+        M::NewAddress(a) | M::DelAddress(a) if a.header.family == AddressFamily::Inet6 => {
+            let c = if matches!(m, M::NewAddress(_)) {
+                New
+            } else {
+                Del
+            };
+            Event::Addr6(c, parse_addr6(a)?)
+        }
         M::NewAddress(a) => Event::Addr(New, parse_addr(a)?),
         M::DelAddress(a) => Event::Addr(Del, parse_addr(a)?),
         M::NewRoute(r) | M::DelRoute(r) if r.header.address_family == AddressFamily::Inet6 => {

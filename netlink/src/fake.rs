@@ -288,6 +288,26 @@ impl Fake {
                     net: *addr,
                 },
             )],
+            Op::Addr6Add {
+                ifindex,
+                addr,
+                nodad,
+            } => vec![Event::Addr6(
+                Change::New,
+                Addr6 {
+                    ifindex: *ifindex,
+                    net: *addr,
+                    tentative: !*nodad,
+                },
+            )],
+            Op::Addr6Del { ifindex, addr } => vec![Event::Addr6(
+                Change::Del,
+                Addr6 {
+                    ifindex: *ifindex,
+                    net: *addr,
+                    tentative: false,
+                },
+            )],
             Op::RouteReplace(r) => vec![Event::Route(Change::New, *r)],
             Op::RouteDel(r) => vec![Event::Route(Change::Del, *r)],
             Op::Route6Replace(r) => vec![Event::Route6(Change::New, *r)],

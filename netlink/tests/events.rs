@@ -71,6 +71,10 @@ fn link_route_neighbour_and_fdb_changes_are_announced() {
         wait_for(&mut ev, "fdb del", |e| matches!(e, Event::Fdb(Change::Del, f) if f.mac.to_string() == "02:00:00:00:00:08")).await;
         // The IPv6 twins, with their content (the IPv6 data plane repairs from them).
         ip(&ns, "-6 addr add 2001:db8::1/64 dev d0 nodad");
+        wait_for(&mut ev, "address6", |e| matches!(e, Event::Addr6(Change::New, a) if a.net.to_string() == "2001:db8::1/64" && !a.tentative)).await;
+        ip(&ns, "-6 addr add 2001:db8:1::1/128 dev d0 nodad");
+        ip(&ns, "-6 addr del 2001:db8:1::1/128 dev d0");
+        wait_for(&mut ev, "address6 del", |e| matches!(e, Event::Addr6(Change::Del, a) if a.net.to_string() == "2001:db8:1::1/128")).await;
         ip(&ns, "-6 route add fd00:10:244:9::/64 via 2001:db8::9 dev d0");
         wait_for(&mut ev, "route6", |e| matches!(e, Event::Route6(Change::New, r) if r.dst.to_string() == "fd00:10:244:9::/64" && r.gateway.map(|g| g.to_string()).as_deref() == Some("2001:db8::9"))).await;
         ip(&ns, "-6 route del fd00:10:244:9::/64");

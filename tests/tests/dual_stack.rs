@@ -229,6 +229,7 @@ fn vxlan_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
                 .contains(&format!("{}/128", subnet6_of(&lab, "h1").network()))
     };
     assert!(intact(), "h1's IPv6 entries for h2 before the breakages");
+    assert_deleted_v6_address_returns_within_a_second(&lab);
     for (what, argv) in &breakages {
         in_ns(&h1.netns, argv);
         wait_for(
@@ -244,6 +245,54 @@ fn vxlan_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
             &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]
         ),
         "h1/p1 -> {target} after the repairs"
+    );
+}
+
+/// h1's `tweed-v6.1` subnet address (/128), deleted by hand, is put back from the kernel's IPv6
+/// address notification within a second (before, only a device set-up or the 60 s relist did),
+/// and the repair is counted under kind `address` in `tweed_repairs_total`.
+fn assert_deleted_v6_address_returns_within_a_second(lab: &Lab) {
+    let h1 = host_state(lab, "h1");
+    let own = format!("{}/128", subnet6_of(lab, "h1").network());
+    let url = format!("http://{}:9867/metrics", h1.public_ip);
+    let address_repairs = || {
+        let body = lab
+            .exec("h2", &["curl", "-sf", "--max-time", "2", &url])
+            .unwrap_or_default();
+        body.lines()
+            .find(|l| l.starts_with("tweed_repairs_total{kind=\"address\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = address_repairs();
+    let has_it = || {
+        tweed_testkit::cmd::try_in_ns(
+            &h1.netns,
+            &["ip", "-6", "addr", "show", "dev", "tweed-v6.1"],
+        )
+        .is_ok_and(|a| a.contains(&own))
+    };
+    assert!(has_it(), "h1: no {own} on tweed-v6.1");
+    in_ns(
+        &h1.netns,
+        &["ip", "-6", "addr", "del", &own, "dev", "tweed-v6.1"],
+    );
+    assert!(!has_it(), "h1: {own} still there after its deletion");
+    wait_for(
+        Duration::from_secs(1),
+        &format!("h1's {own} back on tweed-v6.1"),
+        has_it,
+    );
+    wait_for(
+        Duration::from_secs(5),
+        "an address repair counted in h1's /metrics",
+        || address_repairs() > before,
+    );
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("repaired drift") && l.contains(&format!("addr replace {own}"))),
+        "no repair of {own} in h1's log"
     );
 }
 

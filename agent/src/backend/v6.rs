@@ -294,6 +294,9 @@ enum Kind {
 pub struct V6Plane {
     params: V6Params,
     kind: Kind,
+    /// What set-up had to write (device and address ops): a repair reports these as what it
+    /// put back, and records them as echoes.
+    setup_ops: Vec<Op>,
 }
 
 /// The device decision, as for IPv4: a device with the wanted vxlan attributes and MAC is kept
@@ -412,6 +415,7 @@ impl V6Plane {
         params: V6Params,
         backend: &DataPlane,
     ) -> Result<Option<V6Plane>, NetlinkError> {
+        let mut setup_ops = Vec::new();
         let kind = match backend {
             DataPlane::Vxlan(b) => {
                 let c = b.config();
@@ -441,6 +445,8 @@ impl V6Plane {
                 if !addr_ops.is_empty() {
                     tracing::info!(device = %spec.name, addr = %want, "vxlan: IPv6 device address set");
                 }
+                setup_ops.extend(ops);
+                setup_ops.extend(addr_ops);
                 Kind::Vxlan { spec, ifindex }
             }
             DataPlane::HostGw(b) => Kind::HostGw {
@@ -448,7 +454,16 @@ impl V6Plane {
             },
             _ => return Ok(None),
         };
-        Ok(Some(V6Plane { params, kind }))
+        Ok(Some(V6Plane {
+            params,
+            kind,
+            setup_ops,
+        }))
+    }
+
+    /// What the last set-up wrote (nothing when the device and its address were in place).
+    pub fn setup_ops(&self) -> &[Op] {
+        &self.setup_ops
     }
 
     /// The vxlan device's index (drift repair's way to tell its notifications apart).

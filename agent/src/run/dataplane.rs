@@ -447,6 +447,13 @@ impl Plane {
         let Some(stats) = self.reconcile(remotes).await else {
             return out;
         };
+        // The IPv6 device was set up again above (v6_stale): what that wrote (a deleted /128
+        // put back) is part of the repair, counted under its kind like the IPv4 device's.
+        if device || rebuild {
+            if let Some(v6) = &self.v6 {
+                out.ops.extend(v6.setup_ops().iter().cloned());
+            }
+        }
         out.ops.extend(stats.applied);
         out.clean = stats.failures.is_empty();
         if self.backend.mtu() != mtu_before {

@@ -102,6 +102,13 @@ impl Watched {
             Event::Neigh6(_, n) if dev6.is_some_and(|(i, _)| *i == n.ifindex) => {
                 Some(Trigger::Neigh)
             }
+            // The IPv6 device's subnet address (/128). Its link-local address is the kernel's
+            // (made and dropped with the link state, which the link's own event reports).
+            Event::Addr6(_, a)
+                if dev6.is_some_and(|(i, _)| *i == a.ifindex) && !is_link_local(a.net.ip()) =>
+            {
+                Some(Trigger::Address)
+            }
             Event::Lost => Some(Trigger::Lost),
             _ => None,
         }
@@ -116,6 +123,11 @@ impl Watched {
             dst.prefix() >= w.network.prefix() && w.network.contains(dst.network())
         })
     }
+}
+
+/// `fe80::/10`.
+fn is_link_local(ip: Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
 }
 
 /// How long the kernel's echo of one of our writes is expected: it arrives within milliseconds
@@ -170,6 +182,14 @@ enum EchoKey {
         ifindex: u32,
         mac: MacAddr,
     },
+    Addr6New {
+        ifindex: u32,
+        net: Ipv6Network,
+    },
+    Addr6Del {
+        ifindex: u32,
+        net: Ipv6Network,
+    },
 }
 
 impl EchoKey {
@@ -202,6 +222,8 @@ impl EchoKey {
             Op::Neigh6Del { ifindex, ip } => (EchoKey::Neigh6Del { ifindex, ip }, None),
             Op::Fdb6Replace { ifindex, mac, .. } => (EchoKey::Fdb6New { ifindex, mac }, None),
             Op::Fdb6Del { ifindex, mac, .. } => (EchoKey::FdbDel { ifindex, mac }, None),
+            Op::Addr6Add { ifindex, addr, .. } => (EchoKey::Addr6New { ifindex, net: addr }, None),
+            Op::Addr6Del { ifindex, addr } => (EchoKey::Addr6Del { ifindex, net: addr }, None),
             _ => return None,
         })
     }
@@ -289,6 +311,19 @@ impl EchoKey {
                 EchoKey::FdbDel {
                     ifindex: f.ifindex,
                     mac: f.mac,
+                },
+                None,
+            ),
+            Event::Addr6(c, a) => (
+                match c {
+                    Change::New => EchoKey::Addr6New {
+                        ifindex: a.ifindex,
+                        net: a.net,
+                    },
+                    Change::Del => EchoKey::Addr6Del {
+                        ifindex: a.ifindex,
+                        net: a.net,
+                    },
                 },
                 None,
             ),
@@ -662,10 +697,29 @@ mod tests {
             (Event::Neigh6(Del, n6(2)), None),
             (Event::Fdb(Del, fdb6(9)), Some(Trigger::Fdb)),
             (Event::Fdb(Del, fdb6(5)), None),
+            // The device's subnet address: removed (or another one added) is drift; the
+            // kernel's link-local address and addresses elsewhere are not ours.
+            (
+                Event::Addr6(Del, addr6(9, "fd00:10:244:7::/128")),
+                Some(Trigger::Address),
+            ),
+            (
+                Event::Addr6(New, addr6(9, "2001:db8::1/64")),
+                Some(Trigger::Address),
+            ),
+            (Event::Addr6(Del, addr6(9, "fe80::1/64")), None),
+            (Event::Addr6(New, addr6(9, "febf::1/64")), None),
+            (Event::Addr6(Del, addr6(2, "fd00:198:18::1/64")), None),
+            (Event::Addr6(Del, addr6(7, "fd00:10:244:7::/128")), None),
         ];
         for (event, want) in &cases {
             assert_eq!(w.trigger(event), *want, "{event:?}");
         }
+        assert_eq!(
+            watched().trigger(&Event::Addr6(Del, addr6(9, "fd00:10:244:7::/128"))),
+            None,
+            "no IPv6 plane"
+        );
         // Without an IPv6 plane none of them concern this node.
         let v4 = watched();
         assert_eq!(v4.trigger(&cases[2].0), None);
@@ -701,6 +755,38 @@ mod tests {
         assert!(!e.is_echo(&Event::Route6(New, moved), t0));
         assert!(!e.is_echo(&Event::Route6(Del, r), t0));
         assert!(!e.is_echo(&Event::Route6(New, r), t0 + ECHO_TTL * 2));
+
+        // The device address the agent (re)sets is an echo; its removal by someone else is
+        // not, nor is a different address, nor the echo after its TTL.
+        let own = addr6(9, "fd00:10:244:7::/128");
+        e.record(
+            &[Op::Addr6Add {
+                ifindex: 9,
+                addr: own.net,
+                nodad: true,
+            }],
+            t0,
+        );
+        assert!(e.is_echo(&Event::Addr6(New, own), t0));
+        assert!(!e.is_echo(&Event::Addr6(Del, own), t0));
+        assert!(!e.is_echo(&Event::Addr6(New, addr6(9, "fd00:10:244:8::/128")), t0));
+        assert!(!e.is_echo(&Event::Addr6(New, own), t0 + ECHO_TTL * 2));
+        e.record(
+            &[Op::Addr6Del {
+                ifindex: 9,
+                addr: "2001:db8::1/64".parse().unwrap(),
+            }],
+            t0,
+        );
+        assert!(e.is_echo(&Event::Addr6(Del, addr6(9, "2001:db8::1/64")), t0));
+    }
+
+    fn addr6(ifindex: u32, net: &str) -> crate::netlink::Addr6 {
+        crate::netlink::Addr6 {
+            ifindex,
+            net: net.parse().unwrap(),
+            tentative: false,
+        }
     }
 
     #[test]
