@@ -475,6 +475,14 @@ fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
             "/coreos.com/network/subnets/",
         ],
     );
+    // The agent writes its lease before it sets the data plane up and rewrites subnet.env
+    // (which still holds the earlier run's IPv6 pair until then): the peers can drop their
+    // routes before that, so the file is waited for, not read once.
+    wait_for(
+        Duration::from_secs(15),
+        "h3's subnet.env without an IPv6 half",
+        || tweed_config::SubnetEnv::read(&h3.subnet_file).is_ok_and(|e| e.ipv6.is_none()),
+    );
     let subnet3 = tweed_config::SubnetEnv::read(&h3.subnet_file).unwrap();
     let v4_key = subnet3.node_subnet().to_string().replace('/', "-");
     assert!(
