@@ -23,6 +23,8 @@ LABELS = {
     "twg": "tweed\nwireguard",
     "wggo": "wireguard-go",
     "tweed": "tweed (lab)\nvxlan",
+    "tvxlan6": "tweed vxlan\nIPv6 (lab)",
+    "tdual4": "tweed vxlan\nIPv4 (dual lab)",
 }
 PANELS = [
     ("tcp1", "TCP, 1 stream (Gbit/s)"),
