@@ -434,6 +434,81 @@ fn full_size_udp(from: &NetnsGuard, from_ip: &str, to: &NetnsGuard, to_ip: &str)
     assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
 }
 
+/// Bytes of the TCP transfer each way: many windows, so a path that loses or reorders
+/// segments must recover, and the tunnel's MSS (from MTU 1420) is exercised.
+const TCP_BYTES: usize = 1 << 20;
+
+/// `len` bytes of a xorshift64 stream from `seed`: no period short enough to hide a
+/// duplicated or dropped segment, and different per direction.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// [`TCP_BYTES`] over TCP from `from` (`from_ip`) to `to` (`to_ip`) through the tunnel, compared
+/// byte for byte on arrival. The listener is made in `to`'s namespace and the connection in
+/// `from`'s (a socket keeps its namespace), then both ends run here: the sender on a thread of
+/// its own. Every connect, read and write has a timeout, so a broken path fails naming the
+/// direction instead of hanging the VM run. Returns the transfer's duration.
+fn tcp_transfer(
+    from: &NetnsGuard,
+    from_ip: &str,
+    to: &NetnsGuard,
+    to_ip: &str,
+    seed: u64,
+) -> std::time::Duration {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+    // TCG is slow; a stall this long means the path is broken, not busy.
+    const STALL: Duration = Duration::from_secs(30);
+    let what = format!("TCP {from_ip} -> {to_ip}");
+    let bind: SocketAddr = format!("{to_ip}:0").parse().unwrap();
+    let listener = to
+        .enter(move || TcpListener::bind(bind))
+        .unwrap_or_else(|e| panic!("{what}: bind: {e}"));
+    let dst = listener.local_addr().unwrap();
+    let mut tx = from
+        .enter(move || TcpStream::connect_timeout(&dst, STALL))
+        .unwrap_or_else(|e| panic!("{what}: connect: {e}"));
+    // connect returned: the handshake is done, so the connection waits in the accept queue.
+    let (mut rx, peer) = listener
+        .accept()
+        .unwrap_or_else(|e| panic!("{what}: accept: {e}"));
+    assert_eq!(peer.ip().to_string(), from_ip, "{what}: source address");
+    rx.set_read_timeout(Some(STALL)).unwrap();
+    tx.set_write_timeout(Some(STALL)).unwrap();
+    let data = pattern(seed, TCP_BYTES);
+    let sent = data.clone();
+    let t0 = Instant::now();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        tx.write_all(&sent)?;
+        tx.shutdown(Shutdown::Write)
+    });
+    let mut got = Vec::with_capacity(TCP_BYTES);
+    let read = rx.read_to_end(&mut got);
+    let took = t0.elapsed();
+    // A failed read drops `rx` when the panic unwinds, which resets the sender's writes.
+    read.unwrap_or_else(|e| panic!("{what}: read after {} bytes: {e}", got.len()));
+    sender
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{what}: write: {e}"));
+    assert_eq!(got.len(), TCP_BYTES, "{what}: length");
+    if let Some(i) = got.iter().zip(&data).position(|(g, d)| g != d) {
+        panic!("{what}: byte {i} differs");
+    }
+    took
+}
+
 /// The `wg show DEV latest-handshakes` line of `key`: seconds since the epoch, 0 for none.
 fn wg_latest_handshake(ns: &NetnsGuard, dev: &str, key: &str) -> u64 {
     let out = in_ns(ns.name(), &["wg", "show", dev, "latest-handshakes"]);
@@ -546,6 +621,8 @@ fn a_kernel_node_configured_as_flannel_does_interoperates_with_the_kernel_backen
     ping_ok(&b, "10.5.2.0", "flannel-configured node -> tweed");
     full_size_udp(&a, "10.5.2.0", &b, "10.5.3.0");
     full_size_udp(&b, "10.5.3.0", &a, "10.5.2.0");
+    let tcp_to = tcp_transfer(&a, "10.5.2.0", &b, "10.5.3.0", 0x7eed_2003);
+    let tcp_back = tcp_transfer(&b, "10.5.3.0", &a, "10.5.2.0", 0x7eed_3002);
 
     let (_, stats) = node_run(&a, 2, vec![flannel_peer]);
     assert_eq!(stats.len(), 1, "{stats:?}");
@@ -570,7 +647,7 @@ fn a_kernel_node_configured_as_flannel_does_interoperates_with_the_kernel_backen
     assert!(f.len() == 2 && f[0] > 0 && f[1] > 0, "{line}");
     eprintln!(
         "flannel-configured kernel node: tweed read back {s:?}; wg show on it: handshake at {hs}, \
-         rx/tx {} / {} bytes",
+         rx/tx {} / {} bytes; TCP {TCP_BYTES} B tweed -> it in {tcp_to:?}, back in {tcp_back:?}",
         f[0], f[1]
     );
 }
@@ -612,6 +689,8 @@ fn kernel_and_userspace_backends_in_one_mesh_carry_traffic_both_ways() {
     ping_ok(&b, "10.5.2.0", "userspace -> kernel");
     full_size_udp(&a, "10.5.2.0", &b, "10.5.3.0");
     full_size_udp(&b, "10.5.3.0", &a, "10.5.2.0");
+    let tcp_to = tcp_transfer(&a, "10.5.2.0", &b, "10.5.3.0", 0x7eed_2003);
+    let tcp_back = tcp_transfer(&b, "10.5.3.0", &a, "10.5.2.0", 0x7eed_3002);
     let (_, ks) = node_run(&a, 2, vec![lease_peer(3)]);
     let us = user.peer_stats();
     assert_eq!((ks.len(), us.len()), (1, 1), "{ks:?} {us:?}");
@@ -624,7 +703,8 @@ fn kernel_and_userspace_backends_in_one_mesh_carry_traffic_both_ways() {
     assert_eq!(ks[0].public_key, PrivateKey::from_bytes([3; 32]).public());
     assert_eq!(us[0].public_key, PrivateKey::from_bytes([2; 32]).public());
     eprintln!(
-        "mixed mesh: kernel node read back {:?}; userspace node {:?}",
+        "mixed mesh: kernel node read back {:?}; userspace node {:?}; TCP {TCP_BYTES} B kernel \
+         -> userspace in {tcp_to:?}, back in {tcp_back:?}",
         ks[0], us[0]
     );
     drop(user);
