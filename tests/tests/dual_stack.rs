@@ -148,6 +148,24 @@ fn assert_tcp6_and_outside(lab: &Lab) {
     );
 }
 
+/// Every host's subnet.env MTU and every pod's eth0 MTU is `want` (issue 19: on vxlan dual
+/// stack pods get `tweed-v6.1`'s MTU, so a full-size IPv6 packet needs no Packet Too Big first).
+fn assert_pod_mtus(lab: &Lab, want: u32) {
+    for h in &lab.state().hosts {
+        let env = tweed_config::SubnetEnv::read(&h.subnet_file).unwrap();
+        assert_eq!(env.mtu, want, "{}: subnet.env", h.name);
+        for p in &h.pods {
+            let link = in_ns(&p.netns, &["ip", "link", "show", names::POD_IFACE]);
+            assert!(
+                link.contains(&format!(" mtu {want} ")),
+                "{}/{}: {link}",
+                h.name,
+                p.name
+            );
+        }
+    }
+}
+
 /// vxlan: `tweed-v6.1` beside `tweed.1`, its VTEP the host's IPv6 underlay address, MTU the
 /// underlay's minus 70, the host's IPv6 subnet address /128 on it; one onlink route per peer.
 #[test]
@@ -155,6 +173,12 @@ fn vxlan_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
     require_root!(NEEDS_ROOT);
     let lab = dual_lab("d6v", Backend::Vxlan);
     assert_dual_stack_reachability(&lab);
+    // tweed.1 stays at underlay - 50 (checked below for tweed-v6.1 at - 70).
+    for h in &lab.state().hosts {
+        let link = in_ns(&h.netns, &["ip", "link", "show", "tweed.1"]);
+        assert!(link.contains(" mtu 1450 "), "{}: {link}", h.name);
+    }
+    assert_pod_mtus(&lab, 1430);
     for h in &lab.state().hosts {
         let link = in_ns(&h.netns, &["ip", "-d", "link", "show", "tweed-v6.1"]);
         let local = format!("local {} ", h.public_ip6.unwrap());
@@ -335,6 +359,8 @@ fn host_gw_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
     require_root!(NEEDS_ROOT);
     let lab = dual_lab("d6h", Backend::HostGw);
     assert_dual_stack_reachability(&lab);
+    // host-gw: no encapsulation, pods get the underlay's MTU in both families.
+    assert_pod_mtus(&lab, 1500);
     for h in &lab.state().hosts {
         let routes = in_ns(&h.netns, &["ip", "-6", "route"]);
         for peer in lab.state().hosts.iter().filter(|p| p.name != h.name) {
@@ -493,6 +519,8 @@ fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
         subnet3.ipv6.is_none(),
         "h3's subnet.env still has an IPv6 half"
     );
+    // IPv4 only now: pods created from now on get tweed.1's MTU again.
+    assert_eq!(subnet3.mtu, 1450, "h3's subnet.env MTU, IPv4 only");
 
     // IPv4: every pair; IPv6: between the dual-stack nodes (h3's pods keep a stale IPv6
     // address, which `check` still pings and which fails, so only its IPv4 results count).

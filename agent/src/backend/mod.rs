@@ -346,6 +346,21 @@ impl Prepared {
         each_config!(self, c => c.underlay_mtu)
     }
 
+    /// The MTU pods get (subnet.env, status, metrics) for a backend device of `device_mtu`;
+    /// `dual`: this node runs the IPv6 half. Only vxlan has an IPv6 device with a larger
+    /// overhead (see [`v6::pod_mtu`]); host-gw's IPv6 routes use the underlay itself and the
+    /// other backends carry no IPv6, so they keep the device's MTU.
+    pub fn pod_mtu(&self, device_mtu: u32, dual: bool) -> u32 {
+        match self {
+            Prepared::Vxlan(c) => v6::pod_mtu(
+                device_mtu,
+                c.mtu_override.is_some(),
+                dual.then(|| v6::device_mtu6(c.underlay_mtu)),
+            ),
+            _ => device_mtu,
+        }
+    }
+
     /// The underlay's MTU changed at run time: the next [`setup`](Self::setup) derives the
     /// device's MTU from `mtu` (an MTU override in the network config still wins).
     pub fn set_underlay_mtu(&mut self, mtu: u32) {
@@ -816,6 +831,88 @@ mod tests {
             hg.leftovers(network, &links, &routes),
             vec![del("tweed.1"), del("tweed0"), del("tweed.7")]
         );
+    }
+
+    fn vxlan_on(underlay_mtu: u32, mtu_override: Option<u32>) -> Prepared {
+        Prepared::Vxlan(VxlanConfig {
+            vni: 1,
+            port: 0,
+            local_ip: "192.168.56.11".parse().unwrap(),
+            underlay_ifindex: 1,
+            underlay_mtu,
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+            mac_file: PathBuf::from("/nonexistent"),
+            mtu_override,
+            direct_routing: None,
+        })
+    }
+
+    /// The device MTU as the vxlan backend derives it from the same config.
+    fn vxlan_device_mtu(p: &Prepared) -> u32 {
+        match p {
+            Prepared::Vxlan(c) => c.mtu(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn pods_get_the_smaller_vxlan_device_mtu_only_when_the_ipv6_device_runs() {
+        // v4 only: tweed.1's underlay - 50, as flannel.
+        let v4 = vxlan_on(1500, None);
+        assert_eq!(v4.pod_mtu(vxlan_device_mtu(&v4), false), 1450);
+        // dual stack: tweed-v6.1's underlay - 70 is the smaller.
+        assert_eq!(v4.pod_mtu(vxlan_device_mtu(&v4), true), 1430);
+        // jumbo underlay: 9000 -> 8950 v4 only, 8930 dual.
+        let jumbo = vxlan_on(9000, None);
+        assert_eq!(jumbo.pod_mtu(vxlan_device_mtu(&jumbo), false), 8950);
+        assert_eq!(jumbo.pod_mtu(vxlan_device_mtu(&jumbo), true), 8930);
+        // An override wins, also above the IPv6 device's MTU and in dual stack.
+        for (over, want) in [(1400, 1400), (1450, 1450), (1440, 1440)] {
+            let p = vxlan_on(1500, Some(over));
+            assert_eq!(
+                p.pod_mtu(vxlan_device_mtu(&p), true),
+                want,
+                "override {over}"
+            );
+            assert_eq!(
+                p.pod_mtu(vxlan_device_mtu(&p), false),
+                want,
+                "override {over}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_gw_and_the_other_backends_keep_their_device_mtu_in_dual_stack() {
+        let hg = Prepared::HostGw(HostGwConfig {
+            network: "10.244.0.0/16".parse().unwrap(),
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+            local_ip: "192.168.56.11".parse().unwrap(),
+            underlay_ifindex: 1,
+            underlay_name: "eth1".into(),
+            underlay_mtu: 1500,
+        });
+        // host-gw: no encapsulation, IPv6 routed on the underlay itself.
+        assert_eq!(hg.pod_mtu(1500, true), 1500);
+        assert_eq!(hg.pod_mtu(1500, false), 1500);
+        assert_eq!(hg.pod_mtu(9000, true), 9000);
+    }
+
+    #[test]
+    fn the_pod_mtu_rule_itself() {
+        use v6::{device_mtu6, pod_mtu};
+        assert_eq!(device_mtu6(1500), 1430);
+        assert_eq!(device_mtu6(9000), 8930);
+        assert_eq!(
+            device_mtu6(40),
+            0,
+            "saturates, the v4 check refuses such an underlay"
+        );
+        assert_eq!(pod_mtu(1450, false, None), 1450);
+        assert_eq!(pod_mtu(1450, false, Some(1430)), 1430);
+        assert_eq!(pod_mtu(1450, true, Some(1430)), 1450);
+        // Never above the IPv4 device either.
+        assert_eq!(pod_mtu(1400, false, Some(1430)), 1400);
     }
 
     #[tokio::test]

@@ -29,6 +29,23 @@ use crate::netlink::{
 /// packets 20 bytes too big for the underlay.
 pub const VXLAN6_OVERHEAD: u32 = 70;
 
+/// The IPv6 vxlan device's MTU for an underlay of `underlay_mtu`.
+pub fn device_mtu6(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(VXLAN6_OVERHEAD)
+}
+
+/// The MTU pods get (subnet.env's `TWEED_MTU`, status, metrics): the IPv4 backend's device MTU,
+/// or, when the node runs the IPv6 vxlan device (`v6_device_mtu`), the smaller of the two, so a
+/// full-size IPv6 packet fits `tweed-v6.<VNI>` without a Packet Too Big round first. An MTU
+/// override in the network config is what the operator asked pods to get: it wins as for IPv4.
+/// Each device keeps its own MTU; only what pods are told changes.
+pub fn pod_mtu(v4_device_mtu: u32, mtu_override: bool, v6_device_mtu: Option<u32>) -> u32 {
+    match v6_device_mtu {
+        Some(v6) if !mtu_override => v4_device_mtu.min(v6),
+        _ => v4_device_mtu,
+    }
+}
+
 pub fn device_name(vni: u32) -> String {
     format!("tweed-v6.{vni}")
 }
@@ -50,7 +67,7 @@ pub fn device_spec(
         local: public_ipv6.into(),
         underlay,
         learning: false,
-        mtu: Some(underlay_mtu.saturating_sub(VXLAN6_OVERHEAD)),
+        mtu: Some(device_mtu6(underlay_mtu)),
         mac: Some(mac),
     }
 }

@@ -162,8 +162,16 @@ impl Plane {
         plane.setup_v6().await;
         plane.ensure_tx_csum().await;
         plane.write_subnet_env(own.subnet())?;
-        plane.report.mtu(plane.backend.mtu());
+        plane.report.mtu(plane.pod_mtu());
         Ok(plane)
+    }
+
+    /// The MTU pods are told: the smaller of the two vxlan devices' when this node runs the IPv6
+    /// half (the same condition [`setup_v6`](Self::setup_v6) sets it up under), so it does not
+    /// flap with a failed IPv6 set-up.
+    fn pod_mtu(&self) -> u32 {
+        let dual = self.ipv6_plane.is_some() && self.own_v6.is_some();
+        self.prepared.pod_mtu(self.backend.mtu(), dual)
     }
 
     /// subnet.env: the network, our subnet's first address, the MTU and whether we masquerade.
@@ -172,7 +180,7 @@ impl Plane {
         let env = SubnetEnv {
             network: self.network,
             subnet: Ipv4Network::new(first, subnet.prefix()).expect("valid prefix"),
-            mtu: self.backend.mtu(),
+            mtu: self.pod_mtu(),
             // Tells the CNI plugin the agent masquerades, so the plugin does not do it a second time.
             ipmasq: self.ip_masq,
             ipv6: self.subnet_env_v6(),
@@ -253,6 +261,8 @@ impl Plane {
             return;
         }
         self.own_v6 = v6;
+        // Gaining or losing the IPv6 half can change the pods' MTU (vxlan).
+        self.report.mtu(self.pod_mtu());
         if let Err(e) = self.write_subnet_env(self.prepared.own_subnet()) {
             error!("{e}");
         }
@@ -384,7 +394,7 @@ impl Plane {
     ) -> Repaired {
         let mut out = Repaired::default();
         let any = |ts: &[Trigger]| ts.iter().any(|t| triggers.contains(t));
-        let mtu_before = self.backend.mtu();
+        let mtu_before = self.pod_mtu();
         let mut rebuild = false;
         if any(&[Trigger::Underlay, Trigger::Lost]) {
             match self.nl.link_by_index(self.underlay).await {
@@ -456,15 +466,12 @@ impl Plane {
         }
         out.ops.extend(stats.applied);
         out.clean = stats.failures.is_empty();
-        if self.backend.mtu() != mtu_before {
+        let mtu_after = self.pod_mtu();
+        if mtu_after != mtu_before {
             out.notes.push(format!(
-                "device MTU {} -> {}; pods started from now on get {} from subnet.env, running pods keep {} until they are recreated",
-                mtu_before,
-                self.backend.mtu(),
-                self.backend.mtu(),
-                mtu_before
+                "pod MTU {mtu_before} -> {mtu_after}; pods started from now on get {mtu_after} from subnet.env, running pods keep {mtu_before} until they are recreated"
             ));
-            self.report.mtu(self.backend.mtu());
+            self.report.mtu(mtu_after);
             if let Err(e) = self.write_subnet_env(self.prepared.own_subnet()) {
                 error!("{e}");
                 out.clean = false;

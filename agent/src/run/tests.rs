@@ -524,15 +524,52 @@ async fn an_underlay_mtu_change_reaches_subnet_env_and_the_metrics() {
 
 /// etcd with a dual-stack host-gw network config.
 fn dual_etcd() -> MemRegistry {
+    dual_etcd_with("host-gw")
+}
+
+/// etcd with a dual-stack network config for `backend`.
+fn dual_etcd_with(backend: &str) -> MemRegistry {
     let mem = MemRegistry::new(PREFIX);
     mem.put_raw(
         &format!("{PREFIX}/config"),
         format!(
-            r#"{{"Network":"{NETWORK}",{SUBNET_MIN},"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"host-gw"}}}}"#
+            r#"{{"Network":"{NETWORK}",{SUBNET_MIN},"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"{backend}"}}}}"#
         )
         .as_bytes(),
     );
     mem
+}
+
+/// Dual-stack vxlan: pods are told the smaller of `tweed.1` (underlay - 50) and `tweed-v6.1`
+/// (underlay - 70), also after the underlay's MTU changes; each device keeps its own MTU.
+#[tokio::test(start_paused = true)]
+async fn dual_stack_vxlan_pods_get_the_ipv6_device_mtu_and_it_follows_the_underlay() {
+    let mem = dual_etcd_with("vxlan");
+    let n = Node::start_with_v6(&mem, "20010db8000000000000000000000001 IDX 40 00 80 eth0\n");
+    n.until("the agent to be ready", |s| s.not_ready().is_empty())
+        .await;
+    let nl = Netlink::from(n.kernel.clone());
+    let device_mtus = || async {
+        let v4 = nl.link_by_name("tweed.1").await.unwrap().unwrap().mtu;
+        let v6 = nl.link_by_name("tweed-v6.1").await.unwrap().unwrap().mtu;
+        (v4, v6)
+    };
+    assert_eq!(n.state.snapshot().ipv6, "dual-stack");
+    assert_eq!(device_mtus().await, (1450, 1430));
+    assert_eq!(n.subnet_env().mtu, 1430);
+    assert_eq!(n.state.snapshot().mtu, 1430);
+    let mut eth0 = nl.link_by_index(n.eth0).await.unwrap().unwrap();
+    eth0.mtu = 9000;
+    n.kernel.put_link(eth0.clone());
+    n.kernel.announce(crate::netlink::Event::Link(
+        crate::netlink::Change::New,
+        eth0,
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(device_mtus().await, (8950, 8930));
+    assert_eq!(n.subnet_env().mtu, 8930);
+    assert_eq!(n.state.snapshot().mtu, 8930);
+    assert_eq!(n.counter("repairs", "mtu"), 1);
 }
 
 /// Our key in etcd and its value, whatever its form.
