@@ -633,133 +633,50 @@ fn op_message(op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
             RouteNetlinkMessage::DelAddress(addr6_msg(*ifindex, addr)),
             PLAIN,
         ),
-        Op::NeighReplace { ifindex, ip, mac } => {
-            let mut m = neigh_msg(AddressFamily::Inet, *ifindex);
-            m.header.state = NeighbourState::Permanent;
-            m.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
-            m.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
-            (RouteNetlinkMessage::NewNeighbour(m), ADD)
-        }
-        Op::NeighDel { ifindex, ip } => {
-            let mut m = neigh_msg(AddressFamily::Inet, *ifindex);
-            m.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
-            (RouteNetlinkMessage::DelNeighbour(m), PLAIN)
-        }
+        Op::NeighReplace { ifindex, ip, mac } => (
+            neigh_new(
+                AddressFamily::Inet,
+                *ifindex,
+                NeighbourAddress::Inet(*ip),
+                mac,
+            ),
+            ADD,
+        ),
+        Op::NeighDel { ifindex, ip } => (
+            neigh_del(AddressFamily::Inet, *ifindex, NeighbourAddress::Inet(*ip)),
+            PLAIN,
+        ),
         Op::FdbReplace { ifindex, mac, dst } => {
-            let mut m = neigh_msg(AddressFamily::Bridge, *ifindex);
-            m.header.state = NeighbourState::Permanent;
-            m.header.flags = NeighbourFlags::Own;
-            m.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
-            m.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                    *dst,
-                )));
-            (RouteNetlinkMessage::NewNeighbour(m), ADD)
+            (fdb_new(*ifindex, mac, NeighbourAddress::Inet(*dst)), ADD)
         }
-        Op::FdbDel { ifindex, mac, dst } => {
-            let mut m = neigh_msg(AddressFamily::Bridge, *ifindex);
-            m.header.flags = NeighbourFlags::Own;
-            m.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
-            if let Some(dst) = dst {
-                m.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                        *dst,
-                    )));
-            }
-            (RouteNetlinkMessage::DelNeighbour(m), PLAIN)
-        }
-        Op::RouteReplace(r) => {
-            let mut m = route_msg(r);
-            m.header.protocol = RouteProtocol::from(if r.protocol == 0 {
-                Route::PROTO_STATIC
-            } else {
-                r.protocol
-            });
-            m.header.scope = RouteScope::Universe;
-            m.header.kind = RouteType::Unicast;
-            if r.onlink {
-                m.header.flags = RouteFlags::Onlink;
-            }
-            (RouteNetlinkMessage::NewRoute(m), ADD)
-        }
-        Op::RouteDel(r) => {
-            let mut m = route_msg(r);
-            // NOWHERE and unspec type/protocol mean "any": the key and next hop pick the route.
-            m.header.scope = RouteScope::NoWhere;
-            m.header.kind = RouteType::Unspec;
-            m.header.protocol = RouteProtocol::Unspec;
-            (RouteNetlinkMessage::DelRoute(m), PLAIN)
-        }
-        Op::Neigh6Replace { ifindex, ip, mac } => {
-            let mut m = neigh_msg(AddressFamily::Inet6, *ifindex);
-            m.header.state = NeighbourState::Permanent;
-            m.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
-                    *ip,
-                )));
-            m.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
-            (RouteNetlinkMessage::NewNeighbour(m), ADD)
-        }
-        Op::Neigh6Del { ifindex, ip } => {
-            let mut m = neigh_msg(AddressFamily::Inet6, *ifindex);
-            m.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
-                    *ip,
-                )));
-            (RouteNetlinkMessage::DelNeighbour(m), PLAIN)
-        }
+        Op::FdbDel { ifindex, mac, dst } => (
+            fdb_del(*ifindex, mac, dst.map(NeighbourAddress::Inet)),
+            PLAIN,
+        ),
+        Op::RouteReplace(r) => (route_new(route_msg(r), r.protocol, r.onlink), ADD),
+        Op::RouteDel(r) => (route_del(route_msg(r)), PLAIN),
+        Op::Neigh6Replace { ifindex, ip, mac } => (
+            neigh_new(
+                AddressFamily::Inet6,
+                *ifindex,
+                NeighbourAddress::Inet6(*ip),
+                mac,
+            ),
+            ADD,
+        ),
+        Op::Neigh6Del { ifindex, ip } => (
+            neigh_del(AddressFamily::Inet6, *ifindex, NeighbourAddress::Inet6(*ip)),
+            PLAIN,
+        ),
         Op::Fdb6Replace { ifindex, mac, dst } => {
-            let mut m = neigh_msg(AddressFamily::Bridge, *ifindex);
-            m.header.state = NeighbourState::Permanent;
-            m.header.flags = NeighbourFlags::Own;
-            m.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
-            m.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
-                    *dst,
-                )));
-            (RouteNetlinkMessage::NewNeighbour(m), ADD)
+            (fdb_new(*ifindex, mac, NeighbourAddress::Inet6(*dst)), ADD)
         }
-        Op::Fdb6Del { ifindex, mac, dst } => {
-            let mut m = neigh_msg(AddressFamily::Bridge, *ifindex);
-            m.header.flags = NeighbourFlags::Own;
-            m.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
-            if let Some(dst) = dst {
-                m.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
-                        *dst,
-                    )));
-            }
-            (RouteNetlinkMessage::DelNeighbour(m), PLAIN)
-        }
-        Op::Route6Replace(r) => {
-            let mut m = route6_msg(r);
-            m.header.protocol = RouteProtocol::from(if r.protocol == 0 {
-                Route::PROTO_STATIC
-            } else {
-                r.protocol
-            });
-            m.header.scope = RouteScope::Universe;
-            m.header.kind = RouteType::Unicast;
-            if r.onlink {
-                m.header.flags = RouteFlags::Onlink;
-            }
-            (RouteNetlinkMessage::NewRoute(m), ADD)
-        }
-        Op::Route6Del(r) => {
-            let mut m = route6_msg(r);
-            m.header.scope = RouteScope::NoWhere;
-            m.header.kind = RouteType::Unspec;
-            m.header.protocol = RouteProtocol::Unspec;
-            (RouteNetlinkMessage::DelRoute(m), PLAIN)
-        }
+        Op::Fdb6Del { ifindex, mac, dst } => (
+            fdb_del(*ifindex, mac, dst.map(NeighbourAddress::Inet6)),
+            PLAIN,
+        ),
+        Op::Route6Replace(r) => (route_new(route6_msg(r), r.protocol, r.onlink), ADD),
+        Op::Route6Del(r) => (route_del(route6_msg(r)), PLAIN),
     };
     let mut nl = NetlinkMessage::from(msg);
     nl.header.flags = flags;
@@ -794,6 +711,74 @@ fn addr6_msg(ifindex: u32, addr: &Ipv6Network) -> AddressMessage {
     m.attributes
         .push(AddressAttribute::Address(addr.ip().into()));
     m
+}
+
+/// A permanent ARP (IPv4) or NDP (IPv6) entry for `dst`.
+fn neigh_new(
+    family: AddressFamily,
+    ifindex: u32,
+    dst: NeighbourAddress,
+    mac: &MacAddr,
+) -> RouteNetlinkMessage {
+    let mut m = neigh_msg(family, ifindex);
+    m.header.state = NeighbourState::Permanent;
+    m.attributes.push(NeighbourAttribute::Destination(dst));
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+    RouteNetlinkMessage::NewNeighbour(m)
+}
+
+fn neigh_del(family: AddressFamily, ifindex: u32, dst: NeighbourAddress) -> RouteNetlinkMessage {
+    let mut m = neigh_msg(family, ifindex);
+    m.attributes.push(NeighbourAttribute::Destination(dst));
+    RouteNetlinkMessage::DelNeighbour(m)
+}
+
+/// A permanent forwarding entry of a vxlan device: frames for `mac` go to the VTEP `dst`.
+fn fdb_new(ifindex: u32, mac: &MacAddr, dst: NeighbourAddress) -> RouteNetlinkMessage {
+    let mut m = neigh_msg(AddressFamily::Bridge, ifindex);
+    m.header.state = NeighbourState::Permanent;
+    m.header.flags = NeighbourFlags::Own;
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+    m.attributes.push(NeighbourAttribute::Destination(dst));
+    RouteNetlinkMessage::NewNeighbour(m)
+}
+
+/// Without `dst`, every forwarding entry of `mac` on the device goes.
+fn fdb_del(ifindex: u32, mac: &MacAddr, dst: Option<NeighbourAddress>) -> RouteNetlinkMessage {
+    let mut m = neigh_msg(AddressFamily::Bridge, ifindex);
+    m.header.flags = NeighbourFlags::Own;
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+    if let Some(dst) = dst {
+        m.attributes.push(NeighbourAttribute::Destination(dst));
+    }
+    RouteNetlinkMessage::DelNeighbour(m)
+}
+
+/// Finishes a route of either family for a replace: tweed's routes are static unless the op says
+/// otherwise.
+fn route_new(mut m: RouteMessage, protocol: u8, onlink: bool) -> RouteNetlinkMessage {
+    m.header.protocol = RouteProtocol::from(if protocol == 0 {
+        Route::PROTO_STATIC
+    } else {
+        protocol
+    });
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unicast;
+    if onlink {
+        m.header.flags = RouteFlags::Onlink;
+    }
+    RouteNetlinkMessage::NewRoute(m)
+}
+
+/// NOWHERE and unspec type/protocol mean "any": the key and next hop pick the route.
+fn route_del(mut m: RouteMessage) -> RouteNetlinkMessage {
+    m.header.scope = RouteScope::NoWhere;
+    m.header.kind = RouteType::Unspec;
+    m.header.protocol = RouteProtocol::Unspec;
+    RouteNetlinkMessage::DelRoute(m)
 }
 
 fn neigh_msg(family: AddressFamily, ifindex: u32) -> NeighbourMessage {
