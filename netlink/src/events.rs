@@ -284,6 +284,78 @@ mod tests {
     }
 
     #[test]
+    fn routes_of_both_families_parse_alike_and_other_tables_and_families_are_left_out() {
+        use crate::real::{parse_route, parse_route6};
+        let msg = |family, table: u32, dst: RouteAddress, gw: RouteAddress| {
+            let mut r = RouteMessage::default();
+            r.header.address_family = family;
+            r.header.destination_prefix_length = 64;
+            r.header.kind = RouteType::Unicast;
+            r.header.protocol = RouteProtocol::Static;
+            r.header.table = 254;
+            r.attributes.push(RouteAttribute::Table(table));
+            r.attributes.push(RouteAttribute::Destination(dst));
+            r.attributes.push(RouteAttribute::Gateway(gw));
+            r.attributes.push(RouteAttribute::Priority(1024));
+            r
+        };
+        let v6 = |s: &str| RouteAddress::Inet6(s.parse().unwrap());
+        let v4 = |s: &str| RouteAddress::Inet(s.parse().unwrap());
+
+        let r = parse_route6(&msg(
+            AddressFamily::Inet6,
+            254,
+            v6("fd00:1::"),
+            v6("fd00::2"),
+        ))
+        .unwrap();
+        assert_eq!(
+            (r.dst.to_string(), r.gateway, r.metric, r.protocol),
+            (
+                "fd00:1::/64".into(),
+                Some("fd00::2".parse().unwrap()),
+                1024,
+                4
+            )
+        );
+        let mut m4 = msg(AddressFamily::Inet, 254, v4("10.1.0.0"), v4("10.0.0.2"));
+        m4.header.destination_prefix_length = 16;
+        let r = parse_route(&m4).unwrap();
+        assert_eq!(
+            (r.dst.to_string(), r.gateway, r.metric),
+            (
+                "10.1.0.0/16".into(),
+                Some("10.0.0.2".parse().unwrap()),
+                1024
+            )
+        );
+        // Another table, or a message of the other family, is not ours to read.
+        assert!(parse_route6(&msg(
+            AddressFamily::Inet6,
+            100,
+            v6("fd00:1::"),
+            v6("fd00::2")
+        ))
+        .is_none());
+        assert!(parse_route(&msg(
+            AddressFamily::Inet6,
+            254,
+            v6("fd00:1::"),
+            v6("fd00::2")
+        ))
+        .is_none());
+        // Addresses of the wrong family inside a message are ignored, not misread.
+        let r = parse_route6(&msg(
+            AddressFamily::Inet6,
+            254,
+            v4("10.1.0.0"),
+            v4("10.0.0.2"),
+        ))
+        .unwrap();
+        assert_eq!((r.dst.to_string(), r.gateway), ("::/64".into(), None));
+    }
+
+    #[test]
     fn truncated_or_lying_lengths_stop_decoding_without_panicking() {
         let good = route_msg(true);
         // Cut anywhere: never a panic, never an event made of half a message.

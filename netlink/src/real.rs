@@ -993,15 +993,29 @@ pub(crate) fn parse_fdb6(m: &NeighbourMessage) -> Option<FdbEntry6> {
     })
 }
 
-pub(crate) fn parse_route6(m: &RouteMessage) -> Option<Route6> {
+/// What a main-table unicast route of either family says; `addr` takes the family's addresses and
+/// leaves the other family's out, as a route message of the wrong family would be.
+struct RouteFields<A> {
+    dst: Option<A>,
+    gateway: Option<A>,
+    oif: Option<u32>,
+    onlink: bool,
+    metric: u32,
+    protocol: u8,
+}
+
+fn route_fields<A>(
+    m: &RouteMessage,
+    family: AddressFamily,
+    addr: impl Fn(&RouteAddress) -> Option<A>,
+) -> Option<RouteFields<A>> {
     let h = &m.header;
-    if h.address_family != AddressFamily::Inet6 || h.kind != RouteType::Unicast {
+    if h.address_family != family || h.kind != RouteType::Unicast {
         return None;
     }
     let mut table = u32::from(h.table);
-    let mut dst = Ipv6Addr::UNSPECIFIED;
-    let mut route = Route6 {
-        dst: Ipv6Network::new(dst, 0).ok()?,
+    let mut f = RouteFields {
+        dst: None,
         gateway: None,
         oif: None,
         onlink: h.flags.contains(RouteFlags::Onlink),
@@ -1012,10 +1026,10 @@ pub(crate) fn parse_route6(m: &RouteMessage) -> Option<Route6> {
     for attr in &m.attributes {
         match attr {
             RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = *ip,
-            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => route.gateway = Some(*ip),
-            RouteAttribute::Oif(i) => route.oif = Some(*i),
-            RouteAttribute::Priority(p) => route.metric = *p,
+            RouteAttribute::Destination(a) => f.dst = addr(a).or(f.dst),
+            RouteAttribute::Gateway(a) => f.gateway = addr(a).or(f.gateway),
+            RouteAttribute::Oif(i) => f.oif = Some(*i),
+            RouteAttribute::Priority(p) => f.metric = *p,
             RouteAttribute::MultiPath(hops) => {
                 first_hop_oif = hops.first().map(|h| h.interface_index)
             }
@@ -1025,46 +1039,46 @@ pub(crate) fn parse_route6(m: &RouteMessage) -> Option<Route6> {
     if table != RT_TABLE_MAIN {
         return None;
     }
-    route.oif = route.oif.or(first_hop_oif);
-    route.dst = Ipv6Network::new(dst, h.destination_prefix_length).ok()?;
-    Some(route)
+    f.oif = f.oif.or(first_hop_oif);
+    Some(f)
+}
+
+pub(crate) fn parse_route6(m: &RouteMessage) -> Option<Route6> {
+    let f = route_fields(m, AddressFamily::Inet6, |a| match a {
+        RouteAddress::Inet6(ip) => Some(*ip),
+        _ => None,
+    })?;
+    Some(Route6 {
+        dst: Ipv6Network::new(
+            f.dst.unwrap_or(Ipv6Addr::UNSPECIFIED),
+            m.header.destination_prefix_length,
+        )
+        .ok()?,
+        gateway: f.gateway,
+        oif: f.oif,
+        onlink: f.onlink,
+        metric: f.metric,
+        protocol: f.protocol,
+    })
 }
 
 pub(crate) fn parse_route(m: &RouteMessage) -> Option<Route> {
-    let h = &m.header;
-    if h.address_family != AddressFamily::Inet || h.kind != RouteType::Unicast {
-        return None;
-    }
-    let mut table = u32::from(h.table);
-    let mut dst = Ipv4Addr::UNSPECIFIED;
-    let mut route = Route {
-        dst: Ipv4Network::new(dst, 0).ok()?,
-        gateway: None,
-        oif: None,
-        onlink: h.flags.contains(RouteFlags::Onlink),
-        metric: 0,
-        protocol: u8::from(h.protocol),
-    };
-    let mut first_hop_oif = None;
-    for attr in &m.attributes {
-        match attr {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
-            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
-            RouteAttribute::Oif(i) => route.oif = Some(*i),
-            RouteAttribute::Priority(p) => route.metric = *p,
-            RouteAttribute::MultiPath(hops) => {
-                first_hop_oif = hops.first().map(|h| h.interface_index)
-            }
-            _ => {}
-        }
-    }
-    if table != RT_TABLE_MAIN {
-        return None;
-    }
-    route.oif = route.oif.or(first_hop_oif);
-    route.dst = Ipv4Network::new(dst, h.destination_prefix_length).ok()?;
-    Some(route)
+    let f = route_fields(m, AddressFamily::Inet, |a| match a {
+        RouteAddress::Inet(ip) => Some(*ip),
+        _ => None,
+    })?;
+    Some(Route {
+        dst: Ipv4Network::new(
+            f.dst.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            m.header.destination_prefix_length,
+        )
+        .ok()?,
+        gateway: f.gateway,
+        oif: f.oif,
+        onlink: f.onlink,
+        metric: f.metric,
+        protocol: f.protocol,
+    })
 }
 
 pub(crate) fn parse_addr6(m: &AddressMessage) -> Option<Addr6> {
