@@ -293,78 +293,52 @@ impl Real {
     }
 
     pub(crate) async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>, NetlinkError> {
-        let mut q = NeighbourMessage::default();
-        q.header.family = AddressFamily::Inet;
-        let msgs = self
-            .dump(
-                RouteNetlinkMessage::GetNeighbour(q),
-                "listing IPv4 neighbours",
-            )
-            .await?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) => parse_neigh(n),
-                _ => None,
-            })
-            .filter(|n| n.ifindex == ifindex)
-            .collect())
+        self.neighbour_dump(AddressFamily::Inet, "listing IPv4 neighbours", |n| {
+            parse_neigh(n).filter(|n| n.ifindex == ifindex)
+        })
+        .await
     }
 
     pub(crate) async fn fdb(&self, ifindex: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
-        let mut q = NeighbourMessage::default();
-        q.header.family = AddressFamily::Bridge;
-        let msgs = self
-            .dump(
-                RouteNetlinkMessage::GetNeighbour(q),
-                "listing bridge FDB entries",
-            )
-            .await?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) => parse_fdb(n),
-                _ => None,
-            })
-            .filter(|e| e.ifindex == ifindex)
-            .collect())
+        self.neighbour_dump(AddressFamily::Bridge, "listing bridge FDB entries", |e| {
+            parse_fdb(e).filter(|e| e.ifindex == ifindex)
+        })
+        .await
     }
 
     pub(crate) async fn neighbours6(&self, ifindex: u32) -> Result<Vec<Neighbour6>, NetlinkError> {
-        let mut q = NeighbourMessage::default();
-        q.header.family = AddressFamily::Inet6;
-        let msgs = self
-            .dump(
-                RouteNetlinkMessage::GetNeighbour(q),
-                "listing IPv6 neighbours",
-            )
-            .await?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) => parse_neigh6(n),
-                _ => None,
-            })
-            .filter(|n| n.ifindex == ifindex)
-            .collect())
+        self.neighbour_dump(AddressFamily::Inet6, "listing IPv6 neighbours", |n| {
+            parse_neigh6(n).filter(|n| n.ifindex == ifindex)
+        })
+        .await
     }
 
     pub(crate) async fn fdb6(&self, ifindex: u32) -> Result<Vec<FdbEntry6>, NetlinkError> {
+        self.neighbour_dump(AddressFamily::Bridge, "listing bridge FDB entries", |e| {
+            parse_fdb6(e).filter(|e| e.ifindex == ifindex)
+        })
+        .await
+    }
+
+    /// One dump of the neighbour table of `family` (the bridge family for FDB entries), each
+    /// message kept if `keep` makes something of it.
+    async fn neighbour_dump<T>(
+        &self,
+        family: AddressFamily,
+        what: &'static str,
+        keep: impl Fn(&NeighbourMessage) -> Option<T>,
+    ) -> Result<Vec<T>, NetlinkError> {
         let mut q = NeighbourMessage::default();
-        q.header.family = AddressFamily::Bridge;
+        q.header.family = family;
         let msgs = self
-            .dump(
-                RouteNetlinkMessage::GetNeighbour(q),
-                "listing bridge FDB entries",
-            )
+            .dump(RouteNetlinkMessage::GetNeighbour(q), what)
             .await?;
         Ok(msgs
             .iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) => parse_fdb6(n),
+                RouteNetlinkMessage::NewNeighbour(n) => keep(n),
                 _ => None,
             })
-            .filter(|e| e.ifindex == ifindex)
             .collect())
     }
 
