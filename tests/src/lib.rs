@@ -395,6 +395,52 @@ pub mod flannel {
         }
     }
 
+    /// What flannel's vxlan backend writes on `node` for one peer of one family (`family` is
+    /// `-4` or `-6`): the neighbour `gw lladdr mac` and the FDB entry `mac dst public_ip` on `dev`,
+    /// both permanent, and the route `dst via gw dev onlink`.
+    pub fn program_vxlan_peer(
+        node: &str,
+        family: &str,
+        dev: &str,
+        gw: &str,
+        mac: &str,
+        public_ip: &str,
+        dst: &str,
+    ) {
+        ip(&[
+            "-n",
+            node,
+            family,
+            "neigh",
+            "replace",
+            gw,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+        in_ns(
+            node,
+            &[
+                "bridge",
+                "fdb",
+                "replace",
+                mac,
+                "dev",
+                dev,
+                "dst",
+                public_ip,
+                "self",
+                "permanent",
+            ],
+        );
+        ip(&[
+            "-n", node, family, "route", "replace", dst, "via", gw, "dev", dev, "onlink",
+        ]);
+    }
+
     /// The leases in an `etcdctl get --prefix SUBNETS` listing, the node's own included, as
     /// (key, subnet, value): the subnet read from the key the way flannel reads it.
     pub fn leases(listing: &str) -> Vec<(&str, String, &str)> {

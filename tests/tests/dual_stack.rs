@@ -699,38 +699,7 @@ fn a_flannel_configured_dual_stack_node_interoperates_with_tweed_nodes() {
             let peer_ip = v[*public]
                 .as_str()
                 .unwrap_or_else(|| panic!("{k}: no {public}"));
-            ip(&[
-                "-n",
-                node,
-                f,
-                "neigh",
-                "replace",
-                gw,
-                "lladdr",
-                peer_mac,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]);
-            in_ns(
-                node,
-                &[
-                    "bridge",
-                    "fdb",
-                    "replace",
-                    peer_mac,
-                    "dev",
-                    dev,
-                    "dst",
-                    peer_ip,
-                    "self",
-                    "permanent",
-                ],
-            );
-            ip(&[
-                "-n", node, f, "route", "replace", dst, "via", gw, "dev", dev, "onlink",
-            ]);
+            flannel::program_vxlan_peer(node, f, dev, gw, peer_mac, peer_ip, dst);
         }
         peers += 1;
     }

@@ -57,46 +57,15 @@ fn a_flannel_configured_node_interoperates_with_tweed_nodes() {
         let peer_ip = v["PublicIP"].as_str().unwrap();
         let peer_mac = v["BackendData"]["VtepMAC"].as_str().unwrap();
         assert_eq!(v["BackendData"]["VNI"], 1);
-        ip(&[
-            "-n",
+        flannel::program_vxlan_peer(
             node,
-            "neigh",
-            "replace",
+            "-4",
+            "flannel.1",
             &peer_net,
-            "lladdr",
             peer_mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ]);
-        in_ns(
-            node,
-            &[
-                "bridge",
-                "fdb",
-                "replace",
-                peer_mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                peer_ip,
-                "self",
-                "permanent",
-            ],
-        );
-        ip(&[
-            "-n",
-            node,
-            "route",
-            "replace",
+            peer_ip,
             &format!("{peer_net}/24"),
-            "via",
-            &peer_net,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ]);
+        );
         peers += 1;
     }
     assert_eq!(peers, 2);
