@@ -94,7 +94,9 @@ async fn remove_leftovers6(nl: &Netlink, prepared: &Prepared, config: &PlaneConf
         Prepared::Vxlan(c) if dual => Some(crate::backend::v6::device_name(c.vni)),
         _ => None,
     };
-    let hostgw6 = dual && matches!(prepared, Prepared::HostGw(_));
+    // vxlan's IPv6 plan writes host-gw's kind of route too (DirectRouting) and removes the
+    // ones it does not want itself, in place where a peer changes sides: not leftovers here.
+    let hostgw6 = dual && matches!(prepared, Prepared::HostGw(_) | Prepared::Vxlan(_));
     let (links, routes) = match (nl.links().await, nl.all_routes6().await) {
         (Ok(l), Ok(r)) => (l, r),
         (Err(e), _) | (_, Err(e)) => {
