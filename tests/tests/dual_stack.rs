@@ -788,3 +788,94 @@ fn a_flannel_configured_dual_stack_node_interoperates_with_tweed_nodes() {
         }
     }
 }
+
+/// vxlan `DirectRouting` in a dual-stack lab with two IPv6 underlay segments (h1 and h3 on A,
+/// h2 on B, routed by the underlay namespace): a peer on the same segment gets a plain IPv6 route
+/// via its `PublicIPv6` on eth0 and no `tweed-v6.1` FDB entry, a peer behind the router the
+/// `tweed-v6.1` route and FDB entry; every pod pair answers ping and ping6. An agent restart
+/// keeps the direct IPv6 routes (they are the vxlan plane's own, no leftovers).
+#[test]
+fn vxlan_direct_routing_uses_plain_ipv6_routes_on_the_segment_and_vxlan_across_it() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("d6dr"), 3);
+    spec.backend = Backend::Vxlan;
+    spec.direct_routing = true;
+    spec.segments = 2;
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    let report = lab.check_until(Duration::from_secs(20)).expect("check");
+    let failures: Vec<String> = report
+        .failures()
+        .map(|f| format!("{} -> {} ({}): {}", f.from, f.to, f.to_ip, f.detail))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // 3 hosts x 2 peers, once per family.
+    let v6 = report.results.iter().filter(|r| r.to_ip.is_ipv6()).count();
+    assert_eq!((report.results.len(), v6), (12, 6));
+
+    let check_routes = |h: &tweed_lab::state::HostState| {
+        let routes = in_ns(&h.netns, &["ip", "-6", "route"]);
+        let fdb = in_ns(&h.netns, &["bridge", "fdb", "show", "dev", "tweed-v6.1"]);
+        for peer in lab.state().hosts.iter().filter(|p| p.name != h.name) {
+            let s = subnet6_of(&lab, &peer.name);
+            let ip6 = peer.public_ip6.unwrap();
+            let line = routes
+                .lines()
+                .find(|l| l.starts_with(&format!("{s} ")))
+                .unwrap_or_else(|| panic!("{}: no route to {s} in\n{routes}", h.name));
+            let dst = format!("dst {ip6} self permanent");
+            if peer.segment == h.segment {
+                assert!(
+                    line.contains(&format!("via {ip6} dev eth0")),
+                    "{} -> {} (same segment): {line}",
+                    h.name,
+                    peer.name
+                );
+                assert!(!fdb.contains(&dst), "{}: {dst:?} in\n{fdb}", h.name);
+            } else {
+                assert!(
+                    line.contains(&format!("via {} dev tweed-v6.1", s.network()))
+                        && line.contains("onlink"),
+                    "{} -> {} (other segment): {line}",
+                    h.name,
+                    peer.name
+                );
+                assert!(fdb.contains(&dst), "{}: no {dst:?} in\n{fdb}", h.name);
+            }
+        }
+    };
+    for h in &lab.state().hosts {
+        check_routes(h);
+    }
+    let h1 = host_state(&lab, "h1");
+    let h3 = host_state(&lab, "h3");
+    assert_eq!((h1.segment, h3.segment), (0, 0));
+    let ping6 = |to: Ipv6Addr| {
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", &to.to_string()],
+        )
+    };
+    assert!(ping6(h3.pods[0].ip6.unwrap()), "h1/p1 -> h3/p1 (direct)");
+    assert!(
+        ping6(host_state(&lab, "h2").pods[0].ip6.unwrap()),
+        "h1/p1 -> h2/p1 (vxlan)"
+    );
+
+    // A restart keeps the direct routes: the vxlan plane owns them, nothing is a leftover.
+    let stopped = stop_agent(&lab, "h1", libc::SIGTERM);
+    start_agent(&stopped);
+    wait_for(
+        Duration::from_secs(15),
+        "h1's restarted agent ready",
+        || {
+            std::fs::read_to_string(&h1.log)
+                .is_ok_and(|l| l.matches("ready: lease held").count() >= 2)
+        },
+    );
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(!log.contains("removed IPv6 leftover"), "{log}");
+    check_routes(&h1);
+    assert!(ping6(h3.pods[0].ip6.unwrap()), "h1/p1 -> h3/p1 after a restart");
+}

@@ -273,6 +273,19 @@ impl Plane {
         self.v6_stale = true;
     }
 
+    /// Our `PublicIPv6` moved (the old address left the underlay): the IPv6 plane is set up
+    /// again at the next reconcile, with the VTEP on the new address (vxlan re-creates
+    /// `tweed-v6.<VNI>`, whose local address cannot change in place).
+    pub(super) fn set_public_ipv6(&mut self, to: Ipv6Addr) {
+        if let Some((_, ip)) = self.ipv6_plane.as_mut() {
+            if *ip != to {
+                *ip = to;
+                self.v6 = None;
+                self.v6_stale = true;
+            }
+        }
+    }
+
     /// Moves to a new subnet (ours was taken while the lease was lost).
     pub(super) async fn move_to(&mut self, subnet: Ipv4Network) {
         self.prepared.set_own_subnet(subnet);
