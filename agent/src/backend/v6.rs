@@ -336,26 +336,18 @@ pub fn plan_direct6(d: &Direct6, observed: &Observed6, peers: &[Vxlan6Peer]) -> 
         // Without our subnet nothing tells a peer's routes from ours: tunnel only.
         return plan_vxlan6(observed, peers);
     };
-    let (direct, tunnelled): (Vec<Vxlan6Peer>, Vec<Vxlan6Peer>) =
-        peers.iter().partition(|p| {
-            d.enabled
-                && Some(p.public_ipv6) != observed.local
-                && !canonical6(p.subnet).overlaps(own)
-                && on_segment6(d.network, d.underlay, &observed.routes, p.public_ipv6).is_ok()
-        });
+    let (direct, tunnelled): (Vec<Vxlan6Peer>, Vec<Vxlan6Peer>) = peers.iter().partition(|p| {
+        d.enabled
+            && Some(p.public_ipv6) != observed.local
+            && !canonical6(p.subnet).overlaps(own)
+            && on_segment6(d.network, d.underlay, &observed.routes, p.public_ipv6).is_ok()
+    });
     let direct_pairs: Vec<(Ipv6Network, Ipv6Addr)> =
         direct.iter().map(|p| (p.subnet, p.public_ipv6)).collect();
     let direct_set: HashSet<Ipv6Network> = direct.iter().map(|p| canonical6(p.subnet)).collect();
-    let tunnel_set: HashSet<Ipv6Network> =
-        tunnelled.iter().map(|p| canonical6(p.subnet)).collect();
+    let tunnel_set: HashSet<Ipv6Network> = tunnelled.iter().map(|p| canonical6(p.subnet)).collect();
     // Every peer of the direct half is on the segment: nothing is skipped there.
-    let (hostgw_ops, _) = plan_hostgw6(
-        d.network,
-        own,
-        d.underlay,
-        &observed.routes,
-        &direct_pairs,
-    );
+    let (hostgw_ops, _) = plan_hostgw6(d.network, own, d.underlay, &observed.routes, &direct_pairs);
     let mut ops: Vec<Op> = hostgw_ops
         .into_iter()
         .filter(|op| !matches!(op, Op::Route6Del(r) if tunnel_set.contains(&r.dst)))
@@ -383,7 +375,9 @@ enum Kind {
         ifindex: u32,
         direct_routing: bool,
     },
-    HostGw { underlay: u32 },
+    HostGw {
+        underlay: u32,
+    },
 }
 
 /// The IPv6 data plane beside a vxlan or host-gw backend.
@@ -1091,7 +1085,9 @@ mod tests {
         let other_if = peer6(8, "2001:db8:77::8");
         let ops = plan_direct6(&direct6(true), &o, &[me, own, other_if]);
         assert_eq!(ops.len(), 3, "{ops:?}");
-        assert!(ops.iter().all(|op| !matches!(op, Op::Route6Replace(r) if r.oif == Some(2))));
+        assert!(ops
+            .iter()
+            .all(|op| !matches!(op, Op::Route6Replace(r) if r.oif == Some(2))));
         assert!(ops.contains(&Op::Route6Replace(Route6::onlink(
             other_if.subnet,
             other_if.gateway(),
@@ -1122,7 +1118,10 @@ mod tests {
             ops[0],
             Op::Route6Replace(Route6::via(near.subnet, near.public_ipv6, Some(2)))
         );
-        assert!(!ops.iter().any(|o| matches!(o, Op::Route6Del(_))), "{ops:?}");
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::Route6Del(_))),
+            "{ops:?}"
+        );
         assert!(ops.iter().any(|o| matches!(o, Op::Fdb6Del { .. })));
         assert!(ops.iter().any(|o| matches!(o, Op::Neigh6Del { .. })));
         let o2 = after(&o1, &ops);
@@ -1134,7 +1133,10 @@ mod tests {
         assert!(plan_direct6(&direct6(true), &o2, &[near]).is_empty());
         // ...and back behind the router: the vxlan route replaces the direct one in place.
         let ops = plan_direct6(&direct6(true), &o2, &[far]);
-        assert!(!ops.iter().any(|o| matches!(o, Op::Route6Del(_))), "{ops:?}");
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::Route6Del(_))),
+            "{ops:?}"
+        );
         let o3 = after(&o2, &ops);
         assert_eq!(
             routes_of(&o3, near.subnet),
@@ -1157,7 +1159,9 @@ mod tests {
         // the far peer is untouched.
         let on = plan_direct6(&direct6(true), &o1, &peers);
         assert!(!on.iter().any(|o| matches!(o, Op::Route6Del(_))), "{on:?}");
-        assert!(on.iter().all(|o| !o.to_string().contains("fd00:10:244:6::")));
+        assert!(on
+            .iter()
+            .all(|o| !o.to_string().contains("fd00:10:244:6::")));
         let o2 = after(&o1, &on);
         assert_eq!(
             routes_of(&o2, near.subnet),
@@ -1165,7 +1169,10 @@ mod tests {
         );
         // Switched off again: the direct route is replaced by the vxlan one, never deleted.
         let off2 = plan_direct6(&direct6(false), &o2, &peers);
-        assert!(!off2.iter().any(|o| matches!(o, Op::Route6Del(_))), "{off2:?}");
+        assert!(
+            !off2.iter().any(|o| matches!(o, Op::Route6Del(_))),
+            "{off2:?}"
+        );
         let o3 = after(&o2, &off2);
         assert_eq!(
             routes_of(&o3, near.subnet),
@@ -1180,5 +1187,4 @@ mod tests {
             Some(2)
         ))));
     }
-
 }
