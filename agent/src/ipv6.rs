@@ -121,6 +121,49 @@ pub fn public_ipv6(
         .map(|a| a.addr)
 }
 
+/// What to do after the underlay's IPv6 addresses changed at run time, for a node advertising
+/// `current` as its `PublicIPv6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicIpv6Change {
+    /// `current` is still a usable address of the interface (or was given by `--public-ipv6`):
+    /// nothing to do. A new address next to it changes nothing, so peers are not moved for an
+    /// address that was only added.
+    Keep,
+    /// `current` is gone (or deprecated, or failed DAD) and `to` is the address the configured
+    /// flags choose now: the lease and the IPv6 VTEP move to it.
+    Move { from: Ipv6Addr, to: Ipv6Addr },
+    /// `current` is gone and nothing replaces it yet. The lease keeps advertising it (a
+    /// renumbering often removes before it adds; a flap must not rename the lease), the IPv6
+    /// overlay to this node is broken until an address comes back.
+    Lost { from: Ipv6Addr },
+}
+
+/// The decision of [`PublicIpv6Change`]: `explicit` (`--public-ipv6`) is never second-guessed, as
+/// at start; else `current` stays while it is usable, and only when it is not does the same
+/// selection as at start ([`public_ipv6`]) pick another address of interface `ifindex`.
+pub fn public_ipv6_change(
+    current: Ipv6Addr,
+    explicit: Option<Ipv6Addr>,
+    ifindex: u32,
+    addrs: &[Inet6Addr],
+) -> PublicIpv6Change {
+    if explicit.is_some() {
+        return PublicIpv6Change::Keep;
+    }
+    let still = addrs.iter().any(|a| {
+        a.addr == current
+            && a.ifindex == ifindex
+            && a.flags & (IFA_F_DADFAILED | IFA_F_DEPRECATED) == 0
+    });
+    if still {
+        return PublicIpv6Change::Keep;
+    }
+    match public_ipv6(None, ifindex, addrs) {
+        Some(to) if to != current => PublicIpv6Change::Move { from: current, to },
+        _ => PublicIpv6Change::Lost { from: current },
+    }
+}
+
 /// `attrs` with this node's IPv6 half: `PublicIPv6`, and for vxlan a `BackendV6Data` naming the
 /// same VNI and VTEP MAC as `BackendData` (flannel's field; the IPv6 VXLAN device that will
 /// answer for it is the backends' step).
@@ -249,5 +292,87 @@ fd000000000000000000000000000004 02 40 00 80     eth0
             with_public_ipv6(hostgw, a("2001:db8::1")).to_json(),
             r#"{"PublicIP":"198.18.0.1","PublicIPv6":"2001:db8::1","BackendType":"host-gw"}"#
         );
+    }
+
+    fn at(addr: &str, ifindex: u32, flags: u32) -> Inet6Addr {
+        Inet6Addr {
+            ifindex,
+            addr: a(addr),
+            prefix: 64,
+            scope: SCOPE_GLOBAL,
+            flags,
+        }
+    }
+
+    #[test]
+    fn a_public_ipv6_that_stays_is_kept_even_next_to_a_new_address() {
+        // A new address listed first would win a fresh selection; the current one stays.
+        let addrs = [at("2001:db8::9", 2, 0x80), at("2001:db8::1", 2, 0x80)];
+        assert_eq!(
+            public_ipv6_change(a("2001:db8::1"), None, 2, &addrs),
+            PublicIpv6Change::Keep
+        );
+        // --public-ipv6 is the operator's word, whatever the interface holds.
+        assert_eq!(
+            public_ipv6_change(a("2001:db8::77"), Some(a("2001:db8::77")), 2, &[]),
+            PublicIpv6Change::Keep
+        );
+    }
+
+    #[test]
+    fn a_removed_or_deprecated_public_ipv6_moves_to_the_flags_choice() {
+        let from = a("2001:db8::1");
+        // Replaced: the new stable address of the same interface.
+        let replaced = [
+            at("fe80::1", 2, 0x80),
+            at("2001:db8::9", 3, 0x80),
+            at("2001:db8::2", 2, IFA_F_TEMPORARY),
+            at("2001:db8::5", 2, 0x80),
+        ];
+        assert_eq!(
+            public_ipv6_change(from, None, 2, &replaced),
+            PublicIpv6Change::Move {
+                from,
+                to: a("2001:db8::5")
+            }
+        );
+        // Deprecated (its preferred lifetime ran out) or DAD failed: on its way out, moved.
+        for flags in [IFA_F_DEPRECATED, IFA_F_DADFAILED] {
+            let addrs = [at("2001:db8::1", 2, flags), at("2001:db8::5", 2, 0x80)];
+            assert_eq!(
+                public_ipv6_change(from, None, 2, &addrs),
+                PublicIpv6Change::Move {
+                    from,
+                    to: a("2001:db8::5")
+                }
+            );
+        }
+        // The same address on another interface is not ours.
+        let elsewhere = [at("2001:db8::1", 3, 0x80), at("2001:db8::5", 2, 0x40)];
+        assert_eq!(
+            public_ipv6_change(from, None, 2, &elsewhere),
+            PublicIpv6Change::Move {
+                from,
+                to: a("2001:db8::5")
+            }
+        );
+    }
+
+    #[test]
+    fn a_removed_public_ipv6_with_nothing_to_replace_it_is_lost_not_renamed() {
+        let from = a("2001:db8::1");
+        for addrs in [
+            vec![],
+            vec![at("fe80::1", 2, 0x80)],
+            vec![at("2001:db8::2", 2, IFA_F_TEMPORARY)],
+            vec![at("2001:db8::3", 2, IFA_F_DEPRECATED)],
+            vec![at("2001:db8::9", 3, 0x80)],
+        ] {
+            assert_eq!(
+                public_ipv6_change(from, None, 2, &addrs),
+                PublicIpv6Change::Lost { from },
+                "{addrs:?}"
+            );
+        }
     }
 }

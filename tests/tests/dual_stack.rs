@@ -757,3 +757,227 @@ fn a_flannel_configured_dual_stack_node_interoperates_with_tweed_nodes() {
         }
     }
 }
+
+/// vxlan `DirectRouting` in a dual-stack lab with two IPv6 underlay segments (h1 and h3 on A,
+/// h2 on B, routed by the underlay namespace): a peer on the same segment gets a plain IPv6 route
+/// via its `PublicIPv6` on eth0 and no `tweed-v6.1` FDB entry, a peer behind the router the
+/// `tweed-v6.1` route and FDB entry; every pod pair answers ping and ping6. An agent restart
+/// keeps the direct IPv6 routes (they are the vxlan plane's own, no leftovers), and a deleted
+/// one is repaired from its notification.
+#[test]
+fn vxlan_direct_routing_uses_plain_ipv6_routes_on_the_segment_and_vxlan_across_it() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("d6dr"), 3);
+    spec.backend = Backend::Vxlan;
+    spec.direct_routing = true;
+    spec.segments = 2;
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    let report = lab.check_until(Duration::from_secs(20)).expect("check");
+    let failures: Vec<String> = report
+        .failures()
+        .map(|f| format!("{} -> {} ({}): {}", f.from, f.to, f.to_ip, f.detail))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // 3 hosts x 2 peers, once per family.
+    let v6 = report.results.iter().filter(|r| r.to_ip.is_ipv6()).count();
+    assert_eq!((report.results.len(), v6), (12, 6));
+
+    let check_routes = |h: &tweed_lab::state::HostState| {
+        let routes = in_ns(&h.netns, &["ip", "-6", "route"]);
+        let fdb = in_ns(&h.netns, &["bridge", "fdb", "show", "dev", "tweed-v6.1"]);
+        for peer in lab.state().hosts.iter().filter(|p| p.name != h.name) {
+            let s = subnet6_of(&lab, &peer.name);
+            let ip6 = peer.public_ip6.unwrap();
+            let line = routes
+                .lines()
+                .find(|l| l.starts_with(&format!("{s} ")))
+                .unwrap_or_else(|| panic!("{}: no route to {s} in\n{routes}", h.name));
+            let dst = format!("dst {ip6} self permanent");
+            if peer.segment == h.segment {
+                assert!(
+                    line.contains(&format!("via {ip6} dev eth0")),
+                    "{} -> {} (same segment): {line}",
+                    h.name,
+                    peer.name
+                );
+                assert!(!fdb.contains(&dst), "{}: {dst:?} in\n{fdb}", h.name);
+            } else {
+                assert!(
+                    line.contains(&format!("via {} dev tweed-v6.1", s.network()))
+                        && line.contains("onlink"),
+                    "{} -> {} (other segment): {line}",
+                    h.name,
+                    peer.name
+                );
+                assert!(fdb.contains(&dst), "{}: no {dst:?} in\n{fdb}", h.name);
+            }
+        }
+    };
+    for h in &lab.state().hosts {
+        check_routes(h);
+    }
+    let h1 = host_state(&lab, "h1");
+    let h3 = host_state(&lab, "h3");
+    assert_eq!((h1.segment, h3.segment), (0, 0));
+    let ping6 = |to: Ipv6Addr| {
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", &to.to_string()],
+        )
+    };
+    assert!(ping6(h3.pods[0].ip6.unwrap()), "h1/p1 -> h3/p1 (direct)");
+    assert!(
+        ping6(host_state(&lab, "h2").pods[0].ip6.unwrap()),
+        "h1/p1 -> h2/p1 (vxlan)"
+    );
+
+    // A restart keeps the direct routes: the vxlan plane owns them, nothing is a leftover.
+    let stopped = stop_agent(&lab, "h1", libc::SIGTERM);
+    start_agent(&stopped);
+    wait_for(
+        Duration::from_secs(15),
+        "h1's restarted agent ready",
+        || {
+            std::fs::read_to_string(&h1.log)
+                .is_ok_and(|l| l.matches("ready: lease held").count() >= 2)
+        },
+    );
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(!log.contains("removed IPv6 leftover"), "{log}");
+    check_routes(&h1);
+    assert!(
+        ping6(h3.pods[0].ip6.unwrap()),
+        "h1/p1 -> h3/p1 after a restart"
+    );
+
+    // A deleted direct route is put back from its notification (not the 60 s relist).
+    let s3 = subnet6_of(&lab, "h3");
+    let want = format!("{s3} via {} dev eth0", h3.public_ip6.unwrap());
+    in_ns(&h1.netns, &["ip", "-6", "route", "del", &s3.to_string()]);
+    wait_for(
+        Duration::from_secs(5),
+        "h1's direct IPv6 route to h3 repaired",
+        || {
+            tweed_testkit::cmd::try_in_ns(&h1.netns, &["ip", "-6", "route"])
+                .is_ok_and(|r| r.contains(&want))
+        },
+    );
+    assert!(
+        ping6(h3.pods[0].ip6.unwrap()),
+        "h1/p1 -> h3/p1 after the repair"
+    );
+}
+
+/// h1's lease value, read from the lab's etcd (the lease whose `PublicIP` is h1's).
+fn lease_value_of(lab: &Lab, host: &str) -> serde_json::Value {
+    let ip = host_state(lab, host).public_ip.to_string();
+    let listing = etcdctl(lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    listing
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["PublicIP"] == ip.as_str())
+        .unwrap_or_else(|| panic!("no lease of {host} in\n{listing}"))
+}
+
+/// The node's `PublicIPv6` changes at run time (issue 19): h1's underlay IPv6 address is
+/// removed (nothing replaces it: logged, the lease keeps the old address), then a new one is
+/// added: within seconds h1's lease in etcd advertises it, h1's `tweed-v6.1` has it as local
+/// VTEP address, h2's FDB entry for h1 points at it, and the pods ping6 each other again.
+#[test]
+fn a_changed_public_ipv6_moves_the_lease_and_the_vxlan_vtep() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("d6pc"), 2);
+    spec.backend = Backend::Vxlan;
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    let report = lab.check_until(Duration::from_secs(20)).expect("check");
+    assert_eq!(report.summary(), "4 passed, 0 failed");
+    let h1 = host_state(&lab, "h1");
+    let h2 = host_state(&lab, "h2");
+    let old = h1.public_ip6.unwrap();
+    assert_eq!(lease_value_of(&lab, "h1")["PublicIPv6"], old.to_string());
+
+    // Removed, nothing in its place: said once, nothing renamed.
+    in_ns(
+        &h1.netns,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "del",
+            &format!("{old}/64"),
+            "dev",
+            "eth0",
+        ],
+    );
+    wait_for(
+        Duration::from_secs(5),
+        "h1 logs the lost PublicIPv6",
+        || {
+            std::fs::read_to_string(&h1.log)
+                .is_ok_and(|l| l.contains("no other usable global IPv6 address"))
+        },
+    );
+    assert_eq!(lease_value_of(&lab, "h1")["PublicIPv6"], old.to_string());
+
+    // A new address: the lease, h1's VTEP and h2's FDB follow.
+    let new: Ipv6Addr = "fd00:198:18::101".parse().unwrap();
+    in_ns(
+        &h1.netns,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{new}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "h1's lease advertises the new PublicIPv6",
+        || lease_value_of(&lab, "h1")["PublicIPv6"] == new.to_string(),
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "h1's tweed-v6.1 on the new address",
+        || {
+            tweed_testkit::cmd::try_in_ns(&h1.netns, &["ip", "-d", "link", "show", "tweed-v6.1"])
+                .is_ok_and(|l| l.contains(&format!("local {new} ")))
+        },
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "h2's FDB entry for h1 on the new address",
+        || {
+            tweed_testkit::cmd::try_in_ns(
+                &h2.netns,
+                &["bridge", "fdb", "show", "dev", "tweed-v6.1"],
+            )
+            .is_ok_and(|f| {
+                f.contains(&format!("dst {new} ")) && !f.contains(&format!("dst {old} "))
+            })
+        },
+    );
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(
+        log.contains("the PublicIPv6 left the underlay interface; advertising"),
+        "{log}"
+    );
+    let to_h1 = h1.pods[0].ip6.unwrap().to_string();
+    let to_h2 = h2.pods[0].ip6.unwrap().to_string();
+    let ping6 = |ns: &str, to: &str| ok_in(ns, &["ping", "-6", "-n", "-c", "2", "-W", "2", to]);
+    assert!(
+        ping6(&h2.pods[0].netns, &to_h1),
+        "h2/p1 -> h1/p1 after the move"
+    );
+    assert!(
+        ping6(&h1.pods[0].netns, &to_h2),
+        "h1/p1 -> h2/p1 after the move"
+    );
+}

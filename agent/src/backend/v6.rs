@@ -246,25 +246,12 @@ pub fn plan_hostgw6(
         if subnet.overlaps(own_subnet) {
             continue;
         }
-        let best = routes
-            .iter()
-            .filter(|r| r.dst.contains(*ip) && !network.contains(r.dst.network()))
-            .max_by(|a, b| {
-                a.dst
-                    .prefix()
-                    .cmp(&b.dst.prefix())
-                    .then(b.metric.cmp(&a.metric))
-            });
-        match best {
-            Some(r) if r.gateway.is_none() && r.oif == Some(underlay) => {
+        match on_segment6(network, underlay, routes, *ip) {
+            Ok(()) => {
                 want.entry(subnet)
                     .or_insert(Route6::via(subnet, *ip, Some(underlay)));
             }
-            Some(r) if r.gateway.is_none() => {
-                skipped.push((subnet, "its PublicIPv6 is on another interface's network"))
-            }
-            Some(_) => skipped.push((subnet, "its PublicIPv6 is behind a router")),
-            None => skipped.push((subnet, "no route covers its PublicIPv6")),
+            Err(why) => skipped.push((subnet, why)),
         }
     }
     let ours: Vec<&Route6> = routes
@@ -292,6 +279,87 @@ pub fn plan_hostgw6(
     (ops, skipped)
 }
 
+/// Whether `ip` is on a directly connected IPv6 network of the underlay `underlay`: the most
+/// specific route covering it (lowest metric among equals) has no gateway and leaves through the
+/// underlay. Routes inside the overlay `network` never count. flannel asks the kernel the same
+/// question (a route lookup without gateway); the table is what tweed already holds, so the
+/// answer is a pure function. `Err` says why not, for host-gw's log.
+pub fn on_segment6(
+    network: Ipv6Network,
+    underlay: u32,
+    routes: &[Route6],
+    ip: Ipv6Addr,
+) -> Result<(), &'static str> {
+    let best = routes
+        .iter()
+        .filter(|r| r.dst.contains(ip) && !network.contains(r.dst.network()))
+        .max_by(|a, b| {
+            a.dst
+                .prefix()
+                .cmp(&b.dst.prefix())
+                .then(b.metric.cmp(&a.metric))
+        });
+    match best {
+        Some(r) if r.gateway.is_none() && r.oif == Some(underlay) => Ok(()),
+        Some(r) if r.gateway.is_none() => Err("its PublicIPv6 is on another interface's network"),
+        Some(_) => Err("its PublicIPv6 is behind a router"),
+        None => Err("no route covers its PublicIPv6"),
+    }
+}
+
+/// vxlan's IPv6 `DirectRouting`: where the direct routes go and whether the option is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direct6 {
+    /// The overlay's IPv6 network: which underlay routes can be ours.
+    pub network: Ipv6Network,
+    /// The underlay device (the one `PublicIPv6` is on).
+    pub underlay: u32,
+    /// `"DirectRouting": true` in the backend config.
+    pub enabled: bool,
+}
+
+/// The IPv6 vxlan plan with `DirectRouting` (flannel's behaviour for IPv6 as for IPv4): a peer
+/// whose `PublicIPv6` is on this node's IPv6 underlay segment ([`on_segment6`]) gets host-gw's
+/// `<v6 subnet> via <PublicIPv6> dev <underlay>` and no FDB/NDP entry; the others get the
+/// `tweed-v6.<VNI>` entries of [`plan_vxlan6`]. `observed.routes` is the whole IPv6 main table
+/// (the segment check needs the underlay's routes; the vxlan half only looks at the device's).
+///
+/// A peer switching sides keeps its route key (dst, metric: both kinds use the default metric),
+/// so the replace on the new side moves the route in place and the delete the old side would
+/// plan is dropped: its traffic never finds no route. Host-gw ops come first, so a peer leaving
+/// the tunnel has its direct route before its FDB and NDP entries go. With `enabled` false every
+/// peer is tunnelled and a direct route left by an earlier run with the option on is replaced in
+/// place by the peer's vxlan route (or deleted when the peer is gone): switching the option off
+/// with a restart drops nothing either.
+pub fn plan_direct6(d: &Direct6, observed: &Observed6, peers: &[Vxlan6Peer]) -> Vec<Op> {
+    let Some(own) = observed.own_subnet else {
+        // Without our subnet nothing tells a peer's routes from ours: tunnel only.
+        return plan_vxlan6(observed, peers);
+    };
+    let (direct, tunnelled): (Vec<Vxlan6Peer>, Vec<Vxlan6Peer>) = peers.iter().partition(|p| {
+        d.enabled
+            && Some(p.public_ipv6) != observed.local
+            && !canonical6(p.subnet).overlaps(own)
+            && on_segment6(d.network, d.underlay, &observed.routes, p.public_ipv6).is_ok()
+    });
+    let direct_pairs: Vec<(Ipv6Network, Ipv6Addr)> =
+        direct.iter().map(|p| (p.subnet, p.public_ipv6)).collect();
+    let direct_set: HashSet<Ipv6Network> = direct.iter().map(|p| canonical6(p.subnet)).collect();
+    let tunnel_set: HashSet<Ipv6Network> = tunnelled.iter().map(|p| canonical6(p.subnet)).collect();
+    // Every peer of the direct half is on the segment: nothing is skipped there.
+    let (hostgw_ops, _) = plan_hostgw6(d.network, own, d.underlay, &observed.routes, &direct_pairs);
+    let mut ops: Vec<Op> = hostgw_ops
+        .into_iter()
+        .filter(|op| !matches!(op, Op::Route6Del(r) if tunnel_set.contains(&r.dst)))
+        .collect();
+    ops.extend(
+        plan_vxlan6(observed, &tunnelled)
+            .into_iter()
+            .filter(|op| !matches!(op, Op::Route6Del(r) if direct_set.contains(&r.dst))),
+    );
+    ops
+}
+
 /// The node's IPv6 half: the network's IPv6 config, this node's IPv6 subnet and `PublicIPv6`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct V6Params {
@@ -302,8 +370,14 @@ pub struct V6Params {
 
 #[derive(Debug, Clone)]
 enum Kind {
-    Vxlan { spec: VxlanSpec, ifindex: u32 },
-    HostGw { underlay: u32 },
+    Vxlan {
+        spec: VxlanSpec,
+        ifindex: u32,
+        direct_routing: bool,
+    },
+    HostGw {
+        underlay: u32,
+    },
 }
 
 /// The IPv6 data plane beside a vxlan or host-gw backend.
@@ -464,7 +538,11 @@ impl V6Plane {
                 }
                 setup_ops.extend(ops);
                 setup_ops.extend(addr_ops);
-                Kind::Vxlan { spec, ifindex }
+                Kind::Vxlan {
+                    spec,
+                    ifindex,
+                    direct_routing: c.direct_routing.is_some(),
+                }
             }
             DataPlane::HostGw(b) => Kind::HostGw {
                 underlay: b.config().underlay_ifindex,
@@ -486,7 +564,7 @@ impl V6Plane {
     /// The vxlan device's index (drift repair's way to tell its notifications apart).
     pub fn device(&self) -> Option<(u32, String)> {
         match &self.kind {
-            Kind::Vxlan { spec, ifindex } => Some((*ifindex, spec.name.clone())),
+            Kind::Vxlan { spec, ifindex, .. } => Some((*ifindex, spec.name.clone())),
             Kind::HostGw { .. } => None,
         }
     }
@@ -500,7 +578,11 @@ impl V6Plane {
         remotes: &[Remote<'_>],
     ) -> Result<(Vec<Op>, Vec<(Op, NetlinkError)>), NetlinkError> {
         let ops = match &self.kind {
-            Kind::Vxlan { ifindex, .. } => {
+            Kind::Vxlan {
+                ifindex,
+                spec,
+                direct_routing,
+            } => {
                 let peers: Vec<Vxlan6Peer> = remotes
                     .iter()
                     .filter(|r| r.attrs.effective_backend_type() == "vxlan")
@@ -522,9 +604,14 @@ impl V6Plane {
                     local: Some(self.params.public_ipv6),
                     neighbours: nl.neighbours6(dev).await?,
                     fdb: nl.fdb6(dev).await?,
-                    routes: routes.into_iter().filter(|r| r.oif == Some(dev)).collect(),
+                    routes,
                 };
-                plan_vxlan6(&observed, &peers)
+                let direct = Direct6 {
+                    network: self.params.cfg.network,
+                    underlay: spec.underlay,
+                    enabled: *direct_routing,
+                };
+                plan_direct6(&direct, &observed, &peers)
             }
             Kind::HostGw { underlay } => {
                 let peers: Vec<(Ipv6Network, Ipv6Addr)> = remotes
@@ -901,5 +988,203 @@ mod tests {
         let (dels, _) = plan_hostgw6(network, own, 2, &now, &[]);
         assert_eq!(dels.len(), 1);
         assert!(dels[0].is_delete());
+    }
+
+    /// The underlay (ifindex 2): 2001:db8::/64 connected, everything else via a router.
+    fn underlay6() -> Vec<Route6> {
+        vec![
+            Route6 {
+                dst: "2001:db8::/64".parse().unwrap(),
+                gateway: None,
+                oif: Some(2),
+                onlink: false,
+                metric: 256,
+                protocol: Route::PROTO_KERNEL,
+            },
+            Route6::via(
+                "::/0".parse().unwrap(),
+                "2001:db8::1".parse().unwrap(),
+                Some(2),
+            ),
+        ]
+    }
+
+    fn direct6(enabled: bool) -> Direct6 {
+        Direct6 {
+            network: cfg6().network,
+            underlay: 2,
+            enabled,
+        }
+    }
+
+    fn peer6(n: u16, public: &str) -> Vxlan6Peer {
+        Vxlan6Peer {
+            subnet: format!("fd00:10:244:{n:x}::/64").parse().unwrap(),
+            public_ipv6: public.parse().unwrap(),
+            vtep_mac: format!("0a:58:0a:00:00:{n:02x}").parse().unwrap(),
+        }
+    }
+
+    /// The device's observed state on top of the underlay routes (the whole main table, as
+    /// the plane reads it for DirectRouting).
+    fn observed_dr() -> Observed6 {
+        Observed6 {
+            routes: underlay6(),
+            ..observed()
+        }
+    }
+
+    fn routes_of(o: &Observed6, dst: Ipv6Network) -> Vec<Route6> {
+        o.routes.iter().filter(|r| r.dst == dst).copied().collect()
+    }
+
+    #[test]
+    fn direct_routing6_peer_on_segment_gets_a_direct_route_others_the_tunnel() {
+        let near = peer6(5, "2001:db8::5");
+        let far = peer6(6, "2001:db9::6");
+        let ops = plan_direct6(&direct6(true), &observed_dr(), &[near, far]);
+        let text: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "-6 route replace fd00:10:244:5::/64 via 2001:db8::5 dev #2 metric 1024",
+                "fdb replace 0a:58:0a:00:00:06 dst 2001:db9::6 dev #9 self permanent",
+                "-6 neigh replace fd00:10:244:6:: lladdr 0a:58:0a:00:00:06 dev #9 nud permanent",
+                "-6 route replace fd00:10:244:6::/64 via fd00:10:244:6:: dev #9 onlink metric 1024",
+            ]
+        );
+        // No FDB or NDP entry names the direct peer.
+        assert!(!text.iter().any(|t| t.contains("2001:db8::5 dev #9")));
+        // Applied: the same plan is empty, and the peers going removes everything.
+        let now = after(&observed_dr(), &ops);
+        assert!(plan_direct6(&direct6(true), &now, &[near, far]).is_empty());
+        let dels = plan_direct6(&direct6(true), &now, &[]);
+        assert_eq!(dels.len(), 4, "{dels:?}");
+        assert!(dels.iter().all(Op::is_delete));
+        let gone = after(&now, &dels);
+        assert_eq!(gone.routes.len(), underlay6().len());
+        assert!(gone.fdb.is_empty() && gone.neighbours.is_empty());
+    }
+
+    #[test]
+    fn direct_routing6_never_routes_ourselves_or_via_another_interface() {
+        let mut routes = underlay6();
+        // A connected network on another interface (ifindex 3).
+        routes.push(Route6 {
+            dst: "2001:db8:77::/64".parse().unwrap(),
+            oif: Some(3),
+            ..routes[0]
+        });
+        let o = Observed6 {
+            routes,
+            ..observed()
+        };
+        // Our own PublicIPv6 and our own subnet: nothing; another interface's peer: tunnelled.
+        let me = peer6(7, "2001:db8::3");
+        let own = peer6(3, "2001:db8::33");
+        let other_if = peer6(8, "2001:db8:77::8");
+        let ops = plan_direct6(&direct6(true), &o, &[me, own, other_if]);
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert!(ops
+            .iter()
+            .all(|op| !matches!(op, Op::Route6Replace(r) if r.oif == Some(2))));
+        assert!(ops.contains(&Op::Route6Replace(Route6::onlink(
+            other_if.subnet,
+            other_if.gateway(),
+            9
+        ))));
+    }
+
+    #[test]
+    fn direct_routing6_moves_a_peer_between_sides_in_place() {
+        let near = peer6(5, "2001:db8::5");
+        let far = Vxlan6Peer {
+            public_ipv6: "2001:db9::5".parse().unwrap(),
+            ..near
+        };
+        // Tunnelled first (behind the router)...
+        let o1 = after(
+            &observed_dr(),
+            &plan_direct6(&direct6(true), &observed_dr(), &[far]),
+        );
+        assert_eq!(
+            routes_of(&o1, near.subnet),
+            [Route6::onlink(near.subnet, near.gateway(), 9)]
+        );
+        // ...then its PublicIPv6 moves onto our segment: the direct route replaces the vxlan
+        // one in place (no delete of the route), first; the FDB and NDP entries go after.
+        let ops = plan_direct6(&direct6(true), &o1, &[near]);
+        assert_eq!(
+            ops[0],
+            Op::Route6Replace(Route6::via(near.subnet, near.public_ipv6, Some(2)))
+        );
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::Route6Del(_))),
+            "{ops:?}"
+        );
+        assert!(ops.iter().any(|o| matches!(o, Op::Fdb6Del { .. })));
+        assert!(ops.iter().any(|o| matches!(o, Op::Neigh6Del { .. })));
+        let o2 = after(&o1, &ops);
+        assert_eq!(
+            routes_of(&o2, near.subnet),
+            [Route6::via(near.subnet, near.public_ipv6, Some(2))]
+        );
+        assert!(o2.fdb.is_empty() && o2.neighbours.is_empty());
+        assert!(plan_direct6(&direct6(true), &o2, &[near]).is_empty());
+        // ...and back behind the router: the vxlan route replaces the direct one in place.
+        let ops = plan_direct6(&direct6(true), &o2, &[far]);
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::Route6Del(_))),
+            "{ops:?}"
+        );
+        let o3 = after(&o2, &ops);
+        assert_eq!(
+            routes_of(&o3, near.subnet),
+            [Route6::onlink(near.subnet, near.gateway(), 9)]
+        );
+        assert_eq!(o3.fdb.len(), 1);
+        assert_eq!(o3.neighbours.len(), 1);
+    }
+
+    #[test]
+    fn switching_direct_routing6_on_and_off_keeps_every_route() {
+        let near = peer6(5, "2001:db8::5");
+        let far = peer6(6, "2001:db9::6");
+        let peers = [near, far];
+        // Off: both tunnelled, exactly as without DirectRouting.
+        let off = plan_direct6(&direct6(false), &observed_dr(), &peers);
+        assert_eq!(off, plan_vxlan6(&observed_dr(), &peers));
+        let o1 = after(&observed_dr(), &off);
+        // Switched on: the near peer's route moves to the underlay in place, its entries go;
+        // the far peer is untouched.
+        let on = plan_direct6(&direct6(true), &o1, &peers);
+        assert!(!on.iter().any(|o| matches!(o, Op::Route6Del(_))), "{on:?}");
+        assert!(on
+            .iter()
+            .all(|o| !o.to_string().contains("fd00:10:244:6::")));
+        let o2 = after(&o1, &on);
+        assert_eq!(
+            routes_of(&o2, near.subnet),
+            [Route6::via(near.subnet, near.public_ipv6, Some(2))]
+        );
+        // Switched off again: the direct route is replaced by the vxlan one, never deleted.
+        let off2 = plan_direct6(&direct6(false), &o2, &peers);
+        assert!(
+            !off2.iter().any(|o| matches!(o, Op::Route6Del(_))),
+            "{off2:?}"
+        );
+        let o3 = after(&o2, &off2);
+        assert_eq!(
+            routes_of(&o3, near.subnet),
+            [Route6::onlink(near.subnet, near.gateway(), 9)]
+        );
+        assert!(plan_direct6(&direct6(false), &o3, &peers).is_empty());
+        // A direct route whose peer is gone is removed when the option is off too.
+        let stale = plan_direct6(&direct6(false), &o2, &[far]);
+        assert!(stale.contains(&Op::Route6Del(Route6::via(
+            near.subnet,
+            near.public_ipv6,
+            Some(2)
+        ))));
     }
 }

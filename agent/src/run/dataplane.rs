@@ -94,7 +94,9 @@ async fn remove_leftovers6(nl: &Netlink, prepared: &Prepared, config: &PlaneConf
         Prepared::Vxlan(c) if dual => Some(crate::backend::v6::device_name(c.vni)),
         _ => None,
     };
-    let hostgw6 = dual && matches!(prepared, Prepared::HostGw(_));
+    // vxlan's IPv6 plan writes host-gw's kind of route too (DirectRouting) and removes the
+    // ones it does not want itself, in place where a peer changes sides: not leftovers here.
+    let hostgw6 = dual && matches!(prepared, Prepared::HostGw(_) | Prepared::Vxlan(_));
     let (links, routes) = match (nl.links().await, nl.all_routes6().await) {
         (Ok(l), Ok(r)) => (l, r),
         (Err(e), _) | (_, Err(e)) => {
@@ -269,6 +271,19 @@ impl Plane {
         // The next reconcile sets the IPv6 plane up for the new subnet.
         self.v6 = None;
         self.v6_stale = true;
+    }
+
+    /// Our `PublicIPv6` moved (the old address left the underlay): the IPv6 plane is set up
+    /// again at the next reconcile, with the VTEP on the new address (vxlan re-creates
+    /// `tweed-v6.<VNI>`, whose local address cannot change in place).
+    pub(super) fn set_public_ipv6(&mut self, to: Ipv6Addr) {
+        if let Some((_, ip)) = self.ipv6_plane.as_mut() {
+            if *ip != to {
+                *ip = to;
+                self.v6 = None;
+                self.v6_stale = true;
+            }
+        }
     }
 
     /// Moves to a new subnet (ours was taken while the lease was lost).

@@ -243,6 +243,11 @@ impl LeaseKeeper {
         false
     }
 
+    /// What the lease advertises (or will, once [`publish`](Self::publish) got through).
+    pub(super) fn attrs(&self) -> &LeaseAttrs {
+        &self.attrs
+    }
+
     pub(super) fn own(&self) -> OwnLease {
         self.own.borrow().clone()
     }

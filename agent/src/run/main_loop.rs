@@ -15,6 +15,7 @@ use super::lease::{self, LeaseKeeper};
 use super::repair::{Echoes, Schedule, Trigger, Watched};
 use super::report::Report;
 use super::stop::{next_backoff, Stop};
+use super::underlay6::Underlay6;
 use super::AgentError;
 use crate::backend::{NodeContext, Prepared, Remote};
 use crate::netlink::{self, Event, Events, NetlinkError};
@@ -110,6 +111,16 @@ pub async fn run_with(
     let (prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
     let ipv6 = ipv6_mode(&cfg, &settings, &ipv6_addrs, &node.iface);
     report.ipv6_mode(&ipv6);
+    let underlay6 = match ipv6 {
+        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => Some(Underlay6::new(
+            public_ipv6,
+            settings.public_ipv6,
+            node.iface.index,
+            node.iface.name.clone(),
+            ipv6_addrs.clone(),
+        )),
+        _ => None,
+    };
     let attrs = match ipv6 {
         crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => {
             crate::ipv6::with_public_ipv6(attrs, public_ipv6)
@@ -165,6 +176,7 @@ pub async fn run_with(
         },
         registry,
         public_ip,
+        underlay6,
         lease,
         plane,
         report,
@@ -335,6 +347,8 @@ struct Agent {
     told_ready: bool,
     registry: Arc<Registry>,
     public_ip: Ipv4Addr,
+    /// The `PublicIPv6` follower, when this node runs dual stack.
+    underlay6: Option<Underlay6>,
     table: LeaseTable,
     lease: LeaseKeeper,
     plane: Plane,
@@ -385,6 +399,9 @@ impl Agent {
                 }
                 ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
                 _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
+                _ = repair_due(self.underlay6.as_ref().and_then(Underlay6::due)) => {
+                    self.follow_public_ipv6().await;
+                }
                 _ = beat.tick() => self.beat(),
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                 _ = peer_stats.tick() => {
@@ -470,6 +487,9 @@ impl Agent {
         let now = tokio::time::Instant::now();
         match ev {
             Some(Ok(e)) => {
+                if let Some(u) = self.underlay6.as_mut() {
+                    u.note(&e, now);
+                }
                 if let Some(t) = self.kernel.watched.trigger(&e) {
                     if !self.kernel.echoes.is_echo(&e, now) {
                         self.kernel.schedule.note(t, now);
@@ -556,6 +576,23 @@ impl Agent {
             self.program().await;
             self.report.reconciled_in(received);
             self.report.leases(&self.table, self.lease.own().subnet());
+        }
+    }
+
+    /// The `PublicIPv6` check the underlay's address notifications scheduled: when the address
+    /// moved, the lease advertises the new one (retried with the other unpublished attributes
+    /// while etcd is away) and the IPv6 plane is set up again on it; peers follow the lease.
+    async fn follow_public_ipv6(&mut self) {
+        let Some(to) = self.underlay6.as_mut().and_then(Underlay6::check) else {
+            return;
+        };
+        self.report
+            .ipv6_mode(&crate::ipv6::Ipv6Mode::DualStack { public_ipv6: to });
+        self.plane.set_public_ipv6(to);
+        self.program().await;
+        let attrs = crate::ipv6::with_public_ipv6(self.lease.attrs().clone(), to);
+        if !self.lease.publish(attrs).await {
+            warn!(public_ipv6 = %to, "the lease still advertises the old PublicIPv6; retrying");
         }
     }
 

@@ -19,6 +19,7 @@ mod report;
 mod stop;
 #[cfg(test)]
 mod tests;
+mod underlay6;
 
 pub use deps::{Clock, Deps};
 pub use main_loop::run_with;
