@@ -127,17 +127,26 @@ pub fn dev_minor(dev: u64) -> u32 {
 /// directory so the rename itself survives a crash. Readers see the old content or the new,
 /// never a torn file, and a crash never leaves an empty one.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    replace(path, data, true)
+    replace(path, data, true, 0o600)
 }
 
 /// [`write_atomic`] without the two fsyncs: readers still see the old content or the new,
 /// never a torn file, but after a host crash the file may be missing or empty. Only for
 /// records whose loss a crash makes harmless: see `state::write_process_record`.
 pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> io::Result<()> {
-    replace(path, data, false)
+    replace(path, data, false, 0o600)
 }
 
-fn replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
+/// [`write_atomic_volatile`] for a file the container reads through a read-only bind mount
+/// (the rendered `/proc` views): mode 0444 from its creation, like the `/proc` files it
+/// stands for, because processes of any uid in the container read it and under `--userns`
+/// even the container's root is not host root. Privacy comes from the 0700 directory it is
+/// created in; it holds nothing that the container cannot read anyway.
+pub fn write_atomic_view(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace(path, data, false, 0o444)
+}
+
+fn replace(path: &Path, data: &[u8], durable: bool, mode: u32) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
@@ -156,9 +165,14 @@ fn replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
+        // The umask may have taken bits away from `mode`: a view must be readable by all.
+        if mode & !0o600 != 0 {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
         f.write_all(data)?;
         if durable {
             f.sync_all()?;
@@ -299,13 +313,16 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    /// Both writers, durable and volatile, differ only in fsync: the same file results.
+    /// The writers differ only in fsync and the mode: the same file results.
     #[test]
     fn atomic_writes_are_private_and_replace_whole() {
         type Write = fn(&Path, &[u8]) -> io::Result<()>;
-        for (name, write) in [
-            ("durable", write_atomic as Write),
-            ("volatile", write_atomic_volatile as Write),
+        for (name, write, want) in [
+            ("durable", write_atomic as Write, 0o600),
+            ("volatile", write_atomic_volatile as Write, 0o600),
+            // The /proc views: readable by every uid of the container, writable by nobody
+            // but root.
+            ("view", write_atomic_view as Write, 0o444),
         ] {
             let t = tempfile::tempdir().unwrap();
             let p = t.path().join("state.json");
@@ -313,7 +330,7 @@ mod tests {
             write(&p, b"two").unwrap();
             assert_eq!(std::fs::read(&p).unwrap(), b"two", "{name}");
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{name}");
+            assert_eq!(mode, want, "{name}");
             // No temporary file is left behind.
             assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1, "{name}");
             // A symlink planted at the target's place is never followed: rename replaces the

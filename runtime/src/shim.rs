@@ -5,7 +5,7 @@
 //! The init dies with its supervisor (`PR_SET_PDEATHSIG`), so a killed supervisor never leaves
 //! an unsupervised container behind; `tweedctl ps` reports it as dead.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -17,7 +17,7 @@ use crate::init::{self, InitSpec};
 use crate::process::{self, Fork};
 use crate::state::{self, ExitInfo, ProcInfo};
 use crate::syscall::LinuxSyscall;
-use crate::{logs, procview, timefmt};
+use crate::{fsutil, logs, procview, timefmt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -479,8 +479,11 @@ pub fn prepare_proc_files(
     cpu_online: Option<&str>,
 ) -> io::Result<(Option<PathBuf>, Option<PathBuf>, Option<PathBuf>)> {
     let mut out = (None, None, None);
+    // 0700 like the state dir around it; the files themselves are 0444 (see
+    // `fsutil::write_atomic_view`): the container reads them through its bind mounts, which do
+    // not pass through this directory.
     let dir = state_dir.join("proc");
-    fs::create_dir_all(&dir)?;
+    fsutil::create_private_dir(&dir)?;
     for (content, name, slot) in [
         (meminfo, "meminfo", &mut out.0),
         (cpuinfo, "cpuinfo", &mut out.1),
@@ -488,7 +491,9 @@ pub fn prepare_proc_files(
     ] {
         if let Some(c) = content {
             let p = dir.join(name);
-            fs::write(&p, c)?;
+            // Atomic but not fsynced: a view is rendered afresh at every start and means
+            // nothing once the container's mount namespace is gone, which a crash ends.
+            fsutil::write_atomic_view(&p, c.as_bytes())?;
             *slot = Some(p);
         }
     }
@@ -498,6 +503,25 @@ pub fn prepare_proc_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_views_are_world_readable_files_in_a_private_dir() {
+        use std::fs;
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // Rendered twice, as a second `start` of the same state dir does: replaced whole.
+        for text in ["MemTotal: 1 kB\n", "MemTotal: 2 kB\n"] {
+            let (m, c, o) = prepare_proc_files(t.path(), Some(text), None, Some("0\n")).unwrap();
+            let (m, o) = (m.unwrap(), o.unwrap());
+            assert!(c.is_none());
+            assert_eq!(fs::read_to_string(&m).unwrap(), text);
+            assert_eq!(mode(&m), 0o444);
+            assert_eq!(mode(&o), 0o444);
+            assert_eq!(mode(&t.path().join("proc")), 0o700);
+            assert_eq!(fs::read_dir(t.path().join("proc")).unwrap().count(), 2);
+        }
+    }
 
     #[test]
     fn reports() {

@@ -628,6 +628,11 @@ fn runtime_state_and_logs_are_private() {
     let id = e.start(&[
         "-e",
         "SECRET=hunter2",
+        // Limits, so that the rendered /proc views exist too.
+        "--memory",
+        "64m",
+        "--cpus",
+        "0.5",
         "busybox",
         "sh",
         "-c",
@@ -668,9 +673,21 @@ fn runtime_state_and_logs_are_private() {
             assert_eq!(std::fs::metadata(&p).unwrap().uid(), 0);
         }
     }
+    // The /proc views: in a 0700 directory, each 0444 and root's, like the /proc files they
+    // stand for (the container reads them as any uid, through read-only bind mounts).
+    let views = state.join("proc");
+    assert_eq!(mode(&views), 0o700);
+    assert_eq!(list(&views), ["cpu-online", "cpuinfo", "meminfo"]);
+    for f in list(&views) {
+        let p = views.join(&f);
+        assert_eq!(mode(&p), 0o444, "{p:?}");
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), 0, "{p:?}");
+    }
     // Atomic writes leave no temporary files behind.
-    for f in list(&state) {
-        assert!(!f.contains(".tmp"), "{f}");
+    for d in [&state, &views] {
+        for f in list(d) {
+            assert!(!f.contains(".tmp"), "{f}");
+        }
     }
     e.ok(&["rm", "-f", &id]);
     e.assert_nothing_left();

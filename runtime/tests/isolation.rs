@@ -128,6 +128,23 @@ fn honest_proc_and_sysinfo() {
         free_col < 65536 - 20_000,
         "sysinfo free did not drop: {out}"
     );
+    // The views are read by any uid of the container (they are 0444, like /proc's own), and
+    // written by none, root included (read-only bind mounts).
+    let out = e.sh(
+        &["--memory", "64m", "--cpus", "0.5", "-u", "65534:65534"],
+        "id -u; grep ^MemTotal: /proc/meminfo; grep -c ^processor /proc/cpuinfo; \
+         cat /sys/devices/system/cpu/online",
+    );
+    let l: Vec<&str> = out.lines().collect();
+    assert_eq!(l[0], "65534", "{out}");
+    assert_eq!(kb(l[1]), 65536, "{out}");
+    assert_eq!(&l[2..], ["1", "0"], "{out}");
+    let out = e.sh(
+        &["--memory", "64m", "--cpus", "0.5"],
+        "for f in /proc/meminfo /proc/cpuinfo /sys/devices/system/cpu/online; do \
+         (echo x > $f) 2>/dev/null && echo wrote $f; done; echo done",
+    );
+    assert_eq!(out.trim(), "done", "{out}");
     // Without limits the host's view is shown unchanged.
     let out = e.ok(&[
         "run",

@@ -404,6 +404,41 @@ fn explicit_range_and_a_non_root_user() {
     e.assert_nothing_left();
 }
 
+/// The /proc views are root's files on the host, which an unprivileged host uid can only
+/// read because they are 0444: the container's root and its other users both see the limits.
+#[test]
+fn proc_views_are_readable_by_a_mapped_root_and_user() {
+    require_root!(NEEDS_ROOT);
+    let e = env_with_subids(3_300_000, 65536);
+    for user in ["0:0", "1000:1000"] {
+        let out = e.ok(&[
+            "run",
+            "--rm",
+            "--userns",
+            "auto",
+            "-u",
+            user,
+            "--memory",
+            "64m",
+            "--cpus",
+            "0.5",
+            "busybox",
+            "sh",
+            "-c",
+            "id -u; grep ^MemTotal: /proc/meminfo; grep -c ^processor /proc/cpuinfo; \
+             cat /sys/devices/system/cpu/online",
+        ]);
+        let l: Vec<&str> = out.split_whitespace().collect();
+        let uid = user.split(':').next().unwrap();
+        assert_eq!(
+            l,
+            [uid, "MemTotal:", "65536", "kB", "1", "0"],
+            "{user}: {out}"
+        );
+    }
+    e.assert_nothing_left();
+}
+
 #[test]
 fn refusals_name_their_cause_and_leave_nothing() {
     require_root!(NEEDS_ROOT);
