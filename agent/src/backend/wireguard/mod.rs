@@ -473,9 +473,15 @@ async fn setup_kernel(
 /// created and deleted through the same handle the device will be. A probe link an agent left
 /// when it died between the two steps is removed first (in a container the agent is often pid
 /// 1 every time, elsewhere the name differs per run and nothing else would ever remove it).
+/// When [`DEVICE`] already is a `wireguard` link (a restart), that link is the answer and no
+/// probe link is made: a restart on a device that is right writes nothing at all.
 async fn probe_kernel(nl: &crate::netlink::Netlink) -> Result<(), String> {
     use crate::netlink::Op;
+    let mut have_device = false;
     if let Ok(links) = nl.links().await {
+        have_device = links
+            .iter()
+            .any(|l| l.name == DEVICE && l.kind.as_deref() == Some("wireguard"));
         for l in links.iter().filter(|l| l.name.starts_with(PROBE_PREFIX)) {
             match nl
                 .apply(&Op::LinkDel {
@@ -489,6 +495,9 @@ async fn probe_kernel(nl: &crate::netlink::Netlink) -> Result<(), String> {
                 }
             }
         }
+    }
+    if have_device {
+        return Ok(());
     }
     let name = format!("{PROBE_PREFIX}{}", std::process::id() % 100_000_000);
     match nl.apply(&Op::LinkAddWireguard { name: name.clone() }).await {
