@@ -6,6 +6,7 @@
 //! `PublicIP:Port` as endpoint ([`plan`]). The device holds the subnet's network address as
 //! /32, one route for the whole network, and MTU = MTU − 80.
 
+pub mod dual;
 pub mod kernel;
 pub mod key;
 pub mod plan;

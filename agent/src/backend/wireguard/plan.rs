@@ -53,39 +53,12 @@ impl WgPeer {
         attrs: &LeaseAttrs,
         local_port: u16,
     ) -> Result<WgPeer, String> {
-        let raw = attrs
-            .backend_data
-            .as_ref()
-            .ok_or("its lease has no BackendData (no WireGuard public key)")?;
-        let v: Value = serde_json::from_str(raw.get())
-            .map_err(|e| format!("its BackendData is not JSON: {e}"))?;
-        let obj = v
-            .as_object()
-            .ok_or("its BackendData is not a JSON object")?;
-        let key = match obj.get("PublicKey") {
-            Some(Value::String(s)) => {
-                decode_wg_key(s).map_err(|e| format!("its BackendData.PublicKey: {e}"))?
-            }
-            Some(other) => {
-                return Err(format!(
-                    "its BackendData.PublicKey is not a string: {other}"
-                ))
-            }
-            None => return Err("its BackendData has no PublicKey".into()),
-        };
-        let port = match obj.get("Port") {
-            None | Some(Value::Null) => local_port,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(0) => local_port,
-                Some(p) if p <= u16::MAX as u64 => p as u16,
-                _ => return Err(format!("its BackendData.Port {n} is not a UDP port")),
-            },
-            Some(other) => return Err(format!("its BackendData.Port is not a number: {other}")),
-        };
+        let (public_key, port) =
+            read_backend_data(attrs.backend_data.as_deref(), "BackendData", local_port)?;
         Ok(WgPeer {
             subnet,
             public_ip: attrs.public_ip,
-            public_key: PublicKey(key),
+            public_key,
             port,
         })
     }
@@ -93,6 +66,38 @@ impl WgPeer {
     pub fn endpoint(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.public_ip, self.port)
     }
+}
+
+/// Reads a wireguard lease's `BackendData` or `BackendV6Data` (`field`, named in every error):
+/// `{"PublicKey":"<base64>","Port":<port>}`. A missing, null or 0 `Port` means `local_port`.
+pub fn read_backend_data(
+    raw: Option<&serde_json::value::RawValue>,
+    field: &str,
+    local_port: u16,
+) -> Result<(PublicKey, u16), String> {
+    let raw = raw.ok_or_else(|| format!("its lease has no {field} (no WireGuard public key)"))?;
+    let v: Value =
+        serde_json::from_str(raw.get()).map_err(|e| format!("its {field} is not JSON: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("its {field} is not a JSON object"))?;
+    let key = match obj.get("PublicKey") {
+        Some(Value::String(s)) => {
+            decode_wg_key(s).map_err(|e| format!("its {field}.PublicKey: {e}"))?
+        }
+        Some(other) => return Err(format!("its {field}.PublicKey is not a string: {other}")),
+        None => return Err(format!("its {field} has no PublicKey")),
+    };
+    let port = match obj.get("Port") {
+        None | Some(Value::Null) => local_port,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(0) => local_port,
+            Some(p) if p <= u16::MAX as u64 => p as u16,
+            _ => return Err(format!("its {field}.Port {n} is not a UDP port")),
+        },
+        Some(other) => return Err(format!("its {field}.Port is not a number: {other}")),
+    };
+    Ok((PublicKey(key), port))
 }
 
 /// One peer as a WireGuard device holds it.
