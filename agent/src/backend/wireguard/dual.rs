@@ -19,8 +19,10 @@
 //! port IPv6 peers are actually served on: `ListenPortV6` in `separate` mode, `ListenPort` in
 //! the single-device modes (where flannel's own device listens on `ListenPort` only).
 //!
-//! Not yet wired into [`super::WgBackend`]: the kernel path's generic-netlink encoding and the
-//! userspace path's packet I/O carry IPv4 only (see docs/wireguard.md).
+//! [`device_spec`] turns a planned device into what the kernel path's reconcile writes over
+//! generic netlink (IPv6 endpoints and allowed IPs included). Not yet wired into
+//! [`super::WgBackend`]: the agent does not create `tweed-wg-v6` nor give the devices their IPv6
+//! address and route, and the userspace path's packet I/O carries IPv4 only (docs/wireguard.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -220,8 +222,8 @@ pub fn plan_dual(local: &DualLocal, peers: &[DualPeer]) -> DualPlan {
             .iter()
             .map(|s| DualPeerSpec {
                 public_key: s.public_key,
-                endpoint: SocketAddr::V4(s.endpoint.expect("desired peers have endpoints")),
-                allowed_ips: s.allowed_ips.iter().map(|n| IpNetwork::V4(*n)).collect(),
+                endpoint: s.endpoint.expect("desired peers have endpoints"),
+                allowed_ips: s.allowed_ips.clone(),
                 psk: s.psk,
                 keepalive: s.keepalive,
             })
@@ -250,7 +252,7 @@ pub fn plan_dual(local: &DualLocal, peers: &[DualPeer]) -> DualPlan {
     // Each chosen peer with its usable v6 half (if any).
     let mut chosen: Vec<(&super::plan::PeerSpec, Option<WgPeer6>)> = Vec::new();
     for s in &specs {
-        let v4_subnet = s.allowed_ips[0];
+        let v4_subnet = s.subnet_v4().expect("desired peers have an IPv4 subnet");
         let p = by_v4[&(s.public_key, v4_subnet)];
         let skip = |reason: String| Skip6 { v4_subnet, reason };
         let half = match &p.v6 {
@@ -308,8 +310,8 @@ pub fn plan_dual(local: &DualLocal, peers: &[DualPeer]) -> DualPlan {
 
     let v4_entry = |s: &super::plan::PeerSpec| DualPeerSpec {
         public_key: s.public_key,
-        endpoint: SocketAddr::V4(s.endpoint.expect("desired peers have endpoints")),
-        allowed_ips: vec![IpNetwork::V4(s.allowed_ips[0])],
+        endpoint: s.endpoint.expect("desired peers have endpoints"),
+        allowed_ips: s.allowed_ips.clone(),
         psk: s.psk,
         keepalive: s.keepalive,
     };
@@ -354,8 +356,8 @@ pub fn plan_dual(local: &DualLocal, peers: &[DualPeer]) -> DualPlan {
             (WireguardMode::Ipv6, Some(ep)) => ep,
             (WireguardMode::Ipv6, None) => {
                 plan.skipped.push(PeerSkip {
-                    subnet: s.allowed_ips[0],
-                    public_ip: *s.endpoint.expect("desired peers have endpoints").ip(),
+                    subnet: s.subnet_v4().expect("desired peers have an IPv4 subnet"),
+                    public_ip: *s.endpoint_v4().expect("desired peers have endpoints").ip(),
                     reason: "Mode ipv6 reaches peers over the IPv6 underlay and its IPv6 half \
                              is not usable"
                         .into(),
@@ -389,6 +391,29 @@ pub fn plan_dual(local: &DualLocal, peers: &[DualPeer]) -> DualPlan {
     dev.routes.push(IpNetwork::V6(l6.network));
     plan.devices.push(dev);
     plan
+}
+
+/// A device of the plan as the kernel path's reconcile takes it ([`super::kernel::reconcile`]):
+/// the same key on every device, the device's port and peers.
+pub fn device_spec(dev: &DevicePlan, private_key: [u8; 32]) -> super::plan::DeviceSpec {
+    super::plan::device_spec(
+        private_key,
+        dev.listen_port,
+        dev.peers
+            .iter()
+            .map(|p| {
+                let mut allowed_ips = p.allowed_ips.clone();
+                allowed_ips.sort();
+                super::plan::PeerSpec {
+                    public_key: p.public_key,
+                    endpoint: Some(p.endpoint),
+                    allowed_ips,
+                    psk: p.psk,
+                    keepalive: p.keepalive,
+                }
+            })
+            .collect(),
+    )
 }
 
 /// WireGuard's receive-side check (allowed IPs as a source filter): whether the decrypted

@@ -436,3 +436,65 @@ fn inner_sources_are_checked_against_allowed_ips_of_both_families() {
     confused[0] = 0x45;
     assert!(!source_allowed(&allowed, &confused));
 }
+
+#[test]
+fn the_plan_goes_onto_kernel_devices_over_generic_netlink_and_a_second_pass_writes_nothing() {
+    use crate::backend::wireguard::kernel::{clamp, parse_device, reconcile, FakeGenl, WgGenl};
+    let key = clamp([9; 32]);
+    for mode in [
+        WireguardMode::Separate,
+        WireguardMode::Auto,
+        WireguardMode::Ipv6,
+    ] {
+        let l = local(mode, true);
+        let plan = plan_dual(
+            &l,
+            &[
+                peer(&l, 2, "198.18.0.2", Some("2001:db8::2")),
+                peer(&l, 3, "198.18.0.3", Some("2001:db8::3")),
+            ],
+        );
+        for dev in &plan.devices {
+            let want = device_spec(dev, key);
+            let mut fake = FakeGenl::new(dev.name);
+            let (ops, _) = reconcile(&mut fake, dev.name, &want).unwrap();
+            assert_eq!(ops.len(), 3, "{mode:?} {}: {ops:?}", dev.name);
+            // What the fake kernel holds reads back as the plan, IPv6 entries included.
+            let seen = parse_device(
+                &fake.get_device(dev.name).unwrap(),
+                std::time::SystemTime::now(),
+            );
+            assert_eq!(seen.spec, want, "{mode:?} {}", dev.name);
+            let (ops, _) = reconcile(&mut fake, dev.name, &want).unwrap();
+            assert!(ops.is_empty(), "{mode:?} {}: {ops:?}", dev.name);
+            let families: Vec<bool> = fake.peers[0]
+                .allowed
+                .iter()
+                .map(|(a, _)| a.is_ipv6())
+                .collect();
+            let want_families = match (mode, dev.name) {
+                (WireguardMode::Separate, DEVICE_V6) => vec![true],
+                (WireguardMode::Separate, _) => vec![false],
+                _ => vec![false, true],
+            };
+            assert_eq!(families, want_families, "{mode:?} {}", dev.name);
+            assert_eq!(
+                fake.peers[0].endpoint.unwrap().is_ipv6(),
+                dev.name == DEVICE_V6 || mode == WireguardMode::Ipv6
+            );
+        }
+    }
+    // A kernel-roamed IPv6 endpoint is set back from the lease, nothing else.
+    let l = local(WireguardMode::Separate, true);
+    let plan = plan_dual(&l, &[peer(&l, 2, "198.18.0.2", Some("2001:db8::2"))]);
+    let want = device_spec(&plan.devices[1], key);
+    let mut fake = FakeGenl::new(DEVICE_V6);
+    reconcile(&mut fake, DEVICE_V6, &want).unwrap();
+    fake.peers[0].endpoint = Some("[2001:db8::99]:4444".parse().unwrap());
+    let (ops, _) = reconcile(&mut fake, DEVICE_V6, &want).unwrap();
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert_eq!(
+        fake.peers[0].endpoint,
+        Some("[2001:db8::2]:51821".parse().unwrap())
+    );
+}
