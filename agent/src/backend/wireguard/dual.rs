@@ -416,6 +416,57 @@ pub fn device_spec(dev: &DevicePlan, private_key: [u8; 32]) -> super::plan::Devi
     )
 }
 
+/// The IPv6 side of a planned device's link, against what it holds now: its IPv6 subnet
+/// address (/128, nodad, stale global ones removed; link-local left to the kernel) and the
+/// scope-link route for `IPv6Network` through it (any other non-kernel IPv6 route through the
+/// device goes). Nothing when the device carries no IPv6 or already matches. The IPv4 side is
+/// [`crate::backend::plan_l3_device`], as on an IPv4-only node.
+pub fn plan_link6(
+    dev: &DevicePlan,
+    ifindex: u32,
+    addrs: &[crate::netlink::Addr6],
+    routes: &[crate::netlink::Route6],
+) -> Vec<crate::netlink::Op> {
+    use crate::netlink::{Op, Route, Route6};
+    let Some(addr) = dev.addrs.iter().find_map(|a| match a {
+        IpNetwork::V6(a) => Some(*a),
+        IpNetwork::V4(_) => None,
+    }) else {
+        return Vec::new();
+    };
+    let mut ops = crate::backend::v6::plan_addresses6(ifindex, addrs, addr);
+    let want: Vec<Route6> = dev
+        .routes
+        .iter()
+        .filter_map(|r| match r {
+            IpNetwork::V6(n) => Some(Route6 {
+                dst: Ipv6Network::new(n.network(), n.prefix()).expect("a valid prefix"),
+                gateway: None,
+                oif: Some(ifindex),
+                onlink: false,
+                metric: Route6::DEFAULT_METRIC,
+                protocol: Route::PROTO_STATIC,
+            }),
+            IpNetwork::V4(_) => None,
+        })
+        .collect();
+    let ours: Vec<&Route6> = routes
+        .iter()
+        .filter(|r| r.oif == Some(ifindex) && r.protocol != Route::PROTO_KERNEL)
+        .collect();
+    ops.extend(
+        want.iter()
+            .filter(|w| !ours.contains(w))
+            .map(|w| Op::Route6Replace(*w)),
+    );
+    ops.extend(
+        ours.iter()
+            .filter(|r| !want.contains(r))
+            .map(|r| Op::Route6Del(**r)),
+    );
+    ops
+}
+
 /// WireGuard's receive-side check (allowed IPs as a source filter): whether the decrypted
 /// `inner` packet's source address lies in one of the sending peer's `allowed` networks. Anything
 /// that is not a whole enough IPv4 or IPv6 header is refused, and an IPv4-mapped IPv6 source

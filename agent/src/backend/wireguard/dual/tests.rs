@@ -498,3 +498,79 @@ fn the_plan_goes_onto_kernel_devices_over_generic_netlink_and_a_second_pass_writ
         Some("[2001:db8::2]:51821".parse().unwrap())
     );
 }
+
+#[test]
+fn the_v6_link_side_is_address_and_route_and_nothing_when_in_place() {
+    use crate::netlink::{Addr6, Op, Route, Route6};
+    let l = local(WireguardMode::Separate, true);
+    let plan = plan_dual(&l, &[]);
+    let v6dev = &plan.devices[1];
+    let ops = plan_link6(v6dev, 7, &[], &[]);
+    let route = Route6 {
+        dst: "fd00:10:244::/56".parse().unwrap(),
+        gateway: None,
+        oif: Some(7),
+        onlink: false,
+        metric: Route6::DEFAULT_METRIC,
+        protocol: Route::PROTO_STATIC,
+    };
+    assert_eq!(
+        ops,
+        vec![
+            Op::Addr6Add {
+                ifindex: 7,
+                addr: "fd00:10:244:1::/128".parse().unwrap(),
+                nodad: true
+            },
+            Op::Route6Replace(route),
+        ]
+    );
+    let have_addr = Addr6 {
+        ifindex: 7,
+        net: "fd00:10:244:1::/128".parse().unwrap(),
+        tentative: false,
+    };
+    let link_local = Addr6 {
+        ifindex: 7,
+        net: "fe80::1/64".parse().unwrap(),
+        tentative: false,
+    };
+    let kernel_route = Route6 {
+        dst: "fe80::/64".parse().unwrap(),
+        protocol: Route::PROTO_KERNEL,
+        metric: 256,
+        ..route
+    };
+    assert_eq!(
+        plan_link6(v6dev, 7, &[have_addr, link_local], &[route, kernel_route]),
+        vec![],
+        "in place: no write"
+    );
+    // An old lease's address and a stale route through the device go.
+    let old = Addr6 {
+        ifindex: 7,
+        net: "fd00:10:244:9::/128".parse().unwrap(),
+        tentative: false,
+    };
+    let stale = Route6 {
+        dst: "fd00:99::/56".parse().unwrap(),
+        ..route
+    };
+    assert_eq!(
+        plan_link6(v6dev, 7, &[have_addr, old], &[route, stale]),
+        vec![
+            Op::Addr6Del {
+                ifindex: 7,
+                addr: old.net
+            },
+            Op::Route6Del(stale)
+        ]
+    );
+    // The IPv4 device of separate mode has no IPv6 side; the shared device of auto has.
+    assert_eq!(plan_link6(&plan.devices[0], 7, &[], &[]), vec![]);
+    let auto = local(WireguardMode::Auto, true);
+    assert_eq!(
+        plan_link6(&plan_dual(&auto, &[]).devices[0], 7, &[], &[]).len(),
+        2
+    );
+}
