@@ -77,7 +77,7 @@ fn kernel_is_refused_clearly_and_auto_falls_back_without_the_module() {
 fn peer(n: u8, ip: [u8; 4]) -> PeerSpec {
     PeerSpec {
         public_key: PrivateKey::from_bytes([n; 32]).public(),
-        endpoint: Some(SocketAddrV4::new(ip.into(), 51820)),
+        endpoint: Some(SocketAddrV4::new(ip.into(), 51820).into()),
         allowed_ips: vec![format!("10.5.{n}.0/24").parse().unwrap()],
         psk: None,
         keepalive: 0,

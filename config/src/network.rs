@@ -245,7 +245,7 @@ pub enum BackendConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireguardConfig {
     pub listen_port: u16,
-    /// Parsed and kept so a flannel config round-trips; tweed's overlay is IPv4 only.
+    /// The port of the IPv6 device in `separate` mode (flannel's `flannel-wg-v6`).
     pub listen_port_v6: u16,
     /// 0 means "the external interface's MTU"; the device gets this minus 80.
     pub mtu: u32,
@@ -256,13 +256,17 @@ pub struct WireguardConfig {
     pub mode: WireguardMode,
 }
 
-/// flannel's `Mode`: one device per address family (`separate`), one for both (`auto`), or one
-/// family only. With an IPv4-only overlay, `separate`, `auto` and `ipv4` all mean one IPv4 device.
+/// flannel's `Mode`: with IPv6 enabled, one device per address family (`separate`), or one
+/// device carrying both families whose peers' endpoints are on the IPv4 underlay (`ipv4`), the
+/// IPv6 underlay (`ipv6`) or whichever flannel's rule picks per peer (`auto`). With an IPv4-only
+/// overlay every mode means one IPv4 device; `ipv6` then has no IPv6 underlay address to use and
+/// is refused (naming `Backend.Mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireguardMode {
     Separate,
     Auto,
     Ipv4,
+    Ipv6,
 }
 
 /// Decodes a WireGuard key (standard base64 of exactly 32 bytes), as `wg` and flannel spell them.
@@ -460,6 +464,15 @@ impl NetworkConfig {
         } else {
             None
         };
+        if let (BackendConfig::Wireguard(w), None) = (&backend, &ipv6) {
+            if w.mode == WireguardMode::Ipv6 {
+                return Err(bad(
+                    "Backend.Mode",
+                    "\"ipv6\" puts the peers' endpoints on the IPv6 underlay, which needs \
+                     EnableIPv6 and an IPv6Network",
+                ));
+            }
+        }
 
         Ok(ParsedNetwork::Ipv4(NetworkConfig {
             network,
@@ -542,22 +555,18 @@ impl NetworkConfig {
             u16::MAX as u64,
         )?
         .unwrap_or(0) as u16;
-        let mode =
-            match get_str(b, "Mode", "Backend.Mode")?.unwrap_or("") {
-                "" | "separate" => WireguardMode::Separate,
-                "auto" => WireguardMode::Auto,
-                "ipv4" => WireguardMode::Ipv4,
-                "ipv6" => return Err(bad(
+        let mode = match get_str(b, "Mode", "Backend.Mode")?.unwrap_or("") {
+            "" | "separate" => WireguardMode::Separate,
+            "auto" => WireguardMode::Auto,
+            "ipv4" => WireguardMode::Ipv4,
+            "ipv6" => WireguardMode::Ipv6,
+            other => {
+                return Err(bad(
                     "Backend.Mode",
-                    "\"ipv6\" needs an IPv6 overlay, which tweed does not have; use \"separate\"",
-                )),
-                other => {
-                    return Err(bad(
-                        "Backend.Mode",
-                        format!("{other:?} is not one of separate, auto, ipv4, ipv6"),
-                    ))
-                }
-            };
+                    format!("{other:?} is not one of separate, auto, ipv4, ipv6"),
+                ))
+            }
+        };
         Ok(WireguardConfig {
             listen_port: port("ListenPort", "Backend.ListenPort", DEFAULT_WG_PORT)?,
             listen_port_v6: port("ListenPortV6", "Backend.ListenPortV6", DEFAULT_WG_PORT_V6)?,
@@ -778,7 +787,15 @@ mod tests {
             ))
         };
         assert_eq!(wg(r#""Mode":"both""#), "Backend.Mode");
+        // ipv6 is valid only with an IPv6 overlay.
         assert_eq!(wg(r#""Mode":"ipv6""#), "Backend.Mode");
+        let dual = NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56",
+                "Backend":{"Type":"wireguard","Mode":"ipv6","ListenPortV6":52000}}"#,
+        )
+        .unwrap();
+        assert!(matches!(dual.backend, BackendConfig::Wireguard(w)
+            if w.mode == WireguardMode::Ipv6 && w.listen_port_v6 == 52000));
         assert_eq!(wg(r#""Mode":4"#), "Backend.Mode");
         assert_eq!(wg(r#""ListenPort":65536"#), "Backend.ListenPort");
         assert_eq!(wg(r#""ListenPort":-1"#), "Backend.ListenPort");

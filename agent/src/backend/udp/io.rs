@@ -1394,7 +1394,7 @@ mod tests {
         let inner = reuseport_program(WORKERS);
         let spec = |k: &PrivateKey, subnet: String, ip: String| PeerSpec {
             public_key: k.public(),
-            endpoint: Some(SocketAddrV4::new(ip.parse().unwrap(), 51820)),
+            endpoint: Some(SocketAddrV4::new(ip.parse().unwrap(), 51820).into()),
             allowed_ips: vec![subnet.parse().unwrap()],
             psk: None,
             keepalive: 0,

@@ -12,7 +12,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
@@ -106,15 +106,18 @@ fn peer_attrs(p: &PeerSpec) -> WireguardPeer {
         WireguardPeerAttribute::PersistentKeepalive(p.keepalive),
     ];
     if let Some(e) = p.endpoint {
-        attrs.push(WireguardPeerAttribute::Endpoint(SocketAddr::V4(e)));
+        attrs.push(WireguardPeerAttribute::Endpoint(e));
     }
     attrs.push(WireguardPeerAttribute::AllowedIps(
         p.allowed_ips
             .iter()
             .map(|n| {
                 WireguardAllowedIp(vec![
-                    WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
-                    WireguardAllowedIpAttr::IpAddr(IpAddr::V4(n.network())),
+                    WireguardAllowedIpAttr::Family(match n {
+                        IpNetwork::V4(_) => WireguardAddressFamily::Ipv4,
+                        IpNetwork::V6(_) => WireguardAddressFamily::Ipv6,
+                    }),
+                    WireguardAllowedIpAttr::IpAddr(n.network()),
                     WireguardAllowedIpAttr::Cidr(n.prefix()),
                 ])
             })
@@ -131,9 +134,10 @@ pub struct Observed {
 }
 
 /// Folds a `GET_DEVICE` dump into the plan's terms. A peer with many allowed IPs continues in
-/// the next message under the same key; its parts are merged. State the plan cannot express
-/// (an IPv6 endpoint or allowed IP) leaves the peer with no endpoint, which never equals a
-/// lease's, so the plan rewrites the peer and REPLACE_ALLOWEDIPS drops the rest.
+/// the next message under the same key; its parts are merged. Endpoints and allowed IPs of both
+/// families are read (the dual-stack plan writes IPv6 ones); an allowed IP the plan cannot
+/// express (no address or prefix, a prefix too long) leaves the peer with no endpoint, which
+/// never equals a lease's, so the plan rewrites the peer and REPLACE_ALLOWEDIPS drops the rest.
 pub fn parse_device(msgs: &[WireguardMessage], now: SystemTime) -> Observed {
     let mut spec = DeviceSpec::default();
     let mut stats: Vec<PeerStats> = Vec::new();
@@ -177,11 +181,15 @@ pub fn parse_device(msgs: &[WireguardMessage], now: SystemTime) -> Observed {
                                 WireguardPeerAttribute::PresharedKey(k) => {
                                     entry.psk = (*k != NO_PSK).then_some(*k)
                                 }
-                                WireguardPeerAttribute::Endpoint(SocketAddr::V4(e)) => {
-                                    entry.endpoint = Some(*e)
-                                }
-                                WireguardPeerAttribute::Endpoint(SocketAddr::V6(_)) => {
-                                    foreign.insert(key);
+                                WireguardPeerAttribute::Endpoint(e) => {
+                                    // The kernel reports an IPv6 endpoint with the flow info
+                                    // and scope it learnt; the plan's have none.
+                                    entry.endpoint = Some(match *e {
+                                        SocketAddr::V6(v6) => SocketAddr::V6(
+                                            std::net::SocketAddrV6::new(*v6.ip(), v6.port(), 0, 0),
+                                        ),
+                                        v4 => v4,
+                                    })
                                 }
                                 WireguardPeerAttribute::PersistentKeepalive(k) => {
                                     entry.keepalive = *k
@@ -194,7 +202,7 @@ pub fn parse_device(msgs: &[WireguardMessage], now: SystemTime) -> Observed {
                                 WireguardPeerAttribute::TxBytes(b) => st.tx_bytes = *b,
                                 WireguardPeerAttribute::AllowedIps(ips) => {
                                     for ip in ips {
-                                        match allowed_v4(ip) {
+                                        match allowed_net(ip) {
                                             Some(n) => entry.allowed_ips.push(n),
                                             None => {
                                                 foreign.insert(key);
@@ -220,26 +228,25 @@ pub fn parse_device(msgs: &[WireguardMessage], now: SystemTime) -> Observed {
     }
     for s in stats.iter_mut() {
         if let Some(p) = spec.peers.get(&s.public_key) {
-            s.endpoint = p.endpoint;
-            s.subnet = p.allowed_ips.first().copied();
+            s.endpoint = p.endpoint_v4();
+            s.subnet = p.subnet_v4();
         }
     }
     Observed { spec, stats }
 }
 
-fn allowed_v4(ip: &WireguardAllowedIp) -> Option<Ipv4Network> {
+fn allowed_net(ip: &WireguardAllowedIp) -> Option<IpNetwork> {
     let mut addr = None;
     let mut cidr = None;
     for a in ip.iter() {
         match a {
-            WireguardAllowedIpAttr::IpAddr(IpAddr::V4(v)) => addr = Some(*v),
-            WireguardAllowedIpAttr::IpAddr(IpAddr::V6(_)) => return None,
+            WireguardAllowedIpAttr::IpAddr(v) => addr = Some(*v),
             WireguardAllowedIpAttr::Cidr(c) => cidr = Some(*c),
             _ => {}
         }
     }
-    let n = Ipv4Network::new(addr?, cidr?).ok()?;
-    Ipv4Network::new(n.network(), n.prefix()).ok()
+    let n = IpNetwork::new(addr?, cidr?).ok()?;
+    IpNetwork::new(n.network(), n.prefix()).ok()
 }
 
 /// The kernel reports the handshake as wall-clock time, zero for never; a time ahead of

@@ -6,6 +6,7 @@
 //! `PublicIP:Port` as endpoint ([`plan`]). The device holds the subnet's network address as
 //! /32, one route for the whole network, and MTU = MTU − 80.
 
+pub mod dual;
 pub mod kernel;
 pub mod key;
 pub mod plan;
@@ -315,8 +316,8 @@ impl WgBackend {
                     let (age, tx, rx) = p.stats();
                     PeerStats {
                         public_key: p.spec.public_key,
-                        endpoint: p.spec.endpoint,
-                        subnet: p.spec.allowed_ips.first().copied(),
+                        endpoint: p.spec.endpoint_v4(),
+                        subnet: p.spec.subnet_v4(),
                         last_handshake: age,
                         tx_bytes: tx as u64,
                         rx_bytes: rx as u64,
@@ -395,9 +396,9 @@ impl Userspace {
             .iter()
             .filter_map(|s| {
                 Some(crate::backend::UdpPeer {
-                    subnet: *s.allowed_ips.first()?,
-                    public_ip: *s.endpoint?.ip(),
-                    port: s.endpoint?.port(),
+                    subnet: s.subnet_v4()?,
+                    public_ip: *s.endpoint_v4()?.ip(),
+                    port: s.endpoint_v4()?.port(),
                 })
             })
             .collect();

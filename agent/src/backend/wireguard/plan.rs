@@ -6,9 +6,9 @@
 //! userspace one (ops update its peer table).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::Value;
 use tweed_config::network::decode_wg_key;
 use tweed_config::LeaseAttrs;
@@ -53,39 +53,12 @@ impl WgPeer {
         attrs: &LeaseAttrs,
         local_port: u16,
     ) -> Result<WgPeer, String> {
-        let raw = attrs
-            .backend_data
-            .as_ref()
-            .ok_or("its lease has no BackendData (no WireGuard public key)")?;
-        let v: Value = serde_json::from_str(raw.get())
-            .map_err(|e| format!("its BackendData is not JSON: {e}"))?;
-        let obj = v
-            .as_object()
-            .ok_or("its BackendData is not a JSON object")?;
-        let key = match obj.get("PublicKey") {
-            Some(Value::String(s)) => {
-                decode_wg_key(s).map_err(|e| format!("its BackendData.PublicKey: {e}"))?
-            }
-            Some(other) => {
-                return Err(format!(
-                    "its BackendData.PublicKey is not a string: {other}"
-                ))
-            }
-            None => return Err("its BackendData has no PublicKey".into()),
-        };
-        let port = match obj.get("Port") {
-            None | Some(Value::Null) => local_port,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(0) => local_port,
-                Some(p) if p <= u16::MAX as u64 => p as u16,
-                _ => return Err(format!("its BackendData.Port {n} is not a UDP port")),
-            },
-            Some(other) => return Err(format!("its BackendData.Port is not a number: {other}")),
-        };
+        let (public_key, port) =
+            read_backend_data(attrs.backend_data.as_deref(), "BackendData", local_port)?;
         Ok(WgPeer {
             subnet,
             public_ip: attrs.public_ip,
-            public_key: PublicKey(key),
+            public_key,
             port,
         })
     }
@@ -95,17 +68,68 @@ impl WgPeer {
     }
 }
 
+/// Reads a wireguard lease's `BackendData` or `BackendV6Data` (`field`, named in every error):
+/// `{"PublicKey":"<base64>","Port":<port>}`. A missing, null or 0 `Port` means `local_port`.
+pub fn read_backend_data(
+    raw: Option<&serde_json::value::RawValue>,
+    field: &str,
+    local_port: u16,
+) -> Result<(PublicKey, u16), String> {
+    let raw = raw.ok_or_else(|| format!("its lease has no {field} (no WireGuard public key)"))?;
+    let v: Value =
+        serde_json::from_str(raw.get()).map_err(|e| format!("its {field} is not JSON: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("its {field} is not a JSON object"))?;
+    let key = match obj.get("PublicKey") {
+        Some(Value::String(s)) => {
+            decode_wg_key(s).map_err(|e| format!("its {field}.PublicKey: {e}"))?
+        }
+        Some(other) => return Err(format!("its {field}.PublicKey is not a string: {other}")),
+        None => return Err(format!("its {field} has no PublicKey")),
+    };
+    let port = match obj.get("Port") {
+        None | Some(Value::Null) => local_port,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(0) => local_port,
+            Some(p) if p <= u16::MAX as u64 => p as u16,
+            _ => return Err(format!("its {field}.Port {n} is not a UDP port")),
+        },
+        Some(other) => return Err(format!("its {field}.Port is not a number: {other}")),
+    };
+    Ok((PublicKey(key), port))
+}
+
 /// One peer as a WireGuard device holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSpec {
     pub public_key: PublicKey,
-    /// `None` on an observed peer that never had one.
-    pub endpoint: Option<SocketAddrV4>,
-    /// Sorted, canonical.
-    pub allowed_ips: Vec<Ipv4Network>,
+    /// `None` on an observed peer that never had one. IPv6 only on a device of the dual-stack
+    /// plan ([`super::dual`]).
+    pub endpoint: Option<SocketAddr>,
+    /// Sorted (IPv4 before IPv6), canonical.
+    pub allowed_ips: Vec<IpNetwork>,
     pub psk: Option<[u8; 32]>,
     /// Seconds; 0 is off.
     pub keepalive: u16,
+}
+
+impl PeerSpec {
+    /// The IPv4 endpoint (the userspace path's underlay is IPv4).
+    pub fn endpoint_v4(&self) -> Option<SocketAddrV4> {
+        match self.endpoint? {
+            SocketAddr::V4(e) => Some(e),
+            SocketAddr::V6(_) => None,
+        }
+    }
+
+    /// The first IPv4 allowed network: the peer's IPv4 subnet.
+    pub fn subnet_v4(&self) -> Option<Ipv4Network> {
+        self.allowed_ips.iter().find_map(|n| match n {
+            IpNetwork::V4(n) => Some(*n),
+            IpNetwork::V6(_) => None,
+        })
+    }
 }
 
 /// A device's WireGuard configuration: its key, port and peers.
@@ -157,7 +181,7 @@ impl WgOp {
     /// The subnet an op serves, for failure reports.
     pub fn subnet(&self) -> Option<Ipv4Network> {
         match self {
-            WgOp::SetPeer(p) => p.allowed_ips.first().copied(),
+            WgOp::SetPeer(p) => p.subnet_v4(),
             _ => None,
         }
     }
@@ -231,8 +255,8 @@ pub fn desired_peers(local: &Local, peers: &[WgPeer]) -> (Vec<PeerSpec>, Vec<Pee
         keys.insert(p.public_key, p.subnet);
         out.push(PeerSpec {
             public_key: p.public_key,
-            endpoint: Some(p.endpoint()),
-            allowed_ips: vec![p.subnet],
+            endpoint: Some(SocketAddr::V4(p.endpoint())),
+            allowed_ips: vec![IpNetwork::V4(p.subnet)],
             psk: local.psk,
             keepalive: local.keepalive,
         });
@@ -469,14 +493,14 @@ mod tests {
                 PeerSpec {
                     public_key: key(2),
                     endpoint: Some("198.18.0.2:51820".parse().unwrap()),
-                    allowed_ips: vec![net("10.244.2.0/24")],
+                    allowed_ips: vec![net("10.244.2.0/24").into()],
                     psk: None,
                     keepalive: 0,
                 },
                 PeerSpec {
                     public_key: key(3),
                     endpoint: Some("198.18.0.3:51820".parse().unwrap()),
-                    allowed_ips: vec![net("10.244.3.0/24")],
+                    allowed_ips: vec![net("10.244.3.0/24").into()],
                     psk: None,
                     keepalive: 0,
                 },

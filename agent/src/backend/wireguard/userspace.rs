@@ -18,7 +18,6 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
-use ipnetwork::Ipv4Network;
 
 use super::key::{PrivateKey, PublicKey};
 use super::plan::PeerSpec;
@@ -39,7 +38,7 @@ pub struct PeerState {
 
 impl PeerState {
     pub fn endpoint(&self) -> Option<SocketAddrV4> {
-        self.spec.endpoint
+        self.spec.endpoint_v4()
     }
 
     /// Time since the last handshake, bytes sent and received (inner).
@@ -168,7 +167,7 @@ impl WgTable {
         let i = self.peers.len();
         self.by_index.insert(p.index, i);
         self.by_key.insert(p.spec.public_key.0, i);
-        if let Some(e) = p.spec.endpoint {
+        if let Some(e) = p.spec.endpoint_v4() {
             self.by_public_ip.insert(*e.ip(), i);
         }
         self.peers.push(p);
@@ -281,12 +280,13 @@ impl WgTable {
     }
 }
 
-/// Whether an inner source may come from a peer: inside its allowed IPs.
+/// Whether an inner IPv4 source may come from a peer: inside its IPv4 allowed IPs (an IPv6
+/// allowed network never admits an IPv4 source).
 pub fn allowed(peer: &PeerState, src: Ipv4Addr) -> bool {
-    peer.spec
-        .allowed_ips
-        .iter()
-        .any(|n: &Ipv4Network| n.contains(src))
+    peer.spec.allowed_ips.iter().any(|n| match n {
+        ipnetwork::IpNetwork::V4(n) => n.contains(src),
+        ipnetwork::IpNetwork::V6(_) => false,
+    })
 }
 
 #[cfg(test)]
@@ -301,7 +301,7 @@ mod tests {
     fn spec_of(public_key: PublicKey, subnet: &str, ip: &str, psk: Option<[u8; 32]>) -> PeerSpec {
         PeerSpec {
             public_key,
-            endpoint: Some(SocketAddrV4::new(ip.parse().unwrap(), 51820)),
+            endpoint: Some(SocketAddrV4::new(ip.parse().unwrap(), 51820).into()),
             allowed_ips: vec![subnet.parse().unwrap()],
             psk,
             keepalive: 0,

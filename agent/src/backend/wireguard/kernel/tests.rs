@@ -1,6 +1,7 @@
 use super::*;
 use crate::backend::wireguard::plan::device_spec;
 use crate::backend::wireguard::PrivateKey;
+use ipnetwork::Ipv4Network;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 const DEV: &str = "tweed-wg";
@@ -12,7 +13,7 @@ fn key(n: u8) -> PublicKey {
 fn peer(n: u8, ip: [u8; 4], port: u16) -> PeerSpec {
     PeerSpec {
         public_key: key(n),
-        endpoint: Some(SocketAddrV4::new(ip.into(), port)),
+        endpoint: Some(SocketAddrV4::new(ip.into(), port).into()),
         allowed_ips: vec![format!("10.5.{n}.0/24").parse().unwrap()],
         psk: None,
         keepalive: 0,
@@ -217,11 +218,11 @@ fn a_roamed_endpoint_is_set_back_from_the_lease() {
 }
 
 #[test]
-fn foreign_ipv6_state_makes_the_peer_rewritten() {
+fn foreign_allowed_ips_make_the_peer_rewritten() {
     let mut fake = FakeGenl::new(DEV);
     let want = desired(vec![peer(1, [192, 0, 2, 1], 51820)]);
     reconcile(&mut fake, DEV, &want).unwrap();
-    // Someone (wg set) added an IPv6 allowed IP the plan cannot express.
+    // Someone (wg set) added an IPv6 allowed IP the plan does not hold.
     fake.peers[0].allowed.push(("fd00::".parse().unwrap(), 64));
     let (ops, _) = reconcile(&mut fake, DEV, &want).unwrap();
     assert_eq!(ops.len(), 1, "{ops:?}");
@@ -298,7 +299,7 @@ fn a_peer_split_over_dump_messages_is_merged() {
     assert_eq!(
         seen.spec.peers[&key(1)].allowed_ips,
         vec![
-            "10.5.1.0/24".parse::<Ipv4Network>().unwrap(),
+            "10.5.1.0/24".parse::<IpNetwork>().unwrap(),
             "10.5.2.0/24".parse().unwrap()
         ]
     );
