@@ -31,7 +31,7 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 
 use self::io::{Counters, Shared, Stats, Worker};
-pub use self::table::{PeerTable, UdpPeer};
+pub use self::table::{PeerTable, UdpPeer, UdpPeer6, V6Spec};
 use super::{check_mtu, device_addr, overlay_route, plan_l3_device, MtuError, ReconcileStats};
 use crate::netlink::{Addr, Link, Netlink, NetlinkError, Op, Route};
 
@@ -166,6 +166,8 @@ pub struct UdpBackend {
     counters: Vec<Arc<Counters>>,
     threads: Vec<JoinHandle<()>>,
     peers: Option<Vec<UdpPeer>>,
+    /// The IPv6 half of the table (dual stack), set by the IPv6 plane after each reconcile.
+    v6: Option<V6Spec>,
     /// Whether the device was checked since the last resync.
     device_checked: bool,
     setup_ops: Vec<Op>,
@@ -187,6 +189,17 @@ impl UdpBackend {
     /// [`reconcile`](Self::reconcile) loads the peer table: what arrives meanwhile waits in the
     /// kernel and is forwarded then (a restart never answers live traffic with ICMP errors).
     pub async fn setup(nl: &Netlink, cfg: UdpConfig) -> Result<UdpBackend, UdpError> {
+        Self::setup_with(nl, cfg, false).await
+    }
+
+    /// [`setup`](Self::setup); `ipv6`: the node carries IPv6 through the device (dual stack), so
+    /// the kernel's IPv6 is left on, with its autoconfiguration off ([`quiet_ipv6`]), instead
+    /// of switched off.
+    pub async fn setup_with(
+        nl: &Netlink,
+        cfg: UdpConfig,
+        ipv6: bool,
+    ) -> Result<UdpBackend, UdpError> {
         let cfg_device = cfg.device;
         check_mtu(
             cfg_device,
@@ -246,10 +259,20 @@ impl UdpBackend {
         // IPv6 on tweed0 would only make the kernel send router solicitations and MLD reports
         // into the TUN device, which the workers must drop (IPv4 only) and report as malformed
         // every few minutes, forever.
-        match disable_ipv6(Path::new(IPV6_CONF), cfg_device) {
-            Ok(true) => tracing::info!(device = cfg_device, "udp: IPv6 disabled on the device"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(device = cfg_device, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
+        // In dual stack IPv6 stays on, without anything the kernel would send by itself but MLD
+        // reports, which the workers drop as link-local traffic (not malformed).
+        if ipv6 {
+            match quiet_ipv6(Path::new(IPV6_CONF), cfg_device) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(device = cfg_device, written = n, "udp: IPv6 on the device, autoconfiguration off"),
+                Err(e) => tracing::warn!(device = cfg_device, "udp: cannot set the device's IPv6 up ({e}); IPv6 pods will not reach other nodes"),
+            }
+        } else {
+            match disable_ipv6(Path::new(IPV6_CONF), cfg_device) {
+                Ok(true) => tracing::info!(device = cfg_device, "udp: IPv6 disabled on the device"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(device = cfg_device, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
+            }
         }
         let setup_ops = configure(nl, &cfg, &link).await?;
         crate::backend::log_setup("udp: device", cfg_device, cfg.mtu(), setup_ops.len());
@@ -320,6 +343,7 @@ impl UdpBackend {
             counters,
             threads,
             peers: None,
+            v6: None,
             device_checked: true,
             setup_ops,
         })
@@ -414,21 +438,11 @@ impl UdpBackend {
         sorted.sort();
         sorted.dedup();
         if let Some(wg) = wg {
-            let table = PeerTable::new(
-                self.cfg.network,
-                self.cfg.own_subnet,
-                self.cfg.local_ip,
-                &sorted,
-            );
+            let table = self.build_table(&sorted);
             self.shared.publish_wg(table, wg);
             self.peers = Some(sorted);
         } else if self.peers.as_ref() != Some(&sorted) {
-            let table = PeerTable::new(
-                self.cfg.network,
-                self.cfg.own_subnet,
-                self.cfg.local_ip,
-                &sorted,
-            );
+            let table = self.build_table(&sorted);
             tracing::debug!(peers = table.len(), "udp: peer table published");
             self.shared.publish(table);
             if let Some(path) = &self.cfg.peers_file {
@@ -439,6 +453,43 @@ impl UdpBackend {
             self.peers = Some(sorted);
         }
         Ok(stats)
+    }
+
+    fn build_table(&self, sorted: &[UdpPeer]) -> PeerTable {
+        let t = PeerTable::new(
+            self.cfg.network,
+            self.cfg.own_subnet,
+            self.cfg.local_ip,
+            sorted,
+        );
+        match &self.v6 {
+            Some(spec) => t.with_v6(spec),
+            None => t,
+        }
+    }
+
+    /// Sets the IPv6 half of the peer table (dual stack: our IPv6 subnet, the network's and the
+    /// peers' IPv6 halves; `None`: IPv4 only) and publishes the table when it changed and the
+    /// IPv4 half is loaded (otherwise the next reconcile publishes both).
+    pub fn set_v6(&mut self, spec: Option<V6Spec>) {
+        let spec = spec.map(|mut s| {
+            s.peers.sort();
+            s.peers.dedup();
+            s
+        });
+        if self.v6 == spec {
+            return;
+        }
+        self.v6 = spec;
+        if let Some(peers) = &self.peers {
+            let table = self.build_table(peers);
+            tracing::debug!(
+                peers = table.len(),
+                ipv6_peers = table.len6(),
+                "udp: peer table published"
+            );
+            self.shared.publish(table);
+        }
     }
 
     /// Stops the workers and waits until they let go of the TUN queues and the port (the device
@@ -509,6 +560,37 @@ fn disable_ipv6(conf: &Path, dev: &str) -> std::io::Result<bool> {
             format!("{}: {e}", path.display()),
         )),
     }
+}
+
+/// The per-device IPv6 settings a dual-stack `tweed0` gets, in the order written: no link-local
+/// address or any other generated one (`addr_gen_mode` 1 = none), no router advertisements or
+/// solicitations, no DAD (the device is a point-to-point TUN, the lease makes the address
+/// unique); then IPv6 on. Without these the kernel would send router solicitations into the
+/// device at every start.
+const QUIET_IPV6: [(&str, &str); 5] = [
+    ("addr_gen_mode", "1"),
+    ("accept_ra", "0"),
+    ("router_solicitations", "0"),
+    ("accept_dad", "0"),
+    ("disable_ipv6", "0"),
+];
+
+/// Writes [`QUIET_IPV6`] under `<conf>/<dev>/`, each only when it differs (a restart writes
+/// nothing, so the device keeps its IPv6 address and routes); the number written. A kernel
+/// without IPv6 is an error here: the network asked for it.
+fn quiet_ipv6(conf: &Path, dev: &str) -> std::io::Result<usize> {
+    let mut written = 0;
+    for (key, want) in QUIET_IPV6 {
+        let path = conf.join(dev).join(key);
+        let named =
+            |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let now = std::fs::read_to_string(&path).map_err(named)?;
+        if now.trim() != want {
+            std::fs::write(&path, want).map_err(named)?;
+            written += 1;
+        }
+    }
+    Ok(written)
 }
 
 async fn apply_strict(nl: &Netlink, ops: &[Op]) -> Result<(), UdpError> {
@@ -602,6 +684,34 @@ mod tests {
         assert!(e.to_string().contains("tweed0/disable_ipv6"), "{e}");
     }
 
+    #[test]
+    fn dual_stack_ipv6_is_switched_on_quietly_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("tweed0");
+        std::fs::create_dir(&dev).unwrap();
+        for (k, v) in [
+            ("addr_gen_mode", "0\n"),
+            ("accept_ra", "1\n"),
+            ("router_solicitations", "-1\n"),
+            ("accept_dad", "1\n"),
+            ("disable_ipv6", "1\n"),
+        ] {
+            std::fs::write(dev.join(k), v).unwrap();
+        }
+        assert_eq!(quiet_ipv6(dir.path(), "tweed0").unwrap(), 5);
+        for (k, v) in QUIET_IPV6 {
+            assert_eq!(std::fs::read_to_string(dev.join(k)).unwrap(), v, "{k}");
+        }
+        assert_eq!(
+            quiet_ipv6(dir.path(), "tweed0").unwrap(),
+            0,
+            "a restart writes nothing"
+        );
+        // A kernel without IPv6: an error naming the file, since the network asked for IPv6.
+        let e = quiet_ipv6(dir.path(), "nodev").unwrap_err();
+        assert!(e.to_string().contains("nodev/addr_gen_mode"), "{e}");
+    }
+
     /// `stop` waits until the workers let go (they hold the TUN queues and the port a new set-up
     /// needs) without blocking the async runtime meanwhile: on a single-threaded runtime, another
     /// task keeps running while a slow worker winds down.
@@ -636,6 +746,7 @@ mod tests {
             counters: Vec::new(),
             threads: vec![worker],
             peers: None,
+            v6: None,
             device_checked: true,
             setup_ops: Vec::new(),
         };
