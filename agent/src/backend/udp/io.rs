@@ -705,8 +705,9 @@ impl Worker {
             let (pkt_area, _) = buf.split_at_mut(n);
             let pkt = &mut pkt_area[VNET_HDR_LEN..];
             // Inner IPv6 (dual stack): sent as it is, to the peer's IPv4 endpoint. Without an
-            // IPv6 half in the table it takes the IPv4 path and is malformed there, as ever.
-            if ip_version(pkt) == Some(6) && table.v6().is_some() {
+            // IPv6 half in the table only the kernel's link-local traffic is told apart (not
+            // remote); anything else is malformed, as before dual stack.
+            if ip_version(pkt) == Some(6) {
                 let (tx, hdr) = match prepare_tx6(&vh, pkt) {
                     Ok(r) => r,
                     Err(_) => {

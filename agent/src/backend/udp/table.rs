@@ -283,20 +283,22 @@ impl PeerTable {
         Ok(&s.subnets6)
     }
 
-    /// Encap side for an inner IPv6 packet. Without an IPv6 half the packet is what it was
-    /// before dual stack: malformed (not IPv4). The kernel's link-local control traffic (MLD,
-    /// router solicitations) is never tunnelled.
+    /// Encap side for an inner IPv6 packet. The kernel's link-local control traffic (MLD,
+    /// router solicitations) is never tunnelled; without an IPv6 half any other IPv6 packet is
+    /// what it was before dual stack: malformed (not IPv4).
     pub fn route6(&self, hdr: &Ipv6Header) -> Outbound {
         if !self.ready {
             return Outbound::Drop(DropReason::NotReady);
         }
+        // Link-local control traffic first: the kernel sends MLD reports as soon as the device
+        // has its IPv6 address, before the first reconcile gives the table its IPv6 half.
+        if is_link_local_traffic(hdr) {
+            return Outbound::Drop(DropReason::NotRemote);
+        }
         let Some(v6) = &self.v6 else {
             return Outbound::Drop(DropReason::Malformed(PacketError::NotIpv4(6)));
         };
-        if is_link_local_traffic(hdr)
-            || v6.own_subnet.contains(hdr.dst)
-            || !v6.network.contains(hdr.dst)
-        {
+        if v6.own_subnet.contains(hdr.dst) || !v6.network.contains(hdr.dst) {
             return Outbound::Drop(DropReason::NotRemote);
         }
         match self.lookup6(hdr.dst) {
@@ -718,6 +720,11 @@ mod tests6 {
         assert_eq!(
             v4only.decap6(from("198.18.0.2"), &pkt),
             Err(DropReason::Malformed(PacketError::NotIpv4(6)))
+        );
+        // The kernel's MLD report is link-local traffic even before the IPv6 half is loaded.
+        assert_eq!(
+            v4only.route6(&h6("::", "ff02::16")),
+            Outbound::Drop(DropReason::NotRemote)
         );
         let nr = PeerTable::not_ready(net("10.244.0.0/16"), net("10.244.1.0/24"));
         assert_eq!(
