@@ -1008,7 +1008,12 @@ impl Worker {
                     let end = (off + seg).min(len);
                     let d = &data[off..end];
                     if ip_version(d) == Some(6) {
-                        if let Some(v6) = table.v6() {
+                        let Some(v6) = table.v6() else {
+                            c.count_drop(table.no_v6_reason(), 1);
+                            off = end;
+                            continue;
+                        };
+                        {
                             // The endpoint was checked above; only its IPv6 subnets are new.
                             let subnets6 = table.subnets6_of(src).unwrap_or(&[]);
                             match parse_ipv6(d)

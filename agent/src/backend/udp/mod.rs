@@ -168,6 +168,8 @@ pub struct UdpBackend {
     peers: Option<Vec<UdpPeer>>,
     /// The IPv6 half of the table (dual stack), set by the IPv6 plane after each reconcile.
     v6: Option<V6Spec>,
+    /// Set up for dual stack: until [`set_v6`](Self::set_v6) the table's IPv6 half is pending.
+    dual: bool,
     /// Whether the device was checked since the last resync.
     device_checked: bool,
     setup_ops: Vec<Op>,
@@ -312,6 +314,7 @@ impl UdpBackend {
             );
             PeerTable::new(cfg.network, cfg.own_subnet, cfg.local_ip, &stored)
         };
+        let table = if ipv6 { table.with_v6_pending() } else { table };
         // The workers sleep on wakers 0..n, the reporter on n.
         let shared =
             Arc::new(Shared::new(table, cfg.port, fds.len() + 1).map_err(UdpError::Waker)?);
@@ -344,6 +347,7 @@ impl UdpBackend {
             threads,
             peers: None,
             v6: None,
+            dual: ipv6,
             device_checked: true,
             setup_ops,
         })
@@ -464,6 +468,7 @@ impl UdpBackend {
         );
         match &self.v6 {
             Some(spec) => t.with_v6(spec),
+            None if self.dual => t.with_v6_pending(),
             None => t,
         }
     }
@@ -747,6 +752,7 @@ mod tests {
             threads: vec![worker],
             peers: None,
             v6: None,
+            dual: false,
             device_checked: true,
             setup_ops: Vec::new(),
         };

@@ -111,6 +111,9 @@ pub struct PeerTable {
     /// Only in a dual-stack network on a node with an IPv6 subnet; without it every inner IPv6
     /// packet is malformed, as before dual stack.
     v6: Option<V6Table>,
+    /// The node runs dual stack but the IPv6 half is not loaded yet (the first seconds after a
+    /// restart, which stores only the IPv4 half): IPv6 is then not ready, not malformed.
+    v6_pending: bool,
     ready: bool,
 }
 
@@ -123,6 +126,7 @@ impl PeerTable {
             by_prefix: Vec::new(),
             by_public_ip: HashMap::new(),
             v6: None,
+            v6_pending: false,
             ready: false,
         }
     }
@@ -189,6 +193,7 @@ impl PeerTable {
             by_prefix,
             by_public_ip,
             v6: None,
+            v6_pending: false,
             ready: true,
         }
     }
@@ -247,6 +252,21 @@ impl PeerTable {
         self.v6.as_ref().map(|v| v.network.network())
     }
 
+    /// Marks the table as one of a dual-stack node whose IPv6 half is still to come.
+    pub fn with_v6_pending(mut self) -> PeerTable {
+        self.v6_pending = self.v6.is_none();
+        self
+    }
+
+    /// Why an inner IPv6 packet cannot be handled by a table without an IPv6 half.
+    pub fn no_v6_reason(&self) -> DropReason {
+        if self.v6_pending {
+            DropReason::NotReady
+        } else {
+            DropReason::Malformed(PacketError::NotIpv4(6))
+        }
+    }
+
     /// The IPv6 half, when this node carries IPv6.
     pub fn v6(&self) -> Option<&V6Table> {
         self.v6.as_ref()
@@ -296,7 +316,7 @@ impl PeerTable {
             return Outbound::Drop(DropReason::NotRemote);
         }
         let Some(v6) = &self.v6 else {
-            return Outbound::Drop(DropReason::Malformed(PacketError::NotIpv4(6)));
+            return Outbound::Drop(self.no_v6_reason());
         };
         if v6.own_subnet.contains(hdr.dst) || !v6.network.contains(hdr.dst) {
             return Outbound::Drop(DropReason::NotRemote);
@@ -320,7 +340,7 @@ impl PeerTable {
         }
         let subnets = self.subnets6_of(outer_src)?;
         let Some(v6) = &self.v6 else {
-            return Err(DropReason::Malformed(PacketError::NotIpv4(6)));
+            return Err(self.no_v6_reason());
         };
         let hdr = parse_ipv6(payload)?;
         check_inner6(v6.own_subnet, subnets, &hdr)?;
@@ -720,6 +740,20 @@ mod tests6 {
         assert_eq!(
             v4only.decap6(from("198.18.0.2"), &pkt),
             Err(DropReason::Malformed(PacketError::NotIpv4(6)))
+        );
+        // A dual-stack node's table before its IPv6 half is loaded: not ready, not malformed.
+        let pending = v4only.clone().with_v6_pending();
+        assert_eq!(
+            pending.route6(&h6("fd00:10:244:1::5", "fd00:10:244:2::9")),
+            Outbound::Drop(DropReason::NotReady)
+        );
+        assert_eq!(
+            pending.decap6(from("198.18.0.2"), &pkt),
+            Err(DropReason::NotReady)
+        );
+        assert!(
+            !table().with_v6_pending().v6_pending,
+            "a loaded half is not pending"
         );
         // The kernel's MLD report is link-local traffic even before the IPv6 half is loaded.
         assert_eq!(
