@@ -167,7 +167,8 @@ pub struct UdpBackend {
     threads: Vec<JoinHandle<()>>,
     peers: Option<Vec<UdpPeer>>,
     /// The IPv6 half of the table (dual stack), set by the IPv6 plane after each reconcile.
-    v6: Option<V6Spec>,
+    /// Boxed: the backend is held inline by the enums of its users (wireguard's plane).
+    v6: Option<Box<V6Spec>>,
     /// Set up for dual stack: until [`set_v6`](Self::set_v6) the table's IPv6 half is pending.
     dual: bool,
     /// Whether the device was checked since the last resync.
@@ -480,7 +481,7 @@ impl UdpBackend {
         let spec = spec.map(|mut s| {
             s.peers.sort();
             s.peers.dedup();
-            s
+            Box::new(s)
         });
         if self.v6 == spec {
             return;
