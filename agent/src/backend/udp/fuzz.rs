@@ -99,8 +99,16 @@ pub fn fuzz_one(data: &[u8]) {
     if let Ok(vh) = VnetHdr::parse(rest) {
         let mut pkt = rest[VNET_HDR_LEN..].to_vec();
         if ip_version(&pkt) == Some(6) {
-            if let Ok((_, hdr)) = prepare_tx6(&vh, &mut pkt) {
+            let mut headers = Vec::new();
+            if let Ok((tx, hdr)) = prepare_tx6(&vh, &mut pkt, &mut headers) {
                 let _ = t.route6(&hdr);
+                if let super::offload::TxPacket::Tso(tso) = tx {
+                    for i in 0..tso.count {
+                        let r = tso.payload(i);
+                        assert!(r.start <= r.end && r.end <= pkt.len());
+                    }
+                    assert_eq!(headers.len(), tso.count * tso.hdr_len);
+                }
                 let mut out = [0u8; 1280];
                 let src = t.icmp_source6().expect("dual-stack table");
                 if let Some(n) = icmp6_unreachable(&pkt, &hdr, src, &mut out) {

@@ -708,7 +708,7 @@ impl Worker {
             // IPv6 half in the table only the kernel's link-local traffic is told apart (not
             // remote); anything else is malformed, as before dual stack.
             if ip_version(pkt) == Some(6) {
-                let (tx, hdr) = match prepare_tx6(&vh, pkt) {
+                let (tx, hdr) = match prepare_tx6(&vh, pkt, &mut bufs.tx_headers[slot]) {
                     Ok(r) => r,
                     Err(_) => {
                         inc(&c.drop_malformed, 1);

@@ -125,8 +125,9 @@ pub fn plan_device(cfg: &UdpConfig, link: &Link, addrs: &[Addr], routes: &[Route
 }
 
 /// Opens (or re-attaches to) the persistent multiqueue TUN device with the virtio-net header and
-/// TCPv4 segmentation offload; one non-blocking descriptor per queue.
-fn open_tun(name: &str, queues: usize) -> std::io::Result<Vec<OwnedFd>> {
+/// TCPv4 segmentation offload (and TCPv6 with `tso6`: a dual-stack node); one non-blocking
+/// descriptor per queue.
+fn open_tun(name: &str, queues: usize, tso6: bool) -> std::io::Result<Vec<OwnedFd>> {
     let first = tun_rs::DeviceBuilder::new()
         .name(name)
         .offload(true)
@@ -141,9 +142,13 @@ fn open_tun(name: &str, queues: usize) -> std::io::Result<Vec<OwnedFd>> {
     for _ in 1..queues.max(1) {
         devs.push(devs[0].try_clone()?);
     }
-    // Only what the workers segment themselves: TCPv4 (tun-rs also asks for TSO6 and USO,
-    // which would hand over super-packets this backend does not cut). The mask is per device.
-    let offloads = (libc::TUN_F_CSUM | libc::TUN_F_TSO4) as libc::c_ulong;
+    // Only what the workers segment themselves: TCPv4, and TCPv6 in dual stack (tun-rs also
+    // asks for USO, which would hand over super-packets this backend does not cut). The mask is
+    // per device, set again at every attach.
+    let mut offloads = (libc::TUN_F_CSUM | libc::TUN_F_TSO4) as libc::c_ulong;
+    if tso6 {
+        offloads |= libc::TUN_F_TSO6 as libc::c_ulong;
+    }
     // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is a live TUN queue.
     let rc = unsafe { libc::ioctl(devs[0].as_raw_fd(), libc::TUNSETOFFLOAD, offloads) };
     if rc < 0 {
@@ -226,7 +231,7 @@ impl UdpBackend {
                 .await?;
             }
         }
-        let fds = match open_tun(cfg_device, cfg.queues) {
+        let fds = match open_tun(cfg_device, cfg.queues, ipv6) {
             Ok(f) => f,
             // A persistent device made with other flags (single queue, no virtio header) refuses
             // to attach: replace it.
@@ -242,7 +247,7 @@ impl UdpBackend {
                     }],
                 )
                 .await?;
-                open_tun(cfg_device, cfg.queues).map_err(|source| UdpError::Tun {
+                open_tun(cfg_device, cfg.queues, ipv6).map_err(|source| UdpError::Tun {
                     device: cfg_device,
                     source,
                 })?

@@ -9,7 +9,7 @@
 
 use super::csum;
 use super::packet::{
-    parse_ipv4, parse_ipv6, Ipv4Header, Ipv6Header, PacketError, MAX_PACKET, PROTO_TCP,
+    parse_ipv4, parse_ipv6, Ipv4Header, Ipv6Header, PacketError, IPV6_HEADER, MAX_PACKET, PROTO_TCP,
 };
 
 /// `struct virtio_net_hdr` (without `num_buffers`), the TUN default size.
@@ -17,6 +17,7 @@ pub const VNET_HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
+pub const GSO_TCPV6: u8 = 4;
 pub const GSO_ECN: u8 = 0x80;
 /// Segments one UDP GSO send may carry (`UDP_MAX_SEGMENTS` on older kernels).
 pub const MAX_GSO_SEGMENTS: usize = 64;
@@ -155,19 +156,89 @@ pub fn prepare_tx(
     }
 }
 
-/// [`prepare_tx`] for an inner IPv6 packet: always sent as it is (the device offers no TCPv6
-/// segmentation, so the kernel never hands over an IPv6 super-packet; one that claims to be
-/// is refused), its partial checksum completed.
-pub fn prepare_tx6(h: &VnetHdr, pkt: &mut [u8]) -> Result<(TxPacket, Ipv6Header), OffloadError> {
+/// [`prepare_tx`] for an inner IPv6 packet: a partial checksum is completed; a TCPv6
+/// super-packet (a dual-stack device offers TSO6) is cut into MSS segments as TCPv4 is. Only a
+/// TCP header right after the IPv6 header is segmented (the kernel puts no extension header
+/// in TCP it sends); anything else claiming TCPv6 GSO is refused.
+pub fn prepare_tx6(
+    h: &VnetHdr,
+    pkt: &mut [u8],
+    headers: &mut Vec<u8>,
+) -> Result<(TxPacket, Ipv6Header), OffloadError> {
     let ip = parse_ipv6(pkt)?;
     let len = ip.total_len;
-    if h.gso_type & !GSO_ECN != GSO_NONE {
-        return Err(OffloadError::UnsupportedGso(h.gso_type));
+    match h.gso_type & !GSO_ECN {
+        GSO_NONE => {
+            if h.flags & F_NEEDS_CSUM != 0 {
+                complete_checksum(h, &mut pkt[..len])?;
+            }
+            Ok((TxPacket::Single { len }, ip))
+        }
+        GSO_TCPV6 => {
+            let tso = tso6_headers(h, &pkt[..len], &ip, headers)?;
+            Ok((TxPacket::Tso(tso), ip))
+        }
+        other => Err(OffloadError::UnsupportedGso(other)),
     }
-    if h.flags & F_NEEDS_CSUM != 0 {
-        complete_checksum(h, &mut pkt[..len])?;
+}
+
+fn tso6_headers(
+    h: &VnetHdr,
+    pkt: &[u8],
+    ip: &Ipv6Header,
+    headers: &mut Vec<u8>,
+) -> Result<Tso, OffloadError> {
+    let mss = h.gso_size as usize;
+    if mss == 0 {
+        return Err(OffloadError::ZeroGsoSize);
     }
-    Ok((TxPacket::Single { len }, ip))
+    if ip.next_header != PROTO_TCP {
+        return Err(OffloadError::BadTcp);
+    }
+    let iphl = IPV6_HEADER;
+    let off = *pkt.get(iphl + 12).ok_or(OffloadError::BadTcp)?;
+    let tcphl = ((off >> 4) as usize) * 4;
+    if tcphl < 20 || iphl + tcphl > ip.total_len {
+        return Err(OffloadError::BadTcp);
+    }
+    let hdr_len = iphl + tcphl;
+    let payload_len = ip.total_len - hdr_len;
+    let count = payload_len.div_ceil(mss).max(1);
+    let tso = Tso {
+        hdr_len,
+        mss,
+        count,
+        payload_start: hdr_len,
+        payload_end: ip.total_len,
+    };
+    headers.clear();
+    headers.resize(count * hdr_len, 0);
+    let seq0 = u32::from_be_bytes([pkt[iphl + 4], pkt[iphl + 5], pkt[iphl + 6], pkt[iphl + 7]]);
+    let flags0 = pkt[iphl + 13];
+    // Source and destination: the address half of the IPv6 pseudo-header, the same per segment.
+    let addrs = csum::sum(&pkt[8..40]);
+    for i in 0..count {
+        let chunk = &pkt[tso.payload(i)];
+        let out = &mut headers[i * hdr_len..(i + 1) * hdr_len];
+        out.copy_from_slice(&pkt[..hdr_len]);
+        let (iph, tcph) = out.split_at_mut(iphl);
+        let seg_len = (tcphl + chunk.len()) as u16;
+        iph[4..6].copy_from_slice(&seg_len.to_be_bytes());
+        tcph[4..8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
+        let mut flags = flags0;
+        if i + 1 != count {
+            flags &= !(TCP_FIN | TCP_PSH);
+        }
+        if i != 0 {
+            flags &= !TCP_CWR;
+        }
+        tcph[13] = flags;
+        tcph[16] = 0;
+        tcph[17] = 0;
+        let s = addrs + seg_len as u32 + PROTO_TCP as u32 + csum::sum(tcph) + csum::sum(chunk);
+        tcph[16..18].copy_from_slice(&csum::finish(s).to_be_bytes());
+    }
+    Ok(tso)
 }
 
 fn complete_checksum(h: &VnetHdr, pkt: &mut [u8]) -> Result<(), OffloadError> {
@@ -481,6 +552,142 @@ pub fn flatten(item: &GroItem, bufs: &[&[u8]]) -> Vec<u8> {
         v.extend_from_slice(&bufs[p.buf][p.start..p.end]);
     }
     v
+}
+
+#[cfg(test)]
+mod tests6 {
+    use super::super::packet::tests::ipv6;
+    use super::super::packet::PROTO_UDP;
+    use super::*;
+
+    /// A UDP-in-IPv6 packet whose checksum field holds only the pseudo-header sum, as the kernel
+    /// hands it over with `NEEDS_CSUM`.
+    fn partial() -> (VnetHdr, Vec<u8>) {
+        let payload = [0x12, 0x34, 0x00, 0x35, 0x00, 0x0c, 0, 0, 1, 2, 3, 4];
+        let mut p = ipv6("fd00:10:244:1::5", "fd00:10:244:2::9", PROTO_UDP, &payload);
+        let ph = csum::sum(&p[8..40]) + payload.len() as u32 + PROTO_UDP as u32;
+        p[46..48].copy_from_slice(&csum::fold(ph).to_be_bytes());
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 40,
+            csum_offset: 6,
+            ..Default::default()
+        };
+        (h, p)
+    }
+
+    #[test]
+    fn ipv6_partial_checksum_is_completed() {
+        let (h, mut p) = partial();
+        let (tx, hdr) = prepare_tx6(&h, &mut p, &mut Vec::new()).unwrap();
+        assert_eq!(tx, TxPacket::Single { len: p.len() });
+        assert_eq!(hdr.total_len, p.len());
+        // Verifying: pseudo-header plus the whole UDP part sums to 0xffff.
+        let s =
+            csum::sum(&p[8..40]) + (p.len() - 40) as u32 + PROTO_UDP as u32 + csum::sum(&p[40..]);
+        assert_eq!(csum::finish(s), 0);
+    }
+
+    /// A TCPv6 super-packet: 20-byte TCP header (seq 1000, flags PSH|ACK|FIN), `len` bytes.
+    fn tcp6(len: usize) -> Vec<u8> {
+        let mut tcp = vec![0u8; 20 + len];
+        tcp[0..2].copy_from_slice(&4000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = TCP_PSH | TCP_ACK | TCP_FIN;
+        for (i, b) in tcp[20..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        ipv6("fd00:10:244:1::5", "fd00:10:244:2::9", PROTO_TCP, &tcp)
+    }
+
+    fn gso6(mss: u16) -> VnetHdr {
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6,
+            hdr_len: 60,
+            gso_size: mss,
+            csum_start: 40,
+            csum_offset: 16,
+        }
+    }
+
+    #[test]
+    fn tcpv6_super_packets_are_cut_into_valid_segments() {
+        let mut p = tcp6(3001);
+        let orig = p.clone();
+        let mut headers = Vec::new();
+        let (tx, _) = prepare_tx6(&gso6(1000), &mut p, &mut headers).unwrap();
+        let TxPacket::Tso(tso) = tx else {
+            panic!("{tx:?}")
+        };
+        assert_eq!((tso.count, tso.hdr_len, tso.mss), (4, 60, 1000));
+        let mut payload = Vec::new();
+        for i in 0..tso.count {
+            let mut seg = headers[i * 60..(i + 1) * 60].to_vec();
+            seg.extend_from_slice(&p[tso.payload(i)]);
+            let h = parse_ipv6(&seg).unwrap();
+            assert_eq!(h.total_len, seg.len(), "segment {i}'s payload length");
+            let tcp = &seg[40..];
+            let seq = u32::from_be_bytes(tcp[4..8].try_into().unwrap());
+            assert_eq!(seq, 1000 + 1000 * i as u32);
+            let last = i + 1 == tso.count;
+            assert_eq!(
+                tcp[13] & (TCP_FIN | TCP_PSH) != 0,
+                last,
+                "segment {i}'s flags"
+            );
+            let s = csum::sum(&seg[8..40]) + tcp.len() as u32 + PROTO_TCP as u32 + csum::sum(tcp);
+            assert_eq!(csum::finish(s), 0, "segment {i}'s TCP checksum");
+            payload.extend_from_slice(&tcp[20..]);
+        }
+        assert_eq!(
+            payload,
+            orig[60..],
+            "the segments carry the payload in order"
+        );
+    }
+
+    #[test]
+    fn ipv6_bad_super_packets_and_offsets_are_refused() {
+        let mut headers = Vec::new();
+        // Not TCP (UDP claiming TCPv6 GSO), GSO size 0, a TCP header length past the packet,
+        // a GSO type never asked for.
+        let (_, mut p) = partial();
+        assert_eq!(
+            prepare_tx6(&gso6(1000), &mut p, &mut headers),
+            Err(OffloadError::BadTcp)
+        );
+        let mut p = tcp6(100);
+        assert_eq!(
+            prepare_tx6(&gso6(0), &mut p, &mut headers),
+            Err(OffloadError::ZeroGsoSize)
+        );
+        let mut p = tcp6(10);
+        p[40 + 12] = 15 << 4;
+        assert_eq!(
+            prepare_tx6(&gso6(1000), &mut p, &mut headers),
+            Err(OffloadError::BadTcp)
+        );
+        let mut h = gso6(1000);
+        h.gso_type = 5;
+        assert_eq!(
+            prepare_tx6(&h, &mut tcp6(100), &mut headers),
+            Err(OffloadError::UnsupportedGso(5))
+        );
+        let (mut h, mut p) = partial();
+        h.csum_offset = 200;
+        assert!(matches!(
+            prepare_tx6(&h, &mut p, &mut headers),
+            Err(OffloadError::BadChecksumOffsets { .. })
+        ));
+        let (h, mut p) = partial();
+        assert!(matches!(
+            prepare_tx6(&h, &mut p[..30], &mut headers),
+            Err(OffloadError::Packet(PacketError::Truncated { .. }))
+        ));
+    }
 }
 
 #[cfg(test)]
