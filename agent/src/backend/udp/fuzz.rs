@@ -68,11 +68,15 @@ pub fn fuzz_one(data: &[u8]) {
         if ip_version(&rest[off..end]) == Some(6) {
             if let Ok(h) = t.decap6(outer, &rest[off..end]) {
                 assert!(h.total_len <= end - off);
-                c.push_single(Span {
-                    buf: 0,
-                    start: off,
-                    end: off + h.total_len,
-                });
+                c.push6(
+                    &rest[off..off + h.total_len],
+                    &h,
+                    Span {
+                        buf: 0,
+                        start: off,
+                        end: off + h.total_len,
+                    },
+                );
             }
             off = end;
             continue;

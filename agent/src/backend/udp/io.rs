@@ -1021,12 +1021,18 @@ impl Worker {
                                 .and_then(|h| check_inner6(v6.own_subnet, subnets6, &h).map(|()| h))
                             {
                                 Err(r) => c.count_drop(r, 1),
-                                // Never coalesced: written as it came.
-                                Ok(h) => coalescer.push_single(Span {
-                                    buf: i,
-                                    start: off,
-                                    end: off + h.total_len,
-                                }),
+                                Ok(h) => {
+                                    let span = Span {
+                                        buf: i,
+                                        start: off,
+                                        end: off + h.total_len,
+                                    };
+                                    if *gro_ok {
+                                        coalescer.push6(&d[..h.total_len], &h, span);
+                                    } else {
+                                        coalescer.push_single(span);
+                                    }
+                                }
                             }
                             off = end;
                             continue;

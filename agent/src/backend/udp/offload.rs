@@ -343,9 +343,10 @@ pub struct Span {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlowKey {
-    src: [u8; 4],
-    dst: [u8; 4],
+    /// Source then destination address (IPv4: the first 8 bytes).
+    addrs: [u8; 32],
     ports: [u8; 4],
+    v6: bool,
 }
 
 /// One write to the TUN device: `head` (virtio-net header, and for TCP the IP and TCP headers)
@@ -413,26 +414,59 @@ impl Coalescer {
         let Some((tcphl, flags)) = mergeable(pkt, hdr) else {
             return self.push_single(span);
         };
-        self.finished = false;
-        let hl = hdr.header_len + tcphl;
-        let payload = pkt.len() - hl;
+        let mut addrs = [0u8; 32];
+        addrs[..8].copy_from_slice(&pkt[12..20]);
         let key = FlowKey {
-            src: pkt[12..16].try_into().expect("4 bytes"),
-            dst: pkt[16..20].try_into().expect("4 bytes"),
+            addrs,
             ports: pkt[20..24].try_into().expect("4 bytes"),
+            v6: false,
         };
-        let seq = u32::from_be_bytes(pkt[24..28].try_into().expect("4 bytes"));
+        self.merge(pkt, hdr.header_len, tcphl, flags, key, span);
+    }
+
+    /// [`push`](Self::push) for a validated IPv6 packet: TCP right after the IPv6 header merges
+    /// as TCPv4 does (the item is written as a TCPv6 super-packet), anything else goes alone.
+    pub fn push6(&mut self, pkt: &[u8], hdr: &Ipv6Header, span: Span) {
+        let Some((tcphl, flags)) = mergeable6(pkt, hdr) else {
+            return self.push_single(span);
+        };
+        let key = FlowKey {
+            addrs: pkt[8..40].try_into().expect("32 bytes"),
+            ports: pkt[40..44].try_into().expect("4 bytes"),
+            v6: true,
+        };
+        self.merge(pkt, IPV6_HEADER, tcphl, flags, key, span);
+    }
+
+    fn merge(
+        &mut self,
+        pkt: &[u8],
+        iphl: usize,
+        tcphl: usize,
+        flags: u8,
+        key: FlowKey,
+        span: Span,
+    ) {
+        self.finished = false;
+        let hl = iphl + tcphl;
+        let payload = pkt.len() - hl;
+        let seq = u32::from_be_bytes(pkt[iphl + 4..iphl + 8].try_into().expect("4 bytes"));
         let newest = self.items[..self.used]
             .iter_mut()
             .rev()
             .find(|it| it.flow == Some(key));
         if let Some(it) = newest {
+            let same = if key.v6 {
+                same_headers6(&it.head[VNET_HDR_LEN..], &pkt[..hl])
+            } else {
+                same_headers(&it.head[VNET_HDR_LEN..], &pkt[..hl])
+            };
             if !it.closed
                 && it.next_seq == seq
                 && payload <= it.gso_size
                 && it.count < MAX_MERGE
                 && hl + it.payload + payload <= MAX_PACKET
-                && same_headers(&it.head[VNET_HDR_LEN..], &pkt[..hl])
+                && same
             {
                 it.parts.push(Span {
                     start: span.start + hl,
@@ -468,8 +502,10 @@ impl Coalescer {
     pub fn items(&mut self) -> &[GroItem] {
         if !self.finished {
             for it in &mut self.items[..self.used] {
-                if it.flow.is_some() && it.count > 1 {
-                    finish_merged(it);
+                match it.flow {
+                    Some(f) if it.count > 1 && f.v6 => finish_merged6(it),
+                    Some(_) if it.count > 1 => finish_merged(it),
+                    _ => {}
                 }
             }
             self.finished = true;
@@ -496,6 +532,63 @@ fn mergeable(pkt: &[u8], hdr: &Ipv4Header) -> Option<(usize, u8)> {
         && flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_ECE | TCP_CWR) == 0
         && payload > 0;
     ok.then_some((tcphl, flags))
+}
+
+/// [`mergeable`] for IPv6: TCP directly after the fixed header (no extension headers).
+fn mergeable6(pkt: &[u8], hdr: &Ipv6Header) -> Option<(usize, u8)> {
+    if hdr.next_header != PROTO_TCP || hdr.total_len != pkt.len() {
+        return None;
+    }
+    let off = *pkt.get(IPV6_HEADER + 12)?;
+    let tcphl = ((off >> 4) as usize) * 4;
+    if tcphl < 20 || IPV6_HEADER + tcphl > pkt.len() {
+        return None;
+    }
+    let flags = pkt[IPV6_HEADER + 13];
+    let payload = pkt.len() - IPV6_HEADER - tcphl;
+    let ok = flags & TCP_ACK != 0
+        && flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_ECE | TCP_CWR) == 0
+        && payload > 0;
+    ok.then_some((tcphl, flags))
+}
+
+/// [`same_headers`] for IPv6: version, traffic class and flow label, next header, hop limit,
+/// addresses; the same TCP fields.
+fn same_headers6(first: &[u8], pkt: &[u8]) -> bool {
+    if first.len() != pkt.len() {
+        return false;
+    }
+    let t0 = &first[IPV6_HEADER..];
+    let t1 = &pkt[IPV6_HEADER..];
+    first[0..4] == pkt[0..4]
+        && first[6..40] == pkt[6..40]
+        && t0[0..4] == t1[0..4]
+        && t0[8..13] == t1[8..13]
+        && (t0[13] & !TCP_PSH) == (t1[13] & !TCP_PSH)
+        && t0[14..16] == t1[14..16]
+        && t0[20..] == t1[20..]
+}
+
+fn finish_merged6(it: &mut GroItem) {
+    let hl = it.head.len() - VNET_HDR_LEN;
+    let tcp_len = hl - IPV6_HEADER + it.payload;
+    let vnet = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV6,
+        hdr_len: hl as u16,
+        gso_size: it.gso_size as u16,
+        csum_start: IPV6_HEADER as u16,
+        csum_offset: 16,
+    };
+    it.head[..VNET_HDR_LEN].copy_from_slice(&vnet.encode());
+    let h = &mut it.head[VNET_HDR_LEN..];
+    h[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+    if it.push {
+        h[IPV6_HEADER + 13] |= TCP_PSH;
+    }
+    // CHECKSUM_PARTIAL, as for IPv4: the folded IPv6 pseudo-header sum.
+    let partial = csum::fold(csum::sum(&h[8..40]) + tcp_len as u32 + PROTO_TCP as u32);
+    h[IPV6_HEADER + 16..IPV6_HEADER + 18].copy_from_slice(&partial.to_be_bytes());
 }
 
 /// Whether `pkt`'s headers match the item's first ones in everything GRO must preserve: IP
@@ -647,6 +740,91 @@ mod tests6 {
             orig[60..],
             "the segments carry the payload in order"
         );
+    }
+
+    /// The receive side: consecutive TCPv6 segments of one flow merge into one TCPv6
+    /// super-packet whose payload is theirs in order and whose partial checksum, completed as
+    /// the kernel would, is valid; a SYN, UDP and a gap in sequence are written alone.
+    #[test]
+    fn tcpv6_segments_coalesce_into_a_valid_super_packet() {
+        let mut p = tcp6(3000);
+        // Segments as the sender cuts them (PSH|FIN only on the last: clear FIN for merging).
+        p[40 + 13] = TCP_ACK | TCP_PSH;
+        let mut headers = Vec::new();
+        let (TxPacket::Tso(tso), _) = prepare_tx6(&gso6(1000), &mut p, &mut headers).unwrap()
+        else {
+            panic!("not segmented")
+        };
+        let mut buf = Vec::new();
+        let mut spans = Vec::new();
+        for i in 0..tso.count {
+            let start = buf.len();
+            buf.extend_from_slice(&headers[i * 60..(i + 1) * 60]);
+            buf.extend_from_slice(&p[tso.payload(i)]);
+            spans.push((start, buf.len()));
+        }
+        let (_, udp) = partial();
+        let ustart = buf.len();
+        buf.extend_from_slice(&udp);
+        let mut c = Coalescer::new();
+        for (s, e) in &spans {
+            let h = parse_ipv6(&buf[*s..*e]).unwrap();
+            c.push6(
+                &buf[*s..*e],
+                &h,
+                Span {
+                    buf: 0,
+                    start: *s,
+                    end: *e,
+                },
+            );
+        }
+        let uh = parse_ipv6(&buf[ustart..]).unwrap();
+        c.push6(
+            &buf[ustart..],
+            &uh,
+            Span {
+                buf: 0,
+                start: ustart,
+                end: buf.len(),
+            },
+        );
+        let items = c.items().to_vec();
+        assert_eq!(items.len(), 2, "one merged TCP item, the UDP packet alone");
+        assert_eq!(items[0].segments(), 3);
+        let merged = flatten(&items[0], &[&buf]);
+        let vh = VnetHdr::parse(&merged).unwrap();
+        assert_eq!(
+            (vh.gso_type, vh.gso_size, vh.csum_start),
+            (GSO_TCPV6, 1000, 40)
+        );
+        let mut pkt = merged[VNET_HDR_LEN..].to_vec();
+        assert_eq!(parse_ipv6(&pkt).unwrap().total_len, pkt.len());
+        assert_eq!(&pkt[60..], &p[60..], "payload in order");
+        assert_ne!(pkt[40 + 13] & TCP_PSH, 0, "the last segment's PSH is kept");
+        // Completing the partial checksum gives a valid TCP checksum over the whole packet.
+        complete_checksum(&vh, &mut pkt).unwrap();
+        let s = csum::sum(&pkt[8..40])
+            + (pkt.len() - 40) as u32
+            + PROTO_TCP as u32
+            + csum::sum(&pkt[40..]);
+        assert_eq!(csum::finish(s), 0);
+        assert_eq!(flatten(&items[1], &[&buf])[VNET_HDR_LEN..], udp[..]);
+        // A gap in sequence starts a new item.
+        c.clear();
+        for (s, e) in [spans[0], spans[2]] {
+            let h = parse_ipv6(&buf[s..e]).unwrap();
+            c.push6(
+                &buf[s..e],
+                &h,
+                Span {
+                    buf: 0,
+                    start: s,
+                    end: e,
+                },
+            );
+        }
+        assert_eq!(c.items().len(), 2);
     }
 
     #[test]
