@@ -181,6 +181,17 @@ mod tests {
             &[128, 0, 0, 0, 0, 1, 0, 1],
         ));
         v.push(t6);
+        // A GRO run of four TCPv6 segments from peer 2 (168 bytes each = 7 * 24, the cut of
+        // selector 7 << 2), which the coalescer merges.
+        let mut run6 = vec![(7 << 2) as u8];
+        for i in 0..4u32 {
+            let mut tcp = vec![0u8; 20 + 108];
+            tcp[4..8].copy_from_slice(&(1000 + i * 108).to_be_bytes());
+            tcp[12] = 5 << 4;
+            tcp[13] = 0x10;
+            run6.extend(ipv6("fd00:10:244:2::2", "fd00:10:244:1::2", 6, &tcp));
+        }
+        v.push(run6);
         let mut run = Vec::new();
         for i in 0..4u32 {
             let mut p = tcp_packet(1000 + i * 100, 0x10, &[7; 100], 0);
@@ -274,5 +285,25 @@ mod tests {
         for d in corpus() {
             fuzz_one(&d);
         }
+        // The TCPv6 run passes decap and merges into one item.
+        let run6 = &corpus()[4][1..];
+        let mut c = Coalescer::new();
+        for k in 0..4 {
+            let seg = &run6[k * 168..(k + 1) * 168];
+            let h = t
+                .decap6(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285), seg)
+                .unwrap();
+            c.push6(
+                seg,
+                &h,
+                Span {
+                    buf: 0,
+                    start: k * 168,
+                    end: (k + 1) * 168,
+                },
+            );
+        }
+        assert_eq!(c.items().len(), 1);
+        assert_eq!(c.items()[0].segments(), 4);
     }
 }
