@@ -25,6 +25,8 @@ LABELS = {
     "tweed": "tweed (lab)\nvxlan",
     "tvxlan6": "tweed vxlan\nIPv6 (lab)",
     "tdual4": "tweed vxlan\nIPv4 (dual lab)",
+    "tudp6": "tweed udp\nIPv6 (lab)",
+    "tudpd4": "tweed udp\nIPv4 (dual lab)",
 }
 PANELS = [
     ("tcp1", "TCP, 1 stream (Gbit/s)"),

@@ -172,6 +172,13 @@ pub fn with_public_ipv6(mut attrs: LeaseAttrs, public_ipv6: Ipv6Addr) -> LeaseAt
     if attrs.backend_type == "vxlan" {
         attrs.backend_v6_data = attrs.backend_data.clone();
     }
+    if attrs.backend_type == "udp" {
+        // tweed's own: see `backend::v6::UDP_V6_DATA`.
+        attrs.backend_v6_data = Some(
+            serde_json::value::RawValue::from_string(crate::backend::v6::UDP_V6_DATA.into())
+                .expect("a JSON constant"),
+        );
+    }
     attrs
 }
 
@@ -291,6 +298,11 @@ fd000000000000000000000000000004 02 40 00 80     eth0
         assert_eq!(
             with_public_ipv6(hostgw, a("2001:db8::1")).to_json(),
             r#"{"PublicIP":"198.18.0.1","PublicIPv6":"2001:db8::1","BackendType":"host-gw"}"#
+        );
+        let udp = LeaseAttrs::new("198.18.0.1".parse().unwrap(), "udp", None);
+        assert_eq!(
+            with_public_ipv6(udp, a("2001:db8::1")).to_json(),
+            r#"{"PublicIP":"198.18.0.1","PublicIPv6":"2001:db8::1","BackendType":"udp","BackendV6Data":{"Underlay":"ipv4"}}"#
         );
     }
 

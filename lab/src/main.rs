@@ -42,7 +42,7 @@ enum Cmd {
         segments: usize,
         /// v4 (IPv4 only) or dual: the hosts also get an IPv6 underlay address
         /// (fd00:198:18:<segment>::<host>), the network config EnableIPv6 with IPv6Network
-        /// fd00:10:244::/56, and every pod an IPv6 address too (vxlan and host-gw only).
+        /// fd00:10:244::/56, and every pod an IPv6 address too (vxlan, host-gw and udp).
         #[arg(long, default_value = "v4", value_parser = parse_ip_family)]
         ip_family: IpFamily,
         #[arg(long, default_value_t = 2)]

@@ -185,10 +185,10 @@ fn validate(spec: &LabSpec) -> Result<(), LabError> {
                 .into(),
         )),
         IpFamily::Dual => match spec.backend {
-            Backend::Vxlan | Backend::HostGw => Ok(()),
+            Backend::Vxlan | Backend::HostGw | Backend::Udp => Ok(()),
             other => Err(LabError::Spec(format!(
-                "--ip-family dual: backend {other} carries IPv4 only so far (vxlan and host-gw \
-                 carry IPv6)"
+                "--ip-family dual: backend {other} carries IPv4 only so far (vxlan, host-gw and \
+                 udp carry IPv6)"
             ))),
         },
     }
@@ -350,10 +350,13 @@ mod tests {
         );
         let e = err(&|s| {
             s.ip_family = IpFamily::Dual;
-            s.backend = Backend::Udp;
+            s.backend = Backend::Wireguard;
         });
-        assert!(e.contains("--ip-family dual") && e.contains("udp"), "{e}");
-        for b in [Backend::Vxlan, Backend::HostGw] {
+        assert!(
+            e.contains("--ip-family dual") && e.contains("wireguard"),
+            "{e}"
+        );
+        for b in [Backend::Vxlan, Backend::HostGw, Backend::Udp] {
             let mut spec = LabSpec::new("x", 2);
             (spec.ip_family, spec.backend) = (IpFamily::Dual, b);
             validate(&spec).unwrap();

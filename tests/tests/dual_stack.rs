@@ -1,6 +1,6 @@
 //! Issue 19: IPv4/IPv6 dual stack end to end. A lab with `--ip-family dual` (each host an IPv4
 //! and an IPv6 underlay address, the network config with EnableIPv6, every pod both families)
-//! runs the vxlan and the host-gw backend; pods on different hosts reach each other over IPv4
+//! runs the vxlan, the host-gw and the udp backend; pods on different hosts reach each other over IPv4
 //! and over IPv6, a checksummed TCP transfer crosses the IPv6 overlay unmasqueraded, and pods
 //! reach the outside over IPv6 through the agents' IPv6 masquerade.
 
@@ -447,6 +447,202 @@ fn host_gw_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
             &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]
         ),
         "h1/p1 -> {target} after h1's restart"
+    );
+}
+
+/// The value of the first `/metrics` series of `host` starting with `series` (0 when absent),
+/// fetched from h2 over the underlay.
+fn host_metric(lab: &Lab, host: &str, series: &str) -> f64 {
+    let url = format!("http://{}:9867/metrics", host_state(lab, host).public_ip);
+    lab.exec("h2", &["curl", "-sf", "--max-time", "2", &url])
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// A python3 program that writes, with a raw socket, outer IPv4/UDP datagrams from
+/// `outer_src:8285` (exactly what a peer's agent sends) to `outer_dst:8285`, each carrying an
+/// inner IPv6/UDP packet to `[inner_dst]:5999` with a valid checksum: `spoofed` times from
+/// `spoofed_src`, then `legit` times from `legit_src`.
+fn v6_injector(
+    outer_src: &str,
+    outer_dst: &str,
+    inner_dst: &str,
+    (spoofed_src, spoofed): (&str, u32),
+    (legit_src, legit): (&str, u32),
+) -> String {
+    format!(
+        r#"
+import socket, struct, time
+def csum(b):
+    if len(b) % 2: b += b'\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s >> 16: s = (s >> 16) + (s & 0xffff)
+    return ~s & 0xffff
+def inner(src, dst):
+    s6 = socket.inet_pton(socket.AF_INET6, src); d6 = socket.inet_pton(socket.AF_INET6, dst)
+    payload = b'from ' + src.encode()
+    ulen = 8 + len(payload)
+    udp = struct.pack('!HHHH', 4000, 5999, ulen, 0) + payload
+    c = csum(s6 + d6 + struct.pack('!IxxxB', ulen, 17) + udp) or 0xffff
+    udp = udp[:6] + struct.pack('!H', c) + udp[8:]
+    return struct.pack('!IHBB', 0x60000000, ulen, 17, 64) + s6 + d6 + udp
+def outer(pkt):
+    ulen = 8 + len(pkt)
+    udp = struct.pack('!HHHH', 8285, 8285, ulen, 0) + pkt
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + ulen, 0, 0, 64, 17, 0,
+                     socket.inet_aton('{outer_src}'), socket.inet_aton('{outer_dst}'))
+    return ip + udp
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for src, n in (('{spoofed_src}', {spoofed}), ('{legit_src}', {legit})):
+    for _ in range(n):
+        r.sendto(outer(inner(src, '{inner_dst}')), ('{outer_dst}', 0))
+        time.sleep(0.005)
+"#
+    )
+}
+
+/// udp, dual stack (tweed's own format, flannel's udp has no IPv6): pods' IPv6 rides the same
+/// IPv4 udp tunnel as their IPv4 (outer IPv4/UDP to the peer's PublicIP:8285, inner IPv6 packet
+/// as the payload). `tweed0` holds the host's IPv6 subnet address (/128) and the route for the
+/// whole IPv6 overlay, no link-local address (no autoconfiguration noise), pods get the same MTU
+/// in both families (underlay - 28), an inner IPv6 packet whose source is not the sending peer's
+/// is dropped and counted while a genuine one from the same endpoint is delivered, the kernel's
+/// own IPv6 traffic into the device is never counted as malformed, and IPv6 survives an agent
+/// restart.
+#[test]
+fn udp_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
+    require_root!(NEEDS_ROOT);
+    let lab = dual_lab("d6u", Backend::Udp);
+    assert_dual_stack_reachability(&lab);
+    // The inner IPv6 packet travels over the IPv4 underlay: 20 + 8 bytes, as for IPv4.
+    assert_pod_mtus(&lab, 1472);
+    for h in &lab.state().hosts {
+        let addr = in_ns(&h.netns, &["ip", "-6", "addr", "show", "dev", "tweed0"]);
+        let own = format!("{}/128", subnet6_of(&lab, &h.name).network());
+        assert!(addr.contains(&own), "{}: no {own} in {addr}", h.name);
+        assert!(!addr.contains("fe80"), "{}: autoconfigured {addr}", h.name);
+        let routes = in_ns(&h.netns, &["ip", "-6", "route", "show", "dev", "tweed0"]);
+        let want = format!("{} proto static metric 1024", names::OVERLAY6_NETWORK);
+        assert!(
+            routes.contains(&want),
+            "{}: no {want:?} in\n{routes}",
+            h.name
+        );
+        let ra = in_ns(
+            &h.netns,
+            &["cat", "/proc/sys/net/ipv6/conf/tweed0/accept_ra"],
+        );
+        assert_eq!(ra.trim(), "0", "{}", h.name);
+        let links = in_ns(&h.netns, &["ip", "link"]);
+        assert!(!links.contains("tweed-v6"), "{}: {links}", h.name);
+    }
+    assert_tcp6_and_outside(&lab);
+
+    // Injection from h2's own agent endpoint (address and port): an inner IPv6 source in h3's
+    // subnet is a spoof and is dropped; the same packet with a source in h2's subnet goes in.
+    let h1 = host_state(&lab, "h1");
+    let h2 = host_state(&lab, "h2");
+    let target = h1.pods[0].ip6.unwrap().to_string();
+    let spoofed_src = host_state(&lab, "h3").pods[0].ip6.unwrap().to_string();
+    let legit_src = h2.pods[0].ip6.unwrap().to_string();
+    let spoofed_series = "tweed_udp_drops_total{reason=\"spoofed_inner\"}";
+    let spoofed0 = host_metric(&lab, "h1", spoofed_series);
+    let listen = "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+                  s.bind(('::',5999))\nprint('ready',flush=True)\ns.settimeout(5)\n\
+                  try:\n    while True:\n        d,a=s.recvfrom(200)\n        print('GOT',a[0],flush=True)\n\
+                  except socket.timeout:\n    print('done',flush=True)\n";
+    let mut listener = Reaped(
+        lab.command("h1/p1", &["python3", "-c", listen])
+            .unwrap()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("listener"),
+    );
+    let mut out = BufReader::new(listener.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let inject = v6_injector(
+        &h2.public_ip.to_string(),
+        &h1.public_ip.to_string(),
+        &target,
+        (&spoofed_src, 40),
+        (&legit_src, 3),
+    );
+    lab.exec("h2", &["python3", "-c", &inject])
+        .expect("inject from h2");
+    let mut got = Vec::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 || line.trim() == "done" {
+            break;
+        }
+        got.push(line.trim().trim_start_matches("GOT ").to_string());
+    }
+    assert!(
+        !got.is_empty(),
+        "the genuine injected IPv6 packets never reached h1/p1"
+    );
+    assert!(
+        got.iter().all(|src| *src == legit_src),
+        "a spoofed inner IPv6 source reached h1/p1: {got:?}"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "h1 counting the 40 spoofed IPv6 packets",
+        || host_metric(&lab, "h1", spoofed_series) >= spoofed0 + 40.0,
+    );
+    // The kernel's IPv6 control traffic into tweed0 (MLD reports) is dropped as link-local,
+    // never as malformed.
+    for h in ["h1", "h2", "h3"] {
+        assert_eq!(
+            host_metric(&lab, h, "tweed_udp_drops_total{reason=\"malformed\"}"),
+            0.0,
+            "{h}"
+        );
+    }
+
+    // IPv6 through the restarted agent (the device, its address and route stay; the peer
+    // table's IPv6 half is filled again from the leases).
+    let ping6 = || {
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "1", "-W", "2", &legit_src],
+        )
+    };
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    start_agent(&stopped);
+    wait_for(
+        Duration::from_secs(15),
+        "h2's restarted agent ready",
+        || {
+            std::fs::read_to_string(&h2.log)
+                .is_ok_and(|l| l.matches("ready: lease held").count() >= 2)
+        },
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "h1/p1 ping6 to h2/p1 after h2's restart",
+        ping6,
+    );
+    // The restart's first moments (IPv6 half not loaded yet) count IPv6 as not ready, never as
+    // malformed.
+    for h in ["h1", "h2", "h3"] {
+        assert_eq!(
+            host_metric(&lab, h, "tweed_udp_drops_total{reason=\"malformed\"}"),
+            0.0,
+            "{h} after h2's restart"
+        );
+    }
+    let log = std::fs::read_to_string(&h2.log).unwrap();
+    assert_eq!(
+        log.matches("IPv6 disabled on the device").count(),
+        0,
+        "h2 switched IPv6 off on tweed0"
     );
 }
 

@@ -29,7 +29,7 @@ pub mod vxlan;
 pub mod wireguard;
 
 pub use hostgw::{HostGwBackend, HostGwConfig, HostGwError, HostGwPeer};
-pub use udp::{UdpBackend, UdpConfig, UdpError, UdpPeer};
+pub use udp::{UdpBackend, UdpConfig, UdpError, UdpPeer, UdpPeer6, V6Spec};
 pub use vxlan::{ObservedState, VxlanBackend, VxlanConfig, VxlanError, VxlanPeer};
 pub use wireguard::{WgConfig, WgError, WgImpl};
 
@@ -433,10 +433,16 @@ impl Prepared {
 
     /// Sets the backend up (idempotent: a restart finds its device and changes nothing).
     pub async fn setup(&self, nl: &Netlink) -> Result<DataPlane, BackendError> {
+        self.setup_dual(nl, false).await
+    }
+
+    /// [`setup`](Self::setup); `dual`: this node runs the IPv6 half too (udp then leaves IPv6
+    /// on its TUN device, since it carries IPv6 itself; the other backends do not care).
+    pub async fn setup_dual(&self, nl: &Netlink, dual: bool) -> Result<DataPlane, BackendError> {
         Ok(match self {
             Prepared::Vxlan(c) => DataPlane::Vxlan(VxlanBackend::setup(nl, c.clone()).await?),
             Prepared::HostGw(c) => DataPlane::HostGw(HostGwBackend::setup(nl, c.clone()).await?),
-            Prepared::Udp(c) => DataPlane::Udp(UdpBackend::setup(nl, c.clone()).await?),
+            Prepared::Udp(c) => DataPlane::Udp(UdpBackend::setup_with(nl, c.clone(), dual).await?),
             Prepared::Wireguard(c) => {
                 DataPlane::Wireguard(wireguard::WgBackend::setup(nl, c.clone()).await?)
             }

@@ -378,6 +378,85 @@ enum Kind {
     HostGw {
         underlay: u32,
     },
+    /// udp's TUN device carries IPv6 too (over the IPv4 underlay): it holds the /128 address
+    /// and the route for `IPv6Network`, and the workers' table holds the peers' IPv6 halves.
+    Udp {
+        ifindex: u32,
+    },
+}
+
+/// What a udp lease advertises as `BackendV6Data` (tweed's own: flannel's udp backend has no
+/// IPv6): `{"Underlay":"ipv4"}`, "my IPv6 subnet is reached through my udp endpoint, the
+/// lease's `PublicIP` and the network's port, over IPv4". A peer takes a udp lease's IPv6 half
+/// only with exactly this, so a udp node without IPv6 support in its workers (which would drop
+/// every inner IPv6 packet) is never sent any.
+pub const UDP_V6_DATA: &str = r#"{"Underlay":"ipv4"}"#;
+
+/// A udp lease's IPv6 half, or why there is none. `PublicIPv6` is not used (the underlay is
+/// IPv4), only the key's IPv6 subnet and the `BackendV6Data` marker.
+pub fn udp6_peer(
+    key: &SubnetKey,
+    attrs: &LeaseAttrs,
+    ipv6: &Ipv6Config,
+    port: u16,
+) -> Result<super::UdpPeer6, &'static str> {
+    let subnet = key.ipv6.ok_or("the peer's lease has no IPv6 subnet")?;
+    if !ipv6.network.contains(subnet.network()) || subnet.prefix() != ipv6.subnet_len {
+        return Err("the peer's IPv6 subnet is not a node subnet of IPv6Network");
+    }
+    let data = attrs
+        .backend_v6_data
+        .as_ref()
+        .ok_or("the peer's lease has no BackendV6Data (its udp backend carries IPv4 only)")?;
+    let v: serde_json::Value =
+        serde_json::from_str(data.get()).map_err(|_| "BackendV6Data is not JSON")?;
+    if v != serde_json::json!({"Underlay": "ipv4"}) {
+        return Err("BackendV6Data is not udp's {\"Underlay\":\"ipv4\"}");
+    }
+    Ok(super::UdpPeer6 {
+        subnet,
+        public_ip: attrs.public_ip,
+        port,
+    })
+}
+
+/// The route udp's TUN device gets for the whole IPv6 overlay (the IPv6 twin of IPv4's
+/// [`super::overlay_route`]; pod bridges' more specific routes keep local traffic local).
+pub fn udp_route6(network: Ipv6Network, ifindex: u32) -> Route6 {
+    Route6 {
+        dst: canonical6(network),
+        gateway: None,
+        oif: Some(ifindex),
+        onlink: false,
+        metric: Route6::DEFAULT_METRIC,
+        protocol: Route::PROTO_STATIC,
+    }
+}
+
+/// Ops putting exactly the one overlay route on udp's device among the IPv6 routes tweed could
+/// have written there (non-kernel routes through it), plus the /128 address.
+pub fn plan_udp6(
+    ifindex: u32,
+    network: Ipv6Network,
+    own_subnet: Ipv6Network,
+    addrs: &[Addr6],
+    routes: &[Route6],
+) -> Vec<Op> {
+    let mut ops = plan_addresses6(ifindex, addrs, device_addr6(own_subnet));
+    let want = udp_route6(network, ifindex);
+    let ours: Vec<&Route6> = routes
+        .iter()
+        .filter(|r| r.oif == Some(ifindex) && r.protocol != Route::PROTO_KERNEL)
+        .collect();
+    ops.extend(
+        ours.iter()
+            .filter(|r| !r.same_path(&want))
+            .map(|r| Op::Route6Del(**r)),
+    );
+    if !ours.iter().any(|r| r.same_path(&want)) {
+        ops.push(Op::Route6Replace(want));
+    }
+    ops
 }
 
 /// The IPv6 data plane beside a vxlan or host-gw backend.
@@ -547,6 +626,22 @@ impl V6Plane {
             DataPlane::HostGw(b) => Kind::HostGw {
                 underlay: b.config().underlay_ifindex,
             },
+            DataPlane::Udp(b) => {
+                let ifindex = b.ifindex();
+                let ops = plan_udp6(
+                    ifindex,
+                    params.cfg.network,
+                    params.own_subnet,
+                    &nl.addresses6(Some(ifindex)).await?,
+                    &nl.all_routes6().await?,
+                );
+                first_error(nl.apply_all(&ops).await)?;
+                if !ops.is_empty() {
+                    tracing::info!(device = crate::backend::udp::DEVICE, addr = %device_addr6(params.own_subnet), network = %params.cfg.network, "udp: IPv6 address and route set");
+                }
+                setup_ops.extend(ops);
+                Kind::Udp { ifindex }
+            }
             _ => return Ok(None),
         };
         Ok(Some(V6Plane {
@@ -565,7 +660,8 @@ impl V6Plane {
     pub fn device(&self) -> Option<(u32, String)> {
         match &self.kind {
             Kind::Vxlan { spec, ifindex, .. } => Some((*ifindex, spec.name.clone())),
-            Kind::HostGw { .. } => None,
+            // udp's device is the IPv4 backend's, watched as such.
+            Kind::HostGw { .. } | Kind::Udp { .. } => None,
         }
     }
 
@@ -576,8 +672,44 @@ impl V6Plane {
         &mut self,
         nl: &Netlink,
         remotes: &[Remote<'_>],
+        backend: &mut DataPlane,
     ) -> Result<(Vec<Op>, Vec<(Op, NetlinkError)>), NetlinkError> {
         let ops = match &self.kind {
+            Kind::Udp { ifindex } => {
+                let DataPlane::Udp(b) = backend else {
+                    // The backend changed under us: the data plane sets everything up again.
+                    return Err(NetlinkError::NoSuchLink { ifindex: *ifindex });
+                };
+                if b.ifindex() != *ifindex {
+                    return Err(NetlinkError::NoSuchLink { ifindex: *ifindex });
+                }
+                let port = b.port();
+                let peers: Vec<super::UdpPeer6> = remotes
+                    .iter()
+                    .filter(|r| r.attrs.effective_backend_type() == "udp")
+                    .filter_map(|r| {
+                        let key = SubnetKey {
+                            ipv4: r.subnet,
+                            ipv6: r.subnet_v6,
+                        };
+                        udp6_peer(&key, r.attrs, &self.params.cfg, port)
+                            .map_err(|why| tracing::debug!(subnet = %r.subnet, "udp: no IPv6 half: {why}"))
+                            .ok()
+                    })
+                    .collect();
+                b.set_v6(Some(super::V6Spec {
+                    network: self.params.cfg.network,
+                    own_subnet: self.params.own_subnet,
+                    peers,
+                }));
+                plan_udp6(
+                    *ifindex,
+                    self.params.cfg.network,
+                    self.params.own_subnet,
+                    &nl.addresses6(Some(*ifindex)).await?,
+                    &nl.all_routes6().await?,
+                )
+            }
             Kind::Vxlan {
                 ifindex,
                 spec,
@@ -745,6 +877,99 @@ mod tests {
         assert!(dels.iter().all(Op::is_delete));
         let gone = after(&now, &dels);
         assert!(gone.fdb.is_empty() && gone.neighbours.is_empty() && gone.routes.is_empty());
+    }
+
+    fn udp_lease(key: &str, v6_data: Option<&str>) -> (SubnetKey, LeaseAttrs) {
+        let mut json = String::from(r#"{"PublicIP":"198.18.0.5","BackendType":"udp""#);
+        if let Some(d) = v6_data {
+            json.push_str(&format!(
+                r#","PublicIPv6":"2001:db8::5","BackendV6Data":{d}"#
+            ));
+        }
+        json.push('}');
+        (key.parse().unwrap(), serde_json::from_str(&json).unwrap())
+    }
+
+    #[test]
+    fn udp_lease_v6_half_needs_the_marker_and_a_node_subnet() {
+        let (k, a) = udp_lease("10.244.5.0-24&fd00:10:244:5::-64", Some(UDP_V6_DATA));
+        let p = udp6_peer(&k, &a, &cfg6(), 8285).unwrap();
+        assert_eq!(
+            (p.subnet.to_string(), p.public_ip.to_string(), p.port),
+            ("fd00:10:244:5::/64".into(), "198.18.0.5".into(), 8285)
+        );
+        // The lease tweed writes parses back to the same half (round trip through the JSON).
+        assert_eq!(
+            a.to_json().matches(UDP_V6_DATA).count(),
+            1,
+            "{}",
+            a.to_json()
+        );
+        for (key, data, why) in [
+            ("10.244.5.0-24", Some(UDP_V6_DATA), "no IPv6 subnet"),
+            ("10.244.5.0-24&fd00:10:244:5::-64", None, "no BackendV6Data"),
+            ("10.244.5.0-24&fd00:10:244:5::-64", Some("{}"), "not udp's"),
+            (
+                "10.244.5.0-24&fd00:10:244:5::-64",
+                Some(r#"{"Underlay":"ipv6"}"#),
+                "not udp's",
+            ),
+            (
+                "10.244.5.0-24&fd00:10:244:5::-64",
+                Some(r#"{"VNI":1,"VtepMAC":"0a:58:0a:00:00:06"}"#),
+                "not udp's",
+            ),
+            (
+                "10.244.5.0-24&fd00:99:244:5::-64",
+                Some(UDP_V6_DATA),
+                "not a node subnet",
+            ),
+            (
+                "10.244.5.0-24&fd00:10:244:5::-80",
+                Some(UDP_V6_DATA),
+                "not a node subnet",
+            ),
+        ] {
+            let (k, a) = udp_lease(key, data);
+            let e = udp6_peer(&k, &a, &cfg6(), 8285).unwrap_err();
+            assert!(e.contains(why), "{key} {data:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn udp_device_gets_the_address_and_one_overlay_route() {
+        let net: Ipv6Network = "fd00:10:244::/56".parse().unwrap();
+        let own: Ipv6Network = "fd00:10:244:3::/64".parse().unwrap();
+        let ops = plan_udp6(7, net, own, &[], &[]);
+        let text: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert_eq!(
+            ops[0],
+            Op::Addr6Add {
+                ifindex: 7,
+                addr: "fd00:10:244:3::/128".parse().unwrap(),
+                nodad: true
+            }
+        );
+        assert_eq!(ops[1], Op::Route6Replace(udp_route6(net, 7)));
+        // In place: nothing; a stray route through the device (another network's) goes, a
+        // kernel route and another device's routes stay.
+        let addrs = [Addr6 {
+            ifindex: 7,
+            net: "fd00:10:244:3::/128".parse().unwrap(),
+            tentative: false,
+        }];
+        let stray = udp_route6("fd00:99::/48".parse().unwrap(), 7);
+        let kernel = Route6 {
+            protocol: Route::PROTO_KERNEL,
+            ..udp_route6("fe80::/64".parse().unwrap(), 7)
+        };
+        let other = udp_route6("fd00:10:244:9::/64".parse().unwrap(), 8);
+        assert!(plan_udp6(7, net, own, &addrs, &[udp_route6(net, 7), kernel, other]).is_empty());
+        assert_eq!(
+            plan_udp6(7, net, own, &addrs, &[udp_route6(net, 7), stray]),
+            vec![Op::Route6Del(stray)]
+        );
     }
 
     #[test]

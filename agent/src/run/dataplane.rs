@@ -134,7 +134,8 @@ impl Plane {
         prepared.set_own_subnet(own.subnet());
         prepared.remove_leftovers(&nl, config.network).await;
         remove_leftovers6(&nl, &prepared, &config, own.key.ipv6.is_some()).await;
-        let backend = prepared.setup(&nl).await?;
+        let dual = config.ipv6_plane.is_some() && own.key.ipv6.is_some();
+        let backend = prepared.setup_dual(&nl, dual).await?;
         report.backend_running(backend.type_name(), backend.implementation());
         if let (DataPlane::Vxlan(b), Some(data)) = (&backend, &attrs.backend_data) {
             if !data.get().contains(&b.vtep_mac().to_string()) {
@@ -166,6 +167,12 @@ impl Plane {
         plane.write_subnet_env(own.subnet())?;
         plane.report.mtu(plane.pod_mtu());
         Ok(plane)
+    }
+
+    /// Whether this node runs the IPv6 half (the condition [`setup_v6`](Self::setup_v6) sets
+    /// it up under).
+    fn is_dual(&self) -> bool {
+        self.ipv6_plane.is_some() && self.own_v6.is_some()
     }
 
     /// The MTU pods are told: the smaller of the two vxlan devices' when this node runs the IPv6
@@ -236,7 +243,7 @@ impl Plane {
         let Some(v6) = self.v6.as_mut() else {
             return Vec::new();
         };
-        match v6.reconcile(&self.nl, remotes).await {
+        match v6.reconcile(&self.nl, remotes, &mut self.backend).await {
             Ok((applied, failed)) => {
                 for (op, e) in &failed {
                     warn!("IPv6 data plane ({op}): {e}");
@@ -300,7 +307,7 @@ impl Plane {
         // udp: the old workers must let go of the TUN queues and the port first.
         self.backend.stop().await;
         self.v6_stale = true;
-        match self.prepared.setup(&self.nl).await {
+        match self.prepared.setup_dual(&self.nl, self.is_dual()).await {
             Ok(b) => {
                 self.report
                     .backend_running(b.type_name(), b.implementation());
@@ -437,7 +444,7 @@ impl Plane {
             // Set-up is idempotent: it reads the device and its addresses and writes only what
             // is missing or different (a deleted device is made again with the stored MAC).
             DataPlane::Vxlan(_) | DataPlane::HostGw(_) if device || rebuild => {
-                match self.prepared.setup(&self.nl).await {
+                match self.prepared.setup_dual(&self.nl, self.is_dual()).await {
                     Ok(new) => {
                         if let DataPlane::Vxlan(b) = &new {
                             out.ops.extend(b.setup_ops().iter().cloned());

@@ -7,8 +7,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnetwork::Ipv4Network;
 
-use super::offload::{flatten, prepare_tx, Coalescer, Span, VnetHdr, VNET_HDR_LEN};
-use super::table::{PeerTable, UdpPeer};
+use super::offload::{flatten, prepare_tx, prepare_tx6, Coalescer, Span, VnetHdr, VNET_HDR_LEN};
+use super::packet::{icmp6_unreachable, ip_version};
+use super::table::{PeerTable, UdpPeer, UdpPeer6, V6Spec};
 
 fn table() -> PeerTable {
     let net = |s: &str| s.parse::<Ipv4Network>().expect("literal");
@@ -29,6 +30,16 @@ fn table() -> PeerTable {
             },
         ],
     )
+    // Dual stack: peer 2 has an IPv6 half, peer 3 does not.
+    .with_v6(&V6Spec {
+        network: "fd00:10:244::/56".parse().expect("literal"),
+        own_subnet: "fd00:10:244:1::/64".parse().expect("literal"),
+        peers: vec![UdpPeer6 {
+            subnet: "fd00:10:244:2::/64".parse().expect("literal"),
+            public_ip: Ipv4Addr::new(198, 18, 0, 2),
+            port: 8285,
+        }],
+    })
 }
 
 /// `data[0]` picks the outer source (a peer or a stranger) and how the rest is cut into
@@ -53,6 +64,23 @@ pub fn fuzz_one(data: &[u8]) {
     let mut off = 0;
     while off < rest.len() {
         let end = (off + seg).min(rest.len());
+        // As the workers do: IPv6 to the IPv6 checks, written on its own when accepted.
+        if ip_version(&rest[off..end]) == Some(6) {
+            if let Ok(h) = t.decap6(outer, &rest[off..end]) {
+                assert!(h.total_len <= end - off);
+                c.push6(
+                    &rest[off..off + h.total_len],
+                    &h,
+                    Span {
+                        buf: 0,
+                        start: off,
+                        end: off + h.total_len,
+                    },
+                );
+            }
+            off = end;
+            continue;
+        }
         if let Ok(h) = t.decap(outer, &rest[off..end]) {
             assert!(h.total_len <= end - off);
             c.push(
@@ -74,6 +102,24 @@ pub fn fuzz_one(data: &[u8]) {
 
     if let Ok(vh) = VnetHdr::parse(rest) {
         let mut pkt = rest[VNET_HDR_LEN..].to_vec();
+        if ip_version(&pkt) == Some(6) {
+            let mut headers = Vec::new();
+            if let Ok((tx, hdr)) = prepare_tx6(&vh, &mut pkt, &mut headers) {
+                let _ = t.route6(&hdr);
+                if let super::offload::TxPacket::Tso(tso) = tx {
+                    for i in 0..tso.count {
+                        let r = tso.payload(i);
+                        assert!(r.start <= r.end && r.end <= pkt.len());
+                    }
+                    assert_eq!(headers.len(), tso.count * tso.hdr_len);
+                }
+                let mut out = [0u8; 1280];
+                let src = t.icmp_source6().expect("dual-stack table");
+                if let Some(n) = icmp6_unreachable(&pkt, &hdr, src, &mut out) {
+                    assert!(n <= 1280);
+                }
+            }
+        }
         let mut headers = Vec::new();
         if let Ok((tx, hdr)) = prepare_tx(&vh, &mut pkt, &mut headers) {
             let _ = t.route(&hdr);
@@ -91,7 +137,7 @@ pub fn fuzz_one(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::super::offload::tests::tcp_packet;
-    use super::super::packet::tests::ipv4;
+    use super::super::packet::tests::{ipv4, ipv6};
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -111,6 +157,41 @@ mod tests {
             1,
             &[8, 0, 0, 0, 0, 1, 0, 1],
         )));
+        // IPv6 from peer 2 (accepted), and an ICMPv6 echo as a TUN read with a partial checksum.
+        v.push(from_peer(ipv6(
+            "fd00:10:244:2::5",
+            "fd00:10:244:1::7",
+            17,
+            &[1; 30],
+        )));
+        let mut t6 = vec![0u8];
+        t6.extend(
+            VnetHdr {
+                flags: 1,
+                csum_start: 40,
+                csum_offset: 2,
+                ..Default::default()
+            }
+            .encode(),
+        );
+        t6.extend(ipv6(
+            "fd00:10:244:1::7",
+            "fd00:10:244:9::1",
+            58,
+            &[128, 0, 0, 0, 0, 1, 0, 1],
+        ));
+        v.push(t6);
+        // A GRO run of four TCPv6 segments from peer 2 (168 bytes each = 7 * 24, the cut of
+        // selector 7 << 2), which the coalescer merges.
+        let mut run6 = vec![(7 << 2) as u8];
+        for i in 0..4u32 {
+            let mut tcp = vec![0u8; 20 + 108];
+            tcp[4..8].copy_from_slice(&(1000 + i * 108).to_be_bytes());
+            tcp[12] = 5 << 4;
+            tcp[13] = 0x10;
+            run6.extend(ipv6("fd00:10:244:2::2", "fd00:10:244:1::2", 6, &tcp));
+        }
+        v.push(run6);
         let mut run = Vec::new();
         for i in 0..4u32 {
             let mut p = tcp_packet(1000 + i * 100, 0x10, &[7; 100], 0);
@@ -187,6 +268,12 @@ mod tests {
     fn the_corpus_exercises_acceptance_and_coalescing() {
         // Sanity: unmutated inputs reach the interesting paths (not just early rejects).
         let t = table();
+        assert!(t
+            .decap6(
+                SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285),
+                &corpus()[2][1..]
+            )
+            .is_ok());
         for d in corpus().iter().take(2) {
             assert!(t
                 .decap(
@@ -198,5 +285,25 @@ mod tests {
         for d in corpus() {
             fuzz_one(&d);
         }
+        // The TCPv6 run passes decap and merges into one item.
+        let run6 = &corpus()[4][1..];
+        let mut c = Coalescer::new();
+        for k in 0..4 {
+            let seg = &run6[k * 168..(k + 1) * 168];
+            let h = t
+                .decap6(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 8285), seg)
+                .unwrap();
+            c.push6(
+                seg,
+                &h,
+                Span {
+                    buf: 0,
+                    start: k * 168,
+                    end: (k + 1) * 168,
+                },
+            );
+        }
+        assert_eq!(c.items().len(), 1);
+        assert_eq!(c.items()[0].segments(), 4);
     }
 }

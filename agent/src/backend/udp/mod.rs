@@ -31,7 +31,7 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 
 use self::io::{Counters, Shared, Stats, Worker};
-pub use self::table::{PeerTable, UdpPeer};
+pub use self::table::{PeerTable, UdpPeer, UdpPeer6, V6Spec};
 use super::{check_mtu, device_addr, overlay_route, plan_l3_device, MtuError, ReconcileStats};
 use crate::netlink::{Addr, Link, Netlink, NetlinkError, Op, Route};
 
@@ -125,8 +125,9 @@ pub fn plan_device(cfg: &UdpConfig, link: &Link, addrs: &[Addr], routes: &[Route
 }
 
 /// Opens (or re-attaches to) the persistent multiqueue TUN device with the virtio-net header and
-/// TCPv4 segmentation offload; one non-blocking descriptor per queue.
-fn open_tun(name: &str, queues: usize) -> std::io::Result<Vec<OwnedFd>> {
+/// TCPv4 segmentation offload (and TCPv6 with `tso6`: a dual-stack node); one non-blocking
+/// descriptor per queue.
+fn open_tun(name: &str, queues: usize, tso6: bool) -> std::io::Result<Vec<OwnedFd>> {
     let first = tun_rs::DeviceBuilder::new()
         .name(name)
         .offload(true)
@@ -141,9 +142,13 @@ fn open_tun(name: &str, queues: usize) -> std::io::Result<Vec<OwnedFd>> {
     for _ in 1..queues.max(1) {
         devs.push(devs[0].try_clone()?);
     }
-    // Only what the workers segment themselves: TCPv4 (tun-rs also asks for TSO6 and USO,
-    // which would hand over super-packets this backend does not cut). The mask is per device.
-    let offloads = (libc::TUN_F_CSUM | libc::TUN_F_TSO4) as libc::c_ulong;
+    // Only what the workers segment themselves: TCPv4, and TCPv6 in dual stack (tun-rs also
+    // asks for USO, which would hand over super-packets this backend does not cut). The mask is
+    // per device, set again at every attach.
+    let mut offloads = (libc::TUN_F_CSUM | libc::TUN_F_TSO4) as libc::c_ulong;
+    if tso6 {
+        offloads |= libc::TUN_F_TSO6 as libc::c_ulong;
+    }
     // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is a live TUN queue.
     let rc = unsafe { libc::ioctl(devs[0].as_raw_fd(), libc::TUNSETOFFLOAD, offloads) };
     if rc < 0 {
@@ -166,6 +171,11 @@ pub struct UdpBackend {
     counters: Vec<Arc<Counters>>,
     threads: Vec<JoinHandle<()>>,
     peers: Option<Vec<UdpPeer>>,
+    /// The IPv6 half of the table (dual stack), set by the IPv6 plane after each reconcile.
+    /// Boxed: the backend is held inline by the enums of its users (wireguard's plane).
+    v6: Option<Box<V6Spec>>,
+    /// Set up for dual stack: until [`set_v6`](Self::set_v6) the table's IPv6 half is pending.
+    dual: bool,
     /// Whether the device was checked since the last resync.
     device_checked: bool,
     setup_ops: Vec<Op>,
@@ -187,6 +197,17 @@ impl UdpBackend {
     /// [`reconcile`](Self::reconcile) loads the peer table: what arrives meanwhile waits in the
     /// kernel and is forwarded then (a restart never answers live traffic with ICMP errors).
     pub async fn setup(nl: &Netlink, cfg: UdpConfig) -> Result<UdpBackend, UdpError> {
+        Self::setup_with(nl, cfg, false).await
+    }
+
+    /// [`setup`](Self::setup); `ipv6`: the node carries IPv6 through the device (dual stack), so
+    /// the kernel's IPv6 is left on, with its autoconfiguration off ([`quiet_ipv6`]), instead
+    /// of switched off.
+    pub async fn setup_with(
+        nl: &Netlink,
+        cfg: UdpConfig,
+        ipv6: bool,
+    ) -> Result<UdpBackend, UdpError> {
         let cfg_device = cfg.device;
         check_mtu(
             cfg_device,
@@ -210,7 +231,7 @@ impl UdpBackend {
                 .await?;
             }
         }
-        let fds = match open_tun(cfg_device, cfg.queues) {
+        let fds = match open_tun(cfg_device, cfg.queues, ipv6) {
             Ok(f) => f,
             // A persistent device made with other flags (single queue, no virtio header) refuses
             // to attach: replace it.
@@ -226,7 +247,7 @@ impl UdpBackend {
                     }],
                 )
                 .await?;
-                open_tun(cfg_device, cfg.queues).map_err(|source| UdpError::Tun {
+                open_tun(cfg_device, cfg.queues, ipv6).map_err(|source| UdpError::Tun {
                     device: cfg_device,
                     source,
                 })?
@@ -246,10 +267,20 @@ impl UdpBackend {
         // IPv6 on tweed0 would only make the kernel send router solicitations and MLD reports
         // into the TUN device, which the workers must drop (IPv4 only) and report as malformed
         // every few minutes, forever.
-        match disable_ipv6(Path::new(IPV6_CONF), cfg_device) {
-            Ok(true) => tracing::info!(device = cfg_device, "udp: IPv6 disabled on the device"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(device = cfg_device, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
+        // In dual stack IPv6 stays on, without anything the kernel would send by itself but MLD
+        // reports, which the workers drop as link-local traffic (not malformed).
+        if ipv6 {
+            match quiet_ipv6(Path::new(IPV6_CONF), cfg_device) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(device = cfg_device, written = n, "udp: IPv6 on the device, autoconfiguration off"),
+                Err(e) => tracing::warn!(device = cfg_device, "udp: cannot set the device's IPv6 up ({e}); IPv6 pods will not reach other nodes"),
+            }
+        } else {
+            match disable_ipv6(Path::new(IPV6_CONF), cfg_device) {
+                Ok(true) => tracing::info!(device = cfg_device, "udp: IPv6 disabled on the device"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(device = cfg_device, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
+            }
         }
         let setup_ops = configure(nl, &cfg, &link).await?;
         crate::backend::log_setup("udp: device", cfg_device, cfg.mtu(), setup_ops.len());
@@ -289,6 +320,7 @@ impl UdpBackend {
             );
             PeerTable::new(cfg.network, cfg.own_subnet, cfg.local_ip, &stored)
         };
+        let table = if ipv6 { table.with_v6_pending() } else { table };
         // The workers sleep on wakers 0..n, the reporter on n.
         let shared =
             Arc::new(Shared::new(table, cfg.port, fds.len() + 1).map_err(UdpError::Waker)?);
@@ -320,6 +352,8 @@ impl UdpBackend {
             counters,
             threads,
             peers: None,
+            v6: None,
+            dual: ipv6,
             device_checked: true,
             setup_ops,
         })
@@ -414,21 +448,11 @@ impl UdpBackend {
         sorted.sort();
         sorted.dedup();
         if let Some(wg) = wg {
-            let table = PeerTable::new(
-                self.cfg.network,
-                self.cfg.own_subnet,
-                self.cfg.local_ip,
-                &sorted,
-            );
+            let table = self.build_table(&sorted);
             self.shared.publish_wg(table, wg);
             self.peers = Some(sorted);
         } else if self.peers.as_ref() != Some(&sorted) {
-            let table = PeerTable::new(
-                self.cfg.network,
-                self.cfg.own_subnet,
-                self.cfg.local_ip,
-                &sorted,
-            );
+            let table = self.build_table(&sorted);
             tracing::debug!(peers = table.len(), "udp: peer table published");
             self.shared.publish(table);
             if let Some(path) = &self.cfg.peers_file {
@@ -439,6 +463,44 @@ impl UdpBackend {
             self.peers = Some(sorted);
         }
         Ok(stats)
+    }
+
+    fn build_table(&self, sorted: &[UdpPeer]) -> PeerTable {
+        let t = PeerTable::new(
+            self.cfg.network,
+            self.cfg.own_subnet,
+            self.cfg.local_ip,
+            sorted,
+        );
+        match &self.v6 {
+            Some(spec) => t.with_v6(spec),
+            None if self.dual => t.with_v6_pending(),
+            None => t,
+        }
+    }
+
+    /// Sets the IPv6 half of the peer table (dual stack: our IPv6 subnet, the network's and the
+    /// peers' IPv6 halves; `None`: IPv4 only) and publishes the table when it changed and the
+    /// IPv4 half is loaded (otherwise the next reconcile publishes both).
+    pub fn set_v6(&mut self, spec: Option<V6Spec>) {
+        let spec = spec.map(|mut s| {
+            s.peers.sort();
+            s.peers.dedup();
+            Box::new(s)
+        });
+        if self.v6 == spec {
+            return;
+        }
+        self.v6 = spec;
+        if let Some(peers) = &self.peers {
+            let table = self.build_table(peers);
+            tracing::debug!(
+                peers = table.len(),
+                ipv6_peers = table.len6(),
+                "udp: peer table published"
+            );
+            self.shared.publish(table);
+        }
     }
 
     /// Stops the workers and waits until they let go of the TUN queues and the port (the device
@@ -509,6 +571,37 @@ fn disable_ipv6(conf: &Path, dev: &str) -> std::io::Result<bool> {
             format!("{}: {e}", path.display()),
         )),
     }
+}
+
+/// The per-device IPv6 settings a dual-stack `tweed0` gets, in the order written: no link-local
+/// address or any other generated one (`addr_gen_mode` 1 = none), no router advertisements or
+/// solicitations, no DAD (the device is a point-to-point TUN, the lease makes the address
+/// unique); then IPv6 on. Without these the kernel would send router solicitations into the
+/// device at every start.
+const QUIET_IPV6: [(&str, &str); 5] = [
+    ("addr_gen_mode", "1"),
+    ("accept_ra", "0"),
+    ("router_solicitations", "0"),
+    ("accept_dad", "0"),
+    ("disable_ipv6", "0"),
+];
+
+/// Writes [`QUIET_IPV6`] under `<conf>/<dev>/`, each only when it differs (a restart writes
+/// nothing, so the device keeps its IPv6 address and routes); the number written. A kernel
+/// without IPv6 is an error here: the network asked for it.
+fn quiet_ipv6(conf: &Path, dev: &str) -> std::io::Result<usize> {
+    let mut written = 0;
+    for (key, want) in QUIET_IPV6 {
+        let path = conf.join(dev).join(key);
+        let named =
+            |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let now = std::fs::read_to_string(&path).map_err(named)?;
+        if now.trim() != want {
+            std::fs::write(&path, want).map_err(named)?;
+            written += 1;
+        }
+    }
+    Ok(written)
 }
 
 async fn apply_strict(nl: &Netlink, ops: &[Op]) -> Result<(), UdpError> {
@@ -602,6 +695,34 @@ mod tests {
         assert!(e.to_string().contains("tweed0/disable_ipv6"), "{e}");
     }
 
+    #[test]
+    fn dual_stack_ipv6_is_switched_on_quietly_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("tweed0");
+        std::fs::create_dir(&dev).unwrap();
+        for (k, v) in [
+            ("addr_gen_mode", "0\n"),
+            ("accept_ra", "1\n"),
+            ("router_solicitations", "-1\n"),
+            ("accept_dad", "1\n"),
+            ("disable_ipv6", "1\n"),
+        ] {
+            std::fs::write(dev.join(k), v).unwrap();
+        }
+        assert_eq!(quiet_ipv6(dir.path(), "tweed0").unwrap(), 5);
+        for (k, v) in QUIET_IPV6 {
+            assert_eq!(std::fs::read_to_string(dev.join(k)).unwrap(), v, "{k}");
+        }
+        assert_eq!(
+            quiet_ipv6(dir.path(), "tweed0").unwrap(),
+            0,
+            "a restart writes nothing"
+        );
+        // A kernel without IPv6: an error naming the file, since the network asked for IPv6.
+        let e = quiet_ipv6(dir.path(), "nodev").unwrap_err();
+        assert!(e.to_string().contains("nodev/addr_gen_mode"), "{e}");
+    }
+
     /// `stop` waits until the workers let go (they hold the TUN queues and the port a new set-up
     /// needs) without blocking the async runtime meanwhile: on a single-threaded runtime, another
     /// task keeps running while a slow worker winds down.
@@ -636,6 +757,8 @@ mod tests {
             counters: Vec::new(),
             threads: vec![worker],
             peers: None,
+            v6: None,
+            dual: false,
             device_checked: true,
             setup_ops: Vec::new(),
         };

@@ -8,13 +8,16 @@
 //! payload spans inside the receive buffers. The I/O layer turns both into iovecs.
 
 use super::csum;
-use super::packet::{parse_ipv4, Ipv4Header, PacketError, MAX_PACKET, PROTO_TCP};
+use super::packet::{
+    parse_ipv4, parse_ipv6, Ipv4Header, Ipv6Header, PacketError, IPV6_HEADER, MAX_PACKET, PROTO_TCP,
+};
 
 /// `struct virtio_net_hdr` (without `num_buffers`), the TUN default size.
 pub const VNET_HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
+pub const GSO_TCPV6: u8 = 4;
 pub const GSO_ECN: u8 = 0x80;
 /// Segments one UDP GSO send may carry (`UDP_MAX_SEGMENTS` on older kernels).
 pub const MAX_GSO_SEGMENTS: usize = 64;
@@ -153,6 +156,91 @@ pub fn prepare_tx(
     }
 }
 
+/// [`prepare_tx`] for an inner IPv6 packet: a partial checksum is completed; a TCPv6
+/// super-packet (a dual-stack device offers TSO6) is cut into MSS segments as TCPv4 is. Only a
+/// TCP header right after the IPv6 header is segmented (the kernel puts no extension header
+/// in TCP it sends); anything else claiming TCPv6 GSO is refused.
+pub fn prepare_tx6(
+    h: &VnetHdr,
+    pkt: &mut [u8],
+    headers: &mut Vec<u8>,
+) -> Result<(TxPacket, Ipv6Header), OffloadError> {
+    let ip = parse_ipv6(pkt)?;
+    let len = ip.total_len;
+    match h.gso_type & !GSO_ECN {
+        GSO_NONE => {
+            if h.flags & F_NEEDS_CSUM != 0 {
+                complete_checksum(h, &mut pkt[..len])?;
+            }
+            Ok((TxPacket::Single { len }, ip))
+        }
+        GSO_TCPV6 => {
+            let tso = tso6_headers(h, &pkt[..len], &ip, headers)?;
+            Ok((TxPacket::Tso(tso), ip))
+        }
+        other => Err(OffloadError::UnsupportedGso(other)),
+    }
+}
+
+fn tso6_headers(
+    h: &VnetHdr,
+    pkt: &[u8],
+    ip: &Ipv6Header,
+    headers: &mut Vec<u8>,
+) -> Result<Tso, OffloadError> {
+    let mss = h.gso_size as usize;
+    if mss == 0 {
+        return Err(OffloadError::ZeroGsoSize);
+    }
+    if ip.next_header != PROTO_TCP {
+        return Err(OffloadError::BadTcp);
+    }
+    let iphl = IPV6_HEADER;
+    let off = *pkt.get(iphl + 12).ok_or(OffloadError::BadTcp)?;
+    let tcphl = ((off >> 4) as usize) * 4;
+    if tcphl < 20 || iphl + tcphl > ip.total_len {
+        return Err(OffloadError::BadTcp);
+    }
+    let hdr_len = iphl + tcphl;
+    let payload_len = ip.total_len - hdr_len;
+    let count = payload_len.div_ceil(mss).max(1);
+    let tso = Tso {
+        hdr_len,
+        mss,
+        count,
+        payload_start: hdr_len,
+        payload_end: ip.total_len,
+    };
+    headers.clear();
+    headers.resize(count * hdr_len, 0);
+    let seq0 = u32::from_be_bytes([pkt[iphl + 4], pkt[iphl + 5], pkt[iphl + 6], pkt[iphl + 7]]);
+    let flags0 = pkt[iphl + 13];
+    // Source and destination: the address half of the IPv6 pseudo-header, the same per segment.
+    let addrs = csum::sum(&pkt[8..40]);
+    for i in 0..count {
+        let chunk = &pkt[tso.payload(i)];
+        let out = &mut headers[i * hdr_len..(i + 1) * hdr_len];
+        out.copy_from_slice(&pkt[..hdr_len]);
+        let (iph, tcph) = out.split_at_mut(iphl);
+        let seg_len = (tcphl + chunk.len()) as u16;
+        iph[4..6].copy_from_slice(&seg_len.to_be_bytes());
+        tcph[4..8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
+        let mut flags = flags0;
+        if i + 1 != count {
+            flags &= !(TCP_FIN | TCP_PSH);
+        }
+        if i != 0 {
+            flags &= !TCP_CWR;
+        }
+        tcph[13] = flags;
+        tcph[16] = 0;
+        tcph[17] = 0;
+        let s = addrs + seg_len as u32 + PROTO_TCP as u32 + csum::sum(tcph) + csum::sum(chunk);
+        tcph[16..18].copy_from_slice(&csum::finish(s).to_be_bytes());
+    }
+    Ok(tso)
+}
+
 fn complete_checksum(h: &VnetHdr, pkt: &mut [u8]) -> Result<(), OffloadError> {
     let start = h.csum_start as usize;
     let at = start + h.csum_offset as usize;
@@ -255,9 +343,10 @@ pub struct Span {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlowKey {
-    src: [u8; 4],
-    dst: [u8; 4],
+    /// Source then destination address (IPv4: the first 8 bytes).
+    addrs: [u8; 32],
     ports: [u8; 4],
+    v6: bool,
 }
 
 /// One write to the TUN device: `head` (virtio-net header, and for TCP the IP and TCP headers)
@@ -325,26 +414,59 @@ impl Coalescer {
         let Some((tcphl, flags)) = mergeable(pkt, hdr) else {
             return self.push_single(span);
         };
-        self.finished = false;
-        let hl = hdr.header_len + tcphl;
-        let payload = pkt.len() - hl;
+        let mut addrs = [0u8; 32];
+        addrs[..8].copy_from_slice(&pkt[12..20]);
         let key = FlowKey {
-            src: pkt[12..16].try_into().expect("4 bytes"),
-            dst: pkt[16..20].try_into().expect("4 bytes"),
+            addrs,
             ports: pkt[20..24].try_into().expect("4 bytes"),
+            v6: false,
         };
-        let seq = u32::from_be_bytes(pkt[24..28].try_into().expect("4 bytes"));
+        self.merge(pkt, hdr.header_len, tcphl, flags, key, span);
+    }
+
+    /// [`push`](Self::push) for a validated IPv6 packet: TCP right after the IPv6 header merges
+    /// as TCPv4 does (the item is written as a TCPv6 super-packet), anything else goes alone.
+    pub fn push6(&mut self, pkt: &[u8], hdr: &Ipv6Header, span: Span) {
+        let Some((tcphl, flags)) = mergeable6(pkt, hdr) else {
+            return self.push_single(span);
+        };
+        let key = FlowKey {
+            addrs: pkt[8..40].try_into().expect("32 bytes"),
+            ports: pkt[40..44].try_into().expect("4 bytes"),
+            v6: true,
+        };
+        self.merge(pkt, IPV6_HEADER, tcphl, flags, key, span);
+    }
+
+    fn merge(
+        &mut self,
+        pkt: &[u8],
+        iphl: usize,
+        tcphl: usize,
+        flags: u8,
+        key: FlowKey,
+        span: Span,
+    ) {
+        self.finished = false;
+        let hl = iphl + tcphl;
+        let payload = pkt.len() - hl;
+        let seq = u32::from_be_bytes(pkt[iphl + 4..iphl + 8].try_into().expect("4 bytes"));
         let newest = self.items[..self.used]
             .iter_mut()
             .rev()
             .find(|it| it.flow == Some(key));
         if let Some(it) = newest {
+            let same = if key.v6 {
+                same_headers6(&it.head[VNET_HDR_LEN..], &pkt[..hl])
+            } else {
+                same_headers(&it.head[VNET_HDR_LEN..], &pkt[..hl])
+            };
             if !it.closed
                 && it.next_seq == seq
                 && payload <= it.gso_size
                 && it.count < MAX_MERGE
                 && hl + it.payload + payload <= MAX_PACKET
-                && same_headers(&it.head[VNET_HDR_LEN..], &pkt[..hl])
+                && same
             {
                 it.parts.push(Span {
                     start: span.start + hl,
@@ -380,8 +502,10 @@ impl Coalescer {
     pub fn items(&mut self) -> &[GroItem] {
         if !self.finished {
             for it in &mut self.items[..self.used] {
-                if it.flow.is_some() && it.count > 1 {
-                    finish_merged(it);
+                match it.flow {
+                    Some(f) if it.count > 1 && f.v6 => finish_merged6(it),
+                    Some(_) if it.count > 1 => finish_merged(it),
+                    _ => {}
                 }
             }
             self.finished = true;
@@ -408,6 +532,63 @@ fn mergeable(pkt: &[u8], hdr: &Ipv4Header) -> Option<(usize, u8)> {
         && flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_ECE | TCP_CWR) == 0
         && payload > 0;
     ok.then_some((tcphl, flags))
+}
+
+/// [`mergeable`] for IPv6: TCP directly after the fixed header (no extension headers).
+fn mergeable6(pkt: &[u8], hdr: &Ipv6Header) -> Option<(usize, u8)> {
+    if hdr.next_header != PROTO_TCP || hdr.total_len != pkt.len() {
+        return None;
+    }
+    let off = *pkt.get(IPV6_HEADER + 12)?;
+    let tcphl = ((off >> 4) as usize) * 4;
+    if tcphl < 20 || IPV6_HEADER + tcphl > pkt.len() {
+        return None;
+    }
+    let flags = pkt[IPV6_HEADER + 13];
+    let payload = pkt.len() - IPV6_HEADER - tcphl;
+    let ok = flags & TCP_ACK != 0
+        && flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_ECE | TCP_CWR) == 0
+        && payload > 0;
+    ok.then_some((tcphl, flags))
+}
+
+/// [`same_headers`] for IPv6: version, traffic class and flow label, next header, hop limit,
+/// addresses; the same TCP fields.
+fn same_headers6(first: &[u8], pkt: &[u8]) -> bool {
+    if first.len() != pkt.len() {
+        return false;
+    }
+    let t0 = &first[IPV6_HEADER..];
+    let t1 = &pkt[IPV6_HEADER..];
+    first[0..4] == pkt[0..4]
+        && first[6..40] == pkt[6..40]
+        && t0[0..4] == t1[0..4]
+        && t0[8..13] == t1[8..13]
+        && (t0[13] & !TCP_PSH) == (t1[13] & !TCP_PSH)
+        && t0[14..16] == t1[14..16]
+        && t0[20..] == t1[20..]
+}
+
+fn finish_merged6(it: &mut GroItem) {
+    let hl = it.head.len() - VNET_HDR_LEN;
+    let tcp_len = hl - IPV6_HEADER + it.payload;
+    let vnet = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV6,
+        hdr_len: hl as u16,
+        gso_size: it.gso_size as u16,
+        csum_start: IPV6_HEADER as u16,
+        csum_offset: 16,
+    };
+    it.head[..VNET_HDR_LEN].copy_from_slice(&vnet.encode());
+    let h = &mut it.head[VNET_HDR_LEN..];
+    h[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+    if it.push {
+        h[IPV6_HEADER + 13] |= TCP_PSH;
+    }
+    // CHECKSUM_PARTIAL, as for IPv4: the folded IPv6 pseudo-header sum.
+    let partial = csum::fold(csum::sum(&h[8..40]) + tcp_len as u32 + PROTO_TCP as u32);
+    h[IPV6_HEADER + 16..IPV6_HEADER + 18].copy_from_slice(&partial.to_be_bytes());
 }
 
 /// Whether `pkt`'s headers match the item's first ones in everything GRO must preserve: IP
@@ -464,6 +645,227 @@ pub fn flatten(item: &GroItem, bufs: &[&[u8]]) -> Vec<u8> {
         v.extend_from_slice(&bufs[p.buf][p.start..p.end]);
     }
     v
+}
+
+#[cfg(test)]
+mod tests6 {
+    use super::super::packet::tests::ipv6;
+    use super::super::packet::PROTO_UDP;
+    use super::*;
+
+    /// A UDP-in-IPv6 packet whose checksum field holds only the pseudo-header sum, as the kernel
+    /// hands it over with `NEEDS_CSUM`.
+    fn partial() -> (VnetHdr, Vec<u8>) {
+        let payload = [0x12, 0x34, 0x00, 0x35, 0x00, 0x0c, 0, 0, 1, 2, 3, 4];
+        let mut p = ipv6("fd00:10:244:1::5", "fd00:10:244:2::9", PROTO_UDP, &payload);
+        let ph = csum::sum(&p[8..40]) + payload.len() as u32 + PROTO_UDP as u32;
+        p[46..48].copy_from_slice(&csum::fold(ph).to_be_bytes());
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 40,
+            csum_offset: 6,
+            ..Default::default()
+        };
+        (h, p)
+    }
+
+    #[test]
+    fn ipv6_partial_checksum_is_completed() {
+        let (h, mut p) = partial();
+        let (tx, hdr) = prepare_tx6(&h, &mut p, &mut Vec::new()).unwrap();
+        assert_eq!(tx, TxPacket::Single { len: p.len() });
+        assert_eq!(hdr.total_len, p.len());
+        // Verifying: pseudo-header plus the whole UDP part sums to 0xffff.
+        let s =
+            csum::sum(&p[8..40]) + (p.len() - 40) as u32 + PROTO_UDP as u32 + csum::sum(&p[40..]);
+        assert_eq!(csum::finish(s), 0);
+    }
+
+    /// A TCPv6 super-packet: 20-byte TCP header (seq 1000, flags PSH|ACK|FIN), `len` bytes.
+    fn tcp6(len: usize) -> Vec<u8> {
+        let mut tcp = vec![0u8; 20 + len];
+        tcp[0..2].copy_from_slice(&4000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = TCP_PSH | TCP_ACK | TCP_FIN;
+        for (i, b) in tcp[20..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        ipv6("fd00:10:244:1::5", "fd00:10:244:2::9", PROTO_TCP, &tcp)
+    }
+
+    fn gso6(mss: u16) -> VnetHdr {
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6,
+            hdr_len: 60,
+            gso_size: mss,
+            csum_start: 40,
+            csum_offset: 16,
+        }
+    }
+
+    #[test]
+    fn tcpv6_super_packets_are_cut_into_valid_segments() {
+        let mut p = tcp6(3001);
+        let orig = p.clone();
+        let mut headers = Vec::new();
+        let (tx, _) = prepare_tx6(&gso6(1000), &mut p, &mut headers).unwrap();
+        let TxPacket::Tso(tso) = tx else {
+            panic!("{tx:?}")
+        };
+        assert_eq!((tso.count, tso.hdr_len, tso.mss), (4, 60, 1000));
+        let mut payload = Vec::new();
+        for i in 0..tso.count {
+            let mut seg = headers[i * 60..(i + 1) * 60].to_vec();
+            seg.extend_from_slice(&p[tso.payload(i)]);
+            let h = parse_ipv6(&seg).unwrap();
+            assert_eq!(h.total_len, seg.len(), "segment {i}'s payload length");
+            let tcp = &seg[40..];
+            let seq = u32::from_be_bytes(tcp[4..8].try_into().unwrap());
+            assert_eq!(seq, 1000 + 1000 * i as u32);
+            let last = i + 1 == tso.count;
+            assert_eq!(
+                tcp[13] & (TCP_FIN | TCP_PSH) != 0,
+                last,
+                "segment {i}'s flags"
+            );
+            let s = csum::sum(&seg[8..40]) + tcp.len() as u32 + PROTO_TCP as u32 + csum::sum(tcp);
+            assert_eq!(csum::finish(s), 0, "segment {i}'s TCP checksum");
+            payload.extend_from_slice(&tcp[20..]);
+        }
+        assert_eq!(
+            payload,
+            orig[60..],
+            "the segments carry the payload in order"
+        );
+    }
+
+    /// The receive side: consecutive TCPv6 segments of one flow merge into one TCPv6
+    /// super-packet whose payload is theirs in order and whose partial checksum, completed as
+    /// the kernel would, is valid; a SYN, UDP and a gap in sequence are written alone.
+    #[test]
+    fn tcpv6_segments_coalesce_into_a_valid_super_packet() {
+        let mut p = tcp6(3000);
+        // Segments as the sender cuts them (PSH|FIN only on the last: clear FIN for merging).
+        p[40 + 13] = TCP_ACK | TCP_PSH;
+        let mut headers = Vec::new();
+        let (TxPacket::Tso(tso), _) = prepare_tx6(&gso6(1000), &mut p, &mut headers).unwrap()
+        else {
+            panic!("not segmented")
+        };
+        let mut buf = Vec::new();
+        let mut spans = Vec::new();
+        for i in 0..tso.count {
+            let start = buf.len();
+            buf.extend_from_slice(&headers[i * 60..(i + 1) * 60]);
+            buf.extend_from_slice(&p[tso.payload(i)]);
+            spans.push((start, buf.len()));
+        }
+        let (_, udp) = partial();
+        let ustart = buf.len();
+        buf.extend_from_slice(&udp);
+        let mut c = Coalescer::new();
+        for (s, e) in &spans {
+            let h = parse_ipv6(&buf[*s..*e]).unwrap();
+            c.push6(
+                &buf[*s..*e],
+                &h,
+                Span {
+                    buf: 0,
+                    start: *s,
+                    end: *e,
+                },
+            );
+        }
+        let uh = parse_ipv6(&buf[ustart..]).unwrap();
+        c.push6(
+            &buf[ustart..],
+            &uh,
+            Span {
+                buf: 0,
+                start: ustart,
+                end: buf.len(),
+            },
+        );
+        let items = c.items().to_vec();
+        assert_eq!(items.len(), 2, "one merged TCP item, the UDP packet alone");
+        assert_eq!(items[0].segments(), 3);
+        let merged = flatten(&items[0], &[&buf]);
+        let vh = VnetHdr::parse(&merged).unwrap();
+        assert_eq!(
+            (vh.gso_type, vh.gso_size, vh.csum_start),
+            (GSO_TCPV6, 1000, 40)
+        );
+        let mut pkt = merged[VNET_HDR_LEN..].to_vec();
+        assert_eq!(parse_ipv6(&pkt).unwrap().total_len, pkt.len());
+        assert_eq!(&pkt[60..], &p[60..], "payload in order");
+        assert_ne!(pkt[40 + 13] & TCP_PSH, 0, "the last segment's PSH is kept");
+        // Completing the partial checksum gives a valid TCP checksum over the whole packet.
+        complete_checksum(&vh, &mut pkt).unwrap();
+        let s = csum::sum(&pkt[8..40])
+            + (pkt.len() - 40) as u32
+            + PROTO_TCP as u32
+            + csum::sum(&pkt[40..]);
+        assert_eq!(csum::finish(s), 0);
+        assert_eq!(flatten(&items[1], &[&buf])[VNET_HDR_LEN..], udp[..]);
+        // A gap in sequence starts a new item.
+        c.clear();
+        for (s, e) in [spans[0], spans[2]] {
+            let h = parse_ipv6(&buf[s..e]).unwrap();
+            c.push6(
+                &buf[s..e],
+                &h,
+                Span {
+                    buf: 0,
+                    start: s,
+                    end: e,
+                },
+            );
+        }
+        assert_eq!(c.items().len(), 2);
+    }
+
+    #[test]
+    fn ipv6_bad_super_packets_and_offsets_are_refused() {
+        let mut headers = Vec::new();
+        // Not TCP (UDP claiming TCPv6 GSO), GSO size 0, a TCP header length past the packet,
+        // a GSO type never asked for.
+        let (_, mut p) = partial();
+        assert_eq!(
+            prepare_tx6(&gso6(1000), &mut p, &mut headers),
+            Err(OffloadError::BadTcp)
+        );
+        let mut p = tcp6(100);
+        assert_eq!(
+            prepare_tx6(&gso6(0), &mut p, &mut headers),
+            Err(OffloadError::ZeroGsoSize)
+        );
+        let mut p = tcp6(10);
+        p[40 + 12] = 15 << 4;
+        assert_eq!(
+            prepare_tx6(&gso6(1000), &mut p, &mut headers),
+            Err(OffloadError::BadTcp)
+        );
+        let mut h = gso6(1000);
+        h.gso_type = 5;
+        assert_eq!(
+            prepare_tx6(&h, &mut tcp6(100), &mut headers),
+            Err(OffloadError::UnsupportedGso(5))
+        );
+        let (mut h, mut p) = partial();
+        h.csum_offset = 200;
+        assert!(matches!(
+            prepare_tx6(&h, &mut p, &mut headers),
+            Err(OffloadError::BadChecksumOffsets { .. })
+        ));
+        let (h, mut p) = partial();
+        assert!(matches!(
+            prepare_tx6(&h, &mut p[..30], &mut headers),
+            Err(OffloadError::Packet(PacketError::Truncated { .. }))
+        ));
+    }
 }
 
 #[cfg(test)]
