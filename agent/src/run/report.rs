@@ -7,16 +7,17 @@ use super::deps::Clock;
 use crate::backend::udp::io::Stats as UdpStats;
 use crate::backend::{ReconcileStats, Remote};
 use crate::registry::RegistryError;
-use crate::state::{AgentState, EventKind, LeaseEventView, LeaseView, PeerView};
+use crate::state::{AgentState, EventKind, Keyed, LeaseEventView, LeaseView, PeerView};
 use crate::subnet::{OwnLease, SubnetError};
 use crate::watch::{Applied, Lease, LeaseChange, LeaseTable};
 use ipnetwork::Ipv4Network;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 use tweed_config::NetworkConfig;
+use tweed_config::SubnetKey;
 
 /// Cheap to clone; clones report into the same state.
 #[derive(Clone)]
@@ -26,6 +27,18 @@ pub(super) struct Report {
     /// What was warned about already, so a bad lease or an unreachable peer is logged once
     /// rather than on every resync.
     warned: Arc<Mutex<HashSet<String>>>,
+    /// What the kept views were made of, to update them by key (see [`Report::leases`] and
+    /// [`Report::programmed`]).
+    views: Arc<Mutex<ViewInputs>>,
+}
+
+/// Inputs of the kept lease and peer views that the views themselves hold only as strings.
+#[derive(Default)]
+struct ViewInputs {
+    /// The own subnet the lease views were marked with; `None` before the first full build.
+    lease_own: Option<Ipv4Network>,
+    /// Each peer view's public IP, compared without formatting it.
+    peer_ips: HashMap<Ipv4Network, Ipv4Addr>,
 }
 
 impl Report {
@@ -34,6 +47,7 @@ impl Report {
             state,
             clock,
             warned: Arc::default(),
+            views: Arc::default(),
         }
     }
 
@@ -252,13 +266,22 @@ impl Report {
         }
     }
 
-    /// Every lease the table holds, ours marked.
-    pub(super) fn leases(&self, table: &LeaseTable, own: Ipv4Network) {
-        let leases = table
-            .leases()
-            .map(|l| lease_view(l, l.key.ipv4 == own))
-            .collect();
-        self.state.update(|s| s.leases = leases);
+    /// Every lease the table holds, ours marked. With `changes` (what the table just applied),
+    /// only their keys are rewritten; without them, or when our subnet changed since the last
+    /// call, every view is built again (a resync, a move).
+    pub(super) fn leases(
+        &self,
+        table: &LeaseTable,
+        own: Ipv4Network,
+        changes: Option<&[LeaseChange]>,
+    ) {
+        let mut inputs = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        let changes = changes.filter(|_| inputs.lease_own == Some(own));
+        inputs.lease_own = Some(own);
+        self.state.update(|s| match changes {
+            None => s.leases = full_lease_views(table, own),
+            Some(changes) => update_lease_views(s.leases.make_mut(), changes, own),
+        });
     }
 
     /// How long it took from receiving lease events to a programmed data plane.
@@ -283,30 +306,13 @@ impl Report {
         m.peers.reset();
         let programmed = remotes.len() - stats.skipped.len();
         m.peers.with_label_values(&[backend]).set(programmed as i64);
-        let failed: HashSet<Ipv4Network> = stats.failures.iter().filter_map(|f| f.subnet).collect();
-        let peers: Vec<PeerView> = remotes
-            .iter()
-            .map(|r| {
-                let skip = stats.skipped.iter().find(|s| s.subnet == r.subnet);
-                let error = skip.map(|s| s.reason.clone()).or_else(|| {
-                    failed
-                        .contains(&r.subnet)
-                        .then(|| "netlink programming failed (see log)".to_string())
-                });
-                PeerView {
-                    subnet: r.subnet.to_string(),
-                    public_ip: r.attrs.public_ip.to_string(),
-                    backend: r.attrs.effective_backend_type().to_string(),
-                    programmed: error.is_none(),
-                    error,
-                }
-            })
-            .collect();
         let clean = stats.is_clean();
+        let mut inputs = self.views.lock().unwrap_or_else(|p| p.into_inner());
         self.state.update(|s| {
-            s.peers = peers;
+            update_peer_views(s.peers.make_mut(), &mut inputs.peer_ips, remotes, stats);
             s.backend_programmed = clean;
         });
+        drop(inputs);
         for s in &stats.skipped {
             if self.first_time(format!("{}|{}|{}", s.subnet, s.public_ip, s.reason)) {
                 warn!(subnet = %s.subnet, peer = %s.public_ip, "{s}");
@@ -486,6 +492,90 @@ impl Report {
     }
 }
 
+/// Every lease's view, built from scratch.
+fn full_lease_views(table: &LeaseTable, own: Ipv4Network) -> Keyed<SubnetKey, LeaseView> {
+    table
+        .leases()
+        .map(|l| (l.key, lease_view(l, l.key.ipv4 == own)))
+        .collect()
+}
+
+/// Rewrites the views of the keys `changes` touched, in the order the table applied them.
+fn update_lease_views(
+    views: &mut BTreeMap<SubnetKey, LeaseView>,
+    changes: &[LeaseChange],
+    own: Ipv4Network,
+) {
+    for c in changes {
+        match c {
+            LeaseChange::Added(l) => {
+                views.insert(l.key, lease_view(l, l.key.ipv4 == own));
+            }
+            LeaseChange::Updated { old, new } => {
+                views.remove(&old.key);
+                views.insert(new.key, lease_view(new, new.key.ipv4 == own));
+            }
+            LeaseChange::Removed(l) => {
+                views.remove(&l.key);
+            }
+        }
+    }
+}
+
+/// Makes `views` one per remote, as [`peer_view`] describes it, touching only entries whose
+/// public IP, backend type or error changed and those of remotes gone. `ips` holds each view's
+/// public IP, so an unchanged peer costs a lookup and no formatting.
+fn update_peer_views(
+    views: &mut BTreeMap<Ipv4Network, PeerView>,
+    ips: &mut HashMap<Ipv4Network, Ipv4Addr>,
+    remotes: &[Remote<'_>],
+    stats: &ReconcileStats,
+) {
+    let failed: HashSet<Ipv4Network> = stats.failures.iter().filter_map(|f| f.subnet).collect();
+    for r in remotes {
+        let error = peer_error(r, stats, &failed);
+        let same = ips.get(&r.subnet) == Some(&r.attrs.public_ip)
+            && views
+                .get(&r.subnet)
+                .is_some_and(|v| v.error == error && v.backend == r.attrs.effective_backend_type());
+        if !same {
+            views.insert(r.subnet, peer_view(r, error));
+            ips.insert(r.subnet, r.attrs.public_ip);
+        }
+    }
+    // Remotes have distinct subnets (the table lets no two leases overlap), so any extra view
+    // is of a remote gone.
+    if views.len() != remotes.len() || ips.len() != remotes.len() {
+        let now: HashSet<Ipv4Network> = remotes.iter().map(|r| r.subnet).collect();
+        views.retain(|k, _| now.contains(k));
+        ips.retain(|k, _| now.contains(k));
+    }
+}
+
+/// Why a remote is not programmed: the backend skipped it, or its netlink ops failed.
+fn peer_error(
+    r: &Remote<'_>,
+    stats: &ReconcileStats,
+    failed: &HashSet<Ipv4Network>,
+) -> Option<String> {
+    let skip = stats.skipped.iter().find(|s| s.subnet == r.subnet);
+    skip.map(|s| s.reason.clone()).or_else(|| {
+        failed
+            .contains(&r.subnet)
+            .then(|| "netlink programming failed (see log)".to_string())
+    })
+}
+
+fn peer_view(r: &Remote<'_>, error: Option<String>) -> PeerView {
+    PeerView {
+        subnet: r.subnet.to_string(),
+        public_ip: r.attrs.public_ip.to_string(),
+        backend: r.attrs.effective_backend_type().to_string(),
+        programmed: error.is_none(),
+        error,
+    }
+}
+
 fn lease_view(l: &Lease, own: bool) -> LeaseView {
     LeaseView {
         subnet: l.key.ipv4.to_string(),
@@ -499,5 +589,175 @@ fn lease_view(l: &Lease, own: bool) -> LeaseView {
             .unwrap_or_default(),
         lease_id: l.lease_id,
         own,
+    }
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use crate::backend::{PeerFailure, PeerSkip};
+    use crate::netlink::{NetlinkError, Op};
+    use crate::registry::{RawLease, WatchEvent};
+    use tweed_config::LeaseAttrs;
+
+    const P: &str = "/coreos.com/network";
+
+    /// A small deterministic generator (xorshift64*): reproducible sequences without a crate.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+    }
+
+    fn report() -> Report {
+        Report::new(AgentState::new(), Clock::System)
+    }
+
+    /// One random etcd event on 8 subnets: an IPv4 or dual-stack key (so renames happen), a
+    /// vxlan or host-gw value from one of 4 nodes, a lease id of 0 or 7, or a delete.
+    fn event(rng: &mut Rng, rev: i64) -> WatchEvent {
+        let i = rng.below(8);
+        let key = if rng.below(2) == 0 {
+            format!("{P}/subnets/10.244.{i}.0-24")
+        } else {
+            format!("{P}/subnets/10.244.{i}.0-24&fd00:10:244:{i}::-64")
+        };
+        if rng.below(4) == 0 {
+            return WatchEvent::Delete { key, revision: rev };
+        }
+        let n = rng.below(4);
+        let value = if rng.below(3) == 0 {
+            format!(r#"{{"PublicIP":"198.18.0.{n}","BackendType":"host-gw"}}"#)
+        } else {
+            format!(
+                r#"{{"PublicIP":"198.18.0.{n}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:0{n}"}}}}"#
+            )
+        };
+        WatchEvent::Put(RawLease {
+            key,
+            value: value.into_bytes(),
+            lease_id: [0, 7][rng.below(2) as usize],
+            mod_revision: rev,
+            create_revision: rev,
+        })
+    }
+
+    #[test]
+    fn lease_views_updated_by_key_equal_a_full_rebuild_after_every_batch() {
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut table = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24)
+                .with_ipv6_subnet_len(Some(64));
+            let r = report();
+            let mut own: Ipv4Network = "10.244.0.0/24".parse().unwrap();
+            let mut incremental_steps = 0;
+            for step in 0..60i64 {
+                let batch: Vec<WatchEvent> = (0..1 + rng.below(3))
+                    .map(|k| event(&mut rng, step * 4 + k as i64 + 1))
+                    .collect();
+                let applied = table.apply(&batch);
+                // Now and then our own subnet moves: the next call must rebuild, not patch.
+                if rng.below(10) == 0 {
+                    own = format!("10.244.{}.0/24", rng.below(8)).parse().unwrap();
+                }
+                let before = r.views.lock().unwrap().lease_own;
+                r.leases(&table, own, Some(&applied.changes));
+                if before == Some(own) {
+                    incremental_steps += 1;
+                }
+                let got = r.state.snapshot().leases;
+                let want = full_lease_views(&table, own);
+                assert_eq!(got, want, "seed {seed} step {step}: {batch:?}");
+            }
+            assert!(incremental_steps > 30, "seed {seed}: {incremental_steps}");
+        }
+    }
+
+    #[test]
+    fn a_held_snapshot_is_not_changed_by_a_later_update() {
+        let mut table = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24);
+        let r = report();
+        let own: Ipv4Network = "10.244.0.0/24".parse().unwrap();
+        let put = |i: u8| {
+            WatchEvent::Put(RawLease {
+                key: format!("{P}/subnets/10.244.{i}.0-24"),
+                value: br#"{"PublicIP":"198.18.0.1","BackendType":"host-gw"}"#.to_vec(),
+                lease_id: 0,
+                mod_revision: i as i64,
+                create_revision: i as i64,
+            })
+        };
+        let a = table.apply(&[put(1)]);
+        r.leases(&table, own, None);
+        let held = r.state.snapshot();
+        let a2 = table.apply(&[put(2)]);
+        assert_eq!(a.changes.len() + a2.changes.len(), 2);
+        r.leases(&table, own, Some(&a2.changes));
+        assert_eq!(held.leases.len(), 1, "the API's copy stays as it was read");
+        assert_eq!(r.state.snapshot().leases.len(), 2);
+    }
+
+    #[test]
+    fn peer_views_updated_in_place_equal_a_full_rebuild_after_every_reconcile() {
+        let attrs: Vec<LeaseAttrs> = (0..12u8)
+            .map(|n| {
+                let v = if n % 3 == 0 {
+                    format!(r#"{{"PublicIP":"198.18.0.{}","BackendType":"host-gw"}}"#, n % 4)
+                } else {
+                    format!(
+                        r#"{{"PublicIP":"198.18.0.{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:01"}}}}"#,
+                        n % 4
+                    )
+                };
+                LeaseAttrs::parse(v.as_bytes()).unwrap()
+            })
+            .collect();
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            let r = report();
+            for step in 0..60 {
+                // A random set of subnets, each with one of the 12 values.
+                let mut remotes: Vec<Remote<'_>> = Vec::new();
+                for i in 0..8u8 {
+                    if rng.below(4) != 0 {
+                        remotes.push(Remote {
+                            subnet: format!("10.244.{i}.0/24").parse().unwrap(),
+                            subnet_v6: None,
+                            attrs: &attrs[rng.below(12) as usize],
+                        });
+                    }
+                }
+                let mut stats = ReconcileStats::default();
+                for r in &remotes {
+                    match rng.below(6) {
+                        0 => stats.skipped.push(PeerSkip {
+                            subnet: r.subnet,
+                            public_ip: r.attrs.public_ip,
+                            reason: format!("reason {}", rng.below(2)),
+                        }),
+                        1 => stats.failures.push(PeerFailure {
+                            subnet: Some(r.subnet),
+                            op: Op::RouteDel(crate::backend::overlay_route(r.subnet, 9)),
+                            error: NetlinkError::Closed {
+                                what: "test".into(),
+                            },
+                        }),
+                        _ => {}
+                    }
+                }
+                r.programmed("vxlan", &remotes, &stats, Instant::now());
+                let failed = stats.failures.iter().filter_map(|f| f.subnet).collect();
+                let want: Keyed<Ipv4Network, PeerView> = remotes
+                    .iter()
+                    .map(|x| (x.subnet, peer_view(x, peer_error(x, &stats, &failed))))
+                    .collect();
+                assert_eq!(r.state.snapshot().peers, want, "seed {seed} step {step}");
+            }
+        }
     }
 }
