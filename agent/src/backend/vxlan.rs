@@ -1636,3 +1636,56 @@ mod in_place_tests {
         assert!(got.is_ordered());
     }
 }
+
+/// What keeping the view in place saves per lease event at 10,000 peers, side by side in one run
+/// (printed, never asserted): `cargo test --release -p tweed-agent --lib -- --ignored
+/// view_update_per_event_at_10000_peers --nocapture`.
+#[cfg(test)]
+mod in_place_cost {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "timing figures for docs/performance.md, not a check"]
+    fn view_update_per_event_at_10000_peers() {
+        const DEV: u32 = 9;
+        let own = "10.244.0.0/24".parse().unwrap();
+        let local = "198.18.0.1".parse().unwrap();
+        let peer = |i: u32| VxlanPeer {
+            subnet: Ipv4Network::new(
+                Ipv4Addr::new(10, 1 + (i / 256) as u8, (i % 256) as u8, 0),
+                24,
+            )
+            .unwrap(),
+            public_ip: Ipv4Addr::new(198, 19, (i / 256) as u8, (i % 256) as u8),
+            vtep_mac: MacAddr([2, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+        };
+        let mut peers: Vec<VxlanPeer> = (0..10_000).map(peer).collect();
+        let empty = ObservedState::empty(DEV, local, own);
+        let mut view = empty.after(&plan(&empty, &peers));
+        let (mut rebuilt, mut in_place, mut planned) = (0u128, 0u128, 0u128);
+        let rounds = 50u32;
+        for k in 0..rounds {
+            peers.push(peer(20_000 + k));
+            let t = Instant::now();
+            let ops = plan(&view, &peers);
+            planned += t.elapsed().as_nanos();
+            assert_eq!(ops.len(), 3);
+            let t = Instant::now();
+            let want = view.after(&ops);
+            rebuilt += t.elapsed().as_nanos();
+            let t = Instant::now();
+            view = view.into_after(&ops);
+            in_place += t.elapsed().as_nanos();
+            assert_eq!(view, want);
+        }
+        let ms = |ns: u128| ns as f64 / f64::from(rounds) / 1e6;
+        println!(
+            "10,000 vxlan peers, one added per event, mean of {rounds}: plan {:.3} ms; view rebuilt through Tables {:.3} ms, updated in place {:.3} ms ({:.1}x)",
+            ms(planned),
+            ms(rebuilt),
+            ms(in_place),
+            rebuilt as f64 / in_place as f64
+        );
+    }
+}

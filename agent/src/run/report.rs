@@ -11,7 +11,7 @@ use crate::state::{AgentState, EventKind, Keyed, LeaseEventView, LeaseView, Peer
 use crate::subnet::{OwnLease, SubnetError};
 use crate::watch::{Applied, Lease, LeaseChange, LeaseTable};
 use ipnetwork::Ipv4Network;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,8 +37,8 @@ pub(super) struct Report {
 struct ViewInputs {
     /// The own subnet the lease views were marked with; `None` before the first full build.
     lease_own: Option<Ipv4Network>,
-    /// Each peer view's public IP, compared without formatting it.
-    peer_ips: HashMap<Ipv4Network, Ipv4Addr>,
+    /// Each peer view's public IP, compared without formatting it; in the views' order.
+    peer_ips: Vec<(Ipv4Network, Ipv4Addr)>,
 }
 
 impl Report {
@@ -522,34 +522,51 @@ fn update_lease_views(
     }
 }
 
-/// Makes `views` one per remote, as [`peer_view`] describes it, touching only entries whose
-/// public IP, backend type or error changed and those of remotes gone. `ips` holds each view's
-/// public IP, so an unchanged peer costs a lookup and no formatting.
+/// Makes `views` one per remote, as [`peer_view`] describes it, keeping the view (no string
+/// formatting) of every peer whose public IP, backend type and error are unchanged. `ips` holds
+/// each view's public IP, in the same (subnet) order as `views`. One ordered walk: the remotes
+/// come in the lease table's order, which is the subnets' order; other orders are sorted first.
 fn update_peer_views(
     views: &mut BTreeMap<Ipv4Network, PeerView>,
-    ips: &mut HashMap<Ipv4Network, Ipv4Addr>,
+    ips: &mut Vec<(Ipv4Network, Ipv4Addr)>,
     remotes: &[Remote<'_>],
     stats: &ReconcileStats,
 ) {
     let failed: HashSet<Ipv4Network> = stats.failures.iter().filter_map(|f| f.subnet).collect();
-    for r in remotes {
+    let mut sorted: Vec<&Remote<'_>> = remotes.iter().collect();
+    if !sorted.windows(2).all(|w| w[0].subnet < w[1].subnet) {
+        // Stable, then the last of equal subnets wins, as inserting them in turn would do.
+        sorted.sort_by_key(|r| r.subnet);
+        sorted.reverse();
+        sorted.dedup_by_key(|r| r.subnet);
+        sorted.reverse();
+    }
+    let mut old = std::mem::take(views)
+        .into_iter()
+        .zip(std::mem::take(ips))
+        .peekable();
+    let mut new_views = Vec::with_capacity(sorted.len());
+    let mut new_ips = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        // Views of remotes gone are dropped on the way.
+        while old.next_if(|((k, _), _)| *k < r.subnet).is_some() {}
         let error = peer_error(r, stats, &failed);
-        let same = ips.get(&r.subnet) == Some(&r.attrs.public_ip)
-            && views
-                .get(&r.subnet)
-                .is_some_and(|v| v.error == error && v.backend == r.attrs.effective_backend_type());
-        if !same {
-            views.insert(r.subnet, peer_view(r, error));
-            ips.insert(r.subnet, r.attrs.public_ip);
-        }
+        let view = match old.next_if(|((k, _), _)| *k == r.subnet) {
+            Some(((_, v), (_, ip)))
+                if ip == r.attrs.public_ip
+                    && v.error == error
+                    && v.backend == r.attrs.effective_backend_type() =>
+            {
+                v
+            }
+            _ => peer_view(r, error),
+        };
+        new_views.push((r.subnet, view));
+        new_ips.push((r.subnet, r.attrs.public_ip));
     }
-    // Remotes have distinct subnets (the table lets no two leases overlap), so any extra view
-    // is of a remote gone.
-    if views.len() != remotes.len() || ips.len() != remotes.len() {
-        let now: HashSet<Ipv4Network> = remotes.iter().map(|r| r.subnet).collect();
-        views.retain(|k, _| now.contains(k));
-        ips.retain(|k, _| now.contains(k));
-    }
+    // From sorted input: a linear build, no lookups.
+    *views = new_views.into_iter().collect();
+    *ips = new_ips;
 }
 
 /// Why a remote is not programmed: the backend skipped it, or its netlink ops failed.
@@ -732,6 +749,17 @@ mod view_tests {
                         });
                     }
                 }
+                // Other callers' orders, and a subnet given twice (the later one counts, as a
+                // map built from the list would have it).
+                if step % 3 == 0 {
+                    remotes.reverse();
+                }
+                if step % 5 == 0 && !remotes.is_empty() {
+                    remotes.push(Remote {
+                        attrs: &attrs[rng.below(12) as usize],
+                        ..remotes[0]
+                    });
+                }
                 let mut stats = ReconcileStats::default();
                 for r in &remotes {
                     match rng.below(6) {
@@ -759,5 +787,108 @@ mod view_tests {
                 assert_eq!(r.state.snapshot().peers, want, "seed {seed} step {step}");
             }
         }
+    }
+}
+
+/// What the kept views save per lease event at 10,000 peers, side by side in one run (timings
+/// are printed, never asserted): `cargo test --release -p tweed-agent --lib -- --ignored
+/// views_per_event_at_10000_peers --nocapture`.
+#[cfg(test)]
+mod view_cost {
+    use super::*;
+    use crate::registry::{RawLease, WatchEvent};
+    use std::time::Instant;
+    use tweed_config::LeaseAttrs;
+
+    const P: &str = "/coreos.com/network";
+
+    fn put(i: u32, rev: i64) -> WatchEvent {
+        let value = format!(
+            r#"{{"PublicIP":"198.19.{}.{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:{:02x}:{:02x}"}}}}"#,
+            i / 256,
+            i % 256,
+            i / 256,
+            i % 256
+        );
+        WatchEvent::Put(RawLease {
+            key: format!("{P}/subnets/10.{}.{}.0-24", 1 + i / 256, i % 256),
+            value: value.into_bytes(),
+            lease_id: 7,
+            mod_revision: rev,
+            create_revision: rev,
+        })
+    }
+
+    #[test]
+    #[ignore = "timing figures for docs/performance.md, not a check"]
+    fn views_per_event_at_10000_peers() {
+        let mut table = LeaseTable::new(P, "10.0.0.0/8".parse().unwrap(), 24);
+        let all: Vec<WatchEvent> = (0..10_000).map(|i| put(i, 1)).collect();
+        table.apply(&all);
+        let own: Ipv4Network = "10.244.0.0/24".parse().unwrap();
+        let r = report();
+        r.leases(&table, own, None);
+        let remotes = |t: &LeaseTable| -> Vec<(Ipv4Network, LeaseAttrs)> {
+            t.leases().map(|l| (l.key.ipv4, l.attrs.clone())).collect()
+        };
+        let stats = ReconcileStats::default();
+        let owned = remotes(&table);
+        let rs: Vec<Remote<'_>> = owned
+            .iter()
+            .map(|(s, a)| Remote {
+                subnet: *s,
+                subnet_v6: None,
+                attrs: a,
+            })
+            .collect();
+        r.programmed("vxlan", &rs, &stats, Instant::now());
+        let (mut full, mut kept, mut full_peers, mut kept_peers) = (0u128, 0u128, 0u128, 0u128);
+        let rounds = 50u32;
+        for k in 0..rounds {
+            // One lease added, as in bench/controlplane's latency phase.
+            let applied = table.apply(&[put(20_000 + k, 2 + k as i64)]);
+            let t = Instant::now();
+            let views = full_lease_views(&table, own);
+            full += t.elapsed().as_nanos();
+            let t = Instant::now();
+            r.leases(&table, own, Some(&applied.changes));
+            kept += t.elapsed().as_nanos();
+            assert_eq!(r.state.snapshot().leases, views);
+
+            let owned = remotes(&table);
+            let rs: Vec<Remote<'_>> = owned
+                .iter()
+                .map(|(s, a)| Remote {
+                    subnet: *s,
+                    subnet_v6: None,
+                    attrs: a,
+                })
+                .collect();
+            let t = Instant::now();
+            let failed = HashSet::new();
+            let want: Keyed<Ipv4Network, PeerView> = rs
+                .iter()
+                .map(|x| (x.subnet, peer_view(x, peer_error(x, &stats, &failed))))
+                .collect();
+            full_peers += t.elapsed().as_nanos();
+            let t = Instant::now();
+            r.programmed("vxlan", &rs, &stats, Instant::now());
+            kept_peers += t.elapsed().as_nanos();
+            assert_eq!(r.state.snapshot().peers, want);
+        }
+        let ms = |ns: u128| ns as f64 / f64::from(rounds) / 1e6;
+        println!(
+            "10,000 leases, one added per event, mean of {rounds}: lease views rebuilt {:.3} ms, kept by key {:.3} ms ({:.1}x); peer views rebuilt {:.3} ms, updated in place {:.3} ms ({:.1}x)",
+            ms(full),
+            ms(kept),
+            full as f64 / kept as f64,
+            ms(full_peers),
+            ms(kept_peers),
+            full_peers as f64 / kept_peers as f64
+        );
+    }
+
+    fn report() -> Report {
+        Report::new(AgentState::new(), Clock::System)
     }
 }
