@@ -192,7 +192,7 @@ impl Agent for Service {
             .map_or(0, |d| d.as_millis() as i64);
         let peers = snap
             .peers
-            .into_iter()
+            .iter()
             .map(|p| {
                 let wg = snap.wg_peers.iter().find(|w| w.subnet == p.subnet);
                 pb::Peer {
@@ -202,11 +202,11 @@ impl Agent for Service {
                         .map_or(-1, |t| now_ms.saturating_sub(t).max(0) / 1000),
                     tx_bytes: wg.map_or(0, |w| w.tx_bytes),
                     rx_bytes: wg.map_or(0, |w| w.rx_bytes),
-                    subnet: p.subnet,
-                    public_ip: p.public_ip,
-                    backend: p.backend,
+                    subnet: p.subnet.clone(),
+                    public_ip: p.public_ip.clone(),
+                    backend: p.backend.clone(),
                     programmed: p.programmed,
-                    error: p.error.unwrap_or_default(),
+                    error: p.error.clone().unwrap_or_default(),
                 }
             })
             .collect();

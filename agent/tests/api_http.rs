@@ -30,20 +30,30 @@ fn ready(state: &AgentState) {
         s.backend_programmed = true;
         s.watch_live = true;
         s.subnet_env_written = true;
-        s.leases = vec![LeaseView {
-            subnet: "10.244.3.0/24".into(),
-            public_ip: "198.18.0.1".into(),
-            backend_type: "vxlan".into(),
-            own: true,
-            ..Default::default()
-        }];
-        s.peers = vec![PeerView {
-            subnet: "10.244.4.0/24".into(),
-            public_ip: "198.18.0.2".into(),
-            backend: "vxlan".into(),
-            programmed: true,
-            error: None,
-        }];
+        s.leases = [(
+            tweed_config::SubnetKey::new("10.244.3.0/24".parse().unwrap()),
+            LeaseView {
+                subnet: "10.244.3.0/24".into(),
+                public_ip: "198.18.0.1".into(),
+                backend_type: "vxlan".into(),
+                own: true,
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect();
+        s.peers = [(
+            "10.244.4.0/24".parse().unwrap(),
+            PeerView {
+                subnet: "10.244.4.0/24".into(),
+                public_ip: "198.18.0.2".into(),
+                backend: "vxlan".into(),
+                programmed: true,
+                error: None,
+            },
+        )]
+        .into_iter()
+        .collect();
     });
 }
 

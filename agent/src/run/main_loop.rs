@@ -543,9 +543,10 @@ impl Agent {
 
     async fn on_feed(&mut self, feed: Feed, stop: &mut Stop) {
         let received = Instant::now();
-        let applied = match feed {
-            Feed::Events(ev) => self.table.apply(&ev),
-            Feed::Resync(snap) => self.table.resync(&snap.leases),
+        // A resync rebuilds the API's lease views; events update them by key.
+        let (applied, by_key) = match feed {
+            Feed::Events(ev) => (self.table.apply(&ev), true),
+            Feed::Resync(snap) => (self.table.resync(&snap.leases), false),
             Feed::Live(live) => return self.report.watch_live(live),
         };
         let own = self.lease.own();
@@ -575,7 +576,9 @@ impl Agent {
             // and the new peer's route must not wait for it.
             self.program().await;
             self.report.reconciled_in(received);
-            self.report.leases(&self.table, self.lease.own().subnet());
+            let changes = by_key.then_some(applied.changes.as_slice());
+            self.report
+                .leases(&self.table, self.lease.own().subnet(), changes);
         }
     }
 

@@ -7,16 +7,17 @@ use super::deps::Clock;
 use crate::backend::udp::io::Stats as UdpStats;
 use crate::backend::{ReconcileStats, Remote};
 use crate::registry::RegistryError;
-use crate::state::{AgentState, EventKind, LeaseEventView, LeaseView, PeerView};
+use crate::state::{AgentState, EventKind, Keyed, LeaseEventView, LeaseView, PeerView};
 use crate::subnet::{OwnLease, SubnetError};
 use crate::watch::{Applied, Lease, LeaseChange, LeaseTable};
 use ipnetwork::Ipv4Network;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 use tweed_config::NetworkConfig;
+use tweed_config::SubnetKey;
 
 /// Cheap to clone; clones report into the same state.
 #[derive(Clone)]
@@ -26,6 +27,18 @@ pub(super) struct Report {
     /// What was warned about already, so a bad lease or an unreachable peer is logged once
     /// rather than on every resync.
     warned: Arc<Mutex<HashSet<String>>>,
+    /// What the kept views were made of, to update them by key (see [`Report::leases`] and
+    /// [`Report::programmed`]).
+    views: Arc<Mutex<ViewInputs>>,
+}
+
+/// Inputs of the kept lease and peer views that the views themselves hold only as strings.
+#[derive(Default)]
+struct ViewInputs {
+    /// The own subnet the lease views were marked with; `None` before the first full build.
+    lease_own: Option<Ipv4Network>,
+    /// Each peer view's public IP, compared without formatting it; in the views' order.
+    peer_ips: Vec<(Ipv4Network, Ipv4Addr)>,
 }
 
 impl Report {
@@ -34,6 +47,7 @@ impl Report {
             state,
             clock,
             warned: Arc::default(),
+            views: Arc::default(),
         }
     }
 
@@ -252,13 +266,22 @@ impl Report {
         }
     }
 
-    /// Every lease the table holds, ours marked.
-    pub(super) fn leases(&self, table: &LeaseTable, own: Ipv4Network) {
-        let leases = table
-            .leases()
-            .map(|l| lease_view(l, l.key.ipv4 == own))
-            .collect();
-        self.state.update(|s| s.leases = leases);
+    /// Every lease the table holds, ours marked. With `changes` (what the table just applied),
+    /// only their keys are rewritten; without them, or when our subnet changed since the last
+    /// call, every view is built again (a resync, a move).
+    pub(super) fn leases(
+        &self,
+        table: &LeaseTable,
+        own: Ipv4Network,
+        changes: Option<&[LeaseChange]>,
+    ) {
+        let mut inputs = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        let changes = changes.filter(|_| inputs.lease_own == Some(own));
+        inputs.lease_own = Some(own);
+        self.state.update(|s| match changes {
+            None => s.leases = full_lease_views(table, own),
+            Some(changes) => update_lease_views(s.leases.make_mut(), changes, own),
+        });
     }
 
     /// How long it took from receiving lease events to a programmed data plane.
@@ -283,30 +306,13 @@ impl Report {
         m.peers.reset();
         let programmed = remotes.len() - stats.skipped.len();
         m.peers.with_label_values(&[backend]).set(programmed as i64);
-        let failed: HashSet<Ipv4Network> = stats.failures.iter().filter_map(|f| f.subnet).collect();
-        let peers: Vec<PeerView> = remotes
-            .iter()
-            .map(|r| {
-                let skip = stats.skipped.iter().find(|s| s.subnet == r.subnet);
-                let error = skip.map(|s| s.reason.clone()).or_else(|| {
-                    failed
-                        .contains(&r.subnet)
-                        .then(|| "netlink programming failed (see log)".to_string())
-                });
-                PeerView {
-                    subnet: r.subnet.to_string(),
-                    public_ip: r.attrs.public_ip.to_string(),
-                    backend: r.attrs.effective_backend_type().to_string(),
-                    programmed: error.is_none(),
-                    error,
-                }
-            })
-            .collect();
         let clean = stats.is_clean();
+        let mut inputs = self.views.lock().unwrap_or_else(|p| p.into_inner());
         self.state.update(|s| {
-            s.peers = peers;
+            update_peer_views(s.peers.make_mut(), &mut inputs.peer_ips, remotes, stats);
             s.backend_programmed = clean;
         });
+        drop(inputs);
         for s in &stats.skipped {
             if self.first_time(format!("{}|{}|{}", s.subnet, s.public_ip, s.reason)) {
                 warn!(subnet = %s.subnet, peer = %s.public_ip, "{s}");
@@ -486,6 +492,107 @@ impl Report {
     }
 }
 
+/// Every lease's view, built from scratch.
+fn full_lease_views(table: &LeaseTable, own: Ipv4Network) -> Keyed<SubnetKey, LeaseView> {
+    table
+        .leases()
+        .map(|l| (l.key, lease_view(l, l.key.ipv4 == own)))
+        .collect()
+}
+
+/// Rewrites the views of the keys `changes` touched, in the order the table applied them.
+fn update_lease_views(
+    views: &mut BTreeMap<SubnetKey, LeaseView>,
+    changes: &[LeaseChange],
+    own: Ipv4Network,
+) {
+    for c in changes {
+        match c {
+            LeaseChange::Added(l) => {
+                views.insert(l.key, lease_view(l, l.key.ipv4 == own));
+            }
+            LeaseChange::Updated { old, new } => {
+                views.remove(&old.key);
+                views.insert(new.key, lease_view(new, new.key.ipv4 == own));
+            }
+            LeaseChange::Removed(l) => {
+                views.remove(&l.key);
+            }
+        }
+    }
+}
+
+/// Makes `views` one per remote, as [`peer_view`] describes it, keeping the view (no string
+/// formatting) of every peer whose public IP, backend type and error are unchanged. `ips` holds
+/// each view's public IP, in the same (subnet) order as `views`. One ordered walk: the remotes
+/// come in the lease table's order, which is the subnets' order; other orders are sorted first.
+fn update_peer_views(
+    views: &mut BTreeMap<Ipv4Network, PeerView>,
+    ips: &mut Vec<(Ipv4Network, Ipv4Addr)>,
+    remotes: &[Remote<'_>],
+    stats: &ReconcileStats,
+) {
+    let failed: HashSet<Ipv4Network> = stats.failures.iter().filter_map(|f| f.subnet).collect();
+    let mut sorted: Vec<&Remote<'_>> = remotes.iter().collect();
+    if !sorted.windows(2).all(|w| w[0].subnet < w[1].subnet) {
+        // Stable, then the last of equal subnets wins, as inserting them in turn would do.
+        sorted.sort_by_key(|r| r.subnet);
+        sorted.reverse();
+        sorted.dedup_by_key(|r| r.subnet);
+        sorted.reverse();
+    }
+    let mut old = std::mem::take(views)
+        .into_iter()
+        .zip(std::mem::take(ips))
+        .peekable();
+    let mut new_views = Vec::with_capacity(sorted.len());
+    let mut new_ips = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        // Views of remotes gone are dropped on the way.
+        while old.next_if(|((k, _), _)| *k < r.subnet).is_some() {}
+        let error = peer_error(r, stats, &failed);
+        let view = match old.next_if(|((k, _), _)| *k == r.subnet) {
+            Some(((_, v), (_, ip)))
+                if ip == r.attrs.public_ip
+                    && v.error == error
+                    && v.backend == r.attrs.effective_backend_type() =>
+            {
+                v
+            }
+            _ => peer_view(r, error),
+        };
+        new_views.push((r.subnet, view));
+        new_ips.push((r.subnet, r.attrs.public_ip));
+    }
+    // From sorted input: a linear build, no lookups.
+    *views = new_views.into_iter().collect();
+    *ips = new_ips;
+}
+
+/// Why a remote is not programmed: the backend skipped it, or its netlink ops failed.
+fn peer_error(
+    r: &Remote<'_>,
+    stats: &ReconcileStats,
+    failed: &HashSet<Ipv4Network>,
+) -> Option<String> {
+    let skip = stats.skipped.iter().find(|s| s.subnet == r.subnet);
+    skip.map(|s| s.reason.clone()).or_else(|| {
+        failed
+            .contains(&r.subnet)
+            .then(|| "netlink programming failed (see log)".to_string())
+    })
+}
+
+fn peer_view(r: &Remote<'_>, error: Option<String>) -> PeerView {
+    PeerView {
+        subnet: r.subnet.to_string(),
+        public_ip: r.attrs.public_ip.to_string(),
+        backend: r.attrs.effective_backend_type().to_string(),
+        programmed: error.is_none(),
+        error,
+    }
+}
+
 fn lease_view(l: &Lease, own: bool) -> LeaseView {
     LeaseView {
         subnet: l.key.ipv4.to_string(),
@@ -499,5 +606,289 @@ fn lease_view(l: &Lease, own: bool) -> LeaseView {
             .unwrap_or_default(),
         lease_id: l.lease_id,
         own,
+    }
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use crate::backend::{PeerFailure, PeerSkip};
+    use crate::netlink::{NetlinkError, Op};
+    use crate::registry::{RawLease, WatchEvent};
+    use tweed_config::LeaseAttrs;
+
+    const P: &str = "/coreos.com/network";
+
+    /// A small deterministic generator (xorshift64*): reproducible sequences without a crate.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+    }
+
+    fn report() -> Report {
+        Report::new(AgentState::new(), Clock::System)
+    }
+
+    /// One random etcd event on 8 subnets: an IPv4 or dual-stack key (so renames happen), a
+    /// vxlan or host-gw value from one of 4 nodes, a lease id of 0 or 7, or a delete.
+    fn event(rng: &mut Rng, rev: i64) -> WatchEvent {
+        let i = rng.below(8);
+        let key = if rng.below(2) == 0 {
+            format!("{P}/subnets/10.244.{i}.0-24")
+        } else {
+            format!("{P}/subnets/10.244.{i}.0-24&fd00:10:244:{i}::-64")
+        };
+        if rng.below(4) == 0 {
+            return WatchEvent::Delete { key, revision: rev };
+        }
+        let n = rng.below(4);
+        let value = if rng.below(3) == 0 {
+            format!(r#"{{"PublicIP":"198.18.0.{n}","BackendType":"host-gw"}}"#)
+        } else {
+            format!(
+                r#"{{"PublicIP":"198.18.0.{n}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:0{n}"}}}}"#
+            )
+        };
+        WatchEvent::Put(RawLease {
+            key,
+            value: value.into_bytes(),
+            lease_id: [0, 7][rng.below(2) as usize],
+            mod_revision: rev,
+            create_revision: rev,
+        })
+    }
+
+    #[test]
+    fn lease_views_updated_by_key_equal_a_full_rebuild_after_every_batch() {
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut table = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24)
+                .with_ipv6_subnet_len(Some(64));
+            let r = report();
+            let mut own: Ipv4Network = "10.244.0.0/24".parse().unwrap();
+            let mut incremental_steps = 0;
+            for step in 0..60i64 {
+                let batch: Vec<WatchEvent> = (0..1 + rng.below(3))
+                    .map(|k| event(&mut rng, step * 4 + k as i64 + 1))
+                    .collect();
+                let applied = table.apply(&batch);
+                // Now and then our own subnet moves: the next call must rebuild, not patch.
+                if rng.below(10) == 0 {
+                    own = format!("10.244.{}.0/24", rng.below(8)).parse().unwrap();
+                }
+                let before = r.views.lock().unwrap().lease_own;
+                r.leases(&table, own, Some(&applied.changes));
+                if before == Some(own) {
+                    incremental_steps += 1;
+                }
+                let got = r.state.snapshot().leases;
+                let want = full_lease_views(&table, own);
+                assert_eq!(got, want, "seed {seed} step {step}: {batch:?}");
+            }
+            assert!(incremental_steps > 30, "seed {seed}: {incremental_steps}");
+        }
+    }
+
+    #[test]
+    fn a_held_snapshot_is_not_changed_by_a_later_update() {
+        let mut table = LeaseTable::new(P, "10.244.0.0/16".parse().unwrap(), 24);
+        let r = report();
+        let own: Ipv4Network = "10.244.0.0/24".parse().unwrap();
+        let put = |i: u8| {
+            WatchEvent::Put(RawLease {
+                key: format!("{P}/subnets/10.244.{i}.0-24"),
+                value: br#"{"PublicIP":"198.18.0.1","BackendType":"host-gw"}"#.to_vec(),
+                lease_id: 0,
+                mod_revision: i as i64,
+                create_revision: i as i64,
+            })
+        };
+        let a = table.apply(&[put(1)]);
+        r.leases(&table, own, None);
+        let held = r.state.snapshot();
+        let a2 = table.apply(&[put(2)]);
+        assert_eq!(a.changes.len() + a2.changes.len(), 2);
+        r.leases(&table, own, Some(&a2.changes));
+        assert_eq!(held.leases.len(), 1, "the API's copy stays as it was read");
+        assert_eq!(r.state.snapshot().leases.len(), 2);
+    }
+
+    #[test]
+    fn peer_views_updated_in_place_equal_a_full_rebuild_after_every_reconcile() {
+        let attrs: Vec<LeaseAttrs> = (0..12u8)
+            .map(|n| {
+                let v = if n % 3 == 0 {
+                    format!(r#"{{"PublicIP":"198.18.0.{}","BackendType":"host-gw"}}"#, n % 4)
+                } else {
+                    format!(
+                        r#"{{"PublicIP":"198.18.0.{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:01"}}}}"#,
+                        n % 4
+                    )
+                };
+                LeaseAttrs::parse(v.as_bytes()).unwrap()
+            })
+            .collect();
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            let r = report();
+            for step in 0..60 {
+                // A random set of subnets, each with one of the 12 values.
+                let mut remotes: Vec<Remote<'_>> = Vec::new();
+                for i in 0..8u8 {
+                    if rng.below(4) != 0 {
+                        remotes.push(Remote {
+                            subnet: format!("10.244.{i}.0/24").parse().unwrap(),
+                            subnet_v6: None,
+                            attrs: &attrs[rng.below(12) as usize],
+                        });
+                    }
+                }
+                // Other callers' orders, and a subnet given twice (the later one counts, as a
+                // map built from the list would have it).
+                if step % 3 == 0 {
+                    remotes.reverse();
+                }
+                if step % 5 == 0 && !remotes.is_empty() {
+                    remotes.push(Remote {
+                        attrs: &attrs[rng.below(12) as usize],
+                        ..remotes[0]
+                    });
+                }
+                let mut stats = ReconcileStats::default();
+                for r in &remotes {
+                    match rng.below(6) {
+                        0 => stats.skipped.push(PeerSkip {
+                            subnet: r.subnet,
+                            public_ip: r.attrs.public_ip,
+                            reason: format!("reason {}", rng.below(2)),
+                        }),
+                        1 => stats.failures.push(PeerFailure {
+                            subnet: Some(r.subnet),
+                            op: Op::RouteDel(crate::backend::overlay_route(r.subnet, 9)),
+                            error: NetlinkError::Closed {
+                                what: "test".into(),
+                            },
+                        }),
+                        _ => {}
+                    }
+                }
+                r.programmed("vxlan", &remotes, &stats, Instant::now());
+                let failed = stats.failures.iter().filter_map(|f| f.subnet).collect();
+                let want: Keyed<Ipv4Network, PeerView> = remotes
+                    .iter()
+                    .map(|x| (x.subnet, peer_view(x, peer_error(x, &stats, &failed))))
+                    .collect();
+                assert_eq!(r.state.snapshot().peers, want, "seed {seed} step {step}");
+            }
+        }
+    }
+}
+
+/// What the kept views save per lease event at 10,000 peers, side by side in one run (timings
+/// are printed, never asserted): `cargo test --release -p tweed-agent --lib -- --ignored
+/// views_per_event_at_10000_peers --nocapture`.
+#[cfg(test)]
+mod view_cost {
+    use super::*;
+    use crate::registry::{RawLease, WatchEvent};
+    use std::time::Instant;
+    use tweed_config::LeaseAttrs;
+
+    const P: &str = "/coreos.com/network";
+
+    fn put(i: u32, rev: i64) -> WatchEvent {
+        let value = format!(
+            r#"{{"PublicIP":"198.19.{}.{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:{:02x}:{:02x}"}}}}"#,
+            i / 256,
+            i % 256,
+            i / 256,
+            i % 256
+        );
+        WatchEvent::Put(RawLease {
+            key: format!("{P}/subnets/10.{}.{}.0-24", 1 + i / 256, i % 256),
+            value: value.into_bytes(),
+            lease_id: 7,
+            mod_revision: rev,
+            create_revision: rev,
+        })
+    }
+
+    #[test]
+    #[ignore = "timing figures for docs/performance.md, not a check"]
+    fn views_per_event_at_10000_peers() {
+        let mut table = LeaseTable::new(P, "10.0.0.0/8".parse().unwrap(), 24);
+        let all: Vec<WatchEvent> = (0..10_000).map(|i| put(i, 1)).collect();
+        table.apply(&all);
+        let own: Ipv4Network = "10.244.0.0/24".parse().unwrap();
+        let r = report();
+        r.leases(&table, own, None);
+        let remotes = |t: &LeaseTable| -> Vec<(Ipv4Network, LeaseAttrs)> {
+            t.leases().map(|l| (l.key.ipv4, l.attrs.clone())).collect()
+        };
+        let stats = ReconcileStats::default();
+        let owned = remotes(&table);
+        let rs: Vec<Remote<'_>> = owned
+            .iter()
+            .map(|(s, a)| Remote {
+                subnet: *s,
+                subnet_v6: None,
+                attrs: a,
+            })
+            .collect();
+        r.programmed("vxlan", &rs, &stats, Instant::now());
+        let (mut full, mut kept, mut full_peers, mut kept_peers) = (0u128, 0u128, 0u128, 0u128);
+        let rounds = 50u32;
+        for k in 0..rounds {
+            // One lease added, as in bench/controlplane's latency phase.
+            let applied = table.apply(&[put(20_000 + k, 2 + k as i64)]);
+            let t = Instant::now();
+            let views = full_lease_views(&table, own);
+            full += t.elapsed().as_nanos();
+            let t = Instant::now();
+            r.leases(&table, own, Some(&applied.changes));
+            kept += t.elapsed().as_nanos();
+            assert_eq!(r.state.snapshot().leases, views);
+
+            let owned = remotes(&table);
+            let rs: Vec<Remote<'_>> = owned
+                .iter()
+                .map(|(s, a)| Remote {
+                    subnet: *s,
+                    subnet_v6: None,
+                    attrs: a,
+                })
+                .collect();
+            let t = Instant::now();
+            let failed = HashSet::new();
+            let want: Keyed<Ipv4Network, PeerView> = rs
+                .iter()
+                .map(|x| (x.subnet, peer_view(x, peer_error(x, &stats, &failed))))
+                .collect();
+            full_peers += t.elapsed().as_nanos();
+            let t = Instant::now();
+            r.programmed("vxlan", &rs, &stats, Instant::now());
+            kept_peers += t.elapsed().as_nanos();
+            assert_eq!(r.state.snapshot().peers, want);
+        }
+        let ms = |ns: u128| ns as f64 / f64::from(rounds) / 1e6;
+        println!(
+            "10,000 leases, one added per event, mean of {rounds}: lease views rebuilt {:.3} ms, kept by key {:.3} ms ({:.1}x); peer views rebuilt {:.3} ms, updated in place {:.3} ms ({:.1}x)",
+            ms(full),
+            ms(kept),
+            full as f64 / kept as f64,
+            ms(full_peers),
+            ms(kept_peers),
+            full_peers as f64 / kept_peers as f64
+        );
+    }
+
+    fn report() -> Report {
+        Report::new(AgentState::new(), Clock::System)
     }
 }

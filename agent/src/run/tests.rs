@@ -261,7 +261,7 @@ async fn peers_added_and_removed_are_exactly_their_routes() {
 
     put_peer(&mem, "10.244.7.0/24", "198.18.0.2");
     n.until("the peer to be programmed", |s| {
-        s.peers.len() == 1 && s.peers[0].programmed
+        s.peers.len() == 1 && s.peers.first().is_some_and(|p| p.programmed)
     })
     .await;
     let route = n.route("10.244.7.0/24", "198.18.0.2");
@@ -349,7 +349,7 @@ async fn an_etcd_outage_keeps_the_lease_and_the_data_plane() {
     assert!(n.counter("etcd_errors", "watch") > 0);
     let s = n.state.snapshot();
     assert!(
-        s.lease_held && s.backend_programmed && s.peers[0].programmed,
+        s.lease_held && s.backend_programmed && s.peers.first().is_some_and(|p| p.programmed),
         "{s:?}"
     );
     assert_eq!(n.kernel.take_ops(), vec![], "nothing torn down or redone");
@@ -687,6 +687,10 @@ async fn a_peer_renaming_its_lease_keeps_its_ipv4_route() {
         assert!(n.peer_routed().await, "{from} -> {to}");
         let s = n.state.snapshot();
         assert_eq!(s.peers.len(), 1, "{:?}", s.peers);
-        assert!(s.peers[0].programmed, "{:?}", s.peers);
+        assert!(
+            s.peers.first().is_some_and(|p| p.programmed),
+            "{:?}",
+            s.peers
+        );
     }
 }
