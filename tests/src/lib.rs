@@ -86,6 +86,24 @@ pub fn start_agent(a: &StoppedAgent) -> u32 {
     pid
 }
 
+/// Starts a stopped agent again and waits (up to 15 s) until its log says `ready: lease held`
+/// once more than before: the agent says it once its data plane, the IPv6 half included, is
+/// programmed.
+pub fn restart_agent_ready(a: &StoppedAgent, host: &str) {
+    let readies = || {
+        std::fs::read_to_string(&a.log)
+            .map(|l| l.matches("ready: lease held").count())
+            .unwrap_or(0)
+    };
+    let before = readies();
+    start_agent(a);
+    tweed_testkit::wait_for(
+        Duration::from_secs(15),
+        &format!("{host}'s restarted agent ready"),
+        || readies() > before,
+    );
+}
+
 /// The vxlan data plane of one host as text lines, for asserting what points where.
 pub struct VxlanState {
     pub routes: String,

@@ -338,17 +338,7 @@ fn assert_ipv6_survives_an_agent_restart(lab: &Lab) {
     let ping6 = || ok_in(pinger, &["ping", "-6", "-n", "-c", "1", "-W", "2", &target]);
     let stopped = stop_agent(lab, "h2", libc::SIGTERM);
     assert!(ping6(), "h1/p1 -> {target} with h2's agent stopped");
-    start_agent(&stopped);
-    // The restarted agent says `ready` once its IPv6 plane is set up and programmed.
-    wait_for(
-        Duration::from_secs(15),
-        "h2's restarted agent ready",
-        || {
-            std::fs::read_to_string(&h2.log)
-                .map(|l| l.matches("ready: lease held").count() >= 2)
-                .unwrap_or(false)
-        },
-    );
+    restart_agent_ready(&stopped, "h2");
     assert!(ping6(), "h1/p1 -> {target} after h2's agent restarted");
     assert_eq!(ifindex(&h2.netns), before, "tweed-v6.1 was made again");
 }
@@ -421,15 +411,7 @@ fn host_gw_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
         ],
     );
     let stopped = stop_agent(&lab, "h1", libc::SIGTERM);
-    start_agent(&stopped);
-    wait_for(
-        Duration::from_secs(15),
-        "h1's restarted agent ready",
-        || {
-            std::fs::read_to_string(&h1.log)
-                .is_ok_and(|l| l.matches("ready: lease held").count() >= 2)
-        },
-    );
+    restart_agent_ready(&stopped, "h1");
     let log = std::fs::read_to_string(&h1.log).unwrap();
     assert!(
         log.contains("removed IPv6 leftover: link del tweed-v6.1"),
@@ -615,15 +597,7 @@ fn udp_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
         )
     };
     let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
-    start_agent(&stopped);
-    wait_for(
-        Duration::from_secs(15),
-        "h2's restarted agent ready",
-        || {
-            std::fs::read_to_string(&h2.log)
-                .is_ok_and(|l| l.matches("ready: lease held").count() >= 2)
-        },
-    );
+    restart_agent_ready(&stopped, "h2");
     wait_for(
         Duration::from_secs(10),
         "h1/p1 ping6 to h2/p1 after h2's restart",
@@ -1031,15 +1005,7 @@ fn vxlan_direct_routing_uses_plain_ipv6_routes_on_the_segment_and_vxlan_across_i
 
     // A restart keeps the direct routes: the vxlan plane owns them, nothing is a leftover.
     let stopped = stop_agent(&lab, "h1", libc::SIGTERM);
-    start_agent(&stopped);
-    wait_for(
-        Duration::from_secs(15),
-        "h1's restarted agent ready",
-        || {
-            std::fs::read_to_string(&h1.log)
-                .is_ok_and(|l| l.matches("ready: lease held").count() >= 2)
-        },
-    );
+    restart_agent_ready(&stopped, "h1");
     let log = std::fs::read_to_string(&h1.log).unwrap();
     assert!(!log.contains("removed IPv6 leftover"), "{log}");
     check_routes(&h1);
