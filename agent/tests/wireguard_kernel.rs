@@ -723,6 +723,16 @@ struct Stream {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     sender: std::thread::JoinHandle<(u64, u64)>,
     receiver: std::thread::JoinHandle<Vec<(u64, std::time::Instant)>>,
+    /// A test that panics mid-stream must not leave its threads sending until the binary exits.
+    _stop_on_drop: StopOnDrop,
+}
+
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What a [`Stream`] saw: datagrams sent (send errors count as sent and lost), received
@@ -836,6 +846,7 @@ impl Stream {
         });
         Stream {
             what,
+            _stop_on_drop: StopOnDrop(stop.clone()),
             stop,
             sender,
             receiver,
@@ -1003,6 +1014,15 @@ fn kernel_key_rotation_under_traffic_replaces_the_peer_within_one_handshake() {
 /// independent of our netlink code for "no rtnetlink write" (a write of any of these makes an
 /// event, also one that changes nothing visible, e.g. a route replaced by the same one).
 struct Monitor(std::process::Child);
+
+/// Also when the test panics between start and finish: an orphaned `ip monitor` would keep the
+/// namespace alive.
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 impl Monitor {
     fn start(ns: &NetnsGuard) -> Monitor {

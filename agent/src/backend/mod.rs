@@ -288,6 +288,9 @@ impl Prepared {
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
             BackendConfig::Wireguard(ref w) => {
+                if w.mode == tweed_config::WireguardMode::Ipv6 {
+                    return Err(BackendError::Wireguard(WgError::ModeNotCarried));
+                }
                 let key_path = node
                     .wg_key_file
                     .clone()
@@ -1021,6 +1024,16 @@ mod tests {
             (c.mtu(), c.port, c.local_ip, c.queues),
             (1472, 8285, node.iface.ip, 2)
         );
+
+        // wireguard "Mode":"ipv6" parses (EnableIPv6) but is refused at start, naming the key,
+        // before any key file is written: it would otherwise run with IPv4 endpoints.
+        let json = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#;
+        let net = tweed_config::NetworkConfig::parse(json).unwrap();
+        let err = Prepared::new(&nl, &net.backend, &node, own)
+            .await
+            .expect_err("Mode ipv6 is refused");
+        assert!(err.to_string().contains("Backend.Mode"), "{err}");
+        assert!(!tmp.path().join(wireguard::key::KEY_FILE_NAME).exists());
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl Underlay6 {
                     self.lost_said = true;
                     warn!(
                         iface = %self.iface, %from,
-                        "the PublicIPv6 left the underlay interface and no other usable global IPv6 address is there: the IPv6 overlay to this node is down until one is added (the lease keeps the old address meanwhile)"
+                        "the PublicIPv6 left the underlay interface and no other usable global IPv6 address is there: backends that carry IPv6 over the IPv6 underlay (vxlan, host-gw) cannot reach this node until one is added (udp carries it over IPv4 and is unaffected; the lease keeps the old address meanwhile)"
                     );
                 }
                 None

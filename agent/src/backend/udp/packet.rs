@@ -99,8 +99,9 @@ pub const IPV6_HEADER: usize = 40;
 pub const PROTO_ICMPV6: u8 = 58;
 
 /// The fields of an IPv6 header the data path needs; `total_len` (40 + payload length) bytes of
-/// the buffer are the packet. Extension headers are not walked: nothing here depends on the
-/// upper-layer protocol (IPv6 packets are never coalesced or segmented by the workers).
+/// the buffer are the packet. Extension headers are not walked: routing and the source checks
+/// need only the fixed header (TCPv6 segmentation and coalescing, in `offload`, take only TCP
+/// right after it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipv6Header {
     pub total_len: usize,

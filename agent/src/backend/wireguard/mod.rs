@@ -73,6 +73,14 @@ pub enum WgError {
 
     #[error("wireguard: {DEVICE} no longer exists; the backend must be set up again")]
     DeviceGone,
+
+    /// Refused at start rather than run with IPv4 endpoints, which a node configured for IPv6
+    /// endpoints (flannel's `ipv6` mode) would not expect.
+    #[error(
+        "wireguard: Backend.Mode \"ipv6\" (peers' endpoints on the IPv6 underlay) is parsed but \
+         tweed's wireguard backend does not carry IPv6 yet; use \"separate\", \"auto\" or \"ipv4\""
+    )]
+    ModeNotCarried,
 }
 
 /// Everything the backend needs, fixed before the lease is acquired (the lease carries the
