@@ -166,6 +166,7 @@ fn backend_cfg(implementation: WgImpl) -> WgConfig {
         private_key: PrivateKey::from_bytes([7; 32]),
         implementation,
         queues: 1,
+        dual: None,
     }
 }
 

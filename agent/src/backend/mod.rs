@@ -311,19 +311,65 @@ impl Prepared {
                     private_key,
                     implementation: node.wg_impl,
                     queues: node.udp_workers,
+                    dual: None,
                 };
                 cfg.check_mtu()?;
+                // Chosen now, before the lease is written: whether its `BackendV6Data` is
+                // advertised depends on what the chosen implementation carries
+                // ([`Prepared::with_ipv6`]). Later set-ups keep the choice.
+                let mut cfg = cfg;
+                cfg.implementation = wireguard::choose_implementation(nl, node.wg_impl).await?;
                 tracing::info!(
                     key_file = %cfg.key_path.display(),
                     public_key = %cfg.public_key(),
                     generated = created,
                     "wireguard: node key"
                 );
-                let attrs =
-                    wireguard::plan::lease_attrs(node.public_ip, &cfg.public_key(), w.listen_port);
+                let attrs = cfg.lease_attrs();
                 (Prepared::Wireguard(cfg), attrs)
             }
         })
+    }
+
+    /// `attrs` with a dual-stack node's IPv6 half: `PublicIPv6`, and a `BackendV6Data` when
+    /// the backend serves IPv6 ([`crate::ipv6::with_public_ipv6`]; wireguard: only when the
+    /// implementation chosen in [`new`](Self::new) carries IPv6 in `Backend.Mode`, which is
+    /// then recorded for its set-up, or an error when that mode cannot run on it).
+    pub fn with_ipv6(
+        &mut self,
+        attrs: LeaseAttrs,
+        public_ipv6: std::net::Ipv6Addr,
+        ipv6: &tweed_config::Ipv6Config,
+        backend: &BackendConfig,
+    ) -> Result<LeaseAttrs, BackendError> {
+        let (Prepared::Wireguard(c), BackendConfig::Wireguard(w)) = (&mut *self, backend) else {
+            return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
+        };
+        if !wireguard::carries_v6(c.implementation, w.mode)? {
+            tracing::warn!(
+                implementation = ?c.implementation,
+                mode = ?w.mode,
+                "wireguard: this implementation carries IPv4 only in this Backend.Mode: no BackendV6Data advertised"
+            );
+            return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
+        }
+        c.dual = Some(Box::new(wireguard::WgDual {
+            mode: w.mode,
+            listen_port_v6: w.listen_port_v6,
+            ipv6: ipv6.clone(),
+            public_ipv6,
+            own_subnet: None,
+        }));
+        Ok(c.lease_attrs())
+    }
+
+    /// Our lease's IPv6 subnet, for a backend that serves IPv6 itself (wireguard's device).
+    pub fn set_own_subnet_v6(&mut self, subnet: Option<ipnetwork::Ipv6Network>) {
+        if let Prepared::Wireguard(c) = self {
+            if let Some(d) = c.dual.as_mut() {
+                d.own_subnet = subnet;
+            }
+        }
     }
 
     pub fn type_name(&self) -> &'static str {
@@ -547,6 +593,19 @@ impl DataPlane {
                     })
                 });
                 b.reconcile(nl, &peers).await?
+            }
+            DataPlane::Wireguard(b) if b.dual_local().is_some() => {
+                let local = b.dual_local().expect("checked");
+                let ipv6 = b.ipv6_config().cloned();
+                let peers = peers_of_type(remotes, "wireguard", &mut skipped, |r| {
+                    let key = tweed_config::SubnetKey {
+                        ipv4: r.subnet,
+                        ipv6: r.subnet_v6,
+                    };
+                    wireguard::dual::DualPeer::from_lease(&key, r.attrs, ipv6.as_ref(), &local)
+                        .map_err(|e| r.skip(e))
+                });
+                b.reconcile_dual(nl, &peers).await?
             }
             DataPlane::Wireguard(b) => {
                 let port = b.config_port();
@@ -1034,6 +1093,120 @@ mod tests {
             .expect_err("Mode ipv6 is refused");
         assert!(err.to_string().contains("Backend.Mode"), "{err}");
         assert!(!tmp.path().join(wireguard::key::KEY_FILE_NAME).exists());
+    }
+
+    /// The wireguard implementation is chosen before the lease is written, and the lease's
+    /// `BackendV6Data` is written only when the chosen one carries IPv6 in `Backend.Mode`.
+    #[tokio::test]
+    async fn wireguard_advertises_ipv6_only_when_the_chosen_implementation_carries_it() {
+        use wireguard::WgImpl;
+        let node = |tmp: &std::path::Path, wg_impl: WgImpl| NodeContext {
+            network: "10.244.0.0/16".parse().unwrap(),
+            public_ip: "198.18.0.1".parse().unwrap(),
+            iface: Iface {
+                index: 1,
+                name: "eth0".into(),
+                ip: "198.18.0.1".parse().unwrap(),
+                mtu: 1500,
+            },
+            state_dir: tmp.to_path_buf(),
+            udp_workers: 1,
+            wg_key_file: None,
+            wg_impl,
+        };
+        let own: Ipv4Network = "10.244.1.0/24".parse().unwrap();
+        let public_ipv6: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let net = |mode: &str| {
+            tweed_config::NetworkConfig::parse(&format!(
+                r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"wireguard","Mode":"{mode}","ListenPortV6":51999}}}}"#
+            ))
+            .unwrap()
+        };
+        // (kernel module?, wanted, Mode) -> chosen, BackendV6Data port or the refusal.
+        type Case = (
+            bool,
+            WgImpl,
+            &'static str,
+            &'static str,
+            Result<Option<u16>, &'static str>,
+        );
+        let cases: [Case; 6] = [
+            (false, WgImpl::Auto, "auto", "userspace", Ok(Some(51820))),
+            (false, WgImpl::Auto, "ipv4", "userspace", Ok(Some(51820))),
+            (
+                false,
+                WgImpl::Auto,
+                "separate",
+                "userspace",
+                Err("Backend.Mode"),
+            ),
+            (
+                true,
+                WgImpl::Userspace,
+                "ipv4",
+                "userspace",
+                Ok(Some(51820)),
+            ),
+            // The kernel path runs IPv4 only so far: PublicIPv6, no BackendV6Data.
+            (true, WgImpl::Auto, "auto", "kernel", Ok(None)),
+            (true, WgImpl::Kernel, "separate", "kernel", Ok(None)),
+        ];
+        for (module, wanted, mode, chosen, want) in cases {
+            let fake = if module {
+                Fake::with_wireguard()
+            } else {
+                Fake::new()
+            };
+            let nl = Netlink::from(fake.clone());
+            let tmp = tempfile::tempdir().unwrap();
+            let cfg = net(mode);
+            let (mut p, attrs) = Prepared::new(&nl, &cfg.backend, &node(tmp.path(), wanted), own)
+                .await
+                .unwrap();
+            let Prepared::Wireguard(c) = &p else { panic!() };
+            let expect_impl = if chosen == "kernel" {
+                WgImpl::Kernel
+            } else {
+                WgImpl::Userspace
+            };
+            assert_eq!(c.implementation, expect_impl, "{mode} {wanted:?}");
+            let key = c.public_key();
+            // The probe left no link behind.
+            let links = nl.links().await.unwrap();
+            assert!(links.iter().all(|l| l.name == "lo"), "{links:?}");
+            let got = p.with_ipv6(attrs, public_ipv6, cfg.ipv6.as_ref().unwrap(), &cfg.backend);
+            match want {
+                Err(field) => {
+                    let e = got.expect_err(mode).to_string();
+                    assert!(e.contains(field) && e.contains(mode), "{e}");
+                }
+                Ok(port) => {
+                    let a = got.unwrap();
+                    assert_eq!(a.public_ipv6, Some(public_ipv6));
+                    let v6 = a.backend_v6_data.as_ref().map(|d| d.get().to_string());
+                    assert_eq!(
+                        v6,
+                        port.map(|port| format!(r#"{{"PublicKey":"{key}","Port":{port}}}"#)),
+                        "{mode} {chosen}"
+                    );
+                    let Prepared::Wireguard(c) = &mut p else {
+                        panic!()
+                    };
+                    assert_eq!(c.dual.is_some(), port.is_some());
+                    // The subnet comes with the lease; then the dual plan runs.
+                    assert!(c.dual_local().is_none());
+                    p.set_own_subnet_v6(Some("fd00:10:244:1::/64".parse().unwrap()));
+                    let Prepared::Wireguard(c) = &p else { panic!() };
+                    if port.is_some() {
+                        let l = c.dual_local().expect("dual");
+                        // Userspace reaches every peer over IPv4: auto plans as ipv4.
+                        assert_eq!(l.mode, tweed_config::WireguardMode::Ipv4);
+                        // A rotated key's lease keeps the IPv6 half.
+                        assert_eq!(c.lease_attrs().to_json(), a.to_json());
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -383,6 +383,11 @@ enum Kind {
     Udp {
         ifindex: u32,
     },
+    /// wireguard's device carrying both families (userspace, `auto`/`ipv4`): the same address
+    /// and route as udp's; the peers' IPv6 halves are the backend's own (allowed IPs).
+    Wireguard {
+        ifindex: u32,
+    },
 }
 
 /// What a udp lease advertises as `BackendV6Data` (tweed's own: flannel's udp backend has no
@@ -642,6 +647,22 @@ impl V6Plane {
                 setup_ops.extend(ops);
                 Kind::Udp { ifindex }
             }
+            DataPlane::Wireguard(b) if b.carries_v6() => {
+                let ifindex = b.ifindex();
+                let ops = plan_udp6(
+                    ifindex,
+                    params.cfg.network,
+                    params.own_subnet,
+                    &nl.addresses6(Some(ifindex)).await?,
+                    &nl.all_routes6().await?,
+                );
+                first_error(nl.apply_all(&ops).await)?;
+                if !ops.is_empty() {
+                    tracing::info!(device = crate::backend::wireguard::DEVICE, addr = %device_addr6(params.own_subnet), network = %params.cfg.network, "wireguard: IPv6 address and route set");
+                }
+                setup_ops.extend(ops);
+                Kind::Wireguard { ifindex }
+            }
             _ => return Ok(None),
         };
         Ok(Some(V6Plane {
@@ -661,7 +682,7 @@ impl V6Plane {
         match &self.kind {
             Kind::Vxlan { spec, ifindex, .. } => Some((*ifindex, spec.name.clone())),
             // udp's device is the IPv4 backend's, watched as such.
-            Kind::HostGw { .. } | Kind::Udp { .. } => None,
+            Kind::HostGw { .. } | Kind::Udp { .. } | Kind::Wireguard { .. } => None,
         }
     }
 
@@ -675,6 +696,20 @@ impl V6Plane {
         backend: &mut DataPlane,
     ) -> Result<(Vec<Op>, Vec<(Op, NetlinkError)>), NetlinkError> {
         let ops = match &self.kind {
+            Kind::Wireguard { ifindex } => {
+                match backend {
+                    DataPlane::Wireguard(b) if b.ifindex() == *ifindex && b.carries_v6() => {}
+                    // The backend changed under us: the data plane sets everything up again.
+                    _ => return Err(NetlinkError::NoSuchLink { ifindex: *ifindex }),
+                }
+                plan_udp6(
+                    *ifindex,
+                    self.params.cfg.network,
+                    self.params.own_subnet,
+                    &nl.addresses6(Some(*ifindex)).await?,
+                    &nl.all_routes6().await?,
+                )
+            }
             Kind::Udp { ifindex } => {
                 let DataPlane::Udp(b) = backend else {
                     // The backend changed under us: the data plane sets everything up again.

@@ -132,6 +132,7 @@ impl Plane {
         report: Report,
     ) -> Result<Plane, AgentError> {
         prepared.set_own_subnet(own.subnet());
+        prepared.set_own_subnet_v6(own.key.ipv6);
         prepared.remove_leftovers(&nl, config.network).await;
         remove_leftovers6(&nl, &prepared, &config, own.key.ipv6.is_some()).await;
         let dual = config.ipv6_plane.is_some() && own.key.ipv6.is_some();
@@ -279,6 +280,10 @@ impl Plane {
             return;
         }
         self.own_v6 = v6;
+        self.prepared.set_own_subnet_v6(v6);
+        if let DataPlane::Wireguard(b) = &mut self.backend {
+            b.set_own_subnet_v6(v6);
+        }
         // Gaining or losing the IPv6 half can change the pods' MTU (vxlan).
         self.report.mtu(self.pod_mtu());
         if let Err(e) = self.write_subnet_env(self.prepared.own_subnet()) {
@@ -610,8 +615,8 @@ impl Plane {
         cfg.private_key = new.clone();
         b.set_private_key(new);
         let public = cfg.public_key();
-        let attrs =
-            crate::backend::wireguard::plan::lease_attrs(cfg.public_ip, &public, cfg.listen_port);
+        // With an IPv6 half, BackendV6Data names the new key too.
+        let attrs = cfg.lease_attrs();
         Ok((old, public, attrs))
     }
 

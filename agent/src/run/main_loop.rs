@@ -108,7 +108,7 @@ pub async fn run_with(
     let placeholder = previous
         .map(|k| k.ipv4)
         .unwrap_or(cfg.nth_subnet(0).expect("a network has subnets"));
-    let (prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
+    let (mut prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
     let ipv6 = ipv6_mode(&cfg, &settings, &ipv6_addrs, &node.iface);
     report.ipv6_mode(&ipv6);
     let underlay6 = match ipv6 {
@@ -121,9 +121,9 @@ pub async fn run_with(
         )),
         _ => None,
     };
-    let attrs = match ipv6 {
-        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => {
-            crate::ipv6::with_public_ipv6(attrs, public_ipv6)
+    let attrs = match (&ipv6, &cfg.ipv6) {
+        (crate::ipv6::Ipv6Mode::DualStack { public_ipv6 }, Some(v6)) => {
+            prepared.with_ipv6(attrs, *public_ipv6, v6, &cfg.backend)?
         }
         _ => attrs,
     };

@@ -30,6 +30,7 @@ use super::packet::{
     MAX_PACKET,
 };
 use super::table::{check_inner, check_inner6, DropReason, Outbound, PeerTable};
+use crate::backend::wireguard::dual::source_allowed;
 use crate::backend::wireguard::userspace::{allowed, Opened, WgTable};
 
 const SOL_UDP: libc::c_int = 17;
@@ -1263,6 +1264,32 @@ impl Worker {
                 (o, r)
             };
             match opened {
+                Ok((n, peer)) if ip_version(&bufs.plain[i][off..off + n]) == Some(6) => {
+                    // Dual stack: an IPv6 pod packet sealed by the same session.
+                    let inner = &bufs.plain[i][off..off + n];
+                    match (parse_ipv6(inner), table.v6()) {
+                        (_, None) => c.count_drop(table.no_v6_reason(), 1),
+                        (Err(e), _) => c.count_drop(DropReason::Malformed(e), 1),
+                        (Ok(_), _) if !source_allowed(&peer.spec.allowed_ips, inner) => {
+                            c.count_drop(DropReason::SpoofedInnerSource, 1)
+                        }
+                        (Ok(h), Some(v6)) if !v6.own_subnet.contains(h.dst) => {
+                            c.count_drop(DropReason::NotForThisNode, 1)
+                        }
+                        (Ok(h), Some(_)) => {
+                            let span = Span {
+                                buf: i,
+                                start: off,
+                                end: off + h.total_len,
+                            };
+                            if gro_ok {
+                                coalescer.push6(&inner[..h.total_len], &h, span);
+                            } else {
+                                coalescer.push_single(span);
+                            }
+                        }
+                    }
+                }
                 Ok((n, peer)) => match parse_ipv4(&bufs.plain[i][off..off + n]) {
                     Err(e) => c.count_drop(DropReason::Malformed(e), 1),
                     Ok(hdr) if !allowed(peer, hdr.src) => {

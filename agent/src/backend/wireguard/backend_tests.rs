@@ -21,6 +21,7 @@ fn cfg(implementation: WgImpl) -> WgConfig {
         private_key: PrivateKey::from_bytes([1; 32]),
         implementation,
         queues: 1,
+        dual: None,
     }
 }
 

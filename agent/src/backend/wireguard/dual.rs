@@ -66,11 +66,17 @@ impl DualLocal {
 
     /// The port this node serves IPv6 peers on (what its `BackendV6Data.Port` says).
     pub fn v6_port(&self) -> u16 {
-        if self.mode == WireguardMode::Separate {
-            self.listen_port_v6
-        } else {
-            self.listen_port
-        }
+        v6_port(self.mode, self.listen_port, self.listen_port_v6)
+    }
+}
+
+/// The port a node in `mode` serves IPv6 peers on: `ListenPortV6` on `separate`'s second
+/// device, else the one device's `ListenPort`.
+pub fn v6_port(mode: WireguardMode, listen_port: u16, listen_port_v6: u16) -> u16 {
+    if mode == WireguardMode::Separate {
+        listen_port_v6
+    } else {
+        listen_port
     }
 }
 

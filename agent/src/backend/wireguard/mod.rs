@@ -78,9 +78,23 @@ pub enum WgError {
     /// endpoints (flannel's `ipv6` mode) would not expect.
     #[error(
         "wireguard: Backend.Mode \"ipv6\" (peers' endpoints on the IPv6 underlay) is parsed but \
-         tweed's wireguard backend does not carry IPv6 yet; use \"separate\", \"auto\" or \"ipv4\""
+         tweed's wireguard backend has no IPv6 underlay endpoints yet; use \"auto\" or \"ipv4\" \
+         (IPv6 pods over the IPv4 underlay)"
     )]
     ModeNotCarried,
+
+    /// A dual-stack node whose chosen implementation cannot serve the configured `Mode`'s
+    /// layout: refused rather than advertise an IPv6 half peers would send to in vain.
+    #[error(
+        "wireguard: Backend.Mode \"{mode}\" on a dual-stack node needs {needs}, which the \
+         {implementation} implementation does not run; set Backend.Mode to \"auto\" or \"ipv4\" \
+         (one device carrying both families over the IPv4 underlay)"
+    )]
+    DualModeNotCarried {
+        mode: &'static str,
+        needs: &'static str,
+        implementation: &'static str,
+    },
 }
 
 /// Everything the backend needs, fixed before the lease is acquired (the lease carries the
@@ -104,6 +118,44 @@ pub struct WgConfig {
     pub implementation: WgImpl,
     /// Userspace: worker threads (the udp backend's `--udp-workers`).
     pub queues: usize,
+    /// The IPv6 half this node serves (dual stack, and only when the chosen implementation
+    /// carries IPv6 in the configured `Mode`: [`carries_v6`]); `None`: IPv4 only.
+    /// Boxed: most nodes run IPv4 only, and the data plane enum holds this config.
+    pub dual: Option<Box<WgDual>>,
+}
+
+/// A dual-stack node's IPv6 half, fixed before the lease is written (its `BackendV6Data`
+/// says the same), the subnet once the lease is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgDual {
+    pub mode: tweed_config::WireguardMode,
+    pub listen_port_v6: u16,
+    pub ipv6: tweed_config::Ipv6Config,
+    pub public_ipv6: std::net::Ipv6Addr,
+    /// Our lease's IPv6 subnet; `None` until the lease is known, or when it has no IPv6 half.
+    pub own_subnet: Option<ipnetwork::Ipv6Network>,
+}
+
+/// Whether `chosen` (resolved: kernel or userspace) carries IPv6 for a dual-stack node in
+/// `mode`: `Ok(false)` runs IPv4 only (with a warning, no `BackendV6Data`), an error refuses
+/// the start naming `Backend.Mode`.
+///
+/// - userspace: one TUN device whose UDP socket is IPv4, so the single-device modes `auto` and
+///   `ipv4` carry IPv6 pods over the IPv4 underlay (`auto` then always picks the IPv4
+///   endpoint); `separate` (a second device on `ListenPortV6`, IPv6 endpoints) is refused.
+/// - kernel: IPv4 only so far (the plan for its devices exists, [`dual`], but is not applied).
+pub fn carries_v6(chosen: WgImpl, mode: tweed_config::WireguardMode) -> Result<bool, WgError> {
+    use tweed_config::WireguardMode as M;
+    match (chosen, mode) {
+        (_, M::Ipv6) => Err(WgError::ModeNotCarried),
+        (WgImpl::Userspace, M::Auto | M::Ipv4) => Ok(true),
+        (WgImpl::Userspace, M::Separate) => Err(WgError::DualModeNotCarried {
+            mode: "separate",
+            needs: "a second device tweed-wg-v6 on ListenPortV6 with IPv6 endpoints",
+            implementation: "userspace",
+        }),
+        (_, _) => Ok(false),
+    }
 }
 
 impl WgConfig {
@@ -139,6 +191,45 @@ impl WgConfig {
             psk: self.psk,
             keepalive: self.keepalive,
         }
+    }
+
+    /// This node for the dual-stack plan, once it serves an IPv6 half and knows its subnet.
+    /// Userspace reaches every peer over the IPv4 underlay, so `auto` plans as `ipv4` there.
+    pub fn dual_local(&self) -> Option<dual::DualLocal> {
+        let d = self.dual.as_ref()?;
+        let own_subnet = d.own_subnet?;
+        let mode = match (self.implementation, d.mode) {
+            (WgImpl::Userspace, tweed_config::WireguardMode::Auto) => {
+                tweed_config::WireguardMode::Ipv4
+            }
+            (_, m) => m,
+        };
+        Some(dual::DualLocal {
+            mode,
+            v4: self.local(),
+            v6: Some(dual::Local6 {
+                network: d.ipv6.network,
+                own_subnet,
+                public_ipv6: d.public_ipv6,
+            }),
+            listen_port: self.listen_port,
+            listen_port_v6: d.listen_port_v6,
+            mtu: self.mtu(),
+        })
+    }
+
+    /// This node's lease value: `BackendData`, and with an IPv6 half `PublicIPv6` and
+    /// `BackendV6Data` (the port IPv6 peers are served on, [`dual::v6_port`]).
+    pub fn lease_attrs(&self) -> tweed_config::LeaseAttrs {
+        let mut a = plan::lease_attrs(self.public_ip, &self.public_key(), self.listen_port);
+        if let Some(d) = &self.dual {
+            a.public_ipv6 = Some(d.public_ipv6);
+            a.backend_v6_data = Some(plan::backend_data(
+                &self.public_key(),
+                dual::v6_port(d.mode, self.listen_port, d.listen_port_v6),
+            ));
+        }
+        a
     }
 
     pub fn link_spec(&self) -> plan::LinkSpec {
@@ -263,6 +354,29 @@ impl WgBackend {
         self.cfg.listen_port
     }
 
+    /// This node for the dual-stack plan when it serves an IPv6 half (see [`WgConfig::dual`]).
+    pub fn dual_local(&self) -> Option<dual::DualLocal> {
+        self.cfg.dual_local()
+    }
+
+    /// The network's IPv6 half, when this node serves one.
+    pub fn ipv6_config(&self) -> Option<&tweed_config::Ipv6Config> {
+        self.cfg.dual.as_ref().map(|d| &d.ipv6)
+    }
+
+    /// Our lease's IPv6 subnet changed: the next reconcile plans for it.
+    pub fn set_own_subnet_v6(&mut self, subnet: Option<ipnetwork::Ipv6Network>) {
+        if let Some(d) = self.cfg.dual.as_mut() {
+            d.own_subnet = subnet;
+        }
+    }
+
+    /// Whether this data plane carries IPv6 pods: its device then needs the node's IPv6 subnet
+    /// address and the `IPv6Network` route ([`crate::backend::v6::V6Plane`] sets them).
+    pub fn carries_v6(&self) -> bool {
+        matches!(self.plane, Plane::Userspace(_)) && self.cfg.dual_local().is_some()
+    }
+
     /// Which WireGuard carries the traffic: `kernel` or `userspace`.
     pub fn implementation(&self) -> &'static str {
         match self.plane {
@@ -361,6 +475,41 @@ impl WgBackend {
         peers: &[WgPeer],
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let (specs, skipped) = plan::desired_peers(&self.cfg.local(), peers);
+        self.reconcile_specs(nl, specs, skipped).await
+    }
+
+    /// [`reconcile`](Self::reconcile) for a node serving an IPv6 half: each peer's allowed IPs
+    /// are both its subnets (its IPv6 half when usable, [`dual::plan_dual`]); what is left out
+    /// is logged. Only the single-device layout runs here ([`carries_v6`] refuses the others).
+    pub async fn reconcile_dual(
+        &mut self,
+        nl: &crate::netlink::Netlink,
+        peers: &[dual::DualPeer],
+    ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
+        let Some(local) = self.cfg.dual_local() else {
+            let v4: Vec<WgPeer> = peers.iter().map(|p| p.v4).collect();
+            return self.reconcile(nl, &v4).await;
+        };
+        let plan = dual::plan_dual(&local, peers);
+        for s in &plan.skipped_v6 {
+            tracing::debug!(peer = %s.v4_subnet, "wireguard: IPv6 half left out: {}", s.reason);
+        }
+        let specs = plan
+            .devices
+            .iter()
+            .find(|d| d.name == DEVICE)
+            .map(|d| dual::device_spec(d, *self.cfg.private_key.bytes()).peers)
+            .unwrap_or_default();
+        self.reconcile_specs(nl, specs.into_values().collect(), plan.skipped)
+            .await
+    }
+
+    async fn reconcile_specs(
+        &mut self,
+        nl: &crate::netlink::Netlink,
+        specs: Vec<plan::PeerSpec>,
+        skipped: Vec<crate::backend::PeerSkip>,
+    ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let desired = plan::device_spec(
             *self.cfg.private_key.bytes(),
             self.cfg.listen_port,
@@ -410,6 +559,32 @@ impl Userspace {
                 })
             })
             .collect();
+        // IPv6 pods ride the same IPv4 endpoint: the workers' table routes each peer's IPv6
+        // subnet to it (sealed there by the peer's session like its IPv4 packets).
+        if let Some(d) = &cfg.dual {
+            if let Some(own_subnet) = d.own_subnet {
+                let peers = specs
+                    .iter()
+                    .filter_map(|s| {
+                        let ep = s.endpoint_v4()?;
+                        Some(s.allowed_ips.iter().filter_map(move |n| match n {
+                            ipnetwork::IpNetwork::V6(n) => Some(crate::backend::UdpPeer6 {
+                                subnet: *n,
+                                public_ip: *ep.ip(),
+                                port: ep.port(),
+                            }),
+                            ipnetwork::IpNetwork::V4(_) => None,
+                        }))
+                    })
+                    .flatten()
+                    .collect();
+                self.udp.set_v6(Some(crate::backend::V6Spec {
+                    network: d.ipv6.network,
+                    own_subnet,
+                    peers,
+                }));
+            }
+        }
         let wg = (!ops.is_empty() || !self.published).then(|| {
             self.table = Arc::new(self.table.update(&cfg.private_key, specs));
             self.table.clone()
@@ -446,7 +621,9 @@ async fn setup_userspace(
         // One peer's datagrams to one worker: they are ciphertext, and one session's lock.
         steering: crate::backend::udp::io::Steering::WireguardPeer,
     };
-    let udp = crate::backend::UdpBackend::setup(nl, udp_cfg).await?;
+    // Dual stack: the TUN device keeps IPv6 (the IPv6 plane gives it the address and route).
+    let dual = cfg.dual_local().is_some();
+    let udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, dual).await?;
     Ok(Userspace {
         udp,
         table: Arc::new(userspace::WgTable::new(&cfg.private_key)),
@@ -476,6 +653,20 @@ async fn setup_kernel(
         device_checked: true,
         setup_ops,
     })
+}
+
+/// The implementation that runs: `userspace` as asked, else the kernel's when it makes
+/// `wireguard` links (`kernel` fails without; `auto` then takes userspace). Resolved before the
+/// lease is written, since what the lease advertises depends on it.
+pub async fn choose_implementation(
+    nl: &crate::netlink::Netlink,
+    wanted: WgImpl,
+) -> Result<WgImpl, WgError> {
+    let probed = match wanted {
+        WgImpl::Userspace => Ok(()),
+        _ => probe_kernel(nl).await,
+    };
+    kernel::choose(wanted, &mut kernel::Probed(probed))
 }
 
 /// Whether this kernel makes `wireguard` links: a throw-away one (named after the process)

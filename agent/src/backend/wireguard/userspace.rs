@@ -76,8 +76,9 @@ impl std::fmt::Debug for WgTable {
 
 /// What one received datagram asks of the worker.
 pub enum Opened<'a> {
-    /// An inner IPv4 packet of this length from `peer`, at the start of the output buffer;
-    /// its source still has to be checked against the peer's allowed IPs ([`allowed`]).
+    /// An inner IPv4 or IPv6 packet of this length from `peer`, at the start of the output
+    /// buffer; its source still has to be checked against the peer's allowed IPs ([`allowed`],
+    /// [`super::dual::source_allowed`]).
     Packet(usize, &'a PeerState),
     /// Protocol traffic handled; the worker must send what [`WgTable::drain`] yields for `peer`.
     Handled(&'a PeerState),
@@ -204,9 +205,13 @@ impl WgTable {
         };
         let mut t = lock(&peer.tunn);
         match t.decapsulate(Some(src.into()), d, out) {
-            TunnResult::WriteToTunnelV4(p, _) => (Opened::Packet(p.len(), peer), None),
-            // Keepalives come out as empty v4 or v6 packets: nothing to write.
-            TunnResult::WriteToTunnelV6(..) | TunnResult::Done => (Opened::Handled(peer), None),
+            // An inner IPv6 packet (dual stack) is the worker's to check as well: its source
+            // against the peer's IPv6 allowed IPs, its destination against our IPv6 subnet.
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                (Opened::Packet(p.len(), peer), None)
+            }
+            // A keepalive opens to nothing: nothing to write.
+            TunnResult::Done => (Opened::Handled(peer), None),
             TunnResult::WriteToNetwork(b) => {
                 let n = b.len();
                 (Opened::Handled(peer), Some(n))
@@ -383,6 +388,59 @@ mod tests {
         // A replayed datagram is refused and counted.
         assert!(deliver(&a, "198.18.0.2", &d).0.is_empty());
         assert_eq!(a.peers()[0].rx_rejected.load(Ordering::Relaxed), 1);
+    }
+
+    /// Dual stack: an inner IPv6 packet rides the same session and comes out as a packet for
+    /// the worker to check (not swallowed as protocol traffic), and its source is checked
+    /// against the sender's IPv6 allowed IPs, so another subnet's source is refused.
+    #[test]
+    fn an_inner_ipv6_packet_rides_the_session_and_is_checked_against_allowed_ips() {
+        use crate::backend::udp::packet::tests::ipv6;
+        use crate::backend::wireguard::dual::source_allowed;
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let dual = |k: &PrivateKey, v4: &str, v6: &str, ip: &str| PeerSpec {
+            allowed_ips: vec![v4.parse().unwrap(), v6.parse().unwrap()],
+            ..spec(k, v4, ip, None)
+        };
+        let a = WgTable::new(&ka).update(
+            &ka,
+            &[dual(
+                &kb,
+                "10.244.2.0/24",
+                "fd00:10:244:2::/64",
+                "198.18.0.2",
+            )],
+        );
+        let b = WgTable::new(&kb).update(
+            &kb,
+            &[dual(
+                &ka,
+                "10.244.1.0/24",
+                "fd00:10:244:1::/64",
+                "198.18.0.1",
+            )],
+        );
+        let secret = b"tweed-known-v6-payload-0123456789";
+        let pkt = ipv6("fd00:10:244:1::5", "fd00:10:244:2::7", 17, secret);
+        let init = seal_to_first_peer(&a, &pkt);
+        let (_, resp) = deliver(&b, "198.18.0.1", &init);
+        let (_, queued) = deliver(&a, "198.18.0.2", &resp[0]);
+        let mut inner = Vec::new();
+        for d in &queued {
+            assert!(!d.windows(secret.len()).any(|w| w == secret));
+            inner.extend(deliver(&b, "198.18.0.1", d).0);
+        }
+        assert_eq!(inner, vec![pkt.clone()]);
+        let from_a = &b.peers()[0].spec.allowed_ips;
+        assert!(source_allowed(from_a, &pkt));
+        // A spoofed source (B's own subnet, or a third node's) opens but is not allowed.
+        for src in ["fd00:10:244:2::9", "fd00:10:244:3::1"] {
+            let spoofed = ipv6(src, "fd00:10:244:2::7", 17, b"x");
+            let d = seal_to_first_peer(&a, &spoofed);
+            let got = deliver(&b, "198.18.0.1", &d).0;
+            assert_eq!(got, vec![spoofed.clone()]);
+            assert!(!source_allowed(from_a, &got[0]), "{src}");
+        }
     }
 
     #[test]
