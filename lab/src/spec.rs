@@ -70,6 +70,11 @@ pub fn network_config_json(backend: Backend, direct_routing: bool, family: IpFam
         "Backend": b,
     });
     if family.has_v6() {
+        if backend == Backend::Wireguard {
+            // flannel's default `separate` (a second device with IPv6 endpoints) is refused on
+            // the userspace path this host runs; `auto` carries both families on one device.
+            c["Backend"]["Mode"] = "auto".into();
+        }
         c["EnableIPv6"] = true.into();
         c["IPv6Network"] = names::OVERLAY6_NETWORK.into();
         c["IPv6SubnetLen"] = names::OVERLAY6_SUBNET_LEN.into();
@@ -184,13 +189,7 @@ fn validate(spec: &LabSpec) -> Result<(), LabError> {
              EnableIPv4: false); use dual"
                 .into(),
         )),
-        IpFamily::Dual => match spec.backend {
-            Backend::Vxlan | Backend::HostGw | Backend::Udp => Ok(()),
-            other => Err(LabError::Spec(format!(
-                "--ip-family dual: backend {other} carries IPv4 only so far (vxlan, host-gw and \
-                 udp carry IPv6)"
-            ))),
-        },
+        IpFamily::Dual => Ok(()),
     }
 }
 
@@ -286,6 +285,15 @@ mod tests {
             network_config_json(Backend::HostGw, false, IpFamily::Dual),
             r#"{"Backend":{"Type":"host-gw"},"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64,"Network":"10.244.0.0/16","SubnetLen":24}"#
         );
+        // wireguard dual stack: one device for both families (Mode auto), IPv4-only unchanged.
+        let wg = network_config_json(Backend::Wireguard, false, IpFamily::Dual);
+        let parsed = tweed_config::NetworkConfig::parse(&wg).unwrap();
+        assert!(parsed.ipv6.is_some());
+        let tweed_config::BackendConfig::Wireguard(w) = parsed.backend else {
+            panic!("{wg}")
+        };
+        assert_eq!(w.mode, tweed_config::WireguardMode::Auto);
+        assert!(!network_config_json(Backend::Wireguard, false, IpFamily::V4).contains("Mode"));
         // What the lab writes is what the agent reads, dual-stack half included.
         let dual = network_config_json(Backend::Vxlan, false, IpFamily::Dual);
         let parsed = tweed_config::NetworkConfig::parse(&dual).unwrap();
@@ -348,15 +356,12 @@ mod tests {
             e.contains("--ip-family v6") && e.contains("EnableIPv4"),
             "{e}"
         );
-        let e = err(&|s| {
-            s.ip_family = IpFamily::Dual;
-            s.backend = Backend::Wireguard;
-        });
-        assert!(
-            e.contains("--ip-family dual") && e.contains("wireguard"),
-            "{e}"
-        );
-        for b in [Backend::Vxlan, Backend::HostGw, Backend::Udp] {
+        for b in [
+            Backend::Vxlan,
+            Backend::HostGw,
+            Backend::Udp,
+            Backend::Wireguard,
+        ] {
             let mut spec = LabSpec::new("x", 2);
             (spec.ip_family, spec.backend) = (IpFamily::Dual, b);
             validate(&spec).unwrap();
