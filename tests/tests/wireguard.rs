@@ -744,3 +744,103 @@ fn a_wireguard_go_node_configured_as_flannel_does_interoperates_with_tweed_nodes
         println!("{}: {seen}", h.name);
     }
 }
+
+/// Captures on `target` while `h1/p1` pings the IPv6 address `dst` with the marker.
+fn capture_during_ping6(lab: &tweed_lab::Lab, target: &str, dst: &str) -> Vec<u8> {
+    capture_while(lab, target, "udp or icmp6", || {
+        let out = lab
+            .exec(
+                "h1/p1",
+                &[
+                    "ping", "-6", "-c", "5", "-i", "0.2", "-W", "2", "-p", MARKER_HEX, dst,
+                ],
+            )
+            .unwrap_or_else(|e| panic!("ping6 {dst}: {e}"));
+        let (tx, rx) = ping_summary(&out);
+        assert_eq!((tx, rx), (5, 5), "{out}");
+    })
+}
+
+/// Issues 18/19: a dual-stack lab on the wireguard backend (userspace path, `Mode` auto: one
+/// device for both families over the IPv4 underlay). Every pod pair across the 3 hosts pings
+/// over IPv4 and IPv6; each lease advertises `PublicIPv6` and `BackendV6Data
+/// {"PublicKey","Port"}` with the node's one key and `ListenPort`; `tweed-wg` holds the IPv6
+/// subnet address and the `IPv6Network` route; and the underlay carries IPv6 pod traffic only
+/// as WireGuard datagrams, never the payload in clear. IPv6 comes back after an agent restart.
+#[test]
+fn wireguard_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_encrypted() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("wgd"), 3);
+    spec.backend = Backend::Wireguard;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    let lab = up(spec);
+    let report = lab.check_until(Duration::from_secs(20)).expect("check");
+    let failures: Vec<String> = report
+        .failures()
+        .map(|f| format!("{} -> {} ({}): {}", f.from, f.to, f.to_ip, f.detail))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // 3 hosts x 2 pods, each to the 4 pods elsewhere, per family.
+    let v6 = report.results.iter().filter(|r| r.to_ip.is_ipv6()).count();
+    assert_eq!((report.results.len(), v6), (48, 24));
+
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    for (i, h) in lab.state().hosts.iter().enumerate() {
+        let public = pubkey_of(&h.agent_state_dir.join("wgkey"));
+        let env = tweed_config::SubnetEnv::read(&h.subnet_file).unwrap();
+        let sub6 = env.ipv6.expect("subnet.env IPv6 half").node_subnet();
+        // flannel's dual key, and the IPv6 half of the value.
+        let key_at = lines
+            .iter()
+            .position(|l| l.ends_with(&format!("&{}-{}", sub6.network(), sub6.prefix())))
+            .unwrap_or_else(|| panic!("{}: no dual-stack key for {sub6} in\n{listing}", h.name));
+        let v: serde_json::Value = serde_json::from_str(lines[key_at + 1]).unwrap();
+        assert_eq!(v["BackendType"], "wireguard");
+        assert_eq!(
+            v["PublicIPv6"],
+            tweed_lab::names::host_public_ip6(i + 1, 1).to_string()
+        );
+        let want = serde_json::json!({"PublicKey": public, "Port": 51820});
+        assert_eq!(v["BackendData"], want, "{}", h.name);
+        assert_eq!(v["BackendV6Data"], want, "{}", h.name);
+        // The device: the IPv6 subnet address and one route for the IPv6 overlay.
+        let addr = in_ns(&h.netns, &["ip", "-6", "addr", "show", "dev", "tweed-wg"]);
+        let own = format!("{}/128", sub6.network());
+        assert!(addr.contains(&own), "{}: no {own} in {addr}", h.name);
+        let routes = in_ns(&h.netns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
+        assert!(
+            routes.contains(tweed_lab::names::OVERLAY6_NETWORK),
+            "{}: {routes}",
+            h.name
+        );
+    }
+
+    // Underlay: WireGuard datagrams, never the marker; in the destination pod: the marker.
+    let h2 = &lab.state().hosts[1];
+    let dst = h2.pods[0].ip6.expect("pod IPv6").to_string();
+    let underlay = capture_during_ping6(&lab, "underlay", &dst);
+    assert!(underlay.len() > 200, "empty capture on the underlay");
+    assert_eq!(
+        count(&underlay, MARKER),
+        0,
+        "IPv6 pod payload in clear on the underlay"
+    );
+    let wg = count(&underlay, &[0xca, 0x6c]); // port 51820 big-endian
+    assert!(wg >= 5, "no WireGuard traffic captured ({wg})");
+    let in_pod = capture_during_ping6(&lab, "h2/p1", &dst);
+    assert!(
+        count(&in_pod, MARKER) >= 5,
+        "the control capture missed the marker"
+    );
+
+    // A restarted agent carries IPv6 again (device, address and route stay; peers reloaded).
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    restart_agent_ready(&stopped, "h2");
+    let h1p1 = lab.state().hosts[0].pods[0].netns.clone();
+    wait_for(
+        Duration::from_secs(15),
+        "h1/p1 ping6 to h2/p1 after h2's restart",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
+    );
+}

@@ -1147,8 +1147,9 @@ mod tests {
                 "userspace",
                 Ok(Some(51820)),
             ),
-            // The kernel path runs IPv4 only so far: PublicIPv6, no BackendV6Data.
-            (true, WgImpl::Auto, "auto", "kernel", Ok(None)),
+            (true, WgImpl::Auto, "auto", "kernel", Ok(Some(51820))),
+            // The kernel path's separate mode runs IPv4 only so far: PublicIPv6, no
+            // BackendV6Data.
             (true, WgImpl::Kernel, "separate", "kernel", Ok(None)),
         ];
         for (module, wanted, mode, chosen, want) in cases {
@@ -1199,8 +1200,13 @@ mod tests {
                     let Prepared::Wireguard(c) = &p else { panic!() };
                     if port.is_some() {
                         let l = c.dual_local().expect("dual");
-                        // Userspace reaches every peer over IPv4: auto plans as ipv4.
-                        assert_eq!(l.mode, tweed_config::WireguardMode::Ipv4);
+                        // Userspace reaches every peer over IPv4: auto plans as ipv4 there;
+                        // the kernel's device takes flannel's endpoint rule.
+                        let want = match (chosen, mode) {
+                            ("kernel", "auto") => tweed_config::WireguardMode::Auto,
+                            _ => tweed_config::WireguardMode::Ipv4,
+                        };
+                        assert_eq!(l.mode, want);
                         // A rotated key's lease keeps the IPv6 half.
                         assert_eq!(c.lease_attrs().to_json(), a.to_json());
                     }

@@ -330,3 +330,109 @@ async fn the_probe_removes_a_dead_agents_link_and_a_failed_delete_still_means_ke
     probe_kernel(&nl).await.unwrap();
     assert!(no_probe_link_left(&nl).await);
 }
+
+/// A dual-stack node on the kernel path, single-device mode: the peers' entries get both
+/// subnets as allowed IPs (and flannel's `auto` endpoint), a second pass writes nothing, and
+/// the IPv6 plane puts the IPv6 subnet address and the `IPv6Network` route on `tweed-wg`.
+#[tokio::test]
+async fn kernel_dual_stack_device_carries_both_families_from_the_plan() {
+    use tweed_config::{LeaseAttrs, SubnetKey, WireguardMode};
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let net = tweed_config::NetworkConfig::parse(
+        r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"wireguard","Mode":"auto"}}"#,
+    )
+    .unwrap();
+    let ipv6 = net.ipv6.clone().unwrap();
+    let own6: ipnetwork::Ipv6Network = "fd00:5:0:1::/64".parse().unwrap();
+    let cfg = WgConfig {
+        dual: Some(Box::new(WgDual {
+            mode: WireguardMode::Auto,
+            listen_port_v6: 51821,
+            ipv6: ipv6.clone(),
+            public_ipv6: "2001:db8::1".parse().unwrap(),
+            own_subnet: Some(own6),
+        })),
+        ..cfg(WgImpl::Kernel)
+    };
+    let mut b = WgBackend::setup_with(&nl, cfg, opener(&g)).await.unwrap();
+    assert_eq!(b.implementation(), "kernel");
+    assert!(b.carries_v6());
+    let local = b.dual_local().unwrap();
+    // Two flannel-format dual-stack leases: one with a public PublicIP (IPv4 endpoint), one with
+    // an RFC 1918 PublicIP and global PublicIPv6s (flannel's auto rule: the IPv6 endpoint).
+    let lease = |n: u8, key: u8, ip: &str, ip6: &str| {
+        let k = PrivateKey::from_bytes([key; 32]).public();
+        let json = format!(
+            r#"{{"PublicIP":"{ip}","PublicIPv6":"{ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{k}","Port":51820}},"BackendV6Data":{{"PublicKey":"{k}","Port":51820}}}}"#
+        );
+        let skey = SubnetKey {
+            ipv4: format!("10.5.{n}.0/24").parse().unwrap(),
+            ipv6: Some(format!("fd00:5:0:{n}::/64").parse().unwrap()),
+        };
+        let attrs = LeaseAttrs::parse(json.as_bytes()).unwrap();
+        (
+            k,
+            dual::DualPeer::from_lease(&skey, &attrs, Some(&ipv6), &local).unwrap(),
+        )
+    };
+    let (ka, a) = lease(2, 2, "198.51.100.2", "2001:db8::2");
+    let (kc, c) = lease(3, 3, "192.168.9.3", "2001:db8::3");
+    b.reconcile_dual(&nl, &[a.clone(), c.clone()])
+        .await
+        .unwrap();
+    let mut want = vec![
+        (
+            ka,
+            "198.51.100.2:51820".to_string(),
+            vec!["10.5.2.0/24".to_string(), "fd00:5:0:2::/64".into()],
+        ),
+        (
+            kc,
+            "[2001:db8::3]:51820".to_string(),
+            vec!["10.5.3.0/24".to_string(), "fd00:5:0:3::/64".into()],
+        ),
+    ];
+    want.sort_by(|x, y| x.2.cmp(&y.2));
+    assert_eq!(peers_of(&g), want);
+    let writes = lock(&g).writes;
+    b.reconcile_dual(&nl, &[a, c]).await.unwrap();
+    assert_eq!(lock(&g).writes, writes, "an unchanged set writes nothing");
+
+    // The IPv6 plane on the kernel device: address /128 and the IPv6Network route, then nothing.
+    let dp = crate::backend::DataPlane::Wireguard(b);
+    let params = crate::backend::v6::V6Params {
+        cfg: ipv6.clone(),
+        own_subnet: own6,
+        public_ipv6: "2001:db8::1".parse().unwrap(),
+    };
+    let v6 = crate::backend::v6::V6Plane::setup(&nl, params.clone(), &dp)
+        .await
+        .unwrap()
+        .expect("the device carries IPv6");
+    assert_eq!(v6.setup_ops().len(), 2, "{:?}", v6.setup_ops());
+    let ifindex = nl.link_by_name(DEVICE).await.unwrap().unwrap().index;
+    let addrs: Vec<String> = nl
+        .addresses6(Some(ifindex))
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.net.to_string())
+        .collect();
+    assert!(addrs.contains(&"fd00:5:0:1::/128".to_string()), "{addrs:?}");
+    let routes: Vec<String> = nl
+        .all_routes6()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.oif == Some(ifindex))
+        .map(|r| r.dst.to_string())
+        .collect();
+    assert_eq!(routes, ["fd00:5::/56"]);
+    let again = crate::backend::v6::V6Plane::setup(&nl, params, &dp)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.setup_ops().is_empty(), "{:?}", again.setup_ops());
+}

@@ -143,12 +143,14 @@ pub struct WgDual {
 /// - userspace: one TUN device whose UDP socket is IPv4, so the single-device modes `auto` and
 ///   `ipv4` carry IPv6 pods over the IPv4 underlay (`auto` then always picks the IPv4
 ///   endpoint); `separate` (a second device on `ListenPortV6`, IPv6 endpoints) is refused.
-/// - kernel: IPv4 only so far (the plan for its devices exists, [`dual`], but is not applied).
+/// - kernel: the single-device modes `auto` and `ipv4` carry IPv6 (`tweed-wg` gets the IPv6
+///   address and route, peers both subnets, endpoints by [`dual::plan_dual`]); `separate`'s
+///   second device is not applied yet, so `separate` runs IPv4 only.
 pub fn carries_v6(chosen: WgImpl, mode: tweed_config::WireguardMode) -> Result<bool, WgError> {
     use tweed_config::WireguardMode as M;
     match (chosen, mode) {
         (_, M::Ipv6) => Err(WgError::ModeNotCarried),
-        (WgImpl::Userspace, M::Auto | M::Ipv4) => Ok(true),
+        (_, M::Auto | M::Ipv4) => Ok(true),
         (WgImpl::Userspace, M::Separate) => Err(WgError::DualModeNotCarried {
             mode: "separate",
             needs: "a second device tweed-wg-v6 on ListenPortV6 with IPv6 endpoints",
@@ -374,7 +376,7 @@ impl WgBackend {
     /// Whether this data plane carries IPv6 pods: its device then needs the node's IPv6 subnet
     /// address and the `IPv6Network` route ([`crate::backend::v6::V6Plane`] sets them).
     pub fn carries_v6(&self) -> bool {
-        matches!(self.plane, Plane::Userspace(_)) && self.cfg.dual_local().is_some()
+        self.cfg.dual_local().is_some_and(|l| !l.separate())
     }
 
     /// Which WireGuard carries the traffic: `kernel` or `userspace`.
