@@ -844,3 +844,199 @@ fn wireguard_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_encrypted() {
         || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
     );
 }
+
+/// Issues 18/19: a dual-stack node configured by hand as flannel's wireguard backend configures
+/// one in a single-device mode (`auto`/`ipv4`), on wireguard-go, from the documented formats
+/// only: its lease under flannel's dual key `<v4>-24&<v6>-64` with `PublicIPv6`, `BackendData`
+/// and `BackendV6Data {"PublicKey","Port"}`; its device with the v4 /32 and the v6 subnet
+/// address /128 and a route for each network; a peer per tweed lease with both subnets as
+/// allowed IPs at `PublicIP:Port`. tweed reads the lease into a peer with both allowed IPs: its
+/// pod and the tweed pods reach each other over IPv4 and IPv6, both ways (a missing IPv6
+/// allowed IP on either side would drop the IPv6 pings).
+#[test]
+fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_both_families() {
+    require_root!(NEEDS_ROOT);
+    assert!(
+        which("wireguard-go").is_some(),
+        "wireguard-go is not installed: apt-get install wireguard-go wireguard-tools"
+    );
+    let mut spec = LabSpec::new(per_process("wgf6"), 2);
+    spec.backend = Backend::Wireguard;
+    spec.pods_per_host = 1;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    let lab = up(spec);
+    let fl = flannel::Node::up(&lab, "twgf6", &WG_MTU.to_string());
+    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let public_ip = flannel::PUBLIC_IP;
+    let public_ip6 = tweed_lab::names::host_public_ip6(200, 1);
+    let hosts = lab.state().hosts.clone();
+
+    // An IPv6 /64 of the overlay no tweed host holds.
+    let overlay6: ipnetwork::Ipv6Network = tweed_lab::names::OVERLAY6_NETWORK.parse().unwrap();
+    let taken: Vec<ipnetwork::Ipv6Network> = hosts
+        .iter()
+        .map(|h| {
+            tweed_config::SubnetEnv::read(&h.subnet_file)
+                .unwrap()
+                .ipv6
+                .expect("IPv6 half")
+                .node_subnet()
+        })
+        .collect();
+    let subnet6 = (0xc8u16..=0xff)
+        .map(|g| {
+            let s = overlay6.network().segments();
+            let a = std::net::Ipv6Addr::new(s[0], s[1], s[2], g, 0, 0, 0, 0);
+            ipnetwork::Ipv6Network::new(a, 64).unwrap()
+        })
+        .find(|s| !taken.contains(s))
+        .expect("a free IPv6 /64");
+    let gw6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 1);
+    let pod_ip6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 2);
+
+    // IPv6 on the node and its pod as flannel's CNI chain gives it (no DAD: a tentative
+    // address is unusable for a while).
+    for ns in [node, pod] {
+        for scope in ["all", "default"] {
+            in_ns(
+                ns,
+                &["sysctl", "-qw", &format!("net.ipv6.conf.{scope}.accept_dad=0")],
+            );
+        }
+    }
+    in_ns(node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let addr6 = |ns: &str, a: String, dev: &str| {
+        ip(&["-n", ns, "-6", "addr", "add", &a, "dev", dev, "nodad"]);
+    };
+    addr6(node, format!("{public_ip6}/64"), "eth0");
+    addr6(node, format!("{gw6}/64"), "cni0");
+    addr6(pod, format!("{pod_ip6}/64"), "eth0");
+    ip(&["-n", pod, "-6", "route", "add", "default", "via", &gw6.to_string()]);
+
+    // Key and device, as flannel does.
+    let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgf6-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let key_file = dir.0.join("wgkey");
+    let genkey = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .unwrap();
+    std::fs::write(&key_file, &genkey.stdout).unwrap();
+    let public_key = pubkey_of(&key_file);
+    let dev = format!("fw6{}", std::process::id() % 100_000);
+    let _wg_go = WgGo::start(node, &dev);
+    in_ns(
+        node,
+        &[
+            "wg",
+            "set",
+            &dev,
+            "listen-port",
+            "51820",
+            "private-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    fl.address_device(&dev);
+    addr6(node, format!("{}/128", subnet6.network()), &dev);
+    ip(&[
+        "-n",
+        node,
+        "link",
+        "set",
+        &dev,
+        "mtu",
+        &WG_MTU.to_string(),
+        "up",
+    ]);
+    ip(&[
+        "-n",
+        node,
+        "route",
+        "add",
+        tweed_lab::names::OVERLAY_NETWORK,
+        "dev",
+        &dev,
+        "scope",
+        "link",
+    ]);
+    ip(&[
+        "-n",
+        node,
+        "-6",
+        "route",
+        "add",
+        tweed_lab::names::OVERLAY6_NETWORK,
+        "dev",
+        &dev,
+    ]);
+
+    // Its lease under flannel's dual key.
+    let value = format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{public_key}","Port":51820}},"BackendV6Data":{{"PublicKey":"{public_key}","Port":51820}}}}"#
+    );
+    let key = format!("{subnet}-24&{}-64", subnet6.network());
+    fl.write_lease_at(&lab, &key, 86400, &value);
+
+    // A peer per tweed lease, read from etcd: allowed IPs both subnets of its key, endpoint
+    // PublicIP:BackendData.Port (flannel's single-device modes, IPv4 endpoint).
+    let listing = etcdctl(
+        &lab,
+        &["get", "--prefix", "/coreos.com/network/subnets/"],
+    );
+    let lines: Vec<&str> = listing.lines().collect();
+    let mut peers = 0;
+    for kv in lines.chunks(2) {
+        let [k, v] = kv else { continue };
+        let name = k.rsplit('/').next().unwrap();
+        let Some((v4, v6)) = name.split_once('&') else {
+            panic!("tweed's dual-stack lease has a dual key: {k}")
+        };
+        let attrs: serde_json::Value = serde_json::from_str(v).unwrap();
+        if attrs["BackendData"]["PublicKey"] == public_key.as_str() {
+            continue;
+        }
+        assert_eq!(
+            attrs["BackendV6Data"], attrs["BackendData"],
+            "tweed's v6 half: same key and port on one device"
+        );
+        let cidr = |s: &str| {
+            let (a, l) = s.rsplit_once('-').unwrap();
+            format!("{a}/{l}")
+        };
+        let endpoint = format!(
+            "{}:{}",
+            attrs["PublicIP"].as_str().unwrap(),
+            attrs["BackendData"]["Port"]
+        );
+        in_ns(
+            node,
+            &[
+                "wg",
+                "set",
+                &dev,
+                "peer",
+                attrs["BackendData"]["PublicKey"].as_str().unwrap(),
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &format!("{},{}", cidr(v4), cidr(v6)),
+            ],
+        );
+        peers += 1;
+    }
+    assert_eq!(peers, 2, "{listing}");
+
+    // Both families, both directions, every tweed pod.
+    let pod_ip6 = pod_ip6.to_string();
+    for h in &hosts {
+        for p in &h.pods {
+            let ip4 = p.ip.to_string();
+            let ip6 = p.ip6.expect("pod IPv6").to_string();
+            ping_ok(pod, &ip4, &[]);
+            ping_ok(&p.netns, pod_ip, &[]);
+            ping_ok(pod, &ip6, &["-6"]);
+            ping_ok(&p.netns, &pod_ip6, &["-6"]);
+        }
+    }
+}
