@@ -20,9 +20,10 @@
 //! the single-device modes (where flannel's own device listens on `ListenPort` only).
 //!
 //! [`device_spec`] turns a planned device into what the kernel path's reconcile writes over
-//! generic netlink (IPv6 endpoints and allowed IPs included). Not yet wired into
-//! [`super::WgBackend`]: the agent does not create `tweed-wg-v6` nor give the devices their IPv6
-//! address and route, and the userspace path's packet I/O carries IPv4 only (docs/wireguard.md).
+//! generic netlink (IPv6 endpoints and allowed IPs included). [`super::WgBackend::reconcile_dual`]
+//! runs the single-device modes on both paths (the userspace path with IPv4 endpoints only);
+//! `separate`'s second device `tweed-wg-v6` is not created by the agent yet
+//! ([`super::carries_v6`], docs/wireguard.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
