@@ -900,7 +900,11 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
         for scope in ["all", "default"] {
             in_ns(
                 ns,
-                &["sysctl", "-qw", &format!("net.ipv6.conf.{scope}.accept_dad=0")],
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{scope}.accept_dad=0"),
+                ],
             );
         }
     }
@@ -911,7 +915,16 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
     addr6(node, format!("{public_ip6}/64"), "eth0");
     addr6(node, format!("{gw6}/64"), "cni0");
     addr6(pod, format!("{pod_ip6}/64"), "eth0");
-    ip(&["-n", pod, "-6", "route", "add", "default", "via", &gw6.to_string()]);
+    ip(&[
+        "-n",
+        pod,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &gw6.to_string(),
+    ]);
 
     // Key and device, as flannel does.
     let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgf6-{}", std::process::id())));
@@ -980,10 +993,7 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
 
     // A peer per tweed lease, read from etcd: allowed IPs both subnets of its key, endpoint
     // PublicIP:BackendData.Port (flannel's single-device modes, IPv4 endpoint).
-    let listing = etcdctl(
-        &lab,
-        &["get", "--prefix", "/coreos.com/network/subnets/"],
-    );
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
     let lines: Vec<&str> = listing.lines().collect();
     let mut peers = 0;
     for kv in lines.chunks(2) {

@@ -594,6 +594,8 @@ impl DataPlane {
                 });
                 b.reconcile(nl, &peers).await?
             }
+            // A node serving an IPv6 half: each peer's lease read for both halves. (One whose
+            // lease lost its IPv6 half plans IPv4 only below, which also drops the IPv6 routes.)
             DataPlane::Wireguard(b) if b.dual_local().is_some() => {
                 let local = b.dual_local().expect("checked");
                 let ipv6 = b.ipv6_config().cloned();

@@ -337,6 +337,7 @@ impl WgBackend {
             port = b.cfg.listen_port,
             public_key = %b.cfg.public_key(),
             mtu = b.cfg.mtu(),
+            ipv6 = b.carries_v6(),
             "wireguard: data plane running"
         );
         Ok(b)
@@ -564,6 +565,10 @@ impl Userspace {
         // IPv6 pods ride the same IPv4 endpoint: the workers' table routes each peer's IPv6
         // subnet to it (sealed there by the peer's session like its IPv4 packets).
         if let Some(d) = &cfg.dual {
+            // Our lease lost its IPv6 half: the workers' table drops the IPv6 routes too.
+            if d.own_subnet.is_none() {
+                self.udp.set_v6(None);
+            }
             if let Some(own_subnet) = d.own_subnet {
                 let peers = specs
                     .iter()
