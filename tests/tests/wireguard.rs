@@ -765,8 +765,9 @@ fn capture_during_ping6(lab: &tweed_lab::Lab, target: &str, dst: &str) -> Vec<u8
 /// device for both families over the IPv4 underlay). Every pod pair across the 3 hosts pings
 /// over IPv4 and IPv6; each lease advertises `PublicIPv6` and `BackendV6Data
 /// {"PublicKey","Port"}` with the node's one key and `ListenPort`; `tweed-wg` holds the IPv6
-/// subnet address and the `IPv6Network` route; and the underlay carries IPv6 pod traffic only
-/// as WireGuard datagrams, never the payload in clear. IPv6 comes back after an agent restart.
+/// subnet address and the `IPv6Network` route; the underlay carries IPv6 pod traffic only as
+/// WireGuard datagrams, never the payload in clear; an inner IPv6 source outside the sending
+/// peer's allowed IPs is dropped and counted. IPv6 comes back after an agent restart.
 #[test]
 fn wireguard_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_encrypted() {
     require_root!(NEEDS_ROOT);
@@ -832,6 +833,39 @@ fn wireguard_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_encrypted() {
     assert!(
         count(&in_pod, MARKER) >= 5,
         "the control capture missed the marker"
+    );
+
+    // The receive filter for IPv6: h2/p1 sends inner IPv6 packets with a source in h3's
+    // subnet to h1/p1. h2 seals them (its pod's packets are not checked on the way out), h1
+    // opens them, finds the source outside h2's allowed IPs and drops them, counted.
+    let metric = |series: &str| -> f64 {
+        let url = format!("http://{}:9867/metrics", lab.state().hosts[0].public_ip);
+        lab.exec("h2", &["curl", "-sf", "--max-time", "2", &url])
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let spoofed_series = "tweed_udp_drops_total{reason=\"spoofed_inner\"}";
+    let before = metric(spoofed_series);
+    let h1p1_ip6 = lab.state().hosts[0].pods[0].ip6.unwrap().to_string();
+    let h3_src = lab.state().hosts[2].pods[0].ip6.unwrap().to_string();
+    let inject = format!(
+        "import socket,struct\n\
+         s=socket.socket(socket.AF_INET6,socket.SOCK_RAW,socket.IPPROTO_RAW)\n\
+         src=socket.inet_pton(socket.AF_INET6,'{h3_src}')\n\
+         dst=socket.inet_pton(socket.AF_INET6,'{h1p1_ip6}')\n\
+         p=b'spoofed'\nu=struct.pack('!HHHH',5999,5999,8+len(p),0)+p\n\
+         h=struct.pack('!IHBB',6<<28,len(u),17,64)+src+dst\n\
+         for i in range(20): s.sendto(h+u,('{h1p1_ip6}',0))\n"
+    );
+    lab.exec("h2/p1", &["python3", "-c", &inject])
+        .expect("inject from h2/p1");
+    wait_for(
+        Duration::from_secs(10),
+        "h1 counting 20 spoofed inner IPv6 sources from h2",
+        || metric(spoofed_series) >= before + 20.0,
     );
 
     // A restarted agent carries IPv6 again (device, address and route stay; peers reloaded).
