@@ -71,8 +71,8 @@ pub fn network_config_json(backend: Backend, direct_routing: bool, family: IpFam
     });
     if family.has_v6() {
         if backend == Backend::Wireguard {
-            // flannel's default `separate` (a second device with IPv6 endpoints) is refused on
-            // the userspace path this host runs; `auto` carries both families on one device.
+            // flannel's default `separate` (a second device with IPv6 endpoints) is not built
+            // and runs IPv4 only; `auto` carries both families on one device.
             c["Backend"]["Mode"] = "auto".into();
         }
         c["EnableIPv6"] = true.into();

@@ -82,19 +82,6 @@ pub enum WgError {
          (IPv6 pods over the IPv4 underlay)"
     )]
     ModeNotCarried,
-
-    /// A dual-stack node whose chosen implementation cannot serve the configured `Mode`'s
-    /// layout: refused rather than advertise an IPv6 half peers would send to in vain.
-    #[error(
-        "wireguard: Backend.Mode \"{mode}\" on a dual-stack node needs {needs}, which the \
-         {implementation} implementation does not run; set Backend.Mode to \"auto\" or \"ipv4\" \
-         (one device carrying both families over the IPv4 underlay)"
-    )]
-    DualModeNotCarried {
-        mode: &'static str,
-        needs: &'static str,
-        implementation: &'static str,
-    },
 }
 
 /// Everything the backend needs, fixed before the lease is acquired (the lease carries the
@@ -142,21 +129,18 @@ pub struct WgDual {
 ///
 /// - userspace: one TUN device whose UDP socket is IPv4, so the single-device modes `auto` and
 ///   `ipv4` carry IPv6 pods over the IPv4 underlay (`auto` then always picks the IPv4
-///   endpoint); `separate` (a second device on `ListenPortV6`, IPv6 endpoints) is refused.
+///   endpoint).
 /// - kernel: the single-device modes `auto` and `ipv4` carry IPv6 (`tweed-wg` gets the IPv6
-///   address and route, peers both subnets, endpoints by [`dual::plan_dual`]); `separate`'s
-///   second device is not applied yet, so `separate` runs IPv4 only.
+///   address and route, peers both subnets, endpoints by [`dual::plan_dual`]).
+/// - `separate` (flannel's default: a second device on `ListenPortV6`, IPv6 endpoints) is not
+///   built on either path, so it runs IPv4 only, as a dual-stack wireguard node did before: a
+///   start failure would take down nodes whose config did not change.
 pub fn carries_v6(chosen: WgImpl, mode: tweed_config::WireguardMode) -> Result<bool, WgError> {
     use tweed_config::WireguardMode as M;
     match (chosen, mode) {
         (_, M::Ipv6) => Err(WgError::ModeNotCarried),
         (_, M::Auto | M::Ipv4) => Ok(true),
-        (WgImpl::Userspace, M::Separate) => Err(WgError::DualModeNotCarried {
-            mode: "separate",
-            needs: "a second device tweed-wg-v6 on ListenPortV6 with IPv6 endpoints",
-            implementation: "userspace",
-        }),
-        (_, _) => Ok(false),
+        (_, M::Separate) => Ok(false),
     }
 }
 
