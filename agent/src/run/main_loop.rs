@@ -605,7 +605,10 @@ impl Agent {
         self.plane.set_own_v6(self.lease.own().key.ipv6);
         if new != old {
             self.report.subnet_moved(old, new);
+            // Sets the backend up again, in the mode the lease's IPv6 half asks for.
             self.plane.move_to(new).await;
+        } else {
+            self.plane.follow_dual_mode().await;
         }
         self.program().await;
         self.plane.sync_rules(new).await;
