@@ -319,6 +319,14 @@ impl Plane {
         self.report.mtu(self.pod_mtu());
     }
 
+    /// This node ran IPv4 only and has a `PublicIPv6` now: the IPv6 plane is set up at the next
+    /// reconcile once the lease has its IPv6 half too ([`set_own_v6`](Self::set_own_v6)).
+    pub(super) fn enable_ipv6(&mut self, cfg: tweed_config::Ipv6Config, public_ipv6: Ipv6Addr) {
+        self.ipv6_plane = Some((cfg, public_ipv6));
+        self.v6 = None;
+        self.v6_stale = true;
+    }
+
     /// Our `PublicIPv6` moved (the old address left the underlay): the IPv6 plane is set up
     /// again at the next reconcile, with the VTEP on the new address (vxlan re-creates
     /// `tweed-v6.<VNI>`, whose local address cannot change in place).
