@@ -74,7 +74,9 @@ impl Underlay6 {
             ifindex,
             iface,
             addrs,
-            due: None,
+            // A node waiting for an address checks once at start too: one added between the
+            // start-up's look and the notification subscription would otherwise go unseen.
+            due: current.is_none().then(|| Instant::now() + DEBOUNCE),
             lost_said: false,
         }
     }
@@ -249,6 +251,8 @@ mod tests {
             with_flags(2, "fe80::1", 0x20, 0x80),
             with_flags(2, "2001:db8::5", 0, 0x80),
         ]);
+        assert!(w.due().is_some(), "a waiting node checks once at start");
+        w.due = None;
         let t0 = Instant::now();
         w.note(&a6(2, "2001:db8::5"), t0);
         assert_eq!(w.due(), Some(t0 + DEBOUNCE), "a waiting node watches too");
