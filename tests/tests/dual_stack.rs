@@ -1182,6 +1182,18 @@ fn assert_turns_dual_without_restart(tag: &str, backend: Backend, device6: &str)
         .matches("network config")
         .count();
 
+    // IPv4 pings every 10 ms across the switch: how long IPv4 pauses (udp: while the backend
+    // is set up again), a figure printed, not a pass/fail time.
+    let v4 = h2.pods[0].ip.to_string();
+    let mut pinger = ns_command(
+        &h1.pods[0].netns,
+        &["ping", "-n", "-q", "-i", "0.01", "-w", "4", &v4],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("ping starts");
+    std::thread::sleep(Duration::from_millis(300));
     // The address comes back; the agent runs on.
     in_ns(
         &h2.netns,
@@ -1191,6 +1203,10 @@ fn assert_turns_dual_without_restart(tag: &str, backend: Backend, device6: &str)
         Duration::from_secs(20),
         "h2's subnet.env with an IPv6 half",
         || tweed_config::SubnetEnv::read(&h2.subnet_file).is_ok_and(|e| e.ipv6.is_some()),
+    );
+    assert!(
+        pinger.try_wait().unwrap().is_none(),
+        "the pings ended before the switch: the figure below would not cover it"
     );
     let log = std::fs::read_to_string(&h2.log).unwrap();
     assert!(log.contains("turning dual stack"), "{log}");
@@ -1233,7 +1249,24 @@ fn assert_turns_dual_without_restart(tag: &str, backend: Backend, device6: &str)
             )
         },
     );
-    let v4 = h2.pods[0].ip.to_string();
+    let out = pinger.wait_with_output().expect("ping ends");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let line = summary
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {summary}"));
+    let count = |what: &str| -> u64 {
+        line.split(',')
+            .find(|p| p.contains(what))
+            .and_then(|p| p.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sent, received) = (count("transmitted"), count("received"));
+    eprintln!(
+        "{tag}: IPv4 pings every 10 ms while h2 turned dual stack: {sent} sent, {received} received, {} lost",
+        sent - received.min(sent)
+    );
+    assert!(received > 0, "IPv4 stopped across the switch: {line}");
     assert!(
         ok_in(
             &h1.pods[0].netns,
