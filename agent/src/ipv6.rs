@@ -41,6 +41,9 @@ pub enum Ipv6Addrs {
     Proc,
     #[cfg(any(test, feature = "fake"))]
     Fixed(Vec<Inet6Addr>),
+    /// A list a test changes while the agent runs (an address added after the start).
+    #[cfg(any(test, feature = "fake"))]
+    Shared(std::sync::Arc<std::sync::Mutex<Vec<Inet6Addr>>>),
 }
 
 impl Ipv6Addrs {
@@ -60,6 +63,8 @@ impl Ipv6Addrs {
             }
             #[cfg(any(test, feature = "fake"))]
             Ipv6Addrs::Fixed(v) => Ok(v.clone()),
+            #[cfg(any(test, feature = "fake"))]
+            Ipv6Addrs::Shared(v) => Ok(v.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         }
     }
 }

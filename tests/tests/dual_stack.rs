@@ -1143,3 +1143,147 @@ fn a_changed_public_ipv6_moves_the_lease_and_the_vxlan_vtep() {
         "h1/p1 -> h2/p1 after the move"
     );
 }
+
+/// Issue 19, both run-time gaps: h2 starts IPv4 only (its IPv6 underlay address removed before
+/// the agent starts), then the address comes back while the agent runs. Without a restart h2
+/// turns dual stack: its lease takes an IPv6 half (flannel's `v4&v6` key), the IPv6 device gets
+/// its /128 (udp: `tweed0` set up again to carry IPv6; vxlan: `tweed-v6.1` created), h1 learns
+/// the half from the lease, and ping6 crosses the overlay (h1's pod to h2's device address),
+/// while IPv4 keeps working.
+fn assert_turns_dual_without_restart(tag: &str, backend: Backend, device6: &str) {
+    let mut spec = LabSpec::new(per_process(tag), 2);
+    spec.backend = backend;
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    assert_eq!(
+        lab.check_until(Duration::from_secs(20)).unwrap().failed(),
+        0
+    );
+    let h1 = host_state(&lab, "h1");
+    let h2 = host_state(&lab, "h2");
+    let addr = format!("{}/64", h2.public_ip6.unwrap());
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    in_ns(
+        &h2.netns,
+        &["ip", "-6", "addr", "del", &addr, "dev", "eth0"],
+    );
+    start_agent(&stopped);
+    wait_for(
+        Duration::from_secs(15),
+        "h2's subnet.env without an IPv6 half",
+        || {
+            std::fs::read_to_string(&h2.log).is_ok_and(|l| l.contains("IPv4 only"))
+                && tweed_config::SubnetEnv::read(&h2.subnet_file).is_ok_and(|e| e.ipv6.is_none())
+        },
+    );
+    let starts_before = std::fs::read_to_string(&h2.log)
+        .unwrap()
+        .matches("network config")
+        .count();
+
+    // IPv4 pings every 10 ms across the switch: how long IPv4 pauses (udp: while the backend
+    // is set up again), a figure printed, not a pass/fail time.
+    let v4 = h2.pods[0].ip.to_string();
+    let mut pinger = ns_command(
+        &h1.pods[0].netns,
+        &["ping", "-n", "-q", "-i", "0.01", "-w", "4", &v4],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("ping starts");
+    std::thread::sleep(Duration::from_millis(300));
+    // The address comes back; the agent runs on.
+    in_ns(
+        &h2.netns,
+        &["ip", "-6", "addr", "add", &addr, "dev", "eth0"],
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "h2's subnet.env with an IPv6 half",
+        || tweed_config::SubnetEnv::read(&h2.subnet_file).is_ok_and(|e| e.ipv6.is_some()),
+    );
+    assert!(
+        pinger.try_wait().unwrap().is_none(),
+        "the pings ended before the switch: the figure below would not cover it"
+    );
+    let log = std::fs::read_to_string(&h2.log).unwrap();
+    assert!(log.contains("turning dual stack"), "{log}");
+    if backend == Backend::Udp {
+        assert!(log.contains("udp: the lease's IPv6 half appeared"), "{log}");
+    }
+    assert_eq!(
+        log.matches("network config").count(),
+        starts_before,
+        "no restart"
+    );
+    let sub6 = subnet6_of(&lab, "h2");
+    let keys = etcdctl(
+        &lab,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ],
+    );
+    assert!(
+        keys.lines().any(|k| key_subnet6(k) == Some(sub6)),
+        "no v4&v6 key for h2 ({sub6}) in\n{keys}"
+    );
+    let dev_addr = sub6.network().to_string();
+    wait_for(Duration::from_secs(10), "h2's IPv6 device /128", || {
+        in_ns(&h2.netns, &["ip", "-6", "addr", "show", "dev", device6])
+            .contains(&format!("{dev_addr}/128"))
+    });
+    // h1's pod reaches h2's device over IPv6 (h1 learns the IPv6 half from the renamed lease),
+    // and IPv4 to h2's pod still works.
+    wait_for(
+        Duration::from_secs(20),
+        "ping6 h1/p1 -> h2's device",
+        || {
+            ok_in(
+                &h1.pods[0].netns,
+                &["ping", "-6", "-n", "-c", "1", "-W", "1", &dev_addr],
+            )
+        },
+    );
+    let out = pinger.wait_with_output().expect("ping ends");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let line = summary
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {summary}"));
+    let count = |what: &str| -> u64 {
+        line.split(',')
+            .find(|p| p.contains(what))
+            .and_then(|p| p.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sent, received) = (count("transmitted"), count("received"));
+    eprintln!(
+        "{tag}: IPv4 pings every 10 ms while h2 turned dual stack: {sent} sent, {received} received, {} lost",
+        sent - received.min(sent)
+    );
+    assert!(received > 0, "IPv4 stopped across the switch: {line}");
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-n", "-c", "2", "-W", "2", &v4]
+        ),
+        "h1/p1 -> h2/p1 over IPv4"
+    );
+}
+
+#[test]
+fn udp_node_turns_dual_stack_when_its_ipv6_address_appears_without_restart() {
+    require_root!(NEEDS_ROOT);
+    assert_turns_dual_without_restart("d6a", Backend::Udp, "tweed0");
+}
+
+#[test]
+fn vxlan_node_turns_dual_stack_when_its_ipv6_address_appears_without_restart() {
+    require_root!(NEEDS_ROOT);
+    assert_turns_dual_without_restart("d6b", Backend::Vxlan, "tweed-v6.1");
+}

@@ -274,7 +274,9 @@ impl Plane {
     }
 
     /// Follows our lease's IPv6 half (renamed, or taken again after a loss): subnet.env is
-    /// rewritten when it changed.
+    /// rewritten when it changed. udp's device is opened for one mode: see
+    /// [`follow_dual_mode`](Self::follow_dual_mode), which the caller runs next unless it moves
+    /// to another subnet (which sets the backend up again anyway, in the mode this leaves).
     pub(super) fn set_own_v6(&mut self, v6: Option<Ipv6Network>) {
         if self.own_v6 == v6 {
             return;
@@ -290,6 +292,42 @@ impl Plane {
             error!("{e}");
         }
         // The next reconcile sets the IPv6 plane up for the new subnet.
+        self.v6 = None;
+        self.v6_stale = true;
+    }
+
+    /// udp: whether the running backend was set up for another mode than this node runs now
+    /// (the lease's IPv6 half appeared or went away).
+    fn udp_mode_stale(&self) -> bool {
+        matches!(&self.backend, DataPlane::Udp(b) if b.is_dual() != self.is_dual())
+    }
+
+    /// Sets udp's backend up again when the node's mode changed under it: the TUN device's
+    /// offloads (TCPv6 segmentation) and its IPv6 switch are chosen at set-up, and the workers'
+    /// table has an IPv6 half only in dual stack. The old workers are stopped and joined first
+    /// (they own the TUN queues and the sockets, closed as they end); the stored peer table lets
+    /// the new ones forward IPv4 at once, so IPv4 pauses only for the restart itself (packets
+    /// meanwhile wait in the TUN queues and socket buffers). Other backends' IPv4 half does not
+    /// depend on the mode: their IPv6 plane follows at the next reconcile.
+    pub(super) async fn follow_dual_mode(&mut self) {
+        if !self.udp_mode_stale() {
+            return;
+        }
+        let dual = self.is_dual();
+        info!(
+            device = crate::backend::udp::DEVICE,
+            dual,
+            "udp: the lease's IPv6 half {}; setting the device and workers up again for it",
+            if dual { "appeared" } else { "went away" }
+        );
+        self.resetup().await;
+        self.report.mtu(self.pod_mtu());
+    }
+
+    /// This node ran IPv4 only and has a `PublicIPv6` now: the IPv6 plane is set up at the next
+    /// reconcile once the lease has its IPv6 half too ([`set_own_v6`](Self::set_own_v6)).
+    pub(super) fn enable_ipv6(&mut self, cfg: tweed_config::Ipv6Config, public_ipv6: Ipv6Addr) {
+        self.ipv6_plane = Some((cfg, public_ipv6));
         self.v6 = None;
         self.v6_stale = true;
     }
@@ -623,5 +661,174 @@ impl Plane {
     /// Stops what the backend runs (udp: its workers); the kernel state stays.
     pub(super) async fn stop(&mut self) {
         self.backend.stop().await;
+    }
+}
+
+/// Root-only: udp's backend follows the lease's IPv6 half at run time (issue 19), in a
+/// namespace of its own (deleted by a guard, even on panic), never the root one.
+#[cfg(test)]
+mod udp_mode_root_tests {
+    use super::*;
+    use crate::backend::NodeContext;
+    use crate::netlink::select_iface;
+    use tweed_config::{BackendConfig, NetworkConfig, SubnetKey};
+    use tweed_testkit::{ip_in, require_root, NetnsGuard};
+
+    const UNDERLAY: &str = "tw-u0";
+
+    /// The udp sockets bound in namespace `ns` (per namespace, so other tests' do not count).
+    fn udp_sockets(ns: &str) -> usize {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-Hunl", "sport", "= :8285"])
+            .output()
+            .expect("ss runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    fn disable_ipv6(ns: &str) -> String {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "cat",
+                "/proc/sys/net/ipv6/conf/tweed0/disable_ipv6",
+            ])
+            .output()
+            .expect("cat runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn udp_is_set_up_again_when_the_leases_ipv6_half_comes_and_goes() {
+        require_root!("network namespaces and a TUN device");
+        let ns = NetnsGuard::unique("tw-udpm-");
+        for args in [
+            &[
+                "link", "add", UNDERLAY, "type", "veth", "peer", "name", "tw-u1",
+            ][..],
+            &["addr", "add", "198.18.0.1/24", "dev", UNDERLAY],
+            &["link", "set", UNDERLAY, "up"],
+            &["link", "set", "tw-u1", "up"],
+        ] {
+            ip_in(ns.name(), args);
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let name = ns.name().to_string();
+        ns.enter(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let cfg = NetworkConfig::parse(
+                        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"udp"}}"#,
+                    )
+                    .unwrap();
+                    let nl = Netlink::real().unwrap();
+                    let iface = select_iface(&nl, Some(UNDERLAY)).await.unwrap();
+                    let underlay = iface.index;
+                    let own4: Ipv4Network = "10.244.5.0/24".parse().unwrap();
+                    let own6: Ipv6Network = "fd00:10:244:5::/64".parse().unwrap();
+                    let node = NodeContext {
+                        network: cfg.network,
+                        public_ip: iface.ip,
+                        iface,
+                        state_dir: dir.join("state"),
+                        udp_workers: 2,
+                        wg_key_file: None,
+                        wg_impl: Default::default(),
+                    };
+                    let (prepared, attrs) =
+                        Prepared::new(&nl, &BackendConfig::Udp { port: 8285, mtu: 0 }, &node, own4)
+                            .await
+                            .unwrap();
+                    let config = PlaneConfig {
+                        network: cfg.network,
+                        ip_masq: false,
+                        subnet_file: dir.join("subnet.env"),
+                        kept_subnet_file: dir.join("kept.env"),
+                        underlay,
+                        tx_csum_off: false,
+                        ipv6_network: Some(cfg.ipv6.as_ref().unwrap().network),
+                        ipv6_plane: Some((
+                            cfg.ipv6.clone().unwrap(),
+                            "2001:db8::1".parse().unwrap(),
+                        )),
+                    };
+                    // The lease was taken without its IPv6 half: IPv4 only.
+                    let own = OwnLease {
+                        key: SubnetKey {
+                            ipv4: own4,
+                            ipv6: None,
+                        },
+                        lease_id: 0,
+                        reused: false,
+                    };
+                    let report = Report::new(
+                        crate::state::AgentState::new(),
+                        super::super::Clock::tokio(1_700_000_000),
+                    );
+                    let mut plane = Plane::setup(
+                        nl.clone(),
+                        prepared,
+                        &attrs,
+                        &own,
+                        Firewall::Fake(Default::default()),
+                        config,
+                        report,
+                    )
+                    .await
+                    .unwrap();
+                    plane.program(&[]).await.unwrap();
+                    let udp_dual = |p: &Plane| match &p.backend {
+                        DataPlane::Udp(b) => b.is_dual(),
+                        other => panic!("{other:?}"),
+                    };
+                    let addr6 = || async {
+                        let t = nl.link_by_name("tweed0").await.unwrap().unwrap().index;
+                        nl.addresses6(Some(t))
+                            .await
+                            .unwrap()
+                            .iter()
+                            .any(|a| a.net == crate::backend::v6::device_addr6(own6))
+                    };
+                    assert!(!udp_dual(&plane));
+                    assert_eq!(disable_ipv6(&name), "1");
+                    assert_eq!(udp_sockets(&name), 2);
+                    let ifindex = plane.watched().device.unwrap().0;
+
+                    for round in 0..2 {
+                        // The lease is taken again with its IPv6 half: no restart needed.
+                        plane.set_own_v6(Some(own6));
+                        plane.follow_dual_mode().await;
+                        plane.program(&[]).await.unwrap();
+                        assert!(udp_dual(&plane), "round {round}");
+                        assert_eq!(disable_ipv6(&name), "0", "round {round}");
+                        assert!(addr6().await, "round {round}: tweed0 has its /128");
+                        assert_eq!(plane.subnet_env_v6().unwrap().network, cfg.ipv6.as_ref().unwrap().network);
+                        // The old workers let go of their sockets (and TUN queues): no leak.
+                        assert_eq!(udp_sockets(&name), 2, "round {round}");
+                        // The persistent device is re-attached, not replaced.
+                        assert_eq!(plane.watched().device.unwrap().0, ifindex);
+                        // Nothing to follow: not set up again.
+                        plane.follow_dual_mode().await;
+
+                        // And taken again without it.
+                        plane.set_own_v6(None);
+                        plane.follow_dual_mode().await;
+                        plane.program(&[]).await.unwrap();
+                        assert!(!udp_dual(&plane), "round {round}");
+                        assert_eq!(disable_ipv6(&name), "1", "round {round}");
+                        assert!(!addr6().await, "round {round}: the /128 went with IPv6");
+                        assert_eq!(udp_sockets(&name), 2, "round {round}");
+                        assert!(plane.subnet_env_v6().is_none());
+                    }
+                    plane.stop().await;
+                    assert_eq!(udp_sockets(&name), 0, "stopped workers close their sockets");
+                })
+        });
     }
 }

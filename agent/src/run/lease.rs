@@ -295,6 +295,14 @@ impl LeaseKeeper {
         true
     }
 
+    /// Advertises `attrs` (which gained a `PublicIPv6`) and takes the lease again with them:
+    /// `subnet::acquire` keeps our IPv4 half and renames the key to name an IPv6 subnet too.
+    /// False when stopped first (the attributes stay for the next acquisition).
+    pub(super) async fn take_ipv6_half(&mut self, attrs: LeaseAttrs, stop: &mut Stop) -> bool {
+        self.attrs = attrs;
+        self.reacquire(stop).await
+    }
+
     /// Follows what etcd says about our key's lease: an operator's `reserve` detaches it from its
     /// TTL (lease 0: nothing to renew, it never expires) and `unreserve` attaches it to a fresh
     /// TTL lease, which we must renew from then on.

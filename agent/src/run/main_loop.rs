@@ -15,7 +15,7 @@ use super::lease::{self, LeaseKeeper};
 use super::repair::{Echoes, Schedule, Trigger, Watched};
 use super::report::Report;
 use super::stop::{next_backoff, Stop};
-use super::underlay6::Underlay6;
+use super::underlay6::{Check6, Underlay6};
 use super::AgentError;
 use crate::backend::{NodeContext, Prepared, Remote};
 use crate::netlink::{self, Event, Events, NetlinkError};
@@ -113,13 +113,22 @@ pub async fn run_with(
     report.ipv6_mode(&ipv6);
     let underlay6 = match ipv6 {
         crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => Some(Underlay6::new(
-            public_ipv6,
+            Some(public_ipv6),
             settings.public_ipv6,
             node.iface.index,
             node.iface.name.clone(),
             ipv6_addrs.clone(),
         )),
-        _ => None,
+        // Waits for a usable address to turn dual stack on (`--public-ipv6` would have made
+        // the node dual from the start).
+        crate::ipv6::Ipv6Mode::V4Only { .. } => Some(Underlay6::new(
+            None,
+            None,
+            node.iface.index,
+            node.iface.name.clone(),
+            ipv6_addrs.clone(),
+        )),
+        crate::ipv6::Ipv6Mode::Off => None,
     };
     let attrs = match (&ipv6, &cfg.ipv6) {
         (crate::ipv6::Ipv6Mode::DualStack { public_ipv6 }, Some(v6)) => {
@@ -176,6 +185,7 @@ pub async fn run_with(
         },
         registry,
         public_ip,
+        ipv6_cfg: cfg.ipv6.clone(),
         underlay6,
         lease,
         plane,
@@ -347,7 +357,9 @@ struct Agent {
     told_ready: bool,
     registry: Arc<Registry>,
     public_ip: Ipv4Addr,
-    /// The `PublicIPv6` follower, when this node runs dual stack.
+    /// The network's IPv6 half (`EnableIPv6`), for a node that turns dual stack at run time.
+    ipv6_cfg: Option<tweed_config::Ipv6Config>,
+    /// The `PublicIPv6` follower, when this node runs dual stack or waits for an address to.
     underlay6: Option<Underlay6>,
     table: LeaseTable,
     lease: LeaseKeeper,
@@ -400,7 +412,7 @@ impl Agent {
                 ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
                 _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
                 _ = repair_due(self.underlay6.as_ref().and_then(Underlay6::due)) => {
-                    self.follow_public_ipv6().await;
+                    self.follow_public_ipv6(stop).await;
                 }
                 _ = beat.tick() => self.beat(),
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
@@ -585,9 +597,12 @@ impl Agent {
     /// The `PublicIPv6` check the underlay's address notifications scheduled: when the address
     /// moved, the lease advertises the new one (retried with the other unpublished attributes
     /// while etcd is away) and the IPv6 plane is set up again on it; peers follow the lease.
-    async fn follow_public_ipv6(&mut self) {
-        let Some(to) = self.underlay6.as_mut().and_then(Underlay6::check) else {
-            return;
+    /// A node that ran IPv4 only turns dual stack instead ([`turn_dual`](Self::turn_dual)).
+    async fn follow_public_ipv6(&mut self, stop: &mut Stop) {
+        let to = match self.underlay6.as_mut().and_then(Underlay6::check) {
+            None => return,
+            Some(Check6::Appeared(to)) => return self.turn_dual(to, stop).await,
+            Some(Check6::Moved(to)) => to,
         };
         self.report
             .ipv6_mode(&crate::ipv6::Ipv6Mode::DualStack { public_ipv6: to });
@@ -599,13 +614,40 @@ impl Agent {
         }
     }
 
+    /// This node started IPv4 only in a dual-stack network and has a usable IPv6 address now
+    /// (issue 19): the lease advertises it as `PublicIPv6` and takes its IPv6 half (the key is
+    /// renamed to `v4&v6`, the IPv4 half kept, so peers see an update, never a removal), then
+    /// the IPv6 plane is set up as at a dual-stack start (vxlan's `tweed-v6.<VNI>`, host-gw's
+    /// IPv6 routes, udp set up again to carry IPv6), with subnet.env and the rules following.
+    async fn turn_dual(&mut self, to: std::net::Ipv6Addr, stop: &mut Stop) {
+        let Some(cfg6) = self.ipv6_cfg.clone() else {
+            return;
+        };
+        info!(
+            public_ipv6 = %to,
+            ipv6_network = %cfg6.network,
+            "a usable IPv6 address appeared on the underlay interface: turning dual stack (taking the lease's IPv6 half, setting the IPv6 data plane up)"
+        );
+        self.report
+            .ipv6_mode(&crate::ipv6::Ipv6Mode::DualStack { public_ipv6: to });
+        self.plane.enable_ipv6(cfg6, to);
+        let attrs = crate::ipv6::with_public_ipv6(self.lease.attrs().clone(), to);
+        let old = self.lease.own().subnet();
+        if self.lease.take_ipv6_half(attrs, stop).await {
+            self.after_reacquire(old).await;
+        }
+    }
+
     /// A lease is held again after a loss; `old` is the subnet we had.
     async fn after_reacquire(&mut self, old: ipnetwork::Ipv4Network) {
         let new = self.lease.own().subnet();
         self.plane.set_own_v6(self.lease.own().key.ipv6);
         if new != old {
             self.report.subnet_moved(old, new);
+            // Sets the backend up again, in the mode the lease's IPv6 half asks for.
             self.plane.move_to(new).await;
+        } else {
+            self.plane.follow_dual_mode().await;
         }
         self.program().await;
         self.plane.sync_rules(new).await;

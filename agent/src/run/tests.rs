@@ -64,6 +64,19 @@ impl Node {
     /// [`start`](Self::start), with these IPv6 addresses in the namespace: lines of
     /// `/proc/net/if_inet6`, `IDX` standing for eth0's index.
     fn start_with_v6(mem: &MemRegistry, if_inet6: &str) -> Node {
+        let if_inet6 = if_inet6.to_string();
+        Node::start_with_addrs(mem, move |eth0| {
+            crate::ipv6::Ipv6Addrs::Fixed(crate::ipv6::parse_if_inet6(
+                &if_inet6.replace("IDX", &format!("{eth0:02x}")),
+            ))
+        })
+    }
+
+    /// [`start`](Self::start), with the IPv6 addresses `addrs` makes of eth0's index.
+    fn start_with_addrs(
+        mem: &MemRegistry,
+        addrs: impl FnOnce(u32) -> crate::ipv6::Ipv6Addrs,
+    ) -> Node {
         let kernel = Fake::new();
         let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
         kernel.add_addr(Addr {
@@ -102,9 +115,7 @@ impl Node {
             state: state.clone(),
             control: crate::api::ControlSlot::default(),
             notifier: crate::notify::Notifier::default(),
-            ipv6_addrs: crate::ipv6::Ipv6Addrs::Fixed(crate::ipv6::parse_if_inet6(
-                &if_inet6.replace("IDX", &format!("{eth0:02x}")),
-            )),
+            ipv6_addrs: addrs(eth0),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let agent = tokio::spawn(run_with(deps, settings, async {
@@ -693,4 +704,119 @@ async fn a_peer_renaming_its_lease_keeps_its_ipv4_route() {
             s.peers
         );
     }
+}
+
+/// Issue 19: a node that started IPv4 only in a dual-stack network (no global IPv6 address on
+/// eth0) turns dual stack when one appears: its lease takes the IPv6 half under flannel's
+/// `v4&v6` key (the IPv4 subnet kept), advertises the address as `PublicIPv6`, subnet.env and
+/// the rules gain the IPv6 pair, and the peer's IPv6 subnet is routed; the IPv4 route to the
+/// peer is never withdrawn on the way.
+#[tokio::test(start_paused = true)]
+async fn an_ipv4_only_node_turns_dual_stack_when_an_ipv6_address_appears() {
+    let mem = dual_etcd();
+    let peer = format!("{PREFIX}/subnets/10.244.7.0-24&fd00:10:244:7::-64");
+    mem.put_raw(
+        &peer,
+        br#"{"PublicIP":"198.18.0.2","PublicIPv6":"2001:db8::2","BackendType":"host-gw"}"#,
+    );
+    let listed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let shared = listed.clone();
+    let n = Node::start_with_addrs(&mem, move |_| crate::ipv6::Ipv6Addrs::Shared(shared));
+    n.until("the agent to be ready", |s| s.not_ready().is_empty())
+        .await;
+    assert!(n.state.snapshot().ipv6.starts_with("IPv4 only"));
+    let (key, _) = own_key(&mem).await;
+    let v4 = key.parse::<SubnetKey>().unwrap().ipv4;
+    assert_eq!(n.subnet_env().ipv6, None);
+    n.kernel.take_ops();
+
+    // A tentative address (DAD running) is not used yet.
+    let addr = |flags: u32| crate::ipv6::Inet6Addr {
+        ifindex: n.eth0,
+        addr: "2001:db8::1".parse().unwrap(),
+        prefix: 64,
+        scope: 0,
+        flags,
+    };
+    let announce = |tentative| {
+        n.kernel.announce(crate::netlink::Event::Addr6(
+            crate::netlink::Change::New,
+            crate::netlink::Addr6 {
+                ifindex: n.eth0,
+                net: "2001:db8::1/64".parse().unwrap(),
+                tentative,
+            },
+        ))
+    };
+    *listed.lock().unwrap() = vec![addr(0x80 | 0x40)];
+    announce(true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(n.state.snapshot().ipv6.starts_with("IPv4 only"));
+    assert_eq!(own_key(&mem).await.0, key, "the lease is left alone");
+
+    // DAD done; the kernel has the address's connected route (host-gw's same-segment check).
+    let nl = Netlink::from(n.kernel.clone());
+    nl.apply(&Op::Route6Replace(crate::netlink::Route6 {
+        dst: "2001:db8::/64".parse().unwrap(),
+        gateway: None,
+        oif: Some(n.eth0),
+        onlink: false,
+        metric: 256,
+        protocol: Route::PROTO_KERNEL,
+    }))
+    .await
+    .unwrap();
+    *listed.lock().unwrap() = vec![addr(0x80)];
+    announce(false);
+    n.until("dual stack", |s| s.ipv6 == "dual-stack").await;
+    n.until("the IPv6 half in subnet.env", |_| {
+        n.subnet_env().ipv6.is_some()
+    })
+    .await;
+    let (key, attrs) = own_key(&mem).await;
+    let parsed: SubnetKey = key.parse().unwrap();
+    assert_eq!(parsed.ipv4, v4, "the IPv4 half is kept: {key}");
+    let v6 = parsed.ipv6.expect("flannel's v4&v6 key");
+    assert_eq!(attrs.public_ipv6, Some("2001:db8::1".parse().unwrap()));
+    assert_eq!(n.subnet_env().ipv6.unwrap().node_subnet(), v6);
+    assert_eq!(n.subnet_env().node_subnet(), v4);
+    let s = n.state.snapshot();
+    assert_eq!(
+        (s.public_ipv6.as_str(), s.subnet_v6.clone()),
+        ("2001:db8::1", v6.to_string())
+    );
+    n.until("the IPv6 rules", |_| {
+        n.rules.applied().last().and_then(|r| r.ipv6)
+            == Some(crate::rules::RuleSpecV6 {
+                network: "fd00:10:244::/56".parse().unwrap(),
+                subnet: v6,
+            })
+    })
+    .await;
+    let routes6 = nl.all_routes6().await.unwrap();
+    assert!(
+        routes6
+            .iter()
+            .any(|r| r.dst.to_string() == "fd00:10:244:7::/64"
+                && r.gateway == Some("2001:db8::2".parse().unwrap())),
+        "{routes6:?}"
+    );
+    let ops = n.kernel.take_ops();
+    assert!(
+        !ops.iter().any(|o| matches!(o, Op::RouteDel(_))),
+        "an IPv4 route was withdrawn: {ops:?}"
+    );
+    assert!(nl
+        .all_routes()
+        .await
+        .unwrap()
+        .contains(&n.route("10.244.7.0/24", "198.18.0.2")));
+    // Only our renamed key and the peer's remain: the IPv4-only key is gone.
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    assert_eq!(
+        snap.leases.len(),
+        2,
+        "{:?}",
+        snap.leases.iter().map(|l| &l.key).collect::<Vec<_>>()
+    );
 }

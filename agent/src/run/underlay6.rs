@@ -4,21 +4,50 @@
 //! was removed or replaced, the main loop moves the lease's `PublicIPv6` and the IPv6 VTEP to
 //! the address the configured flags choose now, so peers follow through the lease watch.
 //!
+//! A node that started IPv4 only in a dual-stack network (no usable IPv6 address on the
+//! underlay, no `--public-ipv6`) has the same watcher with no current address: the first usable
+//! one to appear (global, not deprecated, temporary or still in DAD) makes it
+//! [`Check6::Appeared`], and the main loop turns the node dual stack.
+//!
 //! IPv4 has no such follower: its public IP is chosen once at start (a change between starts is
 //! only logged). IPv6 addresses come and go on their own (SLAAC renumbering, privacy and
 //! deprecated addresses), so the IPv6 half needs one.
 
 use super::repair::DEBOUNCE;
-use crate::ipv6::{public_ipv6_change, Ipv6Addrs, PublicIpv6Change};
+use crate::ipv6::{public_ipv6, public_ipv6_change, Inet6Addr, Ipv6Addrs, PublicIpv6Change};
 use crate::netlink::Event;
 use std::net::Ipv6Addr;
 use tokio::time::Instant;
 use tracing::warn;
 
+/// What a check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Check6 {
+    /// The advertised address left; advertise this one instead.
+    Moved(Ipv6Addr),
+    /// A node running IPv4 only has a usable address now: turn dual stack on it.
+    Appeared(Ipv6Addr),
+}
+
+/// DAD sets this flag until the address is unique; `/proc/net/if_inet6`'s flags.
+const IFA_F_TENTATIVE: u32 = 0x40;
+
+/// The address an IPv4-only node turns dual stack on: the one the start-up would have chosen,
+/// but only once DAD is done (a VTEP on a tentative address sends nothing; the notification of
+/// DAD's end schedules another check).
+pub(super) fn appeared(ifindex: u32, addrs: &[Inet6Addr]) -> Option<Ipv6Addr> {
+    let done: Vec<Inet6Addr> = addrs
+        .iter()
+        .filter(|a| a.flags & IFA_F_TENTATIVE == 0)
+        .cloned()
+        .collect();
+    public_ipv6(None, ifindex, &done)
+}
+
 /// The advertised `PublicIPv6` and what is needed to choose it again.
 pub(super) struct Underlay6 {
-    /// What the lease advertises.
-    current: Ipv6Addr,
+    /// What the lease advertises; `None`: the node runs IPv4 only and waits for an address.
+    current: Option<Ipv6Addr>,
     /// `--public-ipv6`: never replaced.
     explicit: Option<Ipv6Addr>,
     /// The underlay interface the address is chosen from (the IPv4 flags' choice).
@@ -33,7 +62,7 @@ pub(super) struct Underlay6 {
 
 impl Underlay6 {
     pub(super) fn new(
-        current: Ipv6Addr,
+        current: Option<Ipv6Addr>,
         explicit: Option<Ipv6Addr>,
         ifindex: u32,
         iface: String,
@@ -45,7 +74,9 @@ impl Underlay6 {
             ifindex,
             iface,
             addrs,
-            due: None,
+            // A node waiting for an address checks once at start too: one added between the
+            // start-up's look and the notification subscription would otherwise go unseen.
+            due: current.is_none().then(|| Instant::now() + DEBOUNCE),
             lost_said: false,
         }
     }
@@ -68,8 +99,9 @@ impl Underlay6 {
     }
 
     /// The check: the new address to advertise, if the current one must go and another can
-    /// replace it. A loss without replacement is logged once and changes nothing.
-    pub(super) fn check(&mut self) -> Option<Ipv6Addr> {
+    /// replace it, or the first usable one of a node running IPv4 only. A loss without
+    /// replacement is logged once and changes nothing.
+    pub(super) fn check(&mut self) -> Option<Check6> {
         self.due = None;
         let addrs = match self.addrs.list() {
             Ok(a) => a,
@@ -78,7 +110,12 @@ impl Underlay6 {
                 return None;
             }
         };
-        match public_ipv6_change(self.current, self.explicit, self.ifindex, &addrs) {
+        let Some(current) = self.current else {
+            let to = appeared(self.ifindex, &addrs)?;
+            self.current = Some(to);
+            return Some(Check6::Appeared(to));
+        };
+        match public_ipv6_change(current, self.explicit, self.ifindex, &addrs) {
             PublicIpv6Change::Keep => {
                 self.lost_said = false;
                 None
@@ -88,9 +125,9 @@ impl Underlay6 {
                     iface = %self.iface, %from, %to,
                     "the PublicIPv6 left the underlay interface; advertising the new address in the lease and moving the IPv6 VTEP to it"
                 );
-                self.current = to;
+                self.current = Some(to);
                 self.lost_said = false;
-                Some(to)
+                Some(Check6::Moved(to))
             }
             PublicIpv6Change::Lost { from } => {
                 if !self.lost_said {
@@ -135,7 +172,7 @@ mod tests {
 
     fn u(explicit: Option<&str>, addrs: Vec<Inet6Addr>) -> Underlay6 {
         Underlay6::new(
-            "2001:db8::1".parse().unwrap(),
+            Some("2001:db8::1".parse().unwrap()),
             explicit.map(|e| e.parse().unwrap()),
             2,
             "eth0".into(),
@@ -166,15 +203,79 @@ mod tests {
     #[test]
     fn a_replaced_address_moves_once_and_a_lost_one_waits() {
         let mut w = u(None, vec![listed("2001:db8::5")]);
-        assert_eq!(w.check(), Some("2001:db8::5".parse().unwrap()));
+        assert_eq!(
+            w.check(),
+            Some(Check6::Moved("2001:db8::5".parse().unwrap()))
+        );
         assert_eq!(w.due(), None);
         // Now advertising ::5, which is there: nothing more.
         assert_eq!(w.check(), None);
         let mut lost = u(None, vec![]);
         assert_eq!(lost.check(), None);
         assert!(lost.lost_said);
-        assert_eq!(lost.current, "2001:db8::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            lost.current,
+            Some("2001:db8::1".parse::<Ipv6Addr>().unwrap())
+        );
         let mut kept = u(None, vec![listed("2001:db8::9"), listed("2001:db8::1")]);
         assert_eq!(kept.check(), None);
+    }
+
+    fn with_flags(ifindex: u32, addr: &str, scope: u8, flags: u32) -> Inet6Addr {
+        Inet6Addr {
+            ifindex,
+            addr: addr.parse().unwrap(),
+            prefix: 64,
+            scope,
+            flags,
+        }
+    }
+
+    #[test]
+    fn an_ipv4_only_node_turns_dual_on_the_first_usable_address_once() {
+        let waiting = |addrs: Vec<Inet6Addr>| {
+            Underlay6::new(None, None, 2, "eth0".into(), Ipv6Addrs::Fixed(addrs))
+        };
+        // Nothing usable: link-local, another interface's, deprecated, temporary, in DAD.
+        let mut w = waiting(vec![
+            with_flags(2, "fe80::1", 0x20, 0x80),
+            with_flags(9, "2001:db8::9", 0, 0x80),
+            with_flags(2, "2001:db8::d", 0, 0x80 | 0x20),
+            with_flags(2, "2001:db8::7", 0, 0x01),
+            with_flags(2, "2001:db8::5", 0, 0x80 | IFA_F_TENTATIVE),
+        ]);
+        assert_eq!(w.check(), None);
+        assert_eq!(w.current, None, "still waiting");
+        // DAD done: that address.
+        let mut w = waiting(vec![
+            with_flags(2, "fe80::1", 0x20, 0x80),
+            with_flags(2, "2001:db8::5", 0, 0x80),
+        ]);
+        assert!(w.due().is_some(), "a waiting node checks once at start");
+        w.due = None;
+        let t0 = Instant::now();
+        w.note(&a6(2, "2001:db8::5"), t0);
+        assert_eq!(w.due(), Some(t0 + DEBOUNCE), "a waiting node watches too");
+        assert_eq!(
+            w.check(),
+            Some(Check6::Appeared("2001:db8::5".parse().unwrap()))
+        );
+        // From then on it follows that address like a node that started dual stack.
+        assert_eq!(w.check(), None);
+        assert_eq!(w.current, Some("2001:db8::5".parse().unwrap()));
+    }
+
+    #[test]
+    fn hostile_address_lists_never_turn_a_node_dual() {
+        let bad = [
+            with_flags(2, "::1", 0, 0x80),
+            with_flags(2, "::", 0, 0x80),
+            with_flags(2, "ff02::1", 0, 0x80),
+            with_flags(2, "::ffff:198.18.0.1", 0, 0x80),
+            with_flags(2, "2001:db8::66", 0, 0x08), // DADFAILED
+            with_flags(2, "2001:db8::67", 0x20, 0x80), // link scope
+        ];
+        assert_eq!(appeared(2, &bad), None);
+        assert_eq!(appeared(2, &[]), None);
     }
 }

@@ -375,6 +375,12 @@ impl UdpBackend {
         &self.setup_ops
     }
 
+    /// Whether the device was set up to carry IPv6 too (TCPv6 offload, IPv6 on): fixed for
+    /// this set-up; another mode needs a new one.
+    pub fn is_dual(&self) -> bool {
+        self.dual
+    }
+
     /// The table the workers use now.
     pub fn table(&self) -> Arc<PeerTable> {
         self.shared.table()
