@@ -1178,13 +1178,9 @@ mod tests {
             let Prepared::Wireguard(c) = &p else { panic!() };
             if port.is_some() {
                 let l = c.dual_local().expect("dual");
-                // Userspace reaches every peer over IPv4: auto plans as ipv4 there;
-                // the kernel's device takes flannel's endpoint rule.
-                let want = match (chosen, mode) {
-                    ("kernel", "auto") => tweed_config::WireguardMode::Auto,
-                    _ => tweed_config::WireguardMode::Ipv4,
-                };
-                assert_eq!(l.mode, want);
+                // auto plans as ipv4 on both paths: kernel and userspace nodes mix in one
+                // cluster, and a userspace node listens on IPv4 only.
+                assert_eq!(l.mode, tweed_config::WireguardMode::Ipv4, "{mode} {chosen}");
                 // A rotated key's lease keeps the IPv6 half.
                 assert_eq!(c.lease_attrs().to_json(), a.to_json());
             }

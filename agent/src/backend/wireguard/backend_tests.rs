@@ -332,7 +332,7 @@ async fn the_probe_removes_a_dead_agents_link_and_a_failed_delete_still_means_ke
 }
 
 /// A dual-stack node on the kernel path, single-device mode: the peers' entries get both
-/// subnets as allowed IPs (and flannel's `auto` endpoint), a second pass writes nothing, and
+/// subnets as allowed IPs (`auto`: IPv4 endpoints, as on userspace), a second pass writes nothing, and
 /// the IPv6 plane puts the IPv6 subnet address and the `IPv6Network` route on `tweed-wg`.
 #[tokio::test]
 async fn kernel_dual_stack_device_carries_both_families_from_the_plan() {
@@ -361,7 +361,8 @@ async fn kernel_dual_stack_device_carries_both_families_from_the_plan() {
     assert!(b.carries_v6());
     let local = b.dual_local().unwrap();
     // Two flannel-format dual-stack leases: one with a public PublicIP (IPv4 endpoint), one with
-    // an RFC 1918 PublicIP and global PublicIPv6s (flannel's auto rule: the IPv6 endpoint).
+    // an RFC 1918 PublicIP and global PublicIPv6s, where flannel's auto rule would take the IPv6
+    // endpoint: tweed takes IPv4, which a userspace peer (IPv4 socket only) also listens on.
     let lease = |n: u8, key: u8, ip: &str, ip6: &str| {
         let k = PrivateKey::from_bytes([key; 32]).public();
         let json = format!(
@@ -390,7 +391,7 @@ async fn kernel_dual_stack_device_carries_both_families_from_the_plan() {
         ),
         (
             kc,
-            "[2001:db8::3]:51820".to_string(),
+            "192.168.9.3:51820".to_string(),
             vec!["10.5.3.0/24".to_string(), "fd00:5:0:3::/64".into()],
         ),
     ];

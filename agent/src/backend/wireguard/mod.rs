@@ -128,10 +128,10 @@ pub struct WgDual {
 /// the start naming `Backend.Mode`.
 ///
 /// - userspace: one TUN device whose UDP socket is IPv4, so the single-device modes `auto` and
-///   `ipv4` carry IPv6 pods over the IPv4 underlay (`auto` then always picks the IPv4
-///   endpoint).
+///   `ipv4` carry IPv6 pods over the IPv4 underlay.
 /// - kernel: the single-device modes `auto` and `ipv4` carry IPv6 (`tweed-wg` gets the IPv6
 ///   address and route, peers both subnets, endpoints by [`dual::plan_dual`]).
+/// - on both, `auto` uses IPv4 endpoints ([`WgConfig::dual_local`]).
 /// - `separate` (flannel's default: a second device on `ListenPortV6`, IPv6 endpoints) is not
 ///   built on either path, so it runs IPv4 only, as a dual-stack wireguard node did before: a
 ///   start failure would take down nodes whose config did not change.
@@ -180,15 +180,19 @@ impl WgConfig {
     }
 
     /// This node for the dual-stack plan, once it serves an IPv6 half and knows its subnet.
-    /// Userspace reaches every peer over the IPv4 underlay, so `auto` plans as `ipv4` there.
+    ///
+    /// `auto` plans as `ipv4` on both paths: the userspace path's only socket is IPv4, and in
+    /// one cluster (`--wireguard-impl auto`) kernel and userspace nodes mix, with nothing in
+    /// the lease telling which is which. Had a kernel node picked a peer's IPv6 endpoint by
+    /// flannel's rule ([`dual::auto_endpoint`]), a userspace peer would never hear it, and that
+    /// one endpoint carries the peer's IPv4 pods too. A flannel kernel peer in `auto` may
+    /// still pick our IPv6 endpoint (docs/wireguard.md, "Limits").
     pub fn dual_local(&self) -> Option<dual::DualLocal> {
         let d = self.dual.as_ref()?;
         let own_subnet = d.own_subnet?;
-        let mode = match (self.implementation, d.mode) {
-            (WgImpl::Userspace, tweed_config::WireguardMode::Auto) => {
-                tweed_config::WireguardMode::Ipv4
-            }
-            (_, m) => m,
+        let mode = match d.mode {
+            tweed_config::WireguardMode::Auto => tweed_config::WireguardMode::Ipv4,
+            m => m,
         };
         Some(dual::DualLocal {
             mode,
