@@ -372,6 +372,13 @@ impl Prepared {
         }
     }
 
+    /// Our `PublicIPv6` moved: wireguard's dual plan reads the new one.
+    pub fn set_public_ipv6(&mut self, to: std::net::Ipv6Addr) {
+        if let Prepared::Wireguard(c) = self {
+            c.set_public_ipv6(to);
+        }
+    }
+
     pub fn type_name(&self) -> &'static str {
         match self {
             Prepared::Vxlan(_) => "vxlan",
@@ -1181,9 +1188,37 @@ mod tests {
                 // auto plans as ipv4 on both paths: kernel and userspace nodes mix in one
                 // cluster, and a userspace node listens on IPv4 only.
                 assert_eq!(l.mode, tweed_config::WireguardMode::Ipv4, "{mode} {chosen}");
-                // A rotated key's lease keeps the IPv6 half.
                 assert_eq!(c.lease_attrs().to_json(), a.to_json());
             }
+            // PublicIPv6 moves at run time (published as follow_public_ipv6 does), then the
+            // key rotates: the rotated lease keeps the new address in every mode, separate
+            // included, and both key fields name the new key on their old ports.
+            let moved: std::net::Ipv6Addr = "2001:db8::99".parse().unwrap();
+            p.set_public_ipv6(moved);
+            let published = crate::ipv6::with_public_ipv6(a.clone(), moved);
+            let Prepared::Wireguard(c) = &mut p else {
+                panic!()
+            };
+            if let Some(d) = &c.dual {
+                assert_eq!(d.public_ipv6, moved, "{mode} {chosen}");
+                assert_eq!(c.dual_local().unwrap().v6.unwrap().public_ipv6, moved);
+            }
+            c.private_key = wireguard::PrivateKey::generate();
+            let new_key = c.public_key();
+            assert_ne!(new_key, key);
+            let r = c.with_key(&published);
+            assert_eq!(r.public_ipv6, Some(moved), "{mode} {chosen}");
+            assert_eq!(
+                r.backend_data.as_ref().map(|d| d.get().to_string()),
+                Some(format!(r#"{{"PublicKey":"{new_key}","Port":51820}}"#))
+            );
+            assert_eq!(
+                r.backend_v6_data.as_ref().map(|d| d.get().to_string()),
+                port.map(|port| format!(r#"{{"PublicKey":"{new_key}","Port":{port}}}"#)),
+                "{mode} {chosen}"
+            );
+            assert_eq!(r.public_ip, a.public_ip);
+            assert_eq!(r.backend_type, "wireguard");
         }
     }
 

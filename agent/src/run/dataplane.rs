@@ -336,6 +336,11 @@ impl Plane {
     /// again at the next reconcile, with the VTEP on the new address (vxlan re-creates
     /// `tweed-v6.<VNI>`, whose local address cannot change in place).
     pub(super) fn set_public_ipv6(&mut self, to: Ipv6Addr) {
+        // wireguard's dual plan reads it too (our own entry, `auto`'s ULA test).
+        self.prepared.set_public_ipv6(to);
+        if let DataPlane::Wireguard(b) = &mut self.backend {
+            b.set_public_ipv6(to);
+        }
         if let Some((_, ip)) = self.ipv6_plane.as_mut() {
             if *ip != to {
                 *ip = to;
@@ -639,8 +644,10 @@ impl Plane {
     /// old key or the new one, and the next start publishes whichever is there), then set for the
     /// backend's next reconcile and for any later set-up. The old and new public keys and the
     /// attributes the lease must carry now.
+    /// `current` is our lease as published: the rotated one keeps all but the key fields.
     pub(super) fn rotate_wireguard_key(
         &mut self,
+        current: &LeaseAttrs,
     ) -> Result<(PublicKey, PublicKey, LeaseAttrs), RotateError> {
         let (Prepared::Wireguard(cfg), DataPlane::Wireguard(b)) =
             (&mut self.prepared, &mut self.backend)
@@ -653,8 +660,9 @@ impl Plane {
         cfg.private_key = new.clone();
         b.set_private_key(new);
         let public = cfg.public_key();
-        // With an IPv6 half, BackendV6Data names the new key too.
-        let attrs = cfg.lease_attrs();
+        // BackendV6Data names the new key too; PublicIPv6 stays as published (it may have
+        // moved since the start, and a `separate` node's is not in its config).
+        let attrs = cfg.with_key(current);
         Ok((old, public, attrs))
     }
 

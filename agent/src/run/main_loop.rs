@@ -463,12 +463,15 @@ impl Agent {
     async fn rotate_wireguard_key(
         &mut self,
     ) -> Result<tweed_api::v1::RotateWireguardKeyReply, tonic::Status> {
-        let (old, new, attrs) = self.plane.rotate_wireguard_key().map_err(|e| match e {
-            super::dataplane::RotateError::NotWireguard(_) => {
-                tonic::Status::failed_precondition(e.to_string())
-            }
-            _ => tonic::Status::internal(e.to_string()),
-        })?;
+        let (old, new, attrs) = self
+            .plane
+            .rotate_wireguard_key(self.lease.attrs())
+            .map_err(|e| match e {
+                super::dataplane::RotateError::NotWireguard(_) => {
+                    tonic::Status::failed_precondition(e.to_string())
+                }
+                _ => tonic::Status::internal(e.to_string()),
+            })?;
         self.program().await;
         let published = self.lease.publish(attrs).await;
         self.plane.export_wireguard_peers();

@@ -222,6 +222,34 @@ impl WgConfig {
         a
     }
 
+    /// `current` (our lease as published) under this config's key: `BackendData` rebuilt,
+    /// a `BackendV6Data` there renamed to the key on the port it names; everything else kept.
+    /// A key rotation publishes this rather than [`lease_attrs`](Self::lease_attrs): the
+    /// published lease may hold what the config does not, such as a `PublicIPv6` followed at
+    /// run time or the `PublicIPv6` of a `separate` node (which has no [`WgDual`]).
+    pub fn with_key(&self, current: &tweed_config::LeaseAttrs) -> tweed_config::LeaseAttrs {
+        let key = self.public_key();
+        let mut a = current.clone();
+        a.backend_data = Some(plan::backend_data(&key, self.listen_port));
+        if let Some(v6) = current.backend_v6_data.as_deref() {
+            let ours = match &self.dual {
+                Some(d) => dual::v6_port(d.mode, self.listen_port, d.listen_port_v6),
+                None => self.listen_port,
+            };
+            let port = plan::read_backend_data(Some(v6), "BackendV6Data", ours)
+                .map_or(ours, |(_, port)| port);
+            a.backend_v6_data = Some(plan::backend_data(&key, port));
+        }
+        a
+    }
+
+    /// Our `PublicIPv6` moved: the dual plan reads the new one (our own entry, `auto`'s test).
+    pub fn set_public_ipv6(&mut self, to: std::net::Ipv6Addr) {
+        if let Some(d) = self.dual.as_mut() {
+            d.public_ipv6 = to;
+        }
+    }
+
     pub fn link_spec(&self) -> plan::LinkSpec {
         plan::LinkSpec {
             network: self.network,
@@ -360,6 +388,11 @@ impl WgBackend {
         if let Some(d) = self.cfg.dual.as_mut() {
             d.own_subnet = subnet;
         }
+    }
+
+    /// Our `PublicIPv6` moved ([`WgConfig::set_public_ipv6`]).
+    pub fn set_public_ipv6(&mut self, to: std::net::Ipv6Addr) {
+        self.cfg.set_public_ipv6(to);
     }
 
     /// Whether this data plane carries IPv6 pods: its device then needs the node's IPv6 subnet
