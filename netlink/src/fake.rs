@@ -66,6 +66,11 @@ impl Fake {
         fake
     }
 
+    /// The `wireguard` module loaded or unloaded from now on (later link creations follow).
+    pub fn set_wireguard(&self, loaded: bool) {
+        self.lock().wireguard = loaded;
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking test thread must not hide the state from the assertion that follows.
         self.state.lock().unwrap_or_else(|e| e.into_inner())

@@ -314,11 +314,9 @@ impl Prepared {
                     dual: None,
                 };
                 cfg.check_mtu()?;
-                // Chosen now, before the lease is written: whether its `BackendV6Data` is
-                // advertised depends on what the chosen implementation carries
-                // ([`Prepared::with_ipv6`]). Later set-ups keep the choice.
-                let mut cfg = cfg;
-                cfg.implementation = wireguard::choose_implementation(nl, node.wg_impl).await?;
+                // The kernel/userspace choice is left to each set-up (`WgBackend::setup`): the
+                // lease does not depend on it (`wireguard::carries_v6`), and `auto` falls back
+                // to userspace whenever the kernel probe fails, a re-setup's included.
                 tracing::info!(
                     key_file = %cfg.key_path.display(),
                     public_key = %cfg.public_key(),
@@ -332,9 +330,9 @@ impl Prepared {
     }
 
     /// `attrs` with a dual-stack node's IPv6 half: `PublicIPv6`, and a `BackendV6Data` when
-    /// the backend serves IPv6 ([`crate::ipv6::with_public_ipv6`]; wireguard: only when the
-    /// implementation chosen in [`new`](Self::new) carries IPv6 in `Backend.Mode`, which is
-    /// then recorded for its set-up, or an error when that mode cannot run on it).
+    /// the backend serves IPv6 ([`crate::ipv6::with_public_ipv6`]; wireguard: only when
+    /// `Backend.Mode` is carried ([`wireguard::carries_v6`], the same on both paths), which is
+    /// then recorded for its set-up).
     pub fn with_ipv6(
         &mut self,
         attrs: LeaseAttrs,
@@ -345,11 +343,10 @@ impl Prepared {
         let (Prepared::Wireguard(c), BackendConfig::Wireguard(w)) = (&mut *self, backend) else {
             return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
         };
-        if !wireguard::carries_v6(c.implementation, w.mode)? {
+        if !wireguard::carries_v6(w.mode) {
             tracing::warn!(
-                implementation = ?c.implementation,
                 mode = ?w.mode,
-                "wireguard: this implementation carries IPv4 only in this Backend.Mode: no BackendV6Data advertised"
+                "wireguard: this Backend.Mode is carried IPv4 only (its second device is not built): no BackendV6Data advertised, IPv6 pods unreachable; set Mode \"auto\" or \"ipv4\" for IPv6 pods"
             );
             return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
         }
@@ -1104,10 +1101,12 @@ mod tests {
         assert!(!tmp.path().join(wireguard::key::KEY_FILE_NAME).exists());
     }
 
-    /// The wireguard implementation is chosen before the lease is written, and the lease's
-    /// `BackendV6Data` is written only when the chosen one carries IPv6 in `Backend.Mode`.
+    /// The lease's `BackendV6Data` depends on `Backend.Mode` only, not on the implementation;
+    /// the implementation is chosen at each set-up from what was asked (`auto` kept, so a
+    /// re-setup whose kernel probe fails falls back to userspace); a key rotation keeps the
+    /// published lease's `PublicIPv6`.
     #[tokio::test]
-    async fn wireguard_advertises_ipv6_only_when_the_chosen_implementation_carries_it() {
+    async fn wireguard_advertises_ipv6_by_mode_and_chooses_the_implementation_at_each_setup() {
         use wireguard::WgImpl;
         let node = |tmp: &std::path::Path, wg_impl: WgImpl| NodeContext {
             network: "10.244.0.0/16".parse().unwrap(),
@@ -1131,7 +1130,8 @@ mod tests {
             ))
             .unwrap()
         };
-        // (kernel module?, wanted, Mode) -> chosen, BackendV6Data port (None: IPv4 only).
+        // (kernel module?, wanted, Mode) -> chosen at set-up, BackendV6Data port (None: IPv4
+        // only).
         type Case = (bool, WgImpl, &'static str, &'static str, Option<u16>);
         let cases: [Case; 6] = [
             (false, WgImpl::Auto, "auto", "userspace", Some(51820)),
@@ -1156,12 +1156,21 @@ mod tests {
                 .await
                 .unwrap();
             let Prepared::Wireguard(c) = &p else { panic!() };
+            // What was asked is kept for every set-up, which chooses (WgBackend::setup_with).
+            assert_eq!(c.implementation, wanted, "{mode} {wanted:?}");
             let expect_impl = if chosen == "kernel" {
                 WgImpl::Kernel
             } else {
                 WgImpl::Userspace
             };
-            assert_eq!(c.implementation, expect_impl, "{mode} {wanted:?}");
+            let got = wireguard::choose_implementation(&nl, c.implementation).await;
+            assert_eq!(got.unwrap(), expect_impl, "{mode} {wanted:?}");
+            if module && wanted == WgImpl::Auto {
+                // A re-setup after the module went away: auto falls back to userspace.
+                fake.set_wireguard(false);
+                let again = wireguard::choose_implementation(&nl, c.implementation).await;
+                assert_eq!(again.unwrap(), WgImpl::Userspace);
+            }
             let key = c.public_key();
             // The probe left no link behind.
             let links = nl.links().await.unwrap();

@@ -233,7 +233,8 @@ impl Plane {
         self.v6 = match V6Plane::setup(&self.nl, params, &self.backend).await {
             Ok(None) => {
                 // An operator who enabled IPv6 must learn that this backend leaves it unserved
-                // (wireguard's IPv6 half is planned but not carried yet: docs/wireguard.md).
+                // (wireguard in `Mode: separate`, whose second device is not built:
+                // docs/wireguard.md).
                 warn!(
                     backend = self.prepared.type_name(),
                     "the network enables IPv6 but this backend carries IPv4 only: pods' IPv6 addresses reach no other node"

@@ -209,6 +209,13 @@ impl UdpBackend {
         ipv6: bool,
     ) -> Result<UdpBackend, UdpError> {
         let cfg_device = cfg.device;
+        // The wireguard backend's userspace path runs on these workers too: its lines must not
+        // say udp.
+        let who = if cfg_device == DEVICE {
+            "udp"
+        } else {
+            "wireguard (userspace)"
+        };
         check_mtu(
             cfg_device,
             cfg.mtu(),
@@ -221,7 +228,7 @@ impl UdpBackend {
             .map_err(UdpError::Device)?;
         if let Some(l) = &existing {
             if l.kind.as_deref() != Some("tun") {
-                tracing::warn!(device = cfg_device, kind = ?l.kind, "udp: replacing a device that is not a TUN device");
+                tracing::warn!(device = cfg_device, kind = ?l.kind, "{who}: replacing a device that is not a TUN device");
                 apply_strict(
                     nl,
                     &[Op::LinkDel {
@@ -238,7 +245,7 @@ impl UdpBackend {
             Err(e) if existing.is_some() => {
                 tracing::warn!(
                     device = cfg_device,
-                    "udp: cannot attach to the existing device ({e}); recreating it"
+                    "{who}: cannot attach to the existing device ({e}); recreating it"
                 );
                 apply_strict(
                     nl,
@@ -272,18 +279,23 @@ impl UdpBackend {
         if ipv6 {
             match quiet_ipv6(Path::new(IPV6_CONF), cfg_device) {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(device = cfg_device, written = n, "udp: IPv6 on the device, autoconfiguration off"),
-                Err(e) => tracing::warn!(device = cfg_device, "udp: cannot set the device's IPv6 up ({e}); IPv6 pods will not reach other nodes"),
+                Ok(n) => tracing::info!(device = cfg_device, written = n, "{who}: IPv6 on the device, autoconfiguration off"),
+                Err(e) => tracing::warn!(device = cfg_device, "{who}: cannot set the device's IPv6 up ({e}); IPv6 pods will not reach other nodes"),
             }
         } else {
             match disable_ipv6(Path::new(IPV6_CONF), cfg_device) {
-                Ok(true) => tracing::info!(device = cfg_device, "udp: IPv6 disabled on the device"),
+                Ok(true) => tracing::info!(device = cfg_device, "{who}: IPv6 disabled on the device"),
                 Ok(false) => {}
-                Err(e) => tracing::warn!(device = cfg_device, "udp: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
+                Err(e) => tracing::warn!(device = cfg_device, "{who}: cannot disable IPv6 ({e}); the kernel's IPv6 control packets will be counted as malformed"),
             }
         }
         let setup_ops = configure(nl, &cfg, &link).await?;
-        crate::backend::log_setup("udp: device", cfg_device, cfg.mtu(), setup_ops.len());
+        crate::backend::log_setup(
+            &format!("{who}: device"),
+            cfg_device,
+            cfg.mtu(),
+            setup_ops.len(),
+        );
 
         let bind = SocketAddrV4::new(cfg.local_ip, cfg.port);
         let mut socks = Vec::new();
@@ -298,11 +310,11 @@ impl UdpBackend {
                 socks.len() as u32,
                 cfg.steering,
             ) {
-                tracing::warn!(steering = ?cfg.steering, "udp: no steering across workers ({e}); the kernel's 4-tuple hash decides");
+                tracing::warn!(steering = ?cfg.steering, "{who}: no steering across workers ({e}); the kernel's 4-tuple hash decides");
             }
         }
         if !socks.iter().all(|(_, gro)| *gro) {
-            tracing::warn!("udp: this kernel has no UDP_GRO; receiving one datagram per read");
+            tracing::warn!("{who}: this kernel has no UDP_GRO; receiving one datagram per read");
         }
         // The table the previous run left: forwarding starts with the workers, and the first
         // reconcile (after the leases are listed) corrects it.
@@ -316,7 +328,7 @@ impl UdpBackend {
         } else {
             tracing::info!(
                 peers = stored.len(),
-                "udp: forwarding with the stored peer table until the leases are listed"
+                "{who}: forwarding with the stored peer table until the leases are listed"
             );
             PeerTable::new(cfg.network, cfg.own_subnet, cfg.local_ip, &stored)
         };
@@ -344,7 +356,7 @@ impl UdpBackend {
             threads.push(t);
         }
         threads.push(spawn_reporter(shared.clone(), counters.clone()).map_err(UdpError::Thread)?);
-        tracing::info!(device = cfg_device, %bind, workers = counters.len(), mtu = cfg.mtu(), "udp: data plane running");
+        tracing::info!(device = cfg_device, %bind, workers = counters.len(), mtu = cfg.mtu(), "{who}: data plane running");
         Ok(UdpBackend {
             cfg,
             ifindex: link.index,

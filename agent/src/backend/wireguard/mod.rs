@@ -112,7 +112,7 @@ pub struct WgConfig {
 }
 
 /// A dual-stack node's IPv6 half, fixed before the lease is written (its `BackendV6Data`
-/// says the same), the subnet once the lease is known.
+/// says the same), the subnet once the lease is known, `public_ipv6` following the underlay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgDual {
     pub mode: tweed_config::WireguardMode,
@@ -123,25 +123,20 @@ pub struct WgDual {
     pub own_subnet: Option<ipnetwork::Ipv6Network>,
 }
 
-/// Whether `chosen` (resolved: kernel or userspace) carries IPv6 for a dual-stack node in
-/// `mode`: `Ok(false)` runs IPv4 only (with a warning, no `BackendV6Data`), an error refuses
-/// the start naming `Backend.Mode`.
+/// Whether a dual-stack wireguard node carries IPv6 in `mode`, the same on both paths (so
+/// the lease, written before the data plane is set up, does not depend on which runs):
+/// `false` runs IPv4 only (with a warning, no `BackendV6Data`).
 ///
-/// - userspace: one TUN device whose UDP socket is IPv4, so the single-device modes `auto` and
-///   `ipv4` carry IPv6 pods over the IPv4 underlay.
-/// - kernel: the single-device modes `auto` and `ipv4` carry IPv6 (`tweed-wg` gets the IPv6
-///   address and route, peers both subnets, endpoints by [`dual::plan_dual`]).
-/// - on both, `auto` uses IPv4 endpoints ([`WgConfig::dual_local`]).
+/// - `auto`, `ipv4`: one device (kernel `tweed-wg` or the userspace TUN) with both subnets'
+///   routes, peers both subnets, IPv4 endpoints ([`WgConfig::dual_local`]).
 /// - `separate` (flannel's default: a second device on `ListenPortV6`, IPv6 endpoints) is not
 ///   built on either path, so it runs IPv4 only, as a dual-stack wireguard node did before: a
 ///   start failure would take down nodes whose config did not change.
-pub fn carries_v6(chosen: WgImpl, mode: tweed_config::WireguardMode) -> Result<bool, WgError> {
+/// - `ipv6` never gets here: [`crate::backend::Prepared::new`] refuses it
+///   ([`WgError::ModeNotCarried`]).
+pub fn carries_v6(mode: tweed_config::WireguardMode) -> bool {
     use tweed_config::WireguardMode as M;
-    match (chosen, mode) {
-        (_, M::Ipv6) => Err(WgError::ModeNotCarried),
-        (_, M::Auto | M::Ipv4) => Ok(true),
-        (_, M::Separate) => Ok(false),
-    }
+    matches!(mode, M::Auto | M::Ipv4)
 }
 
 impl WgConfig {
@@ -263,6 +258,9 @@ impl WgConfig {
 pub struct WgBackend {
     cfg: WgConfig,
     plane: Plane,
+    /// The IPv6 halves the last dual plan left out: logged when this changes, not at every
+    /// reconcile.
+    skipped_v6: Vec<dual::Skip6>,
 }
 
 enum Plane {
@@ -337,16 +335,16 @@ impl WgBackend {
         open: GenlOpener,
     ) -> Result<WgBackend, crate::backend::BackendError> {
         cfg.check_mtu()?;
-        let probed = match cfg.implementation {
-            WgImpl::Userspace => Ok(()),
-            _ => probe_kernel(nl).await,
-        };
-        let chosen = kernel::choose(cfg.implementation, &mut kernel::Probed(probed))?;
+        let chosen = choose_implementation(nl, cfg.implementation).await?;
         let plane = match chosen {
             WgImpl::Kernel => Plane::Kernel(setup_kernel(nl, &cfg, open).await?),
             _ => Plane::Userspace(setup_userspace(nl, &cfg).await?),
         };
-        let b = WgBackend { cfg, plane };
+        let b = WgBackend {
+            cfg,
+            plane,
+            skipped_v6: Vec::new(),
+        };
         tracing::info!(
             implementation = b.implementation(),
             device = DEVICE,
@@ -515,8 +513,17 @@ impl WgBackend {
             return self.reconcile(nl, &v4).await;
         };
         let plan = dual::plan_dual(&local, peers);
-        for s in &plan.skipped_v6 {
-            tracing::debug!(peer = %s.v4_subnet, "wireguard: IPv6 half left out: {}", s.reason);
+        // An operator must see why a peer's IPv6 pods are unreachable (its IPv4 half still
+        // runs): once per change, at warn.
+        if plan.skipped_v6 != self.skipped_v6 {
+            for s in &plan.skipped_v6 {
+                tracing::warn!(
+                    peer = %s.v4_subnet,
+                    "wireguard: the peer's IPv6 half is left out (IPv6 pods there unreachable): {}",
+                    s.reason
+                );
+            }
+            self.skipped_v6 = plan.skipped_v6.clone();
         }
         let specs = plan
             .devices
@@ -683,9 +690,10 @@ async fn setup_kernel(
     })
 }
 
-/// The implementation that runs: `userspace` as asked, else the kernel's when it makes
-/// `wireguard` links (`kernel` fails without; `auto` then takes userspace). Resolved before the
-/// lease is written, since what the lease advertises depends on it.
+/// The implementation a set-up runs: `userspace` as asked, else the kernel's when it makes
+/// `wireguard` links (`kernel` fails without; `auto` then takes userspace). Asked again at
+/// every set-up, a re-setup's included, so an `auto` node whose kernel stops making
+/// `wireguard` links (module unloaded) comes back on userspace rather than stopped.
 pub async fn choose_implementation(
     nl: &crate::netlink::Netlink,
     wanted: WgImpl,
