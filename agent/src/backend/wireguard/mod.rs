@@ -105,8 +105,8 @@ pub struct WgConfig {
     pub implementation: WgImpl,
     /// Userspace: worker threads (the udp backend's `--udp-workers`).
     pub queues: usize,
-    /// The IPv6 half this node serves (dual stack, and only when the chosen implementation
-    /// carries IPv6 in the configured `Mode`: [`carries_v6`]); `None`: IPv4 only.
+    /// The IPv6 half this node serves (dual stack, and only when the configured `Mode` is
+    /// carried: [`carries_v6`]); `None`: IPv4 only.
     /// Boxed: most nodes run IPv4 only, and the data plane enum holds this config.
     pub dual: Option<Box<WgDual>>,
 }
