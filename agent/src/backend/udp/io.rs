@@ -27,7 +27,7 @@ use super::offload::{
 };
 use super::packet::{
     icmp6_unreachable, icmp_net_unreachable, ip_version, parse_ipv4, parse_ipv6, IcmpLimiter,
-    MAX_PACKET,
+    Ipv6Header, MAX_PACKET,
 };
 use super::table::{check_inner, check_inner6, DropReason, Outbound, PeerTable};
 use crate::backend::wireguard::dual::source_allowed;
@@ -1267,16 +1267,9 @@ impl Worker {
                 Ok((n, peer)) if ip_version(&bufs.plain[i][off..off + n]) == Some(6) => {
                     // Dual stack: an IPv6 pod packet sealed by the same session.
                     let inner = &bufs.plain[i][off..off + n];
-                    match (parse_ipv6(inner), table.v6()) {
-                        (_, None) => c.count_drop(table.no_v6_reason(), 1),
-                        (Err(e), _) => c.count_drop(DropReason::Malformed(e), 1),
-                        (Ok(_), _) if !source_allowed(&peer.spec.allowed_ips, inner) => {
-                            c.count_drop(DropReason::SpoofedInnerSource, 1)
-                        }
-                        (Ok(h), Some(v6)) if !v6.own_subnet.contains(h.dst) => {
-                            c.count_drop(DropReason::NotForThisNode, 1)
-                        }
-                        (Ok(h), Some(_)) => {
+                    match wg_inner6(&peer.spec.allowed_ips, table, inner) {
+                        Err(why) => c.count_drop(why, 1),
+                        Ok(h) => {
                             let span = Span {
                                 buf: i,
                                 start: off,
@@ -1330,6 +1323,26 @@ impl Worker {
     }
 }
 
+/// The checks an inner IPv6 packet opened by a wireguard session passes before it goes to the
+/// TUN device (dual stack): this node carries IPv6 (else the table's reason), a well-formed
+/// header, a source inside the sending peer's IPv6 allowed IPs (an IPv4-mapped address never
+/// matches an IPv4 one, [`source_allowed`]), a destination inside our IPv6 subnet.
+fn wg_inner6(
+    allowed_ips: &[ipnetwork::IpNetwork],
+    table: &PeerTable,
+    inner: &[u8],
+) -> Result<Ipv6Header, DropReason> {
+    let v6 = table.v6().ok_or_else(|| table.no_v6_reason())?;
+    let h = parse_ipv6(inner).map_err(DropReason::Malformed)?;
+    if !source_allowed(allowed_ips, inner) {
+        return Err(DropReason::SpoofedInnerSource);
+    }
+    if !v6.own_subnet.contains(h.dst) {
+        return Err(DropReason::NotForThisNode);
+    }
+    Ok(h)
+}
+
 /// The `UDP_GRO` segment size of a received run, when the kernel merged datagrams.
 fn gro_size(h: &libc::msghdr) -> Option<usize> {
     if h.msg_controllen == 0 {
@@ -1353,6 +1366,90 @@ fn gro_size(h: &libc::msghdr) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wireguard receive path's inner IPv6 checks ([`wg_inner6`], what `open_run` runs on
+    /// each opened IPv6 packet), against hostile packets from an authenticated peer.
+    #[test]
+    fn wireguard_inner_ipv6_is_checked_against_the_peer_and_our_subnet() {
+        use super::super::packet::tests::ipv6;
+        use super::super::packet::PacketError;
+        use super::super::table::{UdpPeer, UdpPeer6, V6Spec};
+        let peer = |n: u8| UdpPeer {
+            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+            public_ip: Ipv4Addr::new(198, 18, 0, n),
+            port: 51820,
+        };
+        let v4 = PeerTable::new(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+            Ipv4Addr::new(198, 18, 0, 1),
+            &[peer(2), peer(3)],
+        );
+        let table = v4.clone().with_v6(&V6Spec {
+            network: "fd00:10:244::/56".parse().unwrap(),
+            own_subnet: "fd00:10:244:1::/64".parse().unwrap(),
+            peers: vec![UdpPeer6 {
+                subnet: "fd00:10:244:2::/64".parse().unwrap(),
+                public_ip: Ipv4Addr::new(198, 18, 0, 2),
+                port: 51820,
+            }],
+        });
+        // Peer 2's allowed IPs: both its subnets.
+        let allowed: Vec<ipnetwork::IpNetwork> = vec![
+            "10.244.2.0/24".parse().unwrap(),
+            "fd00:10:244:2::/64".parse().unwrap(),
+        ];
+        let ok = ipv6("fd00:10:244:2::5", "fd00:10:244:1::7", 17, &[0; 8]);
+        let h = wg_inner6(&allowed, &table, &ok).expect("a packet from its subnet to ours");
+        assert_eq!(
+            h.dst,
+            "fd00:10:244:1::7".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        // A source in another peer's subnet (spoofed), or IPv4-mapped from the peer's IPv4
+        // subnet (must not pass as IPv4).
+        for src in ["fd00:10:244:3::5", "::ffff:10.244.2.5", "fd00:10:244:1::9"] {
+            let p = ipv6(src, "fd00:10:244:1::7", 17, &[0; 8]);
+            assert_eq!(
+                wg_inner6(&allowed, &table, &p).unwrap_err(),
+                DropReason::SpoofedInnerSource,
+                "{src}"
+            );
+        }
+        // A destination outside our subnet: another node's, or outside IPv6Network.
+        for dst in ["fd00:10:244:3::7", "2001:db8::7"] {
+            let p = ipv6("fd00:10:244:2::5", dst, 17, &[0; 8]);
+            assert_eq!(
+                wg_inner6(&allowed, &table, &p).unwrap_err(),
+                DropReason::NotForThisNode,
+                "{dst}"
+            );
+        }
+        // Truncated: under 40 bytes, or shorter than the payload length says.
+        assert!(matches!(
+            wg_inner6(&allowed, &table, &ok[..39]).unwrap_err(),
+            DropReason::Malformed(PacketError::Truncated { .. })
+        ));
+        assert!(matches!(
+            wg_inner6(&allowed, &table, &ok[..ok.len() - 1]).unwrap_err(),
+            DropReason::Malformed(PacketError::Truncated { .. })
+        ));
+        // A node without an IPv6 half drops it with the table's reason (waiting for the half,
+        // or IPv4 only).
+        assert_eq!(
+            wg_inner6(&allowed, &v4.clone().with_v6_pending(), &ok).unwrap_err(),
+            DropReason::NotReady
+        );
+        assert_eq!(
+            wg_inner6(&allowed, &v4, &ok).unwrap_err(),
+            DropReason::Malformed(PacketError::NotIpv4(6))
+        );
+        // Allowed IPs without an IPv6 network: nothing IPv6 passes.
+        let only4: Vec<ipnetwork::IpNetwork> = vec!["10.244.2.0/24".parse().unwrap()];
+        assert_eq!(
+            wg_inner6(&only4, &table, &ok).unwrap_err(),
+            DropReason::SpoofedInnerSource
+        );
+    }
 
     /// Runs a classic-BPF program the way the kernel does for a reuseport group (a load past
     /// the end returns 0), so the program's choices are tested without a socket.
