@@ -577,6 +577,42 @@ pub fn leftovers6(
     ops
 }
 
+/// What the wireguard device `ifindex` keeps of an IPv6 half this node no longer serves (the
+/// kernel device outlives the agent; `Mode: separate` now, no IPv6 underlay address, the
+/// lease's IPv6 half gone): its global addresses (the /128) and the non-kernel IPv6 routes
+/// through it (`IPv6Network`). Left there, `IPv6Network` would stay routed into a device whose
+/// peers carry no IPv6, silently dropping what should be unreachable. Link-local addresses
+/// and kernel routes are the kernel's.
+pub fn wireguard_leftovers6(ifindex: u32, addrs: &[Addr6], routes: &[Route6]) -> Vec<Op> {
+    let link_local: Ipv6Network = "fe80::/10".parse().expect("valid");
+    let mut ops: Vec<Op> = routes
+        .iter()
+        .filter(|r| r.oif == Some(ifindex) && r.protocol != Route::PROTO_KERNEL)
+        .map(|r| Op::Route6Del(*r))
+        .collect();
+    ops.extend(
+        addrs
+            .iter()
+            .filter(|a| a.ifindex == ifindex && !link_local.contains(a.net.ip()))
+            .map(|a| Op::Addr6Del {
+                ifindex,
+                addr: a.net,
+            }),
+    );
+    ops
+}
+
+/// Removes [`wireguard_leftovers6`] from the device `ifindex`; the ops applied.
+pub async fn remove_wireguard6(nl: &Netlink, ifindex: u32) -> Result<Vec<Op>, NetlinkError> {
+    let ops = wireguard_leftovers6(
+        ifindex,
+        &nl.addresses6(Some(ifindex)).await?,
+        &nl.all_routes6().await?,
+    );
+    first_error(nl.apply_all(&ops).await)?;
+    Ok(ops)
+}
+
 fn first_error(results: Vec<Result<(), NetlinkError>>) -> Result<(), NetlinkError> {
     results.into_iter().collect()
 }

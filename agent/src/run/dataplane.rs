@@ -227,11 +227,13 @@ impl Plane {
             },
             _ => {
                 self.v6 = None;
+                self.clear_wireguard6().await;
                 return;
             }
         };
         self.v6 = match V6Plane::setup(&self.nl, params, &self.backend).await {
             Ok(None) => {
+                self.clear_wireguard6().await;
                 // An operator who enabled IPv6 must learn that this backend leaves it unserved
                 // (wireguard in `Mode: separate`, whose second device is not built:
                 // docs/wireguard.md).
@@ -247,6 +249,22 @@ impl Plane {
                 None
             }
         };
+    }
+
+    /// wireguard not serving IPv6 (now): takes an earlier IPv6 half's address and route off
+    /// `tweed-wg`, which outlives restarts ([`crate::backend::v6::wireguard_leftovers6`]).
+    async fn clear_wireguard6(&mut self) {
+        let DataPlane::Wireguard(b) = &self.backend else {
+            return;
+        };
+        match crate::backend::v6::remove_wireguard6(&self.nl, b.ifindex()).await {
+            Ok(ops) => {
+                for op in ops {
+                    info!("wireguard: removed IPv6 leftover (this node serves no IPv6 now): {op}");
+                }
+            }
+            Err(e) => warn!("wireguard: removing the device's IPv6 leftovers: {e}"),
+        }
     }
 
     /// Programs the IPv6 halves of `remotes` (after the IPv4 backend); the ops it applied.

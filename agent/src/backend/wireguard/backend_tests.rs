@@ -436,4 +436,36 @@ async fn kernel_dual_stack_device_carries_both_families_from_the_plan() {
         .unwrap()
         .unwrap();
     assert!(again.setup_ops().is_empty(), "{:?}", again.setup_ops());
+
+    // The node stops serving IPv6 (Mode separate after a restart, the lease's IPv6 half gone):
+    // the /128 and the IPv6Network route come off the device, which outlives the agent; the
+    // kernel's link-local address stays; a second pass removes nothing.
+    let ll: ipnetwork::Ipv6Network = "fe80::1/64".parse().unwrap();
+    nl.apply(&crate::netlink::Op::Addr6Add {
+        ifindex,
+        addr: ll,
+        nodad: true,
+    })
+    .await
+    .unwrap();
+    let removed = crate::backend::v6::remove_wireguard6(&nl, ifindex)
+        .await
+        .unwrap();
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    let addrs: Vec<_> = nl.addresses6(Some(ifindex)).await.unwrap();
+    assert_eq!(
+        addrs.iter().map(|a| a.net).collect::<Vec<_>>(),
+        [ll],
+        "{addrs:?}"
+    );
+    assert!(nl
+        .all_routes6()
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.oif != Some(ifindex)));
+    let again = crate::backend::v6::remove_wireguard6(&nl, ifindex)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
 }
