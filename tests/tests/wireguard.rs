@@ -16,6 +16,46 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
 }
 
+/// The packets in a pcap capture (its records), or 0 for an empty or foreign file.
+fn pcap_packets(cap: &[u8]) -> usize {
+    let le = match cap.get(..4) {
+        Some([0xd4, 0xc3, 0xb2, 0xa1]) | Some([0x4d, 0x3c, 0xb2, 0xa1]) => true,
+        Some([0xa1, 0xb2, 0xc3, 0xd4]) | Some([0xa1, 0xb2, 0x3c, 0x4d]) => false,
+        _ => return 0,
+    };
+    let (mut off, mut n) = (24, 0);
+    while let Some(h) = cap.get(off..off + 16) {
+        let len = [h[8], h[9], h[10], h[11]];
+        let len = if le {
+            u32::from_le_bytes(len)
+        } else {
+            u32::from_be_bytes(len)
+        } as usize;
+        off += 16 + len;
+        if off > cap.len() {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// WireGuard datagrams (UDP to port 51820) on the underlay while `h1/p1` pings `dst`.
+fn wireguard_datagrams_during_ping(lab: &tweed_lab::Lab, dst: &str, v6: bool) -> usize {
+    let cap = capture_while(lab, "underlay", "udp dst port 51820", || {
+        let mut args = vec!["ping", "-c", "5", "-i", "0.2", "-W", "2", dst];
+        if v6 {
+            args.insert(1, "-6");
+        }
+        let out = lab
+            .exec("h1/p1", &args)
+            .unwrap_or_else(|e| panic!("ping {dst}: {e}"));
+        let (tx, rx) = ping_summary(&out);
+        assert_eq!((tx, rx), (5, 5), "{out}");
+    });
+    pcap_packets(&cap)
+}
+
 /// Runs `during` while tcpdump captures on `target` (all interfaces) what matches `filter`; the
 /// raw capture bytes (a 24-byte pcap file header first, when tcpdump wrote anything).
 fn capture_while(
@@ -111,10 +151,10 @@ fn wireguard_lab_passes_check_encrypted_with_flannels_lease_format() {
         0,
         "pod payload in clear on the underlay"
     );
-    let wg_data_to_51820 = count(&underlay, &[0xca, 0x6c]); // port 51820 big-endian
+    let wg_data_to_51820 = wireguard_datagrams_during_ping(&lab, &dst, false);
     assert!(
-        wg_data_to_51820 >= 5,
-        "no WireGuard traffic captured ({wg_data_to_51820})"
+        wg_data_to_51820 >= 10,
+        "too few WireGuard datagrams captured ({wg_data_to_51820})"
     );
     let in_pod = capture_during_ping(&lab, "h2/p1", &dst);
     assert!(
@@ -827,8 +867,9 @@ fn wireguard_dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_encrypted() {
         0,
         "IPv6 pod payload in clear on the underlay"
     );
-    let wg = count(&underlay, &[0xca, 0x6c]); // port 51820 big-endian
-    assert!(wg >= 5, "no WireGuard traffic captured ({wg})");
+    // 5 requests and 5 replies, each a datagram to port 51820 (both nodes listen there).
+    let wg = wireguard_datagrams_during_ping(&lab, &dst, true);
+    assert!(wg >= 10, "too few WireGuard datagrams captured ({wg})");
     let in_pod = capture_during_ping6(&lab, "h2/p1", &dst);
     assert!(
         count(&in_pod, MARKER) >= 5,
