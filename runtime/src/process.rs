@@ -155,6 +155,47 @@ pub fn decode_status(status: libc::c_int) -> Exit {
     }
 }
 
+/// Supervisors this process forked and has not reaped yet, as pidfds. A supervisor is a
+/// direct child of `tweedctl` (one fork, no middle process that exits at once to orphan it),
+/// so the process that started it must reap it or it lingers as a zombie while that process
+/// lives. `tweedctl` itself exits soon after; a long-lived caller of the library reaps at
+/// its next [`reap_exited_children`] (every start and every wait).
+static UNREAPED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a child just forked so that [`reap_exited_children`] reaps it once it has exited.
+/// The pidfd is opened while the child is still unreaped, so its pid cannot have been reused:
+/// the descriptor names exactly that child, and reaping through it can never take another
+/// child of the caller (a pid-based `waitpid` could, had the pid been recycled).
+pub fn reap_later(pid: i32) -> io::Result<()> {
+    let fd = pidfd_open(pid)?;
+    UNREAPED.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
+    Ok(())
+}
+
+/// Reaps, without blocking, every child recorded by [`reap_later`] that has exited; returns
+/// how many are still running.
+pub fn reap_exited_children() -> usize {
+    let mut list = UNREAPED.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|fd| {
+        // SAFETY: zeroed siginfo is a valid out buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own pidfd with a valid out pointer.
+        let r = retry(|| unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                fd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        });
+        // SAFETY: si_pid is valid to read after waitid (0 when nothing was reaped).
+        let reaped = r.is_ok() && unsafe { info.si_pid() } != 0;
+        // ECHILD: no longer ours to wait for (reaped elsewhere): forget it too.
+        !reaped && r.is_ok()
+    });
+    list.len()
+}
+
 /// Blocking waitpid for a child.
 pub fn waitpid(pid: i32) -> io::Result<Exit> {
     let mut status = 0;
@@ -367,6 +408,56 @@ pub fn userns_fd(m: &crate::userns::Mapping) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn zombie_of(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+    }
+
+    fn listed(fd_of: i32) -> bool {
+        UNREAPED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|fd| fd.as_raw_fd() == fd_of)
+    }
+
+    #[test]
+    fn recorded_children_are_reaped_once_exited_and_others_are_never_taken() {
+        // A child that exits at once (only _exit after the fork: safe in a threaded harness).
+        // SAFETY: the child makes one async-signal-safe call.
+        let pid = match unsafe { fork() }.unwrap() {
+            Fork::Child => exit_now(0),
+            Fork::Parent(pid) => pid,
+        };
+        // A second child, not recorded: reaping must never take it.
+        // SAFETY: as above.
+        let other = match unsafe { fork() }.unwrap() {
+            Fork::Child => exit_now(3),
+            Fork::Parent(pid) => pid,
+        };
+        reap_later(pid).unwrap();
+        let fd = UNREAPED.lock().unwrap().last().unwrap().as_raw_fd();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !zombie_of(other) || listed(fd) {
+            reap_exited_children();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child {pid} not reaped"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Reaped: the pid is gone (or a stranger's now), and it left the list.
+        assert!(!zombie_of(pid));
+        // The unrecorded child is still a zombie, for its owner to reap.
+        assert!(zombie_of(other));
+        assert_eq!(waitpid(other).unwrap().code, 3);
+        // A process that is not our child (pid 1) is dropped from the list, never waited on.
+        reap_later(1).unwrap();
+        let fd1 = UNREAPED.lock().unwrap().last().unwrap().as_raw_fd();
+        reap_exited_children();
+        assert!(!listed(fd1));
+    }
 
     #[test]
     fn signals_by_name() {
