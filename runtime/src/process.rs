@@ -155,6 +155,47 @@ pub fn decode_status(status: libc::c_int) -> Exit {
     }
 }
 
+/// Supervisors this process forked and has not reaped yet, as pidfds. A supervisor is a
+/// direct child of `tweedctl` (one fork, no middle process that exits at once to orphan it),
+/// so the process that started it must reap it or it lingers as a zombie while that process
+/// lives. `tweedctl` itself exits soon after; a long-lived caller of the library reaps at
+/// its next [`reap_exited_children`] (every start and every wait).
+static UNREAPED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a child just forked so that [`reap_exited_children`] reaps it once it has exited.
+/// The pidfd is opened while the child is still unreaped, so its pid cannot have been reused:
+/// the descriptor names exactly that child, and reaping through it can never take another
+/// child of the caller (a pid-based `waitpid` could, had the pid been recycled).
+pub fn reap_later(pid: i32) -> io::Result<()> {
+    let fd = pidfd_open(pid)?;
+    UNREAPED.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
+    Ok(())
+}
+
+/// Reaps, without blocking, every child recorded by [`reap_later`] that has exited; returns
+/// how many are still running.
+pub fn reap_exited_children() -> usize {
+    let mut list = UNREAPED.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|fd| {
+        // SAFETY: zeroed siginfo is a valid out buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own pidfd with a valid out pointer.
+        let r = retry(|| unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                fd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        });
+        // SAFETY: si_pid is valid to read after waitid (0 when nothing was reaped).
+        let reaped = r.is_ok() && unsafe { info.si_pid() } != 0;
+        // ECHILD: no longer ours to wait for (reaped elsewhere): forget it too.
+        !reaped && r.is_ok()
+    });
+    list.len()
+}
+
 /// Blocking waitpid for a child.
 pub fn waitpid(pid: i32) -> io::Result<Exit> {
     let mut status = 0;
@@ -195,6 +236,29 @@ pub fn dup2(from: RawFd, to: RawFd) -> io::Result<()> {
 
 /// Closes every fd >= 3 except `keep`.
 pub fn close_fds_except(keep: &[RawFd]) {
+    // close_range over the gaps between the kept fds: a few syscalls, no allocation and no
+    // /proc walk. It runs twice on every start (supervisor, init).
+    let mut kept: [RawFd; 16] = [0; 16];
+    let n = keep.iter().filter(|&&k| k > 2).count();
+    if n <= kept.len() {
+        for (slot, &k) in kept.iter_mut().zip(keep.iter().filter(|&&k| k > 2)) {
+            *slot = k;
+        }
+        let kept = &mut kept[..n];
+        kept.sort_unstable();
+        let mut from: RawFd = 3;
+        let mut ok = true;
+        for &k in kept.iter() {
+            if k > from {
+                ok &= close_range(from, k - 1);
+            }
+            from = from.max(k + 1);
+        }
+        if ok && close_range(from, RawFd::MAX) {
+            return;
+        }
+    }
+    // Kernels before 5.9, or more fds to keep than fit: walk /proc/self/fd.
     let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
         Ok(d) => d
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -209,6 +273,20 @@ pub fn close_fds_except(keep: &[RawFd]) {
             }
         }
     }
+}
+
+/// close_range(first, last, 0); false if the kernel has none.
+fn close_range(first: RawFd, last: RawFd) -> bool {
+    // SAFETY: plain syscall closing our own fds in the range.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            0 as libc::c_uint,
+        )
+    };
+    r == 0
 }
 
 /// Marks every fd from `first` up close-on-exec (`close_range(CLOSE_RANGE_CLOEXEC)`, falling
@@ -367,6 +445,101 @@ pub fn userns_fd(m: &crate::userns::Mapping) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn zombie_of(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+    }
+
+    fn listed(fd_of: i32) -> bool {
+        UNREAPED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|fd| fd.as_raw_fd() == fd_of)
+    }
+
+    #[test]
+    fn recorded_children_are_reaped_once_exited_and_others_are_never_taken() {
+        // A child that exits at once (only _exit after the fork: safe in a threaded harness).
+        // SAFETY: the child makes one async-signal-safe call.
+        let pid = match unsafe { fork() }.unwrap() {
+            Fork::Child => exit_now(0),
+            Fork::Parent(pid) => pid,
+        };
+        // A second child, not recorded: reaping must never take it.
+        // SAFETY: as above.
+        let other = match unsafe { fork() }.unwrap() {
+            Fork::Child => exit_now(3),
+            Fork::Parent(pid) => pid,
+        };
+        reap_later(pid).unwrap();
+        let fd = UNREAPED.lock().unwrap().last().unwrap().as_raw_fd();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !zombie_of(other) || listed(fd) {
+            reap_exited_children();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child {pid} not reaped"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Reaped: the pid is gone (or a stranger's now), and it left the list.
+        assert!(!zombie_of(pid));
+        // The unrecorded child is still a zombie, for its owner to reap.
+        assert!(zombie_of(other));
+        assert_eq!(waitpid(other).unwrap().code, 3);
+        // A process that is not our child (pid 1) is dropped from the list, never waited on.
+        reap_later(1).unwrap();
+        let fd1 = UNREAPED.lock().unwrap().last().unwrap().as_raw_fd();
+        reap_exited_children();
+        assert!(!listed(fd1));
+    }
+
+    fn open_fds() -> Vec<RawFd> {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn close_fds_except_keeps_exactly_the_listed_fds() {
+        // In a forked child (closing fds in the test process would break the harness); the
+        // child reports through its exit code.
+        let (r, w) = pipe().unwrap();
+        let (a, b) = pipe().unwrap();
+        // Above every kept fd: the last range must close these too.
+        let (x, y) = pipe().unwrap();
+        let keep = [w.as_raw_fd(), b.as_raw_fd(), 1, 2];
+        // What must stay: stdio as it is open here (the harness may run without stdin), and
+        // the two kept pipe ends; r and a and whatever else the harness holds must go.
+        let mut want: Vec<RawFd> = open_fds()
+            .into_iter()
+            .filter(|&fd| fd <= 2 || fd == w.as_raw_fd() || fd == b.as_raw_fd())
+            .collect();
+        want.sort_unstable();
+        assert!(want.contains(&w.as_raw_fd()) && want.contains(&b.as_raw_fd()));
+        // SAFETY: the child only makes raw syscalls until it leaves (read_dir of /proc/self/fd
+        // allocates, which is why the check runs after the close, in the single-threaded
+        // child, and reports only through the exit code).
+        match unsafe { fork() }.unwrap() {
+            Fork::Child => {
+                close_fds_except(&keep);
+                // fcntl, not /proc/self/fd: a listing would show its own directory fd.
+                // SAFETY: F_GETFD on any number only reads the fd's flags.
+                let open: Vec<RawFd> = (0..4096)
+                    .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+                    .collect();
+                exit_now(if open == want { 0 } else { 1 })
+            }
+            Fork::Parent(pid) => {
+                drop((w, b));
+                assert_eq!(waitpid(pid).unwrap().code, 0, "fds left open or closed");
+                drop((r, a, x, y));
+            }
+        }
+    }
 
     #[test]
     fn signals_by_name() {

@@ -281,6 +281,8 @@ impl Runtime {
                 }
             }
         }
+        // A supervisor this process started is its child: reap it now that it has exited.
+        process::reap_exited_children();
         match self.exit_info(id)? {
             Some(e) => Ok(e),
             None => match self.status(id)? {

@@ -171,15 +171,15 @@ fn supervisor_survives_tweedctl_being_killed() {
     let shim = e.inspect("keep")["State"]["SupervisorPid"]
         .as_i64()
         .unwrap() as i32;
-    // The supervisor was never tweedctl's child (double fork): its parent is not tweedctl.
+    // The supervisor outlived its parent, tweedctl: the kernel reparented it. It leads its
+    // own session, so the signals of tweedctl's terminal never reached it.
     let stat = std::fs::read_to_string(format!("/proc/{shim}/stat")).unwrap();
-    let ppid: u32 = stat[stat.rfind(')').unwrap() + 2..]
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
         .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+        .collect();
+    let ppid: u32 = f[1].parse().unwrap();
     assert_ne!(ppid, tweedctl_pid);
+    assert_eq!(f[3], shim.to_string(), "the supervisor's session");
     // Now kill the supervisor itself: the container dies with it and ps says so.
     // SAFETY: killing the supervisor this test started.
     unsafe {
