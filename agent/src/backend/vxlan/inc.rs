@@ -451,3 +451,151 @@ mod tests {
         assert!(full_steps > 100, "full {full_steps}");
     }
 }
+
+#[cfg(test)]
+mod backend_tests {
+    use super::*;
+    use crate::backend::VxlanConfig;
+    use crate::netlink::Fake;
+    use crate::testutil::{ip, net};
+
+    /// A vxlan lease of node `n` (PublicIP 198.18.0.n, VTEP MAC ..:0n unless `mac` says).
+    fn lease(n: u8, mac: u8, ty: &str) -> Remote<'static> {
+        let value = format!(
+            r#"{{"PublicIP":"198.18.0.{n}","BackendType":"{ty}","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:{mac:02x}"}}}}"#
+        );
+        // Leaked: a test's handful of leases lives as long as the test process anyway.
+        let attrs = Box::leak(Box::new(
+            tweed_config::LeaseAttrs::parse(value.as_bytes()).unwrap(),
+        ));
+        Remote {
+            subnet: net(&format!("10.244.{n}.0/24")),
+            subnet_v6: None,
+            attrs,
+        }
+    }
+
+    fn kept(dp: &DataPlane) -> Option<&Kept> {
+        match dp {
+            DataPlane::Vxlan(b) => b.kept.as_ref(),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_writes_the_changed_peer_only_and_a_shared_mac_takes_the_full_plan() {
+        let fake = Fake::new();
+        let eth0 = fake.add_link("eth0", 1500, None);
+        let tmp = tempfile::tempdir().unwrap();
+        let nl = Netlink::from(fake.clone());
+        let cfg = VxlanConfig::new(
+            1,
+            ip("198.18.0.1"),
+            eth0,
+            1500,
+            net("10.244.1.0/24"),
+            tmp.path().join("vtep-mac"),
+        );
+        let mut dp = DataPlane::Vxlan(VxlanBackend::setup(&nl, cfg).await.unwrap());
+        let mut remotes: Vec<Remote<'static>> = (2..=6).map(|n| lease(n, n, "vxlan")).collect();
+        remotes.push(lease(9, 9, "host-gw"));
+        let stats = dp.reconcile(&nl, &remotes).await.unwrap();
+        assert_eq!((stats.ops_applied, stats.skipped.len()), (15, 1));
+        assert!(kept(&dp).is_none(), "a plain reconcile keeps nothing");
+
+        // The first event after it plans everything (nothing kept yet) and keeps the peers.
+        fake.take_ops();
+        let stats = dp.reconcile_changed(&nl, &remotes, &[]).await.unwrap();
+        assert_eq!((stats.ops_applied, stats.skipped.len()), (0, 1));
+        assert!(kept(&dp).is_some());
+
+        // A new peer: its three entries, and the refused lease still reported.
+        remotes.push(lease(7, 7, "vxlan"));
+        let stats = dp
+            .reconcile_changed(&nl, &remotes, &[net("10.244.7.0/24")])
+            .await
+            .unwrap();
+        assert_eq!(fake.take_ops().len(), 3);
+        assert_eq!(stats.skipped[0].subnet, net("10.244.9.0/24"));
+        assert!(kept(&dp).is_some());
+
+        // A gone peer: its three entries go.
+        remotes.retain(|r| r.subnet != net("10.244.3.0/24"));
+        dp.reconcile_changed(&nl, &remotes, &[net("10.244.3.0/24")])
+            .await
+            .unwrap();
+        let ops = fake.take_ops();
+        assert_eq!(ops.len(), 3);
+        assert!(ops.iter().all(|o| matches!(
+            o,
+            Op::RouteDel(_) | Op::NeighDel { .. } | Op::FdbDel { .. }
+        )));
+
+        // A clone of node 2's MAC on another node: the full plan (which refuses it) decides.
+        remotes.push(lease(8, 2, "vxlan"));
+        dp.reconcile_changed(&nl, &remotes, &[net("10.244.8.0/24")])
+            .await
+            .unwrap();
+        assert_eq!(fake.take_ops(), vec![]);
+        // The clone leaves: node 2 still shares nothing, so it is planned alone again.
+        remotes.pop();
+        dp.reconcile_changed(&nl, &remotes, &[net("10.244.8.0/24")])
+            .await
+            .unwrap();
+        assert_eq!(fake.take_ops(), vec![]);
+
+        // Whatever path each event took, a fresh full plan over a re-listed device has nothing
+        // left to do.
+        dp.resync();
+        let stats = dp.reconcile(&nl, &remotes).await.unwrap();
+        assert_eq!(stats.ops_applied, 0);
+    }
+}
+
+/// Timing only (printed, never asserted); the plans are asserted equal.
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "timing; run with --release --ignored --nocapture"]
+    fn changed_peer_plan_per_event_at_10000_peers() {
+        let own: Ipv4Network = "10.0.0.0/24".parse().unwrap();
+        let peer = |i: u32| VxlanPeer {
+            subnet: Ipv4Network::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap(),
+            public_ip: Ipv4Addr::from(0xc612_0000 + i),
+            vtep_mac: MacAddr([2, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+        };
+        let mut peers: Vec<VxlanPeer> = (1..=10_000).map(peer).collect();
+        let empty = ObservedState::empty(9, Ipv4Addr::new(198, 18, 0, 0), own);
+        let view = empty.after(&plan(&empty, &peers));
+        let mut kept =
+            Kept::new(&view, peers.iter().map(|p| (p.subnet, Ok(*p)))).expect("distinct subnets");
+        let rounds = 50u32;
+        let (mut full_t, mut inc_t) = (0.0, 0.0);
+        for round in 0..rounds {
+            let new = peer(10_001 + round);
+            peers.push(new);
+            let t = Instant::now();
+            let full = plan(&view, &peers);
+            full_t += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let inc = kept
+                .plan_changed(&view, &[(new.subnet, Some(Ok(new)))])
+                .expect("a peer sharing nothing");
+            inc_t += t.elapsed().as_secs_f64();
+            assert_eq!(inc, full);
+            // The same event again next round: take it back out of both.
+            peers.pop();
+            kept.plan_changed(&view, &[(new.subnet, None)]).unwrap();
+        }
+        let n = f64::from(rounds);
+        println!(
+            "one lease added at 10,000 peers, mean of {rounds}: full plan {:.3} ms, changed peer alone {:.3} ms, {:.0}x",
+            full_t / n * 1e3,
+            inc_t / n * 1e3,
+            full_t / inc_t
+        );
+    }
+}
