@@ -238,7 +238,8 @@ impl VxlanBackend {
         nl: &Netlink,
         remotes: &[Remote<'_>],
     ) -> Result<ReconcileStats, VxlanError> {
-        let wanted: Vec<(Ipv4Network, Wanted)> = remotes.iter().map(|r| (r.subnet, wanted(r))).collect();
+        let wanted: Vec<(Ipv4Network, Wanted)> =
+            remotes.iter().map(|r| (r.subnet, wanted(r))).collect();
         let peers: Vec<VxlanPeer> = wanted
             .iter()
             .filter_map(|(_, w)| w.as_ref().ok().copied())
@@ -387,7 +388,11 @@ mod tests {
     }
 
     fn peers(desired: &BTreeMap<Ipv4Network, Wanted>) -> Vec<VxlanPeer> {
-        desired.values().filter_map(|w| w.as_ref().ok()).copied().collect()
+        desired
+            .values()
+            .filter_map(|w| w.as_ref().ok())
+            .copied()
+            .collect()
     }
 
     #[test]
@@ -526,10 +531,9 @@ mod backend_tests {
             .unwrap();
         let ops = fake.take_ops();
         assert_eq!(ops.len(), 3);
-        assert!(ops.iter().all(|o| matches!(
-            o,
-            Op::RouteDel(_) | Op::NeighDel { .. } | Op::FdbDel { .. }
-        )));
+        assert!(ops
+            .iter()
+            .all(|o| matches!(o, Op::RouteDel(_) | Op::NeighDel { .. } | Op::FdbDel { .. })));
 
         // A clone of node 2's MAC on another node: the full plan (which refuses it) decides.
         remotes.push(lease(8, 2, "vxlan"));
