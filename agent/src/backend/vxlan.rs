@@ -23,6 +23,9 @@ use crate::netlink::{
     Addr, FdbEntry, Link, MacAddr, Neighbour, Netlink, NetlinkError, Op, Route, VxlanSpec,
 };
 
+mod inc;
+use inc::Kept;
+
 /// IANA assigned 4789, but the Linux default and flannel's is 8472; interoperating with flannel
 /// matters more.
 pub const DEFAULT_PORT: u16 = 8472;
@@ -711,6 +714,9 @@ pub struct VxlanBackend {
     view: Option<ObservedState>,
     /// DirectRouting only: the main table as far as we know (same rule as `view`).
     underlay_view: Option<Vec<Route>>,
+    /// The peers `view` was last planned for, for planning a lease event's changed peers
+    /// alone ([`inc`]); `None` whenever `view` may not match them.
+    kept: Option<Kept>,
 }
 
 impl VxlanBackend {
@@ -792,6 +798,7 @@ impl VxlanBackend {
             setup_ops,
             view: None,
             underlay_view: None,
+            kept: None,
         })
     }
 
@@ -830,6 +837,7 @@ impl VxlanBackend {
     pub fn resync(&mut self) {
         self.view = None;
         self.underlay_view = None;
+        self.kept = None;
     }
 
     /// Makes the device hold exactly the entries for `peers`. The first call, and the first after
@@ -842,6 +850,9 @@ impl VxlanBackend {
         nl: &Netlink,
         peers: &[VxlanPeer],
     ) -> Result<ReconcileStats, VxlanError> {
+        // Whoever plans all peers decides what is kept (the caller that keeps them sets it
+        // again after this returns).
+        self.kept = None;
         let view = match self.view.take() {
             Some(v) => v,
             None => {
@@ -870,6 +881,17 @@ impl VxlanBackend {
             }
         };
         let stats = apply_plan(nl, &ops, |op| owner(op, peers)).await;
+        self.after_apply(view, &ops, underlay_routes, stats)
+    }
+
+    /// Keeps the model of what `ops` left (only when all of them succeeded).
+    fn after_apply(
+        &mut self,
+        view: ObservedState,
+        ops: &[Op],
+        underlay_routes: Option<Vec<Route>>,
+        stats: ReconcileStats,
+    ) -> Result<ReconcileStats, VxlanError> {
         for f in &stats.failures {
             tracing::warn!(device = %self.name, "vxlan: {f}");
         }
@@ -879,16 +901,20 @@ impl VxlanBackend {
             .iter()
             .any(|f| f.error.errno() == Some(libc::ENODEV))
         {
+            self.kept = None;
             return Err(VxlanError::DeviceGone {
                 device: self.name.clone(),
             });
         }
         // After a failure the kernel's state is not what the model says; read it next time.
         let clean = stats.failures.is_empty();
-        self.view = clean.then(|| view.into_after(&ops));
+        self.view = clean.then(|| view.into_after(ops));
         self.underlay_view = underlay_routes
             .filter(|_| clean)
-            .map(|r| hostgw::routes_after(&r, &ops));
+            .map(|r| hostgw::routes_after(&r, ops));
+        if !clean {
+            self.kept = None;
+        }
         Ok(stats)
     }
 }
@@ -1506,8 +1532,10 @@ mod tests {
             setup_ops: vec![],
             view: None,
             underlay_view: None,
+            kept: None,
         };
         send(&b.reconcile(&nl, &[]));
+        send(&b.reconcile_changed(&nl, &[], &[]));
         send(&nl.apply_all(&[]));
         // One future type covers both Netlink arms, so this checks the real socket's too.
         send(&crate::netlink::select_iface(&nl, None));

@@ -399,12 +399,26 @@ impl Plane {
     /// Makes the backend serve exactly `remotes`; a backend whose device went away is set up
     /// again once. What was applied, for telling the kernel's echoes of it from drift.
     pub(super) async fn program(&mut self, remotes: &[Remote<'_>]) -> Option<ReconcileStats> {
-        self.reconcile(remotes).await
+        self.reconcile(remotes, None).await
+    }
+
+    /// [`program`](Self::program) after a lease event that changed the leases of `changed`
+    /// (their IPv4 subnets): the backend may plan those alone (vxlan, issue 20).
+    pub(super) async fn program_changed(
+        &mut self,
+        remotes: &[Remote<'_>],
+        changed: &[Ipv4Network],
+    ) -> Option<ReconcileStats> {
+        self.reconcile(remotes, Some(changed)).await
     }
 
     /// [`program`](Self::program), returning what was applied (`None`: it failed, logged).
-    async fn reconcile(&mut self, remotes: &[Remote<'_>]) -> Option<ReconcileStats> {
-        let mut stats = self.reconcile_v4(remotes).await?;
+    async fn reconcile(
+        &mut self,
+        remotes: &[Remote<'_>],
+        changed: Option<&[Ipv4Network]>,
+    ) -> Option<ReconcileStats> {
+        let mut stats = self.reconcile_v4(remotes, changed).await?;
         if self.v6_stale {
             self.v6_stale = false;
             self.setup_v6().await;
@@ -415,9 +429,17 @@ impl Plane {
         Some(stats)
     }
 
-    async fn reconcile_v4(&mut self, remotes: &[Remote<'_>]) -> Option<ReconcileStats> {
+    async fn reconcile_v4(
+        &mut self,
+        remotes: &[Remote<'_>],
+        changed: Option<&[Ipv4Network]>,
+    ) -> Option<ReconcileStats> {
         let started = Instant::now();
-        let stats = match self.backend.reconcile(&self.nl, remotes).await {
+        let first = match changed {
+            Some(c) => self.backend.reconcile_changed(&self.nl, remotes, c).await,
+            None => self.backend.reconcile(&self.nl, remotes).await,
+        };
+        let stats = match first {
             Ok(s) => s,
             Err(e) if e.is_device_gone() => {
                 warn!("{e}; setting the backend up again");
@@ -552,7 +574,7 @@ impl Plane {
             self.v6_stale = true;
         }
         self.backend.resync();
-        let Some(stats) = self.reconcile(remotes).await else {
+        let Some(stats) = self.reconcile(remotes, None).await else {
             return out;
         };
         // The IPv6 device was set up again above (v6_stale): what that wrote (a deleted /128

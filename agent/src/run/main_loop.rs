@@ -589,7 +589,12 @@ impl Agent {
         if !applied.changes.is_empty() {
             // The kernel first: the API's view of 10,000 leases takes milliseconds to rebuild,
             // and the new peer's route must not wait for it.
-            self.program().await;
+            if by_key {
+                let changed = changed_subnets(&applied.changes);
+                self.program_changed(Some(&changed)).await;
+            } else {
+                self.program().await;
+            }
             self.report.reconciled_in(received);
             let changes = by_key.then_some(applied.changes.as_slice());
             self.report
@@ -657,8 +662,18 @@ impl Agent {
     }
 
     async fn program(&mut self) {
+        self.program_changed(None).await
+    }
+
+    /// [`program`](Self::program); `changed`: only these leases (IPv4 subnets) changed since
+    /// the last programming, which lets the backend plan them alone.
+    async fn program_changed(&mut self, changed: Option<&[Ipv4Network]>) {
         let remotes = remotes(&self.table, self.lease.own().subnet(), self.public_ip);
-        if let Some(stats) = self.plane.program(&remotes).await {
+        let stats = match changed {
+            Some(c) => self.plane.program_changed(&remotes, c).await,
+            None => self.plane.program(&remotes).await,
+        };
+        if let Some(stats) = stats {
             self.kernel
                 .echoes
                 .record(&stats.applied, tokio::time::Instant::now());
@@ -667,6 +682,20 @@ impl Agent {
         // new device index to watch.
         self.kernel.watched = self.plane.watched();
     }
+}
+
+/// The IPv4 subnets whose leases a batch touched: a renamed lease's old and new key.
+fn changed_subnets(changes: &[crate::watch::LeaseChange]) -> Vec<Ipv4Network> {
+    let mut out: Vec<Ipv4Network> = Vec::with_capacity(changes.len() + 1);
+    for c in changes {
+        out.push(c.subnet());
+        if let Some(old) = c.key_gone() {
+            out.push(old.ipv4);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Every other node's lease (not our subnet, not our public IP), borrowed from `table`. Which of
