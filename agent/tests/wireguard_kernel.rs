@@ -1027,9 +1027,20 @@ impl Drop for Monitor {
 
 impl Monitor {
     fn start(ns: &NetnsGuard) -> Monitor {
+        Monitor::spawn(&["ip", "-n", ns.name(), "monitor", "link", "address", "route"])
+    }
+
+    /// `nft monitor` in `ns`: every nftables change there, which covers iptables-nft's (the
+    /// agent's rules go through `iptables-restore`, which iptables-nft turns into nf_tables
+    /// netlink messages).
+    fn start_nft(ns: &NetnsGuard) -> Monitor {
+        Monitor::spawn(&["ip", "netns", "exec", ns.name(), "nft", "monitor"])
+    }
+
+    fn spawn(argv: &[&str]) -> Monitor {
         use std::process::{Command, Stdio};
-        let child = Command::new("ip")
-            .args(["-n", ns.name(), "monitor", "link", "address", "route"])
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -1041,9 +1052,20 @@ impl Monitor {
 
     /// Adds a marker address to `lo` (a positive control: it must show, so the monitor was
     /// listening), then stops: the events before the marker.
-    fn finish(mut self, ns: &NetnsGuard) -> Vec<String> {
-        use std::io::{BufRead, BufReader};
+    fn finish(self, ns: &NetnsGuard) -> Vec<String> {
         ip_in(ns.name(), &["addr", "add", "127.9.9.9/32", "dev", "lo"]);
+        self.until("127.9.9.9")
+    }
+
+    /// [`finish`](Self::finish) for [`start_nft`](Self::start_nft): the marker is a table.
+    fn finish_nft(self, ns: &NetnsGuard) -> Vec<String> {
+        in_ns(ns.name(), &["nft", "add", "table", "ip", "twmarker"]);
+        self.until("twmarker")
+    }
+
+    /// The lines before the first one holding `marker` (which must come within 20 s).
+    fn until(mut self, marker: &str) -> Vec<String> {
+        use std::io::{BufRead, BufReader};
         let out = self.0.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -1058,7 +1080,7 @@ impl Monitor {
         let seen = loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
-                Ok(l) if l.contains("127.9.9.9") => break true,
+                Ok(l) if l.contains(marker) => break true,
                 Ok(l) => before.push(l),
                 Err(_) => break false,
             }
@@ -1067,7 +1089,7 @@ impl Monitor {
         let _ = self.0.wait();
         assert!(
             seen,
-            "ip monitor never showed the marker address: {before:?}"
+            "the monitor never showed the marker {marker}: {before:?}"
         );
         before
     }
@@ -1143,4 +1165,408 @@ fn kernel_backend_restart_under_traffic_loses_nothing_and_writes_nothing() {
         assert_eq!((r.lost(), r.duplicates), (0, 0), "{r}");
     }
     drop((na, nb));
+}
+
+// ------------------------------------------------------------------ the whole agent, with etcd
+
+/// The programs the whole-agent test runs: `$TWEED_TWEEDD` (the VM's copy) or the one Cargo
+/// built with this test.
+fn tweedd_bin() -> String {
+    std::env::var("TWEED_TWEEDD").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tweedd").to_string())
+}
+
+/// One node's `tweedd`, in its namespace, with its files under `dir`; killed (SIGKILL) and
+/// reaped when dropped, also on panic.
+struct Agent {
+    ns: String,
+    dir: std::path::PathBuf,
+    iface: &'static str,
+    ip: &'static str,
+    etcd: String,
+    child: Option<std::process::Child>,
+    runs: usize,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Agent {
+    fn new(ns: &NetnsGuard, iface: &'static str, ip: &'static str, etcd: &str) -> Agent {
+        let dir = std::env::temp_dir().join(format!("{}-agent", ns.name()));
+        std::fs::create_dir_all(dir.join("lib")).unwrap();
+        Agent {
+            ns: ns.name().to_string(),
+            dir,
+            iface,
+            ip,
+            etcd: etcd.to_string(),
+            child: None,
+            runs: 0,
+        }
+    }
+
+    fn subnet_file(&self) -> std::path::PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    /// Starts `bin` as this node's agent, the kernel WireGuard path forced (a missing module is
+    /// then an error, not a fallback to userspace); its log is `tweedd-<run>.log`.
+    fn start(&mut self, bin: &str) -> std::path::PathBuf {
+        assert!(self.child.is_none(), "{}: an agent still runs", self.ns);
+        self.runs += 1;
+        let log = self.dir.join(format!("tweedd-{}.log", self.runs));
+        let out = std::fs::File::create(&log).unwrap();
+        let (subnet, state, sock) = (
+            self.subnet_file(),
+            self.dir.join("lib"),
+            self.dir.join("tweedd.sock"),
+        );
+        let metrics = format!("{}:9867", self.ip);
+        let argv = [
+            bin,
+            "--etcd-endpoints",
+            &self.etcd,
+            "--iface",
+            self.iface,
+            "--subnet-file",
+            subnet.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--metrics-addr",
+            &metrics,
+            "--wireguard-impl",
+            "kernel",
+        ];
+        let child = tweed_testkit::cmd::ns_command(&self.ns, &argv)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{bin}: {e}"));
+        self.child = Some(child);
+        log
+    }
+
+    /// Waits for the agent's "ready" line in `log` (lease held, data plane programmed,
+    /// subnet.env written).
+    fn wait_ready(&mut self, log: &std::path::Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains("ready: lease held") {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{}: tweedd exited ({status}):\n{text}", self.ns);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: tweedd not ready in 90 s:\n{text}",
+                self.ns
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, as `systemctl stop` sends it, and the wait for the exit.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("an agent runs");
+        // SAFETY: the pid of a child we have not reaped yet.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    /// The agent's node subnet, from the subnet.env it wrote.
+    fn subnet(&self) -> ipnetwork::Ipv4Network {
+        tweed_config::SubnetEnv::read(&self.subnet_file())
+            .unwrap()
+            .node_subnet()
+    }
+
+    /// `/metrics`, fetched from inside the node's namespace.
+    fn metrics(&self, ns: &NetnsGuard) -> String {
+        let addr = format!("{}:9867", self.ip);
+        ns.enter(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .unwrap();
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            body
+        })
+    }
+}
+
+/// The value of an unlabelled counter in a Prometheus text page.
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
+}
+
+/// Where a datagram can be dropped on its way pod -> node -> tunnel -> node -> pod, as named
+/// counters: the backlog of the (one) CPU (`/proc/net/softnet_stat`, second column), each
+/// node's device and veth drops, each pod's UDP receive buffer errors. Read before and after
+/// a restart: a loss with no write by the agent is then placed.
+fn drop_counters(nodes: &[&NetnsGuard], pods: &[&NetnsGuard]) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let softnet = std::fs::read_to_string("/proc/net/softnet_stat").unwrap_or_default();
+    let backlog: u64 = softnet
+        .lines()
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .sum();
+    out.push(("softnet backlog".to_string(), backlog));
+    for n in nodes {
+        for dev in ["tweed-wg", "vpod", "ua", "ub"] {
+            for dir in ["rx", "tx"] {
+                let f = format!("/sys/class/net/{dev}/statistics/{dir}_dropped");
+                if let Ok(v) = tweed_testkit::try_in_ns(n.name(), &["cat", &f]) {
+                    out.push((
+                        format!("{} {dev} {dir}_dropped", n.name()),
+                        v.trim().parse().unwrap_or(0),
+                    ));
+                }
+            }
+        }
+    }
+    for p in pods {
+        let snmp = in_ns(p.name(), &["cat", "/proc/net/snmp"]);
+        let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+        if let [names, values] = udp[..] {
+            for (k, v) in names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .skip(1)
+            {
+                if k == "RcvbufErrors" || k == "InErrors" || k == "SndbufErrors" {
+                    out.push((format!("{} udp {k}", p.name()), v.parse().unwrap_or(0)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The counters of [`drop_counters`] that grew from `before` to `after`.
+fn grown(before: &[(String, u64)], after: &[(String, u64)]) -> Vec<String> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let b = before.iter().find(|(bk, _)| bk == k).map_or(0, |(_, b)| *b);
+            (*v > b).then(|| format!("{k} +{}", v - b))
+        })
+        .collect()
+}
+
+/// A pod on a node, as a point-to-point CNI makes one: namespace `pod` with `eth0` holding
+/// `ip`/32 and a default route via 169.254.1.1, the node's end of the veth; the node routes
+/// `ip`/32 to that veth and forwards.
+fn pod_on(node: &NetnsGuard, pod: &NetnsGuard, ip: std::net::Ipv4Addr) {
+    let (n, p, ip32) = (node.name(), pod.name(), format!("{ip}/32"));
+    ip_in(
+        n,
+        &[
+            "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", p,
+        ],
+    );
+    ip_in(n, &["addr", "add", "169.254.1.1/32", "dev", "vpod"]);
+    ip_in(n, &["link", "set", "vpod", "up"]);
+    ip_in(n, &["route", "add", &ip32, "dev", "vpod"]);
+    ip_in(p, &["addr", "add", &ip32, "dev", "eth0"]);
+    ip_in(p, &["link", "set", "lo", "up"]);
+    ip_in(p, &["link", "set", "eth0", "up"]);
+    ip_in(p, &["route", "add", "169.254.1.1", "dev", "eth0"]);
+    ip_in(
+        p,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ],
+    );
+    node.enter(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap());
+}
+
+/// Issue 17 item 2 on the kernel path with the whole agent: etcd, two `tweedd` nodes with
+/// `"Backend":{"Type":"wireguard"}` (kernel forced) and a pod on each, 1,000 datagrams/s pod
+/// to pod each way. Each node's agent in turn is stopped (SIGTERM) and started again, node 3's
+/// from a second copy of the binary (an upgrade), node 2's from the first. Asserted per
+/// restart: not one datagram lost or duplicated either way; no link, address or route event
+/// in the node's namespace (`ip monitor`) and no nftables change (`nft monitor`: the agent's
+/// iptables-nft rules) from stop to ready and 2 s after; the new agent counts 0 netlink ops
+/// and 0 rule (re)installs, and runs the kernel device.
+#[test]
+fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
+    require_root!(NEEDS_ROOT);
+    let a = NetnsGuard::unique("tw-waa-");
+    let b = NetnsGuard::unique("tw-wab-");
+    if !kernel_has_wireguard(&a) {
+        eprintln!(
+            "no wireguard module in this kernel: the whole-agent restart runs only in the VM"
+        );
+        return;
+    }
+    underlay(&a, &b);
+    // etcd on node 2's underlay address, as a cluster's etcd on one of its hosts.
+    let etcd_dir = std::env::temp_dir().join(format!("{}-etcd", a.name()));
+    let mut opts = tweed_lab::etcd::EtcdOptions::local("wgk", etcd_dir.join("data"));
+    opts.netns = Some(a.name().to_string());
+    opts.listen_ip = [192, 0, 2, 2].into();
+    opts.client_port = 2379;
+    opts.peer_port = 2380;
+    opts.log_file = Some(etcd_dir.join("etcd.log"));
+    let etcd = tweed_lab::etcd::EtcdProcess::start(opts).unwrap();
+    etcd.ctl(&[
+        "put",
+        "/coreos.com/network/config",
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+    ])
+    .unwrap();
+    let endpoint = etcd.endpoints()[0].clone();
+
+    let old_bin = tweedd_bin();
+    // The upgrade's "new" binary: another file, as a package upgrade leaves it.
+    let new_bin = std::env::temp_dir().join(format!("{}-tweedd-new", b.name()));
+    std::fs::copy(&old_bin, &new_bin).unwrap();
+    let new_bin = new_bin.to_str().unwrap().to_string();
+
+    let mut agents = [
+        Agent::new(&a, "ua", "192.0.2.2", &endpoint),
+        Agent::new(&b, "ub", "192.0.2.3", &endpoint),
+    ];
+    for ag in &mut agents {
+        let log = ag.start(&old_bin);
+        ag.wait_ready(&log);
+    }
+    let pods = [NetnsGuard::unique("tw-wpa-"), NetnsGuard::unique("tw-wpb-")];
+    let ips: Vec<std::net::Ipv4Addr> = agents
+        .iter()
+        .map(|ag| std::net::Ipv4Addr::from(u32::from(ag.subnet().network()) + 5))
+        .collect();
+    pod_on(&a, &pods[0], ips[0]);
+    pod_on(&b, &pods[1], ips[1]);
+    // Both agents see each other's lease (the peers are programmed) before the first ping.
+    for (i, ns) in [&a, &b].into_iter().enumerate() {
+        let want = agents[1 - i].subnet().to_string();
+        tweed_testkit::wait_for(
+            std::time::Duration::from_secs(60),
+            "the peer's lease programmed",
+            || in_ns(ns.name(), &["wg", "show", "tweed-wg", "allowed-ips"]).contains(&want),
+        );
+    }
+    let (ip_a, ip_b) = (ips[0].to_string(), ips[1].to_string());
+    ping_ok(&pods[0], &ip_b, "pod to pod before the restarts");
+    ping_ok(&pods[1], &ip_a, "pod to pod before the restarts");
+
+    // Node 3 first, with the new binary; then node 2 (etcd's host) with the same one.
+    for (i, node, bin) in [(1usize, &b, &new_bin), (0, &a, &old_bin)] {
+        let who = format!("node {}", i + 2);
+        let ip_mon = Monitor::start(node);
+        let nft_mon = Monitor::start_nft(node);
+        let streams = [
+            Stream::start(&pods[0], &ip_a, &pods[1], &ip_b),
+            Stream::start(&pods[1], &ip_b, &pods[0], &ip_a),
+        ];
+        let counters_before = drop_counters(&[&a, &b], &[&pods[0], &pods[1]]);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let t0 = std::time::Instant::now();
+        let status = agents[i].stop();
+        let stopped = t0.elapsed();
+        let log = agents[i].start(bin);
+        agents[i].wait_ready(&log);
+        let ready = t0.elapsed();
+        // Past the agent's first rule check and a round of lease events.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let reports = Stream::finish_both(streams);
+        let drops = grown(
+            &counters_before,
+            &drop_counters(&[&a, &b], &[&pods[0], &pods[1]]),
+        );
+        let rt_events = ip_mon.finish(node);
+        let nft_events = nft_mon.finish_nft(node);
+        in_ns(node.name(), &["nft", "delete", "table", "ip", "twmarker"]);
+        let page = agents[i].metrics(node);
+        let (ops, rules) = (
+            metric(&page, "tweed_netlink_ops_total"),
+            metric(&page, "tweed_rules_resyncs_total"),
+        );
+        for r in &reports {
+            eprintln!("whole-agent restart of {who}: {r}");
+        }
+        eprintln!(
+            "whole-agent restart under pod traffic ({who}, {}): stopped ({status}) in {stopped:?}, \
+             ready again {ready:?} after SIGTERM; {ops} netlink ops, {rules} rule installs, {} \
+             rtnetlink and {} nftables events; lost {} / {} of {} / {}, longest gap {:?} / {:?}; \
+             drop counters grown: {drops:?}",
+            if bin == &new_bin { "new binary" } else { "same binary" },
+            rt_events.len(),
+            nft_events.len(),
+            reports[0].lost(),
+            reports[1].lost(),
+            reports[0].sent,
+            reports[1].sent,
+            reports[0].max_gap,
+            reports[1].max_gap
+        );
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "{who}: tweedd exit on SIGTERM: {status}");
+        assert!(
+            page.contains(r#"tweed_backend_info{backend="wireguard",implementation="kernel"} 1"#),
+            "{who}: not the kernel path:\n{page}"
+        );
+        assert_eq!(
+            (ops, rules),
+            (0, 0),
+            "{who}: the restarted agent wrote to objects that were right:\n{text}"
+        );
+        // The reconcile's line, not the "ready: ..., data plane programmed, ..." one.
+        let wrote = |l: &&str| {
+            l.contains("rules (re)installed")
+                || (l.contains("data plane programmed") && !l.contains("ready:"))
+        };
+        assert!(
+            !text.lines().any(|l| wrote(&l)),
+            "{who}: the restarted agent logged a write:\n{text}"
+        );
+        assert!(
+            rt_events.is_empty(),
+            "{who}: rtnetlink events during the restart: {rt_events:?}\n{text}"
+        );
+        assert!(
+            nft_events.is_empty(),
+            "{who}: nftables changes during the restart: {nft_events:?}\n{text}"
+        );
+        for r in &reports {
+            assert!(r.sent > 1000, "{who}: {r}");
+            assert_eq!(
+                (r.lost(), r.duplicates),
+                (0, 0),
+                "{who}: {r}; drop counters grown: {drops:?}"
+            );
+        }
+        assert!(drops.is_empty(), "{who}: drops: {drops:?}");
+    }
+    eprintln!("whole-agent kernel restarts: both nodes, 0 lost, 0 writes");
+    drop(agents);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&etcd_dir);
+    let _ = std::fs::remove_file(&new_bin);
 }
