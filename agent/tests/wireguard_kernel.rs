@@ -1427,6 +1427,9 @@ fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
     underlay(&a, &b);
     // etcd on node 2's underlay address, as a cluster's etcd on one of its hosts.
     let etcd_dir = std::env::temp_dir().join(format!("{}-etcd", a.name()));
+    // Declared before etcd and the agents, so it runs after they are stopped, on a failed
+    // assertion too.
+    let mut files = RemoveOnDrop(vec![etcd_dir.clone()]);
     let mut opts = tweed_lab::etcd::EtcdOptions::local("wgk", etcd_dir.join("data"));
     opts.netns = Some(a.name().to_string());
     opts.listen_ip = [192, 0, 2, 2].into();
@@ -1445,6 +1448,7 @@ fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
     let old_bin = tweedd_bin();
     // The upgrade's "new" binary: another file, as a package upgrade leaves it.
     let new_bin = std::env::temp_dir().join(format!("{}-tweedd-new", b.name()));
+    files.0.push(new_bin.clone());
     std::fs::copy(&old_bin, &new_bin).unwrap();
     let new_bin = new_bin.to_str().unwrap().to_string();
 
@@ -1567,6 +1571,16 @@ fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
     eprintln!("whole-agent kernel restarts: both nodes, 0 lost, 0 writes");
     drop(agents);
     drop(etcd);
-    let _ = std::fs::remove_dir_all(&etcd_dir);
-    let _ = std::fs::remove_file(&new_bin);
+    drop(files);
+}
+
+/// The test's files outside its namespaces (etcd's data dir, the upgrade's binary copy).
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+        }
+    }
 }
