@@ -1183,11 +1183,12 @@ fn assert_turns_dual_without_restart(tag: &str, backend: Backend, device6: &str)
         .count();
 
     // IPv4 pings every 10 ms across the switch: how long IPv4 pauses (udp: while the backend
-    // is set up again), a figure printed, not a pass/fail time.
+    // is set up again), a figure printed, not a pass/fail time. The deadline covers the longest
+    // waits below on a slow machine; SIGINT ends it once the switch is checked.
     let v4 = h2.pods[0].ip.to_string();
     let mut pinger = ns_command(
         &h1.pods[0].netns,
-        &["ping", "-n", "-q", "-i", "0.01", "-w", "4", &v4],
+        &["ping", "-n", "-q", "-i", "0.01", "-w", "60", &v4],
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::null())
@@ -1249,6 +1250,8 @@ fn assert_turns_dual_without_restart(tag: &str, backend: Backend, device6: &str)
             )
         },
     );
+    // SAFETY: kill(2) on our own child's pid, which is not reaped before the wait below.
+    unsafe { libc::kill(pinger.id() as libc::pid_t, libc::SIGINT) };
     let out = pinger.wait_with_output().expect("ping ends");
     let summary = String::from_utf8_lossy(&out.stdout);
     let line = summary
