@@ -121,13 +121,20 @@ pub async fn run_with(
         )),
         // Waits for a usable address to turn dual stack on (`--public-ipv6` would have made
         // the node dual from the start).
-        crate::ipv6::Ipv6Mode::V4Only { .. } => Some(Underlay6::new(
-            None,
-            None,
-            node.iface.index,
-            node.iface.name.clone(),
-            ipv6_addrs.clone(),
-        )),
+        crate::ipv6::Ipv6Mode::V4Only { .. } => {
+            let u = Underlay6::new(
+                None,
+                None,
+                node.iface.index,
+                node.iface.name.clone(),
+                ipv6_addrs.clone(),
+            );
+            if super::underlay6::turns_dual_at_run_time(prepared.type_name()) {
+                Some(u)
+            } else {
+                Some(u.never_turn_dual())
+            }
+        }
         crate::ipv6::Ipv6Mode::Off => None,
     };
     let attrs = match (&ipv6, &cfg.ipv6) {
@@ -627,6 +634,9 @@ impl Agent {
     /// renamed to `v4&v6`, the IPv4 half kept, so peers see an update, never a removal), then
     /// the IPv6 plane is set up as at a dual-stack start (vxlan's `tweed-v6.<VNI>`, host-gw's
     /// IPv6 routes, udp set up again to carry IPv6), with subnet.env and the rules following.
+    /// The node counts as dual only once the key has the IPv6 half; otherwise the watcher waits
+    /// for the next address change. A wireguard node never gets here (its watcher only logs:
+    /// [`turns_dual_at_run_time`](super::underlay6::turns_dual_at_run_time)).
     async fn turn_dual(&mut self, to: std::net::Ipv6Addr, stop: &mut Stop) {
         let Some(cfg6) = self.ipv6_cfg.clone() else {
             return;
@@ -636,12 +646,26 @@ impl Agent {
             ipv6_network = %cfg6.network,
             "a usable IPv6 address appeared on the underlay interface: turning dual stack (taking the lease's IPv6 half, setting the IPv6 data plane up)"
         );
-        self.report
-            .ipv6_mode(&crate::ipv6::Ipv6Mode::DualStack { public_ipv6: to });
-        self.plane.enable_ipv6(cfg6, to);
         let attrs = crate::ipv6::with_public_ipv6(self.lease.attrs().clone(), to);
         let old = self.lease.own().subnet();
-        if self.lease.take_ipv6_half(attrs, stop).await {
+        let held = self.lease.take_ipv6_half(attrs, stop).await;
+        // Dual only once the key names an IPv6 subnet: before that, subnet.env, the rules and
+        // the status stay IPv4 only and the watcher keeps waiting.
+        let dual = held && self.lease.own().key.ipv6.is_some();
+        if let Some(u) = self.underlay6.as_mut() {
+            if dual {
+                u.turned_dual(to);
+            } else {
+                u.stayed_ipv4_only(to);
+            }
+        }
+        if dual {
+            self.report
+                .ipv6_mode(&crate::ipv6::Ipv6Mode::DualStack { public_ipv6: to });
+            self.plane.enable_ipv6(cfg6, to);
+        }
+        if held {
+            // Also without the IPv6 half: the lease was taken again, maybe on another subnet.
             self.after_reacquire(old).await;
         }
     }

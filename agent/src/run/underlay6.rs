@@ -9,6 +9,13 @@
 //! one to appear (global, not deprecated, temporary or still in DAD) makes it
 //! [`Check6::Appeared`], and the main loop turns the node dual stack.
 //!
+//! wireguard is the exception: it carries IPv6 only from a start that was dual stack (its IPv6
+//! peers and `BackendV6Data` are chosen then), so a wireguard node that waits logs the address
+//! once and stays IPv4 only (lease, subnet.env, rules) until its next restart
+//! ([`turns_dual_at_run_time`]). The node counts as dual only once its lease's key has the IPv6
+//! half ([`Underlay6::turned_dual`]); an attempt that ends without it leaves the watcher waiting,
+//! so the next address notification tries again.
+//!
 //! IPv4 has no such follower: its public IP is chosen once at start (a change between starts is
 //! only logged). IPv6 addresses come and go on their own (SLAAC renumbering, privacy and
 //! deprecated addresses), so the IPv6 half needs one.
@@ -44,10 +51,23 @@ pub(super) fn appeared(ifindex: u32, addrs: &[Inet6Addr]) -> Option<Ipv6Addr> {
     public_ipv6(None, ifindex, &done)
 }
 
+/// Whether a node of `backend_type` that started IPv4 only turns dual stack when an address
+/// appears: not wireguard, whose device and lease (`WgConfig.dual`, `BackendV6Data`) are made dual
+/// only by a dual-stack start (`Prepared::with_ipv6`); turning its lease dual at run time would
+/// hand pods IPv6 addresses that no peer routes to.
+pub(super) fn turns_dual_at_run_time(backend_type: &str) -> bool {
+    backend_type != "wireguard"
+}
+
 /// The advertised `PublicIPv6` and what is needed to choose it again.
 pub(super) struct Underlay6 {
     /// What the lease advertises; `None`: the node runs IPv4 only and waits for an address.
     current: Option<Ipv6Addr>,
+    /// A waiting node turns dual stack when an address appears ([`turns_dual_at_run_time`]).
+    turns_dual: bool,
+    /// The appeared address whose refusal (wireguard) or failed attempt was logged: once per
+    /// address, not per notification.
+    appeared_said: Option<Ipv6Addr>,
     /// `--public-ipv6`: never replaced.
     explicit: Option<Ipv6Addr>,
     /// The underlay interface the address is chosen from (the IPv4 flags' choice).
@@ -70,6 +90,8 @@ impl Underlay6 {
     ) -> Underlay6 {
         Underlay6 {
             current,
+            turns_dual: true,
+            appeared_said: None,
             explicit,
             ifindex,
             iface,
@@ -94,8 +116,34 @@ impl Underlay6 {
         }
     }
 
+    /// A waiting node of this backend stays IPv4 only when an address appears (wireguard).
+    pub(super) fn never_turn_dual(mut self) -> Underlay6 {
+        self.turns_dual = false;
+        self
+    }
+
     pub(super) fn due(&self) -> Option<Instant> {
         self.due
+    }
+
+    /// The lease's key has its IPv6 half for `to`: the node runs dual stack and follows `to`.
+    pub(super) fn turned_dual(&mut self, to: Ipv6Addr) {
+        self.current = Some(to);
+        self.appeared_said = None;
+    }
+
+    /// Turning dual on `to` ended without the lease's IPv6 half (stopped, or the key came back
+    /// IPv4 only): the node still waits, and the next address notification tries again. Logged
+    /// once per address.
+    pub(super) fn stayed_ipv4_only(&mut self, to: Ipv6Addr) {
+        self.current = None;
+        if self.appeared_said != Some(to) {
+            self.appeared_said = Some(to);
+            warn!(
+                iface = %self.iface, public_ipv6 = %to,
+                "turning dual stack ended without the lease's IPv6 half: the node stays IPv4 only and tries again at the next address change on the underlay interface"
+            );
+        }
     }
 
     /// The check: the new address to advertise, if the current one must go and another can
@@ -112,7 +160,17 @@ impl Underlay6 {
         };
         let Some(current) = self.current else {
             let to = appeared(self.ifindex, &addrs)?;
-            self.current = Some(to);
+            if !self.turns_dual {
+                if self.appeared_said != Some(to) {
+                    self.appeared_said = Some(to);
+                    warn!(
+                        iface = %self.iface,
+                        "IPv6 address {to} appeared: a wireguard node serves IPv6 from its next restart (the lease, subnet.env and the rules stay IPv4 only until then)"
+                    );
+                }
+                return None;
+            }
+            // Committed by `turned_dual` once the lease agrees.
             return Some(Check6::Appeared(to));
         };
         match public_ipv6_change(current, self.explicit, self.ifindex, &addrs) {
@@ -260,9 +318,79 @@ mod tests {
             w.check(),
             Some(Check6::Appeared("2001:db8::5".parse().unwrap()))
         );
+        // The lease took its IPv6 half (the main loop's `turn_dual`).
+        w.turned_dual("2001:db8::5".parse().unwrap());
         // From then on it follows that address like a node that started dual stack.
         assert_eq!(w.check(), None);
         assert_eq!(w.current, Some("2001:db8::5".parse().unwrap()));
+    }
+
+    /// Review finding 1 (s32-int): a wireguard node that started IPv4 only is never turned dual
+    /// at run time (its device and lease carry IPv6 only from a dual-stack start): the watcher
+    /// logs the address once and never asks the main loop to take the lease's IPv6 half.
+    #[test]
+    fn a_waiting_wireguard_node_never_turns_dual_and_says_so_once_per_address() {
+        assert!(!turns_dual_at_run_time("wireguard"));
+        for other in ["vxlan", "host-gw", "udp", "ipip", "alloc"] {
+            assert!(turns_dual_at_run_time(other), "{other}");
+        }
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(vec![with_flags(
+            2,
+            "2001:db8::5",
+            0,
+            0x80,
+        )]));
+        let mut w = Underlay6::new(
+            None,
+            None,
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Shared(shared.clone()),
+        )
+        .never_turn_dual();
+        assert_eq!(w.check(), None);
+        assert_eq!(w.current, None, "still IPv4 only");
+        assert_eq!(w.appeared_said, Some("2001:db8::5".parse().unwrap()));
+        // Later notifications check again, and still never turn it dual.
+        w.note(&a6(2, "2001:db8::5"), Instant::now());
+        assert!(w.due().is_some());
+        assert_eq!(w.check(), None);
+        *shared.lock().unwrap() = vec![with_flags(2, "2001:db8::6", 0, 0x80)];
+        assert_eq!(w.check(), None);
+        assert_eq!(w.current, None);
+        assert_eq!(w.appeared_said, Some("2001:db8::6".parse().unwrap()));
+    }
+
+    /// Review finding 4 (s32-int): the watcher commits to an address only once the lease's key
+    /// has its IPv6 half; an attempt that ends without it (stopped, key IPv4 only) leaves it
+    /// waiting, and the next notification tries again instead of following a `PublicIPv6` the
+    /// node does not serve.
+    #[test]
+    fn turning_dual_commits_only_once_the_lease_has_its_ipv6_half() {
+        let to: Ipv6Addr = "2001:db8::5".parse().unwrap();
+        let mut w = Underlay6::new(
+            None,
+            None,
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Fixed(vec![with_flags(2, "2001:db8::5", 0, 0x80)]),
+        );
+        assert_eq!(w.check(), Some(Check6::Appeared(to)));
+        assert_eq!(w.current, None, "not before the lease agrees");
+        w.stayed_ipv4_only(to);
+        assert_eq!((w.current, w.appeared_said), (None, Some(to)));
+        assert_eq!(w.due(), None, "only a notification tries again");
+        let t0 = Instant::now();
+        w.note(&a6(2, "2001:db8::5"), t0);
+        assert_eq!(w.due(), Some(t0 + DEBOUNCE));
+        // Tried again: the same address, not a `Moved` on a lease without an IPv6 half.
+        assert_eq!(w.check(), Some(Check6::Appeared(to)));
+        w.stayed_ipv4_only(to);
+        assert_eq!(w.check(), Some(Check6::Appeared(to)));
+        w.turned_dual(to);
+        assert_eq!((w.current, w.appeared_said), (Some(to), None));
+        // From then on it follows the address like a node that started dual stack.
+        assert_eq!(w.check(), None);
     }
 
     #[test]
