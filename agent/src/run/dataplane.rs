@@ -57,6 +57,10 @@ pub(super) struct Plane {
     v6: Option<V6Plane>,
     /// Our IPv6 subnet changed: set the IPv6 plane up again before the next reconcile.
     v6_stale: bool,
+    /// The last [`resetup`](Self::resetup) failed: the backend in place is the stopped old one
+    /// (udp: no workers, IPv4 blackholed). Every reconcile tries the set-up again first and
+    /// fails (backend not programmed, the repair retried) until it holds.
+    backend_down: bool,
 }
 
 /// What one repair did: the ops it had to apply (none when nothing had drifted), and whether
@@ -162,6 +166,7 @@ impl Plane {
             ipv6_plane: config.ipv6_plane,
             v6: None,
             v6_stale: false,
+            backend_down: false,
         };
         plane.setup_v6().await;
         plane.ensure_tx_csum().await;
@@ -388,11 +393,21 @@ impl Plane {
                 self.report
                     .backend_running(b.type_name(), b.implementation());
                 self.backend = b;
+                if std::mem::take(&mut self.backend_down) {
+                    info!(
+                        backend = self.prepared.type_name(),
+                        "the backend is set up again"
+                    );
+                }
             }
-            Err(e) => error!(
-                backend = self.prepared.type_name(),
-                "setting the backend up again: {e}"
-            ),
+            Err(e) => {
+                error!(
+                    backend = self.prepared.type_name(),
+                    "setting the backend up again: {e}; retried at the next programming or repair"
+                );
+                self.backend_down = true;
+                self.report.backend_failed();
+            }
         }
     }
 
@@ -435,6 +450,18 @@ impl Plane {
         changed: Option<&[Ipv4Network]>,
     ) -> Option<ReconcileStats> {
         let started = Instant::now();
+        let mut changed = changed;
+        if self.backend_down {
+            // A set-up again failed (after a mode change, a move or an MTU change): programming
+            // the stopped backend would look fine and carry nothing. The new backend has none of
+            // the old one's peers: the full plan.
+            self.resetup().await;
+            if self.backend_down {
+                return None;
+            }
+            self.report.mtu(self.pod_mtu());
+            changed = None;
+        }
         let first = match changed {
             Some(c) => self.backend.reconcile_changed(&self.nl, remotes, c).await,
             None => self.backend.reconcile(&self.nl, remotes).await,
@@ -444,6 +471,9 @@ impl Plane {
             Err(e) if e.is_device_gone() => {
                 warn!("{e}; setting the backend up again");
                 self.resetup().await;
+                if self.backend_down {
+                    return None;
+                }
                 match self.backend.reconcile(&self.nl, remotes).await {
                     Ok(mut s) => {
                         s.applied.insert(0, self.recreated_marker());
@@ -550,6 +580,7 @@ impl Plane {
                         self.report
                             .backend_running(new.type_name(), new.implementation());
                         self.backend = new;
+                        self.backend_down = false;
                     }
                     Err(e) => {
                         error!(
@@ -816,8 +847,9 @@ mod udp_mode_root_tests {
                         lease_id: 0,
                         reused: false,
                     };
+                    let state = crate::state::AgentState::new();
                     let report = Report::new(
-                        crate::state::AgentState::new(),
+                        state.clone(),
                         super::super::Clock::tokio(1_700_000_000),
                     );
                     let mut plane = Plane::setup(
@@ -875,6 +907,29 @@ mod udp_mode_root_tests {
                         assert_eq!(udp_sockets(&name), 2, "round {round}");
                         assert!(plane.subnet_env_v6().is_none());
                     }
+
+                    // Review finding 3 (s32-int): the set-up again fails (an underlay MTU too
+                    // small for udp's overhead stands for any set-up error): the old workers
+                    // are gone and programming must say so, not program the stopped backend.
+                    plane.prepared.set_underlay_mtu(60);
+                    plane.set_own_v6(Some(own6));
+                    plane.follow_dual_mode().await;
+                    // The stopped IPv4-only backend is still in place (its workers joined).
+                    assert!(!udp_dual(&plane) && plane.backend_down);
+                    assert!(plane.program(&[]).await.is_none(), "the stopped backend is not programmed");
+                    assert!(!state.snapshot().backend_programmed);
+                    let r = plane.repair(&[], &BTreeSet::new()).await;
+                    assert!(!r.clean, "a repair stays unclean, so the schedule retries it");
+                    assert!(plane.backend_down);
+                    // Whatever failed is fixed: the next programming sets it up, dual.
+                    plane.prepared.set_underlay_mtu(1500);
+                    assert!(plane.program(&[]).await.is_some());
+                    assert!(state.snapshot().backend_programmed);
+                    assert!(udp_dual(&plane));
+                    assert_eq!(disable_ipv6(&name), "0");
+                    assert!(addr6().await, "the IPv6 plane follows the set-up");
+                    assert_eq!(udp_sockets(&name), 2);
+                    assert_eq!(plane.watched().device.unwrap().0, ifindex);
                     plane.stop().await;
                     assert_eq!(udp_sockets(&name), 0, "stopped workers close their sockets");
                 })
