@@ -115,6 +115,17 @@ impl Firewall {
         }
     }
 
+    /// What `nft monitor` can tell about this firewall's rules, if anything: always for
+    /// nftables; for iptables only on the nf_tables backend (asks `iptables -V`, blocking).
+    pub fn monitor_scope(&self) -> Option<MonitorScope> {
+        match self {
+            Firewall::Iptables(i) => i.uses_nf_tables().then_some(MonitorScope::IptablesNft),
+            Firewall::Nftables(_) => Some(MonitorScope::NftTable),
+            #[cfg(any(test, feature = "fake"))]
+            Firewall::Fake(_) => None,
+        }
+    }
+
     /// Brings the rules to `spec`; returns whether anything had to change. Runs the iptables or
     /// nft binaries in the calling thread's network namespace: blocking, so call it from
     /// `spawn_blocking` in async code.
@@ -495,10 +506,33 @@ impl Nftables {
     }
 }
 
+/// Which of `nft monitor`'s lines can touch tweed's rules: its own nftables table
+/// (`--nftables`), or, with iptables on an nf_tables host (iptables-nft, Debian's default),
+/// iptables' `nat` and `filter` tables, whose changes nf_tables announces as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorScope {
+    NftTable,
+    IptablesNft,
+}
+
+/// Whether `iptables -V` names the nf_tables backend (`iptables v1.8.9 (nf_tables)`); legacy
+/// iptables (`(legacy)`, or older versions that print no backend) announces nothing.
+pub fn iptables_version_is_nft(version: &str) -> bool {
+    version.contains("(nf_tables)")
+}
+
 /// Whether a line of `nft monitor` output may mean tweed's table changed: any change to table
 /// `ip tweed` (its chains and rules included) or a flush of the whole ruleset. Comments (`# new
 /// generation ...`) and other tables' changes do not.
 pub fn nft_monitor_concerns_tweed(line: &str) -> bool {
+    nft_monitor_concerns(MonitorScope::NftTable, line)
+}
+
+/// [`nft_monitor_concerns_tweed`] for `scope`. With iptables-nft: a change to the `nat` or
+/// `filter` table as a whole (added, flushed, deleted), or to a rule or chain of tweed's chains
+/// or of the built-in chains that hold their jumps. Other chains' churn (kube-proxy's) is not
+/// worth a listing.
+pub fn nft_monitor_concerns(scope: MonitorScope, line: &str) -> bool {
     let line = line.trim();
     if line.starts_with('#') {
         return false;
@@ -512,13 +546,25 @@ pub fn nft_monitor_concerns_tweed(line: &str) -> bool {
     };
     if !matches!(
         verb,
-        "add" | "delete" | "flush" | "replace" | "insert" | "destroy"
+        "add" | "create" | "delete" | "flush" | "replace" | "insert" | "destroy"
     ) {
         return false;
     }
-    // `<verb> <object> ip tweed ...`
+    // `<verb> <object> <family> <table> [<chain> ...]`
     let rest: Vec<&str> = words.collect();
-    rest.len() >= 3 && matches!(rest[1], "ip" | "ip6") && rest[2] == NFT_TABLE
+    if rest.len() < 3 || !matches!(rest[1], "ip" | "ip6") {
+        return false;
+    }
+    match scope {
+        MonitorScope::NftTable => rest[2] == NFT_TABLE,
+        MonitorScope::IptablesNft => {
+            matches!(rest[2], "nat" | "filter")
+                && (rest[0] == "table"
+                    || rest.get(3).is_some_and(|chain| {
+                        [NAT_CHAIN, FWD_CHAIN, "POSTROUTING", "FORWARD"].contains(chain)
+                    }))
+        }
+    }
 }
 
 /// Runs a firewall binary: the system's, or a fake one in tests.
@@ -581,6 +627,18 @@ impl IptablesFirewall {
             runner,
             recheck,
             nat6_missing: Mutex::new(None),
+        }
+    }
+
+    /// Whether `iptables` is iptables-nft (its `-V` says so); an `iptables` that cannot be run
+    /// counts as legacy: the periodic check then reports the real error.
+    pub fn uses_nf_tables(&self) -> bool {
+        match self.runner.run("iptables", &["-V"], None) {
+            Ok(v) => iptables_version_is_nft(&v),
+            Err(e) => {
+                tracing::debug!("iptables -V: {e}");
+                false
+            }
         }
     }
 
@@ -1001,6 +1059,57 @@ mod tests {
     }
 
     #[test]
+    fn iptables_nft_is_told_from_legacy_by_its_version() {
+        assert!(iptables_version_is_nft("iptables v1.8.9 (nf_tables)\n"));
+        assert!(!iptables_version_is_nft("iptables v1.8.9 (legacy)\n"));
+        assert!(!iptables_version_is_nft("iptables v1.4.21\n"));
+        assert!(!iptables_version_is_nft(""));
+    }
+
+    /// Lines as `nft monitor` printed them (Debian 12, iptables v1.8.9 (nf_tables)) while
+    /// iptables added tweed's chains and jumps, then `iptables -F` and `iptables -t nat -F`.
+    #[test]
+    fn nft_monitor_lines_of_iptables_nft_tweeds_chains_and_their_hooks_only() {
+        let scope = MonitorScope::IptablesNft;
+        for yes in [
+            "add table ip nat",
+            "create chain ip nat TWEED-POSTRTG",
+            "add rule ip nat TWEED-POSTRTG ip saddr 10.0.0.0/8  counter packets 0 bytes 0 return",
+            "insert rule ip nat POSTROUTING  counter packets 0 bytes 0 jump TWEED-POSTRTG",
+            "delete rule ip filter TWEED-FWD handle 2",
+            "delete rule ip filter FORWARD handle 4",
+            "delete chain ip nat TWEED-POSTRTG",
+            "flush table ip filter",
+            "delete table ip nat",
+            "delete rule ip6 filter TWEED-FWD handle 7",
+            "flush ruleset",
+        ] {
+            assert!(nft_monitor_concerns(scope, yes), "{yes}");
+            // None of these is tweed's own nftables table.
+            assert_eq!(
+                nft_monitor_concerns_tweed(yes),
+                yes == "flush ruleset",
+                "{yes}"
+            );
+        }
+        for no in [
+            "# new generation 7 by process 6112 (iptables)",
+            // kube-proxy's chains and other hooks change all the time.
+            "add rule ip nat KUBE-SERVICES counter jump KUBE-NODEPORTS",
+            "delete rule ip filter INPUT handle 9",
+            "create chain ip6 filter X6",
+            "add table ip mangle",
+            "delete rule ip raw PREROUTING handle 3",
+            "delete rule inet filter FORWARD handle 3",
+            "add table ip tweed",
+            "add rule ip nat",
+            "",
+        ] {
+            assert!(!nft_monitor_concerns(scope, no), "{no}");
+        }
+    }
+
+    #[test]
     fn nft_monitor_lines_of_tweeds_table_only() {
         for yes in [
             "delete table ip tweed",
@@ -1012,6 +1121,8 @@ mod tests {
             // The IPv6 half's table.
             "delete table ip6 tweed",
             "delete rule ip6 tweed forward handle 2",
+            // nft prints `create` for a chain made with `nft create chain` (and by iptables-nft).
+            "create chain ip tweed forward",
         ] {
             assert!(nft_monitor_concerns_tweed(yes), "{yes}");
         }

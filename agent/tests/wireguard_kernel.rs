@@ -1245,6 +1245,9 @@ impl Agent {
             &metrics,
             "--wireguard-impl",
             "kernel",
+            // Both chains (nat and filter), as a real node runs: without it there is no nat
+            // chain, and iptables-nft names a missing chain "incompatible".
+            "--ip-masq",
         ];
         let child = tweed_testkit::cmd::ns_command(&self.ns, &argv)
             .stdout(out.try_clone().unwrap())
@@ -1476,6 +1479,25 @@ fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
             || in_ns(ns.name(), &["wg", "show", "tweed-wg", "allowed-ips"]).contains(&want),
         );
     }
+    // The rules are there and iptables (nf_tables backend) reads them back, as the agent's
+    // own check does.
+    for ns in [&a, &b] {
+        let nat = in_ns(
+            ns.name(),
+            &["iptables", "-w", "5", "-t", "nat", "-S", "TWEED-POSTRTG"],
+        );
+        assert!(
+            nat.contains("MASQUERADE"),
+            "{}: nat chain: {nat}",
+            ns.name()
+        );
+        let fwd = in_ns(ns.name(), &["iptables", "-w", "5", "-S", "TWEED-FWD"]);
+        assert!(
+            fwd.contains("ACCEPT"),
+            "{}: forward chain: {fwd}",
+            ns.name()
+        );
+    }
     let (ip_a, ip_b) = (ips[0].to_string(), ips[1].to_string());
     ping_ok(&pods[0], &ip_b, "pod to pod before the restarts");
     ping_ok(&pods[1], &ip_a, "pod to pod before the restarts");
@@ -1490,6 +1512,9 @@ fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
             Stream::start(&pods[1], &ip_b, &pods[0], &ip_a),
         ];
         let counters_before = drop_counters(&[&a, &b], &[&pods[0], &pods[1]]);
+        // Stateless (no counters) with handles: a rule deleted and added again, even the same,
+        // gets a new handle.
+        let ruleset_before = in_ns(node.name(), &["nft", "-a", "-s", "list", "ruleset"]);
         std::thread::sleep(std::time::Duration::from_secs(1));
         let t0 = std::time::Instant::now();
         let status = agents[i].stop();
@@ -1507,10 +1532,12 @@ fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
         let rt_events = ip_mon.finish(node);
         let nft_events = nft_mon.finish_nft(node);
         in_ns(node.name(), &["nft", "delete", "table", "ip", "twmarker"]);
+        let ruleset_after = in_ns(node.name(), &["nft", "-a", "-s", "list", "ruleset"]);
         let page = agents[i].metrics(node);
-        let (ops, rules) = (
+        let (ops, rules, rule_errors) = (
             metric(&page, "tweed_netlink_ops_total"),
             metric(&page, "tweed_rules_resyncs_total"),
+            metric(&page, "tweed_rules_errors_total"),
         );
         for r in &reports {
             eprintln!("whole-agent restart of {who}: {r}");
@@ -1537,9 +1564,18 @@ fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
             "{who}: not the kernel path:\n{page}"
         );
         assert_eq!(
-            (ops, rules),
-            (0, 0),
-            "{who}: the restarted agent wrote to objects that were right:\n{text}"
+            (ops, rules, rule_errors),
+            (0, 0, 0),
+            "{who}: the restarted agent wrote to objects that were right, or could not read \
+             its rules:\n{text}"
+        );
+        assert!(
+            ruleset_before.contains("TWEED-POSTRTG") && ruleset_before.contains("TWEED-FWD"),
+            "{who}: tweed's chains are not in the ruleset:\n{ruleset_before}"
+        );
+        assert_eq!(
+            ruleset_before, ruleset_after,
+            "{who}: the restart changed the ruleset\n{text}"
         );
         // The reconcile's line, not the "ready: ..., data plane programmed, ..." one.
         let wrote = |l: &&str| {
@@ -1569,6 +1605,36 @@ fn whole_agent_restart_under_pod_traffic_loses_nothing_and_writes_nothing() {
         assert!(drops.is_empty(), "{who}: drops: {drops:?}");
     }
     eprintln!("whole-agent kernel restarts: both nodes, 0 lost, 0 writes");
+
+    // The control for "0 rule installs": the restarted agent does check and repair its rules.
+    // iptables-nft's changes are announced (`nft monitor`), so a flushed chain comes back
+    // within the 100 ms window, not at the next periodic check.
+    let node = &a;
+    let before = metric(&agents[0].metrics(node), "tweed_rules_resyncs_total");
+    let t0 = std::time::Instant::now();
+    in_ns(
+        node.name(),
+        &["iptables", "-w", "5", "-t", "nat", "-F", "TWEED-POSTRTG"],
+    );
+    tweed_testkit::wait_for(
+        std::time::Duration::from_secs(30),
+        "the flushed nat chain put back",
+        || {
+            in_ns(
+                node.name(),
+                &["iptables", "-w", "5", "-t", "nat", "-S", "TWEED-POSTRTG"],
+            )
+            .contains("MASQUERADE")
+        },
+    );
+    let repaired = t0.elapsed();
+    eprintln!("whole-agent kernel: flushed nat chain repaired in {repaired:?} (under TCG)");
+    // Counted once the sync returns, a moment after the chain is back.
+    tweed_testkit::wait_for(
+        std::time::Duration::from_secs(10),
+        "the rule repair counted",
+        || metric(&agents[0].metrics(node), "tweed_rules_resyncs_total") > before,
+    );
     drop(agents);
     drop(etcd);
     drop(files);

@@ -678,8 +678,13 @@ impl Plane {
     }
 
     /// Whether the rules are nftables' (which announces changes; iptables does not).
-    pub(super) fn rules_are_nft(&self) -> bool {
-        matches!(*self.firewall, Firewall::Nftables(_))
+    /// What `nft monitor` can report about the rules (nothing on iptables-legacy hosts).
+    pub(super) async fn rules_monitor_scope(&self) -> Option<crate::rules::MonitorScope> {
+        let fw = self.firewall.clone();
+        tokio::task::spawn_blocking(move || fw.monitor_scope())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Adds what the udp workers counted since the last export to the metrics. wireguard's

@@ -403,8 +403,9 @@ impl Agent {
         let mut peer_stats = tokio::time::interval(PEER_STATS);
         let mut nft = self
             .plane
-            .rules_are_nft()
-            .then(super::nftmon::NftMonitor::spawn);
+            .rules_monitor_scope()
+            .await
+            .map(super::nftmon::NftMonitor::spawn);
         let mut nft_due: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {

@@ -1,22 +1,25 @@
-//! nftables announces its changes (`nft monitor`); iptables does not, so with `--nftables` a
-//! flushed or edited `ip tweed` table is noticed at once instead of at the next periodic check.
+//! nftables announces its changes (`nft monitor`); iptables-legacy does not. So with
+//! `--nftables`, and with iptables on an nf_tables host (iptables-nft), flushed or edited rules
+//! are noticed at once instead of at the next periodic check.
 
-use crate::rules::nft_monitor_concerns_tweed;
+use crate::rules::{nft_monitor_concerns, MonitorScope};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Runs `nft monitor` in this network namespace for as long as it is held (restarted when it
-/// ends); each change to tweed's table sends one `()` (coalesced while unread).
+/// ends); each change that `scope` says may touch tweed's rules sends one `()` (coalesced while
+/// unread).
 pub(super) struct NftMonitor {
     task: tokio::task::JoinHandle<()>,
     pub(super) changes: mpsc::Receiver<()>,
 }
 
 impl NftMonitor {
-    pub(super) fn spawn() -> NftMonitor {
+    pub(super) fn spawn(scope: MonitorScope) -> NftMonitor {
+        info!(?scope, "rule changes are watched with nft monitor");
         let (tx, changes) = mpsc::channel(1);
         let task = tokio::spawn(async move {
             loop {
@@ -30,13 +33,16 @@ impl NftMonitor {
                 let mut child = match child {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!("nft monitor: {e}; rule drift is found by the periodic check only");
+                        warn!(
+                            "nft monitor: {e} (is the nftables package installed?); rule drift \
+                             is found by the periodic check only"
+                        );
                         return;
                     }
                 };
                 let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if nft_monitor_concerns_tweed(&line) {
+                    if nft_monitor_concerns(scope, &line) {
                         let _ = tx.try_send(());
                     }
                 }
