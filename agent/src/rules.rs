@@ -1192,6 +1192,43 @@ mod tests {
     /// the first sync finds it missing (once), writes the IPv4 rules and the IPv6 forward
     /// chain, and later syncs neither probe nor fail until the recheck is due; once the table
     /// exists the IPv6 nat chain is written.
+    /// Answers `iptables -V` with a fixed text, or fails as a missing binary does.
+    struct Version(Option<&'static str>);
+
+    impl Runner for Version {
+        fn run(
+            &self,
+            program: &'static str,
+            args: &[&str],
+            _stdin: Option<&str>,
+        ) -> Result<String, RulesError> {
+            assert_eq!((program, args), ("iptables", &["-V"][..]));
+            self.0.map(str::to_string).ok_or(RulesError::Command {
+                program,
+                args: args.join(" "),
+                reason: "No such file or directory (is the iptables package installed?)".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn only_nftables_and_iptables_nft_are_watched_with_nft_monitor() {
+        let ipt = |v| Firewall::Iptables(IptablesFirewall::new(Box::new(Version(v))));
+        assert_eq!(
+            ipt(Some("iptables v1.8.9 (nf_tables)\n")).monitor_scope(),
+            Some(MonitorScope::IptablesNft)
+        );
+        assert_eq!(
+            ipt(Some("iptables v1.8.9 (legacy)\n")).monitor_scope(),
+            None
+        );
+        assert_eq!(ipt(None).monitor_scope(), None);
+        assert_eq!(
+            Firewall::Nftables(Nftables::default()).monitor_scope(),
+            Some(MonitorScope::NftTable)
+        );
+    }
+
     #[test]
     fn a_missing_ip6tables_nat_table_is_detected_once_and_the_rest_still_synced() {
         let fake = NoNat6::default();
