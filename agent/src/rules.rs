@@ -126,6 +126,17 @@ impl Firewall {
         }
     }
 
+    /// Removes tweed's IPv6 rules (ip6tables' chains and their jumps, or table `ip6 tweed`) left
+    /// by an earlier dual-stack run; whether any were there. Blocking, like [`sync`](Self::sync).
+    pub fn remove_v6(&self) -> Result<bool, RulesError> {
+        match self {
+            Firewall::Iptables(i) => i.remove_v6(),
+            Firewall::Nftables(_) => Nftables::remove_v6(),
+            #[cfg(any(test, feature = "fake"))]
+            Firewall::Fake(f) => Ok(f.remove_v6()),
+        }
+    }
+
     /// Brings the rules to `spec`; returns whether anything had to change. Runs the iptables or
     /// nft binaries in the calling thread's network namespace: blocking, so call it from
     /// `spawn_blocking` in async code.
@@ -168,6 +179,7 @@ impl Family {
 #[derive(Debug, Clone, Default)]
 pub struct FakeFirewall {
     applied: std::sync::Arc<Mutex<Vec<RuleSpec>>>,
+    v6_removals: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[cfg(any(test, feature = "fake"))]
@@ -178,6 +190,17 @@ impl FakeFirewall {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// How often the IPv6 rules were asked to be removed.
+    pub fn v6_removals(&self) -> usize {
+        self.v6_removals.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn remove_v6(&self) -> bool {
+        self.v6_removals
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        false
     }
 
     fn sync(&self, spec: &RuleSpec) -> bool {
@@ -452,6 +475,15 @@ impl Nftables {
         Ok(true)
     }
 
+    /// Deletes table `ip6 tweed` if it exists.
+    pub fn remove_v6() -> Result<bool, RulesError> {
+        if Self::listing_v6()?.is_none() {
+            return Ok(false);
+        }
+        Iptables::run("nft", &["delete", "table", "ip6", NFT_TABLE], None)?;
+        Ok(true)
+    }
+
     #[cfg(test)]
     fn is_current(&self, desired: &str, listing: &str) -> bool {
         Self::current_in(&self.applied, desired, listing)
@@ -642,6 +674,33 @@ impl IptablesFirewall {
         }
     }
 
+    /// Removes tweed's ip6tables chains and their jumps. A table ip6tables cannot list (a
+    /// kernel without IPv6, or without `ip6table_nat`) holds none of them, so it is skipped.
+    pub fn remove_v6(&self) -> Result<bool, RulesError> {
+        let r = &*self.runner;
+        let mut removed = false;
+        for (table, builtin, name) in [
+            ("filter", "FORWARD", FWD_CHAIN),
+            ("nat", "POSTROUTING", NAT_CHAIN),
+        ] {
+            let c = Chain {
+                table,
+                builtin,
+                name,
+                rules: Vec::new(),
+            };
+            let listing = match Iptables::listing_with(r, Family::V6, table) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!("no IPv6 rules of tweed to remove in table {table}: {e}");
+                    continue;
+                }
+            };
+            removed |= Iptables::remove_listed(r, Family::V6, &c, &listing)?;
+        }
+        Ok(removed)
+    }
+
     /// Whether the last look found ip6tables without a nat table.
     pub fn nat6_missing(&self) -> bool {
         self.nat6_missing.lock().unwrap().is_some()
@@ -784,9 +843,19 @@ impl Iptables {
     }
 
     fn remove_with(r: &dyn Runner, family: Family, c: &Chain) -> Result<bool, RulesError> {
-        let program = family.iptables();
         let listing = Self::listing_with(r, family, c.table)?;
-        let (jump, chain) = plan_removal(&listing, c);
+        Self::remove_listed(r, family, c, &listing)
+    }
+
+    /// Removes `c` and its jump as far as `listing` (its table's) shows them.
+    fn remove_listed(
+        r: &dyn Runner,
+        family: Family,
+        c: &Chain,
+        listing: &str,
+    ) -> Result<bool, RulesError> {
+        let program = family.iptables();
+        let (jump, chain) = plan_removal(listing, c);
         if jump {
             let mut args = vec!["-w", "5", "-t", c.table, "-D", c.builtin];
             args.extend(["-m", "comment", "--comment", COMMENT, "-j", c.name]);
@@ -1188,10 +1257,6 @@ mod tests {
         }
     }
 
-    /// Review finding 2 of issue 19: without ip6tables' nat table every sync used to fail. Now
-    /// the first sync finds it missing (once), writes the IPv4 rules and the IPv6 forward
-    /// chain, and later syncs neither probe nor fail until the recheck is due; once the table
-    /// exists the IPv6 nat chain is written.
     /// Answers `iptables -V` with a fixed text, or fails as a missing binary does.
     struct Version(Option<&'static str>);
 
@@ -1209,6 +1274,95 @@ mod tests {
                 reason: "No such file or directory (is the iptables package installed?)".into(),
             })
         }
+    }
+
+    /// ip6tables with listings per table; a table without one cannot be listed (as on a
+    /// kernel without it). Records every command.
+    #[derive(Default)]
+    struct Listings6 {
+        tables: std::collections::HashMap<&'static str, &'static str>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Runner for Listings6 {
+        fn run(
+            &self,
+            program: &'static str,
+            args: &[&str],
+            _stdin: Option<&str>,
+        ) -> Result<String, RulesError> {
+            assert_eq!(program, "ip6tables", "{args:?}");
+            self.calls.lock().unwrap().push(args.join(" "));
+            if args.ends_with(&["-S"]) {
+                let table = args[args.len() - 2];
+                return self
+                    .tables
+                    .get(table)
+                    .map(|l| l.to_string())
+                    .ok_or(RulesError::Command {
+                        program,
+                        args: args.join(" "),
+                        reason: format!("can't initialize ip6tables table `{table}'"),
+                    });
+            }
+            Ok(String::new())
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_left_by_a_dual_stack_run_are_removed_and_unlistable_tables_skipped() {
+        let fake = std::sync::Arc::new(Listings6 {
+            tables: [(
+                "filter",
+                "-P FORWARD ACCEPT\n-N TWEED-FWD\n\
+                 -A FORWARD -m comment --comment tweed -j TWEED-FWD\n\
+                 -A TWEED-FWD -s fd00:10:244::/48 -m comment --comment tweed -j ACCEPT\n",
+            )]
+            .into(),
+            ..Default::default()
+        });
+        struct Shared(std::sync::Arc<Listings6>);
+        impl Runner for Shared {
+            fn run(
+                &self,
+                program: &'static str,
+                args: &[&str],
+                stdin: Option<&str>,
+            ) -> Result<String, RulesError> {
+                self.0.run(program, args, stdin)
+            }
+        }
+        let fw = Firewall::Iptables(IptablesFirewall::new(Box::new(Shared(fake.clone()))));
+        assert!(fw.remove_v6().unwrap());
+        assert_eq!(
+            *fake.calls.lock().unwrap(),
+            [
+                "-w 5 -t filter -S",
+                "-w 5 -t filter -D FORWARD -m comment --comment tweed -j TWEED-FWD",
+                "-w 5 -t filter -F TWEED-FWD",
+                "-w 5 -t filter -X TWEED-FWD",
+                // No nat table: nothing of ours can be there, and it is no error.
+                "-w 5 -t nat -S",
+            ]
+        );
+        // Nothing of ours: only listings.
+        let clean = std::sync::Arc::new(Listings6 {
+            tables: [
+                (
+                    "filter",
+                    "-P FORWARD ACCEPT\n-N OTHER\n-A FORWARD -j OTHER\n",
+                ),
+                ("nat", "-P POSTROUTING ACCEPT\n"),
+            ]
+            .into(),
+            ..Default::default()
+        });
+        let fw = Firewall::Iptables(IptablesFirewall::new(Box::new(Shared(clean.clone()))));
+        assert!(!fw.remove_v6().unwrap());
+        assert_eq!(
+            *clean.calls.lock().unwrap(),
+            ["-w 5 -t filter -S", "-w 5 -t nat -S"]
+        );
     }
 
     #[test]
@@ -1229,6 +1383,10 @@ mod tests {
         );
     }
 
+    /// Review finding 2 of issue 19: without ip6tables' nat table every sync used to fail. Now
+    /// the first sync finds it missing (once), writes the IPv4 rules and the IPv6 forward
+    /// chain, and later syncs neither probe nor fail until the recheck is due; once the table
+    /// exists the IPv6 nat chain is written.
     #[test]
     fn a_missing_ip6tables_nat_table_is_detected_once_and_the_rest_still_synced() {
         let fake = NoNat6::default();

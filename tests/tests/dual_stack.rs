@@ -645,6 +645,27 @@ fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
         )
     };
     assert!(v6_routes().contains(&s3), "{}", v6_routes());
+    // tweed's chains and jumps in one family's tables, as `-S` lists them.
+    let tweed_rules = |cmd: &str| {
+        let mut l: Vec<String> = ["filter", "nat"]
+            .into_iter()
+            .flat_map(|t| {
+                in_ns(&h3.netns, &[cmd, "-w", "5", "-t", t, "-S"])
+                    .lines()
+                    .filter(|l| l.contains("TWEED-"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        l.sort();
+        l
+    };
+    assert!(
+        tweed_rules("ip6tables").len() >= 4,
+        "h3's IPv6 rules while dual stack: {:?}",
+        tweed_rules("ip6tables")
+    );
+    let v4_rules = tweed_rules("iptables");
 
     let stopped = stop_agent(&lab, "h3", libc::SIGTERM);
     let addr = format!("{}/64", h3.public_ip6.unwrap());
@@ -691,6 +712,17 @@ fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
     );
     // IPv4 only now: pods created from now on get tweed.1's MTU again.
     assert_eq!(subnet3.mtu, 1450, "h3's subnet.env MTU, IPv4 only");
+    // The earlier run's IPv6 rules are removed (chains and jumps), the IPv4 ones kept as they were.
+    wait_for(Duration::from_secs(15), "h3's IPv6 rules removed", || {
+        tweed_rules("ip6tables").is_empty()
+    });
+    assert_eq!(tweed_rules("iptables"), v4_rules, "h3's IPv4 rules");
+    assert!(
+        std::fs::read_to_string(&h3.log)
+            .unwrap()
+            .contains("removed the IPv6 rules of an earlier dual-stack run"),
+        "h3's log names the removal"
+    );
 
     // IPv4: every pair; IPv6: between the dual-stack nodes (h3's pods keep a stale IPv6
     // address, which `check` still pings and which fails, so only its IPv4 results count).

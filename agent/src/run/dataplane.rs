@@ -61,6 +61,10 @@ pub(super) struct Plane {
     /// (udp: no workers, IPv4 blackholed). Every reconcile tries the set-up again first and
     /// fails (backend not programmed, the repair retried) until it holds.
     backend_down: bool,
+    /// IPv6 rules of an earlier dual-stack run were looked for (and removed) since this node
+    /// last ran IPv4 only: once, not at every check, since ip6tables may be missing or failing on
+    /// a host without IPv6.
+    v6_rules_cleared: bool,
 }
 
 /// What one repair did: the ops it had to apply (none when nothing had drifted), and whether
@@ -167,6 +171,7 @@ impl Plane {
             v6: None,
             v6_stale: false,
             backend_down: false,
+            v6_rules_cleared: false,
         };
         plane.setup_v6().await;
         plane.ensure_tx_csum().await;
@@ -646,12 +651,30 @@ impl Plane {
                 .zip(self.own_v6)
                 .map(|(network, subnet)| RuleSpecV6 { network, subnet }),
         };
+        // An IPv4-only node removes what an earlier dual-stack run left: rules accepting and
+        // masquerading an IPv6 overlay it no longer serves.
+        let clear_v6 = spec.ipv6.is_none() && !self.v6_rules_cleared;
+        self.v6_rules_cleared = spec.ipv6.is_none();
         let fw = self.firewall.clone();
-        let result = tokio::task::spawn_blocking(move || fw.sync(&spec))
-            .await
-            .expect("rule sync does not panic");
+        let (result, cleared) = tokio::task::spawn_blocking(move || {
+            let result = fw.sync(&spec);
+            (result, clear_v6.then(|| fw.remove_v6()))
+        })
+        .await
+        .expect("rule sync does not panic");
         self.report
             .rules_synced(self.firewall.name(), self.ip_masq, &result);
+        match cleared {
+            Some(Ok(true)) => info!(
+                firewall = self.firewall.name(),
+                "removed the IPv6 rules of an earlier dual-stack run: this node runs IPv4 only"
+            ),
+            Some(Err(e)) => warn!(
+                "removing the IPv6 rules of an earlier dual-stack run (not tried again until \
+                 the node has run dual stack): {e}"
+            ),
+            Some(Ok(false)) | None => {}
+        }
     }
 
     /// With `--vxlan-tx-checksum-offload=false`, turns the vxlan device's tx checksum offload off
@@ -677,7 +700,6 @@ impl Plane {
         }
     }
 
-    /// Whether the rules are nftables' (which announces changes; iptables does not).
     /// What `nft monitor` can report about the rules (nothing on iptables-legacy hosts).
     pub(super) async fn rules_monitor_scope(&self) -> Option<crate::rules::MonitorScope> {
         let fw = self.firewall.clone();
