@@ -237,7 +237,8 @@ impl WgConfig {
     /// a `BackendV6Data` there renamed to the key on the port it names; everything else kept.
     /// A key rotation publishes this rather than [`lease_attrs`](Self::lease_attrs): the
     /// published lease may hold what the config does not, such as a `PublicIPv6` followed at
-    /// run time or the `PublicIPv6` of a `separate` node (which has no [`WgDual`]).
+    /// run time or the `PublicIPv6` of a `separate` node off the kernel path (which has no
+    /// [`WgDual`]).
     pub fn with_key(&self, current: &tweed_config::LeaseAttrs) -> tweed_config::LeaseAttrs {
         let key = self.public_key();
         let mut a = current.clone();
