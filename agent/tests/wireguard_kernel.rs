@@ -1650,3 +1650,115 @@ impl Drop for RemoveOnDrop {
         }
     }
 }
+
+/// Node `own`'s config in `Mode: separate`, dual stack: IPv6 subnet fd00:5:0:`own`::/64,
+/// `PublicIPv6` 2001:db8::`own`, `ListenPortV6` 51821.
+fn separate_cfg(own: u8) -> WgConfig {
+    let net = tweed_config::NetworkConfig::parse(
+        r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"wireguard"}}"#,
+    )
+    .unwrap();
+    WgConfig {
+        dual: Some(Box::new(tweed_agent::backend::wireguard::WgDual {
+            mode: tweed_config::WireguardMode::Separate,
+            listen_port_v6: 51821,
+            ipv6: net.ipv6.unwrap(),
+            public_ipv6: format!("2001:db8::{own}").parse().unwrap(),
+            own_subnet: Some(format!("fd00:5:0:{own}::/64").parse().unwrap()),
+        })),
+        ..node_cfg(own)
+    }
+}
+
+/// Node `own`'s lease as it publishes it, read back as a peer by the node with `reader`.
+fn separate_peer(
+    own: u8,
+    reader: &tweed_agent::backend::wireguard::dual::DualLocal,
+) -> tweed_agent::backend::wireguard::dual::DualPeer {
+    let cfg = separate_cfg(own);
+    let attrs = tweed_config::LeaseAttrs::parse(cfg.lease_attrs().to_json().as_bytes()).unwrap();
+    let d = cfg.dual.as_ref().unwrap();
+    let key = tweed_config::SubnetKey {
+        ipv4: cfg.own_subnet,
+        ipv6: d.own_subnet,
+    };
+    tweed_agent::backend::wireguard::dual::DualPeer::from_lease(&key, &attrs, Some(&d.ipv6), reader)
+        .unwrap()
+}
+
+/// Sets node `own` up in `Mode: separate` in `ns` and reconciles the other's lease twice;
+/// the second pass's writes.
+fn separate_run(ns: &NetnsGuard, own: u8, other: u8) -> usize {
+    with_netlink_in(ns, move |nl| async move {
+        let mut b = WgBackend::setup(&nl, separate_cfg(own)).await.unwrap();
+        assert_eq!(b.implementation(), "kernel");
+        let local = b.dual_local().unwrap();
+        let peers = vec![separate_peer(other, &local)];
+        b.reconcile_dual(&nl, &peers).await.unwrap();
+        b.reconcile_dual(&nl, &peers).await.unwrap().ops_applied
+    })
+}
+
+/// flannel's default `Mode: separate` on two kernel nodes with an IPv4 and an IPv6 underlay:
+/// IPv4 pods through `tweed-wg` at the IPv4 endpoints, IPv6 pods through `tweed-wg-v6` on
+/// ListenPortV6 at `[PublicIPv6]:51821` (as wg(8) reads the devices back); a second pass and
+/// a restart write nothing. Runs only on a kernel with the module (the VM).
+#[test]
+fn separate_mode_carries_ipv6_pods_on_a_second_kernel_device() {
+    require_root!(NEEDS_ROOT);
+    let a = NetnsGuard::unique("tw-wsa-");
+    let b = NetnsGuard::unique("tw-wsb-");
+    if !kernel_has_wireguard(&a) {
+        eprintln!("no wireguard module in this kernel: separate mode runs only in the VMs");
+        return;
+    }
+    underlay(&a, &b);
+    for (ns, dev, addr) in [(&a, "ua", "2001:db8::2/64"), (&b, "ub", "2001:db8::3/64")] {
+        ip_in(ns.name(), &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    assert_eq!(separate_run(&a, 2, 3), 0, "a second pass writes nothing");
+    assert_eq!(separate_run(&b, 3, 2), 0, "a second pass writes nothing");
+    let ports = in_ns(a.name(), &["wg", "show", "tweed-wg-v6", "listen-port"]);
+    assert_eq!(ports.trim(), "51821");
+    let ends6 = in_ns(a.name(), &["wg", "show", "tweed-wg-v6", "endpoints"]);
+    assert!(ends6.contains("[2001:db8::3]:51821"), "{ends6}");
+    let allowed6 = in_ns(a.name(), &["wg", "show", "tweed-wg-v6", "allowed-ips"]);
+    assert!(
+        allowed6.contains("fd00:5:0:3::/64") && !allowed6.contains("10.5."),
+        "{allowed6}"
+    );
+    let ends4 = in_ns(a.name(), &["wg", "show", "tweed-wg", "endpoints"]);
+    assert!(ends4.contains("192.0.2.3:51820"), "{ends4}");
+    let allowed4 = in_ns(a.name(), &["wg", "show", "tweed-wg", "allowed-ips"]);
+    assert!(!allowed4.contains("fd00:"), "{allowed4}");
+    let route6 = ip_in(a.name(), &["-6", "route", "show", "dev", "tweed-wg-v6"]);
+    assert!(route6.contains("fd00:5::/56"), "{route6}");
+    let (ok, out) =
+        tweed_testkit::probe_in(a.name(), &["ping6", "-c", "3", "-W", "3", "fd00:5:0:3::"]);
+    assert!(ok, "no ping6 through tweed-wg-v6: {out}");
+    ping_ok(&a, "10.5.3.0", "separate mode, IPv4 half");
+    let hs = in_ns(
+        a.name(),
+        &["wg", "show", "tweed-wg-v6", "latest-handshakes"],
+    );
+    let t: u64 = hs
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(t > 0, "no handshake on tweed-wg-v6: {hs}");
+    // A restart finds both devices right.
+    assert_eq!(
+        with_netlink_in(&a, |nl| async move {
+            WgBackend::setup(&nl, separate_cfg(2))
+                .await
+                .unwrap()
+                .setup_ops()
+                .len()
+        }),
+        0
+    );
+    eprintln!(
+        "separate mode: ping6 through tweed-wg-v6 ([2001:db8::3]:51821) and ping through tweed-wg"
+    );
+}

@@ -343,12 +343,18 @@ impl Prepared {
         let (Prepared::Wireguard(c), BackendConfig::Wireguard(w)) = (&mut *self, backend) else {
             return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
         };
-        if !wireguard::carries_v6(w.mode) {
+        if !wireguard::carries_v6(w.mode, c.implementation) {
             tracing::warn!(
                 mode = ?w.mode,
-                "wireguard: this Backend.Mode is carried IPv4 only (its second device is not built): no BackendV6Data advertised, IPv6 pods unreachable; set Mode \"auto\" or \"ipv4\" for IPv6 pods"
+                implementation = ?c.implementation,
+                "wireguard: Mode \"separate\" builds its IPv6 device tweed-wg-v6 with --wireguard-impl=kernel only: this node runs IPv4 only, no BackendV6Data advertised, IPv6 pods unreachable; use --wireguard-impl=kernel, or set Mode \"auto\" or \"ipv4\" for IPv6 pods"
             );
             return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
+        }
+        if w.mode == tweed_config::WireguardMode::Separate && w.listen_port_v6 == w.listen_port {
+            return Err(BackendError::Wireguard(WgError::SamePortV6 {
+                port: w.listen_port_v6,
+            }));
         }
         c.dual = Some(Box::new(wireguard::WgDual {
             mode: w.mode,
@@ -434,7 +440,8 @@ impl Prepared {
             .iter()
             .filter(|l| {
                 let old_udp = l.name == udp::DEVICE && !matches!(self, Prepared::Udp(_));
-                let old_wg = l.name == wireguard::DEVICE && !matches!(self, Prepared::Wireguard(_));
+                let old_wg = (l.name == wireguard::DEVICE || l.name == wireguard::dual::DEVICE_V6)
+                    && !matches!(self, Prepared::Wireguard(_));
                 let old_vxlan = l.kind.as_deref() == Some("vxlan")
                     && l.name.starts_with("tweed.")
                     && own_vxlan.as_deref() != Some(l.name.as_str());
@@ -1133,15 +1140,18 @@ mod tests {
         // (kernel module?, wanted, Mode) -> chosen at set-up, BackendV6Data port (None: IPv4
         // only).
         type Case = (bool, WgImpl, &'static str, &'static str, Option<u16>);
-        let cases: [Case; 6] = [
+        let cases: [Case; 7] = [
             (false, WgImpl::Auto, "auto", "userspace", Some(51820)),
             (false, WgImpl::Auto, "ipv4", "userspace", Some(51820)),
-            // separate's second device is built on neither path: IPv4 only, PublicIPv6 but
-            // no BackendV6Data (so peers send it no IPv6), as before dual stack was carried.
+            // separate's second device is built with --wireguard-impl=kernel only: with auto
+            // a set-up may land on userspace, so IPv4 only, PublicIPv6 but no BackendV6Data
+            // (so peers send it no IPv6), as before dual stack was carried.
             (false, WgImpl::Auto, "separate", "userspace", None),
             (true, WgImpl::Userspace, "ipv4", "userspace", Some(51820)),
             (true, WgImpl::Auto, "auto", "kernel", Some(51820)),
-            (true, WgImpl::Kernel, "separate", "kernel", None),
+            (true, WgImpl::Auto, "separate", "kernel", None),
+            // tweed-wg-v6 on ListenPortV6, which BackendV6Data names.
+            (true, WgImpl::Kernel, "separate", "kernel", Some(51999)),
         ];
         for (module, wanted, mode, chosen, port) in cases {
             let fake = if module {
@@ -1196,7 +1206,13 @@ mod tests {
                 let l = c.dual_local().expect("dual");
                 // auto plans as ipv4 on both paths: kernel and userspace nodes mix in one
                 // cluster, and a userspace node listens on IPv4 only.
-                assert_eq!(l.mode, tweed_config::WireguardMode::Ipv4, "{mode} {chosen}");
+                let planned = if mode == "separate" {
+                    tweed_config::WireguardMode::Separate
+                } else {
+                    tweed_config::WireguardMode::Ipv4
+                };
+                assert_eq!(l.mode, planned, "{mode} {chosen}");
+                assert_eq!(l.separate(), mode == "separate");
                 assert_eq!(c.lease_attrs().to_json(), a.to_json());
             }
             // PublicIPv6 moves at run time (published as follow_public_ipv6 does), then the
@@ -1228,6 +1244,57 @@ mod tests {
             );
             assert_eq!(r.public_ip, a.public_ip);
             assert_eq!(r.backend_type, "wireguard");
+        }
+    }
+
+    /// `separate`'s two devices cannot share a port: refused when the IPv6 device would be
+    /// built, naming the field; a node that would not build it (userspace) keeps running.
+    #[tokio::test]
+    async fn wireguard_separate_refuses_listen_port_v6_equal_to_listen_port() {
+        use wireguard::WgImpl;
+        let cfg = tweed_config::NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","ListenPort":51820,"ListenPortV6":51820}}"#,
+        )
+        .unwrap();
+        for (wanted, refused) in [(WgImpl::Kernel, true), (WgImpl::Userspace, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let node = NodeContext {
+                network: "10.244.0.0/16".parse().unwrap(),
+                public_ip: "198.18.0.1".parse().unwrap(),
+                iface: Iface {
+                    index: 1,
+                    name: "eth0".into(),
+                    ip: "198.18.0.1".parse().unwrap(),
+                    mtu: 1500,
+                },
+                state_dir: tmp.path().to_path_buf(),
+                udp_workers: 1,
+                wg_key_file: None,
+                wg_impl: wanted,
+            };
+            let nl = Netlink::from(Fake::with_wireguard());
+            let (mut p, attrs) =
+                Prepared::new(&nl, &cfg.backend, &node, "10.244.1.0/24".parse().unwrap())
+                    .await
+                    .unwrap();
+            let got = p.with_ipv6(
+                attrs,
+                "2001:db8::1".parse().unwrap(),
+                cfg.ipv6.as_ref().unwrap(),
+                &cfg.backend,
+            );
+            match got {
+                Err(e) => {
+                    assert!(refused, "{wanted:?}: {e}");
+                    let msg = e.to_string();
+                    assert!(msg.contains("Backend.ListenPortV6 51820"), "{msg}");
+                    assert!(msg.contains("tweed-wg-v6"), "{msg}");
+                }
+                Ok(a) => {
+                    assert!(!refused, "{wanted:?} accepted");
+                    assert!(a.backend_v6_data.is_none());
+                }
+            }
         }
     }
 

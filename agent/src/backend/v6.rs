@@ -388,6 +388,12 @@ enum Kind {
     Wireguard {
         ifindex: u32,
     },
+    /// wireguard's `Mode: separate` on the kernel path: the IPv6 pods ride `tweed-wg-v6`,
+    /// whose address, route and peers the backend keeps itself; this plane only names the
+    /// device for drift repair (and cleared `tweed-wg` of an earlier IPv6 half at set-up).
+    WireguardV6 {
+        ifindex: u32,
+    },
 }
 
 /// What a udp lease advertises as `BackendV6Data` (tweed's own: flannel's udp backend has no
@@ -683,6 +689,14 @@ impl V6Plane {
                 setup_ops.extend(ops);
                 Kind::Udp { ifindex }
             }
+            DataPlane::Wireguard(b) if b.ifindex_v6().is_some() => {
+                // tweed-wg carries IPv4 only in this mode: an earlier single-device IPv6 half
+                // (its /128, its `IPv6Network` route) must not shadow tweed-wg-v6's.
+                setup_ops.extend(remove_wireguard6(nl, b.ifindex()).await?);
+                Kind::WireguardV6 {
+                    ifindex: b.ifindex_v6().expect("checked"),
+                }
+            }
             DataPlane::Wireguard(b) if b.carries_v6() => {
                 let ifindex = b.ifindex();
                 let ops = plan_udp6(
@@ -718,6 +732,10 @@ impl V6Plane {
         match &self.kind {
             Kind::Vxlan { spec, ifindex, .. } => Some((*ifindex, spec.name.clone())),
             // udp's device is the IPv4 backend's, watched as such.
+            Kind::WireguardV6 { ifindex } => Some((
+                *ifindex,
+                crate::backend::wireguard::dual::DEVICE_V6.to_string(),
+            )),
             Kind::HostGw { .. } | Kind::Udp { .. } | Kind::Wireguard { .. } => None,
         }
     }
@@ -732,6 +750,12 @@ impl V6Plane {
         backend: &mut DataPlane,
     ) -> Result<(Vec<Op>, Vec<(Op, NetlinkError)>), NetlinkError> {
         let ops = match &self.kind {
+            Kind::WireguardV6 { ifindex } => match backend {
+                // The backend programmed the device before this (its reconcile runs first).
+                DataPlane::Wireguard(b) if b.ifindex_v6() == Some(*ifindex) => Vec::new(),
+                // The device was made again, or this node runs no IPv6 device now.
+                _ => return Err(NetlinkError::NoSuchLink { ifindex: *ifindex }),
+            },
             Kind::Wireguard { ifindex } => {
                 match backend {
                     DataPlane::Wireguard(b) if b.ifindex() == *ifindex && b.carries_v6() => {}

@@ -245,8 +245,8 @@ impl Plane {
             Ok(None) => {
                 self.clear_wireguard6().await;
                 // An operator who enabled IPv6 must learn that this backend leaves it unserved
-                // (wireguard in `Mode: separate`, whose second device is not built:
-                // docs/wireguard.md).
+                // (wireguard in `Mode: separate` off the kernel path, whose second device is
+                // not built there: docs/wireguard.md).
                 warn!(
                     backend = self.prepared.type_name(),
                     "the network enables IPv6 but this backend carries IPv4 only: pods' IPv6 addresses reach no other node"
@@ -961,5 +961,102 @@ mod udp_mode_root_tests {
                     assert_eq!(udp_sockets(&name), 0, "stopped workers close their sockets");
                 })
         });
+    }
+}
+
+#[cfg(test)]
+mod wireguard_separate_tests {
+    use super::*;
+    use crate::backend::wireguard::backend_tests::{separate_cfg, two_opener};
+    use crate::backend::wireguard::dual::DEVICE_V6;
+    use crate::backend::wireguard::kernel::FakeGenl;
+    use crate::backend::wireguard::{WgBackend, DEVICE};
+    use crate::netlink::{Change, Event, Fake};
+    use std::sync::Mutex;
+
+    /// `Mode: separate` on the kernel path (fake kernel and generic netlink): the plane
+    /// watches `tweed-wg-v6` (its deletion and its /128 are repair triggers), and a repair
+    /// after it was deleted makes it again, the watched index following the new link.
+    #[tokio::test]
+    async fn the_ipv6_device_is_watched_and_repaired() {
+        let fake = Fake::with_wireguard();
+        let nl = Netlink::from(fake.clone());
+        let g4 = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+        let g6 = Arc::new(Mutex::new(FakeGenl::new(DEVICE_V6)));
+        let cfg = separate_cfg(Some("fd00:5:0:1::/64"));
+        let ipv6 = cfg.dual.as_ref().unwrap().ipv6.clone();
+        let backend = WgBackend::setup_with(&nl, cfg.clone(), two_opener(&g4, &g6))
+            .await
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut plane = Plane {
+            nl: nl.clone(),
+            prepared: Prepared::Wireguard(cfg.clone()),
+            backend: DataPlane::Wireguard(backend),
+            firewall: Arc::new(Firewall::Fake(Default::default())),
+            network: cfg.network,
+            ip_masq: false,
+            subnet_file: tmp.path().join("subnet.env"),
+            kept_subnet_file: tmp.path().join("kept.env"),
+            report: Report::new(
+                crate::state::AgentState::new(),
+                super::super::Clock::tokio(1_700_000_000),
+            ),
+            udp_seen: UdpStats::default(),
+            underlay: 1,
+            tx_csum_off: false,
+            ipv6_network: Some(ipv6.network),
+            own_v6: Some("fd00:5:0:1::/64".parse().unwrap()),
+            ipv6_plane: Some((ipv6.clone(), "2001:db8::1".parse().unwrap())),
+            v6: None,
+            v6_stale: false,
+            backend_down: false,
+            v6_rules_cleared: false,
+        };
+        plane.setup_v6().await;
+        plane.program(&[]).await.expect("programmed");
+        let dev6 = nl.link_by_name(DEVICE_V6).await.unwrap().unwrap();
+        let w = plane.watched();
+        let watched6 = w.v6.as_ref().expect("dual stack").device.clone();
+        assert_eq!(watched6, Some((dev6.index, DEVICE_V6.to_string())));
+        assert_eq!(
+            w.trigger(&Event::Link(Change::Del, dev6.clone())),
+            Some(Trigger::Device)
+        );
+        let addr = nl.addresses6(Some(dev6.index)).await.unwrap()[0];
+        assert_eq!(addr.net.to_string(), "fd00:5:0:1::/128");
+        assert_eq!(
+            w.trigger(&Event::Addr6(Change::Del, addr)),
+            Some(Trigger::Address)
+        );
+
+        nl.apply(&Op::LinkDel {
+            name: DEVICE_V6.into(),
+        })
+        .await
+        .unwrap();
+        let r = plane.repair(&[], &BTreeSet::from([Trigger::Device])).await;
+        assert!(r.clean, "{r:?}");
+        assert!(
+            r.ops
+                .iter()
+                .any(|op| matches!(op, Op::LinkAddWireguard { name } if name == DEVICE_V6)),
+            "{:?}",
+            r.ops
+        );
+        let again = nl
+            .link_by_name(DEVICE_V6)
+            .await
+            .unwrap()
+            .expect("made again");
+        let addrs = nl.addresses6(Some(again.index)).await.unwrap();
+        assert!(addrs.iter().any(|a| a.net == addr.net), "{addrs:?}");
+        assert_eq!(
+            plane.watched().v6.unwrap().device,
+            Some((again.index, DEVICE_V6.to_string()))
+        );
+        // Nothing drifted: a second repair writes nothing.
+        let r = plane.repair(&[], &BTreeSet::from([Trigger::Device])).await;
+        assert!(r.clean && r.ops.is_empty(), "{r:?}");
     }
 }

@@ -469,3 +469,296 @@ async fn kernel_dual_stack_device_carries_both_families_from_the_plan() {
         .unwrap();
     assert!(again.is_empty(), "{again:?}");
 }
+
+pub(crate) fn two_opener(g4: &Shared, g6: &Shared) -> GenlOpener {
+    let two = kernel::FakeGenls(vec![g4.clone(), g6.clone()]);
+    Box::new(move || Ok(Box::new(two) as Box<dyn kernel::WgGenl + Send>))
+}
+
+const NET6: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"wireguard"}}"#;
+
+pub(crate) fn separate_cfg(own6: Option<&str>) -> WgConfig {
+    let net = tweed_config::NetworkConfig::parse(NET6).unwrap();
+    WgConfig {
+        dual: Some(Box::new(WgDual {
+            mode: tweed_config::WireguardMode::Separate,
+            listen_port_v6: 51821,
+            ipv6: net.ipv6.unwrap(),
+            public_ipv6: "2001:db8::1".parse().unwrap(),
+            own_subnet: own6.map(|s| s.parse().unwrap()),
+        })),
+        ..cfg(WgImpl::Kernel)
+    }
+}
+
+/// A flannel-format dual-stack lease of peer `n` (key byte `key`), its IPv6 half at
+/// `ip6`; `port6`: `BackendV6Data.Port` (`None`: left out, as older flannel does).
+fn separate_lease(
+    local: &dual::DualLocal,
+    n: u8,
+    key: u8,
+    ip6: &str,
+    port6: Option<u16>,
+) -> (PublicKey, dual::DualPeer) {
+    use tweed_config::{LeaseAttrs, SubnetKey};
+    let k = PrivateKey::from_bytes([key; 32]).public();
+    let v6data = match port6 {
+        Some(p) => format!(r#"{{"PublicKey":"{k}","Port":{p}}}"#),
+        None => format!(r#"{{"PublicKey":"{k}"}}"#),
+    };
+    let json = format!(
+        r#"{{"PublicIP":"198.51.100.{n}","PublicIPv6":"{ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{k}","Port":51820}},"BackendV6Data":{v6data}}}"#
+    );
+    let skey = SubnetKey {
+        ipv4: format!("10.5.{n}.0/24").parse().unwrap(),
+        ipv6: Some(format!("fd00:5:0:{n}::/64").parse().unwrap()),
+    };
+    let net = tweed_config::NetworkConfig::parse(NET6).unwrap();
+    let attrs = LeaseAttrs::parse(json.as_bytes()).unwrap();
+    (
+        k,
+        dual::DualPeer::from_lease(&skey, &attrs, net.ipv6.as_ref(), local).unwrap(),
+    )
+}
+
+/// The link `name`'s global IPv6 addresses and the IPv6 routes through it, as text.
+async fn link6(nl: &Netlink, name: &str) -> Option<(u32, Vec<String>, Vec<String>)> {
+    let l = nl.link_by_name(name).await.unwrap()?;
+    let addrs = nl
+        .addresses6(Some(l.index))
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.net.to_string())
+        .filter(|a| !a.starts_with("fe80"))
+        .collect();
+    let routes = nl
+        .all_routes6()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.oif == Some(l.index))
+        .map(|r| r.dst.to_string())
+        .collect();
+    Some((l.index, addrs, routes))
+}
+
+/// `Mode: separate` on the kernel path: `tweed-wg` holds the peers' IPv4 halves at their
+/// IPv4 endpoints, `tweed-wg-v6` (on ListenPortV6, the same key, its /128 and the
+/// `IPv6Network` route) their IPv6 halves at `[PublicIPv6]:Port` from `BackendV6Data`; an
+/// IPv6 half with a PublicIPv6 that is no endpoint is left out with the reason; a second
+/// pass writes nothing, anywhere; a roamed IPv6 endpoint is set back by the refresh.
+#[tokio::test]
+async fn kernel_separate_runs_ipv6_peers_on_their_own_device() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g4: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let g6: Shared = Arc::new(Mutex::new(FakeGenl::new(dual::DEVICE_V6)));
+    let mut b = WgBackend::setup_with(
+        &nl,
+        separate_cfg(Some("fd00:5:0:1::/64")),
+        two_opener(&g4, &g6),
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.implementation(), "kernel");
+    // tweed-wg carries no IPv6 in this mode: the single-device IPv6 plane is not for it.
+    assert!(!b.carries_v6());
+    let (idx6, addrs, routes) = link6(&nl, dual::DEVICE_V6).await.expect("tweed-wg-v6 made");
+    assert_eq!(b.ifindex_v6(), Some(idx6));
+    assert_eq!(addrs, ["fd00:5:0:1::/128"]);
+    assert_eq!(routes, ["fd00:5::/56"]);
+    let l6 = nl.link_by_name(dual::DEVICE_V6).await.unwrap().unwrap();
+    assert!(l6.up);
+    assert_eq!(l6.mtu, 1420);
+    assert_eq!(l6.kind.as_deref(), Some("wireguard"));
+    let (_, addrs4, routes4) = link6(&nl, DEVICE).await.unwrap();
+    assert!(
+        addrs4.is_empty() && routes4.is_empty(),
+        "{addrs4:?} {routes4:?}"
+    );
+
+    let local = b.dual_local().unwrap();
+    assert!(local.separate());
+    let (ka, a) = separate_lease(&local, 2, 2, "2001:db8::2", Some(51821));
+    // Older flannel: no Port, so our own ListenPortV6.
+    let (kc, c) = separate_lease(&local, 3, 3, "2001:db8::3", None);
+    // PublicIPv6s that are no endpoint: IPv4 half served, IPv6 half left out with the reason.
+    let bad = [
+        (4, "fe80::4", "link-local"),
+        (5, "::ffff:198.51.100.5", "IPv4-mapped"),
+        (6, "ff02::6", "multicast"),
+        (7, "::", "unspecified"),
+    ];
+    let mut peers = vec![a.clone(), c.clone()];
+    for (n, ip6, why) in bad {
+        let (_, p) = separate_lease(&local, n, n, ip6, Some(51821));
+        let err = p.v6.clone().expect_err(ip6);
+        assert!(err.contains(why), "{ip6}: {err}");
+        peers.push(p);
+    }
+    let stats = b.reconcile_dual(&nl, &peers).await.unwrap();
+    assert!(stats.skipped.is_empty(), "{:?}", stats.skipped);
+    let v4: Vec<(String, Vec<String>)> = peers_of(&g4)
+        .into_iter()
+        .map(|(_, ep, allowed)| (ep, allowed))
+        .collect();
+    assert_eq!(v4.len(), 6);
+    for (n, (ep, allowed)) in (2..).zip(&v4) {
+        assert_eq!(ep, &format!("198.51.100.{n}:51820"));
+        assert_eq!(allowed, &[format!("10.5.{n}.0/24")]);
+    }
+    assert_eq!(
+        peers_of(&g6),
+        [
+            (
+                ka,
+                "[2001:db8::2]:51821".to_string(),
+                vec!["fd00:5:0:2::/64".to_string()]
+            ),
+            (
+                kc,
+                "[2001:db8::3]:51821".to_string(),
+                vec!["fd00:5:0:3::/64".to_string()]
+            ),
+        ]
+    );
+    assert_eq!(lock(&g6).listen_port, 51821);
+    assert_eq!(lock(&g4).listen_port, 51820);
+    assert_eq!(lock(&g6).private_key, lock(&g4).private_key);
+    assert!(lock(&g6).private_key.is_some());
+
+    // Unchanged: no generic netlink write on either device, no netlink op.
+    let (w4, w6) = (lock(&g4).writes, lock(&g6).writes);
+    fake.take_ops();
+    let again = b.reconcile_dual(&nl, &peers).await.unwrap();
+    assert_eq!(again.ops_applied, 0, "{:?}", again.applied);
+    assert_eq!((lock(&g4).writes, lock(&g6).writes), (w4, w6));
+    assert!(fake.take_ops().is_empty());
+
+    // The kernel roams the IPv6 endpoint: the periodic read-back puts the lease's back.
+    lock(&g6).peers[0].endpoint = Some("[2001:db8::99]:40000".parse().unwrap());
+    assert_eq!(b.refresh().await.unwrap(), 1);
+    assert_eq!(peers_of(&g6)[0].1, "[2001:db8::2]:51821");
+    assert_eq!(b.refresh().await.unwrap(), 0);
+
+    // The IPv6 plane names tweed-wg-v6 for drift repair and writes nothing itself.
+    let dp = crate::backend::DataPlane::Wireguard(b);
+    let params = crate::backend::v6::V6Params {
+        cfg: tweed_config::NetworkConfig::parse(NET6)
+            .unwrap()
+            .ipv6
+            .unwrap(),
+        own_subnet: "fd00:5:0:1::/64".parse().unwrap(),
+        public_ipv6: "2001:db8::1".parse().unwrap(),
+    };
+    let v6 = crate::backend::v6::V6Plane::setup(&nl, params, &dp)
+        .await
+        .unwrap()
+        .expect("the IPv6 plane runs on tweed-wg-v6");
+    assert_eq!(v6.device(), Some((idx6, dual::DEVICE_V6.to_string())));
+    assert!(v6.setup_ops().is_empty(), "{:?}", v6.setup_ops());
+}
+
+/// `tweed-wg-v6` follows our lease: a new IPv6 subnet moves its /128 at the next reconcile
+/// (the link check is not skipped as done); the lease losing its IPv6 half removes the device
+/// (the plan then has no IPv6 half at all); a restart of a node that runs no IPv6 device
+/// (another mode, no IPv6) removes one left from before. Deleted or set down behind our
+/// back, it is made again at the resync a repair does, peers included.
+#[tokio::test]
+async fn kernel_separate_ipv6_device_follows_the_lease_and_is_repaired() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g4: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let g6: Shared = Arc::new(Mutex::new(FakeGenl::new(dual::DEVICE_V6)));
+    let mut b = WgBackend::setup_with(
+        &nl,
+        separate_cfg(Some("fd00:5:0:1::/64")),
+        two_opener(&g4, &g6),
+    )
+    .await
+    .unwrap();
+    let local = b.dual_local().unwrap();
+    let (_, a) = separate_lease(&local, 2, 2, "2001:db8::2", Some(51821));
+    b.reconcile_dual(&nl, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert_eq!(peers_of(&g6).len(), 1);
+
+    // Deleted behind our back (the fake device's peers go with it): the repair's resync
+    // makes the link again, with its address, route and peer.
+    nl.apply(&Op::LinkDel {
+        name: dual::DEVICE_V6.into(),
+    })
+    .await
+    .unwrap();
+    *lock(&g6) = FakeGenl::new(dual::DEVICE_V6);
+    b.resync();
+    b.reconcile_dual(&nl, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    let (idx, addrs, routes) = link6(&nl, dual::DEVICE_V6).await.expect("made again");
+    assert_eq!(b.ifindex_v6(), Some(idx));
+    assert_eq!(
+        (addrs, routes),
+        (
+            vec!["fd00:5:0:1::/128".to_string()],
+            vec!["fd00:5::/56".to_string()]
+        )
+    );
+    assert_eq!(peers_of(&g6).len(), 1);
+    assert_eq!(lock(&g6).listen_port, 51821);
+    // Set down: brought up again.
+    let mut down = nl.link_by_name(dual::DEVICE_V6).await.unwrap().unwrap();
+    down.up = false;
+    fake.put_link(down);
+    b.resync();
+    fake.take_ops();
+    b.reconcile_dual(&nl, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert_eq!(
+        fake.take_ops(),
+        [Op::LinkSetUp {
+            name: dual::DEVICE_V6.into()
+        }]
+    );
+
+    // Our lease's IPv6 subnet changes: re-planned without a resync, the old /128 goes.
+    b.set_own_subnet_v6(Some("fd00:5:0:9::/64".parse().unwrap()));
+    let local = b.dual_local().unwrap();
+    let (_, a) = separate_lease(&local, 2, 2, "2001:db8::2", Some(51821));
+    b.reconcile_dual(&nl, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    let (_, addrs, _) = link6(&nl, dual::DEVICE_V6).await.unwrap();
+    assert_eq!(addrs, ["fd00:5:0:9::/128"]);
+
+    // The lease loses its IPv6 half: no dual plan any more, and the device goes with it.
+    b.set_own_subnet_v6(None);
+    assert!(b.dual_local().is_none());
+    b.reconcile_dual(&nl, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert!(nl.link_by_name(dual::DEVICE_V6).await.unwrap().is_none());
+    assert_eq!(b.ifindex_v6(), None);
+    assert_eq!(peers_of(&g4).len(), 1, "IPv4 keeps running");
+    // The half comes back: the device too.
+    b.set_own_subnet_v6(Some("fd00:5:0:9::/64".parse().unwrap()));
+    b.reconcile_dual(&nl, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert!(b.ifindex_v6().is_some());
+
+    // A restart in a mode without the IPv6 device (here: no IPv6 half at all, as after
+    // `Mode: auto` with --wireguard-impl=auto on a node without an IPv6 address) removes it.
+    drop(b);
+    let b = WgBackend::setup_with(&nl, cfg(WgImpl::Kernel), two_opener(&g4, &g6))
+        .await
+        .unwrap();
+    assert!(nl.link_by_name(dual::DEVICE_V6).await.unwrap().is_none());
+    assert_eq!(b.ifindex_v6(), None);
+    assert!(b.setup_ops().contains(&Op::LinkDel {
+        name: dual::DEVICE_V6.into()
+    }));
+}

@@ -21,9 +21,8 @@
 //!
 //! [`device_spec`] turns a planned device into what the kernel path's reconcile writes over
 //! generic netlink (IPv6 endpoints and allowed IPs included). [`super::WgBackend::reconcile_dual`]
-//! runs the single-device modes on both paths (the userspace path with IPv4 endpoints only);
-//! `separate`'s second device `tweed-wg-v6` is not created by the agent yet
-//! ([`super::carries_v6`], docs/wireguard.md).
+//! runs the single-device modes on both paths (the userspace path with IPv4 endpoints only)
+//! and `separate`'s two devices on the kernel path ([`super::carries_v6`], docs/wireguard.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -65,6 +64,12 @@ impl DualLocal {
         self.mode == WireguardMode::Separate && self.v6.is_some()
     }
 
+    /// Whether peers' IPv6 halves are reached at their `PublicIPv6` (rather than riding the
+    /// IPv4 endpoint of a shared device).
+    pub fn ipv6_endpoints(&self) -> bool {
+        matches!(self.mode, WireguardMode::Separate | WireguardMode::Ipv6)
+    }
+
     /// The port this node serves IPv6 peers on (what its `BackendV6Data.Port` says).
     pub fn v6_port(&self) -> u16 {
         v6_port(self.mode, self.listen_port, self.listen_port_v6)
@@ -78,6 +83,27 @@ pub fn v6_port(mode: WireguardMode, listen_port: u16, listen_port_v6: u16) -> u1
         listen_port_v6
     } else {
         listen_port
+    }
+}
+
+/// Why `ip` cannot be a peer's WireGuard endpoint on the IPv6 underlay, if it cannot: a
+/// link-local address needs an interface the lease does not name, an IPv4-mapped one is an
+/// IPv4 peer in disguise (its IPv4 half has the endpoint), and multicast, loopback or
+/// unspecified addresses reach no peer.
+pub fn endpoint6_unusable(ip: Ipv6Addr) -> Option<&'static str> {
+    let seg = ip.segments();
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if seg[0] & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else if seg[..5] == [0; 5] && seg[5] == 0xffff {
+        Some("IPv4-mapped")
+    } else {
+        None
     }
 }
 
@@ -112,6 +138,14 @@ impl DualPeer {
         let v4 = WgPeer::from_lease(key.ipv4, attrs, local.listen_port)?;
         let v6 = match attrs.peer_ipv6(key, ipv6) {
             PeerIpv6::Skipped(why) => Err(why.to_string()),
+            PeerIpv6::Usable { public_ipv6, .. }
+                if local.ipv6_endpoints() && endpoint6_unusable(public_ipv6).is_some() =>
+            {
+                Err(format!(
+                    "its PublicIPv6 {public_ipv6} is {}: not an endpoint for {DEVICE_V6}",
+                    endpoint6_unusable(public_ipv6).expect("checked")
+                ))
+            }
             PeerIpv6::Usable {
                 subnet,
                 public_ipv6,

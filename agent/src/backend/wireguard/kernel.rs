@@ -762,5 +762,46 @@ impl WgGenl for FakeGenl {
     }
 }
 
+/// Several fake devices behind one socket (`Mode: separate`'s two): a message goes to the
+/// device it names.
+#[cfg(test)]
+pub struct FakeGenls(pub Vec<std::sync::Arc<std::sync::Mutex<FakeGenl>>>);
+
+#[cfg(test)]
+impl FakeGenls {
+    fn named(
+        &self,
+        device: &str,
+    ) -> Result<&std::sync::Arc<std::sync::Mutex<FakeGenl>>, KernelError> {
+        self.0
+            .iter()
+            .find(|g| g.lock().unwrap().device == device)
+            .ok_or_else(|| KernelError::Io {
+                what: "fake device lookup",
+                device: device.into(),
+                source: std::io::Error::from_raw_os_error(libc::ENODEV),
+            })
+    }
+}
+
+#[cfg(test)]
+impl WgGenl for FakeGenls {
+    fn get_device(&mut self, device: &str) -> Result<Vec<WireguardMessage>, KernelError> {
+        self.named(device)?.lock().unwrap().get_device(device)
+    }
+
+    fn set_device(&mut self, msg: WireguardMessage) -> Result<(), KernelError> {
+        let name = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                WireguardAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        self.named(&name)?.lock().unwrap().set_device(msg)
+    }
+}
+
 #[cfg(test)]
 mod tests;

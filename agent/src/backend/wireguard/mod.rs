@@ -74,12 +74,21 @@ pub enum WgError {
     #[error("wireguard: {DEVICE} no longer exists; the backend must be set up again")]
     DeviceGone,
 
+    /// `separate`'s two devices cannot share a port.
+    #[error(
+        "wireguard: Backend.ListenPortV6 {port} is Backend.ListenPort too; Mode \"separate\" \
+         runs the IPv6 device {device_v6} on a port of its own: set another Backend.ListenPortV6",
+        device_v6 = dual::DEVICE_V6
+    )]
+    SamePortV6 { port: u16 },
+
     /// Refused at start rather than run with IPv4 endpoints, which a node configured for IPv6
     /// endpoints (flannel's `ipv6` mode) would not expect.
     #[error(
-        "wireguard: Backend.Mode \"ipv6\" (peers' endpoints on the IPv6 underlay) is parsed but \
-         tweed's wireguard backend has no IPv6 underlay endpoints yet; use \"auto\" or \"ipv4\" \
-         (IPv6 pods over the IPv4 underlay)"
+        "wireguard: Backend.Mode \"ipv6\" (one device, every peer on the IPv6 underlay) is \
+         parsed but not built; use \"separate\" with --wireguard-impl=kernel (IPv6 pods over \
+         the IPv6 underlay on a second device), or \"auto\" or \"ipv4\" (IPv6 pods over the \
+         IPv4 underlay)"
     )]
     ModeNotCarried,
 }
@@ -123,20 +132,27 @@ pub struct WgDual {
     pub own_subnet: Option<ipnetwork::Ipv6Network>,
 }
 
-/// Whether a dual-stack wireguard node carries IPv6 in `mode`, the same on both paths (so
-/// the lease, written before the data plane is set up, does not depend on which runs):
-/// `false` runs IPv4 only (with a warning, no `BackendV6Data`).
+/// Whether a dual-stack wireguard node carries IPv6 in `mode` with `--wireguard-impl`
+/// `implementation`. Decided before the lease is written, so it depends on the flag only, never
+/// on what a set-up ends up running: `false` runs IPv4 only (with a warning, no
+/// `BackendV6Data`).
 ///
 /// - `auto`, `ipv4`: one device (kernel `tweed-wg` or the userspace TUN) with both subnets'
 ///   routes, peers both subnets, IPv4 endpoints ([`WgConfig::dual_local`]).
-/// - `separate` (flannel's default: a second device on `ListenPortV6`, IPv6 endpoints) is not
-///   built on either path, so it runs IPv4 only, as a dual-stack wireguard node did before: a
-///   start failure would take down nodes whose config did not change.
+/// - `separate` (flannel's default): the second device `tweed-wg-v6` on `ListenPortV6` with
+///   IPv6 endpoints, built on the kernel path only, so only with `--wireguard-impl=kernel`
+///   (which never falls back to userspace: a set-up without the module fails). With `auto`
+///   a later set-up may land on userspace, whose one IPv4 socket could not serve the
+///   `BackendV6Data` port peers were told; such a node runs IPv4 only, as before.
 /// - `ipv6` never gets here: [`crate::backend::Prepared::new`] refuses it
 ///   ([`WgError::ModeNotCarried`]).
-pub fn carries_v6(mode: tweed_config::WireguardMode) -> bool {
+pub fn carries_v6(mode: tweed_config::WireguardMode, implementation: WgImpl) -> bool {
     use tweed_config::WireguardMode as M;
-    matches!(mode, M::Auto | M::Ipv4)
+    match mode {
+        M::Auto | M::Ipv4 => true,
+        M::Separate => implementation == WgImpl::Kernel,
+        M::Ipv6 => false,
+    }
 }
 
 impl WgConfig {
@@ -221,7 +237,8 @@ impl WgConfig {
     /// a `BackendV6Data` there renamed to the key on the port it names; everything else kept.
     /// A key rotation publishes this rather than [`lease_attrs`](Self::lease_attrs): the
     /// published lease may hold what the config does not, such as a `PublicIPv6` followed at
-    /// run time or the `PublicIPv6` of a `separate` node (which has no [`WgDual`]).
+    /// run time or the `PublicIPv6` of a `separate` node off the kernel path (which has no
+    /// [`WgDual`]).
     pub fn with_key(&self, current: &tweed_config::LeaseAttrs) -> tweed_config::LeaseAttrs {
         let key = self.public_key();
         let mut a = current.clone();
@@ -290,8 +307,18 @@ struct KernelPlane {
     desired: Option<plan::DeviceSpec>,
     /// Per-peer figures from the last read-back.
     stats: Vec<PeerStats>,
+    /// Whether both devices' links (and `tweed-wg-v6`'s presence or absence) were checked
+    /// since the last resync or own-subnet change.
     device_checked: bool,
     setup_ops: Vec<crate::netlink::Op>,
+    /// `separate`'s IPv6 device, while this node runs one.
+    v6: Option<KernelDev6>,
+}
+
+/// The kernel's `wireguard` link [`dual::DEVICE_V6`] (`Mode: separate`, dual stack).
+struct KernelDev6 {
+    ifindex: u32,
+    desired: Option<plan::DeviceSpec>,
 }
 
 type SharedGenl = Arc<Mutex<Box<dyn kernel::WgGenl + Send>>>;
@@ -338,7 +365,17 @@ impl WgBackend {
         let chosen = choose_implementation(nl, cfg.implementation).await?;
         let plane = match chosen {
             WgImpl::Kernel => Plane::Kernel(setup_kernel(nl, &cfg, open).await?),
-            _ => Plane::Userspace(setup_userspace(nl, &cfg).await?),
+            _ => {
+                // A kernel `separate` node's IPv6 device left behind (restarted on userspace):
+                // its `IPv6Network` route would swallow what this node does not carry.
+                let (_, ops) = kernel_link_v6(nl, &cfg, false).await?;
+                for op in &ops {
+                    tracing::info!(
+                        "wireguard: removed the IPv6 device this node no longer runs: {op}"
+                    );
+                }
+                Plane::Userspace(setup_userspace(nl, &cfg).await?)
+            }
         };
         let b = WgBackend {
             cfg,
@@ -352,6 +389,7 @@ impl WgBackend {
             public_key = %b.cfg.public_key(),
             mtu = b.cfg.mtu(),
             ipv6 = b.carries_v6(),
+            device_v6 = b.ifindex_v6().map(|_| dual::DEVICE_V6),
             "wireguard: data plane running"
         );
         Ok(b)
@@ -381,10 +419,16 @@ impl WgBackend {
         self.cfg.dual.as_ref().map(|d| &d.ipv6)
     }
 
-    /// Our lease's IPv6 subnet changed: the next reconcile plans for it.
+    /// Our lease's IPv6 subnet changed: the next reconcile plans for it, links included (the
+    /// kernel path's `tweed-wg-v6` takes the new /128, or goes when the IPv6 half did).
     pub fn set_own_subnet_v6(&mut self, subnet: Option<ipnetwork::Ipv6Network>) {
         if let Some(d) = self.cfg.dual.as_mut() {
-            d.own_subnet = subnet;
+            if d.own_subnet != subnet {
+                d.own_subnet = subnet;
+                if let Plane::Kernel(k) = &mut self.plane {
+                    k.device_checked = false;
+                }
+            }
         }
     }
 
@@ -397,6 +441,15 @@ impl WgBackend {
     /// address and the `IPv6Network` route ([`crate::backend::v6::V6Plane`] sets them).
     pub fn carries_v6(&self) -> bool {
         self.cfg.dual_local().is_some_and(|l| !l.separate())
+    }
+
+    /// `separate`'s IPv6 device `tweed-wg-v6`, while the kernel path runs one: it carries
+    /// the IPv6 pods (its address, route and peers are the backend's own).
+    pub fn ifindex_v6(&self) -> Option<u32> {
+        match &self.plane {
+            Plane::Kernel(k) => k.v6.as_ref().map(|d| d.ifindex),
+            Plane::Userspace(_) => None,
+        }
     }
 
     /// Which WireGuard carries the traffic: `kernel` or `userspace`.
@@ -483,8 +536,15 @@ impl WgBackend {
         let Some(desired) = k.desired.clone() else {
             return Ok(0);
         };
-        let (ops, stats) = genl_reconcile(k.genl.clone(), desired).await?;
+        let (mut ops, stats) = genl_reconcile(k.genl.clone(), DEVICE, desired).await?;
         k.stats = stats;
+        // The IPv6 device's peers roam the same way. Its figures are not exported: the
+        // same key's entry on tweed-wg stands for the peer.
+        if let Some(desired6) = k.v6.as_ref().and_then(|d| d.desired.clone()) {
+            ops += genl_reconcile(k.genl.clone(), dual::DEVICE_V6, desired6)
+                .await?
+                .0;
+        }
         Ok(ops)
     }
 
@@ -497,12 +557,13 @@ impl WgBackend {
         peers: &[WgPeer],
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let (specs, skipped) = plan::desired_peers(&self.cfg.local(), peers);
-        self.reconcile_specs(nl, specs, skipped).await
+        self.reconcile_specs(nl, specs, skipped, None).await
     }
 
     /// [`reconcile`](Self::reconcile) for a node serving an IPv6 half: each peer's allowed IPs
     /// are both its subnets (its IPv6 half when usable, [`dual::plan_dual`]); what is left out
-    /// is logged. Only the single-device layout runs here ([`carries_v6`] refuses the others).
+    /// is logged. `separate` on the kernel path: `tweed-wg` gets the IPv4 halves and
+    /// `tweed-wg-v6` the IPv6 halves, each with its own plan against its own read-back.
     pub async fn reconcile_dual(
         &mut self,
         nl: &crate::netlink::Netlink,
@@ -525,21 +586,30 @@ impl WgBackend {
             }
             self.skipped_v6 = plan.skipped_v6.clone();
         }
+        let key = *self.cfg.private_key.bytes();
         let specs = plan
             .devices
             .iter()
             .find(|d| d.name == DEVICE)
-            .map(|d| dual::device_spec(d, *self.cfg.private_key.bytes()).peers)
+            .map(|d| dual::device_spec(d, key).peers)
             .unwrap_or_default();
-        self.reconcile_specs(nl, specs.into_values().collect(), plan.skipped)
+        let v6 = plan
+            .devices
+            .iter()
+            .find(|d| d.name == dual::DEVICE_V6)
+            .map(|d| dual::device_spec(d, key));
+        self.reconcile_specs(nl, specs.into_values().collect(), plan.skipped, v6)
             .await
     }
 
+    /// `v6`: what `separate`'s IPv6 device holds (`None`: this node runs none, and one left
+    /// from before is removed at the next link check).
     async fn reconcile_specs(
         &mut self,
         nl: &crate::netlink::Netlink,
         specs: Vec<plan::PeerSpec>,
         skipped: Vec<crate::backend::PeerSkip>,
+        v6: Option<plan::DeviceSpec>,
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let desired = plan::device_spec(
             *self.cfg.private_key.bytes(),
@@ -550,9 +620,17 @@ impl WgBackend {
             Plane::Userspace(u) => u.reconcile(nl, &self.cfg, &specs, desired).await?,
             Plane::Kernel(k) => {
                 let mut stats = crate::backend::ReconcileStats::default();
-                if !k.device_checked {
-                    let (ifindex, ops) = kernel_link(nl, &self.cfg).await?;
+                // The IPv6 device's presence follows the plan at once (its own subnet learnt
+                // or lost): checked with the links rather than failing the pass.
+                if !k.device_checked || v6.is_some() != k.v6.is_some() {
+                    let (ifindex, mut ops) = kernel_link(nl, &self.cfg).await?;
                     k.ifindex = ifindex;
+                    let (ifindex6, ops6) = kernel_link_v6(nl, &self.cfg, v6.is_some()).await?;
+                    ops.extend(ops6);
+                    k.v6 = ifindex6.map(|ifindex| KernelDev6 {
+                        ifindex,
+                        desired: None,
+                    });
                     stats.ops_applied += ops.len();
                     stats.applied = ops;
                     k.device_checked = true;
@@ -560,9 +638,14 @@ impl WgBackend {
                 // Recorded before the write: a pass that fails half-way must not leave the
                 // periodic read-back converging the device to the state before it.
                 k.desired = Some(desired.clone());
-                let (n, peer_stats) = genl_reconcile(k.genl.clone(), desired).await?;
+                let (n, peer_stats) = genl_reconcile(k.genl.clone(), DEVICE, desired).await?;
                 stats.ops_applied += n;
                 k.stats = peer_stats;
+                if let (Some(desired6), Some(d)) = (v6, k.v6.as_mut()) {
+                    d.desired = Some(desired6.clone());
+                    let (n, _) = genl_reconcile(k.genl.clone(), dual::DEVICE_V6, desired6).await?;
+                    stats.ops_applied += n;
+                }
                 stats
             }
         };
@@ -672,13 +755,24 @@ async fn setup_kernel(
     cfg: &WgConfig,
     open: GenlOpener,
 ) -> Result<KernelPlane, crate::backend::BackendError> {
-    let (ifindex, setup_ops) = kernel_link(nl, cfg).await?;
+    let (ifindex, mut setup_ops) = kernel_link(nl, cfg).await?;
     crate::backend::log_setup(
         "wireguard: kernel device",
         DEVICE,
         cfg.mtu(),
         setup_ops.len(),
     );
+    let separate = cfg.dual_local().is_some_and(|l| l.separate());
+    let (ifindex6, ops6) = kernel_link_v6(nl, cfg, separate).await?;
+    if separate {
+        crate::backend::log_setup(
+            "wireguard: kernel IPv6 device",
+            dual::DEVICE_V6,
+            cfg.mtu(),
+            ops6.len(),
+        );
+    }
+    setup_ops.extend(ops6);
     let genl = open().map_err(WgError::Kernel)?;
     Ok(KernelPlane {
         ifindex,
@@ -687,6 +781,10 @@ async fn setup_kernel(
         stats: Vec::new(),
         device_checked: true,
         setup_ops,
+        v6: ifindex6.map(|ifindex| KernelDev6 {
+            ifindex,
+            desired: None,
+        }),
     })
 }
 
@@ -764,39 +862,11 @@ async fn kernel_link(
     nl: &crate::netlink::Netlink,
     cfg: &WgConfig,
 ) -> Result<(u32, Vec<crate::netlink::Op>), WgError> {
-    use crate::netlink::Op;
     let dev = |source| WgError::Device {
         device: DEVICE,
         source,
     };
-    let mut applied = Vec::new();
-    let existing = nl.link_by_name(DEVICE).await.map_err(dev)?;
-    if existing
-        .as_ref()
-        .is_some_and(|l| l.kind.as_deref() != Some("wireguard"))
-    {
-        tracing::warn!(
-            device = DEVICE,
-            "wireguard: replacing a device that is not a kernel wireguard link"
-        );
-        let op = Op::LinkDel {
-            name: DEVICE.into(),
-        };
-        nl.apply(&op).await.map_err(dev)?;
-        applied.push(op);
-    }
-    if existing.is_none() || !applied.is_empty() {
-        let op = Op::LinkAddWireguard {
-            name: DEVICE.into(),
-        };
-        nl.apply(&op).await.map_err(dev)?;
-        applied.push(op);
-    }
-    let link = nl
-        .link_by_name(DEVICE)
-        .await
-        .map_err(dev)?
-        .ok_or(WgError::DeviceGone)?;
+    let (link, mut applied) = ensure_wireguard_link(nl, DEVICE).await?;
     let addrs = nl.addresses(Some(link.index)).await.map_err(dev)?;
     let routes = nl.routes(link.index).await.map_err(dev)?;
     let ops = crate::backend::plan_l3_device(
@@ -814,28 +884,132 @@ async fn kernel_link(
     Ok((link.index, applied))
 }
 
+/// The `wireguard` link `name`, made when missing; a link of another kind under that name is
+/// replaced. Returns the link and the ops applied.
+async fn ensure_wireguard_link(
+    nl: &crate::netlink::Netlink,
+    name: &'static str,
+) -> Result<(crate::netlink::Link, Vec<crate::netlink::Op>), WgError> {
+    use crate::netlink::Op;
+    let dev = |source| WgError::Device {
+        device: name,
+        source,
+    };
+    let mut applied = Vec::new();
+    let existing = nl.link_by_name(name).await.map_err(dev)?;
+    if existing
+        .as_ref()
+        .is_some_and(|l| l.kind.as_deref() != Some("wireguard"))
+    {
+        tracing::warn!(
+            device = name,
+            "wireguard: replacing a device that is not a kernel wireguard link"
+        );
+        let op = Op::LinkDel { name: name.into() };
+        nl.apply(&op).await.map_err(dev)?;
+        applied.push(op);
+    }
+    if existing.is_none() || !applied.is_empty() {
+        let op = Op::LinkAddWireguard { name: name.into() };
+        nl.apply(&op).await.map_err(dev)?;
+        applied.push(op);
+    }
+    let link = nl
+        .link_by_name(name)
+        .await
+        .map_err(dev)?
+        .ok_or(WgError::DeviceGone)?;
+    Ok((link, applied))
+}
+
+/// `separate`'s IPv6 device [`dual::DEVICE_V6`] when `wanted` (this node plans it: kernel
+/// path, dual stack, lease with its IPv6 half): a `wireguard` link with MTU, up, the IPv6
+/// subnet's /128 and the `IPv6Network` route ([`dual::plan_link6`]). Not `wanted`: a
+/// `tweed-wg-v6` left from before (another mode, the lease's IPv6 half gone, a restart on
+/// userspace) is deleted, whatever the config says now, since its route would keep
+/// `IPv6Network` in a device nobody programs. Returns its index (`None` when absent) and the
+/// ops applied: none when everything was in place.
+async fn kernel_link_v6(
+    nl: &crate::netlink::Netlink,
+    cfg: &WgConfig,
+    wanted: bool,
+) -> Result<(Option<u32>, Vec<crate::netlink::Op>), WgError> {
+    use crate::netlink::Op;
+    let dev = |source| WgError::Device {
+        device: dual::DEVICE_V6,
+        source,
+    };
+    let plan = cfg.dual_local().filter(|_| wanted).and_then(|l| {
+        dual::plan_dual(&l, &[])
+            .devices
+            .into_iter()
+            .find(|d| d.name == dual::DEVICE_V6)
+    });
+    let Some(plan) = plan else {
+        let mut applied = Vec::new();
+        if nl
+            .link_by_name(dual::DEVICE_V6)
+            .await
+            .map_err(dev)?
+            .is_some()
+        {
+            let op = Op::LinkDel {
+                name: dual::DEVICE_V6.into(),
+            };
+            nl.apply(&op).await.map_err(dev)?;
+            applied.push(op);
+        }
+        return Ok((None, applied));
+    };
+    let (link, mut applied) = ensure_wireguard_link(nl, dual::DEVICE_V6).await?;
+    let mut ops = Vec::new();
+    if link.mtu != plan.mtu {
+        ops.push(Op::LinkSetMtu {
+            name: link.name.clone(),
+            mtu: plan.mtu,
+        });
+    }
+    if !link.up {
+        ops.push(Op::LinkSetUp {
+            name: link.name.clone(),
+        });
+    }
+    ops.extend(dual::plan_link6(
+        &plan,
+        link.index,
+        &nl.addresses6(Some(link.index)).await.map_err(dev)?,
+        &nl.all_routes6().await.map_err(dev)?,
+    ));
+    for op in ops {
+        nl.apply(&op).await.map_err(dev)?;
+        applied.push(op);
+    }
+    Ok((Some(link.index), applied))
+}
+
 /// [`kernel::reconcile`] on the blocking pool (the socket blocks). Returns how many writes it
 /// made and the per-peer figures as they are after them (read again only when it wrote).
 async fn genl_reconcile(
     genl: SharedGenl,
+    device: &'static str,
     desired: plan::DeviceSpec,
 ) -> Result<(usize, Vec<PeerStats>), WgError> {
     tokio::task::spawn_blocking(move || {
         let mut g = genl.lock().unwrap_or_else(|e| e.into_inner());
-        let (ops, observed) = kernel::reconcile(&mut **g, DEVICE, &desired)?;
+        let (ops, observed) = kernel::reconcile(&mut **g, device, &desired)?;
         for op in &ops {
             if let WgOp::SetPeer(p) = op {
                 let was = observed.spec.peers.get(&p.public_key).and_then(|o| o.endpoint);
                 if was.is_some() && was != p.endpoint {
-                    tracing::warn!(peer = %p.public_key, roamed_to = ?was, lease = ?p.endpoint, "wireguard: the kernel moved a peer's endpoint; set back to the lease's");
+                    tracing::warn!(device, peer = %p.public_key, roamed_to = ?was, lease = ?p.endpoint, "wireguard: the kernel moved a peer's endpoint; set back to the lease's");
                 }
             }
         }
         if ops.is_empty() {
             return Ok((0, observed.stats));
         }
-        tracing::debug!(ops = ?ops, "wireguard: kernel device updated");
-        let now = kernel::parse_device(&g.get_device(DEVICE)?, std::time::SystemTime::now());
+        tracing::debug!(device, ops = ?ops, "wireguard: kernel device updated");
+        let now = kernel::parse_device(&g.get_device(device)?, std::time::SystemTime::now());
         Ok((ops.len(), now.stats))
     })
     .await
@@ -860,4 +1034,4 @@ pub struct PeerStats {
 }
 
 #[cfg(test)]
-mod backend_tests;
+pub(crate) mod backend_tests;
