@@ -577,12 +577,9 @@ impl DataPlane {
     ) -> Result<ReconcileStats, BackendError> {
         let mut skipped = Vec::new();
         let mut stats = match self {
-            DataPlane::Vxlan(b) => {
-                let peers = peers_of_type(remotes, "vxlan", &mut skipped, |r| {
-                    VxlanPeer::from_lease(r.subnet, r.attrs).map_err(|e| r.skip(e.to_string()))
-                });
-                b.reconcile(nl, &peers).await?
-            }
+            // Keeps the peers it planned, so the next lease event (the first after a start, a
+            // resync or a repair too) can plan its changed peers alone (issue 20).
+            DataPlane::Vxlan(b) => b.reconcile_keeping(nl, remotes).await?,
             DataPlane::HostGw(b) => {
                 let peers = peers_of_type(remotes, "host-gw", &mut skipped, |r| {
                     Ok(HostGwPeer {

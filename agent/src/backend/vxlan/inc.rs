@@ -233,7 +233,7 @@ impl VxlanBackend {
     }
 
     /// The full reconcile of every remote, keeping what it planned for the next event.
-    async fn reconcile_keeping(
+    pub(in crate::backend) async fn reconcile_keeping(
         &mut self,
         nl: &Netlink,
         remotes: &[Remote<'_>],
@@ -290,10 +290,10 @@ mod tests {
     const DEV: u32 = 9;
 
     /// xorshift64*: reproducible random sequences without a crate.
-    struct Rng(u64);
+    pub(super) struct Rng(pub(super) u64);
 
     impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
+        pub(super) fn below(&mut self, n: u64) -> u64 {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
             self.0 ^= self.0 >> 27;
@@ -311,7 +311,7 @@ mod tests {
 
     /// A lease subnet of a small pool: mostly disjoint /24s, some a /25 on the same address (a
     /// shared gateway), some with host bits (a shared canonical subnet), one inside our own.
-    fn lease_subnet(rng: &mut Rng) -> Ipv4Network {
+    pub(super) fn lease_subnet(rng: &mut Rng) -> Ipv4Network {
         let n = rng.below(14) as u8;
         match rng.below(12) {
             0 => Ipv4Network::new(Ipv4Addr::new(10, 244, n, 0), 25).unwrap(),
@@ -353,32 +353,50 @@ mod tests {
 
     /// Entries a previous run or someone else left: stale, foreign, non-permanent.
     fn junk(rng: &mut Rng) -> ObservedState {
-        let mut o = ObservedState::empty(DEV, local(), own());
+        junk_on(rng, DEV)
+    }
+
+    /// [`junk`] on device `dev`.
+    pub(super) fn junk_on(rng: &mut Rng, dev: u32) -> ObservedState {
+        let mut o = ObservedState::empty(dev, local(), own());
         for _ in 0..rng.below(8) {
             let n = rng.below(16) as u8;
             let gw = Ipv4Addr::new(10, 244, n, 0);
             let mac = MacAddr([2, 0, 0, 0, rng.below(2) as u8, rng.below(16) as u8]);
             match rng.below(4) {
                 0 => o.neighbours.push(Neighbour {
-                    ifindex: DEV,
+                    ifindex: dev,
                     ip: gw,
                     mac: Some(mac),
                     permanent: rng.below(2) == 0,
                 }),
                 1 => o.fdb.push(FdbEntry {
-                    ifindex: DEV,
+                    ifindex: dev,
                     mac,
                     dst: Some(Ipv4Addr::new(198, 18, 3, n)),
                     permanent: rng.below(3) != 0,
                 }),
                 _ => {
-                    let mut r = Route::onlink(Ipv4Network::new(gw, 24).unwrap(), gw, DEV);
+                    let mut r = Route::onlink(Ipv4Network::new(gw, 24).unwrap(), gw, dev);
                     r.metric = [0, 0, 100][rng.below(3) as usize];
                     o.routes.push(r);
                 }
             }
         }
         o.after(&[])
+    }
+
+    /// `view` after someone else's hand: some of its entries gone, junk added.
+    fn drifted(rng: &mut Rng, view: &ObservedState) -> ObservedState {
+        let mut d = view.clone();
+        d.neighbours.retain(|_| rng.below(4) != 0);
+        d.fdb.retain(|_| rng.below(4) != 0);
+        d.routes.retain(|_| rng.below(4) != 0);
+        let j = junk(rng);
+        d.neighbours.extend(j.neighbours);
+        d.fdb.extend(j.fdb);
+        d.routes.extend(j.routes);
+        d.after(&[])
     }
 
     fn sorted(ops: &[Op]) -> Vec<String> {
@@ -398,6 +416,8 @@ mod tests {
     #[test]
     fn changed_peers_planned_alone_equal_the_full_plan_after_every_event() {
         let (mut alone, mut full_steps) = (0, 0);
+        // Events planned alone right after a full reconcile, and full reconciles of drift.
+        let (mut first_alone, mut repairs) = (0, 0);
         for seed in 1..=150u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut desired: BTreeMap<Ipv4Network, Wanted> = BTreeMap::new();
@@ -409,7 +429,20 @@ mod tests {
             let mut view = junk(&mut rng);
             view = view.after(&plan(&view, &peers(&desired)));
             let mut kept = Kept::new(&view, desired.clone());
+            let mut after_full = true;
             for step in 0..60 {
+                // Now and then a full reconcile (a resync, or the repair of drift: ours deleted,
+                // someone else's added), which keeps what it planned, as the backend's does.
+                if rng.below(8) == 0 {
+                    if rng.below(2) == 0 {
+                        view = drifted(&mut rng, &view);
+                        repairs += 1;
+                    }
+                    view = view.after(&plan(&view, &peers(&desired)));
+                    kept = Kept::new(&view, desired.clone());
+                    after_full = true;
+                    continue;
+                }
                 let mut changes: Vec<(Ipv4Network, Option<Wanted>)> = Vec::new();
                 for _ in 0..=rng.below(3) / 2 {
                     let s = lease_subnet(&mut rng);
@@ -429,6 +462,7 @@ mod tests {
                 match inc {
                     Some(inc) => {
                         alone += 1;
+                        first_alone += usize::from(after_full);
                         assert_eq!(
                             view.after(&inc),
                             view.after(&full),
@@ -438,6 +472,7 @@ mod tests {
                     }
                     None => full_steps += 1,
                 }
+                after_full = false;
                 view = view.after(&full);
                 // What the backend does after either path: keep the peers planned (the full
                 // path rebuilds; the incremental one already updated them).
@@ -454,6 +489,11 @@ mod tests {
         // Both paths ran, and the incremental one most of the time.
         assert!(alone > full_steps, "alone {alone}, full {full_steps}");
         assert!(full_steps > 100, "full {full_steps}");
+        assert!(
+            first_alone > 300,
+            "first after a full reconcile alone {first_alone}"
+        );
+        assert!(repairs > 300, "repairs {repairs}");
     }
 }
 
@@ -506,9 +546,12 @@ mod backend_tests {
         remotes.push(lease(9, 9, "host-gw"));
         let stats = dp.reconcile(&nl, &remotes).await.unwrap();
         assert_eq!((stats.ops_applied, stats.skipped.len()), (15, 1));
-        assert!(kept(&dp).is_none(), "a plain reconcile keeps nothing");
+        assert!(
+            kept(&dp).is_some(),
+            "the full reconcile keeps what it planned"
+        );
 
-        // The first event after it plans everything (nothing kept yet) and keeps the peers.
+        // An event changing no lease writes nothing and still reports the refused one.
         fake.take_ops();
         let stats = dp.reconcile_changed(&nl, &remotes, &[]).await.unwrap();
         assert_eq!((stats.ops_applied, stats.skipped.len()), (0, 1));
@@ -554,9 +597,345 @@ mod backend_tests {
         let stats = dp.reconcile(&nl, &remotes).await.unwrap();
         assert_eq!(stats.ops_applied, 0);
     }
+
+    fn device(dp: &DataPlane) -> &VxlanBackend {
+        match dp {
+            DataPlane::Vxlan(b) => b,
+            _ => unreachable!("a vxlan data plane"),
+        }
+    }
+
+    async fn observed(nl: &Netlink, dp: &DataPlane) -> ObservedState {
+        let b = device(dp);
+        ObservedState::observe(nl, b.ifindex, b.cfg.local_ip, b.cfg.own_subnet)
+            .await
+            .unwrap()
+    }
+
+    fn vxlan_cfg(tmp: &std::path::Path, eth0: u32, own: &str) -> VxlanConfig {
+        VxlanConfig::new(
+            1,
+            ip("198.18.0.1"),
+            eth0,
+            1500,
+            net(own),
+            tmp.join("vtep-mac"),
+        )
+    }
+
+    /// A lease event that changed `changed`, asserted to be planned alone (a full plan over a
+    /// programmed device writes the same few ops, so the count alone cannot tell): what it
+    /// wrote.
+    async fn event_alone(
+        nl: &Netlink,
+        fake: &Fake,
+        dp: &mut DataPlane,
+        remotes: &[Remote<'_>],
+        changed: Ipv4Network,
+    ) -> Vec<Op> {
+        let b = device(dp);
+        let change = (
+            changed,
+            remotes.iter().find(|r| r.subnet == changed).map(wanted),
+        );
+        let (view, kept) = (b.view.as_ref(), b.kept.clone());
+        let alone = kept
+            .zip(view)
+            .and_then(|(mut k, v)| k.plan_changed(v, &[change]));
+        let alone = alone.expect("kept peers to plan the changed one alone");
+        fake.take_ops();
+        dp.reconcile_changed(nl, remotes, &[changed]).await.unwrap();
+        let written = fake.take_ops();
+        assert_eq!(written, alone);
+        written
+    }
+
+    /// The case bench/controlplane measures: the first lease event after a start (cold, or over
+    /// a programmed device), a resync and a repair writes its own peer's three entries only.
+    #[tokio::test]
+    async fn the_first_event_after_a_start_a_resync_or_a_repair_writes_its_peer_only() {
+        let fake = Fake::new();
+        let eth0 = fake.add_link("eth0", 1500, None);
+        let tmp = tempfile::tempdir().unwrap();
+        let nl = Netlink::from(fake.clone());
+        let cfg = || vxlan_cfg(tmp.path(), eth0, "10.244.1.0/24");
+        let mut remotes: Vec<Remote<'static>> = (2..=11).map(|n| lease(n, n, "vxlan")).collect();
+        let added = |ops: &[Op], n: u8| {
+            assert_eq!(ops.len(), 3, "{ops:?}");
+            let subnet = net(&format!("10.244.{n}.0/24"));
+            assert!(ops.iter().all(|o| match o {
+                Op::RouteReplace(r) => r.dst == subnet,
+                Op::NeighReplace { ip, .. } => *ip == subnet.network(),
+                Op::FdbReplace { dst, .. } => *dst == ip(&format!("198.18.0.{n}")),
+                _ => false,
+            }));
+        };
+
+        // A cold start, then an event.
+        let mut dp = DataPlane::Vxlan(VxlanBackend::setup(&nl, cfg()).await.unwrap());
+        let stats = dp.reconcile(&nl, &remotes).await.unwrap();
+        assert_eq!(stats.ops_applied, 30);
+        remotes.push(lease(20, 20, "vxlan"));
+        let ops = event_alone(&nl, &fake, &mut dp, &remotes, net("10.244.20.0/24")).await;
+        added(&ops, 20);
+
+        // A restart over the programmed device (a new backend, nothing in memory), then an event.
+        let mut dp = DataPlane::Vxlan(VxlanBackend::setup(&nl, cfg()).await.unwrap());
+        assert_eq!(dp.reconcile(&nl, &remotes).await.unwrap().ops_applied, 0);
+        remotes.push(lease(21, 21, "vxlan"));
+        let ops = event_alone(&nl, &fake, &mut dp, &remotes, net("10.244.21.0/24")).await;
+        added(&ops, 21);
+
+        // The periodic resync (a re-list), then an event.
+        dp.resync();
+        assert_eq!(dp.reconcile(&nl, &remotes).await.unwrap().ops_applied, 0);
+        remotes.push(lease(22, 22, "vxlan"));
+        let ops = event_alone(&nl, &fake, &mut dp, &remotes, net("10.244.22.0/24")).await;
+        added(&ops, 22);
+
+        // Someone deletes node 2's route and leaves a permanent neighbour of their own; the
+        // repair (a re-list and the full plan) puts the one back and takes the other away.
+        let route2 = observed(&nl, &dp)
+            .await
+            .routes
+            .into_iter()
+            .find(|r| r.dst == net("10.244.2.0/24"))
+            .unwrap();
+        nl.apply(&Op::RouteDel(route2)).await.unwrap();
+        fake.add_neighbour(crate::netlink::Neighbour::permanent(
+            device(&dp).ifindex,
+            ip("10.244.40.0"),
+            Some(MacAddr([2, 0, 0, 0, 0, 0x40])),
+        ));
+        fake.take_ops();
+        dp.resync();
+        assert_eq!(dp.reconcile(&nl, &remotes).await.unwrap().ops_applied, 2);
+        remotes.push(lease(23, 23, "vxlan"));
+        let ops = event_alone(&nl, &fake, &mut dp, &remotes, net("10.244.23.0/24")).await;
+        added(&ops, 23);
+        // And a removal right after another repair: its three deletes.
+        dp.resync();
+        dp.reconcile(&nl, &remotes).await.unwrap();
+        remotes.retain(|r| r.subnet != net("10.244.5.0/24"));
+        let ops = event_alone(&nl, &fake, &mut dp, &remotes, net("10.244.5.0/24")).await;
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert!(ops
+            .iter()
+            .all(|o| matches!(o, Op::RouteDel(_) | Op::NeighDel { .. } | Op::FdbDel { .. })));
+    }
+
+    /// A lease of pool node `n` in one of the shapes the pure test's `wanted_for` draws: its own
+    /// MAC, a MAC shared with others, our public IP, a multicast MAC, host-gw, no MAC.
+    fn pool_attrs(n: u8, shape: u8) -> tweed_config::LeaseAttrs {
+        let (public_ip, mac, ty) = match shape {
+            0 => (
+                format!("198.18.2.{n}"),
+                format!("02:00:00:00:00:{:02x}", n % 3),
+                "vxlan",
+            ),
+            1 => (
+                "198.18.0.1".into(),
+                format!("02:00:00:00:01:{n:02x}"),
+                "vxlan",
+            ),
+            2 => (format!("198.18.1.{n}"), "03:00:00:00:00:01".into(), "vxlan"),
+            3 => (
+                format!("198.18.1.{n}"),
+                format!("02:00:00:00:01:{n:02x}"),
+                "host-gw",
+            ),
+            4 => (format!("198.18.1.{n}"), "nope".into(), "vxlan"),
+            _ => (
+                format!("198.18.1.{n}"),
+                format!("02:00:00:00:01:{n:02x}"),
+                "vxlan",
+            ),
+        };
+        let value = format!(
+            r#"{{"PublicIP":"{public_ip}","BackendType":"{ty}","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        );
+        tweed_config::LeaseAttrs::parse(value.as_bytes()).unwrap()
+    }
+
+    fn remotes_of<'a>(d: &BTreeMap<Ipv4Network, &'a tweed_config::LeaseAttrs>) -> Vec<Remote<'a>> {
+        d.iter()
+            .map(|(&subnet, &attrs)| Remote {
+                subnet,
+                subnet_v6: None,
+                attrs,
+            })
+            .collect()
+    }
+
+    /// The device, the backend's view and its kept peers, after any step: the device holds what
+    /// the leases ask for (a fresh full plan over it is empty), the view is the device, and the
+    /// kept peers equal ones rebuilt from scratch.
+    async fn check(nl: &Netlink, dp: &DataPlane, remotes: &[Remote<'_>], at: &str) {
+        let b = device(dp);
+        let device = observed(nl, dp).await;
+        let wanted: Vec<(Ipv4Network, Wanted)> =
+            remotes.iter().map(|r| (r.subnet, wanted(r))).collect();
+        let peers: Vec<VxlanPeer> = wanted
+            .iter()
+            .filter_map(|(_, w)| w.as_ref().ok().copied())
+            .collect();
+        assert_eq!(plan(&device, &peers), vec![], "{at}: the device");
+        assert_eq!(
+            b.view.as_ref().map(|v| v.after(&[])),
+            Some(device.after(&[])),
+            "{at}: the view"
+        );
+        let rebuilt = Kept::new(&device, wanted);
+        assert!(rebuilt.is_some(), "{at}: distinct subnets");
+        assert_eq!(b.kept, rebuilt, "{at}: the kept peers");
+    }
+
+    /// Random events interleaved with full reconciles, resyncs and repairs of drift (entries
+    /// deleted and foreign ones added behind the backend's back), on the fake kernel: after
+    /// every step the device, the view and the kept peers are right, and an event whose peers
+    /// can be planned alone (the first after a full reconcile included) writes exactly those
+    /// ops.
+    #[tokio::test]
+    async fn events_full_reconciles_and_repairs_interleaved_keep_the_kept_peers_right() {
+        use super::tests::{junk_on, lease_subnet, Rng};
+        let pool: Vec<Vec<tweed_config::LeaseAttrs>> = (0..16u8)
+            .map(|n| (0..10).map(|shape| pool_attrs(n, shape)).collect())
+            .collect();
+        let (mut alone, mut first_alone, mut fulls) = (0, 0, 0);
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let fake = Fake::new();
+            let eth0 = fake.add_link("eth0", 1500, None);
+            let tmp = tempfile::tempdir().unwrap();
+            let nl = Netlink::from(fake.clone());
+            let cfg = vxlan_cfg(tmp.path(), eth0, "10.244.200.0/24");
+            let mut dp = DataPlane::Vxlan(VxlanBackend::setup(&nl, cfg).await.unwrap());
+            let dev = device(&dp).ifindex;
+            let mut desired: BTreeMap<Ipv4Network, &tweed_config::LeaseAttrs> = BTreeMap::new();
+            let draw = |rng: &mut Rng| {
+                let s = lease_subnet(rng);
+                let n = usize::from(s.ip().octets()[2].min(15));
+                (s, &pool[n][rng.below(10) as usize])
+            };
+            for _ in 0..rng.below(10) {
+                let (s, a) = draw(&mut rng);
+                desired.insert(s, a);
+            }
+            // A previous run's and others' entries on the device, then the start.
+            let j = junk_on(&mut rng, dev);
+            j.neighbours.into_iter().for_each(|n| fake.add_neighbour(n));
+            j.fdb.into_iter().for_each(|e| fake.add_fdb(e));
+            j.routes.into_iter().for_each(|r| fake.add_route(r));
+            dp.reconcile(&nl, &remotes_of(&desired)).await.unwrap();
+            check(
+                &nl,
+                &dp,
+                &remotes_of(&desired),
+                &format!("seed {seed} start"),
+            )
+            .await;
+            let mut after_full = true;
+            for step in 0..40 {
+                let at = format!("seed {seed} step {step}");
+                match rng.below(10) {
+                    0 => {
+                        dp.reconcile(&nl, &remotes_of(&desired)).await.unwrap();
+                        after_full = true;
+                        fulls += 1;
+                    }
+                    1 | 2 => {
+                        if rng.below(3) != 0 {
+                            // Drift: some of the device's entries deleted, others' added.
+                            let now = observed(&nl, &dp).await;
+                            let mut dels: Vec<Op> = Vec::new();
+                            for n in &now.neighbours {
+                                if rng.below(4) == 0 {
+                                    dels.push(Op::NeighDel {
+                                        ifindex: dev,
+                                        ip: n.ip,
+                                    });
+                                }
+                            }
+                            for e in &now.fdb {
+                                if rng.below(4) == 0 {
+                                    dels.push(Op::FdbDel {
+                                        ifindex: dev,
+                                        mac: e.mac,
+                                        dst: e.dst,
+                                    });
+                                }
+                            }
+                            for r in &now.routes {
+                                if rng.below(4) == 0 {
+                                    dels.push(Op::RouteDel(*r));
+                                }
+                            }
+                            for r in nl.apply_all(&dels).await {
+                                r.unwrap();
+                            }
+                            let j = junk_on(&mut rng, dev);
+                            j.neighbours.into_iter().for_each(|n| fake.add_neighbour(n));
+                            j.routes.into_iter().for_each(|r| fake.add_route(r));
+                            let fdb = observed(&nl, &dp).await.fdb;
+                            for e in j.fdb {
+                                if !fdb.iter().any(|f| f.mac == e.mac && f.dst == e.dst) {
+                                    fake.add_fdb(e);
+                                }
+                            }
+                        }
+                        // The repair: a re-list and the full plan.
+                        dp.resync();
+                        dp.reconcile(&nl, &remotes_of(&desired)).await.unwrap();
+                        after_full = true;
+                        fulls += 1;
+                    }
+                    _ => {
+                        let mut changed: Vec<Ipv4Network> = Vec::new();
+                        for _ in 0..=rng.below(3) / 2 {
+                            let (s, a) = draw(&mut rng);
+                            if changed.contains(&s) {
+                                continue;
+                            }
+                            if rng.below(4) == 0 {
+                                desired.remove(&s);
+                            } else {
+                                desired.insert(s, a);
+                            }
+                            changed.push(s);
+                        }
+                        let remotes = remotes_of(&desired);
+                        let changes: Vec<(Ipv4Network, Option<Wanted>)> = changed
+                            .iter()
+                            .map(|&s| (s, remotes.iter().find(|r| r.subnet == s).map(wanted)))
+                            .collect();
+                        let b = device(&dp);
+                        let predicted = b
+                            .view
+                            .as_ref()
+                            .zip(b.kept.clone())
+                            .and_then(|(v, mut k)| k.plan_changed(v, &changes));
+                        fake.take_ops();
+                        dp.reconcile_changed(&nl, &remotes, &changed).await.unwrap();
+                        if let Some(ops) = predicted {
+                            assert_eq!(fake.take_ops(), ops, "{at}: {changed:?}");
+                            alone += 1;
+                            first_alone += usize::from(after_full);
+                        }
+                        after_full = false;
+                    }
+                }
+                check(&nl, &dp, &remotes_of(&desired), &at).await;
+            }
+        }
+        assert!(fulls > 300, "full reconciles {fulls}");
+        assert!(alone > 600, "alone {alone}");
+        assert!(
+            first_alone > 200,
+            "first events after a full reconcile alone {first_alone}"
+        );
+    }
 }
 
-/// Timing only (printed, never asserted); the plans are asserted equal.
 #[cfg(test)]
 mod cost {
     use super::*;
