@@ -453,19 +453,36 @@ fn udp_drift_is_repaired_within_a_second() {
     run_faults(&lab, "udp", faults);
 }
 
-/// Stops and starts each host's agent in turn under the stream; returns the datagrams lost.
+/// A file of the test's, removed however the test ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Stops and starts each host's agent in turn under the stream, h2's from a copy of the binary
+/// (an upgrade); returns the datagrams lost.
 fn restart_under_load(lab: &Lab) -> (usize, Duration) {
     let h1 = host_state(lab, "h1");
     let h2 = host_state(lab, "h2");
     let stream = Stream::start(&h2.pods[0].netns, &h1.pods[0].netns, h1.pods[0].ip);
     stream.wait_flowing();
     std::thread::sleep(Duration::from_millis(300));
+    // h2's agent comes back from another file, as after a package upgrade: the new binary
+    // takes over what the old one left.
+    let upgrade = RemoveOnDrop(std::env::temp_dir().join(format!("{}-tweedd-new", h2.netns)));
     let t0 = Instant::now();
     let mut starts = Vec::new();
     for host in ["h1", "h2"] {
         starts.push(Instant::now());
         // As `systemctl restart` does: the new agent starts as soon as the old one is gone.
-        let stopped = stop_agent(lab, host, libc::SIGTERM);
+        let mut stopped = stop_agent(lab, host, libc::SIGTERM);
+        if host == "h2" {
+            std::fs::copy(&stopped.argv[0], &upgrade.0).expect("copy of tweedd");
+            stopped.argv[0] = upgrade.0.to_str().unwrap().to_string();
+        }
         start_agent(&stopped);
         wait_for(Duration::from_secs(10), "the agent to serve again", || {
             std::fs::read_to_string(&stopped.log)
