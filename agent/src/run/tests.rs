@@ -836,7 +836,10 @@ async fn an_ipv4_only_node_turns_dual_stack_when_an_ipv6_address_appears() {
 /// 2001:db8::2) routed over both families.
 async fn dual_node_with_a_peer(
     mem: &MemRegistry,
-) -> (Node, std::sync::Arc<std::sync::Mutex<Vec<crate::ipv6::Inet6Addr>>>) {
+) -> (
+    Node,
+    std::sync::Arc<std::sync::Mutex<Vec<crate::ipv6::Inet6Addr>>>,
+) {
     let peer = format!("{PREFIX}/subnets/10.244.7.0-24&fd00:10:244:7::-64");
     mem.put_raw(
         &peer,
@@ -862,9 +865,10 @@ async fn dual_node_with_a_peer(
     n.until("the agent to be ready", |s| s.not_ready().is_empty())
         .await;
     n.until("the route to the peer's IPv6 subnet", |_| {
-        n.kernel.ops().iter().any(|o| {
-            matches!(o, Op::Route6Replace(r) if r.dst.to_string() == "fd00:10:244:7::/64")
-        })
+        n.kernel
+            .ops()
+            .iter()
+            .any(|o| matches!(o, Op::Route6Replace(r) if r.dst.to_string() == "fd00:10:244:7::/64"))
     })
     .await;
     assert_eq!(n.state.snapshot().ipv6, "dual-stack");
@@ -884,11 +888,7 @@ fn eth0_addr6(eth0: u32) -> crate::ipv6::Inet6Addr {
 impl Node {
     /// eth0's IPv6 address 2001:db8::1 removed (`present` false) or added again, with the
     /// kernel's notification.
-    fn set_addr6(
-        &self,
-        listed: &std::sync::Mutex<Vec<crate::ipv6::Inet6Addr>>,
-        present: bool,
-    ) {
+    fn set_addr6(&self, listed: &std::sync::Mutex<Vec<crate::ipv6::Inet6Addr>>, present: bool) {
         *listed.lock().unwrap() = if present {
             vec![eth0_addr6(self.eth0)]
         } else {
@@ -926,7 +926,11 @@ impl Node {
             && s.public_ipv6.is_empty()
             && s.subnet_v6.is_empty()
             && self.subnet_env().ipv6.is_none()
-            && !self.state.metrics.render().contains("tweed_lease_ipv6_info{")
+            && !self
+                .state
+                .metrics
+                .render()
+                .contains("tweed_lease_ipv6_info{")
     }
 }
 
@@ -993,7 +997,8 @@ async fn a_dual_stack_node_whose_ipv6_address_goes_turns_ipv4_only_and_back() {
 
     // Back: dual stack again, on the same IPv4 subnet.
     n.set_addr6(&listed, true);
-    n.until("dual stack again", |s| s.ipv6 == "dual-stack").await;
+    n.until("dual stack again", |s| s.ipv6 == "dual-stack")
+        .await;
     n.until("subnet.env's IPv6 half", |_| n.subnet_env().ipv6.is_some())
         .await;
     let (key, attrs) = own_key(&mem).await;
@@ -1041,8 +1046,10 @@ async fn turning_ipv4_only_waits_out_an_etcd_outage_and_a_lost_lease() {
     let nl = Netlink::from(n.kernel.clone());
     let route = n.route("10.244.7.0/24", "198.18.0.2");
     nl.apply(&Op::RouteDel(route)).await.unwrap();
-    n.kernel
-        .announce(crate::netlink::Event::Route(crate::netlink::Change::Del, route));
+    n.kernel.announce(crate::netlink::Event::Route(
+        crate::netlink::Change::Del,
+        route,
+    ));
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(n.peer_routed().await, "repaired while etcd is away");
 

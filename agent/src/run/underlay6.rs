@@ -489,7 +489,11 @@ mod tests {
         .turn_v4_only_when_lost();
         let t0 = Instant::now();
         assert_eq!(w.check(), None, "not at the first look");
-        assert_eq!(w.due(), Some(t0 + GRACE), "looked at again when the grace ends");
+        assert_eq!(
+            w.due(),
+            Some(t0 + GRACE),
+            "looked at again when the grace ends"
+        );
         // A notification within the grace brings the check forward, not back.
         tokio::time::sleep(Duration::from_secs(1)).await;
         w.note(&a6(2, "2001:db8::1"), Instant::now());
@@ -509,7 +513,11 @@ mod tests {
         assert_eq!(w.check(), None);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(w.check(), Some(Check6::Gone(from)));
-        assert_eq!(w.lost_since, Some(t1), "not committed before the lease agrees");
+        assert_eq!(
+            w.lost_since,
+            Some(t1),
+            "not committed before the lease agrees"
+        );
         // The lease went IPv4 only: the watcher waits like an IPv4-only start...
         w.went_v4_only();
         assert_eq!(w.current, None);
