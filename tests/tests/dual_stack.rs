@@ -1323,17 +1323,15 @@ fn vxlan_node_turns_dual_stack_when_its_ipv6_address_appears_without_restart() {
     assert_turns_dual_without_restart("d6b", Backend::Vxlan, "tweed-v6.1");
 }
 
-/// Issue 19, the reverse switch: h3's IPv6 underlay address is deleted while its vxlan agent
-/// runs. Past the grace period, without a restart, h3 turns IPv4 only: its key in etcd is the
-/// IPv4-only form (same IPv4 subnet), its `tweed-v6.1` is gone, subnet.env has no IPv6 half, the
-/// peers drop their IPv6 route to it, IPv4 works between every pair of pods and h1 and h2 still
-/// reach each other over IPv6. The address back, h3 turns dual stack again on its old IPv6
-/// subnet, and h1's pod reaches h3's `tweed-v6.1` over IPv6.
-#[test]
-fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_returns() {
-    require_root!(NEEDS_ROOT);
-    let mut spec = LabSpec::new(per_process("d6g"), HOSTS);
-    spec.backend = Backend::Vxlan;
+/// Issue 19, the reverse switch: h3's IPv6 underlay address is deleted while its agent runs.
+/// Past the grace period, without a restart, h3 turns IPv4 only: its key in etcd is the
+/// IPv4-only form (same IPv4 subnet), its IPv6 plane (vxlan: `tweed-v6.1`) and IPv6 rules are
+/// gone, subnet.env has no IPv6 half, the peers drop their IPv6 route to it, IPv4 works between
+/// every pair of pods and h1 and h2 still reach each other over IPv6. The address back, h3
+/// turns dual stack again on its old IPv6 subnet, and the pods reach h3's over IPv6 again.
+fn assert_turns_ipv4_only_and_back(tag: &str, backend: Backend) {
+    let mut spec = LabSpec::new(per_process(tag), HOSTS);
+    spec.backend = backend;
     spec.pods_per_host = 1;
     spec.ip_family = IpFamily::Dual;
     let lab = up(spec);
@@ -1350,11 +1348,9 @@ fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_
     let v4_3 = tweed_config::SubnetEnv::read(&h3.subnet_file)
         .unwrap()
         .node_subnet();
+    // vxlan's on tweed-v6.1, host-gw's via h3's address on eth0.
     let v6_routes = |h: &tweed_lab::state::HostState| {
-        in_ns(
-            &h.netns,
-            &["ip", "-6", "route", "show", "dev", "tweed-v6.1"],
-        )
+        in_ns(&h.netns, &["ip", "-6", "route", "show", &s3.to_string()])
     };
     for h in [&h1, &h2] {
         assert!(v6_routes(h).contains(&s3.to_string()), "{}", v6_routes(h));
@@ -1367,6 +1363,15 @@ fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_
     };
     let starts_before = starts();
     let addr = format!("{}/64", h3.public_ip6.unwrap());
+    let routes_via_peers = |h: &tweed_lab::state::HostState| {
+        in_ns(&h.netns, &["ip", "-6", "route", "show"])
+            .lines()
+            .filter(|l| l.starts_with("fd00:10:244:") && l.contains(" via "))
+            .count()
+    };
+    if backend == Backend::HostGw {
+        assert_eq!(routes_via_peers(&h3), 2, "h3's IPv6 routes to h1 and h2");
+    }
 
     let gone_at = std::time::Instant::now();
     in_ns(
@@ -1379,7 +1384,7 @@ fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_
         || tweed_config::SubnetEnv::read(&h3.subnet_file).is_ok_and(|e| e.ipv6.is_none()),
     );
     let switched_after = gone_at.elapsed();
-    eprintln!("d6g: h3 turned IPv4 only {switched_after:?} after its address was deleted");
+    eprintln!("{tag}: h3 turned IPv4 only {switched_after:?} after its address was deleted");
     assert!(
         switched_after >= Duration::from_secs(3),
         "before the grace: {switched_after:?}"
@@ -1408,9 +1413,22 @@ fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_
         "h3's dual key is still there:\n{keys}"
     );
     assert!(lease_value_of(&lab, "h3").get("PublicIPv6").is_none());
-    wait_for(Duration::from_secs(10), "h3's tweed-v6.1 removed", || {
-        tweed_testkit::cmd::try_in_ns(&h3.netns, &["ip", "link", "show", "tweed-v6.1"]).is_err()
-    });
+    if backend == Backend::Vxlan {
+        wait_for(Duration::from_secs(10), "h3's tweed-v6.1 removed", || {
+            tweed_testkit::cmd::try_in_ns(&h3.netns, &["ip", "link", "show", "tweed-v6.1"]).is_err()
+        });
+    } else {
+        // Its own pods' route on cni0 stays (they keep their addresses); the peers' go.
+        wait_for(
+            Duration::from_secs(10),
+            "h3's IPv6 routes to peers removed",
+            || {
+                !in_ns(&h3.netns, &["ip", "-6", "route", "show"])
+                    .lines()
+                    .any(|l| l.starts_with("fd00:10:244:") && l.contains(" via "))
+            },
+        );
+    }
     for h in [&h1, &h2] {
         wait_for(
             Duration::from_secs(15),
@@ -1474,14 +1492,16 @@ fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_
         "logged once: {log}"
     );
     assert!(log.contains("turning dual stack"), "{log}");
-    let dev_addr = s3.network().to_string();
-    wait_for(Duration::from_secs(10), "h3's tweed-v6.1 /128", || {
-        tweed_testkit::cmd::try_in_ns(
-            &h3.netns,
-            &["ip", "-6", "addr", "show", "dev", "tweed-v6.1"],
-        )
-        .is_ok_and(|a| a.contains(&format!("{dev_addr}/128")))
-    });
+    if backend == Backend::Vxlan {
+        let dev_addr = s3.network().to_string();
+        wait_for(Duration::from_secs(10), "h3's tweed-v6.1 /128", || {
+            tweed_testkit::cmd::try_in_ns(
+                &h3.netns,
+                &["ip", "-6", "addr", "show", "dev", "tweed-v6.1"],
+            )
+            .is_ok_and(|a| a.contains(&format!("{dev_addr}/128")))
+        });
+    }
     wait_for(Duration::from_secs(20), "ping6 h1/p1 -> h3/p1", || {
         ping6(&h1, &h3.pods[0].ip6.unwrap().to_string())
     });
@@ -1504,6 +1524,18 @@ fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_
         ),
         "h1 -> h3 over IPv4 after the round trip"
     );
+}
+
+#[test]
+fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_returns() {
+    require_root!(NEEDS_ROOT);
+    assert_turns_ipv4_only_and_back("d6g", Backend::Vxlan);
+}
+
+#[test]
+fn host_gw_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_returns() {
+    require_root!(NEEDS_ROOT);
+    assert_turns_ipv4_only_and_back("d6h", Backend::HostGw);
 }
 
 /// Issue 19: udp carries IPv6 over the IPv4 underlay, so a udp node whose IPv6 underlay address

@@ -1106,3 +1106,54 @@ async fn a_failed_ipv6_teardown_is_retried_until_it_holds() {
     assert_eq!(n.rules.v6_removals(), 3, "done: not tried again");
     assert!(n.peer_routed().await);
 }
+
+/// Issue 19, review pitfall 3: our key is taken by another node while the rename to the
+/// IPv4-only key waits for etcd (our lease expired meanwhile). The rename's acquisition takes
+/// another subnet, IPv4 only, and the lease, subnet.env, the status and the backend all move to
+/// it; the other node's key is left alone.
+#[tokio::test(start_paused = true)]
+async fn a_key_taken_during_the_switch_leaves_the_node_ipv4_only_on_another_subnet() {
+    let mem = dual_etcd();
+    let (n, listed) = dual_node_with_a_peer(&mem).await;
+    let (dual_key, _) = own_key(&mem).await;
+    let v4 = dual_key.parse::<SubnetKey>().unwrap().ipv4;
+    let full = format!("{PREFIX}/subnets/{dual_key}");
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let lease = snap.leases.iter().find(|l| l.key == full).unwrap().lease_id;
+    mem.set_reachable(false);
+    n.set_addr6(&listed, false);
+    n.until("a failed rename attempt", |_| {
+        n.counter("lease_failures", "ipv4_only") >= 1
+    })
+    .await;
+    mem.expire_lease(lease);
+    let thief = br#"{"PublicIP":"198.18.0.66","BackendType":"host-gw"}"#;
+    mem.put_raw(&full, thief);
+    mem.set_reachable(true);
+    n.until("IPv4 only", |_| n.says_ipv4_only()).await;
+    let (key, attrs) = own_key(&mem).await;
+    let parsed: SubnetKey = key.parse().unwrap();
+    assert_eq!(parsed.ipv6, None, "{key}");
+    assert_ne!(parsed.ipv4, v4, "the taken subnet is not ours");
+    assert_eq!(attrs.public_ipv6, None);
+    n.until("subnet.env on the new subnet", |s| {
+        s.subnet == parsed.ipv4.to_string() && n.subnet_env().node_subnet() == parsed.ipv4
+    })
+    .await;
+    n.until("the rules for the new subnet", |_| {
+        n.rules.applied().last() == Some(&n.rules_for(parsed.ipv4))
+    })
+    .await;
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let held = snap.leases.iter().find(|l| l.key == full).unwrap();
+    assert_eq!(
+        held.value,
+        thief.to_vec(),
+        "the other node's key is left alone"
+    );
+    assert!(n.peer_routed().await);
+    n.until("the IPv6 route removed", |_| {
+        futures::executor::block_on(n.routes6_to("fd00:10:244:7::/64")).is_empty()
+    })
+    .await;
+}
