@@ -1157,3 +1157,58 @@ async fn a_key_taken_during_the_switch_leaves_the_node_ipv4_only_on_another_subn
     })
     .await;
 }
+
+/// Issue 19, review pitfall 2: with a slow etcd (each listing takes 1 s) the rename to the
+/// IPv4-only key is under way for seconds; meanwhile the main loop still repairs a deleted peer
+/// route at once and the node says dual stack everywhere. A shutdown in the middle lets the
+/// rename finish and commits it: etcd holds exactly the IPv4-only key and subnet.env agrees,
+/// with no half-renamed key left.
+#[tokio::test(start_paused = true)]
+async fn a_slow_etcd_never_holds_the_main_loop_and_a_shutdown_lets_the_rename_finish() {
+    let mem = dual_etcd();
+    let (n, listed) = dual_node_with_a_peer(&mem).await;
+    let (dual_key, _) = own_key(&mem).await;
+    let v4 = dual_key.parse::<SubnetKey>().unwrap().ipv4;
+    mem.set_list_delay(Duration::from_secs(1));
+    n.set_addr6(&listed, false);
+    n.until("the rename under way", |_| mem.keys().len() == 3)
+        .await;
+    // Both keys stand: the new one is created, the old one not deleted yet.
+    let started = Instant::now();
+    let nl = Netlink::from(n.kernel.clone());
+    let route = n.route("10.244.7.0/24", "198.18.0.2");
+    nl.apply(&Op::RouteDel(route)).await.unwrap();
+    n.kernel.announce(crate::netlink::Event::Route(
+        crate::netlink::Change::Del,
+        route,
+    ));
+    n.until("the peer route put back", |_| {
+        futures::executor::block_on(n.peer_routed())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the repair waited for etcd: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(n.state.snapshot().ipv6, "dual-stack");
+    assert!(
+        n.subnet_env().ipv6.is_some(),
+        "dual until the rename is done"
+    );
+
+    let (end, n) = n.shut_down().await;
+    end.unwrap();
+    mem.set_list_delay(Duration::ZERO);
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let keys: Vec<&str> = snap.leases.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(keys.len(), 2, "no half-renamed key left: {keys:?}");
+    let (key, _) = own_key(&mem).await;
+    assert_eq!(key.parse::<SubnetKey>().unwrap(), SubnetKey::new(v4));
+    let env = n.subnet_env();
+    assert_eq!(
+        (env.node_subnet(), env.ipv6),
+        (v4, None),
+        "subnet.env agrees"
+    );
+}
