@@ -187,6 +187,14 @@ pub fn with_public_ipv6(mut attrs: LeaseAttrs, public_ipv6: Ipv6Addr) -> LeaseAt
     attrs
 }
 
+/// `attrs` without this node's IPv6 half (`PublicIPv6`, `BackendV6Data`): what a node that
+/// turned IPv4 only advertises, as one that started so would.
+pub fn without_ipv6(mut attrs: LeaseAttrs) -> LeaseAttrs {
+    attrs.public_ipv6 = None;
+    attrs.backend_v6_data = None;
+    attrs
+}
+
 /// What this node does with the network's IPv6 half, for the log and the status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ipv6Mode {

@@ -133,7 +133,7 @@ impl Firewall {
             Firewall::Iptables(i) => i.remove_v6(),
             Firewall::Nftables(_) => Nftables::remove_v6(),
             #[cfg(any(test, feature = "fake"))]
-            Firewall::Fake(f) => Ok(f.remove_v6()),
+            Firewall::Fake(f) => f.remove_v6(),
         }
     }
 
@@ -180,6 +180,8 @@ impl Family {
 pub struct FakeFirewall {
     applied: std::sync::Arc<Mutex<Vec<RuleSpec>>>,
     v6_removals: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// How many of the next IPv6 rule removals fail.
+    v6_removal_failures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[cfg(any(test, feature = "fake"))]
@@ -197,10 +199,27 @@ impl FakeFirewall {
         self.v6_removals.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn remove_v6(&self) -> bool {
-        self.v6_removals
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        false
+    /// Makes the next `n` IPv6 rule removals fail (as ip6tables failing would).
+    pub fn fail_v6_removals(&self, n: usize) {
+        self.v6_removal_failures
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn remove_v6(&self) -> Result<bool, RulesError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.v6_removals.fetch_add(1, SeqCst);
+        let failing = self
+            .v6_removal_failures
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(RulesError::Command {
+                program: "ip6tables",
+                args: "(fake)".into(),
+                reason: "injected failure".into(),
+            });
+        }
+        Ok(false)
     }
 
     fn sync(&self, spec: &RuleSpec) -> bool {

@@ -1322,3 +1322,287 @@ fn vxlan_node_turns_dual_stack_when_its_ipv6_address_appears_without_restart() {
     require_root!(NEEDS_ROOT);
     assert_turns_dual_without_restart("d6b", Backend::Vxlan, "tweed-v6.1");
 }
+
+/// Issue 19, the reverse switch: h3's IPv6 underlay address is deleted while its agent runs.
+/// Past the grace period, without a restart, h3 turns IPv4 only: its key in etcd is the
+/// IPv4-only form (same IPv4 subnet), its IPv6 plane (vxlan: `tweed-v6.1`) and IPv6 rules are
+/// gone, subnet.env has no IPv6 half, the peers drop their IPv6 route to it, IPv4 works between
+/// every pair of pods and h1 and h2 still reach each other over IPv6. The address back, h3
+/// turns dual stack again on its old IPv6 subnet, and the pods reach h3's over IPv6 again.
+fn assert_turns_ipv4_only_and_back(tag: &str, backend: Backend) {
+    let mut spec = LabSpec::new(per_process(tag), HOSTS);
+    spec.backend = backend;
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    assert_eq!(
+        lab.check_until(Duration::from_secs(20)).unwrap().failed(),
+        0
+    );
+    let (h1, h2, h3) = (
+        host_state(&lab, "h1"),
+        host_state(&lab, "h2"),
+        host_state(&lab, "h3"),
+    );
+    let s3 = subnet6_of(&lab, "h3");
+    let v4_3 = tweed_config::SubnetEnv::read(&h3.subnet_file)
+        .unwrap()
+        .node_subnet();
+    // vxlan's on tweed-v6.1, host-gw's via h3's address on eth0.
+    let v6_routes = |h: &tweed_lab::state::HostState| {
+        in_ns(&h.netns, &["ip", "-6", "route", "show", &s3.to_string()])
+    };
+    for h in [&h1, &h2] {
+        assert!(v6_routes(h).contains(&s3.to_string()), "{}", v6_routes(h));
+    }
+    let starts = || {
+        std::fs::read_to_string(&h3.log)
+            .unwrap()
+            .matches("network config")
+            .count()
+    };
+    let starts_before = starts();
+    let addr = format!("{}/64", h3.public_ip6.unwrap());
+    let routes_via_peers = |h: &tweed_lab::state::HostState| {
+        in_ns(&h.netns, &["ip", "-6", "route", "show"])
+            .lines()
+            .filter(|l| l.starts_with("fd00:10:244:") && l.contains(" via "))
+            .count()
+    };
+    if backend == Backend::HostGw {
+        assert_eq!(routes_via_peers(&h3), 2, "h3's IPv6 routes to h1 and h2");
+    }
+
+    let gone_at = std::time::Instant::now();
+    in_ns(
+        &h3.netns,
+        &["ip", "-6", "addr", "del", &addr, "dev", "eth0"],
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "h3's subnet.env without an IPv6 half",
+        || tweed_config::SubnetEnv::read(&h3.subnet_file).is_ok_and(|e| e.ipv6.is_none()),
+    );
+    let switched_after = gone_at.elapsed();
+    eprintln!("{tag}: h3 turned IPv4 only {switched_after:?} after its address was deleted");
+    assert!(
+        switched_after >= Duration::from_secs(3),
+        "before the grace: {switched_after:?}"
+    );
+    // Logged once the IPv6 plane is removed, just after subnet.env is written.
+    wait_for(Duration::from_secs(10), "h3 logs the switch", || {
+        std::fs::read_to_string(&h3.log).is_ok_and(|l| l.contains("turned IPv4 only"))
+    });
+    assert_eq!(starts(), starts_before, "no restart");
+    let keys = etcdctl(
+        &lab,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ],
+    );
+    let v4_key = v4_3.to_string().replace('/', "-");
+    assert!(
+        keys.lines().any(|k| k.ends_with(&format!("/{v4_key}"))),
+        "no IPv4-only key for h3 ({v4_key}) in\n{keys}"
+    );
+    assert!(
+        !keys.lines().any(|k| key_subnet6(k) == Some(s3)),
+        "h3's dual key is still there:\n{keys}"
+    );
+    assert!(lease_value_of(&lab, "h3").get("PublicIPv6").is_none());
+    if backend == Backend::Vxlan {
+        wait_for(Duration::from_secs(10), "h3's tweed-v6.1 removed", || {
+            tweed_testkit::cmd::try_in_ns(&h3.netns, &["ip", "link", "show", "tweed-v6.1"]).is_err()
+        });
+    } else {
+        // Its own pods' route on cni0 stays (they keep their addresses); the peers' go.
+        wait_for(
+            Duration::from_secs(10),
+            "h3's IPv6 routes to peers removed",
+            || {
+                !in_ns(&h3.netns, &["ip", "-6", "route", "show"])
+                    .lines()
+                    .any(|l| l.starts_with("fd00:10:244:") && l.contains(" via "))
+            },
+        );
+    }
+    for h in [&h1, &h2] {
+        wait_for(
+            Duration::from_secs(15),
+            &format!("{} drops its IPv6 route to h3", h.name),
+            || !v6_routes(h).contains(&s3.to_string()),
+        );
+    }
+    wait_for(Duration::from_secs(15), "h3's IPv6 rules removed", || {
+        !in_ns(&h3.netns, &["ip6tables", "-w", "5", "-t", "nat", "-S"]).contains("TWEED-")
+    });
+    // IPv4 between every pair of pods; IPv6 between the dual-stack nodes.
+    let all = [&h1, &h2, &h3];
+    for from in all {
+        for to in all {
+            if from.name == to.name {
+                continue;
+            }
+            let ip = to.pods[0].ip.to_string();
+            assert!(
+                ok_in(
+                    &from.pods[0].netns,
+                    &["ping", "-n", "-c", "2", "-W", "2", &ip]
+                ),
+                "{} -> {} over IPv4 with h3 IPv4 only",
+                from.name,
+                to.name
+            );
+        }
+    }
+    let ping6 = |from: &tweed_lab::state::HostState, to: &str| {
+        ok_in(
+            &from.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", to],
+        )
+    };
+    assert!(
+        ping6(&h1, &h2.pods[0].ip6.unwrap().to_string()),
+        "h1 -> h2 over IPv6"
+    );
+    assert!(
+        ping6(&h2, &h1.pods[0].ip6.unwrap().to_string()),
+        "h2 -> h1 over IPv6"
+    );
+
+    // Back: dual stack again, on the same IPv6 subnet (h3's pod keeps its address).
+    in_ns(
+        &h3.netns,
+        &["ip", "-6", "addr", "add", &addr, "dev", "eth0", "nodad"],
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "h3's subnet.env with an IPv6 half",
+        || tweed_config::SubnetEnv::read(&h3.subnet_file).is_ok_and(|e| e.ipv6.is_some()),
+    );
+    assert_eq!(subnet6_of(&lab, "h3"), s3, "the old IPv6 subnet back");
+    assert_eq!(starts(), starts_before, "no restart");
+    let log = std::fs::read_to_string(&h3.log).unwrap();
+    assert_eq!(
+        log.matches("turned IPv4 only").count(),
+        1,
+        "logged once: {log}"
+    );
+    assert!(log.contains("turning dual stack"), "{log}");
+    if backend == Backend::Vxlan {
+        let dev_addr = s3.network().to_string();
+        wait_for(Duration::from_secs(10), "h3's tweed-v6.1 /128", || {
+            tweed_testkit::cmd::try_in_ns(
+                &h3.netns,
+                &["ip", "-6", "addr", "show", "dev", "tweed-v6.1"],
+            )
+            .is_ok_and(|a| a.contains(&format!("{dev_addr}/128")))
+        });
+    }
+    wait_for(Duration::from_secs(20), "ping6 h1/p1 -> h3/p1", || {
+        ping6(&h1, &h3.pods[0].ip6.unwrap().to_string())
+    });
+    assert!(
+        ping6(&h3, &h2.pods[0].ip6.unwrap().to_string()),
+        "h3 -> h2 over IPv6"
+    );
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                "2",
+                "-W",
+                "2",
+                &h3.pods[0].ip.to_string()
+            ]
+        ),
+        "h1 -> h3 over IPv4 after the round trip"
+    );
+}
+
+#[test]
+fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_returns() {
+    require_root!(NEEDS_ROOT);
+    assert_turns_ipv4_only_and_back("d6g", Backend::Vxlan);
+}
+
+#[test]
+fn host_gw_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_returns() {
+    require_root!(NEEDS_ROOT);
+    assert_turns_ipv4_only_and_back("d6h", Backend::HostGw);
+}
+
+/// Issue 19: udp carries IPv6 over the IPv4 underlay, so a udp node whose IPv6 underlay address
+/// goes stays dual stack (its lease keeps the IPv6 half, its pods keep reaching the others over
+/// IPv6), long past the grace period after which vxlan and host-gw turn IPv4 only.
+#[test]
+fn udp_node_stays_dual_stack_when_its_ipv6_underlay_address_goes() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("d6u"), 2);
+    spec.backend = Backend::Udp;
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::Dual;
+    let lab = up(spec);
+    assert_eq!(
+        lab.check_until(Duration::from_secs(20)).unwrap().failed(),
+        0
+    );
+    let (h1, h2) = (host_state(&lab, "h1"), host_state(&lab, "h2"));
+    let s2 = subnet6_of(&lab, "h2");
+    let addr = format!("{}/64", h2.public_ip6.unwrap());
+    in_ns(
+        &h2.netns,
+        &["ip", "-6", "addr", "del", &addr, "dev", "eth0"],
+    );
+    wait_for(Duration::from_secs(5), "h2 logs the lost address", || {
+        std::fs::read_to_string(&h2.log)
+            .is_ok_and(|l| l.contains("no other usable global IPv6 address"))
+    });
+    // Well past vxlan's and host-gw's 3 s grace.
+    std::thread::sleep(Duration::from_secs(6));
+    let log = std::fs::read_to_string(&h2.log).unwrap();
+    assert!(!log.contains("turning IPv4 only"), "{log}");
+    assert_eq!(subnet6_of(&lab, "h2"), s2, "subnet.env keeps the IPv6 half");
+    let keys = etcdctl(
+        &lab,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ],
+    );
+    assert!(
+        keys.lines().any(|k| key_subnet6(k) == Some(s2)),
+        "h2's dual key is gone:\n{keys}"
+    );
+    let ping6 = |from: &tweed_lab::state::HostState, to: &tweed_lab::state::HostState| {
+        ok_in(
+            &from.pods[0].netns,
+            &[
+                "ping",
+                "-6",
+                "-n",
+                "-c",
+                "2",
+                "-W",
+                "2",
+                &to.pods[0].ip6.unwrap().to_string(),
+            ],
+        )
+    };
+    assert!(
+        ping6(&h1, &h2),
+        "h1 -> h2 over IPv6 without h2's IPv6 underlay"
+    );
+    assert!(
+        ping6(&h2, &h1),
+        "h2 -> h1 over IPv6 without h2's IPv6 underlay"
+    );
+}

@@ -26,6 +26,8 @@ struct Store {
     unreachable: bool,
     /// Calls that panic the next time they are made.
     panic_next: Vec<MemOp>,
+    /// How long each listing takes (a slow etcd); zero by default.
+    list_delay: Duration,
 }
 
 /// A registry call a test can make panic ([`MemRegistry::panic_next`]).
@@ -156,6 +158,24 @@ impl MemRegistry {
         self.with(|s| s.unreachable = !reachable);
     }
 
+    /// Test control: every listing from now on answers only after `delay` (an etcd that is slow
+    /// rather than away).
+    pub fn set_list_delay(&self, delay: Duration) {
+        self.with(|s| s.list_delay = delay);
+    }
+
+    /// Test control: the lease keys as they are now, however slow listings are.
+    pub fn keys(&self) -> Vec<String> {
+        let dir = format!("{}/subnets/", self.prefix);
+        self.with(|s| {
+            s.kvs
+                .keys()
+                .filter(|k| k.starts_with(&dir))
+                .cloned()
+                .collect()
+        })
+    }
+
     /// Test control: the next `op` panics.
     pub fn panic_next(&self, op: MemOp) {
         self.with(|s| s.panic_next.push(op));
@@ -197,6 +217,10 @@ impl MemRegistry {
     }
 
     pub async fn list_leases(&self) -> Result<Snapshot, RegistryError> {
+        let delay = self.with(|s| s.list_delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let dir = format!("{}/subnets/", self.prefix);
         self.call("list", &dir, None, |s| Snapshot {
             leases: s

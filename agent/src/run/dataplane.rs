@@ -65,7 +65,25 @@ pub(super) struct Plane {
     /// last ran IPv4 only: once, not at every check, since ip6tables may be missing or failing on
     /// a host without IPv6.
     v6_rules_cleared: bool,
+    /// The node turned IPv4 only at run time: the IPv6 plane and rules still to remove.
+    v6_teardown: Option<Teardown6>,
 }
+
+/// Removing the IPv6 half of a node that turned IPv4 only, step by step, each retried with
+/// backoff until done: a `tweed-v6.*` device or an IPv6 route left would keep the IPv6 overlay
+/// routed into a dead VTEP, and rules left would keep accepting it.
+#[derive(Debug)]
+struct Teardown6 {
+    /// The IPv6 devices and routes are gone.
+    plane_done: bool,
+    /// The IPv6 rules are gone.
+    rules_done: bool,
+    due: tokio::time::Instant,
+    backoff: std::time::Duration,
+}
+
+/// The first retry of a failed IPv6 teardown step; then doubled up to the agent's cap.
+const TEARDOWN6_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What one repair did: the ops it had to apply (none when nothing had drifted), and whether
 /// everything is right now (else it is retried).
@@ -172,6 +190,7 @@ impl Plane {
             v6_stale: false,
             backend_down: false,
             v6_rules_cleared: false,
+            v6_teardown: None,
         };
         plane.setup_v6().await;
         plane.ensure_tx_csum().await;
@@ -356,9 +375,103 @@ impl Plane {
     /// This node ran IPv4 only and has a `PublicIPv6` now: the IPv6 plane is set up at the next
     /// reconcile once the lease has its IPv6 half too ([`set_own_v6`](Self::set_own_v6)).
     pub(super) fn enable_ipv6(&mut self, cfg: tweed_config::Ipv6Config, public_ipv6: Ipv6Addr) {
+        // Back before an earlier turn to IPv4 only finished removing: the set-up owns it now.
+        if self.v6_teardown.take().is_some() {
+            info!("turning dual stack again: the IPv6 teardown still pending is dropped");
+        }
         self.ipv6_plane = Some((cfg, public_ipv6));
         self.v6 = None;
         self.v6_stale = true;
+    }
+
+    /// This node turned IPv4 only (its lease has no IPv6 half any more): subnet.env and the MTU
+    /// follow now, and the IPv6 plane and rules are removed by [`teardown_v6`](Self::teardown_v6).
+    pub(super) fn disable_ipv6(&mut self) {
+        self.ipv6_plane = None;
+        self.set_own_v6(None);
+        self.v6 = None;
+        self.v6_stale = false;
+        // The teardown removes the IPv6 rules, retried until it holds; `sync_rules`' one-shot
+        // removal is for a start IPv4 only.
+        self.v6_rules_cleared = true;
+        self.v6_teardown = Some(Teardown6 {
+            plane_done: false,
+            rules_done: false,
+            due: tokio::time::Instant::now(),
+            backoff: TEARDOWN6_RETRY,
+        });
+    }
+
+    /// When the IPv6 teardown is to be tried again; `None` when there is none to do.
+    pub(super) fn teardown_v6_due(&self) -> Option<tokio::time::Instant> {
+        self.v6_teardown.as_ref().map(|t| t.due)
+    }
+
+    /// The IPv6 teardown of a node that turned IPv4 only: vxlan's `tweed-v6.*` devices (their
+    /// neighbours, fdb entries and routes go with them) and the IPv6 routes via peers' addresses
+    /// (host-gw, vxlan's DirectRouting), then the IPv6 rules. Each step is logged; a failed one
+    /// is tried again at [`teardown_v6_due`](Self::teardown_v6_due), with backoff.
+    pub(super) async fn teardown_v6(&mut self) {
+        let Some(mut t) = self.v6_teardown.take() else {
+            return;
+        };
+        if !t.plane_done {
+            t.plane_done = match (self.nl.links().await, self.nl.all_routes6().await) {
+                (Ok(links), Ok(routes)) => {
+                    let ops = crate::backend::v6::leftovers6(
+                        None,
+                        false,
+                        self.ipv6_network,
+                        &links,
+                        &routes,
+                    );
+                    let mut all = true;
+                    for op in ops {
+                        match self.nl.apply(&op).await {
+                            Ok(()) => info!("IPv4 only: removed {op}"),
+                            // Gone already (a device's routes go with it).
+                            Err(e) if matches!(e.errno(), Some(libc::ESRCH | libc::ENODEV)) => {}
+                            Err(e) => {
+                                all = false;
+                                warn!("IPv4 only: removing {op}: {e}; retried");
+                            }
+                        }
+                    }
+                    all
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    warn!("IPv4 only: listing the IPv6 data plane to remove it: {e}; retried");
+                    false
+                }
+            };
+        }
+        if !t.rules_done {
+            let fw = self.firewall.clone();
+            let removed = tokio::task::spawn_blocking(move || fw.remove_v6())
+                .await
+                .expect("removing rules does not panic");
+            t.rules_done = match removed {
+                Ok(any) => {
+                    info!(
+                        firewall = self.firewall.name(),
+                        removed = any,
+                        "IPv4 only: the IPv6 rules are removed"
+                    );
+                    true
+                }
+                Err(e) => {
+                    warn!("IPv4 only: removing the IPv6 rules: {e}; retried");
+                    false
+                }
+            };
+        }
+        if t.plane_done && t.rules_done {
+            info!("IPv4 only: the IPv6 data plane and rules are removed");
+            return;
+        }
+        t.due = tokio::time::Instant::now() + t.backoff;
+        t.backoff = super::stop::next_backoff(t.backoff);
+        self.v6_teardown = Some(t);
     }
 
     /// Our `PublicIPv6` moved (the old address left the underlay): the IPv6 plane is set up

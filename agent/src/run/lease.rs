@@ -88,6 +88,8 @@ pub(super) struct LeaseKeeper {
     restores: u32,
     /// `attrs` changed (a rotated wireguard key) and etcd does not have them yet.
     unpublished: bool,
+    /// The IPv6 subnet a turn to IPv4 only gave up.
+    dropped_v6: Option<ipnetwork::Ipv6Network>,
 }
 
 impl LeaseKeeper {
@@ -121,6 +123,7 @@ impl LeaseKeeper {
             task,
             restores: 0,
             unpublished: false,
+            dropped_v6: None,
         }
     }
 
@@ -298,9 +301,53 @@ impl LeaseKeeper {
     /// Advertises `attrs` (which gained a `PublicIPv6`) and takes the lease again with them:
     /// `subnet::acquire` keeps our IPv4 half and renames the key to name an IPv6 subnet too.
     /// False when stopped first (the attributes stay for the next acquisition).
+    /// The IPv6 half given up by a turn to IPv4 only is asked back first, so pods that kept
+    /// addresses of it are reachable again.
     pub(super) async fn take_ipv6_half(&mut self, attrs: LeaseAttrs, stop: &mut Stop) -> bool {
         self.attrs = attrs;
-        self.reacquire(stop).await
+        let mut previous = self.own().key;
+        previous.ipv6 = previous.ipv6.or(self.dropped_v6);
+        let Some(own) = acquire(
+            &self.registry,
+            &self.cfg,
+            &self.attrs,
+            Some(previous),
+            self.ttl,
+            stop,
+            &self.report,
+        )
+        .await
+        else {
+            return false;
+        };
+        self.own.send_replace(own);
+        true
+    }
+
+    /// One attempt at taking our lease again with `attrs` (which lost the `PublicIPv6`):
+    /// `subnet::acquire` keeps our IPv4 half and renames the key to its IPv4-only form. In a task
+    /// of its own, so an etcd that is slow or away never holds the main loop, and never cancelled:
+    /// a rename is two writes (new key, then the old one deleted), and one cut between them is
+    /// only cleaned up by the next acquisition. The main loop commits the result with
+    /// [`switched`](Self::switched), or tries again later; nothing here changes what we hold.
+    pub(super) fn spawn_acquire(
+        &self,
+        attrs: LeaseAttrs,
+    ) -> JoinHandle<Result<OwnLease, subnet::SubnetError>> {
+        let (registry, cfg, ttl) = (self.registry.clone(), self.cfg.clone(), self.ttl);
+        let previous = Some(self.own().key);
+        tokio::spawn(async move { subnet::acquire(&registry, &cfg, &attrs, previous, ttl).await })
+    }
+
+    /// What [`spawn_acquire`](Self::spawn_acquire) got: the lease held from now on, advertising
+    /// `attrs`.
+    pub(super) fn switched(&mut self, own: OwnLease, attrs: LeaseAttrs) {
+        self.report.lease_acquired(&own, self.ttl);
+        self.attrs = attrs;
+        self.unpublished = false;
+        self.restores = 0;
+        let old = self.own.send_replace(own);
+        self.dropped_v6 = old.key.ipv6.or(self.dropped_v6);
     }
 
     /// Follows what etcd says about our key's lease: an operator's `reserve` detaches it from its

@@ -111,14 +111,22 @@ pub async fn run_with(
     let (mut prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
     let ipv6 = ipv6_mode(&cfg, &settings, &ipv6_addrs, &node.iface);
     report.ipv6_mode(&ipv6);
+    let drops_v6 = super::underlay6::turns_v4_only_at_run_time(prepared.type_name());
     let underlay6 = match ipv6 {
-        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => Some(Underlay6::new(
-            Some(public_ipv6),
-            settings.public_ipv6,
-            node.iface.index,
-            node.iface.name.clone(),
-            ipv6_addrs.clone(),
-        )),
+        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => {
+            let u = Underlay6::new(
+                Some(public_ipv6),
+                settings.public_ipv6,
+                node.iface.index,
+                node.iface.name.clone(),
+                ipv6_addrs.clone(),
+            );
+            Some(if drops_v6 {
+                u.turn_v4_only_when_lost()
+            } else {
+                u
+            })
+        }
         // Waits for a usable address to turn dual stack on (`--public-ipv6` would have made
         // the node dual from the start).
         crate::ipv6::Ipv6Mode::V4Only { .. } => {
@@ -129,6 +137,12 @@ pub async fn run_with(
                 node.iface.name.clone(),
                 ipv6_addrs.clone(),
             );
+            // Once turned dual at run time, it turns IPv4 only again like a dual start.
+            let u = if drops_v6 {
+                u.turn_v4_only_when_lost()
+            } else {
+                u
+            };
             if super::underlay6::turns_dual_at_run_time(prepared.type_name()) {
                 Some(u)
             } else {
@@ -194,6 +208,7 @@ pub async fn run_with(
         public_ip,
         ipv6_cfg: cfg.ipv6.clone(),
         underlay6,
+        to_v4: None,
         lease,
         plane,
         report,
@@ -356,6 +371,38 @@ struct Kernel {
     echoes: Echoes,
 }
 
+/// A dual-stack node turning IPv4 only ([`Check6::Gone`]): the lease's rename to its IPv4-only
+/// key runs in a task, retried with backoff while etcd fails, and the lease, subnet.env, the
+/// rules and the IPv6 plane stay dual until it is done, so they always agree. Meanwhile our
+/// key's events (its old name deleted by the rename), its expiry and the address checks wait:
+/// the rename's acquisition answers for all of them.
+struct ToV4 {
+    /// The address that left.
+    from: std::net::Ipv6Addr,
+    /// What the lease advertises once IPv4 only.
+    attrs: tweed_config::LeaseAttrs,
+    /// The attempt running; `None` while waiting for `retry_at`.
+    attempt: Option<tokio::task::JoinHandle<Result<subnet::OwnLease, subnet::SubnetError>>>,
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+/// The first retry of a failed rename to the IPv4-only key; then doubled up to the agent's cap.
+const TO_V4_RETRY: Duration = Duration::from_millis(500);
+
+/// How long a shutdown waits for a rename to the IPv4-only key under way.
+const TO_V4_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// The end of the rename attempt running; never, without one.
+async fn to_v4_done(
+    to_v4: &mut Option<ToV4>,
+) -> Result<Result<subnet::OwnLease, subnet::SubnetError>, tokio::task::JoinError> {
+    match to_v4.as_mut().and_then(|t| t.attempt.as_mut()) {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The running agent: everyone's leases, ours, and the data plane made of them.
 struct Agent {
     kernel: Kernel,
@@ -368,6 +415,8 @@ struct Agent {
     ipv6_cfg: Option<tweed_config::Ipv6Config>,
     /// The `PublicIPv6` follower, when this node runs dual stack or waits for an address to.
     underlay6: Option<Underlay6>,
+    /// Turning IPv4 only, until the lease is renamed ([`ToV4`]).
+    to_v4: Option<ToV4>,
     table: LeaseTable,
     lease: LeaseKeeper,
     plane: Plane,
@@ -408,10 +457,15 @@ impl Agent {
             .map(super::nftmon::NftMonitor::spawn);
         let mut nft_due: Option<tokio::time::Instant> = None;
         loop {
+            let switching = self.to_v4.is_some();
+            let v4_retry = self.to_v4.as_ref().and_then(|t| t.retry_at);
             tokio::select! {
-                _ = stop.wait() => return Ok(()),
+                _ = stop.wait() => {
+                    self.finish_v4_attempt().await;
+                    return Ok(());
+                }
                 feed = feeds.next() => self.on_feed(feed?, stop).await,
-                id = self.lease.expired() => {
+                id = self.lease.expired(), if !switching => {
                     let old = self.lease.own().subnet();
                     if self.lease.on_expired(id?, stop).await {
                         self.after_reacquire(old).await;
@@ -419,9 +473,12 @@ impl Agent {
                 }
                 ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
                 _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
-                _ = repair_due(self.underlay6.as_ref().and_then(Underlay6::due)) => {
+                _ = repair_due(self.underlay6.as_ref().and_then(Underlay6::due)), if !switching => {
                     self.follow_public_ipv6(stop).await;
                 }
+                done = to_v4_done(&mut self.to_v4) => self.on_v4_attempt(done).await,
+                _ = repair_due(v4_retry) => self.try_v4_only(),
+                _ = repair_due(self.plane.teardown_v6_due()) => self.plane.teardown_v6().await,
                 _ = beat.tick() => self.beat(),
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                 _ = peer_stats.tick() => {
@@ -576,13 +633,17 @@ impl Agent {
         self.report.lease_changes(&applied, own.subnet());
         // The whole key: a renamed lease (its IPv6 half changed) removes an old key naming the
         // same IPv4 subnet, which is not ours any more; the table reports a rename as an update.
-        let own_lost = applied
-            .changes
-            .iter()
-            .any(|c| c.key_gone() == Some(&own.key));
+        // While turning IPv4 only, the rename deletes our old key itself, and its acquisition
+        // answers for a conflict or a loss too.
+        let own_lost = self.to_v4.is_none()
+            && applied
+                .changes
+                .iter()
+                .any(|c| c.key_gone() == Some(&own.key));
         self.lease.follow(&self.table);
         if !own_lost
             && !stop.stopped()
+            && self.to_v4.is_none()
             && self.lease.conflicts(&self.table, &applied)
             && self.lease.resolve_conflict(stop).await == lease::ConflictAction::Moved
         {
@@ -618,6 +679,7 @@ impl Agent {
         let to = match self.underlay6.as_mut().and_then(Underlay6::check) {
             None => return,
             Some(Check6::Appeared(to)) => return self.turn_dual(to, stop).await,
+            Some(Check6::Gone(from)) => return self.turn_v4_only(from),
             Some(Check6::Moved(to)) => to,
         };
         self.report
@@ -669,6 +731,107 @@ impl Agent {
             // Also without the IPv6 half: the lease was taken again, maybe on another subnet.
             self.after_reacquire(old).await;
         }
+    }
+
+    /// A vxlan or host-gw node's last usable IPv6 address left the underlay for the grace
+    /// period (issue 19): the node turns IPv4 only. The lease is renamed to its IPv4-only key
+    /// (the IPv4 subnet kept, so peers see an update and keep their IPv4 route) in a task, and
+    /// only once that is done do subnet.env, the rules, the status and the IPv6 plane follow
+    /// ([`on_v4_attempt`](Self::on_v4_attempt)).
+    fn turn_v4_only(&mut self, from: std::net::Ipv6Addr) {
+        warn!(
+            %from,
+            grace = ?super::underlay6::GRACE,
+            "no usable IPv6 address on the underlay interface for the grace period: turning IPv4 only (renaming the lease to its IPv4 half, then removing the IPv6 data plane and rules)"
+        );
+        self.to_v4 = Some(ToV4 {
+            from,
+            attrs: crate::ipv6::without_ipv6(self.lease.attrs().clone()),
+            attempt: None,
+            retry_at: None,
+            backoff: TO_V4_RETRY,
+        });
+        self.try_v4_only();
+    }
+
+    /// Starts an attempt at the rename to the IPv4-only key.
+    fn try_v4_only(&mut self) {
+        if let Some(t) = self.to_v4.as_mut() {
+            t.retry_at = None;
+            t.attempt = Some(self.lease.spawn_acquire(t.attrs.clone()));
+        }
+    }
+
+    /// Shutting down during a rename to the IPv4-only key: its two writes are let finish (up to
+    /// [`TO_V4_SHUTDOWN_WAIT`]) and committed, so the files left for the next start match etcd.
+    /// One still running then is cut like a killed agent's, whose leftover key the next
+    /// acquisition removes.
+    async fn finish_v4_attempt(&mut self) {
+        let Some(task) = self.to_v4.as_mut().and_then(|t| t.attempt.as_mut()) else {
+            return;
+        };
+        info!("shutting down: letting the lease's rename to its IPv4-only key finish");
+        match tokio::time::timeout(TO_V4_SHUTDOWN_WAIT, task).await {
+            Ok(done) => self.on_v4_attempt(done).await,
+            Err(_) => warn!(
+                wait = ?TO_V4_SHUTDOWN_WAIT,
+                "the lease's rename to its IPv4-only key did not finish; the next start completes it"
+            ),
+        }
+    }
+
+    /// An attempt at the rename ended: committed when the key is IPv4 only, else (etcd failed,
+    /// the task died) everything stays dual and it is tried again after a backoff.
+    async fn on_v4_attempt(
+        &mut self,
+        done: Result<Result<subnet::OwnLease, subnet::SubnetError>, tokio::task::JoinError>,
+    ) {
+        let Some(t) = self.to_v4.as_mut() else {
+            return;
+        };
+        t.attempt = None;
+        let own = match done {
+            Ok(Ok(own)) if own.key.ipv6.is_none() => own,
+            failed => {
+                let why = match failed {
+                    Ok(Ok(own)) => format!("the lease came back as {} (dual)", own.key),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("the attempt died: {e}"),
+                };
+                warn!(
+                    retry_in = ?t.backoff,
+                    "turning IPv4 only: renaming the lease to its IPv4 half: {why}; the node stays dual stack until it is done"
+                );
+                self.report.v4_only_attempt_failed();
+                t.retry_at = Some(tokio::time::Instant::now() + t.backoff);
+                t.backoff = next_backoff(t.backoff);
+                return;
+            }
+        };
+        let Some(ToV4 { from, attrs, .. }) = self.to_v4.take() else {
+            return;
+        };
+        let old = self.lease.own().subnet();
+        self.lease.switched(own, attrs);
+        let iface = self
+            .underlay6
+            .as_mut()
+            .map(|u| {
+                u.went_v4_only();
+                u.iface().to_string()
+            })
+            .unwrap_or_default();
+        self.report
+            .ipv6_mode(&crate::ipv6::Ipv6Mode::V4Only { iface });
+        // subnet.env and the MTU first: the CNI plugin stops handing out IPv6 addresses.
+        self.plane.disable_ipv6();
+        self.after_reacquire(old).await;
+        self.plane.teardown_v6().await;
+        info!(
+            %from,
+            subnet = %self.lease.own().subnet(),
+            "turned IPv4 only: the lease has no IPv6 half, subnet.env and the status say IPv4 only; an IPv6 address on the underlay interface turns the node dual stack again"
+        );
     }
 
     /// A lease is held again after a loss; `old` is the subnet we had.

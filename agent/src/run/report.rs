@@ -128,6 +128,15 @@ impl Report {
         });
     }
 
+    /// Renaming the lease to its IPv4-only key failed (logged by the caller); retried.
+    pub(super) fn v4_only_attempt_failed(&self) {
+        self.state
+            .metrics
+            .lease_failures
+            .with_label_values(&["ipv4_only"])
+            .inc();
+    }
+
     pub(super) fn acquire_failed(&self, e: &SubnetError) {
         let m = &self.state.metrics;
         m.lease_failures.with_label_values(&["acquire"]).inc();

@@ -830,3 +830,385 @@ async fn an_ipv4_only_node_turns_dual_stack_when_an_ipv6_address_appears() {
         snap.leases.iter().map(|l| &l.key).collect::<Vec<_>>()
     );
 }
+
+/// A dual-stack host-gw node with eth0's address 2001:db8::1 listed in `listed` (the test
+/// changes it), its connected route, and one dual-stack peer (10.244.7.0/24 at 198.18.0.2,
+/// 2001:db8::2) routed over both families.
+async fn dual_node_with_a_peer(
+    mem: &MemRegistry,
+) -> (
+    Node,
+    std::sync::Arc<std::sync::Mutex<Vec<crate::ipv6::Inet6Addr>>>,
+) {
+    let peer = format!("{PREFIX}/subnets/10.244.7.0-24&fd00:10:244:7::-64");
+    mem.put_raw(
+        &peer,
+        br#"{"PublicIP":"198.18.0.2","PublicIPv6":"2001:db8::2","BackendType":"host-gw"}"#,
+    );
+    let listed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let shared = listed.clone();
+    let n = Node::start_with_addrs(mem, move |eth0| {
+        *shared.lock().unwrap() = vec![eth0_addr6(eth0)];
+        crate::ipv6::Ipv6Addrs::Shared(shared)
+    });
+    Netlink::from(n.kernel.clone())
+        .apply(&Op::Route6Replace(crate::netlink::Route6 {
+            dst: "2001:db8::/64".parse().unwrap(),
+            gateway: None,
+            oif: Some(n.eth0),
+            onlink: false,
+            metric: 256,
+            protocol: Route::PROTO_KERNEL,
+        }))
+        .await
+        .unwrap();
+    n.until("the agent to be ready", |s| s.not_ready().is_empty())
+        .await;
+    n.until("the route to the peer's IPv6 subnet", |_| {
+        n.kernel
+            .ops()
+            .iter()
+            .any(|o| matches!(o, Op::Route6Replace(r) if r.dst.to_string() == "fd00:10:244:7::/64"))
+    })
+    .await;
+    assert_eq!(n.state.snapshot().ipv6, "dual-stack");
+    (n, listed)
+}
+
+fn eth0_addr6(eth0: u32) -> crate::ipv6::Inet6Addr {
+    crate::ipv6::Inet6Addr {
+        ifindex: eth0,
+        addr: "2001:db8::1".parse().unwrap(),
+        prefix: 64,
+        scope: 0,
+        flags: 0x80,
+    }
+}
+
+impl Node {
+    /// eth0's IPv6 address 2001:db8::1 removed (`present` false) or added again, with the
+    /// kernel's notification.
+    fn set_addr6(&self, listed: &std::sync::Mutex<Vec<crate::ipv6::Inet6Addr>>, present: bool) {
+        *listed.lock().unwrap() = if present {
+            vec![eth0_addr6(self.eth0)]
+        } else {
+            Vec::new()
+        };
+        let change = if present {
+            crate::netlink::Change::New
+        } else {
+            crate::netlink::Change::Del
+        };
+        self.kernel.announce(crate::netlink::Event::Addr6(
+            change,
+            crate::netlink::Addr6 {
+                ifindex: self.eth0,
+                net: "2001:db8::1/64".parse().unwrap(),
+                tentative: false,
+            },
+        ));
+    }
+
+    async fn routes6_to(&self, dst: &str) -> Vec<crate::netlink::Route6> {
+        let nl = Netlink::from(self.kernel.clone());
+        nl.all_routes6()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.dst.to_string() == dst)
+            .collect()
+    }
+
+    /// Whether the node is IPv4 only in every place that says so: status, metrics, subnet.env.
+    fn says_ipv4_only(&self) -> bool {
+        let s = self.state.snapshot();
+        s.ipv6.starts_with("IPv4 only")
+            && s.public_ipv6.is_empty()
+            && s.subnet_v6.is_empty()
+            && self.subnet_env().ipv6.is_none()
+            && !self
+                .state
+                .metrics
+                .render()
+                .contains("tweed_lease_ipv6_info{")
+    }
+}
+
+/// Issue 19, the reverse switch: a dual-stack host-gw node whose only IPv6 address on eth0
+/// goes away. Back within the grace period, nothing changes. Gone for longer, the node turns
+/// IPv4 only without a restart: its key is renamed to the IPv4-only form (the IPv4 subnet and
+/// the peer's IPv4 route kept), the lease no longer advertises a `PublicIPv6`, subnet.env, the
+/// status and the metrics say IPv4 only, the IPv6 route to the peer and the IPv6 rules are
+/// removed. The address back, it turns dual stack again.
+#[tokio::test(start_paused = true)]
+async fn a_dual_stack_node_whose_ipv6_address_goes_turns_ipv4_only_and_back() {
+    let mem = dual_etcd();
+    let (n, listed) = dual_node_with_a_peer(&mem).await;
+    let (dual_key, _) = own_key(&mem).await;
+    let v4 = dual_key.parse::<SubnetKey>().unwrap().ipv4;
+    assert_eq!(n.rules.v6_removals(), 0);
+    n.kernel.take_ops();
+
+    // A flap: back within the grace.
+    n.set_addr6(&listed, false);
+    tokio::time::sleep(super::underlay6::GRACE / 2).await;
+    n.set_addr6(&listed, true);
+    tokio::time::sleep(super::underlay6::GRACE * 3).await;
+    assert_eq!(own_key(&mem).await.0, dual_key, "a flap renames nothing");
+    assert_eq!(n.state.snapshot().ipv6, "dual-stack");
+    assert!(n.subnet_env().ipv6.is_some());
+    assert_eq!(n.kernel.take_ops(), vec![], "a flap changes nothing");
+
+    // Gone for good.
+    let gone_at = Instant::now();
+    n.set_addr6(&listed, false);
+    tokio::time::sleep(super::underlay6::GRACE - Duration::from_millis(200)).await;
+    assert_eq!(own_key(&mem).await.0, dual_key, "not within the grace");
+    n.until("IPv4 only", |_| n.says_ipv4_only()).await;
+    assert!(gone_at.elapsed() >= super::underlay6::GRACE);
+    let (key, attrs) = own_key(&mem).await;
+    let parsed: SubnetKey = key.parse().unwrap();
+    assert_eq!((parsed.ipv4, parsed.ipv6), (v4, None), "{key}");
+    assert_eq!(attrs.public_ipv6, None);
+    assert!(attrs.backend_v6_data.is_none());
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let keys: Vec<&str> = snap.leases.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(keys.len(), 2, "the dual key is gone: {keys:?}");
+    assert_eq!(n.subnet_env().node_subnet(), v4);
+    assert_eq!(n.state.snapshot().subnet, v4.to_string());
+    n.until("the IPv6 route to the peer removed", |_| {
+        futures::executor::block_on(n.routes6_to("fd00:10:244:7::/64")).is_empty()
+    })
+    .await;
+    n.until("the IPv6 rules removed", |_| n.rules.v6_removals() == 1)
+        .await;
+    assert_eq!(n.rules.applied().last().and_then(|r| r.ipv6), None);
+    let ops = n.kernel.take_ops();
+    assert!(
+        !ops.iter().any(|o| matches!(o, Op::RouteDel(_))),
+        "an IPv4 route was withdrawn: {ops:?}"
+    );
+    assert!(n.peer_routed().await, "the peer's IPv4 route is kept");
+    // Settled: no more removals, renames or writes.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(n.rules.v6_removals(), 1);
+    assert_eq!(own_key(&mem).await.0, key);
+    assert_eq!(n.kernel.take_ops(), vec![]);
+
+    // Back: dual stack again, on the same IPv4 subnet.
+    n.set_addr6(&listed, true);
+    n.until("dual stack again", |s| s.ipv6 == "dual-stack")
+        .await;
+    n.until("subnet.env's IPv6 half", |_| n.subnet_env().ipv6.is_some())
+        .await;
+    let (key, attrs) = own_key(&mem).await;
+    assert_eq!(key, dual_key, "both halves taken back");
+    assert_eq!(attrs.public_ipv6, Some("2001:db8::1".parse().unwrap()));
+    n.until("the IPv6 route to the peer back", |_| {
+        !futures::executor::block_on(n.routes6_to("fd00:10:244:7::/64")).is_empty()
+    })
+    .await;
+    assert!(n.peer_routed().await);
+}
+
+/// Issue 19, review pitfalls 2 and 3: the rename to the IPv4-only key waits out an etcd outage
+/// without holding the main loop (a deleted peer route is put back meanwhile), the node stays
+/// dual stack in every place until the rename is done, and a lease that expired meanwhile is
+/// taken back IPv4 only on its subnet, with the lease, subnet.env and the plane agreeing.
+#[tokio::test(start_paused = true)]
+async fn turning_ipv4_only_waits_out_an_etcd_outage_and_a_lost_lease() {
+    let mem = dual_etcd();
+    let (n, listed) = dual_node_with_a_peer(&mem).await;
+    let (dual_key, _) = own_key(&mem).await;
+    let v4 = dual_key.parse::<SubnetKey>().unwrap().ipv4;
+    let lease = n.lease_id(v4).await;
+    assert_eq!(lease, None, "the dual key is not the IPv4-only one");
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let lease = snap
+        .leases
+        .iter()
+        .find(|l| l.key.ends_with(&dual_key))
+        .unwrap()
+        .lease_id;
+    mem.set_reachable(false);
+    n.set_addr6(&listed, false);
+    tokio::time::sleep(super::underlay6::GRACE * 4).await;
+    n.until("failed rename attempts", |_| {
+        n.counter("lease_failures", "ipv4_only") >= 2
+    })
+    .await;
+    let s = n.state.snapshot();
+    assert_eq!(s.ipv6, "dual-stack", "dual until the rename is done");
+    assert!(n.subnet_env().ipv6.is_some());
+    assert_eq!(n.rules.v6_removals(), 0);
+
+    // The main loop still serves the kernel: a deleted IPv4 route is put back.
+    let nl = Netlink::from(n.kernel.clone());
+    let route = n.route("10.244.7.0/24", "198.18.0.2");
+    nl.apply(&Op::RouteDel(route)).await.unwrap();
+    n.kernel.announce(crate::netlink::Event::Route(
+        crate::netlink::Change::Del,
+        route,
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(n.peer_routed().await, "repaired while etcd is away");
+
+    // The lease expires meanwhile; etcd comes back.
+    mem.expire_lease(lease);
+    mem.set_reachable(true);
+    n.until("IPv4 only", |_| n.says_ipv4_only()).await;
+    let (key, attrs) = own_key(&mem).await;
+    let parsed: SubnetKey = key.parse().unwrap();
+    assert_eq!((parsed.ipv4, parsed.ipv6), (v4, None), "{key}");
+    assert_eq!(attrs.public_ipv6, None);
+    assert_eq!(n.subnet_env().node_subnet(), v4);
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    assert_eq!(snap.leases.len(), 2, "{:?}", snap.leases);
+    n.until("the IPv6 route removed", |_| {
+        futures::executor::block_on(n.routes6_to("fd00:10:244:7::/64")).is_empty()
+    })
+    .await;
+    assert!(n.peer_routed().await);
+    // Held from now on: the renewal follows the new lease.
+    let id = n.lease_id(v4).await.expect("the IPv4-only key");
+    assert!(mem.lease_alive(id));
+    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+    assert_eq!(n.lease_id(v4).await, Some(id), "renewed, not lost");
+}
+
+/// Issue 19, review pitfall 4: removing the IPv6 half is retried step by step until it holds:
+/// an IPv6 route the kernel refuses to delete and ip6tables failing twice.
+#[tokio::test(start_paused = true)]
+async fn a_failed_ipv6_teardown_is_retried_until_it_holds() {
+    let mem = dual_etcd();
+    let (n, listed) = dual_node_with_a_peer(&mem).await;
+    let refusals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = refusals.clone();
+    n.kernel.fail_when(move |op| {
+        use std::sync::atomic::Ordering::SeqCst;
+        (matches!(op, Op::Route6Del(_))
+            && counted
+                .fetch_update(SeqCst, SeqCst, |k| (k < 3).then_some(k + 1))
+                .is_ok())
+        .then_some(libc::EBUSY)
+    });
+    n.rules.fail_v6_removals(2);
+    n.set_addr6(&listed, false);
+    n.until("IPv4 only", |_| n.says_ipv4_only()).await;
+    n.until("the IPv6 route removed", |_| {
+        futures::executor::block_on(n.routes6_to("fd00:10:244:7::/64")).is_empty()
+    })
+    .await;
+    n.until("the IPv6 rules removed", |_| n.rules.v6_removals() == 3)
+        .await;
+    assert_eq!(refusals.load(std::sync::atomic::Ordering::SeqCst), 3);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(n.rules.v6_removals(), 3, "done: not tried again");
+    assert!(n.peer_routed().await);
+}
+
+/// Issue 19, review pitfall 3: our key is taken by another node while the rename to the
+/// IPv4-only key waits for etcd (our lease expired meanwhile). The rename's acquisition takes
+/// another subnet, IPv4 only, and the lease, subnet.env, the status and the backend all move to
+/// it; the other node's key is left alone.
+#[tokio::test(start_paused = true)]
+async fn a_key_taken_during_the_switch_leaves_the_node_ipv4_only_on_another_subnet() {
+    let mem = dual_etcd();
+    let (n, listed) = dual_node_with_a_peer(&mem).await;
+    let (dual_key, _) = own_key(&mem).await;
+    let v4 = dual_key.parse::<SubnetKey>().unwrap().ipv4;
+    let full = format!("{PREFIX}/subnets/{dual_key}");
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let lease = snap.leases.iter().find(|l| l.key == full).unwrap().lease_id;
+    mem.set_reachable(false);
+    n.set_addr6(&listed, false);
+    n.until("a failed rename attempt", |_| {
+        n.counter("lease_failures", "ipv4_only") >= 1
+    })
+    .await;
+    mem.expire_lease(lease);
+    let thief = br#"{"PublicIP":"198.18.0.66","BackendType":"host-gw"}"#;
+    mem.put_raw(&full, thief);
+    mem.set_reachable(true);
+    n.until("IPv4 only", |_| n.says_ipv4_only()).await;
+    let (key, attrs) = own_key(&mem).await;
+    let parsed: SubnetKey = key.parse().unwrap();
+    assert_eq!(parsed.ipv6, None, "{key}");
+    assert_ne!(parsed.ipv4, v4, "the taken subnet is not ours");
+    assert_eq!(attrs.public_ipv6, None);
+    n.until("subnet.env on the new subnet", |s| {
+        s.subnet == parsed.ipv4.to_string() && n.subnet_env().node_subnet() == parsed.ipv4
+    })
+    .await;
+    n.until("the rules for the new subnet", |_| {
+        n.rules.applied().last() == Some(&n.rules_for(parsed.ipv4))
+    })
+    .await;
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let held = snap.leases.iter().find(|l| l.key == full).unwrap();
+    assert_eq!(
+        held.value,
+        thief.to_vec(),
+        "the other node's key is left alone"
+    );
+    assert!(n.peer_routed().await);
+    n.until("the IPv6 route removed", |_| {
+        futures::executor::block_on(n.routes6_to("fd00:10:244:7::/64")).is_empty()
+    })
+    .await;
+}
+
+/// Issue 19, review pitfall 2: with a slow etcd (each listing takes 1 s) the rename to the
+/// IPv4-only key is under way for seconds; meanwhile the main loop still repairs a deleted peer
+/// route at once and the node says dual stack everywhere. A shutdown in the middle lets the
+/// rename finish and commits it: etcd holds exactly the IPv4-only key and subnet.env agrees,
+/// with no half-renamed key left.
+#[tokio::test(start_paused = true)]
+async fn a_slow_etcd_never_holds_the_main_loop_and_a_shutdown_lets_the_rename_finish() {
+    let mem = dual_etcd();
+    let (n, listed) = dual_node_with_a_peer(&mem).await;
+    let (dual_key, _) = own_key(&mem).await;
+    let v4 = dual_key.parse::<SubnetKey>().unwrap().ipv4;
+    mem.set_list_delay(Duration::from_secs(1));
+    n.set_addr6(&listed, false);
+    n.until("the rename under way", |_| mem.keys().len() == 3)
+        .await;
+    // Both keys stand: the new one is created, the old one not deleted yet.
+    let started = Instant::now();
+    let nl = Netlink::from(n.kernel.clone());
+    let route = n.route("10.244.7.0/24", "198.18.0.2");
+    nl.apply(&Op::RouteDel(route)).await.unwrap();
+    n.kernel.announce(crate::netlink::Event::Route(
+        crate::netlink::Change::Del,
+        route,
+    ));
+    n.until("the peer route put back", |_| {
+        futures::executor::block_on(n.peer_routed())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the repair waited for etcd: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(n.state.snapshot().ipv6, "dual-stack");
+    assert!(
+        n.subnet_env().ipv6.is_some(),
+        "dual until the rename is done"
+    );
+
+    let (end, n) = n.shut_down().await;
+    end.unwrap();
+    mem.set_list_delay(Duration::ZERO);
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    let keys: Vec<&str> = snap.leases.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(keys.len(), 2, "no half-renamed key left: {keys:?}");
+    let (key, _) = own_key(&mem).await;
+    assert_eq!(key.parse::<SubnetKey>().unwrap(), SubnetKey::new(v4));
+    let env = n.subnet_env();
+    assert_eq!(
+        (env.node_subnet(), env.ipv6),
+        (v4, None),
+        "subnet.env agrees"
+    );
+}

@@ -16,6 +16,15 @@
 //! half ([`Underlay6::turned_dual`]); an attempt that ends without it leaves the watcher waiting,
 //! so the next address notification tries again.
 //!
+//! The reverse switch: a vxlan or host-gw node whose last usable IPv6 address left the underlay
+//! interface and stayed away for [`GRACE`] turns IPv4 only ([`Check6::Gone`]): its IPv6 plane
+//! needs an IPv6 underlay, so advertising the IPv6 half would only blackhole what peers send to
+//! it. An address that comes back within the grace cancels it (a flap, DAD replacing an
+//! address). udp carries IPv6 over the IPv4 underlay and never needs `PublicIPv6` after the
+//! start, and wireguard's IPv6 half is fixed at start: both stay as they are
+//! ([`turns_v4_only_at_run_time`]). Once IPv4 only, the node waits for an address like one that
+//! started so, and turns dual again when one appears.
+//!
 //! IPv4 has no such follower: its public IP is chosen once at start (a change between starts is
 //! only logged). IPv6 addresses come and go on their own (SLAAC renumbering, privacy and
 //! deprecated addresses), so the IPv6 half needs one.
@@ -24,8 +33,14 @@ use super::repair::DEBOUNCE;
 use crate::ipv6::{public_ipv6, public_ipv6_change, Inet6Addr, Ipv6Addrs, PublicIpv6Change};
 use crate::netlink::Event;
 use std::net::Ipv6Addr;
+use std::time::Duration;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
+
+/// How long a dual-stack node goes without a usable IPv6 address on the underlay before it
+/// turns IPv4 only: longer than a renumbering's remove-then-add or DAD on a replacement address
+/// (about a second), short enough that peers stop sending IPv6 into a dead VTEP soon.
+pub(super) const GRACE: Duration = Duration::from_secs(3);
 
 /// What a check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +49,8 @@ pub(super) enum Check6 {
     Moved(Ipv6Addr),
     /// A node running IPv4 only has a usable address now: turn dual stack on it.
     Appeared(Ipv6Addr),
+    /// The advertised address (this one) left, none replaced it for [`GRACE`]: turn IPv4 only.
+    Gone(Ipv6Addr),
 }
 
 /// DAD sets this flag until the address is unique; `/proc/net/if_inet6`'s flags.
@@ -59,6 +76,15 @@ pub(super) fn turns_dual_at_run_time(backend_type: &str) -> bool {
     backend_type != "wireguard"
 }
 
+/// Whether a dual-stack node of `backend_type` turns IPv4 only when its IPv6 underlay address
+/// is gone: vxlan (its IPv6 VTEP is that address) and host-gw (peers route to it), whose IPv6
+/// half cannot work without it. Not udp, which carries IPv6 over the IPv4 underlay (peers never
+/// read its `PublicIPv6`: [`crate::backend::v6::udp6_peer`]), nor wireguard, whose IPv6 half
+/// is chosen at start only (as [`turns_dual_at_run_time`]).
+pub(super) fn turns_v4_only_at_run_time(backend_type: &str) -> bool {
+    matches!(backend_type, "vxlan" | "host-gw")
+}
+
 /// The advertised `PublicIPv6` and what is needed to choose it again.
 pub(super) struct Underlay6 {
     /// What the lease advertises; `None`: the node runs IPv4 only and waits for an address.
@@ -78,6 +104,10 @@ pub(super) struct Underlay6 {
     due: Option<Instant>,
     /// The loss was logged (once per loss, not per notification).
     lost_said: bool,
+    /// A loss turns the node IPv4 only after [`GRACE`] ([`turns_v4_only_at_run_time`]).
+    drops_v6: bool,
+    /// When the advertised address was first found gone with nothing to replace it.
+    lost_since: Option<Instant>,
 }
 
 impl Underlay6 {
@@ -100,7 +130,29 @@ impl Underlay6 {
             // start-up's look and the notification subscription would otherwise go unseen.
             due: current.is_none().then(|| Instant::now() + DEBOUNCE),
             lost_said: false,
+            drops_v6: false,
+            lost_since: None,
         }
+    }
+
+    /// A node of this backend turns IPv4 only when its address is gone for [`GRACE`].
+    pub(super) fn turn_v4_only_when_lost(mut self) -> Underlay6 {
+        self.drops_v6 = true;
+        self
+    }
+
+    pub(super) fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    /// The lease lost its IPv6 half ([`Check6::Gone`] done): the node waits for an address like
+    /// one that started IPv4 only. Checked soon, for an address that came back meanwhile.
+    pub(super) fn went_v4_only(&mut self) {
+        self.current = None;
+        self.lost_since = None;
+        self.lost_said = false;
+        self.appeared_said = None;
+        self.due = Some(Instant::now() + DEBOUNCE);
     }
 
     /// Schedules a check for an IPv6 address change on the underlay, or lost notifications;
@@ -112,7 +164,10 @@ impl Underlay6 {
             _ => false,
         };
         if concerns && self.explicit.is_none() {
-            self.due.get_or_insert(now + DEBOUNCE);
+            // The earlier of the two: a check waiting for the grace's end comes sooner, since
+            // an address added meanwhile may replace the lost one at once.
+            let t = now + DEBOUNCE;
+            self.due = Some(self.due.map_or(t, |d| d.min(t)));
         }
     }
 
@@ -176,6 +231,12 @@ impl Underlay6 {
         match public_ipv6_change(current, self.explicit, self.ifindex, &addrs) {
             PublicIpv6Change::Keep => {
                 self.lost_said = false;
+                if self.lost_since.take().is_some() {
+                    info!(
+                        iface = %self.iface, public_ipv6 = %current,
+                        "the PublicIPv6 is back within the grace period: staying dual stack"
+                    );
+                }
                 None
             }
             PublicIpv6Change::Move { from, to } => {
@@ -185,7 +246,25 @@ impl Underlay6 {
                 );
                 self.current = Some(to);
                 self.lost_said = false;
+                self.lost_since = None;
                 Some(Check6::Moved(to))
+            }
+            PublicIpv6Change::Lost { from } if self.drops_v6 => {
+                let now = Instant::now();
+                let since = *self.lost_since.get_or_insert_with(|| {
+                    warn!(
+                        iface = %self.iface, %from, grace = ?GRACE,
+                        "the PublicIPv6 left the underlay interface and no other usable global IPv6 address is there: turning IPv4 only unless one is back within the grace period"
+                    );
+                    now
+                });
+                if now >= since + GRACE {
+                    // Committed by `went_v4_only` once the lease agrees; until then the node
+                    // stays dual and this is asked again.
+                    return Some(Check6::Gone(from));
+                }
+                self.due = Some(since + GRACE);
+                None
             }
             PublicIpv6Change::Lost { from } => {
                 if !self.lost_said {
@@ -391,6 +470,107 @@ mod tests {
         assert_eq!((w.current, w.appeared_said), (Some(to), None));
         // From then on it follows the address like a node that started dual stack.
         assert_eq!(w.check(), None);
+    }
+
+    /// Issue 19, the reverse switch: a vxlan/host-gw watcher whose address is gone says so at
+    /// once, asks to turn IPv4 only only after [`GRACE`], and an address back (or a
+    /// replacement) within the grace cancels it.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_address_turns_ipv4_only_after_the_grace_unless_one_comes_back() {
+        let from: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut w = Underlay6::new(
+            Some(from),
+            None,
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Shared(shared.clone()),
+        )
+        .turn_v4_only_when_lost();
+        let t0 = Instant::now();
+        assert_eq!(w.check(), None, "not at the first look");
+        assert_eq!(
+            w.due(),
+            Some(t0 + GRACE),
+            "looked at again when the grace ends"
+        );
+        // A notification within the grace brings the check forward, not back.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        w.note(&a6(2, "2001:db8::1"), Instant::now());
+        assert_eq!(w.due(), Some(Instant::now() + DEBOUNCE));
+        assert_eq!(w.check(), None, "still within the grace");
+        assert_eq!(w.due(), Some(t0 + GRACE), "the grace counts from the loss");
+        // Back (a flap, DAD on a re-added address done): cancelled, the grace starts afresh.
+        *shared.lock().unwrap() = vec![listed("2001:db8::1")];
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(w.check(), None);
+        assert_eq!((w.lost_since, w.due()), (None, None));
+        *shared.lock().unwrap() = vec![];
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(w.check(), None, "a new loss has its own grace");
+        let t1 = Instant::now();
+        tokio::time::sleep(GRACE - Duration::from_millis(1)).await;
+        assert_eq!(w.check(), None);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(w.check(), Some(Check6::Gone(from)));
+        assert_eq!(
+            w.lost_since,
+            Some(t1),
+            "not committed before the lease agrees"
+        );
+        // The lease went IPv4 only: the watcher waits like an IPv4-only start...
+        w.went_v4_only();
+        assert_eq!(w.current, None);
+        assert!(w.due().is_some(), "an address back meanwhile is looked for");
+        assert_eq!(w.check(), None);
+        // ...and turns dual again when an address appears.
+        *shared.lock().unwrap() = vec![listed("2001:db8::1")];
+        assert_eq!(w.check(), Some(Check6::Appeared(from)));
+    }
+
+    /// Within the grace, a replacement address moves the lease instead (a renumbering).
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_within_the_grace_moves_and_never_turns_ipv4_only() {
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut w = Underlay6::new(
+            Some("2001:db8::1".parse().unwrap()),
+            None,
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Shared(shared.clone()),
+        )
+        .turn_v4_only_when_lost();
+        assert_eq!(w.check(), None);
+        tokio::time::sleep(GRACE / 2).await;
+        *shared.lock().unwrap() = vec![listed("2001:db8::5")];
+        assert_eq!(
+            w.check(),
+            Some(Check6::Moved("2001:db8::5".parse().unwrap()))
+        );
+        *shared.lock().unwrap() = vec![listed("2001:db8::5")];
+        tokio::time::sleep(GRACE * 2).await;
+        assert_eq!(w.check(), None);
+        assert_eq!((w.lost_since, w.due()), (None, None));
+    }
+
+    /// udp carries IPv6 over the IPv4 underlay and wireguard's IPv6 half is fixed at start:
+    /// their watchers (built without `turn_v4_only_when_lost`) only log a loss, however long.
+    #[tokio::test(start_paused = true)]
+    async fn udp_and_wireguard_never_turn_ipv4_only() {
+        for b in ["udp", "wireguard", "alloc"] {
+            assert!(!turns_v4_only_at_run_time(b), "{b}");
+        }
+        for b in ["vxlan", "host-gw"] {
+            assert!(turns_v4_only_at_run_time(b), "{b}");
+        }
+        let mut w = u(None, vec![]);
+        for _ in 0..5 {
+            assert_eq!(w.check(), None);
+            assert_eq!(w.due(), None, "no grace to wait for");
+            tokio::time::sleep(GRACE * 2).await;
+        }
+        assert!(w.lost_said);
+        assert_eq!(w.current, Some("2001:db8::1".parse().unwrap()));
     }
 
     #[test]
