@@ -1125,6 +1125,7 @@ mod wireguard_separate_tests {
             v6_stale: false,
             backend_down: false,
             v6_rules_cleared: false,
+            v6_teardown: None,
         };
         plane.setup_v6().await;
         plane.program(&[]).await.expect("programmed");
