@@ -1535,7 +1535,7 @@ fn vxlan_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_
 #[test]
 fn host_gw_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_it_returns() {
     require_root!(NEEDS_ROOT);
-    assert_turns_ipv4_only_and_back("d6h", Backend::HostGw);
+    assert_turns_ipv4_only_and_back("d6k", Backend::HostGw);
 }
 
 /// Issue 19: udp carries IPv6 over the IPv4 underlay, so a udp node whose IPv6 underlay address
@@ -1544,7 +1544,7 @@ fn host_gw_node_turns_ipv4_only_when_its_ipv6_address_goes_and_dual_again_when_i
 #[test]
 fn udp_node_stays_dual_stack_when_its_ipv6_underlay_address_goes() {
     require_root!(NEEDS_ROOT);
-    let mut spec = LabSpec::new(per_process("d6u"), 2);
+    let mut spec = LabSpec::new(per_process("d6s"), 2);
     spec.backend = Backend::Udp;
     spec.pods_per_host = 1;
     spec.ip_family = IpFamily::Dual;
