@@ -823,7 +823,9 @@ impl Agent {
             .unwrap_or_default();
         self.report
             .ipv6_mode(&crate::ipv6::Ipv6Mode::V4Only { iface });
-        // subnet.env and the MTU first: the CNI plugin stops handing out IPv6 addresses.
+        // subnet.env and the MTU first: the CNI plugin stops handing out IPv6 addresses. A key
+        // taken meanwhile moved us: that subnet.env names the new subnet already.
+        self.plane.name_own_subnet(self.lease.own().subnet());
         self.plane.disable_ipv6();
         self.after_reacquire(old).await;
         self.plane.teardown_v6().await;
@@ -837,6 +839,8 @@ impl Agent {
     /// A lease is held again after a loss; `old` is the subnet we had.
     async fn after_reacquire(&mut self, old: ipnetwork::Ipv4Network) {
         let new = self.lease.own().subnet();
+        // The subnet.env `set_own_v6` writes must not name `old` when it was taken.
+        self.plane.name_own_subnet(new);
         self.plane.set_own_v6(self.lease.own().key.ipv6);
         if new != old {
             self.report.subnet_moved(old, new);
