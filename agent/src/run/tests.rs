@@ -996,7 +996,10 @@ async fn a_dual_stack_node_whose_ipv6_address_goes_turns_ipv4_only_and_back() {
     assert_eq!(n.rules.v6_removals(), 1);
     assert_eq!(own_key(&mem).await.0, key);
     let v4_lease = lease_of(&mem, &key).await;
-    assert!(mem.lease_alive(v4_lease), "the IPv4-only key's lease is renewed");
+    assert!(
+        mem.lease_alive(v4_lease),
+        "the IPv4-only key's lease is renewed"
+    );
     assert!(
         !mem.lease_alive(dual_lease),
         "the dual key's lease is revoked, not left to its TTL"
@@ -1017,8 +1020,10 @@ async fn a_dual_stack_node_whose_ipv6_address_goes_turns_ipv4_only_and_back() {
     })
     .await;
     assert!(n.peer_routed().await);
-    n.until("the IPv4-only key's lease revoked", |_| !mem.lease_alive(v4_lease))
-        .await;
+    n.until("the IPv4-only key's lease revoked", |_| {
+        !mem.lease_alive(v4_lease)
+    })
+    .await;
     assert!(mem.lease_alive(lease_of(&mem, &dual_key).await));
 }
 
