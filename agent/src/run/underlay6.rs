@@ -100,6 +100,36 @@ pub(super) fn turns_v4_only_at_run_time(backend_type: &str) -> bool {
     matches!(backend_type, "vxlan" | "host-gw")
 }
 
+/// The watcher a node of `backend_type` starting in mode `ipv6` runs (none when the network has
+/// no IPv6 half): a dual-stack vxlan or host-gw node turns IPv4 only when its address is gone
+/// ([`turns_v4_only_at_run_time`]), a node waiting IPv4 only turns dual when one appears unless
+/// it is wireguard ([`turns_dual_at_run_time`]); once turned dual, it turns IPv4 only again like
+/// a dual start. `explicit`: `--public-ipv6`.
+pub(super) fn watcher(
+    ipv6: &crate::ipv6::Ipv6Mode,
+    backend_type: &str,
+    explicit: Option<Ipv6Addr>,
+    ifindex: u32,
+    iface: String,
+    addrs: Ipv6Addrs,
+) -> Option<Underlay6> {
+    let current = match ipv6 {
+        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => Some(*public_ipv6),
+        // `--public-ipv6` would have made the node dual from the start.
+        crate::ipv6::Ipv6Mode::V4Only { .. } => None,
+        crate::ipv6::Ipv6Mode::Off => return None,
+    };
+    let explicit = current.and(explicit);
+    let mut u = Underlay6::new(current, explicit, ifindex, iface, addrs);
+    if turns_v4_only_at_run_time(backend_type) {
+        u = u.turn_v4_only_when_lost();
+    }
+    if current.is_none() && !turns_dual_at_run_time(backend_type) {
+        u = u.never_turn_dual();
+    }
+    Some(u)
+}
+
 /// The advertised `PublicIPv6` and what is needed to choose it again.
 pub(super) struct Underlay6 {
     /// What the lease advertises; `None`: the node runs IPv4 only and waits for an address.
@@ -712,6 +742,68 @@ mod tests {
         }
         assert!(w.lost_said);
         assert_eq!(w.current, Some("2001:db8::1".parse().unwrap()));
+    }
+
+    /// Review Low 6: the watchers the main loop builds. A dual-stack udp or wireguard node whose
+    /// address is gone only logs it, however long (its key stays dual: the main loop turns IPv4
+    /// only on `Gone` alone); vxlan and host-gw turn IPv4 only after the grace.
+    #[tokio::test(start_paused = true)]
+    async fn the_main_loops_watchers_turn_only_vxlan_and_host_gw_ipv4_only() {
+        let from: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let dual = crate::ipv6::Ipv6Mode::DualStack { public_ipv6: from };
+        for b in ["udp", "wireguard", "vxlan", "host-gw"] {
+            let mut w = watcher(&dual, b, None, 2, "eth0".into(), Ipv6Addrs::Fixed(vec![]))
+                .expect("a dual-stack node has a watcher");
+            let mut got = Vec::new();
+            for _ in 0..4 {
+                got.extend(w.check());
+                tokio::time::sleep(GRACE / 2).await;
+            }
+            if turns_v4_only_at_run_time(b) {
+                assert_eq!(got.first(), Some(&Check6::Gone(from)), "{b}");
+            } else {
+                assert_eq!(got, vec![], "{b}: never turns IPv4 only");
+                assert_eq!(w.current, Some(from), "{b}");
+            }
+        }
+        // `--public-ipv6` is never second-guessed.
+        let mut w = watcher(
+            &dual,
+            "vxlan",
+            Some(from),
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Fixed(vec![]),
+        )
+        .unwrap();
+        tokio::time::sleep(GRACE * 2).await;
+        assert_eq!(w.check(), None);
+        // Waiting IPv4 only: wireguard never turns dual, the others do.
+        let v4 = crate::ipv6::Ipv6Mode::V4Only {
+            iface: "eth0".into(),
+        };
+        for b in ["udp", "wireguard", "vxlan", "host-gw"] {
+            let mut w = watcher(
+                &v4,
+                b,
+                None,
+                2,
+                "eth0".into(),
+                Ipv6Addrs::Fixed(vec![listed("2001:db8::5")]),
+            )
+            .unwrap();
+            let want = (b != "wireguard").then(|| Check6::Appeared("2001:db8::5".parse().unwrap()));
+            assert_eq!(w.check(), want, "{b}");
+        }
+        assert!(watcher(
+            &crate::ipv6::Ipv6Mode::Off,
+            "vxlan",
+            None,
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Fixed(vec![])
+        )
+        .is_none());
     }
 
     #[test]
