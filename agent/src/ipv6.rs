@@ -44,6 +44,9 @@ pub enum Ipv6Addrs {
     /// A list a test changes while the agent runs (an address added after the start).
     #[cfg(any(test, feature = "fake"))]
     Shared(std::sync::Arc<std::sync::Mutex<Vec<Inet6Addr>>>),
+    /// [`Shared`](Self::Shared) whose read fails while it holds `None`.
+    #[cfg(any(test, feature = "fake"))]
+    Flaky(std::sync::Arc<std::sync::Mutex<Option<Vec<Inet6Addr>>>>),
 }
 
 impl Ipv6Addrs {
@@ -65,6 +68,15 @@ impl Ipv6Addrs {
             Ipv6Addrs::Fixed(v) => Ok(v.clone()),
             #[cfg(any(test, feature = "fake"))]
             Ipv6Addrs::Shared(v) => Ok(v.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            #[cfg(any(test, feature = "fake"))]
+            Ipv6Addrs::Flaky(v) => v
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .ok_or_else(|| Ipv6AddrError::Read {
+                    path: "/proc/net/if_inet6".into(),
+                    source: std::io::Error::other("a test made this read fail"),
+                }),
         }
     }
 }

@@ -492,6 +492,14 @@ impl Plane {
         }
     }
 
+    /// Names `subnet` as ours before a [`set_own_v6`](Self::set_own_v6) or
+    /// [`disable_ipv6`](Self::disable_ipv6) that precedes a [`move_to`](Self::move_to): the
+    /// subnet.env they write must never name a subnet another node holds now (a CNI ADD in
+    /// between would hand out its addresses).
+    pub(super) fn name_own_subnet(&mut self, subnet: Ipv4Network) {
+        self.prepared.set_own_subnet(subnet);
+    }
+
     /// Moves to a new subnet (ours was taken while the lease was lost).
     pub(super) async fn move_to(&mut self, subnet: Ipv4Network) {
         self.prepared.set_own_subnet(subnet);

@@ -320,8 +320,25 @@ impl LeaseKeeper {
         else {
             return false;
         };
-        self.own.send_replace(own);
+        let old = self.own.send_replace(own);
+        self.release_replaced(old.lease_id);
         true
+    }
+
+    /// Revokes the TTL lease of the key a rename gave up (deleted, so the lease holds nothing),
+    /// rather than leave it to its TTL: every dual stack -> IPv4 only -> dual stack round trip
+    /// would leave two behind for 24 hours. In a task, best effort: an orphan lease expires anyway.
+    /// The renewer may still find it gone once; that id is no longer ours, so it is ignored.
+    fn release_replaced(&self, old_id: i64) {
+        if old_id == 0 || old_id == self.own().lease_id {
+            return;
+        }
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = registry.revoke(old_id).await {
+                tracing::debug!(lease_id = old_id, error = %e, "could not revoke the renamed key's old lease; it will expire");
+            }
+        });
     }
 
     /// One attempt at taking our lease again with `attrs` (which lost the `PublicIPv6`):
@@ -348,6 +365,7 @@ impl LeaseKeeper {
         self.restores = 0;
         let old = self.own.send_replace(own);
         self.dropped_v6 = old.key.ipv6.or(self.dropped_v6);
+        self.release_replaced(old.lease_id);
     }
 
     /// Follows what etcd says about our key's lease: an operator's `reserve` detaches it from its

@@ -111,46 +111,14 @@ pub async fn run_with(
     let (mut prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
     let ipv6 = ipv6_mode(&cfg, &settings, &ipv6_addrs, &node.iface);
     report.ipv6_mode(&ipv6);
-    let drops_v6 = super::underlay6::turns_v4_only_at_run_time(prepared.type_name());
-    let underlay6 = match ipv6 {
-        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => {
-            let u = Underlay6::new(
-                Some(public_ipv6),
-                settings.public_ipv6,
-                node.iface.index,
-                node.iface.name.clone(),
-                ipv6_addrs.clone(),
-            );
-            Some(if drops_v6 {
-                u.turn_v4_only_when_lost()
-            } else {
-                u
-            })
-        }
-        // Waits for a usable address to turn dual stack on (`--public-ipv6` would have made
-        // the node dual from the start).
-        crate::ipv6::Ipv6Mode::V4Only { .. } => {
-            let u = Underlay6::new(
-                None,
-                None,
-                node.iface.index,
-                node.iface.name.clone(),
-                ipv6_addrs.clone(),
-            );
-            // Once turned dual at run time, it turns IPv4 only again like a dual start.
-            let u = if drops_v6 {
-                u.turn_v4_only_when_lost()
-            } else {
-                u
-            };
-            if super::underlay6::turns_dual_at_run_time(prepared.type_name()) {
-                Some(u)
-            } else {
-                Some(u.never_turn_dual())
-            }
-        }
-        crate::ipv6::Ipv6Mode::Off => None,
-    };
+    let underlay6 = super::underlay6::watcher(
+        &ipv6,
+        prepared.type_name(),
+        settings.public_ipv6,
+        node.iface.index,
+        node.iface.name.clone(),
+        ipv6_addrs.clone(),
+    );
     let attrs = match (&ipv6, &cfg.ipv6) {
         (crate::ipv6::Ipv6Mode::DualStack { public_ipv6 }, Some(v6)) => {
             prepared.with_ipv6(attrs, *public_ipv6, v6, &cfg.backend)?
@@ -823,7 +791,9 @@ impl Agent {
             .unwrap_or_default();
         self.report
             .ipv6_mode(&crate::ipv6::Ipv6Mode::V4Only { iface });
-        // subnet.env and the MTU first: the CNI plugin stops handing out IPv6 addresses.
+        // subnet.env and the MTU first: the CNI plugin stops handing out IPv6 addresses. A key
+        // taken meanwhile moved us: that subnet.env names the new subnet already.
+        self.plane.name_own_subnet(self.lease.own().subnet());
         self.plane.disable_ipv6();
         self.after_reacquire(old).await;
         self.plane.teardown_v6().await;
@@ -837,6 +807,8 @@ impl Agent {
     /// A lease is held again after a loss; `old` is the subnet we had.
     async fn after_reacquire(&mut self, old: ipnetwork::Ipv4Network) {
         let new = self.lease.own().subnet();
+        // The subnet.env `set_own_v6` writes must not name `old` when it was taken.
+        self.plane.name_own_subnet(new);
         self.plane.set_own_v6(self.lease.own().key.ipv6);
         if new != old {
             self.report.subnet_moved(old, new);

@@ -946,6 +946,8 @@ async fn a_dual_stack_node_whose_ipv6_address_goes_turns_ipv4_only_and_back() {
     let (n, listed) = dual_node_with_a_peer(&mem).await;
     let (dual_key, _) = own_key(&mem).await;
     let v4 = dual_key.parse::<SubnetKey>().unwrap().ipv4;
+    let dual_lease = lease_of(&mem, &dual_key).await;
+    assert_ne!(dual_lease, 0);
     assert_eq!(n.rules.v6_removals(), 0);
     n.kernel.take_ops();
 
@@ -993,6 +995,15 @@ async fn a_dual_stack_node_whose_ipv6_address_goes_turns_ipv4_only_and_back() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(n.rules.v6_removals(), 1);
     assert_eq!(own_key(&mem).await.0, key);
+    let v4_lease = lease_of(&mem, &key).await;
+    assert!(
+        mem.lease_alive(v4_lease),
+        "the IPv4-only key's lease is renewed"
+    );
+    assert!(
+        !mem.lease_alive(dual_lease),
+        "the dual key's lease is revoked, not left to its TTL"
+    );
     assert_eq!(n.kernel.take_ops(), vec![]);
 
     // Back: dual stack again, on the same IPv4 subnet.
@@ -1009,6 +1020,18 @@ async fn a_dual_stack_node_whose_ipv6_address_goes_turns_ipv4_only_and_back() {
     })
     .await;
     assert!(n.peer_routed().await);
+    n.until("the IPv4-only key's lease revoked", |_| {
+        !mem.lease_alive(v4_lease)
+    })
+    .await;
+    assert!(mem.lease_alive(lease_of(&mem, &dual_key).await));
+}
+
+/// The TTL lease id etcd holds our key `key` (as `own_key` names it) under.
+async fn lease_of(mem: &MemRegistry, key: &str) -> i64 {
+    let full = format!("{PREFIX}/subnets/{key}");
+    let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+    snap.leases.iter().find(|l| l.key == full).unwrap().lease_id
 }
 
 /// Issue 19, review pitfalls 2 and 3: the rename to the IPv4-only key waits out an etcd outage

@@ -55,6 +55,21 @@ pub(super) enum Check6 {
 
 /// DAD sets this flag until the address is unique; `/proc/net/if_inet6`'s flags.
 const IFA_F_TENTATIVE: u32 = 0x40;
+const IFA_F_DADFAILED: u32 = 0x08;
+
+/// A failed read of the addresses is tried again after this, doubling up to
+/// [`READ_RETRY_MAX`]: a check that never runs would leave a lost address unnoticed.
+const READ_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Whether `addr` still serves as interface `ifindex`'s underlay address for the IPv4-only
+/// trigger: present and unique. A deprecated address (preferred lifetime over, valid lifetime
+/// not) still sends and receives, so it keeps the node dual stack until the kernel removes it;
+/// only one in DAD or that failed it carries nothing.
+fn still_serves(addr: Ipv6Addr, ifindex: u32, addrs: &[Inet6Addr]) -> bool {
+    addrs.iter().any(|a| {
+        a.addr == addr && a.ifindex == ifindex && a.flags & (IFA_F_DADFAILED | IFA_F_TENTATIVE) == 0
+    })
+}
 
 /// The address an IPv4-only node turns dual stack on: the one the start-up would have chosen,
 /// but only once DAD is done (a VTEP on a tentative address sends nothing; the notification of
@@ -85,6 +100,36 @@ pub(super) fn turns_v4_only_at_run_time(backend_type: &str) -> bool {
     matches!(backend_type, "vxlan" | "host-gw")
 }
 
+/// The watcher a node of `backend_type` starting in mode `ipv6` runs (none when the network has
+/// no IPv6 half): a dual-stack vxlan or host-gw node turns IPv4 only when its address is gone
+/// ([`turns_v4_only_at_run_time`]), a node waiting IPv4 only turns dual when one appears unless
+/// it is wireguard ([`turns_dual_at_run_time`]); once turned dual, it turns IPv4 only again like
+/// a dual start. `explicit`: `--public-ipv6`.
+pub(super) fn watcher(
+    ipv6: &crate::ipv6::Ipv6Mode,
+    backend_type: &str,
+    explicit: Option<Ipv6Addr>,
+    ifindex: u32,
+    iface: String,
+    addrs: Ipv6Addrs,
+) -> Option<Underlay6> {
+    let current = match ipv6 {
+        crate::ipv6::Ipv6Mode::DualStack { public_ipv6 } => Some(*public_ipv6),
+        // `--public-ipv6` would have made the node dual from the start.
+        crate::ipv6::Ipv6Mode::V4Only { .. } => None,
+        crate::ipv6::Ipv6Mode::Off => return None,
+    };
+    let explicit = current.and(explicit);
+    let mut u = Underlay6::new(current, explicit, ifindex, iface, addrs);
+    if turns_v4_only_at_run_time(backend_type) {
+        u = u.turn_v4_only_when_lost();
+    }
+    if current.is_none() && !turns_dual_at_run_time(backend_type) {
+        u = u.never_turn_dual();
+    }
+    Some(u)
+}
+
 /// The advertised `PublicIPv6` and what is needed to choose it again.
 pub(super) struct Underlay6 {
     /// What the lease advertises; `None`: the node runs IPv4 only and waits for an address.
@@ -108,6 +153,10 @@ pub(super) struct Underlay6 {
     drops_v6: bool,
     /// When the advertised address was first found gone with nothing to replace it.
     lost_since: Option<Instant>,
+    /// The wait before a check whose read failed is tried again.
+    read_retry: Duration,
+    /// A deprecated advertised address keeping the node dual was logged (once per address).
+    deprecated_said: Option<Ipv6Addr>,
 }
 
 impl Underlay6 {
@@ -132,6 +181,8 @@ impl Underlay6 {
             lost_said: false,
             drops_v6: false,
             lost_since: None,
+            read_retry: DEBOUNCE,
+            deprecated_said: None,
         }
     }
 
@@ -209,10 +260,16 @@ impl Underlay6 {
         let addrs = match self.addrs.list() {
             Ok(a) => a,
             Err(e) => {
-                warn!("checking the PublicIPv6: {e}");
+                warn!(retry_in = ?self.read_retry, "checking the PublicIPv6: {e}");
+                let next = Instant::now() + self.read_retry;
+                // A notification meanwhile may bring it forward; a grace's end is not postponed
+                // further than the retry.
+                self.due = Some(next);
+                self.read_retry = (self.read_retry * 2).min(READ_RETRY_MAX);
                 return None;
             }
         };
+        self.read_retry = DEBOUNCE;
         let Some(current) = self.current else {
             let to = appeared(self.ifindex, &addrs)?;
             if !self.turns_dual {
@@ -231,6 +288,7 @@ impl Underlay6 {
         match public_ipv6_change(current, self.explicit, self.ifindex, &addrs) {
             PublicIpv6Change::Keep => {
                 self.lost_said = false;
+                self.deprecated_said = None;
                 if self.lost_since.take().is_some() {
                     info!(
                         iface = %self.iface, public_ipv6 = %current,
@@ -249,7 +307,27 @@ impl Underlay6 {
                 self.lost_since = None;
                 Some(Check6::Moved(to))
             }
+            PublicIpv6Change::Lost { from }
+                if self.drops_v6 && still_serves(from, self.ifindex, &addrs) =>
+            {
+                // Deprecated with nothing to replace it: still valid, so still dual stack.
+                if self.deprecated_said != Some(from) {
+                    self.deprecated_said = Some(from);
+                    warn!(
+                        iface = %self.iface, public_ipv6 = %from,
+                        "the PublicIPv6 is deprecated and no other usable global IPv6 address is there: staying dual stack on it until the kernel removes it (its valid lifetime ends)"
+                    );
+                }
+                if self.lost_since.take().is_some() {
+                    info!(
+                        iface = %self.iface, public_ipv6 = %current,
+                        "the PublicIPv6 is back (deprecated) within the grace period: staying dual stack"
+                    );
+                }
+                None
+            }
             PublicIpv6Change::Lost { from } if self.drops_v6 => {
+                self.deprecated_said = None;
                 let now = Instant::now();
                 let since = *self.lost_since.get_or_insert_with(|| {
                     warn!(
@@ -528,6 +606,99 @@ mod tests {
         assert_eq!(w.check(), Some(Check6::Appeared(from)));
     }
 
+    /// Review Medium 1: a deprecated address (preferred lifetime 0, valid lifetime left) still
+    /// carries the VTEP, so with nothing to replace it the node stays dual however long; one
+    /// that failed DAD counts as gone and turns the node IPv4 only after the grace.
+    #[tokio::test(start_paused = true)]
+    async fn a_deprecated_address_keeps_the_node_dual_and_a_dad_failed_one_does_not() {
+        const DEPRECATED: u32 = 0x20;
+        let from: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(vec![with_flags(
+            2,
+            "2001:db8::1",
+            0,
+            0x80 | DEPRECATED,
+        )]));
+        let mut w = Underlay6::new(
+            Some(from),
+            None,
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Shared(shared.clone()),
+        )
+        .turn_v4_only_when_lost();
+        for _ in 0..3 {
+            assert_eq!(w.check(), None);
+            assert_eq!((w.lost_since, w.due()), (None, None), "no grace started");
+            tokio::time::sleep(GRACE * 2).await;
+        }
+        assert_eq!(w.deprecated_said, Some(from));
+        // A preferred address appearing next to it still moves the lease to that one.
+        *shared.lock().unwrap() = vec![
+            with_flags(2, "2001:db8::1", 0, 0x80 | DEPRECATED),
+            with_flags(2, "2001:db8::5", 0, 0x80),
+        ];
+        assert_eq!(
+            w.check(),
+            Some(Check6::Moved("2001:db8::5".parse().unwrap()))
+        );
+        for flags in [0x80 | IFA_F_DADFAILED, IFA_F_DADFAILED | DEPRECATED] {
+            let shared = std::sync::Arc::new(std::sync::Mutex::new(vec![with_flags(
+                2,
+                "2001:db8::1",
+                0,
+                flags,
+            )]));
+            let mut w = Underlay6::new(
+                Some(from),
+                None,
+                2,
+                "eth0".into(),
+                Ipv6Addrs::Shared(shared),
+            )
+            .turn_v4_only_when_lost();
+            assert_eq!(w.check(), None, "flags {flags:#x}");
+            assert!(w.lost_since.is_some(), "flags {flags:#x}: the grace starts");
+            tokio::time::sleep(GRACE).await;
+            assert_eq!(w.check(), Some(Check6::Gone(from)), "flags {flags:#x}");
+        }
+    }
+
+    /// Review Low 5: a failed read of the addresses (during the grace or not) schedules another
+    /// check, backing off, so a loss still turns the node IPv4 only once reads work again.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_address_read_is_checked_again_with_backoff() {
+        let from: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let flaky = std::sync::Arc::new(std::sync::Mutex::new(Some(Vec::new())));
+        let mut w = Underlay6::new(
+            Some(from),
+            None,
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Flaky(flaky.clone()),
+        )
+        .turn_v4_only_when_lost();
+        let t0 = Instant::now();
+        assert_eq!(w.check(), None);
+        assert_eq!(w.due(), Some(t0 + GRACE));
+        *flaky.lock().unwrap() = None;
+        tokio::time::sleep(GRACE).await;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let now = Instant::now();
+            assert_eq!(w.check(), None, "nothing decided on a failed read");
+            let due = w.due().expect("another check after a failed read");
+            waits.push(due - now);
+            tokio::time::sleep_until(due).await;
+        }
+        assert_eq!(waits[0], DEBOUNCE);
+        assert_eq!(waits[1], DEBOUNCE * 2, "backing off");
+        assert_eq!(*waits.last().unwrap(), READ_RETRY_MAX, "capped");
+        *flaky.lock().unwrap() = Some(Vec::new());
+        assert_eq!(w.check(), Some(Check6::Gone(from)));
+        assert_eq!(w.read_retry, DEBOUNCE, "a good read resets the backoff");
+    }
+
     /// Within the grace, a replacement address moves the lease instead (a renumbering).
     #[tokio::test(start_paused = true)]
     async fn a_replacement_within_the_grace_moves_and_never_turns_ipv4_only() {
@@ -571,6 +742,68 @@ mod tests {
         }
         assert!(w.lost_said);
         assert_eq!(w.current, Some("2001:db8::1".parse().unwrap()));
+    }
+
+    /// Review Low 6: the watchers the main loop builds. A dual-stack udp or wireguard node whose
+    /// address is gone only logs it, however long (its key stays dual: the main loop turns IPv4
+    /// only on `Gone` alone); vxlan and host-gw turn IPv4 only after the grace.
+    #[tokio::test(start_paused = true)]
+    async fn the_main_loops_watchers_turn_only_vxlan_and_host_gw_ipv4_only() {
+        let from: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let dual = crate::ipv6::Ipv6Mode::DualStack { public_ipv6: from };
+        for b in ["udp", "wireguard", "vxlan", "host-gw"] {
+            let mut w = watcher(&dual, b, None, 2, "eth0".into(), Ipv6Addrs::Fixed(vec![]))
+                .expect("a dual-stack node has a watcher");
+            let mut got = Vec::new();
+            for _ in 0..4 {
+                got.extend(w.check());
+                tokio::time::sleep(GRACE / 2).await;
+            }
+            if turns_v4_only_at_run_time(b) {
+                assert_eq!(got.first(), Some(&Check6::Gone(from)), "{b}");
+            } else {
+                assert_eq!(got, vec![], "{b}: never turns IPv4 only");
+                assert_eq!(w.current, Some(from), "{b}");
+            }
+        }
+        // `--public-ipv6` is never second-guessed.
+        let mut w = watcher(
+            &dual,
+            "vxlan",
+            Some(from),
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Fixed(vec![]),
+        )
+        .unwrap();
+        tokio::time::sleep(GRACE * 2).await;
+        assert_eq!(w.check(), None);
+        // Waiting IPv4 only: wireguard never turns dual, the others do.
+        let v4 = crate::ipv6::Ipv6Mode::V4Only {
+            iface: "eth0".into(),
+        };
+        for b in ["udp", "wireguard", "vxlan", "host-gw"] {
+            let mut w = watcher(
+                &v4,
+                b,
+                None,
+                2,
+                "eth0".into(),
+                Ipv6Addrs::Fixed(vec![listed("2001:db8::5")]),
+            )
+            .unwrap();
+            let want = (b != "wireguard").then(|| Check6::Appeared("2001:db8::5".parse().unwrap()));
+            assert_eq!(w.check(), want, "{b}");
+        }
+        assert!(watcher(
+            &crate::ipv6::Ipv6Mode::Off,
+            "vxlan",
+            None,
+            2,
+            "eth0".into(),
+            Ipv6Addrs::Fixed(vec![])
+        )
+        .is_none());
     }
 
     #[test]
