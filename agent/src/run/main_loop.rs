@@ -467,7 +467,9 @@ impl Agent {
                     // The backstop for lost notifications: reads only, unless something drifted.
                     let since = tokio::time::Instant::now();
                     let all = [Trigger::Lost].into_iter().collect();
-                    let remotes = remotes(&self.table, self.lease.own().subnet(), self.public_ip);
+                    let own = self.lease.own().subnet();
+                    self.report.peers_changed(own, Some(&[]));
+                    let remotes = remotes(&self.table, own, self.public_ip);
                     let r = self.plane.repair(&remotes, &all).await;
                     self.kernel.echoes.record(&r.ops, tokio::time::Instant::now());
                     self.report.repaired("periodic relist", &r, since.elapsed());
@@ -563,7 +565,9 @@ impl Agent {
         let Some(due) = self.kernel.schedule.take(now) else {
             return;
         };
-        let remotes = remotes(&self.table, self.lease.own().subnet(), self.public_ip);
+        let own = self.lease.own().subnet();
+        self.report.peers_changed(own, Some(&[]));
+        let remotes = remotes(&self.table, own, self.public_ip);
         let r = self.plane.repair(&remotes, &due.triggers).await;
         self.kernel
             .echoes
@@ -828,7 +832,9 @@ impl Agent {
     /// [`program`](Self::program); `changed`: only these leases (IPv4 subnets) changed since
     /// the last programming, which lets the backend plan them alone.
     async fn program_changed(&mut self, changed: Option<&[Ipv4Network]>) {
-        let remotes = remotes(&self.table, self.lease.own().subnet(), self.public_ip);
+        let own = self.lease.own().subnet();
+        self.report.peers_changed(own, changed);
+        let remotes = remotes(&self.table, own, self.public_ip);
         let stats = match changed {
             Some(c) => self.plane.program_changed(&remotes, c).await,
             None => self.plane.program(&remotes).await,
@@ -861,7 +867,11 @@ fn changed_subnets(changes: &[crate::watch::LeaseChange]) -> Vec<Ipv4Network> {
 /// Every other node's lease (not our subnet, not our public IP), borrowed from `table`. Which of
 /// them the backend can serve is its decision. A free function so the borrow of the table sits
 /// beside the `&mut` of the data plane that consumes it.
-fn remotes(table: &LeaseTable, own: Ipv4Network, public_ip: Ipv4Addr) -> Vec<Remote<'_>> {
+pub(super) fn remotes(
+    table: &LeaseTable,
+    own: Ipv4Network,
+    public_ip: Ipv4Addr,
+) -> Vec<Remote<'_>> {
     table
         .leases()
         .filter(|l| l.key.ipv4 != own && l.attrs.public_ip != public_ip)
@@ -1039,5 +1049,126 @@ mod remotes_tests {
             r[1].attrs.public_ip,
             "198.18.0.3".parse::<Ipv4Addr>().unwrap()
         );
+    }
+}
+
+/// Where one lease event's time goes at 10,000 peers, phase by phase, on the path `on_feed`
+/// takes (the fake kernel stands for netlink; timings are printed, never asserted):
+/// `cargo test --release -p tweed-agent --lib -- --ignored event_phases_at_10000_peers --nocapture`.
+#[cfg(test)]
+mod event_cost {
+    use super::*;
+    use crate::backend::{DataPlane, VxlanBackend, VxlanConfig};
+    use crate::netlink::{Fake, Netlink};
+    use crate::registry::{RawLease, WatchEvent};
+    use crate::state::AgentState;
+    use crate::testutil::{ip, net};
+
+    const P: &str = "/coreos.com/network";
+
+    fn put(i: u32, rev: i64) -> WatchEvent {
+        let value = format!(
+            r#"{{"PublicIP":"198.19.{}.{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:{:02x}:{:02x}"}}}}"#,
+            i / 256,
+            i % 256,
+            i / 256,
+            i % 256
+        );
+        WatchEvent::Put(RawLease {
+            key: format!("{P}/subnets/10.{}.{}.0-24", 1 + i / 256, i % 256),
+            value: value.into_bytes(),
+            lease_id: 7,
+            mod_revision: rev,
+            create_revision: rev,
+        })
+    }
+
+    fn del(i: u32) -> WatchEvent {
+        WatchEvent::Delete {
+            key: format!("{P}/subnets/10.{}.{}.0-24", 1 + i / 256, i % 256),
+            revision: 0,
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "timing figures for docs/performance.md, not a check"]
+    async fn event_phases_at_10000_peers() {
+        let fake = Fake::new();
+        let eth0 = fake.add_link("eth0", 1500, None);
+        let tmp = tempfile::tempdir().unwrap();
+        let nl = Netlink::from(fake.clone());
+        let own = net("10.244.0.0/24");
+        let public_ip = ip("198.18.0.1");
+        let cfg = VxlanConfig::new(1, public_ip, eth0, 1500, own, tmp.path().join("vtep-mac"));
+        let mut dp = DataPlane::Vxlan(VxlanBackend::setup(&nl, cfg).await.unwrap());
+        let mut table = LeaseTable::new(P, "10.0.0.0/8".parse().unwrap(), 24);
+        table.apply(&(0..10_000).map(|i| put(i, 1)).collect::<Vec<_>>());
+        let report = Report::new(AgentState::new(), super::super::deps::Clock::System);
+        report.leases(&table, own, None);
+        let rs = remotes(&table, own, public_ip);
+        let stats = dp.reconcile(&nl, &rs).await.unwrap();
+        report.programmed("vxlan", &rs, &stats, Instant::now());
+        drop(rs);
+        fake.take_ops();
+
+        const PHASES: [&str; 7] = [
+            "LeaseTable::apply",
+            "Report::lease_changes",
+            "remotes()",
+            "DataPlane::reconcile_changed",
+            "Report::programmed",
+            "Report::leases",
+            "drop remotes",
+        ];
+        let mut ns = [0u128; PHASES.len()];
+        let rounds = 100u32;
+        for k in 0..rounds {
+            // Adds and deletes in turn, as bench/controlplane's latency phase.
+            let ev = if k % 2 == 0 {
+                put(20_000 + k, 2 + i64::from(k))
+            } else {
+                del(20_000 + k - 1)
+            };
+            let mut t = Instant::now();
+            let mut lap = |i: usize, t: &mut Instant| {
+                ns[i] += t.elapsed().as_nanos();
+                *t = Instant::now();
+            };
+            let applied = table.apply(&[ev]);
+            lap(0, &mut t);
+            report.lease_changes(&applied, own);
+            lap(1, &mut t);
+            let changed = changed_subnets(&applied.changes);
+            report.peers_changed(own, Some(&changed));
+            let rs = remotes(&table, own, public_ip);
+            lap(2, &mut t);
+            let started = Instant::now();
+            let stats = dp.reconcile_changed(&nl, &rs, &changed).await.unwrap();
+            lap(3, &mut t);
+            report.programmed("vxlan", &rs, &stats, started);
+            lap(4, &mut t);
+            report.leases(&table, own, Some(&applied.changes));
+            lap(5, &mut t);
+            drop(rs);
+            lap(6, &mut t);
+            assert_eq!(
+                fake.take_ops().len(),
+                3,
+                "round {k}: the event's peer alone"
+            );
+        }
+        let total: u128 = ns.iter().sum();
+        let ms = |n: u128| n as f64 / f64::from(rounds) / 1e6;
+        println!(
+            "one lease event (add or delete) at 10,000 peers, mean of {rounds}: {:.3} ms",
+            ms(total)
+        );
+        for (p, n) in PHASES.iter().zip(ns) {
+            println!(
+                "  {p:<30} {:.3} ms ({:.0}%)",
+                ms(n),
+                n as f64 * 100.0 / total as f64
+            );
+        }
     }
 }
