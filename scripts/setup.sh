@@ -64,10 +64,18 @@ ensure_packages() {
     fi
     log "missing $need packages: ${missing[*]}; installing"
     command -v apt-get >/dev/null 2>&1 || die "no apt-get: install these by hand: ${missing[*]}"
+    local extra=()
+    # A qemu-utils backport (some images carry 1:10.x~bpo12 from no configured source) breaks
+    # Debian 12's qemu-system-x86 ("Breaks: qemu-system-common (< 1:8.0)"): take bookworm's
+    # qemu-utils with it, or apt refuses the whole install.
+    if [ "$need" = vm ] && dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q '~bpo'; then
+        log "qemu-utils is a backport ($(dpkg-query -W -f='${Version}' qemu-utils)); installing bookworm's with qemu-system-x86"
+        extra=(--allow-downgrades qemu-utils/bookworm)
+    fi
     # No daemon is needed from these packages: installing under a policy-rc.d that forbids
     # starting services (exit 101) works, and every test starts its own etcd on a free port.
     DEBIAN_FRONTEND=noninteractive apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" "${extra[@]}"
     mapfile -t missing < <(missing_packages "$need")
     [ ${#missing[@]} -eq 0 ] || die "still not installed after apt-get: ${missing[*]}"
 }
