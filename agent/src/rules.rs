@@ -487,19 +487,19 @@ impl Nftables {
 
     /// Deletes the table if it exists.
     pub fn remove() -> Result<bool, RulesError> {
-        if Self::listing()?.is_none() {
-            return Ok(false);
-        }
-        Iptables::run("nft", &["delete", "table", "ip", NFT_TABLE], None)?;
-        Ok(true)
+        Self::remove_of("ip")
     }
 
     /// Deletes table `ip6 tweed` if it exists.
     pub fn remove_v6() -> Result<bool, RulesError> {
-        if Self::listing_v6()?.is_none() {
+        Self::remove_of("ip6")
+    }
+
+    fn remove_of(family: &'static str) -> Result<bool, RulesError> {
+        if Self::listing_of(family)?.is_none() {
             return Ok(false);
         }
-        Iptables::run("nft", &["delete", "table", "ip6", NFT_TABLE], None)?;
+        Iptables::run("nft", &["delete", "table", family, NFT_TABLE], None)?;
         Ok(true)
     }
 

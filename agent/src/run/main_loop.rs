@@ -468,8 +468,7 @@ impl Agent {
                     let since = tokio::time::Instant::now();
                     let all = [Trigger::Lost].into_iter().collect();
                     let own = self.lease.own().subnet();
-                    self.report.peers_changed(own, Some(&[]));
-                    let remotes = remotes(&self.table, own, self.public_ip);
+                    let remotes = told_remotes(&self.report, &self.table, own, self.public_ip, Some(&[]));
                     let r = self.plane.repair(&remotes, &all).await;
                     self.kernel.echoes.record(&r.ops, tokio::time::Instant::now());
                     self.report.repaired("periodic relist", &r, since.elapsed());
@@ -566,8 +565,7 @@ impl Agent {
             return;
         };
         let own = self.lease.own().subnet();
-        self.report.peers_changed(own, Some(&[]));
-        let remotes = remotes(&self.table, own, self.public_ip);
+        let remotes = told_remotes(&self.report, &self.table, own, self.public_ip, Some(&[]));
         let r = self.plane.repair(&remotes, &due.triggers).await;
         self.kernel
             .echoes
@@ -833,8 +831,7 @@ impl Agent {
     /// the last programming, which lets the backend plan them alone.
     async fn program_changed(&mut self, changed: Option<&[Ipv4Network]>) {
         let own = self.lease.own().subnet();
-        self.report.peers_changed(own, changed);
-        let remotes = remotes(&self.table, own, self.public_ip);
+        let remotes = told_remotes(&self.report, &self.table, own, self.public_ip, changed);
         let stats = match changed {
             Some(c) => self.plane.program_changed(&remotes, c).await,
             None => self.plane.program(&remotes).await,
@@ -862,6 +859,19 @@ fn changed_subnets(changes: &[crate::watch::LeaseChange]) -> Vec<Ipv4Network> {
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// [`remotes`] for a reconcile, the report told first which leases changed since the last one
+/// (`None`: any), as its peer views' short path needs: the one way the run loop makes them.
+fn told_remotes<'a>(
+    report: &Report,
+    table: &'a LeaseTable,
+    own: Ipv4Network,
+    public_ip: Ipv4Addr,
+    changed: Option<&[Ipv4Network]>,
+) -> Vec<Remote<'a>> {
+    report.peers_changed(own, changed);
+    remotes(table, own, public_ip)
 }
 
 /// Every other node's lease (not our subnet, not our public IP), borrowed from `table`. Which of
