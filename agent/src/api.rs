@@ -194,14 +194,32 @@ impl Agent for Service {
             .peers
             .iter()
             .map(|p| {
-                let wg = snap.wg_peers.iter().find(|w| w.subnet == p.subnet);
+                let entry = |device: &str| {
+                    snap.wg_peers
+                        .iter()
+                        .find(|w| w.device == device && w.lease_subnet == p.subnet)
+                };
+                let age = |w: &crate::state::WgPeerView| {
+                    w.handshake_unix_ms
+                        .map_or(-1, |t| now_ms.saturating_sub(t).max(0) / 1000)
+                };
+                let wg = entry(crate::backend::wireguard::DEVICE);
                 pb::Peer {
                     public_key: wg.map(|w| w.public_key.clone()).unwrap_or_default(),
-                    handshake_age_seconds: wg
-                        .and_then(|w| w.handshake_unix_ms)
-                        .map_or(-1, |t| now_ms.saturating_sub(t).max(0) / 1000),
+                    handshake_age_seconds: wg.map_or(-1, age),
                     tx_bytes: wg.map_or(0, |w| w.tx_bytes),
                     rx_bytes: wg.map_or(0, |w| w.rx_bytes),
+                    device: wg.map(|w| w.device.clone()).unwrap_or_default(),
+                    v6_entry: entry(crate::backend::wireguard::dual::DEVICE_V6).map(|w| {
+                        pb::WireguardEntry {
+                            device: w.device.clone(),
+                            subnet: w.subnet.clone(),
+                            public_key: w.public_key.clone(),
+                            handshake_age_seconds: age(w),
+                            tx_bytes: w.tx_bytes,
+                            rx_bytes: w.rx_bytes,
+                        }
+                    }),
                     subnet: p.subnet.clone(),
                     public_ip: p.public_ip.clone(),
                     backend: p.backend.clone(),

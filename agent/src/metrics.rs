@@ -168,9 +168,9 @@ impl Metrics {
                 IntGaugeVec::new(
                     Opts::new(
                         "wireguard_peer_handshake_age_seconds",
-                        "Seconds since the last handshake with a peer (-1: none yet)",
+                        "Seconds since the last handshake with a peer (-1: none yet), per device entry",
                     ),
-                    &["subnet", "public_key"],
+                    &["subnet", "public_key", "device"],
                 )
                 .expect("valid"),
             ),
@@ -179,9 +179,9 @@ impl Metrics {
                 IntGaugeVec::new(
                     Opts::new(
                         "wireguard_peer_bytes",
-                        "Bytes sent to (tx) and received from (rx) a peer since its session began",
+                        "Bytes sent to (tx) and received from (rx) a peer since its session began, per device entry",
                     ),
-                    &["subnet", "public_key", "direction"],
+                    &["subnet", "public_key", "direction", "device"],
                 )
                 .expect("valid"),
             ),

@@ -80,7 +80,12 @@ impl<K: Ord, V> FromIterator<(K, V)> for Keyed<K, V> {
 /// A wireguard peer's figures, as of the last refresh (every few seconds).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WgPeerView {
+    /// The device holding the entry (`tweed-wg`, `tweed-wg-v6`).
+    pub device: String,
+    /// The entry's subnet in the device's family.
     pub subnet: String,
+    /// The peer's lease subnet (IPv4), which the peer list goes by; empty when unknown.
+    pub lease_subnet: String,
     pub public_key: String,
     /// Unix milliseconds of the last handshake; `None` before the first.
     pub handshake_unix_ms: Option<i64>,
@@ -106,15 +111,17 @@ pub fn stale_wg_peers(peers: &[WgPeerView], now_unix_ms: i64) -> Vec<String> {
             let age = now_unix_ms.saturating_sub(from);
             (age >= STALE_HANDSHAKE_MS).then(|| match p.handshake_unix_ms {
                 Some(_) => format!(
-                    "wireguard peer {} ({}): last handshake {} s ago",
+                    "wireguard peer {} ({}) on {}: last handshake {} s ago",
                     p.subnet,
                     p.public_key,
+                    p.device,
                     age / 1000
                 ),
                 None => format!(
-                    "wireguard peer {} ({}): no handshake in the {} s since it was added",
+                    "wireguard peer {} ({}) on {}: no handshake in the {} s since it was added",
                     p.subnet,
                     p.public_key,
+                    p.device,
                     age / 1000
                 ),
             })
@@ -252,7 +259,9 @@ mod stale_tests {
 
     fn peer(key: &str, handshake: Option<i64>, since: i64) -> WgPeerView {
         WgPeerView {
+            device: "tweed-wg".into(),
             subnet: "10.244.7.0/24".into(),
+            lease_subnet: "10.244.7.0/24".into(),
             public_key: key.into(),
             handshake_unix_ms: handshake,
             since_unix_ms: since,
@@ -294,6 +303,27 @@ mod stale_tests {
         );
         // A clock that went backwards names nobody.
         assert!(stale_wg_peers(&peers, 0).is_empty());
+    }
+
+    /// `Mode: separate`: one peer, an entry on each device; only the IPv6 device's is stale,
+    /// and it is named with that device and its IPv6 subnet.
+    #[test]
+    fn each_device_entry_of_a_peer_is_judged_and_named_on_its_own() {
+        let t0 = 1_800_000_000_000;
+        let v4 = peer("k", Some(t0), t0 - 600_000);
+        let v6 = WgPeerView {
+            device: "tweed-wg-v6".into(),
+            subnet: "fd00:5:0:7::/64".into(),
+            ..peer("k", None, t0 - 600_000)
+        };
+        let r = stale_wg_peers(&[v4, v6], t0);
+        assert_eq!(
+            r,
+            [
+                "wireguard peer fd00:5:0:7::/64 (k) on tweed-wg-v6: no handshake in the 600 s \
+              since it was added"
+            ]
+        );
     }
 
     #[test]

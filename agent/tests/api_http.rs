@@ -331,3 +331,108 @@ async fn grpc_reserve_and_unreserve() {
     let _ = tx.send(());
     server.await.unwrap().unwrap();
 }
+
+/// wireguard `Mode: separate` (kernel path): a peer has an entry on `tweed-wg` and one on
+/// `tweed-wg-v6`. The peer list gives the IPv4 entry's figures as before, with its device,
+/// and the IPv6 entry's under `v6_entry`; `/readyz` names the stale IPv6 entry with its
+/// device, and stays ready.
+#[tokio::test]
+async fn wireguard_figures_of_both_devices_in_the_peer_list_and_readyz() {
+    use tweed_agent::state::WgPeerView;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tweedd.sock");
+    let state = AgentState::new();
+    ready(&state);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    state.update(|s| {
+        s.wg_peers = vec![
+            WgPeerView {
+                device: "tweed-wg".into(),
+                subnet: "10.244.4.0/24".into(),
+                lease_subnet: "10.244.4.0/24".into(),
+                public_key: "K4".into(),
+                handshake_unix_ms: Some(now - 7_000),
+                since_unix_ms: now - 600_000,
+                tx_bytes: 11,
+                rx_bytes: 12,
+            },
+            WgPeerView {
+                device: "tweed-wg-v6".into(),
+                subnet: "fd00:10:244:4::/64".into(),
+                lease_subnet: "10.244.4.0/24".into(),
+                public_key: "K6".into(),
+                handshake_unix_ms: None,
+                since_unix_ms: now - 600_000,
+                tx_bytes: 21,
+                rx_bytes: 22,
+            },
+        ]
+    });
+
+    let listener = tweed_agent::api::bind(&path).unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(tweed_agent::api::serve(
+        listener,
+        state.clone(),
+        Default::default(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let mut c = tweed_api::connect(&path).await.unwrap();
+    let peers = c
+        .list_peers(tweed_api::v1::ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .peers;
+    assert_eq!(
+        peers.len(),
+        1,
+        "one row per lease, not per device: {peers:?}"
+    );
+    let p = &peers[0];
+    assert_eq!(
+        (
+            p.public_key.as_str(),
+            p.device.as_str(),
+            p.tx_bytes,
+            p.rx_bytes
+        ),
+        ("K4", "tweed-wg", 11, 12)
+    );
+    assert!((7..=9).contains(&p.handshake_age_seconds), "{p:?}");
+    let v6 = p.v6_entry.as_ref().expect("the tweed-wg-v6 entry");
+    assert_eq!(
+        (
+            v6.device.as_str(),
+            v6.subnet.as_str(),
+            v6.public_key.as_str(),
+            v6.handshake_age_seconds,
+            v6.tx_bytes,
+            v6.rx_bytes
+        ),
+        ("tweed-wg-v6", "fd00:10:244:4::/64", "K6", -1, 21, 22)
+    );
+    stop(tx, server).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(tweed_agent::http::serve(listener, state.clone(), async {
+        let _ = rx.await;
+    }));
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(json_body(&body)).unwrap();
+    assert_eq!(
+        v["stale_peers"],
+        serde_json::json!([
+            "wireguard peer fd00:10:244:4::/64 (K6) on tweed-wg-v6: no handshake in the 600 s since it was added"
+        ])
+    );
+    stop(tx, server).await;
+}

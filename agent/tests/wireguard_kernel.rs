@@ -1762,3 +1762,149 @@ fn separate_mode_carries_ipv6_pods_on_a_second_kernel_device() {
         "separate mode: ping6 through tweed-wg-v6 ([2001:db8::3]:51821) and ping through tweed-wg"
     );
 }
+
+/// Node `own`'s config in `Mode: ipv6`: as [`separate_cfg`], one device on the IPv6 underlay.
+fn ipv6_mode_cfg(own: u8) -> WgConfig {
+    let mut cfg = separate_cfg(own);
+    cfg.dual.as_mut().unwrap().mode = tweed_config::WireguardMode::Ipv6;
+    cfg
+}
+
+/// Sets node `own` up in `Mode: ipv6` in `ns` as the agent does (the backend, then the IPv6
+/// plane's /128 and `IPv6Network` route on `tweed-wg`), reconciles the other's lease as
+/// published, twice. Returns the set-up's netlink ops (backend + IPv6 plane), the first and
+/// the second pass's writes, and the figures.
+fn ipv6_mode_run(
+    ns: &NetnsGuard,
+    own: u8,
+    other: u8,
+) -> (
+    usize,
+    usize,
+    usize,
+    Vec<tweed_agent::backend::wireguard::PeerStats>,
+) {
+    use tweed_agent::backend::{v6, DataPlane};
+    with_netlink_in(ns, move |nl| async move {
+        let cfg = ipv6_mode_cfg(own);
+        let d = cfg.dual.clone().unwrap();
+        let b = WgBackend::setup(&nl, cfg).await.unwrap();
+        assert_eq!(b.implementation(), "kernel");
+        assert!(b.carries_v6() && b.ifindex_v6().is_none());
+        let mut setup = b.setup_ops().len();
+        let dp = DataPlane::Wireguard(b);
+        let params = v6::V6Params {
+            cfg: d.ipv6.clone(),
+            own_subnet: d.own_subnet.unwrap(),
+            public_ipv6: d.public_ipv6,
+        };
+        let plane6 = v6::V6Plane::setup(&nl, params, &dp)
+            .await
+            .unwrap()
+            .expect("tweed-wg carries IPv6 in Mode ipv6");
+        setup += plane6.setup_ops().len();
+        let DataPlane::Wireguard(mut b) = dp else {
+            unreachable!()
+        };
+        let local = b.dual_local().unwrap();
+        // The other node's lease as it publishes it, read as the agent reads any lease.
+        let other_cfg = ipv6_mode_cfg(other);
+        let attrs =
+            tweed_config::LeaseAttrs::parse(other_cfg.lease_attrs().to_json().as_bytes()).unwrap();
+        let od = other_cfg.dual.as_ref().unwrap();
+        let key = tweed_config::SubnetKey {
+            ipv4: other_cfg.own_subnet,
+            ipv6: od.own_subnet,
+        };
+        let peer = tweed_agent::backend::wireguard::dual::DualPeer::from_lease(
+            &key,
+            &attrs,
+            Some(&od.ipv6),
+            &local,
+        )
+        .unwrap();
+        let peers = vec![peer];
+        let first = b.reconcile_dual(&nl, &peers).await.unwrap();
+        assert!(first.skipped.is_empty(), "{:?}", first.skipped);
+        let second = b.reconcile_dual(&nl, &peers).await.unwrap().ops_applied;
+        b.refresh().await.unwrap();
+        (setup, first.ops_applied, second, b.peer_stats())
+    })
+}
+
+/// flannel's `Mode: ipv6` on two kernel nodes: one device `tweed-wg` on ListenPort carrying
+/// both families, each peer at `[PublicIPv6]:ListenPort` (wg(8) reads IPv6 endpoints and both
+/// subnets as allowed IPs), no second device. With the IPv4 underlay addresses removed, pods
+/// still reach each other over both families, so the IPv6 underlay carries them; a second
+/// pass and a restart write nothing. Runs only on a kernel with the module (the VM).
+#[test]
+fn ipv6_mode_carries_both_families_over_the_ipv6_underlay_on_one_kernel_device() {
+    require_root!(NEEDS_ROOT);
+    let a = NetnsGuard::unique("tw-w6a-");
+    let b = NetnsGuard::unique("tw-w6b-");
+    if !kernel_has_wireguard(&a) {
+        eprintln!("no wireguard module in this kernel: ipv6 mode runs only in the VMs");
+        return;
+    }
+    underlay(&a, &b);
+    for (ns, dev, addr) in [(&a, "ua", "2001:db8::2/64"), (&b, "ub", "2001:db8::3/64")] {
+        ip_in(ns.name(), &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    let (setup_a, first_a, second_a, _) = ipv6_mode_run(&a, 2, 3);
+    let (_, _, second_b, _) = ipv6_mode_run(&b, 3, 2);
+    assert!(setup_a > 0 && first_a > 0, "{setup_a} {first_a}");
+    assert_eq!((second_a, second_b), (0, 0), "a second pass writes nothing");
+    assert!(
+        !links(&a).contains("tweed-wg-v6"),
+        "Mode ipv6 runs one device: {}",
+        links(&a)
+    );
+    let port = in_ns(a.name(), &["wg", "show", "tweed-wg", "listen-port"]);
+    assert_eq!(port.trim(), "51820");
+    let ends = in_ns(a.name(), &["wg", "show", "tweed-wg", "endpoints"]);
+    assert!(
+        ends.contains("[2001:db8::3]:51820") && !ends.contains("192.0.2."),
+        "{ends}"
+    );
+    let allowed = in_ns(a.name(), &["wg", "show", "tweed-wg", "allowed-ips"]);
+    assert!(
+        allowed.contains("10.5.3.0/24") && allowed.contains("fd00:5:0:3::/64"),
+        "{allowed}"
+    );
+    let route6 = ip_in(a.name(), &["-6", "route", "show", "dev", "tweed-wg"]);
+    assert!(route6.contains("fd00:5::/56"), "{route6}");
+    // Only the IPv6 underlay is left between the nodes.
+    for (ns, dev) in [(&a, "ua"), (&b, "ub")] {
+        ip_in(ns.name(), &["-4", "addr", "flush", "dev", dev]);
+    }
+    ping_ok(
+        &a,
+        "10.5.3.0",
+        "Mode ipv6, IPv4 pods over the IPv6 underlay",
+    );
+    let (ok, out) =
+        tweed_testkit::probe_in(a.name(), &["ping6", "-c", "3", "-W", "3", "fd00:5:0:3::"]);
+    assert!(
+        ok,
+        "no ping6 through tweed-wg over the IPv6 underlay: {out}"
+    );
+    ping_ok(&b, "10.5.2.0", "Mode ipv6, the other way");
+    // A restarted node finds its device, address, route and peer right, and reads the
+    // handshake and bytes back, its endpoint IPv6.
+    let (setup, first, second, stats) = ipv6_mode_run(&a, 2, 3);
+    assert_eq!(
+        (setup, first, second),
+        (0, 0, 0),
+        "a restart writes nothing"
+    );
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    let s = &stats[0];
+    assert_eq!(s.endpoint, Some("[2001:db8::3]:51820".parse().unwrap()));
+    assert!(
+        s.last_handshake.is_some() && s.rx_bytes > 0 && s.tx_bytes > 0,
+        "{s:?}"
+    );
+    eprintln!(
+        "ipv6 mode: ping and ping6 through tweed-wg at [2001:db8::3]:51820, no IPv4 underlay; {s:?}"
+    );
+}

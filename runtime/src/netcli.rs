@@ -327,23 +327,38 @@ fn peer_json(p: &pb::Peer) -> serde_json::Value {
             json!((p.handshake_age_seconds >= 0).then_some(p.handshake_age_seconds));
         v["tx_bytes"] = json!(p.tx_bytes);
         v["rx_bytes"] = json!(p.rx_bytes);
+        v["device"] = json!(p.device);
+    }
+    if let Some(e) = &p.v6_entry {
+        v["v6_entry"] = json!({"device": e.device, "subnet": e.subnet,
+            "public_key": e.public_key,
+            "handshake_age_seconds": (e.handshake_age_seconds >= 0).then_some(e.handshake_age_seconds),
+            "tx_bytes": e.tx_bytes, "rx_bytes": e.rx_bytes});
     }
     v
 }
 
-/// wireguard peers' columns: key, handshake age, bytes out/in; nothing for other backends.
+fn age_text(seconds: i64) -> String {
+    if seconds < 0 {
+        "never".to_string()
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+/// wireguard peers' columns: key, handshake age, bytes out/in, device; nothing for other
+/// backends.
 fn wg_columns(p: &pb::Peer) -> String {
     if p.public_key.is_empty() {
         return String::new();
     }
-    let age = if p.handshake_age_seconds < 0 {
-        "never".to_string()
-    } else {
-        format!("{}s", p.handshake_age_seconds)
-    };
     format!(
-        " {:<44} {:>9} {:>12} {:>12}",
-        p.public_key, age, p.tx_bytes, p.rx_bytes
+        " {:<44} {:>9} {:>12} {:>12} {}",
+        p.public_key,
+        age_text(p.handshake_age_seconds),
+        p.tx_bytes,
+        p.rx_bytes,
+        p.device
     )
 }
 
@@ -355,8 +370,8 @@ fn peers_table(peers: &[pb::Peer]) -> String {
     );
     if wg {
         t.push_str(&format!(
-            " {:<44} {:>9} {:>12} {:>12}",
-            "PUBLIC_KEY", "HANDSHAKE", "TX_BYTES", "RX_BYTES"
+            " {:<44} {:>9} {:>12} {:>12} {}",
+            "PUBLIC_KEY", "HANDSHAKE", "TX_BYTES", "RX_BYTES", "DEVICE"
         ));
     }
     t.push('\n');
@@ -374,6 +389,22 @@ fn peers_table(peers: &[pb::Peer]) -> String {
             state,
             wg_columns(p)
         ));
+        // `Mode: separate`: the same peer's entry on the IPv6 device, on a line of its own
+        // under the peer, its IPv6 subnet in the SUBNET column.
+        if let Some(e) = &p.v6_entry {
+            t.push_str(&format!(
+                "{:<18} {:<16} {:<9} {:<10} {:<44} {:>9} {:>12} {:>12} {}\n",
+                e.subnet,
+                "",
+                "",
+                "",
+                e.public_key,
+                age_text(e.handshake_age_seconds),
+                e.tx_bytes,
+                e.rx_bytes,
+                e.device
+            ));
+        }
     }
     t
 }
@@ -427,13 +458,15 @@ mod tests {
             handshake_age_seconds: age,
             tx_bytes: 1234,
             rx_bytes: 5678,
+            device: "tweed-wg".into(),
             ..Default::default()
         };
         let p = peers_table(&[wg(42), wg(-1)]);
         assert!(p.lines().next().unwrap().contains("HANDSHAKE"), "{p}");
+        assert!(p.lines().next().unwrap().ends_with(" DEVICE"), "{p}");
         let row = p.lines().nth(1).unwrap();
         assert!(
-            row.contains(key) && row.contains(" 42s ") && row.ends_with(" 5678"),
+            row.contains(key) && row.contains(" 42s ") && row.ends_with(" 5678 tweed-wg"),
             "{p}"
         );
         assert!(p.lines().nth(2).unwrap().contains("never"), "{p}");
@@ -441,6 +474,40 @@ mod tests {
         assert_eq!(j["handshake_age_seconds"], serde_json::Value::Null);
         assert_eq!(j["public_key"], key);
         assert_eq!(peer_json(&wg(7))["handshake_age_seconds"], 7);
+        assert_eq!(peer_json(&wg(7))["device"], "tweed-wg");
+        assert!(peer_json(&wg(7)).get("v6_entry").is_none());
+        // `Mode: separate`: the peer's tweed-wg-v6 entry on the line under it.
+        let key6 = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let sep = pb::Peer {
+            v6_entry: Some(pb::WireguardEntry {
+                device: "tweed-wg-v6".into(),
+                subnet: "fd00:10:244:4::/64".into(),
+                public_key: key6.into(),
+                handshake_age_seconds: -1,
+                tx_bytes: 9,
+                rx_bytes: 10,
+            }),
+            ..wg(42)
+        };
+        let p = peers_table(std::slice::from_ref(&sep));
+        assert_eq!(p.lines().count(), 3, "{p}");
+        let row6 = p.lines().nth(2).unwrap();
+        assert!(
+            row6.starts_with("fd00:10:244:4::/64 ")
+                && row6.contains(key6)
+                && row6.contains(" never ")
+                && row6.ends_with(" 10 tweed-wg-v6"),
+            "{p}"
+        );
+        let j = peer_json(&sep);
+        assert_eq!(j["v6_entry"]["device"], "tweed-wg-v6");
+        assert_eq!(j["v6_entry"]["subnet"], "fd00:10:244:4::/64");
+        assert_eq!(
+            j["v6_entry"]["handshake_age_seconds"],
+            serde_json::Value::Null
+        );
+        assert_eq!(j["v6_entry"]["rx_bytes"], 10);
+        assert_eq!(j["tx_bytes"], 1234);
         let s = status_table(&pb::StatusReply {
             ready: false,
             not_ready: vec!["no subnet lease held".into()],

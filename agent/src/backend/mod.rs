@@ -288,8 +288,12 @@ impl Prepared {
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
             BackendConfig::Wireguard(ref w) => {
-                if w.mode == tweed_config::WireguardMode::Ipv6 {
-                    return Err(BackendError::Wireguard(WgError::ModeNotCarried));
+                if w.mode == tweed_config::WireguardMode::Ipv6
+                    && node.wg_impl != wireguard::WgImpl::Kernel
+                {
+                    return Err(BackendError::Wireguard(WgError::ModeNotCarried {
+                        implementation: node.wg_impl.name(),
+                    }));
                 }
                 let key_path = node
                     .wg_key_file
@@ -327,6 +331,26 @@ impl Prepared {
                 (Prepared::Wireguard(cfg), attrs)
             }
         })
+    }
+
+    /// Whether this node can run `backend` with the IPv6 underlay `ipv6` it found: wireguard's
+    /// `Mode: ipv6` needs an IPv6 underlay address (every peer is reached there); a node
+    /// without one fails at start, naming the interface, rather than run cut off from all.
+    pub fn check_ipv6_underlay(
+        &self,
+        backend: &BackendConfig,
+        ipv6: &crate::ipv6::Ipv6Mode,
+    ) -> Result<(), BackendError> {
+        match (backend, ipv6) {
+            (BackendConfig::Wireguard(w), crate::ipv6::Ipv6Mode::V4Only { iface })
+                if w.mode == tweed_config::WireguardMode::Ipv6 =>
+            {
+                Err(BackendError::Wireguard(WgError::Ipv6ModeWithoutUnderlay {
+                    iface: iface.clone(),
+                }))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `attrs` with a dual-stack node's IPv6 half: `PublicIPv6`, and a `BackendV6Data` when
@@ -1094,15 +1118,54 @@ mod tests {
             (1472, 8285, node.iface.ip, 2)
         );
 
-        // wireguard "Mode":"ipv6" parses (EnableIPv6) but is refused at start, naming the key,
-        // before any key file is written: it would otherwise run with IPv4 endpoints.
+        // wireguard "Mode":"ipv6" is refused at start off the kernel path (`auto` may land on
+        // userspace, whose socket is IPv4 only), naming the key and the flag, before any key
+        // file is written.
         let json = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#;
         let net = tweed_config::NetworkConfig::parse(json).unwrap();
-        let err = Prepared::new(&nl, &net.backend, &node, own)
+        for wg_impl in [wireguard::WgImpl::Auto, wireguard::WgImpl::Userspace] {
+            let node = NodeContext {
+                wg_impl,
+                ..node.clone()
+            };
+            let err = Prepared::new(&nl, &net.backend, &node, own)
+                .await
+                .expect_err("Mode ipv6 is refused off the kernel path");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("Backend.Mode")
+                    && msg.contains(&format!("--wireguard-impl={}", wg_impl.name())),
+                "{msg}"
+            );
+            assert!(!tmp.path().join(wireguard::key::KEY_FILE_NAME).exists());
+        }
+        // On the kernel path it is prepared; a node without an IPv6 underlay address is
+        // refused naming the interface, one with it is not.
+        let kernel = NodeContext {
+            wg_impl: wireguard::WgImpl::Kernel,
+            ..node.clone()
+        };
+        let (p, _) = Prepared::new(&nl, &net.backend, &kernel, own)
             .await
-            .expect_err("Mode ipv6 is refused");
-        assert!(err.to_string().contains("Backend.Mode"), "{err}");
-        assert!(!tmp.path().join(wireguard::key::KEY_FILE_NAME).exists());
+            .unwrap();
+        let v4only = crate::ipv6::Ipv6Mode::V4Only {
+            iface: "eth0".into(),
+        };
+        let err = p
+            .check_ipv6_underlay(&net.backend, &v4only)
+            .expect_err("no IPv6 underlay address");
+        assert!(
+            err.to_string().contains("eth0 has no global IPv6 address"),
+            "{err}"
+        );
+        let dual = crate::ipv6::Ipv6Mode::DualStack {
+            public_ipv6: "2001:db8::1".parse().unwrap(),
+        };
+        p.check_ipv6_underlay(&net.backend, &dual).unwrap();
+        // Other modes run IPv4 only there, as before.
+        let separate =
+            tweed_config::NetworkConfig::parse(&json.replace(r#","Mode":"ipv6""#, "")).unwrap();
+        p.check_ipv6_underlay(&separate.backend, &v4only).unwrap();
     }
 
     /// The lease's `BackendV6Data` depends on `Backend.Mode` only, not on the implementation;

@@ -111,6 +111,7 @@ pub async fn run_with(
     let (mut prepared, attrs) = Prepared::new(&nl, &cfg.backend, &node, placeholder).await?;
     let ipv6 = ipv6_mode(&cfg, &settings, &ipv6_addrs, &node.iface);
     report.ipv6_mode(&ipv6);
+    prepared.check_ipv6_underlay(&cfg.backend, &ipv6)?;
     let underlay6 = super::underlay6::watcher(
         &ipv6,
         prepared.type_name(),

@@ -477,10 +477,12 @@ impl Report {
                     let since = s
                         .wg_peers
                         .iter()
-                        .find(|v| v.public_key == key)
+                        .find(|v| v.public_key == key && v.device == p.device)
                         .map_or(now_ms, |v| v.since_unix_ms);
                     crate::state::WgPeerView {
+                        device: p.device.to_string(),
                         subnet: p.subnet.map(|s| s.to_string()).unwrap_or_default(),
+                        lease_subnet: p.lease_subnet.map(|s| s.to_string()).unwrap_or_default(),
                         public_key: key,
                         handshake_unix_ms: p.last_handshake.map(|d| now_ms - d.as_millis() as i64),
                         since_unix_ms: since,
@@ -499,11 +501,11 @@ impl Report {
             let key = p.public_key.to_string();
             let age = p.last_handshake.map_or(-1, |d| d.as_secs() as i64);
             m.wg_handshake_age
-                .with_label_values(&[&subnet, &key])
+                .with_label_values(&[&subnet, &key, p.device])
                 .set(age);
             for (dir, n) in [("tx", p.tx_bytes), ("rx", p.rx_bytes)] {
                 m.wg_peer_bytes
-                    .with_label_values(&[&subnet, &key, dir])
+                    .with_label_values(&[&subnet, &key, dir, p.device])
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
@@ -858,6 +860,89 @@ mod view_tests {
             }
             assert!(incremental_steps > 30, "seed {seed}: {incremental_steps}");
         }
+    }
+
+    /// `Mode: separate`: a peer's entries on both devices are exported side by side, told
+    /// apart by the `device` label (and their subnets); the views keep each entry's own
+    /// "since" across refreshes; a refresh without the IPv6 entry drops its series.
+    #[test]
+    fn wireguard_figures_of_both_devices_are_exported_with_their_device() {
+        use crate::backend::wireguard::{dual::DEVICE_V6, PeerStats, PrivateKey, DEVICE};
+        let r = report();
+        let key = PrivateKey::from_bytes([2; 32]).public();
+        let v4 = PeerStats {
+            device: DEVICE,
+            public_key: key,
+            endpoint: Some("198.51.100.2:51820".parse().unwrap()),
+            subnet: Some("10.5.2.0/24".parse().unwrap()),
+            lease_subnet: Some("10.5.2.0/24".parse().unwrap()),
+            last_handshake: Some(std::time::Duration::from_secs(4)),
+            tx_bytes: 100,
+            rx_bytes: 200,
+        };
+        let v6 = PeerStats {
+            device: DEVICE_V6,
+            endpoint: Some("[2001:db8::2]:51821".parse().unwrap()),
+            subnet: Some("fd00:5:0:2::/64".parse().unwrap()),
+            last_handshake: None,
+            tx_bytes: 300,
+            rx_bytes: 400,
+            ..v4.clone()
+        };
+        r.wireguard_peers(&[v4.clone(), v6.clone()]);
+        let page = r.state.metrics.render();
+        let line = |name: &str, subnet: &str, device: &str, also: &str| {
+            page.lines()
+                .find(|l| {
+                    l.starts_with(name)
+                        && l.contains(&format!("subnet=\"{subnet}\""))
+                        && l.contains(&format!("device=\"{device}\""))
+                        && l.contains(&format!("public_key=\"{key}\""))
+                        && l.contains(also)
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+        };
+        let age = "tweed_wireguard_peer_handshake_age_seconds{";
+        let bytes = "tweed_wireguard_peer_bytes{";
+        assert_eq!(
+            line(age, "10.5.2.0/24", DEVICE, "").as_deref(),
+            Some("4"),
+            "{page}"
+        );
+        assert_eq!(
+            line(age, "fd00:5:0:2::/64", DEVICE_V6, "").as_deref(),
+            Some("-1"),
+            "{page}"
+        );
+        assert_eq!(
+            line(bytes, "fd00:5:0:2::/64", DEVICE_V6, "direction=\"rx\"").as_deref(),
+            Some("400"),
+            "{page}"
+        );
+        assert_eq!(
+            line(bytes, "10.5.2.0/24", DEVICE, "direction=\"tx\"").as_deref(),
+            Some("100"),
+            "{page}"
+        );
+        let views = r.state.snapshot().wg_peers;
+        assert_eq!(views.len(), 2);
+        assert_eq!(
+            (views[1].device.as_str(), views[1].lease_subnet.as_str()),
+            (DEVICE_V6, "10.5.2.0/24")
+        );
+        // Each entry keeps its own "since" (the IPv6 one is not taken for the IPv4 one).
+        let since6 = views[1].since_unix_ms;
+        r.state.update(|s| s.wg_peers[0].since_unix_ms = 1);
+        r.wireguard_peers(&[v4.clone(), v6]);
+        let views = r.state.snapshot().wg_peers;
+        assert_eq!(
+            (views[0].since_unix_ms, views[1].since_unix_ms),
+            (1, since6)
+        );
+        r.wireguard_peers(&[v4]);
+        let page = r.state.metrics.render();
+        assert!(!page.contains(DEVICE_V6), "{page}");
     }
 
     #[test]

@@ -203,7 +203,9 @@ async fn a_roamed_endpoint_is_set_back_and_the_figures_come_from_the_read_back()
     let st = b.peer_stats();
     assert_eq!(st.len(), 1);
     assert_eq!((st[0].rx_bytes, st[0].tx_bytes), (1234, 5678));
-    assert_eq!(st[0].subnet, Some(a.subnet));
+    assert_eq!(st[0].subnet, Some(a.subnet.into()));
+    assert_eq!(st[0].lease_subnet, Some(a.subnet));
+    assert_eq!(st[0].device, DEVICE);
     assert_eq!(st[0].endpoint, Some("192.168.9.2:51820".parse().unwrap()));
     let age = st[0].last_handshake.expect("handshake read back").as_secs();
     assert!((29..=60).contains(&age), "{age}");
@@ -625,6 +627,47 @@ async fn kernel_separate_runs_ipv6_peers_on_their_own_device() {
     );
     assert_eq!(lock(&g6).listen_port, 51821);
     assert_eq!(lock(&g4).listen_port, 51820);
+    // Figures per device entry: six on tweed-wg, two on tweed-wg-v6, each of the latter with
+    // its IPv6 subnet and IPv6 endpoint, listed under its peer's lease.
+    lock(&g6).peers[0].rx = 77;
+    b.refresh().await.unwrap();
+    let st = b.peer_stats();
+    assert_eq!(st.iter().filter(|s| s.device == DEVICE).count(), 6);
+    let mut six: Vec<(String, String, String, u64)> = st
+        .iter()
+        .filter(|s| s.device == dual::DEVICE_V6)
+        .map(|s| {
+            (
+                s.subnet.unwrap().to_string(),
+                s.endpoint.unwrap().to_string(),
+                s.lease_subnet.unwrap().to_string(),
+                s.rx_bytes,
+            )
+        })
+        .collect();
+    six.sort();
+    let rx2 = if lock(&g6).peers[0].public_key == ka.0 {
+        77
+    } else {
+        0
+    };
+    assert_eq!(
+        six,
+        [
+            (
+                "fd00:5:0:2::/64".to_string(),
+                "[2001:db8::2]:51821".to_string(),
+                "10.5.2.0/24".to_string(),
+                rx2
+            ),
+            (
+                "fd00:5:0:3::/64".into(),
+                "[2001:db8::3]:51821".into(),
+                "10.5.3.0/24".into(),
+                77 - rx2
+            ),
+        ]
+    );
     assert_eq!(lock(&g6).private_key, lock(&g4).private_key);
     assert!(lock(&g6).private_key.is_some());
 
@@ -761,4 +804,103 @@ async fn kernel_separate_ipv6_device_follows_the_lease_and_is_repaired() {
     assert!(b.setup_ops().contains(&Op::LinkDel {
         name: dual::DEVICE_V6.into()
     }));
+}
+
+/// `Mode: ipv6` on the kernel path: one device `tweed-wg` on ListenPort whose peers are
+/// reached at `[PublicIPv6]:Port` (the `BackendData` port: the peer's one device listens
+/// there), allowed IPs both subnets; the lease says `BackendV6Data.Port` = ListenPort; a peer
+/// without a usable IPv6 half is skipped with the reason (never given its IPv4 endpoint); no
+/// second device; the IPv6 plane runs on `tweed-wg`; a second pass writes nothing; a roamed
+/// IPv6 endpoint is set back by the refresh.
+#[tokio::test]
+async fn kernel_ipv6_mode_reaches_every_peer_over_the_ipv6_underlay() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let mut cfg = separate_cfg(Some("fd00:5:0:1::/64"));
+    cfg.dual.as_mut().unwrap().mode = tweed_config::WireguardMode::Ipv6;
+    let lease = tweed_config::LeaseAttrs::parse(cfg.lease_attrs().to_json().as_bytes()).unwrap();
+    assert_eq!(lease.public_ipv6, Some("2001:db8::1".parse().unwrap()));
+    let port_of = |data: Option<&serde_json::value::RawValue>| {
+        serde_json::from_str::<serde_json::Value>(data.unwrap().get()).unwrap()["Port"].clone()
+    };
+    assert_eq!(port_of(lease.backend_data.as_deref()), 51820);
+    assert_eq!(port_of(lease.backend_v6_data.as_deref()), 51820);
+    let mut b = WgBackend::setup_with(&nl, cfg, opener(&g)).await.unwrap();
+    assert_eq!(b.implementation(), "kernel");
+    assert!(b.carries_v6(), "the IPv6 plane serves tweed-wg");
+    assert_eq!(b.ifindex_v6(), None);
+    assert!(nl.link_by_name(dual::DEVICE_V6).await.unwrap().is_none());
+
+    let local = b.dual_local().unwrap();
+    assert!(!local.separate() && local.ipv6_endpoints());
+    // BackendV6Data.Port 51821 is another mode's second device: the shared device takes the
+    // BackendData port.
+    let (ka, a) = separate_lease(&local, 2, 2, "2001:db8::2", Some(51821));
+    let (kc, c) = separate_lease(&local, 3, 3, "2001:db8::3", None);
+    let (_, linklocal) = separate_lease(&local, 4, 4, "fe80::4", Some(51820));
+    let peers = vec![a, c, linklocal];
+    let stats = b.reconcile_dual(&nl, &peers).await.unwrap();
+    assert_eq!(
+        stats
+            .skipped
+            .iter()
+            .map(|s| s.subnet.to_string())
+            .collect::<Vec<_>>(),
+        ["10.5.4.0/24"],
+        "{:?}",
+        stats.skipped
+    );
+    assert!(
+        stats.skipped[0].reason.contains("IPv6 underlay"),
+        "{:?}",
+        stats.skipped
+    );
+    let both = |n: u8| vec![format!("10.5.{n}.0/24"), format!("fd00:5:0:{n}::/64")];
+    assert_eq!(
+        peers_of(&g),
+        [
+            (ka, "[2001:db8::2]:51820".to_string(), both(2)),
+            (kc, "[2001:db8::3]:51820".to_string(), both(3)),
+        ]
+    );
+    assert_eq!(lock(&g).listen_port, 51820);
+    // The figures carry the IPv6 endpoint and the lease's subnet.
+    let st = b.peer_stats();
+    assert_eq!(st.len(), 2);
+    assert!(st.iter().all(|s| s.device == DEVICE), "{st:?}");
+    let mut eps: Vec<String> = st.iter().map(|s| s.endpoint.unwrap().to_string()).collect();
+    eps.sort();
+    assert_eq!(eps, ["[2001:db8::2]:51820", "[2001:db8::3]:51820"]);
+
+    let writes = lock(&g).writes;
+    fake.take_ops();
+    let again = b.reconcile_dual(&nl, &peers).await.unwrap();
+    assert_eq!(again.ops_applied, 0, "{:?}", again.applied);
+    assert_eq!(lock(&g).writes, writes);
+    assert!(fake.take_ops().is_empty());
+
+    lock(&g).peers[0].endpoint = Some("[2001:db8::99]:40000".parse().unwrap());
+    assert_eq!(b.refresh().await.unwrap(), 1);
+    assert_eq!(peers_of(&g)[0].1, "[2001:db8::2]:51820");
+    assert_eq!(b.refresh().await.unwrap(), 0);
+
+    // The IPv6 plane puts the /128 and the IPv6Network route on tweed-wg.
+    let dp = crate::backend::DataPlane::Wireguard(b);
+    let params = crate::backend::v6::V6Params {
+        cfg: tweed_config::NetworkConfig::parse(NET6)
+            .unwrap()
+            .ipv6
+            .unwrap(),
+        own_subnet: "fd00:5:0:1::/64".parse().unwrap(),
+        public_ipv6: "2001:db8::1".parse().unwrap(),
+    };
+    let v6 = crate::backend::v6::V6Plane::setup(&nl, params, &dp)
+        .await
+        .unwrap()
+        .expect("tweed-wg carries IPv6");
+    assert_eq!(v6.setup_ops().len(), 2, "{:?}", v6.setup_ops());
+    let (_, addrs, routes) = link6(&nl, DEVICE).await.unwrap();
+    assert_eq!(addrs, ["fd00:5:0:1::/128"]);
+    assert_eq!(routes, ["fd00:5::/56"]);
 }

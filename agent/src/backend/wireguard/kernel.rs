@@ -164,9 +164,11 @@ pub fn parse_device(msgs: &[WireguardMessage], now: SystemTime) -> Observed {
                         });
                         if !stats.iter().any(|s| s.public_key == key) {
                             stats.push(PeerStats {
+                                device: super::DEVICE,
                                 public_key: key,
                                 endpoint: None,
                                 subnet: None,
+                                lease_subnet: None,
                                 last_handshake: None,
                                 tx_bytes: 0,
                                 rx_bytes: 0,
@@ -228,8 +230,14 @@ pub fn parse_device(msgs: &[WireguardMessage], now: SystemTime) -> Observed {
     }
     for s in stats.iter_mut() {
         if let Some(p) = spec.peers.get(&s.public_key) {
-            s.endpoint = p.endpoint_v4();
-            s.subnet = p.subnet_v4();
+            s.endpoint = p.endpoint;
+            s.subnet = p.subnet_v4().map(IpNetwork::V4).or_else(|| {
+                p.allowed_ips
+                    .iter()
+                    .find(|n| matches!(n, IpNetwork::V6(_)))
+                    .copied()
+            });
+            s.lease_subnet = p.subnet_v4();
         }
     }
     Observed { spec, stats }

@@ -35,6 +35,17 @@ pub enum WgImpl {
     Userspace,
 }
 
+impl WgImpl {
+    /// As `--wireguard-impl` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WgImpl::Auto => "auto",
+            WgImpl::Kernel => "kernel",
+            WgImpl::Userspace => "userspace",
+        }
+    }
+}
+
 impl std::str::FromStr for WgImpl {
     type Err = String;
     fn from_str(s: &str) -> Result<WgImpl, String> {
@@ -82,15 +93,24 @@ pub enum WgError {
     )]
     SamePortV6 { port: u16 },
 
-    /// Refused at start rather than run with IPv4 endpoints, which a node configured for IPv6
-    /// endpoints (flannel's `ipv6` mode) would not expect.
+    /// `ipv6` mode (every peer at its IPv6 endpoint) is built on the kernel path only: the
+    /// userspace path's one socket is IPv4, and `auto` may land there at any set-up.
     #[error(
-        "wireguard: Backend.Mode \"ipv6\" (one device, every peer on the IPv6 underlay) is \
-         parsed but not built; use \"separate\" with --wireguard-impl=kernel (IPv6 pods over \
-         the IPv6 underlay on a second device), or \"auto\" or \"ipv4\" (IPv6 pods over the \
-         IPv4 underlay)"
+        "wireguard: Backend.Mode \"ipv6\" (one device, every peer on the IPv6 underlay) runs \
+         on the kernel path only, and --wireguard-impl={implementation} may run the userspace \
+         path, whose socket is IPv4 only: use --wireguard-impl=kernel, or \"auto\" or \"ipv4\" \
+         (IPv6 pods over the IPv4 underlay)"
     )]
-    ModeNotCarried,
+    ModeNotCarried { implementation: &'static str },
+
+    /// `ipv6` mode reaches every peer over the IPv6 underlay: a node without an address there
+    /// could reach none, so it does not start rather than run cut off.
+    #[error(
+        "wireguard: Backend.Mode \"ipv6\" reaches every peer over the IPv6 underlay, but {iface} \
+         has no global IPv6 address and no --public-ipv6 was given: add one, or use Mode \
+         \"separate\", \"auto\" or \"ipv4\""
+    )]
+    Ipv6ModeWithoutUnderlay { iface: String },
 }
 
 /// Everything the backend needs, fixed before the lease is acquired (the lease carries the
@@ -144,14 +164,14 @@ pub struct WgDual {
 ///   (which never falls back to userspace: a set-up without the module fails). With `auto`
 ///   a later set-up may land on userspace, whose one IPv4 socket could not serve the
 ///   `BackendV6Data` port peers were told; such a node runs IPv4 only, as before.
-/// - `ipv6` never gets here: [`crate::backend::Prepared::new`] refuses it
-///   ([`WgError::ModeNotCarried`]).
+/// - `ipv6` (one device, IPv6 endpoints): the kernel path only, as `separate`; with another
+///   `--wireguard-impl` [`crate::backend::Prepared::new`] refuses it
+///   ([`WgError::ModeNotCarried`]) before anything is written.
 pub fn carries_v6(mode: tweed_config::WireguardMode, implementation: WgImpl) -> bool {
     use tweed_config::WireguardMode as M;
     match mode {
         M::Auto | M::Ipv4 => true,
-        M::Separate => implementation == WgImpl::Kernel,
-        M::Ipv6 => false,
+        M::Separate | M::Ipv6 => implementation == WgImpl::Kernel,
     }
 }
 
@@ -313,12 +333,17 @@ struct KernelPlane {
     setup_ops: Vec<crate::netlink::Op>,
     /// `separate`'s IPv6 device, while this node runs one.
     v6: Option<KernelDev6>,
+    /// `separate`: the lease (IPv4 subnet) of each `tweed-wg-v6` entry's key, from the last
+    /// plan, so the IPv6 figures are listed under their peer.
+    lease_of6: std::collections::BTreeMap<PublicKey, Ipv4Network>,
 }
 
 /// The kernel's `wireguard` link [`dual::DEVICE_V6`] (`Mode: separate`, dual stack).
 struct KernelDev6 {
     ifindex: u32,
     desired: Option<plan::DeviceSpec>,
+    /// Per-peer figures from the last read-back.
+    stats: Vec<PeerStats>,
 }
 
 type SharedGenl = Arc<Mutex<Box<dyn kernel::WgGenl + Send>>>;
@@ -512,16 +537,27 @@ impl WgBackend {
                 .map(|p| {
                     let (age, tx, rx) = p.stats();
                     PeerStats {
+                        device: DEVICE,
                         public_key: p.spec.public_key,
-                        endpoint: p.spec.endpoint_v4(),
-                        subnet: p.spec.subnet_v4(),
+                        endpoint: p.spec.endpoint,
+                        subnet: p.spec.subnet_v4().map(Into::into),
+                        lease_subnet: p.spec.subnet_v4(),
                         last_handshake: age,
                         tx_bytes: tx as u64,
                         rx_bytes: rx as u64,
                     }
                 })
                 .collect(),
-            Plane::Kernel(k) => k.stats.clone(),
+            Plane::Kernel(k) => {
+                let mut all = k.stats.clone();
+                if let Some(d) = &k.v6 {
+                    all.extend(d.stats.iter().map(|s| PeerStats {
+                        lease_subnet: k.lease_of6.get(&s.public_key).copied(),
+                        ..s.clone()
+                    }));
+                }
+                all
+            }
         }
     }
 
@@ -538,12 +574,13 @@ impl WgBackend {
         };
         let (mut ops, stats) = genl_reconcile(k.genl.clone(), DEVICE, desired).await?;
         k.stats = stats;
-        // The IPv6 device's peers roam the same way. Its figures are not exported: the
-        // same key's entry on tweed-wg stands for the peer.
-        if let Some(desired6) = k.v6.as_ref().and_then(|d| d.desired.clone()) {
-            ops += genl_reconcile(k.genl.clone(), dual::DEVICE_V6, desired6)
-                .await?
-                .0;
+        // The IPv6 device's peers roam the same way, and have figures of their own.
+        if let Some(d) = k.v6.as_mut() {
+            if let Some(desired6) = d.desired.clone() {
+                let (n, st) = genl_reconcile(k.genl.clone(), dual::DEVICE_V6, desired6).await?;
+                ops += n;
+                d.stats = st;
+            }
         }
         Ok(ops)
     }
@@ -585,6 +622,12 @@ impl WgBackend {
                 );
             }
             self.skipped_v6 = plan.skipped_v6.clone();
+        }
+        if let Plane::Kernel(k) = &mut self.plane {
+            k.lease_of6 = peers
+                .iter()
+                .filter_map(|p| Some((p.v6.as_ref().ok()?.public_key, p.v4.subnet)))
+                .collect();
         }
         let key = *self.cfg.private_key.bytes();
         let specs = plan
@@ -630,6 +673,7 @@ impl WgBackend {
                     k.v6 = ifindex6.map(|ifindex| KernelDev6 {
                         ifindex,
                         desired: None,
+                        stats: Vec::new(),
                     });
                     stats.ops_applied += ops.len();
                     stats.applied = ops;
@@ -643,8 +687,9 @@ impl WgBackend {
                 k.stats = peer_stats;
                 if let (Some(desired6), Some(d)) = (v6, k.v6.as_mut()) {
                     d.desired = Some(desired6.clone());
-                    let (n, _) = genl_reconcile(k.genl.clone(), dual::DEVICE_V6, desired6).await?;
+                    let (n, st) = genl_reconcile(k.genl.clone(), dual::DEVICE_V6, desired6).await?;
                     stats.ops_applied += n;
+                    d.stats = st;
                 }
                 stats
             }
@@ -784,7 +829,9 @@ async fn setup_kernel(
         v6: ifindex6.map(|ifindex| KernelDev6 {
             ifindex,
             desired: None,
+            stats: Vec::new(),
         }),
+        lease_of6: Default::default(),
     })
 }
 
@@ -1005,12 +1052,18 @@ async fn genl_reconcile(
                 }
             }
         }
+        let named = |mut stats: Vec<PeerStats>| {
+            for s in &mut stats {
+                s.device = device;
+            }
+            stats
+        };
         if ops.is_empty() {
-            return Ok((0, observed.stats));
+            return Ok((0, named(observed.stats)));
         }
         tracing::debug!(device, ops = ?ops, "wireguard: kernel device updated");
         let now = kernel::parse_device(&g.get_device(device)?, std::time::SystemTime::now());
-        Ok((ops.len(), now.stats))
+        Ok((ops.len(), named(now.stats)))
     })
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
@@ -1022,12 +1075,21 @@ async fn genl_reconcile(
     })
 }
 
-/// One peer's figures for metrics and `tweedctl net peers`.
+/// One peer entry's figures for metrics, `tweedctl net peers` and `/readyz`: one per device
+/// entry, so a `Mode: separate` peer has one on `tweed-wg` and one on `tweed-wg-v6`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerStats {
+    /// The device holding the entry: [`DEVICE`], or [`dual::DEVICE_V6`].
+    pub device: &'static str,
     pub public_key: PublicKey,
-    pub endpoint: Option<std::net::SocketAddrV4>,
-    pub subnet: Option<Ipv4Network>,
+    /// IPv6 in `Mode: ipv6` and on `tweed-wg-v6`.
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// The entry's subnet in the device's family: the IPv4 one on `tweed-wg` (in the
+    /// single-device dual modes too), the IPv6 one on `tweed-wg-v6`.
+    pub subnet: Option<ipnetwork::IpNetwork>,
+    /// The subnet of the peer's lease (its IPv4 one), which `tweedctl net peers` lists the
+    /// peer under; `None` for an entry the leases do not explain.
+    pub lease_subnet: Option<Ipv4Network>,
     pub last_handshake: Option<std::time::Duration>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
