@@ -1747,19 +1747,43 @@ fn separate_mode_carries_ipv6_pods_on_a_second_kernel_device() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     assert!(t > 0, "no handshake on tweed-wg-v6: {hs}");
-    // A restart finds both devices right.
+    // A restart finds both devices right, and reads each device's entry for the peer back:
+    // the IPv6 one with its own handshake and bytes, listed under the peer's lease.
+    let (setup, stats) = with_netlink_in(&a, |nl| async move {
+        let mut b = WgBackend::setup(&nl, separate_cfg(2)).await.unwrap();
+        let setup = b.setup_ops().len();
+        let local = b.dual_local().unwrap();
+        let peers = vec![separate_peer(3, &local)];
+        b.reconcile_dual(&nl, &peers).await.unwrap();
+        b.refresh().await.unwrap();
+        (setup, b.peer_stats())
+    });
+    assert_eq!(setup, 0);
+    assert_eq!(stats.len(), 2, "{stats:?}");
+    let v6 = stats
+        .iter()
+        .find(|s| s.device == "tweed-wg-v6")
+        .expect("the tweed-wg-v6 entry");
     assert_eq!(
-        with_netlink_in(&a, |nl| async move {
-            WgBackend::setup(&nl, separate_cfg(2))
-                .await
-                .unwrap()
-                .setup_ops()
-                .len()
-        }),
-        0
+        (
+            v6.subnet.map(|n| n.to_string()),
+            v6.lease_subnet.map(|n| n.to_string()),
+            v6.endpoint
+        ),
+        (
+            Some("fd00:5:0:3::/64".into()),
+            Some("10.5.3.0/24".into()),
+            Some("[2001:db8::3]:51821".parse().unwrap())
+        )
     );
+    assert!(
+        v6.last_handshake.is_some() && v6.rx_bytes > 0 && v6.tx_bytes > 0,
+        "{v6:?}"
+    );
+    let v4 = stats.iter().find(|s| s.device == "tweed-wg").unwrap();
+    assert_eq!(v4.endpoint, Some("192.0.2.3:51820".parse().unwrap()));
     eprintln!(
-        "separate mode: ping6 through tweed-wg-v6 ([2001:db8::3]:51821) and ping through tweed-wg"
+        "separate mode: ping6 through tweed-wg-v6 ([2001:db8::3]:51821) and ping through tweed-wg; figures read back: {v4:?} / {v6:?}"
     );
 }
 
