@@ -98,7 +98,7 @@ pub enum WgError {
     #[error(
         "wireguard: Backend.Mode \"ipv6\" (one device, every peer on the IPv6 underlay) runs \
          on the kernel path only, and --wireguard-impl={implementation} may run the userspace \
-         path, whose socket is IPv4 only: use --wireguard-impl=kernel, or \"auto\" or \"ipv4\" \
+         path, whose socket is IPv4 only: use --wireguard-impl=kernel, or Mode \"auto\" or \"ipv4\" \
          (IPv6 pods over the IPv4 underlay)"
     )]
     ModeNotCarried { implementation: &'static str },
