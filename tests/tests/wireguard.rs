@@ -1125,3 +1125,171 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
         }
     }
 }
+
+/// WireGuard datagrams over the IPv6 underlay to `ListenPortV6` (51821) while `h1/p1` pings
+/// the IPv6 address `dst`.
+fn wireguard_v6_datagrams_during_ping6(lab: &tweed_lab::Lab, dst: &str) -> usize {
+    let cap = capture_while(lab, "underlay", "ip6 and udp dst port 51821", || {
+        let out = lab
+            .exec(
+                "h1/p1",
+                &["ping", "-6", "-c", "5", "-i", "0.2", "-W", "2", dst],
+            )
+            .unwrap_or_else(|e| panic!("ping6 {dst}: {e}"));
+        let (tx, rx) = ping_summary(&out);
+        assert_eq!((tx, rx), (5, 5), "{out}");
+    });
+    pcap_packets(&cap)
+}
+
+/// Issues 18/19: flannel's default `Mode: separate` on the userspace path. Each of 3 dual-stack
+/// hosts runs `tweed-wg` (IPv4 halves, port 51820) and a second userspace device
+/// `tweed-wg-v6` (a TUN device with an IPv6 socket on `ListenPortV6` 51821, the same key, the
+/// IPv6 subnet's /128 and the `IPv6Network` route); leases advertise `BackendV6Data
+/// {"PublicKey","Port":51821}`. Every pod pair pings over both families; IPv6 pod traffic
+/// crosses the underlay as UDP over IPv6 to port 51821, never the payload in clear; an inner
+/// IPv6 source outside the sending peer's allowed IPs is dropped and counted; a restarted
+/// agent carries both families again.
+#[test]
+fn wireguard_userspace_separate_mode_carries_ipv6_pods_on_a_second_device_over_the_ipv6_underlay() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("wgus"), 3);
+    spec.backend = Backend::Wireguard;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    spec.wireguard_mode = Some("separate".into());
+    spec.agent_args = vec!["--wireguard-impl=userspace".into()];
+    let lab = up(spec);
+    let all_pairs = |lab: &tweed_lab::Lab| {
+        let report = lab.check_until(Duration::from_secs(20)).expect("check");
+        let failures: Vec<String> = report
+            .failures()
+            .map(|f| format!("{} -> {} ({}): {}", f.from, f.to, f.to_ip, f.detail))
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        let v6 = report.results.iter().filter(|r| r.to_ip.is_ipv6()).count();
+        assert_eq!((report.results.len(), v6), (48, 24));
+    };
+    all_pairs(&lab);
+
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    for (i, h) in lab.state().hosts.iter().enumerate() {
+        let public = pubkey_of(&h.agent_state_dir.join("wgkey"));
+        let env = tweed_config::SubnetEnv::read(&h.subnet_file).unwrap();
+        let sub6 = env.ipv6.expect("subnet.env IPv6 half").node_subnet();
+        let key_at = lines
+            .iter()
+            .position(|l| l.ends_with(&format!("&{}-{}", sub6.network(), sub6.prefix())))
+            .unwrap_or_else(|| panic!("{}: no dual-stack key for {sub6} in\n{listing}", h.name));
+        let v: serde_json::Value = serde_json::from_str(lines[key_at + 1]).unwrap();
+        assert_eq!(
+            v["PublicIPv6"],
+            tweed_lab::names::host_public_ip6(i + 1, 1).to_string()
+        );
+        assert_eq!(
+            v["BackendData"],
+            serde_json::json!({"PublicKey": public, "Port": 51820}),
+            "{}",
+            h.name
+        );
+        assert_eq!(
+            v["BackendV6Data"],
+            serde_json::json!({"PublicKey": public, "Port": 51821}),
+            "{}",
+            h.name
+        );
+        // The IPv6 device: a TUN device with the /128 and the IPv6 overlay route; its socket
+        // on [::]:51821. tweed-wg keeps IPv4 only.
+        let link = in_ns(&h.netns, &["ip", "-d", "link", "show", "tweed-wg-v6"]);
+        assert!(link.contains("tun") && link.contains("mtu 1420"), "{link}");
+        let addr = in_ns(
+            &h.netns,
+            &["ip", "-6", "addr", "show", "dev", "tweed-wg-v6"],
+        );
+        let own = format!("{}/128", sub6.network());
+        assert!(addr.contains(&own), "{}: no {own} in {addr}", h.name);
+        let routes = in_ns(
+            &h.netns,
+            &["ip", "-6", "route", "show", "dev", "tweed-wg-v6"],
+        );
+        assert!(
+            routes.contains(tweed_lab::names::OVERLAY6_NETWORK),
+            "{}: {routes}",
+            h.name
+        );
+        let v4dev = in_ns(&h.netns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
+        assert!(
+            !v4dev.contains(tweed_lab::names::OVERLAY6_NETWORK),
+            "{}: tweed-wg still routes IPv6: {v4dev}",
+            h.name
+        );
+        let socks = in_ns(&h.netns, &["ss", "-uln"]);
+        assert!(socks.contains("[::]:51821"), "{}: {socks}", h.name);
+    }
+
+    // Underlay: IPv6 pod traffic as WireGuard datagrams over IPv6 to 51821, never the marker
+    // in clear; in the destination pod the marker is there (the capture works).
+    let h2 = &lab.state().hosts[1];
+    let dst = h2.pods[0].ip6.expect("pod IPv6").to_string();
+    let underlay = capture_during_ping6(&lab, "underlay", &dst);
+    assert!(underlay.len() > 200, "empty capture on the underlay");
+    assert_eq!(
+        count(&underlay, MARKER),
+        0,
+        "IPv6 pod payload in clear on the underlay"
+    );
+    let wg6 = wireguard_v6_datagrams_during_ping6(&lab, &dst);
+    assert!(
+        wg6 >= 10,
+        "too few WireGuard datagrams to [v6]:51821 ({wg6})"
+    );
+    let in_pod = capture_during_ping6(&lab, "h2/p1", &dst);
+    assert!(
+        count(&in_pod, MARKER) >= 5,
+        "the control capture missed the marker"
+    );
+
+    // The receive filter on tweed-wg-v6: h2/p1 sends inner IPv6 packets with a source in h3's
+    // subnet to h1/p1; h1 opens them, finds the source outside h2's allowed IPs, drops them,
+    // counted with the rest of the userspace drops.
+    let metric = |series: &str| -> f64 {
+        let url = format!("http://{}:9867/metrics", lab.state().hosts[0].public_ip);
+        lab.exec("h2", &["curl", "-sf", "--max-time", "2", &url])
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let spoofed_series = "tweed_udp_drops_total{reason=\"spoofed_inner\"}";
+    let before = metric(spoofed_series);
+    let h1p1_ip6 = lab.state().hosts[0].pods[0].ip6.unwrap().to_string();
+    let h3_src = lab.state().hosts[2].pods[0].ip6.unwrap().to_string();
+    let inject = format!(
+        "import socket,struct\n\
+         s=socket.socket(socket.AF_INET6,socket.SOCK_RAW,socket.IPPROTO_RAW)\n\
+         src=socket.inet_pton(socket.AF_INET6,'{h3_src}')\n\
+         dst=socket.inet_pton(socket.AF_INET6,'{h1p1_ip6}')\n\
+         p=b'spoofed'\nu=struct.pack('!HHHH',5999,5999,8+len(p),0)+p\n\
+         h=struct.pack('!IHBB',6<<28,len(u),17,64)+src+dst\n\
+         for i in range(20): s.sendto(h+u,('{h1p1_ip6}',0))\n"
+    );
+    lab.exec("h2/p1", &["python3", "-c", &inject])
+        .expect("inject from h2/p1");
+    wait_for(
+        Duration::from_secs(10),
+        "h1 counting 20 spoofed inner IPv6 sources from h2",
+        || metric(spoofed_series) >= before + 20.0,
+    );
+
+    // A restarted agent re-attaches both devices and carries both families again.
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    restart_agent_ready(&stopped, "h2");
+    let h1p1 = lab.state().hosts[0].pods[0].netns.clone();
+    wait_for(
+        Duration::from_secs(15),
+        "h1/p1 ping6 to h2/p1 after h2's restart",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
+    );
+    all_pairs(&lab);
+}
