@@ -946,60 +946,7 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
     let public_ip6 = tweed_lab::names::host_public_ip6(200, 1);
     let hosts = lab.state().hosts.clone();
 
-    // An IPv6 /64 of the overlay no tweed host holds.
-    let overlay6: ipnetwork::Ipv6Network = tweed_lab::names::OVERLAY6_NETWORK.parse().unwrap();
-    let taken: Vec<ipnetwork::Ipv6Network> = hosts
-        .iter()
-        .map(|h| {
-            tweed_config::SubnetEnv::read(&h.subnet_file)
-                .unwrap()
-                .ipv6
-                .expect("IPv6 half")
-                .node_subnet()
-        })
-        .collect();
-    let subnet6 = (0xc8u16..=0xff)
-        .map(|g| {
-            let s = overlay6.network().segments();
-            let a = std::net::Ipv6Addr::new(s[0], s[1], s[2], g, 0, 0, 0, 0);
-            ipnetwork::Ipv6Network::new(a, 64).unwrap()
-        })
-        .find(|s| !taken.contains(s))
-        .expect("a free IPv6 /64");
-    let gw6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 1);
-    let pod_ip6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 2);
-
-    // IPv6 on the node and its pod as flannel's CNI chain gives it (no DAD: a tentative
-    // address is unusable for a while).
-    for ns in [node, pod] {
-        for scope in ["all", "default"] {
-            in_ns(
-                ns,
-                &[
-                    "sysctl",
-                    "-qw",
-                    &format!("net.ipv6.conf.{scope}.accept_dad=0"),
-                ],
-            );
-        }
-    }
-    in_ns(node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-    let addr6 = |ns: &str, a: String, dev: &str| {
-        ip(&["-n", ns, "-6", "addr", "add", &a, "dev", dev, "nodad"]);
-    };
-    addr6(node, format!("{public_ip6}/64"), "eth0");
-    addr6(node, format!("{gw6}/64"), "cni0");
-    addr6(pod, format!("{pod_ip6}/64"), "eth0");
-    ip(&[
-        "-n",
-        pod,
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        &gw6.to_string(),
-    ]);
+    let (subnet6, pod_ip6) = flannel_ipv6(&lab, &fl, public_ip6);
 
     // Key and device, as flannel does.
     let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgf6-{}", std::process::id())));
@@ -1292,4 +1239,253 @@ fn wireguard_userspace_separate_mode_carries_ipv6_pods_on_a_second_device_over_t
         || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
     );
     all_pairs(&lab);
+}
+
+/// Adds the IPv6 address `a` to `dev` in `ns`, without DAD.
+fn addr6(ns: &str, a: String, dev: &str) {
+    ip(&["-n", ns, "-6", "addr", "add", &a, "dev", dev, "nodad"]);
+}
+
+/// Gives the hand-made flannel node `fl` its IPv6 half as flannel's dual-stack node has it:
+/// `public_ip6` on its underlay interface, an IPv6 /64 of the overlay no tweed host holds with
+/// its gateway on the bridge and the pod's address and default route in it (no DAD: a
+/// tentative address is unusable for a while). Returns that /64 and the pod's address.
+fn flannel_ipv6(
+    lab: &tweed_lab::Lab,
+    fl: &flannel::Node,
+    public_ip6: std::net::Ipv6Addr,
+) -> (ipnetwork::Ipv6Network, std::net::Ipv6Addr) {
+    let (node, pod) = (&*fl.node, &*fl.pod);
+    let hosts = lab.state().hosts.clone();
+    // An IPv6 /64 of the overlay no tweed host holds.
+    let overlay6: ipnetwork::Ipv6Network = tweed_lab::names::OVERLAY6_NETWORK.parse().unwrap();
+    let taken: Vec<ipnetwork::Ipv6Network> = hosts
+        .iter()
+        .map(|h| {
+            tweed_config::SubnetEnv::read(&h.subnet_file)
+                .unwrap()
+                .ipv6
+                .expect("IPv6 half")
+                .node_subnet()
+        })
+        .collect();
+    let subnet6 = (0xc8u16..=0xff)
+        .map(|g| {
+            let s = overlay6.network().segments();
+            let a = std::net::Ipv6Addr::new(s[0], s[1], s[2], g, 0, 0, 0, 0);
+            ipnetwork::Ipv6Network::new(a, 64).unwrap()
+        })
+        .find(|s| !taken.contains(s))
+        .expect("a free IPv6 /64");
+    let gw6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 1);
+    let pod_ip6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 2);
+
+    for ns in [node, pod] {
+        for scope in ["all", "default"] {
+            in_ns(
+                ns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{scope}.accept_dad=0"),
+                ],
+            );
+        }
+    }
+    in_ns(node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    addr6(node, format!("{public_ip6}/64"), "eth0");
+    addr6(node, format!("{gw6}/64"), "cni0");
+    addr6(pod, format!("{pod_ip6}/64"), "eth0");
+    ip(&[
+        "-n",
+        pod,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &gw6.to_string(),
+    ]);
+
+    (subnet6, pod_ip6)
+}
+
+/// Issues 18/19: a dual-stack node configured by hand as flannel's wireguard backend configures
+/// one in its default `Mode: separate`, on wireguard-go: `flannel-wg` on 51820 (its IPv4 /32,
+/// the `Network` route, each tweed lease's IPv4 subnet at `PublicIP:BackendData.Port`) and
+/// `flannel-wg-v6` on 51821 with the same key (its IPv6 subnet /128, the `IPv6Network` route,
+/// each tweed lease's IPv6 subnet at `[PublicIPv6]:BackendV6Data.Port`); its lease under
+/// flannel's dual key with `BackendV6Data {"PublicKey","Port":51821}`. The tweed nodes run
+/// `separate` with the default `--wireguard-impl=auto` (userspace on a host without the
+/// module). Pods ping each other over both families, both ways, and the IPv6 peer entry on
+/// `flannel-wg-v6` has a handshake with the tweed node's IPv6 endpoint on 51821.
+#[test]
+fn a_flannel_configured_separate_mode_wireguard_go_node_reaches_tweed_pods_over_both_families() {
+    require_root!(NEEDS_ROOT);
+    assert!(
+        which("wireguard-go").is_some(),
+        "wireguard-go is not installed: apt-get install wireguard-go wireguard-tools"
+    );
+    let mut spec = LabSpec::new(per_process("wgs6"), 2);
+    spec.backend = Backend::Wireguard;
+    spec.pods_per_host = 1;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    spec.wireguard_mode = Some("separate".into());
+    let lab = up(spec);
+    let fl = flannel::Node::up(&lab, "twgs6", &WG_MTU.to_string());
+    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let public_ip = flannel::PUBLIC_IP;
+    let public_ip6 = tweed_lab::names::host_public_ip6(201, 1);
+    let hosts = lab.state().hosts.clone();
+    let (subnet6, pod_ip6) = flannel_ipv6(&lab, &fl, public_ip6);
+
+    // Key and the two devices, as flannel's separate mode makes them.
+    let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgs6-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let key_file = dir.0.join("wgkey");
+    let genkey = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .unwrap();
+    std::fs::write(&key_file, &genkey.stdout).unwrap();
+    let public_key = pubkey_of(&key_file);
+    let dev4 = format!("fs4{}", std::process::id() % 100_000);
+    let dev6 = format!("fs6{}", std::process::id() % 100_000);
+    let _wg_go4 = WgGo::start(node, &dev4);
+    let _wg_go6 = WgGo::start(node, &dev6);
+    for (dev, port) in [(&dev4, "51820"), (&dev6, "51821")] {
+        in_ns(
+            node,
+            &[
+                "wg",
+                "set",
+                dev,
+                "listen-port",
+                port,
+                "private-key",
+                key_file.to_str().unwrap(),
+            ],
+        );
+        ip(&[
+            "-n",
+            node,
+            "link",
+            "set",
+            dev,
+            "mtu",
+            &WG_MTU.to_string(),
+            "up",
+        ]);
+    }
+    fl.address_device(&dev4);
+    ip(&[
+        "-n",
+        node,
+        "route",
+        "add",
+        tweed_lab::names::OVERLAY_NETWORK,
+        "dev",
+        &dev4,
+        "scope",
+        "link",
+    ]);
+    addr6(node, format!("{}/128", subnet6.network()), &dev6);
+    ip(&[
+        "-n",
+        node,
+        "-6",
+        "route",
+        "add",
+        tweed_lab::names::OVERLAY6_NETWORK,
+        "dev",
+        &dev6,
+    ]);
+
+    let value = format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{public_key}","Port":51820}},"BackendV6Data":{{"PublicKey":"{public_key}","Port":51821}}}}"#
+    );
+    let key = format!("{subnet}-24&{}-64", subnet6.network());
+    fl.write_lease_at(&lab, &key, 86400, &value);
+
+    // A peer per tweed lease on each device, read from etcd.
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    let mut endpoints6 = Vec::new();
+    for kv in lines.chunks(2) {
+        let [k, v] = kv else { continue };
+        let name = k.rsplit('/').next().unwrap();
+        let Some((v4, v6)) = name.split_once('&') else {
+            panic!("tweed's dual-stack lease has a dual key: {k}")
+        };
+        let attrs: serde_json::Value = serde_json::from_str(v).unwrap();
+        if attrs["BackendData"]["PublicKey"] == public_key.as_str() {
+            continue;
+        }
+        assert_eq!(
+            attrs["BackendV6Data"],
+            serde_json::json!({"PublicKey": attrs["BackendData"]["PublicKey"], "Port": 51821}),
+            "tweed's v6 half in separate mode: its key, ListenPortV6"
+        );
+        let cidr = |s: &str| {
+            let (a, l) = s.rsplit_once('-').unwrap();
+            format!("{a}/{l}")
+        };
+        let peer = attrs["BackendData"]["PublicKey"].as_str().unwrap();
+        let endpoint4 = format!(
+            "{}:{}",
+            attrs["PublicIP"].as_str().unwrap(),
+            attrs["BackendData"]["Port"]
+        );
+        let endpoint6 = format!(
+            "[{}]:{}",
+            attrs["PublicIPv6"].as_str().unwrap(),
+            attrs["BackendV6Data"]["Port"]
+        );
+        for (dev, ep, allowed) in [(&dev4, &endpoint4, cidr(v4)), (&dev6, &endpoint6, cidr(v6))] {
+            in_ns(
+                node,
+                &[
+                    "wg",
+                    "set",
+                    dev,
+                    "peer",
+                    peer,
+                    "endpoint",
+                    ep,
+                    "allowed-ips",
+                    &allowed,
+                ],
+            );
+        }
+        endpoints6.push((peer.to_string(), endpoint6));
+    }
+    assert_eq!(endpoints6.len(), 2, "{listing}");
+
+    let pod_ip6 = pod_ip6.to_string();
+    for h in &hosts {
+        for p in &h.pods {
+            let ip4 = p.ip.to_string();
+            let ip6 = p.ip6.expect("pod IPv6").to_string();
+            ping_ok(pod, &ip4, &[]);
+            ping_ok(&p.netns, pod_ip, &[]);
+            ping_ok(pod, &ip6, &["-6"]);
+            ping_ok(&p.netns, &pod_ip6, &["-6"]);
+        }
+    }
+    // The IPv6 traffic went through flannel-wg-v6's peers at the tweed nodes' [v6]:51821.
+    let dump = in_ns(node, &["wg", "show", &dev6, "dump"]);
+    for (peer, endpoint6) in &endpoints6 {
+        let line = dump
+            .lines()
+            .find(|l| l.starts_with(peer.as_str()))
+            .unwrap_or_else(|| panic!("no {peer} on {dev6}:\n{dump}"));
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f[2], endpoint6, "{line}");
+        let handshake: u64 = f[4].parse().unwrap();
+        let rx: u64 = f[5].parse().unwrap();
+        assert!(
+            handshake > 0 && rx > 0,
+            "{dev6}: no handshake/traffic with {peer}: {line}"
+        );
+    }
 }
