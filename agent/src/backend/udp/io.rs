@@ -387,7 +387,8 @@ fn from_sockaddr(st: &libc::sockaddr_storage) -> Option<SocketAddr> {
 /// super-datagrams fill the default ones after three), and `UDP_GRO` when the kernel has it.
 /// An IPv6 `bind` makes an IPv6-only socket (wireguard's `tweed-wg-v6`): the IPv4 port is
 /// another device's.
-pub fn udp_socket(bind: SocketAddr) -> io::Result<(OwnedFd, bool)> {
+pub fn udp_socket(bind: impl Into<SocketAddr>) -> io::Result<(OwnedFd, bool)> {
+    let bind = bind.into();
     let family = match bind {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
@@ -1856,7 +1857,8 @@ mod tests {
     /// An IPv6 socket binds IPv6-only, so the IPv4 port stays another socket's.
     #[test]
     fn an_ipv6_socket_leaves_the_ipv4_port_free() {
-        let (v6, _) = udp_socket("[::1]:0".parse().unwrap()).expect("IPv6 loopback socket");
+        let (v6, _) =
+            udp_socket("[::1]:0".parse::<SocketAddr>().unwrap()).expect("IPv6 loopback socket");
         // SAFETY: getsockopt into a live c_int of the passed size.
         let mut only: libc::c_int = 0;
         let mut len = size_of::<libc::c_int>() as libc::socklen_t;
