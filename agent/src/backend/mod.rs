@@ -344,10 +344,9 @@ impl Prepared {
         let (Prepared::Wireguard(c), BackendConfig::Wireguard(w)) = (&mut *self, backend) else {
             return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
         };
-        if !wireguard::carries_v6(w.mode, c.implementation) {
+        if !wireguard::carries_v6(w.mode) {
             tracing::warn!(
                 mode = ?w.mode,
-                implementation = ?c.implementation,
                 "wireguard: this Backend.Mode carries no IPv6: this node runs IPv4 only, no BackendV6Data advertised, IPv6 pods unreachable"
             );
             return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));

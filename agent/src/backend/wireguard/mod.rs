@@ -132,10 +132,9 @@ pub struct WgDual {
     pub own_subnet: Option<ipnetwork::Ipv6Network>,
 }
 
-/// Whether a dual-stack wireguard node carries IPv6 in `mode` with `--wireguard-impl`
-/// `implementation`. Decided before the lease is written, so it depends on the flag only, never
-/// on what a set-up ends up running: `false` runs IPv4 only (with a warning, no
-/// `BackendV6Data`).
+/// Whether a dual-stack wireguard node carries IPv6 in `mode`. Decided before the lease is
+/// written, so it never depends on what a set-up ends up running: `false` runs IPv4 only (with
+/// a warning, no `BackendV6Data`).
 ///
 /// - `auto`, `ipv4`: one device (kernel `tweed-wg` or the userspace TUN) with both subnets'
 ///   routes, peers both subnets, IPv4 endpoints ([`WgConfig::dual_local`]).
@@ -145,15 +144,10 @@ pub struct WgDual {
 ///   told in `BackendV6Data`.
 /// - `ipv6` never gets here: [`crate::backend::Prepared::new`] refuses it
 ///   ([`WgError::ModeNotCarried`]).
-pub fn carries_v6(mode: tweed_config::WireguardMode, implementation: WgImpl) -> bool {
+pub fn carries_v6(mode: tweed_config::WireguardMode) -> bool {
     use tweed_config::WireguardMode as M;
     match mode {
-        M::Auto | M::Ipv4 => true,
-        M::Separate => {
-            // Both paths build `tweed-wg-v6`: which one a set-up lands on does not matter.
-            let _ = implementation;
-            true
-        }
+        M::Auto | M::Ipv4 | M::Separate => true,
         M::Ipv6 => false,
     }
 }
@@ -240,8 +234,7 @@ impl WgConfig {
     /// a `BackendV6Data` there renamed to the key on the port it names; everything else kept.
     /// A key rotation publishes this rather than [`lease_attrs`](Self::lease_attrs): the
     /// published lease may hold what the config does not, such as a `PublicIPv6` followed at
-    /// run time or the `PublicIPv6` of a `separate` node off the kernel path (which has no
-    /// [`WgDual`]).
+    /// run time, or the `PublicIPv6` of a node that carries no IPv6 (no [`WgDual`]).
     pub fn with_key(&self, current: &tweed_config::LeaseAttrs) -> tweed_config::LeaseAttrs {
         let key = self.public_key();
         let mut a = current.clone();
@@ -604,8 +597,9 @@ impl WgBackend {
 
     /// [`reconcile`](Self::reconcile) for a node serving an IPv6 half: each peer's allowed IPs
     /// are both its subnets (its IPv6 half when usable, [`dual::plan_dual`]); what is left out
-    /// is logged. `separate` on the kernel path: `tweed-wg` gets the IPv4 halves and
-    /// `tweed-wg-v6` the IPv6 halves, each with its own plan against its own read-back.
+    /// is logged. `separate`: `tweed-wg` gets the IPv4 halves and `tweed-wg-v6` the IPv6
+    /// halves, each with its own plan (kernel: against its own read-back; userspace: against
+    /// what its workers were last given).
     pub async fn reconcile_dual(
         &mut self,
         nl: &crate::netlink::Netlink,
