@@ -71,7 +71,7 @@ pub enum WgError {
         source: crate::netlink::NetlinkError,
     },
 
-    #[error("wireguard: {DEVICE} no longer exists; the backend must be set up again")]
+    #[error("wireguard: {DEVICE} or {device_v6} no longer exists; the backend must be set up again", device_v6 = dual::DEVICE_V6)]
     DeviceGone,
 
     /// `separate`'s two devices cannot share a port.
@@ -843,6 +843,16 @@ impl UserDev6 {
             source,
         };
         let ifindex = self.udp.ifindex();
+        // Deleted (or made again by someone else): its queues are dead, so the whole backend
+        // is set up again, as for tweed-wg.
+        if !nl
+            .link_by_name(dual::DEVICE_V6)
+            .await
+            .map_err(dev)?
+            .is_some_and(|l| l.index == ifindex)
+        {
+            return Err(WgError::DeviceGone);
+        }
         let plan = cfg.dual_local().and_then(|l| {
             dual::plan_dual(&l, &[])
                 .devices
