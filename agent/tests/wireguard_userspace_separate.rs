@@ -177,6 +177,14 @@ fn userspace_separate_runs_ipv6_on_its_own_device_rotates_keys_and_removes_it() 
     // A second pass writes nothing.
     let (ua, n) = reconcile(&a, ua, vec![lease(3, &kb)]);
     assert_eq!(n, 0);
+    // A restart re-attaches both TUN devices: nothing to write, and IPv6 runs again.
+    drop(ua);
+    let (ua, ops) = setup(&a, cfg(2, ka.clone(), true));
+    assert_eq!(ops, 0, "a restart on devices that are right writes nothing");
+    assert_eq!(ua.ifindex_v6(), Some(idx6), "the same tweed-wg-v6");
+    let (ua, _) = reconcile(&a, ua, vec![lease(3, &kb)]);
+    let (ok, out) = ping6(&a, "fd00:5:0:3::");
+    assert!(ok, "ping6 after A's restart: {out}");
 
     // A's key rotates: both its devices take the new key at the next pass. Until B reads the
     // new lease, A's handshakes are refused by B's IPv6 device and counted there.

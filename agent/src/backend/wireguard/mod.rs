@@ -309,6 +309,8 @@ struct UserDev6 {
     published: bool,
     /// Whether the device's IPv6 address and route were checked since the last resync.
     link_checked: bool,
+    /// What its set-up applied (the TUN device's and the IPv6 address and route).
+    setup_ops: Vec<crate::netlink::Op>,
 }
 
 /// The kernel's `wireguard` link [`DEVICE`], configured over generic netlink. Every
@@ -776,8 +778,8 @@ impl Userspace {
             }
             (Some(desired6), None) => {
                 let mut d = UserDev6::setup(nl, cfg).await?;
-                stats.ops_applied += d.udp.setup_ops().len();
-                stats.applied.extend(d.udp.setup_ops().iter().cloned());
+                stats.ops_applied += d.setup_ops.len();
+                stats.applied.extend(d.setup_ops.iter().cloned());
                 let s6 = d.reconcile(nl, cfg, &udp_peers, desired6, nodes6).await?;
                 stats.ops_applied += s6.ops_applied;
                 stats.applied.extend(s6.applied);
@@ -820,13 +822,15 @@ impl UserDev6 {
             applied: plan::DeviceSpec::default(),
             published: false,
             link_checked: false,
+            setup_ops: Vec::new(),
         };
         let ops = d.check_link(nl, cfg).await?;
+        d.setup_ops = d.udp.setup_ops().iter().cloned().chain(ops).collect();
         crate::backend::log_setup(
             "wireguard: userspace IPv6 device",
             dual::DEVICE_V6,
             cfg.mtu(),
-            d.udp.setup_ops().len() + ops.len(),
+            d.setup_ops.len(),
         );
         Ok(d)
     }
@@ -845,11 +849,11 @@ impl UserDev6 {
         let ifindex = self.udp.ifindex();
         // Deleted (or made again by someone else): its queues are dead, so the whole backend
         // is set up again, as for tweed-wg.
-        if !nl
+        if nl
             .link_by_name(dual::DEVICE_V6)
             .await
             .map_err(dev)?
-            .is_some_and(|l| l.index == ifindex)
+            .is_none_or(|l| l.index != ifindex)
         {
             return Err(WgError::DeviceGone);
         }
@@ -972,7 +976,7 @@ async fn setup_userspace(
     let mut setup_ops = udp.setup_ops().to_vec();
     let v6 = if separate {
         let d = UserDev6::setup(nl, cfg).await?;
-        setup_ops.extend(d.udp.setup_ops().iter().cloned());
+        setup_ops.extend(d.setup_ops.iter().cloned());
         Some(Box::new(d))
     } else {
         // An IPv6 device left behind (another mode, or a kernel `separate` node restarted
