@@ -249,7 +249,14 @@ impl Lab {
         progress(&format!("etcd {} in {u}", endpoints.join(",")), t.elapsed())?;
 
         let t = Instant::now();
-        let config = spec::network_config_json(spec.backend, spec.direct_routing, spec.ip_family);
+        let mut config =
+            spec::network_config_json(spec.backend, spec.direct_routing, spec.ip_family);
+        if let (Some(mode), spec::Backend::Wireguard) = (&spec.wireguard_mode, spec.backend) {
+            let mut c: serde_json::Value =
+                serde_json::from_str(&config).expect("network_config_json writes JSON");
+            c["Backend"]["Mode"] = mode.as_str().into();
+            config = c.to_string();
+        }
         etcd::etcdctl(Some(&u), &endpoints, &["put", CONFIG_KEY, &config])?;
         progress(
             &format!("network config {CONFIG_KEY} = {config}"),

@@ -71,8 +71,8 @@ pub fn network_config_json(backend: Backend, direct_routing: bool, family: IpFam
     });
     if family.has_v6() {
         if backend == Backend::Wireguard {
-            // flannel's default `separate` (a second device with IPv6 endpoints) is not built
-            // and runs IPv4 only; `auto` carries both families on one device.
+            // `auto` carries both families on one device over the IPv4 underlay (a lab may ask
+            // for another mode: `LabSpec::wireguard_mode`).
             c["Backend"]["Mode"] = "auto".into();
         }
         c["EnableIPv6"] = true.into();
@@ -119,6 +119,9 @@ pub struct LabSpec {
     pub agent_args: Vec<String>,
     /// Set it (e.g. from a SIGINT handler) to make `up` stop between steps and tear down.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// wireguard's `Backend.Mode` in a dual-stack lab; `None`: `auto`
+    /// ([`network_config_json`]).
+    pub wireguard_mode: Option<String>,
 }
 
 impl LabSpec {
@@ -142,6 +145,7 @@ impl LabSpec {
             agent_timeout: Duration::from_secs(30),
             agent_args: Vec::new(),
             cancel: None,
+            wireguard_mode: None,
         }
     }
 }

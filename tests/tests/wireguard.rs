@@ -946,60 +946,7 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
     let public_ip6 = tweed_lab::names::host_public_ip6(200, 1);
     let hosts = lab.state().hosts.clone();
 
-    // An IPv6 /64 of the overlay no tweed host holds.
-    let overlay6: ipnetwork::Ipv6Network = tweed_lab::names::OVERLAY6_NETWORK.parse().unwrap();
-    let taken: Vec<ipnetwork::Ipv6Network> = hosts
-        .iter()
-        .map(|h| {
-            tweed_config::SubnetEnv::read(&h.subnet_file)
-                .unwrap()
-                .ipv6
-                .expect("IPv6 half")
-                .node_subnet()
-        })
-        .collect();
-    let subnet6 = (0xc8u16..=0xff)
-        .map(|g| {
-            let s = overlay6.network().segments();
-            let a = std::net::Ipv6Addr::new(s[0], s[1], s[2], g, 0, 0, 0, 0);
-            ipnetwork::Ipv6Network::new(a, 64).unwrap()
-        })
-        .find(|s| !taken.contains(s))
-        .expect("a free IPv6 /64");
-    let gw6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 1);
-    let pod_ip6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 2);
-
-    // IPv6 on the node and its pod as flannel's CNI chain gives it (no DAD: a tentative
-    // address is unusable for a while).
-    for ns in [node, pod] {
-        for scope in ["all", "default"] {
-            in_ns(
-                ns,
-                &[
-                    "sysctl",
-                    "-qw",
-                    &format!("net.ipv6.conf.{scope}.accept_dad=0"),
-                ],
-            );
-        }
-    }
-    in_ns(node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-    let addr6 = |ns: &str, a: String, dev: &str| {
-        ip(&["-n", ns, "-6", "addr", "add", &a, "dev", dev, "nodad"]);
-    };
-    addr6(node, format!("{public_ip6}/64"), "eth0");
-    addr6(node, format!("{gw6}/64"), "cni0");
-    addr6(pod, format!("{pod_ip6}/64"), "eth0");
-    ip(&[
-        "-n",
-        pod,
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        &gw6.to_string(),
-    ]);
+    let (subnet6, pod_ip6) = flannel_ipv6(&lab, &fl, public_ip6);
 
     // Key and device, as flannel does.
     let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgf6-{}", std::process::id())));
@@ -1123,5 +1070,454 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
             ping_ok(pod, &ip6, &["-6"]);
             ping_ok(&p.netns, &pod_ip6, &["-6"]);
         }
+    }
+}
+
+/// WireGuard datagrams over the IPv6 underlay to `ListenPortV6` (51821) while `h1/p1` pings
+/// the IPv6 address `dst` 10 times (20 datagrams: a capture that starts late on a busy host
+/// may miss a few of the first).
+fn wireguard_v6_datagrams_during_ping6(lab: &tweed_lab::Lab, dst: &str) -> usize {
+    let cap = capture_while(lab, "underlay", "ip6 and udp dst port 51821", || {
+        let out = lab
+            .exec(
+                "h1/p1",
+                &["ping", "-6", "-c", "10", "-i", "0.2", "-W", "2", dst],
+            )
+            .unwrap_or_else(|e| panic!("ping6 {dst}: {e}"));
+        let (tx, rx) = ping_summary(&out);
+        assert_eq!((tx, rx), (10, 10), "{out}");
+    });
+    pcap_packets(&cap)
+}
+
+/// Issues 18/19: flannel's default `Mode: separate` on the userspace path. Each of 3 dual-stack
+/// hosts runs `tweed-wg` (IPv4 halves, port 51820) and a second userspace device
+/// `tweed-wg-v6` (a TUN device with an IPv6 socket on `ListenPortV6` 51821, the same key, the
+/// IPv6 subnet's /128 and the `IPv6Network` route); leases advertise `BackendV6Data
+/// {"PublicKey","Port":51821}`. Every pod pair pings over both families; IPv6 pod traffic
+/// crosses the underlay as UDP over IPv6 to port 51821, never the payload in clear; an inner
+/// IPv6 source outside the sending peer's allowed IPs is dropped and counted; a restarted
+/// agent carries both families again.
+#[test]
+fn wireguard_userspace_separate_mode_carries_ipv6_pods_on_a_second_device_over_the_ipv6_underlay() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("wgus"), 3);
+    spec.backend = Backend::Wireguard;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    spec.wireguard_mode = Some("separate".into());
+    spec.agent_args = vec!["--wireguard-impl=userspace".into()];
+    let lab = up(spec);
+    let all_pairs = |lab: &tweed_lab::Lab| {
+        let report = lab.check_until(Duration::from_secs(20)).expect("check");
+        let failures: Vec<String> = report
+            .failures()
+            .map(|f| format!("{} -> {} ({}): {}", f.from, f.to, f.to_ip, f.detail))
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        let v6 = report.results.iter().filter(|r| r.to_ip.is_ipv6()).count();
+        assert_eq!((report.results.len(), v6), (48, 24));
+    };
+    all_pairs(&lab);
+
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    for (i, h) in lab.state().hosts.iter().enumerate() {
+        let public = pubkey_of(&h.agent_state_dir.join("wgkey"));
+        let env = tweed_config::SubnetEnv::read(&h.subnet_file).unwrap();
+        let sub6 = env.ipv6.expect("subnet.env IPv6 half").node_subnet();
+        let key_at = lines
+            .iter()
+            .position(|l| l.ends_with(&format!("&{}-{}", sub6.network(), sub6.prefix())))
+            .unwrap_or_else(|| panic!("{}: no dual-stack key for {sub6} in\n{listing}", h.name));
+        let v: serde_json::Value = serde_json::from_str(lines[key_at + 1]).unwrap();
+        assert_eq!(
+            v["PublicIPv6"],
+            tweed_lab::names::host_public_ip6(i + 1, 1).to_string()
+        );
+        assert_eq!(
+            v["BackendData"],
+            serde_json::json!({"PublicKey": public, "Port": 51820}),
+            "{}",
+            h.name
+        );
+        assert_eq!(
+            v["BackendV6Data"],
+            serde_json::json!({"PublicKey": public, "Port": 51821}),
+            "{}",
+            h.name
+        );
+        // The IPv6 device: a TUN device with the /128 and the IPv6 overlay route; its socket
+        // on [::]:51821. tweed-wg keeps IPv4 only.
+        let link = in_ns(&h.netns, &["ip", "-d", "link", "show", "tweed-wg-v6"]);
+        assert!(link.contains("tun") && link.contains("mtu 1420"), "{link}");
+        let addr = in_ns(
+            &h.netns,
+            &["ip", "-6", "addr", "show", "dev", "tweed-wg-v6"],
+        );
+        let own = format!("{}/128", sub6.network());
+        assert!(addr.contains(&own), "{}: no {own} in {addr}", h.name);
+        let routes = in_ns(
+            &h.netns,
+            &["ip", "-6", "route", "show", "dev", "tweed-wg-v6"],
+        );
+        assert!(
+            routes.contains(tweed_lab::names::OVERLAY6_NETWORK),
+            "{}: {routes}",
+            h.name
+        );
+        let v4dev = in_ns(&h.netns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
+        assert!(
+            !v4dev.contains(tweed_lab::names::OVERLAY6_NETWORK),
+            "{}: tweed-wg still routes IPv6: {v4dev}",
+            h.name
+        );
+        let socks = in_ns(&h.netns, &["ss", "-uln"]);
+        assert!(socks.contains("[::]:51821"), "{}: {socks}", h.name);
+    }
+
+    // Underlay: IPv6 pod traffic as WireGuard datagrams over IPv6 to 51821, never the marker
+    // in clear; in the destination pod the marker is there (the capture works).
+    let h2 = &lab.state().hosts[1];
+    let dst = h2.pods[0].ip6.expect("pod IPv6").to_string();
+    let underlay = capture_during_ping6(&lab, "underlay", &dst);
+    assert!(underlay.len() > 200, "empty capture on the underlay");
+    assert_eq!(
+        count(&underlay, MARKER),
+        0,
+        "IPv6 pod payload in clear on the underlay"
+    );
+    let wg6 = wireguard_v6_datagrams_during_ping6(&lab, &dst);
+    assert!(
+        wg6 >= 10,
+        "too few WireGuard datagrams to [v6]:51821 ({wg6})"
+    );
+    let in_pod = capture_during_ping6(&lab, "h2/p1", &dst);
+    assert!(
+        count(&in_pod, MARKER) >= 5,
+        "the control capture missed the marker"
+    );
+
+    // The receive filter on tweed-wg-v6: h2/p1 sends inner IPv6 packets with a source in h3's
+    // subnet to h1/p1; h1 opens them, finds the source outside h2's allowed IPs, drops them,
+    // counted with the rest of the userspace drops.
+    let metric = |series: &str| -> f64 {
+        let url = format!("http://{}:9867/metrics", lab.state().hosts[0].public_ip);
+        lab.exec("h2", &["curl", "-sf", "--max-time", "2", &url])
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let spoofed_series = "tweed_udp_drops_total{reason=\"spoofed_inner\"}";
+    let before = metric(spoofed_series);
+    let h1p1_ip6 = lab.state().hosts[0].pods[0].ip6.unwrap().to_string();
+    let h3_src = lab.state().hosts[2].pods[0].ip6.unwrap().to_string();
+    let inject = format!(
+        "import socket,struct\n\
+         s=socket.socket(socket.AF_INET6,socket.SOCK_RAW,socket.IPPROTO_RAW)\n\
+         src=socket.inet_pton(socket.AF_INET6,'{h3_src}')\n\
+         dst=socket.inet_pton(socket.AF_INET6,'{h1p1_ip6}')\n\
+         p=b'spoofed'\nu=struct.pack('!HHHH',5999,5999,8+len(p),0)+p\n\
+         h=struct.pack('!IHBB',6<<28,len(u),17,64)+src+dst\n\
+         for i in range(20): s.sendto(h+u,('{h1p1_ip6}',0))\n"
+    );
+    lab.exec("h2/p1", &["python3", "-c", &inject])
+        .expect("inject from h2/p1");
+    wait_for(
+        Duration::from_secs(10),
+        "h1 counting 20 spoofed inner IPv6 sources from h2",
+        || metric(spoofed_series) >= before + 20.0,
+    );
+
+    // Drift: tweed-wg-v6's /128 deleted behind the agent's back comes back; the device
+    // deleted is set up again (new TUN device, workers, address, route, peers).
+    let h1 = &lab.state().hosts[0];
+    let sub6 = tweed_config::SubnetEnv::read(&h1.subnet_file)
+        .unwrap()
+        .ipv6
+        .unwrap()
+        .node_subnet();
+    let own = format!("{}/128", sub6.network());
+    in_ns(
+        &h1.netns,
+        &["ip", "-6", "addr", "del", &own, "dev", "tweed-wg-v6"],
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "h1's tweed-wg-v6 /128 repaired",
+        || {
+            in_ns(
+                &h1.netns,
+                &["ip", "-6", "addr", "show", "dev", "tweed-wg-v6"],
+            )
+            .contains(&own)
+        },
+    );
+    let h1p1 = h1.pods[0].netns.clone();
+    in_ns(&h1.netns, &["ip", "link", "del", "tweed-wg-v6"]);
+    wait_for(
+        Duration::from_secs(20),
+        "h1/p1 ping6 to h2/p1 after h1's tweed-wg-v6 was deleted",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
+    );
+
+    // A restarted agent re-attaches both devices and carries both families again.
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    restart_agent_ready(&stopped, "h2");
+    wait_for(
+        Duration::from_secs(15),
+        "h1/p1 ping6 to h2/p1 after h2's restart",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
+    );
+    all_pairs(&lab);
+}
+
+/// Adds the IPv6 address `a` to `dev` in `ns`, without DAD.
+fn addr6(ns: &str, a: String, dev: &str) {
+    ip(&["-n", ns, "-6", "addr", "add", &a, "dev", dev, "nodad"]);
+}
+
+/// Gives the hand-made flannel node `fl` its IPv6 half as flannel's dual-stack node has it:
+/// `public_ip6` on its underlay interface, an IPv6 /64 of the overlay no tweed host holds with
+/// its gateway on the bridge and the pod's address and default route in it (no DAD: a
+/// tentative address is unusable for a while). Returns that /64 and the pod's address.
+fn flannel_ipv6(
+    lab: &tweed_lab::Lab,
+    fl: &flannel::Node,
+    public_ip6: std::net::Ipv6Addr,
+) -> (ipnetwork::Ipv6Network, std::net::Ipv6Addr) {
+    let (node, pod) = (&*fl.node, &*fl.pod);
+    let hosts = lab.state().hosts.clone();
+    // An IPv6 /64 of the overlay no tweed host holds.
+    let overlay6: ipnetwork::Ipv6Network = tweed_lab::names::OVERLAY6_NETWORK.parse().unwrap();
+    let taken: Vec<ipnetwork::Ipv6Network> = hosts
+        .iter()
+        .map(|h| {
+            tweed_config::SubnetEnv::read(&h.subnet_file)
+                .unwrap()
+                .ipv6
+                .expect("IPv6 half")
+                .node_subnet()
+        })
+        .collect();
+    let subnet6 = (0xc8u16..=0xff)
+        .map(|g| {
+            let s = overlay6.network().segments();
+            let a = std::net::Ipv6Addr::new(s[0], s[1], s[2], g, 0, 0, 0, 0);
+            ipnetwork::Ipv6Network::new(a, 64).unwrap()
+        })
+        .find(|s| !taken.contains(s))
+        .expect("a free IPv6 /64");
+    let gw6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 1);
+    let pod_ip6 = std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 2);
+
+    for ns in [node, pod] {
+        for scope in ["all", "default"] {
+            in_ns(
+                ns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{scope}.accept_dad=0"),
+                ],
+            );
+        }
+    }
+    in_ns(node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    addr6(node, format!("{public_ip6}/64"), "eth0");
+    addr6(node, format!("{gw6}/64"), "cni0");
+    addr6(pod, format!("{pod_ip6}/64"), "eth0");
+    ip(&[
+        "-n",
+        pod,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &gw6.to_string(),
+    ]);
+
+    (subnet6, pod_ip6)
+}
+
+/// Issues 18/19: a dual-stack node configured by hand as flannel's wireguard backend configures
+/// one in its default `Mode: separate`, on wireguard-go: `flannel-wg` on 51820 (its IPv4 /32,
+/// the `Network` route, each tweed lease's IPv4 subnet at `PublicIP:BackendData.Port`) and
+/// `flannel-wg-v6` on 51821 with the same key (its IPv6 subnet /128, the `IPv6Network` route,
+/// each tweed lease's IPv6 subnet at `[PublicIPv6]:BackendV6Data.Port`); its lease under
+/// flannel's dual key with `BackendV6Data {"PublicKey","Port":51821}`. The tweed nodes run
+/// `separate` with the default `--wireguard-impl=auto` (userspace on a host without the
+/// module). Pods ping each other over both families, both ways, and the IPv6 peer entry on
+/// `flannel-wg-v6` has a handshake with the tweed node's IPv6 endpoint on 51821.
+#[test]
+fn a_flannel_configured_separate_mode_wireguard_go_node_reaches_tweed_pods_over_both_families() {
+    require_root!(NEEDS_ROOT);
+    assert!(
+        which("wireguard-go").is_some(),
+        "wireguard-go is not installed: apt-get install wireguard-go wireguard-tools"
+    );
+    let mut spec = LabSpec::new(per_process("wgs6"), 2);
+    spec.backend = Backend::Wireguard;
+    spec.pods_per_host = 1;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    spec.wireguard_mode = Some("separate".into());
+    let lab = up(spec);
+    let fl = flannel::Node::up(&lab, "twgs6", &WG_MTU.to_string());
+    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let public_ip = flannel::PUBLIC_IP;
+    let public_ip6 = tweed_lab::names::host_public_ip6(201, 1);
+    let hosts = lab.state().hosts.clone();
+    let (subnet6, pod_ip6) = flannel_ipv6(&lab, &fl, public_ip6);
+
+    // Key and the two devices, as flannel's separate mode makes them.
+    let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgs6-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let key_file = dir.0.join("wgkey");
+    let genkey = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .unwrap();
+    std::fs::write(&key_file, &genkey.stdout).unwrap();
+    let public_key = pubkey_of(&key_file);
+    let dev4 = format!("fs4{}", std::process::id() % 100_000);
+    let dev6 = format!("fs6{}", std::process::id() % 100_000);
+    let _wg_go4 = WgGo::start(node, &dev4);
+    let _wg_go6 = WgGo::start(node, &dev6);
+    for (dev, port) in [(&dev4, "51820"), (&dev6, "51821")] {
+        in_ns(
+            node,
+            &[
+                "wg",
+                "set",
+                dev,
+                "listen-port",
+                port,
+                "private-key",
+                key_file.to_str().unwrap(),
+            ],
+        );
+        ip(&[
+            "-n",
+            node,
+            "link",
+            "set",
+            dev,
+            "mtu",
+            &WG_MTU.to_string(),
+            "up",
+        ]);
+    }
+    fl.address_device(&dev4);
+    ip(&[
+        "-n",
+        node,
+        "route",
+        "add",
+        tweed_lab::names::OVERLAY_NETWORK,
+        "dev",
+        &dev4,
+        "scope",
+        "link",
+    ]);
+    addr6(node, format!("{}/128", subnet6.network()), &dev6);
+    ip(&[
+        "-n",
+        node,
+        "-6",
+        "route",
+        "add",
+        tweed_lab::names::OVERLAY6_NETWORK,
+        "dev",
+        &dev6,
+    ]);
+
+    let value = format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{public_key}","Port":51820}},"BackendV6Data":{{"PublicKey":"{public_key}","Port":51821}}}}"#
+    );
+    let key = format!("{subnet}-24&{}-64", subnet6.network());
+    fl.write_lease_at(&lab, &key, 86400, &value);
+
+    // A peer per tweed lease on each device, read from etcd.
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    let mut endpoints6 = Vec::new();
+    for kv in lines.chunks(2) {
+        let [k, v] = kv else { continue };
+        let name = k.rsplit('/').next().unwrap();
+        let Some((v4, v6)) = name.split_once('&') else {
+            panic!("tweed's dual-stack lease has a dual key: {k}")
+        };
+        let attrs: serde_json::Value = serde_json::from_str(v).unwrap();
+        if attrs["BackendData"]["PublicKey"] == public_key.as_str() {
+            continue;
+        }
+        assert_eq!(
+            attrs["BackendV6Data"],
+            serde_json::json!({"PublicKey": attrs["BackendData"]["PublicKey"], "Port": 51821}),
+            "tweed's v6 half in separate mode: its key, ListenPortV6"
+        );
+        let cidr = |s: &str| {
+            let (a, l) = s.rsplit_once('-').unwrap();
+            format!("{a}/{l}")
+        };
+        let peer = attrs["BackendData"]["PublicKey"].as_str().unwrap();
+        let endpoint4 = format!(
+            "{}:{}",
+            attrs["PublicIP"].as_str().unwrap(),
+            attrs["BackendData"]["Port"]
+        );
+        let endpoint6 = format!(
+            "[{}]:{}",
+            attrs["PublicIPv6"].as_str().unwrap(),
+            attrs["BackendV6Data"]["Port"]
+        );
+        for (dev, ep, allowed) in [(&dev4, &endpoint4, cidr(v4)), (&dev6, &endpoint6, cidr(v6))] {
+            in_ns(
+                node,
+                &[
+                    "wg",
+                    "set",
+                    dev,
+                    "peer",
+                    peer,
+                    "endpoint",
+                    ep,
+                    "allowed-ips",
+                    &allowed,
+                ],
+            );
+        }
+        endpoints6.push((peer.to_string(), endpoint6));
+    }
+    assert_eq!(endpoints6.len(), 2, "{listing}");
+
+    let pod_ip6 = pod_ip6.to_string();
+    for h in &hosts {
+        for p in &h.pods {
+            let ip4 = p.ip.to_string();
+            let ip6 = p.ip6.expect("pod IPv6").to_string();
+            ping_ok(pod, &ip4, &[]);
+            ping_ok(&p.netns, pod_ip, &[]);
+            ping_ok(pod, &ip6, &["-6"]);
+            ping_ok(&p.netns, &pod_ip6, &["-6"]);
+        }
+    }
+    // The IPv6 traffic went through flannel-wg-v6's peers at the tweed nodes' [v6]:51821.
+    let dump = in_ns(node, &["wg", "show", &dev6, "dump"]);
+    for (peer, endpoint6) in &endpoints6 {
+        let line = dump
+            .lines()
+            .find(|l| l.starts_with(peer.as_str()))
+            .unwrap_or_else(|| panic!("no {peer} on {dev6}:\n{dump}"));
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f[2], endpoint6, "{line}");
+        let handshake: u64 = f[4].parse().unwrap();
+        let rx: u64 = f[5].parse().unwrap();
+        assert!(
+            handshake > 0 && rx > 0,
+            "{dev6}: no handshake/traffic with {peer}: {line}"
+        );
     }
 }

@@ -284,6 +284,7 @@ impl Prepared {
                     peers_file: Some(node.state_dir.join("udp-peers")),
                     device: udp::DEVICE,
                     steering: udp::io::Steering::InnerFlow,
+                    bind6: None,
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
@@ -370,8 +371,7 @@ impl Prepared {
         if !wireguard::carries_v6(w.mode, c.implementation) {
             tracing::warn!(
                 mode = ?w.mode,
-                implementation = ?c.implementation,
-                "wireguard: Mode \"separate\" builds its IPv6 device tweed-wg-v6 with --wireguard-impl=kernel only: this node runs IPv4 only, no BackendV6Data advertised, IPv6 pods unreachable; use --wireguard-impl=kernel, or set Mode \"auto\" or \"ipv4\" for IPv6 pods"
+                "wireguard: this Backend.Mode carries no IPv6: this node runs IPv4 only, no BackendV6Data advertised, IPv6 pods unreachable"
             );
             return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
         }
@@ -1200,17 +1200,22 @@ mod tests {
         // (kernel module?, wanted, Mode) -> chosen at set-up, BackendV6Data port (None: IPv4
         // only).
         type Case = (bool, WgImpl, &'static str, &'static str, Option<u16>);
-        let cases: [Case; 7] = [
+        let cases: [Case; 8] = [
             (false, WgImpl::Auto, "auto", "userspace", Some(51820)),
             (false, WgImpl::Auto, "ipv4", "userspace", Some(51820)),
-            // separate's second device is built with --wireguard-impl=kernel only: with auto
-            // a set-up may land on userspace, so IPv4 only, PublicIPv6 but no BackendV6Data
-            // (so peers send it no IPv6), as before dual stack was carried.
-            (false, WgImpl::Auto, "separate", "userspace", None),
+            // separate's tweed-wg-v6 on ListenPortV6, which BackendV6Data names, whichever
+            // path a set-up lands on (userspace's is a second TUN with an IPv6 socket).
+            (false, WgImpl::Auto, "separate", "userspace", Some(51999)),
+            (
+                true,
+                WgImpl::Userspace,
+                "separate",
+                "userspace",
+                Some(51999),
+            ),
             (true, WgImpl::Userspace, "ipv4", "userspace", Some(51820)),
             (true, WgImpl::Auto, "auto", "kernel", Some(51820)),
-            (true, WgImpl::Auto, "separate", "kernel", None),
-            // tweed-wg-v6 on ListenPortV6, which BackendV6Data names.
+            (true, WgImpl::Auto, "separate", "kernel", Some(51999)),
             (true, WgImpl::Kernel, "separate", "kernel", Some(51999)),
         ];
         for (module, wanted, mode, chosen, port) in cases {
@@ -1307,8 +1312,8 @@ mod tests {
         }
     }
 
-    /// `separate`'s two devices cannot share a port: refused when the IPv6 device would be
-    /// built, naming the field; a node that would not build it (userspace) keeps running.
+    /// `separate`'s two devices cannot share a port: refused on either path (both build the
+    /// IPv6 device), naming the field.
     #[tokio::test]
     async fn wireguard_separate_refuses_listen_port_v6_equal_to_listen_port() {
         use wireguard::WgImpl;
@@ -1316,7 +1321,7 @@ mod tests {
             r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","ListenPort":51820,"ListenPortV6":51820}}"#,
         )
         .unwrap();
-        for (wanted, refused) in [(WgImpl::Kernel, true), (WgImpl::Userspace, false)] {
+        for wanted in [WgImpl::Kernel, WgImpl::Userspace, WgImpl::Auto] {
             let tmp = tempfile::tempdir().unwrap();
             let node = NodeContext {
                 network: "10.244.0.0/16".parse().unwrap(),
@@ -1343,18 +1348,9 @@ mod tests {
                 cfg.ipv6.as_ref().unwrap(),
                 &cfg.backend,
             );
-            match got {
-                Err(e) => {
-                    assert!(refused, "{wanted:?}: {e}");
-                    let msg = e.to_string();
-                    assert!(msg.contains("Backend.ListenPortV6 51820"), "{msg}");
-                    assert!(msg.contains("tweed-wg-v6"), "{msg}");
-                }
-                Ok(a) => {
-                    assert!(!refused, "{wanted:?} accepted");
-                    assert!(a.backend_v6_data.is_none());
-                }
-            }
+            let msg = got.expect_err(&format!("{wanted:?} accepted")).to_string();
+            assert!(msg.contains("Backend.ListenPortV6 51820"), "{msg}");
+            assert!(msg.contains("tweed-wg-v6"), "{msg}");
         }
     }
 

@@ -388,7 +388,7 @@ enum Kind {
     Wireguard {
         ifindex: u32,
     },
-    /// wireguard's `Mode: separate` on the kernel path: the IPv6 pods ride `tweed-wg-v6`,
+    /// wireguard's `Mode: separate` (either path): the IPv6 pods ride `tweed-wg-v6`,
     /// whose address, route and peers the backend keeps itself; this plane only names the
     /// device for drift repair (and cleared `tweed-wg` of an earlier IPv6 half at set-up).
     WireguardV6 {

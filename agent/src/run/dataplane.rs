@@ -266,8 +266,7 @@ impl Plane {
             Ok(None) => {
                 self.clear_wireguard6().await;
                 // An operator who enabled IPv6 must learn that this backend leaves it unserved
-                // (wireguard in `Mode: separate` off the kernel path, whose second device is
-                // not built there: docs/wireguard.md).
+                // (a wireguard node whose lease has no IPv6 half: docs/wireguard.md).
                 warn!(
                     backend = self.prepared.type_name(),
                     "the network enables IPv6 but this backend carries IPv4 only: pods' IPv6 addresses reach no other node"

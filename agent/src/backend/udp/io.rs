@@ -15,7 +15,7 @@
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -97,6 +97,47 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Adds `o`'s counts (another set of workers': wireguard's `tweed-wg-v6`). Destructured,
+    /// so a new counter cannot be left out.
+    pub fn add(&mut self, o: &Stats) {
+        let Stats {
+            tx_packets,
+            tx_bytes,
+            rx_bytes,
+            tx_datagrams,
+            rx_datagrams,
+            rx_writes,
+            drop_unknown_peer,
+            drop_wrong_port,
+            drop_spoofed_inner,
+            drop_not_for_us,
+            drop_malformed,
+            drop_not_remote,
+            drop_not_ready,
+            icmp_unreachable,
+            send_errors,
+            tun_errors,
+            drop_unauthenticated,
+        } = *o;
+        self.tx_packets += tx_packets;
+        self.tx_bytes += tx_bytes;
+        self.rx_bytes += rx_bytes;
+        self.tx_datagrams += tx_datagrams;
+        self.rx_datagrams += rx_datagrams;
+        self.rx_writes += rx_writes;
+        self.drop_unknown_peer += drop_unknown_peer;
+        self.drop_wrong_port += drop_wrong_port;
+        self.drop_spoofed_inner += drop_spoofed_inner;
+        self.drop_not_for_us += drop_not_for_us;
+        self.drop_malformed += drop_malformed;
+        self.drop_not_remote += drop_not_remote;
+        self.drop_not_ready += drop_not_ready;
+        self.icmp_unreachable += icmp_unreachable;
+        self.send_errors += send_errors;
+        self.tun_errors += tun_errors;
+        self.drop_unauthenticated += drop_unauthenticated;
+    }
+
     /// Packets refused by the receive-side security checks.
     pub fn rx_refused(&self) -> u64 {
         self.drop_unknown_peer
@@ -285,24 +326,81 @@ fn setsockopt_int(
     .map(drop)
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
-    let mut s: libc::sockaddr_in = unsafe { zeroed() };
-    s.sin_family = libc::AF_INET as libc::sa_family_t;
-    s.sin_port = a.port().to_be();
-    s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-    s
+/// `a` as the kernel takes it, in storage big enough for either family, and its length.
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut st: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match a {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            let s = unsafe {
+                &mut *(&mut st as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            s.sin_family = libc::AF_INET as libc::sa_family_t;
+            s.sin_port = a.port().to_be();
+            s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            let s = unsafe {
+                &mut *(&mut st as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            s.sin6_port = a.port().to_be();
+            s.sin6_addr.s6_addr = a.ip().octets();
+            s.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (st, len as libc::socklen_t)
+}
+
+/// The address the kernel wrote into `st` (a received datagram's source); `None` for a family
+/// this backend does not speak.
+fn from_sockaddr(st: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match st.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (its family says so) into the storage.
+            let s = unsafe { &*(st as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
+                u16::from_be(s.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6 (its family says so) into the storage.
+            let s = unsafe { &*(st as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                s.sin6_addr.s6_addr.into(),
+                u16::from_be(s.sin6_port),
+                0,
+                s.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// The backend's UDP socket: bound to `bind` in a `SO_REUSEPORT` group (one per worker, and a
 /// restarted agent can bind before the old one's sockets are gone), large buffers (64 KB GSO
 /// super-datagrams fill the default ones after three), and `UDP_GRO` when the kernel has it.
-pub fn udp_socket(bind: SocketAddrV4) -> io::Result<(OwnedFd, bool)> {
+/// An IPv6 `bind` makes an IPv6-only socket (wireguard's `tweed-wg-v6`): the IPv4 port is
+/// another device's.
+pub fn udp_socket(bind: impl Into<SocketAddr>) -> io::Result<(OwnedFd, bool)> {
+    let bind = bind.into();
+    let family = match bind {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
     // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = fd.as_raw_fd();
+    if family == libc::AF_INET6 {
+        setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
     setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
@@ -312,15 +410,9 @@ pub fn udp_socket(bind: SocketAddrV4) -> io::Result<(OwnedFd, bool)> {
             let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, SOCK_BUF);
         }
     }
-    let sa = sockaddr(bind);
-    // SAFETY: sa is a valid sockaddr_in and the length is its size.
-    cvt(unsafe {
-        libc::bind(
-            raw,
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    })?;
+    let (sa, len) = sockaddr(bind);
+    // SAFETY: sa holds a valid sockaddr of `len` bytes.
+    cvt(unsafe { libc::bind(raw, (&sa as *const libc::sockaddr_storage).cast(), len) })?;
     let gro = setsockopt_int(raw, SOL_UDP, UDP_GRO, 1).is_ok();
     Ok((fd, gro))
 }
@@ -486,17 +578,17 @@ struct Bufs {
     ready: Vec<(usize, TxPacket, Ipv4Addr)>,
     planned: Vec<Planned>,
     tx_iovs: Vec<libc::iovec>,
-    tx_addrs: Vec<libc::sockaddr_in>,
+    tx_addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
     tx_control: Vec<u8>,
     tx_msgs: Vec<libc::mmsghdr>,
     rx_control: Vec<u8>,
-    rx_addrs: Vec<libc::sockaddr_in>,
+    rx_addrs: Vec<libc::sockaddr_storage>,
     rx_iovs: Vec<libc::iovec>,
     rx_msgs: Vec<libc::mmsghdr>,
     write_iovs: Vec<libc::iovec>,
     /// wireguard: sealed datagrams of one TUN batch, back to back, and where each is.
     sealed: Vec<u8>,
-    sealed_at: Vec<(usize, usize, SocketAddrV4)>,
+    sealed_at: Vec<(usize, usize, SocketAddr)>,
     /// wireguard: one plaintext segment, assembled for sealing.
     segment: Vec<u8>,
     /// wireguard: opened packets, at the offsets of their datagrams in `rx`.
@@ -509,7 +601,7 @@ struct Bufs {
 struct Planned {
     iov_first: usize,
     iov_count: usize,
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     gso: Option<u16>,
     segments: usize,
 }
@@ -789,7 +881,7 @@ impl Worker {
                     planned.push(Planned {
                         iov_first: iovs.len(),
                         iov_count: 1,
-                        dst: SocketAddrV4::new(*dst, self.shared.port),
+                        dst: SocketAddrV4::new(*dst, self.shared.port).into(),
                         gso: None,
                         segments: 1,
                     });
@@ -811,7 +903,7 @@ impl Worker {
                         planned.push(Planned {
                             iov_first,
                             iov_count: 2 * count,
-                            dst: SocketAddrV4::new(*dst, self.shared.port),
+                            dst: SocketAddrV4::new(*dst, self.shared.port).into(),
                             gso: (count > 1).then_some(tso.seg_size() as u16),
                             segments: count,
                         });
@@ -862,8 +954,8 @@ impl Worker {
         msgs.extend(planned.iter().map(|_| unsafe { zeroed::<libc::mmsghdr>() }));
         for (i, p) in planned.iter().enumerate() {
             let m = &mut msgs[i].msg_hdr;
-            m.msg_name = (&addrs[i] as *const libc::sockaddr_in) as *mut libc::c_void;
-            m.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            m.msg_name = (&addrs[i].0 as *const libc::sockaddr_storage) as *mut libc::c_void;
+            m.msg_namelen = addrs[i].1;
             m.msg_iov = iovs[p.iov_first..].as_mut_ptr();
             m.msg_iovlen = p.iov_count;
             if let Some(gso) = p.gso {
@@ -948,8 +1040,8 @@ impl Worker {
         for _round in 0..4 {
             for (i, m) in msgs.iter_mut().enumerate() {
                 let h = &mut m.msg_hdr;
-                h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-                h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
                 h.msg_iov = &mut iovs[i];
                 h.msg_iovlen = 1;
                 h.msg_control = control[i * space..].as_mut_ptr().cast();
@@ -982,18 +1074,23 @@ impl Worker {
                     inc(&c.drop_malformed, datagrams);
                     continue;
                 }
-                let src = SocketAddrV4::new(
-                    Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr)),
-                    u16::from_be(addrs[i].sin_port),
-                );
+                let Some(src) = from_sockaddr(&addrs[i]) else {
+                    c.count_drop(DropReason::UnknownPeer, datagrams);
+                    continue;
+                };
                 if !table.is_ready() {
                     c.count_drop(DropReason::NotReady, datagrams);
                     continue;
                 }
                 if let Some(wg) = wg {
-                    self.open_run(wg, table, i, len, seg, *src.ip(), bufs, coalescer, *gro_ok);
+                    self.open_run(wg, table, i, len, seg, src.ip(), bufs, coalescer, *gro_ok);
                     continue;
                 }
+                // Plain udp speaks IPv4 only (its peers are IPv4 endpoints).
+                let SocketAddr::V4(src) = src else {
+                    c.count_drop(DropReason::UnknownPeer, datagrams);
+                    continue;
+                };
                 // One look-up per run: GRO only merges datagrams of one sender (address and
                 // port).
                 let subnets = match table.subnets_of(src) {
@@ -1110,8 +1207,8 @@ impl Worker {
 
 impl Worker {
     /// One datagram, outside the batches: WireGuard handshakes, cookies and keepalives.
-    fn send_one(&self, b: &[u8], to: SocketAddrV4) {
-        let sa = sockaddr(to);
+    fn send_one(&self, b: &[u8], to: SocketAddr) {
+        let (sa, len) = sockaddr(to);
         // SAFETY: b and sa are live for the call and their lengths are passed.
         let rc = unsafe {
             libc::sendto(
@@ -1119,8 +1216,8 @@ impl Worker {
                 b.as_ptr().cast(),
                 b.len(),
                 0,
-                (&sa as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                (&sa as *const libc::sockaddr_storage).cast(),
+                len,
             )
         };
         if rc < 0 {
@@ -1240,7 +1337,7 @@ impl Worker {
         i: usize,
         len: usize,
         seg: usize,
-        src: Ipv4Addr,
+        src: IpAddr,
         bufs: &mut Bufs,
         coalescer: &mut Coalescer,
         gro_ok: bool,
@@ -1738,6 +1835,45 @@ mod tests {
         assert!(shared.waker(3).is_none());
     }
 
+    /// Both families go to the kernel and come back unchanged (the IPv6 device's socket
+    /// speaks IPv6, tweed-wg's IPv4); the lengths are the families' own.
+    #[test]
+    fn socket_addresses_of_both_families_round_trip() {
+        for a in ["198.18.0.2:51820", "[2001:db8::2]:51821", "[fe80::1%3]:7"] {
+            let a: SocketAddr = a.parse().unwrap();
+            let (st, len) = sockaddr(a);
+            let want = match a {
+                SocketAddr::V4(_) => size_of::<libc::sockaddr_in>(),
+                SocketAddr::V6(_) => size_of::<libc::sockaddr_in6>(),
+            };
+            assert_eq!(len as usize, want, "{a}");
+            assert_eq!(from_sockaddr(&st), Some(a));
+        }
+        // SAFETY: all-zero sockaddr_storage is valid (family AF_UNSPEC).
+        let unspec: libc::sockaddr_storage = unsafe { zeroed() };
+        assert_eq!(from_sockaddr(&unspec), None);
+    }
+
+    /// An IPv6 socket binds IPv6-only, so the IPv4 port stays another socket's.
+    #[test]
+    fn an_ipv6_socket_leaves_the_ipv4_port_free() {
+        let (v6, _) =
+            udp_socket("[::1]:0".parse::<SocketAddr>().unwrap()).expect("IPv6 loopback socket");
+        // SAFETY: getsockopt into a live c_int of the passed size.
+        let mut only: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                v6.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&mut only as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((rc, only), (0, 1));
+    }
+
     #[test]
     fn stats_sum_workers() {
         let a = Counters::default();
@@ -1750,5 +1886,10 @@ mod tests {
         b.add_to(&mut s);
         assert_eq!(s.rx_refused(), 4);
         assert_eq!(s.drop_unknown_peer, 2);
+        // Two devices' workers (wireguard's separate): summed the same way.
+        let mut both = s;
+        both.add(&s);
+        assert_eq!(both.rx_refused(), 8);
+        assert_eq!(both.drop_spoofed_inner, 2);
     }
 }

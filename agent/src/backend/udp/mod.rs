@@ -20,7 +20,7 @@ pub mod packet;
 pub mod persist;
 pub mod table;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -54,7 +54,7 @@ pub enum UdpError {
 
     #[error("UDP socket on {addr}: {source}")]
     Socket {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -90,6 +90,10 @@ pub struct UdpConfig {
     pub device: &'static str,
     /// How received datagrams are spread over the workers.
     pub steering: io::Steering,
+    /// `Some`: the sockets are IPv6-only ones bound to this address, and the device carries
+    /// IPv6 only (no IPv4 address or route; its owner gives it its IPv6 ones): wireguard's
+    /// `Mode: separate` device `tweed-wg-v6` on the IPv6 underlay.
+    pub bind6: Option<Ipv6Addr>,
 }
 
 impl UdpConfig {
@@ -109,11 +113,51 @@ impl UdpConfig {
     pub fn route(&self, ifindex: u32) -> Route {
         overlay_route(self.network, ifindex)
     }
+
+    /// Where the sockets bind.
+    pub fn bind(&self) -> SocketAddr {
+        match self.bind6 {
+            Some(ip) => SocketAddrV6::new(ip, self.port, 0, 0).into(),
+            None => SocketAddrV4::new(self.local_ip, self.port).into(),
+        }
+    }
 }
 
 /// What the device needs so it matches `cfg`: MTU, up, exactly the one address, exactly the one
 /// route. Pure; `routes` are the main-table routes through the device.
 pub fn plan_device(cfg: &UdpConfig, link: &Link, addrs: &[Addr], routes: &[Route]) -> Vec<Op> {
+    if cfg.bind6.is_some() {
+        // An IPv6-only device: MTU and up here, no IPv4 at all (an IPv4 route through it
+        // would blackhole: its peers carry IPv6 only); its IPv6 side is its owner's.
+        let mut ops = Vec::new();
+        if link.mtu != cfg.mtu() {
+            ops.push(Op::LinkSetMtu {
+                name: link.name.clone(),
+                mtu: cfg.mtu(),
+            });
+        }
+        if !link.up {
+            ops.push(Op::LinkSetUp {
+                name: link.name.clone(),
+            });
+        }
+        ops.extend(
+            addrs
+                .iter()
+                .filter(|a| a.ifindex == link.index)
+                .map(|a| Op::AddrDel {
+                    ifindex: a.ifindex,
+                    addr: a.net,
+                }),
+        );
+        ops.extend(
+            routes
+                .iter()
+                .filter(|r| r.oif == Some(link.index) && r.protocol != Route::PROTO_KERNEL)
+                .map(|r| Op::RouteDel(*r)),
+        );
+        return ops;
+    }
     plan_l3_device(
         link,
         addrs,
@@ -297,7 +341,7 @@ impl UdpBackend {
             setup_ops.len(),
         );
 
-        let bind = SocketAddrV4::new(cfg.local_ip, cfg.port);
+        let bind = cfg.bind();
         let mut socks = Vec::new();
         for _ in 0..fds.len() {
             socks.push(
@@ -818,6 +862,7 @@ mod tests {
             peers_file: None,
             device: DEVICE,
             steering: io::Steering::InnerFlow,
+            bind6: None,
         }
     }
 
@@ -871,6 +916,42 @@ mod tests {
             plan_device(&c, &link(1472, true), &addrs, &[c.route(7)]),
             vec![]
         );
+    }
+
+    /// `tweed-wg-v6` on these workers: MTU and up, and whatever IPv4 it holds goes (its
+    /// peers carry IPv6 only); its IPv6 address and route are the wireguard backend's.
+    #[test]
+    fn an_ipv6_only_device_holds_no_ipv4() {
+        let c = UdpConfig {
+            bind6: Some(std::net::Ipv6Addr::UNSPECIFIED),
+            mtu_override: Some(1420),
+            ..cfg()
+        };
+        assert_eq!(c.bind().to_string(), "[::]:8285");
+        assert_eq!(cfg().bind().to_string(), "198.18.0.1:8285");
+        let stray = Addr {
+            ifindex: 7,
+            net: "10.244.1.0/32".parse().unwrap(),
+        };
+        let ops = plan_device(&c, &link(1500, false), &[stray], &[c.route(7)]);
+        assert_eq!(
+            ops,
+            vec![
+                Op::LinkSetMtu {
+                    name: DEVICE.into(),
+                    mtu: 1420
+                },
+                Op::LinkSetUp {
+                    name: DEVICE.into()
+                },
+                Op::AddrDel {
+                    ifindex: 7,
+                    addr: "10.244.1.0/32".parse().unwrap()
+                },
+                Op::RouteDel(c.route(7)),
+            ]
+        );
+        assert_eq!(plan_device(&c, &link(1420, true), &[], &[]), vec![]);
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //! [`device_spec`] turns a planned device into what the kernel path's reconcile writes over
 //! generic netlink (IPv6 endpoints and allowed IPs included). [`super::WgBackend::reconcile_dual`]
 //! runs the single-device modes on both paths (the userspace path with IPv4 endpoints only)
-//! and `separate`'s two devices on the kernel path ([`super::carries_v6`], docs/wireguard.md).
+//! and `separate`'s two devices on both (a kernel link, or a second userspace device with an
+//! IPv6 socket: [`super::carries_v6`], docs/wireguard.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -182,6 +183,10 @@ pub fn lease_attrs(local: &DualLocal) -> LeaseAttrs {
 pub struct DualPeerSpec {
     pub public_key: PublicKey,
     pub endpoint: SocketAddr,
+    /// The peer node's IPv4 endpoint (`PublicIP:Port`), whatever device and endpoint this
+    /// entry is for: the userspace path's peer table knows nodes by it, so `tweed-wg-v6`'s
+    /// workers route a peer's IPv6 subnet to the entry under it.
+    pub node: std::net::SocketAddrV4,
     /// v4 first, then v6; each canonical.
     pub allowed_ips: Vec<IpNetwork>,
     pub psk: Option<[u8; 32]>,
@@ -264,6 +269,7 @@ pub fn plan_dual(local: &DualLocal, peers: &[DualPeer]) -> DualPlan {
             .map(|s| DualPeerSpec {
                 public_key: s.public_key,
                 endpoint: s.endpoint.expect("desired peers have endpoints"),
+                node: s.endpoint_v4().expect("desired peers have IPv4 endpoints"),
                 allowed_ips: s.allowed_ips.clone(),
                 psk: s.psk,
                 keepalive: s.keepalive,
@@ -352,6 +358,7 @@ pub fn plan_dual(local: &DualLocal, peers: &[DualPeer]) -> DualPlan {
     let v4_entry = |s: &super::plan::PeerSpec| DualPeerSpec {
         public_key: s.public_key,
         endpoint: s.endpoint.expect("desired peers have endpoints"),
+        node: s.endpoint_v4().expect("desired peers have IPv4 endpoints"),
         allowed_ips: s.allowed_ips.clone(),
         psk: s.psk,
         keepalive: s.keepalive,
@@ -366,6 +373,7 @@ pub fn plan_dual(local: &DualLocal, peers: &[DualPeer]) -> DualPlan {
                 Some(DualPeerSpec {
                     public_key: h.public_key,
                     endpoint: v6_socket(h.public_ipv6, h.port),
+                    node: s.endpoint_v4().expect("desired peers have IPv4 endpoints"),
                     allowed_ips: vec![IpNetwork::V6(h.subnet)],
                     psk: s.psk,
                     keepalive: s.keepalive,

@@ -82,7 +82,7 @@ pub enum WgError {
         source: crate::netlink::NetlinkError,
     },
 
-    #[error("wireguard: {DEVICE} no longer exists; the backend must be set up again")]
+    #[error("wireguard: {DEVICE} or {device_v6} no longer exists; the backend must be set up again", device_v6 = dual::DEVICE_V6)]
     DeviceGone,
 
     /// `separate`'s two devices cannot share a port.
@@ -93,13 +93,15 @@ pub enum WgError {
     )]
     SamePortV6 { port: u16 },
 
-    /// `ipv6` mode (every peer at its IPv6 endpoint) is built on the kernel path only: the
-    /// userspace path's one socket is IPv4, and `auto` may land there at any set-up.
+    /// `ipv6` mode (every peer at its IPv6 endpoint on one device) is built on the kernel path
+    /// only: the userspace path's IPv6 socket serves only `separate`'s second device, and `auto`
+    /// may land on userspace at any set-up.
     #[error(
         "wireguard: Backend.Mode \"ipv6\" (one device, every peer on the IPv6 underlay) runs \
          on the kernel path only, and --wireguard-impl={implementation} may run the userspace \
-         path, whose socket is IPv4 only: use --wireguard-impl=kernel, or Mode \"auto\" or \"ipv4\" \
-         (IPv6 pods over the IPv4 underlay)"
+         path, which reaches IPv6 endpoints only from the second device of \"separate\": use \
+         --wireguard-impl=kernel, or Mode \"separate\" (IPv6 pods over the IPv6 underlay on a \
+         second device, either path), \"auto\" or \"ipv4\" (IPv6 pods over the IPv4 underlay)"
     )]
     ModeNotCarried { implementation: &'static str },
 
@@ -152,26 +154,24 @@ pub struct WgDual {
     pub own_subnet: Option<ipnetwork::Ipv6Network>,
 }
 
-/// Whether a dual-stack wireguard node carries IPv6 in `mode` with `--wireguard-impl`
-/// `implementation`. Decided before the lease is written, so it depends on the flag only, never
-/// on what a set-up ends up running: `false` runs IPv4 only (with a warning, no
-/// `BackendV6Data`).
+/// Whether a dual-stack wireguard node carries IPv6 in `mode`. Decided before the lease is
+/// written, so it never depends on what a set-up ends up running: `false` runs IPv4 only (with
+/// a warning, no `BackendV6Data`).
 ///
 /// - `auto`, `ipv4`: one device (kernel `tweed-wg` or the userspace TUN) with both subnets'
 ///   routes, peers both subnets, IPv4 endpoints ([`WgConfig::dual_local`]).
 /// - `separate` (flannel's default): the second device `tweed-wg-v6` on `ListenPortV6` with
-///   IPv6 endpoints, built on the kernel path only, so only with `--wireguard-impl=kernel`
-///   (which never falls back to userspace: a set-up without the module fails). With `auto`
-///   a later set-up may land on userspace, whose one IPv4 socket could not serve the
-///   `BackendV6Data` port peers were told; such a node runs IPv4 only, as before.
-/// - `ipv6` (one device, IPv6 endpoints): the kernel path only, as `separate`; with another
+///   IPv6 endpoints, on either path (a kernel `wireguard` link, or a second userspace device
+///   with an IPv6 socket), so `auto` may land on either and still serve the port peers were
+///   told in `BackendV6Data`.
+/// - `ipv6` (one device, IPv6 endpoints): the kernel path only; with another
 ///   `--wireguard-impl` [`crate::backend::Prepared::new`] refuses it
 ///   ([`WgError::ModeNotCarried`]) before anything is written.
 pub fn carries_v6(mode: tweed_config::WireguardMode, implementation: WgImpl) -> bool {
     use tweed_config::WireguardMode as M;
     match mode {
-        M::Auto | M::Ipv4 => true,
-        M::Separate | M::Ipv6 => implementation == WgImpl::Kernel,
+        M::Auto | M::Ipv4 | M::Separate => true,
+        M::Ipv6 => implementation == WgImpl::Kernel,
     }
 }
 
@@ -257,8 +257,7 @@ impl WgConfig {
     /// a `BackendV6Data` there renamed to the key on the port it names; everything else kept.
     /// A key rotation publishes this rather than [`lease_attrs`](Self::lease_attrs): the
     /// published lease may hold what the config does not, such as a `PublicIPv6` followed at
-    /// run time or the `PublicIPv6` of a `separate` node off the kernel path (which has no
-    /// [`WgDual`]).
+    /// run time, or the `PublicIPv6` of a node that carries no IPv6 (no [`WgDual`]).
     pub fn with_key(&self, current: &tweed_config::LeaseAttrs) -> tweed_config::LeaseAttrs {
         let key = self.public_key();
         let mut a = current.clone();
@@ -314,6 +313,27 @@ struct Userspace {
     /// The device as last published; the plan against it decides whether anything changes.
     applied: plan::DeviceSpec,
     published: bool,
+    /// `separate`'s IPv6 device, while this node runs one.
+    v6: Option<Box<UserDev6>>,
+    /// What the set-up applied, both devices'.
+    setup_ops: Vec<crate::netlink::Op>,
+}
+
+/// `separate`'s IPv6 device [`dual::DEVICE_V6`] on the userspace path: the same engine as
+/// `tweed-wg` (the udp backend's workers sealing with a [`userspace::WgTable`]), instantiated a
+/// second time with a TUN device of its own and an IPv6-only socket on `ListenPortV6`. Its
+/// table holds the node's key and the peers' IPv6 halves at their IPv6 endpoints; the workers'
+/// peer table routes each IPv6 subnet to the node's IPv4 endpoint, the key the WireGuard
+/// table files the entry under ([`dual::DualPeerSpec::node`]).
+struct UserDev6 {
+    udp: crate::backend::UdpBackend,
+    table: Arc<userspace::WgTable>,
+    applied: plan::DeviceSpec,
+    published: bool,
+    /// Whether the device's IPv6 address and route were checked since the last resync.
+    link_checked: bool,
+    /// What its set-up applied (the TUN device's and the IPv6 address and route).
+    setup_ops: Vec<crate::netlink::Op>,
 }
 
 /// The kernel's `wireguard` link [`DEVICE`], configured over generic netlink. Every
@@ -390,17 +410,7 @@ impl WgBackend {
         let chosen = choose_implementation(nl, cfg.implementation).await?;
         let plane = match chosen {
             WgImpl::Kernel => Plane::Kernel(setup_kernel(nl, &cfg, open).await?),
-            _ => {
-                // A kernel `separate` node's IPv6 device left behind (restarted on userspace):
-                // its `IPv6Network` route would swallow what this node does not carry.
-                let (_, ops) = kernel_link_v6(nl, &cfg, false).await?;
-                for op in &ops {
-                    tracing::info!(
-                        "wireguard: removed the IPv6 device this node no longer runs: {op}"
-                    );
-                }
-                Plane::Userspace(setup_userspace(nl, &cfg).await?)
-            }
+            _ => Plane::Userspace(setup_userspace(nl, &cfg).await?),
         };
         let b = WgBackend {
             cfg,
@@ -450,8 +460,13 @@ impl WgBackend {
         if let Some(d) = self.cfg.dual.as_mut() {
             if d.own_subnet != subnet {
                 d.own_subnet = subnet;
-                if let Plane::Kernel(k) = &mut self.plane {
-                    k.device_checked = false;
+                match &mut self.plane {
+                    Plane::Kernel(k) => k.device_checked = false,
+                    Plane::Userspace(u) => {
+                        if let Some(d) = u.v6.as_mut() {
+                            d.link_checked = false;
+                        }
+                    }
                 }
             }
         }
@@ -473,7 +488,7 @@ impl WgBackend {
     pub fn ifindex_v6(&self) -> Option<u32> {
         match &self.plane {
             Plane::Kernel(k) => k.v6.as_ref().map(|d| d.ifindex),
-            Plane::Userspace(_) => None,
+            Plane::Userspace(u) => u.v6.as_ref().map(|d| d.udp.ifindex()),
         }
     }
 
@@ -499,14 +514,20 @@ impl WgBackend {
     /// Netlink ops the kernel path's set-up applied (none when the device was already right).
     pub fn setup_ops(&self) -> &[crate::netlink::Op] {
         match &self.plane {
-            Plane::Userspace(u) => u.udp.setup_ops(),
+            Plane::Userspace(u) => &u.setup_ops,
             Plane::Kernel(k) => &k.setup_ops,
         }
     }
 
     pub fn resync(&mut self) {
         match &mut self.plane {
-            Plane::Userspace(u) => u.udp.resync(),
+            Plane::Userspace(u) => {
+                u.udp.resync();
+                if let Some(d) = u.v6.as_mut() {
+                    d.udp.resync();
+                    d.link_checked = false;
+                }
+            }
             Plane::Kernel(k) => k.device_checked = false,
         }
     }
@@ -515,14 +536,32 @@ impl WgBackend {
     pub async fn stop(&mut self) {
         if let Plane::Userspace(u) = &mut self.plane {
             u.udp.stop().await;
+            if let Some(d) = u.v6.as_mut() {
+                d.udp.stop().await;
+            }
         }
     }
 
-    /// The userspace workers' counters (the kernel path has none of these: zeros).
+    /// The userspace workers' counters, both devices' summed (the kernel path has none of
+    /// these: zeros).
     pub fn stats(&self) -> crate::backend::udp::io::Stats {
         match &self.plane {
-            Plane::Userspace(u) => u.udp.stats(),
+            Plane::Userspace(u) => {
+                let mut s = u.udp.stats();
+                if let Some(d) = &u.v6 {
+                    s.add(&d.udp.stats());
+                }
+                s
+            }
             Plane::Kernel(_) => Default::default(),
+        }
+    }
+
+    /// `tweed-wg-v6`'s own workers' counters, while the userspace path runs it.
+    pub fn stats_v6(&self) -> Option<crate::backend::udp::io::Stats> {
+        match &self.plane {
+            Plane::Userspace(u) => u.v6.as_ref().map(|d| d.udp.stats()),
+            Plane::Kernel(_) => None,
         }
     }
 
@@ -594,13 +633,15 @@ impl WgBackend {
         peers: &[WgPeer],
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let (specs, skipped) = plan::desired_peers(&self.cfg.local(), peers);
-        self.reconcile_specs(nl, specs, skipped, None).await
+        self.reconcile_specs(nl, specs, skipped, None, &Nodes6::new())
+            .await
     }
 
     /// [`reconcile`](Self::reconcile) for a node serving an IPv6 half: each peer's allowed IPs
     /// are both its subnets (its IPv6 half when usable, [`dual::plan_dual`]); what is left out
-    /// is logged. `separate` on the kernel path: `tweed-wg` gets the IPv4 halves and
-    /// `tweed-wg-v6` the IPv6 halves, each with its own plan against its own read-back.
+    /// is logged. `separate`: `tweed-wg` gets the IPv4 halves and `tweed-wg-v6` the IPv6
+    /// halves, each with its own plan (kernel: against its own read-back; userspace: against
+    /// what its workers were last given).
     pub async fn reconcile_dual(
         &mut self,
         nl: &crate::netlink::Netlink,
@@ -636,23 +677,25 @@ impl WgBackend {
             .find(|d| d.name == DEVICE)
             .map(|d| dual::device_spec(d, key).peers)
             .unwrap_or_default();
-        let v6 = plan
-            .devices
-            .iter()
-            .find(|d| d.name == dual::DEVICE_V6)
-            .map(|d| dual::device_spec(d, key));
-        self.reconcile_specs(nl, specs.into_values().collect(), plan.skipped, v6)
+        let dev6 = plan.devices.iter().find(|d| d.name == dual::DEVICE_V6);
+        let v6 = dev6.map(|d| dual::device_spec(d, key));
+        let nodes6 = dev6
+            .map(|d| d.peers.iter().map(|p| (p.public_key, p.node)).collect())
+            .unwrap_or_default();
+        self.reconcile_specs(nl, specs.into_values().collect(), plan.skipped, v6, &nodes6)
             .await
     }
 
     /// `v6`: what `separate`'s IPv6 device holds (`None`: this node runs none, and one left
-    /// from before is removed at the next link check).
+    /// from before is removed at the next link check); `nodes6`: each of its peers' node
+    /// ([`dual::DualPeerSpec::node`]).
     async fn reconcile_specs(
         &mut self,
         nl: &crate::netlink::Netlink,
         specs: Vec<plan::PeerSpec>,
         skipped: Vec<crate::backend::PeerSkip>,
         v6: Option<plan::DeviceSpec>,
+        nodes6: &Nodes6,
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let desired = plan::device_spec(
             *self.cfg.private_key.bytes(),
@@ -660,7 +703,10 @@ impl WgBackend {
             specs.clone(),
         );
         let mut stats = match &mut self.plane {
-            Plane::Userspace(u) => u.reconcile(nl, &self.cfg, &specs, desired).await?,
+            Plane::Userspace(u) => {
+                u.reconcile(nl, &self.cfg, &specs, desired, v6, nodes6)
+                    .await?
+            }
             Plane::Kernel(k) => {
                 let mut stats = crate::backend::ReconcileStats::default();
                 // The IPv6 device's presence follows the plan at once (its own subnet learnt
@@ -699,6 +745,9 @@ impl WgBackend {
     }
 }
 
+/// Each `tweed-wg-v6` peer's node, by the peer's key there.
+type Nodes6 = std::collections::BTreeMap<PublicKey, std::net::SocketAddrV4>;
+
 impl Userspace {
     async fn reconcile(
         &mut self,
@@ -706,6 +755,8 @@ impl Userspace {
         cfg: &WgConfig,
         specs: &[plan::PeerSpec],
         desired: plan::DeviceSpec,
+        v6: Option<plan::DeviceSpec>,
+        nodes6: &Nodes6,
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let ops = plan::plan(&self.applied, &desired);
         let udp_peers: Vec<crate::backend::UdpPeer> = specs
@@ -718,9 +769,14 @@ impl Userspace {
                 })
             })
             .collect();
-        // IPv6 pods ride the same IPv4 endpoint: the workers' table routes each peer's IPv6
-        // subnet to it (sealed there by the peer's session like its IPv4 packets).
-        if let Some(d) = &cfg.dual {
+        // Single-device modes: IPv6 pods ride the same IPv4 endpoint, the workers' table
+        // routes each peer's IPv6 subnet to it (sealed there by the peer's session like its
+        // IPv4 packets). `separate`: tweed-wg carries IPv4 only.
+        let shared = cfg
+            .dual
+            .as_ref()
+            .filter(|d| d.mode != tweed_config::WireguardMode::Separate);
+        if let Some(d) = shared {
             // Our lease lost its IPv6 half: the workers' table drops the IPv6 routes too.
             if d.own_subnet.is_none() {
                 self.udp.set_v6(None);
@@ -761,15 +817,182 @@ impl Userspace {
             plan::apply_to(&mut self.applied, &ops);
             self.published = true;
         }
+        // The IPv6 device follows the plan at once (our IPv6 subnet learnt or lost).
+        match (v6, self.v6.as_mut()) {
+            (Some(desired6), Some(d)) => {
+                let s6 = d.reconcile(nl, cfg, &udp_peers, desired6, nodes6).await?;
+                stats.ops_applied += s6.ops_applied;
+                stats.applied.extend(s6.applied);
+            }
+            (Some(desired6), None) => {
+                let mut d = UserDev6::setup(nl, cfg).await?;
+                stats.ops_applied += d.setup_ops.len();
+                stats.applied.extend(d.setup_ops.iter().cloned());
+                let s6 = d.reconcile(nl, cfg, &udp_peers, desired6, nodes6).await?;
+                stats.ops_applied += s6.ops_applied;
+                stats.applied.extend(s6.applied);
+                self.v6 = Some(Box::new(d));
+            }
+            (None, Some(_)) => {
+                let mut d = self.v6.take().expect("matched");
+                d.udp.stop().await;
+                let (_, ops) = kernel_link_v6(nl, cfg, false).await?;
+                stats.ops_applied += ops.len();
+                stats.applied.extend(ops);
+            }
+            (None, None) => {}
+        }
         Ok(stats)
     }
 }
 
-async fn setup_userspace(
-    nl: &crate::netlink::Netlink,
-    cfg: &WgConfig,
-) -> Result<Userspace, crate::backend::BackendError> {
-    let udp_cfg = crate::backend::UdpConfig {
+impl UserDev6 {
+    /// Starts the device's workers on `ListenPortV6` (an IPv6-only socket on every address, so
+    /// a moved `PublicIPv6` needs no new socket) and gives it its IPv6 address and route.
+    async fn setup(
+        nl: &crate::netlink::Netlink,
+        cfg: &WgConfig,
+    ) -> Result<UserDev6, crate::backend::BackendError> {
+        let port = cfg
+            .dual
+            .as_ref()
+            .map_or(cfg.listen_port, |d| d.listen_port_v6);
+        let udp_cfg = crate::backend::UdpConfig {
+            port,
+            device: dual::DEVICE_V6,
+            bind6: Some(std::net::Ipv6Addr::UNSPECIFIED),
+            ..udp_config(cfg)
+        };
+        let udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, true).await?;
+        let mut d = UserDev6 {
+            udp,
+            table: Arc::new(userspace::WgTable::new(&cfg.private_key)),
+            applied: plan::DeviceSpec::default(),
+            published: false,
+            link_checked: false,
+            setup_ops: Vec::new(),
+        };
+        let ops = d.check_link(nl, cfg).await?;
+        d.setup_ops = d.udp.setup_ops().iter().cloned().chain(ops).collect();
+        crate::backend::log_setup(
+            "wireguard: userspace IPv6 device",
+            dual::DEVICE_V6,
+            cfg.mtu(),
+            d.setup_ops.len(),
+        );
+        Ok(d)
+    }
+
+    /// The IPv6 subnet's /128 and the `IPv6Network` route on the device, as the kernel path's
+    /// `tweed-wg-v6` has them ([`dual::plan_link6`]); the ops applied.
+    async fn check_link(
+        &mut self,
+        nl: &crate::netlink::Netlink,
+        cfg: &WgConfig,
+    ) -> Result<Vec<crate::netlink::Op>, WgError> {
+        let dev = |source| WgError::Device {
+            device: dual::DEVICE_V6,
+            source,
+        };
+        let ifindex = self.udp.ifindex();
+        // Deleted (or made again by someone else): its queues are dead, so the whole backend
+        // is set up again, as for tweed-wg.
+        if nl
+            .link_by_name(dual::DEVICE_V6)
+            .await
+            .map_err(dev)?
+            .is_none_or(|l| l.index != ifindex)
+        {
+            return Err(WgError::DeviceGone);
+        }
+        let plan = cfg.dual_local().and_then(|l| {
+            dual::plan_dual(&l, &[])
+                .devices
+                .into_iter()
+                .find(|d| d.name == dual::DEVICE_V6)
+        });
+        let Some(plan) = plan else {
+            return Ok(Vec::new());
+        };
+        let ops = dual::plan_link6(
+            &plan,
+            ifindex,
+            &nl.addresses6(Some(ifindex)).await.map_err(dev)?,
+            &nl.all_routes6().await.map_err(dev)?,
+        );
+        for op in &ops {
+            nl.apply(op).await.map_err(dev)?;
+        }
+        self.link_checked = true;
+        Ok(ops)
+    }
+
+    async fn reconcile(
+        &mut self,
+        nl: &crate::netlink::Netlink,
+        cfg: &WgConfig,
+        v4_peers: &[crate::backend::UdpPeer],
+        desired: plan::DeviceSpec,
+        nodes: &Nodes6,
+    ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
+        let link_ops = if self.link_checked {
+            Vec::new()
+        } else {
+            self.check_link(nl, cfg).await?
+        };
+        if let Some((d, own_subnet)) = cfg.dual.as_ref().and_then(|d| Some((d, d.own_subnet?))) {
+            let peers = desired
+                .peers
+                .values()
+                .filter_map(|p| {
+                    let node = nodes.get(&p.public_key)?;
+                    let subnet = p.allowed_ips.iter().find_map(|n| match n {
+                        ipnetwork::IpNetwork::V6(n) => Some(*n),
+                        ipnetwork::IpNetwork::V4(_) => None,
+                    })?;
+                    Some(crate::backend::UdpPeer6 {
+                        subnet,
+                        public_ip: *node.ip(),
+                        port: node.port(),
+                    })
+                })
+                .collect();
+            self.udp.set_v6(Some(crate::backend::V6Spec {
+                network: d.ipv6.network,
+                own_subnet,
+                peers,
+            }));
+        }
+        let ops = plan::plan(&self.applied, &desired);
+        let wg = (!ops.is_empty() || !self.published).then(|| {
+            let keyed: Vec<(plan::PeerSpec, Option<std::net::Ipv4Addr>)> = desired
+                .peers
+                .values()
+                .map(|p| (p.clone(), nodes.get(&p.public_key).map(|n| *n.ip())))
+                .collect();
+            self.table = Arc::new(self.table.update_keyed(&cfg.private_key, &keyed));
+            self.table.clone()
+        });
+        if wg.is_some() {
+            tracing::debug!(device = dual::DEVICE_V6, ops = ?ops, "wireguard: peers updated");
+        }
+        // The IPv4 halves are the peer table's senders (each IPv6 half rides on its node's
+        // lease); no IPv4 route leads into this device, so none of them is ever routed to here.
+        let mut stats = self.udp.reconcile_with(nl, v4_peers, wg.clone()).await?;
+        if wg.is_some() {
+            stats.ops_applied += ops.len();
+            plan::apply_to(&mut self.applied, &ops);
+            self.published = true;
+        }
+        stats.ops_applied += link_ops.len();
+        stats.applied.extend(link_ops);
+        Ok(stats)
+    }
+}
+
+/// The workers' config of `tweed-wg` (`tweed-wg-v6` changes port, device and socket).
+fn udp_config(cfg: &WgConfig) -> crate::backend::UdpConfig {
+    crate::backend::UdpConfig {
         network: cfg.network,
         own_subnet: cfg.own_subnet,
         local_ip: cfg.local_ip,
@@ -783,15 +1006,43 @@ async fn setup_userspace(
         device: DEVICE,
         // One peer's datagrams to one worker: they are ciphertext, and one session's lock.
         steering: crate::backend::udp::io::Steering::WireguardPeer,
+        bind6: None,
+    }
+}
+
+async fn setup_userspace(
+    nl: &crate::netlink::Netlink,
+    cfg: &WgConfig,
+) -> Result<Userspace, crate::backend::BackendError> {
+    let udp_cfg = udp_config(cfg);
+    // Dual stack on one device: the TUN device keeps IPv6 (the IPv6 plane gives it the address
+    // and route). `separate`: IPv6 is tweed-wg-v6's.
+    let local = cfg.dual_local();
+    let separate = local.as_ref().is_some_and(|l| l.separate());
+    let udp =
+        crate::backend::UdpBackend::setup_with(nl, udp_cfg, local.is_some() && !separate).await?;
+    let mut setup_ops = udp.setup_ops().to_vec();
+    let v6 = if separate {
+        let d = UserDev6::setup(nl, cfg).await?;
+        setup_ops.extend(d.setup_ops.iter().cloned());
+        Some(Box::new(d))
+    } else {
+        // An IPv6 device left behind (another mode, or a kernel `separate` node restarted
+        // here): its `IPv6Network` route would swallow what this node does not carry.
+        let (_, ops) = kernel_link_v6(nl, cfg, false).await?;
+        for op in &ops {
+            tracing::info!("wireguard: removed the IPv6 device this node no longer runs: {op}");
+        }
+        setup_ops.extend(ops);
+        None
     };
-    // Dual stack: the TUN device keeps IPv6 (the IPv6 plane gives it the address and route).
-    let dual = cfg.dual_local().is_some();
-    let udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, dual).await?;
     Ok(Userspace {
         udp,
         table: Arc::new(userspace::WgTable::new(&cfg.private_key)),
         applied: plan::DeviceSpec::default(),
         published: false,
+        v6,
+        setup_ops,
     })
 }
 

@@ -9,7 +9,7 @@
 //! endpoint: this implementation never roams.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,8 +37,8 @@ pub struct PeerState {
 }
 
 impl PeerState {
-    pub fn endpoint(&self) -> Option<SocketAddrV4> {
-        self.spec.endpoint_v4()
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.spec.endpoint
     }
 
     /// Time since the last handshake, bytes sent and received (inner).
@@ -102,8 +102,25 @@ impl WgTable {
         }
     }
 
-    /// The table for `peers`, keeping the state of every peer whose key and PSK are unchanged.
+    /// The table for `peers`, keeping the state of every peer whose key and PSK are unchanged;
+    /// each peer is routed to by its IPv4 endpoint's address ([`by_public_ip`](Self::by_public_ip)).
     pub fn update(&self, key: &PrivateKey, peers: &[PeerSpec]) -> WgTable {
+        let keyed: Vec<(PeerSpec, Option<Ipv4Addr>)> = peers
+            .iter()
+            .map(|p| (p.clone(), p.endpoint_v4().map(|e| *e.ip())))
+            .collect();
+        self.update_keyed(key, &keyed)
+    }
+
+    /// [`update`](Self::update) with each peer's routing key given: the address the udp peer
+    /// table routes its subnets to. `separate`'s IPv6 device reaches its peers at IPv6
+    /// endpoints, and routes to each by its node's IPv4 `PublicIP`, the key the peer table
+    /// knows nodes by.
+    pub fn update_keyed(
+        &self,
+        key: &PrivateKey,
+        peers: &[(PeerSpec, Option<Ipv4Addr>)],
+    ) -> WgTable {
         let same_key = key.bytes() == self.secret.as_bytes();
         let mut t = if same_key {
             WgTable {
@@ -122,7 +139,7 @@ impl WgTable {
             t.next_index = self.next_index;
             t
         };
-        for spec in peers {
+        for (spec, route_key) in peers {
             let kept = same_key
                 .then(|| self.by_key.get(&spec.public_key.0))
                 .flatten()
@@ -148,7 +165,7 @@ impl WgTable {
                     })
                 }
             };
-            t.insert(state);
+            t.insert(state, *route_key);
         }
         t
     }
@@ -164,12 +181,12 @@ impl WgTable {
         )
     }
 
-    fn insert(&mut self, p: Arc<PeerState>) {
+    fn insert(&mut self, p: Arc<PeerState>, route_key: Option<Ipv4Addr>) {
         let i = self.peers.len();
         self.by_index.insert(p.index, i);
         self.by_key.insert(p.spec.public_key.0, i);
-        if let Some(e) = p.spec.endpoint_v4() {
-            self.by_public_ip.insert(*e.ip(), i);
+        if let Some(k) = route_key {
+            self.by_public_ip.insert(k, i);
         }
         self.peers.push(p);
     }
@@ -182,7 +199,8 @@ impl WgTable {
         &self.peers
     }
 
-    /// The peer whose endpoint is `public_ip` (the udp peer table routes to PublicIPs).
+    /// The peer routed to as `public_ip` (the udp peer table routes to PublicIPs): its IPv4
+    /// endpoint's address, or the key [`update_keyed`](Self::update_keyed) gave it.
     pub fn by_public_ip(&self, ip: Ipv4Addr) -> Option<&PeerState> {
         self.by_public_ip.get(&ip).map(|&i| &*self.peers[i])
     }
@@ -198,13 +216,13 @@ impl WgTable {
     }
 
     /// Opens one datagram from `src` into `out` (at least the datagram's length).
-    pub fn open(&self, src: Ipv4Addr, d: &[u8], out: &mut [u8]) -> (Opened<'_>, Option<usize>) {
+    pub fn open(&self, src: IpAddr, d: &[u8], out: &mut [u8]) -> (Opened<'_>, Option<usize>) {
         let Some(peer) = self.peer_of(d) else {
             self.rx_unknown.fetch_add(1, Ordering::Relaxed);
             return (Opened::Rejected, None);
         };
         let mut t = lock(&peer.tunn);
-        match t.decapsulate(Some(src.into()), d, out) {
+        match t.decapsulate(Some(src), d, out) {
             // An inner IPv6 packet (dual stack) is the worker's to check as well: its source
             // against the peer's IPv6 allowed IPs, its destination against our IPv6 subnet.
             TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
@@ -259,7 +277,7 @@ impl WgTable {
     /// logic once a second: it counts handshakes per second, and nothing else resets it (after
     /// the 100th handshake of the agent's life, every handshake would get a cookie reply, and
     /// the initiator retries only after 5 s).
-    pub fn tick_all(&self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddrV4)) {
+    pub fn tick_all(&self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddr)) {
         // A no-op until a second has passed since the last reset.
         self.limiter.reset_count();
         for p in &self.peers {
@@ -306,7 +324,7 @@ mod tests {
     fn spec_of(public_key: PublicKey, subnet: &str, ip: &str, psk: Option<[u8; 32]>) -> PeerSpec {
         PeerSpec {
             public_key,
-            endpoint: Some(SocketAddrV4::new(ip.parse().unwrap(), 51820).into()),
+            endpoint: Some(std::net::SocketAddrV4::new(ip.parse().unwrap(), 51820).into()),
             allowed_ips: vec![subnet.parse().unwrap()],
             psk,
             keepalive: 0,
@@ -489,11 +507,72 @@ mod tests {
         assert!(grown.by_public_ip("198.18.0.3".parse().unwrap()).is_some());
     }
 
-    /// Everything `tick_all` asks to send, as (message type, endpoint IP).
-    fn ticked(t: &WgTable) -> Vec<(u8, Ipv4Addr)> {
+    /// `separate`'s IPv6 device: peers at IPv6 endpoints, filed under their node's IPv4
+    /// address (what the workers' peer table routes to). The handshake runs between IPv6
+    /// endpoints, inner IPv6 packets come through, and a rotated key keeps the filing.
+    #[test]
+    fn an_ipv6_device_files_peers_under_their_node_and_sends_to_their_ipv6_endpoint() {
+        use crate::backend::udp::packet::tests::ipv6;
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let v6spec = |k: &PrivateKey, subnet: &str, ep: &str| PeerSpec {
+            public_key: k.public(),
+            endpoint: Some(ep.parse().unwrap()),
+            allowed_ips: vec![subnet.parse().unwrap()],
+            psk: None,
+            keepalive: 0,
+        };
+        let node_b: Ipv4Addr = "198.18.0.2".parse().unwrap();
+        let a = WgTable::new(&ka).update_keyed(
+            &ka,
+            &[(
+                v6spec(&kb, "fd00:10:244:2::/64", "[2001:db8::2]:51821"),
+                Some(node_b),
+            )],
+        );
+        let b = WgTable::new(&kb).update_keyed(
+            &kb,
+            &[(
+                v6spec(&ka, "fd00:10:244:1::/64", "[2001:db8::1]:51821"),
+                Some("198.18.0.1".parse().unwrap()),
+            )],
+        );
+        let pa = a.by_public_ip(node_b).expect("filed under the node");
+        assert_eq!(pa.endpoint().unwrap().to_string(), "[2001:db8::2]:51821");
+        // No IPv4 endpoint: the plain update would file it under nothing.
+        assert!(WgTable::new(&ka)
+            .update(&ka, std::slice::from_ref(&pa.spec))
+            .by_public_ip(node_b)
+            .is_none());
+        // The timers' initiation goes to the IPv6 endpoint; the handshake completes there.
         let mut out = vec![0u8; 2048];
         let mut sent = Vec::new();
-        t.tick_all(&mut out, |b, ep| sent.push((b[0], *ep.ip())));
+        a.tick_all(&mut out, |d, ep| sent.push((d.to_vec(), ep)));
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1.to_string(), "[2001:db8::2]:51821");
+        let (_, resp) = deliver(&b, "2001:db8::1", &sent[0].0);
+        assert_eq!(resp.len(), 1);
+        let _ = deliver(&a, "2001:db8::2", &resp[0]);
+        let pkt = ipv6(
+            "fd00:10:244:1::5",
+            "fd00:10:244:2::7",
+            17,
+            b"over the v6 underlay",
+        );
+        let d = seal_to_first_peer(&a, &pkt);
+        assert_eq!(d[0], 4, "a data message: the session is up");
+        assert_eq!(deliver(&b, "2001:db8::1", &d).0, vec![pkt]);
+
+        let rotated = PrivateKey::generate();
+        let a2 = a.update_keyed(&rotated, &[(pa.spec.clone(), Some(node_b))]);
+        assert_eq!(a2.public_key(), rotated.public());
+        assert!(a2.by_public_ip(node_b).is_some());
+    }
+
+    /// Everything `tick_all` asks to send, as (message type, endpoint IP).
+    fn ticked(t: &WgTable) -> Vec<(u8, IpAddr)> {
+        let mut out = vec![0u8; 2048];
+        let mut sent = Vec::new();
+        t.tick_all(&mut out, |b, ep| sent.push((b[0], ep.ip())));
         sent
     }
 
@@ -515,7 +594,7 @@ mod tests {
         let t = WgTable::new(&k).update(&k, &peers);
         let mut sent = ticked(&t);
         sent.sort();
-        let want: Vec<(u8, Ipv4Addr)> = (2..5)
+        let want: Vec<(u8, IpAddr)> = (2..5)
             .map(|i| (1, format!("198.18.0.{i}").parse().unwrap()))
             .collect();
         assert_eq!(sent, want);

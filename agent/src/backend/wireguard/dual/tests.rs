@@ -390,6 +390,15 @@ fn our_lease_advertises_the_port_v6_peers_are_served_on() {
         plan.devices[1].peers[0].endpoint.to_string(),
         "[2001:db8::1]:51821"
     );
+    // Both entries name the node by its IPv4 endpoint (userspace's peer table routes to it).
+    for dev in &plan.devices {
+        assert_eq!(
+            dev.peers[0].node.to_string(),
+            "198.18.0.1:51820",
+            "{}",
+            dev.name
+        );
+    }
 }
 
 fn v4_packet(src: [u8; 4]) -> Vec<u8> {
