@@ -20,6 +20,7 @@ mod stop;
 #[cfg(test)]
 mod tests;
 mod underlay6;
+mod v6only;
 
 pub use deps::{Clock, Deps};
 pub use main_loop::run_with;
@@ -49,6 +50,8 @@ pub enum AgentError {
     SubnetEnv(#[from] tweed_config::subnet_env::SubnetEnvError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    V6Only(#[from] crate::v6only::V6OnlyError),
     #[error(transparent)]
     Notify(#[from] crate::notify::NotifyError),
     #[error("--metrics-addr {addr}: {source}")]
