@@ -1292,6 +1292,7 @@ impl Agent {
         tweed_config::SubnetEnv::read(&self.subnet_file())
             .unwrap()
             .node_subnet()
+            .expect("IPv4 pair")
     }
 
     /// `/metrics`, fetched from inside the node's namespace.

@@ -95,18 +95,24 @@ pub struct Node6 {
 }
 
 impl Node {
-    pub fn new(env: &SubnetEnv, conf: &NetConf) -> Node {
-        Node {
-            network: env.network,
-            gateway: env.subnet,
-            subnet: env.node_subnet(),
+    pub fn new(env: &SubnetEnv, conf: &NetConf) -> Result<Node, NodeError> {
+        let Some(v4) = env.ipv4 else {
+            return Err(NodeError::SubnetEnv {
+                path: conf.subnet_file.clone().unwrap_or_default(),
+                reason: "no IPv4 pair (TWEED_NETWORK/TWEED_SUBNET): IPv6-only nodes are not supported yet".into(),
+            });
+        };
+        Ok(Node {
+            network: v4.network,
+            gateway: v4.subnet,
+            subnet: v4.node_subnet(),
             mtu: conf.mtu.unwrap_or(env.mtu),
             v6: env.ipv6.as_ref().map(|v6| Node6 {
                 network: v6.network,
                 gateway: v6.subnet,
                 subnet: v6.node_subnet(),
             }),
-        }
+        })
     }
 
     /// The IPv4 pool: the node subnet, narrowed by `rangeStart`/`rangeEnd` or by the IPv4 set
@@ -223,7 +229,7 @@ mod tests {
             SubnetEnv::parse(p, dual).unwrap(),
         );
         let c = conf("");
-        let (mut n6, n4) = (Node::new(&e6, &c), Node::new(&e4, &c));
+        let (mut n6, n4) = (Node::new(&e6, &c).unwrap(), Node::new(&e4, &c).unwrap());
         assert!(n4.v6.is_none() && n6.v6.is_some());
         assert_eq!(n4.pool6(&c).unwrap(), None);
         let p6 = n6.pool6(&c).unwrap().unwrap();
@@ -232,8 +238,8 @@ mod tests {
         n6.v6 = None;
         assert_eq!(n6, n4);
         assert_eq!(
-            Node::new(&e6, &c).pool(&c).unwrap(),
-            Node::new(&e4, &c).pool(&c).unwrap()
+            Node::new(&e6, &c).unwrap().pool(&c).unwrap(),
+            Node::new(&e4, &c).unwrap().pool(&c).unwrap()
         );
         let v6 = e6.ipv6.expect("the IPv6 pair is parsed");
         assert_eq!(v6.node_subnet().to_string(), "fd00:10:244:3::/64");
@@ -285,12 +291,15 @@ mod tests {
 
     #[test]
     fn the_configured_mtu_wins_and_the_pool_skips_the_gateway() {
-        let n = Node::new(&env(), &conf(""));
+        let n = Node::new(&env(), &conf("")).unwrap();
         assert_eq!(n.mtu, 1450);
         assert_eq!(n.subnet, "10.244.3.0/24".parse().unwrap());
         let p = n.pool(&conf("")).unwrap();
         assert!(!p.contains(n.gateway.ip()));
-        assert_eq!(Node::new(&env(), &conf(r#","mtu":1400"#)).mtu, 1400);
+        assert_eq!(
+            Node::new(&env(), &conf(r#","mtu":1400"#)).unwrap().mtu,
+            1400
+        );
         let b = n.bridge(&conf(r#","bridge":"br9""#));
         assert_eq!((b.name.as_str(), b.gateway), ("br9", n.gateway));
         let outside = conf(r#","rangeStart":"10.244.9.1""#);
@@ -312,7 +321,7 @@ mod tests {
         let both = r(
             r#"[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244:3::/64","rangeStart":"fd00:10:244:3::100"}]]"#,
         );
-        let n = Node::new(&dual_env(), &both);
+        let n = Node::new(&dual_env(), &both).unwrap();
         assert_eq!(n.pool(&both).unwrap(), n.pool(&conf("")).unwrap());
         assert_eq!(
             n.pool6(&both).unwrap().unwrap().start.to_string(),
@@ -323,7 +332,7 @@ mod tests {
         assert_eq!(n.pool6(&v4).unwrap(), None);
         assert_eq!(n.pool(&v4).unwrap().start.to_string(), "10.244.3.50");
         // An IPv6 set on a v4-only node.
-        let e = Node::new(&env(), &both).pool6(&both).unwrap_err();
+        let e = Node::new(&env(), &both).unwrap().pool6(&both).unwrap_err();
         assert_eq!(e.code(), code::INVALID_CONFIG);
         assert!(e.to_string().contains("no IPv6 subnet"), "{e}");
         for (sets, needle) in [

@@ -138,7 +138,7 @@ fn containerd_and_podman_attach_through_tweed_and_reach_another_host() {
     let target = lab.state().hosts[1].pods[0].ip;
     let subnet_file = host.subnet_file.clone();
     let env = tweed_config::SubnetEnv::read(&subnet_file).unwrap();
-    let base = u32::from(env.subnet.network());
+    let base = u32::from(env.ipv4.expect("IPv4 pair").subnet.network());
     let range_start = std::net::Ipv4Addr::from(base + 100);
     // The overlay itself works before any container is involved.
     assert_eq!(

@@ -16,4 +16,4 @@ pub use network::{
     BackendConfig, Ipv6Config, Ipv6OnlyNetwork, NetworkConfig, ParsedNetwork, WireguardConfig,
     WireguardMode,
 };
-pub use subnet_env::{SubnetEnv, SubnetEnvV6};
+pub use subnet_env::{SubnetEnv, SubnetEnvV4, SubnetEnvV6};

@@ -21,19 +21,37 @@ pub enum SubnetEnvError {
     },
 }
 
+/// What a node's lease tells its pods. At least one address family is present: flannel writes
+/// the IPv4 pair only with `EnableIPv4` and the IPv6 pair only with `EnableIPv6`, so an IPv6-only
+/// node has `ipv4: None`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
-    pub network: Ipv4Network,
-    /// The node's first usable address with the subnet's prefix, e.g. `10.244.3.1/24`.
-    pub subnet: Ipv4Network,
+    /// `TWEED_NETWORK` / `TWEED_SUBNET`; `None` on an IPv6-only node.
+    pub ipv4: Option<SubnetEnvV4>,
     pub mtu: u32,
     pub ipmasq: bool,
-    /// The IPv6 half of a dual-stack lease; `None` on a v4-only node.
+    /// The IPv6 half of a dual-stack lease, or the whole lease of an IPv6-only node; `None` on a
+    /// v4-only node.
     pub ipv6: Option<SubnetEnvV6>,
 }
 
+/// `TWEED_NETWORK` / `TWEED_SUBNET` (flannel: `FLANNEL_NETWORK` / `FLANNEL_SUBNET`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetEnvV4 {
+    pub network: Ipv4Network,
+    /// The node's first usable address with the subnet's prefix, e.g. `10.244.3.1/24`.
+    pub subnet: Ipv4Network,
+}
+
+impl SubnetEnvV4 {
+    /// The node subnet itself (network address), e.g. `10.244.3.0/24`.
+    pub fn node_subnet(&self) -> Ipv4Network {
+        Ipv4Network::new(self.subnet.network(), self.subnet.prefix()).expect("prefix already valid")
+    }
+}
+
 /// `TWEED_IPV6_NETWORK` / `TWEED_IPV6_SUBNET` (flannel: `FLANNEL_IPV6_*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubnetEnvV6 {
     pub network: Ipv6Network,
     /// The node's first usable address with the subnet's prefix, e.g. `fd00:10:244:3::1/64`.
@@ -48,15 +66,27 @@ impl SubnetEnvV6 {
 }
 
 impl SubnetEnv {
-    /// The node subnet itself (network address), e.g. `10.244.3.0/24`.
-    pub fn node_subnet(&self) -> Ipv4Network {
-        Ipv4Network::new(self.subnet.network(), self.subnet.prefix()).expect("prefix already valid")
+    /// The IPv4 node subnet, e.g. `10.244.3.0/24`; `None` on an IPv6-only node.
+    pub fn node_subnet(&self) -> Option<Ipv4Network> {
+        self.ipv4.map(|v4| v4.node_subnet())
     }
 
+    /// The node's subnets as the file states them (first addresses), IPv4 first, e.g.
+    /// `10.244.3.1/24 fd00:10:244:3::1/64`; for logs and progress lines.
+    pub fn subnets(&self) -> String {
+        let v4 = self.ipv4.map(|v4| v4.subnet.to_string());
+        let v6 = self.ipv6.map(|v6| v6.subnet.to_string());
+        [v4, v6].into_iter().flatten().collect::<Vec<_>>().join(" ")
+    }
+
+    /// The file's text. A value with neither pair renders a file [`parse`](Self::parse) refuses;
+    /// [`write_atomic`](Self::write_atomic) refuses to write it.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "TWEED_NETWORK={}", self.network);
-        let _ = writeln!(s, "TWEED_SUBNET={}", self.subnet);
+        if let Some(v4) = &self.ipv4 {
+            let _ = writeln!(s, "TWEED_NETWORK={}", v4.network);
+            let _ = writeln!(s, "TWEED_SUBNET={}", v4.subnet);
+        }
         // The v6 pair sits where flannel puts FLANNEL_IPV6_*: after the v4 pair.
         if let Some(v6) = &self.ipv6 {
             let _ = writeln!(s, "TWEED_IPV6_NETWORK={}", v6.network);
@@ -68,7 +98,9 @@ impl SubnetEnv {
     }
 
     /// Parses `TWEED_*` or flannel's `FLANNEL_*` keys; `TWEED_*` wins when both appear. Comments,
-    /// blank lines, `export ` and quotes are tolerated because operators edit this file by hand.
+    /// blank lines, `export ` and quotes are tolerated because operators edit this file by hand;
+    /// a key set twice is refused, since which of the two a reader honours would be a guess.
+    /// Each family's pair is both-or-neither and at least one family is present.
     pub fn parse(path: &Path, text: &str) -> Result<Self, SubnetEnvError> {
         let field = |key: &str, reason: String| SubnetEnvError::Field {
             path: path.to_path_buf(),
@@ -77,36 +109,80 @@ impl SubnetEnv {
         };
         let mut tweed = std::collections::HashMap::new();
         let mut flannel = std::collections::HashMap::new();
-        for line in text.lines() {
+        for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             let line = line.strip_prefix("export ").unwrap_or(line);
             let Some((k, v)) = line.split_once('=') else {
                 continue;
             };
             let v = v.trim().trim_matches('"').trim_matches('\'').to_string();
-            if let Some(k) = k.trim().strip_prefix("TWEED_") {
-                tweed.insert(k.to_string(), v);
-            } else if let Some(k) = k.trim().strip_prefix("FLANNEL_") {
-                flannel.insert(k.to_string(), v);
+            let k = k.trim();
+            let (map, short) = if let Some(short) = k.strip_prefix("TWEED_") {
+                (&mut tweed, short)
+            } else if let Some(short) = k.strip_prefix("FLANNEL_") {
+                (&mut flannel, short)
+            } else {
+                continue;
+            };
+            if let Some((first, _)) = map.insert(short.to_string(), (n + 1, v)) {
+                return Err(field(k, format!("set twice (lines {first} and {})", n + 1)));
             }
         }
         let get = |k: &str| -> Option<(String, &String)> {
             tweed
                 .get(k)
-                .map(|v| (format!("TWEED_{k}"), v))
-                .or_else(|| flannel.get(k).map(|v| (format!("FLANNEL_{k}"), v)))
+                .map(|(_, v)| (format!("TWEED_{k}"), v))
+                .or_else(|| flannel.get(k).map(|(_, v)| (format!("FLANNEL_{k}"), v)))
         };
-        let need =
-            |k: &str| get(k).ok_or_else(|| field(&format!("TWEED_{k}"), "missing".to_string()));
-        let (nk, nv) = need("NETWORK")?;
-        let network: Ipv4Network = nv
-            .parse()
-            .map_err(|_| field(&nk, format!("{nv:?} is not an IPv4 CIDR")))?;
-        let (sk, sv) = need("SUBNET")?;
-        let subnet: Ipv4Network = sv
-            .parse()
-            .map_err(|_| field(&sk, format!("{sv:?} is not an IPv4 CIDR")))?;
-        let (mk, mv) = need("MTU")?;
+        // Both or neither per family: half a lease would give pods an address with no network
+        // to route it in (or the reverse). The missing half is named as the present half is
+        // spelled, so an error about a flannel file names flannel's key.
+        type Pair<'a> = Option<((String, &'a String), (String, &'a String))>;
+        let pair = |net: &str, sub: &str| -> Result<Pair, SubnetEnvError> {
+            match (get(net), get(sub)) {
+                (None, None) => Ok(None),
+                (Some(n), Some(s)) => Ok(Some((n, s))),
+                (Some((nk, _)), None) => Err(field(
+                    &nk.replace(net, sub),
+                    format!("missing while {nk} is set"),
+                )),
+                (None, Some((sk, _))) => Err(field(
+                    &sk.replace(sub, net),
+                    format!("missing while {sk} is set"),
+                )),
+            }
+        };
+        let ipv4 = match pair("NETWORK", "SUBNET")? {
+            None => None,
+            Some(((nk, nv), (sk, sv))) => {
+                let network: Ipv4Network = nv
+                    .parse()
+                    .map_err(|_| field(&nk, format!("{nv:?} is not an IPv4 CIDR")))?;
+                let subnet: Ipv4Network = sv
+                    .parse()
+                    .map_err(|_| field(&sk, format!("{sv:?} is not an IPv4 CIDR")))?;
+                if !network.contains(subnet.ip()) || subnet.prefix() < network.prefix() {
+                    return Err(field(&sk, format!("{subnet} is outside {nk} {network}")));
+                }
+                Some(SubnetEnvV4 { network, subnet })
+            }
+        };
+        let ipv6 = match pair("IPV6_NETWORK", "IPV6_SUBNET")? {
+            None => None,
+            Some(((nk, nv), (sk, sv))) => {
+                let network: Ipv6Network = nv
+                    .parse()
+                    .map_err(|_| field(&nk, format!("{nv:?} is not an IPv6 CIDR")))?;
+                let subnet: Ipv6Network = sv
+                    .parse()
+                    .map_err(|_| field(&sk, format!("{sv:?} is not an IPv6 CIDR")))?;
+                if !network.contains(subnet.ip()) || subnet.prefix() < network.prefix() {
+                    return Err(field(&sk, format!("{subnet} is outside {nk} {network}")));
+                }
+                Some(SubnetEnvV6 { network, subnet })
+            }
+        };
+        let (mk, mv) = get("MTU").ok_or_else(|| field("TWEED_MTU", "missing".to_string()))?;
         let mtu: u32 = mv
             .parse()
             .ok()
@@ -120,44 +196,15 @@ impl SubnetEnv {
                 other => return Err(field(&k, format!("{other:?} is not true or false"))),
             },
         };
-        let v6_cidr = |k: &str| -> Result<Option<(String, Ipv6Network)>, SubnetEnvError> {
-            match get(k) {
-                None => Ok(None),
-                Some((key, v)) => match v.parse::<Ipv6Network>() {
-                    Ok(n) => Ok(Some((key, n))),
-                    Err(_) => Err(field(&key, format!("{v:?} is not an IPv6 CIDR"))),
-                },
-            }
-        };
-        // The other half of a pair is named as the present half is spelled, so an error about a
-        // flannel file names flannel's key.
-        let sibling = |present: &str, from: &str, to: &str| present.replace(from, to);
-        // Both or neither: half a dual-stack lease would give pods a v6 address with no network
-        // to route it in (or the reverse).
-        let ipv6 = match (v6_cidr("IPV6_NETWORK")?, v6_cidr("IPV6_SUBNET")?) {
-            (None, None) => None,
-            (Some((nk, network)), Some((sk, subnet))) => {
-                if !network.contains(subnet.network()) || subnet.prefix() < network.prefix() {
-                    return Err(field(&sk, format!("{subnet} is outside {nk} {network}")));
-                }
-                Some(SubnetEnvV6 { network, subnet })
-            }
-            (Some((nk, _)), None) => {
-                return Err(field(
-                    &sibling(&nk, "NETWORK", "SUBNET"),
-                    format!("missing while {nk} is set"),
-                ))
-            }
-            (None, Some((sk, _))) => {
-                return Err(field(
-                    &sibling(&sk, "SUBNET", "NETWORK"),
-                    format!("missing while {sk} is set"),
-                ))
-            }
-        };
+        if ipv4.is_none() && ipv6.is_none() {
+            return Err(field(
+                "TWEED_NETWORK",
+                "missing, and so is TWEED_IPV6_NETWORK: a lease needs at least one address family"
+                    .to_string(),
+            ));
+        }
         Ok(SubnetEnv {
-            network,
-            subnet,
+            ipv4,
             mtu,
             ipmasq,
             ipv6,
@@ -174,6 +221,14 @@ impl SubnetEnv {
 
     /// Writes through a temp file + rename in the same directory, so a reader never sees half a file.
     pub fn write_atomic(&self, path: &Path) -> Result<(), SubnetEnvError> {
+        if self.ipv4.is_none() && self.ipv6.is_none() {
+            // Readers would refuse the file; keeping the previous one is better than that.
+            return Err(SubnetEnvError::Field {
+                path: path.to_path_buf(),
+                key: "TWEED_NETWORK".to_string(),
+                reason: "neither an IPv4 nor an IPv6 pair to write".to_string(),
+            });
+        }
         write_atomic(path, self.render().as_bytes())
     }
 }
@@ -212,8 +267,10 @@ mod tests {
 
     fn sample() -> SubnetEnv {
         SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.3.1/24".parse().unwrap(),
+            ipv4: Some(SubnetEnvV4 {
+                network: "10.244.0.0/16".parse().unwrap(),
+                subnet: "10.244.3.1/24".parse().unwrap(),
+            }),
             mtu: 1450,
             ipmasq: true,
             ipv6: None,
@@ -298,7 +355,7 @@ mod tests {
             "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.3.1/24\nTWEED_MTU=1450\nTWEED_IPMASQ=true\n"
         );
         assert_eq!(SubnetEnv::parse(Path::new("x"), &s.render()).unwrap(), s);
-        assert_eq!(s.node_subnet().to_string(), "10.244.3.0/24");
+        assert_eq!(s.node_subnet().unwrap().to_string(), "10.244.3.0/24");
     }
 
     #[test]
@@ -334,6 +391,116 @@ mod tests {
                 .to_string();
             assert!(e.contains(file) && e.contains(key), "{e}");
         }
+    }
+
+    fn v6_only() -> SubnetEnv {
+        SubnetEnv {
+            ipv4: None,
+            ..dual()
+        }
+    }
+
+    #[test]
+    fn ipv6_only_render_parse_round_trip() {
+        let s = v6_only();
+        let text = s.render();
+        assert_eq!(
+            text,
+            "TWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:3::1/64\nTWEED_MTU=1450\nTWEED_IPMASQ=true\n"
+        );
+        assert_eq!(SubnetEnv::parse(Path::new("x"), &text).unwrap(), s);
+        assert_eq!(s.node_subnet(), None);
+        // What flannel writes with EnableIPv4 false: no FLANNEL_NETWORK / FLANNEL_SUBNET.
+        let flannel = "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+        assert_eq!(SubnetEnv::parse(Path::new("x"), flannel).unwrap(), s);
+    }
+
+    #[test]
+    fn crafted_bad_files_name_the_key() {
+        let v6 = "TWEED_IPV6_NETWORK=fd00::/56\nTWEED_IPV6_SUBNET=fd00::1/64\n";
+        let mtu = "TWEED_MTU=1450\n";
+        for (text, key, says) in [
+            // Neither family.
+            (
+                mtu.to_string(),
+                "TWEED_NETWORK",
+                "at least one address family",
+            ),
+            // The v4 half only one key, beside a whole v6 pair.
+            (
+                format!("TWEED_NETWORK=10.0.0.0/16\n{v6}{mtu}"),
+                "TWEED_SUBNET",
+                "missing while TWEED_NETWORK",
+            ),
+            (
+                format!("TWEED_SUBNET=10.0.1.1/24\n{v6}{mtu}"),
+                "TWEED_NETWORK",
+                "missing while TWEED_SUBNET",
+            ),
+            // The v4 subnet outside the v4 network, or wider than it.
+            (
+                format!("TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.1.0.1/24\n{mtu}"),
+                "TWEED_SUBNET",
+                "outside",
+            ),
+            (
+                format!("TWEED_NETWORK=10.0.0.0/16\nTWEED_SUBNET=10.0.0.1/8\n{mtu}"),
+                "TWEED_SUBNET",
+                "outside",
+            ),
+            // The families swapped.
+            (
+                format!("TWEED_NETWORK=fd00::/56\nTWEED_SUBNET=fd00::1/64\n{mtu}"),
+                "TWEED_NETWORK",
+                "not an IPv4 CIDR",
+            ),
+            // Duplicate keys, even with the same value.
+            (
+                format!("{v6}TWEED_IPV6_SUBNET=fd00::2/64\n{mtu}"),
+                "TWEED_IPV6_SUBNET",
+                "set twice (lines 2 and 3)",
+            ),
+            (format!("{v6}{mtu}{mtu}"), "TWEED_MTU", "set twice"),
+            // An IPv6-only file still needs its MTU.
+            (v6.to_string(), "TWEED_MTU", "missing"),
+        ] {
+            let e = SubnetEnv::parse(Path::new("/run/tweed/subnet.env"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("/run/tweed/subnet.env: ") && e.contains(key) && e.contains(says),
+                "{text}: {e}"
+            );
+        }
+        // A flannel key and its TWEED_ twin are not duplicates: TWEED_ wins.
+        let both = format!("FLANNEL_MTU=1400\n{v6}{mtu}");
+        assert_eq!(SubnetEnv::parse(Path::new("x"), &both).unwrap().mtu, 1450);
+        // A flannel file's half pair names flannel's key.
+        let e = SubnetEnv::parse(
+            Path::new("x"),
+            "FLANNEL_SUBNET=10.0.1.1/24\nFLANNEL_IPV6_NETWORK=fd00::/56\nFLANNEL_IPV6_SUBNET=fd00::1/64\nFLANNEL_MTU=1450\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("FLANNEL_NETWORK: missing while FLANNEL_SUBNET"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn write_refuses_a_lease_with_no_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnet.env");
+        v6_only().write_atomic(&path).unwrap();
+        let none = SubnetEnv {
+            ipv6: None,
+            ..v6_only()
+        };
+        let e = none.write_atomic(&path).unwrap_err().to_string();
+        assert!(e.contains("TWEED_NETWORK") && e.contains("neither"), "{e}");
+        // The previous file is kept, not replaced by one readers would refuse.
+        assert_eq!(SubnetEnv::read(&path).unwrap(), v6_only());
     }
 
     #[test]

@@ -143,7 +143,7 @@ pub(crate) fn wait_subnets(
             match SubnetEnv::read(&h.subnet_file) {
                 Ok(env) => {
                     on_ready(&h.name, &env, start.elapsed())?;
-                    h.subnet = Some(env.subnet.to_string());
+                    h.subnet = env.ipv4.map(|v4| v4.subnet.to_string());
                     h.mtu = Some(env.mtu);
                     envs[i] = Some(env);
                     continue;

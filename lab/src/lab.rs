@@ -301,7 +301,7 @@ impl Lab {
             spec.cancel.as_deref(),
             &mut |host, env, took| {
                 progress(
-                    &format!("subnet.env of {host}: {} mtu {}", env.subnet, env.mtu),
+                    &format!("subnet.env of {host}: {} mtu {}", env.subnets(), env.mtu),
                     took,
                 )
             },
@@ -342,7 +342,7 @@ impl Lab {
                 self.state.hosts[idx].name,
                 spec.pods_via,
                 names::POD_BRIDGE,
-                env.subnet
+                env.subnets()
             );
             for p in 1..=spec.pods_per_host {
                 let h = &self.state.hosts[idx];

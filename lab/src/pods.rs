@@ -83,7 +83,12 @@ pub fn plan_pod(
     Ok(PodPlan {
         name: names.pod(pod),
         netns: names.pod_ns(host, pod),
-        ip: names::pod_ip(env.subnet, pod)?,
+        ip: names::pod_ip(
+            env.ipv4
+                .ok_or_else(|| "subnet.env has no IPv4 pair (TWEED_SUBNET)".to_string())?
+                .subnet,
+            pod,
+        )?,
         ip6: env
             .ipv6
             .as_ref()
@@ -98,7 +103,7 @@ pub fn wire_bridge(host_ns: &str, env: &SubnetEnv) -> Result<(), CmdError> {
     netns::bridge(
         host_ns,
         names::POD_BRIDGE,
-        Some(&env.subnet.to_string()),
+        env.ipv4.map(|v4| v4.subnet.to_string()).as_deref(),
         Some(env.mtu),
     )?;
     if let Some(v6) = &env.ipv6 {
@@ -130,18 +135,20 @@ pub fn wire_pod(host_ns: &str, env: &SubnetEnv, pod: &PodPlan) -> Result<(), Cmd
         &pod.netns,
         &["addr", "add", &pod.ip.to_string(), "dev", names::POD_IFACE],
     )?;
-    netns::ip(
-        &pod.netns,
-        &[
-            "route",
-            "add",
-            "default",
-            "via",
-            &env.subnet.ip().to_string(),
-            "dev",
-            names::POD_IFACE,
-        ],
-    )?;
+    if let Some(v4) = env.ipv4 {
+        netns::ip(
+            &pod.netns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &v4.subnet.ip().to_string(),
+                "dev",
+                names::POD_IFACE,
+            ],
+        )?;
+    }
     if let (Some(ip6), Some(v6)) = (pod.ip6, &env.ipv6) {
         let a = ip6.to_string();
         let gw = v6.subnet.ip().to_string();
@@ -468,8 +475,10 @@ mod tests {
     fn plan_numbers_pods_after_the_bridge() {
         let names = Names::new("demo").unwrap();
         let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.7.1/24".parse().unwrap(),
+            ipv4: Some(tweed_config::SubnetEnvV4 {
+                network: "10.244.0.0/16".parse().unwrap(),
+                subnet: "10.244.7.1/24".parse().unwrap(),
+            }),
             mtu: 1450,
             ipmasq: true,
             ipv6: None,

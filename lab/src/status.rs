@@ -213,7 +213,8 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
 fn node_subnet(h: &HostState) -> Option<String> {
     SubnetEnv::read(&h.subnet_file)
         .ok()
-        .map(|e| e.node_subnet().to_string())
+        .and_then(|e| e.node_subnet())
+        .map(|n| n.to_string())
         .or_else(|| {
             h.subnet
                 .as_deref()

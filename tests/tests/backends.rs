@@ -7,7 +7,7 @@ use tweed_lab::{Backend, LabSpec};
 
 fn subnet_of(lab: &tweed_lab::Lab, host: &str) -> String {
     let env = tweed_config::SubnetEnv::read(&host_state(lab, host).subnet_file).unwrap();
-    env.node_subnet().to_string()
+    env.node_subnet().expect("IPv4 pair").to_string()
 }
 
 #[test]

@@ -304,7 +304,7 @@ fn run_faults(lab: &Lab, backend: &str, faults: Vec<Fault>) {
 
 fn subnet_of(lab: &Lab, host: &str) -> String {
     let env = tweed_config::SubnetEnv::read(&host_state(lab, host).subnet_file).unwrap();
-    env.node_subnet().to_string()
+    env.node_subnet().expect("IPv4 pair").to_string()
 }
 
 const SECOND: Duration = Duration::from_secs(1);

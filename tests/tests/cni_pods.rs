@@ -41,7 +41,7 @@ fn pods_attached_by_the_cni_plugin_reach_every_other_host() {
             );
             assert!(link.contains(&format!("mtu {}", env.mtu)), "{link}");
             let routes = in_ns(&p.netns, &["ip", "route"]);
-            let gw = env.subnet.ip().to_string();
+            let gw = env.ipv4.expect("IPv4 pair").subnet.ip().to_string();
             assert!(routes.contains(&format!("default via {gw}")), "{routes}");
             assert!(
                 routes.contains(&format!("10.244.0.0/16 via {gw}")),

@@ -701,7 +701,11 @@ fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
         || tweed_config::SubnetEnv::read(&h3.subnet_file).is_ok_and(|e| e.ipv6.is_none()),
     );
     let subnet3 = tweed_config::SubnetEnv::read(&h3.subnet_file).unwrap();
-    let v4_key = subnet3.node_subnet().to_string().replace('/', "-");
+    let v4_key = subnet3
+        .node_subnet()
+        .expect("IPv4 pair")
+        .to_string()
+        .replace('/', "-");
     assert!(
         keys.lines().any(|k| k.ends_with(&format!("/{v4_key}"))),
         "no IPv4-only key for h3 ({v4_key}) in\n{keys}"
@@ -1347,7 +1351,8 @@ fn assert_turns_ipv4_only_and_back(tag: &str, backend: Backend) {
     let s3 = subnet6_of(&lab, "h3");
     let v4_3 = tweed_config::SubnetEnv::read(&h3.subnet_file)
         .unwrap()
-        .node_subnet();
+        .node_subnet()
+        .expect("IPv4 pair");
     // vxlan's on tweed-v6.1, host-gw's via h3's address on eth0.
     let v6_routes = |h: &tweed_lab::state::HostState| {
         in_ns(&h.netns, &["ip", "-6", "route", "show", &s3.to_string()])

@@ -130,7 +130,7 @@ fn three_member_cluster_survives_losing_its_leader() {
         h2.subnet_file.exists()
     });
     let after = tweed_config::SubnetEnv::read(&h2.subnet_file).unwrap();
-    assert_eq!(after.subnet, before.subnet);
+    assert_eq!(after.ipv4, before.ipv4);
     assert_eq!(
         lab.check_until(Duration::from_secs(15)).unwrap().summary(),
         "6 passed, 0 failed"

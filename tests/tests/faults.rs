@@ -128,7 +128,10 @@ fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
         .map(|h| {
             let s = host_state(&lab, h);
             let env = tweed_config::SubnetEnv::read(&s.subnet_file).unwrap();
-            (h.to_string(), env.node_subnet().to_string())
+            (
+                h.to_string(),
+                env.node_subnet().expect("IPv4 pair").to_string(),
+            )
         })
         .collect();
     // Written after the recovery; made now, while the lab's etcdctl still finds etcd.
@@ -184,7 +187,11 @@ fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
             "{h}'s agent died while etcd was down"
         );
         let env = tweed_config::SubnetEnv::read(&s.subnet_file).unwrap();
-        assert_eq!(&env.node_subnet().to_string(), subnet, "{h}");
+        assert_eq!(
+            &env.node_subnet().expect("IPv4 pair").to_string(),
+            subnet,
+            "{h}"
+        );
         let key = format!("{SUBNETS}/{}", subnet.replace('/', "-"));
         wait_for(Duration::from_secs(15), "the lease in etcd", || {
             ctl(&["get", &key, "--print-value-only"])
@@ -481,6 +488,7 @@ fn a_hundred_agents_starting_together_get_distinct_subnets() {
             tweed_config::SubnetEnv::read(&d.join("subnet.env"))
                 .unwrap()
                 .node_subnet()
+                .expect("IPv4 pair")
                 .to_string()
         })
         .collect();
@@ -488,6 +496,7 @@ fn a_hundred_agents_starting_together_get_distinct_subnets() {
         tweed_config::SubnetEnv::read(&host_state(&lab, "h1").subnet_file)
             .unwrap()
             .node_subnet()
+            .expect("IPv4 pair")
             .to_string(),
     );
     subnets.sort();

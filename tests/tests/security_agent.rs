@@ -45,7 +45,7 @@ fn wait_metric(lab: &Lab, host: &str, series: &str, at_least: f64, timeout: Dura
 
 fn subnet_of(lab: &Lab, host: &str) -> String {
     let env = tweed_config::SubnetEnv::read(&host_state(lab, host).subnet_file).unwrap();
-    env.node_subnet().to_string()
+    env.node_subnet().expect("IPv4 pair").to_string()
 }
 
 /// A python3 program sending `count` udp datagrams from source port `sport` to `dst:8285`, each

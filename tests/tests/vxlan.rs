@@ -120,7 +120,10 @@ fn restarting_an_agent_under_traffic_loses_no_packet_and_keeps_its_subnet() {
         "restart must reuse the lease:\n{log}"
     );
     let env = tweed_config::SubnetEnv::read(&h1.subnet_file).unwrap();
-    assert_eq!(Some(env.subnet.to_string()), h1.subnet);
+    assert_eq!(
+        Some(env.ipv4.expect("IPv4 pair").subnet.to_string()),
+        h1.subnet
+    );
     let mac_after = in_ns(
         &h1.netns,
         &["cat", &format!("/sys/class/net/{DEV}/address")],
@@ -183,7 +186,7 @@ fn an_agent_back_after_its_lease_expired_and_run_was_emptied_gets_the_same_subne
     );
     let env = tweed_config::SubnetEnv::read(&h1.subnet_file).unwrap();
     assert_eq!(
-        env.subnet.to_string(),
+        env.ipv4.expect("IPv4 pair").subnet.to_string(),
         before,
         "h1 came back on another subnet"
     );

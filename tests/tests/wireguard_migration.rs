@@ -218,7 +218,7 @@ struct Restart {
 
 fn lease_key(lab: &Lab, host: &str) -> String {
     let env = tweed_config::SubnetEnv::read(&host_state(lab, host).subnet_file).unwrap();
-    let net = env.node_subnet();
+    let net = env.node_subnet().expect("IPv4 pair");
     format!("{}{}-{}", flannel::SUBNETS, net.network(), net.prefix())
 }
 

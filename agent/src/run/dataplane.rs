@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, error, info, warn};
-use tweed_config::{LeaseAttrs, SubnetEnv, SubnetEnvV6};
+use tweed_config::{LeaseAttrs, SubnetEnv, SubnetEnvV4, SubnetEnvV6};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RotateError {
@@ -217,8 +217,10 @@ impl Plane {
     fn write_subnet_env(&self, subnet: Ipv4Network) -> Result<(), AgentError> {
         let first = Ipv4Addr::from(u32::from(subnet.network()) + 1);
         let env = SubnetEnv {
-            network: self.network,
-            subnet: Ipv4Network::new(first, subnet.prefix()).expect("valid prefix"),
+            ipv4: Some(SubnetEnvV4 {
+                network: self.network,
+                subnet: Ipv4Network::new(first, subnet.prefix()).expect("valid prefix"),
+            }),
             mtu: self.pod_mtu(),
             // Tells the CNI plugin the agent masquerades, so the plugin does not do it a second time.
             ipmasq: self.ip_masq,

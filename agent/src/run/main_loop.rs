@@ -937,12 +937,20 @@ pub(crate) fn previous_subnet(
     kept: Result<SubnetEnv, SubnetEnvError>,
 ) -> Option<SubnetKey> {
     [live, kept].into_iter().find_map(|r| match r {
-        Ok(e) if e.network == network => Some(SubnetKey {
-            ipv4: e.node_subnet(),
-            ipv6: e.ipv6.as_ref().map(|v6| v6.node_subnet()),
+        Ok(SubnetEnv {
+            ipv4: Some(v4),
+            ipv6,
+            ..
+        }) if v4.network == network => Some(SubnetKey {
+            ipv4: v4.node_subnet(),
+            ipv6: ipv6.map(|v6| v6.node_subnet()),
         }),
         Ok(e) => {
-            info!(old = %e.network, new = %network, "previous subnet is of another network; not re-taken");
+            let old = e
+                .ipv4
+                .map(|v4| v4.network.to_string())
+                .unwrap_or_else(|| "none".into());
+            info!(%old, new = %network, "previous subnet is of another network; not re-taken");
             None
         }
         Err(SubnetEnvError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {

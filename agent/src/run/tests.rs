@@ -241,7 +241,7 @@ async fn start_up_leases_a_subnet_writes_subnet_env_and_installs_the_rules() {
     let env = n.subnet_env();
     assert_eq!(
         (env.node_subnet(), env.mtu, env.ipmasq),
-        (subnet, 1500, true)
+        (Some(subnet), 1500, true)
     );
     assert_eq!(n.rules.applied(), vec![n.rules_for(subnet)]);
     let s = n.state.snapshot();
@@ -313,7 +313,7 @@ async fn a_deleted_lease_is_acquired_again_with_the_same_subnet() {
     let new = n.lease_id(subnet).await.expect("our key is back");
     assert!(new != 0 && new != old, "a fresh TTL lease: {old} -> {new}");
     assert_eq!(n.subnet(), subnet);
-    assert_eq!(n.subnet_env().node_subnet(), subnet);
+    assert_eq!(n.subnet_env().node_subnet(), Some(subnet));
     // Same subnet: the data plane and the rules had nothing to change.
     assert_eq!(n.kernel.take_ops(), vec![]);
     assert_eq!(n.rules.applied(), vec![n.rules_for(subnet)]);
@@ -339,7 +339,7 @@ async fn a_lease_taken_while_lost_moves_us_to_another_subnet() {
             .any(|p| p.subnet == old.to_string() && p.programmed)
     })
     .await;
-    assert_eq!(n.subnet_env().node_subnet(), new);
+    assert_eq!(n.subnet_env().node_subnet(), Some(new));
     assert_eq!(n.rules.applied(), vec![n.rules_for(old), n.rules_for(new)]);
     // The old subnet is a peer's now: routed to it, not ours.
     assert_eq!(
@@ -412,7 +412,7 @@ async fn shutdown_leaves_the_lease_and_the_data_plane_in_place() {
     );
     assert_eq!(n.kernel.take_ops(), vec![], "nothing deleted");
     assert!(n.peer_routed().await);
-    assert_eq!(n.subnet_env().node_subnet(), subnet);
+    assert_eq!(n.subnet_env().node_subnet(), Some(subnet));
     assert_eq!(n.rules.applied(), vec![n.rules_for(subnet)]);
 }
 
@@ -789,7 +789,7 @@ async fn an_ipv4_only_node_turns_dual_stack_when_an_ipv6_address_appears() {
     let v6 = parsed.ipv6.expect("flannel's v4&v6 key");
     assert_eq!(attrs.public_ipv6, Some("2001:db8::1".parse().unwrap()));
     assert_eq!(n.subnet_env().ipv6.unwrap().node_subnet(), v6);
-    assert_eq!(n.subnet_env().node_subnet(), v4);
+    assert_eq!(n.subnet_env().node_subnet(), Some(v4));
     let s = n.state.snapshot();
     assert_eq!(
         (s.public_ipv6.as_str(), s.subnet_v6.clone()),
@@ -976,7 +976,7 @@ async fn a_dual_stack_node_whose_ipv6_address_goes_turns_ipv4_only_and_back() {
     let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
     let keys: Vec<&str> = snap.leases.iter().map(|l| l.key.as_str()).collect();
     assert_eq!(keys.len(), 2, "the dual key is gone: {keys:?}");
-    assert_eq!(n.subnet_env().node_subnet(), v4);
+    assert_eq!(n.subnet_env().node_subnet(), Some(v4));
     assert_eq!(n.state.snapshot().subnet, v4.to_string());
     n.until("the IPv6 route to the peer removed", |_| {
         futures::executor::block_on(n.routes6_to("fd00:10:244:7::/64")).is_empty()
@@ -1084,7 +1084,7 @@ async fn turning_ipv4_only_waits_out_an_etcd_outage_and_a_lost_lease() {
     let parsed: SubnetKey = key.parse().unwrap();
     assert_eq!((parsed.ipv4, parsed.ipv6), (v4, None), "{key}");
     assert_eq!(attrs.public_ipv6, None);
-    assert_eq!(n.subnet_env().node_subnet(), v4);
+    assert_eq!(n.subnet_env().node_subnet(), Some(v4));
     let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
     assert_eq!(snap.leases.len(), 2, "{:?}", snap.leases);
     n.until("the IPv6 route removed", |_| {
@@ -1160,7 +1160,7 @@ async fn a_key_taken_during_the_switch_leaves_the_node_ipv4_only_on_another_subn
     assert_ne!(parsed.ipv4, v4, "the taken subnet is not ours");
     assert_eq!(attrs.public_ipv6, None);
     n.until("subnet.env on the new subnet", |s| {
-        s.subnet == parsed.ipv4.to_string() && n.subnet_env().node_subnet() == parsed.ipv4
+        s.subnet == parsed.ipv4.to_string() && n.subnet_env().node_subnet() == Some(parsed.ipv4)
     })
     .await;
     n.until("the rules for the new subnet", |_| {
@@ -1231,7 +1231,7 @@ async fn a_slow_etcd_never_holds_the_main_loop_and_a_shutdown_lets_the_rename_fi
     let env = n.subnet_env();
     assert_eq!(
         (env.node_subnet(), env.ipv6),
-        (v4, None),
+        (Some(v4), None),
         "subnet.env agrees"
     );
 }

@@ -107,11 +107,15 @@ pub struct Host {
 impl Host {
     pub fn pod_ip(&self) -> Ipv4Addr {
         let e = self.env.as_ref().expect("subnet.env read");
-        Ipv4Addr::from(u32::from(e.subnet.ip()) + 1)
+        Ipv4Addr::from(u32::from(e.ipv4.expect("IPv4 pair").subnet.ip()) + 1)
     }
 
     pub fn subnet(&self) -> ipnetwork::Ipv4Network {
-        self.env.as_ref().expect("subnet.env read").node_subnet()
+        self.env
+            .as_ref()
+            .expect("subnet.env read")
+            .node_subnet()
+            .expect("IPv4 pair")
     }
 
     pub fn log(&self) -> PathBuf {
@@ -219,12 +223,13 @@ impl Cluster {
         for i in 0..c.hosts.len() {
             let env = c.wait_subnet_env(i);
             c.hosts[i].env = Some(env.clone());
+            let v4 = env.ipv4.expect("IPv4 pair");
             let h = c.hosts[i].clone();
             ip_in(&h.ns, &["link", "add", "name", "cni0", "type", "bridge"]);
             ip_in(&h.ns, &["link", "set", "cni0", "mtu", &env.mtu.to_string()]);
             ip_in(
                 &h.ns,
-                &["addr", "add", &env.subnet.to_string(), "dev", "cni0"],
+                &["addr", "add", &v4.subnet.to_string(), "dev", "cni0"],
             );
             ip_in(&h.ns, &["link", "set", "cni0", "up"]);
             add_ns(&h.pod_ns);
@@ -235,7 +240,7 @@ impl Cluster {
                 &[
                     "addr",
                     "add",
-                    &format!("{}/{}", h.pod_ip(), env.subnet.prefix()),
+                    &format!("{}/{}", h.pod_ip(), v4.subnet.prefix()),
                     "dev",
                     "eth0",
                 ],
@@ -247,7 +252,7 @@ impl Cluster {
                     "add",
                     "default",
                     "via",
-                    &env.subnet.ip().to_string(),
+                    &v4.subnet.ip().to_string(),
                 ],
             );
         }

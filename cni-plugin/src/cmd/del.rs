@@ -80,7 +80,9 @@ pub fn del<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Error>
                 std::net::IpAddr::V4(v4) => Some(v4),
                 std::net::IpAddr::V6(_) => None,
             }) {
-                host.masq_del(ip, node_env.network, &alias)?;
+                if let Some(v4) = node_env.ipv4 {
+                    host.masq_del(ip, v4.network, &alias)?;
+                }
             }
         }
     }

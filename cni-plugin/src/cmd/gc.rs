@@ -36,7 +36,9 @@ pub fn gc<H: Host>(host: &H, conf: &NetConf) -> Result<(), Error> {
                 };
                 if let Some(o) = owner {
                     let alias = plan::alias(&conf.name, &o.container_id, &o.ifname);
-                    host.masq_del(ip, node_env.network, &alias)?;
+                    if let Some(v4) = node_env.ipv4 {
+                        host.masq_del(ip, v4.network, &alias)?;
+                    }
                 }
             }
         }

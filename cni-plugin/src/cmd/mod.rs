@@ -66,7 +66,7 @@ fn need_version(
 /// The node as subnet.env describes it, with the configuration's overrides.
 fn node<H: Host>(host: &H, conf: &NetConf) -> Result<Node, Error> {
     let env = host.read_subnet_env(conf.subnet_file.as_deref())?;
-    Ok(Node::new(&env, conf))
+    Ok(Node::new(&env, conf)?)
 }
 
 /// Ready when subnet.env is there, readable and gives a usable pool of each family the
