@@ -198,17 +198,15 @@ pub(crate) fn wait_subnets_v6(
             if h.subnet.is_some() {
                 continue;
             }
-            let text = fs::read_to_string(&h.subnet_file).unwrap_or_default();
-            let subnet = text
-                .lines()
-                .find_map(|l| l.strip_prefix("TWEED_IPV6_SUBNET="));
-            let mtu = text
-                .lines()
-                .find_map(|l| l.strip_prefix("TWEED_MTU=")?.parse().ok());
-            if let Some(s) = subnet {
-                on_ready(&h.name, s, start.elapsed())?;
-                h.subnet = Some(s.to_string());
-                h.mtu = mtu;
+            // A file without the IPv6 pair (or unreadable yet) is waited on like a missing one.
+            if let Some((v6, mtu)) = SubnetEnv::read(&h.subnet_file)
+                .ok()
+                .and_then(|env| Some((env.ipv6?, env.mtu)))
+            {
+                let s = v6.subnet.to_string();
+                on_ready(&h.name, &s, start.elapsed())?;
+                h.subnet = Some(s);
+                h.mtu = Some(mtu);
                 continue;
             }
             let pid = h.agent_pid.unwrap_or(0);

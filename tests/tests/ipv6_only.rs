@@ -92,6 +92,10 @@ fn assert_ipv6_only_lab(lab: &Lab, backend: &str) {
             "{env}"
         );
         assert_eq!(u128::from(first), u128::from(subnet.network()) + 1);
+        // The file's reader (the CNI plugin's, the lab's) takes it as IPv6 only.
+        let parsed = tweed_config::SubnetEnv::read(&h.subnet_file).unwrap();
+        assert!(parsed.ipv4.is_none(), "{parsed:?}");
+        assert_eq!(parsed.ipv6.map(|v6| v6.node_subnet()), Some(subnet));
         // Its lease: the IPv6-only key, the value with PublicIP 0.0.0.0.
         let key = format!("{}-{}", subnet.network(), subnet.prefix());
         let value = &listing

@@ -22,7 +22,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
-use tweed_config::{BackendConfig, Ipv6OnlyKey, Ipv6OnlyNetwork, LeaseAttrs, LeaseKey};
+use tweed_config::{
+    BackendConfig, Ipv6OnlyKey, Ipv6OnlyNetwork, LeaseAttrs, LeaseKey, SubnetEnv, SubnetEnvV6,
+};
 
 /// How often the data plane and the rules are brought back to the leases without an event.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -228,16 +230,13 @@ pub(super) async fn run(
     }
 }
 
-/// The subnet subnet.env named (a restart asks it back, as the IPv4 half does).
+/// The IPv6 subnet subnet.env named (a restart asks it back, as the IPv4 half does); an
+/// unreadable file asks for nothing.
 fn previous_subnet(settings: &Settings) -> Option<Ipv6Network> {
-    let text = std::fs::read_to_string(&settings.subnet_file).ok()?;
-    text.lines().find_map(|l| {
-        let v = l
-            .strip_prefix("TWEED_IPV6_SUBNET=")
-            .or_else(|| l.strip_prefix("FLANNEL_IPV6_SUBNET="))?;
-        let n: Ipv6Network = v.trim().parse().ok()?;
-        Ipv6Network::new(n.network(), n.prefix()).ok()
-    })
+    SubnetEnv::read(&settings.subnet_file)
+        .ok()?
+        .ipv6
+        .map(|v6| v6.node_subnet())
 }
 
 /// Takes our lease: ours if it is there, else a free subnet; retried while etcd fails or a
@@ -485,18 +484,19 @@ fn write_subnet_env(node: &Node, report: &Report, own: Ipv6Network) {
         .and_then(|v| v.spec.mtu)
         .unwrap_or(node.underlay.mtu);
     // The subnet's first address with its length, as the IPv4 pair's TWEED_SUBNET.
-    let gateway = format!(
-        "{}/{}",
-        std::net::Ipv6Addr::from(u128::from(own.network()) + 1),
-        own.prefix()
-    );
-    let text = format!(
-        "TWEED_IPV6_NETWORK={}\nTWEED_IPV6_SUBNET={gateway}\nTWEED_MTU={mtu}\nTWEED_IPMASQ={}\n",
-        node.net.ipv6.network, node.settings.ip_masq
-    );
-    match tweed_config::subnet_env::write_atomic(&node.settings.subnet_file, text.as_bytes()) {
+    let first = std::net::Ipv6Addr::from(u128::from(own.network()) + 1);
+    let env = SubnetEnv {
+        ipv4: None,
+        mtu,
+        ipmasq: node.settings.ip_masq,
+        ipv6: Some(SubnetEnvV6 {
+            network: node.net.ipv6.network,
+            subnet: Ipv6Network::new(first, own.prefix()).expect("the subnet's own prefix"),
+        }),
+    };
+    match env.write_atomic(&node.settings.subnet_file) {
         Ok(()) => {
-            info!(path = %node.settings.subnet_file.display(), "subnet.env written (IPv6 only)");
+            info!(path = %node.settings.subnet_file.display(), subnet = %env.subnets(), "subnet.env written (IPv6 only)");
             report.subnet_env_written(true);
         }
         Err(e) => {
