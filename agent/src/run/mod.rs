@@ -21,6 +21,8 @@ mod stop;
 mod tests;
 mod underlay6;
 mod v6only;
+#[cfg(test)]
+mod v6only_tests;
 
 pub use deps::{Clock, Deps};
 pub use main_loop::run_with;

@@ -147,8 +147,8 @@ pub(super) async fn run(
         node.settings.lease_ttl,
         node.settings.subnet_lease_renew_margin,
     );
-    let mut renew = tokio::time::interval(renew_every);
-    renew.tick().await;
+    let mut renew_at = tokio::time::Instant::now() + renew_every;
+    let mut renew_backoff = Duration::from_millis(500);
     let mut resync = tokio::time::interval(RESYNC);
     let mut rules = tokio::time::interval(node.settings.iptables_resync);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
@@ -204,17 +204,26 @@ pub(super) async fn run(
                     watch = None;
                 }
             },
-            _ = renew.tick() => {
+            _ = tokio::time::sleep_until(renew_at) => {
+                renew_at = tokio::time::Instant::now() + renew_every;
                 if own.lease_id != 0 {
                     match deps.registry.renew(own.lease_id).await {
-                        Ok(Some(ttl)) => deps.report.ipv6_only_renewed(own.lease_id, ttl),
+                        Ok(Some(ttl)) => {
+                            deps.report.ipv6_only_renewed(own.lease_id, ttl);
+                            renew_backoff = Duration::from_millis(500);
+                        }
                         Ok(None) => {
                             warn!(subnet_v6 = %own.key.ipv6, "IPv6-only lease expired; taking it again");
                             deps.report.ipv6_only_lease_lost();
                             // The listing notices the key is gone and acquires again.
                             watch = None;
                         }
-                        Err(e) => warn!("IPv6-only: renewing the lease: {e}; retrying at the next renewal"),
+                        Err(e) => {
+                            // Retried soon, not at the next period: that may be past the TTL.
+                            warn!("IPv6-only: renewing the lease: {e}; retrying in {renew_backoff:?}");
+                            renew_at = tokio::time::Instant::now() + renew_backoff;
+                            renew_backoff = next_backoff(renew_backoff);
+                        }
                     }
                 }
             }
