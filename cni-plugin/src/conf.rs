@@ -195,12 +195,6 @@ impl Ranges {
                 }
             }
         }
-        if out.v4.is_none() {
-            return Err(
-                "no IPv4 range set: IPv6-only attachments are not supported by the plugin yet"
-                    .into(),
-            );
-        }
         Ok(out)
     }
 }
@@ -562,7 +556,6 @@ mod tests {
                 format!(r#"[{v4},[{{"subnet":"fd00::/64"}}],[{{"subnet":"fd01::/64"}}]]"#),
                 "second IPv6",
             ),
-            (r#"[[{"subnet":"fd00::/64"}]]"#.to_string(), "no IPv4"),
             // Absurd prefixes.
             (format!(r#"[{v4},[{{"subnet":"fd00::/129"}}]]"#), "ranges"),
             (
@@ -613,6 +606,10 @@ mod tests {
             assert!(e.to_string().contains("\"ranges\""), "{sets}: {e}");
             assert!(e.to_string().contains(needle), "{sets}: {e}");
         }
+        // An IPv6 set alone: an IPv6-only attachment.
+        let only6 = ranges(r#"[[{"subnet":"fd00::/64"}]]"#).unwrap();
+        let r = only6.ranges.unwrap();
+        assert!(r.v4.is_none() && r.v6.is_some());
         let both = parse(&format!(
             r#"{{"cniVersion":"1.0.0","name":"n","rangeStart":"10.1.0.5","ranges":[{v4}]}}"#
         ))

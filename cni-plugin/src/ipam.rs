@@ -430,30 +430,33 @@ pub fn allocate<D: Dir + ?Sized, A: Family>(
     })
 }
 
-/// One address of each family for `owner`: the IPv4 one, then the IPv6 one when `pool6` is
-/// set. When the second fails the first is released before the error is returned, so a
-/// failed dual-stack allocation leaves no record of either family. (A crash between the two
+/// One address of each family whose pool is set, for `owner`: the IPv4 one, then the IPv6 one.
+/// When the second fails the first is released before the error is returned, so a failed
+/// dual-stack allocation leaves no record of either family. (A crash between the two
 /// leaves a record of the first, as a crash after a single-family allocation does: GC or the
 /// owner's DEL releases it.)
 pub fn allocate_dual<D: Dir + ?Sized>(
     dir: &mut D,
-    pool: &Pool,
+    pool: Option<&Pool>,
     pool6: Option<&Pool6>,
     owner: &Attachment,
     requested: Option<Ipv4Addr>,
     requested6: Option<Ipv6Addr>,
-) -> Result<(Ipv4Addr, Option<Ipv6Addr>), IpamError> {
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), IpamError> {
     // An address this owner held before the call (an ADD repeated with a requested address)
     // is not released on the way out: it was not this call's to give back.
     let had = held_by(dir, owner)?;
-    let v4 = allocate(dir, pool, owner, requested)?;
+    let v4 = match pool {
+        Some(pool) => Some(allocate(dir, pool, owner, requested)?),
+        None => None,
+    };
     let Some(pool6) = pool6 else {
         return Ok((v4, None));
     };
     match allocate(dir, pool6, owner, requested6) {
         Ok(v6) => Ok((v4, Some(v6))),
         Err(e) => {
-            if !had.contains(&IpAddr::V4(v4)) {
+            if let Some(v4) = v4.filter(|v4| !had.contains(&IpAddr::V4(*v4))) {
                 // Best effort: the error of the IPv6 half is what the caller must see.
                 let _ = release_ip(dir, v4, owner);
             }
@@ -865,8 +868,9 @@ mod tests {
         let p6 = pool6("fd00::/125", "fd00::1");
         let mut d = MemDir::default();
         let a = Attachment::new("a", "eth0");
-        let (v4, v6) = allocate_dual(&mut d, &p4, Some(&p6), &a, None, None).unwrap();
-        assert_eq!((v4, v6), (ip("10.244.1.2"), Some(ip6("fd00::2"))));
+        let (v4, v6) = allocate_dual(&mut d, Some(&p4), Some(&p6), &a, None, None).unwrap();
+        assert_eq!((v4, v6), (Some(ip("10.244.1.2")), Some(ip6("fd00::2"))));
+        let v4 = v4.unwrap();
         assert_eq!(
             held_by(&d, &a).unwrap(),
             vec![IpAddr::V4(v4), IpAddr::V6(ip6("fd00::2"))]
@@ -874,9 +878,17 @@ mod tests {
         // v4-only: exactly the single-family path.
         let b = Attachment::new("b", "eth0");
         assert_eq!(
-            allocate_dual(&mut d, &p4, None, &b, None, None).unwrap(),
-            (ip("10.244.1.3"), None)
+            allocate_dual(&mut d, Some(&p4), None, &b, None, None).unwrap(),
+            (Some(ip("10.244.1.3")), None)
         );
+        // v6-only: no IPv4 record.
+        let c = Attachment::new("c", "eth0");
+        assert_eq!(
+            allocate_dual(&mut d, None, Some(&p6), &c, Some(ip("10.244.1.9")), None).unwrap(),
+            (None, Some(ip6("fd00::3")))
+        );
+        assert_eq!(held_by(&d, &c).unwrap(), vec![IpAddr::V6(ip6("fd00::3"))]);
+        release_owner(&mut d, &c).unwrap();
         // Fill the IPv6 pool, then a dual ADD: IPv4 is taken, IPv6 fails, IPv4 is given back.
         for i in 0..4 {
             allocate(
@@ -889,16 +901,24 @@ mod tests {
         }
         let before = records(&d).unwrap();
         let x = Attachment::new("x", "eth0");
-        let e = allocate_dual(&mut d, &p4, Some(&p6), &x, None, None).unwrap_err();
+        let e = allocate_dual(&mut d, Some(&p4), Some(&p6), &x, None, None).unwrap_err();
         assert_eq!(e.code(), code::EXHAUSTED);
         assert!(held_by(&d, &x).unwrap().is_empty());
         assert_eq!(records(&d).unwrap(), before);
         // A requested IPv6 address held by someone else fails the same way.
-        let e = allocate_dual(&mut d, &p4, Some(&p6), &x, None, Some(ip6("fd00::2"))).unwrap_err();
+        let e = allocate_dual(&mut d, Some(&p4), Some(&p6), &x, None, Some(ip6("fd00::2")))
+            .unwrap_err();
         assert_eq!(e.code(), code::ADDRESS_UNAVAILABLE);
         assert!(held_by(&d, &x).unwrap().is_empty());
         // A repeated ADD whose IPv4 address was already this owner's keeps it on failure.
-        let e = allocate_dual(&mut d, &p4, Some(&p6), &a, Some(v4), Some(ip6("fd00::3")));
+        let e = allocate_dual(
+            &mut d,
+            Some(&p4),
+            Some(&p6),
+            &a,
+            Some(v4),
+            Some(ip6("fd00::3")),
+        );
         assert!(e.is_err());
         assert!(held_by(&d, &a).unwrap().contains(&IpAddr::V4(v4)));
     }
@@ -909,8 +929,8 @@ mod tests {
         let p6 = pool6("fd00::/64", "fd00::1");
         let a = Attachment::new("a", "eth0");
         let k = Attachment::new("k", "eth0");
-        allocate_dual(&mut d, &pool(), Some(&p6), &a, None, None).unwrap();
-        allocate_dual(&mut d, &pool(), Some(&p6), &k, None, None).unwrap();
+        allocate_dual(&mut d, Some(&pool()), Some(&p6), &a, None, None).unwrap();
+        allocate_dual(&mut d, Some(&pool()), Some(&p6), &k, None, None).unwrap();
         d.write("fd00::77", b"").unwrap(); // killed mid-write
         let gone = gc(&mut d, &[k.clone()].into()).unwrap();
         let names: Vec<_> = gone.iter().map(|(ip, _)| ip.to_string()).collect();
@@ -925,7 +945,7 @@ mod tests {
         let mut d = FsDir::lock(tmp.path()).unwrap();
         let p6 = pool6("fd00:10:244:3::/64", "fd00:10:244:3::1");
         let a = Attachment::new("a", "eth0");
-        allocate_dual(&mut d, &pool(), Some(&p6), &a, None, None).unwrap();
+        allocate_dual(&mut d, Some(&pool()), Some(&p6), &a, None, None).unwrap();
         assert_eq!(
             std::fs::read_to_string(tmp.path().join("fd00:10:244:3::2")).unwrap(),
             "a\r\neth0"

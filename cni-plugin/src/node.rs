@@ -10,7 +10,7 @@ use tweed_config::SubnetEnv;
 use crate::code;
 use crate::conf::NetConf;
 use crate::ipam::{IpamError, Pool, Pool6};
-use crate::plan::BridgeWant;
+use crate::plan::{mac_for_ip, mac_for_ip6, BridgeWant};
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/tweed/subnet.env";
 /// Tried when `subnetFile` is not set and tweed's own file is absent: a flannel node.
@@ -73,19 +73,27 @@ pub fn subnet_env_error(path: &Path, e: SubnetEnvError) -> NodeError {
 /// What a verb needs to know about the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
+    /// The IPv4 share (subnet.env's `*_NETWORK` / `*_SUBNET`); `None` on an IPv6-only node.
+    pub v4: Option<Node4>,
+    /// `mtu` of the configuration, else subnet.env's.
+    pub mtu: u32,
+    /// The IPv6 share (subnet.env's `*_IPV6_NETWORK` / `*_IPV6_SUBNET`); `None` on a v4-only
+    /// node. subnet.env has at least one of the two.
+    pub v6: Option<Node6>,
+}
+
+/// The node's IPv4 share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Node4 {
     /// The whole overlay, e.g. 10.244.0.0/16: containers route it through the bridge.
     pub network: Ipv4Network,
     /// The gateway with the node subnet's prefix, e.g. 10.244.3.1/24: the bridge's address.
     pub gateway: Ipv4Network,
     /// The node subnet itself, e.g. 10.244.3.0/24.
     pub subnet: Ipv4Network,
-    /// `mtu` of the configuration, else subnet.env's.
-    pub mtu: u32,
-    /// The IPv6 half of a dual-stack lease (subnet.env's `*_IPV6_NETWORK` / `*_IPV6_SUBNET`).
-    pub v6: Option<Node6>,
 }
 
-/// The node's IPv6 share, as [`Node`]'s IPv4 fields.
+/// The node's IPv6 share, as [`Node4`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Node6 {
     pub network: Ipv6Network,
@@ -95,41 +103,65 @@ pub struct Node6 {
 }
 
 impl Node {
-    pub fn new(env: &SubnetEnv, conf: &NetConf) -> Result<Node, NodeError> {
-        let Some(v4) = env.ipv4 else {
-            return Err(NodeError::SubnetEnv {
-                path: conf.subnet_file.clone().unwrap_or_default(),
-                reason: "no IPv4 pair (TWEED_NETWORK/TWEED_SUBNET): IPv6-only nodes are not supported yet".into(),
-            });
-        };
-        Ok(Node {
-            network: v4.network,
-            gateway: v4.subnet,
-            subnet: v4.node_subnet(),
+    pub fn new(env: &SubnetEnv, conf: &NetConf) -> Node {
+        Node {
+            v4: env.ipv4.map(|v4| Node4 {
+                network: v4.network,
+                gateway: v4.subnet,
+                subnet: v4.node_subnet(),
+            }),
             mtu: conf.mtu.unwrap_or(env.mtu),
-            v6: env.ipv6.as_ref().map(|v6| Node6 {
+            v6: env.ipv6.map(|v6| Node6 {
                 network: v6.network,
                 gateway: v6.subnet,
                 subnet: v6.node_subnet(),
             }),
-        })
+        }
     }
 
-    /// The IPv4 pool: the node subnet, narrowed by `rangeStart`/`rangeEnd` or by the IPv4 set
-    /// of `ranges`, which must name this node's subnet (and gateway, if it names one).
-    pub fn pool(&self, conf: &NetConf) -> Result<Pool, IpamError> {
-        let (start, end) = match conf.ranges.and_then(|r| r.v4) {
+    /// The IPv4 pool when this attachment gets an IPv4 address: `ranges` has an IPv4 set, or
+    /// (no `ranges`) subnet.env has the IPv4 pair. It is the node subnet, narrowed by
+    /// `rangeStart`/`rangeEnd` or by the IPv4 set of `ranges`, which must name this node's
+    /// subnet (and gateway, if it names one).
+    pub fn pool(&self, conf: &NetConf) -> Result<Option<Pool>, IpamError> {
+        let spec = match conf.ranges {
+            Some(r) => match r.v4 {
+                Some(spec) => Some(spec),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let Some(n4) = self.v4 else {
+            return match spec {
+                Some(s) => Err(IpamError::Range(format!(
+                    "\"ranges\" asks for IPv4 ({}), but this node's subnet.env has no IPv4 \
+                     subnet (TWEED_SUBNET / FLANNEL_SUBNET): is EnableIPv4 set?",
+                    s.subnet
+                ))),
+                // rangeStart/rangeEnd are IPv4 addresses: set on an IPv6-only node, they ask
+                // for a family the node has not.
+                None if conf.range_start.is_some() || conf.range_end.is_some() => {
+                    Err(IpamError::Range(
+                        "rangeStart/rangeEnd narrow the IPv4 pool, but this node's subnet.env \
+                         has no IPv4 subnet (TWEED_SUBNET / FLANNEL_SUBNET)"
+                            .into(),
+                    ))
+                }
+                None => Ok(None),
+            };
+        };
+        let (start, end) = match spec {
             Some(r) => {
-                same_subnet(r.subnet, self.subnet, r.gateway, self.gateway.ip())?;
+                same_subnet(r.subnet, n4.subnet, r.gateway, n4.gateway.ip())?;
                 (r.start, r.end)
             }
             None => (conf.range_start, conf.range_end),
         };
-        Pool::new(self.subnet, self.gateway.ip(), start, end)
+        Pool::new(n4.subnet, n4.gateway.ip(), start, end).map(Some)
     }
 
-    /// The IPv6 pool when this attachment is dual-stack: `ranges` has an IPv6 set, or (no
-    /// `ranges`) subnet.env has the IPv6 pair. `ranges` asking for IPv6 on a node without an
+    /// The IPv6 pool when this attachment gets an IPv6 address: `ranges` has an IPv6 set, or
+    /// (no `ranges`) subnet.env has the IPv6 pair. `ranges` asking for IPv6 on a node without an
     /// IPv6 lease, or for another subnet than the node's, is a configuration error: an address
     /// outside the node's lease would be unreachable from the other nodes.
     pub fn pool6(&self, conf: &NetConf) -> Result<Option<Pool6>, IpamError> {
@@ -161,8 +193,17 @@ impl Node {
         Pool::new(n6.subnet, n6.gateway.ip(), start, end).map(Some)
     }
 
+    /// The bridge with no gateway address yet (ADD adds those of the families the attachment
+    /// has). Its MAC comes from the node, IPv4 gateway first, so attachments of different
+    /// families on one node agree on it.
     pub fn bridge(&self, conf: &NetConf) -> BridgeWant {
-        BridgeWant::new(&conf.bridge, self.mtu, self.gateway)
+        let mac = match (self.v4, self.v6) {
+            (Some(n4), _) => mac_for_ip(n4.gateway.ip()),
+            (None, Some(n6)) => mac_for_ip6(n6.gateway.ip()),
+            // Not met: subnet.env is parsed with at least one family.
+            (None, None) => mac_for_ip6(std::net::Ipv6Addr::UNSPECIFIED),
+        };
+        BridgeWant::new(&conf.bridge, self.mtu, mac)
     }
 }
 
@@ -229,7 +270,7 @@ mod tests {
             SubnetEnv::parse(p, dual).unwrap(),
         );
         let c = conf("");
-        let (mut n6, n4) = (Node::new(&e6, &c).unwrap(), Node::new(&e4, &c).unwrap());
+        let (mut n6, n4) = (Node::new(&e6, &c), Node::new(&e4, &c));
         assert!(n4.v6.is_none() && n6.v6.is_some());
         assert_eq!(n4.pool6(&c).unwrap(), None);
         let p6 = n6.pool6(&c).unwrap().unwrap();
@@ -238,8 +279,8 @@ mod tests {
         n6.v6 = None;
         assert_eq!(n6, n4);
         assert_eq!(
-            Node::new(&e6, &c).unwrap().pool(&c).unwrap(),
-            Node::new(&e4, &c).unwrap().pool(&c).unwrap()
+            Node::new(&e6, &c).pool(&c).unwrap().unwrap(),
+            Node::new(&e4, &c).pool(&c).unwrap().unwrap()
         );
         let v6 = e6.ipv6.expect("the IPv6 pair is parsed");
         assert_eq!(v6.node_subnet().to_string(), "fd00:10:244:3::/64");
@@ -291,17 +332,16 @@ mod tests {
 
     #[test]
     fn the_configured_mtu_wins_and_the_pool_skips_the_gateway() {
-        let n = Node::new(&env(), &conf("")).unwrap();
+        let n = Node::new(&env(), &conf(""));
+        let n4 = n.v4.unwrap();
         assert_eq!(n.mtu, 1450);
-        assert_eq!(n.subnet, "10.244.3.0/24".parse().unwrap());
-        let p = n.pool(&conf("")).unwrap();
-        assert!(!p.contains(n.gateway.ip()));
-        assert_eq!(
-            Node::new(&env(), &conf(r#","mtu":1400"#)).unwrap().mtu,
-            1400
-        );
+        assert_eq!(n4.subnet, "10.244.3.0/24".parse().unwrap());
+        let p = n.pool(&conf("")).unwrap().unwrap();
+        assert!(!p.contains(n4.gateway.ip()));
+        assert_eq!(Node::new(&env(), &conf(r#","mtu":1400"#)).mtu, 1400);
         let b = n.bridge(&conf(r#","bridge":"br9""#));
-        assert_eq!((b.name.as_str(), b.gateway), ("br9", n.gateway));
+        assert_eq!(b.name, "br9");
+        assert_eq!(b.mac, mac_for_ip(n4.gateway.ip()));
         let outside = conf(r#","rangeStart":"10.244.9.1""#);
         assert_eq!(n.pool(&outside).unwrap_err().code(), code::INVALID_CONFIG);
     }
@@ -321,8 +361,9 @@ mod tests {
         let both = r(
             r#"[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244:3::/64","rangeStart":"fd00:10:244:3::100"}]]"#,
         );
-        let n = Node::new(&dual_env(), &both).unwrap();
+        let n = Node::new(&dual_env(), &both);
         assert_eq!(n.pool(&both).unwrap(), n.pool(&conf("")).unwrap());
+        assert!(n.pool(&both).unwrap().is_some());
         assert_eq!(
             n.pool6(&both).unwrap().unwrap().start.to_string(),
             "fd00:10:244:3::100"
@@ -330,9 +371,16 @@ mod tests {
         // Only an IPv4 set on a dual-stack node: a v4-only attachment.
         let v4 = r(r#"[[{"subnet":"10.244.3.0/24","rangeStart":"10.244.3.50"}]]"#);
         assert_eq!(n.pool6(&v4).unwrap(), None);
-        assert_eq!(n.pool(&v4).unwrap().start.to_string(), "10.244.3.50");
+        assert_eq!(
+            n.pool(&v4).unwrap().unwrap().start.to_string(),
+            "10.244.3.50"
+        );
+        // Only an IPv6 set on a dual-stack node: a v6-only attachment.
+        let v6 = r(r#"[[{"subnet":"fd00:10:244:3::/64"}]]"#);
+        assert_eq!(n.pool(&v6).unwrap(), None);
+        assert!(n.pool6(&v6).unwrap().is_some());
         // An IPv6 set on a v4-only node.
-        let e = Node::new(&env(), &both).unwrap().pool6(&both).unwrap_err();
+        let e = Node::new(&env(), &both).pool6(&both).unwrap_err();
         assert_eq!(e.code(), code::INVALID_CONFIG);
         assert!(e.to_string().contains("no IPv6 subnet"), "{e}");
         for (sets, needle) in [
@@ -370,5 +418,42 @@ mod tests {
                 "{sets}"
             );
         }
+    }
+
+    fn v6_only_env() -> SubnetEnv {
+        SubnetEnv::parse(
+            Path::new("/run/flannel/subnet.env"),
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap()
+    }
+
+    /// An IPv6-only node (flannel's file with EnableIPv4 false): IPv6 pool only; an IPv4 set
+    /// in `ranges` is refused naming the missing key; the bridge's MAC follows the IPv6 gateway.
+    #[test]
+    fn ipv6_only_node_pools_only_ipv6() {
+        let c = conf("");
+        let n = Node::new(&v6_only_env(), &c);
+        assert_eq!(n.v4, None);
+        assert_eq!(n.pool(&c).unwrap(), None);
+        let p6 = n.pool6(&c).unwrap().unwrap();
+        assert_eq!(p6.start.to_string(), "fd00:10:244:3::1");
+        assert!(!p6.contains("fd00:10:244:3::1".parse().unwrap()));
+        assert_eq!(n.bridge(&c).mac.to_string(), "0e:58:00:00:00:01");
+        let only6 = conf(r#","ranges":[[{"subnet":"fd00:10:244:3::/64"}]]"#);
+        assert_eq!(n.pool(&only6).unwrap(), None);
+        assert!(n.pool6(&only6).unwrap().is_some());
+        let asks4 =
+            conf(r#","ranges":[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244:3::/64"}]]"#);
+        let e = n.pool(&asks4).unwrap_err();
+        assert_eq!(e.code(), code::INVALID_CONFIG);
+        assert!(
+            e.to_string().contains("no IPv4 subnet (TWEED_SUBNET"),
+            "{e}"
+        );
+        // rangeStart/rangeEnd are IPv4's: on an IPv6-only node they ask for what is not there.
+        let old = conf(r#","rangeStart":"10.244.3.5""#);
+        let e = n.pool(&old).unwrap_err();
+        assert!(e.to_string().contains("rangeStart/rangeEnd"), "{e}");
     }
 }

@@ -63,25 +63,36 @@ pub fn mac_for_ip(ip: Ipv4Addr) -> MacAddr {
     MacAddr([0x0a, 0x58, o[0], o[1], o[2], o[3]])
 }
 
+/// `0e:58:` + the low 32 bits of an IPv6 address, for a container (or a bridge) with no IPv4
+/// address: stable like [`mac_for_ip`], and apart from its MACs by the first octet (still
+/// locally administered unicast), so a v6-only attachment on a dual-stack node never takes the
+/// MAC of a v4 one.
+pub fn mac_for_ip6(ip: Ipv6Addr) -> MacAddr {
+    let o = ip.octets();
+    MacAddr([0x0e, 0x58, o[12], o[13], o[14], o[15]])
+}
+
 /// What the node's bridge must look like.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeWant {
     pub name: String,
     pub mtu: u32,
     pub mac: MacAddr,
-    /// The gateway with the node subnet's prefix, e.g. 10.244.3.1/24.
-    pub gateway: Ipv4Network,
-    /// The IPv6 gateway of a dual-stack attachment, e.g. fd00:10:244:3::1/64.
+    /// The IPv4 gateway of an attachment with an IPv4 address, with the node subnet's prefix,
+    /// e.g. 10.244.3.1/24.
+    pub gateway: Option<Ipv4Network>,
+    /// The IPv6 gateway of an attachment with an IPv6 address, e.g. fd00:10:244:3::1/64.
     pub gateway6: Option<Ipv6Network>,
 }
 
 impl BridgeWant {
-    pub fn new(name: &str, mtu: u32, gateway: Ipv4Network) -> BridgeWant {
+    /// A bridge with no gateway yet: ADD sets those of the attachment's families.
+    pub fn new(name: &str, mtu: u32, mac: MacAddr) -> BridgeWant {
         BridgeWant {
             name: name.into(),
             mtu,
-            mac: mac_for_ip(gateway.ip()),
-            gateway,
+            mac,
+            gateway: None,
             gateway6: None,
         }
     }
@@ -126,10 +137,12 @@ pub fn bridge_fix_ops(observed: &Link, want: &BridgeWant) -> Vec<Op> {
             mtu: want.mtu,
         });
     }
-    ops.push(Op::AddrAdd {
-        ifindex: observed.index,
-        addr: want.gateway,
-    });
+    if let Some(gw) = want.gateway {
+        ops.push(Op::AddrAdd {
+            ifindex: observed.index,
+            addr: gw,
+        });
+    }
     if let Some(gw6) = want.gateway6 {
         // Without DAD, like the containers' addresses (see `Attach6`): the gateway is the
         // node lease's first address, unique by construction, and a tentative gateway would
@@ -159,13 +172,20 @@ pub struct Attach {
     pub container_mac: MacAddr,
     pub mtu: u32,
     pub hairpin: bool,
-    /// The container's address with the node subnet's prefix.
+    pub default_route: bool,
+    /// The IPv4 half; `None` for an IPv6-only attachment.
+    pub v4: Option<Attach4>,
+    /// The IPv6 half; `None` for an IPv4-only attachment. At least one half is there.
+    pub v6: Option<Attach6>,
+}
+
+/// A container's IPv4 address, gateway and overlay network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach4 {
+    /// With the node subnet's prefix.
     pub addr: Ipv4Network,
     pub gateway: Ipv4Addr,
     pub network_cidr: Ipv4Network,
-    pub default_route: bool,
-    /// The IPv6 half of a dual-stack attachment.
-    pub v6: Option<Attach6>,
 }
 
 /// A container's IPv6 address, gateway and overlay network. The address is added with DAD
@@ -231,17 +251,15 @@ impl Attach {
             Op::LinkSetUp {
                 name: self.ifname.clone(),
             },
-            Op::AddrAdd {
-                ifindex,
-                addr: self.addr,
-            },
         ];
-        for dst in self.route_dsts() {
-            ops.push(Op::RouteReplace(Route::via(
-                dst,
-                self.gateway,
-                Some(ifindex),
-            )));
+        if let Some(v4) = &self.v4 {
+            ops.push(Op::AddrAdd {
+                ifindex,
+                addr: v4.addr,
+            });
+            for dst in self.route_dsts() {
+                ops.push(Op::RouteReplace(Route::via(dst, v4.gateway, Some(ifindex))));
+            }
         }
         if let Some(v6) = &self.v6 {
             ops.push(Op::Addr6Add {
@@ -272,9 +290,13 @@ impl Attach {
         v
     }
 
-    /// Routes in the container: the overlay network, and the default route unless turned off.
+    /// Routes in the container: the overlay network, and the default route unless turned off;
+    /// none for an IPv6-only attachment.
     pub fn route_dsts(&self) -> Vec<Ipv4Network> {
-        let mut v = vec![self.network_cidr];
+        let Some(v4) = &self.v4 else {
+            return Vec::new();
+        };
+        let mut v = vec![v4.network_cidr];
         if self.default_route {
             v.push(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"));
         }
@@ -352,10 +374,12 @@ mod tests {
             container_mac: mac_for_ip("10.244.1.2".parse().unwrap()),
             mtu: 1450,
             hairpin: true,
-            addr: "10.244.1.2/24".parse().unwrap(),
-            gateway: "10.244.1.1".parse().unwrap(),
-            network_cidr: "10.244.0.0/16".parse().unwrap(),
             default_route: true,
+            v4: Some(Attach4 {
+                addr: "10.244.1.2/24".parse().unwrap(),
+                gateway: "10.244.1.1".parse().unwrap(),
+                network_cidr: "10.244.0.0/16".parse().unwrap(),
+            }),
             v6: None,
         }
     }
@@ -384,7 +408,7 @@ mod tests {
         );
         a.default_route = false;
         assert_eq!(a.route_dsts6(), ["fd00:10:244::/56".parse().unwrap()]);
-        let mut want = BridgeWant::new("cni0", 1450, "10.244.1.1/24".parse().unwrap());
+        let mut want = bridge_want();
         want.gateway6 = Some("fd00:10:244:1::1/64".parse().unwrap());
         let mut l = link(4, "cni0", "bridge", None);
         (l.mac, l.mtu) = (Some(want.mac), 1450);
@@ -399,6 +423,50 @@ mod tests {
                 "addr replace fd00:10:244:1::1/64 dev #4 nodad"
             ]
         );
+    }
+
+    fn bridge_want() -> BridgeWant {
+        let gw: Ipv4Network = "10.244.1.1/24".parse().unwrap();
+        let mut want = BridgeWant::new("cni0", 1450, mac_for_ip(gw.ip()));
+        want.gateway = Some(gw);
+        want
+    }
+
+    /// An IPv6-only attachment: no IPv4 op in the container or on the bridge, the same IPv6
+    /// ops as a dual-stack one's.
+    #[test]
+    fn ipv6_only_plans_have_no_ipv4_op() {
+        let mut a = attach();
+        a.v4 = None;
+        a.v6 = Some(Attach6 {
+            addr: "fd00:10:244:1::2/64".parse().unwrap(),
+            gateway: "fd00:10:244:1::1".parse().unwrap(),
+            network_cidr: "fd00:10:244::/56".parse().unwrap(),
+        });
+        assert!(a.route_dsts().is_empty());
+        let ops: Vec<String> = a.container_ops(2).iter().map(Op::to_string).collect();
+        assert_eq!(
+            ops,
+            [
+                "link set eth0 alias \"tweed/tweed/c1/eth0\"",
+                "link set eth0 up",
+                "addr replace fd00:10:244:1::2/64 dev #2 nodad",
+                "-6 route replace fd00:10:244::/56 via fd00:10:244:1::1 dev #2 metric 1024",
+                "-6 route replace ::/0 via fd00:10:244:1::1 dev #2 metric 1024",
+            ]
+        );
+        let gw6: Ipv6Network = "fd00:10:244:1::1/64".parse().unwrap();
+        let mut want = BridgeWant::new("cni0", 1450, mac_for_ip6(gw6.ip()));
+        want.gateway6 = Some(gw6);
+        assert_eq!(want.mac.to_string(), "0e:58:00:00:00:01");
+        assert!(want.mac.is_valid_unicast());
+        let mut l = link(4, "cni0", "bridge", None);
+        (l.mac, l.mtu) = (Some(want.mac), 1450);
+        let fix: Vec<String> = bridge_fix_ops(&l, &want)
+            .iter()
+            .map(Op::to_string)
+            .collect();
+        assert_eq!(fix, ["addr replace fd00:10:244:1::1/64 dev #4 nodad"]);
     }
 
     #[test]
@@ -431,7 +499,7 @@ mod tests {
 
     #[test]
     fn bridge_is_fixed_only_where_it_differs() {
-        let want = BridgeWant::new("cni0", 1450, "10.244.1.1/24".parse().unwrap());
+        let want = bridge_want();
         let mut l = link(4, "cni0", "bridge", None);
         l.mac = Some(want.mac);
         l.mtu = 1450;
@@ -439,7 +507,7 @@ mod tests {
             bridge_fix_ops(&l, &want),
             vec![Op::AddrAdd {
                 ifindex: 4,
-                addr: want.gateway
+                addr: want.gateway.unwrap()
             }]
         );
         // A bridge left behind with a kernel-chosen MAC and MTU, down.

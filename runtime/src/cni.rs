@@ -678,6 +678,19 @@ mod tests {
         }
     }
 
+    /// An IPv6-only node's result: the one IPv6 address, and `/etc/hosts` names the hostname
+    /// at it and at no IPv4 address.
+    #[test]
+    fn ipv6_only_results_give_the_ipv6_address_to_hosts() {
+        let r = serde_json::json!({"cniVersion":"1.1.0","ips":[
+            {"address":"fd00:10:244:7::2/64","gateway":"fd00:10:244:7::1","interface":2}]});
+        let ips = result_ips(&r);
+        assert_eq!(ips, ["fd00:10:244:7::2"]);
+        let hosts = crate::rootfs::render_hosts("web", &ips);
+        assert!(hosts.ends_with("\nfd00:10:244:7::2\tweb\n"), "{hosts}");
+        assert_eq!(hosts.matches("\tweb").count(), 1, "{hosts}");
+    }
+
     /// What a broken or hostile plugin puts in `ips` never reaches `/etc/hosts` as text.
     #[test]
     fn crafted_result_addresses_are_dropped() {

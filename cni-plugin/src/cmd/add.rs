@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::host::{container_place, Host, HostError, Kernel, HOST_PLACE};
 use crate::ipam;
 use crate::node::Node;
-use crate::plan::{self, Attach, Attach6, BridgeWant};
+use crate::plan::{self, Attach, Attach4, Attach6, BridgeWant};
 use crate::result::{CniResult, Interface, IpConfig, RouteOut};
 
 /// What ADD is asked for beyond the attachment itself, checked before anything happens.
@@ -79,28 +79,38 @@ fn attach(
     conf: &NetConf,
     node: &Node,
     req: &Request,
-    ip: Ipv4Addr,
+    ip: Option<Ipv4Addr>,
     ip6: Option<Ipv6Addr>,
     host_mac: MacAddr,
 ) -> Attach {
+    let v4 = ip.zip(node.v4).map(|(ip, n4)| Attach4 {
+        addr: Ipv4Network::new(ip, n4.gateway.prefix()).expect("prefix from subnet.env"),
+        gateway: n4.gateway.ip(),
+        network_cidr: n4.network,
+    });
     let v6 = ip6.zip(node.v6).map(|(ip6, n6)| Attach6 {
         addr: Ipv6Network::new(ip6, n6.gateway.prefix()).expect("prefix from subnet.env"),
         gateway: n6.gateway.ip(),
         network_cidr: n6.network,
     });
+    // The pools make at least one of the two; the IPv4 address names the MAC when there is one,
+    // as before IPv6-only attachments.
+    let derived = match (ip, ip6) {
+        (Some(ip), _) => plan::mac_for_ip(ip),
+        (None, Some(ip6)) => plan::mac_for_ip6(ip6),
+        (None, None) => plan::mac_for_ip6(Ipv6Addr::UNSPECIFIED),
+    };
     Attach {
         network: conf.name.clone(),
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
         host_veth: plan::host_veth_name(&env.container_id, &env.ifname),
         host_mac,
-        container_mac: req.mac.unwrap_or_else(|| plan::mac_for_ip(ip)),
+        container_mac: req.mac.unwrap_or(derived),
         mtu: node.mtu,
         hairpin: conf.hairpin_mode,
-        addr: Ipv4Network::new(ip, node.gateway.prefix()).expect("prefix from subnet.env"),
-        gateway: node.gateway.ip(),
-        network_cidr: node.network,
         default_route: conf.default_route,
+        v4,
         v6,
     }
 }
@@ -109,6 +119,15 @@ pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Er
     let node = node(host, conf)?;
     let pool = node.pool(conf)?;
     let pool6 = node.pool6(conf)?;
+    if pool.is_none() && pool6.is_none() {
+        // Not met today (subnet.env has a family, `ranges` has a set and the pools refuse a
+        // set of a family the node lacks); ADD must never make an attachment with no address.
+        return Err(ConfError::Invalid {
+            key: "ranges",
+            reason: "gives this node no address family to take an address from".into(),
+        }
+        .into());
+    }
     let req = Request::parse(env, conf)?;
     let cns = host.open_netns(&env.netns).map_err(HostError::from)?;
     if host.is_own_netns(&cns).map_err(HostError::from)? {
@@ -124,17 +143,26 @@ pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Er
     // lock is dropped.
     let (ip, ip6) = {
         let mut store = host.lock_store(&conf.store_dir())?;
-        ipam::allocate_dual(&mut store, &pool, pool6.as_ref(), &owner, req.ip, req.ip6)?
+        ipam::allocate_dual(
+            &mut store,
+            pool.as_ref(),
+            pool6.as_ref(),
+            &owner,
+            req.ip,
+            req.ip6,
+        )?
     };
     let a = attach(env, conf, &node, &req, ip, ip6, MacAddr::random_local());
     let mut bridge = node.bridge(conf);
+    bridge.gateway = a.v4.as_ref().and_then(|_| node.v4.map(|n| n.gateway));
     bridge.gateway6 = a.v6.as_ref().and_then(|_| node.v6.map(|n| n.gateway));
 
     let mut veth_made = false;
     let wired = (|| -> Result<(), Error> {
         host.block_on(wire(host, &a, &bridge, &cns, &env.netns, &mut veth_made))??;
-        if conf.ip_masq {
-            host.masq_add(ip, node.network, &a.alias())?;
+        // The masquerade rule is IPv4's (see docs/ipv6.md): an IPv6 address has none.
+        if let (true, Some(v4), Some(n4)) = (conf.ip_masq, &a.v4, node.v4) {
+            host.masq_add(v4.addr.ip(), n4.network, &a.alias())?;
         }
         host.enable_forwarding();
         Ok(())
@@ -216,12 +244,13 @@ fn undo<H: Host>(
             Kernel::open(host, None, HOST_PLACE)?.apply(&[del]).await.1
         });
     }
-    let ip = a.addr.ip();
-    if conf.ip_masq {
-        let _ = host.masq_del(ip, node.network, &a.alias());
+    if let (true, Some(v4), Some(n4)) = (conf.ip_masq, &a.v4, node.v4) {
+        let _ = host.masq_del(v4.addr.ip(), n4.network, &a.alias());
     }
     if let Ok(mut store) = host.lock_store(&conf.store_dir()) {
-        let _ = ipam::release_ip(&mut store, ip, owner);
+        if let Some(v4) = &a.v4 {
+            let _ = ipam::release_ip(&mut store, v4.addr.ip(), owner);
+        }
         if let Some(v6) = &a.v6 {
             let _ = ipam::release_ip(&mut store, v6.addr.ip(), owner);
         }
@@ -250,26 +279,31 @@ fn result(
             iface(&a.host_veth, a.host_mac, None, None),
             iface(&a.ifname, a.container_mac, Some(a.mtu), Some(netns)),
         ],
-        ips: std::iter::once(IpConfig {
-            address: IpNetwork::V4(a.addr),
-            gateway: Some(IpAddr::V4(a.gateway)),
-            interface: Some(2),
-            extra: Map::new(),
-        })
-        .chain(a.v6.iter().map(|v6| IpConfig {
-            address: IpNetwork::V6(v6.addr),
-            gateway: Some(IpAddr::V6(v6.gateway)),
-            interface: Some(2),
-            extra: Map::new(),
-        }))
-        .collect(),
-        routes: a
-            .route_dsts()
-            .into_iter()
-            .map(|dst| RouteOut {
-                dst: IpNetwork::V4(dst),
-                gw: Some(IpAddr::V4(a.gateway)),
+        ips: a
+            .v4
+            .iter()
+            .map(|v4| IpConfig {
+                address: IpNetwork::V4(v4.addr),
+                gateway: Some(IpAddr::V4(v4.gateway)),
+                interface: Some(2),
                 extra: Map::new(),
+            })
+            .chain(a.v6.iter().map(|v6| IpConfig {
+                address: IpNetwork::V6(v6.addr),
+                gateway: Some(IpAddr::V6(v6.gateway)),
+                interface: Some(2),
+                extra: Map::new(),
+            }))
+            .collect(),
+        routes: a
+            .v4
+            .iter()
+            .flat_map(|v4| {
+                a.route_dsts().into_iter().map(|dst| RouteOut {
+                    dst: IpNetwork::V4(dst),
+                    gw: Some(IpAddr::V4(v4.gateway)),
+                    extra: Map::new(),
+                })
             })
             .chain(a.v6.iter().flat_map(|v6| {
                 a.route_dsts6().into_iter().map(|dst| RouteOut {
@@ -766,5 +800,170 @@ mod tests {
         // DEL frees both families.
         run(&host, &env("DEL", "c1", C1), &conf("1.0.0", json!({}))).unwrap();
         assert!(host.records().is_empty(), "{:?}", host.records());
+    }
+
+    /// An IPv6-only node with the one container `C1`.
+    fn v6_only_with_c1() -> (FakeHost, tweed_netlink::Fake) {
+        let (host, ctr) = with_c1();
+        *host.subnet_env.borrow_mut() = Some(crate::host::fake::V6_ONLY_SUBNET_ENV.into());
+        (host, ctr)
+    }
+
+    fn v4_op(op: &Op) -> bool {
+        matches!(
+            op,
+            Op::AddrAdd { .. } | Op::RouteReplace(_) | Op::AddrDel { .. } | Op::RouteDel(_)
+        )
+    }
+
+    /// IPv6-only: one IPv6 address without DAD, the IPv6 gateway on the bridge, IPv6 routes,
+    /// no IPv4 op anywhere, and a result carrying only the IPv6 IP.
+    #[test]
+    fn ipv6_only_add_gives_one_ipv6_address_and_no_ipv4() {
+        use crate::host::fake::{addrs6, routes6};
+        let (host, ctr) = v6_only_with_c1();
+        // An IPv4 request (runtimeConfig ips, CNI_ARGS IP=) has no pool to come from: ignored,
+        // as an IPv6 request is on a v4-only node.
+        let c = conf(
+            "1.1.0",
+            json!({"ipMasq": true, "runtimeConfig": {"ips": ["10.244.7.9"]}}),
+        );
+        let r = add(&host, "c1", C1, &c);
+        let br = link(&host.kernel, "cni0");
+        assert!(addrs(&host.kernel, &br).is_empty());
+        assert_eq!(addrs6(&host.kernel, &br), ["fd00:10:244:7::1/64"]);
+        assert_eq!(br.mac.unwrap().to_string(), "0e:58:00:00:00:01");
+        let eth0 = link(&ctr, "eth0");
+        assert!(addrs(&ctr, &eth0).is_empty());
+        assert_eq!(addrs6(&ctr, &eth0), ["fd00:10:244:7::2/64"]);
+        assert_eq!(eth0.mac.unwrap().to_string(), "0e:58:00:00:00:02");
+        assert!(routes(&ctr, &eth0).is_empty());
+        assert_eq!(
+            routes6(&ctr, &eth0),
+            [
+                "::/0 via fd00:10:244:7::1",
+                "fd00:10:244::/56 via fd00:10:244:7::1"
+            ]
+        );
+        assert!(ctr.ops().contains(&Op::Addr6Add {
+            ifindex: eth0.index,
+            addr: "fd00:10:244:7::2/64".parse().unwrap(),
+            nodad: true
+        }));
+        assert!(!host.kernel.ops().iter().any(v4_op));
+        assert!(!ctr.ops().iter().any(v4_op));
+        assert_eq!(
+            host.records().keys().collect::<Vec<_>>(),
+            ["fd00:10:244:7::2"]
+        );
+        assert!(
+            host.masq.borrow().is_empty(),
+            "the masquerade rule is IPv4's"
+        );
+        assert_eq!(
+            r["ips"],
+            json!([{"address": "fd00:10:244:7::2/64", "gateway": "fd00:10:244:7::1", "interface": 2}])
+        );
+        assert_eq!(
+            r["routes"],
+            json!([
+                {"dst": "fd00:10:244::/56", "gw": "fd00:10:244:7::1"},
+                {"dst": "::/0", "gw": "fd00:10:244:7::1"}
+            ])
+        );
+        // CHECK passes on what ADD made, and names a missing IPv6 route.
+        let chk = conf("1.1.0", json!({ "prevResult": r }));
+        run(&host, &env("CHECK", "c1", C1), &chk).unwrap();
+        let nl = tweed_netlink::Netlink::from(ctr.clone());
+        let default6 = tweed_netlink::Route6::via(
+            "::/0".parse().unwrap(),
+            "fd00:10:244:7::1".parse().unwrap(),
+            Some(eth0.index),
+        );
+        crate::host::fake::block_on(nl.apply(&Op::Route6Del(default6))).unwrap();
+        let e = run(&host, &env("CHECK", "c1", C1), &chk).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("route to ::/0 via fd00:10:244:7::1 is missing"),
+            "{e}"
+        );
+        // A prevResult with an IPv4 address on this node: CHECK says the node has none.
+        let mut with4 = r.clone();
+        with4["ips"] =
+            json!([{"address": "10.244.7.2/24", "gateway": "10.244.7.1", "interface": 2}]);
+        let e = run(
+            &host,
+            &env("CHECK", "c1", C1),
+            &conf("1.1.0", json!({ "prevResult": with4 })),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("10.244.7.2"), "{e}");
+        // DEL frees the address and the veth.
+        run(&host, &env("DEL", "c1", C1), &c).unwrap();
+        assert!(host.records().is_empty(), "{:?}", host.records());
+        assert_eq!(names(&ctr), ["lo"]);
+        // `ranges` asking for IPv4 here: refused before anything is made.
+        let (host, ctr) = v6_only_with_c1();
+        let asks4 = conf("1.0.0", json!({"ranges": [[{"subnet": "10.244.7.0/24"}]]}));
+        let e = run(&host, &env("ADD", "c1", C1), &asks4).unwrap_err();
+        assert_eq!(e.code(), 7, "{e}");
+        assert!(e.to_string().contains("no IPv4 subnet"), "{e}");
+        assert!(host.records().is_empty() && names(&ctr) == ["lo"]);
+    }
+
+    /// `ranges` with the IPv6 set only on a dual-stack node: an IPv6-only attachment, on the
+    /// bridge's one MAC (the IPv4 gateway's).
+    #[test]
+    fn ipv6_ranges_alone_make_an_ipv6_only_attachment_on_a_dual_node() {
+        use crate::host::fake::addrs6;
+        let (host, ctr) = dual_with_c1();
+        let c = conf(
+            "1.0.0",
+            json!({"ranges": [[{"subnet": "fd00:10:244:7::/64"}]]}),
+        );
+        let r = add(&host, "c1", C1, &c);
+        assert_eq!(r["ips"].as_array().unwrap().len(), 1, "{r}");
+        assert_eq!(r["ips"][0]["address"], "fd00:10:244:7::2/64");
+        let eth0 = link(&ctr, "eth0");
+        assert!(addrs(&ctr, &eth0).is_empty());
+        assert_eq!(addrs6(&ctr, &eth0), ["fd00:10:244:7::2/64"]);
+        let br = link(&host.kernel, "cni0");
+        assert_eq!(br.mac.unwrap().to_string(), "0a:58:0a:f4:07:01");
+        assert!(addrs(&host.kernel, &br).is_empty());
+        assert_eq!(host.records().len(), 1);
+    }
+
+    /// A failed IPv6-only ADD leaves no veth and no address record.
+    #[test]
+    fn a_failed_ipv6_only_add_leaves_nothing() {
+        for fail in [
+            (|op: &Op| matches!(op, Op::Addr6Add { .. }).then_some(libc::EACCES))
+                as fn(&Op) -> Option<i32>,
+            |op: &Op| matches!(op, Op::Route6Replace(_)).then_some(libc::ENETUNREACH),
+        ] {
+            let (host, ctr) = v6_only_with_c1();
+            ctr.fail_when(fail);
+            let e = run(&host, &env("ADD", "c1", C1), &conf("1.0.0", json!({}))).unwrap_err();
+            assert_eq!(e.code(), 100, "{e}");
+            assert_eq!(names(&ctr), ["lo"]);
+            assert_eq!(names(&host.kernel), ["lo", "cni0"]);
+            assert!(host.records().is_empty(), "{:?}", host.records());
+        }
+        // The pool exhausted: nothing made at all.
+        let (host, _) = v6_only_with_c1();
+        let narrow = conf(
+            "1.0.0",
+            json!({"ranges": [[{"subnet": "fd00:10:244:7::/64", "rangeStart": "fd00:10:244:7::2", "rangeEnd": "fd00:10:244:7::2"}]]}),
+        );
+        add(&host, "c0", C1, &narrow);
+        let c2 = "/run/netns/c2";
+        let ctr2 = host.add_container(c2);
+        let e = run(&host, &env("ADD", "c2", c2), &narrow).unwrap_err();
+        assert_eq!(e.code(), crate::code::EXHAUSTED, "{e}");
+        assert_eq!(names(&ctr2), ["lo"]);
+        assert_eq!(
+            host.records().keys().collect::<Vec<_>>(),
+            ["fd00:10:244:7::2"]
+        );
     }
 }

@@ -32,15 +32,21 @@ struct Want {
     ifname: String,
     alias: String,
     mtu: u32,
+    host_veth: String,
+    bridge: String,
+    /// The IPv4 half, when ADD's result gave the interface an IPv4 address.
+    v4: Option<Want4>,
+    /// The IPv6 half, when ADD's result gave the interface an IPv6 address.
+    v6: Option<Want6>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Want4 {
     addrs: Vec<Ipv4Network>,
     /// The routes tweed adds, all via `gateway` (other plugins' routes in prevResult are
     /// theirs to check).
     routes: Vec<Ipv4Network>,
     gateway: Ipv4Addr,
-    host_veth: String,
-    bridge: String,
-    /// The IPv6 half, when ADD's result gave the interface an IPv6 address.
-    v6: Option<Want6>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,10 +87,7 @@ fn prev_addrs(
             IpNetwork::V6(_) => None,
         })
         .collect();
-    if addrs.is_empty() {
-        return Err("prevResult gives it no IPv4 address".into());
-    }
-    let addrs6 = prev
+    let addrs6: Vec<Ipv6Network> = prev
         .ips
         .iter()
         .filter(|ip| ip.interface == Some(idx))
@@ -93,6 +96,9 @@ fn prev_addrs(
             IpNetwork::V4(_) => None,
         })
         .collect();
+    if addrs.is_empty() && addrs6.is_empty() {
+        return Err("prevResult gives it no address".into());
+    }
     Ok((addrs, addrs6))
 }
 
@@ -111,17 +117,19 @@ fn verify(want: &Want, seen: &Seen) -> Result<(), String> {
     if link.mtu != want.mtu {
         return Err(format!("MTU is {}, expected {}", link.mtu, want.mtu));
     }
-    if let Some(a) = want.addrs.iter().find(|a| !seen.addrs.contains(a)) {
-        return Err(format!("address {a} is missing"));
-    }
-    let gw = want.gateway;
-    for dst in &want.routes {
-        if !seen
-            .routes
-            .iter()
-            .any(|r| r.dst == *dst && r.gateway == Some(gw))
-        {
-            return Err(format!("route to {dst} via {gw} is missing"));
+    if let Some(w4) = &want.v4 {
+        if let Some(a) = w4.addrs.iter().find(|a| !seen.addrs.contains(a)) {
+            return Err(format!("address {a} is missing"));
+        }
+        let gw = w4.gateway;
+        for dst in &w4.routes {
+            if !seen
+                .routes
+                .iter()
+                .any(|r| r.dst == *dst && r.gateway == Some(gw))
+            {
+                return Err(format!("route to {dst} via {gw} is missing"));
+            }
         }
     }
     if let Some(w6) = &want.v6 {
@@ -221,17 +229,33 @@ pub fn check<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Erro
             })
         }
     };
-    let mut routes = vec![node.network];
-    if conf.default_route {
-        routes.push(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"));
-    }
+    let v4 = match (addrs.is_empty(), node.v4) {
+        (true, _) => None,
+        (false, None) => {
+            return Err(fail(
+                "prevResult gives it an IPv4 address, but this node's subnet.env has no IPv4 \
+                 subnet any more"
+                    .into(),
+            )
+            .into())
+        }
+        (false, Some(n4)) => {
+            let mut routes = vec![n4.network];
+            if conf.default_route {
+                routes.push(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"));
+            }
+            Some(Want4 {
+                addrs,
+                routes,
+                gateway: n4.gateway.ip(),
+            })
+        }
+    };
     let want = Want {
         ifname: env.ifname.clone(),
         alias: plan::alias(&conf.name, &env.container_id, &env.ifname),
         mtu: node.mtu,
-        addrs,
-        routes,
-        gateway: node.gateway.ip(),
+        v4,
         host_veth: plan::host_veth_name(&env.container_id, &env.ifname),
         bridge: conf.bridge.clone(),
         v6,
@@ -440,9 +464,18 @@ mod tests {
         let no_sandbox = conf("1.0.0", json!({ "prevResult": prev }));
         assert_fails(&host, &no_sandbox, "lists no such interface in a sandbox");
         let mut prev: Value = c.prev_result.clone().unwrap();
+        prev["ips"] = json!([]);
+        let none = conf("1.0.0", json!({ "prevResult": prev }));
+        assert_fails(&host, &none, "prevResult gives it no address");
+        // An IPv6 address this v4-only attachment never got: not in the store.
+        let mut prev: Value = c.prev_result.clone().unwrap();
         prev["ips"][0]["address"] = json!("fd00::2/64");
         let v6 = conf("1.0.0", json!({ "prevResult": prev }));
-        assert_fails(&host, &v6, "gives it no IPv4 address");
+        assert_fails(
+            &host,
+            &v6,
+            "address fd00::2 is not recorded for this container",
+        );
     }
 
     #[test]

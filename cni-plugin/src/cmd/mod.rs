@@ -66,7 +66,7 @@ fn need_version(
 /// The node as subnet.env describes it, with the configuration's overrides.
 fn node<H: Host>(host: &H, conf: &NetConf) -> Result<Node, Error> {
     let env = host.read_subnet_env(conf.subnet_file.as_deref())?;
-    Ok(Node::new(&env, conf)?)
+    Ok(Node::new(&env, conf))
 }
 
 /// Ready when subnet.env is there, readable and gives a usable pool of each family the
@@ -181,6 +181,11 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("no IPv6 subnet"), "{e}");
         *host.subnet_env.borrow_mut() = Some(crate::host::fake::DUAL_SUBNET_ENV.into());
         assert_eq!(run(&host, &env("STATUS", "", ""), &dual).unwrap(), None);
+        // An IPv6-only node: ready for subnet.env's family; not for `ranges` asking for IPv4.
+        *host.subnet_env.borrow_mut() = Some(crate::host::fake::V6_ONLY_SUBNET_ENV.into());
+        assert_eq!(st().unwrap(), None);
+        let e = run(&host, &env("STATUS", "", ""), &dual).unwrap_err();
+        assert!(e.to_string().contains("no IPv4 subnet"), "{e}");
     }
 
     #[test]

@@ -212,6 +212,10 @@ pub fn routes6(k: &Fake, l: &Link) -> Vec<String> {
 pub const DUAL_SUBNET_ENV: &str = "TWEED_NETWORK=10.244.0.0/16\nTWEED_SUBNET=10.244.7.1/24\n\
     TWEED_IPV6_NETWORK=fd00:10:244::/56\nTWEED_IPV6_SUBNET=fd00:10:244:7::1/64\nTWEED_MTU=1450\n";
 
+/// subnet.env of an IPv6-only node, as flannel writes it with EnableIPv4 false.
+pub const V6_ONLY_SUBNET_ENV: &str = "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n\
+    FLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
+
 /// The locked store: a handle on the host's one in-memory directory.
 pub struct FakeStore(Rc<RefCell<MemDir>>);
 

@@ -61,6 +61,20 @@ impl Node {
         self
     }
 
+    /// Replaces subnet.env by an IPv6-only node's, as flannel writes it with EnableIPv4 false
+    /// (no FLANNEL_NETWORK / FLANNEL_SUBNET).
+    pub fn ipv6_only(self, network6: &str, subnet6: &str) -> Node {
+        std::fs::write(
+            &self.subnet_env,
+            format!(
+                "FLANNEL_IPV6_NETWORK={network6}\nFLANNEL_IPV6_SUBNET={subnet6}\n\
+                 FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+            ),
+        )
+        .expect("subnet.env");
+        self
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
