@@ -26,6 +26,8 @@ mod v6only_tests;
 
 pub use deps::{Clock, Deps};
 pub use main_loop::run_with;
+/// The status' `ipv6` of a node in an IPv6-only network.
+pub use report::IPV6_ONLY as IPV6_ONLY_STATUS;
 
 use crate::netlink::{self, Netlink};
 use crate::registry::{EtcdRegistry, Registry, RegistryError};

@@ -20,7 +20,7 @@ use tweed_config::NetworkConfig;
 use tweed_config::SubnetKey;
 
 /// The status' `ipv6` in an IPv6-only network.
-pub(super) const IPV6_ONLY: &str = "IPv6 only (EnableIPv4: false)";
+pub const IPV6_ONLY: &str = "IPv6 only (EnableIPv4: false)";
 
 /// Cheap to clone; clones report into the same state.
 #[derive(Clone)]
