@@ -60,7 +60,15 @@ pub struct Service {
 impl Service {
     fn control(&self) -> Result<&Control, Status> {
         self.control.get().ok_or_else(|| {
-            Status::unavailable("the agent has not read the network config from etcd yet")
+            // An IPv6-only network never fills the slot: its loop has no IPv4 leases to act on.
+            if self.state.snapshot().ipv6 == crate::run::IPV6_ONLY_STATUS {
+                Status::failed_precondition(
+                    "not available in an IPv6-only network (EnableIPv4: false): reserve, \
+                     unreserve and key rotation act on IPv4 leases",
+                )
+            } else {
+                Status::unavailable("the agent has not read the network config from etcd yet")
+            }
         })
     }
 

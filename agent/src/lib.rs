@@ -21,6 +21,7 @@ pub mod rules;
 pub mod run;
 pub mod settings;
 pub mod subnet;
+pub mod v6only;
 pub mod watch;
 
 #[cfg(test)]

@@ -150,6 +150,39 @@ impl Firewall {
     }
 }
 
+impl Firewall {
+    /// An IPv6-only network's rules: [`RuleSpecV6`]'s chains (ip6tables) or table `ip6 tweed`
+    /// (nft), and nothing of IPv4's: such a node has no IPv4 network to masquerade or forward.
+    /// Blocking, like [`sync`](Self::sync).
+    pub fn sync_v6_only(&self, v6: &RuleSpecV6, ip_masq: bool) -> Result<bool, RulesError> {
+        match self {
+            Firewall::Iptables(i) => {
+                let nat6 = i.nat6_usable();
+                let r = &*i.runner;
+                let chains: Vec<Chain> = v6
+                    .ip6tables_chains(ip_masq)
+                    .into_iter()
+                    .filter(|c| nat6 || c.table != "nat")
+                    .collect();
+                let mut changed = Iptables::sync_with(r, Family::V6, &chains)?;
+                if !ip_masq && nat6 {
+                    changed |= Iptables::remove_with(
+                        r,
+                        Family::V6,
+                        &masquerade_chain_v6(v6.network, v6.subnet),
+                    )?;
+                }
+                Ok(changed)
+            }
+            Firewall::Nftables(n) => {
+                n.sync_table("ip6", &render_nft_v6(v6, ip_masq), &n.applied_v6)
+            }
+            #[cfg(any(test, feature = "fake"))]
+            Firewall::Fake(_) => Ok(false),
+        }
+    }
+}
+
 /// Which iptables binaries: `iptables` for IPv4, `ip6tables` for IPv6 (the same chains).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {

@@ -212,6 +212,39 @@ async fn grpc_status_lists_and_event_stream_over_a_0600_socket() {
     stop(tx, server).await;
 }
 
+/// An IPv6-only node never offers reserve/unreserve (they act on IPv4 leases): the refusal
+/// says so instead of "not read the network config yet".
+#[tokio::test]
+async fn grpc_reserve_in_an_ipv6_only_network_says_why_it_is_refused() {
+    use tweed_agent::api::ControlSlot;
+    use tweed_api::v1::ReserveRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tweedd.sock");
+    let listener = tweed_agent::api::bind(&path).unwrap();
+    let state = AgentState::new();
+    state.update(|s| s.ipv6 = tweed_agent::run::IPV6_ONLY_STATUS.to_string());
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(tweed_agent::api::serve(
+        listener,
+        state,
+        ControlSlot::default(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let mut c = tweed_api::connect(&path).await.unwrap();
+    let e = c
+        .reserve(ReserveRequest {
+            subnet: "10.244.9.0/24".into(),
+            public_ip: "198.18.0.77".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("IPv6-only"), "{e:?}");
+    stop(tx, server).await;
+}
+
 /// Issue 6: Reserve/Unreserve over the socket, against the in-memory registry.
 #[tokio::test]
 async fn grpc_reserve_and_unreserve() {

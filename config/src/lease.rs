@@ -363,6 +363,19 @@ pub enum LeaseRejection {
     PublicIpInOverlay { ip: Ipv4Addr, network: Ipv4Network },
     #[error("BackendType {0:?} is not a backend name")]
     BadBackendType(String),
+    #[error("IPv6 subnet {subnet} is not a /{want} node subnet of IPv6Network {network}")]
+    NotIpv6NodeSubnet {
+        subnet: Ipv6Network,
+        network: Ipv6Network,
+        want: u8,
+    },
+    #[error("{0}")]
+    NotIpv6OnlyLease(&'static str),
+    #[error(
+        "PublicIPv6 {ip} is inside the IPv6 overlay network {network}: tunnelling to it would \
+         loop through the overlay"
+    )]
+    PublicIpv6InOverlay { ip: Ipv6Addr, network: Ipv6Network },
     #[error("BackendData of a {backend} lease: {reason}")]
     BadBackendData {
         backend: &'static str,
@@ -379,6 +392,9 @@ impl LeaseRejection {
             LeaseRejection::BadPublicIp { .. } => "bad_public_ip",
             LeaseRejection::PublicIpInOverlay { .. } => "public_ip_in_overlay",
             LeaseRejection::BadBackendType(_) => "bad_backend_type",
+            LeaseRejection::NotIpv6NodeSubnet { .. } => "outside_network",
+            LeaseRejection::NotIpv6OnlyLease(_) => "not_ipv6_peer",
+            LeaseRejection::PublicIpv6InOverlay { .. } => "public_ip_in_overlay",
             LeaseRejection::BadBackendData { .. } => "bad_backend_data",
         }
     }
@@ -466,6 +482,13 @@ impl LeaseAttrs {
         if let Some(v6) = self.public_ipv6 {
             check_public_ip(v6.into())?;
         }
+        self.check_backend(false)
+    }
+
+    /// BackendType and the backend data. `v6_only`: the lease is read for its IPv6 half alone,
+    /// so a vxlan lease needs `BackendV6Data` (the VTEP of the IPv6 device) and its `BackendData`
+    /// only has to be within size.
+    fn check_backend(&self, v6_only: bool) -> Result<(), LeaseRejection> {
         let ty = &self.backend_type;
         if ty.len() > 32
             || !ty
@@ -497,6 +520,21 @@ impl LeaseAttrs {
             }
         }
         match backend {
+            "vxlan" if v6_only => {
+                let raw = self
+                    .backend_v6_data
+                    .as_ref()
+                    .ok_or_else(|| bad("no BackendV6Data (the IPv6 VTEP)".into()))?;
+                let d6: VxlanLeaseData = serde_json::from_str(raw.get())
+                    .map_err(|e| bad(format!("BackendV6Data: {e}")))?;
+                if d6.vni >= 1 << 24 {
+                    return Err(bad(format!(
+                        "BackendV6Data: VNI {} does not fit in 24 bits",
+                        d6.vni
+                    )));
+                }
+                valid_vtep_mac(&d6.vtep_mac).map_err(|e| bad(format!("BackendV6Data: {e}")))?;
+            }
             "vxlan" => {
                 let d = self.vxlan_data().map_err(|e| bad(e.to_string()))?;
                 if d.vni >= 1 << 24 {
@@ -569,6 +607,88 @@ impl LeaseAttrs {
             subnet,
             public_ipv6,
         }
+    }
+}
+
+/// A peer as an IPv6-only node programs it: its IPv6 subnet and the address it is reached on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6OnlyPeer {
+    pub subnet: Ipv6Network,
+    pub public_ipv6: Ipv6Addr,
+}
+
+impl LeaseAttrs {
+    /// Checks a lease as a node of an IPv6-only network (`EnableIPv4: false`) reads it; pure, so
+    /// the watch calls it for every value before anything is programmed from it.
+    ///
+    /// An IPv6-only key must carry `PublicIP` 0.0.0.0 (what tweed writes: the field is
+    /// flannel's and always present) and a usable `PublicIPv6`. A flannel-form key in the same
+    /// network is a dual-stack node (one that runs the network's IPv6 half, say with an older
+    /// config): only its IPv6 half is used, and it must look like a real node's: a usable IPv4
+    /// `PublicIP` (0.0.0.0 there is a value dressed as IPv6-only under a dotted key) and an IPv6
+    /// subnet. Either way the IPv6 subnet must be a node subnet of `IPv6Network`, the
+    /// `PublicIPv6` global unicast outside the overlay, and the backend data the IPv6 half's
+    /// (`BackendV6Data`).
+    pub fn validate_ipv6_only(
+        &self,
+        key: &LeaseKey,
+        cfg: &crate::Ipv6Config,
+    ) -> Result<Ipv6OnlyPeer, LeaseRejection> {
+        let subnet = match key {
+            LeaseKey::Ipv6Only(k) => {
+                if !self.public_ip.is_unspecified() {
+                    return Err(LeaseRejection::NotIpv6OnlyLease(
+                        "an IPv6-only key whose PublicIP is not 0.0.0.0: the value is not an \
+                         IPv6-only node's",
+                    ));
+                }
+                k.ipv6
+            }
+            LeaseKey::Flannel(k) => {
+                check_public_ip(self.public_ip.into())?;
+                k.ipv6.ok_or(LeaseRejection::NotIpv6OnlyLease(
+                    "an IPv4-only lease: nothing an IPv6-only node can route",
+                ))?
+            }
+        };
+        if !cfg.network.contains(subnet.network())
+            || subnet.prefix() != cfg.subnet_len
+            || subnet.network() != subnet.ip()
+        {
+            return Err(LeaseRejection::NotIpv6NodeSubnet {
+                subnet,
+                network: cfg.network,
+                want: cfg.subnet_len,
+            });
+        }
+        let public_ipv6 = self.public_ipv6.ok_or(LeaseRejection::NotIpv6OnlyLease(
+            "the lease has no PublicIPv6: the node cannot be reached over IPv6",
+        ))?;
+        check_public_ip(public_ipv6.into())?;
+        let ip = IpAddr::V6(public_ipv6);
+        if public_ipv6.is_unicast_link_local() {
+            return Err(LeaseRejection::BadPublicIp {
+                ip,
+                what: "a link-local address",
+            });
+        }
+        if public_ipv6.to_ipv4_mapped().is_some() {
+            return Err(LeaseRejection::BadPublicIp {
+                ip,
+                what: "an IPv4-mapped address",
+            });
+        }
+        if cfg.network.contains(public_ipv6) {
+            return Err(LeaseRejection::PublicIpv6InOverlay {
+                ip: public_ipv6,
+                network: cfg.network,
+            });
+        }
+        self.check_backend(true)?;
+        Ok(Ipv6OnlyPeer {
+            subnet,
+            public_ipv6,
+        })
     }
 }
 
@@ -1272,5 +1392,130 @@ mod tests {
         let e = check("10.244.3.0-24", &huge).unwrap_err();
         assert_eq!(e.label(), "bad_backend_data");
         assert!(e.to_string().contains("bytes"), "{e}");
+    }
+
+    fn v6_only_cfg() -> crate::Ipv6Config {
+        let crate::ParsedNetwork::Ipv6Only(n) = crate::NetworkConfig::parse_any(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap() else {
+            panic!("an IPv6-only config")
+        };
+        n.ipv6
+    }
+
+    const V6_DATA: &str = r#""BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}"#;
+
+    fn v6_only(key: &str, value: &str) -> Result<Ipv6OnlyPeer, LeaseRejection> {
+        let k: LeaseKey = key.parse().unwrap();
+        LeaseAttrs::parse(value.as_bytes())
+            .unwrap()
+            .validate_ipv6_only(&k, &v6_only_cfg())
+    }
+
+    #[test]
+    fn an_ipv6_only_node_takes_ipv6_only_leases_and_the_ipv6_half_of_dual_stack_ones() {
+        let want = Ipv6OnlyPeer {
+            subnet: "fd00:10:244:3::/64".parse().unwrap(),
+            public_ipv6: "2001:db8::6".parse().unwrap(),
+        };
+        let own_form = format!(
+            r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan",{V6_DATA}}}"#
+        );
+        assert_eq!(v6_only("fd00:10:244:3::-64", &own_form), Ok(want));
+        let hostgw = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"host-gw"}"#;
+        assert_eq!(v6_only("fd00:10:244:3::-64", hostgw), Ok(want));
+        // A dual-stack node in the same network, exactly as flannel writes one: its IPv6 half.
+        let dual = format!(
+            r#"{{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"}},{V6_DATA}}}"#
+        );
+        assert_eq!(v6_only("10.244.3.0-24&fd00:10:244:3::-64", &dual), Ok(want));
+    }
+
+    #[test]
+    fn crafted_leases_are_refused_by_an_ipv6_only_node() {
+        let key = "fd00:10:244:3::-64";
+        let value = |public_ip: &str, public_ipv6: Option<&str>| {
+            let v6 = public_ipv6
+                .map(|a| format!(r#""PublicIPv6":"{a}","#))
+                .unwrap_or_default();
+            format!(r#"{{"PublicIP":"{public_ip}",{v6}"BackendType":"vxlan",{V6_DATA}}}"#)
+        };
+        let good = Some("2001:db8::6");
+        let cases: Vec<(String, String, &str)> = vec![
+            // PublicIP 0.0.0.0 under a dotted (flannel-form) key: an IPv6-only value dressed up.
+            (
+                "10.244.3.0-24&fd00:10:244:3::-64".into(),
+                value("0.0.0.0", good),
+                "bad_public_ip",
+            ),
+            // A real IPv4 PublicIP under an IPv6-only key.
+            (key.into(), value("198.18.0.6", good), "not_ipv6_peer"),
+            // An IPv4-only lease: nothing to route.
+            ("10.244.3.0-24".into(), value("198.18.0.6", good), "not_ipv6_peer"),
+            (key.into(), value("0.0.0.0", None), "not_ipv6_peer"),
+            (key.into(), value("0.0.0.0", Some("::")), "bad_public_ip"),
+            (key.into(), value("0.0.0.0", Some("::1")), "bad_public_ip"),
+            (key.into(), value("0.0.0.0", Some("ff02::1")), "bad_public_ip"),
+            (key.into(), value("0.0.0.0", Some("fe80::1")), "bad_public_ip"),
+            (
+                key.into(),
+                value("0.0.0.0", Some("::ffff:198.18.0.6")),
+                "bad_public_ip",
+            ),
+            (
+                key.into(),
+                value("0.0.0.0", Some("fd00:10:244:9::1")),
+                "public_ip_in_overlay",
+            ),
+            // Subnets outside IPv6Network, of the wrong length, or covering the whole network.
+            ("fd00:99::-64".into(), value("0.0.0.0", good), "outside_network"),
+            ("fd00:10:244:3::-80".into(), value("0.0.0.0", good), "outside_network"),
+            ("fd00:10:244::-56".into(), value("0.0.0.0", good), "outside_network"),
+            ("::-0".into(), value("0.0.0.0", good), "outside_network"),
+            // vxlan without the IPv6 VTEP, or with a bad one.
+            (
+                key.into(),
+                r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"}}"#.into(),
+                "bad_backend_data",
+            ),
+            (
+                key.into(),
+                r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}}"#.into(),
+                "bad_backend_data",
+            ),
+            (
+                key.into(),
+                r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"host-gw","BackendV6Data":[1]}"#.into(),
+                "bad_backend_data",
+            ),
+            (
+                key.into(),
+                r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"VXLAN!"}"#.into(),
+                "bad_backend_type",
+            ),
+        ];
+        for (k, v, label) in cases {
+            let got = v6_only(&k, &v);
+            assert_eq!(
+                got.as_ref().map_err(LeaseRejection::label),
+                Err(label),
+                "{k} {v}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ipv4_reader_still_refuses_an_ipv6_only_value_under_a_dotted_key() {
+        // The IPv4 validation is unchanged: PublicIP 0.0.0.0 is never a peer over IPv4.
+        let k: SubnetKey = "10.244.3.0-24&fd00:10:244:3::-64".parse().unwrap();
+        let a = LeaseAttrs::parse(
+            br#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"host-gw"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            a.validate(&k, net("10.244.0.0/16"), 24),
+            Err(LeaseRejection::BadPublicIp { .. })
+        ));
     }
 }

@@ -9,7 +9,9 @@ pub mod lease;
 pub mod network;
 pub mod subnet_env;
 
-pub use lease::{Ipv6OnlyKey, LeaseAttrs, LeaseKey, LeaseRejection, PeerIpv6, SubnetKey};
+pub use lease::{
+    Ipv6OnlyKey, Ipv6OnlyPeer, LeaseAttrs, LeaseKey, LeaseRejection, PeerIpv6, SubnetKey,
+};
 pub use network::{
     BackendConfig, Ipv6Config, Ipv6OnlyNetwork, NetworkConfig, ParsedNetwork, WireguardConfig,
     WireguardMode,

@@ -60,7 +60,7 @@ pub enum ParsedNetwork {
 
 /// An IPv6-only network (`EnableIPv4: false`, `EnableIPv6: true`), validated with flannel's rules.
 /// Its IPv4 keys (`Network`, `SubnetLen`, `SubnetMin`, `SubnetMax`) are ignored, as flannel ignores
-/// them. Parsed and tested; the agent does not run one yet (docs/ipv6.md).
+/// them. The agent runs one with vxlan or host-gw (docs/ipv6.md, "IPv6-only networks").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ipv6OnlyNetwork {
     pub ipv6: Ipv6Config,
@@ -356,15 +356,16 @@ impl NetworkConfig {
     /// Parses and validates flannel's JSON, accepting keys it does not use (flannel configs in the wild
     /// carry `EnableIPv6`, `EnableNFTables` and the like) so a config written for flannel works verbatim.
     ///
-    /// Refuses an IPv6-only config (naming `EnableIPv4`): the agent cannot run one yet. Use
-    /// [`NetworkConfig::parse_any`] to read one.
+    /// Refuses an IPv6-only config (naming `EnableIPv4`): it has no IPv4 `Network`, which every
+    /// user of this type needs. [`NetworkConfig::parse_any`] reads one (the agent does).
     pub fn parse(json: &str) -> Result<Self, NetworkConfigError> {
         match Self::parse_any(json)? {
             ParsedNetwork::Ipv4(c) => Ok(c),
             ParsedNetwork::Ipv6Only(_) => Err(bad(
                 "EnableIPv4",
-                "false (an IPv6-only network) is valid but tweed's agent does not run IPv6-only \
-                 networks yet; see docs/ipv6.md",
+                "false (an IPv6-only network) has no IPv4 Network for this reader; the agent \
+                 reads it with NetworkConfig::parse_any and runs it with vxlan or host-gw \
+                 (docs/ipv6.md)",
             )),
         }
     }

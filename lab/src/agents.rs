@@ -33,6 +33,8 @@ pub struct AgentOptions<'a> {
     pub lease_ttl: Duration,
     /// `--ip-masq`
     pub ip_masq: bool,
+    /// An IPv6-only lab: the hosts have only IPv6 addresses (metrics on `[::]`).
+    pub v6_only: bool,
     /// Appended last.
     pub extra: &'a [String],
 }
@@ -74,12 +76,18 @@ pub fn launch(h: &HostState, o: &AgentOptions<'_>) -> AgentLaunch {
         push("--api-socket", sock);
     }
     // Every address of the host, so that pods (via cni0) and the other hosts reach it alike.
-    let metrics = (!given("--metrics-addr")).then(|| {
-        push(
-            "--metrics-addr",
-            &format!("0.0.0.0:{}", names::METRICS_PORT),
-        );
-        format!("http://{}:{}/metrics", h.public_ip, names::METRICS_PORT)
+    let metrics = (!given("--metrics-addr")).then(|| match h.public_ip6.filter(|_| o.v6_only) {
+        Some(ip6) => {
+            push("--metrics-addr", &format!("[::]:{}", names::METRICS_PORT));
+            format!("http://[{ip6}]:{}/metrics", names::METRICS_PORT)
+        }
+        None => {
+            push(
+                "--metrics-addr",
+                &format!("0.0.0.0:{}", names::METRICS_PORT),
+            );
+            format!("http://{}:{}/metrics", h.public_ip, names::METRICS_PORT)
+        }
     });
     if o.ip_masq && !given("--ip-masq") {
         argv.push("--ip-masq".into());
@@ -174,6 +182,67 @@ pub(crate) fn wait_subnets(
     }
 }
 
+/// [`wait_subnets`] for an IPv6-only lab: each agent's subnet.env names its IPv6 subnet
+/// (`TWEED_IPV6_SUBNET`), which is recorded as the host's subnet.
+pub(crate) fn wait_subnets_v6(
+    hosts: &mut [HostState],
+    children: &mut [Child],
+    timeout: Duration,
+    cancel: Option<&AtomicBool>,
+    on_ready: &mut dyn FnMut(&str, &str, Duration) -> Result<(), LabError>,
+) -> Result<(), LabError> {
+    let start = Instant::now();
+    loop {
+        let mut waiting = None;
+        for (i, h) in hosts.iter_mut().enumerate() {
+            if h.subnet.is_some() {
+                continue;
+            }
+            // A file without the IPv6 pair (or unreadable yet) is waited on like a missing one.
+            if let Some((v6, mtu)) = SubnetEnv::read(&h.subnet_file)
+                .ok()
+                .and_then(|env| Some((env.ipv6?, env.mtu)))
+            {
+                let s = v6.subnet.to_string();
+                on_ready(&h.name, &s, start.elapsed())?;
+                h.subnet = Some(s);
+                h.mtu = Some(mtu);
+                continue;
+            }
+            let pid = h.agent_pid.unwrap_or(0);
+            if let Some(child) = children.iter_mut().find(|c| c.id() == pid) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(error(
+                        h,
+                        format!(
+                            "exited ({status}) before writing {}",
+                            h.subnet_file.display()
+                        ),
+                    ));
+                }
+            }
+            waiting.get_or_insert(i);
+        }
+        let Some(i) = waiting else {
+            return Ok(());
+        };
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(LabError::Interrupted);
+        }
+        if start.elapsed() >= timeout {
+            let h = &hosts[i];
+            return Err(error(
+                h,
+                format!(
+                    "no TWEED_IPV6_SUBNET in {} after {timeout:?}",
+                    h.subnet_file.display()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// An agent failure, with the tail of its log.
 fn error(h: &HostState, reason: String) -> LabError {
     LabError::Agent {
@@ -224,6 +293,7 @@ mod tests {
             endpoints: &endpoints,
             lease_ttl: Duration::from_secs(120),
             ip_masq: true,
+            v6_only: false,
             extra: &[],
         };
         let l = launch(&host(), &o);
@@ -254,6 +324,7 @@ mod tests {
             endpoints: &[],
             lease_ttl: Duration::from_secs(300),
             ip_masq: false,
+            v6_only: false,
             extra: &[],
         };
         let a = args(&launch(&host(), &o));
@@ -277,6 +348,7 @@ mod tests {
             endpoints: &[],
             lease_ttl: Duration::from_secs(300),
             ip_masq: true,
+            v6_only: false,
             extra: &extra,
         };
         let l = launch(&host(), &o);

@@ -157,6 +157,12 @@ pub fn cni_add(call: &CniCall<'_>) -> Result<Ipv4Network, CniError> {
 }
 
 /// CNI DEL (idempotent; an empty `CNI_NETNS` when the pod namespace is gone).
+/// ADD, returning the plugin's result as it printed it (for callers that need more than the
+/// IPv4 address, e.g. the IPv6 one of an IPv6-only node's pod).
+pub fn cni_add_result(call: &CniCall<'_>) -> Result<String, CniError> {
+    call.run("ADD", &format!("/run/netns/{}", call.pod_ns))
+}
+
 pub fn cni_del(call: &CniCall<'_>) -> Result<(), CniError> {
     let path = Path::new("/run/netns").join(call.pod_ns);
     let netns_path = if path.exists() {

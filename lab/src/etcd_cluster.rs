@@ -56,8 +56,15 @@ pub(crate) fn start(
     names: &Names,
     dir: &Path,
     members: usize,
+    family: crate::spec::IpFamily,
 ) -> Result<(EtcdState, Vec<Child>), LabError> {
     let mut opts = member_options(names, dir, members);
+    if family == crate::spec::IpFamily::V6 {
+        // The hosts have no IPv4 address: the one member listens on the bridge's IPv6 one.
+        for o in &mut opts {
+            o.listen_ip = IpAddr::V6(names::segment_gateway6(0));
+        }
+    }
     let started = if opts.len() > 1 {
         EtcdProcess::start_cluster(opts, true)?
     } else {

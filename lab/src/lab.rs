@@ -20,6 +20,7 @@ use crate::etcd_cluster;
 use crate::names::{self, Names};
 use crate::netns;
 use crate::pods::{self, Attach};
+use crate::spec::IpFamily;
 use crate::spec::{self, LabSpec, CONFIG_KEY};
 use crate::state::{self, LabState, Phase, RuntimeState};
 use crate::topology;
@@ -241,7 +242,7 @@ impl Lab {
 
         let t = Instant::now();
         let (etcd_state, children) =
-            etcd_cluster::start(&self.names, &self.dir, spec.etcd_members)?;
+            etcd_cluster::start(&self.names, &self.dir, spec.etcd_members, spec.ip_family)?;
         let endpoints = etcd_state.endpoints.clone();
         self.state.etcd = Some(etcd_state);
         self.children.extend(children);
@@ -269,6 +270,7 @@ impl Lab {
             endpoints: &endpoints,
             lease_ttl: self.state.lease_ttl,
             ip_masq: spec.ip_masq,
+            v6_only: spec.ip_family == IpFamily::V6,
             extra: &spec.agent_args,
         };
         for idx in 0..self.state.hosts.len() {
@@ -286,6 +288,19 @@ impl Lab {
             progress(&format!("tweedd on {} (pid {pid})", h.name), t.elapsed())?;
         }
 
+        if spec.ip_family == IpFamily::V6 {
+            agents::wait_subnets_v6(
+                &mut self.state.hosts,
+                &mut self.children,
+                spec.agent_timeout,
+                spec.cancel.as_deref(),
+                &mut |host, subnet, took| {
+                    progress(&format!("subnet.env of {host}: {subnet} (IPv6 only)"), took)
+                },
+            )?;
+            self.state.phase = Phase::Ready;
+            return self.save();
+        }
         let envs = agents::wait_subnets(
             &mut self.state.hosts,
             &mut self.children,
@@ -367,7 +382,12 @@ impl Lab {
         }
         self.state.hosts.push(h);
         self.save()?;
-        topology::add_host(&self.names, i, &self.state.hosts[i - 1])
+        topology::add_host(
+            &self.names,
+            i,
+            &self.state.hosts[i - 1],
+            self.state.ip_family,
+        )
     }
 }
 

@@ -40,9 +40,12 @@ enum Cmd {
         /// routed by the underlay namespace.
         #[arg(long, default_value_t = 1)]
         segments: usize,
-        /// v4 (IPv4 only) or dual: the hosts also get an IPv6 underlay address
+        /// v4 (IPv4 only), dual or v6. dual: the hosts also get an IPv6 underlay address
         /// (fd00:198:18:<segment>::<host>), the network config EnableIPv6 with IPv6Network
-        /// fd00:10:244::/56, and every pod an IPv6 address too (vxlan, host-gw and udp).
+        /// fd00:10:244::/56, and every pod an IPv6 address too (vxlan, host-gw and udp). v6: the
+        /// hosts get only the IPv6 address, etcd listens on the bridge's fd00:198:18::254,
+        /// the network config is EnableIPv4 false (vxlan or host-gw; one segment, one etcd
+        /// member, --pods-per-host 0).
         #[arg(long, default_value = "v4", value_parser = parse_ip_family)]
         ip_family: IpFamily,
         #[arg(long, default_value_t = 2)]

@@ -58,11 +58,22 @@ impl IpFamily {
 }
 
 /// The network config the lab writes to etcd (`DirectRouting` only when set, vxlan only; the
-/// IPv6 keys only for a dual-stack lab).
+/// IPv6 keys only for a dual-stack or IPv6-only lab; `EnableIPv4: false` and no IPv4 keys for
+/// an IPv6-only one).
 pub fn network_config_json(backend: Backend, direct_routing: bool, family: IpFamily) -> String {
     let mut b = serde_json::json!({"Type": backend.as_str()});
     if direct_routing {
         b["DirectRouting"] = true.into();
+    }
+    if family == IpFamily::V6 {
+        return serde_json::json!({
+            "EnableIPv4": false,
+            "EnableIPv6": true,
+            "IPv6Network": names::OVERLAY6_NETWORK,
+            "IPv6SubnetLen": names::OVERLAY6_SUBNET_LEN,
+            "Backend": b,
+        })
+        .to_string();
     }
     let mut c = serde_json::json!({
         "Network": names::OVERLAY_NETWORK,
@@ -187,12 +198,31 @@ fn validate(spec: &LabSpec) -> Result<(), LabError> {
     range("--etcd-members", spec.etcd_members, names::MAX_ETCD_MEMBERS)?;
     match spec.ip_family {
         IpFamily::V4 => Ok(()),
-        // Refused rather than half-built: the agent would refuse the config at start.
-        IpFamily::V6 => Err(LabError::Spec(
-            "--ip-family v6: tweedd does not run IPv6-only networks yet (it refuses \
-             EnableIPv4: false); use dual"
-                .into(),
-        )),
+        // Refused rather than half-built: what the agent or the lab cannot run IPv6 only.
+        IpFamily::V6 => {
+            if !matches!(spec.backend, Backend::Vxlan | Backend::HostGw) {
+                return Err(LabError::Spec(format!(
+                    "--ip-family v6: backend {} cannot run an IPv6-only network; use vxlan or \
+                     host-gw",
+                    spec.backend
+                )));
+            }
+            if spec.segments != 1 || spec.etcd_members != 1 {
+                return Err(LabError::Spec(
+                    "--ip-family v6 builds one segment and one etcd member \
+                     (--segments 1 --etcd-members 1)"
+                        .into(),
+                ));
+            }
+            if spec.pods_per_host != 0 {
+                return Err(LabError::Spec(
+                    "--ip-family v6 attaches no pods yet (--pods-per-host 0): the lab's pods \
+                     need an IPv4 subnet"
+                        .into(),
+                ));
+            }
+            Ok(())
+        }
         IpFamily::Dual => Ok(()),
     }
 }
@@ -355,11 +385,35 @@ mod tests {
         assert!(err(&|s| s.segments = 0).contains("--segments"));
         assert!(err(&|s| s.etcd_members = 4).contains("--etcd-members"));
         assert!(err(&|s| s.pods_per_host = 251).contains("--pods-per-host"));
-        let e = err(&|s| s.ip_family = IpFamily::V6);
-        assert!(
-            e.contains("--ip-family v6") && e.contains("EnableIPv4"),
-            "{e}"
-        );
+        // IPv6 only: vxlan and host-gw, one segment, one etcd member, no pods yet.
+        let v6 = |f: &dyn Fn(&mut LabSpec)| {
+            err(&|s| {
+                s.ip_family = IpFamily::V6;
+                s.pods_per_host = 0;
+                f(s)
+            })
+        };
+        assert!(v6(&|s| s.backend = Backend::Udp).contains("backend udp"));
+        assert!(v6(&|s| s.backend = Backend::Wireguard).contains("backend wireguard"));
+        assert!(v6(&|s| s.segments = 2).contains("--segments 1"));
+        assert!(v6(&|s| s.etcd_members = 3).contains("--etcd-members 1"));
+        assert!(v6(&|s| s.pods_per_host = 1).contains("--pods-per-host 0"));
+        for b in [Backend::Vxlan, Backend::HostGw] {
+            let mut spec = LabSpec::new("x", 3);
+            (spec.ip_family, spec.backend, spec.pods_per_host) = (IpFamily::V6, b, 0);
+            validate(&spec).unwrap();
+        }
+        let c: serde_json::Value =
+            serde_json::from_str(&network_config_json(Backend::HostGw, false, IpFamily::V6))
+                .unwrap();
+        assert_eq!(c["EnableIPv4"], false);
+        assert!(c.get("Network").is_none(), "{c}");
+        let tweed_config::ParsedNetwork::Ipv6Only(n) =
+            tweed_config::NetworkConfig::parse_any(&c.to_string()).unwrap()
+        else {
+            panic!("{c}: not IPv6-only")
+        };
+        assert_eq!(n.ipv6.network.to_string(), names::OVERLAY6_NETWORK);
         for b in [
             Backend::Vxlan,
             Backend::HostGw,

@@ -233,7 +233,12 @@ impl Lab {
             .map(|h| HostStatus {
                 name: h.name.clone(),
                 netns: h.netns.clone(),
-                public_ip: h.public_ip.to_string(),
+                // An IPv6-only lab's hosts have no IPv4 address: the recorded one is unused.
+                public_ip: if self.state.ip_family == crate::spec::IpFamily::V6 {
+                    "-".into()
+                } else {
+                    h.public_ip.to_string()
+                },
                 public_ip6: h.public_ip6.map(|ip| ip.to_string()),
                 subnet: node_subnet(h),
                 subnet6: SubnetEnv::read(&h.subnet_file)

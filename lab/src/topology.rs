@@ -73,8 +73,7 @@ pub(crate) fn add_outside(names: &Names, family: IpFamily) -> Result<(), LabErro
         names::OUTSIDE_VETH,
         names::UNDERLAY_BRIDGE,
         &o,
-        &addr,
-        names::UNDERLAY_GW,
+        Some((addr.as_str(), names::UNDERLAY_GW)),
         v6.as_ref(),
     )
 }
@@ -143,9 +142,20 @@ pub fn host_state(
 /// Host `i`'s namespace, its `eth0` cable into its segment's bridge, its address, a default
 /// route via its segment's gateway (for etcd on a cluster address, the other segment and the
 /// outside), and forwarding on; in a dual-stack lab the same again for IPv6.
-pub(crate) fn add_host(names: &Names, i: usize, h: &HostState) -> Result<(), LabError> {
+pub(crate) fn add_host(
+    names: &Names,
+    i: usize,
+    h: &HostState,
+    family: IpFamily,
+) -> Result<(), LabError> {
     netns::add(&h.netns)?;
-    let addr = format!("{}/{}", h.public_ip, names::UNDERLAY_PREFIX);
+    // An IPv6-only lab's hosts get no IPv4 address at all: nothing can fall back to IPv4.
+    let v4 = (family != IpFamily::V6).then(|| {
+        (
+            format!("{}/{}", h.public_ip, names::UNDERLAY_PREFIX),
+            names::segment_gateway(h.segment),
+        )
+    });
     let v6 = h.public_ip6.map(|ip6| Cable6 {
         addr: format!("{ip6}/{}", names::UNDERLAY6_PREFIX),
         gateway: names::segment_gateway6(h.segment),
@@ -159,8 +169,7 @@ pub(crate) fn add_host(names: &Names, i: usize, h: &HostState) -> Result<(), Lab
         &names.underlay_veth(i),
         &names::segment_bridge(h.segment),
         &h.netns,
-        &addr,
-        names::segment_gateway(h.segment),
+        v4.as_ref().map(|(a, g)| (a.as_str(), *g)),
         v6.as_ref(),
     )?;
     netns::sysctl(&h.netns, "net.ipv4.ip_forward", "1")?;
@@ -174,18 +183,22 @@ fn cable(
     underlay_end: &str,
     bridge: &str,
     ns: &str,
-    addr: &str,
-    gateway: Ipv4Addr,
+    v4: Option<(&str, Ipv4Addr)>,
     v6: Option<&Cable6>,
 ) -> Result<(), LabError> {
     let u = names.underlay_ns();
     netns::veth(&u, underlay_end, ns, names::HOST_IFACE, None)?;
     netns::ip(&u, &["link", "set", underlay_end, "master", bridge])?;
-    netns::ip(ns, &["addr", "add", addr, "dev", names::HOST_IFACE])?;
-    netns::ip(
-        ns,
-        &["route", "add", "default", "via", &gateway.to_string()],
-    )?;
+    if let Some((addr, gateway)) = v4 {
+        netns::ip(ns, &["addr", "add", addr, "dev", names::HOST_IFACE])?;
+        netns::ip(
+            ns,
+            &["route", "add", "default", "via", &gateway.to_string()],
+        )?;
+    } else {
+        // No IPv4 address: the link must be up for the IPv6 one to be usable.
+        netns::ip(ns, &["link", "set", names::HOST_IFACE, "up"])?;
+    }
     if let Some(v6) = v6 {
         add_addr6(ns, names::HOST_IFACE, &v6.addr)?;
         netns::ip(

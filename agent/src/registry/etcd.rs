@@ -461,7 +461,7 @@ impl EtcdRegistry {
 
     pub async fn create_lease(
         &self,
-        key: &SubnetKey,
+        key: &dyn super::KeyName,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<CreateOutcome, RegistryError> {
@@ -482,7 +482,7 @@ impl EtcdRegistry {
 
     pub async fn update_lease(
         &self,
-        key: &SubnetKey,
+        key: &dyn super::KeyName,
         attrs: &LeaseAttrs,
         lease_id: i64,
         mod_revision: i64,
@@ -498,7 +498,7 @@ impl EtcdRegistry {
     /// never a value someone wrote over it meanwhile.
     pub async fn delete_lease(
         &self,
-        key: &SubnetKey,
+        key: &dyn super::KeyName,
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
         let k = key.etcd_key(&self.prefix);

@@ -235,7 +235,7 @@ impl MemRegistry {
 
     pub async fn create_lease(
         &self,
-        key: &SubnetKey,
+        key: &dyn super::KeyName,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<CreateOutcome, RegistryError> {
@@ -254,7 +254,7 @@ impl MemRegistry {
 
     pub async fn update_lease(
         &self,
-        key: &SubnetKey,
+        key: &dyn super::KeyName,
         attrs: &LeaseAttrs,
         lease_id: i64,
         mod_revision: i64,
@@ -271,7 +271,7 @@ impl MemRegistry {
 
     pub async fn delete_lease(
         &self,
-        key: &SubnetKey,
+        key: &dyn super::KeyName,
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
         let k = key.etcd_key(&self.prefix);

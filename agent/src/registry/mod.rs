@@ -64,6 +64,25 @@ pub enum RegistryError {
     Raced { op: &'static str, key: String },
 }
 
+/// A lease key of either form (flannel's, tweed's IPv6-only one): what the writes need of it.
+/// `Sync` so a borrowed key can be held across an await in a `Send` future.
+pub trait KeyName: Sync {
+    /// The full etcd key under `prefix`.
+    fn etcd_key(&self, prefix: &str) -> String;
+}
+
+impl KeyName for SubnetKey {
+    fn etcd_key(&self, prefix: &str) -> String {
+        SubnetKey::etcd_key(self, prefix)
+    }
+}
+
+impl KeyName for tweed_config::LeaseKey {
+    fn etcd_key(&self, prefix: &str) -> String {
+        tweed_config::LeaseKey::etcd_key(self, prefix)
+    }
+}
+
 /// A key/value under `<prefix>/subnets/`, unparsed: parsing (and skipping what is corrupt) is the
 /// lease table's job, so one bad value never fails a whole listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,12 +232,12 @@ impl Registry {
         fn get_config() -> Option<String>;
         fn list_leases() -> Snapshot;
         /// Creates `key` with a fresh TTL lease only if it does not exist (version 0).
-        fn create_lease(key: &SubnetKey, attrs: &LeaseAttrs, ttl: Duration) -> CreateOutcome;
+        fn create_lease(key: &dyn KeyName, attrs: &LeaseAttrs, ttl: Duration) -> CreateOutcome;
         /// Rewrites the value of a lease we hold, keeping its TTL lease, only if nobody changed it
         /// since `mod_revision`. Returns false when it changed or vanished.
-        fn update_lease(key: &SubnetKey, attrs: &LeaseAttrs, lease_id: i64, mod_revision: i64) -> bool;
+        fn update_lease(key: &dyn KeyName, attrs: &LeaseAttrs, lease_id: i64, mod_revision: i64) -> bool;
         /// Deletes `key` only if unchanged since `mod_revision`; false when it changed or vanished.
-        fn delete_lease(key: &SubnetKey, mod_revision: i64) -> bool;
+        fn delete_lease(key: &dyn KeyName, mod_revision: i64) -> bool;
         /// Lets go of a TTL lease now (its keys go with it) instead of waiting out its TTL. A lease
         /// already gone is no error.
         fn revoke(lease_id: i64) -> ();

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 use tweed_config::subnet_env::SubnetEnvError;
-use tweed_config::{NetworkConfig, SubnetEnv, SubnetKey};
+use tweed_config::{NetworkConfig, ParsedNetwork, SubnetEnv, SubnetKey};
 
 /// How often the data plane is re-read and repaired even without lease events (reads only when
 /// nothing drifted).
@@ -61,8 +61,26 @@ pub async fn run_with(
         ipv6_addrs,
     } = deps;
     let report = Report::new(state, clock);
-    let Some(cfg) = wait_for_config(&registry, &mut stop).await else {
-        return Ok(());
+    let cfg = match wait_for_config(&registry, &mut stop).await {
+        None => return Ok(()),
+        Some(ParsedNetwork::Ipv4(cfg)) => cfg,
+        Some(ParsedNetwork::Ipv6Only(net)) => {
+            // The API's reserve/unreserve and key rotation act on IPv4 leases: not offered here.
+            drop(control);
+            let deps = super::v6only::V6Only {
+                registry,
+                nl,
+                firewall: Arc::new(firewall),
+                report,
+                ipv6_addrs,
+            };
+            let result = super::v6only::run(deps, settings, net, &mut stop).await;
+            match &result {
+                Ok(()) => info!("shutting down; lease and data plane left in place"),
+                Err(e) => error!("{e}"),
+            }
+            return result;
+        }
     };
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = cfg.backend.type_name(), "network config");
     let (commands_tx, commands) = tokio::sync::mpsc::channel(4);
@@ -299,14 +317,14 @@ async fn repair_due(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn wait_for_config(registry: &Registry, stop: &mut Stop) -> Option<NetworkConfig> {
+async fn wait_for_config(registry: &Registry, stop: &mut Stop) -> Option<ParsedNetwork> {
     let key = registry.config_key();
     let mut backoff = Duration::from_millis(500);
     let mut said_waiting = false;
     let mut last_bad: Option<String> = None;
     loop {
         match registry.get_config().await {
-            Ok(Some(json)) => match NetworkConfig::parse(&json) {
+            Ok(Some(json)) => match NetworkConfig::parse_any(&json) {
                 Ok(cfg) => return Some(cfg),
                 Err(e) => {
                     if last_bad.as_deref() != Some(json.as_str()) {

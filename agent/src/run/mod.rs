@@ -20,9 +20,14 @@ mod stop;
 #[cfg(test)]
 mod tests;
 mod underlay6;
+mod v6only;
+#[cfg(test)]
+mod v6only_tests;
 
 pub use deps::{Clock, Deps};
 pub use main_loop::run_with;
+/// The status' `ipv6` of a node in an IPv6-only network.
+pub use report::IPV6_ONLY as IPV6_ONLY_STATUS;
 
 use crate::netlink::{self, Netlink};
 use crate::registry::{EtcdRegistry, Registry, RegistryError};
@@ -49,6 +54,8 @@ pub enum AgentError {
     SubnetEnv(#[from] tweed_config::subnet_env::SubnetEnvError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    V6Only(#[from] crate::v6only::V6OnlyError),
     #[error(transparent)]
     Notify(#[from] crate::notify::NotifyError),
     #[error("--metrics-addr {addr}: {source}")]

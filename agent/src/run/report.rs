@@ -19,6 +19,9 @@ use tracing::{debug, error, info, warn};
 use tweed_config::NetworkConfig;
 use tweed_config::SubnetKey;
 
+/// The status' `ipv6` in an IPv6-only network.
+pub const IPV6_ONLY: &str = "IPv6 only (EnableIPv4: false)";
+
 /// Cheap to clone; clones report into the same state.
 #[derive(Clone)]
 pub(super) struct Report {
@@ -77,6 +80,11 @@ impl Report {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(what)
+    }
+
+    /// True the first time `what` is seen: a log line said once, not at every resync.
+    pub(super) fn once(&self, what: String) -> bool {
+        self.first_time(what)
     }
 
     /// When a lease of `ttl` renewed now expires; 0 for a lease without TTL.
@@ -147,6 +155,74 @@ impl Report {
             s.subnet_v6 = own.key.ipv6.map(|n| n.to_string()).unwrap_or_default();
             s.lease_held = true;
         });
+    }
+
+    /// An IPv6-only network (`EnableIPv4: false`): no IPv4 network, no `PublicIP`.
+    pub(super) fn ipv6_only_network(
+        &self,
+        network: ipnetwork::Ipv6Network,
+        backend: &str,
+        public_ipv6: std::net::Ipv6Addr,
+    ) {
+        self.state.update(|s| {
+            s.public_ip = String::new();
+            s.network = network.to_string();
+            s.backend = backend.to_string();
+            s.ipv6 = IPV6_ONLY.to_string();
+            s.public_ipv6 = public_ipv6.to_string();
+        });
+    }
+
+    /// Our IPv6-only lease was acquired (or taken again).
+    pub(super) fn ipv6_only_lease(
+        &self,
+        subnet: ipnetwork::Ipv6Network,
+        lease_id: i64,
+        ttl: Duration,
+    ) {
+        info!(subnet_v6 = %subnet, lease = format!("{lease_id:x}"), "IPv6-only lease acquired");
+        let m = &self.state.metrics;
+        m.lease_acquisitions.inc();
+        m.lease_info.reset();
+        m.lease_ipv6_info.reset();
+        m.lease_ipv6_info
+            .with_label_values(&[&subnet.to_string()])
+            .set(1);
+        self.set_expiry(self.expiry(lease_id, ttl));
+        self.state.update(|s| {
+            s.subnet = String::new();
+            s.subnet_v6 = subnet.to_string();
+            s.lease_held = true;
+        });
+    }
+
+    /// An IPv6-only lease renewed, or failing to be.
+    pub(super) fn ipv6_only_renewed(&self, lease_id: i64, ttl: Duration) {
+        self.state.metrics.lease_renewals.inc();
+        self.set_expiry(self.expiry(lease_id, ttl));
+    }
+
+    pub(super) fn ipv6_only_lease_lost(&self) {
+        let m = &self.state.metrics;
+        m.lease_failures.with_label_values(&["renew"]).inc();
+        self.state.update(|s| s.lease_held = false);
+    }
+
+    /// The IPv6-only data plane as last reconciled: programmed or not, the peers' count.
+    pub(super) fn ipv6_only_programmed(&self, ok: bool) {
+        self.state.update(|s| s.backend_programmed = ok);
+    }
+
+    /// A peer lease an IPv6-only node refused (`label` as `tweed_leases_rejected_total`'s).
+    pub(super) fn ipv6_only_rejected(&self, key: &str, why: &str, label: &'static str) {
+        if self.first_time(format!("v6only-reject {key} {why}")) {
+            warn!(%key, "skipping a lease: {why}");
+            self.state
+                .metrics
+                .leases_rejected
+                .with_label_values(&[label])
+                .inc();
+        }
     }
 
     /// Renaming the lease to its IPv4-only key failed (logged by the caller); retried.

@@ -1,0 +1,516 @@
+//! The agent in an IPv6-only network (`EnableIPv4: false`, docs/ipv6.md "IPv6-only networks"):
+//! vxlan (`tweed-v6.<VNI>` only) or host-gw (routes via the peers' `PublicIPv6`), a lease under
+//! the IPv6-only key, IPv6 rules only, subnet.env with only the IPv6 pair.
+//!
+//! A loop of its own rather than the dual-stack one: everything there hangs off an IPv4 subnet
+//! (the lease table's keys, the backends' devices, the rules), and none of it exists here. It is
+//! level-triggered: each lease event, each renewal that finds the lease gone and a periodic
+//! resync list the leases and bring the kernel to exactly what they say, so a missed event or
+//! a drifted route costs at most one resync period.
+
+use super::report::Report;
+use super::stop::{next_backoff, Stop};
+use super::AgentError;
+use crate::backend::v6;
+use crate::netlink::{MacAddr, Netlink, Op};
+use crate::registry::{CreateOutcome, RawLease, Registry};
+use crate::rules::{Firewall, RuleSpecV6};
+use crate::settings::Settings;
+use crate::v6only::{self as pure, Decision, Underlay};
+use ipnetwork::Ipv6Network;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info, warn};
+use tweed_config::{
+    BackendConfig, Ipv6OnlyKey, Ipv6OnlyNetwork, LeaseAttrs, LeaseKey, SubnetEnv, SubnetEnvV6,
+};
+
+/// How often the data plane and the rules are brought back to the leases without an event.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// What the loop needs besides the leases.
+pub(super) struct V6Only {
+    pub registry: Arc<Registry>,
+    pub nl: Netlink,
+    pub firewall: Arc<Firewall>,
+    pub report: Report,
+    pub ipv6_addrs: crate::ipv6::Ipv6Addrs,
+}
+
+/// Our lease: its key and the TTL lease it hangs on (0: a reservation, nothing to renew).
+#[derive(Debug, Clone, Copy)]
+struct Own {
+    key: Ipv6OnlyKey,
+    lease_id: i64,
+}
+
+/// The vxlan device this node runs, when the backend is vxlan.
+struct Vxlan {
+    spec: crate::netlink::VxlanSpec,
+    direct_routing: bool,
+}
+
+struct Node {
+    net: Ipv6OnlyNetwork,
+    underlay: Underlay,
+    attrs: LeaseAttrs,
+    vxlan: Option<Vxlan>,
+    settings: Settings,
+}
+
+/// Runs an IPv6-only network until `stop`. A backend that cannot run one and a node without a
+/// usable IPv6 address end it with an error naming why; etcd outages are waited out.
+pub(super) async fn run(
+    deps: V6Only,
+    settings: Settings,
+    net: Ipv6OnlyNetwork,
+    stop: &mut Stop,
+) -> Result<(), AgentError> {
+    pure::check_backend(&net.backend)?;
+    let links = deps.nl.links().await?;
+    let addrs = deps.ipv6_addrs.list().unwrap_or_else(|e| {
+        warn!("{e}");
+        Vec::new()
+    });
+    let routes = deps.nl.all_routes6().await?;
+    let underlay = pure::choose_underlay(
+        &settings.iface,
+        settings.public_ipv6,
+        &links,
+        &addrs,
+        &routes,
+    )?;
+    info!(iface = %underlay.name, public_ipv6 = %underlay.public_ipv6, mtu = underlay.mtu, ipv6_network = %net.ipv6.network, backend = net.backend.type_name(), "IPv6-only network");
+    deps.report.ipv6_only_network(
+        net.ipv6.network,
+        net.backend.type_name(),
+        underlay.public_ipv6,
+    );
+
+    let vxlan = match &net.backend {
+        BackendConfig::Vxlan {
+            vni,
+            port,
+            direct_routing,
+            ..
+        } => {
+            // The device keeps its MAC across restarts: peers' FDB entries stay right.
+            let existing = deps.nl.link_by_name(&v6::device_name(*vni)).await?;
+            let mac = existing
+                .and_then(|l| l.mac)
+                .filter(|m| m.is_valid_unicast())
+                .unwrap_or_else(MacAddr::random_local);
+            Some(Vxlan {
+                spec: v6::device_spec(
+                    *vni,
+                    *port,
+                    underlay.public_ipv6,
+                    underlay.index,
+                    underlay.mtu,
+                    mac,
+                ),
+                direct_routing: *direct_routing,
+            })
+        }
+        _ => None,
+    };
+    let attrs = pure::lease_attrs(
+        underlay.public_ipv6,
+        &net.backend,
+        vxlan.as_ref().and_then(|v| v.spec.mac),
+    );
+    let node = Node {
+        net,
+        underlay,
+        attrs,
+        vxlan,
+        settings,
+    };
+    if let Some(v) = &node.vxlan {
+        let existing = deps.nl.link_by_name(&v.spec.name).await?;
+        let ops = v6::plan_device6(&v.spec, existing.as_ref());
+        apply(&deps.nl, &ops).await?;
+        if let Some(mtu) = v.spec.mtu {
+            deps.report.mtu(mtu);
+        }
+    } else {
+        deps.report.mtu(node.underlay.mtu);
+    }
+
+    let previous = previous_subnet(&node.settings);
+    let Some(mut own) = acquire(&deps, &node, previous, stop).await else {
+        return Ok(());
+    };
+    write_subnet_env(&node, &deps.report, own.key.ipv6);
+    let renew_every = crate::subnet::renew_interval(
+        node.settings.lease_ttl,
+        node.settings.subnet_lease_renew_margin,
+    );
+    let mut renew_at = tokio::time::Instant::now() + renew_every;
+    let mut renew_backoff = Duration::from_millis(500);
+    let mut resync = tokio::time::interval(RESYNC);
+    let mut rules = tokio::time::interval(node.settings.iptables_resync);
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    let mut watch = None;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        // The watch (re)starts after every listing, from that listing's revision.
+        if watch.is_none() {
+            let revision = match reconcile(&deps, &node, &mut own, stop).await {
+                Some(Ok(revision)) => revision,
+                Some(Err(e)) => {
+                    warn!("IPv6-only: {e}; retrying in {backoff:?}");
+                    deps.report.watch_live(false);
+                    if stop.sleep(backoff).await {
+                        return Ok(());
+                    }
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
+                None => return Ok(()),
+            };
+            match deps.registry.watch(revision + 1).await {
+                Ok(w) => {
+                    watch = Some(w);
+                    backoff = Duration::from_millis(500);
+                    deps.report.watch_live(true);
+                }
+                Err(e) => {
+                    warn!("IPv6-only: watching the leases: {e}; retrying in {backoff:?}");
+                    deps.report.watch_live(false);
+                    if stop.sleep(backoff).await {
+                        return Ok(());
+                    }
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
+            }
+        }
+        let w = watch.as_mut().expect("set above");
+        tokio::select! {
+            _ = stop.wait() => return Ok(()),
+            events = w.next() => match events {
+                Ok(_) => {
+                    match reconcile(&deps, &node, &mut own, stop).await {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => { warn!("IPv6-only: {e}"); watch = None; }
+                        None => return Ok(()),
+                    }
+                }
+                Err(e) => {
+                    warn!("IPv6-only: the lease watch ended: {e}; listing again");
+                    deps.report.watch_live(false);
+                    watch = None;
+                }
+            },
+            _ = tokio::time::sleep_until(renew_at) => {
+                renew_at = tokio::time::Instant::now() + renew_every;
+                if own.lease_id != 0 {
+                    match deps.registry.renew(own.lease_id).await {
+                        Ok(Some(ttl)) => {
+                            deps.report.ipv6_only_renewed(own.lease_id, ttl);
+                            renew_backoff = Duration::from_millis(500);
+                        }
+                        Ok(None) => {
+                            warn!(subnet_v6 = %own.key.ipv6, "IPv6-only lease expired; taking it again");
+                            deps.report.ipv6_only_lease_lost();
+                            // The listing notices the key is gone and acquires again.
+                            watch = None;
+                        }
+                        Err(e) => {
+                            // Retried soon, not at the next period: that may be past the TTL.
+                            warn!("IPv6-only: renewing the lease: {e}; retrying in {renew_backoff:?}");
+                            renew_at = tokio::time::Instant::now() + renew_backoff;
+                            renew_backoff = next_backoff(renew_backoff);
+                        }
+                    }
+                }
+            }
+            _ = resync.tick() => {
+                if let Some(Err(e)) = reconcile(&deps, &node, &mut own, stop).await {
+                    warn!("IPv6-only: {e}");
+                    watch = None;
+                }
+            }
+            _ = rules.tick() => sync_rules(&deps, &node, own.key.ipv6).await,
+            _ = beat.tick() => { deps.report.beat(); }
+        }
+    }
+}
+
+/// The IPv6 subnet subnet.env named (a restart asks it back, as the IPv4 half does); an
+/// unreadable file asks for nothing.
+fn previous_subnet(settings: &Settings) -> Option<Ipv6Network> {
+    SubnetEnv::read(&settings.subnet_file)
+        .ok()?
+        .ipv6
+        .map(|v6| v6.node_subnet())
+}
+
+/// Takes our lease: ours if it is there, else a free subnet; retried while etcd fails or a
+/// race is lost. `None` on shutdown.
+async fn acquire(
+    deps: &V6Only,
+    node: &Node,
+    previous: Option<Ipv6Network>,
+    stop: &mut Stop,
+) -> Option<Own> {
+    let mut exclude = HashSet::new();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match try_acquire(deps, node, previous, &mut exclude).await {
+            Ok(Some(own)) => {
+                deps.report
+                    .ipv6_only_lease(own.key.ipv6, own.lease_id, node.settings.lease_ttl);
+                return Some(own);
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                error!("IPv6-only: acquiring a lease: {e}; retrying in {backoff:?}");
+                if stop.sleep(backoff).await {
+                    return None;
+                }
+                backoff = next_backoff(backoff);
+            }
+        }
+    }
+}
+
+async fn try_acquire(
+    deps: &V6Only,
+    node: &Node,
+    previous: Option<Ipv6Network>,
+    exclude: &mut HashSet<Ipv6Network>,
+) -> Result<Option<Own>, AgentError> {
+    let prefix = deps.registry.prefix().to_string();
+    let snap = deps.registry.list_leases().await?;
+    let decision = pure::decide(
+        &node.net.ipv6,
+        &prefix,
+        &snap.leases,
+        node.underlay.public_ipv6,
+        previous,
+        exclude,
+        &mut rand::rng(),
+    )?;
+    match decision {
+        Decision::Reuse {
+            key,
+            lease_id,
+            mod_revision,
+            value,
+        } => {
+            if value != node.attrs.to_json().as_bytes() {
+                let k = LeaseKey::Ipv6Only(key);
+                if !deps
+                    .registry
+                    .update_lease(&k, &node.attrs, lease_id, mod_revision)
+                    .await?
+                {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(Own { key, lease_id }))
+        }
+        Decision::Take(subnet) => {
+            let key = Ipv6OnlyKey { ipv6: subnet };
+            let k = LeaseKey::Ipv6Only(key);
+            let lease_id = match deps
+                .registry
+                .create_lease(&k, &node.attrs, node.settings.lease_ttl)
+                .await?
+            {
+                CreateOutcome::Created { lease_id } => lease_id,
+                CreateOutcome::Taken => {
+                    exclude.insert(subnet);
+                    return Ok(None);
+                }
+            };
+            let full = k.etcd_key(&prefix);
+            let snap = deps.registry.list_leases().await?;
+            let mine: Option<&RawLease> = snap.leases.iter().find(|l| l.key == full);
+            let lost = match mine {
+                Some(m) => pure::lost_race(&prefix, &snap.leases, subnet, &full, m.create_revision),
+                None => true,
+            };
+            if lost {
+                warn!(subnet_v6 = %subnet, "an older key claims this IPv6 subnet; choosing again");
+                if let Some(m) = mine {
+                    deps.registry.delete_lease(&k, m.mod_revision).await?;
+                }
+                let _ = deps.registry.revoke(lease_id).await;
+                exclude.insert(subnet);
+                return Ok(None);
+            }
+            Ok(Some(Own { key, lease_id }))
+        }
+    }
+}
+
+/// Lists the leases, takes our lease again if it went, and programs the peers. The listing's
+/// revision, or the error; `None` on shutdown.
+async fn reconcile(
+    deps: &V6Only,
+    node: &Node,
+    own: &mut Own,
+    stop: &mut Stop,
+) -> Option<Result<i64, AgentError>> {
+    let snap = match deps.registry.list_leases().await {
+        Ok(s) => s,
+        Err(e) => return Some(Err(e.into())),
+    };
+    let full = LeaseKey::Ipv6Only(own.key).etcd_key(deps.registry.prefix());
+    if !snap.leases.iter().any(|l| l.key == full) {
+        warn!(subnet_v6 = %own.key.ipv6, "our IPv6-only lease is gone; taking it again");
+        deps.report.ipv6_only_lease_lost();
+        let was = own.key.ipv6;
+        *own = acquire(deps, node, Some(was), stop).await?;
+        if own.key.ipv6 != was {
+            write_subnet_env(node, &deps.report, own.key.ipv6);
+        }
+        sync_rules(deps, node, own.key.ipv6).await;
+        return Some(Ok(snap.revision));
+    }
+    match program(deps, node, own.key.ipv6, &snap.leases).await {
+        Ok(()) => {
+            deps.report.ipv6_only_programmed(true);
+            Some(Ok(snap.revision))
+        }
+        Err(e) => {
+            deps.report.ipv6_only_programmed(false);
+            Some(Err(e))
+        }
+    }
+}
+
+/// Brings the kernel to exactly the peers of `listing`.
+async fn program(
+    deps: &V6Only,
+    node: &Node,
+    own: Ipv6Network,
+    listing: &[RawLease],
+) -> Result<(), AgentError> {
+    let cfg = &node.net.ipv6;
+    let (peers, skipped) = pure::peers(cfg, deps.registry.prefix(), listing, Some(own));
+    for (key, why, label) in &skipped {
+        deps.report.ipv6_only_rejected(key, why, label);
+    }
+    let nl = &deps.nl;
+    let ops = match &node.vxlan {
+        Some(v) => {
+            let existing = nl.link_by_name(&v.spec.name).await?;
+            apply(nl, &v6::plan_device6(&v.spec, existing.as_ref())).await?;
+            let ifindex = nl
+                .link_by_name(&v.spec.name)
+                .await?
+                .map(|l| l.index)
+                .ok_or(crate::netlink::NetlinkError::NoSuchLink { ifindex: 0 })?;
+            let addrs = nl.addresses6(Some(ifindex)).await?;
+            apply(
+                nl,
+                &v6::plan_addresses6(ifindex, &addrs, v6::device_addr6(own)),
+            )
+            .await?;
+            let observed = v6::Observed6 {
+                ifindex,
+                own_subnet: Some(own),
+                local: Some(node.underlay.public_ipv6),
+                neighbours: nl.neighbours6(ifindex).await?,
+                fdb: nl.fdb6(ifindex).await?,
+                routes: nl.all_routes6().await?,
+            };
+            let peers = pure::vxlan_peers(&peers);
+            let direct = v6::Direct6 {
+                network: cfg.network,
+                underlay: node.underlay.index,
+                enabled: v.direct_routing,
+            };
+            v6::plan_direct6(&direct, &observed, &peers)
+        }
+        None => {
+            let routes = nl.all_routes6().await?;
+            let (ops, skipped) = v6::plan_hostgw6(
+                cfg.network,
+                own,
+                node.underlay.index,
+                &routes,
+                &pure::hostgw_peers(&peers),
+            );
+            for (subnet, why) in skipped {
+                if deps.report.once(format!("hostgw6 {subnet} {why}")) {
+                    warn!(%subnet, "host-gw: no IPv6 route to this peer: {why}");
+                }
+            }
+            ops
+        }
+    };
+    if !ops.is_empty() {
+        info!(
+            ops = ops.len(),
+            peers = peers.len(),
+            "IPv6-only: data plane updated"
+        );
+    }
+    apply(nl, &ops).await
+}
+
+async fn apply(nl: &Netlink, ops: &[Op]) -> Result<(), AgentError> {
+    let results = nl.apply_all(ops).await;
+    let mut first = None;
+    for (op, r) in ops.iter().zip(results) {
+        if let Err(e) = r {
+            warn!(?op, "IPv6-only: {e}");
+            first.get_or_insert(e);
+        }
+    }
+    match first {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+async fn sync_rules(deps: &V6Only, node: &Node, own: Ipv6Network) {
+    let spec = RuleSpecV6 {
+        network: node.net.ipv6.network,
+        subnet: own,
+    };
+    let fw = deps.firewall.clone();
+    let ip_masq = node.settings.ip_masq;
+    match tokio::task::spawn_blocking(move || fw.sync_v6_only(&spec, ip_masq)).await {
+        Ok(Ok(true)) => info!("IPv6-only: rules synced"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => warn!("IPv6-only: syncing the rules: {e}"),
+        Err(e) => warn!("IPv6-only: the rules task: {e}"),
+    }
+}
+
+/// subnet.env with only the IPv6 pair, the MTU and IPMASQ.
+fn write_subnet_env(node: &Node, report: &Report, own: Ipv6Network) {
+    let mtu = node
+        .vxlan
+        .as_ref()
+        .and_then(|v| v.spec.mtu)
+        .unwrap_or(node.underlay.mtu);
+    // The subnet's first address with its length, as the IPv4 pair's TWEED_SUBNET.
+    let first = std::net::Ipv6Addr::from(u128::from(own.network()) + 1);
+    let env = SubnetEnv {
+        ipv4: None,
+        mtu,
+        ipmasq: node.settings.ip_masq,
+        ipv6: Some(SubnetEnvV6 {
+            network: node.net.ipv6.network,
+            subnet: Ipv6Network::new(first, own.prefix()).expect("the subnet's own prefix"),
+        }),
+    };
+    match env.write_atomic(&node.settings.subnet_file) {
+        Ok(()) => {
+            info!(path = %node.settings.subnet_file.display(), subnet = %env.subnets(), "subnet.env written (IPv6 only)");
+            report.subnet_env_written(true);
+        }
+        Err(e) => {
+            error!("{e}");
+            report.subnet_env_written(false);
+        }
+    }
+}

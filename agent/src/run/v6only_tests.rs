@@ -1,0 +1,197 @@
+//! The IPv6-only loop with an in-memory etcd, a fake kernel and fake rules, on tokio's paused
+//! clock: the lease, a peer's route, an expired lease taken back, renewal.
+
+use super::*;
+use crate::ipv6::{Inet6Addr, Ipv6Addrs};
+use crate::netlink::{Fake, Op, Route, Route6};
+use crate::registry::MemRegistry;
+use crate::rules::FakeFirewall;
+use ipnetwork::Ipv6Network;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tweed_config::{LeaseAttrs, LeaseKey, SubnetEnv};
+
+const PREFIX: &str = "/coreos.com/network";
+const OUR_IP6: &str = "fd00:198:18::1";
+
+fn etcd(backend: &str) -> MemRegistry {
+    let mem = MemRegistry::new(PREFIX);
+    mem.put_raw(
+        &format!("{PREFIX}/config"),
+        format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"{backend}"}}}}"#
+        )
+        .as_bytes(),
+    );
+    mem
+}
+
+struct V6Node {
+    mem: MemRegistry,
+    kernel: Fake,
+    state: AgentState,
+    eth0: u32,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    agent: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+impl V6Node {
+    async fn start(mem: &MemRegistry) -> V6Node {
+        let kernel = Fake::new();
+        let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
+        let nl = Netlink::from(kernel.clone());
+        nl.apply(&Op::Route6Replace(Route6 {
+            dst: "fd00:198:18::/64".parse().unwrap(),
+            gateway: None,
+            oif: Some(eth0),
+            onlink: false,
+            metric: 256,
+            protocol: Route::PROTO_KERNEL,
+        }))
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let settings = crate::settings::for_test(&[
+            "tweedd",
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &path("subnet.env"),
+            "--state-dir",
+            &path("state"),
+            "--lease-ttl",
+            "1h",
+            "--ip-masq",
+        ]);
+        let state = AgentState::new();
+        let deps = Deps {
+            registry: Arc::new(Registry::Mem(mem.clone())),
+            netlink: nl,
+            firewall: Firewall::Fake(FakeFirewall::default()),
+            clock: Clock::tokio(1_700_000_000),
+            state: state.clone(),
+            control: crate::api::ControlSlot::default(),
+            notifier: crate::notify::Notifier::default(),
+            ipv6_addrs: Ipv6Addrs::Fixed(vec![Inet6Addr {
+                ifindex: eth0,
+                addr: OUR_IP6.parse().unwrap(),
+                prefix: 64,
+                scope: 0,
+                flags: 0,
+            }]),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let agent = tokio::spawn(run_with(deps, settings, async {
+            let _ = stopped.await;
+        }));
+        V6Node {
+            mem: mem.clone(),
+            kernel,
+            state,
+            eth0,
+            dir,
+            stop: Some(stop),
+            agent,
+        }
+    }
+
+    async fn until(&self, what: &str, f: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !f(self) {
+            assert!(!self.agent.is_finished(), "the agent ended before {what}");
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Our IPv6-only key in etcd and its lease id.
+    fn own_key(&self) -> Option<(String, i64)> {
+        let snap = futures_lite(&self.mem);
+        snap.into_iter().find_map(|l| {
+            let attrs = LeaseAttrs::parse(&l.value).ok()?;
+            (attrs.public_ipv6 == Some(OUR_IP6.parse().unwrap())).then_some((l.key, l.lease_id))
+        })
+    }
+
+    fn routes6(&self) -> Vec<Route6> {
+        // The fake kernel answers without waiting on anything.
+        futures::executor::block_on(Netlink::from(self.kernel.clone()).all_routes6()).unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.agent.await.unwrap().unwrap();
+    }
+}
+
+/// The mem registry's listing, synchronously (its calls never wait on I/O).
+fn futures_lite(mem: &MemRegistry) -> Vec<crate::registry::RawLease> {
+    let reg = Registry::Mem(mem.clone());
+    futures::executor::block_on(reg.list_leases())
+        .map(|s| s.leases)
+        .unwrap_or_default()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ipv6_only_node_leases_routes_its_peers_and_takes_an_expired_lease_back() {
+    let mem = etcd("host-gw");
+    let n = V6Node::start(&mem).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (key, lease) = n.own_key().expect("our lease");
+    let short = key.strip_prefix(&format!("{PREFIX}/subnets/")).unwrap();
+    let Ok(LeaseKey::Ipv6Only(k)) = short.parse::<LeaseKey>() else {
+        panic!("{key} is not an IPv6-only key")
+    };
+    assert_ne!(lease, 0);
+    let s = n.state.snapshot();
+    assert_eq!(s.ipv6, super::report::IPV6_ONLY);
+    assert_eq!(s.subnet_v6, k.ipv6.to_string());
+    assert_eq!((s.subnet.as_str(), s.public_ip.as_str()), ("", ""));
+    let env = SubnetEnv::read(&n.dir.path().join("subnet.env")).unwrap();
+    assert!(env.ipv4.is_none());
+    assert_eq!(env.ipv6.unwrap().node_subnet(), k.ipv6);
+
+    // A peer: its route via its PublicIPv6 on eth0.
+    let peer: Ipv6Network = if k.ipv6.to_string() == "fd00:10:244:7::/64" {
+        "fd00:10:244:8::/64".parse().unwrap()
+    } else {
+        "fd00:10:244:7::/64".parse().unwrap()
+    };
+    mem.put_raw(
+        &format!("{PREFIX}/subnets/{}-64", peer.network()),
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::2","BackendType":"host-gw"}"#,
+    );
+    let want = Route6::via(peer, "fd00:198:18::2".parse().unwrap(), Some(n.eth0));
+    n.until("the peer's route", |n| {
+        n.routes6().iter().any(|r| r.same_path(&want))
+    })
+    .await;
+
+    // Our lease expires (etcd lost it): taken back, the same subnet, a new TTL lease.
+    mem.expire_lease(lease);
+    n.until("the lease taken back", |n| {
+        n.own_key().is_some_and(|(k2, l2)| k2 == key && l2 != lease)
+    })
+    .await;
+
+    // Renewed: after two renewal periods the same lease still holds the key.
+    let (_, lease) = n.own_key().unwrap();
+    tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+    assert_eq!(
+        n.own_key().map(|(_, l)| l),
+        Some(lease),
+        "the lease was lost"
+    );
+    n.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn udp_in_an_ipv6_only_network_ends_the_agent_naming_backend_type() {
+    let n = V6Node::start(&etcd("udp")).await;
+    let e = n.agent.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("Backend.Type") && e.contains("udp"), "{e}");
+}

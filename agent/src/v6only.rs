@@ -1,0 +1,283 @@
+//! An IPv6-only network (`EnableIPv4: false`): what a node decides there, as pure functions.
+//! The agent's run loop for such a network is `run::v6only`; this holds its checks at start,
+//! the underlay choice, the lease value, the subnet choice and the peers read from a listing.
+
+use crate::alloc::{choose_v6, AllocError};
+use crate::backend::v6::Vxlan6Peer;
+use crate::ipv6::Inet6Addr;
+use crate::netlink::{Link, MacAddr, Route6};
+use crate::registry::RawLease;
+use ipnetwork::Ipv6Network;
+use rand::Rng;
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use tweed_config::lease::VxlanLeaseData;
+use tweed_config::{
+    BackendConfig, Ipv6Config, Ipv6OnlyKey, Ipv6OnlyPeer, LeaseAttrs, LeaseKey, LeaseRejection,
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum V6OnlyError {
+    #[error(
+        "network config field Backend.Type: {0:?} cannot run an IPv6-only network \
+         (EnableIPv4: false); only \"vxlan\" and \"host-gw\" can (or enable IPv4)"
+    )]
+    Backend(&'static str),
+    #[error("--iface {name}: no such interface (have: {})", have.join(", "))]
+    NoSuchIface { name: String, have: Vec<String> },
+    #[error(
+        "no IPv6 default route in this network namespace and no --iface: the underlay of an \
+         IPv6-only network cannot be guessed; pass --iface NAME"
+    )]
+    NoIface,
+    #[error(
+        "an IPv6-only network (EnableIPv4: false) needs a PublicIPv6, but the underlay \
+         interface {iface} has no usable global IPv6 address and --public-ipv6 is not given"
+    )]
+    NoPublicIpv6 { iface: String },
+    #[error("{0}")]
+    Alloc(#[from] AllocError),
+}
+
+/// Only the backends whose IPv6 half runs on an IPv6 underlay: vxlan (`tweed-v6.<VNI>`) and
+/// host-gw. udp and wireguard carry IPv6 over the IPv4 underlay, which this network has not.
+pub fn check_backend(backend: &BackendConfig) -> Result<(), V6OnlyError> {
+    match backend {
+        BackendConfig::Vxlan { .. } | BackendConfig::HostGw => Ok(()),
+        other => Err(V6OnlyError::Backend(other.type_name())),
+    }
+}
+
+/// The underlay of an IPv6-only node and the address peers reach it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub public_ipv6: Ipv6Addr,
+}
+
+/// The interface: the first `--iface` name that exists; else the one holding `--public-ipv6`;
+/// else the IPv6 default route's (the lowest metric). Its `PublicIPv6`: `--public-ipv6`, else its
+/// first stable global address ([`crate::ipv6::public_ipv6`]); none is an error naming the
+/// interface, so a node without IPv6 never starts half-working.
+pub fn choose_underlay(
+    ifaces: &[String],
+    explicit: Option<Ipv6Addr>,
+    links: &[Link],
+    addrs: &[Inet6Addr],
+    routes: &[Route6],
+) -> Result<Underlay, V6OnlyError> {
+    let by_index = |i: u32| links.iter().find(|l| l.index == i);
+    let link = if !ifaces.is_empty() {
+        ifaces
+            .iter()
+            .find_map(|n| links.iter().find(|l| &l.name == n))
+            .ok_or_else(|| V6OnlyError::NoSuchIface {
+                name: ifaces.join(","),
+                have: links.iter().map(|l| l.name.clone()).collect(),
+            })?
+    } else {
+        let owner = explicit
+            .and_then(|ip| addrs.iter().find(|a| a.addr == ip))
+            .and_then(|a| by_index(a.ifindex));
+        let default = routes
+            .iter()
+            .filter(|r| r.dst.prefix() == 0 && r.oif.is_some())
+            .min_by_key(|r| r.metric)
+            .and_then(|r| by_index(r.oif.expect("filtered")));
+        owner.or(default).ok_or(V6OnlyError::NoIface)?
+    };
+    let public_ipv6 = crate::ipv6::public_ipv6(explicit, link.index, addrs).ok_or_else(|| {
+        V6OnlyError::NoPublicIpv6 {
+            iface: link.name.clone(),
+        }
+    })?;
+    Ok(Underlay {
+        index: link.index,
+        name: link.name.clone(),
+        mtu: link.mtu,
+        public_ipv6,
+    })
+}
+
+/// This node's lease value: flannel's field set with `PublicIP` 0.0.0.0 (flannel's struct
+/// always has the field; no IPv4 half), the `PublicIPv6`, and vxlan's VTEP as `BackendV6Data`.
+pub fn lease_attrs(
+    public_ipv6: Ipv6Addr,
+    backend: &BackendConfig,
+    vtep_mac: Option<MacAddr>,
+) -> LeaseAttrs {
+    let mut attrs = LeaseAttrs::new(Ipv4Addr::UNSPECIFIED, backend.type_name(), None);
+    attrs.public_ipv6 = Some(public_ipv6);
+    if let (BackendConfig::Vxlan { vni, .. }, Some(mac)) = (backend, vtep_mac) {
+        let data = serde_json::json!({"VNI": vni, "VtepMAC": mac.to_string()});
+        attrs.backend_v6_data =
+            Some(serde_json::value::RawValue::from_string(data.to_string()).expect("valid JSON"));
+    }
+    attrs
+}
+
+/// Every readable lease key of a listing with its raw lease, oldest claim first.
+fn keys<'a>(prefix: &str, listing: &'a [RawLease]) -> Vec<(LeaseKey, &'a RawLease)> {
+    let mut v: Vec<(LeaseKey, &RawLease)> = listing
+        .iter()
+        .filter_map(|l| Some((LeaseKey::from_etcd_key(prefix, &l.key)?.ok()?, l)))
+        .collect();
+    v.sort_by_key(|(_, l)| (l.create_revision, l.key.clone()));
+    v
+}
+
+/// What this node does about its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Our IPv6-only key is there (a restart, a lease that outlived us, a reservation): keep it.
+    Reuse {
+        key: Ipv6OnlyKey,
+        lease_id: i64,
+        mod_revision: i64,
+        value: Vec<u8>,
+    },
+    /// Create the key of this subnet.
+    Take(Ipv6Network),
+}
+
+/// Ours first (an IPv6-only key of a node subnet whose `PublicIPv6` is ours), then `previous`
+/// (subnet.env's) if free, then [`choose_v6`]. Occupied: the IPv6 part of every key, both forms,
+/// of the node subnet length (as dual stack counts them: a hostile `::-0` must not block all).
+pub fn decide(
+    cfg: &Ipv6Config,
+    prefix: &str,
+    listing: &[RawLease],
+    public_ipv6: Ipv6Addr,
+    previous: Option<Ipv6Network>,
+    exclude: &HashSet<Ipv6Network>,
+    rng: &mut impl Rng,
+) -> Result<Decision, V6OnlyError> {
+    let keys = keys(prefix, listing);
+    let ours = keys.iter().find_map(|(k, l)| match k {
+        LeaseKey::Ipv6Only(k)
+            if cfg.is_allocatable(k.ipv6)
+                && !exclude.contains(&k.ipv6)
+                && LeaseAttrs::parse(&l.value)
+                    .is_ok_and(|a| a.public_ipv6 == Some(public_ipv6)) =>
+        {
+            Some(Decision::Reuse {
+                key: Ipv6OnlyKey { ipv6: k.ipv6 },
+                lease_id: l.lease_id,
+                mod_revision: l.mod_revision,
+                value: l.value.clone(),
+            })
+        }
+        _ => None,
+    });
+    if let Some(d) = ours {
+        return Ok(d);
+    }
+    let occupied: Vec<Ipv6Network> = keys
+        .iter()
+        .filter_map(|(k, _)| k.ipv6())
+        .filter(|n| n.prefix() == cfg.subnet_len)
+        .collect();
+    Ok(Decision::Take(choose_v6(
+        cfg, &occupied, previous, exclude, rng,
+    )?))
+}
+
+/// Whether a key older than ours (`own`, created at `own_rev`) claims our subnet: two key
+/// forms can name one IPv6 subnet, so create-if-absent alone does not settle a race.
+pub fn lost_race(
+    prefix: &str,
+    listing: &[RawLease],
+    own: Ipv6Network,
+    own_key: &str,
+    own_rev: i64,
+) -> bool {
+    keys(prefix, listing).iter().any(|(k, l)| {
+        l.key != own_key
+            && l.create_revision < own_rev
+            && k.ipv6()
+                .is_some_and(|n| n.prefix() == own.prefix() && n.overlaps(own))
+    })
+}
+
+/// A peer as the data plane programs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub key: String,
+    pub peer: Ipv6OnlyPeer,
+    pub attrs: LeaseAttrs,
+}
+
+/// The peers in a listing, for a node of an IPv6-only network whose subnet is `own`: every
+/// lease [`LeaseAttrs::validate_ipv6_only`] accepts (IPv6-only keys, and the IPv6 half of
+/// dual-stack ones), not ours, the oldest claim winning a subnet claimed twice. The rest is
+/// returned with the reason, for the log and `tweed_leases_rejected_total`.
+pub fn peers(
+    cfg: &Ipv6Config,
+    prefix: &str,
+    listing: &[RawLease],
+    own: Option<Ipv6Network>,
+) -> (Vec<Peer>, Vec<(String, String, &'static str)>) {
+    let mut out: Vec<Peer> = Vec::new();
+    let mut skipped = Vec::new();
+    for l in listing {
+        if let Some(Err(e)) = LeaseKey::from_etcd_key(prefix, &l.key) {
+            skipped.push((l.key.clone(), e.to_string(), "bad_key"));
+        }
+    }
+    for (key, l) in keys(prefix, listing) {
+        let checked = LeaseAttrs::parse(&l.value)
+            .map_err(|e| (e.to_string(), "bad_value"))
+            .and_then(|a| {
+                a.validate_ipv6_only(&key, cfg)
+                    .map(|p| (p, a))
+                    .map_err(|r: LeaseRejection| (r.to_string(), r.label()))
+            });
+        match checked {
+            Ok((p, _)) if own.is_some_and(|o| o.overlaps(p.subnet)) => {}
+            Ok((p, _)) if out.iter().any(|q| q.peer.subnet.overlaps(p.subnet)) => skipped.push((
+                l.key.clone(),
+                format!("{} is claimed by an older key", p.subnet),
+                "overlap",
+            )),
+            Ok((peer, attrs)) => out.push(Peer {
+                key: l.key.clone(),
+                peer,
+                attrs,
+            }),
+            Err((why, label)) => skipped.push((l.key.clone(), why, label)),
+        }
+    }
+    (out, skipped)
+}
+
+/// The vxlan peers among `peers` (their lease says vxlan; the VTEP is `BackendV6Data`'s, which
+/// validation has checked).
+pub fn vxlan_peers(peers: &[Peer]) -> Vec<Vxlan6Peer> {
+    peers
+        .iter()
+        .filter(|p| p.attrs.effective_backend_type() == "vxlan")
+        .filter_map(|p| {
+            let raw = p.attrs.backend_v6_data.as_ref()?;
+            let d: VxlanLeaseData = serde_json::from_str(raw.get()).ok()?;
+            Some(Vxlan6Peer {
+                subnet: p.peer.subnet,
+                public_ipv6: p.peer.public_ipv6,
+                vtep_mac: d.vtep_mac.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The host-gw peers among `peers`: subnet and next hop.
+pub fn hostgw_peers(peers: &[Peer]) -> Vec<(Ipv6Network, Ipv6Addr)> {
+    peers
+        .iter()
+        .filter(|p| p.attrs.effective_backend_type() == "host-gw")
+        .map(|p| (p.peer.subnet, p.peer.public_ipv6))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
