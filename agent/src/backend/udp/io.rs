@@ -31,7 +31,7 @@ use super::packet::{
 };
 use super::table::{check_inner, check_inner6, DropReason, Outbound, PeerTable};
 use crate::backend::wireguard::dual::source_allowed;
-use crate::backend::wireguard::userspace::{allowed, Opened, WgTable};
+use crate::backend::wireguard::userspace::{allowed, inner_dst, Opened, WgTable};
 
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
@@ -1244,7 +1244,7 @@ impl Worker {
         sealed.clear();
         at.clear();
         let mut seal = |pt: &[u8], to: Ipv4Addr, sealed: &mut Vec<u8>| {
-            let Some(peer) = wg.by_public_ip(to) else {
+            let Some(peer) = inner_dst(pt).and_then(|dst| wg.route(to, dst)) else {
                 c.count_drop(DropReason::UnknownPeer, 1);
                 return;
             };

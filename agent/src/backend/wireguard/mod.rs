@@ -965,6 +965,9 @@ impl UserDev6 {
         }
         let ops = plan::plan(&self.applied, &desired);
         let wg = (!ops.is_empty() || !self.published).then(|| {
+            // Filed under the node's IPv4, which two leases may share: the workers then take the
+            // entry whose allowed IPs hold the destination (`WgTable::route`), never the one
+            // filed last, or a lease naming another node's PublicIP would get its IPv6 traffic.
             let keyed: Vec<(plan::PeerSpec, Option<std::net::Ipv4Addr>)> = desired
                 .peers
                 .values()

@@ -7,6 +7,12 @@
 //! initiation by the static key it carries, everything else by the receiver index we handed
 //! out (its upper 24 bits name the peer). Replies and handshakes always go to the lease's
 //! endpoint: this implementation never roams.
+//!
+//! Outgoing packets are sealed for the entry the workers' table routes them to (a node's IPv4
+//! `PublicIP`) *and* whose allowed IPs hold the inner destination, as WireGuard's cryptokey
+//! routing would: two leases naming one `PublicIP` (a stale lease of a re-keyed node, or a
+//! hostile one) file two entries under that address, and the destination alone tells them
+//! apart, so one lease can never take another's traffic by sorting after it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -59,7 +65,8 @@ pub struct WgTable {
     peers: Vec<Arc<PeerState>>,
     by_index: HashMap<u32, usize>,
     by_key: HashMap<[u8; 32], usize>,
-    by_public_ip: HashMap<Ipv4Addr, usize>,
+    /// Every entry filed under an address: leases may share a `PublicIP`.
+    by_public_ip: HashMap<Ipv4Addr, Vec<usize>>,
     limiter: Arc<RateLimiter>,
     next_index: u32,
     /// Datagrams no peer claims (unknown key or index, garbage).
@@ -103,7 +110,7 @@ impl WgTable {
     }
 
     /// The table for `peers`, keeping the state of every peer whose key and PSK are unchanged;
-    /// each peer is routed to by its IPv4 endpoint's address ([`by_public_ip`](Self::by_public_ip)).
+    /// each peer is filed under its IPv4 endpoint's address ([`route`](Self::route)).
     pub fn update(&self, key: &PrivateKey, peers: &[PeerSpec]) -> WgTable {
         let keyed: Vec<(PeerSpec, Option<Ipv4Addr>)> = peers
             .iter()
@@ -114,8 +121,8 @@ impl WgTable {
 
     /// [`update`](Self::update) with each peer's routing key given: the address the udp peer
     /// table routes its subnets to. `separate`'s IPv6 device reaches its peers at IPv6
-    /// endpoints, and routes to each by its node's IPv4 `PublicIP`, the key the peer table
-    /// knows nodes by.
+    /// endpoints, and files each under its node's IPv4 `PublicIP`, the key the peer table
+    /// knows nodes by; several peers may share one ([`route`](Self::route) tells them apart).
     pub fn update_keyed(
         &self,
         key: &PrivateKey,
@@ -186,7 +193,7 @@ impl WgTable {
         self.by_index.insert(p.index, i);
         self.by_key.insert(p.spec.public_key.0, i);
         if let Some(k) = route_key {
-            self.by_public_ip.insert(k, i);
+            self.by_public_ip.entry(k).or_default().push(i);
         }
         self.peers.push(p);
     }
@@ -199,10 +206,16 @@ impl WgTable {
         &self.peers
     }
 
-    /// The peer routed to as `public_ip` (the udp peer table routes to PublicIPs): its IPv4
-    /// endpoint's address, or the key [`update_keyed`](Self::update_keyed) gave it.
-    pub fn by_public_ip(&self, ip: Ipv4Addr) -> Option<&PeerState> {
-        self.by_public_ip.get(&ip).map(|&i| &*self.peers[i])
+    /// The entry an inner packet for `dst` routed to `node` is sealed for: filed under `node`
+    /// (its IPv4 endpoint's address, or the key [`update_keyed`](Self::update_keyed) gave it)
+    /// and holding `dst` in its allowed IPs. Never another entry under the same address: each
+    /// lease's traffic goes only to the session and endpoint of the lease that claims it.
+    pub fn route(&self, node: Ipv4Addr, dst: IpAddr) -> Option<&PeerState> {
+        self.by_public_ip
+            .get(&node)?
+            .iter()
+            .map(|&i| &*self.peers[i])
+            .find(|p| p.spec.allowed_ips.iter().any(|n| n.contains(dst)))
     }
 
     /// Seals one inner packet for `peer` into `out` (at least `pkt.len() + 32` and 148 bytes).
@@ -300,6 +313,22 @@ impl WgTable {
             Packet::PacketData(p) => *self.by_index.get(&(p.receiver_idx >> 8))?,
         };
         Some(&self.peers[i])
+    }
+}
+
+/// The destination of an inner IPv4 or IPv6 packet (what [`WgTable::route`] needs), `None`
+/// when it is too short to hold one.
+pub fn inner_dst(pkt: &[u8]) -> Option<IpAddr> {
+    match pkt.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = pkt.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
     }
 }
 
@@ -504,7 +533,9 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&before, &grown.peers()[0]));
         assert_ne!(grown.peers()[1].index, before.index);
-        assert!(grown.by_public_ip("198.18.0.3".parse().unwrap()).is_some());
+        assert!(grown
+            .route("198.18.0.3".parse().unwrap(), "10.244.3.9".parse().unwrap())
+            .is_some());
     }
 
     /// `separate`'s IPv6 device: peers at IPv6 endpoints, filed under their node's IPv4
@@ -536,12 +567,13 @@ mod tests {
                 Some("198.18.0.1".parse().unwrap()),
             )],
         );
-        let pa = a.by_public_ip(node_b).expect("filed under the node");
+        let b6: IpAddr = "fd00:10:244:2::7".parse().unwrap();
+        let pa = a.route(node_b, b6).expect("filed under the node");
         assert_eq!(pa.endpoint().unwrap().to_string(), "[2001:db8::2]:51821");
         // No IPv4 endpoint: the plain update would file it under nothing.
         assert!(WgTable::new(&ka)
             .update(&ka, std::slice::from_ref(&pa.spec))
-            .by_public_ip(node_b)
+            .route(node_b, b6)
             .is_none());
         // The timers' initiation goes to the IPv6 endpoint; the handshake completes there.
         let mut out = vec![0u8; 2048];
@@ -565,7 +597,116 @@ mod tests {
         let rotated = PrivateKey::generate();
         let a2 = a.update_keyed(&rotated, &[(pa.spec.clone(), Some(node_b))]);
         assert_eq!(a2.public_key(), rotated.public());
-        assert!(a2.by_public_ip(node_b).is_some());
+        assert!(a2.route(node_b, b6).is_some());
+    }
+
+    /// Review H1: a hostile lease names the victim's `PublicIP`, its own `PublicIPv6` and a key
+    /// that sorts after the victim's (so it is filed last, in either order here). The victim's
+    /// IPv6 subnet is still sealed for the victim's session and sent to the victim's endpoint,
+    /// and a packet sealed so opens only at the victim; the attacker gets only its own subnet.
+    #[test]
+    fn a_lease_sharing_a_public_ip_never_gets_the_others_traffic() {
+        use crate::backend::udp::packet::tests::ipv6;
+        let (ka, kv) = (PrivateKey::generate(), PrivateKey::generate());
+        // Grinding is trivial; here the attacker's key is whichever of two sorts last.
+        let (kv, kx) = {
+            let kx = PrivateKey::generate();
+            if kx.public() > kv.public() {
+                (kv, kx)
+            } else {
+                (kx, kv)
+            }
+        };
+        assert!(kx.public() > kv.public());
+        let v6spec = |k: &PrivateKey, subnet: &str, ep: &str| PeerSpec {
+            public_key: k.public(),
+            endpoint: Some(ep.parse().unwrap()),
+            allowed_ips: vec![subnet.parse().unwrap()],
+            psk: None,
+            keepalive: 0,
+        };
+        let shared: Ipv4Addr = "198.18.0.2".parse().unwrap();
+        let victim = v6spec(&kv, "fd00:10:244:2::/64", "[2001:db8::2]:51821");
+        let attacker = v6spec(&kx, "fd00:10:244:66::/64", "[2001:db8::66]:51821");
+        // What `UserDev6::reconcile` files: both under the node's IPv4, in key order.
+        for peers in [
+            vec![
+                (victim.clone(), Some(shared)),
+                (attacker.clone(), Some(shared)),
+            ],
+            vec![
+                (attacker.clone(), Some(shared)),
+                (victim.clone(), Some(shared)),
+            ],
+        ] {
+            let a = WgTable::new(&ka).update_keyed(&ka, &peers);
+            let to_victim = ipv6("fd00:10:244:1::5", "fd00:10:244:2::7", 17, b"secret");
+            let dst = inner_dst(&to_victim).unwrap();
+            let p = a.route(shared, dst).expect("the victim's entry");
+            assert_eq!(p.spec.public_key, kv.public());
+            assert_eq!(p.endpoint().unwrap().to_string(), "[2001:db8::2]:51821");
+            let to_x = ipv6("fd00:10:244:1::5", "fd00:10:244:66::1", 17, b"x");
+            let x = a.route(shared, inner_dst(&to_x).unwrap()).unwrap();
+            assert_eq!(x.spec.public_key, kx.public());
+            // Nobody's subnet: no entry, rather than whichever was filed last.
+            assert!(a
+                .route(shared, "fd00:10:244:9::1".parse().unwrap())
+                .is_none());
+            assert!(a.route(shared, "10.244.2.1".parse().unwrap()).is_none());
+
+            // What the worker sends for the victim's packet (a handshake initiation first)
+            // is the victim's to answer and never the attacker's.
+            let mut out = vec![0u8; 2048];
+            let init = a
+                .seal(p, &to_victim, &mut out)
+                .expect("an initiation")
+                .to_vec();
+            let back = |kb: &PrivateKey, spec: &PeerSpec| {
+                let t = WgTable::new(kb).update_keyed(
+                    kb,
+                    &[(
+                        PeerSpec {
+                            public_key: ka.public(),
+                            endpoint: Some("[2001:db8::1]:51821".parse().unwrap()),
+                            allowed_ips: vec!["fd00:10:244:1::/64".parse().unwrap()],
+                            ..spec.clone()
+                        },
+                        Some("198.18.0.1".parse().unwrap()),
+                    )],
+                );
+                let (_, resp) = deliver(&t, "2001:db8::1", &init);
+                (t, resp)
+            };
+            let (_, from_x) = back(&kx, &attacker);
+            assert!(from_x.is_empty(), "the attacker cannot answer it");
+            let (v, from_v) = back(&kv, &victim);
+            assert_eq!(from_v.len(), 1, "the victim answers it");
+            let (opened, _) = deliver(&a, "2001:db8::2", &from_v[0]);
+            assert!(opened.is_empty());
+            let mut out = vec![0u8; 2048];
+            let d = a
+                .seal(a.route(shared, dst).unwrap(), &to_victim, &mut out)
+                .unwrap()
+                .to_vec();
+            assert_eq!(d[0], 4, "a data message: the session is up");
+            assert_eq!(deliver(&v, "2001:db8::1", &d).0, vec![to_victim.clone()]);
+        }
+    }
+
+    #[test]
+    fn the_inner_destination_is_read_from_either_family() {
+        assert_eq!(
+            inner_dst(&ipv4("10.244.1.5", "10.244.2.7", 17, b"x")),
+            Some("10.244.2.7".parse().unwrap())
+        );
+        use crate::backend::udp::packet::tests::ipv6;
+        assert_eq!(
+            inner_dst(&ipv6("fd00::1", "fd00:10:244:2::7", 17, b"x")),
+            Some("fd00:10:244:2::7".parse().unwrap())
+        );
+        for short in [&[][..], &[0x45; 19][..], &[0x60; 39][..], &[0x10; 60][..]] {
+            assert_eq!(inner_dst(short), None);
+        }
     }
 
     /// Everything `tick_all` asks to send, as (message type, endpoint IP).
