@@ -27,6 +27,9 @@ pub struct Metrics {
     pub netlink_ops: IntCounter,
     pub netlink_failures: IntCounter,
     pub reconcile_seconds: Histogram,
+    /// The part of `reconcile_seconds` a lease event waited for the main loop (busy with a
+    /// rule check, a relist or another event).
+    pub lease_event_wait_seconds: Histogram,
     pub rules_resyncs: IntCounter,
     /// Drift repaired after a kernel notification or the periodic relist, by object kind.
     pub repairs: IntCounterVec,
@@ -126,6 +129,19 @@ impl Metrics {
                     HistogramOpts::new(
                         "reconcile_seconds",
                         "From a lease event being received to the data plane programmed",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                )
+                .expect("valid"),
+            ),
+            lease_event_wait_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "lease_event_wait_seconds",
+                        "From a lease event being received to the main loop taking it up",
                     )
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -235,6 +251,7 @@ mod tests {
         m.udp_bytes.with_label_values(&["tx"]).inc_by(100);
         m.udp_drops.with_label_values(&["unknown_peer"]).inc();
         m.reconcile_seconds.observe(0.002);
+        m.lease_event_wait_seconds.observe(0.001);
         m.backend_info
             .with_label_values(&["wireguard", "kernel"])
             .set(1);
@@ -253,6 +270,7 @@ mod tests {
             "tweed_netlink_ops_total 0",
             "tweed_netlink_failures_total 0",
             "tweed_reconcile_seconds_count 1",
+            "tweed_lease_event_wait_seconds_bucket{le=\"0.001\"} 1",
             "tweed_rules_resyncs_total 0",
             "tweed_udp_drops_total{reason=\"unknown_peer\"} 1",
         ] {

@@ -7,14 +7,16 @@ use super::stop::{next_backoff, Stop};
 use super::AgentError;
 use crate::registry::{LeaseWatch, Registry, RegistryError, Snapshot, WatchEvent};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
 /// What the watch task hands the main loop.
 pub(super) enum Feed {
-    Events(Vec<WatchEvent>),
+    /// With when the watch task got them: the main loop may be busy with something else, and
+    /// the wait counts towards the event's latency.
+    Events(Vec<WatchEvent>, Instant),
     Resync(Snapshot),
     /// Whether a watch stream is established (readiness).
     Live(bool),
@@ -89,11 +91,12 @@ async fn follow(registry: Arc<Registry>, start: i64, tx: mpsc::Sender<Feed>, rep
         loop {
             match w.next().await {
                 Ok(events) => {
+                    let received = Instant::now();
                     backoff = Duration::from_millis(200);
                     if let Some(l) = events.last() {
                         next = l.revision() + 1;
                     }
-                    if tx.send(Feed::Events(events)).await.is_err() {
+                    if tx.send(Feed::Events(events, received)).await.is_err() {
                         return;
                     }
                 }

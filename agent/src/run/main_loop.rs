@@ -28,7 +28,7 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tweed_config::subnet_env::SubnetEnvError;
 use tweed_config::{NetworkConfig, ParsedNetwork, SubnetEnv, SubnetKey};
 
@@ -40,6 +40,8 @@ const DATAPLANE_RESYNC: Duration = Duration::from_secs(60);
 const PEER_STATS: Duration = Duration::from_secs(5);
 /// How often the main loop says it is alive (/healthz, systemd's watchdog).
 const BEAT: Duration = Duration::from_secs(1);
+/// A main-loop turn this long is logged (debug) with what it did.
+const SLOW_TURN: Duration = Duration::from_millis(2);
 
 /// Runs the agent with `deps` until `shutdown` resolves (`Ok`) or something a restart must fix
 /// happens (`Err`: no usable interface, an unsupported backend, a task that died). etcd outages
@@ -446,43 +448,86 @@ impl Agent {
         loop {
             let switching = self.to_v4.is_some();
             let v4_retry = self.to_v4.as_ref().and_then(|t| t.retry_at);
-            tokio::select! {
+            let (arm, began) = tokio::select! {
                 _ = stop.wait() => {
                     self.finish_v4_attempt().await;
                     return Ok(());
                 }
-                feed = feeds.next() => self.on_feed(feed?, stop).await,
+                feed = feeds.next() => {
+                    let began = Instant::now();
+                    self.on_feed(feed?, stop).await;
+                    ("lease event", began)
+                }
                 id = self.lease.expired(), if !switching => {
+                    let began = Instant::now();
                     let old = self.lease.own().subnet();
                     if self.lease.on_expired(id?, stop).await {
                         self.after_reacquire(old).await;
                     }
+                    ("lease lost", began)
                 }
-                ev = next_event(&mut self.kernel.events) => self.on_kernel_event(ev),
-                _ = repair_due(self.kernel.schedule.due()) => self.repair().await,
+                ev = next_event(&mut self.kernel.events) => {
+                    let began = Instant::now();
+                    self.on_kernel_event(ev);
+                    ("kernel notification", began)
+                }
+                _ = repair_due(self.kernel.schedule.due()) => {
+                    let began = Instant::now();
+                    self.repair().await;
+                    ("repair", began)
+                }
                 _ = repair_due(self.underlay6.as_ref().and_then(Underlay6::due)), if !switching => {
+                    let began = Instant::now();
                     self.follow_public_ipv6(stop).await;
+                    ("public ipv6", began)
                 }
-                done = to_v4_done(&mut self.to_v4) => self.on_v4_attempt(done).await,
-                _ = repair_due(v4_retry) => self.try_v4_only(),
-                _ = repair_due(self.plane.teardown_v6_due()) => self.plane.teardown_v6().await,
-                _ = beat.tick() => self.beat(),
-                Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
+                done = to_v4_done(&mut self.to_v4) => {
+                    let began = Instant::now();
+                    self.on_v4_attempt(done).await;
+                    ("ipv4 only", began)
+                }
+                _ = repair_due(v4_retry) => {
+                    let began = Instant::now();
+                    self.try_v4_only();
+                    ("ipv4 only retry", began)
+                }
+                _ = repair_due(self.plane.teardown_v6_due()) => {
+                    let began = Instant::now();
+                    self.plane.teardown_v6().await;
+                    ("ipv6 teardown", began)
+                }
+                _ = beat.tick() => {
+                    let began = Instant::now();
+                    self.beat();
+                    ("beat", began)
+                }
+                Some(cmd) = self.commands.recv() => {
+                    let began = Instant::now();
+                    self.on_command(cmd).await;
+                    ("api command", began)
+                }
                 _ = peer_stats.tick() => {
+                    let began = Instant::now();
                     self.plane.export_udp_stats().await;
                     if !self.lease.republish().await {
                         warn!("the lease still advertises the old wireguard key; retrying");
                     }
+                    ("peer stats", began)
                 }
                 Some(()) = nft_change(&mut nft) => {
+                    let began = Instant::now();
                     // Our own writes echo too: gather a burst, then one listing decides.
                     nft_due.get_or_insert(tokio::time::Instant::now() + super::repair::DEBOUNCE);
+                    ("nft notification", began)
                 }
                 _ = repair_due(nft_due) => {
+                    let began = Instant::now();
                     nft_due = None;
                     self.plane.sync_rules(self.lease.own().subnet()).await;
+                    ("rules after nft change", began)
                 }
                 _ = resync.tick() => {
+                    let began = Instant::now();
                     // The backstop for lost notifications: reads only, unless something drifted.
                     let since = tokio::time::Instant::now();
                     let all = [Trigger::Lost].into_iter().collect();
@@ -492,11 +537,20 @@ impl Agent {
                     self.kernel.echoes.record(&r.ops, tokio::time::Instant::now());
                     self.report.repaired("periodic relist", &r, since.elapsed());
                     self.kernel.watched = self.plane.watched();
+                    ("periodic relist", began)
                 }
                 _ = rules.tick() => {
+                    let began = Instant::now();
                     self.plane.sync_rules(self.lease.own().subnet()).await;
                     self.plane.export_udp_stats().await;
+                    ("rules check", began)
                 }
+            };
+            // A lease event arriving meanwhile waits for this turn: the long ones are named,
+            // to attribute a slow lease -> route (lease_event_wait_seconds says how often).
+            let took = began.elapsed();
+            if took >= SLOW_TURN {
+                debug!(arm, took_us = took.as_micros() as u64, "main loop turn");
             }
         }
     }
@@ -611,11 +665,14 @@ impl Agent {
     }
 
     async fn on_feed(&mut self, feed: Feed, stop: &mut Stop) {
-        let received = Instant::now();
+        let taken = Instant::now();
         // A resync rebuilds the API's lease views; events update them by key.
-        let (applied, by_key) = match feed {
-            Feed::Events(ev) => (self.table.apply(&ev), true),
-            Feed::Resync(snap) => (self.table.resync(&snap.leases), false),
+        let (applied, by_key, received, revision) = match feed {
+            Feed::Events(ev, received) => {
+                let revision = ev.last().map(|e| e.revision()).unwrap_or_default();
+                (self.table.apply(&ev), true, received, revision)
+            }
+            Feed::Resync(snap) => (self.table.resync(&snap.leases), false, taken, snap.revision),
             Feed::Live(live) => return self.report.watch_live(live),
         };
         let own = self.lease.own();
@@ -653,7 +710,15 @@ impl Agent {
             } else {
                 self.program().await;
             }
-            self.report.reconciled_in(received);
+            self.report.reconciled_in(received, taken);
+            // Per event, for attributing a slow lease -> route sample (bench/controlplane):
+            // the log line's time is the end; waited is the main loop being busy elsewhere.
+            debug!(
+                revision,
+                waited_us = taken.saturating_duration_since(received).as_micros() as u64,
+                handled_us = taken.elapsed().as_micros() as u64,
+                "lease event programmed"
+            );
             let changes = by_key.then_some(applied.changes.as_slice());
             self.report
                 .leases(&self.table, self.lease.own().subnet(), changes);

@@ -390,12 +390,14 @@ impl Report {
         });
     }
 
-    /// How long it took from receiving lease events to a programmed data plane.
-    pub(super) fn reconciled_in(&self, since: Instant) {
-        self.state
-            .metrics
-            .reconcile_seconds
-            .observe(since.elapsed().as_secs_f64());
+    /// A lease event received at `received`, taken up by the main loop at `taken`, is in the
+    /// data plane now.
+    pub(super) fn reconciled_in(&self, received: Instant, taken: Instant) {
+        let m = &self.state.metrics;
+        m.reconcile_seconds
+            .observe(received.elapsed().as_secs_f64());
+        m.lease_event_wait_seconds
+            .observe(taken.saturating_duration_since(received).as_secs_f64());
     }
 
     /// The remotes of the next reconcile (made for our subnet `own`) differ from the last
