@@ -204,7 +204,7 @@ pub fn decide(
         };
         if l.lease_id != 0 {
             stale.push(Stale {
-                key: k.clone(),
+                key: *k,
                 subnet,
                 lease_id: l.lease_id,
                 mod_revision: l.mod_revision,

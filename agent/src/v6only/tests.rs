@@ -460,7 +460,7 @@ fn our_stale_keys_of_either_form_are_removed_at_acquire_and_reservations_kept() 
     let d = decide(
         &cfg,
         PREFIX,
-        &[keep.clone()],
+        std::slice::from_ref(&keep),
         me,
         None,
         &HashSet::new(),
