@@ -131,7 +131,8 @@ fn keys<'a>(prefix: &str, listing: &'a [RawLease]) -> Vec<(LeaseKey, &'a RawLeas
 /// What this node does about its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Our IPv6-only key is there (a restart, a lease that outlived us, a reservation): keep it.
+    /// Our IPv6-only key is there (a restart, a lease that outlived us, a reservation), no older
+    /// key claims its subnet: keep it.
     Reuse {
         key: Ipv6OnlyKey,
         lease_id: i64,
@@ -140,11 +141,28 @@ pub enum Decision {
     },
     /// Create the key of this subnet.
     Take(Ipv6Network),
+    /// Our own keys that serve nothing any more: remove them, then list and decide again. Left
+    /// there, each blocks its subnet for a whole TTL, and every other node routes it to us.
+    Remove(Vec<Stale>),
 }
 
-/// Ours first (an IPv6-only key of a node subnet whose `PublicIPv6` is ours), then `previous`
-/// (subnet.env's) if free, then [`choose_v6`]. Occupied: the IPv6 part of every key, both forms,
-/// of the node subnet length (as dual stack counts them: a hostile `::-0` must not block all).
+/// One of our own keys (our `PublicIPv6`, a TTL lease) that we do not keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    pub key: LeaseKey,
+    pub subnet: Ipv6Network,
+    pub lease_id: i64,
+    pub mod_revision: i64,
+    pub why: &'static str,
+}
+
+/// Ours first (an IPv6-only key of a node subnet whose `PublicIPv6` is ours, that no older key
+/// of the other form claims), then `previous` (subnet.env's) if free, then [`choose_v6`].
+/// Occupied: the IPv6 part of every key, both forms, of the node subnet length (as dual stack
+/// counts them: a hostile `::-0` must not block all). Before any of that, our other keys with a
+/// TTL lease are removed (a dual-stack key from before the switch, a key that lost its race or
+/// fell outside `SubnetMin`/`SubnetMax`, a second key); reservations (no TTL) are the
+/// operator's and are left alone, as are keys of an `exclude`d subnet.
 pub fn decide(
     cfg: &Ipv6Config,
     prefix: &str,
@@ -155,23 +173,49 @@ pub fn decide(
     rng: &mut impl Rng,
 ) -> Result<Decision, V6OnlyError> {
     let keys = keys(prefix, listing);
-    let ours = keys.iter().find_map(|(k, l)| match k {
-        LeaseKey::Ipv6Only(k)
-            if cfg.is_allocatable(k.ipv6)
-                && !exclude.contains(&k.ipv6)
-                && LeaseAttrs::parse(&l.value)
-                    .is_ok_and(|a| a.public_ipv6 == Some(public_ipv6)) =>
-        {
-            Some(Decision::Reuse {
-                key: Ipv6OnlyKey { ipv6: k.ipv6 },
+    let mut reuse = None;
+    let mut stale = Vec::new();
+    for (k, l) in &keys {
+        let Some(subnet) = k.ipv6() else { continue };
+        let mine = LeaseAttrs::parse(&l.value).is_ok_and(|a| a.public_ipv6 == Some(public_ipv6));
+        if !mine || exclude.contains(&subnet) {
+            continue;
+        }
+        let why = match k {
+            LeaseKey::Ipv6Only(_) if !cfg.is_allocatable(subnet) => {
+                "not a node subnet of IPv6Network"
+            }
+            LeaseKey::Ipv6Only(_)
+                if lost_race(prefix, listing, subnet, &l.key, l.create_revision) =>
+            {
+                "an older key claims its subnet"
+            }
+            LeaseKey::Ipv6Only(k) if reuse.is_none() => {
+                reuse = Some(Decision::Reuse {
+                    key: *k,
+                    lease_id: l.lease_id,
+                    mod_revision: l.mod_revision,
+                    value: l.value.clone(),
+                });
+                continue;
+            }
+            LeaseKey::Ipv6Only(_) => "a second key of ours",
+            _ => "a dual-stack key of ours from before EnableIPv4: false",
+        };
+        if l.lease_id != 0 {
+            stale.push(Stale {
+                key: *k,
+                subnet,
                 lease_id: l.lease_id,
                 mod_revision: l.mod_revision,
-                value: l.value.clone(),
-            })
+                why,
+            });
         }
-        _ => None,
-    });
-    if let Some(d) = ours {
+    }
+    if !stale.is_empty() {
+        return Ok(Decision::Remove(stale));
+    }
+    if let Some(d) = reuse {
         return Ok(d);
     }
     let occupied: Vec<Ipv6Network> = keys
@@ -182,6 +226,39 @@ pub fn decide(
     Ok(Decision::Take(choose_v6(
         cfg, &occupied, previous, exclude, rng,
     )?))
+}
+
+/// Whether the key named `own` in a listing is still ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Ours, on this TTL lease (0: reserved). It differs from the one we had when an operator
+    /// reserved or unreserved the key by hand: renew what the key now hangs on.
+    Ours { lease_id: i64 },
+    /// No such key (expired, deleted): take the subnet back if it is free.
+    Gone,
+    /// The name is there, but another node wrote it (another `PublicIPv6`, or another TTL lease
+    /// than ours: ours expired and someone took the subnet): not ours, choose another subnet.
+    Lost,
+}
+
+pub fn held(
+    prefix: &str,
+    listing: &[RawLease],
+    own: Ipv6OnlyKey,
+    own_lease_id: i64,
+    public_ipv6: Ipv6Addr,
+) -> Held {
+    let full = LeaseKey::Ipv6Only(own).etcd_key(prefix);
+    let Some(l) = listing.iter().find(|l| l.key == full) else {
+        return Held::Gone;
+    };
+    let ours = LeaseAttrs::parse(&l.value).is_ok_and(|a| a.public_ipv6 == Some(public_ipv6));
+    if !ours || (own_lease_id != 0 && l.lease_id != 0 && l.lease_id != own_lease_id) {
+        return Held::Lost;
+    }
+    Held::Ours {
+        lease_id: l.lease_id,
+    }
 }
 
 /// Whether a key older than ours (`own`, created at `own_rev`) claims our subnet: two key
@@ -209,17 +286,22 @@ pub struct Peer {
     pub attrs: LeaseAttrs,
 }
 
-/// The peers in a listing, for a node of an IPv6-only network whose subnet is `own`: every
-/// lease [`LeaseAttrs::validate_ipv6_only`] accepts (IPv6-only keys, and the IPv6 half of
-/// dual-stack ones), not ours, the oldest claim winning a subnet claimed twice. The rest is
-/// returned with the reason, for the log and `tweed_leases_rejected_total`.
+/// The peers in a listing, for a node of an IPv6-only network whose subnet is `own` and whose
+/// address is `public_ipv6`: every lease [`LeaseAttrs::validate_ipv6_only`] accepts (IPv6-only
+/// keys, and the IPv6 half of dual-stack ones), the oldest claim winning a subnet claimed
+/// twice. Our own keys are never peers: `own`, and any other key with our `PublicIPv6` (a
+/// stale one, still claiming its subnet until it is removed; as a peer it would be a route or
+/// an FDB entry to ourselves). The rejected rest is returned with the reason, for the log and
+/// `tweed_leases_rejected_total`.
 pub fn peers(
     cfg: &Ipv6Config,
     prefix: &str,
     listing: &[RawLease],
     own: Option<Ipv6Network>,
+    public_ipv6: Ipv6Addr,
 ) -> (Vec<Peer>, Vec<(String, String, &'static str)>) {
     let mut out: Vec<Peer> = Vec::new();
+    let mut claimed: Vec<Ipv6Network> = Vec::new();
     let mut skipped = Vec::new();
     for l in listing {
         if let Some(Err(e)) = LeaseKey::from_etcd_key(prefix, &l.key) {
@@ -236,16 +318,20 @@ pub fn peers(
             });
         match checked {
             Ok((p, _)) if own.is_some_and(|o| o.overlaps(p.subnet)) => {}
-            Ok((p, _)) if out.iter().any(|q| q.peer.subnet.overlaps(p.subnet)) => skipped.push((
+            Ok((p, _)) if claimed.iter().any(|c| c.overlaps(p.subnet)) => skipped.push((
                 l.key.clone(),
                 format!("{} is claimed by an older key", p.subnet),
                 "overlap",
             )),
-            Ok((peer, attrs)) => out.push(Peer {
-                key: l.key.clone(),
-                peer,
-                attrs,
-            }),
+            Ok((p, _)) if p.public_ipv6 == public_ipv6 => claimed.push(p.subnet),
+            Ok((peer, attrs)) => {
+                claimed.push(peer.subnet);
+                out.push(Peer {
+                    key: l.key.clone(),
+                    peer,
+                    attrs,
+                })
+            }
             Err((why, label)) => skipped.push((l.key.clone(), why, label)),
         }
     }

@@ -139,7 +139,7 @@ pub(super) async fn run(
     }
 
     let previous = previous_subnet(&node.settings);
-    let Some(mut own) = acquire(&deps, &node, previous, stop).await else {
+    let Some(mut own) = acquire(&deps, &node, previous, HashSet::new(), stop).await else {
         return Ok(());
     };
     write_subnet_env(&node, &deps.report, own.key.ipv6);
@@ -248,18 +248,18 @@ fn previous_subnet(settings: &Settings) -> Option<Ipv6Network> {
         .map(|v6| v6.node_subnet())
 }
 
-/// Takes our lease: ours if it is there, else a free subnet; retried while etcd fails or a
-/// race is lost. `None` on shutdown.
+/// Takes our lease: ours if it is there, else a free subnet but `exclude`; retried while etcd
+/// fails or a race is lost. `None` on shutdown.
 async fn acquire(
     deps: &V6Only,
     node: &Node,
-    previous: Option<Ipv6Network>,
+    mut previous: Option<Ipv6Network>,
+    mut exclude: HashSet<Ipv6Network>,
     stop: &mut Stop,
 ) -> Option<Own> {
-    let mut exclude = HashSet::new();
     let mut backoff = Duration::from_millis(500);
     loop {
-        match try_acquire(deps, node, previous, &mut exclude).await {
+        match try_acquire(deps, node, &mut previous, &mut exclude).await {
             Ok(Some(own)) => {
                 deps.report
                     .ipv6_only_lease(own.key.ipv6, own.lease_id, node.settings.lease_ttl);
@@ -277,10 +277,11 @@ async fn acquire(
     }
 }
 
+/// One listing and what it decides; `Ok(None)`: list and decide again.
 async fn try_acquire(
     deps: &V6Only,
     node: &Node,
-    previous: Option<Ipv6Network>,
+    previous: &mut Option<Ipv6Network>,
     exclude: &mut HashSet<Ipv6Network>,
 ) -> Result<Option<Own>, AgentError> {
     let prefix = deps.registry.prefix().to_string();
@@ -290,17 +291,34 @@ async fn try_acquire(
         &prefix,
         &snap.leases,
         node.underlay.public_ipv6,
-        previous,
+        *previous,
         exclude,
         &mut rand::rng(),
     )?;
     match decision {
+        Decision::Remove(stale) => {
+            for s in stale {
+                warn!(key = %s.key, subnet_v6 = %s.subnet, "removing our own stale lease: {}", s.why);
+                // Revoked first: that alone removes the key, and a failed delete below must not
+                // leave it to be found (and reused) again.
+                let _ = deps.registry.revoke(s.lease_id).await;
+                deps.registry.delete_lease(&s.key, s.mod_revision).await?;
+            }
+            Ok(None)
+        }
         Decision::Reuse {
             key,
             lease_id,
             mod_revision,
             value,
         } => {
+            // Renewed now, not a period from now: a restart close to the TTL would otherwise
+            // lose the key just after reusing it, and every peer would see it go and come back.
+            if lease_id != 0 && deps.registry.renew(lease_id).await?.is_none() {
+                // It expired between the listing and now: its subnet is likely free, ask it back.
+                *previous = Some(key.ipv6);
+                return Ok(None);
+            }
             if value != node.attrs.to_json().as_bytes() {
                 let k = LeaseKey::Ipv6Only(key);
                 if !deps
@@ -336,11 +354,13 @@ async fn try_acquire(
             };
             if lost {
                 warn!(subnet_v6 = %subnet, "an older key claims this IPv6 subnet; choosing again");
+                // Excluded and revoked before the delete, which may fail: the key must not
+                // outlive this attempt, nor the subnet be chosen again.
+                exclude.insert(subnet);
+                let _ = deps.registry.revoke(lease_id).await;
                 if let Some(m) = mine {
                     deps.registry.delete_lease(&k, m.mod_revision).await?;
                 }
-                let _ = deps.registry.revoke(lease_id).await;
-                exclude.insert(subnet);
                 return Ok(None);
             }
             Ok(Some(Own { key, lease_id }))
@@ -360,12 +380,35 @@ async fn reconcile(
         Ok(s) => s,
         Err(e) => return Some(Err(e.into())),
     };
-    let full = LeaseKey::Ipv6Only(own.key).etcd_key(deps.registry.prefix());
-    if !snap.leases.iter().any(|l| l.key == full) {
-        warn!(subnet_v6 = %own.key.ipv6, "our IPv6-only lease is gone; taking it again");
+    let was = own.key.ipv6;
+    let again = match pure::held(
+        deps.registry.prefix(),
+        &snap.leases,
+        own.key,
+        own.lease_id,
+        node.underlay.public_ipv6,
+    ) {
+        pure::Held::Ours { lease_id } => {
+            if lease_id != own.lease_id {
+                info!(subnet_v6 = %was, lease = lease_id, "our IPv6-only key now hangs on another lease (0: reserved); following it");
+                own.lease_id = lease_id;
+            }
+            None
+        }
+        pure::Held::Gone => {
+            warn!(subnet_v6 = %was, "our IPv6-only lease is gone; taking it again");
+            Some((Some(was), HashSet::new()))
+        }
+        pure::Held::Lost => {
+            // Our lease expired and another node took the subnet: staying would give two
+            // nodes one subnet, and the other node's older claim wins everywhere else.
+            warn!(subnet_v6 = %was, "another node holds our IPv6-only key; choosing another subnet");
+            Some((None, HashSet::from([was])))
+        }
+    };
+    if let Some((previous, exclude)) = again {
         deps.report.ipv6_only_lease_lost();
-        let was = own.key.ipv6;
-        *own = acquire(deps, node, Some(was), stop).await?;
+        *own = acquire(deps, node, previous, exclude, stop).await?;
         if own.key.ipv6 != was {
             write_subnet_env(node, &deps.report, own.key.ipv6);
         }
@@ -392,7 +435,13 @@ async fn program(
     listing: &[RawLease],
 ) -> Result<(), AgentError> {
     let cfg = &node.net.ipv6;
-    let (peers, skipped) = pure::peers(cfg, deps.registry.prefix(), listing, Some(own));
+    let (peers, skipped) = pure::peers(
+        cfg,
+        deps.registry.prefix(),
+        listing,
+        Some(own),
+        node.underlay.public_ipv6,
+    );
     for (key, why, label) in &skipped {
         deps.report.ipv6_only_rejected(key, why, label);
     }

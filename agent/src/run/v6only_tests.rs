@@ -195,3 +195,100 @@ async fn udp_in_an_ipv6_only_network_ends_the_agent_naming_backend_type() {
     let e = n.agent.await.unwrap().unwrap_err().to_string();
     assert!(e.contains("Backend.Type") && e.contains("udp"), "{e}");
 }
+
+const OUR_VALUE: &str =
+    r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::1","BackendType":"host-gw"}"#;
+
+/// Our IPv6-only key on `subnet` in `mem`, on a TTL lease of `ttl` (as a previous run left it).
+async fn left_by_a_previous_run(mem: &MemRegistry, subnet: &str, ttl: Duration) -> i64 {
+    let key: LeaseKey = subnet.parse().unwrap();
+    let attrs = LeaseAttrs::parse(OUR_VALUE.as_bytes()).unwrap();
+    match Registry::Mem(mem.clone())
+        .create_lease(&key, &attrs, ttl)
+        .await
+        .unwrap()
+    {
+        crate::registry::CreateOutcome::Created { lease_id } => lease_id,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_does_not_reuse_our_key_that_lost_its_race_it_removes_it() {
+    let mem = etcd("host-gw");
+    // An older dual-stack key claims fd00:10:244:5::/64; ours there lost the race, but the
+    // previous run died before deleting it.
+    mem.put_raw(
+        &format!("{PREFIX}/subnets/10.244.5.0-24&fd00:10:244:5::-64"),
+        br#"{"PublicIP":"198.18.0.9","PublicIPv6":"fd00:198:18::9","BackendType":"host-gw"}"#,
+    );
+    let stale = left_by_a_previous_run(&mem, "fd00:10:244:5::-64", Duration::from_secs(3600)).await;
+    let n = V6Node::start(&mem).await;
+    n.until("a lease on another subnet", |n| {
+        n.own_key()
+            .is_some_and(|(k, _)| !k.ends_with("/fd00:10:244:5::-64"))
+    })
+    .await;
+    assert!(
+        !mem.lease_alive(stale),
+        "the stale key's lease was not revoked"
+    );
+    assert!(
+        !mem.keys()
+            .iter()
+            .any(|k| k.ends_with("/fd00:10:244:5::-64")),
+        "{:?}",
+        mem.keys()
+    );
+    n.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_under_our_name_that_another_node_wrote_is_not_ours_we_move() {
+    let mem = etcd("host-gw");
+    let n = V6Node::start(&mem).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (key, lease) = n.own_key().unwrap();
+    // Cut off longer than the TTL: our lease expires and another node takes the subnet.
+    mem.set_reachable(false);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    mem.expire_lease(lease);
+    mem.put_raw(
+        &key,
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::3","BackendType":"host-gw"}"#,
+    );
+    mem.set_reachable(true);
+    n.until("our lease on another subnet", |n| {
+        n.own_key().is_some_and(|(k, _)| k != key)
+    })
+    .await;
+    let (moved, _) = n.own_key().unwrap();
+    let env = SubnetEnv::read(&n.dir.path().join("subnet.env")).unwrap();
+    let short = moved.strip_prefix(&format!("{PREFIX}/subnets/")).unwrap();
+    let Ok(LeaseKey::Ipv6Only(k)) = short.parse::<LeaseKey>() else {
+        panic!("{moved}")
+    };
+    assert_eq!(env.ipv6.unwrap().node_subnet(), k.ipv6);
+    n.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reused_lease_is_renewed_at_once() {
+    let mem = etcd("host-gw");
+    // A previous run's lease with 5 s left; the node's own renewal period is far longer.
+    let lease = left_by_a_previous_run(&mem, "fd00:10:244:5::-64", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let n = V6Node::start(&mem).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    assert_eq!(n.own_key().map(|(_, l)| l), Some(lease));
+    // Past the old deadline: renewed on reuse, so still the same lease.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        n.own_key().map(|(_, l)| l),
+        Some(lease),
+        "the reused lease was not renewed"
+    );
+    n.stop().await;
+}

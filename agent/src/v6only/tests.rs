@@ -328,7 +328,13 @@ fn peers_are_ipv6_only_leases_and_the_ipv6_half_of_dual_stack_ones_never_ourselv
         ),
         lease("fd00:10:244:8::-64", "not json", 8),
     ];
-    let (peers, skipped) = peers(&cfg, PREFIX, &listing, Some(net6("fd00:10:244:2::/64")));
+    let (peers, skipped) = peers(
+        &cfg,
+        PREFIX,
+        &listing,
+        Some(net6("fd00:10:244:2::/64")),
+        v6("2001:db8::2"),
+    );
     let got: Vec<(Ipv6Network, Ipv6Addr)> = peers
         .iter()
         .map(|p| (p.peer.subnet, p.peer.public_ipv6))
@@ -355,4 +361,216 @@ fn peers_are_ipv6_only_leases_and_the_ipv6_half_of_dual_stack_ones_never_ourselv
     assert_eq!(vx.len(), 2);
     assert_eq!(vx[1].vtep_mac.to_string(), "aa:bb:cc:dd:ee:03");
     assert!(hostgw_peers(&peers).is_empty());
+}
+
+const ME: &str = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"host-gw"}"#;
+
+fn ttl_lease(key: &str, value: &str, rev: i64, lease_id: i64) -> RawLease {
+    RawLease {
+        lease_id,
+        ..lease(key, value, rev)
+    }
+}
+
+#[test]
+fn our_key_that_an_older_key_of_the_other_form_claims_is_removed_not_reused() {
+    let cfg = cfg();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let older_dual = lease(
+        "10.244.5.0-24&fd00:10:244:5::-64",
+        r#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9","BackendType":"host-gw"}"#,
+        2,
+    );
+    // Ours lost that race, but its delete failed (or the agent died before it).
+    let ours = ttl_lease("fd00:10:244:5::-64", ME, 3, 77);
+    let d = decide(
+        &cfg,
+        PREFIX,
+        &[older_dual.clone(), ours.clone()],
+        v6("2001:db8::6"),
+        None,
+        &HashSet::new(),
+        &mut rng,
+    )
+    .unwrap();
+    let Decision::Remove(stale) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(stale.len(), 1);
+    assert_eq!(
+        (stale[0].subnet, stale[0].lease_id, stale[0].mod_revision),
+        (net6("fd00:10:244:5::/64"), 77, 3)
+    );
+    assert_eq!(stale[0].why, "an older key claims its subnet");
+    // A reservation of ours that lost is left to the operator, and not reused either.
+    let reserved = ttl_lease("fd00:10:244:5::-64", ME, 3, 0);
+    for _ in 0..20 {
+        let d = decide(
+            &cfg,
+            PREFIX,
+            &[older_dual.clone(), reserved.clone()],
+            v6("2001:db8::6"),
+            None,
+            &HashSet::new(),
+            &mut rng,
+        )
+        .unwrap();
+        assert!(
+            matches!(d, Decision::Take(s) if s != net6("fd00:10:244:5::/64")),
+            "{d:?}"
+        );
+    }
+}
+
+#[test]
+fn our_stale_keys_of_either_form_are_removed_at_acquire_and_reservations_kept() {
+    let cfg = cfg();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let me = v6("2001:db8::6");
+    // From before the switch to IPv6-only: our dual-stack key, on a TTL lease.
+    let dual = ttl_lease(
+        "10.244.4.0-24&fd00:10:244:4::-64",
+        r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6","BackendType":"host-gw"}"#,
+        2,
+        50,
+    );
+    let keep = ttl_lease("fd00:10:244:9::-64", ME, 3, 51);
+    let second = ttl_lease("fd00:10:244:a::-64", ME, 4, 52);
+    let other = ttl_lease(
+        "fd00:10:244:b::-64",
+        r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::7","BackendType":"host-gw"}"#,
+        5,
+        53,
+    );
+    let listing = [dual.clone(), keep.clone(), second, other];
+    let Decision::Remove(stale) =
+        decide(&cfg, PREFIX, &listing, me, None, &HashSet::new(), &mut rng).unwrap()
+    else {
+        panic!()
+    };
+    let got: Vec<(i64, &str)> = stale.iter().map(|s| (s.lease_id, s.why)).collect();
+    assert_eq!(
+        got,
+        [
+            (50, "a dual-stack key of ours from before EnableIPv4: false"),
+            (52, "a second key of ours")
+        ]
+    );
+    // Once they are gone, ours is reused.
+    let d = decide(
+        &cfg,
+        PREFIX,
+        std::slice::from_ref(&keep),
+        me,
+        None,
+        &HashSet::new(),
+        &mut rng,
+    )
+    .unwrap();
+    assert!(matches!(d, Decision::Reuse { lease_id: 51, .. }), "{d:?}");
+    // A key of ours outside SubnetMin/SubnetMax goes too.
+    let narrowed: Ipv6Config = {
+        let tweed_config::ParsedNetwork::Ipv6Only(n) = tweed_config::NetworkConfig::parse_any(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetMin":"fd00:10:244:10::","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        n.ipv6
+    };
+    let d = decide(
+        &narrowed,
+        PREFIX,
+        &[keep],
+        me,
+        None,
+        &HashSet::new(),
+        &mut rng,
+    )
+    .unwrap();
+    assert!(
+        matches!(&d, Decision::Remove(s) if s.len() == 1 && s[0].why == "not a node subnet of IPv6Network"),
+        "{d:?}"
+    );
+    // A reserved dual-stack key of ours (no TTL) is the operator's: not removed.
+    let reserved_dual = RawLease {
+        lease_id: 0,
+        ..dual
+    };
+    assert!(matches!(
+        decide(
+            &cfg,
+            PREFIX,
+            &[reserved_dual],
+            me,
+            None,
+            &HashSet::new(),
+            &mut rng
+        )
+        .unwrap(),
+        Decision::Take(_)
+    ));
+}
+
+#[test]
+fn our_key_is_held_only_while_it_has_our_public_ipv6_and_our_lease() {
+    let me = v6("2001:db8::6");
+    let own = Ipv6OnlyKey {
+        ipv6: net6("fd00:10:244:5::/64"),
+    };
+    let at = |value: &str, lease_id: i64| [ttl_lease("fd00:10:244:5::-64", value, 3, lease_id)];
+    assert_eq!(
+        held(PREFIX, &at(ME, 7), own, 7, me),
+        Held::Ours { lease_id: 7 }
+    );
+    assert_eq!(held(PREFIX, &[], own, 7, me), Held::Gone);
+    // Our lease expired while we were cut off, and another node took the subnet.
+    let theirs = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::7","BackendType":"host-gw"}"#;
+    assert_eq!(held(PREFIX, &at(theirs, 9), own, 7, me), Held::Lost);
+    assert_eq!(held(PREFIX, &at(theirs, 7), own, 7, me), Held::Lost);
+    assert_eq!(held(PREFIX, &at(ME, 9), own, 7, me), Held::Lost);
+    assert_eq!(held(PREFIX, &at("not json", 7), own, 7, me), Held::Lost);
+    // Reserved or unreserved by hand: still ours, on what it now hangs on.
+    assert_eq!(
+        held(PREFIX, &at(ME, 0), own, 7, me),
+        Held::Ours { lease_id: 0 }
+    );
+    assert_eq!(
+        held(PREFIX, &at(ME, 9), own, 0, me),
+        Held::Ours { lease_id: 9 }
+    );
+}
+
+#[test]
+fn a_stale_key_of_ours_is_no_peer_but_still_the_older_claim() {
+    let cfg = cfg();
+    let me = v6("2001:db8::6");
+    let listing = [
+        // Our dual-stack key from before the switch, not yet removed.
+        lease(
+            "10.244.4.0-24&fd00:10:244:4::-64",
+            r#"{"PublicIP":"198.18.0.6","PublicIPv6":"2001:db8::6","BackendType":"host-gw"}"#,
+            2,
+        ),
+        lease(
+            "fd00:10:244:4::-64",
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::7","BackendType":"host-gw"}"#,
+            3,
+        ),
+        lease(
+            "fd00:10:244:8::-64",
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::8","BackendType":"host-gw"}"#,
+            4,
+        ),
+    ];
+    let (peers, skipped) = peers(&cfg, PREFIX, &listing, Some(net6("fd00:10:244:9::/64")), me);
+    assert_eq!(
+        hostgw_peers(&peers),
+        [(net6("fd00:10:244:8::/64"), v6("2001:db8::8"))]
+    );
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(
+        (skipped[0].0.as_str(), skipped[0].2),
+        ("/coreos.com/network/subnets/fd00:10:244:4::-64", "overlap")
+    );
 }
