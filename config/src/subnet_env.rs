@@ -59,6 +59,16 @@ pub struct SubnetEnvV6 {
 }
 
 impl SubnetEnvV6 {
+    /// The pair for the node subnet `own` (its network address) in `network`: flannel writes
+    /// the subnet's first address with its length.
+    pub fn for_node(network: Ipv6Network, own: Ipv6Network) -> Self {
+        let first = std::net::Ipv6Addr::from(u128::from(own.network()) + 1);
+        SubnetEnvV6 {
+            network,
+            subnet: Ipv6Network::new(first, own.prefix()).expect("the subnet's own prefix"),
+        }
+    }
+
     /// The node subnet itself (network address), e.g. `fd00:10:244:3::/64`.
     pub fn node_subnet(&self) -> Ipv6Network {
         Ipv6Network::new(self.subnet.network(), self.subnet.prefix()).expect("prefix already valid")

@@ -239,12 +239,7 @@ impl Plane {
 
     /// subnet.env's IPv6 pair: the network and our subnet's first address (flannel's form).
     fn subnet_env_v6(&self) -> Option<SubnetEnvV6> {
-        let (network, own) = (self.ipv6_network?, self.own_v6?);
-        let first = Ipv6Addr::from(u128::from(own.network()) + 1);
-        Some(SubnetEnvV6 {
-            network,
-            subnet: Ipv6Network::new(first, own.prefix()).expect("valid prefix"),
-        })
+        Some(SubnetEnvV6::for_node(self.ipv6_network?, self.own_v6?))
     }
 
     /// Sets the IPv6 data plane up (again) when this node runs dual stack with an IPv6 subnet;

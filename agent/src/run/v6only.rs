@@ -541,16 +541,11 @@ fn write_subnet_env(node: &Node, report: &Report, own: Ipv6Network) {
         .as_ref()
         .and_then(|v| v.spec.mtu)
         .unwrap_or(node.underlay.mtu);
-    // The subnet's first address with its length, as the IPv4 pair's TWEED_SUBNET.
-    let first = std::net::Ipv6Addr::from(u128::from(own.network()) + 1);
     let env = SubnetEnv {
         ipv4: None,
         mtu,
         ipmasq: node.settings.ip_masq,
-        ipv6: Some(SubnetEnvV6 {
-            network: node.net.ipv6.network,
-            subnet: Ipv6Network::new(first, own.prefix()).expect("the subnet's own prefix"),
-        }),
+        ipv6: Some(SubnetEnvV6::for_node(node.net.ipv6.network, own)),
     };
     match env.write_atomic(&node.settings.subnet_file) {
         Ok(()) => {
