@@ -135,7 +135,7 @@ fn containerd_and_podman_attach_through_tweed_and_reach_another_host() {
     let lab = LabGuard::up(spec).expect("lab up");
     let h1 = lab.netns_of("h1").unwrap();
     let host = &lab.state().hosts[0];
-    let target = lab.state().hosts[1].pods[0].ip;
+    let target = lab.state().hosts[1].pods[0].ip.expect("an IPv4 lab's pod");
     let subnet_file = host.subnet_file.clone();
     let env = tweed_config::SubnetEnv::read(&subnet_file).unwrap();
     let base = u32::from(env.ipv4.expect("IPv4 pair").subnet.network());

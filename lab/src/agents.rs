@@ -183,30 +183,33 @@ pub(crate) fn wait_subnets(
 }
 
 /// [`wait_subnets`] for an IPv6-only lab: each agent's subnet.env names its IPv6 subnet
-/// (`TWEED_IPV6_SUBNET`), which is recorded as the host's subnet.
+/// (`TWEED_IPV6_SUBNET`), which is recorded as the host's subnet; returns the files in host
+/// order.
 pub(crate) fn wait_subnets_v6(
     hosts: &mut [HostState],
     children: &mut [Child],
     timeout: Duration,
     cancel: Option<&AtomicBool>,
     on_ready: &mut dyn FnMut(&str, &str, Duration) -> Result<(), LabError>,
-) -> Result<(), LabError> {
+) -> Result<Vec<SubnetEnv>, LabError> {
     let start = Instant::now();
+    let mut envs: Vec<Option<SubnetEnv>> = vec![None; hosts.len()];
     loop {
         let mut waiting = None;
         for (i, h) in hosts.iter_mut().enumerate() {
-            if h.subnet.is_some() {
+            if envs[i].is_some() {
                 continue;
             }
             // A file without the IPv6 pair (or unreadable yet) is waited on like a missing one.
-            if let Some((v6, mtu)) = SubnetEnv::read(&h.subnet_file)
+            if let Some(env) = SubnetEnv::read(&h.subnet_file)
                 .ok()
-                .and_then(|env| Some((env.ipv6?, env.mtu)))
+                .filter(|env| env.ipv6.is_some())
             {
-                let s = v6.subnet.to_string();
+                let s = env.ipv6.map(|v6| v6.subnet.to_string()).unwrap_or_default();
                 on_ready(&h.name, &s, start.elapsed())?;
                 h.subnet = Some(s);
-                h.mtu = Some(mtu);
+                h.mtu = Some(env.mtu);
+                envs[i] = Some(env);
                 continue;
             }
             let pid = h.agent_pid.unwrap_or(0);
@@ -224,7 +227,7 @@ pub(crate) fn wait_subnets_v6(
             waiting.get_or_insert(i);
         }
         let Some(i) = waiting else {
-            return Ok(());
+            return Ok(envs.into_iter().flatten().collect());
         };
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(LabError::Interrupted);

@@ -1,6 +1,6 @@
 //! What `tweed-lab check` does: ping from every pod to every pod on the other hosts, in
-//! parallel, and report each result. In a dual-stack lab every pair is pinged over IPv4 and
-//! over IPv6.
+//! parallel, and report each result. Every pair is pinged in each family both pods have: over
+//! IPv4 and over IPv6 in a dual-stack lab, over IPv6 in an IPv6-only one.
 
 use std::net::IpAddr;
 #[cfg(test)]
@@ -58,16 +58,17 @@ struct Ping {
     to_ip: IpAddr,
 }
 
-/// Every pod to every pod on the other hosts, in host and pod order; IPv4 first, then IPv6
-/// when both pods have an IPv6 address.
+/// Every pod to every pod on the other hosts, in host and pod order; IPv4 when both pods have an
+/// IPv4 address, then IPv6 when both have an IPv6 one.
 fn pings(hosts: &[HostState]) -> Vec<Ping> {
     let mut jobs = Vec::new();
     for a in hosts {
         for b in hosts.iter().filter(|b| b.name != a.name) {
             for pa in &a.pods {
                 for pb in &b.pods {
+                    let v4 = pa.ip.and(pb.ip).map(IpAddr::V4);
                     let v6 = pa.ip6.and(pb.ip6).map(IpAddr::V6);
-                    for to_ip in std::iter::once(IpAddr::V4(pb.ip)).chain(v6) {
+                    for to_ip in v4.into_iter().chain(v6) {
                         jobs.push(Ping {
                             from: format!("{}/{}", a.name, pa.name),
                             netns: pa.netns.clone(),
@@ -199,7 +200,7 @@ mod tests {
                     .map(|p| PodState {
                         name: names.pod(p),
                         netns: names.pod_ns(i, p),
-                        ip: Ipv4Addr::new(10, 244, i as u8, p as u8 + 1),
+                        ip: Some(Ipv4Addr::new(10, 244, i as u8, p as u8 + 1)),
                         ip6: None,
                         container_id: None,
                     })
@@ -238,6 +239,19 @@ mod tests {
         );
         dual[1].pods[0].ip6 = None;
         assert_eq!(pings(&dual).len(), 48 - 2 * 4);
+        // IPv6 only: each pair once, over IPv6.
+        let mut v6 = dual.clone();
+        v6[1].pods[0].ip6 = Some("fd00:10:244:2::2".parse().unwrap());
+        for pod in v6.iter_mut().flat_map(|h| h.pods.iter_mut()) {
+            pod.ip = None;
+        }
+        let jobs = pings(&v6);
+        assert_eq!(jobs.len(), 24);
+        assert!(jobs.iter().all(|j| j.to_ip.is_ipv6()), "{jobs:?}");
+        assert_eq!(
+            (jobs[0].from.as_str(), jobs[0].to.as_str(), jobs[0].to_ip),
+            ("h1/p1", "h2/p1", "fd00:10:244:2::2".parse().unwrap())
+        );
     }
 
     #[test]

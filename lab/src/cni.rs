@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::{json, Value};
 
 use crate::cmd;
@@ -34,7 +34,7 @@ pub enum CniError {
         /// The exit status and the plugin's error `code` and `msg`, else its raw output.
         msg: String,
     },
-    #[error("CNI ADD of {container}: the result has no IPv4 address: {result}")]
+    #[error("CNI ADD of {container}: the result has no address: {result}")]
     NoAddress { container: String, result: String },
     #[error("CNI configuration list {}: {reason}", path.display())]
     Conflist { path: PathBuf, reason: String },
@@ -147,22 +147,34 @@ impl CniCall<'_> {
     }
 }
 
-/// CNI ADD: the plugin attaches the (existing) pod namespace; returns the pod's address.
-pub fn cni_add(call: &CniCall<'_>) -> Result<Ipv4Network, CniError> {
-    let out = call.run("ADD", &format!("/run/netns/{}", call.pod_ns))?;
-    result_ipv4(&out).ok_or_else(|| CniError::NoAddress {
-        container: call.container_id.into(),
-        result: out.trim().to_string(),
-    })
+/// The addresses of a CNI result, one per family at most (the first of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CniAddrs {
+    pub ipv4: Option<Ipv4Network>,
+    pub ipv6: Option<Ipv6Network>,
 }
 
-/// CNI DEL (idempotent; an empty `CNI_NETNS` when the pod namespace is gone).
+/// CNI ADD: the plugin attaches the (existing) pod namespace; returns the pod's addresses (an
+/// IPv4-only node's pod has no IPv6 one, an IPv6-only node's no IPv4 one).
+pub fn cni_add(call: &CniCall<'_>) -> Result<CniAddrs, CniError> {
+    let out = cni_add_result(call)?;
+    let addrs = result_addrs(&out);
+    if addrs.ipv4.is_none() && addrs.ipv6.is_none() {
+        return Err(CniError::NoAddress {
+            container: call.container_id.into(),
+            result: out.trim().to_string(),
+        });
+    }
+    Ok(addrs)
+}
+
 /// ADD, returning the plugin's result as it printed it (for callers that need more than the
-/// IPv4 address, e.g. the IPv6 one of an IPv6-only node's pod).
+/// addresses).
 pub fn cni_add_result(call: &CniCall<'_>) -> Result<String, CniError> {
     call.run("ADD", &format!("/run/netns/{}", call.pod_ns))
 }
 
+/// CNI DEL (idempotent; an empty `CNI_NETNS` when the pod namespace is gone).
 pub fn cni_del(call: &CniCall<'_>) -> Result<(), CniError> {
     let path = Path::new("/run/netns").join(call.pod_ns);
     let netns_path = if path.exists() {
@@ -175,12 +187,26 @@ pub fn cni_del(call: &CniCall<'_>) -> Result<(), CniError> {
 
 /// The first IPv4 address of a CNI result (`ips[].address`, e.g. `10.244.3.2/24`).
 pub fn result_ipv4(result: &str) -> Option<Ipv4Network> {
-    let v: Value = serde_json::from_str(result).ok()?;
-    v.get("ips")?
-        .as_array()?
-        .iter()
-        .filter_map(|ip| ip.get("address")?.as_str()?.parse::<Ipv4Network>().ok())
-        .next()
+    result_addrs(result).ipv4
+}
+
+/// The first address of each family in a CNI result's `ips[].address`; none of either when the
+/// result is not JSON.
+pub fn result_addrs(result: &str) -> CniAddrs {
+    let v: Value = serde_json::from_str(result).unwrap_or_default();
+    let addrs: Vec<&str> = v
+        .get("ips")
+        .and_then(Value::as_array)
+        .map(|ips| {
+            ips.iter()
+                .filter_map(|ip| ip.get("address")?.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    CniAddrs {
+        ipv4: addrs.iter().find_map(|a| a.parse().ok()),
+        ipv6: addrs.iter().find_map(|a| a.parse().ok()),
+    }
 }
 
 /// `CNI_PATH` for the lab: `<dir>/tweed`, a link to the plugin, so that a plugin file not named
@@ -235,5 +261,17 @@ mod tests {
         assert_eq!(result_ipv4(r).unwrap().to_string(), "10.244.3.2/24");
         assert_eq!(result_ipv4(r#"{"ips":[]}"#), None);
         assert_eq!(result_ipv4("not json"), None);
+        // Dual stack, either order; IPv6 only.
+        let dual = r#"{"ips":[{"address":"fd00:10:244:3::2/64"},{"address":"10.244.3.2/24"}]}"#;
+        let a = result_addrs(dual);
+        assert_eq!(a.ipv4.unwrap().to_string(), "10.244.3.2/24");
+        assert_eq!(a.ipv6.unwrap().to_string(), "fd00:10:244:3::2/64");
+        let v6 = result_addrs(
+            r#"{"ips":[{"address":"fd00:10:244:3::2/64","gateway":"fd00:10:244:3::1"}]}"#,
+        );
+        assert_eq!(v6.ipv4, None);
+        assert_eq!(v6.ipv6.unwrap().to_string(), "fd00:10:244:3::2/64");
+        let none = result_addrs(r#"{"ips":[{"address":"junk"}]}"#);
+        assert_eq!((none.ipv4, none.ipv6), (None, None));
     }
 }

@@ -234,8 +234,13 @@ impl Lab {
             } else {
                 String::new()
             };
+            // An IPv6-only host has only its IPv6 underlay address (the IPv4 one is unused).
+            let addr = match (spec.ip_family, h.public_ip6) {
+                (IpFamily::V6, Some(ip6)) => ip6.to_string(),
+                _ => h.public_ip.to_string(),
+            };
             progress(
-                &format!("host {} ({}, {}{segment})", h.name, h.netns, h.public_ip),
+                &format!("host {} ({}, {addr}{segment})", h.name, h.netns),
                 t.elapsed(),
             )?;
         }
@@ -288,7 +293,7 @@ impl Lab {
             progress(&format!("tweedd on {} (pid {pid})", h.name), t.elapsed())?;
         }
 
-        if spec.ip_family == IpFamily::V6 {
+        let envs = if spec.ip_family == IpFamily::V6 {
             agents::wait_subnets_v6(
                 &mut self.state.hosts,
                 &mut self.children,
@@ -297,22 +302,21 @@ impl Lab {
                 &mut |host, subnet, took| {
                     progress(&format!("subnet.env of {host}: {subnet} (IPv6 only)"), took)
                 },
-            )?;
-            self.state.phase = Phase::Ready;
-            return self.save();
-        }
-        let envs = agents::wait_subnets(
-            &mut self.state.hosts,
-            &mut self.children,
-            spec.agent_timeout,
-            spec.cancel.as_deref(),
-            &mut |host, env, took| {
-                progress(
-                    &format!("subnet.env of {host}: {} mtu {}", env.subnets(), env.mtu),
-                    took,
-                )
-            },
-        )?;
+            )?
+        } else {
+            agents::wait_subnets(
+                &mut self.state.hosts,
+                &mut self.children,
+                spec.agent_timeout,
+                spec.cancel.as_deref(),
+                &mut |host, env, took| {
+                    progress(
+                        &format!("subnet.env of {host}: {} mtu {}", env.subnets(), env.mtu),
+                        took,
+                    )
+                },
+            )?
+        };
         self.save()?;
 
         if let Some(plugin) = self.state.cni_plugin.clone() {

@@ -9,7 +9,7 @@
 //!   It needs no plugin binary, so it tells an agent problem from a plugin problem.
 
 use std::fs;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -55,9 +55,9 @@ impl PodsVia {
 pub struct PodPlan {
     pub name: String,
     pub netns: String,
-    /// Address with prefix, e.g. 10.244.3.2/24.
-    pub ip: Ipv4Network,
-    /// The IPv6 twin when the network is dual stack, e.g. fd00:10:244:3::2/64.
+    /// Address with prefix, e.g. 10.244.3.2/24; none on an IPv6-only node.
+    pub ip: Option<Ipv4Network>,
+    /// The IPv6 address when the network has IPv6, e.g. fd00:10:244:3::2/64.
     pub ip6: Option<Ipv6Network>,
     /// The pod's cable end on the host's bridge.
     pub host_veth: String,
@@ -80,15 +80,16 @@ pub fn plan_pod(
     env: &SubnetEnv,
     pod: usize,
 ) -> Result<PodPlan, String> {
+    if env.ipv4.is_none() && env.ipv6.is_none() {
+        return Err("subnet.env has neither TWEED_SUBNET nor TWEED_IPV6_SUBNET".into());
+    }
     Ok(PodPlan {
         name: names.pod(pod),
         netns: names.pod_ns(host, pod),
-        ip: names::pod_ip(
-            env.ipv4
-                .ok_or_else(|| "subnet.env has no IPv4 pair (TWEED_SUBNET)".to_string())?
-                .subnet,
-            pod,
-        )?,
+        ip: env
+            .ipv4
+            .map(|v4| names::pod_ip(v4.subnet, pod))
+            .transpose()?,
         ip6: env
             .ipv6
             .as_ref()
@@ -131,11 +132,11 @@ pub fn wire_pod(host_ns: &str, env: &SubnetEnv, pod: &PodPlan) -> Result<(), Cmd
         host_ns,
         &["link", "set", &pod.host_veth, "master", names::POD_BRIDGE],
     )?;
-    netns::ip(
-        &pod.netns,
-        &["addr", "add", &pod.ip.to_string(), "dev", names::POD_IFACE],
-    )?;
-    if let Some(v4) = env.ipv4 {
+    if let (Some(ip), Some(v4)) = (pod.ip, env.ipv4) {
+        netns::ip(
+            &pod.netns,
+            &["addr", "add", &ip.to_string(), "dev", names::POD_IFACE],
+        )?;
         netns::ip(
             &pod.netns,
             &[
@@ -266,12 +267,12 @@ pub(crate) fn attach_pod(
             let p = plan_pod(names, host_no, env, pod)
                 .map_err(|e| LabError::Spec(format!("pods on {}: {e}", host.name)))?;
             wire_pod(&host.netns, env, &p)?;
-            (p.ip.ip(), None)
+            (p.ip.map(|ip| ip.ip()), None)
         }
         Attach::Cni { plugin, cni_path } => {
             netns::add(&pod_ns)?;
             let conf = cni::read_plugin_conf(&conf_path()?)?;
-            let ip = cni::cni_add(&CniCall {
+            let addrs = cni::cni_add(&CniCall {
                 plugin,
                 cni_path,
                 host_ns: &host.netns,
@@ -279,7 +280,14 @@ pub(crate) fn attach_pod(
                 pod_ns: &pod_ns,
                 conf: &conf,
             })?;
-            (ip.ip(), None)
+            if env.ipv4.is_some() && addrs.ipv4.is_none() {
+                return Err(LabError::Spec(format!(
+                    "pod {name} on {}: the node has an IPv4 subnet but CNI ADD gave {pod_ns} no \
+                     IPv4 address",
+                    host.name
+                )));
+            }
+            (addrs.ipv4.map(|ip| ip.ip()), None)
         }
         Attach::Runtime(rt) => {
             let conf = conf_path()?;
@@ -289,21 +297,29 @@ pub(crate) fn attach_pod(
             };
             let id = rt.run_pod(&net, &format!("{}-{name}", host.name))?;
             let (pid, ip) = rt.pid_and_ip(&id)?;
-            let ip: Ipv4Addr = ip.parse().map_err(|_| {
-                LabError::Spec(format!("container {id} has no IPv4 address: {ip:?}"))
-            })?;
+            // inspect lists the IPv4 address first when there is one; an IPv6-only node's
+            // container has only its IPv6 address (read back from the namespace below).
+            let ip = match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => Some(v4),
+                Ok(IpAddr::V6(_)) if env.ipv4.is_none() => None,
+                _ => {
+                    return Err(LabError::Spec(format!(
+                        "container {id} has no IPv4 address: {ip:?}"
+                    )))
+                }
+            };
             // Named like any pod's, so `check`, `exec hN/pM` and `down` need not know.
             cmd::run(Command::new("ip").args(["netns", "attach", &pod_ns, &pid.to_string()]))?;
             (ip, Some(id))
         }
     };
-    // Whatever attached the pod, its IPv6 address is read back from the pod itself: a dual-stack
-    // network whose pod got none is an error here, not a mystery in the first ping6.
+    // Whatever attached the pod, its IPv6 address is read back from the pod itself: a node with
+    // an IPv6 subnet whose pod got none is an error here, not a mystery in the first ping6.
     let ip6 = match &env.ipv6 {
         None => None,
         Some(_) => Some(global_ip6(&pod_ns)?.ok_or_else(|| {
             LabError::Spec(format!(
-                "pod {name} on {}: the network is dual stack but {pod_ns} has no global IPv6 \
+                "pod {name} on {}: the node has an IPv6 subnet but {pod_ns} has no global IPv6 \
                  address on {}",
                 host.name,
                 names::POD_IFACE
@@ -319,13 +335,15 @@ pub(crate) fn attach_pod(
     })
 }
 
-/// `p1 10.244.3.2` (`p1 10.244.3.2 fd00:10:244:3::2` when dual stack), and the container for
-/// tweedctl pods.
+/// `p1 10.244.3.2` (`p1 10.244.3.2 fd00:10:244:3::2` when dual stack, `p1 fd00:10:244:3::2`
+/// when IPv6 only), and the container for tweedctl pods.
 pub(crate) fn describe(pod: &PodState) -> String {
-    let ips = match pod.ip6 {
-        Some(ip6) => format!("{} {ip6}", pod.ip),
-        None => pod.ip.to_string(),
-    };
+    let ips = pod
+        .ips()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
     match &pod.container_id {
         Some(id) => format!(
             "{} {ips} (container {})",
@@ -426,7 +444,7 @@ mod tests {
         let mut p = PodState {
             name: "p1".into(),
             netns: "twl-demo-h1-p1".into(),
-            ip: Ipv4Addr::new(10, 244, 3, 2),
+            ip: Some(std::net::Ipv4Addr::new(10, 244, 3, 2)),
             ip6: None,
             container_id: None,
         };
@@ -440,6 +458,9 @@ mod tests {
             describe(&p),
             "p1 10.244.3.2 fd00:10:244:3::2 (container abc)"
         );
+        p.ip = None;
+        p.container_id = None;
+        assert_eq!(describe(&p), "p1 fd00:10:244:3::2");
     }
 
     #[test]
@@ -490,19 +511,38 @@ mod tests {
                 PodPlan {
                     name: "p1".into(),
                     netns: "twl-demo-h2-p1".into(),
-                    ip: "10.244.7.2/24".parse().unwrap(),
+                    ip: Some("10.244.7.2/24".parse().unwrap()),
                     ip6: None,
                     host_veth: "veth-p1".into(),
                 },
                 PodPlan {
                     name: "p2".into(),
                     netns: "twl-demo-h2-p2".into(),
-                    ip: "10.244.7.3/24".parse().unwrap(),
+                    ip: Some("10.244.7.3/24".parse().unwrap()),
                     ip6: None,
                     host_veth: "veth-p2".into(),
                 },
             ]
         );
         assert!(plan(&names, 2, &env, 254).is_err());
+        // An IPv6-only node: the pods get only the IPv6 address above the bridge's.
+        let v6_only = SubnetEnv {
+            ipv4: None,
+            ipv6: Some(tweed_config::SubnetEnvV6 {
+                network: "fd00:10:244::/56".parse().unwrap(),
+                subnet: "fd00:10:244:7::1/64".parse().unwrap(),
+            }),
+            ..env
+        };
+        let p = plan_pod(&names, 2, &v6_only, 1).unwrap();
+        assert_eq!(p.ip, None);
+        assert_eq!(p.ip6, Some("fd00:10:244:7::2/64".parse().unwrap()));
+        let neither = SubnetEnv {
+            ipv6: None,
+            ..v6_only
+        };
+        assert!(plan_pod(&names, 2, &neither, 1)
+            .unwrap_err()
+            .contains("neither TWEED_SUBNET nor TWEED_IPV6_SUBNET"));
     }
 }

@@ -214,13 +214,6 @@ fn validate(spec: &LabSpec) -> Result<(), LabError> {
                         .into(),
                 ));
             }
-            if spec.pods_per_host != 0 {
-                return Err(LabError::Spec(
-                    "--ip-family v6 attaches no pods yet (--pods-per-host 0): the lab's pods \
-                     need an IPv4 subnet"
-                        .into(),
-                ));
-            }
             Ok(())
         }
         IpFamily::Dual => Ok(()),
@@ -385,11 +378,10 @@ mod tests {
         assert!(err(&|s| s.segments = 0).contains("--segments"));
         assert!(err(&|s| s.etcd_members = 4).contains("--etcd-members"));
         assert!(err(&|s| s.pods_per_host = 251).contains("--pods-per-host"));
-        // IPv6 only: vxlan and host-gw, one segment, one etcd member, no pods yet.
+        // IPv6 only: vxlan and host-gw, one segment, one etcd member; pods any way, or none.
         let v6 = |f: &dyn Fn(&mut LabSpec)| {
             err(&|s| {
                 s.ip_family = IpFamily::V6;
-                s.pods_per_host = 0;
                 f(s)
             })
         };
@@ -397,10 +389,15 @@ mod tests {
         assert!(v6(&|s| s.backend = Backend::Wireguard).contains("backend wireguard"));
         assert!(v6(&|s| s.segments = 2).contains("--segments 1"));
         assert!(v6(&|s| s.etcd_members = 3).contains("--etcd-members 1"));
-        assert!(v6(&|s| s.pods_per_host = 1).contains("--pods-per-host 0"));
-        for b in [Backend::Vxlan, Backend::HostGw] {
+        for (b, via, pods) in [
+            (Backend::Vxlan, PodsVia::Cni, 2),
+            (Backend::HostGw, PodsVia::Direct, 2),
+            (Backend::Vxlan, PodsVia::Runtime, 2),
+            (Backend::HostGw, PodsVia::Cni, 0),
+        ] {
             let mut spec = LabSpec::new("x", 3);
-            (spec.ip_family, spec.backend, spec.pods_per_host) = (IpFamily::V6, b, 0);
+            (spec.ip_family, spec.backend) = (IpFamily::V6, b);
+            (spec.pods_via, spec.pods_per_host) = (via, pods);
             validate(&spec).unwrap();
         }
         let c: serde_json::Value =

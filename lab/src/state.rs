@@ -9,7 +9,7 @@
 use std::fmt::Display;
 use std::fs;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ pub enum StateError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("{}: pod {pod} has no address (neither field `ip` nor field `ip6`)", path.display())]
+    NoPodAddress { path: PathBuf, pod: String },
 }
 
 /// Where labs keep their state: `$TWEED_LAB_ROOT`, else `/run/tweed-lab` (tmpfs: gone on reboot,
@@ -62,7 +64,7 @@ pub struct LabState {
     /// Underlay segments (1 or 2).
     #[serde(default = "one")]
     pub segments: usize,
-    /// `v4` or `dual` (labs older than this field were IPv4 only).
+    /// `v4`, `dual` or `v6` (labs older than this field were IPv4 only).
     #[serde(default, deserialize_with = "ip_family")]
     pub ip_family: IpFamily,
     pub pods_per_host: usize,
@@ -201,14 +203,25 @@ pub struct HostState {
 pub struct PodState {
     pub name: String,
     pub netns: String,
-    /// Plain address, e.g. 10.244.3.2.
-    pub ip: Ipv4Addr,
-    /// The pod's global IPv6 address (dual-stack labs only).
+    /// Plain IPv4 address, e.g. 10.244.3.2; `None` in an IPv6-only lab (no `ip` key then, so
+    /// the IPv4 and dual-stack labs' files stay as older tweed-labs wrote and read them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    /// The pod's global IPv6 address (dual-stack and IPv6-only labs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<Ipv6Addr>,
     /// `runtime` pods: the tweedctl container's id.
     #[serde(default)]
     pub container_id: Option<String>,
+}
+
+impl PodState {
+    /// Every address of the pod, IPv4 first.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        let v4 = self.ip.map(IpAddr::V4);
+        let v6 = self.ip6.map(IpAddr::V6);
+        [v4, v6].into_iter().flatten().collect()
+    }
 }
 
 pub fn state_file(dir: &Path) -> PathBuf {
@@ -229,10 +242,21 @@ impl LabState {
 
     /// Parses the text of `path`.
     pub fn parse(path: &Path, text: &str) -> Result<LabState, StateError> {
-        serde_json::from_str(text).map_err(|source| StateError::Json {
+        let state: LabState = serde_json::from_str(text).map_err(|source| StateError::Json {
             path: path.to_path_buf(),
             source,
-        })
+        })?;
+        // Both address keys are optional now (an IPv6-only pod has no `ip`); a pod without
+        // either is a damaged file, not a pod `check` should silently skip.
+        for h in &state.hosts {
+            if let Some(p) = h.pods.iter().find(|p| p.ips().is_empty()) {
+                return Err(StateError::NoPodAddress {
+                    path: path.to_path_buf(),
+                    pod: format!("{}/{}", h.name, p.name),
+                });
+            }
+        }
+        Ok(state)
     }
 
     /// The hosts' underlay addresses, in host order.
@@ -348,6 +372,50 @@ mod tests {
         let back = LabState::parse(Path::new("state.json"), &v.to_string()).unwrap();
         assert_eq!(back.ip_family, IpFamily::Dual);
         assert_eq!(back.hosts[0].pods[0].ip6, s.hosts[0].pods[0].ip6);
+        assert_eq!(v["hosts"][0]["pods"][0]["ip"], "10.244.5.2");
+    }
+
+    #[test]
+    fn an_ipv6_only_pod_has_no_ip_key_and_reads_back() {
+        let mut s = LabState::parse(Path::new("state.json"), FIRST_RELEASE).unwrap();
+        assert_eq!(
+            s.hosts[0].pods[0].ips(),
+            ["10.244.5.2".parse::<IpAddr>().unwrap()]
+        );
+        s.ip_family = IpFamily::V6;
+        let pod = &mut s.hosts[0].pods[0];
+        pod.ip = None;
+        pod.ip6 = Some("fd00:10:244:5::2".parse().unwrap());
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["ip_family"], "v6");
+        let p = &v["hosts"][0]["pods"][0];
+        assert!(p.get("ip").is_none(), "{p}");
+        assert_eq!(p["ip6"], "fd00:10:244:5::2");
+        let back = LabState::parse(Path::new("state.json"), &v.to_string()).unwrap();
+        assert_eq!(back.ip_family, IpFamily::V6);
+        let pod = &back.hosts[0].pods[0];
+        assert_eq!((pod.ip, pod.ip6), (None, s.hosts[0].pods[0].ip6));
+        assert_eq!(pod.ips(), ["fd00:10:244:5::2".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn a_pod_without_any_address_names_the_file_and_the_pod() {
+        let text = FIRST_RELEASE.replace(r#", "ip": "10.244.5.2""#, "");
+        assert_ne!(text, FIRST_RELEASE);
+        let e = LabState::parse(Path::new("/run/tweed-lab/old/state.json"), &text)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/run/tweed-lab/old/state.json: pod h1/p1 has no address (neither field `ip` nor \
+             field `ip6`)"
+        );
+        // A malformed address still names its field.
+        let text = FIRST_RELEASE.replace(r#""ip": "10.244.5.2""#, r#""ip": "fd00::2""#);
+        let e = LabState::parse(Path::new("state.json"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid IPv4 address syntax"), "{e}");
     }
 
     #[test]

@@ -62,8 +62,9 @@ pub struct HostStatus {
 pub struct PodStatus {
     pub name: String,
     pub netns: String,
-    pub ip: String,
-    /// The pod's IPv6 address (dual-stack labs only; absent otherwise).
+    /// The pod's IPv4 address; null in an IPv6-only lab.
+    pub ip: Option<String>,
+    /// The pod's IPv6 address (dual-stack and IPv6-only labs; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<String>,
     /// The tweedctl container id (`--pods-via runtime`), else null.
@@ -170,10 +171,13 @@ impl Status {
                 pods.push([
                     format!("{}/{}", h.name, p.name),
                     p.netns.clone(),
-                    match &p.ip6 {
-                        Some(ip6) => format!("{} {ip6}", p.ip),
-                        None => p.ip.clone(),
-                    },
+                    // Every family the pod has, IPv4 first.
+                    [&p.ip, &p.ip6]
+                        .into_iter()
+                        .flatten()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     p.container_id
                         .as_deref()
                         .map(|c| c.chars().take(12).collect())
@@ -256,7 +260,7 @@ impl Lab {
                     .map(|p| PodStatus {
                         name: p.name.clone(),
                         netns: p.netns.clone(),
-                        ip: p.ip.to_string(),
+                        ip: p.ip.map(|ip| ip.to_string()),
                         ip6: p.ip6.map(|ip| ip.to_string()),
                         container_id: p.container_id.clone(),
                     })
@@ -316,7 +320,7 @@ mod tests {
                 pods: vec![PodStatus {
                     name: "p1".into(),
                     netns: "twl-demo-h1-p1".into(),
-                    ip: "10.244.3.2".into(),
+                    ip: Some("10.244.3.2".into()),
                     ip6: None,
                     container_id: None,
                 }],
@@ -396,6 +400,27 @@ mod tests {
         assert!(t.contains("198.18.0.1 fd00:198:18::1"), "{t}");
         assert!(t.contains("10.244.3.0/24 fd00:10:244:3::/64"), "{t}");
         assert!(t.contains("10.244.3.2 fd00:10:244:3::2"), "{t}");
+
+        // An IPv6-only lab: no IPv4 address for the host or the pod (null in JSON).
+        s.hosts[0].public_ip = "-".into();
+        s.hosts[0].subnet = None;
+        s.hosts[0].pods[0].ip = None;
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        let pod = &v["hosts"][0]["pods"][0];
+        assert_eq!(
+            keys(pod),
+            ["container_id", "ip", "ip6", "name", "netns"],
+            "{pod}"
+        );
+        assert!(pod["ip"].is_null(), "{pod}");
+        assert_eq!(pod["ip6"], "fd00:10:244:3::2");
+        let t = s.to_table();
+        let row = t.lines().find(|l| l.starts_with("h1/p1")).unwrap();
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["h1/p1", "twl-demo-h1-p1", "fd00:10:244:3::2", "-"],
+            "{t}"
+        );
     }
 
     #[test]

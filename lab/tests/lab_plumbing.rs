@@ -116,7 +116,8 @@ fn two_host_lab_comes_up_and_goes_away() {
             .join(&h.name)
             .join("ipam/tweed");
         for p in &h.pods {
-            assert!(ipam.join(p.ip.to_string()).is_file(), "{}", p.ip);
+            let ip = p.ip.expect("an IPv4 lab's pod has an IPv4 address");
+            assert!(ipam.join(ip.to_string()).is_file(), "{ip}");
         }
         let conflist = root
             .path()
@@ -137,7 +138,7 @@ fn two_host_lab_comes_up_and_goes_away() {
         assert_eq!(h.pods.len(), 2);
     }
     assert_eq!(st.hosts[0].subnet.as_deref(), Some("10.244.1.0/24"));
-    assert_eq!(st.hosts[1].pods[1].ip, "10.244.2.3");
+    assert_eq!(st.hosts[1].pods[1].ip.as_deref(), Some("10.244.2.3"));
 
     // Same-host pods talk over cni0; the pods' default route goes via the bridge.
     lab.exec(

@@ -20,6 +20,13 @@ pub fn up(spec: LabSpec) -> LabGuard {
     LabGuard::up(spec).expect("lab up")
 }
 
+/// A pod's IPv4 address, for tests of IPv4 and dual-stack labs (an IPv6-only lab's pods have
+/// none).
+pub fn ipv4_of(pod: &tweed_lab::state::PodState) -> std::net::Ipv4Addr {
+    pod.ip
+        .unwrap_or_else(|| panic!("pod {} ({}) has no IPv4 address", pod.name, pod.netns))
+}
+
 pub fn host_state(lab: &Lab, host: &str) -> tweed_lab::state::HostState {
     lab.state()
         .hosts

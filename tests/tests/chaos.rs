@@ -229,7 +229,7 @@ fn ms(d: Duration) -> String {
 fn run_faults(lab: &Lab, backend: &str, faults: Vec<Fault>) {
     let h1 = host_state(lab, "h1");
     let h2 = host_state(lab, "h2");
-    let (to, to_ns, from_ns) = (h1.pods[0].ip, &h1.pods[0].netns, &h2.pods[0].netns);
+    let (to, to_ns, from_ns) = (ipv4_of(&h1.pods[0]), &h1.pods[0].netns, &h2.pods[0].netns);
     let mut table = Vec::new();
     for f in &faults {
         let mut fig = Figures::default();
@@ -467,7 +467,7 @@ impl Drop for RemoveOnDrop {
 fn restart_under_load(lab: &Lab) -> (usize, Duration) {
     let h1 = host_state(lab, "h1");
     let h2 = host_state(lab, "h2");
-    let stream = Stream::start(&h2.pods[0].netns, &h1.pods[0].netns, h1.pods[0].ip);
+    let stream = Stream::start(&h2.pods[0].netns, &h1.pods[0].netns, ipv4_of(&h1.pods[0]));
     stream.wait_flowing();
     std::thread::sleep(Duration::from_millis(300));
     // h2's agent comes back from another file, as after a package upgrade: the new binary

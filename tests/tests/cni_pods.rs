@@ -28,11 +28,12 @@ fn pods_attached_by_the_cni_plugin_reach_every_other_host() {
         for p in &h.pods {
             // The plugin's marks: IPAM record, MAC from the address, the attachment alias, and
             // its routes (the overlay via the gateway, and the default route).
-            let record = std::fs::read_to_string(dir.join("ipam/tweed").join(p.ip.to_string()))
-                .expect("IPAM record");
+            let record =
+                std::fs::read_to_string(dir.join("ipam/tweed").join(ipv4_of(p).to_string()))
+                    .expect("IPAM record");
             assert!(record.starts_with(&p.netns), "{record:?}");
             let link = in_ns(&p.netns, &["ip", "-d", "link", "show", "eth0"]);
-            let o = p.ip.octets();
+            let o = ipv4_of(p).octets();
             let mac = format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
             assert!(link.contains(&mac), "{link}");
             assert!(
@@ -68,15 +69,12 @@ fn status_names_each_hosts_cni_pods_and_exec_reaches_them() {
     let lab = up(LabSpec::new(per_process("cs"), 1));
     let st = lab.status();
     assert_eq!(st.hosts[0].pods.len(), 2);
-    let p2 = &st.hosts[0].pods[1];
+    let p2_ip = st.hosts[0].pods[1].ip.as_deref().expect("pod p2's IPv4");
     let out = lab
         .exec("h1/p2", &["ip", "-4", "-o", "addr", "show", "eth0"])
         .unwrap();
-    assert!(out.contains(&p2.ip), "{out}");
+    assert!(out.contains(p2_ip), "{out}");
     // Same-host pods meet on cni0.
-    lab.exec(
-        "h1/p1",
-        &["ping", "-c", "1", "-W", "2", &st.hosts[0].pods[1].ip],
-    )
-    .unwrap();
+    lab.exec("h1/p1", &["ping", "-c", "1", "-W", "2", p2_ip])
+        .unwrap();
 }

@@ -942,7 +942,7 @@ fn a_flannel_configured_dual_stack_node_interoperates_with_tweed_nodes() {
     let pod_ip6s = pod_ip6.to_string();
     for h in ["h1", "h2"] {
         for p in &host_state(&lab, h).pods {
-            let ip4 = p.ip.to_string();
+            let ip4 = ipv4_of(p).to_string();
             let ip6 = p
                 .ip6
                 .unwrap_or_else(|| panic!("{h}/{}: no IPv6", p.name))
@@ -1221,7 +1221,7 @@ fn assert_turns_dual_without_restart(tag: &str, backend: Backend, device6: &str)
     // IPv4 pings every 10 ms across the switch: how long IPv4 pauses (udp: while the backend
     // is set up again), a figure printed, not a pass/fail time. The deadline covers the longest
     // waits below on a slow machine; SIGINT ends it once the switch is checked.
-    let v4 = h2.pods[0].ip.to_string();
+    let v4 = ipv4_of(&h2.pods[0]).to_string();
     let mut pinger = ns_command(
         &h1.pods[0].netns,
         &["ping", "-n", "-q", "-i", "0.01", "-w", "60", &v4],
@@ -1451,7 +1451,7 @@ fn assert_turns_ipv4_only_and_back(tag: &str, backend: Backend) {
             if from.name == to.name {
                 continue;
             }
-            let ip = to.pods[0].ip.to_string();
+            let ip = ipv4_of(&to.pods[0]).to_string();
             assert!(
                 ok_in(
                     &from.pods[0].netns,
@@ -1524,7 +1524,7 @@ fn assert_turns_ipv4_only_and_back(tag: &str, backend: Backend) {
                 "2",
                 "-W",
                 "2",
-                &h3.pods[0].ip.to_string()
+                &ipv4_of(&h3.pods[0]).to_string()
             ]
         ),
         "h1 -> h3 over IPv4 after the round trip"

@@ -43,7 +43,7 @@ fn three_member_cluster_survives_losing_its_leader() {
     );
 
     // Pod-to-pod traffic across the failover: the data plane never waits on etcd.
-    let target = host_state(&lab, "h2").pods[0].ip.to_string();
+    let target = ipv4_of(&host_state(&lab, "h2").pods[0]).to_string();
     let pinger = ns_command(&host_state(&lab, "h1").pods[0].netns, &[])
         .args(["ping", "-q", "-i", "0.01", "-c", "800", "-W", "1", &target])
         .stdin(std::process::Stdio::null())

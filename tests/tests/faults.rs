@@ -143,7 +143,7 @@ fn an_etcd_outage_loses_no_packet_and_the_cluster_recovers() {
 
     // ping -i 0.01 for the outage plus 3 s either side.
     let count = ((outage.as_secs() + 6) * 100).to_string();
-    let target = host_state(&lab, "h1").pods[0].ip.to_string();
+    let target = ipv4_of(&host_state(&lab, "h1").pods[0]).to_string();
     let pinger = ns_command(&host_state(&lab, "h2").pods[0].netns, &[])
         .args(["ping", "-q", "-i", "0.01", "-c", &count, "-W", "1", &target])
         .stdin(Stdio::null())

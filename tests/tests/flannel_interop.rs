@@ -85,7 +85,10 @@ fn a_flannel_configured_node_interoperates_with_tweed_nodes() {
     // Both directions, every tweed pod.
     for h in ["h1", "h2"] {
         for p in &host_state(&lab, h).pods {
-            in_ns(pod, &["ping", "-c", "2", "-W", "2", &p.ip.to_string()]);
+            in_ns(
+                pod,
+                &["ping", "-c", "2", "-W", "2", &ipv4_of(p).to_string()],
+            );
             in_ns(&p.netns, &["ping", "-c", "2", "-W", "2", pod_ip]);
         }
     }

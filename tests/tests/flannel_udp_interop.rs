@@ -285,7 +285,11 @@ fn a_flannel_udp_node_interoperates_with_tweed_udp_nodes() {
     // answered once its host tunnels to the node and lets the node's packets in.
     let tweed_pods: Vec<(String, String)> = hosts
         .iter()
-        .flat_map(|h| h.pods.iter().map(|p| (p.netns.clone(), p.ip.to_string())))
+        .flat_map(|h| {
+            h.pods
+                .iter()
+                .map(|p| (p.netns.clone(), ipv4_of(p).to_string()))
+        })
         .collect();
     assert_eq!(tweed_pods.len(), 2);
     for (ns, _) in &tweed_pods {

@@ -3,14 +3,14 @@
 //! address, the network config without any IPv4 key) runs the vxlan and the host-gw backend:
 //! every agent's lease is under the IPv6-only key with `PublicIP` 0.0.0.0, a flannel-format reader
 //! refuses every key, each host has the routes (and for vxlan the FDB entries) to each peer, no
-//! IPv4 device or rule exists, and IPv6 traffic crosses between the hosts' overlay addresses.
+//! IPv4 device or rule exists, and IPv6 traffic crosses between the hosts' pods.
 //!
-//! The lab attaches no pods in an IPv6-only network yet (its pods need an IPv4 subnet), so the
-//! backend tests attach one pod per host themselves with the real CNI plugin (IPv6-only, v6cni's)
-//! and ping6 between the pods; the lease-loss test pings between a test veth per host holding
-//! the first address of the host's IPv6 subnet, sourced from there.
+//! The lab attaches its default pods (two per host) there too: through the real CNI plugin in
+//! the backend tests (each pod only an IPv6 address, recorded without any IPv4 key in
+//! state.json), as tweedctl containers in the runtime test, wired by the lab itself in the
+//! lease-loss test; `check` pings every pod on the other hosts over IPv6 and must pass.
 
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -18,18 +18,16 @@ use ipnetwork::Ipv6Network;
 use tweed_config::{LeaseAttrs, LeaseKey, SubnetKey};
 use tweed_e2e::*;
 use tweed_lab::spec::IpFamily;
-use tweed_lab::{Backend, Lab, LabGuard, LabSpec};
+use tweed_lab::{Backend, Lab, LabGuard, LabSpec, PodsVia};
 
 const HOSTS: usize = 3;
 const SUBNETS: &str = "/coreos.com/network/subnets/";
-/// The device each test host gets to hold its subnet's first address (a pod gateway's place).
-const PROBE_DEV: &str = "tv6probe";
-const PROBE_PEER: &str = "tv6probe-p";
 
-fn v6_lab(tag: &str, backend: Backend) -> LabGuard {
+/// An IPv6-only lab with the default number of pods, attached `via`.
+fn v6_lab(tag: &str, backend: Backend, via: PodsVia) -> LabGuard {
     let mut spec = LabSpec::new(per_process(tag), HOSTS);
     spec.backend = backend;
-    spec.pods_per_host = 0;
+    spec.pods_via = via;
     spec.ip_family = IpFamily::V6;
     up(spec)
 }
@@ -181,137 +179,87 @@ fn assert_routes_to_every_peer(lab: &Lab, backend: &str) {
     }
 }
 
-/// Every ordered pair of hosts: ping6 from the first address of one host's subnet to the
-/// other's (both on a test veth, as a pod gateway would hold them).
-fn assert_traffic_crosses(lab: &Lab) {
+/// The lab's pods: each has only an IPv6 address, in its host's subnet (and, attached by the
+/// plugin, the plugin's IPAM record of it); state.json records it without an `ip` key, status
+/// shows `ip` null; and `check` pings every pod on the other hosts over IPv6, all passing.
+fn assert_pods_reach_each_other(lab: &Lab, via: PodsVia) {
+    let pods_per_host = LabSpec::new("x", 1).pods_per_host;
+    assert!(pods_per_host > 0);
     let hosts: Vec<_> = lab.state().hosts.clone();
-    for h in &hosts {
-        let (subnet, first) = subnet6_of(lab, &h.name);
-        // A veth pair (no dummy module needed), both ends up so the address has a carrier.
-        in_ns(
-            &h.netns,
-            &[
-                "ip", "link", "add", PROBE_DEV, "type", "veth", "peer", "name", PROBE_PEER,
-            ],
-        );
-        in_ns(&h.netns, &["ip", "link", "set", PROBE_PEER, "up"]);
-        in_ns(
-            &h.netns,
-            &[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{first}/{}", subnet.prefix()),
-                "dev",
-                PROBE_DEV,
-                "nodad",
-            ],
-        );
-        in_ns(&h.netns, &["ip", "link", "set", PROBE_DEV, "up"]);
-    }
-    for h in &hosts {
-        let (_, from) = subnet6_of(lab, &h.name);
-        for p in hosts.iter().filter(|p| p.name != h.name) {
-            let (_, to) = subnet6_of(lab, &p.name);
-            let out = in_ns(
-                &h.netns,
-                &[
-                    "ping",
-                    "-6",
-                    "-c",
-                    "3",
-                    "-i",
-                    "0.2",
-                    "-W",
-                    "2",
-                    "-I",
-                    &from.to_string(),
-                    &to.to_string(),
-                ],
-            );
-            assert_eq!(
-                ping_summary(&out),
-                (3, 3),
-                "{} -> {}: {out}",
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(lab.dir().join("state.json")).expect("state.json"),
+    )
+    .unwrap();
+    let status = lab.status();
+    for (i, h) in hosts.iter().enumerate() {
+        assert_eq!(h.pods.len(), pods_per_host, "{}: {:?}", h.name, h.pods);
+        let (subnet, _) = subnet6_of(lab, &h.name);
+        for (j, p) in h.pods.iter().enumerate() {
+            let ip6 = p
+                .ip6
+                .unwrap_or_else(|| panic!("{}/{}: no IPv6", h.name, p.name));
+            assert_eq!(p.ip, None, "{}/{}", h.name, p.name);
+            assert!(
+                subnet.contains(ip6),
+                "{}/{}: {ip6} not in {subnet}",
                 h.name,
                 p.name
             );
-        }
-    }
-}
-
-/// One pod per host attached by the real CNI plugin (the lab attaches none in an IPv6-only
-/// network): a namespace named like the lab's pods (so `down` deletes it), ADD with the host's
-/// conflist; its address read from the plugin's result. Then ping6 between every pair of pods
-/// on different hosts.
-fn assert_pods_reach_each_other(lab: &Lab) {
-    let plugin = lab
-        .state()
-        .cni_plugin
-        .clone()
-        .expect("the lab's CNI plugin");
-    let cni_path = plugin.parent().unwrap().to_path_buf();
-    let mut pods: Vec<(String, String, Ipv6Addr)> = Vec::new();
-    for h in lab.state().hosts.clone() {
-        let pod_ns = format!("{}-p1", h.netns);
-        ip(&["netns", "add", &pod_ns]);
-        let conf = tweed_lab::cni::read_plugin_conf(h.cni_conf.as_ref().expect("conflist"))
-            .expect("plugin conf");
-        let result = tweed_lab::cni::cni_add_result(&tweed_lab::cni::CniCall {
-            plugin: &plugin,
-            cni_path: &cni_path,
-            host_ns: &h.netns,
-            container_id: &pod_ns,
-            pod_ns: &pod_ns,
-            conf: &conf,
-        })
-        .unwrap_or_else(|e| panic!("{}: CNI ADD: {e}", h.name));
-        let v: serde_json::Value = serde_json::from_str(&result).unwrap();
-        let addrs: Vec<Ipv6Network> = v["ips"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["address"].as_str().unwrap().parse().unwrap())
-            .collect();
-        assert_eq!(
-            addrs.len(),
-            1,
-            "{}: one IPv6 address, no IPv4: {result}",
-            h.name
-        );
-        let (subnet, _) = subnet6_of(lab, &h.name);
-        assert!(subnet.contains(addrs[0].ip()), "{}: {result}", h.name);
-        let v4 = in_ns(
-            &pod_ns,
-            &["ip", "-4", "-o", "addr", "show", "scope", "global"],
-        );
-        assert!(v4.trim().is_empty(), "{}'s pod: {v4}", h.name);
-        pods.push((h.name.clone(), pod_ns, addrs[0].ip()));
-    }
-    for (from_host, from_ns, _) in &pods {
-        for (to_host, _, to) in pods.iter().filter(|p| &p.0 != from_host) {
-            let out = in_ns(
-                from_ns,
-                &[
-                    "ping",
-                    "-6",
-                    "-c",
-                    "3",
-                    "-i",
-                    "0.2",
-                    "-W",
-                    "2",
-                    &to.to_string(),
-                ],
+            let v4 = in_ns(
+                &p.netns,
+                &["ip", "-4", "-o", "addr", "show", "scope", "global"],
             );
+            assert!(v4.trim().is_empty(), "{}/{}: {v4}", h.name, p.name);
+            let addrs = in_ns(&p.netns, &["ip", "-6", "-o", "addr", "show", "dev", "eth0"]);
+            assert!(
+                addrs.contains(&format!("{ip6}/{}", subnet.prefix())),
+                "{addrs}"
+            );
+            if via.uses_plugin() {
+                let record = h.agent_state_dir.parent().unwrap().join("ipam/tweed");
+                assert!(
+                    record.join(ip6.to_string()).is_file(),
+                    "{}/{}: no IPAM record {ip6} in {}",
+                    h.name,
+                    p.name,
+                    record.display()
+                );
+            }
+            let rec = &saved["hosts"][i]["pods"][j];
+            assert!(rec.get("ip").is_none(), "state.json: {rec}");
+            assert_eq!(rec["ip6"], ip6.to_string(), "state.json: {rec}");
             assert_eq!(
-                ping_summary(&out),
-                (3, 3),
-                "{from_host}'s pod -> {to_host}'s pod: {out}"
+                p.container_id.is_some(),
+                via == PodsVia::Runtime,
+                "{}/{}",
+                h.name,
+                p.name
+            );
+            let st = &status.hosts[i].pods[j];
+            assert_eq!(
+                (st.ip.as_deref(), st.ip6.clone()),
+                (None, Some(ip6.to_string())),
+                "status: {st:?}"
             );
         }
     }
+    let report = lab.check_until(Duration::from_secs(30)).expect("check");
+    let failures: Vec<_> = report.failures().collect();
+    assert!(failures.is_empty(), "{}: {failures:?}", report.summary());
+    let pods = HOSTS * pods_per_host;
+    assert_eq!(report.results.len(), pods * (pods - pods_per_host));
+    assert!(
+        report
+            .results
+            .iter()
+            .all(|r| matches!(r.to_ip, IpAddr::V6(_))),
+        "{:?}",
+        report.results
+    );
+    assert_eq!(
+        report.summary(),
+        format!("{} passed, 0 failed", report.results.len())
+    );
 }
 
 /// Runs tweedd in `host`'s namespace under its own etcd prefix holding `config`, with `extra`
@@ -372,10 +320,10 @@ fn agent_refusing(lab: &Lab, host: &str, tag: &str, config: &str, extra: &[&str]
 #[test]
 fn vxlan_ipv6_only_lab_programs_every_peer_and_carries_ipv6() {
     require_root!(NEEDS_ROOT);
-    let lab = v6_lab("v6o-vx", Backend::Vxlan);
+    let lab = v6_lab("v6o-vx", Backend::Vxlan, PodsVia::Cni);
     assert_ipv6_only_lab(&lab, "vxlan");
     assert_routes_to_every_peer(&lab, "vxlan");
-    assert_pods_reach_each_other(&lab);
+    assert_pods_reach_each_other(&lab, PodsVia::Cni);
 
     // Refused at start, naming why: a backend that needs an IPv4 underlay, and a node without
     // a usable IPv6 address (its underlay interface is `lo`, whose only address is ::1).
@@ -410,16 +358,24 @@ fn vxlan_ipv6_only_lab_programs_every_peer_and_carries_ipv6() {
 #[test]
 fn host_gw_ipv6_only_lab_programs_every_peer_and_carries_ipv6() {
     require_root!(NEEDS_ROOT);
-    let lab = v6_lab("v6o-hg", Backend::HostGw);
+    let lab = v6_lab("v6o-hg", Backend::HostGw, PodsVia::Cni);
     assert_ipv6_only_lab(&lab, "host-gw");
     assert_routes_to_every_peer(&lab, "host-gw");
-    assert_pods_reach_each_other(&lab);
+    assert_pods_reach_each_other(&lab, PodsVia::Cni);
+}
+
+#[test]
+fn tweedctl_containers_in_an_ipv6_only_lab_reach_each_other() {
+    require_root!(NEEDS_ROOT);
+    let lab = v6_lab("v6o-rt", Backend::HostGw, PodsVia::Runtime);
+    assert_pods_reach_each_other(&lab, PodsVia::Runtime);
 }
 
 #[test]
 fn a_lost_ipv6_only_lease_is_taken_again_and_peers_follow() {
     require_root!(NEEDS_ROOT);
-    let lab = v6_lab("v6o-re", Backend::Vxlan);
+    // Pods wired by the lab itself: the lab's own IPv6-only path, no plugin involved.
+    let lab = v6_lab("v6o-re", Backend::Vxlan, PodsVia::Direct);
     let (subnet, _) = subnet6_of(&lab, "h2");
     let key = format!("{SUBNETS}{}-{}", subnet.network(), subnet.prefix());
     // Someone deletes h2's key: h2 takes the same subnet back (its subnet.env asks for it), and
@@ -439,5 +395,5 @@ fn a_lost_ipv6_only_lease_is_taken_again_and_peers_follow() {
         .contains(&format!("{subnet} via"))
     });
     assert_routes_to_every_peer(&lab, "vxlan");
-    assert_traffic_crosses(&lab);
+    assert_pods_reach_each_other(&lab, PodsVia::Direct);
 }

@@ -72,10 +72,14 @@ fn traffic_to_the_outside_is_masqueraded_and_pod_to_pod_is_not() {
         &lab,
         "h1/p1",
         "h2/p1",
-        &h2.pods[0].ip.to_string(),
+        &ipv4_of(&h2.pods[0]).to_string(),
         Duration::from_secs(5),
     );
-    assert_eq!(seen, h1.pods[0].ip.to_string(), "source seen by a pod");
+    assert_eq!(
+        seen,
+        ipv4_of(&h1.pods[0]).to_string(),
+        "source seen by a pod"
+    );
 }
 
 /// Readiness, the metric series an operator alerts on, `tweedctl net` over the API socket, and

@@ -16,7 +16,7 @@ fn containers_on_two_hosts_reach_each_other_over_the_overlay() {
     assert_eq!(report.summary(), "8 passed, 0 failed");
 
     let rt = lab.tweedctl().expect("a runtime lab has tweedctl");
-    let h2p1 = host_state(&lab, "h2").pods[0].ip.to_string();
+    let h2p1 = ipv4_of(&host_state(&lab, "h2").pods[0]).to_string();
     for h in &lab.state().hosts {
         for p in &h.pods {
             let id = p.container_id.clone().expect("container id");
@@ -36,7 +36,7 @@ fn containers_on_two_hosts_reach_each_other_over_the_overlay() {
             );
             assert_eq!(
                 inspect[0]["NetworkSettings"]["IPAddresses"][0],
-                p.ip.to_string()
+                ipv4_of(p).to_string()
             );
             assert_eq!(inspect[0]["NetworkSettings"]["CniNetwork"], "tweed");
         }

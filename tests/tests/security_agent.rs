@@ -82,7 +82,7 @@ fn udp_takes_packets_only_from_the_peers_agent_port() {
     let lab = up(spec);
     lab.check_until(Duration::from_secs(15)).expect("check");
     let h1 = host_state(&lab, "h1");
-    let pod = h1.pods[0].ip.to_string();
+    let pod = ipv4_of(&h1.pods[0]).to_string();
     // The inner source is inside h2's subnet: only the outer source tells the forgery apart.
     let inner_src = subnet_of(&lab, "h2").replace(".0/24", ".77");
 

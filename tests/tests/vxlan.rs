@@ -80,7 +80,7 @@ fn restarting_an_agent_under_traffic_loses_no_packet_and_keeps_its_subnet() {
     require_root!(NEEDS_ROOT);
     let lab = up(LabSpec::new(per_process("rs"), 2));
     let h1 = host_state(&lab, "h1");
-    let target = h1.pods[0].ip.to_string();
+    let target = ipv4_of(&h1.pods[0]).to_string();
     let mac_before = in_ns(
         &h1.netns,
         &["cat", &format!("/sys/class/net/{DEV}/address")],

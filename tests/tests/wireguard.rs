@@ -143,7 +143,7 @@ fn wireguard_lab_passes_check_encrypted_with_flannels_lease_format() {
     // Underlay: WireGuard datagrams, never the marker. In the destination pod: the marker, so
     // the capture would have shown it had it crossed the underlay in clear.
     let h2 = &lab.state().hosts[1];
-    let dst = h2.pods[0].ip.to_string();
+    let dst = ipv4_of(&h2.pods[0]).to_string();
     let underlay = capture_during_ping(&lab, "underlay", &dst);
     assert!(underlay.len() > 200, "empty capture on the underlay");
     assert_eq!(
@@ -269,7 +269,7 @@ fn wireguard_key_rotation_under_ping_pauses_one_handshake_and_drops_the_old_peer
 
     let interval = Duration::from_millis(20);
     let count = 400; // 8 s
-    let dst = hosts[1].pods[0].ip.to_string();
+    let dst = ipv4_of(&hosts[1].pods[0]).to_string();
     let ping = lab
         .command(
             "h1/p1",
@@ -439,7 +439,7 @@ fn wireguard_peer_with_wrong_psk_or_key_gets_nothing_through_and_is_counted() {
     assert_eq!(report.summary(), "24 passed, 0 failed");
     let h1 = lab.state().hosts[0].clone();
     let h1_key = pubkey_of(&h1.agent_state_dir.join("wgkey"));
-    let dst = h1.pods[0].ip.to_string();
+    let dst = ipv4_of(&h1.pods[0]).to_string();
 
     // The outsider's keys and PSK, in files `wg set` reads.
     let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgbad-{}", std::process::id())));
@@ -716,7 +716,7 @@ fn a_wireguard_go_node_configured_as_flannel_does_interoperates_with_tweed_nodes
     let full = (WG_MTU - 28).to_string();
     for h in &hosts {
         for p in &h.pods {
-            let ip = p.ip.to_string();
+            let ip = ipv4_of(p).to_string();
             ping_ok(pod, &ip, &[]);
             ping_ok(&p.netns, pod_ip, &[]);
             ping_ok(pod, &ip, &["-M", "do", "-s", &full]);
@@ -725,7 +725,7 @@ fn a_wireguard_go_node_configured_as_flannel_does_interoperates_with_tweed_nodes
     }
     // TCP, checksummed, each way.
     let (h1_pod, h2_pod) = (&hosts[0].pods[0], &hosts[1].pods[0]);
-    tcp_transfer_checked(pod, &h1_pod.netns, &h1_pod.ip.to_string());
+    tcp_transfer_checked(pod, &h1_pod.netns, &ipv4_of(h1_pod).to_string());
     tcp_transfer_checked(&h2_pod.netns, pod, pod_ip);
 
     // wireguard-go's side: a handshake with each tweed node.
@@ -1063,7 +1063,7 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
     let pod_ip6 = pod_ip6.to_string();
     for h in &hosts {
         for p in &h.pods {
-            let ip4 = p.ip.to_string();
+            let ip4 = ipv4_of(p).to_string();
             let ip6 = p.ip6.expect("pod IPv6").to_string();
             ping_ok(pod, &ip4, &[]);
             ping_ok(&p.netns, pod_ip, &[]);
@@ -1496,7 +1496,7 @@ fn a_flannel_configured_separate_mode_wireguard_go_node_reaches_tweed_pods_over_
     let pod_ip6 = pod_ip6.to_string();
     for h in &hosts {
         for p in &h.pods {
-            let ip4 = p.ip.to_string();
+            let ip4 = ipv4_of(p).to_string();
             let ip6 = p.ip6.expect("pod IPv6").to_string();
             ping_ok(pod, &ip4, &[]);
             ping_ok(&p.netns, pod_ip, &[]);

@@ -246,7 +246,7 @@ fn migrate(tag: &str, groups: &[&[&str]], pause: Duration) {
     let keys: Vec<String> = names.iter().map(|h| lease_key(&lab, h)).collect();
     let pods: Vec<(String, Ipv4Addr)> = hosts
         .iter()
-        .map(|h| (h.pods[0].netns.clone(), h.pods[0].ip))
+        .map(|h| (h.pods[0].netns.clone(), ipv4_of(&h.pods[0])))
         .collect();
 
     let mesh = Mesh::start(&pods);
