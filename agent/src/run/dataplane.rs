@@ -89,8 +89,8 @@ struct Teardown6 {
 enum Rules6 {
     /// To ask the rules check for.
     Todo,
-    /// Asked for; the rules check's outcome says how it went.
-    Asked,
+    /// Asked for with this ticket; the outcome of a rules check answering it says how it went.
+    Asked(u64),
     Done,
 }
 
@@ -467,8 +467,7 @@ impl Plane {
         }
         if t.rules == Rules6::Todo {
             // Behind any check under way, which may still write the IPv6 rules it started with.
-            self.rules.remove_v6();
-            t.rules = Rules6::Asked;
+            t.rules = Rules6::Asked(self.rules.remove_v6());
         }
         self.v6_teardown = Some(t);
         self.teardown_settle(false);
@@ -833,11 +832,12 @@ impl Plane {
                 Some(Ok(false)) | None => {}
             }
         }
-        let asked = self
-            .v6_teardown
-            .as_ref()
-            .is_some_and(|t| t.rules == Rules6::Asked);
-        if !done.extra.teardown_v6 || !asked {
+        // An earlier teardown's removal (the node turned dual and back meanwhile) does not
+        // answer this one's.
+        let answered = self.v6_teardown.as_ref().is_some_and(|t| {
+            matches!((t.rules, done.extra.teardown_v6), (Rules6::Asked(asked), Some(ticket)) if ticket >= asked)
+        });
+        if !answered {
             return;
         }
         let failed = match &done.removed_v6 {

@@ -22,15 +22,17 @@ use tracing::warn;
 pub(super) struct Extra {
     /// Remove IPv6 rules an earlier dual-stack run may have left (a start IPv4 only).
     pub(super) leftover_v6: bool,
-    /// Remove the IPv6 rules of a node that turned IPv4 only (retried by the caller).
-    pub(super) teardown_v6: bool,
+    /// Remove the IPv6 rules of a node that turned IPv4 only (retried by the caller): the
+    /// latest [`remove_v6`](RuleCheck::remove_v6) ticket merged into the job, so that an
+    /// outcome answers the removals asked for up to it, not one asked for after it started.
+    pub(super) teardown_v6: Option<u64>,
 }
 
 impl Extra {
     fn merge(self, other: Extra) -> Extra {
         Extra {
             leftover_v6: self.leftover_v6 || other.leftover_v6,
-            teardown_v6: self.teardown_v6 || other.teardown_v6,
+            teardown_v6: self.teardown_v6.max(other.teardown_v6),
         }
     }
 }
@@ -56,6 +58,8 @@ pub(super) struct RuleCheck {
     /// Asked for while a job ran (or before any rules were wanted).
     queued: Option<Extra>,
     running: Option<JoinHandle<Done>>,
+    /// The last [`remove_v6`](Self::remove_v6) ticket handed out.
+    tickets: u64,
 }
 
 impl RuleCheck {
@@ -65,6 +69,7 @@ impl RuleCheck {
             desired: None,
             queued: None,
             running: None,
+            tickets: 0,
         }
     }
 
@@ -87,12 +92,15 @@ impl RuleCheck {
         }
     }
 
-    /// Removes the IPv6 rules (after the job running, if any), then checks the rest.
-    pub(super) fn remove_v6(&mut self) {
+    /// Removes the IPv6 rules (after the job running, if any), then checks the rest; the
+    /// ticket a [`Done`] answers it with (in `extra.teardown_v6`, that or a later one).
+    pub(super) fn remove_v6(&mut self) -> u64 {
+        self.tickets += 1;
         self.ask(Extra {
-            teardown_v6: true,
+            teardown_v6: Some(self.tickets),
             ..Extra::default()
         });
+        self.tickets
     }
 
     fn ask(&mut self, extra: Extra) {
@@ -115,8 +123,9 @@ impl RuleCheck {
             let synced = fw.sync(&spec);
             // Only rules nobody wants: a removal asked for before the node turned dual
             // stack again would take the IPv6 half just written.
-            let removed_v6 = (spec.ipv6.is_none() && (extra.leftover_v6 || extra.teardown_v6))
-                .then(|| fw.remove_v6());
+            let removed_v6 = (spec.ipv6.is_none()
+                && (extra.leftover_v6 || extra.teardown_v6.is_some()))
+            .then(|| fw.remove_v6());
             Done {
                 spec,
                 synced,
@@ -283,7 +292,7 @@ mod tests {
         let done = drain(&mut rc).await;
         assert_eq!(done.len(), 2, "{done:?}");
         assert_eq!(done[1].spec, v4("10.244.3.0/24"));
-        assert!(done[1].extra.teardown_v6);
+        assert!(done[1].extra.teardown_v6.is_some());
         assert!(
             matches!(done[1].removed_v6, Some(Ok(true))),
             "the stale check had put them back, and they are removed: {:?}",
@@ -347,10 +356,29 @@ mod tests {
         fake.release();
         let done = drain(&mut rc).await;
         assert_eq!(done.len(), 2);
-        assert!(done[1].extra.teardown_v6);
+        assert!(done[1].extra.teardown_v6.is_some());
         assert!(done[1].removed_v6.is_none(), "{:?}", done[1].removed_v6);
         assert!(!fake.calls().contains(&FakeCall::RemoveV6));
         assert!(fake.v6_present());
+    }
+
+    /// A removal asked for while another runs is answered by the next job, not the running one
+    /// (which may have started before the IPv6 rules were written again).
+    #[tokio::test]
+    async fn each_removal_is_answered_by_a_job_that_started_after_it_was_asked() {
+        let (mut rc, fake) = checker();
+        rc.want(v4("10.244.3.0/24"), Extra::default());
+        drain(&mut rc).await;
+        fake.hold();
+        let first = rc.remove_v6();
+        until_held(&fake, 1).await;
+        let second = rc.remove_v6();
+        let third = rc.remove_v6();
+        assert!(first < second && second < third);
+        fake.release();
+        let done = drain(&mut rc).await;
+        let answered: Vec<Option<u64>> = done.iter().map(|d| d.extra.teardown_v6).collect();
+        assert_eq!(answered, [Some(first), Some(third)]);
     }
 
     #[tokio::test]
