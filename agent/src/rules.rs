@@ -222,6 +222,8 @@ pub struct FakeFirewall {
     v6_present: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Held, it stops syncs before they take effect, as a slow iptables would.
     gate: std::sync::Arc<FakeGate>,
+    /// The rules were deleted behind the agent's back: the next sync puts them back.
+    flushed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[cfg(any(test, feature = "fake"))]
@@ -288,6 +290,12 @@ impl FakeFirewall {
         self.gate.set(false);
     }
 
+    /// Deletes the rules as `iptables -F` would: the next sync has to put them back.
+    pub fn flush(&self) {
+        self.flushed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// How many syncs are waiting at a [`hold`](Self::hold) now.
     pub fn held_syncs(&self) -> usize {
         self.gate.waiting.load(std::sync::atomic::Ordering::SeqCst)
@@ -329,8 +337,9 @@ impl FakeFirewall {
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
         calls.push(FakeCall::Sync(*spec));
         let v6_back = spec.ipv6.is_some() && !self.v6_present.swap(true, SeqCst);
+        let put_back = self.flushed.swap(false, SeqCst);
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        if applied.last() == Some(spec) && !v6_back {
+        if applied.last() == Some(spec) && !v6_back && !put_back {
             return false;
         }
         applied.push(*spec);

@@ -430,7 +430,12 @@ impl Agent {
             snap.revision + 1,
             self.report.clone(),
         );
+        // The first check is awaited, as before the loop ran checks beside it: a node says
+        // ready (READY=1, pods start) only with its masquerade rules in place. No lease event
+        // is handled before the initial listing anyway.
         self.plane.sync_rules(self.lease.own().subnet());
+        let first = self.plane.rules_finished().await;
+        self.plane.on_rules(first);
         self.on_feed(Feed::Resync(snap), stop).await;
         release_freed_heap();
 
