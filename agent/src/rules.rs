@@ -215,6 +215,49 @@ pub struct FakeFirewall {
     v6_removals: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// How many of the next IPv6 rule removals fail.
     v6_removal_failures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Every sync and removal, in the order they took effect.
+    calls: std::sync::Arc<Mutex<Vec<FakeCall>>>,
+    /// Whether IPv6 rules are in place: written by a sync with an IPv6 half (a real sync puts
+    /// back whatever is missing, whatever it did last), removed by `remove_v6`.
+    v6_present: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Held, it stops syncs before they take effect, as a slow iptables would.
+    gate: std::sync::Arc<FakeGate>,
+    /// The rules were deleted behind the agent's back: the next sync puts them back.
+    flushed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[cfg(any(test, feature = "fake"))]
+/// What a [`FakeFirewall`] was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FakeCall {
+    Sync(RuleSpec),
+    RemoveV6,
+}
+
+#[cfg(any(test, feature = "fake"))]
+#[derive(Debug, Default)]
+struct FakeGate {
+    held: Mutex<bool>,
+    opened: std::sync::Condvar,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(any(test, feature = "fake"))]
+impl FakeGate {
+    fn pass(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        self.waiting.fetch_add(1, SeqCst);
+        while *held {
+            held = self.opened.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        self.waiting.fetch_sub(1, SeqCst);
+    }
+
+    fn set(&self, hold: bool) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = hold;
+        self.opened.notify_all();
+    }
 }
 
 #[cfg(any(test, feature = "fake"))]
@@ -225,6 +268,37 @@ impl FakeFirewall {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Every sync and IPv6 removal that took effect, in order (a sync that changed nothing too).
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether IPv6 rules are in place now.
+    pub fn v6_present(&self) -> bool {
+        self.v6_present.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Makes syncs wait (blocking their thread) until [`release`](Self::release).
+    pub fn hold(&self) {
+        self.gate.set(true);
+    }
+
+    /// Lets held syncs and later ones through.
+    pub fn release(&self) {
+        self.gate.set(false);
+    }
+
+    /// Deletes the rules as `iptables -F` would: the next sync has to put them back.
+    pub fn flush(&self) {
+        self.flushed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many syncs are waiting at a [`hold`](Self::hold) now.
+    pub fn held_syncs(&self) -> usize {
+        self.gate.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How often the IPv6 rules were asked to be removed.
@@ -252,12 +326,20 @@ impl FakeFirewall {
                 reason: "injected failure".into(),
             });
         }
-        Ok(false)
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        calls.push(FakeCall::RemoveV6);
+        Ok(self.v6_present.swap(false, SeqCst))
     }
 
     fn sync(&self, spec: &RuleSpec) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.gate.pass();
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        calls.push(FakeCall::Sync(*spec));
+        let v6_back = spec.ipv6.is_some() && !self.v6_present.swap(true, SeqCst);
+        let put_back = self.flushed.swap(false, SeqCst);
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        if applied.last() == Some(spec) {
+        if applied.last() == Some(spec) && !v6_back && !put_back {
             return false;
         }
         applied.push(*spec);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 use tweed_e2e::*;
-use tweed_lab::LabSpec;
+use tweed_lab::{LabGuard, LabSpec};
 
 #[test]
 fn status_shows_metrics_and_api_socket_and_both_answer() {
@@ -146,13 +146,48 @@ fn ready_metrics_tweedctl_net_and_rules_resync() {
         "{table}"
     );
 
-    // Someone deletes the masquerade chain: back within the 5 s resync period.
-    for argv in tweed_testkit::sabotage::DELETE_MASQUERADE_CHAIN {
-        in_ns(&h1.netns, argv);
-    }
+    let resyncs_before = resyncs(&lab, &base);
+    // Someone deletes the masquerade chain: back within the 5 s resync period. In one
+    // iptables-restore transaction: as three commands, the agent (told by `nft monitor` on
+    // iptables-nft hosts) could put the jump back between them, and `-X` then fails (EBUSY).
+    let restore: String = tweed_testkit::sabotage::DELETE_MASQUERADE_CHAIN
+        .iter()
+        .map(|argv| {
+            assert_eq!(argv[..3], ["iptables", "-t", "nat"], "{argv:?}");
+            format!("{}\n", argv[3..].join(" "))
+        })
+        .collect();
+    in_ns(
+        &h1.netns,
+        &[
+            "sh",
+            "-c",
+            &format!("printf '*nat\\n{restore}COMMIT\\n' | iptables-restore --noflush"),
+        ],
+    );
     wait_for(Duration::from_secs(8), "the chain to be restored", || {
         in_ns(&h1.netns, &["iptables", "-t", "nat", "-S"]).contains("-j TWEED-POSTRTG")
     });
+    // Put back by the agent, not left standing: its rule check counted a reinstall.
+    wait_for(
+        Duration::from_secs(8),
+        "the reinstall to be counted",
+        || resyncs(&lab, &base) > resyncs_before,
+    );
+}
+
+/// `tweed_rules_resyncs_total` of the agent at `base`, asked from h2.
+fn resyncs(lab: &LabGuard, base: &str) -> u64 {
+    let body = lab
+        .exec(
+            "h2",
+            &["curl", "-sf", "--max-time", "2", &format!("{base}/metrics")],
+        )
+        .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("tweed_rules_resyncs_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tweed_rules_resyncs_total in\n{body}"))
 }
 
 fn subnet_of(h: &tweed_lab::state::HostState) -> String {

@@ -4,6 +4,7 @@
 
 use super::repair::{Trigger, Watched, Watched6};
 use super::report::Report;
+use super::rulecheck::{self, RuleCheck};
 use super::AgentError;
 use crate::backend::udp::io::Stats as UdpStats;
 use crate::backend::v6::{V6Params, V6Plane};
@@ -34,7 +35,8 @@ pub(super) struct Plane {
     /// How to set the backend up again (lost device, new subnet).
     prepared: Prepared,
     backend: DataPlane,
-    firewall: Arc<Firewall>,
+    /// The rules check, run off the main loop.
+    rules: RuleCheck,
     network: Ipv4Network,
     /// `--ip-masq`: the rules masquerade, and subnet.env tells the CNI plugin so.
     ip_masq: bool,
@@ -76,11 +78,25 @@ pub(super) struct Plane {
 struct Teardown6 {
     /// The IPv6 devices and routes are gone.
     plane_done: bool,
-    /// The IPv6 rules are gone.
-    rules_done: bool,
-    due: tokio::time::Instant,
+    rules: Rules6,
+    /// When to try again; `None` while only the rules' removal is under way.
+    due: Option<tokio::time::Instant>,
     backoff: std::time::Duration,
 }
+
+/// The IPv6 rules' part of [`Teardown6`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rules6 {
+    /// To ask the rules check for.
+    Todo,
+    /// Asked for with this ticket; the outcome of a rules check answering it says how it went.
+    Asked(u64),
+    Done,
+}
+
+/// How long a shutdown waits for the rules check under way (up to iptables' `-w 5` lock wait
+/// per command).
+const RULES_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The first retry of a failed IPv6 teardown step; then doubled up to the agent's cap.
 const TEARDOWN6_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
@@ -174,7 +190,7 @@ impl Plane {
             nl,
             prepared,
             backend,
-            firewall: Arc::new(firewall),
+            rules: RuleCheck::new(Arc::new(firewall)),
             network: config.network,
             ip_masq: config.ip_masq,
             subnet_file: config.subnet_file,
@@ -390,17 +406,20 @@ impl Plane {
         // The teardown removes the IPv6 rules, retried until it holds; `sync_rules`' one-shot
         // removal is for a start IPv4 only.
         self.v6_rules_cleared = true;
+        // No rules check started from now on writes the IPv6 rules back.
+        self.rules.drop_v6();
         self.v6_teardown = Some(Teardown6 {
             plane_done: false,
-            rules_done: false,
-            due: tokio::time::Instant::now(),
+            rules: Rules6::Todo,
+            due: Some(tokio::time::Instant::now()),
             backoff: TEARDOWN6_RETRY,
         });
     }
 
-    /// When the IPv6 teardown is to be tried again; `None` when there is none to do.
+    /// When the IPv6 teardown is to be tried again; `None` when there is none to do, or only the
+    /// rules check's outcome is awaited.
     pub(super) fn teardown_v6_due(&self) -> Option<tokio::time::Instant> {
-        self.v6_teardown.as_ref().map(|t| t.due)
+        self.v6_teardown.as_ref().and_then(|t| t.due)
     }
 
     /// The IPv6 teardown of a node that turned IPv4 only: vxlan's `tweed-v6.*` devices (their
@@ -441,33 +460,35 @@ impl Plane {
                 }
             };
         }
-        if !t.rules_done {
-            let fw = self.firewall.clone();
-            let removed = tokio::task::spawn_blocking(move || fw.remove_v6())
-                .await
-                .expect("removing rules does not panic");
-            t.rules_done = match removed {
-                Ok(any) => {
-                    info!(
-                        firewall = self.firewall.name(),
-                        removed = any,
-                        "IPv4 only: the IPv6 rules are removed"
-                    );
-                    true
-                }
-                Err(e) => {
-                    warn!("IPv4 only: removing the IPv6 rules: {e}; retried");
-                    false
-                }
-            };
+        if t.rules == Rules6::Todo {
+            // Behind any check under way, which may still write the IPv6 rules it started with.
+            t.rules = Rules6::Asked(self.rules.remove_v6());
         }
-        if t.plane_done && t.rules_done {
+        self.v6_teardown = Some(t);
+        self.teardown_settle(false);
+    }
+
+    /// After a teardown step: done when both parts are, else the next try scheduled (with
+    /// backoff) when a part failed, or none while only the rules' removal is under way.
+    fn teardown_settle(&mut self, rules_failed: bool) {
+        let Some(t) = self.v6_teardown.as_mut() else {
+            return;
+        };
+        if t.plane_done && t.rules == Rules6::Done {
             info!("IPv4 only: the IPv6 data plane and rules are removed");
+            self.v6_teardown = None;
             return;
         }
-        t.due = tokio::time::Instant::now() + t.backoff;
-        t.backoff = super::stop::next_backoff(t.backoff);
-        self.v6_teardown = Some(t);
+        if !t.plane_done && t.due.is_some_and(|d| d > tokio::time::Instant::now()) {
+            // The plane's retry is scheduled already; it asks for the rules again too.
+            return;
+        }
+        if !t.plane_done || rules_failed {
+            t.due = Some(tokio::time::Instant::now() + t.backoff);
+            t.backoff = super::stop::next_backoff(t.backoff);
+        } else {
+            t.due = None;
+        }
     }
 
     /// Our `PublicIPv6` moved (the old address left the underlay): the IPv6 plane is set up
@@ -756,9 +777,10 @@ impl Plane {
         out
     }
 
-    /// Masquerade and forward rules for `subnet`; on a blocking thread since they fork iptables
-    /// or nft.
-    pub(super) async fn sync_rules(&mut self, subnet: Ipv4Network) {
+    /// Masquerade and forward rules for `subnet`, checked (and repaired) off the main loop,
+    /// since they fork iptables or nft: started now, or after the check under way. The outcome
+    /// comes back through [`rules_finished`](Self::rules_finished).
+    pub(super) fn sync_rules(&mut self, subnet: Ipv4Network) {
         let spec = RuleSpec {
             network: self.network,
             subnet,
@@ -770,28 +792,69 @@ impl Plane {
         };
         // An IPv4-only node removes what an earlier dual-stack run left: rules accepting and
         // masquerading an IPv6 overlay it no longer serves.
-        let clear_v6 = spec.ipv6.is_none() && !self.v6_rules_cleared;
+        let leftover_v6 = spec.ipv6.is_none() && !self.v6_rules_cleared;
         self.v6_rules_cleared = spec.ipv6.is_none();
-        let fw = self.firewall.clone();
-        let (result, cleared) = tokio::task::spawn_blocking(move || {
-            let result = fw.sync(&spec);
-            (result, clear_v6.then(|| fw.remove_v6()))
-        })
-        .await
-        .expect("rule sync does not panic");
+        self.rules.want(
+            spec,
+            rulecheck::Extra {
+                leftover_v6,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// The end of the rules check under way (never, with none): for the main loop's `select!`,
+    /// whose turn then hands it to [`on_rules`](Self::on_rules).
+    pub(super) async fn rules_finished(&mut self) -> rulecheck::Done {
+        self.rules.finished().await
+    }
+
+    /// A rules check ended: its metrics and log lines, and the IPv6 teardown's part of it.
+    pub(super) fn on_rules(&mut self, done: rulecheck::Done) {
+        let name = self.rules.firewall().name();
         self.report
-            .rules_synced(self.firewall.name(), self.ip_masq, &result);
-        match cleared {
-            Some(Ok(true)) => info!(
-                firewall = self.firewall.name(),
-                "removed the IPv6 rules of an earlier dual-stack run: this node runs IPv4 only"
-            ),
-            Some(Err(e)) => warn!(
-                "removing the IPv6 rules of an earlier dual-stack run (not tried again until \
-                 the node has run dual stack): {e}"
-            ),
-            Some(Ok(false)) | None => {}
+            .rules_synced(name, done.spec.ip_masq, &done.synced);
+        if done.extra.leftover_v6 {
+            match &done.removed_v6 {
+                Some(Ok(true)) => info!(
+                    firewall = name,
+                    "removed the IPv6 rules of an earlier dual-stack run: this node runs IPv4 only"
+                ),
+                Some(Err(e)) => warn!(
+                    "removing the IPv6 rules of an earlier dual-stack run (not tried again until \
+                     the node has run dual stack): {e}"
+                ),
+                Some(Ok(false)) | None => {}
+            }
         }
+        // An earlier teardown's removal (the node turned dual and back meanwhile) does not
+        // answer this one's.
+        let answered = self.v6_teardown.as_ref().is_some_and(|t| {
+            matches!((t.rules, done.extra.teardown_v6), (Rules6::Asked(asked), Some(ticket)) if ticket >= asked)
+        });
+        if !answered {
+            return;
+        }
+        let failed = match &done.removed_v6 {
+            Some(Ok(any)) => {
+                info!(
+                    firewall = name,
+                    removed = any,
+                    "IPv4 only: the IPv6 rules are removed"
+                );
+                false
+            }
+            Some(Err(e)) => {
+                warn!("IPv4 only: removing the IPv6 rules: {e}; retried");
+                true
+            }
+            // The IPv6 half was wanted again when the job started.
+            None => true,
+        };
+        if let Some(t) = self.v6_teardown.as_mut() {
+            t.rules = if failed { Rules6::Todo } else { Rules6::Done };
+        }
+        self.teardown_settle(failed);
     }
 
     /// With `--vxlan-tx-checksum-offload=false`, turns the vxlan device's tx checksum offload off
@@ -819,7 +882,7 @@ impl Plane {
 
     /// What `nft monitor` can report about the rules (nothing on iptables-legacy hosts).
     pub(super) async fn rules_monitor_scope(&self) -> Option<crate::rules::MonitorScope> {
-        let fw = self.firewall.clone();
+        let fw = self.rules.firewall().clone();
         tokio::task::spawn_blocking(move || fw.monitor_scope())
             .await
             .ok()
@@ -884,6 +947,9 @@ impl Plane {
 
     /// Stops what the backend runs (udp: its workers); the kernel state stays.
     pub(super) async fn stop(&mut self) {
+        if let Some(done) = self.rules.stop(RULES_SHUTDOWN_WAIT).await {
+            self.on_rules(done);
+        }
         self.backend.stop().await;
     }
 }
@@ -1091,30 +1157,24 @@ mod wireguard_separate_tests {
     use crate::netlink::{Change, Event, Fake};
     use std::sync::Mutex;
 
-    /// `Mode: separate` on the kernel path (fake kernel and generic netlink): the plane
-    /// watches `tweed-wg-v6` (its deletion and its /128 are repair triggers), and a repair
-    /// after it was deleted makes it again, the watched index following the new link.
-    #[tokio::test]
-    async fn the_ipv6_device_is_watched_and_repaired() {
-        let fake = Fake::with_wireguard();
-        let nl = Netlink::from(fake.clone());
+    /// A dual-stack wireguard plane (`Mode: separate`) on the fake kernel, with `rules`.
+    async fn dual_plane(nl: &Netlink, rules: Firewall, tmp: &std::path::Path) -> Plane {
         let g4 = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
         let g6 = Arc::new(Mutex::new(FakeGenl::new(DEVICE_V6)));
         let cfg = separate_cfg(Some("fd00:5:0:1::/64"));
         let ipv6 = cfg.dual.as_ref().unwrap().ipv6.clone();
-        let backend = WgBackend::setup_with(&nl, cfg.clone(), two_opener(&g4, &g6))
+        let backend = WgBackend::setup_with(nl, cfg.clone(), two_opener(&g4, &g6))
             .await
             .unwrap();
-        let tmp = tempfile::tempdir().unwrap();
         let mut plane = Plane {
             nl: nl.clone(),
             prepared: Prepared::Wireguard(cfg.clone()),
             backend: DataPlane::Wireguard(backend),
-            firewall: Arc::new(Firewall::Fake(Default::default())),
+            rules: RuleCheck::new(Arc::new(rules)),
             network: cfg.network,
             ip_masq: false,
-            subnet_file: tmp.path().join("subnet.env"),
-            kept_subnet_file: tmp.path().join("kept.env"),
+            subnet_file: tmp.join("subnet.env"),
+            kept_subnet_file: tmp.join("kept.env"),
             report: Report::new(
                 crate::state::AgentState::new(),
                 super::super::Clock::tokio(1_700_000_000),
@@ -1132,6 +1192,77 @@ mod wireguard_separate_tests {
             v6_teardown: None,
         };
         plane.setup_v6().await;
+        plane
+    }
+
+    /// Issue 20: the node turns IPv4 only while a rules check with the dual rules is under way
+    /// off the main loop (held by the fake). That check ends writing the IPv6 rules; the
+    /// teardown's removal runs after it, the IPv4-only check with it, and later checks leave
+    /// the IPv6 rules removed; the teardown ends once the removal's outcome is in.
+    #[tokio::test]
+    async fn turning_ipv4_only_during_a_slow_rules_check_leaves_no_ipv6_rules() {
+        let fake = Fake::with_wireguard();
+        let nl = Netlink::from(fake.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let rules = crate::rules::FakeFirewall::default();
+        let mut plane = dual_plane(&nl, Firewall::Fake(rules.clone()), tmp.path()).await;
+        let subnet = plane.prepared.own_subnet();
+        rules.hold();
+        plane.sync_rules(subnet);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while rules.held_syncs() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the check never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        // on_v4_attempt's order: IPv6 off, the rules asked for again, the teardown.
+        plane.disable_ipv6();
+        plane.sync_rules(subnet);
+        plane.teardown_v6().await;
+        assert!(plane.v6_teardown.is_some(), "waits for the rules' removal");
+        rules.release();
+        let mut ends = 0;
+        while plane.rules.running() {
+            let done = plane.rules_finished().await;
+            plane.on_rules(done);
+            ends += 1;
+        }
+        assert_eq!(ends, 2, "the held check, then one with the rest merged");
+        use crate::rules::FakeCall;
+        let calls = rules.calls();
+        let v4 = match calls[0] {
+            FakeCall::Sync(dual) => {
+                assert!(dual.ipv6.is_some(), "{calls:?}");
+                RuleSpec { ipv6: None, ..dual }
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(calls[1..], [FakeCall::Sync(v4), FakeCall::RemoveV6]);
+        assert!(!rules.v6_present());
+        // A periodic check: still without them.
+        plane.sync_rules(subnet);
+        let done = plane.rules_finished().await;
+        plane.on_rules(done);
+        assert!(!rules.v6_present());
+        assert_eq!(rules.calls().last(), Some(&FakeCall::Sync(v4)));
+        // The plane's part may be retried (the fake's devices); the rules' part is done.
+        assert!(plane
+            .v6_teardown
+            .as_ref()
+            .is_none_or(|t| t.rules == Rules6::Done));
+    }
+
+    /// `Mode: separate` on the kernel path (fake kernel and generic netlink): the plane
+    /// watches `tweed-wg-v6` (its deletion and its /128 are repair triggers), and a repair
+    /// after it was deleted makes it again, the watched index following the new link.
+    #[tokio::test]
+    async fn the_ipv6_device_is_watched_and_repaired() {
+        let fake = Fake::with_wireguard();
+        let nl = Netlink::from(fake.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let mut plane = dual_plane(&nl, Firewall::Fake(Default::default()), tmp.path()).await;
         plane.program(&[]).await.expect("programmed");
         let dev6 = nl.link_by_name(DEVICE_V6).await.unwrap().unwrap();
         let w = plane.watched();

@@ -3,7 +3,8 @@
 //! Start-up: wait for the network config, pick the interface, prepare the backend (which fixes
 //! what the lease advertises, e.g. vxlan's VTEP MAC), acquire the lease, set the backend up, write
 //! subnet.env. Then one `select!` over shutdown, lease events, a lost lease and two periodic
-//! repairs (data plane, rules). Every backend plugs in through [`Prepared`] and
+//! repairs (data plane, rules; the rules check runs beside the loop, which only hears how it
+//! went: see [`super::rulecheck`]). Every backend plugs in through [`Prepared`] and
 //! [`DataPlane`](crate::backend::DataPlane): the loop hands it all remote leases. On shutdown the
 //! lease and the data plane stay as they are, so a restart drops nothing (udp's persistent TUN
 //! device only loses the packets that arrive while no agent reads it).
@@ -429,7 +430,12 @@ impl Agent {
             snap.revision + 1,
             self.report.clone(),
         );
-        self.plane.sync_rules(self.lease.own().subnet()).await;
+        // The first check is awaited, as before the loop ran checks beside it: a node says
+        // ready (READY=1, pods start) only with its masquerade rules in place. No lease event
+        // is handled before the initial listing anyway.
+        self.plane.sync_rules(self.lease.own().subnet());
+        let first = self.plane.rules_finished().await;
+        self.plane.on_rules(first);
         self.on_feed(Feed::Resync(snap), stop).await;
         release_freed_heap();
 
@@ -448,6 +454,8 @@ impl Agent {
         loop {
             let switching = self.to_v4.is_some();
             let v4_retry = self.to_v4.as_ref().and_then(|t| t.retry_at);
+            // Read before the select: the rules arm's future borrows the plane.
+            let teardown_due = self.plane.teardown_v6_due();
             let (arm, began) = tokio::select! {
                 _ = stop.wait() => {
                     self.finish_v4_attempt().await;
@@ -491,7 +499,7 @@ impl Agent {
                     self.try_v4_only();
                     ("ipv4 only retry", began)
                 }
-                _ = repair_due(self.plane.teardown_v6_due()) => {
+                _ = repair_due(teardown_due) => {
                     let began = Instant::now();
                     self.plane.teardown_v6().await;
                     ("ipv6 teardown", began)
@@ -523,7 +531,7 @@ impl Agent {
                 _ = repair_due(nft_due) => {
                     let began = Instant::now();
                     nft_due = None;
-                    self.plane.sync_rules(self.lease.own().subnet()).await;
+                    self.plane.sync_rules(self.lease.own().subnet());
                     ("rules after nft change", began)
                 }
                 _ = resync.tick() => {
@@ -541,9 +549,16 @@ impl Agent {
                 }
                 _ = rules.tick() => {
                     let began = Instant::now();
-                    self.plane.sync_rules(self.lease.own().subnet()).await;
+                    // Started (or merged into the next check), not awaited: the outcome comes
+                    // back in the arm below.
+                    self.plane.sync_rules(self.lease.own().subnet());
                     self.plane.export_udp_stats().await;
                     ("rules check", began)
+                }
+                done = self.plane.rules_finished() => {
+                    let began = Instant::now();
+                    self.plane.on_rules(done);
+                    ("rules outcome", began)
                 }
             };
             // A lease event arriving meanwhile waits for this turn: the long ones are named,
@@ -653,7 +668,7 @@ impl Agent {
             .iter()
             .any(|t| matches!(t, Trigger::Device | Trigger::Underlay | Trigger::Lost))
         {
-            self.plane.sync_rules(self.lease.own().subnet()).await;
+            self.plane.sync_rules(self.lease.own().subnet());
         }
         if r.clean {
             self.kernel.schedule.succeeded();
@@ -904,7 +919,7 @@ impl Agent {
             self.plane.follow_dual_mode().await;
         }
         self.program().await;
-        self.plane.sync_rules(new).await;
+        self.plane.sync_rules(new);
     }
 
     async fn program(&mut self) {

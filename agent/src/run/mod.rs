@@ -16,6 +16,7 @@ mod main_loop;
 mod nftmon;
 mod repair;
 mod report;
+mod rulecheck;
 mod stop;
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@
 use super::*;
 use crate::netlink::{Addr, Fake, Op, Route};
 use crate::registry::{MemOp, MemRegistry};
-use crate::rules::{FakeFirewall, RuleSpec};
+use crate::rules::{FakeCall, FakeFirewall, RuleSpec};
 use crate::state::Snapshot;
 use ipnetwork::Ipv4Network;
 use std::time::Duration;
@@ -1234,4 +1234,86 @@ async fn a_slow_etcd_never_holds_the_main_loop_and_a_shutdown_lets_the_rename_fi
         (Some(v4), None),
         "subnet.env agrees"
     );
+}
+
+/// Issue 20: the rules check (iptables/nft forked, 7.7-26 ms, seconds behind another program's
+/// xtables lock) runs off the main loop. With a periodic check stuck (the fake holds it), the
+/// node programs a new peer's route at once and keeps beating; the check's outcome (the rules
+/// put back, `tweed_rules_resyncs_total`) comes when it ends, and a shutdown waits for the
+/// check under way. Real time: a held check keeps tokio's paused clock from advancing.
+#[tokio::test]
+async fn a_lease_event_is_handled_while_a_slow_rules_check_runs() {
+    let mem = etcd();
+    let n = Node::ready(&mem).await;
+    let subnet = n.subnet();
+    // The first check ran before the node said ready, as before.
+    assert_eq!(n.rules.applied(), vec![n.rules_for(subnet)]);
+    assert_eq!(n.state.metrics.rules_resyncs.get(), 1);
+    // The rules are deleted behind the agent's back; the next periodic check (every 5 s) is
+    // to put them back, and is slow.
+    n.rules.hold();
+    let waiting = std::time::Instant::now();
+    while n.rules.held_syncs() != 1 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "no periodic check"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // While it waits at the gate, before it reads the rules.
+    n.rules.flush();
+    let calls = n.rules.calls().len();
+    put_peer(&mem, "10.244.7.0/24", "198.18.0.2");
+    let put = std::time::Instant::now();
+    while !n.peer_routed().await {
+        assert!(
+            put.elapsed() < Duration::from_secs(5),
+            "the peer's route waited for the rules check"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(n.rules.held_syncs(), 1, "still under way");
+    assert_eq!(n.rules.calls().len(), calls);
+    // The loop kept beating (/healthz) behind the check.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = n.state.snapshot();
+    assert_eq!(s.not_alive(std::time::Instant::now()), None);
+    assert!(s.loop_beat.unwrap().elapsed() < Duration::from_millis(1200));
+    assert_eq!(n.rules.held_syncs(), 1);
+
+    n.rules.release();
+    n.until("the check's outcome counted", |_| {
+        n.state.metrics.rules_resyncs.get() == 2
+    })
+    .await;
+    assert_eq!(n.rules.calls()[calls], FakeCall::Sync(n.rules_for(subnet)));
+
+    // The next periodic check (every 5 s) held, then a shutdown: it waits for that check.
+    n.rules.hold();
+    let waiting = std::time::Instant::now();
+    while n.rules.held_syncs() != 1 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "no periodic check"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let calls = n.rules.calls().len();
+    let release = {
+        let rules = n.rules.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            rules.release();
+        })
+    };
+    let began = std::time::Instant::now();
+    let (end, n) = n.shut_down().await;
+    release.join().unwrap();
+    end.unwrap();
+    assert!(
+        began.elapsed() >= Duration::from_millis(250),
+        "the shutdown did not wait for the check: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(n.rules.calls().len(), calls + 1, "the held check finished");
 }
