@@ -1241,10 +1241,14 @@ fn assert_turns_dual_without_restart(tag: &str, backend: Backend, device6: &str)
         "h2's subnet.env with an IPv6 half",
         || tweed_config::SubnetEnv::read(&h2.subnet_file).is_ok_and(|e| e.ipv6.is_some()),
     );
-    assert!(
-        pinger.try_wait().unwrap().is_none(),
-        "the pings ended before the switch: the figure below would not cover it"
-    );
+    if let Some(status) = pinger.try_wait().unwrap() {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(pinger.stdout.as_mut().unwrap(), &mut out);
+        panic!(
+            "the pings ended ({status}) before the switch: the figure below would not cover it\n{out}\n{}",
+            std::fs::read_to_string(&h2.log).unwrap_or_default()
+        );
+    }
     let log = std::fs::read_to_string(&h2.log).unwrap();
     assert!(log.contains("turning dual stack"), "{log}");
     if backend == Backend::Udp {
