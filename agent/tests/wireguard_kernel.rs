@@ -1295,6 +1295,13 @@ impl Agent {
             .expect("IPv4 pair")
     }
 
+    /// The agent's IPv6 node subnet (its network address), from the subnet.env it wrote.
+    fn subnet6(&self) -> ipnetwork::Ipv6Network {
+        let e = tweed_config::SubnetEnv::read(&self.subnet_file()).unwrap();
+        let s = e.ipv6.expect("IPv6 pair").subnet;
+        ipnetwork::Ipv6Network::new(s.network(), s.prefix()).unwrap()
+    }
+
     /// `/metrics`, fetched from inside the node's namespace.
     fn metrics(&self, ns: &NetnsGuard) -> String {
         let addr = format!("{}:9867", self.ip);
@@ -1407,6 +1414,183 @@ fn pod_on(node: &NetnsGuard, pod: &NetnsGuard, ip: std::net::Ipv4Addr) {
         ],
     );
     node.enter(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap());
+}
+
+/// [`pod_on`]'s IPv6 half: `ip`/128 on the pod's `eth0`, a default route via fe80::1 (the
+/// node's end of the veth), and on the node `ip`/128 to that veth, IPv6 forwarding on.
+fn pod6_on(node: &NetnsGuard, pod: &NetnsGuard, ip: std::net::Ipv6Addr) {
+    let (n, p, ip128) = (node.name(), pod.name(), format!("{ip}/128"));
+    ip_in(
+        n,
+        &["-6", "addr", "add", "fe80::1/64", "dev", "vpod", "nodad"],
+    );
+    ip_in(n, &["-6", "route", "add", &ip128, "dev", "vpod"]);
+    ip_in(p, &["-6", "addr", "add", &ip128, "dev", "eth0", "nodad"]);
+    ip_in(
+        p,
+        &[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ],
+    );
+    node.enter(|| std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap());
+}
+
+/// `ping6` from `ns` to `dst`, panicking with the output when none is answered.
+fn ping6_ok(ns: &NetnsGuard, dst: &str, what: &str) {
+    let (ok, out) = tweed_testkit::probe_in(ns.name(), &["ping6", "-c", "3", "-W", "3", dst]);
+    assert!(ok, "{what}: no ping6 from {} to {dst}: {out}", ns.name());
+}
+
+/// Issue 18 with the whole agent on a dual-stack network: etcd, two `tweedd` (kernel forced)
+/// with an IPv4 and an IPv6 underlay address on `--iface`, `"Mode": mode`, and a dual-stack pod
+/// on each. Pods reach each other over both families; wg(8) reads back what flannel's mode
+/// means (separate: `tweed-wg` at the IPv4 endpoint and `tweed-wg-v6` at `[PublicIPv6]:51821`;
+/// ipv6: one `tweed-wg` at `[PublicIPv6]:51820`, both subnets allowed); the per-peer metrics
+/// carry each device; a restarted agent writes nothing (0 netlink ops, 0 rule installs).
+fn whole_agent_dual_stack(mode: &str, tag: &str) {
+    let a = NetnsGuard::unique(&format!("tw-{tag}a-"));
+    let b = NetnsGuard::unique(&format!("tw-{tag}b-"));
+    if !kernel_has_wireguard(&a) {
+        eprintln!("no wireguard module in this kernel: the whole agent in Mode {mode} runs only in the VM");
+        return;
+    }
+    underlay(&a, &b);
+    for (ns, dev, addr) in [(&a, "ua", "2001:db8::2/64"), (&b, "ub", "2001:db8::3/64")] {
+        ip_in(ns.name(), &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    let etcd_dir = std::env::temp_dir().join(format!("{}-etcd", a.name()));
+    let files = RemoveOnDrop(vec![etcd_dir.clone()]);
+    let mut opts = tweed_lab::etcd::EtcdOptions::local(tag, etcd_dir.join("data"));
+    opts.netns = Some(a.name().to_string());
+    opts.listen_ip = [192, 0, 2, 2].into();
+    opts.client_port = 2379;
+    opts.peer_port = 2380;
+    opts.log_file = Some(etcd_dir.join("etcd.log"));
+    let etcd = tweed_lab::etcd::EtcdProcess::start(opts).unwrap();
+    let conf = format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/56","Backend":{{"Type":"wireguard","Mode":"{mode}"}}}}"#
+    );
+    etcd.ctl(&["put", "/coreos.com/network/config", &conf])
+        .unwrap();
+    let endpoint = etcd.endpoints()[0].clone();
+    let bin = tweedd_bin();
+    let mut agents = [
+        Agent::new(&a, "ua", "192.0.2.2", &endpoint),
+        Agent::new(&b, "ub", "192.0.2.3", &endpoint),
+    ];
+    for ag in &mut agents {
+        let log = ag.start(&bin);
+        ag.wait_ready(&log);
+    }
+    let pods = [
+        NetnsGuard::unique(&format!("tw-{tag}pa-")),
+        NetnsGuard::unique(&format!("tw-{tag}pb-")),
+    ];
+    let mut ips = Vec::new();
+    for (i, node) in [&a, &b].into_iter().enumerate() {
+        let v4 = std::net::Ipv4Addr::from(u32::from(agents[i].subnet().network()) + 5);
+        let v6 = std::net::Ipv6Addr::from(u128::from(agents[i].subnet6().network()) + 5);
+        pod_on(node, &pods[i], v4);
+        pod6_on(node, &pods[i], v6);
+        ips.push((v4.to_string(), v6.to_string()));
+    }
+    // Each agent has programmed the other's lease, on the device that carries IPv6.
+    let dev6 = if mode == "separate" {
+        "tweed-wg-v6"
+    } else {
+        "tweed-wg"
+    };
+    for (i, ns) in [&a, &b].into_iter().enumerate() {
+        let want = agents[1 - i].subnet6().to_string();
+        tweed_testkit::wait_for(
+            std::time::Duration::from_secs(60),
+            "the peer's IPv6 subnet programmed",
+            || in_ns(ns.name(), &["wg", "show", dev6, "allowed-ips"]).contains(&want),
+        );
+    }
+    for (from, to) in [(0, 1), (1, 0)] {
+        ping_ok(
+            &pods[from],
+            &ips[to].0,
+            &format!("Mode {mode}: pod to pod, IPv4"),
+        );
+        ping6_ok(
+            &pods[from],
+            &ips[to].1,
+            &format!("Mode {mode}: pod to pod, IPv6"),
+        );
+    }
+    let ends = in_ns(a.name(), &["wg", "show", "tweed-wg", "endpoints"]);
+    let devices = links(&a);
+    if mode == "separate" {
+        let ends6 = in_ns(a.name(), &["wg", "show", "tweed-wg-v6", "endpoints"]);
+        assert!(ends.contains("192.0.2.3:51820"), "{ends}");
+        assert!(ends6.contains("[2001:db8::3]:51821"), "{ends6}");
+    } else {
+        assert!(
+            ends.contains("[2001:db8::3]:51820") && !ends.contains("192.0.2."),
+            "{ends}"
+        );
+        assert!(!devices.contains("tweed-wg-v6"), "{devices}");
+        let allowed = in_ns(a.name(), &["wg", "show", "tweed-wg", "allowed-ips"]);
+        assert!(
+            allowed.contains(&agents[1].subnet().to_string())
+                && allowed.contains(&agents[1].subnet6().to_string()),
+            "{allowed}"
+        );
+    }
+    let page = agents[0].metrics(&a);
+    let want = format!(r#"device="{dev6}""#);
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("tweed_wireguard_peer_bytes") && l.contains(&want)),
+        "no per-peer figures for {dev6}:\n{page}"
+    );
+    // A restart finds everything right.
+    let status = agents[1].stop();
+    assert!(status.success(), "tweedd exit on SIGTERM: {status}");
+    let log = agents[1].start(&bin);
+    agents[1].wait_ready(&log);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let page = agents[1].metrics(&b);
+    let (ops, rules) = (
+        metric(&page, "tweed_netlink_ops_total"),
+        metric(&page, "tweed_rules_resyncs_total"),
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        (ops, rules),
+        (0, 0),
+        "Mode {mode}: the restart wrote:\n{text}"
+    );
+    ping6_ok(
+        &pods[0],
+        &ips[1].1,
+        &format!("Mode {mode}: IPv6 after the restart"),
+    );
+    ping_ok(
+        &pods[0],
+        &ips[1].0,
+        &format!("Mode {mode}: IPv4 after the restart"),
+    );
+    eprintln!(
+        "whole-agent Mode {mode}: ping and ping6 pod to pod both ways; {dev6} endpoints read back; restart: {ops} netlink ops, {rules} rule installs"
+    );
+    drop(agents);
+    drop(etcd);
+    drop(files);
+}
+
+#[test]
+fn whole_agent_separate_mode_carries_dual_stack_pods_and_restarts_without_writes() {
+    require_root!(NEEDS_ROOT);
+    whole_agent_dual_stack("separate", "wds");
+}
+
+#[test]
+fn whole_agent_ipv6_mode_carries_dual_stack_pods_and_restarts_without_writes() {
+    require_root!(NEEDS_ROOT);
+    whole_agent_dual_stack("ipv6", "wd6");
 }
 
 /// Issue 17 item 2 on the kernel path with the whole agent: etcd, two `tweedd` nodes with
