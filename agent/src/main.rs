@@ -23,7 +23,11 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     // An error (a task that died included) ends the process with a non-zero status.
-    rt.block_on(tweed_agent::run::run(settings, shutdown_signal()))?;
+    let res = rt.block_on(tweed_agent::run::run(settings, shutdown_signal()));
+    // A rules check that outlived run()'s own bounded wait (an iptables behind another
+    // program's xtables lock) would otherwise hold the exit for as long as it blocks.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    res?;
     Ok(())
 }
 

@@ -1297,9 +1297,11 @@ impl Agent {
 
     /// The agent's IPv6 node subnet (its network address), from the subnet.env it wrote.
     fn subnet6(&self) -> ipnetwork::Ipv6Network {
-        let e = tweed_config::SubnetEnv::read(&self.subnet_file()).unwrap();
-        let s = e.ipv6.expect("IPv6 pair").subnet;
-        ipnetwork::Ipv6Network::new(s.network(), s.prefix()).unwrap()
+        tweed_config::SubnetEnv::read(&self.subnet_file())
+            .unwrap()
+            .ipv6
+            .expect("IPv6 pair")
+            .node_subnet()
     }
 
     /// `/metrics`, fetched from inside the node's namespace.

@@ -275,6 +275,19 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), SubnetEnvError> 
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_ipv6_pair_is_the_first_address_of_the_node_subnet_with_its_length() {
+        let net: Ipv6Network = "fd00:10:244::/56".parse().unwrap();
+        for (own, want) in [
+            ("fd00:10:244:3::/64", "fd00:10:244:3::1/64"),
+            ("fd00:10:244:0:8000::/66", "fd00:10:244:0:8000::1/66"),
+        ] {
+            let pair = SubnetEnvV6::for_node(net, own.parse().unwrap());
+            assert_eq!((pair.network, pair.subnet.to_string()), (net, want.into()));
+            assert_eq!(pair.node_subnet().to_string(), own);
+        }
+    }
+
     fn sample() -> SubnetEnv {
         SubnetEnv {
             ipv4: Some(SubnetEnvV4 {

@@ -81,7 +81,7 @@ pub fn plan_pod(
     pod: usize,
 ) -> Result<PodPlan, String> {
     if env.ipv4.is_none() && env.ipv6.is_none() {
-        return Err("subnet.env has neither TWEED_SUBNET nor TWEED_IPV6_SUBNET".into());
+        return Err("neither TWEED_SUBNET nor TWEED_IPV6_SUBNET is set".into());
     }
     Ok(PodPlan {
         name: names.pod(pod),
@@ -264,8 +264,13 @@ pub(crate) fn attach_pod(
     };
     let (ip, container_id) = match how {
         Attach::Direct => {
-            let p = plan_pod(names, host_no, env, pod)
-                .map_err(|e| LabError::Spec(format!("pods on {}: {e}", host.name)))?;
+            let p = plan_pod(names, host_no, env, pod).map_err(|e| {
+                LabError::Spec(format!(
+                    "pods on {} ({}): {e}",
+                    host.name,
+                    host.subnet_file.display()
+                ))
+            })?;
             wire_pod(&host.netns, env, &p)?;
             (p.ip.map(|ip| ip.ip()), None)
         }
@@ -303,9 +308,10 @@ pub(crate) fn attach_pod(
                 Ok(IpAddr::V4(v4)) => Some(v4),
                 Ok(IpAddr::V6(_)) if env.ipv4.is_none() => None,
                 _ => {
+                    let want = if env.ipv4.is_some() { "IPv4" } else { "IPv6" };
                     return Err(LabError::Spec(format!(
-                        "container {id} has no IPv4 address: {ip:?}"
-                    )))
+                        "container {id}: `tweedctl inspect` gave no {want} address: {ip:?}"
+                    )));
                 }
             };
             // Named like any pod's, so `check`, `exec hN/pM` and `down` need not know.

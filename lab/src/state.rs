@@ -33,6 +33,12 @@ pub enum StateError {
     },
     #[error("{}: pod {pod} has no address (neither field `ip` nor field `ip6`)", path.display())]
     NoPodAddress { path: PathBuf, pod: String },
+    #[error("{}: pod {pod} has no field `ip`, which every pod of a {family} lab has", path.display())]
+    NoPodIpv4 {
+        path: PathBuf,
+        pod: String,
+        family: IpFamily,
+    },
 }
 
 /// Where labs keep their state: `$TWEED_LAB_ROOT`, else `/run/tweed-lab` (tmpfs: gone on reboot,
@@ -255,6 +261,17 @@ impl LabState {
                     pod: format!("{}/{}", h.name, p.name),
                 });
             }
+            // Every node of a v4 or dual network has IPv4 (a dual node may lack IPv6), so
+            // a pod there without `ip` is damage, and `check` would skip its pings unseen.
+            if state.ip_family != IpFamily::V6 {
+                if let Some(p) = h.pods.iter().find(|p| p.ip.is_none()) {
+                    return Err(StateError::NoPodIpv4 {
+                        path: path.to_path_buf(),
+                        pod: format!("{}/{}", h.name, p.name),
+                        family: state.ip_family,
+                    });
+                }
+            }
         }
         Ok(state)
     }
@@ -409,6 +426,15 @@ mod tests {
             e,
             "/run/tweed-lab/old/state.json: pod h1/p1 has no address (neither field `ip` nor \
              field `ip6`)"
+        );
+        // In a v4 or dual lab a pod's IPv4 address is required even beside an IPv6 one.
+        let text = FIRST_RELEASE.replace(r#""ip": "10.244.5.2""#, r#""ip6": "fd00:10:244:5::2""#);
+        let e = LabState::parse(Path::new("state.json"), &text)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "state.json: pod h1/p1 has no field `ip`, which every pod of a v4 lab has"
         );
         // A malformed address still names its field.
         let text = FIRST_RELEASE.replace(r#""ip": "10.244.5.2""#, r#""ip": "fd00::2""#);

@@ -146,7 +146,7 @@ fn ready_metrics_tweedctl_net_and_rules_resync() {
         "{table}"
     );
 
-    let resyncs_before = resyncs(&lab, &base);
+    let resyncs_before = resyncs(&lab, &base).expect("the agent's /metrics");
     // Someone deletes the masquerade chain: back within the 5 s resync period. In one
     // iptables-restore transaction: as three commands, the agent (told by `nft monitor` on
     // iptables-nft hosts) could put the jump back between them, and `-X` then fails (EBUSY).
@@ -172,22 +172,25 @@ fn ready_metrics_tweedctl_net_and_rules_resync() {
     wait_for(
         Duration::from_secs(8),
         "the reinstall to be counted",
-        || resyncs(&lab, &base) > resyncs_before,
+        || resyncs(&lab, &base).is_some_and(|n| n > resyncs_before),
     );
 }
 
-/// `tweed_rules_resyncs_total` of the agent at `base`, asked from h2.
-fn resyncs(lab: &LabGuard, base: &str) -> u64 {
+/// `tweed_rules_resyncs_total` of the agent at `base`, asked from h2; `None` when the fetch
+/// fails (a caller polling it asks again).
+fn resyncs(lab: &LabGuard, base: &str) -> Option<u64> {
     let body = lab
         .exec(
             "h2",
             &["curl", "-sf", "--max-time", "2", &format!("{base}/metrics")],
         )
-        .unwrap();
-    body.lines()
+        .ok()?;
+    let n = body
+        .lines()
         .find_map(|l| l.strip_prefix("tweed_rules_resyncs_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no tweed_rules_resyncs_total in\n{body}"))
+        .and_then(|v| v.trim().parse().ok());
+    assert!(n.is_some(), "no tweed_rules_resyncs_total in\n{body}");
+    n
 }
 
 fn subnet_of(h: &tweed_lab::state::HostState) -> String {

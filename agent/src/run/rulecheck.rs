@@ -17,6 +17,10 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+/// How long a check may run before a request for another one reports it (iptables waits
+/// up to 5 s per command for the xtables lock; a check is a few commands).
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+
 /// What a job does besides the check.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Extra {
@@ -58,6 +62,10 @@ pub(super) struct RuleCheck {
     /// Asked for while a job ran (or before any rules were wanted).
     queued: Option<Extra>,
     running: Option<JoinHandle<Done>>,
+    /// When the job under way started, and whether it was reported as stuck: a check that
+    /// never returns (nft on a wedged netlink socket) no longer stalls the loop, so without
+    /// this nothing would show that the rules are not being checked any more.
+    started: Option<(std::time::Instant, bool)>,
     /// The last [`remove_v6`](Self::remove_v6) ticket handed out.
     tickets: u64,
 }
@@ -69,6 +77,7 @@ impl RuleCheck {
             desired: None,
             queued: None,
             running: None,
+            started: None,
             tickets: 0,
         }
     }
@@ -105,6 +114,16 @@ impl RuleCheck {
 
     fn ask(&mut self, extra: Extra) {
         self.queued = Some(self.queued.unwrap_or_default().merge(extra));
+        if let Some((t0, reported)) = self.started.as_mut() {
+            if !*reported && t0.elapsed() >= STUCK_AFTER {
+                *reported = true;
+                warn!(
+                    running = ?t0.elapsed(),
+                    firewall = self.firewall.name(),
+                    "the rules check under way has not returned; later checks wait for it"
+                );
+            }
+        }
         self.start_queued();
     }
 
@@ -119,6 +138,7 @@ impl RuleCheck {
             return;
         };
         let fw = self.firewall.clone();
+        self.started = Some((std::time::Instant::now(), false));
         self.running = Some(tokio::task::spawn_blocking(move || {
             let synced = fw.sync(&spec);
             // Only rules nobody wants: a removal asked for before the node turned dual
@@ -150,6 +170,7 @@ impl RuleCheck {
         };
         let done = job.await.expect("the rules job does not panic");
         self.running = None;
+        self.started = None;
         self.start_queued();
         done
     }
@@ -157,7 +178,14 @@ impl RuleCheck {
     /// Shutting down: nothing more is started, and the job under way is let finish (iptables
     /// interrupted halfway would leave a chain without its jump) for up to `wait`.
     pub(super) async fn stop(&mut self, wait: Duration) -> Option<Done> {
-        self.queued = None;
+        if let Some(Extra {
+            teardown_v6: Some(_),
+            ..
+        }) = self.queued.take()
+        {
+            // The next start removes IPv6 rules an IPv4-only node does not want.
+            warn!("shutting down: the IPv6 rules' removal was not started; the next start removes them");
+        }
         let job = self.running.take()?;
         match tokio::time::timeout(wait, job).await {
             Ok(done) => Some(done.expect("the rules job does not panic")),
