@@ -1716,3 +1716,155 @@ fn a_flannel_configured_separate_mode_wireguard_go_node_reaches_tweed_pods_over_
         );
     }
 }
+
+/// Issue 18: a dual-stack node configured by hand as flannel's wireguard backend configures one
+/// in `Mode: ipv6`, on wireguard-go: one device on 51820 (its IPv4 /32 and IPv6 /128, a route
+/// for each network), each tweed lease a peer with both subnets as allowed IPs at
+/// `[PublicIPv6]:BackendData.Port`; its lease under flannel's dual key with `BackendData` and
+/// `BackendV6Data` both `{"PublicKey","Port":51820}`. The tweed nodes run `ipv6` with the
+/// default `--wireguard-impl=auto` (userspace here). Pods ping each other over both families,
+/// both ways, and wireguard-go lists each tweed node at `[PublicIPv6]:51820` with a handshake
+/// and received bytes: the userspace path's IPv6 socket speaks WireGuard with an independent
+/// implementation.
+#[test]
+fn a_flannel_configured_ipv6_mode_wireguard_go_node_reaches_tweed_pods_over_both_families() {
+    require_root!(NEEDS_ROOT);
+    assert!(
+        which("wireguard-go").is_some(),
+        "wireguard-go is not installed: apt-get install wireguard-go wireguard-tools"
+    );
+    let mut spec = LabSpec::new(per_process("wgi6"), 2);
+    spec.backend = Backend::Wireguard;
+    spec.pods_per_host = 1;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    spec.wireguard_mode = Some("ipv6".into());
+    let lab = up(spec);
+    let fl = flannel::Node::up(&lab, "twgi6", &WG_MTU.to_string());
+    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let public_ip = flannel::PUBLIC_IP;
+    let public_ip6 = tweed_lab::names::host_public_ip6(201, 1);
+    let hosts = lab.state().hosts.clone();
+    let (subnet6, pod_ip6) = flannel_ipv6(&lab, &fl, public_ip6);
+
+    let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgi6-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let key_file = dir.0.join("wgkey");
+    let genkey = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .unwrap();
+    std::fs::write(&key_file, &genkey.stdout).unwrap();
+    let public_key = pubkey_of(&key_file);
+    let dev = format!("fi6{}", std::process::id() % 100_000);
+    let _wg_go = WgGo::start(node, &dev);
+    in_ns(
+        node,
+        &[
+            "wg",
+            "set",
+            &dev,
+            "listen-port",
+            "51820",
+            "private-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    ip(&[
+        "-n",
+        node,
+        "link",
+        "set",
+        &dev,
+        "mtu",
+        &WG_MTU.to_string(),
+        "up",
+    ]);
+    fl.address_device(&dev);
+    addr6(node, format!("{}/128", subnet6.network()), &dev);
+    for (family, net) in [
+        ("-4", tweed_lab::names::OVERLAY_NETWORK),
+        ("-6", tweed_lab::names::OVERLAY6_NETWORK),
+    ] {
+        ip(&["-n", node, family, "route", "add", net, "dev", &dev]);
+    }
+    let value = format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{public_key}","Port":51820}},"BackendV6Data":{{"PublicKey":"{public_key}","Port":51820}}}}"#
+    );
+    let key = format!("{subnet}-24&{}-64", subnet6.network());
+    fl.write_lease_at(&lab, &key, 86400, &value);
+
+    // A peer per tweed lease, read from etcd: both subnets, the IPv6 endpoint.
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    let mut endpoints6 = Vec::new();
+    for kv in lines.chunks(2) {
+        let [k, v] = kv else { continue };
+        let name = k.rsplit('/').next().unwrap();
+        let Some((v4, v6)) = name.split_once('&') else {
+            panic!("tweed's dual-stack lease has a dual key: {k}")
+        };
+        let attrs: serde_json::Value = serde_json::from_str(v).unwrap();
+        if attrs["BackendData"]["PublicKey"] == public_key.as_str() {
+            continue;
+        }
+        assert_eq!(
+            attrs["BackendV6Data"], attrs["BackendData"],
+            "tweed's lease in ipv6 mode: one key, ListenPort"
+        );
+        assert_eq!(attrs["BackendData"]["Port"], 51820);
+        let cidr = |s: &str| {
+            let (a, l) = s.rsplit_once('-').unwrap();
+            format!("{a}/{l}")
+        };
+        let peer = attrs["BackendData"]["PublicKey"].as_str().unwrap();
+        let endpoint6 = format!(
+            "[{}]:{}",
+            attrs["PublicIPv6"].as_str().unwrap(),
+            attrs["BackendData"]["Port"]
+        );
+        in_ns(
+            node,
+            &[
+                "wg",
+                "set",
+                &dev,
+                "peer",
+                peer,
+                "endpoint",
+                &endpoint6,
+                "allowed-ips",
+                &format!("{},{}", cidr(v4), cidr(v6)),
+            ],
+        );
+        endpoints6.push((peer.to_string(), endpoint6));
+    }
+    assert_eq!(endpoints6.len(), 2, "{listing}");
+
+    let pod_ip6 = pod_ip6.to_string();
+    for h in &hosts {
+        for p in &h.pods {
+            let ip4 = ipv4_of(p).to_string();
+            let ip6 = p.ip6.expect("pod IPv6").to_string();
+            ping_ok(pod, &ip4, &[]);
+            ping_ok(&p.netns, pod_ip, &[]);
+            ping_ok(pod, &ip6, &["-6"]);
+            ping_ok(&p.netns, &pod_ip6, &["-6"]);
+        }
+    }
+    let dump = in_ns(node, &["wg", "show", &dev, "dump"]);
+    for (peer, endpoint6) in &endpoints6 {
+        let line = dump
+            .lines()
+            .find(|l| l.starts_with(peer.as_str()))
+            .unwrap_or_else(|| panic!("no {peer} on {dev}:\n{dump}"));
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f[2], endpoint6, "{line}");
+        let handshake: u64 = f[4].parse().unwrap();
+        let rx: u64 = f[5].parse().unwrap();
+        assert!(
+            handshake > 0 && rx > 0,
+            "{dev}: no handshake/traffic with {peer}: {line}"
+        );
+    }
+    println!("wireguard-go in ipv6 mode:\n{dump}");
+}
