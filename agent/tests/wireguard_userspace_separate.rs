@@ -174,6 +174,33 @@ fn userspace_separate_runs_ipv6_on_its_own_device_rotates_keys_and_removes_it() 
     assert!(ok, "ping over tweed-wg: {out}");
     let s6 = ub.stats_v6().expect("the IPv6 device's workers");
     assert!(s6.rx_datagrams >= 2 && s6.tx_datagrams >= 2, "{s6:?}");
+    // Per-peer figures of both devices: the tweed-wg-v6 entry at the IPv6 endpoint, its IPv6
+    // subnet, listed under the peer's lease, with its own handshake and bytes.
+    let st = ua.peer_stats();
+    assert_eq!(st.len(), 2, "{st:?}");
+    let e6 = st
+        .iter()
+        .find(|s| s.device == DEVICE_V6)
+        .expect("the tweed-wg-v6 entry");
+    assert_eq!(
+        (e6.endpoint, e6.subnet, e6.lease_subnet),
+        (
+            Some("[2001:db8::3]:51821".parse().unwrap()),
+            Some("fd00:5:0:3::/64".parse().unwrap()),
+            Some("10.5.3.0/24".parse().unwrap())
+        )
+    );
+    assert!(
+        e6.last_handshake.is_some() && e6.tx_bytes > 0 && e6.rx_bytes > 0,
+        "{e6:?}"
+    );
+    let e4 = st
+        .iter()
+        .find(|s| s.device == "tweed-wg")
+        .expect("tweed-wg");
+    assert_eq!(e4.endpoint, Some("192.0.2.3:51820".parse().unwrap()));
+    assert!(e4.last_handshake.is_some(), "{e4:?}");
+    eprintln!("userspace separate: tweed-wg-v6 entry {e6:?}");
     // A second pass writes nothing.
     let (ua, n) = reconcile(&a, ua, vec![lease(3, &kb)]);
     assert_eq!(n, 0);

@@ -1073,6 +1073,18 @@ fn a_flannel_configured_dual_stack_wireguard_go_node_reaches_tweed_pods_over_bot
     }
 }
 
+/// Every pod pair of a 3-host dual-stack lab answers (48 pairs, 24 of them IPv6).
+fn all_pairs_dual(lab: &tweed_lab::Lab) {
+    let report = lab.check_until(Duration::from_secs(20)).expect("check");
+    let failures: Vec<String> = report
+        .failures()
+        .map(|f| format!("{} -> {} ({}): {}", f.from, f.to, f.to_ip, f.detail))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let v6 = report.results.iter().filter(|r| r.to_ip.is_ipv6()).count();
+    assert_eq!((report.results.len(), v6), (48, 24));
+}
+
 /// WireGuard datagrams over the IPv6 underlay to `ListenPortV6` (51821) while `h1/p1` pings
 /// the IPv6 address `dst` 10 times (20 datagrams: a capture that starts late on a busy host
 /// may miss a few of the first).
@@ -1107,17 +1119,56 @@ fn wireguard_userspace_separate_mode_carries_ipv6_pods_on_a_second_device_over_t
     spec.wireguard_mode = Some("separate".into());
     spec.agent_args = vec!["--wireguard-impl=userspace".into()];
     let lab = up(spec);
-    let all_pairs = |lab: &tweed_lab::Lab| {
-        let report = lab.check_until(Duration::from_secs(20)).expect("check");
-        let failures: Vec<String> = report
-            .failures()
-            .map(|f| format!("{} -> {} ({}): {}", f.from, f.to, f.to_ip, f.detail))
-            .collect();
-        assert!(failures.is_empty(), "{}", failures.join("\n"));
-        let v6 = report.results.iter().filter(|r| r.to_ip.is_ipv6()).count();
-        assert_eq!((report.results.len(), v6), (48, 24));
-    };
+    let all_pairs = all_pairs_dual;
     all_pairs(&lab);
+
+    // Per-peer figures of the userspace tweed-wg-v6: each peer's IPv6 entry in `tweedctl net
+    // peers` (its own device, IPv6 subnet, handshake and bytes after the all-pairs pings) and
+    // in the metrics with the device label.
+    let h1 = &lab.state().hosts[0];
+    let sock = h1.log.with_file_name("tweedd.sock");
+    let entries6_ok = |peers: &serde_json::Value| {
+        let list = peers.as_array().cloned().unwrap_or_default();
+        list.len() == 2
+            && list.iter().all(|p| {
+                let e = &p["v6_entry"];
+                p["device"] == "tweed-wg"
+                    && e["device"] == "tweed-wg-v6"
+                    && e["subnet"].as_str().is_some_and(|s| s.contains(':'))
+                    && e["public_key"] == p["public_key"]
+                    && e["handshake_age_seconds"].is_number()
+                    && e["tx_bytes"].as_u64().unwrap_or(0) > 0
+                    && e["rx_bytes"].as_u64().unwrap_or(0) > 0
+            })
+    };
+    // Figures are refreshed every 5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let mut peers = tweedctl_json(&sock, &["peers"]);
+    while !entries6_ok(&peers) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        peers = tweedctl_json(&sock, &["peers"]);
+    }
+    assert!(entries6_ok(&peers), "h1's peers:\n{peers:#}");
+    println!("userspace separate, h1's peers: {peers}");
+    let url = format!("http://{}:9867/metrics", h1.public_ip);
+    let body = lab
+        .exec("h2", &["curl", "-sf", "--max-time", "2", &url])
+        .expect("h1's metrics");
+    let ages6 = body
+        .lines()
+        .filter(|l| {
+            l.starts_with("tweed_wireguard_peer_handshake_age_seconds{")
+                && l.contains("device=\"tweed-wg-v6\"")
+                && !l.ends_with(" -1")
+        })
+        .count();
+    let bytes6 = body
+        .lines()
+        .filter(|l| {
+            l.starts_with("tweed_wireguard_peer_bytes{") && l.contains("device=\"tweed-wg-v6\"")
+        })
+        .count();
+    assert_eq!((ages6, bytes6), (2, 4), "{body}");
 
     let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
     let lines: Vec<&str> = listing.lines().collect();
@@ -1271,6 +1322,150 @@ fn wireguard_userspace_separate_mode_carries_ipv6_pods_on_a_second_device_over_t
         || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
     );
     all_pairs(&lab);
+}
+
+/// Issue 18: flannel's `Mode: ipv6` with the default `--wireguard-impl=auto`, which lands on
+/// the userspace path on this host (no wireguard module). Each of 3 dual-stack hosts runs one
+/// userspace device `tweed-wg` carrying both families, its socket IPv6 only on `ListenPort`;
+/// every peer is reached at `[PublicIPv6]:51820`. Leases carry `BackendData` and
+/// `BackendV6Data`, both `{"PublicKey","Port":51820}`. Every pod pair answers over both
+/// families; while pods ping over both, the underlay carries WireGuard as UDP over IPv6 to
+/// 51820 and no IPv4 WireGuard datagram, and never a payload in clear; a restarted agent
+/// changes no address or route and carries both families again.
+#[test]
+fn wireguard_ipv6_mode_on_the_default_implementation_reaches_every_peer_over_the_ipv6_underlay() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("wg6m"), 3);
+    spec.backend = Backend::Wireguard;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    spec.wireguard_mode = Some("ipv6".into());
+    let lab = up(spec);
+    all_pairs_dual(&lab);
+
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    for (i, h) in lab.state().hosts.iter().enumerate() {
+        let public = pubkey_of(&h.agent_state_dir.join("wgkey"));
+        let env = tweed_config::SubnetEnv::read(&h.subnet_file).unwrap();
+        let sub6 = env.ipv6.expect("subnet.env IPv6 half").node_subnet();
+        let sub4 = env.node_subnet().expect("subnet.env IPv4 half");
+        let key_at = lines
+            .iter()
+            .position(|l| l.ends_with(&format!("&{}-{}", sub6.network(), sub6.prefix())))
+            .unwrap_or_else(|| panic!("{}: no dual-stack key for {sub6} in\n{listing}", h.name));
+        let v: serde_json::Value = serde_json::from_str(lines[key_at + 1]).unwrap();
+        assert_eq!(
+            v["PublicIPv6"],
+            tweed_lab::names::host_public_ip6(i + 1, 1).to_string()
+        );
+        let want = serde_json::json!({"PublicKey": public, "Port": 51820});
+        assert_eq!(v["BackendData"], want, "{}", h.name);
+        assert_eq!(v["BackendV6Data"], want, "{}", h.name);
+        let sock = h.log.with_file_name("tweedd.sock");
+        let status = tweedctl_json(&sock, &["status"]);
+        assert_eq!(status["backend_implementation"], "userspace", "{status}");
+        // One TUN device with both families; no second device; one IPv6-only socket.
+        let link = in_ns(&h.netns, &["ip", "-d", "link", "show", "tweed-wg"]);
+        assert!(link.contains("tun") && link.contains("mtu 1420"), "{link}");
+        let links = in_ns(&h.netns, &["ip", "-o", "link", "show"]);
+        assert!(!links.contains("tweed-wg-v6"), "{}: {links}", h.name);
+        let addr = in_ns(&h.netns, &["ip", "addr", "show", "dev", "tweed-wg"]);
+        for own in [
+            format!("{}/32", sub4.network()),
+            format!("{}/128", sub6.network()),
+        ] {
+            assert!(addr.contains(&own), "{}: no {own} in {addr}", h.name);
+        }
+        let r6 = in_ns(&h.netns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
+        assert!(
+            r6.contains(tweed_lab::names::OVERLAY6_NETWORK),
+            "{}: {r6}",
+            h.name
+        );
+        let socks = in_ns(&h.netns, &["ss", "-Huln", "sport", "= :51820"]);
+        // One socket per worker (a SO_REUSEPORT group), every one IPv6.
+        assert!(
+            socks.lines().count() >= 1 && socks.lines().all(|l| l.contains("[::]:51820")),
+            "{}: {socks}",
+            h.name
+        );
+        // Each peer one entry on tweed-wg, at its IPv6 endpoint (the figures name it), with
+        // a handshake after the all-pairs pings.
+        let peers = tweedctl_json(&sock, &["peers"]);
+        let list = peers.as_array().cloned().unwrap_or_default();
+        assert_eq!(list.len(), 2, "{peers:#}");
+        for p in &list {
+            assert_eq!(p["device"], "tweed-wg", "{peers:#}");
+            assert!(p["v6_entry"].is_null(), "{peers:#}");
+        }
+    }
+
+    // Underlay: while h1/p1 pings h2/p1 over both families, UDP over IPv6 to 51820 and no
+    // IPv4 WireGuard datagram at all (a capture of each, one inside the other).
+    let h2 = &lab.state().hosts[1];
+    let dst4 = ipv4_of(&h2.pods[0]).to_string();
+    let dst6 = h2.pods[0].ip6.expect("pod IPv6").to_string();
+    let mut wg6 = 0;
+    let v4cap = capture_while(
+        &lab,
+        "underlay",
+        "ip and (udp port 51820 or udp port 51821)",
+        || {
+            let cap = capture_while(&lab, "underlay", "ip6 and udp dst port 51820", || {
+                for dst in [&dst4, &dst6] {
+                    let out = lab
+                        .exec("h1/p1", &["ping", "-c", "10", "-i", "0.2", "-W", "2", dst])
+                        .unwrap_or_else(|e| panic!("ping {dst}: {e}"));
+                    assert_eq!(ping_summary(&out), (10, 10), "{out}");
+                }
+            });
+            wg6 = pcap_packets(&cap);
+        },
+    );
+    let wg4 = pcap_packets(&v4cap);
+    println!("ipv6 mode underlay: {wg6} UDP-over-IPv6 datagrams to 51820, {wg4} over IPv4");
+    assert!(wg6 >= 20, "too few WireGuard datagrams over IPv6 ({wg6})");
+    assert_eq!(wg4, 0, "WireGuard datagrams over the IPv4 underlay");
+    for (cap, what) in [
+        (capture_during_ping(&lab, "underlay", &dst4), "IPv4"),
+        (capture_during_ping6(&lab, "underlay", &dst6), "IPv6"),
+    ] {
+        assert!(cap.len() > 200, "empty capture on the underlay");
+        assert_eq!(count(&cap, MARKER), 0, "{what} pod payload in clear");
+    }
+    let in_pod = capture_during_ping(&lab, "h2/p1", &dst4);
+    assert!(
+        count(&in_pod, MARKER) >= 5,
+        "the control capture missed the marker"
+    );
+
+    // A restart: the agent re-attaches its device, whose addresses and routes are right, so
+    // nothing changes there (`ip monitor` sees no address or route event); then both families
+    // run again.
+    let monitor = lab
+        .command("h2", &["ip", "-o", "monitor", "address", "route"])
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ip monitor");
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    restart_agent_ready(&stopped, "h2");
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
+    let events = monitor.wait_with_output().unwrap();
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    assert_eq!(events.trim(), "", "address or route changes at a restart");
+    let h1p1 = lab.state().hosts[0].pods[0].netns.clone();
+    wait_for(
+        Duration::from_secs(15),
+        "h1/p1 ping6 to h2/p1 after h2's restart",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst6]),
+    );
+    all_pairs_dual(&lab);
 }
 
 /// Adds the IPv6 address `a` to `dev` in `ns`, without DAD.
@@ -1520,4 +1715,156 @@ fn a_flannel_configured_separate_mode_wireguard_go_node_reaches_tweed_pods_over_
             "{dev6}: no handshake/traffic with {peer}: {line}"
         );
     }
+}
+
+/// Issue 18: a dual-stack node configured by hand as flannel's wireguard backend configures one
+/// in `Mode: ipv6`, on wireguard-go: one device on 51820 (its IPv4 /32 and IPv6 /128, a route
+/// for each network), each tweed lease a peer with both subnets as allowed IPs at
+/// `[PublicIPv6]:BackendData.Port`; its lease under flannel's dual key with `BackendData` and
+/// `BackendV6Data` both `{"PublicKey","Port":51820}`. The tweed nodes run `ipv6` with the
+/// default `--wireguard-impl=auto` (userspace here). Pods ping each other over both families,
+/// both ways, and wireguard-go lists each tweed node at `[PublicIPv6]:51820` with a handshake
+/// and received bytes: the userspace path's IPv6 socket speaks WireGuard with an independent
+/// implementation.
+#[test]
+fn a_flannel_configured_ipv6_mode_wireguard_go_node_reaches_tweed_pods_over_both_families() {
+    require_root!(NEEDS_ROOT);
+    assert!(
+        which("wireguard-go").is_some(),
+        "wireguard-go is not installed: apt-get install wireguard-go wireguard-tools"
+    );
+    let mut spec = LabSpec::new(per_process("wgi6"), 2);
+    spec.backend = Backend::Wireguard;
+    spec.pods_per_host = 1;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    spec.wireguard_mode = Some("ipv6".into());
+    let lab = up(spec);
+    let fl = flannel::Node::up(&lab, "twgi6", &WG_MTU.to_string());
+    let (node, pod, subnet, pod_ip) = (&*fl.node, &*fl.pod, &*fl.subnet, &*fl.pod_ip);
+    let public_ip = flannel::PUBLIC_IP;
+    let public_ip6 = tweed_lab::names::host_public_ip6(201, 1);
+    let hosts = lab.state().hosts.clone();
+    let (subnet6, pod_ip6) = flannel_ipv6(&lab, &fl, public_ip6);
+
+    let dir = TempDir(std::env::temp_dir().join(format!("tweed-wgi6-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let key_file = dir.0.join("wgkey");
+    let genkey = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .unwrap();
+    std::fs::write(&key_file, &genkey.stdout).unwrap();
+    let public_key = pubkey_of(&key_file);
+    let dev = format!("fi6{}", std::process::id() % 100_000);
+    let _wg_go = WgGo::start(node, &dev);
+    in_ns(
+        node,
+        &[
+            "wg",
+            "set",
+            &dev,
+            "listen-port",
+            "51820",
+            "private-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    ip(&[
+        "-n",
+        node,
+        "link",
+        "set",
+        &dev,
+        "mtu",
+        &WG_MTU.to_string(),
+        "up",
+    ]);
+    fl.address_device(&dev);
+    addr6(node, format!("{}/128", subnet6.network()), &dev);
+    for (family, net) in [
+        ("-4", tweed_lab::names::OVERLAY_NETWORK),
+        ("-6", tweed_lab::names::OVERLAY6_NETWORK),
+    ] {
+        ip(&["-n", node, family, "route", "add", net, "dev", &dev]);
+    }
+    let value = format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{public_key}","Port":51820}},"BackendV6Data":{{"PublicKey":"{public_key}","Port":51820}}}}"#
+    );
+    let key = format!("{subnet}-24&{}-64", subnet6.network());
+    fl.write_lease_at(&lab, &key, 86400, &value);
+
+    // A peer per tweed lease, read from etcd: both subnets, the IPv6 endpoint.
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    let mut endpoints6 = Vec::new();
+    for kv in lines.chunks(2) {
+        let [k, v] = kv else { continue };
+        let name = k.rsplit('/').next().unwrap();
+        let Some((v4, v6)) = name.split_once('&') else {
+            panic!("tweed's dual-stack lease has a dual key: {k}")
+        };
+        let attrs: serde_json::Value = serde_json::from_str(v).unwrap();
+        if attrs["BackendData"]["PublicKey"] == public_key.as_str() {
+            continue;
+        }
+        assert_eq!(
+            attrs["BackendV6Data"], attrs["BackendData"],
+            "tweed's lease in ipv6 mode: one key, ListenPort"
+        );
+        assert_eq!(attrs["BackendData"]["Port"], 51820);
+        let cidr = |s: &str| {
+            let (a, l) = s.rsplit_once('-').unwrap();
+            format!("{a}/{l}")
+        };
+        let peer = attrs["BackendData"]["PublicKey"].as_str().unwrap();
+        let endpoint6 = format!(
+            "[{}]:{}",
+            attrs["PublicIPv6"].as_str().unwrap(),
+            attrs["BackendData"]["Port"]
+        );
+        in_ns(
+            node,
+            &[
+                "wg",
+                "set",
+                &dev,
+                "peer",
+                peer,
+                "endpoint",
+                &endpoint6,
+                "allowed-ips",
+                &format!("{},{}", cidr(v4), cidr(v6)),
+            ],
+        );
+        endpoints6.push((peer.to_string(), endpoint6));
+    }
+    assert_eq!(endpoints6.len(), 2, "{listing}");
+
+    let pod_ip6 = pod_ip6.to_string();
+    for h in &hosts {
+        for p in &h.pods {
+            let ip4 = ipv4_of(p).to_string();
+            let ip6 = p.ip6.expect("pod IPv6").to_string();
+            ping_ok(pod, &ip4, &[]);
+            ping_ok(&p.netns, pod_ip, &[]);
+            ping_ok(pod, &ip6, &["-6"]);
+            ping_ok(&p.netns, &pod_ip6, &["-6"]);
+        }
+    }
+    let dump = in_ns(node, &["wg", "show", &dev, "dump"]);
+    for (peer, endpoint6) in &endpoints6 {
+        let line = dump
+            .lines()
+            .find(|l| l.starts_with(peer.as_str()))
+            .unwrap_or_else(|| panic!("no {peer} on {dev}:\n{dump}"));
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f[2], endpoint6, "{line}");
+        let handshake: u64 = f[4].parse().unwrap();
+        let rx: u64 = f[5].parse().unwrap();
+        assert!(
+            handshake > 0 && rx > 0,
+            "{dev}: no handshake/traffic with {peer}: {line}"
+        );
+    }
+    println!("wireguard-go in ipv6 mode:\n{dump}");
 }

@@ -285,17 +285,11 @@ impl Prepared {
                     device: udp::DEVICE,
                     steering: udp::io::Steering::InnerFlow,
                     bind6: None,
+                    v6_only: false,
                 }),
                 LeaseAttrs::new(node.public_ip, "udp", None),
             ),
             BackendConfig::Wireguard(ref w) => {
-                if w.mode == tweed_config::WireguardMode::Ipv6
-                    && node.wg_impl != wireguard::WgImpl::Kernel
-                {
-                    return Err(BackendError::Wireguard(WgError::ModeNotCarried {
-                        implementation: node.wg_impl.name(),
-                    }));
-                }
                 let key_path = node
                     .wg_key_file
                     .clone()
@@ -320,7 +314,7 @@ impl Prepared {
                 };
                 cfg.check_mtu()?;
                 // The kernel/userspace choice is left to each set-up (`WgBackend::setup`): the
-                // lease does not depend on it (`wireguard::carries_v6`), and `auto` falls back
+                // lease does not depend on it (`Prepared::with_ipv6`), and `auto` falls back
                 // to userspace whenever the kernel probe fails, a re-setup's included.
                 tracing::info!(
                     key_file = %cfg.key_path.display(),
@@ -355,9 +349,8 @@ impl Prepared {
     }
 
     /// `attrs` with a dual-stack node's IPv6 half: `PublicIPv6`, and a `BackendV6Data` when
-    /// the backend serves IPv6 ([`crate::ipv6::with_public_ipv6`]; wireguard: only when
-    /// `Backend.Mode` is carried ([`wireguard::carries_v6`], the same on both paths), which is
-    /// then recorded for its set-up).
+    /// the backend serves IPv6 ([`crate::ipv6::with_public_ipv6`]; wireguard in every
+    /// `Backend.Mode`, on either path, the mode then recorded for its set-up).
     pub fn with_ipv6(
         &mut self,
         attrs: LeaseAttrs,
@@ -368,13 +361,6 @@ impl Prepared {
         let (Prepared::Wireguard(c), BackendConfig::Wireguard(w)) = (&mut *self, backend) else {
             return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
         };
-        if !wireguard::carries_v6(w.mode, c.implementation) {
-            tracing::warn!(
-                mode = ?w.mode,
-                "wireguard: this Backend.Mode carries no IPv6: this node runs IPv4 only, no BackendV6Data advertised, IPv6 pods unreachable"
-            );
-            return Ok(crate::ipv6::with_public_ipv6(attrs, public_ipv6));
-        }
         if w.mode == tweed_config::WireguardMode::Separate && w.listen_port_v6 == w.listen_port {
             return Err(BackendError::Wireguard(WgError::SamePortV6 {
                 port: w.listen_port_v6,
@@ -1118,50 +1104,41 @@ mod tests {
             (1472, 8285, node.iface.ip, 2)
         );
 
-        // wireguard "Mode":"ipv6" is refused at start off the kernel path (`auto` may land on
-        // userspace, whose socket is IPv4 only), naming the key and the flag, before any key
-        // file is written.
+        // wireguard "Mode":"ipv6" is prepared with every --wireguard-impl (the userspace
+        // path runs it on an IPv6 socket); a node without an IPv6 underlay address is refused
+        // naming the interface, one with it is not.
         let json = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#;
         let net = tweed_config::NetworkConfig::parse(json).unwrap();
-        for wg_impl in [wireguard::WgImpl::Auto, wireguard::WgImpl::Userspace] {
+        let v4only = crate::ipv6::Ipv6Mode::V4Only {
+            iface: "eth0".into(),
+        };
+        let dual = crate::ipv6::Ipv6Mode::DualStack {
+            public_ipv6: "2001:db8::1".parse().unwrap(),
+        };
+        let mut prepared = None;
+        for wg_impl in [
+            wireguard::WgImpl::Auto,
+            wireguard::WgImpl::Userspace,
+            wireguard::WgImpl::Kernel,
+        ] {
             let node = NodeContext {
                 wg_impl,
                 ..node.clone()
             };
-            let err = Prepared::new(&nl, &net.backend, &node, own)
+            let (p, _) = Prepared::new(&nl, &net.backend, &node, own)
                 .await
-                .expect_err("Mode ipv6 is refused off the kernel path");
-            let msg = err.to_string();
+                .unwrap_or_else(|e| panic!("Mode ipv6 with {wg_impl:?}: {e}"));
+            let err = p
+                .check_ipv6_underlay(&net.backend, &v4only)
+                .expect_err("no IPv6 underlay address");
             assert!(
-                msg.contains("Backend.Mode")
-                    && msg.contains(&format!("--wireguard-impl={}", wg_impl.name())),
-                "{msg}"
+                err.to_string().contains("eth0 has no global IPv6 address"),
+                "{err}"
             );
-            assert!(!tmp.path().join(wireguard::key::KEY_FILE_NAME).exists());
+            p.check_ipv6_underlay(&net.backend, &dual).unwrap();
+            prepared = Some(p);
         }
-        // On the kernel path it is prepared; a node without an IPv6 underlay address is
-        // refused naming the interface, one with it is not.
-        let kernel = NodeContext {
-            wg_impl: wireguard::WgImpl::Kernel,
-            ..node.clone()
-        };
-        let (p, _) = Prepared::new(&nl, &net.backend, &kernel, own)
-            .await
-            .unwrap();
-        let v4only = crate::ipv6::Ipv6Mode::V4Only {
-            iface: "eth0".into(),
-        };
-        let err = p
-            .check_ipv6_underlay(&net.backend, &v4only)
-            .expect_err("no IPv6 underlay address");
-        assert!(
-            err.to_string().contains("eth0 has no global IPv6 address"),
-            "{err}"
-        );
-        let dual = crate::ipv6::Ipv6Mode::DualStack {
-            public_ipv6: "2001:db8::1".parse().unwrap(),
-        };
-        p.check_ipv6_underlay(&net.backend, &dual).unwrap();
+        let p = prepared.expect("prepared");
         // Other modes run IPv4 only there, as before.
         let separate =
             tweed_config::NetworkConfig::parse(&json.replace(r#","Mode":"ipv6""#, "")).unwrap();
@@ -1200,8 +1177,12 @@ mod tests {
         // (kernel module?, wanted, Mode) -> chosen at set-up, BackendV6Data port (None: IPv4
         // only).
         type Case = (bool, WgImpl, &'static str, &'static str, Option<u16>);
-        let cases: [Case; 8] = [
+        let cases: [Case; 11] = [
             (false, WgImpl::Auto, "auto", "userspace", Some(51820)),
+            // ipv6's one device serves IPv6 peers on ListenPort, on either path.
+            (false, WgImpl::Auto, "ipv6", "userspace", Some(51820)),
+            (true, WgImpl::Userspace, "ipv6", "userspace", Some(51820)),
+            (true, WgImpl::Kernel, "ipv6", "kernel", Some(51820)),
             (false, WgImpl::Auto, "ipv4", "userspace", Some(51820)),
             // separate's tweed-wg-v6 on ListenPortV6, which BackendV6Data names, whichever
             // path a set-up lands on (userspace's is a second TUN with an IPv6 socket).
@@ -1271,10 +1252,10 @@ mod tests {
                 let l = c.dual_local().expect("dual");
                 // auto plans as ipv4 on both paths: kernel and userspace nodes mix in one
                 // cluster, and a userspace node listens on IPv4 only.
-                let planned = if mode == "separate" {
-                    tweed_config::WireguardMode::Separate
-                } else {
-                    tweed_config::WireguardMode::Ipv4
+                let planned = match mode {
+                    "separate" => tweed_config::WireguardMode::Separate,
+                    "ipv6" => tweed_config::WireguardMode::Ipv6,
+                    _ => tweed_config::WireguardMode::Ipv4,
                 };
                 assert_eq!(l.mode, planned, "{mode} {chosen}");
                 assert_eq!(l.separate(), mode == "separate");

@@ -90,10 +90,12 @@ pub struct UdpConfig {
     pub device: &'static str,
     /// How received datagrams are spread over the workers.
     pub steering: io::Steering,
-    /// `Some`: the sockets are IPv6-only ones bound to this address, and the device carries
-    /// IPv6 only (no IPv4 address or route; its owner gives it its IPv6 ones): wireguard's
-    /// `Mode: separate` device `tweed-wg-v6` on the IPv6 underlay.
+    /// `Some`: the sockets are IPv6-only ones bound to this address (wireguard's devices on
+    /// the IPv6 underlay: `Mode: separate`'s `tweed-wg-v6`, `Mode: ipv6`'s `tweed-wg`).
     pub bind6: Option<Ipv6Addr>,
+    /// The device carries IPv6 only: no IPv4 address or route (its owner gives it its IPv6
+    /// ones): `Mode: separate`'s `tweed-wg-v6`.
+    pub v6_only: bool,
 }
 
 impl UdpConfig {
@@ -126,7 +128,7 @@ impl UdpConfig {
 /// What the device needs so it matches `cfg`: MTU, up, exactly the one address, exactly the one
 /// route. Pure; `routes` are the main-table routes through the device.
 pub fn plan_device(cfg: &UdpConfig, link: &Link, addrs: &[Addr], routes: &[Route]) -> Vec<Op> {
-    if cfg.bind6.is_some() {
+    if cfg.v6_only {
         // An IPv6-only device: MTU and up here, no IPv4 at all (an IPv4 route through it
         // would blackhole: its peers carry IPv6 only); its IPv6 side is its owner's.
         let mut ops = Vec::new();
@@ -863,6 +865,7 @@ mod tests {
             device: DEVICE,
             steering: io::Steering::InnerFlow,
             bind6: None,
+            v6_only: false,
         }
     }
 
@@ -924,6 +927,7 @@ mod tests {
     fn an_ipv6_only_device_holds_no_ipv4() {
         let c = UdpConfig {
             bind6: Some(std::net::Ipv6Addr::UNSPECIFIED),
+            v6_only: true,
             mtu_override: Some(1420),
             ..cfg()
         };
@@ -952,6 +956,17 @@ mod tests {
             ]
         );
         assert_eq!(plan_device(&c, &link(1420, true), &[], &[]), vec![]);
+        // `Mode: ipv6`'s tweed-wg: an IPv6 socket, and the device keeps its IPv4 address and
+        // route (the IPv4 pods ride the IPv6 underlay).
+        let both = UdpConfig {
+            v6_only: false,
+            ..c.clone()
+        };
+        assert_eq!(both.bind().to_string(), "[::]:8285");
+        assert_eq!(
+            plan_device(&both, &link(1420, true), &[stray], &[both.route(7)]),
+            vec![]
+        );
     }
 
     #[test]

@@ -904,3 +904,65 @@ async fn kernel_ipv6_mode_reaches_every_peer_over_the_ipv6_underlay() {
     assert_eq!(addrs, ["fd00:5:0:1::/128"]);
     assert_eq!(routes, ["fd00:5::/56"]);
 }
+
+/// `Mode: ipv6` on the userspace path, as `Userspace::reconcile` files it: every entry's
+/// endpoint is `[PublicIPv6]:Port`, the workers' IPv4 routes name the node's IPv4 endpoint
+/// (the key the peer table knows nodes by), and the WireGuard entries are filed under it. A
+/// hostile lease naming the victim's `PublicIP` with its own `PublicIPv6` and a key sorting
+/// after the victim's (review 35, H1) gets neither the victim's IPv4 nor its IPv6 traffic:
+/// each destination is sealed for the entry whose allowed IPs hold it and sent to that entry's
+/// endpoint.
+#[test]
+fn userspace_ipv6_mode_seals_each_destination_for_its_own_lease() {
+    let mut cfg = separate_cfg(Some("fd00:5:0:1::/64"));
+    cfg.dual.as_mut().unwrap().mode = tweed_config::WireguardMode::Ipv6;
+    let local = cfg.dual_local().unwrap();
+    let (kv, victim) = separate_lease(&local, 2, 2, "2001:db8::2", Some(51820));
+    // Grinding is trivial: the first key byte whose public key sorts after the victim's.
+    let xb = (3..=255u8)
+        .find(|b| PrivateKey::from_bytes([*b; 32]).public() > kv)
+        .expect("a key sorting after the victim's");
+    let (kx, mut attacker) = separate_lease(&local, 66, xb, "2001:db8::66", Some(51820));
+    assert!(kx > kv, "the attacker's entry is filed last");
+    attacker.v4.public_ip = victim.v4.public_ip;
+    let plan = dual::plan_dual(&local, &[victim, attacker]);
+    assert!(plan.skipped.is_empty(), "{:?}", plan.skipped);
+    let dev = &plan.devices[0];
+    assert_eq!(plan.devices.len(), 1);
+    let nodes: Nodes = dev.peers.iter().map(|p| (p.public_key, p.node)).collect();
+    let specs: Vec<plan::PeerSpec> = dual::device_spec(dev, *cfg.private_key.bytes())
+        .peers
+        .into_values()
+        .collect();
+
+    let mut routes: Vec<String> = userspace_peers(&specs, &nodes)
+        .iter()
+        .map(|p| format!("{} {}:{}", p.subnet, p.public_ip, p.port))
+        .collect();
+    routes.sort();
+    assert_eq!(
+        routes,
+        [
+            "10.5.2.0/24 198.51.100.2:51820",
+            "10.5.66.0/24 198.51.100.2:51820"
+        ]
+    );
+    let node: Ipv4Addr = "198.51.100.2".parse().unwrap();
+    let keyed = keyed_entries(&specs, &nodes);
+    assert!(keyed.iter().all(|(_, k)| *k == Some(node)), "{keyed:?}");
+    let t = userspace::WgTable::new(&cfg.private_key).update_keyed(&cfg.private_key, &keyed);
+    for (dst, key, ep) in [
+        ("10.5.2.7", kv, "[2001:db8::2]:51820"),
+        ("fd00:5:0:2::7", kv, "[2001:db8::2]:51820"),
+        ("10.5.66.7", kx, "[2001:db8::66]:51820"),
+        ("fd00:5:0:66::7", kx, "[2001:db8::66]:51820"),
+    ] {
+        let p = t.route(node, dst.parse().unwrap()).expect(dst);
+        assert_eq!(
+            (p.spec.public_key, p.endpoint().unwrap().to_string()),
+            (key, ep.to_string()),
+            "{dst}"
+        );
+    }
+    assert!(t.route(node, "10.5.9.1".parse().unwrap()).is_none());
+}

@@ -21,9 +21,9 @@
 //!
 //! [`device_spec`] turns a planned device into what the kernel path's reconcile writes over
 //! generic netlink (IPv6 endpoints and allowed IPs included). [`super::WgBackend::reconcile_dual`]
-//! runs the single-device modes on both paths (the userspace path with IPv4 endpoints only)
-//! and `separate`'s two devices on both (a kernel link, or a second userspace device with an
-//! IPv6 socket: [`super::carries_v6`], docs/wireguard.md).
+//! runs every mode on both paths: the single-device modes on one device (the userspace path's
+//! socket is IPv6 in `ipv6` mode, IPv4 otherwise), `separate`'s two devices as a kernel link or
+//! a second userspace device with an IPv6 socket (docs/wireguard.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};

@@ -93,18 +93,6 @@ pub enum WgError {
     )]
     SamePortV6 { port: u16 },
 
-    /// `ipv6` mode (every peer at its IPv6 endpoint on one device) is built on the kernel path
-    /// only: the userspace path's IPv6 socket serves only `separate`'s second device, and `auto`
-    /// may land on userspace at any set-up.
-    #[error(
-        "wireguard: Backend.Mode \"ipv6\" (one device, every peer on the IPv6 underlay) runs \
-         on the kernel path only, and --wireguard-impl={implementation} may run the userspace \
-         path, which reaches IPv6 endpoints only from the second device of \"separate\": use \
-         --wireguard-impl=kernel, or Mode \"separate\" (IPv6 pods over the IPv6 underlay on a \
-         second device, either path), \"auto\" or \"ipv4\" (IPv6 pods over the IPv4 underlay)"
-    )]
-    ModeNotCarried { implementation: &'static str },
-
     /// `ipv6` mode reaches every peer over the IPv6 underlay: a node without an address there
     /// could reach none, so it does not start rather than run cut off.
     #[error(
@@ -136,8 +124,8 @@ pub struct WgConfig {
     pub implementation: WgImpl,
     /// Userspace: worker threads (the udp backend's `--udp-workers`).
     pub queues: usize,
-    /// The IPv6 half this node serves (dual stack, and only when the configured `Mode` is
-    /// carried: [`carries_v6`]); `None`: IPv4 only.
+    /// The IPv6 half this node serves (dual stack, every `Mode` on either path); `None`:
+    /// IPv4 only.
     /// Boxed: most nodes run IPv4 only, and the data plane enum holds this config.
     pub dual: Option<Box<WgDual>>,
 }
@@ -152,27 +140,6 @@ pub struct WgDual {
     pub public_ipv6: std::net::Ipv6Addr,
     /// Our lease's IPv6 subnet; `None` until the lease is known, or when it has no IPv6 half.
     pub own_subnet: Option<ipnetwork::Ipv6Network>,
-}
-
-/// Whether a dual-stack wireguard node carries IPv6 in `mode`. Decided before the lease is
-/// written, so it never depends on what a set-up ends up running: `false` runs IPv4 only (with
-/// a warning, no `BackendV6Data`).
-///
-/// - `auto`, `ipv4`: one device (kernel `tweed-wg` or the userspace TUN) with both subnets'
-///   routes, peers both subnets, IPv4 endpoints ([`WgConfig::dual_local`]).
-/// - `separate` (flannel's default): the second device `tweed-wg-v6` on `ListenPortV6` with
-///   IPv6 endpoints, on either path (a kernel `wireguard` link, or a second userspace device
-///   with an IPv6 socket), so `auto` may land on either and still serve the port peers were
-///   told in `BackendV6Data`.
-/// - `ipv6` (one device, IPv6 endpoints): the kernel path only; with another
-///   `--wireguard-impl` [`crate::backend::Prepared::new`] refuses it
-///   ([`WgError::ModeNotCarried`]) before anything is written.
-pub fn carries_v6(mode: tweed_config::WireguardMode, implementation: WgImpl) -> bool {
-    use tweed_config::WireguardMode as M;
-    match mode {
-        M::Auto | M::Ipv4 | M::Separate => true,
-        M::Ipv6 => implementation == WgImpl::Kernel,
-    }
 }
 
 impl WgConfig {
@@ -297,6 +264,9 @@ pub struct WgBackend {
     /// The IPv6 halves the last dual plan left out: logged when this changes, not at every
     /// reconcile.
     skipped_v6: Vec<dual::Skip6>,
+    /// `separate`: the lease (IPv4 subnet) of each `tweed-wg-v6` entry's key, from the last
+    /// plan, so the IPv6 device's figures are listed under their peer (either path).
+    lease_of6: std::collections::BTreeMap<PublicKey, Ipv4Network>,
 }
 
 enum Plane {
@@ -353,9 +323,6 @@ struct KernelPlane {
     setup_ops: Vec<crate::netlink::Op>,
     /// `separate`'s IPv6 device, while this node runs one.
     v6: Option<KernelDev6>,
-    /// `separate`: the lease (IPv4 subnet) of each `tweed-wg-v6` entry's key, from the last
-    /// plan, so the IPv6 figures are listed under their peer.
-    lease_of6: std::collections::BTreeMap<PublicKey, Ipv4Network>,
 }
 
 /// The kernel's `wireguard` link [`dual::DEVICE_V6`] (`Mode: separate`, dual stack).
@@ -416,6 +383,7 @@ impl WgBackend {
             cfg,
             plane,
             skipped_v6: Vec::new(),
+            lease_of6: Default::default(),
         };
         tracing::info!(
             implementation = b.implementation(),
@@ -568,32 +536,26 @@ impl WgBackend {
     /// Per peer: public key, endpoint, subnet, time since the last handshake, bytes out and in
     /// (kernel: as of the last read-back, see [`refresh`](Self::refresh)).
     pub fn peer_stats(&self) -> Vec<PeerStats> {
+        let listed6 = |s: &PeerStats| PeerStats {
+            lease_subnet: self.lease_of6.get(&s.public_key).copied(),
+            ..s.clone()
+        };
         match &self.plane {
-            Plane::Userspace(u) => u
-                .table
-                .peers()
-                .iter()
-                .map(|p| {
-                    let (age, tx, rx) = p.stats();
-                    PeerStats {
-                        device: DEVICE,
-                        public_key: p.spec.public_key,
-                        endpoint: p.spec.endpoint,
-                        subnet: p.spec.subnet_v4().map(Into::into),
-                        lease_subnet: p.spec.subnet_v4(),
-                        last_handshake: age,
-                        tx_bytes: tx as u64,
-                        rx_bytes: rx as u64,
-                    }
-                })
-                .collect(),
+            Plane::Userspace(u) => {
+                let mut all = userspace_stats(&u.table, DEVICE);
+                if let Some(d) = &u.v6 {
+                    all.extend(
+                        userspace_stats(&d.table, dual::DEVICE_V6)
+                            .iter()
+                            .map(listed6),
+                    );
+                }
+                all
+            }
             Plane::Kernel(k) => {
                 let mut all = k.stats.clone();
                 if let Some(d) = &k.v6 {
-                    all.extend(d.stats.iter().map(|s| PeerStats {
-                        lease_subnet: k.lease_of6.get(&s.public_key).copied(),
-                        ..s.clone()
-                    }));
+                    all.extend(d.stats.iter().map(listed6));
                 }
                 all
             }
@@ -633,7 +595,7 @@ impl WgBackend {
         peers: &[WgPeer],
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let (specs, skipped) = plan::desired_peers(&self.cfg.local(), peers);
-        self.reconcile_specs(nl, specs, skipped, None, &Nodes6::new())
+        self.reconcile_specs(nl, specs, skipped, &Nodes::new(), None, &Nodes::new())
             .await
     }
 
@@ -664,38 +626,45 @@ impl WgBackend {
             }
             self.skipped_v6 = plan.skipped_v6.clone();
         }
-        if let Plane::Kernel(k) = &mut self.plane {
-            k.lease_of6 = peers
-                .iter()
-                .filter_map(|p| Some((p.v6.as_ref().ok()?.public_key, p.v4.subnet)))
-                .collect();
-        }
-        let key = *self.cfg.private_key.bytes();
-        let specs = plan
-            .devices
+        self.lease_of6 = peers
             .iter()
-            .find(|d| d.name == DEVICE)
+            .filter_map(|p| Some((p.v6.as_ref().ok()?.public_key, p.v4.subnet)))
+            .collect();
+        let key = *self.cfg.private_key.bytes();
+        let nodes_of = |d: &dual::DevicePlan| -> Nodes {
+            d.peers.iter().map(|p| (p.public_key, p.node)).collect()
+        };
+        let dev = plan.devices.iter().find(|d| d.name == DEVICE);
+        let specs = dev
             .map(|d| dual::device_spec(d, key).peers)
             .unwrap_or_default();
+        let nodes = dev.map(nodes_of).unwrap_or_default();
         let dev6 = plan.devices.iter().find(|d| d.name == dual::DEVICE_V6);
         let v6 = dev6.map(|d| dual::device_spec(d, key));
-        let nodes6 = dev6
-            .map(|d| d.peers.iter().map(|p| (p.public_key, p.node)).collect())
-            .unwrap_or_default();
-        self.reconcile_specs(nl, specs.into_values().collect(), plan.skipped, v6, &nodes6)
-            .await
+        let nodes6 = dev6.map(nodes_of).unwrap_or_default();
+        self.reconcile_specs(
+            nl,
+            specs.into_values().collect(),
+            plan.skipped,
+            &nodes,
+            v6,
+            &nodes6,
+        )
+        .await
     }
 
-    /// `v6`: what `separate`'s IPv6 device holds (`None`: this node runs none, and one left
-    /// from before is removed at the next link check); `nodes6`: each of its peers' node
-    /// ([`dual::DualPeerSpec::node`]).
+    /// `nodes`: each `tweed-wg` peer's node ([`dual::DualPeerSpec::node`]; missing: its
+    /// IPv4 endpoint); `v6`: what `separate`'s IPv6 device holds (`None`: this node runs
+    /// none, and one left from before is removed at the next link check); `nodes6`: each of
+    /// its peers' node.
     async fn reconcile_specs(
         &mut self,
         nl: &crate::netlink::Netlink,
         specs: Vec<plan::PeerSpec>,
         skipped: Vec<crate::backend::PeerSkip>,
+        nodes: &Nodes,
         v6: Option<plan::DeviceSpec>,
-        nodes6: &Nodes6,
+        nodes6: &Nodes,
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let desired = plan::device_spec(
             *self.cfg.private_key.bytes(),
@@ -704,7 +673,7 @@ impl WgBackend {
         );
         let mut stats = match &mut self.plane {
             Plane::Userspace(u) => {
-                u.reconcile(nl, &self.cfg, &specs, desired, v6, nodes6)
+                u.reconcile(nl, &self.cfg, &specs, desired, nodes, v6, nodes6)
                     .await?
             }
             Plane::Kernel(k) => {
@@ -745,30 +714,89 @@ impl WgBackend {
     }
 }
 
-/// Each `tweed-wg-v6` peer's node, by the peer's key there.
-type Nodes6 = std::collections::BTreeMap<PublicKey, std::net::SocketAddrV4>;
+/// Each peer's node on one device, by the peer's key there.
+type Nodes = std::collections::BTreeMap<PublicKey, std::net::SocketAddrV4>;
+
+/// The node a `tweed-wg` entry is routed to: the plan's ([`dual::DualPeerSpec::node`]), else
+/// its IPv4 endpoint. The workers' peer table knows nodes by their IPv4 `PublicIP:Port`; in
+/// `Mode: ipv6` the entry's endpoint is the IPv6 one, so the plan's node names it.
+fn node_of(s: &plan::PeerSpec, nodes: &Nodes) -> Option<std::net::SocketAddrV4> {
+    nodes
+        .get(&s.public_key)
+        .copied()
+        .or_else(|| s.endpoint_v4())
+}
+
+/// The workers' IPv4 routes of `tweed-wg`: each peer's IPv4 subnet to its node.
+fn userspace_peers(specs: &[plan::PeerSpec], nodes: &Nodes) -> Vec<crate::backend::UdpPeer> {
+    specs
+        .iter()
+        .filter_map(|s| {
+            let node = node_of(s, nodes)?;
+            Some(crate::backend::UdpPeer {
+                subnet: s.subnet_v4()?,
+                public_ip: *node.ip(),
+                port: node.port(),
+            })
+        })
+        .collect()
+}
+
+/// `tweed-wg`'s WireGuard entries, each filed under its node's address. Two leases may name
+/// one `PublicIP`: the workers then seal for the entry whose allowed IPs hold the destination
+/// (`WgTable::route`), whatever its endpoint's family, never for the one filed last.
+fn keyed_entries(
+    specs: &[plan::PeerSpec],
+    nodes: &Nodes,
+) -> Vec<(plan::PeerSpec, Option<std::net::Ipv4Addr>)> {
+    specs
+        .iter()
+        .map(|s| (s.clone(), node_of(s, nodes).map(|n| *n.ip())))
+        .collect()
+}
+
+/// One userspace device's entries as [`PeerStats`] (`lease_subnet`: the entry's IPv4 subnet,
+/// none on `tweed-wg-v6`, whose caller fills it in).
+fn userspace_stats(table: &userspace::WgTable, device: &'static str) -> Vec<PeerStats> {
+    table
+        .peers()
+        .iter()
+        .map(|p| {
+            let (age, tx, rx) = p.stats();
+            let subnet = p
+                .spec
+                .subnet_v4()
+                .map(Into::into)
+                .or_else(|| p.spec.allowed_ips.iter().find(|n| n.is_ipv6()).copied());
+            PeerStats {
+                device,
+                public_key: p.spec.public_key,
+                endpoint: p.spec.endpoint,
+                subnet,
+                lease_subnet: p.spec.subnet_v4(),
+                last_handshake: age,
+                tx_bytes: tx as u64,
+                rx_bytes: rx as u64,
+            }
+        })
+        .collect()
+}
 
 impl Userspace {
+    #[allow(clippy::too_many_arguments)]
     async fn reconcile(
         &mut self,
         nl: &crate::netlink::Netlink,
         cfg: &WgConfig,
         specs: &[plan::PeerSpec],
         desired: plan::DeviceSpec,
+        nodes: &Nodes,
         v6: Option<plan::DeviceSpec>,
-        nodes6: &Nodes6,
+        nodes6: &Nodes,
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let ops = plan::plan(&self.applied, &desired);
-        let udp_peers: Vec<crate::backend::UdpPeer> = specs
-            .iter()
-            .filter_map(|s| {
-                Some(crate::backend::UdpPeer {
-                    subnet: s.subnet_v4()?,
-                    public_ip: *s.endpoint_v4()?.ip(),
-                    port: s.endpoint_v4()?.port(),
-                })
-            })
-            .collect();
+        let node_of = |s: &plan::PeerSpec| node_of(s, nodes);
+        let udp_peers = userspace_peers(specs, nodes);
         // Single-device modes: IPv6 pods ride the same IPv4 endpoint, the workers' table
         // routes each peer's IPv6 subnet to it (sealed there by the peer's session like its
         // IPv4 packets). `separate`: tweed-wg carries IPv4 only.
@@ -785,7 +813,7 @@ impl Userspace {
                 let peers = specs
                     .iter()
                     .filter_map(|s| {
-                        let ep = s.endpoint_v4()?;
+                        let ep = node_of(s)?;
                         Some(s.allowed_ips.iter().filter_map(move |n| match n {
                             ipnetwork::IpNetwork::V6(n) => Some(crate::backend::UdpPeer6 {
                                 subnet: *n,
@@ -805,7 +833,10 @@ impl Userspace {
             }
         }
         let wg = (!ops.is_empty() || !self.published).then(|| {
-            self.table = Arc::new(self.table.update(&cfg.private_key, specs));
+            self.table = Arc::new(
+                self.table
+                    .update_keyed(&cfg.private_key, &keyed_entries(specs, nodes)),
+            );
             self.table.clone()
         });
         if wg.is_some() {
@@ -861,6 +892,7 @@ impl UserDev6 {
             port,
             device: dual::DEVICE_V6,
             bind6: Some(std::net::Ipv6Addr::UNSPECIFIED),
+            v6_only: true,
             ..udp_config(cfg)
         };
         let udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, true).await?;
@@ -933,7 +965,7 @@ impl UserDev6 {
         cfg: &WgConfig,
         v4_peers: &[crate::backend::UdpPeer],
         desired: plan::DeviceSpec,
-        nodes: &Nodes6,
+        nodes: &Nodes,
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
         let link_ops = if self.link_checked {
             Vec::new()
@@ -994,7 +1026,12 @@ impl UserDev6 {
 }
 
 /// The workers' config of `tweed-wg` (`tweed-wg-v6` changes port, device and socket).
+/// `Mode: ipv6` reaches every peer over the IPv6 underlay: an IPv6-only socket on every
+/// address (a moved `PublicIPv6` needs no new socket), no IPv4 one, on `ListenPort`.
 fn udp_config(cfg: &WgConfig) -> crate::backend::UdpConfig {
+    let ipv6_mode = cfg
+        .dual_local()
+        .is_some_and(|l| l.mode == tweed_config::WireguardMode::Ipv6);
     crate::backend::UdpConfig {
         network: cfg.network,
         own_subnet: cfg.own_subnet,
@@ -1009,7 +1046,8 @@ fn udp_config(cfg: &WgConfig) -> crate::backend::UdpConfig {
         device: DEVICE,
         // One peer's datagrams to one worker: they are ciphertext, and one session's lock.
         steering: crate::backend::udp::io::Steering::WireguardPeer,
-        bind6: None,
+        bind6: ipv6_mode.then_some(std::net::Ipv6Addr::UNSPECIFIED),
+        v6_only: false,
     }
 }
 
@@ -1085,7 +1123,6 @@ async fn setup_kernel(
             desired: None,
             stats: Vec::new(),
         }),
-        lease_of6: Default::default(),
     })
 }
 
