@@ -1390,7 +1390,17 @@ fn wireguard_ipv6_mode_on_the_default_implementation_reaches_every_peer_over_the
             h.name
         );
         // Each peer one entry on tweed-wg, at its IPv6 endpoint (the figures name it), with
-        // a handshake after the all-pairs pings.
+        // a handshake after the all-pairs pings. The figures are read from the device
+        // periodically, so a peer programmed a moment ago may not have its entry yet.
+        wait_for(
+            Duration::from_secs(30),
+            "every peer's tweed-wg entry",
+            || {
+                let p = tweedctl_json(&sock, &["peers"]);
+                p.as_array()
+                    .is_some_and(|l| l.len() == 2 && l.iter().all(|p| p["device"] == "tweed-wg"))
+            },
+        );
         let peers = tweedctl_json(&sock, &["peers"]);
         let list = peers.as_array().cloned().unwrap_or_default();
         assert_eq!(list.len(), 2, "{peers:#}");
