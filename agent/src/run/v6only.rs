@@ -4,9 +4,9 @@
 //!
 //! A loop of its own rather than the dual-stack one: everything there hangs off an IPv4 subnet
 //! (the lease table's keys, the backends' devices, the rules), and none of it exists here. It is
-//! level-triggered: each lease event, each renewal that finds the lease gone and a periodic
-//! resync list the leases and bring the kernel to exactly what they say, so a missed event or
-//! a drifted route costs at most one resync period.
+//! level-triggered: lease events (a burst of them coalesced, see [`COALESCE`]), each renewal
+//! that finds the lease gone and a periodic resync list the leases and bring the kernel to
+//! exactly what they say, so a missed event or a drifted route costs at most one resync period.
 
 use super::report::Report;
 use super::stop::{next_backoff, Stop};
@@ -28,6 +28,12 @@ use tweed_config::{
 
 /// How often the data plane and the rules are brought back to the leases without an event.
 const RESYNC: Duration = Duration::from_secs(10);
+
+/// After a listing, lease events wait at most this long for the next one (rev35 L6): each
+/// listing reads every lease, so a burst of events (a rollout, many nodes restarting) costs two
+/// listings rather than one per event, and a storm at most one per window. An event after a
+/// quiet window is listed for at once, so a lone change is not delayed.
+const COALESCE: Duration = Duration::from_millis(250);
 
 /// What the loop needs besides the leases.
 pub(super) struct V6Only {
@@ -154,10 +160,16 @@ pub(super) async fn run(
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let mut watch = None;
     let mut backoff = Duration::from_millis(500);
+    // No listing for events before this; a listing due then for events that came meanwhile.
+    let mut quiet_until = tokio::time::Instant::now();
+    let mut relist_at: Option<tokio::time::Instant> = None;
     loop {
         // The watch (re)starts after every listing, from that listing's revision.
         if watch.is_none() {
-            let revision = match reconcile(&deps, &node, &mut own, stop).await {
+            let listed = reconcile(&deps, &node, &mut own, stop).await;
+            quiet_until = tokio::time::Instant::now() + COALESCE;
+            relist_at = None;
+            let revision = match listed {
                 Some(Ok(revision)) => revision,
                 Some(Err(e)) => {
                     warn!("IPv6-only: {e}; retrying in {backoff:?}");
@@ -191,12 +203,17 @@ pub(super) async fn run(
         tokio::select! {
             _ = stop.wait() => return Ok(()),
             events = w.next() => match events {
-                Ok(_) => {
-                    match reconcile(&deps, &node, &mut own, stop).await {
+                Ok(_) if relist_at.is_none() && tokio::time::Instant::now() >= quiet_until => {
+                    let listed = reconcile(&deps, &node, &mut own, stop).await;
+                    quiet_until = tokio::time::Instant::now() + COALESCE;
+                    match listed {
                         Some(Ok(_)) => {}
                         Some(Err(e)) => { warn!("IPv6-only: {e}"); watch = None; }
                         None => return Ok(()),
                     }
+                }
+                Ok(_) => {
+                    relist_at.get_or_insert(quiet_until);
                 }
                 Err(e) => {
                     warn!("IPv6-only: the lease watch ended: {e}; listing again");
@@ -227,8 +244,22 @@ pub(super) async fn run(
                     }
                 }
             }
+            _ = tokio::time::sleep_until(relist_at.unwrap_or(quiet_until)), if relist_at.is_some() => {
+                relist_at = None;
+                let listed = reconcile(&deps, &node, &mut own, stop).await;
+                quiet_until = tokio::time::Instant::now() + COALESCE;
+                match listed {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => { warn!("IPv6-only: {e}"); watch = None; }
+                    None => return Ok(()),
+                }
+            }
             _ = resync.tick() => {
-                if let Some(Err(e)) = reconcile(&deps, &node, &mut own, stop).await {
+                // Also answers the events waiting for a listing: they came before this one.
+                relist_at = None;
+                let listed = reconcile(&deps, &node, &mut own, stop).await;
+                quiet_until = tokio::time::Instant::now() + COALESCE;
+                if let Some(Err(e)) = listed {
                     warn!("IPv6-only: {e}");
                     watch = None;
                 }

@@ -292,3 +292,44 @@ async fn a_reused_lease_is_renewed_at_once() {
     );
     n.stop().await;
 }
+
+/// rev35 L6: a burst of lease events is answered with a few listings, not one per event, and
+/// the last listing still programs every peer of the burst.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_lease_events_costs_a_few_listings_not_one_each() {
+    let mem = etcd("host-gw");
+    let n = V6Node::start(&mem).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (own, _) = n.own_key().unwrap();
+    // Clear of the start's listings and their window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = mem.lists();
+    const N: u32 = 40;
+    let mut want = Vec::new();
+    for i in 0..N {
+        let subnet: Ipv6Network = format!("fd00:10:244:{:x}::/64", 0x80 + i).parse().unwrap();
+        let key = format!("{PREFIX}/subnets/{}-64", subnet.network());
+        assert_ne!(key, own);
+        let via = format!("fd00:198:18::{:x}", 0x100 + i);
+        mem.put_raw(
+            &key,
+            format!(r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{via}","BackendType":"host-gw"}}"#)
+                .as_bytes(),
+        );
+        want.push(Route6::via(subnet, via.parse().unwrap(), Some(n.eth0)));
+        // A burst spread over 200 ms, each event seen by the loop on its own.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    n.until("every peer's route", |n| {
+        let routes = n.routes6();
+        want.iter().all(|w| routes.iter().any(|r| r.same_path(w)))
+    })
+    .await;
+    let lists = mem.lists() - before;
+    assert!(
+        lists <= 4,
+        "{N} events cost {lists} listings; a burst should cost about two"
+    );
+    n.stop().await;
+}
