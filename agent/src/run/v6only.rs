@@ -9,6 +9,7 @@
 //! exactly what they say, so a missed event or a drifted route costs at most one resync period.
 
 use super::report::Report;
+use super::rulecheck::{Done, Extra, RuleCheck, V6OnlyRules};
 use super::stop::{next_backoff, Stop};
 use super::AgentError;
 use crate::backend::v6;
@@ -28,6 +29,9 @@ use tweed_config::{
 
 /// How often the data plane and the rules are brought back to the leases without an event.
 const RESYNC: Duration = Duration::from_secs(10);
+
+/// How long a shutdown lets a rules check under way finish (as the main loop's).
+const RULES_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// After a listing, lease events wait at most this long for the next one (rev35 L6): each
 /// listing reads every lease, so a burst of events (a rollout, many nodes restarting) costs two
@@ -145,10 +149,39 @@ pub(super) async fn run(
     }
 
     let previous = previous_subnet(&node.settings);
-    let Some(mut own) = acquire(&deps, &node, previous, HashSet::new(), stop).await else {
+    let Some(own) = acquire(&deps, &node, previous, HashSet::new(), stop).await else {
         return Ok(());
     };
     write_subnet_env(&node, &deps.report, own.key.ipv6);
+    // The checks run beside the loop (a fork of ip6tables or nft, seconds behind the xtables
+    // lock, must not hold up a lease event); the first is awaited, so that the node is ready
+    // (its data plane programmed) only with its masquerade and forward rules in place.
+    let mut rules = RuleCheck::new(deps.firewall.clone());
+    want_rules(&mut rules, &node, own.key.ipv6);
+    tokio::select! {
+        done = rules.finished() => on_rules(&deps, done),
+        _ = stop.wait() => {
+            if let Some(done) = rules.stop(RULES_SHUTDOWN_WAIT).await {
+                on_rules(&deps, done);
+            }
+            return Ok(());
+        }
+    }
+    let result = serve(&deps, &node, own, &mut rules, stop).await;
+    if let Some(done) = rules.stop(RULES_SHUTDOWN_WAIT).await {
+        on_rules(&deps, done);
+    }
+    result
+}
+
+/// The loop, once the lease is held and the rules were checked once.
+async fn serve(
+    deps: &V6Only,
+    node: &Node,
+    mut own: Own,
+    rules: &mut RuleCheck<V6OnlyRules>,
+    stop: &mut Stop,
+) -> Result<(), AgentError> {
     let renew_every = crate::subnet::renew_interval(
         node.settings.lease_ttl,
         node.settings.subnet_lease_renew_margin,
@@ -156,7 +189,9 @@ pub(super) async fn run(
     let mut renew_at = tokio::time::Instant::now() + renew_every;
     let mut renew_backoff = Duration::from_millis(500);
     let mut resync = tokio::time::interval(RESYNC);
-    let mut rules = tokio::time::interval(node.settings.iptables_resync);
+    let mut rules_every = tokio::time::interval(node.settings.iptables_resync);
+    // Its first tick is now: the rules were just checked.
+    rules_every.tick().await;
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let mut watch = None;
     let mut backoff = Duration::from_millis(500);
@@ -166,7 +201,7 @@ pub(super) async fn run(
     loop {
         // The watch (re)starts after every listing, from that listing's revision.
         if watch.is_none() {
-            let listed = reconcile(&deps, &node, &mut own, stop).await;
+            let listed = reconcile(deps, node, &mut own, rules, stop).await;
             quiet_until = tokio::time::Instant::now() + COALESCE;
             relist_at = None;
             let revision = match listed {
@@ -204,7 +239,7 @@ pub(super) async fn run(
             _ = stop.wait() => return Ok(()),
             events = w.next() => match events {
                 Ok(_) if relist_at.is_none() && tokio::time::Instant::now() >= quiet_until => {
-                    let listed = reconcile(&deps, &node, &mut own, stop).await;
+                    let listed = reconcile(deps, node, &mut own, rules, stop).await;
                     quiet_until = tokio::time::Instant::now() + COALESCE;
                     match listed {
                         Some(Ok(_)) => {}
@@ -246,7 +281,7 @@ pub(super) async fn run(
             }
             _ = tokio::time::sleep_until(relist_at.unwrap_or(quiet_until)), if relist_at.is_some() => {
                 relist_at = None;
-                let listed = reconcile(&deps, &node, &mut own, stop).await;
+                let listed = reconcile(deps, node, &mut own, rules, stop).await;
                 quiet_until = tokio::time::Instant::now() + COALESCE;
                 match listed {
                     Some(Ok(_)) => {}
@@ -257,14 +292,15 @@ pub(super) async fn run(
             _ = resync.tick() => {
                 // Also answers the events waiting for a listing: they came before this one.
                 relist_at = None;
-                let listed = reconcile(&deps, &node, &mut own, stop).await;
+                let listed = reconcile(deps, node, &mut own, rules, stop).await;
                 quiet_until = tokio::time::Instant::now() + COALESCE;
                 if let Some(Err(e)) = listed {
                     warn!("IPv6-only: {e}");
                     watch = None;
                 }
             }
-            _ = rules.tick() => sync_rules(&deps, &node, own.key.ipv6).await,
+            _ = rules_every.tick() => want_rules(rules, node, own.key.ipv6),
+            done = rules.finished() => on_rules(deps, done),
             _ = beat.tick() => { deps.report.beat(); }
         }
     }
@@ -405,6 +441,7 @@ async fn reconcile(
     deps: &V6Only,
     node: &Node,
     own: &mut Own,
+    rules: &mut RuleCheck<V6OnlyRules>,
     stop: &mut Stop,
 ) -> Option<Result<i64, AgentError>> {
     let snap = match deps.registry.list_leases().await {
@@ -443,7 +480,7 @@ async fn reconcile(
         if own.key.ipv6 != was {
             write_subnet_env(node, &deps.report, own.key.ipv6);
         }
-        sync_rules(deps, node, own.key.ipv6).await;
+        want_rules(rules, node, own.key.ipv6);
         return Some(Ok(snap.revision));
     }
     match program(deps, node, own.key.ipv6, &snap.leases).await {
@@ -550,19 +587,25 @@ async fn apply(nl: &Netlink, ops: &[Op]) -> Result<(), AgentError> {
     }
 }
 
-async fn sync_rules(deps: &V6Only, node: &Node, own: Ipv6Network) {
+/// Asks for a rules check for our subnet `own` (after the one under way, if any).
+fn want_rules(rules: &mut RuleCheck<V6OnlyRules>, node: &Node, own: Ipv6Network) {
     let spec = RuleSpecV6 {
         network: node.net.ipv6.network,
         subnet: own,
     };
-    let fw = deps.firewall.clone();
-    let ip_masq = node.settings.ip_masq;
-    match tokio::task::spawn_blocking(move || fw.sync_v6_only(&spec, ip_masq)).await {
-        Ok(Ok(true)) => info!("IPv6-only: rules synced"),
-        Ok(Ok(false)) => {}
-        Ok(Err(e)) => warn!("IPv6-only: syncing the rules: {e}"),
-        Err(e) => warn!("IPv6-only: the rules task: {e}"),
-    }
+    rules.want(
+        V6OnlyRules {
+            spec,
+            ip_masq: node.settings.ip_masq,
+        },
+        Extra::default(),
+    );
+}
+
+/// A rules check ended: `tweed_rules_resyncs_total` / `tweed_rules_errors_total` and the log.
+fn on_rules(deps: &V6Only, done: Done<V6OnlyRules>) {
+    deps.report
+        .rules_synced(deps.firewall.name(), done.spec.ip_masq, &done.synced);
 }
 
 /// subnet.env with only the IPv6 pair, the MTU and IPMASQ.

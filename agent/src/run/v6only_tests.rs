@@ -31,6 +31,7 @@ struct V6Node {
     mem: MemRegistry,
     kernel: Fake,
     state: AgentState,
+    rules: FakeFirewall,
     eth0: u32,
     dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
@@ -39,6 +40,11 @@ struct V6Node {
 
 impl V6Node {
     async fn start(mem: &MemRegistry) -> V6Node {
+        V6Node::start_with(mem, FakeFirewall::default(), &[]).await
+    }
+
+    /// With these fake rules (a test holds their checks) and `args` added to tweedd's.
+    async fn start_with(mem: &MemRegistry, rules: FakeFirewall, args: &[&str]) -> V6Node {
         let kernel = Fake::new();
         let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
         let nl = Netlink::from(kernel.clone());
@@ -54,23 +60,27 @@ impl V6Node {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-        let settings = crate::settings::for_test(&[
+        let subnet_file = path("subnet.env");
+        let state_dir = path("state");
+        let mut argv = vec![
             "tweedd",
             "--iface",
             "eth0",
             "--subnet-file",
-            &path("subnet.env"),
+            &subnet_file,
             "--state-dir",
-            &path("state"),
+            &state_dir,
             "--lease-ttl",
             "1h",
             "--ip-masq",
-        ]);
+        ];
+        argv.extend_from_slice(args);
+        let settings = crate::settings::for_test(&argv);
         let state = AgentState::new();
         let deps = Deps {
             registry: Arc::new(Registry::Mem(mem.clone())),
             netlink: nl,
-            firewall: Firewall::Fake(FakeFirewall::default()),
+            firewall: Firewall::Fake(rules.clone()),
             clock: Clock::tokio(1_700_000_000),
             state: state.clone(),
             control: crate::api::ControlSlot::default(),
@@ -91,6 +101,7 @@ impl V6Node {
             mem: mem.clone(),
             kernel,
             state,
+            rules,
             eth0,
             dir,
             stop: Some(stop),
@@ -124,6 +135,18 @@ impl V6Node {
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.agent.await.unwrap().unwrap();
+    }
+
+    /// Waits (real time) until a rules check waits at the fake's gate.
+    async fn until_a_check_is_held(&self) {
+        let waiting = std::time::Instant::now();
+        while self.rules.held_syncs() != 1 {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(10),
+                "no rules check came"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -332,4 +355,107 @@ async fn a_burst_of_lease_events_costs_a_few_listings_not_one_each() {
         "{N} events cost {lists} listings; a burst should cost about two"
     );
     n.stop().await;
+}
+
+/// The IPv6-only loop's rules checks run beside it, as the main loop's (issue 20): the first is
+/// awaited (no readiness before the rules are in place), a slow periodic one does not hold up a
+/// lease event or the loop's beat, its outcome is counted when it ends, and a shutdown waits
+/// for the one under way. Real time: a held check keeps tokio's paused clock from advancing.
+#[tokio::test]
+async fn a_lease_event_is_handled_while_a_slow_ipv6_only_rules_check_runs() {
+    use crate::rules::FakeCall;
+    let mem = etcd("host-gw");
+    let rules = FakeFirewall::default();
+    // A failed assertion must not leave a check held: the runtime's drop would wait for it.
+    struct ReleaseOnDrop(FakeFirewall);
+    impl Drop for ReleaseOnDrop {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+    let _release = ReleaseOnDrop(rules.clone());
+    rules.hold();
+    let n = V6Node::start_with(&mem, rules, &["--iptables-resync", "1s"]).await;
+    n.until_a_check_is_held().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !n.state.snapshot().not_ready().is_empty(),
+        "ready before the first rules check ended"
+    );
+    n.rules.release();
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (key, _) = n.own_key().unwrap();
+    let short = key.strip_prefix(&format!("{PREFIX}/subnets/")).unwrap();
+    let Ok(LeaseKey::Ipv6Only(k)) = short.parse::<LeaseKey>() else {
+        panic!("{key}")
+    };
+    let ours = FakeCall::SyncV6Only(
+        crate::rules::RuleSpecV6 {
+            network: "fd00:10:244::/56".parse().unwrap(),
+            subnet: k.ipv6,
+        },
+        true,
+    );
+    assert_eq!(n.rules.calls(), vec![ours]);
+    assert_eq!(n.state.metrics.rules_resyncs.get(), 1);
+
+    // The rules are deleted behind the agent's back; the next periodic check is slow.
+    n.rules.hold();
+    n.until_a_check_is_held().await;
+    n.rules.flush();
+    let calls = n.rules.calls().len();
+    let peer: Ipv6Network = if k.ipv6.to_string() == "fd00:10:244:7::/64" {
+        "fd00:10:244:8::/64".parse().unwrap()
+    } else {
+        "fd00:10:244:7::/64".parse().unwrap()
+    };
+    mem.put_raw(
+        &format!("{PREFIX}/subnets/{}-64", peer.network()),
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::2","BackendType":"host-gw"}"#,
+    );
+    let want = Route6::via(peer, "fd00:198:18::2".parse().unwrap(), Some(n.eth0));
+    let put = std::time::Instant::now();
+    while !n.routes6().iter().any(|r| r.same_path(&want)) {
+        assert!(
+            put.elapsed() < Duration::from_secs(5),
+            "the peer's route waited for the rules check"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(n.rules.held_syncs(), 1, "still under way");
+    assert_eq!(n.rules.calls().len(), calls);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = n.state.snapshot();
+    assert_eq!(s.not_alive(std::time::Instant::now()), None);
+    assert!(s.loop_beat.unwrap().elapsed() < Duration::from_millis(1200));
+
+    n.rules.release();
+    n.until("the check's outcome counted", |n| {
+        n.state.metrics.rules_resyncs.get() == 2
+    })
+    .await;
+    assert_eq!(n.rules.calls()[calls], ours);
+
+    // A shutdown during a held check waits for it.
+    n.rules.hold();
+    n.until_a_check_is_held().await;
+    let calls = n.rules.calls().len();
+    let release = {
+        let rules = n.rules.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            rules.release();
+        })
+    };
+    let began = std::time::Instant::now();
+    let rules = n.rules.clone();
+    n.stop().await;
+    release.join().unwrap();
+    assert!(
+        began.elapsed() >= Duration::from_millis(250),
+        "the shutdown did not wait for the check: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(rules.calls().len(), calls + 1, "the held check finished");
 }
