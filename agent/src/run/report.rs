@@ -269,6 +269,42 @@ impl Report {
         self.state.update(|s| s.backend_programmed = ok);
     }
 
+    /// The leases and peers of an IPv6-only network as last listed and programmed, for the
+    /// API's lease and peer lists; a lease added, changed or gone since the last listing is
+    /// published to the API's watchers (a listing sees no intermediate states).
+    pub(super) fn ipv6_only_views(&self, leases: Vec<LeaseView>, peers: Vec<PeerView>) {
+        let leases: Keyed<String, LeaseView> =
+            leases.into_iter().map(|l| (l.subnet.clone(), l)).collect();
+        let peers: Keyed<String, PeerView> =
+            peers.into_iter().map(|p| (p.subnet.clone(), p)).collect();
+        let mut events = Vec::new();
+        self.state.update(|s| {
+            let old = &s.v6only_leases;
+            for l in leases.iter() {
+                match old.get(&l.subnet) {
+                    None => events.push((EventKind::Added, l.clone())),
+                    Some(o) if o != l => events.push((EventKind::Updated, l.clone())),
+                    Some(_) => {}
+                }
+            }
+            for o in old.iter() {
+                if leases.get(&o.subnet).is_none() {
+                    events.push((EventKind::Removed, o.clone()));
+                }
+            }
+            s.v6only_leases = leases;
+            s.v6only_peers = peers;
+        });
+        let unix_millis = self.clock.unix_now() * 1000;
+        for (kind, lease) in events {
+            self.state.publish(LeaseEventView {
+                kind,
+                lease,
+                unix_millis,
+            });
+        }
+    }
+
     /// A peer lease an IPv6-only node refused (`label` as `tweed_leases_rejected_total`'s).
     pub(super) fn ipv6_only_rejected(&self, key: &str, why: &str, label: &'static str) {
         if self.first_time(format!("v6only-reject {key} {why}")) {

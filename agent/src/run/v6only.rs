@@ -17,6 +17,7 @@ use crate::netlink::{MacAddr, Netlink, Op};
 use crate::registry::{CreateOutcome, RawLease, Registry};
 use crate::rules::{Firewall, RuleSpecV6};
 use crate::settings::Settings;
+use crate::state::{LeaseView, PeerView};
 use crate::v6only::{self as pure, Decision, Underlay};
 use ipnetwork::Ipv6Network;
 use std::collections::HashSet;
@@ -569,7 +570,63 @@ async fn program(
             "IPv6-only: data plane updated"
         );
     }
-    apply(nl, &ops).await
+    let applied = apply(nl, &ops).await;
+    let (leases, peer_views) = views(deps, node, own, listing, &peers, &applied);
+    deps.report.ipv6_only_views(leases, peer_views);
+    applied
+}
+
+/// The API's lease and peer views of an IPv6-only network: our lease and each peer's, with
+/// its `PublicIPv6` as the public IP; a peer is programmed unless applying failed.
+fn views(
+    deps: &V6Only,
+    node: &Node,
+    own: Ipv6Network,
+    listing: &[RawLease],
+    peers: &[pure::Peer],
+    applied: &Result<(), AgentError>,
+) -> (Vec<LeaseView>, Vec<PeerView>) {
+    let v6_data = |a: &LeaseAttrs| {
+        a.backend_v6_data
+            .as_ref()
+            .map(|d| d.get().to_string())
+            .unwrap_or_default()
+    };
+    let own_key = LeaseKey::Ipv6Only(Ipv6OnlyKey { ipv6: own }).etcd_key(deps.registry.prefix());
+    let lease_id = |key: &str| {
+        listing
+            .iter()
+            .find(|l| l.key == key)
+            .map_or(0, |l| l.lease_id)
+    };
+    let mut leases = vec![LeaseView {
+        subnet: own.to_string(),
+        public_ip: node.underlay.public_ipv6.to_string(),
+        backend_type: node.attrs.effective_backend_type().to_string(),
+        backend_data: v6_data(&node.attrs),
+        lease_id: lease_id(&own_key),
+        own: true,
+    }];
+    let error = applied.as_ref().err().map(|e| e.to_string());
+    let mut views = Vec::with_capacity(peers.len());
+    for p in peers {
+        leases.push(LeaseView {
+            subnet: p.peer.subnet.to_string(),
+            public_ip: p.peer.public_ipv6.to_string(),
+            backend_type: p.attrs.effective_backend_type().to_string(),
+            backend_data: v6_data(&p.attrs),
+            lease_id: lease_id(&p.key),
+            own: false,
+        });
+        views.push(PeerView {
+            subnet: p.peer.subnet.to_string(),
+            public_ip: p.peer.public_ipv6.to_string(),
+            backend: p.attrs.effective_backend_type().to_string(),
+            programmed: error.is_none(),
+            error: error.clone(),
+        });
+    }
+    (leases, views)
 }
 
 async fn apply(nl: &Netlink, ops: &[Op]) -> Result<(), AgentError> {

@@ -330,10 +330,17 @@ async fn a_burst_of_lease_events_costs_a_few_listings_not_one_each() {
     let before = mem.lists();
     const N: u32 = 40;
     let mut want = Vec::new();
-    for i in 0..N {
-        let subnet: Ipv6Network = format!("fd00:10:244:{:x}::/64", 0x80 + i).parse().unwrap();
+    // Peers on N subnets other than ours (which is chosen at random).
+    let subnets = (0x80..)
+        .map(|i: u32| {
+            format!("fd00:10:244:{i:x}::/64")
+                .parse::<Ipv6Network>()
+                .unwrap()
+        })
+        .filter(|s| format!("{PREFIX}/subnets/{}-64", s.network()) != own)
+        .take(N as usize);
+    for (i, subnet) in (0..N).zip(subnets) {
         let key = format!("{PREFIX}/subnets/{}-64", subnet.network());
-        assert_ne!(key, own);
         let via = format!("fd00:198:18::{:x}", 0x100 + i);
         mem.put_raw(
             &key,
@@ -458,4 +465,70 @@ async fn a_lease_event_is_handled_while_a_slow_ipv6_only_rules_check_runs() {
         began.elapsed()
     );
     assert_eq!(rules.calls().len(), calls + 1, "the held check finished");
+}
+
+/// The API's lease and peer lists (`tweedctl net leases/peers`) and its watch stream are
+/// filled in an IPv6-only network too, from the loop's listings.
+#[tokio::test(start_paused = true)]
+async fn the_api_views_show_ipv6_only_leases_and_peers_and_watchers_see_them_come_and_go() {
+    use crate::state::EventKind;
+    let mem = etcd("host-gw");
+    let n = V6Node::start(&mem).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let mut events = n.state.subscribe();
+    let s = n.state.snapshot();
+    let own = s
+        .v6only_leases
+        .first()
+        .expect("our lease in the view")
+        .clone();
+    assert!(own.own, "{own:?}");
+    assert_eq!(own.subnet, s.subnet_v6);
+    assert_eq!(own.public_ip, OUR_IP6);
+    assert_ne!(own.lease_id, 0);
+    assert!(s.v6only_peers.is_empty());
+
+    let peer = if own.subnet == "fd00:10:244:7::/64" {
+        "fd00:10:244:8::"
+    } else {
+        "fd00:10:244:7::"
+    };
+    let key = format!("{PREFIX}/subnets/{peer}-64");
+    mem.put_raw(
+        &key,
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::2","BackendType":"host-gw"}"#,
+    );
+    let subnet = format!("{peer}/64");
+    n.until("the peer in the views", |n| {
+        n.state.snapshot().v6only_peers.get(&subnet).is_some()
+    })
+    .await;
+    let s = n.state.snapshot();
+    let p = s.v6only_peers.get(&subnet).unwrap();
+    assert_eq!(
+        (p.public_ip.as_str(), p.backend.as_str(), p.programmed),
+        ("fd00:198:18::2", "host-gw", true)
+    );
+    let l = s.v6only_leases.get(&subnet).unwrap();
+    assert!(!l.own);
+    assert_eq!(s.v6only_leases.len(), 2);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(
+        (ev.kind, ev.lease.subnet.as_str()),
+        (EventKind::Added, subnet.as_str())
+    );
+
+    mem.delete_raw(&key);
+    n.until("the peer gone from the views", |n| {
+        n.state.snapshot().v6only_peers.is_empty()
+    })
+    .await;
+    let ev = events.recv().await.unwrap();
+    assert_eq!(
+        (ev.kind, ev.lease.subnet.as_str()),
+        (EventKind::Removed, subnet.as_str())
+    );
+    assert_eq!(n.state.snapshot().v6only_leases.len(), 1);
+    n.stop().await;
 }
