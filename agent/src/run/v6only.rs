@@ -85,13 +85,13 @@ pub(super) async fn run(
         Vec::new()
     });
     let routes = deps.nl.all_routes6().await?;
-    let underlay = pure::choose_underlay(
-        &settings.iface,
-        settings.public_ipv6,
-        &links,
-        &addrs,
-        &routes,
-    )?;
+    let flags = pure::UnderlayFlags {
+        ifaces: settings.iface.clone(),
+        regexes: settings.iface_regex.clone(),
+        can_reach: settings.iface_can_reach,
+        explicit: settings.public_ipv6,
+    };
+    let underlay = pure::choose_underlay(&flags, &links, &addrs, &routes)?;
     info!(iface = %underlay.name, public_ipv6 = %underlay.public_ipv6, mtu = underlay.mtu, ipv6_network = %net.ipv6.network, backend = net.backend.type_name(), "IPv6-only network");
     deps.report.ipv6_only_network(
         net.ipv6.network,
