@@ -47,6 +47,9 @@ pub(super) struct V6Only {
     pub firewall: Arc<Firewall>,
     pub report: Report,
     pub ipv6_addrs: crate::ipv6::Ipv6Addrs,
+    /// systemd: READY=1 once ready, WATCHDOG=1 every beat (the shipped unit is `Type=notify`
+    /// with `WatchdogSec`: without them an IPv6-only node was killed at start).
+    pub notifier: crate::notify::Notifier,
 }
 
 /// Our lease: its key and the TTL lease it hangs on (0: a reservation, nothing to renew).
@@ -196,6 +199,7 @@ async fn serve(
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let mut watch = None;
     let mut backoff = Duration::from_millis(500);
+    let mut told_ready = false;
     // No listing for events before this; a listing due then for events that came meanwhile.
     let mut quiet_until = tokio::time::Instant::now();
     let mut relist_at: Option<tokio::time::Instant> = None;
@@ -302,7 +306,19 @@ async fn serve(
             }
             _ = rules_every.tick() => want_rules(rules, node, own.key.ipv6),
             done = rules.finished() => on_rules(deps, done),
-            _ = beat.tick() => { deps.report.beat(); }
+            _ = beat.tick() => {
+                let ready = deps.report.beat();
+                if let Err(e) = deps.notifier.watchdog() {
+                    warn!("{e}");
+                }
+                if ready && !told_ready {
+                    told_ready = true;
+                    match deps.notifier.ready() {
+                        Ok(()) => info!("ready: lease held, data plane programmed, subnet.env written"),
+                        Err(e) => warn!("{e}"),
+                    }
+                }
+            }
         }
     }
 }

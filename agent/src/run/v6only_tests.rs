@@ -45,6 +45,15 @@ impl V6Node {
 
     /// With these fake rules (a test holds their checks) and `args` added to tweedd's.
     async fn start_with(mem: &MemRegistry, rules: FakeFirewall, args: &[&str]) -> V6Node {
+        V6Node::start_notifying(mem, rules, args, crate::notify::Notifier::default()).await
+    }
+
+    async fn start_notifying(
+        mem: &MemRegistry,
+        rules: FakeFirewall,
+        args: &[&str],
+        notifier: crate::notify::Notifier,
+    ) -> V6Node {
         let kernel = Fake::new();
         let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
         let nl = Netlink::from(kernel.clone());
@@ -84,7 +93,7 @@ impl V6Node {
             clock: Clock::tokio(1_700_000_000),
             state: state.clone(),
             control: crate::api::ControlSlot::default(),
-            notifier: crate::notify::Notifier::default(),
+            notifier,
             ipv6_addrs: Ipv6Addrs::Fixed(vec![Inet6Addr {
                 ifindex: eth0,
                 addr: OUR_IP6.parse().unwrap(),
@@ -530,5 +539,35 @@ async fn the_api_views_show_ipv6_only_leases_and_peers_and_watchers_see_them_com
         (EventKind::Removed, subnet.as_str())
     );
     assert_eq!(n.state.snapshot().v6only_leases.len(), 1);
+    n.stop().await;
+}
+
+/// The shipped unit is `Type=notify` with `WatchdogSec`: an IPv6-only node says READY=1 once
+/// ready, and WATCHDOG=1 while its loop runs.
+#[tokio::test(start_paused = true)]
+async fn an_ipv6_only_node_tells_systemd_it_is_ready_and_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    server.set_nonblocking(true).unwrap();
+    let notifier = crate::notify::Notifier::to(crate::notify::Target::Path(path));
+    let n = V6Node::start_notifying(&etcd("host-gw"), FakeFirewall::default(), &[], notifier).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(len) = server.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert_eq!(
+        got.iter().filter(|m| m.starts_with("READY=1\n")).count(),
+        1,
+        "{got:?}"
+    );
+    assert!(
+        got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2,
+        "{got:?}"
+    );
     n.stop().await;
 }
