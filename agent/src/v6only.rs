@@ -85,7 +85,7 @@ pub struct UnderlayFlags {
 }
 
 /// The interface: `--iface` (a name or an IPv6 address it holds), else the first
-/// `--iface-regex` that matches one of its IPv6 addresses or its name, else the one
+/// `--iface-regex` that matches one of its IPv6 addresses or its name (never loopback), else the one
 /// `--iface-can-reach`'s address is routed out of; tried in that order, as for IPv4. With none
 /// of those: the one holding `--public-ipv6`, else the IPv6 default route's (the lowest
 /// metric). Its `PublicIPv6`: `--public-ipv6`, else its first stable global address
@@ -142,14 +142,17 @@ pub fn choose_underlay(
     }
     if chosen.is_none() && !regexes.is_empty() {
         // Link-local addresses are on every interface: matching them would choose at random.
-        let global = |a: &&Inet6Addr| (a.addr.segments()[0] & 0xffc0) != 0xfe80;
+        // Loopback never matches, as for IPv4.
+        let global =
+            |a: &&Inet6Addr| (a.addr.segments()[0] & 0xffc0) != 0xfe80 && !a.addr.is_loopback();
+        let not_lo = |l: &&Link| l.name != "lo";
         chosen = regexes.iter().find_map(|re| {
             addrs
                 .iter()
                 .filter(global)
                 .filter(|a| re.is_match(&a.addr.to_string()))
-                .find_map(|a| by_index(a.ifindex))
-                .or_else(|| links.iter().find(|l| re.is_match(&l.name)))
+                .find_map(|a| by_index(a.ifindex).filter(not_lo))
+                .or_else(|| links.iter().filter(not_lo).find(|l| re.is_match(&l.name)))
         });
         tried.push(format!(
             "--iface-regex {}: no IPv6 address or interface name matches",

@@ -101,6 +101,7 @@ fn the_ipv6_underlay_follows_iface_regex_and_can_reach_as_for_ipv4() {
         link(4, "bond0"),
     ];
     let addrs = [
+        addr(1, "::1", 0x10),
         addr(2, "fe80::2", 0x20),
         addr(2, "2001:db8::2", 0),
         addr(3, "fe80::3", 0x20),
@@ -130,6 +131,8 @@ fn the_ipv6_underlay_follows_iface_regex_and_can_reach_as_for_ipv4() {
     };
     assert_eq!(pick(re(&["^fd00:198:"])), Ok("eth1".into()));
     assert_eq!(pick(re(&["^bond"])), Ok("bond0".into()));
+    // Loopback never matches, by name or address.
+    assert_eq!(pick(re(&["^lo$", "^::1$", "^eth1$"])), Ok("eth1".into()));
     // The first regex that matches wins; a link-local match counts for nothing.
     assert_eq!(pick(re(&["^fe80::3$", "^2001:db8:4:"])), Ok("bond0".into()));
     let reach = |ip: &str| UnderlayFlags {
