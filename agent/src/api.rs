@@ -186,7 +186,13 @@ impl Agent for Service {
         &self,
         _: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesReply>, Status> {
-        let leases = self.state.snapshot().leases.iter().map(lease_pb).collect();
+        let snap = self.state.snapshot();
+        let leases = snap
+            .leases
+            .iter()
+            .chain(snap.v6only_leases.iter())
+            .map(lease_pb)
+            .collect();
         Ok(Response::new(pb::ListLeasesReply { leases }))
     }
 
@@ -201,6 +207,7 @@ impl Agent for Service {
         let peers = snap
             .peers
             .iter()
+            .chain(snap.v6only_peers.iter())
             .map(|p| {
                 let entry = |device: &str| {
                     snap.wg_peers

@@ -178,7 +178,7 @@ impl Firewall {
                 n.sync_table("ip6", &render_nft_v6(v6, ip_masq), &n.applied_v6)
             }
             #[cfg(any(test, feature = "fake"))]
-            Firewall::Fake(_) => Ok(false),
+            Firewall::Fake(f) => Ok(f.sync_v6_only(v6, ip_masq)),
         }
     }
 }
@@ -232,6 +232,8 @@ pub struct FakeFirewall {
 pub enum FakeCall {
     Sync(RuleSpec),
     RemoveV6,
+    /// [`Firewall::sync_v6_only`]: the rules and `ip_masq`.
+    SyncV6Only(RuleSpecV6, bool),
 }
 
 #[cfg(any(test, feature = "fake"))]
@@ -329,6 +331,24 @@ impl FakeFirewall {
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
         calls.push(FakeCall::RemoveV6);
         Ok(self.v6_present.swap(false, SeqCst))
+    }
+
+    /// Held like [`sync`](Self::sync); changes something the first time, after a different
+    /// call, or after a [`flush`](Self::flush).
+    fn sync_v6_only(&self, v6: &RuleSpecV6, ip_masq: bool) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.gate.pass();
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let call = FakeCall::SyncV6Only(*v6, ip_masq);
+        let same = calls
+            .iter()
+            .rev()
+            .find(|c| !matches!(c, FakeCall::RemoveV6))
+            .is_some_and(|c| *c == call);
+        calls.push(call);
+        self.v6_present.store(true, SeqCst);
+        let put_back = self.flushed.swap(false, SeqCst);
+        !same || put_back
     }
 
     fn sync(&self, spec: &RuleSpec) -> bool {

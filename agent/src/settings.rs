@@ -99,9 +99,9 @@ pub struct Settings {
     pub iface_regex: Vec<String>,
 
     /// Use the interface the routing table sends this address out of (e.g. etcd's IP); tried
-    /// after --iface and --iface-regex
+    /// after --iface and --iface-regex. IPv4, or IPv6 in an IPv6-only network (EnableIPv4: false)
     #[arg(long, env = "TWEED_IFACE_CAN_REACH", value_name = "IP")]
-    pub iface_can_reach: Option<Ipv4Addr>,
+    pub iface_can_reach: Option<std::net::IpAddr>,
 
     /// IP advertised to other nodes in this node's lease [default: the chosen interface's address]
     #[arg(long, env = "TWEED_PUBLIC_IP", value_name = "IP")]
@@ -356,12 +356,12 @@ impl Settings {
 
     /// Everything the interface choice needs (see `tweed_netlink::iface::choose`).
     pub fn iface_choice(&self) -> Result<IfaceChoice, IfaceError> {
-        IfaceChoice::new(
-            &self.iface,
-            &self.iface_regex,
-            self.iface_can_reach,
-            self.public_ip,
-        )
+        let can_reach = match self.iface_can_reach {
+            None => None,
+            Some(std::net::IpAddr::V4(ip)) => Some(ip),
+            Some(std::net::IpAddr::V6(ip)) => return Err(IfaceError::CanReachIpv6 { ip }),
+        };
+        IfaceChoice::new(&self.iface, &self.iface_regex, can_reach, self.public_ip)
     }
 
     /// How to reach etcd; the password is the one [`load`](Self::load) settled on.

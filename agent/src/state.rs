@@ -175,6 +175,11 @@ pub struct Snapshot {
     /// Every remote lease the backend was given, by IPv4 subnet (unique in the table).
     pub peers: Keyed<Ipv4Network, PeerView>,
     pub wg_peers: Vec<WgPeerView>,
+    /// In an IPv6-only network (which has no IPv4 lease table): every lease the node takes
+    /// (its own and its peers'), by IPv6 subnet; empty otherwise.
+    pub v6only_leases: Keyed<String, LeaseView>,
+    /// In an IPv6-only network: the peers as last programmed, by IPv6 subnet.
+    pub v6only_peers: Keyed<String, PeerView>,
 }
 
 impl Snapshot {

@@ -26,6 +26,18 @@ pub enum V6OnlyError {
     #[error("--iface {name}: no such interface (have: {})", have.join(", "))]
     NoSuchIface { name: String, have: Vec<String> },
     #[error(
+        "no underlay interface for the IPv6-only network; tried, in order: {}",
+        tried.join("; ")
+    )]
+    NoneMatched { tried: Vec<String> },
+    #[error("--iface-regex {regex:?}: not a valid regular expression: {reason}")]
+    InvalidRegex { regex: String, reason: String },
+    #[error(
+        "--iface-can-reach {0}: an IPv6-only network (EnableIPv4: false) has no IPv4 routes; \
+         give an IPv6 address (etcd's or a peer's)"
+    )]
+    CanReachIpv4(Ipv4Addr),
+    #[error(
         "no IPv6 default route in this network namespace and no --iface: the underlay of an \
          IPv6-only network cannot be guessed; pass --iface NAME"
     )]
@@ -57,42 +69,125 @@ pub struct Underlay {
     pub public_ipv6: Ipv6Addr,
 }
 
-/// The interface: the first `--iface` name that exists; else the one holding `--public-ipv6`;
-/// else the IPv6 default route's (the lowest metric). Its `PublicIPv6`: `--public-ipv6`, else its
-/// first stable global address ([`crate::ipv6::public_ipv6`]); none is an error naming the
-/// interface, so a node without IPv6 never starts half-working.
+/// How the operator picks the underlay of an IPv6-only network: the dual-stack flags, read with
+/// IPv6 addresses.
+#[derive(Debug, Default, Clone)]
+pub struct UnderlayFlags {
+    /// `--iface`: names, or IPv6 addresses held by the interface.
+    pub ifaces: Vec<String>,
+    /// `--iface-regex`: matched against the IPv6 addresses (link-local ones aside), then the
+    /// interface names.
+    pub regexes: Vec<String>,
+    /// `--iface-can-reach`: the interface of the most specific IPv6 route to it.
+    pub can_reach: Option<std::net::IpAddr>,
+    /// `--public-ipv6`.
+    pub explicit: Option<Ipv6Addr>,
+}
+
+/// The interface: `--iface` (a name or an IPv6 address it holds), else the first
+/// `--iface-regex` that matches one of its IPv6 addresses or its name (never loopback), else the one
+/// `--iface-can-reach`'s address is routed out of; tried in that order, as for IPv4. With none
+/// of those: the one holding `--public-ipv6`, else the IPv6 default route's (the lowest
+/// metric). Its `PublicIPv6`: `--public-ipv6`, else its first stable global address
+/// ([`crate::ipv6::public_ipv6`]); none is an error naming the interface, so a node without IPv6
+/// never starts half-working.
 pub fn choose_underlay(
-    ifaces: &[String],
-    explicit: Option<Ipv6Addr>,
+    flags: &UnderlayFlags,
     links: &[Link],
     addrs: &[Inet6Addr],
     routes: &[Route6],
 ) -> Result<Underlay, V6OnlyError> {
     let by_index = |i: u32| links.iter().find(|l| l.index == i);
-    let link = if !ifaces.is_empty() {
-        ifaces
+    let holder = |ip: Ipv6Addr| {
+        addrs
             .iter()
-            .find_map(|n| links.iter().find(|l| &l.name == n))
-            .ok_or_else(|| V6OnlyError::NoSuchIface {
-                name: ifaces.join(","),
-                have: links.iter().map(|l| l.name.clone()).collect(),
-            })?
-    } else {
-        let owner = explicit
-            .and_then(|ip| addrs.iter().find(|a| a.addr == ip))
-            .and_then(|a| by_index(a.ifindex));
-        let default = routes
-            .iter()
-            .filter(|r| r.dst.prefix() == 0 && r.oif.is_some())
-            .min_by_key(|r| r.metric)
-            .and_then(|r| by_index(r.oif.expect("filtered")));
-        owner.or(default).ok_or(V6OnlyError::NoIface)?
+            .find(|a| a.addr == ip)
+            .and_then(|a| by_index(a.ifindex))
     };
-    let public_ipv6 = crate::ipv6::public_ipv6(explicit, link.index, addrs).ok_or_else(|| {
-        V6OnlyError::NoPublicIpv6 {
-            iface: link.name.clone(),
+    let regexes = flags
+        .regexes
+        .iter()
+        .map(|r| {
+            regex::Regex::new(r).map_err(|e| V6OnlyError::InvalidRegex {
+                regex: r.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let can_reach = match flags.can_reach {
+        None => None,
+        Some(std::net::IpAddr::V6(ip)) => Some(ip),
+        Some(std::net::IpAddr::V4(ip)) => return Err(V6OnlyError::CanReachIpv4(ip)),
+    };
+    let mut tried = Vec::new();
+    let mut chosen = None;
+    if !flags.ifaces.is_empty() {
+        chosen = flags
+            .ifaces
+            .iter()
+            .find_map(|n| match n.parse::<Ipv6Addr>() {
+                Ok(ip) => holder(ip),
+                Err(_) => links.iter().find(|l| &l.name == n),
+            });
+        if chosen.is_none() && regexes.is_empty() && can_reach.is_none() {
+            return Err(V6OnlyError::NoSuchIface {
+                name: flags.ifaces.join(","),
+                have: links.iter().map(|l| l.name.clone()).collect(),
+            });
         }
-    })?;
+        tried.push(format!(
+            "--iface {}: no such interface or IPv6 address",
+            flags.ifaces.join(",")
+        ));
+    }
+    if chosen.is_none() && !regexes.is_empty() {
+        // Link-local addresses are on every interface: matching them would choose at random.
+        // Loopback never matches, as for IPv4.
+        let global =
+            |a: &&Inet6Addr| (a.addr.segments()[0] & 0xffc0) != 0xfe80 && !a.addr.is_loopback();
+        let not_lo = |l: &&Link| l.name != "lo";
+        chosen = regexes.iter().find_map(|re| {
+            addrs
+                .iter()
+                .filter(global)
+                .filter(|a| re.is_match(&a.addr.to_string()))
+                .find_map(|a| by_index(a.ifindex).filter(not_lo))
+                .or_else(|| links.iter().filter(not_lo).find(|l| re.is_match(&l.name)))
+        });
+        tried.push(format!(
+            "--iface-regex {}: no IPv6 address or interface name matches",
+            flags.regexes.join(" ")
+        ));
+    }
+    if chosen.is_none() {
+        if let Some(dst) = can_reach {
+            chosen = routes
+                .iter()
+                .filter(|r| r.dst.contains(dst) && r.oif.is_some())
+                .max_by_key(|r| (r.dst.prefix(), std::cmp::Reverse(r.metric)))
+                .and_then(|r| by_index(r.oif.expect("filtered")));
+            tried.push(format!("--iface-can-reach {dst}: no IPv6 route to it"));
+        }
+    }
+    let link = match chosen {
+        Some(l) => l,
+        None if !tried.is_empty() => return Err(V6OnlyError::NoneMatched { tried }),
+        None => {
+            let owner = flags.explicit.and_then(holder);
+            let default = routes
+                .iter()
+                .filter(|r| r.dst.prefix() == 0 && r.oif.is_some())
+                .min_by_key(|r| r.metric)
+                .and_then(|r| by_index(r.oif.expect("filtered")));
+            owner.or(default).ok_or(V6OnlyError::NoIface)?
+        }
+    };
+    let public_ipv6 =
+        crate::ipv6::public_ipv6(flags.explicit, link.index, addrs).ok_or_else(|| {
+            V6OnlyError::NoPublicIpv6 {
+                iface: link.name.clone(),
+            }
+        })?;
     Ok(Underlay {
         index: link.index,
         name: link.name.clone(),

@@ -74,6 +74,12 @@ pub enum IfaceError {
     #[error("--iface-regex {regex:?}: not a valid regular expression: {reason}")]
     InvalidRegex { regex: String, reason: String },
 
+    #[error(
+        "--iface-can-reach {ip}: an IPv6 address chooses the underlay only in an IPv6-only \
+         network (EnableIPv4: false); this network has IPv4, so give an IPv4 address"
+    )]
+    CanReachIpv6 { ip: std::net::Ipv6Addr },
+
     /// Everything [`choose`] tried, in order, each with why it did not give an interface.
     #[error(
         "no usable underlay interface; tried, in order: {}. Pass --iface NAME|IPV4, \

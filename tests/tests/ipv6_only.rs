@@ -141,6 +141,81 @@ fn assert_ipv6_only_lab(lab: &Lab, backend: &str) {
             ],
         );
         assert!(status.contains(r#""ready":true"#), "{}: {status}", h.name);
+        assert_api_lists(h, subnet, ip6, backend);
+    }
+}
+
+/// `tweedctl net <args> -o json` against the host's agent, parsed.
+fn tweedctl_net(h: &tweed_lab::state::HostState, args: &[&str]) -> serde_json::Value {
+    let exe = std::env::current_exe().unwrap();
+    let tweedctl = exe.parent().unwrap().parent().unwrap().join("tweedctl");
+    let sock = h.log.with_file_name("tweedd.sock");
+    let out = std::process::Command::new(tweedctl)
+        .args(["net", "--socket", sock.to_str().unwrap()])
+        .args(args)
+        .args(["--output", "json"])
+        .output()
+        .expect("run tweedctl");
+    assert!(
+        out.status.success(),
+        "{}: tweedctl net {args:?}: {}",
+        h.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{}: tweedctl net {args:?}: {e}: {}",
+            h.name,
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// `tweedctl net leases` and `peers` on an IPv6-only node: every host's lease (ours marked),
+/// with its IPv6 subnet and PublicIPv6, and every other host as a programmed peer.
+fn assert_api_lists(
+    h: &tweed_lab::state::HostState,
+    subnet: Ipv6Network,
+    ip6: Ipv6Addr,
+    backend: &str,
+) {
+    // The last host up may not be programmed on the others yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tweedctl_net(h, &["peers"])
+        .as_array()
+        .is_none_or(|p| p.len() != HOSTS - 1 || p.iter().any(|p| p["programmed"] != true))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let leases = tweedctl_net(h, &["leases"]);
+    let leases = leases.as_array().expect("a JSON list");
+    assert_eq!(leases.len(), HOSTS, "{}: {leases:?}", h.name);
+    let own: Vec<_> = leases.iter().filter(|l| l["own"] == true).collect();
+    assert_eq!(own.len(), 1, "{}: {leases:?}", h.name);
+    assert_eq!(own[0]["subnet"], subnet.to_string(), "{}", h.name);
+    assert_eq!(own[0]["public_ip"], ip6.to_string(), "{}", h.name);
+    assert!(
+        leases.iter().all(|l| l["backend_type"] == backend
+            && l["subnet"]
+                .as_str()
+                .is_some_and(|s| s.parse::<Ipv6Network>().is_ok())),
+        "{}: {leases:?}",
+        h.name
+    );
+    let peers = tweedctl_net(h, &["peers"]);
+    let peers = peers.as_array().expect("a JSON list");
+    assert_eq!(peers.len(), HOSTS - 1, "{}: {peers:?}", h.name);
+    for p in peers {
+        assert_ne!(p["subnet"], subnet.to_string(), "{}: {peers:?}", h.name);
+        assert_eq!(p["programmed"], true, "{}: {p}", h.name);
+        assert!(
+            leases
+                .iter()
+                .any(|l| l["subnet"] == p["subnet"] && l["public_ip"] == p["public_ip"]),
+            "{}: peer {p} not among the leases",
+            h.name
+        );
     }
 }
 
@@ -351,6 +426,35 @@ fn vxlan_ipv6_only_lab_programs_every_peer_and_carries_ipv6() {
     );
     assert!(
         out.contains("no usable global IPv6 address") && out.contains("lo"),
+        "{out}"
+    );
+    // --iface-regex and --iface-can-reach choose the IPv6 underlay, as for IPv4 (the choice
+    // itself: v6only::tests); loopback never matches a regex, so `^lo$` matches nothing.
+    let v6_vxlan = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:77::/56","Backend":{"Type":"vxlan"}}"#;
+    let out = agent_refusing(&lab, "h1", "re-lo", v6_vxlan, &["--iface-regex", "^lo$"]);
+    assert!(out.contains("tried, in order: --iface-regex ^lo$"), "{out}");
+    // Nothing matching is refused, naming what was tried (a --iface-can-reach address would
+    // match: the lab's hosts have an IPv6 default route).
+    let out = agent_refusing(
+        &lab,
+        "h1",
+        "re-none",
+        v6_vxlan,
+        &["--iface-regex", "^nomatch$"],
+    );
+    assert!(
+        out.contains("tried, in order: --iface-regex ^nomatch$"),
+        "{out}"
+    );
+    let out = agent_refusing(
+        &lab,
+        "h1",
+        "reach-v4",
+        v6_vxlan,
+        &["--iface-can-reach", "198.18.0.254"],
+    );
+    assert!(
+        out.contains("--iface-can-reach 198.18.0.254") && out.contains("no IPv4 routes"),
         "{out}"
     );
 }

@@ -28,6 +28,8 @@ struct Store {
     panic_next: Vec<MemOp>,
     /// How long each listing takes (a slow etcd); zero by default.
     list_delay: Duration,
+    /// How many listings were answered.
+    lists: u64,
 }
 
 /// A registry call a test can make panic ([`MemRegistry::panic_next`]).
@@ -164,6 +166,11 @@ impl MemRegistry {
         self.with(|s| s.list_delay = delay);
     }
 
+    /// Test control: how many listings were answered so far (all clients of this store).
+    pub fn lists(&self) -> u64 {
+        self.with(|s| s.lists)
+    }
+
     /// Test control: the lease keys as they are now, however slow listings are.
     pub fn keys(&self) -> Vec<String> {
         let dir = format!("{}/subnets/", self.prefix);
@@ -222,14 +229,17 @@ impl MemRegistry {
             tokio::time::sleep(delay).await;
         }
         let dir = format!("{}/subnets/", self.prefix);
-        self.call("list", &dir, None, |s| Snapshot {
-            leases: s
-                .kvs
-                .range(dir.clone()..)
-                .take_while(|(k, _)| k.starts_with(&dir))
-                .map(|(_, v)| v.clone())
-                .collect(),
-            revision: s.revision,
+        self.call("list", &dir, None, |s| {
+            s.lists += 1;
+            Snapshot {
+                leases: s
+                    .kvs
+                    .range(dir.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&dir))
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+                revision: s.revision,
+            }
         })
     }
 

@@ -76,6 +76,7 @@ pub async fn run_with(
                 firewall: Arc::new(firewall),
                 report,
                 ipv6_addrs,
+                notifier,
             };
             let result = super::v6only::run(deps, settings, net, &mut stop).await;
             match &result {

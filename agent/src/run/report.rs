@@ -29,10 +29,66 @@ pub(super) struct Report {
     clock: Clock,
     /// What was warned about already, so a bad lease or an unreachable peer is logged once
     /// rather than on every resync.
-    warned: Arc<Mutex<HashSet<String>>>,
+    warned: Arc<Mutex<Seen>>,
     /// What the kept views were made of, to update them by key (see [`Report::leases`] and
     /// [`Report::programmed`]).
     views: Arc<Mutex<ViewInputs>>,
+}
+
+/// How many warnings [`Seen`] remembers: far more than the distinct bad leases and unreachable
+/// peers of a real cluster, so those are still said once.
+const SEEN_CAP: usize = 4096;
+
+/// The "said once" memory, bounded: its entries are named by etcd keys and values anyone with
+/// write access to the prefix chooses, so remembering every one (rev35 L7) let a writer churning
+/// key names grow the agent without limit. It keeps the last [`SEEN_CAP`] as 64-bit keyed hashes
+/// (a key name may be up to etcd's request size), forgetting the oldest first; a forgotten
+/// warning still true is said (and counted) once more, which costs a log line, not memory.
+struct Seen {
+    /// Seeded per process: a writer cannot craft names that collide and silence a warning.
+    hasher: std::collections::hash_map::RandomState,
+    set: HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+    cap: usize,
+}
+
+impl Default for Seen {
+    fn default() -> Seen {
+        Seen::with_cap(SEEN_CAP)
+    }
+}
+
+impl Seen {
+    fn with_cap(cap: usize) -> Seen {
+        Seen {
+            hasher: Default::default(),
+            set: HashSet::new(),
+            order: Default::default(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// True when `what` is not remembered (and remembers it).
+    fn insert(&mut self, what: &str) -> bool {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(what);
+        if !self.set.insert(h) {
+            return false;
+        }
+        self.order.push_back(h);
+        if self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        debug_assert_eq!(self.set.len(), self.order.len());
+        self.set.len()
+    }
 }
 
 /// Inputs of the kept lease and peer views that the views themselves hold only as strings.
@@ -79,7 +135,7 @@ impl Report {
         self.warned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(what)
+            .insert(&what)
     }
 
     /// True the first time `what` is seen: a log line said once, not at every resync.
@@ -211,6 +267,42 @@ impl Report {
     /// The IPv6-only data plane as last reconciled: programmed or not, the peers' count.
     pub(super) fn ipv6_only_programmed(&self, ok: bool) {
         self.state.update(|s| s.backend_programmed = ok);
+    }
+
+    /// The leases and peers of an IPv6-only network as last listed and programmed, for the
+    /// API's lease and peer lists; a lease added, changed or gone since the last listing is
+    /// published to the API's watchers (a listing sees no intermediate states).
+    pub(super) fn ipv6_only_views(&self, leases: Vec<LeaseView>, peers: Vec<PeerView>) {
+        let leases: Keyed<String, LeaseView> =
+            leases.into_iter().map(|l| (l.subnet.clone(), l)).collect();
+        let peers: Keyed<String, PeerView> =
+            peers.into_iter().map(|p| (p.subnet.clone(), p)).collect();
+        let mut events = Vec::new();
+        self.state.update(|s| {
+            let old = &s.v6only_leases;
+            for l in leases.iter() {
+                match old.get(&l.subnet) {
+                    None => events.push((EventKind::Added, l.clone())),
+                    Some(o) if o != l => events.push((EventKind::Updated, l.clone())),
+                    Some(_) => {}
+                }
+            }
+            for o in old.iter() {
+                if leases.get(&o.subnet).is_none() {
+                    events.push((EventKind::Removed, o.clone()));
+                }
+            }
+            s.v6only_leases = leases;
+            s.v6only_peers = peers;
+        });
+        let unix_millis = self.clock.unix_now() * 1000;
+        for (kind, lease) in events {
+            self.state.publish(LeaseEventView {
+                kind,
+                lease,
+                unix_millis,
+            });
+        }
     }
 
     /// A peer lease an IPv6-only node refused (`label` as `tweed_leases_rejected_total`'s).
@@ -1329,5 +1421,54 @@ mod view_cost {
 
     fn report() -> Report {
         Report::new(AgentState::new(), Clock::System)
+    }
+}
+
+#[cfg(test)]
+mod seen_tests {
+    use super::*;
+
+    #[test]
+    fn the_said_once_memory_forgets_the_oldest_past_its_cap() {
+        let mut seen = Seen::with_cap(8);
+        for i in 0..8 {
+            assert!(seen.insert(&format!("k{i}")));
+        }
+        assert!(!seen.insert("k0"), "remembered while under the cap");
+        for i in 8..108 {
+            assert!(seen.insert(&format!("k{i}")));
+            assert!(seen.len() <= 8, "{} remembered past a cap of 8", seen.len());
+        }
+        assert!(!seen.insert("k107"), "the newest is remembered");
+        assert!(!seen.insert("k100"), "the last 8 are remembered");
+        assert!(seen.insert("k0"), "the oldest is forgotten, so news again");
+    }
+
+    /// rev35 L7: a writer churning IPv6-only key names (and host-gw peers without a route) no
+    /// longer grows the agent; a bad lease that stays is still counted once.
+    #[test]
+    fn churned_rejections_keep_the_memory_bounded_and_a_steady_one_is_counted_once() {
+        let r = Report::new(AgentState::new(), Clock::System);
+        let rejected = || {
+            r.state
+                .metrics
+                .leases_rejected
+                .with_label_values(&["bad_value"])
+                .get()
+        };
+        r.ipv6_only_rejected("/p/subnets/fd00::-64", "bad", "bad_value");
+        r.ipv6_only_rejected("/p/subnets/fd00::-64", "bad", "bad_value");
+        assert_eq!(rejected(), 1);
+        for i in 0..3 * SEEN_CAP {
+            r.ipv6_only_rejected(&format!("/p/subnets/fd00:{i:x}::-64"), "bad", "bad_value");
+            r.once(format!("hostgw6 fd00:{i:x}::/64 no route"));
+        }
+        let len = r.warned.lock().unwrap().len();
+        assert!(len <= SEEN_CAP, "{len} warnings remembered, cap {SEEN_CAP}");
+        assert_eq!(rejected(), 1 + 3 * SEEN_CAP as u64, "each new key counted");
+        // The last ones are still remembered: a resync does not count them again.
+        let last = format!("/p/subnets/fd00:{:x}::-64", 3 * SEEN_CAP - 1);
+        r.ipv6_only_rejected(&last, "bad", "bad_value");
+        assert_eq!(rejected(), 1 + 3 * SEEN_CAP as u64);
     }
 }

@@ -11,7 +11,7 @@
 //! followed by one with the new set, and no check with the old set starts after the IPv6 rules
 //! were removed (it would write them back).
 
-use crate::rules::{Firewall, RuleSpec, RulesError};
+use crate::rules::{Firewall, RuleSpec, RuleSpecV6, RulesError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -20,6 +20,51 @@ use tracing::warn;
 /// How long a check may run before a request for another one reports it (iptables waits
 /// up to 5 s per command for the xtables lock; a check is a few commands).
 const STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// The rules a check brings the kernel to: the main loop's [`RuleSpec`] (IPv4, with an IPv6
+/// half or not) or an IPv6-only network's [`V6OnlyRules`], which share the queue's semantics.
+pub(super) trait RuleSet: std::fmt::Debug + Copy + Send + 'static {
+    /// Blocking: forks iptables or nft.
+    fn sync(&self, fw: &Firewall) -> Result<bool, RulesError>;
+    /// Whether the set has IPv6 rules (a removal of them is then skipped).
+    fn has_v6(&self) -> bool;
+    /// The set without its IPv6 half.
+    fn drop_v6(&mut self);
+}
+
+impl RuleSet for RuleSpec {
+    fn sync(&self, fw: &Firewall) -> Result<bool, RulesError> {
+        fw.sync(self)
+    }
+
+    fn has_v6(&self) -> bool {
+        self.ipv6.is_some()
+    }
+
+    fn drop_v6(&mut self) {
+        self.ipv6 = None;
+    }
+}
+
+/// An IPv6-only network's rules ([`Firewall::sync_v6_only`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct V6OnlyRules {
+    pub(super) spec: RuleSpecV6,
+    pub(super) ip_masq: bool,
+}
+
+impl RuleSet for V6OnlyRules {
+    fn sync(&self, fw: &Firewall) -> Result<bool, RulesError> {
+        fw.sync_v6_only(&self.spec, self.ip_masq)
+    }
+
+    fn has_v6(&self) -> bool {
+        true
+    }
+
+    /// Never asked: these rules are all IPv6, and an IPv6-only node has no IPv4-only mode.
+    fn drop_v6(&mut self) {}
+}
 
 /// What a job does besides the check.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +88,9 @@ impl Extra {
 
 /// How a job went.
 #[derive(Debug)]
-pub(super) struct Done {
+pub(super) struct Done<S = RuleSpec> {
     /// The rules the job brought the kernel to.
-    pub(super) spec: RuleSpec,
+    pub(super) spec: S,
     /// Whether the check had to change anything.
     pub(super) synced: Result<bool, RulesError>,
     /// What was asked besides the check.
@@ -55,13 +100,13 @@ pub(super) struct Done {
     pub(super) removed_v6: Option<Result<bool, RulesError>>,
 }
 
-pub(super) struct RuleCheck {
+pub(super) struct RuleCheck<S: RuleSet = RuleSpec> {
     firewall: Arc<Firewall>,
     /// The rules wanted now; `None` until the first [`want`](Self::want).
-    desired: Option<RuleSpec>,
+    desired: Option<S>,
     /// Asked for while a job ran (or before any rules were wanted).
     queued: Option<Extra>,
-    running: Option<JoinHandle<Done>>,
+    running: Option<JoinHandle<Done<S>>>,
     /// When the job under way started, and whether it was reported as stuck: a check that
     /// never returns (nft on a wedged netlink socket) no longer stalls the loop, so without
     /// this nothing would show that the rules are not being checked any more.
@@ -70,8 +115,8 @@ pub(super) struct RuleCheck {
     tickets: u64,
 }
 
-impl RuleCheck {
-    pub(super) fn new(firewall: Arc<Firewall>) -> RuleCheck {
+impl<S: RuleSet> RuleCheck<S> {
+    pub(super) fn new(firewall: Arc<Firewall>) -> RuleCheck<S> {
         RuleCheck {
             firewall,
             desired: None,
@@ -88,7 +133,7 @@ impl RuleCheck {
 
     /// A check bringing the rules to `spec` (which replaces whatever was wanted before), with
     /// `extra`; started now when none runs, else after the one running.
-    pub(super) fn want(&mut self, spec: RuleSpec, extra: Extra) {
+    pub(super) fn want(&mut self, spec: S, extra: Extra) {
         self.desired = Some(spec);
         self.ask(extra);
     }
@@ -97,7 +142,7 @@ impl RuleCheck {
     /// writes it, also before the next [`want`](Self::want).
     pub(super) fn drop_v6(&mut self) {
         if let Some(d) = self.desired.as_mut() {
-            d.ipv6 = None;
+            d.drop_v6();
         }
     }
 
@@ -140,12 +185,11 @@ impl RuleCheck {
         let fw = self.firewall.clone();
         self.started = Some((std::time::Instant::now(), false));
         self.running = Some(tokio::task::spawn_blocking(move || {
-            let synced = fw.sync(&spec);
+            let synced = spec.sync(&fw);
             // Only rules nobody wants: a removal asked for before the node turned dual
             // stack again would take the IPv6 half just written.
-            let removed_v6 = (spec.ipv6.is_none()
-                && (extra.leftover_v6 || extra.teardown_v6.is_some()))
-            .then(|| fw.remove_v6());
+            let removed_v6 = (!spec.has_v6() && (extra.leftover_v6 || extra.teardown_v6.is_some()))
+                .then(|| fw.remove_v6());
             Done {
                 spec,
                 synced,
@@ -164,7 +208,7 @@ impl RuleCheck {
     /// The end of the job under way, the next one (what was asked meanwhile) started before
     /// this returns; never, with none under way. Cancel-safe: dropped before the end, the job
     /// keeps running and a later call returns its end.
-    pub(super) async fn finished(&mut self) -> Done {
+    pub(super) async fn finished(&mut self) -> Done<S> {
         let Some(job) = self.running.as_mut() else {
             return std::future::pending().await;
         };
@@ -177,7 +221,7 @@ impl RuleCheck {
 
     /// Shutting down: nothing more is started, and the job under way is let finish (iptables
     /// interrupted halfway would leave a chain without its jump) for up to `wait`.
-    pub(super) async fn stop(&mut self, wait: Duration) -> Option<Done> {
+    pub(super) async fn stop(&mut self, wait: Duration) -> Option<Done<S>> {
         if let Some(Extra {
             teardown_v6: Some(_),
             ..

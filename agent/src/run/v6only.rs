@@ -4,11 +4,12 @@
 //!
 //! A loop of its own rather than the dual-stack one: everything there hangs off an IPv4 subnet
 //! (the lease table's keys, the backends' devices, the rules), and none of it exists here. It is
-//! level-triggered: each lease event, each renewal that finds the lease gone and a periodic
-//! resync list the leases and bring the kernel to exactly what they say, so a missed event or
-//! a drifted route costs at most one resync period.
+//! level-triggered: lease events (a burst of them coalesced, see [`COALESCE`]), each renewal
+//! that finds the lease gone and a periodic resync list the leases and bring the kernel to
+//! exactly what they say, so a missed event or a drifted route costs at most one resync period.
 
 use super::report::Report;
+use super::rulecheck::{Done, Extra, RuleCheck, V6OnlyRules};
 use super::stop::{next_backoff, Stop};
 use super::AgentError;
 use crate::backend::v6;
@@ -16,6 +17,7 @@ use crate::netlink::{MacAddr, Netlink, Op};
 use crate::registry::{CreateOutcome, RawLease, Registry};
 use crate::rules::{Firewall, RuleSpecV6};
 use crate::settings::Settings;
+use crate::state::{LeaseView, PeerView};
 use crate::v6only::{self as pure, Decision, Underlay};
 use ipnetwork::Ipv6Network;
 use std::collections::HashSet;
@@ -29,6 +31,15 @@ use tweed_config::{
 /// How often the data plane and the rules are brought back to the leases without an event.
 const RESYNC: Duration = Duration::from_secs(10);
 
+/// How long a shutdown lets a rules check under way finish (as the main loop's).
+const RULES_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// After a listing, lease events wait at most this long for the next one (rev35 L6): each
+/// listing reads every lease, so a burst of events (a rollout, many nodes restarting) costs two
+/// listings rather than one per event, and a storm at most one per window. An event after a
+/// quiet window is listed for at once, so a lone change is not delayed.
+const COALESCE: Duration = Duration::from_millis(250);
+
 /// What the loop needs besides the leases.
 pub(super) struct V6Only {
     pub registry: Arc<Registry>,
@@ -36,6 +47,9 @@ pub(super) struct V6Only {
     pub firewall: Arc<Firewall>,
     pub report: Report,
     pub ipv6_addrs: crate::ipv6::Ipv6Addrs,
+    /// systemd: READY=1 once ready, WATCHDOG=1 every beat (the shipped unit is `Type=notify`
+    /// with `WatchdogSec`: without them an IPv6-only node was killed at start).
+    pub notifier: crate::notify::Notifier,
 }
 
 /// Our lease: its key and the TTL lease it hangs on (0: a reservation, nothing to renew).
@@ -74,13 +88,13 @@ pub(super) async fn run(
         Vec::new()
     });
     let routes = deps.nl.all_routes6().await?;
-    let underlay = pure::choose_underlay(
-        &settings.iface,
-        settings.public_ipv6,
-        &links,
-        &addrs,
-        &routes,
-    )?;
+    let flags = pure::UnderlayFlags {
+        ifaces: settings.iface.clone(),
+        regexes: settings.iface_regex.clone(),
+        can_reach: settings.iface_can_reach,
+        explicit: settings.public_ipv6,
+    };
+    let underlay = pure::choose_underlay(&flags, &links, &addrs, &routes)?;
     info!(iface = %underlay.name, public_ipv6 = %underlay.public_ipv6, mtu = underlay.mtu, ipv6_network = %net.ipv6.network, backend = net.backend.type_name(), "IPv6-only network");
     deps.report.ipv6_only_network(
         net.ipv6.network,
@@ -139,10 +153,39 @@ pub(super) async fn run(
     }
 
     let previous = previous_subnet(&node.settings);
-    let Some(mut own) = acquire(&deps, &node, previous, HashSet::new(), stop).await else {
+    let Some(own) = acquire(&deps, &node, previous, HashSet::new(), stop).await else {
         return Ok(());
     };
     write_subnet_env(&node, &deps.report, own.key.ipv6);
+    // The checks run beside the loop (a fork of ip6tables or nft, seconds behind the xtables
+    // lock, must not hold up a lease event); the first is awaited, so that the node is ready
+    // (its data plane programmed) only with its masquerade and forward rules in place.
+    let mut rules = RuleCheck::new(deps.firewall.clone());
+    want_rules(&mut rules, &node, own.key.ipv6);
+    tokio::select! {
+        done = rules.finished() => on_rules(&deps, done),
+        _ = stop.wait() => {
+            if let Some(done) = rules.stop(RULES_SHUTDOWN_WAIT).await {
+                on_rules(&deps, done);
+            }
+            return Ok(());
+        }
+    }
+    let result = serve(&deps, &node, own, &mut rules, stop).await;
+    if let Some(done) = rules.stop(RULES_SHUTDOWN_WAIT).await {
+        on_rules(&deps, done);
+    }
+    result
+}
+
+/// The loop, once the lease is held and the rules were checked once.
+async fn serve(
+    deps: &V6Only,
+    node: &Node,
+    mut own: Own,
+    rules: &mut RuleCheck<V6OnlyRules>,
+    stop: &mut Stop,
+) -> Result<(), AgentError> {
     let renew_every = crate::subnet::renew_interval(
         node.settings.lease_ttl,
         node.settings.subnet_lease_renew_margin,
@@ -150,14 +193,23 @@ pub(super) async fn run(
     let mut renew_at = tokio::time::Instant::now() + renew_every;
     let mut renew_backoff = Duration::from_millis(500);
     let mut resync = tokio::time::interval(RESYNC);
-    let mut rules = tokio::time::interval(node.settings.iptables_resync);
+    let mut rules_every = tokio::time::interval(node.settings.iptables_resync);
+    // Its first tick is now: the rules were just checked.
+    rules_every.tick().await;
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let mut watch = None;
     let mut backoff = Duration::from_millis(500);
+    let mut told_ready = false;
+    // No listing for events before this; a listing due then for events that came meanwhile.
+    let mut quiet_until = tokio::time::Instant::now();
+    let mut relist_at: Option<tokio::time::Instant> = None;
     loop {
         // The watch (re)starts after every listing, from that listing's revision.
         if watch.is_none() {
-            let revision = match reconcile(&deps, &node, &mut own, stop).await {
+            let listed = reconcile(deps, node, &mut own, rules, stop).await;
+            quiet_until = tokio::time::Instant::now() + COALESCE;
+            relist_at = None;
+            let revision = match listed {
                 Some(Ok(revision)) => revision,
                 Some(Err(e)) => {
                     warn!("IPv6-only: {e}; retrying in {backoff:?}");
@@ -191,12 +243,17 @@ pub(super) async fn run(
         tokio::select! {
             _ = stop.wait() => return Ok(()),
             events = w.next() => match events {
-                Ok(_) => {
-                    match reconcile(&deps, &node, &mut own, stop).await {
+                Ok(_) if relist_at.is_none() && tokio::time::Instant::now() >= quiet_until => {
+                    let listed = reconcile(deps, node, &mut own, rules, stop).await;
+                    quiet_until = tokio::time::Instant::now() + COALESCE;
+                    match listed {
                         Some(Ok(_)) => {}
                         Some(Err(e)) => { warn!("IPv6-only: {e}"); watch = None; }
                         None => return Ok(()),
                     }
+                }
+                Ok(_) => {
+                    relist_at.get_or_insert(quiet_until);
                 }
                 Err(e) => {
                     warn!("IPv6-only: the lease watch ended: {e}; listing again");
@@ -227,14 +284,41 @@ pub(super) async fn run(
                     }
                 }
             }
+            _ = tokio::time::sleep_until(relist_at.unwrap_or(quiet_until)), if relist_at.is_some() => {
+                relist_at = None;
+                let listed = reconcile(deps, node, &mut own, rules, stop).await;
+                quiet_until = tokio::time::Instant::now() + COALESCE;
+                match listed {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => { warn!("IPv6-only: {e}"); watch = None; }
+                    None => return Ok(()),
+                }
+            }
             _ = resync.tick() => {
-                if let Some(Err(e)) = reconcile(&deps, &node, &mut own, stop).await {
+                // Also answers the events waiting for a listing: they came before this one.
+                relist_at = None;
+                let listed = reconcile(deps, node, &mut own, rules, stop).await;
+                quiet_until = tokio::time::Instant::now() + COALESCE;
+                if let Some(Err(e)) = listed {
                     warn!("IPv6-only: {e}");
                     watch = None;
                 }
             }
-            _ = rules.tick() => sync_rules(&deps, &node, own.key.ipv6).await,
-            _ = beat.tick() => { deps.report.beat(); }
+            _ = rules_every.tick() => want_rules(rules, node, own.key.ipv6),
+            done = rules.finished() => on_rules(deps, done),
+            _ = beat.tick() => {
+                let ready = deps.report.beat();
+                if let Err(e) = deps.notifier.watchdog() {
+                    warn!("{e}");
+                }
+                if ready && !told_ready {
+                    told_ready = true;
+                    match deps.notifier.ready() {
+                        Ok(()) => info!("ready: lease held, data plane programmed, subnet.env written"),
+                        Err(e) => warn!("{e}"),
+                    }
+                }
+            }
         }
     }
 }
@@ -374,6 +458,7 @@ async fn reconcile(
     deps: &V6Only,
     node: &Node,
     own: &mut Own,
+    rules: &mut RuleCheck<V6OnlyRules>,
     stop: &mut Stop,
 ) -> Option<Result<i64, AgentError>> {
     let snap = match deps.registry.list_leases().await {
@@ -412,7 +497,7 @@ async fn reconcile(
         if own.key.ipv6 != was {
             write_subnet_env(node, &deps.report, own.key.ipv6);
         }
-        sync_rules(deps, node, own.key.ipv6).await;
+        want_rules(rules, node, own.key.ipv6);
         return Some(Ok(snap.revision));
     }
     match program(deps, node, own.key.ipv6, &snap.leases).await {
@@ -501,7 +586,63 @@ async fn program(
             "IPv6-only: data plane updated"
         );
     }
-    apply(nl, &ops).await
+    let applied = apply(nl, &ops).await;
+    let (leases, peer_views) = views(deps, node, own, listing, &peers, &applied);
+    deps.report.ipv6_only_views(leases, peer_views);
+    applied
+}
+
+/// The API's lease and peer views of an IPv6-only network: our lease and each peer's, with
+/// its `PublicIPv6` as the public IP; a peer is programmed unless applying failed.
+fn views(
+    deps: &V6Only,
+    node: &Node,
+    own: Ipv6Network,
+    listing: &[RawLease],
+    peers: &[pure::Peer],
+    applied: &Result<(), AgentError>,
+) -> (Vec<LeaseView>, Vec<PeerView>) {
+    let v6_data = |a: &LeaseAttrs| {
+        a.backend_v6_data
+            .as_ref()
+            .map(|d| d.get().to_string())
+            .unwrap_or_default()
+    };
+    let own_key = LeaseKey::Ipv6Only(Ipv6OnlyKey { ipv6: own }).etcd_key(deps.registry.prefix());
+    let lease_id = |key: &str| {
+        listing
+            .iter()
+            .find(|l| l.key == key)
+            .map_or(0, |l| l.lease_id)
+    };
+    let mut leases = vec![LeaseView {
+        subnet: own.to_string(),
+        public_ip: node.underlay.public_ipv6.to_string(),
+        backend_type: node.attrs.effective_backend_type().to_string(),
+        backend_data: v6_data(&node.attrs),
+        lease_id: lease_id(&own_key),
+        own: true,
+    }];
+    let error = applied.as_ref().err().map(|e| e.to_string());
+    let mut views = Vec::with_capacity(peers.len());
+    for p in peers {
+        leases.push(LeaseView {
+            subnet: p.peer.subnet.to_string(),
+            public_ip: p.peer.public_ipv6.to_string(),
+            backend_type: p.attrs.effective_backend_type().to_string(),
+            backend_data: v6_data(&p.attrs),
+            lease_id: lease_id(&p.key),
+            own: false,
+        });
+        views.push(PeerView {
+            subnet: p.peer.subnet.to_string(),
+            public_ip: p.peer.public_ipv6.to_string(),
+            backend: p.attrs.effective_backend_type().to_string(),
+            programmed: error.is_none(),
+            error: error.clone(),
+        });
+    }
+    (leases, views)
 }
 
 async fn apply(nl: &Netlink, ops: &[Op]) -> Result<(), AgentError> {
@@ -519,19 +660,25 @@ async fn apply(nl: &Netlink, ops: &[Op]) -> Result<(), AgentError> {
     }
 }
 
-async fn sync_rules(deps: &V6Only, node: &Node, own: Ipv6Network) {
+/// Asks for a rules check for our subnet `own` (after the one under way, if any).
+fn want_rules(rules: &mut RuleCheck<V6OnlyRules>, node: &Node, own: Ipv6Network) {
     let spec = RuleSpecV6 {
         network: node.net.ipv6.network,
         subnet: own,
     };
-    let fw = deps.firewall.clone();
-    let ip_masq = node.settings.ip_masq;
-    match tokio::task::spawn_blocking(move || fw.sync_v6_only(&spec, ip_masq)).await {
-        Ok(Ok(true)) => info!("IPv6-only: rules synced"),
-        Ok(Ok(false)) => {}
-        Ok(Err(e)) => warn!("IPv6-only: syncing the rules: {e}"),
-        Err(e) => warn!("IPv6-only: the rules task: {e}"),
-    }
+    rules.want(
+        V6OnlyRules {
+            spec,
+            ip_masq: node.settings.ip_masq,
+        },
+        Extra::default(),
+    );
+}
+
+/// A rules check ended: `tweed_rules_resyncs_total` / `tweed_rules_errors_total` and the log.
+fn on_rules(deps: &V6Only, done: Done<V6OnlyRules>) {
+    deps.report
+        .rules_synced(deps.firewall.name(), done.spec.ip_masq, &done.synced);
 }
 
 /// subnet.env with only the IPv6 pair, the MTU and IPMASQ.

@@ -31,6 +31,7 @@ struct V6Node {
     mem: MemRegistry,
     kernel: Fake,
     state: AgentState,
+    rules: FakeFirewall,
     eth0: u32,
     dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
@@ -39,6 +40,20 @@ struct V6Node {
 
 impl V6Node {
     async fn start(mem: &MemRegistry) -> V6Node {
+        V6Node::start_with(mem, FakeFirewall::default(), &[]).await
+    }
+
+    /// With these fake rules (a test holds their checks) and `args` added to tweedd's.
+    async fn start_with(mem: &MemRegistry, rules: FakeFirewall, args: &[&str]) -> V6Node {
+        V6Node::start_notifying(mem, rules, args, crate::notify::Notifier::default()).await
+    }
+
+    async fn start_notifying(
+        mem: &MemRegistry,
+        rules: FakeFirewall,
+        args: &[&str],
+        notifier: crate::notify::Notifier,
+    ) -> V6Node {
         let kernel = Fake::new();
         let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
         let nl = Netlink::from(kernel.clone());
@@ -54,27 +69,31 @@ impl V6Node {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-        let settings = crate::settings::for_test(&[
+        let subnet_file = path("subnet.env");
+        let state_dir = path("state");
+        let mut argv = vec![
             "tweedd",
             "--iface",
             "eth0",
             "--subnet-file",
-            &path("subnet.env"),
+            &subnet_file,
             "--state-dir",
-            &path("state"),
+            &state_dir,
             "--lease-ttl",
             "1h",
             "--ip-masq",
-        ]);
+        ];
+        argv.extend_from_slice(args);
+        let settings = crate::settings::for_test(&argv);
         let state = AgentState::new();
         let deps = Deps {
             registry: Arc::new(Registry::Mem(mem.clone())),
             netlink: nl,
-            firewall: Firewall::Fake(FakeFirewall::default()),
+            firewall: Firewall::Fake(rules.clone()),
             clock: Clock::tokio(1_700_000_000),
             state: state.clone(),
             control: crate::api::ControlSlot::default(),
-            notifier: crate::notify::Notifier::default(),
+            notifier,
             ipv6_addrs: Ipv6Addrs::Fixed(vec![Inet6Addr {
                 ifindex: eth0,
                 addr: OUR_IP6.parse().unwrap(),
@@ -91,6 +110,7 @@ impl V6Node {
             mem: mem.clone(),
             kernel,
             state,
+            rules,
             eth0,
             dir,
             stop: Some(stop),
@@ -124,6 +144,18 @@ impl V6Node {
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.agent.await.unwrap().unwrap();
+    }
+
+    /// Waits (real time) until a rules check waits at the fake's gate.
+    async fn until_a_check_is_held(&self) {
+        let waiting = std::time::Instant::now();
+        while self.rules.held_syncs() != 1 {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(10),
+                "no rules check came"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -289,6 +321,253 @@ async fn a_reused_lease_is_renewed_at_once() {
         n.own_key().map(|(_, l)| l),
         Some(lease),
         "the reused lease was not renewed"
+    );
+    n.stop().await;
+}
+
+/// rev35 L6: a burst of lease events is answered with a few listings, not one per event, and
+/// the last listing still programs every peer of the burst.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_lease_events_costs_a_few_listings_not_one_each() {
+    let mem = etcd("host-gw");
+    let n = V6Node::start(&mem).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (own, _) = n.own_key().unwrap();
+    // Clear of the start's listings and their window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = mem.lists();
+    const N: u32 = 40;
+    let mut want = Vec::new();
+    // Peers on N subnets other than ours (which is chosen at random).
+    let subnets = (0x80..)
+        .map(|i: u32| {
+            format!("fd00:10:244:{i:x}::/64")
+                .parse::<Ipv6Network>()
+                .unwrap()
+        })
+        .filter(|s| format!("{PREFIX}/subnets/{}-64", s.network()) != own)
+        .take(N as usize);
+    for (i, subnet) in (0..N).zip(subnets) {
+        let key = format!("{PREFIX}/subnets/{}-64", subnet.network());
+        let via = format!("fd00:198:18::{:x}", 0x100 + i);
+        mem.put_raw(
+            &key,
+            format!(r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{via}","BackendType":"host-gw"}}"#)
+                .as_bytes(),
+        );
+        want.push(Route6::via(subnet, via.parse().unwrap(), Some(n.eth0)));
+        // A burst spread over 200 ms, each event seen by the loop on its own.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    n.until("every peer's route", |n| {
+        let routes = n.routes6();
+        want.iter().all(|w| routes.iter().any(|r| r.same_path(w)))
+    })
+    .await;
+    let lists = mem.lists() - before;
+    assert!(
+        lists <= 4,
+        "{N} events cost {lists} listings; a burst should cost about two"
+    );
+    n.stop().await;
+}
+
+/// The IPv6-only loop's rules checks run beside it, as the main loop's (issue 20): the first is
+/// awaited (no readiness before the rules are in place), a slow periodic one does not hold up a
+/// lease event or the loop's beat, its outcome is counted when it ends, and a shutdown waits
+/// for the one under way. Real time: a held check keeps tokio's paused clock from advancing.
+#[tokio::test]
+async fn a_lease_event_is_handled_while_a_slow_ipv6_only_rules_check_runs() {
+    use crate::rules::FakeCall;
+    let mem = etcd("host-gw");
+    let rules = FakeFirewall::default();
+    // A failed assertion must not leave a check held: the runtime's drop would wait for it.
+    struct ReleaseOnDrop(FakeFirewall);
+    impl Drop for ReleaseOnDrop {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+    let _release = ReleaseOnDrop(rules.clone());
+    rules.hold();
+    let n = V6Node::start_with(&mem, rules, &["--iptables-resync", "1s"]).await;
+    n.until_a_check_is_held().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !n.state.snapshot().not_ready().is_empty(),
+        "ready before the first rules check ended"
+    );
+    n.rules.release();
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (key, _) = n.own_key().unwrap();
+    let short = key.strip_prefix(&format!("{PREFIX}/subnets/")).unwrap();
+    let Ok(LeaseKey::Ipv6Only(k)) = short.parse::<LeaseKey>() else {
+        panic!("{key}")
+    };
+    let ours = FakeCall::SyncV6Only(
+        crate::rules::RuleSpecV6 {
+            network: "fd00:10:244::/56".parse().unwrap(),
+            subnet: k.ipv6,
+        },
+        true,
+    );
+    assert_eq!(n.rules.calls(), vec![ours]);
+    assert_eq!(n.state.metrics.rules_resyncs.get(), 1);
+
+    // The rules are deleted behind the agent's back; the next periodic check is slow.
+    n.rules.hold();
+    n.until_a_check_is_held().await;
+    n.rules.flush();
+    let calls = n.rules.calls().len();
+    let peer: Ipv6Network = if k.ipv6.to_string() == "fd00:10:244:7::/64" {
+        "fd00:10:244:8::/64".parse().unwrap()
+    } else {
+        "fd00:10:244:7::/64".parse().unwrap()
+    };
+    mem.put_raw(
+        &format!("{PREFIX}/subnets/{}-64", peer.network()),
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::2","BackendType":"host-gw"}"#,
+    );
+    let want = Route6::via(peer, "fd00:198:18::2".parse().unwrap(), Some(n.eth0));
+    let put = std::time::Instant::now();
+    while !n.routes6().iter().any(|r| r.same_path(&want)) {
+        assert!(
+            put.elapsed() < Duration::from_secs(5),
+            "the peer's route waited for the rules check"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(n.rules.held_syncs(), 1, "still under way");
+    assert_eq!(n.rules.calls().len(), calls);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = n.state.snapshot();
+    assert_eq!(s.not_alive(std::time::Instant::now()), None);
+    assert!(s.loop_beat.unwrap().elapsed() < Duration::from_millis(1200));
+
+    n.rules.release();
+    n.until("the check's outcome counted", |n| {
+        n.state.metrics.rules_resyncs.get() == 2
+    })
+    .await;
+    assert_eq!(n.rules.calls()[calls], ours);
+
+    // A shutdown during a held check waits for it.
+    n.rules.hold();
+    n.until_a_check_is_held().await;
+    let calls = n.rules.calls().len();
+    let release = {
+        let rules = n.rules.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            rules.release();
+        })
+    };
+    let began = std::time::Instant::now();
+    let rules = n.rules.clone();
+    n.stop().await;
+    release.join().unwrap();
+    assert!(
+        began.elapsed() >= Duration::from_millis(250),
+        "the shutdown did not wait for the check: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(rules.calls().len(), calls + 1, "the held check finished");
+}
+
+/// The API's lease and peer lists (`tweedctl net leases/peers`) and its watch stream are
+/// filled in an IPv6-only network too, from the loop's listings.
+#[tokio::test(start_paused = true)]
+async fn the_api_views_show_ipv6_only_leases_and_peers_and_watchers_see_them_come_and_go() {
+    use crate::state::EventKind;
+    let mem = etcd("host-gw");
+    let n = V6Node::start(&mem).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let mut events = n.state.subscribe();
+    let s = n.state.snapshot();
+    let own = s
+        .v6only_leases
+        .first()
+        .expect("our lease in the view")
+        .clone();
+    assert!(own.own, "{own:?}");
+    assert_eq!(own.subnet, s.subnet_v6);
+    assert_eq!(own.public_ip, OUR_IP6);
+    assert_ne!(own.lease_id, 0);
+    assert!(s.v6only_peers.is_empty());
+
+    let peer = if own.subnet == "fd00:10:244:7::/64" {
+        "fd00:10:244:8::"
+    } else {
+        "fd00:10:244:7::"
+    };
+    let key = format!("{PREFIX}/subnets/{peer}-64");
+    mem.put_raw(
+        &key,
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::2","BackendType":"host-gw"}"#,
+    );
+    let subnet = format!("{peer}/64");
+    n.until("the peer in the views", |n| {
+        n.state.snapshot().v6only_peers.get(&subnet).is_some()
+    })
+    .await;
+    let s = n.state.snapshot();
+    let p = s.v6only_peers.get(&subnet).unwrap();
+    assert_eq!(
+        (p.public_ip.as_str(), p.backend.as_str(), p.programmed),
+        ("fd00:198:18::2", "host-gw", true)
+    );
+    let l = s.v6only_leases.get(&subnet).unwrap();
+    assert!(!l.own);
+    assert_eq!(s.v6only_leases.len(), 2);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(
+        (ev.kind, ev.lease.subnet.as_str()),
+        (EventKind::Added, subnet.as_str())
+    );
+
+    mem.delete_raw(&key);
+    n.until("the peer gone from the views", |n| {
+        n.state.snapshot().v6only_peers.is_empty()
+    })
+    .await;
+    let ev = events.recv().await.unwrap();
+    assert_eq!(
+        (ev.kind, ev.lease.subnet.as_str()),
+        (EventKind::Removed, subnet.as_str())
+    );
+    assert_eq!(n.state.snapshot().v6only_leases.len(), 1);
+    n.stop().await;
+}
+
+/// The shipped unit is `Type=notify` with `WatchdogSec`: an IPv6-only node says READY=1 once
+/// ready, and WATCHDOG=1 while its loop runs.
+#[tokio::test(start_paused = true)]
+async fn an_ipv6_only_node_tells_systemd_it_is_ready_and_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    server.set_nonblocking(true).unwrap();
+    let notifier = crate::notify::Notifier::to(crate::notify::Target::Path(path));
+    let n = V6Node::start_notifying(&etcd("host-gw"), FakeFirewall::default(), &[], notifier).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(len) = server.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert_eq!(
+        got.iter().filter(|m| m.starts_with("READY=1\n")).count(),
+        1,
+        "{got:?}"
+    );
+    assert!(
+        got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2,
+        "{got:?}"
     );
     n.stop().await;
 }

@@ -271,6 +271,14 @@ fn flag_forms() {
     .unwrap();
     let c = s.iface_choice().unwrap();
     assert_eq!((c.regexes.len(), c.can_reach.is_some()), (1, true));
+    // An IPv6 --iface-can-reach is read (an IPv6-only network uses it); a network with IPv4
+    // chooses by IPv4 and says so rather than ignoring it.
+    let s = load(&["--iface-can-reach", "fd00:198:18::254"], None).unwrap();
+    let e = s.iface_choice().unwrap_err().to_string();
+    assert!(
+        e.contains("--iface-can-reach fd00:198:18::254") && e.contains("IPv6-only"),
+        "{e}"
+    );
     assert_eq!(
         load(&["--udp-workers", "64"], None).unwrap().udp_workers(),
         64

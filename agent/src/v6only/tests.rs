@@ -81,6 +81,91 @@ fn only_vxlan_and_host_gw_run_an_ipv6_only_network_and_the_error_names_backend_t
     }
 }
 
+fn fl(ifaces: &[&str], explicit: Option<Ipv6Addr>) -> UnderlayFlags {
+    UnderlayFlags {
+        ifaces: ifaces.iter().map(|s| s.to_string()).collect(),
+        explicit,
+        ..UnderlayFlags::default()
+    }
+}
+
+/// `--iface` as an IPv6 address, `--iface-regex` (addresses first, then names, link-local
+/// addresses never) and `--iface-can-reach` (the most specific route), tried in that order as
+/// for IPv4; nothing matching is an error naming every flag tried.
+#[test]
+fn the_ipv6_underlay_follows_iface_regex_and_can_reach_as_for_ipv4() {
+    let links = [
+        link(1, "lo"),
+        link(2, "eth0"),
+        link(3, "eth1"),
+        link(4, "bond0"),
+    ];
+    let addrs = [
+        addr(1, "::1", 0x10),
+        addr(2, "fe80::2", 0x20),
+        addr(2, "2001:db8::2", 0),
+        addr(3, "fe80::3", 0x20),
+        addr(3, "fd00:198:18::3", 0),
+        addr(4, "2001:db8:4::4", 0),
+    ];
+    let route = |dst: &str, oif: u32, metric: u32| Route6 {
+        dst: net6(dst),
+        gateway: None,
+        oif: Some(oif),
+        onlink: false,
+        metric,
+        protocol: 3,
+    };
+    // The default route goes out of eth0; the flags choose otherwise.
+    let routes = [
+        route("::/0", 2, 1024),
+        route("fd00:198:18::/64", 3, 256),
+        route("fd00:198::/32", 4, 256),
+        route("fd00:198:18::/64", 4, 512),
+    ];
+    let pick = |f: UnderlayFlags| choose_underlay(&f, &links, &addrs, &routes).map(|u| u.name);
+    assert_eq!(pick(fl(&["fd00:198:18::3"], None)), Ok("eth1".into()));
+    let re = |r: &[&str]| UnderlayFlags {
+        regexes: r.iter().map(|s| s.to_string()).collect(),
+        ..UnderlayFlags::default()
+    };
+    assert_eq!(pick(re(&["^fd00:198:"])), Ok("eth1".into()));
+    assert_eq!(pick(re(&["^bond"])), Ok("bond0".into()));
+    // Loopback never matches, by name or address.
+    assert_eq!(pick(re(&["^lo$", "^::1$", "^eth1$"])), Ok("eth1".into()));
+    // The first regex that matches wins; a link-local match counts for nothing.
+    assert_eq!(pick(re(&["^fe80::3$", "^2001:db8:4:"])), Ok("bond0".into()));
+    let reach = |ip: &str| UnderlayFlags {
+        can_reach: Some(ip.parse().unwrap()),
+        ..UnderlayFlags::default()
+    };
+    // The /64 beats the /32, and of two /64s the lower metric.
+    assert_eq!(pick(reach("fd00:198:18::254")), Ok("eth1".into()));
+    assert_eq!(pick(reach("fd00:198:99::1")), Ok("bond0".into()));
+    assert_eq!(pick(reach("2001:db8:77::1")), Ok("eth0".into()));
+    // Tried in order: a missing --iface falls through to the regex, then to can-reach.
+    let mut f = re(&["^nothing$"]);
+    f.ifaces = vec!["eth9".into()];
+    f.can_reach = Some("fd00:198:18::254".parse().unwrap());
+    assert_eq!(pick(f.clone()), Ok("eth1".into()));
+    f.can_reach = None;
+    let e = choose_underlay(&f, &links, &addrs, &[]).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("--iface eth9") && text.contains("--iface-regex ^nothing$"),
+        "{text}"
+    );
+    let e = choose_underlay(&reach("10.0.0.1"), &links, &addrs, &routes).unwrap_err();
+    assert_eq!(e, V6OnlyError::CanReachIpv4("10.0.0.1".parse().unwrap()));
+    assert!(e.to_string().contains("--iface-can-reach"), "{e}");
+    let e = choose_underlay(&reach("2001:db9::1"), &links, &addrs, &[]).unwrap_err();
+    assert!(e.to_string().contains("no IPv6 route"), "{e}");
+    assert!(matches!(
+        choose_underlay(&re(&["("]), &links, &addrs, &routes),
+        Err(V6OnlyError::InvalidRegex { .. })
+    ));
+}
+
 #[test]
 fn the_underlay_and_public_ipv6_come_from_the_flags_or_the_ipv6_default_route() {
     let links = [link(1, "lo"), link(2, "eth0"), link(3, "eth1")];
@@ -98,33 +183,33 @@ fn the_underlay_and_public_ipv6_come_from_the_flags_or_the_ipv6_default_route() 
         metric: 1024,
         protocol: 3,
     };
-    let u = choose_underlay(&[], None, &links, &addrs, &[default]).unwrap();
+    let u = choose_underlay(&fl(&[], None), &links, &addrs, &[default]).unwrap();
     assert_eq!(
         (u.name.as_str(), u.public_ipv6),
         ("eth1", v6("2001:db8:1::3"))
     );
-    let u = choose_underlay(&["eth0".into()], None, &links, &addrs, &[default]).unwrap();
+    let u = choose_underlay(&fl(&["eth0"], None), &links, &addrs, &[default]).unwrap();
     assert_eq!(
         (u.name.as_str(), u.public_ipv6),
         ("eth0", v6("2001:db8::2"))
     );
     // --public-ipv6 picks the interface holding it, and is advertised as given.
-    let u = choose_underlay(&[], Some(v6("2001:db8::2")), &links, &addrs, &[]).unwrap();
+    let u = choose_underlay(&fl(&[], Some(v6("2001:db8::2"))), &links, &addrs, &[]).unwrap();
     assert_eq!(
         (u.name.as_str(), u.public_ipv6),
         ("eth0", v6("2001:db8::2"))
     );
     assert!(matches!(
-        choose_underlay(&["eth9".into()], None, &links, &addrs, &[default]),
+        choose_underlay(&fl(&["eth9"], None), &links, &addrs, &[default]),
         Err(V6OnlyError::NoSuchIface { .. })
     ));
     assert_eq!(
-        choose_underlay(&[], None, &links, &addrs, &[]),
+        choose_underlay(&fl(&[], None), &links, &addrs, &[]),
         Err(V6OnlyError::NoIface)
     );
     // An interface with only a link-local address: a clear error naming it, no start.
     let only_ll = [addr(2, "fe80::2", 0x20)];
-    let e = choose_underlay(&["eth0".into()], None, &links, &only_ll, &[]).unwrap_err();
+    let e = choose_underlay(&fl(&["eth0"], None), &links, &only_ll, &[]).unwrap_err();
     assert_eq!(
         e,
         V6OnlyError::NoPublicIpv6 {
