@@ -97,11 +97,11 @@ pub fn mac_for_ip6(ip: Ipv6Addr, bridge: MacAddr) -> MacAddr {
 /// The attachment among `others` (address records of one bridge's store: address, holder)
 /// whose MAC would be `mac`, if any. Holders with an IPv4 address have a `0a:58:` MAC from
 /// it, so only IPv6-only holders can share a `0e:58:` one.
-pub fn mac6_taken_by<'a>(
+pub fn mac6_taken_by(
     mac: MacAddr,
     bridge: MacAddr,
-    others: &'a [(IpAddr, Option<Attachment>)],
-) -> Option<(Ipv6Addr, &'a Attachment)> {
+    others: &[(IpAddr, Option<Attachment>)],
+) -> Option<(Ipv6Addr, &Attachment)> {
     let has_v4 = |who: &Attachment| {
         others
             .iter()

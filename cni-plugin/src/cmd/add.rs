@@ -81,7 +81,6 @@ fn attach(
     req: &Request,
     ip: Option<Ipv4Addr>,
     ip6: Option<Ipv6Addr>,
-    host_mac: MacAddr,
     mac6: Option<MacAddr>,
 ) -> Attach {
     let v4 = ip.zip(node.v4).map(|(ip, n4)| Attach4 {
@@ -106,7 +105,7 @@ fn attach(
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
         host_veth: plan::host_veth_name(&env.container_id, &env.ifname),
-        host_mac,
+        host_mac: MacAddr::random_local(),
         container_mac: req.mac.unwrap_or(derived),
         mtu: node.mtu,
         hairpin: conf.hairpin_mode,
@@ -166,16 +165,7 @@ pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Er
         };
         (ip, ip6, mac6)
     };
-    let a = attach(
-        env,
-        conf,
-        &node,
-        &req,
-        ip,
-        ip6,
-        MacAddr::random_local(),
-        mac6,
-    );
+    let a = attach(env, conf, &node, &req, ip, ip6, mac6);
     let mut bridge = node.bridge(conf);
     bridge.gateway = a.v4.as_ref().and_then(|_| node.v4.map(|n| n.gateway));
     bridge.gateway6 = a.v6.as_ref().and_then(|_| node.v6.map(|n| n.gateway));
