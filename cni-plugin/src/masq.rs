@@ -71,14 +71,102 @@ pub fn add(ip: Ipv4Addr, network: Ipv4Network, comment: &str) -> Result<(), Masq
     Ok(())
 }
 
-/// Removes the rule; absent is fine.
-pub fn del(ip: Ipv4Addr, network: Ipv4Network, comment: &str) -> Result<(), MasqError> {
-    iptables("-D", &rule(ip, network, comment)).map(drop)
+/// Removes every rule of `ip` marked `comment`, whatever overlay network it excludes; none is
+/// fine. Found by listing rather than spelled from the node's network: after a dual-stack ->
+/// IPv6-only switch subnet.env names no IPv4 network, and after a network change another one,
+/// while a pod made before keeps the rule it got then.
+pub fn del(ip: Ipv4Addr, comment: &str) -> Result<(), MasqError> {
+    let listing = list()?;
+    for spec in matching(&listing, ip, comment) {
+        iptables("-D", &spec)?;
+    }
+    Ok(())
+}
+
+fn list() -> Result<String, MasqError> {
+    let args = ["-w", "-t", "nat", "-S", "POSTROUTING"];
+    let out = Command::new("iptables")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(MasqError::Spawn)?;
+    if !out.status.success() {
+        return Err(MasqError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rules of an `iptables -S POSTROUTING` listing that [`rule`] made for `ip` and `comment`
+/// (any network), as arguments after `-D POSTROUTING`. Pure.
+pub fn matching(listing: &str, ip: Ipv4Addr, comment: &str) -> Vec<Vec<String>> {
+    let source = format!("{ip}/32");
+    listing
+        .lines()
+        .filter_map(|l| l.strip_prefix("-A POSTROUTING "))
+        .map(words)
+        .filter(|w| {
+            let after = |flag: &str| w.windows(2).find(|p| p[0] == flag).map(|p| p[1].as_str());
+            after("-s") == Some(&source)
+                && after("--comment") == Some(comment)
+                && after("-j") == Some("MASQUERADE")
+        })
+        .collect()
+}
+
+/// A listing line's words; iptables quotes a comment with spaces or quotes in it.
+fn words(line: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => (quoted, any) = (!quoted, true),
+            '\\' if quoted => cur.extend(chars.next()),
+            c if c.is_whitespace() && !quoted => {
+                if any || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                any = false;
+            }
+            c => cur.push(c),
+        }
+    }
+    if any || !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deletion_finds_the_rule_whatever_network_it_excludes() {
+        let ip = "10.244.1.2".parse().unwrap();
+        let listing = "-P POSTROUTING ACCEPT
+-A POSTROUTING -s 10.244.1.2/32 ! -d 10.244.0.0/16 -m comment --comment tweed/n/c1/eth0 -j MASQUERADE
+-A POSTROUTING -s 10.244.1.2/32 ! -d 10.9.0.0/16 -m comment --comment \"tweed/n/c1/eth0\" -j MASQUERADE
+-A POSTROUTING -s 10.244.1.2/32 ! -d 10.244.0.0/16 -m comment --comment tweed/n/c2/eth0 -j MASQUERADE
+-A POSTROUTING -s 10.244.1.20/32 ! -d 10.244.0.0/16 -m comment --comment tweed/n/c1/eth0 -j MASQUERADE
+-A POSTROUTING -s 10.244.1.2/32 -m comment --comment tweed/n/c1/eth0 -j ACCEPT
+";
+        let found = matching(listing, ip, "tweed/n/c1/eth0");
+        assert_eq!(
+            found,
+            [
+                rule(ip, "10.244.0.0/16".parse().unwrap(), "tweed/n/c1/eth0"),
+                rule(ip, "10.9.0.0/16".parse().unwrap(), "tweed/n/c1/eth0"),
+            ]
+        );
+        assert!(matching(listing, ip, "tweed/n/c9/eth0").is_empty());
+        assert_eq!(
+            words(r#"-A X --comment "a \"b\" c" -j Y"#),
+            ["-A", "X", "--comment", "a \"b\" c", "-j", "Y"]
+        );
+    }
 
     #[test]
     fn rule_spells_the_exclusion() {

@@ -10,7 +10,7 @@ use tweed_config::SubnetEnv;
 use crate::code;
 use crate::conf::NetConf;
 use crate::ipam::{IpamError, Pool, Pool6};
-use crate::plan::{mac_for_ip, mac_for_ip6, BridgeWant};
+use crate::plan::{bridge_mac6, mac_for_ip, BridgeWant};
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/tweed/subnet.env";
 /// Tried when `subnetFile` is not set and tweed's own file is absent: a flannel node.
@@ -199,9 +199,9 @@ impl Node {
     pub fn bridge(&self, conf: &NetConf) -> BridgeWant {
         let mac = match (self.v4, self.v6) {
             (Some(n4), _) => mac_for_ip(n4.gateway.ip()),
-            (None, Some(n6)) => mac_for_ip6(n6.gateway.ip()),
+            (None, Some(n6)) => bridge_mac6(n6.gateway.ip()),
             // Not met: subnet.env is parsed with at least one family.
-            (None, None) => mac_for_ip6(std::net::Ipv6Addr::UNSPECIFIED),
+            (None, None) => bridge_mac6(std::net::Ipv6Addr::UNSPECIFIED),
         };
         BridgeWant::new(&conf.bridge, self.mtu, mac)
     }

@@ -2,7 +2,7 @@
 //! of an attachment. Nothing here touches the kernel, so all of it is unit-tested.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use sha2::{Digest, Sha256};
@@ -63,13 +63,56 @@ pub fn mac_for_ip(ip: Ipv4Addr) -> MacAddr {
     MacAddr([0x0a, 0x58, o[0], o[1], o[2], o[3]])
 }
 
-/// `0e:58:` + the low 32 bits of an IPv6 address, for a container (or a bridge) with no IPv4
-/// address: stable like [`mac_for_ip`], and apart from its MACs by the first octet (still
-/// locally administered unicast), so a v6-only attachment on a dual-stack node never takes the
-/// MAC of a v4 one.
-pub fn mac_for_ip6(ip: Ipv6Addr) -> MacAddr {
-    let o = ip.octets();
+/// The bridge's MAC on a node with no IPv4 gateway: `0e:58:` + the low 32 bits of the IPv6
+/// gateway (`0e:58:00:00:00:01` for `…::1`). Kept in this form so a bridge made by an earlier
+/// version keeps its MAC (a changed gateway MAC leaves containers' neighbour entries wrong
+/// until they are probed again). Apart from the IPv4 MACs by the first octet (still locally
+/// administered unicast).
+pub fn bridge_mac6(gateway: Ipv6Addr) -> MacAddr {
+    let o = gateway.octets();
     MacAddr([0x0e, 0x58, o[12], o[13], o[14], o[15]])
+}
+
+/// The MAC of a container with no IPv4 address: `0e:58:` + a 32-bit hash of the whole
+/// address. The low 32 bits alone gave `…:3::2` and `…:3:0:1:0:2` one MAC, and `…:0:0:1`
+/// the bridge's; every host bit of a requested address now counts. Stable for an address
+/// and a bridge, like [`mac_for_ip`], so the MAC another attachment of the bridge has can be
+/// worked out from its address (ADD refuses an address whose MAC another one has). Never
+/// `bridge`: a hash equal to it has its last bit flipped.
+pub fn mac_for_ip6(ip: Ipv6Addr, bridge: MacAddr) -> MacAddr {
+    // FNV-1a: fixed by its definition, unlike std's hasher, which may change between Rust
+    // releases and with it the MAC of an address.
+    let h = ip.octets().iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    });
+    let [a, b, c, d] = h.to_be_bytes();
+    let mac = MacAddr([0x0e, 0x58, a, b, c, d]);
+    if mac == bridge {
+        MacAddr([0x0e, 0x58, a, b, c, d ^ 1])
+    } else {
+        mac
+    }
+}
+
+/// The attachment among `others` (address records of one bridge's store: address, holder)
+/// whose MAC would be `mac`, if any. Holders with an IPv4 address have a `0a:58:` MAC from
+/// it, so only IPv6-only holders can share a `0e:58:` one.
+pub fn mac6_taken_by(
+    mac: MacAddr,
+    bridge: MacAddr,
+    others: &[(IpAddr, Option<Attachment>)],
+) -> Option<(Ipv6Addr, &Attachment)> {
+    let has_v4 = |who: &Attachment| {
+        others
+            .iter()
+            .any(|(ip, o)| ip.is_ipv4() && o.as_ref() == Some(who))
+    };
+    others.iter().find_map(|(ip, who)| match (ip, who) {
+        (IpAddr::V6(ip6), Some(who)) if mac_for_ip6(*ip6, bridge) == mac && !has_v4(who) => {
+            Some((*ip6, who))
+        }
+        _ => None,
+    })
 }
 
 /// What the node's bridge must look like.
@@ -456,7 +499,7 @@ mod tests {
             ]
         );
         let gw6: Ipv6Network = "fd00:10:244:1::1/64".parse().unwrap();
-        let mut want = BridgeWant::new("cni0", 1450, mac_for_ip6(gw6.ip()));
+        let mut want = BridgeWant::new("cni0", 1450, bridge_mac6(gw6.ip()));
         want.gateway6 = Some(gw6);
         assert_eq!(want.mac.to_string(), "0e:58:00:00:00:01");
         assert!(want.mac.is_valid_unicast());
@@ -495,6 +538,66 @@ mod tests {
         let m = mac_for_ip("10.244.3.7".parse().unwrap());
         assert_eq!(m.to_string(), "0a:58:0a:f4:03:07");
         assert!(m.is_valid_unicast());
+    }
+
+    /// Review L3: the low 32 bits alone named the MAC, so addresses apart only in the upper host
+    /// bits shared one, and `…:X:0:0:1` got the bridge's.
+    #[test]
+    fn ipv6_macs_count_every_host_bit_and_never_take_the_bridges() {
+        let ip = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let bridge = bridge_mac6(ip("fd00:10:244:3::1"));
+        assert_eq!(bridge.to_string(), "0e:58:00:00:00:01");
+        let a = mac_for_ip6(ip("fd00:10:244:3::2"), bridge);
+        let b = mac_for_ip6(ip("fd00:10:244:3:0:1:0:2"), bridge);
+        assert_eq!(a.to_string(), "0e:58:45:1c:1e:91");
+        assert_eq!(b.to_string(), "0e:58:fe:74:d6:ce");
+        for low in [
+            "fd00:10:244:3:0:0:0:1",
+            "fd00:10:244:3:1:0:0:1",
+            "fd00:10:244:3:ffff::1",
+        ] {
+            assert_ne!(mac_for_ip6(ip(low), bridge), bridge, "{low}");
+        }
+        // Stable for an address, locally administered unicast, apart from the IPv4 MACs.
+        assert_eq!(mac_for_ip6(ip("fd00:10:244:3::2"), bridge), a);
+        assert!(a.is_valid_unicast() && b.is_valid_unicast());
+        assert_eq!(a.0[0], 0x0e);
+        // A hash equal to the bridge's MAC has its last bit flipped.
+        let x = ip("fd00:10:244:3::7");
+        let hashed = mac_for_ip6(x, bridge);
+        let flipped = mac_for_ip6(x, hashed);
+        assert_ne!(flipped, hashed);
+        assert_eq!(flipped.0[..5], hashed.0[..5]);
+        assert_eq!(flipped.0[5], hashed.0[5] ^ 1);
+    }
+
+    #[test]
+    fn a_taken_ipv6_mac_names_its_holder() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let bridge = bridge_mac6("fd00:10:244:7::1".parse().unwrap());
+        // Two addresses of one /64 whose hashes collide (found by search).
+        let (first, second) = ("fd00:10:244:7::986e:986e", "fd00:10:244:7::e078:e078");
+        let mac = mac_for_ip6(second.parse().unwrap(), bridge);
+        assert_eq!(mac, mac_for_ip6(first.parse().unwrap(), bridge));
+        assert_eq!(mac.to_string(), "0e:58:b2:c7:53:87");
+        let c1 = Attachment::new("c1", "eth0");
+        let c2 = Attachment::new("c2", "eth0");
+        let only_v6 = vec![
+            (ip(first), Some(c1.clone())),
+            (ip("fd00:10:244:7::5"), Some(c2.clone())),
+        ];
+        assert_eq!(
+            mac6_taken_by(mac, bridge, &only_v6),
+            Some((first.parse().unwrap(), &c1))
+        );
+        // A holder with an IPv4 address has its MAC from that one: no clash.
+        let dual = vec![
+            (ip("10.244.7.3"), Some(c1.clone())),
+            (ip(first), Some(c1.clone())),
+        ];
+        assert_eq!(mac6_taken_by(mac, bridge, &dual), None);
+        // An unreadable record names nobody.
+        assert_eq!(mac6_taken_by(mac, bridge, &[(ip(first), None)]), None);
     }
 
     #[test]

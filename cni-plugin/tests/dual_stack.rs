@@ -135,3 +135,61 @@ fn dual_stack_failure_and_gc_leave_nothing() {
     assert!(n.records("tnet").is_empty(), "{:?}", n.records("tnet"));
     assert!(n.tw_links().is_empty());
 }
+
+/// Review L5: pods made while the node was dual-stack keep their IPv4 masquerade rule after
+/// the node turns IPv6-only (subnet.env names no IPv4 network any more); DEL and GC must
+/// still remove it, found by address and mark in the real nat table.
+#[test]
+fn ip_masq_rules_of_dual_stack_pods_go_after_the_node_turns_ipv6_only() {
+    require_root!(NEEDS_ROOT);
+    if std::process::Command::new("iptables")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: iptables missing (Debian package iptables)");
+        return;
+    }
+    let n = dual("dmq");
+    let conf = n.conf("1.1.0", json!({"ipMasq": true}));
+    let (c1, c2) = (n.container(1), n.container(2));
+    for (id, c) in [("m1", &c1), ("m2", &c2)] {
+        let add = n.tweed("ADD", id, &c.path_str(), &conf);
+        assert!(add.ok(), "{} {}", add.stdout, add.stderr);
+    }
+    let nat = |n: &Node| {
+        n.host
+            .exec(&["iptables", "-w", "-t", "nat", "-S", "POSTROUTING"])
+            .unwrap()
+    };
+    let rules = nat(&n);
+    for (ip, mark) in [
+        ("10.244.7.2/32", "tweed/tnet/m1/eth0"),
+        ("10.244.7.3/32", "tweed/tnet/m2/eth0"),
+    ] {
+        assert!(rules.contains(ip) && rules.contains(mark), "{rules}");
+    }
+    let n = n.ipv6_only("fd00:10:244::/56", "fd00:10:244:7::1/64");
+
+    // DEL of m1: its IPv4 record and its rule go, though subnet.env has no IPv4 half.
+    let del = n.tweed("DEL", "m1", &c1.path_str(), &conf);
+    assert!(del.ok(), "{} {}", del.stdout, del.stderr);
+    let rules = nat(&n);
+    assert!(
+        !rules.contains("tweed/tnet/m1/eth0"),
+        "DEL left m1's rule: {rules}"
+    );
+    assert!(
+        rules.contains("tweed/tnet/m2/eth0"),
+        "DEL took m2's rule: {rules}"
+    );
+
+    // GC with m2 gone from the runtime's list: the same for m2.
+    let mut gc: Value = serde_json::from_str(&conf).unwrap();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let run = n.tweed("GC", "", "", &gc.to_string());
+    assert!(run.ok(), "{} {}", run.stdout, run.stderr);
+    assert!(n.records("tnet").is_empty(), "{:?}", n.records("tnet"));
+    let rules = nat(&n);
+    assert!(!rules.contains("MASQUERADE"), "GC left m2's rule: {rules}");
+}

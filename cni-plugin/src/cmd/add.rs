@@ -81,7 +81,7 @@ fn attach(
     req: &Request,
     ip: Option<Ipv4Addr>,
     ip6: Option<Ipv6Addr>,
-    host_mac: MacAddr,
+    mac6: Option<MacAddr>,
 ) -> Attach {
     let v4 = ip.zip(node.v4).map(|(ip, n4)| Attach4 {
         addr: Ipv4Network::new(ip, n4.gateway.prefix()).expect("prefix from subnet.env"),
@@ -94,18 +94,18 @@ fn attach(
         network_cidr: n6.network,
     });
     // The pools make at least one of the two; the IPv4 address names the MAC when there is one,
-    // as before IPv6-only attachments.
+    // as before IPv6-only attachments; without it, `mac6` (worked out under the store's lock).
     let derived = match (ip, ip6) {
         (Some(ip), _) => plan::mac_for_ip(ip),
-        (None, Some(ip6)) => plan::mac_for_ip6(ip6),
-        (None, None) => plan::mac_for_ip6(Ipv6Addr::UNSPECIFIED),
+        (None, Some(ip6)) => mac6.unwrap_or_else(|| plan::mac_for_ip6(ip6, node.bridge(conf).mac)),
+        (None, None) => plan::mac_for_ip6(Ipv6Addr::UNSPECIFIED, node.bridge(conf).mac),
     };
     Attach {
         network: conf.name.clone(),
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
         host_veth: plan::host_veth_name(&env.container_id, &env.ifname),
-        host_mac,
+        host_mac: MacAddr::random_local(),
         container_mac: req.mac.unwrap_or(derived),
         mtu: node.mtu,
         hairpin: conf.hairpin_mode,
@@ -141,18 +141,31 @@ pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Er
     let owner = Attachment::new(&env.container_id, &env.ifname);
     // Both families under one lock: a failed IPv6 half gives the IPv4 one back before the
     // lock is dropped.
-    let (ip, ip6) = {
+    let (ip, ip6, mac6) = {
         let mut store = host.lock_store(&conf.store_dir())?;
-        ipam::allocate_dual(
+        let had = ipam::held_by(&store, &owner)?;
+        let (ip, ip6) = ipam::allocate_dual(
             &mut store,
             pool.as_ref(),
             pool6.as_ref(),
             &owner,
             req.ip,
             req.ip6,
-        )?
+        )?;
+        let mac6 = match (ip, ip6, req.mac) {
+            (None, Some(ip6), None) => {
+                let mac = ipv6_only_mac(&store, &owner, ip6, node.bridge(conf).mac);
+                if mac.is_err() && !had.contains(&IpAddr::V6(ip6)) {
+                    // Best effort: the refusal is what the caller must see.
+                    let _ = ipam::release_ip(&mut store, ip6, &owner);
+                }
+                Some(mac?)
+            }
+            _ => None,
+        };
+        (ip, ip6, mac6)
     };
-    let a = attach(env, conf, &node, &req, ip, ip6, MacAddr::random_local());
+    let a = attach(env, conf, &node, &req, ip, ip6, mac6);
     let mut bridge = node.bridge(conf);
     bridge.gateway = a.v4.as_ref().and_then(|_| node.v4.map(|n| n.gateway));
     bridge.gateway6 = a.v6.as_ref().and_then(|_| node.v6.map(|n| n.gateway));
@@ -168,12 +181,40 @@ pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Er
         Ok(())
     })();
     if let Err(e) = wired {
-        undo(host, conf, &node, &a, veth_made, &owner);
+        undo(host, conf, &a, veth_made, &owner);
         return Err(e);
     }
     Ok(result(&a, &bridge, &env.netns, conf, req.prev)
         .to_value(&conf.cni_version)
         .to_string())
+}
+
+/// The MAC of an IPv6-only attachment: [`plan::mac_for_ip6`], refused when another attachment
+/// of the store (the same bridge) has it, since two ports with one MAC on a bridge take each
+/// other's frames. Met only by a hash collision (about one pair in 2^32).
+fn ipv6_only_mac<D: ipam::Dir + ?Sized>(
+    store: &D,
+    owner: &Attachment,
+    ip6: Ipv6Addr,
+    bridge: MacAddr,
+) -> Result<MacAddr, Error> {
+    let mac = plan::mac_for_ip6(ip6, bridge);
+    let others: Vec<_> = ipam::records(store)?
+        .into_iter()
+        .filter(|(_, who)| who.as_ref() != Some(owner))
+        .collect();
+    match plan::mac6_taken_by(mac, bridge, &others) {
+        None => Ok(mac),
+        Some((ip, who)) => Err(ipam::IpamError::Requested {
+            ip: IpAddr::V6(ip6),
+            reason: format!(
+                "its MAC {mac} is already that of {ip} (container {}, {}) on this bridge; \
+                 ask for another address or pass runtimeConfig mac",
+                who.container_id, who.ifname
+            ),
+        }
+        .into()),
+    }
 }
 
 /// Host side then container side. `veth_made` tells the undo whether the pair exists.
@@ -228,14 +269,7 @@ async fn ensure_bridge(hk: &Kernel, want: &BridgeWant) -> Result<Link, HostError
 
 /// Undoes a failed ADD: the veth pair (both ends go with the host end), the masquerade rule,
 /// the address records of both families. Best effort: the original error is what the caller reports.
-fn undo<H: Host>(
-    host: &H,
-    conf: &NetConf,
-    node: &Node,
-    a: &Attach,
-    veth_made: bool,
-    owner: &Attachment,
-) {
+fn undo<H: Host>(host: &H, conf: &NetConf, a: &Attach, veth_made: bool, owner: &Attachment) {
     if veth_made {
         let _ = host.block_on(async {
             let del = Op::LinkDel {
@@ -244,8 +278,8 @@ fn undo<H: Host>(
             Kernel::open(host, None, HOST_PLACE)?.apply(&[del]).await.1
         });
     }
-    if let (true, Some(v4), Some(n4)) = (conf.ip_masq, &a.v4, node.v4) {
-        let _ = host.masq_del(v4.addr.ip(), n4.network, &a.alias());
+    if let (true, Some(v4)) = (conf.ip_masq, &a.v4) {
+        let _ = host.masq_del(v4.addr.ip(), &a.alias());
     }
     if let Ok(mut store) = host.lock_store(&conf.store_dir()) {
         if let Some(v4) = &a.v4 {
@@ -809,6 +843,58 @@ mod tests {
         (host, ctr)
     }
 
+    /// Review L3: two requested IPv6-only addresses of one bridge whose MACs would be one are
+    /// not both given; the second ADD is refused, leaving no record and no veth of its own.
+    #[test]
+    fn ipv6_only_add_refuses_an_address_whose_mac_another_has() {
+        let (host, ctr) = v6_only_with_c1();
+        host.add_container("/run/netns/c2");
+        let (first, second) = ("fd00:10:244:7::986e:986e", "fd00:10:244:7::e078:e078");
+        let ask = |ip: &str| conf("1.1.0", json!({"runtimeConfig": {"ips": [ip]}}));
+        add(&host, "c1", C1, &ask(first));
+        let mac = link(&ctr, "eth0").mac.unwrap();
+        assert_eq!(
+            mac,
+            plan::mac_for_ip6(
+                first.parse().unwrap(),
+                link(&host.kernel, "cni0").mac.unwrap()
+            )
+        );
+        let e = run(&host, &env("ADD", "c2", "/run/netns/c2"), &ask(second)).unwrap_err();
+        assert_eq!(e.code(), crate::code::ADDRESS_UNAVAILABLE, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "its MAC {mac} is already that of {first} (container c1, eth0)"
+            )),
+            "{msg}"
+        );
+        assert_eq!(
+            host.records().keys().collect::<Vec<_>>(),
+            [&first.to_string()],
+            "the refused address is given back"
+        );
+        let c2_veth = plan::host_veth_name("c2", "eth0");
+        assert!(
+            !names(&host.kernel).contains(&c2_veth),
+            "{:?}",
+            names(&host.kernel)
+        );
+        // An address with a MAC of its own is given as usual, and the runtime's own MAC wins.
+        add(&host, "c2", "/run/netns/c2", &ask("fd00:10:244:7::3"));
+        run(
+            &host,
+            &env("DEL", "c2", "/run/netns/c2"),
+            &ask("fd00:10:244:7::3"),
+        )
+        .unwrap();
+        let own = conf(
+            "1.1.0",
+            json!({"runtimeConfig": {"ips": [second], "mac": "0e:58:12:34:56:78"}}),
+        );
+        add(&host, "c2", "/run/netns/c2", &own);
+    }
+
     fn v4_op(op: &Op) -> bool {
         matches!(
             op,
@@ -836,7 +922,8 @@ mod tests {
         let eth0 = link(&ctr, "eth0");
         assert!(addrs(&ctr, &eth0).is_empty());
         assert_eq!(addrs6(&ctr, &eth0), ["fd00:10:244:7::2/64"]);
-        assert_eq!(eth0.mac.unwrap().to_string(), "0e:58:00:00:00:02");
+        // The hash of the whole address (plan::mac_for_ip6), not its low 32 bits.
+        assert_eq!(eth0.mac.unwrap().to_string(), "0e:58:ca:3f:22:5d");
         assert!(routes(&ctr, &eth0).is_empty());
         assert_eq!(
             routes6(&ctr, &eth0),

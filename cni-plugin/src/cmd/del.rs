@@ -72,18 +72,15 @@ pub fn del<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Error>
         let mut store = host.lock_store(&conf.store_dir())?;
         ipam::release_owner(&mut store, &owner)?
     };
-    if conf.ip_masq && !released.is_empty() {
-        // Without subnet.env the rule cannot be named; the addresses are free all the same.
-        if let Ok(node_env) = host.read_subnet_env(conf.subnet_file.as_deref()) {
-            // The masquerade rule is IPv4's; an IPv6 address has none.
-            for ip in released.into_iter().filter_map(|ip| match ip {
-                std::net::IpAddr::V4(v4) => Some(v4),
-                std::net::IpAddr::V6(_) => None,
-            }) {
-                if let Some(v4) = node_env.ipv4 {
-                    host.masq_del(ip, v4.network, &alias)?;
-                }
-            }
+    if conf.ip_masq {
+        // By address and mark, not by subnet.env: the node may have lost its IPv4 half (or
+        // changed network) since ADD, and the rule made then must still go. The masquerade
+        // rule is IPv4's; an IPv6 address has none.
+        for ip in released.into_iter().filter_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        }) {
+            host.masq_del(ip, &alias)?;
         }
     }
     Ok(())

@@ -28,19 +28,14 @@ pub fn gc<H: Host>(host: &H, conf: &NetConf) -> Result<(), Error> {
         hk.apply(&ops).await.1
     })??;
     if conf.ip_masq {
-        if let Ok(node_env) = host.read_subnet_env(conf.subnet_file.as_deref()) {
-            for (ip, owner) in released {
-                // The masquerade rule is IPv4's; an IPv6 address has none.
-                let std::net::IpAddr::V4(ip) = ip else {
-                    continue;
-                };
-                if let Some(o) = owner {
-                    let alias = plan::alias(&conf.name, &o.container_id, &o.ifname);
-                    if let Some(v4) = node_env.ipv4 {
-                        host.masq_del(ip, v4.network, &alias)?;
-                    }
-                }
-            }
+        // By address and mark, as DEL does: subnet.env may no longer name the IPv4 network
+        // the rule was made with.
+        for (ip, owner) in released {
+            // The masquerade rule is IPv4's; an IPv6 address has none.
+            let (std::net::IpAddr::V4(ip), Some(o)) = (ip, owner) else {
+                continue;
+            };
+            host.masq_del(ip, &plan::alias(&conf.name, &o.container_id, &o.ifname))?;
         }
     }
     Ok(())

@@ -304,13 +304,14 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn masq_del(&self, ip: Ipv4Addr, network: Ipv4Network, comment: &str) -> Result<(), MasqError> {
+    fn masq_del(&self, ip: Ipv4Addr, comment: &str) -> Result<(), MasqError> {
         if self.masq_fails.get() {
             return Err(MasqError::Spawn(io::ErrorKind::NotFound.into()));
         }
-        self.masq
-            .borrow_mut()
-            .remove(&format!("{ip} {network} {comment}"));
+        self.masq.borrow_mut().retain(|r| {
+            let mut w = r.split(' ');
+            !(w.next() == Some(&ip.to_string()) && w.nth(1) == Some(comment))
+        });
         Ok(())
     }
 

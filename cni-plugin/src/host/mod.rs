@@ -49,8 +49,8 @@ pub trait Host {
     fn netlink(&self, ns: Option<&Self::Netns>) -> Result<Netlink, NetlinkError>;
     /// Adds the `ipMasq` rule of one container address unless it is there.
     fn masq_add(&self, ip: Ipv4Addr, network: Ipv4Network, comment: &str) -> Result<(), MasqError>;
-    /// Removes that rule; absent is fine.
-    fn masq_del(&self, ip: Ipv4Addr, network: Ipv4Network, comment: &str) -> Result<(), MasqError>;
+    /// Removes the rules of `ip` marked `comment`, whatever network they name; none is fine.
+    fn masq_del(&self, ip: Ipv4Addr, comment: &str) -> Result<(), MasqError>;
     /// Turns IPv4 forwarding on in the plugin's namespace if it is off; best effort.
     fn enable_forwarding(&self);
     /// Deletes devices by index and returns once they are unlisted (see `detach`).

@@ -68,8 +68,8 @@ impl Host for RealHost {
         masq::add(ip, network, comment)
     }
 
-    fn masq_del(&self, ip: Ipv4Addr, network: Ipv4Network, comment: &str) -> Result<(), MasqError> {
-        masq::del(ip, network, comment)
+    fn masq_del(&self, ip: Ipv4Addr, comment: &str) -> Result<(), MasqError> {
+        masq::del(ip, comment)
     }
 
     /// The node forwards between the bridge and the overlay; flannel's bridge (isGateway) turns
