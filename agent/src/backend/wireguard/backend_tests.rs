@@ -966,3 +966,127 @@ fn userspace_ipv6_mode_seals_each_destination_for_its_own_lease() {
     }
     assert!(t.route(node, "10.5.9.1".parse().unwrap()).is_none());
 }
+
+/// Which sockets `tweed-wg`'s userspace workers need, and when running ones must be replaced:
+/// `Mode: ipv6` needs IPv6 sockets exactly while our lease has its IPv6 half (the plan names
+/// IPv6 endpoints only then); every other mode keeps IPv4 sockets. A device set up without
+/// IPv6 must be set up again to take the IPv6 plane's address; one with it keeps it.
+#[test]
+fn the_userspace_sockets_follow_the_planned_endpoint_family() {
+    use tweed_config::WireguardMode::{Auto, Ipv4, Ipv6, Separate};
+    let cfg_of = |mode, own6: Option<&str>| {
+        let mut c = separate_cfg(own6);
+        c.dual.as_mut().unwrap().mode = mode;
+        c
+    };
+    let sp = |v6_socket, dual_device| SocketPlan {
+        v6_socket,
+        dual_device,
+    };
+    let half = Some("fd00:5:0:1::/64");
+    // What a set-up asks for.
+    for (mode, own6, want) in [
+        (Ipv6, half, sp(true, true)),
+        (Ipv6, None, sp(false, false)),
+        (Auto, half, sp(false, true)),
+        (Auto, None, sp(false, false)),
+        (Ipv4, half, sp(false, true)),
+        (Separate, half, sp(false, false)),
+        (Separate, None, sp(false, false)),
+    ] {
+        assert_eq!(
+            SocketPlan::of(&cfg_of(mode, own6)),
+            want,
+            "{mode:?} {own6:?}"
+        );
+    }
+    assert_eq!(SocketPlan::of(&cfg(WgImpl::Userspace)), sp(false, false));
+    // The planned endpoints' family is the sockets': IPv6 exactly in Mode ipv6 with the half.
+    for (mode, own6) in [(Ipv6, half), (Ipv6, None), (Auto, half), (Separate, half)] {
+        let c = cfg_of(mode, own6);
+        let planned_v6 = c.dual_local().is_some_and(|l| {
+            let (_, p) = separate_lease(&l, 2, 2, "2001:db8::2", None);
+            dual::plan_dual(&l, &[p])
+                .devices
+                .iter()
+                .find(|d| d.name == DEVICE)
+                .is_some_and(|d| d.peers.iter().all(|p| p.endpoint.is_ipv6()))
+        });
+        assert_eq!(
+            SocketPlan::of(&c).v6_socket,
+            planned_v6,
+            "{mode:?} {own6:?}"
+        );
+    }
+
+    // (a) Mode ipv6 loses the half at run time: IPv4 sockets, the device keeps IPv6.
+    let running = SocketPlan::of(&cfg_of(Ipv6, half));
+    assert_eq!(socket_change(running, &cfg_of(Ipv6, half)), None);
+    assert_eq!(
+        socket_change(running, &cfg_of(Ipv6, None)),
+        Some(sp(false, true))
+    );
+    // ... and gets it back on those workers: IPv6 sockets again.
+    assert_eq!(
+        socket_change(sp(false, true), &cfg_of(Ipv6, half)),
+        Some(sp(true, true))
+    );
+    assert_eq!(socket_change(sp(false, true), &cfg_of(Ipv6, None)), None);
+    // (b) Set up while the half was gone: the half back needs IPv6 sockets and IPv6 on the
+    // device.
+    let bare = SocketPlan::of(&cfg_of(Ipv6, None));
+    assert_eq!(
+        socket_change(bare, &cfg_of(Ipv6, half)),
+        Some(sp(true, true))
+    );
+    // auto/ipv4 never change the sockets; only a device without IPv6 gaining the half is set
+    // up again (the IPv6 plane's address needs IPv6 on it), and losing it changes nothing.
+    for mode in [Auto, Ipv4] {
+        assert_eq!(
+            socket_change(sp(false, false), &cfg_of(mode, half)),
+            Some(sp(false, true)),
+            "{mode:?}"
+        );
+        assert_eq!(socket_change(sp(false, true), &cfg_of(mode, None)), None);
+        assert_eq!(socket_change(sp(false, true), &cfg_of(mode, half)), None);
+    }
+    // separate: tweed-wg is IPv4 only whatever the half does (tweed-wg-v6 has its own).
+    for own6 in [half, None] {
+        assert_eq!(
+            socket_change(sp(false, false), &cfg_of(Separate, own6)),
+            None
+        );
+    }
+}
+
+/// The kernel path in the same case: the device listens on both families, so losing the IPv6
+/// half at run time moves every peer to its IPv4 endpoint and getting it back moves them to
+/// the IPv6 one, on the same link with the same key, nothing set up again.
+#[tokio::test]
+async fn kernel_ipv6_mode_follows_our_ipv6_half_on_the_same_device() {
+    let fake = Fake::with_wireguard();
+    let nl = Netlink::from(fake.clone());
+    let g: Shared = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+    let half: ipnetwork::Ipv6Network = "fd00:5:0:1::/64".parse().unwrap();
+    let mut cfg = separate_cfg(Some("fd00:5:0:1::/64"));
+    cfg.dual.as_mut().unwrap().mode = tweed_config::WireguardMode::Ipv6;
+    let mut b = WgBackend::setup_with(&nl, cfg, opener(&g)).await.unwrap();
+    let (ifindex, key) = (b.ifindex(), b.public_key());
+    let local = b.dual_local().unwrap();
+    let (ka, a) = separate_lease(&local, 2, 2, "2001:db8::2", None);
+    let peers = vec![a];
+    let endpoint = |g: &Shared| peers_of(g)[0].1.clone();
+    b.reconcile_dual(&nl, &peers).await.unwrap();
+    assert_eq!(endpoint(&g), "[2001:db8::2]:51820");
+    for round in 0..2 {
+        b.set_own_subnet_v6(None);
+        b.reconcile_dual(&nl, &peers).await.unwrap();
+        assert_eq!(endpoint(&g), "198.51.100.2:51820", "round {round}");
+        assert_eq!(peers_of(&g)[0].0, ka);
+        b.set_own_subnet_v6(Some(half));
+        b.reconcile_dual(&nl, &peers).await.unwrap();
+        assert_eq!(endpoint(&g), "[2001:db8::2]:51820", "round {round}");
+        assert_eq!((b.ifindex(), b.public_key()), (ifindex, key));
+        assert_eq!(lock(&g).listen_port, 51820);
+    }
+}

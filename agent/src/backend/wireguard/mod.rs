@@ -424,10 +424,29 @@ impl WgBackend {
 
     /// Our lease's IPv6 subnet changed: the next reconcile plans for it, links included (the
     /// kernel path's `tweed-wg-v6` takes the new /128, or goes when the IPv6 half did).
+    /// `Mode: ipv6` plans peers at IPv6 endpoints only with our IPv6 half: the change is logged
+    /// here, and the userspace workers' sockets follow at the next reconcile
+    /// ([`socket_change`]); the kernel device listens on both families and needs nothing.
     pub fn set_own_subnet_v6(&mut self, subnet: Option<ipnetwork::Ipv6Network>) {
+        let before = SocketPlan::of(&self.cfg);
         if let Some(d) = self.cfg.dual.as_mut() {
             if d.own_subnet != subnet {
                 d.own_subnet = subnet;
+                let after = SocketPlan::of(&self.cfg);
+                if after.v6_socket != before.v6_socket {
+                    tracing::info!(
+                        implementation = self.implementation(),
+                        "wireguard: our lease {} its IPv6 half: Mode ipv6 plans peers at {} \
+                         endpoints now ({})",
+                        if subnet.is_some() { "gained" } else { "lost" },
+                        after.family(),
+                        match self.plane {
+                            Plane::Kernel(_) => "the kernel device listens on both families",
+                            Plane::Userspace(_) =>
+                                "tweed-wg's workers start again on sockets of that family",
+                        }
+                    );
+                }
                 match &mut self.plane {
                     Plane::Kernel(k) => k.device_checked = false,
                     Plane::Userspace(u) => {
@@ -794,6 +813,7 @@ impl Userspace {
         v6: Option<plan::DeviceSpec>,
         nodes6: &Nodes,
     ) -> Result<crate::backend::ReconcileStats, crate::backend::BackendError> {
+        let rebuilt = self.follow_socket_plan(nl, cfg).await?;
         let ops = plan::plan(&self.applied, &desired);
         let node_of = |s: &plan::PeerSpec| node_of(s, nodes);
         let udp_peers = userspace_peers(specs, nodes);
@@ -843,6 +863,8 @@ impl Userspace {
             tracing::debug!(ops = ?ops, "wireguard: peers updated");
         }
         let mut stats = self.udp.reconcile_with(nl, &udp_peers, wg.clone()).await?;
+        stats.ops_applied += rebuilt.len();
+        stats.applied.splice(0..0, rebuilt);
         if wg.is_some() {
             stats.ops_applied += ops.len();
             plan::apply_to(&mut self.applied, &ops);
@@ -874,6 +896,53 @@ impl Userspace {
             (None, None) => {}
         }
         Ok(stats)
+    }
+}
+
+impl Userspace {
+    /// What the running workers are set up for.
+    fn running(&self) -> SocketPlan {
+        SocketPlan {
+            v6_socket: self.udp.config().bind6.is_some(),
+            dual_device: self.udp.is_dual(),
+        }
+    }
+
+    /// Starts `tweed-wg`'s workers again when their sockets' family no longer matches the
+    /// endpoints the plan for `cfg` names ([`socket_change`]): our lease gained or lost its IPv6
+    /// half in `Mode: ipv6`, or a set-up ran while it was gone. The TUN device is re-attached
+    /// (its address and routes stay) and the WireGuard table, key and sessions included, is
+    /// published to the new workers, so a peer whose session is still valid needs no
+    /// handshake. The ops the new workers' device check applied.
+    async fn follow_socket_plan(
+        &mut self,
+        nl: &crate::netlink::Netlink,
+        cfg: &WgConfig,
+    ) -> Result<Vec<crate::netlink::Op>, crate::backend::BackendError> {
+        let running = self.running();
+        let Some(want) = socket_change(running, cfg) else {
+            return Ok(Vec::new());
+        };
+        let udp_cfg = crate::backend::UdpConfig {
+            bind6: want.v6_socket.then_some(std::net::Ipv6Addr::UNSPECIFIED),
+            ..udp_config(cfg)
+        };
+        tracing::info!(
+            device = DEVICE,
+            from = %self.udp.config().bind(),
+            to = %udp_cfg.bind(),
+            "wireguard: our lease {} its IPv6 half: peers are planned at {} endpoints now; \
+             starting tweed-wg's userspace workers again on {} sockets (same key and sessions)",
+            if SocketPlan::of(cfg).dual_device { "gained" } else { "lost" },
+            want.family(),
+            want.family(),
+        );
+        // The old workers hold the port and the TUN queues until they end.
+        self.udp.stop().await;
+        self.udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, want.dual_device).await?;
+        // The new workers start with no table: the caller publishes this one to them.
+        self.published = false;
+        Ok(self.udp.setup_ops().to_vec())
     }
 }
 
@@ -1025,13 +1094,64 @@ impl UserDev6 {
     }
 }
 
+/// What `tweed-wg`'s userspace workers need from their set-up under a plan: the sockets'
+/// family and whether the TUN device carries IPv6 (TCPv6 offload, IPv6 left on). Both are
+/// fixed when the workers start, so a change means new workers ([`socket_change`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPlan {
+    /// IPv6-only sockets on `[::]:ListenPort` (`Mode: ipv6` with our lease's IPv6 half);
+    /// otherwise IPv4 ones on the underlay address.
+    pub v6_socket: bool,
+    /// The device carries IPv6 pods too (a single-device mode with our IPv6 half).
+    pub dual_device: bool,
+}
+
+impl SocketPlan {
+    /// What the plan for `cfg` (as it is now: our IPv6 subnet learnt or lost) needs. The
+    /// endpoints `tweed-wg`'s peers are planned at are IPv6 exactly when `v6_socket` is.
+    pub fn of(cfg: &WgConfig) -> SocketPlan {
+        let local = cfg.dual_local();
+        SocketPlan {
+            v6_socket: local
+                .as_ref()
+                .is_some_and(|l| l.mode == tweed_config::WireguardMode::Ipv6),
+            dual_device: local.as_ref().is_some_and(|l| !l.separate()),
+        }
+    }
+
+    /// The underlay family the peers are reached over, for log lines.
+    pub fn family(self) -> &'static str {
+        if self.v6_socket {
+            "IPv6"
+        } else {
+            "IPv4"
+        }
+    }
+}
+
+/// The workers `tweed-wg` must be started again with, when the running ones (`running`) cannot
+/// serve what the plan for `cfg` needs; `None` when they can. Their socket family must match
+/// the planned endpoints' (an IPv6-only socket cannot send to an IPv4 endpoint, nor an IPv4
+/// one to an IPv6 endpoint). A device carrying IPv6 may keep doing so when the plan no longer
+/// needs it (its IPv6 address and route go with the IPv6 plane): new workers only for the
+/// socket, and they keep the device as it is; one that does not carry IPv6 cannot take the
+/// IPv6 plane's address, so gaining it needs new workers too.
+pub fn socket_change(running: SocketPlan, cfg: &WgConfig) -> Option<SocketPlan> {
+    let want = SocketPlan::of(cfg);
+    if want.v6_socket == running.v6_socket && (running.dual_device || !want.dual_device) {
+        return None;
+    }
+    Some(SocketPlan {
+        v6_socket: want.v6_socket,
+        dual_device: want.dual_device || running.dual_device,
+    })
+}
+
 /// The workers' config of `tweed-wg` (`tweed-wg-v6` changes port, device and socket).
 /// `Mode: ipv6` reaches every peer over the IPv6 underlay: an IPv6-only socket on every
 /// address (a moved `PublicIPv6` needs no new socket), no IPv4 one, on `ListenPort`.
 fn udp_config(cfg: &WgConfig) -> crate::backend::UdpConfig {
-    let ipv6_mode = cfg
-        .dual_local()
-        .is_some_and(|l| l.mode == tweed_config::WireguardMode::Ipv6);
+    let ipv6_mode = SocketPlan::of(cfg).v6_socket;
     crate::backend::UdpConfig {
         network: cfg.network,
         own_subnet: cfg.own_subnet,
@@ -1058,10 +1178,9 @@ async fn setup_userspace(
     let udp_cfg = udp_config(cfg);
     // Dual stack on one device: the TUN device keeps IPv6 (the IPv6 plane gives it the address
     // and route). `separate`: IPv6 is tweed-wg-v6's.
-    let local = cfg.dual_local();
-    let separate = local.as_ref().is_some_and(|l| l.separate());
-    let udp =
-        crate::backend::UdpBackend::setup_with(nl, udp_cfg, local.is_some() && !separate).await?;
+    let separate = cfg.dual_local().is_some_and(|l| l.separate());
+    let udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, SocketPlan::of(cfg).dual_device)
+        .await?;
     let mut setup_ops = udp.setup_ops().to_vec();
     let v6 = if separate {
         let d = UserDev6::setup(nl, cfg).await?;
