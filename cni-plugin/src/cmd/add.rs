@@ -152,16 +152,40 @@ pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Er
             req.ip,
             req.ip6,
         )?;
-        let mac6 = match (ip, ip6, req.mac) {
-            (None, Some(ip6), None) => {
-                let mac = ipv6_only_mac(&store, &owner, ip6, node.bridge(conf).mac);
-                if mac.is_err() && !had.contains(&IpAddr::V6(ip6)) {
-                    // Best effort: the refusal is what the caller must see.
+        let (ip6, mac6) = match (ip, ip6, req.mac) {
+            (None, Some(mut ip6), None) => {
+                let bridge_mac = node.bridge(conf).mac;
+                let mut skipped = 0;
+                let mac = loop {
+                    let mac = ipv6_only_mac(&store, &owner, ip6, bridge_mac);
+                    let ours = !had.contains(&IpAddr::V6(ip6));
+                    if mac.is_ok() || !ours {
+                        break mac;
+                    }
+                    // A pool-given address whose MAC is taken is skipped: the caller asked
+                    // for no address, so a hash collision is ours to avoid, not its to see.
+                    // The taken one is held while the next is drawn, so it is not drawn
+                    // again, then given back.
+                    let next = match (req.ip6, pool6.as_ref()) {
+                        (None, Some(p)) if skipped < MAC_SKIPS => {
+                            Some(ipam::allocate(&mut store, p, &owner, None))
+                        }
+                        _ => None,
+                    };
+                    // Best effort: the refusal (or the next address) is what counts.
                     let _ = ipam::release_ip(&mut store, ip6, &owner);
-                }
-                Some(mac?)
+                    match next {
+                        Some(Ok(n)) => {
+                            skipped += 1;
+                            ip6 = n;
+                        }
+                        Some(Err(e)) => break Err(e.into()),
+                        None => break mac,
+                    }
+                };
+                (Some(ip6), Some(mac?))
             }
-            _ => None,
+            _ => (ip6, None),
         };
         (ip, ip6, mac6)
     };
@@ -188,6 +212,10 @@ pub fn add<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<String, Er
         .to_value(&conf.cni_version)
         .to_string())
 }
+
+/// How many pool-given IPv6 addresses ADD skips for a taken MAC before it gives up: each
+/// collision is about one chance in 2^32, so more than one in a row means something else.
+const MAC_SKIPS: usize = 4;
 
 /// The MAC of an IPv6-only attachment: [`plan::mac_for_ip6`], refused when another attachment
 /// of the store (the same bridge) has it, since two ports with one MAC on a bridge take each
@@ -893,6 +921,33 @@ mod tests {
             json!({"runtimeConfig": {"ips": [second], "mac": "0e:58:12:34:56:78"}}),
         );
         add(&host, "c2", "/run/netns/c2", &own);
+    }
+
+    /// A pool-given address whose MAC another pod has is skipped, not refused: the runtime
+    /// asked for no address. The skipped one is given back.
+    #[test]
+    fn ipv6_only_add_skips_a_pool_address_whose_mac_another_has() {
+        let (host, ctr) = v6_only_with_c1();
+        let (first, second) = ("fd00:10:244:7::986e:986e", "fd00:10:244:7::e078:e078");
+        let ask = |ip: &str| conf("1.1.0", json!({"runtimeConfig": {"ips": [ip]}}));
+        add(&host, "c1", C1, &ask(first));
+        let c2 = host.add_container("/run/netns/c2");
+        // The pool's next address is `second`, whose MAC is c1's.
+        host.store.borrow_mut().files.insert(
+            ipam::LAST_RESERVED_V6.into(),
+            b"fd00:10:244:7::e078:e077".to_vec(),
+        );
+        let r = add(&host, "c2", "/run/netns/c2", &conf("1.1.0", json!({})));
+        let got = r["ips"][0]["address"].as_str().unwrap().to_string();
+        assert_eq!(got, "fd00:10:244:7::e078:e079/64", "{r}");
+        let recs = host.records();
+        assert!(
+            !recs.contains_key(second),
+            "the skipped address is given back: {recs:?}"
+        );
+        assert_eq!(recs.len(), 2, "{recs:?}");
+        let c1_mac = link(&ctr, "eth0").mac.unwrap();
+        assert_ne!(link(&c2, "eth0").mac.unwrap(), c1_mac);
     }
 
     fn v4_op(op: &Op) -> bool {

@@ -68,21 +68,26 @@ pub fn del<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Error>
         });
     }
     host.delete_links(&targets, conf.detached_delete)?;
-    let released = {
-        let mut store = host.lock_store(&conf.store_dir())?;
-        ipam::release_owner(&mut store, &owner)?
+    // The rule goes before the record: if deleting it fails, a retried DEL still finds the
+    // address by its record (the other way round the rule would outlive it, and masquerade
+    // the next pod given the address).
+    let held = {
+        let store = host.lock_store(&conf.store_dir())?;
+        ipam::held_by(&store, &owner)?
     };
     if conf.ip_masq {
         // By address and mark, not by subnet.env: the node may have lost its IPv4 half (or
         // changed network) since ADD, and the rule made then must still go. The masquerade
         // rule is IPv4's; an IPv6 address has none.
-        for ip in released.into_iter().filter_map(|ip| match ip {
+        for ip in held.into_iter().filter_map(|ip| match ip {
             std::net::IpAddr::V4(v4) => Some(v4),
             std::net::IpAddr::V6(_) => None,
         }) {
             host.masq_del(ip, &alias)?;
         }
     }
+    let mut store = host.lock_store(&conf.store_dir())?;
+    ipam::release_owner(&mut store, &owner)?;
     Ok(())
 }
 
@@ -102,6 +107,26 @@ mod tests {
             None,
             "DEL prints nothing"
         );
+    }
+
+    /// A masquerade rule DEL could not delete is not orphaned: the record stays, so the
+    /// retried DEL finds the address and takes the rule, then the record.
+    #[test]
+    fn a_failed_rule_delete_keeps_the_record_for_the_retry() {
+        let (host, _, c, _) = attached("c1", json!({"ipMasq": true}));
+        assert_eq!(host.masq.borrow().len(), 1);
+        host.masq_fails.set(true);
+        assert!(run(&host, &env("DEL", "c1", C1), &c).is_err());
+        assert_eq!(
+            host.records().len(),
+            1,
+            "the record outlives the rule's failed delete"
+        );
+        assert_eq!(host.masq.borrow().len(), 1);
+        host.masq_fails.set(false);
+        del(&host, "c1", C1, &c);
+        assert!(host.masq.borrow().is_empty());
+        assert!(host.records().is_empty());
     }
 
     #[test]

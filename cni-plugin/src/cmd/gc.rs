@@ -14,9 +14,11 @@ pub fn gc<H: Host>(host: &H, conf: &NetConf) -> Result<(), Error> {
         key: "cni.dev/valid-attachments",
         reason: "GC needs the list of valid attachments (it may be empty)".into(),
     })?;
-    let released = {
-        let mut store = host.lock_store(&conf.store_dir())?;
-        ipam::gc(&mut store, &valid)?
+    // The records go last: a rule or link GC fails to remove is found again, by its
+    // record, on the next GC.
+    let doomed = {
+        let store = host.lock_store(&conf.store_dir())?;
+        ipam::gc_plan(&ipam::records(&store)?, &valid)
     };
     host.block_on(async {
         let hk = Kernel::open(host, None, HOST_PLACE)?;
@@ -30,7 +32,7 @@ pub fn gc<H: Host>(host: &H, conf: &NetConf) -> Result<(), Error> {
     if conf.ip_masq {
         // By address and mark, as DEL does: subnet.env may no longer name the IPv4 network
         // the rule was made with.
-        for (ip, owner) in released {
+        for (ip, owner) in doomed {
             // The masquerade rule is IPv4's; an IPv6 address has none.
             let (std::net::IpAddr::V4(ip), Some(o)) = (ip, owner) else {
                 continue;
@@ -38,6 +40,8 @@ pub fn gc<H: Host>(host: &H, conf: &NetConf) -> Result<(), Error> {
             host.masq_del(ip, &plan::alias(&conf.name, &o.container_id, &o.ifname))?;
         }
     }
+    let mut store = host.lock_store(&conf.store_dir())?;
+    ipam::gc(&mut store, &valid)?;
     Ok(())
 }
 
@@ -96,6 +100,24 @@ mod tests {
         .unwrap();
         assert!(host.records().is_empty());
         assert_eq!(names(&host.kernel), ["lo", "cni0"]);
+        assert!(host.masq.borrow().is_empty());
+    }
+
+    /// A rule GC could not delete keeps its record, so the next GC finds it again.
+    #[test]
+    fn a_failed_rule_delete_keeps_the_record_for_the_next_gc() {
+        let host = FakeHost::new();
+        let c = conf("1.1.0", json!({"ipMasq": true}));
+        host.add_container("/run/netns/g0");
+        add(&host, "g0", "/run/netns/g0", &c);
+        let none = json!({"ipMasq": true, "cni.dev/valid-attachments": []});
+        host.masq_fails.set(true);
+        assert!(gc(&host, none.clone()).is_err());
+        assert_eq!(host.records().len(), 1);
+        assert_eq!(host.masq.borrow().len(), 1);
+        host.masq_fails.set(false);
+        gc(&host, none).unwrap();
+        assert!(host.records().is_empty());
         assert!(host.masq.borrow().is_empty());
     }
 
