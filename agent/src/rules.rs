@@ -303,6 +303,20 @@ impl FakeFirewall {
         self.gate.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Waits, in real time (a held sync blocks its thread, so tokio's paused clock would not
+    /// move), until `n` syncs are held at the gate; panics with `what` after 10 s.
+    pub async fn until_held(&self, n: usize, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.held_syncs() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {} syncs held, not {n}",
+                self.held_syncs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     /// How often the IPv6 rules were asked to be removed.
     pub fn v6_removals(&self) -> usize {
         self.v6_removals.load(std::sync::atomic::Ordering::SeqCst)

@@ -1209,14 +1209,7 @@ mod wireguard_separate_tests {
         let subnet = plane.prepared.own_subnet();
         rules.hold();
         plane.sync_rules(subnet);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while rules.held_syncs() != 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the check never started"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
+        rules.until_held(1, "the check never started").await;
         // on_v4_attempt's order: IPv6 off, the rules asked for again, the teardown.
         plane.disable_ipv6();
         plane.sync_rules(subnet);

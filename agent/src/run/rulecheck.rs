@@ -278,15 +278,7 @@ mod tests {
 
     /// Waits (real time) until `n` syncs are held at the fake's gate.
     async fn until_held(fake: &FakeFirewall, n: usize) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while fake.held_syncs() != n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} syncs held, not {n}",
-                fake.held_syncs()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        fake.until_held(n, "waiting for held syncs").await;
     }
 
     /// Every job's end until none runs.

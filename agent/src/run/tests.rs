@@ -1252,14 +1252,7 @@ async fn a_lease_event_is_handled_while_a_slow_rules_check_runs() {
     // The rules are deleted behind the agent's back; the next periodic check (every 5 s) is
     // to put them back, and is slow.
     n.rules.hold();
-    let waiting = std::time::Instant::now();
-    while n.rules.held_syncs() != 1 {
-        assert!(
-            waiting.elapsed() < Duration::from_secs(10),
-            "no periodic check"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    n.rules.until_held(1, "no periodic check").await;
     // While it waits at the gate, before it reads the rules.
     n.rules.flush();
     let calls = n.rules.calls().len();
@@ -1291,14 +1284,7 @@ async fn a_lease_event_is_handled_while_a_slow_rules_check_runs() {
 
     // The next periodic check (every 5 s) held, then a shutdown: it waits for that check.
     n.rules.hold();
-    let waiting = std::time::Instant::now();
-    while n.rules.held_syncs() != 1 {
-        assert!(
-            waiting.elapsed() < Duration::from_secs(10),
-            "no periodic check"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    n.rules.until_held(1, "no periodic check").await;
     let calls = n.rules.calls().len();
     let release = {
         let rules = n.rules.clone();

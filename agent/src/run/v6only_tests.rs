@@ -148,14 +148,7 @@ impl V6Node {
 
     /// Waits (real time) until a rules check waits at the fake's gate.
     async fn until_a_check_is_held(&self) {
-        let waiting = std::time::Instant::now();
-        while self.rules.held_syncs() != 1 {
-            assert!(
-                waiting.elapsed() < Duration::from_secs(10),
-                "no rules check came"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.rules.until_held(1, "no rules check came").await;
     }
 }
 
