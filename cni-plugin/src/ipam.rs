@@ -537,18 +537,41 @@ pub fn gc_plan(
         .collect()
 }
 
+/// Removes the records `doomed` (from [`gc_plan`]) names, each only while it still has the
+/// holder the plan saw: GC reads the records, removes rules and links, and only then takes the
+/// records, so an ADD that took an address (or wrote a record) in between keeps it. Returns
+/// the records removed.
+pub fn release_planned<D: Dir + ?Sized>(
+    dir: &mut D,
+    doomed: &[(IpAddr, Option<Attachment>)],
+) -> Result<Vec<(IpAddr, Option<Attachment>)>, IpamError> {
+    let mut gone = Vec::new();
+    for (ip, owner) in doomed {
+        let name = ip.to_string();
+        let Some(bytes) = dir
+            .read(&name)
+            .map_err(io_err(dir, format!("reading {name}")))?
+        else {
+            continue;
+        };
+        if parse_record(&bytes) != *owner {
+            continue;
+        }
+        dir.remove(&name)
+            .map_err(io_err(dir, format!("removing {name}")))?;
+        gone.push((*ip, owner.clone()));
+    }
+    Ok(gone)
+}
+
 /// Runs [`gc_plan`] and removes what it names, of both families; returns the released records.
+#[cfg(test)]
 pub fn gc<D: Dir + ?Sized>(
     dir: &mut D,
     valid: &BTreeSet<Attachment>,
 ) -> Result<Vec<(IpAddr, Option<Attachment>)>, IpamError> {
     let doomed = gc_plan(&records(dir)?, valid);
-    for (ip, _) in &doomed {
-        let name = ip.to_string();
-        dir.remove(&name)
-            .map_err(io_err(dir, format!("removing {name}")))?;
-    }
-    Ok(doomed)
+    release_planned(dir, &doomed)
 }
 
 #[cfg(test)]
@@ -921,6 +944,31 @@ mod tests {
         );
         assert!(e.is_err());
         assert!(held_by(&d, &a).unwrap().contains(&IpAddr::V4(v4)));
+    }
+
+    /// GC takes records only as planned: an address an ADD took (or a record it wrote) after
+    /// GC read the records stays.
+    #[test]
+    fn release_planned_keeps_what_changed_since_the_plan() {
+        let mut d = MemDir::default();
+        let p = pool();
+        let old = Attachment::new("old", "eth0");
+        allocate(&mut d, &p, &old, None).unwrap();
+        d.write("10.244.1.77", b"").unwrap();
+        let doomed = gc_plan(&records(&d).unwrap(), &BTreeSet::new());
+        assert_eq!(doomed.len(), 2);
+        // Meanwhile: a new ADD's record, and the empty record now written by its ADD.
+        let new = Attachment::new("new", "eth0");
+        allocate(&mut d, &p, &new, None).unwrap();
+        d.write("10.244.1.77", b"late\r\neth0").unwrap();
+        let gone = release_planned(&mut d, &doomed).unwrap();
+        assert_eq!(gone, vec![(IpAddr::V4(ip("10.244.1.2")), Some(old))]);
+        let left: Vec<_> = records(&d).unwrap().into_iter().map(|(_, o)| o).collect();
+        assert_eq!(
+            left,
+            vec![Some(new), Some(Attachment::new("late", "eth0"))],
+            "the ADDs after the plan keep their records"
+        );
     }
 
     #[test]

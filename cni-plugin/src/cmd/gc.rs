@@ -32,16 +32,16 @@ pub fn gc<H: Host>(host: &H, conf: &NetConf) -> Result<(), Error> {
     if conf.ip_masq {
         // By address and mark, as DEL does: subnet.env may no longer name the IPv4 network
         // the rule was made with.
-        for (ip, owner) in doomed {
+        for (ip, owner) in &doomed {
             // The masquerade rule is IPv4's; an IPv6 address has none.
-            let (std::net::IpAddr::V4(ip), Some(o)) = (ip, owner) else {
+            let (std::net::IpAddr::V4(ip), Some(o)) = (*ip, owner) else {
                 continue;
             };
             host.masq_del(ip, &plan::alias(&conf.name, &o.container_id, &o.ifname))?;
         }
     }
     let mut store = host.lock_store(&conf.store_dir())?;
-    ipam::gc(&mut store, &valid)?;
+    ipam::release_planned(&mut store, &doomed)?;
     Ok(())
 }
 
