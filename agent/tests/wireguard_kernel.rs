@@ -2085,15 +2085,20 @@ fn ipv6_mode_cfg(own: u8) -> WgConfig {
     cfg
 }
 
-/// Sets node `own` up in `Mode: ipv6` in `ns` as the agent does (the backend, then the IPv6
-/// plane's /128 and `IPv6Network` route on `tweed-wg`), reconciles the other's lease as
-/// published, twice. Returns the set-up's netlink ops (backend + IPv6 plane), the first and
-/// the second pass's writes, and the figures.
-fn ipv6_mode_run(
+/// Sets node `own` up in `Mode: ipv6` in `ns` as the agent does (the backend on `imp`, then
+/// the IPv6 plane's /128 and `IPv6Network` route on `tweed-wg`), reconciles the other's lease
+/// as published, twice, and reads the figures (a kernel device's through the netlink handle
+/// of this runtime, hence here). Returns the backend (a userspace one's workers stop when it
+/// drops), the set-up's netlink ops (backend + IPv6 plane), the first and the second pass's
+/// writes, and the figures.
+#[allow(clippy::type_complexity)]
+fn ipv6_mode_node(
     ns: &NetnsGuard,
     own: u8,
     other: u8,
+    imp: WgImpl,
 ) -> (
+    WgBackend,
     usize,
     usize,
     usize,
@@ -2101,10 +2106,18 @@ fn ipv6_mode_run(
 ) {
     use tweed_agent::backend::{v6, DataPlane};
     with_netlink_in(ns, move |nl| async move {
-        let cfg = ipv6_mode_cfg(own);
+        let cfg = WgConfig {
+            implementation: imp,
+            ..ipv6_mode_cfg(own)
+        };
         let d = cfg.dual.clone().unwrap();
         let b = WgBackend::setup(&nl, cfg).await.unwrap();
-        assert_eq!(b.implementation(), "kernel");
+        let want = if imp == WgImpl::Userspace {
+            "userspace"
+        } else {
+            "kernel"
+        };
+        assert_eq!(b.implementation(), want);
         assert!(b.carries_v6() && b.ifindex_v6().is_none());
         let mut setup = b.setup_ops().len();
         let dp = DataPlane::Wireguard(b);
@@ -2143,8 +2156,24 @@ fn ipv6_mode_run(
         assert!(first.skipped.is_empty(), "{:?}", first.skipped);
         let second = b.reconcile_dual(&nl, &peers).await.unwrap().ops_applied;
         b.refresh().await.unwrap();
-        (setup, first.ops_applied, second, b.peer_stats())
+        let stats = b.peer_stats();
+        (b, setup, first.ops_applied, second, stats)
     })
+}
+
+/// [`ipv6_mode_node`] on the kernel path, then the figures as the kernel reads them back.
+fn ipv6_mode_run(
+    ns: &NetnsGuard,
+    own: u8,
+    other: u8,
+) -> (
+    usize,
+    usize,
+    usize,
+    Vec<tweed_agent::backend::wireguard::PeerStats>,
+) {
+    let (_, setup, first, second, stats) = ipv6_mode_node(ns, own, other, WgImpl::Kernel);
+    (setup, first, second, stats)
 }
 
 /// flannel's `Mode: ipv6` on two kernel nodes: one device `tweed-wg` on ListenPort carrying
@@ -2222,4 +2251,100 @@ fn ipv6_mode_carries_both_families_over_the_ipv6_underlay_on_one_kernel_device()
     eprintln!(
         "ipv6 mode: ping and ping6 through tweed-wg at [2001:db8::3]:51820, no IPv4 underlay; {s:?}"
     );
+}
+
+/// `Mode: ipv6` with a kernel node and a userspace node (issue 18): node 2 runs `tweed-wg` as a
+/// kernel `wireguard` link, node 3 the userspace path (forced: a TUN device with boringtun on
+/// the udp workers, its socket IPv6-only on `[::]:51820`), each peer at `[PublicIPv6]:51820`.
+/// With the IPv4 underlay addresses removed, both families pass both ways between the overlay
+/// addresses; wg(8) on the kernel side shows the userspace peer at `[2001:db8::3]:51820` with a
+/// handshake, and the userspace side's figures (what `tweedctl net peers` and the metrics
+/// print) the kernel peer's handshake and bytes. Runs only on a kernel with the module (the VM).
+#[test]
+fn ipv6_mode_kernel_and_userspace_devices_carry_both_families_both_ways() {
+    require_root!(NEEDS_ROOT);
+    let a = NetnsGuard::unique("tw-w6ka-");
+    let b = NetnsGuard::unique("tw-w6ub-");
+    if !kernel_has_wireguard(&a) {
+        eprintln!(
+            "no wireguard module in this kernel: the kernel <-> userspace ipv6 mode runs only \
+             in the VM (scripts/vm-wg-kernel)"
+        );
+        return;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        panic!("/dev/net/tun is missing: the userspace path needs the tun device");
+    }
+    underlay(&a, &b);
+    for (ns, dev, addr) in [(&a, "ua", "2001:db8::2/64"), (&b, "ub", "2001:db8::3/64")] {
+        ip_in(ns.name(), &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    let (_, _, second_k, _) = ipv6_mode_run(&a, 2, 3);
+    assert_eq!(second_k, 0, "a second pass writes nothing");
+    // Declared after the namespaces, so it is dropped (its workers stopped) before them.
+    let (user, _, _, second_u, _) = ipv6_mode_node(&b, 3, 2, WgImpl::Userspace);
+    assert_eq!(second_u, 0, "a second userspace pass writes nothing");
+    let link = ip_in(b.name(), &["-d", "link", "show", "tweed-wg"]);
+    assert!(link.contains("tun"), "{link}");
+    assert!(
+        !links(&b).contains("tweed-wg-v6"),
+        "Mode ipv6 runs one device: {}",
+        links(&b)
+    );
+    // Only the IPv6 underlay is left between the nodes.
+    for (ns, dev) in [(&a, "ua"), (&b, "ub")] {
+        ip_in(ns.name(), &["-4", "addr", "flush", "dev", dev]);
+    }
+    for (ns, dst4, dst6, what) in [
+        (&a, "10.5.3.0", "fd00:5:0:3::", "kernel -> userspace"),
+        (&b, "10.5.2.0", "fd00:5:0:2::", "userspace -> kernel"),
+    ] {
+        ping_ok(
+            ns,
+            dst4,
+            &format!("Mode ipv6 {what}, IPv4 over the IPv6 underlay"),
+        );
+        let (ok, out) = tweed_testkit::probe_in(ns.name(), &["ping6", "-c", "3", "-W", "3", dst6]);
+        assert!(
+            ok,
+            "Mode ipv6 {what}: no ping6 from {} to {dst6}: {out}",
+            ns.name()
+        );
+    }
+    let user_key = PrivateKey::from_bytes([3; 32]).public().to_string();
+    let ends = in_ns(a.name(), &["wg", "show", "tweed-wg", "endpoints"]);
+    assert!(
+        ends.contains(&format!("{user_key}\t[2001:db8::3]:51820")),
+        "the kernel side's peer entry for the userspace node: {ends}"
+    );
+    let hs = wg_latest_handshake(&a, "tweed-wg", &user_key);
+    assert!(
+        hs > 0,
+        "no handshake with the userspace peer on the kernel side"
+    );
+    // The kernel side's figures as a restarted backend reads them back; the userspace side's
+    // are live.
+    let (_, _, _, ks) = ipv6_mode_run(&a, 2, 3);
+    let us = user.peer_stats();
+    assert_eq!((ks.len(), us.len()), (1, 1), "{ks:?} {us:?}");
+    for (side, s, ep, key) in [
+        ("kernel", &ks[0], "[2001:db8::3]:51820", 3u8),
+        ("userspace", &us[0], "[2001:db8::2]:51820", 2u8),
+    ] {
+        assert_eq!(s.device, "tweed-wg", "{side}: {s:?}");
+        assert_eq!(s.endpoint, Some(ep.parse().unwrap()), "{side}: {s:?}");
+        assert_eq!(s.public_key, PrivateKey::from_bytes([key; 32]).public());
+        assert!(
+            s.last_handshake.is_some() && s.rx_bytes > 0 && s.tx_bytes > 0,
+            "{side}: {s:?}"
+        );
+    }
+    eprintln!(
+        "mixed ipv6 mode: ping and ping6 both ways between kernel and userspace tweed-wg over \
+         the IPv6 underlay; kernel wg show: {}; kernel read back {:?}; userspace {:?}",
+        ends.trim(),
+        ks[0],
+        us[0]
+    );
+    drop(user);
 }
