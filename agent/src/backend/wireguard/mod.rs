@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod key;
 pub mod plan;
 pub mod userspace;
+pub mod v6only;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
