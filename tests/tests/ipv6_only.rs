@@ -114,7 +114,7 @@ fn assert_ipv6_only_lab(lab: &Lab, backend: &str) {
         assert_eq!(attrs.backend_type, backend, "{value}");
         assert_eq!(
             attrs.backend_v6_data.is_some(),
-            backend == "vxlan",
+            backend == "vxlan" || backend == "wireguard",
             "{value}"
         );
         assert!(attrs.backend_data.is_none(), "{value}");
@@ -402,21 +402,14 @@ fn vxlan_ipv6_only_lab_programs_every_peer_and_carries_ipv6() {
 
     // Refused at start, naming why: a backend that needs an IPv4 underlay, and a node without
     // a usable IPv6 address (its underlay interface is `lo`, whose only address is ::1).
-    for ty in ["udp", "wireguard"] {
-        let out = agent_refusing(
-            &lab,
-            "h1",
-            &format!("be-{ty}"),
-            &format!(
-                r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:77::/56","Backend":{{"Type":"{ty}"}}}}"#
-            ),
-            &[],
-        );
-        assert!(
-            out.contains("Backend.Type") && out.contains(ty),
-            "{ty}: {out}"
-        );
-    }
+    let out = agent_refusing(
+        &lab,
+        "h1",
+        "be-udp",
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:77::/56","Backend":{"Type":"udp"}}"#,
+        &[],
+    );
+    assert!(out.contains("Backend.Type") && out.contains("udp"), "{out}");
     let out = agent_refusing(
         &lab,
         "h1",
@@ -500,4 +493,182 @@ fn a_lost_ipv6_only_lease_is_taken_again_and_peers_follow() {
     });
     assert_routes_to_every_peer(&lab, "vxlan");
     assert_pods_reach_each_other(&lab, PodsVia::Direct);
+}
+
+/// A payload no protocol header contains by chance; `ping -p` repeats it through the packet.
+const MARKER_HEX: &str = "7477656564706c61696e746578742121"; // "tweedplaintext!!"
+const MARKER: &[u8] = b"tweedplaintext!!";
+
+/// Runs `during` while tcpdump captures on `target` (all interfaces) what matches `filter`; the
+/// raw capture bytes.
+fn capture_while(lab: &Lab, target: &str, filter: &str, during: impl FnOnce()) -> Vec<u8> {
+    let file = std::env::temp_dir().join(format!("{}.pcap", tweed_testkit::unique("tweed-v6wg")));
+    let file_s = file.to_str().unwrap().to_string();
+    let mut dump = lab
+        .command(
+            target,
+            &[
+                "tcpdump", "-i", "any", "-U", "-s", "0", "-w", &file_s, filter,
+            ],
+        )
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(1500));
+    during();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(dump.id() as i32, libc::SIGTERM) };
+    let _ = dump.wait();
+    let bytes = std::fs::read(&file).unwrap_or_default();
+    let _ = std::fs::remove_file(&file);
+    bytes
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// `h1/p1` pings `dst` 5 times with the marker as payload; all must come back.
+fn ping6_marked(lab: &Lab, dst: &str) {
+    let out = lab
+        .exec(
+            "h1/p1",
+            &[
+                "ping", "-6", "-c", "5", "-i", "0.2", "-W", "2", "-p", MARKER_HEX, dst,
+            ],
+        )
+        .unwrap_or_else(|e| panic!("ping6 {dst}: {e}"));
+    assert_eq!(ping_summary(&out), (5, 5), "{out}");
+}
+
+/// wireguard in an IPv6-only network, on the userspace path (this host has no kernel module;
+/// `--wireguard-impl auto`): each lease carries `BackendV6Data {"PublicKey","Port"}` with the
+/// node's key and `ListenPortV6` (Mode left out: `separate`), `tweed-wg` holds the subnet's
+/// /128 and the `IPv6Network` route and no IPv4 address, one IPv6-only socket on
+/// `[::]:51821`; every pod reaches every pod on the other hosts over IPv6, the underlay
+/// carries only WireGuard datagrams (the payload never in clear, and in clear inside the
+/// pod); a restarted agent changes no address or route and its pods are reached again; Mode
+/// `ipv4` and `--wireguard-impl kernel` are refused at start, naming the field or flag.
+#[test]
+fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay() {
+    require_root!(NEEDS_ROOT);
+    let lab = v6_lab("v6o-wg", Backend::Wireguard, PodsVia::Cni);
+    assert_ipv6_only_lab(&lab, "wireguard");
+    assert_pods_reach_each_other(&lab, PodsVia::Cni);
+    let hosts: Vec<_> = lab.state().hosts.clone();
+    let listing = leases(&lab);
+    for h in &hosts {
+        let (subnet, _) = subnet6_of(&lab, &h.name);
+        let out = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::fs::File::open(h.agent_state_dir.join("wgkey")).expect("the key file"))
+            .output()
+            .expect("wg pubkey");
+        let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert_eq!(public.len(), 44, "{}: {public}", h.name);
+        let value = &listing
+            .iter()
+            .find(|(k, _)| *k == format!("{}-{}", subnet.network(), subnet.prefix()))
+            .expect("our lease")
+            .1;
+        let v: serde_json::Value = serde_json::from_str(value).unwrap();
+        assert_eq!(
+            v["BackendV6Data"],
+            serde_json::json!({"PublicKey": public, "Port": 51821}),
+            "{}",
+            h.name
+        );
+        let link = in_ns(&h.netns, &["ip", "-d", "link", "show", "tweed-wg"]);
+        assert!(link.contains("tun") && link.contains("mtu 1420"), "{link}");
+        let v4 = in_ns(&h.netns, &["ip", "-4", "addr", "show", "dev", "tweed-wg"]);
+        assert!(v4.trim().is_empty(), "{}: {v4}", h.name);
+        let addr = in_ns(&h.netns, &["ip", "-6", "addr", "show", "dev", "tweed-wg"]);
+        let own = format!("{}/128", subnet.network());
+        assert!(addr.contains(&own), "{}: no {own} in {addr}", h.name);
+        let r6 = in_ns(&h.netns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
+        assert!(r6.contains("fd00:10:244::/56"), "{}: {r6}", h.name);
+        let socks = in_ns(&h.netns, &["ss", "-Huln", "sport", "= :51821"]);
+        assert!(
+            socks.lines().count() >= 1 && socks.lines().all(|l| l.contains("[::]:51821")),
+            "{}: {socks}",
+            h.name
+        );
+    }
+
+    // The underlay: WireGuard datagrams over IPv6 to 51821 only, never the payload in clear
+    // (and the marker is there inside the destination pod, so the capture would have seen it).
+    let dst = hosts[1].pods[0].ip6.expect("pod IPv6").to_string();
+    let mut wg = Vec::new();
+    let cap = capture_while(&lab, "underlay", "udp or icmp6", || {
+        wg = capture_while(&lab, "underlay", "ip6 and udp dst port 51821", || {
+            ping6_marked(&lab, &dst)
+        });
+    });
+    assert!(cap.len() > 200, "empty capture on the underlay");
+    assert_eq!(
+        count(&cap, MARKER),
+        0,
+        "pod payload in clear on the underlay"
+    );
+    assert!(wg.len() > 200, "no WireGuard datagram over IPv6 to 51821");
+    let in_pod = capture_while(&lab, "h2/p1", "icmp6", || ping6_marked(&lab, &dst));
+    assert!(
+        count(&in_pod, MARKER) >= 5,
+        "the control capture missed the marker"
+    );
+
+    // A restart: the device, its address and route are right, so nothing changes there.
+    let monitor = lab
+        .command("h2", &["ip", "-o", "monitor", "address", "route"])
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ip monitor");
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    restart_agent_ready(&stopped, "h2");
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
+    let events = monitor.wait_with_output().unwrap();
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    assert_eq!(events.trim(), "", "address or route changes at a restart");
+    let h1p1 = hosts[0].pods[0].netns.clone();
+    wait_for(
+        Duration::from_secs(15),
+        "h1/p1 ping6 to h2/p1 after h2's restart",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
+    );
+    // And back: h2's pod reaches h1's.
+    let back = hosts[0].pods[0].ip6.expect("pod IPv6").to_string();
+    let out = lab
+        .exec("h2/p1", &["ping", "-6", "-c", "3", "-W", "2", &back])
+        .unwrap_or_else(|e| panic!("ping6 {back}: {e}"));
+    assert_eq!(ping_summary(&out), (3, 3), "{out}");
+
+    // Refused at start, naming the field or flag.
+    let v6_wg = |mode: &str| {
+        format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:77::/56","Backend":{{"Type":"wireguard"{mode}}}}}"#
+        )
+    };
+    let out = agent_refusing(&lab, "h1", "wg-v4", &v6_wg(r#","Mode":"ipv4""#), &[]);
+    assert!(
+        out.contains("Backend.Mode") && out.contains("ipv4"),
+        "{out}"
+    );
+    let out = agent_refusing(
+        &lab,
+        "h1",
+        "wg-kernel",
+        &v6_wg(""),
+        &["--wireguard-impl", "kernel"],
+    );
+    assert!(out.contains("--wireguard-impl kernel"), "{out}");
 }
