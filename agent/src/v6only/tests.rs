@@ -1,7 +1,7 @@
 use super::*;
 use rand::SeedableRng;
 
-const PREFIX: &str = "/coreos.com/network";
+pub(super) const PREFIX: &str = "/coreos.com/network";
 
 fn cfg() -> Ipv6Config {
     let tweed_config::ParsedNetwork::Ipv6Only(n) = tweed_config::NetworkConfig::parse_any(
@@ -13,7 +13,7 @@ fn cfg() -> Ipv6Config {
     n.ipv6
 }
 
-fn lease(key: &str, value: &str, rev: i64) -> RawLease {
+pub(super) fn lease(key: &str, value: &str, rev: i64) -> RawLease {
     RawLease {
         key: format!("{PREFIX}/subnets/{key}"),
         value: value.as_bytes().to_vec(),

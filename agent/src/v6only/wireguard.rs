@@ -77,10 +77,8 @@ pub fn peers(peers: &[Peer]) -> Vec<WgPeer6> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::RawLease;
+    use crate::v6only::tests::{lease, PREFIX};
     use tweed_config::{BackendConfig, NetworkConfig, ParsedNetwork};
-
-    const PREFIX: &str = "/coreos.com/network";
 
     fn config(backend: &str) -> tweed_config::Ipv6OnlyNetwork {
         let json = format!(
@@ -120,16 +118,6 @@ mod tests {
         assert_eq!(e, WgV6OnlyError::Ipv4Mode);
         assert!(e.to_string().contains("Backend.Mode"), "{e}");
         assert!(crate::v6only::check_backend(&config(r#"{"Type":"wireguard"}"#).backend).is_ok());
-    }
-
-    fn lease(key: &str, value: &str, rev: i64) -> RawLease {
-        RawLease {
-            key: format!("{PREFIX}/subnets/{key}"),
-            value: value.as_bytes().to_vec(),
-            lease_id: 7,
-            create_revision: rev,
-            mod_revision: rev,
-        }
     }
 
     #[test]

@@ -56,6 +56,9 @@ impl WgV6Config {
     }
 }
 
+/// Peers a plan left out, each with why.
+pub type Skipped = Vec<(Ipv6Network, String)>;
+
 /// The routing key of the `i`-th peer (in the plan's order).
 pub fn route_key(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(keys().network()) + 1 + i as u32)
@@ -70,7 +73,7 @@ pub fn plan_peers(
     own_subnet: Ipv6Network,
     own_public_ipv6: std::net::Ipv6Addr,
     peers: &[WgPeer6],
-) -> (Vec<(PeerSpec, Ipv4Addr)>, Vec<(Ipv6Network, String)>) {
+) -> (Vec<(PeerSpec, Ipv4Addr)>, Skipped) {
     let own = cfg.public_key();
     let mut out: Vec<(PeerSpec, Ipv4Addr)> = Vec::new();
     let mut skipped = Vec::new();
@@ -158,13 +161,10 @@ impl WgV6Only {
     /// IPv4 address or route); idempotent, so a restart re-attaches and writes nothing.
     pub async fn setup(nl: &Netlink, cfg: WgV6Config) -> Result<WgV6Only, BackendError> {
         if cfg.mtu() < 1280 {
-            return Err(WgError::Mtu {
+            let base = Some(cfg.mtu_base).filter(|&b| b != 0);
+            return Err(WgError::Mtu6 {
                 mtu: cfg.mtu(),
-                base: if cfg.mtu_base != 0 {
-                    cfg.mtu_base
-                } else {
-                    cfg.underlay_mtu
-                },
+                base: base.unwrap_or(cfg.underlay_mtu),
             }
             .into());
         }
@@ -227,7 +227,7 @@ impl WgV6Only {
         own_subnet: Ipv6Network,
         own_public_ipv6: std::net::Ipv6Addr,
         peers: &[WgPeer6],
-    ) -> Result<(Vec<Op>, Vec<(Ipv6Network, String)>), BackendError> {
+    ) -> Result<(Vec<Op>, Skipped), BackendError> {
         let mut applied = self.check_link(nl, own_subnet).await?;
         let (entries, skipped) = plan_peers(&self.cfg, own_subnet, own_public_ipv6, peers);
         let udp_peers: Vec<UdpPeer> = entries
