@@ -495,6 +495,9 @@ fn a_lost_ipv6_only_lease_is_taken_again_and_peers_follow() {
     assert_pods_reach_each_other(&lab, PodsVia::Direct);
 }
 
+/// Longer than the IPv6-only loop's resync (10 s): every agent listed and programmed again.
+const RESYNC_AND_A_BIT: Duration = Duration::from_secs(11);
+
 /// `from` pings `dst` 5 times with the marker as payload; all must come back.
 fn ping6_marked(lab: &Lab, from: &str, dst: &str) {
     let out = lab
@@ -584,6 +587,55 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
         "the control capture missed the marker"
     );
 
+    // Hostile leases (a key that is no key, no Port, a dual-stack PublicIP under an IPv6-only
+    // key) are skipped with the reason, logged by key (programmed, each would be a new entry,
+    // logged as an update), and h2's pods stay reached; an unchanged listing (the 10 s resync included) writes
+    // nothing.
+    let h1_log = || std::fs::read_to_string(&hosts[0].log).unwrap();
+    let updates = |log: &str| log.matches("wireguard device updated").count();
+    let before = updates(&h1_log());
+    let (h2_subnet, _) = subnet6_of(&lab, "h2");
+    let good = leases(&lab)
+        .into_iter()
+        .find(|(k, _)| *k == format!("{}-{}", h2_subnet.network(), h2_subnet.prefix()))
+        .unwrap()
+        .1;
+    let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let h2_key = v["BackendV6Data"]["PublicKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hostile = [
+        ("fd00:10:244:f0::-64", good.replace(&h2_key, "AAEC")),
+        ("fd00:10:244:f1::-64", good.replace(",\"Port\":51821", "")),
+        ("fd00:10:244:f2::-64", good.replace("0.0.0.0", "198.18.0.9")),
+    ];
+    for (k, v) in &hostile {
+        let v = v.replace("fd00:198:18::2", "fd00:198:18::99");
+        etcdctl(&lab, &["put", &format!("{SUBNETS}{k}"), &v]);
+    }
+    wait_for(
+        Duration::from_secs(15),
+        "h1 skipping the hostile leases",
+        || {
+            let log = h1_log();
+            hostile.iter().all(|(k, _)| {
+                log.lines()
+                    .any(|l| l.contains("skipping a lease") && l.contains(k))
+            })
+        },
+    );
+    std::thread::sleep(RESYNC_AND_A_BIT);
+    assert_eq!(
+        updates(&h1_log()),
+        before,
+        "h1 wrote for an unchanged set of peers"
+    );
+    ping6_marked(&lab, "h1/p1", &dst);
+    for (k, _) in &hostile {
+        etcdctl(&lab, &["del", &format!("{SUBNETS}{k}")]);
+    }
+
     // A restart: the device, its address and route are right, so nothing changes there.
     let monitor = lab
         .command("h2", &["ip", "-o", "monitor", "address", "route"])
@@ -595,6 +647,7 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
         .expect("ip monitor");
     std::thread::sleep(Duration::from_millis(500));
     let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    let logged = std::fs::metadata(&stopped.log).map_or(0, |m| m.len() as usize);
     restart_agent_ready(&stopped, "h2");
     std::thread::sleep(Duration::from_secs(1));
     // SAFETY: signalling our own child.
@@ -608,6 +661,17 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
         "h1/p1 ping6 to h2/p1 after h2's restart",
         || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
     );
+    // Nor any other netlink write: neither the set-up (the TUN device re-attached) nor a
+    // programming pass logs one (each says how many ops it applied, and only when it did).
+    let log = std::fs::read(&stopped.log).unwrap();
+    let since = String::from_utf8_lossy(&log[logged..]);
+    assert!(since.contains("IPv6-only data plane running"), "{since}");
+    for write in ["device set up", "wireguard device updated"] {
+        assert!(
+            !since.contains(write),
+            "a restart wrote ({write}):\n{since}"
+        );
+    }
     // And back: h2's pod reaches h1's.
     let back = hosts[0].pods[0].ip6.expect("pod IPv6").to_string();
     ping6_marked(&lab, "h2/p1", &back);

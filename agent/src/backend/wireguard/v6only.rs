@@ -185,12 +185,6 @@ impl WgV6Only {
         };
         let udp = UdpBackend::setup_with(nl, udp_cfg, true).await?;
         let setup_ops = udp.setup_ops().to_vec();
-        crate::backend::log_setup(
-            "wireguard: userspace IPv6-only device",
-            DEVICE,
-            cfg.mtu(),
-            setup_ops.len(),
-        );
         tracing::info!(
             implementation = "userspace",
             device = DEVICE,
