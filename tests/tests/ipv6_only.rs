@@ -676,6 +676,19 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
     let back = hosts[0].pods[0].ip6.expect("pod IPv6").to_string();
     ping6_marked(&lab, "h2/p1", &back);
 
+    // The device deleted under a running agent: set up again (address, route, entries) at the
+    // next listing, and the pods reached again.
+    let h2ns = hosts[1].netns.clone();
+    in_ns(&h2ns, &["ip", "link", "del", "tweed-wg"]);
+    wait_for(
+        Duration::from_secs(20),
+        "h1/p1 ping6 to h2/p1 after h2's tweed-wg was deleted",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
+    );
+    let r6 = in_ns(&h2ns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
+    assert!(r6.contains("fd00:10:244::/56"), "{r6}");
+    ping6_marked(&lab, "h2/p1", &back);
+
     // Refused at start, naming the field or flag.
     let v6_wg = |mode: &str| {
         format!(

@@ -98,3 +98,31 @@ fn ours_a_stolen_key_an_overlap_and_unusable_endpoints_are_left_out_naming_why()
         assert!(why.iter().any(|w| w.contains(want)), "{want}: {why:?}");
     }
 }
+
+#[test]
+fn a_packet_is_sealed_only_for_the_lease_whose_subnet_holds_its_destination() {
+    let (entries, _) = plan_peers(
+        &cfg(),
+        OWN.parse().unwrap(),
+        OWN_IP.parse().unwrap(),
+        &[peer(2, 2), peer(3, 3)],
+    );
+    let keyed: Vec<(PeerSpec, Option<Ipv4Addr>)> =
+        entries.iter().map(|(s, k)| (s.clone(), Some(*k))).collect();
+    let key = PrivateKey::from_bytes([1; 32]);
+    let table = WgTable::new(&key).update_keyed(&key, &keyed);
+    let dst = |n: u8| format!("fd00:10:244:{n}::5").parse().unwrap();
+    for (i, (spec, k)) in entries.iter().enumerate() {
+        let own = dst(i as u8 + 2);
+        let other = dst(if i == 0 { 3 } else { 2 });
+        let sealed_for = table.route(*k, own).map(|p| p.spec.public_key);
+        assert_eq!(sealed_for, Some(spec.public_key), "entry {i}");
+        // Another lease's destination under this key: no entry, so dropped, never sealed
+        // for the wrong peer.
+        assert!(table.route(*k, other).is_none(), "entry {i} took {other}");
+        assert!(
+            table.route(*k, dst(9)).is_none(),
+            "entry {i} took a stranger's"
+        );
+    }
+}
