@@ -527,6 +527,7 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
     assert_pods_reach_each_other(&lab, PodsVia::Cni);
     let hosts: Vec<_> = lab.state().hosts.clone();
     let listing = leases(&lab);
+    let mut keys = std::collections::BTreeMap::new();
     for h in &hosts {
         let (subnet, _) = subnet6_of(&lab, &h.name);
         let out = std::process::Command::new("wg")
@@ -536,6 +537,7 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
             .expect("wg pubkey");
         let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert_eq!(public.len(), 44, "{}: {public}", h.name);
+        keys.insert(subnet.to_string(), public.clone());
         let value = &listing
             .iter()
             .find(|(k, _)| *k == format!("{}-{}", subnet.network(), subnet.prefix()))
@@ -562,6 +564,30 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
             socks.lines().count() >= 1 && socks.lines().all(|l| l.contains("[::]:51821")),
             "{}: {socks}",
             h.name
+        );
+    }
+
+    // `tweedctl net peers`: each peer with its lease's key on tweed-wg and a handshake (the
+    // figures are taken at each listing: within a resync of `check`'s pings).
+    for h in &hosts {
+        wait_for(
+            Duration::from_secs(15),
+            &format!(
+                "{}: every peer's key and handshake in tweedctl net peers",
+                h.name
+            ),
+            || {
+                let peers = tweedctl_net(h, &["peers"]);
+                peers.as_array().is_some_and(|l| {
+                    l.len() == HOSTS - 1
+                        && l.iter().all(|p| {
+                            p["device"] == "tweed-wg"
+                                && p["subnet"].as_str().and_then(|s| keys.get(s))
+                                    == p["public_key"].as_str().map(String::from).as_ref()
+                                && p["handshake_age_seconds"].as_i64().is_some_and(|a| a >= 0)
+                        })
+                })
+            },
         );
     }
 

@@ -550,11 +550,13 @@ async fn program(
     }
     let nl = &deps.nl;
     let mut wg_result = Ok(());
-    let ops = match &node.vxlan {
+    let ops = match (&node.vxlan, &node.wg) {
         // The wireguard device applies its own plan (link and entries).
-        None if node.wg.is_some() => {
-            let w = node.wg.as_ref().expect("matched");
-            match w.program(nl, own, node.underlay.public_ipv6, &peers).await {
+        (None, Some(w)) => {
+            match w
+                .program(nl, &deps.report, own, node.underlay.public_ipv6, &peers)
+                .await
+            {
                 Ok(0) => {}
                 Ok(n) => info!(
                     ops = n,
@@ -565,7 +567,7 @@ async fn program(
             }
             Vec::new()
         }
-        Some(v) => {
+        (Some(v), _) => {
             let existing = nl.link_by_name(&v.spec.name).await?;
             apply(nl, &v6::plan_device6(&v.spec, existing.as_ref())).await?;
             let ifindex = nl
@@ -595,7 +597,7 @@ async fn program(
             };
             v6::plan_direct6(&direct, &observed, &peers)
         }
-        None => {
+        (None, None) => {
             let routes = nl.all_routes6().await?;
             let (ops, skipped) = v6::plan_hostgw6(
                 cfg.network,

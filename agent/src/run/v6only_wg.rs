@@ -74,10 +74,12 @@ impl Wg {
         wg::lease_attrs(public_ipv6, &self.public_key(), self.cfg.listen_port)
     }
 
-    /// Brings the device to the wireguard peers among `peers`; the netlink ops it applied.
+    /// Brings the device to the wireguard peers among `peers` and reports their figures; the
+    /// netlink ops it applied.
     pub(super) async fn program(
         &self,
         nl: &Netlink,
+        report: &super::report::Report,
         own: Ipv6Network,
         public_ipv6: Ipv6Addr,
         peers: &[Peer],
@@ -92,6 +94,8 @@ impl Wg {
         let p = plane.as_mut().expect("set up above");
         match p.reconcile(nl, own, public_ipv6, &wg::peers(peers)).await {
             Ok((applied, skipped)) => {
+                // The API's peer list and the per-peer metrics, as of this listing.
+                report.wireguard_peers(&p.peer_stats());
                 let mut before = self.skipped.lock().await;
                 if *before != skipped {
                     for (subnet, why) in &skipped {

@@ -306,6 +306,12 @@ impl WgV6Only {
         Ok(ops)
     }
 
+    /// Per entry: key, endpoint, subnet (its IPv6 one; no IPv4 lease subnet), handshake age,
+    /// bytes out and in, live from the workers' table.
+    pub fn peer_stats(&self) -> Vec<super::PeerStats> {
+        super::userspace_stats(&self.table, DEVICE)
+    }
+
     /// Stops the workers (the device and its address and route stay: a restart re-attaches).
     pub async fn stop(&mut self) {
         self.udp.stop().await;
