@@ -526,6 +526,29 @@ pub fn capture_while(lab: &Lab, target: &str, filter: &str, during: impl FnOnce(
     bytes
 }
 
+/// Restarts `host`'s agent (SIGTERM, then until ready) while `ip monitor address route`
+/// watches its namespace; the agent as stopped, and the events seen up to a second after it was
+/// ready again (none: the restart changed no address or route).
+pub fn restart_watching_addresses_and_routes(lab: &Lab, host: &str) -> (StoppedAgent, String) {
+    let monitor = lab
+        .command(host, &["ip", "-o", "monitor", "address", "route"])
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ip monitor");
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = stop_agent(lab, host, libc::SIGTERM);
+    restart_agent_ready(&stopped, host);
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
+    let events = monitor.wait_with_output().unwrap();
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    (stopped, events)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -663,23 +663,8 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
     }
 
     // A restart: the device, its address and route are right, so nothing changes there.
-    let monitor = lab
-        .command("h2", &["ip", "-o", "monitor", "address", "route"])
-        .unwrap()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ip monitor");
-    std::thread::sleep(Duration::from_millis(500));
-    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
-    let logged = std::fs::metadata(&stopped.log).map_or(0, |m| m.len() as usize);
-    restart_agent_ready(&stopped, "h2");
-    std::thread::sleep(Duration::from_secs(1));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
-    let events = monitor.wait_with_output().unwrap();
-    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    let logged = std::fs::metadata(&hosts[1].log).map_or(0, |m| m.len() as usize);
+    let (stopped, events) = restart_watching_addresses_and_routes(&lab, "h2");
     assert_eq!(events.trim(), "", "address or route changes at a restart");
     let h1p1 = hosts[0].pods[0].netns.clone();
     wait_for(

@@ -1410,22 +1410,7 @@ fn wireguard_ipv6_mode_on_the_default_implementation_reaches_every_peer_over_the
     // A restart: the agent re-attaches its device, whose addresses and routes are right, so
     // nothing changes there (`ip monitor` sees no address or route event); then both families
     // run again.
-    let monitor = lab
-        .command("h2", &["ip", "-o", "monitor", "address", "route"])
-        .unwrap()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ip monitor");
-    std::thread::sleep(Duration::from_millis(500));
-    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
-    restart_agent_ready(&stopped, "h2");
-    std::thread::sleep(Duration::from_secs(1));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
-    let events = monitor.wait_with_output().unwrap();
-    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    let (_, events) = restart_watching_addresses_and_routes(&lab, "h2");
     assert_eq!(events.trim(), "", "address or route changes at a restart");
     let h1p1 = lab.state().hosts[0].pods[0].netns.clone();
     wait_for(
