@@ -688,8 +688,45 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
     ping6_marked(&lab, "h2/p1", &back);
 
     // The device deleted under a running agent: set up again (address, route, entries) at the
-    // next listing, and the pods reached again.
+    // next listing, and the pods reached again. What another backend of the network would have
+    // left (a host-gw route via the underlay, a `tweed-v6.*` vxlan device) goes at that set-up:
+    // more specific than the overlay route, it would carry pods' packets in clear.
     let h2ns = hosts[1].netns.clone();
+    let leftover_route = "fd00:10:244:77::/64";
+    let gw = "fd00:198:18::254";
+    in_ns(
+        &h2ns,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            leftover_route,
+            "via",
+            gw,
+            "dev",
+            "eth0",
+            "proto",
+            "static",
+        ],
+    );
+    in_ns(
+        &h2ns,
+        &[
+            "ip",
+            "link",
+            "add",
+            "tweed-v6.9",
+            "type",
+            "vxlan",
+            "id",
+            "9",
+            "dstport",
+            "4789",
+            "dev",
+            "eth0",
+        ],
+    );
     in_ns(&h2ns, &["ip", "link", "del", "tweed-wg"]);
     wait_for(
         Duration::from_secs(20),
@@ -698,6 +735,15 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
     );
     let r6 = in_ns(&h2ns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
     assert!(r6.contains("fd00:10:244::/56"), "{r6}");
+    let all = in_ns(&h2ns, &["ip", "-6", "route", "show"]);
+    assert!(
+        !all.contains(leftover_route),
+        "a leftover route stayed:\n{all}"
+    );
+    assert!(
+        !ok_in(&h2ns, &["ip", "link", "show", "tweed-v6.9"]),
+        "tweed-v6.9 stayed"
+    );
     ping6_marked(&lab, "h2/p1", &back);
 
     // Refused at start, naming the field or flag.

@@ -87,8 +87,9 @@ impl Wg {
         let mut plane = self.plane.lock().await;
         let mut setup = 0;
         if plane.is_none() {
+            setup = self.remove_leftovers(nl).await?;
             let p = WgV6Only::setup(nl, self.cfg.clone()).await?;
-            setup = p.setup_ops().len();
+            setup += p.setup_ops().len();
             *plane = Some(p);
         }
         let p = plane.as_mut().expect("set up above");
@@ -115,6 +116,28 @@ impl Wg {
                 Err(e.into())
             }
         }
+    }
+
+    /// Removes what another backend of this network left (`backend::v6::leftovers6`): a
+    /// `tweed-v6.*` vxlan device, with its routes, and host-gw's routes via the underlay. Both
+    /// are more specific than `IPv6Network dev tweed-wg`: left there, they would carry pods'
+    /// packets past the device, in clear. The ops applied.
+    async fn remove_leftovers(&self, nl: &Netlink) -> Result<usize, AgentError> {
+        let ops = crate::backend::v6::leftovers6(
+            None,
+            false,
+            Some(self.cfg.network),
+            &nl.links().await?,
+            &nl.all_routes6().await?,
+        );
+        for op in &ops {
+            warn!(
+                ?op,
+                "wireguard: removing what another backend left (it would bypass tweed-wg)"
+            );
+            nl.apply(op).await?;
+        }
+        Ok(ops.len())
     }
 
     /// Stops the workers; the device, its address and route stay for the next start.
