@@ -209,10 +209,14 @@ impl Agent for Service {
             .iter()
             .chain(snap.v6only_peers.iter())
             .map(|p| {
+                // An IPv6-only network's entries have no IPv4 lease subnet: the lease is
+                // named by the entry's own (IPv6) subnet.
                 let entry = |device: &str| {
-                    snap.wg_peers
-                        .iter()
-                        .find(|w| w.device == device && w.lease_subnet == p.subnet)
+                    snap.wg_peers.iter().find(|w| {
+                        w.device == device
+                            && (w.lease_subnet == p.subnet
+                                || (w.lease_subnet.is_empty() && w.subnet == p.subnet))
+                    })
                 };
                 let age = |w: &crate::state::WgPeerView| {
                     w.handshake_unix_ms

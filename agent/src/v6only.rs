@@ -20,9 +20,12 @@ use tweed_config::{
 pub enum V6OnlyError {
     #[error(
         "network config field Backend.Type: {0:?} cannot run an IPv6-only network \
-         (EnableIPv4: false); only \"vxlan\" and \"host-gw\" can (or enable IPv4)"
+         (EnableIPv4: false); only \"vxlan\", \"host-gw\" and \"wireguard\" can (or enable \
+         IPv4)"
     )]
     Backend(&'static str),
+    #[error(transparent)]
+    Wireguard(#[from] wireguard::WgV6OnlyError),
     #[error("--iface {name}: no such interface (have: {})", have.join(", "))]
     NoSuchIface { name: String, have: Vec<String> },
     #[error(
@@ -51,11 +54,12 @@ pub enum V6OnlyError {
     Alloc(#[from] AllocError),
 }
 
-/// Only the backends whose IPv6 half runs on an IPv6 underlay: vxlan (`tweed-v6.<VNI>`) and
-/// host-gw. udp and wireguard carry IPv6 over the IPv4 underlay, which this network has not.
+/// Only the backends that run on an IPv6 underlay: vxlan (`tweed-v6.<VNI>`), host-gw and
+/// wireguard (its endpoints on the IPv6 underlay, [`wireguard::check`]). udp carries IPv6 over
+/// the IPv4 underlay, which this network has not.
 pub fn check_backend(backend: &BackendConfig) -> Result<(), V6OnlyError> {
     match backend {
-        BackendConfig::Vxlan { .. } | BackendConfig::HostGw => Ok(()),
+        BackendConfig::Vxlan { .. } | BackendConfig::HostGw | BackendConfig::Wireguard(_) => Ok(()),
         other => Err(V6OnlyError::Backend(other.type_name())),
     }
 }
@@ -459,6 +463,8 @@ pub fn hostgw_peers(peers: &[Peer]) -> Vec<(Ipv6Network, Ipv6Addr)> {
         .map(|p| (p.peer.subnet, p.peer.public_ipv6))
         .collect()
 }
+
+pub mod wireguard;
 
 #[cfg(test)]
 mod tests;

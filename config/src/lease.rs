@@ -503,6 +503,9 @@ impl LeaseAttrs {
             "vxlan" => "vxlan",
             "host-gw" => "host-gw",
             "udp" => "udp",
+            // An IPv6-only node runs wireguard from this value alone; a dual-stack one reads
+            // it in the backend (`DualPeer::from_lease`), flannel's defaults applied there.
+            "wireguard" if v6_only => "wireguard",
             // Another backend's lease: its data is that backend's business; the data plane
             // reports the node as unreachable by ours.
             _ => "foreign",
@@ -534,6 +537,20 @@ impl LeaseAttrs {
                     )));
                 }
                 valid_vtep_mac(&d6.vtep_mac).map_err(|e| bad(format!("BackendV6Data: {e}")))?;
+            }
+            "wireguard" => {
+                let raw = self.backend_v6_data.as_ref().ok_or_else(|| {
+                    bad("no BackendV6Data (the WireGuard public key and port)".into())
+                })?;
+                let d: WireguardLeaseData = serde_json::from_str(raw.get())
+                    .map_err(|e| bad(format!("BackendV6Data: {e}")))?;
+                crate::network::decode_wg_key(&d.public_key)
+                    .map_err(|e| bad(format!("BackendV6Data.PublicKey: {e}")))?;
+                // No port to fall back on: our own may differ (`Mode` picks ListenPort or
+                // ListenPortV6), and a guessed endpoint would hand-shake into the void.
+                if d.port == 0 {
+                    return Err(bad("BackendV6Data.Port 0 is not a UDP port".into()));
+                }
             }
             "vxlan" => {
                 let d = self.vxlan_data().map_err(|e| bad(e.to_string()))?;
@@ -690,6 +707,16 @@ impl LeaseAttrs {
             public_ipv6,
         })
     }
+}
+
+/// A wireguard lease's `BackendV6Data` in an IPv6-only network: both fields required.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardLeaseData {
+    /// Kept as text: decoded by [`crate::decode_wg_key`].
+    #[serde(rename = "PublicKey")]
+    pub public_key: String,
+    #[serde(rename = "Port")]
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1411,6 +1438,49 @@ mod tests {
         LeaseAttrs::parse(value.as_bytes())
             .unwrap()
             .validate_ipv6_only(&k, &v6_only_cfg())
+    }
+
+    #[test]
+    fn a_wireguard_ipv6_only_lease_needs_a_key_and_a_port_in_backend_v6_data() {
+        const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let lease = |public_ip: &str, v6: &str| {
+            format!(
+                r#"{{"PublicIP":"{public_ip}","PublicIPv6":"2001:db8::6","BackendType":"wireguard"{v6}}}"#
+            )
+        };
+        let good = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}","Port":51820}}"#);
+        assert_eq!(
+            v6_only("fd00:10:244:3::-64", &lease("0.0.0.0", &good)),
+            Ok(Ipv6OnlyPeer {
+                subnet: "fd00:10:244:3::/64".parse().unwrap(),
+                public_ipv6: "2001:db8::6".parse().unwrap(),
+            })
+        );
+        let rejected = |v6: &str| match v6_only("fd00:10:244:3::-64", &lease("0.0.0.0", v6)) {
+            Err(LeaseRejection::BadBackendData { backend, reason }) => {
+                assert_eq!(backend, "wireguard", "{v6}");
+                reason
+            }
+            other => panic!("{v6}: {other:?}"),
+        };
+        assert!(rejected("").contains("no BackendV6Data"));
+        let no_port = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}"}}"#);
+        assert!(rejected(&no_port).contains("missing field `Port`"));
+        let zero = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}","Port":0}}"#);
+        assert!(rejected(&zero).contains("Port 0"));
+        let big = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}","Port":70000}}"#);
+        assert!(rejected(&big).contains("BackendV6Data"));
+        let short = r#","BackendV6Data":{"PublicKey":"AAEC","Port":51820}"#;
+        assert!(rejected(short).contains("PublicKey: a key is 32 bytes"));
+        let junk = r#","BackendV6Data":{"PublicKey":"not base64!","Port":51820}"#;
+        assert!(rejected(junk).contains("PublicKey: not base64"));
+        let array = r#","BackendV6Data":["x"]"#;
+        assert!(rejected(array).starts_with("BackendV6Data:"));
+        // A dual-stack value under the IPv6-only key is not an IPv6-only node's.
+        assert!(matches!(
+            v6_only("fd00:10:244:3::-64", &lease("198.18.0.6", &good)),
+            Err(LeaseRejection::NotIpv6OnlyLease(_))
+        ));
     }
 
     #[test]

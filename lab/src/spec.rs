@@ -200,10 +200,10 @@ fn validate(spec: &LabSpec) -> Result<(), LabError> {
         IpFamily::V4 => Ok(()),
         // Refused rather than half-built: what the agent or the lab cannot run IPv6 only.
         IpFamily::V6 => {
-            if !matches!(spec.backend, Backend::Vxlan | Backend::HostGw) {
+            if spec.backend == Backend::Udp {
                 return Err(LabError::Spec(format!(
-                    "--ip-family v6: backend {} cannot run an IPv6-only network; use vxlan or \
-                     host-gw",
+                    "--ip-family v6: backend {} cannot run an IPv6-only network; use vxlan, \
+                     host-gw or wireguard",
                     spec.backend
                 )));
             }
@@ -378,7 +378,7 @@ mod tests {
         assert!(err(&|s| s.segments = 0).contains("--segments"));
         assert!(err(&|s| s.etcd_members = 4).contains("--etcd-members"));
         assert!(err(&|s| s.pods_per_host = 251).contains("--pods-per-host"));
-        // IPv6 only: vxlan and host-gw, one segment, one etcd member; pods any way, or none.
+        // IPv6 only: vxlan, host-gw and wireguard, one segment, one etcd member; pods any way, or none.
         let v6 = |f: &dyn Fn(&mut LabSpec)| {
             err(&|s| {
                 s.ip_family = IpFamily::V6;
@@ -386,7 +386,6 @@ mod tests {
             })
         };
         assert!(v6(&|s| s.backend = Backend::Udp).contains("backend udp"));
-        assert!(v6(&|s| s.backend = Backend::Wireguard).contains("backend wireguard"));
         assert!(v6(&|s| s.segments = 2).contains("--segments 1"));
         assert!(v6(&|s| s.etcd_members = 3).contains("--etcd-members 1"));
         for (b, via, pods) in [
@@ -394,6 +393,7 @@ mod tests {
             (Backend::HostGw, PodsVia::Direct, 2),
             (Backend::Vxlan, PodsVia::Runtime, 2),
             (Backend::HostGw, PodsVia::Cni, 0),
+            (Backend::Wireguard, PodsVia::Cni, 2),
         ] {
             let mut spec = LabSpec::new("x", 3);
             (spec.ip_family, spec.backend) = (IpFamily::V6, b);

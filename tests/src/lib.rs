@@ -488,6 +488,67 @@ pub mod flannel {
     }
 }
 
+/// A payload no protocol header contains by chance; `ping -p` repeats it through the packet.
+pub const MARKER_HEX: &str = "7477656564706c61696e746578742121"; // "tweedplaintext!!"
+pub const MARKER: &[u8] = b"tweedplaintext!!";
+
+/// How often `needle` stands in `hay` (the marker in a capture).
+pub fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// Runs `during` while tcpdump captures on `target` (all interfaces) what matches `filter`; the
+/// raw capture bytes (a 24-byte pcap file header first, when tcpdump wrote anything).
+pub fn capture_while(lab: &Lab, target: &str, filter: &str, during: impl FnOnce()) -> Vec<u8> {
+    let file = std::env::temp_dir().join(format!("{}.pcap", tweed_testkit::unique("tweed-wg-cap")));
+    let file_s = file.to_str().unwrap().to_string();
+    let mut dump = lab
+        .command(
+            target,
+            &[
+                "tcpdump", "-i", "any", "-U", "-s", "0", "-w", &file_s, filter,
+            ],
+        )
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(1500));
+    during();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(dump.id() as i32, libc::SIGTERM) };
+    let _ = dump.wait();
+    let bytes = std::fs::read(&file).unwrap_or_default();
+    let _ = std::fs::remove_file(&file);
+    bytes
+}
+
+/// Restarts `host`'s agent (SIGTERM, then until ready) while `ip monitor address route`
+/// watches its namespace; the agent as stopped, and the events seen up to a second after it was
+/// ready again (none: the restart changed no address or route).
+pub fn restart_watching_addresses_and_routes(lab: &Lab, host: &str) -> (StoppedAgent, String) {
+    let monitor = lab
+        .command(host, &["ip", "-o", "monitor", "address", "route"])
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ip monitor");
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = stop_agent(lab, host, libc::SIGTERM);
+    restart_agent_ready(&stopped, host);
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
+    let events = monitor.wait_with_output().unwrap();
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    (stopped, events)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

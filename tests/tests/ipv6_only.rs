@@ -114,7 +114,7 @@ fn assert_ipv6_only_lab(lab: &Lab, backend: &str) {
         assert_eq!(attrs.backend_type, backend, "{value}");
         assert_eq!(
             attrs.backend_v6_data.is_some(),
-            backend == "vxlan",
+            backend == "vxlan" || backend == "wireguard",
             "{value}"
         );
         assert!(attrs.backend_data.is_none(), "{value}");
@@ -402,21 +402,14 @@ fn vxlan_ipv6_only_lab_programs_every_peer_and_carries_ipv6() {
 
     // Refused at start, naming why: a backend that needs an IPv4 underlay, and a node without
     // a usable IPv6 address (its underlay interface is `lo`, whose only address is ::1).
-    for ty in ["udp", "wireguard"] {
-        let out = agent_refusing(
-            &lab,
-            "h1",
-            &format!("be-{ty}"),
-            &format!(
-                r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:77::/56","Backend":{{"Type":"{ty}"}}}}"#
-            ),
-            &[],
-        );
-        assert!(
-            out.contains("Backend.Type") && out.contains(ty),
-            "{ty}: {out}"
-        );
-    }
+    let out = agent_refusing(
+        &lab,
+        "h1",
+        "be-udp",
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:77::/56","Backend":{"Type":"udp"}}"#,
+        &[],
+    );
+    assert!(out.contains("Backend.Type") && out.contains("udp"), "{out}");
     let out = agent_refusing(
         &lab,
         "h1",
@@ -500,4 +493,276 @@ fn a_lost_ipv6_only_lease_is_taken_again_and_peers_follow() {
     });
     assert_routes_to_every_peer(&lab, "vxlan");
     assert_pods_reach_each_other(&lab, PodsVia::Direct);
+}
+
+/// Longer than the IPv6-only loop's resync (10 s): every agent listed and programmed again.
+const RESYNC_AND_A_BIT: Duration = Duration::from_secs(11);
+
+/// `from` pings `dst` 5 times with the marker as payload; all must come back.
+fn ping6_marked(lab: &Lab, from: &str, dst: &str) {
+    let out = lab
+        .exec(
+            from,
+            &[
+                "ping", "-6", "-c", "5", "-i", "0.2", "-W", "2", "-p", MARKER_HEX, dst,
+            ],
+        )
+        .unwrap_or_else(|e| panic!("ping6 {dst}: {e}"));
+    assert_eq!(ping_summary(&out), (5, 5), "{out}");
+}
+
+/// wireguard in an IPv6-only network, on the userspace path (this host has no kernel module;
+/// `--wireguard-impl auto`): each lease carries `BackendV6Data {"PublicKey","Port"}` with the
+/// node's key and `ListenPortV6` (Mode left out: `separate`), `tweed-wg` holds the subnet's
+/// /128 and the `IPv6Network` route and no IPv4 address, one IPv6-only socket on
+/// `[::]:51821`; every pod reaches every pod on the other hosts over IPv6, the underlay
+/// carries only WireGuard datagrams (the payload never in clear, and in clear inside the
+/// pod); a restarted agent changes no address or route and its pods are reached again; Mode
+/// `ipv4` and `--wireguard-impl kernel` are refused at start, naming the field or flag.
+#[test]
+fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay() {
+    require_root!(NEEDS_ROOT);
+    let lab = v6_lab("v6o-wg", Backend::Wireguard, PodsVia::Cni);
+    assert_ipv6_only_lab(&lab, "wireguard");
+    assert_pods_reach_each_other(&lab, PodsVia::Cni);
+    let hosts: Vec<_> = lab.state().hosts.clone();
+    let listing = leases(&lab);
+    let mut keys = std::collections::BTreeMap::new();
+    for h in &hosts {
+        let (subnet, _) = subnet6_of(&lab, &h.name);
+        let out = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::fs::File::open(h.agent_state_dir.join("wgkey")).expect("the key file"))
+            .output()
+            .expect("wg pubkey");
+        let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert_eq!(public.len(), 44, "{}: {public}", h.name);
+        keys.insert(subnet.to_string(), public.clone());
+        let value = &listing
+            .iter()
+            .find(|(k, _)| *k == format!("{}-{}", subnet.network(), subnet.prefix()))
+            .expect("our lease")
+            .1;
+        let v: serde_json::Value = serde_json::from_str(value).unwrap();
+        assert_eq!(
+            v["BackendV6Data"],
+            serde_json::json!({"PublicKey": public, "Port": 51821}),
+            "{}",
+            h.name
+        );
+        let link = in_ns(&h.netns, &["ip", "-d", "link", "show", "tweed-wg"]);
+        assert!(link.contains("tun") && link.contains("mtu 1420"), "{link}");
+        let v4 = in_ns(&h.netns, &["ip", "-4", "addr", "show", "dev", "tweed-wg"]);
+        assert!(v4.trim().is_empty(), "{}: {v4}", h.name);
+        let addr = in_ns(&h.netns, &["ip", "-6", "addr", "show", "dev", "tweed-wg"]);
+        let own = format!("{}/128", subnet.network());
+        assert!(addr.contains(&own), "{}: no {own} in {addr}", h.name);
+        let r6 = in_ns(&h.netns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
+        assert!(r6.contains("fd00:10:244::/56"), "{}: {r6}", h.name);
+        let socks = in_ns(&h.netns, &["ss", "-Huln", "sport", "= :51821"]);
+        assert!(
+            socks.lines().count() >= 1 && socks.lines().all(|l| l.contains("[::]:51821")),
+            "{}: {socks}",
+            h.name
+        );
+    }
+
+    // `tweedctl net peers`: each peer with its lease's key on tweed-wg and a handshake (the
+    // figures are taken at each listing: within a resync of `check`'s pings).
+    for h in &hosts {
+        wait_for(
+            Duration::from_secs(15),
+            &format!(
+                "{}: every peer's key and handshake in tweedctl net peers",
+                h.name
+            ),
+            || {
+                let peers = tweedctl_net(h, &["peers"]);
+                peers.as_array().is_some_and(|l| {
+                    l.len() == HOSTS - 1
+                        && l.iter().all(|p| {
+                            p["device"] == "tweed-wg"
+                                && p["subnet"].as_str().and_then(|s| keys.get(s))
+                                    == p["public_key"].as_str().map(String::from).as_ref()
+                                && p["handshake_age_seconds"].as_i64().is_some_and(|a| a >= 0)
+                        })
+                })
+            },
+        );
+    }
+
+    // The underlay: WireGuard datagrams over IPv6 to 51821 only, never the payload in clear
+    // (and the marker is there inside the destination pod, so the capture would have seen it).
+    let dst = hosts[1].pods[0].ip6.expect("pod IPv6").to_string();
+    let mut wg = Vec::new();
+    let cap = capture_while(&lab, "underlay", "udp or icmp6", || {
+        wg = capture_while(&lab, "underlay", "ip6 and udp dst port 51821", || {
+            ping6_marked(&lab, "h1/p1", &dst)
+        });
+    });
+    assert!(cap.len() > 200, "empty capture on the underlay");
+    assert_eq!(
+        count(&cap, MARKER),
+        0,
+        "pod payload in clear on the underlay"
+    );
+    assert!(wg.len() > 200, "no WireGuard datagram over IPv6 to 51821");
+    let in_pod = capture_while(&lab, "h2/p1", "icmp6", || ping6_marked(&lab, "h1/p1", &dst));
+    assert!(
+        count(&in_pod, MARKER) >= 5,
+        "the control capture missed the marker"
+    );
+
+    // Hostile leases (a key that is no key, no Port, a dual-stack PublicIP under an IPv6-only
+    // key) are skipped with the reason, logged by key (programmed, each would be a new entry,
+    // logged as an update), and h2's pods stay reached; an unchanged listing (the 10 s resync included) writes
+    // nothing.
+    let h1_log = || std::fs::read_to_string(&hosts[0].log).unwrap();
+    let updates = |log: &str| log.matches("wireguard device updated").count();
+    let before = updates(&h1_log());
+    let (h2_subnet, _) = subnet6_of(&lab, "h2");
+    let good = leases(&lab)
+        .into_iter()
+        .find(|(k, _)| *k == format!("{}-{}", h2_subnet.network(), h2_subnet.prefix()))
+        .unwrap()
+        .1;
+    let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let h2_key = v["BackendV6Data"]["PublicKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hostile = [
+        ("fd00:10:244:f0::-64", good.replace(&h2_key, "AAEC")),
+        ("fd00:10:244:f1::-64", good.replace(",\"Port\":51821", "")),
+        ("fd00:10:244:f2::-64", good.replace("0.0.0.0", "198.18.0.9")),
+    ];
+    for (k, v) in &hostile {
+        let v = v.replace("fd00:198:18::2", "fd00:198:18::99");
+        etcdctl(&lab, &["put", &format!("{SUBNETS}{k}"), &v]);
+    }
+    wait_for(
+        Duration::from_secs(15),
+        "h1 skipping the hostile leases",
+        || {
+            let log = h1_log();
+            hostile.iter().all(|(k, _)| {
+                log.lines()
+                    .any(|l| l.contains("skipping a lease") && l.contains(k))
+            })
+        },
+    );
+    std::thread::sleep(RESYNC_AND_A_BIT);
+    assert_eq!(
+        updates(&h1_log()),
+        before,
+        "h1 wrote for an unchanged set of peers"
+    );
+    ping6_marked(&lab, "h1/p1", &dst);
+    for (k, _) in &hostile {
+        etcdctl(&lab, &["del", &format!("{SUBNETS}{k}")]);
+    }
+
+    // A restart: the device, its address and route are right, so nothing changes there.
+    let logged = std::fs::metadata(&hosts[1].log).map_or(0, |m| m.len() as usize);
+    let (stopped, events) = restart_watching_addresses_and_routes(&lab, "h2");
+    assert_eq!(events.trim(), "", "address or route changes at a restart");
+    let h1p1 = hosts[0].pods[0].netns.clone();
+    wait_for(
+        Duration::from_secs(15),
+        "h1/p1 ping6 to h2/p1 after h2's restart",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
+    );
+    // Nor any other netlink write: neither the set-up (the TUN device re-attached) nor a
+    // programming pass logs one (each says how many ops it applied, and only when it did).
+    let log = std::fs::read(&stopped.log).unwrap();
+    let since = String::from_utf8_lossy(&log[logged..]);
+    assert!(since.contains("IPv6-only data plane running"), "{since}");
+    for write in ["device set up", "wireguard device updated"] {
+        assert!(
+            !since.contains(write),
+            "a restart wrote ({write}):\n{since}"
+        );
+    }
+    // And back: h2's pod reaches h1's.
+    let back = hosts[0].pods[0].ip6.expect("pod IPv6").to_string();
+    ping6_marked(&lab, "h2/p1", &back);
+
+    // The device deleted under a running agent: set up again (address, route, entries) at the
+    // next listing, and the pods reached again. What another backend of the network would have
+    // left (a host-gw route via the underlay, a `tweed-v6.*` vxlan device) goes at that set-up:
+    // more specific than the overlay route, it would carry pods' packets in clear.
+    let h2ns = hosts[1].netns.clone();
+    let leftover_route = "fd00:10:244:77::/64";
+    let gw = "fd00:198:18::254";
+    in_ns(
+        &h2ns,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            leftover_route,
+            "via",
+            gw,
+            "dev",
+            "eth0",
+            "proto",
+            "static",
+        ],
+    );
+    in_ns(
+        &h2ns,
+        &[
+            "ip",
+            "link",
+            "add",
+            "tweed-v6.9",
+            "type",
+            "vxlan",
+            "id",
+            "9",
+            "dstport",
+            "4789",
+            "dev",
+            "eth0",
+        ],
+    );
+    in_ns(&h2ns, &["ip", "link", "del", "tweed-wg"]);
+    wait_for(
+        Duration::from_secs(20),
+        "h1/p1 ping6 to h2/p1 after h2's tweed-wg was deleted",
+        || ok_in(&h1p1, &["ping", "-6", "-n", "-c", "1", "-W", "2", &dst]),
+    );
+    let r6 = in_ns(&h2ns, &["ip", "-6", "route", "show", "dev", "tweed-wg"]);
+    assert!(r6.contains("fd00:10:244::/56"), "{r6}");
+    let all = in_ns(&h2ns, &["ip", "-6", "route", "show"]);
+    assert!(
+        !all.contains(leftover_route),
+        "a leftover route stayed:\n{all}"
+    );
+    assert!(
+        !ok_in(&h2ns, &["ip", "link", "show", "tweed-v6.9"]),
+        "tweed-v6.9 stayed"
+    );
+    ping6_marked(&lab, "h2/p1", &back);
+
+    // Refused at start, naming the field or flag.
+    let v6_wg = |mode: &str| {
+        format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:77::/56","Backend":{{"Type":"wireguard"{mode}}}}}"#
+        )
+    };
+    let out = agent_refusing(&lab, "h1", "wg-v4", &v6_wg(r#","Mode":"ipv4""#), &[]);
+    assert!(
+        out.contains("Backend.Mode") && out.contains("ipv4"),
+        "{out}"
+    );
+    let out = agent_refusing(
+        &lab,
+        "h1",
+        "wg-kernel",
+        &v6_wg(""),
+        &["--wireguard-impl", "kernel"],
+    );
+    assert!(out.contains("--wireguard-impl kernel"), "{out}");
 }

@@ -8,14 +8,6 @@ use std::time::Duration;
 use tweed_e2e::*;
 use tweed_lab::{Backend, LabSpec};
 
-/// A payload no protocol header contains by chance; `ping -p` repeats it through the packet.
-const MARKER_HEX: &str = "7477656564706c61696e746578742121"; // "tweedplaintext!!"
-const MARKER: &[u8] = b"tweedplaintext!!";
-
-fn count(hay: &[u8], needle: &[u8]) -> usize {
-    hay.windows(needle.len()).filter(|w| *w == needle).count()
-}
-
 /// The packets in a pcap capture (its records), or 0 for an empty or foreign file.
 fn pcap_packets(cap: &[u8]) -> usize {
     let le = match cap.get(..4) {
@@ -54,40 +46,6 @@ fn wireguard_datagrams_during_ping(lab: &tweed_lab::Lab, dst: &str, v6: bool) ->
         assert_eq!((tx, rx), (5, 5), "{out}");
     });
     pcap_packets(&cap)
-}
-
-/// Runs `during` while tcpdump captures on `target` (all interfaces) what matches `filter`; the
-/// raw capture bytes (a 24-byte pcap file header first, when tcpdump wrote anything).
-fn capture_while(
-    lab: &tweed_lab::Lab,
-    target: &str,
-    filter: &str,
-    during: impl FnOnce(),
-) -> Vec<u8> {
-    let file = std::env::temp_dir().join(format!("{}.pcap", tweed_testkit::unique("tweed-wg-cap")));
-    let file_s = file.to_str().unwrap().to_string();
-    let mut dump = lab
-        .command(
-            target,
-            &[
-                "tcpdump", "-i", "any", "-U", "-s", "0", "-w", &file_s, filter,
-            ],
-        )
-        .unwrap()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(1500));
-    during();
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(dump.id() as i32, libc::SIGTERM) };
-    let _ = dump.wait();
-    let bytes = std::fs::read(&file).unwrap_or_default();
-    let _ = std::fs::remove_file(&file);
-    bytes
 }
 
 /// Captures on `target` (all interfaces) while `h1/p1` pings `dst` with the marker; the raw
@@ -1452,22 +1410,7 @@ fn wireguard_ipv6_mode_on_the_default_implementation_reaches_every_peer_over_the
     // A restart: the agent re-attaches its device, whose addresses and routes are right, so
     // nothing changes there (`ip monitor` sees no address or route event); then both families
     // run again.
-    let monitor = lab
-        .command("h2", &["ip", "-o", "monitor", "address", "route"])
-        .unwrap()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ip monitor");
-    std::thread::sleep(Duration::from_millis(500));
-    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
-    restart_agent_ready(&stopped, "h2");
-    std::thread::sleep(Duration::from_secs(1));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
-    let events = monitor.wait_with_output().unwrap();
-    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    let (_, events) = restart_watching_addresses_and_routes(&lab, "h2");
     assert_eq!(events.trim(), "", "address or route changes at a restart");
     let h1p1 = lab.state().hosts[0].pods[0].netns.clone();
     wait_for(

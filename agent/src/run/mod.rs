@@ -24,6 +24,7 @@ mod underlay6;
 mod v6only;
 #[cfg(test)]
 mod v6only_tests;
+mod v6only_wg;
 
 pub use deps::{Clock, Deps};
 pub use main_loop::run_with;

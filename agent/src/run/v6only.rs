@@ -70,6 +70,8 @@ struct Node {
     underlay: Underlay,
     attrs: LeaseAttrs,
     vxlan: Option<Vxlan>,
+    /// The wireguard device, when the backend is wireguard (`run::v6only_wg`).
+    wg: Option<super::v6only_wg::Wg>,
     settings: Settings,
 }
 
@@ -129,16 +131,29 @@ pub(super) async fn run(
         }
         _ => None,
     };
-    let attrs = pure::lease_attrs(
-        underlay.public_ipv6,
-        &net.backend,
-        vxlan.as_ref().and_then(|v| v.spec.mac),
-    );
+    let wg = match &net.backend {
+        BackendConfig::Wireguard(w) => Some(super::v6only_wg::Wg::prepare(
+            w,
+            &settings,
+            net.ipv6.network,
+            underlay.mtu,
+        )?),
+        _ => None,
+    };
+    let attrs = match &wg {
+        Some(w) => w.lease_attrs(underlay.public_ipv6),
+        None => pure::lease_attrs(
+            underlay.public_ipv6,
+            &net.backend,
+            vxlan.as_ref().and_then(|v| v.spec.mac),
+        ),
+    };
     let node = Node {
         net,
         underlay,
         attrs,
         vxlan,
+        wg,
         settings,
     };
     if let Some(v) = &node.vxlan {
@@ -149,7 +164,7 @@ pub(super) async fn run(
             deps.report.mtu(mtu);
         }
     } else {
-        deps.report.mtu(node.underlay.mtu);
+        deps.report.mtu(mtu(&node));
     }
 
     let previous = previous_subnet(&node.settings);
@@ -172,6 +187,9 @@ pub(super) async fn run(
         }
     }
     let result = serve(&deps, &node, own, &mut rules, stop).await;
+    if let Some(w) = &node.wg {
+        w.stop().await;
+    }
     if let Some(done) = rules.stop(RULES_SHUTDOWN_WAIT).await {
         on_rules(&deps, done);
     }
@@ -531,8 +549,25 @@ async fn program(
         deps.report.ipv6_only_rejected(key, why, label);
     }
     let nl = &deps.nl;
-    let ops = match &node.vxlan {
-        Some(v) => {
+    let mut wg_result = Ok(());
+    let ops = match (&node.vxlan, &node.wg) {
+        // The wireguard device applies its own plan (link and entries).
+        (None, Some(w)) => {
+            match w
+                .program(nl, &deps.report, own, node.underlay.public_ipv6, &peers)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    ops = n,
+                    peers = peers.len(),
+                    "IPv6-only: wireguard device updated"
+                ),
+                Err(e) => wg_result = Err(e),
+            }
+            Vec::new()
+        }
+        (Some(v), _) => {
             let existing = nl.link_by_name(&v.spec.name).await?;
             apply(nl, &v6::plan_device6(&v.spec, existing.as_ref())).await?;
             let ifindex = nl
@@ -562,7 +597,7 @@ async fn program(
             };
             v6::plan_direct6(&direct, &observed, &peers)
         }
-        None => {
+        (None, None) => {
             let routes = nl.all_routes6().await?;
             let (ops, skipped) = v6::plan_hostgw6(
                 cfg.network,
@@ -586,7 +621,10 @@ async fn program(
             "IPv6-only: data plane updated"
         );
     }
-    let applied = apply(nl, &ops).await;
+    let applied = match wg_result {
+        Ok(()) => apply(nl, &ops).await,
+        Err(e) => Err(e),
+    };
     let (leases, peer_views) = views(deps, node, own, listing, &peers, &applied);
     deps.report.ipv6_only_views(leases, peer_views);
     applied
@@ -681,16 +719,20 @@ fn on_rules(deps: &V6Only, done: Done<V6OnlyRules>) {
         .rules_synced(deps.firewall.name(), done.spec.ip_masq, &done.synced);
 }
 
+/// The pods' MTU: the device's (vxlan, wireguard), else the underlay's (host-gw).
+fn mtu(node: &Node) -> u32 {
+    match (&node.vxlan, &node.wg) {
+        (Some(v), _) => v.spec.mtu.unwrap_or(node.underlay.mtu),
+        (None, Some(w)) => w.mtu(),
+        (None, None) => node.underlay.mtu,
+    }
+}
+
 /// subnet.env with only the IPv6 pair, the MTU and IPMASQ.
 fn write_subnet_env(node: &Node, report: &Report, own: Ipv6Network) {
-    let mtu = node
-        .vxlan
-        .as_ref()
-        .and_then(|v| v.spec.mtu)
-        .unwrap_or(node.underlay.mtu);
     let env = SubnetEnv {
         ipv4: None,
-        mtu,
+        mtu: mtu(node),
         ipmasq: node.settings.ip_masq,
         ipv6: Some(SubnetEnvV6::for_node(node.net.ipv6.network, own)),
     };

@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod key;
 pub mod plan;
 pub mod userspace;
+pub mod v6only;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,13 @@ pub enum WgError {
          (configured/underlay MTU {base}, WireGuard needs 80 bytes of it)"
     )]
     Mtu { mtu: u32, base: u32 },
+
+    /// An IPv6-only network's device carries IPv6 only, whose minimum MTU is 1280.
+    #[error(
+        "wireguard: MTU {mtu} left for {DEVICE} is below the IPv6 minimum of 1280 \
+         (configured/underlay MTU {base}, WireGuard needs 80 bytes of it)"
+    )]
+    Mtu6 { mtu: u32, base: u32 },
 
     #[error("wireguard: the {0} implementation is not available on this host: {1}")]
     Unavailable(&'static str, String),
