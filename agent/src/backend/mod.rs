@@ -350,7 +350,10 @@ impl Prepared {
 
     /// `attrs` with a dual-stack node's IPv6 half: `PublicIPv6`, and a `BackendV6Data` when
     /// the backend serves IPv6 ([`crate::ipv6::with_public_ipv6`]; wireguard in every
-    /// `Backend.Mode`, on either path, the mode then recorded for its set-up).
+    /// `Backend.Mode`, on either path, the mode then recorded for its set-up). At start
+    /// `attrs` is what [`new`](Self::new) returned; a node turning dual at run time passes its
+    /// lease as published (a rotated key, a moved `PublicIP` kept), and the running backend
+    /// takes the recorded half too (`WgBackend::set_dual`).
     pub fn with_ipv6(
         &mut self,
         attrs: LeaseAttrs,
@@ -371,9 +374,25 @@ impl Prepared {
             listen_port_v6: w.listen_port_v6,
             ipv6: ipv6.clone(),
             public_ipv6,
+            // Learnt from the lease's key once it has the IPv6 half (`set_own_subnet_v6`):
+            // until then nothing is planned for IPv6.
             own_subnet: None,
         }));
-        Ok(c.lease_attrs())
+        let mut attrs = crate::ipv6::with_public_ipv6(attrs, public_ipv6);
+        attrs.backend_v6_data = Some(wireguard::plan::backend_data(
+            &c.public_key(),
+            wireguard::dual::v6_port(w.mode, c.listen_port, w.listen_port_v6),
+        ));
+        Ok(attrs)
+    }
+
+    /// wireguard's IPv6 half as recorded by [`with_ipv6`](Self::with_ipv6), for the running
+    /// backend; `None` for the other backends or before it.
+    pub fn wireguard_dual(&self) -> Option<&wireguard::WgDual> {
+        match self {
+            Prepared::Wireguard(c) => c.dual.as_deref(),
+            _ => None,
+        }
     }
 
     /// Our lease's IPv6 subnet, for a backend that serves IPv6 itself (wireguard's device).

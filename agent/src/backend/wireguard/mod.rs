@@ -459,6 +459,18 @@ impl WgBackend {
         }
     }
 
+    /// This node turns dual stack at run time (it started IPv4 only, or turned so): the IPv6
+    /// half its lease is about to advertise (`Prepared::with_ipv6`). Nothing changes in the
+    /// plans until our lease's IPv6 subnet is known ([`set_own_subnet_v6`](Self::set_own_subnet_v6)):
+    /// the subnet already learnt is kept, so a repeated call plans nothing new.
+    pub fn set_dual(&mut self, dual: &WgDual) {
+        let own_subnet = self.cfg.dual.as_ref().and_then(|d| d.own_subnet);
+        self.cfg.dual = Some(Box::new(WgDual {
+            own_subnet,
+            ..dual.clone()
+        }));
+    }
+
     /// Our `PublicIPv6` moved ([`WgConfig::set_public_ipv6`]).
     pub fn set_public_ipv6(&mut self, to: std::net::Ipv6Addr) {
         self.cfg.set_public_ipv6(to);
