@@ -397,7 +397,9 @@ impl Plane {
         cfg: &tweed_config::Ipv6Config,
         backend: &tweed_config::BackendConfig,
     ) -> Result<LeaseAttrs, crate::backend::BackendError> {
-        let attrs = self.prepared.with_ipv6(current, public_ipv6, cfg, backend)?;
+        let attrs = self
+            .prepared
+            .with_ipv6(current, public_ipv6, cfg, backend)?;
         if let (Some(d), DataPlane::Wireguard(b)) =
             (self.prepared.wireguard_dual(), &mut self.backend)
         {
@@ -1288,7 +1290,10 @@ mod wireguard_separate_tests {
             .map(|p| {
                 (
                     p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
-                    p.allowed.iter().map(|(ip, c)| format!("{ip}/{c}")).collect(),
+                    p.allowed
+                        .iter()
+                        .map(|(ip, c)| format!("{ip}/{c}"))
+                        .collect(),
                 )
             })
             .collect()
@@ -1323,7 +1328,10 @@ mod wireguard_separate_tests {
             plane.program(&remotes).await.expect("programmed");
             assert_eq!(
                 entries(&g4),
-                [("198.51.100.2:51820".to_string(), vec!["10.5.2.0/24".to_string()])],
+                [(
+                    "198.51.100.2:51820".to_string(),
+                    vec!["10.5.2.0/24".to_string()]
+                )],
                 "{mode}: IPv4 only"
             );
             let (backend, ipv6) = net(mode);
@@ -1343,7 +1351,10 @@ mod wireguard_separate_tests {
                 serde_json::json!({"PublicKey": me, "Port": port6}),
                 "{mode}"
             );
-            assert_eq!(v["BackendData"], serde_json::json!({"PublicKey": me, "Port": 51820}));
+            assert_eq!(
+                v["BackendData"],
+                serde_json::json!({"PublicKey": me, "Port": 51820})
+            );
             // Until the lease's key has the IPv6 half nothing changes.
             let writes = (fake.ops().len(), g4.lock().unwrap().writes);
             let s = plane.program(&remotes).await.unwrap();

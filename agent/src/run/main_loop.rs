@@ -789,10 +789,7 @@ impl Agent {
             "a usable IPv6 address appeared on the underlay interface: turning dual stack (taking the lease's IPv6 half, setting the IPv6 data plane up)"
         );
         let current = self.lease.attrs().clone();
-        let attrs = match self
-            .plane
-            .dual_attrs(current, to, &cfg6, &self.backend_cfg)
-        {
+        let attrs = match self.plane.dual_attrs(current, to, &cfg6, &self.backend_cfg) {
             Ok(a) => a,
             Err(e) => {
                 error!(public_ipv6 = %to, "turning dual stack: {e}; the node stays IPv4 only");

@@ -751,8 +751,16 @@ mod tests {
         let auto = Some(tweed_config::WireguardMode::Auto);
         for b in ["udp", "wireguard", "vxlan", "host-gw"] {
             let mode = (b == "wireguard").then_some(auto).flatten();
-            let mut w = watcher(&dual, b, mode, None, 2, "eth0".into(), Ipv6Addrs::Fixed(vec![]))
-                .expect("a dual-stack node has a watcher");
+            let mut w = watcher(
+                &dual,
+                b,
+                mode,
+                None,
+                2,
+                "eth0".into(),
+                Ipv6Addrs::Fixed(vec![]),
+            )
+            .expect("a dual-stack node has a watcher");
             let mut got = Vec::new();
             for _ in 0..4 {
                 got.extend(w.check());
