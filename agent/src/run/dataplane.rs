@@ -1248,6 +1248,7 @@ mod wireguard_separate_tests {
     ) -> Plane {
         let mut cfg = separate_cfg(None);
         cfg.dual = None;
+        cfg.key_path = tmp.join("wgkey");
         let (_, ipv6) = net("separate");
         let backend = WgBackend::setup_with(nl, cfg.clone(), two_opener(g4, g6))
             .await
@@ -1338,13 +1339,17 @@ mod wireguard_separate_tests {
             let Prepared::Wireguard(c) = &plane.prepared else {
                 unreachable!()
             };
-            let before = c.lease_attrs();
+            let published = c.lease_attrs();
+            // A key rotated while IPv4 only: the IPv6 half names the key in use.
+            let (_, me, before) = plane.rotate_wireguard_key(&published).unwrap();
+            let me = me.to_string();
+            assert_ne!(before.to_json(), published.to_json());
+            plane.program(&remotes).await.unwrap();
             let attrs = plane
                 .dual_attrs(before.clone(), to, &ipv6, &backend)
                 .unwrap();
             let v: serde_json::Value = serde_json::from_str(&attrs.to_json()).unwrap();
             let port6 = if mode == "separate" { 51821 } else { 51820 };
-            let me = PrivateKey::from_bytes([1; 32]).public().to_string();
             assert_eq!(v["PublicIPv6"], "2001:db8::1", "{mode}");
             assert_eq!(
                 v["BackendV6Data"],
