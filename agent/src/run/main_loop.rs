@@ -847,6 +847,8 @@ impl Agent {
     fn try_v4_only(&mut self) {
         if let Some(t) = self.to_v4.as_mut() {
             t.retry_at = None;
+            // What the lease advertises now: a key rotated since the last attempt included.
+            t.attrs = crate::ipv6::without_ipv6(self.lease.attrs().clone());
             t.attempt = Some(self.lease.spawn_acquire(t.attrs.clone()));
         }
     }
@@ -901,7 +903,9 @@ impl Agent {
             return;
         };
         let old = self.lease.own().subnet();
-        self.lease.switched(own, attrs);
+        if !self.lease.switched_v4_only(own, attrs).await {
+            warn!("turned IPv4 only: the lease's attributes published meanwhile (a rotated key) are not in etcd yet; retrying");
+        }
         let iface = self
             .underlay6
             .as_mut()
