@@ -197,6 +197,16 @@ impl BackendError {
                 | BackendError::Wireguard(WgError::DeviceGone)
         )
     }
+
+    /// What the backend ran is stopped (wireguard's userspace workers, stopped for a socket
+    /// change whose new workers failed): programming it again would carry nothing, it must be
+    /// set up again.
+    pub fn is_stopped(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Wireguard(WgError::WorkersStopped { .. })
+        )
+    }
 }
 
 /// A backend chosen from the network config, not set up yet.

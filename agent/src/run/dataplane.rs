@@ -649,6 +649,7 @@ impl Plane {
                     Err(e) => {
                         error!("programming the data plane: {e}");
                         self.report.backend_failed();
+                        self.backend_down |= e.is_stopped();
                         return None;
                     }
                 }
@@ -656,6 +657,8 @@ impl Plane {
             Err(e) => {
                 error!("programming the data plane: {e}");
                 self.report.backend_failed();
+                // The next programming or repair sets it up again rather than program it.
+                self.backend_down |= e.is_stopped();
                 return None;
             }
         };

@@ -72,6 +72,18 @@ pub enum WgError {
     #[error("wireguard: the {0} implementation is not available on this host: {1}")]
     Unavailable(&'static str, String),
 
+    /// The userspace workers were stopped to start again on other sockets, and the new ones
+    /// did not start: `tweed-wg` carries nothing until the backend is set up again.
+    #[error(
+        "wireguard: starting {DEVICE}'s userspace workers again on {family} sockets: {source}; \
+         the old ones are stopped, so the backend is set up again"
+    )]
+    WorkersStopped {
+        family: &'static str,
+        #[source]
+        source: Box<crate::backend::UdpError>,
+    },
+
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
 
@@ -951,7 +963,12 @@ impl Userspace {
         );
         // The old workers hold the port and the TUN queues until they end.
         self.udp.stop().await;
-        self.udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, want.dual_device).await?;
+        self.udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, want.dual_device)
+            .await
+            .map_err(|e| WgError::WorkersStopped {
+                family: want.family(),
+                source: Box::new(e),
+            })?;
         // The new workers start with no table: the caller publishes this one to them.
         self.published = false;
         Ok(self.udp.setup_ops().to_vec())
