@@ -1303,7 +1303,8 @@ mod wireguard_separate_tests {
             .collect()
     }
 
-    /// The main loop's `turn_dual` on the kernel path, in every `Backend.Mode`: a node that
+    /// The main loop's `turn_dual` on the kernel path, in every `Backend.Mode` (`ipv6` as a plan
+    /// check only: refused at start without an address, it never waits for one): a node that
     /// started IPv4 only gets an IPv6 underlay address at run time. Its lease value gains
     /// `PublicIPv6` and `BackendV6Data {"PublicKey","Port"}` (flannel's form, `ListenPortV6` in
     /// `separate`) with the key in use; once the lease's key has the IPv6 half, the next

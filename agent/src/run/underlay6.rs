@@ -470,7 +470,8 @@ mod tests {
     }
 
     /// wireguard turns dual at run time like the other backends (its watcher asks the main loop
-    /// to take the lease's IPv6 half, in every `Backend.Mode`), and a `separate` node turns IPv4
+    /// to take the lease's IPv6 half, whatever the `Backend.Mode`; `ipv6` never waits in
+    /// practice, being refused at start without an address), and a `separate` node turns IPv4
     /// only again when the address is gone, as vxlan's does; the other modes only log the loss.
     #[tokio::test(start_paused = true)]
     async fn a_waiting_wireguard_node_turns_dual_and_only_separate_turns_ipv4_only_again() {
