@@ -400,6 +400,10 @@ impl Plane {
         let attrs = self
             .prepared
             .with_ipv6(current, public_ipv6, cfg, backend)?;
+        // `with_ipv6` records no IPv6 subnet; ours, when known, stays on the prepared config as
+        // on the backend (`set_dual` keeps it), or a later set-up (a move, an MTU change) would
+        // build without IPv6 while the plane is dual.
+        self.prepared.set_own_subnet_v6(self.own_v6);
         if let (Some(d), DataPlane::Wireguard(b)) =
             (self.prepared.wireguard_dual(), &mut self.backend)
         {
@@ -1457,6 +1461,16 @@ mod wireguard_separate_tests {
                 }};
             }
             quiet_pass!("dual");
+            // A repeated turn keeps our IPv6 subnet on the prepared config (later set-ups).
+            plane
+                .dual_attrs(before.clone(), to, &ipv6, &backend)
+                .unwrap();
+            assert_eq!(
+                plane.prepared.wireguard_dual().and_then(|d| d.own_subnet),
+                Some(own6),
+                "{mode}"
+            );
+            quiet_pass!("a repeated turn");
             if mode != "separate" {
                 continue;
             }
