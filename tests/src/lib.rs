@@ -215,6 +215,14 @@ pub fn free_subnet(lab: &Lab, skip: &[&str]) -> String {
         .expect("a free 10.244.x.0/24 in 200..250")
 }
 
+/// The IPv6 half of a dual-stack lease key as flannel's watcher reads it:
+/// `.../10.244.5.0-24&fd00:10:244:5::-64` -> `fd00:10:244:5::/64`; `None` for an IPv4-only key.
+pub fn key_subnet6(key: &str) -> Option<ipnetwork::Ipv6Network> {
+    let (_, v6) = key.rsplit('/').next()?.split_once('&')?;
+    let (addr, len) = v6.rsplit_once('-')?;
+    ipnetwork::Ipv6Network::new(addr.parse().ok()?, len.parse().ok()?).ok()
+}
+
 /// A host's subnet as its lease key names it: `10.244.7.1/24` -> `10.244.7.0`.
 pub fn subnet_network(subnet: &str) -> String {
     let (addr, _) = subnet

@@ -756,14 +756,6 @@ fn a_node_without_ipv6_stays_reachable_over_ipv4_in_a_dual_stack_lab() {
     );
 }
 
-/// The IPv6 half of a dual-stack lease key or value as flannel's watcher reads it:
-/// `10.244.5.0-24&fd00:10:244:5::-64` -> `fd00:10:244:5::/64`.
-fn key_subnet6(key: &str) -> Option<Ipv6Network> {
-    let (_, v6) = key.rsplit('/').next()?.split_once('&')?;
-    let (addr, len) = v6.rsplit_once('-')?;
-    Ipv6Network::new(addr.parse().ok()?, len.parse().ok()?).ok()
-}
-
 /// A node configured by hand exactly the way flannel v0.28's vxlan backend configures a
 /// dual-stack node (pkg/backend/vxlan, read for facts): `flannel.1` and `flannel-v6.1` (VNI 1, port
 /// 8472, local its PublicIP / PublicIPv6, learning off), the IPv4 subnet's network /32 on

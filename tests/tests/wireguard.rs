@@ -1821,3 +1821,253 @@ fn a_flannel_configured_ipv6_mode_wireguard_go_node_reaches_tweed_pods_over_both
     }
     println!("wireguard-go in ipv6 mode:\n{dump}");
 }
+
+/// Twice the agent's 3 s grace (`underlay6::GRACE`): past it a `separate` node has turned IPv4
+/// only (3.25 s measured), so a node still dual then keeps its IPv6 half.
+const SEPARATE_TURN_WINDOW: Duration = Duration::from_secs(6);
+
+/// Issues 18/19, a wireguard node turning dual stack at run time on the userspace path: h2's
+/// IPv6 underlay address is removed before its agent starts, so it runs IPv4 only (lease,
+/// subnet.env); the address comes back while the agent runs. Without a restart h2's lease
+/// takes its IPv6 half (flannel's `v4&v6` key, `PublicIPv6`, `BackendV6Data
+/// {"PublicKey","Port"}` with h2's key and `port6`), subnet.env gets the IPv6 subnet,
+/// `device6` its /128 (`tweed-wg-v6` in `separate`, `tweed-wg` in the single-device modes),
+/// h1 learns the half from the lease, ping6 between h1's pod and h2's overlay address works
+/// both ways, and IPv4 between the pods keeps working.
+fn assert_wireguard_turns_dual_without_restart(tag: &str, mode: &str, device6: &str, port6: u16) {
+    let mut spec = LabSpec::new(per_process(tag), 2);
+    spec.backend = Backend::Wireguard;
+    spec.pods_per_host = 1;
+    spec.ip_family = tweed_lab::spec::IpFamily::Dual;
+    spec.wireguard_mode = Some(mode.into());
+    spec.agent_args = vec!["--wireguard-impl=userspace".into()];
+    let lab = up(spec);
+    assert_eq!(
+        lab.check_until(Duration::from_secs(20)).unwrap().failed(),
+        0
+    );
+    let h1 = host_state(&lab, "h1");
+    let h2 = host_state(&lab, "h2");
+    let addr = format!("{}/64", h2.public_ip6.unwrap());
+    let stopped = stop_agent(&lab, "h2", libc::SIGTERM);
+    in_ns(
+        &h2.netns,
+        &["ip", "-6", "addr", "del", &addr, "dev", "eth0"],
+    );
+    start_agent(&stopped);
+    wait_for(
+        Duration::from_secs(15),
+        "h2's subnet.env without an IPv6 half",
+        || {
+            std::fs::read_to_string(&h2.log).is_ok_and(|l| l.contains("IPv4 only"))
+                && tweed_config::SubnetEnv::read(&h2.subnet_file).is_ok_and(|e| e.ipv6.is_none())
+        },
+    );
+    let starts_before = std::fs::read_to_string(&h2.log)
+        .unwrap()
+        .matches("network config")
+        .count();
+    let added = std::time::Instant::now();
+    in_ns(
+        &h2.netns,
+        &["ip", "-6", "addr", "add", &addr, "dev", "eth0"],
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "h2's subnet.env with an IPv6 half",
+        || tweed_config::SubnetEnv::read(&h2.subnet_file).is_ok_and(|e| e.ipv6.is_some()),
+    );
+    let log = std::fs::read_to_string(&h2.log).unwrap();
+    assert!(log.contains("turning dual stack"), "{log}");
+    assert_eq!(
+        log.matches("network config").count(),
+        starts_before,
+        "no restart"
+    );
+    let sub6 = tweed_config::SubnetEnv::read(&h2.subnet_file)
+        .unwrap()
+        .ipv6
+        .unwrap()
+        .node_subnet();
+    let listing = etcdctl(&lab, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    let at = lines
+        .iter()
+        .position(|k| key_subnet6(k) == Some(sub6))
+        .unwrap_or_else(|| panic!("no v4&v6 key for h2 ({sub6}) in\n{listing}"));
+    let value: serde_json::Value = serde_json::from_str(lines[at + 1]).unwrap();
+    let public = pubkey_of(&h2.agent_state_dir.join("wgkey"));
+    assert_eq!(
+        value["PublicIPv6"],
+        h2.public_ip6.unwrap().to_string(),
+        "{value}"
+    );
+    assert_eq!(
+        value["BackendV6Data"],
+        serde_json::json!({"PublicKey": public, "Port": port6}),
+        "{value}"
+    );
+    let dev_addr = sub6.network().to_string();
+    wait_for(Duration::from_secs(10), "h2's IPv6 device /128", || {
+        in_ns(&h2.netns, &["ip", "-6", "addr", "show", "dev", device6])
+            .contains(&format!("{dev_addr}/128"))
+    });
+    // h1's pod reaches h2's device over IPv6 (h1 learns the IPv6 half from the renamed
+    // lease); h2 reaches h1's pod (its replies and its own pings leave through `device6`).
+    wait_for(
+        Duration::from_secs(20),
+        "ping6 h1/p1 -> h2's device",
+        || {
+            ok_in(
+                &h1.pods[0].netns,
+                &["ping", "-6", "-n", "-c", "1", "-W", "1", &dev_addr],
+            )
+        },
+    );
+    eprintln!(
+        "{tag} ({mode}): ping6 h1/p1 -> h2's {device6} answered {:?} after the address was added",
+        added.elapsed()
+    );
+    let h1_pod6 = h1.pods[0].ip6.expect("h1's pod has IPv6").to_string();
+    assert!(
+        ok_in(
+            &h2.netns,
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", &h1_pod6]
+        ),
+        "h2 -> h1/p1 over IPv6"
+    );
+    let v4 = ipv4_of(&h2.pods[0]).to_string();
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-n", "-c", "2", "-W", "2", &v4]
+        ),
+        "h1/p1 -> h2/p1 over IPv4"
+    );
+    let ping6_dev = || {
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", &dev_addr],
+        )
+    };
+    let keys = || {
+        etcdctl(
+            &lab,
+            &[
+                "get",
+                "--prefix",
+                "--keys-only",
+                "/coreos.com/network/subnets/",
+            ],
+        )
+    };
+    // The address goes again (as underlay6.rs decides per backend).
+    let gone_at = std::time::Instant::now();
+    in_ns(
+        &h2.netns,
+        &["ip", "-6", "addr", "del", &addr, "dev", "eth0"],
+    );
+    if mode != "separate" {
+        // `auto`/`ipv4` carry IPv6 over the IPv4 underlay: like udp, the node stays dual.
+        // The watcher's branch for a node that keeps its IPv6 half (no grace timer is set).
+        wait_for(Duration::from_secs(5), "h2 logs the lost address", || {
+            std::fs::read_to_string(&h2.log).is_ok_and(|l| {
+                l.contains(
+                    "udp and wireguard Mode ipv4/auto carry IPv6 over IPv4 and are unaffected",
+                )
+            })
+        });
+        // And IPv6 keeps crossing past the window in which separate would have turned.
+        while gone_at.elapsed() < SEPARATE_TURN_WINDOW {
+            assert!(
+                ping6_dev(),
+                "h1/p1 -> h2's {device6} {:?} after h2's IPv6 underlay address went",
+                gone_at.elapsed()
+            );
+        }
+        let log = std::fs::read_to_string(&h2.log).unwrap();
+        assert!(!log.contains("turning IPv4 only"), "{log}");
+        assert!(
+            tweed_config::SubnetEnv::read(&h2.subnet_file).is_ok_and(|e| e.ipv6.is_some()),
+            "subnet.env keeps the IPv6 half"
+        );
+        assert!(keys().lines().any(|k| key_subnet6(k) == Some(sub6)));
+        assert!(
+            ping6_dev(),
+            "h1/p1 -> h2's {device6} without h2's IPv6 underlay address"
+        );
+        return;
+    }
+    // `separate`: tweed-wg-v6's peers send to the address, so after the grace h2 turns IPv4
+    // only, as vxlan does: v4 key, no IPv6 device, IPv4 still through.
+    wait_for(
+        Duration::from_secs(20),
+        "h2's subnet.env without an IPv6 half again",
+        || tweed_config::SubnetEnv::read(&h2.subnet_file).is_ok_and(|e| e.ipv6.is_none()),
+    );
+    let after = gone_at.elapsed();
+    eprintln!("{tag}: h2 turned IPv4 only {after:?} after its address was deleted");
+    assert!(
+        after >= Duration::from_secs(3),
+        "before the grace: {after:?}"
+    );
+    wait_for(Duration::from_secs(10), "h2 logs the switch", || {
+        std::fs::read_to_string(&h2.log).is_ok_and(|l| l.contains("turned IPv4 only"))
+    });
+    assert!(
+        !keys().lines().any(|k| key_subnet6(k) == Some(sub6)),
+        "{}",
+        keys()
+    );
+    wait_for(Duration::from_secs(10), "h2's tweed-wg-v6 removed", || {
+        tweed_testkit::cmd::try_in_ns(&h2.netns, &["ip", "link", "show", device6]).is_err()
+    });
+    assert!(
+        ok_in(
+            &h1.pods[0].netns,
+            &["ping", "-n", "-c", "2", "-W", "2", &v4]
+        ),
+        "h1/p1 -> h2/p1 over IPv4 with h2 IPv4 only"
+    );
+    // Back: dual again on the same IPv6 subnet, without a restart.
+    in_ns(
+        &h2.netns,
+        &["ip", "-6", "addr", "add", &addr, "dev", "eth0", "nodad"],
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "h2's subnet.env with an IPv6 half again",
+        || {
+            tweed_config::SubnetEnv::read(&h2.subnet_file)
+                .is_ok_and(|e| e.ipv6.is_some_and(|v| v.node_subnet() == sub6))
+        },
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "ping6 h1/p1 -> h2's tweed-wg-v6 again",
+        ping6_dev,
+    );
+    let log = std::fs::read_to_string(&h2.log).unwrap();
+    let turned = "a usable IPv6 address appeared on the underlay interface: turning dual stack";
+    assert_eq!(log.matches(turned).count(), 2, "{log}");
+    assert_eq!(
+        log.matches("network config").count(),
+        starts_before,
+        "no restart"
+    );
+    // The IPv6 pods' traffic crosses the IPv6 underlay as WireGuard to ListenPortV6.
+    let n = wireguard_v6_datagrams_during_ping6(&lab, &dev_addr);
+    assert!(n >= 10, "{n} WireGuard datagrams to 51821 over IPv6");
+}
+
+#[test]
+fn wireguard_separate_node_turns_dual_stack_when_its_ipv6_address_appears_without_restart() {
+    require_root!(NEEDS_ROOT);
+    assert_wireguard_turns_dual_without_restart("wgd6s", "separate", "tweed-wg-v6", 51821);
+}
+
+#[test]
+fn wireguard_auto_node_turns_dual_stack_when_its_ipv6_address_appears_without_restart() {
+    require_root!(NEEDS_ROOT);
+    assert_wireguard_turns_dual_without_restart("wgd6a", "auto", "tweed-wg", 51820);
+}

@@ -197,6 +197,16 @@ impl BackendError {
                 | BackendError::Wireguard(WgError::DeviceGone)
         )
     }
+
+    /// What the backend ran is stopped (wireguard's userspace workers, stopped for a socket
+    /// change whose new workers failed): programming it again would carry nothing, it must be
+    /// set up again.
+    pub fn is_stopped(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Wireguard(WgError::WorkersStopped { .. })
+        )
+    }
 }
 
 /// A backend chosen from the network config, not set up yet.
@@ -331,12 +341,24 @@ impl Prepared {
     /// Whether this node can run `backend` with the IPv6 underlay `ipv6` it found: wireguard's
     /// `Mode: ipv6` needs an IPv6 underlay address (every peer is reached there); a node
     /// without one fails at start, naming the interface, rather than run cut off from all.
+    /// `separate`'s two devices need two ports in any network with an IPv6 half.
     pub fn check_ipv6_underlay(
         &self,
         backend: &BackendConfig,
         ipv6: &crate::ipv6::Ipv6Mode,
     ) -> Result<(), BackendError> {
         match (backend, ipv6) {
+            // Refused whether the node starts dual or IPv4 only: one that turns dual at run
+            // time would fail there at every address notification instead.
+            (BackendConfig::Wireguard(w), mode)
+                if *mode != crate::ipv6::Ipv6Mode::Off
+                    && w.mode == tweed_config::WireguardMode::Separate
+                    && w.listen_port_v6 == w.listen_port =>
+            {
+                Err(BackendError::Wireguard(WgError::SamePortV6 {
+                    port: w.listen_port_v6,
+                }))
+            }
             (BackendConfig::Wireguard(w), crate::ipv6::Ipv6Mode::V4Only { iface })
                 if w.mode == tweed_config::WireguardMode::Ipv6 =>
             {
@@ -350,7 +372,13 @@ impl Prepared {
 
     /// `attrs` with a dual-stack node's IPv6 half: `PublicIPv6`, and a `BackendV6Data` when
     /// the backend serves IPv6 ([`crate::ipv6::with_public_ipv6`]; wireguard in every
-    /// `Backend.Mode`, on either path, the mode then recorded for its set-up).
+    /// `Backend.Mode`, on either path, the mode then recorded for its set-up). At start
+    /// `attrs` is what [`new`](Self::new) returned; a node turning dual at run time passes its
+    /// lease as published (fields followed at run time are kept), and the running backend
+    /// takes the recorded half too (`WgBackend::set_dual`). Both `BackendData` and
+    /// `BackendV6Data` name the key in use: peers sharing one device drop an IPv6 half whose
+    /// key differs from its `BackendData`'s, and a published lease may still name a key
+    /// rotated away.
     pub fn with_ipv6(
         &mut self,
         attrs: LeaseAttrs,
@@ -371,9 +399,25 @@ impl Prepared {
             listen_port_v6: w.listen_port_v6,
             ipv6: ipv6.clone(),
             public_ipv6,
+            // Learnt from the lease's key once it has the IPv6 half (`set_own_subnet_v6`):
+            // until then nothing is planned for IPv6.
             own_subnet: None,
         }));
-        Ok(c.lease_attrs())
+        let mut attrs = crate::ipv6::with_public_ipv6(attrs, public_ipv6);
+        attrs.backend_v6_data = Some(wireguard::plan::backend_data(
+            &c.public_key(),
+            wireguard::dual::v6_port(w.mode, c.listen_port, w.listen_port_v6),
+        ));
+        Ok(c.with_key(&attrs))
+    }
+
+    /// wireguard's IPv6 half as recorded by [`with_ipv6`](Self::with_ipv6), for the running
+    /// backend; `None` for the other backends or before it.
+    pub fn wireguard_dual(&self) -> Option<&wireguard::WgDual> {
+        match self {
+            Prepared::Wireguard(c) => c.dual.as_deref(),
+            _ => None,
+        }
     }
 
     /// Our lease's IPv6 subnet, for a backend that serves IPv6 itself (wireguard's device).
@@ -1332,6 +1376,23 @@ mod tests {
             let msg = got.expect_err(&format!("{wanted:?} accepted")).to_string();
             assert!(msg.contains("Backend.ListenPortV6 51820"), "{msg}");
             assert!(msg.contains("tweed-wg-v6"), "{msg}");
+            // Refused at start too, also on a node starting IPv4 only (it could turn dual at
+            // run time); a network without an IPv6 half never builds the IPv6 device.
+            let v4only = crate::ipv6::Ipv6Mode::V4Only {
+                iface: "eth0".into(),
+            };
+            let dual = crate::ipv6::Ipv6Mode::DualStack {
+                public_ipv6: "2001:db8::1".parse().unwrap(),
+            };
+            for ipv6 in [&v4only, &dual] {
+                let msg = p
+                    .check_ipv6_underlay(&cfg.backend, ipv6)
+                    .expect_err(&format!("{wanted:?} {ipv6:?} accepted at start"))
+                    .to_string();
+                assert!(msg.contains("Backend.ListenPortV6 51820"), "{msg}");
+            }
+            p.check_ipv6_underlay(&cfg.backend, &crate::ipv6::Ipv6Mode::Off)
+                .unwrap();
         }
     }
 

@@ -384,6 +384,34 @@ impl Plane {
         self.report.mtu(self.pod_mtu());
     }
 
+    /// The lease value for turning dual stack on `public_ipv6`: `current` (our lease as
+    /// published) with the IPv6 half. wireguard records its IPv6 half (`Backend.Mode`,
+    /// `ListenPortV6`) on the prepared config and the running backend here, before the lease
+    /// names it; both plan IPv4 only until [`set_own_v6`](Self::set_own_v6) gives them our IPv6
+    /// subnet. Fails on a net-conf that cannot run dual (`separate` with `ListenPortV6` equal to
+    /// `ListenPort`).
+    pub(super) fn dual_attrs(
+        &mut self,
+        current: LeaseAttrs,
+        public_ipv6: Ipv6Addr,
+        cfg: &tweed_config::Ipv6Config,
+        backend: &tweed_config::BackendConfig,
+    ) -> Result<LeaseAttrs, crate::backend::BackendError> {
+        let attrs = self
+            .prepared
+            .with_ipv6(current, public_ipv6, cfg, backend)?;
+        // `with_ipv6` records no IPv6 subnet; ours, when known, stays on the prepared config as
+        // on the backend (`set_dual` keeps it), or a later set-up (a move, an MTU change) would
+        // build without IPv6 while the plane is dual.
+        self.prepared.set_own_subnet_v6(self.own_v6);
+        if let (Some(d), DataPlane::Wireguard(b)) =
+            (self.prepared.wireguard_dual(), &mut self.backend)
+        {
+            b.set_dual(d);
+        }
+        Ok(attrs)
+    }
+
     /// This node ran IPv4 only and has a `PublicIPv6` now: the IPv6 plane is set up at the next
     /// reconcile once the lease has its IPv6 half too ([`set_own_v6`](Self::set_own_v6)).
     pub(super) fn enable_ipv6(&mut self, cfg: tweed_config::Ipv6Config, public_ipv6: Ipv6Addr) {
@@ -625,6 +653,7 @@ impl Plane {
                     Err(e) => {
                         error!("programming the data plane: {e}");
                         self.report.backend_failed();
+                        self.backend_down |= e.is_stopped();
                         return None;
                     }
                 }
@@ -632,6 +661,8 @@ impl Plane {
             Err(e) => {
                 error!("programming the data plane: {e}");
                 self.report.backend_failed();
+                // The next programming or repair sets it up again rather than program it.
+                self.backend_down |= e.is_stopped();
                 return None;
             }
         };
@@ -1193,6 +1224,279 @@ mod wireguard_separate_tests {
         };
         plane.setup_v6().await;
         plane
+    }
+
+    /// The network config of these tests in `mode`, and its IPv6 half.
+    fn net(mode: &str) -> (tweed_config::BackendConfig, tweed_config::Ipv6Config) {
+        let n = tweed_config::NetworkConfig::parse(&format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{{"Type":"wireguard","Mode":"{mode}"}}}}"#
+        ))
+        .unwrap();
+        (n.backend, n.ipv6.unwrap())
+    }
+
+    /// Peer 2's dual-stack lease as a node in `mode` writes it (`BackendV6Data.Port`
+    /// `ListenPortV6` in `separate`, `ListenPort` otherwise).
+    fn peer2(mode: &str) -> (PublicKey, LeaseAttrs) {
+        let k = PrivateKey::from_bytes([2; 32]).public();
+        let port6 = if mode == "separate" { 51821 } else { 51820 };
+        let json = format!(
+            r#"{{"PublicIP":"198.51.100.2","PublicIPv6":"2001:db8::2","BackendType":"wireguard","BackendData":{{"PublicKey":"{k}","Port":51820}},"BackendV6Data":{{"PublicKey":"{k}","Port":{port6}}}}}"#
+        );
+        (k, LeaseAttrs::parse(json.as_bytes()).unwrap())
+    }
+
+    /// A wireguard plane on the fake kernel started IPv4 only (no `PublicIPv6` at start).
+    async fn v4_only_plane(
+        nl: &Netlink,
+        g4: &Arc<Mutex<FakeGenl>>,
+        g6: &Arc<Mutex<FakeGenl>>,
+        tmp: &std::path::Path,
+    ) -> Plane {
+        let mut cfg = separate_cfg(None);
+        cfg.dual = None;
+        cfg.key_path = tmp.join("wgkey");
+        let (_, ipv6) = net("separate");
+        let backend = WgBackend::setup_with(nl, cfg.clone(), two_opener(g4, g6))
+            .await
+            .unwrap();
+        let mut plane = Plane {
+            nl: nl.clone(),
+            prepared: Prepared::Wireguard(cfg.clone()),
+            backend: DataPlane::Wireguard(backend),
+            rules: RuleCheck::new(Arc::new(Firewall::Fake(Default::default()))),
+            network: cfg.network,
+            ip_masq: false,
+            subnet_file: tmp.join("subnet.env"),
+            kept_subnet_file: tmp.join("kept.env"),
+            report: Report::new(
+                crate::state::AgentState::new(),
+                super::super::Clock::tokio(1_700_000_000),
+            ),
+            udp_seen: UdpStats::default(),
+            underlay: 1,
+            tx_csum_off: false,
+            ipv6_network: Some(ipv6.network),
+            own_v6: None,
+            ipv6_plane: None,
+            v6: None,
+            v6_stale: false,
+            backend_down: false,
+            v6_rules_cleared: false,
+            v6_teardown: None,
+        };
+        plane.setup_v6().await;
+        plane
+    }
+
+    /// The peers of a fake device as (endpoint, allowed IPs).
+    fn entries(g: &Arc<Mutex<FakeGenl>>) -> Vec<(String, Vec<String>)> {
+        g.lock()
+            .unwrap()
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                    p.allowed
+                        .iter()
+                        .map(|(ip, c)| format!("{ip}/{c}"))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// The main loop's `turn_dual` on the kernel path, in every `Backend.Mode` (`ipv6` as a plan
+    /// check only: refused at start without an address, it never waits for one): a node that
+    /// started IPv4 only gets an IPv6 underlay address at run time. Its lease value gains
+    /// `PublicIPv6` and `BackendV6Data {"PublicKey","Port"}` (flannel's form, `ListenPortV6` in
+    /// `separate`) with the key in use; once the lease's key has the IPv6 half, the next
+    /// programming makes `tweed-wg-v6` with the peer's IPv6 half at `[PublicIPv6]:ListenPortV6`
+    /// (`separate`), or puts the IPv6 half, /128 and `IPv6Network` route on `tweed-wg` (the
+    /// peer at its IPv6 endpoint in `ipv6`, its IPv4 one in `ipv4`/`auto`); subnet.env names the
+    /// IPv6 subnet; a second pass writes nothing, over netlink or generic netlink. `separate`
+    /// turns IPv4 only again (the device goes) and dual once more.
+    #[tokio::test]
+    async fn a_node_started_ipv4_only_turns_dual_at_run_time_in_every_mode() {
+        let own6: Ipv6Network = "fd00:5:0:1::/64".parse().unwrap();
+        let to: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        // `ipv6` is a plan check only: the main loop never turns such a node dual (it is
+        // refused at start without an IPv6 address), but the plan it would follow is the same.
+        for mode in ["separate", "ipv4", "auto", "ipv6"] {
+            let fake = Fake::with_wireguard();
+            let nl = Netlink::from(fake.clone());
+            let g4 = Arc::new(Mutex::new(FakeGenl::new(DEVICE)));
+            let g6 = Arc::new(Mutex::new(FakeGenl::new(DEVICE_V6)));
+            let tmp = tempfile::tempdir().unwrap();
+            let mut plane = v4_only_plane(&nl, &g4, &g6, tmp.path()).await;
+            let (k2, a2) = peer2(mode);
+            let remotes = [Remote {
+                subnet: "10.5.2.0/24".parse().unwrap(),
+                subnet_v6: Some("fd00:5:0:2::/64".parse().unwrap()),
+                attrs: &a2,
+            }];
+            plane.program(&remotes).await.expect("programmed");
+            assert_eq!(
+                entries(&g4),
+                [(
+                    "198.51.100.2:51820".to_string(),
+                    vec!["10.5.2.0/24".to_string()]
+                )],
+                "{mode}: IPv4 only"
+            );
+            let (backend, ipv6) = net(mode);
+            let Prepared::Wireguard(c) = &plane.prepared else {
+                unreachable!()
+            };
+            let published = c.lease_attrs();
+            // A key rotated while IPv4 only: the IPv6 half names the key in use.
+            let (_, me, before) = plane.rotate_wireguard_key(&published).unwrap();
+            let me = me.to_string();
+            assert_ne!(before.to_json(), published.to_json());
+            plane.program(&remotes).await.unwrap();
+            // `before`: the rotated lease as published. `published`: its publish not through
+            // yet, the lease still naming the old key: both halves name the key in use anyway.
+            for current in [&published, &before] {
+                let attrs = plane
+                    .dual_attrs(current.clone(), to, &ipv6, &backend)
+                    .unwrap();
+                let v: serde_json::Value = serde_json::from_str(&attrs.to_json()).unwrap();
+                let port6 = if mode == "separate" { 51821 } else { 51820 };
+                assert_eq!(v["PublicIPv6"], "2001:db8::1", "{mode}");
+                assert_eq!(
+                    v["BackendV6Data"],
+                    serde_json::json!({"PublicKey": me, "Port": port6}),
+                    "{mode}"
+                );
+                assert_eq!(
+                    v["BackendData"],
+                    serde_json::json!({"PublicKey": me, "Port": 51820}),
+                    "{mode}"
+                );
+            }
+            // Until the lease's key has the IPv6 half nothing changes.
+            let writes = (fake.ops().len(), g4.lock().unwrap().writes);
+            let s = plane.program(&remotes).await.unwrap();
+            assert_eq!(s.ops_applied, 0, "{mode}: {:?}", s.applied);
+            assert_eq!(writes, (fake.ops().len(), g4.lock().unwrap().writes));
+            // `turn_dual` once the key is `v4&v6`: enable_ipv6, then `after_reacquire`.
+            plane.enable_ipv6(ipv6.clone(), to);
+            plane.set_own_v6(Some(own6));
+            plane.follow_dual_mode().await;
+            let s = plane.program(&remotes).await.unwrap();
+            assert!(s.ops_applied > 0, "{mode}");
+            let env = SubnetEnv::read(&tmp.path().join("subnet.env")).unwrap();
+            assert_eq!(env.ipv6.unwrap().node_subnet(), own6, "{mode}");
+            let addr6 = |dev: &'static str| {
+                let nl = nl.clone();
+                async move {
+                    let l = nl.link_by_name(dev).await.unwrap()?;
+                    let a: Vec<String> = nl
+                        .addresses6(Some(l.index))
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|a| a.net.to_string())
+                        .filter(|a| !a.starts_with("fe80"))
+                        .collect();
+                    let r: Vec<String> = nl
+                        .all_routes6()
+                        .await
+                        .unwrap()
+                        .iter()
+                        .filter(|r| r.oif == Some(l.index))
+                        .map(|r| r.dst.to_string())
+                        .collect();
+                    Some((a, r))
+                }
+            };
+            let want6 = Some((
+                vec!["fd00:5:0:1::/128".to_string()],
+                vec!["fd00:5::/56".to_string()],
+            ));
+            if mode == "separate" {
+                assert_eq!(addr6(DEVICE_V6).await, want6, "{mode}");
+                assert_eq!(
+                    entries(&g6),
+                    [(
+                        "[2001:db8::2]:51821".to_string(),
+                        vec!["fd00:5:0:2::/64".to_string()]
+                    )]
+                );
+                assert_eq!(g6.lock().unwrap().listen_port, 51821);
+                assert_eq!(entries(&g4)[0].1, ["10.5.2.0/24"]);
+            } else {
+                assert_eq!(addr6(DEVICE_V6).await, None, "{mode}");
+                assert_eq!(addr6(DEVICE).await, want6, "{mode}");
+                let ep = if mode == "ipv6" {
+                    "[2001:db8::2]:51820"
+                } else {
+                    "198.51.100.2:51820"
+                };
+                assert_eq!(
+                    entries(&g4),
+                    [(
+                        ep.to_string(),
+                        vec!["10.5.2.0/24".to_string(), "fd00:5:0:2::/64".to_string()]
+                    )],
+                    "{mode}"
+                );
+            }
+            assert_eq!(g4.lock().unwrap().peers[0].public_key, k2.0);
+            // Plan-then-apply: nothing changed, nothing written.
+            let writes = || {
+                (
+                    fake.ops().len(),
+                    g4.lock().unwrap().writes,
+                    g6.lock().unwrap().writes,
+                )
+            };
+            macro_rules! quiet_pass {
+                ($when:expr) => {{
+                    let before = writes();
+                    let s = plane.program(&remotes).await.unwrap();
+                    assert_eq!(s.ops_applied, 0, "{mode} {}: {:?}", $when, s.applied);
+                    assert_eq!(before, writes(), "{mode} {}", $when);
+                }};
+            }
+            quiet_pass!("dual");
+            // A repeated turn keeps our IPv6 subnet on the prepared config (later set-ups).
+            plane
+                .dual_attrs(before.clone(), to, &ipv6, &backend)
+                .unwrap();
+            assert_eq!(
+                plane.prepared.wireguard_dual().and_then(|d| d.own_subnet),
+                Some(own6),
+                "{mode}"
+            );
+            quiet_pass!("a repeated turn");
+            if mode != "separate" {
+                continue;
+            }
+            // The address gone for the grace (`Check6::Gone`), the key renamed IPv4 only:
+            // `on_v4_attempt`'s order. tweed-wg-v6 goes; tweed-wg keeps its IPv4 peer.
+            plane.disable_ipv6();
+            plane.program(&remotes).await.unwrap();
+            plane.teardown_v6().await;
+            assert_eq!(addr6(DEVICE_V6).await, None);
+            assert_eq!(entries(&g4)[0].1, ["10.5.2.0/24"]);
+            let env = SubnetEnv::read(&tmp.path().join("subnet.env")).unwrap();
+            assert!(env.ipv6.is_none());
+            quiet_pass!("IPv4 only again");
+            // And back: the IPv6 device with the peer's IPv6 half again.
+            plane
+                .dual_attrs(before.clone(), to, &ipv6, &backend)
+                .unwrap();
+            plane.enable_ipv6(ipv6.clone(), to);
+            plane.set_own_v6(Some(own6));
+            plane.follow_dual_mode().await;
+            plane.program(&remotes).await.unwrap();
+            assert_eq!(addr6(DEVICE_V6).await, want6);
+            assert_eq!(entries(&g6)[0].0, "[2001:db8::2]:51821");
+            assert_eq!(g6.lock().unwrap().listen_port, 51821);
+            quiet_pass!("dual again");
+        }
     }
 
     /// Issue 20: the node turns IPv4 only while a rules check with the dual rules is under way

@@ -356,16 +356,25 @@ impl LeaseKeeper {
         tokio::spawn(async move { subnet::acquire(&registry, &cfg, &attrs, previous, ttl).await })
     }
 
-    /// What [`spawn_acquire`](Self::spawn_acquire) got: the lease held from now on, advertising
-    /// `attrs`.
-    pub(super) fn switched(&mut self, own: OwnLease, attrs: LeaseAttrs) {
+    /// What [`spawn_acquire`](Self::spawn_acquire) got for a turn to IPv4 only: the lease held
+    /// from now on, under which the task wrote `written`. Attributes published while the task
+    /// ran (a wireguard key rotated meanwhile) went to the old key, which the rename deleted, or
+    /// were overwritten by the task's stale copy: they are kept, without the IPv6 half, and
+    /// written over the task's value (compare-and-swap; [`republish`](Self::republish) retries),
+    /// or peers would handshake with a key the device no longer has. False when etcd did not
+    /// take them yet.
+    pub(super) async fn switched_v4_only(&mut self, own: OwnLease, written: LeaseAttrs) -> bool {
         self.report.lease_acquired(&own, self.ttl);
-        self.attrs = attrs;
+        let want = crate::ipv6::without_ipv6(std::mem::replace(&mut self.attrs, written));
         self.unpublished = false;
         self.restores = 0;
         let old = self.own.send_replace(own);
         self.dropped_v6 = old.key.ipv6.or(self.dropped_v6);
         self.release_replaced(old.lease_id);
+        if want.to_json() == self.attrs.to_json() {
+            return true;
+        }
+        self.publish(want).await
     }
 
     /// Follows what etcd says about our key's lease: an operator's `reserve` detaches it from its
@@ -547,6 +556,84 @@ mod tests {
         let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
         let l = snap.leases.iter().find(|l| l.key == key).unwrap();
         assert!(String::from_utf8_lossy(&l.value).contains("wireguard"));
+    }
+
+    /// A dual-stack wireguard lease naming key `k` (one byte repeated) and the keeper holding it.
+    async fn dual_wireguard_keeper(k: u8) -> (MemRegistry, LeaseKeeper, Stop) {
+        let mem = MemRegistry::new(PREFIX);
+        let registry = Arc::new(Registry::Mem(mem.clone()));
+        let cfg = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":"separate"}}"#,
+        )
+        .unwrap();
+        let attrs = wg_dual_attrs(k);
+        let report = Report::new(AgentState::new(), Clock::tokio(0));
+        let mut stop = Stop::new(std::future::pending());
+        let own = acquire(&registry, &cfg, &attrs, None, TTL, &mut stop, &report)
+            .await
+            .unwrap();
+        assert!(own.key.ipv6.is_some(), "a dual key: {}", own.key);
+        let keeper = LeaseKeeper::start(registry, cfg, attrs, TTL, EVERY, own, report);
+        (mem, keeper, stop)
+    }
+
+    /// A `separate` node's dual-stack lease value naming key `k` in both halves.
+    fn wg_dual_attrs(k: u8) -> LeaseAttrs {
+        use crate::backend::wireguard::{plan, PrivateKey};
+        let key = PrivateKey::from_bytes([k; 32]).public();
+        let mut a = plan::lease_attrs("198.18.0.1".parse().unwrap(), &key, 51820);
+        a = crate::ipv6::with_public_ipv6(a, "2001:db8::1".parse().unwrap());
+        a.backend_v6_data = Some(plan::backend_data(&key, 51821));
+        a
+    }
+
+    /// Review rev37a finding 1: a wireguard key rotated while the rename to the IPv4-only key
+    /// runs (before its writes, or after them and before the main loop commits it) ends up in
+    /// etcd under the IPv4-only key, without the IPv6 half; the task's copy names the old key.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_rotated_during_the_turn_to_ipv4_only_is_the_one_published() {
+        let old_key = wg_dual_attrs(1).backend_data.unwrap().get().to_string();
+        let new_key = wg_dual_attrs(2).backend_data.unwrap().get().to_string();
+        for rotate_before_the_writes in [true, false] {
+            let (mem, mut k, _stop) = dual_wireguard_keeper(1).await;
+            let written = crate::ipv6::without_ipv6(k.attrs().clone());
+            let task = k.spawn_acquire(written.clone());
+            if !rotate_before_the_writes {
+                // The rename's writes are done; the main loop has not seen the result yet.
+                while !task.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            }
+            // The rotation: the keeper's `publish`, to the key it still holds.
+            k.publish(wg_dual_attrs(2)).await;
+            let own = task.await.unwrap().unwrap();
+            assert_eq!(own.key.ipv6, None);
+            assert!(
+                k.switched_v4_only(own.clone(), written).await,
+                "rotated before the writes: {rotate_before_the_writes}"
+            );
+            let snap = Registry::Mem(mem.clone()).list_leases().await.unwrap();
+            assert_eq!(snap.leases.len(), 1, "{:?}", snap.leases);
+            let l = &snap.leases[0];
+            assert_eq!(l.key, own.key.etcd_key(PREFIX));
+            let held = LeaseAttrs::parse(&l.value).unwrap();
+            let what = format!(
+                "rotated before the writes: {rotate_before_the_writes}: {}",
+                held.to_json()
+            );
+            assert_eq!(
+                held.backend_data.as_ref().map(|d| d.get().to_string()),
+                Some(new_key.clone()),
+                "{what}; the old one was {old_key}"
+            );
+            assert_eq!(
+                (held.public_ipv6, held.backend_v6_data.is_none()),
+                (None, true),
+                "{what}"
+            );
+            assert_eq!(k.attrs().to_json(), held.to_json());
+            assert!(k.republish().await, "nothing left to write");
+        }
     }
 
     /// The value under `subnet`'s key: (PublicIP or the raw text, lease id).

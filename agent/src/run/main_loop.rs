@@ -134,9 +134,14 @@ pub async fn run_with(
     let ipv6 = ipv6_mode(&cfg, &settings, &ipv6_addrs, &node.iface);
     report.ipv6_mode(&ipv6);
     prepared.check_ipv6_underlay(&cfg.backend, &ipv6)?;
+    let wg_mode = match &cfg.backend {
+        tweed_config::BackendConfig::Wireguard(w) => Some(w.mode),
+        _ => None,
+    };
     let underlay6 = super::underlay6::watcher(
         &ipv6,
         prepared.type_name(),
+        wg_mode,
         settings.public_ipv6,
         node.iface.index,
         node.iface.name.clone(),
@@ -198,6 +203,7 @@ pub async fn run_with(
         registry,
         public_ip,
         ipv6_cfg: cfg.ipv6.clone(),
+        backend_cfg: cfg.backend.clone(),
         underlay6,
         to_v4: None,
         lease,
@@ -404,6 +410,9 @@ struct Agent {
     public_ip: Ipv4Addr,
     /// The network's IPv6 half (`EnableIPv6`), for a node that turns dual stack at run time.
     ipv6_cfg: Option<tweed_config::Ipv6Config>,
+    /// The network's `Backend`, for the IPv6 half a node turning dual advertises (wireguard's
+    /// `BackendV6Data` port by `Mode`).
+    backend_cfg: tweed_config::BackendConfig,
     /// The `PublicIPv6` follower, when this node runs dual stack or waits for an address to.
     underlay6: Option<Underlay6>,
     /// Turning IPv4 only, until the lease is renamed ([`ToV4`]).
@@ -766,10 +775,10 @@ impl Agent {
     /// (issue 19): the lease advertises it as `PublicIPv6` and takes its IPv6 half (the key is
     /// renamed to `v4&v6`, the IPv4 half kept, so peers see an update, never a removal), then
     /// the IPv6 plane is set up as at a dual-stack start (vxlan's `tweed-v6.<VNI>`, host-gw's
-    /// IPv6 routes, udp set up again to carry IPv6), with subnet.env and the rules following.
+    /// IPv6 routes, udp set up again to carry IPv6, wireguard's `tweed-wg-v6` or IPv6 on
+    /// `tweed-wg` by `Mode`), with subnet.env and the rules following.
     /// The node counts as dual only once the key has the IPv6 half; otherwise the watcher waits
-    /// for the next address change. A wireguard node never gets here (its watcher only logs:
-    /// [`turns_dual_at_run_time`](super::underlay6::turns_dual_at_run_time)).
+    /// for the next address change.
     async fn turn_dual(&mut self, to: std::net::Ipv6Addr, stop: &mut Stop) {
         let Some(cfg6) = self.ipv6_cfg.clone() else {
             return;
@@ -779,7 +788,17 @@ impl Agent {
             ipv6_network = %cfg6.network,
             "a usable IPv6 address appeared on the underlay interface: turning dual stack (taking the lease's IPv6 half, setting the IPv6 data plane up)"
         );
-        let attrs = crate::ipv6::with_public_ipv6(self.lease.attrs().clone(), to);
+        let current = self.lease.attrs().clone();
+        let attrs = match self.plane.dual_attrs(current, to, &cfg6, &self.backend_cfg) {
+            Ok(a) => a,
+            Err(e) => {
+                error!(public_ipv6 = %to, "turning dual stack: {e}; the node stays IPv4 only");
+                if let Some(u) = self.underlay6.as_mut() {
+                    u.stayed_ipv4_only(to);
+                }
+                return;
+            }
+        };
         let old = self.lease.own().subnet();
         let held = self.lease.take_ipv6_half(attrs, stop).await;
         // Dual only once the key names an IPv6 subnet: before that, subnet.env, the rules and
@@ -828,6 +847,8 @@ impl Agent {
     fn try_v4_only(&mut self) {
         if let Some(t) = self.to_v4.as_mut() {
             t.retry_at = None;
+            // What the lease advertises now: a key rotated since the last attempt included.
+            t.attrs = crate::ipv6::without_ipv6(self.lease.attrs().clone());
             t.attempt = Some(self.lease.spawn_acquire(t.attrs.clone()));
         }
     }
@@ -882,7 +903,9 @@ impl Agent {
             return;
         };
         let old = self.lease.own().subnet();
-        self.lease.switched(own, attrs);
+        if !self.lease.switched_v4_only(own, attrs).await {
+            warn!("turned IPv4 only: the lease's attributes published meanwhile (a rotated key) are not in etcd yet; retrying");
+        }
         let iface = self
             .underlay6
             .as_mut()

@@ -9,21 +9,26 @@
 //! one to appear (global, not deprecated, temporary or still in DAD) makes it
 //! [`Check6::Appeared`], and the main loop turns the node dual stack.
 //!
-//! wireguard is the exception: it carries IPv6 only from a start that was dual stack (its IPv6
-//! peers and `BackendV6Data` are chosen then), so a wireguard node that waits logs the address
-//! once and stays IPv4 only (lease, subnet.env, rules) until its next restart
-//! ([`turns_dual_at_run_time`]). The node counts as dual only once its lease's key has the IPv6
-//! half ([`Underlay6::turned_dual`]); an attempt that ends without it leaves the watcher waiting,
-//! so the next address notification tries again.
+//! Every backend turns dual so, wireguard included: its IPv6 half (`WgConfig.dual`, the
+//! lease's `BackendV6Data`) is set on the prepared config and the running backend when the
+//! address appears, and the backend follows the lease's IPv6 half as it does after a loss of it
+//! (`separate` makes `tweed-wg-v6`, the single-device modes start `tweed-wg`'s userspace workers
+//! again with IPv6 on, the kernel path plans it at the next reconcile). The node counts as dual
+//! only once its lease's key has the IPv6 half ([`Underlay6::turned_dual`]); an attempt that
+//! ends without it leaves the watcher waiting, so the next address notification tries again.
 //!
 //! The reverse switch: a vxlan or host-gw node whose last usable IPv6 address left the underlay
 //! interface and stayed away for [`GRACE`] turns IPv4 only ([`Check6::Gone`]): its IPv6 plane
 //! needs an IPv6 underlay, so advertising the IPv6 half would only blackhole what peers send to
-//! it. An address that comes back within the grace cancels it (a flap, DAD replacing an
-//! address). udp carries IPv6 over the IPv4 underlay and never needs `PublicIPv6` after the
-//! start, and wireguard's IPv6 half is fixed at start: both stay as they are
-//! ([`turns_v4_only_at_run_time`]). Once IPv4 only, the node waits for an address like one that
-//! started so, and turns dual again when one appears.
+//! it. wireguard's `separate` mode likewise (`tweed-wg-v6` reaches peers at their IPv6
+//! endpoints). An address that comes back within the grace cancels it (a flap, DAD replacing an
+//! address). udp and wireguard's `ipv4` and `auto` carry IPv6 over the IPv4 underlay and never
+//! need `PublicIPv6` after the start; wireguard's `ipv6` reaches every peer, IPv4 pods' too,
+//! over the IPv6 underlay, and its peers skip a lease without a usable IPv6 half, so turning
+//! IPv4 only would reach no one either: these stay as they are, and an address back (or a
+//! new one, [`Check6::Moved`]) serves again at once ([`turns_v4_only_at_run_time`]). Once IPv4
+//! only, the node waits for an address like one that started so, and turns dual again when one
+//! appears.
 //!
 //! IPv4 has no such follower: its public IP is chosen once at start (a change between starts is
 //! only logged). IPv6 addresses come and go on their own (SLAAC renumbering, privacy and
@@ -83,31 +88,35 @@ pub(super) fn appeared(ifindex: u32, addrs: &[Inet6Addr]) -> Option<Ipv6Addr> {
     public_ipv6(None, ifindex, &done)
 }
 
-/// Whether a node of `backend_type` that started IPv4 only turns dual stack when an address
-/// appears: not wireguard, whose device and lease (`WgConfig.dual`, `BackendV6Data`) are made dual
-/// only by a dual-stack start (`Prepared::with_ipv6`); turning its lease dual at run time would
-/// hand pods IPv6 addresses that no peer routes to.
-pub(super) fn turns_dual_at_run_time(backend_type: &str) -> bool {
-    backend_type != "wireguard"
-}
-
-/// Whether a dual-stack node of `backend_type` turns IPv4 only when its IPv6 underlay address
-/// is gone: vxlan (its IPv6 VTEP is that address) and host-gw (peers route to it), whose IPv6
-/// half cannot work without it. Not udp, which carries IPv6 over the IPv4 underlay (peers never
-/// read its `PublicIPv6`: [`crate::backend::v6::udp6_peer`]), nor wireguard, whose IPv6 half
-/// is chosen at start only (as [`turns_dual_at_run_time`]).
-pub(super) fn turns_v4_only_at_run_time(backend_type: &str) -> bool {
-    matches!(backend_type, "vxlan" | "host-gw")
+/// Whether a dual-stack node of `backend_type` (`wg_mode`: wireguard's `Backend.Mode`) turns
+/// IPv4 only when its IPv6 underlay address is gone: vxlan (its IPv6 VTEP is that address),
+/// host-gw (peers route to it) and wireguard `separate` (`tweed-wg-v6`'s peers send to it),
+/// whose IPv6 half cannot work without it. Not udp, nor wireguard `ipv4`/`auto`, which carry
+/// IPv6 over the IPv4 underlay (peers never read udp's `PublicIPv6`:
+/// [`crate::backend::v6::udp6_peer`]; tweed plans `auto` as `ipv4`); nor wireguard `ipv6`,
+/// whose IPv4 pods ride the IPv6 underlay as well: its peers drop a lease without a usable
+/// IPv6 half altogether, so turning IPv4 only would not make it reachable over IPv4 and would
+/// only cost the rename back when the address returns.
+pub(super) fn turns_v4_only_at_run_time(
+    backend_type: &str,
+    wg_mode: Option<tweed_config::WireguardMode>,
+) -> bool {
+    match backend_type {
+        "vxlan" | "host-gw" => true,
+        "wireguard" => wg_mode == Some(tweed_config::WireguardMode::Separate),
+        _ => false,
+    }
 }
 
 /// The watcher a node of `backend_type` starting in mode `ipv6` runs (none when the network has
-/// no IPv6 half): a dual-stack vxlan or host-gw node turns IPv4 only when its address is gone
-/// ([`turns_v4_only_at_run_time`]), a node waiting IPv4 only turns dual when one appears unless
-/// it is wireguard ([`turns_dual_at_run_time`]); once turned dual, it turns IPv4 only again like
-/// a dual start. `explicit`: `--public-ipv6`.
+/// no IPv6 half): a dual-stack node turns IPv4 only when its address is gone if
+/// [`turns_v4_only_at_run_time`] says so, a node waiting IPv4 only turns dual when one
+/// appears (every backend); once turned dual, it turns IPv4 only again like a dual start.
+/// `explicit`: `--public-ipv6`.
 pub(super) fn watcher(
     ipv6: &crate::ipv6::Ipv6Mode,
     backend_type: &str,
+    wg_mode: Option<tweed_config::WireguardMode>,
     explicit: Option<Ipv6Addr>,
     ifindex: u32,
     iface: String,
@@ -121,11 +130,8 @@ pub(super) fn watcher(
     };
     let explicit = current.and(explicit);
     let mut u = Underlay6::new(current, explicit, ifindex, iface, addrs);
-    if turns_v4_only_at_run_time(backend_type) {
+    if turns_v4_only_at_run_time(backend_type, wg_mode) {
         u = u.turn_v4_only_when_lost();
-    }
-    if current.is_none() && !turns_dual_at_run_time(backend_type) {
-        u = u.never_turn_dual();
     }
     Some(u)
 }
@@ -134,10 +140,8 @@ pub(super) fn watcher(
 pub(super) struct Underlay6 {
     /// What the lease advertises; `None`: the node runs IPv4 only and waits for an address.
     current: Option<Ipv6Addr>,
-    /// A waiting node turns dual stack when an address appears ([`turns_dual_at_run_time`]).
-    turns_dual: bool,
-    /// The appeared address whose refusal (wireguard) or failed attempt was logged: once per
-    /// address, not per notification.
+    /// The appeared address whose failed attempt was logged: once per address, not per
+    /// notification.
     appeared_said: Option<Ipv6Addr>,
     /// `--public-ipv6`: never replaced.
     explicit: Option<Ipv6Addr>,
@@ -169,7 +173,6 @@ impl Underlay6 {
     ) -> Underlay6 {
         Underlay6 {
             current,
-            turns_dual: true,
             appeared_said: None,
             explicit,
             ifindex,
@@ -222,12 +225,6 @@ impl Underlay6 {
         }
     }
 
-    /// A waiting node of this backend stays IPv4 only when an address appears (wireguard).
-    pub(super) fn never_turn_dual(mut self) -> Underlay6 {
-        self.turns_dual = false;
-        self
-    }
-
     pub(super) fn due(&self) -> Option<Instant> {
         self.due
     }
@@ -272,16 +269,6 @@ impl Underlay6 {
         self.read_retry = DEBOUNCE;
         let Some(current) = self.current else {
             let to = appeared(self.ifindex, &addrs)?;
-            if !self.turns_dual {
-                if self.appeared_said != Some(to) {
-                    self.appeared_said = Some(to);
-                    warn!(
-                        iface = %self.iface,
-                        "IPv6 address {to} appeared: a wireguard node serves IPv6 from its next restart (the lease, subnet.env and the rules stay IPv4 only until then)"
-                    );
-                }
-                return None;
-            }
             // Committed by `turned_dual` once the lease agrees.
             return Some(Check6::Appeared(to));
         };
@@ -349,7 +336,7 @@ impl Underlay6 {
                     self.lost_said = true;
                     warn!(
                         iface = %self.iface, %from,
-                        "the PublicIPv6 left the underlay interface and no other usable global IPv6 address is there: backends that carry IPv6 over the IPv6 underlay (vxlan, host-gw) cannot reach this node until one is added (udp carries it over IPv4 and is unaffected; the lease keeps the old address meanwhile)"
+                        "the PublicIPv6 left the underlay interface and no other usable global IPv6 address is there: what reaches this node over the IPv6 underlay (wireguard Mode ipv6) stops until one is added; udp and wireguard Mode ipv4/auto carry IPv6 over IPv4 and are unaffected; the lease keeps the old address meanwhile"
                     );
                 }
                 None
@@ -482,40 +469,45 @@ mod tests {
         assert_eq!(w.current, Some("2001:db8::5".parse().unwrap()));
     }
 
-    /// Review finding 1 (s32-int): a wireguard node that started IPv4 only is never turned dual
-    /// at run time (its device and lease carry IPv6 only from a dual-stack start): the watcher
-    /// logs the address once and never asks the main loop to take the lease's IPv6 half.
-    #[test]
-    fn a_waiting_wireguard_node_never_turns_dual_and_says_so_once_per_address() {
-        assert!(!turns_dual_at_run_time("wireguard"));
-        for other in ["vxlan", "host-gw", "udp", "ipip", "alloc"] {
-            assert!(turns_dual_at_run_time(other), "{other}");
+    /// wireguard turns dual at run time like the other backends (its watcher asks the main loop
+    /// to take the lease's IPv6 half, whatever the `Backend.Mode`; `ipv6` never waits in
+    /// practice, being refused at start without an address), and a `separate` node turns IPv4
+    /// only again when the address is gone, as vxlan's does; the other modes only log the loss.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_wireguard_node_turns_dual_and_only_separate_turns_ipv4_only_again() {
+        use tweed_config::WireguardMode as M;
+        let to: Ipv6Addr = "2001:db8::5".parse().unwrap();
+        let v4 = crate::ipv6::Ipv6Mode::V4Only {
+            iface: "eth0".into(),
+        };
+        for mode in [M::Separate, M::Auto, M::Ipv4, M::Ipv6] {
+            let shared = std::sync::Arc::new(std::sync::Mutex::new(vec![listed("2001:db8::5")]));
+            let mut w = watcher(
+                &v4,
+                "wireguard",
+                Some(mode),
+                None,
+                2,
+                "eth0".into(),
+                Ipv6Addrs::Shared(shared.clone()),
+            )
+            .expect("a dual-stack network has a watcher");
+            assert_eq!(w.check(), Some(Check6::Appeared(to)), "{mode:?}");
+            w.turned_dual(to);
+            assert_eq!(w.check(), None, "{mode:?}: follows the address now");
+            shared.lock().unwrap().clear();
+            let mut got = Vec::new();
+            for _ in 0..4 {
+                got.extend(w.check());
+                tokio::time::sleep(GRACE / 2).await;
+            }
+            if mode == M::Separate {
+                assert_eq!(got.first(), Some(&Check6::Gone(to)), "{mode:?}");
+            } else {
+                assert_eq!(got, vec![], "{mode:?}: never turns IPv4 only");
+                assert_eq!(w.current, Some(to), "{mode:?}");
+            }
         }
-        let shared = std::sync::Arc::new(std::sync::Mutex::new(vec![with_flags(
-            2,
-            "2001:db8::5",
-            0,
-            0x80,
-        )]));
-        let mut w = Underlay6::new(
-            None,
-            None,
-            2,
-            "eth0".into(),
-            Ipv6Addrs::Shared(shared.clone()),
-        )
-        .never_turn_dual();
-        assert_eq!(w.check(), None);
-        assert_eq!(w.current, None, "still IPv4 only");
-        assert_eq!(w.appeared_said, Some("2001:db8::5".parse().unwrap()));
-        // Later notifications check again, and still never turn it dual.
-        w.note(&a6(2, "2001:db8::5"), Instant::now());
-        assert!(w.due().is_some());
-        assert_eq!(w.check(), None);
-        *shared.lock().unwrap() = vec![with_flags(2, "2001:db8::6", 0, 0x80)];
-        assert_eq!(w.check(), None);
-        assert_eq!(w.current, None);
-        assert_eq!(w.appeared_said, Some("2001:db8::6".parse().unwrap()));
     }
 
     /// Review finding 4 (s32-int): the watcher commits to an address only once the lease's key
@@ -724,15 +716,21 @@ mod tests {
         assert_eq!((w.lost_since, w.due()), (None, None));
     }
 
-    /// udp carries IPv6 over the IPv4 underlay and wireguard's IPv6 half is fixed at start:
-    /// their watchers (built without `turn_v4_only_when_lost`) only log a loss, however long.
+    /// udp and wireguard `ipv4`/`auto` carry IPv6 over the IPv4 underlay, wireguard `ipv6`
+    /// gains nothing from IPv4 only: their watchers (built without `turn_v4_only_when_lost`)
+    /// only log a loss, however long.
     #[tokio::test(start_paused = true)]
-    async fn udp_and_wireguard_never_turn_ipv4_only() {
+    async fn udp_and_wireguard_but_separate_never_turn_ipv4_only() {
+        use tweed_config::WireguardMode as M;
         for b in ["udp", "wireguard", "alloc"] {
-            assert!(!turns_v4_only_at_run_time(b), "{b}");
+            assert!(!turns_v4_only_at_run_time(b, None), "{b}");
         }
+        for m in [M::Auto, M::Ipv4, M::Ipv6] {
+            assert!(!turns_v4_only_at_run_time("wireguard", Some(m)), "{m:?}");
+        }
+        assert!(turns_v4_only_at_run_time("wireguard", Some(M::Separate)));
         for b in ["vxlan", "host-gw"] {
-            assert!(turns_v4_only_at_run_time(b), "{b}");
+            assert!(turns_v4_only_at_run_time(b, None), "{b}");
         }
         let mut w = u(None, vec![]);
         for _ in 0..5 {
@@ -744,22 +742,32 @@ mod tests {
         assert_eq!(w.current, Some("2001:db8::1".parse().unwrap()));
     }
 
-    /// Review Low 6: the watchers the main loop builds. A dual-stack udp or wireguard node whose
-    /// address is gone only logs it, however long (its key stays dual: the main loop turns IPv4
-    /// only on `Gone` alone); vxlan and host-gw turn IPv4 only after the grace.
+    /// Review Low 6: the watchers the main loop builds. A dual-stack udp or wireguard (`auto`)
+    /// node whose address is gone only logs it, however long (its key stays dual: the main loop
+    /// turns IPv4 only on `Gone` alone); vxlan and host-gw turn IPv4 only after the grace.
     #[tokio::test(start_paused = true)]
     async fn the_main_loops_watchers_turn_only_vxlan_and_host_gw_ipv4_only() {
         let from: Ipv6Addr = "2001:db8::1".parse().unwrap();
         let dual = crate::ipv6::Ipv6Mode::DualStack { public_ipv6: from };
+        let auto = Some(tweed_config::WireguardMode::Auto);
         for b in ["udp", "wireguard", "vxlan", "host-gw"] {
-            let mut w = watcher(&dual, b, None, 2, "eth0".into(), Ipv6Addrs::Fixed(vec![]))
-                .expect("a dual-stack node has a watcher");
+            let mode = (b == "wireguard").then_some(auto).flatten();
+            let mut w = watcher(
+                &dual,
+                b,
+                mode,
+                None,
+                2,
+                "eth0".into(),
+                Ipv6Addrs::Fixed(vec![]),
+            )
+            .expect("a dual-stack node has a watcher");
             let mut got = Vec::new();
             for _ in 0..4 {
                 got.extend(w.check());
                 tokio::time::sleep(GRACE / 2).await;
             }
-            if turns_v4_only_at_run_time(b) {
+            if turns_v4_only_at_run_time(b, mode) {
                 assert_eq!(got.first(), Some(&Check6::Gone(from)), "{b}");
             } else {
                 assert_eq!(got, vec![], "{b}: never turns IPv4 only");
@@ -770,6 +778,7 @@ mod tests {
         let mut w = watcher(
             &dual,
             "vxlan",
+            None,
             Some(from),
             2,
             "eth0".into(),
@@ -778,7 +787,7 @@ mod tests {
         .unwrap();
         tokio::time::sleep(GRACE * 2).await;
         assert_eq!(w.check(), None);
-        // Waiting IPv4 only: wireguard never turns dual, the others do.
+        // Waiting IPv4 only: every backend turns dual.
         let v4 = crate::ipv6::Ipv6Mode::V4Only {
             iface: "eth0".into(),
         };
@@ -786,18 +795,20 @@ mod tests {
             let mut w = watcher(
                 &v4,
                 b,
+                (b == "wireguard").then_some(tweed_config::WireguardMode::Separate),
                 None,
                 2,
                 "eth0".into(),
                 Ipv6Addrs::Fixed(vec![listed("2001:db8::5")]),
             )
             .unwrap();
-            let want = (b != "wireguard").then(|| Check6::Appeared("2001:db8::5".parse().unwrap()));
+            let want = Some(Check6::Appeared("2001:db8::5".parse().unwrap()));
             assert_eq!(w.check(), want, "{b}");
         }
         assert!(watcher(
             &crate::ipv6::Ipv6Mode::Off,
             "vxlan",
+            None,
             None,
             2,
             "eth0".into(),

@@ -80,6 +80,18 @@ pub enum WgError {
     #[error("wireguard: the {0} implementation is not available on this host: {1}")]
     Unavailable(&'static str, String),
 
+    /// The userspace workers were stopped to start again on other sockets, and the new ones
+    /// did not start: `tweed-wg` carries nothing until the backend is set up again.
+    #[error(
+        "wireguard: starting {DEVICE}'s userspace workers again on {family} sockets: {source}; \
+         the old ones are stopped, so the backend is set up again"
+    )]
+    WorkersStopped {
+        family: &'static str,
+        #[source]
+        source: Box<crate::backend::UdpError>,
+    },
+
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
 
@@ -465,6 +477,18 @@ impl WgBackend {
                 }
             }
         }
+    }
+
+    /// This node turns dual stack at run time (it started IPv4 only, or turned so): the IPv6
+    /// half its lease is about to advertise (`Prepared::with_ipv6`). Nothing changes in the
+    /// plans until our lease's IPv6 subnet is known ([`set_own_subnet_v6`](Self::set_own_subnet_v6)):
+    /// the subnet already learnt is kept, so a repeated call plans nothing new.
+    pub fn set_dual(&mut self, dual: &WgDual) {
+        let own_subnet = self.cfg.dual.as_ref().and_then(|d| d.own_subnet);
+        self.cfg.dual = Some(Box::new(WgDual {
+            own_subnet,
+            ..dual.clone()
+        }));
     }
 
     /// Our `PublicIPv6` moved ([`WgConfig::set_public_ipv6`]).
@@ -947,7 +971,12 @@ impl Userspace {
         );
         // The old workers hold the port and the TUN queues until they end.
         self.udp.stop().await;
-        self.udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, want.dual_device).await?;
+        self.udp = crate::backend::UdpBackend::setup_with(nl, udp_cfg, want.dual_device)
+            .await
+            .map_err(|e| WgError::WorkersStopped {
+                family: want.family(),
+                source: Box::new(e),
+            })?;
         // The new workers start with no table: the caller publishes this one to them.
         self.published = false;
         Ok(self.udp.setup_ops().to_vec())
