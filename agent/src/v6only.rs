@@ -343,17 +343,49 @@ pub fn held(
     own_lease_id: i64,
     public_ipv6: Ipv6Addr,
 ) -> Held {
+    held_as(prefix, listing, own, own_lease_id, &[public_ipv6])
+}
+
+/// [`held`] for a node whose `PublicIPv6` moved at run time: `addrs` is what it advertises now
+/// and what it advertised before in this run. Until the rewrite of our value got through
+/// ([`rewrite`]), our key still names an old address; without this, a reserved key (whose
+/// lease id proves nothing) would count as another node's and the node would give its
+/// subnet up.
+pub fn held_as(
+    prefix: &str,
+    listing: &[RawLease],
+    own: Ipv6OnlyKey,
+    own_lease_id: i64,
+    addrs: &[Ipv6Addr],
+) -> Held {
     let full = LeaseKey::Ipv6Only(own).etcd_key(prefix);
     let Some(l) = listing.iter().find(|l| l.key == full) else {
         return Held::Gone;
     };
-    let ours = LeaseAttrs::parse(&l.value).is_ok_and(|a| a.public_ipv6 == Some(public_ipv6));
+    let ours = LeaseAttrs::parse(&l.value)
+        .is_ok_and(|a| a.public_ipv6.is_some_and(|ip| addrs.contains(&ip)));
     if !ours || (own_lease_id != 0 && l.lease_id != 0 && l.lease_id != own_lease_id) {
         return Held::Lost;
     }
     Held::Ours {
         lease_id: l.lease_id,
     }
+}
+
+/// Our key (held: [`held_as`]) as a listing shows it, when its value is not `attrs` (the
+/// `PublicIPv6` moved, or the value was edited by hand): its lease id (0: reserved) and
+/// modification revision, to write `attrs` over it compare-and-swap, on the same lease. A
+/// reservation is rewritten too: it pins the subnet to this node, and peers must reach the
+/// node where it is now.
+pub fn rewrite(
+    prefix: &str,
+    listing: &[RawLease],
+    own: Ipv6OnlyKey,
+    attrs: &LeaseAttrs,
+) -> Option<(i64, i64)> {
+    let full = LeaseKey::Ipv6Only(own).etcd_key(prefix);
+    let l = listing.iter().find(|l| l.key == full)?;
+    (l.value != attrs.to_json().as_bytes()).then_some((l.lease_id, l.mod_revision))
 }
 
 /// Whether a key older than ours (`own`, created at `own_rev`) claims our subnet: two key

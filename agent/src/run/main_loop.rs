@@ -287,7 +287,7 @@ fn a_changed_underlay_choice_is_reported_once() {
 }
 
 /// The kernel's notifications, or none (the periodic relist then is the only repair).
-fn subscribe(nl: &netlink::Netlink) -> (Option<Events>, netlink::Netlink) {
+pub(super) fn subscribe(nl: &netlink::Netlink) -> (Option<Events>, netlink::Netlink) {
     match nl.events() {
         Ok(e) => (Some(e), nl.clone()),
         Err(e) => {
@@ -298,7 +298,7 @@ fn subscribe(nl: &netlink::Netlink) -> (Option<Events>, netlink::Netlink) {
 }
 
 /// The next notification; never, without a subscription.
-async fn next_event(events: &mut Option<Events>) -> Option<Result<Event, NetlinkError>> {
+pub(super) async fn next_event(events: &mut Option<Events>) -> Option<Result<Event, NetlinkError>> {
     match events {
         Some(e) => e.next().await,
         None => std::future::pending().await,
@@ -314,7 +314,7 @@ async fn nft_change(nft: &mut Option<super::nftmon::NftMonitor>) -> Option<()> {
 }
 
 /// When the scheduled repair is due; never, with none scheduled.
-async fn repair_due(at: Option<tokio::time::Instant>) {
+pub(super) async fn repair_due(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

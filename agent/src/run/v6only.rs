@@ -8,12 +8,14 @@
 //! that finds the lease gone and a periodic resync list the leases and bring the kernel to
 //! exactly what they say, so a missed event or a drifted route costs at most one resync period.
 
+use super::main_loop::{next_event, repair_due, subscribe};
 use super::report::Report;
 use super::rulecheck::{Done, Extra, RuleCheck, V6OnlyRules};
 use super::stop::{next_backoff, Stop};
+use super::underlay6::{Check6, Underlay6};
 use super::AgentError;
 use crate::backend::v6;
-use crate::netlink::{MacAddr, Netlink, Op};
+use crate::netlink::{Event, MacAddr, Netlink, Op};
 use crate::registry::{CreateOutcome, RawLease, Registry};
 use crate::rules::{Firewall, RuleSpecV6};
 use crate::settings::Settings;
@@ -21,6 +23,7 @@ use crate::state::{LeaseView, PeerView};
 use crate::v6only::{self as pure, Decision, Underlay};
 use ipnetwork::Ipv6Network;
 use std::collections::HashSet;
+use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
@@ -71,7 +74,13 @@ struct Node {
     attrs: LeaseAttrs,
     vxlan: Option<Vxlan>,
     settings: Settings,
+    /// The `PublicIPv6` addresses this run advertised before `underlay.public_ipv6`, latest
+    /// last (at most [`FORMER`]): our key may still name one until its rewrite got through.
+    former: Vec<Ipv6Addr>,
 }
+
+/// How many earlier `PublicIPv6` addresses of this run still mark a key as ours.
+const FORMER: usize = 4;
 
 /// Runs an IPv6-only network until `stop`. A backend that cannot run one and a node without a
 /// usable IPv6 address end it with an error naming why; etcd outages are waited out.
@@ -140,6 +149,7 @@ pub(super) async fn run(
         attrs,
         vxlan,
         settings,
+        former: Vec::new(),
     };
     if let Some(v) = &node.vxlan {
         let existing = deps.nl.link_by_name(&v.spec.name).await?;
@@ -171,7 +181,8 @@ pub(super) async fn run(
             return Ok(());
         }
     }
-    let result = serve(&deps, &node, own, &mut rules, stop).await;
+    let mut node = node;
+    let result = serve(&deps, &mut node, own, &mut rules, stop).await;
     if let Some(done) = rules.stop(RULES_SHUTDOWN_WAIT).await {
         on_rules(&deps, done);
     }
@@ -181,7 +192,7 @@ pub(super) async fn run(
 /// The loop, once the lease is held and the rules were checked once.
 async fn serve(
     deps: &V6Only,
-    node: &Node,
+    node: &mut Node,
     mut own: Own,
     rules: &mut RuleCheck<V6OnlyRules>,
     stop: &mut Stop,
@@ -203,6 +214,18 @@ async fn serve(
     // No listing for events before this; a listing due then for events that came meanwhile.
     let mut quiet_until = tokio::time::Instant::now();
     let mut relist_at: Option<tokio::time::Instant> = None;
+    // The PublicIPv6 follower (`--public-ipv6` pins it): address notifications on the underlay
+    // schedule a check, and so does every resync, for notifications lost or never subscribed.
+    let mut follow = Underlay6::new(
+        Some(node.underlay.public_ipv6),
+        node.settings.public_ipv6,
+        node.underlay.index,
+        node.underlay.name.clone(),
+        deps.ipv6_addrs.clone(),
+    );
+    let (mut events, _) = subscribe(&deps.nl);
+    // One look now: an address change between the start-up's look and the subscription.
+    follow.note(&Event::Lost, tokio::time::Instant::now());
     loop {
         // The watch (re)starts after every listing, from that listing's revision.
         if watch.is_none() {
@@ -294,7 +317,34 @@ async fn serve(
                     None => return Ok(()),
                 }
             }
+            ev = next_event(&mut events) => match ev {
+                Some(Ok(e)) => follow.note(&e, tokio::time::Instant::now()),
+                Some(Err(e)) => {
+                    warn!("IPv6-only: kernel notifications: {e}; subscribing again");
+                    events = subscribe(&deps.nl).0;
+                    follow.note(&Event::Lost, tokio::time::Instant::now());
+                }
+                None => {
+                    warn!("IPv6-only: kernel notifications ended; the PublicIPv6 is checked at each resync only");
+                    events = None;
+                }
+            },
+            _ = repair_due(follow.due()) => {
+                // Only `Moved` can come: the follower has an address and never turns IPv4 only.
+                if let Some(Check6::Moved(to)) = follow.check() {
+                    moved(deps, node, to);
+                    relist_at = None;
+                    let listed = reconcile(deps, node, &mut own, rules, stop).await;
+                    quiet_until = tokio::time::Instant::now() + COALESCE;
+                    match listed {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => { warn!("IPv6-only: {e}"); watch = None; }
+                        None => return Ok(()),
+                    }
+                }
+            }
             _ = resync.tick() => {
+                follow.note(&Event::Lost, tokio::time::Instant::now());
                 // Also answers the events waiting for a listing: they came before this one.
                 relist_at = None;
                 let listed = reconcile(deps, node, &mut own, rules, stop).await;
@@ -466,12 +516,12 @@ async fn reconcile(
         Err(e) => return Some(Err(e.into())),
     };
     let was = own.key.ipv6;
-    let again = match pure::held(
+    let again = match pure::held_as(
         deps.registry.prefix(),
         &snap.leases,
         own.key,
         own.lease_id,
-        node.underlay.public_ipv6,
+        &node.ours(),
     ) {
         pure::Held::Ours { lease_id } => {
             if lease_id != own.lease_id {
@@ -500,6 +550,9 @@ async fn reconcile(
         want_rules(rules, node, own.key.ipv6);
         return Some(Ok(snap.revision));
     }
+    if let Err(e) = rewrite(deps, node, *own, &snap.leases).await {
+        return Some(Err(e));
+    }
     match program(deps, node, own.key.ipv6, &snap.leases).await {
         Ok(()) => {
             deps.report.ipv6_only_programmed(true);
@@ -510,6 +563,67 @@ async fn reconcile(
             Some(Err(e))
         }
     }
+}
+
+impl Node {
+    /// Every `PublicIPv6` that marks a key as ours: the current one and this run's former ones.
+    fn ours(&self) -> Vec<Ipv6Addr> {
+        let mut v = vec![self.underlay.public_ipv6];
+        v.extend(self.former.iter().copied());
+        v
+    }
+}
+
+/// Our `PublicIPv6` left the underlay and `to` replaced it (issue 19): advertised from now on
+/// (the next listing rewrites our key, [`rewrite`]), the vxlan device's local address with it
+/// (the next programming re-creates `tweed-v6.<VNI>`, whose local address cannot change in
+/// place; its MAC is kept, so peers' FDB entries need only the new address).
+fn moved(deps: &V6Only, node: &mut Node, to: Ipv6Addr) {
+    let from = node.underlay.public_ipv6;
+    node.former.retain(|a| *a != to && *a != from);
+    node.former.push(from);
+    if node.former.len() > FORMER {
+        node.former.remove(0);
+    }
+    node.underlay.public_ipv6 = to;
+    node.attrs = pure::lease_attrs(
+        to,
+        &node.net.backend,
+        node.vxlan.as_ref().and_then(|v| v.spec.mac),
+    );
+    if let Some(v) = node.vxlan.as_mut() {
+        v.spec.local = to.into();
+    }
+    deps.report
+        .ipv6_only_network(node.net.ipv6.network, node.net.backend.type_name(), to);
+}
+
+/// Writes our attributes over our key when the listing shows another value (a moved
+/// `PublicIPv6`, a hand edit), compare-and-swap and on the lease the key hangs on (0: a
+/// reservation stays one). A lost race is left to the next listing, which the racing write's
+/// event brings.
+async fn rewrite(
+    deps: &V6Only,
+    node: &Node,
+    own: Own,
+    listing: &[RawLease],
+) -> Result<(), AgentError> {
+    let Some((lease_id, mod_revision)) =
+        pure::rewrite(deps.registry.prefix(), listing, own.key, &node.attrs)
+    else {
+        return Ok(());
+    };
+    let key = LeaseKey::Ipv6Only(own.key);
+    if deps
+        .registry
+        .update_lease(&key, &node.attrs, lease_id, mod_revision)
+        .await?
+    {
+        info!(subnet_v6 = %own.key.ipv6, public_ipv6 = %node.underlay.public_ipv6, lease = lease_id, "IPv6-only lease rewritten with this node's attributes");
+    } else {
+        warn!(subnet_v6 = %own.key.ipv6, "IPv6-only lease changed while being rewritten; the next listing tries again");
+    }
+    Ok(())
 }
 
 /// Brings the kernel to exactly the peers of `listing`.

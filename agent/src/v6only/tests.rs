@@ -659,3 +659,58 @@ fn a_stale_key_of_ours_is_no_peer_but_still_the_older_claim() {
         ("/coreos.com/network/subnets/fd00:10:244:4::-64", "overlap")
     );
 }
+
+/// Issue 19: after a `PublicIPv6` move, our key still names the former address until its
+/// rewrite got through: it is held (a reservation too, whose lease id proves nothing), and a
+/// key naming an address we never had is not.
+#[test]
+fn a_key_with_a_former_public_ipv6_of_this_run_is_still_ours() {
+    let now = v6("2001:db8::7");
+    let before = v6("2001:db8::6");
+    let own = Ipv6OnlyKey {
+        ipv6: net6("fd00:10:244:5::/64"),
+    };
+    let at = |value: &str, lease_id: i64| [ttl_lease("fd00:10:244:5::-64", value, 3, lease_id)];
+    // Only the current address: the reservation with the former one looks like another node's.
+    assert_eq!(held(PREFIX, &at(ME, 0), own, 0, now), Held::Lost);
+    assert_eq!(
+        held_as(PREFIX, &at(ME, 0), own, 0, &[now, before]),
+        Held::Ours { lease_id: 0 }
+    );
+    assert_eq!(
+        held_as(PREFIX, &at(ME, 7), own, 7, &[now, before]),
+        Held::Ours { lease_id: 7 }
+    );
+    let theirs = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::9","BackendType":"host-gw"}"#;
+    assert_eq!(
+        held_as(PREFIX, &at(theirs, 0), own, 0, &[now, before]),
+        Held::Lost
+    );
+    // Another TTL lease than ours is another node's, whatever the address.
+    assert_eq!(
+        held_as(PREFIX, &at(ME, 9), own, 7, &[now, before]),
+        Held::Lost
+    );
+}
+
+/// Our key is rewritten only when its value is not what we advertise, compare-and-swap on
+/// the revision listed and on the lease it hangs on (0: it stays reserved).
+#[test]
+fn our_key_is_rewritten_only_when_its_value_differs() {
+    let own = Ipv6OnlyKey {
+        ipv6: net6("fd00:10:244:5::/64"),
+    };
+    let backend = BackendConfig::HostGw;
+    let moved = lease_attrs(v6("2001:db8::7"), &backend, None);
+    let same = lease_attrs(v6("2001:db8::6"), &backend, None);
+    let listing = [
+        ttl_lease("fd00:10:244:5::-64", &same.to_json(), 11, 7),
+        ttl_lease("fd00:10:244:6::-64", ME, 12, 8),
+    ];
+    assert_eq!(rewrite(PREFIX, &listing, own, &same), None);
+    assert_eq!(rewrite(PREFIX, &listing, own, &moved), Some((7, 11)));
+    let reserved = [ttl_lease("fd00:10:244:5::-64", ME, 13, 0)];
+    assert_eq!(rewrite(PREFIX, &reserved, own, &moved), Some((0, 13)));
+    // Gone: nothing to rewrite (the loop takes the subnet again).
+    assert_eq!(rewrite(PREFIX, &listing[1..], own, &moved), None);
+}
