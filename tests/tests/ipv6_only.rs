@@ -612,6 +612,28 @@ fn a_renumbered_ipv6_only_node_moves_its_lease_and_vtep_and_stays_reachable() {
     assert!(ping6(&h2.pods[0].netns, &to_h1), "h2/p1 -> h1/p1");
     assert!(ping6(&h1.pods[0].netns, &to_h2), "h1/p1 -> h2/p1");
 
+    // Reserved through the API (issue 19): the IPv6-only key, held by the new PublicIPv6, loses
+    // its TTL lease; unreserved, it gets a fresh one, which h1's loop follows (its own lease in
+    // `tweedctl net leases` names it).
+    let r = tweedctl_net(&h1, &["reserve", &subnet.to_string(), &new.to_string()]);
+    assert_eq!(r["created"], false, "{r}");
+    assert_eq!(lease_id_of(&lab, &key), 0, "reserved");
+    assert_eq!(value(&lab).public_ipv6, Some(new));
+    let u = tweedctl_net(&h1, &["unreserve", &subnet.to_string()]);
+    let fresh = i64::from_str_radix(u["lease_id"].as_str().unwrap(), 16).unwrap();
+    assert_eq!(lease_id_of(&lab, &key), fresh, "unreserved");
+    wait_for(
+        Duration::from_secs(15),
+        "h1 following the fresh lease",
+        || {
+            tweedctl_net(&h1, &["leases"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["own"] == true && l["lease_id"] == u["lease_id"])
+        },
+    );
+
     // Settled: over more than one resync period (10 s), nothing on h1's tweed-v6.1 changes.
     std::thread::sleep(Duration::from_secs(2));
     let links = monitor(

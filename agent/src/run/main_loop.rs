@@ -68,8 +68,14 @@ pub async fn run_with(
         None => return Ok(()),
         Some(ParsedNetwork::Ipv4(cfg)) => cfg,
         Some(ParsedNetwork::Ipv6Only(net)) => {
-            // The API's reserve/unreserve and key rotation act on IPv4 leases: not offered here.
-            drop(control);
+            // Reserve/unreserve act on the IPv6-only keys, which the loop follows; no command
+            // reaches the loop (key rotation is wireguard's, which cannot run here).
+            let _ = control.set(crate::api::Control {
+                registry: registry.clone(),
+                cfg: crate::api::ControlNetwork::Ipv6Only(net.ipv6.clone()),
+                lease_ttl: settings.lease_ttl,
+                commands: tokio::sync::mpsc::channel(1).0,
+            });
             let deps = super::v6only::V6Only {
                 registry,
                 nl,
@@ -90,7 +96,7 @@ pub async fn run_with(
     let (commands_tx, commands) = tokio::sync::mpsc::channel(4);
     let _ = control.set(crate::api::Control {
         registry: registry.clone(),
-        cfg: cfg.clone(),
+        cfg: cfg.clone().into(),
         lease_ttl: settings.lease_ttl,
         commands: commands_tx,
     });
