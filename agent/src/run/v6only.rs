@@ -550,13 +550,13 @@ async fn reconcile(
         want_rules(rules, node, own.key.ipv6);
         return Some(Ok(snap.revision));
     }
-    if let Err(e) = rewrite(deps, node, *own, &snap.leases).await {
-        return Some(Err(e));
-    }
+    // Programmed even when the rewrite failed: after a renumbering etcd may be out of reach
+    // for a while (connections from the old address), and the device must move meanwhile.
+    let rewritten = rewrite(deps, node, *own, &snap.leases).await;
     match program(deps, node, own.key.ipv6, &snap.leases).await {
         Ok(()) => {
             deps.report.ipv6_only_programmed(true);
-            Some(Ok(snap.revision))
+            Some(rewritten.map(|()| snap.revision))
         }
         Err(e) => {
             deps.report.ipv6_only_programmed(false);

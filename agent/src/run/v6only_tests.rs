@@ -780,3 +780,29 @@ async fn an_explicit_public_ipv6_never_moves() {
     assert_eq!(n.kernel.take_ops(), vec![]);
     n.stop().await;
 }
+
+/// A renumbering often cuts the node off etcd for a while (its connections came from the old
+/// address): the move is not lost, the lease and the device follow once etcd answers again.
+#[tokio::test(start_paused = true)]
+async fn a_move_while_etcd_is_out_of_reach_is_carried_out_once_it_answers() {
+    let mem = etcd("vxlan");
+    let (n, listed) = V6Node::start_renumbered(&mem, &[]).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (key, lease) = n.own_key().unwrap();
+    const NEW: &str = "fd00:198:18::101";
+    mem.set_reachable(false);
+    n.renumber(&listed, OUR_IP6, NEW);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    mem.set_reachable(true);
+    n.until("the lease advertising the new PublicIPv6", |n| {
+        public_ipv6_of(&n.lease(&key)) == Some(NEW.parse().unwrap())
+    })
+    .await;
+    assert_eq!(n.lease(&key).lease_id, lease);
+    n.until("tweed-v6.1 on the new address", |n| {
+        n.vxlan6().vxlan.and_then(|v| v.local) == Some(NEW.parse().unwrap())
+    })
+    .await;
+    n.stop().await;
+}
