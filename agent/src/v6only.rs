@@ -323,6 +323,39 @@ pub fn decide(
     )?))
 }
 
+/// At start, our key from before a `PublicIPv6` change while the agent was down: the IPv6-only
+/// key of `previous` (subnet.env's subnet) whose `PublicIPv6` is `former` (what the last run
+/// advertised, recorded in the state dir), a node subnet no older key claims and not
+/// `exclude`d. Reused (its value then rewritten with the new address), so the node keeps its
+/// subnet and its pods' addresses. Only that key: the former address may belong to another node
+/// by now, and that node's keys are its own.
+pub fn reclaim(
+    cfg: &Ipv6Config,
+    prefix: &str,
+    listing: &[RawLease],
+    previous: Option<Ipv6Network>,
+    former: Option<Ipv6Addr>,
+    exclude: &HashSet<Ipv6Network>,
+) -> Option<Decision> {
+    let (subnet, former) = (previous?, former?);
+    if exclude.contains(&subnet) || !cfg.is_allocatable(subnet) {
+        return None;
+    }
+    let key = Ipv6OnlyKey { ipv6: subnet };
+    let full = LeaseKey::Ipv6Only(key).etcd_key(prefix);
+    let l = listing.iter().find(|l| l.key == full)?;
+    let named = LeaseAttrs::parse(&l.value).ok()?.public_ipv6;
+    if named != Some(former) || lost_race(prefix, listing, subnet, &full, l.create_revision) {
+        return None;
+    }
+    Some(Decision::Reuse {
+        key,
+        lease_id: l.lease_id,
+        mod_revision: l.mod_revision,
+        value: l.value.clone(),
+    })
+}
+
 /// Whether the key named `own` in a listing is still ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Held {

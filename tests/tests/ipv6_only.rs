@@ -670,3 +670,88 @@ fn a_renumbered_ipv6_only_node_moves_its_lease_and_vtep_and_stays_reachable() {
         "kernel changes in a settled state"
     );
 }
+
+/// Issue 19: the underlay address changes while the agent is down (a reboot with a new SLAAC
+/// address). At its next start h1 takes back its key (subnet.env's subnet, naming the address
+/// the last run recorded), rewrites it with the new `PublicIPv6` on the same subnet, h2's FDB
+/// entry for h1 follows, and the pods ping6 each other again.
+#[test]
+fn an_ipv6_only_node_renumbered_while_down_keeps_its_subnet() {
+    require_root!(NEEDS_ROOT);
+    let mut spec = LabSpec::new(per_process("v6o-rs"), 2);
+    spec.backend = Backend::Vxlan;
+    spec.pods_via = PodsVia::Direct;
+    spec.pods_per_host = 1;
+    spec.ip_family = IpFamily::V6;
+    let lab = up(spec);
+    let report = lab.check_until(Duration::from_secs(30)).expect("check");
+    assert_eq!(report.summary(), "2 passed, 0 failed");
+    let h1 = host_state(&lab, "h1");
+    let h2 = host_state(&lab, "h2");
+    let old = h1.public_ip6.unwrap();
+    let (subnet, _) = subnet6_of(&lab, "h1");
+    let key = format!("{SUBNETS}{}-{}", subnet.network(), subnet.prefix());
+    let value = |lab: &Lab| {
+        let out = etcdctl(lab, &["get", &key, "--print-value-only"]);
+        LeaseAttrs::parse(out.trim().as_bytes()).unwrap_or_else(|e| panic!("{key}: {e}: {out}"))
+    };
+    let lease = lease_id_of(&lab, &key);
+
+    let stopped = stop_agent(&lab, "h1", libc::SIGTERM);
+    let new: Ipv6Addr = "fd00:198:18::101".parse().unwrap();
+    in_ns(
+        &h1.netns,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{new}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    in_ns(
+        &h1.netns,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "del",
+            &format!("{old}/64"),
+            "dev",
+            "eth0",
+        ],
+    );
+    restart_agent_ready(&stopped, "h1");
+    assert_eq!(subnet6_of(&lab, "h1").0, subnet, "the same subnet");
+    assert_eq!(value(&lab).public_ipv6, Some(new));
+    assert_eq!(lease_id_of(&lab, &key), lease, "the same TTL lease");
+    assert_eq!(
+        leases(&lab).len(),
+        2,
+        "no second key for h1: {:?}",
+        leases(&lab)
+    );
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(
+        log.contains("the PublicIPv6 changed since the last run"),
+        "{log}"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "h2's FDB entry for h1 on the new address",
+        || {
+            tweed_testkit::cmd::try_in_ns(
+                &h2.netns,
+                &["bridge", "fdb", "show", "dev", "tweed-v6.1"],
+            )
+            .is_ok_and(|f| {
+                f.contains(&format!("dst {new} ")) && !f.contains(&format!("dst {old} "))
+            })
+        },
+    );
+    let report = lab.check_until(Duration::from_secs(30)).expect("check");
+    assert_eq!(report.summary(), "2 passed, 0 failed", "after the restart");
+}

@@ -143,13 +143,19 @@ pub(super) async fn run(
         &net.backend,
         vxlan.as_ref().and_then(|v| v.spec.mac),
     );
+    // What the last run advertised: a key still naming it is ours (the address changed while
+    // the agent was down).
+    let recorded = recorded_public_ipv6(&settings).filter(|a| *a != underlay.public_ipv6);
+    if let Some(a) = recorded {
+        warn!(before = %a, now = %underlay.public_ipv6, "the PublicIPv6 changed since the last run; a key naming the old address on subnet.env's subnet is ours: taken back and rewritten");
+    }
     let node = Node {
         net,
         underlay,
         attrs,
         vxlan,
         settings,
-        former: Vec::new(),
+        former: recorded.into_iter().collect(),
     };
     if let Some(v) = &node.vxlan {
         let existing = deps.nl.link_by_name(&v.spec.name).await?;
@@ -167,6 +173,7 @@ pub(super) async fn run(
         return Ok(());
     };
     write_subnet_env(&node, &deps.report, own.key.ipv6);
+    record_public_ipv6(&node);
     // The checks run beside the loop (a fork of ip6tables or nft, seconds behind the xtables
     // lock, must not hold up a lease event); the first is awaited, so that the node is ready
     // (its data plane programmed) only with its masquerade and forward rules in place.
@@ -420,7 +427,7 @@ async fn try_acquire(
 ) -> Result<Option<Own>, AgentError> {
     let prefix = deps.registry.prefix().to_string();
     let snap = deps.registry.list_leases().await?;
-    let decision = pure::decide(
+    let decision = match pure::decide(
         &node.net.ipv6,
         &prefix,
         &snap.leases,
@@ -428,7 +435,25 @@ async fn try_acquire(
         *previous,
         exclude,
         &mut rand::rng(),
-    )?;
+    )? {
+        // A new subnet only when no key of ours under a former address holds subnet.env's.
+        Decision::Take(subnet) => node
+            .former
+            .iter()
+            .rev()
+            .find_map(|f| {
+                pure::reclaim(
+                    &node.net.ipv6,
+                    &prefix,
+                    &snap.leases,
+                    *previous,
+                    Some(*f),
+                    exclude,
+                )
+            })
+            .unwrap_or(Decision::Take(subnet)),
+        d => d,
+    };
     match decision {
         Decision::Remove(stale) => {
             for s in stale {
@@ -596,6 +621,33 @@ fn moved(deps: &V6Only, node: &mut Node, to: Ipv6Addr) {
     }
     deps.report
         .ipv6_only_network(node.net.ipv6.network, node.net.backend.type_name(), to);
+    record_public_ipv6(node);
+}
+
+/// Where the `PublicIPv6` this node advertises is recorded for the next run.
+fn public_ipv6_file(settings: &Settings) -> std::path::PathBuf {
+    settings.state_dir.join("ipv6-only-public-ipv6")
+}
+
+fn recorded_public_ipv6(settings: &Settings) -> Option<Ipv6Addr> {
+    std::fs::read_to_string(public_ipv6_file(settings))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Records what the node advertises; a failure is logged (the next run then cannot recognise a
+/// key naming it once the address changed while the agent was down).
+fn record_public_ipv6(node: &Node) {
+    let path = public_ipv6_file(&node.settings);
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&path, format!("{}\n", node.underlay.public_ipv6)));
+    if let Err(e) = written {
+        warn!(path = %path.display(), "recording the PublicIPv6: {e}");
+    }
 }
 
 /// Writes our attributes over our key when the listing shows another value (a moved

@@ -714,3 +714,59 @@ fn our_key_is_rewritten_only_when_its_value_differs() {
     // Gone: nothing to rewrite (the loop takes the subnet again).
     assert_eq!(rewrite(PREFIX, &listing[1..], own, &moved), None);
 }
+
+/// Issue 19: the address changed while the agent was down. Our key of subnet.env's subnet,
+/// naming the address the last run recorded, is reused; not one naming another address, of
+/// another subnet, one an older key claims, nor an excluded or out-of-range one.
+#[test]
+fn a_key_of_our_previous_subnet_with_our_recorded_address_is_reclaimed_after_a_restart() {
+    let cfg = cfg();
+    let former = v6("2001:db8::6");
+    let prev = net6("fd00:10:244:5::/64");
+    let ours = ttl_lease("fd00:10:244:5::-64", ME, 3, 7);
+    let none = HashSet::new();
+    assert_eq!(
+        reclaim(
+            &cfg,
+            PREFIX,
+            std::slice::from_ref(&ours),
+            Some(prev),
+            Some(former),
+            &none
+        ),
+        Some(Decision::Reuse {
+            key: Ipv6OnlyKey { ipv6: prev },
+            lease_id: 7,
+            mod_revision: 3,
+            value: ME.as_bytes().to_vec(),
+        })
+    );
+    let r = |listing: &[RawLease], prev: Option<Ipv6Network>, former: Option<Ipv6Addr>| {
+        reclaim(&cfg, PREFIX, listing, prev, former, &none)
+    };
+    let single = std::slice::from_ref(&ours);
+    assert_eq!(r(single, Some(prev), Some(v6("2001:db8::9"))), None);
+    assert_eq!(
+        r(single, Some(net6("fd00:10:244:6::/64")), Some(former)),
+        None
+    );
+    assert_eq!(r(single, None, Some(former)), None);
+    assert_eq!(r(single, Some(prev), None), None);
+    let older = [
+        lease(
+            "10.244.5.0-24&fd00:10:244:5::-64",
+            r#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9","BackendType":"host-gw"}"#,
+            2,
+        ),
+        ours.clone(),
+    ];
+    assert_eq!(r(&older, Some(prev), Some(former)), None, "lost its race");
+    let excluded = HashSet::from([prev]);
+    assert_eq!(
+        reclaim(&cfg, PREFIX, single, Some(prev), Some(former), &excluded),
+        None
+    );
+    // fd00:10:244::/64 is below IPv6SubnetMin (the first subnet is skipped).
+    let low = [ttl_lease("fd00:10:244::-64", ME, 3, 7)];
+    assert_eq!(r(&low, Some(net6("fd00:10:244::/64")), Some(former)), None);
+}
