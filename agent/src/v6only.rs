@@ -267,12 +267,67 @@ pub fn decide(
     exclude: &HashSet<Ipv6Network>,
     rng: &mut impl Rng,
 ) -> Result<Decision, V6OnlyError> {
+    decide_as(
+        cfg,
+        prefix,
+        listing,
+        Mine {
+            public_ipv6,
+            vtep_mac: None,
+        },
+        previous,
+        exclude,
+        rng,
+    )
+}
+
+/// What marks a key as this node's at acquire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mine {
+    /// Our `PublicIPv6`.
+    pub public_ipv6: Ipv6Addr,
+    /// vxlan: our device's MAC (random, kept across restarts: read back from the device). A
+    /// vxlan key whose `BackendV6Data` names it is ours whatever its `PublicIPv6`: one written
+    /// before the address changed while the agent was down.
+    pub vtep_mac: Option<MacAddr>,
+}
+
+impl Mine {
+    fn owns(&self, value: &[u8]) -> bool {
+        let Ok(a) = LeaseAttrs::parse(value) else {
+            return false;
+        };
+        if a.public_ipv6 == Some(self.public_ipv6) {
+            return true;
+        }
+        let vtep = || -> Option<MacAddr> {
+            let raw = a.backend_v6_data.as_ref()?;
+            let d: VxlanLeaseData = serde_json::from_str(raw.get()).ok()?;
+            d.vtep_mac.parse().ok()
+        };
+        a.effective_backend_type() == "vxlan"
+            && self
+                .vtep_mac
+                .is_some_and(|m| m.is_valid_unicast() && vtep() == Some(m))
+    }
+}
+
+/// [`decide`] with every mark of ours ([`Mine`]).
+pub fn decide_as(
+    cfg: &Ipv6Config,
+    prefix: &str,
+    listing: &[RawLease],
+    me: Mine,
+    previous: Option<Ipv6Network>,
+    exclude: &HashSet<Ipv6Network>,
+    rng: &mut impl Rng,
+) -> Result<Decision, V6OnlyError> {
     let keys = keys(prefix, listing);
     let mut reuse = None;
     let mut stale = Vec::new();
     for (k, l) in &keys {
         let Some(subnet) = k.ipv6() else { continue };
-        let mine = LeaseAttrs::parse(&l.value).is_ok_and(|a| a.public_ipv6 == Some(public_ipv6));
+        let mine = me.owns(&l.value);
         if !mine || exclude.contains(&subnet) {
             continue;
         }

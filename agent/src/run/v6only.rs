@@ -427,11 +427,15 @@ async fn try_acquire(
 ) -> Result<Option<Own>, AgentError> {
     let prefix = deps.registry.prefix().to_string();
     let snap = deps.registry.list_leases().await?;
-    let decision = match pure::decide(
+    let me = pure::Mine {
+        public_ipv6: node.underlay.public_ipv6,
+        vtep_mac: node.vxlan.as_ref().and_then(|v| v.spec.mac),
+    };
+    let decision = match pure::decide_as(
         &node.net.ipv6,
         &prefix,
         &snap.leases,
-        node.underlay.public_ipv6,
+        me,
         *previous,
         exclude,
         &mut rand::rng(),

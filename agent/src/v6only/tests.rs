@@ -770,3 +770,40 @@ fn a_key_of_our_previous_subnet_with_our_recorded_address_is_reclaimed_after_a_r
     let low = [ttl_lease("fd00:10:244::-64", ME, 3, 7)];
     assert_eq!(r(&low, Some(net6("fd00:10:244::/64")), Some(former)), None);
 }
+
+/// A vxlan key naming our device's VTEP MAC is ours whatever its `PublicIPv6` (written before
+/// the address changed while the agent was down, without a record of the old one): reused, not
+/// left to block its subnet as another node's. Another MAC, or no MAC of ours, is not.
+#[test]
+fn a_vxlan_key_with_our_vtep_mac_is_ours_under_an_old_address() {
+    let cfg = cfg();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mac: MacAddr = "02:00:00:00:00:66".parse().unwrap();
+    let old = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"}}"#;
+    let listing = [ttl_lease("fd00:10:244:5::-64", old, 3, 7)];
+    let me = |vtep_mac| Mine {
+        public_ipv6: v6("2001:db8::7"),
+        vtep_mac,
+    };
+    let none = HashSet::new();
+    assert!(matches!(
+        decide_as(&cfg, PREFIX, &listing, me(Some(mac)), None, &none, &mut rng).unwrap(),
+        Decision::Reuse { lease_id: 7, .. }
+    ));
+    for other in [None, Some("02:00:00:00:00:67".parse().unwrap())] {
+        assert!(
+            matches!(
+                decide_as(&cfg, PREFIX, &listing, me(other), None, &none, &mut rng).unwrap(),
+                Decision::Take(s) if s != net6("fd00:10:244:5::/64")
+            ),
+            "{other:?}"
+        );
+    }
+    // host-gw has no VTEP: only the address marks a key as ours.
+    let hostgw = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"host-gw","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"}}"#;
+    let listing = [ttl_lease("fd00:10:244:5::-64", hostgw, 3, 7)];
+    assert!(matches!(
+        decide_as(&cfg, PREFIX, &listing, me(Some(mac)), None, &none, &mut rng).unwrap(),
+        Decision::Take(_)
+    ));
+}
