@@ -340,6 +340,17 @@ async fn reserve_detaches_the_ttl_and_unreserve_attaches_a_fresh_one() {
     );
 }
 
+/// A redial (after the node's address moved) replaces the connection; requests go on.
+#[tokio::test]
+async fn redial_replaces_the_connection_and_requests_go_on() {
+    let (_env, reg) = Env::with_registry().await;
+    let own = node(&reg, 1, None, Duration::from_secs(30)).await;
+    reg.redial().await.unwrap();
+    let snap = reg.list_leases().await.unwrap();
+    assert!(snap.leases.iter().any(|l| l.key == own.key.etcd_key(P)));
+    assert!(reg.renew(own.lease_id).await.unwrap().is_some());
+}
+
 /// Issue 19: an IPv6-only key is reserved for a `PublicIPv6` in real etcd: a node's TTL key is
 /// held by its `PublicIPv6` (not by the PublicIP 0.0.0.0 of every IPv6-only value), detached
 /// by it, and unreserved onto a fresh TTL lease; a free one gets flannel's field set.

@@ -551,6 +551,17 @@ impl EtcdRegistry {
         Ok(grant.id())
     }
 
+    /// Drops the connection in use for a fresh one (dialed lazily, as at start). After this
+    /// node's own address changed, a connection made from the old one is dead, and HTTP/2
+    /// keepalive notices only some 15 s later; requests meanwhile time out.
+    pub async fn redial(&self) -> Result<(), RegistryError> {
+        let c = Client::connect(&self.endpoint_list, Some(self.connect_opts.clone()))
+            .await
+            .map_err(|e| self.ctx.classify("connect", "", e))?;
+        *self.pinned.lock().await = (usize::MAX, c);
+        Ok(())
+    }
+
     pub async fn revoke(&self, lease_id: i64) -> Result<(), RegistryError> {
         let key = format!("lease {lease_id:x}");
         match self.client().await.lease_client().revoke(lease_id).await {

@@ -291,6 +291,11 @@ impl MemRegistry {
         })
     }
 
+    /// Nothing to redial in memory.
+    pub async fn redial(&self) -> Result<(), RegistryError> {
+        Ok(())
+    }
+
     pub async fn revoke(&self, lease_id: i64) -> Result<(), RegistryError> {
         let id = format!("{lease_id:x}");
         self.call("revoke", &id, None, |s| s.revoke(lease_id))

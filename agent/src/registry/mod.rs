@@ -268,6 +268,8 @@ impl Registry {
         /// Lets go of a TTL lease now (its keys go with it) instead of waiting out its TTL. A lease
         /// already gone is no error.
         fn revoke(lease_id: i64) -> ();
+        /// Replaces the connection to etcd with a fresh one (after this node's address changed).
+        fn redial() -> ();
         /// Extends the TTL lease. `Ok(None)` when the lease no longer exists (expired or revoked).
         fn renew(lease_id: i64) -> Option<Duration>;
         /// Pins `key` to `holder` without a TTL: creates `{"PublicIP":ip}` if absent (an IPv6

@@ -340,14 +340,13 @@ async fn serve(
                 // Only `Moved` can come: the follower has an address and never turns IPv4 only.
                 if let Some(Check6::Moved(to)) = follow.check() {
                     moved(deps, node, to);
-                    relist_at = None;
-                    let listed = reconcile(deps, node, &mut own, rules, stop).await;
-                    quiet_until = tokio::time::Instant::now() + COALESCE;
-                    match listed {
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => { warn!("IPv6-only: {e}"); watch = None; }
-                        None => return Ok(()),
+                    // etcd may be reached over the underlay: connections from the old address
+                    // are dead (the lease watch among them), so new ones are made now; the
+                    // listing at the loop's top rewrites the lease and moves the device.
+                    if let Err(e) = deps.registry.redial().await {
+                        warn!("IPv6-only: reconnecting to etcd after the move: {e}");
                     }
+                    watch = None;
                 }
             }
             _ = resync.tick() => {
