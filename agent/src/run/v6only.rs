@@ -149,7 +149,7 @@ pub(super) async fn run(
     if let Some(a) = recorded {
         warn!(before = %a, now = %underlay.public_ipv6, "the PublicIPv6 changed since the last run; a key naming the old address on subnet.env's subnet is ours: taken back and rewritten");
     }
-    let node = Node {
+    let mut node = Node {
         net,
         underlay,
         attrs,
@@ -188,7 +188,6 @@ pub(super) async fn run(
             return Ok(());
         }
     }
-    let mut node = node;
     let result = serve(&deps, &mut node, own, &mut rules, stop).await;
     if let Some(done) = rules.stop(RULES_SHUTDOWN_WAIT).await {
         on_rules(&deps, done);
