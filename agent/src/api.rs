@@ -2,8 +2,9 @@
 
 use crate::registry::{RawLease, Registry, ReserveOutcome, UnreserveOutcome};
 use crate::state::{AgentState, EventKind, LeaseEventView, LeaseView};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use std::future::Future;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -14,7 +15,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tweed_api::v1::agent_server::{Agent, AgentServer};
 use tweed_api::v1::{self as pb, lease_event::Kind};
-use tweed_config::{NetworkConfig, SubnetKey};
+use tweed_config::{Ipv6Config, Ipv6OnlyKey, LeaseKey, NetworkConfig, SubnetKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -36,11 +37,25 @@ pub enum ApiError {
 /// What Reserve/Unreserve need, known once the agent reached etcd and read the network config.
 pub struct Control {
     pub registry: Arc<Registry>,
-    pub cfg: NetworkConfig,
+    pub cfg: ControlNetwork,
     /// `--lease-ttl`: the TTL an unreserved key gets.
     pub lease_ttl: Duration,
     /// Requests only the run loop can carry out (it owns the data plane and the lease).
     pub commands: tokio::sync::mpsc::Sender<Command>,
+}
+
+/// The network whose keys Reserve/Unreserve act on.
+pub enum ControlNetwork {
+    /// IPv4 subnets (a dual-stack key keeps its IPv6 half), held by a `PublicIP`.
+    Ipv4(NetworkConfig),
+    /// An IPv6-only network (`EnableIPv4: false`): its IPv6-only keys, held by a `PublicIPv6`.
+    Ipv6Only(Ipv6Config),
+}
+
+impl From<NetworkConfig> for ControlNetwork {
+    fn from(cfg: NetworkConfig) -> Self {
+        ControlNetwork::Ipv4(cfg)
+    }
 }
 
 /// A request for the run loop, with where its answer goes.
@@ -60,15 +75,7 @@ pub struct Service {
 impl Service {
     fn control(&self) -> Result<&Control, Status> {
         self.control.get().ok_or_else(|| {
-            // An IPv6-only network never fills the slot: its loop has no IPv4 leases to act on.
-            if self.state.snapshot().ipv6 == crate::run::IPV6_ONLY_STATUS {
-                Status::failed_precondition(
-                    "not available in an IPv6-only network (EnableIPv4: false): reserve, \
-                     unreserve and key rotation act on IPv4 leases",
-                )
-            } else {
-                Status::unavailable("the agent has not read the network config from etcd yet")
-            }
+            Status::unavailable("the agent has not read the network config from etcd yet")
         })
     }
 
@@ -77,12 +84,21 @@ impl Service {
     /// A dual-stack lease's key names its IPv6 half too (`10.244.7.0-24&fd00:…-64`): the key
     /// already holding the subnet is the one acted on, so a reservation keeps the IPv6 half
     /// instead of writing a second, v4-only key beside it.
-    async fn control_and_key(&self, subnet: &str) -> Result<(&Control, SubnetKey), Status> {
+    ///
+    /// In an IPv6-only network the key is the IPv6-only key of the subnet, the one its node's
+    /// loop holds and follows (reserved or unreserved by hand).
+    async fn control_and_key(&self, subnet: &str) -> Result<(&Control, LeaseKey), Status> {
         let c = self.control()?;
-        let key = parse_subnet(&c.cfg, subnet)?;
+        let cfg = match &c.cfg {
+            ControlNetwork::Ipv4(cfg) => cfg,
+            ControlNetwork::Ipv6Only(cfg) => {
+                return Ok((c, LeaseKey::Ipv6Only(parse_subnet6(cfg, subnet)?)))
+            }
+        };
+        let key = parse_subnet(cfg, subnet)?;
         let snap = c.registry.list_leases().await.map_err(registry_status)?;
         let existing = key_holding(c.registry.prefix(), &snap.leases, key.ipv4);
-        Ok((c, existing.unwrap_or(key)))
+        Ok((c, LeaseKey::Flannel(existing.unwrap_or(key))))
     }
 }
 
@@ -120,6 +136,37 @@ fn parse_subnet(cfg: &NetworkConfig, s: &str) -> Result<SubnetKey, Status> {
         )));
     }
     Ok(SubnetKey::new(net))
+}
+
+/// "fd00:10:244:7::/64" or the key form "fd00:10:244:7::-64", checked against the IPv6-only
+/// network.
+fn parse_subnet6(cfg: &Ipv6Config, s: &str) -> Result<Ipv6OnlyKey, Status> {
+    let s = s.trim();
+    let net = s
+        .parse::<Ipv6Network>()
+        .ok()
+        .or_else(|| s.parse::<Ipv6OnlyKey>().ok().map(|k| k.ipv6))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{s:?} is not an IPv6 subnet (an IPv6-only network: write it like {}/{})",
+                cfg.subnet_min, cfg.subnet_len
+            ))
+        })?;
+    if !cfg.is_allocatable(net) {
+        return Err(Status::invalid_argument(format!(
+            "{s} is not an allocatable subnet of IPv6Network {}: it must be a /{} between {} and {}",
+            cfg.network, cfg.subnet_len, cfg.subnet_min, cfg.subnet_max
+        )));
+    }
+    Ok(Ipv6OnlyKey { ipv6: net })
+}
+
+/// The subnet a key names, as replies and logs show it.
+fn subnet_of(key: &LeaseKey) -> String {
+    match key {
+        LeaseKey::Flannel(k) => k.ipv4.to_string(),
+        LeaseKey::Ipv6Only(k) => k.ipv6.to_string(),
+    }
 }
 
 fn registry_status(e: crate::registry::RegistryError) -> Status {
@@ -272,9 +319,20 @@ impl Agent for Service {
     ) -> Result<Response<pb::ReserveReply>, Status> {
         let req = req.into_inner();
         let (c, key) = self.control_and_key(&req.subnet).await?;
-        let ip: std::net::Ipv4Addr = req.public_ip.trim().parse().map_err(|_| {
-            Status::invalid_argument(format!("{:?} is not an IPv4 address", req.public_ip))
-        })?;
+        let given = req.public_ip.trim();
+        // An IPv6-only key is held by its node's PublicIPv6, any other by the PublicIP.
+        let ip: IpAddr = match key {
+            LeaseKey::Flannel(_) => given.parse::<std::net::Ipv4Addr>().map(IpAddr::V4).map_err(|_| {
+                Status::invalid_argument(format!("{:?} is not an IPv4 address", req.public_ip))
+            })?,
+            LeaseKey::Ipv6Only(_) => given.parse::<std::net::Ipv6Addr>().map(IpAddr::V6).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "{:?} is not an IPv6 address (in an IPv6-only network a subnet is held by its node's PublicIPv6)",
+                    req.public_ip
+                ))
+            })?,
+        };
+        let subnet = subnet_of(&key);
         match c
             .registry
             .reserve(&key, ip)
@@ -282,16 +340,15 @@ impl Agent for Service {
             .map_err(registry_status)?
         {
             ReserveOutcome::Reserved { created } => {
-                tracing::info!(subnet = %key.ipv4, public_ip = %ip, created, "subnet reserved");
+                tracing::info!(%subnet, public_ip = %ip, created, "subnet reserved");
                 Ok(Response::new(pb::ReserveReply {
-                    subnet: key.ipv4.to_string(),
+                    subnet,
                     public_ip: ip.to_string(),
                     created,
                 }))
             }
             ReserveOutcome::HeldBy(holder) => Err(Status::already_exists(format!(
-                "{} is held by {holder}, not {ip}: unreserve it, or wait until its lease expires",
-                key.ipv4
+                "{subnet} is held by {holder}, not {ip}: unreserve it, or wait until its lease expires"
             ))),
         }
     }
@@ -301,6 +358,12 @@ impl Agent for Service {
         _: Request<pb::RotateWireguardKeyRequest>,
     ) -> Result<Response<pb::RotateWireguardKeyReply>, Status> {
         let c = self.control()?;
+        if let ControlNetwork::Ipv6Only(_) = c.cfg {
+            return Err(Status::failed_precondition(
+                "not available in an IPv6-only network (EnableIPv4: false): its wireguard \
+                 backend has no key rotation yet (restart with a new key file instead)",
+            ));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let gone = || Status::unavailable("the agent's run loop is not running (shutting down?)");
         c.commands
@@ -315,6 +378,7 @@ impl Agent for Service {
         req: Request<pb::UnreserveRequest>,
     ) -> Result<Response<pb::UnreserveReply>, Status> {
         let (c, key) = self.control_and_key(&req.into_inner().subnet).await?;
+        let subnet = subnet_of(&key);
         match c
             .registry
             .unreserve(&key, c.lease_ttl)
@@ -322,22 +386,18 @@ impl Agent for Service {
             .map_err(registry_status)?
         {
             UnreserveOutcome::Released { lease_id } => {
-                tracing::info!(subnet = %key.ipv4, lease = format!("{lease_id:x}"), "subnet unreserved");
+                tracing::info!(%subnet, lease = format!("{lease_id:x}"), "subnet unreserved");
                 Ok(Response::new(pb::UnreserveReply {
-                    subnet: key.ipv4.to_string(),
+                    subnet,
                     lease_id,
                     ttl_seconds: c.lease_ttl.as_secs().max(1) as i64,
                 }))
             }
-            UnreserveOutcome::NotReserved { lease_id } => {
-                Err(Status::failed_precondition(format!(
-                    "{} is not reserved: it has the TTL lease {lease_id:x}",
-                    key.ipv4
-                )))
-            }
+            UnreserveOutcome::NotReserved { lease_id } => Err(Status::failed_precondition(
+                format!("{subnet} is not reserved: it has the TTL lease {lease_id:x}"),
+            )),
             UnreserveOutcome::NotFound => Err(Status::not_found(format!(
-                "{} is not leased or reserved",
-                key.ipv4
+                "{subnet} is not leased or reserved"
             ))),
         }
     }

@@ -347,7 +347,7 @@ async fn rename(
     }
     if old.lease_id == 0
         && matches!(
-            registry.reserve(&key, attrs.public_ip).await?,
+            registry.reserve(&key, attrs.public_ip.into()).await?,
             ReserveOutcome::Reserved { .. }
         )
     {

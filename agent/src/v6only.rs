@@ -271,12 +271,67 @@ pub fn decide(
     exclude: &HashSet<Ipv6Network>,
     rng: &mut impl Rng,
 ) -> Result<Decision, V6OnlyError> {
+    decide_as(
+        cfg,
+        prefix,
+        listing,
+        Mine {
+            public_ipv6,
+            vtep_mac: None,
+        },
+        previous,
+        exclude,
+        rng,
+    )
+}
+
+/// What marks a key as this node's at acquire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mine {
+    /// Our `PublicIPv6`.
+    pub public_ipv6: Ipv6Addr,
+    /// vxlan: our device's MAC (random, kept across restarts: read back from the device). A
+    /// vxlan key whose `BackendV6Data` names it is ours whatever its `PublicIPv6`: one written
+    /// before the address changed while the agent was down.
+    pub vtep_mac: Option<MacAddr>,
+}
+
+impl Mine {
+    fn owns(&self, value: &[u8]) -> bool {
+        let Ok(a) = LeaseAttrs::parse(value) else {
+            return false;
+        };
+        if a.public_ipv6 == Some(self.public_ipv6) {
+            return true;
+        }
+        let vtep = || -> Option<MacAddr> {
+            let raw = a.backend_v6_data.as_ref()?;
+            let d: VxlanLeaseData = serde_json::from_str(raw.get()).ok()?;
+            d.vtep_mac.parse().ok()
+        };
+        a.effective_backend_type() == "vxlan"
+            && self
+                .vtep_mac
+                .is_some_and(|m| m.is_valid_unicast() && vtep() == Some(m))
+    }
+}
+
+/// [`decide`] with every mark of ours ([`Mine`]).
+pub fn decide_as(
+    cfg: &Ipv6Config,
+    prefix: &str,
+    listing: &[RawLease],
+    me: Mine,
+    previous: Option<Ipv6Network>,
+    exclude: &HashSet<Ipv6Network>,
+    rng: &mut impl Rng,
+) -> Result<Decision, V6OnlyError> {
     let keys = keys(prefix, listing);
     let mut reuse = None;
     let mut stale = Vec::new();
     for (k, l) in &keys {
         let Some(subnet) = k.ipv6() else { continue };
-        let mine = LeaseAttrs::parse(&l.value).is_ok_and(|a| a.public_ipv6 == Some(public_ipv6));
+        let mine = me.owns(&l.value);
         if !mine || exclude.contains(&subnet) {
             continue;
         }
@@ -327,6 +382,39 @@ pub fn decide(
     )?))
 }
 
+/// At start, our key from before a `PublicIPv6` change while the agent was down: the IPv6-only
+/// key of `previous` (subnet.env's subnet) whose `PublicIPv6` is `former` (what the last run
+/// advertised, recorded in the state dir), a node subnet no older key claims and not
+/// `exclude`d. Reused (its value then rewritten with the new address), so the node keeps its
+/// subnet and its pods' addresses. Only that key: the former address may belong to another node
+/// by now, and that node's keys are its own.
+pub fn reclaim(
+    cfg: &Ipv6Config,
+    prefix: &str,
+    listing: &[RawLease],
+    previous: Option<Ipv6Network>,
+    former: Option<Ipv6Addr>,
+    exclude: &HashSet<Ipv6Network>,
+) -> Option<Decision> {
+    let (subnet, former) = (previous?, former?);
+    if exclude.contains(&subnet) || !cfg.is_allocatable(subnet) {
+        return None;
+    }
+    let key = Ipv6OnlyKey { ipv6: subnet };
+    let full = LeaseKey::Ipv6Only(key).etcd_key(prefix);
+    let l = listing.iter().find(|l| l.key == full)?;
+    let named = LeaseAttrs::parse(&l.value).ok()?.public_ipv6;
+    if named != Some(former) || lost_race(prefix, listing, subnet, &full, l.create_revision) {
+        return None;
+    }
+    Some(Decision::Reuse {
+        key,
+        lease_id: l.lease_id,
+        mod_revision: l.mod_revision,
+        value: l.value.clone(),
+    })
+}
+
 /// Whether the key named `own` in a listing is still ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Held {
@@ -347,17 +435,49 @@ pub fn held(
     own_lease_id: i64,
     public_ipv6: Ipv6Addr,
 ) -> Held {
+    held_as(prefix, listing, own, own_lease_id, &[public_ipv6])
+}
+
+/// [`held`] for a node whose `PublicIPv6` moved at run time: `addrs` is what it advertises now
+/// and what it advertised before in this run. Until the rewrite of our value got through
+/// ([`rewrite`]), our key still names an old address; without this, a reserved key (whose
+/// lease id proves nothing) would count as another node's and the node would give its
+/// subnet up.
+pub fn held_as(
+    prefix: &str,
+    listing: &[RawLease],
+    own: Ipv6OnlyKey,
+    own_lease_id: i64,
+    addrs: &[Ipv6Addr],
+) -> Held {
     let full = LeaseKey::Ipv6Only(own).etcd_key(prefix);
     let Some(l) = listing.iter().find(|l| l.key == full) else {
         return Held::Gone;
     };
-    let ours = LeaseAttrs::parse(&l.value).is_ok_and(|a| a.public_ipv6 == Some(public_ipv6));
+    let ours = LeaseAttrs::parse(&l.value)
+        .is_ok_and(|a| a.public_ipv6.is_some_and(|ip| addrs.contains(&ip)));
     if !ours || (own_lease_id != 0 && l.lease_id != 0 && l.lease_id != own_lease_id) {
         return Held::Lost;
     }
     Held::Ours {
         lease_id: l.lease_id,
     }
+}
+
+/// Our key (held: [`held_as`]) as a listing shows it, when its value is not `attrs` (the
+/// `PublicIPv6` moved, or the value was edited by hand): its lease id (0: reserved) and
+/// modification revision, to write `attrs` over it compare-and-swap, on the same lease. A
+/// reservation is rewritten too: it pins the subnet to this node, and peers must reach the
+/// node where it is now.
+pub fn rewrite(
+    prefix: &str,
+    listing: &[RawLease],
+    own: Ipv6OnlyKey,
+    attrs: &LeaseAttrs,
+) -> Option<(i64, i64)> {
+    let full = LeaseKey::Ipv6Only(own).etcd_key(prefix);
+    let l = listing.iter().find(|l| l.key == full)?;
+    (l.value != attrs.to_json().as_bytes()).then_some((l.lease_id, l.mod_revision))
 }
 
 /// Whether a key older than ours (`own`, created at `own_rev`) claims our subnet: two key

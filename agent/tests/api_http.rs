@@ -212,32 +212,115 @@ async fn grpc_status_lists_and_event_stream_over_a_0600_socket() {
     stop(tx, server).await;
 }
 
-/// An IPv6-only node never offers reserve/unreserve (they act on IPv4 leases): the refusal
-/// says so instead of "not read the network config yet".
+/// Issue 19: in an IPv6-only network Reserve/Unreserve act on the IPv6-only key of an IPv6
+/// subnet, held by a `PublicIPv6`; IPv4 subnets and addresses are refused naming why, and the
+/// wireguard key rotation is refused (no wireguard there).
 #[tokio::test]
-async fn grpc_reserve_in_an_ipv6_only_network_says_why_it_is_refused() {
-    use tweed_agent::api::ControlSlot;
-    use tweed_api::v1::ReserveRequest;
+async fn grpc_reserve_and_unreserve_in_an_ipv6_only_network() {
+    use std::sync::Arc;
+    use tweed_agent::api::{Control, ControlNetwork, ControlSlot};
+    use tweed_agent::registry::{MemRegistry, Registry};
+    use tweed_api::v1::{ReserveRequest, RotateWireguardKeyRequest, UnreserveRequest};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tweedd.sock");
     let listener = tweed_agent::api::bind(&path).unwrap();
-    let state = AgentState::new();
-    state.update(|s| s.ipv6 = tweed_agent::run::IPV6_ONLY_STATUS.to_string());
+    let control = ControlSlot::default();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(tweed_agent::api::serve(
         listener,
-        state,
-        ControlSlot::default(),
+        AgentState::new(),
+        control.clone(),
         async {
             let _ = rx.await;
         },
     ));
-    let mut c = tweed_api::connect(&path).await.unwrap();
-    let e = c
-        .reserve(ReserveRequest {
-            subnet: "10.244.9.0/24".into(),
-            public_ip: "198.18.0.77".into(),
+    let mem = MemRegistry::new("/coreos.com/network");
+    let net = tweed_config::NetworkConfig::parse_any(
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+    )
+    .unwrap();
+    let tweed_config::ParsedNetwork::Ipv6Only(net) = net else {
+        panic!("not IPv6-only")
+    };
+    assert!(control
+        .set(Control {
+            registry: Arc::new(Registry::Mem(mem.clone())),
+            cfg: ControlNetwork::Ipv6Only(net.ipv6),
+            lease_ttl: Duration::from_secs(30),
+            commands: tokio::sync::mpsc::channel(1).0,
         })
+        .is_ok());
+    let mut c = tweed_api::connect(&path).await.unwrap();
+    let req = |subnet: &str, ip: &str| ReserveRequest {
+        subnet: subnet.into(),
+        public_ip: ip.into(),
+    };
+    for (subnet, ip, says) in [
+        ("10.244.9.0/24", "fd00:198:18::7", "not an IPv6 subnet"),
+        (
+            "fd00:99::/64",
+            "fd00:198:18::7",
+            "IPv6Network fd00:10:244::/56",
+        ),
+        ("fd00:10:244:9::/60", "fd00:198:18::7", "/64"),
+        ("fd00:10:244:9::/64", "198.18.0.77", "not an IPv6 address"),
+    ] {
+        let e = c.reserve(req(subnet, ip)).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{subnet} {ip}: {e:?}"
+        );
+        assert!(e.message().contains(says), "{subnet} {ip}: {e:?}");
+    }
+    // The key form works too; the value is flannel's field set with PublicIP 0.0.0.0.
+    let r = c
+        .reserve(req("fd00:10:244:9::-64", "fd00:198:18::7"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.subnet.as_str(), r.public_ip.as_str(), r.created),
+        ("fd00:10:244:9::/64", "fd00:198:18::7", true)
+    );
+    let key = "/coreos.com/network/subnets/fd00:10:244:9::-64";
+    let reg = Registry::Mem(mem.clone());
+    let stored = |reg: &Registry| {
+        let snap = futures::executor::block_on(reg.list_leases()).unwrap();
+        snap.leases.into_iter().find(|l| l.key == key).unwrap()
+    };
+    let l = stored(&reg);
+    assert_eq!(l.lease_id, 0);
+    assert_eq!(
+        l.value,
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::7"}"#
+    );
+    let e = c
+        .reserve(req("fd00:10:244:9::/64", "fd00:198:18::8"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    assert!(e.message().contains("held by fd00:198:18::7"), "{e:?}");
+    let u = c
+        .unreserve(UnreserveRequest {
+            subnet: "fd00:10:244:9::/64".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.subnet, "fd00:10:244:9::/64");
+    assert!(u.lease_id != 0 && u.ttl_seconds == 30, "{u:?}");
+    assert_eq!(stored(&reg).lease_id, u.lease_id);
+    // Reserved again by its holder: the same value, detached from the TTL.
+    let r = c
+        .reserve(req("fd00:10:244:9::/64", "fd00:198:18::7"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.created);
+    assert_eq!(stored(&reg).lease_id, 0);
+    let e = c
+        .rotate_wireguard_key(RotateWireguardKeyRequest {})
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
@@ -284,7 +367,9 @@ async fn grpc_reserve_and_unreserve() {
     assert!(control
         .set(Control {
             registry: Arc::new(Registry::Mem(mem.clone())),
-            cfg: tweed_config::NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap(),
+            cfg: tweed_config::NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#)
+                .unwrap()
+                .into(),
             lease_ttl: Duration::from_secs(30),
             commands: tokio::sync::mpsc::channel(1).0,
         })

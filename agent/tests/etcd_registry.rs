@@ -287,7 +287,9 @@ async fn reserve_detaches_the_ttl_and_unreserve_attaches_a_fresh_one() {
         ReserveOutcome::HeldBy("198.18.0.1".into())
     );
     assert_eq!(
-        reg.reserve(&own.key, attrs(1).public_ip).await.unwrap(),
+        reg.reserve(&own.key, attrs(1).public_ip.into())
+            .await
+            .unwrap(),
         ReserveOutcome::Reserved { created: false }
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -335,6 +337,73 @@ async fn reserve_detaches_the_ttl_and_unreserve_attaches_a_fresh_one() {
     assert_eq!(
         reg.unreserve(&free, ttl).await.unwrap(),
         UnreserveOutcome::NotFound
+    );
+}
+
+/// A redial (after the node's address moved) replaces the connection; requests go on.
+#[tokio::test]
+async fn redial_replaces_the_connection_and_requests_go_on() {
+    let (_env, reg) = Env::with_registry().await;
+    let own = node(&reg, 1, None, Duration::from_secs(30)).await;
+    reg.redial().await.unwrap();
+    let snap = reg.list_leases().await.unwrap();
+    assert!(snap.leases.iter().any(|l| l.key == own.key.etcd_key(P)));
+    assert!(reg.renew(own.lease_id).await.unwrap().is_some());
+}
+
+/// Issue 19: an IPv6-only key is reserved for a `PublicIPv6` in real etcd: a node's TTL key is
+/// held by its `PublicIPv6` (not by the PublicIP 0.0.0.0 of every IPv6-only value), detached
+/// by it, and unreserved onto a fresh TTL lease; a free one gets flannel's field set.
+#[tokio::test]
+async fn an_ipv6_only_key_is_reserved_for_its_public_ipv6_and_unreserved() {
+    use tweed_agent::registry::{CreateOutcome, ReserveOutcome, UnreserveOutcome};
+    let (env, reg) = Env::with_registry().await;
+    let ttl = Duration::from_secs(2);
+    let key: tweed_config::LeaseKey = "fd00:10:244:9::-64".parse().unwrap();
+    let value = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::8","BackendType":"host-gw"}"#;
+    let attrs = LeaseAttrs::parse(value.as_bytes()).unwrap();
+    let CreateOutcome::Created { .. } = reg.create_lease(&key, &attrs, ttl).await.unwrap() else {
+        panic!("not created")
+    };
+    for other in ["fd00:198:18::7", "0.0.0.0"] {
+        assert!(
+            matches!(
+                reg.reserve(&key, other.parse().unwrap()).await.unwrap(),
+                ReserveOutcome::HeldBy(_)
+            ),
+            "{other}"
+        );
+    }
+    assert_eq!(
+        reg.reserve(&key, "fd00:198:18::8".parse().unwrap())
+            .await
+            .unwrap(),
+        ReserveOutcome::Reserved { created: false }
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let k = format!("{P}/subnets/fd00:10:244:9::-64");
+    assert_eq!(env.ctl(&["get", &k, "--print-value-only"]).trim(), value);
+    let UnreserveOutcome::Released { lease_id } = reg.unreserve(&key, ttl).await.unwrap() else {
+        panic!("not released")
+    };
+    let out = env.ctl(&["lease", "timetolive", &format!("{lease_id:x}"), "--keys"]);
+    assert!(out.contains(&k), "{out}");
+
+    let free: tweed_config::LeaseKey = "fd00:10:244:a::-64".parse().unwrap();
+    assert_eq!(
+        reg.reserve(&free, "fd00:198:18::7".parse().unwrap())
+            .await
+            .unwrap(),
+        ReserveOutcome::Reserved { created: true }
+    );
+    assert_eq!(
+        env.ctl(&[
+            "get",
+            &format!("{P}/subnets/fd00:10:244:a::-64"),
+            "--print-value-only"
+        ])
+        .trim(),
+        r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::7"}"#
     );
 }
 

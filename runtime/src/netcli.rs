@@ -37,14 +37,14 @@ enum NetCmd {
     Watch,
     /// Pin SUBNET to PUBLIC_IP: no TTL, never expires, taken only by the agent with that IP.
     Reserve {
-        /// e.g. 10.244.7.0/24
+        /// e.g. 10.244.7.0/24 (an IPv6-only network: fd00:10:244:7::/64)
         subnet: String,
-        /// the public IP of the node that may hold it
+        /// the public IP of the node that may hold it (an IPv6-only network: its PublicIPv6)
         public_ip: String,
     },
     /// Give a reserved SUBNET a TTL again (the agent's --lease-ttl): it expires unless renewed.
     Unreserve {
-        /// e.g. 10.244.7.0/24
+        /// e.g. 10.244.7.0/24 (an IPv6-only network: fd00:10:244:7::/64)
         subnet: String,
     },
     /// The wireguard backend's key.

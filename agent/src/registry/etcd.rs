@@ -1,17 +1,17 @@
 use super::{
-    holder_of, reservation_value, CreateOutcome, RawLease, RegistryError, ReserveOutcome, Snapshot,
-    UnreserveOutcome, WatchEvent,
+    holder_like, reservation_value, CreateOutcome, RawLease, RegistryError, ReserveOutcome,
+    Snapshot, UnreserveOutcome, WatchEvent,
 };
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tweed_config::{LeaseAttrs, SubnetKey};
+use tweed_config::LeaseAttrs;
 
 /// Keys per request of the initial list.
 pub const LIST_PAGE: i64 = 1000;
@@ -551,6 +551,17 @@ impl EtcdRegistry {
         Ok(grant.id())
     }
 
+    /// Drops the connection in use for a fresh one (dialed lazily, as at start). After this
+    /// node's own address changed, a connection made from the old one is dead, and HTTP/2
+    /// keepalive notices only some 15 s later; requests meanwhile time out.
+    pub async fn redial(&self) -> Result<(), RegistryError> {
+        let c = Client::connect(&self.endpoint_list, Some(self.connect_opts.clone()))
+            .await
+            .map_err(|e| self.ctx.classify("connect", "", e))?;
+        *self.pinned.lock().await = (usize::MAX, c);
+        Ok(())
+    }
+
     pub async fn revoke(&self, lease_id: i64) -> Result<(), RegistryError> {
         let key = format!("lease {lease_id:x}");
         match self.client().await.lease_client().revoke(lease_id).await {
@@ -611,20 +622,20 @@ impl EtcdRegistry {
     /// concurrent writer makes it read again instead of being overwritten.
     pub async fn reserve(
         &self,
-        key: &SubnetKey,
-        public_ip: Ipv4Addr,
+        key: &dyn super::KeyName,
+        holder: IpAddr,
     ) -> Result<ReserveOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);
         for _ in 0..16 {
             let (cmp, value, created) = match self.get_one(&k, "reserve").await? {
                 None => (
                     Compare::version(k.as_str(), CompareOp::Equal, 0),
-                    reservation_value(public_ip),
+                    reservation_value(holder),
                     true,
                 ),
                 Some(l) => {
-                    match holder_of(&l.value) {
-                        Ok(ip) if ip == public_ip => {}
+                    match holder_like(&l.value, holder) {
+                        Ok(ip) if ip == holder => {}
                         Ok(ip) => return Ok(ReserveOutcome::HeldBy(ip.to_string())),
                         Err(v) => return Ok(ReserveOutcome::HeldBy(v)),
                     }
@@ -651,7 +662,7 @@ impl EtcdRegistry {
 
     pub async fn unreserve(
         &self,
-        key: &SubnetKey,
+        key: &dyn super::KeyName,
         ttl: Duration,
     ) -> Result<UnreserveOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);

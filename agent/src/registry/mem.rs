@@ -3,16 +3,16 @@
 //! take the store out of reach (an etcd outage) or make a call panic (a bug in a client library).
 
 use super::{
-    holder_of, reservation_value, CreateOutcome, RawLease, RegistryError, ReserveOutcome, Snapshot,
-    UnreserveOutcome, WatchEvent,
+    holder_like, reservation_value, CreateOutcome, RawLease, RegistryError, ReserveOutcome,
+    Snapshot, UnreserveOutcome, WatchEvent,
 };
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tweed_config::{LeaseAttrs, SubnetKey};
+use tweed_config::LeaseAttrs;
 
 #[derive(Default)]
 struct Store {
@@ -291,6 +291,11 @@ impl MemRegistry {
         })
     }
 
+    /// Nothing to redial in memory.
+    pub async fn redial(&self) -> Result<(), RegistryError> {
+        Ok(())
+    }
+
     pub async fn revoke(&self, lease_id: i64) -> Result<(), RegistryError> {
         let id = format!("{lease_id:x}");
         self.call("revoke", &id, None, |s| s.revoke(lease_id))
@@ -313,17 +318,17 @@ impl MemRegistry {
 
     pub async fn reserve(
         &self,
-        key: &SubnetKey,
-        public_ip: Ipv4Addr,
+        key: &dyn super::KeyName,
+        holder: IpAddr,
     ) -> Result<ReserveOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);
         self.call("reserve", &k, None, |s| match s.kvs.get(&k).cloned() {
             None => {
-                s.put(&k, reservation_value(public_ip), 0);
+                s.put(&k, reservation_value(holder), 0);
                 ReserveOutcome::Reserved { created: true }
             }
-            Some(l) => match holder_of(&l.value) {
-                Ok(ip) if ip == public_ip => {
+            Some(l) => match holder_like(&l.value, holder) {
+                Ok(ip) if ip == holder => {
                     if l.lease_id != 0 {
                         s.put(&k, l.value, 0);
                     }
@@ -337,7 +342,7 @@ impl MemRegistry {
 
     pub async fn unreserve(
         &self,
-        key: &SubnetKey,
+        key: &dyn super::KeyName,
         ttl: Duration,
     ) -> Result<UnreserveOutcome, RegistryError> {
         let k = key.etcd_key(&self.prefix);
@@ -417,6 +422,7 @@ impl MemWatch {
 mod tests {
     use super::*;
     use crate::registry::Registry;
+    use tweed_config::SubnetKey;
 
     const P: &str = "/coreos.com/network";
 
@@ -438,12 +444,77 @@ mod tests {
             .find(|l| l.key == key)
     }
 
+    /// Issue 19: an IPv6-only key is reserved for a `PublicIPv6`: a new one gets flannel's field
+    /// set with PublicIP 0.0.0.0, an existing one is held by its `PublicIPv6` (not by the
+    /// PublicIP 0.0.0.0 every IPv6-only value has).
+    #[tokio::test]
+    async fn an_ipv6_only_key_is_reserved_for_its_public_ipv6() {
+        let mem = MemRegistry::new(P);
+        let reg = Registry::Mem(mem.clone());
+        let k: tweed_config::LeaseKey = "fd00:10:244:9::-64".parse().unwrap();
+        let ip: IpAddr = "fd00:198:18::7".parse().unwrap();
+        assert_eq!(
+            reg.reserve(&k, ip).await.unwrap(),
+            ReserveOutcome::Reserved { created: true }
+        );
+        let full = format!("{P}/subnets/fd00:10:244:9::-64");
+        let l = mem_get(&mem, &full);
+        assert_eq!(
+            (l.lease_id, l.value.as_slice()),
+            (
+                0,
+                br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::7"}"#.as_slice()
+            )
+        );
+        // A node's TTL lease on it: its holder detaches it, another PublicIPv6 or an IPv4
+        // address cannot.
+        let attrs = LeaseAttrs::parse(
+            br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::8","BackendType":"host-gw"}"#,
+        )
+        .unwrap();
+        let k2: tweed_config::LeaseKey = "fd00:10:244:a::-64".parse().unwrap();
+        assert!(matches!(
+            reg.create_lease(&k2, &attrs, Duration::from_secs(60))
+                .await
+                .unwrap(),
+            CreateOutcome::Created { .. }
+        ));
+        for other in ["fd00:198:18::7", "0.0.0.0", "198.18.0.8"] {
+            assert!(
+                matches!(
+                    reg.reserve(&k2, other.parse().unwrap()).await.unwrap(),
+                    ReserveOutcome::HeldBy(_)
+                ),
+                "{other}"
+            );
+        }
+        assert_eq!(
+            reg.reserve(&k2, "fd00:198:18::8".parse().unwrap())
+                .await
+                .unwrap(),
+            ReserveOutcome::Reserved { created: false }
+        );
+        let l = mem_get(&mem, &format!("{P}/subnets/fd00:10:244:a::-64"));
+        assert_eq!(l.lease_id, 0);
+        assert_eq!(l.value, attrs.to_json().as_bytes());
+    }
+
+    fn mem_get(mem: &MemRegistry, key: &str) -> RawLease {
+        let reg = Registry::Mem(mem.clone());
+        futures::executor::block_on(reg.list_leases())
+            .unwrap()
+            .leases
+            .into_iter()
+            .find(|l| l.key == key)
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn reserve_creates_a_key_without_ttl_that_never_expires() {
         let mem = MemRegistry::new(P);
         let reg = Registry::Mem(mem.clone());
         let k = key("10.244.9.0/24");
-        let ip: Ipv4Addr = "198.18.0.77".parse().unwrap();
+        let ip: IpAddr = "198.18.0.77".parse().unwrap();
         assert_eq!(
             reg.reserve(&k, ip).await.unwrap(),
             ReserveOutcome::Reserved { created: true }
@@ -492,7 +563,7 @@ mod tests {
             ReserveOutcome::HeldBy("198.18.0.1".into())
         );
         assert_eq!(
-            reg.reserve(&k, a.public_ip).await.unwrap(),
+            reg.reserve(&k, a.public_ip.into()).await.unwrap(),
             ReserveOutcome::Reserved { created: false }
         );
         // The old TTL lease expiring takes nothing with it.

@@ -10,7 +10,7 @@ pub use etcd::{EtcdOptions, EtcdRegistry};
 #[cfg(any(test, feature = "fake"))]
 pub use mem::{MemOp, MemRegistry};
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 use tweed_config::{LeaseAttrs, SubnetKey};
 
@@ -151,10 +151,16 @@ pub enum UnreserveOutcome {
 }
 
 /// The value a reservation is created with, as flannel's: `{"PublicIP":"…"}`.
-pub fn reservation_value(public_ip: Ipv4Addr) -> Vec<u8> {
-    serde_json::json!({ "PublicIP": public_ip.to_string() })
-        .to_string()
-        .into_bytes()
+pub fn reservation_value(holder: IpAddr) -> Vec<u8> {
+    match holder {
+        IpAddr::V4(ip) => serde_json::json!({ "PublicIP": ip.to_string() }),
+        // An IPv6-only key's value: flannel's field set has PublicIP, 0.0.0.0 there.
+        IpAddr::V6(ip) => {
+            serde_json::json!({ "PublicIP": "0.0.0.0", "PublicIPv6": ip.to_string() })
+        }
+    }
+    .to_string()
+    .into_bytes()
 }
 
 /// The PublicIP of a stored lease value, `Err(text)` when it has none.
@@ -163,6 +169,27 @@ pub(crate) fn holder_of(value: &[u8]) -> Result<Ipv4Addr, String> {
         .ok()
         .and_then(|v| v.get("PublicIP")?.as_str()?.parse().ok())
         .ok_or_else(|| format!("an unreadable value {:?}", String::from_utf8_lossy(value)))
+}
+
+/// Who holds a stored lease value in the family of `like`: its PublicIP for an IPv4 address,
+/// its PublicIPv6 for an IPv6 one (an IPv6-only key's holder); `Err(text)` when it has none.
+pub(crate) fn holder_like(value: &[u8], like: IpAddr) -> Result<IpAddr, String> {
+    let field = if like.is_ipv6() {
+        "PublicIPv6"
+    } else {
+        "PublicIP"
+    };
+    serde_json::from_slice::<serde_json::Value>(value)
+        .ok()
+        .and_then(|v| v.get(field)?.as_str()?.parse::<IpAddr>().ok())
+        // 0.0.0.0 is every IPv6-only value's PublicIP: it names no holder.
+        .filter(|ip| ip.is_ipv6() == like.is_ipv6() && !ip.is_unspecified())
+        .ok_or_else(|| {
+            format!(
+                "a value without a usable {field} {:?}",
+                String::from_utf8_lossy(value)
+            )
+        })
 }
 
 pub enum Registry {
@@ -241,14 +268,17 @@ impl Registry {
         /// Lets go of a TTL lease now (its keys go with it) instead of waiting out its TTL. A lease
         /// already gone is no error.
         fn revoke(lease_id: i64) -> ();
+        /// Replaces the connection to etcd with a fresh one (after this node's address changed).
+        fn redial() -> ();
         /// Extends the TTL lease. `Ok(None)` when the lease no longer exists (expired or revoked).
         fn renew(lease_id: i64) -> Option<Duration>;
-        /// Pins `key` to `public_ip` without a TTL: creates `{"PublicIP":ip}` if absent, or
-        /// rewrites the same value without a lease if that IP holds it. Nothing changes when
-        /// another IP does.
-        fn reserve(key: &SubnetKey, public_ip: Ipv4Addr) -> ReserveOutcome;
+        /// Pins `key` to `holder` without a TTL: creates `{"PublicIP":ip}` if absent (an IPv6
+        /// holder, of an IPv6-only key: `{"PublicIP":"0.0.0.0","PublicIPv6":ip}`), or rewrites
+        /// the same value without a lease if that address holds it (`PublicIP`, or `PublicIPv6`
+        /// for an IPv6 holder). Nothing changes when another address does.
+        fn reserve(key: &dyn KeyName, holder: IpAddr) -> ReserveOutcome;
         /// Attaches a reserved key (no TTL) to a fresh TTL lease, so it expires unless renewed.
-        fn unreserve(key: &SubnetKey, ttl: Duration) -> UnreserveOutcome;
+        fn unreserve(key: &dyn KeyName, ttl: Duration) -> UnreserveOutcome;
     }
 
     pub async fn watch(&self, from_revision: i64) -> Result<LeaseWatch, RegistryError> {

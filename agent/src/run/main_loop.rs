@@ -68,8 +68,14 @@ pub async fn run_with(
         None => return Ok(()),
         Some(ParsedNetwork::Ipv4(cfg)) => cfg,
         Some(ParsedNetwork::Ipv6Only(net)) => {
-            // The API's reserve/unreserve and key rotation act on IPv4 leases: not offered here.
-            drop(control);
+            // Reserve/unreserve act on the IPv6-only keys, which the loop follows; no command
+            // reaches the loop (its wireguard backend has no key rotation yet).
+            let _ = control.set(crate::api::Control {
+                registry: registry.clone(),
+                cfg: crate::api::ControlNetwork::Ipv6Only(net.ipv6.clone()),
+                lease_ttl: settings.lease_ttl,
+                commands: tokio::sync::mpsc::channel(1).0,
+            });
             let deps = super::v6only::V6Only {
                 registry,
                 nl,
@@ -90,7 +96,7 @@ pub async fn run_with(
     let (commands_tx, commands) = tokio::sync::mpsc::channel(4);
     let _ = control.set(crate::api::Control {
         registry: registry.clone(),
-        cfg: cfg.clone(),
+        cfg: cfg.clone().into(),
         lease_ttl: settings.lease_ttl,
         commands: commands_tx,
     });
@@ -293,7 +299,7 @@ fn a_changed_underlay_choice_is_reported_once() {
 }
 
 /// The kernel's notifications, or none (the periodic relist then is the only repair).
-fn subscribe(nl: &netlink::Netlink) -> (Option<Events>, netlink::Netlink) {
+pub(super) fn subscribe(nl: &netlink::Netlink) -> (Option<Events>, netlink::Netlink) {
     match nl.events() {
         Ok(e) => (Some(e), nl.clone()),
         Err(e) => {
@@ -304,7 +310,7 @@ fn subscribe(nl: &netlink::Netlink) -> (Option<Events>, netlink::Netlink) {
 }
 
 /// The next notification; never, without a subscription.
-async fn next_event(events: &mut Option<Events>) -> Option<Result<Event, NetlinkError>> {
+pub(super) async fn next_event(events: &mut Option<Events>) -> Option<Result<Event, NetlinkError>> {
     match events {
         Some(e) => e.next().await,
         None => std::future::pending().await,
@@ -320,7 +326,7 @@ async fn nft_change(nft: &mut Option<super::nftmon::NftMonitor>) -> Option<()> {
 }
 
 /// When the scheduled repair is due; never, with none scheduled.
-async fn repair_due(at: Option<tokio::time::Instant>) {
+pub(super) async fn repair_due(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

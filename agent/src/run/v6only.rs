@@ -8,12 +8,14 @@
 //! that finds the lease gone and a periodic resync list the leases and bring the kernel to
 //! exactly what they say, so a missed event or a drifted route costs at most one resync period.
 
+use super::main_loop::{next_event, repair_due, subscribe};
 use super::report::Report;
 use super::rulecheck::{Done, Extra, RuleCheck, V6OnlyRules};
 use super::stop::{next_backoff, Stop};
+use super::underlay6::{Check6, Underlay6};
 use super::AgentError;
 use crate::backend::v6;
-use crate::netlink::{MacAddr, Netlink, Op};
+use crate::netlink::{Event, MacAddr, Netlink, Op};
 use crate::registry::{CreateOutcome, RawLease, Registry};
 use crate::rules::{Firewall, RuleSpecV6};
 use crate::settings::Settings;
@@ -21,6 +23,7 @@ use crate::state::{LeaseView, PeerView};
 use crate::v6only::{self as pure, Decision, Underlay};
 use ipnetwork::Ipv6Network;
 use std::collections::HashSet;
+use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
@@ -73,7 +76,13 @@ struct Node {
     /// The wireguard device, when the backend is wireguard (`run::v6only_wg`).
     wg: Option<super::v6only_wg::Wg>,
     settings: Settings,
+    /// The `PublicIPv6` addresses this run advertised before `underlay.public_ipv6`, latest
+    /// last (at most [`FORMER`]): our key may still name one until its rewrite got through.
+    former: Vec<Ipv6Addr>,
 }
+
+/// How many earlier `PublicIPv6` addresses of this run still mark a key as ours.
+const FORMER: usize = 4;
 
 /// Runs an IPv6-only network until `stop`. A backend that cannot run one and a node without a
 /// usable IPv6 address end it with an error naming why; etcd outages are waited out.
@@ -148,13 +157,20 @@ pub(super) async fn run(
             vxlan.as_ref().and_then(|v| v.spec.mac),
         ),
     };
-    let node = Node {
+    // What the last run advertised: a key still naming it is ours (the address changed while
+    // the agent was down).
+    let recorded = recorded_public_ipv6(&settings).filter(|a| *a != underlay.public_ipv6);
+    if let Some(a) = recorded {
+        warn!(before = %a, now = %underlay.public_ipv6, "the PublicIPv6 changed since the last run; a key naming the old address on subnet.env's subnet is ours: taken back and rewritten");
+    }
+    let mut node = Node {
         net,
         underlay,
         attrs,
         vxlan,
         wg,
         settings,
+        former: recorded.into_iter().collect(),
     };
     if let Some(v) = &node.vxlan {
         let existing = deps.nl.link_by_name(&v.spec.name).await?;
@@ -172,6 +188,7 @@ pub(super) async fn run(
         return Ok(());
     };
     write_subnet_env(&node, &deps.report, own.key.ipv6);
+    record_public_ipv6(&node);
     // The checks run beside the loop (a fork of ip6tables or nft, seconds behind the xtables
     // lock, must not hold up a lease event); the first is awaited, so that the node is ready
     // (its data plane programmed) only with its masquerade and forward rules in place.
@@ -186,7 +203,7 @@ pub(super) async fn run(
             return Ok(());
         }
     }
-    let result = serve(&deps, &node, own, &mut rules, stop).await;
+    let result = serve(&deps, &mut node, own, &mut rules, stop).await;
     if let Some(w) = &node.wg {
         w.stop().await;
     }
@@ -199,7 +216,7 @@ pub(super) async fn run(
 /// The loop, once the lease is held and the rules were checked once.
 async fn serve(
     deps: &V6Only,
-    node: &Node,
+    node: &mut Node,
     mut own: Own,
     rules: &mut RuleCheck<V6OnlyRules>,
     stop: &mut Stop,
@@ -221,6 +238,18 @@ async fn serve(
     // No listing for events before this; a listing due then for events that came meanwhile.
     let mut quiet_until = tokio::time::Instant::now();
     let mut relist_at: Option<tokio::time::Instant> = None;
+    // The PublicIPv6 follower (`--public-ipv6` pins it): address notifications on the underlay
+    // schedule a check, and so does every resync, for notifications lost or never subscribed.
+    let mut follow = Underlay6::new(
+        Some(node.underlay.public_ipv6),
+        node.settings.public_ipv6,
+        node.underlay.index,
+        node.underlay.name.clone(),
+        deps.ipv6_addrs.clone(),
+    );
+    let (mut events, _) = subscribe(&deps.nl);
+    // One look now: an address change between the start-up's look and the subscription.
+    follow.note(&Event::Lost, tokio::time::Instant::now());
     loop {
         // The watch (re)starts after every listing, from that listing's revision.
         if watch.is_none() {
@@ -312,7 +341,33 @@ async fn serve(
                     None => return Ok(()),
                 }
             }
+            ev = next_event(&mut events) => match ev {
+                Some(Ok(e)) => follow.note(&e, tokio::time::Instant::now()),
+                Some(Err(e)) => {
+                    warn!("IPv6-only: kernel notifications: {e}; subscribing again");
+                    events = subscribe(&deps.nl).0;
+                    follow.note(&Event::Lost, tokio::time::Instant::now());
+                }
+                None => {
+                    warn!("IPv6-only: kernel notifications ended; the PublicIPv6 is checked at each resync only");
+                    events = None;
+                }
+            },
+            _ = repair_due(follow.due()) => {
+                // Only `Moved` can come: the follower has an address and never turns IPv4 only.
+                if let Some(Check6::Moved(to)) = follow.check() {
+                    moved(deps, node, to);
+                    // etcd may be reached over the underlay: connections from the old address
+                    // are dead (the lease watch among them), so new ones are made now; the
+                    // listing at the loop's top rewrites the lease and moves the device.
+                    if let Err(e) = deps.registry.redial().await {
+                        warn!("IPv6-only: reconnecting to etcd after the move: {e}");
+                    }
+                    watch = None;
+                }
+            }
             _ = resync.tick() => {
+                follow.note(&Event::Lost, tokio::time::Instant::now());
                 // Also answers the events waiting for a listing: they came before this one.
                 relist_at = None;
                 let listed = reconcile(deps, node, &mut own, rules, stop).await;
@@ -388,15 +443,37 @@ async fn try_acquire(
 ) -> Result<Option<Own>, AgentError> {
     let prefix = deps.registry.prefix().to_string();
     let snap = deps.registry.list_leases().await?;
-    let decision = pure::decide(
+    let me = pure::Mine {
+        public_ipv6: node.underlay.public_ipv6,
+        vtep_mac: node.vxlan.as_ref().and_then(|v| v.spec.mac),
+    };
+    let decision = match pure::decide_as(
         &node.net.ipv6,
         &prefix,
         &snap.leases,
-        node.underlay.public_ipv6,
+        me,
         *previous,
         exclude,
         &mut rand::rng(),
-    )?;
+    )? {
+        // A new subnet only when no key of ours under a former address holds subnet.env's.
+        Decision::Take(subnet) => node
+            .former
+            .iter()
+            .rev()
+            .find_map(|f| {
+                pure::reclaim(
+                    &node.net.ipv6,
+                    &prefix,
+                    &snap.leases,
+                    *previous,
+                    Some(*f),
+                    exclude,
+                )
+            })
+            .unwrap_or(Decision::Take(subnet)),
+        d => d,
+    };
     match decision {
         Decision::Remove(stale) => {
             for s in stale {
@@ -484,12 +561,12 @@ async fn reconcile(
         Err(e) => return Some(Err(e.into())),
     };
     let was = own.key.ipv6;
-    let again = match pure::held(
+    let again = match pure::held_as(
         deps.registry.prefix(),
         &snap.leases,
         own.key,
         own.lease_id,
-        node.underlay.public_ipv6,
+        &node.ours(),
     ) {
         pure::Held::Ours { lease_id } => {
             if lease_id != own.lease_id {
@@ -518,16 +595,107 @@ async fn reconcile(
         want_rules(rules, node, own.key.ipv6);
         return Some(Ok(snap.revision));
     }
+    // Programmed even when the rewrite failed: after a renumbering etcd may be out of reach
+    // for a while (connections from the old address), and the device must move meanwhile.
+    let rewritten = rewrite(deps, node, *own, &snap.leases).await;
     match program(deps, node, own.key.ipv6, &snap.leases).await {
         Ok(()) => {
             deps.report.ipv6_only_programmed(true);
-            Some(Ok(snap.revision))
+            Some(rewritten.map(|()| snap.revision))
         }
         Err(e) => {
             deps.report.ipv6_only_programmed(false);
             Some(Err(e))
         }
     }
+}
+
+impl Node {
+    /// Every `PublicIPv6` that marks a key as ours: the current one and this run's former ones.
+    fn ours(&self) -> Vec<Ipv6Addr> {
+        let mut v = vec![self.underlay.public_ipv6];
+        v.extend(self.former.iter().copied());
+        v
+    }
+}
+
+/// Our `PublicIPv6` left the underlay and `to` replaced it (issue 19): advertised from now on
+/// (the next listing rewrites our key, [`rewrite`]), the vxlan device's local address with it
+/// (the next programming re-creates `tweed-v6.<VNI>`, whose local address cannot change in
+/// place; its MAC is kept, so peers' FDB entries need only the new address).
+fn moved(deps: &V6Only, node: &mut Node, to: Ipv6Addr) {
+    let from = node.underlay.public_ipv6;
+    node.former.retain(|a| *a != to && *a != from);
+    node.former.push(from);
+    if node.former.len() > FORMER {
+        node.former.remove(0);
+    }
+    node.underlay.public_ipv6 = to;
+    node.attrs = pure::lease_attrs(
+        to,
+        &node.net.backend,
+        node.vxlan.as_ref().and_then(|v| v.spec.mac),
+    );
+    if let Some(v) = node.vxlan.as_mut() {
+        v.spec.local = to.into();
+    }
+    deps.report
+        .ipv6_only_network(node.net.ipv6.network, node.net.backend.type_name(), to);
+    record_public_ipv6(node);
+}
+
+/// Where the `PublicIPv6` this node advertises is recorded for the next run.
+fn public_ipv6_file(settings: &Settings) -> std::path::PathBuf {
+    settings.state_dir.join("ipv6-only-public-ipv6")
+}
+
+fn recorded_public_ipv6(settings: &Settings) -> Option<Ipv6Addr> {
+    std::fs::read_to_string(public_ipv6_file(settings))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Records what the node advertises; a failure is logged (the next run then cannot recognise a
+/// key naming it once the address changed while the agent was down).
+fn record_public_ipv6(node: &Node) {
+    let path = public_ipv6_file(&node.settings);
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&path, format!("{}\n", node.underlay.public_ipv6)));
+    if let Err(e) = written {
+        warn!(path = %path.display(), "recording the PublicIPv6: {e}");
+    }
+}
+
+/// Writes our attributes over our key when the listing shows another value (a moved
+/// `PublicIPv6`, a hand edit), compare-and-swap and on the lease the key hangs on (0: a
+/// reservation stays one). A lost race is left to the next listing, which the racing write's
+/// event brings.
+async fn rewrite(
+    deps: &V6Only,
+    node: &Node,
+    own: Own,
+    listing: &[RawLease],
+) -> Result<(), AgentError> {
+    let Some((lease_id, mod_revision)) =
+        pure::rewrite(deps.registry.prefix(), listing, own.key, &node.attrs)
+    else {
+        return Ok(());
+    };
+    let key = LeaseKey::Ipv6Only(own.key);
+    if deps
+        .registry
+        .update_lease(&key, &node.attrs, lease_id, mod_revision)
+        .await?
+    {
+        info!(subnet_v6 = %own.key.ipv6, public_ipv6 = %node.underlay.public_ipv6, lease = lease_id, "IPv6-only lease rewritten with this node's attributes");
+    } else {
+        warn!(subnet_v6 = %own.key.ipv6, "IPv6-only lease changed while being rewritten; the next listing tries again");
+    }
+    Ok(())
 }
 
 /// Brings the kernel to exactly the peers of `listing`.

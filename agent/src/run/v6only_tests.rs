@@ -54,6 +54,27 @@ impl V6Node {
         args: &[&str],
         notifier: crate::notify::Notifier,
     ) -> V6Node {
+        let fixed = |eth0| {
+            Ipv6Addrs::Fixed(vec![Inet6Addr {
+                ifindex: eth0,
+                addr: OUR_IP6.parse().unwrap(),
+                prefix: 64,
+                scope: 0,
+                flags: 0,
+            }])
+        };
+        V6Node::start_full(mem, rules, args, notifier, fixed).await
+    }
+
+    /// eth0's IPv6 addresses as `addrs(eth0's index)` lists them (a test may change them at
+    /// run time).
+    async fn start_full(
+        mem: &MemRegistry,
+        rules: FakeFirewall,
+        args: &[&str],
+        notifier: crate::notify::Notifier,
+        addrs: impl FnOnce(u32) -> Ipv6Addrs,
+    ) -> V6Node {
         let kernel = Fake::new();
         let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
         let nl = Netlink::from(kernel.clone());
@@ -94,13 +115,7 @@ impl V6Node {
             state: state.clone(),
             control: crate::api::ControlSlot::default(),
             notifier,
-            ipv6_addrs: Ipv6Addrs::Fixed(vec![Inet6Addr {
-                ifindex: eth0,
-                addr: OUR_IP6.parse().unwrap(),
-                prefix: 64,
-                scope: 0,
-                flags: 0,
-            }]),
+            ipv6_addrs: addrs(eth0),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let agent = tokio::spawn(run_with(deps, settings, async {
@@ -563,5 +578,231 @@ async fn an_ipv6_only_node_tells_systemd_it_is_ready_and_alive() {
         got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2,
         "{got:?}"
     );
+    n.stop().await;
+}
+
+/// eth0's address `addr` as /proc/net/if_inet6 lists it (permanent, global).
+fn eth0_addr(eth0: u32, addr: &str) -> Inet6Addr {
+    Inet6Addr {
+        ifindex: eth0,
+        addr: addr.parse().unwrap(),
+        prefix: 64,
+        scope: 0,
+        flags: 0x80,
+    }
+}
+
+impl V6Node {
+    /// A vxlan node whose eth0 addresses a test replaces with [`V6Node::renumber`].
+    async fn start_renumbered(
+        mem: &MemRegistry,
+        args: &[&str],
+    ) -> (V6Node, std::sync::Arc<std::sync::Mutex<Vec<Inet6Addr>>>) {
+        let listed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared = listed.clone();
+        let n = V6Node::start_full(
+            mem,
+            FakeFirewall::default(),
+            args,
+            crate::notify::Notifier::default(),
+            move |eth0| {
+                *shared.lock().unwrap() = vec![eth0_addr(eth0, OUR_IP6)];
+                Ipv6Addrs::Shared(shared)
+            },
+        )
+        .await;
+        (n, listed)
+    }
+
+    /// eth0's only global address becomes `to` (a SLAAC renumbering), with the kernel's
+    /// notification of the old one's removal.
+    fn renumber(&self, listed: &std::sync::Mutex<Vec<Inet6Addr>>, from: &str, to: &str) {
+        *listed.lock().unwrap() = vec![eth0_addr(self.eth0, to)];
+        self.kernel.announce(crate::netlink::Event::Addr6(
+            crate::netlink::Change::Del,
+            crate::netlink::Addr6 {
+                ifindex: self.eth0,
+                net: format!("{from}/64").parse().unwrap(),
+                tentative: false,
+            },
+        ));
+    }
+
+    /// The raw lease under `key`.
+    fn lease(&self, key: &str) -> crate::registry::RawLease {
+        futures_lite(&self.mem)
+            .into_iter()
+            .find(|l| l.key == key)
+            .unwrap_or_else(|| panic!("no {key} in {:?}", self.mem.keys()))
+    }
+
+    fn vxlan6(&self) -> crate::netlink::Link {
+        futures::executor::block_on(
+            Netlink::from(self.kernel.clone()).link_by_name(&crate::backend::v6::device_name(1)),
+        )
+        .unwrap()
+        .expect("tweed-v6.1")
+    }
+}
+
+fn public_ipv6_of(l: &crate::registry::RawLease) -> Option<std::net::Ipv6Addr> {
+    LeaseAttrs::parse(&l.value).ok()?.public_ipv6
+}
+
+/// Issue 19: the node's `PublicIPv6` is replaced at run time (eth0's address removed and
+/// another global one there). Within a notification's debounce the lease is rewritten in place
+/// (same key, same TTL lease, compare-and-swap) with the new `PublicIPv6` and the same VTEP MAC,
+/// `tweed-v6.1` is re-created on the new local address with its MAC kept, the peer is
+/// programmed again, and the status says so. Settled, two resyncs and the rewrite's own
+/// watch event make no netlink write and no further etcd write. A reserved key (no TTL) is
+/// rewritten by the next move and stays reserved.
+#[tokio::test(start_paused = true)]
+async fn a_moved_public_ipv6_rewrites_the_lease_in_place_and_moves_the_vxlan_device() {
+    let mem = etcd("vxlan");
+    let (n, listed) = V6Node::start_renumbered(&mem, &[]).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (key, lease) = n.own_key().unwrap();
+    let mac = n.vxlan6().mac.expect("a MAC");
+    let vtep = |l: &crate::registry::RawLease| {
+        LeaseAttrs::parse(&l.value)
+            .unwrap()
+            .backend_v6_data
+            .map(|d| d.get().to_string())
+    };
+    let data = vtep(&n.lease(&key));
+    assert!(
+        data.as_deref()
+            .is_some_and(|d| d.contains(&mac.to_string())),
+        "{data:?}"
+    );
+    let peer = if key.ends_with("/fd00:10:244:7::-64") {
+        "fd00:10:244:8::"
+    } else {
+        "fd00:10:244:7::"
+    };
+    mem.put_raw(
+        &format!("{PREFIX}/subnets/{peer}-64"),
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::2","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:22"}}"#,
+    );
+    let peer_route = |n: &V6Node| {
+        let dev = n.vxlan6().index;
+        n.routes6()
+            .iter()
+            .any(|r| r.dst.to_string() == format!("{peer}/64") && r.oif == Some(dev))
+    };
+    n.until("the peer's route", peer_route).await;
+    n.kernel.take_ops();
+
+    const NEW: &str = "fd00:198:18::101";
+    n.renumber(&listed, OUR_IP6, NEW);
+    n.until("the lease advertising the new PublicIPv6", |n| {
+        public_ipv6_of(&n.lease(&key)) == Some(NEW.parse().unwrap())
+    })
+    .await;
+    let l = n.lease(&key);
+    assert_eq!(l.lease_id, lease, "rewritten on the same TTL lease");
+    assert_eq!(vtep(&l), data, "the same VTEP MAC");
+    n.until("tweed-v6.1 on the new address", |n| {
+        n.vxlan6().vxlan.and_then(|v| v.local) == Some(NEW.parse().unwrap())
+    })
+    .await;
+    assert_eq!(n.vxlan6().mac, Some(mac), "the MAC is kept");
+    n.until("the peer's route again", peer_route).await;
+    let ops = n.kernel.take_ops();
+    assert!(
+        ops.iter().any(|o| matches!(o, Op::LinkDel { .. }))
+            && ops.iter().any(|o| matches!(o, Op::LinkAddVxlan(_))),
+        "{ops:?}"
+    );
+    assert_eq!(n.state.snapshot().public_ipv6, NEW);
+    assert!(n.state.snapshot().not_ready().is_empty());
+
+    // Settled: nothing more is written, to the kernel or to etcd.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    n.kernel.take_ops();
+    let revision = n.lease(&key).mod_revision;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        n.kernel.take_ops(),
+        vec![],
+        "netlink writes in a settled state"
+    );
+    assert_eq!(
+        n.lease(&key).mod_revision,
+        revision,
+        "the lease was written again"
+    );
+
+    // Reserved by hand (the same value without a TTL lease): the next move rewrites it, and it
+    // stays reserved.
+    mem.put_raw(&key, &n.lease(&key).value);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    const NEWER: &str = "fd00:198:18::102";
+    n.renumber(&listed, NEW, NEWER);
+    n.until("the reservation advertising the newer PublicIPv6", |n| {
+        public_ipv6_of(&n.lease(&key)) == Some(NEWER.parse().unwrap())
+    })
+    .await;
+    assert_eq!(n.lease(&key).lease_id, 0, "still reserved");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(n.own_key(), None, "no key with the old address");
+    assert_eq!(
+        public_ipv6_of(&n.lease(&key)),
+        Some(NEWER.parse().unwrap()),
+        "the subnet was kept"
+    );
+    n.stop().await;
+}
+
+/// `--public-ipv6` is pinned: the same renumbering changes neither the lease nor the device.
+#[tokio::test(start_paused = true)]
+async fn an_explicit_public_ipv6_never_moves() {
+    let mem = etcd("vxlan");
+    let (n, listed) = V6Node::start_renumbered(&mem, &["--public-ipv6", OUR_IP6]).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (key, _) = n.own_key().unwrap();
+    let revision = n.lease(&key).mod_revision;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    n.kernel.take_ops();
+    n.renumber(&listed, OUR_IP6, "fd00:198:18::101");
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(n.lease(&key).mod_revision, revision);
+    assert_eq!(
+        public_ipv6_of(&n.lease(&key)),
+        Some(OUR_IP6.parse().unwrap())
+    );
+    assert_eq!(
+        n.vxlan6().vxlan.and_then(|v| v.local),
+        Some(OUR_IP6.parse().unwrap())
+    );
+    assert_eq!(n.kernel.take_ops(), vec![]);
+    n.stop().await;
+}
+
+/// A renumbering often cuts the node off etcd for a while (its connections came from the old
+/// address): the move is not lost, the lease and the device follow once etcd answers again.
+#[tokio::test(start_paused = true)]
+async fn a_move_while_etcd_is_out_of_reach_is_carried_out_once_it_answers() {
+    let mem = etcd("vxlan");
+    let (n, listed) = V6Node::start_renumbered(&mem, &[]).await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    let (key, lease) = n.own_key().unwrap();
+    const NEW: &str = "fd00:198:18::101";
+    mem.set_reachable(false);
+    n.renumber(&listed, OUR_IP6, NEW);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    mem.set_reachable(true);
+    n.until("the lease advertising the new PublicIPv6", |n| {
+        public_ipv6_of(&n.lease(&key)) == Some(NEW.parse().unwrap())
+    })
+    .await;
+    assert_eq!(n.lease(&key).lease_id, lease);
+    n.until("tweed-v6.1 on the new address", |n| {
+        n.vxlan6().vxlan.and_then(|v| v.local) == Some(NEW.parse().unwrap())
+    })
+    .await;
     n.stop().await;
 }

@@ -658,3 +658,151 @@ fn a_stale_key_of_ours_is_no_peer_but_still_the_older_claim() {
         ("/coreos.com/network/subnets/fd00:10:244:4::-64", "overlap")
     );
 }
+
+/// Issue 19: after a `PublicIPv6` move, our key still names the former address until its
+/// rewrite got through: it is held (a reservation too, whose lease id proves nothing), and a
+/// key naming an address we never had is not.
+#[test]
+fn a_key_with_a_former_public_ipv6_of_this_run_is_still_ours() {
+    let now = v6("2001:db8::7");
+    let before = v6("2001:db8::6");
+    let own = Ipv6OnlyKey {
+        ipv6: net6("fd00:10:244:5::/64"),
+    };
+    let at = |value: &str, lease_id: i64| [ttl_lease("fd00:10:244:5::-64", value, 3, lease_id)];
+    // Only the current address: the reservation with the former one looks like another node's.
+    assert_eq!(held(PREFIX, &at(ME, 0), own, 0, now), Held::Lost);
+    assert_eq!(
+        held_as(PREFIX, &at(ME, 0), own, 0, &[now, before]),
+        Held::Ours { lease_id: 0 }
+    );
+    assert_eq!(
+        held_as(PREFIX, &at(ME, 7), own, 7, &[now, before]),
+        Held::Ours { lease_id: 7 }
+    );
+    let theirs = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::9","BackendType":"host-gw"}"#;
+    assert_eq!(
+        held_as(PREFIX, &at(theirs, 0), own, 0, &[now, before]),
+        Held::Lost
+    );
+    // Another TTL lease than ours is another node's, whatever the address.
+    assert_eq!(
+        held_as(PREFIX, &at(ME, 9), own, 7, &[now, before]),
+        Held::Lost
+    );
+}
+
+/// Our key is rewritten only when its value is not what we advertise, compare-and-swap on
+/// the revision listed and on the lease it hangs on (0: it stays reserved).
+#[test]
+fn our_key_is_rewritten_only_when_its_value_differs() {
+    let own = Ipv6OnlyKey {
+        ipv6: net6("fd00:10:244:5::/64"),
+    };
+    let backend = BackendConfig::HostGw;
+    let moved = lease_attrs(v6("2001:db8::7"), &backend, None);
+    let same = lease_attrs(v6("2001:db8::6"), &backend, None);
+    let listing = [
+        ttl_lease("fd00:10:244:5::-64", &same.to_json(), 11, 7),
+        ttl_lease("fd00:10:244:6::-64", ME, 12, 8),
+    ];
+    assert_eq!(rewrite(PREFIX, &listing, own, &same), None);
+    assert_eq!(rewrite(PREFIX, &listing, own, &moved), Some((7, 11)));
+    let reserved = [ttl_lease("fd00:10:244:5::-64", ME, 13, 0)];
+    assert_eq!(rewrite(PREFIX, &reserved, own, &moved), Some((0, 13)));
+    // Gone: nothing to rewrite (the loop takes the subnet again).
+    assert_eq!(rewrite(PREFIX, &listing[1..], own, &moved), None);
+}
+
+/// Issue 19: the address changed while the agent was down. Our key of subnet.env's subnet,
+/// naming the address the last run recorded, is reused; not one naming another address, of
+/// another subnet, one an older key claims, nor an excluded or out-of-range one.
+#[test]
+fn a_key_of_our_previous_subnet_with_our_recorded_address_is_reclaimed_after_a_restart() {
+    let cfg = cfg();
+    let former = v6("2001:db8::6");
+    let prev = net6("fd00:10:244:5::/64");
+    let ours = ttl_lease("fd00:10:244:5::-64", ME, 3, 7);
+    let none = HashSet::new();
+    assert_eq!(
+        reclaim(
+            &cfg,
+            PREFIX,
+            std::slice::from_ref(&ours),
+            Some(prev),
+            Some(former),
+            &none
+        ),
+        Some(Decision::Reuse {
+            key: Ipv6OnlyKey { ipv6: prev },
+            lease_id: 7,
+            mod_revision: 3,
+            value: ME.as_bytes().to_vec(),
+        })
+    );
+    let r = |listing: &[RawLease], prev: Option<Ipv6Network>, former: Option<Ipv6Addr>| {
+        reclaim(&cfg, PREFIX, listing, prev, former, &none)
+    };
+    let single = std::slice::from_ref(&ours);
+    assert_eq!(r(single, Some(prev), Some(v6("2001:db8::9"))), None);
+    assert_eq!(
+        r(single, Some(net6("fd00:10:244:6::/64")), Some(former)),
+        None
+    );
+    assert_eq!(r(single, None, Some(former)), None);
+    assert_eq!(r(single, Some(prev), None), None);
+    let older = [
+        lease(
+            "10.244.5.0-24&fd00:10:244:5::-64",
+            r#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::9","BackendType":"host-gw"}"#,
+            2,
+        ),
+        ours.clone(),
+    ];
+    assert_eq!(r(&older, Some(prev), Some(former)), None, "lost its race");
+    let excluded = HashSet::from([prev]);
+    assert_eq!(
+        reclaim(&cfg, PREFIX, single, Some(prev), Some(former), &excluded),
+        None
+    );
+    // fd00:10:244::/64 is below IPv6SubnetMin (the first subnet is skipped).
+    let low = [ttl_lease("fd00:10:244::-64", ME, 3, 7)];
+    assert_eq!(r(&low, Some(net6("fd00:10:244::/64")), Some(former)), None);
+}
+
+/// A vxlan key naming our device's VTEP MAC is ours whatever its `PublicIPv6` (written before
+/// the address changed while the agent was down, without a record of the old one): reused, not
+/// left to block its subnet as another node's. Another MAC, or no MAC of ours, is not.
+#[test]
+fn a_vxlan_key_with_our_vtep_mac_is_ours_under_an_old_address() {
+    let cfg = cfg();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mac: MacAddr = "02:00:00:00:00:66".parse().unwrap();
+    let old = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"}}"#;
+    let listing = [ttl_lease("fd00:10:244:5::-64", old, 3, 7)];
+    let me = |vtep_mac| Mine {
+        public_ipv6: v6("2001:db8::7"),
+        vtep_mac,
+    };
+    let none = HashSet::new();
+    assert!(matches!(
+        decide_as(&cfg, PREFIX, &listing, me(Some(mac)), None, &none, &mut rng).unwrap(),
+        Decision::Reuse { lease_id: 7, .. }
+    ));
+    for other in [None, Some("02:00:00:00:00:67".parse().unwrap())] {
+        assert!(
+            matches!(
+                decide_as(&cfg, PREFIX, &listing, me(other), None, &none, &mut rng).unwrap(),
+                Decision::Take(s) if s != net6("fd00:10:244:5::/64")
+            ),
+            "{other:?}"
+        );
+    }
+    // host-gw has no VTEP: only the address marks a key as ours.
+    let hostgw = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"host-gw","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"}}"#;
+    let listing = [ttl_lease("fd00:10:244:5::-64", hostgw, 3, 7)];
+    assert!(matches!(
+        decide_as(&cfg, PREFIX, &listing, me(Some(mac)), None, &none, &mut rng).unwrap(),
+        Decision::Take(_)
+    ));
+}
