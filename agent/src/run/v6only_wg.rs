@@ -99,12 +99,14 @@ impl Wg {
             *plane = Some(p);
         }
         let p = plane.as_mut().expect("set up above");
-        match p.reconcile(nl, own, public_ipv6, &wg::peers(peers)).await {
+        let (wg_peers, unread) = wg::peers(peers, self.cfg.listen_port);
+        match p.reconcile(nl, own, public_ipv6, &wg_peers).await {
             Ok(Reconciled {
                 applied,
                 entry_ops,
-                skipped,
+                mut skipped,
             }) => {
+                skipped.extend(unread);
                 // The API's peer list and the per-peer metrics, as of this listing.
                 report.wireguard_peers(&p.peer_stats());
                 let mut before = self.skipped.lock().await;
