@@ -242,7 +242,8 @@ pub fn peers6(keyed: &[(PeerSpec, Ipv4Addr)]) -> Vec<UdpPeer6> {
 pub struct Reconciled {
     /// The netlink ops applied (the link's address and route).
     pub applied: Vec<Op>,
-    /// The entries added, changed or removed.
+    /// The entries added, changed or removed since the last listing (0 at the first one after
+    /// a set-up, which loads the table).
     pub entry_ops: usize,
     /// The peers left out, each with why.
     pub skipped: Skipped,
@@ -363,8 +364,14 @@ impl WgV6Only {
         });
         let stats = self.udp.reconcile_with(nl, &udp_peers, wg.clone()).await?;
         applied.extend(stats.applied);
-        let entry_ops = next.ops.len();
-        if wg.is_some() && !next.ops.is_empty() {
+        // The first table after a set-up (a restart included) is loaded, not changed: it
+        // writes nothing to the kernel, so it is not counted as an update.
+        let entry_ops = if self.published.done {
+            next.ops.len()
+        } else {
+            0
+        };
+        if wg.is_some() && entry_ops > 0 {
             tracing::info!(device = DEVICE, ops = ?next.ops, "wireguard: peers updated");
         }
         self.published.commit(next);
