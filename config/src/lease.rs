@@ -542,15 +542,14 @@ impl LeaseAttrs {
                 let raw = self.backend_v6_data.as_ref().ok_or_else(|| {
                     bad("no BackendV6Data (the WireGuard public key and port)".into())
                 })?;
+                // serde would also read a struct from an array (`["key"]`): not a lease's form.
+                if !raw.get().trim_start().starts_with('{') {
+                    return Err(bad("BackendV6Data: not a JSON object".into()));
+                }
                 let d: WireguardLeaseData = serde_json::from_str(raw.get())
                     .map_err(|e| bad(format!("BackendV6Data: {e}")))?;
                 crate::network::decode_wg_key(&d.public_key)
                     .map_err(|e| bad(format!("BackendV6Data.PublicKey: {e}")))?;
-                // No port to fall back on: our own may differ (`Mode` picks ListenPort or
-                // ListenPortV6), and a guessed endpoint would hand-shake into the void.
-                if d.port == 0 {
-                    return Err(bad("BackendV6Data.Port 0 is not a UDP port".into()));
-                }
             }
             "vxlan" => {
                 let d = self.vxlan_data().map_err(|e| bad(e.to_string()))?;
@@ -709,14 +708,16 @@ impl LeaseAttrs {
     }
 }
 
-/// A wireguard lease's `BackendV6Data` in an IPv6-only network: both fields required.
+/// A wireguard lease's `BackendV6Data` in an IPv6-only network. `Port` missing, null or 0 means
+/// the reader's own port, as in dual stack and as older flannel leases are written (their
+/// reader then tries `[PublicIPv6]:` its own port).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireguardLeaseData {
     /// Kept as text: decoded by [`crate::decode_wg_key`].
     #[serde(rename = "PublicKey")]
     pub public_key: String,
-    #[serde(rename = "Port")]
-    pub port: u16,
+    #[serde(rename = "Port", default)]
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1441,7 +1442,7 @@ mod tests {
     }
 
     #[test]
-    fn a_wireguard_ipv6_only_lease_needs_a_key_and_a_port_in_backend_v6_data() {
+    fn a_wireguard_ipv6_only_lease_needs_a_key_and_a_port_if_any_in_backend_v6_data() {
         const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
         let lease = |public_ip: &str, v6: &str| {
             format!(
@@ -1464,10 +1465,16 @@ mod tests {
             other => panic!("{v6}: {other:?}"),
         };
         assert!(rejected("").contains("no BackendV6Data"));
-        let no_port = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}"}}"#);
-        assert!(rejected(&no_port).contains("missing field `Port`"));
-        let zero = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}","Port":0}}"#);
-        assert!(rejected(&zero).contains("Port 0"));
+        // No Port (older flannel), null or 0: the reader's own port, as in dual stack.
+        for port in ["", r#","Port":null"#, r#","Port":0"#] {
+            let v6 = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}"{port}}}"#);
+            assert!(
+                v6_only("fd00:10:244:3::-64", &lease("0.0.0.0", &v6)).is_ok(),
+                "{v6}"
+            );
+        }
+        let text = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}","Port":"51820"}}"#);
+        assert!(rejected(&text).contains("BackendV6Data"));
         let big = format!(r#","BackendV6Data":{{"PublicKey":"{KEY}","Port":70000}}"#);
         assert!(rejected(&big).contains("BackendV6Data"));
         let short = r#","BackendV6Data":{"PublicKey":"AAEC","Port":51820}"#;

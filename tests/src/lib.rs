@@ -520,10 +520,19 @@ pub fn capture_while(lab: &Lab, target: &str, filter: &str, during: impl FnOnce(
         .unwrap()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(1500));
+    // tcpdump says "listening on ..." once it captures: before that, `during` would be missed
+    // and a "nothing in clear" check would pass on an empty capture.
+    let lines = lines_of(dump.stderr.take().expect("piped"));
+    let listening = wait_for_line(&lines, Duration::from_secs(10), |l| {
+        l.contains("listening on")
+    });
+    assert!(
+        listening.is_some(),
+        "tcpdump in {target} did not start capturing"
+    );
     during();
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
@@ -534,27 +543,109 @@ pub fn capture_while(lab: &Lab, target: &str, filter: &str, during: impl FnOnce(
     bytes
 }
 
+/// The lines `from` prints, read on a thread of their own.
+fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line from `lines` that `want` holds, within `limit`; the lines before it are
+/// consumed.
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    limit: Duration,
+    want: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let left = until.checked_duration_since(std::time::Instant::now())?;
+        match lines.recv_timeout(left) {
+            Ok(l) if want(&l) => return Some(l),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
 /// Restarts `host`'s agent (SIGTERM, then until ready) while `ip monitor address route`
 /// watches its namespace; the agent as stopped, and the events seen up to a second after it was
 /// ready again (none: the restart changed no address or route).
 pub fn restart_watching_addresses_and_routes(lab: &Lab, host: &str) -> (StoppedAgent, String) {
-    let monitor = lab
-        .command(host, &["ip", "-o", "monitor", "address", "route"])
+    let mut monitor = lab
+        .command(
+            host,
+            &["stdbuf", "-oL", "ip", "-o", "monitor", "address", "route"],
+        )
         .unwrap()
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("ip monitor");
-    std::thread::sleep(Duration::from_millis(500));
+    let lines = lines_of(monitor.stdout.take().expect("piped"));
+    // A probe route on lo, seen by the monitor, proves it is watching before the restart: a
+    // monitor that started late would report "no events" for a restart it never saw.
+    // One probe address per try, so that a late line of an earlier try is never taken for the
+    // last one's; netlink keeps their order, so the last one's deletion comes after them all.
+    let route = |verb: &str, i: usize| {
+        let probe = format!("fd00:ffff:7e57::{i:x}");
+        lab.exec(
+            host,
+            &[
+                "ip",
+                "-6",
+                "route",
+                verb,
+                "unreachable",
+                &probe,
+                "dev",
+                "lo",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("ip route {verb} {probe}: {e}"));
+        format!("{probe} ")
+    };
+    // Added again until seen: the monitor may subscribe after an add.
+    let seen = (1..=20).find(|&i| {
+        let probe = route("add", i);
+        let seen = wait_for_line(&lines, Duration::from_millis(500), |l| {
+            !l.starts_with("Deleted") && l.contains(&probe)
+        });
+        route("del", i);
+        seen.is_some()
+    });
+    let Some(last) = seen else {
+        panic!("ip monitor in {host} saw no probe route")
+    };
+    let probe = format!("fd00:ffff:7e57::{last:x} ");
+    let gone = wait_for_line(&lines, Duration::from_secs(10), |l| {
+        l.starts_with("Deleted") && l.contains(&probe)
+    });
+    assert!(
+        gone.is_some(),
+        "ip monitor in {host} saw the probe route stay"
+    );
     let stopped = stop_agent(lab, host, libc::SIGTERM);
     restart_agent_ready(&stopped, host);
     std::thread::sleep(Duration::from_secs(1));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
-    let events = monitor.wait_with_output().unwrap();
-    let events = String::from_utf8_lossy(&events.stdout).into_owned();
-    (stopped, events)
+    let _ = monitor.wait();
+    // The reader ends at the pipe's end; bounded in case something else holds it open.
+    let mut events = Vec::new();
+    while let Ok(l) = lines.recv_timeout(Duration::from_secs(5)) {
+        events.push(l);
+    }
+    (stopped, events.join("\n"))
 }
 
 #[cfg(test)]

@@ -613,12 +613,16 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
         "the control capture missed the marker"
     );
 
-    // Hostile leases (a key that is no key, no Port, a dual-stack PublicIP under an IPv6-only
-    // key) are skipped with the reason, logged by key (programmed, each would be a new entry,
-    // logged as an update), and h2's pods stay reached; an unchanged listing (the 10 s resync included) writes
-    // nothing.
+    // Hostile leases: two that validation refuses (a key that is no key, a dual-stack
+    // PublicIP under an IPv6-only key), logged by key; two that pass it but that the device's
+    // plan must leave out (h2's key under another subnet and PublicIPv6, one of them without
+    // Port, which means our own port), logged as left out. Had the plan programmed either, it
+    // would be a new entry, which counts and logs as a device update. h2's pods stay reached,
+    // and an unchanged listing (the 10 s resync included) writes nothing.
     let h1_log = || std::fs::read_to_string(&hosts[0].log).unwrap();
-    let updates = |log: &str| log.matches("wireguard device updated").count();
+    let updates = |log: &str| {
+        log.matches("wireguard device updated").count() + log.matches("peers updated").count()
+    };
     let before = updates(&h1_log());
     let (h2_subnet, _) = subnet6_of(&lab, "h2");
     let good = leases(&lab)
@@ -631,27 +635,56 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
         .as_str()
         .unwrap()
         .to_string();
-    let hostile = [
+    let refused = [
         ("fd00:10:244:f0::-64", good.replace(&h2_key, "AAEC")),
-        ("fd00:10:244:f1::-64", good.replace(",\"Port\":51821", "")),
         ("fd00:10:244:f2::-64", good.replace("0.0.0.0", "198.18.0.9")),
     ];
+    let left_out = [
+        ("fd00:10:244:f1::-64", good.replace(",\"Port\":51821", "")),
+        ("fd00:10:244:f3::-64", good.clone()),
+    ];
+    let hostile: Vec<_> = refused.iter().chain(&left_out).collect();
+    // h1's figure for h2's entry: taken at each listing only, so a new figure after traffic
+    // means a listing ran after that traffic.
+    let h2_tx = || {
+        tweedctl_net(&hosts[0], &["peers"])
+            .as_array()
+            .and_then(|l| {
+                l.iter()
+                    .find(|p| p["subnet"] == h2_subnet.to_string())
+                    .and_then(|p| p["tx_bytes"].as_u64())
+            })
+            .unwrap_or(0)
+    };
     for (k, v) in &hostile {
         let v = v.replace("fd00:198:18::2", "fd00:198:18::99");
         etcdctl(&lab, &["put", &format!("{SUBNETS}{k}"), &v]);
     }
     wait_for(
         Duration::from_secs(15),
-        "h1 skipping the hostile leases",
+        "h1 skipping the refused leases and leaving out the others",
         || {
             let log = h1_log();
-            hostile.iter().all(|(k, _)| {
+            refused.iter().all(|(k, _)| {
                 log.lines()
                     .any(|l| l.contains("skipping a lease") && l.contains(k))
+            }) && left_out.iter().all(|(k, _)| {
+                let subnet = k.replace('-', "/");
+                log.lines()
+                    .any(|l| l.contains("peer left out") && l.contains(&subnet))
             })
         },
     );
-    std::thread::sleep(RESYNC_AND_A_BIT);
+    // Past the listings the puts set off (they coalesce within 250 ms), traffic, then wait
+    // for a listing after it: only the resync lists then.
+    std::thread::sleep(Duration::from_secs(1));
+    let tx = h2_tx();
+    ping6_marked(&lab, "h1/p1", &dst);
+    wait_for(
+        RESYNC_AND_A_BIT + Duration::from_secs(10),
+        "a resync listing on h1 (h2's figures refreshed)",
+        || h2_tx() > tx,
+    );
     assert_eq!(
         updates(&h1_log()),
         before,
@@ -677,7 +710,7 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
     let log = std::fs::read(&stopped.log).unwrap();
     let since = String::from_utf8_lossy(&log[logged..]);
     assert!(since.contains("IPv6-only data plane running"), "{since}");
-    for write in ["device set up", "wireguard device updated"] {
+    for write in ["device set up", "wireguard device updated", "peers updated"] {
         assert!(
             !since.contains(write),
             "a restart wrote ({write}):\n{since}"
@@ -727,6 +760,12 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
             "eth0",
         ],
     );
+    // Dual stack's IPv6 device (`separate` mode), as a node switched from it keeps it: it would
+    // hold our /128 and route and, on the kernel path, our port.
+    in_ns(
+        &h2ns,
+        &["ip", "tuntap", "add", "dev", "tweed-wg-v6", "mode", "tun"],
+    );
     in_ns(&h2ns, &["ip", "link", "del", "tweed-wg"]);
     wait_for(
         Duration::from_secs(20),
@@ -743,6 +782,10 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
     assert!(
         !ok_in(&h2ns, &["ip", "link", "show", "tweed-v6.9"]),
         "tweed-v6.9 stayed"
+    );
+    assert!(
+        !ok_in(&h2ns, &["ip", "link", "show", "tweed-wg-v6"]),
+        "tweed-wg-v6 stayed"
     );
     ping6_marked(&lab, "h2/p1", &back);
 
@@ -765,6 +808,25 @@ fn wireguard_ipv6_only_lab_reaches_every_peer_encrypted_over_the_ipv6_underlay()
         &["--wireguard-impl", "kernel"],
     );
     assert!(out.contains("--wireguard-impl kernel"), "{out}");
+    // An MTU that leaves the device below IPv6's 1280: refused before any lease or
+    // subnet.env, so no peer is handed an endpoint that carries nothing.
+    let out = agent_refusing(&lab, "h1", "wg-mtu", &v6_wg(r#","MTU":1300"#), &[]);
+    assert!(out.contains("1280") && out.contains("1220"), "{out}");
+    let taken = etcdctl(
+        &lab,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/tweed-test/wg-mtu/subnets/",
+        ],
+    );
+    assert!(taken.trim().is_empty(), "a lease was taken: {taken}");
+    let env = host_state(&lab, "h1")
+        .log
+        .with_file_name("refuse-wg-mtu")
+        .join("subnet.env");
+    assert!(!env.exists(), "subnet.env written: {}", env.display());
 }
 
 /// `etcdctl get KEY -w fields`' `"Lease"` (0: none, a reservation).

@@ -3,12 +3,14 @@
 //! went, brought to each listing's peers.
 
 use super::AgentError;
-use crate::backend::wireguard::v6only::{WgV6Config, WgV6Only};
+use crate::backend::wireguard::v6only::{check_mtu6, Reconciled, WgV6Config, WgV6Only};
 use crate::backend::wireguard::{key, PublicKey};
 use crate::netlink::Netlink;
+use crate::netlink::Op;
 use crate::settings::Settings;
 use crate::v6only::{self as pure, wireguard as wg, Peer};
 use ipnetwork::Ipv6Network;
+use std::future::Future;
 use std::net::Ipv6Addr;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -32,6 +34,10 @@ impl Wg {
         underlay_mtu: u32,
     ) -> Result<Wg, AgentError> {
         wg::check(w, settings.wireguard_impl).map_err(pure::V6OnlyError::from)?;
+        // Before the lease and subnet.env: a node that cannot carry IPv6 must not advertise
+        // itself to peers nor hand pods an MTU below 1280.
+        check_mtu6(w.mtu, underlay_mtu)
+            .map_err(|e| AgentError::Backend(crate::backend::BackendError::from(e)))?;
         let key_path = settings
             .wireguard_key_file
             .clone()
@@ -75,7 +81,7 @@ impl Wg {
     }
 
     /// Brings the device to the wireguard peers among `peers` and reports their figures; the
-    /// netlink ops it applied.
+    /// writes made: netlink ops and entries added, changed or removed.
     pub(super) async fn program(
         &self,
         nl: &Netlink,
@@ -87,14 +93,20 @@ impl Wg {
         let mut plane = self.plane.lock().await;
         let mut setup = 0;
         if plane.is_none() {
-            setup = self.remove_leftovers(nl).await?;
+            setup = self.remove_leftovers(nl).await;
             let p = WgV6Only::setup(nl, self.cfg.clone()).await?;
             setup += p.setup_ops().len();
             *plane = Some(p);
         }
         let p = plane.as_mut().expect("set up above");
-        match p.reconcile(nl, own, public_ipv6, &wg::peers(peers)).await {
-            Ok((applied, skipped)) => {
+        let (wg_peers, unread) = wg::peers(peers, self.cfg.listen_port);
+        match p.reconcile(nl, own, public_ipv6, &wg_peers).await {
+            Ok(Reconciled {
+                applied,
+                entry_ops,
+                mut skipped,
+            }) => {
+                skipped.extend(unread);
                 // The API's peer list and the per-peer metrics, as of this listing.
                 report.wireguard_peers(&p.peer_stats());
                 let mut before = self.skipped.lock().await;
@@ -104,7 +116,7 @@ impl Wg {
                     }
                     *before = skipped;
                 }
-                Ok(setup + applied.len())
+                Ok(setup + applied.len() + entry_ops)
             }
             Err(e) => {
                 if e.is_device_gone() {
@@ -118,26 +130,19 @@ impl Wg {
         }
     }
 
-    /// Removes what another backend of this network left (`backend::v6::leftovers6`): a
-    /// `tweed-v6.*` vxlan device, with its routes, and host-gw's routes via the underlay. Both
-    /// are more specific than `IPv6Network dev tweed-wg`: left there, they would carry pods'
-    /// packets past the device, in clear. The ops applied.
-    async fn remove_leftovers(&self, nl: &Netlink) -> Result<usize, AgentError> {
-        let ops = crate::backend::v6::leftovers6(
-            None,
-            false,
-            Some(self.cfg.network),
-            &nl.links().await?,
-            &nl.all_routes6().await?,
-        );
-        for op in &ops {
-            warn!(
-                ?op,
-                "wireguard: removing what another backend left (it would bypass tweed-wg)"
-            );
-            nl.apply(op).await?;
-        }
-        Ok(ops.len())
+    /// Removes what another backend of this network left (`leftovers`). Failures are logged
+    /// and the set-up goes on, as the dual-stack plane does: one undeletable leftover must not
+    /// keep the whole data plane down. The ops applied.
+    async fn remove_leftovers(&self, nl: &Netlink) -> usize {
+        let (links, routes) = match (nl.links().await, nl.all_routes6().await) {
+            (Ok(l), Ok(r)) => (l, r),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("wireguard: looking for what another backend left: {e}");
+                return 0;
+            }
+        };
+        let ops = leftovers(self.cfg.network, &links, &routes);
+        remove_each(ops, |op| async move { nl.apply(&op).await }).await
     }
 
     /// Stops the workers; the device, its address and route stay for the next start.
@@ -147,3 +152,48 @@ impl Wg {
         }
     }
 }
+
+/// What another backend of this network left that would bypass `tweed-wg` in clear or hold its
+/// port: a `tweed-v6.*` vxlan device, with its routes, and host-gw's routes via the underlay
+/// (`backend::v6::leftovers6`: both are more specific than `IPv6Network dev tweed-wg`), and
+/// dual stack's `tweed-wg-v6` (`separate` mode), which holds our /128 and `IPv6Network` and,
+/// on the kernel path, the very port our sockets bind.
+fn leftovers(
+    network: Ipv6Network,
+    links: &[crate::netlink::Link],
+    routes: &[crate::netlink::Route6],
+) -> Vec<Op> {
+    let mut ops = crate::backend::v6::leftovers6(None, false, Some(network), links, routes);
+    let v6 = crate::backend::wireguard::dual::DEVICE_V6;
+    if links.iter().any(|l| l.name == v6) {
+        ops.push(Op::LinkDel {
+            name: v6.to_string(),
+        });
+    }
+    ops
+}
+
+/// Applies each op with `apply`, logging a failure and going on with the next; how many were
+/// applied.
+async fn remove_each<F, Fut, E>(ops: Vec<Op>, mut apply: F) -> usize
+where
+    F: FnMut(Op) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut done = 0;
+    for op in ops {
+        let shown = op.to_string();
+        match apply(op).await {
+            Ok(()) => {
+                warn!("wireguard: removed what another backend left (it would bypass tweed-wg): {shown}");
+                done += 1;
+            }
+            Err(e) => warn!("wireguard: removing what another backend left ({shown}): {e}"),
+        }
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests;

@@ -55,23 +55,35 @@ pub fn lease_attrs(public_ipv6: Ipv6Addr, key: &PublicKey, port: u16) -> LeaseAt
     attrs
 }
 
-/// The wireguard peers among `peers` (validated: their `BackendV6Data` holds a key and a
-/// port), oldest claim first.
-pub fn peers(peers: &[Peer]) -> Vec<WgPeer6> {
-    peers
+/// The wireguard peers among `peers` (validated: their `BackendV6Data` holds a key), oldest
+/// claim first; a lease without `Port` (older flannel) means `own_port`, as in dual stack. A
+/// wireguard lease whose data cannot be read after all is returned with why, not dropped
+/// silently: validation should have refused it, so this is where the two would disagree.
+pub fn peers(
+    peers: &[Peer],
+    own_port: u16,
+) -> (Vec<WgPeer6>, Vec<(ipnetwork::Ipv6Network, String)>) {
+    let mut out = Vec::new();
+    let mut dropped = Vec::new();
+    for p in peers
         .iter()
         .filter(|p| p.attrs.effective_backend_type() == "wireguard")
-        .filter_map(|p| {
-            let (public_key, port) =
-                read_backend_data(p.attrs.backend_v6_data.as_deref(), "BackendV6Data", 0).ok()?;
-            (port != 0).then_some(WgPeer6 {
+    {
+        match read_backend_data(
+            p.attrs.backend_v6_data.as_deref(),
+            "BackendV6Data",
+            own_port,
+        ) {
+            Ok((public_key, port)) => out.push(WgPeer6 {
                 subnet: p.peer.subnet,
                 public_ipv6: p.peer.public_ipv6,
                 public_key,
                 port,
-            })
-        })
-        .collect()
+            }),
+            Err(why) => dropped.push((p.peer.subnet, why)),
+        }
+    }
+    (out, dropped)
 }
 
 #[cfg(test)]
@@ -138,7 +150,8 @@ mod tests {
         bare.public_ipv6 = Some("2001:db8::6".parse().unwrap());
         let listing = [
             lease("fd00:10:244:2::-64", &json, 1),
-            // Hostile: a key that is no key, no port, a dual-stack PublicIP, no key at all.
+            // Hostile: a key that is no key, a dual-stack PublicIP, no key at all; and a lease
+            // without Port, which means our own port.
             lease(
                 "fd00:10:244:3::-64",
                 &other(&json.replace(&key.to_string(), "AAEC")),
@@ -163,17 +176,35 @@ mod tests {
             Some("fd00:10:244:9::/64".parse().unwrap()),
             "2001:db8::9".parse().unwrap(),
         );
+        let (wg, dropped) = peers(&found, 40000);
+        assert!(dropped.is_empty(), "{dropped:?}");
         assert_eq!(
-            peers(&found),
-            vec![WgPeer6 {
-                subnet: "fd00:10:244:2::/64".parse().unwrap(),
-                public_ipv6: "2001:db8::2".parse().unwrap(),
-                public_key: key,
-                port: 51821,
-            }]
+            wg,
+            vec![
+                WgPeer6 {
+                    subnet: "fd00:10:244:2::/64".parse().unwrap(),
+                    public_ipv6: "2001:db8::2".parse().unwrap(),
+                    public_key: key,
+                    port: 51821,
+                },
+                // Its key is the older lease's: the device's plan leaves it out.
+                WgPeer6 {
+                    subnet: "fd00:10:244:4::/64".parse().unwrap(),
+                    public_ipv6: "2001:db8::3".parse().unwrap(),
+                    public_key: key,
+                    port: 40000,
+                },
+            ]
         );
+        // Should validation and this reading ever disagree, the lease is named, not lost.
+        let mut unread = found[0].clone();
+        unread.attrs.backend_v6_data = None;
+        let (wg, dropped) = peers(&[unread], 40000);
+        assert!(wg.is_empty());
+        assert_eq!(dropped.len(), 1);
+        assert!(dropped[0].1.contains("no BackendV6Data"), "{dropped:?}");
         let rejected: Vec<&str> = skipped.iter().map(|(k, _, _)| k.as_str()).collect();
-        assert_eq!(rejected.len(), 4, "{skipped:?}");
+        assert_eq!(rejected.len(), 3, "{skipped:?}");
         for (k, why, _) in &skipped {
             assert!(
                 why.contains("BackendV6Data") || why.contains("PublicIP"),

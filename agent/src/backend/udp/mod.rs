@@ -547,15 +547,9 @@ impl UdpBackend {
     /// peers' IPv6 halves; `None`: IPv4 only) and publishes the table when it changed and the
     /// IPv4 half is loaded (otherwise the next reconcile publishes both).
     pub fn set_v6(&mut self, spec: Option<V6Spec>) {
-        let spec = spec.map(|mut s| {
-            s.peers.sort();
-            s.peers.dedup();
-            Box::new(s)
-        });
-        if self.v6 == spec {
+        if !self.stage_v6(spec) {
             return;
         }
-        self.v6 = spec;
         if let Some(peers) = &self.peers {
             let table = self.build_table(peers);
             tracing::debug!(
@@ -565,6 +559,22 @@ impl UdpBackend {
             );
             self.shared.publish(table);
         }
+    }
+
+    /// Sets the IPv6 half of the peer table without publishing it: the next
+    /// [`reconcile_with`](Self::reconcile_with) that carries a crypto table publishes both as
+    /// one version. Whether it changed.
+    pub fn stage_v6(&mut self, spec: Option<V6Spec>) -> bool {
+        let spec = spec.map(|mut s| {
+            s.peers.sort();
+            s.peers.dedup();
+            Box::new(s)
+        });
+        if self.v6 == spec {
+            return false;
+        }
+        self.v6 = spec;
+        true
     }
 
     /// Stops the workers and waits until they let go of the TUN queues and the port (the device

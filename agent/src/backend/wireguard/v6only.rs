@@ -10,6 +10,7 @@
 //! datagram always goes to the entry's IPv6 endpoint, the device has no IPv4 address or route,
 //! and a packet that no entry's allowed IPs hold is dropped, never sent in clear.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use crate::netlink::{Netlink, Op};
 
 /// The reserved (class E) block the peers' routing keys come from: never an address of a
 /// node, never routed.
-fn keys() -> Ipv4Network {
+fn keys_block() -> Ipv4Network {
     Ipv4Network::new(Ipv4Addr::new(240, 0, 0, 0), 4).expect("a valid prefix")
 }
 
@@ -56,15 +57,106 @@ impl WgV6Config {
     }
 }
 
+/// The device's MTU for the net-conf `MTU` (`mtu_base`, 0: the underlay's) and the underlay's,
+/// or [`WgError::Mtu6`] when it is below IPv6's minimum (1280): the kernel would not carry
+/// IPv6 on such a device.
+pub fn check_mtu6(mtu_base: u32, underlay_mtu: u32) -> Result<u32, WgError> {
+    let mtu = plan::device_mtu(mtu_base, underlay_mtu);
+    if mtu < 1280 {
+        let base = if mtu_base != 0 {
+            mtu_base
+        } else {
+            underlay_mtu
+        };
+        return Err(WgError::Mtu6 { mtu, base });
+    }
+    Ok(mtu)
+}
+
 /// Peers a plan left out, each with why.
 pub type Skipped = Vec<(Ipv6Network, String)>;
 
-/// The routing key of the `i`-th peer (in the plan's order).
-pub fn route_key(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(keys().network()) + 1 + i as u32)
+/// Each listed peer's routing key: a peer keeps the key it had while it stays listed, and a
+/// new one takes the lowest key no listed peer holds. Keys are never positions, so a
+/// re-ordered listing (a lease deleted and taken again) moves no peer to another key.
+pub fn assign_keys(
+    before: &BTreeMap<PublicKey, Ipv4Addr>,
+    entries: &[PeerSpec],
+) -> BTreeMap<PublicKey, Ipv4Addr> {
+    let mut keys: BTreeMap<PublicKey, Ipv4Addr> = entries
+        .iter()
+        .filter_map(|s| before.get(&s.public_key).map(|k| (s.public_key, *k)))
+        .collect();
+    let mut taken: BTreeSet<Ipv4Addr> = keys.values().copied().collect();
+    let mut next = u32::from(keys_block().network()) + 1;
+    for s in entries {
+        if keys.contains_key(&s.public_key) {
+            continue;
+        }
+        while taken.contains(&Ipv4Addr::from(next)) {
+            next += 1;
+        }
+        let k = Ipv4Addr::from(next);
+        taken.insert(k);
+        keys.insert(s.public_key, k);
+    }
+    keys
 }
 
-/// The device's entries for `peers`, each with its routing key, and the peers left out with
+/// The entries as last published, with their routing keys: what the next listing is planned
+/// against.
+#[derive(Debug, Default, Clone)]
+pub struct Published {
+    applied: DeviceSpec,
+    keys: BTreeMap<PublicKey, Ipv4Addr>,
+    done: bool,
+}
+
+/// What one listing changes in [`Published`].
+#[derive(Debug)]
+pub struct Next {
+    /// Every entry under its routing key.
+    pub keyed: Vec<(PeerSpec, Ipv4Addr)>,
+    pub ops: Vec<plan::WgOp>,
+    keys: BTreeMap<PublicKey, Ipv4Addr>,
+    /// The crypto table and the subnet→key map must be published (together).
+    pub publish: bool,
+}
+
+impl Published {
+    /// Plans `entries` against what was published: a republish when an entry or a routing key
+    /// changed (or nothing was published yet), never for a re-ordered listing.
+    pub fn next(&self, private_key: [u8; 32], port: u16, entries: Vec<PeerSpec>) -> Next {
+        let keys = assign_keys(&self.keys, &entries);
+        let desired = plan::device_spec(private_key, port, entries.clone());
+        let ops = plan::plan(&self.applied, &desired);
+        let publish = !ops.is_empty() || keys != self.keys || !self.done;
+        let keyed = entries
+            .into_iter()
+            .map(|s| {
+                let k = keys[&s.public_key];
+                (s, k)
+            })
+            .collect();
+        Next {
+            keyed,
+            ops,
+            keys,
+            publish,
+        }
+    }
+
+    /// Records `next` as published.
+    pub fn commit(&mut self, next: Next) {
+        if next.publish {
+            plan::apply_to(&mut self.applied, &next.ops);
+            self.keys = next.keys;
+            self.done = true;
+        }
+    }
+}
+
+/// The device's entries for `peers` (in listing order), and the peers left out with
 /// why: one of ours (our subnet, our `PublicIPv6`, our key), an endpoint that is no
 /// endpoint, a subnet outside `network`, or a key or subnet an earlier (older) peer holds.
 /// One entry per key and per subnet, so each lease's traffic is sealed for that lease only.
@@ -73,9 +165,9 @@ pub fn plan_peers(
     own_subnet: Ipv6Network,
     own_public_ipv6: std::net::Ipv6Addr,
     peers: &[WgPeer6],
-) -> (Vec<(PeerSpec, Ipv4Addr)>, Skipped) {
+) -> (Vec<PeerSpec>, Skipped) {
     let own = cfg.public_key();
-    let mut out: Vec<(PeerSpec, Ipv4Addr)> = Vec::new();
+    let mut out: Vec<PeerSpec> = Vec::new();
     let mut skipped = Vec::new();
     for p in peers {
         let subnet = match Ipv6Network::new(p.subnet.network(), p.subnet.prefix()) {
@@ -94,12 +186,12 @@ pub fn plan_peers(
             Some(format!("its subnet is outside {}", cfg.network))
         } else if let Some(why) = dual::endpoint6_unusable(p.public_ipv6) {
             Some(format!("its PublicIPv6 {} is {why}", p.public_ipv6))
-        } else if out.iter().any(|(s, _)| s.public_key == p.public_key) {
+        } else if out.iter().any(|s| s.public_key == p.public_key) {
             Some(format!(
                 "its public key {} is an older lease's",
                 p.public_key
             ))
-        } else if out.iter().any(|(s, _)| {
+        } else if out.iter().any(|s| {
             s.allowed_ips
                 .iter()
                 .any(|n| matches!(n, IpNetwork::V6(n) if n.overlaps(subnet)))
@@ -112,24 +204,49 @@ pub fn plan_peers(
             skipped.push((subnet, why));
             continue;
         }
-        let key = route_key(out.len());
-        out.push((
-            PeerSpec {
-                public_key: p.public_key,
-                endpoint: Some(SocketAddr::V6(SocketAddrV6::new(
-                    p.public_ipv6,
-                    p.port,
-                    0,
-                    0,
-                ))),
-                allowed_ips: vec![IpNetwork::V6(subnet)],
-                psk: cfg.psk,
-                keepalive: cfg.keepalive,
-            },
-            key,
-        ));
+        out.push(PeerSpec {
+            public_key: p.public_key,
+            endpoint: Some(SocketAddr::V6(SocketAddrV6::new(
+                p.public_ipv6,
+                p.port,
+                0,
+                0,
+            ))),
+            allowed_ips: vec![IpNetwork::V6(subnet)],
+            psk: cfg.psk,
+            keepalive: cfg.keepalive,
+        });
     }
     (out, skipped)
+}
+
+/// Each entry's IPv6 subnet under its routing key: the workers' subnet→key map.
+pub fn peers6(keyed: &[(PeerSpec, Ipv4Addr)]) -> Vec<UdpPeer6> {
+    keyed
+        .iter()
+        .flat_map(|(s, key)| {
+            s.allowed_ips.iter().filter_map(move |n| match n {
+                IpNetwork::V6(n) => Some(UdpPeer6 {
+                    subnet: *n,
+                    public_ip: *key,
+                    port: s.endpoint.map_or(0, |e| e.port()),
+                }),
+                IpNetwork::V4(_) => None,
+            })
+        })
+        .collect()
+}
+
+/// What one listing did.
+#[derive(Debug)]
+pub struct Reconciled {
+    /// The netlink ops applied (the link's address and route).
+    pub applied: Vec<Op>,
+    /// The entries added, changed or removed since the last listing (0 at the first one after
+    /// a set-up, which loads the table).
+    pub entry_ops: usize,
+    /// The peers left out, each with why.
+    pub skipped: Skipped,
 }
 
 /// The device's link side: our subnet's /128 and the `IPv6Network` route, as `separate`'s
@@ -150,9 +267,8 @@ pub struct WgV6Only {
     cfg: WgV6Config,
     udp: UdpBackend,
     table: Arc<WgTable>,
-    /// The entries as last published; the plan against it decides whether anything changes.
-    applied: DeviceSpec,
-    published: bool,
+    /// The entries and routing keys as last published; each listing is planned against it.
+    published: Published,
     setup_ops: Vec<Op>,
 }
 
@@ -160,18 +276,12 @@ impl WgV6Only {
     /// Starts the workers on an IPv6-only socket `[::]:port` with [`DEVICE`] (IPv6 only: no
     /// IPv4 address or route); idempotent, so a restart re-attaches and writes nothing.
     pub async fn setup(nl: &Netlink, cfg: WgV6Config) -> Result<WgV6Only, BackendError> {
-        if cfg.mtu() < 1280 {
-            let base = Some(cfg.mtu_base).filter(|&b| b != 0);
-            return Err(WgError::Mtu6 {
-                mtu: cfg.mtu(),
-                base: base.unwrap_or(cfg.underlay_mtu),
-            }
-            .into());
-        }
+        // Checked at start too (`check_mtu6` in run::v6only_wg): this is the backstop.
+        check_mtu6(cfg.mtu_base, cfg.underlay_mtu)?;
         let udp_cfg = UdpConfig {
             // The workers' table is keyed by IPv4: the keys' block, never on the device.
-            network: keys(),
-            own_subnet: Ipv4Network::new(keys().network(), 32).expect("a valid prefix"),
+            network: keys_block(),
+            own_subnet: Ipv4Network::new(keys_block().network(), 32).expect("a valid prefix"),
             local_ip: Ipv4Addr::UNSPECIFIED,
             port: cfg.listen_port,
             underlay_mtu: cfg.underlay_mtu,
@@ -197,8 +307,7 @@ impl WgV6Only {
             table: Arc::new(WgTable::new(&cfg.private_key)),
             cfg,
             udp,
-            applied: DeviceSpec::default(),
-            published: false,
+            published: Published::default(),
             setup_ops,
         })
     }
@@ -212,19 +321,23 @@ impl WgV6Only {
     }
 
     /// Brings the device to exactly `peers` for our subnet `own_subnet`: the link's address
-    /// and route as read back now (a drifted route is put back at the next listing), the
-    /// entries when the plan has ops. Nothing is written for an unchanged listing. The netlink ops applied, and the peers
-    /// left out.
+    /// and route as read back now (a drifted route is put back at the next listing), and the
+    /// entries when an entry or a routing key changed; nothing is written for an unchanged
+    /// listing.
     pub async fn reconcile(
         &mut self,
         nl: &Netlink,
         own_subnet: Ipv6Network,
         own_public_ipv6: std::net::Ipv6Addr,
         peers: &[WgPeer6],
-    ) -> Result<(Vec<Op>, Skipped), BackendError> {
+    ) -> Result<Reconciled, BackendError> {
         let mut applied = self.check_link(nl, own_subnet).await?;
         let (entries, skipped) = plan_peers(&self.cfg, own_subnet, own_public_ipv6, peers);
-        let udp_peers: Vec<UdpPeer> = entries
+        let next =
+            self.published
+                .next(*self.cfg.private_key.bytes(), self.cfg.listen_port, entries);
+        let udp_peers: Vec<UdpPeer> = next
+            .keyed
             .iter()
             .map(|(s, key)| UdpPeer {
                 subnet: Ipv4Network::new(*key, 32).expect("a valid prefix"),
@@ -232,48 +345,41 @@ impl WgV6Only {
                 port: s.endpoint.map_or(0, |e| e.port()),
             })
             .collect();
-        let peers6 = entries
-            .iter()
-            .flat_map(|(s, key)| {
-                s.allowed_ips.iter().filter_map(move |n| match n {
-                    IpNetwork::V6(n) => Some(UdpPeer6 {
-                        subnet: *n,
-                        public_ip: *key,
-                        port: s.endpoint.map_or(0, |e| e.port()),
-                    }),
-                    IpNetwork::V4(_) => None,
-                })
-            })
-            .collect();
-        self.udp.set_v6(Some(V6Spec {
+        // The subnet→key map is staged, not published: it goes out in the same publish as the
+        // crypto table below, so the workers never see keys from one listing and entries from
+        // another.
+        let map_changed = self.udp.stage_v6(Some(V6Spec {
             network: self.cfg.network,
             own_subnet,
-            peers: peers6,
+            peers: peers6(&next.keyed),
         }));
-        let desired = plan::device_spec(
-            *self.cfg.private_key.bytes(),
-            self.cfg.listen_port,
-            entries.iter().map(|(s, _)| s.clone()).collect(),
-        );
-        let ops = plan::plan(&self.applied, &desired);
-        // Published with the peer table: the keys are positions in the plan, so both change
-        // together or neither does.
-        let wg = (!ops.is_empty() || !self.published).then(|| {
-            let keyed: Vec<(PeerSpec, Option<Ipv4Addr>)> =
-                entries.iter().map(|(s, k)| (s.clone(), Some(*k))).collect();
+        let wg = (next.publish || map_changed).then(|| {
+            let keyed: Vec<(PeerSpec, Option<Ipv4Addr>)> = next
+                .keyed
+                .iter()
+                .map(|(s, k)| (s.clone(), Some(*k)))
+                .collect();
             self.table = Arc::new(self.table.update_keyed(&self.cfg.private_key, &keyed));
             self.table.clone()
         });
-        if wg.is_some() {
-            tracing::debug!(device = DEVICE, ops = ?ops, "wireguard: peers updated");
-        }
         let stats = self.udp.reconcile_with(nl, &udp_peers, wg.clone()).await?;
         applied.extend(stats.applied);
-        if wg.is_some() {
-            plan::apply_to(&mut self.applied, &ops);
-            self.published = true;
+        // The first table after a set-up (a restart included) is loaded, not changed: it
+        // writes nothing to the kernel, so it is not counted as an update.
+        let entry_ops = if self.published.done {
+            next.ops.len()
+        } else {
+            0
+        };
+        if wg.is_some() && entry_ops > 0 {
+            tracing::info!(device = DEVICE, ops = ?next.ops, "wireguard: peers updated");
         }
-        Ok((applied, skipped))
+        self.published.commit(next);
+        Ok(Reconciled {
+            applied,
+            entry_ops,
+            skipped,
+        })
     }
 
     async fn check_link(

@@ -35,7 +35,7 @@ fn each_peer_is_one_entry_for_its_own_subnet_at_its_ipv6_endpoint_under_a_key_of
     );
     assert!(skipped.is_empty(), "{skipped:?}");
     assert_eq!(entries.len(), 2);
-    for (i, (spec, key)) in entries.iter().enumerate() {
+    for (i, spec) in entries.iter().enumerate() {
         let n = i + 2;
         assert_eq!(
             spec.allowed_ips,
@@ -48,9 +48,14 @@ fn each_peer_is_one_entry_for_its_own_subnet_at_its_ipv6_endpoint_under_a_key_of
             Some(format!("[2001:db8::{n}]:51821").parse().unwrap())
         );
         assert_eq!((spec.psk, spec.keepalive), (Some([9; 32]), 25));
-        assert!(keys().contains(*key), "{key}");
     }
-    assert_ne!(entries[0].1, entries[1].1, "two peers under one key");
+    let keys = assign_keys(&BTreeMap::new(), &entries);
+    assert!(keys.values().all(|k| keys_block().contains(*k)), "{keys:?}");
+    assert_eq!(keys.len(), 2);
+    assert_ne!(
+        keys[&entries[0].public_key], keys[&entries[1].public_key],
+        "two peers under one key"
+    );
     assert_eq!(cfg().mtu(), 1420);
 }
 
@@ -84,7 +89,7 @@ fn ours_a_stolen_key_an_overlap_and_unusable_endpoints_are_left_out_naming_why()
         ],
     );
     assert_eq!(entries.len(), 1, "{entries:?}");
-    assert_eq!(entries[0].0.public_key, peer(2, 2).public_key);
+    assert_eq!(entries[0].public_key, peer(2, 2).public_key);
     let why: Vec<&str> = skipped.iter().map(|(_, w)| w.as_str()).collect();
     assert_eq!(why.len(), 7, "{why:?}");
     for want in [
@@ -107,12 +112,16 @@ fn a_packet_is_sealed_only_for_the_lease_whose_subnet_holds_its_destination() {
         OWN_IP.parse().unwrap(),
         &[peer(2, 2), peer(3, 3)],
     );
-    let keyed: Vec<(PeerSpec, Option<Ipv4Addr>)> =
-        entries.iter().map(|(s, k)| (s.clone(), Some(*k))).collect();
     let key = PrivateKey::from_bytes([1; 32]);
+    let next = Published::default().next(*key.bytes(), 51821, entries.clone());
+    let keyed: Vec<(PeerSpec, Option<Ipv4Addr>)> = next
+        .keyed
+        .iter()
+        .map(|(s, k)| (s.clone(), Some(*k)))
+        .collect();
     let table = WgTable::new(&key).update_keyed(&key, &keyed);
     let dst = |n: u8| format!("fd00:10:244:{n}::5").parse().unwrap();
-    for (i, (spec, k)) in entries.iter().enumerate() {
+    for (i, (spec, k)) in next.keyed.iter().enumerate() {
         let own = dst(i as u8 + 2);
         let other = dst(if i == 0 { 3 } else { 2 });
         let sealed_for = table.route(*k, own).map(|p| p.spec.public_key);
@@ -125,4 +134,103 @@ fn a_packet_is_sealed_only_for_the_lease_whose_subnet_holds_its_destination() {
             "entry {i} took a stranger's"
         );
     }
+}
+
+#[test]
+fn a_reordered_listing_keeps_every_peer_under_its_key_and_routable() {
+    let plan = |peers: &[WgPeer6]| {
+        plan_peers(&cfg(), OWN.parse().unwrap(), OWN_IP.parse().unwrap(), peers).0
+    };
+    let key = PrivateKey::from_bytes([1; 32]);
+    let mut published = Published::default();
+    let first = published.next(*key.bytes(), 51821, plan(&[peer(2, 2), peer(3, 3)]));
+    assert!(first.publish);
+    let table = |next: &Next| {
+        let keyed: Vec<(PeerSpec, Option<Ipv4Addr>)> = next
+            .keyed
+            .iter()
+            .map(|(s, k)| (s.clone(), Some(*k)))
+            .collect();
+        WgTable::new(&key).update_keyed(&key, &keyed)
+    };
+    let mut workers = table(&first);
+    published.commit(first);
+    // The same leases listed the other way round (one deleted and taken again).
+    let second = published.next(*key.bytes(), 51821, plan(&[peer(3, 3), peer(2, 2)]));
+    if second.publish {
+        workers = table(&second);
+    }
+    // The subnet→key map the workers get from this listing.
+    for p in peers6(&second.keyed) {
+        let dst = std::net::IpAddr::V6(p.subnet.network());
+        let found = workers
+            .route(p.public_ip, dst)
+            .map(|s| s.spec.allowed_ips.clone());
+        assert_eq!(
+            found,
+            Some(vec![IpNetwork::V6(p.subnet)]),
+            "{} under {} after a re-ordered listing",
+            p.subnet,
+            p.public_ip
+        );
+    }
+    assert!(
+        !second.publish,
+        "a re-ordered listing republished: {second:?}"
+    );
+    published.commit(second);
+
+    // A middle peer going keeps the others' keys; a new one takes the freed key.
+    let three = published.next(
+        *key.bytes(),
+        51821,
+        plan(&[peer(2, 2), peer(3, 3), peer(4, 4)]),
+    );
+    let keys_of = |n: &Next| -> Vec<(PublicKey, Ipv4Addr)> {
+        n.keyed.iter().map(|(s, k)| (s.public_key, *k)).collect()
+    };
+    let before = keys_of(&three);
+    published.commit(three);
+    let without = published.next(*key.bytes(), 51821, plan(&[peer(2, 2), peer(4, 4)]));
+    assert!(without.publish);
+    for (k, addr) in keys_of(&without) {
+        assert!(before.contains(&(k, addr)), "{k} moved to {addr}");
+    }
+    published.commit(without);
+    let again = published.next(
+        *key.bytes(),
+        51821,
+        plan(&[peer(5, 5), peer(2, 2), peer(4, 4)]),
+    );
+    let freed = before[1].1;
+    assert_eq!(
+        keys_of(&again)[0],
+        (peer(5, 5).public_key, freed),
+        "the new peer takes the freed key"
+    );
+}
+
+#[test]
+fn an_mtu_below_ipv6s_minimum_is_refused_naming_it() {
+    assert_eq!(check_mtu6(0, 1500).unwrap(), 1420);
+    assert_eq!(check_mtu6(1360, 9000).unwrap(), 1280);
+    let e = check_mtu6(1359, 1500).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            WgError::Mtu6 {
+                mtu: 1279,
+                base: 1359
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("1280"), "{e}");
+    assert!(matches!(
+        check_mtu6(0, 1300),
+        Err(WgError::Mtu6 {
+            mtu: 1220,
+            base: 1300
+        })
+    ));
 }
