@@ -514,19 +514,51 @@ fn lease_id_of(lab: &Lab, key: &str) -> i64 {
 }
 
 /// What `cmd` prints in `netns` within `secs` seconds (it runs until killed by `timeout`).
-fn monitor(netns: &str, secs: &str, cmd: &[&str]) -> std::process::Child {
+fn monitor(netns: &str, secs: &str, cmd: &[&str]) -> Monitor {
     let mut argv = vec!["timeout", secs];
     argv.extend_from_slice(cmd);
-    ns_command(netns, &argv)
+    let mut child = ns_command(netns, &argv)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("monitor")
+        .expect("monitor");
+    let out = child.stdout.take().expect("monitor stdout");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Monitor { child, lines }
 }
 
-fn output_of(child: std::process::Child) -> String {
-    let out = child.wait_with_output().expect("monitor output");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A monitor whose lines are read as they come, so that a test can wait until it is listening.
+struct Monitor {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Monitor {
+    fn saw(&self, what: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(what))
+    }
+
+    /// Every line from `from` on (0: all), once the monitor ended: `timeout` passes the SIGTERM
+    /// on to the monitor it runs.
+    fn output_from(mut self, from: usize) -> Vec<String> {
+        // SAFETY: plain kill(2) on a pid this test started and has not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        // The reader thread drains the pipe after the exit; give it a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        self.lines.lock().unwrap().split_off(from)
+    }
+
+    fn len(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
 }
 
 /// Issue 19: an IPv6-only node's underlay address is renumbered at run time (a new global
@@ -644,37 +676,60 @@ fn a_renumbered_ipv6_only_node_moves_its_lease_and_vtep_and_stays_reachable() {
 
     // Settled: over more than one resync period (10 s), nothing on h1's tweed-v6.1 changes.
     std::thread::sleep(Duration::from_secs(2));
+    // Controls: a change of our own on the device (the agent leaves link-local addresses and
+    // unknown FDB entries of a MAC no peer has alone) is repeated until each monitor has shown
+    // it, so that the window below starts with both listening: an empty capture then means no
+    // change, not a monitor that saw nothing.
     let links = monitor(
         &h1.netns,
-        "12",
+        "30",
         &["ip", "-6", "monitor", "link", "address", "route", "neigh"],
     );
-    let fdb = monitor(&h1.netns, "12", &["bridge", "monitor", "fdb"]);
-    // The control: a change of our own on the device shows (the agent leaves link-local
-    // addresses alone), so an empty capture means no change, not a monitor that saw nothing.
-    std::thread::sleep(Duration::from_secs(1));
+    let fdb = monitor(&h1.netns, "30", &["bridge", "monitor", "fdb"]);
     let control = ["fe80::dead/64", "dev", "tweed-v6.1"];
-    in_ns(
-        &h1.netns,
-        &[&["ip", "-6", "addr", "add"][..], &control].concat(),
-    );
-    in_ns(
-        &h1.netns,
-        &[&["ip", "-6", "addr", "del"][..], &control].concat(),
-    );
-    let (links, fdb) = (output_of(links), output_of(fdb));
-    assert!(
-        links.contains("fe80::dead"),
-        "the monitor saw nothing: {links}"
-    );
-    let ours: Vec<&str> = links
-        .lines()
-        .chain(fdb.lines())
-        .filter(|l| l.contains("tweed-v6.1") && !l.contains("fe80::dead"))
+    let fdb_control = [
+        "02:00:00:00:de:ad",
+        "dev",
+        "tweed-v6.1",
+        "dst",
+        "fd00:198:18::dead",
+    ];
+    wait_for(Duration::from_secs(10), "both monitors listening", || {
+        in_ns(
+            &h1.netns,
+            &[&["ip", "-6", "addr", "add"][..], &control].concat(),
+        );
+        in_ns(
+            &h1.netns,
+            &[&["ip", "-6", "addr", "del"][..], &control].concat(),
+        );
+        in_ns(
+            &h1.netns,
+            &[&["bridge", "fdb", "add"][..], &fdb_control].concat(),
+        );
+        in_ns(
+            &h1.netns,
+            &[&["bridge", "fdb", "del"][..], &fdb_control].concat(),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        links.saw("fe80::dead") && fdb.saw("02:00:00:00:de:ad")
+    });
+    let (from_links, from_fdb) = (links.len(), fdb.len());
+    // Over more than one resync period (10 s), nothing on h1's tweed-v6.1 changes.
+    std::thread::sleep(Duration::from_secs(12));
+    let (links, fdb) = (links.output_from(0), fdb.output_from(0));
+    let ours: Vec<&String> = links[from_links..]
+        .iter()
+        .chain(fdb[from_fdb..].iter())
+        .filter(|l| {
+            l.contains("tweed-v6.1")
+                && !l.contains("fe80::dead")
+                && !l.contains("02:00:00:00:de:ad")
+        })
         .collect();
     assert_eq!(
         ours,
-        Vec::<&str>::new(),
+        Vec::<&String>::new(),
         "kernel changes in a settled state"
     );
 }
