@@ -102,6 +102,16 @@ impl Service {
     }
 }
 
+/// Whether `a` can be a node's `PublicIPv6`: peers reach it across the underlay, so not the
+/// unspecified, loopback, multicast, link-local or IPv4-mapped addresses.
+fn global_unicast6(a: std::net::Ipv6Addr) -> bool {
+    !(a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || a.is_unicast_link_local()
+        || a.to_ipv4_mapped().is_some())
+}
+
 /// The key holding the IPv4 subnet `v4`. Two keys can name it (a rename cut short, or two
 /// nodes' racing claims); the oldest one is the lease every reader's table accepts, the others
 /// are skipped as overlaps.
@@ -332,6 +342,28 @@ impl Agent for Service {
                 ))
             })?,
         };
+        if let (LeaseKey::Ipv6Only(k), IpAddr::V6(a)) = (&key, ip) {
+            if !global_unicast6(a) {
+                return Err(Status::invalid_argument(format!(
+                    "{a} cannot hold a subnet: a node's PublicIPv6 is a global unicast address \
+                     (not unspecified, loopback, multicast, link-local or IPv4-mapped)"
+                )));
+            }
+            // A dual-stack key naming the same IPv6 subnet wins every reader's table (it is
+            // older); a reservation beside it would only linger.
+            let snap = c.registry.list_leases().await.map_err(registry_status)?;
+            let prefix = c.registry.prefix();
+            if let Some(other) = snap.leases.iter().find(|l| {
+                LeaseKey::from_etcd_key(prefix, &l.key).is_some_and(|r| {
+                    r.is_ok_and(|o| !matches!(o, LeaseKey::Ipv6Only(_)) && o.ipv6() == Some(k.ipv6))
+                })
+            }) {
+                return Err(Status::failed_precondition(format!(
+                    "{} is already claimed by the dual-stack key {}; remove that first",
+                    k.ipv6, other.key
+                )));
+            }
+        }
         let subnet = subnet_of(&key);
         match c
             .registry

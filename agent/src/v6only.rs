@@ -271,67 +271,12 @@ pub fn decide(
     exclude: &HashSet<Ipv6Network>,
     rng: &mut impl Rng,
 ) -> Result<Decision, V6OnlyError> {
-    decide_as(
-        cfg,
-        prefix,
-        listing,
-        Mine {
-            public_ipv6,
-            vtep_mac: None,
-        },
-        previous,
-        exclude,
-        rng,
-    )
-}
-
-/// What marks a key as this node's at acquire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mine {
-    /// Our `PublicIPv6`.
-    pub public_ipv6: Ipv6Addr,
-    /// vxlan: our device's MAC (random, kept across restarts: read back from the device). A
-    /// vxlan key whose `BackendV6Data` names it is ours whatever its `PublicIPv6`: one written
-    /// before the address changed while the agent was down.
-    pub vtep_mac: Option<MacAddr>,
-}
-
-impl Mine {
-    fn owns(&self, value: &[u8]) -> bool {
-        let Ok(a) = LeaseAttrs::parse(value) else {
-            return false;
-        };
-        if a.public_ipv6 == Some(self.public_ipv6) {
-            return true;
-        }
-        let vtep = || -> Option<MacAddr> {
-            let raw = a.backend_v6_data.as_ref()?;
-            let d: VxlanLeaseData = serde_json::from_str(raw.get()).ok()?;
-            d.vtep_mac.parse().ok()
-        };
-        a.effective_backend_type() == "vxlan"
-            && self
-                .vtep_mac
-                .is_some_and(|m| m.is_valid_unicast() && vtep() == Some(m))
-    }
-}
-
-/// [`decide`] with every mark of ours ([`Mine`]).
-pub fn decide_as(
-    cfg: &Ipv6Config,
-    prefix: &str,
-    listing: &[RawLease],
-    me: Mine,
-    previous: Option<Ipv6Network>,
-    exclude: &HashSet<Ipv6Network>,
-    rng: &mut impl Rng,
-) -> Result<Decision, V6OnlyError> {
     let keys = keys(prefix, listing);
     let mut reuse = None;
     let mut stale = Vec::new();
     for (k, l) in &keys {
         let Some(subnet) = k.ipv6() else { continue };
-        let mine = me.owns(&l.value);
+        let mine = LeaseAttrs::parse(&l.value).is_ok_and(|a| a.public_ipv6 == Some(public_ipv6));
         if !mine || exclude.contains(&subnet) {
             continue;
         }
@@ -382,29 +327,73 @@ pub fn decide_as(
     )?))
 }
 
+/// What the last run recorded in the state dir about its key: the subnet, the TTL lease it
+/// hung on (0: a reservation) and every `PublicIPv6` it may still name (the advertised one
+/// first, then former ones whose rewrite was not confirmed yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub subnet: Ipv6Network,
+    pub lease_id: i64,
+    pub addrs: Vec<Ipv6Addr>,
+}
+
+impl Recorded {
+    /// One `subnet`, one `lease` and one or more `address` lines; `None` on anything else (the
+    /// caller warns, naming the file).
+    pub fn parse(text: &str) -> Option<Recorded> {
+        let (mut subnet, mut lease_id, mut addrs) = (None, None, Vec::new());
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (k, v) = line.split_once(' ')?;
+            match k {
+                "subnet" => subnet = Some(v.trim().parse().ok()?),
+                "lease" => lease_id = Some(v.trim().parse().ok()?),
+                "address" => addrs.push(v.trim().parse().ok()?),
+                _ => return None,
+            }
+        }
+        (!addrs.is_empty()).then_some(())?;
+        Some(Recorded {
+            subnet: subnet?,
+            lease_id: lease_id?,
+            addrs,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!("subnet {}\nlease {}\n", self.subnet, self.lease_id);
+        for a in &self.addrs {
+            s.push_str(&format!("address {a}\n"));
+        }
+        s
+    }
+}
+
 /// At start, our key from before a `PublicIPv6` change while the agent was down: the IPv6-only
-/// key of `previous` (subnet.env's subnet) whose `PublicIPv6` is `former` (what the last run
-/// advertised, recorded in the state dir), a node subnet no older key claims and not
-/// `exclude`d. Reused (its value then rewritten with the new address), so the node keeps its
-/// subnet and its pods' addresses. Only that key: the former address may belong to another node
-/// by now, and that node's keys are its own.
+/// key of the recorded subnet, still on the recorded TTL lease (or a reservation, lease 0),
+/// naming one of the recorded addresses; a node subnet no older key claims and not `exclude`d.
+/// Reused (its value then rewritten with the new address), so the node keeps its subnet and
+/// its pods' addresses. The address alone proves nothing: ours may have expired and the old
+/// address gone to another node, which took the subnet on its own lease.
 pub fn reclaim(
     cfg: &Ipv6Config,
     prefix: &str,
     listing: &[RawLease],
-    previous: Option<Ipv6Network>,
-    former: Option<Ipv6Addr>,
+    rec: &Recorded,
     exclude: &HashSet<Ipv6Network>,
 ) -> Option<Decision> {
-    let (subnet, former) = (previous?, former?);
+    let subnet = rec.subnet;
     if exclude.contains(&subnet) || !cfg.is_allocatable(subnet) {
         return None;
     }
     let key = Ipv6OnlyKey { ipv6: subnet };
     let full = LeaseKey::Ipv6Only(key).etcd_key(prefix);
     let l = listing.iter().find(|l| l.key == full)?;
-    let named = LeaseAttrs::parse(&l.value).ok()?.public_ipv6;
-    if named != Some(former) || lost_race(prefix, listing, subnet, &full, l.create_revision) {
+    let named = LeaseAttrs::parse(&l.value).ok()?.public_ipv6?;
+    let same_lease = l.lease_id == 0 || l.lease_id == rec.lease_id;
+    if !rec.addrs.contains(&named)
+        || !same_lease
+        || lost_race(prefix, listing, subnet, &full, l.create_revision)
+    {
         return None;
     }
     Some(Decision::Reuse {
@@ -413,6 +402,14 @@ pub fn reclaim(
         mod_revision: l.mod_revision,
         value: l.value.clone(),
     })
+}
+
+/// Our attributes once the `PublicIPv6` moved to `to`: only the address changes, whatever the
+/// backend put in `BackendV6Data` (vxlan's VTEP MAC, wireguard's key and port) stays.
+pub fn with_public_ipv6(attrs: &LeaseAttrs, to: Ipv6Addr) -> LeaseAttrs {
+    let mut a = attrs.clone();
+    a.public_ipv6 = Some(to);
+    a
 }
 
 /// Whether the key named `own` in a listing is still ours.
@@ -503,6 +500,18 @@ pub struct Peer {
     pub key: String,
     pub peer: Ipv6OnlyPeer,
     pub attrs: LeaseAttrs,
+}
+
+/// `peers` split into those whose subnet holds none of this node's addresses `local`, and the
+/// others (key, subnet): a subnet this node has an address on is not routed to a peer.
+pub fn not_local(peers: Vec<Peer>, local: &[Ipv6Addr]) -> (Vec<Peer>, Vec<(String, Ipv6Network)>) {
+    let (here, away): (Vec<Peer>, Vec<Peer>) = peers
+        .into_iter()
+        .partition(|p| local.iter().any(|a| p.peer.subnet.contains(*a)));
+    (
+        away,
+        here.into_iter().map(|p| (p.key, p.peer.subnet)).collect(),
+    )
 }
 
 /// The peers in a listing, for a node of an IPv6-only network whose subnet is `own` and whose

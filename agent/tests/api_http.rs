@@ -264,6 +264,11 @@ async fn grpc_reserve_and_unreserve_in_an_ipv6_only_network() {
         ),
         ("fd00:10:244:9::/60", "fd00:198:18::7", "/64"),
         ("fd00:10:244:9::/64", "198.18.0.77", "not an IPv6 address"),
+        ("fd00:10:244:9::/64", "::", "global unicast"),
+        ("fd00:10:244:9::/64", "::1", "global unicast"),
+        ("fd00:10:244:9::/64", "ff02::1", "global unicast"),
+        ("fd00:10:244:9::/64", "fe80::1", "global unicast"),
+        ("fd00:10:244:9::/64", "::ffff:198.18.0.7", "global unicast"),
     ] {
         let e = c.reserve(req(subnet, ip)).await.unwrap_err();
         assert_eq!(
@@ -319,6 +324,24 @@ async fn grpc_reserve_and_unreserve_in_an_ipv6_only_network() {
         .into_inner();
     assert!(!r.created);
     assert_eq!(stored(&reg).lease_id, 0);
+    // A dual-stack key already claims fd00:10:244:a::/64: no IPv6-only reservation beside it.
+    mem.put_raw(
+        "/coreos.com/network/subnets/10.244.10.0-24&fd00:10:244:a::-64",
+        br#"{"PublicIP":"198.18.0.9","PublicIPv6":"fd00:198:18::9","BackendType":"vxlan"}"#,
+    );
+    let e = c
+        .reserve(req("fd00:10:244:a::/64", "fd00:198:18::9"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("dual-stack key"), "{e:?}");
+    assert!(
+        !mem.keys()
+            .iter()
+            .any(|k| k.ends_with("/fd00:10:244:a::-64")),
+        "{:?}",
+        mem.keys()
+    );
     let e = c
         .rotate_wireguard_key(RotateWireguardKeyRequest {})
         .await

@@ -841,19 +841,51 @@ fn lease_id_of(lab: &Lab, key: &str) -> i64 {
 }
 
 /// What `cmd` prints in `netns` within `secs` seconds (it runs until killed by `timeout`).
-fn monitor(netns: &str, secs: &str, cmd: &[&str]) -> std::process::Child {
+fn monitor(netns: &str, secs: &str, cmd: &[&str]) -> Monitor {
     let mut argv = vec!["timeout", secs];
     argv.extend_from_slice(cmd);
-    ns_command(netns, &argv)
+    let mut child = ns_command(netns, &argv)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("monitor")
+        .expect("monitor");
+    let out = child.stdout.take().expect("monitor stdout");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Monitor { child, lines }
 }
 
-fn output_of(child: std::process::Child) -> String {
-    let out = child.wait_with_output().expect("monitor output");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A monitor whose lines are read as they come, so that a test can wait until it is listening.
+struct Monitor {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Monitor {
+    fn saw(&self, what: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(what))
+    }
+
+    /// Every line from `from` on (0: all), once the monitor ended: `timeout` passes the SIGTERM
+    /// on to the monitor it runs.
+    fn output_from(mut self, from: usize) -> Vec<String> {
+        // SAFETY: plain kill(2) on a pid this test started and has not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        // The reader thread drains the pipe after the exit; give it a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        self.lines.lock().unwrap().split_off(from)
+    }
+
+    fn len(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
 }
 
 /// Issue 19: an IPv6-only node's underlay address is renumbered at run time (a new global
@@ -971,37 +1003,60 @@ fn a_renumbered_ipv6_only_node_moves_its_lease_and_vtep_and_stays_reachable() {
 
     // Settled: over more than one resync period (10 s), nothing on h1's tweed-v6.1 changes.
     std::thread::sleep(Duration::from_secs(2));
+    // Controls: a change of our own on the device (the agent leaves link-local addresses and
+    // unknown FDB entries of a MAC no peer has alone) is repeated until each monitor has shown
+    // it, so that the window below starts with both listening: an empty capture then means no
+    // change, not a monitor that saw nothing.
     let links = monitor(
         &h1.netns,
-        "12",
+        "30",
         &["ip", "-6", "monitor", "link", "address", "route", "neigh"],
     );
-    let fdb = monitor(&h1.netns, "12", &["bridge", "monitor", "fdb"]);
-    // The control: a change of our own on the device shows (the agent leaves link-local
-    // addresses alone), so an empty capture means no change, not a monitor that saw nothing.
-    std::thread::sleep(Duration::from_secs(1));
+    let fdb = monitor(&h1.netns, "30", &["bridge", "monitor", "fdb"]);
     let control = ["fe80::dead/64", "dev", "tweed-v6.1"];
-    in_ns(
-        &h1.netns,
-        &[&["ip", "-6", "addr", "add"][..], &control].concat(),
-    );
-    in_ns(
-        &h1.netns,
-        &[&["ip", "-6", "addr", "del"][..], &control].concat(),
-    );
-    let (links, fdb) = (output_of(links), output_of(fdb));
-    assert!(
-        links.contains("fe80::dead"),
-        "the monitor saw nothing: {links}"
-    );
-    let ours: Vec<&str> = links
-        .lines()
-        .chain(fdb.lines())
-        .filter(|l| l.contains("tweed-v6.1") && !l.contains("fe80::dead"))
+    let fdb_control = [
+        "02:00:00:00:de:ad",
+        "dev",
+        "tweed-v6.1",
+        "dst",
+        "fd00:198:18::dead",
+    ];
+    wait_for(Duration::from_secs(10), "both monitors listening", || {
+        in_ns(
+            &h1.netns,
+            &[&["ip", "-6", "addr", "add"][..], &control].concat(),
+        );
+        in_ns(
+            &h1.netns,
+            &[&["ip", "-6", "addr", "del"][..], &control].concat(),
+        );
+        in_ns(
+            &h1.netns,
+            &[&["bridge", "fdb", "add"][..], &fdb_control].concat(),
+        );
+        in_ns(
+            &h1.netns,
+            &[&["bridge", "fdb", "del"][..], &fdb_control].concat(),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        links.saw("fe80::dead") && fdb.saw("02:00:00:00:de:ad")
+    });
+    let (from_links, from_fdb) = (links.len(), fdb.len());
+    // Over more than one resync period (10 s), nothing on h1's tweed-v6.1 changes.
+    std::thread::sleep(Duration::from_secs(12));
+    let (links, fdb) = (links.output_from(0), fdb.output_from(0));
+    let ours: Vec<&String> = links[from_links..]
+        .iter()
+        .chain(fdb[from_fdb..].iter())
+        .filter(|l| {
+            l.contains("tweed-v6.1")
+                && !l.contains("fe80::dead")
+                && !l.contains("02:00:00:00:de:ad")
+        })
         .collect();
     assert_eq!(
         ours,
-        Vec::<&str>::new(),
+        Vec::<&String>::new(),
         "kernel changes in a settled state"
     );
 }
@@ -1016,9 +1071,18 @@ fn start_ready(a: &StoppedAgent) -> u32 {
     };
     let before = readies();
     let pid = start_agent(a);
-    wait_for(Duration::from_secs(15), "the restarted agent ready", || {
-        readies() > before
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while readies() <= before {
+        if std::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(&a.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "the restarted agent not ready in 15 s; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     pid
 }
 
@@ -1106,8 +1170,10 @@ fn an_ipv6_only_node_renumbered_while_down_keeps_its_subnet() {
     let report = lab.check_until(Duration::from_secs(30)).expect("check");
     assert_eq!(report.summary(), "2 passed, 0 failed", "after the restart");
 
-    // Once more without the record (a wiped state dir): vxlan's VTEP MAC, kept by the device,
-    // still marks the key as h1's.
+    // Once more without the record (a wiped state dir). Nothing local proves the old key is
+    // h1's (its VTEP MAC is public and cloned VMs share one), so h1 takes a new subnet with a
+    // fresh VTEP MAC and leaves the old key alone (it expires with its TTL). h1 must still get
+    // ready: no route or FDB entry of a peer carrying our own MAC.
     // The lab knows only the first agent's pid: this one is stopped by its own.
     // SAFETY: plain kill(2) on a pid this test started.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -1141,15 +1207,21 @@ fn an_ipv6_only_node_renumbered_while_down_keeps_its_subnet() {
             "eth0",
         ],
     );
+    let old_value = value(&lab);
     start_ready(&stopped);
-    assert_eq!(subnet6_of(&lab, "h1").0, subnet, "the same subnet");
-    assert_eq!(value(&lab).public_ipv6, Some(newer));
-    assert_eq!(lease_id_of(&lab, &key), lease, "the same TTL lease");
-    assert_eq!(leases(&lab).len(), 2, "{:?}", leases(&lab));
-    let report = lab.check_until(Duration::from_secs(30)).expect("check");
-    assert_eq!(
-        report.summary(),
-        "2 passed, 0 failed",
-        "after the second restart"
+    let (fresh, _) = subnet6_of(&lab, "h1");
+    assert_ne!(fresh, subnet, "a new subnet without the record");
+    assert_eq!(value(&lab), old_value, "the old key is left alone");
+    assert_eq!(lease_id_of(&lab, &key), lease, "on its own TTL lease");
+    let fresh_key = format!("{SUBNETS}{}-{}", fresh.network(), fresh.prefix());
+    let out = etcdctl(&lab, &["get", &fresh_key, "--print-value-only"]);
+    let fresh_value = LeaseAttrs::parse(out.trim().as_bytes()).unwrap();
+    assert_eq!(fresh_value.public_ipv6, Some(newer));
+    let vtep = |a: &LeaseAttrs| a.backend_v6_data.as_ref().map(|d| d.get().to_string());
+    assert_ne!(
+        vtep(&fresh_value),
+        vtep(&old_value),
+        "a fresh VTEP MAC, not the old key's"
     );
+    assert_eq!(leases(&lab).len(), 3, "{:?}", leases(&lab));
 }

@@ -79,6 +79,8 @@ struct Node {
     /// The `PublicIPv6` addresses this run advertised before `underlay.public_ipv6`, latest
     /// last (at most [`FORMER`]): our key may still name one until its rewrite got through.
     former: Vec<Ipv6Addr>,
+    /// What the last run recorded about its key (subnet, lease, addresses), for [`pure::reclaim`].
+    recorded: Option<pure::Recorded>,
 }
 
 /// How many earlier `PublicIPv6` addresses of this run still mark a key as ours.
@@ -93,6 +95,7 @@ pub(super) async fn run(
     stop: &mut Stop,
 ) -> Result<(), AgentError> {
     pure::check_backend(&net.backend)?;
+    let recorded = read_record(&settings);
     let links = deps.nl.links().await?;
     let addrs = deps.ipv6_addrs.list().unwrap_or_else(|e| {
         warn!("{e}");
@@ -120,11 +123,14 @@ pub(super) async fn run(
             direct_routing,
             ..
         } => {
-            // The device keeps its MAC across restarts: peers' FDB entries stay right.
+            // The device keeps its MAC across restarts: peers' FDB entries stay right. Not
+            // without a record of our key (a wiped state dir): our old key, which we cannot
+            // tell from another node's, may still carry that MAC until its TTL ends, and one
+            // MAC on two peers breaks every node's FDB (and ours: a peer with our own MAC).
             let existing = deps.nl.link_by_name(&v6::device_name(*vni)).await?;
             let mac = existing
                 .and_then(|l| l.mac)
-                .filter(|m| m.is_valid_unicast())
+                .filter(|m| m.is_valid_unicast() && recorded.is_some())
                 .unwrap_or_else(MacAddr::random_local);
             Some(Vxlan {
                 spec: v6::device_spec(
@@ -157,11 +163,16 @@ pub(super) async fn run(
             vxlan.as_ref().and_then(|v| v.spec.mac),
         ),
     };
-    // What the last run advertised: a key still naming it is ours (the address changed while
-    // the agent was down).
-    let recorded = recorded_public_ipv6(&settings).filter(|a| *a != underlay.public_ipv6);
-    if let Some(a) = recorded {
-        warn!(before = %a, now = %underlay.public_ipv6, "the PublicIPv6 changed since the last run; a key naming the old address on subnet.env's subnet is ours: taken back and rewritten");
+    // What the last run advertised: our key still naming it, on the recorded lease, is ours
+    // (the address changed while the agent was down).
+    let former: Vec<Ipv6Addr> = recorded
+        .iter()
+        .flat_map(|r| r.addrs.iter().copied())
+        .filter(|a| *a != underlay.public_ipv6)
+        .take(FORMER)
+        .collect();
+    if !former.is_empty() {
+        warn!(before = ?former, now = %underlay.public_ipv6, "the PublicIPv6 changed since the last run; our recorded key naming an old address is taken back and rewritten");
     }
     let mut node = Node {
         net,
@@ -170,7 +181,8 @@ pub(super) async fn run(
         vxlan,
         wg,
         settings,
-        former: recorded.into_iter().collect(),
+        former,
+        recorded,
     };
     if let Some(v) = &node.vxlan {
         let existing = deps.nl.link_by_name(&v.spec.name).await?;
@@ -188,7 +200,7 @@ pub(super) async fn run(
         return Ok(());
     };
     write_subnet_env(&node, &deps.report, own.key.ipv6);
-    record_public_ipv6(&node);
+    record(&node, &own);
     // The checks run beside the loop (a fork of ip6tables or nft, seconds behind the xtables
     // lock, must not hold up a lease event); the first is awaited, so that the node is ready
     // (its data plane programmed) only with its masquerade and forward rules in place.
@@ -357,6 +369,9 @@ async fn serve(
                 // Only `Moved` can come: the follower has an address and never turns IPv4 only.
                 if let Some(Check6::Moved(to)) = follow.check() {
                     moved(deps, node, to);
+                    // The old address stays in the record beside the new one until a restart
+                    // finds the key rewritten: it may still name either.
+                    record(node, &own);
                     // etcd may be reached over the underlay: connections from the old address
                     // are dead (the lease watch among them), so new ones are made now; the
                     // listing at the loop's top rewrites the lease and moves the device.
@@ -443,34 +458,21 @@ async fn try_acquire(
 ) -> Result<Option<Own>, AgentError> {
     let prefix = deps.registry.prefix().to_string();
     let snap = deps.registry.list_leases().await?;
-    let me = pure::Mine {
-        public_ipv6: node.underlay.public_ipv6,
-        vtep_mac: node.vxlan.as_ref().and_then(|v| v.spec.mac),
-    };
-    let decision = match pure::decide_as(
+    let decision = match pure::decide(
         &node.net.ipv6,
         &prefix,
         &snap.leases,
-        me,
+        node.underlay.public_ipv6,
         *previous,
         exclude,
         &mut rand::rng(),
     )? {
-        // A new subnet only when no key of ours under a former address holds subnet.env's.
+        // A new subnet only when the key the last run recorded is not there under an old
+        // address (on its lease, or reserved).
         Decision::Take(subnet) => node
-            .former
-            .iter()
-            .rev()
-            .find_map(|f| {
-                pure::reclaim(
-                    &node.net.ipv6,
-                    &prefix,
-                    &snap.leases,
-                    *previous,
-                    Some(*f),
-                    exclude,
-                )
-            })
+            .recorded
+            .as_ref()
+            .and_then(|r| pure::reclaim(&node.net.ipv6, &prefix, &snap.leases, r, exclude))
             .unwrap_or(Decision::Take(subnet)),
         d => d,
     };
@@ -572,6 +574,7 @@ async fn reconcile(
             if lease_id != own.lease_id {
                 info!(subnet_v6 = %was, lease = lease_id, "our IPv6-only key now hangs on another lease (0: reserved); following it");
                 own.lease_id = lease_id;
+                record(node, own);
             }
             None
         }
@@ -592,11 +595,13 @@ async fn reconcile(
         if own.key.ipv6 != was {
             write_subnet_env(node, &deps.report, own.key.ipv6);
         }
+        record(node, own);
         want_rules(rules, node, own.key.ipv6);
         return Some(Ok(snap.revision));
     }
-    // Programmed even when the rewrite failed: after a renumbering etcd may be out of reach
-    // for a while (connections from the old address), and the device must move meanwhile.
+    // Programmed even when the rewrite failed (a lost CAS race, an error after the listing).
+    // While etcd cannot be listed at all the device does not move: it waits for the next
+    // listing, like every other change.
     let rewritten = rewrite(deps, node, *own, &snap.leases).await;
     match program(deps, node, own.key.ipv6, &snap.leases).await {
         Ok(()) => {
@@ -631,17 +636,12 @@ fn moved(deps: &V6Only, node: &mut Node, to: Ipv6Addr) {
         node.former.remove(0);
     }
     node.underlay.public_ipv6 = to;
-    node.attrs = pure::lease_attrs(
-        to,
-        &node.net.backend,
-        node.vxlan.as_ref().and_then(|v| v.spec.mac),
-    );
+    node.attrs = pure::with_public_ipv6(&node.attrs, to);
     if let Some(v) = node.vxlan.as_mut() {
         v.spec.local = to.into();
     }
     deps.report
         .ipv6_only_network(node.net.ipv6.network, node.net.backend.type_name(), to);
-    record_public_ipv6(node);
 }
 
 /// Where the `PublicIPv6` this node advertises is recorded for the next run.
@@ -649,24 +649,44 @@ fn public_ipv6_file(settings: &Settings) -> std::path::PathBuf {
     settings.state_dir.join("ipv6-only-public-ipv6")
 }
 
-fn recorded_public_ipv6(settings: &Settings) -> Option<Ipv6Addr> {
-    std::fs::read_to_string(public_ipv6_file(settings))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// The last run's record; a file that cannot be read or parsed is skipped (the node then
+/// cannot take back a key naming an old address), with a warning naming it.
+fn read_record(settings: &Settings) -> Option<pure::Recorded> {
+    let path = public_ipv6_file(settings);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(path = %path.display(), "reading the IPv6-only record: {e}; ignored");
+            return None;
+        }
+    };
+    let rec = pure::Recorded::parse(&text);
+    if rec.is_none() {
+        warn!(path = %path.display(), content = %text.trim(), "the IPv6-only record is not \"subnet\", \"lease\" and \"address\" lines; ignored");
+    }
+    rec
 }
 
-/// Records what the node advertises; a failure is logged (the next run then cannot recognise a
-/// key naming it once the address changed while the agent was down).
-fn record_public_ipv6(node: &Node) {
+/// Records our key (subnet, lease) and every address it may name: the advertised one and this
+/// run's former ones. Written to a temporary file renamed over the record, so that a crash
+/// leaves the old record or the new one, never a truncated one. A failure is logged (the next
+/// run then cannot recognise our key once the address changed while the agent was down).
+fn record(node: &Node, own: &Own) {
     let path = public_ipv6_file(&node.settings);
+    let rec = pure::Recorded {
+        subnet: own.key.ipv6,
+        lease_id: own.lease_id,
+        addrs: node.ours(),
+    };
+    let tmp = path.with_extension("tmp");
     let written = path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&path, format!("{}\n", node.underlay.public_ipv6)));
+        .and_then(|()| std::fs::write(&tmp, rec.render()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = written {
-        warn!(path = %path.display(), "recording the PublicIPv6: {e}");
+        warn!(path = %path.display(), "recording the IPv6-only key: {e}");
     }
 }
 
@@ -717,6 +737,34 @@ async fn program(
         deps.report.ipv6_only_rejected(key, why, label);
     }
     let nl = &deps.nl;
+    // A subnet with an address of this node on it (not on tweed-v6.<VNI> or tweed-wg, whose
+    // address is replaced below) is not a peer's, whatever etcd says: typically our own old key after a
+    // wiped state dir, whose subnet the pod bridge still carries. Routing it away would take
+    // our own pods' traffic (and the kernel refuses a gateway that is a local address).
+    let device_name = match (&node.vxlan, &node.wg) {
+        (Some(v), _) => Some(v.spec.name.as_str()),
+        (None, Some(_)) => Some(crate::backend::wireguard::DEVICE),
+        (None, None) => None,
+    };
+    let device = match device_name {
+        Some(name) => nl.link_by_name(name).await?.map(|l| l.index),
+        None => None,
+    };
+    let local: Vec<Ipv6Addr> = nl
+        .addresses6(None)
+        .await?
+        .into_iter()
+        .filter(|a| Some(a.ifindex) != device)
+        .map(|a| a.net.ip())
+        .collect();
+    let (peers, here) = pure::not_local(peers, &local);
+    for (key, subnet) in &here {
+        deps.report.ipv6_only_rejected(
+            key,
+            &format!("{subnet} is on this node (an address of it is local): our own old key?"),
+            "local",
+        );
+    }
     let mut wg_result = Ok(());
     let ops = match (&node.vxlan, &node.wg) {
         // The wireguard device applies its own plan (link and entries).

@@ -63,7 +63,7 @@ impl V6Node {
                 flags: 0,
             }])
         };
-        V6Node::start_full(mem, rules, args, notifier, fixed).await
+        V6Node::start_full(mem, rules, args, notifier, fixed, |_, _| {}).await
     }
 
     /// eth0's IPv6 addresses as `addrs(eth0's index)` lists them (a test may change them at
@@ -74,6 +74,7 @@ impl V6Node {
         args: &[&str],
         notifier: crate::notify::Notifier,
         addrs: impl FnOnce(u32) -> Ipv6Addrs,
+        before: impl FnOnce(&Fake, &std::path::Path),
     ) -> V6Node {
         let kernel = Fake::new();
         let eth0 = kernel.add_link("eth0", 1500, Some("02:00:00:00:00:01".parse().unwrap()));
@@ -89,6 +90,8 @@ impl V6Node {
         .await
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
+        // What a previous run left: devices in the kernel, files in the state dir.
+        before(&kernel, &dir.path().join("state"));
         let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
         let subnet_file = path("subnet.env");
         let state_dir = path("state");
@@ -609,6 +612,7 @@ impl V6Node {
                 *shared.lock().unwrap() = vec![eth0_addr(eth0, OUR_IP6)];
                 Ipv6Addrs::Shared(shared)
             },
+            |_, _| {},
         )
         .await;
         (n, listed)
@@ -804,5 +808,72 @@ async fn a_move_while_etcd_is_out_of_reach_is_carried_out_once_it_answers() {
         n.vxlan6().vxlan.and_then(|v| v.local) == Some(NEW.parse().unwrap())
     })
     .await;
+    n.stop().await;
+}
+
+/// Review H1: a VTEP MAC is public in every lease and cloned VMs share one. Another node's
+/// older key carrying our device's MAC (kept: the state dir has a record of our key) is neither
+/// reused (renewed, rewritten with our attributes) nor removed: the node takes its own subnet.
+#[tokio::test(start_paused = true)]
+async fn another_nodes_key_with_our_vtep_mac_is_left_alone() {
+    let mem = etcd("vxlan");
+    const MAC: &str = "02:00:00:00:00:66";
+    let theirs = format!(
+        r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::9","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{MAC}"}}}}"#
+    );
+    let key: LeaseKey = "fd00:10:244:5::-64".parse().unwrap();
+    let full = key.etcd_key(PREFIX);
+    let attrs = LeaseAttrs::parse(theirs.as_bytes()).unwrap();
+    let crate::registry::CreateOutcome::Created { lease_id } = Registry::Mem(mem.clone())
+        .create_lease(&key, &attrs, Duration::from_secs(3600))
+        .await
+        .unwrap()
+    else {
+        panic!("not created")
+    };
+    let before = futures_lite(&mem)
+        .into_iter()
+        .find(|l| l.key == full)
+        .unwrap();
+    let n = V6Node::start_full(
+        &mem,
+        FakeFirewall::default(),
+        &[],
+        crate::notify::Notifier::default(),
+        |eth0| {
+            Ipv6Addrs::Fixed(vec![Inet6Addr {
+                ifindex: eth0,
+                addr: OUR_IP6.parse().unwrap(),
+                prefix: 64,
+                scope: 0,
+                flags: 0,
+            }])
+        },
+        |kernel, state| {
+            kernel.add_link("tweed-v6.1", 1450, Some(MAC.parse().unwrap()));
+            std::fs::create_dir_all(state).unwrap();
+            std::fs::write(
+                state.join("ipv6-only-public-ipv6"),
+                format!("subnet fd00:10:244:9::/64\nlease 1234\naddress {OUR_IP6}\n"),
+            )
+            .unwrap();
+        },
+    )
+    .await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    assert_eq!(n.vxlan6().mac, Some(MAC.parse().unwrap()), "the MAC kept");
+    let (ours, _) = n.own_key().unwrap();
+    assert_ne!(ours, full, "their key was taken over");
+    let after = futures_lite(&mem)
+        .into_iter()
+        .find(|l| l.key == full)
+        .expect("their key removed");
+    assert_eq!(
+        (after.value, after.lease_id, after.mod_revision),
+        (before.value, before.lease_id, before.mod_revision),
+        "their key was written"
+    );
+    assert!(mem.lease_alive(lease_id));
     n.stop().await;
 }

@@ -714,25 +714,26 @@ fn our_key_is_rewritten_only_when_its_value_differs() {
     assert_eq!(rewrite(PREFIX, &listing[1..], own, &moved), None);
 }
 
-/// Issue 19: the address changed while the agent was down. Our key of subnet.env's subnet,
-/// naming the address the last run recorded, is reused; not one naming another address, of
-/// another subnet, one an older key claims, nor an excluded or out-of-range one.
+/// Issue 19: the address changed while the agent was down. Our key of the recorded subnet,
+/// on the recorded TTL lease (or reserved) and naming a recorded address, is reused; not one
+/// naming another address, on another TTL lease (ours expired and the node that got our old
+/// address took the subnet), of another subnet, one an older key claims, nor an excluded or
+/// out-of-range one.
 #[test]
-fn a_key_of_our_previous_subnet_with_our_recorded_address_is_reclaimed_after_a_restart() {
+fn a_key_of_our_recorded_subnet_lease_and_address_is_reclaimed_after_a_restart() {
     let cfg = cfg();
-    let former = v6("2001:db8::6");
     let prev = net6("fd00:10:244:5::/64");
+    let rec = Recorded {
+        subnet: prev,
+        lease_id: 7,
+        addrs: vec![v6("2001:db8::7"), v6("2001:db8::6")],
+    };
     let ours = ttl_lease("fd00:10:244:5::-64", ME, 3, 7);
     let none = HashSet::new();
+    let r = |listing: &[RawLease], rec: &Recorded| reclaim(&cfg, PREFIX, listing, rec, &none);
+    let single = std::slice::from_ref(&ours);
     assert_eq!(
-        reclaim(
-            &cfg,
-            PREFIX,
-            std::slice::from_ref(&ours),
-            Some(prev),
-            Some(former),
-            &none
-        ),
+        r(single, &rec),
         Some(Decision::Reuse {
             key: Ipv6OnlyKey { ipv6: prev },
             lease_id: 7,
@@ -740,17 +741,23 @@ fn a_key_of_our_previous_subnet_with_our_recorded_address_is_reclaimed_after_a_r
             value: ME.as_bytes().to_vec(),
         })
     );
-    let r = |listing: &[RawLease], prev: Option<Ipv6Network>, former: Option<Ipv6Addr>| {
-        reclaim(&cfg, PREFIX, listing, prev, former, &none)
+    let reserved = [ttl_lease("fd00:10:244:5::-64", ME, 3, 0)];
+    assert!(matches!(
+        r(&reserved, &rec),
+        Some(Decision::Reuse { lease_id: 0, .. })
+    ));
+    let another_lease = [ttl_lease("fd00:10:244:5::-64", ME, 3, 8)];
+    assert_eq!(r(&another_lease, &rec), None, "another node's TTL lease");
+    let other_addr = Recorded {
+        addrs: vec![v6("2001:db8::9")],
+        ..rec.clone()
     };
-    let single = std::slice::from_ref(&ours);
-    assert_eq!(r(single, Some(prev), Some(v6("2001:db8::9"))), None);
-    assert_eq!(
-        r(single, Some(net6("fd00:10:244:6::/64")), Some(former)),
-        None
-    );
-    assert_eq!(r(single, None, Some(former)), None);
-    assert_eq!(r(single, Some(prev), None), None);
+    assert_eq!(r(single, &other_addr), None);
+    let other_subnet = Recorded {
+        subnet: net6("fd00:10:244:6::/64"),
+        ..rec.clone()
+    };
+    assert_eq!(r(single, &other_subnet), None);
     let older = [
         lease(
             "10.244.5.0-24&fd00:10:244:5::-64",
@@ -759,50 +766,112 @@ fn a_key_of_our_previous_subnet_with_our_recorded_address_is_reclaimed_after_a_r
         ),
         ours.clone(),
     ];
-    assert_eq!(r(&older, Some(prev), Some(former)), None, "lost its race");
+    assert_eq!(r(&older, &rec), None, "lost its race");
     let excluded = HashSet::from([prev]);
-    assert_eq!(
-        reclaim(&cfg, PREFIX, single, Some(prev), Some(former), &excluded),
-        None
-    );
+    assert_eq!(reclaim(&cfg, PREFIX, single, &rec, &excluded), None);
     // fd00:10:244::/64 is below IPv6SubnetMin (the first subnet is skipped).
     let low = [ttl_lease("fd00:10:244::-64", ME, 3, 7)];
-    assert_eq!(r(&low, Some(net6("fd00:10:244::/64")), Some(former)), None);
+    let low_rec = Recorded {
+        subnet: net6("fd00:10:244::/64"),
+        ..rec.clone()
+    };
+    assert_eq!(r(&low, &low_rec), None);
 }
 
-/// A vxlan key naming our device's VTEP MAC is ours whatever its `PublicIPv6` (written before
-/// the address changed while the agent was down, without a record of the old one): reused, not
-/// left to block its subnet as another node's. Another MAC, or no MAC of ours, is not.
+/// The state-dir record round-trips; anything else in it is refused (the caller warns).
 #[test]
-fn a_vxlan_key_with_our_vtep_mac_is_ours_under_an_old_address() {
+fn the_record_round_trips_and_refuses_garbage() {
+    let rec = Recorded {
+        subnet: net6("fd00:10:244:5::/64"),
+        lease_id: 7,
+        addrs: vec![v6("2001:db8::7"), v6("2001:db8::6")],
+    };
+    assert_eq!(Recorded::parse(&rec.render()), Some(rec.clone()));
+    for bad in [
+        "",
+        "2001:db8::6\n",
+        "subnet fd00:10:244:5::/64\nlease 7\n",
+        "subnet fd00:10:244:5::/64\nlease x\naddress 2001:db8::6\n",
+        "subnet fd00:10:244:5::/64\nlease 7\naddress 2001:db8::6\nother 1\n",
+    ] {
+        assert_eq!(Recorded::parse(bad), None, "{bad:?}");
+    }
+}
+
+/// H1: a MAC is public in every lease and cloned VMs share one: another node's key (another
+/// `PublicIPv6`) carrying our device's VTEP MAC is neither reused nor removed as ours.
+#[test]
+fn another_nodes_key_with_our_vtep_mac_is_neither_reused_nor_removed() {
     let cfg = cfg();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mac: MacAddr = "02:00:00:00:00:66".parse().unwrap();
-    let old = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"}}"#;
-    let listing = [ttl_lease("fd00:10:244:5::-64", old, 3, 7)];
-    let me = |vtep_mac| Mine {
-        public_ipv6: v6("2001:db8::7"),
-        vtep_mac,
-    };
+    let theirs = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"}}"#;
+    let dual = r#"{"PublicIP":"198.18.0.9","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"}}"#;
+    let listing = [
+        ttl_lease("fd00:10:244:5::-64", theirs, 3, 7),
+        ttl_lease("10.244.6.0-24&fd00:10:244:6::-64", dual, 4, 8),
+    ];
     let none = HashSet::new();
-    assert!(matches!(
-        decide_as(&cfg, PREFIX, &listing, me(Some(mac)), None, &none, &mut rng).unwrap(),
-        Decision::Reuse { lease_id: 7, .. }
-    ));
-    for other in [None, Some("02:00:00:00:00:67".parse().unwrap())] {
+    for previous in [None, Some(net6("fd00:10:244:5::/64"))] {
+        let d = decide(
+            &cfg,
+            PREFIX,
+            &listing,
+            v6("2001:db8::7"),
+            previous,
+            &none,
+            &mut rng,
+        )
+        .unwrap();
         assert!(
-            matches!(
-                decide_as(&cfg, PREFIX, &listing, me(other), None, &none, &mut rng).unwrap(),
-                Decision::Take(s) if s != net6("fd00:10:244:5::/64")
-            ),
-            "{other:?}"
+            matches!(d, Decision::Take(s) if s != net6("fd00:10:244:5::/64") && s != net6("fd00:10:244:6::/64")),
+            "{previous:?}: {d:?}"
         );
     }
-    // host-gw has no VTEP: only the address marks a key as ours.
-    let hostgw = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"host-gw","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:66"}}"#;
-    let listing = [ttl_lease("fd00:10:244:5::-64", hostgw, 3, 7)];
-    assert!(matches!(
-        decide_as(&cfg, PREFIX, &listing, me(Some(mac)), None, &none, &mut rng).unwrap(),
-        Decision::Take(_)
-    ));
+}
+
+/// H2: a move changes only the address; a non-vxlan `BackendV6Data` (wireguard's key and
+/// port) survives it.
+#[test]
+fn a_move_keeps_any_backend_v6_data() {
+    let wg = LeaseAttrs::parse(
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"wireguard","BackendV6Data":{"PublicKey":"k0ySxNoDa8ZLfT1WNm6DPQn5VvGSVjGvWMz4EG0zsAk=","Port":51821}}"#,
+    )
+    .unwrap();
+    let moved = with_public_ipv6(&wg, v6("2001:db8::7"));
+    assert_eq!(moved.public_ipv6, Some(v6("2001:db8::7")));
+    assert_eq!(moved.backend_type, wg.backend_type);
+    let data = moved
+        .backend_v6_data
+        .as_ref()
+        .expect("BackendV6Data kept")
+        .get();
+    assert!(
+        data.contains(r#""PublicKey":"k0ySxNoDa8ZLfT1WNm6DPQn5VvGSVjGvWMz4EG0zsAk=""#),
+        "{data}"
+    );
+    assert!(data.contains(r#""Port":51821"#), "{data}");
+}
+
+/// A peer whose subnet holds one of this node's addresses (our own old key after a wiped state
+/// dir, its subnet still on the pod bridge) is not routed; the others are.
+#[test]
+fn a_peer_subnet_with_a_local_address_is_not_routed() {
+    let peer = |key: &str, subnet: &str, ip: &str| Peer {
+        key: key.to_string(),
+        peer: Ipv6OnlyPeer {
+            subnet: net6(subnet),
+            public_ipv6: v6(ip),
+        },
+        attrs: LeaseAttrs::parse(ME.as_bytes()).unwrap(),
+    };
+    let peers = vec![
+        peer("a", "fd00:10:244:1f::/64", "2001:db8::6"),
+        peer("b", "fd00:10:244:20::/64", "2001:db8::9"),
+    ];
+    let (kept, here) = not_local(peers, &[v6("fd00:10:244:1f::1"), v6("2001:db8::7")]);
+    assert_eq!(
+        kept.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert_eq!(here, vec![("a".to_string(), net6("fd00:10:244:1f::/64"))]);
 }
