@@ -76,9 +76,29 @@ pub fn add(ip: Ipv4Addr, network: Ipv4Network, comment: &str) -> Result<(), Masq
 /// IPv6-only switch subnet.env names no IPv4 network, and after a network change another one,
 /// while a pod made before keeps the rule it got then.
 pub fn del(ip: Ipv4Addr, comment: &str) -> Result<(), MasqError> {
-    let listing = list()?;
-    for spec in matching(&listing, ip, comment) {
-        iptables("-D", &spec)?;
+    del_with(ip, comment, list, |spec| iptables("-D", spec))
+}
+
+/// [`del`] over its two iptables calls. `iptables -D` exits non-zero both for a rule that is
+/// not there (gone meanwhile: fine) and for a delete that failed; a listing tells the two
+/// apart, so a rule that stays fails DEL/GC and its address record is kept for the retry.
+fn del_with(
+    ip: Ipv4Addr,
+    comment: &str,
+    mut list: impl FnMut() -> Result<String, MasqError>,
+    mut delete: impl FnMut(&[String]) -> Result<bool, MasqError>,
+) -> Result<(), MasqError> {
+    let mut missed = false;
+    for spec in matching(&list()?, ip, comment) {
+        missed |= !delete(&spec)?;
+    }
+    if missed {
+        if let Some(left) = matching(&list()?, ip, comment).into_iter().next() {
+            return Err(MasqError::Failed {
+                args: format!("-w -t nat -D POSTROUTING {}", left.join(" ")),
+                stderr: "the rule is still there after the delete".into(),
+            });
+        }
     }
     Ok(())
 }
@@ -166,6 +186,30 @@ mod tests {
             words(r#"-A X --comment "a \"b\" c" -j Y"#),
             ["-A", "X", "--comment", "a \"b\" c", "-j", "Y"]
         );
+    }
+
+    /// A delete iptables refuses is an error while the rule stays, and none when the rule went
+    /// meanwhile (another DEL or GC took it).
+    #[test]
+    fn a_delete_that_left_the_rule_fails() {
+        let ip: Ipv4Addr = "10.244.1.2".parse().unwrap();
+        let line = format!(
+            "-A POSTROUTING {}",
+            rule(ip, "10.244.0.0/16".parse().unwrap(), "tweed-c1-eth0").join(" ")
+        );
+        let stays = || Ok(line.clone());
+        let err = del_with(ip, "tweed-c1-eth0", stays, |_| Ok(false)).unwrap_err();
+        assert!(err.to_string().contains("still there"), "{err}");
+        let mut listings = vec![String::new(), line.clone()];
+        let gone = || Ok(listings.pop().unwrap());
+        del_with(ip, "tweed-c1-eth0", gone, |_| Ok(false)).unwrap();
+        let mut deleted = 0;
+        del_with(ip, "tweed-c1-eth0", stays, |_| {
+            deleted += 1;
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(deleted, 1);
     }
 
     #[test]

@@ -79,15 +79,18 @@ pub fn del<H: Host>(host: &H, env: &CniEnv, conf: &NetConf) -> Result<(), Error>
         // By address and mark, not by subnet.env: the node may have lost its IPv4 half (or
         // changed network) since ADD, and the rule made then must still go. The masquerade
         // rule is IPv4's; an IPv6 address has none.
-        for ip in held.into_iter().filter_map(|ip| match ip {
+        for ip in held.iter().filter_map(|ip| match *ip {
             std::net::IpAddr::V4(v4) => Some(v4),
             std::net::IpAddr::V6(_) => None,
         }) {
             host.masq_del(ip, &alias)?;
         }
     }
+    // Exactly what was read above, each only while still ours (`release_ip`), as GC does.
     let mut store = host.lock_store(&conf.store_dir())?;
-    ipam::release_owner(&mut store, &owner)?;
+    for ip in held {
+        ipam::release_ip(&mut store, ip, &owner)?;
+    }
     Ok(())
 }
 
