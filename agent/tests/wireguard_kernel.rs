@@ -2279,10 +2279,14 @@ fn ipv6_mode_kernel_and_userspace_devices_carry_both_families_both_ways() {
     for (ns, dev, addr) in [(&a, "ua", "2001:db8::2/64"), (&b, "ub", "2001:db8::3/64")] {
         ip_in(ns.name(), &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
     }
-    let (_, _, second_k, _) = ipv6_mode_run(&a, 2, 3);
+    let (_, first_k, second_k, _) = ipv6_mode_run(&a, 2, 3);
+    // The first pass writes the peer: a count stuck at 0 would make the second pass's 0 prove
+    // nothing.
+    assert!(first_k > 0, "the kernel node's first pass wrote nothing");
     assert_eq!(second_k, 0, "a second pass writes nothing");
     // Declared after the namespaces, so it is dropped (its workers stopped) before them.
-    let (user, _, _, second_u, _) = ipv6_mode_node(&b, 3, 2, WgImpl::Userspace);
+    let (user, _, first_u, second_u, _) = ipv6_mode_node(&b, 3, 2, WgImpl::Userspace);
+    assert!(first_u > 0, "the userspace node's first pass wrote nothing");
     assert_eq!(second_u, 0, "a second userspace pass writes nothing");
     let link = ip_in(b.name(), &["-d", "link", "show", "tweed-wg"]);
     assert!(link.contains("tun"), "{link}");
