@@ -484,13 +484,17 @@ fn a_lost_ipv6_only_lease_is_taken_again_and_peers_follow() {
             .any(|(k, _)| format!("{SUBNETS}{k}") == key)
     });
     assert_eq!(subnet6_of(&lab, "h2").0, subnet);
-    wait_for(Duration::from_secs(20), "h1's route to h2 back", || {
-        in_ns(
-            &host_state(&lab, "h1").netns,
-            &["ip", "-6", "route", "show"],
-        )
-        .contains(&format!("{subnet} via"))
-    });
+    // Every peer's, not h1's alone: each follows on its own event (or resync).
+    wait_for(
+        Duration::from_secs(20),
+        "h1's and h3's route to h2 back",
+        || {
+            ["h1", "h3"].iter().all(|h| {
+                in_ns(&host_state(&lab, h).netns, &["ip", "-6", "route", "show"])
+                    .contains(&format!("{subnet} via"))
+            })
+        },
+    );
     assert_routes_to_every_peer(&lab, "vxlan");
     assert_pods_reach_each_other(&lab, PodsVia::Direct);
 }
