@@ -1,5 +1,6 @@
 //! The agent in an IPv6-only network (`EnableIPv4: false`, docs/ipv6.md "IPv6-only networks"):
-//! vxlan (`tweed-v6.<VNI>` only) or host-gw (routes via the peers' `PublicIPv6`), a lease under
+//! vxlan (`tweed-v6.<VNI>` only), host-gw (routes via the peers' `PublicIPv6`) or wireguard
+//! (`tweed-wg` carrying IPv6 only, userspace: `run::v6only_wg`), a lease under
 //! the IPv6-only key, IPv6 rules only, subnet.env with only the IPv6 pair.
 //!
 //! A loop of its own rather than the dual-stack one: everything there hangs off an IPv4 subnet
