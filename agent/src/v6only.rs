@@ -584,6 +584,26 @@ pub fn vxlan_peers(peers: &[Peer]) -> Vec<Vxlan6Peer> {
         .collect()
 }
 
+/// Whether a restart without the state-dir record may keep the vxlan device's `mac`: only
+/// when every lease advertising it (in either data) names `ours` as its `PublicIPv6`, i.e. the
+/// only key with that MAC is one that names this node's address (the usual upgrade from a
+/// version without the record). A MAC on a key naming another address might be our old key
+/// under an old address, indistinguishable from another node's, and one MAC on two keys breaks
+/// every node's FDB. A value that does not parse does not advertise the MAC. Pure.
+pub fn mac_free_but_ours(listing: &[RawLease], mac: MacAddr, ours: Ipv6Addr) -> bool {
+    listing.iter().all(|l| {
+        let Ok(attrs) = serde_json::from_slice::<LeaseAttrs>(&l.value) else {
+            return true;
+        };
+        let shows = [&attrs.backend_data, &attrs.backend_v6_data]
+            .into_iter()
+            .flatten()
+            .filter_map(|raw| serde_json::from_str::<VxlanLeaseData>(raw.get()).ok())
+            .any(|d| d.vtep_mac.parse::<MacAddr>().ok() == Some(mac));
+        !shows || attrs.public_ipv6 == Some(ours)
+    })
+}
+
 /// The host-gw peers among `peers`: subnet and next hop.
 pub fn hostgw_peers(peers: &[Peer]) -> Vec<(Ipv6Network, Ipv6Addr)> {
     peers

@@ -87,6 +87,15 @@ impl Fake {
         })
     }
 
+    /// The index of the link named `name`, if there is one.
+    pub fn link_index(&self, name: &str) -> Option<u32> {
+        self.lock()
+            .links
+            .values()
+            .find(|l| l.name == name)
+            .map(|l| l.index)
+    }
+
     /// Inserts or overwrites a link as given (index included). Not recorded as an op.
     pub fn put_link(&self, link: Link) {
         let mut s = self.lock();

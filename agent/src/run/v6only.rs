@@ -44,6 +44,10 @@ const RULES_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// quiet window is listed for at once, so a lone change is not delayed.
 const COALESCE: Duration = Duration::from_millis(250);
 
+/// How long a start without the state-dir record waits for the listing that decides whether
+/// the vxlan device keeps its MAC (then a fresh one).
+const MAC_CHECK_WAIT: Duration = Duration::from_secs(5);
+
 /// What the loop needs besides the leases.
 pub(super) struct V6Only {
     pub registry: Arc<Registry>,
@@ -124,15 +128,32 @@ pub(super) async fn run(
             direct_routing,
             ..
         } => {
-            // The device keeps its MAC across restarts: peers' FDB entries stay right. Not
-            // without a record of our key (a wiped state dir): our old key, which we cannot
-            // tell from another node's, may still carry that MAC until its TTL ends, and one
-            // MAC on two peers breaks every node's FDB (and ours: a peer with our own MAC).
+            // The device keeps its MAC across restarts: peers' FDB entries stay right. Without
+            // a record of our key (a wiped state dir, an upgrade from a version without it)
+            // only if no key naming another address shows it: our old key under an old
+            // address cannot be told from another node's and may carry that MAC until its TTL
+            // ends, and one MAC on two keys breaks every node's FDB (and ours: a peer with our
+            // own MAC). The listing is the evidence; without etcd, a fresh MAC.
             let existing = deps.nl.link_by_name(&v6::device_name(*vni)).await?;
-            let mac = existing
+            let kept = existing
                 .and_then(|l| l.mac)
-                .filter(|m| m.is_valid_unicast() && recorded.is_some())
-                .unwrap_or_else(MacAddr::random_local);
+                .filter(|m| m.is_valid_unicast());
+            let mac = match (kept, &recorded) {
+                (Some(m), Some(_)) => m,
+                (Some(m), None) => {
+                    let listing =
+                        tokio::time::timeout(MAC_CHECK_WAIT, deps.registry.list_leases()).await;
+                    match listing {
+                        Ok(Ok(snap))
+                            if pure::mac_free_but_ours(&snap.leases, m, underlay.public_ipv6) =>
+                        {
+                            m
+                        }
+                        _ => MacAddr::random_local(),
+                    }
+                }
+                (None, _) => MacAddr::random_local(),
+            };
             Some(Vxlan {
                 spec: v6::device_spec(
                     *vni,

@@ -877,3 +877,84 @@ async fn another_nodes_key_with_our_vtep_mac_is_left_alone() {
     assert!(mem.lease_alive(lease_id));
     n.stop().await;
 }
+
+/// Review rev37e M1: the first start of this version finds no state-dir record; our key in etcd
+/// names our address and carries the device's MAC, as the previous version left them. The MAC
+/// is kept (no device re-created) and the lease is not rewritten.
+#[tokio::test(start_paused = true)]
+async fn an_upgrade_without_the_record_keeps_the_vtep_mac_and_the_lease() {
+    let mem = etcd("vxlan");
+    const MAC: &str = "02:00:00:00:00:77";
+    let ours = format!(
+        r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{OUR_IP6}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{MAC}"}}}}"#
+    );
+    let key: LeaseKey = "fd00:10:244:5::-64".parse().unwrap();
+    let full = key.etcd_key(PREFIX);
+    let attrs = LeaseAttrs::parse(ours.as_bytes()).unwrap();
+    Registry::Mem(mem.clone())
+        .create_lease(&key, &attrs, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let before = futures_lite(&mem)
+        .into_iter()
+        .find(|l| l.key == full)
+        .unwrap();
+    let n = V6Node::start_full(
+        &mem,
+        FakeFirewall::default(),
+        &[],
+        crate::notify::Notifier::default(),
+        |eth0| {
+            Ipv6Addrs::Fixed(vec![Inet6Addr {
+                ifindex: eth0,
+                addr: OUR_IP6.parse().unwrap(),
+                prefix: 64,
+                scope: 0,
+                flags: 0,
+            }])
+        },
+        |kernel, _state| {
+            // As the previous version left it: the device of this node's spec, up.
+            let eth0 = kernel.link_index("eth0").unwrap();
+            kernel.put_link(crate::netlink::Link {
+                index: 40,
+                name: "tweed-v6.1".into(),
+                mtu: 1430,
+                mac: Some(MAC.parse().unwrap()),
+                kind: Some("vxlan".into()),
+                up: true,
+                vxlan: Some(crate::netlink::VxlanAttrs {
+                    vni: 1,
+                    port: 8472,
+                    local: Some(OUR_IP6.parse().unwrap()),
+                    learning: false,
+                    underlay: Some(eth0),
+                }),
+                master: None,
+                alias: None,
+            });
+        },
+    )
+    .await;
+    n.until("ready", |n| n.state.snapshot().not_ready().is_empty())
+        .await;
+    assert_eq!(n.vxlan6().mac, Some(MAC.parse().unwrap()), "the MAC kept");
+    let ops = n.kernel.take_ops();
+    assert!(
+        !ops.iter()
+            .any(|o| matches!(o, Op::LinkDel { .. } | Op::LinkAddVxlan(_))),
+        "the device was re-created: {ops:?}"
+    );
+    let (own, _) = n.own_key().unwrap();
+    assert_eq!(own, full, "our key reused");
+    let after = futures_lite(&mem)
+        .into_iter()
+        .find(|l| l.key == full)
+        .unwrap();
+    assert_eq!(
+        (after.value, after.mod_revision),
+        (before.value, before.mod_revision),
+        "the lease was rewritten"
+    );
+    n.stop().await;
+}

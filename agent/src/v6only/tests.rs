@@ -875,3 +875,41 @@ fn a_peer_subnet_with_a_local_address_is_not_routed() {
     );
     assert_eq!(here, vec![("a".to_string(), net6("fd00:10:244:1f::/64"))]);
 }
+
+/// Without the state-dir record the vxlan MAC is kept only while no key naming another
+/// address shows it (rev37e M1).
+#[test]
+fn a_mac_is_kept_without_the_record_only_when_no_other_address_shows_it() {
+    let mac: MacAddr = "02:00:00:00:00:77".parse().unwrap();
+    let ours: Ipv6Addr = "fd00:198:18::1".parse().unwrap();
+    let lease = |ip6: &str, m: &str| {
+        RawLease {
+        key: format!("/coreos.com/network/subnets/{ip6}"),
+        value: format!(
+            r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{ip6}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{m}"}}}}"#
+        )
+        .into_bytes(),
+        lease_id: 1,
+        mod_revision: 1,
+        create_revision: 1,
+    }
+    };
+    let mine = lease("fd00:198:18::1", "02:00:00:00:00:77");
+    let other_mac = lease("fd00:198:18::9", "02:00:00:00:00:78");
+    let old_or_theirs = lease("fd00:198:18::9", "02:00:00:00:00:77");
+    let junk = RawLease {
+        value: b"{not json".to_vec(),
+        ..mine.clone()
+    };
+    assert!(mac_free_but_ours(&[], mac, ours));
+    assert!(mac_free_but_ours(
+        &[mine.clone(), other_mac.clone(), junk],
+        mac,
+        ours
+    ));
+    assert!(!mac_free_but_ours(
+        &[mine, other_mac, old_or_theirs],
+        mac,
+        ours
+    ));
+}
